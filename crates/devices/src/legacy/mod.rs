@@ -1,0 +1,1 @@
+//! Legacy platform devices: serial port, i8042 reset, power-off and debug-exit ports.

@@ -1,0 +1,19 @@
+//! Device models for pocketvisor guests.
+//!
+//! Everything here sits on the boundary with the guest: every value a guest writes (port and MMIO
+//! accesses, PCI config writes, descriptor chains) is validated, and a bad value gets an error
+//! status or a device reset, never a panic or an access outside guest memory.
+//!
+//! - [`bus`]: address-range dispatch of port I/O and MMIO accesses to devices.
+//! - [`legacy`]: 16550 serial, i8042 reset, the power-off and debug-exit ports.
+//! - [`pci`]: the PCI host bridge (0xCF8/0xCFC and ECAM), BARs, MSI-X.
+//! - [`virtio`]: the virtio 1.x device contract, the virtio-pci transport, and the block, net,
+//!   vsock and rng devices.
+
+pub mod bus;
+pub mod legacy;
+pub mod pci;
+pub mod virtio;
+
+/// Guest memory as every device sees it.
+pub type GuestMem = vm_memory::GuestMemoryMmap<()>;

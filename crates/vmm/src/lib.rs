@@ -1,0 +1,1 @@
+//! One virtual machine: `VmConfig` in, running VM out.
