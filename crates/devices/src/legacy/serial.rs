@@ -1,0 +1,87 @@
+//! The 16550 UART at COM1, from `vm-superio`, with its interrupt on an eventfd.
+
+use std::io::Write;
+
+use vm_superio::Trigger;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+
+/// Raises the serial interrupt by writing an eventfd bound to the IRQ line (a KVM irqfd).
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// A 16550 UART writing the guest's output to `out`.
+pub struct Serial {
+    inner: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+}
+
+impl Serial {
+    /// A UART that signals `irq` and writes to `out`.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        Self {
+            inner: vm_superio::Serial::new(EventFdTrigger(irq), out),
+        }
+    }
+
+    /// Queues bytes typed by the host user for the guest to read; returns how many fit.
+    pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        self.inner.enqueue_raw_bytes(bytes).unwrap_or(0)
+    }
+}
+
+impl BusDevice for Serial {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (u8::try_from(offset), &mut *data) {
+            (Ok(off), [b]) => *b = self.inner.read(off),
+            _ => data.fill(0),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let (Ok(off), [b]) = (u8::try_from(offset), data) {
+            // Output errors (a closed stdout) must not stop the guest.
+            let _ = self.inner.write(off, *b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn guest_bytes_reach_the_output_and_wide_accesses_are_ignored() {
+        let sink = Sink::default();
+        let mut serial = Serial::new(EventFd::new(0).unwrap(), Box::new(sink.clone()));
+        for b in b"hi\n" {
+            serial.write(0, &[*b]);
+        }
+        serial.write(0, &[b'x', b'y']);
+        serial.write(1 << 40, &[b'z']);
+        assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi\n");
+        let mut wide = [1u8; 4];
+        serial.read(0, &mut wide);
+        assert_eq!(wide, [0; 4]);
+    }
+}
