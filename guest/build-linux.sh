@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Build the Linux guest assets for pocketvisor from Debian packages.
+#
+# Output (guest/out/linux/):
+#   vmlinux          the uncompressed ELF kernel (booted through its PVH entry note)
+#   bzImage          the same kernel as Debian ships it (Linux 64-bit boot protocol)
+#   initramfs.cpio.gz busybox-static + virtio modules + /init
+#   version          the kernel release string
+#
+# Needs: apt-get (only network access), dpkg-deb, busybox-static, file, gzip, xz-utils, zstd,
+# lz4 (Debian's kernel payload is LZ4).
+# Re-runs reuse the downloaded .debs in guest/out/linux/debs, so after the first run
+# it works fully offline.
+#
+# Environment:
+#   KERNEL_PKG   the meta package to resolve (default linux-image-cloud-amd64)
+#   BUSYBOX      path to a static busybox (default: /bin/busybox from busybox-static)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+out="${OUT_DIR:-$here/out/linux}"
+debs="$out/debs"
+work="$out/work"
+kernel_pkg="${KERNEL_PKG:-linux-image-cloud-amd64}"
+
+log() { printf 'build-linux: %s\n' "$*" >&2; }
+die() { printf 'build-linux: error: %s\n' "$*" >&2; exit 1; }
+
+# Modules the guest needs; their dependencies are added from modules.dep.
+wanted_modules=(
+  virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
+  virtio_blk virtio_net net_failover failover
+  vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
+  virtio_rng virtio_console virtio_input virtio_balloon
+)
+
+find_busybox() {
+  if [[ -n "${BUSYBOX:-}" ]]; then echo "$BUSYBOX"; return; fi
+  for c in /bin/busybox /usr/bin/busybox; do
+    if [[ -x "$c" ]] && file -L "$c" | grep -q 'statically linked'; then echo "$c"; return; fi
+  done
+  die "no static busybox found: apt-get install busybox-static (or set BUSYBOX=)"
+}
+
+for tool in dpkg-deb gzip xz zstd file; do
+  command -v "$tool" >/dev/null || die "missing tool: $tool"
+done
+busybox="$(find_busybox)"
+
+# ---------------------------------------------------------------- download
+mkdir -p "$debs"
+download() {
+  local pkg="$1"
+  if compgen -G "$debs/${pkg}_*.deb" >/dev/null; then
+    log "using cached $(basename "$(ls "$debs/${pkg}"_*.deb | tail -n1)")"
+    return
+  fi
+  log "apt-get download $pkg"
+  (cd "$debs" && apt-get download "$pkg") || die "apt-get download $pkg failed (run apt-get update?)"
+}
+
+# The meta package depends on the versioned image package; resolve it from the cached
+# meta .deb when present (offline), else from apt's candidate.
+download "$kernel_pkg"
+meta_deb="$(ls "$debs/${kernel_pkg}"_*.deb | tail -n1)"
+image_pkg="$(dpkg-deb -f "$meta_deb" Depends | tr ',' '\n' | sed -n 's/^ *\(linux-image-[^ ]*\).*/\1/p' | head -n1)"
+[[ -n "$image_pkg" ]] || die "cannot find the linux-image dependency of $kernel_pkg"
+download "$image_pkg"
+image_deb="$(ls "$debs/${image_pkg}"_*.deb | tail -n1)"
+
+# ---------------------------------------------------------------- extract
+rm -rf "$work"
+mkdir -p "$work/pkg"
+log "extracting $(basename "$image_deb")"
+dpkg-deb -x "$image_deb" "$work/pkg"
+bz="$(ls "$work"/pkg/boot/vmlinuz-* | head -n1)"
+[[ -f "$bz" ]] || die "no /boot/vmlinuz-* in $image_deb"
+release="${bz##*/vmlinuz-}"
+moddir="$work/pkg/lib/modules/$release"
+# The .deb does not ship modules.dep (depmod makes it at install time): make it here.
+if [[ ! -f "$moddir/modules.dep" ]]; then
+  if command -v depmod >/dev/null; then
+    depmod -b "$work/pkg" "$release"
+  else
+    "$busybox" depmod -b "$work/pkg" "$release"
+  fi
+fi
+[[ -f "$moddir/modules.dep" ]] || die "depmod made no modules.dep for $release"
+cp "$bz" "$out/bzImage"
+echo "$release" >"$out/version"
+
+# ---------------------------------------------------------------- vmlinux
+# The bzImage header (boot protocol >= 2.08) says where the compressed payload is:
+# setup_sects at 0x1F1 (0 means 4), payload_offset at 0x248 and payload_length at 0x24C,
+# both relative to the protected-mode code that follows the (setup_sects + 1) * 512 byte setup.
+le32() { od -An -tu4 -j "$2" -N4 "$1" | tr -d ' '; }
+u8() { od -An -tu1 -j "$2" -N1 "$1" | tr -d ' '; }
+[[ "$(dd if="$bz" bs=1 skip=514 count=4 status=none)" == "HdrS" ]] || die "$bz is not a bzImage"
+setup_sects="$(u8 "$bz" $((0x1F1)))"
+if [[ "$setup_sects" -eq 0 ]]; then setup_sects=4; fi
+pm_start=$(((setup_sects + 1) * 512))
+payload_off=$((pm_start + $(le32 "$bz" $((0x248)))))
+payload_len="$(le32 "$bz" $((0x24C)))"
+payload="$work/payload"
+dd if="$bz" of="$payload" bs=1M iflag=skip_bytes,count_bytes skip="$payload_off" count="$payload_len" status=none
+magic="$(od -An -tx1 -N6 "$payload" | tr -d ' \n')"
+log "payload at $payload_off, $payload_len bytes, magic $magic"
+case "$magic" in
+  1f8b*) decomp=(gzip -dc) ;;
+  fd377a585a00*) decomp=(xz -dc) ;;
+  28b52ffd*) decomp=(zstd -dcq) ;;
+  5d0000*) decomp=(xz -dc --format=lzma) ;;
+  02214c18*) decomp=(lz4 -dc) ;;
+  425a68*) decomp=(bzip2 -dc) ;;
+  *) die "unknown kernel compression (magic $magic)" ;;
+esac
+command -v "${decomp[0]}" >/dev/null || die "missing tool ${decomp[0]} (apt-get install ${decomp[0]})"
+# The payload may carry padding after the stream; keep what decompressed.
+"${decomp[@]}" <"$payload" >"$out/vmlinux" 2>"$work/decomp.err" || true
+[[ "$(head -c 4 "$out/vmlinux" | od -An -tx1 | tr -d ' ')" == "7f454c46" ]] ||
+  die "decompressed kernel is not an ELF: $(cat "$work/decomp.err")"
+log "vmlinux: $(file -b "$out/vmlinux" | cut -c1-60)"
+
+# ---------------------------------------------------------------- modules
+# modules.dep lines: "kernel/path/a.ko: kernel/path/b.ko kernel/path/c.ko".
+declare -A dep_of path_of
+while IFS= read -r line; do
+  mod="${line%%:*}"
+  name="$(basename "$mod")"
+  name="${name%%.ko*}"
+  name="${name//-/_}"
+  path_of[$name]="$mod"
+  dep_of[$name]="${line#*:}"
+done <"$moddir/modules.dep"
+
+declare -A builtin
+if [[ -f "$moddir/modules.builtin" ]]; then
+  while IFS= read -r line; do
+    name="$(basename "$line")"
+    name="${name%%.ko*}"
+    builtin[${name//-/_}]=1
+  done <"$moddir/modules.builtin"
+fi
+
+declare -A visited
+order=()
+visit() {
+  local name="${1//-/_}" dep dname
+  [[ -n "${visited[$name]:-}" ]] && return
+  visited[$name]=1
+  for dep in ${dep_of[$name]}; do
+    dname="$(basename "$dep")"
+    visit "${dname%%.ko*}"
+  done
+  order+=("$name")
+}
+for m in "${wanted_modules[@]}"; do
+  m="${m//-/_}"
+  if [[ -n "${path_of[$m]:-}" ]]; then
+    visit "$m"
+  elif [[ -n "${builtin[$m]:-}" ]]; then
+    log "module $m is built into the kernel"
+  else
+    log "warning: module $m not found in $release"
+  fi
+done
+for must in virtio_pci virtio_blk; do
+  [[ -n "${path_of[$must]:-}" || -n "${builtin[$must]:-}" ]] || die "kernel has no $must"
+done
+
+# ---------------------------------------------------------------- initramfs
+root="$work/root"
+mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,etc,lib/modules}
+cp "$busybox" "$root/bin/busybox"
+: >"$root/etc/modules-order"
+for name in "${order[@]}"; do
+  src="$moddir/${path_of[$name]}"
+  dst="$root/lib/modules/$name.ko"
+  case "$src" in
+    *.ko.xz) xz -dc "$src" >"$dst" ;;
+    *.ko.zst) zstd -dcq "$src" >"$dst" ;;
+    *.ko.gz) gzip -dc "$src" >"$dst" ;;
+    *.ko) cp "$src" "$dst" ;;
+    *) die "unexpected module file $src" ;;
+  esac
+  echo "$name" >>"$root/etc/modules-order"
+done
+log "modules (load order): ${order[*]}"
+
+cat >"$root/init" <<'INIT'
+#!/bin/busybox sh
+# pocketvisor Linux guest init: load the virtio modules, report, power off.
+/bin/busybox --install -s
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+failed=0
+for m in $(cat /etc/modules-order); do
+  if ! insmod "/lib/modules/$m.ko" 2>/tmp/insmod.err; then
+    # "File exists" means it is already loaded; anything else is a failure.
+    grep -q 'exists' /tmp/insmod.err || { echo "LINUX insmod $m failed: $(cat /tmp/insmod.err)"; failed=$((failed + 1)); }
+  fi
+done
+echo "LINUX ready kernel=$(uname -r) cpus=$(grep -c ^processor /proc/cpuinfo) modules_failed=$failed"
+sleep 1
+for d in /sys/bus/virtio/devices/*; do
+  [ -e "$d" ] || continue
+  echo "LINUX virtio $(basename "$d") device=$(cat "$d/device") driver=$(basename "$(readlink "$d/driver" 2>/dev/null)" 2>/dev/null)"
+done
+for b in /sys/block/vd*; do
+  [ -e "$b" ] || continue
+  echo "LINUX blk $(basename "$b") sectors=$(cat "$b/size") ro=$(cat "$b/ro")"
+done
+if [ -e /dev/hwrng ]; then
+  echo "LINUX rng $(head -c 16 /dev/hwrng | hexdump -v -e '16/1 "%02x"')"
+fi
+for n in /sys/class/net/*; do
+  [ "$(basename "$n")" = lo ] && continue
+  [ -e "$n" ] && echo "LINUX net $(basename "$n") mac=$(cat "$n/address")"
+done
+if grep -q 'pv.shell=1' /proc/cmdline; then
+  echo "LINUX shell (exit to power off)"
+  setsid cttyhack sh
+fi
+echo "LINUX done"
+sync
+poweroff -f
+INIT
+chmod 755 "$root/init"
+
+(cd "$root" && find . -print | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) | gzip -9 >"$out/initramfs.cpio.gz"
+rm -rf "$work"
+log "done: $out/{vmlinux,bzImage,initramfs.cpio.gz} ($release)"
+ls -l "$out" >&2
