@@ -1,1 +1,18 @@
-//! Helpers shared by the end-to-end tests.
+//! Helpers shared by pocketvisor's end-to-end tests and its benchmark.
+//!
+//! - [`paths`]: where the `pocketvisor` binary, the probe guest and the Linux assets are.
+//! - [`vm`]: spawning a VMM (pocketvisor or QEMU) with a deadline and collecting its serial lines.
+//! - [`probe`]: parsing the probe guest's `PROBE ...` lines.
+//! - [`host`]: host-side fixtures (temp dirs, disk images, FNV-1a, network namespaces, skips).
+//! - [`qemu`]: the QEMU command line equivalent to a pocketvisor run.
+
+pub mod host;
+pub mod paths;
+pub mod probe;
+pub mod qemu;
+pub mod vm;
+
+pub use host::{fnv1a64, require_kvm, skip, TempDir};
+pub use paths::{pocketvisor_bin, probe_elf, workspace_root};
+pub use probe::{ProbeLine, ProbeReport};
+pub use vm::{Outcome, RunningVm, VmCommand};
