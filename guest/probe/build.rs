@@ -1,0 +1,7 @@
+//! Passes the linker script to the probe's final link.
+fn main() {
+    let dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    println!("cargo:rustc-link-arg=-T{dir}/linker.ld");
+    println!("cargo:rustc-link-arg=--no-pie");
+    println!("cargo:rerun-if-changed=linker.ld");
+}

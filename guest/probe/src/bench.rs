@@ -1,0 +1,6 @@
+//! Benchmarks.
+
+/// pio-bench.
+pub fn pio(_n: u64) {}
+/// blk-bench.
+pub fn blk(_mb: u64) {}

@@ -1,0 +1,4 @@
+//! Hostile mode.
+
+/// Runs hostile mode.
+pub fn run() {}

@@ -1,0 +1,135 @@
+//! pocketvisor probe guest: a tiny bare-metal x86_64 kernel booted through PVH that
+//! drives every device of the platform and reports one `PROBE ...` line per result on
+//! COM1. See `PROTOCOL.md` for the output protocol and command-line keys.
+
+#![no_std]
+#![no_main]
+
+mod acpi;
+mod bench;
+mod boot;
+mod hostile;
+mod interrupts;
+mod mem;
+mod paging;
+mod pci;
+mod port;
+mod power;
+mod pvh;
+mod serial;
+mod smp;
+mod sync;
+mod time;
+mod virtio;
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+static FAILURES: AtomicU32 = AtomicU32::new(0);
+
+/// Number of failures reported so far.
+pub fn failures() -> u32 {
+    FAILURES.load(Ordering::SeqCst)
+}
+
+/// Reports `PROBE <test> fail <reason>` and counts the failure.
+pub fn fail(test: &str, reason: core::fmt::Arguments) {
+    FAILURES.fetch_add(1, Ordering::SeqCst);
+    probe!("{test} fail {reason}");
+}
+
+/// Entry from the boot stub, in long mode on the BSP stack.
+#[no_mangle]
+extern "C" fn rust_start(start_info: u32) -> ! {
+    serial::init();
+    probe!("ready");
+    pvh::init(start_info as u64);
+    let boot = pvh::info();
+    probe!("boot ok cmdline=\"{}\"", boot.cmdline());
+    mem::init();
+    time::calibrate();
+    interrupts::init_idt();
+    interrupts::disable_pic();
+    interrupts::lapic_enable();
+    let timer_ok = interrupts::start_timer();
+
+    let mode = boot.arg("pv.mode").unwrap_or("selftest");
+    if mode != "counter" {
+        probe!(
+            "info tsc_khz={} timer={} apic={}",
+            time::tsc_khz(),
+            if timer_ok { "ok" } else { "dead" },
+            interrupts::lapic_id()
+        );
+    }
+    match mode {
+        "counter" => counter(boot.arg_u64("pv.counter.ms", 100)),
+        "hostile" => hostile::run(),
+        "pio-bench" => bench::pio(boot.arg_u64("pv.pio.iters", 1_000_000)),
+        "blk-bench" => bench::blk(boot.arg_u64("pv.blk.mb", 64)),
+        "selftest" => selftest(),
+        other => fail("boot", format_args!("unknown-mode {other}")),
+    }
+    finish()
+}
+
+/// Prints the final line and powers off (success) or debug-exits (failure).
+fn finish() -> ! {
+    let n = failures();
+    if n == 0 {
+        probe!("done ok");
+        power::poweroff()
+    } else {
+        probe!("done fail={n}");
+        power::fail_exit(n)
+    }
+}
+
+fn counter(ms: u64) -> ! {
+    let period = ms.max(1) * time::tsc_khz();
+    let mut next = port::rdtsc();
+    let mut n: u64 = 0;
+    loop {
+        probe!("counter {n}");
+        n += 1;
+        next += period;
+        while port::rdtsc() < next {
+            interrupts::wait();
+        }
+    }
+}
+
+fn test_enabled(name: &str) -> bool {
+    match pvh::info().arg("pv.tests") {
+        None => true,
+        Some(list) => list.split(',').any(|t| t == name),
+    }
+}
+
+fn selftest() {
+    if test_enabled("pci") {
+        pci::selftest();
+    }
+    if test_enabled("smp") {
+        smp::selftest();
+    }
+    if test_enabled("blk") {
+        virtio::blk::selftest();
+    }
+    if test_enabled("rng") {
+        virtio::rng::selftest();
+    }
+    if test_enabled("net") {
+        virtio::net::selftest();
+    }
+    if test_enabled("vsock") {
+        virtio::vsock::selftest();
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    serial::line_unlocked(format_args!("fault panic {}", info.message()));
+    let n = failures() + 1;
+    serial::line_unlocked(format_args!("done fail={n}"));
+    power::fail_exit(n)
+}

@@ -1,0 +1,247 @@
+//! Split virtqueues (virtio 1.1 section 2.6) in probe-owned memory, with waits that use
+//! the queue's MSI-X vector (`sti; hlt`) and fall back to polling.
+
+use crate::interrupts::{self, irq_count};
+use crate::port::mmio;
+use crate::{mem, time};
+use core::sync::atomic::{fence, Ordering};
+
+/// Descriptor flag: chain continues in `next`.
+pub const DESC_NEXT: u16 = 1;
+/// Descriptor flag: device writes this buffer.
+pub const DESC_WRITE: u16 = 2;
+/// Descriptor flag: buffer is an indirect descriptor table.
+pub const DESC_INDIRECT: u16 = 4;
+
+/// One buffer of a chain.
+#[derive(Clone, Copy)]
+pub struct Buf {
+    /// Physical address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+/// How a wait ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Wait {
+    /// The queue's MSI-X interrupt fired and a used entry was there.
+    Irq,
+    /// A used entry appeared but no interrupt came; found by polling.
+    Polled,
+    /// Nothing within the timeout.
+    Timeout,
+}
+
+/// A split virtqueue.
+pub struct Queue {
+    /// Queue index on its device.
+    pub index: u16,
+    /// Number of descriptors (power of two, <= 256).
+    pub size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    notify: u64,
+    free_head: u16,
+    num_free: u16,
+    avail_idx: u16,
+    last_used: u16,
+    /// CPU vector of this queue's MSI-X interrupt.
+    pub vector: Option<u8>,
+    irq_seen: u32,
+    /// Completions noticed through the interrupt.
+    pub irq_hits: u32,
+    /// Completions found by polling after the interrupt did not come.
+    pub polled: u32,
+}
+
+impl Queue {
+    /// Allocates the rings for a queue of `size` entries.
+    pub fn new(index: u16, size: u16, notify: u64, vector: Option<u8>) -> Self {
+        let n = size as u64;
+        let desc = mem::alloc(16 * n, 4096);
+        let avail = mem::alloc(6 + 2 * n, 4096);
+        let used = mem::alloc(6 + 8 * n, 4096);
+        for i in 0..size {
+            mmio::write::<u16>(desc + 16 * i as u64 + 14, (i + 1) % size);
+        }
+        Queue {
+            index,
+            size,
+            desc,
+            avail,
+            used,
+            notify,
+            free_head: 0,
+            num_free: size,
+            avail_idx: 0,
+            last_used: 0,
+            vector,
+            irq_seen: vector.map(irq_count).unwrap_or(0),
+            irq_hits: 0,
+            polled: 0,
+        }
+    }
+
+    /// Descriptor table address.
+    pub fn desc_addr(&self) -> u64 {
+        self.desc
+    }
+    /// Driver (avail) ring address.
+    pub fn avail_addr(&self) -> u64 {
+        self.avail
+    }
+    /// Device (used) ring address.
+    pub fn used_addr(&self) -> u64 {
+        self.used
+    }
+
+    /// Free descriptors.
+    pub fn num_free(&self) -> u16 {
+        self.num_free
+    }
+
+    /// Writes descriptor `i` raw (hostile tests and chain building).
+    pub fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.desc + 16 * (i % self.size) as u64;
+        mmio::write::<u64>(d, addr);
+        mmio::write::<u32>(d + 8, len);
+        mmio::write::<u16>(d + 12, flags);
+        mmio::write::<u16>(d + 14, next);
+    }
+
+    fn desc_next(&self, i: u16) -> u16 {
+        mmio::read::<u16>(self.desc + 16 * (i % self.size) as u64 + 14)
+    }
+
+    fn desc_flags(&self, i: u16) -> u16 {
+        mmio::read::<u16>(self.desc + 16 * (i % self.size) as u64 + 12)
+    }
+
+    /// Builds a chain from `bufs` and makes it available (no kick). Returns the head.
+    pub fn push(&mut self, bufs: &[Buf]) -> Option<u16> {
+        if bufs.is_empty() || bufs.len() > self.num_free as usize {
+            return None;
+        }
+        let head = self.free_head;
+        let mut i = head;
+        for (k, b) in bufs.iter().enumerate() {
+            let next = self.desc_next(i);
+            let last = k + 1 == bufs.len();
+            let flags = if b.write { DESC_WRITE } else { 0 } | if last { 0 } else { DESC_NEXT };
+            self.write_desc(i, b.addr, b.len, flags, next);
+            if last {
+                self.free_head = next;
+            } else {
+                i = next;
+            }
+        }
+        self.num_free -= bufs.len() as u16;
+        self.publish(head);
+        Some(head)
+    }
+
+    /// Puts `head` in the avail ring and bumps avail idx.
+    pub fn publish(&mut self, head: u16) {
+        let slot = self.avail_idx % self.size;
+        mmio::write::<u16>(self.avail + 4 + 2 * slot as u64, head);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        mmio::write::<u16>(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Writes the avail idx directly (hostile tests).
+    pub fn set_avail_idx_raw(&mut self, idx: u16) {
+        fence(Ordering::SeqCst);
+        mmio::write::<u16>(self.avail + 2, idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Notifies the device about this queue.
+    pub fn kick(&self) {
+        fence(Ordering::SeqCst);
+        mmio::write::<u16>(self.notify, self.index);
+    }
+
+    /// Whether the device has returned something we have not consumed.
+    pub fn has_used(&self) -> bool {
+        fence(Ordering::SeqCst);
+        mmio::read::<u16>(self.used + 2) != self.last_used
+    }
+
+    /// Takes the next used element `(head, len)` and frees its chain.
+    pub fn pop_used(&mut self) -> Option<(u16, u32)> {
+        if !self.has_used() {
+            return None;
+        }
+        let slot = self.last_used % self.size;
+        let e = self.used + 4 + 8 * slot as u64;
+        let id = mmio::read::<u32>(e);
+        let len = mmio::read::<u32>(e + 4);
+        self.last_used = self.last_used.wrapping_add(1);
+        if id < self.size as u32 {
+            self.free_chain(id as u16);
+        }
+        Some((id as u16, len))
+    }
+
+    fn free_chain(&mut self, head: u16) {
+        let mut i = head;
+        let mut n = 1;
+        while self.desc_flags(i) & DESC_NEXT != 0 && n < self.size {
+            i = self.desc_next(i) % self.size;
+            n += 1;
+        }
+        self.write_desc(i, 0, 0, 0, self.free_head);
+        self.free_head = head;
+        self.num_free = (self.num_free + n).min(self.size);
+    }
+
+    /// Waits up to `timeout_ms` for a used entry: `sti; hlt` until the queue's interrupt
+    /// fires; a used entry without an interrupt for 20 ms counts as [`Wait::Polled`].
+    pub fn wait_used(&mut self, timeout_ms: u64) -> Wait {
+        let dl = time::deadline_ms(timeout_ms);
+        let mut seen_used_at: Option<u64> = None;
+        loop {
+            let used = self.has_used();
+            if let Some(v) = self.vector {
+                let c = irq_count(v);
+                if c != self.irq_seen {
+                    self.irq_seen = c;
+                    if used || self.has_used() {
+                        self.irq_hits += 1;
+                        return Wait::Irq;
+                    }
+                }
+            }
+            if used {
+                let t = *seen_used_at.get_or_insert_with(|| time::deadline_ms(20));
+                if self.vector.is_none() || time::expired(t) {
+                    self.polled += 1;
+                    return Wait::Polled;
+                }
+            }
+            if time::expired(dl) {
+                return Wait::Timeout;
+            }
+            if self.vector.is_some() {
+                interrupts::wait();
+            } else {
+                core::hint::spin_loop();
+            }
+        }
+    }
+
+    /// A short description of how completions were noticed, for `PROBE <dev> irq ...`.
+    pub fn irq_mode(&self) -> &'static str {
+        match (self.irq_hits, self.polled) {
+            (_, 0) if self.irq_hits > 0 => "msix",
+            (0, _) => "poll",
+            _ => "mixed",
+        }
+    }
+}
