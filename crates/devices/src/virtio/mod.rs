@@ -6,6 +6,11 @@
 //! the driver. A device processes its queues on a worker thread of its own and stops that thread
 //! on [`reset`](VirtioDevice::reset).
 
+pub mod block;
+pub mod chain;
+pub mod rng;
+pub mod worker;
+
 use std::sync::Arc;
 
 use virtio_queue::Queue;

@@ -1,0 +1,365 @@
+//! virtio-blk over a raw disk image file.
+//!
+//! Requests: IN (read), OUT (write; refused on a read-only disk), FLUSH (`fdatasync` of the
+//! image before completion) and GET_ID; anything else is answered UNSUPP. A request is read as
+//! byte streams: the 16-byte header from the start of the device-readable part, the status byte
+//! as the last device-writable byte, and the data in between, whatever the descriptor layout.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vmm_sys_util::epoll::Epoll;
+
+use super::chain::Chain;
+use super::worker::{
+    prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerHandle, COMMON_FEATURES,
+};
+use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::GuestMem;
+
+/// Sector size of the virtio-blk protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Queue size of the single request queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest data transfer accepted in one request.
+pub const MAX_REQUEST_BYTES: usize = 4 << 20;
+/// Length of the GET_ID string.
+pub const ID_LEN: usize = 20;
+
+/// `VIRTIO_BLK_F_SEG_MAX`.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_RO`.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// `VIRTIO_BLK_F_BLK_SIZE`.
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+/// `VIRTIO_BLK_F_FLUSH`.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+/// Request types.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+/// Status values.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+const HEADER_LEN: usize = 16;
+/// Size of the config space we expose (up to and including `blk_size`).
+const CONFIG_LEN: usize = 24;
+
+/// Why a block device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The image could not be opened or inspected.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image size is not a whole number of sectors.
+    #[error("disk image {path} is {size} bytes, not a multiple of 512")]
+    Size { path: PathBuf, size: u64 },
+    /// The serial id is longer than 20 bytes.
+    #[error("block device id {0:?} is longer than 20 bytes")]
+    IdTooLong(String),
+}
+
+/// A virtio block device backed by a raw image file.
+pub struct Block {
+    file: Arc<File>,
+    path: PathBuf,
+    read_only: bool,
+    capacity_bytes: u64,
+    id: [u8; ID_LEN],
+    acked: u64,
+    worker: Option<WorkerHandle>,
+}
+
+impl Block {
+    /// Opens the raw image at `path` (read-only or read-write). `id` is the GET_ID string; by
+    /// default it is derived from the file's device and inode numbers.
+    pub fn new(path: &Path, read_only: bool, id: Option<String>) -> Result<Block, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        let size = meta.len();
+        if !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(BlockError::Size {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        let id_string = match id {
+            Some(id) if id.len() > ID_LEN => return Err(BlockError::IdTooLong(id)),
+            Some(id) => id,
+            None => format!("{:x}{:x}", meta.dev(), meta.ino()),
+        };
+        let mut id = [0u8; ID_LEN];
+        let n = id_string.len().min(ID_LEN);
+        id[..n].copy_from_slice(&id_string.as_bytes()[..n]);
+        Ok(Block {
+            file: Arc::new(file),
+            path: path.to_path_buf(),
+            read_only,
+            capacity_bytes: size,
+            id,
+            acked: 0,
+            worker: None,
+        })
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.capacity_bytes / SECTOR_SIZE
+    }
+
+    fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut c = [0u8; CONFIG_LEN];
+        c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
+        // size_max (8..12) is not offered; seg_max leaves room for header and status.
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
+        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c
+    }
+
+    fn new_worker(
+        &self,
+        mem: GuestMem,
+        interrupt: Arc<dyn Interrupt>,
+        queue: VirtQueue,
+    ) -> BlockWorker {
+        BlockWorker {
+            mem,
+            interrupt,
+            queue,
+            file: self.file.clone(),
+            read_only: self.read_only,
+            capacity_bytes: self.capacity_bytes,
+            id: self.id,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
+        COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | ro
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.device_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        self.reset_worker();
+        let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 1)?;
+        let queue = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
+        let worker = self.new_worker(mem, interrupt, queue);
+        self.worker = Some(spawn_worker("virtio-blk", kicks, worker)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.reset_worker();
+        self.acked = 0;
+    }
+}
+
+impl Block {
+    fn reset_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+/// Copies config bytes `[offset, offset + data.len())` into `data`; bytes past `config` read 0.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
+/// The block device's queue processing, run on its worker thread.
+struct BlockWorker {
+    mem: GuestMem,
+    interrupt: Arc<dyn Interrupt>,
+    queue: VirtQueue,
+    file: Arc<File>,
+    read_only: bool,
+    capacity_bytes: u64,
+    id: [u8; ID_LEN],
+    buf: Vec<u8>,
+}
+
+impl DeviceWorker for BlockWorker {
+    fn queue_kicked(&mut self, _epoll: &Epoll, _queue: usize) {
+        self.process_queue();
+    }
+}
+
+impl BlockWorker {
+    /// Handles every available request, then notifies the driver if needed.
+    fn process_queue(&mut self) {
+        let interrupt = self.interrupt.clone();
+        while let Some(popped) = self.queue.pop(&self.mem, &*interrupt) {
+            let (head, used) = match popped {
+                Popped::Chain(chain) => (chain.head, self.handle(&chain)),
+                Popped::Malformed { head, error } => {
+                    tracing::warn!("virtio-blk: malformed request: {error}");
+                    (head, 0)
+                }
+            };
+            if !self.queue.complete(&self.mem, &*interrupt, head, used) {
+                break;
+            }
+        }
+        if !self.queue.is_broken() {
+            self.queue.notify(&self.mem, &*interrupt);
+        }
+    }
+
+    /// Executes one request and writes its status; returns the used length.
+    fn handle(&mut self, chain: &Chain) -> u32 {
+        let Some(status_at) = chain.writable_len().checked_sub(1) else {
+            tracing::warn!("virtio-blk: request without a status byte");
+            return 0;
+        };
+        let (status, written) = match self.execute(chain, status_at) {
+            Ok(written) => (VIRTIO_BLK_S_OK, written),
+            Err(status) => (status, 0),
+        };
+        if chain.write_at(&self.mem, status_at, &[status]).is_err() {
+            return 0;
+        }
+        // written <= status_at < writable_len <= u32::MAX.
+        u32::try_from(written + 1).unwrap_or(0)
+    }
+
+    /// Executes the request; `data_w` is the number of device-writable bytes before the status.
+    /// Returns the number of data bytes written to the driver, or an error status.
+    fn execute(&mut self, chain: &Chain, data_w: usize) -> Result<usize, u8> {
+        let mut header = [0u8; HEADER_LEN];
+        chain
+            .read_at(&self.mem, 0, &mut header)
+            .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+        let (kind, sector) = parse_header(&header);
+        let data_r = chain.readable_len().saturating_sub(HEADER_LEN);
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                if data_r != 0 {
+                    return Err(VIRTIO_BLK_S_IOERR);
+                }
+                let offset = self.check_range(sector, data_w)?;
+                let buf = sized(&mut self.buf, data_w);
+                self.file
+                    .read_exact_at(buf, offset)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                chain
+                    .write_at(&self.mem, 0, buf)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                Ok(data_w)
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only || data_w != 0 {
+                    return Err(VIRTIO_BLK_S_IOERR);
+                }
+                let offset = self.check_range(sector, data_r)?;
+                let buf = sized(&mut self.buf, data_r);
+                chain
+                    .read_at(&self.mem, HEADER_LEN, buf)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                self.file
+                    .write_all_at(buf, offset)
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                Ok(0)
+            }
+            VIRTIO_BLK_T_FLUSH => {
+                if !self.read_only {
+                    self.file.sync_data().map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                }
+                Ok(0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let n = data_w.min(ID_LEN);
+                chain
+                    .write_at(&self.mem, 0, &self.id[..n])
+                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                Ok(n)
+            }
+            _ => Err(VIRTIO_BLK_S_UNSUPP),
+        }
+    }
+
+    /// Checks that `len` bytes from `sector` are whole sectors inside the disk and within the
+    /// per-request cap; returns the byte offset.
+    fn check_range(&self, sector: u64, len: usize) -> Result<u64, u8> {
+        if len > MAX_REQUEST_BYTES || !(len as u64).is_multiple_of(SECTOR_SIZE) {
+            return Err(VIRTIO_BLK_S_IOERR);
+        }
+        let offset = sector.checked_mul(SECTOR_SIZE).ok_or(VIRTIO_BLK_S_IOERR)?;
+        let end = offset.checked_add(len as u64).ok_or(VIRTIO_BLK_S_IOERR)?;
+        if end > self.capacity_bytes {
+            return Err(VIRTIO_BLK_S_IOERR);
+        }
+        Ok(offset)
+    }
+}
+
+/// The bounce buffer `buf`, sized to `len` (<= MAX_REQUEST_BYTES, checked by the caller).
+fn sized(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    buf.resize(len, 0);
+    buf.as_mut_slice()
+}
+
+fn parse_header(h: &[u8; HEADER_LEN]) -> (u32, u64) {
+    let kind = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+    let sector = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
+    (kind, sector)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,303 @@
+//! The worker-thread pattern shared by all virtio devices, and queue handling helpers.
+//!
+//! [`spawn_worker`] starts a named thread running an epoll loop over the queues' kick eventfds,
+//! a stop eventfd and whatever backend fds the [`DeviceWorker`] registers. [`WorkerHandle::stop`]
+//! (called from `reset`, and on drop) signals the stop eventfd and joins the thread.
+//!
+//! [`VirtQueue`] wraps a `virtio_queue::Queue` with strict chain parsing ([`parse_chain`]),
+//! completion, notification, and the "broken until reset" state a queue enters when the driver
+//! corrupts it beyond what an error status can report.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::thread::JoinHandle;
+
+use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::chain::{parse_chain, Chain, ChainError};
+use super::{ActivateError, ActiveQueue, Interrupt};
+use crate::GuestMem;
+
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Feature bits every device here offers.
+pub const COMMON_FEATURES: u64 =
+    super::VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX;
+
+/// Epoll tokens at or above this value belong to the device's backend fds; below it, a token is
+/// the position of a queue in the activation order.
+pub const BACKEND_TOKEN_BASE: u64 = 1 << 32;
+const STOP_TOKEN: u64 = u64::MAX;
+
+/// What a device runs on its worker thread.
+pub trait DeviceWorker: Send + 'static {
+    /// Registers backend fds with `epoll`, using tokens >= [`BACKEND_TOKEN_BASE`].
+    fn register(&mut self, _epoll: &Epoll) -> io::Result<()> {
+        Ok(())
+    }
+    /// Queue number `queue` (position in the activation order) was kicked (also called once for
+    /// every queue when the worker starts).
+    fn queue_kicked(&mut self, epoll: &Epoll, queue: usize);
+    /// A backend fd registered with `token` is ready with `events`.
+    fn backend_event(&mut self, _epoll: &Epoll, _token: u64, _events: EventSet) {}
+}
+
+/// A running worker thread.
+pub struct WorkerHandle {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WorkerHandle {
+    /// Signals the worker to stop and waits for it.
+    pub fn stop(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            if let Err(e) = self.stop.write(1) {
+                tracing::error!("cannot signal virtio worker to stop: {e}");
+            }
+            if thread.join().is_err() {
+                tracing::error!("virtio worker thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+/// Starts `worker` on a thread named `name`, polling `kicks` (token = position) and the fds the
+/// worker registers.
+pub fn spawn_worker<W: DeviceWorker>(
+    name: &str,
+    kicks: Vec<EventFd>,
+    mut worker: W,
+) -> io::Result<WorkerHandle> {
+    let epoll = Epoll::new()?;
+    let stop = EventFd::new(EFD_NONBLOCK)?;
+    add_fd(&epoll, stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
+    for (i, kick) in kicks.iter().enumerate() {
+        add_fd(&epoll, kick.as_raw_fd(), i as u64, EventSet::IN)?;
+    }
+    worker.register(&epoll)?;
+    let thread = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || run(epoll, kicks, worker))?;
+    Ok(WorkerHandle {
+        stop,
+        thread: Some(thread),
+    })
+}
+
+/// Adds `fd` to `epoll` with `token` and `events`.
+pub fn add_fd(epoll: &Epoll, fd: RawFd, token: u64, events: EventSet) -> io::Result<()> {
+    epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
+}
+
+/// Removes `fd` from `epoll`.
+pub fn remove_fd(epoll: &Epoll, fd: RawFd) -> io::Result<()> {
+    epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
+}
+
+fn run<W: DeviceWorker>(epoll: Epoll, kicks: Vec<EventFd>, mut worker: W) {
+    for i in 0..kicks.len() {
+        worker.queue_kicked(&epoll, i);
+    }
+    let mut events = vec![EpollEvent::default(); 64];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::error!("virtio worker epoll failed: {e}");
+                return;
+            }
+        };
+        for ev in events.iter().take(n) {
+            let token = ev.data();
+            if token == STOP_TOKEN {
+                return;
+            }
+            if let Some(kick) = kicks
+                .get(token as usize)
+                .filter(|_| token < BACKEND_TOKEN_BASE)
+            {
+                // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
+                let _ = kick.read();
+                worker.queue_kicked(&epoll, token as usize);
+            } else {
+                worker.backend_event(&epoll, token, ev.event_set());
+            }
+        }
+    }
+}
+
+/// Splits activated queues into [`VirtQueue`]s and their kick eventfds, checking that every
+/// queue is ready and lies in guest memory, and applying the negotiated ring features.
+pub fn prepare_queues(
+    mem: &GuestMem,
+    queues: Vec<ActiveQueue>,
+    acked_features: u64,
+    expected: usize,
+) -> Result<(Vec<VirtQueue>, Vec<EventFd>), ActivateError> {
+    if queues.len() != expected {
+        return Err(ActivateError::BadQueue(queues.len() as u16));
+    }
+    let mut vqs = Vec::with_capacity(queues.len());
+    let mut kicks = Vec::with_capacity(queues.len());
+    for (pos, aq) in queues.into_iter().enumerate() {
+        let mut queue = aq.queue;
+        if aq.index as usize != pos || !queue.is_valid(mem) {
+            return Err(ActivateError::BadQueue(aq.index));
+        }
+        queue.set_event_idx(acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        vqs.push(VirtQueue {
+            index: aq.index,
+            queue,
+            indirect: acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
+            broken: false,
+        });
+        kicks.push(aq.kick);
+    }
+    Ok((vqs, kicks))
+}
+
+/// The result of taking the next available chain.
+#[derive(Debug)]
+pub enum Popped {
+    /// A validated chain.
+    Chain(Chain),
+    /// A malformed chain: complete `head` (with used length 0) and move on.
+    Malformed { head: u16, error: ChainError },
+}
+
+/// A queue owned by a device worker.
+pub struct VirtQueue {
+    /// The queue's index in the device.
+    pub index: u16,
+    /// The underlying split queue.
+    pub queue: Queue,
+    indirect: bool,
+    broken: bool,
+}
+
+impl VirtQueue {
+    /// Whether the queue was given up on until reset.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    fn fail(&mut self, interrupt: &dyn Interrupt, why: &dyn std::fmt::Display) {
+        tracing::warn!("virtio queue {} broken until reset: {why}", self.index);
+        self.broken = true;
+        interrupt.device_error();
+    }
+
+    /// Takes the next available chain. Returns `None` when the ring is empty (after re-enabling
+    /// notifications, so no kick is missed) or the queue is broken.
+    pub fn pop(&mut self, mem: &GuestMem, interrupt: &dyn Interrupt) -> Option<Popped> {
+        loop {
+            if self.broken {
+                return None;
+            }
+            let desc_table = GuestAddress(self.queue.desc_table());
+            let size = self.queue.size();
+            let head = match self.queue.iter(mem) {
+                Ok(mut it) => it.next().map(|c| c.head_index()),
+                Err(QueueError::QueueNotReady) => return None,
+                Err(e) => {
+                    self.fail(interrupt, &e);
+                    return None;
+                }
+            };
+            match head {
+                Some(head) if head >= size => {
+                    self.fail(interrupt, &ChainError::IndexOutOfRange(head));
+                    return None;
+                }
+                Some(head) => {
+                    return Some(
+                        match parse_chain(mem, desc_table, size, head, self.indirect) {
+                            Ok(chain) => Popped::Chain(chain),
+                            Err(error) => Popped::Malformed { head, error },
+                        },
+                    )
+                }
+                None => match self.queue.enable_notification(mem) {
+                    Ok(true) => continue,
+                    Ok(false) => return None,
+                    Err(e) => {
+                        self.fail(interrupt, &e);
+                        return None;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Whether a chain is available, without taking it.
+    pub fn has_available(&mut self, mem: &GuestMem, interrupt: &dyn Interrupt) -> bool {
+        if self.broken {
+            return false;
+        }
+        match self
+            .queue
+            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        {
+            Ok(idx) => idx.0 != self.queue.next_avail(),
+            Err(e) => {
+                self.fail(interrupt, &e);
+                false
+            }
+        }
+    }
+
+    /// Puts back the chain just popped (it will be returned again by the next `pop`).
+    pub fn undo_pop(&mut self) {
+        self.queue.go_to_previous_position();
+    }
+
+    /// Returns chain `head` to the driver with `len` bytes written. Returns false (and breaks
+    /// the queue) if the used ring cannot be written.
+    pub fn complete(
+        &mut self,
+        mem: &GuestMem,
+        interrupt: &dyn Interrupt,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        if self.broken {
+            return false;
+        }
+        match self.queue.add_used(mem, head, len) {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(interrupt, &e);
+                false
+            }
+        }
+    }
+
+    /// Signals the driver if completions since the last call require it.
+    pub fn notify(&mut self, mem: &GuestMem, interrupt: &dyn Interrupt) {
+        match self.queue.needs_notification(mem) {
+            Ok(true) => interrupt.signal_queue(self.index),
+            Ok(false) => {}
+            Err(e) => self.fail(interrupt, &e),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
