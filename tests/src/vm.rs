@@ -321,9 +321,22 @@ impl RunningVm {
         }
     }
 
-    /// Serial lines seen so far (only those already consumed by [`Self::wait_for_line`]).
+    /// Serial lines seen so far (only those already consumed by [`Self::wait_for_line`]
+    /// or [`Self::drain`]).
     pub fn seen(&self) -> &[TimedLine] {
         &self.seen
+    }
+
+    /// Takes every line that has arrived, without waiting; returns all lines seen so far
+    /// as text, for failure messages.
+    pub fn drain(&mut self) -> String {
+        self.seen.extend(self.rx.try_iter());
+        let mut out = String::new();
+        for (_, line) in &self.seen {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out
     }
 
     /// stderr so far.

@@ -1,0 +1,204 @@
+//! Boot, power-off, SMP, rng, config files and signals with the probe guest.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use e2e::{require_kvm, TempDir, VmCommand};
+
+#[test]
+fn boots_and_powers_off_cleanly() {
+    if !require_kvm("boots_and_powers_off_cleanly") {
+        return;
+    }
+    let cmdline = "pv.tests=pci pv.tag=hello";
+    let out = VmCommand::probe(cmdline).run();
+    let report = out.assert_clean_pass();
+    report.expect(&["ready"]);
+    let boot = report.expect(&["boot", "ok"]);
+    assert_eq!(
+        boot.field("cmdline"),
+        Some(cmdline),
+        "the guest saw a different command line\n{}",
+        out.describe()
+    );
+}
+
+fn all_vcpus_up(n: u32) {
+    if !require_kvm(&format!("all_vcpus_come_up_with_{n}")) {
+        return;
+    }
+    let out = VmCommand::probe("pv.tests=smp").vcpus(n).run();
+    let report = out.assert_clean_pass();
+    let smp = report.expect(&["smp", "ok"]);
+    assert_eq!(
+        smp.field_u64("count"),
+        Some(u64::from(n)),
+        "{}",
+        out.describe()
+    );
+    let cpus: BTreeSet<String> = report
+        .find_all(&["cpu"])
+        .iter()
+        .filter(|l| l.words.get(2).map(String::as_str) == Some("up"))
+        .filter_map(|l| l.words.get(1).cloned())
+        .collect();
+    assert_eq!(
+        cpus.len(),
+        n as usize,
+        "distinct `PROBE cpu <n> up` lines\n{}",
+        out.describe()
+    );
+    let apics: BTreeSet<&str> = report
+        .find_all(&["cpu"])
+        .iter()
+        .filter_map(|l| l.field("apic"))
+        .collect();
+    assert_eq!(
+        apics.len(),
+        n as usize,
+        "distinct APIC ids\n{}",
+        out.describe()
+    );
+}
+
+#[test]
+fn all_vcpus_come_up_with_1() {
+    all_vcpus_up(1);
+}
+
+#[test]
+fn all_vcpus_come_up_with_2() {
+    all_vcpus_up(2);
+}
+
+#[test]
+fn all_vcpus_come_up_with_4() {
+    all_vcpus_up(4);
+}
+
+fn rng_bytes() -> String {
+    let out = VmCommand::probe("pv.tests=rng").rng().run();
+    let report = out.assert_clean_pass();
+    let bytes = report
+        .expect(&["rng", "ok"])
+        .expect_field("bytes")
+        .to_string();
+    assert_eq!(bytes.len(), 64, "32 bytes as hex\n{}", out.describe());
+    assert!(bytes.chars().all(|c| c.is_ascii_hexdigit()), "{bytes}");
+    bytes
+}
+
+#[test]
+fn rng_bytes_are_present_and_not_constant() {
+    if !require_kvm("rng_bytes_are_present_and_not_constant") {
+        return;
+    }
+    let first = rng_bytes();
+    let pairs: BTreeSet<&str> = (0..32).map(|i| &first[2 * i..2 * i + 2]).collect();
+    assert!(pairs.len() > 8, "rng bytes look constant: {first}");
+    let second = rng_bytes();
+    assert_ne!(first, second, "two boots got the same rng bytes");
+}
+
+#[test]
+fn config_file_run_equals_flags_run() {
+    if !require_kvm("config_file_run_equals_flags_run") {
+        return;
+    }
+    let dir = TempDir::new();
+    let (disk, _) = dir.disk("cfg.img", 64 * 1024, 11);
+    let cmdline = "pv.tests=smp,blk,rng";
+    let flags = VmCommand::probe(cmdline)
+        .memory("96M")
+        .vcpus(2)
+        .disk(&disk, true)
+        .rng()
+        .run();
+    let flags_report = flags.assert_clean_pass();
+
+    let config = dir.join("vm.toml");
+    let toml = format!(
+        "kernel = {kernel:?}\ncmdline = {cmdline:?}\nmemory_mib = 96\nvcpus = 2\nrng = true\n\
+         disks = [{{ path = {disk:?}, read_only = true }}]\n",
+        kernel = e2e::probe_elf().display().to_string(),
+        disk = disk.display().to_string(),
+    );
+    std::fs::write(&config, toml).unwrap();
+    let mut from_file = VmCommand::bare();
+    from_file.config = Some(config);
+    let file_out = from_file.run();
+    let file_report = file_out.assert_clean_pass();
+
+    // Same results line for line, except the rng bytes which must differ.
+    let normalize = |r: &e2e::ProbeReport| -> Vec<String> {
+        r.lines
+            .iter()
+            .filter(|l| l.topic() != "rng")
+            .map(|l| l.raw.clone())
+            .collect()
+    };
+    assert_eq!(
+        normalize(&flags_report),
+        normalize(&file_report),
+        "flags run:\n{}\nconfig run:\n{}",
+        flags.describe(),
+        file_out.describe()
+    );
+    assert!(
+        file_report.find(&["rng", "ok"]).is_some(),
+        "{}",
+        file_out.describe()
+    );
+    assert_eq!(
+        file_report.expect(&["blk", "ok"]).field("ro"),
+        Some("1"),
+        "{}",
+        file_out.describe()
+    );
+}
+
+#[test]
+fn counter_mode_counts_and_sigterm_stops_cleanly() {
+    if !require_kvm("counter_mode_counts_and_sigterm_stops_cleanly") {
+        return;
+    }
+    let mut vm = VmCommand::probe("pv.mode=counter pv.counter.ms=20").spawn();
+    let mut counts = Vec::new();
+    while counts.len() < 5 {
+        let Some((_, line)) =
+            vm.wait_for_line(Duration::from_secs(20), |l| l.starts_with("PROBE counter "))
+        else {
+            panic!(
+                "counter stopped after {counts:?}; serial so far:\n{}\nstderr: {}",
+                vm.drain(),
+                vm.stderr_so_far()
+            );
+        };
+        let n: u64 = line["PROBE counter ".len()..]
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("bad counter line {line:?}"));
+        counts.push(n);
+    }
+    assert!(
+        counts.windows(2).all(|w| w[1] == w[0] + 1),
+        "counter not consecutive: {counts:?}"
+    );
+    let signalled = Instant::now();
+    vm.signal(libc::SIGTERM);
+    let out = vm.wait_for(Duration::from_secs(5));
+    let took = signalled.elapsed();
+    assert!(
+        !out.timed_out,
+        "SIGTERM did not stop the VMM\n{}",
+        out.describe()
+    );
+    assert!(took < Duration::from_secs(2), "stopping took {took:?}");
+    assert!(!out.panicked(), "{}", out.describe());
+    assert_eq!(
+        out.code(),
+        Some(128 + libc::SIGTERM),
+        "documented status for SIGTERM\n{}",
+        out.describe()
+    );
+}
