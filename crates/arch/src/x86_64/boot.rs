@@ -1,0 +1,467 @@
+//! Kernel loading (PVH ELF or bzImage), initrd, command line, memory map and boot parameters.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
+};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{BzImage, KernelLoader};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::acpi::create_acpi_tables;
+use super::layout::{
+    low_ram_end, ACPI_END, ACPI_START, CMDLINE_ADDR, CMDLINE_MAX, HIMEM_START, IOAPIC_SIZE,
+    IOAPIC_START, LAPIC_SIZE, LAPIC_START, LOW_RAM_END, MIN_MEMORY, MMIO_HOLE_END, PVH_MEMMAP_ADDR,
+    PVH_MODLIST_ADDR, START_INFO_ADDR, START_INFO_END,
+};
+use super::{check_vcpu_count, BootConfig, BootProtocol, BootSetup, Error, PciInfo};
+
+/// Kind of a memory map entry (e820 types, shared by the PVH memmap).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum E820Type {
+    /// Usable RAM.
+    Ram = 1,
+    /// Reserved: not RAM, not for the OS to use.
+    Reserved = 2,
+    /// ACPI tables, reclaimable after parsing.
+    Acpi = 3,
+}
+
+/// One memory map entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Kind.
+    pub kind: E820Type,
+}
+
+/// The memory map of a guest with `mem_size` bytes of RAM, sorted by address.
+///
+/// RAM: [0, 640 KiB), [1 MiB, min(size, 3 GiB)), [4 GiB, 4 GiB + rest). Reserved: the ACPI area
+/// 0xE0000-0xFFFFF, the PCI ECAM, the IOAPIC and the local APIC.
+pub fn e820_map(mem_size: u64, pci: &PciInfo) -> Vec<E820Entry> {
+    let entry = |addr, size, kind| E820Entry { addr, size, kind };
+    let low_end = low_ram_end(mem_size);
+    let mut map = vec![entry(0, LOW_RAM_END.min(low_end), E820Type::Ram)];
+    if low_end > ACPI_START {
+        map.push(entry(
+            ACPI_START,
+            ACPI_END.min(low_end) - ACPI_START,
+            E820Type::Reserved,
+        ));
+    }
+    if low_end > HIMEM_START {
+        map.push(entry(HIMEM_START, low_end - HIMEM_START, E820Type::Ram));
+    }
+    if pci.ecam_size > 0 {
+        map.push(entry(pci.ecam_base, pci.ecam_size, E820Type::Reserved));
+    }
+    map.push(entry(IOAPIC_START, IOAPIC_SIZE, E820Type::Reserved));
+    map.push(entry(LAPIC_START, LAPIC_SIZE, E820Type::Reserved));
+    let high = mem_size - low_end;
+    if high > 0 {
+        map.push(entry(MMIO_HOLE_END, high, E820Type::Ram));
+    }
+    map.sort_by_key(|e| e.addr);
+    map
+}
+
+/// "HdrS" in the setup header.
+const HDRS_MAGIC: u32 = 0x5372_6448;
+/// Setup header `boot_flag` value.
+const BOOT_FLAG_MAGIC: u16 = 0xaa55;
+/// `type_of_loader`: undefined boot loader.
+const LOADER_TYPE_OTHER: u8 = 0xff;
+/// xloadflags: the kernel has the 64-bit entry point at load address + 0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// First boot protocol version with xloadflags.
+const MIN_64BIT_PROTOCOL: u16 = 0x20c;
+/// Offset of the 64-bit entry from the protected-mode kernel load address.
+const STARTUP_64_OFFSET: u64 = 0x200;
+/// initrd_addr_max for boot protocols older than 2.03.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// ELF program header type of loadable segments.
+const PT_LOAD: u32 = 1;
+const PAGE_SIZE: u64 = 0x1000;
+
+fn kernel_read(kernel: &mut File, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+    kernel
+        .seek(SeekFrom::Start(offset))
+        .map_err(Error::KernelRead)?;
+    kernel.read_exact(buf).map_err(Error::KernelRead)
+}
+
+fn le_u16(b: &[u8], off: usize) -> u16 {
+    let mut v = [0u8; 2];
+    if let Some(s) = b.get(off..off + 2) {
+        v.copy_from_slice(s);
+    }
+    u16::from_le_bytes(v)
+}
+
+fn le_u32(b: &[u8], off: usize) -> u32 {
+    let mut v = [0u8; 4];
+    if let Some(s) = b.get(off..off + 4) {
+        v.copy_from_slice(s);
+    }
+    u32::from_le_bytes(v)
+}
+
+fn le_u64(b: &[u8], off: usize) -> u64 {
+    let mut v = [0u8; 8];
+    if let Some(s) = b.get(off..off + 8) {
+        v.copy_from_slice(s);
+    }
+    u64::from_le_bytes(v)
+}
+
+/// True if [addr, addr + size) lies in guest RAM at or above 1 MiB.
+fn in_kernel_ram(addr: u64, size: u64, mem_size: u64) -> bool {
+    let Some(end) = addr.checked_add(size) else {
+        return false;
+    };
+    let low_end = low_ram_end(mem_size);
+    let high_end = MMIO_HOLE_END + (mem_size - low_end);
+    (addr >= HIMEM_START && end <= low_end)
+        || (mem_size > low_end && addr >= MMIO_HOLE_END && end <= high_end)
+}
+
+/// Checks the ELF header and that every loadable segment lands in RAM above 1 MiB.
+fn check_elf_segments(kernel: &mut File, mem_size: u64) -> Result<(), Error> {
+    let mut ehdr = [0u8; 64];
+    kernel_read(kernel, 0, &mut ehdr).map_err(|_| Error::ElfMalformed("truncated ELF header"))?;
+    if ehdr[4] != 2 {
+        return Err(Error::ElfMalformed("only 64-bit ELF kernels are supported"));
+    }
+    let phoff = le_u64(&ehdr, 0x20);
+    let phentsize = le_u16(&ehdr, 0x36);
+    let phnum = le_u16(&ehdr, 0x38);
+    if phentsize != 56 {
+        return Err(Error::ElfMalformed("unexpected program header size"));
+    }
+    let mut phdrs = vec![0u8; usize::from(phnum) * 56];
+    kernel_read(kernel, phoff, &mut phdrs)
+        .map_err(|_| Error::ElfMalformed("truncated program headers"))?;
+    for phdr in phdrs.chunks_exact(56) {
+        let p_type = le_u32(phdr, 0);
+        let paddr = le_u64(phdr, 24);
+        let filesz = le_u64(phdr, 32);
+        let memsz = le_u64(phdr, 40);
+        if p_type != PT_LOAD || (filesz == 0 && memsz == 0) {
+            continue;
+        }
+        if filesz > memsz {
+            return Err(Error::ElfMalformed(
+                "segment file size exceeds its memory size",
+            ));
+        }
+        if !in_kernel_ram(paddr, memsz, mem_size) {
+            return Err(Error::ElfSegment {
+                addr: paddr,
+                size: memsz,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What the kernel loader found.
+struct LoadedKernel {
+    entry: GuestAddress,
+    protocol: BootProtocol,
+    /// End of memory the kernel occupies or will unpack into.
+    footprint_end: u64,
+    /// The bzImage setup header (Linux64 only).
+    setup: Option<setup_header>,
+}
+
+fn load_elf<M: GuestMemoryBackend>(
+    mem: &M,
+    kernel: &mut File,
+    mem_size: u64,
+) -> Result<LoadedKernel, Error> {
+    check_elf_segments(kernel, mem_size)?;
+    let result = Elf::load(mem, None, kernel, None).map_err(Error::ElfLoad)?;
+    match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
+            entry,
+            protocol: BootProtocol::Pvh,
+            footprint_end: result.kernel_end,
+            setup: None,
+        }),
+        _ => Err(Error::ElfWithoutPvh),
+    }
+}
+
+fn load_bzimage<M: GuestMemoryBackend>(
+    mem: &M,
+    kernel: &mut File,
+    mem_size: u64,
+) -> Result<LoadedKernel, Error> {
+    // The setup header runs from 0x1f1 to 0x268 in current protocol versions.
+    let mut hdr = [0u8; 0x268];
+    kernel_read(kernel, 0, &mut hdr).map_err(|_| Error::NotAKernel)?;
+    check_bzimage_header(&hdr)?;
+
+    let result = BzImage::load(mem, None, kernel, Some(GuestAddress(HIMEM_START)))
+        .map_err(Error::BzImageLoad)?;
+    let setup = result.setup_header.ok_or(Error::NotAKernel)?;
+    let load = result.kernel_load.raw_value();
+    // The decompressor unpacks to max(load address, pref_address) and needs init_size bytes.
+    let unpack_end = load
+        .max(setup.pref_address)
+        .saturating_add(u64::from(setup.init_size));
+    let footprint_end = result.kernel_end.max(unpack_end);
+    if !in_kernel_ram(load, footprint_end - load, mem_size) {
+        return Err(Error::MemoryTooSmall {
+            size: mem_size,
+            min: footprint_end,
+        });
+    }
+    Ok(LoadedKernel {
+        entry: GuestAddress(load + STARTUP_64_OFFSET),
+        protocol: BootProtocol::Linux64,
+        footprint_end,
+        setup: Some(setup),
+    })
+}
+
+/// Checks the raw first 0x268 bytes of a bzImage: magic, protocol version and 64-bit entry.
+pub fn check_bzimage_header(image: &[u8]) -> Result<(), Error> {
+    if image.len() < 0x238 || le_u32(image, 0x202) != HDRS_MAGIC {
+        return Err(Error::NotAKernel);
+    }
+    let version = le_u16(image, 0x206);
+    let xloadflags = le_u16(image, 0x236);
+    if version < MIN_64BIT_PROTOCOL || xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(Error::BzImageNot64Bit {
+            version,
+            xloadflags,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the command line and returns its bytes with the terminating NUL.
+fn cmdline_bytes(cmdline: &str, max_with_nul: usize) -> Result<Vec<u8>, Error> {
+    if cmdline.as_bytes().contains(&0) {
+        return Err(Error::CmdlineNul);
+    }
+    let len = cmdline.len() + 1;
+    if len > max_with_nul {
+        return Err(Error::CmdlineTooLong {
+            len,
+            max: max_with_nul,
+        });
+    }
+    let mut bytes = Vec::with_capacity(len);
+    bytes.extend_from_slice(cmdline.as_bytes());
+    bytes.push(0);
+    Ok(bytes)
+}
+
+/// Where the initrd goes: page aligned, as high as possible below `limit`, above `kernel_end`.
+pub fn initrd_address(size: u64, kernel_end: u64, limit: u64) -> Result<u64, Error> {
+    let too_large = Error::InitrdTooLarge {
+        size,
+        kernel_end,
+        limit,
+    };
+    let floor = kernel_end.checked_next_multiple_of(PAGE_SIZE);
+    let addr = limit.checked_sub(size).map(|a| a & !(PAGE_SIZE - 1));
+    match (floor, addr) {
+        (Some(floor), Some(addr)) if addr >= floor => Ok(addr),
+        _ => Err(too_large),
+    }
+}
+
+/// Loads the initrd; returns its (address, size), or `None` for an empty file.
+fn load_initrd<M: GuestMemoryBackend>(
+    mem: &M,
+    initrd: &mut File,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<Option<(u64, u64)>, Error> {
+    let size = initrd.metadata().map_err(Error::InitrdRead)?.len();
+    if size == 0 {
+        return Ok(None);
+    }
+    let addr = initrd_address(size, kernel_end, limit)?;
+    let len = usize::try_from(size).map_err(|_| Error::InitrdTooLarge {
+        size,
+        kernel_end,
+        limit,
+    })?;
+    initrd.rewind().map_err(Error::InitrdRead)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), initrd, len)
+        .map_err(|source| Error::GuestMemory {
+            what: "the initrd",
+            source,
+        })?;
+    Ok(Some((addr, size)))
+}
+
+fn write_pvh_params<M: GuestMemoryBackend>(
+    mem: &M,
+    map: &[E820Entry],
+    initrd: Option<(u64, u64)>,
+    rsdp: GuestAddress,
+) -> Result<(), Error> {
+    let max_entries =
+        (START_INFO_END - PVH_MEMMAP_ADDR) as usize / std::mem::size_of::<hvm_memmap_table_entry>();
+    if map.len() > max_entries {
+        return Err(Error::TooManyMemoryMapEntries(map.len()));
+    }
+    let memmap: Vec<hvm_memmap_table_entry> = map
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.addr,
+            size: e.size,
+            type_: e.kind as u32,
+            reserved: 0,
+        })
+        .collect();
+    let mut start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC_VALUE,
+        version: 1,
+        cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: rsdp.raw_value(),
+        memmap_paddr: PVH_MEMMAP_ADDR,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let module = initrd.map(|(paddr, size)| hvm_modlist_entry {
+        paddr,
+        size,
+        ..Default::default()
+    });
+    if module.is_some() {
+        start_info.nr_modules = 1;
+        start_info.modlist_paddr = PVH_MODLIST_ADDR;
+    }
+    let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
+    params.set_sections(&memmap, GuestAddress(PVH_MEMMAP_ADDR));
+    if let Some(module) = module {
+        params.set_modules(&[module], GuestAddress(PVH_MODLIST_ADDR));
+    }
+    PvhBootConfigurator::write_bootparams(&params, mem).map_err(Error::BootParams)
+}
+
+fn write_zero_page<M: GuestMemoryBackend>(
+    mem: &M,
+    setup: setup_header,
+    map: &[E820Entry],
+    cmdline_len: usize,
+    initrd: Option<(u64, u64)>,
+    rsdp: GuestAddress,
+) -> Result<(), Error> {
+    let mut params = boot_params {
+        hdr: setup,
+        acpi_rsdp_addr: rsdp.raw_value(),
+        ..Default::default()
+    };
+    if map.len() > params.e820_table.len() {
+        return Err(Error::TooManyMemoryMapEntries(map.len()));
+    }
+    for (slot, e) in params.e820_table.iter_mut().zip(map) {
+        *slot = boot_e820_entry {
+            addr: e.addr,
+            size: e.size,
+            r#type: e.kind as u32,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    params.hdr.type_of_loader = LOADER_TYPE_OTHER;
+    params.hdr.boot_flag = BOOT_FLAG_MAGIC;
+    params.hdr.header = HDRS_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
+    params.hdr.cmdline_size = cmdline_len as u32;
+    if let Some((addr, size)) = initrd {
+        // initrd_address keeps the initrd below initrd_addr_max, which is below 4 GiB.
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    let bp = BootParams::new(&params, GuestAddress(START_INFO_ADDR));
+    LinuxBootConfigurator::write_bootparams(&bp, mem).map_err(Error::BootParams)
+}
+
+/// Loads `kernel` and everything it boots with; returns where to start.
+///
+/// An ELF kernel must carry a PVH entry note (booted with [`BootProtocol::Pvh`]); anything else
+/// must be a bzImage supporting the 64-bit entry ([`BootProtocol::Linux64`]). The optional initrd
+/// goes page aligned at the top of RAM below 3 GiB (and below the kernel's `initrd_addr_max`).
+/// The command line, the memory map (e820 or PVH memmap) and the ACPI tables are written too.
+pub fn load_kernel<M: GuestMemoryBackend>(
+    mem: &M,
+    kernel: &mut File,
+    initrd: Option<&mut File>,
+    cfg: &BootConfig,
+) -> Result<BootSetup, Error> {
+    check_vcpu_count(cfg.nr_vcpus)?;
+    if cfg.mem_size < MIN_MEMORY {
+        return Err(Error::MemoryTooSmall {
+            size: cfg.mem_size,
+            min: MIN_MEMORY,
+        });
+    }
+
+    let mut magic = [0u8; 4];
+    kernel_read(kernel, 0, &mut magic).map_err(|_| Error::NotAKernel)?;
+    let loaded = if magic == *b"\x7fELF" {
+        load_elf(mem, kernel, cfg.mem_size)?
+    } else {
+        load_bzimage(mem, kernel, cfg.mem_size)?
+    };
+
+    // The kernel's own limit (bzImage) on the command line, without the NUL.
+    let cmdline_max = match &loaded.setup {
+        Some(s) if s.version >= 0x206 => {
+            (s.cmdline_size as usize).saturating_add(1).min(CMDLINE_MAX)
+        }
+        Some(_) => 256,
+        None => CMDLINE_MAX,
+    };
+    let cmdline = cmdline_bytes(cfg.cmdline, cmdline_max)?;
+    mem.write_slice(&cmdline, GuestAddress(CMDLINE_ADDR))
+        .map_err(|source| Error::GuestMemory {
+            what: "the command line",
+            source,
+        })?;
+
+    let mut initrd_limit = low_ram_end(cfg.mem_size);
+    if let Some(s) = &loaded.setup {
+        let max = if s.version >= 0x203 {
+            u64::from(s.initrd_addr_max)
+        } else {
+            DEFAULT_INITRD_ADDR_MAX
+        };
+        initrd_limit = initrd_limit.min(max + 1);
+    }
+    let initrd = match initrd {
+        Some(file) => load_initrd(mem, file, loaded.footprint_end, initrd_limit)?,
+        None => None,
+    };
+
+    let rsdp = create_acpi_tables(mem, cfg.nr_vcpus, &cfg.pci)?;
+    let map = e820_map(cfg.mem_size, &cfg.pci);
+    match loaded.setup {
+        None => write_pvh_params(mem, &map, initrd, rsdp)?,
+        Some(setup) => write_zero_page(mem, setup, &map, cmdline.len() - 1, initrd, rsdp)?,
+    }
+
+    Ok(BootSetup {
+        entry: loaded.entry,
+        protocol: loaded.protocol,
+        params: GuestAddress(START_INFO_ADDR),
+    })
+}

@@ -1,0 +1,223 @@
+//! x86_64 platform: memory layout, boot protocols, vCPU state, CPUID and ACPI.
+
+pub mod acpi;
+pub mod boot;
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod regs;
+
+pub use acpi::create_acpi_tables;
+pub use boot::{e820_map, load_kernel, E820Entry, E820Type};
+pub use cpuid::{cpuid_feature_names, setup_cpuid};
+pub use regs::setup_vcpu;
+
+use vm_memory::GuestAddress;
+
+/// Errors from setting up the guest platform.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Guest memory is smaller than the platform needs.
+    #[error("guest memory of {size} bytes is too small: at least {min} bytes are needed")]
+    MemoryTooSmall {
+        /// Requested size.
+        size: u64,
+        /// Minimum size.
+        min: u64,
+    },
+    /// The number of vCPUs is out of range.
+    #[error("invalid vCPU count {0}: must be between 1 and 254")]
+    InvalidVcpuCount(u8),
+    /// A vCPU index is not below the vCPU count.
+    #[error("vCPU index {id} is out of range for {count} vCPUs")]
+    InvalidVcpuId {
+        /// vCPU index.
+        id: u8,
+        /// vCPU count.
+        count: u8,
+    },
+    /// Reading the kernel image failed.
+    #[error("cannot read the kernel image: {0}")]
+    KernelRead(#[source] std::io::Error),
+    /// The ELF kernel has no PVH entry point.
+    #[error(
+        "the ELF kernel has no PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY); build it with PVH \
+         support (Linux: CONFIG_PVH=y) or boot a bzImage instead"
+    )]
+    ElfWithoutPvh,
+    /// An ELF program header places a segment outside usable guest RAM.
+    #[error(
+        "ELF segment at {addr:#x} (size {size:#x}) is outside guest RAM at or above 1 MiB \
+         below the MMIO hole"
+    )]
+    ElfSegment {
+        /// Physical load address.
+        addr: u64,
+        /// Size in memory.
+        size: u64,
+    },
+    /// The ELF headers are malformed.
+    #[error("malformed ELF kernel: {0}")]
+    ElfMalformed(&'static str),
+    /// linux-loader failed to load the ELF kernel.
+    #[error("cannot load the ELF kernel: {0}")]
+    ElfLoad(#[source] linux_loader::loader::Error),
+    /// The image is neither an ELF nor a bzImage.
+    #[error("not a bootable kernel: neither an ELF file nor a bzImage (no \"HdrS\" magic at offset 0x202)")]
+    NotAKernel,
+    /// The bzImage cannot be entered in 64-bit mode.
+    #[error(
+        "the bzImage cannot be booted through the 64-bit boot protocol (protocol version \
+         {version:#x}, xloadflags {xloadflags:#x}; need version >= 0x20c with XLF_KERNEL_64)"
+    )]
+    BzImageNot64Bit {
+        /// Boot protocol version.
+        version: u16,
+        /// Extended load flags.
+        xloadflags: u16,
+    },
+    /// linux-loader failed to load the bzImage.
+    #[error("cannot load the bzImage kernel: {0}")]
+    BzImageLoad(#[source] linux_loader::loader::Error),
+    /// The command line does not fit.
+    #[error("kernel command line is {len} bytes, the limit is {max} bytes")]
+    CmdlineTooLong {
+        /// Length including the terminating NUL.
+        len: usize,
+        /// Limit including the terminating NUL.
+        max: usize,
+    },
+    /// The command line contains a NUL byte.
+    #[error("kernel command line contains a NUL byte")]
+    CmdlineNul,
+    /// Reading the initrd failed.
+    #[error("cannot read the initrd: {0}")]
+    InitrdRead(#[source] std::io::Error),
+    /// The initrd does not fit in guest RAM.
+    #[error(
+        "initrd of {size} bytes does not fit in guest RAM between the kernel end {kernel_end:#x} \
+         and {limit:#x}; give the guest more memory"
+    )]
+    InitrdTooLarge {
+        /// Initrd size.
+        size: u64,
+        /// End of the kernel footprint.
+        kernel_end: u64,
+        /// Highest address the initrd may reach.
+        limit: u64,
+    },
+    /// A guest memory access failed.
+    #[error("cannot write {what} to guest memory: {source}")]
+    GuestMemory {
+        /// What was being written.
+        what: &'static str,
+        /// The vm-memory error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    /// linux-loader failed to write the boot parameters.
+    #[error("cannot write the boot parameters: {0}")]
+    BootParams(#[source] linux_loader::configurator::Error),
+    /// The memory map has more entries than the boot protocol can carry.
+    #[error("the memory map has {0} entries, more than the boot protocol can carry")]
+    TooManyMemoryMapEntries(usize),
+    /// The ACPI tables do not fit their area.
+    #[error("ACPI tables need {size} bytes, more than the {available} bytes at 0xE0000")]
+    AcpiTooLarge {
+        /// Bytes needed.
+        size: u64,
+        /// Bytes available.
+        available: u64,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM {what} failed: {source}")]
+    Kvm {
+        /// The operation.
+        what: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// KVM refused one of the boot MSRs.
+    #[error("KVM refused to set MSR {index:#x}")]
+    MsrRejected {
+        /// The MSR index.
+        index: u32,
+    },
+    /// An unknown CPU feature name was given to hide.
+    #[error("unknown CPU feature \"{name}\"; known features: {known}")]
+    UnknownCpuFeature {
+        /// The name given.
+        name: String,
+        /// Comma-separated known names.
+        known: String,
+    },
+    /// The CPUID table could not be built.
+    #[error("cannot build the CPUID table: {0}")]
+    Cpuid(String),
+}
+
+/// Where the PCI host bridge decodes, as the ACPI MCFG and DSDT `_CRS` describe it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciInfo {
+    /// ECAM base address (bus 0).
+    pub ecam_base: u64,
+    /// ECAM size in bytes.
+    pub ecam_size: u64,
+    /// 32-bit MMIO window base (BARs).
+    pub mmio_base: u64,
+    /// 32-bit MMIO window size.
+    pub mmio_size: u64,
+}
+
+impl Default for PciInfo {
+    fn default() -> Self {
+        PciInfo {
+            ecam_base: layout::PCI_ECAM_START,
+            ecam_size: layout::PCI_ECAM_SIZE,
+            mmio_base: layout::PCI_MMIO_START,
+            mmio_size: layout::PCI_MMIO_SIZE,
+        }
+    }
+}
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// PVH: 32-bit protected mode, paging off, EBX = `hvm_start_info`.
+    Pvh,
+    /// Linux 64-bit boot protocol: long mode, identity paging, RSI = zero page.
+    Linux64,
+}
+
+/// Result of [`load_kernel`]: where and how to start the boot vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootSetup {
+    /// Entry point (guest physical).
+    pub entry: GuestAddress,
+    /// Boot protocol.
+    pub protocol: BootProtocol,
+    /// Address of `hvm_start_info` (PVH) or the zero page (Linux64).
+    pub params: GuestAddress,
+}
+
+/// What [`load_kernel`] needs to know about the machine.
+#[derive(Clone, Copy, Debug)]
+pub struct BootConfig<'a> {
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// Number of vCPUs (MADT entries).
+    pub nr_vcpus: u8,
+    /// Guest RAM size in bytes (laid out by [`layout::ram_regions`]).
+    pub mem_size: u64,
+    /// PCI host bridge resources.
+    pub pci: PciInfo,
+}
+
+/// Checks a vCPU count: 1..=254 (APIC id 255 is the broadcast id).
+pub(crate) fn check_vcpu_count(nr_vcpus: u8) -> Result<(), Error> {
+    if nr_vcpus == 0 || nr_vcpus == u8::MAX {
+        return Err(Error::InvalidVcpuCount(nr_vcpus));
+    }
+    Ok(())
+}
