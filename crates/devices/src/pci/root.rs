@@ -1,0 +1,597 @@
+//! Bus 0: the host bridge at 00:00.0, devices at 00:01.0..00:1f.0, the BAR allocator, and the
+//! bus adapters the VMM puts on its buses (CF8/CFC ports, ECAM, the MMIO window).
+
+use std::sync::{Arc, Mutex};
+
+use super::config::{PciConfig, PciConfigParams, BAR0_REG, NUM_BARS};
+use super::{PciBar, PciDevice, PciError};
+use crate::bus::{lock, BusDevice};
+
+/// A PCI function shared between the root and the VMM.
+pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
+
+/// Device slots on bus 0.
+pub const NUM_SLOTS: usize = 32;
+/// Host bridge vendor ID (Intel).
+pub const HOST_BRIDGE_VENDOR: u16 = 0x8086;
+/// Host bridge device ID.
+pub const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
+
+const COMMAND_REG: usize = 1;
+
+/// The host bridge at 00:00.0: identity only, no BARs.
+pub struct HostBridge {
+    config: PciConfig,
+}
+
+impl HostBridge {
+    /// A host bridge (class 0x060000).
+    pub fn new() -> Self {
+        HostBridge {
+            config: PciConfig::new(PciConfigParams {
+                vendor_id: HOST_BRIDGE_VENDOR,
+                device_id: HOST_BRIDGE_DEVICE,
+                revision: 0,
+                class_code: 0x06_00_00,
+                subsystem_vendor_id: 0,
+                subsystem_id: 0,
+            }),
+        }
+    }
+}
+
+impl Default for HostBridge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PciDevice for HostBridge {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read(reg)
+    }
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write(reg, offset, data);
+    }
+    fn bars(&self) -> Vec<PciBar> {
+        Vec::new()
+    }
+    fn set_bar_addr(&mut self, _index: usize, _addr: u64) {}
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+struct Slot {
+    dev: SharedPciDevice,
+    /// The BARs as currently decoded (empty while memory space is disabled).
+    mapped: Vec<PciBar>,
+}
+
+/// Bus 0 with its devices and the allocator of the 32-bit MMIO window.
+pub struct PciRoot {
+    slots: Vec<Option<Slot>>,
+    mmio_base: u64,
+    mmio_size: u64,
+    /// Next free address in the MMIO window.
+    mmio_next: u64,
+}
+
+impl PciRoot {
+    /// A bus with only the host bridge; BARs are allocated in `[mmio_base, mmio_base + mmio_size)`.
+    pub fn new(mmio_base: u64, mmio_size: u64) -> Self {
+        let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
+        slots[0] = Some(Slot {
+            dev: Arc::new(Mutex::new(HostBridge::new())),
+            mapped: Vec::new(),
+        });
+        PciRoot {
+            slots,
+            mmio_base,
+            mmio_size,
+            mmio_next: mmio_base,
+        }
+    }
+
+    /// Start of the MMIO window.
+    pub fn mmio_base(&self) -> u64 {
+        self.mmio_base
+    }
+
+    /// Size of the MMIO window.
+    pub fn mmio_size(&self) -> u64 {
+        self.mmio_size
+    }
+
+    /// Adds a device at the next free slot; allocates its BARs; returns the device number.
+    pub fn add_device(&mut self, dev: SharedPciDevice) -> Result<u8, PciError> {
+        let slot = self
+            .slots
+            .iter()
+            .position(Option::is_none)
+            .ok_or(PciError::NoFreeSlot)?;
+        let mut bars = lock(&dev).bars();
+        // Largest first keeps natural alignment from wasting space.
+        bars.sort_by(|a, b| b.size.cmp(&a.size));
+        let window_end = self.mmio_base.saturating_add(self.mmio_size);
+        let mut next = self.mmio_next;
+        let mut placed = Vec::with_capacity(bars.len());
+        for bar in &bars {
+            if !bar.size.is_power_of_two() || bar.index >= NUM_BARS {
+                return Err(PciError::BadBar {
+                    index: bar.index,
+                    size: bar.size,
+                });
+            }
+            let addr = next
+                .checked_add(bar.size - 1)
+                .map(|a| a & !(bar.size - 1))
+                .filter(|a| a.checked_add(bar.size).is_some_and(|e| e <= window_end))
+                .ok_or(PciError::MmioExhausted { size: bar.size })?;
+            placed.push((bar.index, addr));
+            next = addr + bar.size;
+        }
+        {
+            let mut d = lock(&dev);
+            for (index, addr) in placed {
+                d.set_bar_addr(index, addr);
+            }
+        }
+        self.mmio_next = next;
+        let mut s = Slot {
+            dev,
+            mapped: Vec::new(),
+        };
+        Self::refresh_mapping(&mut s);
+        self.slots[slot] = Some(s);
+        Ok(slot as u8)
+    }
+
+    /// The device at bus 0, `dev`, function 0.
+    fn slot(&self, bus: u8, dev: u8, func: u8) -> Option<&Slot> {
+        if bus != 0 || func != 0 {
+            return None;
+        }
+        self.slots.get(usize::from(dev))?.as_ref()
+    }
+
+    /// Reads config dword `reg` of (bus, dev, func); absent functions read all-ones.
+    pub fn config_read(&self, bus: u8, dev: u8, func: u8, reg: usize) -> u32 {
+        match self.slot(bus, dev, func) {
+            Some(s) => lock(&s.dev).config_read(reg),
+            None => 0xffff_ffff,
+        }
+    }
+
+    /// Writes `data` at byte `offset` of config dword `reg` of (bus, dev, func); writes to absent
+    /// functions are dropped. Updates the MMIO decoding when a BAR or the command register changes.
+    pub fn config_write(
+        &mut self,
+        bus: u8,
+        dev: u8,
+        func: u8,
+        reg: usize,
+        offset: u64,
+        data: &[u8],
+    ) {
+        if bus != 0 || func != 0 {
+            return;
+        }
+        let Some(Some(slot)) = self.slots.get_mut(usize::from(dev)) else {
+            return;
+        };
+        lock(&slot.dev).config_write(reg, offset, data);
+        if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + NUM_BARS).contains(&reg) {
+            Self::refresh_mapping(slot);
+        }
+    }
+
+    /// Recomputes which BARs the slot decodes and tells the device about any move.
+    fn refresh_mapping(slot: &mut Slot) {
+        let mut dev = lock(&slot.dev);
+        let memory_on =
+            dev.config_read(COMMAND_REG) & u32::from(super::config::COMMAND_MEMORY) != 0;
+        let new: Vec<PciBar> = if memory_on {
+            dev.bars().into_iter().filter(|b| b.size > 0).collect()
+        } else {
+            Vec::new()
+        };
+        let find = |v: &[PciBar], i: usize| v.iter().find(|b| b.index == i).map(|b| b.addr);
+        for index in 0..NUM_BARS {
+            let (old_addr, new_addr) = (find(&slot.mapped, index), find(&new, index));
+            if old_addr != new_addr {
+                dev.bar_remapped(index, old_addr, new_addr);
+            }
+        }
+        slot.mapped = new;
+    }
+
+    /// The device BAR decoding `[addr, addr + len)`: (device, BAR index, offset in the BAR).
+    pub fn find_bar(&self, addr: u64, len: usize) -> Option<(SharedPciDevice, usize, u64)> {
+        let end = addr.checked_add(len as u64)?;
+        self.slots.iter().flatten().find_map(|s| {
+            s.mapped.iter().find_map(|b| {
+                let bar_end = b.addr.checked_add(b.size)?;
+                (addr >= b.addr && end <= bar_end).then(|| (s.dev.clone(), b.index, addr - b.addr))
+            })
+        })
+    }
+}
+
+/// Splits a config access at byte `start` into pieces that stay within one dword:
+/// calls `f(reg, offset_in_dword, range_in_data)`.
+fn for_each_dword(start: u64, len: usize, mut f: impl FnMut(usize, u64, std::ops::Range<usize>)) {
+    let mut done = 0usize;
+    while done < len {
+        let at = start + done as u64;
+        let off = at % 4;
+        let n = (4 - off as usize).min(len - done);
+        f((at / 4) as usize, off, done..done + n);
+        done += n;
+    }
+}
+
+fn root_config_read(root: &PciRoot, bdf: (u8, u8, u8), start: u64, data: &mut [u8]) {
+    let len = data.len();
+    for_each_dword(start, len, |reg, off, range| {
+        let v = root.config_read(bdf.0, bdf.1, bdf.2, reg).to_le_bytes();
+        let off = off as usize;
+        data[range.clone()].copy_from_slice(&v[off..off + range.len()]);
+    });
+}
+
+fn root_config_write(root: &mut PciRoot, bdf: (u8, u8, u8), start: u64, data: &[u8]) {
+    for_each_dword(start, data.len(), |reg, off, range| {
+        root.config_write(bdf.0, bdf.1, bdf.2, reg, off, &data[range]);
+    });
+}
+
+/// Config mechanism #1: ports 0xCF8 (CONFIG_ADDRESS, dword) and 0xCFC..0xCFF (CONFIG_DATA).
+/// Insert on the port bus at 0xCF8 with length 8.
+pub struct PciConfigIo {
+    root: Arc<Mutex<PciRoot>>,
+    address: u32,
+}
+
+impl PciConfigIo {
+    /// Adapter over `root`.
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        PciConfigIo { root, address: 0 }
+    }
+
+    /// (bus, dev, func) and the byte offset of the register CONFIG_ADDRESS selects, if enabled.
+    fn target(&self) -> Option<((u8, u8, u8), u64)> {
+        let a = self.address;
+        if a & 0x8000_0000 == 0 {
+            return None;
+        }
+        let bdf = (
+            (a >> 16) as u8,
+            ((a >> 11) & 0x1f) as u8,
+            ((a >> 8) & 7) as u8,
+        );
+        Some((bdf, u64::from(a & 0xfc)))
+    }
+}
+
+impl BusDevice for PciConfigIo {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let len = data.len() as u64;
+        match offset {
+            0 if len == 4 => data.copy_from_slice(&self.address.to_le_bytes()),
+            4..=7 if offset - 4 + len <= 4 => match self.target() {
+                Some((bdf, reg)) => {
+                    root_config_read(&lock(&self.root), bdf, reg + offset - 4, data)
+                }
+                None => data.fill(0xff),
+            },
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let len = data.len() as u64;
+        match offset {
+            0 if len == 4 => {
+                self.address = super::le_bytes_to_u64(data) as u32 & 0x80ff_fffc;
+            }
+            4..=7 if offset - 4 + len <= 4 => {
+                if let Some((bdf, reg)) = self.target() {
+                    root_config_write(&mut lock(&self.root), bdf, reg + offset - 4, data);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// PCI Express enhanced configuration (ECAM): offset = bus << 20 | dev << 15 | fn << 12 | reg.
+/// Insert on the MMIO bus at the ECAM base.
+pub struct PciConfigMmio(pub Arc<Mutex<PciRoot>>);
+
+impl PciConfigMmio {
+    fn decode(offset: u64) -> ((u8, u8, u8), u64) {
+        let bdf = (
+            ((offset >> 20) & 0xff) as u8,
+            ((offset >> 15) & 0x1f) as u8,
+            ((offset >> 12) & 7) as u8,
+        );
+        (bdf, offset & 0xfff)
+    }
+
+    /// Whether an access stays within one function's 4 KiB.
+    fn in_function(offset: u64, len: usize) -> bool {
+        (offset & 0xfff) + len as u64 <= 0x1000
+    }
+}
+
+impl BusDevice for PciConfigMmio {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if !Self::in_function(offset, data.len()) {
+            data.fill(0xff);
+            return;
+        }
+        let (bdf, reg) = Self::decode(offset);
+        root_config_read(&lock(&self.0), bdf, reg, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if !Self::in_function(offset, data.len()) {
+            return;
+        }
+        let (bdf, reg) = Self::decode(offset);
+        root_config_write(&mut lock(&self.0), bdf, reg, data);
+    }
+}
+
+/// The PCI MMIO window: forwards each access to the device BAR that decodes it right now, so a
+/// BAR the guest moves is found at its new address. Insert on the MMIO bus over the window that
+/// was given to [`PciRoot::new`]. Unclaimed reads return all-ones.
+pub struct PciMmioWindow(pub Arc<Mutex<PciRoot>>);
+
+impl PciMmioWindow {
+    /// The device to forward to; the root lock is released before the device is locked.
+    fn target(&self, offset: u64, len: usize) -> Option<(SharedPciDevice, usize, u64)> {
+        let root = lock(&self.0);
+        let addr = root.mmio_base.checked_add(offset)?;
+        root.find_bar(addr, len)
+    }
+}
+
+impl BusDevice for PciMmioWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match self.target(offset, data.len()) {
+            Some((dev, bar, off)) => lock(&dev).bar_read(bar, off, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if let Some((dev, bar, off)) = self.target(offset, data.len()) {
+            lock(&dev).bar_write(bar, off, data);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::config::BarKind;
+
+    /// A device with one 64-bit BAR that records accesses and remaps.
+    struct Dummy {
+        config: PciConfig,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Dummy {
+        fn new(size: u64) -> (Arc<Mutex<Dummy>>, Arc<Mutex<Vec<String>>>) {
+            let mut config = PciConfig::new(PciConfigParams {
+                vendor_id: 0x1234,
+                device_id: 0x5678,
+                class_code: 0xff0000,
+                ..Default::default()
+            });
+            config.add_bar(0, size, BarKind::Mem64).unwrap();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            (
+                Arc::new(Mutex::new(Dummy {
+                    config,
+                    log: log.clone(),
+                })),
+                log,
+            )
+        }
+    }
+
+    impl PciDevice for Dummy {
+        fn config_read(&mut self, reg: usize) -> u32 {
+            self.config.read(reg)
+        }
+        fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+            self.config.write(reg, offset, data)
+        }
+        fn bars(&self) -> Vec<PciBar> {
+            self.config.bars()
+        }
+        fn set_bar_addr(&mut self, index: usize, addr: u64) {
+            self.config.set_bar_addr(index, addr)
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            data.fill((bar as u8) << 4 | offset as u8);
+        }
+        fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+            lock(&self.log).push(format!("w{bar}:{offset:#x}:{data:?}"));
+        }
+        fn bar_remapped(&mut self, bar: usize, old: Option<u64>, new: Option<u64>) {
+            lock(&self.log).push(format!("m{bar}:{old:x?}->{new:x?}"));
+        }
+    }
+
+    const BASE: u64 = 0xc000_0000;
+
+    fn io_read(io: &mut PciConfigIo, dev: u8, reg: u8, offset: u64, len: usize) -> u32 {
+        let addr = 0x8000_0000u32 | u32::from(dev) << 11 | u32::from(reg);
+        io.write(0, &addr.to_le_bytes());
+        let mut b = [0u8; 4];
+        io.read(4 + offset, &mut b[..len]);
+        u32::from_le_bytes(b)
+    }
+
+    fn io_write(io: &mut PciConfigIo, dev: u8, reg: u8, value: u32) {
+        let addr = 0x8000_0000u32 | u32::from(dev) << 11 | u32::from(reg);
+        io.write(0, &addr.to_le_bytes());
+        io.write(4, &value.to_le_bytes());
+    }
+
+    #[test]
+    fn host_bridge_and_absent_slots() {
+        let root = Arc::new(Mutex::new(PciRoot::new(BASE, 0x1000_0000)));
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(io_read(&mut io, 0, 0, 0, 4), 0x0d57_8086);
+        assert_eq!(io_read(&mut io, 0, 8, 0, 4) >> 8, 0x06_00_00);
+        assert_eq!(io_read(&mut io, 0, 0, 2, 2), 0x0d57);
+        assert_eq!(io_read(&mut io, 0, 0, 1, 1), 0x80);
+        assert_eq!(io_read(&mut io, 5, 0, 0, 4), 0xffff_ffff);
+        // Vendor ID is read-only.
+        io_write(&mut io, 0, 0, 0);
+        assert_eq!(io_read(&mut io, 0, 0, 0, 4), 0x0d57_8086);
+        // Function 1 and bus 1 are absent.
+        let mut ecam = PciConfigMmio(root.clone());
+        let mut b = [0u8; 4];
+        ecam.read(1 << 12, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        ecam.read(1 << 20, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        ecam.read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x0d57_8086);
+        // An 8-byte ECAM read is split in dwords.
+        let mut q = [0u8; 8];
+        ecam.read(0, &mut q);
+        assert_eq!(u32::from_le_bytes(q[..4].try_into().unwrap()), 0x0d57_8086);
+        // Disabled CONFIG_ADDRESS reads all-ones; CONFIG_ADDRESS reads back.
+        io.write(0, &0x0000_0000u32.to_le_bytes());
+        io.read(4, &mut b);
+        assert_eq!(b, [0xff; 4]);
+        io.write(0, &0x8000_0803u32.to_le_bytes());
+        io.read(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x8000_0800);
+    }
+
+    #[test]
+    fn bar_allocation_sizing_and_relocation() {
+        let root = Arc::new(Mutex::new(PciRoot::new(BASE, 0x10_0000)));
+        let (d1, _) = Dummy::new(0x4000);
+        let (d2, log2) = Dummy::new(0x1000);
+        assert_eq!(lock(&root).add_device(d1).unwrap(), 1);
+        assert_eq!(lock(&root).add_device(d2).unwrap(), 2);
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(io_read(&mut io, 1, 0x10, 0, 4), 0xc000_0004);
+        assert_eq!(io_read(&mut io, 2, 0x10, 0, 4), 0xc000_4004);
+        // Sizing.
+        io_write(&mut io, 2, 0x10, 0xffff_ffff);
+        io_write(&mut io, 2, 0x14, 0xffff_ffff);
+        assert_eq!(io_read(&mut io, 2, 0x10, 0, 4), 0xffff_f004);
+        assert_eq!(io_read(&mut io, 2, 0x14, 0, 4), 0xffff_ffff);
+        io_write(&mut io, 2, 0x10, 0xc000_4000);
+        io_write(&mut io, 2, 0x14, 0);
+        // Memory decoding off: the window does not reach the device.
+        let mut win = PciMmioWindow(root.clone());
+        let mut b = [0u8; 1];
+        win.read(0x4003, &mut b);
+        assert_eq!(b, [0xff]);
+        assert!(lock(&log2).is_empty());
+        // Enable memory: mapped, device told.
+        io_write(&mut io, 2, 0x04, 0x2);
+        assert_eq!(
+            lock(&log2).as_slice(),
+            ["m0:None->Some(c0004000)".to_string()]
+        );
+        win.read(0x4003, &mut b);
+        assert_eq!(b, [0x03]);
+        // Relocate: old address unclaimed, new address reaches the device.
+        io_write(&mut io, 2, 0x10, 0xc008_0000);
+        assert_eq!(
+            lock(&log2).last().unwrap(),
+            "m0:Some(c0004000)->Some(c0080000)"
+        );
+        win.read(0x4003, &mut b);
+        assert_eq!(b, [0xff]);
+        win.read(0x8_0005, &mut b);
+        assert_eq!(b, [0x05]);
+        win.write(0x8_0010, &[9]);
+        assert_eq!(lock(&log2).last().unwrap(), "w0:0x10:[9]");
+        // Access straddling the BAR end is not dispatched.
+        let mut w = [0u8; 4];
+        win.read(0x8_0ffe, &mut w);
+        assert_eq!(w, [0xff; 4]);
+        // Disable memory: unmapped.
+        io_write(&mut io, 2, 0x04, 0);
+        assert_eq!(lock(&log2).last().unwrap(), "m0:Some(c0080000)->None");
+    }
+
+    #[test]
+    fn allocation_failures() {
+        let mut root = PciRoot::new(BASE, 0x8000);
+        let (d1, _) = Dummy::new(0x4000);
+        let (d2, _) = Dummy::new(0x8000);
+        root.add_device(d1).unwrap();
+        assert!(matches!(
+            root.add_device(d2),
+            Err(PciError::MmioExhausted { .. })
+        ));
+        let mut root = PciRoot::new(BASE, 0x1_0000_0000);
+        for i in 1..32 {
+            let (d, _) = Dummy::new(0x10);
+            assert_eq!(root.add_device(d).unwrap(), i);
+        }
+        let (d, _) = Dummy::new(0x10);
+        assert!(matches!(root.add_device(d), Err(PciError::NoFreeSlot)));
+    }
+
+    #[test]
+    fn garbage_accesses_do_not_panic() {
+        let root = Arc::new(Mutex::new(PciRoot::new(BASE, 0x10_0000)));
+        let (d1, _) = Dummy::new(0x4000);
+        lock(&root).add_device(d1).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        let mut ecam = PciConfigMmio(root.clone());
+        let mut win = PciMmioWindow(root.clone());
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let r = next();
+            let len = [1usize, 2, 4, 8, 3][(r % 5) as usize];
+            let val = next().to_le_bytes();
+            let mut buf = [0u8; 8];
+            let off = next();
+            match r >> 60 {
+                0..=3 => {
+                    io.write(off % 8, &val[..len.min(8 - (off % 8) as usize)]);
+                    io.read(off % 8, &mut buf[..len.min(8 - (off % 8) as usize)]);
+                }
+                4..=9 => {
+                    // Mostly device 1, sometimes anywhere.
+                    let o = if r & 1 == 0 {
+                        (1 << 15) | (off & 0xfff)
+                    } else {
+                        off % 0x10_0000
+                    };
+                    ecam.write(o, &val[..len]);
+                    ecam.read(o, &mut buf[..len]);
+                }
+                _ => {
+                    let o = off % 0x10_0000;
+                    win.write(o, &val[..len]);
+                    win.read(o, &mut buf[..len]);
+                }
+            }
+        }
+    }
+}

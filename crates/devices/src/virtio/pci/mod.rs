@@ -1,0 +1,402 @@
+//! The virtio-pci transport (virtio 1.1, 4.1), modern only.
+//!
+//! One 64-bit memory BAR 0 of [`BAR0_SIZE`] bytes holds every structure:
+//!
+//! | offset   | what                                                       |
+//! |----------|------------------------------------------------------------|
+//! | `0x0000` | common configuration                                       |
+//! | `0x1000` | ISR status (reading clears it)                             |
+//! | `0x2000` | device-specific configuration                              |
+//! | `0x3000` | notifications: queue `q` at `0x3000 + 4 * q`               |
+//! | `0x3800` | MSI-X table (one vector per queue plus one for config)     |
+//! | `0x3c00` | MSI-X pending-bit array                                    |
+//!
+//! Each queue's notification address is a KVM ioeventfd while the BAR is decoded; a write that
+//! still reaches [`PciDevice::bar_write`] signals the same eventfd.
+
+mod common;
+mod interrupt;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::bus::lock;
+use crate::pci::config::{BarKind, PciConfig, PciConfigParams};
+use crate::pci::msix::{MsixConfig, MSIX_CAP_ID};
+use crate::pci::{PciBar, PciDevice, PciError, VmHooks};
+use crate::virtio::{device_type, ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::GuestMem;
+
+pub use common::{status, COMMON_CFG_LEN};
+use common::{CommonRegs, QueueConfig};
+pub use interrupt::{VirtioInterrupt, NO_VECTOR};
+
+/// Size of BAR 0.
+pub const BAR0_SIZE: u64 = 0x4000;
+/// Offset of the common configuration in BAR 0.
+pub const COMMON_OFFSET: u64 = 0x0000;
+/// Offset of the ISR status in BAR 0.
+pub const ISR_OFFSET: u64 = 0x1000;
+/// Offset of the device-specific configuration in BAR 0.
+pub const DEVICE_CFG_OFFSET: u64 = 0x2000;
+/// Offset of the notification area in BAR 0.
+pub const NOTIFY_OFFSET: u64 = 0x3000;
+/// Bytes between the notification addresses of consecutive queues.
+pub const NOTIFY_OFF_MULTIPLIER: u32 = 4;
+/// Offset of the MSI-X table in BAR 0.
+pub const MSIX_TABLE_OFFSET: u64 = 0x3800;
+/// Offset of the MSI-X PBA in BAR 0.
+pub const MSIX_PBA_OFFSET: u64 = 0x3c00;
+/// Most queues a device can have here (the MSI-X table must fit below the PBA).
+pub const MAX_QUEUES: usize = ((MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET) / 16) as usize - 1;
+
+const REGION_LEN: u64 = 0x1000;
+const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
+const VIRTIO_PCI_DEVICE_BASE: u16 = 0x1040;
+const VIRTIO_SUBSYSTEM_ID: u16 = 0x40;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// Vendor-specific capability ID used by virtio_pci_cap.
+const CAP_VENDOR: u8 = 0x09;
+
+/// virtio_pci_cap cfg_type values.
+mod cfg_type {
+    pub const COMMON: u8 = 1;
+    pub const NOTIFY: u8 = 2;
+    pub const ISR: u8 = 3;
+    pub const DEVICE: u8 = 4;
+}
+
+/// Errors building a virtio-pci function.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioPciError {
+    /// Config space, BAR or MSI-X setup failed.
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    /// Creating an eventfd failed.
+    #[error("eventfd: {0}")]
+    EventFd(#[from] std::io::Error),
+    /// The device has no queues or more than [`MAX_QUEUES`].
+    #[error("unsupported number of queues: {0}")]
+    QueueCount(usize),
+    /// A queue maximum size that is not a power of two in 1..=32768.
+    #[error("queue {index} has invalid maximum size {size}")]
+    QueueSize { index: usize, size: u16 },
+    /// A device type whose PCI device ID would overflow.
+    #[error("unsupported virtio device type {0}")]
+    DeviceType(u32),
+}
+
+/// A virtio device behind the modern virtio-pci transport.
+pub struct VirtioPciDevice {
+    config: PciConfig,
+    /// Offset of the MSI-X capability in config space.
+    msix_cap: usize,
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMem,
+    hooks: Arc<dyn VmHooks>,
+    interrupt: Arc<VirtioInterrupt>,
+    queues: Vec<QueueConfig>,
+    /// The eventfd each queue is notified through.
+    kicks: Vec<EventFd>,
+    common: CommonRegs,
+    /// Features offered to the driver (the device's, plus VIRTIO_F_VERSION_1).
+    offered_features: u64,
+    activated: bool,
+    /// Where BAR 0 is decoded, if it is (the ioeventfds are registered there).
+    bar0_mapped: Option<u64>,
+}
+
+impl VirtioPciDevice {
+    /// Wraps `device`; allocates one MSI vector (GSI plus irqfd) per queue plus one for config.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMem,
+        hooks: Arc<dyn VmHooks>,
+    ) -> Result<Self, VirtioPciError> {
+        let max_sizes = device.queue_max_sizes();
+        if max_sizes.is_empty() || max_sizes.len() > MAX_QUEUES {
+            return Err(VirtioPciError::QueueCount(max_sizes.len()));
+        }
+        for (index, &size) in max_sizes.iter().enumerate() {
+            if !size.is_power_of_two() || size > 32768 {
+                return Err(VirtioPciError::QueueSize { index, size });
+            }
+        }
+        let dtype = device.device_type();
+        let device_id = u16::try_from(dtype)
+            .ok()
+            .and_then(|t| VIRTIO_PCI_DEVICE_BASE.checked_add(t))
+            .ok_or(VirtioPciError::DeviceType(dtype))?;
+        let class_code = match dtype {
+            device_type::NET => 0x02_00_00,
+            device_type::BLOCK => 0x01_80_00,
+            _ => 0xff_00_00,
+        };
+        let mut config = PciConfig::new(PciConfigParams {
+            vendor_id: VIRTIO_PCI_VENDOR,
+            device_id,
+            revision: 1,
+            class_code,
+            subsystem_vendor_id: VIRTIO_PCI_VENDOR,
+            subsystem_id: VIRTIO_SUBSYSTEM_ID,
+        });
+        config.add_bar(0, BAR0_SIZE, BarKind::Mem64)?;
+
+        let num_queues = max_sizes.len();
+        let msix = MsixConfig::new(num_queues + 1, hooks.clone())?;
+        let msix_cap = config.add_capability(
+            MSIX_CAP_ID,
+            &msix.capability_body(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32),
+        )?;
+        config.set_write_mask(msix_cap + 2, &MsixConfig::capability_write_mask());
+        let caps = [
+            (cfg_type::COMMON, COMMON_OFFSET, COMMON_CFG_LEN),
+            (cfg_type::ISR, ISR_OFFSET, 4),
+            (cfg_type::DEVICE, DEVICE_CFG_OFFSET, REGION_LEN),
+        ];
+        for (kind, offset, len) in caps {
+            config.add_capability(CAP_VENDOR, &virtio_cap(kind, offset, len, None))?;
+        }
+        let notify_len = num_queues as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+        config.add_capability(
+            CAP_VENDOR,
+            &virtio_cap(
+                cfg_type::NOTIFY,
+                NOTIFY_OFFSET,
+                notify_len,
+                Some(NOTIFY_OFF_MULTIPLIER),
+            ),
+        )?;
+
+        let kicks = (0..num_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        let offered_features = device.device_features() | VIRTIO_F_VERSION_1;
+        Ok(VirtioPciDevice {
+            config,
+            msix_cap,
+            device,
+            mem,
+            hooks,
+            interrupt: Arc::new(VirtioInterrupt::new(num_queues, msix)),
+            queues: max_sizes.into_iter().map(QueueConfig::new).collect(),
+            kicks,
+            common: CommonRegs::default(),
+            offered_features,
+            activated: false,
+            bar0_mapped: None,
+        })
+    }
+
+    /// The interrupt the device signals through (also handy for the VMM's diagnostics).
+    pub fn interrupt(&self) -> Arc<VirtioInterrupt> {
+        self.interrupt.clone()
+    }
+
+    /// The device status register as the driver sees it.
+    pub fn device_status(&self) -> u8 {
+        self.interrupt.status.load(Ordering::Acquire)
+    }
+
+    /// Builds the ready queues and starts the device.
+    fn activate(&mut self) -> Result<(), ActivateError> {
+        if self.activated {
+            return Ok(());
+        }
+        let event_idx = self.common.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let mut active = Vec::new();
+        for (i, (qc, kick)) in self.queues.iter().zip(&self.kicks).enumerate() {
+            if !qc.enabled {
+                continue;
+            }
+            let index = i as u16;
+            let bad = |_| ActivateError::BadQueue(index);
+            let mut queue = Queue::new(qc.max_size).map_err(bad)?;
+            queue.try_set_size(qc.size).map_err(bad)?;
+            queue
+                .try_set_desc_table_address(GuestAddress(qc.desc))
+                .map_err(bad)?;
+            queue
+                .try_set_avail_ring_address(GuestAddress(qc.driver))
+                .map_err(bad)?;
+            queue
+                .try_set_used_ring_address(GuestAddress(qc.device))
+                .map_err(bad)?;
+            queue.set_event_idx(event_idx);
+            queue.set_ready(true);
+            if !queue.is_valid(&self.mem) {
+                return Err(ActivateError::BadQueue(index));
+            }
+            active.push(ActiveQueue {
+                index,
+                queue,
+                kick: kick.try_clone()?,
+            });
+        }
+        let interrupt: Arc<dyn crate::virtio::Interrupt> = self.interrupt.clone();
+        self.device.activate(self.mem.clone(), interrupt, active)?;
+        self.activated = true;
+        Ok(())
+    }
+
+    /// Moves the queue ioeventfds from the old BAR 0 address to the new one.
+    fn move_ioevents(&mut self, new: Option<u64>) {
+        if let Some(old) = self.bar0_mapped {
+            for (q, kick) in self.kicks.iter().enumerate() {
+                if let Err(e) = self.hooks.unregister_ioevent(kick, notify_addr(old, q)) {
+                    tracing::warn!("virtio-pci: unregistering queue {q} ioeventfd: {e}");
+                }
+            }
+        }
+        if let Some(base) = new {
+            for (q, kick) in self.kicks.iter().enumerate() {
+                if let Err(e) = self.hooks.register_ioevent(kick, notify_addr(base, q)) {
+                    tracing::warn!("virtio-pci: registering queue {q} ioeventfd: {e}");
+                }
+            }
+        }
+        self.bar0_mapped = new;
+    }
+
+    /// The message control word of the MSI-X capability.
+    fn msix_control(&self) -> u16 {
+        let mut b = [0u8; 2];
+        self.config.read_bytes(self.msix_cap + 2, &mut b);
+        u16::from_le_bytes(b)
+    }
+}
+
+/// Address of queue `q`'s notification register when BAR 0 is at `bar`.
+fn notify_addr(bar: u64, q: usize) -> u64 {
+    bar.wrapping_add(NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER))
+}
+
+/// The body of a virtio_pci_cap (after the ID/next bytes) for BAR 0.
+fn virtio_cap(kind: u8, offset: u64, length: u64, notify_mult: Option<u32>) -> Vec<u8> {
+    let cap_len: u8 = if notify_mult.is_some() { 20 } else { 16 };
+    let mut b = vec![cap_len, kind, 0, 0, 0, 0];
+    b.extend_from_slice(&(offset as u32).to_le_bytes());
+    b.extend_from_slice(&(length as u32).to_le_bytes());
+    if let Some(m) = notify_mult {
+        b.extend_from_slice(&m.to_le_bytes());
+    }
+    b
+}
+
+/// Whether `[offset, offset + len)` lies inside `[start, start + size)`.
+fn within(offset: u64, len: usize, start: u64, size: u64) -> bool {
+    offset >= start
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= start + size)
+}
+
+impl PciDevice for VirtioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        self.config.read(reg)
+    }
+
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
+        self.config.write(reg, offset, data);
+        if reg == (self.msix_cap + 2) / 4 || reg == self.msix_cap / 4 {
+            let ctl = self.msix_control();
+            lock(&self.interrupt.msix).set_message_control(ctl);
+        }
+    }
+
+    fn bars(&self) -> Vec<PciBar> {
+        self.config.bars()
+    }
+
+    fn set_bar_addr(&mut self, index: usize, addr: u64) {
+        self.config.set_bar_addr(index, addr);
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if bar != 0 || data.is_empty() {
+            return;
+        }
+        if within(offset, data.len(), COMMON_OFFSET, REGION_LEN) {
+            self.common_read(offset - COMMON_OFFSET, data);
+        } else if within(offset, data.len(), ISR_OFFSET, REGION_LEN) {
+            if offset == ISR_OFFSET {
+                data[0] = self.interrupt.take_isr();
+            }
+        } else if within(offset, data.len(), DEVICE_CFG_OFFSET, REGION_LEN) {
+            self.device.read_config(offset - DEVICE_CFG_OFFSET, data);
+        } else if within(
+            offset,
+            data.len(),
+            MSIX_TABLE_OFFSET,
+            MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET,
+        ) {
+            lock(&self.interrupt.msix).table_read(offset - MSIX_TABLE_OFFSET, data);
+        } else if within(
+            offset,
+            data.len(),
+            MSIX_PBA_OFFSET,
+            BAR0_SIZE - MSIX_PBA_OFFSET,
+        ) {
+            lock(&self.interrupt.msix).pba_read(offset - MSIX_PBA_OFFSET, data);
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar != 0 || data.is_empty() {
+            return;
+        }
+        if within(offset, data.len(), COMMON_OFFSET, REGION_LEN) {
+            self.common_write(offset - COMMON_OFFSET, data);
+        } else if within(offset, data.len(), DEVICE_CFG_OFFSET, REGION_LEN) {
+            self.device.write_config(offset - DEVICE_CFG_OFFSET, data);
+        } else if within(
+            offset,
+            data.len(),
+            NOTIFY_OFFSET,
+            MSIX_TABLE_OFFSET - NOTIFY_OFFSET,
+        ) {
+            let rel = offset - NOTIFY_OFFSET;
+            let mult = u64::from(NOTIFY_OFF_MULTIPLIER);
+            if rel % mult == 0 {
+                if let Some(kick) = usize::try_from(rel / mult)
+                    .ok()
+                    .and_then(|q| self.kicks.get(q))
+                {
+                    if let Err(e) = kick.write(1) {
+                        tracing::warn!("virtio-pci: queue notification failed: {e}");
+                    }
+                }
+            }
+        } else if within(
+            offset,
+            data.len(),
+            MSIX_TABLE_OFFSET,
+            MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET,
+        ) {
+            lock(&self.interrupt.msix).table_write(offset - MSIX_TABLE_OFFSET, data);
+        }
+    }
+
+    fn bar_remapped(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {
+        if bar == 0 {
+            self.move_ioevents(new);
+        }
+    }
+}
+
+impl Drop for VirtioPciDevice {
+    fn drop(&mut self) {
+        self.move_ioevents(None);
+        if self.activated {
+            self.device.reset();
+        }
+    }
+}
