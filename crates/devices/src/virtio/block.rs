@@ -257,9 +257,7 @@ impl BlockWorker {
                 break;
             }
         }
-        if !self.queue.is_broken() {
-            self.queue.notify(&self.mem, &*interrupt);
-        }
+        self.queue.notify(&self.mem, &*interrupt);
     }
 
     /// Executes one request and writes its status; returns the used length.

@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod chain;
+pub mod net;
 pub mod pci;
 pub mod rng;
 pub mod worker;

@@ -114,14 +114,12 @@ impl RngWorker {
                 break;
             }
         }
-        if !self.queue.is_broken() {
-            self.queue.notify(&self.mem, &*interrupt);
-        }
+        self.queue.notify(&self.mem, &*interrupt);
     }
 }
 
 /// Fills `buf` from the kernel's random pool.
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
         // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes owned by us.

@@ -167,6 +167,7 @@ pub fn prepare_queues(
             queue,
             indirect: acked_features & VIRTIO_RING_F_INDIRECT_DESC != 0,
             broken: false,
+            completed: false,
         });
         kicks.push(aq.kick);
     }
@@ -190,6 +191,8 @@ pub struct VirtQueue {
     pub queue: Queue,
     indirect: bool,
     broken: bool,
+    /// Chains were completed since the last `notify`.
+    completed: bool,
 }
 
 impl VirtQueue {
@@ -281,7 +284,10 @@ impl VirtQueue {
             return false;
         }
         match self.queue.add_used(mem, head, len) {
-            Ok(()) => true,
+            Ok(()) => {
+                self.completed = true;
+                true
+            }
             Err(e) => {
                 self.fail(interrupt, &e);
                 false
@@ -291,6 +297,9 @@ impl VirtQueue {
 
     /// Signals the driver if completions since the last call require it.
     pub fn notify(&mut self, mem: &GuestMem, interrupt: &dyn Interrupt) {
+        if self.broken || !std::mem::take(&mut self.completed) {
+            return;
+        }
         match self.queue.needs_notification(mem) {
             Ok(true) => interrupt.signal_queue(self.index),
             Ok(false) => {}

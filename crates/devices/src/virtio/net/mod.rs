@@ -1,0 +1,329 @@
+//! virtio-net over a TAP interface.
+//!
+//! Queues: rx 0, tx 1. No offloads and no mergeable rx buffers: every frame travels with the
+//! 12-byte `virtio_net_hdr_v1` in front, which is also the TAP's vnet header. Headers from the
+//! guest are replaced by a zeroed one before reaching the host (nothing was negotiated that
+//! would give them meaning). The backend is behind [`NetBackend`] so the queue logic is testable
+//! with a socket pair.
+
+mod tap;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use vmm_sys_util::epoll::{Epoll, EventSet};
+
+pub use tap::Tap;
+
+use super::block::read_config_bytes;
+use super::worker::{
+    add_fd, prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerHandle,
+    BACKEND_TOKEN_BASE, COMMON_FEATURES,
+};
+use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::GuestMem;
+
+/// Length of `virtio_net_hdr_v1` (with `num_buffers`).
+pub const VNET_HDR_LEN: usize = 12;
+/// Largest Ethernet frame carried (64 KiB payload plus the Ethernet header).
+pub const MAX_FRAME_LEN: usize = 65550;
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// `VIRTIO_NET_F_MAC`.
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// `VIRTIO_NET_F_STATUS`.
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+/// `VIRTIO_NET_S_LINK_UP`.
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const BACKEND_TOKEN: u64 = BACKEND_TOKEN_BASE;
+
+/// Why a network device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The interface name is empty, too long or contains NUL.
+    #[error("invalid tap interface name {0:?}")]
+    BadName(String),
+    /// /dev/net/tun could not be opened.
+    #[error("cannot open /dev/net/tun: {0}")]
+    OpenTun(#[source] io::Error),
+    /// TUNSETIFF failed (no permission to create the tap, or it is busy or not a tap).
+    #[error("cannot attach to tap {0:?}: {1}")]
+    SetIff(String, #[source] io::Error),
+    /// TUNSETVNETHDRSZ failed.
+    #[error("cannot set the tap's vnet header size: {0}")]
+    SetVnetHdr(#[source] io::Error),
+    /// No random bytes for a MAC address.
+    #[error("cannot generate a MAC address: {0}")]
+    Random(#[source] io::Error),
+}
+
+/// Where frames go: one `recv`/`send` is one frame with its 12-byte vnet header, and the fd
+/// is non-blocking.
+pub trait NetBackend: AsRawFd + Send + Sync + 'static {
+    /// Receives one frame (header included) into `buf`.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sends one frame (header included).
+    fn send(&self, buf: &[u8]) -> io::Result<usize>;
+}
+
+/// A virtio network device.
+pub struct Net {
+    backend: Arc<dyn NetBackend>,
+    mac: [u8; 6],
+    acked: u64,
+    worker: Option<WorkerHandle>,
+}
+
+impl Net {
+    /// A device on the TAP interface `name` (created if missing), with `mac` or a random
+    /// locally administered address.
+    pub fn new_tap(name: &str, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
+        let tap = Tap::open(name)?;
+        Net::with_backend(Arc::new(tap), mac)
+    }
+
+    /// A device on any [`NetBackend`].
+    pub fn with_backend(
+        backend: Arc<dyn NetBackend>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<Net, NetError> {
+        let mac = match mac {
+            Some(mac) => mac,
+            None => random_mac().map_err(NetError::Random)?,
+        };
+        Ok(Net {
+            backend,
+            mac,
+            acked: 0,
+            worker: None,
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+fn random_mac() -> io::Result<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    super::rng::fill_random(&mut mac)?;
+    // Unicast, locally administered.
+    mac[0] = (mac[0] & 0xFE) | 0x02;
+    Ok(mac)
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.device_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        read_config_bytes(&config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        self.stop_worker();
+        let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 2)?;
+        let tx = vqs.pop().ok_or(ActivateError::BadQueue(1))?;
+        let rx = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
+        let worker = NetWorker {
+            mem,
+            interrupt,
+            rx,
+            tx,
+            backend: self.backend.clone(),
+            frame: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
+            pending: None,
+            readable: true,
+        };
+        self.worker = Some(spawn_worker("virtio-net", kicks, worker)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+        self.acked = 0;
+    }
+}
+
+struct NetWorker {
+    mem: GuestMem,
+    interrupt: Arc<dyn Interrupt>,
+    rx: VirtQueue,
+    tx: VirtQueue,
+    backend: Arc<dyn NetBackend>,
+    /// Receive buffer for one frame from the backend.
+    frame: Vec<u8>,
+    /// Length of a received frame waiting for an rx buffer.
+    pending: Option<usize>,
+    /// The backend may have frames to read (edge-triggered: cleared only on EAGAIN).
+    readable: bool,
+}
+
+impl DeviceWorker for NetWorker {
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        add_fd(
+            epoll,
+            self.backend.as_raw_fd(),
+            BACKEND_TOKEN,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        )
+    }
+
+    fn queue_kicked(&mut self, _epoll: &Epoll, queue: usize) {
+        match queue {
+            RX => self.process_rx(),
+            TX => self.process_tx(),
+            _ => {}
+        }
+    }
+
+    fn backend_event(&mut self, _epoll: &Epoll, token: u64, _events: EventSet) {
+        if token == BACKEND_TOKEN {
+            self.readable = true;
+            self.process_rx();
+        }
+    }
+}
+
+impl NetWorker {
+    /// Moves frames from the backend into rx buffers until either runs out. A frame without
+    /// a buffer waits in `pending` (and the backend is not read) until the driver adds one.
+    fn process_rx(&mut self) {
+        let interrupt = self.interrupt.clone();
+        loop {
+            let len = match self.pending {
+                Some(len) => len,
+                None => {
+                    if !self.readable {
+                        break;
+                    }
+                    match self.backend.recv(&mut self.frame) {
+                        Ok(len) => len,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            if e.kind() != io::ErrorKind::WouldBlock {
+                                tracing::warn!("virtio-net: backend read failed: {e}");
+                            }
+                            self.readable = false;
+                            break;
+                        }
+                    }
+                }
+            };
+            let Some(frame) = self
+                .frame
+                .get_mut(..len)
+                .filter(|f| f.len() >= VNET_HDR_LEN)
+            else {
+                self.pending = None;
+                continue;
+            };
+            self.pending = Some(len);
+            let chain = match self.rx.pop(&self.mem, &*interrupt) {
+                None => break,
+                Some(Popped::Malformed { head, error }) => {
+                    tracing::warn!("virtio-net: malformed rx buffer: {error}");
+                    if !self.rx.complete(&self.mem, &*interrupt, head, 0) {
+                        break;
+                    }
+                    continue;
+                }
+                Some(Popped::Chain(chain)) => chain,
+            };
+            if chain.writable_len() < len {
+                // Too big for the buffer: drop the frame, keep the buffer for the next one.
+                tracing::debug!("virtio-net: dropping {len}-byte frame, rx buffer too small");
+                self.rx.undo_pop();
+                self.pending = None;
+                continue;
+            }
+            // num_buffers = 1: no mergeable buffers.
+            frame[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let written = chain.write_at(&self.mem, 0, frame).is_ok();
+            self.pending = None;
+            // len <= VNET_HDR_LEN + MAX_FRAME_LEN fits in u32.
+            let used_len = if written { len as u32 } else { 0 };
+            if !self
+                .rx
+                .complete(&self.mem, &*interrupt, chain.head, used_len)
+            {
+                break;
+            }
+        }
+        self.rx.notify(&self.mem, &*interrupt);
+    }
+
+    /// Sends every frame the driver queued for transmission.
+    fn process_tx(&mut self) {
+        let interrupt = self.interrupt.clone();
+        let mut buf = Vec::new();
+        while let Some(popped) = self.tx.pop(&self.mem, &*interrupt) {
+            let head = match popped {
+                Popped::Chain(chain) => {
+                    let len = chain.readable_len();
+                    if chain.writable_len() != 0
+                        || !(VNET_HDR_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN).contains(&len)
+                    {
+                        tracing::debug!("virtio-net: dropping malformed tx chain of {len} bytes");
+                    } else {
+                        buf.clear();
+                        buf.resize(len, 0);
+                        if chain.read_at(&self.mem, 0, &mut buf).is_ok() {
+                            // Nothing negotiated gives the header meaning: send a zeroed one.
+                            buf[..VNET_HDR_LEN].fill(0);
+                            if let Err(e) = self.backend.send(&buf) {
+                                tracing::debug!("virtio-net: dropping tx frame: {e}");
+                            }
+                        }
+                    }
+                    chain.head
+                }
+                Popped::Malformed { head, error } => {
+                    tracing::warn!("virtio-net: malformed tx chain: {error}");
+                    head
+                }
+            };
+            if !self.tx.complete(&self.mem, &*interrupt, head, 0) {
+                break;
+            }
+        }
+        self.tx.notify(&self.mem, &*interrupt);
+    }
+}
+
+#[cfg(test)]
+mod tests;

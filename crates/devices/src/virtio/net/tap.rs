@@ -1,0 +1,89 @@
+//! A TAP interface opened through /dev/net/tun, with the 12-byte virtio-net header.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use super::{NetBackend, NetError, VNET_HDR_LEN};
+
+/// `struct ifreq` as far as TUNSETIFF uses it: name and flags, padded to the kernel's size.
+#[repr(C)]
+struct IfReq {
+    name: [u8; libc::IFNAMSIZ],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+/// An open TAP device (non-blocking, no packet info, with virtio-net headers).
+#[derive(Debug)]
+pub struct Tap {
+    file: File,
+    name: String,
+}
+
+impl Tap {
+    /// Attaches to the TAP interface `name`, creating it if it does not exist (needs
+    /// CAP_NET_ADMIN). A name containing `%d` lets the kernel pick the number.
+    pub fn open(name: &str) -> Result<Tap, NetError> {
+        let bad_name = || NetError::BadName(name.to_string());
+        if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+            return Err(bad_name());
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(NetError::OpenTun)?;
+        let mut req = IfReq {
+            name: [0; libc::IFNAMSIZ],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its layout and size
+        // (16-byte name, flags, padding to 40 bytes) and lives across the call.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+        if ret < 0 {
+            return Err(NetError::SetIff(
+                name.to_string(),
+                io::Error::last_os_error(),
+            ));
+        }
+        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which points to `hdr_len`.
+        let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
+        if ret < 0 {
+            return Err(NetError::SetVnetHdr(io::Error::last_os_error()));
+        }
+        let end = req
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(req.name.len());
+        let name = String::from_utf8_lossy(&req.name[..end]).into_owned();
+        Ok(Tap { file, name })
+    }
+
+    /// The interface name the kernel gave the TAP.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl AsRawFd for Tap {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl NetBackend for Tap {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        (&self.file).write(buf)
+    }
+}
