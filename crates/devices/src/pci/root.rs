@@ -113,7 +113,7 @@ impl PciRoot {
             .ok_or(PciError::NoFreeSlot)?;
         let mut bars = lock(&dev).bars();
         // Largest first keeps natural alignment from wasting space.
-        bars.sort_by(|a, b| b.size.cmp(&a.size));
+        bars.sort_by_key(|b| std::cmp::Reverse(b.size));
         let window_end = self.mmio_base.saturating_add(self.mmio_size);
         let mut next = self.mmio_next;
         let mut placed = Vec::with_capacity(bars.len());

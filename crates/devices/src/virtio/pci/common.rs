@@ -165,7 +165,9 @@ impl VirtioPciDevice {
             (QUEUE_SIZE | QUEUE_ENABLE, 2) | (QUEUE_DESC | QUEUE_DRIVER | QUEUE_DEVICE, 8) => {
                 self.write_queue_setup(offset, data.len(), v)
             }
-            (QUEUE_DESC..=0x34, 4) if offset % 4 == 0 => self.write_queue_setup(offset, 4, v),
+            (QUEUE_DESC..=0x34, 4) if offset.is_multiple_of(4) => {
+                self.write_queue_setup(offset, 4, v)
+            }
             _ => tracing::debug!(
                 "virtio-pci: ignored common config write at {offset:#x} len {}",
                 data.len()

@@ -365,7 +365,7 @@ impl PciDevice for VirtioPciDevice {
         ) {
             let rel = offset - NOTIFY_OFFSET;
             let mult = u64::from(NOTIFY_OFF_MULTIPLIER);
-            if rel % mult == 0 {
+            if rel.is_multiple_of(mult) {
                 if let Some(kick) = usize::try_from(rel / mult)
                     .ok()
                     .and_then(|q| self.kicks.get(q))
