@@ -311,6 +311,11 @@ impl BusDevice for PciConfigIo {
 pub struct PciConfigMmio(pub Arc<Mutex<PciRoot>>);
 
 impl PciConfigMmio {
+    /// Adapter over `root`.
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        PciConfigMmio(root)
+    }
+
     fn decode(offset: u64) -> ((u8, u8, u8), u64) {
         let bdf = (
             ((offset >> 20) & 0xff) as u8,
@@ -351,6 +356,11 @@ impl BusDevice for PciConfigMmio {
 pub struct PciMmioWindow(pub Arc<Mutex<PciRoot>>);
 
 impl PciMmioWindow {
+    /// Adapter over `root`.
+    pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
+        PciMmioWindow(root)
+    }
+
     /// The device to forward to; the root lock is released before the device is locked.
     fn target(&self, offset: u64, len: usize) -> Option<(SharedPciDevice, usize, u64)> {
         let root = lock(&self.0);
