@@ -53,6 +53,8 @@ pub mod common {
 pub struct VirtioPci {
     /// PCI address.
     pub bdf: Bdf,
+    /// BAR index holding the common configuration.
+    pub common_bar: u8,
     common: u64,
     notify: u64,
     notify_mul: u32,
@@ -84,6 +86,7 @@ impl VirtioPci {
         pcibus::enable(b);
         let mut d = VirtioPci {
             bdf: b,
+            common_bar: 0,
             common: 0,
             notify: 0,
             notify_mul: 0,
@@ -101,7 +104,10 @@ impl VirtioPci {
                     let cfg_type = pcibus::read8(b, cap + 3);
                     let Some((addr, _len)) = cap_window(b, cap) else { continue };
                     match cfg_type {
-                        1 if d.common == 0 => d.common = addr,
+                        1 if d.common == 0 => {
+                            d.common = addr;
+                            d.common_bar = pcibus::read8(b, cap + 4);
+                        }
                         2 if d.notify == 0 => {
                             d.notify = addr;
                             d.notify_mul = pcibus::read32(b, cap + 16);
@@ -262,6 +268,19 @@ impl VirtioPci {
         self.write_addr(common::QUEUE_DEVICE, q.used_addr());
         self.common_write::<u16>(common::QUEUE_ENABLE, 1);
         Ok(q)
+    }
+
+    /// Programs the rings of `q` (whatever its size) into the selected queue slot `q.index`
+    /// and enables it, without validating the size; returns the notify address.
+    pub fn setup_queue_raw(&self, q: &Queue) -> Option<u64> {
+        self.common_write::<u16>(common::QUEUE_SELECT, q.index);
+        self.common_write::<u16>(common::QUEUE_MSIX_VECTOR, NO_VECTOR);
+        let notify_off = self.common_read::<u16>(common::QUEUE_NOTIFY_OFF) as u64;
+        self.write_addr(common::QUEUE_DESC, q.desc_addr());
+        self.write_addr(common::QUEUE_DRIVER, q.avail_addr());
+        self.write_addr(common::QUEUE_DEVICE, q.used_addr());
+        self.common_write::<u16>(common::QUEUE_ENABLE, 1);
+        Some(self.notify + notify_off * self.notify_mul as u64)
     }
 
     /// Writes a 64-bit common-config field as two dwords.

@@ -86,6 +86,11 @@ impl Queue {
         }
     }
 
+    /// Changes where [`Queue::kick`] writes.
+    pub fn set_notify(&mut self, notify: u64) {
+        self.notify = notify;
+    }
+
     /// Descriptor table address.
     pub fn desc_addr(&self) -> u64 {
         self.desc
