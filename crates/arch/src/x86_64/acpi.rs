@@ -300,3 +300,206 @@ pub fn create_acpi_tables<M: GuestMemoryBackend>(
     }
     Ok(GuestAddress(ACPI_START))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::tests::guest_mem;
+    use vm_memory::GuestMemoryMmap;
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+        buf
+    }
+
+    fn u32_at(b: &[u8], off: usize) -> u32 {
+        u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], off: usize) -> u64 {
+        u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x))
+    }
+
+    /// Reads a whole SDT at `addr`, checking its signature and checksum.
+    fn read_table(mem: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
+        let header = read(mem, addr, 36);
+        assert_eq!(&header[0..4], sig);
+        let len = u32_at(&header, 4) as usize;
+        let table = read(mem, addr, len);
+        assert_eq!(sum(&table), 0, "{} checksum", String::from_utf8_lossy(sig));
+        assert!(addr + len as u64 <= ACPI_END);
+        table
+    }
+
+    /// Walks RSDP -> XSDT and returns the tables by signature.
+    fn walk(mem: &GuestMemoryMmap) -> Vec<(String, u64, Vec<u8>)> {
+        let rsdp = read(mem, ACPI_START, 36);
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert_eq!(rsdp[15], 2, "revision");
+        assert_eq!(sum(&rsdp[0..20]), 0);
+        assert_eq!(sum(&rsdp), 0);
+        assert_eq!(u32_at(&rsdp, 20), 36);
+        let xsdt_addr = u64_at(&rsdp, 24);
+        let xsdt = read_table(mem, xsdt_addr, b"XSDT");
+        let mut tables = Vec::new();
+        for off in (36..xsdt.len()).step_by(8) {
+            let addr = u64_at(&xsdt, off);
+            let sig = read(mem, addr, 4);
+            let sig: [u8; 4] = sig.try_into().unwrap();
+            tables.push((
+                String::from_utf8_lossy(&sig).into_owned(),
+                addr,
+                read_table(mem, addr, &sig),
+            ));
+        }
+        tables
+    }
+
+    fn find<'a>(tables: &'a [(String, u64, Vec<u8>)], sig: &str) -> &'a [u8] {
+        &tables.iter().find(|t| t.0 == sig).unwrap().2
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn tables_parse_back_with_valid_checksums() {
+        let mem = guest_mem(64 << 20);
+        let rsdp = create_acpi_tables(&mem, 4, &PciInfo::default()).unwrap();
+        assert_eq!(rsdp, GuestAddress(ACPI_START));
+        let tables = walk(&mem);
+        let sigs: Vec<&str> = tables.iter().map(|t| t.0.as_str()).collect();
+        assert_eq!(sigs, ["FACP", "APIC", "MCFG"]);
+
+        // FADT: PM blocks, SCI, flags, DSDT and FACS.
+        let fadt = find(&tables, "FACP");
+        assert_eq!(fadt.len(), 276);
+        assert_eq!(u16::from_le_bytes([fadt[46], fadt[47]]), 9, "SCI_INT");
+        assert_eq!(u32_at(fadt, 48), 0, "SMI_CMD");
+        assert_eq!(u32_at(fadt, 56), 0x600, "PM1a_EVT_BLK");
+        assert_eq!(u32_at(fadt, 64), 0x604, "PM1a_CNT_BLK");
+        assert_eq!((fadt[88], fadt[89]), (4, 2), "PM1 lengths");
+        let flags = u32_at(fadt, 112);
+        assert_ne!(flags & (1 << 4), 0, "PWR_BUTTON");
+        assert_ne!(flags & (1 << 5), 0, "SLP_BUTTON");
+        assert_eq!(flags & (1 << 20), 0, "not HW_REDUCED");
+        assert_eq!(fadt[148], 1, "X_PM1a_EVT_BLK is I/O");
+        assert_eq!(u64_at(fadt, 148 + 4), 0x600);
+        assert_eq!(u64_at(fadt, 172 + 4), 0x604, "X_PM1a_CNT_BLK");
+        let dsdt_addr = u64_at(fadt, 140);
+        let facs_addr = u64_at(fadt, 132);
+        assert_eq!(facs_addr % 64, 0);
+        let facs = read(&mem, facs_addr, 64);
+        assert_eq!(&facs[0..4], b"FACS");
+        assert_eq!(u32_at(&facs, 4), 64);
+
+        // DSDT: the objects the guest looks for.
+        let dsdt = read_table(&mem, dsdt_addr, b"DSDT");
+        for name in [
+            &b"_S5_"[..],
+            b"_SB_",
+            b"PCI0",
+            b"COM1",
+            b"MBRD",
+            b"_CRS",
+            b"_HID",
+            b"_CID",
+        ] {
+            assert!(contains(&dsdt, name), "{}", String::from_utf8_lossy(name));
+        }
+        // EISAID("PNP0A08") and EISAID("PNP0A03") as DWord constants.
+        assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
+        assert!(contains(&dsdt, &[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        // _S5_ = Package(4) { 0, 0, 0, 0 }.
+        assert!(contains(
+            &dsdt,
+            &[b'_', b'S', b'5', b'_', 0x12, 0x06, 0x04, 0, 0, 0, 0]
+        ));
+        // DWordMemory window 0xC0000000-0xDFFFFFFF, length 0x20000000.
+        let mut window = Vec::new();
+        window.extend_from_slice(&0xC000_0000u32.to_le_bytes());
+        window.extend_from_slice(&0xDFFF_FFFFu32.to_le_bytes());
+        window.extend_from_slice(&0u32.to_le_bytes());
+        window.extend_from_slice(&0x2000_0000u32.to_le_bytes());
+        assert!(contains(&dsdt, &window));
+        // IO(Decode16, 0xCF8, 0xCF8, 1, 8) and COM1 IO(0x3F8, 0x3F8, 0, 8).
+        assert!(contains(&dsdt, &[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
+        assert!(contains(&dsdt, &[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 0, 8]));
+        // Extended IRQ 4, edge, active high, consumer.
+        assert!(contains(&dsdt, &[0x89, 6, 0, 0x03, 1, 4, 0, 0, 0]));
+
+        // MADT: LAPIC address, PCAT_COMPAT, one LAPIC per vCPU, IOAPIC, overrides.
+        let madt = find(&tables, "APIC");
+        assert_eq!(u32_at(madt, 36), 0xFEE0_0000);
+        assert_eq!(u32_at(madt, 40), 1);
+        let mut off = 44;
+        let mut lapics = Vec::new();
+        let mut ioapics = Vec::new();
+        let mut overrides = Vec::new();
+        while off < madt.len() {
+            let (kind, len) = (madt[off], madt[off + 1] as usize);
+            assert!(len >= 2 && off + len <= madt.len());
+            let e = &madt[off..off + len];
+            match kind {
+                0 => lapics.push((e[2], e[3], u32_at(e, 4))),
+                1 => ioapics.push((e[2], u32_at(e, 4), u32_at(e, 8))),
+                2 => overrides.push((e[3], u32_at(e, 4), u16::from_le_bytes([e[8], e[9]]))),
+                _ => {}
+            }
+            off += len;
+        }
+        assert_eq!(off, madt.len());
+        assert_eq!(lapics, [(0, 0, 1), (1, 1, 1), (2, 2, 1), (3, 3, 1)]);
+        assert_eq!(ioapics, [(0, 0xFEC0_0000, 0)]);
+        assert_eq!(overrides, [(0, 2, 0), (9, 9, 0xd)]);
+
+        // MCFG: ECAM base, segment 0, bus 0-0.
+        let mcfg = find(&tables, "MCFG");
+        assert_eq!(mcfg.len(), 36 + 8 + 16);
+        assert_eq!(u64_at(mcfg, 44), 0xE000_0000);
+        assert_eq!(u16::from_le_bytes([mcfg[52], mcfg[53]]), 0);
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0));
+    }
+
+    #[test]
+    fn madt_grows_with_vcpus_and_fits() {
+        let pci = PciInfo::default();
+        for n in [1u8, 2, 64, 254] {
+            let madt = build_madt(n);
+            assert_eq!(madt.len(), 44 + 8 * n as usize + 12 + 2 * 10 + 6);
+            assert_eq!(sum(&madt), 0);
+            let tables = build_acpi_tables(n, &pci).unwrap();
+            let end = tables
+                .iter()
+                .map(|(a, b)| a + b.len() as u64)
+                .max()
+                .unwrap();
+            assert!(end <= ACPI_END);
+        }
+        assert!(matches!(
+            build_acpi_tables(0, &pci),
+            Err(Error::InvalidVcpuCount(0))
+        ));
+        assert!(matches!(
+            build_acpi_tables(255, &pci),
+            Err(Error::InvalidVcpuCount(255))
+        ));
+    }
+
+    #[test]
+    fn mcfg_covers_all_ecam_buses() {
+        let pci = PciInfo {
+            ecam_size: 4 << 20,
+            ..PciInfo::default()
+        };
+        let mcfg = build_mcfg(&pci);
+        assert_eq!(sum(&mcfg), 0);
+        assert_eq!((mcfg[54], mcfg[55]), (0, 3));
+    }
+}

@@ -465,3 +465,415 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         params: GuestAddress(START_INFO_ADDR),
     })
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::path::PathBuf;
+    use vm_memory::GuestMemoryMmap;
+
+    use crate::layout::{ram_regions, PCI_ECAM_SIZE, PCI_ECAM_START};
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    /// A file in the temp dir removed on drop.
+    pub(crate) struct TempFile {
+        pub path: PathBuf,
+        pub file: File,
+    }
+
+    impl TempFile {
+        pub fn with_bytes(tag: &str, bytes: &[u8]) -> TempFile {
+            use std::sync::atomic::{AtomicUsize, Ordering};
+            static COUNTER: AtomicUsize = AtomicUsize::new(0);
+            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+            let path =
+                std::env::temp_dir().join(format!("arch-test-{}-{tag}-{n}", std::process::id()));
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap();
+            file.write_all(bytes).unwrap();
+            file.rewind().unwrap();
+            TempFile { path, file }
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    pub(crate) fn guest_mem(size: u64) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&ram_regions(size)).unwrap()
+    }
+
+    fn put(buf: &mut [u8], off: usize, bytes: &[u8]) {
+        buf[off..off + bytes.len()].copy_from_slice(bytes);
+    }
+
+    /// A minimal ELF64 kernel: one loadable segment at `paddr` holding `payload`, and optionally
+    /// a PT_NOTE with the Xen PVH entry note pointing at `pvh_entry`.
+    pub(crate) fn tiny_elf(paddr: u64, payload: &[u8], pvh_entry: Option<u32>) -> Vec<u8> {
+        let phnum: u16 = if pvh_entry.is_some() { 2 } else { 1 };
+        let mut img = vec![0u8; 0x1000 + payload.len()];
+        put(&mut img, 0, b"\x7fELF");
+        img[4] = 2; // ELFCLASS64
+        img[5] = 1; // little endian
+        img[6] = 1; // EV_CURRENT
+        put(&mut img, 16, &2u16.to_le_bytes()); // ET_EXEC
+        put(&mut img, 18, &0x3eu16.to_le_bytes()); // EM_X86_64
+        put(&mut img, 20, &1u32.to_le_bytes());
+        put(&mut img, 24, &paddr.to_le_bytes()); // e_entry
+        put(&mut img, 32, &64u64.to_le_bytes()); // e_phoff
+        put(&mut img, 52, &64u16.to_le_bytes()); // e_ehsize
+        put(&mut img, 54, &56u16.to_le_bytes()); // e_phentsize
+        put(&mut img, 56, &phnum.to_le_bytes());
+        put(&mut img, 58, &64u16.to_le_bytes()); // e_shentsize
+                                                 // PT_LOAD
+        let ph = 64;
+        put(&mut img, ph, &PT_LOAD.to_le_bytes());
+        put(&mut img, ph + 4, &5u32.to_le_bytes()); // R+X
+        put(&mut img, ph + 8, &0x1000u64.to_le_bytes()); // p_offset
+        put(&mut img, ph + 16, &paddr.to_le_bytes()); // p_vaddr
+        put(&mut img, ph + 24, &paddr.to_le_bytes()); // p_paddr
+        put(&mut img, ph + 32, &(payload.len() as u64).to_le_bytes());
+        put(
+            &mut img,
+            ph + 40,
+            &(payload.len() as u64 + 0x100).to_le_bytes(),
+        );
+        put(&mut img, ph + 48, &0x1000u64.to_le_bytes());
+        if let Some(entry) = pvh_entry {
+            // The note lives at 0x200: an unrelated note first, then the PVH one.
+            let note_off = 0x200usize;
+            let mut note = Vec::new();
+            // GNU build-id style note to skip.
+            note.extend_from_slice(&4u32.to_le_bytes());
+            note.extend_from_slice(&3u32.to_le_bytes());
+            note.extend_from_slice(&3u32.to_le_bytes());
+            note.extend_from_slice(b"GNU\0");
+            note.extend_from_slice(&[1, 2, 3, 0]);
+            // XEN_ELFNOTE_PHYS32_ENTRY
+            note.extend_from_slice(&4u32.to_le_bytes());
+            note.extend_from_slice(&4u32.to_le_bytes());
+            note.extend_from_slice(&18u32.to_le_bytes());
+            note.extend_from_slice(b"Xen\0");
+            note.extend_from_slice(&entry.to_le_bytes());
+            put(&mut img, note_off, &note);
+            let ph = 64 + 56;
+            put(&mut img, ph, &4u32.to_le_bytes()); // PT_NOTE
+            put(&mut img, ph + 8, &(note_off as u64).to_le_bytes());
+            put(&mut img, ph + 32, &(note.len() as u64).to_le_bytes());
+            put(&mut img, ph + 40, &(note.len() as u64).to_le_bytes());
+            put(&mut img, ph + 48, &4u64.to_le_bytes());
+        }
+        put(&mut img, 0x1000, payload);
+        img
+    }
+
+    /// A minimal bzImage: one setup sector and `payload` as the protected-mode kernel.
+    fn tiny_bzimage(payload: &[u8]) -> Vec<u8> {
+        let mut img = vec![0u8; 2 * 512];
+        img[0x1f1] = 1; // setup_sects
+        put(&mut img, 0x1fe, &BOOT_FLAG_MAGIC.to_le_bytes());
+        put(&mut img, 0x202, &HDRS_MAGIC.to_le_bytes());
+        put(&mut img, 0x206, &0x020fu16.to_le_bytes()); // protocol 2.15
+        img[0x211] = 1; // loadflags: LOADED_HIGH
+        put(&mut img, 0x214, &0x10_0000u32.to_le_bytes()); // code32_start
+        put(&mut img, 0x22c, &0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        put(&mut img, 0x230, &0x20_0000u32.to_le_bytes()); // kernel_alignment
+        img[0x234] = 1; // relocatable
+        put(&mut img, 0x236, &XLF_KERNEL_64.to_le_bytes());
+        put(&mut img, 0x238, &2047u32.to_le_bytes()); // cmdline_size
+        put(&mut img, 0x258, &0x100_0000u64.to_le_bytes()); // pref_address
+        put(&mut img, 0x260, &0x40_0000u32.to_le_bytes()); // init_size
+        img.extend_from_slice(payload);
+        img
+    }
+
+    fn cfg(cmdline: &str, mem_size: u64) -> BootConfig<'_> {
+        BootConfig {
+            cmdline,
+            nr_vcpus: 2,
+            mem_size,
+            pci: PciInfo::default(),
+        }
+    }
+
+    #[test]
+    fn e820_256m() {
+        let map = e820_map(256 * MIB, &PciInfo::default());
+        let expect = [
+            (0, 0xA_0000, E820Type::Ram),
+            (0xE_0000, 0x2_0000, E820Type::Reserved),
+            (0x10_0000, 256 * MIB - 0x10_0000, E820Type::Ram),
+            (PCI_ECAM_START, PCI_ECAM_SIZE, E820Type::Reserved),
+            (0xFEC0_0000, 0x1000, E820Type::Reserved),
+            (0xFEE0_0000, 0x1000, E820Type::Reserved),
+        ];
+        let got: Vec<_> = map.iter().map(|e| (e.addr, e.size, e.kind)).collect();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn e820_5g_has_high_ram_and_no_overlaps() {
+        let map = e820_map(5 * GIB, &PciInfo::default());
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820Type::Ram)
+            .map(|e| e.size)
+            .sum();
+        // All RAM except the 640K-1M legacy hole.
+        assert_eq!(ram, 5 * GIB - (0x10_0000 - 0xA_0000));
+        let last = map.last().unwrap();
+        assert_eq!(
+            (last.addr, last.size, last.kind),
+            (4 * GIB, 2 * GIB, E820Type::Ram)
+        );
+        for pair in map.windows(2) {
+            assert!(pair[0].addr + pair[0].size <= pair[1].addr, "{pair:?}");
+        }
+        // No RAM inside the MMIO hole.
+        assert!(map.iter().all(|e| e.kind != E820Type::Ram
+            || e.addr + e.size <= crate::layout::MMIO_HOLE_START
+            || e.addr >= MMIO_HOLE_END));
+    }
+
+    #[test]
+    fn loads_pvh_elf() {
+        let mem = guest_mem(64 * MIB);
+        let payload = [0xf4u8; 32]; // hlt
+        let mut kernel =
+            TempFile::with_bytes("pvh", &tiny_elf(0x20_0000, &payload, Some(0x20_0010)));
+        let mut initrd = TempFile::with_bytes("initrd", &[0x5a; 5000]);
+        let c = cfg("console=ttyS0 panic=-1", 64 * MIB);
+        let boot = load_kernel(&mem, &mut kernel.file, Some(&mut initrd.file), &c).unwrap();
+        assert_eq!(boot.protocol, BootProtocol::Pvh);
+        assert_eq!(boot.entry, GuestAddress(0x20_0010));
+        assert_eq!(boot.params, GuestAddress(START_INFO_ADDR));
+
+        // Kernel bytes are in place.
+        let mut got = [0u8; 32];
+        mem.read_slice(&mut got, GuestAddress(0x20_0000)).unwrap();
+        assert_eq!(got, payload);
+
+        // start_info.
+        let si: hvm_start_info = mem.read_obj(GuestAddress(START_INFO_ADDR)).unwrap();
+        assert_eq!(si.magic, XEN_HVM_START_MAGIC_VALUE);
+        assert_eq!(si.version, 1);
+        assert_eq!(si.cmdline_paddr, CMDLINE_ADDR);
+        assert_eq!(si.rsdp_paddr, ACPI_START);
+        assert_eq!(si.memmap_paddr, PVH_MEMMAP_ADDR);
+        let map = e820_map(64 * MIB, &PciInfo::default());
+        assert_eq!(si.memmap_entries as usize, map.len());
+        for (i, e) in map.iter().enumerate() {
+            let m: hvm_memmap_table_entry = mem
+                .read_obj(GuestAddress(PVH_MEMMAP_ADDR + 24 * i as u64))
+                .unwrap();
+            assert_eq!((m.addr, m.size, m.type_), (e.addr, e.size, e.kind as u32));
+        }
+
+        // Command line, NUL terminated.
+        let mut cl = [0u8; 24];
+        mem.read_slice(&mut cl, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&cl, b"console=ttyS0 panic=-1\0\0");
+
+        // initrd: one module, page aligned at the top of RAM.
+        assert_eq!(si.nr_modules, 1);
+        assert_eq!(si.modlist_paddr, PVH_MODLIST_ADDR);
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(PVH_MODLIST_ADDR)).unwrap();
+        assert_eq!(module.size, 5000);
+        assert_eq!(module.paddr, (64 * MIB - 5000) & !0xfff);
+        let mut first = [0u8; 4];
+        mem.read_slice(&mut first, GuestAddress(module.paddr))
+            .unwrap();
+        assert_eq!(first, [0x5a; 4]);
+
+        // RSDP is where start_info says.
+        let mut sig = [0u8; 8];
+        mem.read_slice(&mut sig, GuestAddress(si.rsdp_paddr))
+            .unwrap();
+        assert_eq!(&sig, b"RSD PTR ");
+    }
+
+    #[test]
+    fn elf_without_pvh_note_is_rejected() {
+        let mem = guest_mem(32 * MIB);
+        let mut kernel = TempFile::with_bytes("nopvh", &tiny_elf(0x20_0000, &[0x90; 16], None));
+        let err = load_kernel(&mem, &mut kernel.file, None, &cfg("", 32 * MIB)).unwrap_err();
+        assert!(matches!(err, Error::ElfWithoutPvh), "{err}");
+        assert!(err.to_string().contains("PVH"));
+    }
+
+    #[test]
+    fn elf_segment_below_1m_is_rejected() {
+        let mem = guest_mem(32 * MIB);
+        let mut kernel = TempFile::with_bytes("low", &tiny_elf(0x8000, &[0x90; 16], Some(0x8000)));
+        let err = load_kernel(&mem, &mut kernel.file, None, &cfg("", 32 * MIB)).unwrap_err();
+        assert!(
+            matches!(err, Error::ElfSegment { addr: 0x8000, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn elf_segment_beyond_ram_is_rejected() {
+        let mem = guest_mem(32 * MIB);
+        let mut kernel = TempFile::with_bytes(
+            "high",
+            &tiny_elf(32 * MIB - 0x80, &[0x90; 16], Some(0x10_0000)),
+        );
+        let err = load_kernel(&mem, &mut kernel.file, None, &cfg("", 32 * MIB)).unwrap_err();
+        assert!(matches!(err, Error::ElfSegment { .. }), "{err}");
+    }
+
+    #[test]
+    fn garbage_is_not_a_kernel() {
+        let mem = guest_mem(32 * MIB);
+        let mut kernel = TempFile::with_bytes("garbage", &[0xab; 4096]);
+        let err = load_kernel(&mem, &mut kernel.file, None, &cfg("", 32 * MIB)).unwrap_err();
+        assert!(matches!(err, Error::NotAKernel), "{err}");
+        let mut short = TempFile::with_bytes("short", b"MZ");
+        let err = load_kernel(&mem, &mut short.file, None, &cfg("", 32 * MIB)).unwrap_err();
+        assert!(matches!(err, Error::NotAKernel), "{err}");
+    }
+
+    #[test]
+    fn bzimage_header_checks() {
+        let good = tiny_bzimage(&[0; 16]);
+        assert!(check_bzimage_header(&good[..0x268]).is_ok());
+        let mut old = good.clone();
+        put(&mut old, 0x206, &0x0208u16.to_le_bytes());
+        assert!(matches!(
+            check_bzimage_header(&old),
+            Err(Error::BzImageNot64Bit { version: 0x208, .. })
+        ));
+        let mut no64 = good.clone();
+        put(&mut no64, 0x236, &0u16.to_le_bytes());
+        assert!(matches!(
+            check_bzimage_header(&no64),
+            Err(Error::BzImageNot64Bit { xloadflags: 0, .. })
+        ));
+        let mut nomagic = good;
+        put(&mut nomagic, 0x202, b"HdrX");
+        assert!(matches!(
+            check_bzimage_header(&nomagic),
+            Err(Error::NotAKernel)
+        ));
+    }
+
+    #[test]
+    fn loads_bzimage_with_zero_page() {
+        let mem = guest_mem(128 * MIB);
+        let payload: Vec<u8> = (0..64u8).collect();
+        let mut kernel = TempFile::with_bytes("bz", &tiny_bzimage(&payload));
+        let mut initrd = TempFile::with_bytes("bzinitrd", &[7u8; 0x3000]);
+        let c = cfg("root=/dev/vda", 128 * MIB);
+        let boot = load_kernel(&mem, &mut kernel.file, Some(&mut initrd.file), &c).unwrap();
+        assert_eq!(boot.protocol, BootProtocol::Linux64);
+        assert_eq!(boot.entry, GuestAddress(0x10_0200));
+        let mut got = vec![0u8; payload.len()];
+        mem.read_slice(&mut got, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(got, payload);
+
+        let zp: boot_params = mem.read_obj(GuestAddress(START_INFO_ADDR)).unwrap();
+        let hdr = zp.hdr;
+        assert_eq!({ hdr.boot_flag }, BOOT_FLAG_MAGIC);
+        assert_eq!({ hdr.header }, HDRS_MAGIC);
+        assert_eq!(hdr.type_of_loader, LOADER_TYPE_OTHER);
+        assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_ADDR as u32);
+        assert_eq!({ hdr.cmdline_size }, "root=/dev/vda".len() as u32);
+        assert_eq!({ hdr.ramdisk_size }, 0x3000);
+        assert_eq!({ hdr.ramdisk_image }, (128 * MIB - 0x3000) as u32);
+        assert_eq!({ zp.acpi_rsdp_addr }, ACPI_START);
+        let map = e820_map(128 * MIB, &PciInfo::default());
+        assert_eq!(zp.e820_entries as usize, map.len());
+        for (slot, e) in zp.e820_table.iter().zip(&map) {
+            assert_eq!(
+                ({ slot.addr }, { slot.size }, { slot.r#type }),
+                (e.addr, e.size, e.kind as u32)
+            );
+        }
+    }
+
+    #[test]
+    fn bzimage_cmdline_limit_is_enforced() {
+        let mem = guest_mem(64 * MIB);
+        let mut kernel = TempFile::with_bytes("bzlong", &tiny_bzimage(&[0; 16]));
+        let long = "x".repeat(2048);
+        let err = load_kernel(&mem, &mut kernel.file, None, &cfg(&long, 64 * MIB)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::CmdlineTooLong {
+                    len: 2049,
+                    max: 2048
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cmdline_checks() {
+        assert_eq!(cmdline_bytes("ab", 3).unwrap(), b"ab\0");
+        assert!(matches!(
+            cmdline_bytes("abc", 3),
+            Err(Error::CmdlineTooLong { len: 4, max: 3 })
+        ));
+        assert!(matches!(cmdline_bytes("a\0b", 10), Err(Error::CmdlineNul)));
+    }
+
+    #[test]
+    fn initrd_placement() {
+        assert_eq!(
+            initrd_address(0x1800, 0x20_0000, 0x400_0000).unwrap(),
+            0x3ff_e000
+        );
+        // Exactly fits above the kernel.
+        assert_eq!(
+            initrd_address(0x1000, 0x3ff_f000, 0x400_0000).unwrap(),
+            0x3ff_f000
+        );
+        assert!(matches!(
+            initrd_address(0x2000, 0x3ff_f001, 0x400_0000),
+            Err(Error::InitrdTooLarge { .. })
+        ));
+        assert!(initrd_address(u64::MAX, 0, 0x400_0000).is_err());
+    }
+
+    #[test]
+    fn initrd_too_large_for_ram() {
+        let mem = guest_mem(16 * MIB);
+        let mut kernel = TempFile::with_bytes("k", &tiny_elf(0x10_0000, &[0; 16], Some(0x10_0000)));
+        let mut initrd = TempFile::with_bytes("big", &vec![1u8; 16 * MIB as usize]);
+        let err = load_kernel(
+            &mem,
+            &mut kernel.file,
+            Some(&mut initrd.file),
+            &cfg("", 16 * MIB),
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::InitrdTooLarge { .. }), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_machine_config() {
+        let mem = guest_mem(16 * MIB);
+        let mut kernel =
+            TempFile::with_bytes("k2", &tiny_elf(0x10_0000, &[0; 16], Some(0x10_0000)));
+        let err = load_kernel(&mem, &mut kernel.file, None, &cfg("", 8 * MIB)).unwrap_err();
+        assert!(matches!(err, Error::MemoryTooSmall { .. }), "{err}");
+        let mut c = cfg("", 16 * MIB);
+        c.nr_vcpus = 0;
+        let err = load_kernel(&mem, &mut kernel.file, None, &c).unwrap_err();
+        assert!(matches!(err, Error::InvalidVcpuCount(0)), "{err}");
+    }
+}

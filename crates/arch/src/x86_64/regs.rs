@@ -282,3 +282,229 @@ pub fn setup_vcpu<M: GuestMemoryBackend>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::boot::tests::guest_mem;
+    use crate::layout::START_INFO_ADDR;
+    use kvm_ioctls::Kvm;
+
+    fn setup(protocol: BootProtocol) -> BootSetup {
+        BootSetup {
+            entry: GuestAddress(0x100_0000),
+            protocol,
+            params: GuestAddress(START_INFO_ADDR),
+        }
+    }
+
+    /// Walks the identity page tables for `addr` and returns the mapped physical address.
+    fn translate<M: GuestMemoryBackend>(mem: &M, addr: u64) -> Option<u64> {
+        let pml4e: u64 = mem
+            .read_obj(GuestAddress(PML4_ADDR + 8 * ((addr >> 39) & 0x1ff)))
+            .ok()?;
+        if pml4e & PTE_PRESENT == 0 {
+            return None;
+        }
+        let pdpte: u64 = mem
+            .read_obj(GuestAddress((pml4e & !0xfff) + 8 * ((addr >> 30) & 0x1ff)))
+            .ok()?;
+        if pdpte & PTE_PRESENT == 0 {
+            return None;
+        }
+        let pde: u64 = mem
+            .read_obj(GuestAddress((pdpte & !0xfff) + 8 * ((addr >> 21) & 0x1ff)))
+            .ok()?;
+        if pde & PTE_PRESENT == 0 || pde & PDE_HUGE == 0 {
+            return None;
+        }
+        Some((pde & !0x1f_ffff & !(1 << 63)) | (addr & 0x1f_ffff))
+    }
+
+    #[test]
+    fn page_tables_identity_map_4g() {
+        let mem = guest_mem(64 << 20);
+        write_page_tables(&mem).unwrap();
+        for addr in [
+            0,
+            0x1234,
+            0x10_0000,
+            0x3fff_ffff,
+            0x4000_0000,
+            0xc000_0000,
+            0xffff_ffff,
+        ] {
+            assert_eq!(translate(&mem, addr), Some(addr), "{addr:#x}");
+        }
+        // Nothing above 4 GiB.
+        assert_eq!(translate(&mem, 0x1_0000_0000), None);
+        // Every PDE is a writable 2 MiB page.
+        let pde: u64 = mem.read_obj(GuestAddress(PD_ADDR + 8 * 5)).unwrap();
+        assert_eq!(pde, (5 << 21) | 0x83);
+    }
+
+    #[test]
+    fn gdt_in_memory_matches_segments() {
+        let mem = guest_mem(64 << 20);
+        for (long, protocol) in [(true, BootProtocol::Linux64), (false, BootProtocol::Pvh)] {
+            write_gdt(&mem, long).unwrap();
+            let sregs = boot_sregs(protocol, kvm_sregs::default());
+            let code: u64 = mem
+                .read_obj(GuestAddress(GDT_ADDR + u64::from(sregs.cs.selector)))
+                .unwrap();
+            assert_eq!(kvm_segment_from_gdt(code, CODE_INDEX), sregs.cs);
+            let data: u64 = mem
+                .read_obj(GuestAddress(GDT_ADDR + u64::from(sregs.ds.selector)))
+                .unwrap();
+            assert_eq!(kvm_segment_from_gdt(data, DATA_INDEX), sregs.ds);
+            assert_eq!(sregs.cs.l, u8::from(long));
+            assert_eq!(sregs.cs.db, u8::from(!long));
+        }
+        let null: u64 = mem.read_obj(GuestAddress(GDT_ADDR)).unwrap();
+        assert_eq!(null, 0);
+    }
+
+    #[test]
+    fn pvh_registers_follow_the_abi() {
+        let boot = setup(BootProtocol::Pvh);
+        let regs = boot_regs(&boot);
+        assert_eq!(
+            (regs.rip, regs.rbx, regs.rflags),
+            (0x100_0000, START_INFO_ADDR, 2)
+        );
+        let sregs = boot_sregs(BootProtocol::Pvh, kvm_sregs::default());
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!((sregs.cr4, sregs.efer), (0, 0));
+        assert_eq!(
+            (sregs.cs.base, sregs.cs.limit, sregs.cs.type_),
+            (0, 0xffff_ffff, 0xb)
+        );
+        assert_eq!(
+            (sregs.ss.base, sregs.ss.limit, sregs.ss.db),
+            (0, 0xffff_ffff, 1)
+        );
+        assert_eq!((sregs.tr.type_, sregs.tr.present, sregs.tr.s), (0xb, 1, 0));
+    }
+
+    #[test]
+    fn linux64_registers_enter_long_mode() {
+        let boot = setup(BootProtocol::Linux64);
+        let regs = boot_regs(&boot);
+        assert_eq!(
+            (regs.rip, regs.rsi, regs.rsp),
+            (0x100_0000, START_INFO_ADDR, BOOT_STACK_POINTER)
+        );
+        assert_eq!(regs.rbx, 0);
+        let sregs = boot_sregs(BootProtocol::Linux64, kvm_sregs::default());
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
+        assert_eq!(sregs.cr3, PML4_ADDR);
+        assert_ne!(sregs.cr4 & CR4_PAE, 0);
+        assert_eq!(sregs.efer, EFER_LME | EFER_LMA);
+        assert_eq!((sregs.cs.l, sregs.cs.db), (1, 0));
+        assert_eq!(sregs.gdt.base, GDT_ADDR);
+    }
+
+    #[test]
+    fn lint_modes() {
+        let mut lapic = kvm_lapic_state::default();
+        // Masked LINT0 with a vector, as after reset.
+        set_lapic_reg(&mut lapic, APIC_LVT0, 0x0001_0020);
+        set_lint_modes(&mut lapic);
+        assert_eq!(lvt_delivery_mode(&lapic, APIC_LVT0), APIC_MODE_EXTINT);
+        assert_eq!(lvt_delivery_mode(&lapic, APIC_LVT1), APIC_MODE_NMI);
+        assert_eq!(lapic_reg(&lapic, APIC_LVT0), 0x0001_0720);
+    }
+
+    #[test]
+    fn msr_list() {
+        let msrs = boot_msr_entries();
+        let get = |i| msrs.iter().find(|e| e.index == i).map(|e| e.data);
+        assert_eq!(get(msr::MISC_ENABLE), Some(1));
+        assert_eq!(get(msr::MTRR_DEF_TYPE), Some(0x806));
+        assert_eq!(get(msr::LSTAR), Some(0));
+        assert_eq!(get(msr::TSC), Some(0));
+    }
+
+    /// Creates a VM with an irqchip and `n` vCPUs, or `None` without /dev/kvm.
+    pub(crate) fn kvm_vm(n: u8) -> Option<(Kvm, kvm_ioctls::VmFd, Vec<VcpuFd>)> {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            eprintln!("SKIP: /dev/kvm not available");
+            return None;
+        }
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpus = (0..n)
+            .map(|i| vm.create_vcpu(u64::from(i)).unwrap())
+            .collect();
+        Some((kvm, vm, vcpus))
+    }
+
+    fn check_common_state(vcpu: &VcpuFd) {
+        // Read the FPU state back through XSAVE: some KVM builds (kvm_pvm) report MXCSR as 0
+        // from KVM_GET_FPU although the value is set. FCW is bytes 0-1, MXCSR bytes 24-27.
+        let xsave = vcpu.get_xsave().unwrap();
+        assert_eq!((xsave.region[0] & 0xffff, xsave.region[6]), (0x37f, 0x1f80));
+        let lapic = vcpu.get_lapic().unwrap();
+        assert_eq!(lvt_delivery_mode(&lapic, APIC_LVT0), APIC_MODE_EXTINT);
+        assert_eq!(lvt_delivery_mode(&lapic, APIC_LVT1), APIC_MODE_NMI);
+        let entries = boot_msr_entries();
+        let mut msrs = Msrs::from_entries(&entries).unwrap();
+        let n = vcpu.get_msrs(&mut msrs).unwrap();
+        assert_eq!(n, entries.len());
+        for e in msrs.as_slice() {
+            match e.index {
+                msr::MISC_ENABLE => assert_ne!(e.data & MISC_ENABLE_FAST_STRING, 0),
+                msr::MTRR_DEF_TYPE => assert_eq!(e.data, MTRR_DEF_TYPE_WB_ENABLED),
+                // The TSC has moved on since it was zeroed; only check the rest.
+                msr::TSC => {}
+                _ => assert_eq!(e.data, 0, "MSR {:#x}", e.index),
+            }
+        }
+    }
+
+    #[test]
+    fn kvm_setup_vcpu_pvh() {
+        let Some((_kvm, _vm, vcpus)) = kvm_vm(2) else {
+            return;
+        };
+        let mem = guest_mem(64 << 20);
+        let boot = setup(BootProtocol::Pvh);
+        for (id, vcpu) in vcpus.iter().enumerate() {
+            setup_vcpu(vcpu, id as u8, &boot, &mem).unwrap();
+            check_common_state(vcpu);
+        }
+        let regs = vcpus[0].get_regs().unwrap();
+        assert_eq!(
+            (regs.rip, regs.rbx, regs.rflags),
+            (0x100_0000, START_INFO_ADDR, 2)
+        );
+        let sregs = vcpus[0].get_sregs().unwrap();
+        assert_eq!(sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE);
+        assert_eq!(sregs.efer & EFER_LMA, 0);
+        assert_eq!((sregs.cs.selector, sregs.cs.db, sregs.cs.l), (0x8, 1, 0));
+        assert_eq!((sregs.ds.selector, sregs.ss.selector), (0x10, 0x10));
+        // The AP keeps its reset state.
+        let ap = vcpus[1].get_regs().unwrap();
+        assert_ne!(ap.rip, 0x100_0000);
+    }
+
+    #[test]
+    fn kvm_setup_vcpu_linux64() {
+        let Some((_kvm, _vm, vcpus)) = kvm_vm(1) else {
+            return;
+        };
+        let mem = guest_mem(64 << 20);
+        let boot = setup(BootProtocol::Linux64);
+        setup_vcpu(&vcpus[0], 0, &boot, &mem).unwrap();
+        check_common_state(&vcpus[0]);
+        let regs = vcpus[0].get_regs().unwrap();
+        assert_eq!((regs.rip, regs.rsi), (0x100_0000, START_INFO_ADDR));
+        let sregs = vcpus[0].get_sregs().unwrap();
+        assert_eq!(sregs.cr3, PML4_ADDR);
+        assert_ne!(sregs.efer & EFER_LMA, 0);
+        assert_ne!(sregs.cr0 & CR0_PG, 0);
+        assert_eq!((sregs.cs.l, sregs.cs.selector), (1, 0x8));
+        assert_eq!(translate(&mem, 0x7654_3210), Some(0x7654_3210));
+    }
+}
