@@ -71,6 +71,7 @@ mod cfg_type {
     pub const NOTIFY: u8 = 2;
     pub const ISR: u8 = 3;
     pub const DEVICE: u8 = 4;
+    pub const PCI_CFG: u8 = 5;
 }
 
 /// Errors building a virtio-pci function.
@@ -98,6 +99,8 @@ pub struct VirtioPciDevice {
     config: PciConfig,
     /// Offset of the MSI-X capability in config space.
     msix_cap: usize,
+    /// Offset of the VIRTIO_PCI_CAP_PCI_CFG capability in config space.
+    pci_cfg_cap: usize,
     device: Box<dyn VirtioDevice>,
     mem: GuestMem,
     hooks: Arc<dyn VmHooks>,
@@ -174,6 +177,12 @@ impl VirtioPciDevice {
                 Some(NOTIFY_OFF_MULTIPLIER),
             ),
         )?;
+        // VIRTIO_PCI_CAP_PCI_CFG: a window into BAR 0 through config space. Its bar, offset and
+        // length fields and the data dword are writable.
+        let pci_cfg_cap =
+            config.add_capability(CAP_VENDOR, &virtio_cap(cfg_type::PCI_CFG, 0, 0, Some(0)))?;
+        config.set_write_mask(pci_cfg_cap + 4, &[0xff]);
+        config.set_write_mask(pci_cfg_cap + 8, &[0xff; 12]);
 
         let kicks = (0..num_queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))
@@ -182,6 +191,7 @@ impl VirtioPciDevice {
         Ok(VirtioPciDevice {
             config,
             msix_cap,
+            pci_cfg_cap,
             device,
             mem,
             hooks,
@@ -265,6 +275,27 @@ impl VirtioPciDevice {
         self.bar0_mapped = new;
     }
 
+    /// Config dword of the VIRTIO_PCI_CAP_PCI_CFG data field.
+    fn pci_cfg_data_reg(&self) -> usize {
+        (self.pci_cfg_cap + 16) / 4
+    }
+
+    /// The BAR 0 access the VIRTIO_PCI_CAP_PCI_CFG fields describe: (offset, length), if valid
+    /// (BAR 0, length 1, 2 or 4, offset aligned to it and inside the BAR).
+    fn pci_cfg_window(&self) -> Option<(u64, usize)> {
+        let mut b = [0u8; 12];
+        self.config.read_bytes(self.pci_cfg_cap + 4, &mut b[..1]);
+        let bar = b[0];
+        self.config.read_bytes(self.pci_cfg_cap + 8, &mut b[4..12]);
+        let offset = u64::from(u32::from_le_bytes([b[4], b[5], b[6], b[7]]));
+        let len = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
+        (bar == 0
+            && matches!(len, 1 | 2 | 4)
+            && offset.is_multiple_of(len as u64)
+            && offset + len as u64 <= BAR0_SIZE)
+            .then_some((offset, len))
+    }
+
     /// The message control word of the MSI-X capability.
     fn msix_control(&self) -> u16 {
         let mut b = [0u8; 2];
@@ -300,6 +331,13 @@ fn within(offset: u64, len: usize, start: u64, size: u64) -> bool {
 
 impl PciDevice for VirtioPciDevice {
     fn config_read(&mut self, reg: usize) -> u32 {
+        if reg == self.pci_cfg_data_reg() {
+            if let Some((offset, len)) = self.pci_cfg_window() {
+                let mut b = [0u8; 4];
+                self.bar_read(0, offset, &mut b[..len]);
+                self.config.put(self.pci_cfg_cap + 16, &b);
+            }
+        }
         self.config.read(reg)
     }
 
@@ -308,6 +346,12 @@ impl PciDevice for VirtioPciDevice {
         if reg == (self.msix_cap + 2) / 4 || reg == self.msix_cap / 4 {
             let ctl = self.msix_control();
             lock(&self.interrupt.msix).set_message_control(ctl);
+        }
+        if reg == self.pci_cfg_data_reg() {
+            if let Some((offset, len)) = self.pci_cfg_window() {
+                let b = self.config.read(reg).to_le_bytes();
+                self.bar_write(0, offset, &b[..len]);
+            }
         }
     }
 

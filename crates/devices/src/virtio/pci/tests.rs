@@ -235,6 +235,8 @@ fn identity_and_capabilities() {
         if kind == 2 {
             assert_eq!(cfg_byte(&mut h.dev, off + 2), 20);
             assert_eq!(cfg_u32(&mut h.dev, off + 16), 4);
+        } else if kind == 5 {
+            assert_eq!(cfg_byte(&mut h.dev, off + 2), 20);
         } else {
             assert_eq!(cfg_byte(&mut h.dev, off + 2), 16);
         }
@@ -246,7 +248,8 @@ fn identity_and_capabilities() {
             (1, 0, 0x38),
             (2, 0x3000, 8),
             (3, 0x1000, 4),
-            (4, 0x2000, 0x1000)
+            (4, 0x2000, 0x1000),
+            (5, 0, 0),
         ]
     );
 }
@@ -734,4 +737,36 @@ fn garbage_accesses_never_panic() {
     h.setup_queue(0, 64, 0x1_0000, 0x1_1000, 0x1_2000);
     h.w(0x14, 1, 0xf);
     assert_eq!(h.status(), 0xf);
+}
+
+#[test]
+fn pci_cfg_capability_accesses_bar0() {
+    let mut h = harness();
+    let cap = caps(&mut h.dev)
+        .into_iter()
+        .find(|&(off, id)| id == 0x09 && cfg_byte(&mut h.dev, off + 3) == 5)
+        .unwrap()
+        .0;
+    let data_reg = (cap + 16) / 4;
+    // num_queues (2 bytes at common 0x12).
+    h.cfg_write32((cap + 8) / 4, 0x12);
+    h.cfg_write32((cap + 12) / 4, 2);
+    assert_eq!(h.dev.config_read(data_reg) & 0xffff, 2);
+    // device_status through the window.
+    h.cfg_write32((cap + 8) / 4, 0x14);
+    h.cfg_write32((cap + 12) / 4, 1);
+    h.cfg_write32(data_reg, 3);
+    assert_eq!(h.status(), 3);
+    assert_eq!(h.dev.config_read(data_reg) & 0xff, 3);
+    // Misaligned, oversized or another BAR: no access.
+    h.cfg_write32((cap + 8) / 4, 0x13);
+    h.cfg_write32((cap + 12) / 4, 2);
+    h.cfg_write32(data_reg, 0);
+    h.cfg_write32((cap + 8) / 4, 0x14);
+    h.cfg_write32((cap + 12) / 4, 8);
+    h.cfg_write32(data_reg, 0);
+    h.dev.config_write(cap / 4 + 1, 0, &[1]);
+    h.cfg_write32((cap + 12) / 4, 1);
+    h.cfg_write32(data_reg, 0);
+    assert_eq!(h.status(), 3);
 }
