@@ -569,3 +569,305 @@ pub fn setup_cpuid(
         source,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap_or_else(|| panic!("no leaf {function:#x}.{index}"))
+    }
+
+    /// A small table shaped like KVM's: everything set so clearing is visible.
+    fn sample() -> Vec<kvm_cpuid_entry2> {
+        let f = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+        vec![
+            entry(0, 0, 0, [0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
+            entry(1, 0, 0, [0x806f8, 0x0008_0800, 0x7ffa_3203, 0x178b_fbff]),
+            entry(4, 0, f, [0x121, 0x01c0_003f, 0x3f, 0]),
+            entry(4, 1, f, [0x143, 0x01c0_003f, 0x3ff, 0]),
+            entry(4, 2, f, [0x163, 0x03c0_003f, 0x3fff, 0]),
+            entry(7, 0, f, [1, !0, !0, !0]),
+            entry(7, 1, f, [!0, 0, 0, !0]),
+            entry(0xb, 0, f, [1, 2, 0x100, 7]),
+            entry(0xb, 1, f, [4, 16, 0x201, 7]),
+            // XCR0 = x87 | SSE | AVX | opmask | ZMM_Hi256 | Hi16_ZMM | PKRU
+            entry(0xd, 0, f, [0x2e7, 0x340, 0xa88, 0]),
+            entry(0xd, 1, f, [0xf, 0x340, 0, 0]),
+            entry(0xd, 2, f, [0x100, 0x240, 0, 0]),
+            entry(0xd, 5, f, [0x40, 0x340, 0, 0]),
+            entry(0xd, 6, f, [0x200, 0x380, 0, 0]),
+            entry(0xd, 7, f, [0x400, 0x580, 0, 0]),
+            entry(0xd, 9, f, [0x8, 0xa80, 0, 0]),
+            entry(0x1f, 0, f, [1, 2, 0x100, 7]),
+            entry(0x4000_0000, 0, 0, [0x4000_0001, 0, 0, 0]),
+            entry(0x8000_0001, 0, 0, [0, 0, !0, !0]),
+            entry(0x8000_0008, 0, 0, [0x3030, 0, 0x7007, 0]),
+            entry(0x8000_001e, 0, 0, [5, 0x105, 0x3, 0]),
+        ]
+    }
+
+    fn build(
+        apic_id: u8,
+        nr_vcpus: u8,
+        hide: &[&str],
+        tsc_deadline: bool,
+    ) -> Vec<kvm_cpuid_entry2> {
+        let mut entries = sample();
+        let cfg = CpuidConfig {
+            apic_id,
+            nr_vcpus,
+            tsc_deadline,
+            hidden: HiddenFeatures::parse(&names(hide)).unwrap(),
+        };
+        build_cpuid(&mut entries, &cfg);
+        entries
+    }
+
+    #[test]
+    fn names_match_table() {
+        let table: Vec<&str> = FEATURES.iter().map(|f| f.name).collect();
+        assert_eq!(table, cpuid_feature_names());
+        for f in FEATURES {
+            for implied in f.implies {
+                assert!(feature_index(implied).is_some(), "{implied}");
+            }
+        }
+    }
+
+    #[test]
+    fn parse_names() {
+        let h = HiddenFeatures::parse(&names(&["PCID", " tsc_deadline", ""])).unwrap();
+        assert!(h.contains("pcid"));
+        assert!(h.contains("tsc-deadline"));
+        assert!(!h.contains("avx"));
+        let err = HiddenFeatures::parse(&names(&["avx", "sse9"])).unwrap_err();
+        match &err {
+            Error::UnknownCpuFeature { name, known } => {
+                assert_eq!(name, "sse9");
+                assert!(known.contains("xsave") && known.contains("invpcid"));
+            }
+            other => panic!("{other}"),
+        }
+        assert!(err.to_string().contains("sse9"));
+    }
+
+    #[test]
+    fn implications() {
+        let h = HiddenFeatures::parse(&names(&["xsave"])).unwrap();
+        for name in ["xsave", "avx", "avx2", "avx512", "pku"] {
+            assert!(h.contains(name), "{name}");
+        }
+        assert!(!h.contains("pcid"));
+        let h = HiddenFeatures::parse(&names(&["avx"])).unwrap();
+        assert!(h.contains("avx2") && h.contains("avx512") && !h.contains("xsave"));
+        let h = HiddenFeatures::parse(&names(&["avx512"])).unwrap();
+        assert!(!h.contains("avx") && !h.contains("avx2"));
+    }
+
+    #[test]
+    fn topology_and_signature() {
+        let e = build(2, 4, &[], true);
+        let leaf1 = find(&e, 1, 0);
+        assert_eq!(leaf1.ebx >> 24, 2, "APIC id");
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 4, "logical processors");
+        assert_eq!(leaf1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
+        assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_ne!(leaf1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        assert_eq!(leaf1.ecx & LEAF1_ECX_OSXSAVE, 0);
+        assert_ne!(leaf1.edx & LEAF1_EDX_HTT, 0);
+
+        // Leaf 4: 4 cores per package; L1/L2 private, L3 shared by all.
+        assert_eq!(find(&e, 4, 0).eax >> 26, 3);
+        assert_eq!((find(&e, 4, 0).eax >> 14) & 0xfff, 0);
+        assert_eq!((find(&e, 4, 2).eax >> 14) & 0xfff, 3);
+        assert_eq!(find(&e, 4, 2).eax & 0x3fff, 0x163);
+
+        // Leaf 0xB / 0x1F.
+        for leaf in [0xb, 0x1f] {
+            let smt = find(&e, leaf, 0);
+            let core = find(&e, leaf, 1);
+            let end = find(&e, leaf, 2);
+            assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
+            assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, 2));
+            assert_eq!((end.ebx, end.ecx >> 8), (0, 0));
+            assert_eq!(e.iter().filter(|x| x.function == leaf).count(), 3);
+        }
+
+        // AMD leaves.
+        assert_eq!(find(&e, 0x8000_0008, 0).ecx & 0xf0ff, 0x2003);
+        assert_eq!(find(&e, 0x8000_001e, 0).eax, 2);
+
+        // KVM signature.
+        let hv = find(&e, 0x4000_0000, 0);
+        let mut sig = Vec::new();
+        for r in [hv.ebx, hv.ecx, hv.edx] {
+            sig.extend_from_slice(&r.to_le_bytes());
+        }
+        assert_eq!(&sig, b"KVMKVMKVM\0\0\0");
+        assert!(hv.eax >= 0x4000_0001);
+        assert!(e.iter().any(|x| x.function == 0x4000_0001));
+    }
+
+    #[test]
+    fn single_vcpu_and_no_tsc_deadline() {
+        let e = build(0, 1, &[], false);
+        let leaf1 = find(&e, 1, 0);
+        assert_eq!(leaf1.ebx >> 24, 0);
+        assert_eq!(leaf1.edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(leaf1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        assert_eq!(find(&e, 0xb, 1).eax, 0);
+        assert_eq!(find(&e, 0xb, 1).ebx, 1);
+    }
+
+    #[test]
+    fn adds_hypervisor_leaves_when_missing() {
+        let mut entries: Vec<_> = sample()
+            .into_iter()
+            .filter(|e| e.function & 0x4000_0000 == 0)
+            .collect();
+        let cfg = CpuidConfig {
+            apic_id: 0,
+            nr_vcpus: 1,
+            tsc_deadline: false,
+            hidden: HiddenFeatures::default(),
+        };
+        build_cpuid(&mut entries, &cfg);
+        assert_eq!(find(&entries, 0x4000_0000, 0).ebx, KVM_SIGNATURE[0]);
+    }
+
+    #[test]
+    fn hides_simple_features() {
+        let e = build(
+            0,
+            2,
+            &["pcid", "x2apic", "rdrand", "tsc-deadline", "cx16"],
+            true,
+        );
+        let ecx = find(&e, 1, 0).ecx;
+        for bit in [17, 21, 30, 24, 13] {
+            assert_eq!(ecx & (1 << bit), 0, "bit {bit}");
+        }
+        // Unrelated bits stay.
+        assert_ne!(ecx & (1 << 0), 0, "SSE3");
+        let e = build(
+            0,
+            2,
+            &[
+                "fsgsbase", "smep", "smap", "invpcid", "rdseed", "umip", "la57",
+            ],
+            true,
+        );
+        let l7 = find(&e, 7, 0);
+        for bit in [0, 7, 20, 10, 18] {
+            assert_eq!(l7.ebx & (1 << bit), 0, "ebx bit {bit}");
+        }
+        for bit in [2, 16] {
+            assert_eq!(l7.ecx & (1 << bit), 0, "ecx bit {bit}");
+        }
+        assert_ne!(l7.ebx & (1 << 5), 0, "AVX2 stays");
+        let e = build(0, 2, &["pdpe1gb"], true);
+        assert_eq!(find(&e, 0x8000_0001, 0).edx & (1 << 26), 0);
+        assert_ne!(find(&e, 0x8000_0001, 0).edx & (1 << 27), 0, "RDTSCP stays");
+    }
+
+    #[test]
+    fn hides_avx512_and_its_state() {
+        let e = build(0, 1, &["avx512"], true);
+        let l7 = find(&e, 7, 0);
+        for bit in [16, 17, 21, 26, 27, 28, 30, 31] {
+            assert_eq!(l7.ebx & (1 << bit), 0, "ebx bit {bit}");
+        }
+        assert_ne!(l7.ebx & (1 << 5), 0, "AVX2 stays");
+        assert_eq!(find(&e, 7, 1).eax & (1 << 5), 0, "AVX512_BF16");
+        let xd = find(&e, 0xd, 0);
+        assert_eq!(xd.eax, 0x207, "opmask/ZMM state removed");
+        // Largest remaining component: PKRU at 0xa80 + 8.
+        assert_eq!(xd.ecx, 0xa88);
+        assert_eq!(find(&e, 0xd, 6).eax, 0);
+        assert_eq!(find(&e, 0xd, 2).eax, 0x100, "AVX state stays");
+    }
+
+    #[test]
+    fn hides_avx_family() {
+        let e = build(0, 1, &["avx"], true);
+        let l1 = find(&e, 1, 0);
+        assert_eq!(l1.ecx & (1 << 28), 0, "AVX");
+        assert_eq!(l1.ecx & (1 << 12), 0, "FMA");
+        assert_ne!(l1.ecx & (1 << 26), 0, "XSAVE stays");
+        assert_eq!(find(&e, 7, 0).ebx & (1 << 5), 0, "AVX2");
+        assert_eq!(find(&e, 7, 0).ebx & (1 << 16), 0, "AVX512F");
+        let xd = find(&e, 0xd, 0);
+        assert_eq!(xd.eax, 0x203, "x87, SSE, PKRU");
+        assert_eq!(xd.ecx, 0xa88);
+        let e = build(0, 1, &["avx", "pku"], true);
+        assert_eq!(find(&e, 0xd, 0).eax, 0x3);
+        assert_eq!(find(&e, 0xd, 0).ecx, 576);
+        assert_eq!(find(&e, 7, 0).ecx & (3 << 3), 0, "PKU, OSPKE");
+    }
+
+    #[test]
+    fn hides_xsave_and_leaf_d() {
+        let e = build(0, 1, &["xsave"], true);
+        let l1 = find(&e, 1, 0);
+        assert_eq!(l1.ecx & (1 << 26), 0, "XSAVE");
+        assert_eq!(l1.ecx & (1 << 28), 0, "AVX");
+        assert_eq!(find(&e, 7, 0).ebx & (1 << 5), 0, "AVX2");
+        assert_eq!(find(&e, 7, 0).ebx & (1 << 31), 0, "AVX512VL");
+        for x in e.iter().filter(|x| x.function == 0xd) {
+            assert_eq!(
+                (x.eax, x.ebx, x.ecx, x.edx),
+                (0, 0, 0, 0),
+                "0xd.{}",
+                x.index
+            );
+        }
+    }
+
+    /// kvm_pvm rewrites a vCPU's CPUID after KVM_SET_CPUID2 with what the hardware reports,
+    /// so bits hidden here (and bits KVM says it does not support) come back.
+    fn kvm_rewrites_cpuid() -> bool {
+        std::path::Path::new("/sys/module/kvm_pvm").exists()
+    }
+
+    #[test]
+    fn kvm_setup_cpuid() {
+        let Some((kvm, _vm, vcpus)) = crate::regs::tests::kvm_vm(2) else {
+            return;
+        };
+        let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let supported_leaf1 = find(supported.as_slice(), 1, 0);
+        for (id, vcpu) in vcpus.iter().enumerate() {
+            setup_cpuid(&kvm, vcpu, id as u8, 2, &names(&["avx512", "cx16"])).unwrap();
+            let got = vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+            let got = got.as_slice();
+            let leaf1 = find(got, 1, 0);
+            assert_eq!(leaf1.ebx >> 24, id as u32, "APIC id");
+            assert_eq!((leaf1.ebx >> 16) & 0xff, 2, "logical processors");
+            assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+            let hv = find(got, 0x4000_0000, 0);
+            assert_eq!([hv.ebx, hv.ecx, hv.edx], KVM_SIGNATURE);
+            let topo = find(got, 0xb, 1);
+            assert_eq!((topo.ebx, topo.edx), (2, id as u32));
+            if kvm_rewrites_cpuid() {
+                eprintln!("SKIP hidden-bit check: kvm_pvm rewrites the vCPU CPUID");
+            } else if supported_leaf1.ecx & (1 << 13) != 0 {
+                assert_eq!(leaf1.ecx & (1 << 13), 0, "CX16 hidden");
+                if let Some(l7) = got.iter().find(|e| e.function == 7 && e.index == 0) {
+                    assert_eq!(l7.ebx & (1 << 16), 0, "AVX512F hidden");
+                }
+            }
+        }
+        let err = setup_cpuid(&kvm, &vcpus[0], 0, 2, &names(&["bogus"])).unwrap_err();
+        assert!(matches!(err, Error::UnknownCpuFeature { .. }));
+        let err = setup_cpuid(&kvm, &vcpus[0], 2, 2, &[]).unwrap_err();
+        assert!(matches!(err, Error::InvalidVcpuId { id: 2, count: 2 }));
+    }
+}

@@ -284,7 +284,7 @@ pub fn setup_vcpu<M: GuestMemoryBackend>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::boot::tests::guest_mem;
     use crate::layout::START_INFO_ADDR;
