@@ -18,6 +18,8 @@ mod common;
 mod interrupt;
 
 #[cfg(test)]
+mod e2e_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::Ordering;
