@@ -143,7 +143,7 @@ impl PciRoot {
             dev,
             mapped: Vec::new(),
         };
-        Self::refresh_mapping(&mut s);
+        Self::refresh_mapping(&mut s, self.window());
         self.slots[slot] = Some(s);
         Ok(slot as u8)
     }
@@ -178,22 +178,41 @@ impl PciRoot {
         if bus != 0 || func != 0 {
             return;
         }
+        let window = self.window();
         let Some(Some(slot)) = self.slots.get_mut(usize::from(dev)) else {
             return;
         };
         lock(&slot.dev).config_write(reg, offset, data);
         if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + NUM_BARS).contains(&reg) {
-            Self::refresh_mapping(slot);
+            Self::refresh_mapping(slot, window);
         }
     }
 
-    /// Recomputes which BARs the slot decodes and tells the device about any move.
-    fn refresh_mapping(slot: &mut Slot) {
+    /// The MMIO window as (start, end).
+    fn window(&self) -> (u64, u64) {
+        (
+            self.mmio_base,
+            self.mmio_base.saturating_add(self.mmio_size),
+        )
+    }
+
+    /// Recomputes which BARs the slot decodes and tells the device about any move. A BAR is
+    /// decoded while memory space is enabled and it lies wholly inside the MMIO window (the only
+    /// place the VMM forwards accesses from), so a BAR the guest points at RAM or another
+    /// device's registers gets no ioeventfds there.
+    fn refresh_mapping(slot: &mut Slot, (start, end): (u64, u64)) {
         let mut dev = lock(&slot.dev);
         let memory_on =
             dev.config_read(COMMAND_REG) & u32::from(super::config::COMMAND_MEMORY) != 0;
         let new: Vec<PciBar> = if memory_on {
-            dev.bars().into_iter().filter(|b| b.size > 0).collect()
+            dev.bars()
+                .into_iter()
+                .filter(|b| {
+                    b.size > 0
+                        && b.addr >= start
+                        && b.addr.checked_add(b.size).is_some_and(|e| e <= end)
+                })
+                .collect()
         } else {
             Vec::new()
         };
@@ -536,6 +555,11 @@ mod tests {
         let mut w = [0u8; 4];
         win.read(0x8_0ffe, &mut w);
         assert_eq!(w, [0xff; 4]);
+        // Moved outside the window (here: onto RAM): no longer decoded.
+        io_write(&mut io, 2, 0x10, 0x0000_1000);
+        assert_eq!(lock(&log2).last().unwrap(), "m0:Some(c0080000)->None");
+        io_write(&mut io, 2, 0x10, 0xc008_0000);
+        assert_eq!(lock(&log2).last().unwrap(), "m0:None->Some(c0080000)");
         // Disable memory: unmapped.
         io_write(&mut io, 2, 0x04, 0);
         assert_eq!(lock(&log2).last().unwrap(), "m0:Some(c0080000)->None");
