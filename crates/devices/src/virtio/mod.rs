@@ -11,6 +11,7 @@ pub mod chain;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::Arc;

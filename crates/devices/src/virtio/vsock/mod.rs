@@ -1,0 +1,151 @@
+//! virtio-vsock with a Firecracker-style unix socket backend.
+//!
+//! The device listens on a unix socket. A host process connects and writes `CONNECT <port>\n`;
+//! the device opens a stream to the guest's `port` from a fresh host port and, once the guest
+//! accepts, answers `OK <host port>\n` and shuttles bytes both ways. A guest connecting to CID 2
+//! port `P` is connected to the unix socket `<path>_<P>`. Queues: rx 0, tx 1, event 2 (unused).
+
+mod conn;
+mod muxer;
+pub mod packet;
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::block::read_config_bytes;
+use super::worker::{prepare_queues, spawn_worker, WorkerHandle, COMMON_FEATURES};
+use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::GuestMem;
+use muxer::Muxer;
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+
+/// Why a vsock device could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    /// The guest CID is reserved (0, 1, 2) or does not fit in 32 bits.
+    #[error("invalid guest CID {0} (must be 3..=0xFFFF_FFFE)")]
+    BadCid(u64),
+    /// The unix socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A virtio socket device.
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: Arc<UnixListener>,
+    acked: u64,
+    worker: Option<WorkerHandle>,
+}
+
+impl Vsock {
+    /// A device for guest CID `guest_cid` whose host side listens on `uds_path` (a stale
+    /// socket file there is removed first).
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
+        if !(3..u64::from(u32::MAX)).contains(&guest_cid) {
+            return Err(VsockError::BadCid(guest_cid));
+        }
+        let listen_err = |source| VsockError::Listen {
+            path: uds_path.to_path_buf(),
+            source,
+        };
+        match std::fs::remove_file(uds_path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(listen_err(e)),
+            _ => {}
+        }
+        let listener = UnixListener::bind(uds_path).map_err(listen_err)?;
+        listener.set_nonblocking(true).map_err(listen_err)?;
+        Ok(Vsock {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            listener: Arc::new(listener),
+            acked: 0,
+            worker: None,
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The host-side unix socket path.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        device_type::VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_SIZE; 3]
+    }
+
+    fn device_features(&self) -> u64 {
+        COMMON_FEATURES
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.device_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        self.stop_worker();
+        let (vqs, kicks) = prepare_queues(&mem, queues, self.acked, 3)?;
+        let muxer = Muxer::new(
+            mem,
+            interrupt,
+            vqs,
+            self.guest_cid,
+            self.uds_path.clone(),
+            self.listener.clone(),
+        )
+        .ok_or(ActivateError::BadQueue(0))?;
+        self.worker = Some(spawn_worker("virtio-vsock", kicks, muxer)?);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+        self.acked = 0;
+    }
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        self.stop_worker();
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+#[cfg(test)]
+mod tests;
