@@ -193,6 +193,9 @@ fn load_elf<M: GuestMemoryBackend>(
     check_elf_segments(kernel, mem_size)?;
     let result = Elf::load(mem, None, kernel, None).map_err(Error::ElfLoad)?;
     match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(entry) if !in_kernel_ram(entry.0, 1, mem_size) => {
+            Err(Error::InvalidEntry(entry.0))
+        }
         PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
             entry,
             protocol: BootProtocol::Pvh,
@@ -579,7 +582,7 @@ pub(crate) mod tests {
     }
 
     /// A minimal bzImage: one setup sector and `payload` as the protected-mode kernel.
-    fn tiny_bzimage(payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn tiny_bzimage(payload: &[u8]) -> Vec<u8> {
         let mut img = vec![0u8; 2 * 512];
         img[0x1f1] = 1; // setup_sects
         put(&mut img, 0x1fe, &BOOT_FLAG_MAGIC.to_le_bytes());
@@ -732,6 +735,15 @@ pub(crate) mod tests {
         );
         let err = load_kernel(&mem, &mut kernel.file, None, &cfg("", 32 * MIB)).unwrap_err();
         assert!(matches!(err, Error::ElfSegment { .. }), "{err}");
+    }
+
+    #[test]
+    fn pvh_entry_outside_ram_is_rejected() {
+        let mem = guest_mem(32 * MIB);
+        let mut kernel =
+            TempFile::with_bytes("entry", &tiny_elf(0x20_0000, &[0; 16], Some(0x7000)));
+        let err = load_kernel(&mem, &mut kernel.file, None, &cfg("", 32 * MIB)).unwrap_err();
+        assert!(matches!(err, Error::InvalidEntry(0x7000)), "{err}");
     }
 
     #[test]

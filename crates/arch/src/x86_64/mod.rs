@@ -56,6 +56,9 @@ pub enum Error {
         /// Size in memory.
         size: u64,
     },
+    /// The PVH entry point is not in guest RAM above 1 MiB.
+    #[error("the PVH entry point {0:#x} is outside guest RAM at or above 1 MiB")]
+    InvalidEntry(u64),
     /// The ELF headers are malformed.
     #[error("malformed ELF kernel: {0}")]
     ElfMalformed(&'static str),
@@ -152,6 +155,9 @@ pub enum Error {
         /// Comma-separated known names.
         known: String,
     },
+    /// A KVM MSR list could not be built.
+    #[error("cannot build the KVM MSR list: {0}")]
+    MsrList(String),
     /// The CPUID table could not be built.
     #[error("cannot build the CPUID table: {0}")]
     Cpuid(String),
@@ -220,4 +226,128 @@ pub(crate) fn check_vcpu_count(nr_vcpus: u8) -> Result<(), Error> {
         return Err(Error::InvalidVcpuCount(nr_vcpus));
     }
     Ok(())
+}
+
+/// Boots tiny guests on real KVM: checks that the entry state each boot protocol promises holds.
+#[cfg(test)]
+mod boot_smoke_tests {
+    use super::*;
+    use crate::boot::tests::{guest_mem, tiny_bzimage, tiny_elf, TempFile};
+    use crate::layout::{CMDLINE_ADDR, DEBUG_EXIT_PORT, START_INFO_ADDR};
+    use crate::regs::tests::kvm_vm;
+    use kvm_bindings::kvm_userspace_memory_region;
+    use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+
+    fn map_memory(vm: &VmFd, mem: &GuestMemoryMmap) {
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region.get_host_address(MemoryRegionAddress(0)).unwrap();
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the mapping is valid for `region.len()` bytes and `mem` outlives the VM
+            // (callers declare it first, so it is dropped after the VM).
+            unsafe { vm.set_user_memory_region(r).unwrap() };
+        }
+    }
+
+    /// Runs the vCPU until it has written `count` dwords to the debug port.
+    fn debug_port_writes(vcpu: &mut VcpuFd, count: usize) -> Vec<u32> {
+        let mut values = Vec::new();
+        for _ in 0..1000 {
+            if values.len() == count {
+                return values;
+            }
+            match vcpu.run().unwrap() {
+                VcpuExit::IoOut(DEBUG_EXIT_PORT, data) => {
+                    let mut v = [0u8; 4];
+                    v[..data.len().min(4)].copy_from_slice(&data[..data.len().min(4)]);
+                    values.push(u32::from_le_bytes(v));
+                }
+                other => panic!("unexpected exit {other:?}"),
+            }
+        }
+        panic!("guest did not write {count} values: {values:x?}");
+    }
+
+    fn boot_config(cmdline: &str) -> BootConfig<'_> {
+        BootConfig {
+            cmdline,
+            nr_vcpus: 1,
+            mem_size: 64 << 20,
+            pci: PciInfo::default(),
+        }
+    }
+
+    #[test]
+    fn pvh_entry_state_on_kvm() {
+        let mem = guest_mem(64 << 20);
+        let Some((kvm, vm, mut vcpus)) = kvm_vm(1) else {
+            return;
+        };
+        map_memory(&vm, &mem);
+        #[rustfmt::skip]
+        let code = [
+            0x66, 0xba, 0xf4, 0x00, // mov dx, 0xf4
+            0x89, 0xd8,             // mov eax, ebx
+            0xef,                   // out dx, eax
+            0x8b, 0x03,             // mov eax, [ebx]       (start_info magic)
+            0xef,                   // out dx, eax
+            0x8b, 0x43, 0x18,       // mov eax, [ebx + 24]  (cmdline_paddr)
+            0xef,                   // out dx, eax
+            0x0f, 0x20, 0xc0,       // mov eax, cr0
+            0xef,                   // out dx, eax
+            0xeb, 0xfe,             // jmp $
+        ];
+        let mut kernel =
+            TempFile::with_bytes("smoke-pvh", &tiny_elf(0x20_0000, &code, Some(0x20_0000)));
+        let boot = load_kernel(&mem, &mut kernel.file, None, &boot_config("hi")).unwrap();
+        assert_eq!(boot.protocol, BootProtocol::Pvh);
+        setup_cpuid(&kvm, &vcpus[0], 0, 1, &[]).unwrap();
+        setup_vcpu(&vcpus[0], 0, &boot, &mem).unwrap();
+        let values = debug_port_writes(&mut vcpus[0], 4);
+        assert_eq!(values[0], START_INFO_ADDR as u32, "EBX");
+        assert_eq!(values[1], 0x336e_c578, "hvm_start_info magic");
+        assert_eq!(values[2], CMDLINE_ADDR as u32);
+        assert_eq!(values[3] & 0x8000_0001, 1, "CR0: PE on, PG off");
+    }
+
+    #[test]
+    fn linux64_entry_state_on_kvm() {
+        let mem = guest_mem(64 << 20);
+        let Some((kvm, vm, mut vcpus)) = kvm_vm(1) else {
+            return;
+        };
+        map_memory(&vm, &mem);
+        let mut image = vec![0x90u8; 0x200]; // the 32-bit entry, unused
+        #[rustfmt::skip]
+        image.extend_from_slice(&[
+            0x66, 0xba, 0xf4, 0x00,                   // mov dx, 0xf4
+            0x8b, 0x86, 0x02, 0x02, 0x00, 0x00,       // mov eax, [rsi + 0x202]  ("HdrS")
+            0xef,                                     // out dx, eax
+            0x48, 0x89, 0xf0,                         // mov rax, rsi
+            0xef,                                     // out dx, eax
+            0x8b, 0x04, 0x25, 0x00, 0x00, 0x02, 0x00, // mov eax, [0x20000]      (cmdline)
+            0xef,                                     // out dx, eax
+            0xb9, 0x80, 0x00, 0x00, 0xc0,             // mov ecx, 0xc0000080     (EFER)
+            0x0f, 0x32,                               // rdmsr
+            0x66, 0xba, 0xf4, 0x00,                   // mov dx, 0xf4
+            0xef,                                     // out dx, eax
+            0xeb, 0xfe,                               // jmp $
+        ]);
+        let mut kernel = TempFile::with_bytes("smoke-bz", &tiny_bzimage(&image));
+        let boot = load_kernel(&mem, &mut kernel.file, None, &boot_config("abcd")).unwrap();
+        assert_eq!(boot.protocol, BootProtocol::Linux64);
+        setup_cpuid(&kvm, &vcpus[0], 0, 1, &[]).unwrap();
+        setup_vcpu(&vcpus[0], 0, &boot, &mem).unwrap();
+        let values = debug_port_writes(&mut vcpus[0], 4);
+        assert_eq!(values[0], 0x5372_6448, "zero page header");
+        assert_eq!(values[1], START_INFO_ADDR as u32, "RSI");
+        assert_eq!(&values[2].to_le_bytes(), b"abcd");
+        assert_eq!(values[3] & 0x500, 0x500, "EFER.LME and LMA");
+    }
 }

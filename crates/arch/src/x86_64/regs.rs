@@ -241,8 +241,7 @@ pub fn lvt_delivery_mode(lapic: &kvm_lapic_state, offset: usize) -> u32 {
 
 fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
     let entries = boot_msr_entries();
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|e| Error::Cpuid(format!("MSR list: {e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::MsrList(format!("{e:?}")))?;
     let set = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
     if set < entries.len() {
         let index = entries.get(set).map_or(0, |e| e.index);
