@@ -30,6 +30,8 @@ pub struct Opts {
     pub qemu_machine: Option<Machine>,
     /// Skip QEMU even if installed.
     pub no_qemu: bool,
+    /// Measure QEMU only (pocketvisor not built, or to calibrate).
+    pub no_pocketvisor: bool,
     /// The pocketvisor binary.
     pub bin: Option<PathBuf>,
     /// The probe guest.
@@ -41,7 +43,7 @@ pub struct Opts {
 }
 
 const USAGE: &str = "\
-usage: bench [--runs N] [--json] [--qemu-machine auto|microvm|pc] [--no-qemu]
+usage: bench [--runs N] [--json] [--qemu-machine auto|microvm|pc] [--no-qemu] [--no-pocketvisor]
              [--bin PATH] [--probe PATH] [--pio-iters N] [--blk-mb N]
 
 Compares pocketvisor with qemu-system-x86_64 on guest/out/probe.elf.
@@ -54,6 +56,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
         json: false,
         qemu_machine: None,
         no_qemu: false,
+        no_pocketvisor: false,
         bin: None,
         probe: None,
         pio_iters: 20_000,
@@ -69,6 +72,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
             "--runs" => opts.runs = value("--runs")?.parse().context("--runs")?,
             "--json" => opts.json = true,
             "--no-qemu" => opts.no_qemu = true,
+            "--no-pocketvisor" => opts.no_pocketvisor = true,
             "--qemu-machine" => {
                 opts.qemu_machine = match value("--qemu-machine")?.as_str() {
                     "auto" => None,
@@ -89,6 +93,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
             }
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if opts.no_qemu && opts.no_pocketvisor {
+        bail!("--no-qemu and --no-pocketvisor leave nothing to measure");
     }
     if opts.runs == 0 {
         bail!("--runs must be at least 1");

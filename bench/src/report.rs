@@ -17,16 +17,43 @@ fn cell(v: Option<f64>) -> String {
 pub fn table(r: &Results) -> String {
     let mut s = String::new();
     let qemu = match &r.qemu {
-        Some(q) => format!("{} -M {} ({})", q.version, q.machine, q.why),
+        Some(q) => {
+            let checks: Vec<String> = q
+                .machines
+                .iter()
+                .map(|m| {
+                    let mut c = format!(
+                        "-M {}: boots={} pci={} acpi-poweroff={}",
+                        m.machine, m.boots, m.pci, m.poweroff
+                    );
+                    if !m.detail.is_empty() {
+                        c.push_str(&format!(" ({})", m.detail));
+                    }
+                    c
+                })
+                .collect();
+            format!(
+                "{}\n             {}",
+                q.version,
+                checks.join("\n             ")
+            )
+        }
         None => format!(
             "not measured: {}",
             r.no_qemu_reason.as_deref().unwrap_or("unknown reason")
         ),
     };
-    let _ = writeln!(s, "pocketvisor: {}", r.pocketvisor_bin.display());
+    if r.metrics
+        .iter()
+        .all(|m| m.samples_pocketvisor.is_empty() && m.errors.is_empty())
+    {
+        let _ = writeln!(s, "pocketvisor: not measured");
+    } else {
+        let _ = writeln!(s, "pocketvisor: {}", r.pocketvisor_bin.display());
+    }
     let _ = writeln!(s, "qemu:        {qemu}");
     let _ = writeln!(s);
-    let header = ["metric", "pocketvisor", "qemu", "ratio (pv/qemu)"];
+    let header = ["metric", "pocketvisor", "qemu (-M)", "ratio (pv/qemu)"];
     let rows: Vec<[String; 4]> = r
         .metrics
         .iter()
@@ -39,7 +66,10 @@ pub fn table(r: &Results) -> String {
             [
                 format!("{} ({}, {better})", m.name, m.unit),
                 cell(m.pocketvisor),
-                cell(m.qemu),
+                match (m.qemu, m.qemu_machine) {
+                    (Some(_), Some(machine)) => format!("{} ({machine})", cell(m.qemu)),
+                    _ => cell(m.qemu),
+                },
                 m.ratio
                     .map(|x| format!("{x:.2}"))
                     .unwrap_or_else(|| "-".into()),

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use e2e::qemu::{Machine, QemuCommand};
 use e2e::{RunningVm, VmCommand};
+use serde::Serialize;
 
 use crate::Opts;
 
@@ -15,8 +16,34 @@ use crate::Opts;
 pub enum Vmm {
     /// Ours.
     Pocketvisor,
-    /// qemu-system-x86_64 with KVM.
-    Qemu,
+    /// qemu-system-x86_64 with KVM on this machine type.
+    Qemu(Machine),
+}
+
+/// What a measurement needs from a QEMU machine type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    /// The probe must enumerate virtio-pci devices (it uses ports 0xCF8/0xCFC).
+    pub pci: bool,
+    /// The probe's ACPI power-off (PM1a_CNT at 0x604) must end QEMU.
+    pub poweroff: bool,
+}
+
+/// What the probe could do on one QEMU machine type.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineCheck {
+    /// `-M` name.
+    pub machine: String,
+    /// The probe booted and printed `PROBE done ok`.
+    pub boots: bool,
+    /// PCI enumeration passed.
+    pub pci: bool,
+    /// QEMU exited 0 through ACPI power-off (else the probe fell back to debug-exit).
+    pub poweroff: bool,
+    /// What went wrong, if anything.
+    pub detail: String,
+    #[serde(skip)]
+    kind: Option<Machine>,
 }
 
 /// What the guest gets.
@@ -26,7 +53,7 @@ pub struct GuestSpec {
     pub cmdline: String,
     /// RAM in MiB.
     pub memory_mib: u64,
-    /// One virtio-blk disk.
+    /// One read-only virtio-blk disk.
     pub disk: Option<PathBuf>,
 }
 
@@ -41,19 +68,15 @@ impl GuestSpec {
     }
 }
 
-/// The chosen QEMU.
-#[derive(Debug, Clone, serde::Serialize)]
+/// The QEMU found.
+#[derive(Debug, Clone, Serialize)]
 pub struct QemuInfo {
     /// Binary path.
     pub bin: PathBuf,
     /// `qemu-system-x86_64 --version`, first line.
     pub version: String,
-    /// Machine type used.
-    pub machine: String,
-    /// Why this machine (and not another) was picked.
-    pub why: String,
-    #[serde(skip)]
-    machine_kind: Option<Machine>,
+    /// What the probe could do on each machine type tried.
+    pub machines: Vec<MachineCheck>,
 }
 
 /// Everything the measurements need, resolved once.
@@ -61,9 +84,11 @@ pub struct QemuInfo {
 pub struct Setup {
     /// pocketvisor binary.
     pub bin: PathBuf,
+    /// Whether to measure pocketvisor at all.
+    pub pocketvisor: bool,
     /// Probe guest ELF.
     pub probe: PathBuf,
-    /// QEMU, when installed and able to run the probe.
+    /// QEMU, when installed.
     pub qemu: Option<QemuInfo>,
     /// Why QEMU is absent, when it is.
     pub no_qemu_reason: Option<String>,
@@ -72,7 +97,7 @@ pub struct Setup {
 }
 
 impl Setup {
-    /// Finds the binaries, builds pocketvisor if needed and picks a QEMU machine.
+    /// Finds the binaries, builds pocketvisor if needed and checks QEMU's machine types.
     pub fn new(opts: &Opts) -> Result<Setup> {
         let root = e2e::workspace_root();
         let bin = match opts
@@ -83,25 +108,13 @@ impl Setup {
             Some(b) => b,
             None => {
                 let b = e2e::paths::target_dir().join("release/pocketvisor");
-                if !b.exists() {
-                    eprintln!(
-                        "bench: building {} (cargo build --release -p pocketvisor)",
-                        b.display()
-                    );
-                    let status =
-                        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-                            .args(["build", "--release", "-p", "pocketvisor"])
-                            .current_dir(&root)
-                            .status()
-                            .context("run cargo")?;
-                    if !status.success() {
-                        bail!("cargo build --release -p pocketvisor failed");
-                    }
+                if !b.exists() && !opts.no_pocketvisor {
+                    build_release(&root, &b)?;
                 }
                 b
             }
         };
-        if !bin.exists() {
+        if !bin.exists() && !opts.no_pocketvisor {
             bail!("{} does not exist", bin.display());
         }
         let probe = opts
@@ -119,6 +132,7 @@ impl Setup {
             .with_context(|| format!("create {}", workdir.display()))?;
         let mut setup = Setup {
             bin,
+            pocketvisor: !opts.no_pocketvisor,
             probe,
             qemu: None,
             no_qemu_reason: None,
@@ -126,100 +140,108 @@ impl Setup {
         };
         if opts.no_qemu {
             setup.no_qemu_reason = Some("--no-qemu given".into());
+            return Ok(setup);
+        }
+        let Some(qbin) = QemuCommand::find_binary() else {
+            setup.no_qemu_reason = Some(
+                "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)".into(),
+            );
+            return Ok(setup);
+        };
+        let version = Command::new(&qbin)
+            .arg("--version")
+            .output()
+            .map(|o| {
+                let text = String::from_utf8_lossy(&o.stdout);
+                text.lines().next().unwrap_or("").to_string()
+            })
+            .unwrap_or_default();
+        let candidates = match opts.qemu_machine {
+            Some(m) => vec![m],
+            None => vec![Machine::Microvm, Machine::Pc],
+        };
+        let machines = candidates
+            .into_iter()
+            .map(|m| setup.check_machine(&qbin, m))
+            .collect::<Vec<_>>();
+        if machines.iter().any(|m| m.boots) {
+            setup.qemu = Some(QemuInfo {
+                bin: qbin,
+                version,
+                machines,
+            });
         } else {
-            match QemuCommand::find_binary() {
-                None => {
-                    setup.no_qemu_reason = Some(
-                        "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)"
-                            .into(),
-                    )
-                }
-                Some(qbin) => match setup.pick_machine(&qbin, opts.qemu_machine) {
-                    Ok(info) => setup.qemu = Some(info),
-                    Err(e) => setup.no_qemu_reason = Some(format!("{e:#}")),
-                },
-            }
+            let why: Vec<String> = machines
+                .iter()
+                .map(|m| format!("{}: {}", m.machine, m.detail))
+                .collect();
+            setup.no_qemu_reason = Some(format!(
+                "QEMU cannot run the probe guest ({})",
+                why.join("; ")
+            ));
         }
         Ok(setup)
     }
 
-    /// The first machine (microvm, then pc) on which the probe enumerates PCI and powers off
-    /// through ACPI; or the one the user named.
-    fn pick_machine(&mut self, qbin: &Path, wanted: Option<Machine>) -> Result<QemuInfo> {
-        let version = Command::new(qbin)
-            .arg("--version")
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_string()
-            })
-            .unwrap_or_default();
-        let mut info = QemuInfo {
-            bin: qbin.to_path_buf(),
-            version,
-            machine: String::new(),
-            why: String::new(),
-            machine_kind: None,
-        };
-        let candidates = match wanted {
-            Some(m) => vec![m],
-            None => vec![Machine::Microvm, Machine::Pc],
-        };
-        let mut rejected = Vec::new();
-        for machine in candidates {
-            info.machine_kind = Some(machine);
-            info.machine = machine.name().to_string();
-            self.qemu = Some(info.clone());
-            let out = self
-                .spawn(
-                    Vmm::Qemu,
-                    &GuestSpec::new("pv.tests=pci"),
-                    Duration::from_secs(30),
-                )
-                .wait();
-            let report = out.probe();
-            if report.done_ok() && out.code() == Some(0) && !out.timed_out {
-                info.why = if rejected.is_empty() {
-                    format!(
-                        "{}: the probe's PCI selftest passes and ACPI power-off works",
-                        machine.name()
-                    )
-                } else {
-                    format!("{} ({})", machine.name(), rejected.join("; "))
-                };
-                return Ok(info);
-            }
-            let reason = if let Some(fail) = report
-                .lines
-                .iter()
-                .find(|l| l.words.get(1).map(String::as_str) == Some("fail"))
-            {
-                format!("{} rejected: {}", machine.name(), fail.raw)
-            } else if report.done_ok() {
-                format!(
-                    "{} rejected: no ACPI power-off at port 0x604 (exit {:?})",
-                    machine.name(),
-                    out.code()
-                )
-            } else {
-                format!(
-                    "{} rejected: selftest did not finish (exit {:?})",
-                    machine.name(),
-                    out.code()
-                )
-            };
-            if wanted.is_some() {
-                // The user asked for this one: use it anyway, say what is off.
-                info.why = reason;
-                return Ok(info);
-            }
-            rejected.push(reason);
+    /// Boots the probe's PCI selftest on `machine` and records what worked.
+    fn check_machine(&self, qbin: &Path, machine: Machine) -> MachineCheck {
+        let spec = GuestSpec::new("pv.tests=pci");
+        let mut q = QemuCommand::new(qbin, machine, &self.probe, &spec.cmdline);
+        q.memory_mib = spec.memory_mib;
+        let out = RunningVm::spawn(q.command(), Duration::from_secs(60)).wait();
+        let report = out.probe();
+        let boots = report.find(&["ready"]).is_some() && !out.timed_out;
+        let pci = report.find(&["pci", "ok"]).is_some();
+        let poweroff = report.done_ok() && out.code() == Some(0);
+        let mut detail = Vec::new();
+        if let Some(fail) = report
+            .lines
+            .iter()
+            .find(|l| l.words.get(1).map(String::as_str) == Some("fail"))
+        {
+            detail.push(fail.raw.clone());
         }
-        self.qemu = None;
-        bail!("QEMU cannot run the probe guest: {}", rejected.join("; "))
+        if report.done_ok() && !poweroff {
+            detail.push(format!(
+                "no ACPI power-off at port 0x604 (exit {:?} through debug-exit)",
+                out.code()
+            ));
+        }
+        if !boots {
+            detail.push(format!("did not boot (exit {:?})", out.code()));
+        }
+        MachineCheck {
+            machine: machine.name().to_string(),
+            boots,
+            pci,
+            poweroff,
+            detail: detail.join("; "),
+            kind: Some(machine),
+        }
+    }
+
+    /// The first QEMU machine type (microvm before pc) that has what a measurement needs.
+    pub fn qemu_for(&self, needs: Needs) -> Option<Machine> {
+        self.qemu.as_ref()?.machines.iter().find_map(|m| {
+            let ok = m.boots && (!needs.pci || m.pci) && (!needs.poweroff || m.poweroff);
+            if ok {
+                m.kind
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The VMMs to measure for a metric with `needs`, pocketvisor first.
+    pub fn vmms(&self, needs: Needs) -> Vec<Vmm> {
+        let mut v = Vec::new();
+        if self.pocketvisor {
+            v.push(Vmm::Pocketvisor);
+        }
+        if let Some(m) = self.qemu_for(needs) {
+            v.push(Vmm::Qemu(m));
+        }
+        v
     }
 
     /// Starts `vmm` on the probe with `spec`; killed after `timeout`.
@@ -237,10 +259,13 @@ impl Setup {
                 cmd.timeout = timeout;
                 cmd.spawn()
             }
-            Vmm::Qemu => {
-                let info = self.qemu.as_ref().expect("QEMU runs only when present");
-                let machine = info.machine_kind.unwrap_or(Machine::Pc);
-                let mut q = QemuCommand::new(&info.bin, machine, &self.probe, &spec.cmdline);
+            Vmm::Qemu(machine) => {
+                let bin = self
+                    .qemu
+                    .as_ref()
+                    .map(|q| q.bin.clone())
+                    .unwrap_or_default();
+                let mut q = QemuCommand::new(&bin, machine, &self.probe, &spec.cmdline);
                 q.memory_mib = spec.memory_mib;
                 if let Some(disk) = &spec.disk {
                     q.disks.push((disk.clone(), true));
@@ -249,13 +274,21 @@ impl Setup {
             }
         }
     }
+}
 
-    /// The VMMs to measure, pocketvisor first.
-    pub fn vmms(&self) -> Vec<Vmm> {
-        let mut v = vec![Vmm::Pocketvisor];
-        if self.qemu.is_some() {
-            v.push(Vmm::Qemu);
-        }
-        v
+fn build_release(root: &Path, bin: &Path) -> Result<()> {
+    eprintln!(
+        "bench: building {} (cargo build --release -p pocketvisor)",
+        bin.display()
+    );
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "pocketvisor"])
+        .current_dir(root)
+        .status()
+        .context("run cargo")?;
+    if !status.success() {
+        bail!("cargo build --release -p pocketvisor failed");
     }
+    Ok(())
 }

@@ -83,7 +83,9 @@ impl QemuCommand {
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&["-M", self.machine.arg()]);
         if self.kvm {
-            push(&["-accel", "kvm", "-cpu", "host"]);
+            // kvm_pvm refuses MSR 0x10a (IA32_ARCH_CAPABILITIES), which `-cpu host` sets and
+            // then aborts on; the probe has no use for it, so leave it out everywhere.
+            push(&["-accel", "kvm", "-cpu", "host,-arch-capabilities"]);
         } else {
             push(&["-accel", "tcg"]);
         }
