@@ -770,3 +770,62 @@ fn pci_cfg_capability_accesses_bar0() {
     h.cfg_write32(data_reg, 0);
     assert_eq!(h.status(), 3);
 }
+
+#[test]
+fn garbage_through_the_root_keeps_ioeventfds_consistent() {
+    let (device, _rec) = fake(device_type::NET, &[64, 64, 16], false);
+    let hooks = Arc::new(FakeHooks::default());
+    let dev = VirtioPciDevice::new(device, mem(), hooks.clone()).unwrap();
+    let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x10_0000)));
+    lock(&root).add_device(Arc::new(Mutex::new(dev))).unwrap();
+    let mut ecam = crate::pci::PciConfigMmio::new(root.clone());
+    let mut win = PciMmioWindow::new(root.clone());
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..30_000 {
+        let r = next();
+        let len = [1usize, 2, 4, 8][(r % 4) as usize];
+        let val = next().to_le_bytes();
+        let off = next();
+        let mut buf = [0u8; 8];
+        match (r >> 8) % 6 {
+            // The command register and BARs of slot 1, with plausible values.
+            0 => {
+                let reg = [0x04u64, 0x10, 0x14][(off % 3) as usize];
+                let v: u32 = match off >> 60 {
+                    0..=3 => 0xc000_0000 | ((off >> 8) as u32 & 0xf_c000),
+                    4..=5 => 0xffff_ffff,
+                    6..=11 => (off >> 16) as u32 & 0x7,
+                    _ => 0,
+                };
+                ecam.write(1 << 15 | reg, &v.to_le_bytes());
+            }
+            1 => ecam.write(1 << 15 | (off & 0xfff), &val[..len]),
+            2 => ecam.read(off % 0x10_0000, &mut buf[..len]),
+            3 => win.write(off % 0x10_0000, &val[..len]),
+            4 => win.read(off % 0x10_0000, &mut buf[..len]),
+            _ => {
+                // Bring the device up so notifications and MSI-X have something to do.
+                win.write(off % 0x4000 & !3, &val[..4]);
+            }
+        }
+        // Invariant: ioeventfds are exactly the notify addresses of the decoded BAR.
+        let cmd = lock(&root).config_read(0, 1, 0, 1);
+        let lo = u64::from(lock(&root).config_read(0, 1, 0, 4) & !0xf);
+        let hi = u64::from(lock(&root).config_read(0, 1, 0, 5));
+        let bar = hi << 32 | lo;
+        let decoded =
+            cmd & 2 != 0 && bar >= 0xc000_0000 && bar.saturating_add(BAR0_SIZE) <= 0xc010_0000;
+        let want: Vec<u64> = if decoded {
+            (0..3).map(|q| bar + NOTIFY_OFFSET + 4 * q).collect()
+        } else {
+            Vec::new()
+        };
+        assert_eq!(hooks.ioevent_addrs(), want);
+    }
+}
