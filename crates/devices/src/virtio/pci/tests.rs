@@ -811,7 +811,7 @@ fn garbage_through_the_root_keeps_ioeventfds_consistent() {
             4 => win.read(off % 0x10_0000, &mut buf[..len]),
             _ => {
                 // Bring the device up so notifications and MSI-X have something to do.
-                win.write(off % 0x4000 & !3, &val[..4]);
+                win.write((off % 0x4000) & !3, &val[..4]);
             }
         }
         // Invariant: ioeventfds are exactly the notify addresses of the decoded BAR.
