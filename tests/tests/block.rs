@@ -129,11 +129,24 @@ fn hostile_guest_leaves_vmm_alive_and_disk_unchanged() {
     assert!(!out.timed_out, "{}", out.describe());
     assert!(!out.panicked(), "{}", out.describe());
     let report = out.probe();
+    let sent: Vec<&str> = report
+        .find_all(&["hostile"])
+        .iter()
+        .filter(|l| l.words.get(2).map(String::as_str) == Some("sent"))
+        .filter_map(|l| l.words.get(1).map(String::as_str))
+        .collect();
     assert!(
-        !report.find_all(&["hostile"]).is_empty(),
-        "no hostile cases ran\n{}",
+        sent.len() >= 10,
+        "too few hostile cases ran\n{}",
         out.describe()
     );
+    for case in &sent {
+        assert!(
+            report.find(&["hostile", case, "survived"]).is_some(),
+            "hostile case {case} has no `survived` line\n{}",
+            out.describe()
+        );
+    }
     let done = report.expect(&["hostile", "done", "ok"]);
     assert_eq!(
         done.field("sector0_fnv"),

@@ -59,9 +59,19 @@ fn vsock_host_connect_echoes_through_the_guest() {
     }
     let dir = TempDir::new();
     let socket = dir.join("vsock.sock");
-    let mut vm = VmCommand::probe("pv.tests=vsock pv.vsock.port=1234 pv.vsock.wait=10000")
+    // The part ends 1 s after the last connection closes (or 1 s after listening with none).
+    let mut vm = VmCommand::probe("pv.tests=vsock pv.vsock.port=1234 pv.vsock.wait=1000")
         .vsock(3, &socket)
         .spawn();
+    let listening = vm.wait_for_line(Duration::from_secs(20), |l| {
+        l.starts_with("PROBE vsock listening")
+    });
+    assert!(
+        listening.is_some(),
+        "the guest never listened\nserial:\n{}\nstderr: {}",
+        vm.drain(),
+        vm.stderr_so_far()
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut stream = match connect(&socket, 1234, deadline) {
         Ok(s) => s,
