@@ -14,7 +14,9 @@ fn checksum_ok(addr: u64, len: u64) -> bool {
 }
 
 fn sig_at(addr: u64, sig: &[u8]) -> bool {
-    sig.iter().enumerate().all(|(i, &b)| mmio::read::<u8>(addr + i as u64) == b)
+    sig.iter()
+        .enumerate()
+        .all(|(i, &b)| mmio::read::<u8>(addr + i as u64) == b)
 }
 
 /// Finds the RSDP: `hint` from start_info if valid, else a scan of 0xE0000..0x100000.
@@ -38,7 +40,11 @@ fn table_ok(addr: u64) -> Option<u32> {
 /// Finds an ACPI table by signature through the XSDT (revision >= 2) or RSDT.
 pub fn find_table(rsdp: u64, sig: &[u8; 4]) -> Option<u64> {
     let rev = mmio::read::<u8>(rsdp + 15);
-    let xsdt = if rev >= 2 { mmio::read::<u64>(rsdp + 24) } else { 0 };
+    let xsdt = if rev >= 2 {
+        mmio::read::<u64>(rsdp + 24)
+    } else {
+        0
+    };
     let (root, entry) = if xsdt != 0 {
         (xsdt, 8)
     } else {
@@ -48,7 +54,11 @@ pub fn find_table(rsdp: u64, sig: &[u8; 4]) -> Option<u64> {
     let n = (len - 36) / entry;
     (0..n).find_map(|i| {
         let p = root + 36 + i * entry;
-        let t = if entry == 8 { mmio::read::<u64>(p) } else { mmio::read::<u32>(p) as u64 };
+        let t = if entry == 8 {
+            mmio::read::<u64>(p)
+        } else {
+            mmio::read::<u32>(p) as u64
+        };
         (table_ok(t).is_some() && sig_at(t, sig)).then_some(t)
     })
 }
@@ -66,7 +76,10 @@ pub fn madt_cpus(rsdp_hint: u64) -> Option<Cpus> {
     let rsdp = find_rsdp(rsdp_hint)?;
     let madt = find_table(rsdp, b"APIC")?;
     let len = table_ok(madt)? as u64;
-    let mut cpus = Cpus { ids: [0; MAX_CPUS], count: 0 };
+    let mut cpus = Cpus {
+        ids: [0; MAX_CPUS],
+        count: 0,
+    };
     let mut off = 44;
     while off + 2 <= len {
         let typ = mmio::read::<u8>(madt + off);

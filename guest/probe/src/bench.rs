@@ -33,7 +33,7 @@ pub fn blk(mb: u64) {
     match run(&mut blk, total) {
         Ok(us) => {
             probe!("blk-bench end bytes={total}");
-            let mbps = if us > 0 { total / us } else { 0 };
+            let mbps = total.checked_div(us).unwrap_or(0);
             probe!(
                 "blk-bench info guest_us={us} mb_per_s={mbps} irq={} hits={} polled={}",
                 blk.q.irq_mode(),
@@ -56,8 +56,8 @@ fn run(blk: &mut Blk, total: u64) -> Result<u64, &'static str> {
     let t0 = rdtsc();
     loop {
         // Fill every free slot.
-        for slot in 0..INFLIGHT {
-            if heads[slot] != u16::MAX || next_off >= total {
+        for (slot, head) in heads.iter_mut().enumerate() {
+            if *head != u16::MAX || next_off >= total {
                 continue;
             }
             let len = (total - next_off).min(REQ);
@@ -67,11 +67,23 @@ fn run(blk: &mut Blk, total: u64) -> Result<u64, &'static str> {
             crate::port::mmio::write::<u64>(h + 8, next_off / 512);
             crate::port::mmio::write::<u8>(h + 16, 0xFF);
             let bufs = [
-                Buf { addr: h, len: 16, write: false },
-                Buf { addr: data + REQ * slot as u64, len: len as u32, write: true },
-                Buf { addr: h + 16, len: 1, write: true },
+                Buf {
+                    addr: h,
+                    len: 16,
+                    write: false,
+                },
+                Buf {
+                    addr: data + REQ * slot as u64,
+                    len: len as u32,
+                    write: true,
+                },
+                Buf {
+                    addr: h + 16,
+                    len: 1,
+                    write: true,
+                },
             ];
-            heads[slot] = blk.q.push(&bufs).ok_or("queue-full")?;
+            *head = blk.q.push(&bufs).ok_or("queue-full")?;
             next_off += len;
             inflight += 1;
         }

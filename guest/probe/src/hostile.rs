@@ -250,13 +250,21 @@ fn pci_cases(blk: &mut Blk) {
     probe!("hostile pci-vendor-write sent");
     let id = pci::read32(b, 0);
     pci::write32(b, 0, 0xDEAD_BEEF);
-    let o = if pci::read32(b, 0) == id { Outcome::Ignored } else { Outcome::Accepted };
+    let o = if pci::read32(b, 0) == id {
+        Outcome::Ignored
+    } else {
+        Outcome::Accepted
+    };
     probe!("hostile pci-vendor-write survived status={}", o.name());
 
     probe!("hostile pci-nodev-write sent");
     let empty = (1..32u8)
         .rev()
-        .map(|dev| Bdf { bus: 0, dev, func: 0 })
+        .map(|dev| Bdf {
+            bus: 0,
+            dev,
+            func: 0,
+        })
         .find(|&n| pci::read32(n, 0) & 0xFFFF == 0xFFFF);
     let o = match empty {
         Some(n) => {
@@ -291,7 +299,11 @@ fn pci_cases(blk: &mut Blk) {
     if !restored {
         return fail("hostile", format_args!("pci-bar-garbage restore"));
     }
-    let o = if changed { Outcome::Accepted } else { Outcome::Ignored };
+    let o = if changed {
+        Outcome::Accepted
+    } else {
+        Outcome::Ignored
+    };
     survived_pci(blk, "pci-bar-garbage", o);
 }
 

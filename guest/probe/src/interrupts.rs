@@ -128,8 +128,7 @@ extern "C" fn isr_dispatch(f: &Frame) {
 
 /// Fills the IDT and loads it on the BSP.
 pub fn init_idt() {
-    // SAFETY: only the address of the stub table is taken.
-    let base = unsafe { core::ptr::addr_of!(isr_stubs) } as u64;
+    let base = core::ptr::addr_of!(isr_stubs) as u64;
     let idt = IDT.get_mut();
     for v in 0..256u64 {
         let h = base + 16 * v;
@@ -147,7 +146,10 @@ pub fn load_idt() {
         limit: u16,
         base: u64,
     }
-    let p = Ptr { limit: 4095, base: IDT.get() as *const Idt as u64 };
+    let p = Ptr {
+        limit: 4095,
+        base: IDT.get() as *const Idt as u64,
+    };
     // SAFETY: the IDT is static, fully initialised and its stubs are valid code.
     unsafe { asm!("lidt [{}]", in(reg) &p, options(readonly, nostack, preserves_flags)) }
 }

@@ -14,8 +14,7 @@ extern "C" {
 
 /// Starts the arena at the first 2 MiB boundary after the kernel.
 pub fn init() {
-    // SAFETY: only the address of the linker symbol is taken.
-    let end = unsafe { core::ptr::addr_of!(__kernel_end) } as u64;
+    let end = core::ptr::addr_of!(__kernel_end) as u64;
     NEXT.store((end + 0x1F_FFFF) & !0x1F_FFFF, Ordering::SeqCst);
 }
 

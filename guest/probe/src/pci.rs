@@ -81,7 +81,10 @@ pub struct Functions {
 
 /// Enumerates bus 0 (multi-function aware).
 pub fn scan() -> Functions {
-    let mut out = Functions { list: [None; 64], count: 0 };
+    let mut out = Functions {
+        list: [None; 64],
+        count: 0,
+    };
     for dev in 0..32u8 {
         for func in 0..8u8 {
             let bdf = Bdf { bus: 0, dev, func };
@@ -117,7 +120,10 @@ impl Functions {
 
     /// The `nth` function with this vendor/device id.
     pub fn find(&self, vendor: u16, device: u16, nth: usize) -> Option<Function> {
-        self.iter().filter(|f| f.vendor == vendor && f.device == device).nth(nth).copied()
+        self.iter()
+            .filter(|f| f.vendor == vendor && f.device == device)
+            .nth(nth)
+            .copied()
     }
 }
 

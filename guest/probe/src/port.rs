@@ -5,26 +5,34 @@ use core::arch::asm;
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: port I/O has no memory effects visible to Rust; the probe owns the machine.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Writes a 16-bit word to an I/O port.
 pub fn outw(port: u16, v: u16) {
     // SAFETY: as for `outb`.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Writes a 32-bit word to an I/O port.
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as for `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: as for `outb`.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
@@ -32,7 +40,9 @@ pub fn inb(port: u16) -> u8 {
 pub fn inl(port: u16) -> u32 {
     let v: u32;
     // SAFETY: as for `outb`.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
@@ -47,8 +57,7 @@ pub fn rdtsc() -> u64 {
 
 /// Executes `cpuid` for `leaf`/`sub`, returning eax, ebx, ecx, edx.
 pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
-    // SAFETY: cpuid is always available on x86_64 and has no side effects.
-    let r = unsafe { core::arch::x86_64::__cpuid_count(leaf, sub) };
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 

@@ -40,7 +40,11 @@ pub fn init(paddr: u64) {
                 break;
             }
             // Keep the line printable and on one line.
-            b.cmdline[n] = if (0x20..0x7F).contains(&c) && c != b'"' { c } else { b' ' };
+            b.cmdline[n] = if (0x20..0x7F).contains(&c) && c != b'"' {
+                c
+            } else {
+                b' '
+            };
             n += 1;
         }
         b.cmdline_len = n;

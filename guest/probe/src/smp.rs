@@ -122,7 +122,7 @@ fn install_trampoline() {
     // SAFETY: only addresses of the trampoline symbols are taken.
     unsafe {
         mmio::write::<u64>(slot(&ap_tramp_cr3), cr3());
-        mmio::write::<u64>(slot(&ap_tramp_entry), ap_main as usize as u64);
+        mmio::write::<u64>(slot(&ap_tramp_entry), ap_main as *const () as u64);
     }
 }
 

@@ -47,17 +47,27 @@ pub const SCRATCH_DATA: u64 = 64 * 1024;
 impl Blk {
     /// Finds the `nth` block device and initialises it.
     pub fn open(nth: usize) -> Result<Option<Blk>, &'static str> {
-        let Some(f) = super::pci::find(TYPE, nth) else { return Ok(None) };
+        let Some(f) = super::pci::find(TYPE, nth) else {
+            return Ok(None);
+        };
         let dev = VirtioPci::new(&f)?;
         let scratch = mem::alloc(512 + SCRATCH_DATA, 4096);
-        let mut b = Blk { q: Queue::new(0, 1, 0, None), dev, capacity: 0, ro: false, scratch };
+        let mut b = Blk {
+            q: Queue::new(0, 1, 0, None),
+            dev,
+            capacity: 0,
+            ro: false,
+            scratch,
+        };
         b.reinit()?;
         Ok(Some(b))
     }
 
     /// Resets and re-initialises the device (also used after hostile cases).
     pub fn reinit(&mut self) -> Result<(), &'static str> {
-        let feats = self.dev.begin_init(F_RO | F_FLUSH | super::pci::F_INDIRECT_DESC)?;
+        let feats = self
+            .dev
+            .begin_init(F_RO | F_FLUSH | super::pci::F_INDIRECT_DESC)?;
         self.q = self.dev.setup_queue(0, 128)?;
         self.dev.driver_ok();
         self.capacity = self.dev.config::<u64>(0);
@@ -83,11 +93,23 @@ impl Blk {
         crate::port::mmio::write::<u32>(hdr + 4, 0);
         crate::port::mmio::write::<u64>(hdr + 8, sector);
         crate::port::mmio::write::<u8>(hdr + 16, 0xFF);
-        let h = Buf { addr: hdr, len: 16, write: false };
-        let s = Buf { addr: hdr + 16, len: 1, write: true };
+        let h = Buf {
+            addr: hdr,
+            len: 16,
+            write: false,
+        };
+        let s = Buf {
+            addr: hdr + 16,
+            len: 1,
+            write: true,
+        };
         let head = match data {
             Some((addr, len)) => {
-                let d = Buf { addr, len, write: typ != T_OUT };
+                let d = Buf {
+                    addr,
+                    len,
+                    write: typ != T_OUT,
+                };
                 self.q.push(&[h, d, s])
             }
             None => self.q.push(&[h, s]),
@@ -162,7 +184,12 @@ pub fn selftest() {
     if let Err(e) = run(&mut blk) {
         fail("blk", format_args!("{e}"));
     }
-    probe!("blk irq={} hits={} polled={}", blk.q.irq_mode(), blk.q.irq_hits, blk.q.polled);
+    probe!(
+        "blk irq={} hits={} polled={}",
+        blk.q.irq_mode(),
+        blk.q.irq_hits,
+        blk.q.polled
+    );
 }
 
 fn run(blk: &mut Blk) -> Result<(), &'static str> {
@@ -177,7 +204,11 @@ fn run(blk: &mut Blk) -> Result<(), &'static str> {
             if c == 0 {
                 break;
             }
-            id[id_len] = if (0x20..0x7F).contains(&c) && c != b'"' { c } else { b'?' };
+            id[id_len] = if (0x20..0x7F).contains(&c) && c != b'"' {
+                c
+            } else {
+                b'?'
+            };
             id_len += 1;
         }
     }

@@ -21,7 +21,8 @@ const RX_COUNT: u16 = 16;
 
 /// An initialised network device.
 pub struct Net {
-    dev: VirtioPci,
+    /// Kept with its queues for the device's lifetime.
+    _dev: VirtioPci,
     rx: Queue,
     tx: Queue,
     rx_bufs: u64,
@@ -33,15 +34,21 @@ pub struct Net {
 impl Net {
     /// Finds and initialises the first network device, posting the receive buffers.
     pub fn open() -> Result<Option<Net>, &'static str> {
-        let Some(f) = super::pci::find(TYPE, 0) else { return Ok(None) };
+        let Some(f) = super::pci::find(TYPE, 0) else {
+            return Ok(None);
+        };
         let mut dev = VirtioPci::new(&f)?;
         let feats = dev.begin_init(F_MAC)?;
         let mut rx = dev.setup_queue(0, RX_COUNT)?;
         let tx = dev.setup_queue(1, 16)?;
         let rx_bufs = mem::alloc(RX_BUF * rx.size as u64, 4096);
         for i in 0..rx.size as u64 {
-            rx.push(&[Buf { addr: rx_bufs + i * RX_BUF, len: RX_BUF as u32, write: true }])
-                .ok_or("rx-post")?;
+            rx.push(&[Buf {
+                addr: rx_bufs + i * RX_BUF,
+                len: RX_BUF as u32,
+                write: true,
+            }])
+            .ok_or("rx-post")?;
         }
         dev.driver_ok();
         rx.kick();
@@ -51,7 +58,14 @@ impl Net {
                 *m = dev.config::<u8>(i as u64);
             }
         }
-        Ok(Some(Net { dev, rx, tx, rx_bufs, tx_buf: mem::alloc(4096, 4096), mac }))
+        Ok(Some(Net {
+            _dev: dev,
+            rx,
+            tx,
+            rx_bufs,
+            tx_buf: mem::alloc(4096, 4096),
+            mac,
+        }))
     }
 
     /// Sends one Ethernet frame (without virtio header) and waits for completion.
@@ -61,7 +75,13 @@ impl Net {
         let n = frame.len().min(4096 - HDR as usize);
         b[HDR as usize..HDR as usize + n].copy_from_slice(&frame[..n]);
         let len = HDR as u32 + n as u32;
-        self.tx.push(&[Buf { addr: self.tx_buf, len, write: false }]).ok_or("tx-full")?;
+        self.tx
+            .push(&[Buf {
+                addr: self.tx_buf,
+                len,
+                write: false,
+            }])
+            .ok_or("tx-full")?;
         self.tx.kick();
         if self.tx.wait_used(2000) == Wait::Timeout {
             return Err("tx-timeout");
@@ -80,7 +100,8 @@ impl Net {
                 let mut got = None;
                 if len >= HDR + 14 {
                     let f = addr + HDR;
-                    let et = u16::from_be_bytes([mmio::read::<u8>(f + 12), mmio::read::<u8>(f + 13)]);
+                    let et =
+                        u16::from_be_bytes([mmio::read::<u8>(f + 12), mmio::read::<u8>(f + 13)]);
                     if et == ethertype {
                         let plen = ((len - HDR - 14) as usize).min(out.len());
                         out[..plen].copy_from_slice(&mem::bytes(f + 14, plen)[..plen]);
@@ -88,7 +109,11 @@ impl Net {
                     }
                 }
                 // Re-post the buffer.
-                let _ = self.rx.push(&[Buf { addr, len: RX_BUF as u32, write: true }]);
+                let _ = self.rx.push(&[Buf {
+                    addr,
+                    len: RX_BUF as u32,
+                    write: true,
+                }]);
                 self.rx.kick();
                 if got.is_some() {
                     return got;
@@ -111,11 +136,6 @@ impl Net {
             self.rx.irq_mode(),
             self.rx.irq_hits
         );
-    }
-
-    /// Transport (unused fields kept for debugging).
-    pub fn transport(&self) -> &VirtioPci {
-        &self.dev
     }
 }
 
@@ -156,9 +176,16 @@ pub fn selftest() {
 /// bytes (and `"`) become '?'.
 fn printable(b: &[u8]) -> Printable {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len()).min(256);
-    let mut p = Printable { buf: [0; 256], len: end };
+    let mut p = Printable {
+        buf: [0; 256],
+        len: end,
+    };
     for (o, &c) in p.buf.iter_mut().zip(&b[..end]) {
-        *o = if (0x20..0x7F).contains(&c) && c != b'"' { c } else { b'?' };
+        *o = if (0x20..0x7F).contains(&c) && c != b'"' {
+            c
+        } else {
+            b'?'
+        };
     }
     p
 }

@@ -18,8 +18,6 @@ pub mod status {
     pub const FEATURES_OK: u8 = 8;
     /// Device hit an error and needs a reset.
     pub const NEEDS_RESET: u8 = 0x40;
-    /// Driver gave up.
-    pub const FAILED: u8 = 0x80;
 }
 
 /// VIRTIO_F_VERSION_1.
@@ -102,7 +100,9 @@ impl VirtioPci {
             match id {
                 0x09 => {
                     let cfg_type = pcibus::read8(b, cap + 3);
-                    let Some((addr, _len)) = cap_window(b, cap) else { continue };
+                    let Some((addr, _len)) = cap_window(b, cap) else {
+                        continue;
+                    };
                     match cfg_type {
                         1 if d.common == 0 => {
                             d.common = addr;
@@ -306,11 +306,6 @@ impl VirtioPci {
             }
         }
         v
-    }
-
-    /// Whether the device-specific config window exists.
-    pub fn has_device_cfg(&self) -> bool {
-        self.device != 0
     }
 
     /// Number of MSI-X table entries.

@@ -104,11 +104,6 @@ impl Queue {
         self.used
     }
 
-    /// Free descriptors.
-    pub fn num_free(&self) -> u16 {
-        self.num_free
-    }
-
     /// Writes descriptor `i` raw (hostile tests and chain building).
     pub fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let d = self.desc + 16 * (i % self.size) as u64;

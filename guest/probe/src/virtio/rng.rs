@@ -20,9 +20,15 @@ pub struct Rng {
 impl Rng {
     /// Finds and initialises the first entropy device.
     pub fn open() -> Result<Option<Rng>, &'static str> {
-        let Some(f) = super::pci::find(TYPE, 0) else { return Ok(None) };
+        let Some(f) = super::pci::find(TYPE, 0) else {
+            return Ok(None);
+        };
         let dev = VirtioPci::new(&f)?;
-        let mut r = Rng { dev, q: Queue::new(0, 1, 0, None), buf: mem::alloc(4096, 4096) };
+        let mut r = Rng {
+            dev,
+            q: Queue::new(0, 1, 0, None),
+            buf: mem::alloc(4096, 4096),
+        };
         r.reinit()?;
         Ok(Some(r))
     }
@@ -45,7 +51,13 @@ impl Rng {
                 return Err("short-reads");
             }
             let want = (out.len() - got).min(4096) as u32;
-            self.q.push(&[Buf { addr: self.buf, len: want, write: true }]).ok_or("queue-full")?;
+            self.q
+                .push(&[Buf {
+                    addr: self.buf,
+                    len: want,
+                    write: true,
+                }])
+                .ok_or("queue-full")?;
             self.q.kick();
             if self.q.wait_used(3000) == Wait::Timeout {
                 return Err("timeout");
@@ -79,5 +91,10 @@ pub fn selftest() {
         hex[2 * i + 1] = b"0123456789abcdef"[(x & 15) as usize];
     }
     probe!("rng ok bytes={}", core::str::from_utf8(&hex).unwrap_or(""));
-    probe!("rng irq={} hits={} polled={}", rng.q.irq_mode(), rng.q.irq_hits, rng.q.polled);
+    probe!(
+        "rng irq={} hits={} polled={}",
+        rng.q.irq_mode(),
+        rng.q.irq_hits,
+        rng.q.polled
+    );
 }

@@ -96,7 +96,8 @@ struct Conn {
 
 impl Conn {
     fn peer_credit(&self) -> u32 {
-        self.peer_buf_alloc.saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
+        self.peer_buf_alloc
+            .saturating_sub(self.tx_cnt.wrapping_sub(self.peer_fwd_cnt))
     }
 }
 
@@ -125,7 +126,9 @@ pub struct Vsock {
 impl Vsock {
     /// Finds and initialises the first vsock device.
     pub fn open() -> Result<Option<Vsock>, &'static str> {
-        let Some(f) = super::pci::find(TYPE, 0) else { return Ok(None) };
+        let Some(f) = super::pci::find(TYPE, 0) else {
+            return Ok(None);
+        };
         let mut dev = VirtioPci::new(&f)?;
         dev.begin_init(0)?;
         let rx = dev.setup_queue(0, 64)?;
@@ -156,7 +159,12 @@ impl Vsock {
             v.post_rx(slot)?;
         }
         for i in 0..v.ev.size.min(8) as u64 {
-            v.ev.push(&[Buf { addr: v.ev_buf + 16 * i, len: 8, write: true }]).ok_or("ev-post")?;
+            v.ev.push(&[Buf {
+                addr: v.ev_buf + 16 * i,
+                len: 8,
+                write: true,
+            }])
+            .ok_or("ev-post")?;
         }
         v.dev.driver_ok();
         v.rx.kick();
@@ -169,8 +177,16 @@ impl Vsock {
         let head = self
             .rx
             .push(&[
-                Buf { addr: a, len: HDR_LEN, write: true },
-                Buf { addr: a + 4096, len: RX_DATA, write: true },
+                Buf {
+                    addr: a,
+                    len: HDR_LEN,
+                    write: true,
+                },
+                Buf {
+                    addr: a + 4096,
+                    len: RX_DATA,
+                    write: true,
+                },
             ])
             .ok_or("rx-post")?;
         if let Some(s) = self.rx_slot_of_head.get_mut(head as usize) {
@@ -182,11 +198,23 @@ impl Vsock {
     /// Sends one packet (header fields from `h`, payload `data` at a probe address).
     fn send(&mut self, h: &Hdr, data: Option<(u64, u32)>) -> Result<(), &'static str> {
         h.write(self.tx_buf);
-        let hb = Buf { addr: self.tx_buf, len: HDR_LEN, write: false };
+        let hb = Buf {
+            addr: self.tx_buf,
+            len: HDR_LEN,
+            write: false,
+        };
         match data {
-            Some((addr, len)) if len > 0 => {
-                self.tx.push(&[hb, Buf { addr, len, write: false }]).ok_or("tx-full")?
-            }
+            Some((addr, len)) if len > 0 => self
+                .tx
+                .push(&[
+                    hb,
+                    Buf {
+                        addr,
+                        len,
+                        write: false,
+                    },
+                ])
+                .ok_or("tx-full")?,
             _ => self.tx.push(&[hb]).ok_or("tx-full")?,
         };
         self.tx.kick();
@@ -242,7 +270,11 @@ impl Vsock {
     /// Handles one received packet.
     fn handle(&mut self, h: &Hdr, data: u64, port: u32) -> Result<(), &'static str> {
         if h.typ != TYPE_STREAM || h.dst_cid != self.cid {
-            return if h.op != OP_RST { self.reply(h, OP_RST, 0, 0) } else { Ok(()) };
+            return if h.op != OP_RST {
+                self.reply(h, OP_RST, 0, 0)
+            } else {
+                Ok(())
+            };
         }
         let idx = self.find(h);
         if let Some(c) = idx.and_then(|i| self.conns[i].as_mut()) {
@@ -276,7 +308,9 @@ impl Vsock {
                 }
             }
             (OP_RW, Some(i)) => {
-                let Some(c) = self.conns[i].as_mut() else { return Ok(()) };
+                let Some(c) = self.conns[i].as_mut() else {
+                    return Ok(());
+                };
                 let n = h.len.min(RX_DATA);
                 if c.len + n > BUF_ALLOC {
                     // The peer ignored our credit: drop the connection.
@@ -317,8 +351,7 @@ impl Vsock {
     /// closes connections whose peer shut down once their backlog is empty.
     fn flush(&mut self) -> Result<(), &'static str> {
         for i in 0..MAX_CONNS {
-            loop {
-                let Some(c) = self.conns[i].as_ref() else { break };
+            while let Some(c) = self.conns[i].as_ref() {
                 let contiguous = (BUF_ALLOC - c.head).min(c.len);
                 let n = contiguous.min(c.peer_credit()).min(4096);
                 if n == 0 {
@@ -348,7 +381,10 @@ impl Vsock {
             }
             let now = time::now_ms();
             let done = self.conns[i].as_ref().map(|c| {
-                (c.peer_done && c.len == 0, now.saturating_sub(c.last_activity) > CONN_IDLE_MS)
+                (
+                    c.peer_done && c.len == 0,
+                    now.saturating_sub(c.last_activity) > CONN_IDLE_MS,
+                )
             });
             match done {
                 Some((true, _)) | Some((_, true)) => self.close(i, true)?,
@@ -363,7 +399,11 @@ impl Vsock {
         self.last_event = time::now_ms();
         loop {
             while let Some((head, used_len)) = self.rx.pop_used() {
-                let slot = self.rx_slot_of_head.get(head as usize).copied().unwrap_or(0);
+                let slot = self
+                    .rx_slot_of_head
+                    .get(head as usize)
+                    .copied()
+                    .unwrap_or(0);
                 let a = self.rx_base + slot as u64 * RX_SLOT;
                 if used_len >= HDR_LEN {
                     let mut h = Hdr::read(a);
@@ -382,7 +422,11 @@ impl Vsock {
                     }
                 }
                 let addr = self.ev_buf + 16 * (head as u64 % 8);
-                let _ = self.ev.push(&[Buf { addr, len: 8, write: true }]);
+                let _ = self.ev.push(&[Buf {
+                    addr,
+                    len: 8,
+                    write: true,
+                }]);
                 self.ev.kick();
             }
             self.flush()?;
@@ -404,11 +448,6 @@ impl Vsock {
             self.tx.irq_mode()
         );
     }
-
-    /// The transport.
-    pub fn transport(&self) -> &VirtioPci {
-        &self.dev
-    }
 }
 
 /// The `vsock` selftest part.
@@ -422,7 +461,12 @@ pub fn selftest() {
     let wait = pvh::info().arg_u64("pv.vsock.wait", 5000);
     probe!("vsock listening cid={} port={}", v.cid, port);
     match v.serve(port, wait) {
-        Ok(()) => probe!("vsock ok cid={} conns={} bytes={}", v.cid, v.finished, v.echoed),
+        Ok(()) => probe!(
+            "vsock ok cid={} conns={} bytes={}",
+            v.cid,
+            v.finished,
+            v.echoed
+        ),
         Err(e) => fail("vsock", format_args!("{e}")),
     }
     v.irq_report();
