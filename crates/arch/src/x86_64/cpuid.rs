@@ -35,6 +35,16 @@ struct Feature {
 
 use Reg::{Eax, Ebx, Ecx, Edx};
 
+/// A feature with no XSAVE state and no implied features.
+const fn simple(name: &'static str, bits: &'static [Bit]) -> Feature {
+    Feature {
+        name,
+        bits,
+        xcr0: 0,
+        implies: &[],
+    }
+}
+
 const FEATURES: &[Feature] = &[
     Feature {
         name: "xsave",
@@ -107,72 +117,17 @@ const FEATURES: &[Feature] = &[
         xcr0: 0b111 << 5,
         implies: &[],
     },
-    Feature {
-        name: "pcid",
-        bits: &[Bit(1, 0, Ecx, 17)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "cx16",
-        bits: &[Bit(1, 0, Ecx, 13)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "x2apic",
-        bits: &[Bit(1, 0, Ecx, 21)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "rdrand",
-        bits: &[Bit(1, 0, Ecx, 30)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "rdseed",
-        bits: &[Bit(7, 0, Ebx, 18)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "tsc-deadline",
-        bits: &[Bit(1, 0, Ecx, 24)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "pdpe1gb",
-        bits: &[Bit(0x8000_0001, 0, Edx, 26)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "fsgsbase",
-        bits: &[Bit(7, 0, Ebx, 0)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "smep",
-        bits: &[Bit(7, 0, Ebx, 7)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "smap",
-        bits: &[Bit(7, 0, Ebx, 20)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "umip",
-        bits: &[Bit(7, 0, Ecx, 2)],
-        xcr0: 0,
-        implies: &[],
-    },
+    simple("pcid", &[Bit(1, 0, Ecx, 17)]),
+    simple("cx16", &[Bit(1, 0, Ecx, 13)]),
+    simple("x2apic", &[Bit(1, 0, Ecx, 21)]),
+    simple("rdrand", &[Bit(1, 0, Ecx, 30)]),
+    simple("rdseed", &[Bit(7, 0, Ebx, 18)]),
+    simple("tsc-deadline", &[Bit(1, 0, Ecx, 24)]),
+    simple("pdpe1gb", &[Bit(0x8000_0001, 0, Edx, 26)]),
+    simple("fsgsbase", &[Bit(7, 0, Ebx, 0)]),
+    simple("smep", &[Bit(7, 0, Ebx, 7)]),
+    simple("smap", &[Bit(7, 0, Ebx, 20)]),
+    simple("umip", &[Bit(7, 0, Ecx, 2)]),
     Feature {
         name: "pku",
         // PKU, OSPKE
@@ -180,42 +135,12 @@ const FEATURES: &[Feature] = &[
         xcr0: 1 << 9,
         implies: &[],
     },
-    Feature {
-        name: "la57",
-        bits: &[Bit(7, 0, Ecx, 16)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "invpcid",
-        bits: &[Bit(7, 0, Ebx, 10)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "hle",
-        bits: &[Bit(7, 0, Ebx, 4)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "rtm",
-        bits: &[Bit(7, 0, Ebx, 11)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "rdtscp",
-        bits: &[Bit(0x8000_0001, 0, Edx, 27)],
-        xcr0: 0,
-        implies: &[],
-    },
-    Feature {
-        name: "rdpid",
-        bits: &[Bit(7, 0, Ecx, 22)],
-        xcr0: 0,
-        implies: &[],
-    },
+    simple("la57", &[Bit(7, 0, Ecx, 16)]),
+    simple("invpcid", &[Bit(7, 0, Ebx, 10)]),
+    simple("hle", &[Bit(7, 0, Ebx, 4)]),
+    simple("rtm", &[Bit(7, 0, Ebx, 11)]),
+    simple("rdtscp", &[Bit(0x8000_0001, 0, Edx, 27)]),
+    simple("rdpid", &[Bit(7, 0, Ecx, 22)]),
 ];
 
 const FEATURE_NAMES: &[&str] = &[
@@ -440,7 +365,9 @@ pub fn build_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, cfg: &CpuidConfig) {
     for e in entries.iter_mut() {
         match e.function {
             1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (((1u32 << core_bits) & 0xff) << 16);
+                // Addressable logical processor ids in the package (8 bits).
+                let ids = (1u32 << core_bits).min(0xff);
+                e.ebx = (e.ebx & 0x0000_ffff) | (id << 24) | (ids << 16);
                 e.ecx |= LEAF1_ECX_HYPERVISOR;
                 e.ecx &= !LEAF1_ECX_OSXSAVE;
                 if cfg.tsc_deadline {
@@ -458,7 +385,8 @@ pub fn build_cpuid(entries: &mut Vec<kvm_cpuid_entry2>, cfg: &CpuidConfig) {
             4 if e.eax & 0x1f != 0 => {
                 let level = (e.eax >> 5) & 0x7;
                 let sharing = if level >= 3 { nr } else { 1 };
-                e.eax = (e.eax & 0x3fff) | (((nr - 1) & 0x3f) << 26) | ((sharing - 1) << 14);
+                let cores = (nr - 1).min(0x3f);
+                e.eax = (e.eax & 0x3fff) | (cores << 26) | ((sharing - 1) << 14);
             }
             // AMD cache topology: threads sharing each cache.
             0x8000_001d if e.eax & 0x1f != 0 => {
@@ -714,6 +642,18 @@ mod tests {
         assert_eq!(&sig, b"KVMKVMKVM\0\0\0");
         assert!(hv.eax >= 0x4000_0001);
         assert!(e.iter().any(|x| x.function == 0x4000_0001));
+    }
+
+    #[test]
+    fn many_vcpus_saturate_narrow_fields() {
+        let e = build(253, 254, &[], true);
+        let leaf1 = find(&e, 1, 0);
+        assert_eq!(leaf1.ebx >> 24, 253);
+        assert_eq!((leaf1.ebx >> 16) & 0xff, 0xff);
+        assert_eq!(find(&e, 4, 0).eax >> 26, 0x3f);
+        assert_eq!((find(&e, 4, 2).eax >> 14) & 0xfff, 253);
+        assert_eq!(find(&e, 0xb, 1).eax, 8);
+        assert_eq!(find(&e, 0xb, 1).ebx, 254);
     }
 
     #[test]
