@@ -14,6 +14,8 @@
 //! Only x86_64 exists today; the API avoids x86 specifics where it can so other architectures
 //! can follow.
 
+#![warn(missing_docs)]
+
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
