@@ -1,0 +1,52 @@
+# pocketvisor: build, demo, test and benchmark entry points.
+#
+#   make demo    build everything and boot a guest (the probe; Linux too where hardware KVM exists)
+#   make test    build the VMM and the probe guest, then run every test
+#   make bench   pocketvisor vs QEMU on the probe guest
+#   make linux   build the Linux guest assets from Debian packages (guest/out/linux)
+#   make lint    rustfmt --check and clippy -D warnings over the workspace
+
+CARGO ?= cargo
+PROBE := guest/out/probe.elf
+PV := target/debug/pocketvisor
+DEMO_DISK := guest/out/demo.img
+LINUX := guest/out/linux
+
+.PHONY: all build probe demo test bench linux lint
+
+all: build
+
+probe:
+	guest/build-probe.sh
+
+build: probe
+	$(CARGO) build -p pocketvisor
+
+$(DEMO_DISK):
+	mkdir -p guest/out
+	truncate -s 8M $@
+
+demo: build $(DEMO_DISK)
+	$(PV) doctor
+	$(PV) run --kernel $(PROBE) --memory 256M --vcpus 2 --disk $(DEMO_DISK) --rng \
+		--cmdline "pv.tests=pci,smp,blk,rng pv.blk.write=8"
+	@if $(PV) doctor --json | grep -q '"linux": true'; then \
+		guest/build-linux.sh && \
+		$(PV) run --kernel $(LINUX)/vmlinux --initrd $(LINUX)/initramfs.cpio.gz \
+			--memory 512M --vcpus 2 --disk $(DEMO_DISK) --rng --cmdline "console=ttyS0 quiet"; \
+	else \
+		echo "demo: Linux guest skipped: this host has no hardware virtualization (see doctor above)"; \
+	fi
+
+test: build
+	$(CARGO) test --workspace
+
+bench: probe
+	$(CARGO) run -p bench --release -- $(BENCH_ARGS)
+
+linux:
+	guest/build-linux.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
