@@ -249,23 +249,6 @@ impl VirtQueue {
         }
     }
 
-    /// Whether a chain is available, without taking it.
-    pub fn has_available(&mut self, mem: &GuestMem, interrupt: &dyn Interrupt) -> bool {
-        if self.broken {
-            return false;
-        }
-        match self
-            .queue
-            .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-        {
-            Ok(idx) => idx.0 != self.queue.next_avail(),
-            Err(e) => {
-                self.fail(interrupt, &e);
-                false
-            }
-        }
-    }
-
     /// Puts back the chain just popped (it will be returned again by the next `pop`).
     pub fn undo_pop(&mut self) {
         self.queue.go_to_previous_position();

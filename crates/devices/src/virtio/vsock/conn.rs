@@ -37,8 +37,10 @@ pub struct Conn {
     pub fwd_cnt: u32,
     /// `fwd_cnt` as last told to the guest.
     pub fwd_cnt_sent: u32,
-    /// Guest data waiting for the host stream to accept it (<= CONN_BUF_ALLOC).
+    /// Bytes waiting for the host stream to accept them (<= CONN_BUF_ALLOC).
     pub pending: Vec<u8>,
+    /// How many leading bytes of `pending` are ours (the `OK` line), not guest data.
+    pub pending_own: usize,
     /// The host stream may have data to read (edge-triggered; cleared on EAGAIN).
     pub readable: bool,
     /// The host closed its sending side; SHUTDOWN was sent to the guest.
@@ -63,6 +65,7 @@ impl Conn {
             fwd_cnt: 0,
             fwd_cnt_sent: 0,
             pending: Vec::new(),
+            pending_own: 0,
             readable: true,
             host_eof: false,
             guest_done_sending: false,
@@ -107,6 +110,12 @@ impl Conn {
         self.state == State::Established && self.readable && !self.host_eof
     }
 
+    /// Queues a line of our own (not guest data, so not counted in `fwd_cnt`) for the host.
+    pub fn push_own(&mut self, line: &[u8]) {
+        self.pending.extend_from_slice(line);
+        self.pending_own += line.len();
+    }
+
     /// Queues guest data for the host stream. Fails if the guest exceeded the credit we gave.
     pub fn push_guest_data(&mut self, data: &[u8]) -> Result<(), ()> {
         if self.pending.len() + data.len() > CONN_BUF_ALLOC as usize {
@@ -124,8 +133,10 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.pending.drain(..n);
+                    let own = n.min(self.pending_own);
+                    self.pending_own -= own;
                     // n <= CONN_BUF_ALLOC fits in u32.
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add((n - own) as u32);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

@@ -314,14 +314,8 @@ impl Muxer {
         match (hdr.op, conn.state) {
             (OP_RESPONSE, State::Connecting) => {
                 conn.state = State::Established;
-                let ok = format!("OK {}\n", conn.local_port);
-                if conn.push_guest_data(ok.as_bytes()).is_err() {
-                    self.close(key, true);
-                    return;
-                }
-                // The acknowledgement is not guest data: do not count it as forwarded.
-                conn.fwd_cnt = conn.fwd_cnt.wrapping_sub(ok.len() as u32);
-                conn.fwd_cnt_sent = conn.fwd_cnt;
+                // Nothing is pending before the RESPONSE: the host waits for this line.
+                conn.push_own(format!("OK {}\n", conn.local_port).as_bytes());
                 if self.flush_conn(key).is_err() {
                     self.close(key, true);
                 }

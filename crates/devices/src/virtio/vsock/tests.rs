@@ -464,3 +464,59 @@ fn guest_is_told_about_freed_buffer_space() {
     assert!(hdr.fwd_cnt >= CONN_BUF_ALLOC / 4, "fwd_cnt {}", hdr.fwd_cnt);
     assert_eq!(read_exact(&mut host, 68000), vec![0x5A; 68000]);
 }
+
+/// Random packets from a hostile guest never panic, break the queues or stall the device.
+#[test]
+fn fuzz_random_packets() {
+    let path = socket_path();
+    let mut g = Guest::new(&path);
+    let service_path = PathBuf::from(format!("{}_80", path.display()));
+    let _ = std::fs::remove_file(&service_path);
+    let service = UnixListener::bind(&service_path).unwrap();
+    service.set_nonblocking(true).unwrap();
+    let mut accepted = Vec::new();
+    let mut rng = XorShift(0x1234_5678_9ABC_DEF1);
+    for _ in 0..1500 {
+        let hdr = Header {
+            src_cid: [GUEST_CID, GUEST_CID, GUEST_CID, 2, rng.next()][rng.below(5) as usize],
+            dst_cid: [HOST_CID, HOST_CID, HOST_CID, GUEST_CID, rng.next()][rng.below(5) as usize],
+            src_port: rng.below(4) as u32,
+            dst_port: [80, 81, 1024, rng.next() as u32][rng.below(4) as usize],
+            len: [0, 1, 100, 4000, 5000, rng.next() as u32][rng.below(6) as usize],
+            kind: [TYPE_STREAM, TYPE_STREAM, 2, rng.next() as u16][rng.below(4) as usize],
+            op: rng.below(9) as u16,
+            flags: rng.below(4) as u32,
+            buf_alloc: [0, 8, 65536, rng.next() as u32][rng.below(4) as usize],
+            fwd_cnt: [0, 8, rng.next() as u32][rng.below(3) as usize],
+        };
+        let data = vec![rng.next() as u8; rng.below(200) as usize];
+        if rng.below(10) == 0 {
+            let mut bytes = hdr.to_bytes().to_vec();
+            bytes.truncate(rng.below(HDR_LEN as u64) as usize);
+            g.send_raw(&bytes);
+        } else {
+            g.send(hdr, &data);
+        }
+        // Keep the rx side moving and the service side accepting.
+        while g.rxq.used_idx(&g.mem) != g.rx_seen {
+            g.recv();
+        }
+        if let Ok((s, _)) = service.accept() {
+            s.set_nonblocking(true).unwrap();
+            accepted.push(s);
+        }
+        for s in &mut accepted {
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+        }
+    }
+    assert_eq!(g.irq.errors(), 0);
+    // The device still works: a host connection completes its handshake.
+    std::thread::sleep(Duration::from_millis(100));
+    while g.rxq.used_idx(&g.mem) != g.rx_seen {
+        g.recv();
+    }
+    let (_host, _) = host_connect(&mut g, &path, 4321);
+    drop(g);
+    let _ = std::fs::remove_file(&service_path);
+}
