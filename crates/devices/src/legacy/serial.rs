@@ -77,7 +77,7 @@ mod tests {
         for b in b"hi\n" {
             serial.write(0, &[*b]);
         }
-        serial.write(0, &[b'x', b'y']);
+        serial.write(0, b"xy");
         serial.write(1 << 40, &[b'z']);
         assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi\n");
         let mut wide = [1u8; 4];

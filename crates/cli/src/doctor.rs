@@ -1,0 +1,142 @@
+//! `pocketvisor doctor`: what this host can run.
+
+use std::path::Path;
+
+use anyhow::Result;
+use clap::Args;
+use serde::Serialize;
+
+/// Report host capabilities.
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The host's KVM, as far as guests are concerned.
+#[derive(Serialize, Debug, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum KvmKind {
+    /// Hardware virtualization (Intel VMX or AMD SVM).
+    Hardware,
+    /// `kvm_pvm`: software nested virtualization with shadow paging.
+    Pvm,
+    /// /dev/kvm works but the kind is unknown.
+    Unknown,
+    /// No usable /dev/kvm.
+    Absent,
+}
+
+#[derive(Serialize)]
+struct Report {
+    kvm: KvmKind,
+    kvm_detail: String,
+    kvm_api_version: Option<i32>,
+    max_vcpus: Option<usize>,
+    tap: bool,
+    vsock: bool,
+    vhost_vsock: bool,
+    qemu: bool,
+    guests: Guests,
+}
+
+#[derive(Serialize)]
+struct Guests {
+    probe: bool,
+    linux: bool,
+    why: String,
+}
+
+/// Prints the report; exits 0 when at least the probe guest can run.
+pub fn main(args: DoctorArgs) -> Result<i32> {
+    let r = report();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        let yes = |b: bool| if b { "yes" } else { "no" };
+        println!("KVM:          {:?} ({})", r.kvm, r.kvm_detail);
+        if let (Some(v), Some(n)) = (r.kvm_api_version, r.max_vcpus) {
+            println!("KVM API:      version {v}, up to {n} vCPUs per VM");
+        }
+        println!("TAP:          {}", yes(r.tap));
+        println!(
+            "vsock:        {} (unix-socket backend, built in)",
+            yes(r.vsock)
+        );
+        println!("vhost-vsock:  {} (only QEMU uses it)", yes(r.vhost_vsock));
+        println!("QEMU:         {} (for benchmarks)", yes(r.qemu));
+        println!("probe guest:  {}", yes(r.guests.probe));
+        println!("Linux guest:  {}", yes(r.guests.linux));
+        println!("              {}", r.guests.why);
+    }
+    Ok(if r.guests.probe { 0 } else { 1 })
+}
+
+fn report() -> Report {
+    let cpu_flags = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.to_string())
+        })
+        .unwrap_or_default();
+    let has_flag = |f: &str| cpu_flags.split_whitespace().any(|x| x == f);
+    let module = |m: &str| Path::new("/sys/module").join(m).exists();
+
+    let kvm = kvm_ioctls::Kvm::new();
+    let (kind, detail, api, max) = match &kvm {
+        Err(e) => (KvmKind::Absent, format!("/dev/kvm: {e}"), None, None),
+        Ok(k) => {
+            let (kind, detail) = if module("kvm_pvm") {
+                (
+                    KvmKind::Pvm,
+                    "kvm_pvm: software virtualization, shadow paging".to_string(),
+                )
+            } else if has_flag("vmx") || module("kvm_intel") {
+                (KvmKind::Hardware, "Intel VMX (kvm_intel)".to_string())
+            } else if has_flag("svm") || module("kvm_amd") {
+                (KvmKind::Hardware, "AMD SVM (kvm_amd)".to_string())
+            } else {
+                (
+                    KvmKind::Unknown,
+                    "no VMX/SVM flag, no known module".to_string(),
+                )
+            };
+            (
+                kind,
+                detail,
+                Some(k.get_api_version()),
+                Some(k.get_max_vcpus()),
+            )
+        }
+    };
+    let why = match kind {
+        KvmKind::Hardware => "hardware virtualization: Linux and the probe guest run".into(),
+        KvmKind::Pvm => "kvm_pvm cannot run a stock Linux kernel (KVM emulation failures); \
+                         the probe guest runs"
+            .into(),
+        KvmKind::Unknown => "unknown KVM: the probe guest should run; Linux may not".into(),
+        KvmKind::Absent => "no usable /dev/kvm: no guest can run".into(),
+    };
+    let probe = kind != KvmKind::Absent;
+    let linux = kind == KvmKind::Hardware;
+    let qemu = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
+    Report {
+        kvm: kind,
+        kvm_detail: detail,
+        kvm_api_version: api,
+        max_vcpus: max,
+        tap: std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")
+            .is_ok(),
+        vsock: true,
+        vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
+        qemu,
+        guests: Guests { probe, linux, why },
+    }
+}

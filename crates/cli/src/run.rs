@@ -1,0 +1,269 @@
+//! `pocketvisor run`: boot one guest from flags or a TOML file.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use vmm::{DiskConfig, NetConfig, RunOutcome, SerialConfig, Vm, VmConfig, VsockConfig};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Boot a guest kernel with virtio devices.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+EXAMPLES:
+  pocketvisor run --kernel guest/out/probe.elf --cmdline pv.mode=selftest --rng
+  pocketvisor run --kernel vmlinux --initrd initrd.img --memory 512M --vcpus 2 \\
+      --disk root.img --disk data.img,ro --net tap=tap0 --vsock cid=3,socket=/tmp/v.sock
+  pocketvisor run --config vm.toml
+
+The exit status is the guest's: 0 after an ACPI power-off, v after a write of v to the
+debug-exit port 0xf4, 130/143 when stopped by SIGINT/SIGTERM, 1 on an error.")]
+pub struct RunArgs {
+    /// VM configuration file (TOML, the same fields as the flags); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Guest kernel: an ELF with a PVH note (vmlinux, probe guest) or a bzImage.
+    #[arg(long, value_name = "FILE")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, value_name = "TEXT")]
+    cmdline: Option<String>,
+    /// Guest RAM, e.g. 256M or 1G (a plain number means MiB) [default: 256M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_mib)]
+    memory: Option<u64>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    vcpus: Option<u8>,
+    /// A virtio-blk disk backed by a raw file; append ",ro" for read-only. Repeatable.
+    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// A virtio-net device on a TAP interface. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    net: Vec<NetConfig>,
+    /// A virtio-vsock device; host side is a unix socket (send "CONNECT <port>\n").
+    #[arg(long, value_name = "cid=N,socket=PATH", value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
+    /// Add a virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// Where the serial console goes: stdout, file:PATH or none [default: stdout].
+    #[arg(long, value_name = "WHERE", value_parser = parse_serial)]
+    serial: Option<SerialConfig>,
+    /// CPUID features to hide from the guest, comma separated (e.g. xsave,avx512).
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    cpuid_hide: Vec<String>,
+}
+
+/// The eventfd the signal handler writes to stop the VM, and the signal that came.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(sig: libc::c_int) {
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+    let fd = STOP_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live u64 of 8 bytes.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// Runs the guest; returns the process exit status.
+pub fn main(args: RunArgs) -> Result<i32> {
+    let cfg = build_config(args)?;
+    let vm = Vm::new(&cfg)?;
+    let stop = EventFd::new(libc::EFD_NONBLOCK).context("create stop event")?;
+    STOP_FD.store(std::os::fd::AsRawFd::as_raw_fd(&stop), Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only does async-signal-safe work (atomics and write(2)).
+        unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
+    }
+    let outcome = vm.run(&stop)?;
+    Ok(match outcome {
+        RunOutcome::Guest(exit) => exit.status(),
+        RunOutcome::Stopped => {
+            let sig = STOP_SIGNAL.load(Ordering::SeqCst);
+            eprintln!("pocketvisor: stopped by signal {sig}");
+            128 + sig
+        }
+    })
+}
+
+fn build_config(a: RunArgs) -> Result<VmConfig> {
+    let mut cfg = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str::<VmConfig>(&text)
+                .with_context(|| format!("bad configuration file {}", path.display()))?
+        }
+        None => match &a.kernel {
+            Some(k) => VmConfig::new(k.clone()),
+            None => bail!("--kernel FILE or --config FILE is required"),
+        },
+    };
+    if let Some(k) = a.kernel {
+        cfg.kernel = k;
+    }
+    if a.initrd.is_some() {
+        cfg.initrd = a.initrd;
+    }
+    if let Some(c) = a.cmdline {
+        cfg.cmdline = c;
+    }
+    if let Some(m) = a.memory {
+        cfg.memory_mib = m;
+    }
+    if let Some(v) = a.vcpus {
+        cfg.vcpus = v;
+    }
+    cfg.disks.extend(a.disk);
+    cfg.net.extend(a.net);
+    if a.vsock.is_some() {
+        cfg.vsock = a.vsock;
+    }
+    cfg.rng |= a.rng;
+    if let Some(s) = a.serial {
+        cfg.serial = s;
+    }
+    cfg.cpuid_hide.extend(a.cpuid_hide);
+    if !cfg.kernel.is_file() {
+        bail!(
+            "kernel {} does not exist or is not a file",
+            cfg.kernel.display()
+        );
+    }
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+/// `256M`, `1G`, `512` (MiB), `2048K`.
+fn parse_mib(s: &str) -> Result<u64, String> {
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&s[..i], 0),
+        Some((i, 'M' | 'm')) => (&s[..i], 1),
+        Some((i, 'G' | 'g')) => (&s[..i], 1024),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad size {s:?}: expected e.g. 256M or 1G"))?;
+    if mult == 0 {
+        return Ok(n / 1024);
+    }
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((p, "ro")) => (p, true),
+        Some((p, "rw")) => (p, false),
+        Some((_, opt)) => return Err(format!("unknown disk option {opt:?} (only ro or rw)")),
+        None => (s, false),
+    };
+    if path.is_empty() {
+        return Err("empty disk path".into());
+    }
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+    })
+}
+
+/// Splits `k=v,k=v` into pairs, rejecting keys not in `known`.
+fn key_values<'a>(s: &'a str, known: &[&str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    s.split(',')
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value, got {kv:?}"))?;
+            if !known.contains(&k) {
+                return Err(format!("unknown key {k:?} (known: {})", known.join(", ")));
+            }
+            Ok((k, v))
+        })
+        .collect()
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let mut net = NetConfig {
+        tap: String::new(),
+        mac: None,
+    };
+    for (k, v) in key_values(s, &["tap", "mac"])? {
+        match k {
+            "tap" => net.tap = v.to_string(),
+            _ => net.mac = Some(v.to_string()),
+        }
+    }
+    if net.tap.is_empty() {
+        return Err("tap=NAME is required".into());
+    }
+    Ok(net)
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut socket) = (None, None);
+    for (k, v) in key_values(s, &["cid", "socket"])? {
+        match k {
+            "cid" => cid = Some(v.parse().map_err(|_| format!("bad cid {v:?}"))?),
+            _ => socket = Some(PathBuf::from(v)),
+        }
+    }
+    Ok(VsockConfig {
+        cid: cid.ok_or("cid=N is required")?,
+        socket: socket.ok_or("socket=PATH is required")?,
+    })
+}
+
+fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+    match s {
+        "stdout" => Ok(SerialConfig::Stdout),
+        "none" => Ok(SerialConfig::None),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(SerialConfig::File(p.into())),
+            _ => Err(format!(
+                "bad serial {s:?}: expected stdout, file:PATH or none"
+            )),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_mib("256M"), Ok(256));
+        assert_eq!(parse_mib("1G"), Ok(1024));
+        assert_eq!(parse_mib("512"), Ok(512));
+        assert_eq!(parse_mib("2048K"), Ok(2));
+        assert!(parse_mib("lots").is_err());
+        assert!(parse_mib("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn device_flags() {
+        assert!(parse_disk("a.img,ro").unwrap().read_only);
+        assert!(!parse_disk("a.img").unwrap().read_only);
+        assert!(parse_disk("a.img,bogus").is_err());
+        let n = parse_net("tap=tap0,mac=02:00:00:00:00:01").unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert!(parse_net("mac=02:00:00:00:00:01").is_err());
+        assert!(parse_net("tap=x,color=red").is_err());
+        let v = parse_vsock("cid=3,socket=/tmp/v.sock").unwrap();
+        assert_eq!(v.cid, 3);
+        assert!(parse_vsock("cid=3").is_err());
+        assert_eq!(
+            parse_serial("file:/tmp/x").unwrap(),
+            SerialConfig::File("/tmp/x".into())
+        );
+        assert!(parse_serial("file:").is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! The VM configuration: what `pocketvisor run` takes as flags or as a TOML file.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything needed to build one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: an ELF with a PVH entry note (vmlinux, the probe guest) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Block devices, in order (the first is `vda`).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Network devices.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    /// Optional vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// Whether to add a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+    /// Where the guest's serial console goes.
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// CPUID features to hide from the guest (see `arch::cpuid_feature_names`).
+    #[serde(default)]
+    pub cpuid_hide: Vec<String>,
+}
+
+fn default_memory_mib() -> u64 {
+    256
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// One virtio-blk disk backed by a raw file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file; its size must be a multiple of 512.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// One virtio-net device on a TAP interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP interface name (created if missing).
+    pub tap: String,
+    /// MAC address `aa:bb:cc:dd:ee:ff`; random if absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// The virtio-vsock device, reachable from the host through a unix socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// Host unix socket path (Firecracker's protocol: `CONNECT <port>\n`).
+    pub socket: PathBuf,
+}
+
+/// Where the serial console's output goes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialConfig {
+    /// The VMM's standard output (and standard input when it is a terminal).
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: PathBuf) -> Self {
+        Self {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            memory_mib: default_memory_mib(),
+            vcpus: default_vcpus(),
+            disks: vec![],
+            net: vec![],
+            vsock: None,
+            rng: false,
+            serial: SerialConfig::default(),
+            cpuid_hide: vec![],
+        }
+    }
+
+    /// Checks what can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), String> {
+        let min_mib = arch::layout::MIN_MEMORY >> 20;
+        if self.memory_mib < min_mib {
+            return Err(format!(
+                "memory {} MiB is too little: at least {min_mib} MiB is needed",
+                self.memory_mib
+            ));
+        }
+        if self.memory_mib > (1 << 20) {
+            return Err(format!("memory {} MiB is more than 1 TiB", self.memory_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > 254 {
+            return Err(format!("vcpus must be 1..=254, not {}", self.vcpus));
+        }
+        if self.cmdline.len() >= arch::layout::CMDLINE_MAX {
+            return Err("the kernel command line is too long".into());
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(format!("vsock cid must be 3..=4294967295, not {}", v.cid));
+            }
+        }
+        for n in &self.net {
+            if n.tap.is_empty() || n.tap.len() > 15 {
+                return Err(format!("tap name {:?} must be 1-15 bytes", n.tap));
+            }
+            if let Some(mac) = &n.mac {
+                parse_mac(mac)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("bad MAC address {s:?}: expected aa:bb:cc:dd:ee:ff");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trips_and_defaults_apply() {
+        let cfg: VmConfig = toml::from_str(
+            r#"
+            kernel = "k.elf"
+            vcpus = 2
+            rng = true
+            disks = [{ path = "d.img", read_only = true }]
+            serial = { file = "/tmp/s.log" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.memory_mib, 256);
+        assert_eq!(cfg.vcpus, 2);
+        assert!(cfg.disks[0].read_only);
+        assert_eq!(cfg.serial, SerialConfig::File("/tmp/s.log".into()));
+        let back: VmConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(toml::from_str::<VmConfig>("kernel = \"k\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let mut cfg = VmConfig::new("k".into());
+        assert!(cfg.validate().is_ok());
+        cfg.memory_mib = 1;
+        assert!(cfg.validate().unwrap_err().contains("too little"));
+        cfg.memory_mib = 256;
+        cfg.vcpus = 0;
+        assert!(cfg.validate().is_err());
+        cfg.vcpus = 1;
+        cfg.vsock = Some(VsockConfig {
+            cid: 2,
+            socket: "s".into(),
+        });
+        assert!(cfg.validate().is_err());
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02:00:00:aa:bb:0c").unwrap(),
+            [2, 0, 0, 0xaa, 0xbb, 0xc]
+        );
+        assert!(parse_mac("02:00:00:aa:bb").is_err());
+        assert!(parse_mac("02:00:00:aa:bb:cc:dd").is_err());
+        assert!(parse_mac("zz:00:00:aa:bb:cc").is_err());
+    }
+}

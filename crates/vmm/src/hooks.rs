@@ -1,0 +1,127 @@
+//! The KVM side of device interrupts and notifications: GSI routing for MSI-X, irqfds and
+//! ioeventfds.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+};
+use kvm_ioctls::{NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use devices::bus::lock;
+use devices::pci::VmHooks;
+
+/// Number of IOAPIC pins; GSIs below this are routed to the irqchips.
+const IOAPIC_PINS: u32 = 24;
+
+/// The MSI routes currently programmed, and the next free GSI.
+struct Routes {
+    next_gsi: u32,
+    msi: BTreeMap<u32, (u64, u32)>,
+}
+
+/// Implements [`VmHooks`] on a KVM VM.
+pub struct KvmHooks {
+    vm: Arc<VmFd>,
+    routes: Mutex<Routes>,
+}
+
+impl KvmHooks {
+    /// Hooks on `vm`, whose MSI GSIs start at `first_msi_gsi`.
+    pub fn new(vm: Arc<VmFd>, first_msi_gsi: u32) -> Self {
+        Self {
+            vm,
+            routes: Mutex::new(Routes {
+                next_gsi: first_msi_gsi.max(IOAPIC_PINS),
+                msi: BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// Programs KVM with the irqchip routes every legacy IRQ needs plus the MSI routes.
+    fn apply(&self, routes: &Routes) -> io::Result<()> {
+        let mut entries = Vec::with_capacity(40 + routes.msi.len());
+        for gsi in 0..IOAPIC_PINS {
+            entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+            if gsi < 16 && gsi != 2 {
+                let (chip, pin) = if gsi < 8 {
+                    (KVM_IRQCHIP_PIC_MASTER, gsi)
+                } else {
+                    (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+                };
+                entries.push(irqchip_entry(gsi, chip, pin));
+            }
+        }
+        for (&gsi, &(address, data)) in &routes.msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = address as u32;
+            e.u.msi.address_hi = (address >> 32) as u32;
+            e.u.msi.data = data;
+            entries.push(e);
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|e| io::Error::other(format!("routing table: {e:?}")))?;
+        self.vm.set_gsi_routing(&table).map_err(io::Error::from)
+    }
+
+    /// Installs the default routes (before any device asks for MSI).
+    pub fn install_default_routes(&self) -> io::Result<()> {
+        self.apply(&lock(&self.routes))
+    }
+}
+
+fn irqchip_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = irqchip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+impl VmHooks for KvmHooks {
+    fn register_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+        self.vm
+            .register_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(io::Error::from)
+    }
+
+    fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> io::Result<()> {
+        self.vm
+            .unregister_ioevent(fd, &kvm_ioctls::IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(io::Error::from)
+    }
+
+    fn allocate_msi(&self, fd: &EventFd) -> io::Result<u32> {
+        let mut routes = lock(&self.routes);
+        let gsi = routes.next_gsi;
+        routes.next_gsi = gsi
+            .checked_add(1)
+            .ok_or_else(|| io::Error::other("out of GSIs"))?;
+        self.vm.register_irqfd(fd, gsi).map_err(io::Error::from)?;
+        Ok(gsi)
+    }
+
+    fn set_msi_route(&self, gsi: u32, address: u64, data: u32, enabled: bool) -> io::Result<()> {
+        let mut routes = lock(&self.routes);
+        let changed = if enabled {
+            routes.msi.insert(gsi, (address, data)) != Some((address, data))
+        } else {
+            routes.msi.remove(&gsi).is_some()
+        };
+        if changed {
+            self.apply(&routes)?;
+        }
+        Ok(())
+    }
+}

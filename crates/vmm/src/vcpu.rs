@@ -1,0 +1,143 @@
+//! The vCPU threads: run the guest, dispatch port and MMIO exits to the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+use devices::bus::{lock, Bus};
+use devices::legacy::{ExitSignal, GuestExit};
+
+/// KVM_SYSTEM_EVENT_* types.
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// Installs the (empty) handler for the kick signal, so it interrupts KVM_RUN instead of killing.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    register_signal_handler(kick_signal(), noop).map_err(std::io::Error::from)
+}
+
+/// What all vCPU threads share.
+pub struct VcpuShared {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub exit: Arc<ExitSignal>,
+    /// Set when the VM is stopping; vCPUs leave their loop.
+    pub stop: AtomicBool,
+    /// The first vCPU error, if any.
+    pub error: Mutex<Option<(u8, String)>>,
+}
+
+impl VcpuShared {
+    fn fail(&self, id: u8, reason: String) {
+        let mut e = lock(&self.error);
+        if e.is_none() {
+            *e = Some((id, reason));
+        }
+        drop(e);
+        let _ = self.exit.event.write(1);
+    }
+}
+
+/// A running vCPU thread.
+pub struct VcpuThread {
+    pub handle: JoinHandle<()>,
+}
+
+/// Starts vCPU `id` on its own thread.
+pub fn spawn(id: u8, mut vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<VcpuThread> {
+    let handle = std::thread::Builder::new()
+        .name(format!("vcpu{id}"))
+        .spawn(move || run(id, &mut vcpu, &shared))?;
+    Ok(VcpuThread { handle })
+}
+
+impl VcpuThread {
+    /// Interrupts the thread's KVM_RUN (it then sees the stop flag).
+    pub fn kick(&self) {
+        let _ = self.handle.kill(kick_signal());
+    }
+}
+
+fn run(id: u8, vcpu: &mut VcpuFd, shared: &VcpuShared) {
+    while !shared.stop.load(Ordering::Acquire) {
+        match vcpu.run() {
+            Ok(exit) => {
+                if let Some(stop) = handle_exit(id, exit, shared) {
+                    match stop {
+                        Ok(guest_exit) => shared.exit.exit(guest_exit),
+                        Err(reason) => {
+                            let regs = vcpu
+                                .get_regs()
+                                .map(|r| format!(" (rip {:#x})", r.rip))
+                                .unwrap_or_default();
+                            shared.fail(id, format!("{reason}{regs}"));
+                        }
+                    }
+                    return;
+                }
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => {
+                shared.fail(id, format!("KVM_RUN failed: {e}"));
+                return;
+            }
+        }
+    }
+}
+
+/// Handles one exit; `Some` ends the thread with a guest exit or an error.
+fn handle_exit(id: u8, exit: VcpuExit, shared: &VcpuShared) -> Option<Result<GuestExit, String>> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !shared.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            shared.pio.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !shared.mmio.read(addr, data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            shared.mmio.write(addr, data);
+        }
+        VcpuExit::Hlt => {
+            tracing::debug!("vcpu{id}: hlt exit");
+        }
+        VcpuExit::Intr => {}
+        VcpuExit::Shutdown => {
+            return Some(Err("the guest triple-faulted (KVM_EXIT_SHUTDOWN)".into()));
+        }
+        VcpuExit::SystemEvent(SYSTEM_EVENT_SHUTDOWN, _) => return Some(Ok(GuestExit::PowerOff)),
+        VcpuExit::SystemEvent(SYSTEM_EVENT_RESET, _) => return Some(Ok(GuestExit::Reset)),
+        VcpuExit::SystemEvent(kind, _) => {
+            return Some(Err(format!("guest system event {kind}")));
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Some(Err(format!(
+                "KVM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+            )));
+        }
+        VcpuExit::InternalError => {
+            return Some(Err(
+                "KVM internal error (an instruction KVM could not emulate)".into(),
+            ));
+        }
+        other => {
+            return Some(Err(format!("unexpected KVM exit {other:?}")));
+        }
+    }
+    None
+}

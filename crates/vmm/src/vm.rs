@@ -1,0 +1,376 @@
+//! Building and running one VM.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use arch::layout;
+use devices::bus::{lock, Bus, SharedDevice};
+use devices::legacy::{AcpiPm, DebugExit, ExitSignal, GuestExit, PortSink, Serial, I8042};
+use devices::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
+use devices::virtio::pci::VirtioPciDevice;
+use devices::virtio::VirtioDevice;
+use devices::GuestMem;
+
+use crate::config::{parse_mac, SerialConfig, VmConfig};
+use crate::hooks::KvmHooks;
+use crate::vcpu::{self, VcpuShared};
+use crate::Error;
+
+/// Where the KVM TSS and identity map pages go (just below the BIOS area at the top of 4 GiB).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The guest ended the VM.
+    Guest(GuestExit),
+    /// The caller asked the VM to stop.
+    Stopped,
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    vcpus: Vec<VcpuFd>,
+    shared: Arc<VcpuShared>,
+    exit: Arc<ExitSignal>,
+    // Kept alive for as long as the VM runs.
+    _kvm: Kvm,
+    _vm: Arc<VmFd>,
+    _mem: GuestMem,
+    _serial: Arc<Mutex<Serial>>,
+}
+
+impl Vm {
+    /// Builds the VM described by `cfg`: memory, irqchip, devices, kernel, vCPUs.
+    pub fn new(cfg: &VmConfig) -> Result<Vm, Error> {
+        cfg.validate().map_err(Error::Config)?;
+        let mut kernel = open(&cfg.kernel)?;
+        let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
+
+        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        if usize::from(cfg.vcpus) > max_vcpus {
+            return Err(Error::Config(format!(
+                "{} vCPUs asked, this host's KVM allows {max_vcpus}",
+                cfg.vcpus
+            )));
+        }
+        check_host_memory(cfg.memory_mib)?;
+        let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("create VM"))?);
+        vm.set_tss_address(KVM_TSS_ADDR)
+            .map_err(Error::kvm("set TSS address"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+            .map_err(Error::kvm("set identity map address"))?;
+        vm.create_irq_chip().map_err(Error::kvm("create irqchip"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(Error::kvm("create PIT"))?;
+
+        let mem = create_memory(&vm, cfg.memory_mib << 20)?;
+        let hooks = Arc::new(KvmHooks::new(vm.clone(), layout::MSI_GSI_BASE));
+        hooks
+            .install_default_routes()
+            .map_err(Error::io("install IRQ routes"))?;
+
+        let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
+        let (pio, mmio, serial) = build_devices(cfg, &vm, &mem, hooks, &exit)?;
+
+        let boot_cfg = arch::BootConfig {
+            cmdline: &cfg.cmdline,
+            nr_vcpus: cfg.vcpus,
+            mem_size: cfg.memory_mib << 20,
+            pci: arch::PciInfo {
+                ecam_base: layout::PCI_ECAM_START,
+                ecam_size: layout::PCI_ECAM_SIZE,
+                mmio_base: layout::PCI_MMIO_START,
+                mmio_size: layout::PCI_MMIO_SIZE,
+            },
+        };
+        let boot = arch::load_kernel(&mem, &mut kernel, initrd.as_mut(), &boot_cfg)?;
+
+        let mut vcpus = Vec::with_capacity(cfg.vcpus.into());
+        for id in 0..cfg.vcpus {
+            let vcpu = vm
+                .create_vcpu(id.into())
+                .map_err(Error::kvm("create vCPU"))?;
+            arch::setup_cpuid(&kvm, &vcpu, id, cfg.vcpus, &cfg.cpuid_hide)?;
+            arch::setup_vcpu(&vcpu, id, &boot, &mem)?;
+            vcpus.push(vcpu);
+        }
+
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio,
+            exit: exit.clone(),
+            stop: Default::default(),
+            error: Mutex::new(None),
+        });
+        Ok(Vm {
+            vcpus,
+            shared,
+            exit,
+            _kvm: kvm,
+            _vm: vm,
+            _mem: mem,
+            _serial: serial,
+        })
+    }
+
+    /// Runs the guest until it exits, a vCPU fails, or `stop` becomes readable.
+    pub fn run(mut self, stop: &EventFd) -> Result<RunOutcome, Error> {
+        vcpu::install_kick_handler().map_err(Error::io("install vCPU kick handler"))?;
+        let mut threads = Vec::new();
+        for (id, fd) in self.vcpus.drain(..).enumerate() {
+            let t = vcpu::spawn(id as u8, fd, self.shared.clone())
+                .map_err(Error::io("spawn vCPU thread"))?;
+            threads.push(t);
+        }
+
+        let stopped = wait_readable(self.exit.event.as_raw_fd(), stop.as_raw_fd())
+            .map_err(Error::io("wait for the VM"))?;
+
+        self.shared.stop.store(true, Ordering::Release);
+        // A kick can land just before a thread enters KVM_RUN; keep kicking until all are gone.
+        while threads.iter().any(|t| !t.handle.is_finished()) {
+            threads.iter().for_each(|t| t.kick());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for t in threads {
+            let _ = t.handle.join();
+        }
+
+        if let Some((id, reason)) = lock(&self.shared.error).take() {
+            return Err(Error::Vcpu { id, reason });
+        }
+        match self.exit.reason() {
+            Some(e) => Ok(RunOutcome::Guest(e)),
+            None if stopped => Ok(RunOutcome::Stopped),
+            None => Err(Error::Vcpu {
+                id: 0,
+                reason: "stopped without a reason".into(),
+            }),
+        }
+    }
+}
+
+fn open(path: &Path) -> Result<File, Error> {
+    File::open(path).map_err(|source| Error::File {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Refuses guests larger than the host's RAM.
+fn check_host_memory(mib: u64) -> Result<(), Error> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if pages > 0 && page > 0 {
+        let host_mib = (pages as u64 * page as u64) >> 20;
+        if mib > host_mib {
+            return Err(Error::Config(format!(
+                "memory {mib} MiB is more than this host has ({host_mib} MiB)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Allocates guest RAM and registers it with KVM, one slot per region.
+fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMem, Error> {
+    let ranges = layout::ram_regions(size);
+    let mem = GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::Memory(e.to_string()))?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which the
+        // VM keeps alive for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("set memory region"))?;
+    }
+    Ok(mem)
+}
+
+type Buses = (Bus, Bus, Arc<Mutex<Serial>>);
+
+/// Builds the port and MMIO buses with every device the configuration asks for.
+fn build_devices(
+    cfg: &VmConfig,
+    vm: &VmFd,
+    mem: &GuestMem,
+    hooks: Arc<KvmHooks>,
+    exit: &Arc<ExitSignal>,
+) -> Result<Buses, Error> {
+    let mut pio = Bus::new();
+    let mut mmio = Bus::new();
+    let bus_err = |e: devices::bus::BusError| Error::Device {
+        name: "bus".into(),
+        reason: e.to_string(),
+    };
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("create serial irq"))?;
+    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
+        .map_err(Error::kvm("register serial irqfd"))?;
+    let out: Box<dyn Write + Send> = match &cfg.serial {
+        SerialConfig::Stdout => Box::new(std::io::stdout()),
+        SerialConfig::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|source| Error::File {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+        ),
+        SerialConfig::None => Box::new(std::io::sink()),
+    };
+    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, out)));
+    pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())
+        .map_err(bus_err)?;
+    let legacy: [(u16, u64, SharedDevice); 4] = [
+        (0x60, 5, Arc::new(Mutex::new(I8042::new(exit.clone())))),
+        (
+            layout::PM1A_EVT_PORT,
+            8,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        ),
+        (
+            layout::DEBUG_EXIT_PORT,
+            4,
+            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        ),
+        (0x80, 1, Arc::new(Mutex::new(PortSink))),
+    ];
+    for (port, len, dev) in legacy {
+        pio.insert(u64::from(port), len, dev).map_err(bus_err)?;
+    }
+
+    let root = Arc::new(Mutex::new(PciRoot::new(
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_SIZE,
+    )));
+    pio.insert(
+        0xcf8,
+        8,
+        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
+    )
+    .map_err(bus_err)?;
+    mmio.insert(
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))),
+    )
+    .map_err(bus_err)?;
+    mmio.insert(
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_SIZE,
+        Arc::new(Mutex::new(PciMmioWindow::new(root.clone()))),
+    )
+    .map_err(bus_err)?;
+
+    let hooks: Arc<dyn VmHooks> = hooks;
+    for (name, dev) in virtio_devices(cfg)? {
+        let pci =
+            VirtioPciDevice::new(dev, mem.clone(), hooks.clone()).map_err(|e| Error::Device {
+                name: name.clone(),
+                reason: e.to_string(),
+            })?;
+        lock(&root)
+            .add_device(Arc::new(Mutex::new(pci)))
+            .map_err(|e| Error::Device {
+                name,
+                reason: e.to_string(),
+            })?;
+    }
+    Ok((pio, mmio, serial))
+}
+
+/// The virtio devices of `cfg`, each with a name for error messages.
+fn virtio_devices(cfg: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>, Error> {
+    use devices::virtio::{block::Block, net::Net, rng::Rng, vsock::Vsock};
+    let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    let dev_err = |name: &str, e: &dyn std::fmt::Display| Error::Device {
+        name: name.to_string(),
+        reason: e.to_string(),
+    };
+    for d in &cfg.disks {
+        let name = format!("disk {}", d.path.display());
+        let b = Block::new(&d.path, d.read_only, None).map_err(|e| dev_err(&name, &e))?;
+        out.push((name, Box::new(b)));
+    }
+    for n in &cfg.net {
+        let name = format!("net tap={}", n.tap);
+        let mac = n
+            .mac
+            .as_deref()
+            .map(parse_mac)
+            .transpose()
+            .map_err(Error::Config)?;
+        let dev = Net::new_tap(&n.tap, mac).map_err(|e| dev_err(&name, &e))?;
+        out.push((name, Box::new(dev)));
+    }
+    if let Some(v) = &cfg.vsock {
+        let name = format!("vsock {}", v.socket.display());
+        let dev = Vsock::new(v.cid, &v.socket).map_err(|e| dev_err(&name, &e))?;
+        out.push((name, Box::new(dev)));
+    }
+    if cfg.rng {
+        out.push(("rng".into(), Box::new(Rng::new())));
+    }
+    Ok(out)
+}
+
+/// Blocks until `a` or `b` is readable; returns true when `b` (the stop request) fired.
+fn wait_readable(a: i32, b: i32) -> std::io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if fds[0].revents != 0 {
+            return Ok(false);
+        }
+        if fds[1].revents != 0 {
+            return Ok(true);
+        }
+    }
+}
