@@ -157,11 +157,8 @@ fn config_file_run_equals_flags_run() {
     );
 }
 
-#[test]
-fn counter_mode_counts_and_sigterm_stops_cleanly() {
-    if !require_kvm("counter_mode_counts_and_sigterm_stops_cleanly") {
-        return;
-    }
+/// Reads `n` counter lines, checks they count up by one, then stops the VMM with `signal`.
+fn counter_then_signal(signal: i32) {
     let mut vm = VmCommand::probe("pv.mode=counter pv.counter.ms=20").spawn();
     let mut counts = Vec::new();
     while counts.len() < 5 {
@@ -185,20 +182,56 @@ fn counter_mode_counts_and_sigterm_stops_cleanly() {
         "counter not consecutive: {counts:?}"
     );
     let signalled = Instant::now();
-    vm.signal(libc::SIGTERM);
+    vm.signal(signal);
     let out = vm.wait_for(Duration::from_secs(5));
     let took = signalled.elapsed();
     assert!(
         !out.timed_out,
-        "SIGTERM did not stop the VMM\n{}",
+        "signal {signal} did not stop the VMM\n{}",
         out.describe()
     );
     assert!(took < Duration::from_secs(2), "stopping took {took:?}");
     assert!(!out.panicked(), "{}", out.describe());
     assert_eq!(
         out.code(),
-        Some(128 + libc::SIGTERM),
-        "documented status for SIGTERM\n{}",
+        Some(128 + signal),
+        "documented status for signal {signal}\n{}",
         out.describe()
     );
+}
+
+#[test]
+fn counter_mode_counts_and_sigterm_stops_cleanly() {
+    if require_kvm("counter_mode_counts_and_sigterm_stops_cleanly") {
+        counter_then_signal(libc::SIGTERM);
+    }
+}
+
+#[test]
+fn sigint_stops_the_vmm_like_ctrl_c() {
+    if require_kvm("sigint_stops_the_vmm_like_ctrl_c") {
+        counter_then_signal(libc::SIGINT);
+    }
+}
+
+#[test]
+fn serial_to_a_file_receives_the_console() {
+    if !require_kvm("serial_to_a_file_receives_the_console") {
+        return;
+    }
+    let dir = TempDir::new();
+    let log = dir.join("serial.log");
+    let mut cmd = VmCommand::probe("pv.tests=pci");
+    cmd.serial = Some(format!("file:{}", log.display()));
+    let out = cmd.run();
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert!(
+        out.probe().lines.is_empty(),
+        "serial went to stdout too\n{}",
+        out.describe()
+    );
+    let text = std::fs::read_to_string(&log).expect("the serial file exists");
+    let report = e2e::ProbeReport::from_lines(text.lines());
+    assert!(report.done_ok(), "serial file:\n{text}");
+    report.expect(&["pci", "ok"]);
 }
