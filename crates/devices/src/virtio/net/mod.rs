@@ -271,7 +271,9 @@ impl NetWorker {
                 self.pending = None;
                 continue;
             }
-            // num_buffers = 1: no mergeable buffers.
+            // Without negotiated offloads the header must be all zero (the tap may set
+            // DATA_VALID), and num_buffers is 1 without mergeable buffers.
+            frame[..10].fill(0);
             frame[10..12].copy_from_slice(&1u16.to_le_bytes());
             let written = chain.write_at(&self.mem, 0, frame).is_ok();
             self.pending = None;

@@ -268,6 +268,21 @@ fn guest_initiated_connection() {
     peer.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
 
+    // A service whose backlog is full: RST, and the device does not stall.
+    let busy_path = PathBuf::from(format!("{}_6000", path.display()));
+    let _ = std::fs::remove_file(&busy_path);
+    let busy = UnixListener::bind(&busy_path).unwrap();
+    let mut clients = Vec::new();
+    while let Ok(c) = super::muxer::connect_nonblocking(&busy_path) {
+        clients.push(c);
+        assert!(clients.len() < 100_000, "backlog never filled");
+    }
+    g.send(guest_hdr(OP_REQUEST, 779, 6000), &[]);
+    let (hdr, _) = g.recv();
+    assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (OP_RST, 6000, 779));
+    drop((busy, clients));
+    let _ = std::fs::remove_file(&busy_path);
+
     // Nobody listens on port 5001: RST.
     g.send(guest_hdr(OP_REQUEST, 778, 5001), &[]);
     let (hdr, _) = g.recv();
