@@ -39,7 +39,7 @@ demo: build $(DEMO_DISK)
 	fi
 
 test: build
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 bench: probe
 	$(CARGO) run -p bench --release -- $(BENCH_ARGS)
