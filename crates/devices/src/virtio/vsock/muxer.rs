@@ -285,7 +285,7 @@ impl Muxer {
         }
         let hdr = Header::from_bytes(&raw);
         let len = hdr.len as usize;
-        if len > MAX_PKT_PAYLOAD || len > chain.readable_len() - HDR_LEN {
+        if len > MAX_PKT_PAYLOAD || len > chain.readable_len().saturating_sub(HDR_LEN) {
             tracing::debug!("virtio-vsock: tx packet length {len} exceeds its buffer");
             return;
         }
@@ -433,7 +433,10 @@ impl Muxer {
     /// Reads host data for one connection into `chain`; returns the used length, or `None` if
     /// no connection had anything to send.
     fn next_data_packet(&mut self, chain: &Chain) -> Option<u32> {
-        let room = (chain.writable_len() - HDR_LEN).min(MAX_PKT_PAYLOAD);
+        let room = chain
+            .writable_len()
+            .saturating_sub(HDR_LEN)
+            .min(MAX_PKT_PAYLOAD);
         let keys: Vec<Key> = self
             .conns
             .iter()
