@@ -21,8 +21,18 @@ pub fn unique_name(prefix: &str) -> String {
 }
 
 /// Prints the loud skip line tests use when the host cannot run them.
+///
+/// It goes straight to the process's stderr: libtest captures `eprintln!` of passing
+/// tests, and a skip must be seen.
 pub fn skip(reason: &str, test: &str) {
-    eprintln!("SKIP ({reason}): {test}");
+    loud(&format!("SKIP ({reason}): {test}"));
+}
+
+/// Writes one line to the real stderr, past libtest's output capture.
+pub fn loud(line: &str) {
+    use std::io::Write;
+    let mut err = std::io::stderr().lock();
+    let _ = writeln!(err, "{line}");
 }
 
 /// Whether `/dev/kvm` exists; prints `SKIP (no /dev/kvm): <test>` when it does not.

@@ -10,25 +10,31 @@ use e2e::paths::linux_assets;
 use e2e::qemu::{Machine, QemuCommand};
 use e2e::{skip, RunningVm, TempDir, VmCommand};
 
-fn doctor_says_linux_runs() -> Result<bool, String> {
+/// (whether `doctor` says Linux runs here, the KVM kind it reports).
+fn doctor_says_linux_runs() -> Result<(bool, String), String> {
     let out = Command::new(e2e::pocketvisor_bin())
         .args(["doctor", "--json"])
         .output()
         .map_err(|e| e.to_string())?;
     let v: serde_json::Value =
         serde_json::from_slice(&out.stdout).map_err(|e| format!("doctor --json: {e}"))?;
-    Ok(v["guests"]["linux"].as_bool() == Some(true))
+    let kind = match v["kvm"].as_str() {
+        Some("pvm") => "kvm_pvm".to_string(),
+        Some(other) => other.to_string(),
+        None => "unknown".to_string(),
+    };
+    Ok((v["guests"]["linux"].as_bool() == Some(true), kind))
 }
 
 #[test]
 fn linux_guest_boots_and_loads_virtio_modules() {
     let name = "linux_guest_boots_and_loads_virtio_modules";
     match doctor_says_linux_runs() {
-        Ok(true) => {}
-        Ok(false) => {
-            eprintln!(
-                "SKIP: Linux guest needs hardware KVM (this host has kvm_pvm or none): {name}"
-            );
+        Ok((true, _)) => {}
+        Ok((false, kind)) => {
+            e2e::host::loud(&format!(
+                "SKIP: Linux guest needs hardware KVM (this host has {kind}): {name}"
+            ));
             return;
         }
         Err(e) => panic!("pocketvisor doctor failed: {e}"),
