@@ -45,6 +45,10 @@ extern "C" fn rust_start(start_info: u32) -> ! {
     pvh::init(start_info as u64);
     let boot = pvh::info();
     probe!("boot ok cmdline=\"{}\"", boot.cmdline());
+    if boot.low_ram != 0 && boot.low_ram < mem::ARENA_END + (16 << 20) {
+        fail("boot", format_args!("ram-too-small bytes={}", boot.low_ram));
+        finish();
+    }
     mem::init();
     time::calibrate();
     interrupts::init_idt();

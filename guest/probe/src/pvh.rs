@@ -14,6 +14,9 @@ pub struct BootInfo {
     pub rsdp: u64,
     /// Whether start_info had the right magic.
     pub valid: bool,
+    /// End of the RAM that contains the kernel (from 1 MiB, following adjacent e820
+    /// RAM entries); 0 when start_info has no memory map.
+    pub low_ram: u64,
 }
 
 static BOOT: Global<BootInfo> = Global::new(BootInfo {
@@ -21,6 +24,7 @@ static BOOT: Global<BootInfo> = Global::new(BootInfo {
     cmdline_len: 0,
     rsdp: 0,
     valid: false,
+    low_ram: 0,
 });
 
 /// Copies what we need out of `hvm_start_info` at `paddr` (before anything can overwrite it).
@@ -32,6 +36,23 @@ pub fn init(paddr: u64) {
     b.valid = true;
     let cmdline = mmio::read::<u64>(paddr + 24);
     b.rsdp = mmio::read::<u64>(paddr + 32);
+    let version = mmio::read::<u32>(paddr + 4);
+    if version >= 1 {
+        let map = mmio::read::<u64>(paddr + 40);
+        let n = mmio::read::<u32>(paddr + 48).min(128) as u64;
+        // Grow the RAM range from the kernel (1 MiB) through adjacent RAM entries.
+        let mut top = 0x10_0000u64;
+        for _ in 0..n {
+            for i in 0..n {
+                let e = map + 24 * i;
+                let (addr, size) = (mmio::read::<u64>(e), mmio::read::<u64>(e + 8));
+                if map != 0 && mmio::read::<u32>(e + 16) == 1 && addr <= top {
+                    top = top.max(addr.saturating_add(size));
+                }
+            }
+        }
+        b.low_ram = if top > 0x10_0000 { top } else { 0 };
+    }
     if cmdline != 0 {
         let mut n = 0;
         while n < CMDLINE_MAX - 1 {
