@@ -236,12 +236,12 @@ fn unwrap_file_key(
 ) -> Result<Zeroizing<[u8; KEY_LEN]>> {
     match unlock {
         Unlock::Passphrase(passphrase) => {
-            let mut attempts = 0;
-            for (_, body) in slots.iter().filter(|(k, _)| *k == SLOT_PASSPHRASE) {
-                if attempts == MAX_PASSPHRASE_ATTEMPTS {
-                    break;
-                }
-                attempts += 1;
+            // Each attempt costs a full argon2 run: try a bounded number of slots.
+            let passphrase_slots = slots
+                .iter()
+                .filter(|(k, _)| *k == SLOT_PASSPHRASE)
+                .take(MAX_PASSPHRASE_ATTEMPTS);
+            for (_, body) in passphrase_slots {
                 if let Some(key) = open_passphrase_slot(body, passphrase, limits, fixed)? {
                     return Ok(key);
                 }
