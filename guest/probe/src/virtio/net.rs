@@ -26,6 +26,8 @@ pub struct Net {
     rx: Queue,
     tx: Queue,
     rx_bufs: u64,
+    /// Receive buffer slot of each descriptor head.
+    rx_slot_of_head: [u8; 256],
     tx_buf: u64,
     /// The device MAC (zero when the device has none).
     pub mac: [u8; 6],
@@ -42,13 +44,17 @@ impl Net {
         let mut rx = dev.setup_queue(0, RX_COUNT)?;
         let tx = dev.setup_queue(1, 16)?;
         let rx_bufs = mem::alloc(RX_BUF * rx.size as u64, 4096);
-        for i in 0..rx.size as u64 {
-            rx.push(&[Buf {
-                addr: rx_bufs + i * RX_BUF,
-                len: RX_BUF as u32,
-                write: true,
-            }])
-            .ok_or("rx-post")?;
+        let mut rx_slot_of_head = [0u8; 256];
+        for slot in 0..rx.size.min(256) as u8 {
+            let addr = rx_bufs + slot as u64 * RX_BUF;
+            let head = rx
+                .push(&[Buf {
+                    addr,
+                    len: RX_BUF as u32,
+                    write: true,
+                }])
+                .ok_or("rx-post")?;
+            rx_slot_of_head[head as usize % 256] = slot;
         }
         dev.driver_ok();
         rx.kick();
@@ -63,6 +69,7 @@ impl Net {
             rx,
             tx,
             rx_bufs,
+            rx_slot_of_head,
             tx_buf: mem::alloc(4096, 4096),
             mac,
         }))
@@ -95,7 +102,8 @@ impl Net {
         let dl = time::deadline_ms(ms);
         loop {
             while let Some((id, len)) = self.rx.pop_used() {
-                let addr = self.rx_bufs + (id as u64 % self.rx.size as u64) * RX_BUF;
+                let slot = self.rx_slot_of_head[id as usize % 256];
+                let addr = self.rx_bufs + slot as u64 * RX_BUF;
                 let len = (len as u64).min(RX_BUF);
                 let mut got = None;
                 if len >= HDR + 14 {
@@ -109,11 +117,13 @@ impl Net {
                     }
                 }
                 // Re-post the buffer.
-                let _ = self.rx.push(&[Buf {
+                if let Some(head) = self.rx.push(&[Buf {
                     addr,
                     len: RX_BUF as u32,
                     write: true,
-                }]);
+                }]) {
+                    self.rx_slot_of_head[head as usize % 256] = slot;
+                }
                 self.rx.kick();
                 if got.is_some() {
                     return got;
