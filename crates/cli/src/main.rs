@@ -16,7 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a guest and wait until it powers off; exits with the guest's exit status.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Report what this host can run: KVM kind, TAP, vsock, and which guests work here.
     Doctor(doctor::DoctorArgs),
 }
@@ -30,7 +30,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Run(args) => run::main(args),
+        Command::Run(args) => run::main(*args),
         Command::Doctor(args) => doctor::main(args),
     };
     match result {

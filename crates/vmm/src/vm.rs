@@ -307,10 +307,13 @@ fn build_devices(
     Ok((pio, mmio, serial))
 }
 
-/// The virtio devices of `cfg`, each with a name for error messages.
-fn virtio_devices(cfg: &VmConfig) -> Result<Vec<(String, Box<dyn VirtioDevice>)>, Error> {
+/// A virtio device with a name for error messages.
+type NamedDevice = (String, Box<dyn VirtioDevice>);
+
+/// The virtio devices of `cfg`.
+fn virtio_devices(cfg: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
     use devices::virtio::{block::Block, net::Net, rng::Rng, vsock::Vsock};
-    let mut out: Vec<(String, Box<dyn VirtioDevice>)> = Vec::new();
+    let mut out: Vec<NamedDevice> = Vec::new();
     let dev_err = |name: &str, e: &dyn std::fmt::Display| Error::Device {
         name: name.to_string(),
         reason: e.to_string(),

@@ -78,7 +78,7 @@ mod tests {
             serial.write(0, &[*b]);
         }
         serial.write(0, b"xy");
-        serial.write(1 << 40, &[b'z']);
+        serial.write(1 << 40, b"z");
         assert_eq!(sink.0.lock().unwrap().as_slice(), b"hi\n");
         let mut wide = [1u8; 4];
         serial.read(0, &mut wide);
