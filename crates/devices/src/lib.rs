@@ -13,6 +13,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod ratelimit;
 pub mod virtio;
 
 /// Guest memory as every device sees it.

@@ -249,7 +249,7 @@ impl BlockWorker {
             let (head, used) = match popped {
                 Popped::Chain(chain) => (chain.head, self.handle(&chain)),
                 Popped::Malformed { head, error } => {
-                    tracing::warn!("virtio-blk: malformed request: {error}");
+                    crate::guest_warn!("virtio-blk: malformed request: {error}");
                     (head, 0)
                 }
             };
@@ -263,7 +263,7 @@ impl BlockWorker {
     /// Executes one request and writes its status; returns the used length.
     fn handle(&mut self, chain: &Chain) -> u32 {
         let Some(status_at) = chain.writable_len().checked_sub(1) else {
-            tracing::warn!("virtio-blk: request without a status byte");
+            crate::guest_warn!("virtio-blk: request without a status byte");
             return 0;
         };
         let (status, written) = match self.execute(chain, status_at) {

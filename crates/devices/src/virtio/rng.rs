@@ -106,7 +106,7 @@ impl RngWorker {
                     (chain.head, if ok { n as u32 } else { 0 })
                 }
                 Popped::Malformed { head, error } => {
-                    tracing::warn!("virtio-rng: malformed request: {error}");
+                    crate::guest_warn!("virtio-rng: malformed request: {error}");
                     (head, 0)
                 }
             };

@@ -202,7 +202,7 @@ impl VirtQueue {
     }
 
     fn fail(&mut self, interrupt: &dyn Interrupt, why: &dyn std::fmt::Display) {
-        tracing::warn!("virtio queue {} broken until reset: {why}", self.index);
+        crate::guest_warn!("virtio queue {} broken until reset: {why}", self.index);
         self.broken = true;
         interrupt.device_error();
     }

@@ -236,7 +236,7 @@ impl NetWorker {
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             if e.kind() != io::ErrorKind::WouldBlock {
-                                tracing::warn!("virtio-net: backend read failed: {e}");
+                                crate::guest_warn!("virtio-net: backend read failed: {e}");
                             }
                             self.readable = false;
                             break;
@@ -256,7 +256,7 @@ impl NetWorker {
             let chain = match self.rx.pop(&self.mem, &*interrupt) {
                 None => break,
                 Some(Popped::Malformed { head, error }) => {
-                    tracing::warn!("virtio-net: malformed rx buffer: {error}");
+                    crate::guest_warn!("virtio-net: malformed rx buffer: {error}");
                     if !self.rx.complete(&self.mem, &*interrupt, head, 0) {
                         break;
                     }
@@ -315,7 +315,7 @@ impl NetWorker {
                     chain.head
                 }
                 Popped::Malformed { head, error } => {
-                    tracing::warn!("virtio-net: malformed tx chain: {error}");
+                    crate::guest_warn!("virtio-net: malformed tx chain: {error}");
                     head
                 }
             };

@@ -96,7 +96,7 @@ impl Muxer {
 
     fn queue_control(&mut self, hdr: Header) {
         if self.control.len() >= MAX_CONTROL {
-            tracing::warn!("virtio-vsock: control queue full, dropping op {}", hdr.op);
+            crate::guest_warn!("virtio-vsock: control queue full, dropping op {}", hdr.op);
             return;
         }
         self.control.push_back(hdr);
@@ -160,13 +160,13 @@ impl Muxer {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::warn!("virtio-vsock: accept failed: {e}");
+                        crate::guest_warn!("virtio-vsock: accept failed: {e}");
                     }
                     return;
                 }
             };
             if self.pending_host.len() + self.conns.len() >= MAX_CONNS {
-                tracing::warn!("virtio-vsock: too many connections, refusing one");
+                crate::guest_warn!("virtio-vsock: too many connections, refusing one");
                 continue;
             }
             let token = self.token();
@@ -266,7 +266,7 @@ impl Muxer {
                     chain.head
                 }
                 Popped::Malformed { head, error } => {
-                    tracing::warn!("virtio-vsock: malformed tx chain: {error}");
+                    crate::guest_warn!("virtio-vsock: malformed tx chain: {error}");
                     head
                 }
             };
@@ -399,7 +399,7 @@ impl Muxer {
             let chain = match self.rx.pop(&self.mem, &*interrupt) {
                 None => break,
                 Some(Popped::Malformed { head, error }) => {
-                    tracing::warn!("virtio-vsock: malformed rx buffer: {error}");
+                    crate::guest_warn!("virtio-vsock: malformed rx buffer: {error}");
                     if !self.rx.complete(&self.mem, &*interrupt, head, 0) {
                         break;
                     }
