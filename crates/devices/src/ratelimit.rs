@@ -31,6 +31,9 @@ mod tests {
     fn logs_the_first_few_then_powers_of_two() {
         let c = AtomicU64::new(0);
         let logged: Vec<u64> = (0..1000).filter_map(|_| should_log(&c)).collect();
-        assert_eq!(logged, vec![1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256, 512]);
+        assert_eq!(
+            logged,
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 128, 256, 512]
+        );
     }
 }
