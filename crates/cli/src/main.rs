@@ -36,14 +36,23 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            // One line: the error and its causes.
-            let msg = e
-                .chain()
-                .map(|c| c.to_string())
-                .collect::<Vec<_>>()
-                .join(": ");
-            eprintln!("pocketvisor: error: {msg}");
+            eprintln!("pocketvisor: error: {}", one_line(&e));
             std::process::exit(1);
         }
     }
+}
+
+/// The error and those of its causes its message does not already include, on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !msg.contains(&text) {
+            if !msg.is_empty() {
+                msg.push_str(": ");
+            }
+            msg.push_str(&text);
+        }
+    }
+    msg.split_whitespace().collect::<Vec<_>>().join(" ")
 }

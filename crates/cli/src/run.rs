@@ -98,8 +98,17 @@ fn build_config(a: RunArgs) -> Result<VmConfig> {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str::<VmConfig>(&text)
-                .with_context(|| format!("bad configuration file {}", path.display()))?
+            toml::from_str::<VmConfig>(&text).map_err(|e| {
+                let line = e
+                    .span()
+                    .map(|s| format!(" line {}", text[..s.start].matches('\n').count() + 1))
+                    .unwrap_or_default();
+                anyhow::anyhow!(
+                    "bad configuration file {}{line}: {}",
+                    path.display(),
+                    e.message().trim()
+                )
+            })?
         }
         None => match &a.kernel {
             Some(k) => VmConfig::new(k.clone()),
