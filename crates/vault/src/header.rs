@@ -273,6 +273,9 @@ fn passphrase_slot(
     let argon_params = params
         .check(&unlimited)
         .map_err(VaultError::invalid_input)?;
+    if passphrase.as_bytes().is_empty() {
+        return Err(VaultError::invalid_input("the passphrase is empty"));
+    }
     let mut salt = [0u8; 16];
     OsRng.fill_bytes(&mut salt);
     let kek = argon2_key(passphrase, &salt, argon_params)
@@ -569,6 +572,12 @@ mod tests {
         .err()
         .unwrap();
         assert!(matches!(err, VaultError::CorruptHeader { .. }), "{err}");
+    }
+
+    #[test]
+    fn empty_passphrase_is_refused() {
+        let err = create(&[pass("")], 4096).err().unwrap();
+        assert!(matches!(err, VaultError::InvalidInput { .. }), "{err}");
     }
 
     #[test]
