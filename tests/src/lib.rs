@@ -4,8 +4,10 @@
 //! - [`vm`]: spawning a VMM (pocketvisor or QEMU) with a deadline and collecting its serial lines.
 //! - [`probe`]: parsing the probe guest's `PROBE ...` lines.
 //! - [`host`]: host-side fixtures (temp dirs, disk images, FNV-1a, network namespaces, skips).
+//! - [`elf`]: tiny hand-made PVH kernels for exit-path tests.
 //! - [`qemu`]: the QEMU command line equivalent to a pocketvisor run.
 
+pub mod elf;
 pub mod host;
 pub mod paths;
 pub mod probe;
