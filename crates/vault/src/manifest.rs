@@ -57,6 +57,7 @@ impl Manifest {
 
     /// Checks names, extents and sizes; readers call this on every decoded manifest.
     pub(crate) fn validate(&self) -> Result<()> {
+        validate_profile_name(&self.name).map_err(VaultError::bad_manifest)?;
         if self.entries.len() > MAX_ENTRIES {
             return Err(VaultError::bad_manifest(format!(
                 "{} entries (at most {MAX_ENTRIES})",
@@ -182,6 +183,22 @@ pub enum KeyInfo {
     },
 }
 
+/// Checks that a profile name can safely become one path component: 1 to 255 bytes, no `/`,
+/// no control characters, not `.` or `..`.
+pub(crate) fn validate_profile_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 || name == "." || name == ".." {
+        return Err(format!(
+            "profile name {name:?} must have 1 to 255 bytes and not be `.` or `..`"
+        ));
+    }
+    if name.contains(|c: char| c == '/' || c.is_control()) {
+        return Err(format!(
+            "profile name {name:?} contains a `/` or a control character"
+        ));
+    }
+    Ok(())
+}
+
 /// Checks that `name` is a safe relative path: `/`-separated normal components.
 pub(crate) fn validate_entry_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_LEN {
@@ -248,6 +265,17 @@ mod tests {
         ] {
             assert!(validate_entry_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn profile_names() {
+        assert!(validate_profile_name("work phone").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\nb", "a\0b", &"x".repeat(256)] {
+            assert!(validate_profile_name(bad).is_err(), "{bad:?}");
+        }
+        let mut m = with(vec![]);
+        m.name = "../evil".into();
+        assert!(m.validate().is_err());
     }
 
     #[test]
