@@ -1,7 +1,9 @@
 //! `pocketvisor`: the command-line front end of the VMM.
 
+mod api;
 mod doctor;
 mod run;
+mod snapshot;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,14 @@ enum Command {
     Run(Box<run::RunArgs>),
     /// Report what this host can run: KVM kind, TAP, vsock, and which guests work here.
     Doctor(doctor::DoctorArgs),
+    /// Snapshot a running VM (started with --api-socket) into a directory.
+    Snapshot(snapshot::SnapshotArgs),
+    /// Restore a VM from a snapshot directory and run it.
+    Restore(snapshot::RestoreArgs),
+    /// Pause a running VM (started with --api-socket).
+    Pause(snapshot::ControlArgs),
+    /// Resume a paused VM.
+    Resume(snapshot::ControlArgs),
 }
 
 fn main() {
@@ -32,6 +42,10 @@ fn main() {
     let result = match cli.command {
         Command::Run(args) => run::main(*args),
         Command::Doctor(args) => doctor::main(args),
+        Command::Snapshot(args) => snapshot::snapshot(args),
+        Command::Restore(args) => snapshot::restore(args),
+        Command::Pause(args) => snapshot::pause(args),
+        Command::Resume(args) => snapshot::resume(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -56,6 +56,10 @@ pub struct RunArgs {
     /// CPUID features to hide from the guest, comma separated (e.g. xsave,avx512).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     cpuid_hide: Vec<String>,
+    /// Serve the control API (pause, resume, snapshot, stop; one JSON line each) on this unix
+    /// socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 /// The eventfd the signal handler writes to stop the VM, and the signal that came.
@@ -74,22 +78,38 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
 
 /// Runs the guest; returns the process exit status.
 pub fn main(args: RunArgs) -> Result<i32> {
+    let api_socket = args.api_socket.clone();
     let cfg = build_config(args)?;
     let vm = Vm::new(&cfg)?;
+    run_vm(vm, api_socket.as_deref())
+}
+
+/// Runs a built (or restored) VM until it ends, serving the API on `api_socket` if given;
+/// returns the process exit status.
+pub fn run_vm(vm: Vm, api_socket: Option<&std::path::Path>) -> Result<i32> {
+    let controller = vmm::Controller::new().context("create the API channel")?;
+    let _guard = api_socket
+        .map(|p| crate::api::serve(p, controller.clone()))
+        .transpose()?;
     let stop = EventFd::new(libc::EFD_NONBLOCK).context("create stop event")?;
     STOP_FD.store(std::os::fd::AsRawFd::as_raw_fd(&stop), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only does async-signal-safe work (atomics and write(2)).
         unsafe { libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t) };
     }
-    let outcome = vm.run(&stop)?;
+    let outcome = vm.run_with_control(&stop, Some(&controller))?;
     Ok(match outcome {
         RunOutcome::Guest(exit) => exit.status(),
-        RunOutcome::Stopped => {
-            let sig = STOP_SIGNAL.load(Ordering::SeqCst);
-            eprintln!("pocketvisor: stopped by signal {sig}");
-            128 + sig
-        }
+        RunOutcome::Stopped => match STOP_SIGNAL.load(Ordering::SeqCst) {
+            0 => {
+                eprintln!("pocketvisor: stopped through the API");
+                0
+            }
+            sig => {
+                eprintln!("pocketvisor: stopped by signal {sig}");
+                128 + sig
+            }
+        },
     })
 }
 
@@ -230,7 +250,7 @@ fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     })
 }
 
-fn parse_serial(s: &str) -> Result<SerialConfig, String> {
+pub(crate) fn parse_serial(s: &str) -> Result<SerialConfig, String> {
     match s {
         "stdout" => Ok(SerialConfig::Stdout),
         "none" => Ok(SerialConfig::None),

@@ -35,6 +35,12 @@ pub enum Error {
     /// A vCPU stopped with an error.
     #[error("vCPU {id}: {reason}")]
     Vcpu { id: u8, reason: String },
+    /// A snapshot could not be written or read.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// A snapshot's state file is malformed, corrupted or of another format version.
+    #[error(transparent)]
+    Format(#[from] crate::snapshot::format::FormatError),
     /// A host call failed.
     #[error("{what}: {source}")]
     Io {

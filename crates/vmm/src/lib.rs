@@ -3,13 +3,20 @@
 //! [`Vm::new`] creates the KVM VM with its memory, in-kernel irqchip, legacy devices, PCI bus and
 //! virtio devices, loads the kernel and sets up the vCPUs; [`Vm::run`] starts one thread per vCPU
 //! and waits until the guest powers off, a vCPU fails, or the caller asks it to stop.
+//! [`Vm::run_with_control`] also serves [`Request`]s (pause, resume, snapshot, stop) sent
+//! through a [`Controller`]; [`Vm::restore`] rebuilds a VM from a [`snapshot`] directory.
 
 pub mod config;
+pub mod control;
 mod error;
 mod hooks;
+pub mod snapshot;
 mod vcpu;
+mod vcpu_state;
 mod vm;
 
 pub use config::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+pub use control::{Controller, Request};
 pub use error::Error;
+pub use snapshot::{RestoreOverrides, SnapshotStats};
 pub use vm::{RunOutcome, Vm};

@@ -1,6 +1,7 @@
 //! The vCPU threads: run the guest, dispatch port and MMIO exits to the buses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -32,6 +33,10 @@ pub struct VcpuShared {
     pub exit: Arc<ExitSignal>,
     /// Set when the VM is stopping; vCPUs leave their loop.
     pub stop: AtomicBool,
+    /// Set while the VM is paused: vCPUs leave KVM_RUN and park.
+    pub pause: AtomicBool,
+    /// How many vCPUs are parked.
+    pub parked: AtomicUsize,
     /// The first vCPU error, if any.
     pub error: Mutex<Option<(u8, String)>>,
 }
@@ -47,28 +52,70 @@ impl VcpuShared {
     }
 }
 
+/// Work run on a parked vCPU's own thread (KVM state ioctls).
+pub type VcpuCall = Box<dyn FnOnce(&VcpuFd) + Send>;
+
+/// What a parked vCPU thread is told.
+pub enum VcpuMsg {
+    /// Run this on the vCPU.
+    Call(VcpuCall),
+    /// Leave the parked state.
+    Resume,
+}
+
 /// A running vCPU thread.
 pub struct VcpuThread {
     pub handle: JoinHandle<()>,
+    msgs: Sender<VcpuMsg>,
 }
 
 /// Starts vCPU `id` on its own thread.
 pub fn spawn(id: u8, mut vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<VcpuThread> {
+    let (msgs, rx) = channel();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run(id, &mut vcpu, &shared))?;
-    Ok(VcpuThread { handle })
+        .spawn(move || run(id, &mut vcpu, &shared, &rx))?;
+    Ok(VcpuThread { handle, msgs })
 }
 
 impl VcpuThread {
-    /// Interrupts the thread's KVM_RUN (it then sees the stop flag).
+    /// Interrupts the thread's KVM_RUN (it then sees the stop and pause flags).
     pub fn kick(&self) {
         let _ = self.handle.kill(kick_signal());
     }
+
+    /// Sends a message to the (parked) thread; false if the thread is gone.
+    pub fn send(&self, msg: VcpuMsg) -> bool {
+        self.msgs.send(msg).is_ok()
+    }
 }
 
-fn run(id: u8, vcpu: &mut VcpuFd, shared: &VcpuShared) {
+/// Parks the vCPU until it is resumed or the VM stops; runs calls meanwhile.
+fn park(vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
+    // Re-enter once with immediate_exit so KVM completes a pending port or MMIO read before
+    // the state is looked at; KVM then returns EINTR without running the guest.
+    vcpu.set_kvm_immediate_exit(1);
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+    shared.parked.fetch_add(1, Ordering::AcqRel);
     while !shared.stop.load(Ordering::Acquire) {
+        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(VcpuMsg::Call(f)) => f(vcpu),
+            Ok(VcpuMsg::Resume) if !shared.pause.load(Ordering::Acquire) => break,
+            Ok(VcpuMsg::Resume) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    shared.parked.fetch_sub(1, Ordering::AcqRel);
+}
+
+fn run(id: u8, vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
+    while !shared.stop.load(Ordering::Acquire) {
+        if shared.pause.load(Ordering::Acquire) {
+            park(vcpu, shared, rx);
+            continue;
+        }
         match vcpu.run() {
             Ok(exit) => {
                 if let Some(stop) = handle_exit(id, exit, shared) {

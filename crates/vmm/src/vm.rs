@@ -15,15 +15,18 @@ use vmm_sys_util::eventfd::EventFd;
 
 use arch::layout;
 use devices::bus::{lock, Bus, SharedDevice};
-use devices::legacy::{AcpiPm, DebugExit, ExitSignal, GuestExit, PortSink, Serial, I8042};
+use devices::legacy::{
+    AcpiPm, DebugExit, ExitSignal, GuestExit, PortSink, Serial, SerialSnapshot, I8042,
+};
 use devices::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
 use devices::virtio::pci::VirtioPciDevice;
 use devices::virtio::VirtioDevice;
 use devices::GuestMem;
 
 use crate::config::{parse_mac, SerialConfig, VmConfig};
+use crate::control::{Controller, Request};
 use crate::hooks::KvmHooks;
-use crate::vcpu::{self, VcpuShared};
+use crate::vcpu::{self, VcpuMsg, VcpuShared, VcpuThread};
 use crate::Error;
 
 /// Where the KVM TSS and identity map pages go (just below the BIOS area at the top of 4 GiB).
@@ -41,14 +44,45 @@ pub enum RunOutcome {
 
 /// A VM ready to run.
 pub struct Vm {
-    vcpus: Vec<VcpuFd>,
-    shared: Arc<VcpuShared>,
-    exit: Arc<ExitSignal>,
-    // Kept alive for as long as the VM runs.
-    _kvm: Kvm,
-    _vm: Arc<VmFd>,
-    _mem: GuestMem,
-    _serial: Arc<Mutex<Serial>>,
+    pub(crate) cfg: VmConfig,
+    pub(crate) vcpus: Vec<VcpuFd>,
+    pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) exit: Arc<ExitSignal>,
+    /// Kept open for as long as the VM exists.
+    pub(crate) _kvm: Kvm,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) mem: GuestMem,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    /// The PCI bus (the buses hold it too).
+    pub(crate) _root: Arc<Mutex<PciRoot>>,
+    pub(crate) virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// The MSRs KVM reports for this host (what a snapshot saves).
+    pub(crate) msr_list: Arc<Vec<u32>>,
+}
+
+/// KVM, the VM fd with its irqchip and PIT, after checking the configuration against the host.
+pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
+    let kvm = Kvm::new().map_err(Error::KvmOpen)?;
+    let max_vcpus = kvm.get_max_vcpus();
+    if usize::from(cfg.vcpus) > max_vcpus {
+        return Err(Error::Config(format!(
+            "{} vCPUs asked, this host's KVM allows {max_vcpus}",
+            cfg.vcpus
+        )));
+    }
+    check_host_memory(cfg.memory_mib)?;
+    let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("create VM"))?);
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(Error::kvm("set TSS address"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(Error::kvm("set identity map address"))?;
+    vm.create_irq_chip().map_err(Error::kvm("create irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(Error::kvm("create PIT"))?;
+    Ok((kvm, vm))
 }
 
 impl Vm {
@@ -58,35 +92,10 @@ impl Vm {
         let mut kernel = open(&cfg.kernel)?;
         let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
 
-        let kvm = Kvm::new().map_err(Error::KvmOpen)?;
-        let max_vcpus = kvm.get_max_vcpus();
-        if usize::from(cfg.vcpus) > max_vcpus {
-            return Err(Error::Config(format!(
-                "{} vCPUs asked, this host's KVM allows {max_vcpus}",
-                cfg.vcpus
-            )));
-        }
-        check_host_memory(cfg.memory_mib)?;
-        let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("create VM"))?);
-        vm.set_tss_address(KVM_TSS_ADDR)
-            .map_err(Error::kvm("set TSS address"))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-            .map_err(Error::kvm("set identity map address"))?;
-        vm.create_irq_chip().map_err(Error::kvm("create irqchip"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(Error::kvm("create PIT"))?;
-
+        let (kvm, vm) = create_kvm_vm(cfg)?;
         let mem = create_memory(&vm, cfg.memory_mib << 20)?;
-        let hooks = Arc::new(KvmHooks::new(vm.clone(), layout::MSI_GSI_BASE));
-        hooks
-            .install_default_routes()
-            .map_err(Error::io("install IRQ routes"))?;
-
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
-        let (pio, mmio, serial) = build_devices(cfg, &vm, &mem, hooks, &exit)?;
+        let devs = build_devices(cfg, &vm, &mem, &exit, None)?;
 
         let boot_cfg = arch::BootConfig {
             cmdline: &cfg.cmdline,
@@ -110,27 +119,66 @@ impl Vm {
             arch::setup_vcpu(&vcpu, id, &boot, &mem)?;
             vcpus.push(vcpu);
         }
+        Ok(Vm::assemble(cfg.clone(), kvm, vm, mem, exit, devs, vcpus))
+    }
 
+    /// Puts the parts together.
+    pub(crate) fn assemble(
+        cfg: VmConfig,
+        kvm: Kvm,
+        vm: Arc<VmFd>,
+        mem: GuestMem,
+        exit: Arc<ExitSignal>,
+        devs: Devices,
+        vcpus: Vec<VcpuFd>,
+    ) -> Vm {
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_else(|e| {
+                tracing::warn!("KVM_GET_MSR_INDEX_LIST failed ({e}); snapshots will lack MSRs");
+                Vec::new()
+            });
         let shared = Arc::new(VcpuShared {
-            pio,
-            mmio,
+            pio: devs.pio,
+            mmio: devs.mmio,
             exit: exit.clone(),
             stop: Default::default(),
+            pause: Default::default(),
+            parked: Default::default(),
             error: Mutex::new(None),
         });
-        Ok(Vm {
+        Vm {
+            cfg,
             vcpus,
             shared,
             exit,
             _kvm: kvm,
-            _vm: vm,
-            _mem: mem,
-            _serial: serial,
-        })
+            vm,
+            mem,
+            serial: devs.serial,
+            _root: devs.root,
+            virtio: devs.virtio,
+            msr_list: Arc::new(msr_list),
+        }
+    }
+
+    /// The configuration the VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
     }
 
     /// Runs the guest until it exits, a vCPU fails, or `stop` becomes readable.
-    pub fn run(mut self, stop: &EventFd) -> Result<RunOutcome, Error> {
+    pub fn run(self, stop: &EventFd) -> Result<RunOutcome, Error> {
+        self.run_with_control(stop, None)
+    }
+
+    /// Like [`run`](Self::run), also serving requests sent through `control`.
+    pub fn run_with_control(
+        mut self,
+        stop: &EventFd,
+        control: Option<&Controller>,
+    ) -> Result<RunOutcome, Error> {
         vcpu::install_kick_handler().map_err(Error::io("install vCPU kick handler"))?;
         let mut threads = Vec::new();
         for (id, fd) in self.vcpus.drain(..).enumerate() {
@@ -139,8 +187,30 @@ impl Vm {
             threads.push(t);
         }
 
-        let stopped = wait_readable(self.exit.event.as_raw_fd(), stop.as_raw_fd())
+        let control_fd = control.map(|c| c.event.as_raw_fd());
+        let stopped = loop {
+            let fired = wait_readable(&[
+                Some(self.exit.event.as_raw_fd()),
+                Some(stop.as_raw_fd()),
+                control_fd,
+            ])
             .map_err(Error::io("wait for the VM"))?;
+            match fired {
+                0 => break false,
+                1 => break true,
+                _ => {
+                    let Some(control) = control else { continue };
+                    let mut stop_now = false;
+                    for (req, reply) in control.take() {
+                        stop_now |= req == Request::Stop;
+                        let _ = reply.send(self.handle_request(&threads, &req));
+                    }
+                    if stop_now {
+                        break true;
+                    }
+                }
+            }
+        };
 
         self.shared.stop.store(true, Ordering::Release);
         // A kick can land just before a thread enters KVM_RUN; keep kicking until all are gone.
@@ -151,6 +221,7 @@ impl Vm {
         for t in threads {
             let _ = t.handle.join();
         }
+        // Device workers left paused are released (and stopped) when the devices drop.
 
         if let Some((id, reason)) = lock(&self.shared.error).take() {
             return Err(Error::Vcpu { id, reason });
@@ -162,6 +233,71 @@ impl Vm {
                 id: 0,
                 reason: "stopped without a reason".into(),
             }),
+        }
+    }
+}
+
+impl Vm {
+    /// Serves one control request on the thread running the VM.
+    fn handle_request(&self, threads: &[VcpuThread], req: &Request) -> Result<String, String> {
+        match req {
+            Request::Pause => self.pause(threads).map(|_| "paused".into()),
+            Request::Resume => {
+                self.resume(threads);
+                Ok("running".into())
+            }
+            Request::Snapshot { dir, resume } => {
+                self.pause(threads)?;
+                let result = self.save_snapshot(threads, dir).map_err(|e| e.to_string());
+                if *resume {
+                    self.resume(threads);
+                }
+                result.map(|stats| stats.to_string())
+            }
+            Request::Stop => Ok("stopping".into()),
+        }
+    }
+
+    /// Parks every vCPU outside KVM_RUN, then quiesces the device workers.
+    fn pause(&self, threads: &[VcpuThread]) -> Result<(), String> {
+        if self.shared.pause.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while self.shared.parked.load(Ordering::Acquire) < threads.len() {
+            if threads.iter().any(|t| t.handle.is_finished()) {
+                self.resume(threads);
+                return Err("a vCPU has stopped; the VM is ending".into());
+            }
+            if std::time::Instant::now() > deadline {
+                self.resume(threads);
+                return Err("vCPUs did not stop within 5 s".into());
+            }
+            threads.iter().for_each(|t| t.kick());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        for d in &self.virtio {
+            lock(d).pause();
+        }
+        Ok(())
+    }
+
+    /// Lets devices and vCPUs run again.
+    fn resume(&self, threads: &[VcpuThread]) {
+        if !self.shared.pause.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        for d in &self.virtio {
+            lock(d).resume();
+        }
+        for t in threads {
+            t.send(VcpuMsg::Resume);
+        }
+        // Wait until they have left the parked state so a new pause counts afresh.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while self.shared.parked.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 }
@@ -194,6 +330,12 @@ fn check_host_memory(mib: u64) -> Result<(), Error> {
 fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMem, Error> {
     let ranges = layout::ram_regions(size);
     let mem = GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    register_memory(vm, &mem)?;
+    Ok(mem)
+}
+
+/// Registers every region of `mem` with KVM, one slot per region.
+pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMem) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
@@ -209,19 +351,31 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMem, Error> {
         // VM keeps alive for as long as the VM exists.
         unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("set memory region"))?;
     }
-    Ok(mem)
+    Ok(())
 }
 
-type Buses = (Bus, Bus, Arc<Mutex<Serial>>);
+/// The devices of a VM and the buses they sit on.
+pub(crate) struct Devices {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub serial: Arc<Mutex<Serial>>,
+    pub root: Arc<Mutex<PciRoot>>,
+    pub virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+}
 
-/// Builds the port and MMIO buses with every device the configuration asks for.
-fn build_devices(
+/// Builds the port and MMIO buses with every device the configuration asks for; the serial
+/// port starts in the state `serial_state` if given (restore).
+pub(crate) fn build_devices(
     cfg: &VmConfig,
-    vm: &VmFd,
+    vm: &Arc<VmFd>,
     mem: &GuestMem,
-    hooks: Arc<KvmHooks>,
     exit: &Arc<ExitSignal>,
-) -> Result<Buses, Error> {
+    serial_state: Option<&SerialSnapshot>,
+) -> Result<Devices, Error> {
+    let hooks = Arc::new(KvmHooks::new(vm.clone(), layout::MSI_GSI_BASE));
+    hooks
+        .install_default_routes()
+        .map_err(Error::io("install IRQ routes"))?;
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let bus_err = |e: devices::bus::BusError| Error::Device {
@@ -246,7 +400,14 @@ fn build_devices(
         ),
         SerialConfig::None => Box::new(std::io::sink()),
     };
-    let serial = Arc::new(Mutex::new(Serial::new(serial_irq, out)));
+    let serial = match serial_state {
+        None => Serial::new(serial_irq, out),
+        Some(st) => Serial::from_snapshot(st, serial_irq, out).map_err(|e| Error::Device {
+            name: "serial".into(),
+            reason: e.to_string(),
+        })?,
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())
         .map_err(bus_err)?;
     let legacy: [(u16, u64, SharedDevice); 4] = [
@@ -291,20 +452,29 @@ fn build_devices(
     .map_err(bus_err)?;
 
     let hooks: Arc<dyn VmHooks> = hooks;
+    let mut virtio = Vec::new();
     for (name, dev) in virtio_devices(cfg)? {
         let pci =
             VirtioPciDevice::new(dev, mem.clone(), hooks.clone()).map_err(|e| Error::Device {
                 name: name.clone(),
                 reason: e.to_string(),
             })?;
+        let pci = Arc::new(Mutex::new(pci));
         lock(&root)
-            .add_device(Arc::new(Mutex::new(pci)))
+            .add_device(pci.clone())
             .map_err(|e| Error::Device {
                 name,
                 reason: e.to_string(),
             })?;
+        virtio.push(pci);
     }
-    Ok((pio, mmio, serial))
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        root,
+        virtio,
+    })
 }
 
 /// A virtio device with a name for error messages.
@@ -345,23 +515,28 @@ fn virtio_devices(cfg: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
     Ok(out)
 }
 
-/// Blocks until `a` or `b` is readable; returns true when `b` (the stop request) fired.
-fn wait_readable(a: i32, b: i32) -> std::io::Result<bool> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
+/// Blocks until one of `fds` (`None` entries are skipped) is readable; returns its position.
+fn wait_readable(fds: &[Option<i32>]) -> std::io::Result<usize> {
+    let mut polled: Vec<(usize, libc::pollfd)> = fds
+        .iter()
+        .enumerate()
+        .filter_map(|(i, fd)| {
+            fd.map(|fd| {
+                (
+                    i,
+                    libc::pollfd {
+                        fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                )
+            })
+        })
+        .collect();
+    let mut raw: Vec<libc::pollfd> = polled.iter().map(|p| p.1).collect();
     loop {
-        // SAFETY: `fds` is a valid array of two pollfd structs for the duration of the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // SAFETY: `raw` is a valid array of `raw.len()` pollfd structs for the whole call.
+        let r = unsafe { libc::poll(raw.as_mut_ptr(), raw.len() as libc::nfds_t, -1) };
         if r < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() == std::io::ErrorKind::Interrupted {
@@ -369,11 +544,11 @@ fn wait_readable(a: i32, b: i32) -> std::io::Result<bool> {
             }
             return Err(err);
         }
-        if fds[0].revents != 0 {
-            return Ok(false);
+        for (p, fd) in polled.iter_mut().zip(&raw) {
+            p.1.revents = fd.revents;
         }
-        if fds[1].revents != 0 {
-            return Ok(true);
+        if let Some((i, _)) = polled.iter().find(|p| p.1.revents != 0) {
+            return Ok(*i);
         }
     }
 }

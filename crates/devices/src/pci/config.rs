@@ -130,6 +130,30 @@ impl PciConfig {
         }
     }
 
+    /// The raw config space bytes (for a snapshot).
+    pub fn raw_bytes(&self) -> [u8; CONFIG_SPACE_SIZE] {
+        self.bytes
+    }
+
+    /// Replaces the config space bytes with ones from a snapshot of a function built the same
+    /// way: the identity, BAR flags and capability layout must be what this function has, and
+    /// only guest-writable bits may differ. Returns false (and changes nothing) otherwise.
+    pub fn restore_raw_bytes(&mut self, bytes: &[u8]) -> bool {
+        if bytes.len() != CONFIG_SPACE_SIZE {
+            return false;
+        }
+        let consistent = self
+            .bytes
+            .iter()
+            .zip(&self.wmask)
+            .zip(bytes)
+            .all(|((cur, m), new)| cur & !m == new & !m);
+        if consistent {
+            self.bytes.copy_from_slice(bytes);
+        }
+        consistent
+    }
+
     /// Makes the bits set in `mask` guest-writable at `offset`.
     pub fn set_write_mask(&mut self, offset: usize, mask: &[u8]) {
         for (i, v) in mask.iter().enumerate() {

@@ -18,7 +18,7 @@ pub(crate) mod testing;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use config::{BarKind, PciConfig, PciConfigParams};
-pub use msix::MsixConfig;
+pub use msix::{MsixConfig, MsixState};
 pub use root::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot};
 
 /// What PCI devices need from the hypervisor.

@@ -60,6 +60,20 @@ struct Vector {
     route: Option<(u64, u32)>,
 }
 
+/// The guest-visible MSI-X state of one function, for snapshots (GSIs and irqfds are host
+/// resources and are allocated afresh on restore).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// Each vector's table entry: address low, address high, data, vector control.
+    pub entries: Vec<[u32; 4]>,
+    /// The pending-bit array.
+    pub pba: Vec<u64>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_mask: bool,
+}
+
 /// The MSI-X state of one function.
 pub struct MsixConfig {
     entries: Vec<Entry>,
@@ -100,6 +114,50 @@ impl MsixConfig {
             function_mask: false,
             hooks,
         })
+    }
+
+    /// The guest-visible state.
+    pub fn state(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.ctl])
+                .collect(),
+            pba: self.pba.clone(),
+            enabled: self.enabled,
+            function_mask: self.function_mask,
+        }
+    }
+
+    /// Applies a snapshot's state and reprograms the KVM routes to match; a state with another
+    /// number of vectors is refused.
+    pub fn restore(&mut self, state: &MsixState) -> Result<(), PciError> {
+        if state.entries.len() != self.entries.len() || state.pba.len() != self.pba.len() {
+            return Err(PciError::BadVectorCount(state.entries.len()));
+        }
+        for (e, s) in self.entries.iter_mut().zip(&state.entries) {
+            *e = Entry {
+                addr_lo: s[0],
+                addr_hi: s[1],
+                data: s[2],
+                ctl: s[3] & VECTOR_CTL_MASK,
+            };
+        }
+        self.pba.copy_from_slice(&state.pba);
+        // Bits past the last vector are never set.
+        let n = self.entries.len();
+        if !n.is_multiple_of(64) {
+            if let Some(last) = self.pba.last_mut() {
+                *last &= (1u64 << (n % 64)) - 1;
+            }
+        }
+        self.enabled = state.enabled;
+        self.function_mask = state.function_mask;
+        for v in 0..n {
+            self.update_route(v);
+        }
+        Ok(())
     }
 
     /// Number of vectors.

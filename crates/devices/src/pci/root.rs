@@ -148,6 +148,15 @@ impl PciRoot {
         Ok(slot as u8)
     }
 
+    /// Recomputes the decoded BARs of every device from its config space (after a restore
+    /// wrote BAR and command registers directly), moving ioeventfds as needed.
+    pub fn refresh_all(&mut self) {
+        let window = self.window();
+        for slot in self.slots.iter_mut().flatten() {
+            Self::refresh_mapping(slot, window);
+        }
+    }
+
     /// The device at bus 0, `dev`, function 0.
     fn slot(&self, bus: u8, dev: u8, func: u8) -> Option<&Slot> {
         if bus != 0 || func != 0 {

@@ -197,6 +197,18 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn pause(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.resume();
+        }
+    }
+
     fn reset(&mut self) {
         self.reset_worker();
         self.acked = 0;

@@ -90,4 +90,14 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// Stops the device's worker and returns it to its initial state.
     fn reset(&mut self);
+    /// Quiesces an activated device for a snapshot: its worker finishes the chains it popped
+    /// and stops touching guest memory and queues until [`resume`](Self::resume). A device
+    /// with a worker thread must implement this; the default suits devices without one.
+    fn pause(&mut self) {}
+    /// Undoes [`pause`](Self::pause).
+    fn resume(&mut self) {}
+    /// Called after the device was re-activated from a snapshot in a new process, before the
+    /// guest runs: host-side state that could not be carried over (open connections) is gone,
+    /// and the device tells the driver so if its protocol has a way.
+    fn restored(&mut self) {}
 }

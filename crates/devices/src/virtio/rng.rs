@@ -71,6 +71,18 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
+    fn pause(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.resume();
+        }
+    }
+
     fn reset(&mut self) {
         if let Some(worker) = self.worker.take() {
             worker.stop();

@@ -10,7 +10,9 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestAddress;
@@ -33,6 +35,28 @@ pub const COMMON_FEATURES: u64 =
 /// the position of a queue in the activation order.
 pub const BACKEND_TOKEN_BASE: u64 = 1 << 32;
 const STOP_TOKEN: u64 = u64::MAX;
+const PAUSE_TOKEN: u64 = u64::MAX - 1;
+
+/// Pause handshake between a [`WorkerHandle`] and its thread.
+#[derive(Default)]
+struct PauseState {
+    /// The handle wants the worker parked.
+    requested: bool,
+    /// The worker is parked (between two epoll rounds, no chain in flight).
+    parked: bool,
+}
+
+#[derive(Default)]
+struct PauseCtl {
+    state: Mutex<PauseState>,
+    changed: Condvar,
+}
+
+impl PauseCtl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// What a device runs on its worker thread.
 pub trait DeviceWorker: Send + 'static {
@@ -50,6 +74,8 @@ pub trait DeviceWorker: Send + 'static {
 /// A running worker thread.
 pub struct WorkerHandle {
     stop: EventFd,
+    pause: EventFd,
+    ctl: Arc<PauseCtl>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -59,7 +85,41 @@ impl WorkerHandle {
         self.stop_and_join();
     }
 
+    /// Parks the worker between two rounds of its event loop and waits until it is parked.
+    /// Every chain the worker popped has been completed by then (workers never hold a chain
+    /// across rounds), so the used ring index equals the queue's next available index. Events
+    /// that arrive while parked (kicks, backend readiness) are handled after [`resume`].
+    ///
+    /// [`resume`]: Self::resume
+    pub fn pause(&self) {
+        let Some(thread) = &self.thread else { return };
+        let mut st = self.ctl.lock();
+        st.requested = true;
+        if let Err(e) = self.pause.write(1) {
+            tracing::error!("cannot signal virtio worker to pause: {e}");
+            st.requested = false;
+            return;
+        }
+        while !st.parked && !thread.is_finished() {
+            st = self
+                .ctl
+                .changed
+                .wait_timeout(st, Duration::from_millis(10))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Lets a paused worker run again.
+    pub fn resume(&self) {
+        let mut st = self.ctl.lock();
+        st.requested = false;
+        self.ctl.changed.notify_all();
+        drop(st);
+    }
+
     fn stop_and_join(&mut self) {
+        self.resume();
         if let Some(thread) = self.thread.take() {
             if let Err(e) = self.stop.write(1) {
                 tracing::error!("cannot signal virtio worker to stop: {e}");
@@ -86,16 +146,23 @@ pub fn spawn_worker<W: DeviceWorker>(
 ) -> io::Result<WorkerHandle> {
     let epoll = Epoll::new()?;
     let stop = EventFd::new(EFD_NONBLOCK)?;
+    let pause = EventFd::new(EFD_NONBLOCK)?;
     add_fd(&epoll, stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
+    add_fd(&epoll, pause.as_raw_fd(), PAUSE_TOKEN, EventSet::IN)?;
     for (i, kick) in kicks.iter().enumerate() {
         add_fd(&epoll, kick.as_raw_fd(), i as u64, EventSet::IN)?;
     }
     worker.register(&epoll)?;
+    let ctl = Arc::new(PauseCtl::default());
+    let thread_pause = pause.try_clone()?;
+    let thread_ctl = ctl.clone();
     let thread = std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || run(epoll, kicks, worker))?;
+        .spawn(move || run(epoll, kicks, worker, &thread_pause, &thread_ctl))?;
     Ok(WorkerHandle {
         stop,
+        pause,
+        ctl,
         thread: Some(thread),
     })
 }
@@ -110,7 +177,29 @@ pub fn remove_fd(epoll: &Epoll, fd: RawFd) -> io::Result<()> {
     epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
 }
 
-fn run<W: DeviceWorker>(epoll: Epoll, kicks: Vec<EventFd>, mut worker: W) {
+/// Parks the calling worker thread until the handle resumes it.
+fn park(pause: &EventFd, ctl: &PauseCtl) {
+    // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
+    let _ = pause.read();
+    let mut st = ctl.lock();
+    if !st.requested {
+        return;
+    }
+    st.parked = true;
+    ctl.changed.notify_all();
+    while st.requested {
+        st = ctl.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+    }
+    st.parked = false;
+}
+
+fn run<W: DeviceWorker>(
+    epoll: Epoll,
+    kicks: Vec<EventFd>,
+    mut worker: W,
+    pause: &EventFd,
+    ctl: &PauseCtl,
+) {
     for i in 0..kicks.len() {
         worker.queue_kicked(&epoll, i);
     }
@@ -124,10 +213,15 @@ fn run<W: DeviceWorker>(epoll: Epoll, kicks: Vec<EventFd>, mut worker: W) {
                 return;
             }
         };
+        let mut pause_asked = false;
         for ev in events.iter().take(n) {
             let token = ev.data();
             if token == STOP_TOKEN {
                 return;
+            }
+            if token == PAUSE_TOKEN {
+                pause_asked = true;
+                continue;
             }
             if let Some(kick) = kicks
                 .get(token as usize)
@@ -139,6 +233,10 @@ fn run<W: DeviceWorker>(epoll: Epoll, kicks: Vec<EventFd>, mut worker: W) {
             } else {
                 worker.backend_event(&epoll, token, ev.event_set());
             }
+        }
+        // Park only after the whole round: every handler has completed what it popped.
+        if pause_asked {
+            park(pause, ctl);
         }
     }
 }

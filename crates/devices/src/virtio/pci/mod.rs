@@ -16,6 +16,7 @@
 
 mod common;
 mod interrupt;
+mod state;
 
 #[cfg(test)]
 mod e2e_tests;
@@ -39,6 +40,7 @@ use crate::GuestMem;
 pub use common::{status, COMMON_CFG_LEN};
 use common::{CommonRegs, QueueConfig};
 pub use interrupt::{VirtioInterrupt, NO_VECTOR};
+pub use state::{QueueState, RestoreError, VirtioPciState};
 
 /// Size of BAR 0.
 pub const BAR0_SIZE: u64 = 0x4000;
@@ -219,6 +221,12 @@ impl VirtioPciDevice {
 
     /// Builds the ready queues and starts the device.
     fn activate(&mut self) -> Result<(), ActivateError> {
+        self.activate_at(&[])
+    }
+
+    /// Builds the ready queues, each at its (next_avail, next_used) position in `positions`
+    /// (0 for queues not listed), and starts the device.
+    fn activate_at(&mut self, positions: &[(u16, u16)]) -> Result<(), ActivateError> {
         if self.activated {
             return Ok(());
         }
@@ -242,6 +250,10 @@ impl VirtioPciDevice {
                 .try_set_used_ring_address(GuestAddress(qc.device))
                 .map_err(bad)?;
             queue.set_event_idx(event_idx);
+            if let Some(&(avail, used)) = positions.get(i) {
+                queue.set_next_avail(avail);
+                queue.set_next_used(used);
+            }
             queue.set_ready(true);
             if !queue.is_valid(&self.mem) {
                 return Err(ActivateError::BadQueue(index));

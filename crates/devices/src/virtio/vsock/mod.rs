@@ -134,6 +134,18 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
+    fn pause(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.resume();
+        }
+    }
+
     fn reset(&mut self) {
         self.stop_worker();
         self.acked = 0;

@@ -1,0 +1,123 @@
+//! `pocketvisor snapshot`, `restore`, `pause` and `resume`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use vmm::{RestoreOverrides, SerialConfig, Vm};
+
+use crate::api::{self, ApiRequest};
+
+/// Snapshot a running VM through its API socket.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The VM must have been started with --api-socket. It is paused while the snapshot is written
+and stays paused afterwards unless --resume (continue) or --stop (end the VM) is given.
+
+EXAMPLE:
+  pocketvisor run --kernel guest/out/probe.elf --cmdline pv.mode=counter --api-socket /tmp/pv.sock &
+  pocketvisor snapshot --api-socket /tmp/pv.sock -o /tmp/snap --stop
+  pocketvisor restore /tmp/snap")]
+pub struct SnapshotArgs {
+    /// The VMM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// Snapshot directory (created; an existing snapshot there is replaced).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// Let the VM continue after the snapshot.
+    #[arg(long, conflicts_with = "stop")]
+    resume: bool,
+    /// End the VM after the snapshot.
+    #[arg(long)]
+    stop: bool,
+}
+
+/// Restore a VM from a snapshot directory in this process and run it.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The configuration saved in the snapshot is used; host-side paths can be changed with the
+flags below. The exit status is the guest's, as for `run`.")]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    #[arg(value_name = "DIR")]
+    dir: PathBuf,
+    /// Where the serial console goes: stdout, file:PATH or none [default: as saved].
+    #[arg(long, value_name = "WHERE", value_parser = crate::run::parse_serial)]
+    serial: Option<SerialConfig>,
+    /// Disk image paths replacing the saved ones, in order. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
+    /// TAP names replacing the saved ones, in order. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    tap: Vec<String>,
+    /// The vsock unix socket path.
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
+    /// Serve the control API on this unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+/// Pause or resume a running VM through its API socket.
+#[derive(Args, Debug)]
+pub struct ControlArgs {
+    /// The VMM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+}
+
+/// `pocketvisor snapshot`.
+pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
+    let dir = std::path::absolute(&a.output)
+        .with_context(|| format!("bad output path {}", a.output.display()))?;
+    let info = api::call(
+        &a.api_socket,
+        &ApiRequest {
+            op: "snapshot".into(),
+            dir: Some(dir.clone()),
+            resume: a.resume,
+        },
+    )?;
+    println!("snapshot written to {} ({info})", dir.display());
+    if a.stop {
+        control(&a.api_socket, "stop")?;
+    }
+    Ok(0)
+}
+
+/// `pocketvisor restore`.
+pub fn restore(a: RestoreArgs) -> Result<i32> {
+    let overrides = RestoreOverrides {
+        serial: a.serial,
+        disks: a.disk,
+        vsock_socket: a.vsock_socket,
+        taps: a.tap,
+    };
+    let vm = Vm::restore(&a.dir, &overrides)
+        .with_context(|| format!("cannot restore {}", a.dir.display()))?;
+    crate::run::run_vm(vm, a.api_socket.as_deref())
+}
+
+fn control(socket: &std::path::Path, op: &str) -> Result<String> {
+    api::call(
+        socket,
+        &ApiRequest {
+            op: op.into(),
+            dir: None,
+            resume: false,
+        },
+    )
+}
+
+/// `pocketvisor pause`.
+pub fn pause(a: ControlArgs) -> Result<i32> {
+    println!("{}", control(&a.api_socket, "pause")?);
+    Ok(0)
+}
+
+/// `pocketvisor resume`.
+pub fn resume(a: ControlArgs) -> Result<i32> {
+    println!("{}", control(&a.api_socket, "resume")?);
+    Ok(0)
+}
