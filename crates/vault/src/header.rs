@@ -15,9 +15,9 @@
 //!      n   32  HMAC-SHA256 over bytes 0..n, keyed by a key derived from the file key
 //! ```
 //!
-//! Passphrase slot body (kind 1): argon2id m (KiB) u32, t u32, p u32, salt [16], nonce [24],
-//! wrapped file key [48]. Recipient slot body (kind 2): ephemeral X25519 public key [32],
-//! nonce [24], wrapped file key [48]. Wrapping is XChaCha20-Poly1305 with the fixed part of the
+//! Passphrase slot body (kind 1): argon2id m (KiB) u32, t u32, p u32, salt (16 bytes), nonce (24),
+//! wrapped file key (48). Recipient slot body (kind 2): ephemeral X25519 public key (32),
+//! nonce (24), wrapped file key (48). Wrapping is XChaCha20-Poly1305 with the fixed part of the
 //! header (bytes 0..40) as associated data. Unknown slot kinds are skipped (and still covered by
 //! the MAC).
 
