@@ -4,7 +4,7 @@
 //! sparse) and, optionally, its snapshot. It is a stream:
 //!
 //! 1. a header (magic, format version, cipher, chunk size, random salt, key slots wrapping the
-//!    random file key, and an HMAC over all of it), see [`header`](crate::header) for the layout;
+//!    random file key, and an HMAC over all of it), see [`header`] for the layout;
 //! 2. chunks of zstd-compressed plaintext sealed with XChaCha20-Poly1305, each bound to the
 //!    header, its index and whether it is the last one, so that reordering, splicing,
 //!    truncation and flipped bytes are all detected.
