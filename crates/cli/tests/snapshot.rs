@@ -1,0 +1,316 @@
+//! End-to-end snapshot and restore with the probe guest, each side in its own process.
+//!
+//! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pocketvisor")
+}
+
+fn skip(why: &str) {
+    // Past libtest's capture, so a skip is visible in every run.
+    let _ = writeln!(std::io::stderr().lock(), "SKIP: {why}");
+}
+
+/// The probe kernel, built if missing; None (after a SKIP line) when KVM or the probe is missing.
+fn probe() -> Option<PathBuf> {
+    if !Path::new("/dev/kvm").exists() {
+        skip("/dev/kvm not available");
+        return None;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let elf = root.join("guest/out/probe.elf");
+    if !elf.is_file() {
+        let built = Command::new(root.join("guest/build-probe.sh"))
+            .current_dir(&root)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !built || !elf.is_file() {
+            skip("guest/out/probe.elf missing and guest/build-probe.sh failed");
+            return None;
+        }
+    }
+    Some(elf)
+}
+
+/// A scratch directory removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pv-snaptest-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the child if the test fails before it exits.
+struct Vmm(Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Vmm {
+    Vmm(Command::new(bin())
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start pocketvisor"))
+}
+
+fn read(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// Waits until `path` contains `needle`.
+fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if read(path).contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// Waits for a socket file to appear.
+fn wait_socket(path: &Path) {
+    let t0 = Instant::now();
+    while !path.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run pocketvisor")
+}
+
+fn wait_exit(vmm: &mut Vmm, timeout: Duration) -> Option<i32> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if let Some(status) = vmm.0.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// The counter values of every complete `PROBE counter N` line.
+fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("PROBE counter "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Runs a counter guest with `--api-socket`, snapshots it into `snap` and stops it; returns
+/// the source's serial output.
+fn counter_snapshot(s: &Scratch, probe: &Path, snap: &Path) -> String {
+    let disk = s.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let (log, sock) = (s.path("src.log"), s.path("src.sock"));
+    let mut src = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.mode=counter pv.counter.ms=100",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--rng",
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(
+        wait_for(&log, "PROBE counter 3\n", Duration::from_secs(30)),
+        "source never counted to 3: {:?}",
+        read(&log)
+    );
+    wait_socket(&sock);
+    let out = cli(&[
+        "snapshot",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "-o",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(
+        out.status.success(),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
+    read(&log)
+}
+
+#[test]
+fn counter_continues_in_a_new_process() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("counter");
+    let snap = s.path("snap");
+    let before = counter_snapshot(&s, &probe, &snap);
+    let last = *counters(&before).last().expect("counter lines before");
+    for f in ["state.bin", "memory.bin", "COMPLETE"] {
+        assert!(snap.join(f).is_file(), "{f} missing");
+    }
+
+    let log = s.path("dst.log");
+    let mut dst = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--serial",
+        &format!("file:{}", log.display()),
+    ]);
+    let want = format!("PROBE counter {}\n", last + 3);
+    let ok = wait_for(&log, &want, Duration::from_secs(30));
+    let after = read(&log);
+    let _ = dst.0.kill();
+    assert!(ok, "restored guest did not count on: {after:?}");
+    // The output of both processes together is one unbroken count (a line cut in half by the
+    // pause is finished by the restored guest).
+    let all = counters(&format!("{before}{after}"));
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+    let first_after = counters(&after).first().copied();
+    assert!(
+        first_after == Some(last + 1) || first_after == Some(last + 2),
+        "first counter after restore {first_after:?}, last before {last}"
+    );
+}
+
+#[test]
+fn block_requests_in_flight_complete_after_restore() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("blk");
+    let disk = s.path("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(384 << 20)
+        .unwrap();
+    let (log, sock, snap) = (s.path("src.log"), s.path("src.sock"), s.path("snap"));
+    let mut src = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.mode=blk-bench pv.blk.mb=384",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(wait_for(
+        &log,
+        "PROBE blk-bench start",
+        Duration::from_secs(30)
+    ));
+    wait_socket(&sock);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = cli(&[
+        "snapshot",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "-o",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
+    if read(&log).contains("blk-bench end") {
+        skip("the read finished before the snapshot; nothing was in flight");
+        return;
+    }
+
+    let log2 = s.path("dst.log");
+    let mut dst = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--serial",
+        &format!("file:{}", log2.display()),
+    ]);
+    let code = wait_exit(&mut dst, Duration::from_secs(60));
+    let after = read(&log2);
+    assert!(
+        after.contains(&format!("PROBE blk-bench end bytes={}", 384 << 20)),
+        "{after:?}"
+    );
+    assert!(after.contains("irq=msix"), "{after:?}");
+    assert!(after.contains("PROBE done ok"), "{after:?}");
+    assert_eq!(code, Some(0));
+}
+
+#[test]
+fn damaged_snapshots_are_refused_before_any_vm_runs() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("bad");
+    let snap = s.path("snap");
+    counter_snapshot(&s, &probe, &snap);
+    let state = std::fs::read(snap.join("state.bin")).unwrap();
+
+    let restore = |what: &str| {
+        let log = s.path(&format!("{what}.log"));
+        let out = cli(&[
+            "restore",
+            snap.to_str().unwrap(),
+            "--serial",
+            &format!("file:{}", log.display()),
+        ]);
+        assert!(!log.exists(), "{what}: a VM was started");
+        assert_eq!(out.status.code(), Some(1), "{what}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let mut flipped = state.clone();
+    let at = state.len() / 2;
+    flipped[at] ^= 0x01;
+    std::fs::write(snap.join("state.bin"), &flipped).unwrap();
+    let err = restore("flipped");
+    assert!(err.contains("corrupted (checksum mismatch)"), "{err}");
+
+    let mut future = state.clone();
+    future[8..12].copy_from_slice(&2u32.to_le_bytes());
+    std::fs::write(snap.join("state.bin"), &future).unwrap();
+    let err = restore("version");
+    assert!(err.contains("format version 2 is not supported"), "{err}");
+
+    std::fs::write(snap.join("state.bin"), &state).unwrap();
+    std::fs::remove_file(snap.join("COMPLETE")).unwrap();
+    let err = restore("incomplete");
+    assert!(err.contains("not a complete snapshot"), "{err}");
+}
