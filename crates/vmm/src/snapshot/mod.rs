@@ -29,7 +29,7 @@ use kvm_bindings::{
 use serde::{Deserialize, Serialize};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-    MmapRegion,
+    MemoryRegionAddress, MmapRegion,
 };
 
 use arch::layout;
@@ -155,11 +155,35 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
         .map_err(io_err("cannot sync directory", dir))
 }
 
+/// For an anonymous mapping of `len` bytes at `host`: which pages the process ever touched
+/// (present or swapped, from /proc/self/pagemap). An untouched anonymous page reads as zero,
+/// so it need not be read at all. None when pagemap cannot be read (then every page is read).
+fn touched_pages(host: u64, len: u64) -> Option<Vec<bool>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    let f = File::open("/proc/self/pagemap").ok()?;
+    let pages = usize::try_from(len.div_ceil(PAGE as u64)).ok()?;
+    let mut out = Vec::with_capacity(pages);
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut at = (host / PAGE as u64) * 8;
+    while out.len() < pages {
+        let n = (pages - out.len()).min(4096);
+        f.read_exact_at(&mut buf[..n * 8], at).ok()?;
+        out.extend(buf[..n * 8].chunks_exact(8).map(|e| {
+            let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            v & (PRESENT | SWAPPED) != 0
+        }));
+        at += (n * 8) as u64;
+    }
+    Some(out)
+}
+
 /// Writes guest RAM into `file`, skipping all-zero pages (they stay holes). Returns the
 /// layout and the number of bytes written.
 fn save_memory(mem: &GuestMem, file: &File, path: &Path) -> Result<(Vec<MemRegion>, u64), Error> {
     static ZERO: [u8; PAGE] = [0; PAGE];
     let mut regions = Vec::new();
+    let mut touched = Vec::new();
     let mut offset = 0u64;
     for r in mem.iter() {
         regions.push(MemRegion {
@@ -167,15 +191,29 @@ fn save_memory(mem: &GuestMem, file: &File, path: &Path) -> Result<(Vec<MemRegio
             size: r.len(),
             file_offset: offset,
         });
+        // Only anonymous memory: an untouched page of a file mapping holds the file's data.
+        let host = r.get_host_address(MemoryRegionAddress(0)).ok();
+        touched.push(
+            host.filter(|_| r.file_offset().is_none())
+                .and_then(|h| touched_pages(h as u64, r.len())),
+        );
         offset += r.len();
     }
     file.set_len(offset).map_err(io_err("cannot size", path))?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
-    for r in &regions {
+    for (r, touched) in regions.iter().zip(&touched) {
         let mut done = 0u64;
         while done < r.size {
             let n = (r.size - done).min(CHUNK as u64) as usize;
+            if let Some(t) = touched {
+                let first = (done / PAGE as u64) as usize;
+                let pages = t.get(first..(first + n.div_ceil(PAGE)).min(t.len()));
+                if pages.is_some_and(|p| !p.contains(&true)) {
+                    done += n as u64;
+                    continue;
+                }
+            }
             let chunk = &mut buf[..n];
             mem.read_slice(chunk, GuestAddress(r.guest_addr + done))
                 .map_err(snap_err)?;
