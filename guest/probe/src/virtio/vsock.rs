@@ -91,6 +91,8 @@ struct Conn {
     head: u32,
     len: u32,
     peer_done: bool,
+    /// A CREDIT_REQUEST is outstanding (sent while the peer's credit was 0).
+    credit_requested: bool,
     last_activity: u64,
 }
 
@@ -119,6 +121,8 @@ pub struct Vsock {
     pub finished: u32,
     /// Total bytes echoed.
     pub echoed: u64,
+    /// Packets sent / received, TSC ticks spent waiting for tx completions.
+    stats: [u64; 3],
     /// Last time a connection opened or closed.
     last_event: u64,
 }
@@ -150,6 +154,7 @@ impl Vsock {
             conns: [const { None }; MAX_CONNS],
             finished: 0,
             echoed: 0,
+            stats: [0; 3],
             last_event: 0,
         };
         for r in v.rings.iter_mut() {
@@ -218,7 +223,11 @@ impl Vsock {
             _ => self.tx.push(&[hb]).ok_or("tx-full")?,
         };
         self.tx.kick();
-        if self.tx.wait_used(2000) == Wait::Timeout {
+        self.stats[0] += 1;
+        let t0 = crate::port::rdtsc();
+        let w = self.tx.wait_used(2000);
+        self.stats[2] += crate::port::rdtsc() - t0;
+        if w == Wait::Timeout {
             return Err("tx-timeout");
         }
         while self.tx.pop_used().is_some() {}
@@ -278,6 +287,9 @@ impl Vsock {
         }
         let idx = self.find(h);
         if let Some(c) = idx.and_then(|i| self.conns[i].as_mut()) {
+            if c.peer_fwd_cnt != h.fwd_cnt || c.peer_buf_alloc != h.buf_alloc {
+                c.credit_requested = false;
+            }
             c.peer_buf_alloc = h.buf_alloc;
             c.peer_fwd_cnt = h.fwd_cnt;
             c.last_activity = time::now_ms();
@@ -299,6 +311,7 @@ impl Vsock {
                             head: 0,
                             len: 0,
                             peer_done: false,
+                            credit_requested: false,
                             last_activity: time::now_ms(),
                         });
                         self.last_event = time::now_ms();
@@ -379,6 +392,23 @@ impl Vsock {
                 }
                 self.echoed += n as u64;
             }
+            // Out of credit with a backlog: ask the peer for an update (once per stall).
+            let ask = self.conns[i].as_ref().and_then(|c| {
+                (c.len > 0 && c.peer_credit() == 0 && !c.credit_requested).then_some(Hdr {
+                    src_cid: c.peer_cid,
+                    dst_cid: self.cid,
+                    src_port: c.peer_port,
+                    dst_port: c.local_port,
+                    fwd_cnt: c.fwd_cnt,
+                    ..Hdr::default()
+                })
+            });
+            if let Some(h) = ask {
+                self.reply(&h, OP_CREDIT_REQUEST, 0, h.fwd_cnt)?;
+                if let Some(c) = self.conns[i].as_mut() {
+                    c.credit_requested = true;
+                }
+            }
             let now = time::now_ms();
             let done = self.conns[i].as_ref().map(|c| {
                 (
@@ -405,6 +435,7 @@ impl Vsock {
                     .copied()
                     .unwrap_or(0);
                 let a = self.rx_base + slot as u64 * RX_SLOT;
+                self.stats[1] += 1;
                 if used_len >= HDR_LEN {
                     let mut h = Hdr::read(a);
                     h.len = h.len.min(used_len - HDR_LEN).min(RX_DATA);
@@ -441,11 +472,14 @@ impl Vsock {
     /// How rx completions were noticed.
     pub fn irq_report(&self) {
         probe!(
-            "vsock irq={} hits={} polled={} tx_irq={}",
+            "vsock irq={} hits={} polled={} tx_irq={} tx_pkts={} rx_pkts={} tx_wait_us={}",
             self.rx.irq_mode(),
             self.rx.irq_hits,
             self.rx.polled,
-            self.tx.irq_mode()
+            self.tx.irq_mode(),
+            self.stats[0],
+            self.stats[1],
+            time::tsc_to_us(self.stats[2])
         );
     }
 }
