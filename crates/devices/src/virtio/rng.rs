@@ -199,6 +199,28 @@ mod tests {
     }
 
     #[test]
+    fn paused_worker_leaves_the_queue_alone_until_resumed() {
+        let mem = test_mem();
+        let tq = TestQueue::new(0x1000, 16);
+        let irq = FakeInterrupt::new();
+        let mut rng = Rng::new();
+        rng.ack_features(rng.device_features());
+        let (queues, kicks) = active_queues(&[tq]);
+        rng.activate(mem.clone(), irq.clone(), queues).unwrap();
+        rng.pause();
+        rng.pause(); // Idempotent.
+        tq.add_chain(&mem, 0, &[(0x10000, 16, DESC_F_WRITE)]);
+        kicks[0].write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert_eq!(tq.used_idx(&mem), 0, "a paused worker completed a chain");
+        rng.resume();
+        assert!(wait_until(|| tq.used_idx(&mem) == 1));
+        // Reset while paused does not hang.
+        rng.pause();
+        rng.reset();
+    }
+
+    #[test]
     fn malformed_chain_is_completed_empty() {
         let mem = test_mem();
         let tq = TestQueue::new(0x1000, 16);

@@ -148,6 +148,7 @@ impl VirtioPciDevice {
     /// guest memory already holds the snapshot's RAM: config space, MSI-X (with new KVM routes),
     /// common config, and, if the device was running, re-activates it at the saved queue
     /// positions. Call [`crate::pci::PciRoot::refresh_all`] afterwards to decode the BARs.
+    /// On error the function may be partly restored: discard it.
     pub fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), RestoreError> {
         let mismatch = |what: &str| RestoreError::Mismatch(what.to_string());
         if s.device_type != self.device.device_type() {
