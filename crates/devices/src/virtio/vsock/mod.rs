@@ -45,6 +45,8 @@ pub struct Vsock {
     listener: Arc<UnixListener>,
     acked: u64,
     worker: Option<WorkerHandle>,
+    /// Restored from a snapshot: the driver's connections are gone; say so on activation.
+    reset_on_activate: bool,
 }
 
 impl Vsock {
@@ -70,6 +72,7 @@ impl Vsock {
             listener: Arc::new(listener),
             acked: 0,
             worker: None,
+            reset_on_activate: false,
         })
     }
 
@@ -121,7 +124,7 @@ impl VirtioDevice for Vsock {
     ) -> Result<(), ActivateError> {
         self.stop_worker();
         let (vqs, kicks) = prepare_queues(&mem, queues, self.acked, 3)?;
-        let muxer = Muxer::new(
+        let mut muxer = Muxer::new(
             mem,
             interrupt,
             vqs,
@@ -130,6 +133,9 @@ impl VirtioDevice for Vsock {
             self.listener.clone(),
         )
         .ok_or(ActivateError::BadQueue(0))?;
+        if std::mem::take(&mut self.reset_on_activate) {
+            muxer.owe_transport_reset();
+        }
         self.worker = Some(spawn_worker("virtio-vsock", kicks, muxer)?);
         Ok(())
     }
@@ -149,6 +155,10 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.stop_worker();
         self.acked = 0;
+    }
+
+    fn restored(&mut self) {
+        self.reset_on_activate = true;
     }
 }
 

@@ -18,6 +18,9 @@ use crate::GuestMem;
 
 const RX: usize = 0;
 const TX: usize = 1;
+const EVENT: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
 const LISTENER_TOKEN: u64 = BACKEND_TOKEN_BASE;
 /// Largest payload in one packet, either direction.
 const MAX_PKT_PAYLOAD: usize = 64 * 1024;
@@ -43,8 +46,10 @@ pub struct Muxer {
     interrupt: Arc<dyn Interrupt>,
     rx: VirtQueue,
     tx: VirtQueue,
-    /// The event queue: held, never used (no transport resets are sent).
-    _event: VirtQueue,
+    /// The event queue: only used for a transport reset after a restore.
+    event: VirtQueue,
+    /// A transport reset is owed to the driver (connections were lost in a restore).
+    reset_pending: bool,
     guest_cid: u64,
     uds_path: PathBuf,
     listener: Arc<UnixListener>,
@@ -74,7 +79,8 @@ impl Muxer {
             interrupt,
             rx,
             tx,
-            _event: event,
+            event,
+            reset_pending: false,
             guest_cid,
             uds_path,
             listener,
@@ -86,6 +92,39 @@ impl Muxer {
             next_port: FIRST_HOST_PORT,
             buf: vec![0; MAX_PKT_PAYLOAD],
         })
+    }
+
+    /// Makes the muxer tell the driver, as soon as it has an event buffer, that every
+    /// connection is gone (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
+    pub fn owe_transport_reset(&mut self) {
+        self.reset_pending = true;
+    }
+
+    /// Sends an owed transport reset if the driver has posted an event buffer.
+    fn process_event(&mut self) {
+        if !self.reset_pending {
+            return;
+        }
+        let interrupt = self.interrupt.clone();
+        let Some(popped) = self.event.pop(&self.mem, &*interrupt) else {
+            return;
+        };
+        let (head, len) = match popped {
+            Popped::Chain(chain) => {
+                let ok = chain.writable_len() >= 4
+                    && chain
+                        .write_at(&self.mem, 0, &EVENT_TRANSPORT_RESET.to_le_bytes())
+                        .is_ok();
+                if ok {
+                    self.reset_pending = false;
+                }
+                (chain.head, if ok { 4 } else { 0 })
+            }
+            Popped::Malformed { head, .. } => (head, 0),
+        };
+        if self.event.complete(&self.mem, &*interrupt, head, len) {
+            self.event.notify(&self.mem, &*interrupt);
+        }
     }
 
     fn token(&mut self) -> u64 {
@@ -566,6 +605,7 @@ impl DeviceWorker for Muxer {
                 self.process_tx(epoll);
                 self.process_rx();
             }
+            EVENT => self.process_event(),
             _ => {}
         }
     }

@@ -535,3 +535,27 @@ fn fuzz_random_packets() {
     drop(g);
     let _ = std::fs::remove_file(&service_path);
 }
+
+#[test]
+fn restored_device_tells_the_driver_its_connections_are_gone() {
+    let path = socket_path();
+    let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+    dev.restored();
+    let g = Guest::new_on(dev, test_mem());
+    let evq = TestQueue::new(0x3000, 16);
+    let buf = 0x9_0000;
+    g.mem.write_slice(&[0xffu8; 8], GuestAddress(buf)).unwrap();
+    // The event buffer comes after activation; the reset waits for it.
+    evq.add_chain(&g.mem, 0, &[(buf, 8, DESC_F_WRITE)]);
+    g.kicks[2].write(1).unwrap();
+    assert!(wait_until(|| evq.used_idx(&g.mem) == 1), "no event");
+    assert_eq!(evq.used_elem(&g.mem, 0), (0, 4));
+    let mut id = [0u8; 8];
+    g.mem.read_slice(&mut id, GuestAddress(buf)).unwrap();
+    assert_eq!(id, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+    // Only once.
+    evq.add_chain(&g.mem, 1, &[(buf, 8, DESC_F_WRITE)]);
+    g.kicks[2].write(1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(evq.used_idx(&g.mem), 1);
+}
