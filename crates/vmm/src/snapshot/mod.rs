@@ -178,6 +178,56 @@ fn touched_pages(host: u64, len: u64) -> Option<Vec<bool>> {
     Some(out)
 }
 
+/// For `len` bytes of `file` from `start`: which pages hold data (are not in a hole), from
+/// lseek(SEEK_DATA/SEEK_HOLE). None if the file system cannot tell.
+fn file_data_pages(file: &File, start: u64, len: u64) -> Option<Vec<bool>> {
+    use std::os::fd::AsRawFd;
+    let pages = usize::try_from(len.div_ceil(PAGE as u64)).ok()?;
+    let mut out = vec![false; pages];
+    let end = start.checked_add(len)?;
+    let mut pos = start;
+    while pos < end {
+        let off = libc::off_t::try_from(pos).ok()?;
+        // SAFETY: lseek only reads the fd's state; the fd is open for the whole call.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data from here to the end of the file.
+            let e = std::io::Error::last_os_error();
+            return (e.raw_os_error() == Some(libc::ENXIO)).then_some(out);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < data {
+            return None;
+        }
+        let (data, hole) = (data as u64, (hole as u64).min(end));
+        if data >= end {
+            break;
+        }
+        let first = ((data - start) / PAGE as u64) as usize;
+        let last = ((hole - start).div_ceil(PAGE as u64) as usize).min(pages);
+        out.iter_mut()
+            .take(last)
+            .skip(first)
+            .for_each(|p| *p = true);
+        pos = hole.max(pos + 1);
+    }
+    Some(out)
+}
+
+/// Which pages of region `r` may hold non-zero data (None: any page may). An anonymous page
+/// the process never touched is zero; a page of a private file mapping that was never touched
+/// holds the file's data, which is zero in a hole.
+fn maybe_nonzero(r: &GuestRegionMmap<()>) -> Option<Vec<bool>> {
+    let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+    let mut pages = touched_pages(host as u64, r.len())?;
+    if let Some(fo) = r.file_offset() {
+        let data = file_data_pages(fo.file(), fo.start(), r.len())?;
+        pages.iter_mut().zip(data).for_each(|(p, d)| *p |= d);
+    }
+    Some(pages)
+}
+
 /// Writes guest RAM into `file`, skipping all-zero pages (they stay holes). Returns the
 /// layout and the number of bytes written.
 fn save_memory(mem: &GuestMem, file: &File, path: &Path) -> Result<(Vec<MemRegion>, u64), Error> {
@@ -191,12 +241,7 @@ fn save_memory(mem: &GuestMem, file: &File, path: &Path) -> Result<(Vec<MemRegio
             size: r.len(),
             file_offset: offset,
         });
-        // Only anonymous memory: an untouched page of a file mapping holds the file's data.
-        let host = r.get_host_address(MemoryRegionAddress(0)).ok();
-        touched.push(
-            host.filter(|_| r.file_offset().is_none())
-                .and_then(|h| touched_pages(h as u64, r.len())),
-        );
+        touched.push(maybe_nonzero(r));
         offset += r.len();
     }
     file.set_len(offset).map_err(io_err("cannot size", path))?;
@@ -572,6 +617,23 @@ mod tests {
         let again = load_memory(&path, &regions, &cfg).unwrap();
         again.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"hello");
+        // Saving a restored (file-backed) memory again writes the file's data pages and the
+        // page changed since, and nothing else.
+        back.write_slice(b"new", GuestAddress(0x50_0000)).unwrap();
+        let again_dir = dir.join("again");
+        std::fs::create_dir_all(&again_dir).unwrap();
+        let mut written2 = 0;
+        write_atomic(&again_dir, MEMORY_FILE, |f, p| {
+            (_, written2) = save_memory(&back, f, p)?;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(written2, 5 * PAGE as u64);
+        let third = load_memory(&again_dir.join(MEMORY_FILE), &regions, &cfg).unwrap();
+        third.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
+        assert_eq!(&b, b"XXXXX");
+        third.read_slice(&mut c, GuestAddress(0x30_0ff0)).unwrap();
+        assert!(c.iter().all(|&x| x == 7));
         // A layout that does not fit the configuration is refused.
         cfg.memory_mib = 128;
         assert!(load_memory(&path, &regions, &cfg).is_err());
