@@ -236,3 +236,24 @@ fn serial_to_a_file_receives_the_console() {
     assert!(report.done_ok(), "serial file:\n{text}");
     report.expect(&["pci", "ok"]);
 }
+
+#[test]
+fn boots_with_ram_split_around_the_mmio_hole() {
+    if !require_kvm("boots_with_ram_split_around_the_mmio_hole") {
+        return;
+    }
+    // 4 GiB: 3 GiB below the PCI hole and 1 GiB from 4 GiB up; devices still work.
+    let dir = TempDir::new();
+    let (disk, bytes) = dir.disk("big.img", 64 * 1024, 12);
+    let out = VmCommand::probe("pv.tests=pci,blk")
+        .memory("4G")
+        .disk(&disk, false)
+        .run();
+    let report = out.assert_clean_pass();
+    assert_eq!(
+        report.expect(&["blk", "ok"]).field("sector0_fnv"),
+        Some(format!("{:016x}", e2e::fnv1a64(&bytes[..512])).as_str()),
+        "{}",
+        out.describe()
+    );
+}
