@@ -147,6 +147,25 @@ fn hostile_guest_leaves_vmm_alive_and_disk_unchanged() {
             out.describe()
         );
     }
+    // Malformed block requests must be refused (error status or device reset), never
+    // completed as if they were fine. (virtio-rng has no status to refuse with.)
+    for case in [
+        "blk-desc-beyond-ram",
+        "blk-desc-loop",
+        "blk-hdr-writable",
+        "blk-len-ffffffff",
+        "blk-chain-too-long",
+        "blk-indirect-bad-len",
+    ] {
+        if let Some(line) = report.find(&["hostile", case, "survived"]) {
+            assert!(
+                matches!(line.field("status"), Some("error" | "reset")),
+                "hostile case {case} was not refused: {}\n{}",
+                line.raw,
+                out.describe()
+            );
+        }
+    }
     let done = report.expect(&["hostile", "done", "ok"]);
     assert_eq!(
         done.field("sector0_fnv"),
