@@ -149,8 +149,10 @@ pub struct NetNs {
 }
 
 impl NetNs {
-    /// Creates the namespace and brings its loopback up.
+    /// Creates the namespace and brings its loopback up. Namespaces left behind by test
+    /// processes that no longer exist (killed before their guards ran) are deleted first.
     pub fn create() -> io::Result<NetNs> {
+        sweep_stale_namespaces();
         let name = unique_name("pvtest");
         run_ip(&["netns", "add", &name])?;
         let ns = NetNs { name };
@@ -193,6 +195,26 @@ impl NetNs {
         })
         .join()
         .map_err(|_| io::Error::other("netns thread panicked"))?
+    }
+}
+
+/// Deletes `pvtest-<pid>-<n>` namespaces whose `<pid>` is not a running process.
+fn sweep_stale_namespaces() {
+    let Ok(entries) = std::fs::read_dir("/var/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(pid) = name
+            .strip_prefix("pvtest-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists() {
+            let _ = run_ip(&["netns", "delete", &name]);
+        }
     }
 }
 
