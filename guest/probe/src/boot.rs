@@ -1,6 +1,9 @@
-//! PVH entry: the ELF note, the 32-bit stub that builds identity page tables
-//! (first 4 GiB, 2 MiB pages, 3..4 GiB uncached), enters long mode and calls
-//! [`crate::rust_start`] with the physical address of `hvm_start_info`.
+//! PVH entry: the ELF note, the 32-bit stub that zeroes .bss, loads prebuilt identity page
+//! tables (first 4 GiB, 2 MiB pages, 3..4 GiB uncached), enters long mode and calls
+//! [`crate::rust_start`] with the physical address of `hvm_start_info` and the entry TSC.
+//!
+//! The stub does as little work as possible: on hypervisors that emulate guest
+//! instructions (kvm_pvm here) every instruction costs about a microsecond.
 
 use core::arch::global_asm;
 
@@ -33,44 +36,18 @@ pvh_start32:
     cli
     cld
     mov %ebx, %esi
+    /* entry TSC in ebx:ebp (reported in the info line) */
+    rdtsc
+    mov %eax, %ebp
+    mov %edx, %ebx
 
-    /* zero .bss (page tables and stacks live there) */
+    /* zero .bss (the stack and the page tables live elsewhere) */
     mov $__bss_start, %edi
     mov $__bss_end, %ecx
     sub %edi, %ecx
+    shr $2, %ecx
     xor %eax, %eax
-    rep stosb
-
-    /* PML4[0] -> PDPT; PDPT[0..4] -> PD[0..4] */
-    mov $boot_pdpt, %eax
-    or $3, %eax
-    mov %eax, boot_pml4
-    mov $boot_pd, %eax
-    or $3, %eax
-    mov %eax, boot_pdpt
-    add $4096, %eax
-    mov %eax, boot_pdpt + 8
-    add $4096, %eax
-    mov %eax, boot_pdpt + 16
-    add $4096, %eax
-    mov %eax, boot_pdpt + 24
-
-    /* 2048 x 2 MiB identity pages; 3..4 GiB (MMIO hole) uncached */
-    mov $boot_pd, %edi
-    xor %ecx, %ecx
-1:
-    mov %ecx, %eax
-    shl $21, %eax
-    or $0x83, %eax
-    cmp $1536, %ecx
-    jb 2f
-    or $0x18, %eax
-2:
-    mov %eax, (%edi,%ecx,8)
-    movl $0, 4(%edi,%ecx,8)
-    inc %ecx
-    cmp $2048, %ecx
-    jb 1b
+    rep stosl
 
     lgdt boot_gdtr
     mov %cr4, %eax
@@ -97,6 +74,10 @@ pvh_start64:
     mov %ax, %gs
     mov $boot_stack_top, %rsp
     mov %esi, %edi
+    mov %ebx, %esi
+    shl $32, %rsi
+    mov %ebp, %eax
+    or %rax, %rsi
     call rust_start
 3:
     cli
@@ -117,15 +98,34 @@ boot_gdtr:
     .word boot_gdt_end - boot_gdt - 1
     .quad boot_gdt
 
-    .section .bss.boot, "aw", @nobits
+    /* Identity map of the first 4 GiB with 2 MiB pages, 3..4 GiB uncached; prebuilt so
+       the stub does no work (instructions are expensive on emulating hypervisors). */
+    .section .data.pagetables, "aw", @progbits
     .balign 4096
     .globl boot_pml4
 boot_pml4:
-    .skip 4096
+    .quad boot_pdpt + 3
+    .fill 511, 8, 0
 boot_pdpt:
-    .skip 4096
+    .quad boot_pd + 3
+    .quad boot_pd + 0x1003
+    .quad boot_pd + 0x2003
+    .quad boot_pd + 0x3003
+    .fill 508, 8, 0
 boot_pd:
-    .skip 4096 * 4
+    .set pde, 0
+    .rept 1536
+    .quad (pde << 21) + 0x83
+    .set pde, pde + 1
+    .endr
+    .rept 512
+    .quad (pde << 21) + 0x9B
+    .set pde, pde + 1
+    .endr
+
+    /* The BSP stack is not zeroed at boot. */
+    .section .stack, "aw", @nobits
+    .balign 4096
 boot_stack:
     .skip {stack}
 boot_stack_top:

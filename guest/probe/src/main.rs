@@ -39,9 +39,10 @@ pub fn fail(test: &str, reason: core::fmt::Arguments) {
 
 /// Entry from the boot stub, in long mode on the BSP stack.
 #[no_mangle]
-extern "C" fn rust_start(start_info: u32) -> ! {
+extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
     serial::init();
     probe!("ready");
+    let ready_tsc = port::rdtsc();
     pvh::init(start_info as u64);
     let boot = pvh::info();
     probe!("boot ok cmdline=\"{}\"", boot.cmdline());
@@ -59,10 +60,11 @@ extern "C" fn rust_start(start_info: u32) -> ! {
     let mode = boot.arg("pv.mode").unwrap_or("selftest");
     if mode != "counter" {
         probe!(
-            "info tsc_khz={} timer={} apic={}",
+            "info tsc_khz={} timer={} apic={} entry_to_ready_us={}",
             time::tsc_khz(),
             if timer_ok { "ok" } else { "dead" },
-            interrupts::lapic_id()
+            interrupts::lapic_id(),
+            time::tsc_to_us(ready_tsc.wrapping_sub(entry_tsc))
         );
     }
     match mode {

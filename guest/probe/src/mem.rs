@@ -41,6 +41,13 @@ pub fn page() -> u64 {
     alloc(4096, 4096)
 }
 
+/// Copies `len` bytes between probe-owned buffers (or from device-written DMA buffers).
+pub fn copy(from: u64, to: u64, len: usize) {
+    // SAFETY: both ranges are identity-mapped RAM owned by the probe and do not overlap
+    // (callers copy between distinct allocations).
+    unsafe { core::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) }
+}
+
 /// A byte slice view of probe-owned memory.
 pub fn bytes(addr: u64, len: usize) -> &'static mut [u8] {
     // SAFETY: callers pass buffers they obtained from `alloc`; each buffer has one user.

@@ -329,10 +329,11 @@ impl Vsock {
                     // The peer ignored our credit: drop the connection.
                     return self.close(i, true);
                 }
-                for k in 0..n {
-                    let at = (c.head + c.len + k) % BUF_ALLOC;
-                    mmio::write::<u8>(c.ring + at as u64, mmio::read::<u8>(data + k as u64));
-                }
+                // Append to the ring in at most two contiguous pieces.
+                let tail = (c.head + c.len) % BUF_ALLOC;
+                let first = n.min(BUF_ALLOC - tail);
+                mem::copy(data, c.ring + tail as u64, first as usize);
+                mem::copy(data + first as u64, c.ring, (n - first) as usize);
                 c.len += n;
                 Ok(())
             }
