@@ -134,7 +134,11 @@ fn observe(dev: &VirtioPci, q: &mut Queue, status_at: Option<u64>) -> Outcome {
         (Wait::Timeout, _) => Outcome::Ignored,
         (_, Some(s)) if mmio::read::<u8>(s) == S_OK => Outcome::Accepted,
         (_, Some(_)) => Outcome::Error,
-        (_, None) => Outcome::Accepted,
+        // No status byte (rng): an empty completion is a refusal.
+        (_, None) => match q.pop_used() {
+            Some((_, len)) if len > 0 => Outcome::Accepted,
+            _ => Outcome::Error,
+        },
     }
 }
 
