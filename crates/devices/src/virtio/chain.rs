@@ -192,6 +192,16 @@ impl Chain {
         self.writable_len
     }
 
+    /// The device-readable buffers, in chain order (each validated to lie in guest memory).
+    pub fn readable_segments(&self) -> &[Segment] {
+        &self.readable
+    }
+
+    /// The device-writable buffers, in chain order (each validated to lie in guest memory).
+    pub fn writable_segments(&self) -> &[Segment] {
+        &self.writable
+    }
+
     /// Copies `buf.len()` bytes of the readable stream starting at `offset` into `buf`.
     pub fn read_at(&self, mem: &GuestMem, offset: usize, buf: &mut [u8]) -> Result<(), ChainError> {
         let end = offset

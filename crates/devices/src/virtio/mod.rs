@@ -6,6 +6,7 @@
 //! the driver. A device processes its queues on a worker thread of its own and stops that thread
 //! on [`reset`](VirtioDevice::reset).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod net;

@@ -1,0 +1,715 @@
+//! virtio-balloon (virtio 1.1 section 5.5): the host asks the guest to give memory back.
+//!
+//! - Inflate queue: arrays of 32-bit page frame numbers (4 KiB pages) the guest no longer uses;
+//!   each page inside guest RAM is dropped from the host with `MADV_DONTNEED` (guest RAM is
+//!   private memory, so the host frees it and the guest reads zeros on its next touch).
+//! - Deflate queue: pages the guest takes back; nothing to do, they come back on touch.
+//! - Stats queue (`VIRTIO_BALLOON_F_STATS_VQ`): the guest's memory statistics. The device keeps
+//!   the driver's buffer and returns it when it wants fresh numbers ([`BalloonHandle::request_stats`]).
+//! - Reporting queue (`VIRTIO_BALLOON_F_PAGE_REPORTING`): free page reporting; each buffer is a
+//!   range of free guest memory, dropped from the host the same way (rounded inward to pages).
+//!
+//! Queue numbering follows the Linux driver: only queues whose feature was negotiated exist and
+//! they are numbered consecutively, so the reporting queue is index 3 with the stats queue and 2
+//! without it. The device declares all four and maps indices by the negotiated features.
+//!
+//! The target size (`num_pages`) is set through a [`BalloonHandle`]; the driver writes how many
+//! pages it holds (`actual`). No host access happens outside validated guest RAM ranges.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::epoll::{Epoll, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::chain::Chain;
+use super::worker::{
+    add_fd, prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerHandle,
+    BACKEND_TOKEN_BASE, COMMON_FEATURES,
+};
+use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use crate::bus::lock;
+use crate::GuestMem;
+
+/// Size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The balloon's page size: PFNs and `num_pages`/`actual` count 4 KiB pages.
+pub const PAGE_SIZE: u64 = 4096;
+/// Balloon pages per MiB.
+const PAGES_PER_MIB: u64 = (1 << 20) / PAGE_SIZE;
+
+/// `VIRTIO_BALLOON_F_STATS_VQ`: a statistics queue exists.
+pub const VIRTIO_BALLOON_F_STATS_VQ: u64 = 1 << 1;
+/// `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`: the guest deflates the balloon when it runs out of memory.
+pub const VIRTIO_BALLOON_F_DEFLATE_ON_OOM: u64 = 1 << 2;
+/// `VIRTIO_BALLOON_F_FREE_PAGE_HINT` (never offered; it shifts queue numbers if negotiated).
+pub const VIRTIO_BALLOON_F_FREE_PAGE_HINT: u64 = 1 << 3;
+/// `VIRTIO_BALLOON_F_PAGE_REPORTING`: a free page reporting queue exists.
+pub const VIRTIO_BALLOON_F_PAGE_REPORTING: u64 = 1 << 5;
+
+/// Config space: `num_pages` (le32) then `actual` (le32).
+const CONFIG_SIZE: u64 = 8;
+const ACTUAL_OFFSET: u64 = 4;
+/// Most PFNs handled per inflate/deflate buffer (Linux sends at most 256).
+pub const MAX_PFNS_PER_CHAIN: usize = 1 << 16;
+/// Most statistics entries kept from one report.
+pub const MAX_STATS: usize = 64;
+/// Size of one `virtio_balloon_stat` (le16 tag, le64 value, packed).
+const STAT_SIZE: usize = 10;
+/// PFNs read from guest memory at a time.
+const PFN_CHUNK: usize = 1024;
+/// Epoll token of the stats refresh eventfd.
+const REFRESH_TOKEN: u64 = BACKEND_TOKEN_BASE;
+
+/// Why a balloon request was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BalloonError {
+    /// The target is larger than the guest's RAM.
+    #[error("balloon target {target_mib} MiB is more than the guest's {ram_mib} MiB of RAM")]
+    TooLarge {
+        /// The requested target.
+        target_mib: u64,
+        /// The guest's RAM.
+        ram_mib: u64,
+    },
+}
+
+/// What the device offers the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer `VIRTIO_BALLOON_F_STATS_VQ`.
+    pub stats: bool,
+    /// Offer `VIRTIO_BALLOON_F_PAGE_REPORTING`.
+    pub free_page_reporting: bool,
+    /// Offer `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`.
+    pub deflate_on_oom: bool,
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            stats: true,
+            free_page_reporting: true,
+            deflate_on_oom: true,
+        }
+    }
+}
+
+/// What a queue is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueRole {
+    /// Pages the guest gives back.
+    Inflate,
+    /// Pages the guest takes back.
+    Deflate,
+    /// Memory statistics.
+    Stats,
+    /// Free page hinting (never offered, so never served).
+    FreePageHint,
+    /// Free page reporting.
+    Reporting,
+}
+
+/// The role of queue `index` when `features` were negotiated: queues whose feature was not
+/// negotiated do not exist, and the others are numbered consecutively (as Linux does).
+pub fn queue_role(index: u16, features: u64) -> Option<QueueRole> {
+    let optional = [
+        (VIRTIO_BALLOON_F_STATS_VQ, QueueRole::Stats),
+        (VIRTIO_BALLOON_F_FREE_PAGE_HINT, QueueRole::FreePageHint),
+        (VIRTIO_BALLOON_F_PAGE_REPORTING, QueueRole::Reporting),
+    ];
+    [QueueRole::Inflate, QueueRole::Deflate]
+        .into_iter()
+        .chain(
+            optional
+                .into_iter()
+                .filter(|&(bit, _)| features & bit != 0)
+                .map(|(_, role)| role),
+        )
+        .nth(usize::from(index))
+}
+
+/// Name of a `virtio_balloon_stat` tag.
+fn stat_name(tag: u16) -> String {
+    const NAMES: [&str; 16] = [
+        "swap_in",
+        "swap_out",
+        "major_faults",
+        "minor_faults",
+        "free_memory",
+        "total_memory",
+        "available_memory",
+        "disk_caches",
+        "hugetlb_allocations",
+        "hugetlb_failures",
+        "oom_kills",
+        "alloc_stalls",
+        "async_scans",
+        "direct_scans",
+        "async_reclaims",
+        "direct_reclaims",
+    ];
+    NAMES
+        .get(usize::from(tag))
+        .map_or_else(|| format!("tag_{tag}"), |n| (*n).to_string())
+}
+
+/// Parses packed `virtio_balloon_stat` entries (trailing partial entry ignored).
+pub fn parse_stats(raw: &[u8]) -> BTreeMap<String, u64> {
+    raw.chunks_exact(STAT_SIZE)
+        .take(MAX_STATS)
+        .map(|e| {
+            let (tag, val) = e.split_at(2);
+            let tag = u16::from_le_bytes([tag[0], tag[1]]);
+            let mut v = [0u8; 8];
+            v.copy_from_slice(val);
+            (stat_name(tag), u64::from_le_bytes(v))
+        })
+        .collect()
+}
+
+/// The balloon's state, for the API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BalloonInfo {
+    /// The target balloon size (`num_pages`) in MiB.
+    pub target_mib: u64,
+    /// The target in 4 KiB pages.
+    pub target_pages: u32,
+    /// Pages the driver says the balloon holds (`actual`).
+    pub actual_pages: u32,
+    /// `actual` in MiB (rounded down).
+    pub actual_mib: u64,
+    /// Pages dropped from the host through the inflate queue.
+    pub inflated_pages: u64,
+    /// Pages the guest took back through the deflate queue.
+    pub deflated_pages: u64,
+    /// Bytes dropped from the host through free page reporting.
+    pub reported_bytes: u64,
+    /// Pages or ranges refused because they were not inside guest RAM.
+    pub rejected: u64,
+    /// How many statistics reports the guest sent.
+    pub stats_updates: u64,
+    /// The guest's last statistics (tag name to value; memory figures in bytes).
+    pub guest_stats: BTreeMap<String, u64>,
+}
+
+/// State shared by the device, its worker and the handle.
+struct Shared {
+    max_pages: u32,
+    num_pages: AtomicU32,
+    actual: AtomicU32,
+    interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
+    stats: Mutex<BTreeMap<String, u64>>,
+    stats_updates: AtomicU64,
+    inflated_pages: AtomicU64,
+    deflated_pages: AtomicU64,
+    reported_bytes: AtomicU64,
+    rejected: AtomicU64,
+    refresh: EventFd,
+}
+
+/// Controls a balloon from the VMM: target size, statistics.
+#[derive(Clone)]
+pub struct BalloonHandle {
+    shared: Arc<Shared>,
+}
+
+impl BalloonHandle {
+    /// Sets the balloon's target size to `mib` MiB and tells the driver (config change).
+    pub fn set_target_mib(&self, mib: u64) -> Result<(), BalloonError> {
+        let s = &self.shared;
+        let too_large = || BalloonError::TooLarge {
+            target_mib: mib,
+            ram_mib: u64::from(s.max_pages) / PAGES_PER_MIB,
+        };
+        let pages = mib.checked_mul(PAGES_PER_MIB).ok_or_else(too_large)?;
+        if pages > u64::from(s.max_pages) {
+            return Err(too_large());
+        }
+        // pages <= max_pages, a u32.
+        s.num_pages.store(pages as u32, Ordering::Release);
+        if let Some(irq) = lock(&s.interrupt).as_ref() {
+            irq.signal_config();
+        }
+        Ok(())
+    }
+
+    /// Asks the driver for fresh statistics (it answers asynchronously; see [`info`]).
+    ///
+    /// [`info`]: Self::info
+    pub fn request_stats(&self) {
+        if let Err(e) = self.shared.refresh.write(1) {
+            tracing::warn!("virtio-balloon: cannot request statistics: {e}");
+        }
+    }
+
+    /// The balloon's current state.
+    pub fn info(&self) -> BalloonInfo {
+        let s = &self.shared;
+        let target = s.num_pages.load(Ordering::Acquire);
+        let actual = s.actual.load(Ordering::Acquire);
+        BalloonInfo {
+            target_mib: u64::from(target) / PAGES_PER_MIB,
+            target_pages: target,
+            actual_pages: actual,
+            actual_mib: u64::from(actual) / PAGES_PER_MIB,
+            inflated_pages: s.inflated_pages.load(Ordering::Relaxed),
+            deflated_pages: s.deflated_pages.load(Ordering::Relaxed),
+            reported_bytes: s.reported_bytes.load(Ordering::Relaxed),
+            rejected: s.rejected.load(Ordering::Relaxed),
+            stats_updates: s.stats_updates.load(Ordering::Acquire),
+            guest_stats: lock(&s.stats).clone(),
+        }
+    }
+}
+
+/// A virtio memory balloon device.
+pub struct Balloon {
+    cfg: BalloonConfig,
+    shared: Arc<Shared>,
+    acked: u64,
+    worker: Option<WorkerHandle>,
+    /// Re-activated from a snapshot: the target was not carried over, tell the driver.
+    restored: bool,
+}
+
+impl Balloon {
+    /// A new, inactive balloon for a guest with `ram_bytes` of RAM, with an empty target.
+    pub fn new(ram_bytes: u64, cfg: BalloonConfig) -> io::Result<Balloon> {
+        let max_pages = u32::try_from(ram_bytes / PAGE_SIZE).unwrap_or(u32::MAX);
+        let shared = Arc::new(Shared {
+            max_pages,
+            num_pages: AtomicU32::new(0),
+            actual: AtomicU32::new(0),
+            interrupt: Mutex::new(None),
+            stats: Mutex::new(BTreeMap::new()),
+            stats_updates: AtomicU64::new(0),
+            inflated_pages: AtomicU64::new(0),
+            deflated_pages: AtomicU64::new(0),
+            reported_bytes: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            refresh: EventFd::new(EFD_NONBLOCK)?,
+        });
+        Ok(Balloon {
+            cfg,
+            shared,
+            acked: 0,
+            worker: None,
+            restored: false,
+        })
+    }
+
+    /// A handle to control this balloon from other threads.
+    pub fn handle(&self) -> BalloonHandle {
+        BalloonHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    fn config_bytes(&self) -> [u8; CONFIG_SIZE as usize] {
+        let mut b = [0u8; CONFIG_SIZE as usize];
+        let num = self.shared.num_pages.load(Ordering::Acquire).to_le_bytes();
+        let actual = self.shared.actual.load(Ordering::Acquire).to_le_bytes();
+        b[..4].copy_from_slice(&num);
+        b[4..].copy_from_slice(&actual);
+        b
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        device_type::BALLOON
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        // inflate, deflate, stats, reporting: the most the offered features can create.
+        let n = 2 + usize::from(self.cfg.stats) + usize::from(self.cfg.free_page_reporting);
+        vec![QUEUE_SIZE; n]
+    }
+
+    fn device_features(&self) -> u64 {
+        let mut f = COMMON_FEATURES;
+        if self.cfg.stats {
+            f |= VIRTIO_BALLOON_F_STATS_VQ;
+        }
+        if self.cfg.free_page_reporting {
+            f |= VIRTIO_BALLOON_F_PAGE_REPORTING;
+        }
+        if self.cfg.deflate_on_oom {
+            f |= VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+        }
+        f
+    }
+
+    fn ack_features(&mut self, features: u64) {
+        self.acked = features & self.device_features();
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let bytes = self.config_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| bytes.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` is driver-writable; `num_pages` belongs to the device.
+        let mut actual = self.shared.actual.load(Ordering::Acquire).to_le_bytes();
+        let mut changed = false;
+        for (i, &b) in data.iter().enumerate() {
+            let Some(o) = offset.checked_add(i as u64) else {
+                break;
+            };
+            if (ACTUAL_OFFSET..CONFIG_SIZE).contains(&o) {
+                // o - ACTUAL_OFFSET < 4.
+                actual[(o - ACTUAL_OFFSET) as usize] = b;
+                changed = true;
+            }
+        }
+        if changed {
+            self.shared
+                .actual
+                .store(u32::from_le_bytes(actual), Ordering::Release);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<dyn Interrupt>,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(), ActivateError> {
+        self.worker = None;
+        let mut roles = Vec::with_capacity(queues.len());
+        let mut vqs = Vec::with_capacity(queues.len());
+        let mut kicks = Vec::with_capacity(queues.len());
+        for aq in queues {
+            let index = aq.index;
+            let role = match queue_role(index, self.acked) {
+                Some(QueueRole::FreePageHint) | None => return Err(ActivateError::BadQueue(index)),
+                Some(role) => role,
+            };
+            // Which queues exist depends on the features, so prepare each on its own (as
+            // queue 0) and put its real index back for notifications.
+            let one = ActiveQueue { index: 0, ..aq };
+            let (mut vq, mut kick) = prepare_queues(&mem, vec![one], self.acked, 1)
+                .map_err(|_| ActivateError::BadQueue(index))?;
+            let (Some(mut vq), Some(kick)) = (vq.pop(), kick.pop()) else {
+                return Err(ActivateError::BadQueue(index));
+            };
+            vq.index = index;
+            roles.push(role);
+            vqs.push(vq);
+            kicks.push(kick);
+        }
+        for needed in [QueueRole::Inflate, QueueRole::Deflate] {
+            if !roles.contains(&needed) {
+                return Err(ActivateError::BadQueue(needed as u16));
+            }
+        }
+        *lock(&self.shared.interrupt) = Some(interrupt.clone());
+        let worker = BalloonWorker {
+            mem,
+            interrupt: interrupt.clone(),
+            queues: roles.into_iter().zip(vqs).collect(),
+            shared: self.shared.clone(),
+            refresh: self.shared.refresh.try_clone()?,
+            held_stats: None,
+        };
+        self.worker = Some(spawn_worker("virtio-balloon", kicks, worker)?);
+        if std::mem::take(&mut self.restored) {
+            interrupt.signal_config();
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.pause();
+        }
+    }
+
+    fn resume(&mut self) {
+        if let Some(worker) = &self.worker {
+            worker.resume();
+        }
+    }
+
+    fn reset(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop();
+        }
+        *lock(&self.shared.interrupt) = None;
+        // A new driver starts with an empty balloon; the host's target stays.
+        self.shared.actual.store(0, Ordering::Release);
+        self.acked = 0;
+    }
+
+    fn restored(&mut self) {
+        // The target is the configuration's, not the snapshot's: the driver must re-read it.
+        self.restored = true;
+    }
+}
+
+/// Validates that `[gpa, gpa + len)` is inside one guest RAM region and returns the host
+/// address of `gpa`, page-aligned on the host; `None` otherwise.
+fn host_range(mem: &GuestMem, gpa: u64, len: u64) -> Option<usize> {
+    if len == 0 {
+        return None;
+    }
+    let addr = GuestAddress(gpa);
+    let region = mem.find_region(addr)?;
+    let off = region.to_region_addr(addr)?;
+    let end = off.raw_value().checked_add(len)?;
+    if end > region.len() {
+        return None;
+    }
+    let host = region.get_host_address(off).ok()? as usize;
+    (host as u64).is_multiple_of(PAGE_SIZE).then_some(host)
+}
+
+/// Drops `len` bytes of guest RAM at host address `host` (from [`host_range`]) from the host.
+fn discard(host: usize, len: usize) -> io::Result<()> {
+    // SAFETY: `[host, host + len)` was validated by `host_range` to lie inside one page-aligned
+    // guest RAM mapping that `GuestMem` keeps mapped while the worker holds it. MADV_DONTNEED
+    // never unmaps: it only drops the pages' contents (private memory reads back as zeros, or
+    // as the file's contents for a private file mapping), and guest memory is only accessed
+    // through volatile accessors, so no Rust reference is invalidated.
+    let r = unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A contiguous host range being accumulated before one `madvise`.
+#[derive(Default)]
+struct Run {
+    host: usize,
+    len: usize,
+}
+
+impl Run {
+    /// Adds a page at `host`, flushing the run first if it is not contiguous.
+    fn add(&mut self, host: usize) {
+        if self.len > 0 && self.host.checked_add(self.len) == Some(host) {
+            self.len += PAGE_SIZE as usize;
+            return;
+        }
+        self.flush();
+        self.host = host;
+        self.len = PAGE_SIZE as usize;
+    }
+
+    fn flush(&mut self) {
+        if self.len > 0 {
+            if let Err(e) = discard(self.host, self.len) {
+                tracing::warn!("virtio-balloon: madvise of {} bytes failed: {e}", self.len);
+            }
+        }
+        self.len = 0;
+    }
+}
+
+struct BalloonWorker {
+    mem: GuestMem,
+    interrupt: Arc<dyn Interrupt>,
+    /// Queues in activation order (the position is the kick token).
+    queues: Vec<(QueueRole, VirtQueue)>,
+    shared: Arc<Shared>,
+    refresh: EventFd,
+    /// The stats buffer the device keeps: (queue position, head).
+    held_stats: Option<(usize, u16)>,
+}
+
+impl DeviceWorker for BalloonWorker {
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        add_fd(epoll, self.refresh.as_raw_fd(), REFRESH_TOKEN, EventSet::IN)
+    }
+
+    fn queue_kicked(&mut self, _epoll: &Epoll, queue: usize) {
+        let Some(&(role, _)) = self.queues.get(queue) else {
+            return;
+        };
+        match role {
+            QueueRole::Stats => self.process_stats(queue),
+            _ => self.process_queue(queue, role),
+        }
+    }
+
+    fn backend_event(&mut self, _epoll: &Epoll, token: u64, _events: EventSet) {
+        if token != REFRESH_TOKEN {
+            return;
+        }
+        // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
+        let _ = self.refresh.read();
+        // Returning the kept buffer asks the driver for new statistics.
+        if let Some((pos, head)) = self.held_stats.take() {
+            if let Some((_, vq)) = self.queues.get_mut(pos) {
+                vq.complete(&self.mem, &*self.interrupt, head, 0);
+                vq.notify(&self.mem, &*self.interrupt);
+            }
+        }
+    }
+}
+
+impl BalloonWorker {
+    /// Serves the inflate, deflate or reporting queue at `pos`.
+    fn process_queue(&mut self, pos: usize, role: QueueRole) {
+        let Some((_, vq)) = self.queues.get_mut(pos) else {
+            return;
+        };
+        let (mem, irq, shared) = (&self.mem, &*self.interrupt, &*self.shared);
+        while let Some(popped) = vq.pop(mem, irq) {
+            let head = match popped {
+                Popped::Chain(chain) => {
+                    match role {
+                        QueueRole::Inflate => inflate(mem, shared, &chain),
+                        QueueRole::Deflate => deflate(shared, &chain),
+                        _ => report_free(mem, shared, &chain),
+                    }
+                    chain.head
+                }
+                Popped::Malformed { head, error } => {
+                    crate::guest_warn!("virtio-balloon: malformed {role:?} buffer: {error}");
+                    shared.rejected.fetch_add(1, Ordering::Relaxed);
+                    head
+                }
+            };
+            if !vq.complete(mem, irq, head, 0) {
+                break;
+            }
+        }
+        vq.notify(mem, irq);
+    }
+
+    /// Takes the driver's statistics buffer, records its contents and keeps it.
+    fn process_stats(&mut self, pos: usize) {
+        let Some((_, vq)) = self.queues.get_mut(pos) else {
+            return;
+        };
+        let (mem, irq, shared) = (&self.mem, &*self.interrupt, &*self.shared);
+        while let Some(popped) = vq.pop(mem, irq) {
+            match popped {
+                Popped::Chain(chain) => {
+                    let len = chain.readable_len().min(MAX_STATS * STAT_SIZE);
+                    let mut raw = vec![0u8; len];
+                    if chain.read_at(mem, 0, &mut raw).is_ok() {
+                        *lock(&shared.stats) = parse_stats(&raw);
+                        shared.stats_updates.fetch_add(1, Ordering::AcqRel);
+                    }
+                    // The driver keeps one buffer in flight; give back an older one if any.
+                    if let Some((_, old)) = self.held_stats.replace((pos, chain.head)) {
+                        if !vq.complete(mem, irq, old, 0) {
+                            break;
+                        }
+                    }
+                }
+                Popped::Malformed { head, error } => {
+                    crate::guest_warn!("virtio-balloon: malformed stats buffer: {error}");
+                    if !vq.complete(mem, irq, head, 0) {
+                        break;
+                    }
+                }
+            }
+        }
+        vq.notify(mem, irq);
+    }
+}
+
+/// Drops every page listed in an inflate buffer that lies in guest RAM.
+fn inflate(mem: &GuestMem, shared: &Shared, chain: &Chain) {
+    let total = chain.readable_len() / 4;
+    if !chain.readable_len().is_multiple_of(4) || total > MAX_PFNS_PER_CHAIN {
+        crate::guest_warn!(
+            "virtio-balloon: inflate buffer of {} bytes (whole PFNs up to {MAX_PFNS_PER_CHAIN} used)",
+            chain.readable_len()
+        );
+    }
+    let total = total.min(MAX_PFNS_PER_CHAIN);
+    let mut raw = [0u8; PFN_CHUNK * 4];
+    let mut run = Run::default();
+    let (mut dropped, mut rejected) = (0u64, 0u64);
+    let mut done = 0;
+    while done < total {
+        let n = (total - done).min(PFN_CHUNK);
+        let Some(buf) = raw.get_mut(..n * 4) else {
+            break;
+        };
+        if chain.read_at(mem, done * 4, buf).is_err() {
+            break;
+        }
+        for pfn in buf.chunks_exact(4) {
+            let pfn = u32::from_le_bytes([pfn[0], pfn[1], pfn[2], pfn[3]]);
+            let gpa = u64::from(pfn) << 12;
+            match host_range(mem, gpa, PAGE_SIZE) {
+                Some(host) => {
+                    run.add(host);
+                    dropped += 1;
+                }
+                None => {
+                    crate::guest_warn!("virtio-balloon: inflated PFN {pfn:#x} is not guest RAM");
+                    rejected += 1;
+                }
+            }
+        }
+        done += n;
+    }
+    run.flush();
+    shared.inflated_pages.fetch_add(dropped, Ordering::Relaxed);
+    shared.rejected.fetch_add(rejected, Ordering::Relaxed);
+}
+
+/// Counts the pages of a deflate buffer (they return to the guest on touch).
+fn deflate(shared: &Shared, chain: &Chain) {
+    let n = (chain.readable_len() / 4).min(MAX_PFNS_PER_CHAIN);
+    shared.deflated_pages.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// Drops each reported free range, rounded inward to whole pages, if it lies in one RAM region.
+fn report_free(mem: &GuestMem, shared: &Shared, chain: &Chain) {
+    let segs = chain
+        .readable_segments()
+        .iter()
+        .chain(chain.writable_segments());
+    for seg in segs {
+        let addr = seg.addr.raw_value();
+        let range = addr
+            .checked_add(PAGE_SIZE - 1)
+            .map(|a| a & !(PAGE_SIZE - 1))
+            .zip(addr.checked_add(u64::from(seg.len)))
+            .map(|(start, end)| (start, end & !(PAGE_SIZE - 1)))
+            .filter(|&(start, end)| end > start);
+        let Some((start, end)) = range else {
+            continue;
+        };
+        let len = end - start;
+        let Some(host) = host_range(mem, start, len) else {
+            crate::guest_warn!(
+                "virtio-balloon: reported range {start:#x}+{len:#x} is not inside one RAM region"
+            );
+            shared.rejected.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        // len <= region length, which is a usize.
+        match discard(host, len as usize) {
+            Ok(()) => {
+                shared.reported_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(e) => tracing::warn!("virtio-balloon: madvise of {len} bytes failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
