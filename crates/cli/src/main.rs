@@ -4,6 +4,7 @@ mod api;
 mod doctor;
 mod run;
 mod snapshot;
+mod vmm_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,8 @@ enum Command {
     Pause(snapshot::ControlArgs),
     /// Resume a paused VM.
     Resume(snapshot::ControlArgs),
+    /// Run one VM jailed (namespaces, private root, cgroup, no privileges, seccomp).
+    Vmm(Box<vmm_cmd::VmmArgs>),
 }
 
 fn main() {
@@ -46,6 +49,7 @@ fn main() {
         Command::Restore(args) => snapshot::restore(args),
         Command::Pause(args) => snapshot::pause(args),
         Command::Resume(args) => snapshot::resume(args),
+        Command::Vmm(args) => vmm_cmd::main(*args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,391 @@
+//! `pocketvisor vmm`: one VM in a jail, the process the handset daemon starts per profile.
+//!
+//! The parent (outside every new namespace) prepares `<jail-root>/<id>/root` and the cgroup,
+//! forks the child into a new pid namespace, moves it into the cgroup, then waits, forwarding
+//! SIGTERM/SIGINT/SIGHUP, and finally removes the jail directory and the cgroup. The child
+//! enters new mount/IPC/UTS namespaces and a new (or the given) network namespace, bind-mounts
+//! what the VM needs, `pivot_root`s, builds the VM (opening /dev/kvm, files, taps, sockets
+//! while still privileged), drops every privilege, installs the seccomp filter and runs the
+//! guest. docs/jail.md has the details.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use jail::fsroot::{Bind, JailRoot};
+use jail::supervise::{ChildExit, Forked};
+use vmm::{SerialConfig, Vm, VmConfig};
+
+/// Environment variable for the hidden self-tests (see [`SelfTest`]).
+const SELFTEST_ENV: &str = "POCKETVISOR_JAIL_SELFTEST";
+
+/// Run one VM jailed: namespaces, private root, cgroup, no privileges, seccomp.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+EXAMPLE:
+  pocketvisor vmm --config /var/lib/handset/work/vm.toml --jail-id work \\
+      --api-socket /run/handset/work/api.sock --cgroup /sys/fs/cgroup/pocketvisor/work \\
+      --memory-max 600M --cpu-weight 100 --uid 1001 --gid 1001
+
+Inside the jail the kernel is /boot/kernel, the initrd /boot/initrd, disk i /disks/<i>,
+and the directory of each socket or log file /run/<n>. The exit status is the VM's; 128+N
+when signal N killed the jailed process (159: SIGSYS, a syscall outside the allowlist).")]
+pub struct VmmArgs {
+    /// VM configuration file (TOML, the fields of `pocketvisor run --config`).
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Serve the control API on this unix socket (host path; its directory is bind-mounted).
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+    /// The jail's name: [a-z0-9-]{1,64}; names <jail-root>/<id>.
+    #[arg(long, value_name = "NAME")]
+    jail_id: String,
+    /// Directory holding the jails.
+    #[arg(long, value_name = "DIR", default_value = "/srv/pocketvisor/jail")]
+    jail_root: PathBuf,
+    /// cgroup v2 directory to run in (created if missing, removed at the end if created).
+    #[arg(long, value_name = "DIR")]
+    cgroup: Option<PathBuf>,
+    /// cpu.weight of the cgroup (1-10000).
+    #[arg(long, value_name = "N", requires = "cgroup", value_parser = clap::value_parser!(u32).range(1..=10000))]
+    cpu_weight: Option<u32>,
+    /// memory.max of the cgroup: bytes, with K/M/G suffix, or "max".
+    #[arg(long, value_name = "SIZE", requires = "cgroup", value_parser = parse_memory_max)]
+    memory_max: Option<String>,
+    /// Network namespace to join (e.g. /var/run/netns/NAME, holding the VM's tap); default:
+    /// a new empty one, where the VM's taps are created.
+    #[arg(long, value_name = "PATH")]
+    netns: Option<PathBuf>,
+    /// User id to run as after the VM is built (needs --gid).
+    #[arg(long, value_name = "N", requires = "gid")]
+    uid: Option<u32>,
+    /// Group id to run as after the VM is built (needs --uid).
+    #[arg(long, value_name = "N", requires = "uid")]
+    gid: Option<u32>,
+    /// Do not install the seccomp filter (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+/// Hidden self-tests for the jail's tests, chosen by `POCKETVISOR_JAIL_SELFTEST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SelfTest {
+    /// `forbidden-syscall`: after the filter is installed, make a syscall outside the
+    /// allowlist (`socket(AF_INET)`); the process must die of SIGSYS.
+    ForbiddenSyscall,
+    /// `open:<host path>`: after pivot_root, try to open the path and report on stderr.
+    Open(PathBuf),
+}
+
+fn selftest() -> Option<SelfTest> {
+    let v = std::env::var(SELFTEST_ENV).ok()?;
+    if v == "forbidden-syscall" {
+        return Some(SelfTest::ForbiddenSyscall);
+    }
+    v.strip_prefix("open:")
+        .map(|p| SelfTest::Open(PathBuf::from(p)))
+}
+
+/// Runs the jailed VM; returns the exit status.
+pub fn main(args: VmmArgs) -> Result<i32> {
+    let started = Instant::now();
+    jail::id::validate(&args.jail_id)?;
+    let cfg = load_config(&args.config)?;
+    let mut root = JailRoot::create(&args.jail_root, &args.jail_id)?;
+    let prepared = prepare(&mut root, &cfg, args.api_socket.as_deref()).and_then(|jailed| {
+        let cg = setup_cgroup(&args)?;
+        Ok((jailed, cg))
+    });
+    let (jailed, cg) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = root.remove();
+            return Err(e);
+        }
+    };
+    let result = fork_and_run(&args, &root, jailed, cg.as_ref(), started);
+    if let Some(cg) = &cg {
+        if let Err(e) = cg.remove() {
+            eprintln!("pocketvisor: warning: {e}");
+        }
+    }
+    let dir = root.dir().to_path_buf();
+    if let Err(e) = root.remove() {
+        eprintln!("pocketvisor: warning: cleaning up {}: {e}", dir.display());
+    }
+    result
+}
+
+/// The configuration and API socket path as the jailed process sees them.
+struct Jailed {
+    cfg: VmConfig,
+    api_socket: Option<PathBuf>,
+}
+
+fn load_config(path: &Path) -> Result<VmConfig> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg: VmConfig = toml::from_str(&text).map_err(|e| {
+        anyhow::anyhow!(
+            "bad configuration file {}: {}",
+            path.display(),
+            e.message().trim()
+        )
+    })?;
+    if !cfg.kernel.is_file() {
+        bail!(
+            "kernel {} does not exist or is not a file",
+            cfg.kernel.display()
+        );
+    }
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    Ok(cfg)
+}
+
+/// Plans the bind mounts for everything `cfg` uses and rewrites its paths to the jail's.
+fn prepare(root: &mut JailRoot, cfg: &VmConfig, api_socket: Option<&Path>) -> Result<Jailed> {
+    let mut out = cfg.clone();
+    let mut add = |source: &Path, target: &str, read_only: bool, dir: bool, device: bool| {
+        let source = std::fs::canonicalize(source)
+            .with_context(|| format!("cannot use {} in the jail", source.display()))?;
+        root.add(Bind {
+            source,
+            target: target.into(),
+            read_only,
+            dir,
+            device,
+        })
+        .map_err(anyhow::Error::from)
+    };
+    add(Path::new("/dev/kvm"), "/dev/kvm", false, false, true)?;
+    if !cfg.net.is_empty() {
+        add(
+            Path::new("/dev/net/tun"),
+            "/dev/net/tun",
+            false,
+            false,
+            true,
+        )?;
+    }
+    add(&cfg.kernel, "/boot/kernel", true, false, false)?;
+    out.kernel = "/boot/kernel".into();
+    if let Some(initrd) = &cfg.initrd {
+        add(initrd, "/boot/initrd", true, false, false)?;
+        out.initrd = Some("/boot/initrd".into());
+    }
+    for (i, (d, o)) in cfg.disks.iter().zip(out.disks.iter_mut()).enumerate() {
+        let target = format!("/disks/{i}");
+        add(&d.path, &target, d.read_only, false, false)?;
+        o.path = target.into();
+    }
+    // Sockets and logs: their directories are bind-mounted read-write, one /run/<n> each.
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut in_jail = |host: &Path| -> Result<PathBuf> {
+        let name = host
+            .file_name()
+            .with_context(|| format!("{} names no file", host.display()))?;
+        let parent = match host.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let parent = std::fs::canonicalize(parent)
+            .with_context(|| format!("directory of {} does not exist", host.display()))?;
+        let n = match dirs.iter().position(|d| *d == parent) {
+            Some(n) => n,
+            None => {
+                dirs.push(parent.clone());
+                dirs.len() - 1
+            }
+        };
+        Ok(Path::new("/run").join(n.to_string()).join(name))
+    };
+    if let SerialConfig::File(p) = &cfg.serial {
+        out.serial = SerialConfig::File(in_jail(p)?);
+    }
+    if let (Some(v), Some(o)) = (&cfg.vsock, out.vsock.as_mut()) {
+        o.socket = in_jail(&v.socket)?;
+    }
+    let api = api_socket.map(&mut in_jail).transpose()?;
+    for (n, d) in dirs.iter().enumerate() {
+        add(d, &format!("/run/{n}"), false, true, false)?;
+    }
+    Ok(Jailed {
+        cfg: out,
+        api_socket: api,
+    })
+}
+
+fn setup_cgroup(args: &VmmArgs) -> Result<Option<jail::cgroup::Cgroup>> {
+    let Some(path) = &args.cgroup else {
+        return Ok(None);
+    };
+    let mut settings = Vec::new();
+    if let Some(w) = args.cpu_weight {
+        settings.push(("cpu.weight", w.to_string()));
+    }
+    if let Some(m) = &args.memory_max {
+        settings.push(("memory.max", m.clone()));
+    }
+    Ok(Some(jail::cgroup::Cgroup::setup(path, &settings)?))
+}
+
+fn fork_and_run(
+    args: &VmmArgs,
+    root: &JailRoot,
+    jailed: Jailed,
+    cg: Option<&jail::cgroup::Cgroup>,
+    started: Instant,
+) -> Result<i32> {
+    let (go_read, go_write) = pipe()?;
+    match jail::supervise::fork_into_pid_namespace()? {
+        Forked::Child => {
+            drop(go_write);
+            let code = match child(args, root, jailed, go_read, started) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("pocketvisor: error: jailed vmm: {}", crate::one_line(&e));
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        Forked::Parent(pid) => {
+            drop(go_read);
+            if let Some(cg) = cg {
+                if let Err(e) = cg.join(pid) {
+                    // The child sees the pipe close without a byte and gives up.
+                    drop(go_write);
+                    let _ = jail::supervise::wait_forwarding_signals(pid);
+                    return Err(e.into());
+                }
+            }
+            write_byte(&go_write)?;
+            drop(go_write);
+            let exit = jail::supervise::wait_forwarding_signals(pid)?;
+            if let ChildExit::Killed(sig) = exit {
+                eprintln!(
+                    "pocketvisor: jailed vmm {} killed by signal {sig}{}",
+                    args.jail_id,
+                    if sig == libc::SIGSYS {
+                        " (SIGSYS: a syscall outside the seccomp allowlist)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(exit.code())
+        }
+    }
+}
+
+/// The jailed side: namespaces, root, VM, privileges, seccomp, run.
+fn child(
+    args: &VmmArgs,
+    root: &JailRoot,
+    jailed: Jailed,
+    go: std::fs::File,
+    started: Instant,
+) -> Result<i32> {
+    let mut byte = [0u8; 1];
+    use std::io::Read;
+    if (&go).read(&mut byte).context("wait for the parent")? != 1 {
+        bail!("the parent gave up before the jail was ready");
+    }
+    drop(go);
+    let net = match &args.netns {
+        Some(p) => jail::ns::Net::Join(p),
+        None => jail::ns::Net::New,
+    };
+    jail::ns::enter(net, &args.jail_id)?;
+    root.enter()?;
+    let test = selftest();
+    if let Some(SelfTest::Open(p)) = &test {
+        match std::fs::File::open(p) {
+            Ok(_) => eprintln!("jail-selftest open {}: opened", p.display()),
+            Err(e) => eprintln!(
+                "jail-selftest open {}: failed errno={} ({e})",
+                p.display(),
+                e.raw_os_error().unwrap_or(0)
+            ),
+        }
+    }
+    let vm = Vm::new(&jailed.cfg)?;
+    let ids = match (args.uid, args.gid) {
+        (Some(uid), Some(gid)) => Some(jail::privileges::Ids { uid, gid }),
+        _ => None,
+    };
+    jail::privileges::drop_all(ids)?;
+    if args.no_seccomp {
+        eprintln!("pocketvisor: warning: running without the seccomp filter (--no-seccomp)");
+    } else {
+        jail::seccomp::install()?;
+    }
+    tracing::info!(
+        "jail {} ready in {} us",
+        args.jail_id,
+        started.elapsed().as_micros()
+    );
+    if test == Some(SelfTest::ForbiddenSyscall) {
+        eprintln!("jail-selftest forbidden-syscall: calling socket(AF_INET)");
+        // SAFETY: socket(2) with integer arguments; the filter should kill us here.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        eprintln!("jail-selftest forbidden-syscall: survived (fd {fd})");
+        return Ok(3);
+    }
+    crate::run::run_vm(vm, jailed.api_socket.as_deref())
+}
+
+fn pipe() -> Result<(std::fs::File, std::fs::File)> {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("create a pipe");
+    }
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    Ok(unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    })
+}
+
+fn write_byte(f: &std::fs::File) -> Result<()> {
+    use std::io::Write;
+    (&*f).write_all(&[1]).context("start the jailed vmm")
+}
+
+/// `memory.max` values: `max`, or a byte count with an optional K/M/G suffix.
+fn parse_memory_max(s: &str) -> Result<String, String> {
+    if s == "max" {
+        return Ok(s.into());
+    }
+    let (num, shift) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad memory size {s:?}: expected e.g. 512M, 2G or max"))?;
+    n.checked_mul(1u64 << shift)
+        .map(|b| b.to_string())
+        .ok_or_else(|| format!("memory size {s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_max_values() {
+        assert_eq!(parse_memory_max("max").unwrap(), "max");
+        assert_eq!(parse_memory_max("512M").unwrap(), "536870912");
+        assert_eq!(parse_memory_max("4096").unwrap(), "4096");
+        assert!(parse_memory_max("lots").is_err());
+        assert!(parse_memory_max("99999999999G").is_err());
+    }
+}

@@ -1,0 +1,104 @@
+//! Dropping privileges: every capability (bounding, ambient, effective, permitted,
+//! inheritable), optionally root itself (uid/gid), and `no_new_privs`.
+//!
+//! Capabilities are per thread: call [`drop_all`] while the process has a single thread, so
+//! every thread created later inherits the empty sets.
+
+use crate::{check, Error, Result};
+
+/// `_LINUX_CAPABILITY_VERSION_3`.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// The uid and gid to become.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ids {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// Drops every capability from all sets, switches to `ids` if given (no supplementary
+/// groups), and sets `no_new_privs`.
+pub fn drop_all(ids: Option<Ids>) -> Result<()> {
+    // The bounding set first: that needs CAP_SETPCAP, which goes with the rest below.
+    let mut cap = 0;
+    loop {
+        // SAFETY: prctl with integer arguments only.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            // EINVAL: past the last capability this kernel knows.
+            if e.raw_os_error() == Some(libc::EINVAL) && cap > 0 {
+                break;
+            }
+            return Err(crate::sys(format!(
+                "drop capability {cap} from the bounding set"
+            ))(e));
+        }
+        cap += 1;
+        if cap > 128 {
+            return Err(Error::Invalid(
+                "the kernel reports over 128 capabilities".into(),
+            ));
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    check(
+        unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        },
+        "clear ambient capabilities",
+    )?;
+    if let Some(Ids { uid, gid }) = ids {
+        // SAFETY: setgroups with an empty list (the pointer is not read).
+        check(
+            unsafe { libc::setgroups(0, std::ptr::null()) },
+            "drop supplementary groups",
+        )?;
+        // SAFETY: integer arguments only.
+        check(
+            unsafe { libc::setresgid(gid, gid, gid) },
+            format!("set gid {gid}"),
+        )?;
+        // SAFETY: integer arguments only.
+        check(
+            unsafe { libc::setresuid(uid, uid, uid) },
+            format!("set uid {uid}"),
+        )?;
+    }
+    let mut header = CapHeader {
+        version: CAP_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: capset reads a v3 header and two data structs, which both point to.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
+    check(r as libc::c_int, "clear capabilities")?;
+    // SAFETY: prctl with integer arguments only.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+        "set no_new_privs",
+    )?;
+    Ok(())
+}

@@ -1,0 +1,289 @@
+//! The VMM's seccomp filter: an allowlist of the syscalls it makes once the VM is built;
+//! anything else kills the whole process (SIGSYS).
+//!
+//! Two filters are stacked (the kernel applies the strictest answer):
+//! 1. `clone3` returns `ENOSYS`, so glibc's `pthread_create` falls back to `clone(2)`, whose
+//!    flags a filter can see (`clone3` passes them in memory);
+//! 2. the allowlist, whose mismatch action is `KillProcess`, with argument checks where an
+//!    argument decides what a call can do: `ioctl` only with the KVM and socket requests the
+//!    running VMM uses, `clone` only for threads, `socket` only for unix sockets, `mmap` and
+//!    `mprotect` never executable, `prctl` only to name threads, `tgkill` only within this
+//!    process.
+//!
+//! docs/jail.md lists every syscall with the reason it is needed.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
+};
+
+use crate::{Error, Result};
+
+/// `_IOC(dir, type, nr, size)` from asm-generic/ioctl.h.
+const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
+    (dir << 30) | (size << 16) | (ty << 8) | nr
+}
+const NONE: u64 = 0;
+const W: u64 = 1;
+const R: u64 = 2;
+const KVMIO: u64 = 0xAE;
+
+/// The ioctl requests the VMM makes after the VM is built, with the reason.
+pub const IOCTLS: &[(u64, &str)] = &[
+    (ioc(NONE, KVMIO, 0x80, 0), "KVM_RUN: run a vCPU"),
+    (
+        ioc(W, KVMIO, 0x6a, 8),
+        "KVM_SET_GSI_ROUTING: the guest programs MSI-X",
+    ),
+    (ioc(W, KVMIO, 0x76, 32), "KVM_IRQFD: a device is activated"),
+    (
+        ioc(W, KVMIO, 0x79, 64),
+        "KVM_IOEVENTFD: queue notifications of an activated device",
+    ),
+    (ioc(R, KVMIO, 0x81, 144), "KVM_GET_REGS: snapshot"),
+    (ioc(R, KVMIO, 0x83, 312), "KVM_GET_SREGS: snapshot"),
+    (ioc(R | W, KVMIO, 0x88, 8), "KVM_GET_MSRS: snapshot"),
+    (ioc(R, KVMIO, 0x8e, 1024), "KVM_GET_LAPIC: snapshot"),
+    (ioc(R, KVMIO, 0x98, 4), "KVM_GET_MP_STATE: snapshot"),
+    (ioc(R, KVMIO, 0x9f, 64), "KVM_GET_VCPU_EVENTS: snapshot"),
+    (ioc(R, KVMIO, 0xa1, 128), "KVM_GET_DEBUGREGS: snapshot"),
+    (ioc(R, KVMIO, 0xa4, 4096), "KVM_GET_XSAVE: snapshot"),
+    (ioc(R, KVMIO, 0xa6, 392), "KVM_GET_XCRS: snapshot"),
+    (ioc(R | W, KVMIO, 0x62, 520), "KVM_GET_IRQCHIP: snapshot"),
+    (ioc(R, KVMIO, 0x9f, 112), "KVM_GET_PIT2: snapshot"),
+    (ioc(R, KVMIO, 0x7c, 48), "KVM_GET_CLOCK: snapshot"),
+    (
+        libc::FIONBIO,
+        "FIONBIO: std makes sockets non-blocking with it",
+    ),
+    (
+        libc::FIOCLEX,
+        "FIOCLEX: std marks descriptors close-on-exec with it",
+    ),
+];
+
+/// Syscalls allowed without argument checks, with the reason (also in docs/jail.md).
+pub const PLAIN: &[(i64, &str)] = &[
+    (libc::SYS_read, "device workers, eventfds, sockets, the tap"),
+    (libc::SYS_write, "serial output, eventfds, sockets, the tap"),
+    (libc::SYS_readv, "tap and block I/O"),
+    (libc::SYS_writev, "tap and block I/O, stderr"),
+    (libc::SYS_pread64, "block device reads"),
+    (libc::SYS_pwrite64, "block device writes, snapshots"),
+    (libc::SYS_preadv, "block device reads"),
+    (libc::SYS_pwritev, "block device writes"),
+    (libc::SYS_lseek, "block device, snapshot files"),
+    (libc::SYS_fsync, "virtio-blk flush, snapshots"),
+    (libc::SYS_fdatasync, "virtio-blk flush"),
+    (libc::SYS_close, "sockets and snapshot files"),
+    (
+        libc::SYS_fcntl,
+        "std: F_DUPFD_CLOEXEC when workers clone descriptors, O_NONBLOCK",
+    ),
+    (
+        libc::SYS_openat,
+        "snapshot files (the jail's own directories only)",
+    ),
+    (
+        libc::SYS_newfstatat,
+        "std metadata(), snapshot files, stale sockets",
+    ),
+    (libc::SYS_fstat, "std metadata()"),
+    (libc::SYS_statx, "std metadata()"),
+    (
+        libc::SYS_getdents64,
+        "snapshot: removing a temporary directory",
+    ),
+    (libc::SYS_mkdir, "snapshot directories"),
+    (libc::SYS_mkdirat, "snapshot directories"),
+    (
+        libc::SYS_unlink,
+        "stale and finished unix sockets, snapshot temporaries",
+    ),
+    (libc::SYS_unlinkat, "as unlink"),
+    (libc::SYS_rename, "snapshot: atomic replace"),
+    (libc::SYS_renameat, "snapshot: atomic replace"),
+    (libc::SYS_renameat2, "snapshot: atomic replace"),
+    (libc::SYS_ftruncate, "snapshot memory file size"),
+    (libc::SYS_poll, "the VMM's main loop"),
+    (libc::SYS_ppoll, "the VMM's main loop"),
+    (libc::SYS_epoll_create1, "device workers"),
+    (libc::SYS_epoll_ctl, "device workers"),
+    (libc::SYS_epoll_wait, "device workers"),
+    (libc::SYS_epoll_pwait, "device workers"),
+    (libc::SYS_eventfd2, "device workers, API channel"),
+    (libc::SYS_bind, "API socket, vsock host socket"),
+    (libc::SYS_listen, "API socket, vsock host socket"),
+    (libc::SYS_accept4, "API socket, vsock host socket"),
+    (
+        libc::SYS_connect,
+        "vsock: guest connections to <socket>_<port>",
+    ),
+    (libc::SYS_recvfrom, "unix sockets"),
+    (libc::SYS_sendto, "unix sockets"),
+    (libc::SYS_recvmsg, "unix sockets"),
+    (libc::SYS_sendmsg, "unix sockets"),
+    (libc::SYS_shutdown, "unix sockets"),
+    (libc::SYS_getsockopt, "std: SO_ERROR after a connect"),
+    (libc::SYS_munmap, "thread stacks, buffers"),
+    (
+        libc::SYS_madvise,
+        "the allocator returns memory, thread exit",
+    ),
+    (libc::SYS_mremap, "the allocator grows buffers"),
+    (libc::SYS_brk, "the allocator"),
+    (libc::SYS_set_robust_list, "new threads (glibc)"),
+    (libc::SYS_rseq, "new threads (glibc)"),
+    (
+        libc::SYS_clone3,
+        "new threads; answered ENOSYS by the first filter",
+    ),
+    (libc::SYS_futex, "locks, thread joins"),
+    (libc::SYS_sched_getaffinity, "new threads (glibc, std)"),
+    (libc::SYS_sched_yield, "spin loops"),
+    (libc::SYS_gettid, "std thread ids"),
+    (libc::SYS_getpid, "tgkill target"),
+    (libc::SYS_exit, "thread exit"),
+    (libc::SYS_exit_group, "process exit"),
+    (libc::SYS_restart_syscall, "syscalls interrupted by signals"),
+    (libc::SYS_rt_sigaction, "stop and vCPU-kick signal handlers"),
+    (libc::SYS_rt_sigprocmask, "new threads, signal handling"),
+    (libc::SYS_rt_sigreturn, "return from signal handlers"),
+    (
+        libc::SYS_sigaltstack,
+        "std: per-thread stack overflow handler",
+    ),
+    (libc::SYS_clock_gettime, "time (when the vDSO is not used)"),
+    (libc::SYS_gettimeofday, "time (when the vDSO is not used)"),
+    (libc::SYS_clock_nanosleep, "sleeps in pause/stop loops"),
+    (libc::SYS_nanosleep, "sleeps in pause/stop loops"),
+    (libc::SYS_getrandom, "virtio-rng, hash maps"),
+    (libc::SYS_prlimit64, "new threads (glibc stack size)"),
+];
+
+fn cond(arg: u8, len: Len, op: Op, value: u64) -> Result<SeccompCondition> {
+    SeccompCondition::new(arg, len, op, value).map_err(|e| Error::Seccomp(e.to_string()))
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule> {
+    SeccompRule::new(conds).map_err(|e| Error::Seccomp(e.to_string()))
+}
+
+fn arch() -> Result<TargetArch> {
+    std::env::consts::ARCH
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| Error::Seccomp(e.to_string()))
+}
+
+/// The allowlist for a VMM whose process id (as it sees itself) is `pid`.
+pub fn allowlist(pid: libc::pid_t) -> Result<BpfProgram> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        PLAIN.iter().map(|&(nr, _)| (nr, Vec::new())).collect();
+    let mut ioctl = Vec::new();
+    for &(req, _) in IOCTLS {
+        ioctl.push(rule(vec![cond(1, Len::Dword, Op::Eq, req)?])?);
+    }
+    rules.insert(libc::SYS_ioctl, ioctl);
+    let thread = libc::CLONE_THREAD as u64;
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            Len::Qword,
+            Op::MaskedEq(thread),
+            thread,
+        )?])?],
+    );
+    rules.insert(
+        libc::SYS_socket,
+        vec![rule(vec![cond(
+            0,
+            Len::Dword,
+            Op::Eq,
+            libc::AF_UNIX as u64,
+        )?])?],
+    );
+    let exec = libc::PROT_EXEC as u64;
+    for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
+        rules.insert(
+            nr,
+            vec![rule(vec![cond(2, Len::Dword, Op::MaskedEq(exec), 0)?])?],
+        );
+    }
+    rules.insert(
+        libc::SYS_prctl,
+        vec![rule(vec![cond(
+            0,
+            Len::Dword,
+            Op::Eq,
+            libc::PR_SET_NAME as u64,
+        )?])?],
+    );
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![rule(vec![cond(0, Len::Dword, Op::Eq, pid as u64)?])?],
+    );
+    compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)
+}
+
+/// The filter that answers `clone3` with ENOSYS and lets everything else through.
+pub fn clone3_enosys() -> Result<BpfProgram> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    compile(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+    )
+}
+
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram> {
+    let filter = SeccompFilter::new(rules, mismatch, matched, arch()?)
+        .map_err(|e| Error::Seccomp(e.to_string()))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| Error::Seccomp(e.to_string()))
+}
+
+/// Installs both filters on every thread of the process (TSYNC); threads created later
+/// inherit them. Sets `no_new_privs` (required to install a filter without CAP_SYS_ADMIN).
+pub fn install() -> Result<()> {
+    // SAFETY: getpid has no preconditions.
+    let pid = unsafe { libc::getpid() };
+    let allow = allowlist(pid)?;
+    let enosys = clone3_enosys()?;
+    // The allowlist goes last: installing a filter takes prctl and seccomp, which it refuses.
+    seccompiler::apply_filter_all_threads(&enosys).map_err(|e| Error::Seccomp(e.to_string()))?;
+    seccompiler::apply_filter_all_threads(&allow).map_err(|e| Error::Seccomp(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        let n = |name: &str| IOCTLS.iter().find(|(_, d)| d.starts_with(name)).unwrap().0;
+        assert_eq!(n("KVM_RUN"), 0xae80);
+        assert_eq!(n("KVM_SET_GSI_ROUTING"), 0x4008_ae6a);
+        assert_eq!(n("KVM_IRQFD"), 0x4020_ae76);
+        assert_eq!(n("KVM_IOEVENTFD"), 0x4040_ae79);
+        assert_eq!(n("KVM_GET_REGS"), 0x8090_ae81);
+        assert_eq!(n("KVM_GET_SREGS"), 0x8138_ae83);
+        assert_eq!(n("KVM_GET_MSRS"), 0xc008_ae88);
+        assert_eq!(n("KVM_GET_LAPIC"), 0x8400_ae8e);
+        assert_eq!(n("KVM_GET_XSAVE"), 0x9000_aea4);
+    }
+
+    #[test]
+    fn filters_compile() {
+        let allow = allowlist(1).unwrap();
+        assert!(allow.len() > PLAIN.len());
+        assert!(!clone3_enosys().unwrap().is_empty());
+    }
+}

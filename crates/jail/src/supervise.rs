@@ -1,0 +1,110 @@
+//! The fork into a new pid namespace: the child becomes its pid 1 and runs the VMM; the
+//! parent stays outside, forwards SIGTERM/SIGINT/SIGHUP to it and reports how it ended.
+
+use std::io;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::{check, sys, Result};
+
+/// Which side of the fork this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forked {
+    /// The jailed child, pid 1 of its namespace.
+    Child,
+    /// The parent, with the child's pid as the parent sees it.
+    Parent(libc::pid_t),
+}
+
+/// How the child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChildExit {
+    /// It exited with this status.
+    Exited(i32),
+    /// A signal killed it (SIGSYS: the seccomp filter).
+    Killed(i32),
+}
+
+impl ChildExit {
+    /// The shell convention: the status, or 128 + the signal.
+    pub fn code(self) -> i32 {
+        match self {
+            ChildExit::Exited(c) => c,
+            ChildExit::Killed(s) => 128 + s,
+        }
+    }
+}
+
+/// Moves this process's future children into a new pid namespace and forks. The child gets
+/// SIGKILL if the parent dies. Call while single-threaded.
+pub fn fork_into_pid_namespace() -> Result<Forked> {
+    // SAFETY: unshare only changes the namespace of this process's future children.
+    check(
+        unsafe { libc::unshare(libc::CLONE_NEWPID) },
+        "unshare the pid namespace",
+    )?;
+    // SAFETY: the caller is single-threaded, so the child is a consistent copy.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(sys("fork")(io::Error::last_os_error())),
+        0 => {
+            // SAFETY: prctl with integer arguments only.
+            check(
+                unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
+                "set the parent-death signal",
+            )?;
+            Ok(Forked::Child)
+        }
+        pid => Ok(Forked::Parent(pid)),
+    }
+}
+
+static CHILD: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn forward(sig: libc::c_int) {
+    let pid = CHILD.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// The signals the parent passes on to the child.
+pub const FORWARDED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// In the parent: forwards [`FORWARDED`] signals to `child` until it ends; returns how.
+pub fn wait_forwarding_signals(child: libc::pid_t) -> Result<ChildExit> {
+    CHILD.store(child, Ordering::SeqCst);
+    for sig in FORWARDED {
+        // SAFETY: the handler only does async-signal-safe work (an atomic load and kill).
+        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
+    }
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into a live c_int.
+        let r = unsafe { libc::waitpid(child, &mut status, 0) };
+        if r == child {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(sys("wait for the jailed vmm")(e));
+        }
+    }
+    CHILD.store(0, Ordering::SeqCst);
+    if libc::WIFSIGNALED(status) {
+        Ok(ChildExit::Killed(libc::WTERMSIG(status)))
+    } else {
+        Ok(ChildExit::Exited(libc::WEXITSTATUS(status)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_the_shell_convention() {
+        assert_eq!(ChildExit::Exited(3).code(), 3);
+        assert_eq!(ChildExit::Killed(libc::SIGSYS).code(), 159);
+    }
+}
