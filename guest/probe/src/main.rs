@@ -73,6 +73,11 @@ extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
         "pio-bench" => bench::pio(boot.arg_u64("pv.pio.iters", 1_000_000)),
         "blk-bench" => bench::blk(boot.arg_u64("pv.blk.mb", 64)),
         "selftest" => selftest(),
+        // Exercises the exception path (host tests of crash reporting).
+        "fault" => {
+            // SAFETY: ud2 raises #UD, which the IDT reports and turns into a failure exit.
+            unsafe { core::arch::asm!("ud2") }
+        }
         other => fail("boot", format_args!("unknown-mode {other}")),
     }
     finish()

@@ -134,6 +134,15 @@ impl VirtioPci {
         if d.common == 0 || d.notify == 0 {
             return Err("no-virtio-caps");
         }
+        crate::probe!(
+            "info virtio {} device={:04x} common={:#x} notify={:#x} msix_table={:#x} msix_entries={}",
+            b,
+            f.device,
+            d.common,
+            d.notify,
+            d.msix_table,
+            d.msix_entries
+        );
         if d.msix_cap != 0 {
             // Enable MSI-X, clear the function mask.
             let ctrl = pcibus::read16(b, d.msix_cap + 2);
