@@ -63,6 +63,8 @@ pub const MAX_STATS: usize = 64;
 const STAT_SIZE: usize = 10;
 /// PFNs read from guest memory at a time.
 const PFN_CHUNK: usize = 1024;
+/// Format of [`VirtioDevice::save_device_state`]: version, then the config space.
+const STATE_VERSION: u8 = 1;
 /// Epoll token of the stats refresh eventfd.
 const REFRESH_TOKEN: u64 = BACKEND_TOKEN_BASE;
 
@@ -456,8 +458,34 @@ impl VirtioDevice for Balloon {
     }
 
     fn restored(&mut self) {
-        // The target is the configuration's, not the snapshot's: the driver must re-read it.
+        // Whatever the target is now (the snapshot's if its state was restored, else the
+        // configuration's), the driver re-reads it.
         self.restored = true;
+    }
+
+    fn save_device_state(&self) -> Vec<u8> {
+        let mut v = vec![STATE_VERSION];
+        v.extend_from_slice(&self.config_bytes());
+        v
+    }
+
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let bytes: [u8; 1 + CONFIG_SIZE as usize] = state
+            .try_into()
+            .map_err(|_| format!("balloon state of {} bytes", state.len()))?;
+        let [version, n0, n1, n2, n3, a0, a1, a2, a3] = bytes;
+        if version != STATE_VERSION {
+            return Err(format!("balloon state version {version}"));
+        }
+        let num_pages = u32::from_le_bytes([n0, n1, n2, n3]);
+        if num_pages > self.shared.max_pages {
+            return Err("balloon target larger than the guest's RAM".into());
+        }
+        self.shared.num_pages.store(num_pages, Ordering::Release);
+        self.shared
+            .actual
+            .store(u32::from_le_bytes([a0, a1, a2, a3]), Ordering::Release);
+        Ok(())
     }
 }
 

@@ -101,4 +101,19 @@ pub trait VirtioDevice: Send {
     /// guest runs: host-side state that could not be carried over (open connections) is gone,
     /// and the device tells the driver so if its protocol has a way.
     fn restored(&mut self) {}
+    /// Device-specific state a snapshot must carry beyond queues and transport registers
+    /// (state the driver changes through config space, like the balloon's `actual`). Called
+    /// on a paused device; empty for devices without such state.
+    fn save_device_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Applies what [`save_device_state`](Self::save_device_state) returned, on a freshly
+    /// built device before it is re-activated. Refuses state it cannot use.
+    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err("this device keeps no state of its own".into())
+        }
+    }
 }

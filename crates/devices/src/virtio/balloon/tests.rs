@@ -332,6 +332,30 @@ fn restored_device_tells_the_driver_to_reread_the_target() {
     assert_eq!(irq.configs(), 1);
 }
 
+#[test]
+fn device_state_round_trips() {
+    let mut a = Balloon::new(64 << 20, BalloonConfig::default()).unwrap();
+    a.handle().set_target_mib(10).unwrap();
+    a.write_config(4, &77u32.to_le_bytes());
+    let saved = a.save_device_state();
+    let mut b = Balloon::new(64 << 20, BalloonConfig::default()).unwrap();
+    b.restore_device_state(&saved).unwrap();
+    let info = b.handle().info();
+    assert_eq!((info.target_pages, info.actual_pages), (2560, 77));
+    let (mut x, mut y) = ([0u8; 8], [0u8; 8]);
+    a.read_config(0, &mut x);
+    b.read_config(0, &mut y);
+    assert_eq!(x, y);
+    // Damaged or unfitting state is refused and changes nothing.
+    let mut c = Balloon::new(8 << 20, BalloonConfig::default()).unwrap();
+    assert!(c.restore_device_state(&saved).is_err(), "target > RAM");
+    assert!(c.restore_device_state(&saved[..5]).is_err());
+    let mut bad = saved.clone();
+    bad[0] = 9;
+    assert!(c.restore_device_state(&bad).is_err());
+    assert_eq!(c.handle().info(), BalloonInfo::default());
+}
+
 fn stats_buf(entries: &[(u16, u64)]) -> Vec<u8> {
     entries
         .iter()
