@@ -270,7 +270,15 @@ fn block_requests_in_flight_complete_after_restore() {
         after.contains(&format!("PROBE blk-bench end bytes={}", 384 << 20)),
         "{after:?}"
     );
-    assert!(after.contains("irq=msix"), "{after:?}");
+    // Interrupts work after the restore: at most a few completions were found by polling
+    // (on kvm_pvm the guest's TSC follows the host's across the restore, so a guest that was
+    // waiting for an interrupt at the snapshot can time out its 20 ms wait at once).
+    let polled: u64 = after
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("polled="))
+        .and_then(|n| n.parse().ok())
+        .expect("polled= in the bench line");
+    assert!(polled <= 4, "{after:?}");
     assert!(after.contains("PROBE done ok"), "{after:?}");
     assert_eq!(code, Some(0));
 }
@@ -283,18 +291,26 @@ fn damaged_snapshots_are_refused_before_any_vm_runs() {
     counter_snapshot(&s, &probe, &snap);
     let state = std::fs::read(snap.join("state.bin")).unwrap();
 
-    let restore = |what: &str| {
+    let restore_with = |what: &str, extra: &[&str]| {
         let log = s.path(&format!("{what}.log"));
-        let out = cli(&[
-            "restore",
-            snap.to_str().unwrap(),
-            "--serial",
-            &format!("file:{}", log.display()),
-        ]);
-        assert!(!log.exists(), "{what}: a VM was started");
+        let serial = format!("file:{}", log.display());
+        let mut args = vec!["restore", snap.to_str().unwrap(), "--serial", &serial];
+        args.extend_from_slice(extra);
+        let out = cli(&args);
+        assert!(read(&log).is_empty(), "{what}: the guest ran");
         assert_eq!(out.status.code(), Some(1), "{what}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
+    let restore = |what: &str| restore_with(what, &[]);
+
+    // A disk of another size than the one the guest knows.
+    let other = s.path("other.img");
+    std::fs::File::create(&other)
+        .unwrap()
+        .set_len(2 << 20)
+        .unwrap();
+    let err = restore_with("disk-size", &["--disk", other.to_str().unwrap()]);
+    assert!(err.contains("configuration differs"), "{err}");
 
     let mut flipped = state.clone();
     let at = state.len() / 2;

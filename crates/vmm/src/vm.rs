@@ -89,6 +89,17 @@ impl Vm {
     /// Builds the VM described by `cfg`: memory, irqchip, devices, kernel, vCPUs.
     pub fn new(cfg: &VmConfig) -> Result<Vm, Error> {
         cfg.validate().map_err(Error::Config)?;
+        // A MAC left to chance is chosen now and kept in the configuration, so a snapshot
+        // restores the same address the guest knows.
+        let mut cfg = cfg.clone();
+        for n in cfg.net.iter_mut().filter(|n| n.mac.is_none()) {
+            let m = devices::virtio::net::random_mac().map_err(Error::io("random MAC"))?;
+            n.mac = Some(format!(
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            ));
+        }
+        let cfg = &cfg;
         let mut kernel = open(&cfg.kernel)?;
         let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
 

@@ -115,7 +115,8 @@ impl Net {
     }
 }
 
-fn random_mac() -> io::Result<[u8; 6]> {
+/// A random unicast, locally administered MAC address.
+pub fn random_mac() -> io::Result<[u8; 6]> {
     let mut mac = [0u8; 6];
     super::rng::fill_random(&mut mac)?;
     // Unicast, locally administered.

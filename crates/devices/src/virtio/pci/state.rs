@@ -64,7 +64,14 @@ pub struct VirtioPciState {
     pub queues: Vec<QueueState>,
     /// Whether the device model was activated (DRIVER_OK accepted).
     pub activated: bool,
+    /// The first bytes of the device-specific config space (disk size, MAC, CID...), which
+    /// the driver may have cached: a restore refuses a device whose config differs.
+    #[serde(default)]
+    pub device_config: Vec<u8>,
 }
+
+/// Bytes of device-specific config space compared on restore.
+const DEVICE_CONFIG_CHECKED: usize = 64;
 
 /// Why a saved state does not fit this function.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +96,21 @@ impl VirtioPciDevice {
     pub fn resume(&mut self) {
         if self.activated {
             self.device.resume();
+        }
+    }
+
+    /// After a restore, once the vCPUs exist: raises each active queue's used-buffer
+    /// interrupt once. An MSI the device sent just before the snapshot may still have been on
+    /// its way into KVM (irqfd injection is asynchronous) when the LAPIC was saved; a spurious
+    /// used-buffer interrupt is harmless to a virtio driver, a lost one is not.
+    pub fn renotify_queues(&self) {
+        if !self.activated {
+            return;
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.enabled {
+                crate::virtio::Interrupt::signal_queue(&*self.interrupt, i as u16);
+            }
         }
     }
 
@@ -141,7 +163,14 @@ impl VirtioPciDevice {
             queue_select: self.common.queue_select,
             queues,
             activated: self.activated,
+            device_config: self.device_config(),
         }
+    }
+
+    fn device_config(&self) -> Vec<u8> {
+        let mut b = vec![0u8; DEVICE_CONFIG_CHECKED];
+        self.device.read_config(0, &mut b);
+        b
     }
 
     /// Applies a saved state to a freshly built function (same device, same configuration) whose
@@ -157,6 +186,12 @@ impl VirtioPciDevice {
                 s.device_type,
                 self.device.device_type()
             )));
+        }
+        if !s.device_config.is_empty() && s.device_config != self.device_config() {
+            return Err(mismatch(
+                "the device's configuration differs from the snapshot's \
+                 (a disk of another size, another MAC address or CID?)",
+            ));
         }
         if s.queues.len() != self.queues.len() || s.queue_vectors.len() != self.queues.len() {
             return Err(mismatch("number of queues"));
