@@ -48,7 +48,7 @@ pub fn blk(mb: u64) {
 fn run(blk: &mut Blk, total: u64) -> Result<u64, &'static str> {
     // Per slot: 16-byte header, status byte, 64 KiB data.
     let hdrs = mem::alloc(32 * INFLIGHT as u64, 4096);
-    let data = mem::alloc(REQ * INFLIGHT as u64, 4096);
+    let data = mem::alloc_uninit(REQ * INFLIGHT as u64, 4096);
     let mut heads = [u16::MAX; INFLIGHT];
     let mut next_off = 0u64;
     let mut inflight = 0usize;

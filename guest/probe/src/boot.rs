@@ -41,14 +41,6 @@ pvh_start32:
     mov %eax, %ebp
     mov %edx, %ebx
 
-    /* zero .bss (the stack and the page tables live elsewhere) */
-    mov $__bss_start, %edi
-    mov $__bss_end, %ecx
-    sub %edi, %ecx
-    shr $2, %ecx
-    xor %eax, %eax
-    rep stosl
-
     lgdt boot_gdtr
     mov %cr4, %eax
     or $0x20, %eax
@@ -73,6 +65,13 @@ pvh_start64:
     mov %ax, %fs
     mov %ax, %gs
     mov $boot_stack_top, %rsp
+    /* zero .bss (the stack and the page tables live elsewhere) */
+    mov $__bss_start, %edi
+    mov $__bss_end, %ecx
+    sub %edi, %ecx
+    shr $3, %ecx
+    xor %eax, %eax
+    rep stosq
     mov %esi, %edi
     mov %ebx, %esi
     shl $32, %rsi

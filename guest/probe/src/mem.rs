@@ -20,17 +20,22 @@ pub fn init() {
 
 /// Allocates `size` zeroed bytes aligned to `align` (a power of two). Panics when exhausted.
 pub fn alloc(size: u64, align: u64) -> u64 {
+    let start = alloc_uninit(size, align);
+    // SAFETY: [start, start+size) is inside the arena, identity-mapped RAM that nothing else uses.
+    unsafe { core::ptr::write_bytes(start as *mut u8, 0, size as usize) };
+    start
+}
+
+/// Allocates `size` bytes (contents undefined) aligned to `align` (a power of two).
+/// Panics when exhausted.
+pub fn alloc_uninit(size: u64, align: u64) -> u64 {
     let mut cur = NEXT.load(Ordering::SeqCst);
     loop {
         let start = (cur + align - 1) & !(align - 1);
         let end = start + size;
         assert!(end <= ARENA_END, "probe arena exhausted");
         match NEXT.compare_exchange(cur, end, Ordering::SeqCst, Ordering::SeqCst) {
-            Ok(_) => {
-                // SAFETY: [start, end) is inside the arena, identity-mapped RAM that nothing else uses.
-                unsafe { core::ptr::write_bytes(start as *mut u8, 0, size as usize) };
-                return start;
-            }
+            Ok(_) => return start,
             Err(v) => cur = v,
         }
     }

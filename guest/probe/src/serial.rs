@@ -2,7 +2,7 @@
 
 use crate::port::{inb, outb};
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 const COM1: u16 = 0x3F8;
 static LOCK: AtomicBool = AtomicBool::new(false);
@@ -20,14 +20,22 @@ pub fn init() {
     put(b'\n');
 }
 
+/// Bytes written since the transmitter was last seen empty (FIFO is 16 deep).
+static IN_FIFO: AtomicU8 = AtomicU8::new(16);
+
 fn put(b: u8) {
-    // Bounded wait for THR empty so a missing UART cannot hang the probe.
-    for _ in 0..100_000 {
-        if inb(COM1 + 5) & 0x20 != 0 {
-            break;
+    // Poll LSR only once per 16 bytes: when THRE is set the whole FIFO is free. This halves
+    // the port exits per character. Bounded so a missing UART cannot hang the probe.
+    if IN_FIFO.load(Ordering::Relaxed) >= 16 {
+        for _ in 0..100_000 {
+            if inb(COM1 + 5) & 0x20 != 0 {
+                break;
+            }
+            core::hint::spin_loop();
         }
-        core::hint::spin_loop();
+        IN_FIFO.store(0, Ordering::Relaxed);
     }
+    IN_FIFO.fetch_add(1, Ordering::Relaxed);
     outb(COM1, b);
 }
 
