@@ -2,11 +2,12 @@
 
 use core::cell::UnsafeCell;
 
-/// A global owned by the bootstrap processor. APs never touch a `Global`.
+/// A global owned by the bootstrap processor. APs only read `Global`s the BSP finished
+/// writing before it started them (the IDT).
 pub struct Global<T>(UnsafeCell<T>);
 
-// SAFETY: only the BSP accesses `Global`s, and it never re-enters them from interrupt
-// handlers, so there is no concurrent access.
+// SAFETY: only the BSP writes `Global`s (never from interrupt handlers); APs only read the
+// IDT after the BSP filled it, so there is no concurrent mutable access.
 unsafe impl<T> Sync for Global<T> {}
 
 impl<T> Global<T> {
