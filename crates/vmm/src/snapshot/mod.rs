@@ -489,6 +489,9 @@ impl Vm {
                 .map_err(|reason| Error::Vcpu { id: st.id, reason })?;
             vcpus.push(vcpu);
         }
+        for dev in &devs.virtio {
+            lock(dev).renotify_queues();
+        }
         Ok(Vm::assemble(cfg, kvm, vm, mem, exit, devs, vcpus))
     }
 }
