@@ -2,6 +2,8 @@
 
 mod api;
 mod doctor;
+mod handset;
+mod profile;
 mod run;
 mod snapshot;
 mod vmm_cmd;
@@ -32,6 +34,10 @@ enum Command {
     Resume(snapshot::ControlArgs),
     /// Run one VM jailed (namespaces, private root, cgroup, no privileges, seccomp).
     Vmm(Box<vmm_cmd::VmmArgs>),
+    /// Run the handset daemon (profiles, supervision, foreground switching, REST API).
+    Handset(handset::HandsetArgs),
+    /// Manage the handset's profiles: create, list, show, start, stop, suspend, resume, switch.
+    Profile(Box<profile::ProfileArgs>),
 }
 
 fn main() {
@@ -49,6 +55,8 @@ fn main() {
         Command::Restore(args) => snapshot::restore(args),
         Command::Pause(args) => snapshot::pause(args),
         Command::Resume(args) => snapshot::resume(args),
+        Command::Handset(args) => handset::main(args),
+        Command::Profile(args) => profile::main(*args),
         Command::Vmm(args) => vmm_cmd::main(*args),
     };
     match result {

@@ -1,0 +1,58 @@
+//! `pocketvisor handset`: the device daemon.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+/// Run the handset daemon: profiles, their VMM processes, foreground switching, REST API.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The daemon keeps its state in DIR (profiles, disks, SQLite database) and serves its REST API
+on DIR/handset.sock (HTTP over a unix socket; see docs/api/handset.openapi.yaml). Use
+`pocketvisor profile ...` to talk to it. Only one daemon runs per state directory.
+
+It starts one VMM process per started profile, restarts crashed ones per their restart policy,
+and on SIGTERM or SIGINT stops every VM cleanly before exiting. Started again after a crash,
+it adopts the VMMs still running.
+
+EXAMPLE:
+  pocketvisor handset --state-dir /tmp/pv &
+  pocketvisor profile --state-dir /tmp/pv create work --template work
+  pocketvisor profile --state-dir /tmp/pv start work")]
+pub struct HandsetArgs {
+    /// State directory [default: $POCKETVISOR_STATE_DIR, else /var/lib/pocketvisor].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// The probe guest used by profiles with kernel = "probe" [default: found next to this
+    /// binary or in guest/out/ of the source tree].
+    #[arg(long, value_name = "PATH")]
+    probe: Option<PathBuf>,
+    /// Name of the cgroup under which each profile gets its group.
+    #[arg(long, value_name = "NAME", default_value = handset::cgroup::DEFAULT_PARENT)]
+    cgroup_parent: String,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub fn main(a: HandsetArgs) -> Result<i32> {
+    let state_dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
+    let exe = std::env::current_exe().context("cannot find this program's path")?;
+    let probe = match a.probe {
+        Some(p) if p.is_file() => Some(std::path::absolute(&p)?),
+        Some(p) => anyhow::bail!("--probe {}: no such file", p.display()),
+        None => handset::find_probe(&exe),
+    };
+    if a.cgroup_parent.is_empty()
+        || a.cgroup_parent.contains('/')
+        || a.cgroup_parent.starts_with('.')
+    {
+        anyhow::bail!("--cgroup-parent must be one path component");
+    }
+    handset::run_blocking(handset::Options {
+        state_dir,
+        vmm_bin: exe,
+        probe,
+        cgroup_parent: a.cgroup_parent,
+    })?;
+    Ok(0)
+}

@@ -1,0 +1,332 @@
+//! `pocketvisor profile ...`: the handset daemon's CLI.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use handset::client::Client;
+use handset::{CreateProfile, Event, ProfileInfo, ProfileSpec};
+
+/// Manage the handset's profiles through the daemon.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The daemon (`pocketvisor handset`) must be running. Its socket is DIR/handset.sock for
+--state-dir DIR (default $POCKETVISOR_STATE_DIR, else /var/lib/pocketvisor), or --socket.
+
+EXAMPLES:
+  pocketvisor profile create work --template work
+  pocketvisor profile create lab --file lab.toml
+  pocketvisor profile start work && pocketvisor profile switch work
+  pocketvisor profile list --json")]
+pub struct ProfileArgs {
+    /// State directory of the daemon.
+    #[arg(long, value_name = "DIR", global = true)]
+    state_dir: Option<PathBuf>,
+    /// The daemon's socket (overrides --state-dir).
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: ProfileCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfileCmd {
+    /// Create a profile from a template (work, personal) or a TOML spec file.
+    #[command(after_help = "\
+A spec file has the fields of profile.toml: name, kernel (a path or \"probe\"), initrd, cmdline,
+memory_mib, vcpus, disks = [{name, size_mib, read_only}], net (TAP name), display = {width,
+height}, restart (never|on-failure|always), background (run|suspend), cpu = {foreground,
+background}, memory_max_mib, channels = {clipboard_to, files_to}.")]
+    Create {
+        /// Profile name: 1-32 of a-z, 0-9 and - (with --template; overrides the file's).
+        name: Option<String>,
+        /// Template: work or personal (the probe guest in counter mode unless --kernel).
+        #[arg(long, conflicts_with = "file")]
+        template: Option<String>,
+        /// A TOML profile spec.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Kernel path replacing the template's or the file's.
+        #[arg(long, value_name = "PATH")]
+        kernel: Option<String>,
+    },
+    /// List profiles.
+    List,
+    /// Show one profile and its spec.
+    Show {
+        /// Profile name.
+        name: String,
+    },
+    /// Start a profile's VM (a suspended profile is resumed).
+    Start {
+        /// Profile name.
+        name: String,
+    },
+    /// Stop a profile's VM (asks the VMM, then SIGTERM, then SIGKILL).
+    Stop {
+        /// Profile name.
+        name: String,
+    },
+    /// Snapshot a running profile to disk and end its VMM.
+    Suspend {
+        /// Profile name.
+        name: String,
+    },
+    /// Restore a suspended profile from its snapshot.
+    Resume {
+        /// Profile name.
+        name: String,
+    },
+    /// Delete a stopped profile with its disks.
+    Delete {
+        /// Profile name.
+        name: String,
+    },
+    /// Bring a running profile to the foreground (the others go to the background).
+    Switch {
+        /// Profile name.
+        name: String,
+    },
+    /// Show a profile's lifecycle events (all profiles' without NAME).
+    Events {
+        /// Profile name.
+        name: Option<String>,
+        /// At most this many, the newest.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show the audit log (API actions and cross-profile transfers).
+    Audit {
+        /// At most this many, the newest.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Show the daemon's state (cgroups, probe guest, foreground).
+    Status,
+}
+
+fn client(a: &ProfileArgs) -> Result<Client> {
+    let socket = match &a.socket {
+        Some(s) => s.clone(),
+        None => handset::StateDir::resolve(a.state_dir.as_deref())?.socket(),
+    };
+    Ok(Client::new(&socket))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn table(rows: &[ProfileInfo]) {
+    println!(
+        "{:<20} {:<10} {:<3} {:>8} {:>7} {:>5} {:>9} {:>6}  DETAIL",
+        "NAME", "STATE", "FG", "PID", "MEM", "VCPUS", "RSS", "WEIGHT"
+    );
+    for p in rows {
+        let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+        println!(
+            "{:<20} {:<10} {:<3} {:>8} {:>6}M {:>5} {:>9} {:>6}  {}",
+            p.name,
+            p.state.as_str(),
+            if p.foreground { "*" } else { "" },
+            opt(p.pid.map(|v| v.to_string())),
+            p.spec.memory_mib,
+            p.spec.vcpus,
+            opt(p.rss_kib.map(|k| format!("{}M", k / 1024))),
+            opt(p.cpu_weight.map(|v| v.to_string())),
+            p.detail
+        );
+    }
+}
+
+fn show(p: &ProfileInfo) -> Result<()> {
+    table(std::slice::from_ref(p));
+    println!(
+        "\nserial log: {}\nvsock cid:  {}\n",
+        p.serial_log, p.vsock_cid
+    );
+    print!("{}", toml::to_string(&p.spec)?);
+    Ok(())
+}
+
+fn events(list: &[Event]) {
+    println!(
+        "{:<24} {:<20} {:<16} DETAIL",
+        "TIME (UTC)", "PROFILE", "EVENT"
+    );
+    for e in list {
+        println!(
+            "{:<24} {:<20} {:<16} {}",
+            utc(e.time_ms),
+            e.profile,
+            e.event,
+            e.detail
+        );
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS.mmm` from ms since the epoch (civil-from-days, proleptic Gregorian).
+fn utc(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms.rem_euclid(1000)
+    )
+}
+
+/// `POST /v1/profiles/NAME/ACTION` and what it did.
+fn lifecycle(c: &Client, json: bool, name: &str, action: &str) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let none: Option<&()> = None;
+    let p: ProfileInfo = c.call("POST", &format!("/v1/profiles/{name}/{action}"), none)?;
+    if json {
+        return print_json(&p);
+    }
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    match action {
+        "switch" => println!("{name} is in the foreground ({ms:.1} ms)"),
+        _ => println!(
+            "{name}: {}{} ({ms:.1} ms)",
+            p.state.as_str(),
+            p.pid.map(|v| format!(", pid {v}")).unwrap_or_default()
+        ),
+    }
+    Ok(())
+}
+
+/// Runs one `profile` subcommand.
+pub fn main(a: ProfileArgs) -> Result<i32> {
+    let c = client(&a)?;
+    let json = a.json;
+    let none: Option<&()> = None;
+    match a.cmd {
+        ProfileCmd::Create {
+            name,
+            template,
+            file,
+            kernel,
+        } => {
+            let req = match (template, file) {
+                (Some(t), None) => CreateProfile {
+                    name: Some(name.context("a NAME is needed with --template")?),
+                    template: Some(t),
+                    kernel,
+                    spec: None,
+                },
+                (None, Some(f)) => {
+                    let text = std::fs::read_to_string(&f)
+                        .with_context(|| format!("cannot read {}", f.display()))?;
+                    let spec = ProfileSpec::from_toml(&text)
+                        .with_context(|| format!("{}", f.display()))?;
+                    CreateProfile {
+                        name,
+                        template: None,
+                        kernel,
+                        spec: Some(spec),
+                    }
+                }
+                _ => anyhow::bail!("give --template work|personal or --file SPEC.toml"),
+            };
+            let p: ProfileInfo = c.call("POST", "/v1/profiles", Some(&req))?;
+            if json {
+                print_json(&p)?;
+            } else {
+                println!("created profile {} (kernel {})", p.name, p.spec.kernel);
+            }
+        }
+        ProfileCmd::List => {
+            let list: Vec<ProfileInfo> = c.call("GET", "/v1/profiles", none)?;
+            if json {
+                print_json(&list)?;
+            } else {
+                table(&list);
+            }
+        }
+        ProfileCmd::Show { name } => {
+            let p: ProfileInfo = c.call("GET", &format!("/v1/profiles/{name}"), none)?;
+            if json {
+                print_json(&p)?;
+            } else {
+                show(&p)?;
+            }
+        }
+        ProfileCmd::Delete { name } => {
+            let _: () = c.call("DELETE", &format!("/v1/profiles/{name}"), none)?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted profile {name}");
+            }
+        }
+        ProfileCmd::Start { name } => lifecycle(&c, json, &name, "start")?,
+        ProfileCmd::Stop { name } => lifecycle(&c, json, &name, "stop")?,
+        ProfileCmd::Suspend { name } => lifecycle(&c, json, &name, "suspend")?,
+        ProfileCmd::Resume { name } => lifecycle(&c, json, &name, "resume")?,
+        ProfileCmd::Switch { name } => lifecycle(&c, json, &name, "switch")?,
+        ProfileCmd::Events { name, limit } => {
+            let url = match &name {
+                Some(n) => format!("/v1/profiles/{n}/events?limit={limit}"),
+                None => format!("/v1/events?limit={limit}"),
+            };
+            let list: Vec<Event> = c.call("GET", &url, none)?;
+            if json {
+                print_json(&list)?;
+            } else {
+                events(&list);
+            }
+        }
+        ProfileCmd::Audit { limit } => {
+            let list: Vec<Event> = c.call("GET", &format!("/v1/audit?limit={limit}"), none)?;
+            if json {
+                print_json(&list)?;
+            } else {
+                events(&list);
+            }
+        }
+        ProfileCmd::Status => {
+            let info: handset::DaemonInfo = c.call("GET", "/v1/handset", none)?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("daemon pid {} version {}", info.pid, info.version);
+                println!("state dir  {}", info.state_dir);
+                println!(
+                    "cgroups    {} {}{}",
+                    info.cgroups.mode,
+                    info.cgroups.path.unwrap_or_default(),
+                    info.cgroups
+                        .note
+                        .map(|n| format!(" ({n})"))
+                        .unwrap_or_default()
+                );
+                println!(
+                    "probe      {}",
+                    info.probe.unwrap_or_else(|| "not installed".into())
+                );
+                println!("profiles   {} ({} running)", info.profiles, info.running);
+                println!(
+                    "foreground {}",
+                    info.foreground.unwrap_or_else(|| "-".into())
+                );
+            }
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,247 @@
+//! The REST API on `handset.sock`: the route table, the handlers and the server.
+//!
+//! [`ROUTES`] is the single list of routes: the router is built from it and the OpenAPI
+//! test compares it with `docs/api/handset.openapi.yaml`.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, MethodRouter};
+use axum::{Json, Router};
+
+use crate::api_types::{CreateProfile, ErrorBody, LimitQuery};
+use crate::daemon::Handset;
+use crate::db::Log;
+use crate::error::Error;
+
+/// What a route does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Daemon facts.
+    Info,
+    /// List profiles.
+    List,
+    /// Create a profile.
+    Create,
+    /// Show one profile.
+    Show,
+    /// Delete a profile.
+    Delete,
+    /// Start a profile.
+    Start,
+    /// Stop a profile.
+    Stop,
+    /// Suspend to disk.
+    Suspend,
+    /// Resume from disk.
+    Resume,
+    /// Bring to the foreground.
+    Switch,
+    /// A profile's lifecycle events.
+    Events,
+    /// All lifecycle events.
+    AllEvents,
+    /// The audit log.
+    Audit,
+}
+
+/// One route.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// HTTP method.
+    pub method: &'static str,
+    /// Path (axum syntax, `{name}` parameters, as in OpenAPI).
+    pub path: &'static str,
+    /// Handler.
+    pub op: Op,
+}
+
+const fn r(method: &'static str, path: &'static str, op: Op) -> Route {
+    Route { method, path, op }
+}
+
+/// Every route the daemon serves.
+pub const ROUTES: &[Route] = &[
+    r("GET", "/v1/handset", Op::Info),
+    r("GET", "/v1/profiles", Op::List),
+    r("POST", "/v1/profiles", Op::Create),
+    r("GET", "/v1/profiles/{name}", Op::Show),
+    r("DELETE", "/v1/profiles/{name}", Op::Delete),
+    r("POST", "/v1/profiles/{name}/start", Op::Start),
+    r("POST", "/v1/profiles/{name}/stop", Op::Stop),
+    r("POST", "/v1/profiles/{name}/suspend", Op::Suspend),
+    r("POST", "/v1/profiles/{name}/resume", Op::Resume),
+    r("POST", "/v1/profiles/{name}/switch", Op::Switch),
+    r("GET", "/v1/profiles/{name}/events", Op::Events),
+    r("GET", "/v1/events", Op::AllEvents),
+    r("GET", "/v1/audit", Op::Audit),
+];
+
+type Hs = Arc<Handset>;
+
+/// An error as an HTTP response: its status and `{"error": "..."}`.
+pub struct ApiError(Error);
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let text = self.0.to_string();
+        let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        (status, Json(ErrorBody { error: one_line })).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+fn audited<T>(
+    h: &Handset,
+    profile: &str,
+    action: &str,
+    r: crate::Result<T>,
+) -> Result<T, ApiError> {
+    let detail = match &r {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("error: {e}"),
+    };
+    h.audit(profile, action, &detail);
+    r.map_err(ApiError)
+}
+
+async fn info(State(h): State<Hs>) -> ApiResult<crate::DaemonInfo> {
+    Ok(Json(h.daemon_info()?))
+}
+
+async fn list(State(h): State<Hs>) -> ApiResult<Vec<crate::ProfileInfo>> {
+    Ok(Json(h.list()?))
+}
+
+async fn create(
+    State(h): State<Hs>,
+    body: Result<Json<CreateProfile>, JsonRejection>,
+) -> Result<(StatusCode, Json<crate::ProfileInfo>), ApiError> {
+    let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let name = req
+        .name
+        .clone()
+        .or_else(|| req.spec.as_ref().map(|s| s.name.clone()))
+        .unwrap_or_default();
+    let r = h.create(req).await;
+    let info = audited(&h, &name, "create", r)?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+async fn show(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<crate::ProfileInfo> {
+    Ok(Json(h.show(&name)?))
+}
+
+async fn remove(State(h): State<Hs>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    let r = h.delete(&name).await;
+    audited(&h, &name, "delete", r)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+macro_rules! lifecycle {
+    ($fn:ident, $action:literal) => {
+        async fn $fn(
+            State(h): State<Hs>,
+            Path(name): Path<String>,
+        ) -> ApiResult<crate::ProfileInfo> {
+            let r = h.$fn(&name).await;
+            Ok(Json(audited(&h, &name, $action, r)?))
+        }
+    };
+}
+
+lifecycle!(start, "start");
+lifecycle!(stop, "stop");
+lifecycle!(suspend, "suspend");
+lifecycle!(resume, "resume");
+lifecycle!(switch, "switch");
+
+fn limit(q: LimitQuery) -> u32 {
+    q.limit.unwrap_or(100).min(10_000)
+}
+
+async fn events(
+    State(h): State<Hs>,
+    Path(name): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<crate::Event>> {
+    h.show(&name)?;
+    Ok(Json(h.events(Log::Events, Some(&name), limit(q))?))
+}
+
+async fn all_events(
+    State(h): State<Hs>,
+    Query(q): Query<LimitQuery>,
+) -> ApiResult<Vec<crate::Event>> {
+    Ok(Json(h.events(Log::Events, None, limit(q))?))
+}
+
+async fn audit(State(h): State<Hs>, Query(q): Query<LimitQuery>) -> ApiResult<Vec<crate::Event>> {
+    Ok(Json(h.events(Log::Audit, None, limit(q))?))
+}
+
+fn method_router(route: &Route) -> MethodRouter<Hs> {
+    match route.op {
+        Op::Info => get(info),
+        Op::List => get(list),
+        Op::Create => post(create),
+        Op::Show => get(show),
+        Op::Delete => delete(remove),
+        Op::Start => post(start),
+        Op::Stop => post(stop),
+        Op::Suspend => post(suspend),
+        Op::Resume => post(resume),
+        Op::Switch => post(switch),
+        Op::Events => get(events),
+        Op::AllEvents => get(all_events),
+        Op::Audit => get(audit),
+    }
+}
+
+async fn not_found() -> (StatusCode, Json<ErrorBody>) {
+    let error = "no such route (see docs/api/handset.openapi.yaml)".to_string();
+    (StatusCode::NOT_FOUND, Json(ErrorBody { error }))
+}
+
+/// The router for [`ROUTES`].
+pub fn router(h: Hs) -> Router {
+    let mut by_path: BTreeMap<&str, MethodRouter<Hs>> = BTreeMap::new();
+    for route in ROUTES {
+        let mr = method_router(route);
+        let merged = match by_path.remove(route.path) {
+            Some(existing) => existing.merge(mr),
+            None => mr,
+        };
+        by_path.insert(route.path, merged);
+    }
+    let mut app = Router::new();
+    for (path, mr) in by_path {
+        app = app.route(path, mr);
+    }
+    app.fallback(not_found).with_state(h)
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    h: Hs,
+    listener: tokio::net::UnixListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(h))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

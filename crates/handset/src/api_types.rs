@@ -1,0 +1,184 @@
+//! The request and response bodies of the REST API (documented in
+//! `docs/api/handset.openapi.yaml`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::cgroup::CgroupInfo;
+use crate::error::{Error, Result};
+use crate::spec::ProfileSpec;
+
+/// A profile's lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileState {
+    /// No VMM process.
+    Stopped,
+    /// The VMM runs the guest.
+    Running,
+    /// The VMM is paused in memory (a `background = "suspend"` profile in the background).
+    Paused,
+    /// Saved to `profiles/<name>/snapshot/`, no process.
+    Suspended,
+    /// Crashed too often (restart limit) or could not be restarted.
+    Failed,
+}
+
+impl ProfileState {
+    /// The database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProfileState::Stopped => "stopped",
+            ProfileState::Running => "running",
+            ProfileState::Paused => "paused",
+            ProfileState::Suspended => "suspended",
+            ProfileState::Failed => "failed",
+        }
+    }
+
+    /// From the database spelling (unknown values read as `failed`).
+    pub fn parse(s: &str) -> Self {
+        match s {
+            "stopped" => ProfileState::Stopped,
+            "running" => ProfileState::Running,
+            "paused" => ProfileState::Paused,
+            "suspended" => ProfileState::Suspended,
+            _ => ProfileState::Failed,
+        }
+    }
+}
+
+/// `POST /v1/profiles`: a template (with a name) or a full spec.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProfile {
+    /// Profile name (with `template`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `work` or `personal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
+    /// Kernel replacing the template's probe guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+    /// A complete spec (instead of `template`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<ProfileSpec>,
+}
+
+impl CreateProfile {
+    /// The spec this request describes, validated.
+    pub fn into_spec(self) -> Result<ProfileSpec> {
+        match (self.template, self.spec) {
+            (Some(t), None) => {
+                let name = self.name.ok_or_else(|| {
+                    Error::BadRequest("\"name\" is required with \"template\"".into())
+                })?;
+                ProfileSpec::from_template(&t, &name, self.kernel.as_deref())
+            }
+            (None, Some(mut spec)) => {
+                if let Some(n) = self.name {
+                    spec.name = n;
+                }
+                if let Some(k) = self.kernel {
+                    spec.kernel = k;
+                }
+                spec.validate()?;
+                Ok(spec)
+            }
+            _ => Err(Error::BadRequest(
+                "give exactly one of \"template\" and \"spec\"".into(),
+            )),
+        }
+    }
+}
+
+/// A profile as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileInfo {
+    /// Profile name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: ProfileState,
+    /// VMM process id while running or paused.
+    pub pid: Option<i32>,
+    /// Whether it is the foreground profile.
+    pub foreground: bool,
+    /// The guest's vsock context id.
+    pub vsock_cid: u32,
+    /// Creation time, ms since the epoch.
+    pub created_ms: i64,
+    /// Last start, ms since the epoch.
+    pub started_ms: Option<i64>,
+    /// Why it is in its state (exit reason, restart limit, ...), or empty.
+    pub detail: String,
+    /// CPU weight in effect while running.
+    pub cpu_weight: Option<u32>,
+    /// Resident memory of the VMM process in KiB while running.
+    pub rss_kib: Option<u64>,
+    /// The guest's serial console log.
+    pub serial_log: String,
+    /// The profile spec.
+    pub spec: ProfileSpec,
+}
+
+/// `GET /v1/handset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    /// Daemon version.
+    pub version: String,
+    /// Daemon process id.
+    pub pid: u32,
+    /// The state directory.
+    pub state_dir: String,
+    /// Database schema version.
+    pub schema_version: i64,
+    /// cgroup mode.
+    pub cgroups: CgroupInfo,
+    /// The probe guest used for `kernel = "probe"`, if installed.
+    pub probe: Option<String>,
+    /// The foreground profile.
+    pub foreground: Option<String>,
+    /// Number of profiles.
+    pub profiles: usize,
+    /// Number of profiles with a VMM process.
+    pub running: usize,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, one line.
+    pub error: String,
+}
+
+/// `?limit=` of the event routes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct LimitQuery {
+    /// At most this many records, newest ones (default 100, at most 10000).
+    pub limit: Option<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_requests() {
+        let t = CreateProfile {
+            name: Some("w".into()),
+            template: Some("work".into()),
+            ..Default::default()
+        };
+        assert_eq!(t.into_spec().unwrap().name, "w");
+        let none = CreateProfile::default();
+        assert!(none.into_spec().is_err());
+        let nameless = CreateProfile {
+            template: Some("work".into()),
+            ..Default::default()
+        };
+        assert!(nameless.into_spec().is_err());
+        for s in ["stopped", "running", "paused", "suspended", "failed"] {
+            assert_eq!(ProfileState::parse(s).as_str(), s);
+        }
+    }
+}

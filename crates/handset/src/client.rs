@@ -1,0 +1,216 @@
+//! A small blocking HTTP/1.1 client for the daemon's unix socket (used by the CLI and tests).
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api_types::ErrorBody;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nobody listens on the socket.
+    #[error("the handset daemon is not running (no {0}); start it with `pocketvisor handset --state-dir DIR`")]
+    NotRunning(PathBuf),
+    /// The socket could not be used.
+    #[error("talking to the handset daemon at {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The daemon answered with an error status.
+    #[error("{message}")]
+    Api {
+        /// HTTP status.
+        status: u16,
+        /// The daemon's message.
+        message: String,
+    },
+    /// The answer could not be understood.
+    #[error("bad answer from the handset daemon: {0}")]
+    BadAnswer(String),
+}
+
+/// A raw HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Status code.
+    pub status: u16,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+/// A client for one daemon socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client for the daemon listening on `socket`.
+    pub fn new(socket: &Path) -> Self {
+        Self {
+            socket: socket.to_path_buf(),
+            timeout: Duration::from_secs(300),
+        }
+    }
+
+    /// Sends one request; returns the status and body whatever the status.
+    pub fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Answer, ClientError> {
+        let io = |source| ClientError::Io {
+            path: self.socket.clone(),
+            source,
+        };
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(self.socket.clone())
+            }
+            _ => io(e),
+        })?;
+        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        let body = body.unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: handset\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !body.is_empty() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str("\r\n");
+        let mut msg = req.into_bytes();
+        msg.extend_from_slice(body);
+        s.write_all(&msg).map_err(io)?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).map_err(io)?;
+        parse_response(&raw).map_err(ClientError::BadAnswer)
+    }
+
+    /// Sends a request with an optional JSON body and decodes a JSON answer; error statuses
+    /// become [`ClientError::Api`] with the daemon's message.
+    pub fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let data = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::BadAnswer(e.to_string()))?;
+        let a = self.raw(method, path, data.as_deref())?;
+        if !(200..300).contains(&a.status) {
+            let message = serde_json::from_slice::<ErrorBody>(&a.body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&a.body).into_owned());
+            return Err(ClientError::Api {
+                status: a.status,
+                message,
+            });
+        }
+        let body = if a.body.is_empty() {
+            &b"null"[..]
+        } else {
+            &a.body
+        };
+        serde_json::from_slice(body).map_err(|e| ClientError::BadAnswer(e.to_string()))
+    }
+}
+
+/// Splits a complete HTTP/1.1 response into status and (de-chunked) body.
+pub fn parse_response(raw: &[u8]) -> Result<Answer, String> {
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no end of headers")?;
+    let head = std::str::from_utf8(raw.get(..end).unwrap_or_default())
+        .map_err(|_| "headers are not UTF-8")?;
+    let body = raw.get(end + 4..).unwrap_or_default();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or("bad status line")?;
+    let mut chunked = false;
+    let mut length = None;
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            let v = v.trim();
+            if k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k.eq_ignore_ascii_case("content-length") {
+                length = v.parse::<usize>().ok();
+            }
+        }
+    }
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        match length {
+            Some(n) => body
+                .get(..n)
+                .ok_or("body shorter than Content-Length")?
+                .to_vec(),
+            None => body.to_vec(),
+        }
+    };
+    Ok(Answer { status, body })
+}
+
+fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let nl = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("bad chunk header")?;
+        let size_text = std::str::from_utf8(data.get(..nl).unwrap_or_default())
+            .map_err(|_| "bad chunk size")?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| "bad chunk size")?;
+        data = data.get(nl + 2..).unwrap_or_default();
+        if size == 0 {
+            return Ok(out);
+        }
+        out.extend_from_slice(data.get(..size).ok_or("truncated chunk")?);
+        data = data.get(size + 2..).unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_chunked() {
+        let a = parse_response(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!((a.status, a.body.as_slice()), (201, &b"{}"[..]));
+        let c = parse_response(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(c.body, b"abcde");
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn missing_daemon_says_how_to_start_it() {
+        let e = Client::new(Path::new("/nonexistent/handset.sock"))
+            .raw("GET", "/v1/handset", None)
+            .unwrap_err();
+        assert!(e.to_string().contains("pocketvisor handset"), "{e}");
+    }
+}

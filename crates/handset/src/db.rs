@@ -1,0 +1,304 @@
+//! The SQLite store: profile registry, lifecycle events and the audit log.
+//!
+//! Schema changes are appended to [`MIGRATIONS`]; `PRAGMA user_version` counts the applied
+//! steps. The database runs in WAL mode with a busy timeout, so several processes (the
+//! daemon, `pocketvisor export`) may open it at once.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// The schema, one step per entry; never edit a shipped step, append a new one.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: profiles, lifecycle events, audit log.
+    "CREATE TABLE profiles (
+        name TEXT PRIMARY KEY,
+        state TEXT NOT NULL DEFAULT 'stopped',
+        pid INTEGER,
+        foreground INTEGER NOT NULL DEFAULT 0,
+        vsock_cid INTEGER NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL,
+        started_ms INTEGER,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time_ms INTEGER NOT NULL,
+        profile TEXT NOT NULL,
+        event TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_by_profile ON events(profile, id);
+    CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        time_ms INTEGER NOT NULL,
+        profile TEXT NOT NULL,
+        event TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT ''
+    );",
+];
+
+/// A profile's row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileRow {
+    /// Profile name.
+    pub name: String,
+    /// Lifecycle state (see [`crate::ProfileState`]).
+    pub state: String,
+    /// VMM process id while running.
+    pub pid: Option<i32>,
+    /// Whether this profile is the foreground one.
+    pub foreground: bool,
+    /// The guest's vsock context id.
+    pub vsock_cid: u32,
+    /// Creation time, ms since the epoch.
+    pub created_ms: i64,
+    /// Last start, ms since the epoch.
+    pub started_ms: Option<i64>,
+    /// Why the profile is in its state (e.g. the restart limit was hit).
+    pub detail: String,
+}
+
+/// One lifecycle event or audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Sequence number (per table).
+    pub id: i64,
+    /// Time, ms since the epoch.
+    pub time_ms: i64,
+    /// The profile it concerns (`-` for the daemon itself).
+    pub profile: String,
+    /// What happened, one word (`created`, `started`, `crashed`, ...).
+    pub event: String,
+    /// Details.
+    pub detail: String,
+}
+
+/// The two record tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    /// Lifecycle events (what happened to the VMs).
+    Events,
+    /// Audit log (what was asked through the API, and transfers between profiles).
+    Audit,
+}
+
+impl Log {
+    fn table(self) -> &'static str {
+        match self {
+            Log::Events => "events",
+            Log::Audit => "audit",
+        }
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// An open database.
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    /// Opens (creating if needed) and migrates the database at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let mut db = Self { conn };
+        db.migrate()?;
+        Ok(db)
+    }
+
+    /// Applies the migrations not yet applied, each in its own transaction.
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let known = i64::try_from(MIGRATIONS.len()).unwrap_or(i64::MAX);
+        if version > known {
+            return Err(crate::Error::Internal(format!(
+                "the database schema is version {version}, newer than this program's {known}"
+            )));
+        }
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(step)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// The schema version.
+    pub fn version(&self) -> Result<i64> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?)
+    }
+
+    /// Adds a stopped profile with the next free vsock CID; returns the CID.
+    pub fn insert_profile(&self, name: &str) -> Result<u32> {
+        let cid: u32 = self.conn.query_row(
+            "SELECT COALESCE(MAX(vsock_cid), 2) + 1 FROM profiles",
+            [],
+            |r| r.get(0),
+        )?;
+        self.conn.execute(
+            "INSERT INTO profiles (name, vsock_cid, created_ms) VALUES (?1, ?2, ?3)",
+            params![name, cid, now_ms()],
+        )?;
+        Ok(cid)
+    }
+
+    /// Removes a profile's row.
+    pub fn delete_profile(&self, name: &str) -> Result<()> {
+        self.conn
+            .execute("DELETE FROM profiles WHERE name = ?1", [name])?;
+        Ok(())
+    }
+
+    fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ProfileRow> {
+        Ok(ProfileRow {
+            name: r.get(0)?,
+            state: r.get(1)?,
+            pid: r.get(2)?,
+            foreground: r.get(3)?,
+            vsock_cid: r.get(4)?,
+            created_ms: r.get(5)?,
+            started_ms: r.get(6)?,
+            detail: r.get(7)?,
+        })
+    }
+
+    const COLUMNS: &'static str =
+        "name, state, pid, foreground, vsock_cid, created_ms, started_ms, detail";
+
+    /// One profile's row.
+    pub fn profile(&self, name: &str) -> Result<Option<ProfileRow>> {
+        Ok(self
+            .conn
+            .query_row(
+                &format!("SELECT {} FROM profiles WHERE name = ?1", Self::COLUMNS),
+                [name],
+                Self::row,
+            )
+            .optional()?)
+    }
+
+    /// All profiles, by name.
+    pub fn profiles(&self) -> Result<Vec<ProfileRow>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT {} FROM profiles ORDER BY name",
+            Self::COLUMNS
+        ))?;
+        let rows = stmt.query_map([], Self::row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Records a state change; `pid` and `detail` replace the stored ones.
+    pub fn set_state(&self, name: &str, state: &str, pid: Option<i32>, detail: &str) -> Result<()> {
+        let started = if state == "running" && pid.is_some() {
+            Some(now_ms())
+        } else {
+            None
+        };
+        self.conn.execute(
+            "UPDATE profiles SET state = ?2, pid = ?3, detail = ?4,
+                started_ms = COALESCE(?5, started_ms) WHERE name = ?1",
+            params![name, state, pid, detail, started],
+        )?;
+        Ok(())
+    }
+
+    /// Makes `name` the only foreground profile (`None`: no foreground profile).
+    pub fn set_foreground(&self, name: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE profiles SET foreground = (name IS ?1)",
+            params![name],
+        )?;
+        Ok(())
+    }
+
+    /// Appends a record to `log`.
+    pub fn record(&self, log: Log, profile: &str, event: &str, detail: &str) -> Result<()> {
+        self.conn.execute(
+            &format!(
+                "INSERT INTO {} (time_ms, profile, event, detail) VALUES (?1, ?2, ?3, ?4)",
+                log.table()
+            ),
+            params![now_ms(), profile, event, detail],
+        )?;
+        Ok(())
+    }
+
+    /// The last `limit` records of `log` (all profiles if `profile` is `None`), oldest first.
+    pub fn records(&self, log: Log, profile: Option<&str>, limit: u32) -> Result<Vec<Event>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT id, time_ms, profile, event, detail FROM
+                (SELECT * FROM {} WHERE ?1 IS NULL OR profile = ?1 ORDER BY id DESC LIMIT ?2)
+             ORDER BY id",
+            log.table()
+        ))?;
+        let rows = stmt.query_map(params![profile, limit], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                time_ms: r.get(1)?,
+                profile: r.get(2)?,
+                event: r.get(3)?,
+                detail: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_profiles_and_records() {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("h.db");
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.version().unwrap(), MIGRATIONS.len() as i64);
+        assert_eq!(db.insert_profile("a").unwrap(), 3);
+        assert_eq!(db.insert_profile("b").unwrap(), 4);
+        assert!(db.insert_profile("a").is_err());
+        db.set_state("a", "running", Some(42), "").unwrap();
+        db.set_foreground(Some("a")).unwrap();
+        let a = db.profile("a").unwrap().unwrap();
+        assert_eq!(
+            (a.state.as_str(), a.pid, a.foreground),
+            ("running", Some(42), true)
+        );
+        assert!(a.started_ms.is_some());
+        db.set_foreground(Some("b")).unwrap();
+        assert!(!db.profile("a").unwrap().unwrap().foreground);
+        db.record(Log::Events, "a", "started", "pid 42").unwrap();
+        db.record(Log::Events, "b", "started", "").unwrap();
+        db.record(Log::Audit, "a", "start", "ok").unwrap();
+        assert_eq!(db.records(Log::Events, Some("a"), 10).unwrap().len(), 1);
+        assert_eq!(db.records(Log::Events, None, 10).unwrap().len(), 2);
+        assert_eq!(db.records(Log::Events, None, 1).unwrap()[0].profile, "b");
+        db.delete_profile("a").unwrap();
+        assert!(db.profile("a").unwrap().is_none());
+        drop(db);
+        // Reopening applies nothing and keeps the data.
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.profiles().unwrap().len(), 1);
+    }
+}

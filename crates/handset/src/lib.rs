@@ -1,0 +1,118 @@
+//! The handset daemon: several isolated profiles on one device, each a VM in its own VMM
+//! process, supervised, switched between foreground and background, over a REST API.
+//!
+//! # State directory layout (stable: `pocketvisor export`/`import` read it)
+//!
+//! ```text
+//! <state-dir>/                      default /var/lib/pocketvisor, or $POCKETVISOR_STATE_DIR
+//!   handset.db                      SQLite (WAL): profiles, events, audit; PRAGMA user_version
+//!                                   = number of applied migrations (db::MIGRATIONS)
+//!   handset.db-wal, handset.db-shm  SQLite's WAL files
+//!   handset.sock                    the REST API (HTTP/1.1 over a unix socket, mode 0600)
+//!   handset.lock                    flock()ed by the running daemon
+//!   profiles/<name>/
+//!     profile.toml                  the profile spec (spec::ProfileSpec), canonical
+//!     disks/<disk>.img              raw disk images (sparse, size_mib each)
+//!     run/                          only while a VMM runs (emptied at each start):
+//!       vm.toml                       the VMM configuration generated for this start
+//!       api.sock                      the VMM's control socket (JSON lines)
+//!       vsock.sock                    the guest's vsock host socket (Firecracker protocol)
+//!       serial.log                    the guest's serial console
+//!       vmm.log                       the VMM process's stdout and stderr
+//!     snapshot/                     only while suspended: the VMM snapshot (restored by
+//!                                   `resume`, removed once the restored VM runs)
+//! ```
+//!
+//! Profile names are `[a-z0-9-]{1,32}`. Files that replace state are written to a temporary
+//! file, fsynced and renamed. A profile is consistent on disk (and safe to export) when its
+//! state in `handset.db` is `stopped` or `suspended`.
+//!
+//! # Processes
+//!
+//! Each started profile runs `pocketvisor run --config run/vm.toml --api-socket run/api.sock`
+//! (see [`vmm_proc::vmm_args`]) in its own process group, in the cgroup
+//! `<cgroup mount>/pocketvisor/<name>` ([`cgroup`]). On SIGTERM/SIGINT the daemon stops every
+//! VM cleanly before exiting (a VM without its supervisor would be neither restarted nor
+//! switched); if the daemon dies without that (SIGKILL, crash), the next daemon adopts the
+//! VMMs it finds still running and restarts the others per their restart policy.
+
+pub mod api;
+pub mod api_types;
+pub mod cgroup;
+pub mod client;
+pub mod daemon;
+pub mod db;
+pub mod error;
+pub mod spec;
+pub mod state_dir;
+pub mod vmm_proc;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+
+pub use api_types::{CreateProfile, DaemonInfo, ProfileInfo, ProfileState};
+pub use daemon::{find_probe, Handset, Options};
+pub use db::Event;
+pub use error::{Error, Result};
+pub use spec::ProfileSpec;
+pub use state_dir::StateDir;
+
+/// Runs the daemon until SIGTERM or SIGINT, then stops the VMs and returns.
+pub async fn run(opts: Options) -> Result<()> {
+    let dir = opts.state_dir.clone();
+    std::fs::create_dir_all(dir.root())
+        .map_err(Error::io(format!("cannot create {}", dir.root().display())))?;
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.lock_file())
+        .map_err(Error::io(format!(
+            "cannot open {}",
+            dir.lock_file().display()
+        )))?;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Conflict(format!(
+            "another handset daemon is running on {}",
+            dir.root().display()
+        )));
+    }
+    let h = Handset::open(opts)?;
+    let sock = dir.socket();
+    // We hold the lock, so a socket file left here is stale.
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock)
+        .map_err(Error::io(format!("cannot listen on {}", sock.display())))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .map_err(Error::io(format!("cannot chmod {}", sock.display())))?;
+    h.recover().await?;
+    h.audit("-", "daemon-start", &format!("pid {}", std::process::id()));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::io("cannot handle SIGTERM"))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(Error::io("cannot handle SIGINT"))?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    tracing::info!("handset daemon listening on {}", sock.display());
+    let served = api::serve(h.clone(), listener, shutdown).await;
+    h.shutdown().await;
+    h.audit("-", "daemon-stop", "");
+    let _ = std::fs::remove_file(&sock);
+    drop(lock);
+    served.map_err(Error::io("API server failed"))
+}
+
+/// [`run`] on a new multi-threaded tokio runtime (for the CLI).
+pub fn run_blocking(opts: Options) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::io("cannot start the async runtime"))?;
+    rt.block_on(run(opts))
+}

@@ -1,0 +1,373 @@
+//! The profile spec (`profiles/<name>/profile.toml`) and the built-in templates.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Longest profile name.
+pub const NAME_MAX: usize = 32;
+
+/// The kernel value that means "the installed probe guest".
+pub const PROBE_KERNEL: &str = "probe";
+
+/// Everything that defines a profile: its VM and how the handset treats it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSpec {
+    /// `[a-z0-9-]{1,32}`.
+    pub name: String,
+    /// Kernel image path, or `probe` for the installed probe guest.
+    pub kernel: String,
+    /// Optional initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "one")]
+    pub vcpus: u8,
+    /// Disk images, created under `profiles/<name>/disks/` as sparse files.
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+    /// TAP interface for the profile's network, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<String>,
+    /// Screen size (used by the display).
+    #[serde(default)]
+    pub display: DisplaySpec,
+    /// What to do when the VM exits unexpectedly.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// What happens to the profile while another is in the foreground.
+    #[serde(default)]
+    pub background: BackgroundMode,
+    /// CPU weights (cgroup `cpu.weight`, 1..=10000).
+    #[serde(default)]
+    pub cpu: CpuWeights,
+    /// Host memory limit of the VMM process in MiB (`memory.max`); default memory_mib + 128.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max_mib: Option<u64>,
+    /// Which cross-profile channels may carry data out of this profile.
+    #[serde(default)]
+    pub channels: ChannelPolicy,
+}
+
+fn one() -> u8 {
+    1
+}
+
+/// One disk image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// File name under `disks/` (`<name>.img`); `[a-z0-9-]{1,32}`.
+    pub name: String,
+    /// Size in MiB.
+    pub size_mib: u64,
+    /// Whether the guest may only read it.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Screen size in pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisplaySpec {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+impl Default for DisplaySpec {
+    fn default() -> Self {
+        Self {
+            width: 1080,
+            height: 1920,
+        }
+    }
+}
+
+/// Restart policy after an unexpected exit (at most [`RESTART_LIMIT`] restarts a minute).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Never restart.
+    Never,
+    /// Restart when the VMM exits with a non-zero status or is killed.
+    #[default]
+    OnFailure,
+    /// Restart whenever the VM ends without being asked to.
+    Always,
+}
+
+/// Restarts allowed within [`RESTART_WINDOW_SECS`]; beyond that the profile is `failed`.
+pub const RESTART_LIMIT: usize = 5;
+/// The restart-limit window.
+pub const RESTART_WINDOW_SECS: u64 = 60;
+
+/// What a profile does in the background.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackgroundMode {
+    /// Keep running with the background CPU weight.
+    #[default]
+    Run,
+    /// Pause the VM (in memory) until it is switched to.
+    Suspend,
+}
+
+/// cgroup `cpu.weight` in the foreground and the background.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuWeights {
+    /// Weight while in the foreground.
+    #[serde(default = "fg_weight")]
+    pub foreground: u32,
+    /// Weight while in the background.
+    #[serde(default = "bg_weight")]
+    pub background: u32,
+}
+
+fn fg_weight() -> u32 {
+    1000
+}
+
+fn bg_weight() -> u32 {
+    100
+}
+
+impl Default for CpuWeights {
+    fn default() -> Self {
+        Self {
+            foreground: fg_weight(),
+            background: bg_weight(),
+        }
+    }
+}
+
+/// Per-direction permissions of the cross-profile channels (enforced by the channel code).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPolicy {
+    /// Profiles this one may send clipboard data to.
+    #[serde(default)]
+    pub clipboard_to: Vec<String>,
+    /// Profiles this one may send files to.
+    #[serde(default)]
+    pub files_to: Vec<String>,
+}
+
+/// The built-in templates.
+pub const TEMPLATES: &[&str] = &["work", "personal"];
+
+impl ProfileSpec {
+    /// The spec of template `template` (`work` or `personal`) named `name`; the probe guest
+    /// in counter mode unless `kernel` is given.
+    pub fn from_template(template: &str, name: &str, kernel: Option<&str>) -> Result<Self, Error> {
+        let (channels, background) = match template {
+            // Defaults: personal -> work allowed, work -> personal denied.
+            "personal" => (
+                ChannelPolicy {
+                    clipboard_to: vec!["work".into()],
+                    files_to: vec!["work".into()],
+                },
+                BackgroundMode::Run,
+            ),
+            "work" => (ChannelPolicy::default(), BackgroundMode::Run),
+            other => {
+                return Err(Error::BadRequest(format!(
+                    "unknown template {other:?} (known: {})",
+                    TEMPLATES.join(", ")
+                )))
+            }
+        };
+        let (kernel, cmdline) = match kernel {
+            Some(k) => (k.to_string(), "console=ttyS0".to_string()),
+            None => (
+                PROBE_KERNEL.to_string(),
+                "pv.mode=counter pv.counter.ms=100".to_string(),
+            ),
+        };
+        let spec = Self {
+            name: name.to_string(),
+            kernel,
+            initrd: None,
+            cmdline,
+            memory_mib: 128,
+            vcpus: 1,
+            disks: vec![DiskSpec {
+                name: "data".into(),
+                size_mib: 64,
+                read_only: false,
+            }],
+            net: None,
+            display: DisplaySpec::default(),
+            restart: RestartPolicy::OnFailure,
+            background,
+            cpu: CpuWeights::default(),
+            memory_max_mib: None,
+            channels,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses a `profile.toml`.
+    pub fn from_toml(text: &str) -> Result<Self, Error> {
+        let spec: Self = toml::from_str(text)
+            .map_err(|e| Error::BadRequest(format!("bad profile spec: {}", e.message().trim())))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The spec as TOML.
+    pub fn to_toml(&self) -> Result<String, Error> {
+        toml::to_string(self).map_err(|e| Error::Internal(format!("cannot encode the spec: {e}")))
+    }
+
+    /// The host memory limit in MiB.
+    pub fn memory_max(&self) -> u64 {
+        self.memory_max_mib
+            .unwrap_or(self.memory_mib.saturating_add(128))
+    }
+
+    /// Checks every field.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::BadRequest(m));
+        check_name("profile name", &self.name)?;
+        if self.kernel.is_empty() {
+            return bad("kernel must not be empty".into());
+        }
+        if !(64..=1 << 20).contains(&self.memory_mib) {
+            return bad(format!(
+                "memory_mib must be 64..=1048576, not {}",
+                self.memory_mib
+            ));
+        }
+        if self.vcpus == 0 || self.vcpus > 64 {
+            return bad(format!("vcpus must be 1..=64, not {}", self.vcpus));
+        }
+        if self.cmdline.len() > 4096 {
+            return bad("cmdline is longer than 4096 bytes".into());
+        }
+        if self.disks.len() > 8 {
+            return bad("at most 8 disks".into());
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            check_name("disk name", &d.name)?;
+            if d.size_mib == 0 || d.size_mib > 1 << 22 {
+                return bad(format!(
+                    "disk {} size_mib must be 1..=4194304, not {}",
+                    d.name, d.size_mib
+                ));
+            }
+            if self.disks[..i].iter().any(|o| o.name == d.name) {
+                return bad(format!("disk name {} is used twice", d.name));
+            }
+        }
+        if let Some(tap) = &self.net {
+            let ok = !tap.is_empty()
+                && tap.len() <= 15
+                && tap
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return bad(format!("net {tap:?}: a TAP name is 1-15 of [A-Za-z0-9_-]"));
+            }
+        }
+        let d = &self.display;
+        if !(16..=8192).contains(&d.width) || !(16..=8192).contains(&d.height) {
+            return bad(format!(
+                "display {}x{} must be 16..=8192 each way",
+                d.width, d.height
+            ));
+        }
+        for w in [self.cpu.foreground, self.cpu.background] {
+            if !(1..=10000).contains(&w) {
+                return bad(format!("cpu weight {w} must be 1..=10000"));
+            }
+        }
+        if self.memory_max() < self.memory_mib {
+            return bad(format!(
+                "memory_max_mib {} is below memory_mib {}",
+                self.memory_max(),
+                self.memory_mib
+            ));
+        }
+        for n in self
+            .channels
+            .clipboard_to
+            .iter()
+            .chain(&self.channels.files_to)
+        {
+            check_name("channel peer", n)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks `[a-z0-9-]{1,32}`.
+pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "{what} {name:?} must be 1-{NAME_MAX} of a-z, 0-9 and -"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_are_valid_and_round_trip() {
+        let w = ProfileSpec::from_template("work", "w1", None).unwrap();
+        assert_eq!(w.kernel, PROBE_KERNEL);
+        assert!(w.channels.clipboard_to.is_empty());
+        let p = ProfileSpec::from_template("personal", "p1", None).unwrap();
+        assert_eq!(p.channels.clipboard_to, vec!["work".to_string()]);
+        let back = ProfileSpec::from_toml(&p.to_toml().unwrap()).unwrap();
+        assert_eq!(back, p);
+        assert_eq!(back.memory_max(), 128 + 128);
+        assert!(ProfileSpec::from_template("gaming", "g", None).is_err());
+    }
+
+    #[test]
+    fn defaults_and_validation() {
+        let s =
+            ProfileSpec::from_toml("name = \"a\"\nkernel = \"probe\"\nmemory_mib = 64\n").unwrap();
+        assert_eq!(s.restart, RestartPolicy::OnFailure);
+        assert_eq!(s.background, BackgroundMode::Run);
+        assert_eq!(s.cpu.foreground, 1000);
+        assert_eq!(s.cpu.background, 100);
+        assert_eq!(s.vcpus, 1);
+        for bad in [
+            "name = \"A\"\nkernel = \"probe\"\nmemory_mib = 64\n",
+            "name = \"a/b\"\nkernel = \"probe\"\nmemory_mib = 64\n",
+            "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 8\n",
+            "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 64\nbogus = 1\n",
+            "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 64\nrestart = \"sometimes\"\n",
+            "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 64\nnet = \"tap 0\"\n",
+            "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 64\ndisks = [{name=\"x\", size_mib=0}]\n",
+            "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 64\nmemory_max_mib = 10\n",
+        ] {
+            assert!(ProfileSpec::from_toml(bad).is_err(), "accepted: {bad}");
+        }
+        assert!(check_name("n", &"a".repeat(32)).is_ok());
+        assert!(check_name("n", &"a".repeat(33)).is_err());
+        assert!(check_name("n", "").is_err());
+    }
+}

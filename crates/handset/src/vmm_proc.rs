@@ -1,0 +1,290 @@
+//! The VMM processes: how one is launched, how it is asked to do things over its API socket,
+//! and how a process found at daemon start is recognised as ours.
+
+use std::ffi::OsString;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::error::{Error, Result};
+
+/// What to run in a profile's VMM process.
+#[derive(Debug, Clone)]
+pub enum Launch {
+    /// Boot from `run/vm.toml`.
+    Boot {
+        /// The generated VM configuration.
+        config: PathBuf,
+    },
+    /// Restore the snapshot in `dir`.
+    Restore {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// Serial log path (overrides the saved one).
+        serial: PathBuf,
+        /// vsock socket path (overrides the saved one).
+        vsock: PathBuf,
+    },
+}
+
+/// The arguments of the VMM process (after the binary). This is the one place that knows
+/// the command line; switching to `pocketvisor vmm --jail-id ...` changes only this.
+pub fn vmm_args(launch: &Launch, api_socket: &Path) -> Vec<OsString> {
+    let mut a: Vec<OsString> = Vec::new();
+    match launch {
+        Launch::Boot { config } => {
+            a.extend(["run".into(), "--config".into(), config.into()]);
+        }
+        Launch::Restore { dir, serial, vsock } => {
+            let mut s = OsString::from("file:");
+            s.push(serial);
+            a.extend([
+                "restore".into(),
+                dir.into(),
+                "--serial".into(),
+                s,
+                "--vsock-socket".into(),
+                vsock.into(),
+            ]);
+        }
+    }
+    a.extend(["--api-socket".into(), api_socket.into()]);
+    a
+}
+
+/// Starts `bin` with `args` in its own process group, output appended to `log`.
+pub fn spawn(bin: &Path, args: &[OsString], log: &Path) -> Result<tokio::process::Child> {
+    let out = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(Error::io(format!("cannot open {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(Error::io("cannot duplicate the log file"))?;
+    tokio::process::Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(Error::io(format!("cannot start {}", bin.display())))
+}
+
+#[derive(Serialize)]
+struct VmmRequest<'a> {
+    op: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dir: Option<&'a Path>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    resume: bool,
+}
+
+#[derive(Deserialize)]
+struct VmmResponse {
+    ok: bool,
+    #[serde(default)]
+    info: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// Sends one request (`pause`, `resume`, `stop`, or `snapshot` with `dir`) to the VMM's API
+/// socket and returns its `info`.
+pub async fn call(
+    socket: &Path,
+    op: &str,
+    dir: Option<&Path>,
+    timeout: Duration,
+) -> Result<String> {
+    let req = VmmRequest {
+        op,
+        dir,
+        resume: false,
+    };
+    let mut line = serde_json::to_string(&req).map_err(|e| Error::Internal(e.to_string()))?;
+    line.push('\n');
+    let exchange = async {
+        let mut s = UnixStream::connect(socket).await?;
+        s.write_all(line.as_bytes()).await?;
+        let mut answer = String::new();
+        BufReader::new(&mut s).read_line(&mut answer).await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| Error::Vmm(format!("{op}: no answer within {timeout:?}")))?
+        .map_err(|e| Error::Vmm(format!("{op}: {e}")))?;
+    let resp: VmmResponse = serde_json::from_str(answer.trim())
+        .map_err(|e| Error::Vmm(format!("{op}: bad answer {answer:?}: {e}")))?;
+    if resp.ok {
+        Ok(resp.info.unwrap_or_default())
+    } else {
+        Err(Error::Vmm(format!(
+            "{op}: {}",
+            resp.error.unwrap_or_else(|| "refused".into())
+        )))
+    }
+}
+
+/// Whether `pid` is alive (not a zombie) and runs `bin`'s file name with `api_socket` in its
+/// command line, i.e. is the VMM this daemon (or an earlier one) started for that profile.
+pub fn is_our_vmm(pid: i32, bin: &Path, api_socket: &Path) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the last ')' (the command name may contain one).
+    let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start());
+    if !matches!(state.and_then(|s| s.chars().next()), Some(c) if c != 'Z' && c != 'X') {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let want_name = bin.file_name().map(|n| n.as_encoded_bytes());
+    let argv0_name = args
+        .first()
+        .map(|a| Path::new(std::ffi::OsStr::from_bytes(a)))
+        .and_then(|p| p.file_name())
+        .map(|n| n.as_encoded_bytes());
+    let sock = api_socket.as_os_str().as_encoded_bytes();
+    want_name.is_some() && argv0_name == want_name && args.contains(&sock)
+}
+
+/// A pidfd for `pid` (readable once the process has exited).
+pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(Error::io(format!("pidfd_open({pid})"))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let fd = i32::try_from(fd).map_err(|_| Error::Internal("pidfd out of range".into()))?;
+    // SAFETY: `fd` was just returned by pidfd_open and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until the process behind `pidfd` exits.
+pub async fn wait_pidfd(pidfd: OwnedFd) -> Result<()> {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and the same for
+    // the AsyncFd's whole lifetime (OwnedFd::as_raw_fd always returns it).
+    let afd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| Error::io("cannot watch pidfd")(e.into()))?;
+    let _guard = afd
+        .readable()
+        .await
+        .map_err(Error::io("cannot wait on pidfd"))?;
+    Ok(())
+}
+
+/// Sends `sig` to the process group led by `pid`.
+pub fn kill_group(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) with a negative pid signals that process group; no memory involved.
+        unsafe { libc::kill(-pid, sig) };
+    }
+}
+
+/// Whether `pid` exists (zombies count as gone).
+pub fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    match stat.rsplit_once(')') {
+        Some((_, r)) => !r.trim_start().starts_with(['Z', 'X']),
+        None => false,
+    }
+}
+
+/// The last `max` bytes of a log file, on one line (for error messages).
+pub fn log_tail(path: &Path, max: usize) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(max);
+    let tail = String::from_utf8_lossy(text.get(start..).unwrap_or_default());
+    tail.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Resident set size of `pid` in KiB.
+pub fn rss_kib(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_for_boot_and_restore() {
+        let a = vmm_args(
+            &Launch::Boot {
+                config: "/s/vm.toml".into(),
+            },
+            Path::new("/s/api.sock"),
+        );
+        assert_eq!(
+            a,
+            [
+                "run",
+                "--config",
+                "/s/vm.toml",
+                "--api-socket",
+                "/s/api.sock"
+            ]
+        );
+        let r = vmm_args(
+            &Launch::Restore {
+                dir: "/s/snap".into(),
+                serial: "/s/serial.log".into(),
+                vsock: "/s/v.sock".into(),
+            },
+            Path::new("/s/api.sock"),
+        );
+        assert_eq!(r[0], "restore");
+        assert!(r.contains(&OsString::from("file:/s/serial.log")));
+    }
+
+    #[test]
+    fn recognises_processes() {
+        let me = std::process::id() as i32;
+        assert!(alive(me));
+        assert!(rss_kib(me).unwrap() > 0);
+        // This test binary is not a VMM with that socket.
+        let exe = std::env::current_exe().unwrap();
+        assert!(!is_our_vmm(me, &exe, Path::new("/nonexistent/api.sock")));
+        assert!(!is_our_vmm(-1, &exe, Path::new("/x")));
+        let mut child = std::process::Command::new("sleep")
+            .args(["30", "/tmp/pv-test/api.sock"])
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        assert!(is_our_vmm(
+            pid,
+            Path::new("/bin/sleep"),
+            Path::new("/tmp/pv-test/api.sock")
+        ));
+        assert!(!is_our_vmm(
+            pid,
+            Path::new("/bin/sleep"),
+            Path::new("/tmp/other.sock")
+        ));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!alive(pid));
+    }
+}
