@@ -1,0 +1,395 @@
+//! `pocketvisor vmm`: the jail around one VM, checked from the outside.
+//!
+//! Needs root and /dev/kvm; each test prints a SKIP line on stderr and passes otherwise.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pocketvisor")
+}
+
+fn skip(why: &str) {
+    // Past libtest's capture, so a skip is visible in every run.
+    let _ = writeln!(std::io::stderr().lock(), "SKIP: {why}");
+}
+
+/// The probe kernel; None (after a SKIP line) without root, KVM or the probe.
+fn probe() -> Option<PathBuf> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        skip("jail tests need root");
+        return None;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        skip("/dev/kvm not available");
+        return None;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let elf = root.join("guest/out/probe.elf");
+    if !elf.is_file() {
+        let built = Command::new(root.join("guest/build-probe.sh"))
+            .current_dir(&root)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !built || !elf.is_file() {
+            skip("guest/out/probe.elf missing and guest/build-probe.sh failed");
+            return None;
+        }
+    }
+    Some(elf.canonicalize().unwrap())
+}
+
+/// A scratch directory (profiles' files and the jail root) removed at the end.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pv-jailtest-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn jail_root(&self) -> PathBuf {
+        self.path("jails")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One profile's files: `<scratch>/<name>/{disk.img,vm.toml,run/}`.
+struct Profile {
+    dir: PathBuf,
+}
+
+impl Profile {
+    fn new(s: &Scratch, name: &str, probe: &Path, cmdline: &str, extra: &str) -> Profile {
+        let dir = s.path(name);
+        std::fs::create_dir_all(dir.join("run")).unwrap();
+        std::fs::File::create(dir.join("disk.img"))
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let toml = format!(
+            "kernel = {probe:?}\ncmdline = {cmdline:?}\nmemory_mib = 128\nrng = true\n\
+             disks = [{{ path = {:?} }}]\nserial = {{ file = {:?} }}\n{extra}",
+            dir.join("disk.img"),
+            dir.join("run/serial.log"),
+        );
+        std::fs::write(dir.join("vm.toml"), toml).unwrap();
+        Profile { dir }
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    fn serial(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(self.path("run/serial.log")).unwrap_or_default())
+            .into_owned()
+    }
+}
+
+/// Kills the process if the test fails before it exits.
+struct Vmm(Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn vmm_command(s: &Scratch, p: &Profile, id: &str, extra: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("vmm")
+        .arg("--config")
+        .arg(p.path("vm.toml"))
+        .arg("--jail-id")
+        .arg(id)
+        .arg("--jail-root")
+        .arg(s.jail_root())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn wait_for(what: impl Fn() -> bool, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn wait_exit(vmm: &mut Vmm, timeout: Duration) -> Option<i32> {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        if let Some(status) = vmm.0.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn stderr_of(vmm: &mut Vmm) -> String {
+    let mut s = String::new();
+    if let Some(e) = vmm.0.stderr.as_mut() {
+        use std::io::Read;
+        let _ = e.read_to_string(&mut s);
+    }
+    s
+}
+
+/// The jailed process: the child of the `pocketvisor vmm` process we started.
+fn jailed_pid(parent: u32) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.find_map(|e| {
+        let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let after_comm = stat.rsplit_once(')')?.1;
+        let ppid: u32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent).then_some(pid)
+    })
+}
+
+/// `Key:` value of /proc/<pid>/status.
+fn status_field(pid: u32, key: &str) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// Every path under `dir` (relative), without following mounts' contents we do not own.
+fn listing(dir: &Path) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            out.insert(p.strip_prefix(dir).unwrap().display().to_string());
+            if e.file_type().unwrap().is_dir() {
+                stack.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn jailed_selftest_passes_and_writes_through_the_bind_mount() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("selftest");
+    let p = Profile::new(&s, "a", &probe, "pv.tests=blk,rng pv.blk.write=8", "");
+    let mut vmm = Vmm(vmm_command(&s, &p, "selftest", &[]).spawn().unwrap());
+    let code = wait_exit(&mut vmm, Duration::from_secs(60));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(code, Some(0), "stderr: {err}\nserial: {}", p.serial());
+    assert!(p.serial().contains("PROBE done ok"), "{}", p.serial());
+    let disk = std::fs::read(p.path("disk.img")).unwrap();
+    assert!(
+        disk[8 * 512..].starts_with(b"pocketvisor-prob"),
+        "sector 8 not written through the jail's bind mount"
+    );
+    assert!(
+        !s.jail_root().join("selftest").exists(),
+        "jail directory left behind"
+    );
+}
+
+#[test]
+fn forbidden_syscall_kills_the_process_with_sigsys() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("sigsys");
+    let p = Profile::new(&s, "a", &probe, "pv.mode=counter", "");
+    let mut c = vmm_command(&s, &p, "sigsys", &[]);
+    c.env("POCKETVISOR_JAIL_SELFTEST", "forbidden-syscall");
+    let mut vmm = Vmm(c.spawn().unwrap());
+    let code = wait_exit(&mut vmm, Duration::from_secs(30));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(code, Some(128 + libc::SIGSYS), "stderr: {err}");
+    assert!(err.contains("killed by signal 31"), "{err}");
+    assert!(!err.contains("survived"), "{err}");
+    assert!(!s.jail_root().join("sigsys").exists());
+    // Without the filter the same call is harmless: the filter is what killed it.
+    let mut c = vmm_command(&s, &p, "sigsys", &["--no-seccomp"]);
+    c.env("POCKETVISOR_JAIL_SELFTEST", "forbidden-syscall");
+    let mut vmm = Vmm(c.spawn().unwrap());
+    let code = wait_exit(&mut vmm, Duration::from_secs(30));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(code, Some(3), "stderr: {err}");
+    assert!(err.contains("survived"), "{err}");
+}
+
+#[test]
+fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("isolation");
+    let tap = format!("pvj{}", std::process::id() % 100_000);
+    let a = Profile::new(
+        &s,
+        "a",
+        &probe,
+        "pv.mode=counter",
+        &format!("net = [{{ tap = {tap:?} }}]\n"),
+    );
+    let b = Profile::new(&s, "b", &probe, "pv.mode=counter", "");
+    // The jail root and the run directory must be reachable by the unprivileged user.
+    for d in [s.0.clone(), a.path("run")] {
+        std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    }
+    let cgroup = jail_cgroup("isolation-a");
+    let mut args = vec!["--uid", "65534", "--gid", "65534"];
+    let cgroup_s = cgroup.as_ref().map(|(p, _)| p.display().to_string());
+    if let (Some(path), Some((_, memory))) = (&cgroup_s, &cgroup) {
+        args.extend(["--cgroup", path.as_str()]);
+        if *memory {
+            args.extend(["--memory-max", "400M"]);
+        }
+    }
+    let mut c = vmm_command(&s, &a, "iso-a", &args);
+    c.env(
+        "POCKETVISOR_JAIL_SELFTEST",
+        format!("open:{}", b.path("disk.img").display()),
+    );
+    let mut vmm = Vmm(c.spawn().unwrap());
+    let running = wait_for(
+        || a.serial().contains("PROBE counter 2"),
+        Duration::from_secs(30),
+    );
+    assert!(running, "no counter: {}", stderr_of(&mut vmm));
+    let pid = jailed_pid(vmm.0.id()).expect("jailed child");
+
+    // Files: only its own kernel, disk, devices and run directory.
+    let seen = listing(Path::new(&format!("/proc/{pid}/root")));
+    let want: BTreeSet<String> = [
+        "boot",
+        "boot/kernel",
+        "dev",
+        "dev/kvm",
+        "dev/net",
+        "dev/net/tun",
+        "disks",
+        "disks/0",
+        "run",
+        "run/0",
+        "run/0/serial.log",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(seen, want);
+
+    // Privileges: none, for every thread.
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid: u32 = task.unwrap().file_name().to_str().unwrap().parse().unwrap();
+        for key in ["CapEff", "CapPrm", "CapInh", "CapBnd", "CapAmb"] {
+            assert_eq!(status_field(tid, key), "0000000000000000", "{key} of {tid}");
+        }
+        assert_eq!(status_field(tid, "NoNewPrivs"), "1");
+        assert_eq!(
+            status_field(tid, "Seccomp"),
+            "2",
+            "thread {tid} is filtered"
+        );
+    }
+    assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
+    assert!(
+        status_field(pid, "NSpid").ends_with("\t1"),
+        "pid 1 in its namespace"
+    );
+
+    // Network: its own namespace with lo and its tap only; the tap is not on the host.
+    let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).unwrap();
+    assert_ne!(ours, theirs);
+    let links = Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["ip", "-o", "link", "show"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&links.stdout);
+    let names: BTreeSet<&str> = text
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap_or(n))
+        .collect();
+    assert_eq!(names, BTreeSet::from(["lo", tap.as_str()]), "{text}");
+    assert!(!Path::new("/sys/class/net").join(&tap).exists());
+
+    // cgroup: the jailed process is in the requested group, with its memory.max.
+    if let Some((path, memory)) = &cgroup {
+        let procs = std::fs::read_to_string(path.join("cgroup.procs")).unwrap();
+        assert!(procs.lines().any(|l| l == pid.to_string()), "{procs}");
+        if *memory {
+            let max = std::fs::read_to_string(path.join("memory.max")).unwrap();
+            assert_eq!(max.trim(), (400u64 << 20).to_string());
+        }
+    }
+
+    // Stop: SIGTERM to the outer process is forwarded; everything is cleaned up.
+    // SAFETY: kill with a pid we started.
+    unsafe { libc::kill(vmm.0.id() as i32, libc::SIGTERM) };
+    let code = wait_exit(&mut vmm, Duration::from_secs(10));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
+    assert!(
+        err.contains(&format!(
+            "jail-selftest open {}: failed errno={}",
+            b.path("disk.img").display(),
+            libc::ENOENT
+        )),
+        "{err}"
+    );
+    assert!(!s.jail_root().join("iso-a").exists(), "jail directory left");
+    if let Some((path, _)) = &cgroup {
+        assert!(!path.exists(), "cgroup left behind");
+        // The vmm made the parent group too and leaves it (it may hold other profiles).
+        std::fs::remove_dir(path.parent().unwrap()).unwrap();
+    }
+}
+
+/// A cgroup v2 path for a test, and whether memory.max can be set there; None (after a SKIP
+/// line) when this host has no cgroup v2 hierarchy.
+fn jail_cgroup(id: &str) -> Option<(PathBuf, bool)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let Some(mount) = info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (right.split_whitespace().next()? == "cgroup2")
+            .then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("")))
+    }) else {
+        skip("no cgroup v2 hierarchy: cgroup checks skipped");
+        return None;
+    };
+    let controllers = std::fs::read_to_string(mount.join("cgroup.controllers")).unwrap_or_default();
+    let memory = controllers.split_whitespace().any(|c| c == "memory");
+    if !memory {
+        skip(&format!(
+            "the cgroup v2 hierarchy at {} has no memory controller (hybrid cgroup host): \
+             memory.max not checked",
+            mount.display()
+        ));
+    }
+    Some((
+        mount
+            .join(format!("pocketvisor-test-{}", std::process::id()))
+            .join(id),
+        memory,
+    ))
+}
