@@ -5,34 +5,58 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 static TSC_KHZ: AtomicU64 = AtomicU64::new(2_000_000);
 
-/// Calibrates the TSC (PIT channel 2 one-shot of 10 ms; CPUID fallbacks). Returns kHz.
+/// Calibrates the TSC against PIT channel 2 (about 10 ms; CPUID fallbacks). Returns kHz.
 pub fn calibrate() -> u64 {
     let khz = pit_calibrate().or_else(cpuid_khz).unwrap_or(2_000_000);
     TSC_KHZ.store(khz, Ordering::SeqCst);
     khz
 }
 
-fn pit_calibrate() -> Option<u64> {
-    const LATCH: u32 = 11932; // 10 ms at 1.193182 MHz
-    let gate = inb(0x61);
-    outb(0x61, (gate & !0x02) | 0x01);
-    outb(0x43, 0xB0);
-    outb(0x42, (LATCH & 0xFF) as u8);
-    outb(0x42, (LATCH >> 8) as u8);
-    let t0 = rdtsc();
-    let mut t1 = t0;
-    let mut ok = false;
-    // Give up after 1e9 cycles (well under a second on anything we run on).
-    while t1.wrapping_sub(t0) < 1_000_000_000 {
-        if inb(0x61) & 0x20 != 0 {
-            ok = true;
+/// Reads PIT channel 2's current count (latched), with the TSC at the middle of the read.
+/// A read that took long (the vCPU was descheduled inside it) is retried.
+fn pit_count() -> (u16, u64) {
+    let mut best = (0, 0, u64::MAX);
+    for _ in 0..8 {
+        let t0 = rdtsc();
+        outb(0x43, 0x80); // latch channel 2
+        let lo = inb(0x42) as u16;
+        let hi = inb(0x42) as u16;
+        let t1 = rdtsc();
+        let took = t1.wrapping_sub(t0);
+        if took < best.2 {
+            best = ((hi << 8) | lo, t0 + took / 2, took);
+        }
+        if took < 500_000 {
             break;
         }
-        t1 = rdtsc();
+    }
+    (best.0, best.1)
+}
+
+/// Counts TSC ticks against PIT channel 2 ticks over about 10 ms. Reading the counter
+/// (instead of waiting for OUT) is immune to when counting started and to the vCPU being
+/// descheduled in between: only the two end points matter.
+fn pit_calibrate() -> Option<u64> {
+    const PIT_HZ: u64 = 1_193_182;
+    const WINDOW: u16 = 11932; // 10 ms
+    let gate = inb(0x61);
+    outb(0x61, (gate & !0x02) | 0x01);
+    outb(0x43, 0xB0); // channel 2, lobyte/hibyte, mode 0
+    outb(0x42, 0xFF);
+    outb(0x42, 0xFF);
+    let (c0, t0) = pit_count();
+    let mut result = None;
+    // Give up after 1e9 cycles (well under a second on anything we run on).
+    while rdtsc().wrapping_sub(t0) < 1_000_000_000 {
+        let (c, t) = pit_count();
+        let ticks = c0.wrapping_sub(c);
+        if (WINDOW..0x8000).contains(&ticks) {
+            result = Some(t.wrapping_sub(t0) * PIT_HZ / ticks as u64 / 1000);
+            break;
+        }
     }
     outb(0x61, gate);
-    let khz = t1.wrapping_sub(t0) / 10;
-    (ok && khz > 10_000).then_some(khz)
+    result.filter(|&khz| khz > 10_000)
 }
 
 fn cpuid_khz() -> Option<u64> {
