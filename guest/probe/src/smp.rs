@@ -5,6 +5,7 @@ use crate::interrupts::{lapic_enable, lapic_id, load_idt, send_ipi};
 use crate::port::{cr3, mmio};
 use crate::{acpi, mem, probe, time};
 use core::arch::global_asm;
+use core::ptr::addr_of;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 /// Where the trampoline runs (page 8, SIPI vector 0x08).
@@ -103,34 +104,23 @@ extern "C" fn ap_main() -> ! {
     crate::interrupts::park()
 }
 
-fn sym(s: &u8) -> u64 {
-    s as *const u8 as u64
-}
-
-/// Offset of a trampoline symbol inside the copied trampoline.
-fn slot(s: &u8) -> u64 {
-    // SAFETY: only the address of the linker symbol is taken.
-    TRAMPOLINE + sym(s) - sym(unsafe { &ap_tramp_start })
+/// Where trampoline symbol `addr` lands once the trampoline is copied to 0x8000.
+fn slot(addr: *const u8) -> u64 {
+    TRAMPOLINE + addr as u64 - addr_of!(ap_tramp_start) as u64
 }
 
 fn install_trampoline() {
-    // SAFETY: only addresses of the trampoline symbols are taken.
-    let (start, end) = unsafe { (sym(&ap_tramp_start), sym(&ap_tramp_end)) };
-    for i in 0..(end - start) {
-        mmio::write::<u8>(TRAMPOLINE + i, mmio::read::<u8>(start + i));
-    }
-    // SAFETY: only addresses of the trampoline symbols are taken.
-    unsafe {
-        mmio::write::<u64>(slot(&ap_tramp_cr3), cr3());
-        mmio::write::<u64>(slot(&ap_tramp_entry), ap_main as *const () as u64);
-    }
+    let start = addr_of!(ap_tramp_start) as u64;
+    let len = addr_of!(ap_tramp_end) as u64 - start;
+    mem::copy(start, TRAMPOLINE, len as usize);
+    mmio::write::<u64>(slot(addr_of!(ap_tramp_cr3)), cr3());
+    mmio::write::<u64>(slot(addr_of!(ap_tramp_entry)), ap_main as *const () as u64);
 }
 
 /// Starts one AP and waits (up to 500 ms) until it has checked in.
 fn start_ap(apic: u32) -> bool {
     let stack = mem::alloc(AP_STACK, 4096) + AP_STACK;
-    // SAFETY: only the address of the linker symbol is taken.
-    mmio::write::<u64>(slot(unsafe { &ap_tramp_stack }), stack);
+    mmio::write::<u64>(slot(addr_of!(ap_tramp_stack)), stack);
     let before = AP_STARTED.load(Ordering::SeqCst);
     send_ipi(apic, 0x0000_4500); // INIT, level assert
     time::delay_ms(10);
