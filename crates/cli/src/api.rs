@@ -1,7 +1,9 @@
 //! The VMM's control socket: one JSON request per line, one JSON answer per line.
 //!
 //! Requests: `{"op":"pause"}`, `{"op":"resume"}`, `{"op":"stop"}`,
-//! `{"op":"snapshot","dir":"/path","resume":false}` (the VM stays paused unless `resume`).
+//! `{"op":"snapshot","dir":"/path","resume":false}` (the VM stays paused unless `resume`),
+//! `{"op":"balloon","target_mib":N}` (memory the balloon takes from the guest),
+//! `{"op":"stats"}` (`info` is a JSON object: guest RAM, balloon state and guest statistics).
 //! Answers: `{"ok":true,"info":"..."}` or `{"ok":false,"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Write};
@@ -17,7 +19,7 @@ use vmm::{Controller, Request};
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiRequest {
-    /// `pause`, `resume`, `snapshot` or `stop`.
+    /// `pause`, `resume`, `snapshot`, `stop`, `balloon` or `stats`.
     pub op: String,
     /// Snapshot directory (`snapshot` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -25,6 +27,9 @@ pub struct ApiRequest {
     /// Resume after the snapshot (`snapshot` only).
     #[serde(default)]
     pub resume: bool,
+    /// The balloon's target size in MiB (`balloon` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mib: Option<u64>,
 }
 
 /// An answer line.
@@ -41,17 +46,30 @@ pub struct ApiResponse {
 }
 
 fn to_request(r: ApiRequest) -> Result<Request, String> {
+    match (r.op.as_str(), r.target_mib) {
+        ("balloon", Some(target_mib)) if r.dir.is_none() => {
+            return Ok(Request::Balloon { target_mib });
+        }
+        ("balloon", _) => return Err("balloon needs \"target_mib\" and nothing else".into()),
+        (op, Some(_)) => return Err(format!("{op} takes no \"target_mib\"")),
+        _ => {}
+    }
     match (r.op.as_str(), r.dir) {
         ("pause", None) => Ok(Request::Pause),
         ("resume", None) => Ok(Request::Resume),
         ("stop", None) => Ok(Request::Stop),
+        ("stats", None) => Ok(Request::Stats),
         ("snapshot", Some(dir)) if dir.is_absolute() => Ok(Request::Snapshot {
             dir,
             resume: r.resume,
         }),
         ("snapshot", _) => Err("snapshot needs \"dir\": an absolute path".into()),
-        (op @ ("pause" | "resume" | "stop"), Some(_)) => Err(format!("{op} takes no \"dir\"")),
-        (op, _) => Err(format!("unknown op {op:?} (pause, resume, snapshot, stop)")),
+        (op @ ("pause" | "resume" | "stop" | "stats"), Some(_)) => {
+            Err(format!("{op} takes no \"dir\""))
+        }
+        (op, _) => Err(format!(
+            "unknown op {op:?} (pause, resume, snapshot, stop, balloon, stats)"
+        )),
     }
 }
 
@@ -75,6 +93,12 @@ pub fn serve(path: &Path, controller: Arc<Controller>) -> Result<SocketGuard> {
     }
     let listener =
         UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Only the owner may control the VM.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", path.display()))?;
+    }
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -167,5 +191,15 @@ mod tests {
         assert!(parse(r#"{"op":"snapshot","dir":"rel"}"#).is_err());
         assert!(parse(r#"{"op":"explode"}"#).is_err());
         assert!(parse(r#"{"op":"pause","extra":1}"#).is_err());
+        assert_eq!(
+            parse(r#"{"op":"balloon","target_mib":128}"#),
+            Ok(Request::Balloon { target_mib: 128 })
+        );
+        assert_eq!(parse(r#"{"op":"stats"}"#), Ok(Request::Stats));
+        assert!(parse(r#"{"op":"balloon"}"#).is_err());
+        assert!(parse(r#"{"op":"balloon","target_mib":-1}"#).is_err());
+        assert!(parse(r#"{"op":"balloon","target_mib":1,"dir":"/x"}"#).is_err());
+        assert!(parse(r#"{"op":"pause","target_mib":1}"#).is_err());
+        assert!(parse(r#"{"op":"stats","dir":"/x"}"#).is_err());
     }
 }

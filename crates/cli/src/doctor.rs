@@ -38,7 +38,33 @@ struct Report {
     vsock: bool,
     vhost_vsock: bool,
     qemu: bool,
+    ksm: Ksm,
     guests: Guests,
+}
+
+/// The host's kernel samepage merging (what `--mergeable` guest RAM relies on).
+#[derive(Serialize)]
+struct Ksm {
+    /// The kernel has KSM (`/sys/kernel/mm/ksm` exists).
+    available: bool,
+    /// ksmd is merging (`/sys/kernel/mm/ksm/run` is 1).
+    running: bool,
+    /// Pages currently shared (`pages_sharing`), if readable.
+    pages_sharing: Option<u64>,
+}
+
+fn ksm() -> Ksm {
+    let dir = Path::new("/sys/kernel/mm/ksm");
+    let read = |f: &str| {
+        std::fs::read_to_string(dir.join(f))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+    };
+    Ksm {
+        available: dir.is_dir(),
+        running: read("run") == Some(1),
+        pages_sharing: read("pages_sharing"),
+    }
 }
 
 #[derive(Serialize)]
@@ -66,6 +92,17 @@ pub fn main(args: DoctorArgs) -> Result<i32> {
         );
         println!("vhost-vsock:  {} (only QEMU uses it)", yes(r.vhost_vsock));
         println!("QEMU:         {} (for benchmarks)", yes(r.qemu));
+        println!(
+            "KSM:          {}",
+            match (r.ksm.available, r.ksm.running) {
+                (false, _) => "no (--mergeable has no effect)".to_string(),
+                (true, false) => {
+                    "available, not running (echo 1 > /sys/kernel/mm/ksm/run)".to_string()
+                }
+                (true, true) =>
+                    format!("running, {} pages shared", r.ksm.pages_sharing.unwrap_or(0)),
+            }
+        );
         println!("probe guest:  {}", yes(r.guests.probe));
         println!("Linux guest:  {}", yes(r.guests.linux));
         println!("              {}", r.guests.why);
@@ -137,6 +174,7 @@ fn report() -> Report {
         vsock: true,
         vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
         qemu,
+        ksm: ksm(),
         guests: Guests { probe, linux, why },
     }
 }

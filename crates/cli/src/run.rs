@@ -50,6 +50,13 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Add a virtio-balloon device (free page reporting, guest memory statistics); set its
+    /// size through the API socket ({"op":"balloon","target_mib":N}).
+    #[arg(long)]
+    balloon: bool,
+    /// Mark guest RAM mergeable for the host's KSM (see `pocketvisor doctor`).
+    #[arg(long)]
+    mergeable: bool,
     /// Where the serial console goes: stdout, file:PATH or none [default: stdout].
     #[arg(long, value_name = "WHERE", value_parser = parse_serial)]
     serial: Option<SerialConfig>,
@@ -156,6 +163,8 @@ fn build_config(a: RunArgs) -> Result<VmConfig> {
         cfg.vsock = a.vsock;
     }
     cfg.rng |= a.rng;
+    cfg.balloon |= a.balloon;
+    cfg.mergeable |= a.mergeable;
     if let Some(s) = a.serial {
         cfg.serial = s;
     }

@@ -77,6 +77,7 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
             op: "snapshot".into(),
             dir: Some(dir.clone()),
             resume: a.resume,
+            target_mib: None,
         },
     )?;
     println!("snapshot written to {} ({info})", dir.display());
@@ -106,6 +107,7 @@ fn control(socket: &std::path::Path, op: &str) -> Result<String> {
             op: op.into(),
             dir: None,
             resume: false,
+            target_mib: None,
         },
     )
 }

@@ -34,6 +34,12 @@ pub struct VmConfig {
     /// Whether to add a virtio-rng device.
     #[serde(default)]
     pub rng: bool,
+    /// Whether to add a virtio-balloon device (free page reporting, guest statistics).
+    #[serde(default)]
+    pub balloon: bool,
+    /// Whether to mark guest RAM mergeable for the host's KSM (`MADV_MERGEABLE`).
+    #[serde(default)]
+    pub mergeable: bool,
     /// Where the guest's serial console goes.
     #[serde(default)]
     pub serial: SerialConfig,
@@ -108,6 +114,8 @@ impl VmConfig {
             net: vec![],
             vsock: None,
             rng: false,
+            balloon: false,
+            mergeable: false,
             serial: SerialConfig::default(),
             cpuid_hide: vec![],
         }
@@ -177,6 +185,7 @@ mod tests {
             kernel = "k.elf"
             vcpus = 2
             rng = true
+            balloon = true
             disks = [{ path = "d.img", read_only = true }]
             serial = { file = "/tmp/s.log" }
             "#,
@@ -184,6 +193,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.memory_mib, 256);
         assert_eq!(cfg.vcpus, 2);
+        assert!(cfg.balloon && !cfg.mergeable);
         assert!(cfg.disks[0].read_only);
         assert_eq!(cfg.serial, SerialConfig::File("/tmp/s.log".into()));
         let back: VmConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();

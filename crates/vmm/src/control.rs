@@ -1,4 +1,5 @@
-//! Requests to a running VM from other threads (the API socket): pause, resume, snapshot, stop.
+//! Requests to a running VM from other threads (the API socket): pause, resume, snapshot, stop,
+//! balloon, stats.
 
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, Sender};
@@ -19,6 +20,10 @@ pub enum Request {
     Snapshot { dir: PathBuf, resume: bool },
     /// End the VM (`Vm::run` returns `Stopped`).
     Stop,
+    /// Set the balloon's target size (memory taken from the guest) in MiB.
+    Balloon { target_mib: u64 },
+    /// Memory figures as JSON: guest RAM and the balloon's state and guest statistics.
+    Stats,
 }
 
 type Pending = (Request, Sender<Result<String, String>>);

@@ -19,6 +19,7 @@ use devices::legacy::{
     AcpiPm, DebugExit, ExitSignal, GuestExit, PortSink, Serial, SerialSnapshot, I8042,
 };
 use devices::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
+use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
 use devices::virtio::pci::VirtioPciDevice;
 use devices::virtio::VirtioDevice;
 use devices::GuestMem;
@@ -56,6 +57,8 @@ pub struct Vm {
     /// The PCI bus (the buses hold it too).
     pub(crate) _root: Arc<Mutex<PciRoot>>,
     pub(crate) virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// Controls the balloon device, if the VM has one.
+    pub(crate) balloon: Option<BalloonHandle>,
     /// The MSRs KVM reports for this host (what a snapshot saves).
     pub(crate) msr_list: Arc<Vec<u32>>,
 }
@@ -150,6 +153,9 @@ impl Vm {
                 tracing::warn!("KVM_GET_MSR_INDEX_LIST failed ({e}); snapshots will lack MSRs");
                 Vec::new()
             });
+        if cfg.mergeable {
+            mark_mergeable(&mem);
+        }
         let shared = Arc::new(VcpuShared {
             pio: devs.pio,
             mmio: devs.mmio,
@@ -170,6 +176,7 @@ impl Vm {
             serial: devs.serial,
             _root: devs.root,
             virtio: devs.virtio,
+            balloon: devs.balloon,
             msr_list: Arc::new(msr_list),
         }
     }
@@ -266,7 +273,33 @@ impl Vm {
                 result.map(|stats| stats.to_string())
             }
             Request::Stop => Ok("stopping".into()),
+            Request::Balloon { target_mib } => {
+                let balloon = self
+                    .balloon
+                    .as_ref()
+                    .ok_or("this VM has no balloon device")?;
+                balloon
+                    .set_target_mib(*target_mib)
+                    .map_err(|e| e.to_string())?;
+                Ok(format!("balloon target {target_mib} MiB"))
+            }
+            Request::Stats => Ok(self.memory_stats()),
         }
+    }
+
+    /// Guest RAM and the balloon's state as JSON; also asks the guest for fresh statistics
+    /// (they show in the next call).
+    fn memory_stats(&self) -> String {
+        let balloon = self.balloon.as_ref().map(|b| {
+            b.request_stats();
+            b.info()
+        });
+        serde_json::json!({
+            "memory_mib": self.cfg.memory_mib,
+            "mergeable": self.cfg.mergeable,
+            "balloon": balloon,
+        })
+        .to_string()
     }
 
     /// Parks every vCPU outside KVM_RUN, then quiesces the device workers.
@@ -345,6 +378,28 @@ fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMem, Error> {
     Ok(mem)
 }
 
+/// Marks every guest RAM region mergeable for KSM (`MADV_MERGEABLE`); the host merges identical
+/// pages when `/sys/kernel/mm/ksm/run` is 1. A host without KSM only gets a warning.
+pub(crate) fn mark_mergeable(mem: &GuestMem) {
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let Ok(len) = usize::try_from(region.len()) else {
+            continue;
+        };
+        // SAFETY: `[host, host + len)` is exactly one live guest RAM mapping owned by `mem`;
+        // MADV_MERGEABLE only lets the kernel share identical pages copy-on-write, which is
+        // invisible to every reader and writer of the memory.
+        let r = unsafe { libc::madvise(host.cast(), len, libc::MADV_MERGEABLE) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            tracing::warn!("guest RAM cannot be marked mergeable (is KSM in this kernel?): {e}");
+            return;
+        }
+    }
+}
+
 /// Registers every region of `mem` with KVM, one slot per region.
 pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMem) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
@@ -372,6 +427,7 @@ pub(crate) struct Devices {
     pub serial: Arc<Mutex<Serial>>,
     pub root: Arc<Mutex<PciRoot>>,
     pub virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    pub balloon: Option<BalloonHandle>,
 }
 
 /// Builds the port and MMIO buses with every device the configuration asks for; the serial
@@ -464,7 +520,8 @@ pub(crate) fn build_devices(
 
     let hooks: Arc<dyn VmHooks> = hooks;
     let mut virtio = Vec::new();
-    for (name, dev) in virtio_devices(cfg)? {
+    let (named, balloon) = virtio_devices(cfg)?;
+    for (name, dev) in named {
         let pci =
             VirtioPciDevice::new(dev, mem.clone(), hooks.clone()).map_err(|e| Error::Device {
                 name: name.clone(),
@@ -485,6 +542,7 @@ pub(crate) fn build_devices(
         serial,
         root,
         virtio,
+        balloon,
     })
 }
 
@@ -492,7 +550,7 @@ pub(crate) fn build_devices(
 type NamedDevice = (String, Box<dyn VirtioDevice>);
 
 /// The virtio devices of `cfg`.
-fn virtio_devices(cfg: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
+fn virtio_devices(cfg: &VmConfig) -> Result<(Vec<NamedDevice>, Option<BalloonHandle>), Error> {
     use devices::virtio::{block::Block, net::Net, rng::Rng, vsock::Vsock};
     let mut out: Vec<NamedDevice> = Vec::new();
     let dev_err = |name: &str, e: &dyn std::fmt::Display| Error::Device {
@@ -523,7 +581,14 @@ fn virtio_devices(cfg: &VmConfig) -> Result<Vec<NamedDevice>, Error> {
     if cfg.rng {
         out.push(("rng".into(), Box::new(Rng::new())));
     }
-    Ok(out)
+    let mut balloon = None;
+    if cfg.balloon {
+        let dev = Balloon::new(cfg.memory_mib << 20, BalloonConfig::default())
+            .map_err(|e| dev_err("balloon", &e))?;
+        balloon = Some(dev.handle());
+        out.push(("balloon".into(), Box::new(dev)));
+    }
+    Ok((out, balloon))
 }
 
 /// Blocks until one of `fds` (`None` entries are skipped) is readable; returns its position.
@@ -561,5 +626,53 @@ fn wait_readable(fds: &[Option<i32>]) -> std::io::Result<usize> {
         if let Some((i, _)) = polled.iter().find(|p| p.1.revents != 0) {
             return Ok(*i);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    /// The VmFlags of the mapping holding `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: usize) -> Option<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        let mut in_mapping = false;
+        for line in smaps.lines() {
+            let range = line.split_once(' ').map(|(r, _)| r).unwrap_or("");
+            let bounds = range.split_once('-').and_then(|(lo, hi)| {
+                Some((
+                    usize::from_str_radix(lo, 16).ok()?,
+                    usize::from_str_radix(hi, 16).ok()?,
+                ))
+            });
+            if let Some((lo, hi)) = bounds {
+                in_mapping = (lo..hi).contains(&addr);
+            } else if in_mapping {
+                if let Some(flags) = line.strip_prefix("VmFlags:") {
+                    return Some(flags.trim().to_string());
+                }
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn mergeable_marks_every_region() {
+        if !Path::new("/sys/kernel/mm/ksm").exists() {
+            eprintln!("skipped: this kernel has no KSM");
+            return;
+        }
+        let mem =
+            GuestMem::from_ranges(&[(GuestAddress(0), 2 << 20), (GuestAddress(4 << 20), 2 << 20)])
+                .unwrap();
+        let starts: Vec<usize> = mem
+            .iter()
+            .map(|r| r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize)
+            .collect();
+        let merge_flag = |s: usize| vm_flags(s).unwrap().split(' ').any(|f| f == "mg");
+        assert!(!starts.iter().any(|&s| merge_flag(s)));
+        mark_mergeable(&mem);
+        assert!(starts.iter().all(|&s| merge_flag(s)));
     }
 }
