@@ -68,6 +68,9 @@ pub struct VirtioPciState {
     /// the driver may have cached: a restore refuses a device whose config differs.
     #[serde(default)]
     pub device_config: Vec<u8>,
+    /// The device model's own state ([`crate::virtio::VirtioDevice::save_device_state`]).
+    #[serde(default)]
+    pub device_state: Vec<u8>,
 }
 
 /// Bytes of device-specific config space compared on restore.
@@ -164,6 +167,7 @@ impl VirtioPciDevice {
             queues,
             activated: self.activated,
             device_config: self.device_config(),
+            device_state: self.device.save_device_state(),
         }
     }
 
@@ -239,6 +243,9 @@ impl VirtioPciDevice {
             qc.driver = qs.driver;
             qc.device = qs.device;
         }
+        self.device
+            .restore_device_state(&s.device_state)
+            .map_err(RestoreError::Mismatch)?;
         if s.status & status::FEATURES_OK != 0 {
             self.device.ack_features(s.driver_features);
         }

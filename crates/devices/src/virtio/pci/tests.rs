@@ -925,6 +925,9 @@ fn mismatched_states_are_refused() {
     s.driver_features |= 1 << 40;
     assert!(fresh().dev.restore_state(&s).is_err());
     let mut s = good.clone();
+    s.device_state = vec![1];
+    assert!(fresh().dev.restore_state(&s).is_err());
+    let mut s = good.clone();
     s.device_config[3] ^= 1;
     assert!(fresh().dev.restore_state(&s).is_err());
     let mut s = good.clone();
