@@ -330,3 +330,54 @@ fn damaged_snapshots_are_refused_before_any_vm_runs() {
     let err = restore("incomplete");
     assert!(err.contains("not a complete snapshot"), "{err}");
 }
+
+#[test]
+fn pause_holds_the_guest_and_resume_lets_it_go_on() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("pause");
+    let (log, sock) = (s.path("src.log"), s.path("src.sock"));
+    let _vmm = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.mode=counter pv.counter.ms=20",
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(wait_for(&log, "PROBE counter 2\n", Duration::from_secs(30)));
+    wait_socket(&sock);
+    let ctl = |op: &str| {
+        let out = cli(&[op, "--api-socket", sock.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ctl("pause");
+    let held = read(&log);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(read(&log), held, "the guest ran while paused");
+    ctl("pause"); // Pausing a paused VM is fine.
+    ctl("resume");
+    let last = *counters(&held).last().unwrap();
+    assert!(wait_for(
+        &log,
+        &format!("PROBE counter {}\n", last + 2),
+        Duration::from_secs(10)
+    ));
+    // A bad request gets an error answer, and the VMM goes on serving.
+    {
+        use std::io::{BufRead, BufReader};
+        let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        conn.write_all(b"{\"op\":\"explode\"}\n").unwrap();
+        let mut answer = String::new();
+        BufReader::new(&conn).read_line(&mut answer).unwrap();
+        assert!(answer.starts_with("{\"ok\":false"), "{answer}");
+        assert!(answer.contains("unknown op"), "{answer}");
+    }
+    ctl("resume");
+}
