@@ -191,6 +191,10 @@ impl VirtioPciDevice {
                 self.device.device_type()
             )));
         }
+        // The device's own state first: it may be what its config space shows (balloon).
+        self.device
+            .restore_device_state(&s.device_state)
+            .map_err(RestoreError::Mismatch)?;
         if !s.device_config.is_empty() && s.device_config != self.device_config() {
             return Err(mismatch(
                 "the device's configuration differs from the snapshot's \
@@ -243,9 +247,6 @@ impl VirtioPciDevice {
             qc.driver = qs.driver;
             qc.device = qs.device;
         }
-        self.device
-            .restore_device_state(&s.device_state)
-            .map_err(RestoreError::Mismatch)?;
         if s.status & status::FEATURES_OK != 0 {
             self.device.ack_features(s.driver_features);
         }
