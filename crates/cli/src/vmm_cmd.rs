@@ -8,7 +8,9 @@
 //! while still privileged), drops every privilege, installs the seccomp filter and runs the
 //! guest. docs/jail.md has the details.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -241,6 +243,12 @@ fn fork_and_run(
     match jail::supervise::fork_into_pid_namespace()? {
         Forked::Child => {
             drop(go_write);
+            // Also closes the jail directory's lock (a directory outside the jail) and
+            // whatever the daemon let us inherit.
+            if let Err(e) = jail::supervise::close_fds_except(&[go_read.as_raw_fd()]) {
+                eprintln!("pocketvisor: error: jailed vmm: {e}");
+                std::process::exit(1);
+            }
             let code = match child(args, root, jailed, go_read, started) {
                 Ok(code) => code,
                 Err(e) => {
@@ -279,6 +287,13 @@ fn fork_and_run(
     }
 }
 
+/// A stop signal that came before `run_vm` installed its own handlers.
+static EARLY_STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_early_stop(sig: libc::c_int) {
+    EARLY_STOP.store(sig, Ordering::SeqCst);
+}
+
 /// The jailed side: namespaces, root, VM, privileges, seccomp, run.
 fn child(
     args: &VmmArgs,
@@ -287,6 +302,12 @@ fn child(
     go: std::fs::File,
     started: Instant,
 ) -> Result<i32> {
+    // As pid 1 of its namespace the child ignores signals it has no handler for, so a stop
+    // asked for while the jail is being built is noted here and honoured before the guest runs.
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(sig, on_early_stop as *const () as libc::sighandler_t) };
+    }
     let mut byte = [0u8; 1];
     use std::io::Read;
     if (&go).read(&mut byte).context("wait for the parent")? != 1 {
@@ -333,7 +354,13 @@ fn child(
         eprintln!("jail-selftest forbidden-syscall: survived (fd {fd})");
         return Ok(3);
     }
-    crate::run::run_vm(vm, jailed.api_socket.as_deref())
+    match EARLY_STOP.load(Ordering::SeqCst) {
+        0 => crate::run::run_vm(vm, jailed.api_socket.as_deref()),
+        sig => {
+            eprintln!("pocketvisor: stopped by signal {sig} before the guest started");
+            Ok(128 + sig)
+        }
+    }
 }
 
 fn pipe() -> Result<(std::fs::File, std::fs::File)> {

@@ -296,6 +296,15 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
     .collect();
     assert_eq!(seen, want);
 
+    // Descriptors: nothing inherited that leads outside (no directory at all).
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let fd = fd.unwrap().path();
+        if let Ok(meta) = std::fs::metadata(&fd) {
+            let target = std::fs::read_link(&fd).unwrap_or_default();
+            assert!(!meta.is_dir(), "{} -> {}", fd.display(), target.display());
+        }
+    }
+
     // Privileges: none, for every thread.
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let tid: u32 = task.unwrap().file_name().to_str().unwrap().parse().unwrap();
@@ -392,4 +401,112 @@ fn jail_cgroup(id: &str) -> Option<(PathBuf, bool)> {
             .join(id),
         memory,
     ))
+}
+
+#[test]
+fn vsock_api_and_snapshot_work_under_the_filter() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("vsock");
+    let p = Profile::new(
+        &s,
+        "a",
+        &probe,
+        "pv.tests=blk,rng,vsock pv.vsock.wait=2000",
+        &format!(
+            "vsock = {{ cid = 3, socket = {:?} }}\n",
+            s.path("a/run/v.sock")
+        ),
+    );
+    let api = p.path("run/api.sock");
+    let api_s = api.display().to_string();
+    let mut vmm = Vmm(vmm_command(&s, &p, "vsock", &["--api-socket", &api_s])
+        .spawn()
+        .unwrap());
+    assert!(
+        wait_for(
+            || p.serial().contains("vsock listening"),
+            Duration::from_secs(30)
+        ),
+        "{}",
+        stderr_of(&mut vmm)
+    );
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::net::UnixStream;
+    let mut v = UnixStream::connect(p.path("run/v.sock")).unwrap();
+    v.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    v.write_all(b"CONNECT 1234\n").unwrap();
+    let mut ok = BufReader::new(v.try_clone().unwrap());
+    let mut line = String::new();
+    ok.read_line(&mut line).unwrap();
+    assert!(line.starts_with("OK "), "{line:?}");
+    v.write_all(b"through the jail").unwrap();
+    let mut echo = [0u8; 16];
+    ok.read_exact(&mut echo).unwrap();
+    assert_eq!(&echo, b"through the jail");
+
+    let a = UnixStream::connect(&api).unwrap();
+    let mut answers = BufReader::new(a.try_clone().unwrap());
+    for req in [
+        r#"{"op":"pause"}"#,
+        r#"{"op":"resume"}"#,
+        r#"{"op":"snapshot","dir":"/run/0/snap","resume":true}"#,
+    ] {
+        (&a).write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        answers.read_line(&mut answer).unwrap();
+        assert!(answer.contains(r#""ok":true"#), "{req}: {answer}");
+    }
+    drop(v);
+    let code = wait_exit(&mut vmm, Duration::from_secs(30));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(code, Some(0), "{err}\n{}", p.serial());
+    assert!(p.serial().contains("PROBE vsock ok"), "{}", p.serial());
+    assert!(
+        p.path("run/snap/COMPLETE").exists(),
+        "snapshot written into the run dir"
+    );
+}
+
+#[test]
+fn a_prepared_network_namespace_is_joined() {
+    let Some(probe) = probe() else { return };
+    let ns = format!("pvjail{}", std::process::id());
+    let ip = |args: &[&str]| {
+        Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !ip(&["netns", "add", &ns]) {
+        skip("ip netns add failed: --netns not checked");
+        return;
+    }
+    struct Ns(String);
+    impl Drop for Ns {
+        fn drop(&mut self) {
+            let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+        }
+    }
+    let _ns = Ns(ns.clone());
+    assert!(ip(&["-n", &ns, "tuntap", "add", "pvjt0", "mode", "tap"]));
+    let s = Scratch::new("netns");
+    let p = Profile::new(
+        &s,
+        "a",
+        &probe,
+        "pv.tests=net",
+        "net = [{ tap = \"pvjt0\" }]\n",
+    );
+    let path = format!("/var/run/netns/{ns}");
+    let mut vmm = Vmm(vmm_command(&s, &p, "netns", &["--netns", &path])
+        .spawn()
+        .unwrap());
+    let code = wait_exit(&mut vmm, Duration::from_secs(30));
+    let err = stderr_of(&mut vmm);
+    assert_eq!(code, Some(0), "{err}\n{}", p.serial());
+    assert!(p.serial().contains("PROBE net ok"), "{}", p.serial());
+    assert!(
+        !Path::new("/sys/class/net/pvjt0").exists(),
+        "tap stayed in its namespace"
+    );
 }

@@ -1,5 +1,5 @@
 //! The fork into a new pid namespace: the child becomes its pid 1 and runs the VMM; the
-//! parent stays outside, forwards SIGTERM/SIGINT/SIGHUP to it and reports how it ended.
+//! parent stays outside, forwards SIGTERM/SIGINT (and SIGHUP as SIGTERM) to it and reports how it ended.
 
 use std::io;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -58,17 +58,46 @@ pub fn fork_into_pid_namespace() -> Result<Forked> {
     }
 }
 
+/// Closes every descriptor from 3 up except those in `keep`, so nothing the parent (or
+/// whoever started it) had open, such as a directory outside the jail, reaches the child.
+pub fn close_fds_except(keep: &[libc::c_int]) -> Result<()> {
+    let mut keep: Vec<libc::c_uint> = keep
+        .iter()
+        .filter_map(|&fd| libc::c_uint::try_from(fd).ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut from: libc::c_uint = 3;
+    for fd in keep.into_iter().chain([libc::c_uint::MAX]) {
+        if fd > from {
+            // SAFETY: close_range on descriptors this process owns; nothing else in this
+            // single-threaded process uses them (the caller keeps the ones it needs).
+            let r = unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0) };
+            check(r as libc::c_int, "close inherited descriptors")?;
+        }
+        from = fd.saturating_add(1);
+    }
+    Ok(())
+}
+
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn forward(sig: libc::c_int) {
     let pid = CHILD.load(Ordering::SeqCst);
+    // The child's VMM stops on SIGTERM and SIGINT; a hang-up asks for the same.
+    let sig = if sig == libc::SIGHUP {
+        libc::SIGTERM
+    } else {
+        sig
+    };
     if pid > 0 {
         // SAFETY: kill(2) is async-signal-safe.
         unsafe { libc::kill(pid, sig) };
     }
 }
 
-/// The signals the parent passes on to the child.
+/// The signals the parent passes on to the child (SIGHUP as SIGTERM).
 pub const FORWARDED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
 /// In the parent: forwards [`FORWARDED`] signals to `child` until it ends; returns how.
