@@ -356,6 +356,28 @@ fn device_state_round_trips() {
     assert_eq!(c.handle().info(), BalloonInfo::default());
 }
 
+#[test]
+fn snapshot_through_the_transport_keeps_target_and_actual() {
+    use crate::pci::testing::FakeHooks;
+    use crate::virtio::pci::VirtioPciDevice;
+    let mem = test_mem();
+    let wrap = |b: Balloon| {
+        VirtioPciDevice::new(Box::new(b), mem.clone(), Arc::new(FakeHooks::default())).unwrap()
+    };
+    let mut a = Balloon::new(64 << 20, BalloonConfig::default()).unwrap();
+    a.handle().set_target_mib(16).unwrap();
+    a.write_config(4, &100u32.to_le_bytes());
+    let state = wrap(a).save_state();
+
+    let b = Balloon::new(64 << 20, BalloonConfig::default()).unwrap();
+    let h = b.handle();
+    wrap(b).restore_state(&state).unwrap();
+    assert_eq!((h.info().target_mib, h.info().actual_pages), (16, 100));
+    // A balloon for less RAM than the saved target cannot take the state.
+    let small = Balloon::new(8 << 20, BalloonConfig::default()).unwrap();
+    assert!(wrap(small).restore_state(&state).is_err());
+}
+
 fn stats_buf(entries: &[(u16, u64)]) -> Vec<u8> {
     entries
         .iter()
