@@ -179,7 +179,6 @@ async fn events(
     Path(name): Path<String>,
     Query(q): Query<LimitQuery>,
 ) -> ApiResult<Vec<crate::Event>> {
-    h.show(&name)?;
     Ok(Json(h.events(Log::Events, Some(&name), limit(q))?))
 }
 

@@ -673,6 +673,11 @@ impl Handset {
             dir: snap.clone(),
             serial: self.dir().serial_log(name),
             vsock: self.dir().vsock_socket(name),
+            disks: spec
+                .disks
+                .iter()
+                .map(|d| self.dir().disk(name, &d.name))
+                .collect(),
         };
         let t0 = Instant::now();
         self.launch(name, &spec, &launch).await?;

@@ -59,6 +59,24 @@ pub use state_dir::StateDir;
 
 /// Runs the daemon until SIGTERM or SIGINT, then stops the VMs and returns.
 pub async fn run(opts: Options) -> Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(Error::io("cannot handle SIGTERM"))?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(Error::io("cannot handle SIGINT"))?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    };
+    run_until(opts, shutdown).await
+}
+
+/// Runs the daemon until `shutdown` completes, then stops the VMs and returns.
+pub async fn run_until(
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let dir = opts.state_dir.clone();
     std::fs::create_dir_all(dir.root())
         .map_err(Error::io(format!("cannot create {}", dir.root().display())))?;
@@ -88,16 +106,6 @@ pub async fn run(opts: Options) -> Result<()> {
         .map_err(Error::io(format!("cannot chmod {}", sock.display())))?;
     h.recover().await?;
     h.audit("-", "daemon-start", &format!("pid {}", std::process::id()));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(Error::io("cannot handle SIGTERM"))?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(Error::io("cannot handle SIGINT"))?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-    };
     tracing::info!("handset daemon listening on {}", sock.display());
     let served = api::serve(h.clone(), listener, shutdown).await;
     h.shutdown().await;

@@ -30,6 +30,9 @@ pub enum Launch {
         serial: PathBuf,
         /// vsock socket path (overrides the saved one).
         vsock: PathBuf,
+        /// Disk image paths, in order (override the saved ones, so a profile moved to another
+        /// state directory, e.g. by `pocketvisor import`, uses its own disks).
+        disks: Vec<PathBuf>,
     },
 }
 
@@ -41,7 +44,12 @@ pub fn vmm_args(launch: &Launch, api_socket: &Path) -> Vec<OsString> {
         Launch::Boot { config } => {
             a.extend(["run".into(), "--config".into(), config.into()]);
         }
-        Launch::Restore { dir, serial, vsock } => {
+        Launch::Restore {
+            dir,
+            serial,
+            vsock,
+            disks,
+        } => {
             let mut s = OsString::from("file:");
             s.push(serial);
             a.extend([
@@ -52,6 +60,9 @@ pub fn vmm_args(launch: &Launch, api_socket: &Path) -> Vec<OsString> {
                 "--vsock-socket".into(),
                 vsock.into(),
             ]);
+            for d in disks {
+                a.extend(["--disk".into(), d.into()]);
+            }
         }
     }
     a.extend(["--api-socket".into(), api_socket.into()]);
@@ -252,11 +263,14 @@ mod tests {
                 dir: "/s/snap".into(),
                 serial: "/s/serial.log".into(),
                 vsock: "/s/v.sock".into(),
+                disks: vec!["/s/d.img".into()],
             },
             Path::new("/s/api.sock"),
         );
         assert_eq!(r[0], "restore");
         assert!(r.contains(&OsString::from("file:/s/serial.log")));
+        let d = r.iter().position(|x| x == "--disk").unwrap();
+        assert_eq!(r[d + 1], "/s/d.img");
     }
 
     #[test]

@@ -1,0 +1,496 @@
+//! End-to-end tests of the handset daemon with probe-guest profiles (need /dev/kvm and the
+//! built `pocketvisor` binary).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{can_run_vms, last_counter, loud, wait_until, Daemon};
+use handset::client::ClientError;
+use handset::{ProfileInfo, ProfileState};
+
+fn stdout(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn create_list_show_delete_through_the_cli() {
+    let d = Daemon::start("crud");
+    let out = stdout(&d.cli(&["create", "work", "--template", "work"]));
+    assert!(out.contains("created profile work"), "{out}");
+    stdout(&d.cli(&["create", "home", "--template", "personal"]));
+    // Duplicate names and bad names are refused on one line.
+    let dup = d.cli(&["create", "work", "--template", "work"]);
+    assert!(!dup.status.success());
+    let err = String::from_utf8_lossy(&dup.stderr);
+    assert!(
+        err.contains("already exists") && err.lines().count() == 1,
+        "{err}"
+    );
+    let bad = d.cli(&["create", "Work!", "--template", "work"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be 1-32"));
+
+    let spec = d.dir.join("lab.toml");
+    std::fs::write(
+        &spec,
+        "name = \"lab\"\nkernel = \"probe\"\nmemory_mib = 96\nvcpus = 2\n\
+         disks = [{ name = \"root\", size_mib = 32 }, { name = \"ro\", size_mib = 1, read_only = true }]\n\
+         display = { width = 720, height = 1280 }\nrestart = \"never\"\nbackground = \"suspend\"\n",
+    )
+    .unwrap();
+    stdout(&d.cli(&["create", "--file", spec.to_str().unwrap()]));
+
+    let list: Vec<ProfileInfo> =
+        serde_json::from_str(&stdout(&d.cli(&["list", "--json"]))).unwrap();
+    let names: Vec<&str> = list.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["home", "lab", "work"]);
+    assert!(list.iter().all(|p| p.state == ProfileState::Stopped));
+    let table = stdout(&d.cli(&["list"]));
+    assert!(
+        table.starts_with("NAME") && table.contains("lab"),
+        "{table}"
+    );
+
+    let lab: ProfileInfo =
+        serde_json::from_str(&stdout(&d.cli(&["show", "lab", "--json"]))).unwrap();
+    assert_eq!(lab.spec.vcpus, 2);
+    assert_eq!(lab.spec.display.width, 720);
+    let img = d.dir.join("profiles/lab/disks/root.img");
+    let meta = std::fs::metadata(&img).unwrap();
+    assert_eq!(meta.len(), 32 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 < (1 << 20), "disk is not sparse");
+    let toml_text = std::fs::read_to_string(d.dir.join("profiles/lab/profile.toml")).unwrap();
+    assert!(
+        toml_text.contains("background = \"suspend\""),
+        "{toml_text}"
+    );
+
+    stdout(&d.cli(&["delete", "lab"]));
+    assert!(!d.dir.join("profiles/lab").exists());
+    let gone = d.cli(&["show", "lab"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no profile named \"lab\""));
+    let events = stdout(&d.cli(&["events", "lab"]));
+    assert!(
+        events.contains("created") && events.contains("deleted"),
+        "{events}"
+    );
+    let audit = stdout(&d.cli(&["audit"]));
+    assert!(
+        audit.contains("create") && audit.contains("delete"),
+        "{audit}"
+    );
+}
+
+#[test]
+fn cli_without_daemon_says_how_to_start_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::pv_bin())
+        .args(["profile", "list", "--state-dir"])
+        .arg(tmp.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("pocketvisor handset") && err.lines().count() == 1,
+        "{err}"
+    );
+}
+
+#[test]
+fn two_profiles_run_and_switch() {
+    if !can_run_vms("two_profiles_run_and_switch") {
+        return;
+    }
+    let d = Daemon::start("two");
+    d.create_probe("work", 80, "");
+    d.create_probe("home", 80, "background = \"suspend\"");
+    let w = d.act("work", "start").unwrap();
+    let h = d.act("home", "start").unwrap();
+    assert_eq!(w.state, ProfileState::Running);
+    // work started first and stays in the foreground; home (suspend in background) is paused.
+    assert!(d.show("work").foreground);
+    assert_eq!(h.state, ProfileState::Paused);
+    assert!(
+        wait_until(Duration::from_secs(10), || last_counter(&d.serial("work"))
+            .is_some_and(|n| n >= 3)),
+        "work does not count: {}",
+        d.serial("work")
+    );
+    // Paused: home's counter does not move.
+    let frozen = last_counter(&d.serial("home"));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(last_counter(&d.serial("home")), frozen);
+
+    let fg_weight = d.weight_file("work");
+    if fg_weight.is_none() {
+        loud(
+            "SKIP (no cgroups on this host): cpu weight assertions of two_profiles_run_and_switch",
+        );
+    }
+    let read = |n: &str| {
+        std::fs::read_to_string(d.weight_file(n).unwrap())
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let v1 = fg_weight
+        .as_ref()
+        .is_some_and(|p| p.ends_with("cpu.shares"));
+    let (hi, lo) = if v1 {
+        ("10240", "1024")
+    } else {
+        ("1000", "100")
+    };
+    if fg_weight.is_some() {
+        assert_eq!(
+            (read("work"), read("home")),
+            (hi.to_string(), lo.to_string())
+        );
+    }
+
+    let t0 = Instant::now();
+    let s = d.act("home", "switch").unwrap();
+    let switch_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    assert!(s.foreground);
+    assert_eq!(s.state, ProfileState::Running);
+    assert!(!d.show("work").foreground);
+    if fg_weight.is_some() {
+        assert_eq!(
+            (read("work"), read("home")),
+            (lo.to_string(), hi.to_string())
+        );
+    }
+    // Both count now (home was resumed).
+    let (w0, h0) = (
+        last_counter(&d.serial("work")),
+        last_counter(&d.serial("home")),
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        last_counter(&d.serial("work")) > w0 && last_counter(&d.serial("home")) > h0
+    }));
+    let t1 = Instant::now();
+    d.act("work", "switch").unwrap();
+    let switch_back_ms = t1.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(d.show("home").state, ProfileState::Paused);
+    let rss: Vec<String> = ["work", "home"]
+        .iter()
+        .map(|n| format!("{n}={}KiB", d.show(n).rss_kib.unwrap_or(0)))
+        .collect();
+    loud(&format!(
+        "MEASURE switch: {switch_ms:.2} ms (resume a paused profile), {switch_back_ms:.2} ms (pause one); vmm RSS {}",
+        rss.join(" ")
+    ));
+    // Switching to a stopped profile is refused.
+    d.act("home", "stop").unwrap();
+    match d.act("home", "switch") {
+        Err(ClientError::Api { status: 409, .. }) => {}
+        other => panic!("switch to a stopped profile: {other:?}"),
+    }
+    d.act("work", "stop").unwrap();
+    assert!(d.our_processes().is_empty());
+    let ev = d.events("home");
+    for e in ["started", "paused", "foreground", "unpaused", "stopped"] {
+        assert!(ev.iter().any(|x| x == e), "no {e} in {ev:?}");
+    }
+}
+
+#[test]
+fn killed_vmm_is_restarted_until_the_limit() {
+    if !can_run_vms("killed_vmm_is_restarted_until_the_limit") {
+        return;
+    }
+    let d = Daemon::start("crash");
+    d.create_probe("w", 80, "");
+    d.create_probe("n", 80, "restart = \"never\"");
+    let mut pid = d.act("w", "start").unwrap().pid.unwrap();
+    let n_pid = d.act("n", "start").unwrap().pid.unwrap();
+    for i in 0..5 {
+        // SAFETY: kill(2) on the test's own VMM process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let p = d.show("w");
+                p.state == ProfileState::Running && p.pid.is_some_and(|x| x != pid)
+            }),
+            "restart {i} did not happen: {:?}",
+            d.show("w")
+        );
+        pid = d.show("w").pid.unwrap();
+    }
+    let ev = d.events("w");
+    assert_eq!(ev.iter().filter(|e| *e == "crashed").count(), 5, "{ev:?}");
+    assert_eq!(
+        ev.iter().filter(|e| *e == "restarting").count(),
+        5,
+        "{ev:?}"
+    );
+    // The sixth crash within a minute hits the limit.
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || d.show("w").state
+        == ProfileState::Failed));
+    assert!(d.show("w").detail.contains("restart limit"));
+    // restart = never: recorded, stopped.
+    // SAFETY: as above.
+    unsafe { libc::kill(n_pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || d.show("n").state
+        == ProfileState::Stopped));
+    assert!(d.events("n").iter().any(|e| e == "crashed"));
+    // A failed profile can be started again by hand.
+    assert_eq!(d.act("w", "start").unwrap().state, ProfileState::Running);
+    d.act("w", "stop").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || d
+        .our_processes()
+        .is_empty()));
+}
+
+#[test]
+fn restarted_daemon_adopts_running_profiles() {
+    if !can_run_vms("restarted_daemon_adopts_running_profiles") {
+        return;
+    }
+    let mut d = Daemon::start("adopt");
+    d.create_probe("a", 80, "");
+    d.create_probe("b", 80, "restart = \"never\"");
+    let a_pid = d.act("a", "start").unwrap().pid.unwrap();
+    let b_pid = d.act("b", "start").unwrap().pid.unwrap();
+    d.act("b", "switch").unwrap();
+    d.kill9();
+    // While the daemon is down, b's VMM dies too.
+    // SAFETY: kill(2) on the test's own VMM process.
+    unsafe { libc::kill(b_pid, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(100));
+    d.spawn();
+    let a = d.show("a");
+    assert_eq!((a.state, a.pid), (ProfileState::Running, Some(a_pid)));
+    assert!(d.events("a").iter().any(|e| e == "adopted"));
+    let b = d.show("b");
+    assert_eq!(b.state, ProfileState::Stopped, "{b:?}");
+    assert!(d.events("b").iter().any(|e| e == "lost"));
+    // b was the foreground; a took over.
+    assert!(a.foreground);
+    assert!(!d.dir.join("profiles/b/run/api.sock").exists());
+    // The adopted VMM is watched: a crash is noticed and restarted.
+    // SAFETY: as above.
+    unsafe { libc::kill(a_pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || {
+        let p = d.show("a");
+        p.state == ProfileState::Running && p.pid.is_some_and(|x| x != a_pid)
+    }));
+    // SIGTERM: the daemon stops the VMs and exits 0.
+    assert!(d.terminate().success());
+    assert!(wait_until(Duration::from_secs(5), || d
+        .our_processes()
+        .is_empty()));
+    d.spawn();
+    assert_eq!(d.show("a").state, ProfileState::Stopped);
+}
+
+#[test]
+fn suspend_and_resume_continue_the_guest() {
+    if !can_run_vms("suspend_and_resume_continue_the_guest") {
+        return;
+    }
+    let d = Daemon::start("suspend");
+    d.create_probe("s", 80, "");
+    d.act("s", "start").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("s")
+    )
+    .is_some_and(|n| n >= 5)));
+    let t0 = Instant::now();
+    let s = d.act("s", "suspend").unwrap();
+    let suspend_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!((s.state, s.pid), (ProfileState::Suspended, None));
+    assert!(d.dir.join("profiles/s/snapshot").is_dir());
+    assert!(d.our_processes().is_empty());
+    let at = last_counter(&d.serial("s")).unwrap();
+    let t1 = Instant::now();
+    let r = d.act("s", "resume").unwrap();
+    let resume_ms = t1.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(r.state, ProfileState::Running);
+    assert!(!d.dir.join("profiles/s/snapshot").exists());
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("s")
+    )
+    .is_some_and(|n| n > at + 2)));
+    // The counter continued from where it was, not from 0.
+    let serial = d.serial("s");
+    let after: Vec<u64> = serial
+        .lines()
+        .filter_map(|l| l.trim_end().strip_prefix("PROBE counter "))
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(after.iter().rev().take(3).all(|&n| n > at), "{after:?}");
+    loud(&format!(
+        "MEASURE suspend {suspend_ms:.1} ms, resume {resume_ms:.1} ms (80 MiB probe)"
+    ));
+    // Suspend twice, then start (= resume) works too; stop of a suspended profile discards.
+    d.act("s", "suspend").unwrap();
+    assert_eq!(d.act("s", "start").unwrap().state, ProfileState::Running);
+    d.act("s", "suspend").unwrap();
+    assert_eq!(d.act("s", "stop").unwrap().state, ProfileState::Stopped);
+    assert!(!d.dir.join("profiles/s/snapshot").exists());
+}
+
+#[test]
+fn concurrent_cli_creates_are_safe() {
+    let d = Daemon::start("conc");
+    let handles: Vec<_> = (0..10)
+        .map(|i| {
+            let dir = d.dir.clone();
+            std::thread::spawn(move || {
+                std::process::Command::new(common::pv_bin())
+                    .args(["profile", "--state-dir"])
+                    .arg(&dir)
+                    .args(["create", &format!("p{i}"), "--template", "work"])
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        let o = h.join().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    // Ten more, racing for the same name: exactly one wins.
+    let racers: Vec<_> = (0..10)
+        .map(|_| {
+            let dir = d.dir.clone();
+            std::thread::spawn(move || {
+                std::process::Command::new(common::pv_bin())
+                    .args(["profile", "--state-dir"])
+                    .arg(&dir)
+                    .args(["create", "same", "--template", "personal"])
+                    .output()
+                    .unwrap()
+                    .status
+                    .success()
+            })
+        })
+        .collect();
+    let wins = racers
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|&w| w)
+        .count();
+    assert_eq!(wins, 1);
+    let list: Vec<ProfileInfo> = d.client().call("GET", "/v1/profiles", None::<&()>).unwrap();
+    assert_eq!(list.len(), 11);
+    let cids: std::collections::BTreeSet<u32> = list.iter().map(|p| p.vsock_cid).collect();
+    assert_eq!(cids.len(), 11, "vsock CIDs must be unique");
+}
+
+#[test]
+fn eight_profiles_at_once() {
+    if !can_run_vms("eight_profiles_at_once") {
+        return;
+    }
+    let d = Daemon::start("eight");
+    let names: Vec<String> = (0..8).map(|i| format!("p{i}")).collect();
+    for n in &names {
+        d.create_probe(n, 80, "");
+    }
+    let t0 = Instant::now();
+    for n in &names {
+        assert_eq!(d.act(n, "start").unwrap().state, ProfileState::Running);
+    }
+    let start_ms = t0.elapsed().as_millis();
+    for n in &names {
+        assert!(
+            wait_until(Duration::from_secs(20), || last_counter(&d.serial(n))
+                .is_some_and(|c| c >= 2)),
+            "{n} does not count"
+        );
+    }
+    let mut switch_ms = vec![];
+    for n in names.iter().rev() {
+        let t = Instant::now();
+        assert!(d.act(n, "switch").unwrap().foreground);
+        switch_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let list: Vec<ProfileInfo> = d.client().call("GET", "/v1/profiles", None::<&()>).unwrap();
+    assert_eq!(list.iter().filter(|p| p.foreground).count(), 1);
+    let rss: Vec<u64> = list.iter().filter_map(|p| p.rss_kib).collect();
+    assert_eq!(rss.len(), 8);
+    switch_ms.sort_by(f64::total_cmp);
+    loud(&format!(
+        "MEASURE eight profiles: started in {start_ms} ms; switch median {:.2} ms max {:.2} ms; \
+         vmm RSS KiB min {} max {}",
+        switch_ms[4],
+        switch_ms[7],
+        rss.iter().min().unwrap(),
+        rss.iter().max().unwrap()
+    ));
+    for n in &names {
+        d.act(n, "stop").unwrap();
+    }
+    assert!(d.our_processes().is_empty());
+}
+
+fn fd_count(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+#[test]
+fn fifty_cycles_leak_nothing() {
+    if !can_run_vms("fifty_cycles_leak_nothing") {
+        return;
+    }
+    let d = Daemon::start("leak");
+    let cycle = |i: usize| {
+        let name = format!("c{}", i % 3);
+        d.create_probe(&name, 72, "");
+        let p = d.act(&name, "start").unwrap();
+        assert_eq!(p.state, ProfileState::Running, "cycle {i}");
+        d.act(&name, "stop").unwrap();
+        d.client()
+            .call::<()>("DELETE", &format!("/v1/profiles/{name}"), None::<&()>)
+            .unwrap();
+    };
+    cycle(0);
+    // Settle: the last answer's connection may still be closing.
+    std::thread::sleep(Duration::from_millis(100));
+    let fds = fd_count(d.pid());
+    let t0 = Instant::now();
+    for i in 1..=50 {
+        cycle(i);
+    }
+    let per_cycle = t0.elapsed().as_secs_f64() * 1000.0 / 50.0;
+    assert!(d.our_processes().is_empty(), "leftover processes");
+    assert!(
+        wait_until(Duration::from_secs(2), || fd_count(d.pid()) <= fds),
+        "daemon fds: {fds} before, {} after",
+        fd_count(d.pid())
+    );
+    let profiles: Vec<_> = std::fs::read_dir(d.dir.join("profiles")).unwrap().collect();
+    assert!(profiles.is_empty(), "leftover files: {profiles:?}");
+    for root in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/unified",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/memory",
+    ] {
+        let p = std::path::Path::new(root).join(&d.cgroup_parent);
+        if let Ok(rd) = std::fs::read_dir(&p) {
+            let groups: Vec<_> = rd.flatten().filter(|e| e.path().is_dir()).collect();
+            assert!(
+                groups.is_empty(),
+                "leftover cgroups in {}: {groups:?}",
+                p.display()
+            );
+        }
+    }
+    loud(&format!(
+        "MEASURE leak test: {per_cycle:.1} ms per create/start/stop/delete cycle"
+    ));
+}

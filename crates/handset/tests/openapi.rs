@@ -1,0 +1,323 @@
+//! The OpenAPI document (docs/api/handset.openapi.yaml) matches the code: the same routes as
+//! `handset::api::ROUTES`, and real answers of an in-process daemon validate against the
+//! documented schemas (required properties, types, enums, no undocumented properties).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use handset::client::{Answer, Client};
+use serde_json::{json, Value};
+
+fn doc() -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/api/handset.openapi.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+const METHODS: &[&str] = &["get", "put", "post", "delete", "patch", "head", "options"];
+
+#[test]
+fn documented_routes_are_the_served_routes() {
+    let doc = doc();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (k, _) in item.as_object().unwrap() {
+            if METHODS.contains(&k.as_str()) {
+                documented.insert((k.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let served: BTreeSet<(String, String)> = handset::api::ROUTES
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_string()))
+        .collect();
+    assert_eq!(documented, served);
+}
+
+/// Resolves a local `$ref`.
+fn resolve<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let ptr = r.strip_prefix('#').expect("local refs only");
+            resolve(
+                doc,
+                doc.pointer(ptr).unwrap_or_else(|| panic!("bad ref {r}")),
+            )
+        }
+        None => schema,
+    }
+}
+
+/// Checks `v` against `schema`; returns the problems found, with their JSON path.
+fn validate(doc: &Value, schema: &Value, v: &Value, at: &str, errs: &mut Vec<String>) {
+    let s = resolve(doc, schema);
+    if v.is_null() {
+        if s.get("nullable") != Some(&Value::Bool(true)) {
+            errs.push(format!("{at}: null but not nullable"));
+        }
+        return;
+    }
+    if let Some(en) = s.get("enum").and_then(Value::as_array) {
+        if !en.contains(v) {
+            errs.push(format!("{at}: {v} not in {en:?}"));
+        }
+    }
+    let ty = s.get("type").and_then(Value::as_str);
+    let ok = match ty {
+        Some("object") => v.is_object(),
+        Some("array") => v.is_array(),
+        Some("string") => v.is_string(),
+        Some("integer") => v.is_i64() || v.is_u64(),
+        Some("number") => v.is_number(),
+        Some("boolean") => v.is_boolean(),
+        None => true,
+        Some(t) => panic!("unknown type {t}"),
+    };
+    if !ok {
+        errs.push(format!("{at}: {v} is not {}", ty.unwrap_or("?")));
+        return;
+    }
+    if let (Some("object"), Some(obj)) = (ty, v.as_object()) {
+        let props = s.get("properties").and_then(Value::as_object);
+        for req in s
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let k = req.as_str().unwrap();
+            if !obj.contains_key(k) {
+                errs.push(format!("{at}: required {k} missing"));
+            }
+        }
+        for (k, val) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(ps) => validate(doc, ps, val, &format!("{at}.{k}"), errs),
+                None => errs.push(format!("{at}: undocumented property {k}")),
+            }
+        }
+    }
+    if let (Some("array"), Some(items), Some(arr)) = (ty, s.get("items"), v.as_array()) {
+        for (i, item) in arr.iter().enumerate() {
+            validate(doc, items, item, &format!("{at}[{i}]"), errs);
+        }
+    }
+}
+
+/// Checks an answer against the documented response of (method, path) for its status.
+fn check(doc: &Value, method: &str, path: &str, a: &Answer) {
+    let op = &doc["paths"][path][method.to_lowercase()];
+    assert!(op.is_object(), "{method} {path} is not documented");
+    let resp = op["responses"]
+        .get(a.status.to_string())
+        .unwrap_or_else(|| panic!("{method} {path}: status {} is not documented", a.status));
+    let resp = resolve(doc, resp);
+    match resp.pointer("/content/application~1json/schema") {
+        Some(schema) => {
+            let v: Value = serde_json::from_slice(&a.body).unwrap_or_else(|e| {
+                panic!("{method} {path}: body is not JSON ({e}): {:?}", a.body)
+            });
+            let mut errs = vec![];
+            validate(doc, schema, &v, "$", &mut errs);
+            assert!(
+                errs.is_empty(),
+                "{method} {path} {}: {errs:#?}\n{v:#}",
+                a.status
+            );
+        }
+        None => assert!(a.body.is_empty(), "{method} {path}: undocumented body"),
+    }
+}
+
+/// An in-process daemon on a temporary state directory.
+struct InProcess {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    socket: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl InProcess {
+    fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let state_dir = handset::StateDir::new(tmp.path()).unwrap();
+        let socket = state_dir.socket();
+        let bin = common::pv_bin();
+        let opts = handset::Options {
+            state_dir,
+            probe: handset::find_probe(&bin),
+            vmm_bin: bin,
+            cgroup_parent: format!("pvtest-openapi-{}", std::process::id()),
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(handset::run_until(opts, async {
+                let _ = rx.await;
+            }))
+            .unwrap();
+        });
+        let client = Client::new(&socket);
+        assert!(common::wait_until(
+            std::time::Duration::from_secs(10),
+            || client.raw("GET", "/v1/handset", None).is_ok()
+        ));
+        Self {
+            stop: Some(tx),
+            thread: Some(thread),
+            socket,
+            _tmp: tmp,
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn answers_match_the_documented_schemas() {
+    let doc = doc();
+    let d = InProcess::start();
+    let c = Client::new(&d.socket);
+    let call = |method: &str, url: &str, route: &str, body: Option<Value>| -> Answer {
+        let data = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let a = c.raw(method, url, data.as_deref()).unwrap();
+        check(&doc, method, route, &a);
+        a
+    };
+    call("GET", "/v1/handset", "/v1/handset", None);
+    let created = call(
+        "POST",
+        "/v1/profiles",
+        "/v1/profiles",
+        Some(json!({"name": "work", "template": "work"})),
+    );
+    assert_eq!(created.status, 201);
+    let spec = json!({"spec": {"name": "lab", "kernel": "probe", "memory_mib": 96,
+        "disks": [{"name": "root", "size_mib": 4}], "net": "tap-lab", "memory_max_mib": 400,
+        "background": "suspend", "restart": "always"}});
+    assert_eq!(
+        call("POST", "/v1/profiles", "/v1/profiles", Some(spec)).status,
+        201
+    );
+    // Errors: duplicate (409), bad body (400), bad name (400), unknown profile (404).
+    let dup = call(
+        "POST",
+        "/v1/profiles",
+        "/v1/profiles",
+        Some(json!({"name": "work", "template": "work"})),
+    );
+    assert_eq!(dup.status, 409);
+    let bad = call(
+        "POST",
+        "/v1/profiles",
+        "/v1/profiles",
+        Some(json!({"template": 7})),
+    );
+    assert_eq!(bad.status, 400);
+    let unknown = call("GET", "/v1/profiles/nope", "/v1/profiles/{name}", None);
+    assert_eq!(unknown.status, 404);
+    let badname = call("GET", "/v1/profiles/UPPER", "/v1/profiles/{name}", None);
+    assert_eq!(badname.status, 400);
+    let not_running = call(
+        "POST",
+        "/v1/profiles/work/stop",
+        "/v1/profiles/{name}/stop",
+        None,
+    );
+    assert_eq!(not_running.status, 409);
+    let no_snapshot = call(
+        "POST",
+        "/v1/profiles/work/resume",
+        "/v1/profiles/{name}/resume",
+        None,
+    );
+    assert_eq!(no_snapshot.status, 409);
+    call(
+        "POST",
+        "/v1/profiles/work/switch",
+        "/v1/profiles/{name}/switch",
+        None,
+    );
+    call(
+        "POST",
+        "/v1/profiles/work/suspend",
+        "/v1/profiles/{name}/suspend",
+        None,
+    );
+
+    let list = call("GET", "/v1/profiles", "/v1/profiles", None);
+    let v: Vec<handset::ProfileInfo> = serde_json::from_slice(&list.body).unwrap();
+    assert_eq!(v.len(), 2);
+    call("GET", "/v1/profiles/lab", "/v1/profiles/{name}", None);
+
+    if common::can_run_vms("answers_match_the_documented_schemas (running part)")
+        && common::pv_bin().is_file()
+    {
+        let s = call(
+            "POST",
+            "/v1/profiles/work/start",
+            "/v1/profiles/{name}/start",
+            None,
+        );
+        assert_eq!(s.status, 200, "{}", String::from_utf8_lossy(&s.body));
+        call(
+            "POST",
+            "/v1/profiles/work/switch",
+            "/v1/profiles/{name}/switch",
+            None,
+        );
+        call("GET", "/v1/handset", "/v1/handset", None);
+        call("GET", "/v1/profiles", "/v1/profiles", None);
+        call(
+            "POST",
+            "/v1/profiles/work/stop",
+            "/v1/profiles/{name}/stop",
+            None,
+        );
+    }
+    call(
+        "GET",
+        "/v1/profiles/work/events?limit=5",
+        "/v1/profiles/{name}/events",
+        None,
+    );
+    call("GET", "/v1/events", "/v1/events", None);
+    call("GET", "/v1/audit?limit=1000", "/v1/audit", None);
+    let del = call("DELETE", "/v1/profiles/lab", "/v1/profiles/{name}", None);
+    assert_eq!(del.status, 204);
+    let del_again = call("DELETE", "/v1/profiles/lab", "/v1/profiles/{name}", None);
+    assert_eq!(del_again.status, 404);
+    // An unknown route answers 404 with the error body.
+    let a = c.raw("GET", "/v2/whatever", None).unwrap();
+    assert_eq!(a.status, 404);
+    assert!(serde_json::from_slice::<handset::api_types::ErrorBody>(&a.body).is_ok());
+}
+
+#[test]
+fn the_validator_catches_mismatches() {
+    let doc = doc();
+    let schema = json!({"$ref": "#/components/schemas/Event"});
+    let mut errs = vec![];
+    let good = json!({"id": 1, "time_ms": 2, "profile": "a", "event": "x", "detail": ""});
+    validate(&doc, &schema, &good, "$", &mut errs);
+    assert!(errs.is_empty(), "{errs:?}");
+    let bad = json!({"id": "1", "time_ms": 2, "profile": "a", "event": "x", "extra": 1});
+    validate(&doc, &schema, &bad, "$", &mut errs);
+    assert_eq!(errs.len(), 3, "{errs:?}"); // id type, detail missing, extra undocumented
+}
