@@ -1,8 +1,8 @@
 //! Saving and restoring one vCPU's architectural state (x86_64).
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -33,6 +33,73 @@ pub struct VcpuState {
     pub msrs: Vec<(u32, u64)>,
     /// Pending exceptions, interrupts and NMIs.
     pub events: kvm_vcpu_events,
+    /// The CPUID the guest saw (restored as is, after checking this host has the features).
+    #[serde(default)]
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The guest's TSC frequency, if KVM reports it.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
+}
+
+/// The CPU a vCPU shows the guest: read once when the vCPU is built (before any sandbox
+/// filter is installed), kept for snapshots.
+#[derive(Debug, Clone, Default)]
+pub struct CpuModel {
+    /// The CPUID entries set on the vCPU.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// The TSC frequency, if KVM reports it.
+    pub tsc_khz: Option<u32>,
+}
+
+impl CpuModel {
+    /// Reads the CPU model of a vCPU whose CPUID is set.
+    pub fn read(vcpu: &VcpuFd) -> Result<CpuModel, String> {
+        Ok(CpuModel {
+            cpuid: vcpu
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(err("get CPUID"))?
+                .as_slice()
+                .to_vec(),
+            tsc_khz: vcpu.get_tsc_khz().ok(),
+        })
+    }
+}
+
+/// CPUID feature registers a restore checks: (leaf, subleaf, register 0..4 = eax..edx, bits
+/// that are not features but state, like OSXSAVE and OSPKE, which follow CR4).
+const FEATURE_REGS: &[(u32, u32, usize, u32)] = &[
+    (1, 0, 2, 1 << 27),
+    (1, 0, 3, 0),
+    (7, 0, 1, 0),
+    (7, 0, 2, 1 << 4),
+    (7, 0, 3, 0),
+    (0xd, 0, 0, 0),
+    (0xd, 1, 0, 0),
+    (0x8000_0001, 0, 2, 0),
+    (0x8000_0001, 0, 3, 0),
+];
+
+fn cpuid_reg(entries: &[kvm_cpuid_entry2], leaf: u32, sub: u32, reg: usize) -> u32 {
+    entries
+        .iter()
+        .find(|e| e.function == leaf && e.index == sub)
+        .map_or(0, |e| [e.eax, e.ebx, e.ecx, e.edx][reg])
+}
+
+/// The CPU features in `saved` (what the guest saw) that `host` (what this host would give a
+/// new guest) lacks, one description per register.
+pub fn missing_features(saved: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -> Vec<String> {
+    FEATURE_REGS
+        .iter()
+        .filter_map(|&(leaf, sub, reg, exempt)| {
+            let missing =
+                cpuid_reg(saved, leaf, sub, reg) & !cpuid_reg(host, leaf, sub, reg) & !exempt;
+            (missing != 0).then(|| {
+                let name = ["eax", "ebx", "ecx", "edx"][reg];
+                format!("leaf {leaf:#x}.{sub} {name} bits {missing:#x}")
+            })
+        })
+        .collect()
 }
 
 fn err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> String + '_ {
@@ -62,8 +129,14 @@ fn get_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, String> {
 }
 
 impl VcpuState {
-    /// Reads the state of a vCPU that is out of KVM_RUN with no I/O exit pending.
-    pub fn save(id: u8, vcpu: &VcpuFd, msr_list: &[u32]) -> Result<VcpuState, String> {
+    /// Reads the state of a vCPU that is out of KVM_RUN with no I/O exit pending; `model` is
+    /// what [`CpuModel::read`] returned when the vCPU was built.
+    pub fn save(
+        id: u8,
+        vcpu: &VcpuFd,
+        msr_list: &[u32],
+        model: &CpuModel,
+    ) -> Result<VcpuState, String> {
         Ok(VcpuState {
             id,
             mp_state: vcpu.get_mp_state().map_err(err("get MP state"))?,
@@ -75,10 +148,50 @@ impl VcpuState {
             lapic: vcpu.get_lapic().map_err(err("get LAPIC"))?,
             msrs: get_msrs(vcpu, msr_list)?,
             events: vcpu.get_vcpu_events().map_err(err("get vCPU events"))?,
+            cpuid: model.cpuid.clone(),
+            tsc_khz: model.tsc_khz,
         })
     }
 
-    /// Writes the state into a new vCPU whose CPUID is already set, in the order KVM needs:
+    /// The CPU model the guest saw.
+    pub fn cpu_model(&self) -> CpuModel {
+        CpuModel {
+            cpuid: self.cpuid.clone(),
+            tsc_khz: self.tsc_khz,
+        }
+    }
+
+    /// Gives a new vCPU, whose CPUID is already what this host offers a new guest, the CPUID
+    /// and TSC frequency the guest saw, refusing if the host lacks a feature the guest saw.
+    pub fn restore_cpu_model(&self, vcpu: &VcpuFd) -> Result<(), String> {
+        if !self.cpuid.is_empty() {
+            let host = vcpu
+                .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                .map_err(err("get CPUID"))?;
+            let missing = missing_features(&self.cpuid, host.as_slice());
+            if !missing.is_empty() {
+                return Err(format!(
+                    "this host lacks CPU features the guest uses: {}",
+                    missing.join(", ")
+                ));
+            }
+            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| format!("CPUID: {e:?}"))?;
+            vcpu.set_cpuid2(&cpuid).map_err(err("set CPUID"))?;
+        }
+        if let (Some(want), Ok(have)) = (self.tsc_khz, vcpu.get_tsc_khz()) {
+            if want.abs_diff(have) > want / 10_000 {
+                if let Err(e) = vcpu.set_tsc_khz(want) {
+                    tracing::warn!(
+                        "guest TSC was {want} kHz, this host gives {have} kHz and cannot scale \
+                         ({e}); guest time will drift"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the state into a new vCPU whose CPU model is set, in the order KVM needs:
     /// MP state, registers, special registers, XSAVE, XCRs, debug registers, LAPIC, MSRs,
     /// events.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), String> {
@@ -115,5 +228,50 @@ impl VcpuState {
         vcpu.set_vcpu_events(&self.events)
             .map_err(err("set vCPU events"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn missing_features_names_leaf_register_and_bits() {
+        let host = vec![
+            leaf(1, 0, [0, 0, 0x0000_0201, 0xff]),
+            leaf(7, 0, [0, 0x10, 0, 0]),
+        ];
+        // Same or fewer features: fine; OSXSAVE (state, not a feature) is ignored.
+        let same = vec![
+            leaf(1, 0, [9, 9, 0x0800_0001, 0x0f]),
+            leaf(7, 0, [0, 0x10, 0, 0]),
+        ];
+        assert!(missing_features(&same, &host).is_empty());
+        let more = vec![
+            leaf(1, 0, [0, 0, 0x1000_0200, 0xff]),
+            leaf(7, 0, [0, 0x30, 0, 0]),
+        ];
+        assert_eq!(
+            missing_features(&more, &host),
+            vec!["leaf 0x1.0 ecx bits 0x10000000", "leaf 0x7.0 ebx bits 0x20"]
+        );
+        // A leaf the host does not have at all counts as all-zero.
+        let ext = vec![leaf(0x8000_0001, 0, [0, 0, 0, 1 << 29])];
+        assert_eq!(
+            missing_features(&ext, &host),
+            vec!["leaf 0x80000001.0 edx bits 0x20000000"]
+        );
     }
 }

@@ -28,6 +28,7 @@ use crate::config::{parse_mac, SerialConfig, VmConfig};
 use crate::control::{Controller, Request};
 use crate::hooks::KvmHooks;
 use crate::vcpu::{self, VcpuMsg, VcpuShared, VcpuThread};
+use crate::vcpu_state::CpuModel;
 use crate::Error;
 
 /// Where the KVM TSS and identity map pages go (just below the BIOS area at the top of 4 GiB).
@@ -61,6 +62,8 @@ pub struct Vm {
     pub(crate) balloon: Option<BalloonHandle>,
     /// The MSRs KVM reports for this host (what a snapshot saves).
     pub(crate) msr_list: Arc<Vec<u32>>,
+    /// Each vCPU's CPUID and TSC frequency, read when it was built.
+    pub(crate) cpu_models: Vec<CpuModel>,
 }
 
 /// KVM, the VM fd with its irqchip and PIT, after checking the configuration against the host.
@@ -125,15 +128,25 @@ impl Vm {
         let boot = arch::load_kernel(&mem, &mut kernel, initrd.as_mut(), &boot_cfg)?;
 
         let mut vcpus = Vec::with_capacity(cfg.vcpus.into());
+        let mut cpu_models = Vec::with_capacity(cfg.vcpus.into());
         for id in 0..cfg.vcpus {
             let vcpu = vm
                 .create_vcpu(id.into())
                 .map_err(Error::kvm("create vCPU"))?;
             arch::setup_cpuid(&kvm, &vcpu, id, cfg.vcpus, &cfg.cpuid_hide)?;
             arch::setup_vcpu(&vcpu, id, &boot, &mem)?;
+            cpu_models.push(CpuModel::read(&vcpu).map_err(|reason| Error::Vcpu { id, reason })?);
             vcpus.push(vcpu);
         }
-        Ok(Vm::assemble(cfg.clone(), kvm, vm, mem, exit, devs, vcpus))
+        Ok(Vm::assemble(
+            cfg.clone(),
+            kvm,
+            vm,
+            mem,
+            exit,
+            devs,
+            (vcpus, cpu_models),
+        ))
     }
 
     /// Puts the parts together.
@@ -144,7 +157,7 @@ impl Vm {
         mem: GuestMem,
         exit: Arc<ExitSignal>,
         devs: Devices,
-        vcpus: Vec<VcpuFd>,
+        (vcpus, cpu_models): (Vec<VcpuFd>, Vec<CpuModel>),
     ) -> Vm {
         let msr_list = kvm
             .get_msr_index_list()
@@ -178,6 +191,7 @@ impl Vm {
             virtio: devs.virtio,
             balloon: devs.balloon,
             msr_list: Arc::new(msr_list),
+            cpu_models,
         }
     }
 

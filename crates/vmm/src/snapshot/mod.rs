@@ -40,7 +40,7 @@ use devices::GuestMem;
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::vcpu::{VcpuMsg, VcpuThread};
-use crate::vcpu_state::VcpuState;
+use crate::vcpu_state::{CpuModel, VcpuState};
 use crate::vm::{build_devices, create_kvm_vm, register_memory, Vm};
 use crate::Error;
 use format::{FormatError, Section, SectionKind, Writer};
@@ -346,9 +346,10 @@ impl Vm {
         for (id, t) in threads.iter().enumerate() {
             let (tx, rx) = channel();
             let list = self.msr_list.clone();
+            let model = self.cpu_models.get(id).cloned().unwrap_or_default();
             let id = id as u8;
             let sent = t.send(VcpuMsg::Call(Box::new(move |fd| {
-                let _ = tx.send(VcpuState::save(id, fd, &list));
+                let _ = tx.send(VcpuState::save(id, fd, &list, &model));
             })));
             let state = sent
                 .then(|| rx.recv_timeout(Duration::from_secs(5)).ok())
@@ -480,19 +481,35 @@ impl Vm {
         vm.set_clock(&clock).map_err(Error::kvm("set clock"))?;
 
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        let mut cpu_models = Vec::with_capacity(snap.vcpus.len());
         for st in &snap.vcpus {
             let vcpu = vm
                 .create_vcpu(st.id.into())
                 .map_err(Error::kvm("create vCPU"))?;
             arch::setup_cpuid(&kvm, &vcpu, st.id, cfg.vcpus, &cfg.cpuid_hide)?;
+            st.restore_cpu_model(&vcpu)
+                .map_err(|reason| Error::Vcpu { id: st.id, reason })?;
             st.restore(&vcpu)
                 .map_err(|reason| Error::Vcpu { id: st.id, reason })?;
+            cpu_models.push(if st.cpuid.is_empty() {
+                CpuModel::read(&vcpu).map_err(|reason| Error::Vcpu { id: st.id, reason })?
+            } else {
+                st.cpu_model()
+            });
             vcpus.push(vcpu);
         }
         for dev in &devs.virtio {
             lock(dev).renotify_queues();
         }
-        Ok(Vm::assemble(cfg, kvm, vm, mem, exit, devs, vcpus))
+        Ok(Vm::assemble(
+            cfg,
+            kvm,
+            vm,
+            mem,
+            exit,
+            devs,
+            (vcpus, cpu_models),
+        ))
     }
 }
 
