@@ -3,6 +3,7 @@
 mod api;
 mod doctor;
 mod handset;
+mod portable;
 mod profile;
 mod run;
 mod snapshot;
@@ -38,6 +39,12 @@ enum Command {
     Handset(handset::HandsetArgs),
     /// Manage the handset's profiles: create, list, show, start, stop, suspend, resume, switch.
     Profile(Box<profile::ProfileArgs>),
+    /// Write a profile (spec, disks, snapshot) to one encrypted portable file.
+    Export(Box<portable::ExportArgs>),
+    /// Recreate a profile from a portable file (verified before anything is created).
+    Import(Box<portable::ImportArgs>),
+    /// Create an X25519 identity for `export --recipient` / `import --identity`.
+    Keygen(portable::KeygenArgs),
 }
 
 fn main() {
@@ -58,6 +65,9 @@ fn main() {
         Command::Handset(args) => handset::main(args),
         Command::Profile(args) => profile::main(*args),
         Command::Vmm(args) => vmm_cmd::main(*args),
+        Command::Export(args) => portable::export::main(*args),
+        Command::Import(args) => portable::import::main(*args),
+        Command::Keygen(args) => portable::keygen::main(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

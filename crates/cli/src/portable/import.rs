@@ -1,0 +1,287 @@
+//! `pocketvisor import`: a `.pvp` file into a handset state directory.
+//!
+//! Order of work, so that a failure (or kill -9) at any point leaves the target unchanged:
+//! 1. open the file's header and manifest (wrong key, foreign or future format: nothing made);
+//! 2. refuse a name clash;
+//! 3. decrypt and verify everything into a hidden staging directory next to the profiles
+//!    (`profiles/.import-<pid>-<n>`; `vault::import` itself writes to a temporary directory
+//!    and renames when every chunk verified), then check it against the manifest;
+//! 4. rename the staging directory to `profiles/<name>` (refusing to replace anything) and
+//!    register it in `handset.db` (a running daemon reads the registry on every request).
+//!
+//! Staging directories of dead import processes are removed by the next import.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use handset::db::{Db, Log};
+use handset::{ProfileSpec, StateDir};
+use vault::Unlock;
+
+use super::layout::{self, ProfileConfig, SPEC_ENTRY};
+use super::progress::{self, Reporter};
+use super::secret::{self, PassphraseArgs};
+
+/// Prefix of staging directories in `profiles/`.
+const STAGING_PREFIX: &str = ".import-";
+
+/// Recreate a profile from a portable file.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The whole file is decrypted and verified before the profile appears; a wrong passphrase or
+key, a damaged, truncated or foreign file, or a name that is already taken is one error and
+changes nothing. The profile is registered with the handset (running or not) in the state it
+was exported in: `pocketvisor profile resume NAME` continues a suspended one where it
+stopped, `start` boots a stopped one.
+
+EXAMPLE:
+  pocketvisor import work.pvp --state-dir /var/lib/pocketvisor
+  pocketvisor profile resume work")]
+pub struct ImportArgs {
+    /// The portable profile file.
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+    /// State directory [default: $POCKETVISOR_STATE_DIR, else /var/lib/pocketvisor].
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Import under this name instead of the exported one.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    #[command(flatten)]
+    passphrase: PassphraseArgs,
+    /// Open the file with this identity (from `pocketvisor keygen`) instead of a passphrase.
+    #[arg(long, value_name = "FILE", conflicts_with = "passphrase_file")]
+    identity: Option<PathBuf>,
+    /// Print JSON progress events (one per line) on stdout instead of a progress bar.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Removes what this import created unless disarmed.
+struct Cleanup {
+    paths: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    fn disarm(mut self) {
+        self.paths.clear();
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for p in self.paths.iter().rev() {
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+        }
+    }
+}
+
+/// Creates `dir` and its missing parents; returns the ones it created, outermost first.
+fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut missing = Vec::new();
+    let mut p = dir;
+    while !p.exists() {
+        missing.push(p.to_path_buf());
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => break,
+        }
+    }
+    missing.reverse();
+    for m in &missing {
+        std::fs::create_dir(m).with_context(|| format!("cannot create {}", m.display()))?;
+    }
+    Ok(missing)
+}
+
+/// Removes staging directories left by import processes that no longer exist.
+fn sweep_staging(profiles: &Path) {
+    let Ok(list) = std::fs::read_dir(profiles) else {
+        return;
+    };
+    for e in list.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // Ours and vault's own temporary directory next to it (`.<ours>.import-<n>`).
+        let rest = name
+            .strip_prefix(STAGING_PREFIX)
+            .or_else(|| name.strip_prefix(&format!(".{STAGING_PREFIX}")));
+        let Some(pid) = rest
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Renames `from` to `to`, failing if `to` exists.
+fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::other("path contains a NUL byte"))
+    };
+    let (cf, ct) = (c(from)?, c(to)?);
+    // SAFETY: both are valid NUL-terminated paths that outlive the call.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn unlock(a: &ImportArgs) -> Result<Unlock> {
+    match &a.identity {
+        Some(f) => Ok(Unlock::Identity(secret::read_identity(f)?)),
+        None => Ok(Unlock::Passphrase(a.passphrase.get_or_prompt(false)?)),
+    }
+}
+
+/// Runs `pocketvisor import`.
+pub fn main(a: ImportArgs) -> Result<i32> {
+    let unlock = unlock(&a)?;
+    let file = a.file.display().to_string();
+    let manifest =
+        vault::inspect(&a.file, &unlock).with_context(|| format!("cannot import {file}"))?;
+    // Refuse a foreign or future profile description before writing anything.
+    ProfileConfig::from_manifest(&manifest.config)
+        .with_context(|| format!("cannot import {file}"))?;
+    let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
+    handset::spec::check_name("profile name", &name)?;
+
+    let dir = StateDir::resolve(a.state_dir.as_deref())?;
+    let target = dir.profile(&name);
+    let taken = || {
+        format!(
+            "profile {name:?} already exists in {}",
+            dir.root().display()
+        )
+    };
+    if target.exists() {
+        bail!("{}", taken());
+    }
+    if dir.db().is_file() && Db::open(&dir.db())?.profile(&name)?.is_some() {
+        bail!("{}", taken());
+    }
+
+    // From here on, everything made is removed on failure.
+    let mut cleanup = Cleanup {
+        paths: create_dirs(&dir.profiles())?,
+    };
+    sweep_staging(&dir.profiles());
+    let staging = dir.profiles().join(format!(
+        "{STAGING_PREFIX}{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    cleanup.paths.push(staging.clone());
+
+    let mut reporter = Reporter::new(a.json, &format!("importing {name}"));
+    let imported = vault::import(&a.file, &unlock, &staging, &mut |p| reporter.update(p));
+    let manifest = match imported {
+        Ok(m) => m,
+        Err(e) => {
+            reporter.abandon();
+            return Err(e).context(format!("cannot import {file}"));
+        }
+    };
+    drop(unlock);
+    let config = ProfileConfig::from_manifest(&manifest.config)
+        .with_context(|| format!("cannot import {file}"))?;
+    layout::check_imported(&staging, &config).with_context(|| format!("cannot import {file}"))?;
+    if name != config.spec.name {
+        let spec = ProfileSpec {
+            name: name.clone(),
+            ..config.spec.clone()
+        };
+        handset::state_dir::write_atomic(&staging.join(SPEC_ENTRY), spec.to_toml()?.as_bytes())?;
+    }
+    let run = staging.join("run");
+    std::fs::create_dir(&run).with_context(|| format!("cannot create {}", run.display()))?;
+
+    // Register: the directory first (a row always has its files), then the row.
+    let ino = std::fs::metadata(&staging)?.ino();
+    rename_no_replace(&staging, &target).map_err(|e| {
+        if e.raw_os_error() == Some(libc::EEXIST) || e.raw_os_error() == Some(libc::ENOTEMPTY) {
+            anyhow::anyhow!("{}", taken())
+        } else {
+            anyhow::Error::new(e).context(format!("cannot create {}", target.display()))
+        }
+    })?;
+    handset::state_dir::sync_dir(&dir.profiles())?;
+    let registered = (|| -> Result<u32> {
+        let db = Db::open(&dir.db())?;
+        let cid = db
+            .insert_profile(&name)
+            .map_err(|e| match db.profile(&name) {
+                Ok(Some(_)) => anyhow::anyhow!("{}", taken()),
+                _ => e.into(),
+            })?;
+        let detail = format!("imported from {file}");
+        db.set_state(&name, config.state.as_str(), None, &detail)?;
+        db.record(Log::Events, &name, "imported", &detail)?;
+        db.record(Log::Audit, &name, "import", &detail)?;
+        Ok(cid)
+    })();
+    let cid = match registered {
+        Ok(cid) => cid,
+        Err(e) => {
+            // Take back our directory (only if it still is ours) so that nothing changed.
+            if std::fs::metadata(&target).map(|m| m.ino()).ok() == Some(ino) {
+                let _ = rename_no_replace(&target, &staging);
+            }
+            reporter.abandon();
+            return Err(e).context(format!("cannot register profile {name:?}"));
+        }
+    };
+    cleanup.disarm();
+
+    let secs = reporter.elapsed();
+    let size = std::fs::metadata(&a.file).map(|m| m.len()).unwrap_or(0);
+    reporter.done(serde_json::json!({
+        "profile": name,
+        "state": config.state.as_str(),
+        "state_dir": dir.root().display().to_string(),
+        "file_size": size,
+        "vsock_cid": cid,
+    }));
+    if !a.json {
+        println!(
+            "imported {name} ({}) into {}: {} in {:.2} s ({:.0} MB/s); next: pocketvisor \
+             profile {} {name}",
+            config.state.as_str(),
+            dir.root().display(),
+            progress::mib(size),
+            secs.as_secs_f64(),
+            progress::rate(size, secs),
+            match config.state {
+                layout::SavedState::Suspended => "resume",
+                layout::SavedState::Stopped => "start",
+            }
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,239 @@
+//! Which files of a profile go into a `.pvp` file, under which names, and the manifest's
+//! `config` document.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use handset::{ProfileSpec, StateDir};
+use serde::{Deserialize, Serialize};
+use vault::{EntryKind, EntrySource};
+
+/// Tag of the manifest `config` documents this version writes and reads.
+pub const CONFIG_FORMAT: &str = "pocketvisor-profile/1";
+
+/// Entry name of the profile spec.
+pub const SPEC_ENTRY: &str = "profile.toml";
+/// Directory (entry name prefix) of the disks.
+pub const DISKS_DIR: &str = "disks";
+/// Directory (entry name prefix) of the snapshot.
+pub const SNAPSHOT_DIR: &str = "snapshot";
+
+/// The state a profile is exported in (and imported as).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SavedState {
+    /// No snapshot: the profile boots afresh on `start`.
+    Stopped,
+    /// With its snapshot: `resume` continues the guest.
+    Suspended,
+}
+
+impl SavedState {
+    /// The handset database spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SavedState::Stopped => "stopped",
+            SavedState::Suspended => "suspended",
+        }
+    }
+}
+
+/// The manifest's `config`: everything the importing side needs besides the files.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    /// [`CONFIG_FORMAT`].
+    pub format: String,
+    /// The profile's state.
+    pub state: SavedState,
+    /// The guest's vsock CID on the exporting side (the snapshot keeps it).
+    pub vsock_cid: u32,
+    /// The pocketvisor version that wrote the file.
+    pub exported_by: String,
+    /// The profile spec (the same as the `profile.toml` entry).
+    pub spec: ProfileSpec,
+}
+
+impl ProfileConfig {
+    /// Decodes and checks a manifest's `config`.
+    pub fn from_manifest(config: &serde_json::Value) -> Result<Self> {
+        let format = config.get("format").and_then(|v| v.as_str());
+        if format != Some(CONFIG_FORMAT) {
+            bail!(
+                "the file holds a profile of format {}, this pocketvisor reads {CONFIG_FORMAT}",
+                format.unwrap_or("(none)")
+            );
+        }
+        let c: ProfileConfig = serde_json::from_value(config.clone())
+            .context("the file's profile description is invalid")?;
+        c.spec
+            .validate()
+            .context("the file's profile spec is invalid")?;
+        Ok(c)
+    }
+}
+
+/// The entry name of disk `disk`.
+pub fn disk_entry(disk: &str) -> String {
+    format!("{DISKS_DIR}/{disk}.img")
+}
+
+/// The files of profile `name` to export: spec, disks, and the snapshot if `with_snapshot`.
+pub fn entries(
+    dir: &StateDir,
+    name: &str,
+    spec: &ProfileSpec,
+    with_snapshot: bool,
+) -> Result<Vec<EntrySource>> {
+    let mut out = vec![EntrySource {
+        name: SPEC_ENTRY.into(),
+        kind: EntryKind::Other,
+        path: dir.spec(name),
+    }];
+    for d in &spec.disks {
+        out.push(EntrySource {
+            name: disk_entry(&d.name),
+            kind: EntryKind::Disk,
+            path: dir.disk(name, &d.name),
+        });
+    }
+    if with_snapshot {
+        let snap = dir.snapshot(name);
+        if !snap.join(vmm::snapshot::COMPLETE_FILE).is_file() {
+            bail!(
+                "profile {name:?} is suspended but {} holds no complete snapshot",
+                snap.display()
+            );
+        }
+        for file in snapshot_files(&snap)? {
+            let kind = match file.as_str() {
+                vmm::snapshot::STATE_FILE => EntryKind::SnapshotState,
+                vmm::snapshot::MEMORY_FILE => EntryKind::SnapshotMemory,
+                _ => EntryKind::Other,
+            };
+            out.push(EntrySource {
+                name: format!("{SNAPSHOT_DIR}/{file}"),
+                kind,
+                path: snap.join(&file),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The regular files of a snapshot directory (not hidden temporaries), sorted.
+fn snapshot_files(snap: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(snap).with_context(|| format!("cannot read {}", snap.display()))? {
+        let e = e.with_context(|| format!("cannot read {}", snap.display()))?;
+        let Ok(name) = e.file_name().into_string() else {
+            bail!("{}: a file name is not UTF-8", snap.display());
+        };
+        if name.starts_with('.') || !e.file_type().map(|t| t.is_file()).unwrap_or(false) {
+            continue;
+        }
+        names.push(name);
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Checks an imported profile directory against its manifest config; returns the snapshot
+/// directory if there is one.
+pub fn check_imported(root: &Path, config: &ProfileConfig) -> Result<Option<PathBuf>> {
+    let spec_path = root.join(SPEC_ENTRY);
+    let text = std::fs::read_to_string(&spec_path).context("the file holds no profile.toml")?;
+    let spec = ProfileSpec::from_toml(&text).context("the file's profile.toml is invalid")?;
+    if spec != config.spec {
+        bail!("the file's profile.toml differs from its manifest");
+    }
+    for d in &spec.disks {
+        let p = root.join(disk_entry(&d.name));
+        let len = std::fs::metadata(&p)
+            .with_context(|| format!("the file holds no disk {:?}", d.name))?
+            .len();
+        if len != d.size_mib << 20 {
+            bail!(
+                "disk {:?} has {len} bytes, its spec says {} MiB",
+                d.name,
+                d.size_mib
+            );
+        }
+    }
+    let snap = root.join(SNAPSHOT_DIR);
+    match config.state {
+        SavedState::Stopped => {
+            if snap.exists() {
+                bail!("the file holds a snapshot but says the profile is stopped");
+            }
+            Ok(None)
+        }
+        SavedState::Suspended => {
+            let saved = vmm::snapshot::inspect(&snap).context("the file's snapshot is invalid")?;
+            if saved.disks.len() != spec.disks.len() {
+                bail!(
+                    "the snapshot has {} disks, the profile {}",
+                    saved.disks.len(),
+                    spec.disks.len()
+                );
+            }
+            Ok(Some(snap))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(state: SavedState) -> ProfileConfig {
+        ProfileConfig {
+            format: CONFIG_FORMAT.into(),
+            state,
+            vsock_cid: 3,
+            exported_by: "test".into(),
+            spec: ProfileSpec::from_template("work", "w", None).unwrap(),
+        }
+    }
+
+    #[test]
+    fn config_round_trip_and_format_check() {
+        let c = config(SavedState::Suspended);
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["state"], "suspended");
+        let back = ProfileConfig::from_manifest(&v).unwrap();
+        assert_eq!(back.spec, c.spec);
+        let mut future = v.clone();
+        future["format"] = "pocketvisor-profile/2".into();
+        let e = ProfileConfig::from_manifest(&future).unwrap_err();
+        assert!(e.to_string().contains("pocketvisor-profile/2"), "{e}");
+        let mut bad = v;
+        bad["spec"]["memory_mib"] = 1.into();
+        assert!(ProfileConfig::from_manifest(&bad).is_err());
+    }
+
+    #[test]
+    fn imported_tree_is_checked() {
+        let t = std::env::temp_dir().join(format!("pv-layout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&t);
+        std::fs::create_dir_all(t.join(DISKS_DIR)).unwrap();
+        let c = config(SavedState::Stopped);
+        std::fs::write(t.join(SPEC_ENTRY), c.spec.to_toml().unwrap()).unwrap();
+        // The disk is missing.
+        assert!(check_imported(&t, &c).is_err());
+        let disk = std::fs::File::create(t.join(disk_entry("data"))).unwrap();
+        disk.set_len(64 << 20).unwrap();
+        assert!(check_imported(&t, &c).unwrap().is_none());
+        // A wrong size is refused.
+        disk.set_len(1 << 20).unwrap();
+        assert!(check_imported(&t, &c).is_err());
+        disk.set_len(64 << 20).unwrap();
+        // Suspended without a snapshot is refused.
+        assert!(check_imported(&t, &config(SavedState::Suspended)).is_err());
+        // A spec that differs from the manifest is refused.
+        let mut other = c.clone();
+        other.spec.memory_mib = 256;
+        assert!(check_imported(&t, &other).is_err());
+        std::fs::remove_dir_all(&t).unwrap();
+    }
+}
