@@ -248,8 +248,7 @@ impl Setup {
     pub fn spawn(&self, vmm: Vmm, spec: &GuestSpec, timeout: Duration) -> RunningVm {
         match vmm {
             Vmm::Pocketvisor => {
-                let mut cmd = VmCommand::bare();
-                cmd.bin = self.bin.clone();
+                let mut cmd = VmCommand::with_bin(self.bin.clone());
                 cmd.kernel = Some(self.probe.clone());
                 cmd.cmdline = Some(spec.cmdline.clone());
                 cmd.memory = Some(format!("{}M", spec.memory_mib));

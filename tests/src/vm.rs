@@ -66,8 +66,13 @@ impl VmCommand {
 
     /// `pocketvisor run` with no flags at all.
     pub fn bare() -> VmCommand {
+        VmCommand::with_bin(crate::pocketvisor_bin())
+    }
+
+    /// `<bin> run` with no flags at all.
+    pub fn with_bin(bin: PathBuf) -> VmCommand {
         VmCommand {
-            bin: crate::pocketvisor_bin(),
+            bin,
             kernel: None,
             initrd: None,
             cmdline: None,
