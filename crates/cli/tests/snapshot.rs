@@ -381,3 +381,52 @@ fn pause_holds_the_guest_and_resume_lets_it_go_on() {
     }
     ctl("resume");
 }
+
+#[test]
+fn restore_refuses_a_host_without_the_guests_cpu_features() {
+    use vmm::snapshot::format::{self, SectionKind, Writer};
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("cpu");
+    let snap = s.path("snap");
+    counter_snapshot(&s, &probe, &snap);
+    // Rewrite state.bin (with a valid checksum) claiming the guest saw every leaf 7 feature.
+    let sections = format::read(&std::fs::read(snap.join("state.bin")).unwrap()).unwrap();
+    let mut w = Writer::new();
+    let mut patched = 0;
+    for sec in &sections {
+        let mut payload = sec.payload.clone();
+        if sec.kind == SectionKind::Vcpu {
+            let mut v: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+            for e in v["cpuid"].as_array_mut().unwrap() {
+                let b = e.as_array_mut().unwrap();
+                let word = |b: &[serde_json::Value], at: usize| {
+                    (0..4).fold(0u64, |acc, i| acc | b[at + i].as_u64().unwrap() << (8 * i))
+                };
+                if word(b, 0) == 7 && word(b, 4) == 0 {
+                    for byte in &mut b[16..20] {
+                        *byte = 0xff.into();
+                    }
+                    patched += 1;
+                }
+            }
+            payload = serde_json::to_vec(&v).unwrap();
+        }
+        w.add_raw(sec.kind as u32, sec.kind.version(), &payload);
+    }
+    assert!(patched > 0, "no CPUID leaf 7 in the snapshot");
+    std::fs::write(snap.join("state.bin"), w.finish()).unwrap();
+    let log = s.path("dst.log");
+    let out = cli(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--serial",
+        &format!("file:{}", log.display()),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("this host lacks CPU features the guest uses: leaf 0x7.0 ebx"),
+        "{err}"
+    );
+    assert!(read(&log).is_empty());
+}
