@@ -12,9 +12,9 @@ The daemon keeps its state in DIR (profiles, disks, SQLite database) and serves 
 on DIR/handset.sock (HTTP over a unix socket; see docs/api/handset.openapi.yaml). Use
 `pocketvisor profile ...` to talk to it. Only one daemon runs per state directory.
 
-It starts one VMM process per started profile, restarts crashed ones per their restart policy,
-and on SIGTERM or SIGINT stops every VM cleanly before exiting. Started again after a crash,
-it adopts the VMMs still running.
+It starts one jailed VMM process (`pocketvisor vmm`) per started profile, restarts crashed
+ones per their restart policy, and on SIGTERM or SIGINT stops every VM cleanly before
+exiting. Started again after a crash, it adopts the VMMs still running.
 
 EXAMPLE:
   pocketvisor handset --state-dir /tmp/pv &
@@ -31,6 +31,11 @@ pub struct HandsetArgs {
     /// Name of the cgroup under which each profile gets its group.
     #[arg(long, value_name = "NAME", default_value = handset::cgroup::DEFAULT_PARENT)]
     cgroup_parent: String,
+    /// Boot VMMs with `pocketvisor run` instead of jailed with `pocketvisor vmm` (namespaces,
+    /// private root under DIR/jail, no privileges, seccomp). Resumed (restored) profiles
+    /// always run unjailed: restore has no jailed form yet.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
@@ -53,6 +58,7 @@ pub fn main(a: HandsetArgs) -> Result<i32> {
         vmm_bin: exe,
         probe,
         cgroup_parent: a.cgroup_parent,
+        jail: !a.no_jail,
     })?;
     Ok(0)
 }

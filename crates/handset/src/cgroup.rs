@@ -207,6 +207,15 @@ impl Cgroups {
         }
     }
 
+    /// Moves one more process into `profile`'s existing group.
+    pub fn add_pid(&self, profile: &str, pid: i32) -> Result<()> {
+        let dirs = self.group_dirs(profile);
+        for d in dirs {
+            write(&d.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(())
+    }
+
     /// Sets `profile`'s CPU weight.
     pub fn set_weight(&self, profile: &str, weight: u32) -> Result<()> {
         match self {

@@ -21,7 +21,7 @@ use crate::spec::{
     BackgroundMode, ProfileSpec, RestartPolicy, PROBE_KERNEL, RESTART_LIMIT, RESTART_WINDOW_SECS,
 };
 use crate::state_dir::{self, StateDir};
-use crate::vmm_proc::{self, Launch};
+use crate::vmm_proc::{self, JailArgs, JailCgroup, Launch};
 
 /// How long a VMM has to create its API socket after being started.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +43,8 @@ pub struct Options {
     pub probe: Option<PathBuf>,
     /// cgroup parent group name (one path component).
     pub cgroup_parent: String,
+    /// Boot VMMs jailed (`pocketvisor vmm`) instead of `pocketvisor run`.
+    pub jail: bool,
 }
 
 /// A VMM process the daemon watches.
@@ -245,6 +247,7 @@ impl Handset {
             )));
         }
         let _ = self.cgroups.remove(name);
+        self.remove_jail_dir(name);
         let dir = self.dir().profile(name);
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -361,7 +364,24 @@ impl Handset {
         launch: &Launch,
     ) -> Result<()> {
         let api = self.dir().api_socket(name);
-        let args = vmm_proc::vmm_args(launch, &api);
+        let jail = match launch {
+            Launch::Boot { .. } if self.opts.jail => Some(JailArgs {
+                id: name.to_string(),
+                root: self.dir().jail_root(),
+                // A v2 group is made, joined (clone3 into it) and removed by the jailer.
+                cgroup: match &self.cgroups {
+                    Cgroups::V2 { dir } => Some(JailCgroup {
+                        dir: dir.join(name),
+                        cpu_weight: spec.cpu.background,
+                        memory_max_mib: spec.memory_max(),
+                    }),
+                    _ => None,
+                },
+            }),
+            _ => None,
+        };
+        let jailer_cgroup = jail.as_ref().is_some_and(|j| j.cgroup.is_some());
+        let args = vmm_proc::vmm_args(launch, &api, jail.as_ref());
         let log = self.dir().vmm_log(name);
         let mut child = vmm_proc::spawn(&self.opts.vmm_bin, &args, &log)?;
         let pid = child
@@ -373,10 +393,13 @@ impl Handset {
             let _ = child.start_kill();
             e
         };
-        if let Err(e) = self
-            .cgroups
-            .enter(name, pid, spec.memory_max(), spec.cpu.background)
-        {
+        let entered = if jailer_cgroup {
+            Ok(())
+        } else {
+            self.cgroups
+                .enter(name, pid, spec.memory_max(), spec.cpu.background)
+        };
+        if let Err(e) = entered {
             let e = fail(&mut child, e);
             let _ = child.wait().await;
             let _ = self.cgroups.remove(name);
@@ -405,6 +428,14 @@ impl Handset {
                 return Err(e);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !jailer_cgroup {
+            // Processes the VMM forked before it was moved (the jailer's child) follow it.
+            for p in vmm_proc::with_descendants(pid).into_iter().skip(1) {
+                if let Err(e) = self.cgroups.add_pid(name, p) {
+                    tracing::warn!("{name}: {e}");
+                }
+            }
         }
         let (tx, rx) = watch::channel(None);
         let stopping = Arc::new(AtomicBool::new(false));
@@ -543,6 +574,29 @@ impl Handset {
         for f in [self.dir().api_socket(name), self.dir().vsock_socket(name)] {
             let _ = std::fs::remove_file(f);
         }
+        self.remove_jail_dir(name);
+    }
+
+    /// Removes a jail directory a killed jailer left behind, unless something is mounted
+    /// under it (then the jailer reuses it at the next start).
+    fn remove_jail_dir(&self, name: &str) {
+        let dir = self.dir().jail_root().join(name);
+        if !dir.exists() {
+            return;
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = dir.to_string_lossy().into_owned();
+        if mounts
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .any(|m| m.starts_with(&prefix))
+        {
+            tracing::warn!("{} has mounts; left in place", dir.display());
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
     }
 
     /// Stops a running or paused profile (a suspended one loses its snapshot).
@@ -625,8 +679,28 @@ impl Handset {
                 .map_err(Error::io(format!("cannot remove {}", snap.display())))?;
         }
         let api = self.dir().api_socket(name);
+        let pid = guard(&self.running).get(name).map_or(0, |r| r.pid);
+        // A jailed VMM sees only its own root: it writes the snapshot into run/, which the
+        // jailer binds at /run/0 (the directory of the serial log, the first path it maps).
+        let (vm_dir, staged) = if vmm_proc::is_jailed(pid) {
+            let staged = self.dir().run(name).join("snapshot");
+            if staged.exists() {
+                std::fs::remove_dir_all(&staged)
+                    .map_err(Error::io(format!("cannot remove {}", staged.display())))?;
+            }
+            (PathBuf::from("/run/0/snapshot"), Some(staged))
+        } else {
+            (snap.clone(), None)
+        };
         let t0 = Instant::now();
-        let info = vmm_proc::call(&api, "snapshot", Some(&snap), SNAPSHOT_TIMEOUT).await?;
+        let info = vmm_proc::call(&api, "snapshot", Some(&vm_dir), SNAPSHOT_TIMEOUT).await?;
+        if let Some(staged) = staged {
+            std::fs::rename(&staged, &snap).map_err(Error::io(format!(
+                "cannot move the snapshot to {}",
+                snap.display()
+            )))?;
+            state_dir::sync_dir(&self.dir().profile(name))?;
+        }
         let how = self.stop_vm(name).await?;
         self.set_state(name, ProfileState::Suspended, None, "")?;
         self.event(

@@ -10,6 +10,8 @@
 //!   handset.db-wal, handset.db-shm  SQLite's WAL files
 //!   handset.sock                    the REST API (HTTP/1.1 over a unix socket, mode 0600)
 //!   handset.lock                    flock()ed by the running daemon
+//!   jail/<name>/                    with --jail: the jailer's root for the profile's VMM
+//!                                   (created and removed by `pocketvisor vmm`)
 //!   profiles/<name>/
 //!     profile.toml                  the profile spec (spec::ProfileSpec), canonical
 //!     disks/<disk>.img              raw disk images (sparse, size_mib each)
@@ -29,9 +31,11 @@
 //!
 //! # Processes
 //!
-//! Each started profile runs `pocketvisor run --config run/vm.toml --api-socket run/api.sock`
-//! (see [`vmm_proc::vmm_args`]) in its own process group, in the cgroup
-//! `<cgroup mount>/pocketvisor/<name>` ([`cgroup`]). On SIGTERM/SIGINT the daemon stops every
+//! Each started profile runs `pocketvisor run --config run/vm.toml --api-socket run/api.sock`,
+//! or with `--jail` `pocketvisor vmm --config ... --jail-id <name> --jail-root <state>/jail`
+//! (see [`vmm_proc::vmm_args`]), in its own process group, in the cgroup
+//! `<cgroup mount>/pocketvisor/<name>` ([`cgroup`]). A resumed (restored) profile runs
+//! `pocketvisor restore`, which has no jailed form yet. On SIGTERM/SIGINT the daemon stops every
 //! VM cleanly before exiting (a VM without its supervisor would be neither restarted nor
 //! switched); if the daemon dies without that (SIGKILL, crash), the next daemon adopts the
 //! VMMs it finds still running and restarts the others per their restart policy.

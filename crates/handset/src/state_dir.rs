@@ -51,6 +51,10 @@ impl StateDir {
     pub fn lock_file(&self) -> PathBuf {
         self.root.join("handset.lock")
     }
+    /// `jail/` (the jailer's per-profile root directories while jailed VMMs run).
+    pub fn jail_root(&self) -> PathBuf {
+        self.root.join("jail")
+    }
     /// `profiles/`.
     pub fn profiles(&self) -> PathBuf {
         self.root.join("profiles")

@@ -36,20 +36,59 @@ pub enum Launch {
     },
 }
 
+/// How to jail a booting VMM (`pocketvisor vmm`).
+#[derive(Debug, Clone)]
+pub struct JailArgs {
+    /// The jail's name (the profile name).
+    pub id: String,
+    /// Directory holding the jails (`<state-dir>/jail`).
+    pub root: PathBuf,
+    /// cgroup v2 group the jailer creates, joins and removes, if the daemon leaves that to it.
+    pub cgroup: Option<JailCgroup>,
+}
+
+/// The cgroup settings handed to the jailer.
+#[derive(Debug, Clone)]
+pub struct JailCgroup {
+    /// The group directory.
+    pub dir: PathBuf,
+    /// Initial `cpu.weight`.
+    pub cpu_weight: u32,
+    /// `memory.max` in MiB.
+    pub memory_max_mib: u64,
+}
+
 /// The arguments of the VMM process (after the binary). This is the one place that knows
-/// the command line; switching to `pocketvisor vmm --jail-id ...` changes only this.
-pub fn vmm_args(launch: &Launch, api_socket: &Path) -> Vec<OsString> {
+/// the command line: `pocketvisor vmm` (jailed) or `pocketvisor run` to boot, `pocketvisor
+/// restore` to resume (restore has no jailed form yet).
+pub fn vmm_args(launch: &Launch, api_socket: &Path, jail: Option<&JailArgs>) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    match launch {
-        Launch::Boot { config } => {
+    match (launch, jail) {
+        (Launch::Boot { config }, Some(j)) => {
+            a.extend(["vmm".into(), "--config".into(), config.into()]);
+            a.extend(["--jail-id".into(), j.id.as_str().into()]);
+            a.extend(["--jail-root".into(), j.root.as_os_str().into()]);
+            if let Some(cg) = &j.cgroup {
+                a.extend(["--cgroup".into(), cg.dir.as_os_str().into()]);
+                a.extend(["--cpu-weight".into(), cg.cpu_weight.to_string().into()]);
+                a.extend([
+                    "--memory-max".into(),
+                    format!("{}M", cg.memory_max_mib).into(),
+                ]);
+            }
+        }
+        (Launch::Boot { config }, None) => {
             a.extend(["run".into(), "--config".into(), config.into()]);
         }
-        Launch::Restore {
-            dir,
-            serial,
-            vsock,
-            disks,
-        } => {
+        (
+            Launch::Restore {
+                dir,
+                serial,
+                vsock,
+                disks,
+            },
+            _,
+        ) => {
             let mut s = OsString::from("file:");
             s.push(serial);
             a.extend([
@@ -172,6 +211,12 @@ pub fn is_our_vmm(pid: i32, bin: &Path, api_socket: &Path) -> bool {
     want_name.is_some() && argv0_name == want_name && args.contains(&sock)
 }
 
+/// Whether `pid` runs `pocketvisor vmm` (the jailed form).
+pub fn is_jailed(pid: i32) -> bool {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    cmdline.split(|&b| b == 0).nth(1) == Some(&b"vmm"[..])
+}
+
 /// A pidfd for `pid` (readable once the process has exited).
 pub fn pidfd_open(pid: i32) -> Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is passed.
@@ -226,8 +271,35 @@ pub fn log_tail(path: &Path, max: usize) -> String {
     tail.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Resident set size of `pid` in KiB.
+/// `pid` and its descendants (from /proc/<pid>/task/*/children).
+pub fn with_descendants(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while let Some(&p) = out.get(i) {
+        i += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+            out.extend(
+                kids.split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok()),
+            );
+        }
+        if out.len() > 4096 {
+            break;
+        }
+    }
+    out
+}
+
+/// Resident set size of `pid` and its descendants in KiB.
 pub fn rss_kib(pid: i32) -> Option<u64> {
+    with_descendants(pid).into_iter().map(rss_one).sum()
+}
+
+fn rss_one(pid: i32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -247,6 +319,7 @@ mod tests {
                 config: "/s/vm.toml".into(),
             },
             Path::new("/s/api.sock"),
+            None,
         );
         assert_eq!(
             a,
@@ -258,6 +331,25 @@ mod tests {
                 "/s/api.sock"
             ]
         );
+        let jail = JailArgs {
+            id: "w".into(),
+            root: "/s/jail".into(),
+            cgroup: Some(JailCgroup {
+                dir: "/cg/pv/w".into(),
+                cpu_weight: 100,
+                memory_max_mib: 256,
+            }),
+        };
+        let j = vmm_args(
+            &Launch::Boot {
+                config: "/s/vm.toml".into(),
+            },
+            Path::new("/s/api.sock"),
+            Some(&jail),
+        );
+        let want = "vmm --config /s/vm.toml --jail-id w --jail-root /s/jail --cgroup /cg/pv/w \
+                    --cpu-weight 100 --memory-max 256M --api-socket /s/api.sock";
+        assert_eq!(j, want.split_whitespace().collect::<Vec<_>>());
         let r = vmm_args(
             &Launch::Restore {
                 dir: "/s/snap".into(),
@@ -266,6 +358,7 @@ mod tests {
                 disks: vec!["/s/d.img".into()],
             },
             Path::new("/s/api.sock"),
+            Some(&jail),
         );
         assert_eq!(r[0], "restore");
         assert!(r.contains(&OsString::from("file:/s/serial.log")));
@@ -282,21 +375,27 @@ mod tests {
         let exe = std::env::current_exe().unwrap();
         assert!(!is_our_vmm(me, &exe, Path::new("/nonexistent/api.sock")));
         assert!(!is_our_vmm(-1, &exe, Path::new("/x")));
-        let mut child = std::process::Command::new("sleep")
-            .args(["30", "/tmp/pv-test/api.sock"])
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30; true", "sh", "/tmp/pv-test/api.sock"])
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
         assert!(is_our_vmm(
             pid,
-            Path::new("/bin/sleep"),
+            Path::new("/bin/sh"),
             Path::new("/tmp/pv-test/api.sock")
         ));
         assert!(!is_our_vmm(
             pid,
-            Path::new("/bin/sleep"),
+            Path::new("/bin/sh"),
             Path::new("/tmp/other.sock")
         ));
+        assert!(!is_our_vmm(
+            pid,
+            Path::new("/bin/pocketvisor"),
+            Path::new("/tmp/pv-test/api.sock")
+        ));
+        assert!(!is_jailed(pid));
         child.kill().unwrap();
         child.wait().unwrap();
         assert!(!alive(pid));

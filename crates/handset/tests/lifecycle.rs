@@ -108,7 +108,8 @@ fn two_profiles_run_and_switch() {
     if !can_run_vms("two_profiles_run_and_switch") {
         return;
     }
-    let d = Daemon::start("two");
+    // Unjailed (`pocketvisor run`); the other VM tests use the default jailed VMMs.
+    let d = Daemon::start_with("two", &["--no-jail"]);
     d.create_probe("work", 80, "");
     d.create_probe("home", 80, "background = \"suspend\"");
     let w = d.act("work", "start").unwrap();
@@ -474,6 +475,10 @@ fn fifty_cycles_leak_nothing() {
     );
     let profiles: Vec<_> = std::fs::read_dir(d.dir.join("profiles")).unwrap().collect();
     assert!(profiles.is_empty(), "leftover files: {profiles:?}");
+    let jails: Vec<_> = std::fs::read_dir(d.dir.join("jail"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(jails.is_empty(), "leftover jail dirs: {jails:?}");
     for root in [
         "/sys/fs/cgroup",
         "/sys/fs/cgroup/unified",
@@ -493,4 +498,70 @@ fn fifty_cycles_leak_nothing() {
     loud(&format!(
         "MEASURE leak test: {per_cycle:.1} ms per create/start/stop/delete cycle"
     ));
+}
+
+#[test]
+fn jailed_profiles_run_switch_and_restart() {
+    if !can_run_vms("jailed_profiles_run_switch_and_restart") {
+        return;
+    }
+    let d = Daemon::start("jail");
+    d.create_probe("ja", 80, "");
+    d.create_probe("jb", 80, "");
+    let a = d.act("ja", "start").unwrap();
+    let b = d.act("jb", "start").unwrap();
+    let pid = a.pid.unwrap();
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    assert!(
+        cmd.contains(" vmm ") && cmd.contains("--jail-id ja"),
+        "{cmd}"
+    );
+    for n in ["ja", "jb"] {
+        assert!(
+            wait_until(Duration::from_secs(10), || last_counter(&d.serial(n))
+                .is_some_and(|c| c >= 2)),
+            "{n} does not count: {}",
+            std::fs::read_to_string(d.dir.join(format!("profiles/{n}/run/vmm.log")))
+                .unwrap_or_default()
+        );
+    }
+    assert!(d.dir.join("jail/ja").is_dir());
+    // The jailed child (pid 1 of its namespace) is in the profile's cgroup too.
+    if d.weight_file("ja").is_some() {
+        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        let kid = kids.split_whitespace().next().expect("no jailed child");
+        let cg = std::fs::read_to_string(format!("/proc/{kid}/cgroup")).unwrap();
+        assert!(cg.contains(&format!("{}/ja", d.cgroup_parent)), "{cg}");
+    }
+    // Suspend and resume a jailed profile (resumed unjailed: restore has no jailed form).
+    let at = last_counter(&d.serial("jb")).unwrap();
+    let s = d.act("jb", "suspend").unwrap();
+    assert_eq!(s.state, ProfileState::Suspended);
+    assert!(d.dir.join("profiles/jb/snapshot").is_dir());
+    assert_eq!(d.act("jb", "resume").unwrap().state, ProfileState::Running);
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("jb")
+    )
+    .is_some_and(|c| c > at + 1)));
+    let s = d.act("jb", "switch").unwrap();
+    assert!(s.foreground && !d.show("ja").foreground);
+    // A killed jailer is noticed and restarted; its jailed child died with it.
+    // SAFETY: kill(2) on the test's own VMM process.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(wait_until(Duration::from_secs(10), || {
+        let p = d.show("ja");
+        p.state == ProfileState::Running && p.pid.is_some_and(|x| x != pid)
+    }));
+    assert_eq!(b.state, ProfileState::Running);
+    assert_eq!(d.show("jb").state, ProfileState::Running);
+    d.act("ja", "stop").unwrap();
+    d.act("jb", "stop").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || d
+        .our_processes()
+        .is_empty()));
+    let left: Vec<_> = std::fs::read_dir(d.dir.join("jail"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "jail dirs left: {left:?}");
 }

@@ -151,6 +151,7 @@ impl InProcess {
             probe: handset::find_probe(&bin),
             vmm_bin: bin,
             cgroup_parent: format!("pvtest-openapi-{}", std::process::id()),
+            jail: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

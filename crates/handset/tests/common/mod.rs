@@ -48,6 +48,7 @@ pub struct Daemon {
     _tmp: Option<tempfile::TempDir>,
     pub child: Option<Child>,
     pub cgroup_parent: String,
+    pub extra_args: Vec<String>,
 }
 
 fn unique(tag: &str) -> String {
@@ -62,6 +63,11 @@ fn unique(tag: &str) -> String {
 impl Daemon {
     /// Starts a daemon on a new temporary state directory.
     pub fn start(tag: &str) -> Daemon {
+        Self::start_with(tag, &[])
+    }
+
+    /// [`Daemon::start`] with more `pocketvisor handset` arguments.
+    pub fn start_with(tag: &str, extra_args: &[&str]) -> Daemon {
         let bin = pv_bin();
         assert!(
             bin.is_file(),
@@ -77,6 +83,7 @@ impl Daemon {
             _tmp: Some(tmp),
             child: None,
             cgroup_parent: unique(tag),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
         };
         d.spawn();
         d
@@ -93,6 +100,7 @@ impl Daemon {
             .args(["handset", "--state-dir"])
             .arg(&self.dir)
             .args(["--cgroup-parent", &self.cgroup_parent])
+            .args(&self.extra_args)
             .env("POCKETVISOR_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
