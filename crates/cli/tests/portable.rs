@@ -1,0 +1,236 @@
+//! The portable profile story end to end: a running probe guest on state directory A is
+//! exported (suspended on the way), imported into state directory B and resumed there; its
+//! counter goes on and its disk is identical. Plus the recipient-key round trip.
+//!
+//! The VM test needs /dev/kvm (a SKIP line is printed otherwise).
+
+mod portable_common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use portable_common::*;
+
+const FAST_KDF: (&str, &str) = ("POCKETVISOR_KDF", "fast");
+
+#[test]
+fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
+    let Some(probe) = probe("suspended_guest_moves_to_another_state_dir_and_goes_on") else {
+        return;
+    };
+    let s = Scratch::new("resume");
+    let (dir_a, dir_b) = (s.path("a"), s.path("b"));
+    let pass = passphrase_file(&s, "pass", PASSPHRASE);
+    let out = s.path("work.pvp");
+
+    let mut a = Daemon::start(&dir_a, Some(&probe));
+    a.profile(&["create", "work", "--template", "work"]);
+    let disk_a = dir_a.join("profiles/work/disks/data.img");
+    scribble(&disk_a, 42);
+    a.profile(&["start", "work"]);
+    let serial_a = dir_a.join("profiles/work/run/serial.log");
+    assert!(
+        wait_for(&serial_a, "PROBE counter 3\n", Duration::from_secs(30)),
+        "no counter in A's serial log"
+    );
+
+    // The profile runs: export suspends it through the daemon first.
+    let exported = run(
+        &[
+            "export",
+            "work",
+            "-o",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_a.to_str().unwrap(),
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+            "--json",
+        ],
+        &[FAST_KDF],
+    );
+    assert_ok(&exported, "export");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&exported.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(events[0]["event"], "suspended");
+    assert!(events.iter().any(|e| e["event"] == "progress"));
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["state"], "suspended");
+    assert_eq!(done["bytes_done"], done["bytes_total"]);
+    assert_eq!(
+        done["file_size"].as_u64().unwrap(),
+        std::fs::metadata(&out).unwrap().len()
+    );
+    assert_eq!(
+        std::fs::metadata(&out).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        rows(&dir_a),
+        [("work".to_string(), "suspended".to_string())]
+    );
+    a.stop();
+
+    // A's guest is gone: its log is final.
+    let log_a = String::from_utf8_lossy(&std::fs::read(&serial_a).unwrap()).into_owned();
+    let seen_a = counters(&log_a);
+    let last_a = *seen_a.last().unwrap();
+    assert!(last_a >= 3);
+
+    // Import offline (no daemon on B), then resume with B's daemon.
+    let imported = run(
+        &[
+            "import",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_b.to_str().unwrap(),
+            "--json",
+        ],
+        &[("POCKETVISOR_PASSPHRASE", PASSPHRASE)],
+    );
+    assert_ok(&imported, "import");
+    let last: serde_json::Value = serde_json::from_str(
+        String::from_utf8_lossy(&imported.stdout)
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["event"], "done");
+    assert_eq!(last["profile"], "work");
+    assert_eq!(
+        rows(&dir_b),
+        [("work".to_string(), "suspended".to_string())]
+    );
+    let disk_b = dir_b.join("profiles/work/disks/data.img");
+    assert!(same_file(&disk_a, &disk_b), "B's disk differs from A's");
+    for f in ["state.bin", "memory.bin"] {
+        let (fa, fb) = (
+            dir_a.join("profiles/work/snapshot").join(f),
+            dir_b.join("profiles/work/snapshot").join(f),
+        );
+        assert!(same_file(&fa, &fb), "snapshot {f} differs");
+    }
+
+    let b = Daemon::start(&dir_b, Some(&probe));
+    b.profile(&["resume", "work"]);
+    let serial_b = dir_b.join("profiles/work/run/serial.log");
+    let want = format!("PROBE counter {}\n", last_a + 3);
+    assert!(
+        wait_for(&serial_b, &want, Duration::from_secs(30)),
+        "B's guest did not go on to {want:?}: {}",
+        String::from_utf8_lossy(&std::fs::read(&serial_b).unwrap_or_default())
+    );
+    // What the guest wrote on A then on B is one unbroken count.
+    let log_b = String::from_utf8_lossy(&std::fs::read(&serial_b).unwrap()).into_owned();
+    let all = counters(&format!("{log_a}{log_b}"));
+    let expected: Vec<u64> = (0..all.len() as u64).collect();
+    assert_eq!(all, expected, "the count breaks between A and B");
+    let first_b = counters(&log_b)[0];
+    assert!(
+        first_b == last_a + 1 || (first_b == last_a + 2 && !log_a.ends_with('\n')),
+        "B starts at {first_b}, A ended at {last_a}"
+    );
+    assert_eq!(rows(&dir_b), [("work".to_string(), "running".to_string())]);
+    b.profile(&["stop", "work"]);
+    // The guest never wrote its disk: B's is still A's.
+    assert!(same_file(&disk_a, &disk_b));
+}
+
+#[test]
+fn recipient_key_round_trip() {
+    let s = Scratch::new("recipient");
+    let (dir_a, dir_b) = (s.path("a"), s.path("b"));
+    let a = Daemon::start(&dir_a, None);
+    a.profile(&["create", "lab", "--template", "personal"]);
+    let disk_a = dir_a.join("profiles/lab/disks/data.img");
+    scribble(&disk_a, 7);
+
+    let key = s.path("org.key");
+    let kg = run(&["keygen", "-o", key.to_str().unwrap()], &[]);
+    assert_ok(&kg, "keygen");
+    let public = String::from_utf8_lossy(&kg.stdout).trim().to_string();
+    assert!(public.starts_with("pvp-public-"), "{public}");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // keygen never overwrites an identity.
+    let again = run(&["keygen", "-o", key.to_str().unwrap()], &[]);
+    assert_one_error(&again, "cannot create");
+
+    let out = s.path("lab.pvp");
+    // Only a recipient: no passphrase is asked for (stdin is not a terminal anyway).
+    let exported = run(
+        &[
+            "export",
+            "lab",
+            "-o",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_a.to_str().unwrap(),
+            "--recipient",
+            &public,
+        ],
+        &[],
+    );
+    assert_ok(&exported, "export --recipient");
+    assert!(String::from_utf8_lossy(&exported.stdout).contains("exported lab (stopped"));
+
+    // Another identity and a passphrase cannot open it.
+    let other = s.path("other.key");
+    assert_ok(
+        &run(&["keygen", "-o", other.to_str().unwrap()], &[]),
+        "keygen",
+    );
+    let dir_b_s = dir_b.to_str().unwrap();
+    let wrong = run(
+        &[
+            "import",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_b_s,
+            "--identity",
+            other.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_error(&wrong, "wrong passphrase or key");
+    let wrong = run(
+        &["import", out.to_str().unwrap(), "--state-dir", dir_b_s],
+        &[("POCKETVISOR_PASSPHRASE", PASSPHRASE)],
+    );
+    assert_one_error(&wrong, "wrong passphrase or key");
+    assert!(
+        !dir_b.exists(),
+        "a failed import created {}",
+        dir_b.display()
+    );
+
+    let imported = run(
+        &[
+            "import",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_b_s,
+            "--identity",
+            key.to_str().unwrap(),
+            "--name",
+            "lab2",
+        ],
+        &[],
+    );
+    assert_ok(&imported, "import --identity");
+    assert_eq!(rows(&dir_b), [("lab2".to_string(), "stopped".to_string())]);
+    assert!(same_file(
+        &disk_a,
+        &dir_b.join("profiles/lab2/disks/data.img")
+    ));
+    let spec = std::fs::read_to_string(dir_b.join("profiles/lab2/profile.toml")).unwrap();
+    assert!(spec.contains("name = \"lab2\""), "{spec}");
+    // The personal template's channel policy came along.
+    assert!(spec.contains("clipboard_to = [\"work\"]"), "{spec}");
+}

@@ -1,0 +1,284 @@
+//! Helpers for the `pocketvisor export`/`import`/`keygen` tests: handset daemons over scratch
+//! state directories, CLI runs, and snapshots of a state directory's contents.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The passphrase the tests export with.
+pub const PASSPHRASE: &str = "correct horse battery staple";
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_pocketvisor")
+}
+
+/// Writes a line past libtest's capture.
+pub fn loud(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The probe guest (built if missing), or None after a loud SKIP line when VMs cannot run.
+pub fn probe(test: &str) -> Option<PathBuf> {
+    let kvm = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm");
+    if kvm.is_err() {
+        loud(&format!("SKIP {test}: /dev/kvm is not usable"));
+        return None;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let elf = root.join("guest/out/probe.elf");
+    if !elf.is_file() {
+        let built = Command::new(root.join("guest/build-probe.sh"))
+            .current_dir(&root)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !built || !elf.is_file() {
+            loud(&format!(
+                "SKIP {test}: guest/out/probe.elf is missing and guest/build-probe.sh failed"
+            ));
+            return None;
+        }
+    }
+    Some(elf)
+}
+
+/// A scratch directory removed at the end of the test.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A new empty directory.
+    pub fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pv-porttest-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// A path inside it.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `pocketvisor handset` daemon; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Daemon {
+    /// Its state directory.
+    pub dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// Starts a daemon on `dir` and waits until its API answers.
+    pub fn start(dir: &Path, probe: Option<&Path>) -> Daemon {
+        let cgroup = format!(
+            "pv-porttest-{}-{}",
+            std::process::id(),
+            dir.file_name().unwrap().to_string_lossy()
+        );
+        let mut cmd = Command::new(bin());
+        cmd.arg("handset")
+            .arg("--state-dir")
+            .arg(dir)
+            .args(["--cgroup-parent", &cgroup])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some(p) = probe {
+            cmd.arg("--probe").arg(p);
+        }
+        let child = cmd.spawn().expect("start the handset daemon");
+        let d = Daemon {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+        };
+        let sock = dir.join("handset.sock");
+        let t0 = Instant::now();
+        while UnixStream::connect(&sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the daemon on {} does not answer",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    /// Runs `pocketvisor profile --state-dir DIR ARGS...`, asserting success; its stdout.
+    pub fn profile(&self, args: &[&str]) -> String {
+        let mut all = vec!["profile", "--state-dir", self.dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = run(&all, &[]);
+        assert_ok(&out, &format!("profile {args:?}"));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Stops the daemon (and with it the VMs) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on the pid of our own child; no memory involved.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(20) {
+                if child.try_wait().ok().flatten().is_some() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs `pocketvisor ARGS...` with extra environment variables (POCKETVISOR_PASSPHRASE and
+/// POCKETVISOR_KDF are cleared unless given).
+pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env_remove("POCKETVISOR_PASSPHRASE")
+        .env_remove("POCKETVISOR_KDF")
+        .env_remove("POCKETVISOR_STATE_DIR")
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run pocketvisor")
+}
+
+/// Asserts that a run succeeded, showing its output otherwise.
+pub fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that a run failed with exactly one error line containing `needle`.
+pub fn assert_one_error(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded, stderr: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "not one error line: {err}");
+    assert!(lines[0].starts_with("pocketvisor: error: "), "{err}");
+    assert!(
+        lines[0].to_lowercase().contains(&needle.to_lowercase()),
+        "{needle:?} not in {err}"
+    );
+}
+
+/// Writes the passphrase file and returns its path.
+pub fn passphrase_file(s: &Scratch, name: &str, text: &str) -> PathBuf {
+    let p = s.path(name);
+    std::fs::write(&p, format!("{text}\n")).unwrap();
+    p
+}
+
+/// Fills parts of a (sparse) disk image with recognisable data, leaving holes.
+pub fn scribble(disk: &Path, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    let mut x = seed | 1;
+    let mut block = vec![0u8; 256 * 1024];
+    for off in [0u64, 3 << 20, 17 << 20, 40 << 20] {
+        for b in block.iter_mut() {
+            // xorshift64
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        f.write_all_at(&block, off).unwrap();
+    }
+    f.write_all_at(b"the end", (64 << 20) - 7).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Every file under `root` (relative path -> contents), skipping `handset.db*`.
+pub fn tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+        let Ok(list) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in list.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if rel.starts_with("handset.db") || rel.starts_with("handset.sock") {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                out.insert(format!("{rel}/"), Vec::new());
+                walk(root, &p, out);
+            } else {
+                out.insert(rel, std::fs::read(&p).unwrap_or_default());
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// The profile rows of a state directory: (name, state).
+pub fn rows(dir: &Path) -> Vec<(String, String)> {
+    let db = dir.join("handset.db");
+    if !db.exists() {
+        return Vec::new();
+    }
+    handset::db::Db::open(&db)
+        .unwrap()
+        .profiles()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name, r.state))
+        .collect()
+}
+
+/// Files under `dir` whose content equals those under `other` (both must exist).
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    x.len() == y.len() && x == y
+}
+
+/// Counter values of the complete `PROBE counter N` lines of `text`.
+pub fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("PROBE counter "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Waits until `path` holds `needle`.
+pub fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < timeout {
+        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        if text.contains(needle) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
