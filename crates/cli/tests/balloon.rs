@@ -1,0 +1,227 @@
+//! End-to-end: `--balloon` and `--mergeable` with the probe guest (which has no balloon driver,
+//! so the device stays unactivated): the API's `balloon` and `stats` ops, guest RAM marked
+//! mergeable, and the balloon target surviving a snapshot and restore into a new process.
+//!
+//! Skipped (with a SKIP line on stderr) where /dev/kvm or the probe guest is missing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn skip(why: &str) {
+    // Past libtest's capture, so a skip is visible in every run.
+    let _ = writeln!(std::io::stderr().lock(), "SKIP: {why}");
+}
+
+fn probe() -> Option<PathBuf> {
+    if !Path::new("/dev/kvm").exists() {
+        skip("/dev/kvm not available");
+        return None;
+    }
+    let elf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out/probe.elf");
+    if !elf.is_file() {
+        skip("guest/out/probe.elf missing (guest/build-probe.sh builds it)");
+        return None;
+    }
+    Some(elf)
+}
+
+/// A scratch directory removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("pv-balloon-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Kills the VMM if the test fails before it exits.
+struct Vmm(Child);
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Vmm {
+    Vmm(Command::new(env!("CARGO_BIN_EXE_pocketvisor"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start pocketvisor"))
+}
+
+fn wait_for(path: &Path, needle: &str) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(30) {
+        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn wait_exit(vmm: &mut Vmm) -> Option<i32> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        if let Some(status) = vmm.0.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+/// Sends one API request line; returns the answer as JSON.
+fn api(sock: &Path, req: &str) -> Value {
+    let t0 = Instant::now();
+    let s = loop {
+        match UnixStream::connect(sock) {
+            Ok(s) => break s,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => panic!("API socket: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    (&s).write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{req}: bad answer {line:?}: {e}"))
+}
+
+/// The `stats` op's info, decoded.
+fn stats(sock: &Path) -> Value {
+    let answer = api(sock, r#"{"op":"stats"}"#);
+    assert_eq!(answer["ok"], true, "{answer}");
+    serde_json::from_str(answer["info"].as_str().unwrap()).unwrap()
+}
+
+/// Whether any mapping of process `pid` is marked mergeable (VmFlags `mg`).
+fn has_mergeable_mapping(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("VmFlags:"))
+        .any(|f| f.split_whitespace().any(|x| x == "mg"))
+}
+
+#[test]
+fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("api");
+    let (log, sock, snap) = (s.path("src.log"), s.path("src.sock"), s.path("snap"));
+    let mut src = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.mode=counter pv.counter.ms=50",
+        "--memory",
+        "128M",
+        "--balloon",
+        "--mergeable",
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(wait_for(&log, "PROBE counter 2\n"), "the guest did not run");
+
+    let st = stats(&sock);
+    assert_eq!(st["memory_mib"], 128);
+    assert_eq!(st["mergeable"], true);
+    assert_eq!(st["balloon"]["target_mib"], 0);
+    if Path::new("/sys/kernel/mm/ksm").exists() {
+        assert!(
+            has_mergeable_mapping(src.0.id()),
+            "guest RAM not MADV_MERGEABLE"
+        );
+    }
+
+    let ok = api(&sock, r#"{"op":"balloon","target_mib":32}"#);
+    assert_eq!(ok["ok"], true, "{ok}");
+    let too_big = api(&sock, r#"{"op":"balloon","target_mib":129}"#);
+    assert_eq!(too_big["ok"], false);
+    assert!(
+        too_big["error"].as_str().unwrap().contains("128 MiB"),
+        "{too_big}"
+    );
+    let st = stats(&sock);
+    assert_eq!(st["balloon"]["target_mib"], 32);
+    assert_eq!(st["balloon"]["target_pages"], 32 * 256);
+    assert_eq!(st["balloon"]["actual_pages"], 0, "the probe has no driver");
+
+    let snap_req = format!(r#"{{"op":"snapshot","dir":"{}"}}"#, snap.display());
+    let answer = api(&sock, &snap_req);
+    assert_eq!(answer["ok"], true, "{answer}");
+    api(&sock, r#"{"op":"stop"}"#);
+    assert_eq!(wait_exit(&mut src), Some(0));
+
+    let (log2, sock2) = (s.path("dst.log"), s.path("dst.sock"));
+    let mut dst = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--serial",
+        &format!("file:{}", log2.display()),
+        "--api-socket",
+        sock2.to_str().unwrap(),
+    ]);
+    assert!(
+        wait_for(&log2, "PROBE counter"),
+        "the restored guest did not run"
+    );
+    let st = stats(&sock2);
+    assert_eq!(st["balloon"]["target_mib"], 32, "{st}");
+    assert_eq!(st["mergeable"], true);
+    api(&sock2, r#"{"op":"stop"}"#);
+    assert_eq!(wait_exit(&mut dst), Some(0));
+}
+
+#[test]
+fn without_a_balloon_the_op_is_refused() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("none");
+    let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
+    let mut vm = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.mode=counter pv.counter.ms=50",
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(wait_for(&log, "PROBE counter 1\n"), "the guest did not run");
+    let answer = api(&sock, r#"{"op":"balloon","target_mib":8}"#);
+    assert_eq!(answer["ok"], false);
+    assert!(
+        answer["error"].as_str().unwrap().contains("no balloon"),
+        "{answer}"
+    );
+    let st = stats(&sock);
+    assert!(st["balloon"].is_null(), "{st}");
+    assert_eq!(st["mergeable"], false);
+    api(&sock, r#"{"op":"stop"}"#);
+    assert_eq!(wait_exit(&mut vm), Some(0));
+}
