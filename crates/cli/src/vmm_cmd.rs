@@ -240,7 +240,11 @@ fn fork_and_run(
     started: Instant,
 ) -> Result<i32> {
     let (go_read, go_write) = pipe()?;
-    match jail::supervise::fork_into_pid_namespace()? {
+    let cg_dir = cg.map(|c| c.open_dir()).transpose()?;
+    let (forked, in_cgroup) =
+        jail::supervise::fork_into_pid_namespace(cg_dir.as_ref().map(|d| d.as_raw_fd()))?;
+    drop(cg_dir);
+    match forked {
         Forked::Child => {
             drop(go_write);
             // Also closes the jail directory's lock (a directory outside the jail) and
@@ -260,7 +264,7 @@ fn fork_and_run(
         }
         Forked::Parent(pid) => {
             drop(go_read);
-            if let Some(cg) = cg {
+            if let Some(cg) = cg.filter(|_| !in_cgroup) {
                 if let Err(e) = cg.join(pid) {
                     // The child sees the pipe close without a byte and gives up.
                     drop(go_write);

@@ -81,6 +81,11 @@ impl Cgroup {
         &self.path
     }
 
+    /// The group's directory opened, for `clone3(CLONE_INTO_CGROUP)`.
+    pub fn open_dir(&self) -> Result<std::fs::File> {
+        std::fs::File::open(&self.path).map_err(sys(format!("open cgroup {}", self.path.display())))
+    }
+
     /// Moves process `pid` (all its threads) into the group.
     pub fn join(&self, pid: libc::pid_t) -> Result<()> {
         self.write("cgroup.procs", &pid.to_string())
