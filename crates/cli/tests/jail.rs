@@ -296,6 +296,29 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
     .collect();
     assert_eq!(seen, want);
 
+    // Mounts: the jail's read-only root and one bind per thing it needs; the old root is gone.
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let mounts: BTreeSet<(String, bool)> = mountinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ro = f.get(5)?.split(',').any(|o| o == "ro");
+            Some((f.get(4)?.to_string(), ro))
+        })
+        .collect();
+    let want_mounts: BTreeSet<(String, bool)> = [
+        ("/", true),
+        ("/dev/kvm", false),
+        ("/dev/net/tun", false),
+        ("/boot/kernel", true),
+        ("/disks/0", false),
+        ("/run/0", false),
+    ]
+    .into_iter()
+    .map(|(m, ro)| (m.to_string(), ro))
+    .collect();
+    assert_eq!(mounts, want_mounts, "{mountinfo}");
+
     // Descriptors: nothing inherited that leads outside (no directory at all).
     for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
         let fd = fd.unwrap().path();
