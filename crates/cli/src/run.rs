@@ -63,8 +63,8 @@ pub struct RunArgs {
     /// CPUID features to hide from the guest, comma separated (e.g. xsave,avx512).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     cpuid_hide: Vec<String>,
-    /// Serve the control API (pause, resume, snapshot, stop; one JSON line each) on this unix
-    /// socket.
+    /// Serve the control API (pause, resume, snapshot, stop, balloon, stats; one JSON line
+    /// each) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
 }

@@ -9,9 +9,12 @@
 //! - Reporting queue (`VIRTIO_BALLOON_F_PAGE_REPORTING`): free page reporting; each buffer is a
 //!   range of free guest memory, dropped from the host the same way (rounded inward to pages).
 //!
-//! Queue numbering follows the Linux driver: only queues whose feature was negotiated exist and
-//! they are numbered consecutively, so the reporting queue is index 3 with the stats queue and 2
-//! without it. The device declares all four and maps indices by the negotiated features.
+//! Queue numbering follows the Linux driver (and QEMU): only queues whose feature was negotiated
+//! exist and they are numbered consecutively, so the reporting queue is index 3 with the stats
+//! queue and 2 without it. The spec's fixed numbering would put it at 4; the device never offers
+//! free page hinting and declares only as many queues as its offered features can create
+//! (`num_queues` 4), so a driver using fixed numbers finds no queue 4 and must fall back to the
+//! consecutive ones too. Indices are mapped by the negotiated features at activation.
 //!
 //! The target size (`num_pages`) is set through a [`BalloonHandle`]; the driver writes how many
 //! pages it holds (`actual`). No host access happens outside validated guest RAM ranges.
