@@ -35,6 +35,9 @@ use crate::Error;
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
+/// How long a `stats` request waits for the guest's balloon driver to send fresh statistics.
+const STATS_WAIT: Duration = Duration::from_millis(200);
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunOutcome {
@@ -301,11 +304,11 @@ impl Vm {
         }
     }
 
-    /// Guest RAM and the balloon's state as JSON; also asks the guest for fresh statistics
-    /// (they show in the next call).
+    /// Guest RAM and the balloon's state as JSON, with statistics fresh from the guest if its
+    /// driver answers within [`STATS_WAIT`] (else the last ones it sent).
     fn memory_stats(&self) -> String {
         let balloon = self.balloon.as_ref().map(|b| {
-            b.request_stats();
+            b.refresh_stats(STATS_WAIT);
             b.info()
         });
         serde_json::json!({

@@ -22,8 +22,9 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -210,7 +211,11 @@ struct Shared {
     actual: AtomicU32,
     interrupt: Mutex<Option<Arc<dyn Interrupt>>>,
     stats: Mutex<BTreeMap<String, u64>>,
+    /// Signalled (with `stats` locked) when `stats_updates` grows.
+    stats_changed: Condvar,
     stats_updates: AtomicU64,
+    /// The worker holds the driver's stats buffer (so a refresh can be asked for).
+    stats_buffer_held: AtomicBool,
     inflated_pages: AtomicU64,
     deflated_pages: AtomicU64,
     reported_bytes: AtomicU64,
@@ -253,6 +258,34 @@ impl BalloonHandle {
         }
     }
 
+    /// Asks the driver for fresh statistics and waits up to `timeout` for them. Returns false
+    /// at once when the driver has no statistics buffer out (no driver, or no stats queue),
+    /// and after `timeout` when it does not answer; [`info`] has the last ones either way.
+    ///
+    /// [`info`]: Self::info
+    pub fn refresh_stats(&self, timeout: Duration) -> bool {
+        let s = &self.shared;
+        if !s.stats_buffer_held.load(Ordering::Acquire) {
+            return false;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut guard = lock(&s.stats);
+        let before = s.stats_updates.load(Ordering::Acquire);
+        self.request_stats();
+        while s.stats_updates.load(Ordering::Acquire) == before {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            guard = s
+                .stats_changed
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        true
+    }
+
     /// The balloon's current state.
     pub fn info(&self) -> BalloonInfo {
         let s = &self.shared;
@@ -293,7 +326,9 @@ impl Balloon {
             actual: AtomicU32::new(0),
             interrupt: Mutex::new(None),
             stats: Mutex::new(BTreeMap::new()),
+            stats_changed: Condvar::new(),
             stats_updates: AtomicU64::new(0),
+            stats_buffer_held: AtomicBool::new(false),
             inflated_pages: AtomicU64::new(0),
             deflated_pages: AtomicU64::new(0),
             reported_bytes: AtomicU64::new(0),
@@ -455,6 +490,9 @@ impl VirtioDevice for Balloon {
             worker.stop();
         }
         *lock(&self.shared.interrupt) = None;
+        self.shared
+            .stats_buffer_held
+            .store(false, Ordering::Release);
         // A new driver starts with an empty balloon; the host's target stays.
         self.shared.actual.store(0, Ordering::Release);
         self.acked = 0;
@@ -586,6 +624,9 @@ impl DeviceWorker for BalloonWorker {
         let _ = self.refresh.read();
         // Returning the kept buffer asks the driver for new statistics.
         if let Some((pos, head)) = self.held_stats.take() {
+            self.shared
+                .stats_buffer_held
+                .store(false, Ordering::Release);
             if let Some((_, vq)) = self.queues.get_mut(pos) {
                 vq.complete(&self.mem, &*self.interrupt, head, 0);
                 vq.notify(&self.mem, &*self.interrupt);
@@ -636,9 +677,12 @@ impl BalloonWorker {
                     let len = chain.readable_len().min(MAX_STATS * STAT_SIZE);
                     let mut raw = vec![0u8; len];
                     if chain.read_at(mem, 0, &mut raw).is_ok() {
-                        *lock(&shared.stats) = parse_stats(&raw);
+                        let mut stats = lock(&shared.stats);
+                        *stats = parse_stats(&raw);
                         shared.stats_updates.fetch_add(1, Ordering::AcqRel);
+                        shared.stats_changed.notify_all();
                     }
+                    shared.stats_buffer_held.store(true, Ordering::Release);
                     // The driver keeps one buffer in flight; give back an older one if any.
                     if let Some((_, old)) = self.held_stats.replace((pos, chain.head)) {
                         if !vq.complete(mem, irq, old, 0) {

@@ -430,11 +430,37 @@ fn stats_are_kept_and_refreshed_on_request() {
         h.info().guest_stats,
         BTreeMap::from([("free_memory".to_string(), 500)])
     );
+    // refresh_stats waits for the driver's answer (played by a thread here).
+    let tq = s.tqs[2];
+    let kick = s.kicks[2].try_clone().unwrap();
+    let driver_mem = mem.clone();
+    let driver = std::thread::spawn(move || {
+        assert!(wait_until(|| tq.used_idx(&driver_mem) == 2));
+        let raw = stats_buf(&[(4, 4242)]);
+        driver_mem
+            .write_slice(&raw, GuestAddress(BUF + 0x200))
+            .unwrap();
+        tq.add_chain(&driver_mem, 3, &[(BUF + 0x200, raw.len() as u32, 0)]);
+        kick.write(1).unwrap();
+    });
+    assert!(h.refresh_stats(std::time::Duration::from_secs(5)));
+    driver.join().unwrap();
+    assert_eq!(h.info().guest_stats.get("free_memory"), Some(&4242));
+    assert_eq!(h.info().stats_updates, 3);
+    // With the buffer given back and no answer, there is nothing to wait for.
+    h.request_stats();
+    assert!(wait_until(|| s.tqs[2].used_idx(&mem) == 3));
+    let t0 = std::time::Instant::now();
+    assert!(!h.refresh_stats(std::time::Duration::from_secs(5)));
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1));
     // A second buffer while one is held: the older one goes back.
-    s.tqs[2].add_chain(&mem, 2, &[(BUF + 0x100, raw.len() as u32, 0)]);
+    s.tqs[2].add_chain(&mem, 4, &[(BUF + 0x100, raw.len() as u32, 0)]);
     s.kicks[2].write(1).unwrap();
-    assert!(wait_until(|| s.tqs[2].used_idx(&mem) == 2));
-    assert_eq!(s.tqs[2].used_elem(&mem, 1), (1, 0));
+    assert!(wait_until(|| h.info().stats_updates == 4));
+    s.tqs[2].add_chain(&mem, 5, &[(BUF + 0x100, raw.len() as u32, 0)]);
+    s.kicks[2].write(1).unwrap();
+    assert!(wait_until(|| s.tqs[2].used_idx(&mem) == 4));
+    assert_eq!(s.tqs[2].used_elem(&mem, 3), (4, 0));
 }
 
 #[test]
