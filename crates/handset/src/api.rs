@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -84,6 +85,37 @@ pub const ROUTES: &[Route] = &[
 
 type Hs = Arc<Handset>;
 
+/// The API client's credentials (SO_PEERCRED), recorded in the audit log.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Peer {
+    /// Client user id.
+    pub uid: Option<u32>,
+    /// Client process id.
+    pub pid: Option<i32>,
+}
+
+impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        let cred = stream.io().peer_cred().ok();
+        Peer {
+            uid: cred.map(|c| c.uid()),
+            pid: cred.and_then(|c| c.pid()),
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+        write!(
+            f,
+            "uid {} pid {}",
+            show(self.uid.map(|v| v.to_string())),
+            show(self.pid.map(|v| v.to_string()))
+        )
+    }
+}
+
 /// An error as an HTTP response: its status and `{"error": "..."}`.
 pub struct ApiError(Error);
 
@@ -107,13 +139,14 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 
 fn audited<T>(
     h: &Handset,
+    peer: Peer,
     profile: &str,
     action: &str,
     r: crate::Result<T>,
 ) -> Result<T, ApiError> {
     let detail = match &r {
-        Ok(_) => "ok".to_string(),
-        Err(e) => format!("error: {e}"),
+        Ok(_) => format!("{peer}: ok"),
+        Err(e) => format!("{peer}: error: {e}"),
     };
     h.audit(profile, action, &detail);
     r.map_err(ApiError)
@@ -129,6 +162,7 @@ async fn list(State(h): State<Hs>) -> ApiResult<Vec<crate::ProfileInfo>> {
 
 async fn create(
     State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     body: Result<Json<CreateProfile>, JsonRejection>,
 ) -> Result<(StatusCode, Json<crate::ProfileInfo>), ApiError> {
     let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
@@ -138,7 +172,7 @@ async fn create(
         .or_else(|| req.spec.as_ref().map(|s| s.name.clone()))
         .unwrap_or_default();
     let r = h.create(req).await;
-    let info = audited(&h, &name, "create", r)?;
+    let info = audited(&h, peer, &name, "create", r)?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 
@@ -146,9 +180,13 @@ async fn show(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<crate:
     Ok(Json(h.show(&name)?))
 }
 
-async fn remove(State(h): State<Hs>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn remove(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let r = h.delete(&name).await;
-    audited(&h, &name, "delete", r)?;
+    audited(&h, peer, &name, "delete", r)?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -156,10 +194,11 @@ macro_rules! lifecycle {
     ($fn:ident, $action:literal) => {
         async fn $fn(
             State(h): State<Hs>,
+            ConnectInfo(peer): ConnectInfo<Peer>,
             Path(name): Path<String>,
         ) -> ApiResult<crate::ProfileInfo> {
             let r = h.$fn(&name).await;
-            Ok(Json(audited(&h, &name, $action, r)?))
+            Ok(Json(audited(&h, peer, &name, $action, r)?))
         }
     };
 }
@@ -240,7 +279,8 @@ pub async fn serve(
     listener: tokio::net::UnixListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(h))
+    let app = router(h).into_make_service_with_connect_info::<Peer>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
 }

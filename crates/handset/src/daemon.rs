@@ -6,6 +6,7 @@
 //! this daemon started, a pidfd for ones adopted from an earlier daemon).
 
 use std::collections::{HashMap, VecDeque};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -216,6 +217,11 @@ impl Handset {
                 .map_err(Error::io(format!("cannot remove {}", dir.display())))?;
         }
         let made = (|| {
+            // Only the daemon (root) may read a profile's disks and sockets.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(Error::io(format!("cannot create {}", dir.display())))?;
             std::fs::create_dir_all(self.dir().disks(&name))
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;
             std::fs::create_dir_all(self.dir().run(&name))
@@ -344,7 +350,11 @@ impl Handset {
         let run = self.dir().run(name);
         std::fs::create_dir_all(&run)
             .map_err(Error::io(format!("cannot create {}", run.display())))?;
-        state_dir::clear_dir(&run)?;
+        // The last run's logs stay as *.prev (a crash's story survives the restart).
+        for log in ["serial.log", "vmm.log"] {
+            let _ = std::fs::rename(run.join(log), run.join(format!("{log}.prev")));
+        }
+        state_dir::clear_dir(&run, &["serial.log.prev", "vmm.log.prev"])?;
         let text = toml::to_string(&cfg).map_err(|e| Error::Internal(format!("vm.toml: {e}")))?;
         state_dir::write_atomic(&self.dir().vm_config(name), text.as_bytes())?;
         let launch = Launch::Boot {

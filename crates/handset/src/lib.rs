@@ -21,6 +21,7 @@
 //!       vsock.sock                    the guest's vsock host socket (Firecracker protocol)
 //!       serial.log                    the guest's serial console
 //!       vmm.log                       the VMM process's stdout and stderr
+//!       serial.log.prev, vmm.log.prev the previous run's logs (kept across one restart)
 //!     snapshot/                     only while suspended: the VMM snapshot (restored by
 //!                                   `resume`, removed once the restored VM runs)
 //! ```

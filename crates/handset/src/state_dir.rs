@@ -142,8 +142,9 @@ pub fn create_sparse(path: &Path, size_mib: u64) -> Result<()> {
     f.sync_all().map_err(Error::io(what()))
 }
 
-/// Removes everything inside `dir` (the directory stays); missing is fine.
-pub fn clear_dir(dir: &Path) -> Result<()> {
+/// Removes everything inside `dir` except the names in `keep` (the directory stays);
+/// missing is fine.
+pub fn clear_dir(dir: &Path, keep: &[&str]) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -152,6 +153,9 @@ pub fn clear_dir(dir: &Path) -> Result<()> {
     for entry in entries {
         let entry = entry.map_err(Error::io(format!("cannot read {}", dir.display())))?;
         let p = entry.path();
+        if keep.iter().any(|k| entry.file_name() == *k) {
+            continue;
+        }
         let is_dir = entry.file_type().map(|t| t.is_dir()).unwrap_or(false);
         let r = if is_dir {
             std::fs::remove_dir_all(&p)
@@ -182,7 +186,10 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() * 512 < 1 << 20, "not sparse");
         assert!(create_sparse(&d, 1).is_err());
-        clear_dir(t.path()).unwrap();
+        std::fs::create_dir(t.path().join("sub")).unwrap();
+        clear_dir(t.path(), &["d.img"]).unwrap();
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
+        clear_dir(t.path(), &[]).unwrap();
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
     }
 

@@ -380,6 +380,14 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
+        // Wait for the exec (until then the cmdline is this test's).
+        for _ in 0..200 {
+            let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if c.windows(5).any(|w| w == b"sleep") {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(is_our_vmm(
             pid,
             Path::new("/bin/sh"),

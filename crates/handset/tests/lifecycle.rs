@@ -81,6 +81,8 @@ fn create_list_show_delete_through_the_cli() {
         "{events}"
     );
     let audit = stdout(&d.cli(&["audit"]));
+    // The caller's credentials are recorded.
+    assert!(audit.contains("uid 0 pid "), "{audit}");
     assert!(
         audit.contains("create") && audit.contains("delete"),
         "{audit}"
@@ -188,8 +190,16 @@ fn two_profiles_run_and_switch() {
         "MEASURE switch: {switch_ms:.2} ms (resume a paused profile), {switch_back_ms:.2} ms (pause one); vmm RSS {}",
         rss.join(" ")
     ));
-    // Switching to a stopped profile is refused.
+    // Stopping a paused profile works through its API (no signals needed).
+    assert_eq!(d.show("home").state, ProfileState::Paused);
     d.act("home", "stop").unwrap();
+    let stops: Vec<handset::Event> = d
+        .client()
+        .call("GET", "/v1/profiles/home/events", None::<&()>)
+        .unwrap();
+    let last = stops.iter().rev().find(|e| e.event == "stopped").unwrap();
+    assert_eq!(last.detail, "api stop");
+    // Switching to a stopped profile is refused.
     match d.act("home", "switch") {
         Err(ClientError::Api { status: 409, .. }) => {}
         other => panic!("switch to a stopped profile: {other:?}"),
@@ -227,6 +237,9 @@ fn killed_vmm_is_restarted_until_the_limit() {
     }
     let ev = d.events("w");
     assert_eq!(ev.iter().filter(|e| *e == "crashed").count(), 5, "{ev:?}");
+    // The crashed run's serial log is kept.
+    let prev = std::fs::read_to_string(d.dir.join("profiles/w/run/serial.log.prev")).unwrap();
+    assert!(prev.contains("PROBE ready"), "{prev}");
     assert_eq!(
         ev.iter().filter(|e| *e == "restarting").count(),
         5,
