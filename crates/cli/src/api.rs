@@ -104,9 +104,20 @@ pub fn serve(path: &Path, controller: Arc<Controller>) -> Result<SocketGuard> {
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
+                    // One thread per connection: a client that stays connected (or never
+                    // sends its line) does not hold up the others.
                     Ok(stream) => {
-                        if let Err(e) = serve_conn(stream, &controller) {
-                            tracing::debug!("api connection: {e}");
+                        let controller = controller.clone();
+                        let spawned =
+                            std::thread::Builder::new()
+                                .name("api-conn".into())
+                                .spawn(move || {
+                                    if let Err(e) = serve_conn(stream, &controller) {
+                                        tracing::debug!("api connection: {e}");
+                                    }
+                                });
+                        if let Err(e) = spawned {
+                            tracing::warn!("api: cannot serve a connection: {e}");
                         }
                     }
                     Err(e) => tracing::warn!("api socket accept failed: {e}"),

@@ -369,7 +369,9 @@ fn pause_holds_the_guest_and_resume_lets_it_go_on() {
         &format!("PROBE counter {}\n", last + 2),
         Duration::from_secs(10)
     ));
-    // A bad request gets an error answer, and the VMM goes on serving.
+    // An idle client does not block the others; a bad request gets an error answer, and the
+    // VMM goes on serving.
+    let _idle = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     {
         use std::io::{BufRead, BufReader};
         let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
