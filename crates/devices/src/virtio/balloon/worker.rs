@@ -293,3 +293,29 @@ fn report_free(mem: &GuestMem, shared: &Shared, chain: &Chain) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_ranges_stay_inside_one_region() {
+        let mem = GuestMem::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x10_0000), 0x10_0000),
+            (GuestAddress(0x40_0000), 0x1000),
+        ])
+        .unwrap();
+        let base = |gpa: u64| mem.get_host_address(GuestAddress(gpa)).unwrap() as usize;
+        assert_eq!(host_range(&mem, 0, 0x10_0000), Some(base(0)));
+        assert_eq!(host_range(&mem, 0xf_f000, 0x1000), Some(base(0xf_f000)));
+        assert_eq!(host_range(&mem, 0x40_0000, 0x1000), Some(base(0x40_0000)));
+        // Across two adjacent regions, past the end, in a hole, empty, overflowing.
+        assert_eq!(host_range(&mem, 0xf_f000, 0x2000), None);
+        assert_eq!(host_range(&mem, 0x40_0000, 0x1001), None);
+        assert_eq!(host_range(&mem, 0x30_0000, 0x1000), None);
+        assert_eq!(host_range(&mem, 0, 0), None);
+        assert_eq!(host_range(&mem, u64::MAX - 0xfff, 0x1000), None);
+        assert_eq!(host_range(&mem, 0x1000, u64::MAX), None);
+    }
+}
