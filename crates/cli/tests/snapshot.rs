@@ -432,3 +432,59 @@ fn restore_refuses_a_host_without_the_guests_cpu_features() {
     );
     assert!(read(&log).is_empty());
 }
+
+#[test]
+fn a_restored_vm_snapshots_again_into_its_own_directory() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("again");
+    let snap = s.path("snap");
+    let first = counter_snapshot(&s, &probe, &snap);
+    // Restore, run a little, and snapshot into the directory the memory is mapped from.
+    let (log, sock) = (s.path("mid.log"), s.path("mid.sock"));
+    let mut mid = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    let last = *counters(&first).last().unwrap();
+    assert!(wait_for(
+        &log,
+        &format!("PROBE counter {}\n", last + 2),
+        Duration::from_secs(30)
+    ));
+    wait_socket(&sock);
+    let out = cli(&[
+        "snapshot",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "-o",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_exit(&mut mid, Duration::from_secs(10)), Some(0));
+    let second = read(&log);
+
+    let log3 = s.path("last.log");
+    let _end = spawn(&[
+        "restore",
+        snap.to_str().unwrap(),
+        "--serial",
+        &format!("file:{}", log3.display()),
+    ]);
+    let last2 = *counters(&second).last().unwrap();
+    assert!(wait_for(
+        &log3,
+        &format!("PROBE counter {}\n", last2 + 2),
+        Duration::from_secs(30)
+    ));
+    let all = counters(&format!("{first}{second}{}", read(&log3)));
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+}
