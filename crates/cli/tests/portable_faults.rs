@@ -1,0 +1,278 @@
+//! Bad input and faults: a wrong key, flipped bytes, truncation, a foreign or future file, a
+//! name clash, and kill -9 during export and import. Each leaves the importing side exactly
+//! as it was (one clear error line), and export never modifies its source.
+//!
+//! No VM runs here (the profiles are stopped), so these tests need no /dev/kvm.
+
+mod portable_common;
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use portable_common::*;
+
+const FAST_KDF: (&str, &str) = ("POCKETVISOR_KDF", "fast");
+
+fn export(dir: &Path, name: &str, out: &Path, pass: &Path) {
+    let o = run(
+        &[
+            "export",
+            name,
+            "-o",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+        &[FAST_KDF],
+    );
+    assert_ok(&o, "export");
+}
+
+fn import(file: &Path, dir: &Path, pass: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "import",
+        file.to_str().unwrap(),
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    run(&args, &[])
+}
+
+/// A copy of `file` changed by `edit`.
+fn damaged(s: &Scratch, file: &Path, tag: &str, edit: impl FnOnce(&mut Vec<u8>)) -> PathBuf {
+    let mut bytes = std::fs::read(file).unwrap();
+    edit(&mut bytes);
+    let p = s.path(&format!("{tag}.pvp"));
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+#[test]
+fn bad_files_change_nothing() {
+    let s = Scratch::new("bad");
+    let (dir_a, dir_b) = (s.path("a"), s.path("b"));
+    let pass = passphrase_file(&s, "pass", PASSPHRASE);
+    let wrong_pass = passphrase_file(&s, "wrong", "correct horse battery stapler");
+    let a = Daemon::start(&dir_a, None);
+    a.profile(&["create", "work", "--template", "work"]);
+    let disk_a = dir_a.join("profiles/work/disks/data.img");
+    scribble(&disk_a, 99);
+    let before = std::fs::metadata(&disk_a).unwrap();
+    let disk_bytes = std::fs::read(&disk_a).unwrap();
+
+    let good = s.path("work.pvp");
+    export(&dir_a, "work", &good, &pass);
+    // The source is only read.
+    let after = std::fs::metadata(&disk_a).unwrap();
+    assert_eq!(
+        (before.mtime(), before.mtime_nsec()),
+        (after.mtime(), after.mtime_nsec())
+    );
+    assert!(std::fs::read(&disk_a).unwrap() == disk_bytes);
+    assert_eq!(rows(&dir_a), [("work".to_string(), "stopped".to_string())]);
+
+    // B already holds a profile; every failure below must leave it exactly so.
+    assert_ok(&import(&good, &dir_b, &pass, &["--name", "keep"]), "import");
+    let tree_b = tree(&dir_b);
+    let rows_b = rows(&dir_b);
+    assert_eq!(rows_b, [("keep".to_string(), "stopped".to_string())]);
+    assert!(tree_b.contains_key("profiles/keep/disks/data.img"));
+
+    let len = std::fs::metadata(&good).unwrap().len() as usize;
+    assert!(len > 200_000, "the test file is too small ({len} bytes)");
+    let cases: Vec<(PathBuf, &Path, &str)> = vec![
+        (good.clone(), &wrong_pass, "wrong passphrase or key"),
+        (
+            damaged(&s, &good, "salt", |b| b[20] ^= 0x01),
+            &pass,
+            "", // a damaged header fails the key slot or its MAC
+        ),
+        (
+            damaged(&s, &good, "middle", |b| b[len / 2] ^= 0x40),
+            &pass,
+            "corrupt",
+        ),
+        (
+            damaged(&s, &good, "last", |b| b[len - 1] ^= 0x80),
+            &pass,
+            "corrupt",
+        ),
+        (
+            damaged(&s, &good, "truncated", |b| b.truncate(len - 1000)),
+            &pass,
+            "truncated",
+        ),
+        (
+            damaged(&s, &good, "trailing", |b| b.extend_from_slice(b"junk")),
+            &pass,
+            "after its last chunk",
+        ),
+        (
+            damaged(&s, &good, "future", |b| b[8] = 2),
+            &pass,
+            "unsupported portable profile format version 2",
+        ),
+        (
+            damaged(&s, &good, "foreign", |b| {
+                b[..8].copy_from_slice(b"NOTAPVP!")
+            }),
+            &pass,
+            "not a pocketvisor portable profile",
+        ),
+        (
+            // Renamed onto the existing profile.
+            good.clone(),
+            &pass,
+            "already exists",
+        ),
+    ];
+    for (i, (file, key, needle)) in cases.iter().enumerate() {
+        let extra: &[&str] = if i == cases.len() - 1 {
+            &["--name", "keep"]
+        } else {
+            &[]
+        };
+        let out = import(file, &dir_b, key, extra);
+        assert_one_error(&out, needle);
+        assert_eq!(rows(&dir_b), rows_b, "case {}", file.display());
+        assert!(tree(&dir_b) == tree_b, "case {} changed B", file.display());
+    }
+    // A bad --name is refused before anything happens.
+    assert_one_error(
+        &import(&good, &dir_b, &pass, &["--name", "Bad/Name"]),
+        "profile name",
+    );
+    assert!(tree(&dir_b) == tree_b);
+    // A failed import into a missing state directory does not create it.
+    let fresh = s.path("fresh");
+    assert_one_error(
+        &import(
+            &damaged(&s, &good, "mid2", |b| b[len / 3] ^= 1),
+            &fresh,
+            &pass,
+            &[],
+        ),
+        "corrupt",
+    );
+    assert!(!fresh.exists());
+}
+
+/// Fills the profile's disk with `mib` MiB of random data.
+fn fill_random(disk: &Path, mib: u64) {
+    let mut src = std::fs::File::open("/dev/urandom").unwrap().take(mib << 20);
+    let mut dst = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    std::io::copy(&mut src, &mut dst).unwrap();
+    dst.sync_all().unwrap();
+}
+
+/// Runs `pocketvisor ARGS --json` and kills it (SIGKILL) at its first progress event with
+/// some bytes done; returns whether it was killed before finishing.
+fn kill_midway(args: &[&str], env: &[(&str, &str)]) -> bool {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .arg("--json")
+        .env_remove("POCKETVISOR_PASSPHRASE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut killed = false;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let (done, total) = (v["bytes_done"].as_u64(), v["bytes_total"].as_u64());
+        if v["event"] == "progress" && done > Some(0) && done < total {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    killed && !status.success()
+}
+
+/// Files in `dir` whose names start with `prefix`.
+fn named(dir: &Path, prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn kill_9_during_export_or_import() {
+    let s = Scratch::new("kill");
+    let (dir_a, dir_b) = (s.path("a"), s.path("b"));
+    let pass = passphrase_file(&s, "pass", PASSPHRASE);
+    let a = Daemon::start(&dir_a, None);
+    a.profile(&["create", "big", "--template", "work"]);
+    let disk = dir_a.join("profiles/big/disks/data.img");
+    fill_random(&disk, 24);
+    let out = s.path("big.pvp");
+    let args = [
+        "export",
+        "big",
+        "-o",
+        out.to_str().unwrap(),
+        "--state-dir",
+        dir_a.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ];
+
+    // No file yet: a killed export leaves nothing under the final name.
+    assert!(kill_midway(&args, &[FAST_KDF]), "the export ended first");
+    assert!(!out.exists(), "a killed export left {}", out.display());
+    // An earlier export under that name survives a killed one intact.
+    export(&dir_a, "big", &out, &pass);
+    let complete = std::fs::read(&out).unwrap();
+    assert!(kill_midway(&args, &[FAST_KDF]), "the export ended first");
+    assert!(
+        std::fs::read(&out).unwrap() == complete,
+        "the old file changed"
+    );
+    // Only temporary files are left, never under the final name.
+    for debris in named(&s.0, "big.pvp.tmp-") {
+        std::fs::remove_file(s.path(&debris)).unwrap();
+    }
+    assert_eq!(rows(&dir_a), [("big".to_string(), "stopped".to_string())]);
+
+    // A killed import leaves no profile behind.
+    let import_args = [
+        "import",
+        out.to_str().unwrap(),
+        "--state-dir",
+        dir_b.to_str().unwrap(),
+        "--passphrase-file",
+        pass.to_str().unwrap(),
+    ];
+    assert!(kill_midway(&import_args, &[]), "the import ended first");
+    assert_eq!(rows(&dir_b), []);
+    let profiles_b = dir_b.join("profiles");
+    let visible: Vec<String> = named(&profiles_b, "")
+        .into_iter()
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert!(visible.is_empty(), "a killed import left {visible:?}");
+    // The next import succeeds and sweeps the killed one's staging directories.
+    let o = run(&import_args, &[]);
+    assert_ok(&o, "import");
+    assert_eq!(rows(&dir_b), [("big".to_string(), "stopped".to_string())]);
+    assert_eq!(named(&profiles_b, ""), ["big"]);
+    assert!(same_file(&disk, &profiles_b.join("big/disks/data.img")));
+}
