@@ -76,8 +76,9 @@ enum SelfTest {
     /// `forbidden-syscall`: after the filter is installed, make a syscall outside the
     /// allowlist (`socket(AF_INET)`); the process must die of SIGSYS.
     ForbiddenSyscall,
-    /// `open:<host path>`: after pivot_root, try to open the path and report on stderr.
-    Open(PathBuf),
+    /// `open:<host path>[:<host path>...]`: after pivot_root, try to open each path and report
+    /// on stderr.
+    Open(Vec<PathBuf>),
 }
 
 fn selftest() -> Option<SelfTest> {
@@ -86,7 +87,7 @@ fn selftest() -> Option<SelfTest> {
         return Some(SelfTest::ForbiddenSyscall);
     }
     v.strip_prefix("open:")
-        .map(|p| SelfTest::Open(PathBuf::from(p)))
+        .map(|p| SelfTest::Open(p.split(':').map(PathBuf::from).collect()))
 }
 
 /// Runs the jailed VM; returns the exit status.
@@ -325,14 +326,16 @@ fn child(
     jail::ns::enter(net, &args.jail_id)?;
     root.enter()?;
     let test = selftest();
-    if let Some(SelfTest::Open(p)) = &test {
-        match std::fs::File::open(p) {
-            Ok(_) => eprintln!("jail-selftest open {}: opened", p.display()),
-            Err(e) => eprintln!(
-                "jail-selftest open {}: failed errno={} ({e})",
-                p.display(),
-                e.raw_os_error().unwrap_or(0)
-            ),
+    if let Some(SelfTest::Open(paths)) = &test {
+        for p in paths {
+            match std::fs::File::open(p) {
+                Ok(_) => eprintln!("jail-selftest open {}: opened", p.display()),
+                Err(e) => eprintln!(
+                    "jail-selftest open {}: failed errno={} ({e})",
+                    p.display(),
+                    e.raw_os_error().unwrap_or(0)
+                ),
+            }
         }
     }
     let vm = Vm::new(&jailed.cfg)?;

@@ -263,10 +263,22 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
             args.extend(["--memory-max", "400M"]);
         }
     }
+    // Another profile's disk, run directory and socket, and the host's own files.
+    let b_socket = b.path("run/api.sock");
+    let _b_listener = std::os::unix::net::UnixListener::bind(&b_socket).unwrap();
+    let foreign = [
+        b.path("disk.img"),
+        b.path("run"),
+        b_socket,
+        PathBuf::from("/etc/passwd"),
+        PathBuf::from("/proc/self/status"),
+        PathBuf::from("/sys/fs/cgroup"),
+    ];
     let mut c = vmm_command(&s, &a, "iso-a", &args);
+    let list: Vec<String> = foreign.iter().map(|p| p.display().to_string()).collect();
     c.env(
         "POCKETVISOR_JAIL_SELFTEST",
-        format!("open:{}", b.path("disk.img").display()),
+        format!("open:{}", list.join(":")),
     );
     let mut vmm = Vmm(c.spawn().unwrap());
     let running = wait_for(
@@ -381,14 +393,17 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
     let code = wait_exit(&mut vmm, Duration::from_secs(10));
     let err = stderr_of(&mut vmm);
     assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
-    assert!(
-        err.contains(&format!(
-            "jail-selftest open {}: failed errno={}",
-            b.path("disk.img").display(),
-            libc::ENOENT
-        )),
-        "{err}"
-    );
+    for p in &foreign {
+        assert!(
+            err.contains(&format!(
+                "jail-selftest open {}: failed errno={}",
+                p.display(),
+                libc::ENOENT
+            )),
+            "{}: {err}",
+            p.display()
+        );
+    }
     assert!(!s.jail_root().join("iso-a").exists(), "jail directory left");
     if let Some((path, _)) = &cgroup {
         assert!(!path.exists(), "cgroup left behind");

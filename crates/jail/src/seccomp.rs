@@ -284,6 +284,35 @@ mod tests {
     }
 
     #[test]
+    fn ioctl_sizes_match_the_kvm_structs() {
+        use kvm_bindings::*;
+        use std::mem::size_of;
+        let size = |name: &str| {
+            let req = IOCTLS
+                .iter()
+                .find(|(_, d)| d.split(':').next() == Some(name))
+                .unwrap_or_else(|| panic!("{name} missing"))
+                .0;
+            ((req >> 16) & 0x3fff) as usize
+        };
+        assert_eq!(size("KVM_SET_GSI_ROUTING"), size_of::<kvm_irq_routing>());
+        assert_eq!(size("KVM_IRQFD"), size_of::<kvm_irqfd>());
+        assert_eq!(size("KVM_IOEVENTFD"), size_of::<kvm_ioeventfd>());
+        assert_eq!(size("KVM_GET_REGS"), size_of::<kvm_regs>());
+        assert_eq!(size("KVM_GET_SREGS"), size_of::<kvm_sregs>());
+        assert_eq!(size("KVM_GET_MSRS"), size_of::<kvm_msrs>());
+        assert_eq!(size("KVM_GET_LAPIC"), size_of::<kvm_lapic_state>());
+        assert_eq!(size("KVM_GET_MP_STATE"), size_of::<kvm_mp_state>());
+        assert_eq!(size("KVM_GET_VCPU_EVENTS"), size_of::<kvm_vcpu_events>());
+        assert_eq!(size("KVM_GET_DEBUGREGS"), size_of::<kvm_debugregs>());
+        assert_eq!(size("KVM_GET_XSAVE"), size_of::<kvm_xsave>());
+        assert_eq!(size("KVM_GET_XCRS"), size_of::<kvm_xcrs>());
+        assert_eq!(size("KVM_GET_IRQCHIP"), size_of::<kvm_irqchip>());
+        assert_eq!(size("KVM_GET_PIT2"), size_of::<kvm_pit_state2>());
+        assert_eq!(size("KVM_GET_CLOCK"), size_of::<kvm_clock_data>());
+    }
+
+    #[test]
     fn filters_compile() {
         let allow = allowlist(1).unwrap();
         assert!(allow.len() > PLAIN.len());
