@@ -331,6 +331,8 @@ impl Handset {
             socket: self.dir().vsock_socket(name),
         });
         cfg.rng = true;
+        cfg.balloon = spec.balloon;
+        cfg.mergeable = spec.mergeable;
         cfg.serial = vmm::SerialConfig::File(self.dir().serial_log(name));
         cfg.validate().map_err(Error::BadRequest)?;
         Ok(cfg)

@@ -55,6 +55,17 @@ pub struct ProfileSpec {
     /// Which cross-profile channels may carry data out of this profile.
     #[serde(default)]
     pub channels: ChannelPolicy,
+    /// Give the guest a virtio-balloon device (free page reporting hands idle memory back).
+    #[serde(default = "yes")]
+    pub balloon: bool,
+    /// Mark guest RAM mergeable for the host's KSM (off by default: page sharing between
+    /// profiles is a timing side channel).
+    #[serde(default)]
+    pub mergeable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> u8 {
@@ -213,6 +224,8 @@ impl ProfileSpec {
             cpu: CpuWeights::default(),
             memory_max_mib: None,
             channels,
+            balloon: true,
+            mergeable: false,
         };
         spec.validate()?;
         Ok(spec)
@@ -354,6 +367,7 @@ mod tests {
         assert_eq!(s.cpu.foreground, 1000);
         assert_eq!(s.cpu.background, 100);
         assert_eq!(s.vcpus, 1);
+        assert!(s.balloon && !s.mergeable);
         for bad in [
             "name = \"A\"\nkernel = \"probe\"\nmemory_mib = 64\n",
             "name = \"a/b\"\nkernel = \"probe\"\nmemory_mib = 64\n",
