@@ -97,14 +97,21 @@ impl Cgroup {
             return Err(Error::Invalid(format!("bad cgroup file name {file:?}")));
         }
         let p = self.path.join(file);
-        fs::write(&p, value).map_err(|e| {
-            let hint = if e.kind() == io::ErrorKind::NotFound {
-                " (is the controller enabled in the parent's cgroup.subtree_control?)"
-            } else {
-                ""
-            };
-            sys(format!("write {value:?} to {}{hint}", p.display()))(e)
-        })
+        if !p.exists() {
+            let controller = file.split('.').next().unwrap_or(file);
+            let enabled = controllers(&self.path);
+            return Err(Error::Invalid(format!(
+                "cgroup {} has no {file}: the {controller} controller is not enabled there \
+                 (enabled: {})",
+                self.path.display(),
+                if enabled.is_empty() {
+                    "none".to_string()
+                } else {
+                    enabled.join(" ")
+                }
+            )));
+        }
+        fs::write(&p, value).map_err(sys(format!("write {value:?} to {}", p.display())))
     }
 
     /// Removes the group if this value created it, waiting up to a second for the exited
