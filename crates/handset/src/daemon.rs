@@ -892,6 +892,9 @@ impl Handset {
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let _ops = self.ops.lock().await;
         let rows = self.db().profiles()?;
+        for row in &rows {
+            self.kill_strays(&row.name, row.pid);
+        }
         for row in rows {
             let state = ProfileState::parse(&row.state);
             if !matches!(state, ProfileState::Running | ProfileState::Paused) {
@@ -932,6 +935,25 @@ impl Handset {
         match fg {
             Some(f) => self.apply_foreground(Some(&f)).await,
             None => self.place_after_exit("").await,
+        }
+    }
+
+    /// Kills VMMs of `name` the registry does not know (e.g. started by a daemon that died
+    /// before recording the pid); `known` (and its descendants) is spared.
+    fn kill_strays(&self, name: &str, known: Option<i32>) {
+        let api = self.dir().api_socket(name);
+        let spared = known
+            .filter(|&p| vmm_proc::is_our_vmm(p, &self.opts.vmm_bin, &api))
+            .map(vmm_proc::with_descendants)
+            .unwrap_or_default();
+        for pid in vmm_proc::find_vmms(&self.opts.vmm_bin, &api) {
+            if spared.contains(&pid) {
+                continue;
+            }
+            vmm_proc::kill_group(pid, libc::SIGKILL);
+            // SAFETY: kill(2) on a process just identified as a stray VMM of this profile.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            self.event(name, "stray-killed", &format!("pid {pid}"));
         }
     }
 

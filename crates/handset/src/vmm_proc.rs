@@ -211,6 +211,18 @@ pub fn is_our_vmm(pid: i32, bin: &Path, api_socket: &Path) -> bool {
     want_name.is_some() && argv0_name == want_name && args.contains(&sock)
 }
 
+/// Every live process that [`is_our_vmm`] for `api_socket`.
+pub fn find_vmms(bin: &Path, api_socket: &Path) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()))
+        .filter(|&pid| is_our_vmm(pid, bin, api_socket))
+        .collect()
+}
+
 /// Whether `pid` runs `pocketvisor vmm` (the jailed form).
 pub fn is_jailed(pid: i32) -> bool {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();

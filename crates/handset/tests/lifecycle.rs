@@ -298,6 +298,33 @@ fn restarted_daemon_adopts_running_profiles() {
         let p = d.show("a");
         p.state == ProfileState::Running && p.pid.is_some_and(|x| x != a_pid)
     }));
+    // A VMM the registry does not know (its daemon died before recording it) is killed
+    // when the next daemon starts.
+    d.kill9();
+    let stray = std::process::Command::new(common::pv_bin())
+        .args(["run", "--config"])
+        .arg(d.dir.join("profiles/a/run/vm.toml"))
+        .arg("--api-socket")
+        .arg(d.dir.join("profiles/b/run/api.sock"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stray_pid = stray.id() as i32;
+    assert!(wait_until(Duration::from_secs(5), || d
+        .dir
+        .join("profiles/b/run/api.sock")
+        .exists()));
+    d.spawn();
+    assert!(d.events("b").iter().any(|e| e == "stray-killed"));
+    let mut stray = stray;
+    let _ = stray.wait();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{stray_pid}")).exists() || {
+            let st = std::fs::read_to_string(format!("/proc/{stray_pid}/stat")).unwrap_or_default();
+            st.contains(") Z")
+        }
+    );
     // SIGTERM: the daemon stops the VMs and exits 0.
     assert!(d.terminate().success());
     assert!(wait_until(Duration::from_secs(5), || d
