@@ -67,6 +67,8 @@ pub struct Vm {
     pub(crate) msr_list: Arc<Vec<u32>>,
     /// Each vCPU's CPUID and TSC frequency, read when it was built.
     pub(crate) cpu_models: Vec<CpuModel>,
+    /// Bytes of XSAVE state KVM holds per vCPU of this VM (KVM_CAP_XSAVE2; 0 if unknown).
+    pub(crate) xsave_size: usize,
 }
 
 /// KVM, the VM fd with its irqchip and PIT, after checking the configuration against the host.
@@ -172,6 +174,8 @@ impl Vm {
         if cfg.mergeable {
             mark_mergeable(&mem);
         }
+        let xsave_size =
+            usize::try_from(vm.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(0);
         let shared = Arc::new(VcpuShared {
             pio: devs.pio,
             mmio: devs.mmio,
@@ -195,6 +199,7 @@ impl Vm {
             balloon: devs.balloon,
             msr_list: Arc::new(msr_list),
             cpu_models,
+            xsave_size,
         }
     }
 
