@@ -6,6 +6,7 @@
 #![no_main]
 
 mod acpi;
+mod agent;
 mod bench;
 mod boot;
 mod hostile;
@@ -69,6 +70,7 @@ extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
     }
     match mode {
         "counter" => counter(boot.arg_u64("pv.counter.ms", 100)),
+        "agent" => agent::run(),
         "hostile" => hostile::run(),
         "pio-bench" => bench::pio(boot.arg_u64("pv.pio.iters", 1_000_000)),
         "blk-bench" => bench::blk(boot.arg_u64("pv.blk.mb", 64)),

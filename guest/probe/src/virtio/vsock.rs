@@ -30,6 +30,16 @@ const RX_DATA: u32 = 4096;
 /// Idle time after which an established connection is dropped.
 const CONN_IDLE_MS: u64 = 15_000;
 
+/// A byte-stream service run on the listener instead of the echo (see [`Vsock::serve_service`]).
+pub trait Service {
+    /// Connection slot `conn` (0..[`MAX_CONNS`]) was accepted: forget its old state.
+    fn opened(&mut self, conn: usize);
+    /// `data` arrived on `conn`; `false` resets the connection.
+    fn received(&mut self, conn: usize, data: &[u8]) -> bool;
+    /// Copies up to `out.len()` bytes of pending output for `conn` into `out`; returns the count.
+    fn take_output(&mut self, conn: usize, out: &mut [u8]) -> usize;
+}
+
 /// A decoded packet header.
 #[derive(Clone, Copy, Default)]
 struct Hdr {
@@ -277,7 +287,13 @@ impl Vsock {
     }
 
     /// Handles one received packet.
-    fn handle(&mut self, h: &Hdr, data: u64, port: u32) -> Result<(), &'static str> {
+    fn handle<'s>(
+        &mut self,
+        h: &Hdr,
+        data: u64,
+        port: u32,
+        svc: Option<&mut (dyn Service + 's)>,
+    ) -> Result<(), &'static str> {
         if h.typ != TYPE_STREAM || h.dst_cid != self.cid {
             return if h.op != OP_RST {
                 self.reply(h, OP_RST, 0, 0)
@@ -315,6 +331,9 @@ impl Vsock {
                             last_activity: time::now_ms(),
                         });
                         self.last_event = time::now_ms();
+                        if let Some(s) = svc {
+                            s.opened(i);
+                        }
                         self.reply(h, OP_RESPONSE, 0, 0)
                     }
                     _ => self.reply(h, OP_RST, 0, 0),
@@ -325,6 +344,20 @@ impl Vsock {
                     return Ok(());
                 };
                 let n = h.len.min(RX_DATA);
+                if let Some(s) = svc {
+                    // Consumed at once: the credit returns now (told every 16 KiB).
+                    let ok = s.received(i, mem::bytes(data, n as usize));
+                    let before = c.fwd_cnt;
+                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n);
+                    let fwd = c.fwd_cnt;
+                    if !ok {
+                        return self.close(i, true);
+                    }
+                    if before / 16384 != fwd / 16384 {
+                        return self.reply(h, OP_CREDIT_UPDATE, 0, fwd);
+                    }
+                    return Ok(());
+                }
                 if c.len + n > BUF_ALLOC {
                     // The peer ignored our credit: drop the connection.
                     return self.close(i, true);
@@ -363,9 +396,21 @@ impl Vsock {
 
     /// Sends as much of each connection's backlog as the peer's credit allows, and
     /// closes connections whose peer shut down once their backlog is empty.
-    fn flush(&mut self) -> Result<(), &'static str> {
+    fn flush<'s>(&mut self, mut svc: Option<&mut (dyn Service + 's)>) -> Result<(), &'static str> {
+        let echo = svc.is_none();
         for i in 0..MAX_CONNS {
-            while let Some(c) = self.conns[i].as_ref() {
+            loop {
+                // A service's output is pulled into the (empty) ring as it drains.
+                if let (Some(s), Some(c)) = (svc.as_deref_mut(), self.conns[i].as_mut()) {
+                    if c.len == 0 {
+                        c.head = 0;
+                        let n = s.take_output(i, mem::bytes(c.ring, BUF_ALLOC as usize));
+                        c.len = (n as u32).min(BUF_ALLOC);
+                    }
+                }
+                let Some(c) = self.conns[i].as_ref() else {
+                    break;
+                };
                 let contiguous = (BUF_ALLOC - c.head).min(c.len);
                 let n = contiguous.min(c.peer_credit()).min(4096);
                 if n == 0 {
@@ -381,7 +426,7 @@ impl Vsock {
                     op: OP_RW,
                     flags: 0,
                     buf_alloc: BUF_ALLOC,
-                    fwd_cnt: c.fwd_cnt.wrapping_add(n),
+                    fwd_cnt: c.fwd_cnt.wrapping_add(if echo { n } else { 0 }),
                 };
                 let src = c.ring + c.head as u64;
                 self.send(&h, Some((src, n)))?;
@@ -389,7 +434,9 @@ impl Vsock {
                     c.head = (c.head + n) % BUF_ALLOC;
                     c.len -= n;
                     c.tx_cnt = c.tx_cnt.wrapping_add(n);
-                    c.fwd_cnt = c.fwd_cnt.wrapping_add(n);
+                    if echo {
+                        c.fwd_cnt = c.fwd_cnt.wrapping_add(n);
+                    }
                 }
                 self.echoed += n as u64;
             }
@@ -425,8 +472,19 @@ impl Vsock {
         Ok(())
     }
 
-    /// Serves `port` until `wait_ms` pass without an open connection.
+    /// Serves `port` (echo) until `wait_ms` pass without an open connection.
     pub fn serve(&mut self, port: u32, wait_ms: u64) -> Result<(), &'static str> {
+        self.serve_service(port, wait_ms, None)
+    }
+
+    /// Serves `port` with `svc` (or the echo if `None`) until `wait_ms` pass without an
+    /// open connection.
+    pub fn serve_service<'s>(
+        &mut self,
+        port: u32,
+        wait_ms: u64,
+        mut svc: Option<&mut (dyn Service + 's)>,
+    ) -> Result<(), &'static str> {
         self.last_event = time::now_ms();
         loop {
             while let Some((head, used_len)) = self.rx.pop_used() {
@@ -440,7 +498,7 @@ impl Vsock {
                 if used_len >= HDR_LEN {
                     let mut h = Hdr::read(a);
                     h.len = h.len.min(used_len - HDR_LEN).min(RX_DATA);
-                    self.handle(&h, a + 4096, port)?;
+                    self.handle(&h, a + 4096, port, svc.as_deref_mut())?;
                 }
                 self.post_rx(slot)?;
                 self.rx.kick();
@@ -461,7 +519,7 @@ impl Vsock {
                 }]);
                 self.ev.kick();
             }
-            self.flush()?;
+            self.flush(svc.as_deref_mut())?;
             let open = self.conns.iter().any(Option::is_some);
             if !open && time::now_ms().saturating_sub(self.last_event) >= wait_ms {
                 return Ok(());
