@@ -1,0 +1,758 @@
+//! `snapshot_portable`: snapshot, restore and portable-file figures, in one run.
+//!
+//! ```text
+//! cargo run -p bench --release --bin snapshot_portable -- [--runs 3] [--mem 256,1024]
+//!     [--disk-mib 1024] [--no-vm] [--no-portable] [--json] [--bin PATH] [--probe PATH]
+//! ```
+//!
+//! 1. Snapshot and restore of the probe guest (counter mode, one line every 2 ms) with each
+//!    `--mem` size: `pocketvisor snapshot --stop` wall time (and the VMM's own pause-to-fsync
+//!    time), the snapshot's apparent and allocated size, and the time from spawning
+//!    `pocketvisor restore` to the first serial byte and to the first complete counter line
+//!    of the restored guest. A cold boot to the first counter line is given for reference.
+//! 2. Export and import of a stopped profile with a `--disk-mib` disk of mixed data (half
+//!    random, a quarter written zeros, a quarter log-like text), against
+//!    `zstd -3 -T1 | openssl enc -aes-256-ctr -pbkdf2` and `... -chacha20 ...` (openssl enc
+//!    has no AEAD modes, so the baselines are unauthenticated) run on the same disk file in the
+//!    same run, each followed by `sync FILE` since pocketvisor fsyncs what it writes.
+//!
+//! Medians over `--runs`; the page cache is warm for every contender.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "\
+usage: snapshot_portable [--runs N] [--mem MIB,MIB..] [--disk-mib N] [--no-vm] [--no-portable]
+                         [--json] [--bin PATH] [--probe PATH] [--work DIR]
+
+The pocketvisor binary defaults to $POCKETVISOR_BIN, else target/release/pocketvisor (built
+with `cargo build --release -p pocketvisor` first). Needs /dev/kvm for the VM part, zstd and
+openssl for the baselines.";
+
+const PASSPHRASE: &str = "bench passphrase, not secret";
+
+#[derive(Debug, Clone)]
+struct Opts {
+    runs: usize,
+    mem: Vec<u64>,
+    disk_mib: u64,
+    vm: bool,
+    portable: bool,
+    json: bool,
+    bin: Option<PathBuf>,
+    probe: Option<PathBuf>,
+    work: Option<PathBuf>,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
+    let mut o = Opts {
+        runs: 3,
+        mem: vec![256, 1024],
+        disk_mib: 1024,
+        vm: true,
+        portable: true,
+        json: false,
+        bin: None,
+        probe: None,
+        work: None,
+    };
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match arg.as_str() {
+            "--runs" => o.runs = value("--runs")?.parse().context("--runs")?,
+            "--mem" => {
+                o.mem = value("--mem")?
+                    .split(',')
+                    .map(|m| m.trim().parse::<u64>().context("--mem"))
+                    .collect::<Result<_>>()?
+            }
+            "--disk-mib" => o.disk_mib = value("--disk-mib")?.parse().context("--disk-mib")?,
+            "--no-vm" => o.vm = false,
+            "--no-portable" => o.portable = false,
+            "--json" => o.json = true,
+            "--bin" => o.bin = Some(value("--bin")?.into()),
+            "--probe" => o.probe = Some(value("--probe")?.into()),
+            "--work" => o.work = Some(value("--work")?.into()),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if o.runs == 0 || o.disk_mib < 4 || o.mem.iter().any(|&m| m < 64) {
+        bail!("--runs must be >= 1, --disk-mib >= 4 and every --mem >= 64");
+    }
+    Ok(o)
+}
+
+fn main() {
+    let result = parse_args(std::env::args().skip(1)).and_then(run);
+    if let Err(e) = result {
+        eprintln!("snapshot_portable: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Median of `v` (mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a command to completion; fails with its stderr if it fails. Returns (stdout, time).
+fn run_cmd(cmd: &mut Command) -> Result<(String, Duration)> {
+    let t0 = Instant::now();
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    let t = t0.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), t))
+}
+
+fn sh(script: &str) -> Result<Duration> {
+    run_cmd(Command::new("sh").args(["-c", script])).map(|(_, t)| t)
+}
+
+/// Polls `path` every 0.2 ms until `pred` holds for its contents; the time it took from `t0`.
+fn wait_file(
+    path: &Path,
+    t0: Instant,
+    timeout: Duration,
+    pred: impl Fn(&[u8]) -> bool,
+) -> Result<Duration> {
+    loop {
+        if let Ok(bytes) = std::fs::read(path) {
+            if pred(&bytes) {
+                return Ok(t0.elapsed());
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!("timed out waiting for {}", path.display());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn has_counter_line(bytes: &[u8]) -> bool {
+    bytes
+        .split_inclusive(|&b| b == b'\n')
+        .any(|l| l.ends_with(b"\n") && l.starts_with(b"PROBE counter "))
+}
+
+/// Apparent and allocated bytes of the files in `dir`.
+fn dir_size(dir: &Path) -> Result<(u64, u64)> {
+    let mut apparent = 0;
+    let mut allocated = 0;
+    for e in std::fs::read_dir(dir)? {
+        let m = e?.metadata()?;
+        if m.is_file() {
+            apparent += m.len();
+            allocated += m.blocks() * 512;
+        }
+    }
+    Ok((apparent, allocated))
+}
+
+struct Setup {
+    bin: PathBuf,
+    probe: PathBuf,
+    work: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+fn setup(o: &Opts) -> Result<Setup> {
+    let root = e2e::paths::workspace_root();
+    let bin = match o
+        .bin
+        .clone()
+        .or_else(|| std::env::var_os("POCKETVISOR_BIN").map(PathBuf::from))
+    {
+        Some(b) => b,
+        None => {
+            eprintln!("snapshot_portable: cargo build --release -p pocketvisor");
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let st = Command::new(cargo)
+                .args(["build", "--release", "-p", "pocketvisor"])
+                .current_dir(&root)
+                .status()
+                .context("run cargo")?;
+            if !st.success() {
+                bail!("cargo build --release -p pocketvisor failed");
+            }
+            e2e::paths::target_dir().join("release/pocketvisor")
+        }
+    };
+    let probe = o
+        .probe
+        .clone()
+        .unwrap_or_else(|| root.join("guest/out/probe.elf"));
+    let work = o.work.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("pv-bench-portable-{}", std::process::id()))
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    Ok(Setup { bin, probe, work })
+}
+
+/// Snapshot and restore figures of one guest size.
+#[derive(Debug, Default, serde::Serialize)]
+struct VmFigures {
+    memory_mib: u64,
+    boot_to_first_counter_ms: f64,
+    snapshot_cli_ms: f64,
+    snapshot_vmm_ms: f64,
+    state_bytes: f64,
+    snapshot_apparent_bytes: f64,
+    snapshot_allocated_bytes: f64,
+    restore_to_first_byte_ms: f64,
+    restore_to_first_counter_ms: f64,
+}
+
+fn vm_once(s: &Setup, mib: u64, run: usize) -> Result<[f64; 8]> {
+    let dir = s.work.join(format!("vm-{mib}-{run}"));
+    std::fs::create_dir_all(&dir)?;
+    let (serial, api) = (dir.join("serial.log"), dir.join("api.sock"));
+    let t0 = Instant::now();
+    let mut vm = Proc(
+        Command::new(&s.bin)
+            .arg("run")
+            .arg("--kernel")
+            .arg(&s.probe)
+            .args(["--cmdline", "pv.mode=counter pv.counter.ms=2"])
+            .args(["--memory", &mib.to_string()])
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--api-socket")
+            .arg(&api)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let boot = wait_file(&serial, t0, Duration::from_secs(60), has_counter_line)?;
+    wait_file(&serial, t0, Duration::from_secs(60), |b| {
+        String::from_utf8_lossy(b).contains("PROBE counter 20\n")
+    })?;
+    let snap = dir.join("snap");
+    let (out, snap_t) = run_cmd(
+        Command::new(&s.bin)
+            .arg("snapshot")
+            .arg("--api-socket")
+            .arg(&api)
+            .arg("-o")
+            .arg(&snap)
+            .arg("--stop"),
+    )?;
+    let vmm_ms: f64 = out
+        .split_whitespace()
+        .find_map(|w| w.trim_end_matches(')').strip_prefix("ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    let t_exit = Instant::now();
+    while vm.0.try_wait()?.is_none() {
+        if t_exit.elapsed() > Duration::from_secs(10) {
+            bail!("the VM did not stop after its snapshot");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (apparent, allocated) = dir_size(&snap)?;
+    let state = std::fs::metadata(snap.join("state.bin"))?.len();
+
+    let serial2 = dir.join("serial2.log");
+    std::fs::File::create(&serial2)?;
+    let t1 = Instant::now();
+    let _restored = Proc(
+        Command::new(&s.bin)
+            .arg("restore")
+            .arg(&snap)
+            .arg("--serial")
+            .arg(format!("file:{}", serial2.display()))
+            .arg("--api-socket")
+            .arg(dir.join("api2.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let first_byte = wait_file(&serial2, t1, Duration::from_secs(60), |b| !b.is_empty())?;
+    let first_line = wait_file(&serial2, t1, Duration::from_secs(60), has_counter_line)?;
+    drop(_restored);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok([
+        ms(boot),
+        ms(snap_t),
+        vmm_ms,
+        state as f64,
+        apparent as f64,
+        allocated as f64,
+        ms(first_byte),
+        ms(first_line),
+    ])
+}
+
+fn vm_figures(s: &Setup, o: &Opts, mib: u64) -> Result<VmFigures> {
+    let mut cols: Vec<Vec<f64>> = vec![Vec::new(); 8];
+    for run in 0..o.runs {
+        let r = vm_once(s, mib, run).with_context(|| format!("{mib} MiB guest, run {run}"))?;
+        for (c, v) in cols.iter_mut().zip(r) {
+            c.push(v);
+        }
+    }
+    let m: Vec<f64> = cols.iter().map(|c| median(c)).collect();
+    Ok(VmFigures {
+        memory_mib: mib,
+        boot_to_first_counter_ms: m[0],
+        snapshot_cli_ms: m[1],
+        snapshot_vmm_ms: m[2],
+        state_bytes: m[3],
+        snapshot_apparent_bytes: m[4],
+        snapshot_allocated_bytes: m[5],
+        restore_to_first_byte_ms: m[6],
+        restore_to_first_counter_ms: m[7],
+    })
+}
+
+/// One contender of the portable-file comparison.
+#[derive(Debug, serde::Serialize)]
+struct Transfer {
+    name: String,
+    seconds: f64,
+    mb_per_s: f64,
+    output_bytes: u64,
+}
+
+/// Writes the disk: half random, a quarter written zeros, a quarter log-like text.
+fn fill_disk(path: &Path, mib: u64) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let mut urandom = std::fs::File::open("/dev/urandom")?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    const USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "mallory"];
+    const PATHS: [&str; 5] = [
+        "/api/v1/mail",
+        "/sync",
+        "/calendar/events",
+        "/login",
+        "/files",
+    ];
+    for i in 0..mib {
+        if i < mib / 2 {
+            urandom.read_exact(&mut buf)?;
+        } else if i < mib * 3 / 4 {
+            buf.fill(0);
+        } else {
+            let mut text = String::with_capacity(buf.len() + 200);
+            while text.len() < buf.len() {
+                let r = next();
+                text.push_str(&format!(
+                    "2026-11-25T{:02}:{:02}:{:02}.{:03}Z INFO app[{}]: GET {} user={} status={} took {} ms\n",
+                    r % 24,
+                    (r >> 8) % 60,
+                    (r >> 16) % 60,
+                    (r >> 24) % 1000,
+                    1000 + (r >> 34) % 9000,
+                    PATHS[((r >> 40) % 5) as usize],
+                    USERS[((r >> 44) % 6) as usize],
+                    [200, 200, 200, 304, 404, 500][((r >> 48) % 6) as usize],
+                    (r >> 52) % 900
+                ));
+            }
+            let n = buf.len();
+            buf.copy_from_slice(&text.as_bytes()[..n]);
+        }
+        f.write_all(&buf)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+fn portable_figures(s: &Setup, o: &Opts) -> Result<(Vec<Transfer>, Vec<Transfer>)> {
+    let root = s.work.join("portable");
+    let state_a = root.join("a");
+    std::fs::create_dir_all(&state_a)?;
+    let pass = root.join("pass");
+    std::fs::write(&pass, format!("{PASSPHRASE}\n"))?;
+    // Create the profile through a short-lived daemon.
+    let spec = root.join("bench.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"bench\"\nkernel = \"probe\"\nmemory_mib = 128\n\
+             disks = [{{ name = \"data\", size_mib = {} }}]\n",
+            o.disk_mib
+        ),
+    )?;
+    {
+        let cgroup = format!("pv-bench-portable-{}", std::process::id());
+        let mut daemon = Proc(
+            Command::new(&s.bin)
+                .arg("handset")
+                .arg("--state-dir")
+                .arg(&state_a)
+                .args(["--cgroup-parent", &cgroup])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let sock = state_a.join("handset.sock");
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("the handset daemon does not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        run_cmd(
+            Command::new(&s.bin)
+                .args(["profile", "--state-dir"])
+                .arg(&state_a)
+                .args(["create", "--file"])
+                .arg(&spec),
+        )?;
+        // SAFETY: kill(2) on our own child's pid; no memory involved.
+        unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+        let _ = daemon.0.wait();
+    }
+    let disk = state_a.join("profiles/bench/disks/data.img");
+    eprintln!(
+        "snapshot_portable: writing a {} MiB disk (1/2 random, 1/4 zeros, 1/4 text)",
+        o.disk_mib
+    );
+    fill_disk(&disk, o.disk_mib)?;
+    let bytes = o.disk_mib << 20;
+    let mbs = |t: Duration| bytes as f64 / 1e6 / t.as_secs_f64();
+    let pvp = root.join("bench.pvp");
+    let pvp_fast = root.join("bench-fast.pvp");
+    let enc_ctr = root.join("disk.zst.aes-ctr");
+    let enc_chacha = root.join("disk.zst.chacha20");
+    let dec = root.join("decrypted.img");
+    let q = |p: &Path| p.display().to_string();
+
+    type Job<'a> = (
+        &'a str,
+        Box<dyn Fn(usize) -> Result<Duration> + 'a>,
+        PathBuf,
+    );
+    let export = |out: &Path, fast: bool| -> Result<Duration> {
+        let mut c = Command::new(&s.bin);
+        c.args(["export", "bench", "-o"])
+            .arg(out)
+            .arg("--state-dir")
+            .arg(&state_a)
+            .arg("--passphrase-file")
+            .arg(&pass);
+        if fast {
+            c.env("POCKETVISOR_KDF", "fast");
+        }
+        run_cmd(&mut c).map(|(_, t)| t)
+    };
+    let import = |file: &Path, run: usize| -> Result<Duration> {
+        let dest = root.join(format!("b-{run}"));
+        let t = run_cmd(
+            Command::new(&s.bin)
+                .arg("import")
+                .arg(file)
+                .arg("--state-dir")
+                .arg(&dest)
+                .arg("--passphrase-file")
+                .arg(&pass),
+        )?
+        .1;
+        if run == 0 {
+            let copy = dest.join("profiles/bench/disks/data.img");
+            sh(&format!("cmp -s {} {}", q(&disk), q(&copy)))
+                .context("the imported disk differs from the exported one")?;
+        }
+        std::fs::remove_dir_all(&dest)?;
+        Ok(t)
+    };
+    let exports: Vec<Job> = vec![
+        (
+            "pocketvisor export (argon2id default)",
+            Box::new(|_| export(&pvp, false)),
+            pvp.clone(),
+        ),
+        (
+            "pocketvisor export (KDF=fast)",
+            Box::new(|_| export(&pvp_fast, true)),
+            pvp_fast.clone(),
+        ),
+        (
+            "zstd -3 -T1 | openssl enc -aes-256-ctr -pbkdf2",
+            Box::new(|_| {
+                sh(&format!(
+                    "zstd -3 -T1 -q -c {} | openssl enc -aes-256-ctr -pbkdf2 -pass file:{} -out {} && sync {}",
+                    q(&disk), q(&pass), q(&enc_ctr), q(&enc_ctr)
+                ))
+            }),
+            enc_ctr.clone(),
+        ),
+        (
+            "zstd -3 -T1 | openssl enc -chacha20 -pbkdf2",
+            Box::new(|_| {
+                sh(&format!(
+                    "zstd -3 -T1 -q -c {} | openssl enc -chacha20 -pbkdf2 -pass file:{} -out {} && sync {}",
+                    q(&disk), q(&pass), q(&enc_chacha), q(&enc_chacha)
+                ))
+            }),
+            enc_chacha.clone(),
+        ),
+    ];
+    let decrypt = |input: &Path, cipher: &str| -> Result<Duration> {
+        let t = sh(&format!(
+            "openssl enc -d {cipher} -pbkdf2 -pass file:{} -in {} | zstd -d -T1 -q -f -o {} && sync {}",
+            q(&pass),
+            q(input),
+            q(&dec),
+            q(&dec)
+        ))?;
+        std::fs::remove_file(&dec)?;
+        Ok(t)
+    };
+    let imports: Vec<Job> = vec![
+        (
+            "pocketvisor import (argon2id default)",
+            Box::new(|r| import(&pvp, r)),
+            pvp.clone(),
+        ),
+        (
+            "pocketvisor import (KDF=fast)",
+            Box::new(|r| import(&pvp_fast, r)),
+            pvp_fast.clone(),
+        ),
+        (
+            "openssl enc -d -aes-256-ctr | zstd -d",
+            Box::new(|_| decrypt(&enc_ctr, "-aes-256-ctr")),
+            enc_ctr.clone(),
+        ),
+        (
+            "openssl enc -d -chacha20 | zstd -d",
+            Box::new(|_| decrypt(&enc_chacha, "-chacha20")),
+            enc_chacha.clone(),
+        ),
+    ];
+    let measure = |jobs: &[Job], output_is_input: bool| -> Result<Vec<Transfer>> {
+        let mut times = vec![Vec::new(); jobs.len()];
+        // Interleaved, so that a slow phase of the host hits every contender alike.
+        for run in 0..o.runs {
+            for (i, (name, job, _)) in jobs.iter().enumerate() {
+                let t = job(run).with_context(|| format!("{name}, run {run}"))?;
+                times[i].push(t.as_secs_f64());
+            }
+        }
+        Ok(jobs
+            .iter()
+            .zip(times)
+            .map(|((name, _, file), t)| {
+                let secs = median(&t);
+                Transfer {
+                    name: name.to_string(),
+                    seconds: secs,
+                    mb_per_s: mbs(Duration::from_secs_f64(secs)),
+                    output_bytes: if output_is_input {
+                        bytes
+                    } else {
+                        std::fs::metadata(file).map(|m| m.len()).unwrap_or(0)
+                    },
+                }
+            })
+            .collect())
+    };
+    eprintln!("snapshot_portable: export contenders, {} runs", o.runs);
+    let ex = measure(&exports, false)?;
+    eprintln!("snapshot_portable: import contenders, {} runs", o.runs);
+    let im = measure(&imports, true)?;
+    Ok((ex, im))
+}
+
+fn print_transfers(title: &str, rows: &[Transfer], with_size: bool) {
+    println!("{title}");
+    println!(
+        "  {:<46} {:>8} {:>9} {:>11} {:>10}",
+        "contender",
+        "time s",
+        "MB/s",
+        if with_size { "file MiB" } else { "" },
+        "vs first"
+    );
+    let base = rows.first().map(|r| r.seconds).unwrap_or(f64::NAN);
+    for r in rows {
+        println!(
+            "  {:<46} {:>8.2} {:>9.0} {:>11} {:>9.2}x",
+            r.name,
+            r.seconds,
+            r.mb_per_s,
+            if with_size {
+                format!("{:.1}", r.output_bytes as f64 / 1048576.0)
+            } else {
+                String::new()
+            },
+            r.seconds / base
+        );
+    }
+}
+
+fn run(o: Opts) -> Result<()> {
+    let s = setup(&o)?;
+    let mut vms = Vec::new();
+    if o.vm {
+        if !Path::new("/dev/kvm").exists() {
+            eprintln!("snapshot_portable: SKIP the VM part: no /dev/kvm");
+        } else if !s.probe.is_file() {
+            eprintln!(
+                "snapshot_portable: SKIP the VM part: {} missing (guest/build-probe.sh)",
+                s.probe.display()
+            );
+        } else {
+            for &mib in &o.mem {
+                eprintln!("snapshot_portable: {mib} MiB guest, {} runs", o.runs);
+                vms.push(vm_figures(&s, &o, mib)?);
+            }
+        }
+    }
+    let transfers = if o.portable {
+        Some(portable_figures(&s, &o)?)
+    } else {
+        None
+    };
+    if o.json {
+        let v = serde_json::json!({
+            "runs": o.runs,
+            "snapshot_restore": vms,
+            "disk_mib": o.disk_mib,
+            "export": transfers.as_ref().map(|t| &t.0),
+            "import": transfers.as_ref().map(|t| &t.1),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if !vms.is_empty() {
+        println!(
+            "snapshot and restore, probe guest in counter mode (medians of {} runs)",
+            o.runs
+        );
+        println!(
+            "  {:>6} {:>10} {:>10} {:>10} {:>9} {:>12} {:>12} {:>10} {:>11}",
+            "guest",
+            "boot->ctr",
+            "snap cli",
+            "snap vmm",
+            "state",
+            "snap appar.",
+            "snap alloc",
+            "rst->byte",
+            "rst->line"
+        );
+        for v in &vms {
+            println!(
+                "  {:>5}M {:>8.1}ms {:>8.1}ms {:>8.1}ms {:>7.0}KiB {:>10.1}MiB {:>10.2}MiB {:>8.1}ms {:>9.1}ms",
+                v.memory_mib,
+                v.boot_to_first_counter_ms,
+                v.snapshot_cli_ms,
+                v.snapshot_vmm_ms,
+                v.state_bytes / 1024.0,
+                v.snapshot_apparent_bytes / 1048576.0,
+                v.snapshot_allocated_bytes / 1048576.0,
+                v.restore_to_first_byte_ms,
+                v.restore_to_first_counter_ms
+            );
+        }
+        println!();
+    }
+    if let Some((ex, im)) = &transfers {
+        let what = format!(
+            "{} MiB disk: 1/2 random, 1/4 written zeros, 1/4 text; medians of {} runs",
+            o.disk_mib, o.runs
+        );
+        print_transfers(&format!("export ({what})"), ex, true);
+        println!();
+        print_transfers(&format!("import ({what})"), im, false);
+        println!(
+            "\n  MB/s = disk bytes (10^6) per second; 'vs first' = time / pocketvisor's time.\n  \
+             pocketvisor: zstd-3 + XChaCha20-Poly1305 per 1 MiB chunk, fsync + rename; \
+             baselines: unauthenticated, then `sync FILE`."
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_args() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        let o = parse_args(
+            ["--runs", "2", "--mem", "256", "--no-vm"]
+                .map(String::from)
+                .into_iter(),
+        )
+        .unwrap();
+        assert_eq!((o.runs, o.mem.as_slice(), o.vm), (2, &[256u64][..], false));
+        assert!(parse_args(["--runs", "0"].map(String::from).into_iter()).is_err());
+        assert!(parse_args(["--bogus"].map(String::from).into_iter()).is_err());
+    }
+
+    #[test]
+    fn counter_lines_must_be_complete() {
+        assert!(!has_counter_line(b"PROBE counter 1"));
+        assert!(has_counter_line(b"x\nPROBE counter 1\n"));
+        assert!(!has_counter_line(b"PROBE ready\n"));
+    }
+}
