@@ -414,14 +414,14 @@ impl Handset {
         if let Err(e) = entered {
             let e = fail(&mut child, e);
             let _ = child.wait().await;
-            let _ = self.cgroups.remove(name);
+            self.cleanup_run(name);
             return Err(e);
         }
         // Wait until the API answers (the socket exists once the VM is built).
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                let _ = self.cgroups.remove(name);
+                self.cleanup_run(name);
                 return Err(Error::Vmm(format!(
                     "the VMM exited at start ({status}): {}",
                     vmm_proc::log_tail(&log, 400)
@@ -436,7 +436,7 @@ impl Handset {
                     Error::Vmm(format!("no API socket after {START_TIMEOUT:?}")),
                 );
                 let _ = child.wait().await;
-                let _ = self.cgroups.remove(name);
+                self.cleanup_run(name);
                 return Err(e);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -172,6 +172,13 @@ pub struct ChannelPolicy {
     /// Profiles this one may send files to.
     #[serde(default)]
     pub files_to: Vec<String>,
+    /// Profiles this one accepts clipboard data from; absent: any profile whose own
+    /// `clipboard_to` names this one (see `channels::decide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clipboard_from: Option<Vec<String>>,
+    /// Profiles this one accepts files from; absent: any profile whose `files_to` names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files_from: Option<Vec<String>>,
 }
 
 /// The built-in templates.
@@ -187,6 +194,7 @@ impl ProfileSpec {
                 ChannelPolicy {
                     clipboard_to: vec!["work".into()],
                     files_to: vec!["work".into()],
+                    ..ChannelPolicy::default()
                 },
                 BackgroundMode::Run,
             ),
@@ -318,6 +326,8 @@ impl ProfileSpec {
             .clipboard_to
             .iter()
             .chain(&self.channels.files_to)
+            .chain(self.channels.clipboard_from.iter().flatten())
+            .chain(self.channels.files_from.iter().flatten())
         {
             check_name("channel peer", n)?;
         }

@@ -605,3 +605,52 @@ fn jailed_profiles_run_switch_and_restart() {
         .unwrap_or_default();
     assert!(left.is_empty(), "jail dirs left: {left:?}");
 }
+
+#[test]
+fn a_vmm_that_cannot_start_leaves_nothing_behind() {
+    if !can_run_vms("a_vmm_that_cannot_start_leaves_nothing_behind") {
+        return;
+    }
+    let d = Daemon::start("badkernel");
+    let junk = d.dir.join("junk.elf");
+    std::fs::write(&junk, b"this is not a kernel").unwrap();
+    let text = format!(
+        "name = \"bad\"\nkernel = \"{}\"\nmemory_mib = 80\n",
+        junk.display()
+    );
+    let req = handset::CreateProfile {
+        spec: Some(handset::ProfileSpec::from_toml(&text).unwrap()),
+        ..Default::default()
+    };
+    let _: ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    match d.act("bad", "start") {
+        Err(ClientError::Api {
+            status: 500,
+            message,
+        }) => {
+            assert!(message.contains("exited at start"), "{message}")
+        }
+        other => panic!("start of a junk kernel: {other:?}"),
+    }
+    let p = d.show("bad");
+    assert_eq!((p.state, p.pid), (ProfileState::Stopped, None));
+    assert!(d.our_processes().is_empty());
+    assert!(!d.dir.join("profiles/bad/run/api.sock").exists());
+    assert!(!d.dir.join("jail/bad").exists());
+    // A missing kernel is refused before anything is spawned.
+    let text = "name = \"gone\"\nkernel = \"/nonexistent/vmlinux\"\nmemory_mib = 80\n";
+    let req = handset::CreateProfile {
+        spec: Some(handset::ProfileSpec::from_toml(text).unwrap()),
+        ..Default::default()
+    };
+    let _: ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    match d.act("gone", "start") {
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => {
+            assert!(message.contains("does not exist"), "{message}")
+        }
+        other => panic!("start of a missing kernel: {other:?}"),
+    }
+}
