@@ -39,6 +39,10 @@ demo: build $(DEMO_DISK)
 	fi
 
 test: build
+	@if $(PV) doctor --json | grep -q '"linux": true' && [ ! -f $(LINUX)/vmlinux ]; then \
+		echo "test: hardware virtualization here: building the Linux guest for its test"; \
+		guest/build-linux.sh; \
+	fi
 	$(CARGO) test --workspace --no-fail-fast
 
 bench: probe
