@@ -142,11 +142,15 @@ fn write_atomic(
         .truncate(true)
         .open(&tmp)
         .map_err(io_err("cannot create", &tmp))?;
-    fill(&file, &tmp)?;
-    file.sync_all().map_err(io_err("cannot sync", &tmp))?;
-    drop(file);
     let dst = dir.join(name);
-    std::fs::rename(&tmp, &dst).map_err(io_err("cannot rename into", &dst))
+    let result = fill(&file, &tmp)
+        .and_then(|()| file.sync_all().map_err(io_err("cannot sync", &tmp)))
+        .and_then(|()| std::fs::rename(&tmp, &dst).map_err(io_err("cannot rename into", &dst)));
+    if result.is_err() {
+        // A failed snapshot leaves no half-written file behind (a full disk stays usable).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
@@ -646,6 +650,10 @@ mod tests {
         let again = load_memory(&path, &regions, &cfg).unwrap();
         again.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"hello");
+        // A failing writer leaves nothing behind.
+        let failed = write_atomic(&dir, "x.bin", |_, _| Err(Error::Snapshot("no".into())));
+        assert!(failed.is_err());
+        assert!(!dir.join(".x.bin.tmp").exists() && !dir.join("x.bin").exists());
         // Saving a restored (file-backed) memory again writes the file's data pages and the
         // page changed since, and nothing else.
         back.write_slice(b"new", GuestAddress(0x50_0000)).unwrap();
