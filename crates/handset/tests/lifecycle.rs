@@ -190,6 +190,23 @@ fn two_profiles_run_and_switch() {
         "MEASURE switch: {switch_ms:.2} ms (resume a paused profile), {switch_back_ms:.2} ms (pause one); vmm RSS {}",
         rss.join(" ")
     ));
+    // A paused background profile can be suspended to disk; resumed, it is paused again
+    // (still in the background), and switching to it runs it.
+    assert_eq!(d.show("home").state, ProfileState::Paused);
+    assert_eq!(
+        d.act("home", "suspend").unwrap().state,
+        ProfileState::Suspended
+    );
+    assert_eq!(d.act("home", "resume").unwrap().state, ProfileState::Paused);
+    assert_eq!(
+        d.act("home", "switch").unwrap().state,
+        ProfileState::Running
+    );
+    let h1 = last_counter(&d.serial("home"));
+    assert!(wait_until(Duration::from_secs(5), || last_counter(
+        &d.serial("home")
+    ) > h1));
+    d.act("work", "switch").unwrap();
     // Stopping a paused profile works through its API (no signals needed).
     assert_eq!(d.show("home").state, ProfileState::Paused);
     d.act("home", "stop").unwrap();
