@@ -44,7 +44,6 @@
 pub mod api;
 pub mod api_types;
 pub mod cgroup;
-pub mod channels;
 pub mod client;
 pub mod daemon;
 pub mod db;
