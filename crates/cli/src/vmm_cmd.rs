@@ -25,18 +25,41 @@ const SELFTEST_ENV: &str = "POCKETVISOR_JAIL_SELFTEST";
 /// Run one VM jailed: namespaces, private root, cgroup, no privileges, seccomp.
 #[derive(Args, Debug)]
 #[command(after_help = "\
-EXAMPLE:
+EXAMPLES:
   pocketvisor vmm --config /var/lib/handset/work/vm.toml --jail-id work \\
       --api-socket /run/handset/work/api.sock --cgroup /sys/fs/cgroup/pocketvisor/work \\
       --memory-max 600M --cpu-weight 100 --uid 1001 --gid 1001
+  pocketvisor vmm --restore /var/lib/handset/work/snap --disk /var/lib/handset/work/disk.img \\
+      --serial file:/run/handset/work/serial.log --jail-id work --api-socket ...
 
-Inside the jail the kernel is /boot/kernel, the initrd /boot/initrd, disk i /disks/<i>,
-and the directory of each socket or log file /run/<n>. The exit status is the VM's; 128+N
+Inside the jail the kernel is /boot/kernel, the initrd /boot/initrd, a restored snapshot
+/snapshot (read-only), disk i /disks/<i>, and the directory of each socket or log file
+/run/<n> (API snapshot requests name directories there, e.g. /run/0/snap). The exit status is the VM's; 128+N
 when signal N killed the jailed process (159: SIGSYS, a syscall outside the allowlist).")]
 pub struct VmmArgs {
     /// VM configuration file (TOML, the fields of `pocketvisor run --config`).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "restore",
+        conflicts_with = "restore"
+    )]
+    config: Option<PathBuf>,
+    /// Restore this snapshot directory instead of booting (bind-mounted read-only).
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    /// With --restore: where the serial console goes: stdout, file:PATH or none.
+    #[arg(long, value_name = "WHERE", requires = "restore", value_parser = crate::run::parse_serial)]
+    serial: Option<SerialConfig>,
+    /// With --restore: disk image paths replacing the saved ones, in order. Repeatable.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    disk: Vec<PathBuf>,
+    /// With --restore: TAP names replacing the saved ones, in order. Repeatable.
+    #[arg(long, value_name = "NAME", requires = "restore")]
+    tap: Vec<String>,
+    /// With --restore: the vsock unix socket path.
+    #[arg(long, value_name = "PATH", requires = "restore")]
+    vsock_socket: Option<PathBuf>,
     /// Serve the control API on this unix socket (host path; its directory is bind-mounted).
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
@@ -94,9 +117,19 @@ fn selftest() -> Option<SelfTest> {
 pub fn main(args: VmmArgs) -> Result<i32> {
     let started = Instant::now();
     jail::id::validate(&args.jail_id)?;
-    let cfg = load_config(&args.config)?;
+    let cfg = match (&args.config, &args.restore) {
+        (Some(path), _) => load_config(path)?,
+        (None, Some(dir)) => restored_config(&args, dir)?,
+        (None, None) => bail!("--config FILE or --restore DIR is required"),
+    };
     let mut root = JailRoot::create(&args.jail_root, &args.jail_id)?;
-    let prepared = prepare(&mut root, &cfg, args.api_socket.as_deref()).and_then(|jailed| {
+    let prepared = prepare(
+        &mut root,
+        &cfg,
+        args.restore.as_deref(),
+        args.api_socket.as_deref(),
+    )
+    .and_then(|jailed| {
         let cg = setup_cgroup(&args)?;
         Ok((jailed, cg))
     });
@@ -147,7 +180,63 @@ fn load_config(path: &Path) -> Result<VmConfig> {
 }
 
 /// Plans the bind mounts for everything `cfg` uses and rewrites its paths to the jail's.
-fn prepare(root: &mut JailRoot, cfg: &VmConfig, api_socket: Option<&Path>) -> Result<Jailed> {
+/// The configuration a restore of `dir` runs with, in host paths: the saved one with the
+/// command line's overrides applied (a snapshot taken in a jail holds jail paths, which the
+/// overrides replace).
+fn restored_config(args: &VmmArgs, dir: &Path) -> Result<VmConfig> {
+    let mut cfg =
+        vmm::snapshot::inspect(dir).with_context(|| format!("cannot restore {}", dir.display()))?;
+    if let Some(s) = &args.serial {
+        cfg.serial = s.clone();
+    }
+    if args.disk.len() > cfg.disks.len() {
+        bail!(
+            "{} disks given, the snapshot has {}",
+            args.disk.len(),
+            cfg.disks.len()
+        );
+    }
+    for (d, p) in cfg.disks.iter_mut().zip(&args.disk) {
+        d.path = p.clone();
+    }
+    if args.tap.len() > cfg.net.len() {
+        bail!(
+            "{} taps given, the snapshot has {} network devices",
+            args.tap.len(),
+            cfg.net.len()
+        );
+    }
+    for (n, t) in cfg.net.iter_mut().zip(&args.tap) {
+        n.tap = t.clone();
+    }
+    if let Some(p) = &args.vsock_socket {
+        match &mut cfg.vsock {
+            Some(v) => v.socket = p.clone(),
+            None => bail!("the snapshot has no vsock device"),
+        }
+    }
+    Ok(cfg)
+}
+
+/// The overrides that make a restore inside the jail use the jail's paths for everything.
+fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
+    vmm::RestoreOverrides {
+        serial: Some(jailed.serial.clone()),
+        disks: jailed.disks.iter().map(|d| d.path.clone()).collect(),
+        vsock_socket: jailed.vsock.as_ref().map(|v| v.socket.clone()),
+        taps: jailed.net.iter().map(|n| n.tap.clone()).collect(),
+    }
+}
+
+/// Where a snapshot being restored appears in the jail.
+const JAIL_SNAPSHOT: &str = "/snapshot";
+
+fn prepare(
+    root: &mut JailRoot,
+    cfg: &VmConfig,
+    restore: Option<&Path>,
+    api_socket: Option<&Path>,
+) -> Result<Jailed> {
     let mut out = cfg.clone();
     let mut add = |source: &Path, target: &str, read_only: bool, dir: bool, device: bool| {
         let source = std::fs::canonicalize(source)
@@ -171,11 +260,16 @@ fn prepare(root: &mut JailRoot, cfg: &VmConfig, api_socket: Option<&Path>) -> Re
             true,
         )?;
     }
-    add(&cfg.kernel, "/boot/kernel", true, false, false)?;
-    out.kernel = "/boot/kernel".into();
-    if let Some(initrd) = &cfg.initrd {
-        add(initrd, "/boot/initrd", true, false, false)?;
-        out.initrd = Some("/boot/initrd".into());
+    if let Some(dir) = restore {
+        // The kernel is in the snapshot's memory; only the snapshot is needed.
+        add(dir, JAIL_SNAPSHOT, true, true, false)?;
+    } else {
+        add(&cfg.kernel, "/boot/kernel", true, false, false)?;
+        out.kernel = "/boot/kernel".into();
+        if let Some(initrd) = &cfg.initrd {
+            add(initrd, "/boot/initrd", true, false, false)?;
+            out.initrd = Some("/boot/initrd".into());
+        }
     }
     for (i, (d, o)) in cfg.disks.iter().zip(out.disks.iter_mut()).enumerate() {
         let target = format!("/disks/{i}");
@@ -338,7 +432,11 @@ fn child(
             }
         }
     }
-    let vm = Vm::new(&jailed.cfg)?;
+    let vm = match &args.restore {
+        None => Vm::new(&jailed.cfg)?,
+        Some(_) => Vm::restore(Path::new(JAIL_SNAPSHOT), &jail_overrides(&jailed.cfg))
+            .context("cannot restore the snapshot")?,
+    };
     let ids = match (args.uid, args.gid) {
         (Some(uid), Some(gid)) => Some(jail::privileges::Ids { uid, gid }),
         _ => None,

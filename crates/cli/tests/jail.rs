@@ -548,3 +548,85 @@ fn a_prepared_network_namespace_is_joined() {
         "tap stayed in its namespace"
     );
 }
+
+/// The counter values of every complete `PROBE counter N` line.
+fn counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("PROBE counter "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_snapshot_taken_in_a_jail_restores_in_a_jail() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("restore");
+    let p = Profile::new(&s, "a", &probe, "pv.mode=counter pv.counter.ms=20", "");
+    let api = p.path("run/api.sock");
+    let api_s = api.display().to_string();
+    let mut src = Vmm(
+        vmm_command(&s, &p, "restore-src", &["--api-socket", &api_s])
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        wait_for(
+            || p.serial().contains("PROBE counter 5"),
+            Duration::from_secs(30)
+        ),
+        "{}",
+        stderr_of(&mut src)
+    );
+    use std::io::{BufRead, BufReader};
+    let a = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    let mut answers = BufReader::new(a.try_clone().unwrap());
+    for req in [
+        r#"{"op":"snapshot","dir":"/run/0/snap"}"#,
+        r#"{"op":"stop"}"#,
+    ] {
+        (&a).write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut answer = String::new();
+        answers.read_line(&mut answer).unwrap();
+        assert!(answer.contains(r#""ok":true"#), "{req}: {answer}");
+    }
+    assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
+    let last = *counters(&p.serial()).last().unwrap();
+
+    // The saved paths are the jail's (/disks/0, /run/0/serial.log): override with host paths.
+    std::fs::create_dir_all(s.path("b")).unwrap();
+    let log = s.path("b/serial.log");
+    let mut c = Command::new(bin());
+    c.arg("vmm")
+        .arg("--restore")
+        .arg(p.path("run/snap"))
+        .arg("--disk")
+        .arg(p.path("disk.img"))
+        .arg("--serial")
+        .arg(format!("file:{}", log.display()))
+        .args(["--jail-id", "restore-dst", "--jail-root"])
+        .arg(s.jail_root())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut dst = Vmm(c.spawn().unwrap());
+    let read_log =
+        || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
+    let continued = wait_for(|| counters(&read_log()).len() >= 5, Duration::from_secs(30));
+    assert!(continued, "{}\n{}", read_log(), stderr_of(&mut dst));
+    let first = counters(&read_log())[0];
+    assert_eq!(
+        first,
+        last + 1,
+        "the restored counter continues where the saved one stopped"
+    );
+    let pid = jailed_pid(dst.0.id()).expect("jailed child");
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    let seen = listing(Path::new(&format!("/proc/{pid}/root")));
+    assert!(
+        seen.contains("snapshot/memory.bin") && !seen.contains("boot"),
+        "{seen:?}"
+    );
+    // SAFETY: kill with a pid we started.
+    unsafe { libc::kill(dst.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(wait_exit(&mut dst, Duration::from_secs(10)), Some(143));
+    assert!(!s.jail_root().join("restore-dst").exists());
+}
