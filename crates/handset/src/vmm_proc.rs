@@ -393,7 +393,8 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         // Wait for the exec (until then the cmdline is this test's).
-        for _ in 0..200 {
+        // Up to 10 s: on a loaded 2-core machine the exec can take well over a second.
+        for _ in 0..2000 {
             let c = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if c.windows(5).any(|w| w == b"sleep") {
                 break;
