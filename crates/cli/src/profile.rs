@@ -107,6 +107,58 @@ mergeable (KSM, default false).")]
     },
     /// Show the daemon's state (cgroups, probe guest, foreground).
     Status,
+    /// Cross-profile clipboard (through the guests' agents, if the policy allows).
+    Clipboard {
+        #[command(subcommand)]
+        cmd: ClipboardCmd,
+    },
+    /// Send a file from one profile's agent inbox to another's (if the policy allows).
+    #[command(after_help = "\
+Allowed when FROM's channels.files_to lists TO and TO's channels.files_from is absent or lists
+FROM (templates: personal -> work only). Every attempt is in `pocketvisor profile audit`.")]
+    SendFile {
+        /// Source profile.
+        #[arg(long)]
+        from: String,
+        /// Target profile.
+        #[arg(long)]
+        to: String,
+        /// File name in the source's inbox (1-128 of A-Z a-z 0-9 . _ -).
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClipboardCmd {
+    /// Copy FROM's clipboard to TO's.
+    #[command(after_help = "\
+Allowed when FROM's channels.clipboard_to lists TO and TO's channels.clipboard_from is absent or
+lists FROM (templates: personal -> work only). Every attempt is in `pocketvisor profile audit`.")]
+    Copy {
+        /// Source profile.
+        #[arg(long)]
+        from: String,
+        /// Target profile.
+        #[arg(long)]
+        to: String,
+    },
+}
+
+/// Prints a finished transfer.
+fn transfer(t: &handset::channels::Transfer, json: bool) -> Result<()> {
+    if json {
+        return print_json(t);
+    }
+    let what = match (&t.name, &t.mime) {
+        (Some(n), _) => format!("file {n}"),
+        (None, Some(m)) => format!("clipboard ({m})"),
+        (None, None) => t.kind.as_str().to_string(),
+    };
+    println!(
+        "{what}: {} bytes from {} to {} ({} ms, sha256 {})",
+        t.bytes, t.from, t.to, t.ms, t.sha256
+    );
+    Ok(())
 }
 
 fn client(a: &ProfileArgs) -> Result<Client> {
@@ -300,6 +352,18 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             } else {
                 events(&list);
             }
+        }
+        ProfileCmd::Clipboard {
+            cmd: ClipboardCmd::Copy { from, to },
+        } => {
+            let req = handset::channels::ClipboardRequest { from, to };
+            let t = c.call("POST", "/v1/channels/clipboard", Some(&req))?;
+            transfer(&t, json)?;
+        }
+        ProfileCmd::SendFile { from, to, name } => {
+            let req = handset::channels::FileRequest { from, to, name };
+            let t = c.call("POST", "/v1/channels/file", Some(&req))?;
+            transfer(&t, json)?;
         }
         ProfileCmd::Status => {
             let info: handset::DaemonInfo = c.call("GET", "/v1/handset", none)?;

@@ -354,6 +354,22 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
         );
     }
     assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
+    // Not dumpable: its /proc files belong to root although it runs as 65534; no core dumps.
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(format!("/proc/{pid}/environ"))
+        .unwrap()
+        .uid();
+    assert_eq!(owner, 0, "the jailed process is not dumpable");
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    assert_eq!(
+        core.split_whitespace().collect::<Vec<_>>()[4..6],
+        ["0", "0"],
+        "{core}"
+    );
     assert!(
         status_field(pid, "NSpid").ends_with("\t1"),
         "pid 1 in its namespace"

@@ -49,6 +49,10 @@ pub enum Op {
     AllEvents,
     /// The audit log.
     Audit,
+    /// Copy a clipboard between profiles.
+    ChannelClipboard,
+    /// Send a file between profiles.
+    ChannelFile,
 }
 
 /// One route.
@@ -81,6 +85,8 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/profiles/{name}/events", Op::Events),
     r("GET", "/v1/events", Op::AllEvents),
     r("GET", "/v1/audit", Op::Audit),
+    r("POST", "/v1/channels/clipboard", Op::ChannelClipboard),
+    r("POST", "/v1/channels/file", Op::ChannelFile),
 ];
 
 type Hs = Arc<Handset>;
@@ -247,6 +253,8 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Events => get(events),
         Op::AllEvents => get(all_events),
         Op::Audit => get(audit),
+        Op::ChannelClipboard => post(crate::channels::clipboard),
+        Op::ChannelFile => post(crate::channels::file),
     }
 }
 

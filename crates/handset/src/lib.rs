@@ -44,6 +44,7 @@
 pub mod api;
 pub mod api_types;
 pub mod cgroup;
+pub mod channels;
 pub mod client;
 pub mod daemon;
 pub mod db;

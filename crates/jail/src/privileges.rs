@@ -1,5 +1,5 @@
 //! Dropping privileges: every capability (bounding, ambient, effective, permitted,
-//! inheritable), optionally root itself (uid/gid), and `no_new_privs`.
+//! inheritable), optionally root itself (uid/gid), `no_new_privs`, and core dumps.
 //!
 //! Capabilities are per thread: call [`drop_all`] while the process has a single thread, so
 //! every thread created later inherits the empty sets.
@@ -33,7 +33,7 @@ pub struct Ids {
 }
 
 /// Drops every capability from all sets, switches to `ids` if given (no supplementary
-/// groups), and sets `no_new_privs`.
+/// groups), sets `no_new_privs` and forbids core dumps ([`forbid_core_dumps`]).
 pub fn drop_all(ids: Option<Ids>) -> Result<()> {
     // The bounding set first: that needs CAP_SETPCAP, which goes with the rest below.
     let mut cap = 0;
@@ -99,6 +99,26 @@ pub fn drop_all(ids: Option<Ids>) -> Result<()> {
     check(
         unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
         "set no_new_privs",
+    )?;
+    forbid_core_dumps()
+}
+
+/// No core dump (it would hold the guest's RAM) and no ptrace or /proc access by other
+/// processes of the same uid: `RLIMIT_CORE` 0 and not dumpable.
+pub fn forbid_core_dumps() -> Result<()> {
+    let zero = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: setrlimit reads a live rlimit struct.
+    check(
+        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) },
+        "set RLIMIT_CORE",
+    )?;
+    // SAFETY: prctl with integer arguments only.
+    check(
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) },
+        "clear the dumpable flag",
     )?;
     Ok(())
 }

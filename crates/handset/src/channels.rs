@@ -1,0 +1,655 @@
+//! Typed channels between profiles: clipboard copy and file transfer, through the daemon.
+//!
+//! The daemon is the only party that talks to both guests: it asks the source profile's
+//! in-guest agent for the data over the source's vsock socket (`run/vsock.sock`,
+//! `CONNECT 1025`), checks it, and hands it to the target's agent. Guests never talk to
+//! each other. The agent protocol (newline-delimited JSON, one answer line per request) is
+//! described in `guest/probe/PROTOCOL.md` ("Agent mode"); `guest/agent` is the Linux agent.
+//!
+//! # Policy
+//!
+//! A transfer of kind K from profile A to profile B is allowed when both agree:
+//! - A's spec lists B in `channels.clipboard_to` (K = clipboard) or `channels.files_to`
+//!   (K = file): what may leave A, and where to;
+//! - B's spec has no `channels.clipboard_from` / `channels.files_from`, or lists A there:
+//!   what B accepts.
+//!
+//! The templates give `personal -> work` for both kinds and nothing from `work`. Specs are
+//! read at each transfer, so editing `profile.toml` changes the next decision. Every
+//! transfer, allowed, denied (403) or failed, is one `channel-clipboard` / `channel-file`
+//! record in the audit log (profile = the source), with the size and SHA-256 of what moved.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::api::Peer;
+use crate::api_types::{ErrorBody, ProfileState};
+use crate::daemon::Handset;
+use crate::error::Error;
+use crate::spec::{check_name, ProfileSpec};
+
+/// The agents' vsock port.
+pub const AGENT_PORT: u32 = 1025;
+/// Largest clipboard content the daemon carries.
+pub const MAX_CLIPBOARD: usize = 1 << 20;
+/// Largest file the daemon carries.
+pub const MAX_FILE: usize = 64 << 20;
+/// Longest file name.
+pub const FILE_NAME_MAX: usize = 128;
+/// Time to connect to an agent and get `OK <port>`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Base time for one agent request (plus [`BYTES_PER_EXTRA_SEC`] per second).
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Payload bytes granted one more second of request time (the probe is slow).
+const BYTES_PER_EXTRA_SEC: usize = 4096;
+
+/// What moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// The clipboard (content and MIME type).
+    Clipboard,
+    /// One file from the source's inbox to the target's.
+    File,
+}
+
+impl Kind {
+    /// `clipboard` or `file`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Clipboard => "clipboard",
+            Kind::File => "file",
+        }
+    }
+
+    fn limit(self) -> usize {
+        match self {
+            Kind::Clipboard => MAX_CLIPBOARD,
+            Kind::File => MAX_FILE,
+        }
+    }
+}
+
+/// `POST /v1/channels/clipboard`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClipboardRequest {
+    /// Source profile.
+    pub from: String,
+    /// Target profile.
+    pub to: String,
+}
+
+/// `POST /v1/channels/file`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRequest {
+    /// Source profile.
+    pub from: String,
+    /// Target profile.
+    pub to: String,
+    /// File name in the source's inbox (kept in the target's).
+    pub name: String,
+}
+
+/// A completed transfer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// What moved.
+    pub kind: Kind,
+    /// Source profile.
+    pub from: String,
+    /// Target profile.
+    pub to: String,
+    /// File name (file transfers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// MIME type (clipboard transfers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mime: Option<String>,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// SHA-256 of the bytes, lower-case hex.
+    pub sha256: String,
+    /// Time taken in milliseconds.
+    pub ms: u64,
+}
+
+/// Why a transfer did not happen; each maps to one HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    /// A malformed request (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The policy forbids it (403).
+    #[error("{0}")]
+    Denied(String),
+    /// A profile is not running (409).
+    #[error("{0}")]
+    NotRunning(String),
+    /// The data exceeds a limit (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// An agent is unreachable, refused, or answered nonsense (502).
+    #[error("{0}")]
+    Agent(String),
+    /// The daemon failed (its own status, e.g. 404 for an unknown profile).
+    #[error(transparent)]
+    Handset(#[from] Error),
+}
+
+impl ChannelError {
+    /// The HTTP status.
+    pub fn status(&self) -> u16 {
+        match self {
+            ChannelError::BadRequest(_) => 400,
+            ChannelError::Denied(_) => 403,
+            ChannelError::NotRunning(_) => 409,
+            ChannelError::TooLarge(_) => 413,
+            ChannelError::Agent(_) => 502,
+            ChannelError::Handset(e) => e.status(),
+        }
+    }
+}
+
+impl IntoResponse for ChannelError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let error = self
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        (status, Json(ErrorBody { error })).into_response()
+    }
+}
+
+/// The policy decision for `kind` from `from` to `to` (see the module docs): `Err(reason)`
+/// when denied.
+pub fn decide(kind: Kind, from: &ProfileSpec, to: &ProfileSpec) -> Result<(), String> {
+    let (send, accept, send_key, accept_key) = match kind {
+        Kind::Clipboard => (
+            &from.channels.clipboard_to,
+            &to.channels.clipboard_from,
+            "clipboard_to",
+            "clipboard_from",
+        ),
+        Kind::File => (
+            &from.channels.files_to,
+            &to.channels.files_from,
+            "files_to",
+            "files_from",
+        ),
+    };
+    if !send.contains(&to.name) {
+        return Err(format!(
+            "{}'s channels.{send_key} does not include {}",
+            from.name, to.name
+        ));
+    }
+    if let Some(list) = accept {
+        if !list.contains(&from.name) {
+            return Err(format!(
+                "{}'s channels.{accept_key} does not include {}",
+                to.name, from.name
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Agent file names: 1..=128 of `[A-Za-z0-9._-]`, not starting with `.`, without `..`.
+pub fn valid_file_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= FILE_NAME_MAX
+        && !n.starts_with('.')
+        && !n.contains("..")
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// MIME types: 1..=64 of `[A-Za-z0-9/+.;=-]`.
+pub fn valid_mime(m: &str) -> bool {
+    !m.is_empty()
+        && m.len() <= 64
+        && m.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'.' | b';' | b'=' | b'-')
+        })
+}
+
+/// Length of the padded base64 encoding of `n` bytes.
+pub fn b64_len(n: usize) -> usize {
+    n.div_ceil(3) * 4
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard padded base64.
+pub fn b64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(b64_len(data.len()));
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk.first().copied().unwrap_or(0),
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let v = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(char::from(B64[(v >> shift & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard padded base64; `None` if it is not valid.
+pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
+    let s = s.as_bytes();
+    if !s.len().is_multiple_of(4) {
+        return None;
+    }
+    let pad = s.iter().rev().take_while(|&&c| c == b'=').count();
+    if pad > 2 {
+        return None;
+    }
+    let value = |c: u8| -> Option<u32> {
+        Some(u32::from(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        }))
+    };
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let body_len = s.len() - pad;
+    for (qi, q) in s.chunks(4).enumerate() {
+        let mut v = 0u32;
+        for (i, &c) in q.iter().enumerate() {
+            let d = if qi * 4 + i >= body_len { 0 } else { value(c)? };
+            v = v << 6 | d;
+        }
+        out.extend_from_slice(&[(v >> 16) as u8, (v >> 8) as u8, v as u8]);
+    }
+    out.truncate(s.len() / 4 * 3 - pad);
+    Some(out)
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An agent's answer (the fields any op may carry).
+#[derive(Debug, Default, Deserialize)]
+struct Answer {
+    ok: bool,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    mime: Option<String>,
+    #[serde(default)]
+    data_b64: Option<String>,
+    #[serde(default)]
+    max_clipboard: Option<u64>,
+    #[serde(default)]
+    max_file: Option<u64>,
+}
+
+/// Sends one request to the agent behind `vsock` (a Firecracker-style host socket) and
+/// returns its answer; `max_line` bounds the answer line.
+async fn agent_call(
+    profile: &str,
+    vsock: &Path,
+    request: &serde_json::Value,
+    max_line: usize,
+) -> Result<Answer, ChannelError> {
+    let op = request["op"].as_str().unwrap_or("?").to_string();
+    let fail = |what: String| ChannelError::Agent(format!("{profile}'s agent ({op}): {what}"));
+    let mut line = serde_json::to_vec(request).map_err(|e| fail(e.to_string()))?;
+    line.push(b'\n');
+    let connect = async {
+        let mut s = UnixStream::connect(vsock).await?;
+        s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
+            .await?;
+        let mut r = BufReader::new(s);
+        let mut ok = Vec::new();
+        (&mut r).take(64).read_until(b'\n', &mut ok).await?;
+        Ok::<_, std::io::Error>((r, ok))
+    };
+    let (mut r, ok) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| fail(format!("no vsock connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|e| fail(format!("cannot connect through {}: {e}", vsock.display())))?;
+    if !ok.starts_with(b"OK ") {
+        return Err(fail(format!(
+            "nothing listens on vsock port {AGENT_PORT} (is the agent running in the guest?)"
+        )));
+    }
+    let budget = CALL_TIMEOUT
+        + Duration::from_secs(((line.len() + max_line / 4) / BYTES_PER_EXTRA_SEC) as u64);
+    let exchange = async {
+        r.get_mut().write_all(&line).await?;
+        let mut answer = Vec::new();
+        (&mut r)
+            .take(max_line as u64 + 1)
+            .read_until(b'\n', &mut answer)
+            .await?;
+        Ok::<_, std::io::Error>(answer)
+    };
+    let answer = tokio::time::timeout(budget, exchange)
+        .await
+        .map_err(|_| fail(format!("no answer within {budget:?}")))?
+        .map_err(|e| fail(e.to_string()))?;
+    if answer.last() != Some(&b'\n') {
+        return Err(fail(if answer.len() > max_line {
+            format!("answer longer than {max_line} bytes")
+        } else {
+            "connection closed without an answer".into()
+        }));
+    }
+    let a: Answer =
+        serde_json::from_slice(&answer).map_err(|e| fail(format!("bad answer: {e}")))?;
+    if !a.ok {
+        let why = a.error.unwrap_or_else(|| "refused".into());
+        return Err(fail(format!("refused: {why}")));
+    }
+    Ok(a)
+}
+
+/// What one transfer carries.
+struct Payload {
+    data: Vec<u8>,
+    mime: Option<String>,
+}
+
+/// Checks the policy (`allowed` records the decision once made), then moves the data.
+async fn transfer(
+    h: &Handset,
+    kind: Kind,
+    from: &str,
+    to: &str,
+    name: Option<&str>,
+    allowed: &mut Option<bool>,
+) -> Result<Transfer, ChannelError> {
+    let t0 = Instant::now();
+    let from_info = h.show(from)?;
+    let to_info = h.show(to)?;
+    let decision = decide(kind, &from_info.spec, &to_info.spec);
+    *allowed = Some(decision.is_ok());
+    decision.map_err(|why| {
+        ChannelError::Denied(format!(
+            "{} from {from} to {to} denied by policy: {why}",
+            kind.as_str()
+        ))
+    })?;
+    for p in [&from_info, &to_info] {
+        if p.state != ProfileState::Running {
+            return Err(ChannelError::NotRunning(format!(
+                "profile {} is {}, not running",
+                p.name,
+                p.state.as_str()
+            )));
+        }
+    }
+    let src = h.dir().vsock_socket(from);
+    let dst = h.dir().vsock_socket(to);
+    let limit = kind.limit();
+    let max_line = b64_len(limit) + 4096;
+    // The target's limits first: nothing is read from the source that cannot be delivered.
+    let health = agent_call(to, &dst, &serde_json::json!({"op": "health"}), 4096).await?;
+    let target_max = match kind {
+        Kind::Clipboard => health.max_clipboard,
+        Kind::File => health.max_file,
+    }
+    .map_or(limit, |m| {
+        usize::try_from(m).unwrap_or(usize::MAX).min(limit)
+    });
+    let get = match (kind, name) {
+        (Kind::Clipboard, _) => serde_json::json!({"op": "clipboard_get"}),
+        (Kind::File, Some(n)) => serde_json::json!({"op": "file_get", "name": n}),
+        (Kind::File, None) => return Err(ChannelError::BadRequest("name is missing".into())),
+    };
+    let got = agent_call(from, &src, &get, max_line).await?;
+    let data = got
+        .data_b64
+        .as_deref()
+        .and_then(b64_decode)
+        .ok_or_else(|| ChannelError::Agent(format!("{from}'s agent sent no valid data_b64")))?;
+    let payload = Payload {
+        mime: match kind {
+            Kind::Clipboard => {
+                let m = got.mime.unwrap_or_else(|| "text/plain".into());
+                if !valid_mime(&m) {
+                    return Err(ChannelError::Agent(format!(
+                        "{from}'s agent sent a bad mime type"
+                    )));
+                }
+                Some(m)
+            }
+            Kind::File => None,
+        },
+        data,
+    };
+    if payload.data.len() > target_max {
+        return Err(ChannelError::TooLarge(format!(
+            "the {} is {} bytes; {to}'s agent accepts at most {target_max}",
+            kind.as_str(),
+            payload.data.len()
+        )));
+    }
+    let data_b64 = b64_encode(&payload.data);
+    let put = match kind {
+        Kind::Clipboard => serde_json::json!({
+            "op": "clipboard_set",
+            "mime": payload.mime.as_deref().unwrap_or("text/plain"),
+            "data_b64": data_b64,
+        }),
+        Kind::File => serde_json::json!({"op": "file_put", "name": name, "data_b64": data_b64}),
+    };
+    agent_call(to, &dst, &put, 4096).await?;
+    Ok(Transfer {
+        kind,
+        from: from.to_string(),
+        to: to.to_string(),
+        name: name.map(str::to_string),
+        mime: payload.mime,
+        bytes: payload.data.len() as u64,
+        sha256: sha256_hex(&payload.data),
+        ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+    })
+}
+
+/// Validates, transfers and audits one request.
+async fn audited_transfer(
+    h: &Handset,
+    peer: Peer,
+    kind: Kind,
+    from: &str,
+    to: &str,
+    name: Option<&str>,
+) -> Result<Transfer, ChannelError> {
+    check_name("from", from)?;
+    check_name("to", to)?;
+    if from == to {
+        return Err(ChannelError::BadRequest(format!(
+            "from and to are both {from}"
+        )));
+    }
+    if let Some(n) = name {
+        if !valid_file_name(n) {
+            return Err(ChannelError::BadRequest(format!(
+                "file name {n:?} must be 1-{FILE_NAME_MAX} of A-Z, a-z, 0-9, '.', '_' and '-', \
+                 not starting with '.' nor containing '..'"
+            )));
+        }
+    }
+    let mut allowed = None;
+    let r = transfer(h, kind, from, to, name, &mut allowed).await;
+    let file = name.map(|n| format!(" name={n}")).unwrap_or_default();
+    let decision = match allowed {
+        Some(true) => "allowed",
+        Some(false) => "denied",
+        None => "none",
+    };
+    let outcome = match &r {
+        Ok(t) => format!(
+            "result=ok bytes={} sha256={}{}",
+            t.bytes,
+            t.sha256,
+            t.mime
+                .as_ref()
+                .map(|m| format!(" mime={m}"))
+                .unwrap_or_default()
+        ),
+        Err(e) => format!("result=error ({e})"),
+    };
+    let detail = format!("from={from} to={to}{file} decision={decision} {outcome} by {peer}");
+    h.audit(from, &format!("channel-{}", kind.as_str()), &detail);
+    r
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ChannelError> {
+    b.map(|Json(v)| v)
+        .map_err(|e| ChannelError::BadRequest(e.body_text()))
+}
+
+/// `POST /v1/channels/clipboard`.
+pub async fn clipboard(
+    State(h): State<Arc<Handset>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: Result<Json<ClipboardRequest>, JsonRejection>,
+) -> Result<Json<Transfer>, ChannelError> {
+    let req = body(req)?;
+    let t = audited_transfer(&h, peer, Kind::Clipboard, &req.from, &req.to, None).await?;
+    Ok(Json(t))
+}
+
+/// `POST /v1/channels/file`.
+pub async fn file(
+    State(h): State<Arc<Handset>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    req: Result<Json<FileRequest>, JsonRejection>,
+) -> Result<Json<Transfer>, ChannelError> {
+    let req = body(req)?;
+    let t = audited_transfer(&h, peer, Kind::File, &req.from, &req.to, Some(&req.name)).await?;
+    Ok(Json(t))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(template: &str, name: &str) -> ProfileSpec {
+        ProfileSpec::from_template(template, name, None).unwrap()
+    }
+
+    #[test]
+    fn default_policy_personal_to_work_only() {
+        let p = spec("personal", "personal");
+        let w = spec("work", "work");
+        for kind in [Kind::Clipboard, Kind::File] {
+            assert_eq!(decide(kind, &p, &w), Ok(()));
+            let why = decide(kind, &w, &p).unwrap_err();
+            assert!(why.contains("work's channels."), "{why}");
+        }
+        // A third profile is neither sent to nor accepted by default.
+        let other = spec("work", "lab");
+        assert!(decide(Kind::Clipboard, &p, &other).is_err());
+    }
+
+    #[test]
+    fn both_sides_must_agree_and_kinds_are_separate() {
+        let p = spec("personal", "personal");
+        let mut w = spec("work", "work");
+        // The receiver narrows what it accepts.
+        w.channels.clipboard_from = Some(vec!["home".into()]);
+        let why = decide(Kind::Clipboard, &p, &w).unwrap_err();
+        assert!(why.contains("clipboard_from"), "{why}");
+        assert_eq!(decide(Kind::File, &p, &w), Ok(()));
+        w.channels.clipboard_from = Some(vec!["personal".into()]);
+        assert_eq!(decide(Kind::Clipboard, &p, &w), Ok(()));
+        // Opening work -> personal for files only.
+        w.channels.files_to = vec!["personal".into()];
+        assert_eq!(decide(Kind::File, &w, &p), Ok(()));
+        assert!(decide(Kind::Clipboard, &w, &p).is_err());
+        // The new fields survive the spec file.
+        let back = ProfileSpec::from_toml(&w.to_toml().unwrap()).unwrap();
+        assert_eq!(back, w);
+        w.channels.files_from = Some(vec!["Bad Name".into()]);
+        assert!(w.validate().is_err());
+    }
+
+    #[test]
+    fn base64_round_trips_and_rejects_garbage() {
+        for n in 0..40usize {
+            let data: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+            let e = b64_encode(&data);
+            assert_eq!(e.len(), b64_len(n));
+            assert_eq!(b64_decode(&e).as_deref(), Some(&data[..]), "n={n}");
+        }
+        assert_eq!(b64_encode(b"hello world"), "aGVsbG8gd29ybGQ=");
+        assert_eq!(b64_decode("aGk=").unwrap(), b"hi");
+        for bad in ["a", "aGk", "a===", "aG!=", "aGk=aGk", "=aGk"] {
+            assert!(b64_decode(bad).is_none(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn names_mimes_and_digests() {
+        for ok in ["x.txt", "Report_2024-01.pdf", "a"] {
+            assert!(valid_file_name(ok), "{ok}");
+        }
+        let long = "a".repeat(129);
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "a..b",
+            "a b",
+            "é",
+            long.as_str(),
+        ] {
+            assert!(!valid_file_name(bad), "{bad}");
+        }
+        assert!(valid_mime("text/plain;charset=utf-8"));
+        assert!(!valid_mime("text plain"));
+        assert!(!valid_mime(""));
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
+        assert_eq!(ChannelError::Denied("x".into()).status(), 403);
+        assert_eq!(ChannelError::NotRunning("x".into()).status(), 409);
+        assert_eq!(ChannelError::TooLarge("x".into()).status(), 413);
+        assert_eq!(ChannelError::Agent("x".into()).status(), 502);
+        assert_eq!(
+            ChannelError::from(Error::NotFound("p".into())).status(),
+            404
+        );
+    }
+}
