@@ -1,0 +1,284 @@
+//! Cross-profile channels end to end: two probe guests in agent mode (`pv.mode=agent`), the
+//! clipboard and a file copied personal -> work, refused work -> personal (403, CLI exit 1,
+//! data unchanged), every attempt audited, and the decision following edits of the specs.
+//! Needs /dev/kvm, the probe guest (guest/build-probe.sh) and `cargo build -p pocketvisor`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use common::{can_run_vms, loud, wait_until, Daemon};
+use handset::channels::{b64_decode, b64_encode, sha256_hex, Transfer};
+use handset::{CreateProfile, ProfileSpec};
+use serde_json::{json, Value};
+
+/// One request to a guest agent, straight through the profile's vsock socket.
+fn agent(d: &Daemon, profile: &str, req: Value) -> Value {
+    let sock = d.dir.join(format!("profiles/{profile}/run/vsock.sock"));
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"CONNECT 1025\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "vsock handshake: {ok:?}");
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+}
+
+fn clipboard(d: &Daemon, profile: &str) -> Vec<u8> {
+    let a = agent(d, profile, json!({"op": "clipboard_get"}));
+    assert_eq!(a["ok"], true, "{a}");
+    b64_decode(a["data_b64"].as_str().unwrap()).unwrap()
+}
+
+fn set_clipboard(d: &Daemon, profile: &str, data: &[u8]) {
+    let a = agent(
+        d,
+        profile,
+        json!({"op": "clipboard_set", "mime": "text/plain", "data_b64": b64_encode(data)}),
+    );
+    assert_eq!(a, json!({"ok": true, "bytes": data.len()}));
+}
+
+fn create_agent_profile(d: &Daemon, name: &str, channels: &str) {
+    let text = format!(
+        "name = \"{name}\"\nkernel = \"probe\"\ncmdline = \"pv.mode=agent\"\nmemory_mib = 128\n\
+         [channels]\n{channels}\n"
+    );
+    let req = CreateProfile {
+        spec: Some(ProfileSpec::from_toml(&text).unwrap()),
+        ..Default::default()
+    };
+    let _: handset::ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+}
+
+/// Rewrites a profile's spec file (the daemon reads it at each transfer).
+fn edit_spec(d: &Daemon, name: &str, f: impl FnOnce(&mut ProfileSpec)) {
+    let path = d.dir.join(format!("profiles/{name}/profile.toml"));
+    let mut spec = ProfileSpec::from_toml(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut spec);
+    std::fs::write(&path, spec.to_toml().unwrap()).unwrap();
+}
+
+fn post(d: &Daemon, path: &str, body: Value) -> (u16, Value) {
+    let a = d
+        .client()
+        .raw("POST", path, Some(body.to_string().as_bytes()))
+        .unwrap();
+    let v = serde_json::from_slice(&a.body).unwrap_or(Value::Null);
+    (a.status, v)
+}
+
+fn audit(d: &Daemon, event: &str) -> Vec<String> {
+    let list: Vec<handset::Event> = d
+        .client()
+        .call("GET", "/v1/audit?limit=1000", None::<&()>)
+        .unwrap();
+    list.into_iter()
+        .filter(|e| e.event == event)
+        .map(|e| format!("{} {}", e.profile, e.detail))
+        .collect()
+}
+
+#[test]
+fn clipboard_and_files_follow_the_policy_and_are_audited() {
+    if !can_run_vms("clipboard_and_files_follow_the_policy_and_are_audited") {
+        return;
+    }
+    let d = Daemon::start("channels");
+    let info: handset::DaemonInfo = d.client().call("GET", "/v1/handset", None::<&()>).unwrap();
+    if info.probe.is_none() {
+        loud("SKIP (probe guest not built: guest/build-probe.sh): channels test");
+        return;
+    }
+    // The template policies: personal may send to work, work to nobody.
+    create_agent_profile(
+        &d,
+        "personal",
+        "clipboard_to = [\"work\"]\nfiles_to = [\"work\"]",
+    );
+    create_agent_profile(&d, "work", "");
+    for p in ["personal", "work"] {
+        d.act(p, "start").unwrap();
+        assert!(
+            wait_until(Duration::from_secs(60), || d
+                .serial(p)
+                .contains("PROBE agent listening")),
+            "{p} agent did not start: {}",
+            d.serial(p)
+        );
+    }
+    let h = agent(&d, "work", json!({"op": "health"}));
+    assert_eq!(h["agent"], "probe");
+    assert_eq!(h["version"], 1);
+
+    // "The user copies text in personal", then pastes in work.
+    let text = "meeting at 10:00 \u{2713}".as_bytes();
+    set_clipboard(&d, "personal", text);
+    let out = d.cli(&["clipboard", "copy", "--from", "personal", "--to", "work"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} bytes from personal to work", text.len())),
+        "{stdout}"
+    );
+    assert_eq!(clipboard(&d, "work"), text);
+
+    // work -> personal is denied: 403 over the API, exit 1 and one line from the CLI, and
+    // personal's clipboard keeps its content.
+    set_clipboard(&d, "work", b"work secret");
+    let (status, body) = post(
+        &d,
+        "/v1/channels/clipboard",
+        json!({"from": "work", "to": "personal"}),
+    );
+    assert_eq!(status, 403, "{body}");
+    let msg = body["error"].as_str().unwrap();
+    assert!(
+        msg.contains("denied by policy") && msg.contains("clipboard_to"),
+        "{msg}"
+    );
+    let out = d.cli(&["clipboard", "copy", "--from", "work", "--to", "personal"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("denied by policy"), "{stderr}");
+    assert_eq!(clipboard(&d, "personal"), text);
+
+    // Files: personal -> work allowed (the JSON output carries the digest), back denied.
+    let file: Vec<u8> = (0..3000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let put = agent(
+        &d,
+        "personal",
+        json!({"op": "file_put", "name": "notes.txt", "data_b64": b64_encode(&file)}),
+    );
+    assert_eq!(put["ok"], true, "{put}");
+    let out = d.cli(&[
+        "send-file",
+        "--from",
+        "personal",
+        "--to",
+        "work",
+        "notes.txt",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t: Transfer = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (t.bytes, t.sha256.as_str()),
+        (3000, sha256_hex(&file).as_str())
+    );
+    let got = agent(&d, "work", json!({"op": "file_get", "name": "notes.txt"}));
+    assert_eq!(b64_decode(got["data_b64"].as_str().unwrap()).unwrap(), file);
+    let list = agent(&d, "work", json!({"op": "file_list"}));
+    assert_eq!(list["files"], json!([{"name": "notes.txt", "bytes": 3000}]));
+    let (status, _) = post(
+        &d,
+        "/v1/channels/file",
+        json!({"from": "work", "to": "personal", "name": "notes.txt"}),
+    );
+    assert_eq!(status, 403);
+    assert_eq!(
+        agent(&d, "personal", json!({"op": "file_list"}))["files"],
+        json!([{"name": "notes.txt", "bytes": 3000}])
+    );
+    // Bad requests never reach a guest.
+    for (body, want) in [
+        (
+            json!({"from": "personal", "to": "work", "name": "../etc/passwd"}),
+            400,
+        ),
+        (
+            json!({"from": "personal", "to": "personal", "name": "x"}),
+            400,
+        ),
+        (json!({"from": "personal", "to": "nope", "name": "x"}), 404),
+        (json!({"from": "personal", "to": "work"}), 400),
+    ] {
+        let (status, b) = post(&d, "/v1/channels/file", body.clone());
+        assert_eq!(status, want, "{body} -> {b}");
+    }
+    // A missing file is the source agent's refusal (502), audited as allowed but failed.
+    let (status, b) = post(
+        &d,
+        "/v1/channels/file",
+        json!({"from": "personal", "to": "work", "name": "nothere"}),
+    );
+    assert_eq!(status, 502, "{b}");
+    assert!(b["error"].as_str().unwrap().contains("no such file"), "{b}");
+
+    // Audit: every attempt, with its decision; the allowed ones with size and digest.
+    let clip = audit(&d, "channel-clipboard");
+    assert_eq!(clip.len(), 3, "{clip:#?}");
+    assert!(clip[0].starts_with("personal from=personal to=work decision=allowed result=ok"));
+    assert!(
+        clip[0].contains(&format!("sha256={}", sha256_hex(text))),
+        "{}",
+        clip[0]
+    );
+    assert!(clip[1].contains("decision=denied"), "{}", clip[1]);
+    assert!(clip[2].contains("decision=denied"), "{}", clip[2]);
+    let files = audit(&d, "channel-file");
+    assert_eq!(files.len(), 4, "{files:#?}");
+    assert!(files[0].contains("name=notes.txt decision=allowed result=ok bytes=3000"));
+    assert!(files[1].contains("decision=denied"));
+    // The unknown target: no decision was possible.
+    assert!(
+        files[2].contains("to=nope name=x decision=none result=error"),
+        "{}",
+        files[2]
+    );
+    assert!(files[3].contains("decision=allowed result=error"));
+    let out = d.cli(&["audit"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("channel-clipboard"));
+
+    // Opening work -> personal in work's spec flips the decision ...
+    edit_spec(&d, "work", |s| {
+        s.channels.clipboard_to = vec!["personal".into()]
+    });
+    let (status, b) = post(
+        &d,
+        "/v1/channels/clipboard",
+        json!({"from": "work", "to": "personal"}),
+    );
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(clipboard(&d, "personal"), b"work secret");
+    // ... and the receiver can still refuse on its side.
+    edit_spec(&d, "personal", |s| {
+        s.channels.clipboard_from = Some(vec!["home".into()])
+    });
+    let (status, b) = post(
+        &d,
+        "/v1/channels/clipboard",
+        json!({"from": "work", "to": "personal"}),
+    );
+    assert_eq!(status, 403, "{b}");
+    assert!(
+        b["error"].as_str().unwrap().contains("clipboard_from"),
+        "{b}"
+    );
+
+    // A stopped profile cannot take part.
+    d.act("work", "stop").unwrap();
+    let (status, b) = post(
+        &d,
+        "/v1/channels/clipboard",
+        json!({"from": "personal", "to": "work"}),
+    );
+    assert_eq!(status, 409, "{b}");
+    assert!(Path::new(&d.dir).join("handset.db").is_file());
+}
