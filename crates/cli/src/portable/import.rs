@@ -1,12 +1,12 @@
 //! `pocketvisor import`: a `.pvp` file into a handset state directory.
 //!
 //! Order of work, so that a failure (or kill -9) at any point leaves the target unchanged:
-//! 1. open the file's header and manifest (wrong key, foreign or future format: nothing made);
-//! 2. refuse a name clash;
-//! 3. decrypt and verify everything into a hidden staging directory next to the profiles
-//!    (`profiles/.import-<pid>-<n>`; `vault::import` itself writes to a temporary directory
-//!    and renames when every chunk verified), then check it against the manifest;
-//! 4. rename the staging directory to `profiles/<name>` (refusing to replace anything) and
+//! 1. refuse a `--name` that is taken;
+//! 2. decrypt and verify everything into a hidden staging directory next to the profiles
+//!    (`profiles/.import-<pid>-<n>`; `vault::import` checks the key and the header before it
+//!    creates anything, writes to a temporary directory and renames it when every chunk
+//!    verified), then check it against the manifest and refuse a name clash;
+//! 3. rename the staging directory to `profiles/<name>` (refusing to replace anything) and
 //!    register it in `handset.db` (a running daemon reads the registry on every request).
 //!
 //! Staging directories of dead import processes are removed by the next import.
@@ -16,7 +16,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use handset::db::{Db, Log};
 use handset::{ProfileSpec, StateDir};
@@ -159,30 +159,27 @@ fn unlock(a: &ImportArgs) -> Result<Unlock> {
 
 /// Runs `pocketvisor import`.
 pub fn main(a: ImportArgs) -> Result<i32> {
-    let unlock = unlock(&a)?;
     let file = a.file.display().to_string();
-    let manifest =
-        vault::inspect(&a.file, &unlock).with_context(|| format!("cannot import {file}"))?;
-    // Refuse a foreign or future profile description before writing anything.
-    ProfileConfig::from_manifest(&manifest.config)
-        .with_context(|| format!("cannot import {file}"))?;
-    let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
-    handset::spec::check_name("profile name", &name)?;
-
     let dir = StateDir::resolve(a.state_dir.as_deref())?;
-    let target = dir.profile(&name);
-    let taken = || {
-        format!(
+    let taken = |name: &str| {
+        anyhow::anyhow!(
             "profile {name:?} already exists in {}",
             dir.root().display()
         )
     };
-    if target.exists() {
-        bail!("{}", taken());
+    let clash = |name: &str| -> Result<bool> {
+        Ok(dir.profile(name).exists()
+            || (dir.db().is_file() && Db::open(&dir.db())?.profile(name)?.is_some()))
+    };
+    // With --name the clash is known before the work; else once the manifest is read (the
+    // key is derived once: no separate inspect pass).
+    if let Some(n) = &a.name {
+        handset::spec::check_name("profile name", n)?;
+        if clash(n)? {
+            return Err(taken(n));
+        }
     }
-    if dir.db().is_file() && Db::open(&dir.db())?.profile(&name)?.is_some() {
-        bail!("{}", taken());
-    }
+    let unlock = unlock(&a)?;
 
     // From here on, everything made is removed on failure.
     let mut cleanup = Cleanup {
@@ -199,7 +196,8 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     ));
     cleanup.paths.push(staging.clone());
 
-    let mut reporter = Reporter::new(a.json, &format!("importing {name}"));
+    let label = a.name.clone().unwrap_or_else(|| file.clone());
+    let mut reporter = Reporter::new(a.json, &format!("importing {label}"));
     let imported = vault::import(&a.file, &unlock, &staging, &mut |p| reporter.update(p));
     let manifest = match imported {
         Ok(m) => m,
@@ -211,6 +209,12 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     drop(unlock);
     let config = ProfileConfig::from_manifest(&manifest.config)
         .with_context(|| format!("cannot import {file}"))?;
+    let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
+    handset::spec::check_name("profile name", &name)?;
+    let target = dir.profile(&name);
+    if clash(&name)? {
+        return Err(taken(&name));
+    }
     layout::check_imported(&staging, &config).with_context(|| format!("cannot import {file}"))?;
     if name != config.spec.name {
         let spec = ProfileSpec {
@@ -226,7 +230,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     let ino = std::fs::metadata(&staging)?.ino();
     rename_no_replace(&staging, &target).map_err(|e| {
         if e.raw_os_error() == Some(libc::EEXIST) || e.raw_os_error() == Some(libc::ENOTEMPTY) {
-            anyhow::anyhow!("{}", taken())
+            taken(&name)
         } else {
             anyhow::Error::new(e).context(format!("cannot create {}", target.display()))
         }
@@ -237,7 +241,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         let cid = db
             .insert_profile(&name)
             .map_err(|e| match db.profile(&name) {
-                Ok(Some(_)) => anyhow::anyhow!("{}", taken()),
+                Ok(Some(_)) => taken(&name),
                 _ => e.into(),
             })?;
         let detail = format!("imported from {file}");
