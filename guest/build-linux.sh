@@ -186,6 +186,9 @@ for name in "${order[@]}"; do
   echo "$name" >>"$root/etc/modules-order"
 done
 log "modules (load order): ${order[*]}"
+# The channel agent (guest/agent), if built: started by /init with pv.agent=1.
+agent_bin="${AGENT_BIN:-$here/agent/target/x86_64-unknown-linux-gnu/release/pocketvisor-agent}"
+if [[ -x "$agent_bin" ]]; then cp "$agent_bin" "$root/bin/pocketvisor-agent"; log "agent: $agent_bin"; fi
 
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
@@ -219,6 +222,11 @@ for n in /sys/class/net/*; do
   [ "$(basename "$n")" = lo ] && continue
   [ -e "$n" ] && echo "LINUX net $(basename "$n") mac=$(cat "$n/address")"
 done
+if [ -x /bin/pocketvisor-agent ] && grep -q 'pv.agent=1' /proc/cmdline; then
+  echo "LINUX agent starting"
+  /bin/pocketvisor-agent
+  echo "LINUX agent exited status=$?"
+fi
 if grep -q 'pv.shell=1' /proc/cmdline; then
   echo "LINUX shell (exit to power off)"
   setsid cttyhack sh
