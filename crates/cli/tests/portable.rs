@@ -24,6 +24,8 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
     let out = s.path("work.pvp");
 
     let mut a = Daemon::start(&dir_a, Some(&probe));
+    // A first profile takes vsock CID 3, so work gets 4.
+    a.profile(&["create", "spare", "--template", "personal"]);
     a.profile(&["create", "work", "--template", "work"]);
     let disk_a = dir_a.join("profiles/work/disks/data.img");
     scribble(&disk_a, 42);
@@ -70,7 +72,10 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
     );
     assert_eq!(
         rows(&dir_a),
-        [("work".to_string(), "suspended".to_string())]
+        [
+            ("spare".to_string(), "stopped".to_string()),
+            ("work".to_string(), "suspended".to_string())
+        ]
     );
     a.stop();
 
@@ -101,6 +106,8 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
     .unwrap();
     assert_eq!(last["event"], "done");
     assert_eq!(last["profile"], "work");
+    // The CID is free on B: the profile keeps the one its guest was given on A.
+    assert_eq!(last["vsock_cid"], 4);
     assert_eq!(
         rows(&dir_b),
         [("work".to_string(), "suspended".to_string())]

@@ -163,6 +163,24 @@ impl Db {
         Ok(cid)
     }
 
+    /// Adds a stopped profile with vsock CID `cid` if it is valid and free, else with the next
+    /// free one (as [`Db::insert_profile`]); returns the CID. An imported profile keeps the
+    /// CID its snapshot's guest was given when it can.
+    pub fn insert_profile_with_cid(&self, name: &str, cid: u32) -> Result<u32> {
+        if cid >= 3 && cid != u32::MAX {
+            let inserted = self.conn.execute(
+                "INSERT INTO profiles (name, vsock_cid, created_ms)
+                 SELECT ?1, ?2, ?3 WHERE NOT EXISTS
+                    (SELECT 1 FROM profiles WHERE vsock_cid = ?2)",
+                params![name, cid, now_ms()],
+            )?;
+            if inserted == 1 {
+                return Ok(cid);
+            }
+        }
+        self.insert_profile(name)
+    }
+
     /// Removes a profile's row.
     pub fn delete_profile(&self, name: &str) -> Result<()> {
         self.conn
@@ -278,6 +296,14 @@ mod tests {
         assert_eq!(db.insert_profile("a").unwrap(), 3);
         assert_eq!(db.insert_profile("b").unwrap(), 4);
         assert!(db.insert_profile("a").is_err());
+        // A free CID is kept, a taken or reserved one replaced by the next free one.
+        assert_eq!(db.insert_profile_with_cid("c", 9).unwrap(), 9);
+        assert_eq!(db.insert_profile_with_cid("d", 3).unwrap(), 10);
+        assert_eq!(db.insert_profile_with_cid("e", 2).unwrap(), 11);
+        assert!(db.insert_profile_with_cid("c", 12).is_err());
+        for n in ["c", "d", "e"] {
+            db.delete_profile(n).unwrap();
+        }
         db.set_state("a", "running", Some(42), "").unwrap();
         db.set_foreground(Some("a")).unwrap();
         let a = db.profile("a").unwrap().unwrap();

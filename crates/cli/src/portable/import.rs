@@ -239,7 +239,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     let registered = (|| -> Result<u32> {
         let db = Db::open(&dir.db())?;
         let cid = db
-            .insert_profile(&name)
+            .insert_profile_with_cid(&name, config.vsock_cid)
             .map_err(|e| match db.profile(&name) {
                 Ok(Some(_)) => taken(&name),
                 _ => e.into(),
