@@ -217,6 +217,8 @@ fn recipient_key_round_trip() {
         dir_b.display()
     );
 
+    // B's daemon runs during the import and sees the new profile at once.
+    let b = Daemon::start(&dir_b, None);
     let imported = run(
         &[
             "import",
@@ -240,4 +242,6 @@ fn recipient_key_round_trip() {
     assert!(spec.contains("name = \"lab2\""), "{spec}");
     // The personal template's channel policy came along.
     assert!(spec.contains("clipboard_to = [\"work\"]"), "{spec}");
+    let shown = b.profile(&["show", "lab2"]);
+    assert!(shown.contains("stopped"), "{shown}");
 }

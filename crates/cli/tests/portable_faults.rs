@@ -78,6 +78,29 @@ fn bad_files_change_nothing() {
     assert!(std::fs::read(&disk_a).unwrap() == disk_bytes);
     assert_eq!(rows(&dir_a), [("work".to_string(), "stopped".to_string())]);
 
+    // A profile the registry says runs, with no daemon to suspend it, is refused.
+    let mut a = a;
+    a.stop();
+    handset::db::Db::open(&dir_a.join("handset.db"))
+        .unwrap()
+        .set_state("work", "running", Some(1), "")
+        .unwrap();
+    let refused = run(
+        &[
+            "export",
+            "work",
+            "-o",
+            s.path("refused.pvp").to_str().unwrap(),
+            "--state-dir",
+            dir_a.to_str().unwrap(),
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_error(&refused, "suspend or stop the profile first");
+    assert!(!s.path("refused.pvp").exists());
+
     // B already holds a profile; every failure below must leave it exactly so.
     assert_ok(&import(&good, &dir_b, &pass, &["--name", "keep"]), "import");
     let tree_b = tree(&dir_b);

@@ -150,6 +150,33 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
+/// What this host lacks for the imported profile (its kernel, initrd or TAP interface).
+fn host_warnings(spec: &ProfileSpec) -> Vec<String> {
+    let mut w = Vec::new();
+    if spec.kernel != handset::spec::PROBE_KERNEL && !Path::new(&spec.kernel).is_file() {
+        w.push(format!(
+            "kernel {} does not exist here: resume works, a cold start will not",
+            spec.kernel
+        ));
+    }
+    if let Some(i) = spec.initrd.as_ref().filter(|i| !i.is_file()) {
+        w.push(format!(
+            "initrd {} does not exist here: resume works, a cold start will not",
+            i.display()
+        ));
+    }
+    if let Some(tap) = spec
+        .net
+        .as_ref()
+        .filter(|t| !Path::new("/sys/class/net").join(t).exists())
+    {
+        w.push(format!(
+            "the TAP interface {tap} does not exist here: create it before starting the profile"
+        ));
+    }
+    w
+}
+
 fn unlock(a: &ImportArgs) -> Result<Unlock> {
     match &a.identity {
         Some(f) => Ok(Unlock::Identity(secret::read_identity(f)?)),
@@ -263,6 +290,14 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     };
     cleanup.disarm();
 
+    for w in host_warnings(&config.spec) {
+        if a.json {
+            progress::json_line(&serde_json::json!({"event": "warning", "message": w}));
+        } else {
+            eprintln!("pocketvisor: warning: {w}");
+        }
+    }
+
     let secs = reporter.elapsed();
     let size = std::fs::metadata(&a.file).map(|m| m.len()).unwrap_or(0);
     reporter.done(serde_json::json!({
@@ -288,4 +323,44 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         );
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_for_what_the_host_lacks() {
+        let mut spec = ProfileSpec::from_template("work", "w", None).unwrap();
+        assert!(host_warnings(&spec).is_empty());
+        spec.kernel = "/nonexistent/vmlinux".into();
+        spec.net = Some("pvnotap0".into());
+        let w = host_warnings(&spec);
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("/nonexistent/vmlinux") && w[1].contains("pvnotap0"));
+    }
+
+    #[test]
+    fn staging_sweep_and_no_replace_rename() {
+        let root = std::env::temp_dir().join(format!("pv-import-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // No process has a pid this large (pid_max is at most 2^22).
+        let dead = root.join(".import-999999999-1");
+        let dead_vault = root.join("..import-999999999-1.import-00ff");
+        let live = root.join(format!(".import-{}-2", std::process::id()));
+        let profile = root.join("work");
+        for d in [&dead, &dead_vault, &live, &profile] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        sweep_staging(&root);
+        assert!(!dead.exists() && !dead_vault.exists());
+        assert!(live.exists() && profile.exists());
+
+        let e = rename_no_replace(&live, &profile).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        assert!(live.exists());
+        rename_no_replace(&live, &root.join("new")).unwrap();
+        assert!(root.join("new").is_dir() && !live.exists());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
