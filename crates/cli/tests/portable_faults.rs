@@ -167,6 +167,40 @@ fn bad_files_change_nothing() {
         assert_eq!(rows(&dir_b), rows_b, "case {}", file.display());
         assert!(tree(&dir_b) == tree_b, "case {} changed B", file.display());
     }
+    // A well-formed file with something that is not part of a profile (anyone can make one
+    // for a recipient key) is refused.
+    let unlock = vault::Unlock::Passphrase(vault::Passphrase::new(PASSPHRASE));
+    let manifest = vault::inspect(&good, &unlock).unwrap();
+    let evil = s.path("evil");
+    std::fs::write(&evil, b"#!/bin/sh\n").unwrap();
+    let entry = |name: &str, path: PathBuf| vault::EntrySource {
+        name: name.into(),
+        kind: vault::EntryKind::Other,
+        path,
+    };
+    let crafted = s.path("crafted.pvp");
+    vault::export(
+        &crafted,
+        vault::Manifest::new("work", manifest.config.clone(), manifest.policy.clone()),
+        &[
+            entry("profile.toml", dir_a.join("profiles/work/profile.toml")),
+            entry("disks/data.img", disk_a.clone()),
+            entry("run/vm.toml", evil),
+        ],
+        &[vault::KeySpec::Passphrase {
+            passphrase: vault::Passphrase::new(PASSPHRASE),
+            params: vault::KdfParams::INSECURE_FAST,
+        }],
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_one_error(
+        &import(&crafted, &dir_b, &pass, &["--name", "crafted"]),
+        "not part of a profile",
+    );
+    assert!(tree(&dir_b) == tree_b);
+    assert_eq!(rows(&dir_b), rows_b);
+
     // A bad --name is refused before anything happens.
     assert_one_error(
         &import(&good, &dir_b, &pass, &["--name", "Bad/Name"]),

@@ -242,6 +242,8 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     if clash(&name)? {
         return Err(taken(&name));
     }
+    layout::check_entries(manifest.entries.iter().map(|e| e.name.as_str()), &config)
+        .with_context(|| format!("cannot import {file}"))?;
     layout::check_imported(&staging, &config).with_context(|| format!("cannot import {file}"))?;
     if name != config.spec.name {
         let spec = ProfileSpec {

@@ -138,6 +138,34 @@ fn snapshot_files(snap: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// Checks that the file holds only what a profile has: its spec, its spec's disks and, if
+/// suspended, files directly in `snapshot/` (a file made for a recipient key can come from
+/// anyone, so nothing else may land in the profile directory).
+pub fn check_entries<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    config: &ProfileConfig,
+) -> Result<()> {
+    let disks: Vec<String> = config
+        .spec
+        .disks
+        .iter()
+        .map(|d| disk_entry(&d.name))
+        .collect();
+    for name in names {
+        let in_snapshot = name
+            .strip_prefix(SNAPSHOT_DIR)
+            .and_then(|r| r.strip_prefix('/'))
+            .is_some_and(|f| !f.is_empty() && !f.contains('/') && !f.starts_with('.'));
+        let ok = name == SPEC_ENTRY
+            || disks.iter().any(|d| d == name)
+            || (in_snapshot && config.state == SavedState::Suspended);
+        if !ok {
+            bail!("the file holds {name:?}, which is not part of a profile");
+        }
+    }
+    Ok(())
+}
+
 /// Checks an imported profile directory against its manifest config; returns the snapshot
 /// directory if there is one.
 pub fn check_imported(root: &Path, config: &ProfileConfig) -> Result<Option<PathBuf>> {
@@ -210,6 +238,27 @@ mod tests {
         let mut bad = v;
         bad["spec"]["memory_mib"] = 1.into();
         assert!(ProfileConfig::from_manifest(&bad).is_err());
+    }
+
+    #[test]
+    fn only_profile_files_are_accepted() {
+        let stopped = config(SavedState::Stopped);
+        let suspended = config(SavedState::Suspended);
+        let base = ["profile.toml", "disks/data.img"];
+        assert!(check_entries(base, &stopped).is_ok());
+        let snap = ["profile.toml", "snapshot/state.bin", "snapshot/memory.bin"];
+        assert!(check_entries(snap, &suspended).is_ok());
+        assert!(check_entries(snap, &stopped).is_err());
+        for bad in [
+            "run/api.sock",
+            "disks/other.img",
+            "snapshot/a/b",
+            "snapshot/.hidden",
+            "snapshot",
+            "handset.db",
+        ] {
+            assert!(check_entries([bad], &suspended).is_err(), "{bad}");
+        }
     }
 
     #[test]
