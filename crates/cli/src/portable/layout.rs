@@ -198,16 +198,35 @@ pub fn check_imported(root: &Path, config: &ProfileConfig) -> Result<Option<Path
         }
         SavedState::Suspended => {
             let saved = vmm::snapshot::inspect(&snap).context("the file's snapshot is invalid")?;
-            if saved.disks.len() != spec.disks.len() {
-                bail!(
-                    "the snapshot has {} disks, the profile {}",
-                    saved.disks.len(),
-                    spec.disks.len()
-                );
-            }
+            check_snapshot_matches(&saved, config)?;
             Ok(Some(snap))
         }
     }
+}
+
+/// Checks that the snapshot's VM is the one the spec describes. On resume the handset
+/// replaces the disk, serial and vsock socket paths but keeps the rest of the saved
+/// configuration, so a snapshot must not bring other devices, read-only flags or TAPs.
+fn check_snapshot_matches(saved: &vmm::VmConfig, config: &ProfileConfig) -> Result<()> {
+    let spec = &config.spec;
+    let mismatch = |what: &str| anyhow::anyhow!("the snapshot's {what} differs from the profile's");
+    if saved.memory_mib != spec.memory_mib || saved.vcpus != spec.vcpus {
+        return Err(mismatch("memory size or vCPU count"));
+    }
+    let saved_ro: Vec<bool> = saved.disks.iter().map(|d| d.read_only).collect();
+    let spec_ro: Vec<bool> = spec.disks.iter().map(|d| d.read_only).collect();
+    if saved_ro != spec_ro {
+        return Err(mismatch("disk list"));
+    }
+    let saved_taps: Vec<&str> = saved.net.iter().map(|n| n.tap.as_str()).collect();
+    let spec_taps: Vec<&str> = spec.net.iter().map(String::as_str).collect();
+    if saved_taps != spec_taps {
+        return Err(mismatch("network interface"));
+    }
+    if saved.vsock.as_ref().map(|v| v.cid) != Some(u64::from(config.vsock_cid)) {
+        return Err(mismatch("vsock CID"));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -238,6 +257,41 @@ mod tests {
         let mut bad = v;
         bad["spec"]["memory_mib"] = 1.into();
         assert!(ProfileConfig::from_manifest(&bad).is_err());
+    }
+
+    #[test]
+    fn snapshot_must_match_the_spec() {
+        let c = config(SavedState::Suspended);
+        let mut vm = vmm::VmConfig::new("/k".into());
+        vm.memory_mib = c.spec.memory_mib;
+        vm.vcpus = c.spec.vcpus;
+        vm.disks = vec![vmm::DiskConfig {
+            path: "/a/disks/data.img".into(),
+            read_only: false,
+        }];
+        vm.vsock = Some(vmm::VsockConfig {
+            cid: 3,
+            socket: "/a/run/vsock.sock".into(),
+        });
+        assert!(check_snapshot_matches(&vm, &c).is_ok());
+        let mut bad = vm.clone();
+        bad.memory_mib *= 2;
+        assert!(check_snapshot_matches(&bad, &c).is_err());
+        let mut bad = vm.clone();
+        bad.disks[0].read_only = true;
+        assert!(check_snapshot_matches(&bad, &c).is_err());
+        let mut bad = vm.clone();
+        bad.disks.push(bad.disks[0].clone());
+        assert!(check_snapshot_matches(&bad, &c).is_err());
+        let mut bad = vm.clone();
+        bad.net.push(vmm::NetConfig {
+            tap: "eth0".into(),
+            mac: None,
+        });
+        assert!(check_snapshot_matches(&bad, &c).is_err());
+        let mut bad = vm;
+        bad.vsock = None;
+        assert!(check_snapshot_matches(&bad, &c).is_err());
     }
 
     #[test]
