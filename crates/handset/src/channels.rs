@@ -557,6 +557,8 @@ pub async fn file(
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
 
     fn spec(template: &str, name: &str) -> ProfileSpec {
@@ -639,6 +641,67 @@ mod tests {
             sha256_hex(b"abc"),
             "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
         );
+    }
+
+    /// A fake agent socket: answers the handshake with `hello` and the request with `answer`.
+    async fn fake_agent(hello: &'static [u8], answer: Vec<u8>) -> (tempfile::TempDir, PathBuf) {
+        let t = tempfile::tempdir().unwrap();
+        let path = t.path().join("vsock.sock");
+        let l = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = Vec::new();
+            r.read_until(b'\n', &mut line).await.unwrap();
+            assert_eq!(line, b"CONNECT 1025\n");
+            if hello.is_empty() {
+                return; // like the VMM when nothing listens in the guest: closed
+            }
+            r.get_mut().write_all(hello).await.unwrap();
+            line.clear();
+            let _ = r.read_until(b'\n', &mut line).await;
+            let _ = r.get_mut().write_all(&answer).await;
+        });
+        (t, path)
+    }
+
+    async fn call_fake(hello: &'static [u8], answer: &[u8]) -> Result<Answer, ChannelError> {
+        let (_t, path) = fake_agent(hello, answer.to_vec()).await;
+        agent_call("p", &path, &serde_json::json!({"op": "clipboard_get"}), 64).await
+    }
+
+    #[tokio::test]
+    async fn agent_answers_are_checked() {
+        let a = call_fake(b"OK 1024\n", b"{\"ok\":true,\"data_b64\":\"aGk=\"}\n")
+            .await
+            .unwrap();
+        assert_eq!(a.data_b64.as_deref(), Some("aGk="));
+        let cases: [(&'static [u8], &[u8], &str); 5] = [
+            (
+                b"OK 1024\n",
+                b"{\"ok\":false,\"error\":\"nope\"}\n",
+                "refused: nope",
+            ),
+            (b"OK 1024\n", b"{\"ok\":true}", "closed without an answer"),
+            (b"OK 1024\n", &[b'x'; 100], "longer than 64 bytes"),
+            (b"OK 1024\n", b"garbage\n", "bad answer"),
+            (b"", b"", "nothing listens on vsock port 1025"),
+        ];
+        for (hello, answer, want) in cases {
+            let e = call_fake(hello, answer).await.unwrap_err();
+            assert_eq!(e.status(), 502);
+            assert!(e.to_string().contains(want), "{e} (wanted {want})");
+        }
+        // No socket at all: the VMM is not there.
+        let e = agent_call(
+            "p",
+            Path::new("/nonexistent/vsock.sock"),
+            &serde_json::json!({"op": "health"}),
+            64,
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("cannot connect"), "{e}");
     }
 
     #[test]

@@ -282,3 +282,99 @@ fn clipboard_and_files_follow_the_policy_and_are_audited() {
     assert_eq!(status, 409, "{b}");
     assert!(Path::new(&d.dir).join("handset.db").is_file());
 }
+
+/// Sends raw bytes (one or more lines) to a profile's agent and reads `n` answer lines.
+fn agent_raw(d: &Daemon, profile: &str, bytes: &[u8], n: usize) -> Vec<Value> {
+    let sock = d.dir.join(format!("profiles/{profile}/run/vsock.sock"));
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.write_all(b"CONNECT 1025\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    s.write_all(bytes).unwrap();
+    (0..n)
+        .map(|_| {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+        })
+        .collect()
+}
+
+#[test]
+fn probe_agent_refuses_hostile_requests_and_keeps_serving() {
+    if !can_run_vms("probe_agent_refuses_hostile_requests_and_keeps_serving") {
+        return;
+    }
+    let d = Daemon::start("agent-hostile");
+    let info: handset::DaemonInfo = d.client().call("GET", "/v1/handset", None::<&()>).unwrap();
+    if info.probe.is_none() {
+        loud("SKIP (probe guest not built: guest/build-probe.sh): agent hostile test");
+        return;
+    }
+    create_agent_profile(&d, "lab", "");
+    d.act("lab", "start").unwrap();
+    assert!(wait_until(Duration::from_secs(60), || d
+        .serial("lab")
+        .contains("PROBE agent listening")));
+    let bad: &[&[u8]] = &[
+        b"not json",
+        b"{}",
+        b"{\"op\":\"nope\"}",
+        b"{\"op\":\"health\",\"extra\":\"x\"}",
+        b"{\"op\":\"clipboard_set\",\"data_b64\":\"a\\u0041==\"}",
+        b"{\"op\":\"clipboard_set\",\"data_b64\":\"a!==\"}",
+        b"{\"op\":\"clipboard_set\",\"mime\":\"text plain\",\"data_b64\":\"\"}",
+        b"{\"op\":\"file_put\",\"name\":\"../x\",\"data_b64\":\"aGk=\"}",
+        b"{\"op\":\"file_put\",\"name\":\".x\",\"data_b64\":\"aGk=\"}",
+        b"{\"op\":\"file_put\",\"name\":\"x\"}",
+        b"{\"op\":\"file_get\",\"name\":\"missing\"}",
+        b"{\"op\":\"health\"} trailing",
+        b"{\"op\":\"health\"",
+    ];
+    let mut all = Vec::new();
+    for line in bad {
+        all.extend_from_slice(line);
+        all.push(b'\n');
+    }
+    // Pipelined on one connection: one answer per line, in order.
+    let answers = agent_raw(&d, "lab", &all, bad.len());
+    for (line, a) in bad.iter().zip(&answers) {
+        assert_eq!(a["ok"], false, "{} -> {a}", String::from_utf8_lossy(line));
+        assert!(a["error"].as_str().is_some_and(|e| !e.is_empty()), "{a}");
+    }
+    // Too large for the probe: 64 KiB + 3 bytes of clipboard.
+    let big = b64_encode(&vec![7u8; 65539]);
+    let a = agent_raw(
+        &d,
+        "lab",
+        format!("{{\"op\":\"clipboard_set\",\"data_b64\":\"{big}\"}}\n").as_bytes(),
+        1,
+    );
+    assert_eq!(a[0]["ok"], false, "{}", a[0]);
+    // A fifth file does not fit the probe's inbox of four.
+    for i in 0..4 {
+        let put = agent(
+            &d,
+            "lab",
+            json!({"op": "file_put", "name": format!("f{i}"), "data_b64": "aGk="}),
+        );
+        assert_eq!(put["ok"], true, "{put}");
+    }
+    let fifth = agent(
+        &d,
+        "lab",
+        json!({"op": "file_put", "name": "f4", "data_b64": "aGk="}),
+    );
+    assert_eq!(fifth["ok"], false, "{fifth}");
+    // Replacing an existing name still works, and the agent is healthy after all that.
+    let again = agent(
+        &d,
+        "lab",
+        json!({"op": "file_put", "name": "f0", "data_b64": "aGk="}),
+    );
+    assert_eq!(again["ok"], true);
+    assert_eq!(agent(&d, "lab", json!({"op": "health"}))["ok"], true);
+    assert_eq!(d.show("lab").state, handset::ProfileState::Running);
+}
