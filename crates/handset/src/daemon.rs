@@ -377,7 +377,7 @@ impl Handset {
     ) -> Result<()> {
         let api = self.dir().api_socket(name);
         let jail = match launch {
-            Launch::Boot { .. } if self.opts.jail => Some(JailArgs {
+            _ if self.opts.jail => Some(JailArgs {
                 id: name.to_string(),
                 root: self.dir().jail_root(),
                 // A v2 group is made, joined (clone3 into it) and removed by the jailer.

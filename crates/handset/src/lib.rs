@@ -36,8 +36,8 @@
 //! or with `--jail` `pocketvisor vmm --config ... --jail-id <name> --jail-root <state>/jail`
 //! (see [`vmm_proc::vmm_args`]), in its own process group, in the cgroup
 //! `<cgroup mount>/pocketvisor/<name>` ([`cgroup`]). A resumed (restored) profile runs
-//! `pocketvisor restore`, which has no jailed form yet. On SIGTERM/SIGINT the daemon stops every
-//! VM cleanly before exiting (a VM without its supervisor would be neither restarted nor
+//! `pocketvisor vmm --restore <snapshot> ...` (jailed) or `pocketvisor restore`. On
+//! SIGTERM/SIGINT the daemon stops every VM cleanly before exiting (a VM without its supervisor would be neither restarted nor
 //! switched); if the daemon dies without that (SIGKILL, crash), the next daemon adopts the
 //! VMMs it finds still running and restarts the others per their restart policy.
 

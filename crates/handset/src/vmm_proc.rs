@@ -59,13 +59,17 @@ pub struct JailCgroup {
 }
 
 /// The arguments of the VMM process (after the binary). This is the one place that knows
-/// the command line: `pocketvisor vmm` (jailed) or `pocketvisor run` to boot, `pocketvisor
-/// restore` to resume (restore has no jailed form yet).
+/// the command line: jailed, `pocketvisor vmm --config` to boot and `pocketvisor vmm --restore`
+/// to resume; unjailed, `pocketvisor run` and `pocketvisor restore`.
 pub fn vmm_args(launch: &Launch, api_socket: &Path, jail: Option<&JailArgs>) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    match (launch, jail) {
-        (Launch::Boot { config }, Some(j)) => {
-            a.extend(["vmm".into(), "--config".into(), config.into()]);
+    match jail {
+        Some(j) => {
+            a.extend(["vmm".into()]);
+            match launch {
+                Launch::Boot { config } => a.extend(["--config".into(), config.into()]),
+                Launch::Restore { dir, .. } => a.extend(["--restore".into(), dir.into()]),
+            }
             a.extend(["--jail-id".into(), j.id.as_str().into()]);
             a.extend(["--jail-root".into(), j.root.as_os_str().into()]);
             if let Some(cg) = &j.cgroup {
@@ -77,31 +81,23 @@ pub fn vmm_args(launch: &Launch, api_socket: &Path, jail: Option<&JailArgs>) -> 
                 ]);
             }
         }
-        (Launch::Boot { config }, None) => {
-            a.extend(["run".into(), "--config".into(), config.into()]);
-        }
-        (
-            Launch::Restore {
-                dir,
-                serial,
-                vsock,
-                disks,
-            },
-            _,
-        ) => {
-            let mut s = OsString::from("file:");
-            s.push(serial);
-            a.extend([
-                "restore".into(),
-                dir.into(),
-                "--serial".into(),
-                s,
-                "--vsock-socket".into(),
-                vsock.into(),
-            ]);
-            for d in disks {
-                a.extend(["--disk".into(), d.into()]);
-            }
+        None => match launch {
+            Launch::Boot { config } => a.extend(["run".into(), "--config".into(), config.into()]),
+            Launch::Restore { dir, .. } => a.extend(["restore".into(), dir.into()]),
+        },
+    }
+    if let Launch::Restore {
+        serial,
+        vsock,
+        disks,
+        ..
+    } = launch
+    {
+        let mut s = OsString::from("file:");
+        s.push(serial);
+        a.extend(["--serial".into(), s, "--vsock-socket".into(), vsock.into()]);
+        for d in disks {
+            a.extend(["--disk".into(), d.into()]);
         }
     }
     a.extend(["--api-socket".into(), api_socket.into()]);
@@ -370,12 +366,26 @@ mod tests {
                 disks: vec!["/s/d.img".into()],
             },
             Path::new("/s/api.sock"),
-            Some(&jail),
+            None,
         );
         assert_eq!(r[0], "restore");
         assert!(r.contains(&OsString::from("file:/s/serial.log")));
         let d = r.iter().position(|x| x == "--disk").unwrap();
         assert_eq!(r[d + 1], "/s/d.img");
+        let jr = vmm_args(
+            &Launch::Restore {
+                dir: "/s/snap".into(),
+                serial: "/s/serial.log".into(),
+                vsock: "/s/v.sock".into(),
+                disks: vec!["/s/d.img".into()],
+            },
+            Path::new("/s/api.sock"),
+            Some(&jail),
+        );
+        let want = "vmm --restore /s/snap --jail-id w --jail-root /s/jail --cgroup /cg/pv/w \
+                    --cpu-weight 100 --memory-max 256M --serial file:/s/serial.log \
+                    --vsock-socket /s/v.sock --disk /s/d.img --api-socket /s/api.sock";
+        assert_eq!(jr, want.split_whitespace().collect::<Vec<_>>());
     }
 
     #[test]

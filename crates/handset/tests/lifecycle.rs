@@ -591,12 +591,20 @@ fn jailed_profiles_run_switch_and_restart() {
         let cg = std::fs::read_to_string(format!("/proc/{kid}/cgroup")).unwrap();
         assert!(cg.contains(&format!("{}/ja", d.cgroup_parent)), "{cg}");
     }
-    // Suspend and resume a jailed profile (resumed unjailed: restore has no jailed form).
+    // Suspend and resume a jailed profile: the restored VM is jailed too.
     let at = last_counter(&d.serial("jb")).unwrap();
     let s = d.act("jb", "suspend").unwrap();
     assert_eq!(s.state, ProfileState::Suspended);
     assert!(d.dir.join("profiles/jb/snapshot").is_dir());
-    assert_eq!(d.act("jb", "resume").unwrap().state, ProfileState::Running);
+    let r = d.act("jb", "resume").unwrap();
+    assert_eq!(r.state, ProfileState::Running);
+    let rpid = r.pid.unwrap();
+    let cmd = std::fs::read(format!("/proc/{rpid}/cmdline")).unwrap();
+    let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+    assert!(
+        cmd.contains(" vmm --restore ") && cmd.contains("--jail-id jb"),
+        "{cmd}"
+    );
     assert!(wait_until(Duration::from_secs(10), || last_counter(
         &d.serial("jb")
     )
