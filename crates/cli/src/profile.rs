@@ -39,7 +39,8 @@ enum ProfileCmd {
 A spec file has the fields of profile.toml: name, kernel (a path or \"probe\"), initrd, cmdline,
 memory_mib, vcpus, disks = [{name, size_mib, read_only}], net (TAP name), display = {width,
 height}, restart (never|on-failure|always), background (run|suspend), cpu = {foreground,
-background}, memory_max_mib, channels = {clipboard_to, files_to}, balloon (default true),
+background}, memory_max_mib, channels = {clipboard_to, files_to, clipboard_from, files_from}
+(cross-profile sending and accepting; see `profile clipboard copy --help`), balloon (default true),
 mergeable (KSM, default false).")]
     Create {
         /// Profile name: 1-32 of a-z, 0-9 and - (with --template; overrides the file's).
