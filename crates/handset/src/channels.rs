@@ -403,12 +403,23 @@ async fn transfer(
         ))
     })?;
     for p in [&from_info, &to_info] {
-        if p.state != ProfileState::Running {
-            return Err(ChannelError::NotRunning(format!(
-                "profile {} is {}, not running",
-                p.name,
-                p.state.as_str()
-            )));
+        match p.state {
+            ProfileState::Running => {}
+            // Its agent cannot answer while the VM is paused.
+            ProfileState::Paused => {
+                return Err(ChannelError::NotRunning(format!(
+                    "profile {} is paused in the background (background = \"suspend\"): \
+                     switch to it first",
+                    p.name
+                )))
+            }
+            s => {
+                return Err(ChannelError::NotRunning(format!(
+                    "profile {} is {}, not running",
+                    p.name,
+                    s.as_str()
+                )))
+            }
         }
     }
     let src = h.dir().vsock_socket(from);
