@@ -332,4 +332,22 @@ fn kill_9_during_export_or_import() {
     assert_eq!(rows(&dir_b), [("big".to_string(), "stopped".to_string())]);
     assert_eq!(named(&profiles_b, ""), ["big"]);
     assert!(same_file(&disk, &profiles_b.join("big/disks/data.img")));
+    assert!(!profiles_b.join("big/.import-pending").exists());
+
+    // An import killed between moving the profile into place and registering it left a
+    // directory with its marker (a pid that no longer runs): the next import removes it.
+    let ghost = profiles_b.join("ghost");
+    std::fs::create_dir_all(ghost.join("disks")).unwrap();
+    std::fs::write(ghost.join(".import-pending"), "999999999").unwrap();
+    let mut again = import_args.to_vec();
+    again.extend(["--name", "ghost"]);
+    assert_ok(&run(&again, &[]), "import over a killed import's leftovers");
+    assert_eq!(
+        rows(&dir_b),
+        [
+            ("big".to_string(), "stopped".to_string()),
+            ("ghost".to_string(), "stopped".to_string())
+        ]
+    );
+    assert!(same_file(&disk, &ghost.join("disks/data.img")));
 }

@@ -28,6 +28,9 @@ use super::secret::{self, PassphraseArgs};
 
 /// Prefix of staging directories in `profiles/`.
 const STAGING_PREFIX: &str = ".import-";
+/// File in a profile directory between its rename into place and its registration; holds the
+/// importing process's pid.
+const PENDING_MARKER: &str = ".import-pending";
 
 /// Recreate a profile from a portable file.
 #[derive(Args, Debug)]
@@ -120,10 +123,50 @@ fn sweep_staging(profiles: &Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+        if dead(pid) {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
+}
+
+/// Whether no process `pid` exists (other than us).
+fn dead(pid: u32) -> bool {
+    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Removes profile directories that a killed import renamed into place but did not register
+/// (they hold [`PENDING_MARKER`] with a dead pid and have no registry row).
+fn sweep_unregistered(dir: &StateDir) -> Result<()> {
+    let Ok(list) = std::fs::read_dir(dir.profiles()) else {
+        return Ok(());
+    };
+    let mut db = None;
+    for e in list.flatten() {
+        let pid = std::fs::read_to_string(e.path().join(PENDING_MARKER))
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        let (Some(pid), Some(name)) = (pid, e.file_name().to_str().map(String::from)) else {
+            continue;
+        };
+        if !dead(pid) {
+            continue;
+        }
+        if db.is_none() && dir.db().is_file() {
+            db = Some(Db::open(&dir.db())?);
+        }
+        let registered = match &db {
+            Some(db) => db.profile(&name)?.is_some(),
+            None => false,
+        };
+        if registered {
+            // Registered just before the kill: only the marker is left over.
+            let _ = std::fs::remove_file(e.path().join(PENDING_MARKER));
+        } else {
+            std::fs::remove_dir_all(e.path())
+                .with_context(|| format!("cannot remove {}", e.path().display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Renames `from` to `to`, failing if `to` exists.
@@ -198,6 +241,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         Ok(dir.profile(name).exists()
             || (dir.db().is_file() && Db::open(&dir.db())?.profile(name)?.is_some()))
     };
+    sweep_unregistered(&dir)?;
     // With --name the clash is known before the work; else once the manifest is read (the
     // key is derived once: no separate inspect pass).
     if let Some(n) = &a.name {
@@ -255,6 +299,10 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     let run = staging.join("run");
     std::fs::create_dir(&run).with_context(|| format!("cannot create {}", run.display()))?;
 
+    let marker = staging.join(PENDING_MARKER);
+    std::fs::write(&marker, std::process::id().to_string())
+        .with_context(|| format!("cannot write {}", marker.display()))?;
+
     // Register: the directory first (a row always has its files), then the row.
     let ino = std::fs::metadata(&staging)?.ino();
     rename_no_replace(&staging, &target).map_err(|e| {
@@ -291,6 +339,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         }
     };
     cleanup.disarm();
+    let _ = std::fs::remove_file(target.join(PENDING_MARKER));
 
     for w in host_warnings(&config.spec) {
         if a.json {
