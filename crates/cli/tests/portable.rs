@@ -245,3 +245,75 @@ fn recipient_key_round_trip() {
     let shown = b.profile(&["show", "lab2"]);
     assert!(shown.contains("stopped"), "{shown}");
 }
+
+#[test]
+fn export_with_resume_leaves_the_guest_running() {
+    let Some(probe) = probe("export_with_resume_leaves_the_guest_running") else {
+        return;
+    };
+    let s = Scratch::new("keep-running");
+    let dir_a = s.path("a");
+    let out = s.path("copy.pvp");
+    let a = Daemon::start(&dir_a, Some(&probe));
+    a.profile(&["create", "work", "--template", "work"]);
+    a.profile(&["start", "work"]);
+    let serial = dir_a.join("profiles/work/run/serial.log");
+    assert!(wait_for(
+        &serial,
+        "PROBE counter 2\n",
+        Duration::from_secs(30)
+    ));
+    let exported = run(
+        &[
+            "export",
+            "work",
+            "-o",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_a.to_str().unwrap(),
+            "--resume",
+            "--json",
+        ],
+        &[FAST_KDF, ("POCKETVISOR_PASSPHRASE", PASSPHRASE)],
+    );
+    assert_ok(&exported, "export --resume");
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&exported.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"suspended"));
+    assert_eq!(&kinds[kinds.len() - 2..], ["resumed", "done"]);
+    assert_eq!(events.last().unwrap()["resumed"], true);
+    assert_eq!(events.last().unwrap()["state"], "suspended");
+    assert_eq!(rows(&dir_a), [("work".to_string(), "running".to_string())]);
+    // The guest goes on at the source.
+    let last = *counters(&String::from_utf8_lossy(&std::fs::read(&serial).unwrap()))
+        .last()
+        .unwrap();
+    let want = format!("PROBE counter {}\n", last + 2);
+    assert!(
+        wait_for(&serial, &want, Duration::from_secs(30)),
+        "no {want:?} after the export"
+    );
+    // The file holds the suspended moment.
+    let dir_b = s.path("b");
+    let imported = run(
+        &[
+            "import",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_b.to_str().unwrap(),
+        ],
+        &[("POCKETVISOR_PASSPHRASE", PASSPHRASE)],
+    );
+    assert_ok(&imported, "import");
+    assert_eq!(
+        rows(&dir_b),
+        [("work".to_string(), "suspended".to_string())]
+    );
+    a.profile(&["stop", "work"]);
+}

@@ -17,9 +17,8 @@ use super::secret::{self, PassphraseArgs};
 #[derive(Args, Debug)]
 #[command(after_help = "\
 A running (or paused) profile is first suspended through the handset daemon, which must then
-be running; it stays suspended afterwards (resume it with `pocketvisor profile resume`). A
-stopped profile is exported without a snapshot and boots afresh after import. The profile's
-files are only read. The file is written under a temporary name and renamed when complete,
+be running; it stays suspended afterwards unless --resume is given. A stopped profile is
+exported without a snapshot and boots afresh after import. The profile's files are only read. The file is written under a temporary name and renamed when complete,
 so an interrupted export never leaves a partial file under the final name.
 
 Keys: a passphrase (--passphrase-file, $POCKETVISOR_PASSPHRASE, or typed twice at the
@@ -27,7 +26,7 @@ terminal) and/or any number of --recipient public keys (from `pocketvisor keygen
 only --recipient, no passphrase is asked.
 
 EXAMPLE:
-  pocketvisor export work -o work.pvp --recipient pvp-public-... 
+  pocketvisor export work -o work.pvp --recipient pvp-public-...
   pocketvisor import work.pvp --state-dir /var/lib/pocketvisor --name work2")]
 pub struct ExportArgs {
     /// The profile to export.
@@ -47,6 +46,10 @@ pub struct ExportArgs {
     /// Print JSON progress events (one per line) on stdout instead of a progress bar.
     #[arg(long)]
     json: bool,
+    /// If this export suspends a running profile, resume it afterwards (the file is then a
+    /// copy of that moment, e.g. a backup; by default the profile stays suspended).
+    #[arg(long)]
+    resume: bool,
 }
 
 /// The parts of a row that change when the profile's files may change.
@@ -59,18 +62,23 @@ fn read_row(db: &Db, name: &str, dir: &StateDir) -> Result<ProfileRow> {
         .with_context(|| format!("no profile {name:?} in {}", dir.root().display()))
 }
 
-/// Suspends a running profile through the daemon.
-fn suspend(dir: &StateDir, name: &str, json: bool) -> Result<()> {
+/// Asks the daemon to `suspend` or `resume` the profile.
+fn lifecycle(dir: &StateDir, name: &str, action: &str, json: bool) -> Result<()> {
     let none: Option<&()> = None;
     let client = Client::new(&dir.socket());
     let r: Result<ProfileInfo, ClientError> =
-        client.call("POST", &format!("/v1/profiles/{name}/suspend"), none);
+        client.call("POST", &format!("/v1/profiles/{name}/{action}"), none);
     match r {
         Ok(_) => {
-            if json {
-                progress::json_line(&serde_json::json!({"event": "suspended", "profile": name}));
+            let event = if action == "suspend" {
+                "suspended"
             } else {
-                eprintln!("pocketvisor: suspended {name} for the export (it stays suspended)");
+                "resumed"
+            };
+            if json {
+                progress::json_line(&serde_json::json!({"event": event, "profile": name}));
+            } else {
+                eprintln!("pocketvisor: {event} {name}");
             }
             Ok(())
         }
@@ -78,7 +86,7 @@ fn suspend(dir: &StateDir, name: &str, json: bool) -> Result<()> {
             "profile {name:?} is running but its handset daemon does not answer: \
              suspend or stop the profile first"
         ),
-        Err(e) => Err(e).context(format!("cannot suspend profile {name:?}")),
+        Err(e) => Err(e).context(format!("cannot {action} profile {name:?}")),
     }
 }
 
@@ -114,13 +122,52 @@ pub fn main(a: ExportArgs) -> Result<i32> {
     let db = Db::open(&dir.db())?;
     let name = a.profile.as_str();
     let mut row = read_row(&db, name, &dir)?;
+    let mut suspended_here = false;
     if matches!(
         ProfileState::parse(&row.state),
         ProfileState::Running | ProfileState::Paused
     ) {
-        suspend(&dir, name, a.json)?;
+        lifecycle(&dir, name, "suspend", a.json)?;
         row = read_row(&db, name, &dir)?;
+        suspended_here = true;
     }
+    let exported = write_file(&a, &db, &dir, &row, &keys);
+    let resumed = a.resume && suspended_here;
+    if resumed {
+        let r = lifecycle(&dir, name, "resume", a.json);
+        if exported.is_ok() {
+            r.context("the file was written, but the profile cannot be resumed")?;
+        }
+    }
+    let mut w = exported?;
+    if let Some(map) = w.fields.as_object_mut() {
+        map.insert("resumed".into(), resumed.into());
+    }
+    w.reporter.done(w.fields);
+    if !a.json {
+        println!("{}", w.summary);
+    }
+    Ok(0)
+}
+
+/// A written file, not yet reported.
+struct Written {
+    reporter: Reporter,
+    /// The `done` event's fields.
+    fields: serde_json::Value,
+    /// The line printed without `--json`.
+    summary: String,
+}
+
+/// Writes the file for `row`'s profile, which is stopped or suspended.
+fn write_file(
+    a: &ExportArgs,
+    db: &Db,
+    dir: &StateDir,
+    row: &ProfileRow,
+    keys: &[KeySpec],
+) -> Result<Written> {
+    let name = a.profile.as_str();
     let state = match ProfileState::parse(&row.state) {
         ProfileState::Suspended => SavedState::Suspended,
         ProfileState::Stopped | ProfileState::Failed => SavedState::Stopped,
@@ -129,14 +176,14 @@ pub fn main(a: ExportArgs) -> Result<i32> {
             s.as_str()
         ),
     };
-    let before = fingerprint(&row);
+    let before = fingerprint(row);
 
     let spec_path = dir.spec(name);
     let spec_text = std::fs::read_to_string(&spec_path)
         .with_context(|| format!("cannot read {}", spec_path.display()))?;
     let spec =
         ProfileSpec::from_toml(&spec_text).with_context(|| format!("{}", spec_path.display()))?;
-    let entries = layout::entries(&dir, name, &spec, state == SavedState::Suspended)?;
+    let entries = layout::entries(dir, name, &spec, state == SavedState::Suspended)?;
     let config = ProfileConfig {
         format: CONFIG_FORMAT.into(),
         state,
@@ -155,7 +202,7 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         &a.output,
         manifest,
         &entries,
-        &keys,
+        keys,
         &ExportOptions::default(),
         &mut |p| reporter.update(p),
     );
@@ -167,7 +214,7 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         }
     };
     // Nothing may have started (or resumed) the profile while its files were read.
-    let after = read_row(&db, name, &dir).map(|r| fingerprint(&r));
+    let after = read_row(db, name, dir).map(|r| fingerprint(&r));
     if after.as_ref().ok() != Some(&before) {
         let _ = std::fs::remove_file(&a.output);
         reporter.abandon();
@@ -175,23 +222,25 @@ pub fn main(a: ExportArgs) -> Result<i32> {
     }
     let secs = reporter.elapsed();
     let out = a.output.display().to_string();
-    reporter.done(serde_json::json!({
+    let summary = format!(
+        "exported {name} ({}, {} files, {} of data) to {out}: {} in {:.2} s ({:.0} MB/s)",
+        state.as_str(),
+        stats.entries,
+        progress::mib(stats.bytes_stored),
+        progress::mib(stats.file_size),
+        secs.as_secs_f64(),
+        progress::rate(stats.bytes_stored, secs)
+    );
+    let fields = serde_json::json!({
         "profile": name,
         "state": state.as_str(),
         "file": out,
         "file_size": stats.file_size,
         "entries": stats.entries,
-    }));
-    if !a.json {
-        println!(
-            "exported {name} ({}, {} files, {} of data) to {out}: {} in {:.2} s ({:.0} MB/s)",
-            state.as_str(),
-            stats.entries,
-            progress::mib(stats.bytes_stored),
-            progress::mib(stats.file_size),
-            secs.as_secs_f64(),
-            progress::rate(stats.bytes_stored, secs)
-        );
-    }
-    Ok(0)
+    });
+    Ok(Written {
+        reporter,
+        fields,
+        summary,
+    })
 }
