@@ -18,8 +18,9 @@ use super::secret::{self, PassphraseArgs};
 #[command(after_help = "\
 A running (or paused) profile is first suspended through the handset daemon, which must then
 be running; it stays suspended afterwards unless --resume is given. A stopped profile is
-exported without a snapshot and boots afresh after import. The profile's files are only read. The file is written under a temporary name and renamed when complete,
-so an interrupted export never leaves a partial file under the final name.
+exported without a snapshot and boots afresh after import. The profile's files are only
+read. The file is written under a temporary name and renamed when complete, so an
+interrupted export never leaves a partial file under the final name.
 
 Keys: a passphrase (--passphrase-file, $POCKETVISOR_PASSPHRASE, or typed twice at the
 terminal) and/or any number of --recipient public keys (from `pocketvisor keygen`). With
