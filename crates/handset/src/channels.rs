@@ -404,15 +404,8 @@ async fn transfer(
     })?;
     for p in [&from_info, &to_info] {
         match p.state {
-            ProfileState::Running => {}
-            // Its agent cannot answer while the VM is paused.
-            ProfileState::Paused => {
-                return Err(ChannelError::NotRunning(format!(
-                    "profile {} is paused in the background (background = \"suspend\"): \
-                     switch to it first",
-                    p.name
-                )))
-            }
+            // A paused (background) VM is resumed for the transfer by `with_unpaused`.
+            ProfileState::Running | ProfileState::Paused => {}
             s => {
                 return Err(ChannelError::NotRunning(format!(
                     "profile {} is {}, not running",
@@ -422,6 +415,19 @@ async fn transfer(
             }
         }
     }
+    h.with_unpaused(&[from, to], move_data(h, kind, from, to, name, t0))
+        .await?
+}
+
+/// Asks the target's limits, reads from the source's agent and writes to the target's.
+async fn move_data(
+    h: &Handset,
+    kind: Kind,
+    from: &str,
+    to: &str,
+    name: Option<&str>,
+    t0: Instant,
+) -> Result<Transfer, ChannelError> {
     let src = h.dir().vsock_socket(from);
     let dst = h.dir().vsock_socket(to);
     let limit = kind.limit();

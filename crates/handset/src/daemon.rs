@@ -977,6 +977,53 @@ impl Handset {
         }
     }
 
+    /// Runs `f` with the profiles `names` able to answer: any of them paused in the background
+    /// is resumed for `f` and paused again afterwards (its state stays `paused`), with the
+    /// lifecycle lock held meanwhile so no switch interleaves. Used by `channels` to reach a
+    /// background profile's agent. Without paused profiles `f` runs without the lock.
+    pub async fn with_unpaused<T>(
+        &self,
+        names: &[&str],
+        f: impl std::future::Future<Output = T>,
+    ) -> Result<T> {
+        let paused = |n: &str| -> Result<bool> {
+            Ok(self
+                .db()
+                .profile(n)?
+                .is_some_and(|r| ProfileState::parse(&r.state) == ProfileState::Paused))
+        };
+        let mut any = false;
+        for n in names {
+            any |= paused(n)?;
+        }
+        if !any {
+            return Ok(f.await);
+        }
+        let _ops = self.ops.lock().await;
+        let mut resumed = Vec::new();
+        for n in names {
+            if paused(n)? {
+                let api = self.dir().api_socket(n);
+                if let Err(e) = vmm_proc::call(&api, "resume", None, CALL_TIMEOUT).await {
+                    for r in resumed {
+                        let api = self.dir().api_socket(r);
+                        let _ = vmm_proc::call(&api, "pause", None, CALL_TIMEOUT).await;
+                    }
+                    return Err(e);
+                }
+                resumed.push(*n);
+            }
+        }
+        let out = f.await;
+        for n in resumed {
+            let api = self.dir().api_socket(n);
+            if let Err(e) = vmm_proc::call(&api, "pause", None, CALL_TIMEOUT).await {
+                tracing::warn!("{n}: cannot pause again after a channel transfer: {e}");
+            }
+        }
+        Ok(out)
+    }
+
     /// The cgroup weight file of `name` (for tests and diagnostics).
     pub fn weight_file(&self, name: &str) -> Option<PathBuf> {
         self.cgroups.weight_file(name)

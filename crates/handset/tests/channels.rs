@@ -47,9 +47,14 @@ fn set_clipboard(d: &Daemon, profile: &str, data: &[u8]) {
 }
 
 fn create_agent_profile(d: &Daemon, name: &str, channels: &str) {
+    create_agent_profile_with(d, name, "", channels);
+}
+
+/// An agent-mode probe profile with more top-level spec lines (`top`) and `[channels]`.
+fn create_agent_profile_with(d: &Daemon, name: &str, top: &str, channels: &str) {
     let text = format!(
         "name = \"{name}\"\nkernel = \"probe\"\ncmdline = \"pv.mode=agent\"\nmemory_mib = 128\n\
-         [channels]\n{channels}\n"
+         {top}\n[channels]\n{channels}\n"
     );
     let req = CreateProfile {
         spec: Some(ProfileSpec::from_toml(&text).unwrap()),
@@ -377,4 +382,55 @@ fn probe_agent_refuses_hostile_requests_and_keeps_serving() {
     assert_eq!(again["ok"], true);
     assert_eq!(agent(&d, "lab", json!({"op": "health"}))["ok"], true);
     assert_eq!(d.show("lab").state, handset::ProfileState::Running);
+}
+
+#[test]
+fn a_paused_background_profile_is_resumed_for_the_transfer_only() {
+    if !can_run_vms("a_paused_background_profile_is_resumed_for_the_transfer_only") {
+        return;
+    }
+    let d = Daemon::start("channels-paused");
+    let info: handset::DaemonInfo = d.client().call("GET", "/v1/handset", None::<&()>).unwrap();
+    if info.probe.is_none() {
+        loud("SKIP (probe guest not built: guest/build-probe.sh): channels paused test");
+        return;
+    }
+    create_agent_profile_with(
+        &d,
+        "personal",
+        "background = \"suspend\"",
+        "clipboard_to = [\"work\"]",
+    );
+    create_agent_profile(&d, "work", "");
+    for p in ["personal", "work"] {
+        d.act(p, "start").unwrap();
+        assert!(wait_until(Duration::from_secs(60), || d
+            .serial(p)
+            .contains("PROBE agent listening")));
+    }
+    // Copy in personal (foreground), then switch to work: personal is paused.
+    d.act("personal", "switch").unwrap();
+    set_clipboard(&d, "personal", b"copied before the switch");
+    d.act("work", "switch").unwrap();
+    assert_eq!(d.show("personal").state, handset::ProfileState::Paused);
+    let (status, b) = post(
+        &d,
+        "/v1/channels/clipboard",
+        json!({"from": "personal", "to": "work"}),
+    );
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(clipboard(&d, "work"), b"copied before the switch");
+    // personal is paused again: its agent does not answer, its state is unchanged.
+    assert_eq!(d.show("personal").state, handset::ProfileState::Paused);
+    let sock = d.dir.join("profiles/personal/run/vsock.sock");
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    s.write_all(b"CONNECT 1025\n").unwrap();
+    let mut line = String::new();
+    let r = BufReader::new(s).read_line(&mut line);
+    assert!(
+        r.is_err() || line.is_empty(),
+        "a paused guest answered: {line:?}"
+    );
 }
