@@ -18,6 +18,9 @@
 //! read at each transfer, so editing `profile.toml` changes the next decision. Every
 //! transfer, allowed, denied (403) or failed, is one `channel-clipboard` / `channel-file`
 //! record in the audit log (profile = the source), with the size and SHA-256 of what moved.
+//!
+//! Both profiles must have a VMM; one paused in the background (`background = "suspend"`)
+//! is resumed for the transfer and paused again ([`Handset::with_unpaused`]).
 
 use std::path::Path;
 use std::sync::Arc;
