@@ -122,6 +122,12 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
         assert!(same_file(&fa, &fb), "snapshot {f} differs");
     }
 
+    // Another device: nothing of A may be used by B's VM (a restore with A's saved disk path
+    // would fail now).
+    let moved = s.path("a-profile");
+    std::fs::rename(dir_a.join("profiles/work"), &moved).unwrap();
+    let disk_a = moved.join("disks/data.img");
+
     let b = Daemon::start(&dir_b, Some(&probe));
     b.profile(&["resume", "work"]);
     let serial_b = dir_b.join("profiles/work/run/serial.log");
