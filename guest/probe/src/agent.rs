@@ -209,6 +209,9 @@ impl Agent {
                     return Err("bad mime type");
                 }
                 let data = r.data_b64.ok_or("data_b64 is missing")?;
+                if data.len() > b64_len(MAX_CLIPBOARD) {
+                    return Err("clipboard data is larger than the probe's 65536 bytes");
+                }
                 let n = b64_decoded_len(data).ok_or("data_b64 is not valid base64")?;
                 if n > MAX_CLIPBOARD {
                     return Err("clipboard data is larger than the probe's 65536 bytes");
@@ -225,6 +228,9 @@ impl Agent {
                     return Err("bad file name");
                 }
                 let data = r.data_b64.ok_or("data_b64 is missing")?;
+                if data.len() > b64_len(MAX_FILE) {
+                    return Err("the file is larger than the probe's 1048576 bytes");
+                }
                 let n = b64_decoded_len(data).ok_or("data_b64 is not valid base64")?;
                 if n > MAX_FILE {
                     return Err("the file is larger than the probe's 1048576 bytes");
