@@ -21,6 +21,13 @@
 //!
 //! Both profiles must have a VMM; one paused in the background (`background = "suspend"`)
 //! is resumed for the transfer and paused again ([`Handset::with_unpaused`]).
+//!
+//! Guests are not trusted: both agents' `health` answers come first and bound what is read
+//! (the smaller of the source's and the target's limits and the daemon's [`MAX_CLIPBOARD`] /
+//! [`MAX_FILE`]) and how long each call may take (15 s plus 1 s per MiB, or per 4 KiB for
+//! an agent that says it is the slow probe, which is then held to 1 MiB); answers are
+//! parsed as JSON, base64 and MIME types are checked, and nothing from one guest reaches
+//! the other unless it passed.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -52,10 +59,15 @@ pub const MAX_FILE: usize = 64 << 20;
 pub const FILE_NAME_MAX: usize = 128;
 /// Time to connect to an agent and get `OK <port>`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Base time for one agent request (plus [`BYTES_PER_EXTRA_SEC`] per second).
+/// Base time for one agent request, plus one second per [`Rate`] bytes it carries.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
-/// Payload bytes granted one more second of request time (the probe is slow).
-const BYTES_PER_EXTRA_SEC: usize = 4096;
+/// Bytes per second granted to the probe agent (it runs very slowly under kvm_pvm).
+const PROBE_RATE: usize = 4096;
+/// Bytes per second granted to other agents.
+const AGENT_RATE: usize = 1 << 20;
+/// The most a probe agent is believed to hold (its own limit is 1 MiB): with the slow
+/// [`PROBE_RATE`] this bounds a call to a guest claiming to be the probe to about 6 min.
+const PROBE_MAX: usize = 1 << 20;
 
 /// What moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,18 +325,66 @@ struct Answer {
     #[serde(default)]
     data_b64: Option<String>,
     #[serde(default)]
+    agent: Option<String>,
+    #[serde(default)]
     max_clipboard: Option<u64>,
     #[serde(default)]
     max_file: Option<u64>,
 }
 
+/// What an agent said about itself (`health`), with the daemon's bounds applied.
+#[derive(Debug, Clone, Copy)]
+struct AgentInfo {
+    /// Bytes per second its calls are given.
+    rate: usize,
+    max_clipboard: usize,
+    max_file: usize,
+}
+
+impl AgentInfo {
+    /// Before `health` answered: small calls only.
+    const UNKNOWN: AgentInfo = AgentInfo {
+        rate: PROBE_RATE,
+        max_clipboard: 0,
+        max_file: 0,
+    };
+
+    fn max(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Clipboard => self.max_clipboard,
+            Kind::File => self.max_file,
+        }
+    }
+}
+
+/// Asks `profile`'s agent for its kind and limits.
+async fn agent_info(profile: &str, vsock: &Path) -> Result<AgentInfo, ChannelError> {
+    let req = serde_json::json!({"op": "health"});
+    let a = agent_call(profile, vsock, &req, 4096, AgentInfo::UNKNOWN).await?;
+    let probe = a.agent.as_deref() == Some("probe");
+    let cap = |claimed: Option<u64>, daemon: usize| {
+        let daemon = if probe { daemon.min(PROBE_MAX) } else { daemon };
+        claimed.map_or(daemon, |m| {
+            usize::try_from(m).unwrap_or(usize::MAX).min(daemon)
+        })
+    };
+    Ok(AgentInfo {
+        rate: if probe { PROBE_RATE } else { AGENT_RATE },
+        max_clipboard: cap(a.max_clipboard, MAX_CLIPBOARD),
+        max_file: cap(a.max_file, MAX_FILE),
+    })
+}
+
 /// Sends one request to the agent behind `vsock` (a Firecracker-style host socket) and
-/// returns its answer; `max_line` bounds the answer line.
+/// returns its answer. `max_line` bounds the answer line (a longer one is
+/// [`ChannelError::TooLarge`]); the call may take [`CALL_TIMEOUT`] plus a second per
+/// `info.rate` bytes of request and of `max_line`.
 async fn agent_call(
     profile: &str,
     vsock: &Path,
     request: &serde_json::Value,
     max_line: usize,
+    info: AgentInfo,
 ) -> Result<Answer, ChannelError> {
     let op = request["op"].as_str().unwrap_or("?").to_string();
     let fail = |what: String| ChannelError::Agent(format!("{profile}'s agent ({op}): {what}"));
@@ -348,8 +408,8 @@ async fn agent_call(
             "nothing listens on vsock port {AGENT_PORT} (is the agent running in the guest?)"
         )));
     }
-    let budget = CALL_TIMEOUT
-        + Duration::from_secs(((line.len() + max_line / 4) / BYTES_PER_EXTRA_SEC) as u64);
+    let budget =
+        CALL_TIMEOUT + Duration::from_secs(((line.len() + max_line) / info.rate.max(1)) as u64);
     let exchange = async {
         r.get_mut().write_all(&line).await?;
         let mut answer = Vec::new();
@@ -363,12 +423,13 @@ async fn agent_call(
         .await
         .map_err(|_| fail(format!("no answer within {budget:?}")))?
         .map_err(|e| fail(e.to_string()))?;
+    if answer.len() > max_line {
+        return Err(ChannelError::TooLarge(format!(
+            "{profile}'s agent ({op}): answer longer than {max_line} bytes"
+        )));
+    }
     if answer.last() != Some(&b'\n') {
-        return Err(fail(if answer.len() > max_line {
-            format!("answer longer than {max_line} bytes")
-        } else {
-            "connection closed without an answer".into()
-        }));
+        return Err(fail("connection closed without an answer".into()));
     }
     let a: Answer =
         serde_json::from_slice(&answer).map_err(|e| fail(format!("bad answer: {e}")))?;
@@ -433,23 +494,26 @@ async fn move_data(
 ) -> Result<Transfer, ChannelError> {
     let src = h.dir().vsock_socket(from);
     let dst = h.dir().vsock_socket(to);
-    let limit = kind.limit();
-    let max_line = b64_len(limit) + 4096;
-    // The target's limits first: nothing is read from the source that cannot be delivered.
-    let health = agent_call(to, &dst, &serde_json::json!({"op": "health"}), 4096).await?;
-    let target_max = match kind {
-        Kind::Clipboard => health.max_clipboard,
-        Kind::File => health.max_file,
-    }
-    .map_or(limit, |m| {
-        usize::try_from(m).unwrap_or(usize::MAX).min(limit)
-    });
+    // Both agents' limits first: nothing is read from the source that cannot be delivered,
+    // and a call takes no longer than its agent's kind and limits justify.
+    let src_info = agent_info(from, &src).await?;
+    let dst_info = agent_info(to, &dst).await?;
+    let target_max = dst_info.max(kind).min(kind.limit());
+    let max_line = b64_len(target_max.min(src_info.max(kind))) + 4096;
     let get = match (kind, name) {
         (Kind::Clipboard, _) => serde_json::json!({"op": "clipboard_get"}),
         (Kind::File, Some(n)) => serde_json::json!({"op": "file_get", "name": n}),
         (Kind::File, None) => return Err(ChannelError::BadRequest("name is missing".into())),
     };
-    let got = agent_call(from, &src, &get, max_line).await?;
+    let got = agent_call(from, &src, &get, max_line, src_info)
+        .await
+        .map_err(|e| match e {
+            ChannelError::TooLarge(_) => ChannelError::TooLarge(format!(
+                "the {} in {from} is larger than {to}'s agent accepts ({target_max} bytes)",
+                kind.as_str()
+            )),
+            e => e,
+        })?;
     let data = got
         .data_b64
         .as_deref()
@@ -486,7 +550,7 @@ async fn move_data(
         }),
         Kind::File => serde_json::json!({"op": "file_put", "name": name, "data_b64": data_b64}),
     };
-    agent_call(to, &dst, &put, 4096).await?;
+    agent_call(to, &dst, &put, 4096, dst_info).await?;
     Ok(Transfer {
         kind,
         from: from.to_string(),
@@ -687,7 +751,19 @@ mod tests {
 
     async fn call_fake(hello: &'static [u8], answer: &[u8]) -> Result<Answer, ChannelError> {
         let (_t, path) = fake_agent(hello, answer.to_vec()).await;
-        agent_call("p", &path, &serde_json::json!({"op": "clipboard_get"}), 64).await
+        let info = AgentInfo {
+            rate: AGENT_RATE,
+            max_clipboard: 64,
+            max_file: 64,
+        };
+        agent_call(
+            "p",
+            &path,
+            &serde_json::json!({"op": "clipboard_get"}),
+            64,
+            info,
+        )
+        .await
     }
 
     #[tokio::test]
@@ -696,14 +772,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(a.data_b64.as_deref(), Some("aGk="));
-        let cases: [(&'static [u8], &[u8], &str); 5] = [
+        let e = call_fake(b"OK 1024\n", &[b'x'; 100]).await.unwrap_err();
+        assert_eq!(e.status(), 413, "{e}");
+        assert!(e.to_string().contains("longer than 64 bytes"), "{e}");
+        let cases: [(&'static [u8], &[u8], &str); 4] = [
             (
                 b"OK 1024\n",
                 b"{\"ok\":false,\"error\":\"nope\"}\n",
                 "refused: nope",
             ),
             (b"OK 1024\n", b"{\"ok\":true}", "closed without an answer"),
-            (b"OK 1024\n", &[b'x'; 100], "longer than 64 bytes"),
             (b"OK 1024\n", b"garbage\n", "bad answer"),
             (b"", b"", "nothing listens on vsock port 1025"),
         ];
@@ -718,10 +796,38 @@ mod tests {
             Path::new("/nonexistent/vsock.sock"),
             &serde_json::json!({"op": "health"}),
             64,
+            AgentInfo::UNKNOWN,
         )
         .await
         .unwrap_err();
         assert!(e.to_string().contains("cannot connect"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn agent_claims_are_bounded() {
+        let (_t, path) = fake_agent(
+            b"OK 1024\n",
+            b"{\"ok\":true,\"agent\":\"probe\",\"max_file\":1099511627776}\n".to_vec(),
+        )
+        .await;
+        let p = agent_info("p", &path).await.unwrap();
+        // A guest claiming to be the (slow) probe is held to the probe's size.
+        assert_eq!(
+            (p.rate, p.max_file, p.max_clipboard),
+            (PROBE_RATE, PROBE_MAX, PROBE_MAX)
+        );
+        let (_t, path) = fake_agent(
+            b"OK 1024\n",
+            b"{\"ok\":true,\"agent\":\"linux\",\"max_file\":1099511627776,\"max_clipboard\":5}\n"
+                .to_vec(),
+        )
+        .await;
+        let l = agent_info("l", &path).await.unwrap();
+        assert_eq!(
+            (l.rate, l.max_file, l.max_clipboard),
+            (AGENT_RATE, MAX_FILE, 5)
+        );
+        assert_eq!(l.max(Kind::Clipboard), 5);
     }
 
     #[test]
