@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
+use bench::util::ms;
+
 use crate::runner::{GuestSpec, Needs, QemuInfo, Setup, Vmm};
 use crate::Opts;
 
@@ -113,20 +115,7 @@ pub struct Results {
     pub notes: Vec<String>,
 }
 
-/// The median (mean of the middle two for even counts).
-pub fn median(samples: &[f64]) -> Option<f64> {
-    let mut v: Vec<f64> = samples.iter().copied().filter(|x| x.is_finite()).collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let mid = v.len() / 2;
-    Some(if v.len() % 2 == 1 {
-        v[mid]
-    } else {
-        (v[mid - 1] + v[mid]) / 2.0
-    })
-}
+pub use bench::util::median;
 
 /// Runs every measurement `opts.runs` times on each VMM, alternating the VMMs.
 pub fn collect(setup: &Setup, opts: &Opts) -> Result<Results> {
@@ -250,10 +239,6 @@ pub fn collect(setup: &Setup, opts: &Opts) -> Result<Results> {
         },
         notes,
     })
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Describes a failed run by its last serial lines and stderr.

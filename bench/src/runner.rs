@@ -109,7 +109,7 @@ impl Setup {
             None => {
                 let b = e2e::paths::target_dir().join("release/pocketvisor");
                 if !b.exists() && !opts.no_pocketvisor {
-                    build_release(&root, &b)?;
+                    bench::util::build_release(&root, "bench")?;
                 }
                 b
             }
@@ -273,21 +273,4 @@ impl Setup {
             }
         }
     }
-}
-
-fn build_release(root: &Path, bin: &Path) -> Result<()> {
-    eprintln!(
-        "bench: building {} (cargo build --release -p pocketvisor)",
-        bin.display()
-    );
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "pocketvisor"])
-        .current_dir(root)
-        .status()
-        .context("run cargo")?;
-    if !status.success() {
-        bail!("cargo build --release -p pocketvisor failed");
-    }
-    Ok(())
 }

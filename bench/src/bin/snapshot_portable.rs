@@ -21,10 +21,11 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::util::{ms, run_cmd, Proc};
 
 const USAGE: &str = "\
 usage: snapshot_portable [--runs N] [--mem MIB,MIB..] [--disk-mib N] [--no-vm] [--no-portable]
@@ -103,51 +104,9 @@ fn main() {
     }
 }
 
-/// Median of `v` (mean of the middle two for an even count).
+/// Median of `v`, NaN when empty.
 fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    if s.is_empty() {
-        return f64::NAN;
-    }
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-/// A child process killed (SIGKILL) and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs a command to completion; fails with its stderr if it fails. Returns (stdout, time).
-fn run_cmd(cmd: &mut Command) -> Result<(String, Duration)> {
-    let t0 = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    let t = t0.elapsed();
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), t))
+    bench::util::median(v).unwrap_or(f64::NAN)
 }
 
 fn sh(script: &str) -> Result<Duration> {
@@ -208,26 +167,7 @@ impl Drop for Setup {
 
 fn setup(o: &Opts) -> Result<Setup> {
     let root = e2e::paths::workspace_root();
-    let bin = match o
-        .bin
-        .clone()
-        .or_else(|| std::env::var_os("POCKETVISOR_BIN").map(PathBuf::from))
-    {
-        Some(b) => b,
-        None => {
-            eprintln!("snapshot_portable: cargo build --release -p pocketvisor");
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let st = Command::new(cargo)
-                .args(["build", "--release", "-p", "pocketvisor"])
-                .current_dir(&root)
-                .status()
-                .context("run cargo")?;
-            if !st.success() {
-                bail!("cargo build --release -p pocketvisor failed");
-            }
-            e2e::paths::target_dir().join("release/pocketvisor")
-        }
-    };
+    let bin = bench::util::pocketvisor_bin(o.bin.as_deref(), true, "snapshot_portable")?;
     let probe = o
         .probe
         .clone()

@@ -1,0 +1,3 @@
+//! Shared code of the bench binaries (`bench`, `snapshot_portable`, `handset`).
+
+pub mod util;
