@@ -128,14 +128,25 @@ struct TreeMemory {
 fn tree_memory(pid: i32) -> Result<TreeMemory> {
     let mut m = TreeMemory::default();
     for p in handset::vmm_proc::with_descendants(pid) {
-        let text = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup"))
-            .with_context(|| format!("read /proc/{p}/smaps_rollup"))?;
-        let (rss, pss) = parse_rollup(&text).with_context(|| format!("pid {p}: smaps_rollup"))?;
-        m.rss_kib += rss;
-        m.pss_kib += pss;
+        let one = process_memory(p)?;
+        m.rss_kib += one.rss_kib;
+        m.pss_kib += one.pss_kib;
         m.processes += 1;
     }
     Ok(m)
+}
+
+/// `Rss:` and `Pss:` of `/proc/<pid>/smaps_rollup` (this process only).
+fn process_memory(pid: i32) -> Result<TreeMemory> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .with_context(|| format!("read /proc/{pid}/smaps_rollup"))?;
+    let (rss_kib, pss_kib) =
+        parse_rollup(&text).with_context(|| format!("pid {pid}: smaps_rollup"))?;
+    Ok(TreeMemory {
+        rss_kib,
+        pss_kib,
+        processes: 1,
+    })
 }
 
 /// (Rss, Pss) in KiB from the text of an smaps_rollup file.
@@ -207,6 +218,8 @@ struct Scenario {
     api_switch: SwitchFigures,
     cli_switch: SwitchFigures,
     memory: MemoryFigures,
+    /// The daemon process alone (without its VMM children), with the profiles running.
+    daemon: TreeMemory,
 }
 
 /// QEMU running `vms` probe guests at once.
@@ -448,6 +461,7 @@ fn scenario(bin: &Path, probe: &Path, o: &Opts, n: usize, jail: bool) -> Result<
         .map(|&pid| tree_memory(pid))
         .collect::<Result<Vec<_>>>()?;
     let memory = memory_figures(per_vm);
+    let daemon = process_memory(d.info()?.pid as i32)?;
 
     let (cgroups, files) = d.weight_files()?;
     let spec = d.act(&names[0], "switch")?.spec;
@@ -513,6 +527,7 @@ fn scenario(bin: &Path, probe: &Path, o: &Opts, n: usize, jail: bool) -> Result<
         api_switch: switch_figures(api_ms, api_ok, checked),
         cli_switch: switch_figures(cli_ms, cli_ok, checked),
         memory,
+        daemon,
     })
 }
 
@@ -661,6 +676,16 @@ fn table(r: &Results) -> String {
                 qv.map(|q| num(pv / q)).unwrap_or_else(|| "-".into()),
             ]);
         }
+        rows.push([
+            format!("  handset daemon RSS / PSS (MiB), {what}"),
+            format!(
+                "{} / {}",
+                num(mib(s.daemon.rss_kib)),
+                num(mib(s.daemon.pss_kib))
+            ),
+            "-".into(),
+            "-".into(),
+        ]);
     }
     let header = ["metric", "pocketvisor", "qemu", "ratio"].map(String::from);
     let mut widths = [0usize; 4];
