@@ -137,6 +137,9 @@ fn selftest() {
     if test_enabled("vsock") {
         virtio::vsock::selftest();
     }
+    if test_enabled("balloon") {
+        virtio::balloon::selftest();
+    }
 }
 
 #[panic_handler]

@@ -1,5 +1,6 @@
 //! Virtio 1.x over PCI (modern only): transport, split virtqueues and the drivers.
 
+pub mod balloon;
 pub mod blk;
 pub mod net;
 pub mod pci;

@@ -317,6 +317,11 @@ impl VirtioPci {
         v
     }
 
+    /// Writes device-specific config at `off`.
+    pub fn config_write<T: Copy>(&self, off: u64, v: T) {
+        mmio::write::<T>(self.device + off, v)
+    }
+
     /// Number of MSI-X table entries.
     pub fn msix_entries(&self) -> u16 {
         self.msix_entries
