@@ -1,6 +1,8 @@
-//! End-to-end: `--balloon` and `--mergeable` with the probe guest (which has no balloon driver,
-//! so the device stays unactivated): the API's `balloon` and `stats` ops, guest RAM marked
-//! mergeable, and the balloon target surviving a snapshot and restore into a new process.
+//! End-to-end: `--balloon` and `--mergeable` with the probe guest: the API's `balloon` and
+//! `stats` ops, guest RAM marked mergeable, and the balloon target surviving a snapshot and
+//! restore into a new process (counter mode, so no balloon driver runs); then the probe's
+//! balloon driver (`pv.tests=balloon`): free page reporting and inflating to the API's target
+//! give memory back to the host, measured as the VMM's resident set.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm or the probe guest is missing.
 
@@ -168,7 +170,10 @@ fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
     let st = stats(&sock);
     assert_eq!(st["balloon"]["target_mib"], 32);
     assert_eq!(st["balloon"]["target_pages"], 32 * 256);
-    assert_eq!(st["balloon"]["actual_pages"], 0, "the probe has no driver");
+    assert_eq!(
+        st["balloon"]["actual_pages"], 0,
+        "counter mode has no driver"
+    );
 
     let snap_req = format!(r#"{{"op":"snapshot","dir":"{}"}}"#, snap.display());
     let answer = api(&sock, &snap_req);
@@ -224,4 +229,123 @@ fn without_a_balloon_the_op_is_refused() {
     assert_eq!(st["mergeable"], false);
     api(&sock, r#"{"op":"stop"}"#);
     assert_eq!(wait_exit(&mut vm), Some(0));
+}
+
+/// Resident set of process `pid` in KiB (`VmRSS`).
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}
+
+fn note(what: std::fmt::Arguments) {
+    let _ = writeln!(std::io::stderr().lock(), "{what}");
+}
+
+#[test]
+fn free_page_reporting_gives_touched_memory_back() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("report");
+    let log = s.path("vm.log");
+    let mut vm = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.tests=balloon pv.balloon.mb=32 pv.balloon.wait=1500",
+        "--memory",
+        "128M",
+        "--balloon",
+        "--serial",
+        &format!("file:{}", log.display()),
+    ]);
+    let pid = vm.0.id();
+    assert!(
+        wait_for(&log, "PROBE balloon touched mb=32\n"),
+        "the guest did not touch its region"
+    );
+    let touched = rss_kib(pid);
+    assert!(
+        wait_for(&log, "PROBE balloon reported mb=32\n"),
+        "the guest did not report"
+    );
+    let reported = rss_kib(pid);
+    note(format_args!(
+        "free page reporting: VMM RSS {touched} KiB after touching 32 MiB, {reported} KiB after reporting it"
+    ));
+    assert!(
+        touched >= reported + 24 * 1024,
+        "RSS {touched} KiB -> {reported} KiB: less than 24 MiB given back"
+    );
+    assert_eq!(wait_exit(&mut vm), Some(0));
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(out.contains("PROBE balloon ok "), "{out}");
+    assert!(out.contains("PROBE done ok"), "{out}");
+}
+
+#[test]
+fn inflating_to_the_api_target_gives_memory_back() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new("inflate");
+    let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
+    let mut vm = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.tests=balloon pv.balloon.mb=8 pv.balloon.wait=0 pv.balloon.follow=1 pv.balloon.follow_ms=30000",
+        "--memory",
+        "128M",
+        "--balloon",
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    let pid = vm.0.id();
+    assert!(
+        wait_for(&log, "PROBE balloon following max_pages="),
+        "the guest did not start following the target"
+    );
+    let before = rss_kib(pid);
+    let st = stats(&sock);
+    assert_eq!(st["balloon"]["reported_bytes"], 8 << 20, "{st}");
+    assert_eq!(st["balloon"]["actual_pages"], 0, "{st}");
+
+    let ok = api(&sock, r#"{"op":"balloon","target_mib":24}"#);
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert!(
+        wait_for(&log, "PROBE balloon inflated pages=6144\n"),
+        "the guest did not inflate to the target"
+    );
+    let inflated = rss_kib(pid);
+    note(format_args!(
+        "inflate: VMM RSS {before} KiB before, {inflated} KiB with 24 MiB in the balloon"
+    ));
+    assert!(
+        before >= inflated + 20 * 1024,
+        "RSS {before} KiB -> {inflated} KiB: less than 20 MiB given back"
+    );
+    let st = stats(&sock);
+    assert_eq!(st["balloon"]["actual_pages"], 6144, "{st}");
+    assert_eq!(st["balloon"]["actual_mib"], 24, "{st}");
+    assert_eq!(st["balloon"]["inflated_pages"], 6144, "{st}");
+    assert_eq!(st["balloon"]["rejected"], 0, "{st}");
+
+    let ok = api(&sock, r#"{"op":"balloon","target_mib":0}"#);
+    assert_eq!(ok["ok"], true, "{ok}");
+    assert!(
+        wait_for(&log, "PROBE balloon deflated pages=0\n"),
+        "the guest did not deflate"
+    );
+    let st = stats(&sock);
+    assert_eq!(st["balloon"]["actual_pages"], 0, "{st}");
+    assert_eq!(st["balloon"]["deflated_pages"], 6144, "{st}");
+    // Deflated to zero after inflating: the probe's part ends.
+    assert_eq!(wait_exit(&mut vm), Some(0));
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(out.contains("PROBE done ok"), "{out}");
 }
