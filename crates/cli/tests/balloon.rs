@@ -296,7 +296,7 @@ fn inflating_to_the_api_target_gives_memory_back() {
         "--kernel",
         probe.to_str().unwrap(),
         "--cmdline",
-        "pv.tests=balloon pv.balloon.mb=8 pv.balloon.wait=0 pv.balloon.follow=1 pv.balloon.follow_ms=30000",
+        "pv.tests=balloon pv.balloon.mb=8 pv.balloon.wait=300 pv.balloon.follow=1 pv.balloon.follow_ms=30000",
         "--memory",
         "128M",
         "--balloon",
@@ -314,6 +314,30 @@ fn inflating_to_the_api_target_gives_memory_back() {
     let st = stats(&sock);
     assert_eq!(st["balloon"]["reported_bytes"], 8 << 20, "{st}");
     assert_eq!(st["balloon"]["actual_pages"], 0, "{st}");
+    // The statistics the guest sent at start (the worker may still be reading them).
+    let out = std::fs::read_to_string(&log).unwrap();
+    let sent = out
+        .lines()
+        .find_map(|l| l.strip_prefix("PROBE balloon stats sent "))
+        .unwrap_or_else(|| panic!("no statistics line: {out}"));
+    let field = |k: &str| -> u64 {
+        sent.split(' ')
+            .find_map(|kv| kv.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {sent:?}"))
+    };
+    let (total, free) = (field("total="), field("free="));
+    let t0 = Instant::now();
+    let mut st = stats(&sock);
+    while st["balloon"]["stats_updates"] == 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+        st = stats(&sock);
+    }
+    let guest = &st["balloon"]["guest_stats"];
+    assert_eq!(guest["total_memory"], total, "{st}");
+    assert_eq!(guest["free_memory"], free, "{st}");
+    assert_eq!(guest["available_memory"], free, "{st}");
+    assert!(total > 120 << 20 && total <= 128 << 20, "{st}");
 
     let ok = api(&sock, r#"{"op":"balloon","target_mib":24}"#);
     assert_eq!(ok["ok"], true, "{ok}");
@@ -341,6 +365,7 @@ fn inflating_to_the_api_target_gives_memory_back() {
         wait_for(&log, "PROBE balloon deflated pages=0\n"),
         "the guest did not deflate"
     );
+    // The probe waits `pv.balloon.wait` ms before it powers off.
     let st = stats(&sock);
     assert_eq!(st["balloon"]["actual_pages"], 0, "{st}");
     assert_eq!(st["balloon"]["deflated_pages"], 6144, "{st}");

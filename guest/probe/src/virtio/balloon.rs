@@ -11,8 +11,9 @@ use crate::{fail, mem, probe, pvh, time};
 
 /// Virtio type of memory balloons.
 pub const TYPE: u16 = 5;
-/// `VIRTIO_BALLOON_F_STATS_VQ` (not negotiated; it would shift the reporting queue).
-const F_STATS_VQ: u64 = 1 << 1;
+/// `VIRTIO_BALLOON_F_STATS_VQ`: negotiated when offered (as Linux does), which makes the
+/// reporting queue index 3 both with consecutive numbering and with QEMU's fixed queues.
+pub const F_STATS_VQ: u64 = 1 << 1;
 /// `VIRTIO_BALLOON_F_FREE_PAGE_HINT` (not negotiated; it would shift the reporting queue).
 const F_FREE_PAGE_HINT: u64 = 1 << 3;
 /// `VIRTIO_BALLOON_F_PAGE_REPORTING`.
@@ -22,6 +23,11 @@ const PAGE: u64 = 4096;
 /// Config offsets: `num_pages` (le32) and `actual` (le32).
 const CFG_NUM_PAGES: u64 = 0;
 const CFG_ACTUAL: u64 = 4;
+/// `virtio_balloon_stat` tags and entry size (le16 tag, le64 value, packed).
+const STAT_FREE: u16 = 4;
+const STAT_TOTAL: u16 = 5;
+const STAT_AVAILABLE: u16 = 6;
+const STAT_SIZE: usize = 10;
 /// Size of one reported free range.
 const REPORT_CHUNK: u64 = 4 << 20;
 /// Most ranges per reporting chain.
@@ -40,20 +46,29 @@ pub struct Balloon {
     inflate: Queue,
     deflate: Queue,
     report: Option<Queue>,
+    stats: Option<Queue>,
     /// One page of PFNs.
     pfns: u64,
+    /// The statistics buffer.
+    stats_buf: u64,
 }
 
 impl Balloon {
-    /// Finds and initialises the first balloon (VERSION_1 and PAGE_REPORTING if offered).
+    /// Finds and initialises the first balloon (VERSION_1, and STATS_VQ and PAGE_REPORTING if
+    /// offered).
     pub fn open() -> Result<Option<Balloon>, &'static str> {
         let Some(f) = super::pci::find(TYPE, 0) else {
             return Ok(None);
         };
         let mut dev = VirtioPci::new(&f)?;
-        let feats = dev.begin_init(F_PAGE_REPORTING)?;
+        let feats = dev.begin_init(F_PAGE_REPORTING | F_STATS_VQ)?;
         let inflate = dev.setup_queue(0, 64)?;
         let deflate = dev.setup_queue(1, 64)?;
+        let stats = if feats & F_STATS_VQ != 0 {
+            Some(dev.setup_queue(2, 4)?)
+        } else {
+            None
+        };
         let report = if feats & F_PAGE_REPORTING != 0 {
             // Queues of features not negotiated do not exist; the rest are consecutive.
             let idx =
@@ -71,8 +86,49 @@ impl Balloon {
             inflate,
             deflate,
             report,
+            stats,
             pfns: mem::alloc(PAGE, PAGE),
+            stats_buf: mem::alloc(PAGE, PAGE),
         }))
+    }
+
+    /// Sends statistics (`total_memory`, `free_memory`, `available_memory`, in bytes).
+    pub fn send_stats(&mut self, total: u64, free: u64) -> Result<(), &'static str> {
+        let Some(q) = self.stats.as_mut() else {
+            return Ok(());
+        };
+        let entries = [
+            (STAT_TOTAL, total),
+            (STAT_FREE, free),
+            (STAT_AVAILABLE, free),
+        ];
+        let buf = mem::bytes(self.stats_buf, STAT_SIZE * entries.len());
+        for (e, (tag, val)) in buf.chunks_exact_mut(STAT_SIZE).zip(entries) {
+            let (t, v) = e.split_at_mut(2);
+            t.copy_from_slice(&tag.to_le_bytes());
+            v.copy_from_slice(&val.to_le_bytes());
+        }
+        q.push(&[Buf {
+            addr: self.stats_buf,
+            len: buf.len() as u32,
+            write: false,
+        }])
+        .ok_or("stats-queue-full")?;
+        q.kick();
+        probe!("balloon stats sent total={total} free={free}");
+        Ok(())
+    }
+
+    /// Answers a statistics request: the device returned the buffer, send fresh numbers.
+    pub fn service_stats(&mut self, total: u64, free: u64) -> Result<(), &'static str> {
+        let Some(q) = self.stats.as_mut() else {
+            return Ok(());
+        };
+        if q.pop_used().is_none() {
+            return Ok(());
+        }
+        while q.pop_used().is_some() {}
+        self.send_stats(total, free)
     }
 
     /// The host's target in pages.
@@ -214,6 +270,13 @@ fn run(b: &mut Balloon) -> Result<(), &'static str> {
     .saturating_sub(TOP_MARGIN);
     let a_start = mem::ARENA_END;
     let a_len = (mb << 20).min(top.saturating_sub(a_start)) & !(PAGE - 1);
+    // Statistics: all RAM, and what the balloon part does not hold (everything above the arena).
+    let total = top + TOP_MARGIN;
+    let free = |held: u32| {
+        top.saturating_sub(a_start)
+            .saturating_sub(u64::from(held) * PAGE)
+    };
+    b.send_stats(total, free(0))?;
 
     // (1) Free page reporting.
     if b.report.is_some() && a_len > 0 {
@@ -239,6 +302,7 @@ fn run(b: &mut Balloon) -> Result<(), &'static str> {
         let dl = time::deadline_ms(follow_ms);
         let mut peak = 0u32;
         while !time::expired(dl) {
+            b.service_stats(total, free(held))?;
             let target = b.target().min(max);
             if target != held {
                 let grew = target > held;
@@ -254,6 +318,8 @@ fn run(b: &mut Balloon) -> Result<(), &'static str> {
             }
             sleep_ms(10);
         }
+        // Let the host look at the final state before the probe moves on (or powers off).
+        sleep_ms(wait);
     } else {
         let target = b.target().min(max);
         touch(b_start, u64::from(target) * PAGE);
