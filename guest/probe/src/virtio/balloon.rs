@@ -269,7 +269,7 @@ fn run(b: &mut Balloon) -> Result<(), &'static str> {
     }
     .saturating_sub(TOP_MARGIN);
     let a_start = mem::ARENA_END;
-    let a_len = (mb << 20).min(top.saturating_sub(a_start)) & !(PAGE - 1);
+    let a_len = mb.saturating_mul(1 << 20).min(top.saturating_sub(a_start)) & !(PAGE - 1);
     // Statistics: all RAM, and what the balloon part does not hold (everything above the arena).
     let total = top + TOP_MARGIN;
     let free = |held: u32| {
