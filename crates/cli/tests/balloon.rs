@@ -6,92 +6,35 @@
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm or the probe guest is missing.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn skip(why: &str) {
-    // Past libtest's capture, so a skip is visible in every run.
-    let _ = writeln!(std::io::stderr().lock(), "SKIP: {why}");
-}
+use common::{Scratch, Vmm};
 
-fn probe() -> Option<PathBuf> {
-    if !Path::new("/dev/kvm").exists() {
-        skip("/dev/kvm not available");
-        return None;
-    }
-    let elf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/out/probe.elf");
-    if !elf.is_file() {
-        skip("guest/out/probe.elf missing (guest/build-probe.sh builds it)");
-        return None;
-    }
-    Some(elf)
-}
+/// Scratch directories' prefix.
+const SCRATCH: &str = "pv-balloon";
 
-/// A scratch directory removed at the end of the test.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("pv-balloon-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills the VMM if the test fails before it exits.
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn probe() -> Option<std::path::PathBuf> {
+    common::probe(false)
 }
 
 fn spawn(args: &[&str]) -> Vmm {
-    Vmm(Command::new(env!("CARGO_BIN_EXE_pocketvisor"))
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start pocketvisor"))
+    common::spawn(args, Stdio::null())
 }
 
 fn wait_for(path: &Path, needle: &str) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(30) {
-        if std::fs::read_to_string(path).is_ok_and(|s| s.contains(needle)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    common::wait_for(path, needle, Duration::from_secs(30))
 }
 
 fn wait_exit(vmm: &mut Vmm) -> Option<i32> {
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(10) {
-        if let Some(status) = vmm.0.try_wait().unwrap() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
+    common::wait_exit(vmm, Duration::from_secs(10))
 }
 
 /// Sends one API request line; returns the answer as JSON.
@@ -129,7 +72,7 @@ fn has_mergeable_mapping(pid: u32) -> bool {
 #[test]
 fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("api");
+    let s = Scratch::new(SCRATCH, "api");
     let (log, sock, snap) = (s.path("src.log"), s.path("src.sock"), s.path("snap"));
     let mut src = spawn(&[
         "run",
@@ -204,7 +147,7 @@ fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
 #[test]
 fn without_a_balloon_the_op_is_refused() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("none");
+    let s = Scratch::new(SCRATCH, "none");
     let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
     let mut vm = spawn(&[
         "run",
@@ -248,7 +191,7 @@ fn note(what: std::fmt::Arguments) {
 #[test]
 fn free_page_reporting_gives_touched_memory_back() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("report");
+    let s = Scratch::new(SCRATCH, "report");
     let log = s.path("vm.log");
     let mut vm = spawn(&[
         "run",
@@ -289,7 +232,7 @@ fn free_page_reporting_gives_touched_memory_back() {
 #[test]
 fn inflating_to_the_api_target_gives_memory_back() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("inflate");
+    let s = Scratch::new(SCRATCH, "inflate");
     let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
     let mut vm = spawn(&[
         "run",

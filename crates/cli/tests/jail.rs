@@ -3,19 +3,17 @@
 //! Needs root and /dev/kvm; each test prints a SKIP line on stderr and passes otherwise.
 
 use std::collections::BTreeSet;
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pocketvisor")
-}
+use common::{bin, counters, skip, wait_exit, wait_until, Scratch, Vmm};
 
-fn skip(why: &str) {
-    // Past libtest's capture, so a skip is visible in every run.
-    let _ = writeln!(std::io::stderr().lock(), "SKIP: {why}");
-}
+/// Scratch directories' prefix.
+const SCRATCH: &str = "pv-jailtest";
 
 /// The probe kernel; None (after a SKIP line) without root, KVM or the probe.
 fn probe() -> Option<PathBuf> {
@@ -24,46 +22,13 @@ fn probe() -> Option<PathBuf> {
         skip("jail tests need root");
         return None;
     }
-    if !Path::new("/dev/kvm").exists() {
-        skip("/dev/kvm not available");
-        return None;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let elf = root.join("guest/out/probe.elf");
-    if !elf.is_file() {
-        let built = Command::new(root.join("guest/build-probe.sh"))
-            .current_dir(&root)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !built || !elf.is_file() {
-            skip("guest/out/probe.elf missing and guest/build-probe.sh failed");
-            return None;
-        }
-    }
-    Some(elf.canonicalize().unwrap())
+    Some(common::probe(true)?.canonicalize().unwrap())
 }
-
-/// A scratch directory (profiles' files and the jail root) removed at the end.
-struct Scratch(PathBuf);
 
 impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("pv-jailtest-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
+    /// The jail root inside the scratch directory.
     fn jail_root(&self) -> PathBuf {
         self.path("jails")
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -98,16 +63,6 @@ impl Profile {
     }
 }
 
-/// Kills the process if the test fails before it exits.
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn vmm_command(s: &Scratch, p: &Profile, id: &str, extra: &[&str]) -> Command {
     let mut c = Command::new(bin());
     c.arg("vmm")
@@ -121,28 +76,6 @@ fn vmm_command(s: &Scratch, p: &Profile, id: &str, extra: &[&str]) -> Command {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     c
-}
-
-fn wait_for(what: impl Fn() -> bool, timeout: Duration) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if what() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-fn wait_exit(vmm: &mut Vmm, timeout: Duration) -> Option<i32> {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if let Some(status) = vmm.0.try_wait().unwrap() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
 }
 
 fn stderr_of(vmm: &mut Vmm) -> String {
@@ -195,7 +128,7 @@ fn listing(dir: &Path) -> BTreeSet<String> {
 #[test]
 fn jailed_selftest_passes_and_writes_through_the_bind_mount() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("selftest");
+    let s = Scratch::new(SCRATCH, "selftest");
     let p = Profile::new(&s, "a", &probe, "pv.tests=blk,rng pv.blk.write=8", "");
     let mut vmm = Vmm(vmm_command(&s, &p, "selftest", &[]).spawn().unwrap());
     let code = wait_exit(&mut vmm, Duration::from_secs(60));
@@ -216,7 +149,7 @@ fn jailed_selftest_passes_and_writes_through_the_bind_mount() {
 #[test]
 fn forbidden_syscall_kills_the_process_with_sigsys() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("sigsys");
+    let s = Scratch::new(SCRATCH, "sigsys");
     let p = Profile::new(&s, "a", &probe, "pv.mode=counter", "");
     let mut c = vmm_command(&s, &p, "sigsys", &[]);
     c.env("POCKETVISOR_JAIL_SELFTEST", "forbidden-syscall");
@@ -240,7 +173,7 @@ fn forbidden_syscall_kills_the_process_with_sigsys() {
 #[test]
 fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("isolation");
+    let s = Scratch::new(SCRATCH, "isolation");
     let tap = format!("pvj{}", std::process::id() % 100_000);
     let a = Profile::new(
         &s,
@@ -281,7 +214,7 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
         format!("open:{}", list.join(":")),
     );
     let mut vmm = Vmm(c.spawn().unwrap());
-    let running = wait_for(
+    let running = wait_until(
         || a.serial().contains("PROBE counter 2"),
         Duration::from_secs(30),
     );
@@ -460,7 +393,7 @@ fn jail_cgroup(id: &str) -> Option<(PathBuf, bool)> {
 #[test]
 fn vsock_api_and_snapshot_work_under_the_filter() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("vsock");
+    let s = Scratch::new(SCRATCH, "vsock");
     let p = Profile::new(
         &s,
         "a",
@@ -477,7 +410,7 @@ fn vsock_api_and_snapshot_work_under_the_filter() {
         .spawn()
         .unwrap());
     assert!(
-        wait_for(
+        wait_until(
             || p.serial().contains("vsock listening"),
             Duration::from_secs(30)
         ),
@@ -543,7 +476,7 @@ fn a_prepared_network_namespace_is_joined() {
     }
     let _ns = Ns(ns.clone());
     assert!(ip(&["-n", &ns, "tuntap", "add", "pvjt0", "mode", "tap"]));
-    let s = Scratch::new("netns");
+    let s = Scratch::new(SCRATCH, "netns");
     let p = Profile::new(
         &s,
         "a",
@@ -565,18 +498,10 @@ fn a_prepared_network_namespace_is_joined() {
     );
 }
 
-/// The counter values of every complete `PROBE counter N` line.
-fn counters(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("PROBE counter "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
 #[test]
 fn a_snapshot_taken_in_a_jail_restores_in_a_jail() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("restore");
+    let s = Scratch::new(SCRATCH, "restore");
     let p = Profile::new(&s, "a", &probe, "pv.mode=counter pv.counter.ms=20", "");
     let api = p.path("run/api.sock");
     let api_s = api.display().to_string();
@@ -586,7 +511,7 @@ fn a_snapshot_taken_in_a_jail_restores_in_a_jail() {
             .unwrap(),
     );
     assert!(
-        wait_for(
+        wait_until(
             || p.serial().contains("PROBE counter 5"),
             Duration::from_secs(30)
         ),
@@ -626,7 +551,7 @@ fn a_snapshot_taken_in_a_jail_restores_in_a_jail() {
     let mut dst = Vmm(c.spawn().unwrap());
     let read_log =
         || String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
-    let continued = wait_for(|| counters(&read_log()).len() >= 5, Duration::from_secs(30));
+    let continued = wait_until(|| counters(&read_log()).len() >= 5, Duration::from_secs(30));
     assert!(continued, "{}\n{}", read_log(), stderr_of(&mut dst));
     let first = counters(&read_log())[0];
     assert_eq!(

@@ -4,6 +4,7 @@
 //!
 //! The VM test needs /dev/kvm (a SKIP line is printed otherwise).
 
+mod common;
 mod portable_common;
 
 use std::os::unix::fs::PermissionsExt;
@@ -18,7 +19,7 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
     let Some(probe) = probe("suspended_guest_moves_to_another_state_dir_and_goes_on") else {
         return;
     };
-    let s = Scratch::new("resume");
+    let s = Scratch::new(SCRATCH, "resume");
     let (dir_a, dir_b) = (s.path("a"), s.path("b"));
     let pass = passphrase_file(&s, "pass", PASSPHRASE);
     let out = s.path("work.pvp");
@@ -155,7 +156,7 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
 
 #[test]
 fn recipient_key_round_trip() {
-    let s = Scratch::new("recipient");
+    let s = Scratch::new(SCRATCH, "recipient");
     let (dir_a, dir_b) = (s.path("a"), s.path("b"));
     let a = Daemon::start(&dir_a, None);
     a.profile(&["create", "lab", "--template", "personal"]);
@@ -257,7 +258,7 @@ fn export_with_resume_leaves_the_guest_running() {
     let Some(probe) = probe("export_with_resume_leaves_the_guest_running") else {
         return;
     };
-    let s = Scratch::new("keep-running");
+    let s = Scratch::new(SCRATCH, "keep-running");
     let dir_a = s.path("a");
     let out = s.path("copy.pvp");
     let a = Daemon::start(&dir_a, Some(&probe));

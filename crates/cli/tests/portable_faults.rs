@@ -4,6 +4,7 @@
 //!
 //! No VM runs here (the profiles are stopped), so these tests need no /dev/kvm.
 
+mod common;
 mod portable_common;
 
 use std::io::{BufRead, BufReader, Read};
@@ -56,7 +57,7 @@ fn damaged(s: &Scratch, file: &Path, tag: &str, edit: impl FnOnce(&mut Vec<u8>))
 
 #[test]
 fn bad_files_change_nothing() {
-    let s = Scratch::new("bad");
+    let s = Scratch::new(SCRATCH, "bad");
     let (dir_a, dir_b) = (s.path("a"), s.path("b"));
     let pass = passphrase_file(&s, "pass", PASSPHRASE);
     let wrong_pass = passphrase_file(&s, "wrong", "correct horse battery stapler");
@@ -273,7 +274,7 @@ fn named(dir: &Path, prefix: &str) -> Vec<String> {
 
 #[test]
 fn kill_9_during_export_or_import() {
-    let s = Scratch::new("kill");
+    let s = Scratch::new(SCRATCH, "kill");
     let (dir_a, dir_b) = (s.path("a"), s.path("b"));
     let pass = passphrase_file(&s, "pass", PASSPHRASE);
     let a = Daemon::start(&dir_a, None);

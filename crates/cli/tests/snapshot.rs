@@ -2,95 +2,25 @@
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
+mod common;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pocketvisor")
-}
+use common::{bin, counters, read, skip, wait_exit, wait_for, Scratch, Vmm};
 
-fn skip(why: &str) {
-    // Past libtest's capture, so a skip is visible in every run.
-    let _ = writeln!(std::io::stderr().lock(), "SKIP: {why}");
-}
+/// Scratch directories' prefix.
+const SCRATCH: &str = "pv-snaptest";
 
 /// The probe kernel, built if missing; None (after a SKIP line) when KVM or the probe is missing.
 fn probe() -> Option<PathBuf> {
-    if !Path::new("/dev/kvm").exists() {
-        skip("/dev/kvm not available");
-        return None;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let elf = root.join("guest/out/probe.elf");
-    if !elf.is_file() {
-        let built = Command::new(root.join("guest/build-probe.sh"))
-            .current_dir(&root)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !built || !elf.is_file() {
-            skip("guest/out/probe.elf missing and guest/build-probe.sh failed");
-            return None;
-        }
-    }
-    Some(elf)
-}
-
-/// A scratch directory removed at the end of the test.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("pv-snaptest-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Kills the child if the test fails before it exits.
-struct Vmm(Child);
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    common::probe(true)
 }
 
 fn spawn(args: &[&str]) -> Vmm {
-    Vmm(Command::new(bin())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start pocketvisor"))
-}
-
-fn read(path: &Path) -> String {
-    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
-}
-
-/// Waits until `path` contains `needle`.
-fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if read(path).contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    common::spawn(args, Stdio::piped())
 }
 
 /// Waits for a socket file to appear.
@@ -107,25 +37,6 @@ fn cli(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run pocketvisor")
-}
-
-fn wait_exit(vmm: &mut Vmm, timeout: Duration) -> Option<i32> {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        if let Some(status) = vmm.0.try_wait().unwrap() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
-
-/// The counter values of every complete `PROBE counter N` line.
-fn counters(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("PROBE counter "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
 }
 
 /// Runs a counter guest with `--api-socket`, snapshots it into `snap` and stops it; returns
@@ -177,7 +88,7 @@ fn counter_snapshot(s: &Scratch, probe: &Path, snap: &Path) -> String {
 #[test]
 fn counter_continues_in_a_new_process() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("counter");
+    let s = Scratch::new(SCRATCH, "counter");
     let snap = s.path("snap");
     let before = counter_snapshot(&s, &probe, &snap);
     let last = *counters(&before).last().expect("counter lines before");
@@ -211,7 +122,7 @@ fn counter_continues_in_a_new_process() {
 #[test]
 fn block_requests_in_flight_complete_after_restore() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("blk");
+    let s = Scratch::new(SCRATCH, "blk");
     let disk = s.path("disk.img");
     std::fs::File::create(&disk)
         .unwrap()
@@ -286,7 +197,7 @@ fn block_requests_in_flight_complete_after_restore() {
 #[test]
 fn damaged_snapshots_are_refused_before_any_vm_runs() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("bad");
+    let s = Scratch::new(SCRATCH, "bad");
     let snap = s.path("snap");
     counter_snapshot(&s, &probe, &snap);
     let state = std::fs::read(snap.join("state.bin")).unwrap();
@@ -334,7 +245,7 @@ fn damaged_snapshots_are_refused_before_any_vm_runs() {
 #[test]
 fn pause_holds_the_guest_and_resume_lets_it_go_on() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("pause");
+    let s = Scratch::new(SCRATCH, "pause");
     let (log, sock) = (s.path("src.log"), s.path("src.sock"));
     let _vmm = spawn(&[
         "run",
@@ -388,7 +299,7 @@ fn pause_holds_the_guest_and_resume_lets_it_go_on() {
 fn restore_refuses_a_host_without_the_guests_cpu_features() {
     use vmm::snapshot::format::{self, SectionKind, Writer};
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("cpu");
+    let s = Scratch::new(SCRATCH, "cpu");
     let snap = s.path("snap");
     counter_snapshot(&s, &probe, &snap);
     // Rewrite state.bin (with a valid checksum) claiming the guest saw every leaf 7 feature.
@@ -436,7 +347,7 @@ fn restore_refuses_a_host_without_the_guests_cpu_features() {
 #[test]
 fn a_restored_vm_snapshots_again_into_its_own_directory() {
     let Some(probe) = probe() else { return };
-    let s = Scratch::new("again");
+    let s = Scratch::new(SCRATCH, "again");
     let snap = s.path("snap");
     let first = counter_snapshot(&s, &probe, &snap);
     // Restore, run a little, and snapshot into the directory the memory is mapped from.

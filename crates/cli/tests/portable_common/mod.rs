@@ -10,13 +10,16 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+// Not every test binary uses every re-export.
+use crate::common::probe_elf;
+#[allow(unused_imports)]
+pub use crate::common::{bin, counters, wait_for, Scratch};
+
+/// Scratch directories' prefix.
+pub const SCRATCH: &str = "pv-porttest";
+
 /// The passphrase the tests export with.
 pub const PASSPHRASE: &str = "correct horse battery staple";
-
-/// The binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pocketvisor")
-}
 
 /// Writes a line past libtest's capture.
 pub fn loud(line: &str) {
@@ -33,44 +36,12 @@ pub fn probe(test: &str) -> Option<PathBuf> {
         loud(&format!("SKIP {test}: /dev/kvm is not usable"));
         return None;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let elf = root.join("guest/out/probe.elf");
-    if !elf.is_file() {
-        let built = Command::new(root.join("guest/build-probe.sh"))
-            .current_dir(&root)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !built || !elf.is_file() {
-            loud(&format!(
-                "SKIP {test}: guest/out/probe.elf is missing and guest/build-probe.sh failed"
-            ));
-            return None;
+    match probe_elf(true) {
+        Ok(elf) => Some(elf),
+        Err(why) => {
+            loud(&format!("SKIP {test}: {why}"));
+            None
         }
-    }
-    Some(elf)
-}
-
-/// A scratch directory removed at the end of the test.
-pub struct Scratch(pub PathBuf);
-
-impl Scratch {
-    /// A new empty directory.
-    pub fn new(tag: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!("pv-porttest-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
-    }
-
-    /// A path inside it.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -260,25 +231,4 @@ pub fn rows(dir: &Path) -> Vec<(String, String)> {
 pub fn same_file(a: &Path, b: &Path) -> bool {
     let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
     x.len() == y.len() && x == y
-}
-
-/// Counter values of the complete `PROBE counter N` lines of `text`.
-pub fn counters(text: &str) -> Vec<u64> {
-    text.lines()
-        .filter_map(|l| l.trim_end().strip_prefix("PROBE counter "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// Waits until `path` holds `needle`.
-pub fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < timeout {
-        let text = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
-        if text.contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
