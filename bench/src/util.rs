@@ -1,7 +1,9 @@
-//! Helpers shared by the bench binaries: statistics, child processes, the pocketvisor binary.
+//! Helpers shared by the bench binaries: statistics, child processes, the pocketvisor binary,
+//! command-line flags.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -122,6 +124,64 @@ pub fn probe_elf(explicit: Option<&Path>, tag: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// A bench binary's command-line flags, read one by one; errors carry the usage text.
+pub struct Args<I> {
+    args: I,
+    usage: &'static str,
+}
+
+impl<I: Iterator<Item = String>> Args<I> {
+    /// Reads `args` (without the program name).
+    pub fn new(args: I, usage: &'static str) -> Self {
+        Args { args, usage }
+    }
+
+    /// The next flag, None at the end; `-h` and `--help` print the usage and exit the process.
+    pub fn next_flag(&mut self) -> Option<String> {
+        let flag = self.args.next()?;
+        if flag == "-h" || flag == "--help" {
+            println!("{}", self.usage);
+            std::process::exit(0);
+        }
+        Some(flag)
+    }
+
+    /// The value following flag `name`.
+    pub fn value(&mut self, name: &str) -> Result<String> {
+        self.args
+            .next()
+            .with_context(|| format!("{name} needs a value\n{}", self.usage))
+    }
+
+    /// The value following flag `name`, parsed.
+    pub fn parse<T>(&mut self, name: &str) -> Result<T>
+    where
+        T: FromStr,
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        let name = name.to_string();
+        self.value(&name)?.parse().context(name)
+    }
+
+    /// The comma-separated list following flag `name`, each item parsed.
+    pub fn list<T>(&mut self, name: &str) -> Result<Vec<T>>
+    where
+        T: FromStr,
+        T::Err: std::error::Error + Send + Sync + 'static,
+    {
+        let name = name.to_string();
+        self.value(&name)?
+            .split(',')
+            .map(|item| item.trim().parse::<T>().context(name.clone()))
+            .collect()
+    }
+
+    /// The error for a flag no arm knows.
+    pub fn unknown(&self, flag: &str) -> anyhow::Error {
+        anyhow::anyhow!("unknown argument {flag:?}\n{}", self.usage)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,5 +199,28 @@ mod tests {
         assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
         assert_eq!(percentile(&[], 50.0), None);
         assert_eq!(percentile(&v, 101.0), None);
+    }
+
+    fn args(line: &str) -> Args<impl Iterator<Item = String>> {
+        let words: Vec<String> = line.split_whitespace().map(String::from).collect();
+        Args::new(words.into_iter(), "usage: test")
+    }
+
+    #[test]
+    fn flags_values_and_lists() {
+        let mut a = args("--n 3 --l 2,4 --x");
+        assert_eq!(a.next_flag().as_deref(), Some("--n"));
+        assert_eq!(a.parse::<u32>("--n").unwrap(), 3);
+        assert_eq!(a.next_flag().as_deref(), Some("--l"));
+        assert_eq!(a.list::<u32>("--l").unwrap(), vec![2, 4]);
+        assert_eq!(a.next_flag().as_deref(), Some("--x"));
+        let e = a.value("--x").unwrap_err().to_string();
+        assert_eq!(e, "--x needs a value\nusage: test");
+        assert_eq!(a.next_flag(), None);
+        let e = args("--n 2,x").list::<u8>("--n").unwrap_err();
+        assert_eq!(e.to_string(), "--n");
+        assert!(args("--n -1").parse::<u8>("--n").is_err());
+        let u = args("").unknown("--bogus").to_string();
+        assert_eq!(u, "unknown argument \"--bogus\"\nusage: test");
     }
 }

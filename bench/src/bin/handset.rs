@@ -28,7 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bench::util::{median, ms, percentile, run_cmd, Proc};
+use bench::util::{median, ms, percentile, run_cmd, Args, Proc};
 use e2e::qemu::{Machine, QemuCommand};
 use e2e::RunningVm;
 use handset::client::Client;
@@ -68,32 +68,17 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
         bin: None,
         probe: None,
     };
-    let mut args = args.peekable();
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .with_context(|| format!("{name} needs a value\n{USAGE}"))
-        };
+    let mut args = Args::new(args, USAGE);
+    while let Some(arg) = args.next_flag() {
         match arg.as_str() {
-            "--runs" => o.runs = value("--runs")?.parse().context("--runs")?,
-            "--profiles" => {
-                o.profiles = value("--profiles")?
-                    .split(',')
-                    .map(|n| n.trim().parse::<usize>().context("--profiles"))
-                    .collect::<Result<_>>()?
-            }
-            "--memory-mib" => {
-                o.memory_mib = value("--memory-mib")?.parse().context("--memory-mib")?
-            }
+            "--runs" => o.runs = args.parse("--runs")?,
+            "--profiles" => o.profiles = args.list("--profiles")?,
+            "--memory-mib" => o.memory_mib = args.parse("--memory-mib")?,
             "--no-qemu" => o.qemu = false,
             "--json" => o.json = true,
-            "--bin" => o.bin = Some(value("--bin")?.into()),
-            "--probe" => o.probe = Some(value("--probe")?.into()),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            "--bin" => o.bin = Some(args.value("--bin")?.into()),
+            "--probe" => o.probe = Some(args.value("--probe")?.into()),
+            other => return Err(args.unknown(other)),
         }
     }
     if o.runs == 0 {

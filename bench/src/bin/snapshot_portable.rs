@@ -25,7 +25,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bench::util::{ms, run_cmd, Proc};
+use bench::util::{ms, run_cmd, Args, Proc};
 
 const USAGE: &str = "\
 usage: snapshot_portable [--runs N] [--mem MIB,MIB..] [--disk-mib N] [--no-vm] [--no-portable]
@@ -62,32 +62,19 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
         probe: None,
         work: None,
     };
-    let mut args = args.peekable();
-    while let Some(arg) = args.next() {
-        let mut value = |name: &str| {
-            args.next()
-                .with_context(|| format!("{name} needs a value\n{USAGE}"))
-        };
+    let mut args = Args::new(args, USAGE);
+    while let Some(arg) = args.next_flag() {
         match arg.as_str() {
-            "--runs" => o.runs = value("--runs")?.parse().context("--runs")?,
-            "--mem" => {
-                o.mem = value("--mem")?
-                    .split(',')
-                    .map(|m| m.trim().parse::<u64>().context("--mem"))
-                    .collect::<Result<_>>()?
-            }
-            "--disk-mib" => o.disk_mib = value("--disk-mib")?.parse().context("--disk-mib")?,
+            "--runs" => o.runs = args.parse("--runs")?,
+            "--mem" => o.mem = args.list("--mem")?,
+            "--disk-mib" => o.disk_mib = args.parse("--disk-mib")?,
             "--no-vm" => o.vm = false,
             "--no-portable" => o.portable = false,
             "--json" => o.json = true,
-            "--bin" => o.bin = Some(value("--bin")?.into()),
-            "--probe" => o.probe = Some(value("--probe")?.into()),
-            "--work" => o.work = Some(value("--work")?.into()),
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other:?}\n{USAGE}"),
+            "--bin" => o.bin = Some(args.value("--bin")?.into()),
+            "--probe" => o.probe = Some(args.value("--probe")?.into()),
+            "--work" => o.work = Some(args.value("--work")?.into()),
+            other => return Err(args.unknown(other)),
         }
     }
     if o.runs == 0 || o.disk_mib < 4 || o.mem.iter().any(|&m| m < 64) {
