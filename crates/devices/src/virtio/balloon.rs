@@ -30,7 +30,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::worker::BalloonWorker;
 use super::worker::{
-    prepare_queues, spawn_worker, WorkerHandle, BACKEND_TOKEN_BASE, COMMON_FEATURES,
+    prepare_queues, spawn_worker, WorkerSlot, BACKEND_TOKEN_BASE, COMMON_FEATURES,
 };
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::bus::lock;
@@ -307,7 +307,7 @@ pub struct Balloon {
     cfg: BalloonConfig,
     shared: Arc<Shared>,
     acked: u64,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
     /// Re-activated from a snapshot: the target was not carried over, tell the driver.
     restored: bool,
 }
@@ -335,7 +335,7 @@ impl Balloon {
             cfg,
             shared,
             acked: 0,
-            worker: None,
+            worker: WorkerSlot::default(),
             restored: false,
         })
     }
@@ -425,7 +425,7 @@ impl VirtioDevice for Balloon {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        self.worker = None;
+        self.worker.stop();
         let mut roles = Vec::with_capacity(queues.len());
         let mut vqs = Vec::with_capacity(queues.len());
         let mut kicks = Vec::with_capacity(queues.len());
@@ -461,7 +461,8 @@ impl VirtioDevice for Balloon {
             self.shared.clone(),
             self.shared.refresh.try_clone()?,
         );
-        self.worker = Some(spawn_worker("virtio-balloon", kicks, worker)?);
+        self.worker
+            .set(spawn_worker("virtio-balloon", kicks, worker)?);
         if std::mem::take(&mut self.restored) {
             interrupt.signal_config();
         }
@@ -469,21 +470,15 @@ impl VirtioDevice for Balloon {
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.pause();
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.resume();
-        }
+        self.worker.resume();
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         *lock(&self.shared.interrupt) = None;
         self.shared
             .stats_buffer_held

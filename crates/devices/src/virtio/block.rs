@@ -14,7 +14,7 @@ use vmm_sys_util::epoll::Epoll;
 
 use super::chain::Chain;
 use super::worker::{
-    prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerHandle, COMMON_FEATURES,
+    prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerSlot, COMMON_FEATURES,
 };
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMem;
@@ -78,7 +78,7 @@ pub struct Block {
     capacity_bytes: u64,
     id: [u8; ID_LEN],
     acked: u64,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Block {
@@ -117,7 +117,7 @@ impl Block {
             capacity_bytes: size,
             id,
             acked: 0,
-            worker: None,
+            worker: WorkerSlot::default(),
         })
     }
 
@@ -189,37 +189,25 @@ impl VirtioDevice for Block {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        self.reset_worker();
+        self.worker.stop();
         let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 1)?;
         let queue = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
         let worker = self.new_worker(mem, interrupt, queue);
-        self.worker = Some(spawn_worker("virtio-blk", kicks, worker)?);
+        self.worker.set(spawn_worker("virtio-blk", kicks, worker)?);
         Ok(())
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.pause();
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.resume();
-        }
+        self.worker.resume();
     }
 
     fn reset(&mut self) {
-        self.reset_worker();
+        self.worker.stop();
         self.acked = 0;
-    }
-}
-
-impl Block {
-    fn reset_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::Epoll;
 
 use super::worker::{
-    prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerHandle, COMMON_FEATURES,
+    prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerSlot, COMMON_FEATURES,
 };
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMem;
@@ -19,7 +19,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 #[derive(Default)]
 pub struct Rng {
     acked: u64,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Rng {
@@ -58,7 +58,7 @@ impl VirtioDevice for Rng {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        self.worker = None;
+        self.worker.stop();
         let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 1)?;
         let queue = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
         let worker = RngWorker {
@@ -67,26 +67,20 @@ impl VirtioDevice for Rng {
             queue,
             buf: Vec::new(),
         };
-        self.worker = Some(spawn_worker("virtio-rng", kicks, worker)?);
+        self.worker.set(spawn_worker("virtio-rng", kicks, worker)?);
         Ok(())
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.pause();
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.resume();
-        }
+        self.worker.resume();
     }
 
     fn reset(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
+        self.worker.stop();
         self.acked = 0;
     }
 }

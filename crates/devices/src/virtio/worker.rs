@@ -137,6 +137,40 @@ impl Drop for WorkerHandle {
     }
 }
 
+/// A device's worker while it is active: pausing, resuming and stopping an empty slot do
+/// nothing.
+#[derive(Default)]
+pub struct WorkerSlot(Option<WorkerHandle>);
+
+impl WorkerSlot {
+    /// Puts a newly started worker in the slot, stopping the one before it (if any).
+    pub fn set(&mut self, handle: WorkerHandle) {
+        self.stop();
+        self.0 = Some(handle);
+    }
+
+    /// Stops the worker, if any, and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(worker) = self.0.take() {
+            worker.stop();
+        }
+    }
+
+    /// See [`WorkerHandle::pause`].
+    pub fn pause(&self) {
+        if let Some(worker) = &self.0 {
+            worker.pause();
+        }
+    }
+
+    /// See [`WorkerHandle::resume`].
+    pub fn resume(&self) {
+        if let Some(worker) = &self.0 {
+            worker.resume();
+        }
+    }
+}
+
 /// Starts `worker` on a thread named `name`, polling `kicks` (token = position) and the fds the
 /// worker registers.
 pub fn spawn_worker<W: DeviceWorker>(

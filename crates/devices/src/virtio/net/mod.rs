@@ -18,7 +18,7 @@ pub use tap::Tap;
 
 use super::block::read_config_bytes;
 use super::worker::{
-    add_fd, prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerHandle,
+    add_fd, prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerSlot,
     BACKEND_TOKEN_BASE, COMMON_FEATURES,
 };
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
@@ -75,7 +75,7 @@ pub struct Net {
     backend: Arc<dyn NetBackend>,
     mac: [u8; 6],
     acked: u64,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
 }
 
 impl Net {
@@ -99,19 +99,13 @@ impl Net {
             backend,
             mac,
             acked: 0,
-            worker: None,
+            worker: WorkerSlot::default(),
         })
     }
 
     /// The guest's MAC address.
     pub fn mac(&self) -> [u8; 6] {
         self.mac
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
     }
 }
 
@@ -156,7 +150,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        self.stop_worker();
+        self.worker.stop();
         let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 2)?;
         let tx = vqs.pop().ok_or(ActivateError::BadQueue(1))?;
         let rx = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
@@ -170,24 +164,20 @@ impl VirtioDevice for Net {
             pending: None,
             readable: true,
         };
-        self.worker = Some(spawn_worker("virtio-net", kicks, worker)?);
+        self.worker.set(spawn_worker("virtio-net", kicks, worker)?);
         Ok(())
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.pause();
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.resume();
-        }
+        self.worker.resume();
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker.stop();
         self.acked = 0;
     }
 }

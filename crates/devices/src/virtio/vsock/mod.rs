@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::block::read_config_bytes;
-use super::worker::{prepare_queues, spawn_worker, WorkerHandle, COMMON_FEATURES};
+use super::worker::{prepare_queues, spawn_worker, WorkerSlot, COMMON_FEATURES};
 use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMem;
 use muxer::Muxer;
@@ -44,7 +44,7 @@ pub struct Vsock {
     uds_path: PathBuf,
     listener: Arc<UnixListener>,
     acked: u64,
-    worker: Option<WorkerHandle>,
+    worker: WorkerSlot,
     /// Restored from a snapshot: the driver's connections are gone; say so on activation.
     reset_on_activate: bool,
 }
@@ -71,7 +71,7 @@ impl Vsock {
             uds_path: uds_path.to_path_buf(),
             listener: Arc::new(listener),
             acked: 0,
-            worker: None,
+            worker: WorkerSlot::default(),
             reset_on_activate: false,
         })
     }
@@ -84,12 +84,6 @@ impl Vsock {
     /// The host-side unix socket path.
     pub fn uds_path(&self) -> &Path {
         &self.uds_path
-    }
-
-    fn stop_worker(&mut self) {
-        if let Some(worker) = self.worker.take() {
-            worker.stop();
-        }
     }
 }
 
@@ -122,7 +116,7 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
     ) -> Result<(), ActivateError> {
-        self.stop_worker();
+        self.worker.stop();
         let (vqs, kicks) = prepare_queues(&mem, queues, self.acked, 3)?;
         let mut muxer = Muxer::new(
             mem,
@@ -136,24 +130,20 @@ impl VirtioDevice for Vsock {
         if std::mem::take(&mut self.reset_on_activate) {
             muxer.owe_transport_reset();
         }
-        self.worker = Some(spawn_worker("virtio-vsock", kicks, muxer)?);
+        self.worker.set(spawn_worker("virtio-vsock", kicks, muxer)?);
         Ok(())
     }
 
     fn pause(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.pause();
-        }
+        self.worker.pause();
     }
 
     fn resume(&mut self) {
-        if let Some(worker) = &self.worker {
-            worker.resume();
-        }
+        self.worker.resume();
     }
 
     fn reset(&mut self) {
-        self.stop_worker();
+        self.worker.stop();
         self.acked = 0;
     }
 
@@ -164,7 +154,7 @@ impl VirtioDevice for Vsock {
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        self.stop_worker();
+        self.worker.stop();
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }
