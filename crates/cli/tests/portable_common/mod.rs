@@ -55,9 +55,13 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon on `dir` and waits until its API answers.
     pub fn start(dir: &Path, probe: Option<&Path>) -> Daemon {
+        // Unique per daemon: tests run in parallel and several name their state dir alike, and
+        // a daemon removes its cgroup parent when it stops.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let cgroup = format!(
-            "pv-porttest-{}-{}",
+            "pv-porttest-{}-{}-{}",
             std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             dir.file_name().unwrap().to_string_lossy()
         );
         let mut cmd = Command::new(bin());
