@@ -279,7 +279,7 @@ pub fn log_tail(path: &Path, max: usize) -> String {
     tail.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// `pid` and its descendants (from /proc/<pid>/task/*/children).
+/// `pid` and its descendants (from `/proc/<pid>/task/*/children`).
 pub fn with_descendants(pid: i32) -> Vec<i32> {
     let mut out = vec![pid];
     let mut i = 0;
