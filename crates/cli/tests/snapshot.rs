@@ -39,6 +39,26 @@ fn cli(args: &[&str]) -> Output {
         .expect("run pocketvisor")
 }
 
+/// Snapshots the VM behind `sock` into `snap` with `--stop`, asserting that the snapshot
+/// succeeded and the VMM `vm` then exited with status 0.
+fn snapshot_and_stop(sock: &Path, snap: &Path, vm: &mut Vmm) {
+    wait_socket(sock);
+    let out = cli(&[
+        "snapshot",
+        "--api-socket",
+        sock.to_str().unwrap(),
+        "-o",
+        snap.to_str().unwrap(),
+        "--stop",
+    ]);
+    assert!(
+        out.status.success(),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_exit(vm, Duration::from_secs(10)), Some(0));
+}
+
 /// Runs a counter guest with `--api-socket`, snapshots it into `snap` and stops it; returns
 /// the source's serial output.
 fn counter_snapshot(s: &Scratch, probe: &Path, snap: &Path) -> String {
@@ -67,21 +87,7 @@ fn counter_snapshot(s: &Scratch, probe: &Path, snap: &Path) -> String {
         "source never counted to 3: {:?}",
         read(&log)
     );
-    wait_socket(&sock);
-    let out = cli(&[
-        "snapshot",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "-o",
-        snap.to_str().unwrap(),
-        "--stop",
-    ]);
-    assert!(
-        out.status.success(),
-        "snapshot failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
+    snapshot_and_stop(&sock, &snap, &mut src);
     read(&log)
 }
 
@@ -149,20 +155,7 @@ fn block_requests_in_flight_complete_after_restore() {
     ));
     wait_socket(&sock);
     std::thread::sleep(Duration::from_millis(300));
-    let out = cli(&[
-        "snapshot",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "-o",
-        snap.to_str().unwrap(),
-        "--stop",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(wait_exit(&mut src, Duration::from_secs(10)), Some(0));
+    snapshot_and_stop(&sock, &snap, &mut src);
     if read(&log).contains("blk-bench end") {
         skip("the read finished before the snapshot; nothing was in flight");
         return;
@@ -366,21 +359,7 @@ fn a_restored_vm_snapshots_again_into_its_own_directory() {
         &format!("PROBE counter {}\n", last + 2),
         Duration::from_secs(30)
     ));
-    wait_socket(&sock);
-    let out = cli(&[
-        "snapshot",
-        "--api-socket",
-        sock.to_str().unwrap(),
-        "-o",
-        snap.to_str().unwrap(),
-        "--stop",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(wait_exit(&mut mid, Duration::from_secs(10)), Some(0));
+    snapshot_and_stop(&sock, &snap, &mut mid);
     let second = read(&log);
 
     let log3 = s.path("last.log");
