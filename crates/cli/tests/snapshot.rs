@@ -87,7 +87,7 @@ fn counter_snapshot(s: &Scratch, probe: &Path, snap: &Path) -> String {
         "source never counted to 3: {:?}",
         read(&log)
     );
-    snapshot_and_stop(&sock, &snap, &mut src);
+    snapshot_and_stop(&sock, snap, &mut src);
     read(&log)
 }
 
