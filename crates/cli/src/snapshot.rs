@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use vmm::{RestoreOverrides, SerialConfig, Vm};
+use vmm::{Request, RestoreOverrides, SerialConfig, Vm};
 
-use crate::api::{self, ApiRequest};
+use crate::api;
 
 /// Snapshot a running VM through its API socket.
 #[derive(Args, Debug)]
@@ -73,16 +73,14 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
         .with_context(|| format!("bad output path {}", a.output.display()))?;
     let info = api::call(
         &a.api_socket,
-        &ApiRequest {
-            op: "snapshot".into(),
-            dir: Some(dir.clone()),
+        &Request::Snapshot {
+            dir: dir.clone(),
             resume: a.resume,
-            target_mib: None,
         },
     )?;
     println!("snapshot written to {} ({info})", dir.display());
     if a.stop {
-        control(&a.api_socket, "stop")?;
+        api::call(&a.api_socket, &Request::Stop)?;
     }
     Ok(0)
 }
@@ -100,26 +98,14 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     crate::run::run_vm(vm, a.api_socket.as_deref())
 }
 
-fn control(socket: &std::path::Path, op: &str) -> Result<String> {
-    api::call(
-        socket,
-        &ApiRequest {
-            op: op.into(),
-            dir: None,
-            resume: false,
-            target_mib: None,
-        },
-    )
-}
-
 /// `pocketvisor pause`.
 pub fn pause(a: ControlArgs) -> Result<i32> {
-    println!("{}", control(&a.api_socket, "pause")?);
+    println!("{}", api::call(&a.api_socket, &Request::Pause)?);
     Ok(0)
 }
 
 /// `pocketvisor resume`.
 pub fn resume(a: ControlArgs) -> Result<i32> {
-    println!("{}", control(&a.api_socket, "resume")?);
+    println!("{}", api::call(&a.api_socket, &Request::Resume)?);
     Ok(0)
 }

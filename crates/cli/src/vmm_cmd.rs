@@ -17,6 +17,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use jail::fsroot::{Bind, JailRoot};
 use jail::supervise::{ChildExit, Forked};
+use vmm::vmm_api::jail::{jail_host_paths, HostPath, JailPlan, PathRole, JAIL_SNAPSHOT};
 use vmm::{SerialConfig, Vm, VmConfig};
 
 /// Environment variable for the hidden self-tests (see [`SelfTest`]).
@@ -179,7 +180,6 @@ fn load_config(path: &Path) -> Result<VmConfig> {
     Ok(cfg)
 }
 
-/// Plans the bind mounts for everything `cfg` uses and rewrites its paths to the jail's.
 /// The configuration a restore of `dir` runs with, in host paths: the saved one with the
 /// command line's overrides applied (a snapshot taken in a jail holds jail paths, which the
 /// overrides replace).
@@ -228,88 +228,31 @@ fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
     }
 }
 
-/// Where a snapshot being restored appears in the jail.
-const JAIL_SNAPSHOT: &str = "/snapshot";
-
+/// Binds everything `cfg` uses (and the snapshot being restored, and the API socket) into the
+/// jail, as `vmm_api::jail` maps them, and rewrites the paths to the jail's.
 fn prepare(
     root: &mut JailRoot,
     cfg: &VmConfig,
     restore: Option<&Path>,
     api_socket: Option<&Path>,
 ) -> Result<Jailed> {
-    let mut out = cfg.clone();
-    let mut add = |source: &Path, target: &str, read_only: bool, dir: bool, device: bool| {
-        let source = std::fs::canonicalize(source)
-            .with_context(|| format!("cannot use {} in the jail", source.display()))?;
+    let host: Vec<HostPath> = jail_host_paths(cfg, restore, api_socket)
+        .iter()
+        .map(HostPath::canonical)
+        .collect::<Result<_, _>>()?;
+    let plan = JailPlan::new(&host)?;
+    for b in &plan.binds {
         root.add(Bind {
-            source,
-            target: target.into(),
-            read_only,
-            dir,
-            device,
-        })
-        .map_err(anyhow::Error::from)
-    };
-    add(Path::new("/dev/kvm"), "/dev/kvm", false, false, true)?;
-    if !cfg.net.is_empty() {
-        add(
-            Path::new("/dev/net/tun"),
-            "/dev/net/tun",
-            false,
-            false,
-            true,
-        )?;
-    }
-    if let Some(dir) = restore {
-        // The kernel is in the snapshot's memory; only the snapshot is needed.
-        add(dir, JAIL_SNAPSHOT, true, true, false)?;
-    } else {
-        add(&cfg.kernel, "/boot/kernel", true, false, false)?;
-        out.kernel = "/boot/kernel".into();
-        if let Some(initrd) = &cfg.initrd {
-            add(initrd, "/boot/initrd", true, false, false)?;
-            out.initrd = Some("/boot/initrd".into());
-        }
-    }
-    for (i, (d, o)) in cfg.disks.iter().zip(out.disks.iter_mut()).enumerate() {
-        let target = format!("/disks/{i}");
-        add(&d.path, &target, d.read_only, false, false)?;
-        o.path = target.into();
-    }
-    // Sockets and logs: their directories are bind-mounted read-write, one /run/<n> each.
-    let mut dirs: Vec<PathBuf> = Vec::new();
-    let mut in_jail = |host: &Path| -> Result<PathBuf> {
-        let name = host
-            .file_name()
-            .with_context(|| format!("{} names no file", host.display()))?;
-        let parent = match host.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        let parent = std::fs::canonicalize(parent)
-            .with_context(|| format!("directory of {} does not exist", host.display()))?;
-        let n = match dirs.iter().position(|d| *d == parent) {
-            Some(n) => n,
-            None => {
-                dirs.push(parent.clone());
-                dirs.len() - 1
-            }
-        };
-        Ok(Path::new("/run").join(n.to_string()).join(name))
-    };
-    if let SerialConfig::File(p) = &cfg.serial {
-        out.serial = SerialConfig::File(in_jail(p)?);
-    }
-    if let (Some(v), Some(o)) = (&cfg.vsock, out.vsock.as_mut()) {
-        o.socket = in_jail(&v.socket)?;
-    }
-    let api = api_socket.map(&mut in_jail).transpose()?;
-    for (n, d) in dirs.iter().enumerate() {
-        add(d, &format!("/run/{n}"), false, true, false)?;
+            source: b.source.clone(),
+            target: b.target.clone(),
+            read_only: b.read_only,
+            dir: b.dir,
+            device: b.device,
+        })?;
     }
     Ok(Jailed {
-        cfg: out,
-        api_socket: api,
+        cfg: plan.apply(cfg),
+        api_socket: plan.jail_path(PathRole::ApiSocket).map(Path::to_path_buf),
     })
 }
 

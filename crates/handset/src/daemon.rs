@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+use vmm_api::jail::{jail_host_paths, JailPlan};
+use vmm_api::{DiskConfig, NetConfig, Request, SerialConfig, VmConfig, VsockConfig};
 
 use crate::api_types::{CreateProfile, DaemonInfo, ProfileInfo, ProfileState};
 use crate::cgroup::Cgroups;
@@ -303,9 +305,9 @@ impl Handset {
     }
 
     /// The VM configuration for `spec`, all paths inside the profile's directory.
-    fn vm_config(&self, spec: &ProfileSpec, cid: u32) -> Result<vmm::VmConfig> {
+    fn vm_config(&self, spec: &ProfileSpec, cid: u32) -> Result<VmConfig> {
         let name = &spec.name;
-        let mut cfg = vmm::VmConfig::new(self.kernel_path(spec)?);
+        let mut cfg = VmConfig::new(self.kernel_path(spec)?);
         cfg.initrd = spec.initrd.clone();
         cfg.cmdline = spec.cmdline.clone();
         cfg.memory_mib = spec.memory_mib;
@@ -313,7 +315,7 @@ impl Handset {
         cfg.disks = spec
             .disks
             .iter()
-            .map(|d| vmm::DiskConfig {
+            .map(|d| DiskConfig {
                 path: self.dir().disk(name, &d.name),
                 read_only: d.read_only,
             })
@@ -321,21 +323,36 @@ impl Handset {
         cfg.net = spec
             .net
             .iter()
-            .map(|tap| vmm::NetConfig {
+            .map(|tap| NetConfig {
                 tap: tap.clone(),
                 mac: None,
             })
             .collect();
-        cfg.vsock = Some(vmm::VsockConfig {
+        cfg.vsock = Some(VsockConfig {
             cid: u64::from(cid),
             socket: self.dir().vsock_socket(name),
         });
         cfg.rng = true;
         cfg.balloon = spec.balloon;
         cfg.mergeable = spec.mergeable;
-        cfg.serial = vmm::SerialConfig::File(self.dir().serial_log(name));
-        cfg.validate().map_err(Error::BadRequest)?;
+        cfg.serial = SerialConfig::File(self.dir().serial_log(name));
+        cfg.validate()
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
         Ok(cfg)
+    }
+
+    /// Where the jailed VMM of `name` sees the host path `host` (under its run directory),
+    /// by the mapping the jailer uses (`vmm_api::jail`).
+    fn jail_path(&self, name: &str, host: &Path) -> Result<PathBuf> {
+        let spec = self.spec(name)?;
+        let row = self.row(name)?;
+        let cfg = self.vm_config(&spec, row.vsock_cid)?;
+        let api = self.dir().api_socket(name);
+        let plan = JailPlan::new(&jail_host_paths(&cfg, None, Some(&api)))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        plan.to_jail(host).ok_or_else(|| {
+            Error::Internal(format!("{} is not visible in the jail", host.display()))
+        })
     }
 
     /// Boots `name` (ops lock held).
@@ -651,7 +668,7 @@ impl Handset {
         stopping.store(true, Ordering::SeqCst);
         let api = self.dir().api_socket(name);
         let mut how = "api stop".to_string();
-        if let Err(e) = vmm_proc::call(&api, "stop", None, CALL_TIMEOUT).await {
+        if let Err(e) = vmm_proc::call(&api, &Request::Stop, CALL_TIMEOUT).await {
             tracing::warn!("{name}: {e}");
             how = format!("api stop failed ({e})");
         }
@@ -693,19 +710,24 @@ impl Handset {
         let api = self.dir().api_socket(name);
         let pid = guard(&self.running).get(name).map_or(0, |r| r.pid);
         // A jailed VMM sees only its own root: it writes the snapshot into run/, which the
-        // jailer binds at /run/0 (the directory of the serial log, the first path it maps).
+        // jailer binds (as the directory of the serial log and sockets) where the shared jail
+        // mapping says.
         let (vm_dir, staged) = if vmm_proc::is_jailed(pid) {
             let staged = self.dir().run(name).join("snapshot");
             if staged.exists() {
                 std::fs::remove_dir_all(&staged)
                     .map_err(Error::io(format!("cannot remove {}", staged.display())))?;
             }
-            (PathBuf::from("/run/0/snapshot"), Some(staged))
+            (self.jail_path(name, &staged)?, Some(staged))
         } else {
             (snap.clone(), None)
         };
         let t0 = Instant::now();
-        let info = vmm_proc::call(&api, "snapshot", Some(&vm_dir), SNAPSHOT_TIMEOUT).await?;
+        let req = Request::Snapshot {
+            dir: vm_dir,
+            resume: false,
+        };
+        let info = vmm_proc::call(&api, &req, SNAPSHOT_TIMEOUT).await?;
         if let Some(staged) = staged {
             std::fs::rename(&staged, &snap).map_err(Error::io(format!(
                 "cannot move the snapshot to {}",
@@ -856,7 +878,7 @@ impl Handset {
             let api = self.dir().api_socket(n);
             let pid = guard(&self.running).get(n).map(|r| r.pid);
             if is_fg && state == Some(ProfileState::Paused) {
-                match vmm_proc::call(&api, "resume", None, CALL_TIMEOUT).await {
+                match vmm_proc::call(&api, &Request::Resume, CALL_TIMEOUT).await {
                     Ok(_) => {
                         self.set_state(n, ProfileState::Running, pid, "")?;
                         self.event(n, "unpaused", "foreground");
@@ -869,7 +891,7 @@ impl Handset {
                 && spec.background == BackgroundMode::Suspend
                 && state == Some(ProfileState::Running)
             {
-                match vmm_proc::call(&api, "pause", None, CALL_TIMEOUT).await {
+                match vmm_proc::call(&api, &Request::Pause, CALL_TIMEOUT).await {
                     Ok(_) => {
                         self.set_state(n, ProfileState::Paused, pid, "background")?;
                         self.event(n, "paused", "background");
@@ -1004,10 +1026,10 @@ impl Handset {
         for n in names {
             if paused(n)? {
                 let api = self.dir().api_socket(n);
-                if let Err(e) = vmm_proc::call(&api, "resume", None, CALL_TIMEOUT).await {
+                if let Err(e) = vmm_proc::call(&api, &Request::Resume, CALL_TIMEOUT).await {
                     for r in resumed {
                         let api = self.dir().api_socket(r);
-                        let _ = vmm_proc::call(&api, "pause", None, CALL_TIMEOUT).await;
+                        let _ = vmm_proc::call(&api, &Request::Pause, CALL_TIMEOUT).await;
                     }
                     return Err(e);
                 }
@@ -1017,7 +1039,7 @@ impl Handset {
         let out = f.await;
         for n in resumed {
             let api = self.dir().api_socket(n);
-            if let Err(e) = vmm_proc::call(&api, "pause", None, CALL_TIMEOUT).await {
+            if let Err(e) = vmm_proc::call(&api, &Request::Pause, CALL_TIMEOUT).await {
                 tracing::warn!("{n}: cannot pause again after a channel transfer: {e}");
             }
         }

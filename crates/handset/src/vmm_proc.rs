@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
+use vmm_api::{ApiRequest, ApiResponse, Request};
 
 use crate::error::{Error, Result};
 
@@ -125,39 +125,10 @@ pub fn spawn(bin: &Path, args: &[OsString], log: &Path) -> Result<tokio::process
         .map_err(Error::io(format!("cannot start {}", bin.display())))
 }
 
-#[derive(Serialize)]
-struct VmmRequest<'a> {
-    op: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    dir: Option<&'a Path>,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    resume: bool,
-}
-
-#[derive(Deserialize)]
-struct VmmResponse {
-    ok: bool,
-    #[serde(default)]
-    info: Option<String>,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-/// Sends one request (`pause`, `resume`, `stop`, or `snapshot` with `dir`) to the VMM's API
-/// socket and returns its `info`.
-pub async fn call(
-    socket: &Path,
-    op: &str,
-    dir: Option<&Path>,
-    timeout: Duration,
-) -> Result<String> {
-    let req = VmmRequest {
-        op,
-        dir,
-        resume: false,
-    };
-    let mut line = serde_json::to_string(&req).map_err(|e| Error::Internal(e.to_string()))?;
-    line.push('\n');
+/// Sends one request to the VMM's API socket and returns its `info`.
+pub async fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<String> {
+    let op = req.op();
+    let line = ApiRequest::from(req).to_line();
     let exchange = async {
         let mut s = UnixStream::connect(socket).await?;
         s.write_all(line.as_bytes()).await?;
@@ -169,16 +140,9 @@ pub async fn call(
         .await
         .map_err(|_| Error::Vmm(format!("{op}: no answer within {timeout:?}")))?
         .map_err(|e| Error::Vmm(format!("{op}: {e}")))?;
-    let resp: VmmResponse = serde_json::from_str(answer.trim())
-        .map_err(|e| Error::Vmm(format!("{op}: bad answer {answer:?}: {e}")))?;
-    if resp.ok {
-        Ok(resp.info.unwrap_or_default())
-    } else {
-        Err(Error::Vmm(format!(
-            "{op}: {}",
-            resp.error.unwrap_or_else(|| "refused".into())
-        )))
-    }
+    ApiResponse::parse_line(&answer)
+        .map_err(|e| Error::Vmm(format!("{op}: bad answer {answer:?}: {e}")))?
+        .map_err(|e| Error::Vmm(format!("{op}: {e}")))
 }
 
 /// Whether `pid` is alive (not a zombie) and runs `bin`'s file name with `api_socket` in its

@@ -1,7 +1,6 @@
 //! Requests to a running VM from other threads (the API socket): pause, resume, snapshot, stop,
-//! balloon, stats.
+//! balloon, stats. The requests themselves are defined in `vmm-api`.
 
-use std::path::PathBuf;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -9,22 +8,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use devices::bus::lock;
 
-/// What a controller can ask of the VM.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Request {
-    /// Stop the vCPUs and device workers (the VM keeps its state).
-    Pause,
-    /// Let a paused VM run again.
-    Resume,
-    /// Pause and write a snapshot into `dir`; resume afterwards if `resume`.
-    Snapshot { dir: PathBuf, resume: bool },
-    /// End the VM (`Vm::run` returns `Stopped`).
-    Stop,
-    /// Set the balloon's target size (memory taken from the guest) in MiB.
-    Balloon { target_mib: u64 },
-    /// Memory figures as JSON: guest RAM and the balloon's state and guest statistics.
-    Stats,
-}
+pub use vmm_api::control::Request;
 
 type Pending = (Request, Sender<Result<String, String>>);
 

@@ -15,8 +15,9 @@ mod vcpu;
 mod vcpu_state;
 mod vm;
 
-pub use config::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+pub use config::{ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
 pub use control::{Controller, Request};
 pub use error::Error;
 pub use snapshot::{RestoreOverrides, SnapshotStats};
 pub use vm::{RunOutcome, Vm};
+pub use vmm_api;

@@ -99,7 +99,7 @@ pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
 impl Vm {
     /// Builds the VM described by `cfg`: memory, irqchip, devices, kernel, vCPUs.
     pub fn new(cfg: &VmConfig) -> Result<Vm, Error> {
-        cfg.validate().map_err(Error::Config)?;
+        cfg.validate().map_err(|e| Error::Config(e.to_string()))?;
         // A MAC left to chance is chosen now and kept in the configuration, so a snapshot
         // restores the same address the guest knows.
         let mut cfg = cfg.clone();
@@ -316,12 +316,12 @@ impl Vm {
             b.refresh_stats(STATS_WAIT);
             b.info()
         });
-        serde_json::json!({
-            "memory_mib": self.cfg.memory_mib,
-            "mergeable": self.cfg.mergeable,
-            "balloon": balloon,
-        })
-        .to_string()
+        let stats = vmm_api::MemoryStats {
+            memory_mib: self.cfg.memory_mib,
+            mergeable: self.cfg.mergeable,
+            balloon: balloon.and_then(|b| serde_json::to_value(b).ok()),
+        };
+        serde_json::to_string(&stats).unwrap_or_default()
     }
 
     /// Parks every vCPU outside KVM_RUN, then quiesces the device workers.
@@ -591,7 +591,7 @@ fn virtio_devices(cfg: &VmConfig) -> Result<(Vec<NamedDevice>, Option<BalloonHan
             .as_deref()
             .map(parse_mac)
             .transpose()
-            .map_err(Error::Config)?;
+            .map_err(|e| Error::Config(e.to_string()))?;
         let dev = Net::new_tap(&n.tap, mac).map_err(|e| dev_err(&name, &e))?;
         out.push((name, Box::new(dev)));
     }

@@ -45,14 +45,7 @@ use crate::vm::{build_devices, create_kvm_vm, register_memory, Vm};
 use crate::Error;
 use format::{FormatError, Section, SectionKind, Writer};
 
-/// The state container.
-pub const STATE_FILE: &str = "state.bin";
-/// Guest RAM.
-pub const MEMORY_FILE: &str = "memory.bin";
-/// The configuration, human-readable.
-pub const CONFIG_FILE: &str = "config.json";
-/// Marker written last.
-pub const COMPLETE_FILE: &str = "COMPLETE";
+pub use vmm_api::snapshot_files::{COMPLETE_FILE, CONFIG_FILE, MEMORY_FILE, STATE_FILE};
 
 const PAGE: usize = 4096;
 const CHUNK: usize = 1 << 20;
@@ -446,7 +439,7 @@ impl Vm {
         let snap = read_snapshot(dir)?;
         let mut cfg = snap.config;
         apply_overrides(&mut cfg, overrides)?;
-        cfg.validate().map_err(Error::Config)?;
+        cfg.validate().map_err(|e| Error::Config(e.to_string()))?;
         if snap.vcpus.len() != usize::from(cfg.vcpus)
             || snap
                 .vcpus

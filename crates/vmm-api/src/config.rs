@@ -1,0 +1,273 @@
+//! The VM configuration: what `pocketvisor run` takes as flags or as a TOML file.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::limits::{
+    CMDLINE_MAX, MAX_MEMORY_MIB, MAX_TAP_NAME, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VSOCK_CID,
+};
+
+/// Everything needed to build one VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: an ELF with a PVH entry note (vmlinux, the probe guest) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Block devices, in order (the first is `vda`).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Network devices.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
+    /// Optional vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// Whether to add a virtio-rng device.
+    #[serde(default)]
+    pub rng: bool,
+    /// Whether to add a virtio-balloon device (free page reporting, guest statistics).
+    #[serde(default)]
+    pub balloon: bool,
+    /// Whether to mark guest RAM mergeable for the host's KSM (`MADV_MERGEABLE`).
+    #[serde(default)]
+    pub mergeable: bool,
+    /// Where the guest's serial console goes.
+    #[serde(default)]
+    pub serial: SerialConfig,
+    /// CPUID features to hide from the guest (see `arch::cpuid_feature_names`).
+    #[serde(default)]
+    pub cpuid_hide: Vec<String>,
+}
+
+fn default_memory_mib() -> u64 {
+    256
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// One virtio-blk disk backed by a raw file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file; its size must be a multiple of 512.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// One virtio-net device on a TAP interface.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// TAP interface name (created if missing).
+    pub tap: String,
+    /// MAC address `aa:bb:cc:dd:ee:ff`; random if absent.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+/// The virtio-vsock device, reachable from the host through a unix socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub cid: u64,
+    /// Host unix socket path (Firecracker's protocol: `CONNECT <port>\n`).
+    pub socket: PathBuf,
+}
+
+/// Where the serial console's output goes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialConfig {
+    /// The VMM's standard output (and standard input when it is a terminal).
+    #[default]
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: PathBuf) -> Self {
+        Self {
+            kernel,
+            initrd: None,
+            cmdline: String::new(),
+            memory_mib: default_memory_mib(),
+            vcpus: default_vcpus(),
+            disks: vec![],
+            net: vec![],
+            vsock: None,
+            rng: false,
+            balloon: false,
+            mergeable: false,
+            serial: SerialConfig::default(),
+            cpuid_hide: vec![],
+        }
+    }
+
+    /// Checks what can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.memory_mib < MIN_MEMORY_MIB {
+            return Err(ConfigError::TooLittleMemory(self.memory_mib));
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(ConfigError::TooMuchMemory(self.memory_mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.cmdline.len() >= CMDLINE_MAX {
+            return Err(ConfigError::CmdlineTooLong);
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < MIN_VSOCK_CID || v.cid > u64::from(u32::MAX) {
+                return Err(ConfigError::VsockCid(v.cid));
+            }
+        }
+        for n in &self.net {
+            if n.tap.is_empty() || n.tap.len() > MAX_TAP_NAME {
+                return Err(ConfigError::TapName(n.tap.clone()));
+            }
+            if let Some(mac) = &n.mac {
+                parse_mac(mac)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// Less guest memory than the platform needs.
+    #[error("memory {0} MiB is too little: at least {MIN_MEMORY_MIB} MiB is needed")]
+    TooLittleMemory(u64),
+    /// More guest memory than supported.
+    #[error("memory {0} MiB is more than 1 TiB")]
+    TooMuchMemory(u64),
+    /// A vCPU count out of range.
+    #[error("vcpus must be 1..={MAX_VCPUS}, not {0}")]
+    Vcpus(u8),
+    /// The command line does not fit.
+    #[error("the kernel command line is too long")]
+    CmdlineTooLong,
+    /// A reserved or too large vsock context id.
+    #[error("vsock cid must be 3..=4294967295, not {0}")]
+    VsockCid(u64),
+    /// A TAP name the kernel would refuse.
+    #[error("tap name {0:?} must be 1-15 bytes")]
+    TapName(String),
+    /// A malformed MAC address.
+    #[error("bad MAC address {0:?}: expected aa:bb:cc:dd:ee:ff")]
+    BadMac(String),
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::BadMac(s.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(mac)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trips_and_defaults_apply() {
+        let cfg: VmConfig = toml::from_str(
+            r#"
+            kernel = "k.elf"
+            vcpus = 2
+            rng = true
+            balloon = true
+            disks = [{ path = "d.img", read_only = true }]
+            serial = { file = "/tmp/s.log" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.memory_mib, 256);
+        assert_eq!(cfg.vcpus, 2);
+        assert!(cfg.balloon && !cfg.mergeable);
+        assert!(cfg.disks[0].read_only);
+        assert_eq!(cfg.serial, SerialConfig::File("/tmp/s.log".into()));
+        let back: VmConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(toml::from_str::<VmConfig>("kernel = \"k\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_bad_values() {
+        let mut cfg = VmConfig::new("k".into());
+        assert!(cfg.validate().is_ok());
+        cfg.memory_mib = 1;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("too little"));
+        cfg.memory_mib = 256;
+        cfg.vcpus = 0;
+        assert!(cfg.validate().is_err());
+        cfg.vcpus = 1;
+        cfg.vsock = Some(VsockConfig {
+            cid: 2,
+            socket: "s".into(),
+        });
+        assert_eq!(cfg.validate(), Err(ConfigError::VsockCid(2)));
+        cfg.vsock = None;
+        cfg.cmdline = "x".repeat(CMDLINE_MAX);
+        assert_eq!(cfg.validate(), Err(ConfigError::CmdlineTooLong));
+        cfg.cmdline.clear();
+        cfg.net = vec![NetConfig {
+            tap: "tap-with-a-very-long-name".into(),
+            mac: None,
+        }];
+        assert!(matches!(cfg.validate(), Err(ConfigError::TapName(_))));
+        cfg.net[0].tap = "tap0".into();
+        cfg.net[0].mac = Some("02:00".into());
+        assert!(matches!(cfg.validate(), Err(ConfigError::BadMac(_))));
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("02:00:00:aa:bb:0c").unwrap(),
+            [2, 0, 0, 0xaa, 0xbb, 0xc]
+        );
+        assert!(parse_mac("02:00:00:aa:bb").is_err());
+        assert!(parse_mac("02:00:00:aa:bb:cc:dd").is_err());
+        assert!(parse_mac("zz:00:00:aa:bb:cc").is_err());
+    }
+}

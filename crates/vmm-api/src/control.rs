@@ -1,0 +1,328 @@
+//! Control requests to a running VM and the API socket's wire format.
+//!
+//! The socket speaks one JSON object per line each way. Requests: `{"op":"pause"}`,
+//! `{"op":"resume"}`, `{"op":"stop"}`, `{"op":"snapshot","dir":"/path","resume":false}` (the VM
+//! stays paused unless `resume`), `{"op":"balloon","target_mib":N}` (memory the balloon takes
+//! from the guest), `{"op":"stats"}` (`info` is a [`MemoryStats`] as JSON). Answers:
+//! `{"ok":true,"info":"..."}` or `{"ok":false,"error":"..."}`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What a controller can ask of the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Stop the vCPUs and device workers (the VM keeps its state).
+    Pause,
+    /// Let a paused VM run again.
+    Resume,
+    /// Pause and write a snapshot into `dir`; resume afterwards if `resume`.
+    Snapshot {
+        /// The directory to write (an absolute path as the VMM sees it).
+        dir: PathBuf,
+        /// Whether the VM runs again once the snapshot is written.
+        resume: bool,
+    },
+    /// End the VM (`Vm::run` returns `Stopped`).
+    Stop,
+    /// Set the balloon's target size (memory taken from the guest) in MiB.
+    Balloon {
+        /// The target in MiB.
+        target_mib: u64,
+    },
+    /// Memory figures ([`MemoryStats`]): guest RAM and the balloon's state and guest statistics.
+    Stats,
+}
+
+impl Request {
+    /// The request's `op` on the wire.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+            Request::Snapshot { .. } => "snapshot",
+            Request::Stop => "stop",
+            Request::Balloon { .. } => "balloon",
+            Request::Stats => "stats",
+        }
+    }
+}
+
+/// A request line as sent on the socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiRequest {
+    /// `pause`, `resume`, `snapshot`, `stop`, `balloon` or `stats`.
+    pub op: String,
+    /// Snapshot directory (`snapshot` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<PathBuf>,
+    /// Resume after the snapshot (`snapshot` only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resume: bool,
+    /// The balloon's target size in MiB (`balloon` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mib: Option<u64>,
+}
+
+/// Why a request line is refused before it reaches the VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not a JSON request object.
+    #[error("bad request: {0}")]
+    Syntax(String),
+    /// `balloon` without its target or with other fields.
+    #[error("balloon needs \"target_mib\" and nothing else")]
+    BalloonTarget,
+    /// `target_mib` on an op other than `balloon`.
+    #[error("{0} takes no \"target_mib\"")]
+    UnexpectedTarget(String),
+    /// `snapshot` without an absolute directory.
+    #[error("snapshot needs \"dir\": an absolute path")]
+    SnapshotDir,
+    /// `dir` on an op other than `snapshot`.
+    #[error("{0} takes no \"dir\"")]
+    UnexpectedDir(String),
+    /// An op nobody serves.
+    #[error("unknown op {0:?} (pause, resume, snapshot, stop, balloon, stats)")]
+    UnknownOp(String),
+}
+
+impl ApiRequest {
+    /// Parses one request line.
+    pub fn parse_line(line: &str) -> Result<Request, RequestError> {
+        let wire: ApiRequest =
+            serde_json::from_str(line).map_err(|e| RequestError::Syntax(e.to_string()))?;
+        Request::try_from(wire)
+    }
+
+    /// The request as one line, newline included.
+    pub fn to_line(&self) -> String {
+        // A struct of strings, paths, bools and integers always serialises.
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+}
+
+impl From<&Request> for ApiRequest {
+    fn from(r: &Request) -> Self {
+        let mut wire = ApiRequest {
+            op: r.op().to_string(),
+            dir: None,
+            resume: false,
+            target_mib: None,
+        };
+        match r {
+            Request::Snapshot { dir, resume } => {
+                wire.dir = Some(dir.clone());
+                wire.resume = *resume;
+            }
+            Request::Balloon { target_mib } => wire.target_mib = Some(*target_mib),
+            Request::Pause | Request::Resume | Request::Stop | Request::Stats => {}
+        }
+        wire
+    }
+}
+
+impl TryFrom<ApiRequest> for Request {
+    type Error = RequestError;
+
+    fn try_from(r: ApiRequest) -> Result<Self, RequestError> {
+        match (r.op.as_str(), r.target_mib) {
+            ("balloon", Some(target_mib)) if r.dir.is_none() => {
+                return Ok(Request::Balloon { target_mib });
+            }
+            ("balloon", _) => return Err(RequestError::BalloonTarget),
+            (op, Some(_)) => return Err(RequestError::UnexpectedTarget(op.to_string())),
+            _ => {}
+        }
+        match (r.op.as_str(), r.dir) {
+            ("pause", None) => Ok(Request::Pause),
+            ("resume", None) => Ok(Request::Resume),
+            ("stop", None) => Ok(Request::Stop),
+            ("stats", None) => Ok(Request::Stats),
+            ("snapshot", Some(dir)) if dir.is_absolute() => Ok(Request::Snapshot {
+                dir,
+                resume: r.resume,
+            }),
+            ("snapshot", _) => Err(RequestError::SnapshotDir),
+            (op @ ("pause" | "resume" | "stop" | "stats"), Some(_)) => {
+                Err(RequestError::UnexpectedDir(op.to_string()))
+            }
+            (op, _) => Err(RequestError::UnknownOp(op.to_string())),
+        }
+    }
+}
+
+/// An answer line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiResponse {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Details on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub info: Option<String>,
+    /// The reason on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ApiResponse {
+    /// The answer for the VM's result: `Ok(info)` or `Err(reason)`.
+    pub fn from_result(result: Result<String, String>) -> Self {
+        match result {
+            Ok(info) => ApiResponse {
+                ok: true,
+                info: Some(info),
+                error: None,
+            },
+            Err(e) => ApiResponse {
+                ok: false,
+                info: None,
+                error: Some(e),
+            },
+        }
+    }
+
+    /// Parses an answer line into `Ok(info)` or `Err(reason)`.
+    pub fn parse_line(line: &str) -> Result<Result<String, String>, serde_json::Error> {
+        let resp: ApiResponse = serde_json::from_str(line.trim())?;
+        Ok(resp.into_result())
+    }
+
+    /// `Ok(info)` (empty if absent) or `Err(reason)`.
+    pub fn into_result(self) -> Result<String, String> {
+        if self.ok {
+            Ok(self.info.unwrap_or_default())
+        } else {
+            Err(self.error.unwrap_or_else(|| "refused".into()))
+        }
+    }
+
+    /// The answer as one line, newline included.
+    pub fn to_line(&self) -> String {
+        // Strings and a bool always serialise.
+        let mut line = serde_json::to_string(self).unwrap_or_default();
+        line.push('\n');
+        line
+    }
+}
+
+/// The `stats` answer's `info`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryStats {
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Whether guest RAM is offered to KSM.
+    pub mergeable: bool,
+    /// The balloon's state and the guest's statistics, if the VM has a balloon.
+    pub balloon: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Request, RequestError> {
+        ApiRequest::parse_line(s)
+    }
+
+    #[test]
+    fn requests_parse_strictly() {
+        assert_eq!(parse(r#"{"op":"pause"}"#), Ok(Request::Pause));
+        assert_eq!(parse(r#"{"op":"stop"}"#), Ok(Request::Stop));
+        assert_eq!(
+            parse(r#"{"op":"snapshot","dir":"/tmp/s","resume":true}"#),
+            Ok(Request::Snapshot {
+                dir: "/tmp/s".into(),
+                resume: true
+            })
+        );
+        assert_eq!(
+            parse(r#"{"op":"snapshot"}"#),
+            Err(RequestError::SnapshotDir)
+        );
+        assert_eq!(
+            parse(r#"{"op":"snapshot","dir":"rel"}"#),
+            Err(RequestError::SnapshotDir)
+        );
+        assert!(matches!(
+            parse(r#"{"op":"explode"}"#),
+            Err(RequestError::UnknownOp(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"op":"pause","extra":1}"#),
+            Err(RequestError::Syntax(_))
+        ));
+        assert_eq!(
+            parse(r#"{"op":"balloon","target_mib":128}"#),
+            Ok(Request::Balloon { target_mib: 128 })
+        );
+        assert_eq!(parse(r#"{"op":"stats"}"#), Ok(Request::Stats));
+        assert_eq!(
+            parse(r#"{"op":"balloon"}"#),
+            Err(RequestError::BalloonTarget)
+        );
+        assert!(parse(r#"{"op":"balloon","target_mib":-1}"#).is_err());
+        assert!(parse(r#"{"op":"balloon","target_mib":1,"dir":"/x"}"#).is_err());
+        assert!(matches!(
+            parse(r#"{"op":"pause","target_mib":1}"#),
+            Err(RequestError::UnexpectedTarget(_))
+        ));
+        assert!(matches!(
+            parse(r#"{"op":"stats","dir":"/x"}"#),
+            Err(RequestError::UnexpectedDir(_))
+        ));
+    }
+
+    #[test]
+    fn every_request_round_trips_through_its_line() {
+        let all = [
+            Request::Pause,
+            Request::Resume,
+            Request::Stop,
+            Request::Stats,
+            Request::Balloon { target_mib: 64 },
+            Request::Snapshot {
+                dir: "/run/0/snapshot".into(),
+                resume: false,
+            },
+            Request::Snapshot {
+                dir: "/s".into(),
+                resume: true,
+            },
+        ];
+        for r in all {
+            let line = ApiRequest::from(&r).to_line();
+            assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
+            assert_eq!(ApiRequest::parse_line(&line), Ok(r));
+        }
+        assert_eq!(
+            ApiRequest::from(&Request::Pause).to_line(),
+            "{\"op\":\"pause\"}\n"
+        );
+    }
+
+    #[test]
+    fn answers_round_trip() {
+        for result in [Ok("paused".to_string()), Err("no balloon".to_string())] {
+            let line = ApiResponse::from_result(result.clone()).to_line();
+            assert_eq!(ApiResponse::parse_line(&line).unwrap(), result);
+        }
+        assert_eq!(
+            ApiResponse::parse_line(r#"{"ok":true}"#).unwrap(),
+            Ok(String::new())
+        );
+        assert_eq!(
+            ApiResponse::parse_line(r#"{"ok":false}"#).unwrap(),
+            Err("refused".to_string())
+        );
+        assert!(ApiResponse::parse_line("nonsense").is_err());
+        let stats: MemoryStats =
+            serde_json::from_str(r#"{"memory_mib":256,"mergeable":false,"balloon":null}"#).unwrap();
+        assert_eq!(stats.memory_mib, 256);
+        assert!(stats.balloon.is_none());
+    }
+}
