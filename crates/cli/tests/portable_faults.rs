@@ -109,7 +109,7 @@ fn bad_files_change_nothing() {
     assert_eq!(rows_b, [("keep".to_string(), "stopped".to_string())]);
     assert!(tree_b.contains_key("profiles/keep/disks/data.img"));
 
-    let len = std::fs::metadata(&good).unwrap().len() as usize;
+    let len = usize::try_from(std::fs::metadata(&good).unwrap().len()).unwrap();
     assert!(len > 200_000, "the test file is too small ({len} bytes)");
     let cases: Vec<(PathBuf, &Path, &str)> = vec![
         (good.clone(), &wrong_pass, "wrong passphrase or key"),

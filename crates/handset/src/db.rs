@@ -133,7 +133,10 @@ impl Db {
                 "the database schema is version {version}, newer than this program's {known}"
             )));
         }
-        for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let applied = usize::try_from(version).map_err(|_| {
+            crate::Error::Internal(format!("the database schema version {version} is negative"))
+        })?;
+        for (i, step) in MIGRATIONS.iter().enumerate().skip(applied) {
             let tx = self.conn.transaction()?;
             tx.execute_batch(step)?;
             tx.pragma_update(None, "user_version", i + 1)?;

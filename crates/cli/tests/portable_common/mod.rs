@@ -183,7 +183,7 @@ pub fn scribble(disk: &Path, seed: u64) {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            *b = x as u8;
+            *b = x.to_le_bytes()[0];
         }
         f.write_all_at(&block, off).unwrap();
     }

@@ -1,0 +1,420 @@
+//! The handset daemon's core, in four parts:
+//!
+//! - [`lifecycle`]: the profile state machine, every transition in one table;
+//! - `registry`: the profiles in the database and the state directory, each state change
+//!   recorded through the lifecycle table;
+//! - `supervisor`: the VMM processes, their watchers, crash restarts, adoption, stopping;
+//! - `foreground`: switching, CPU weights, pausing `background = "suspend"` profiles.
+//!
+//! [`Handset`] ties them together behind the API's operations. Lifecycle changes (create,
+//! start, stop, suspend, resume, switch, delete, crash handling) are serialised by one async
+//! lock, so the API can be called concurrently. Each running profile has a watcher task that
+//! notices its VMM's exit (tokio's child wait for processes this daemon started, a pidfd for
+//! ones adopted from an earlier daemon).
+
+mod foreground;
+pub mod lifecycle;
+mod registry;
+mod supervisor;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmm_api::jail::{jail_host_paths, JailPlan};
+use vmm_api::Request;
+
+use crate::api_types::{CreateProfile, DaemonInfo, ProfileInfo, ProfileState};
+use crate::cgroup::Cgroups;
+use crate::db::{Event as LogEvent, Log};
+use crate::error::{Error, Result};
+use crate::spec::RestartPolicy;
+use crate::state_dir::{self, StateDir};
+use crate::vmm_proc::{self, Launch};
+use lifecycle::{Action, Event};
+use registry::Registry;
+use supervisor::Supervisor;
+
+/// How long a VMM has to create its API socket after being started.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a VMM has to exit after `{"op":"stop"}`, and again after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Timeout of pause/resume/stop requests to a VMM.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of a snapshot request.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Daemon settings.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The state directory.
+    pub state_dir: StateDir,
+    /// The `pocketvisor` binary that runs VMMs.
+    pub vmm_bin: PathBuf,
+    /// The probe guest (`kernel = "probe"`), if installed.
+    pub probe: Option<PathBuf>,
+    /// cgroup parent group name (one path component).
+    pub cgroup_parent: String,
+    /// Boot VMMs jailed (`pocketvisor vmm`) instead of `pocketvisor run`.
+    pub jail: bool,
+}
+
+/// The daemon state shared by the API handlers and the watcher tasks.
+pub struct Handset {
+    opts: Options,
+    registry: Registry,
+    supervisor: Supervisor,
+    ops: tokio::sync::Mutex<()>,
+    cgroups: Cgroups,
+}
+
+impl Handset {
+    /// Opens the state directory (creating it), the database and the cgroups.
+    pub fn open(opts: Options) -> Result<Arc<Self>> {
+        let registry = Registry::open(opts.state_dir.clone(), opts.probe.clone())?;
+        let cgroups = Cgroups::detect(&opts.cgroup_parent);
+        Ok(Arc::new(Self {
+            opts,
+            registry,
+            supervisor: Supervisor::default(),
+            ops: tokio::sync::Mutex::new(()),
+            cgroups,
+        }))
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &StateDir {
+        self.registry.dir()
+    }
+
+    /// Appends an audit record.
+    pub fn audit(&self, profile: &str, action: &str, detail: &str) {
+        self.registry.audit(profile, action, detail);
+    }
+
+    /// Daemon facts for `GET /v1/handset`.
+    pub fn daemon_info(&self) -> Result<DaemonInfo> {
+        let rows = self.registry.db().profiles()?;
+        Ok(DaemonInfo {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            state_dir: self.dir().root().display().to_string(),
+            schema_version: self.registry.db().version()?,
+            cgroups: self.cgroups.info(),
+            probe: self.registry.probe().map(|p| p.display().to_string()),
+            foreground: rows.iter().find(|r| r.foreground).map(|r| r.name.clone()),
+            profiles: rows.len(),
+            running: rows.iter().filter(|r| r.pid.is_some()).count(),
+        })
+    }
+
+    /// All profiles.
+    pub fn list(&self) -> Result<Vec<ProfileInfo>> {
+        let rows = self.registry.db().profiles()?;
+        rows.into_iter().map(|r| self.registry.info(r)).collect()
+    }
+
+    /// One profile.
+    pub fn show(&self, name: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        let row = self.registry.row(name)?;
+        self.registry.info(row)
+    }
+
+    /// Lifecycle events (`profile` None: all), oldest first.
+    pub fn events(&self, log: Log, profile: Option<&str>, limit: u32) -> Result<Vec<LogEvent>> {
+        if let Some(p) = profile {
+            crate::spec::check_name("profile name", p)?;
+        }
+        self.registry.db().records(log, profile, limit)
+    }
+
+    /// Creates a profile: spec file, sparse disks, registry row.
+    pub async fn create(&self, req: CreateProfile) -> Result<ProfileInfo> {
+        let spec = req.into_spec()?;
+        let _ops = self.ops.lock().await;
+        self.registry.create(&spec)?;
+        let name = &spec.name;
+        self.registry
+            .event(name, "created", &format!("kernel {}", spec.kernel));
+        self.show(name)
+    }
+
+    /// Deletes a stopped (or suspended, or failed) profile and all its files.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        self.registry.check(name, Event::Delete)?;
+        if self.supervisor.is_live(name) {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} is {}: stop it first",
+                self.registry.row(name)?.state
+            )));
+        }
+        let _ = self.cgroups.remove(name);
+        self.remove_jail_dir(name);
+        self.registry.remove(name)?;
+        self.supervisor.forget_restarts(name);
+        self.registry.event(name, "deleted", "");
+        Ok(())
+    }
+
+    /// Starts a stopped or failed profile (a suspended one is resumed).
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        match self.registry.check(name, Event::Start)?.action {
+            Action::Restore => self.resume_locked(name).await?,
+            _ => {
+                self.supervisor.forget_restarts(name);
+                self.start_locked(name).await?;
+            }
+        }
+        self.show(name)
+    }
+
+    /// Boots `name` (ops lock held).
+    async fn start_locked(self: &Arc<Self>, name: &str) -> Result<()> {
+        let spec = self.registry.spec(name)?;
+        let row = self.registry.row(name)?;
+        let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
+        if !cfg.kernel.is_file() {
+            return Err(Error::BadRequest(format!(
+                "kernel {} does not exist",
+                cfg.kernel.display()
+            )));
+        }
+        let run = self.dir().run(name);
+        std::fs::create_dir_all(&run)
+            .map_err(Error::io(format!("cannot create {}", run.display())))?;
+        // The last run's logs stay as *.prev (a crash's story survives the restart).
+        for log in ["serial.log", "vmm.log"] {
+            let _ = std::fs::rename(run.join(log), run.join(format!("{log}.prev")));
+        }
+        state_dir::clear_dir(&run, &["serial.log.prev", "vmm.log.prev"])?;
+        let text = toml::to_string(&cfg).map_err(|e| Error::Internal(format!("vm.toml: {e}")))?;
+        state_dir::write_atomic(&self.dir().vm_config(name), text.as_bytes())?;
+        let launch = Launch::Boot {
+            config: self.dir().vm_config(name),
+        };
+        self.launch(name, &spec, &launch).await?;
+        self.registry.event(name, "started", "");
+        Ok(())
+    }
+
+    /// Stops a running or paused profile (a suspended one loses its snapshot).
+    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        match self.registry.check(name, Event::Stop)?.action {
+            Action::DiscardSnapshot => {
+                let snap = self.dir().snapshot(name);
+                let _ = std::fs::remove_dir_all(&snap);
+                self.registry
+                    .apply(name, Event::SnapshotDiscarded, None, "")?;
+                self.registry
+                    .event(name, "stopped", "suspended snapshot discarded");
+            }
+            _ => {
+                let how = self.stop_vm(name).await?;
+                self.registry.apply(name, Event::Stopped, None, "")?;
+                self.registry.event(name, "stopped", &how);
+                self.place_after_exit(name).await?;
+            }
+        }
+        self.show(name)
+    }
+
+    /// Where the jailed VMM of `name` sees the host path `host` (under its run directory),
+    /// by the mapping the jailer uses (`vmm_api::jail`).
+    fn jail_path(&self, name: &str, host: &Path) -> Result<PathBuf> {
+        let spec = self.registry.spec(name)?;
+        let row = self.registry.row(name)?;
+        let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
+        let api = self.dir().api_socket(name);
+        let plan = JailPlan::new(&jail_host_paths(&cfg, None, Some(&api)))
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        plan.to_jail(host).ok_or_else(|| {
+            Error::Internal(format!("{} is not visible in the jail", host.display()))
+        })
+    }
+
+    /// Snapshots a running profile into `profiles/<name>/snapshot/` and ends its VMM.
+    pub async fn suspend(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        self.registry.check(name, Event::Suspend)?;
+        let snap = self.dir().snapshot(name);
+        if snap.exists() {
+            std::fs::remove_dir_all(&snap)
+                .map_err(Error::io(format!("cannot remove {}", snap.display())))?;
+        }
+        let api = self.dir().api_socket(name);
+        let pid = self.supervisor.pid(name).unwrap_or(0);
+        // A jailed VMM sees only its own root: it writes the snapshot into run/, which the
+        // jailer binds (as the directory of the serial log and sockets) where the shared jail
+        // mapping says.
+        let (vm_dir, staged) = if vmm_proc::is_jailed(pid) {
+            let staged = self.dir().run(name).join("snapshot");
+            if staged.exists() {
+                std::fs::remove_dir_all(&staged)
+                    .map_err(Error::io(format!("cannot remove {}", staged.display())))?;
+            }
+            (self.jail_path(name, &staged)?, Some(staged))
+        } else {
+            (snap.clone(), None)
+        };
+        let t0 = Instant::now();
+        let req = Request::Snapshot {
+            dir: vm_dir,
+            resume: false,
+        };
+        let info = vmm_proc::call(&api, &req, SNAPSHOT_TIMEOUT).await?;
+        if let Some(staged) = staged {
+            std::fs::rename(&staged, &snap).map_err(Error::io(format!(
+                "cannot move the snapshot to {}",
+                snap.display()
+            )))?;
+            state_dir::sync_dir(&self.dir().profile(name))?;
+        }
+        let how = self.stop_vm(name).await?;
+        self.registry.apply(name, Event::Suspended, None, "")?;
+        self.registry.event(
+            name,
+            "suspended",
+            &format!("{info}; {} ms; {how}", t0.elapsed().as_millis()),
+        );
+        self.place_after_exit(name).await?;
+        self.show(name)
+    }
+
+    /// Restores a suspended profile from its snapshot.
+    pub async fn resume(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        self.registry.check(name, Event::Resume)?;
+        self.resume_locked(name).await?;
+        self.show(name)
+    }
+
+    async fn resume_locked(self: &Arc<Self>, name: &str) -> Result<()> {
+        let spec = self.registry.spec(name)?;
+        let snap = self.dir().snapshot(name);
+        if !snap.is_dir() {
+            return Err(Error::Conflict(format!("profile {name:?} has no snapshot")));
+        }
+        let run = self.dir().run(name);
+        std::fs::create_dir_all(&run)
+            .map_err(Error::io(format!("cannot create {}", run.display())))?;
+        let launch = Launch::Restore {
+            dir: snap.clone(),
+            serial: self.dir().serial_log(name),
+            vsock: self.dir().vsock_socket(name),
+            disks: spec
+                .disks
+                .iter()
+                .map(|d| self.dir().disk(name, &d.name))
+                .collect(),
+        };
+        let t0 = Instant::now();
+        self.launch(name, &spec, &launch).await?;
+        // The restored VM has its memory; the snapshot would only go stale.
+        if let Err(e) = std::fs::remove_dir_all(&snap) {
+            tracing::warn!("cannot remove {}: {e}", snap.display());
+        }
+        self.registry
+            .event(name, "resumed", &format!("{} ms", t0.elapsed().as_millis()));
+        Ok(())
+    }
+
+    /// At daemon start: adopts VMMs still running from an earlier daemon, cleans up after
+    /// the others (restarting them per policy).
+    pub async fn recover(self: &Arc<Self>) -> Result<()> {
+        let _ops = self.ops.lock().await;
+        let rows = self.registry.db().profiles()?;
+        for row in &rows {
+            self.kill_strays(&row.name, row.pid);
+        }
+        for row in rows {
+            let state = ProfileState::parse(&row.state);
+            if !matches!(state, ProfileState::Running | ProfileState::Paused) {
+                continue;
+            }
+            let name = row.name.clone();
+            let api = self.dir().api_socket(&name);
+            let pid = row.pid.unwrap_or(0);
+            if vmm_proc::is_our_vmm(pid, &self.opts.vmm_bin, &api) {
+                match self.adopt(&name, pid) {
+                    Ok(()) => {
+                        self.registry.event(&name, "adopted", &format!("pid {pid}"));
+                        continue;
+                    }
+                    Err(e) => tracing::warn!("{name}: cannot adopt pid {pid}: {e}"),
+                }
+            }
+            self.cleanup_run(&name);
+            let desc = format!("pid {pid} gone while the daemon was down");
+            self.registry.event(&name, "lost", &desc);
+            let restart = self
+                .registry
+                .spec(&name)
+                .map(|s| s.restart != RestartPolicy::Never)
+                .unwrap_or(false);
+            let restarted = if restart {
+                self.restart_locked(&name).await.unwrap_or_else(|e| {
+                    self.registry.event(&name, "restart-failed", &e.to_string());
+                    false
+                })
+            } else {
+                false
+            };
+            if !restarted {
+                self.registry.apply(&name, Event::Lost, None, &desc)?;
+            }
+        }
+        let fg = self.current_foreground()?;
+        match fg {
+            Some(f) => self.apply_foreground(Some(&f)).await,
+            None => self.place_after_exit("").await,
+        }
+    }
+
+    /// At daemon exit: stops every running profile (they are not left running: a VMM without
+    /// its supervisor would not be restarted or switched).
+    pub async fn shutdown(self: &Arc<Self>) {
+        let _ops = self.ops.lock().await;
+        for n in self.supervisor.names() {
+            match self.stop_vm(&n).await {
+                Ok(how) => {
+                    let _ = self
+                        .registry
+                        .apply(&n, Event::Stopped, None, "daemon shut down");
+                    self.registry
+                        .event(&n, "stopped", &format!("daemon shutdown: {how}"));
+                }
+                Err(e) => tracing::error!("{n}: {e}"),
+            }
+        }
+        let _ = self.registry.db().set_foreground(None);
+        if self.opts.cgroup_parent != crate::cgroup::DEFAULT_PARENT {
+            self.cgroups.remove_parent();
+        }
+    }
+
+    /// The cgroup weight file of `name` (for tests and diagnostics).
+    pub fn weight_file(&self, name: &str) -> Option<PathBuf> {
+        self.cgroups.weight_file(name)
+    }
+}
+
+/// Finds the installed probe guest: `$exe_dir/probe.elf`, the source tree's
+/// `guest/out/probe.elf` above a `target/<profile>/` binary, `/usr/share/pocketvisor/probe.elf`.
+pub fn find_probe(exe: &Path) -> Option<PathBuf> {
+    let dir = exe.parent()?;
+    let mut candidates = vec![dir.join("probe.elf")];
+    for up in dir.ancestors().skip(1).take(3) {
+        candidates.push(up.join("guest/out/probe.elf"));
+    }
+    candidates.push(PathBuf::from("/usr/share/pocketvisor/probe.elf"));
+    candidates.into_iter().find(|p| p.is_file())
+}

@@ -1,0 +1,242 @@
+//! The registry: the profiles as the database and the state directory hold them, and every
+//! state change recorded through the [`lifecycle`] table.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+use vmm_api::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+
+use super::lifecycle::{self, Event, Step};
+use crate::api_types::{ProfileInfo, ProfileState};
+use crate::db::{Db, Log, ProfileRow};
+use crate::error::{Error, Result};
+use crate::spec::{ProfileSpec, PROBE_KERNEL};
+use crate::state_dir::{self, StateDir};
+use crate::vmm_proc;
+
+/// The profiles: registry rows, spec files, disks, event and audit logs.
+pub(super) struct Registry {
+    dir: StateDir,
+    probe: Option<PathBuf>,
+    db: Mutex<Db>,
+}
+
+fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    /// Opens the state directory (creating it) and the database.
+    pub(super) fn open(dir: StateDir, probe: Option<PathBuf>) -> Result<Self> {
+        std::fs::create_dir_all(dir.profiles()).map_err(Error::io(format!(
+            "cannot create {}",
+            dir.profiles().display()
+        )))?;
+        let db = Db::open(&dir.db())?;
+        Ok(Self {
+            dir,
+            probe,
+            db: Mutex::new(db),
+        })
+    }
+
+    /// The state directory.
+    pub(super) fn dir(&self) -> &StateDir {
+        &self.dir
+    }
+
+    /// The probe guest, if installed.
+    pub(super) fn probe(&self) -> Option<&PathBuf> {
+        self.probe.as_ref()
+    }
+
+    /// The database.
+    pub(super) fn db(&self) -> MutexGuard<'_, Db> {
+        guard(&self.db)
+    }
+
+    /// Appends a lifecycle event (failures to record are logged, not fatal).
+    pub(super) fn event(&self, profile: &str, event: &str, detail: &str) {
+        tracing::info!(profile, event, detail, "lifecycle");
+        if let Err(e) = self.db().record(Log::Events, profile, event, detail) {
+            tracing::error!("cannot record event {event} for {profile}: {e}");
+        }
+    }
+
+    /// Appends an audit record.
+    pub(super) fn audit(&self, profile: &str, action: &str, detail: &str) {
+        if let Err(e) = self.db().record(Log::Audit, profile, action, detail) {
+            tracing::error!("cannot record audit {action} for {profile}: {e}");
+        }
+    }
+
+    /// The registry row of `name`.
+    pub(super) fn row(&self, name: &str) -> Result<ProfileRow> {
+        self.db()
+            .profile(name)?
+            .ok_or_else(|| Error::NotFound(name.to_string()))
+    }
+
+    /// The state of `name`.
+    pub(super) fn state(&self, name: &str) -> Result<ProfileState> {
+        Ok(ProfileState::parse(&self.row(name)?.state))
+    }
+
+    /// The spec of `name`.
+    pub(super) fn spec(&self, name: &str) -> Result<ProfileSpec> {
+        let path = self.dir.spec(name);
+        let text = std::fs::read_to_string(&path)
+            .map_err(Error::io(format!("cannot read {}", path.display())))?;
+        ProfileSpec::from_toml(&text)
+    }
+
+    /// What `event` would do to `name` now; a refusal is a conflict.
+    pub(super) fn check(&self, name: &str, event: Event) -> Result<Step> {
+        let state = self.state(name)?;
+        lifecycle::step(state, event).map_err(|r| Error::Conflict(r.message(name)))
+    }
+
+    /// Records `event` for `name`: its new state (by the lifecycle table), `pid` and `detail`.
+    pub(super) fn apply(
+        &self,
+        name: &str,
+        event: Event,
+        pid: Option<i32>,
+        detail: &str,
+    ) -> Result<ProfileState> {
+        let db = self.db();
+        let row = db
+            .profile(name)?
+            .ok_or_else(|| Error::NotFound(name.to_string()))?;
+        let step = lifecycle::step(ProfileState::parse(&row.state), event)
+            .map_err(|r| Error::Conflict(r.message(name)))?;
+        db.set_state(name, step.next.as_str(), pid, detail)?;
+        Ok(step.next)
+    }
+
+    /// The API's view of a profile.
+    pub(super) fn info(&self, row: ProfileRow) -> Result<ProfileInfo> {
+        let spec = self.spec(&row.name)?;
+        let state = ProfileState::parse(&row.state);
+        let live = matches!(state, ProfileState::Running | ProfileState::Paused);
+        let weight = if row.foreground {
+            spec.cpu.foreground
+        } else {
+            spec.cpu.background
+        };
+        let cpu_weight = live.then_some(weight);
+        let rss_kib = row.pid.filter(|_| live).and_then(vmm_proc::rss_kib);
+        Ok(ProfileInfo {
+            name: row.name.clone(),
+            state,
+            pid: row.pid,
+            foreground: row.foreground,
+            vsock_cid: row.vsock_cid,
+            created_ms: row.created_ms,
+            started_ms: row.started_ms,
+            detail: row.detail,
+            cpu_weight,
+            rss_kib,
+            serial_log: self.dir.serial_log(&row.name).display().to_string(),
+            spec,
+        })
+    }
+
+    /// Creates a profile's files (spec, sparse disks) and its row; on failure nothing is left.
+    pub(super) fn create(&self, spec: &ProfileSpec) -> Result<()> {
+        let name = &spec.name;
+        if self.db().profile(name)?.is_some() {
+            return Err(Error::Conflict(format!("profile {name:?} already exists")));
+        }
+        let dir = self.dir.profile(name);
+        // A directory without a registry row is debris of an interrupted create: replace it.
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .map_err(Error::io(format!("cannot remove {}", dir.display())))?;
+        }
+        let made = (|| {
+            // Only the daemon (root) may read a profile's disks and sockets.
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+            std::fs::create_dir_all(self.dir.disks(name))
+                .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+            std::fs::create_dir_all(self.dir.run(name))
+                .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+            for d in &spec.disks {
+                state_dir::create_sparse(&self.dir.disk(name, &d.name), d.size_mib)?;
+            }
+            state_dir::write_atomic(&self.dir.spec(name), spec.to_toml()?.as_bytes())?;
+            state_dir::sync_dir(&self.dir.profiles())?;
+            self.db().insert_profile(name)
+        })();
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Removes a profile's files and its row.
+    pub(super) fn remove(&self, name: &str) -> Result<()> {
+        let dir = self.dir.profile(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot remove {}", dir.display()))(e)),
+        }
+        self.db().delete_profile(name)
+    }
+
+    fn kernel_path(&self, spec: &ProfileSpec) -> Result<PathBuf> {
+        if spec.kernel == PROBE_KERNEL {
+            return self.probe.clone().ok_or_else(|| {
+                Error::BadRequest(
+                    "kernel \"probe\": the probe guest is not installed (build it with \
+                     guest/build-probe.sh or start the daemon with --probe PATH)"
+                        .into(),
+                )
+            });
+        }
+        Ok(PathBuf::from(&spec.kernel))
+    }
+
+    /// The VM configuration for `spec`, all paths inside the profile's directory.
+    pub(super) fn vm_config(&self, spec: &ProfileSpec, cid: u32) -> Result<VmConfig> {
+        let name = &spec.name;
+        let mut cfg = VmConfig::new(self.kernel_path(spec)?);
+        cfg.initrd = spec.initrd.clone();
+        cfg.cmdline = spec.cmdline.clone();
+        cfg.memory_mib = spec.memory_mib;
+        cfg.vcpus = spec.vcpus;
+        cfg.disks = spec
+            .disks
+            .iter()
+            .map(|d| DiskConfig {
+                path: self.dir.disk(name, &d.name),
+                read_only: d.read_only,
+            })
+            .collect();
+        cfg.net = spec
+            .net
+            .iter()
+            .map(|tap| NetConfig {
+                tap: tap.clone(),
+                mac: None,
+            })
+            .collect();
+        cfg.vsock = Some(VsockConfig {
+            cid: u64::from(cid),
+            socket: self.dir.vsock_socket(name),
+        });
+        cfg.rng = true;
+        cfg.balloon = spec.balloon;
+        cfg.mergeable = spec.mergeable;
+        cfg.serial = SerialConfig::File(self.dir.serial_log(name));
+        cfg.validate()
+            .map_err(|e| Error::BadRequest(e.to_string()))?;
+        Ok(cfg)
+    }
+}
