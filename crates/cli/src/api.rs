@@ -85,7 +85,7 @@ fn serve_conn(stream: UnixStream, controller: &Controller) -> std::io::Result<()
 pub fn call(socket: &Path, req: &Request) -> Result<String> {
     let mut stream = UnixStream::connect(socket)
         .with_context(|| format!("cannot connect to the VMM at {}", socket.display()))?;
-    stream.write_all(ApiRequest::from(req).to_line().as_bytes())?;
+    stream.write_all(ApiRequest::from(req).to_line()?.as_bytes())?;
     let mut answer = String::new();
     BufReader::new(&stream)
         .read_line(&mut answer)

@@ -128,7 +128,9 @@ pub fn spawn(bin: &Path, args: &[OsString], log: &Path) -> Result<tokio::process
 /// Sends one request to the VMM's API socket and returns its `info`.
 pub async fn call(socket: &Path, req: &Request, timeout: Duration) -> Result<String> {
     let op = req.op();
-    let line = ApiRequest::from(req).to_line();
+    let line = ApiRequest::from(req)
+        .to_line()
+        .map_err(|e| Error::Internal(format!("{op}: {e}")))?;
     let exchange = async {
         let mut s = UnixStream::connect(socket).await?;
         s.write_all(line.as_bytes()).await?;

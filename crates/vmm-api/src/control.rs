@@ -97,12 +97,11 @@ impl ApiRequest {
         Request::try_from(wire)
     }
 
-    /// The request as one line, newline included.
-    pub fn to_line(&self) -> String {
-        // A struct of strings, paths, bools and integers always serialises.
-        let mut line = serde_json::to_string(self).unwrap_or_default();
+    /// The request as one line, newline included (fails for a path that is not UTF-8).
+    pub fn to_line(&self) -> Result<String, serde_json::Error> {
+        let mut line = serde_json::to_string(self)?;
         line.push('\n');
-        line
+        Ok(line)
     }
 }
 
@@ -295,14 +294,22 @@ mod tests {
             },
         ];
         for r in all {
-            let line = ApiRequest::from(&r).to_line();
+            let line = ApiRequest::from(&r).to_line().unwrap();
             assert!(line.ends_with('\n') && !line.trim_end().contains('\n'));
             assert_eq!(ApiRequest::parse_line(&line), Ok(r));
         }
         assert_eq!(
-            ApiRequest::from(&Request::Pause).to_line(),
+            ApiRequest::from(&Request::Pause).to_line().unwrap(),
             "{\"op\":\"pause\"}\n"
         );
+    }
+
+    #[test]
+    fn a_path_json_cannot_carry_is_an_error_not_an_empty_line() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = std::ffi::OsStr::from_bytes(b"/snap\xff").into();
+        let r = Request::Snapshot { dir, resume: false };
+        assert!(ApiRequest::from(&r).to_line().is_err());
     }
 
     #[test]

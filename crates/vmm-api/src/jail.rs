@@ -132,6 +132,9 @@ pub enum JailPathError {
     /// A socket or log path without a file name.
     #[error("{0} names no file")]
     NoFileName(PathBuf),
+    /// A socket or log not bound through its directory.
+    #[error("{0}: a socket or log is bound through its directory")]
+    NotInDir(PathBuf),
     /// A path that cannot be used.
     #[error("cannot use {path} in the jail: {reason}")]
     Missing {
@@ -298,10 +301,7 @@ impl JailPlan {
                 // A socket or log bound by itself would be replaced, not shared: only its
                 // directory can be bound.
                 (_, PathRole::Serial | PathRole::Vsock | PathRole::ApiSocket) => {
-                    return Err(JailPathError::Missing {
-                        path: p.path.clone(),
-                        reason: "a socket or log must be bound through its directory".into(),
-                    })
+                    return Err(JailPathError::NotInDir(p.path.clone()))
                 }
             };
             mapped.push((p.role, bind.target.clone()));
@@ -552,7 +552,10 @@ mod tests {
             PathKind::File,
             false,
         )];
-        assert!(JailPlan::new(&socket_alone).is_err());
+        assert_eq!(
+            JailPlan::new(&socket_alone),
+            Err(JailPathError::NotInDir("/p/api.sock".into()))
+        );
     }
 
     #[test]

@@ -137,23 +137,16 @@ impl Handset {
             };
             let api = self.registry.dir().api_socket(n);
             let pid = self.supervisor.pid(n);
-            let (detail, event) = if change == Event::ForegroundResumed {
-                ("", "unpaused")
+            // The state's detail, the event's name and the event's detail.
+            let (state_detail, event, event_detail) = if change == Event::ForegroundResumed {
+                ("", "unpaused", "foreground")
             } else {
-                ("background", "paused")
+                ("background", "paused", "background")
             };
             match vmm_proc::call(&api, &request_for(change), CALL_TIMEOUT).await {
                 Ok(_) => {
-                    self.registry.apply(n, change, pid, detail)?;
-                    self.registry.event(
-                        n,
-                        event,
-                        if detail.is_empty() {
-                            "foreground"
-                        } else {
-                            detail
-                        },
-                    );
+                    self.registry.apply(n, change, pid, state_detail)?;
+                    self.registry.event(n, event, event_detail);
                 }
                 Err(e) => {
                     first_err.get_or_insert(e);
