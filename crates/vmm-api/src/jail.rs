@@ -15,7 +15,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::{SerialConfig, VmConfig};
+use crate::config::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
 
 /// `/dev/kvm`, in the host and in the jail.
 pub const KVM_DEVICE: &str = "/dev/kvm";
@@ -169,9 +169,48 @@ pub struct JailPlan {
     paths: Vec<(PathRole, PathBuf)>,
 }
 
+impl DiskConfig {
+    /// The host path disk number `index` needs: its image, read-only if the disk is.
+    pub fn host_path(&self, index: usize) -> HostPath {
+        HostPath::new(
+            PathRole::Disk(index),
+            &self.path,
+            PathKind::File,
+            self.read_only,
+        )
+    }
+}
+
+impl NetConfig {
+    /// The host path a network device needs: the TAP clone device.
+    pub fn host_path(&self) -> HostPath {
+        HostPath::new(PathRole::Tun, TUN_DEVICE, PathKind::Device, false)
+    }
+}
+
+impl VsockConfig {
+    /// The host path the vsock device needs: its socket (created at run time).
+    pub fn host_path(&self) -> HostPath {
+        HostPath::new(PathRole::Vsock, &self.socket, PathKind::InDir, false)
+    }
+}
+
+impl SerialConfig {
+    /// The host path the serial console needs: its log file, if it writes one.
+    pub fn host_path(&self) -> Option<HostPath> {
+        match self {
+            SerialConfig::File(p) => {
+                Some(HostPath::new(PathRole::Serial, p, PathKind::InDir, false))
+            }
+            SerialConfig::Stdout | SerialConfig::None => None,
+        }
+    }
+}
+
 impl VmConfig {
-    /// The host paths this configuration needs: `/dev/kvm`, `/dev/net/tun` with any network
-    /// device, the kernel and initrd, each disk, the serial log file, the vsock socket.
+    /// The host paths this configuration needs, each part declaring its own: `/dev/kvm`,
+    /// `/dev/net/tun` with any network device, the kernel and initrd, each disk, the serial
+    /// log file, the vsock socket.
     pub fn host_paths(&self) -> Vec<HostPath> {
         let mut out = vec![HostPath::new(
             PathRole::Kvm,
@@ -179,14 +218,8 @@ impl VmConfig {
             PathKind::Device,
             false,
         )];
-        if !self.net.is_empty() {
-            out.push(HostPath::new(
-                PathRole::Tun,
-                TUN_DEVICE,
-                PathKind::Device,
-                false,
-            ));
-        }
+        // One clone device serves every TAP.
+        out.extend(self.net.first().map(NetConfig::host_path));
         out.push(HostPath::new(
             PathRole::Kernel,
             &self.kernel,
@@ -201,25 +234,9 @@ impl VmConfig {
                 true,
             ));
         }
-        for (i, d) in self.disks.iter().enumerate() {
-            out.push(HostPath::new(
-                PathRole::Disk(i),
-                &d.path,
-                PathKind::File,
-                d.read_only,
-            ));
-        }
-        if let SerialConfig::File(p) = &self.serial {
-            out.push(HostPath::new(PathRole::Serial, p, PathKind::InDir, false));
-        }
-        if let Some(v) = &self.vsock {
-            out.push(HostPath::new(
-                PathRole::Vsock,
-                &v.socket,
-                PathKind::InDir,
-                false,
-            ));
-        }
+        out.extend(self.disks.iter().enumerate().map(|(i, d)| d.host_path(i)));
+        out.extend(self.serial.host_path());
+        out.extend(self.vsock.as_ref().map(VsockConfig::host_path));
         out
     }
 }
@@ -377,7 +394,6 @@ fn run_dir(n: usize) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{DiskConfig, NetConfig, VsockConfig};
 
     fn config() -> VmConfig {
         let mut cfg = VmConfig::new("/img/kernel.elf".into());
