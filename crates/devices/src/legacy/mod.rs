@@ -7,7 +7,7 @@ mod serial;
 
 pub use i8042::I8042;
 pub use power::{AcpiPm, DebugExit, PortSink};
-pub use serial::{EventFdTrigger, Serial, SerialSnapshot};
+pub use serial::{EventFdTrigger, Serial, SerialState, SerialStateError};
 
 use std::sync::Mutex;
 use vmm_sys_util::eventfd::EventFd;

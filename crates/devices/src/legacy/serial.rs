@@ -20,16 +20,29 @@ impl Trigger for EventFdTrigger {
 
 /// The registers and receive FIFO of the UART, for snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SerialSnapshot {
+pub struct SerialState {
     /// Divisor latch low, high; IER, IIR, LCR, LSR, MCR, MSR, scratch.
     pub regs: [u8; 9],
     /// Bytes received but not yet read by the guest.
     pub in_buffer: Vec<u8>,
 }
 
+/// Why a saved UART state was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SerialStateError {
+    /// The state does not describe a valid UART (a receive FIFO larger than the UART's).
+    #[error("invalid serial state: {0}")]
+    Invalid(String),
+    /// Cloning the interrupt eventfd failed.
+    #[error("serial interrupt eventfd: {0}")]
+    EventFd(#[from] std::io::Error),
+}
+
+type Uart = vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>;
+
 /// A 16550 UART writing the guest's output to `out`.
 pub struct Serial {
-    inner: vm_superio::Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    inner: Uart,
 }
 
 impl Serial {
@@ -41,9 +54,9 @@ impl Serial {
     }
 
     /// The UART's state.
-    pub fn snapshot(&self) -> SerialSnapshot {
+    pub fn save_state(&self) -> SerialState {
         let s = self.inner.state();
-        SerialSnapshot {
+        SerialState {
             regs: [
                 s.baud_divisor_low,
                 s.baud_divisor_high,
@@ -59,13 +72,10 @@ impl Serial {
         }
     }
 
-    /// A UART in the state `snap`, signalling `irq` and writing to `out`.
-    pub fn from_snapshot(
-        snap: &SerialSnapshot,
-        irq: EventFd,
-        out: Box<dyn Write + Send>,
-    ) -> std::io::Result<Self> {
-        let r = snap.regs;
+    /// Puts the UART in the state `state`, keeping its interrupt and output. On error nothing
+    /// changes.
+    pub fn restore_state(&mut self, state: &SerialState) -> Result<(), SerialStateError> {
+        let r = state.regs;
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: r[0],
             baud_divisor_high: r[1],
@@ -76,16 +86,25 @@ impl Serial {
             modem_control: r[6],
             modem_status: r[7],
             scratch: r[8],
-            in_buffer: snap.in_buffer.clone(),
+            in_buffer: state.in_buffer.clone(),
         };
-        let inner = vm_superio::Serial::from_state(
+        let irq = || self.inner.interrupt_evt().0.try_clone();
+        let invalid = |e| SerialStateError::Invalid(format!("{e:?}"));
+        // Checked on a throwaway UART first: building the real one consumes the output.
+        let sink: Box<dyn Write + Send> = Box::new(std::io::sink());
+        Uart::from_state(
             &state,
-            EventFdTrigger(irq),
+            EventFdTrigger(irq()?),
             vm_superio::serial::NoEvents,
-            out,
+            sink,
         )
-        .map_err(|e| std::io::Error::other(format!("serial state: {e:?}")))?;
-        Ok(Self { inner })
+        .map_err(invalid)?;
+        let placeholder = Uart::new(EventFdTrigger(irq()?), Box::new(std::io::sink()));
+        let trigger = EventFdTrigger(irq()?);
+        let out = std::mem::replace(&mut self.inner, placeholder).into_writer();
+        self.inner = Uart::from_state(&state, trigger, vm_superio::serial::NoEvents, out)
+            .map_err(invalid)?;
+        Ok(())
     }
 
     /// Queues bytes typed by the host user for the guest to read; returns how many fit.
@@ -149,21 +168,31 @@ mod tests {
         serial.write(7, &[0x5a]); // scratch
         serial.write(1, &[0x01]); // IER: rx data available
         assert_eq!(serial.enqueue_input(b"ab"), 2);
-        let snap = serial.snapshot();
-        let mut back =
-            Serial::from_snapshot(&snap, EventFd::new(0).unwrap(), Box::new(sink.clone())).unwrap();
-        assert_eq!(back.snapshot(), snap);
+        let snap = serial.save_state();
+        let out = Sink::default();
+        let mut back = Serial::new(EventFd::new(0).unwrap(), Box::new(out.clone()));
+        back.restore_state(&snap).unwrap();
+        assert_eq!(back.save_state(), snap);
         let mut b = [0u8];
         back.read(7, &mut b);
         assert_eq!(b[0], 0x5a);
         back.read(0, &mut b);
         assert_eq!(b[0], b'a');
-        let too_much = SerialSnapshot {
+        // The restored UART still writes to its own output.
+        back.write(0, b"!");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"!");
+        let before = back.save_state();
+        let too_much = SerialState {
             regs: snap.regs,
             in_buffer: vec![0; 1 << 16],
         };
-        assert!(
-            Serial::from_snapshot(&too_much, EventFd::new(0).unwrap(), Box::new(sink)).is_err()
-        );
+        assert!(matches!(
+            back.restore_state(&too_much),
+            Err(SerialStateError::Invalid(_))
+        ));
+        // A refused state changes nothing.
+        assert_eq!(back.save_state(), before);
+        back.write(0, b"?");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"!?");
     }
 }

@@ -117,7 +117,7 @@ impl MsixConfig {
     }
 
     /// The guest-visible state.
-    pub fn state(&self) -> MsixState {
+    pub fn save_state(&self) -> MsixState {
         MsixState {
             entries: self
                 .entries
@@ -132,7 +132,7 @@ impl MsixConfig {
 
     /// Applies a snapshot's state and reprograms the KVM routes to match; a state with another
     /// number of vectors is refused.
-    pub fn restore(&mut self, state: &MsixState) -> Result<(), PciError> {
+    pub fn restore_state(&mut self, state: &MsixState) -> Result<(), PciError> {
         if state.entries.len() != self.entries.len() || state.pba.len() != self.pba.len() {
             return Err(PciError::BadVectorCount(state.entries.len()));
         }

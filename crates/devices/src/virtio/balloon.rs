@@ -29,10 +29,11 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::worker::BalloonWorker;
-use super::worker::{
-    prepare_queues, spawn_worker, WorkerSlot, BACKEND_TOKEN_BASE, COMMON_FEATURES,
+use super::worker::{prepare_queues, DeviceWorker, VirtQueue, BACKEND_TOKEN_BASE, COMMON_FEATURES};
+use super::{
+    device_type, ActivateError, Activation, ActiveQueue, Interrupt, StateError, VirtioBase,
+    VirtioDevice,
 };
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::bus::lock;
 use crate::GuestMem;
 
@@ -53,7 +54,7 @@ pub const VIRTIO_BALLOON_F_FREE_PAGE_HINT: u64 = 1 << 3;
 pub const VIRTIO_BALLOON_F_PAGE_REPORTING: u64 = 1 << 5;
 
 /// Config space: `num_pages` (le32) then `actual` (le32).
-const CONFIG_SIZE: u64 = 8;
+const CONFIG_SIZE: usize = 8;
 const ACTUAL_OFFSET: u64 = 4;
 /// Most PFNs handled per inflate/deflate buffer (Linux sends at most 256).
 pub const MAX_PFNS_PER_CHAIN: usize = 1 << 16;
@@ -63,7 +64,7 @@ pub const MAX_STATS: usize = 64;
 const STAT_SIZE: usize = 10;
 /// PFNs read from guest memory at a time.
 const PFN_CHUNK: usize = 1024;
-/// Format of [`VirtioDevice::save_device_state`]: version, then the config space.
+/// Format of [`VirtioDevice::save_state`]: version, then the config space.
 const STATE_VERSION: u8 = 1;
 /// Epoll token of the stats refresh eventfd.
 const REFRESH_TOKEN: u64 = BACKEND_TOKEN_BASE;
@@ -304,10 +305,8 @@ impl BalloonHandle {
 
 /// A virtio memory balloon device.
 pub struct Balloon {
-    cfg: BalloonConfig,
     shared: Arc<Shared>,
-    acked: u64,
-    worker: WorkerSlot,
+    base: VirtioBase,
     /// Re-activated from a snapshot: the target was not carried over, tell the driver.
     restored: bool,
 }
@@ -331,11 +330,25 @@ impl Balloon {
             rejected: AtomicU64::new(0),
             refresh: EventFd::new(EFD_NONBLOCK)?,
         });
+        // inflate, deflate, stats, reporting: the most the offered features can create.
+        let num_queues = 2 + usize::from(cfg.stats) + usize::from(cfg.free_page_reporting);
+        let mut features = COMMON_FEATURES;
+        if cfg.stats {
+            features |= VIRTIO_BALLOON_F_STATS_VQ;
+        }
+        if cfg.free_page_reporting {
+            features |= VIRTIO_BALLOON_F_PAGE_REPORTING;
+        }
+        if cfg.deflate_on_oom {
+            features |= VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
+        }
         Ok(Balloon {
-            cfg,
             shared,
-            acked: 0,
-            worker: WorkerSlot::default(),
+            base: VirtioBase::new(
+                device_type::BALLOON,
+                &vec![QUEUE_SIZE; num_queues],
+                features,
+            ),
             restored: false,
         })
     }
@@ -347,8 +360,8 @@ impl Balloon {
         }
     }
 
-    fn config_bytes(&self) -> [u8; CONFIG_SIZE as usize] {
-        let mut b = [0u8; CONFIG_SIZE as usize];
+    fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
+        let mut b = [0u8; CONFIG_SIZE];
         let num = self.shared.num_pages.load(Ordering::Acquire).to_le_bytes();
         let actual = self.shared.actual.load(Ordering::Acquire).to_le_bytes();
         b[..4].copy_from_slice(&num);
@@ -358,44 +371,16 @@ impl Balloon {
 }
 
 impl VirtioDevice for Balloon {
-    fn device_type(&self) -> u32 {
-        device_type::BALLOON
+    fn base(&self) -> &VirtioBase {
+        &self.base
     }
 
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        // inflate, deflate, stats, reporting: the most the offered features can create.
-        let n = 2 + usize::from(self.cfg.stats) + usize::from(self.cfg.free_page_reporting);
-        vec![QUEUE_SIZE; n]
-    }
-
-    fn device_features(&self) -> u64 {
-        let mut f = COMMON_FEATURES;
-        if self.cfg.stats {
-            f |= VIRTIO_BALLOON_F_STATS_VQ;
-        }
-        if self.cfg.free_page_reporting {
-            f |= VIRTIO_BALLOON_F_PAGE_REPORTING;
-        }
-        if self.cfg.deflate_on_oom {
-            f |= VIRTIO_BALLOON_F_DEFLATE_ON_OOM;
-        }
-        f
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.device_features();
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let bytes = self.config_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| bytes.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::pci::read_slice(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -403,12 +388,14 @@ impl VirtioDevice for Balloon {
         let mut actual = self.shared.actual.load(Ordering::Acquire).to_le_bytes();
         let mut changed = false;
         for (i, &b) in data.iter().enumerate() {
-            let Some(o) = offset.checked_add(i as u64) else {
-                break;
-            };
-            if (ACTUAL_OFFSET..CONFIG_SIZE).contains(&o) {
-                // o - ACTUAL_OFFSET < 4.
-                actual[(o - ACTUAL_OFFSET) as usize] = b;
+            let at = u64::try_from(i)
+                .ok()
+                .and_then(|i| offset.checked_add(i))
+                .and_then(|o| o.checked_sub(ACTUAL_OFFSET))
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| actual.get_mut(o));
+            if let Some(byte) = at {
+                *byte = b;
                 changed = true;
             }
         }
@@ -419,73 +406,71 @@ impl VirtioDevice for Balloon {
         }
     }
 
-    fn activate(
-        &mut self,
-        mem: GuestMem,
-        interrupt: Arc<dyn Interrupt>,
+    /// Which queues exist depends on the features, so each is prepared on its own (as queue
+    /// 0) and gets its real index back for notifications.
+    fn prepare_queues(
+        &self,
+        mem: &GuestMem,
         queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.worker.stop();
-        let mut roles = Vec::with_capacity(queues.len());
+    ) -> Result<(Vec<VirtQueue>, Vec<EventFd>), ActivateError> {
+        let acked = self.base.acked_features();
         let mut vqs = Vec::with_capacity(queues.len());
         let mut kicks = Vec::with_capacity(queues.len());
         for aq in queues {
             let index = aq.index;
-            let role = match queue_role(index, self.acked) {
-                Some(QueueRole::FreePageHint) | None => return Err(ActivateError::BadQueue(index)),
-                Some(role) => role,
-            };
-            // Which queues exist depends on the features, so prepare each on its own (as
-            // queue 0) and put its real index back for notifications.
+            if matches!(
+                queue_role(index, acked),
+                Some(QueueRole::FreePageHint) | None
+            ) {
+                return Err(ActivateError::BadQueue(index));
+            }
             let one = ActiveQueue { index: 0, ..aq };
-            let (mut vq, mut kick) = prepare_queues(&mem, vec![one], self.acked, 1)
+            let (mut vq, mut kick) = prepare_queues(mem, vec![one], acked, 1)
                 .map_err(|_| ActivateError::BadQueue(index))?;
             let (Some(mut vq), Some(kick)) = (vq.pop(), kick.pop()) else {
                 return Err(ActivateError::BadQueue(index));
             };
             vq.index = index;
-            roles.push(role);
             vqs.push(vq);
             kicks.push(kick);
         }
+        Ok((vqs, kicks))
+    }
+
+    fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
+        let mut queues = Vec::with_capacity(act.queues.len());
+        for vq in act.queues {
+            let role = queue_role(vq.index, act.acked_features)
+                .ok_or(ActivateError::BadQueue(vq.index))?;
+            queues.push((role, vq));
+        }
         for needed in [QueueRole::Inflate, QueueRole::Deflate] {
-            if !roles.contains(&needed) {
+            if !queues.iter().any(|(role, _)| *role == needed) {
                 return Err(ActivateError::BadQueue(needed as u16));
             }
         }
-        *lock(&self.shared.interrupt) = Some(interrupt.clone());
+        *lock(&self.shared.interrupt) = Some(act.interrupt.clone());
         let worker = BalloonWorker::new(
-            mem,
-            interrupt.clone(),
-            roles.into_iter().zip(vqs).collect(),
+            act.mem,
+            act.interrupt.clone(),
+            act.counters,
+            queues,
             self.shared.clone(),
             self.shared.refresh.try_clone()?,
         );
-        self.worker
-            .set(spawn_worker("virtio-balloon", kicks, worker)?);
         if std::mem::take(&mut self.restored) {
-            interrupt.signal_config();
+            act.interrupt.signal_config();
         }
-        Ok(())
+        Ok(Box::new(worker))
     }
 
-    fn pause(&mut self) {
-        self.worker.pause();
-    }
-
-    fn resume(&mut self) {
-        self.worker.resume();
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
+    fn on_reset(&mut self) {
         *lock(&self.shared.interrupt) = None;
         self.shared
             .stats_buffer_held
             .store(false, Ordering::Release);
         // A new driver starts with an empty balloon; the host's target stays.
         self.shared.actual.store(0, Ordering::Release);
-        self.acked = 0;
     }
 
     fn restored(&mut self) {
@@ -494,23 +479,26 @@ impl VirtioDevice for Balloon {
         self.restored = true;
     }
 
-    fn save_device_state(&self) -> Vec<u8> {
+    fn save_state(&self) -> Vec<u8> {
         let mut v = vec![STATE_VERSION];
         v.extend_from_slice(&self.config_bytes());
         v
     }
 
-    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let bytes: [u8; 1 + CONFIG_SIZE as usize] = state
-            .try_into()
-            .map_err(|_| format!("balloon state of {} bytes", state.len()))?;
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        let bytes: [u8; 1 + CONFIG_SIZE] = state.try_into().map_err(|_| StateError::Length {
+            got: state.len(),
+            expected: 1 + CONFIG_SIZE,
+        })?;
         let [version, n0, n1, n2, n3, a0, a1, a2, a3] = bytes;
         if version != STATE_VERSION {
-            return Err(format!("balloon state version {version}"));
+            return Err(StateError::Version(version));
         }
         let num_pages = u32::from_le_bytes([n0, n1, n2, n3]);
         if num_pages > self.shared.max_pages {
-            return Err("balloon target larger than the guest's RAM".into());
+            return Err(StateError::Invalid(
+                "balloon target larger than the guest's RAM",
+            ));
         }
         self.shared.num_pages.store(num_pages, Ordering::Release);
         self.shared

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::Epoll;
 
 use super::chain::Chain;
-use super::worker::{
-    prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerSlot, COMMON_FEATURES,
+use super::worker::{DeviceWorker, Popped, VirtQueue, COMMON_FEATURES};
+use super::{
+    device_type, ActivateError, Activation, DeviceCounters, Interrupt, VirtioBase, VirtioDevice,
 };
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMem;
 
 /// Sector size of the virtio-blk protocol.
@@ -49,6 +49,9 @@ pub const VIRTIO_BLK_S_IOERR: u8 = 1;
 pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 
 const HEADER_LEN: usize = 16;
+/// `blk_size` in the config space: the sector size.
+const BLK_SIZE: u32 = 512;
+const _: () = assert!(BLK_SIZE as u64 == SECTOR_SIZE);
 /// Size of the config space we expose (up to and including `blk_size`).
 const CONFIG_LEN: usize = 24;
 
@@ -77,8 +80,7 @@ pub struct Block {
     read_only: bool,
     capacity_bytes: u64,
     id: [u8; ID_LEN],
-    acked: u64,
-    worker: WorkerSlot,
+    base: VirtioBase,
 }
 
 impl Block {
@@ -110,14 +112,19 @@ impl Block {
         let mut id = [0u8; ID_LEN];
         let n = id_string.len().min(ID_LEN);
         id[..n].copy_from_slice(&id_string.as_bytes()[..n]);
+        let ro = if read_only { VIRTIO_BLK_F_RO } else { 0 };
+        let features = COMMON_FEATURES
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | ro;
         Ok(Block {
             file: Arc::new(file),
             path: path.to_path_buf(),
             read_only,
             capacity_bytes: size,
             id,
-            acked: 0,
-            worker: WorkerSlot::default(),
+            base: VirtioBase::new(device_type::BLOCK, &[QUEUE_SIZE], features),
         })
     }
 
@@ -136,90 +143,45 @@ impl Block {
         c[0..8].copy_from_slice(&self.capacity_sectors().to_le_bytes());
         // size_max (8..12) is not offered; seg_max leaves room for header and status.
         c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
-        c[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        c[20..24].copy_from_slice(&BLK_SIZE.to_le_bytes());
         c
     }
 
-    fn new_worker(
-        &self,
-        mem: GuestMem,
-        interrupt: Arc<dyn Interrupt>,
-        queue: VirtQueue,
-    ) -> BlockWorker {
-        BlockWorker {
-            mem,
-            interrupt,
+    fn new_worker(&self, act: Activation) -> Result<BlockWorker, ActivateError> {
+        let queue = act
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::BadQueue(0))?;
+        Ok(BlockWorker {
+            mem: act.mem,
+            interrupt: act.interrupt,
+            counters: act.counters,
             queue,
             file: self.file.clone(),
             read_only: self.read_only,
             capacity_bytes: self.capacity_bytes,
             id: self.id,
             buf: Vec::new(),
-        }
+        })
     }
 }
 
 impl VirtioDevice for Block {
-    fn device_type(&self) -> u32 {
-        device_type::BLOCK
+    fn base(&self) -> &VirtioBase {
+        &self.base
     }
 
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
-    }
-
-    fn device_features(&self) -> u64 {
-        let ro = if self.read_only { VIRTIO_BLK_F_RO } else { 0 };
-        COMMON_FEATURES | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH | ro
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.device_features();
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config(), offset, data);
+        crate::pci::read_slice(&self.config(), offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(
-        &mut self,
-        mem: GuestMem,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.worker.stop();
-        let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 1)?;
-        let queue = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
-        let worker = self.new_worker(mem, interrupt, queue);
-        self.worker.set(spawn_worker("virtio-blk", kicks, worker)?);
-        Ok(())
-    }
-
-    fn pause(&mut self) {
-        self.worker.pause();
-    }
-
-    fn resume(&mut self) {
-        self.worker.resume();
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
-        self.acked = 0;
-    }
-}
-
-/// Copies config bytes `[offset, offset + data.len())` into `data`; bytes past `config` read 0.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    for (i, byte) in data.iter_mut().enumerate() {
-        *byte = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i))
-            .and_then(|at| config.get(at))
-            .copied()
-            .unwrap_or(0);
+    fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
+        Ok(Box::new(self.new_worker(act)?))
     }
 }
 
@@ -227,6 +189,7 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 struct BlockWorker {
     mem: GuestMem,
     interrupt: Arc<dyn Interrupt>,
+    counters: Arc<DeviceCounters>,
     queue: VirtQueue,
     file: Arc<File>,
     read_only: bool,
@@ -250,6 +213,7 @@ impl BlockWorker {
                 Popped::Chain(chain) => (chain.head, self.handle(&chain)),
                 Popped::Malformed { head, error } => {
                     crate::guest_warn!("virtio-blk: malformed request: {error}");
+                    self.counters.error();
                     (head, 0)
                 }
             };
@@ -267,8 +231,14 @@ impl BlockWorker {
             return 0;
         };
         let (status, written) = match self.execute(chain, status_at) {
-            Ok(written) => (VIRTIO_BLK_S_OK, written),
-            Err(status) => (status, 0),
+            Ok(moved) => {
+                self.counters.request(moved.bytes as u64);
+                (VIRTIO_BLK_S_OK, moved.written)
+            }
+            Err(status) => {
+                self.counters.error();
+                (status, 0)
+            }
         };
         if chain.write_at(&self.mem, status_at, &[status]).is_err() {
             return 0;
@@ -278,8 +248,8 @@ impl BlockWorker {
     }
 
     /// Executes the request; `data_w` is the number of device-writable bytes before the status.
-    /// Returns the number of data bytes written to the driver, or an error status.
-    fn execute(&mut self, chain: &Chain, data_w: usize) -> Result<usize, u8> {
+    /// Returns what the request moved, or an error status.
+    fn execute(&mut self, chain: &Chain, data_w: usize) -> Result<Moved, u8> {
         let mut header = [0u8; HEADER_LEN];
         chain
             .read_at(&self.mem, 0, &mut header)
@@ -299,7 +269,10 @@ impl BlockWorker {
                 chain
                     .write_at(&self.mem, 0, buf)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                Ok(data_w)
+                Ok(Moved {
+                    written: data_w,
+                    bytes: data_w,
+                })
             }
             VIRTIO_BLK_T_OUT => {
                 if self.read_only || data_w != 0 {
@@ -313,20 +286,26 @@ impl BlockWorker {
                 self.file
                     .write_all_at(buf, offset)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                Ok(0)
+                Ok(Moved {
+                    written: 0,
+                    bytes: data_r,
+                })
             }
             VIRTIO_BLK_T_FLUSH => {
                 if !self.read_only {
                     self.file.sync_data().map_err(|_| VIRTIO_BLK_S_IOERR)?;
                 }
-                Ok(0)
+                Ok(Moved::default())
             }
             VIRTIO_BLK_T_GET_ID => {
                 let n = data_w.min(ID_LEN);
                 chain
                     .write_at(&self.mem, 0, &self.id[..n])
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                Ok(n)
+                Ok(Moved {
+                    written: n,
+                    bytes: 0,
+                })
             }
             _ => Err(VIRTIO_BLK_S_UNSUPP),
         }
@@ -345,6 +324,15 @@ impl BlockWorker {
         }
         Ok(offset)
     }
+}
+
+/// What a request moved.
+#[derive(Default)]
+struct Moved {
+    /// Bytes written to the driver's buffers before the status byte.
+    written: usize,
+    /// Bytes read from or written to the disk.
+    bytes: usize,
 }
 
 /// The bounce buffer `buf`, sized to `len` (<= MAX_REQUEST_BYTES, checked by the caller).

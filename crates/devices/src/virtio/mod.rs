@@ -7,11 +7,13 @@
 //! on [`reset`](VirtioDevice::reset).
 
 pub mod balloon;
+pub mod base;
 pub mod block;
 pub mod chain;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod shm;
 pub mod vsock;
 pub mod worker;
 
@@ -21,6 +23,10 @@ use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::GuestMem;
+use base::CountingInterrupt;
+pub use base::{Activation, CounterValues, DeviceCounters, StateError, VirtioBase};
+pub use shm::{SharedMemory, ShmRegion};
+use worker::{DeviceWorker, VirtQueue};
 
 /// `VIRTIO_F_VERSION_1`: the device is a modern (virtio 1.x) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -34,6 +40,22 @@ pub mod device_type {
     pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
     pub const INPUT: u32 = 18;
+    pub const GPU: u32 = 16;
+
+    /// A short name of device type `t` (worker thread names, logs).
+    pub fn name(t: u32) -> &'static str {
+        match t {
+            NET => "net",
+            BLOCK => "blk",
+            CONSOLE => "console",
+            RNG => "rng",
+            BALLOON => "balloon",
+            VSOCK => "vsock",
+            INPUT => "input",
+            GPU => "gpu",
+            _ => "device",
+        }
+    }
 }
 
 /// How a device tells the driver something happened.
@@ -69,51 +91,123 @@ pub enum ActivateError {
 }
 
 /// A virtio device model, independent of its transport.
+///
+/// The plumbing every device shares lives in its [`VirtioBase`] and in the default methods
+/// below; a device implements [`base`](Self::base)/[`base_mut`](Self::base_mut), its config
+/// space if it has one, and [`start`](Self::start). `rng.rs` is the smallest example.
 pub trait VirtioDevice: Send {
+    /// The common part.
+    fn base(&self) -> &VirtioBase;
+    /// The common part, mutably.
+    fn base_mut(&mut self) -> &mut VirtioBase;
+    /// Builds the worker that serves the prepared queues (in activation order). Called with no
+    /// worker running; the worker is spawned and owned by the base.
+    fn start(&mut self, activation: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError>;
+
     /// The virtio device type (see [`device_type`]).
-    fn device_type(&self) -> u32;
+    fn device_type(&self) -> u32 {
+        self.base().device_type()
+    }
     /// Maximum size of each queue; the length is the number of queues.
-    fn queue_max_sizes(&self) -> Vec<u16>;
-    /// Feature bits the device offers (must include [`VIRTIO_F_VERSION_1`]).
-    fn device_features(&self) -> u64;
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        self.base().queue_sizes().to_vec()
+    }
+    /// Feature bits the device offers (including [`VIRTIO_F_VERSION_1`]).
+    fn device_features(&self) -> u64 {
+        self.base().offered_features()
+    }
     /// The features the driver accepted (a subset of `device_features`).
-    fn ack_features(&mut self, features: u64);
+    fn ack_features(&mut self, features: u64) {
+        self.base_mut().ack_features(features);
+    }
     /// Reads the device-specific config space; out-of-range bytes read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
     /// Writes the device-specific config space; out-of-range or read-only writes are ignored.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Checks the activated queues and turns them into [`VirtQueue`]s and their kick eventfds.
+    /// The default expects every queue, numbered in order; a device whose queues depend on the
+    /// negotiated features (the balloon) maps them itself.
+    fn prepare_queues(
+        &self,
+        mem: &GuestMem,
+        queues: Vec<ActiveQueue>,
+    ) -> Result<(Vec<VirtQueue>, Vec<EventFd>), ActivateError> {
+        let base = self.base();
+        worker::prepare_queues(mem, queues, base.acked_features(), base.num_queues())
+    }
     /// Starts the device: it owns `queues` until [`reset`](Self::reset).
     fn activate(
         &mut self,
         mem: GuestMem,
         interrupt: Arc<dyn Interrupt>,
         queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError>;
-    /// Stops the device's worker and returns it to its initial state.
-    fn reset(&mut self);
+    ) -> Result<(), ActivateError> {
+        self.base_mut().stop_worker();
+        let (queues, kicks) = self.prepare_queues(&mem, queues)?;
+        let base = self.base();
+        let counters = base.counters().clone();
+        let interrupt = Arc::new(CountingInterrupt {
+            inner: interrupt,
+            counters: counters.clone(),
+        });
+        let activation = Activation {
+            mem,
+            interrupt,
+            queues,
+            acked_features: base.acked_features(),
+            counters,
+        };
+        let name = base.worker_name();
+        let worker = self.start(activation)?;
+        let handle = worker::spawn_worker(&name, kicks, worker)?;
+        self.base_mut().set_worker(handle);
+        Ok(())
+    }
+    /// Stops the device's worker and returns it to its initial state; then
+    /// [`on_reset`](Self::on_reset).
+    fn reset(&mut self) {
+        self.base_mut().reset();
+        self.on_reset();
+    }
+    /// The device's own reset steps, after its worker stopped.
+    fn on_reset(&mut self) {}
     /// Quiesces an activated device for a snapshot: its worker finishes the chains it popped
-    /// and stops touching guest memory and queues until [`resume`](Self::resume). A device
-    /// with a worker thread must implement this; the default suits devices without one.
-    fn pause(&mut self) {}
+    /// and stops touching guest memory and queues until [`resume`](Self::resume).
+    fn pause(&mut self) {
+        self.base().pause();
+    }
     /// Undoes [`pause`](Self::pause).
-    fn resume(&mut self) {}
+    fn resume(&mut self) {
+        self.base().resume();
+    }
     /// Called after the device was re-activated from a snapshot in a new process, before the
     /// guest runs: host-side state that could not be carried over (open connections) is gone,
     /// and the device tells the driver so if its protocol has a way.
     fn restored(&mut self) {}
+    /// What the device counted so far.
+    fn counters(&self) -> CounterValues {
+        self.base().counters().get()
+    }
     /// Device-specific state a snapshot must carry beyond queues and transport registers
     /// (state the driver changes through config space, like the balloon's `actual`). Called
     /// on a paused device; empty for devices without such state.
-    fn save_device_state(&self) -> Vec<u8> {
+    fn save_state(&self) -> Vec<u8> {
         Vec::new()
     }
-    /// Applies what [`save_device_state`](Self::save_device_state) returned, on a freshly
-    /// built device before it is re-activated. Refuses state it cannot use.
-    fn restore_device_state(&mut self, state: &[u8]) -> Result<(), String> {
+    /// Applies what [`save_state`](Self::save_state) returned, on a freshly built device
+    /// before it is re-activated. Refuses state it cannot use.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
         if state.is_empty() {
             Ok(())
         } else {
-            Err("this device keeps no state of its own".into())
+            Err(StateError::Unexpected(state.len()))
         }
+    }
+    /// Shared-memory regions (virtio 1.2, 2.10) the device exposes through its extra BAR
+    /// (see [`SharedMemory`]); none by default.
+    fn shared_memory(&self) -> Option<&SharedMemory> {
+        None
     }
 }

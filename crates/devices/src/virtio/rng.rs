@@ -1,13 +1,15 @@
 //! virtio-rng: fills each device-writable buffer with bytes from the host's `getrandom`.
+//!
+//! The smallest device, and the model for a new one: a [`VirtioBase`] with the device's type,
+//! queues and features, and a worker built in [`VirtioDevice::start`].
 
 use std::sync::Arc;
 
 use vmm_sys_util::epoll::Epoll;
 
-use super::worker::{
-    prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerSlot, COMMON_FEATURES,
-};
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
+use super::worker::{DeviceWorker, Popped, VirtQueue, COMMON_FEATURES};
+use super::Interrupt;
+use super::{device_type, ActivateError, Activation, DeviceCounters, VirtioBase, VirtioDevice};
 use crate::GuestMem;
 
 /// Size of the request queue.
@@ -16,78 +18,54 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const MAX_REQUEST_BYTES: usize = 64 << 10;
 
 /// A virtio entropy device.
-#[derive(Default)]
 pub struct Rng {
-    acked: u64,
-    worker: WorkerSlot,
+    base: VirtioBase,
 }
 
 impl Rng {
     /// A new, inactive device.
     pub fn new() -> Rng {
-        Rng::default()
+        Rng {
+            base: VirtioBase::new(device_type::RNG, &[QUEUE_SIZE], COMMON_FEATURES),
+        }
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Rng::new()
     }
 }
 
 impl VirtioDevice for Rng {
-    fn device_type(&self) -> u32 {
-        device_type::RNG
+    fn base(&self) -> &VirtioBase {
+        &self.base
     }
 
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE]
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
     }
 
-    fn device_features(&self) -> u64 {
-        COMMON_FEATURES
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.device_features();
-    }
-
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(
-        &mut self,
-        mem: GuestMem,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.worker.stop();
-        let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 1)?;
-        let queue = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
-        let worker = RngWorker {
-            mem,
-            interrupt,
+    fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
+        let queue = act
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::BadQueue(0))?;
+        Ok(Box::new(RngWorker {
+            mem: act.mem,
+            interrupt: act.interrupt,
+            counters: act.counters,
             queue,
             buf: Vec::new(),
-        };
-        self.worker.set(spawn_worker("virtio-rng", kicks, worker)?);
-        Ok(())
-    }
-
-    fn pause(&mut self) {
-        self.worker.pause();
-    }
-
-    fn resume(&mut self) {
-        self.worker.resume();
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
-        self.acked = 0;
+        }))
     }
 }
 
 struct RngWorker {
     mem: GuestMem,
     interrupt: Arc<dyn Interrupt>,
+    counters: Arc<DeviceCounters>,
     queue: VirtQueue,
     buf: Vec<u8>,
 }
@@ -108,11 +86,18 @@ impl RngWorker {
                     self.buf.resize(n, 0);
                     let ok = fill_random(&mut self.buf).is_ok()
                         && chain.write_at(&self.mem, 0, &self.buf).is_ok();
-                    // n <= MAX_REQUEST_BYTES fits in u32.
-                    (chain.head, if ok { n as u32 } else { 0 })
+                    // n <= MAX_REQUEST_BYTES, which fits in u32.
+                    let used = if ok { u32::try_from(n).unwrap_or(0) } else { 0 };
+                    if ok {
+                        self.counters.request(u64::from(used));
+                    } else {
+                        self.counters.error();
+                    }
+                    (chain.head, used)
                 }
                 Popped::Malformed { head, error } => {
                     crate::guest_warn!("virtio-rng: malformed request: {error}");
+                    self.counters.error();
                     (head, 0)
                 }
             };
@@ -137,7 +122,8 @@ pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
             }
             return Err(err);
         }
-        done += n as usize;
+        // n >= 0 here and at most rest.len().
+        done += n.unsigned_abs();
     }
     Ok(())
 }

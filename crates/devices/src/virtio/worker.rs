@@ -71,6 +71,18 @@ pub trait DeviceWorker: Send + 'static {
     fn backend_event(&mut self, _epoll: &Epoll, _token: u64, _events: EventSet) {}
 }
 
+impl DeviceWorker for Box<dyn DeviceWorker> {
+    fn register(&mut self, epoll: &Epoll) -> io::Result<()> {
+        (**self).register(epoll)
+    }
+    fn queue_kicked(&mut self, epoll: &Epoll, queue: usize) {
+        (**self).queue_kicked(epoll, queue);
+    }
+    fn backend_event(&mut self, epoll: &Epoll, token: u64, events: EventSet) {
+        (**self).backend_event(epoll, token, events);
+    }
+}
+
 /// A running worker thread.
 pub struct WorkerHandle {
     stop: EventFd,

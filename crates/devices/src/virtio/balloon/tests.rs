@@ -144,7 +144,11 @@ fn features_and_queue_count() {
     assert_eq!(dev.queue_max_sizes().len(), 2);
     let mut dev = dev;
     dev.ack_features(u64::MAX);
-    assert_eq!(dev.acked, COMMON_FEATURES, "only offered features are kept");
+    assert_eq!(
+        dev.base.acked_features(),
+        COMMON_FEATURES,
+        "only offered features are kept"
+    );
 }
 
 #[test]
@@ -337,9 +341,9 @@ fn device_state_round_trips() {
     let mut a = Balloon::new(64 << 20, BalloonConfig::default()).unwrap();
     a.handle().set_target_mib(10).unwrap();
     a.write_config(4, &77u32.to_le_bytes());
-    let saved = a.save_device_state();
+    let saved = a.save_state();
     let mut b = Balloon::new(64 << 20, BalloonConfig::default()).unwrap();
-    b.restore_device_state(&saved).unwrap();
+    b.restore_state(&saved).unwrap();
     let info = b.handle().info();
     assert_eq!((info.target_pages, info.actual_pages), (2560, 77));
     let (mut x, mut y) = ([0u8; 8], [0u8; 8]);
@@ -348,11 +352,11 @@ fn device_state_round_trips() {
     assert_eq!(x, y);
     // Damaged or unfitting state is refused and changes nothing.
     let mut c = Balloon::new(8 << 20, BalloonConfig::default()).unwrap();
-    assert!(c.restore_device_state(&saved).is_err(), "target > RAM");
-    assert!(c.restore_device_state(&saved[..5]).is_err());
+    assert!(c.restore_state(&saved).is_err(), "target > RAM");
+    assert!(c.restore_state(&saved[..5]).is_err());
     let mut bad = saved.clone();
     bad[0] = 9;
-    assert!(c.restore_device_state(&bad).is_err());
+    assert!(c.restore_state(&bad).is_err());
     assert_eq!(c.handle().info(), BalloonInfo::default());
 }
 

@@ -15,7 +15,7 @@ use super::{PFN_CHUNK, REFRESH_TOKEN, STAT_SIZE};
 use crate::bus::lock;
 use crate::virtio::chain::Chain;
 use crate::virtio::worker::{add_fd, DeviceWorker, Popped, VirtQueue};
-use crate::virtio::Interrupt;
+use crate::virtio::{DeviceCounters, Interrupt};
 use crate::GuestMem;
 
 /// Validates that `[gpa, gpa + len)` is inside one guest RAM region and returns the host
@@ -81,6 +81,7 @@ impl Run {
 pub(super) struct BalloonWorker {
     mem: GuestMem,
     interrupt: Arc<dyn Interrupt>,
+    counters: Arc<DeviceCounters>,
     /// Queues in activation order (the position is the kick token).
     queues: Vec<(QueueRole, VirtQueue)>,
     shared: Arc<Shared>,
@@ -94,6 +95,7 @@ impl BalloonWorker {
     pub(super) fn new(
         mem: GuestMem,
         interrupt: Arc<dyn Interrupt>,
+        counters: Arc<DeviceCounters>,
         queues: Vec<(QueueRole, VirtQueue)>,
         shared: Arc<Shared>,
         refresh: EventFd,
@@ -101,6 +103,7 @@ impl BalloonWorker {
         BalloonWorker {
             mem,
             interrupt,
+            counters,
             queues,
             shared,
             refresh,
@@ -150,19 +153,25 @@ impl BalloonWorker {
             return;
         };
         let (mem, irq, shared) = (&self.mem, &*self.interrupt, &*self.shared);
+        let counters = &*self.counters;
         while let Some(popped) = vq.pop(mem, irq) {
             let head = match popped {
                 Popped::Chain(chain) => {
-                    match role {
+                    let done = match role {
                         QueueRole::Inflate => inflate(mem, shared, &chain),
                         QueueRole::Deflate => deflate(shared, &chain),
                         _ => report_free(mem, shared, &chain),
+                    };
+                    counters.request(done.bytes);
+                    for _ in 0..done.rejected {
+                        counters.error();
                     }
                     chain.head
                 }
                 Popped::Malformed { head, error } => {
                     crate::guest_warn!("virtio-balloon: malformed {role:?} buffer: {error}");
                     shared.rejected.fetch_add(1, Ordering::Relaxed);
+                    counters.error();
                     head
                 }
             };
@@ -183,6 +192,7 @@ impl BalloonWorker {
             match popped {
                 Popped::Chain(chain) => {
                     let len = chain.readable_len().min(MAX_STATS * STAT_SIZE);
+                    self.counters.request(len as u64);
                     let mut raw = vec![0u8; len];
                     if chain.read_at(mem, 0, &mut raw).is_ok() {
                         let mut stats = lock(&shared.stats);
@@ -200,6 +210,7 @@ impl BalloonWorker {
                 }
                 Popped::Malformed { head, error } => {
                     crate::guest_warn!("virtio-balloon: malformed stats buffer: {error}");
+                    self.counters.error();
                     if !vq.complete(mem, irq, head, 0) {
                         break;
                     }
@@ -210,8 +221,16 @@ impl BalloonWorker {
     }
 }
 
+/// What one inflate, deflate or reporting buffer did.
+struct Done {
+    /// Bytes of guest memory given back to the host or taken back by the guest.
+    bytes: u64,
+    /// Pages or ranges refused (not guest RAM).
+    rejected: u64,
+}
+
 /// Drops every page listed in an inflate buffer that lies in guest RAM.
-fn inflate(mem: &GuestMem, shared: &Shared, chain: &Chain) {
+fn inflate(mem: &GuestMem, shared: &Shared, chain: &Chain) -> Done {
     let total = chain.readable_len() / 4;
     if !chain.readable_len().is_multiple_of(4) || total > MAX_PFNS_PER_CHAIN {
         crate::guest_warn!(
@@ -251,16 +270,28 @@ fn inflate(mem: &GuestMem, shared: &Shared, chain: &Chain) {
     run.flush();
     shared.inflated_pages.fetch_add(dropped, Ordering::Relaxed);
     shared.rejected.fetch_add(rejected, Ordering::Relaxed);
+    Done {
+        bytes: dropped * PAGE_SIZE,
+        rejected,
+    }
 }
 
 /// Counts the pages of a deflate buffer (they return to the guest on touch).
-fn deflate(shared: &Shared, chain: &Chain) {
-    let n = (chain.readable_len() / 4).min(MAX_PFNS_PER_CHAIN);
-    shared.deflated_pages.fetch_add(n as u64, Ordering::Relaxed);
+fn deflate(shared: &Shared, chain: &Chain) -> Done {
+    let n = (chain.readable_len() / 4).min(MAX_PFNS_PER_CHAIN) as u64;
+    shared.deflated_pages.fetch_add(n, Ordering::Relaxed);
+    Done {
+        bytes: n * PAGE_SIZE,
+        rejected: 0,
+    }
 }
 
 /// Drops each reported free range, rounded inward to whole pages, if it lies in one RAM region.
-fn report_free(mem: &GuestMem, shared: &Shared, chain: &Chain) {
+fn report_free(mem: &GuestMem, shared: &Shared, chain: &Chain) -> Done {
+    let mut done = Done {
+        bytes: 0,
+        rejected: 0,
+    };
     let segs = chain
         .readable_segments()
         .iter()
@@ -282,16 +313,22 @@ fn report_free(mem: &GuestMem, shared: &Shared, chain: &Chain) {
                 "virtio-balloon: reported range {start:#x}+{len:#x} is not inside one RAM region"
             );
             shared.rejected.fetch_add(1, Ordering::Relaxed);
+            done.rejected += 1;
             continue;
         };
-        // len <= region length, which is a usize.
-        match discard(host, len as usize) {
+        // len <= the region's length, which is a usize.
+        let Ok(host_len) = usize::try_from(len) else {
+            continue;
+        };
+        match discard(host, host_len) {
             Ok(()) => {
                 shared.reported_bytes.fetch_add(len, Ordering::Relaxed);
+                done.bytes += len;
             }
             Err(e) => tracing::warn!("virtio-balloon: madvise of {len} bytes failed: {e}"),
         }
     }
+    done
 }
 
 #[cfg(test)]

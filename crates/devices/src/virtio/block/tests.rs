@@ -52,8 +52,16 @@ impl Harness {
         let tq = TestQueue::new(0x1000, 16);
         let irq = FakeInterrupt::new();
         let (queues, _kicks) = active_queues(&[tq]);
-        let (mut vqs, _) = prepare_queues(&mem, queues, features, 1).unwrap();
-        let worker = block.new_worker(mem.clone(), irq.clone(), vqs.pop().unwrap());
+        let (vqs, _) = prepare_queues(&mem, queues, features, 1).unwrap();
+        let worker = block
+            .new_worker(Activation {
+                mem: mem.clone(),
+                interrupt: irq.clone(),
+                queues: vqs,
+                acked_features: features,
+                counters: Arc::default(),
+            })
+            .unwrap();
         Harness {
             mem,
             tq,

@@ -16,12 +16,10 @@ use vmm_sys_util::epoll::{Epoll, EventSet};
 
 pub use tap::Tap;
 
-use super::block::read_config_bytes;
-use super::worker::{
-    add_fd, prepare_queues, spawn_worker, DeviceWorker, Popped, VirtQueue, WorkerSlot,
-    BACKEND_TOKEN_BASE, COMMON_FEATURES,
+use super::worker::{add_fd, DeviceWorker, Popped, VirtQueue, BACKEND_TOKEN_BASE, COMMON_FEATURES};
+use super::{
+    device_type, ActivateError, Activation, DeviceCounters, Interrupt, VirtioBase, VirtioDevice,
 };
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
 use crate::GuestMem;
 
 /// Length of `virtio_net_hdr_v1` (with `num_buffers`).
@@ -74,8 +72,7 @@ pub trait NetBackend: AsRawFd + Send + Sync + 'static {
 pub struct Net {
     backend: Arc<dyn NetBackend>,
     mac: [u8; 6],
-    acked: u64,
-    worker: WorkerSlot,
+    base: VirtioBase,
 }
 
 impl Net {
@@ -98,8 +95,11 @@ impl Net {
         Ok(Net {
             backend,
             mac,
-            acked: 0,
-            worker: WorkerSlot::default(),
+            base: VirtioBase::new(
+                device_type::NET,
+                &[QUEUE_SIZE, QUEUE_SIZE],
+                COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS,
+            ),
         })
     }
 
@@ -119,72 +119,43 @@ pub fn random_mac() -> io::Result<[u8; 6]> {
 }
 
 impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        device_type::NET
+    fn base(&self) -> &VirtioBase {
+        &self.base
     }
 
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE, QUEUE_SIZE]
-    }
-
-    fn device_features(&self) -> u64 {
-        COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.device_features();
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         let mut config = [0u8; 8];
         config[..6].copy_from_slice(&self.mac);
         config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-        read_config_bytes(&config, offset, data);
+        crate::pci::read_slice(&config, offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(
-        &mut self,
-        mem: GuestMem,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.worker.stop();
-        let (mut vqs, kicks) = prepare_queues(&mem, queues, self.acked, 2)?;
-        let tx = vqs.pop().ok_or(ActivateError::BadQueue(1))?;
-        let rx = vqs.pop().ok_or(ActivateError::BadQueue(0))?;
-        let worker = NetWorker {
-            mem,
-            interrupt,
+    fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
+        let mut queues = act.queues.into_iter();
+        let rx = queues.next().ok_or(ActivateError::BadQueue(0))?;
+        let tx = queues.next().ok_or(ActivateError::BadQueue(1))?;
+        Ok(Box::new(NetWorker {
+            mem: act.mem,
+            interrupt: act.interrupt,
+            counters: act.counters,
             rx,
             tx,
             backend: self.backend.clone(),
             frame: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             pending: None,
             readable: true,
-        };
-        self.worker.set(spawn_worker("virtio-net", kicks, worker)?);
-        Ok(())
-    }
-
-    fn pause(&mut self) {
-        self.worker.pause();
-    }
-
-    fn resume(&mut self) {
-        self.worker.resume();
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
-        self.acked = 0;
+        }))
     }
 }
 
 struct NetWorker {
     mem: GuestMem,
     interrupt: Arc<dyn Interrupt>,
+    counters: Arc<DeviceCounters>,
     rx: VirtQueue,
     tx: VirtQueue,
     backend: Arc<dyn NetBackend>,
@@ -260,6 +231,7 @@ impl NetWorker {
                 None => break,
                 Some(Popped::Malformed { head, error }) => {
                     crate::guest_warn!("virtio-net: malformed rx buffer: {error}");
+                    self.counters.error();
                     if !self.rx.complete(&self.mem, &*interrupt, head, 0) {
                         break;
                     }
@@ -281,7 +253,16 @@ impl NetWorker {
             let written = chain.write_at(&self.mem, 0, frame).is_ok();
             self.pending = None;
             // len <= VNET_HDR_LEN + MAX_FRAME_LEN fits in u32.
-            let used_len = if written { len as u32 } else { 0 };
+            let used_len = if written {
+                u32::try_from(len).unwrap_or(0)
+            } else {
+                0
+            };
+            if written {
+                self.counters.request(u64::from(used_len));
+            } else {
+                self.counters.error();
+            }
             if !self
                 .rx
                 .complete(&self.mem, &*interrupt, chain.head, used_len)
@@ -304,14 +285,19 @@ impl NetWorker {
                         || !(VNET_HDR_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN).contains(&len)
                     {
                         tracing::debug!("virtio-net: dropping malformed tx chain of {len} bytes");
+                        self.counters.error();
                     } else {
                         buf.clear();
                         buf.resize(len, 0);
                         if chain.read_at(&self.mem, 0, &mut buf).is_ok() {
                             // Nothing negotiated gives the header meaning: send a zeroed one.
                             buf[..VNET_HDR_LEN].fill(0);
-                            if let Err(e) = self.backend.send(&buf) {
-                                tracing::debug!("virtio-net: dropping tx frame: {e}");
+                            match self.backend.send(&buf) {
+                                Ok(_) => self.counters.request(len as u64),
+                                Err(e) => {
+                                    tracing::debug!("virtio-net: dropping tx frame: {e}");
+                                    self.counters.error();
+                                }
                             }
                         }
                     }
@@ -319,6 +305,7 @@ impl NetWorker {
                 }
                 Popped::Malformed { head, error } => {
                     crate::guest_warn!("virtio-net: malformed tx chain: {error}");
+                    self.counters.error();
                     head
                 }
             };

@@ -68,7 +68,7 @@ pub struct VirtioPciState {
     /// the driver may have cached: a restore refuses a device whose config differs.
     #[serde(default)]
     pub device_config: Vec<u8>,
-    /// The device model's own state ([`crate::virtio::VirtioDevice::save_device_state`]).
+    /// The device model's own state ([`crate::virtio::VirtioDevice::save_state`]).
     #[serde(default)]
     pub device_state: Vec<u8>,
 }
@@ -82,6 +82,12 @@ pub enum RestoreError {
     /// The saved state is of another device or layout.
     #[error("saved virtio-pci state does not match this device: {0}")]
     Mismatch(String),
+    /// The device model refused its own saved state.
+    #[error("the device refused its saved state: {0}")]
+    DeviceState(#[from] crate::virtio::StateError),
+    /// The MSI-X state does not fit this function.
+    #[error("saved MSI-X state does not match this device: {0}")]
+    Msix(#[from] crate::pci::PciError),
     /// Re-activating the device model failed.
     #[error("re-activating the device failed: {0}")]
     Activate(#[from] crate::virtio::ActivateError),
@@ -150,7 +156,7 @@ impl VirtioPciDevice {
         VirtioPciState {
             device_type: self.device.device_type(),
             config: self.config.raw_bytes().to_vec(),
-            msix: lock(&irq.msix).state(),
+            msix: lock(&irq.msix).save_state(),
             status: irq.status.load(Ordering::Acquire),
             isr: irq.isr.load(Ordering::Acquire),
             config_generation: irq.config_generation.load(Ordering::Acquire),
@@ -167,7 +173,7 @@ impl VirtioPciDevice {
             queues,
             activated: self.activated,
             device_config: self.device_config(),
-            device_state: self.device.save_device_state(),
+            device_state: self.device.save_state(),
         }
     }
 
@@ -192,9 +198,7 @@ impl VirtioPciDevice {
             )));
         }
         // The device's own state first: it may be what its config space shows (balloon).
-        self.device
-            .restore_device_state(&s.device_state)
-            .map_err(RestoreError::Mismatch)?;
+        self.device.restore_state(&s.device_state)?;
         if !s.device_config.is_empty() && s.device_config != self.device_config() {
             return Err(mismatch(
                 "the device's configuration differs from the snapshot's \
@@ -221,9 +225,9 @@ impl VirtioPciDevice {
         if !self.config.restore_raw_bytes(&s.config) {
             return Err(mismatch("PCI config space layout"));
         }
-        if let Err(e) = lock(&self.interrupt.msix).restore(&s.msix) {
+        if let Err(e) = lock(&self.interrupt.msix).restore_state(&s.msix) {
             self.config.restore_raw_bytes(&saved_config);
-            return Err(RestoreError::Mismatch(e.to_string()));
+            return Err(e.into());
         }
         let irq = &self.interrupt;
         irq.status.store(s.status, Ordering::Release);

@@ -9,7 +9,8 @@ use crate::bus::BusDevice;
 use crate::pci::msix::{MSG_CTL_ENABLE, MSG_CTL_FUNCTION_MASK};
 use crate::pci::testing::{FakeHooks, HookCall};
 use crate::pci::{PciConfigIo, PciMmioWindow, PciRoot};
-use crate::virtio::Interrupt;
+use crate::virtio::worker::DeviceWorker;
+use crate::virtio::{Activation, Interrupt, VirtioBase};
 
 /// One activated queue: (index, size, desc, avail, used, event_idx).
 type QueueSeen = (u16, u16, u64, u64, u64, bool);
@@ -32,9 +33,20 @@ struct FakeDevice {
     sizes: Vec<u16>,
     features: u64,
     fail_activate: bool,
+    base: VirtioBase,
 }
 
+/// Overrides every provided method, to record what the transport asks of a device.
 impl VirtioDevice for FakeDevice {
+    fn base(&self) -> &VirtioBase {
+        &self.base
+    }
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
+    }
+    fn start(&mut self, _: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
+        unreachable!("activate is overridden")
+    }
     fn device_type(&self) -> u32 {
         self.dtype
     }
@@ -112,6 +124,7 @@ fn fake(dtype: u32, sizes: &[u16], fail_activate: bool) -> (Box<FakeDevice>, Arc
         sizes: sizes.to_vec(),
         features: FEATURES,
         fail_activate,
+        base: VirtioBase::new(dtype, sizes, FEATURES),
     });
     (dev, rec)
 }

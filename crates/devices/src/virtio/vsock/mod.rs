@@ -14,10 +14,8 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::block::read_config_bytes;
-use super::worker::{prepare_queues, spawn_worker, WorkerSlot, COMMON_FEATURES};
-use super::{device_type, ActivateError, ActiveQueue, Interrupt, VirtioDevice};
-use crate::GuestMem;
+use super::worker::{DeviceWorker, COMMON_FEATURES};
+use super::{device_type, ActivateError, Activation, VirtioBase, VirtioDevice};
 use muxer::Muxer;
 
 /// Size of each queue.
@@ -43,8 +41,7 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: Arc<UnixListener>,
-    acked: u64,
-    worker: WorkerSlot,
+    base: VirtioBase,
     /// Restored from a snapshot: the driver's connections are gone; say so on activation.
     reset_on_activate: bool,
 }
@@ -70,8 +67,7 @@ impl Vsock {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
             listener: Arc::new(listener),
-            acked: 0,
-            worker: WorkerSlot::default(),
+            base: VirtioBase::new(device_type::VSOCK, &[QUEUE_SIZE; 3], COMMON_FEATURES),
             reset_on_activate: false,
         })
     }
@@ -88,40 +84,24 @@ impl Vsock {
 }
 
 impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        device_type::VSOCK
+    fn base(&self) -> &VirtioBase {
+        &self.base
     }
 
-    fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_SIZE; 3]
-    }
-
-    fn device_features(&self) -> u64 {
-        COMMON_FEATURES
-    }
-
-    fn ack_features(&mut self, features: u64) {
-        self.acked = features & self.device_features();
+    fn base_mut(&mut self) -> &mut VirtioBase {
+        &mut self.base
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.guest_cid.to_le_bytes(), offset, data);
+        crate::pci::read_slice(&self.guest_cid.to_le_bytes(), offset, data);
     }
 
-    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
-
-    fn activate(
-        &mut self,
-        mem: GuestMem,
-        interrupt: Arc<dyn Interrupt>,
-        queues: Vec<ActiveQueue>,
-    ) -> Result<(), ActivateError> {
-        self.worker.stop();
-        let (vqs, kicks) = prepare_queues(&mem, queues, self.acked, 3)?;
+    fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
         let mut muxer = Muxer::new(
-            mem,
-            interrupt,
-            vqs,
+            act.mem,
+            act.interrupt,
+            act.counters,
+            act.queues,
             self.guest_cid,
             self.uds_path.clone(),
             self.listener.clone(),
@@ -130,21 +110,7 @@ impl VirtioDevice for Vsock {
         if std::mem::take(&mut self.reset_on_activate) {
             muxer.owe_transport_reset();
         }
-        self.worker.set(spawn_worker("virtio-vsock", kicks, muxer)?);
-        Ok(())
-    }
-
-    fn pause(&mut self) {
-        self.worker.pause();
-    }
-
-    fn resume(&mut self) {
-        self.worker.resume();
-    }
-
-    fn reset(&mut self) {
-        self.worker.stop();
-        self.acked = 0;
+        Ok(Box::new(muxer))
     }
 
     fn restored(&mut self) {
@@ -154,7 +120,7 @@ impl VirtioDevice for Vsock {
 
 impl Drop for Vsock {
     fn drop(&mut self) {
-        self.worker.stop();
+        self.base.stop_worker();
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }

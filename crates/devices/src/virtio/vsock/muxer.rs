@@ -13,7 +13,7 @@ use super::conn::{Conn, State};
 use super::packet::*;
 use crate::virtio::chain::Chain;
 use crate::virtio::worker::{add_fd, DeviceWorker, Popped, VirtQueue, BACKEND_TOKEN_BASE};
-use crate::virtio::Interrupt;
+use crate::virtio::{DeviceCounters, Interrupt};
 use crate::GuestMem;
 
 const RX: usize = 0;
@@ -44,6 +44,7 @@ struct PendingHost {
 pub struct Muxer {
     mem: GuestMem,
     interrupt: Arc<dyn Interrupt>,
+    counters: Arc<DeviceCounters>,
     rx: VirtQueue,
     tx: VirtQueue,
     /// The event queue: only used for a transport reset after a restore.
@@ -67,6 +68,7 @@ impl Muxer {
     pub fn new(
         mem: GuestMem,
         interrupt: Arc<dyn Interrupt>,
+        counters: Arc<DeviceCounters>,
         queues: Vec<VirtQueue>,
         guest_cid: u64,
         uds_path: PathBuf,
@@ -77,6 +79,7 @@ impl Muxer {
         Some(Muxer {
             mem,
             interrupt,
+            counters,
             rx,
             tx,
             event,
@@ -301,11 +304,13 @@ impl Muxer {
         while let Some(popped) = self.tx.pop(&self.mem, &*interrupt) {
             let head = match popped {
                 Popped::Chain(chain) => {
+                    self.counters.request(chain.readable_len() as u64);
                     self.handle_tx_packet(epoll, &chain);
                     chain.head
                 }
                 Popped::Malformed { head, error } => {
                     crate::guest_warn!("virtio-vsock: malformed tx chain: {error}");
+                    self.counters.error();
                     head
                 }
             };
@@ -439,6 +444,7 @@ impl Muxer {
                 None => break,
                 Some(Popped::Malformed { head, error }) => {
                     crate::guest_warn!("virtio-vsock: malformed rx buffer: {error}");
+                    self.counters.error();
                     if !self.rx.complete(&self.mem, &*interrupt, head, 0) {
                         break;
                     }
@@ -462,6 +468,7 @@ impl Muxer {
                     }
                 },
             };
+            self.counters.request(u64::from(used));
             if !self.rx.complete(&self.mem, &*interrupt, chain.head, used) {
                 break;
             }

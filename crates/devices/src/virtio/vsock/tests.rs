@@ -12,6 +12,7 @@ use super::packet::*;
 use super::*;
 use crate::virtio::chain::DESC_F_WRITE;
 use crate::virtio::worker::testing::*;
+use crate::GuestMem;
 
 const GUEST_CID: u64 = 3;
 const RX_BUFS: u64 = 0x40000;
