@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 use arch::layout;
 use devices::bus::{lock, Bus, SharedDevice};
 use devices::legacy::{
-    AcpiPm, DebugExit, ExitSignal, GuestExit, PortSink, Serial, SerialSnapshot, I8042,
+    AcpiPm, DebugExit, ExitSignal, GuestExit, PortSink, Serial, SerialState, I8042,
 };
 use devices::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
@@ -459,7 +459,7 @@ pub(crate) fn build_devices(
     vm: &Arc<VmFd>,
     mem: &GuestMem,
     exit: &Arc<ExitSignal>,
-    serial_state: Option<&SerialSnapshot>,
+    serial_state: Option<&SerialState>,
 ) -> Result<Devices, Error> {
     let hooks = Arc::new(KvmHooks::new(vm.clone(), layout::MSI_GSI_BASE));
     hooks
@@ -489,13 +489,13 @@ pub(crate) fn build_devices(
         ),
         SerialConfig::None => Box::new(std::io::sink()),
     };
-    let serial = match serial_state {
-        None => Serial::new(serial_irq, out),
-        Some(st) => Serial::from_snapshot(st, serial_irq, out).map_err(|e| Error::Device {
+    let mut serial = Serial::new(serial_irq, out);
+    if let Some(st) = serial_state {
+        serial.restore_state(st).map_err(|e| Error::Device {
             name: "serial".into(),
             reason: e.to_string(),
-        })?,
-    };
+        })?;
+    }
     let serial = Arc::new(Mutex::new(serial));
     pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())
         .map_err(bus_err)?;

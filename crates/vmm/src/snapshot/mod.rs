@@ -34,7 +34,7 @@ use vm_memory::{
 
 use arch::layout;
 use devices::bus::lock;
-use devices::legacy::{ExitSignal, SerialSnapshot};
+use devices::legacy::{ExitSignal, SerialState};
 use devices::virtio::pci::VirtioPciState;
 use devices::GuestMem;
 
@@ -382,7 +382,7 @@ impl Vm {
             pit: self.vm.get_pit2().map_err(Error::kvm("get PIT"))?,
             clock: self.vm.get_clock().map_err(Error::kvm("get clock"))?,
         };
-        let serial = lock(&self.serial).snapshot();
+        let serial = lock(&self.serial).save_state();
         let virtio: Vec<VirtioSection> = self
             .virtio
             .iter()
@@ -558,7 +558,7 @@ struct Snapshot {
     memory: Vec<MemRegion>,
     vcpus: Vec<VcpuState>,
     vm_state: VmState,
-    serial: SerialSnapshot,
+    serial: SerialState,
     virtio: Vec<VirtioSection>,
 }
 
