@@ -29,6 +29,28 @@ pub enum BarKind {
     Mem32,
     /// A 64-bit memory BAR (a low/high register pair).
     Mem64,
+    /// A 64-bit prefetchable memory BAR: memory without side effects on reads (shared
+    /// memory). The root places these in its 64-bit window when it has one.
+    Mem64Prefetchable,
+}
+
+impl BarKind {
+    /// Number of BAR registers the BAR uses.
+    fn regs(self) -> usize {
+        match self {
+            BarKind::Mem32 => 1,
+            BarKind::Mem64 | BarKind::Mem64Prefetchable => 2,
+        }
+    }
+
+    /// The BAR register's low flag bits (memory, type, prefetchable).
+    fn flags(self) -> u32 {
+        match self {
+            BarKind::Mem32 => 0,
+            BarKind::Mem64 => 0b0100,
+            BarKind::Mem64Prefetchable => 0b1100,
+        }
+    }
 }
 
 /// Identity of a function, fixed at creation.
@@ -173,14 +195,11 @@ impl PciConfig {
         self.command() & COMMAND_MEMORY != 0
     }
 
-    /// Declares BAR `index` as a non-prefetchable memory BAR of `size` bytes (a power of two,
-    /// at least 16; at most 2 GiB for a 32-bit BAR).
+    /// Declares BAR `index` as a memory BAR of `size` bytes (a power of two, at least 16; at
+    /// most 2 GiB for a 32-bit BAR).
     pub fn add_bar(&mut self, index: usize, size: u64, kind: BarKind) -> Result<(), PciError> {
         let bad = PciError::BadBar { index, size };
-        let regs = match kind {
-            BarKind::Mem32 => 1,
-            BarKind::Mem64 => 2,
-        };
+        let regs = kind.regs();
         if index + regs > NUM_BARS || !size.is_power_of_two() || size < 16 {
             return Err(bad);
         }
@@ -190,22 +209,17 @@ impl PciConfig {
         // Register `i` is in use by BAR `i` itself or as the high half of a 64-bit BAR `i - 1`.
         let taken = |i: usize| {
             self.bars[i].is_some()
-                || (i > 0 && matches!(self.bars[i - 1], Some(b) if b.kind == BarKind::Mem64))
+                || (i > 0 && matches!(self.bars[i - 1], Some(b) if b.kind.regs() == 2))
         };
         if (index..index + regs).any(taken) {
             return Err(bad);
         }
         self.bars[index] = Some(Bar { size, kind });
         let lo_off = (BAR0_REG + index) * 4;
-        let flags: u32 = match kind {
-            BarKind::Mem32 => 0,
-            BarKind::Mem64 => 0b100,
-        };
-        self.put(lo_off, &flags.to_le_bytes());
-        let lo_mask = (!(size - 1) as u32) & !0xf;
-        self.set_write_mask(lo_off, &lo_mask.to_le_bytes());
-        if kind == BarKind::Mem64 {
-            let hi_mask = !((size - 1) >> 32) as u32;
+        self.put(lo_off, &kind.flags().to_le_bytes());
+        let (lo_mask, hi_mask) = split_u64(!(size - 1));
+        self.set_write_mask(lo_off, &(lo_mask & !0xf).to_le_bytes());
+        if kind.regs() == 2 {
             self.put(lo_off + 4, &[0; 4]);
             self.set_write_mask(lo_off + 4, &hi_mask.to_le_bytes());
         }
@@ -216,9 +230,9 @@ impl PciConfig {
     pub fn bar_addr(&self, index: usize) -> Option<u64> {
         let bar = self.bars.get(index).copied().flatten()?;
         let lo = u64::from(self.read(BAR0_REG + index) & !0xf);
-        let hi = match bar.kind {
-            BarKind::Mem32 => 0,
-            BarKind::Mem64 => u64::from(self.read(BAR0_REG + index + 1)),
+        let hi = match bar.kind.regs() {
+            2 => u64::from(self.read(BAR0_REG + index + 1)),
+            _ => 0,
         };
         Some((hi << 32) | lo)
     }
@@ -231,9 +245,10 @@ impl PciConfig {
         let addr = addr & !(bar.size - 1);
         let off = (BAR0_REG + index) * 4;
         let flags = self.read(BAR0_REG + index) & 0xf;
-        self.put(off, &((addr as u32 & !0xf) | flags).to_le_bytes());
-        if bar.kind == BarKind::Mem64 {
-            self.put(off + 4, &((addr >> 32) as u32).to_le_bytes());
+        let (lo, hi) = split_u64(addr);
+        self.put(off, &((lo & !0xf) | flags).to_le_bytes());
+        if bar.kind.regs() == 2 {
+            self.put(off + 4, &hi.to_le_bytes());
         }
     }
 
@@ -246,6 +261,7 @@ impl PciConfig {
                     index,
                     addr: self.bar_addr(index)?,
                     size: bar.size,
+                    prefetchable: bar.kind == BarKind::Mem64Prefetchable,
                 })
             })
             .collect()
@@ -273,6 +289,15 @@ impl PciConfig {
         self.next_cap = (at + len + 3) & !3;
         Ok(at)
     }
+}
+
+/// The low and high 32-bit halves of `v`.
+pub(crate) fn split_u64(v: u64) -> (u32, u32) {
+    let [a, b, c, d, e, f, g, h] = v.to_le_bytes();
+    (
+        u32::from_le_bytes([a, b, c, d]),
+        u32::from_le_bytes([e, f, g, h]),
+    )
 }
 
 #[cfg(test)]
@@ -333,7 +358,8 @@ mod tests {
             vec![PciBar {
                 index: 0,
                 addr: 0x1_d000_0000,
-                size: 0x4000
+                size: 0x4000,
+                prefetchable: false,
             }]
         );
         // Unimplemented BARs read zero even after an all-ones write.

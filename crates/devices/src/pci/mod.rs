@@ -48,6 +48,8 @@ pub struct PciBar {
     pub addr: u64,
     /// Size in bytes (a power of two).
     pub size: u64,
+    /// A 64-bit prefetchable BAR (allocated from the 64-bit window when there is one).
+    pub prefetchable: bool,
 }
 
 /// A PCI function on bus 0.

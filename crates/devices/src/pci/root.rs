@@ -69,17 +69,44 @@ struct Slot {
     mapped: Vec<PciBar>,
 }
 
-/// Bus 0 with its devices and the allocator of the 32-bit MMIO window.
+/// A range of guest physical addresses BARs are allocated from.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    base: u64,
+    size: u64,
+    /// Next free address.
+    next: u64,
+}
+
+impl Window {
+    fn new(base: u64, size: u64) -> Self {
+        Window {
+            base,
+            size,
+            next: base,
+        }
+    }
+
+    fn end(&self) -> u64 {
+        self.base.saturating_add(self.size)
+    }
+
+    fn contains(&self, addr: u64, size: u64) -> bool {
+        addr >= self.base && addr.checked_add(size).is_some_and(|e| e <= self.end())
+    }
+}
+
+/// Bus 0 with its devices and the allocators of the 32-bit MMIO window (below 4 GiB) and the
+/// 64-bit one (above RAM) that takes 64-bit prefetchable BARs.
 pub struct PciRoot {
     slots: Vec<Option<Slot>>,
-    mmio_base: u64,
-    mmio_size: u64,
-    /// Next free address in the MMIO window.
-    mmio_next: u64,
+    mmio32: Window,
+    mmio64: Window,
 }
 
 impl PciRoot {
-    /// A bus with only the host bridge; BARs are allocated in `[mmio_base, mmio_base + mmio_size)`.
+    /// A bus with only the host bridge; BARs are allocated in `[mmio_base, mmio_base + mmio_size)`
+    /// until a 64-bit window is added with [`with_mmio64`](Self::with_mmio64).
     pub fn new(mmio_base: u64, mmio_size: u64) -> Self {
         let mut slots: Vec<Option<Slot>> = (0..NUM_SLOTS).map(|_| None).collect();
         slots[0] = Some(Slot {
@@ -88,20 +115,36 @@ impl PciRoot {
         });
         PciRoot {
             slots,
-            mmio_base,
-            mmio_size,
-            mmio_next: mmio_base,
+            mmio32: Window::new(mmio_base, mmio_size),
+            mmio64: Window::new(0, 0),
         }
     }
 
-    /// Start of the MMIO window.
-    pub fn mmio_base(&self) -> u64 {
-        self.mmio_base
+    /// Adds the 64-bit window `[base, base + size)`: 64-bit prefetchable BARs are allocated
+    /// there from now on.
+    pub fn with_mmio64(mut self, base: u64, size: u64) -> Self {
+        self.mmio64 = Window::new(base, size);
+        self
     }
 
-    /// Size of the MMIO window.
+    /// Start of the 32-bit MMIO window.
+    pub fn mmio_base(&self) -> u64 {
+        self.mmio32.base
+    }
+
+    /// Size of the 32-bit MMIO window.
     pub fn mmio_size(&self) -> u64 {
-        self.mmio_size
+        self.mmio32.size
+    }
+
+    /// Start of the 64-bit MMIO window.
+    pub fn mmio64_base(&self) -> u64 {
+        self.mmio64.base
+    }
+
+    /// Size of the 64-bit MMIO window (0 if there is none).
+    pub fn mmio64_size(&self) -> u64 {
+        self.mmio64.size
     }
 
     /// Adds a device at the next free slot; allocates its BARs; returns the device number.
@@ -111,11 +154,11 @@ impl PciRoot {
             .iter()
             .position(Option::is_none)
             .ok_or(PciError::NoFreeSlot)?;
+        let slot_number = u8::try_from(slot).map_err(|_| PciError::NoFreeSlot)?;
         let mut bars = lock(&dev).bars();
         // Largest first keeps natural alignment from wasting space.
         bars.sort_by_key(|b| std::cmp::Reverse(b.size));
-        let window_end = self.mmio_base.saturating_add(self.mmio_size);
-        let mut next = self.mmio_next;
+        let (mut low, mut high) = (self.mmio32, self.mmio64);
         let mut placed = Vec::with_capacity(bars.len());
         for bar in &bars {
             if !bar.size.is_power_of_two() || bar.index >= NUM_BARS {
@@ -124,13 +167,19 @@ impl PciRoot {
                     size: bar.size,
                 });
             }
-            let addr = next
+            let window = if bar.prefetchable && high.size > 0 {
+                &mut high
+            } else {
+                &mut low
+            };
+            let addr = window
+                .next
                 .checked_add(bar.size - 1)
                 .map(|a| a & !(bar.size - 1))
-                .filter(|a| a.checked_add(bar.size).is_some_and(|e| e <= window_end))
+                .filter(|&a| window.contains(a, bar.size))
                 .ok_or(PciError::MmioExhausted { size: bar.size })?;
             placed.push((bar.index, addr));
-            next = addr + bar.size;
+            window.next = addr + bar.size;
         }
         {
             let mut d = lock(&dev);
@@ -138,22 +187,22 @@ impl PciRoot {
                 d.set_bar_addr(index, addr);
             }
         }
-        self.mmio_next = next;
+        (self.mmio32, self.mmio64) = (low, high);
         let mut s = Slot {
             dev,
             mapped: Vec::new(),
         };
-        Self::refresh_mapping(&mut s, self.window());
+        Self::refresh_mapping(&mut s, self.windows());
         self.slots[slot] = Some(s);
-        Ok(slot as u8)
+        Ok(slot_number)
     }
 
     /// Recomputes the decoded BARs of every device from its config space (after a restore
     /// wrote BAR and command registers directly), moving ioeventfds as needed.
     pub fn refresh_all(&mut self) {
-        let window = self.window();
+        let windows = self.windows();
         for slot in self.slots.iter_mut().flatten() {
-            Self::refresh_mapping(slot, window);
+            Self::refresh_mapping(slot, windows);
         }
     }
 
@@ -187,40 +236,33 @@ impl PciRoot {
         if bus != 0 || func != 0 {
             return;
         }
-        let window = self.window();
+        let windows = self.windows();
         let Some(Some(slot)) = self.slots.get_mut(usize::from(dev)) else {
             return;
         };
         lock(&slot.dev).config_write(reg, offset, data);
         if reg == COMMAND_REG || (BAR0_REG..BAR0_REG + NUM_BARS).contains(&reg) {
-            Self::refresh_mapping(slot, window);
+            Self::refresh_mapping(slot, windows);
         }
     }
 
-    /// The MMIO window as (start, end).
-    fn window(&self) -> (u64, u64) {
-        (
-            self.mmio_base,
-            self.mmio_base.saturating_add(self.mmio_size),
-        )
+    /// The MMIO windows.
+    fn windows(&self) -> [Window; 2] {
+        [self.mmio32, self.mmio64]
     }
 
     /// Recomputes which BARs the slot decodes and tells the device about any move. A BAR is
-    /// decoded while memory space is enabled and it lies wholly inside the MMIO window (the only
-    /// place the VMM forwards accesses from), so a BAR the guest points at RAM or another
-    /// device's registers gets no ioeventfds there.
-    fn refresh_mapping(slot: &mut Slot, (start, end): (u64, u64)) {
+    /// decoded while memory space is enabled and it lies wholly inside one MMIO window (the only
+    /// places the VMM forwards accesses from), so a BAR the guest points at RAM or another
+    /// device's registers gets no ioeventfds or memory mapping there.
+    fn refresh_mapping(slot: &mut Slot, windows: [Window; 2]) {
         let mut dev = lock(&slot.dev);
         let memory_on =
             dev.config_read(COMMAND_REG) & u32::from(super::config::COMMAND_MEMORY) != 0;
         let new: Vec<PciBar> = if memory_on {
             dev.bars()
                 .into_iter()
-                .filter(|b| {
-                    b.size > 0
-                        && b.addr >= start
-                        && b.addr.checked_add(b.size).is_some_and(|e| e <= end)
-                })
+                .filter(|b| b.size > 0 && windows.iter().any(|w| w.contains(b.addr, b.size)))
                 .collect()
         } else {
             Vec::new()
@@ -378,22 +420,33 @@ impl BusDevice for PciConfigMmio {
     }
 }
 
-/// The PCI MMIO window: forwards each access to the device BAR that decodes it right now, so a
-/// BAR the guest moves is found at its new address. Insert on the MMIO bus over the window that
-/// was given to [`PciRoot::new`]. Unclaimed reads return all-ones.
-pub struct PciMmioWindow(pub Arc<Mutex<PciRoot>>);
+/// A PCI MMIO window: forwards each access to the device BAR that decodes it right now, so a
+/// BAR the guest moves is found at its new address. Insert on the MMIO bus over the window it
+/// was made for ([`new`](Self::new): the 32-bit one given to [`PciRoot::new`];
+/// [`high`](Self::high): the one given to [`PciRoot::with_mmio64`]). Unclaimed reads return
+/// all-ones.
+pub struct PciMmioWindow {
+    root: Arc<Mutex<PciRoot>>,
+    base: u64,
+}
 
 impl PciMmioWindow {
-    /// Adapter over `root`.
+    /// Adapter over the 32-bit window of `root`.
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
-        PciMmioWindow(root)
+        let base = lock(&root).mmio_base();
+        PciMmioWindow { root, base }
+    }
+
+    /// Adapter over the 64-bit window of `root`.
+    pub fn high(root: Arc<Mutex<PciRoot>>) -> Self {
+        let base = lock(&root).mmio64_base();
+        PciMmioWindow { root, base }
     }
 
     /// The device to forward to; the root lock is released before the device is locked.
     fn target(&self, offset: u64, len: usize) -> Option<(SharedPciDevice, usize, u64)> {
-        let root = lock(&self.0);
-        let addr = root.mmio_base.checked_add(offset)?;
-        root.find_bar(addr, len)
+        let addr = self.base.checked_add(offset)?;
+        lock(&self.root).find_bar(addr, len)
     }
 }
 
@@ -425,13 +478,17 @@ mod tests {
 
     impl Dummy {
         fn new(size: u64) -> (Arc<Mutex<Dummy>>, Arc<Mutex<Vec<String>>>) {
+            Dummy::with_kind(size, BarKind::Mem64)
+        }
+
+        fn with_kind(size: u64, kind: BarKind) -> (Arc<Mutex<Dummy>>, Arc<Mutex<Vec<String>>>) {
             let mut config = PciConfig::new(PciConfigParams {
                 vendor_id: 0x1234,
                 device_id: 0x5678,
                 class_code: 0xff0000,
                 ..Default::default()
             });
-            config.add_bar(0, size, BarKind::Mem64).unwrap();
+            config.add_bar(0, size, kind).unwrap();
             let log = Arc::new(Mutex::new(Vec::new()));
             (
                 Arc::new(Mutex::new(Dummy {
@@ -496,7 +553,7 @@ mod tests {
         io_write(&mut io, 0, 0, 0);
         assert_eq!(io_read(&mut io, 0, 0, 0, 4), 0x0d57_8086);
         // Function 1 and bus 1 are absent.
-        let mut ecam = PciConfigMmio(root.clone());
+        let mut ecam = PciConfigMmio::new(root.clone());
         let mut b = [0u8; 4];
         ecam.read(1 << 12, &mut b);
         assert_eq!(b, [0xff; 4]);
@@ -535,7 +592,7 @@ mod tests {
         io_write(&mut io, 2, 0x10, 0xc000_4000);
         io_write(&mut io, 2, 0x14, 0);
         // Memory decoding off: the window does not reach the device.
-        let mut win = PciMmioWindow(root.clone());
+        let mut win = PciMmioWindow::new(root.clone());
         let mut b = [0u8; 1];
         win.read(0x4003, &mut b);
         assert_eq!(b, [0xff]);
@@ -575,6 +632,49 @@ mod tests {
     }
 
     #[test]
+    fn prefetchable_bars_go_to_the_64_bit_window() {
+        const HIGH: u64 = 0x100_0000_0000;
+        let root = Arc::new(Mutex::new(
+            PciRoot::new(BASE, 0x10_0000).with_mmio64(HIGH, 0x1_0000_0000),
+        ));
+        let (regs, _) = Dummy::new(0x4000);
+        let (shm, log) = Dummy::with_kind(0x4000_0000, BarKind::Mem64Prefetchable);
+        lock(&root).add_device(regs).unwrap();
+        lock(&root).add_device(shm).unwrap();
+        let mut io = PciConfigIo::new(root.clone());
+        assert_eq!(io_read(&mut io, 1, 0x10, 0, 4), 0xc000_0004);
+        // Prefetchable, 64-bit: flags 0b1100, placed at the start of the high window.
+        assert_eq!(io_read(&mut io, 2, 0x10, 0, 4), 0x0000_000c);
+        assert_eq!(io_read(&mut io, 2, 0x14, 0, 4), 0x100);
+        // A 1 GiB BAR would not have fit in the 1 MiB low window.
+        io_write(&mut io, 2, 0x04, 0x2);
+        assert_eq!(lock(&log).last().unwrap(), "m0:None->Some(10000000000)");
+        let mut high = PciMmioWindow::high(root.clone());
+        let mut b = [0u8; 1];
+        high.read(0x3fff_ff07, &mut b);
+        assert_eq!(b, [0x07]);
+        high.write(0x10, &[1]);
+        assert_eq!(lock(&log).last().unwrap(), "w0:0x10:[1]");
+        // Past the BAR: unclaimed.
+        high.read(0x4000_0000, &mut b);
+        assert_eq!(b, [0xff]);
+        // Moved above the high window: no longer decoded.
+        io_write(&mut io, 2, 0x14, 0x200);
+        assert_eq!(lock(&log).last().unwrap(), "m0:Some(10000000000)->None");
+
+        // Without a 64-bit window, prefetchable BARs share the 32-bit one.
+        let mut low_only = PciRoot::new(BASE, 0x10_0000);
+        let (d, _) = Dummy::with_kind(0x1000, BarKind::Mem64Prefetchable);
+        low_only.add_device(d.clone()).unwrap();
+        assert_eq!(lock(&d).config.bar_addr(0), Some(BASE));
+        let (big, _) = Dummy::with_kind(0x4000_0000, BarKind::Mem64Prefetchable);
+        assert!(matches!(
+            low_only.add_device(big),
+            Err(PciError::MmioExhausted { .. })
+        ));
+    }
+
+    #[test]
     fn allocation_failures() {
         let mut root = PciRoot::new(BASE, 0x8000);
         let (d1, _) = Dummy::new(0x4000);
@@ -599,8 +699,8 @@ mod tests {
         let (d1, _) = Dummy::new(0x4000);
         lock(&root).add_device(d1).unwrap();
         let mut io = PciConfigIo::new(root.clone());
-        let mut ecam = PciConfigMmio(root.clone());
-        let mut win = PciMmioWindow(root.clone());
+        let mut ecam = PciConfigMmio::new(root.clone());
+        let mut win = PciMmioWindow::new(root.clone());
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = || {
             x ^= x << 13;

@@ -321,7 +321,7 @@ fn bar_relocation_moves_dispatch_and_ioeventfds() {
     let slot = lock(&root).add_device(Arc::new(Mutex::new(dev))).unwrap();
     assert_eq!(slot, 1);
     let mut io = PciConfigIo::new(root.clone());
-    let mut win = PciMmioWindow(root.clone());
+    let mut win = PciMmioWindow::new(root.clone());
     let cfg = |io: &mut PciConfigIo, reg: u32, v: u32| {
         io.write(0, &(0x8000_0800u32 | reg).to_le_bytes());
         io.write(4, &v.to_le_bytes());
