@@ -517,10 +517,10 @@ pub(crate) fn build_devices(
         pio.insert(u64::from(port), len, dev).map_err(bus_err)?;
     }
 
-    let root = Arc::new(Mutex::new(PciRoot::new(
-        layout::PCI_MMIO_START,
-        layout::PCI_MMIO_SIZE,
-    )));
+    let root = Arc::new(Mutex::new(
+        PciRoot::new(layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE)
+            .with_mmio64(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE),
+    ));
     pio.insert(
         0xcf8,
         8,
@@ -537,6 +537,12 @@ pub(crate) fn build_devices(
         layout::PCI_MMIO_START,
         layout::PCI_MMIO_SIZE,
         Arc::new(Mutex::new(PciMmioWindow::new(root.clone()))),
+    )
+    .map_err(bus_err)?;
+    mmio.insert(
+        layout::PCI_MMIO64_START,
+        layout::PCI_MMIO64_SIZE,
+        Arc::new(Mutex::new(PciMmioWindow::high(root.clone()))),
     )
     .map_err(bus_err)?;
 

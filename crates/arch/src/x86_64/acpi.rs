@@ -13,8 +13,8 @@ use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::layout::{
-    ACPI_END, ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_START, LAPIC_START, PM1A_CNT_PORT,
-    PM1A_EVT_PORT, SCI_IRQ,
+    ACPI_END, ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_START, LAPIC_START, PCI_MMIO64_SIZE,
+    PCI_MMIO64_START, PM1A_CNT_PORT, PM1A_EVT_PORT, SCI_IRQ,
 };
 use super::{check_vcpu_count, Error, PciInfo};
 
@@ -94,8 +94,22 @@ pub fn build_dsdt(pci: &PciInfo) -> Vec<u8> {
             &mem64
         }
     };
-    let pci_crs =
-        aml::ResourceTemplate::new(vec![&bus, &cfg_ports, &io_low, &io_high, mmio_window]);
+    // The 64-bit window above RAM, for 64-bit prefetchable BARs (a QWord memory range).
+    let mmio64_window = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::PreFetchable,
+        true,
+        PCI_MMIO64_START,
+        PCI_MMIO64_START + PCI_MMIO64_SIZE - 1,
+        None,
+    );
+    let pci_crs = aml::ResourceTemplate::new(vec![
+        &bus,
+        &cfg_ports,
+        &io_low,
+        &io_high,
+        mmio_window,
+        &mmio64_window,
+    ]);
     let pci_hid = aml::EISAName::new("PNP0A08");
     let pci_cid = aml::EISAName::new("PNP0A03");
     let pci0 = device(
@@ -428,6 +442,27 @@ mod tests {
         window.extend_from_slice(&0u32.to_le_bytes());
         window.extend_from_slice(&0x2000_0000u32.to_le_bytes());
         assert!(contains(&dsdt, &window));
+        // QWordMemory window 0x100_0000_0000 + 64 GiB (granularity, min, max, translation,
+        // length), prefetchable and read-write.
+        let mut window64 = Vec::new();
+        for v in [
+            0u64,
+            0x110_0000_0000,
+            0x11F_FFFF_FFFF,
+            0,
+            0x10_0000_0000,
+        ] {
+            window64.extend_from_slice(&v.to_le_bytes());
+        }
+        let at = dsdt
+            .windows(window64.len())
+            .position(|w| w == window64)
+            .expect("QWord 64-bit window in the DSDT");
+        // Descriptor header: tag 0x8A, length 43, memory range, flags, type-specific (RW,
+        // prefetchable: bits 1-2 = 3).
+        assert_eq!(&dsdt[at - 6..at - 3], &[0x8a, 43, 0]);
+        assert_eq!(dsdt[at - 3], 0);
+        assert_eq!(dsdt[at - 1] & 0x7, 0x7);
         // IO(Decode16, 0xCF8, 0xCF8, 1, 8) and COM1 IO(0x3F8, 0x3F8, 0, 8).
         assert!(contains(&dsdt, &[0x47, 1, 0xf8, 0x0c, 0xf8, 0x0c, 1, 8]));
         assert!(contains(&dsdt, &[0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 0, 8]));

@@ -44,6 +44,18 @@ pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 pub const PCI_MMIO_START: u64 = 0xC000_0000;
 /// Size of the PCI 32-bit memory window.
 pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// Largest guest memory size allowed (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// End (exclusive) of guest RAM for the largest guest: the RAM above the MMIO hole ends at
+/// 4 GiB + (MAX_MEMORY - 3 GiB).
+pub const MAX_RAM_END: u64 = MMIO_HOLE_END + (MAX_MEMORY - MMIO_HOLE_START);
+/// Size of the PCI 64-bit memory window (64-bit prefetchable BARs: shared memory).
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+/// PCI 64-bit memory window: the first `PCI_MMIO64_SIZE`-aligned address above the RAM of
+/// the largest guest, so it never overlaps RAM whatever the memory size.
+pub const PCI_MMIO64_START: u64 = MAX_RAM_END.next_multiple_of(PCI_MMIO64_SIZE);
+/// Guest physical address width the 64-bit window needs at most.
+pub const MAX_PHYS_ADDR_BITS: u32 = 46;
 /// PCI ECAM (bus 0 only).
 pub const PCI_ECAM_START: u64 = 0xE000_0000;
 /// Size of the ECAM area (1 MiB: one bus).
@@ -85,6 +97,9 @@ const _: () = {
     assert!(CMDLINE_ADDR + CMDLINE_MAX as u64 <= LOW_RAM_END);
     assert!(PCI_MMIO_START + PCI_MMIO_SIZE <= PCI_ECAM_START);
     assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+    assert!(PCI_MMIO64_START >= MAX_RAM_END);
+    assert!(PCI_MMIO64_START.is_multiple_of(PCI_MMIO64_SIZE));
+    assert!(PCI_MMIO64_START + PCI_MMIO64_SIZE <= 1 << MAX_PHYS_ADDR_BITS);
 };
 
 /// RAM regions for a guest of `size` bytes: [0, min(size, 3G)) and [4G, 4G + rest).
@@ -112,6 +127,20 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn mmio64_window_is_above_ram_of_every_allowed_size() {
+        for size in [16 * MIB, 256 * MIB, 3 * GIB, 4 * GIB, 64 * GIB, MAX_MEMORY] {
+            let end = ram_regions(size)
+                .iter()
+                .map(|(a, l)| a.0 + *l as u64)
+                .max()
+                .unwrap();
+            assert!(end <= PCI_MMIO64_START, "{size:#x}");
+        }
+        assert_eq!(PCI_MMIO64_START, (1 << 40) + (64 << 30));
+        assert!(PCI_MMIO64_START + PCI_MMIO64_SIZE <= 1 << 41);
+    }
 
     #[test]
     fn regions_256m() {
