@@ -37,6 +37,16 @@ pub trait VmHooks: Send + Sync {
         data: u32,
         enabled: bool,
     ) -> std::io::Result<()>;
+    /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr` (a BAR
+    /// backed by memory, like virtio shared memory), so guest accesses do not exit. Without
+    /// it (the default refuses), accesses trap and the device serves them.
+    fn map_memory(&self, _guest_addr: u64, _host_addr: u64, _size: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Undoes [`map_memory`](Self::map_memory) of the mapping at `guest_addr`.
+    fn unmap_memory(&self, _guest_addr: u64, _size: u64) -> std::io::Result<()> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// A memory BAR of a device: where it currently is and how big it is.

@@ -21,6 +21,15 @@ pub enum HookCall {
         data: u32,
         enabled: bool,
     },
+    MapMemory {
+        guest: u64,
+        host: u64,
+        size: u64,
+    },
+    UnmapMemory {
+        guest: u64,
+        size: u64,
+    },
 }
 
 /// Records calls; GSIs are handed out from 24 up.
@@ -94,7 +103,7 @@ impl VmHooks for FakeHooks {
 
     fn allocate_msi(&self, fd: &EventFd) -> std::io::Result<u32> {
         let mut fds = lock(&self.irqfds);
-        let gsi = 24 + fds.len() as u32;
+        let gsi = 24 + u32::try_from(fds.len()).expect("fewer than 2^32 MSIs");
         fds.insert(gsi, fd.try_clone()?);
         lock(&self.calls).push(HookCall::AllocateMsi(gsi));
         Ok(gsi)
@@ -113,6 +122,16 @@ impl VmHooks for FakeHooks {
             data,
             enabled,
         });
+        Ok(())
+    }
+
+    fn map_memory(&self, guest: u64, host: u64, size: u64) -> std::io::Result<()> {
+        lock(&self.calls).push(HookCall::MapMemory { guest, host, size });
+        Ok(())
+    }
+
+    fn unmap_memory(&self, guest: u64, size: u64) -> std::io::Result<()> {
+        lock(&self.calls).push(HookCall::UnmapMemory { guest, size });
         Ok(())
     }
 }

@@ -13,6 +13,11 @@
 //!
 //! Each queue's notification address is a KVM ioeventfd while the BAR is decoded; a write that
 //! still reaches [`PciDevice::bar_write`] signals the same eventfd.
+//!
+//! A device with [shared memory](crate::virtio::SharedMemory) also has BAR [`SHM_BAR`], 64-bit
+//! and prefetchable, the size of its host mapping, with one `VIRTIO_PCI_CAP_SHARED_MEMORY_CFG`
+//! capability per region. While the BAR is decoded the host mapping is mapped into the guest
+//! there ([`VmHooks::map_memory`]); accesses that still trap are served from the mapping.
 
 mod common;
 mod interrupt;
@@ -20,6 +25,8 @@ mod state;
 
 #[cfg(test)]
 mod e2e_tests;
+#[cfg(test)]
+mod shm_tests;
 #[cfg(test)]
 mod tests;
 
@@ -31,10 +38,12 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
-use crate::pci::config::{BarKind, PciConfig, PciConfigParams};
+use crate::pci::config::{split_u64, BarKind, PciConfig, PciConfigParams};
 use crate::pci::msix::{MsixConfig, MSIX_CAP_ID};
 use crate::pci::{PciBar, PciDevice, PciError, VmHooks};
-use crate::virtio::{device_type, ActivateError, ActiveQueue, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::virtio::{
+    device_type, ActivateError, ActiveQueue, ShmRegion, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::GuestMem;
 
 pub use common::{status, COMMON_CFG_LEN};
@@ -44,6 +53,8 @@ pub use state::{QueueState, RestoreError, VirtioPciState};
 
 /// Size of BAR 0.
 pub const BAR0_SIZE: u64 = 0x4000;
+/// The BAR of a device's shared memory (64-bit prefetchable; registers 2 and 3).
+pub const SHM_BAR: usize = 2;
 /// Offset of the common configuration in BAR 0.
 pub const COMMON_OFFSET: u64 = 0x0000;
 /// Offset of the ISR status in BAR 0.
@@ -76,6 +87,7 @@ mod cfg_type {
     pub const ISR: u8 = 3;
     pub const DEVICE: u8 = 4;
     pub const PCI_CFG: u8 = 5;
+    pub const SHARED_MEMORY: u8 = 8;
 }
 
 /// Errors building a virtio-pci function.
@@ -118,6 +130,8 @@ pub struct VirtioPciDevice {
     activated: bool,
     /// Where BAR 0 is decoded, if it is (the ioeventfds are registered there).
     bar0_mapped: Option<u64>,
+    /// Where the shared-memory BAR is mapped into the guest, if it is.
+    shm_mapped: Option<u64>,
 }
 
 impl VirtioPciDevice {
@@ -171,6 +185,12 @@ impl VirtioPciDevice {
         for (kind, offset, len) in caps {
             config.add_capability(CAP_VENDOR, &virtio_cap(kind, offset, len, None))?;
         }
+        if let Some(shm) = device.shared_memory() {
+            config.add_bar(SHM_BAR, shm.size(), BarKind::Mem64Prefetchable)?;
+            for r in shm.regions() {
+                config.add_capability(CAP_VENDOR, &shm_cap(r))?;
+            }
+        }
         let notify_len = num_queues as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
         config.add_capability(
             CAP_VENDOR,
@@ -206,6 +226,7 @@ impl VirtioPciDevice {
             offered_features,
             activated: false,
             bar0_mapped: None,
+            shm_mapped: None,
         })
     }
 
@@ -289,6 +310,31 @@ impl VirtioPciDevice {
         self.bar0_mapped = new;
     }
 
+    /// Moves the guest mapping of the shared memory from the old BAR address to `new`.
+    fn move_shm(&mut self, new: Option<u64>) {
+        let Some(shm) = self.device.shared_memory() else {
+            return;
+        };
+        let (host, size) = (shm.host_addr(), shm.size());
+        if let Some(old) = self.shm_mapped.take() {
+            if let Err(e) = self.hooks.unmap_memory(old, size) {
+                tracing::warn!("virtio-pci: unmapping shared memory at {old:#x}: {e}");
+            }
+        }
+        if let Some(base) = new {
+            match self.hooks.map_memory(base, host, size) {
+                Ok(()) => self.shm_mapped = Some(base),
+                // Guest accesses then trap and are served by `bar_read`/`bar_write`.
+                Err(e) => tracing::debug!("virtio-pci: shared memory not mapped: {e}"),
+            }
+        }
+    }
+
+    /// What the device counted so far.
+    pub fn counters(&self) -> crate::virtio::CounterValues {
+        self.device.counters()
+    }
+
     /// Config dword of the VIRTIO_PCI_CAP_PCI_CFG data field.
     fn pci_cfg_data_reg(&self) -> usize {
         (self.pci_cfg_cap + 16) / 4
@@ -323,12 +369,26 @@ fn notify_addr(bar: u64, q: usize) -> u64 {
     bar.wrapping_add(NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER))
 }
 
-/// The body of a virtio_pci_cap (after the ID/next bytes) for BAR 0.
+/// The body of a virtio_pci_cap64 (after the ID/next bytes) for a shared-memory region:
+/// cap_len 24, cfg_type 8, BAR, shmid, then the offset and length split in 32-bit halves.
+fn shm_cap(r: &ShmRegion) -> Vec<u8> {
+    let (off_lo, off_hi) = split_u64(r.offset);
+    let (len_lo, len_hi) = split_u64(r.len);
+    // SHM_BAR is 2.
+    let mut b = vec![24, cfg_type::SHARED_MEMORY, 2, r.id, 0, 0];
+    for v in [off_lo, len_lo, off_hi, len_hi] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    b
+}
+
+/// The body of a virtio_pci_cap (after the ID/next bytes) for BAR 0, whose offsets and lengths
+/// all fit in 32 bits.
 fn virtio_cap(kind: u8, offset: u64, length: u64, notify_mult: Option<u32>) -> Vec<u8> {
     let cap_len: u8 = if notify_mult.is_some() { 20 } else { 16 };
     let mut b = vec![cap_len, kind, 0, 0, 0, 0];
-    b.extend_from_slice(&(offset as u32).to_le_bytes());
-    b.extend_from_slice(&(length as u32).to_le_bytes());
+    b.extend_from_slice(&split_u64(offset).0.to_le_bytes());
+    b.extend_from_slice(&split_u64(length).0.to_le_bytes());
     if let Some(m) = notify_mult {
         b.extend_from_slice(&m.to_le_bytes());
     }
@@ -379,6 +439,12 @@ impl PciDevice for VirtioPciDevice {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         data.fill(0);
+        if bar == SHM_BAR {
+            if let Some(shm) = self.device.shared_memory() {
+                shm.read(offset, data);
+            }
+            return;
+        }
         if bar != 0 || data.is_empty() {
             return;
         }
@@ -408,6 +474,12 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        if bar == SHM_BAR {
+            if let Some(shm) = self.device.shared_memory() {
+                shm.write(offset, data);
+            }
+            return;
+        }
         if bar != 0 || data.is_empty() {
             return;
         }
@@ -444,8 +516,10 @@ impl PciDevice for VirtioPciDevice {
     }
 
     fn bar_remapped(&mut self, bar: usize, _old: Option<u64>, new: Option<u64>) {
-        if bar == 0 {
-            self.move_ioevents(new);
+        match bar {
+            0 => self.move_ioevents(new),
+            SHM_BAR => self.move_shm(new),
+            _ => {}
         }
     }
 }
@@ -453,6 +527,7 @@ impl PciDevice for VirtioPciDevice {
 impl Drop for VirtioPciDevice {
     fn drop(&mut self) {
         self.move_ioevents(None);
+        self.move_shm(None);
         if self.activated {
             self.device.reset();
         }
