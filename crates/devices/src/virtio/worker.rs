@@ -44,6 +44,8 @@ struct PauseState {
     requested: bool,
     /// The worker is parked (between two epoll rounds, no chain in flight).
     parked: bool,
+    /// The handle is stopping the worker: a parked worker exits without another round.
+    stopping: bool,
 }
 
 #[derive(Default)]
@@ -131,7 +133,12 @@ impl WorkerHandle {
     }
 
     fn stop_and_join(&mut self) {
-        self.resume();
+        {
+            let mut st = self.ctl.lock();
+            st.stopping = true;
+            st.requested = false;
+            self.ctl.changed.notify_all();
+        }
         if let Some(thread) = self.thread.take() {
             if let Err(e) = self.stop.write(1) {
                 tracing::error!("cannot signal virtio worker to stop: {e}");
@@ -195,8 +202,8 @@ pub fn spawn_worker<W: DeviceWorker>(
     let pause = EventFd::new(EFD_NONBLOCK)?;
     add_fd(&epoll, stop.as_raw_fd(), STOP_TOKEN, EventSet::IN)?;
     add_fd(&epoll, pause.as_raw_fd(), PAUSE_TOKEN, EventSet::IN)?;
-    for (i, kick) in kicks.iter().enumerate() {
-        add_fd(&epoll, kick.as_raw_fd(), i as u64, EventSet::IN)?;
+    for (token, kick) in (0u64..).zip(&kicks) {
+        add_fd(&epoll, kick.as_raw_fd(), token, EventSet::IN)?;
     }
     worker.register(&epoll)?;
     let ctl = Arc::new(PauseCtl::default());
@@ -223,13 +230,14 @@ pub fn remove_fd(epoll: &Epoll, fd: RawFd) -> io::Result<()> {
     epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default())
 }
 
-/// Parks the calling worker thread until the handle resumes it.
-fn park(pause: &EventFd, ctl: &PauseCtl) {
+/// Parks the calling worker thread until the handle resumes it. Returns true if the handle
+/// is stopping the worker instead: it must exit without touching its queues again.
+fn park(pause: &EventFd, ctl: &PauseCtl) -> bool {
     // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
     let _ = pause.read();
     let mut st = ctl.lock();
     if !st.requested {
-        return;
+        return st.stopping;
     }
     st.parked = true;
     ctl.changed.notify_all();
@@ -237,6 +245,7 @@ fn park(pause: &EventFd, ctl: &PauseCtl) {
         st = ctl.changed.wait(st).unwrap_or_else(|e| e.into_inner());
     }
     st.parked = false;
+    st.stopping
 }
 
 fn run<W: DeviceWorker>(
@@ -259,30 +268,33 @@ fn run<W: DeviceWorker>(
                 return;
             }
         };
+        let ready = events.get(..n).unwrap_or_default();
+        // Stopping wins over whatever else is ready in the same round.
+        if ready.iter().any(|ev| ev.data() == STOP_TOKEN) {
+            return;
+        }
         let mut pause_asked = false;
-        for ev in events.iter().take(n) {
+        for ev in ready {
             let token = ev.data();
-            if token == STOP_TOKEN {
-                return;
-            }
             if token == PAUSE_TOKEN {
                 pause_asked = true;
                 continue;
             }
-            if let Some(kick) = kicks
-                .get(token as usize)
+            let queue = usize::try_from(token)
+                .ok()
                 .filter(|_| token < BACKEND_TOKEN_BASE)
-            {
+                .and_then(|q| Some((q, kicks.get(q)?)));
+            if let Some((queue, kick)) = queue {
                 // Drain the counter; a spurious wake-up (EAGAIN) is harmless.
                 let _ = kick.read();
-                worker.queue_kicked(&epoll, token as usize);
+                worker.queue_kicked(&epoll, queue);
             } else {
                 worker.backend_event(&epoll, token, ev.event_set());
             }
         }
         // Park only after the whole round: every handler has completed what it popped.
-        if pause_asked {
-            park(pause, ctl);
+        if pause_asked && park(pause, ctl) {
+            return;
         }
     }
 }

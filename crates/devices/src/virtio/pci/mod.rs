@@ -26,6 +26,8 @@ mod state;
 #[cfg(test)]
 mod e2e_tests;
 #[cfg(test)]
+mod lifecycle_tests;
+#[cfg(test)]
 mod shm_tests;
 #[cfg(test)]
 mod tests;
