@@ -164,6 +164,10 @@ mod tests {
             .unwrap();
         assert_eq!(tail, [0u8; 16], "nothing written past the cap");
         assert!(wait_until(|| irq.signals_for(0) >= 1));
+        let c = rng.counters();
+        assert_eq!((c.requests, c.errors), (2, 0));
+        assert_eq!(c.bytes, 128 + MAX_REQUEST_BYTES as u64);
+        assert_eq!(c.interrupts, irq.signals_for(0) as u64);
 
         // Reset stops the worker; the device can be activated again.
         rng.reset();
@@ -212,6 +216,8 @@ mod tests {
         kicks[0].write(1).unwrap();
         assert!(wait_until(|| tq.used_idx(&mem) == 1));
         assert_eq!(tq.used_elem(&mem, 0), (0, 0));
+        assert_eq!(rng.counters().errors, 1);
+        assert_eq!(rng.counters().requests, 0);
         // An avail index jumping past the queue size breaks the queue.
         tq.set_avail_idx(&mem, 100);
         kicks[0].write(1).unwrap();

@@ -449,3 +449,5 @@ impl VirtQueue {
 
 #[cfg(test)]
 pub(crate) mod testing;
+#[cfg(test)]
+mod tests;
