@@ -12,6 +12,7 @@
 
 pub mod bus;
 pub mod legacy;
+mod narrow;
 pub mod pci;
 pub mod ratelimit;
 pub mod virtio;

@@ -31,8 +31,10 @@ impl BusDevice for AcpiPm {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let regs: [u16; 4] = [0, self.enable, PM1_CNT_SCI_EN, 0];
         for (i, b) in data.iter_mut().enumerate() {
-            let at = offset as usize + i;
-            *b = regs.get(at / 2).map_or(0, |r| r.to_le_bytes()[at % 2]);
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *b = at
+                .and_then(|at| Some(regs.get(at / 2)?.to_le_bytes()[at % 2]))
+                .unwrap_or(0);
         }
     }
 

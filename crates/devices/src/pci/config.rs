@@ -119,13 +119,13 @@ impl PciConfig {
 
     /// A guest write of `data` at byte `offset` of dword `reg`: only writable bits change.
     pub fn write(&mut self, reg: usize, offset: u64, data: &[u8]) {
-        let Some(base) = reg
-            .checked_mul(4)
-            .and_then(|r| r.checked_add(offset as usize))
-        else {
+        let Ok(offset) = usize::try_from(offset) else {
             return;
         };
-        if offset >= 4 || offset as usize + data.len() > 4 {
+        let Some(base) = reg.checked_mul(4).and_then(|r| r.checked_add(offset)) else {
+            return;
+        };
+        if offset >= 4 || offset + data.len() > 4 {
             return;
         }
         for (i, v) in data.iter().enumerate() {
@@ -272,15 +272,16 @@ impl PciConfig {
     pub fn add_capability(&mut self, id: u8, body: &[u8]) -> Result<usize, PciError> {
         let len = body.len() + 2;
         let at = self.next_cap;
+        let at_reg = u8::try_from(at).map_err(|_| PciError::CapabilitySpace { len })?;
         if at + len > CONFIG_SPACE_SIZE {
             return Err(PciError::CapabilitySpace { len });
         }
         self.put(at, &[id, 0]);
         self.put(at + 2, body);
         match self.last_cap {
-            Some(prev) => self.put(prev + 1, &[at as u8]),
+            Some(prev) => self.put(prev + 1, &[at_reg]),
             None => {
-                self.put(CAP_PTR, &[at as u8]);
+                self.put(CAP_PTR, &[at_reg]);
                 let status = u16::from_le_bytes([self.bytes[STATUS], self.bytes[STATUS + 1]]);
                 self.put(STATUS, &(status | STATUS_CAP_LIST).to_le_bytes());
             }

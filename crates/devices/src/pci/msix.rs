@@ -183,7 +183,8 @@ impl MsixConfig {
     /// The capability body (message control, table and PBA locations) for config space.
     pub fn capability_body(&self, bar: u8, table_offset: u32, pba_offset: u32) -> [u8; 10] {
         let mut b = [0u8; CAP_BODY_LEN];
-        let ctl = (self.entries.len() - 1) as u16;
+        // Table size N - 1 in 11 bits; `new` refuses more than 2048 vectors.
+        let ctl = u16::try_from(self.entries.len() - 1).unwrap_or(0x7ff) & 0x7ff;
         b[0..2].copy_from_slice(&ctl.to_le_bytes());
         b[2..6].copy_from_slice(&((table_offset & !7) | u32::from(bar & 7)).to_le_bytes());
         b[6..10].copy_from_slice(&((pba_offset & !7) | u32::from(bar & 7)).to_le_bytes());
@@ -239,22 +240,23 @@ impl MsixConfig {
         if data.is_empty() || end > self.table_size() {
             return;
         }
-        let mut dw = offset / 4;
+        let (Ok(start), Ok(end)) = (usize::try_from(offset), usize::try_from(end)) else {
+            return;
+        };
+        let mut dw = start / 4;
         while dw * 4 < end {
-            let mut bytes = self.entries[(dw / 4) as usize]
-                .dword((dw % 4) as usize)
-                .to_le_bytes();
+            let (entry, field) = (dw / 4, dw % 4);
+            let Some(e) = self.entries.get(entry) else {
+                return;
+            };
+            let mut bytes = e.dword(field).to_le_bytes();
             for (k, b) in bytes.iter_mut().enumerate() {
-                let at = dw * 4 + k as u64;
-                if at >= offset && at < end {
-                    *b = data[(at - offset) as usize];
+                let at = dw * 4 + k;
+                if let Some(&v) = at.checked_sub(start).and_then(|i| data.get(i)) {
+                    *b = v;
                 }
             }
-            self.write_dword(
-                (dw / 4) as usize,
-                (dw % 4) as usize,
-                u32::from_le_bytes(bytes),
-            );
+            self.write_dword(entry, field, u32::from_le_bytes(bytes));
             dw += 1;
         }
     }
@@ -366,8 +368,9 @@ mod tests {
 
     fn program(m: &mut MsixConfig, v: u64, addr: u64, data: u32) {
         let base = v * MSIX_ENTRY_SIZE;
-        m.table_write(base, &(addr as u32).to_le_bytes());
-        m.table_write(base + 4, &((addr >> 32) as u32).to_le_bytes());
+        let (lo, hi) = crate::pci::config::split_u64(addr);
+        m.table_write(base, &lo.to_le_bytes());
+        m.table_write(base + 4, &hi.to_le_bytes());
         m.table_write(base + 8, &data.to_le_bytes());
         m.table_write(base + 12, &0u32.to_le_bytes());
     }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use super::config::{PciConfig, PciConfigParams, BAR0_REG, NUM_BARS};
 use super::{PciBar, PciDevice, PciError};
 use crate::bus::{lock, BusDevice};
+use crate::narrow::{low_u32, low_u8};
 
 /// A PCI function shared between the root and the VMM.
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
@@ -306,7 +307,8 @@ fn root_config_read(root: &PciRoot, bdf: (u8, u8, u8), start: u64, data: &mut [u
     let len = data.len();
     for_each_dword(start, len, |reg, off, range| {
         let v = root.config_read(bdf.0, bdf.1, bdf.2, reg).to_le_bytes();
-        let off = off as usize;
+        // off < 4 and off + range.len() <= 4 (for_each_dword keeps pieces in one dword).
+        let off = usize::from(crate::narrow::low_u8(off));
         data[range.clone()].copy_from_slice(&v[off..off + range.len()]);
     });
 }
@@ -336,10 +338,11 @@ impl PciConfigIo {
         if a & 0x8000_0000 == 0 {
             return None;
         }
+        let a64 = u64::from(a);
         let bdf = (
-            (a >> 16) as u8,
-            ((a >> 11) & 0x1f) as u8,
-            ((a >> 8) & 7) as u8,
+            low_u8(a64 >> 16),
+            low_u8((a64 >> 11) & 0x1f),
+            low_u8((a64 >> 8) & 7),
         );
         Some((bdf, u64::from(a & 0xfc)))
     }
@@ -364,7 +367,7 @@ impl BusDevice for PciConfigIo {
         let len = data.len() as u64;
         match offset {
             0 if len == 4 => {
-                self.address = super::le_bytes_to_u64(data) as u32 & 0x80ff_fffc;
+                self.address = low_u32(super::le_bytes_to_u64(data)) & 0x80ff_fffc;
             }
             4..=7 if offset - 4 + len <= 4 => {
                 if let Some((bdf, reg)) = self.target() {
@@ -514,7 +517,8 @@ mod tests {
             self.config.set_bar_addr(index, addr)
         }
         fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-            data.fill((bar as u8) << 4 | offset as u8);
+            // A recognisable byte: BAR in the high nibble, offset in the low one.
+            data.fill(low_u8((bar as u64) << 4 | (offset & 0xf)));
         }
         fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
             lock(&self.log).push(format!("w{bar}:{offset:#x}:{data:?}"));

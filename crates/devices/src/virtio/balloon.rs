@@ -238,8 +238,8 @@ impl BalloonHandle {
         if pages > u64::from(s.max_pages) {
             return Err(too_large());
         }
-        // pages <= max_pages, a u32.
-        s.num_pages.store(pages as u32, Ordering::Release);
+        let pages = u32::try_from(pages).map_err(|_| too_large())?;
+        s.num_pages.store(pages, Ordering::Release);
         if let Some(irq) = lock(&s.interrupt).as_ref() {
             irq.signal_config();
         }

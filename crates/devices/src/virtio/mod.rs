@@ -85,6 +85,9 @@ pub enum ActivateError {
     /// The driver did not set up a queue the device needs, or set up an invalid one.
     #[error("queue {0} is not usable")]
     BadQueue(u16),
+    /// The driver set DRIVER_OK without FEATURES_OK.
+    #[error("DRIVER_OK without FEATURES_OK")]
+    NoFeaturesOk,
     /// The backend (file, tap, socket, thread) failed.
     #[error("device backend failed: {0}")]
     Backend(#[from] std::io::Error),

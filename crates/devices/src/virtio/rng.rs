@@ -155,7 +155,7 @@ mod tests {
         kicks[0].write(1).unwrap();
         assert!(wait_until(|| tq.used_idx(&mem) == 2));
         assert_eq!(tq.used_elem(&mem, 0), (0, 128));
-        assert_eq!(tq.used_elem(&mem, 1), (2, MAX_REQUEST_BYTES as u32));
+        assert_eq!(tq.used_elem(&mem, 1), (2, 64 << 10));
         let mut a = [0u8; 100];
         mem.read_slice(&mut a, GuestAddress(0x10000)).unwrap();
         assert!(a.iter().any(|&b| b != a[0]), "bytes are not constant");

@@ -308,7 +308,9 @@ pub fn prepare_queues(
     expected: usize,
 ) -> Result<(Vec<VirtQueue>, Vec<EventFd>), ActivateError> {
     if queues.len() != expected {
-        return Err(ActivateError::BadQueue(queues.len() as u16));
+        return Err(ActivateError::BadQueue(
+            u16::try_from(queues.len()).unwrap_or(u16::MAX),
+        ));
     }
     let mut vqs = Vec::with_capacity(queues.len());
     let mut kicks = Vec::with_capacity(queues.len());

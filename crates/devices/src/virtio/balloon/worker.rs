@@ -49,6 +49,10 @@ fn discard(host: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// [`PAGE_SIZE`] as a host length.
+const PAGE_BYTES: usize = 4096;
+const _: () = assert!(PAGE_BYTES as u64 == PAGE_SIZE);
+
 /// A contiguous host range being accumulated before one `madvise`.
 #[derive(Default)]
 struct Run {
@@ -60,12 +64,12 @@ impl Run {
     /// Adds a page at `host`, flushing the run first if it is not contiguous.
     fn add(&mut self, host: usize) {
         if self.len > 0 && self.host.checked_add(self.len) == Some(host) {
-            self.len += PAGE_SIZE as usize;
+            self.len += PAGE_BYTES;
             return;
         }
         self.flush();
         self.host = host;
-        self.len = PAGE_SIZE as usize;
+        self.len = PAGE_BYTES;
     }
 
     fn flush(&mut self) {

@@ -22,6 +22,13 @@ pub struct Tap {
     name: String,
 }
 
+/// `ifr_flags` of the TUNSETIFF request: a TAP without packet info, with vnet headers
+/// (0x5002, which fits the C short).
+#[allow(clippy::cast_possible_truncation)] // The constant's value is checked below.
+const TAP_FLAGS: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as _;
+const _: () =
+    assert!(TAP_FLAGS as libc::c_int == libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
+
 impl Tap {
     /// Attaches to the TAP interface `name`, creating it if it does not exist (needs
     /// CAP_NET_ADMIN). A name containing `%d` lets the kernel pick the number.
@@ -38,7 +45,7 @@ impl Tap {
             .map_err(NetError::OpenTun)?;
         let mut req = IfReq {
             name: [0; libc::IFNAMSIZ],
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            flags: TAP_FLAGS,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -51,7 +58,8 @@ impl Tap {
                 io::Error::last_os_error(),
             ));
         }
-        let hdr_len = VNET_HDR_LEN as libc::c_int;
+        let hdr_len = libc::c_int::try_from(VNET_HDR_LEN)
+            .map_err(|_| NetError::SetVnetHdr(io::ErrorKind::InvalidInput.into()))?;
         // SAFETY: TUNSETVNETHDRSZ reads one int from the pointer, which points to `hdr_len`.
         let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr_len) };
         if ret < 0 {

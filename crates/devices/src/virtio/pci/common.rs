@@ -4,11 +4,13 @@
 use std::sync::atomic::Ordering;
 
 use super::VirtioPciDevice;
+use crate::narrow::{low_u16, low_u32, low_u8};
 use crate::pci::{le_bytes_to_u64, read_slice};
 use crate::virtio::Interrupt;
 
 /// Length of the common configuration structure.
-pub const COMMON_CFG_LEN: u64 = 0x38;
+pub const COMMON_CFG_LEN: u64 = COMMON_CFG_BYTES as u64;
+const COMMON_CFG_BYTES: usize = 0x38;
 
 /// Device status bits (virtio 1.1, 2.1).
 pub mod status {
@@ -66,6 +68,11 @@ pub(super) struct CommonRegs {
     pub queue_select: u16,
 }
 
+/// `n` (a queue count, at most MAX_QUEUES) as a u16.
+fn len_u16(n: usize) -> u16 {
+    u16::try_from(n).unwrap_or(u16::MAX)
+}
+
 /// Replaces the low (`hi == false`) or high half of `v`.
 fn set_half(v: u64, hi: bool, half: u32) -> u64 {
     if hi {
@@ -77,15 +84,19 @@ fn set_half(v: u64, hi: bool, half: u32) -> u64 {
 
 impl VirtioPciDevice {
     /// The common configuration as bytes (reads have no side effects).
-    fn common_snapshot(&self) -> [u8; COMMON_CFG_LEN as usize] {
-        let mut b = [0u8; COMMON_CFG_LEN as usize];
+    fn common_snapshot(&self) -> [u8; COMMON_CFG_BYTES] {
+        let mut b = [0u8; COMMON_CFG_BYTES];
         let mut put = |off: u64, bytes: &[u8]| {
-            let off = off as usize;
-            b[off..off + bytes.len()].copy_from_slice(bytes);
+            let dst = usize::try_from(off)
+                .ok()
+                .and_then(|o| b.get_mut(o..o.checked_add(bytes.len())?));
+            if let Some(dst) = dst {
+                dst.copy_from_slice(bytes);
+            }
         };
         let feature_half = |features: u64, select: u32| match select {
-            0 => features as u32,
-            1 => (features >> 32) as u32,
+            0 => low_u32(features),
+            1 => low_u32(features >> 32),
             _ => 0,
         };
         let r = &self.common;
@@ -110,7 +121,8 @@ impl VirtioPciDevice {
             MSIX_CONFIG,
             &irq.config_vector.load(Ordering::Acquire).to_le_bytes(),
         );
-        put(0x12, &(self.queues.len() as u16).to_le_bytes());
+        // At most MAX_QUEUES queues.
+        put(0x12, &len_u16(self.queues.len()).to_le_bytes());
         put(DEVICE_STATUS, &[irq.status.load(Ordering::Acquire)]);
         put(0x15, &[irq.config_generation.load(Ordering::Acquire)]);
         put(QUEUE_SELECT, &r.queue_select.to_le_bytes());
@@ -141,19 +153,19 @@ impl VirtioPciDevice {
     pub(super) fn common_write(&mut self, offset: u64, data: &[u8]) {
         let v = le_bytes_to_u64(data);
         match (offset, data.len()) {
-            (DEVICE_FEATURE_SELECT, 4) => self.common.device_feature_select = v as u32,
-            (DRIVER_FEATURE_SELECT, 4) => self.common.driver_feature_select = v as u32,
-            (DRIVER_FEATURE, 4) => self.write_driver_features(v as u32),
+            (DEVICE_FEATURE_SELECT, 4) => self.common.device_feature_select = low_u32(v),
+            (DRIVER_FEATURE_SELECT, 4) => self.common.driver_feature_select = low_u32(v),
+            (DRIVER_FEATURE, 4) => self.write_driver_features(low_u32(v)),
             (MSIX_CONFIG, 2) => {
-                let vector = self.interrupt.valid_vector(v as u16);
+                let vector = self.interrupt.valid_vector(low_u16(v));
                 self.interrupt
                     .config_vector
                     .store(vector, Ordering::Release);
             }
-            (DEVICE_STATUS, 1) => self.write_status(v as u8),
-            (QUEUE_SELECT, 2) => self.common.queue_select = v as u16,
+            (DEVICE_STATUS, 1) => self.write_status(low_u8(v)),
+            (QUEUE_SELECT, 2) => self.common.queue_select = low_u16(v),
             (QUEUE_MSIX_VECTOR, 2) => {
-                let vector = self.interrupt.valid_vector(v as u16);
+                let vector = self.interrupt.valid_vector(low_u16(v));
                 if let Some(q) = self
                     .interrupt
                     .queue_vectors
@@ -197,7 +209,7 @@ impl VirtioPciDevice {
         };
         match offset {
             QUEUE_SIZE => {
-                let size = v as u16;
+                let size = low_u16(v);
                 if size.is_power_of_two() && size <= q.max_size {
                     q.size = size;
                 }
@@ -217,7 +229,7 @@ impl VirtioPciDevice {
                 *field = if len == 8 {
                     v
                 } else {
-                    set_half(*field, offset % 8 == 4, v as u32)
+                    set_half(*field, offset % 8 == 4, low_u32(v))
                 };
             }
         }
@@ -243,9 +255,9 @@ impl VirtioPciDevice {
         self.interrupt.status.fetch_or(new, Ordering::AcqRel);
         if activate {
             let result = if new & status::FEATURES_OK == 0 {
-                Err("DRIVER_OK without FEATURES_OK".to_string())
+                Err(crate::virtio::ActivateError::NoFeaturesOk)
             } else {
-                self.activate().map_err(|e| e.to_string())
+                self.activate()
             };
             if let Err(e) = result {
                 tracing::warn!("virtio-pci: activating the device failed: {e}");

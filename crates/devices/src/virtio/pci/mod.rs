@@ -40,6 +40,7 @@ use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::bus::lock;
+use crate::narrow::low_u32;
 use crate::pci::config::{split_u64, BarKind, PciConfig, PciConfigParams};
 use crate::pci::msix::{MsixConfig, MSIX_CAP_ID};
 use crate::pci::{PciBar, PciDevice, PciError, VmHooks};
@@ -176,7 +177,7 @@ impl VirtioPciDevice {
         let msix = MsixConfig::new(num_queues + 1, hooks.clone())?;
         let msix_cap = config.add_capability(
             MSIX_CAP_ID,
-            &msix.capability_body(0, MSIX_TABLE_OFFSET as u32, MSIX_PBA_OFFSET as u32),
+            &msix.capability_body(0, low_u32(MSIX_TABLE_OFFSET), low_u32(MSIX_PBA_OFFSET)),
         )?;
         config.set_write_mask(msix_cap + 2, &MsixConfig::capability_write_mask());
         let caps = [
@@ -255,11 +256,11 @@ impl VirtioPciDevice {
         }
         let event_idx = self.common.driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
         let mut active = Vec::new();
-        for (i, (qc, kick)) in self.queues.iter().zip(&self.kicks).enumerate() {
+        for (index, (qc, kick)) in (0u16..).zip(self.queues.iter().zip(&self.kicks)) {
             if !qc.enabled {
                 continue;
             }
-            let index = i as u16;
+            let i = usize::from(index);
             let bad = |_| ActivateError::BadQueue(index);
             let mut queue = Queue::new(qc.max_size).map_err(bad)?;
             queue.try_set_size(qc.size).map_err(bad)?;

@@ -116,9 +116,9 @@ impl VirtioPciDevice {
         if !self.activated {
             return;
         }
-        for (i, q) in self.queues.iter().enumerate() {
+        for (i, q) in (0u16..).zip(&self.queues) {
             if q.enabled {
-                crate::virtio::Interrupt::signal_queue(&*self.interrupt, i as u16);
+                crate::virtio::Interrupt::signal_queue(&*self.interrupt, i);
             }
         }
     }

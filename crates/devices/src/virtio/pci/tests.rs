@@ -1,3 +1,6 @@
+// Test data: hand-built guest-side values and small constants, narrowed on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::QueueT;

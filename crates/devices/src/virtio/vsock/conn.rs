@@ -136,7 +136,7 @@ impl Conn {
                     let own = n.min(self.pending_own);
                     self.pending_own -= own;
                     // n <= CONN_BUF_ALLOC fits in u32.
-                    self.fwd_cnt = self.fwd_cnt.wrapping_add((n - own) as u32);
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(crate::narrow::len_u32(n - own));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),

@@ -11,6 +11,7 @@ use vmm_sys_util::epoll::{Epoll, EventSet};
 
 use super::conn::{Conn, State};
 use super::packet::*;
+use crate::narrow::len_u32;
 use crate::virtio::chain::Chain;
 use crate::virtio::worker::{add_fd, DeviceWorker, Popped, VirtQueue, BACKEND_TOKEN_BASE};
 use crate::virtio::{DeviceCounters, Interrupt};
@@ -513,9 +514,9 @@ impl Muxer {
                 }
                 Ok(n) => {
                     // n <= MAX_PKT_PAYLOAD fits in u32.
-                    conn.rx_cnt = conn.rx_cnt.wrapping_add(n as u32);
+                    conn.rx_cnt = conn.rx_cnt.wrapping_add(len_u32(n));
                     let mut hdr = conn.header(self.guest_cid, OP_RW);
-                    hdr.len = n as u32;
+                    hdr.len = len_u32(n);
                     let data = &self.buf[..n];
                     return Some(write_packet(&self.mem, chain, &hdr, data));
                 }
@@ -539,7 +540,7 @@ fn write_packet(mem: &GuestMem, chain: &Chain, hdr: &Header, data: &[u8]) -> u32
         && chain.write_at(mem, HDR_LEN, data).is_ok();
     if ok {
         // HDR_LEN + data (<= MAX_PKT_PAYLOAD) fits in u32.
-        (HDR_LEN + data.len()) as u32
+        len_u32(HDR_LEN + data.len())
     } else {
         0
     }
@@ -553,7 +554,8 @@ pub(super) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 
     // SAFETY: sockaddr_un is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX)
+        .map_err(|_| io::Error::from(io::ErrorKind::Unsupported))?;
     let bytes = path.as_os_str().as_bytes();
     if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
         return Err(io::ErrorKind::InvalidInput.into());
@@ -574,12 +576,14 @@ pub(super) fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
     }
     // SAFETY: `fd` is a freshly created socket that nothing else owns.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let addr_len = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `addr` is a valid sockaddr_un and the length passed is its size.
     let ret = unsafe {
         libc::connect(
             fd.as_raw_fd(),
             (&addr as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            addr_len,
         )
     };
     if ret < 0 {

@@ -1,3 +1,6 @@
+// Test data: hand-built guest-side values and small constants, narrowed on purpose.
+#![allow(clippy::cast_possible_truncation)]
+
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;

@@ -1,4 +1,6 @@
 //! Test helpers: guest memory, hand-built split virtqueues and a counting interrupt.
+// Test data: hand-built guest-side values and small constants, narrowed on purpose.
+#![allow(clippy::cast_possible_truncation)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
