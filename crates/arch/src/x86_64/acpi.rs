@@ -442,16 +442,10 @@ mod tests {
         window.extend_from_slice(&0u32.to_le_bytes());
         window.extend_from_slice(&0x2000_0000u32.to_le_bytes());
         assert!(contains(&dsdt, &window));
-        // QWordMemory window 0x100_0000_0000 + 64 GiB (granularity, min, max, translation,
+        // QWordMemory window 0x110_0000_0000 + 64 GiB (granularity, min, max, translation,
         // length), prefetchable and read-write.
         let mut window64 = Vec::new();
-        for v in [
-            0u64,
-            0x110_0000_0000,
-            0x11F_FFFF_FFFF,
-            0,
-            0x10_0000_0000,
-        ] {
+        for v in [0u64, 0x110_0000_0000, 0x11F_FFFF_FFFF, 0, 0x10_0000_0000] {
             window64.extend_from_slice(&v.to_le_bytes());
         }
         let at = dsdt
