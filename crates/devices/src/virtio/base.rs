@@ -148,7 +148,12 @@ impl DeviceCounters {
 
     /// A request failed or was malformed.
     pub fn error(&self) {
-        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.errors(1);
+    }
+
+    /// `n` requests (or parts of one) failed.
+    pub fn errors(&self, n: u64) {
+        self.errors.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The device notified the driver of used buffers.

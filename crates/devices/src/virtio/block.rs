@@ -154,15 +154,18 @@ impl Block {
             .next()
             .ok_or(ActivateError::BadQueue(0))?;
         Ok(BlockWorker {
-            mem: act.mem,
+            mem: act.mem.clone(),
             interrupt: act.interrupt,
-            counters: act.counters,
             queue,
-            file: self.file.clone(),
-            read_only: self.read_only,
-            capacity_bytes: self.capacity_bytes,
-            id: self.id,
-            buf: Vec::new(),
+            io: BlockIo {
+                mem: act.mem,
+                counters: act.counters,
+                file: self.file.clone(),
+                read_only: self.read_only,
+                capacity_bytes: self.capacity_bytes,
+                id: self.id,
+                buf: Vec::new(),
+            },
         })
     }
 }
@@ -187,10 +190,17 @@ impl VirtioDevice for Block {
 
 /// The block device's queue processing, run on its worker thread.
 struct BlockWorker {
+    /// Guest memory for the queue (the same as `io.mem`).
     mem: GuestMem,
     interrupt: Arc<dyn Interrupt>,
-    counters: Arc<DeviceCounters>,
     queue: VirtQueue,
+    io: BlockIo,
+}
+
+/// What executing requests needs: the image and the guest memory.
+struct BlockIo {
+    mem: GuestMem,
+    counters: Arc<DeviceCounters>,
     file: Arc<File>,
     read_only: bool,
     capacity_bytes: u64,
@@ -207,23 +217,20 @@ impl DeviceWorker for BlockWorker {
 impl BlockWorker {
     /// Handles every available request, then notifies the driver if needed.
     fn process_queue(&mut self) {
-        let interrupt = self.interrupt.clone();
-        while let Some(popped) = self.queue.pop(&self.mem, &*interrupt) {
-            let (head, used) = match popped {
-                Popped::Chain(chain) => (chain.head, self.handle(&chain)),
+        let io = &mut self.io;
+        self.queue
+            .serve(&self.mem, &*self.interrupt, |popped| match popped {
+                Popped::Chain(chain) => (chain.head, io.handle(&chain)),
                 Popped::Malformed { head, error } => {
                     crate::guest_warn!("virtio-blk: malformed request: {error}");
-                    self.counters.error();
+                    io.counters.error();
                     (head, 0)
                 }
-            };
-            if !self.queue.complete(&self.mem, &*interrupt, head, used) {
-                break;
-            }
-        }
-        self.queue.notify(&self.mem, &*interrupt);
+            });
     }
+}
 
+impl BlockIo {
     /// Executes one request and writes its status; returns the used length.
     fn handle(&mut self, chain: &Chain) -> u32 {
         let Some(status_at) = chain.writable_len().checked_sub(1) else {

@@ -78,34 +78,33 @@ impl DeviceWorker for RngWorker {
 
 impl RngWorker {
     fn process_queue(&mut self) {
-        let interrupt = self.interrupt.clone();
-        while let Some(popped) = self.queue.pop(&self.mem, &*interrupt) {
-            let (head, used) = match popped {
-                Popped::Chain(chain) => {
-                    let n = chain.writable_len().min(MAX_REQUEST_BYTES);
-                    self.buf.resize(n, 0);
-                    let ok = fill_random(&mut self.buf).is_ok()
-                        && chain.write_at(&self.mem, 0, &self.buf).is_ok();
-                    // n <= MAX_REQUEST_BYTES, which fits in u32.
-                    let used = if ok { u32::try_from(n).unwrap_or(0) } else { 0 };
-                    if ok {
-                        self.counters.request(u64::from(used));
-                    } else {
-                        self.counters.error();
-                    }
-                    (chain.head, used)
+        let RngWorker {
+            mem,
+            interrupt,
+            counters,
+            queue,
+            buf,
+        } = self;
+        queue.serve(mem, &**interrupt, |popped| match popped {
+            Popped::Chain(chain) => {
+                let n = chain.writable_len().min(MAX_REQUEST_BYTES);
+                buf.resize(n, 0);
+                let ok = fill_random(buf).is_ok() && chain.write_at(mem, 0, buf).is_ok();
+                // n <= MAX_REQUEST_BYTES, which fits in u32.
+                let used = if ok { u32::try_from(n).unwrap_or(0) } else { 0 };
+                if ok {
+                    counters.request(u64::from(used));
+                } else {
+                    counters.error();
                 }
-                Popped::Malformed { head, error } => {
-                    crate::guest_warn!("virtio-rng: malformed request: {error}");
-                    self.counters.error();
-                    (head, 0)
-                }
-            };
-            if !self.queue.complete(&self.mem, &*interrupt, head, used) {
-                break;
+                (chain.head, used)
             }
-        }
-        self.queue.notify(&self.mem, &*interrupt);
+            Popped::Malformed { head, error } => {
+                crate::guest_warn!("virtio-rng: malformed request: {error}");
+                counters.error();
+                (head, 0)
+            }
+        });
     }
 }
 

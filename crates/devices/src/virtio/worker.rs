@@ -436,6 +436,24 @@ impl VirtQueue {
         }
     }
 
+    /// Serves every available chain: `handle` gets each one (malformed ones too) and returns
+    /// its head and used length; each is completed, and the driver is notified once at the
+    /// end if it asked to be. Stops early if the queue breaks.
+    pub fn serve(
+        &mut self,
+        mem: &GuestMem,
+        interrupt: &dyn Interrupt,
+        mut handle: impl FnMut(Popped) -> (u16, u32),
+    ) {
+        while let Some(popped) = self.pop(mem, interrupt) {
+            let (head, used) = handle(popped);
+            if !self.complete(mem, interrupt, head, used) {
+                break;
+            }
+        }
+        self.notify(mem, interrupt);
+    }
+
     /// Signals the driver if completions since the last call require it.
     pub fn notify(&mut self, mem: &GuestMem, interrupt: &dyn Interrupt) {
         if self.broken || !std::mem::take(&mut self.completed) {

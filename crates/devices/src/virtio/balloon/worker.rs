@@ -158,32 +158,24 @@ impl BalloonWorker {
         };
         let (mem, irq, shared) = (&self.mem, &*self.interrupt, &*self.shared);
         let counters = &*self.counters;
-        while let Some(popped) = vq.pop(mem, irq) {
-            let head = match popped {
-                Popped::Chain(chain) => {
-                    let done = match role {
-                        QueueRole::Inflate => inflate(mem, shared, &chain),
-                        QueueRole::Deflate => deflate(shared, &chain),
-                        _ => report_free(mem, shared, &chain),
-                    };
-                    counters.request(done.bytes);
-                    for _ in 0..done.rejected {
-                        counters.error();
-                    }
-                    chain.head
-                }
-                Popped::Malformed { head, error } => {
-                    crate::guest_warn!("virtio-balloon: malformed {role:?} buffer: {error}");
-                    shared.rejected.fetch_add(1, Ordering::Relaxed);
-                    counters.error();
-                    head
-                }
-            };
-            if !vq.complete(mem, irq, head, 0) {
-                break;
+        vq.serve(mem, irq, |popped| match popped {
+            Popped::Chain(chain) => {
+                let done = match role {
+                    QueueRole::Inflate => inflate(mem, shared, &chain),
+                    QueueRole::Deflate => deflate(shared, &chain),
+                    _ => report_free(mem, shared, &chain),
+                };
+                counters.request(done.bytes);
+                counters.errors(done.rejected);
+                (chain.head, 0)
             }
-        }
-        vq.notify(mem, irq);
+            Popped::Malformed { head, error } => {
+                crate::guest_warn!("virtio-balloon: malformed {role:?} buffer: {error}");
+                shared.rejected.fetch_add(1, Ordering::Relaxed);
+                counters.error();
+                (head, 0)
+            }
+        });
     }
 
     /// Takes the driver's statistics buffer, records its contents and keeps it.

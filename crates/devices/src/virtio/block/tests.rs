@@ -203,7 +203,7 @@ fn out_of_range_and_bad_lengths() {
     );
     // More than the per-request cap (too big for the test's guest memory, so checked directly).
     assert_eq!(
-        h.worker.check_range(0, MAX_REQUEST_BYTES + 512),
+        h.worker.io.check_range(0, MAX_REQUEST_BYTES + 512),
         Err(VIRTIO_BLK_S_IOERR)
     );
     assert_eq!(disk.contents(), before);

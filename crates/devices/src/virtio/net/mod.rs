@@ -275,45 +275,46 @@ impl NetWorker {
 
     /// Sends every frame the driver queued for transmission.
     fn process_tx(&mut self) {
-        let interrupt = self.interrupt.clone();
+        let NetWorker {
+            mem,
+            interrupt,
+            counters,
+            tx,
+            backend,
+            ..
+        } = self;
         let mut buf = Vec::new();
-        while let Some(popped) = self.tx.pop(&self.mem, &*interrupt) {
-            let head = match popped {
-                Popped::Chain(chain) => {
-                    let len = chain.readable_len();
-                    if chain.writable_len() != 0
-                        || !(VNET_HDR_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN).contains(&len)
-                    {
-                        tracing::debug!("virtio-net: dropping malformed tx chain of {len} bytes");
-                        self.counters.error();
-                    } else {
-                        buf.clear();
-                        buf.resize(len, 0);
-                        if chain.read_at(&self.mem, 0, &mut buf).is_ok() {
-                            // Nothing negotiated gives the header meaning: send a zeroed one.
-                            buf[..VNET_HDR_LEN].fill(0);
-                            match self.backend.send(&buf) {
-                                Ok(_) => self.counters.request(len as u64),
-                                Err(e) => {
-                                    tracing::debug!("virtio-net: dropping tx frame: {e}");
-                                    self.counters.error();
-                                }
-                            }
+        tx.serve(mem, &**interrupt, |popped| match popped {
+            Popped::Chain(chain) => {
+                let len = chain.readable_len();
+                if chain.writable_len() != 0
+                    || !(VNET_HDR_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN).contains(&len)
+                {
+                    tracing::debug!("virtio-net: dropping malformed tx chain of {len} bytes");
+                    counters.error();
+                    return (chain.head, 0);
+                }
+                buf.clear();
+                buf.resize(len, 0);
+                if chain.read_at(mem, 0, &mut buf).is_ok() {
+                    // Nothing negotiated gives the header meaning: send a zeroed one.
+                    buf[..VNET_HDR_LEN].fill(0);
+                    match backend.send(&buf) {
+                        Ok(_) => counters.request(len as u64),
+                        Err(e) => {
+                            tracing::debug!("virtio-net: dropping tx frame: {e}");
+                            counters.error();
                         }
                     }
-                    chain.head
                 }
-                Popped::Malformed { head, error } => {
-                    crate::guest_warn!("virtio-net: malformed tx chain: {error}");
-                    self.counters.error();
-                    head
-                }
-            };
-            if !self.tx.complete(&self.mem, &*interrupt, head, 0) {
-                break;
+                (chain.head, 0)
             }
-        }
-        self.tx.notify(&self.mem, &*interrupt);
+            Popped::Malformed { head, error } => {
+                crate::guest_warn!("virtio-net: malformed tx chain: {error}");
+                counters.error();
+                (head, 0)
+            }
+        });
     }
 }
 
