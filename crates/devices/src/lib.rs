@@ -8,7 +8,10 @@
 //! - [`legacy`]: 16550 serial, i8042 reset, the power-off and debug-exit ports.
 //! - [`pci`]: the PCI host bridge (0xCF8/0xCFC and ECAM), BARs, MSI-X.
 //! - [`virtio`]: the virtio 1.x device contract, the virtio-pci transport, and the block, net,
-//!   vsock and rng devices.
+//!   vsock, rng and balloon devices.
+//!
+//! Saved state uses one vocabulary: a `*State` type, `save_state()` and `restore_state(&state)`
+//! (serial, MSI-X, the virtio-pci transport, and each virtio device's own bytes).
 
 pub mod bus;
 pub mod legacy;

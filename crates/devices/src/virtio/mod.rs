@@ -1,10 +1,14 @@
 //! Virtio 1.x devices and their PCI transport.
 //!
-//! A device model implements [`VirtioDevice`]: it declares its type, queues, features and config
-//! space, and when the driver sets DRIVER_OK it is [`activated`](VirtioDevice::activate) with the
-//! guest memory, its queues (each with the eventfd the guest kicks) and an [`Interrupt`] to signal
-//! the driver. A device processes its queues on a worker thread of its own and stops that thread
-//! on [`reset`](VirtioDevice::reset).
+//! A device model implements [`VirtioDevice`]: it embeds a [`VirtioBase`] (its type, queue sizes,
+//! offered and acked features, worker and [counters](DeviceCounters)), may have a config space,
+//! and builds its worker in [`start`](VirtioDevice::start). When the driver sets DRIVER_OK the
+//! trait's default [`activate`](VirtioDevice::activate) checks the queues, calls `start` with
+//! the guest memory, the prepared queues and an [`Interrupt`] to signal the driver, and runs the
+//! worker on a thread of its own; [`pause`](VirtioDevice::pause), `resume` and
+//! [`reset`](VirtioDevice::reset) act on that thread. A device's own snapshot state goes through
+//! [`save_state`](VirtioDevice::save_state)/[`restore_state`](VirtioDevice::restore_state), and
+//! it may expose [shared memory](SharedMemory). `rng.rs` is the smallest device.
 
 pub mod balloon;
 pub mod base;
