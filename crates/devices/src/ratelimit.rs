@@ -1,7 +1,7 @@
 //! Rate-limited warnings for events a guest can trigger at will.
 //!
 //! A hostile guest can submit malformed requests as fast as it likes; logging each one would let
-//! it flood the host's logs. [`guest_warn!`] logs the first few occurrences at each call site and
+//! it flood the host's logs. [`guest_warn!`](crate::guest_warn) logs the first few occurrences at each call site and
 //! then only every power-of-two-th one, with the running count.
 
 use std::sync::atomic::{AtomicU64, Ordering};
