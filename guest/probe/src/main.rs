@@ -12,6 +12,7 @@ mod boot;
 mod hostile;
 mod interrupts;
 mod mem;
+mod memcheck;
 mod paging;
 mod pci;
 mod port;
@@ -72,6 +73,7 @@ extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
         "counter" => counter(boot.arg_u64("pv.counter.ms", 100)),
         "agent" => agent::run(),
         "hostile" => hostile::run(),
+        "mem" => memcheck::run(),
         "pio-bench" => bench::pio(boot.arg_u64("pv.pio.iters", 1_000_000)),
         "blk-bench" => bench::blk(boot.arg_u64("pv.blk.mb", 64)),
         "selftest" => selftest(),

@@ -41,6 +41,13 @@ pub fn alloc_uninit(size: u64, align: u64) -> u64 {
     }
 }
 
+/// Takes the rest of the arena (no allocation succeeds after it); returns its start, 4 KiB
+/// aligned. The caller owns `[start, ARENA_END)` and may use RAM above the arena too.
+pub fn take_rest() -> u64 {
+    let cur = NEXT.swap(ARENA_END, Ordering::SeqCst);
+    ((cur + 0xFFF) & !0xFFF).min(ARENA_END)
+}
+
 /// Allocates one zeroed 4 KiB page.
 pub fn page() -> u64 {
     alloc(4096, 4096)
