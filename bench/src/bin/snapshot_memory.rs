@@ -1,0 +1,633 @@
+//! `snapshot_memory`: snapshot and restore of a guest whose RAM is dirtied, pocketvisor
+//! against QEMU (`migrate` to a file and `-incoming` from it) on the same probe guest.
+//!
+//! ```text
+//! cargo run -p bench --release --bin snapshot_memory -- [--runs 3] [--mem 256,1024]
+//!     [--words 2] [--no-qemu] [--json] [--bin PATH] [--probe PATH] [--work DIR]
+//! ```
+//!
+//! The probe runs `pv.mode=mem`: it writes a per-page pattern into all its RAM above the
+//! first 2 MiB, then, after an idle gap, reads every page back and checks it, pass after pass
+//! (`guest/probe/PROTOCOL.md`). After the second pass (pages mapped: the guest's own read
+//! speed, "warm pass") the VM is snapshotted during the idle gap, and restored in a new
+//! process. Per size and VMM, medians and min-max over `--runs` of:
+//!
+//! - snapshot: `pocketvisor snapshot --stop` wall time; QEMU: QMP `stop` + `migrate
+//!   exec:cat>FILE && sync FILE` until `completed` (QEMU 7.2 has no `file:` URI);
+//! - restore to first byte: spawning the restore to the first serial byte (a `mem idle`
+//!   line, printed every ms while the guest idles); QEMU: `-incoming exec:cat FILE`, then QMP
+//!   `cont` as soon as the incoming migration completed;
+//! - read-back: the restored guest's first pass over all of its memory (host time from its
+//!   `start` line to its end line), which must end `ok`; restore to full read-back = first
+//!   byte + read-back;
+//! - beside them: the warm pass before the snapshot, and `cat memory.bin > /dev/null` from the
+//!   page cache (for QEMU, the migration file).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bench::util::{ms, run_cmd, Args, Proc};
+use e2e::qemu::{Machine, QemuCommand};
+
+const USAGE: &str = "\
+usage: snapshot_memory [--runs N] [--mem MIB,MIB..] [--words N] [--gap MS] [--no-qemu] [--json]
+                       [--bin PATH] [--probe PATH] [--work DIR]
+
+Snapshot/restore of a probe guest that dirtied all its RAM (pv.mode=mem), pocketvisor vs
+QEMU -M microvm. The pocketvisor binary defaults to $POCKETVISOR_BIN, else
+target/release/pocketvisor (built first). Needs /dev/kvm.";
+
+#[derive(Debug, Clone)]
+struct Opts {
+    runs: usize,
+    mem: Vec<u64>,
+    words: u64,
+    gap_ms: u64,
+    qemu: bool,
+    json: bool,
+    bin: Option<PathBuf>,
+    probe: Option<PathBuf>,
+    work: Option<PathBuf>,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
+    let mut o = Opts {
+        runs: 3,
+        mem: vec![256, 1024],
+        words: 2,
+        gap_ms: 400,
+        qemu: true,
+        json: false,
+        bin: None,
+        probe: None,
+        work: None,
+    };
+    let mut args = Args::new(args, USAGE);
+    while let Some(arg) = args.next_flag() {
+        match arg.as_str() {
+            "--runs" => o.runs = args.parse("--runs")?,
+            "--mem" => o.mem = args.list("--mem")?,
+            "--words" => o.words = args.parse("--words")?,
+            "--gap" => o.gap_ms = args.parse("--gap")?,
+            "--no-qemu" => o.qemu = false,
+            "--json" => o.json = true,
+            "--bin" => o.bin = Some(args.value("--bin")?.into()),
+            "--probe" => o.probe = Some(args.value("--probe")?.into()),
+            "--work" => o.work = Some(args.value("--work")?.into()),
+            other => return Err(args.unknown(other)),
+        }
+    }
+    if o.runs == 0 || o.mem.iter().any(|&m| m < 64) || o.gap_ms < 50 {
+        bail!("--runs must be >= 1, every --mem >= 64 and --gap >= 50");
+    }
+    if !(1..=512).contains(&o.words) || !o.words.is_power_of_two() {
+        bail!("--words must be a power of two from 1 to 512");
+    }
+    Ok(o)
+}
+
+fn main() {
+    let result = parse_args(std::env::args().skip(1)).and_then(run);
+    if let Err(e) = result {
+        eprintln!("snapshot_memory: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Which VMM a sample is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Pocketvisor,
+    Qemu,
+}
+
+/// One run of one VMM and size, in ms.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sample {
+    warm_pass: f64,
+    snapshot: f64,
+    first_byte: f64,
+    read_back: f64,
+    cat: f64,
+}
+
+/// Median and range of one figure.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(v: &[f64]) -> Stat {
+    let finite = || v.iter().copied().filter(|x| x.is_finite());
+    Stat {
+        median: bench::util::median(v).unwrap_or(f64::NAN),
+        min: finite().fold(f64::INFINITY, f64::min),
+        max: finite().fold(f64::NEG_INFINITY, f64::max),
+    }
+}
+
+/// The figures of one VMM and size.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Figures {
+    vmm: &'static str,
+    memory_mib: u64,
+    dirtied_mib: u64,
+    runs: usize,
+    warm_pass_ms: Stat,
+    snapshot_ms: Stat,
+    restore_to_first_byte_ms: Stat,
+    read_back_after_restore_ms: Stat,
+    restore_to_full_read_back_ms: Stat,
+    cat_snapshot_file_ms: Stat,
+    /// read-back after restore / warm pass: what the lazily mapped memory adds.
+    read_back_over_warm: f64,
+    /// (read-back after restore - warm pass) / cat of the snapshot file.
+    restore_extra_over_cat: f64,
+    errors: Vec<String>,
+}
+
+struct Setup {
+    bin: PathBuf,
+    probe: PathBuf,
+    qemu: Option<PathBuf>,
+    work: PathBuf,
+    words: u64,
+    gap_ms: u64,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+fn run(o: Opts) -> Result<()> {
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing");
+    }
+    let bin = bench::util::pocketvisor_bin(o.bin.as_deref(), true, "snapshot_memory")?;
+    let probe = bench::util::probe_elf(o.probe.as_deref(), "snapshot_memory")?;
+    let qemu = if o.qemu {
+        QemuCommand::find_binary()
+    } else {
+        None
+    };
+    if o.qemu && qemu.is_none() {
+        eprintln!("snapshot_memory: qemu-system-x86_64 not found, pocketvisor only");
+    }
+    let work = o.work.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("pv-bench-snapmem-{}", std::process::id()))
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let s = Setup {
+        bin,
+        probe,
+        qemu,
+        work,
+        words: o.words,
+        gap_ms: o.gap_ms,
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut all = Vec::new();
+    for &mib in &o.mem {
+        let mut vmms = vec![Vmm::Pocketvisor];
+        if s.qemu.is_some() {
+            vmms.push(Vmm::Qemu);
+        }
+        let mut samples: Vec<(Vmm, Sample)> = Vec::new();
+        let mut errors: Vec<(Vmm, String)> = Vec::new();
+        let mut dirtied = 0;
+        for run in 0..o.runs {
+            // Alternate the order so neither VMM always runs on a warmer machine.
+            let order: Vec<Vmm> = if run % 2 == 0 {
+                vmms.clone()
+            } else {
+                vmms.iter().rev().copied().collect()
+            };
+            for vmm in order {
+                eprintln!(
+                    "snapshot_memory: {mib} MiB run {}/{} {vmm:?}",
+                    run + 1,
+                    o.runs
+                );
+                let dir = s.work.join(format!("{vmm:?}-{mib}-{run}"));
+                std::fs::create_dir_all(&dir)?;
+                match once(&s, vmm, mib, &dir) {
+                    Ok((sample, d)) => {
+                        dirtied = d;
+                        samples.push((vmm, sample));
+                    }
+                    Err(e) => errors.push((vmm, format!("{e:#}"))),
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        for vmm in vmms {
+            let of = |f: fn(&Sample) -> f64| -> Vec<f64> {
+                samples
+                    .iter()
+                    .filter(|(v, _)| *v == vmm)
+                    .map(|(_, s)| f(s))
+                    .collect()
+            };
+            let warm = stat(&of(|s| s.warm_pass));
+            let back = stat(&of(|s| s.read_back));
+            let cat = stat(&of(|s| s.cat));
+            all.push(Figures {
+                vmm: match vmm {
+                    Vmm::Pocketvisor => "pocketvisor",
+                    Vmm::Qemu => "qemu-microvm",
+                },
+                memory_mib: mib,
+                dirtied_mib: dirtied >> 20,
+                runs: of(|s| s.snapshot).len(),
+                snapshot_ms: stat(&of(|s| s.snapshot)),
+                restore_to_first_byte_ms: stat(&of(|s| s.first_byte)),
+                restore_to_full_read_back_ms: stat(&of(|s| s.first_byte + s.read_back)),
+                read_back_over_warm: back.median / warm.median,
+                restore_extra_over_cat: (back.median - warm.median) / cat.median,
+                warm_pass_ms: warm,
+                read_back_after_restore_ms: back,
+                cat_snapshot_file_ms: cat,
+                errors: errors
+                    .iter()
+                    .filter(|(v, _)| *v == vmm)
+                    .map(|(_, e)| e.clone())
+                    .collect(),
+            });
+        }
+    }
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        print!("{}", table(&all, &load, s.words));
+    }
+    Ok(())
+}
+
+fn table(all: &[Figures], load: &str, words: u64) -> String {
+    let mut t = String::new();
+    let f = |s: &Stat| format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max);
+    t.push_str(&format!(
+        "| VMM | RAM MiB (dirtied) | runs | snapshot ms | restore -> first byte ms | \
+         read-back after restore ms | restore -> full read-back ms | warm pass ms | \
+         cat snapshot file ms | read-back / warm | (read-back - warm) / cat |\n{}\n",
+        "|---".repeat(11) + "|"
+    ));
+    for x in all {
+        t.push_str(&format!(
+            "| {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.1} |\n",
+            x.vmm,
+            x.memory_mib,
+            x.dirtied_mib,
+            x.runs,
+            f(&x.snapshot_ms),
+            f(&x.restore_to_first_byte_ms),
+            f(&x.read_back_after_restore_ms),
+            f(&x.restore_to_full_read_back_ms),
+            f(&x.warm_pass_ms),
+            f(&x.cat_snapshot_file_ms),
+            x.read_back_over_warm,
+            x.restore_extra_over_cat,
+        ));
+        for e in &x.errors {
+            t.push_str(&format!("  error ({}): {e}\n", x.vmm));
+        }
+    }
+    t.push_str(&format!(
+        "\nmedian (min-max); probe pv.mode=mem, {words} pattern words per 4 KiB page, 1 vCPU; \
+         /proc/loadavg at start: {}",
+        load.trim()
+    ));
+    t.push('\n');
+    t
+}
+
+/// The serial log's lines (complete ones only).
+fn lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut v: Vec<String> = text.split('\n').map(|l| l.trim_end().to_string()).collect();
+    v.pop(); // the part after the last newline
+    v
+}
+
+/// Polls `path` every 0.2 ms until `pred` finds something in its lines; the time from `t0`.
+fn wait_lines<T>(
+    path: &Path,
+    t0: Instant,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&[String]) -> Option<T>,
+) -> Result<(Duration, T)> {
+    loop {
+        if let Some(v) = pred(&lines(path)) {
+            return Ok((t0.elapsed(), v));
+        }
+        if t0.elapsed() > timeout {
+            let tail = lines(path);
+            let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
+            bail!("timed out waiting for {what} in {}: {tail}", path.display());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// Field `key=` of a line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split(' ')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn timeout_for(mib: u64) -> Duration {
+    // About 0.15 ms per page touched under kvm_pvm (a fill and two passes), with a margin.
+    Duration::from_secs(60 + mib / 2)
+}
+
+/// One boot, snapshot and restore; the sample and the bytes dirtied.
+fn once(s: &Setup, vmm: Vmm, mib: u64, dir: &Path) -> Result<(Sample, u64)> {
+    let serial = dir.join("src.log");
+    let cmdline = format!(
+        "pv.mode=mem pv.mem.words={} pv.mem.gap={} pv.mem.tick=1",
+        s.words, s.gap_ms
+    );
+    let limit = timeout_for(mib);
+    let t0 = Instant::now();
+    let mut vm = Proc(match vmm {
+        Vmm::Pocketvisor => Command::new(&s.bin)
+            .arg("run")
+            .arg("--kernel")
+            .arg(&s.probe)
+            .args(["--cmdline", &cmdline, "--memory", &mib.to_string()])
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+        Vmm::Qemu => qemu_command(s, mib, &cmdline, &serial, &dir.join("qmp.sock"), None)
+            .spawn()
+            .context("start qemu")?,
+    });
+    // Pass 2 is the warm reference: pass 1 follows the fill, and ran slower in our runs.
+    let (_, (filled, warm)) = wait_lines(&serial, t0, limit, "mem pass n=2", |l| {
+        let filled = l.iter().find(|l| l.starts_with("PROBE mem filled "))?;
+        let pass = l
+            .iter()
+            .find(|l| l.starts_with("PROBE mem pass n=2 ") && !l.ends_with(" start"))?;
+        Some((filled.clone(), pass.clone()))
+    })?;
+    if !warm.contains(" ok ") {
+        bail!("the guest's second pass failed: {warm}");
+    }
+    let dirtied: u64 = field(&filled, "bytes")
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    let warm_us: f64 = field(&warm, "us")
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(f64::NAN);
+
+    // Snapshot during the idle gap after pass 2.
+    let snap = dir.join("snap");
+    let t = Instant::now();
+    let snap_file = match vmm {
+        Vmm::Pocketvisor => {
+            run_cmd(
+                Command::new(&s.bin)
+                    .args(["snapshot", "--api-socket"])
+                    .arg(dir.join("api.sock"))
+                    .arg("-o")
+                    .arg(&snap)
+                    .arg("--stop"),
+            )?;
+            snap.join("memory.bin")
+        }
+        Vmm::Qemu => {
+            let file = dir.join("migration.bin");
+            let mut q = Qmp::connect(&dir.join("qmp.sock"))?;
+            q.exec(r#"{"execute":"stop"}"#)?;
+            q.exec(&format!(
+                r#"{{"execute":"migrate","arguments":{{"uri":"exec:cat > {0} && sync {0}"}}}}"#,
+                file.display()
+            ))?;
+            q.wait_migration("completed", limit)?;
+            let _ = q.exec(r#"{"execute":"quit"}"#);
+            file
+        }
+    };
+    let snapshot = ms(t.elapsed());
+    let _ = vm.0.wait();
+    drop(vm);
+    let last_pass: u64 = lines(&serial)
+        .iter()
+        .filter_map(|l| l.strip_prefix("PROBE mem pass n=")?.strip_suffix(" start"))
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap_or(1);
+
+    // The page cache reference: the whole snapshot file read once.
+    let _ = run_cmd(Command::new("cat").arg(&snap_file).stdout(Stdio::null()));
+    let (_, cat) = run_cmd(Command::new("cat").arg(&snap_file).stdout(Stdio::null()))?;
+
+    // Restore.
+    let log = dir.join("dst.log");
+    let t0 = Instant::now();
+    let vm = Proc(match vmm {
+        Vmm::Pocketvisor => Command::new(&s.bin)
+            .arg("restore")
+            .arg(&snap)
+            .arg("--serial")
+            .arg(format!("file:{}", log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+        Vmm::Qemu => qemu_command(
+            s,
+            mib,
+            &cmdline,
+            &log,
+            &dir.join("qmp2.sock"),
+            Some(&snap_file),
+        )
+        .spawn()
+        .context("start qemu -incoming")?,
+    });
+    if vmm == Vmm::Qemu {
+        let mut q = Qmp::connect_within(&dir.join("qmp2.sock"), limit)?;
+        q.wait_migration("completed", limit)?;
+        q.exec(r#"{"execute":"cont"}"#)?;
+    }
+    let first_byte = loop {
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() > 0) {
+            break t0.elapsed();
+        }
+        if t0.elapsed() > limit {
+            bail!("the restored guest printed nothing");
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let n = last_pass + 1;
+    let start_line = format!("PROBE mem pass n={n} start");
+    let end_prefix = format!("PROBE mem pass n={n} ");
+    let (t_start, _) = wait_lines(&log, t0, limit, &start_line, |l| {
+        l.iter().any(|l| *l == start_line).then_some(())
+    })?;
+    let (t_end, end) = wait_lines(&log, t0, limit, "the pass end", |l| {
+        l.iter()
+            .find(|l| l.starts_with(&end_prefix) && !l.ends_with(" start"))
+            .cloned()
+    })?;
+    drop(vm);
+    if !end.contains(" ok ") {
+        bail!("the restored guest's pass failed: {end}");
+    }
+    Ok((
+        Sample {
+            warm_pass: warm_us / 1000.0,
+            snapshot,
+            first_byte: ms(first_byte),
+            read_back: ms(t_end - t_start),
+            cat: ms(cat),
+        },
+        dirtied,
+    ))
+}
+
+/// QEMU on microvm (the probe's mem mode needs neither PCI nor ACPI), serial to `serial`,
+/// QMP on `qmp`, and `-incoming exec:cat FILE` when restoring.
+fn qemu_command(
+    s: &Setup,
+    mib: u64,
+    cmdline: &str,
+    serial: &Path,
+    qmp: &Path,
+    incoming: Option<&Path>,
+) -> Command {
+    let bin = s.qemu.clone().unwrap_or_default();
+    let mut q = QemuCommand::new(&bin, Machine::Microvm, &s.probe, cmdline);
+    q.memory_mib = mib;
+    let mut args = q.args();
+    if let Some(i) = args.iter().position(|a| a == "stdio") {
+        args[i] = format!("file:{}", serial.display());
+    }
+    args.push("-qmp".into());
+    args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(f) = incoming {
+        args.push("-incoming".into());
+        args.push(format!("exec:cat {}", f.display()));
+    }
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// A minimal QMP client: one command at a time, events skipped.
+struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp> {
+        let w = UnixStream::connect(path).with_context(|| format!("connect {}", path.display()))?;
+        w.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut q = Qmp {
+            r: BufReader::new(w.try_clone()?),
+            w,
+        };
+        let mut greeting = String::new();
+        q.r.read_line(&mut greeting)?;
+        q.exec(r#"{"execute":"qmp_capabilities"}"#)?;
+        Ok(q)
+    }
+
+    /// Connects once the socket exists (QEMU creates it early in its start-up).
+    fn connect_within(path: &Path, timeout: Duration) -> Result<Qmp> {
+        let t0 = Instant::now();
+        loop {
+            match Qmp::connect(path) {
+                Ok(q) => return Ok(q),
+                Err(e) if t0.elapsed() > timeout => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_micros(200)),
+            }
+        }
+    }
+
+    /// Sends a command; its `return` value (as text), or its error.
+    fn exec(&mut self, cmd: &str) -> Result<String> {
+        self.w.write_all(cmd.as_bytes())?;
+        self.w.write_all(b"\n")?;
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line)? == 0 {
+                bail!("QMP closed during {cmd}");
+            }
+            if line.contains("\"return\"") {
+                return Ok(line);
+            }
+            if line.contains("\"error\"") {
+                bail!("QMP {cmd}: {}", line.trim());
+            }
+        }
+    }
+
+    /// Polls `query-migrate` every 0.2 ms until its status is `want` (fails on `failed`).
+    fn wait_migration(&mut self, want: &str, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let r = self.exec(r#"{"execute":"query-migrate"}"#)?;
+            if r.contains(&format!("\"status\": \"{want}\"")) {
+                return Ok(());
+            }
+            if r.contains("\"status\": \"failed\"") {
+                bail!("migration failed: {}", r.trim());
+            }
+            if t0.elapsed() > timeout {
+                bail!("migration not {want} after {timeout:?}: {}", r.trim());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> impl Iterator<Item = String> + '_ {
+        s.split_whitespace().map(String::from)
+    }
+
+    #[test]
+    fn flags() {
+        let o = parse_args(args("")).unwrap();
+        assert_eq!((o.runs, o.mem.clone(), o.words), (3, vec![256, 1024], 2));
+        let o = parse_args(args("--runs 2 --mem 64 --words 512 --no-qemu")).unwrap();
+        assert_eq!((o.runs, o.mem, o.words, o.qemu), (2, vec![64], 512, false));
+        assert!(parse_args(args("--words 3")).is_err());
+        assert!(parse_args(args("--mem 32")).is_err());
+        assert!(parse_args(args("--frob")).is_err());
+    }
+
+    #[test]
+    fn fields_and_stats() {
+        let l = "PROBE mem pass n=3 ok bytes=4096 us=17";
+        assert_eq!(field(l, "us"), Some("17"));
+        assert_eq!(field(l, "n"), Some("3"));
+        assert_eq!(field(l, "u"), None);
+        let s = stat(&[3.0, 1.0, 2.0, f64::NAN]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+    }
+}
