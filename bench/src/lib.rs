@@ -1,3 +1,4 @@
 //! Shared code of the bench binaries (`bench`, `snapshot_portable`, `handset`).
 
+pub mod rawexit;
 pub mod util;

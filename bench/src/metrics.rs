@@ -125,6 +125,18 @@ pub fn collect(setup: &Setup, opts: &Opts) -> Result<Results> {
     let mut rss_anon = Metric::new("rss_anon_mib", "  of which RssAnon", "MiB", true);
     let mut rss_file = Metric::new("rss_file_mib", "  of which RssFile", "MiB", true);
     let mut pio = Metric::new("pio_exit_us", "port-I/O exit round trip", "us", true);
+    let mut pio_raw = Metric::new(
+        "pio_exit_raw_us",
+        "  raw KVM_RUN loop, same host (in pv column)",
+        "us",
+        true,
+    );
+    let mut pio_over_raw = Metric::new(
+        "pio_exit_over_raw",
+        "  round trip / raw loop (same run)",
+        "x",
+        true,
+    );
     let mut blk = Metric::new(
         "blk_read_mib_s",
         "virtio-blk sequential read",
@@ -173,6 +185,13 @@ pub fn collect(setup: &Setup, opts: &Opts) -> Result<Results> {
                 Err(e) => ready.record(vmm, Err(e)),
             }
         }
+        let raw = bench::rawexit::round_trip_us(bench::rawexit::LOOP_COUNTED, opts.pio_iters);
+        pio_raw.record(
+            Vmm::Pocketvisor,
+            raw.as_ref()
+                .map(|v| *v)
+                .map_err(|e| anyhow::anyhow!("{e:#}")),
+        );
         for vmm in alternate(setup.vmms(any)) {
             match resident(setup, vmm) {
                 Ok((all, anon, file)) => {
@@ -182,7 +201,11 @@ pub fn collect(setup: &Setup, opts: &Opts) -> Result<Results> {
                 }
                 Err(e) => rss.record(vmm, Err(e)),
             }
-            pio.record(vmm, port_io(setup, vmm, opts.pio_iters));
+            let us = port_io(setup, vmm, opts.pio_iters);
+            if let (Ok(us), Ok(raw)) = (&us, &raw) {
+                pio_over_raw.record(vmm, Ok(us / raw));
+            }
+            pio.record(vmm, us);
         }
         for vmm in alternate(setup.vmms(pci)) {
             blk.record(vmm, block_read(setup, vmm, &image, opts.blk_mb));
@@ -194,7 +217,17 @@ pub fn collect(setup: &Setup, opts: &Opts) -> Result<Results> {
             host_direct.push(v);
         }
     }
-    let mut metrics = vec![ready, exit, rss, rss_anon, rss_file, pio, blk];
+    let mut metrics = vec![
+        ready,
+        exit,
+        rss,
+        rss_anon,
+        rss_file,
+        pio,
+        pio_raw,
+        pio_over_raw,
+        blk,
+    ];
     for m in &mut metrics {
         m.finish();
     }
@@ -209,7 +242,9 @@ pub fn collect(setup: &Setup, opts: &Opts) -> Result<Results> {
          it includes the guest pages the probe touched (the same guest on both VMMs)"
             .into(),
         format!(
-            "port-I/O: host time between `PROBE pio start` and `PROBE pio end` / {} outb to port 0x80",
+            "port-I/O: host time between `PROBE pio start` and `PROBE pio end` / {} outb to port 0x80; \
+             raw KVM_RUN loop: the same number of `out 0x80` exits of a minimal 64-bit VM running the \
+             probe's loop (out; dec; jnz), driven by a bare ioctl loop in this process (bench/src/rawexit.rs), measured in the same run",
             opts.pio_iters
         ),
         format!(
