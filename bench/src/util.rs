@@ -28,6 +28,8 @@ pub fn percentile(samples: &[f64], p: f64) -> Option<f64> {
     if v.is_empty() || !(0.0..=100.0).contains(&p) {
         return None;
     }
+    // In 0..=len (p is 0..=100), so the float-to-int conversion cannot truncate.
+    #[allow(clippy::cast_possible_truncation)]
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v.get(rank.clamp(1, v.len()) - 1).copied()
 }

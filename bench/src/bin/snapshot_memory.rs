@@ -479,7 +479,7 @@ fn once(s: &Setup, vmm: Vmm, mib: u64, dir: &Path) -> Result<(Sample, u64)> {
     let start_line = format!("PROBE mem pass n={n} start");
     let end_prefix = format!("PROBE mem pass n={n} ");
     let (t_start, _) = wait_lines(&log, t0, limit, &start_line, |l| {
-        l.iter().any(|l| *l == start_line).then_some(())
+        l.contains(&start_line).then_some(())
     })?;
     let (t_end, end) = wait_lines(&log, t0, limit, "the pass end", |l| {
         l.iter()
