@@ -130,11 +130,11 @@ extern "C" fn isr_dispatch(f: &Frame) {
 pub fn init_idt() {
     let base = core::ptr::addr_of!(isr_stubs) as u64;
     let idt = IDT.get_mut();
-    for v in 0..256u64 {
-        let h = base + 16 * v;
+    for v in 0..256usize {
+        let h = base + 16 * v as u64;
         let lo = (h & 0xFFFF) | (0x18 << 16) | (0x8E00u64 << 32) | ((h >> 16) & 0xFFFF) << 48;
-        idt.0[2 * v as usize] = lo;
-        idt.0[2 * v as usize + 1] = h >> 32;
+        idt.0[2 * v] = lo;
+        idt.0[2 * v + 1] = h >> 32;
     }
     load_idt();
 }

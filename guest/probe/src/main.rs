@@ -8,6 +8,7 @@
 mod acpi;
 mod agent;
 mod bench;
+mod bits;
 mod boot;
 mod hostile;
 mod interrupts;

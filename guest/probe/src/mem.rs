@@ -22,7 +22,7 @@ pub fn init() {
 pub fn alloc(size: u64, align: u64) -> u64 {
     let start = alloc_uninit(size, align);
     // SAFETY: [start, start+size) is inside the arena, identity-mapped RAM that nothing else uses.
-    unsafe { core::ptr::write_bytes(start as *mut u8, 0, size as usize) };
+    unsafe { core::ptr::write_bytes(start as *mut u8, 0, crate::bits::usize_from(size)) };
     start
 }
 

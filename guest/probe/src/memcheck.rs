@@ -6,6 +6,7 @@ use crate::port::{mmio, rdtsc};
 use crate::{interrupts, mem, probe, pvh, time};
 
 const PAGE: u64 = 4096;
+const PAGE_BYTES: usize = 4096;
 const MIB: u64 = 1 << 20;
 /// Mixed into the pattern so that a page of another probe run's pattern does not match.
 const SEED: u64 = 0x7076_6d65_6d63_6b31; // "pvmemck1"
@@ -17,12 +18,16 @@ fn pattern(page: u64) -> u64 {
 
 /// The `k`th of `words` pattern words of the page at `page`: its offset and value.
 fn word(page: u64, k: u64, words: u64) -> (u64, u64) {
-    (page + k * (PAGE / words), pattern(page).rotate_left(k as u32))
+    // k < words <= 512: the low 32 bits are k.
+    (
+        page + k * (PAGE / words),
+        pattern(page).rotate_left(crate::bits::lo32(k)),
+    )
 }
 
 /// Writes `words` evenly spaced pattern words into every page of `[start, start + len)`.
 fn fill(start: u64, len: u64, words: u64) {
-    for page in (start..start + len).step_by(PAGE as usize) {
+    for page in (start..start + len).step_by(PAGE_BYTES) {
         for k in 0..words {
             let (at, v) = word(page, k, words);
             mmio::write::<u64>(at, v);
@@ -34,7 +39,7 @@ fn fill(start: u64, len: u64, words: u64) {
 fn check(start: u64, len: u64, words: u64) -> (u64, Option<u64>) {
     let mut bad = 0u64;
     let mut first = None;
-    for page in (start..start + len).step_by(PAGE as usize) {
+    for page in (start..start + len).step_by(PAGE_BYTES) {
         let mut diff = 0;
         for k in 0..words {
             let (at, v) = word(page, k, words);
@@ -78,7 +83,10 @@ pub fn run() -> ! {
     let gap = boot.arg_u64("pv.mem.gap", 100);
     let tick = boot.arg_u64("pv.mem.tick", 1);
     // Words per page: a power of two from 1 to 512 (every word).
-    let words = boot.arg_u64("pv.mem.words", 2).clamp(1, PAGE / 8).next_power_of_two();
+    let words = boot
+        .arg_u64("pv.mem.words", 2)
+        .clamp(1, PAGE / 8)
+        .next_power_of_two();
 
     let t0 = rdtsc();
     fill(start, len, words);

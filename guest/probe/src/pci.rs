@@ -43,12 +43,12 @@ pub fn write32(b: Bdf, off: u8, v: u32) {
 
 /// Reads a config word (`off` 2-aligned).
 pub fn read16(b: Bdf, off: u8) -> u16 {
-    (read32(b, off) >> ((off & 2) * 8)) as u16
+    crate::bits::lo16(read32(b, off) >> ((off & 2) * 8))
 }
 
 /// Reads a config byte.
 pub fn read8(b: Bdf, off: u8) -> u8 {
-    (read32(b, off) >> ((off & 3) * 8)) as u8
+    crate::bits::lo8(read32(b, off) >> ((off & 3) * 8))
 }
 
 /// Writes a config word (`off` 2-aligned) with a read-modify-write of its dword.
@@ -98,7 +98,7 @@ pub fn scan() -> Functions {
             if out.count < out.list.len() {
                 out.list[out.count] = Some(Function {
                     bdf,
-                    vendor: id as u16,
+                    vendor: crate::bits::lo16(id),
                     device: (id >> 16) as u16,
                     class: read32(bdf, 8) >> 8,
                 });

@@ -112,7 +112,7 @@ fn slot(addr: *const u8) -> u64 {
 fn install_trampoline() {
     let start = addr_of!(ap_tramp_start) as u64;
     let len = addr_of!(ap_tramp_end) as u64 - start;
-    mem::copy(start, TRAMPOLINE, len as usize);
+    mem::copy(start, TRAMPOLINE, crate::bits::usize_from(len));
     mmio::write::<u64>(slot(addr_of!(ap_tramp_cr3)), cr3());
     mmio::write::<u64>(slot(addr_of!(ap_tramp_entry)), ap_main as *const () as u64);
 }
@@ -125,7 +125,7 @@ fn start_ap(apic: u32) -> bool {
     send_ipi(apic, 0x0000_4500); // INIT, level assert
     time::delay_ms(10);
     for _ in 0..2 {
-        send_ipi(apic, 0x0000_4600 | (TRAMPOLINE >> 12) as u32); // STARTUP
+        send_ipi(apic, 0x0000_4600 | crate::bits::lo32(TRAMPOLINE >> 12)); // STARTUP
         time::delay_us(200);
         if AP_STARTED.load(Ordering::SeqCst) != before {
             return true;

@@ -33,7 +33,7 @@ const REPORT_CHUNK: u64 = 4 << 20;
 /// Most ranges per reporting chain.
 const REPORT_SEGS: usize = 8;
 /// PFNs per inflate/deflate buffer (one page of le32).
-const PFNS_PER_BUF: usize = 1024;
+const PFNS_PER_BUF: u32 = 1024;
 /// Most MiB region B (the inflatable pages) spans.
 pub const MAX_INFLATE_MIB: u64 = 64;
 /// RAM left alone at the top of low memory.
@@ -110,7 +110,7 @@ impl Balloon {
         }
         q.push(&[Buf {
             addr: self.stats_buf,
-            len: buf.len() as u32,
+            len: u32::try_from(buf.len()).unwrap_or(u32::MAX),
             write: false,
         }])
         .ok_or("stats-queue-full")?;
@@ -187,7 +187,7 @@ impl Balloon {
         };
         let mut sent = 0u32;
         while sent < count {
-            let n = (count - sent).min(PFNS_PER_BUF as u32);
+            let n = (count - sent).min(PFNS_PER_BUF);
             for i in 0..n {
                 let at = self.pfns + 4 * u64::from(i);
                 crate::port::mmio::write::<u32>(at, first_pfn + sent + i);
@@ -293,7 +293,8 @@ fn run(b: &mut Balloon) -> Result<(), &'static str> {
     // (2) Inflate region B to the host's target.
     let b_start = a_start + a_len;
     let b_len = top.saturating_sub(b_start).min(MAX_INFLATE_MIB << 20) & !(PAGE - 1);
-    let base_pfn = (b_start / PAGE) as u32;
+    // Region B is below 3 GiB, so its PFNs fit in 32 bits.
+    let base_pfn = crate::bits::lo32(b_start / PAGE);
     let max = (b_len / PAGE) as u32;
     let mut held = 0u32;
     if follow {

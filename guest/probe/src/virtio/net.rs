@@ -17,6 +17,8 @@ pub const PAYLOAD: &[u8] = b"pocketvisor-probe-net";
 
 const HDR: u64 = 12; // virtio_net_hdr (with num_buffers), always for VERSION_1
 const RX_BUF: u64 = 2048;
+const RX_BUF_U32: u32 = 2048;
+const HDR_LEN: usize = 12;
 const RX_COUNT: u16 = 16;
 
 /// An initialised network device.
@@ -45,12 +47,12 @@ impl Net {
         let tx = dev.setup_queue(1, 16)?;
         let rx_bufs = mem::alloc(RX_BUF * rx.size as u64, 4096);
         let mut rx_slot_of_head = [0u8; 256];
-        for slot in 0..rx.size.min(256) as u8 {
+        for slot in 0..u8::try_from(rx.size).unwrap_or(u8::MAX) {
             let addr = rx_bufs + slot as u64 * RX_BUF;
             let head = rx
                 .push(&[Buf {
                     addr,
-                    len: RX_BUF as u32,
+                    len: RX_BUF_U32,
                     write: true,
                 }])
                 .ok_or("rx-post")?;
@@ -78,10 +80,10 @@ impl Net {
     /// Sends one Ethernet frame (without virtio header) and waits for completion.
     pub fn send(&mut self, frame: &[u8]) -> Result<(), &'static str> {
         let b = mem::bytes(self.tx_buf, 4096);
-        b[..HDR as usize].fill(0);
-        let n = frame.len().min(4096 - HDR as usize);
-        b[HDR as usize..HDR as usize + n].copy_from_slice(&frame[..n]);
-        let len = HDR as u32 + n as u32;
+        b[..HDR_LEN].fill(0);
+        let n = frame.len().min(4096 - HDR_LEN);
+        b[HDR_LEN..HDR_LEN + n].copy_from_slice(&frame[..n]);
+        let len = crate::bits::lo32(HDR + n as u64); // n <= 4096 - HDR
         self.tx
             .push(&[Buf {
                 addr: self.tx_buf,
@@ -111,7 +113,7 @@ impl Net {
                     let et =
                         u16::from_be_bytes([mmio::read::<u8>(f + 12), mmio::read::<u8>(f + 13)]);
                     if et == ethertype {
-                        let plen = ((len - HDR - 14) as usize).min(out.len());
+                        let plen = crate::bits::usize_from(len - HDR - 14).min(out.len());
                         out[..plen].copy_from_slice(&mem::bytes(f + 14, plen)[..plen]);
                         got = Some(plen);
                     }
@@ -119,7 +121,7 @@ impl Net {
                 // Re-post the buffer.
                 if let Some(head) = self.rx.push(&[Buf {
                     addr,
-                    len: RX_BUF as u32,
+                    len: RX_BUF_U32,
                     write: true,
                 }]) {
                     self.rx_slot_of_head[head as usize % 256] = slot;

@@ -206,7 +206,10 @@ impl VirtioPci {
         let feats = offered & (wanted | F_VERSION_1);
         for sel in 0..2u32 {
             self.common_write::<u32>(common::DRIVER_FEATURE_SELECT, sel);
-            self.common_write::<u32>(common::DRIVER_FEATURE, (feats >> (32 * sel)) as u32);
+            self.common_write::<u32>(
+                common::DRIVER_FEATURE,
+                crate::bits::lo32(feats >> (32 * sel)),
+            );
         }
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         self.set_status(s);
@@ -294,7 +297,7 @@ impl VirtioPci {
 
     /// Writes a 64-bit common-config field as two dwords.
     pub fn write_addr(&self, off: u64, v: u64) {
-        self.common_write::<u32>(off, v as u32);
+        self.common_write::<u32>(off, crate::bits::lo32(v));
         self.common_write::<u32>(off + 4, (v >> 32) as u32);
     }
 

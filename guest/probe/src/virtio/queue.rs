@@ -139,7 +139,8 @@ impl Queue {
                 i = next;
             }
         }
-        self.num_free -= bufs.len() as u16;
+        // bufs.len() <= num_free (checked above), a u16.
+        self.num_free -= u16::try_from(bufs.len()).unwrap_or(self.num_free);
         self.publish(head);
         Some(head)
     }
@@ -183,10 +184,13 @@ impl Queue {
         let id = mmio::read::<u32>(e);
         let len = mmio::read::<u32>(e + 4);
         self.last_used = self.last_used.wrapping_add(1);
-        if id < self.size as u32 {
-            self.free_chain(id as u16);
+        // An id beyond the ring (a buggy or hostile device) is passed on as u16::MAX, which
+        // no caller holds.
+        let id = u16::try_from(id).unwrap_or(u16::MAX);
+        if id < self.size {
+            self.free_chain(id);
         }
-        Some((id as u16, len))
+        Some((id, len))
     }
 
     fn free_chain(&mut self, head: u16) {

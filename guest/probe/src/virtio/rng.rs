@@ -50,7 +50,7 @@ impl Rng {
             if rounds > 64 {
                 return Err("short-reads");
             }
-            let want = (out.len() - got).min(4096) as u32;
+            let want = crate::bits::lo32((out.len() - got).min(4096) as u64);
             self.q
                 .push(&[Buf {
                     addr: self.buf,

@@ -170,7 +170,7 @@ impl Vsock {
         for r in v.rings.iter_mut() {
             *r = mem::alloc(BUF_ALLOC as u64, 4096);
         }
-        for slot in 0..n_rx as u8 {
+        for slot in 0..u8::try_from(n_rx).unwrap_or(u8::MAX) {
             v.post_rx(slot)?;
         }
         for i in 0..v.ev.size.min(8) as u64 {
@@ -405,7 +405,7 @@ impl Vsock {
                     if c.len == 0 {
                         c.head = 0;
                         let n = s.take_output(i, mem::bytes(c.ring, BUF_ALLOC as usize));
-                        c.len = (n as u32).min(BUF_ALLOC);
+                        c.len = u32::try_from(n).unwrap_or(u32::MAX).min(BUF_ALLOC);
                     }
                 }
                 let Some(c) = self.conns[i].as_ref() else {
@@ -550,7 +550,7 @@ pub fn selftest() {
         Ok(None) => return probe!("vsock skip no-device"),
         Err(e) => return fail("vsock", format_args!("init {e}")),
     };
-    let port = pvh::info().arg_u64("pv.vsock.port", 1234) as u32;
+    let port = u32::try_from(pvh::info().arg_u64("pv.vsock.port", 1234)).unwrap_or(1234);
     let wait = pvh::info().arg_u64("pv.vsock.wait", 5000);
     probe!("vsock listening cid={} port={}", v.cid, port);
     match v.serve(port, wait) {
