@@ -35,9 +35,15 @@ pub fn pio(n: u64) {
 const REQ: u64 = 64 * 1024;
 const INFLIGHT: usize = 16;
 
-/// Reads min(`mb` MiB, capacity) sequentially from the first block device.
+/// Reads min(`mb` MiB, capacity) sequentially from the first block device, negotiating
+/// VIRTIO_RING_F_EVENT_IDX when offered unless `pv.blk.event_idx=0`.
 pub fn blk(mb: u64) {
-    let mut blk = match Blk::open(0) {
+    let open = if crate::pvh::info().arg_u64("pv.blk.event_idx", 1) != 0 {
+        Blk::open_event_idx(0)
+    } else {
+        Blk::open(0)
+    };
+    let mut blk = match open {
         Ok(Some(b)) => b,
         Ok(None) => return fail("blk-bench", format_args!("no-device")),
         Err(e) => return fail("blk-bench", format_args!("init {e}")),
@@ -49,10 +55,13 @@ pub fn blk(mb: u64) {
             probe!("blk-bench end bytes={total}");
             let mbps = total.checked_div(us).unwrap_or(0);
             probe!(
-                "blk-bench info guest_us={us} mb_per_s={mbps} irq={} hits={} polled={}",
+                "blk-bench info guest_us={us} mb_per_s={mbps} irq={} hits={} polled={} \
+                 event_idx={} kicks={}",
                 blk.q.irq_mode(),
                 blk.q.irq_hits,
-                blk.q.polled
+                blk.q.polled,
+                u8::from(blk.event_idx()),
+                blk.q.kicks
             );
         }
         Err(e) => fail("blk-bench", format_args!("{e}")),

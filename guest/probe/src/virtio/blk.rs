@@ -39,6 +39,9 @@ pub struct Blk {
     pub ro: bool,
     /// Scratch: 16-byte header at +0, status byte at +16, data from +512.
     pub scratch: u64,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX when offered (blk-bench; off for the selftest
+    /// and hostile mode, whose raw ring writes bypass the driver's indices).
+    pub want_event_idx: bool,
 }
 
 /// Size of the data part of the scratch buffer.
@@ -58,17 +61,38 @@ impl Blk {
             capacity: 0,
             ro: false,
             scratch,
+            want_event_idx: false,
         };
         b.reinit()?;
         Ok(Some(b))
     }
 
+    /// Like [`Blk::open`], negotiating VIRTIO_RING_F_EVENT_IDX if the device offers it.
+    pub fn open_event_idx(nth: usize) -> Result<Option<Blk>, &'static str> {
+        let Some(mut b) = Blk::open(nth)? else {
+            return Ok(None);
+        };
+        b.want_event_idx = true;
+        b.reinit()?;
+        Ok(Some(b))
+    }
+
+    /// Whether VIRTIO_RING_F_EVENT_IDX is in use.
+    pub fn event_idx(&self) -> bool {
+        self.dev.features & super::pci::F_EVENT_IDX != 0
+    }
+
     /// Resets and re-initialises the device (also used after hostile cases).
     pub fn reinit(&mut self) -> Result<(), &'static str> {
-        let feats = self
-            .dev
-            .begin_init(F_RO | F_FLUSH | super::pci::F_INDIRECT_DESC)?;
+        let mut wanted = F_RO | F_FLUSH | super::pci::F_INDIRECT_DESC;
+        if self.want_event_idx {
+            wanted |= super::pci::F_EVENT_IDX;
+        }
+        let feats = self.dev.begin_init(wanted)?;
         self.q = self.dev.setup_queue(0, 128)?;
+        if feats & super::pci::F_EVENT_IDX != 0 {
+            self.q.enable_event_idx();
+        }
         self.dev.driver_ok();
         self.capacity = self.dev.config::<u64>(0);
         self.ro = feats & F_RO != 0;

@@ -24,6 +24,8 @@ pub mod status {
 pub const F_VERSION_1: u64 = 1 << 32;
 /// VIRTIO_F_RING_INDIRECT_DESC.
 pub const F_INDIRECT_DESC: u64 = 1 << 28;
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const F_EVENT_IDX: u64 = 1 << 29;
 /// "No vector" value for MSI-X vector registers.
 pub const NO_VECTOR: u16 = 0xFFFF;
 

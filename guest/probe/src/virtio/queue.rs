@@ -4,6 +4,7 @@
 use crate::interrupts::{self, irq_count};
 use crate::port::mmio;
 use crate::{mem, time};
+use core::cell::Cell;
 use core::sync::atomic::{fence, Ordering};
 
 /// Descriptor flag: chain continues in `next`.
@@ -56,6 +57,12 @@ pub struct Queue {
     pub irq_hits: u32,
     /// Completions found by polling after the interrupt did not come.
     pub polled: u32,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated: kicks and interrupts follow the event indices.
+    event_idx: bool,
+    /// Avail idx at the last notification (EVENT_IDX kick suppression).
+    kicked: Cell<u16>,
+    /// Notifications actually sent by [`Queue::kick`].
+    pub kicks: u32,
 }
 
 impl Queue {
@@ -83,7 +90,31 @@ impl Queue {
             irq_seen: vector.map(irq_count).unwrap_or(0),
             irq_hits: 0,
             polled: 0,
+            event_idx: false,
+            kicked: Cell::new(0),
+            kicks: 0,
         }
+    }
+
+    /// Turns on VIRTIO_RING_F_EVENT_IDX handling (only when the feature was negotiated): from
+    /// now on [`Queue::kick`] notifies only when the device asked for it (`avail_event`), and
+    /// [`Queue::pop_used`] asks for an interrupt at the next completion (`used_event`).
+    pub fn enable_event_idx(&mut self) {
+        self.event_idx = true;
+        self.kicked.set(self.avail_idx);
+        self.set_used_event(self.last_used);
+    }
+
+    /// `used_event` (after the avail ring): the device interrupts once used idx passes it.
+    fn set_used_event(&self, idx: u16) {
+        mmio::write::<u16>(self.avail + 4 + 2 * self.size as u64, idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// `avail_event` (after the used ring): the device wants a notification once avail idx
+    /// passes it.
+    fn avail_event(&self) -> u16 {
+        mmio::read::<u16>(self.used + 4 + 8 * self.size as u64)
     }
 
     /// Changes where [`Queue::kick`] writes.
@@ -162,9 +193,18 @@ impl Queue {
         fence(Ordering::SeqCst);
     }
 
-    /// Notifies the device about this queue.
-    pub fn kick(&self) {
+    /// Notifies the device about this queue (with EVENT_IDX: only if the entries made
+    /// available since the last notification include the one the device asked to hear about).
+    pub fn kick(&mut self) {
         fence(Ordering::SeqCst);
+        if self.event_idx {
+            let (new, old) = (self.avail_idx, self.kicked.replace(self.avail_idx));
+            // vring_need_event: event is in the half-open window (old, new].
+            if new.wrapping_sub(self.avail_event()).wrapping_sub(1) >= new.wrapping_sub(old) {
+                return;
+            }
+        }
+        self.kicks += 1;
         mmio::write::<u16>(self.notify, self.index);
     }
 
@@ -184,6 +224,9 @@ impl Queue {
         let id = mmio::read::<u32>(e);
         let len = mmio::read::<u32>(e + 4);
         self.last_used = self.last_used.wrapping_add(1);
+        if self.event_idx {
+            self.set_used_event(self.last_used);
+        }
         // An id beyond the ring (a buggy or hostile device) is passed on as u16::MAX, which
         // no caller holds.
         let id = u16::try_from(id).unwrap_or(u16::MAX);
