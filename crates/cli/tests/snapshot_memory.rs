@@ -116,7 +116,10 @@ fn a_dirtied_guest_reads_all_its_memory_back_after_restore() {
     // Every dirtied page is in memory.bin (holes are left only for zero pages).
     let memory = snap.join("memory.bin");
     let allocated = std::fs::metadata(&memory).unwrap().blocks() * 512;
-    assert!(allocated >= DIRTY_MIB << 20, "memory.bin holds {allocated} bytes");
+    assert!(
+        allocated >= DIRTY_MIB << 20,
+        "memory.bin holds {allocated} bytes"
+    );
 
     let line = restore_and_read_back(&snap, &s.path("dst.log"));
     assert!(
