@@ -1,22 +1,17 @@
 //! The KVM side of device interrupts and notifications: GSI routing for MSI-X, irqfds and
-//! ioeventfds.
+//! ioeventfds. The architecture supplies the irqchip routes of its legacy interrupts and the
+//! shape of an MSI route; the table, the GSI allocation and the eventfds are generic.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{
-    kvm_irq_routing_entry, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
-};
+use kvm_bindings::{kvm_irq_routing_entry, KvmIrqRouting};
 use kvm_ioctls::{NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use devices::bus::lock;
 use devices::pci::VmHooks;
-
-/// Number of IOAPIC pins; GSIs below this are routed to the irqchips.
-const IOAPIC_PINS: u32 = 24;
 
 /// The MSI routes currently programmed, and the next free GSI.
 struct Routes {
@@ -27,6 +22,8 @@ struct Routes {
 /// Implements [`VmHooks`] on a KVM VM.
 pub struct KvmHooks {
     vm: Arc<VmFd>,
+    /// The architecture's irqchip routes, part of every table programmed.
+    legacy: Vec<kvm_irq_routing_entry>,
     routes: Mutex<Routes>,
 }
 
@@ -35,8 +32,9 @@ impl KvmHooks {
     pub fn new(vm: Arc<VmFd>, first_msi_gsi: u32) -> Self {
         Self {
             vm,
+            legacy: arch::legacy_irq_routes(),
             routes: Mutex::new(Routes {
-                next_gsi: first_msi_gsi.max(IOAPIC_PINS),
+                next_gsi: first_msi_gsi.max(arch::IRQCHIP_PINS),
                 msi: BTreeMap::new(),
             }),
         }
@@ -44,29 +42,14 @@ impl KvmHooks {
 
     /// Programs KVM with the irqchip routes every legacy IRQ needs plus the MSI routes.
     fn apply(&self, routes: &Routes) -> io::Result<()> {
-        let mut entries = Vec::with_capacity(40 + routes.msi.len());
-        for gsi in 0..IOAPIC_PINS {
-            entries.push(irqchip_entry(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-            if gsi < 16 && gsi != 2 {
-                let (chip, pin) = if gsi < 8 {
-                    (KVM_IRQCHIP_PIC_MASTER, gsi)
-                } else {
-                    (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
-                };
-                entries.push(irqchip_entry(gsi, chip, pin));
-            }
-        }
-        for (&gsi, &(address, data)) in &routes.msi {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            e.u.msi.address_lo = address as u32;
-            e.u.msi.address_hi = (address >> 32) as u32;
-            e.u.msi.data = data;
-            entries.push(e);
-        }
+        let mut entries = Vec::with_capacity(self.legacy.len() + routes.msi.len());
+        entries.extend_from_slice(&self.legacy);
+        entries.extend(
+            routes
+                .msi
+                .iter()
+                .map(|(&gsi, &(address, data))| arch::msi_route(gsi, address, data)),
+        );
         let table = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| io::Error::other(format!("routing table: {e:?}")))?;
         self.vm.set_gsi_routing(&table).map_err(io::Error::from)
@@ -76,17 +59,6 @@ impl KvmHooks {
     pub fn install_default_routes(&self) -> io::Result<()> {
         self.apply(&lock(&self.routes))
     }
-}
-
-fn irqchip_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
-    let mut e = kvm_irq_routing_entry {
-        gsi,
-        type_: KVM_IRQ_ROUTING_IRQCHIP,
-        ..Default::default()
-    };
-    e.u.irqchip.irqchip = irqchip;
-    e.u.irqchip.pin = pin;
-    e
 }
 
 impl VmHooks for KvmHooks {

@@ -12,7 +12,6 @@ mod error;
 mod hooks;
 pub mod snapshot;
 mod vcpu;
-mod vcpu_state;
 mod vm;
 
 pub use config::{ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};

@@ -8,17 +8,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
-use arch::layout;
-use devices::bus::{lock, Bus, SharedDevice};
-use devices::legacy::{
-    AcpiPm, DebugExit, ExitSignal, GuestExit, PortSink, Serial, SerialState, I8042,
-};
-use devices::pci::{PciConfigIo, PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
+use arch::{layout, CpuModel, VcpuSaveContext};
+use devices::bus::{lock, Bus};
+use devices::legacy::{ExitSignal, GuestExit, Serial, SerialState};
+use devices::pci::{PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
 use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
 use devices::virtio::pci::VirtioPciDevice;
 use devices::virtio::VirtioDevice;
@@ -28,12 +26,7 @@ use crate::config::{parse_mac, SerialConfig, VmConfig};
 use crate::control::{Controller, Request};
 use crate::hooks::KvmHooks;
 use crate::vcpu::{self, VcpuMsg, VcpuShared, VcpuThread};
-use crate::vcpu_state::CpuModel;
 use crate::Error;
-
-/// Where the KVM TSS and identity map pages go (just below the BIOS area at the top of 4 GiB).
-const KVM_TSS_ADDR: usize = 0xfffb_d000;
-const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
 /// How long a `stats` request waits for the guest's balloon driver to send fresh statistics.
 const STATS_WAIT: Duration = Duration::from_millis(200);
@@ -63,15 +56,14 @@ pub struct Vm {
     pub(crate) virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
     /// Controls the balloon device, if the VM has one.
     pub(crate) balloon: Option<BalloonHandle>,
-    /// The MSRs KVM reports for this host (what a snapshot saves).
-    pub(crate) msr_list: Arc<Vec<u32>>,
-    /// Each vCPU's CPUID and TSC frequency, read when it was built.
+    /// What saving a vCPU needs to know about this host and VM (read before any sandbox).
+    pub(crate) vcpu_save: VcpuSaveContext,
+    /// Each vCPU's CPU model (x86_64: CPUID and TSC frequency), read when it was built.
     pub(crate) cpu_models: Vec<CpuModel>,
-    /// Bytes of XSAVE state KVM holds per vCPU of this VM (KVM_CAP_XSAVE2; 0 if unknown).
-    pub(crate) xsave_size: usize,
 }
 
-/// KVM, the VM fd with its irqchip and PIT, after checking the configuration against the host.
+/// KVM and the VM fd set up by the architecture (x86_64: irqchip and PIT), after checking the
+/// configuration against the host.
 pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
     let kvm = Kvm::new().map_err(Error::KvmOpen)?;
     let max_vcpus = kvm.get_max_vcpus();
@@ -82,17 +74,8 @@ pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
         )));
     }
     check_host_memory(cfg.memory_mib)?;
-    let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("create VM"))?);
-    vm.set_tss_address(KVM_TSS_ADDR)
-        .map_err(Error::kvm("set TSS address"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-        .map_err(Error::kvm("set identity map address"))?;
-    vm.create_irq_chip().map_err(Error::kvm("create irqchip"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(Error::kvm("create PIT"))?;
+    arch::validate_cpuid_hide(&cfg.cpuid_hide)?;
+    let vm = Arc::new(arch::create_vm(&kvm)?);
     Ok((kvm, vm))
 }
 
@@ -140,7 +123,7 @@ impl Vm {
                 .map_err(Error::kvm("create vCPU"))?;
             arch::setup_cpuid(&kvm, &vcpu, id, cfg.vcpus, &cfg.cpuid_hide)?;
             arch::setup_vcpu(&vcpu, id, &boot, &mem)?;
-            cpu_models.push(CpuModel::read(&vcpu).map_err(|reason| Error::Vcpu { id, reason })?);
+            cpu_models.push(CpuModel::read(&vcpu)?);
             vcpus.push(vcpu);
         }
         Ok(Vm::assemble(
@@ -164,18 +147,10 @@ impl Vm {
         devs: Devices,
         (vcpus, cpu_models): (Vec<VcpuFd>, Vec<CpuModel>),
     ) -> Vm {
-        let msr_list = kvm
-            .get_msr_index_list()
-            .map(|l| l.as_slice().to_vec())
-            .unwrap_or_else(|e| {
-                tracing::warn!("KVM_GET_MSR_INDEX_LIST failed ({e}); snapshots will lack MSRs");
-                Vec::new()
-            });
+        let vcpu_save = VcpuSaveContext::new(&kvm, &vm);
         if cfg.mergeable {
             mark_mergeable(&mem);
         }
-        let xsave_size =
-            usize::try_from(vm.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(0);
         let shared = Arc::new(VcpuShared {
             pio: devs.pio,
             mmio: devs.mmio,
@@ -197,9 +172,8 @@ impl Vm {
             _root: devs.root,
             virtio: devs.virtio,
             balloon: devs.balloon,
-            msr_list: Arc::new(msr_list),
+            vcpu_save,
             cpu_models,
-            xsave_size,
         }
     }
 
@@ -472,9 +446,6 @@ pub(crate) fn build_devices(
         reason: e.to_string(),
     };
 
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::io("create serial irq"))?;
-    vm.register_irqfd(&serial_irq, layout::COM1_IRQ)
-        .map_err(Error::kvm("register serial irqfd"))?;
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         SerialConfig::File(p) => Box::new(
@@ -489,44 +460,26 @@ pub(crate) fn build_devices(
         ),
         SerialConfig::None => Box::new(std::io::sink()),
     };
-    let mut serial = Serial::new(serial_irq, out);
-    if let Some(st) = serial_state {
-        serial.restore_state(st).map_err(|e| Error::Device {
-            name: "serial".into(),
-            reason: e.to_string(),
-        })?;
-    }
-    let serial = Arc::new(Mutex::new(serial));
-    pio.insert(u64::from(layout::COM1_PORT), 8, serial.clone())
-        .map_err(bus_err)?;
-    let legacy: [(u16, u64, SharedDevice); 4] = [
-        (0x60, 5, Arc::new(Mutex::new(I8042::new(exit.clone())))),
-        (
-            layout::PM1A_EVT_PORT,
-            8,
-            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
-        ),
-        (
-            layout::DEBUG_EXIT_PORT,
-            4,
-            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
-        ),
-        (0x80, 1, Arc::new(Mutex::new(PortSink))),
-    ];
-    for (port, len, dev) in legacy {
-        pio.insert(u64::from(port), len, dev).map_err(bus_err)?;
-    }
-
     let root = Arc::new(Mutex::new(
         PciRoot::new(layout::PCI_MMIO_START, layout::PCI_MMIO_SIZE)
             .with_mmio64(layout::PCI_MMIO64_START, layout::PCI_MMIO64_SIZE),
     ));
-    pio.insert(
-        0xcf8,
-        8,
-        Arc::new(Mutex::new(PciConfigIo::new(root.clone()))),
-    )
-    .map_err(bus_err)?;
+    let legacy = arch::add_legacy_devices(
+        &arch::LegacyContext {
+            vm,
+            exit,
+            pci: &root,
+        },
+        &mut pio,
+        &mut mmio,
+        |irq| {
+            let mut serial = Serial::new(irq, out);
+            if let Some(st) = serial_state {
+                serial.restore_state(st)?;
+            }
+            Ok::<_, devices::legacy::SerialStateError>(serial)
+        },
+    )?;
     mmio.insert(
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
@@ -567,7 +520,7 @@ pub(crate) fn build_devices(
     Ok(Devices {
         pio,
         mmio,
-        serial,
+        serial: legacy.serial,
         root,
         virtio,
         balloon,

@@ -173,6 +173,12 @@ pub fn cpuid_feature_names() -> &'static [&'static str] {
     FEATURE_NAMES
 }
 
+/// Checks a list of CPU features to hide (the `cpuid_hide` option) without touching KVM:
+/// every name must be one of [`cpuid_feature_names`].
+pub fn validate_cpuid_hide(names: &[String]) -> Result<(), Error> {
+    HiddenFeatures::parse(names).map(|_| ())
+}
+
 /// A set of features to hide, with implications expanded.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HiddenFeatures {

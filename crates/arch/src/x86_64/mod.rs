@@ -1,16 +1,32 @@
-//! x86_64 platform: memory layout, boot protocols, vCPU state, CPUID and ACPI.
+//! x86_64 platform: memory layout, VM creation, legacy devices, interrupt routes, boot
+//! protocols, vCPU and VM state, CPUID and ACPI.
 
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod exit;
 pub mod gdt;
+pub mod irq;
 pub mod layout;
+pub mod legacy;
 pub mod regs;
+pub mod vcpu_state;
+pub mod vm;
+pub mod vm_state;
 
 pub use acpi::create_acpi_tables;
 pub use boot::{e820_map, load_kernel, E820Entry, E820Type};
-pub use cpuid::{cpuid_feature_names, setup_cpuid};
+pub use cpuid::{cpuid_feature_names, setup_cpuid, validate_cpuid_hide};
+pub use exit::{handle_arch_exit, instruction_pointer};
+pub use irq::{legacy_irq_routes, msi_route, IRQCHIP_PINS};
+pub use legacy::{add_legacy_devices, LegacyContext, LegacyDevices};
 pub use regs::setup_vcpu;
+pub use vcpu_state::{CpuModel, VcpuSaveContext, VcpuState};
+pub use vm::{create_vm, setup_vm};
+pub use vm_state::VmState;
+
+/// The architecture this module builds guests for, as snapshots record it.
+pub const ARCH_NAME: &str = "x86_64";
 
 use vm_memory::GuestAddress;
 
@@ -161,6 +177,54 @@ pub enum Error {
     /// The CPUID table could not be built.
     #[error("cannot build the CPUID table: {0}")]
     Cpuid(String),
+    /// A host call failed.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A legacy device does not fit on its bus.
+    #[error(transparent)]
+    Bus(#[from] devices::bus::BusError),
+    /// The serial port could not be built (or restored).
+    #[error("serial port: {0}")]
+    Serial(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The vCPUs hold more XSAVE state than a snapshot carries.
+    #[error(
+        "this VM's XSAVE state is {size} bytes; snapshots only carry {supported} so far (AMX \
+         or another large XSAVE feature is enabled)"
+    )]
+    XsaveTooLarge {
+        /// Bytes KVM holds per vCPU.
+        size: usize,
+        /// Bytes a snapshot carries.
+        supported: usize,
+    },
+    /// The snapshot's guest saw CPU features this host cannot give it.
+    #[error("this host lacks CPU features the guest uses: {0}")]
+    MissingCpuFeatures(String),
+    /// KVM refused a saved MSR value.
+    #[error("KVM refused MSR {index:#x} = {value:#x}")]
+    MsrValueRejected {
+        /// The MSR index.
+        index: u32,
+        /// The saved value.
+        value: u64,
+    },
+    /// Saved VM state that cannot be restored as it is.
+    #[error("bad saved VM state: {0}")]
+    BadVmState(String),
+    /// Something this architecture does not do (yet).
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// Maps a KVM error to [`Error::Kvm`] naming the operation.
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
 }
 
 /// Where the PCI host bridge decodes, as the ACPI MCFG and DSDT `_CRS` describe it.

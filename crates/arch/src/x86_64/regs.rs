@@ -11,7 +11,7 @@ use super::gdt::{boot_gdt, kvm_segment_from_gdt, CODE_INDEX, DATA_INDEX, GDT_ENT
 use super::layout::{
     BOOT_STACK_POINTER, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PD_COUNT, PML4_ADDR,
 };
-use super::{BootProtocol, BootSetup, Error};
+use super::{kvm_err, BootProtocol, BootSetup, Error};
 
 /// CR0: protected mode enable.
 pub const CR0_PE: u64 = 1 << 0;
@@ -77,10 +77,6 @@ pub const APIC_MODE_NMI: u32 = 0x4;
 
 fn mem_err(what: &'static str) -> impl FnOnce(vm_memory::GuestMemoryError) -> Error {
     move |source| Error::GuestMemory { what, source }
-}
-
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm { what, source }
 }
 
 /// Writes the boot GDT (64-bit code segment when `long_mode`) and an empty IDT.

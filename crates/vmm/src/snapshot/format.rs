@@ -29,21 +29,23 @@ pub enum SectionKind {
     Config = 1,
     /// The layout of guest RAM in `memory.bin`.
     Memory = 2,
-    /// One vCPU.
+    /// One vCPU (the architecture's vCPU state).
     Vcpu = 3,
-    /// VM-wide KVM state: irqchips, PIT, clock.
+    /// VM-wide KVM state (the architecture's: x86_64 irqchips, PIT, clock).
     VmState = 4,
     /// The serial port.
     Serial = 5,
     /// One virtio-pci function.
     VirtioPci = 6,
+    /// The guest architecture (`"x86_64"`, `"aarch64"`); a snapshot without one is x86_64.
+    Arch = 7,
 }
 
 impl SectionKind {
     /// The kind with number `n`, if known.
     pub fn from_u32(n: u32) -> Option<Self> {
         use SectionKind::*;
-        [Config, Memory, Vcpu, VmState, Serial, VirtioPci]
+        [Config, Memory, Vcpu, VmState, Serial, VirtioPci, Arch]
             .into_iter()
             .find(|k| *k as u32 == n)
     }
@@ -57,6 +59,7 @@ impl SectionKind {
             SectionKind::VmState => "vm-state",
             SectionKind::Serial => "serial",
             SectionKind::VirtioPci => "virtio-pci",
+            SectionKind::Arch => "arch",
         }
     }
 

@@ -2,9 +2,10 @@
 //!
 //! A snapshot directory holds:
 //!
-//! - `state.bin`: a versioned container (see [`format`]) with the configuration, the memory
-//!   layout, every vCPU, the irqchips, PIT and clock, the serial port and every virtio-pci
-//!   function;
+//! - `state.bin`: a versioned container (see [`format`]) with the guest architecture, the
+//!   configuration, the memory layout, every vCPU and the VM-wide state (both `arch` types,
+//!   stored as they serialise: x86_64's irqchips, PIT and clock), the serial port and every
+//!   virtio-pci function;
 //! - `memory.bin`: guest RAM, region after region; all-zero pages are left as holes;
 //! - `config.json`: the configuration again, for people;
 //! - `COMPLETE`: written last. A directory without it is an interrupted snapshot.
@@ -22,17 +23,13 @@ use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_state2, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE,
-};
 use serde::{Deserialize, Serialize};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, MmapRegion,
 };
 
-use arch::layout;
+use arch::{layout, CpuModel, VcpuState, VmState};
 use devices::bus::lock;
 use devices::legacy::{ExitSignal, SerialState};
 use devices::virtio::pci::VirtioPciState;
@@ -40,7 +37,6 @@ use devices::GuestMem;
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::vcpu::{VcpuMsg, VcpuThread};
-use crate::vcpu_state::{CpuModel, VcpuState};
 use crate::vm::{build_devices, create_kvm_vm, register_memory, Vm};
 use crate::Error;
 use format::{FormatError, Section, SectionKind, Writer};
@@ -58,15 +54,9 @@ struct MemRegion {
     file_offset: u64,
 }
 
-/// VM-wide KVM state.
-#[derive(Serialize, Deserialize)]
-struct VmState {
-    pic_master: kvm_irqchip,
-    pic_slave: kvm_irqchip,
-    ioapic: kvm_irqchip,
-    pit: kvm_pit_state2,
-    clock: kvm_clock_data,
-}
+/// The architecture a snapshot without an `arch` section was taken on (every snapshot
+/// written before the section existed).
+const UNTAGGED_ARCH: &str = "x86_64";
 
 /// One virtio-pci function, by its position in the configuration's device order.
 #[derive(Serialize, Deserialize)]
@@ -329,15 +319,7 @@ impl Vm {
         dir: &Path,
     ) -> Result<SnapshotStats, Error> {
         let t0 = Instant::now();
-        let legacy_xsave = std::mem::size_of::<kvm_bindings::kvm_xsave>();
-        if self.xsave_size > legacy_xsave {
-            // KVM_GET_XSAVE would silently cut the state (AMX tiles) off.
-            return Err(Error::Snapshot(format!(
-                "this VM's XSAVE state is {} bytes; snapshots only carry {legacy_xsave} \
-                 so far (AMX or another large XSAVE feature is enabled)",
-                self.xsave_size
-            )));
-        }
+        self.vcpu_save.check_snapshot_supported()?;
         std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
         let complete = dir.join(COMPLETE_FILE);
         match std::fs::remove_file(&complete) {
@@ -351,37 +333,25 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(threads.len());
         for (id, t) in threads.iter().enumerate() {
             let (tx, rx) = channel();
-            let list = self.msr_list.clone();
+            let ctx = self.vcpu_save.clone();
             let model = self.cpu_models.get(id).cloned().unwrap_or_default();
-            let id = id as u8;
+            let id = u8::try_from(id)
+                .map_err(|_| Error::Snapshot(format!("vCPU index {id} does not fit a u8")))?;
             let sent = t.send(VcpuMsg::Call(Box::new(move |fd| {
-                let _ = tx.send(VcpuState::save(id, fd, &list, &model));
+                let _ = tx.send(VcpuState::save(id, fd, &ctx, &model));
             })));
             let state = sent
                 .then(|| rx.recv_timeout(Duration::from_secs(5)).ok())
                 .flatten()
                 .ok_or_else(|| Error::Snapshot(format!("vCPU {id} did not answer")))?
-                .map_err(|reason| Error::Vcpu { id, reason })?;
+                .map_err(|e| Error::Vcpu {
+                    id,
+                    reason: e.to_string(),
+                })?;
             vcpus.push(state);
         }
 
-        let irqchip = |chip_id| -> Result<kvm_irqchip, Error> {
-            let mut c = kvm_irqchip {
-                chip_id,
-                ..Default::default()
-            };
-            self.vm
-                .get_irqchip(&mut c)
-                .map_err(Error::kvm("get irqchip"))?;
-            Ok(c)
-        };
-        let vm_state = VmState {
-            pic_master: irqchip(KVM_IRQCHIP_PIC_MASTER)?,
-            pic_slave: irqchip(KVM_IRQCHIP_PIC_SLAVE)?,
-            ioapic: irqchip(KVM_IRQCHIP_IOAPIC)?,
-            pit: self.vm.get_pit2().map_err(Error::kvm("get PIT"))?,
-            clock: self.vm.get_clock().map_err(Error::kvm("get clock"))?,
-        };
+        let vm_state = VmState::save(&self.vm)?;
         let serial = lock(&self.serial).save_state();
         let virtio: Vec<VirtioSection> = self
             .virtio
@@ -401,6 +371,8 @@ impl Vm {
         })?;
 
         let mut w = Writer::new();
+        w.add(SectionKind::Arch, &arch::ARCH_NAME)
+            .map_err(snap_err)?;
         w.add(SectionKind::Config, &self.cfg).map_err(snap_err)?;
         w.add(SectionKind::Memory, &regions).map_err(snap_err)?;
         for v in &vcpus {
@@ -476,15 +448,7 @@ impl Vm {
         }
         lock(&devs.root).refresh_all();
 
-        let s = &snap.vm_state;
-        vm.set_pit2(&s.pit).map_err(Error::kvm("set PIT"))?;
-        for chip in [&s.pic_master, &s.pic_slave, &s.ioapic] {
-            vm.set_irqchip(chip).map_err(Error::kvm("set irqchip"))?;
-        }
-        let mut clock = s.clock;
-        // Only KVM_CLOCK_REALTIME may be passed back, and we want the saved value as is.
-        clock.flags = 0;
-        vm.set_clock(&clock).map_err(Error::kvm("set clock"))?;
+        snap.vm_state.restore(&vm)?;
 
         let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         let mut cpu_models = Vec::with_capacity(snap.vcpus.len());
@@ -493,14 +457,16 @@ impl Vm {
                 .create_vcpu(st.id.into())
                 .map_err(Error::kvm("create vCPU"))?;
             arch::setup_cpuid(&kvm, &vcpu, st.id, cfg.vcpus, &cfg.cpuid_hide)?;
-            st.restore_cpu_model(&vcpu)
-                .map_err(|reason| Error::Vcpu { id: st.id, reason })?;
-            st.restore(&vcpu)
-                .map_err(|reason| Error::Vcpu { id: st.id, reason })?;
-            cpu_models.push(if st.cpuid.is_empty() {
-                CpuModel::read(&vcpu).map_err(|reason| Error::Vcpu { id: st.id, reason })?
-            } else {
-                st.cpu_model()
+            let vcpu_err = |e: arch::Error| Error::Vcpu {
+                id: st.id,
+                reason: e.to_string(),
+            };
+            st.restore_cpu_model(&vcpu).map_err(vcpu_err)?;
+            st.restore(&vcpu).map_err(vcpu_err)?;
+            // A snapshot without a CPU model keeps the one this host gave the new vCPU.
+            cpu_models.push(match st.cpu_model() {
+                Some(model) => model,
+                None => CpuModel::read(&vcpu)?,
             });
             vcpus.push(vcpu);
         }
@@ -570,6 +536,25 @@ fn one(sections: &[Section], kind: SectionKind) -> Result<&Section, FormatError>
     }
 }
 
+/// Refuses a snapshot taken on another architecture (one without an `arch` section predates
+/// the tag and is x86_64), before any architecture-specific section is decoded.
+fn check_arch(sections: &[Section]) -> Result<(), Error> {
+    let mut tags = sections.iter().filter(|s| s.kind == SectionKind::Arch);
+    let saved: String = match (tags.next(), tags.next()) {
+        (None, _) => UNTAGGED_ARCH.to_string(),
+        (Some(s), None) => s.decode()?,
+        (Some(_), Some(_)) => return Err(FormatError::Missing(SectionKind::Arch.name()).into()),
+    };
+    if saved != arch::ARCH_NAME {
+        return Err(Error::Snapshot(format!(
+            "this snapshot holds a {saved} guest; this pocketvisor runs {} guests and cannot \
+             restore it",
+            arch::ARCH_NAME
+        )));
+    }
+    Ok(())
+}
+
 /// Reads and checks a snapshot directory's `state.bin` (after its `COMPLETE` marker).
 fn read_snapshot(dir: &Path) -> Result<Snapshot, Error> {
     if !dir.join(COMPLETE_FILE).is_file() {
@@ -581,6 +566,7 @@ fn read_snapshot(dir: &Path) -> Result<Snapshot, Error> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io_err("cannot read", &path))?;
     let sections = format::read(&bytes)?;
+    check_arch(&sections)?;
     let all = |kind| sections.iter().filter(move |s: &&Section| s.kind == kind);
     Ok(Snapshot {
         config: one(&sections, SectionKind::Config)?.decode()?,

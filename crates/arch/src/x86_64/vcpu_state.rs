@@ -1,14 +1,62 @@
-//! Saving and restoring one vCPU's architectural state (x86_64).
+//! Saving and restoring one vCPU's architectural state (x86_64), and the CPU model (CPUID,
+//! TSC frequency) a guest saw.
+
+use std::sync::Arc;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
+
+use super::{kvm_err, Error};
 
 /// MSRs read per KVM_GET_MSRS call.
 const MSR_CHUNK: usize = 64;
+
+/// What saving a vCPU needs to know about the host and the VM, read once when the VM is
+/// built (before any sandbox filter is installed). Cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuSaveContext {
+    /// The MSRs KVM reports for this host (what a snapshot saves).
+    msr_list: Arc<Vec<u32>>,
+    /// Bytes of XSAVE state KVM holds per vCPU of this VM (KVM_CAP_XSAVE2; 0 if unknown).
+    xsave_size: usize,
+}
+
+impl VcpuSaveContext {
+    /// Reads the MSR list of `kvm` and the XSAVE size of `vm`. A host that cannot list its
+    /// MSRs gets snapshots without MSRs (and a warning), not a failed VM.
+    pub fn new(kvm: &Kvm, vm: &VmFd) -> Self {
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_else(|e| {
+                tracing::warn!("KVM_GET_MSR_INDEX_LIST failed ({e}); snapshots will lack MSRs");
+                Vec::new()
+            });
+        let xsave_size =
+            usize::try_from(vm.check_extension_int(kvm_ioctls::Cap::Xsave2)).unwrap_or(0);
+        Self {
+            msr_list: Arc::new(msr_list),
+            xsave_size,
+        }
+    }
+
+    /// Refuses a snapshot whose vCPU state would not fit what [`VcpuState`] carries.
+    pub fn check_snapshot_supported(&self) -> Result<(), Error> {
+        let legacy_xsave = std::mem::size_of::<kvm_xsave>();
+        if self.xsave_size > legacy_xsave {
+            // KVM_GET_XSAVE would silently cut the state (AMX tiles) off.
+            return Err(Error::XsaveTooLarge {
+                size: self.xsave_size,
+                supported: legacy_xsave,
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Everything KVM holds about one vCPU that a guest can observe.
 #[derive(Serialize, Deserialize)]
@@ -53,11 +101,11 @@ pub struct CpuModel {
 
 impl CpuModel {
     /// Reads the CPU model of a vCPU whose CPUID is set.
-    pub fn read(vcpu: &VcpuFd) -> Result<CpuModel, String> {
+    pub fn read(vcpu: &VcpuFd) -> Result<CpuModel, Error> {
         Ok(CpuModel {
             cpuid: vcpu
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-                .map_err(err("get CPUID"))?
+                .map_err(kvm_err("KVM_GET_CPUID2"))?
                 .as_slice()
                 .to_vec(),
             tsc_khz: vcpu.get_tsc_khz().ok(),
@@ -102,12 +150,8 @@ pub fn missing_features(saved: &[kvm_cpuid_entry2], host: &[kvm_cpuid_entry2]) -
         .collect()
 }
 
-fn err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> String + '_ {
-    move |e| format!("{what}: {e}")
-}
-
 /// Reads the MSRs of `list` that KVM can read (unreadable ones are skipped).
-fn get_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, String> {
+fn get_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, Error> {
     let mut out = Vec::with_capacity(list.len());
     let mut start = 0;
     while start < list.len() {
@@ -119,8 +163,8 @@ fn get_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, String> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(err("get MSRs"))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::MsrList(format!("{e:?}")))?;
+        let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         out.extend(msrs.as_slice().iter().take(n).map(|e| (e.index, e.data)));
         // KVM stops at the first MSR it cannot read: skip that one.
         start += if n < end - start { n + 1 } else { n };
@@ -134,49 +178,52 @@ impl VcpuState {
     pub fn save(
         id: u8,
         vcpu: &VcpuFd,
-        msr_list: &[u32],
+        ctx: &VcpuSaveContext,
         model: &CpuModel,
-    ) -> Result<VcpuState, String> {
+    ) -> Result<VcpuState, Error> {
         Ok(VcpuState {
             id,
-            mp_state: vcpu.get_mp_state().map_err(err("get MP state"))?,
-            regs: vcpu.get_regs().map_err(err("get registers"))?,
-            sregs: vcpu.get_sregs().map_err(err("get special registers"))?,
-            xsave: vcpu.get_xsave().map_err(err("get XSAVE"))?,
-            xcrs: vcpu.get_xcrs().map_err(err("get XCRs"))?,
-            debugregs: vcpu.get_debug_regs().map_err(err("get debug registers"))?,
-            lapic: vcpu.get_lapic().map_err(err("get LAPIC"))?,
-            msrs: get_msrs(vcpu, msr_list)?,
-            events: vcpu.get_vcpu_events().map_err(err("get vCPU events"))?,
+            mp_state: vcpu.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?,
+            regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+            xsave: vcpu.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?,
+            xcrs: vcpu.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?,
+            debugregs: vcpu
+                .get_debug_regs()
+                .map_err(kvm_err("KVM_GET_DEBUGREGS"))?,
+            lapic: vcpu.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?,
+            msrs: get_msrs(vcpu, &ctx.msr_list)?,
+            events: vcpu
+                .get_vcpu_events()
+                .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?,
             cpuid: model.cpuid.clone(),
             tsc_khz: model.tsc_khz,
         })
     }
 
-    /// The CPU model the guest saw.
-    pub fn cpu_model(&self) -> CpuModel {
-        CpuModel {
+    /// The CPU model the guest saw; `None` for a snapshot that predates saving it (then the
+    /// vCPU keeps what this host gives a new guest).
+    pub fn cpu_model(&self) -> Option<CpuModel> {
+        (!self.cpuid.is_empty()).then(|| CpuModel {
             cpuid: self.cpuid.clone(),
             tsc_khz: self.tsc_khz,
-        }
+        })
     }
 
     /// Gives a new vCPU, whose CPUID is already what this host offers a new guest, the CPUID
     /// and TSC frequency the guest saw, refusing if the host lacks a feature the guest saw.
-    pub fn restore_cpu_model(&self, vcpu: &VcpuFd) -> Result<(), String> {
+    pub fn restore_cpu_model(&self, vcpu: &VcpuFd) -> Result<(), Error> {
         if !self.cpuid.is_empty() {
             let host = vcpu
                 .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
-                .map_err(err("get CPUID"))?;
+                .map_err(kvm_err("KVM_GET_CPUID2"))?;
             let missing = missing_features(&self.cpuid, host.as_slice());
             if !missing.is_empty() {
-                return Err(format!(
-                    "this host lacks CPU features the guest uses: {}",
-                    missing.join(", ")
-                ));
+                return Err(Error::MissingCpuFeatures(missing.join(", ")));
             }
-            let cpuid = CpuId::from_entries(&self.cpuid).map_err(|e| format!("CPUID: {e:?}"))?;
-            vcpu.set_cpuid2(&cpuid).map_err(err("set CPUID"))?;
+            let cpuid =
+                CpuId::from_entries(&self.cpuid).map_err(|e| Error::Cpuid(format!("{e:?}")))?;
+            vcpu.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         }
         if let (Some(want), Ok(have)) = (self.tsc_khz, vcpu.get_tsc_khz()) {
             if want.abs_diff(have) > want / 10_000 {
@@ -194,19 +241,19 @@ impl VcpuState {
     /// Writes the state into a new vCPU whose CPU model is set, in the order KVM needs:
     /// MP state, registers, special registers, XSAVE, XCRs, debug registers, LAPIC, MSRs,
     /// events.
-    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), String> {
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), Error> {
         vcpu.set_mp_state(self.mp_state)
-            .map_err(err("set MP state"))?;
-        vcpu.set_regs(&self.regs).map_err(err("set registers"))?;
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))?;
         vcpu.set_sregs(&self.sregs)
-            .map_err(err("set special registers"))?;
+            .map_err(kvm_err("KVM_SET_SREGS"))?;
         // SAFETY: `xsave` is a whole kvm_xsave read by KVM_GET_XSAVE (the legacy 4 KiB area),
         // which is what KVM_SET_XSAVE reads; no XSAVE2-sized buffer is involved.
-        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(err("set XSAVE"))?;
-        vcpu.set_xcrs(&self.xcrs).map_err(err("set XCRs"))?;
+        unsafe { vcpu.set_xsave(&self.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs)
-            .map_err(err("set debug registers"))?;
-        vcpu.set_lapic(&self.lapic).map_err(err("set LAPIC"))?;
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
         for chunk in self.msrs.chunks(MSR_CHUNK) {
             let entries: Vec<kvm_msr_entry> = chunk
                 .iter()
@@ -216,17 +263,15 @@ impl VcpuState {
                     ..Default::default()
                 })
                 .collect();
-            let msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
-            let n = vcpu.set_msrs(&msrs).map_err(err("set MSRs"))?;
-            if n < chunk.len() {
-                return Err(format!(
-                    "KVM refused MSR {:#x} = {:#x}",
-                    chunk[n].0, chunk[n].1
-                ));
+            let msrs =
+                Msrs::from_entries(&entries).map_err(|e| Error::MsrList(format!("{e:?}")))?;
+            let n = vcpu.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+            if let Some(&(index, value)) = chunk.get(n) {
+                return Err(Error::MsrValueRejected { index, value });
             }
         }
         vcpu.set_vcpu_events(&self.events)
-            .map_err(err("set vCPU events"))?;
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
 }

@@ -1,0 +1,68 @@
+//! The aarch64 guest physical memory map, in the style of QEMU's `virt` machine: devices in
+//! the first GiB, RAM from 1 GiB up in one region.
+//!
+//! These constants are the plan for the aarch64 port (issue 14); nothing maps them yet.
+
+use vm_memory::GuestAddress;
+
+/// GICv3 distributor.
+pub const GIC_DIST_START: u64 = 0x0800_0000;
+/// GICv3 distributor size.
+pub const GIC_DIST_SIZE: u64 = 0x1_0000;
+/// GICv3 redistributors (one 128 KiB frame per vCPU).
+pub const GIC_REDIST_START: u64 = 0x080A_0000;
+/// Size of one vCPU's redistributor frame.
+pub const GIC_REDIST_SIZE_PER_VCPU: u64 = 0x2_0000;
+/// The console UART (16550-compatible, on the MMIO bus).
+pub const SERIAL_START: u64 = 0x0900_0000;
+/// The console UART's register window.
+pub const SERIAL_SIZE: u64 = 0x1000;
+/// The console UART's interrupt (an SPI number).
+pub const SERIAL_IRQ: u32 = 1;
+/// First address of the 32-bit PCI MMIO window (BARs).
+pub const PCI_MMIO_START: u64 = 0x1000_0000;
+/// Size of the 32-bit PCI MMIO window.
+pub const PCI_MMIO_SIZE: u64 = 0x2F00_0000;
+/// PCI ECAM (bus 0 only: 32 devices x 8 functions x 4 KiB).
+pub const PCI_ECAM_START: u64 = 0x3F00_0000;
+/// PCI ECAM size.
+pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+/// Where guest RAM starts.
+pub const RAM_START: u64 = 0x4000_0000;
+/// First GSI handed out for MSI routes (after the 32 SPIs kept for platform devices).
+pub const MSI_GSI_BASE: u32 = 32;
+/// Smallest guest RAM the platform supports.
+pub const MIN_MEMORY: u64 = 16 << 20;
+/// Largest kernel command line, including the terminating NUL (arm64's COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX: usize = 2048;
+
+/// Guest RAM for `size` bytes: one region from [`RAM_START`].
+pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
+    // A guest larger than the host's address space cannot be mapped anyway; clamp rather
+    // than wrap (the VMM checks the size against host RAM before it maps anything).
+    let len = usize::try_from(size).unwrap_or(usize::MAX);
+    vec![(GuestAddress(RAM_START), len)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_windows_sit_below_ram_without_overlap() {
+        let mut windows = [
+            (GIC_DIST_START, GIC_DIST_SIZE),
+            (GIC_REDIST_START, 254 * GIC_REDIST_SIZE_PER_VCPU),
+            (SERIAL_START, SERIAL_SIZE),
+            (PCI_MMIO_START, PCI_MMIO_SIZE),
+            (PCI_ECAM_START, PCI_ECAM_SIZE),
+        ];
+        windows.sort();
+        for w in windows.windows(2) {
+            assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
+        }
+        let last = windows[windows.len() - 1];
+        assert!(last.0 + last.1 <= RAM_START);
+        assert_eq!(ram_regions(64 << 20), vec![(GuestAddress(RAM_START), 64 << 20)]);
+    }
+}

@@ -1,0 +1,78 @@
+//! The x86_64 legacy platform devices on the port bus: the 16550 at COM1 with its irqfd, the
+//! i8042 (reset), the ACPI PM1a block (power-off), the debug-exit port, the POST-code sink at
+//! 0x80 and the PCI configuration ports 0xcf8-0xcff.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, SharedDevice};
+use devices::legacy::{AcpiPm, DebugExit, ExitSignal, PortSink, Serial, I8042};
+use devices::pci::{PciConfigIo, PciRoot};
+use kvm_ioctls::VmFd;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::layout::{COM1_IRQ, COM1_PORT, DEBUG_EXIT_PORT, PM1A_EVT_PORT};
+use super::{kvm_err, Error};
+
+/// The i8042 data and command ports (0x60-0x64).
+pub const I8042_PORT: u16 = 0x60;
+/// The POST-code port, written by firmware and Linux's `outb_p` delays.
+pub const POST_CODE_PORT: u16 = 0x80;
+/// The PCI configuration address and data ports (type 1 access).
+pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
+
+/// What the VMM keeps of the legacy devices.
+pub struct LegacyDevices {
+    /// The console UART (snapshots save it).
+    pub serial: Arc<Mutex<Serial>>,
+}
+
+/// What the legacy devices are wired to.
+pub struct LegacyContext<'a> {
+    /// The VM (for the serial irqfd).
+    pub vm: &'a VmFd,
+    /// Where the power-off, reset and debug-exit devices report.
+    pub exit: &'a Arc<ExitSignal>,
+    /// The PCI root the configuration ports reach.
+    pub pci: &'a Arc<Mutex<PciRoot>>,
+}
+
+/// Puts the legacy devices on the port bus (x86_64 has none on the MMIO bus).
+/// `make_serial` builds the UART (new, or from a snapshot) around the interrupt eventfd it is
+/// given, which is already wired to the UART's IRQ.
+pub fn add_legacy_devices<E>(
+    ctx: &LegacyContext<'_>,
+    pio: &mut Bus,
+    _mmio: &mut Bus,
+    make_serial: impl FnOnce(EventFd) -> Result<Serial, E>,
+) -> Result<LegacyDevices, Error>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io {
+        what: "create the serial interrupt eventfd",
+        source,
+    })?;
+    ctx.vm
+        .register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial = make_serial(serial_irq).map_err(|e| Error::Serial(Box::new(e)))?;
+    let serial = Arc::new(Mutex::new(serial));
+    pio.insert(u64::from(COM1_PORT), 8, serial.clone())?;
+
+    let exit = ctx.exit;
+    let ports: [(u16, u64, SharedDevice); 5] = [
+        (I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(exit.clone())))),
+        (PM1A_EVT_PORT, 8, Arc::new(Mutex::new(AcpiPm::new(exit.clone())))),
+        (DEBUG_EXIT_PORT, 4, Arc::new(Mutex::new(DebugExit::new(exit.clone())))),
+        (POST_CODE_PORT, 1, Arc::new(Mutex::new(PortSink))),
+        (
+            PCI_CONFIG_IO_PORT,
+            8,
+            Arc::new(Mutex::new(PciConfigIo::new(ctx.pci.clone()))),
+        ),
+    ];
+    for (port, len, dev) in ports {
+        pio.insert(u64::from(port), len, dev)?;
+    }
+    Ok(LegacyDevices { serial })
+}

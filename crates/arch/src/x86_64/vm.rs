@@ -1,0 +1,65 @@
+//! Creating the KVM VM of an x86_64 guest: the TSS and identity-map pages, the in-kernel
+//! irqchip (PIC, IOAPIC, LAPICs) and the PIT.
+
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+
+use super::{kvm_err, Error};
+
+/// Where KVM puts the three TSS pages it needs on Intel (just below the BIOS area at the top
+/// of 4 GiB, in the MMIO hole above the LAPIC, so no RAM or device window is lost).
+pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// Where KVM puts its identity-map page table (the page below the TSS).
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// Creates a VM on `kvm` with everything an x86_64 guest of this VMM needs ([`setup_vm`]).
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    setup_vm(&vm)?;
+    Ok(vm)
+}
+
+/// Gives a new VM its TSS and identity-map addresses, the in-kernel irqchip and the PIT
+/// (whose speaker port is a dummy). Must run before any vCPU is created.
+pub fn setup_vm(vm: &VmFd) -> Result<(), Error> {
+    vm.set_tss_address(KVM_TSS_ADDR)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tss_and_identity_map_sit_in_the_mmio_hole_above_the_lapic() {
+        use crate::layout::{LAPIC_SIZE, LAPIC_START, MMIO_HOLE_END};
+        let tss = KVM_TSS_ADDR as u64;
+        assert_eq!(KVM_IDENTITY_MAP_ADDR + 0x1000, tss);
+        assert!(KVM_IDENTITY_MAP_ADDR >= LAPIC_START + LAPIC_SIZE);
+        assert!(tss + 3 * 0x1000 <= MMIO_HOLE_END);
+    }
+
+    #[test]
+    fn a_vm_has_an_irqchip_and_a_pit() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let vm = create_vm(&kvm).unwrap();
+        // Both only answer when the irqchip and the PIT exist.
+        let mut chip = kvm_bindings::kvm_irqchip {
+            chip_id: kvm_bindings::KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip).unwrap();
+        vm.get_pit2().unwrap();
+    }
+}
