@@ -13,7 +13,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::ptr;
 
-use crate::{check, cpath, sys, Error, Result};
+use crate::{check, check_long, cpath, sys, Error, Result};
 
 /// What a bind mount brings into the jail.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -201,12 +201,10 @@ impl JailRoot {
         // SAFETY: pivot_root with two valid NUL-terminated paths; stacking the old root on
         // the new one (".", ".") is the documented way to avoid a put_old directory.
         let r = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
-        check(r as libc::c_int, "pivot_root")?;
+        check_long(r, "pivot_root")?;
         // SAFETY: umount2 with a valid path; detaches the old root stacked on ".".
-        check(
-            unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) },
-            "detach the old root",
-        )?;
+        let r = unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) };
+        check(r, "detach the old root")?;
         let slash = c"/";
         // SAFETY: chdir with a valid NUL-terminated path.
         check(unsafe { libc::chdir(slash.as_ptr()) }, "chdir /")?;

@@ -61,6 +61,15 @@ pub(crate) fn check(ret: libc::c_int, what: impl Into<String>) -> Result<libc::c
     }
 }
 
+/// [`check`] for raw `syscall(2)` returns, which are `c_long`.
+pub(crate) fn check_long(ret: libc::c_long, what: impl Into<String>) -> Result<libc::c_long> {
+    if ret == -1 {
+        Err(sys(what)(io::Error::last_os_error()))
+    } else {
+        Ok(ret)
+    }
+}
+
 /// A path as a C string (paths with NUL bytes cannot name files).
 pub(crate) fn cpath(p: &std::path::Path) -> Result<std::ffi::CString> {
     use std::os::unix::ffi::OsStrExt;

@@ -31,18 +31,15 @@ pub fn enter(net: Net<'_>, hostname: &str) -> Result<()> {
         }
     };
     // SAFETY: unshare only changes this process's namespaces.
-    check(unsafe { libc::unshare(flags) }, "unshare namespaces")?;
+    let r = unsafe { libc::unshare(flags) };
+    check(r, "unshare namespaces")?;
     if let (Some(f), Net::Join(p)) = (join, net) {
         // SAFETY: setns with a descriptor we own, asking for a network namespace.
-        check(
-            unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
-            format!("join network namespace {}", p.display()),
-        )?;
+        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+        check(r, format!("join network namespace {}", p.display()))?;
     }
     // SAFETY: the pointer and length describe the bytes of `hostname`.
-    check(
-        unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) },
-        "set the host name",
-    )?;
+    let r = unsafe { libc::sethostname(hostname.as_ptr().cast(), hostname.len()) };
+    check(r, "set the host name")?;
     Ok(())
 }

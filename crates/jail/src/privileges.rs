@@ -4,7 +4,7 @@
 //! Capabilities are per thread: call [`drop_all`] while the process has a single thread, so
 //! every thread created later inherits the empty sets.
 
-use crate::{check, Error, Result};
+use crate::{check, check_long, Error, Result};
 
 /// `_LINUX_CAPABILITY_VERSION_3`.
 const CAP_VERSION_3: u32 = 0x2008_0522;
@@ -58,34 +58,26 @@ pub fn drop_all(ids: Option<Ids>) -> Result<()> {
         }
     }
     // SAFETY: prctl with integer arguments only.
-    check(
-        unsafe {
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            )
-        },
-        "clear ambient capabilities",
-    )?;
+    let r = unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    check(r, "clear ambient capabilities")?;
     if let Some(Ids { uid, gid }) = ids {
         // SAFETY: setgroups with an empty list (the pointer is not read).
-        check(
-            unsafe { libc::setgroups(0, std::ptr::null()) },
-            "drop supplementary groups",
-        )?;
+        let r = unsafe { libc::setgroups(0, std::ptr::null()) };
+        check(r, "drop supplementary groups")?;
         // SAFETY: integer arguments only.
-        check(
-            unsafe { libc::setresgid(gid, gid, gid) },
-            format!("set gid {gid}"),
-        )?;
+        let r = unsafe { libc::setresgid(gid, gid, gid) };
+        check(r, format!("set gid {gid}"))?;
         // SAFETY: integer arguments only.
-        check(
-            unsafe { libc::setresuid(uid, uid, uid) },
-            format!("set uid {uid}"),
-        )?;
+        let r = unsafe { libc::setresuid(uid, uid, uid) };
+        check(r, format!("set uid {uid}"))?;
     }
     let mut header = CapHeader {
         version: CAP_VERSION_3,
@@ -94,12 +86,10 @@ pub fn drop_all(ids: Option<Ids>) -> Result<()> {
     let data = [CapData::default(); 2];
     // SAFETY: capset reads a v3 header and two data structs, which both point to.
     let r = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-    check(r as libc::c_int, "clear capabilities")?;
+    check_long(r, "clear capabilities")?;
     // SAFETY: prctl with integer arguments only.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        "set no_new_privs",
-    )?;
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    check(r, "set no_new_privs")?;
     forbid_core_dumps()
 }
 
@@ -111,14 +101,10 @@ pub fn forbid_core_dumps() -> Result<()> {
         rlim_max: 0,
     };
     // SAFETY: setrlimit reads a live rlimit struct.
-    check(
-        unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) },
-        "set RLIMIT_CORE",
-    )?;
+    let r = unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) };
+    check(r, "set RLIMIT_CORE")?;
     // SAFETY: prctl with integer arguments only.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) },
-        "clear the dumpable flag",
-    )?;
+    let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    check(r, "clear the dumpable flag")?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::io;
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::{check, sys, Result};
+use crate::{check, check_long, sys, Error, Result};
 
 /// Which side of the fork this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,14 +92,17 @@ pub fn fork_into_pid_namespace(cgroup: Option<libc::c_int>) -> Result<(Forked, b
                 }
                 tracing::info!("clone3(CLONE_INTO_CGROUP) unavailable ({e}); forking");
             }
-            pid => return Ok((Forked::Parent(pid as libc::pid_t), true)),
+            pid => {
+                let pid = libc::pid_t::try_from(pid).map_err(|_| {
+                    Error::Invalid(format!("clone3 returned an impossible pid {pid}"))
+                })?;
+                return Ok((Forked::Parent(pid), true));
+            }
         }
     }
     // SAFETY: unshare only changes the namespace of this process's future children.
-    check(
-        unsafe { libc::unshare(libc::CLONE_NEWPID) },
-        "unshare the pid namespace",
-    )?;
+    let r = unsafe { libc::unshare(libc::CLONE_NEWPID) };
+    check(r, "unshare the pid namespace")?;
     // SAFETY: the caller is single-threaded, so the child is a consistent copy.
     let pid = unsafe { libc::fork() };
     match pid {
@@ -111,10 +114,8 @@ pub fn fork_into_pid_namespace(cgroup: Option<libc::c_int>) -> Result<(Forked, b
 
 fn child_setup() -> Result<Forked> {
     // SAFETY: prctl with integer arguments only.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) },
-        "set the parent-death signal",
-    )?;
+    let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    check(r, "set the parent-death signal")?;
     Ok(Forked::Child)
 }
 
@@ -134,7 +135,7 @@ pub fn close_fds_except(keep: &[libc::c_int]) -> Result<()> {
             // SAFETY: close_range on descriptors this process owns; nothing else in this
             // single-threaded process uses them (the caller keeps the ones it needs).
             let r = unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0) };
-            check(r as libc::c_int, "close inherited descriptors")?;
+            check_long(r, "close inherited descriptors")?;
         }
         from = fd.saturating_add(1);
     }
