@@ -162,10 +162,21 @@ pub fn build_dsdt(pci: &PciInfo) -> Vec<u8> {
     dsdt.as_slice().to_vec()
 }
 
+/// The LAPIC and IOAPIC addresses as the MADT's 32-bit fields.
+const LAPIC_ADDR32: u32 = super::fits_u32(LAPIC_START);
+const IOAPIC_ADDR32: u32 = super::fits_u32(IOAPIC_START);
+/// The SCI as an ISA IRQ number (the MADT override's source, the FADT's `SCI_INT`).
+// The assert keeps it an ISA IRQ (below 16), so neither cast truncates.
+#[allow(clippy::cast_possible_truncation)]
+const SCI_ISA_IRQ: u8 = {
+    assert!(SCI_IRQ < 16);
+    SCI_IRQ as u8
+};
+
 /// Builds the MADT: one enabled local APIC per vCPU, the IOAPIC and the ISA overrides.
 pub fn build_madt(nr_vcpus: u8) -> Vec<u8> {
     let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    madt.write_u32(36, LAPIC_START as u32);
+    madt.write_u32(36, LAPIC_ADDR32);
     madt.write_u32(40, MADT_PCAT_COMPAT);
     for id in 0..nr_vcpus {
         madt.append_slice(&aml_bytes(&ProcessorLocalApic::new(
@@ -174,10 +185,10 @@ pub fn build_madt(nr_vcpus: u8) -> Vec<u8> {
             EnabledStatus::Enabled,
         )));
     }
-    madt.append_slice(&aml_bytes(&IoApic::new(0, IOAPIC_START as u32, 0)));
+    madt.append_slice(&aml_bytes(&IoApic::new(0, IOAPIC_ADDR32, 0)));
     madt.append_slice(&interrupt_source_override(0, 2, MPS_INTI_CONFORMS));
     madt.append_slice(&interrupt_source_override(
-        SCI_IRQ as u8,
+        SCI_ISA_IRQ,
         SCI_IRQ,
         MPS_INTI_ACTIVE_HIGH_LEVEL,
     ));
@@ -215,7 +226,7 @@ pub fn build_fadt(dsdt: u64, facs: u64) -> Vec<u8> {
         .flag(Flags::Wbinvd)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    fadt.sci_int = (SCI_IRQ as u16).into();
+    fadt.sci_int = u16::from(SCI_ISA_IRQ).into();
     // SMI_CMD stays 0: the platform is always in ACPI mode.
     fadt.pm1a_evt_blk = u32::from(PM1A_EVT_PORT).into();
     fadt.pm1a_cnt_blk = u32::from(PM1A_CNT_PORT).into();

@@ -320,8 +320,8 @@ fn write_pvh_params<M: GuestMemoryBackend>(
     initrd: Option<(u64, u64)>,
     rsdp: GuestAddress,
 ) -> Result<(), Error> {
-    let max_entries =
-        (START_INFO_END - PVH_MEMMAP_ADDR) as usize / std::mem::size_of::<hvm_memmap_table_entry>();
+    let area = usize::try_from(START_INFO_END - PVH_MEMMAP_ADDR).unwrap_or(0);
+    let max_entries = area / std::mem::size_of::<hvm_memmap_table_entry>();
     if map.len() > max_entries {
         return Err(Error::TooManyMemoryMapEntries(map.len()));
     }
@@ -340,7 +340,8 @@ fn write_pvh_params<M: GuestMemoryBackend>(
         cmdline_paddr: CMDLINE_ADDR,
         rsdp_paddr: rsdp.raw_value(),
         memmap_paddr: PVH_MEMMAP_ADDR,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries: u32::try_from(memmap.len())
+            .map_err(|_| Error::TooManyMemoryMapEntries(memmap.len()))?,
         ..Default::default()
     };
     let module = initrd.map(|(paddr, size)| hvm_modlist_entry {
@@ -383,16 +384,25 @@ fn write_zero_page<M: GuestMemoryBackend>(
             r#type: e.kind as u32,
         };
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries =
+        u8::try_from(map.len()).map_err(|_| Error::TooManyMemoryMapEntries(map.len()))?;
     params.hdr.type_of_loader = LOADER_TYPE_OTHER;
     params.hdr.boot_flag = BOOT_FLAG_MAGIC;
     params.hdr.header = HDRS_MAGIC;
-    params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    params.hdr.cmdline_size = cmdline_len as u32;
+    params.hdr.cmd_line_ptr = const { super::fits_u32(CMDLINE_ADDR) };
+    params.hdr.cmdline_size = u32::try_from(cmdline_len).map_err(|_| Error::CmdlineTooLong {
+        len: cmdline_len,
+        max: CMDLINE_MAX,
+    })?;
     if let Some((addr, size)) = initrd {
         // initrd_address keeps the initrd below initrd_addr_max, which is below 4 GiB.
-        params.hdr.ramdisk_image = addr as u32;
-        params.hdr.ramdisk_size = size as u32;
+        let too_large = || Error::InitrdTooLarge {
+            size,
+            kernel_end: addr,
+            limit: u64::from(u32::MAX),
+        };
+        params.hdr.ramdisk_image = u32::try_from(addr).map_err(|_| too_large())?;
+        params.hdr.ramdisk_size = u32::try_from(size).map_err(|_| too_large())?;
     }
     let bp = BootParams::new(&params, GuestAddress(START_INFO_ADDR));
     LinuxBootConfigurator::write_bootparams(&bp, mem).map_err(Error::BootParams)
@@ -470,6 +480,8 @@ pub fn load_kernel<M: GuestMemoryBackend>(
 }
 
 #[cfg(test)]
+// Test inputs are small constants and indices; their casts cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
     use super::*;
     use std::io::Write;

@@ -326,11 +326,11 @@ fn topology_leaf(function: u32, cfg: &CpuidConfig) -> Vec<kvm_cpuid_entry2> {
 fn mask_xsave_leaf(entries: &mut [kvm_cpuid_entry2], remove: u64) {
     for e in entries.iter_mut().filter(|e| e.function == 0xd) {
         if e.index == 0 {
-            e.eax &= !(remove as u32);
+            e.eax &= !((remove & 0xffff_ffff) as u32);
             e.edx &= !((remove >> 32) as u32);
         } else if e.index == 1 {
             // XSS-managed components live in ECX/EDX of subleaf 1.
-            e.ecx &= !(remove as u32);
+            e.ecx &= !((remove & 0xffff_ffff) as u32);
             e.edx &= !((remove >> 32) as u32);
         } else if e.index < 64 && remove & (1u64 << e.index) != 0 {
             *e = entry(0xd, e.index, e.flags, [0; 4]);
@@ -505,6 +505,8 @@ pub fn setup_cpuid(
 }
 
 #[cfg(test)]
+// Test inputs are small constants and indices; their casts cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -35,8 +35,9 @@ fn entry_base(entry: u64) -> u64 {
     ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)
 }
 
+// Both masks keep the value below 2^20, so the cast is lossless.
+#[allow(clippy::cast_possible_truncation)]
 fn entry_limit(entry: u64) -> u32 {
-    // Both masks keep the value below 2^20, so the cast is lossless.
     ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32
 }
 

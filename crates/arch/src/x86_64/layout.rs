@@ -103,6 +103,8 @@ const _: () = {
 };
 
 /// RAM regions for a guest of `size` bytes: [0, min(size, 3G)) and [4G, 4G + rest).
+// This module only builds for x86_64 hosts, where usize is 64 bits: the casts are lossless.
+#[allow(clippy::cast_possible_truncation)]
 pub fn ram_regions(size: u64) -> Vec<(GuestAddress, usize)> {
     let low = size.min(MMIO_HOLE_START);
     let mut regions = Vec::with_capacity(2);
@@ -122,6 +124,8 @@ pub fn low_ram_end(size: u64) -> u64 {
 }
 
 #[cfg(test)]
+// Test inputs are small constants and indices; their casts cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
 

@@ -284,6 +284,15 @@ pub struct BootConfig<'a> {
     pub pci: PciInfo,
 }
 
+/// A constant that must fit 32 bits (an address below 4 GiB, a small count), as a `u32`.
+/// Call it in a `const` item so the check happens at compile time.
+// The assert rules truncation out.
+#[allow(clippy::cast_possible_truncation)]
+pub(crate) const fn fits_u32(v: u64) -> u32 {
+    assert!(v <= u32::MAX as u64, "constant does not fit 32 bits");
+    v as u32
+}
+
 /// Checks a vCPU count: 1..=254 (APIC id 255 is the broadcast id).
 pub(crate) fn check_vcpu_count(nr_vcpus: u8) -> Result<(), Error> {
     if nr_vcpus == 0 || nr_vcpus == u8::MAX {
@@ -294,6 +303,8 @@ pub(crate) fn check_vcpu_count(nr_vcpus: u8) -> Result<(), Error> {
 
 /// Boots tiny guests on real KVM: checks that the entry state each boot protocol promises holds.
 #[cfg(test)]
+// Test inputs are small constants and indices; their casts cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 mod boot_smoke_tests {
     use super::*;
     use crate::boot::tests::{guest_mem, tiny_bzimage, tiny_elf, TempFile};

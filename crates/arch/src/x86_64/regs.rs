@@ -13,8 +13,17 @@ use super::layout::{
 };
 use super::{kvm_err, BootProtocol, BootSetup, Error};
 
+/// The GDTR limit of the boot GDT (its size in bytes, minus one).
+// The assert keeps the byte size within 16 bits, so the cast is lossless.
+#[allow(clippy::cast_possible_truncation)]
+const GDT_LIMIT: u16 = {
+    assert!(GDT_ENTRIES * 8 <= 1 << 16);
+    (GDT_ENTRIES * 8 - 1) as u16
+};
+
 /// CR0: protected mode enable.
 pub const CR0_PE: u64 = 1 << 0;
+
 /// CR0: extension type (always 1 on modern CPUs).
 pub const CR0_ET: u64 = 1 << 4;
 /// CR0: paging.
@@ -144,7 +153,7 @@ pub fn boot_sregs(protocol: BootProtocol, mut sregs: kvm_sregs) -> kvm_sregs {
     tss.type_ = 0xb;
 
     sregs.gdt.base = GDT_ADDR;
-    sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = IDT_ADDR;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -279,6 +288,8 @@ pub fn setup_vcpu<M: GuestMemoryBackend>(
 }
 
 #[cfg(test)]
+// Test inputs are small constants and indices; their casts cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
 pub(crate) mod tests {
     use super::*;
     use crate::boot::tests::guest_mem;

@@ -41,10 +41,12 @@ mod tests {
     #[test]
     fn the_tss_and_identity_map_sit_in_the_mmio_hole_above_the_lapic() {
         use crate::layout::{LAPIC_SIZE, LAPIC_START, MMIO_HOLE_END};
-        let tss = KVM_TSS_ADDR as u64;
-        assert_eq!(KVM_IDENTITY_MAP_ADDR + 0x1000, tss);
-        assert!(KVM_IDENTITY_MAP_ADDR >= LAPIC_START + LAPIC_SIZE);
-        assert!(tss + 3 * 0x1000 <= MMIO_HOLE_END);
+        const TSS: u64 = KVM_TSS_ADDR as u64;
+        const {
+            assert!(KVM_IDENTITY_MAP_ADDR + 0x1000 == TSS);
+            assert!(KVM_IDENTITY_MAP_ADDR >= LAPIC_START + LAPIC_SIZE);
+            assert!(TSS + 3 * 0x1000 <= MMIO_HOLE_END);
+        }
     }
 
     #[test]
