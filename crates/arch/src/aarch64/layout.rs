@@ -59,10 +59,18 @@ mod tests {
         ];
         windows.sort();
         for w in windows.windows(2) {
-            assert!(w[0].0 + w[0].1 <= w[1].0, "{:x?} overlaps {:x?}", w[0], w[1]);
+            assert!(
+                w[0].0 + w[0].1 <= w[1].0,
+                "{:x?} overlaps {:x?}",
+                w[0],
+                w[1]
+            );
         }
         let last = windows[windows.len() - 1];
         assert!(last.0 + last.1 <= RAM_START);
-        assert_eq!(ram_regions(64 << 20), vec![(GuestAddress(RAM_START), 64 << 20)]);
+        assert_eq!(
+            ram_regions(64 << 20),
+            vec![(GuestAddress(RAM_START), 64 << 20)]
+        );
     }
 }

@@ -11,7 +11,10 @@ use super::layout::MSI_GSI_BASE;
 /// Number of IOAPIC pins: GSIs below this are routed to the irqchips, never to MSI.
 pub const IRQCHIP_PINS: u32 = 24;
 
-const _: () = assert!(MSI_GSI_BASE >= IRQCHIP_PINS, "MSI GSIs overlap the IOAPIC pins");
+const _: () = assert!(
+    MSI_GSI_BASE >= IRQCHIP_PINS,
+    "MSI GSIs overlap the IOAPIC pins"
+);
 
 fn irqchip_entry(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {

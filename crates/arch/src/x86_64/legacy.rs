@@ -61,9 +61,21 @@ where
 
     let exit = ctx.exit;
     let ports: [(u16, u64, SharedDevice); 5] = [
-        (I8042_PORT, 5, Arc::new(Mutex::new(I8042::new(exit.clone())))),
-        (PM1A_EVT_PORT, 8, Arc::new(Mutex::new(AcpiPm::new(exit.clone())))),
-        (DEBUG_EXIT_PORT, 4, Arc::new(Mutex::new(DebugExit::new(exit.clone())))),
+        (
+            I8042_PORT,
+            5,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        ),
+        (
+            PM1A_EVT_PORT,
+            8,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        ),
+        (
+            DEBUG_EXIT_PORT,
+            4,
+            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        ),
         (POST_CODE_PORT, 1, Arc::new(Mutex::new(PortSink))),
         (
             PCI_CONFIG_IO_PORT,
@@ -75,4 +87,87 @@ where
         pio.insert(u64::from(port), len, dev)?;
     }
     Ok(LegacyDevices { serial })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::legacy::GuestExit;
+    use kvm_ioctls::VcpuExit;
+
+    #[test]
+    fn the_ports_reach_their_devices_through_the_exit_hook() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let vm = super::super::create_vm(&kvm).unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let root = Arc::new(Mutex::new(PciRoot::new(
+            super::super::layout::PCI_MMIO_START,
+            super::super::layout::PCI_MMIO_SIZE,
+        )));
+        let (mut pio, mut mmio) = (Bus::new(), Bus::new());
+        let ctx = LegacyContext {
+            vm: &vm,
+            exit: &exit,
+            pci: &root,
+        };
+        let legacy = add_legacy_devices(&ctx, &mut pio, &mut mmio, |irq| {
+            Ok::<_, std::io::Error>(Serial::new(irq, Box::new(std::io::sink())))
+        })
+        .unwrap();
+        assert!(
+            Arc::strong_count(&legacy.serial) >= 2,
+            "the bus holds the UART"
+        );
+
+        let pio_read = |port: u16, data: &mut [u8]| {
+            assert!(crate::handle_arch_exit(VcpuExit::IoIn(port, data), &pio).is_none());
+        };
+        // The UART's line status register: transmitter empty.
+        let mut lsr = [0u8];
+        pio_read(COM1_PORT + 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+        // Type 1 PCI config access: host bridge at 00:00.0 is there (vendor id not 0xffff).
+        let addr = 0x8000_0000u32.to_le_bytes();
+        assert!(crate::handle_arch_exit(VcpuExit::IoOut(0xcf8, &addr), &pio).is_none());
+        let mut id = [0u8; 2];
+        pio_read(0xcfc, &mut id);
+        assert_ne!(u16::from_le_bytes(id), 0xffff);
+        // A port nobody owns reads as all ones.
+        let mut none = [0u8; 2];
+        pio_read(0x2f8, &mut none);
+        assert_eq!(none, [0xff, 0xff]);
+        // MMIO is not this hook's business.
+        let mut buf = [0u8; 4];
+        assert!(crate::handle_arch_exit(VcpuExit::MmioRead(0x1000, &mut buf), &pio).is_some());
+        // The debug-exit port ends the VM with the value written.
+        let v = 7u32.to_le_bytes();
+        assert!(crate::handle_arch_exit(VcpuExit::IoOut(DEBUG_EXIT_PORT, &v), &pio).is_none());
+        assert_eq!(exit.reason(), Some(GuestExit::DebugExit(7)));
+    }
+
+    #[test]
+    fn a_serial_that_cannot_be_built_is_a_typed_error() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let vm = super::super::create_vm(&kvm).unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x1000_0000)));
+        let ctx = LegacyContext {
+            vm: &vm,
+            exit: &exit,
+            pci: &root,
+        };
+        let err = add_legacy_devices(&ctx, &mut Bus::new(), &mut Bus::new(), |_| {
+            Err(std::io::Error::other("bad saved UART"))
+        })
+        .err()
+        .unwrap();
+        assert!(matches!(err, Error::Serial(_)));
+        assert_eq!(err.to_string(), "serial port: bad saved UART");
+    }
 }

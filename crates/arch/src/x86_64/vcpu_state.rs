@@ -163,7 +163,8 @@ fn get_msrs(vcpu: &VcpuFd, list: &[u32]) -> Result<Vec<(u32, u64)>, Error> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| Error::MsrList(format!("{e:?}")))?;
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|e| Error::MsrList(format!("{e:?}")))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(kvm_err("KVM_GET_MSRS"))?;
         out.extend(msrs.as_slice().iter().take(n).map(|e| (e.index, e.data)));
         // KVM stops at the first MSR it cannot read: skip that one.
@@ -253,7 +254,8 @@ impl VcpuState {
         vcpu.set_xcrs(&self.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
         vcpu.set_debug_regs(&self.debugregs)
             .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
-        vcpu.set_lapic(&self.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        vcpu.set_lapic(&self.lapic)
+            .map_err(kvm_err("KVM_SET_LAPIC"))?;
         for chunk in self.msrs.chunks(MSR_CHUNK) {
             let entries: Vec<kvm_msr_entry> = chunk
                 .iter()

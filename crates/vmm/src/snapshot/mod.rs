@@ -592,6 +592,42 @@ pub fn inspect(dir: &Path) -> Result<VmConfig, Error> {
 mod tests {
     use super::*;
 
+    fn sections_with_arch(tags: &[&str]) -> Vec<Section> {
+        let mut w = Writer::new();
+        for t in tags {
+            w.add(SectionKind::Arch, t).unwrap();
+        }
+        w.add(SectionKind::Config, &"cfg").unwrap();
+        format::read(&w.finish()).unwrap()
+    }
+
+    #[test]
+    fn a_snapshot_only_restores_on_its_own_architecture() {
+        // Written before the tag existed: x86_64.
+        let untagged = check_arch(&sections_with_arch(&[]));
+        assert_eq!(untagged.is_ok(), arch::ARCH_NAME == "x86_64");
+        assert!(check_arch(&sections_with_arch(&[arch::ARCH_NAME])).is_ok());
+        let other = if arch::ARCH_NAME == "x86_64" {
+            "aarch64"
+        } else {
+            "x86_64"
+        };
+        let e = check_arch(&sections_with_arch(&[other])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "snapshot: this snapshot holds a {other} guest; this pocketvisor runs {} \
+                 guests and cannot restore it",
+                arch::ARCH_NAME
+            )
+        );
+        let twice = check_arch(&sections_with_arch(&[arch::ARCH_NAME, arch::ARCH_NAME]));
+        assert!(matches!(
+            twice,
+            Err(Error::Format(FormatError::Missing("arch")))
+        ));
+    }
+
     #[test]
     fn memory_round_trips_with_holes() {
         let dir = std::env::temp_dir().join(format!("pv-snap-mem-{}", std::process::id()));
