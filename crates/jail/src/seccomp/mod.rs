@@ -292,6 +292,9 @@ mod tests {
     }
 
     #[test]
+    // libc types FIONBIO and FIOCLEX `c_ulong` on glibc (a useless conversion) and `c_int` on
+    // musl (a needed one).
+    #[allow(clippy::useless_conversion)]
     fn common_ioctl_numbers_and_sizes_match_the_kernel() {
         use kvm_bindings::*;
         use std::mem::size_of;
