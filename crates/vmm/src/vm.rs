@@ -123,7 +123,11 @@ impl Vm {
                 .map_err(Error::kvm("create vCPU"))?;
             arch::setup_cpuid(&kvm, &vcpu, id, cfg.vcpus, &cfg.cpuid_hide)?;
             arch::setup_vcpu(&vcpu, id, &boot, &mem)?;
-            cpu_models.push(CpuModel::read(&vcpu)?);
+            let model = CpuModel::read(&vcpu).map_err(|e| Error::Vcpu {
+                id,
+                reason: e.to_string(),
+            })?;
+            cpu_models.push(model);
             vcpus.push(vcpu);
         }
         Ok(Vm::assemble(

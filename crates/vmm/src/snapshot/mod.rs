@@ -466,7 +466,7 @@ impl Vm {
             // A snapshot without a CPU model keeps the one this host gave the new vCPU.
             cpu_models.push(match st.cpu_model() {
                 Some(model) => model,
-                None => CpuModel::read(&vcpu)?,
+                None => CpuModel::read(&vcpu).map_err(vcpu_err)?,
             });
             vcpus.push(vcpu);
         }
