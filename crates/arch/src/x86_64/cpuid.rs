@@ -692,6 +692,17 @@ mod tests {
     }
 
     #[test]
+    fn validation_accepts_known_names_and_lists_them_for_an_unknown_one() {
+        assert!(validate_cpuid_hide(&names(&["AVX512", "pku", " "])).is_ok());
+        let e = validate_cpuid_hide(&names(&["avx", "warp-drive"])).unwrap_err();
+        assert!(
+            matches!(&e, Error::UnknownCpuFeature { name, .. } if name == "warp-drive"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("avx512"), "{e}");
+    }
+
+    #[test]
     fn hides_simple_features() {
         let e = build(
             0,
