@@ -35,3 +35,71 @@ pub mod aarch64;
 
 #[cfg(target_arch = "aarch64")]
 pub use aarch64::*;
+
+/// The interface every architecture module provides, spelled out with its types: this
+/// compiles for each target, so an architecture that drifts from the others fails
+/// `cargo check --target ...` instead of the VMM's build on that target.
+// Spelling the signatures out is the point: complex types are expected here.
+#[allow(dead_code, clippy::type_complexity)]
+fn _same_interface_on_every_architecture() {
+    use std::fs::File;
+    use std::sync::Arc;
+
+    use devices::bus::Bus;
+    use devices::legacy::Serial;
+    use kvm_bindings::kvm_irq_routing_entry;
+    use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vmm_sys_util::eventfd::EventFd;
+
+    type SerialMaker = fn(EventFd) -> Result<Serial, std::io::Error>;
+    let _: &str = ARCH_NAME;
+    let _: fn(&Kvm) -> Result<VmFd, Error> = create_vm;
+    let _: fn(&VmFd) -> Result<(), Error> = setup_vm;
+    let _: fn(&LegacyContext<'_>, &mut Bus, &mut Bus, SerialMaker) -> Result<LegacyDevices, Error> =
+        add_legacy_devices;
+    let _: fn(&LegacyDevices) -> &Arc<std::sync::Mutex<Serial>> = |l| &l.serial;
+    let _: u32 = IRQCHIP_PINS;
+    let _: fn() -> Vec<kvm_irq_routing_entry> = legacy_irq_routes;
+    let _: fn(u32, u64, u32) -> kvm_irq_routing_entry = msi_route;
+    let _: for<'a> fn(VcpuExit<'a>, &Bus) -> Option<VcpuExit<'a>> = handle_arch_exit;
+    let _: fn(&VcpuFd) -> Option<u64> = instruction_pointer;
+    let _: fn(
+        &GuestMemoryMmap,
+        &mut File,
+        Option<&mut File>,
+        &BootConfig,
+    ) -> Result<BootSetup, Error> = load_kernel::<GuestMemoryMmap>;
+    let _: fn(&Kvm, &VcpuFd, u8, u8, &[String]) -> Result<(), Error> = setup_cpuid;
+    let _: fn(&VcpuFd, u8, &BootSetup, &GuestMemoryMmap) -> Result<(), Error> =
+        setup_vcpu::<GuestMemoryMmap>;
+    let _: fn() -> &'static [&'static str] = cpuid_feature_names;
+    let _: fn(&[String]) -> Result<(), Error> = validate_cpuid_hide;
+    let _: fn(&Kvm, &VmFd) -> VcpuSaveContext = VcpuSaveContext::new;
+    let _: fn(&VcpuSaveContext) -> Result<(), Error> = VcpuSaveContext::check_snapshot_supported;
+    let _: fn(&VcpuFd) -> Result<CpuModel, Error> = CpuModel::read;
+    let _: fn(u8, &VcpuFd, &VcpuSaveContext, &CpuModel) -> Result<VcpuState, Error> =
+        VcpuState::save;
+    let _: fn(&VcpuState) -> u8 = |s| s.id;
+    let _: fn(&VcpuState) -> Option<CpuModel> = VcpuState::cpu_model;
+    let _: fn(&VcpuState, &VcpuFd) -> Result<(), Error> = VcpuState::restore_cpu_model;
+    let _: fn(&VcpuState, &VcpuFd) -> Result<(), Error> = VcpuState::restore;
+    let _: fn(&VmFd) -> Result<VmState, Error> = VmState::save;
+    let _: fn(&VmState, &VmFd) -> Result<(), Error> = VmState::restore;
+    let _: fn(u64) -> Vec<(GuestAddress, usize)> = layout::ram_regions;
+    let _: [u64; 4] = [
+        layout::PCI_ECAM_START,
+        layout::PCI_ECAM_SIZE,
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_SIZE,
+    ];
+    let _: (u32, u64, usize) = (
+        layout::MSI_GSI_BASE,
+        layout::MIN_MEMORY,
+        layout::CMDLINE_MAX,
+    );
+    let _: PciInfo = PciInfo::default();
+    fn stored_in_snapshots<T: serde::Serialize + serde::de::DeserializeOwned>() {}
+    stored_in_snapshots::<VcpuState>();
+    stored_in_snapshots::<VmState>();
+}
