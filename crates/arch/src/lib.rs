@@ -87,11 +87,13 @@ fn _same_interface_on_every_architecture() {
     let _: fn(&VmFd) -> Result<VmState, Error> = VmState::save;
     let _: fn(&VmState, &VmFd) -> Result<(), Error> = VmState::restore;
     let _: fn(u64) -> Vec<(GuestAddress, usize)> = layout::ram_regions;
-    let _: [u64; 4] = [
+    let _: [u64; 6] = [
         layout::PCI_ECAM_START,
         layout::PCI_ECAM_SIZE,
         layout::PCI_MMIO_START,
         layout::PCI_MMIO_SIZE,
+        layout::PCI_MMIO64_START,
+        layout::PCI_MMIO64_SIZE,
     ];
     let _: (u32, u64, usize) = (
         layout::MSI_GSI_BASE,
