@@ -13,7 +13,7 @@ use crate::keys::{encode_public, KeySpec};
 use crate::manifest::{validate_entry_name, EntryInfo, EntryKind, KeyInfo, Manifest};
 use crate::sparse;
 use crate::stream::ChunkWriter;
-use crate::Progress;
+use crate::{Phase, Progress};
 
 const READ_BUF: usize = 1024 * 1024;
 
@@ -35,6 +35,9 @@ pub struct ExportOptions {
     pub chunk_size: u32,
     /// zstd compression level (default 3).
     pub zstd_level: i32,
+    /// Threads that compress and seal chunks (0: the calling thread does it; default: one
+    /// per core, at most 4). The file is the same whatever the number.
+    pub threads: usize,
 }
 
 impl Default for ExportOptions {
@@ -42,6 +45,7 @@ impl Default for ExportOptions {
         ExportOptions {
             chunk_size: 1024 * 1024,
             zstd_level: 3,
+            threads: crate::default_threads(),
         }
     }
 }
@@ -80,7 +84,8 @@ pub fn export(
 /// The manifest's `entries` and `keys` are replaced by what is actually stored. The file is
 /// written to `<out>.tmp-<random>` in the same directory, synced, and renamed onto `out` (an
 /// existing file there is replaced); on any error, or if the process dies, nothing appears under
-/// `out`. The sources are opened read-only. `progress` sees entry bytes read out of the total.
+/// `out`. The sources are opened read-only. `progress` first sees [`Phase::DerivingKey`] (the
+/// passphrase's argon2id runs then), then entry bytes read out of the total.
 pub fn export_with(
     out: &Path,
     mut manifest: Manifest,
@@ -110,18 +115,24 @@ pub fn export_with(
         .filter(|&n| n <= crate::manifest::MAX_MANIFEST_LEN)
         .ok_or_else(|| VaultError::invalid_input("the manifest is too large"))?;
 
+    let total = manifest.stored_bytes();
+    progress(Progress {
+        phase: Phase::DerivingKey,
+        bytes_done: 0,
+        bytes_total: total,
+    });
     let (header_bytes, stream_keys) = header::create(keys, options.chunk_size)?;
 
     let (temp, mut file) = TempFile::create(out)?;
     std::io::Write::write_all(&mut file, &header_bytes)
         .map_err(|e| VaultError::io("writing the profile file", e))?;
-    let mut writer = ChunkWriter::new(file, stream_keys, options.zstd_level)?;
+    let mut writer = ChunkWriter::new(file, stream_keys, options.zstd_level, options.threads)?;
     writer.write_all(&manifest_len.to_le_bytes())?;
     writer.write_all(&manifest_json)?;
 
-    let total = manifest.stored_bytes();
     let mut done = 0u64;
     progress(Progress {
+        phase: Phase::Data,
         bytes_done: 0,
         bytes_total: total,
     });
@@ -158,6 +169,7 @@ pub fn export_with(
                 pos += n as u64;
                 done += n as u64;
                 progress(Progress {
+                    phase: Phase::Data,
                     bytes_done: done,
                     bytes_total: total,
                 });

@@ -16,15 +16,27 @@ use crate::keys::{ReadLimits, Unlock};
 use crate::manifest::{EntryInfo, Manifest, MAX_MANIFEST_LEN};
 use crate::sparse;
 use crate::stream::ChunkReader;
-use crate::Progress;
+use crate::{Phase, Progress};
 
 const READ_BUF: usize = 256 * 1024;
 
 /// Tuning knobs of `import_with`, `inspect_with` and `verify_with`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ImportOptions {
     /// Bounds on what the file may ask of the reader.
     pub limits: ReadLimits,
+    /// Threads that open and decompress chunks (0: the calling thread does it; default: one
+    /// per core, at most 4). `inspect` always reads on the calling thread.
+    pub threads: usize,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            limits: ReadLimits::default(),
+            threads: crate::default_threads(),
+        }
+    }
 }
 
 /// Opens the file and returns its manifest, checking the header and the chunks holding the
@@ -36,7 +48,8 @@ pub fn inspect(path: &Path, unlock: &Unlock) -> Result<Manifest> {
 /// [`inspect`] with explicit options.
 pub fn inspect_with(path: &Path, unlock: &Unlock, options: &ImportOptions) -> Result<Manifest> {
     let file = open_input(path)?;
-    let mut reader = open_stream(BufReader::new(file), unlock, &options.limits)?;
+    // Only the first chunks are needed: no read-ahead.
+    let mut reader = open_stream(BufReader::new(file), unlock, &options.limits, 0)?;
     read_manifest(&mut reader)
 }
 
@@ -58,14 +71,20 @@ pub fn verify_with(
 ) -> Result<Manifest> {
     let file = open_input(path)?;
     let total = input_len(&file, path)?;
-    let reader = open_stream(BufReader::new(file), unlock, &options.limits)?;
+    key_progress(total, progress);
+    let reader = open_stream(
+        BufReader::new(file),
+        unlock,
+        &options.limits,
+        options.threads,
+    )?;
     read_body(reader, &mut NullSink, total, progress)
 }
 
-/// Decrypts and checks a whole file read from `input`, writing nothing. Meant for fuzzing and
-/// for callers that stream the file from elsewhere.
+/// Decrypts and checks a whole file read from `input` on the calling thread, writing nothing.
+/// Meant for fuzzing and for callers that stream the file from elsewhere.
 pub fn verify_stream(input: impl Read, unlock: &Unlock, limits: &ReadLimits) -> Result<Manifest> {
-    let reader = open_stream(input, unlock, limits)?;
+    let reader = open_stream(input, unlock, limits, 0)?;
     read_body(reader, &mut NullSink, 0, &mut |_| {})
 }
 
@@ -84,8 +103,9 @@ pub fn import(
 ///
 /// The entries are written (holes kept sparse) into a temporary directory next to `dest_dir`;
 /// only when every chunk has been verified is it synced and renamed to `dest_dir`. If anything
-/// fails, or the process dies, `dest_dir` is not created. `progress` sees file bytes read out
-/// of the file size.
+/// fails, or the process dies, `dest_dir` is not created. `progress` first sees
+/// [`Phase::DerivingKey`] (the passphrase's argon2id runs then), then file bytes read out of
+/// the file size.
 pub fn import_with(
     path: &Path,
     unlock: &Unlock,
@@ -101,7 +121,13 @@ pub fn import_with(
     let file = open_input(path)?;
     let total = input_len(&file, path)?;
     // Check the key and the header before creating anything.
-    let reader = open_stream(BufReader::new(file), unlock, &options.limits)?;
+    key_progress(total, progress);
+    let reader = open_stream(
+        BufReader::new(file),
+        unlock,
+        &options.limits,
+        options.threads,
+    )?;
 
     let temp = TempDir::create(dest_dir)?;
     let mut sink = DirSink {
@@ -138,13 +164,23 @@ fn exists(path: &Path) -> Result<bool> {
     }
 }
 
+/// Reports that the key derivation (the slow part of `open_stream`) starts.
+fn key_progress(total: u64, progress: &mut dyn FnMut(Progress)) {
+    progress(Progress {
+        phase: Phase::DerivingKey,
+        bytes_done: 0,
+        bytes_total: total,
+    });
+}
+
 fn open_stream<R: Read>(
     mut input: R,
     unlock: &Unlock,
     limits: &ReadLimits,
+    threads: usize,
 ) -> Result<ChunkReader<R>> {
     let opened = header::open(&mut input, unlock, limits)?;
-    ChunkReader::new(input, opened.keys, opened.len)
+    ChunkReader::new(input, opened.keys, opened.len, threads)
 }
 
 fn read_manifest<R: Read>(reader: &mut ChunkReader<R>) -> Result<Manifest> {
@@ -180,6 +216,7 @@ fn read_body<R: Read>(
     let manifest = read_manifest(&mut reader)?;
     let report = |reader: &ChunkReader<R>, progress: &mut dyn FnMut(Progress)| {
         progress(Progress {
+            phase: Phase::Data,
             bytes_done: reader.bytes_in(),
             bytes_total: total.max(reader.bytes_in()),
         })

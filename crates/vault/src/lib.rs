@@ -12,7 +12,8 @@
 //! The plaintext is a `u32` length, the JSON [`Manifest`], then every entry's data extents in
 //! manifest order.
 //!
-//! [`export`] writes a file atomically; [`import`] verifies the whole file into a temporary
+//! Chunks are compressed and sealed (or opened and decompressed) on a few worker threads, with
+//! at most a few chunks in flight. [`export`] writes a file atomically; [`import`] verifies the whole file into a temporary
 //! directory before renaming it into place; [`inspect`] reads just the manifest.
 
 mod error;
@@ -21,6 +22,7 @@ pub mod header;
 mod import;
 mod keys;
 mod manifest;
+mod pipeline;
 mod sparse;
 mod stream;
 mod util;
@@ -41,8 +43,26 @@ pub use x25519_dalek::{PublicKey, StaticSecret};
 /// Progress of an export or import, reported often (at least once per MiB).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Progress {
+    /// What is being done.
+    pub phase: Phase,
     /// Bytes processed so far.
     pub bytes_done: u64,
     /// Bytes to process in total.
     pub bytes_total: u64,
+}
+
+/// The steps of an export or import, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Deriving the key that wraps or unwraps the file key: with a passphrase this is a full
+    /// argon2id run (about half a second with the default parameters), before any data moves.
+    /// Reported once, with `bytes_done` 0.
+    DerivingKey,
+    /// Moving data: `bytes_done` grows to `bytes_total`.
+    Data,
+}
+
+/// Worker threads an export or import uses by default: one per core, at most 4.
+pub fn default_threads() -> usize {
+    pipeline::default_threads()
 }

@@ -17,6 +17,7 @@ pub const MIB: u64 = 1024 * 1024;
 pub const SMALL_CHUNKS: ExportOptions = ExportOptions {
     chunk_size: 1024,
     zstd_level: 1,
+    threads: 2,
 };
 
 /// Read limits that keep any flipped argon2 parameter cheap.
@@ -26,6 +27,7 @@ pub const TEST_IMPORT: ImportOptions = ImportOptions {
         max_kdf_t_cost: 2,
         max_kdf_p_cost: 1,
     },
+    threads: 2,
 };
 
 pub fn pass_key(p: &str) -> KeySpec {
