@@ -64,6 +64,7 @@ fn seed_file() -> &'static [u8] {
             &ExportOptions {
                 chunk_size: 1024,
                 zstd_level: 1,
+                threads: 0,
             },
             &mut |_| {},
         )

@@ -207,6 +207,7 @@ fn write_file(
         &ExportOptions::default(),
         &mut |p| reporter.update(p),
     );
+    reporter.finished();
     let stats = match result {
         Ok(s) => s,
         Err(e) => {
@@ -224,13 +225,15 @@ fn write_file(
     let secs = reporter.elapsed();
     let out = a.output.display().to_string();
     let summary = format!(
-        "exported {name} ({}, {} files, {} of data) to {out}: {} in {:.2} s ({:.0} MB/s)",
+        "exported {name} ({}, {} files, {} of data) to {out}: {} in {:.2} s ({:.0} MB/s; key \
+         derivation {:.2} s)",
         state.as_str(),
         stats.entries,
         progress::mib(stats.bytes_stored),
         progress::mib(stats.file_size),
         secs.as_secs_f64(),
-        progress::rate(stats.bytes_stored, secs)
+        progress::rate(stats.bytes_stored, secs),
+        reporter.key_seconds().unwrap_or(0.0)
     );
     let fields = serde_json::json!({
         "profile": name,

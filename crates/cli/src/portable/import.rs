@@ -270,6 +270,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     let label = a.name.clone().unwrap_or_else(|| file.clone());
     let mut reporter = Reporter::new(a.json, &format!("importing {label}"));
     let imported = vault::import(&a.file, &unlock, &staging, &mut |p| reporter.update(p));
+    reporter.finished();
     let manifest = match imported {
         Ok(m) => m,
         Err(e) => {
@@ -350,6 +351,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     }
 
     let secs = reporter.elapsed();
+    let key_secs = reporter.key_seconds().unwrap_or(0.0);
     let size = std::fs::metadata(&a.file).map(|m| m.len()).unwrap_or(0);
     reporter.done(serde_json::json!({
         "profile": name,
@@ -360,13 +362,14 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     }));
     if !a.json {
         println!(
-            "imported {name} ({}) into {}: {} in {:.2} s ({:.0} MB/s); next: pocketvisor \
-             profile {} {name}",
+            "imported {name} ({}) into {}: {} in {:.2} s ({:.0} MB/s; key derivation {:.2} \
+             s); next: pocketvisor profile {} {name}",
             config.state.as_str(),
             dir.root().display(),
             progress::mib(size),
             secs.as_secs_f64(),
             progress::rate(size, secs),
+            key_secs,
             match config.state {
                 layout::SavedState::Suspended => "resume",
                 layout::SavedState::Stopped => "start",
