@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run -p bench --release --bin snapshot_portable -- [--runs 3] [--mem 256,1024]
-//!     [--disk-mib 1024] [--no-vm] [--no-portable] [--json] [--bin PATH] [--probe PATH]
+//!     [--disk-mib 1024] [--portable-runs 5] [--no-vm] [--no-portable] [--json] [--bin PATH]
+//!     [--probe PATH]
 //! ```
 //!
 //! 1. Snapshot and restore of the probe guest (counter mode, one line every 2 ms) with each
@@ -18,7 +19,6 @@
 //!
 //! Medians over `--runs`; the page cache is warm for every contender.
 
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,20 +28,20 @@ use anyhow::{bail, Context, Result};
 use bench::util::{ms, run_cmd, Args, Proc};
 
 const USAGE: &str = "\
-usage: snapshot_portable [--runs N] [--mem MIB,MIB..] [--disk-mib N] [--no-vm] [--no-portable]
-                         [--json] [--bin PATH] [--probe PATH] [--work DIR]
+usage: snapshot_portable [--runs N] [--mem MIB,MIB..] [--disk-mib N] [--portable-runs N]
+                         [--no-vm] [--no-portable] [--json] [--bin PATH] [--probe PATH]
+                         [--work DIR]
 
 The pocketvisor binary defaults to $POCKETVISOR_BIN, else target/release/pocketvisor (built
 with `cargo build --release -p pocketvisor` first). Needs /dev/kvm for the VM part, zstd and
 openssl for the baselines.";
-
-const PASSPHRASE: &str = "bench passphrase, not secret";
 
 #[derive(Debug, Clone)]
 struct Opts {
     runs: usize,
     mem: Vec<u64>,
     disk_mib: u64,
+    portable_runs: usize,
     vm: bool,
     portable: bool,
     json: bool,
@@ -55,6 +55,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
         runs: 3,
         mem: vec![256, 1024],
         disk_mib: 1024,
+        portable_runs: 5,
         vm: true,
         portable: true,
         json: false,
@@ -68,6 +69,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
             "--runs" => o.runs = args.parse("--runs")?,
             "--mem" => o.mem = args.list("--mem")?,
             "--disk-mib" => o.disk_mib = args.parse("--disk-mib")?,
+            "--portable-runs" => o.portable_runs = args.parse("--portable-runs")?,
             "--no-vm" => o.vm = false,
             "--no-portable" => o.portable = false,
             "--json" => o.json = true,
@@ -77,8 +79,8 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
             other => return Err(args.unknown(other)),
         }
     }
-    if o.runs == 0 || o.disk_mib < 4 || o.mem.iter().any(|&m| m < 64) {
-        bail!("--runs must be >= 1, --disk-mib >= 4 and every --mem >= 64");
+    if o.runs == 0 || o.portable_runs == 0 || o.disk_mib < 4 || o.mem.iter().any(|&m| m < 64) {
+        bail!("--runs and --portable-runs must be >= 1, --disk-mib >= 4 and every --mem >= 64");
     }
     Ok(o)
 }
@@ -94,10 +96,6 @@ fn main() {
 /// Median of `v`, NaN when empty.
 fn median(v: &[f64]) -> f64 {
     bench::util::median(v).unwrap_or(f64::NAN)
-}
-
-fn sh(script: &str) -> Result<Duration> {
-    run_cmd(Command::new("sh").args(["-c", script])).map(|(_, t)| t)
 }
 
 /// Polls `path` every 0.2 ms until `pred` holds for its contents; the time it took from `t0`.
@@ -285,293 +283,6 @@ fn vm_figures(s: &Setup, o: &Opts, mib: u64) -> Result<VmFigures> {
     })
 }
 
-/// One contender of the portable-file comparison.
-#[derive(Debug, serde::Serialize)]
-struct Transfer {
-    name: String,
-    seconds: f64,
-    mb_per_s: f64,
-    output_bytes: u64,
-}
-
-/// Writes the disk: half random, a quarter written zeros, a quarter log-like text.
-fn fill_disk(path: &Path, mib: u64) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().write(true).open(path)?;
-    let mut urandom = std::fs::File::open("/dev/urandom")?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
-    const USERS: [&str; 6] = ["alice", "bob", "carol", "dave", "erin", "mallory"];
-    const PATHS: [&str; 5] = [
-        "/api/v1/mail",
-        "/sync",
-        "/calendar/events",
-        "/login",
-        "/files",
-    ];
-    for i in 0..mib {
-        if i < mib / 2 {
-            urandom.read_exact(&mut buf)?;
-        } else if i < mib * 3 / 4 {
-            buf.fill(0);
-        } else {
-            let mut text = String::with_capacity(buf.len() + 200);
-            while text.len() < buf.len() {
-                let r = next();
-                text.push_str(&format!(
-                    "2026-11-25T{:02}:{:02}:{:02}.{:03}Z INFO app[{}]: GET {} user={} status={} took {} ms\n",
-                    r % 24,
-                    (r >> 8) % 60,
-                    (r >> 16) % 60,
-                    (r >> 24) % 1000,
-                    1000 + (r >> 34) % 9000,
-                    PATHS[((r >> 40) % 5) as usize],
-                    USERS[((r >> 44) % 6) as usize],
-                    [200, 200, 200, 304, 404, 500][((r >> 48) % 6) as usize],
-                    (r >> 52) % 900
-                ));
-            }
-            let n = buf.len();
-            buf.copy_from_slice(&text.as_bytes()[..n]);
-        }
-        f.write_all(&buf)?;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
-fn portable_figures(s: &Setup, o: &Opts) -> Result<(Vec<Transfer>, Vec<Transfer>)> {
-    let root = s.work.join("portable");
-    let state_a = root.join("a");
-    std::fs::create_dir_all(&state_a)?;
-    let pass = root.join("pass");
-    std::fs::write(&pass, format!("{PASSPHRASE}\n"))?;
-    // Create the profile through a short-lived daemon.
-    let spec = root.join("bench.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"bench\"\nkernel = \"probe\"\nmemory_mib = 128\n\
-             disks = [{{ name = \"data\", size_mib = {} }}]\n",
-            o.disk_mib
-        ),
-    )?;
-    {
-        let cgroup = format!("pv-bench-portable-{}", std::process::id());
-        let mut daemon = Proc(
-            Command::new(&s.bin)
-                .arg("handset")
-                .arg("--state-dir")
-                .arg(&state_a)
-                .args(["--cgroup-parent", &cgroup])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?,
-        );
-        let sock = state_a.join("handset.sock");
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
-            if t0.elapsed() > Duration::from_secs(20) {
-                bail!("the handset daemon does not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        run_cmd(
-            Command::new(&s.bin)
-                .args(["profile", "--state-dir"])
-                .arg(&state_a)
-                .args(["create", "--file"])
-                .arg(&spec),
-        )?;
-        // SAFETY: kill(2) on our own child's pid; no memory involved.
-        unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-        let _ = daemon.0.wait();
-    }
-    let disk = state_a.join("profiles/bench/disks/data.img");
-    eprintln!(
-        "snapshot_portable: writing a {} MiB disk (1/2 random, 1/4 zeros, 1/4 text)",
-        o.disk_mib
-    );
-    fill_disk(&disk, o.disk_mib)?;
-    let bytes = o.disk_mib << 20;
-    let mbs = |t: Duration| bytes as f64 / 1e6 / t.as_secs_f64();
-    let pvp = root.join("bench.pvp");
-    let pvp_fast = root.join("bench-fast.pvp");
-    let enc_ctr = root.join("disk.zst.aes-ctr");
-    let enc_chacha = root.join("disk.zst.chacha20");
-    let dec = root.join("decrypted.img");
-    let q = |p: &Path| p.display().to_string();
-
-    type Job<'a> = (
-        &'a str,
-        Box<dyn Fn(usize) -> Result<Duration> + 'a>,
-        PathBuf,
-    );
-    let export = |out: &Path, fast: bool| -> Result<Duration> {
-        let mut c = Command::new(&s.bin);
-        c.args(["export", "bench", "-o"])
-            .arg(out)
-            .arg("--state-dir")
-            .arg(&state_a)
-            .arg("--passphrase-file")
-            .arg(&pass);
-        if fast {
-            c.env("POCKETVISOR_KDF", "fast");
-        }
-        run_cmd(&mut c).map(|(_, t)| t)
-    };
-    let import = |file: &Path, run: usize| -> Result<Duration> {
-        let dest = root.join(format!("b-{run}"));
-        let t = run_cmd(
-            Command::new(&s.bin)
-                .arg("import")
-                .arg(file)
-                .arg("--state-dir")
-                .arg(&dest)
-                .arg("--passphrase-file")
-                .arg(&pass),
-        )?
-        .1;
-        if run == 0 {
-            let copy = dest.join("profiles/bench/disks/data.img");
-            sh(&format!("cmp -s {} {}", q(&disk), q(&copy)))
-                .context("the imported disk differs from the exported one")?;
-        }
-        std::fs::remove_dir_all(&dest)?;
-        Ok(t)
-    };
-    let exports: Vec<Job> = vec![
-        (
-            "pocketvisor export (argon2id default)",
-            Box::new(|_| export(&pvp, false)),
-            pvp.clone(),
-        ),
-        (
-            "pocketvisor export (KDF=fast)",
-            Box::new(|_| export(&pvp_fast, true)),
-            pvp_fast.clone(),
-        ),
-        (
-            "zstd -3 -T1 | openssl enc -aes-256-ctr -pbkdf2",
-            Box::new(|_| {
-                sh(&format!(
-                    "zstd -3 -T1 -q -c {} | openssl enc -aes-256-ctr -pbkdf2 -pass file:{} -out {} && sync {}",
-                    q(&disk), q(&pass), q(&enc_ctr), q(&enc_ctr)
-                ))
-            }),
-            enc_ctr.clone(),
-        ),
-        (
-            "zstd -3 -T1 | openssl enc -chacha20 -pbkdf2",
-            Box::new(|_| {
-                sh(&format!(
-                    "zstd -3 -T1 -q -c {} | openssl enc -chacha20 -pbkdf2 -pass file:{} -out {} && sync {}",
-                    q(&disk), q(&pass), q(&enc_chacha), q(&enc_chacha)
-                ))
-            }),
-            enc_chacha.clone(),
-        ),
-    ];
-    let decrypt = |input: &Path, cipher: &str| -> Result<Duration> {
-        let t = sh(&format!(
-            "openssl enc -d {cipher} -pbkdf2 -pass file:{} -in {} | zstd -d -T1 -q -f -o {} && sync {}",
-            q(&pass),
-            q(input),
-            q(&dec),
-            q(&dec)
-        ))?;
-        std::fs::remove_file(&dec)?;
-        Ok(t)
-    };
-    let imports: Vec<Job> = vec![
-        (
-            "pocketvisor import (argon2id default)",
-            Box::new(|r| import(&pvp, r)),
-            pvp.clone(),
-        ),
-        (
-            "pocketvisor import (KDF=fast)",
-            Box::new(|r| import(&pvp_fast, r)),
-            pvp_fast.clone(),
-        ),
-        (
-            "openssl enc -d -aes-256-ctr | zstd -d",
-            Box::new(|_| decrypt(&enc_ctr, "-aes-256-ctr")),
-            enc_ctr.clone(),
-        ),
-        (
-            "openssl enc -d -chacha20 | zstd -d",
-            Box::new(|_| decrypt(&enc_chacha, "-chacha20")),
-            enc_chacha.clone(),
-        ),
-    ];
-    let measure = |jobs: &[Job], output_is_input: bool| -> Result<Vec<Transfer>> {
-        let mut times = vec![Vec::new(); jobs.len()];
-        // Interleaved, so that a slow phase of the host hits every contender alike.
-        for run in 0..o.runs {
-            for (i, (name, job, _)) in jobs.iter().enumerate() {
-                let t = job(run).with_context(|| format!("{name}, run {run}"))?;
-                times[i].push(t.as_secs_f64());
-            }
-        }
-        Ok(jobs
-            .iter()
-            .zip(times)
-            .map(|((name, _, file), t)| {
-                let secs = median(&t);
-                Transfer {
-                    name: name.to_string(),
-                    seconds: secs,
-                    mb_per_s: mbs(Duration::from_secs_f64(secs)),
-                    output_bytes: if output_is_input {
-                        bytes
-                    } else {
-                        std::fs::metadata(file).map(|m| m.len()).unwrap_or(0)
-                    },
-                }
-            })
-            .collect())
-    };
-    eprintln!("snapshot_portable: export contenders, {} runs", o.runs);
-    let ex = measure(&exports, false)?;
-    eprintln!("snapshot_portable: import contenders, {} runs", o.runs);
-    let im = measure(&imports, true)?;
-    Ok((ex, im))
-}
-
-fn print_transfers(title: &str, rows: &[Transfer], with_size: bool) {
-    println!("{title}");
-    println!(
-        "  {:<46} {:>8} {:>9} {:>11} {:>10}",
-        "contender",
-        "time s",
-        "MB/s",
-        if with_size { "file MiB" } else { "" },
-        "vs first"
-    );
-    let base = rows.first().map(|r| r.seconds).unwrap_or(f64::NAN);
-    for r in rows {
-        println!(
-            "  {:<46} {:>8.2} {:>9.0} {:>11} {:>9.2}x",
-            r.name,
-            r.seconds,
-            r.mb_per_s,
-            if with_size {
-                format!("{:.1}", r.output_bytes as f64 / 1048576.0)
-            } else {
-                String::new()
-            },
-            r.seconds / base
-        );
-    }
-}
-
 fn run(o: Opts) -> Result<()> {
     let s = setup(&o)?;
     let mut vms = Vec::new();
@@ -591,7 +302,12 @@ fn run(o: Opts) -> Result<()> {
         }
     }
     let transfers = if o.portable {
-        Some(portable_figures(&s, &o)?)
+        Some(bench::portable::compare(
+            &s.bin,
+            &s.work,
+            o.portable_runs,
+            o.disk_mib,
+        )?)
     } else {
         None
     };
@@ -599,9 +315,7 @@ fn run(o: Opts) -> Result<()> {
         let v = serde_json::json!({
             "runs": o.runs,
             "snapshot_restore": vms,
-            "disk_mib": o.disk_mib,
-            "export": transfers.as_ref().map(|t| &t.0),
-            "import": transfers.as_ref().map(|t| &t.1),
+            "portable": transfers,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -639,19 +353,8 @@ fn run(o: Opts) -> Result<()> {
         }
         println!();
     }
-    if let Some((ex, im)) = &transfers {
-        let what = format!(
-            "{} MiB disk: 1/2 random, 1/4 written zeros, 1/4 text; medians of {} runs",
-            o.disk_mib, o.runs
-        );
-        print_transfers(&format!("export ({what})"), ex, true);
-        println!();
-        print_transfers(&format!("import ({what})"), im, false);
-        println!(
-            "\n  MB/s = disk bytes (10^6) per second; 'vs first' = time / pocketvisor's time.\n  \
-             pocketvisor: zstd-3 + XChaCha20-Poly1305 per 1 MiB chunk, fsync + rename; \
-             baselines: unauthenticated, then `sync FILE`."
-        );
+    if let Some(report) = &transfers {
+        report.print();
     }
     Ok(())
 }

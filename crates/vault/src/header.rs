@@ -116,8 +116,9 @@ pub(crate) fn create(specs: &[KeySpec], chunk_size: u32) -> Result<(Vec<u8>, Str
     let fixed: [u8; FIXED_LEN] = out[..FIXED_LEN]
         .try_into()
         .map_err(|_| VaultError::invalid_input("internal: header prefix length"))?;
-    // Bounded by MAX_SLOTS above.
-    out.push(specs.len() as u8);
+    let slot_count = u8::try_from(specs.len())
+        .map_err(|_| VaultError::invalid_input("internal: too many key slots"))?;
+    out.push(slot_count);
 
     for spec in specs {
         let (kind, body) = match spec {
@@ -131,7 +132,9 @@ pub(crate) fn create(specs: &[KeySpec], chunk_size: u32) -> Result<(Vec<u8>, Str
         };
         out.push(kind);
         // Slot bodies are small fixed sizes.
-        out.extend_from_slice(&(body.len() as u16).to_le_bytes());
+        let body_len = u16::try_from(body.len())
+            .map_err(|_| VaultError::invalid_input("internal: key slot too large"))?;
+        out.extend_from_slice(&body_len.to_le_bytes());
         out.extend_from_slice(&body);
     }
 

@@ -182,14 +182,14 @@ mod tests {
     #[test]
     fn zero_blocks_are_skipped_and_data_is_kept() {
         let file = tempfile::tempfile().unwrap();
-        let len = 64 * 4096;
-        file.set_len(len).unwrap();
+        let len: usize = 64 * 4096;
+        file.set_len(len as u64).unwrap();
         let mut data = vec![0u8; 40 * 4096 + 100];
         data[10] = 7;
         data[20 * 4096 + 5] = 9;
         data[40 * 4096 + 99] = 3;
         write_skipping_zeros(&file, 4000, &data).unwrap();
-        let mut back = vec![0u8; len as usize];
+        let mut back = vec![0u8; len];
         file.read_exact_at(&mut back, 0).unwrap();
         assert_eq!(&back[4000..4000 + data.len()], &data[..]);
         assert!(back[..4000].iter().all(|&b| b == 0));

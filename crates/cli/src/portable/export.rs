@@ -119,6 +119,7 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         });
     }
     keys.extend(recipients.into_iter().map(KeySpec::Recipient));
+    let threads = secret::threads()?;
 
     let db = Db::open(&dir.db())?;
     let name = a.profile.as_str();
@@ -132,7 +133,7 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         row = read_row(&db, name, &dir)?;
         suspended_here = true;
     }
-    let exported = write_file(&a, &db, &dir, &row, &keys);
+    let exported = write_file(&a, &db, &dir, &row, &keys, threads);
     let resumed = a.resume && suspended_here;
     if resumed {
         let r = lifecycle(&dir, name, "resume", a.json);
@@ -167,6 +168,7 @@ fn write_file(
     dir: &StateDir,
     row: &ProfileRow,
     keys: &[KeySpec],
+    threads: usize,
 ) -> Result<Written> {
     let name = a.profile.as_str();
     let state = match ProfileState::parse(&row.state) {
@@ -204,7 +206,10 @@ fn write_file(
         manifest,
         &entries,
         keys,
-        &ExportOptions::default(),
+        &ExportOptions {
+            threads,
+            ..ExportOptions::default()
+        },
         &mut |p| reporter.update(p),
     );
     reporter.finished();

@@ -250,6 +250,10 @@ pub fn main(a: ImportArgs) -> Result<i32> {
             return Err(taken(n));
         }
     }
+    let options = vault::ImportOptions {
+        threads: secret::threads()?,
+        ..vault::ImportOptions::default()
+    };
     let unlock = unlock(&a)?;
 
     // From here on, everything made is removed on failure.
@@ -269,7 +273,9 @@ pub fn main(a: ImportArgs) -> Result<i32> {
 
     let label = a.name.clone().unwrap_or_else(|| file.clone());
     let mut reporter = Reporter::new(a.json, &format!("importing {label}"));
-    let imported = vault::import(&a.file, &unlock, &staging, &mut |p| reporter.update(p));
+    let imported = vault::import_with(&a.file, &unlock, &staging, &options, &mut |p| {
+        reporter.update(p)
+    });
     reporter.finished();
     let manifest = match imported {
         Ok(m) => m,

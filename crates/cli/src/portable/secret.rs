@@ -138,6 +138,21 @@ pub fn kdf_params() -> Result<KdfParams> {
     }
 }
 
+/// Environment variable that sets how many threads compress/seal or open/decompress chunks.
+pub const THREADS_ENV: &str = "POCKETVISOR_THREADS";
+
+/// Worker threads of an export or import: [`THREADS_ENV`] (0 = the main thread only), else
+/// one per core (at most 4).
+pub fn threads() -> Result<usize> {
+    match std::env::var(THREADS_ENV).as_deref() {
+        Err(_) | Ok("") => Ok(vault::default_threads()),
+        Ok(n) => match n.parse::<usize>() {
+            Ok(n) if n <= 64 => Ok(n),
+            _ => bail!("{THREADS_ENV}={n:?}: give a number of threads from 0 to 64"),
+        },
+    }
+}
+
 /// Reads an identity file written by `pocketvisor keygen`: the first line that is neither
 /// blank nor a `#` comment is the `pvp-secret-...` key.
 pub fn read_identity(path: &Path) -> Result<StaticSecret> {
