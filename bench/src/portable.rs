@@ -410,13 +410,18 @@ fn print_rows(title: &str, rows: &[Row], bytes: u64, with_size: bool) {
         "vs pipe"
     );
     let base = rows.first().map(|r| r.total.median).unwrap_or(f64::NAN);
-    let line = |name: &str, s: &Spread, size: Option<u64>| {
+    // The key derivation moves no bytes: no rate for it.
+    let line = |name: &str, s: &Spread, size: Option<u64>, rate: bool| {
         println!(
-            "  {:<48} {:>6.2} {:>13} {:>6.0} {:>9} {:>7.2}x",
+            "  {:<48} {:>6.2} {:>13} {:>6} {:>9} {:>7.2}x",
             name,
             s.median,
             format!("[{:.2}-{:.2}]", s.min, s.max),
-            bytes as f64 / 1e6 / s.median,
+            if rate {
+                format!("{:.0}", bytes as f64 / 1e6 / s.median)
+            } else {
+                String::new()
+            },
             match size {
                 Some(n) if with_size => format!("{:.1}", n as f64 / 1048576.0),
                 _ => String::new(),
@@ -425,12 +430,12 @@ fn print_rows(title: &str, rows: &[Row], bytes: u64, with_size: bool) {
         );
     };
     for r in rows {
-        line(&r.name, &r.total, r.output_bytes);
+        line(&r.name, &r.total, r.output_bytes, true);
         if let Some(k) = &r.key {
-            line("  key derivation (argon2id)", k, None);
+            line("  key derivation (argon2id)", k, None, false);
         }
         if let Some(d) = &r.data {
-            line("  data phase", d, None);
+            line("  data phase", d, None, true);
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::sparse;
 use crate::stream::ChunkWriter;
 use crate::{Phase, Progress};
 
+/// Most bytes read between two progress reports.
 const READ_BUF: usize = 1024 * 1024;
 
 /// A file to store in the profile file.
@@ -136,18 +137,14 @@ pub fn export_with(
         bytes_done: 0,
         bytes_total: total,
     });
-    let mut buf = vec![0u8; READ_BUF];
     for (source, info) in entries.iter().zip(&manifest.entries) {
         let file = open_source(source)?;
-        let len = file
-            .metadata()
-            .map_err(|e| VaultError::io(format!("reading {}", source.path.display()), e))?
-            .len();
+        let read_err = |e| VaultError::io(format!("reading {}", source.path.display()), e);
+        let len = file.metadata().map_err(read_err)?.len();
         if len != info.length {
-            return Err(VaultError::io(
-                format!("reading {}", source.path.display()),
-                std::io::Error::other("the file changed size during export"),
-            ));
+            return Err(read_err(std::io::Error::other(
+                "the file changed size during export",
+            )));
         }
         for extent in &info.extents {
             let mut pos = extent.offset;
@@ -155,17 +152,15 @@ pub fn export_with(
             while pos < end {
                 let want = usize::try_from(end - pos)
                     .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                let n = file
-                    .read_at(&mut buf[..want], pos)
-                    .map_err(|e| VaultError::io(format!("reading {}", source.path.display()), e))?;
+                    .min(READ_BUF);
+                // Read straight into the chunk being filled.
+                let n =
+                    writer.write_with(want, |room| file.read_at(room, pos).map_err(read_err))?;
                 if n == 0 {
-                    return Err(VaultError::io(
-                        format!("reading {}", source.path.display()),
-                        std::io::Error::other("the file shrank during export"),
-                    ));
+                    return Err(read_err(std::io::Error::other(
+                        "the file shrank during export",
+                    )));
                 }
-                writer.write_all(&buf[..n])?;
                 pos += n as u64;
                 done += n as u64;
                 progress(Progress {

@@ -115,7 +115,9 @@ pub(crate) struct ChunkWriter<W: Write> {
     out: W,
     pool: OrderedPool<Sealer>,
     chunk: usize,
+    /// The chunk being filled: always `chunk` bytes long, of which `filled` are data.
     pending: Vec<u8>,
+    filled: usize,
     index: u64,
     /// Buffers of written chunks, for reuse.
     spare: Vec<(Vec<u8>, Vec<u8>)>,
@@ -139,7 +141,8 @@ impl<W: Write> ChunkWriter<W> {
             out,
             pool,
             chunk,
-            pending: Vec::with_capacity(chunk),
+            pending: vec![0; chunk],
+            filled: 0,
             index: 0,
             spare: Vec::new(),
         })
@@ -148,15 +151,30 @@ impl<W: Write> ChunkWriter<W> {
     /// Appends plaintext to the stream.
     pub fn write_all(&mut self, mut data: &[u8]) -> Result<()> {
         while !data.is_empty() {
-            if self.pending.len() == self.chunk {
-                self.dispatch(false)?;
-            }
-            let take = (self.chunk - self.pending.len()).min(data.len());
-            let (now, rest) = data.split_at(take);
-            self.pending.extend_from_slice(now);
-            data = rest;
+            let n = self.write_with(data.len(), |room| {
+                room.copy_from_slice(&data[..room.len()]);
+                Ok(room.len())
+            })?;
+            data = &data[n..];
         }
         Ok(())
+    }
+
+    /// Appends plaintext that `fill` writes straight into the chunk buffer (no copy): it gets
+    /// room for at most `max` bytes and returns how many it wrote, which this returns.
+    pub fn write_with(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<usize>,
+    ) -> Result<usize> {
+        if self.filled == self.chunk {
+            self.dispatch(false)?;
+        }
+        let end = self.filled + max.min(self.chunk - self.filled);
+        let room = &mut self.pending[self.filled..end];
+        let n = fill(room)?.min(end - self.filled);
+        self.filled += n;
+        Ok(n)
     }
 
     /// Seals the final chunk, writes what is in flight, flushes and returns the output.
@@ -176,11 +194,12 @@ impl<W: Write> ChunkWriter<W> {
         if self.pool.is_full() {
             self.write_one()?;
         }
-        let (fresh, record) = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| (Vec::with_capacity(self.chunk), Vec::new()));
-        let plain = std::mem::replace(&mut self.pending, fresh);
+        let (mut fresh, record) = self.spare.pop().unwrap_or_default();
+        // Reused buffers are already `chunk` long unless they held a short chunk.
+        fresh.resize(self.chunk, 0);
+        let mut plain = std::mem::replace(&mut self.pending, fresh);
+        plain.truncate(self.filled);
+        self.filled = 0;
         self.pool.submit(ChunkJob {
             index: self.index,
             last,
@@ -203,9 +222,7 @@ impl<W: Write> ChunkWriter<W> {
         self.out
             .write_all(&sealed.record)
             .map_err(|e| VaultError::io("writing the profile file", e))?;
-        let (mut plain, record) = sealed.buffers();
-        plain.clear();
-        self.spare.push((plain, record));
+        self.spare.push(sealed.buffers());
         Ok(())
     }
 }
