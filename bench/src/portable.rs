@@ -52,6 +52,9 @@ pub struct Row {
     pub name: String,
     /// Wall time of the whole command.
     pub total: Spread,
+    /// CPU time (user + system) of the command and its children: the work done, whatever
+    /// the machine's load.
+    pub cpu: Spread,
     /// pocketvisor only: the key derivation (argon2id).
     pub key: Option<Spread>,
     /// pocketvisor only: from the first data byte to the end of the vault's work.
@@ -80,6 +83,7 @@ pub struct Report {
 /// One run of one contender: wall time, and pocketvisor's own key and data times.
 struct Sample {
     total: f64,
+    cpu: f64,
     key: Option<f64>,
     data: Option<f64>,
 }
@@ -93,10 +97,31 @@ pub fn loadavg() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
+/// User + system CPU seconds of the waited-for children of this process so far.
+fn children_cpu() -> f64 {
+    // SAFETY: `usage` is a valid, writable rusage that getrusage fills; all-zero bytes are a
+    // valid rusage.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Runs `cmd`; returns its stdout, wall time and CPU time (with its children).
+fn timed(cmd: &mut Command) -> Result<(String, f64, f64)> {
+    let cpu0 = children_cpu();
+    let (out, t) = run_cmd(cmd)?;
+    Ok((out, t.as_secs_f64(), children_cpu() - cpu0))
+}
+
 fn sh(script: &str) -> Result<Sample> {
-    let (_, t) = run_cmd(Command::new("sh").args(["-c", script]))?;
+    let (_, total, cpu) = timed(Command::new("sh").args(["-c", script]))?;
     Ok(Sample {
-        total: t.as_secs_f64(),
+        total,
+        cpu,
         key: None,
         data: None,
     })
@@ -104,14 +129,15 @@ fn sh(script: &str) -> Result<Sample> {
 
 /// Runs pocketvisor with `--json` and reads the key and data times of its `done` event.
 fn pocketvisor(cmd: &mut Command) -> Result<Sample> {
-    let (out, t) = run_cmd(cmd.arg("--json"))?;
+    let (out, total, cpu) = timed(cmd.arg("--json"))?;
     let done: serde_json::Value = out
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .find(|v| v["event"] == "done")
         .context("no done event")?;
     Ok(Sample {
-        total: t.as_secs_f64(),
+        total,
+        cpu,
         key: done["key_seconds"].as_f64(),
         data: done["data_seconds"].as_f64(),
     })
@@ -233,6 +259,7 @@ fn measure(jobs: &[(String, Job, Option<PathBuf>)], runs: usize) -> Result<Vec<R
             Ok(Row {
                 name: name.clone(),
                 total: Spread::of(&col(|x| Some(x.total))).context("no samples")?,
+                cpu: Spread::of(&col(|x| Some(x.cpu))).context("no samples")?,
                 key: Spread::of(&col(|x| x.key)),
                 data: Spread::of(&col(|x| x.data)),
                 output_bytes: output
@@ -388,7 +415,8 @@ impl Report {
         print_rows(&format!("import ({what})"), &self.import, bytes, false);
         println!(
             "\n  MB/s = disk bytes (10^6) per second of the row; 'vs pipe' = time / the -T1 \
-             pipe's total.\n  pocketvisor: zstd-3 + XChaCha20-Poly1305 per 1 MiB chunk on \
+             pipe's total;\n  cpu s = median user+system seconds of the command and its \
+             children (the work, whatever the load).\n  pocketvisor: zstd-3 + XChaCha20-Poly1305 per 1 MiB chunk on \
              worker threads, fsync + rename, a\n  128 MiB argon2id (t=3) passphrase slot; \
              pipes: unauthenticated, PBKDF2 key, then `sync FILE`."
         );
@@ -401,19 +429,20 @@ impl Report {
 fn print_rows(title: &str, rows: &[Row], bytes: u64, with_size: bool) {
     println!("{title}");
     println!(
-        "  {:<48} {:>6} {:>13} {:>6} {:>9} {:>8}",
+        "  {:<48} {:>6} {:>13} {:>6} {:>9} {:>8} {:>6}",
         "contender",
         "median",
         "[min-max]",
         "MB/s",
         if with_size { "file MiB" } else { "" },
-        "vs pipe"
+        "vs pipe",
+        "cpu s"
     );
     let base = rows.first().map(|r| r.total.median).unwrap_or(f64::NAN);
     // The key derivation moves no bytes: no rate for it.
-    let line = |name: &str, s: &Spread, size: Option<u64>, rate: bool| {
+    let line = |name: &str, s: &Spread, size: Option<u64>, rate: bool, cpu: Option<&Spread>| {
         println!(
-            "  {:<48} {:>6.2} {:>13} {:>6} {:>9} {:>7.2}x",
+            "  {:<48} {:>6.2} {:>13} {:>6} {:>9} {:>7.2}x {:>6}",
             name,
             s.median,
             format!("[{:.2}-{:.2}]", s.min, s.max),
@@ -426,16 +455,17 @@ fn print_rows(title: &str, rows: &[Row], bytes: u64, with_size: bool) {
                 Some(n) if with_size => format!("{:.1}", n as f64 / 1048576.0),
                 _ => String::new(),
             },
-            s.median / base
+            s.median / base,
+            cpu.map(|c| format!("{:.2}", c.median)).unwrap_or_default()
         );
     };
     for r in rows {
-        line(&r.name, &r.total, r.output_bytes, true);
+        line(&r.name, &r.total, r.output_bytes, true, Some(&r.cpu));
         if let Some(k) = &r.key {
-            line("  key derivation (argon2id)", k, None, false);
+            line("  key derivation (argon2id)", k, None, false, None);
         }
         if let Some(d) = &r.data {
-            line("  data phase", d, None, true);
+            line("  data phase", d, None, true, None);
         }
     }
 }
