@@ -6,30 +6,23 @@
 //! files of up to [`MAX_FILE`] bytes each, all in RAM. It serves until the VM is powered
 //! off. Everything the host sends is validated; a bad request gets `{"ok":false,...}`.
 
-use core::fmt::Write;
+use agent_proto::{answer, b64, Op, ProtoError, Request, Sink, MIME_MAX, NAME_MAX};
 
 use crate::virtio::vsock::{Service, Vsock, MAX_CONNS};
 use crate::{fail, mem, probe, pvh};
 
 /// The agent's vsock port.
-pub const PORT: u32 = 1025;
+pub const PORT: u32 = agent_proto::PORT;
+/// What the probe holds (all of it in its RAM arena).
+const LIMITS: agent_proto::Limits = agent_proto::PROBE;
 /// Largest clipboard content in bytes.
-pub const MAX_CLIPBOARD: usize = 64 * 1024;
+pub const MAX_CLIPBOARD: usize = LIMITS.max_clipboard;
 /// Largest file in bytes.
-pub const MAX_FILE: usize = 1 << 20;
+pub const MAX_FILE: usize = LIMITS.max_file;
 /// Files the inbox holds.
-pub const MAX_FILES: usize = 4;
-/// Longest file name.
-const NAME_MAX: usize = 128;
-/// Longest MIME type.
-const MIME_MAX: usize = 64;
+pub const MAX_FILES: usize = LIMITS.max_files;
 /// Longest request or response line (a full file in base64 plus the JSON around it).
-const LINE_CAP: usize = b64_len(MAX_FILE) + 1024;
-
-/// Length of the padded base64 encoding of `n` bytes.
-const fn b64_len(n: usize) -> usize {
-    n.div_ceil(3) * 4
-}
+const LINE_CAP: usize = LIMITS.line_max();
 
 /// One inbox file.
 struct File {
@@ -61,15 +54,6 @@ pub struct Agent {
     conns: [Conn; MAX_CONNS],
     /// Requests answered.
     pub requests: u64,
-}
-
-/// A parsed request: the string fields the protocol knows.
-#[derive(Default)]
-struct Request<'a> {
-    op: &'a [u8],
-    mime: Option<&'a [u8]>,
-    name: Option<&'a [u8]>,
-    data_b64: Option<&'a [u8]>,
 }
 
 /// Runs the agent: never returns.
@@ -136,38 +120,33 @@ impl Agent {
             return;
         };
         let (input, output, used) = (c.input, c.output, c.out_len);
-        let mut line = mem::bytes(input, line_len);
-        if let Some((b'\r', rest)) = line.split_last() {
-            line = mem::bytes(input, rest.len());
-        }
+        let line = mem::bytes(input, line_len);
         let mut out = Out {
             buf: mem::bytes(output + used as u64, LINE_CAP - used),
             len: 0,
             full: false,
         };
-        let op = match parse(line) {
+        let op = match Request::parse(line) {
             Ok(req) => {
-                let op = req.op;
                 if let Err(e) = self.request(&req, &mut out) {
-                    out.len = 0;
-                    out.full = false;
-                    error(&mut out, e);
+                    out.reset();
+                    answer::error(&mut out, &e);
                 }
-                op
+                req.op
             }
             Err(e) => {
-                error(&mut out, e);
-                b"?"
+                answer::error(&mut out, &e);
+                "?"
             }
         };
+        out.push(b"\n");
         if out.full {
-            out.len = 0;
-            out.full = false;
-            error(&mut out, "the answer does not fit the connection's buffer");
+            out.reset();
+            answer::error(&mut out, &"the answer does not fit the connection's buffer");
+            out.push(b"\n");
         }
         let ok = out.buf.starts_with(b"{\"ok\":true");
         self.requests += 1;
-        let op = core::str::from_utf8(op).unwrap_or("?");
         let op = if valid_token(op.as_bytes()) { op } else { "?" };
         probe!(
             "agent req op={} ok={} bytes={} us={}",
@@ -182,106 +161,66 @@ impl Agent {
         }
     }
 
-    fn request(&mut self, r: &Request, out: &mut Out) -> Result<(), &'static str> {
-        match r.op {
-            b"health" => {
-                let _ = writeln!(
-                    out,
-                    "{{\"ok\":true,\"agent\":\"probe\",\"version\":1,\"max_clipboard\":{},\
-                     \"max_file\":{},\"max_files\":{}}}",
-                    MAX_CLIPBOARD, MAX_FILE, MAX_FILES
-                );
-            }
-            b"clipboard_get" => {
+    fn request(&mut self, r: &Request, out: &mut Out) -> Result<(), ProtoError> {
+        match r.op()? {
+            Op::Health => answer::health(out, "probe", &LIMITS),
+            Op::ClipboardGet => {
                 let mime = match self.mime.get(..self.mime_len) {
-                    Some(m) if !m.is_empty() => m,
-                    _ => b"text/plain",
+                    Some(m) if !m.is_empty() => core::str::from_utf8(m).unwrap_or("text/plain"),
+                    _ => agent_proto::DEFAULT_MIME,
                 };
-                out.push(b"{\"ok\":true,\"mime\":\"");
-                out.push(mime);
-                out.push(b"\",\"data_b64\":\"");
-                out.push_b64(mem::bytes(self.clip, self.clip_len));
-                out.push(b"\"}\n");
+                answer::clipboard(out, mime, mem::bytes(self.clip, self.clip_len));
             }
-            b"clipboard_set" => {
-                let mime = r.mime.unwrap_or(b"text/plain");
-                if mime.is_empty() || mime.len() > MIME_MAX || !mime.iter().all(|&b| mime_byte(b)) {
-                    return Err("bad mime type");
-                }
-                let data = r.data_b64.ok_or("data_b64 is missing")?;
-                if data.len() > b64_len(MAX_CLIPBOARD) {
-                    return Err("clipboard data is larger than the probe's 65536 bytes");
-                }
-                let n = b64_decoded_len(data).ok_or("data_b64 is not valid base64")?;
-                if n > MAX_CLIPBOARD {
-                    return Err("clipboard data is larger than the probe's 65536 bytes");
-                }
-                b64_decode(data, mem::bytes(self.clip, n));
+            Op::ClipboardSet => {
+                let mime = r.mime_or_default()?;
+                let data = r.data_b64("clipboard data", MAX_CLIPBOARD)?;
+                let dst = mem::bytes(self.clip, MAX_CLIPBOARD);
+                let n = b64::decode_into(data, dst, "clipboard data")?;
                 self.clip_len = n;
-                self.mime[..mime.len()].copy_from_slice(mime);
+                self.mime[..mime.len()].copy_from_slice(mime.as_bytes());
                 self.mime_len = mime.len();
-                let _ = writeln!(out, "{{\"ok\":true,\"bytes\":{n}}}");
+                answer::stored(out, None, n);
             }
-            b"file_put" => {
-                let name = r.name.ok_or("name is missing")?;
-                if !valid_name(name) {
-                    return Err("bad file name");
-                }
-                let data = r.data_b64.ok_or("data_b64 is missing")?;
-                if data.len() > b64_len(MAX_FILE) {
-                    return Err("the file is larger than the probe's 1048576 bytes");
-                }
-                let n = b64_decoded_len(data).ok_or("data_b64 is not valid base64")?;
+            Op::FilePut => {
+                let name = r.file_name()?;
+                let data = r.data_b64("the file", MAX_FILE)?;
+                // Validated in full before a slot is chosen or written.
+                let n = b64::decoded_len(data)?;
                 if n > MAX_FILE {
-                    return Err("the file is larger than the probe's 1048576 bytes");
+                    return Err(ProtoError::TooLarge {
+                        what: "the file",
+                        max: MAX_FILE,
+                    });
                 }
-                let slot = match self.find(name) {
+                let slot = match self.find(name.as_bytes()) {
                     Some(i) => i,
                     None => self
                         .files
                         .iter()
                         .position(|f| f.name_len == 0)
-                        .ok_or("the probe's inbox is full (4 files)")?,
+                        .ok_or(ProtoError::InboxFull { max: MAX_FILES })?,
                 };
-                let f = self.files.get_mut(slot).ok_or("no slot")?;
-                b64_decode(data, mem::bytes(f.data, n));
-                f.len = n;
-                f.name[..name.len()].copy_from_slice(name);
+                let f = self.files.get_mut(slot).ok_or(ProtoError::NoSuchFile)?;
+                f.len = b64::decode_into(data, mem::bytes(f.data, MAX_FILE), "the file")?;
+                f.name[..name.len()].copy_from_slice(name.as_bytes());
                 f.name_len = name.len();
-                out.push(b"{\"ok\":true,\"name\":\"");
-                out.push(name);
-                let _ = writeln!(out, "\",\"bytes\":{n}}}");
+                answer::stored(out, Some(name), n);
             }
-            b"file_get" => {
-                let name = r.name.ok_or("name is missing")?;
-                if !valid_name(name) {
-                    return Err("bad file name");
-                }
+            Op::FileGet => {
+                let name = r.file_name()?;
                 let f = self
-                    .find(name)
+                    .find(name.as_bytes())
                     .and_then(|i| self.files.get(i))
-                    .ok_or("no such file")?;
-                out.push(b"{\"ok\":true,\"name\":\"");
-                out.push(name);
-                out.push(b"\",\"data_b64\":\"");
-                out.push_b64(mem::bytes(f.data, f.len));
-                out.push(b"\"}\n");
+                    .ok_or(ProtoError::NoSuchFile)?;
+                answer::file(out, name, mem::bytes(f.data, f.len));
             }
-            b"file_list" => {
-                out.push(b"{\"ok\":true,\"files\":[");
-                let mut first = true;
-                for f in self.files.iter().filter(|f| f.name_len != 0) {
-                    if !first {
-                        out.push(b",");
-                    }
-                    first = false;
-                    out.push(b"{\"name\":\"");
-                    out.push(&f.name[..f.name_len]);
-                    let _ = write!(out, "\",\"bytes\":{}}}", f.len);
-                }
-                out.push(b"]}\n");
+            Op::FileList => {
+                let files = self.files.iter().filter(|f| f.name_len != 0).map(|f| {
+                    let name = f.name.get(..f.name_len).unwrap_or_default();
+                    (core::str::from_utf8(name).unwrap_or("?"), f.len as u64)
+                });
+                answer::file_list(out, files);
             }
-            _ => return Err("unknown op"),
         }
         Ok(())
     }
@@ -341,7 +280,8 @@ impl Service for Agent {
                         len: 0,
                         full: false,
                     };
-                    error(&mut out, "the request line is too long");
+                    answer::error(&mut out, &ProtoError::LineTooLong);
+                    out.push(b"\n");
                     c.out_len += out.len;
                 } else {
                     self.line(conn, len);
@@ -366,13 +306,6 @@ impl Service for Agent {
     }
 }
 
-/// Writes `{"ok":false,"error":"<e>"}\n` (`e` is one of our own messages: no quotes).
-fn error(out: &mut Out, e: &str) {
-    out.push(b"{\"ok\":false,\"error\":\"");
-    out.push(e.as_bytes());
-    out.push(b"\"}\n");
-}
-
 /// A response being written into a fixed buffer; `full` once something did not fit.
 struct Out<'a> {
     buf: &'a mut [u8],
@@ -381,6 +314,14 @@ struct Out<'a> {
 }
 
 impl Out<'_> {
+    /// Forgets what was written (to write an error instead).
+    fn reset(&mut self) {
+        self.len = 0;
+        self.full = false;
+    }
+}
+
+impl Sink for Out<'_> {
     fn push(&mut self, b: &[u8]) {
         match self.buf.get_mut(self.len..self.len + b.len()) {
             Some(dst) if !self.full => {
@@ -390,190 +331,9 @@ impl Out<'_> {
             _ => self.full = true,
         }
     }
-
-    fn push_b64(&mut self, data: &[u8]) {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-        for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
-            let v = (b[0] as usize) << 16 | (b[1] as usize) << 8 | b[2] as usize;
-            let mut q = [
-                ALPHABET[v >> 18 & 63],
-                ALPHABET[v >> 12 & 63],
-                ALPHABET[v >> 6 & 63],
-                ALPHABET[v & 63],
-            ];
-            if chunk.len() < 3 {
-                q[3] = b'=';
-            }
-            if chunk.len() < 2 {
-                q[2] = b'=';
-            }
-            self.push(&q);
-        }
-    }
 }
 
-impl Write for Out<'_> {
-    fn write_str(&mut self, s: &str) -> core::fmt::Result {
-        self.push(s.as_bytes());
-        Ok(())
-    }
-}
-
-fn b64_value(c: u8) -> Option<u8> {
-    match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    }
-}
-
-/// The decoded length of padded standard base64 `s`, or `None` if it is not valid.
-fn b64_decoded_len(s: &[u8]) -> Option<usize> {
-    if !s.len().is_multiple_of(4) {
-        return None;
-    }
-    let pad = s.iter().rev().take_while(|&&c| c == b'=').count();
-    if pad > 2 {
-        return None;
-    }
-    let body = s.get(..s.len() - pad)?;
-    if !body.iter().all(|&c| b64_value(c).is_some()) {
-        return None;
-    }
-    Some(s.len() / 4 * 3 - pad)
-}
-
-/// Decodes `s` (checked by [`b64_decoded_len`]) into `dst` (exactly that long).
-fn b64_decode(s: &[u8], dst: &mut [u8]) {
-    let mut o = 0;
-    for q in s.chunks(4) {
-        let mut v: u32 = 0;
-        for &c in q {
-            v = v << 6 | b64_value(c).unwrap_or(0) as u32;
-        }
-        for byte in [(v >> 16) as u8, (v >> 8) as u8, v as u8] {
-            if let Some(d) = dst.get_mut(o) {
-                *d = byte;
-            }
-            o += 1;
-        }
-    }
-}
-
-/// File names: 1..=128 of `[A-Za-z0-9._-]`, not starting with `.`, no `..`.
-fn valid_name(n: &[u8]) -> bool {
-    !n.is_empty()
-        && n.len() <= NAME_MAX
-        && n[0] != b'.'
-        && !n.windows(2).any(|w| w == b"..")
-        && n.iter()
-            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-fn mime_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'.' | b'-' | b';' | b'=')
-}
-
+/// Ops worth printing in a `PROBE agent req` line (not whatever a bad request sent).
 fn valid_token(s: &[u8]) -> bool {
     !s.is_empty() && s.len() <= 32 && s.iter().all(|&b| b.is_ascii_lowercase() || b == b'_')
-}
-
-/// Parses one request: a flat JSON object whose values are strings without escapes.
-fn parse(s: &[u8]) -> Result<Request<'_>, &'static str> {
-    let mut p = Scanner { s, i: 0 };
-    let mut r = Request::default();
-    let mut have_op = false;
-    p.ws();
-    p.expect(b'{')?;
-    p.ws();
-    if p.peek() == Some(b'}') {
-        return Err("op is missing");
-    }
-    loop {
-        p.ws();
-        let key = p.string()?;
-        p.ws();
-        p.expect(b':')?;
-        p.ws();
-        let value = p.string()?;
-        match key {
-            b"op" => {
-                r.op = value;
-                have_op = true;
-            }
-            b"mime" => r.mime = Some(value),
-            b"name" => r.name = Some(value),
-            b"data_b64" => r.data_b64 = Some(value),
-            _ => return Err("unknown field"),
-        }
-        p.ws();
-        match p.next() {
-            Some(b',') => continue,
-            Some(b'}') => break,
-            _ => return Err("expected , or }"),
-        }
-    }
-    p.ws();
-    if p.peek().is_some() {
-        return Err("text after the object");
-    }
-    if !have_op {
-        return Err("op is missing");
-    }
-    Ok(r)
-}
-
-struct Scanner<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Scanner<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.i).copied()
-    }
-
-    fn next(&mut self) -> Option<u8> {
-        let c = self.peek();
-        self.i += 1;
-        c
-    }
-
-    fn ws(&mut self) {
-        while matches!(self.peek(), Some(b' ' | b'\t' | b'\r' | b'\n')) {
-            self.i += 1;
-        }
-    }
-
-    fn expect(&mut self, c: u8) -> Result<(), &'static str> {
-        if self.next() == Some(c) {
-            Ok(())
-        } else {
-            Err("not a JSON object of strings")
-        }
-    }
-
-    /// A string without escapes or control characters.
-    fn string(&mut self) -> Result<&'a [u8], &'static str> {
-        self.expect(b'"')?;
-        let start = self.i;
-        loop {
-            match self.next() {
-                Some(b'"') => return self.s.get(start..self.i - 1).ok_or("bad string"),
-                Some(b'\\') => return Err("escapes are not supported"),
-                Some(c) if c < 0x20 => return Err("control character in a string"),
-                Some(_) => {}
-                None => return Err("unterminated string"),
-            }
-        }
-    }
 }
