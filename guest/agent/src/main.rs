@@ -129,12 +129,12 @@ fn serve<S: Read + Write>(agent: &proto::Agent, stream: S) -> std::io::Result<()
                     break;
                 }
             }
-            serde_json::json!({"ok": false, "error": "the request line is too long"}).to_string()
+            proto::Agent::line_too_long()
         } else {
             return Ok(()); // EOF inside a line
         };
         let out = r.get_mut();
-        out.write_all(answer.as_bytes())?;
+        out.write_all(&answer)?;
         out.write_all(b"\n")?;
         out.flush()?;
     }
