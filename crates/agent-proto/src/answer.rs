@@ -103,7 +103,11 @@ where
 {
     out.push(b"{\"ok\":true,\"files\":[");
     for (i, (name, bytes)) in files.into_iter().enumerate() {
-        out.push(if i == 0 { b"{\"name\":\"" } else { b",{\"name\":\"" });
+        out.push(if i == 0 {
+            b"{\"name\":\""
+        } else {
+            b",{\"name\":\""
+        });
         let _ = Escaped(&mut *out).write_str(name);
         let _ = write!(Fmt(&mut *out), "\",\"bytes\":{bytes}}}");
     }
@@ -191,12 +195,21 @@ mod tests {
         assert!(h.ok);
         assert_eq!(h.agent.as_deref(), Some("probe"));
         assert_eq!(h.version, Some(VERSION));
-        assert_eq!((h.max_clipboard, h.max_file, h.max_files), (Some(65536), Some(1 << 20), Some(4)));
+        assert_eq!(
+            (h.max_clipboard, h.max_file, h.max_files),
+            (Some(65536), Some(1 << 20), Some(4))
+        );
         let (_, h) = answer(|v| health(v, "linux", &LINUX));
         assert_eq!(h.max_files, Some(1024));
         let (raw, c) = answer(|v| clipboard(v, "text/html", b"<b>hi</b>"));
-        assert_eq!(raw, b"{\"ok\":true,\"mime\":\"text/html\",\"data_b64\":\"PGI+aGk8L2I+\"}");
-        assert_eq!(b64::decode(c.data_b64.as_deref().unwrap()).unwrap(), b"<b>hi</b>");
+        assert_eq!(
+            raw,
+            b"{\"ok\":true,\"mime\":\"text/html\",\"data_b64\":\"PGI+aGk8L2I+\"}"
+        );
+        assert_eq!(
+            b64::decode(c.data_b64.as_deref().unwrap()).unwrap(),
+            b"<b>hi</b>"
+        );
         let (_, f) = answer(|v| file(v, "r.bin", &[0, 1, 2, 255]));
         assert_eq!(f.name.as_deref(), Some("r.bin"));
         assert_eq!(f.data_b64.as_deref(), Some("AAEC/w=="));
@@ -218,7 +231,10 @@ mod tests {
     #[test]
     fn errors_are_escaped() {
         let (raw, e) = answer(|v| error(v, &ProtoError::InboxFull { max: 4 }));
-        assert_eq!(raw, b"{\"ok\":false,\"error\":\"the inbox is full (4 files)\"}");
+        assert_eq!(
+            raw,
+            b"{\"ok\":false,\"error\":\"the inbox is full (4 files)\"}"
+        );
         assert!(!e.ok);
         let nasty = "a \"quoted\" \\ path\nwith\ttabs \u{7f} é";
         let (_, e) = answer(|v| error(v, &nasty));

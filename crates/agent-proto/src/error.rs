@@ -62,7 +62,9 @@ impl fmt::Display for ProtoError {
             ProtoError::InboxFull { max } => write!(f, "the inbox is full ({max} files)"),
             ProtoError::NoSuchFile => f.write_str("no such file"),
             ProtoError::LineTooLong => f.write_str("the request line is too long"),
-            ProtoError::Unencodable => f.write_str("a string holds a character JSON lines here do not carry"),
+            ProtoError::Unencodable => {
+                f.write_str("a string holds a character JSON lines here do not carry")
+            }
         }
     }
 }

@@ -40,7 +40,17 @@ mod tests {
         }
         let long = [b'a'; 129];
         let long = core::str::from_utf8(&long).unwrap();
-        for bad in ["", ".hidden", "..", "a/b", "a..b", "a b", "é", "/etc/passwd", long] {
+        for bad in [
+            "",
+            ".hidden",
+            "..",
+            "a/b",
+            "a..b",
+            "a b",
+            "é",
+            "/etc/passwd",
+            long,
+        ] {
             assert!(!valid_file_name(bad), "{bad}");
         }
         assert!(valid_file_name(&long[..128]));

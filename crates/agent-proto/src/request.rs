@@ -287,24 +287,50 @@ mod tests {
     #[test]
     fn refuses_hostile_lines() {
         let cases: [(&[u8], ProtoError); 12] = [
-            (b"not json", ProtoError::Syntax("not a JSON object of strings")),
+            (
+                b"not json",
+                ProtoError::Syntax("not a JSON object of strings"),
+            ),
             (b"{}", ProtoError::MissingOp),
             (b"[1,2]", ProtoError::Syntax("not a JSON object of strings")),
-            (b"{\"op\":7}", ProtoError::Syntax("not a JSON object of strings")),
-            (b"{\"op\":\"health\",\"extra\":\"x\"}", ProtoError::UnknownField),
-            (b"{\"op\":\"health\",\"op\":\"file_list\"}", ProtoError::DuplicateField),
-            (b"{\"name\":\"a\",\"name\":\"b\",\"op\":\"x\"}", ProtoError::DuplicateField),
+            (
+                b"{\"op\":7}",
+                ProtoError::Syntax("not a JSON object of strings"),
+            ),
+            (
+                b"{\"op\":\"health\",\"extra\":\"x\"}",
+                ProtoError::UnknownField,
+            ),
+            (
+                b"{\"op\":\"health\",\"op\":\"file_list\"}",
+                ProtoError::DuplicateField,
+            ),
+            (
+                b"{\"name\":\"a\",\"name\":\"b\",\"op\":\"x\"}",
+                ProtoError::DuplicateField,
+            ),
             (b"{\"name\":\"a\"}", ProtoError::MissingOp),
             (
                 b"{\"op\":\"clipboard_set\",\"data_b64\":\"a\\u0041==\"}",
                 ProtoError::Syntax("escapes are not supported"),
             ),
-            (b"{\"op\":\"health\"} trailing", ProtoError::Syntax("text after the object")),
+            (
+                b"{\"op\":\"health\"} trailing",
+                ProtoError::Syntax("text after the object"),
+            ),
             (b"{\"op\":\"health\"", ProtoError::Syntax("expected , or }")),
-            (b"{\"op\":\"he\xffalth\"}", ProtoError::Syntax("a string is not UTF-8")),
+            (
+                b"{\"op\":\"he\xffalth\"}",
+                ProtoError::Syntax("a string is not UTF-8"),
+            ),
         ];
         for (line, want) in cases {
-            assert_eq!(Request::parse(line), Err(want), "{:?}", core::str::from_utf8(line));
+            assert_eq!(
+                Request::parse(line),
+                Err(want),
+                "{:?}",
+                core::str::from_utf8(line)
+            );
         }
         let r = Request::parse(b"{\"op\":\"rm\",\"name\":\"../x\",\"mime\":\"a b\"}").unwrap();
         assert_eq!(r.op(), Err(ProtoError::UnknownOp));

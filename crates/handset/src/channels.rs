@@ -4,7 +4,8 @@
 //! in-guest agent for the data over the source's vsock socket (`run/vsock.sock`,
 //! `CONNECT 1025`), checks it, and hands it to the target's agent. Guests never talk to
 //! each other. The agent protocol (newline-delimited JSON, one answer line per request) is
-//! described in `guest/probe/PROTOCOL.md` ("Agent mode"); `guest/agent` is the Linux agent.
+//! described in `guest/probe/PROTOCOL.md` ("Agent mode") and implemented once, for the
+//! daemon and both agents, by the `agent-proto` crate; `guest/agent` is the Linux agent.
 //!
 //! # Policy
 //!
@@ -33,6 +34,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agent_proto::{b64, Answer, Op, Request};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
@@ -49,14 +51,16 @@ use crate::daemon::Handset;
 use crate::error::Error;
 use crate::spec::{check_name, ProfileSpec};
 
+pub use agent_proto::{valid_file_name, valid_mime};
+
 /// The agents' vsock port.
-pub const AGENT_PORT: u32 = 1025;
-/// Largest clipboard content the daemon carries.
-pub const MAX_CLIPBOARD: usize = 1 << 20;
-/// Largest file the daemon carries.
-pub const MAX_FILE: usize = 64 << 20;
+pub const AGENT_PORT: u32 = agent_proto::PORT;
+/// Largest clipboard content the daemon carries (the Linux agent's limit).
+pub const MAX_CLIPBOARD: usize = agent_proto::LINUX.max_clipboard;
+/// Largest file the daemon carries (the Linux agent's limit).
+pub const MAX_FILE: usize = agent_proto::LINUX.max_file;
 /// Longest file name.
-pub const FILE_NAME_MAX: usize = 128;
+pub const FILE_NAME_MAX: usize = agent_proto::NAME_MAX;
 /// Time to connect to an agent and get `OK <port>`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Base time for one agent request, plus one second per [`Rate`] bytes it carries.
@@ -65,9 +69,9 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 const PROBE_RATE: usize = 4096;
 /// Bytes per second granted to other agents.
 const AGENT_RATE: usize = 1 << 20;
-/// The most a probe agent is believed to hold (its own limit is 1 MiB): with the slow
+/// The most a probe agent is believed to hold (its own file limit): with the slow
 /// [`PROBE_RATE`] this bounds a call to a guest claiming to be the probe to about 6 min.
-const PROBE_MAX: usize = 1 << 20;
+const PROBE_MAX: usize = agent_proto::PROBE.max_file;
 
 /// What moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,111 +229,9 @@ pub fn decide(kind: Kind, from: &ProfileSpec, to: &ProfileSpec) -> Result<(), St
     Ok(())
 }
 
-/// Agent file names: 1..=128 of `[A-Za-z0-9._-]`, not starting with `.`, without `..`.
-pub fn valid_file_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= FILE_NAME_MAX
-        && !n.starts_with('.')
-        && !n.contains("..")
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-/// MIME types: 1..=64 of `[A-Za-z0-9/+.;=-]`.
-pub fn valid_mime(m: &str) -> bool {
-    !m.is_empty()
-        && m.len() <= 64
-        && m.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'/' | b'+' | b'.' | b';' | b'=' | b'-')
-        })
-}
-
-/// Length of the padded base64 encoding of `n` bytes.
-pub fn b64_len(n: usize) -> usize {
-    n.div_ceil(3) * 4
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard padded base64.
-pub fn b64_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(b64_len(data.len()));
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let v = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(B64[(v >> shift & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard padded base64; `None` if it is not valid.
-pub fn b64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.as_bytes();
-    if !s.len().is_multiple_of(4) {
-        return None;
-    }
-    let pad = s.iter().rev().take_while(|&&c| c == b'=').count();
-    if pad > 2 {
-        return None;
-    }
-    let value = |c: u8| -> Option<u32> {
-        Some(u32::from(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        }))
-    };
-    let mut out = Vec::with_capacity(s.len() / 4 * 3);
-    let body_len = s.len() - pad;
-    for (qi, q) in s.chunks(4).enumerate() {
-        let mut v = 0u32;
-        for (i, &c) in q.iter().enumerate() {
-            let d = if qi * 4 + i >= body_len { 0 } else { value(c)? };
-            v = v << 6 | d;
-        }
-        out.extend_from_slice(&[(v >> 16) as u8, (v >> 8) as u8, v as u8]);
-    }
-    out.truncate(s.len() / 4 * 3 - pad);
-    Some(out)
-}
-
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// An agent's answer (the fields any op may carry).
-#[derive(Debug, Default, Deserialize)]
-struct Answer {
-    ok: bool,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    mime: Option<String>,
-    #[serde(default)]
-    data_b64: Option<String>,
-    #[serde(default)]
-    agent: Option<String>,
-    #[serde(default)]
-    max_clipboard: Option<u64>,
-    #[serde(default)]
-    max_file: Option<u64>,
+    hex::encode(Sha256::digest(data))
 }
 
 /// What an agent said about itself (`health`), with the daemon's bounds applied.
@@ -359,7 +261,7 @@ impl AgentInfo {
 
 /// Asks `profile`'s agent for its kind and limits.
 async fn agent_info(profile: &str, vsock: &Path) -> Result<AgentInfo, ChannelError> {
-    let req = serde_json::json!({"op": "health"});
+    let req = Request::new(Op::Health);
     let a = agent_call(profile, vsock, &req, 4096, AgentInfo::UNKNOWN).await?;
     let probe = a.agent.as_deref() == Some("probe");
     let cap = |claimed: Option<u64>, daemon: usize| {
@@ -382,14 +284,13 @@ async fn agent_info(profile: &str, vsock: &Path) -> Result<AgentInfo, ChannelErr
 async fn agent_call(
     profile: &str,
     vsock: &Path,
-    request: &serde_json::Value,
+    request: &Request<'_>,
     max_line: usize,
     info: AgentInfo,
 ) -> Result<Answer, ChannelError> {
-    let op = request["op"].as_str().unwrap_or("?").to_string();
+    let op = request.op;
     let fail = |what: String| ChannelError::Agent(format!("{profile}'s agent ({op}): {what}"));
-    let mut line = serde_json::to_vec(request).map_err(|e| fail(e.to_string()))?;
-    line.push(b'\n');
+    let line = request.to_line().map_err(|e| fail(e.to_string()))?;
     let connect = async {
         let mut s = UnixStream::connect(vsock).await?;
         s.write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
@@ -499,10 +400,13 @@ async fn move_data(
     let src_info = agent_info(from, &src).await?;
     let dst_info = agent_info(to, &dst).await?;
     let target_max = dst_info.max(kind).min(kind.limit());
-    let max_line = b64_len(target_max.min(src_info.max(kind))) + 4096;
+    let max_line = b64::encoded_len(target_max.min(src_info.max(kind))) + agent_proto::ENVELOPE_MAX;
     let get = match (kind, name) {
-        (Kind::Clipboard, _) => serde_json::json!({"op": "clipboard_get"}),
-        (Kind::File, Some(n)) => serde_json::json!({"op": "file_get", "name": n}),
+        (Kind::Clipboard, _) => Request::new(Op::ClipboardGet),
+        (Kind::File, Some(n)) => Request {
+            name: Some(n),
+            ..Request::new(Op::FileGet)
+        },
         (Kind::File, None) => return Err(ChannelError::BadRequest("name is missing".into())),
     };
     let got = agent_call(from, &src, &get, max_line, src_info)
@@ -517,12 +421,12 @@ async fn move_data(
     let data = got
         .data_b64
         .as_deref()
-        .and_then(b64_decode)
+        .and_then(|s| b64::decode(s).ok())
         .ok_or_else(|| ChannelError::Agent(format!("{from}'s agent sent no valid data_b64")))?;
     let payload = Payload {
         mime: match kind {
             Kind::Clipboard => {
-                let m = got.mime.unwrap_or_else(|| "text/plain".into());
+                let m = got.mime.unwrap_or_else(|| agent_proto::DEFAULT_MIME.into());
                 if !valid_mime(&m) {
                     return Err(ChannelError::Agent(format!(
                         "{from}'s agent sent a bad mime type"
@@ -541,14 +445,18 @@ async fn move_data(
             payload.data.len()
         )));
     }
-    let data_b64 = b64_encode(&payload.data);
+    let data_b64 = b64::encode(&payload.data);
     let put = match kind {
-        Kind::Clipboard => serde_json::json!({
-            "op": "clipboard_set",
-            "mime": payload.mime.as_deref().unwrap_or("text/plain"),
-            "data_b64": data_b64,
-        }),
-        Kind::File => serde_json::json!({"op": "file_put", "name": name, "data_b64": data_b64}),
+        Kind::Clipboard => Request {
+            mime: payload.mime.as_deref(),
+            data_b64: Some(&data_b64),
+            ..Request::new(Op::ClipboardSet)
+        },
+        Kind::File => Request {
+            name,
+            data_b64: Some(&data_b64),
+            ..Request::new(Op::FilePut)
+        },
     };
     agent_call(to, &dst, &put, 4096, dst_info).await?;
     Ok(Transfer {
@@ -686,21 +594,6 @@ mod tests {
     }
 
     #[test]
-    fn base64_round_trips_and_rejects_garbage() {
-        for n in 0..40usize {
-            let data: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
-            let e = b64_encode(&data);
-            assert_eq!(e.len(), b64_len(n));
-            assert_eq!(b64_decode(&e).as_deref(), Some(&data[..]), "n={n}");
-        }
-        assert_eq!(b64_encode(b"hello world"), "aGVsbG8gd29ybGQ=");
-        assert_eq!(b64_decode("aGk=").unwrap(), b"hi");
-        for bad in ["a", "aGk", "a===", "aG!=", "aGk=aGk", "=aGk"] {
-            assert!(b64_decode(bad).is_none(), "accepted {bad:?}");
-        }
-    }
-
-    #[test]
     fn names_mimes_and_digests() {
         for ok in ["x.txt", "Report_2024-01.pdf", "a"] {
             assert!(valid_file_name(ok), "{ok}");
@@ -756,14 +649,7 @@ mod tests {
             max_clipboard: 64,
             max_file: 64,
         };
-        agent_call(
-            "p",
-            &path,
-            &serde_json::json!({"op": "clipboard_get"}),
-            64,
-            info,
-        )
-        .await
+        agent_call("p", &path, &Request::new(Op::ClipboardGet), 64, info).await
     }
 
     #[tokio::test]
@@ -794,7 +680,7 @@ mod tests {
         let e = agent_call(
             "p",
             Path::new("/nonexistent/vsock.sock"),
-            &serde_json::json!({"op": "health"}),
+            &Request::new(Op::Health),
             64,
             AgentInfo::UNKNOWN,
         )

@@ -10,8 +10,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use agent_proto::b64;
 use common::{can_run_vms, loud, wait_until, Daemon};
-use handset::channels::{b64_decode, b64_encode, sha256_hex, Transfer};
+use handset::channels::{sha256_hex, Transfer};
 use handset::{CreateProfile, ProfileSpec};
 use serde_json::{json, Value};
 
@@ -34,14 +35,14 @@ fn agent(d: &Daemon, profile: &str, req: Value) -> Value {
 fn clipboard(d: &Daemon, profile: &str) -> Vec<u8> {
     let a = agent(d, profile, json!({"op": "clipboard_get"}));
     assert_eq!(a["ok"], true, "{a}");
-    b64_decode(a["data_b64"].as_str().unwrap()).unwrap()
+    b64::decode(a["data_b64"].as_str().unwrap()).unwrap()
 }
 
 fn set_clipboard(d: &Daemon, profile: &str, data: &[u8]) {
     let a = agent(
         d,
         profile,
-        json!({"op": "clipboard_set", "mime": "text/plain", "data_b64": b64_encode(data)}),
+        json!({"op": "clipboard_set", "mime": "text/plain", "data_b64": b64::encode(data)}),
     );
     assert_eq!(a, json!({"ok": true, "bytes": data.len()}));
 }
@@ -165,7 +166,7 @@ fn clipboard_and_files_follow_the_policy_and_are_audited() {
     let put = agent(
         &d,
         "personal",
-        json!({"op": "file_put", "name": "notes.txt", "data_b64": b64_encode(&file)}),
+        json!({"op": "file_put", "name": "notes.txt", "data_b64": b64::encode(&file)}),
     );
     assert_eq!(put["ok"], true, "{put}");
     let out = d.cli(&[
@@ -188,7 +189,10 @@ fn clipboard_and_files_follow_the_policy_and_are_audited() {
         (3000, sha256_hex(&file).as_str())
     );
     let got = agent(&d, "work", json!({"op": "file_get", "name": "notes.txt"}));
-    assert_eq!(b64_decode(got["data_b64"].as_str().unwrap()).unwrap(), file);
+    assert_eq!(
+        b64::decode(got["data_b64"].as_str().unwrap()).unwrap(),
+        file
+    );
     let list = agent(&d, "work", json!({"op": "file_list"}));
     assert_eq!(list["files"], json!([{"name": "notes.txt", "bytes": 3000}]));
     let (status, _) = post(
@@ -351,7 +355,7 @@ fn probe_agent_refuses_hostile_requests_and_keeps_serving() {
     }
     // Too large for the probe: 64 KiB + 3 bytes of clipboard (the probe runs its code very
     // slowly under kvm_pvm: about 30 us per byte of request, so this takes seconds).
-    let big = b64_encode(&vec![7u8; 65539]);
+    let big = b64::encode(&vec![7u8; 65539]);
     let a = agent_raw(
         &d,
         "lab",
