@@ -211,39 +211,26 @@ pub fn decode_public(text: &str) -> Result<PublicKey> {
     Ok(PublicKey::from(*bytes))
 }
 
+/// Appends the lower-case hex of a 32-byte key to `out` (through a buffer zeroized on drop).
 fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    let mut digits = Zeroizing::new([0u8; 64]);
+    if hex::encode_to_slice(bytes, digits.as_mut()).is_ok() {
+        // Hex digits are ASCII.
+        out.push_str(std::str::from_utf8(digits.as_ref()).unwrap_or_default());
     }
 }
 
 fn parse_hex32(hex: &str) -> Result<Zeroizing<[u8; 32]>> {
-    let digits = hex.as_bytes();
-    if digits.len() != 64 {
+    if hex.len() != 64 {
         return Err(VaultError::BadKeyText {
             reason: "a key has exactly 64 hex digits after its prefix",
         });
     }
     let mut out = Zeroizing::new([0u8; 32]);
-    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
-        let hi = hex_value(pair[0])?;
-        let lo = hex_value(pair[1])?;
-        *byte = (hi << 4) | lo;
-    }
+    hex::decode_to_slice(hex, out.as_mut()).map_err(|_| VaultError::BadKeyText {
+        reason: "a key contains a character that is not a hex digit",
+    })?;
     Ok(out)
-}
-
-fn hex_value(digit: u8) -> Result<u8> {
-    match digit {
-        b'0'..=b'9' => Ok(digit - b'0'),
-        b'a'..=b'f' => Ok(digit - b'a' + 10),
-        b'A'..=b'F' => Ok(digit - b'A' + 10),
-        _ => Err(VaultError::BadKeyText {
-            reason: "a key contains a character that is not a hex digit",
-        }),
-    }
 }
 
 #[cfg(test)]
