@@ -21,15 +21,18 @@ fn push_u64(v: &mut Vec<u8>, x: u64) {
 
 /// An ELF64 x86_64 executable whose PVH entry runs `code` (32-bit protected mode, paging off).
 pub fn pvh_kernel(code: &[u8]) -> Vec<u8> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
-    let note_offset = EHDR + 2 * PHDR;
+    const EHDR: u16 = 64;
+    const PHDR: u16 = 56;
+    let note_offset = usize::from(EHDR) + 2 * usize::from(PHDR);
     let mut note = Vec::new();
     push_u32(&mut note, 4); // namesz: "Xen\0"
     push_u32(&mut note, 4); // descsz: a 32-bit entry address
     push_u32(&mut note, 18); // XEN_ELFNOTE_PHYS32_ENTRY
     note.extend_from_slice(b"Xen\0");
-    push_u32(&mut note, LOAD_ADDR as u32);
+    push_u32(
+        &mut note,
+        u32::try_from(LOAD_ADDR).expect("the PVH entry is a 32-bit address"),
+    );
 
     let mut f = Vec::with_capacity(CODE_OFFSET + code.len());
     // ELF header.
@@ -39,11 +42,11 @@ pub fn pvh_kernel(code: &[u8]) -> Vec<u8> {
     push_u16(&mut f, 0x3e); // EM_X86_64
     push_u32(&mut f, 1); // EV_CURRENT
     push_u64(&mut f, LOAD_ADDR); // e_entry
-    push_u64(&mut f, EHDR as u64); // e_phoff
+    push_u64(&mut f, u64::from(EHDR)); // e_phoff
     push_u64(&mut f, 0); // e_shoff
     push_u32(&mut f, 0); // e_flags
-    push_u16(&mut f, EHDR as u16);
-    push_u16(&mut f, PHDR as u16);
+    push_u16(&mut f, EHDR);
+    push_u16(&mut f, PHDR);
     push_u16(&mut f, 2); // e_phnum
     push_u16(&mut f, 64); // e_shentsize
     push_u16(&mut f, 0); // e_shnum

@@ -331,7 +331,7 @@ impl PacketSocket {
 
 fn sockaddr_ll(ifindex: i32, ethertype: u16, dst: [u8; 6]) -> libc::sockaddr_ll {
     let mut addr = libc::sockaddr_ll {
-        sll_family: libc::AF_PACKET as u16,
+        sll_family: u16::try_from(libc::AF_PACKET).expect("AF_PACKET fits sa_family_t"),
         sll_protocol: ethertype.to_be(),
         sll_ifindex: ifindex,
         sll_hatype: 0,
