@@ -14,6 +14,8 @@
 //! (serial, MSI-X, the virtio-pci transport, and each virtio device's own bytes).
 
 pub mod bus;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod legacy;
 mod narrow;
 pub mod pci;

@@ -12,8 +12,8 @@ pub mod config;
 pub mod msix;
 pub mod root;
 
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -512,3 +512,6 @@ mod worker;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;

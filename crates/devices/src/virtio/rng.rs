@@ -224,3 +224,6 @@ mod tests {
         rng.reset();
     }
 }
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;

@@ -320,3 +320,6 @@ impl NetWorker {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;

@@ -127,3 +127,6 @@ impl Drop for Vsock {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod fuzz;

@@ -194,6 +194,9 @@ pub fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 pub struct XorShift(pub u64);
 
 impl XorShift {
+    /// The next value.
+    // Not an iterator: it never ends; `next` reads naturally in the tests' loops.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x << 13;
