@@ -28,7 +28,7 @@ use crate::virtio::chain::{parse_chain, Chain, ChainError};
 use crate::virtio::net::NetBackend;
 use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::rng::Rng;
-use crate::virtio::worker::testing::{active_queues, write_desc, FakeInterrupt, TestQueue};
+use crate::virtio::worker::testing::{active_queues, FakeInterrupt, TestQueue};
 use crate::virtio::worker::{
     prepare_queues, DeviceWorker, VirtQueue, BACKEND_TOKEN_BASE, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -180,20 +180,14 @@ pub fn block(data: &[u8]) {
 
 fn run_block(data: &[u8]) -> Option<GuestMem> {
     static DISK: OnceLock<PathBuf> = OnceLock::new();
-    let Some((f, o, image)) = split(data) else {
-        return None;
-    };
+    let (f, o, image) = split(data)?;
     let path = DISK.get_or_init(|| {
         let p = scratch().join("disk.img");
         std::fs::write(&p, vec![0xa5u8; 64 << 10]).expect("disk image");
         p
     });
-    let Ok(block) = Block::new(path, o & 1 != 0, Some("fuzz".into())) else {
-        return None;
-    };
-    let Some(mut g) = Guest::new(image, 1, ring_features(f)) else {
-        return None;
-    };
+    let block = Block::new(path, o & 1 != 0, Some("fuzz".into())).ok()?;
+    let mut g = Guest::new(image, 1, ring_features(f))?;
     let q = g.queues.remove(0);
     let mut w = crate::virtio::block::fuzz::worker(&block, g.mem.clone(), g.irq.clone(), q);
     kick_all(&mut *w, 1, 0);
@@ -206,13 +200,9 @@ pub fn rng(data: &[u8]) {
 }
 
 fn run_rng(data: &[u8]) -> Option<GuestMem> {
-    let Some((f, _, image)) = split(data) else {
-        return None;
-    };
+    let (f, _, image) = split(data)?;
     let _ = Rng::new();
-    let Some(mut g) = Guest::new(image, 1, ring_features(f)) else {
-        return None;
-    };
+    let mut g = Guest::new(image, 1, ring_features(f))?;
     let q = g.queues.remove(0);
     let mut w = crate::virtio::rng::fuzz::worker(g.mem.clone(), g.irq.clone(), q);
     kick_all(&mut *w, 1, 0);
@@ -244,21 +234,15 @@ pub fn net(data: &[u8]) {
 }
 
 fn run_net(data: &[u8]) -> Option<GuestMem> {
-    let Some((f, o, image)) = split(data) else {
-        return None;
-    };
-    let Ok((ours, peer)) = UnixDatagram::pair() else {
-        return None;
-    };
+    let (f, o, image) = split(data)?;
+    let (ours, peer) = UnixDatagram::pair().ok()?;
     let _ = ours.set_nonblocking(true);
     let _ = peer.set_nonblocking(true);
     for i in 0..usize::from(o & 3) {
         let len = image.get(i).map_or(12, |&b| 12 + usize::from(b) * 8);
         let _ = peer.send(&vec![u8::try_from(i).unwrap_or(0); len]);
     }
-    let Some(mut g) = Guest::new(image, 2, ring_features(f)) else {
-        return None;
-    };
+    let mut g = Guest::new(image, 2, ring_features(f))?;
     let tx = g.queues.remove(1);
     let rx = g.queues.remove(0);
     let backend: Arc<dyn NetBackend> = Arc::new(Dgram(ours));
@@ -277,9 +261,7 @@ pub fn vsock(data: &[u8]) {
 
 fn run_vsock(data: &[u8]) -> Option<GuestMem> {
     static LISTENER: OnceLock<Arc<UnixListener>> = OnceLock::new();
-    let Some((f, o, image)) = split(data) else {
-        return None;
-    };
+    let (f, o, image) = split(data)?;
     let listener = LISTENER.get_or_init(|| {
         let p = scratch().join("vsock.sock");
         let _ = std::fs::remove_file(&p);
@@ -287,19 +269,15 @@ fn run_vsock(data: &[u8]) -> Option<GuestMem> {
         l.set_nonblocking(true).expect("nonblocking listener");
         Arc::new(l)
     });
-    let Some(g) = Guest::new(image, 3, ring_features(f)) else {
-        return None;
-    };
-    let Some(mut w) = crate::virtio::vsock::fuzz::worker(
+    let g = Guest::new(image, 3, ring_features(f))?;
+    let mut w = crate::virtio::vsock::fuzz::worker(
         g.mem.clone(),
         g.irq.clone(),
         g.queues,
         scratch().join("vsock.sock"),
         listener.clone(),
         o & 1 != 0,
-    ) else {
-        return None;
-    };
+    )?;
     kick_all(&mut *w, 3, o >> 1);
     Some(g.mem)
 }
@@ -311,9 +289,7 @@ pub fn balloon(data: &[u8]) {
 }
 
 fn run_balloon(data: &[u8]) -> Option<GuestMem> {
-    let Some((f, o, image)) = split(data) else {
-        return None;
-    };
+    let (f, o, image) = split(data)?;
     let mut features = ring_features(f);
     if f & 4 != 0 {
         features |= crate::virtio::balloon::VIRTIO_BALLOON_F_STATS_VQ;
@@ -325,13 +301,9 @@ fn run_balloon(data: &[u8]) -> Option<GuestMem> {
         .map_while(|i| queue_role(i, features))
         .filter(|r| *r != QueueRole::FreePageHint)
         .collect();
-    let Ok(balloon) = Balloon::new(MEM_SIZE as u64, BalloonConfig::default()) else {
-        return None;
-    };
+    let balloon = Balloon::new(MEM_SIZE as u64, BalloonConfig::default()).ok()?;
     let _ = balloon.handle().set_target_mib(0);
-    let Some(g) = Guest::new(image, roles.len(), features) else {
-        return None;
-    };
+    let g = Guest::new(image, roles.len(), features)?;
     let n = roles.len();
     let queues = roles.into_iter().zip(g.queues).collect();
     let Ok(mut w) =
@@ -394,6 +366,7 @@ pub fn pci_config(data: &[u8]) {
 mod tests {
     use super::*;
     use crate::virtio::chain::{DESC_F_INDIRECT, DESC_F_WRITE};
+    use crate::virtio::worker::testing::write_desc;
 
     /// An input for the device entries: features and order bytes, then `mem`'s first 16 KiB.
     fn input(f: u8, o: u8, mem: &GuestMem) -> Vec<u8> {
