@@ -8,11 +8,12 @@
 //! thread, synchronously. A panic, a hang or an out-of-bounds access is a finding; so is a
 //! broken invariant checked here.
 //!
-//! The functions called are the narrow ones: [`parse_chain`] and [`Chain`] accessors; each
-//! device's worker (`queue_kicked`) as `activate` builds it; `PciConfigIo`/`PciConfigMmio`
-//! over a `PciRoot`.
+//! The functions called are the narrow, public ones: [`parse_chain`] and the [`Chain`]
+//! accessors; for each device `VirtioDevice::{ack_features, prepare_queues, start}` and the
+//! worker's `DeviceWorker::{queue_kicked, backend_event}`; `PciConfigIo`/`PciConfigMmio` over
+//! a `PciRoot`.
 
-use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -22,18 +23,20 @@ use vmm_sys_util::epoll::{Epoll, EventSet};
 use crate::bus::{lock, BusDevice};
 use crate::pci::testing::FakeHooks;
 use crate::pci::{PciConfigIo, PciConfigMmio, PciRoot};
-use crate::virtio::balloon::{queue_role, Balloon, BalloonConfig, QueueRole};
+use crate::virtio::balloon::{
+    queue_role, Balloon, BalloonConfig, VIRTIO_BALLOON_F_PAGE_REPORTING, VIRTIO_BALLOON_F_STATS_VQ,
+};
 use crate::virtio::block::Block;
 use crate::virtio::chain::{parse_chain, Chain, ChainError};
-use crate::virtio::net::NetBackend;
+use crate::virtio::net::{Net, NetBackend};
 use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::rng::Rng;
+use crate::virtio::vsock::Vsock;
 use crate::virtio::worker::testing::{active_queues, FakeInterrupt, TestQueue};
 use crate::virtio::worker::{
-    prepare_queues, DeviceWorker, VirtQueue, BACKEND_TOKEN_BASE, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
+    DeviceWorker, BACKEND_TOKEN_BASE, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::virtio::VIRTIO_F_VERSION_1;
+use crate::virtio::{Activation, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::GuestMem;
 
 /// Guest memory size: small, so that random addresses often land inside.
@@ -64,27 +67,33 @@ fn ring_features(b: u8) -> u64 {
     f
 }
 
-/// A guest with `n` queues laid out in `image`, and the device's side of them.
-struct Guest {
-    mem: GuestMem,
-    irq: Arc<FakeInterrupt>,
-    queues: Vec<VirtQueue>,
-}
-
-impl Guest {
-    fn new(image: &[u8], n: usize, features: u64) -> Option<Guest> {
-        let mem = guest_mem(image);
-        let tqs: Vec<TestQueue> = (0..n)
-            .map(|i| TestQueue::new(i as u64 * QUEUE_STRIDE, QUEUE_SIZE))
-            .collect();
-        let (active, _kicks) = active_queues(&tqs);
-        let (queues, _) = prepare_queues(&mem, active, features, n).ok()?;
-        Some(Guest {
-            mem,
-            irq: FakeInterrupt::new(),
+/// Guest memory from `image`, `n` queues of `dev` laid out in it, and `dev` started over
+/// them with the features in `f` (and `extra`) it offers: its worker, as its worker thread
+/// would hold it, and the memory.
+fn start(
+    dev: &mut dyn VirtioDevice,
+    n: usize,
+    f: u8,
+    extra: u64,
+    image: &[u8],
+) -> Option<(Box<dyn DeviceWorker>, GuestMem)> {
+    dev.ack_features(ring_features(f) | extra);
+    let mem = guest_mem(image);
+    let tqs: Vec<TestQueue> = (0..n)
+        .map(|i| TestQueue::new(i as u64 * QUEUE_STRIDE, QUEUE_SIZE))
+        .collect();
+    let (active, _kicks) = active_queues(&tqs);
+    let (queues, _) = dev.prepare_queues(&mem, active).ok()?;
+    let worker = dev
+        .start(Activation {
+            mem: mem.clone(),
+            interrupt: FakeInterrupt::new(),
             queues,
+            acked_features: dev.base().acked_features(),
+            counters: Arc::default(),
         })
-    }
+        .ok()?;
+    Some((worker, mem))
 }
 
 /// Kicks every queue of `worker` in the order the input's second byte picks, twice.
@@ -186,12 +195,10 @@ fn run_block(data: &[u8]) -> Option<GuestMem> {
         std::fs::write(&p, vec![0xa5u8; 64 << 10]).expect("disk image");
         p
     });
-    let block = Block::new(path, o & 1 != 0, Some("fuzz".into())).ok()?;
-    let mut g = Guest::new(image, 1, ring_features(f))?;
-    let q = g.queues.remove(0);
-    let mut w = crate::virtio::block::fuzz::worker(&block, g.mem.clone(), g.irq.clone(), q);
+    let mut block = Block::new(path, o & 1 != 0, Some("fuzz".into())).ok()?;
+    let (mut w, mem) = start(&mut block, 1, f, 0, image)?;
     kick_all(&mut *w, 1, 0);
-    Some(g.mem)
+    Some(mem)
 }
 
 /// Entropy requests on queue 0.
@@ -201,12 +208,9 @@ pub fn rng(data: &[u8]) {
 
 fn run_rng(data: &[u8]) -> Option<GuestMem> {
     let (f, _, image) = split(data)?;
-    let _ = Rng::new();
-    let mut g = Guest::new(image, 1, ring_features(f))?;
-    let q = g.queues.remove(0);
-    let mut w = crate::virtio::rng::fuzz::worker(g.mem.clone(), g.irq.clone(), q);
+    let (mut w, mem) = start(&mut Rng::new(), 1, f, 0, image)?;
     kick_all(&mut *w, 1, 0);
-    Some(g.mem)
+    Some(mem)
 }
 
 /// One datagram is one frame (with its virtio-net header).
@@ -242,15 +246,13 @@ fn run_net(data: &[u8]) -> Option<GuestMem> {
         let len = image.get(i).map_or(12, |&b| 12 + usize::from(b) * 8);
         let _ = peer.send(&vec![u8::try_from(i).unwrap_or(0); len]);
     }
-    let mut g = Guest::new(image, 2, ring_features(f))?;
-    let tx = g.queues.remove(1);
-    let rx = g.queues.remove(0);
     let backend: Arc<dyn NetBackend> = Arc::new(Dgram(ours));
-    let mut w = crate::virtio::net::fuzz::worker(g.mem.clone(), g.irq.clone(), rx, tx, backend);
+    let mut net = Net::with_backend(backend, Some([2, 0, 0, 0, 0, 1])).ok()?;
+    let (mut w, mem) = start(&mut net, 2, f, 0, image)?;
     kick_all(&mut *w, 2, o >> 2);
     let epoll = Epoll::new().expect("epoll");
     w.backend_event(&epoll, BACKEND_TOKEN_BASE, EventSet::IN);
-    Some(g.mem)
+    Some(mem)
 }
 
 /// Vsock packets (header, op, ports, credit) on the tx queue, rx and event buffers; the
@@ -260,26 +262,20 @@ pub fn vsock(data: &[u8]) {
 }
 
 fn run_vsock(data: &[u8]) -> Option<GuestMem> {
-    static LISTENER: OnceLock<Arc<UnixListener>> = OnceLock::new();
+    static VSOCK: OnceLock<Mutex<Vsock>> = OnceLock::new();
     let (f, o, image) = split(data)?;
-    let listener = LISTENER.get_or_init(|| {
+    let dev = VSOCK.get_or_init(|| {
         let p = scratch().join("vsock.sock");
-        let _ = std::fs::remove_file(&p);
-        let l = UnixListener::bind(&p).expect("vsock listener");
-        l.set_nonblocking(true).expect("nonblocking listener");
-        Arc::new(l)
+        Mutex::new(Vsock::new(3, &p).expect("vsock device"))
     });
-    let g = Guest::new(image, 3, ring_features(f))?;
-    let mut w = crate::virtio::vsock::fuzz::worker(
-        g.mem.clone(),
-        g.irq.clone(),
-        g.queues,
-        scratch().join("vsock.sock"),
-        listener.clone(),
-        o & 1 != 0,
-    )?;
+    let mut dev = lock(dev);
+    if o & 1 != 0 {
+        // As after a restore: the driver is owed a transport reset event.
+        dev.restored();
+    }
+    let (mut w, mem) = start(&mut *dev, 3, f, 0, image)?;
     kick_all(&mut *w, 3, o >> 1);
-    Some(g.mem)
+    Some(mem)
 }
 
 /// Balloon page lists (inflate, deflate, free page reports) and statistics; the features
@@ -290,29 +286,19 @@ pub fn balloon(data: &[u8]) {
 
 fn run_balloon(data: &[u8]) -> Option<GuestMem> {
     let (f, o, image) = split(data)?;
-    let mut features = ring_features(f);
+    let mut extra = 0;
     if f & 4 != 0 {
-        features |= crate::virtio::balloon::VIRTIO_BALLOON_F_STATS_VQ;
+        extra |= VIRTIO_BALLOON_F_STATS_VQ;
     }
     if f & 8 != 0 {
-        features |= crate::virtio::balloon::VIRTIO_BALLOON_F_PAGE_REPORTING;
+        extra |= VIRTIO_BALLOON_F_PAGE_REPORTING;
     }
-    let roles: Vec<QueueRole> = (0..5)
-        .map_while(|i| queue_role(i, features))
-        .filter(|r| *r != QueueRole::FreePageHint)
-        .collect();
-    let balloon = Balloon::new(MEM_SIZE as u64, BalloonConfig::default()).ok()?;
+    let n = (0..5).map_while(|i| queue_role(i, extra)).count();
+    let mut balloon = Balloon::new(MEM_SIZE as u64, BalloonConfig::default()).ok()?;
     let _ = balloon.handle().set_target_mib(0);
-    let g = Guest::new(image, roles.len(), features)?;
-    let n = roles.len();
-    let queues = roles.into_iter().zip(g.queues).collect();
-    let Ok(mut w) =
-        crate::virtio::balloon::fuzz::worker(&balloon, g.mem.clone(), g.irq.clone(), queues)
-    else {
-        return None;
-    };
+    let (mut w, mem) = start(&mut balloon, n, f, extra, image)?;
     kick_all(&mut *w, n, o);
-    Some(g.mem)
+    Some(mem)
 }
 
 /// PCI configuration space through 0xcf8/0xcfc and ECAM: a host bridge and a virtio-pci rng.

@@ -512,6 +512,3 @@ mod worker;
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) mod fuzz;

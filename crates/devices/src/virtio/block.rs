@@ -356,6 +356,3 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> (u32, u64) {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) mod fuzz;

@@ -224,6 +224,3 @@ mod tests {
         rng.reset();
     }
 }
-
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) mod fuzz;

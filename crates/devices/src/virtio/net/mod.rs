@@ -320,6 +320,3 @@ impl NetWorker {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) mod fuzz;

@@ -127,6 +127,3 @@ impl Drop for Vsock {
 
 #[cfg(test)]
 mod tests;
-
-#[cfg(any(test, feature = "fuzzing"))]
-pub(crate) mod fuzz;
