@@ -22,5 +22,10 @@ pub mod pci;
 pub mod ratelimit;
 pub mod virtio;
 
-/// Guest memory as every device sees it.
-pub type GuestMem = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory as every device sees it. Each region carries a dirty bitmap (one bit per
+/// 4 KiB page): every write through `vm-memory` (device writes included) marks its pages, so
+/// the VMM can tell which pages changed since it last looked (live migration).
+pub type GuestMem = vm_memory::GuestMemoryMmap<DirtyBitmap>;
+
+/// The dirty bitmap of one guest memory region.
+pub type DirtyBitmap = vm_memory::bitmap::AtomicBitmap;

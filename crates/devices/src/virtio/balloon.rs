@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::worker::BalloonWorker;
@@ -34,6 +34,7 @@ use super::{
     device_type, ActivateError, Activation, ActiveQueue, Interrupt, StateError, VirtioBase,
     VirtioDevice,
 };
+use super::control::{parse_request, ControlError, DeviceControl};
 use crate::bus::lock;
 use crate::GuestMem;
 
@@ -66,6 +67,8 @@ const STAT_SIZE: usize = 10;
 const PFN_CHUNK: usize = 1024;
 /// Format of [`VirtioDevice::save_state`]: version, then the config space.
 const STATE_VERSION: u8 = 1;
+/// Longest a `stats` control request may wait for the driver.
+pub const MAX_STATS_WAIT: Duration = Duration::from_secs(5);
 /// Epoll token of the stats refresh eventfd.
 const REFRESH_TOKEN: u64 = BACKEND_TOKEN_BASE;
 
@@ -303,6 +306,44 @@ impl BalloonHandle {
     }
 }
 
+/// The control requests a balloon takes (see [`DeviceControl`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BalloonRequest {
+    /// `{"op":"set_target","target_mib":N}`: see [`BalloonHandle::set_target_mib`].
+    SetTarget {
+        /// Memory the balloon should take from the guest.
+        target_mib: u64,
+    },
+    /// `{"op":"stats","wait_ms":N}`: the [`BalloonInfo`], after waiting up to `wait_ms`
+    /// (at most [`MAX_STATS_WAIT`]) for fresh statistics from the driver.
+    Stats {
+        /// How long to wait for the driver (0: answer with the last statistics at once).
+        #[serde(default)]
+        wait_ms: u64,
+    },
+}
+
+impl DeviceControl for BalloonHandle {
+    fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
+        let info = match parse_request(request)? {
+            BalloonRequest::SetTarget { target_mib } => {
+                self.set_target_mib(target_mib)
+                    .map_err(|e| ControlError::Refused(e.to_string()))?;
+                return Ok(serde_json::json!({ "target_mib": target_mib }));
+            }
+            BalloonRequest::Stats { wait_ms } => {
+                let wait = Duration::from_millis(wait_ms).min(MAX_STATS_WAIT);
+                if !wait.is_zero() {
+                    self.refresh_stats(wait);
+                }
+                self.info()
+            }
+        };
+        serde_json::to_value(info).map_err(|e| ControlError::Refused(e.to_string()))
+    }
+}
+
 /// A virtio memory balloon device.
 pub struct Balloon {
     shared: Arc<Shared>,
@@ -477,6 +518,10 @@ impl VirtioDevice for Balloon {
         // Whatever the target is now (the snapshot's if its state was restored, else the
         // configuration's), the driver re-reads it.
         self.restored = true;
+    }
+
+    fn control(&self) -> Option<Arc<dyn DeviceControl>> {
+        Some(Arc::new(self.handle()))
     }
 
     fn save_state(&self) -> Vec<u8> {

@@ -14,6 +14,7 @@ pub mod balloon;
 pub mod base;
 pub mod block;
 pub mod chain;
+pub mod control;
 pub mod net;
 pub mod pci;
 pub mod rng;
@@ -215,6 +216,11 @@ pub trait VirtioDevice: Send {
     /// Shared-memory regions (virtio 1.2, 2.10) the device exposes through its extra BAR
     /// (see [`SharedMemory`]); none by default.
     fn shared_memory(&self) -> Option<&SharedMemory> {
+        None
+    }
+    /// The handle the VMM sends this device's control requests to (see [`control`]); None
+    /// for devices that take none.
+    fn control(&self) -> Option<Arc<dyn control::DeviceControl>> {
         None
     }
 }

@@ -713,3 +713,44 @@ fn indirect_and_event_idx_features_are_honoured() {
     s.send(&mem, 0, 0, &[(0x7000, 16, 4)]);
     assert_eq!(read(&mem, 0x45000, 0x1000), vec![0u8; 0x1000]);
 }
+
+#[test]
+fn control_requests_set_the_target_and_report_state() {
+    let dev = Balloon::new(64 << 20, BalloonConfig::default()).unwrap();
+    let ctl = dev.control().expect("the balloon takes control requests");
+    let ask = |v: serde_json::Value| ctl.control(&v);
+    assert_eq!(
+        ask(serde_json::json!({"op": "set_target", "target_mib": 16})).unwrap(),
+        serde_json::json!({"target_mib": 16})
+    );
+    let info = ask(serde_json::json!({"op": "stats"})).unwrap();
+    assert_eq!(info["target_mib"], 16);
+    assert_eq!(info["target_pages"], 4096);
+    // No driver holds a stats buffer: a wait returns at once with the last figures.
+    let t0 = std::time::Instant::now();
+    assert_eq!(
+        ask(serde_json::json!({"op": "stats", "wait_ms": 3000})).unwrap()["target_mib"],
+        16
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+    // Too large a target is refused and changes nothing; malformed requests are bad requests.
+    assert!(matches!(
+        ask(serde_json::json!({"op": "set_target", "target_mib": 65})),
+        Err(ControlError::Refused(m)) if m.contains("65 MiB")
+    ));
+    for bad in [
+        serde_json::json!({"op": "explode"}),
+        serde_json::json!({"op": "set_target"}),
+        serde_json::json!({"op": "set_target", "target_mib": -1}),
+        serde_json::json!({"op": "stats", "extra": 1}),
+        serde_json::json!("stats"),
+    ] {
+        assert!(
+            matches!(ask(bad.clone()), Err(ControlError::BadRequest(_))),
+            "{bad} was not refused as malformed"
+        );
+    }
+    assert_eq!(dev.handle().info().target_mib, 16);
+    // Devices without requests hand out no control.
+    assert!(crate::virtio::rng::Rng::new().control().is_none());
+}

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::bus::BusDevice;
@@ -60,7 +60,7 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn rng_request_round_trip_over_msix() {
-    let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let hooks = Arc::new(FakeHooks::default());
     let dev = VirtioPciDevice::new(Box::new(Rng::new()), mem.clone(), hooks.clone()).unwrap();
     let root = Arc::new(Mutex::new(PciRoot::new(WINDOW, 0x1000_0000)));

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
@@ -116,7 +116,7 @@ struct H {
 }
 
 fn mem() -> GuestMem {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    GuestMem::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
 }
 
 fn fake(dtype: u32, sizes: &[u16], fail_activate: bool) -> (Box<FakeDevice>, Arc<Mutex<Record>>) {
