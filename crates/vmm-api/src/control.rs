@@ -2,9 +2,12 @@
 //!
 //! The socket speaks one JSON object per line each way. Requests: `{"op":"pause"}`,
 //! `{"op":"resume"}`, `{"op":"stop"}`, `{"op":"snapshot","dir":"/path","resume":false}` (the VM
-//! stays paused unless `resume`), `{"op":"balloon","target_mib":N}` (memory the balloon takes
-//! from the guest), `{"op":"stats"}` (`info` is a [`MemoryStats`] as JSON). Answers:
-//! `{"ok":true,"info":"..."}` or `{"ok":false,"error":"..."}`.
+//! stays paused unless `resume`), `{"op":"device","id":"balloon","request":{...}}` (a request
+//! to one device by id, whose payload the device interprets; `info` is the device's JSON
+//! answer), `{"op":"balloon","target_mib":N}` (short for the balloon's
+//! `{"op":"set_target","target_mib":N}` device request), `{"op":"stats"}` (`info` is a
+//! [`MemoryStats`] as JSON). Answers: `{"ok":true,"info":"..."}` or
+//! `{"ok":false,"error":"..."}`.
 
 use std::path::PathBuf;
 
@@ -26,13 +29,34 @@ pub enum Request {
     },
     /// End the VM (`Vm::run` returns `Stopped`).
     Stop,
-    /// Set the balloon's target size (memory taken from the guest) in MiB.
-    Balloon {
-        /// The target in MiB.
-        target_mib: u64,
-    },
     /// Memory figures ([`MemoryStats`]): guest RAM and the balloon's state and guest statistics.
     Stats,
+    /// A request to the device with this id (`balloon`, `disk0`, `net0`, `vsock`, `rng`),
+    /// whose payload the device interprets; the answer is the device's JSON answer. The
+    /// balloon takes `{"op":"set_target","target_mib":N}` and `{"op":"stats","wait_ms":N}`.
+    Device {
+        /// The device id.
+        id: String,
+        /// The device's own request (by convention an object with an `"op"`).
+        request: serde_json::Value,
+    },
+    /// Pause and send a snapshot as one byte stream to the unix stream socket listening at
+    /// `socket` (the VMM connects); resume afterwards if `resume`. Not served on the API
+    /// socket yet (no wire op): the VMM library's callers use it.
+    SnapshotStream {
+        /// Where the receiver listens.
+        socket: PathBuf,
+        /// Whether the VM runs again once the snapshot is sent.
+        resume: bool,
+    },
+}
+
+/// The device request a `{"op":"balloon","target_mib":N}` line stands for.
+pub fn balloon_target(target_mib: u64) -> Request {
+    Request::Device {
+        id: "balloon".into(),
+        request: serde_json::json!({"op": "set_target", "target_mib": target_mib}),
+    }
 }
 
 impl Request {
@@ -43,8 +67,9 @@ impl Request {
             Request::Resume => "resume",
             Request::Snapshot { .. } => "snapshot",
             Request::Stop => "stop",
-            Request::Balloon { .. } => "balloon",
             Request::Stats => "stats",
+            Request::Device { .. } => "device",
+            Request::SnapshotStream { .. } => "snapshot-stream",
         }
     }
 }
@@ -53,7 +78,7 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiRequest {
-    /// `pause`, `resume`, `snapshot`, `stop`, `balloon` or `stats`.
+    /// `pause`, `resume`, `snapshot`, `stop`, `balloon`, `stats` or `device`.
     pub op: String,
     /// Snapshot directory (`snapshot` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -64,6 +89,12 @@ pub struct ApiRequest {
     /// The balloon's target size in MiB (`balloon` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_mib: Option<u64>,
+    /// The device id (`device` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The device's own request (`device` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<serde_json::Value>,
 }
 
 /// Why a request line is refused before it reaches the VM.
@@ -84,8 +115,11 @@ pub enum RequestError {
     /// `dir` on an op other than `snapshot`.
     #[error("{0} takes no \"dir\"")]
     UnexpectedDir(String),
+    /// `device` without its id and request, or `id`/`request` on another op.
+    #[error("device needs \"id\" and \"request\", and only device takes them")]
+    DeviceRequest,
     /// An op nobody serves.
-    #[error("unknown op {0:?} (pause, resume, snapshot, stop, balloon, stats)")]
+    #[error("unknown op {0:?} (pause, resume, snapshot, stop, balloon, stats, device)")]
     UnknownOp(String),
 }
 
@@ -112,13 +146,20 @@ impl From<&Request> for ApiRequest {
             dir: None,
             resume: false,
             target_mib: None,
+            id: None,
+            request: None,
         };
         match r {
             Request::Snapshot { dir, resume } => {
                 wire.dir = Some(dir.clone());
                 wire.resume = *resume;
             }
-            Request::Balloon { target_mib } => wire.target_mib = Some(*target_mib),
+            Request::Device { id, request } => {
+                wire.id = Some(id.clone());
+                wire.request = Some(request.clone());
+            }
+            // No wire form: `snapshot-stream` is refused as an unknown op.
+            Request::SnapshotStream { .. } => {}
             Request::Pause | Request::Resume | Request::Stop | Request::Stats => {}
         }
         wire
@@ -129,9 +170,18 @@ impl TryFrom<ApiRequest> for Request {
     type Error = RequestError;
 
     fn try_from(r: ApiRequest) -> Result<Self, RequestError> {
+        match (r.op.as_str(), r.id, r.request) {
+            ("device", Some(id), Some(request)) if r.dir.is_none() && r.target_mib.is_none() => {
+                return Ok(Request::Device { id, request });
+            }
+            ("device", ..) | (_, Some(_), _) | (_, _, Some(_)) => {
+                return Err(RequestError::DeviceRequest)
+            }
+            _ => {}
+        }
         match (r.op.as_str(), r.target_mib) {
             ("balloon", Some(target_mib)) if r.dir.is_none() => {
-                return Ok(Request::Balloon { target_mib });
+                return Ok(balloon_target(target_mib));
             }
             ("balloon", _) => return Err(RequestError::BalloonTarget),
             (op, Some(_)) => return Err(RequestError::UnexpectedTarget(op.to_string())),
@@ -257,8 +307,31 @@ mod tests {
         ));
         assert_eq!(
             parse(r#"{"op":"balloon","target_mib":128}"#),
-            Ok(Request::Balloon { target_mib: 128 })
+            Ok(Request::Device {
+                id: "balloon".into(),
+                request: serde_json::json!({"op": "set_target", "target_mib": 128})
+            })
         );
+        assert_eq!(
+            parse(r#"{"op":"device","id":"balloon","request":{"op":"stats"}}"#),
+            Ok(Request::Device {
+                id: "balloon".into(),
+                request: serde_json::json!({"op": "stats"})
+            })
+        );
+        for bad in [
+            r#"{"op":"device","id":"balloon"}"#,
+            r#"{"op":"device","request":{}}"#,
+            r#"{"op":"device","id":"rng","request":{},"dir":"/x"}"#,
+            r#"{"op":"pause","id":"rng"}"#,
+            r#"{"op":"balloon","target_mib":1,"request":{}}"#,
+        ] {
+            assert_eq!(parse(bad), Err(RequestError::DeviceRequest), "{bad}");
+        }
+        assert!(matches!(
+            parse(r#"{"op":"snapshot-stream","dir":"/x"}"#),
+            Err(RequestError::UnknownOp(_))
+        ));
         assert_eq!(parse(r#"{"op":"stats"}"#), Ok(Request::Stats));
         assert_eq!(
             parse(r#"{"op":"balloon"}"#),
@@ -283,7 +356,11 @@ mod tests {
             Request::Resume,
             Request::Stop,
             Request::Stats,
-            Request::Balloon { target_mib: 64 },
+            balloon_target(64),
+            Request::Device {
+                id: "disk0".into(),
+                request: serde_json::json!({"op": "x", "n": [1, 2]}),
+            },
             Request::Snapshot {
                 dir: "/run/0/snapshot".into(),
                 resume: false,

@@ -1,5 +1,5 @@
 //! Requests to a running VM from other threads (the API socket): pause, resume, snapshot, stop,
-//! balloon, stats. The requests themselves are defined in `vmm-api`.
+//! stats, requests to one device by id. The requests themselves are defined in `vmm-api`.
 
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex};

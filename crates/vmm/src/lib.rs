@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod control;
+pub mod device_manager;
 mod error;
 mod hooks;
 pub mod snapshot;

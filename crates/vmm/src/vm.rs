@@ -17,16 +17,17 @@ use arch::{layout, CpuModel, VcpuSaveContext};
 use devices::bus::{lock, Bus};
 use devices::legacy::{ExitSignal, GuestExit, Serial, SerialState};
 use devices::pci::{PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
-use devices::virtio::balloon::{Balloon, BalloonConfig, BalloonHandle};
-use devices::virtio::pci::VirtioPciDevice;
-use devices::virtio::VirtioDevice;
 use devices::GuestMem;
 
-use crate::config::{parse_mac, SerialConfig, VmConfig};
+use crate::config::{SerialConfig, VmConfig};
 use crate::control::{Controller, Request};
+use crate::device_manager::DeviceManager;
 use crate::hooks::KvmHooks;
 use crate::vcpu::{self, VcpuMsg, VcpuShared, VcpuThread};
 use crate::Error;
+
+/// The balloon's device id (memory statistics include its state).
+const BALLOON_ID: &str = "balloon";
 
 /// How long a `stats` request waits for the guest's balloon driver to send fresh statistics.
 const STATS_WAIT: Duration = Duration::from_millis(200);
@@ -53,9 +54,8 @@ pub struct Vm {
     pub(crate) serial: Arc<Mutex<Serial>>,
     /// The PCI bus (the buses hold it too).
     pub(crate) _root: Arc<Mutex<PciRoot>>,
-    pub(crate) virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
-    /// Controls the balloon device, if the VM has one.
-    pub(crate) balloon: Option<BalloonHandle>,
+    /// The virtio devices, by id.
+    pub(crate) devices: DeviceManager,
     /// What saving a vCPU needs to know about this host and VM (read before any sandbox).
     pub(crate) vcpu_save: VcpuSaveContext,
     /// Each vCPU's CPU model (x86_64: CPUID and TSC frequency), read when it was built.
@@ -174,8 +174,7 @@ impl Vm {
             mem,
             serial: devs.serial,
             _root: devs.root,
-            virtio: devs.virtio,
-            balloon: devs.balloon,
+            devices: devs.virtio,
             vcpu_save,
             cpu_models,
         }
@@ -272,32 +271,41 @@ impl Vm {
                 }
                 result.map(|stats| stats.to_string())
             }
-            Request::Stop => Ok("stopping".into()),
-            Request::Balloon { target_mib } => {
-                let balloon = self
-                    .balloon
-                    .as_ref()
-                    .ok_or("this VM has no balloon device")?;
-                balloon
-                    .set_target_mib(*target_mib)
-                    .map_err(|e| e.to_string())?;
-                Ok(format!("balloon target {target_mib} MiB"))
+            Request::SnapshotStream { socket, resume } => {
+                let mut conn = std::os::unix::net::UnixStream::connect(socket)
+                    .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+                self.pause(threads)?;
+                let result = self
+                    .send_snapshot(threads, &mut conn)
+                    .map_err(|e| e.to_string());
+                if *resume {
+                    self.resume(threads);
+                }
+                result.map(|stats| stats.to_string())
             }
+            Request::Stop => Ok("stopping".into()),
             Request::Stats => Ok(self.memory_stats()),
+            Request::Device { id, request } => self
+                .devices
+                .control(id, request)
+                .map(|answer| answer.to_string())
+                .map_err(|e| e.to_string()),
         }
     }
 
     /// Guest RAM and the balloon's state as JSON, with statistics fresh from the guest if its
     /// driver answers within [`STATS_WAIT`] (else the last ones it sent).
     fn memory_stats(&self) -> String {
-        let balloon = self.balloon.as_ref().map(|b| {
-            b.refresh_stats(STATS_WAIT);
-            b.info()
+        let balloon = self.devices.has(BALLOON_ID).then(|| {
+            let ask = serde_json::json!({"op": "stats", "wait_ms": STATS_WAIT.as_millis()});
+            self.devices
+                .control(BALLOON_ID, &ask)
+                .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }))
         });
         let stats = vmm_api::MemoryStats {
             memory_mib: self.cfg.memory_mib,
             mergeable: self.cfg.mergeable,
-            balloon: balloon.and_then(|b| serde_json::to_value(b).ok()),
+            balloon,
         };
         serde_json::to_string(&stats).unwrap_or_default()
     }
@@ -320,9 +328,7 @@ impl Vm {
             threads.iter().for_each(|t| t.kick());
             std::thread::sleep(Duration::from_millis(1));
         }
-        for d in &self.virtio {
-            lock(d).pause();
-        }
+        self.devices.pause();
         Ok(())
     }
 
@@ -331,9 +337,7 @@ impl Vm {
         if !self.shared.pause.swap(false, Ordering::AcqRel) {
             return;
         }
-        for d in &self.virtio {
-            lock(d).resume();
-        }
+        self.devices.resume();
         for t in threads {
             t.send(VcpuMsg::Resume);
         }
@@ -426,8 +430,7 @@ pub(crate) struct Devices {
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
     pub root: Arc<Mutex<PciRoot>>,
-    pub virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
-    pub balloon: Option<BalloonHandle>,
+    pub virtio: DeviceManager,
 }
 
 /// Builds the port and MMIO buses with every device the configuration asks for; the serial
@@ -504,76 +507,14 @@ pub(crate) fn build_devices(
     .map_err(bus_err)?;
 
     let hooks: Arc<dyn VmHooks> = hooks;
-    let mut virtio = Vec::new();
-    let (named, balloon) = virtio_devices(cfg)?;
-    for (name, dev) in named {
-        let pci =
-            VirtioPciDevice::new(dev, mem.clone(), hooks.clone()).map_err(|e| Error::Device {
-                name: name.clone(),
-                reason: e.to_string(),
-            })?;
-        let pci = Arc::new(Mutex::new(pci));
-        lock(&root)
-            .add_device(pci.clone())
-            .map_err(|e| Error::Device {
-                name,
-                reason: e.to_string(),
-            })?;
-        virtio.push(pci);
-    }
+    let virtio = DeviceManager::build(cfg, mem, &hooks, &root)?;
     Ok(Devices {
         pio,
         mmio,
         serial: legacy.serial,
         root,
         virtio,
-        balloon,
     })
-}
-
-/// A virtio device with a name for error messages.
-type NamedDevice = (String, Box<dyn VirtioDevice>);
-
-/// The virtio devices of `cfg`.
-fn virtio_devices(cfg: &VmConfig) -> Result<(Vec<NamedDevice>, Option<BalloonHandle>), Error> {
-    use devices::virtio::{block::Block, net::Net, rng::Rng, vsock::Vsock};
-    let mut out: Vec<NamedDevice> = Vec::new();
-    let dev_err = |name: &str, e: &dyn std::fmt::Display| Error::Device {
-        name: name.to_string(),
-        reason: e.to_string(),
-    };
-    for d in &cfg.disks {
-        let name = format!("disk {}", d.path.display());
-        let b = Block::new(&d.path, d.read_only, None).map_err(|e| dev_err(&name, &e))?;
-        out.push((name, Box::new(b)));
-    }
-    for n in &cfg.net {
-        let name = format!("net tap={}", n.tap);
-        let mac = n
-            .mac
-            .as_deref()
-            .map(parse_mac)
-            .transpose()
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let dev = Net::new_tap(&n.tap, mac).map_err(|e| dev_err(&name, &e))?;
-        out.push((name, Box::new(dev)));
-    }
-    if let Some(v) = &cfg.vsock {
-        let name = format!("vsock {}", v.socket.display());
-        let dev = Vsock::new(v.cid, &v.socket).map_err(|e| dev_err(&name, &e))?;
-        out.push((name, Box::new(dev)));
-    }
-    if cfg.rng {
-        out.push(("rng".into(), Box::new(Rng::new())));
-    }
-    let mut balloon = None;
-    if cfg.balloon {
-        let dev = Balloon::new(cfg.memory_mib << 20, BalloonConfig::default())
-            .map_err(|e| dev_err("balloon", &e))?;
-        balloon = Some(dev.handle());
-        out.push(("balloon".into(), Box::new(dev)));
-    }
-    Ok((out, balloon))
 }
 
 /// Blocks until one of `fds` (`None` entries are skipped) is readable; returns its position.

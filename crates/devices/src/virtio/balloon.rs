@@ -29,12 +29,12 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::worker::BalloonWorker;
+use super::control::{parse_request, ControlError, DeviceControl};
 use super::worker::{prepare_queues, DeviceWorker, VirtQueue, BACKEND_TOKEN_BASE, COMMON_FEATURES};
 use super::{
     device_type, ActivateError, Activation, ActiveQueue, Interrupt, StateError, VirtioBase,
     VirtioDevice,
 };
-use super::control::{parse_request, ControlError, DeviceControl};
 use crate::bus::lock;
 use crate::GuestMem;
 

@@ -35,19 +35,24 @@ pub enum SectionKind {
     VmState = 4,
     /// The serial port.
     Serial = 5,
-    /// One virtio-pci function.
+    /// One virtio-pci function, by position (snapshots written before devices had ids;
+    /// still read).
     VirtioPci = 6,
     /// The guest architecture (`"x86_64"`, `"aarch64"`); a snapshot without one is x86_64.
     Arch = 7,
+    /// One virtio device and its virtio-pci function, by device id.
+    Device = 8,
 }
 
 impl SectionKind {
     /// The kind with number `n`, if known.
     pub fn from_u32(n: u32) -> Option<Self> {
         use SectionKind::*;
-        [Config, Memory, Vcpu, VmState, Serial, VirtioPci, Arch]
-            .into_iter()
-            .find(|k| *k as u32 == n)
+        [
+            Config, Memory, Vcpu, VmState, Serial, VirtioPci, Arch, Device,
+        ]
+        .into_iter()
+        .find(|k| *k as u32 == n)
     }
 
     /// Human name for errors.
@@ -60,6 +65,7 @@ impl SectionKind {
             SectionKind::Serial => "serial",
             SectionKind::VirtioPci => "virtio-pci",
             SectionKind::Arch => "arch",
+            SectionKind::Device => "device",
         }
     }
 

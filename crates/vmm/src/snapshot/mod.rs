@@ -14,51 +14,40 @@
 //! `memory.bin` privately, so pages are read on first touch and the file never changes.
 
 pub mod format;
+mod memory;
+pub mod stream;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress, MmapRegion,
-};
 
-use arch::{layout, CpuModel, VcpuState, VmState};
+use arch::{CpuModel, VcpuState, VmState};
 use devices::bus::lock;
 use devices::legacy::{ExitSignal, SerialState};
 use devices::virtio::pci::VirtioPciState;
-use devices::GuestMem;
 
 use crate::config::{SerialConfig, VmConfig};
+use crate::device_manager::DeviceSection;
 use crate::vcpu::{VcpuMsg, VcpuThread};
 use crate::vm::{build_devices, create_kvm_vm, register_memory, Vm};
 use crate::Error;
 use format::{FormatError, Section, SectionKind, Writer};
+use memory::{load_memory, save_memory, MemRegion};
+use stream::StreamReader;
 
 pub use vmm_api::snapshot_files::{COMPLETE_FILE, CONFIG_FILE, MEMORY_FILE, STATE_FILE};
-
-const PAGE: usize = 4096;
-const CHUNK: usize = 1 << 20;
-
-/// One guest RAM region and where it lives in `memory.bin`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct MemRegion {
-    guest_addr: u64,
-    size: u64,
-    file_offset: u64,
-}
 
 /// The architecture a snapshot without an `arch` section was taken on (every snapshot
 /// written before the section existed).
 const UNTAGGED_ARCH: &str = "x86_64";
 
-/// One virtio-pci function, by its position in the configuration's device order.
+/// One virtio-pci function, by its position in the configuration's device order (how
+/// snapshots stored devices before they had ids; read, no longer written).
 #[derive(Serialize, Deserialize)]
 struct VirtioSection {
     index: usize,
@@ -142,173 +131,20 @@ fn sync_dir(dir: &Path) -> Result<(), Error> {
         .map_err(io_err("cannot sync directory", dir))
 }
 
-/// For an anonymous mapping of `len` bytes at `host`: which pages the process ever touched
-/// (present or swapped, from /proc/self/pagemap). An untouched anonymous page reads as zero,
-/// so it need not be read at all. None when pagemap cannot be read (then every page is read).
-fn touched_pages(host: u64, len: u64) -> Option<Vec<bool>> {
-    const PRESENT: u64 = 1 << 63;
-    const SWAPPED: u64 = 1 << 62;
-    let f = File::open("/proc/self/pagemap").ok()?;
-    let pages = usize::try_from(len.div_ceil(PAGE as u64)).ok()?;
-    let mut out = Vec::with_capacity(pages);
-    let mut buf = vec![0u8; 8 * 4096];
-    let mut at = (host / PAGE as u64) * 8;
-    while out.len() < pages {
-        let n = (pages - out.len()).min(4096);
-        f.read_exact_at(&mut buf[..n * 8], at).ok()?;
-        out.extend(buf[..n * 8].chunks_exact(8).map(|e| {
-            let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-            v & (PRESENT | SWAPPED) != 0
-        }));
-        at += (n * 8) as u64;
-    }
-    Some(out)
+/// Where a snapshot goes.
+enum Sink<'a> {
+    /// A snapshot directory.
+    Dir(&'a Path),
+    /// A byte stream (see [`stream`]).
+    Stream(&'a mut dyn std::io::Write),
 }
 
-/// For `len` bytes of `file` from `start`: which pages hold data (are not in a hole), from
-/// lseek(SEEK_DATA/SEEK_HOLE). None if the file system cannot tell.
-fn file_data_pages(file: &File, start: u64, len: u64) -> Option<Vec<bool>> {
-    use std::os::fd::AsRawFd;
-    let pages = usize::try_from(len.div_ceil(PAGE as u64)).ok()?;
-    let mut out = vec![false; pages];
-    let end = start.checked_add(len)?;
-    let mut pos = start;
-    while pos < end {
-        let off = libc::off_t::try_from(pos).ok()?;
-        // SAFETY: lseek only reads the fd's state; the fd is open for the whole call.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
-        if data < 0 {
-            // ENXIO: no data from here to the end of the file.
-            let e = std::io::Error::last_os_error();
-            return (e.raw_os_error() == Some(libc::ENXIO)).then_some(out);
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
-        if hole < data {
-            return None;
-        }
-        let (data, hole) = (data as u64, (hole as u64).min(end));
-        if data >= end {
-            break;
-        }
-        let first = ((data - start) / PAGE as u64) as usize;
-        let last = ((hole - start).div_ceil(PAGE as u64) as usize).min(pages);
-        out.iter_mut()
-            .take(last)
-            .skip(first)
-            .for_each(|p| *p = true);
-        pos = hole.max(pos + 1);
-    }
-    Some(out)
-}
-
-/// Which pages of region `r` may hold non-zero data (None: any page may). An anonymous page
-/// the process never touched is zero; a page of a private file mapping that was never touched
-/// holds the file's data, which is zero in a hole.
-fn maybe_nonzero(r: &GuestRegionMmap<()>) -> Option<Vec<bool>> {
-    let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
-    let mut pages = touched_pages(host as u64, r.len())?;
-    if let Some(fo) = r.file_offset() {
-        let data = file_data_pages(fo.file(), fo.start(), r.len())?;
-        pages.iter_mut().zip(data).for_each(|(p, d)| *p |= d);
-    }
-    Some(pages)
-}
-
-/// Writes guest RAM into `file`, skipping all-zero pages (they stay holes). Returns the
-/// layout and the number of bytes written.
-fn save_memory(mem: &GuestMem, file: &File, path: &Path) -> Result<(Vec<MemRegion>, u64), Error> {
-    static ZERO: [u8; PAGE] = [0; PAGE];
-    let mut regions = Vec::new();
-    let mut touched = Vec::new();
-    let mut offset = 0u64;
-    for r in mem.iter() {
-        regions.push(MemRegion {
-            guest_addr: r.start_addr().0,
-            size: r.len(),
-            file_offset: offset,
-        });
-        touched.push(maybe_nonzero(r));
-        offset += r.len();
-    }
-    file.set_len(offset).map_err(io_err("cannot size", path))?;
-    let mut buf = vec![0u8; CHUNK];
-    let mut written = 0u64;
-    for (r, touched) in regions.iter().zip(&touched) {
-        let mut done = 0u64;
-        while done < r.size {
-            let n = (r.size - done).min(CHUNK as u64) as usize;
-            if let Some(t) = touched {
-                let first = (done / PAGE as u64) as usize;
-                let pages = t.get(first..(first + n.div_ceil(PAGE)).min(t.len()));
-                if pages.is_some_and(|p| !p.contains(&true)) {
-                    done += n as u64;
-                    continue;
-                }
-            }
-            let chunk = &mut buf[..n];
-            mem.read_slice(chunk, GuestAddress(r.guest_addr + done))
-                .map_err(snap_err)?;
-            // Write each run of non-zero pages in one call.
-            let mut page = 0;
-            while page * PAGE < n {
-                let is_zero = |p: usize| chunk[p * PAGE..((p + 1) * PAGE).min(n)] == ZERO[..];
-                if is_zero(page) {
-                    page += 1;
-                    continue;
-                }
-                let start = page;
-                while page * PAGE < n && !is_zero(page) {
-                    page += 1;
-                }
-                let bytes = &chunk[start * PAGE..(page * PAGE).min(n)];
-                file.write_all_at(bytes, r.file_offset + done + (start * PAGE) as u64)
-                    .map_err(io_err("cannot write", path))?;
-                written += bytes.len() as u64;
-            }
-            done += n as u64;
-        }
-    }
-    Ok((regions, written))
-}
-
-/// Maps `memory.bin` privately (copy-on-write, read lazily) as guest RAM.
-fn load_memory(path: &Path, regions: &[MemRegion], cfg: &VmConfig) -> Result<GuestMem, Error> {
-    let expected = layout::ram_regions(cfg.memory_mib << 20);
-    let matches = expected.len() == regions.len()
-        && expected
-            .iter()
-            .zip(regions)
-            .all(|(e, r)| e.0 .0 == r.guest_addr && e.1 as u64 == r.size);
-    if !matches {
-        return Err(Error::Snapshot(
-            "the memory layout does not match the configuration".into(),
-        ));
-    }
-    let file = File::open(path).map_err(io_err("cannot open", path))?;
-    let len = file.metadata().map_err(io_err("cannot stat", path))?.len();
-    let mut mapped = Vec::with_capacity(regions.len());
-    for r in regions {
-        let end = r.file_offset.checked_add(r.size);
-        if end.is_none_or(|e| e > len) {
-            return Err(Error::Snapshot(format!(
-                "{} is shorter than the memory it should hold",
-                path.display()
-            )));
-        }
-        let fd = file.try_clone().map_err(io_err("cannot clone", path))?;
-        let region = MmapRegion::<()>::build(
-            Some(FileOffset::new(fd, r.file_offset)),
-            r.size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-        )
-        .map_err(|e| Error::Memory(format!("mapping {}: {e}", path.display())))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
-            .ok_or_else(|| Error::Memory("guest region overflows".into()))?;
-        mapped.push(region);
-    }
-    GuestMem::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))
+/// Where a snapshot comes from.
+enum Source<'a> {
+    /// A snapshot directory.
+    Dir(&'a Path),
+    /// A byte stream (see [`stream`]).
+    Stream(StreamReader<'a>),
 }
 
 impl Vm {
@@ -318,15 +154,34 @@ impl Vm {
         threads: &[VcpuThread],
         dir: &Path,
     ) -> Result<SnapshotStats, Error> {
+        self.write_snapshot(threads, Sink::Dir(dir))
+    }
+
+    /// Writes a snapshot of the paused VM into the byte stream `w` (see [`stream`]).
+    pub(crate) fn send_snapshot(
+        &self,
+        threads: &[VcpuThread],
+        w: &mut dyn std::io::Write,
+    ) -> Result<SnapshotStats, Error> {
+        self.write_snapshot(threads, Sink::Stream(w))
+    }
+
+    fn write_snapshot(
+        &self,
+        threads: &[VcpuThread],
+        sink: Sink<'_>,
+    ) -> Result<SnapshotStats, Error> {
         let t0 = Instant::now();
         self.vcpu_save.check_snapshot_supported()?;
-        std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
-        let complete = dir.join(COMPLETE_FILE);
-        match std::fs::remove_file(&complete) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(io_err("cannot remove", &complete)(e))
+        if let Sink::Dir(dir) = sink {
+            std::fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+            let complete = dir.join(COMPLETE_FILE);
+            match std::fs::remove_file(&complete) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io_err("cannot remove", &complete)(e))
+                }
+                _ => sync_dir(dir)?,
             }
-            _ => sync_dir(dir)?,
         }
 
         // vCPU state, read on each (parked) vCPU thread.
@@ -353,23 +208,9 @@ impl Vm {
 
         let vm_state = VmState::save(&self.vm)?;
         let serial = lock(&self.serial).save_state();
-        let virtio: Vec<VirtioSection> = self
-            .virtio
-            .iter()
-            .enumerate()
-            .map(|(index, d)| VirtioSection {
-                index,
-                state: lock(d).save_state(),
-            })
-            .collect();
+        let devices = self.devices.save();
 
-        let mut regions = Vec::new();
-        let mut memory_written = 0;
-        write_atomic(dir, MEMORY_FILE, |f, p| {
-            (regions, memory_written) = save_memory(&self.mem, f, p)?;
-            Ok(())
-        })?;
-
+        let regions = memory::layout_of(&self.mem);
         let mut w = Writer::new();
         w.add(SectionKind::Arch, &arch::ARCH_NAME)
             .map_err(snap_err)?;
@@ -380,10 +221,25 @@ impl Vm {
         }
         w.add(SectionKind::VmState, &vm_state).map_err(snap_err)?;
         w.add(SectionKind::Serial, &serial).map_err(snap_err)?;
-        for v in &virtio {
-            w.add(SectionKind::VirtioPci, v).map_err(snap_err)?;
+        for d in &devices {
+            w.add(SectionKind::Device, d).map_err(snap_err)?;
         }
         let state = w.finish();
+        let stats = |memory_written| SnapshotStats {
+            memory_size: regions.iter().map(|r| r.size).sum(),
+            memory_written,
+            state_size: state.len() as u64,
+            elapsed: t0.elapsed(),
+        };
+        let dir = match sink {
+            Sink::Dir(dir) => dir,
+            Sink::Stream(out) => return Ok(stats(stream::write(out, &state, &self.mem)?)),
+        };
+        let mut memory_written = 0;
+        write_atomic(dir, MEMORY_FILE, |f, p| {
+            (_, memory_written) = save_memory(&self.mem, f, p)?;
+            Ok(())
+        })?;
         write_atomic(dir, STATE_FILE, |mut f, p| {
             f.write_all(&state).map_err(io_err("cannot write", p))
         })?;
@@ -397,18 +253,29 @@ impl Vm {
                 .map_err(io_err("cannot write", p))
         })?;
         sync_dir(dir)?;
-        Ok(SnapshotStats {
-            memory_size: regions.iter().map(|r| r.size).sum(),
-            memory_written,
-            state_size: state.len() as u64,
-            elapsed: t0.elapsed(),
-        })
+        Ok(stats(memory_written))
     }
 
     /// Rebuilds a VM from the snapshot in `dir`, paused at the instant it was taken; run it
     /// with [`Vm::run`]. Host-side paths come from the snapshot unless `overrides` changes them.
     pub fn restore(dir: &Path, overrides: &RestoreOverrides) -> Result<Vm, Error> {
-        let snap = read_snapshot(dir)?;
+        Self::restore_from(Source::Dir(dir), overrides)
+    }
+
+    /// Like [`restore`](Self::restore), from a snapshot stream (see [`stream`]) read from `r`
+    /// to its end; a damaged stream is refused before any vCPU exists.
+    pub fn restore_stream(
+        r: &mut dyn std::io::Read,
+        overrides: &RestoreOverrides,
+    ) -> Result<Vm, Error> {
+        Self::restore_from(Source::Stream(StreamReader::new(r)), overrides)
+    }
+
+    fn restore_from(mut source: Source<'_>, overrides: &RestoreOverrides) -> Result<Vm, Error> {
+        let snap = match &mut source {
+            Source::Dir(dir) => read_snapshot(dir)?,
+            Source::Stream(r) => decode_state(&r.state()?)?,
+        };
         let mut cfg = snap.config;
         apply_overrides(&mut cfg, overrides)?;
         cfg.validate().map_err(|e| Error::Config(e.to_string()))?;
@@ -425,27 +292,24 @@ impl Vm {
         }
 
         let (kvm, vm) = create_kvm_vm(&cfg)?;
-        let mem = load_memory(&dir.join(MEMORY_FILE), &snap.memory, &cfg)?;
+        let mem = match source {
+            Source::Dir(dir) => load_memory(&dir.join(MEMORY_FILE), &snap.memory, &cfg)?,
+            Source::Stream(r) => r.memory(&snap.memory, &cfg)?,
+        };
         register_memory(&vm, &mem)?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(&cfg, &vm, &mem, &exit, Some(&snap.serial))?;
-        if devs.virtio.len() != snap.virtio.len()
-            || snap.virtio.iter().enumerate().any(|(i, v)| v.index != i)
-        {
-            return Err(Error::Snapshot(format!(
-                "the snapshot has {} virtio devices, the configuration {}",
-                snap.virtio.len(),
-                devs.virtio.len()
-            )));
-        }
-        for (i, (dev, saved)) in devs.virtio.iter().zip(&snap.virtio).enumerate() {
-            lock(dev)
-                .restore_state(&saved.state)
-                .map_err(|e| Error::Device {
-                    name: format!("virtio device {i}"),
-                    reason: e.to_string(),
-                })?;
-        }
+        let sections = if snap.positional.is_empty() {
+            snap.devices
+        } else if snap.devices.is_empty() {
+            let saved = snap.positional.into_iter().map(|v| (v.index, v.state));
+            devs.virtio.name_positional(saved.collect())?
+        } else {
+            return Err(Error::Snapshot(
+                "the snapshot mixes devices by id and by position".into(),
+            ));
+        };
+        devs.virtio.restore(&sections)?;
         lock(&devs.root).refresh_all();
 
         snap.vm_state.restore(&vm)?;
@@ -470,9 +334,7 @@ impl Vm {
             });
             vcpus.push(vcpu);
         }
-        for dev in &devs.virtio {
-            lock(dev).renotify_queues();
-        }
+        devs.virtio.renotify();
         Ok(Vm::assemble(
             cfg,
             kvm,
@@ -525,7 +387,10 @@ struct Snapshot {
     vcpus: Vec<VcpuState>,
     vm_state: VmState,
     serial: SerialState,
-    virtio: Vec<VirtioSection>,
+    /// The devices by id.
+    devices: Vec<DeviceSection>,
+    /// The devices by position (older snapshots).
+    positional: Vec<VirtioSection>,
 }
 
 fn one(sections: &[Section], kind: SectionKind) -> Result<&Section, FormatError> {
@@ -565,7 +430,12 @@ fn read_snapshot(dir: &Path) -> Result<Snapshot, Error> {
     }
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io_err("cannot read", &path))?;
-    let sections = format::read(&bytes)?;
+    decode_state(&bytes)
+}
+
+/// Checks a `state.bin` container (and its architecture) and decodes its sections.
+fn decode_state(bytes: &[u8]) -> Result<Snapshot, Error> {
+    let sections = format::read(bytes)?;
     check_arch(&sections)?;
     let all = |kind| sections.iter().filter(move |s: &&Section| s.kind == kind);
     Ok(Snapshot {
@@ -576,7 +446,10 @@ fn read_snapshot(dir: &Path) -> Result<Snapshot, Error> {
             .collect::<Result<_, _>>()?,
         vm_state: one(&sections, SectionKind::VmState)?.decode()?,
         serial: one(&sections, SectionKind::Serial)?.decode()?,
-        virtio: all(SectionKind::VirtioPci)
+        devices: all(SectionKind::Device)
+            .map(|s| s.decode())
+            .collect::<Result<_, _>>()?,
+        positional: all(SectionKind::VirtioPci)
             .map(|s| s.decode())
             .collect::<Result<_, _>>()?,
     })
@@ -590,7 +463,11 @@ pub fn inspect(dir: &Path) -> Result<VmConfig, Error> {
 
 #[cfg(test)]
 mod tests {
+    use super::memory::PAGE;
     use super::*;
+    use arch::layout;
+    use devices::GuestMem;
+    use vm_memory::{Bytes, GuestAddress};
 
     fn sections_with_arch(tags: &[&str]) -> Vec<Section> {
         let mut w = Writer::new();

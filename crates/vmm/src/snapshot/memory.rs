@@ -1,0 +1,256 @@
+//! Guest RAM in a snapshot: its layout, the runs of pages worth writing (all-zero pages are
+//! skipped), and `memory.bin` written sparse and mapped back copy-on-write.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress, MmapRegion,
+};
+
+use arch::layout;
+use devices::{DirtyBitmap, GuestMem};
+
+use super::io_err;
+use crate::config::VmConfig;
+use crate::Error;
+
+/// The page size of guest RAM in snapshots.
+pub(super) const PAGE: usize = 4096;
+/// Guest RAM is read (and a stream's runs are bounded) in pieces of this size.
+pub(super) const CHUNK: usize = 1 << 20;
+const PAGE_U64: u64 = PAGE as u64;
+
+/// One guest RAM region and where it lives in `memory.bin`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct MemRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+impl MemRegion {
+    /// Whether `[addr, addr + len)` lies inside this region.
+    pub fn holds(&self, addr: u64, len: u64) -> bool {
+        let end = self.guest_addr.checked_add(self.size);
+        addr >= self.guest_addr
+            && addr
+                .checked_add(len)
+                .zip(end)
+                .is_some_and(|(e, region_end)| e <= region_end)
+    }
+}
+
+/// The layout of `mem` in `memory.bin`: region after region.
+pub(super) fn layout_of(mem: &GuestMem) -> Vec<MemRegion> {
+    let mut offset = 0u64;
+    mem.iter()
+        .map(|r| {
+            let m = MemRegion {
+                guest_addr: r.start_addr().0,
+                size: r.len(),
+                file_offset: offset,
+            };
+            offset += r.len();
+            m
+        })
+        .collect()
+}
+
+/// Refuses a saved layout that is not the one the configuration's memory size gives.
+pub(super) fn check_layout(regions: &[MemRegion], cfg: &VmConfig) -> Result<(), Error> {
+    let expected = layout::ram_regions(cfg.memory_mib << 20);
+    let matches = expected.len() == regions.len()
+        && expected
+            .iter()
+            .zip(regions)
+            .all(|(e, r)| e.0 .0 == r.guest_addr && u64::try_from(e.1).ok() == Some(r.size));
+    if matches {
+        Ok(())
+    } else {
+        Err(Error::Snapshot(
+            "the memory layout does not match the configuration".into(),
+        ))
+    }
+}
+
+/// For an anonymous mapping of `len` bytes at `host`: which pages the process ever touched
+/// (present or swapped, from /proc/self/pagemap). An untouched anonymous page reads as zero,
+/// so it need not be read at all. None when pagemap cannot be read (then every page is read).
+fn touched_pages(host: u64, len: u64) -> Option<Vec<bool>> {
+    const PRESENT: u64 = 1 << 63;
+    const SWAPPED: u64 = 1 << 62;
+    const BATCH: usize = 4096;
+    let f = File::open("/proc/self/pagemap").ok()?;
+    let pages = usize::try_from(len.div_ceil(PAGE_U64)).ok()?;
+    let mut out = Vec::with_capacity(pages);
+    let mut buf = vec![0u8; 8 * BATCH];
+    let mut at = (host / PAGE_U64) * 8;
+    while out.len() < pages {
+        let n = (pages - out.len()).min(BATCH);
+        f.read_exact_at(&mut buf[..n * 8], at).ok()?;
+        out.extend(buf[..n * 8].chunks_exact(8).map(|e| {
+            let v = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
+            v & (PRESENT | SWAPPED) != 0
+        }));
+        at += u64::try_from(n * 8).ok()?;
+    }
+    Some(out)
+}
+
+/// For `len` bytes of `file` from `start`: which pages hold data (are not in a hole), from
+/// lseek(SEEK_DATA/SEEK_HOLE). None if the file system cannot tell.
+fn file_data_pages(file: &File, start: u64, len: u64) -> Option<Vec<bool>> {
+    use std::os::fd::AsRawFd;
+    let pages = usize::try_from(len.div_ceil(PAGE_U64)).ok()?;
+    let mut out = vec![false; pages];
+    let end = start.checked_add(len)?;
+    let mut pos = start;
+    while pos < end {
+        let off = libc::off_t::try_from(pos).ok()?;
+        // SAFETY: lseek only reads the fd's state; the fd is open for the whole call.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+        if data < 0 {
+            // ENXIO: no data from here to the end of the file.
+            let e = std::io::Error::last_os_error();
+            return (e.raw_os_error() == Some(libc::ENXIO)).then_some(out);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < data {
+            return None;
+        }
+        let (data, hole) = (
+            u64::try_from(data).ok()?,
+            u64::try_from(hole).ok()?.min(end),
+        );
+        if data >= end {
+            break;
+        }
+        let first = usize::try_from((data - start) / PAGE_U64).ok()?;
+        let last = usize::try_from((hole - start).div_ceil(PAGE_U64))
+            .ok()?
+            .min(pages);
+        out.iter_mut()
+            .take(last)
+            .skip(first)
+            .for_each(|p| *p = true);
+        pos = hole.max(pos + 1);
+    }
+    Some(out)
+}
+
+/// Which pages of region `r` may hold non-zero data (None: any page may). An anonymous page
+/// the process never touched is zero; a page of a private file mapping that was never touched
+/// holds the file's data, which is zero in a hole.
+fn maybe_nonzero(r: &GuestRegionMmap<DirtyBitmap>) -> Option<Vec<bool>> {
+    let host = r.get_host_address(MemoryRegionAddress(0)).ok()?;
+    let mut pages = touched_pages(host as u64, r.len())?;
+    if let Some(fo) = r.file_offset() {
+        let data = file_data_pages(fo.file(), fo.start(), r.len())?;
+        pages.iter_mut().zip(data).for_each(|(p, d)| *p |= d);
+    }
+    Some(pages)
+}
+
+/// Calls `out(region, offset, bytes)` for every run of non-zero pages of guest RAM, in
+/// address order (`offset` is from the region's start; a run is at most [`CHUNK`] bytes and
+/// never crosses a region). Returns the layout and the bytes handed out.
+pub(super) fn nonzero_runs(
+    mem: &GuestMem,
+    mut out: impl FnMut(&MemRegion, u64, &[u8]) -> Result<(), Error>,
+) -> Result<(Vec<MemRegion>, u64), Error> {
+    static ZERO: [u8; PAGE] = [0; PAGE];
+    let regions = layout_of(mem);
+    let touched: Vec<Option<Vec<bool>>> = mem.iter().map(maybe_nonzero).collect();
+    let mut buf = vec![0u8; CHUNK];
+    let mut written = 0u64;
+    for (r, touched) in regions.iter().zip(&touched) {
+        let mut done = 0u64;
+        while done < r.size {
+            // At most CHUNK, a usize.
+            let n = usize::try_from((r.size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            if let (Some(t), Ok(first)) = (touched, usize::try_from(done / PAGE_U64)) {
+                let pages = t.get(first..(first + n.div_ceil(PAGE)).min(t.len()));
+                if pages.is_some_and(|p| !p.contains(&true)) {
+                    done += n as u64;
+                    continue;
+                }
+            }
+            let chunk = &mut buf[..n];
+            mem.read_slice(chunk, GuestAddress(r.guest_addr + done))
+                .map_err(|e| Error::Snapshot(format!("reading guest memory: {e}")))?;
+            // Hand out each run of non-zero pages at once.
+            let mut page = 0;
+            while page * PAGE < n {
+                let is_zero = |p: usize| chunk[p * PAGE..((p + 1) * PAGE).min(n)] == ZERO[..];
+                if is_zero(page) {
+                    page += 1;
+                    continue;
+                }
+                let start = page;
+                while page * PAGE < n && !is_zero(page) {
+                    page += 1;
+                }
+                let bytes = &chunk[start * PAGE..(page * PAGE).min(n)];
+                out(r, done + (start * PAGE) as u64, bytes)?;
+                written += bytes.len() as u64;
+            }
+            done += n as u64;
+        }
+    }
+    Ok((regions, written))
+}
+
+/// Writes guest RAM into `file`, skipping all-zero pages (they stay holes). Returns the
+/// layout and the number of bytes written.
+pub(super) fn save_memory(
+    mem: &GuestMem,
+    file: &File,
+    path: &Path,
+) -> Result<(Vec<MemRegion>, u64), Error> {
+    let total: u64 = layout_of(mem).iter().map(|r| r.size).sum();
+    file.set_len(total).map_err(io_err("cannot size", path))?;
+    nonzero_runs(mem, |r, offset, bytes| {
+        file.write_all_at(bytes, r.file_offset + offset)
+            .map_err(io_err("cannot write", path))
+    })
+}
+
+/// Maps `memory.bin` privately (copy-on-write, read lazily) as guest RAM.
+pub(super) fn load_memory(
+    path: &Path,
+    regions: &[MemRegion],
+    cfg: &VmConfig,
+) -> Result<GuestMem, Error> {
+    check_layout(regions, cfg)?;
+    let file = File::open(path).map_err(io_err("cannot open", path))?;
+    let len = file.metadata().map_err(io_err("cannot stat", path))?.len();
+    let mut mapped = Vec::with_capacity(regions.len());
+    for r in regions {
+        let end = r.file_offset.checked_add(r.size);
+        if end.is_none_or(|e| e > len) {
+            return Err(Error::Snapshot(format!(
+                "{} is shorter than the memory it should hold",
+                path.display()
+            )));
+        }
+        let size = usize::try_from(r.size)
+            .map_err(|_| Error::Memory(format!("region of {} bytes", r.size)))?;
+        let fd = file.try_clone().map_err(io_err("cannot clone", path))?;
+        let region = MmapRegion::<DirtyBitmap>::build(
+            Some(FileOffset::new(fd, r.file_offset)),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|e| Error::Memory(format!("mapping {}: {e}", path.display())))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(r.guest_addr))
+            .ok_or_else(|| Error::Memory("guest region overflows".into()))?;
+        mapped.push(region);
+    }
+    GuestMem::from_regions(mapped).map_err(|e| Error::Memory(e.to_string()))
+}
