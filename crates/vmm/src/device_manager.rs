@@ -26,7 +26,7 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::GuestMem;
 
-use crate::config::{parse_mac, NetConfig, VmConfig};
+use crate::config::{parse_mac, DiskConfig, NetConfig, VmConfig, VsockConfig};
 use crate::Error;
 
 /// A device model built from the configuration, or why it could not be.
@@ -64,43 +64,43 @@ impl DeviceKind {
 
 /// Every virtio device kind, in PCI order: configuration in, constructors out.
 pub(crate) const DEVICE_TABLE: &[DeviceKind] = &[
-    DeviceKind::each("disk", |c| {
-        c.disks
-            .iter()
-            .map(|d| boxed(Block::new(&d.path, d.read_only, None)))
-            .collect()
-    }),
+    DeviceKind::each("disk", |c| c.disks.iter().map(block).collect()),
     DeviceKind::each("net", |c| c.net.iter().map(net).collect()),
-    DeviceKind::one("vsock", |c| {
-        c.vsock
-            .iter()
-            .map(|v| boxed(Vsock::new(v.cid, &v.socket)))
-            .collect()
-    }),
-    DeviceKind::one("rng", |c| when(c.rng, || Ok::<_, String>(Rng::new()))),
-    DeviceKind::one("balloon", |c| {
-        when(c.balloon, || {
-            Balloon::new(c.memory_mib << 20, BalloonConfig::default())
-        })
-    }),
+    DeviceKind::one("vsock", |c| c.vsock.iter().map(vsock).collect()),
+    DeviceKind::one("rng", |c| when(c.rng, || plain(Rng::new()))),
+    DeviceKind::one("balloon", |c| when(c.balloon, || balloon(c))),
 ];
 
-/// A device model as a table entry's result.
-fn boxed<D: VirtioDevice + 'static, E: std::fmt::Display>(made: Result<D, E>) -> Built {
+/// A device model that cannot fail to build.
+fn plain(device: impl VirtioDevice + 'static) -> Built {
+    Ok(Box::new(device))
+}
+
+/// A device model, or why it could not be built.
+fn built<D: VirtioDevice + 'static, E: std::fmt::Display>(made: Result<D, E>) -> Built {
     made.map(|d| Box::new(d) as Box<dyn VirtioDevice>)
         .map_err(|e| e.to_string())
 }
 
 /// One device if `on`.
-fn when<D: VirtioDevice + 'static, E: std::fmt::Display>(
-    on: bool,
-    make: impl FnOnce() -> Result<D, E>,
-) -> Vec<Built> {
+fn when(on: bool, make: impl FnOnce() -> Built) -> Vec<Built> {
     if on {
-        vec![boxed(make())]
+        vec![make()]
     } else {
         Vec::new()
     }
+}
+
+fn block(d: &DiskConfig) -> Built {
+    built(Block::new(&d.path, d.read_only, None))
+}
+
+fn vsock(v: &VsockConfig) -> Built {
+    built(Vsock::new(v.cid, &v.socket))
+}
+
+fn balloon(c: &VmConfig) -> Built {
+    built(Balloon::new(c.memory_mib << 20, BalloonConfig::default()))
 }
 
 fn net(n: &NetConfig) -> Built {
@@ -110,7 +110,7 @@ fn net(n: &NetConfig) -> Built {
         .map(parse_mac)
         .transpose()
         .map_err(|e| e.to_string())?;
-    boxed(Net::new_tap(&n.tap, mac))
+    built(Net::new_tap(&n.tap, mac))
 }
 
 /// The ids of `n` devices of `kind`.
