@@ -8,9 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use arch::{layout, CpuModel, VcpuSaveContext};
@@ -23,6 +21,7 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::control::{Controller, Request};
 use crate::device_manager::DeviceManager;
 use crate::hooks::KvmHooks;
+use crate::memory::{create_memory, mark_mergeable, DirtyLog, DirtyRegion};
 use crate::vcpu::{self, VcpuMsg, VcpuShared, VcpuThread};
 use crate::Error;
 
@@ -60,6 +59,8 @@ pub struct Vm {
     pub(crate) vcpu_save: VcpuSaveContext,
     /// Each vCPU's CPU model (x86_64: CPUID and TSC frequency), read when it was built.
     pub(crate) cpu_models: Vec<CpuModel>,
+    /// Which pages of guest RAM changed.
+    pub(crate) dirty: DirtyLog,
 }
 
 /// KVM and the VM fd set up by the architecture (x86_64: irqchip and PIT), after checking the
@@ -164,6 +165,7 @@ impl Vm {
             parked: Default::default(),
             error: Mutex::new(None),
         });
+        let dirty = DirtyLog::new(vm.clone(), mem.clone());
         Vm {
             cfg,
             vcpus,
@@ -177,12 +179,24 @@ impl Vm {
             devices: devs.virtio,
             vcpu_save,
             cpu_models,
+            dirty,
         }
     }
 
     /// The configuration the VM was built from.
     pub fn config(&self) -> &VmConfig {
         &self.cfg
+    }
+
+    /// The VM's dirty page tracking, usable from any thread while the VM runs.
+    pub fn dirty_log(&self) -> DirtyLog {
+        self.dirty.clone()
+    }
+
+    /// The pages of guest RAM that changed since the last call, and clears the record (see
+    /// [`DirtyLog::dirty_pages`]; guest writes are only seen after [`DirtyLog::start`]).
+    pub fn dirty_pages(&self) -> Result<Vec<DirtyRegion>, Error> {
+        self.dirty.dirty_pages()
     }
 
     /// Runs the guest until it exits, a vCPU fails, or `stop` becomes readable.
@@ -374,56 +388,6 @@ fn check_host_memory(mib: u64) -> Result<(), Error> {
     Ok(())
 }
 
-/// Allocates guest RAM and registers it with KVM, one slot per region.
-fn create_memory(vm: &VmFd, size: u64) -> Result<GuestMem, Error> {
-    let ranges = layout::ram_regions(size);
-    let mem = GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
-    register_memory(vm, &mem)?;
-    Ok(mem)
-}
-
-/// Marks every guest RAM region mergeable for KSM (`MADV_MERGEABLE`); the host merges identical
-/// pages when `/sys/kernel/mm/ksm/run` is 1. A host without KSM only gets a warning.
-pub(crate) fn mark_mergeable(mem: &GuestMem) {
-    for region in mem.iter() {
-        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
-            continue;
-        };
-        let Ok(len) = usize::try_from(region.len()) else {
-            continue;
-        };
-        // SAFETY: `[host, host + len)` is exactly one live guest RAM mapping owned by `mem`;
-        // MADV_MERGEABLE only lets the kernel share identical pages copy-on-write, which is
-        // invisible to every reader and writer of the memory.
-        let r = unsafe { libc::madvise(host.cast(), len, libc::MADV_MERGEABLE) };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
-            tracing::warn!("guest RAM cannot be marked mergeable (is KSM in this kernel?): {e}");
-            return;
-        }
-    }
-}
-
-/// Registers every region of `mem` with KVM, one slot per region.
-pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMem) -> Result<(), Error> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = region
-            .get_host_address(MemoryRegionAddress(0))
-            .map_err(|e| Error::Memory(e.to_string()))?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is a live mapping of `memory_size` bytes owned by `mem`, which the
-        // VM keeps alive for as long as the VM exists.
-        unsafe { vm.set_user_memory_region(r) }.map_err(Error::kvm("set memory region"))?;
-    }
-    Ok(())
-}
-
 /// The devices of a VM and the buses they sit on.
 pub(crate) struct Devices {
     pub pio: Bus,
@@ -552,53 +516,5 @@ fn wait_readable(fds: &[Option<i32>]) -> std::io::Result<usize> {
         if let Some((i, _)) = polled.iter().find(|p| p.1.revents != 0) {
             return Ok(*i);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use vm_memory::GuestAddress;
-
-    /// The VmFlags of the mapping holding `addr`, from /proc/self/smaps.
-    fn vm_flags(addr: usize) -> Option<String> {
-        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
-        let mut in_mapping = false;
-        for line in smaps.lines() {
-            let range = line.split_once(' ').map(|(r, _)| r).unwrap_or("");
-            let bounds = range.split_once('-').and_then(|(lo, hi)| {
-                Some((
-                    usize::from_str_radix(lo, 16).ok()?,
-                    usize::from_str_radix(hi, 16).ok()?,
-                ))
-            });
-            if let Some((lo, hi)) = bounds {
-                in_mapping = (lo..hi).contains(&addr);
-            } else if in_mapping {
-                if let Some(flags) = line.strip_prefix("VmFlags:") {
-                    return Some(flags.trim().to_string());
-                }
-            }
-        }
-        None
-    }
-
-    #[test]
-    fn mergeable_marks_every_region() {
-        if !Path::new("/sys/kernel/mm/ksm").exists() {
-            eprintln!("skipped: this kernel has no KSM");
-            return;
-        }
-        let mem =
-            GuestMem::from_ranges(&[(GuestAddress(0), 2 << 20), (GuestAddress(4 << 20), 2 << 20)])
-                .unwrap();
-        let starts: Vec<usize> = mem
-            .iter()
-            .map(|r| r.get_host_address(MemoryRegionAddress(0)).unwrap() as usize)
-            .collect();
-        let merge_flag = |s: usize| vm_flags(s).unwrap().split(' ').any(|f| f == "mg");
-        assert!(!starts.iter().any(|&s| merge_flag(s)));
-        mark_mergeable(&mem);
-        assert!(starts.iter().all(|&s| merge_flag(s)));
     }
 }

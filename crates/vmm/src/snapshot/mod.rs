@@ -33,8 +33,9 @@ use devices::virtio::pci::VirtioPciState;
 
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::DeviceSection;
+use crate::memory::register_memory;
 use crate::vcpu::{VcpuMsg, VcpuThread};
-use crate::vm::{build_devices, create_kvm_vm, register_memory, Vm};
+use crate::vm::{build_devices, create_kvm_vm, Vm};
 use crate::Error;
 use format::{FormatError, Section, SectionKind, Writer};
 use memory::{load_memory, save_memory, MemRegion};
