@@ -188,6 +188,11 @@ impl Vm {
         &self.cfg
     }
 
+    /// Guest RAM (a clone sharing the same memory and dirty bitmaps).
+    pub fn guest_memory(&self) -> GuestMem {
+        self.mem.clone()
+    }
+
     /// The VM's dirty page tracking, usable from any thread while the VM runs.
     pub fn dirty_log(&self) -> DirtyLog {
         self.dirty.clone()
