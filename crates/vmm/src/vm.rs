@@ -218,8 +218,9 @@ impl Vm {
         vcpu::install_kick_handler().map_err(Error::io("install vCPU kick handler"))?;
         let mut threads = Vec::new();
         for (id, fd) in self.vcpus.drain(..).enumerate() {
-            let t = vcpu::spawn(id as u8, fd, self.shared.clone())
-                .map_err(Error::io("spawn vCPU thread"))?;
+            let id = u8::try_from(id).map_err(|_| Error::Config(format!("vCPU {id}: too many")))?;
+            let t =
+                vcpu::spawn(id, fd, self.shared.clone()).map_err(Error::io("spawn vCPU thread"))?;
             threads.push(t);
         }
 

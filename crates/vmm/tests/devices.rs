@@ -110,7 +110,7 @@ fn requests_by_device_id_and_snapshots_keyed_by_id() {
         .lines()
         .filter_map(|l| l.strip_prefix("PROBE counter "))
         .filter_map(|n| n.parse::<u64>().ok())
-        .last()
+        .next_back()
         .unwrap()
         + 1;
 

@@ -17,7 +17,7 @@ fn last_counter(serial: &str) -> u64 {
         .lines()
         .filter_map(|l| l.strip_prefix("PROBE counter "))
         .filter_map(|n| n.trim().parse().ok())
-        .last()
+        .next_back()
         .unwrap_or_else(|| panic!("no counter line in\n{serial}"))
 }
 
