@@ -1,13 +1,13 @@
 //! The VM's virtio devices, owned by id.
 //!
-//! [`DEVICE_TABLE`] is the one place that turns the configuration into devices: each line
+//! `DEVICE_TABLE` is the one place that turns the configuration into devices: each line
 //! names a kind of device and builds every instance the configuration asks for, in the order
 //! the guest sees them on the PCI bus. Each device gets a stable id derived from the
 //! configuration: numbered kinds get `disk0`, `disk1`, `net0`..., single ones their name
 //! (`vsock`, `rng`, `balloon`). Snapshots key each device's state by that id, and control
 //! requests ([`crate::Request::Device`]) address a device by it.
 //!
-//! Adding a virtio device: its model in `crates/devices`, one line in [`DEVICE_TABLE`], and
+//! Adding a virtio device: its model in `crates/devices`, one line in `DEVICE_TABLE`, and
 //! the setting in [`VmConfig`] that asks for it.
 
 use std::sync::{Arc, Mutex};
@@ -150,7 +150,7 @@ struct Managed {
     control: Option<Arc<dyn DeviceControl>>,
 }
 
-/// The VM's virtio devices by id: built from [`DEVICE_TABLE`], paused, resumed, saved,
+/// The VM's virtio devices by id: built from `DEVICE_TABLE`, paused, resumed, saved,
 /// restored and sent control requests through here.
 pub(crate) struct DeviceManager {
     devices: Vec<Managed>,

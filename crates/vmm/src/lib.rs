@@ -4,7 +4,14 @@
 //! virtio devices, loads the kernel and sets up the vCPUs; [`Vm::run`] starts one thread per vCPU
 //! and waits until the guest powers off, a vCPU fails, or the caller asks it to stop.
 //! [`Vm::run_with_control`] also serves [`Request`]s (pause, resume, snapshot, stop) sent
-//! through a [`Controller`]; [`Vm::restore`] rebuilds a VM from a [`snapshot`] directory.
+//! through a [`Controller`]; [`Vm::restore`] rebuilds a VM from a [`snapshot`] directory, and
+//! [`Vm::restore_stream`] from a snapshot sent as a byte stream
+//! ([`Request::SnapshotStream`]).
+//!
+//! - [`device_manager`]: the virtio devices by id, built from one table of the configuration;
+//!   [`Request::Device`] sends a request to one of them.
+//! - [`memory`]: guest RAM and its dirty page tracking ([`Vm::dirty_log`]: KVM's dirty log
+//!   ORed with the bitmap of device writes).
 
 pub mod config;
 pub mod control;

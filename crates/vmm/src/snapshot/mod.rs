@@ -2,16 +2,20 @@
 //!
 //! A snapshot directory holds:
 //!
-//! - `state.bin`: a versioned container (see [`format`]) with the guest architecture, the
-//!   configuration, the memory layout, every vCPU and the VM-wide state (both `arch` types,
-//!   stored as they serialise: x86_64's irqchips, PIT and clock), the serial port and every
-//!   virtio-pci function;
+//! - `state.bin`: a versioned container (see [`format`](mod@format)) with the guest
+//!   architecture, the configuration, the memory layout, every vCPU and the VM-wide state (both
+//!   `arch` types, stored as they serialise: x86_64's irqchips, PIT and clock), the serial port
+//!   and every virtio device with its virtio-pci function, keyed by device id (older snapshots
+//!   keyed them by position and still restore);
 //! - `memory.bin`: guest RAM, region after region; all-zero pages are left as holes;
 //! - `config.json`: the configuration again, for people;
 //! - `COMPLETE`: written last. A directory without it is an interrupted snapshot.
 //!
 //! Every file is written under a temporary name, fsynced and renamed. Restore maps
 //! `memory.bin` privately, so pages are read on first touch and the file never changes.
+//!
+//! The same state, followed by the non-zero pages of guest RAM, also goes over a byte stream
+//! (see [`stream`]) with the same checks, so a snapshot can be sent over a socket.
 
 pub mod format;
 mod memory;
