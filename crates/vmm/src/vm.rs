@@ -28,6 +28,10 @@ use crate::Error;
 /// The balloon's device id (memory statistics include its state).
 const BALLOON_ID: &str = "balloon";
 
+/// How long a snapshot stream may stall (the receiver reading nothing) before it fails: the
+/// VM is paused meanwhile, and other requests wait.
+const STREAM_STALL: Duration = Duration::from_secs(30);
+
 /// How long a `stats` request waits for the guest's balloon driver to send fresh statistics.
 const STATS_WAIT: Duration = Duration::from_millis(200);
 
@@ -293,6 +297,7 @@ impl Vm {
             }
             Request::SnapshotStream { socket, resume } => {
                 let mut conn = std::os::unix::net::UnixStream::connect(socket)
+                    .and_then(|c| c.set_write_timeout(Some(STREAM_STALL)).map(|()| c))
                     .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
                 self.pause(threads)?;
                 let result = self
