@@ -167,6 +167,9 @@ impl DeviceManager {
         let mut devices = Vec::new();
         for kind in DEVICE_TABLE {
             let built = (kind.build)(cfg);
+            if !kind.numbered && built.len() > 1 {
+                return Err(Error::Config(format!("more than one {} device", kind.name)));
+            }
             for (id, made) in ids_of(kind, built.len()).into_iter().zip(built) {
                 let dev_err = |reason: String| Error::Device {
                     name: id.clone(),
@@ -308,5 +311,154 @@ impl DeviceManager {
                 id: id.to_string(),
                 source,
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::config::DiskConfig;
+
+    /// Hooks that accept everything (no KVM).
+    #[derive(Default)]
+    struct NoHooks(AtomicU32);
+
+    impl VmHooks for NoHooks {
+        fn register_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unregister_ioevent(&self, _: &EventFd, _: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn allocate_msi(&self, _: &EventFd) -> std::io::Result<u32> {
+            Ok(24 + self.0.fetch_add(1, Ordering::Relaxed))
+        }
+        fn set_msi_route(&self, _: u32, _: u64, _: u32, _: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn manager(cfg: &VmConfig) -> Result<DeviceManager, Error> {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let hooks: Arc<dyn VmHooks> = Arc::new(NoHooks::default());
+        let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x1000_0000)));
+        DeviceManager::build(cfg, &mem, &hooks, &root)
+    }
+
+    fn config(disks: usize) -> (VmConfig, Vec<std::path::PathBuf>) {
+        let mut cfg = VmConfig::new("k".into());
+        let mut paths = Vec::new();
+        for i in 0..disks {
+            let p = std::env::temp_dir().join(format!("pv-devmgr-{}-{i}.img", std::process::id()));
+            std::fs::write(&p, vec![0u8; 4096]).unwrap();
+            cfg.disks.push(DiskConfig {
+                path: p.clone(),
+                read_only: true,
+            });
+            paths.push(p);
+        }
+        cfg.rng = true;
+        cfg.balloon = true;
+        (cfg, paths)
+    }
+
+    #[test]
+    fn ids_follow_the_table_and_the_configuration() {
+        let (cfg, paths) = config(2);
+        let m = manager(&cfg).unwrap();
+        assert_eq!(
+            m.ids().collect::<Vec<_>>(),
+            ["disk0", "disk1", "rng", "balloon"]
+        );
+        assert!(m.has("disk1") && !m.has("disk2"));
+        let e = manager(&VmConfig::new("k".into())).unwrap();
+        assert_eq!(e.ids().count(), 0);
+        // A device that cannot be built names its id.
+        let mut bad = cfg.clone();
+        bad.disks[1].path = "/nonexistent/pv.img".into();
+        let err = manager(&bad).err().unwrap().to_string();
+        assert!(
+            err.contains("disk1") && err.contains("/nonexistent/pv.img"),
+            "{err}"
+        );
+        paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+    }
+
+    #[test]
+    fn requests_reach_the_device_by_id() {
+        let (cfg, paths) = config(1);
+        let m = manager(&cfg).unwrap();
+        let set = serde_json::json!({"op": "set_target", "target_mib": 1});
+        assert_eq!(
+            m.control("balloon", &set).unwrap(),
+            serde_json::json!({"target_mib": 1})
+        );
+        let e = m.control("net0", &set).unwrap_err();
+        assert!(matches!(e, DeviceRequestError::UnknownDevice { .. }));
+        assert_eq!(
+            e.to_string(),
+            "this VM has no net0 device (it has: disk0, rng, balloon)"
+        );
+        assert!(matches!(
+            m.control("disk0", &set),
+            Err(DeviceRequestError::Control {
+                source: ControlError::Unsupported,
+                ..
+            })
+        ));
+        paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
+    }
+
+    #[test]
+    fn restore_wants_exactly_one_section_per_device() {
+        let (cfg, paths) = config(1);
+        let m = manager(&cfg).unwrap();
+        let saved = m.save();
+        let ids: Vec<&str> = saved.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["disk0", "rng", "balloon"]);
+        m.restore(&saved).unwrap();
+        // Sections in another order still find their devices.
+        let mut shuffled = saved.clone();
+        shuffled.reverse();
+        m.restore(&shuffled).unwrap();
+
+        let missing = &saved[..2];
+        assert!(m
+            .restore(missing)
+            .unwrap_err()
+            .to_string()
+            .contains("balloon"));
+        let mut extra = saved.clone();
+        extra.push(DeviceSection {
+            id: "net0".into(),
+            state: saved[0].state.clone(),
+        });
+        assert!(m.restore(&extra).unwrap_err().to_string().contains("net0"));
+        let mut twice = saved.clone();
+        twice.push(saved[1].clone());
+        assert!(m.restore(&twice).unwrap_err().to_string().contains("rng"));
+        // A state of another device type under a known id is refused by the device.
+        let mut swapped = saved.clone();
+        swapped[1].state = saved[0].state.clone();
+        assert!(m.restore(&swapped).is_err());
+
+        // Positional sections (older snapshots) get the ids of the devices in order.
+        let positional: Vec<(usize, VirtioPciState)> = saved
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i, s.state.clone()))
+            .collect();
+        let named = m.name_positional(positional.clone()).unwrap();
+        assert_eq!(
+            named.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["disk0", "rng", "balloon"]
+        );
+        assert!(m.name_positional(positional[..2].to_vec()).is_err());
+        paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
     }
 }
