@@ -246,6 +246,67 @@ mod tests {
         assert_eq!(r.count(), 3);
     }
 
+    /// CPU time of this thread (immune to other processes taking the cores).
+    fn thread_cpu() -> std::time::Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        assert_eq!(r, 0);
+        std::time::Duration::new(
+            u64::try_from(ts.tv_sec).unwrap(),
+            u32::try_from(ts.tv_nsec).unwrap(),
+        )
+    }
+
+    /// CPU ns per MiB of device writes (`write_slice`, what virtio-blk does with the data it
+    /// read) of `piece` bytes each, over 64 MiB of guest RAM of type `M`.
+    fn write_cost<M: Bytes<GuestAddress>>(mem: &M, piece: usize, rounds: usize) -> f64
+    where
+        M::E: std::fmt::Debug,
+    {
+        let data = vec![0x5au8; piece];
+        let per_round = (64 << 20) / piece;
+        let t0 = thread_cpu();
+        for _ in 0..rounds {
+            for i in 0..per_round {
+                mem.write_slice(&data, GuestAddress((i * piece) as u64))
+                    .unwrap();
+            }
+        }
+        let mib = (rounds * 64) as f64;
+        (thread_cpu() - t0).as_nanos() as f64 / mib
+    }
+
+    /// The dirty bitmap's cost on device writes, against guest memory without one. Run with
+    /// `cargo test --release -p vmm --lib bitmap_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement: run it in release mode"]
+    fn bitmap_cost_on_device_writes() {
+        let ranges = [(GuestAddress(0), 64 << 20)];
+        let plain = vm_memory::GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap();
+        let tracked = GuestMem::from_ranges(&ranges).unwrap();
+        for piece in [4096, 64 << 10, 1 << 20] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for _ in 0..7 {
+                a.push(write_cost(&plain, piece, 4));
+                b.push(write_cost(&tracked, piece, 4));
+            }
+            a.sort_by(f64::total_cmp);
+            b.sort_by(f64::total_cmp);
+            let (a, b) = (a[3], b[3]);
+            println!(
+                "bitmap cost, writes of {piece} B: {:.0} us/GiB without, {:.0} us/GiB with \
+                 ({:+.1}%; medians of 7, thread CPU time)",
+                a * 1024.0 / 1000.0,
+                b * 1024.0 / 1000.0,
+                (b / a - 1.0) * 100.0
+            );
+        }
+    }
+
     #[test]
     fn writes_through_guest_memory_mark_the_bitmap() {
         // The bitmap half of the dirty log, without KVM: what devices write shows up.
