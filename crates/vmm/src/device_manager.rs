@@ -350,11 +350,13 @@ mod tests {
         DeviceManager::build(cfg, &mem, &hooks, &root)
     }
 
-    fn config(disks: usize) -> (VmConfig, Vec<std::path::PathBuf>) {
+    /// A configuration with `disks` disks (image files named after `tag`), rng and balloon.
+    fn config(tag: &str, disks: usize) -> (VmConfig, Vec<std::path::PathBuf>) {
         let mut cfg = VmConfig::new("k".into());
         let mut paths = Vec::new();
         for i in 0..disks {
-            let p = std::env::temp_dir().join(format!("pv-devmgr-{}-{i}.img", std::process::id()));
+            let p = std::env::temp_dir()
+                .join(format!("pv-devmgr-{tag}-{}-{i}.img", std::process::id()));
             std::fs::write(&p, vec![0u8; 4096]).unwrap();
             cfg.disks.push(DiskConfig {
                 path: p.clone(),
@@ -369,7 +371,7 @@ mod tests {
 
     #[test]
     fn ids_follow_the_table_and_the_configuration() {
-        let (cfg, paths) = config(2);
+        let (cfg, paths) = config("ids", 2);
         let m = manager(&cfg).unwrap();
         assert_eq!(
             m.ids().collect::<Vec<_>>(),
@@ -391,7 +393,7 @@ mod tests {
 
     #[test]
     fn requests_reach_the_device_by_id() {
-        let (cfg, paths) = config(1);
+        let (cfg, paths) = config("requests", 1);
         let m = manager(&cfg).unwrap();
         let set = serde_json::json!({"op": "set_target", "target_mib": 1});
         assert_eq!(
@@ -416,7 +418,7 @@ mod tests {
 
     #[test]
     fn restore_wants_exactly_one_section_per_device() {
-        let (cfg, paths) = config(1);
+        let (cfg, paths) = config("restore", 1);
         let m = manager(&cfg).unwrap();
         let saved = m.save();
         let ids: Vec<&str> = saved.iter().map(|s| s.id.as_str()).collect();
