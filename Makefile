@@ -4,7 +4,7 @@
 #   make test    build the VMM and the probe guest, then run every test
 #   make bench   pocketvisor vs QEMU on the probe guest
 #   make linux   build the Linux guest assets from Debian packages (guest/out/linux)
-#   make lint    rustfmt --check and clippy -D warnings over the workspace
+#   make lint    rustfmt --check and clippy -D warnings over the workspace and the guest crates
 
 CARGO ?= cargo
 PROBE := guest/out/probe.elf
@@ -54,3 +54,5 @@ linux:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd guest/probe && $(CARGO) fmt -- --check && $(CARGO) clippy --release --target x86_64-unknown-none -- -D warnings
+	cd guest/agent && $(CARGO) fmt -- --check && $(CARGO) clippy -- -D warnings

@@ -15,6 +15,13 @@ use std::sync::Arc;
 
 /// Connections served at once.
 const MAX_CONNS: usize = 8;
+/// `AF_VSOCK` (40) in the type of `sockaddr_vm::svm_family`; the constant fits.
+#[allow(clippy::cast_possible_truncation)]
+const VSOCK_FAMILY: libc::sa_family_t = libc::AF_VSOCK as libc::sa_family_t;
+/// The size of `sockaddr_vm` (16 bytes) as bind(2) takes it; the constant fits.
+#[allow(clippy::cast_possible_truncation)]
+const SOCKADDR_VM_LEN: libc::socklen_t =
+    std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
 
 struct Options {
     port: u32,
@@ -61,7 +68,7 @@ fn vsock_listen(port: u32) -> std::io::Result<OwnedFd> {
     let sock = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
     let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_family = VSOCK_FAMILY;
     addr.svm_port = port;
     addr.svm_cid = libc::VMADDR_CID_ANY;
     // SAFETY: `addr` is a valid sockaddr_vm and its size is passed; the kernel only reads it.
@@ -69,7 +76,7 @@ fn vsock_listen(port: u32) -> std::io::Result<OwnedFd> {
         libc::bind(
             sock.as_raw_fd(),
             (&addr as *const libc::sockaddr_vm).cast(),
-            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+            SOCKADDR_VM_LEN,
         )
     };
     // SAFETY: listen(2) on our socket.

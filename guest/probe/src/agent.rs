@@ -69,7 +69,7 @@ pub fn run() -> ! {
             crate::finish()
         }
     };
-    let port = pvh::info().arg_u64("pv.agent.port", PORT as u64) as u32;
+    let port = u32::try_from(pvh::info().arg_u64("pv.agent.port", u64::from(PORT))).unwrap_or(PORT);
     let mut agent = Agent::new();
     probe!(
         "agent listening cid={} port={} max_clipboard={} max_file={} max_files={}",
