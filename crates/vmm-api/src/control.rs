@@ -32,8 +32,9 @@ pub enum Request {
     /// Memory figures ([`MemoryStats`]): guest RAM and the balloon's state and guest statistics.
     Stats,
     /// A request to the device with this id (`balloon`, `disk0`, `net0`, `vsock`, `rng`),
-    /// whose payload the device interprets; the answer is the device's JSON answer. The
-    /// balloon takes `{"op":"set_target","target_mib":N}` and `{"op":"stats","wait_ms":N}`.
+    /// whose payload the device interprets; the answer is the device's JSON answer. Every
+    /// device answers `{"op":"counters"}` (requests, bytes, errors, interrupts); the
+    /// balloon also takes `{"op":"set_target","target_mib":N}` and `{"op":"stats","wait_ms":N}`.
     Device {
         /// The device id.
         id: String,

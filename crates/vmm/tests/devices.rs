@@ -82,6 +82,17 @@ fn requests_by_device_id_and_snapshots_keyed_by_id() {
         .call(device("balloon", serde_json::json!({"op": "inflate"})))
         .unwrap_err();
     assert!(e.contains("bad request"), "{e}");
+    for id in ["rng", "balloon"] {
+        let counters: serde_json::Value = serde_json::from_str(
+            &ctl.call(device(id, serde_json::json!({"op": "counters"})))
+                .unwrap(),
+        )
+        .unwrap();
+        for key in ["requests", "bytes", "errors", "interrupts"] {
+            assert!(counters[key].is_u64(), "{id}: {counters}");
+        }
+        assert_eq!(counters["errors"], 0, "{id}: {counters}");
+    }
     let stats: serde_json::Value =
         serde_json::from_str(&ctl.call(Request::Stats).unwrap()).unwrap();
     assert_eq!(stats["balloon"]["target_mib"], 8, "{stats}");
