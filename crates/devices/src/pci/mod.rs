@@ -39,7 +39,9 @@ pub trait VmHooks: Send + Sync {
     ) -> std::io::Result<()>;
     /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr` (a BAR
     /// backed by memory, like virtio shared memory), so guest accesses do not exit. Without
-    /// it (the default refuses), accesses trap and the device serves them.
+    /// it (the default refuses), accesses trap and the device serves them. The caller owns
+    /// the host mapping and keeps it alive until it has called
+    /// [`unmap_memory`](Self::unmap_memory).
     fn map_memory(&self, _guest_addr: u64, _host_addr: u64, _size: u64) -> std::io::Result<()> {
         Err(std::io::ErrorKind::Unsupported.into())
     }

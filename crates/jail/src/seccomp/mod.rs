@@ -63,6 +63,14 @@ pub const COMMON_IOCTLS: &[(u64, &str)] = &[
         ioc(W, KVMIO, 0x79, 64),
         "KVM_IOEVENTFD: queue notifications of an activated device",
     ),
+    (
+        ioc(W, KVMIO, 0x46, 32),
+        "KVM_SET_USER_MEMORY_REGION: device memory BARs mapped and moved, dirty logging on and off",
+    ),
+    (
+        ioc(W, KVMIO, 0x42, 16),
+        "KVM_GET_DIRTY_LOG: the pages the guest wrote, for a live snapshot",
+    ),
     (FIONBIO, "FIONBIO: std makes sockets non-blocking with it"),
     (
         FIOCLEX,
@@ -302,12 +310,19 @@ mod tests {
         assert_eq!(ioctl("KVM_SET_GSI_ROUTING"), 0x4008_ae6a);
         assert_eq!(ioctl("KVM_IRQFD"), 0x4020_ae76);
         assert_eq!(ioctl("KVM_IOEVENTFD"), 0x4040_ae79);
+        assert_eq!(ioctl("KVM_SET_USER_MEMORY_REGION"), 0x4020_ae46);
+        assert_eq!(ioctl("KVM_GET_DIRTY_LOG"), 0x4010_ae42);
         assert_eq!(ioctl("FIONBIO"), u64::try_from(libc::FIONBIO).unwrap());
         assert_eq!(ioctl("FIOCLEX"), u64::try_from(libc::FIOCLEX).unwrap());
         let sized = [
             ("KVM_SET_GSI_ROUTING", size_of::<kvm_irq_routing>()),
             ("KVM_IRQFD", size_of::<kvm_irqfd>()),
             ("KVM_IOEVENTFD", size_of::<kvm_ioeventfd>()),
+            (
+                "KVM_SET_USER_MEMORY_REGION",
+                size_of::<kvm_userspace_memory_region>(),
+            ),
+            ("KVM_GET_DIRTY_LOG", size_of::<kvm_dirty_log>()),
         ];
         for (name, want) in sized {
             assert_eq!(size(ioctl(name)), want, "{name}");
