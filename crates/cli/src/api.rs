@@ -75,7 +75,7 @@ fn serve_conn(stream: UnixStream, controller: &Controller) -> std::io::Result<()
         }
         let result = ApiRequest::parse_line(&line)
             .map_err(|e| e.to_string())
-            .and_then(|req| controller.call(req));
+            .and_then(|req| controller.call(req).map_err(|e| e.to_string()));
         out.write_all(ApiResponse::from_result(result).to_line().as_bytes())?;
     }
     Ok(())

@@ -8,9 +8,42 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use devices::bus::lock;
 
+use crate::device_manager::DeviceRequestError;
 pub use vmm_api::control::Request;
 
-type Pending = (Request, Sender<Result<String, String>>);
+type Pending = (Request, Sender<Result<String, RequestError>>);
+
+/// Why the VM did not carry out a control request.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The request could not be handed to the VM's thread.
+    #[error("cannot signal the VM: {0}")]
+    Signal(#[source] std::io::Error),
+    /// The VM ended before it answered.
+    #[error("the VM is no longer running")]
+    Ended,
+    /// A vCPU stopped while the VM was being paused.
+    #[error("a vCPU has stopped; the VM is ending")]
+    VcpuStopped,
+    /// The vCPUs did not leave the guest in time.
+    #[error("vCPUs did not stop within 5 s")]
+    PauseTimeout,
+    /// The snapshot stream's receiver could not be reached.
+    #[error("cannot connect to {path}: {source}")]
+    Connect {
+        /// The receiver's socket.
+        path: std::path::PathBuf,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing or sending the snapshot failed.
+    #[error(transparent)]
+    Snapshot(crate::Error),
+    /// The device request did not reach the device, or the device refused it.
+    #[error(transparent)]
+    Device(#[from] DeviceRequestError),
+}
 
 /// The channel between request senders and the thread running the VM.
 pub struct Controller {
@@ -29,14 +62,11 @@ impl Controller {
     }
 
     /// Sends `req` and waits for the VM's answer: `Ok(details)` or `Err(reason)`.
-    pub fn call(&self, req: Request) -> Result<String, String> {
+    pub fn call(&self, req: Request) -> Result<String, RequestError> {
         let (tx, rx) = channel();
         lock(&self.pending).push((req, tx));
-        self.event
-            .write(1)
-            .map_err(|e| format!("cannot signal the VM: {e}"))?;
-        rx.recv()
-            .unwrap_or_else(|_| Err("the VM is no longer running".into()))
+        self.event.write(1).map_err(RequestError::Signal)?;
+        rx.recv().unwrap_or(Err(RequestError::Ended))
     }
 
     /// Takes the pending requests.

@@ -24,7 +24,7 @@ mod vcpu;
 mod vm;
 
 pub use config::{ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
-pub use control::{Controller, Request};
+pub use control::{Controller, Request, RequestError};
 pub use error::Error;
 pub use memory::{DirtyLog, DirtyRegion};
 pub use snapshot::{RestoreOverrides, SnapshotStats};

@@ -18,7 +18,7 @@ use devices::pci::{PciConfigMmio, PciMmioWindow, PciRoot, VmHooks};
 use devices::GuestMem;
 
 use crate::config::{SerialConfig, VmConfig};
-use crate::control::{Controller, Request};
+use crate::control::{Controller, Request, RequestError};
 use crate::device_manager::DeviceManager;
 use crate::hooks::KvmHooks;
 use crate::memory::{create_memory, mark_mergeable, DirtyLog, DirtyRegion};
@@ -276,7 +276,11 @@ impl Vm {
 
 impl Vm {
     /// Serves one control request on the thread running the VM.
-    fn handle_request(&self, threads: &[VcpuThread], req: &Request) -> Result<String, String> {
+    fn handle_request(
+        &self,
+        threads: &[VcpuThread],
+        req: &Request,
+    ) -> Result<String, RequestError> {
         match req {
             Request::Pause => self.pause(threads).map(|_| "paused".into()),
             Request::Resume => {
@@ -285,7 +289,9 @@ impl Vm {
             }
             Request::Snapshot { dir, resume } => {
                 self.pause(threads)?;
-                let result = self.save_snapshot(threads, dir).map_err(|e| e.to_string());
+                let result = self
+                    .save_snapshot(threads, dir)
+                    .map_err(RequestError::Snapshot);
                 if *resume {
                     self.resume(threads);
                 }
@@ -294,12 +300,17 @@ impl Vm {
             Request::SnapshotStream { socket, resume } => {
                 // No write timeout: setsockopt is not in the jail's seccomp list. A receiver
                 // that stops reading holds the VM paused until it reads or closes.
-                let mut conn = std::os::unix::net::UnixStream::connect(socket)
-                    .map_err(|e| format!("cannot connect to {}: {e}", socket.display()))?;
+                let mut conn =
+                    std::os::unix::net::UnixStream::connect(socket).map_err(|source| {
+                        RequestError::Connect {
+                            path: socket.clone(),
+                            source,
+                        }
+                    })?;
                 self.pause(threads)?;
                 let result = self
                     .send_snapshot(threads, &mut conn)
-                    .map_err(|e| e.to_string());
+                    .map_err(RequestError::Snapshot);
                 if *resume {
                     self.resume(threads);
                 }
@@ -311,7 +322,7 @@ impl Vm {
                 .devices
                 .control(id, request)
                 .map(|answer| answer.to_string())
-                .map_err(|e| e.to_string()),
+                .map_err(RequestError::from),
         }
     }
 
@@ -333,7 +344,7 @@ impl Vm {
     }
 
     /// Parks every vCPU outside KVM_RUN, then quiesces the device workers.
-    fn pause(&self, threads: &[VcpuThread]) -> Result<(), String> {
+    fn pause(&self, threads: &[VcpuThread]) -> Result<(), RequestError> {
         if self.shared.pause.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -341,11 +352,11 @@ impl Vm {
         while self.shared.parked.load(Ordering::Acquire) < threads.len() {
             if threads.iter().any(|t| t.handle.is_finished()) {
                 self.resume(threads);
-                return Err("a vCPU has stopped; the VM is ending".into());
+                return Err(RequestError::VcpuStopped);
             }
             if std::time::Instant::now() > deadline {
                 self.resume(threads);
-                return Err("vCPUs did not stop within 5 s".into());
+                return Err(RequestError::PauseTimeout);
             }
             threads.iter().for_each(|t| t.kick());
             std::thread::sleep(Duration::from_millis(1));

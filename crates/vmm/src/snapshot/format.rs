@@ -114,6 +114,13 @@ pub enum FormatError {
     /// A section that must be present is missing, or one that must be unique repeats.
     #[error("snapshot section {0} is missing or repeated")]
     Missing(&'static str),
+    /// A section's value does not serialise (writing).
+    #[error("snapshot section {name} does not serialise: {source}")]
+    Encode {
+        name: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 /// One decoded-enough section.
@@ -148,8 +155,15 @@ impl Writer {
     }
 
     /// Appends a section holding `value` as JSON.
-    pub fn add<T: serde::Serialize>(&mut self, kind: SectionKind, value: &T) -> Result<(), String> {
-        let payload = serde_json::to_vec(value).map_err(|e| format!("{}: {e}", kind.name()))?;
+    pub fn add<T: serde::Serialize>(
+        &mut self,
+        kind: SectionKind,
+        value: &T,
+    ) -> Result<(), FormatError> {
+        let payload = serde_json::to_vec(value).map_err(|source| FormatError::Encode {
+            name: kind.name(),
+            source,
+        })?;
         self.add_raw(kind as u32, kind.version(), &payload);
         Ok(())
     }
