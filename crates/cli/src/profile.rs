@@ -68,9 +68,15 @@ mergeable (KSM, default false).")]
         name: String,
     },
     /// Stop a profile's VM (asks the VMM, then SIGTERM, then SIGKILL).
+    #[command(after_help = "\
+A suspended profile has no VM but a saved guest (its snapshot): stopping it discards that
+state, so it is refused unless --discard is given.")]
     Stop {
         /// Profile name.
         name: String,
+        /// Also stop a suspended profile, discarding its saved guest.
+        #[arg(long)]
+        discard: bool,
     },
     /// Snapshot a running profile to disk and end its VMM.
     Suspend {
@@ -82,10 +88,16 @@ mergeable (KSM, default false).")]
         /// Profile name.
         name: String,
     },
-    /// Delete a stopped profile with its disks.
+    /// Delete a stopped or failed profile with its disks.
+    #[command(after_help = "\
+A running or paused profile must be stopped first. A suspended profile is refused unless
+--force is given: its saved guest and its disks would be lost.")]
     Delete {
         /// Profile name.
         name: String,
+        /// Also delete a suspended profile, discarding its saved guest.
+        #[arg(long)]
+        force: bool,
     },
     /// Bring a running profile to the foreground (the others go to the background).
     Switch {
@@ -245,11 +257,15 @@ fn utc(ms: i64) -> String {
     )
 }
 
-/// `POST /v1/profiles/NAME/ACTION` and what it did.
-fn lifecycle(c: &Client, json: bool, name: &str, action: &str) -> Result<()> {
+/// `POST /v1/profiles/NAME/ACTION[?QUERY]` and what it did.
+fn lifecycle(c: &Client, json: bool, name: &str, action: &str, query: &str) -> Result<()> {
     let t0 = std::time::Instant::now();
     let none: Option<&()> = None;
-    let p: ProfileInfo = c.call("POST", &format!("/v1/profiles/{name}/{action}"), none)?;
+    let p: ProfileInfo = c.call(
+        "POST",
+        &format!("/v1/profiles/{name}/{action}{query}"),
+        none,
+    )?;
     if json {
         return print_json(&p);
     }
@@ -321,19 +337,23 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                 show(&p)?;
             }
         }
-        ProfileCmd::Delete { name } => {
-            let _: () = c.call("DELETE", &format!("/v1/profiles/{name}"), none)?;
+        ProfileCmd::Delete { name, force } => {
+            let query = if force { "?force=true" } else { "" };
+            let _: () = c.call("DELETE", &format!("/v1/profiles/{name}{query}"), none)?;
             if json {
                 print_json(&serde_json::json!({ "deleted": name }))?;
             } else {
                 println!("deleted profile {name}");
             }
         }
-        ProfileCmd::Start { name } => lifecycle(&c, json, &name, "start")?,
-        ProfileCmd::Stop { name } => lifecycle(&c, json, &name, "stop")?,
-        ProfileCmd::Suspend { name } => lifecycle(&c, json, &name, "suspend")?,
-        ProfileCmd::Resume { name } => lifecycle(&c, json, &name, "resume")?,
-        ProfileCmd::Switch { name } => lifecycle(&c, json, &name, "switch")?,
+        ProfileCmd::Start { name } => lifecycle(&c, json, &name, "start", "")?,
+        ProfileCmd::Stop { name, discard } => {
+            let query = if discard { "?discard=true" } else { "" };
+            lifecycle(&c, json, &name, "stop", query)?
+        }
+        ProfileCmd::Suspend { name } => lifecycle(&c, json, &name, "suspend", "")?,
+        ProfileCmd::Resume { name } => lifecycle(&c, json, &name, "resume", "")?,
+        ProfileCmd::Switch { name } => lifecycle(&c, json, &name, "switch", "")?,
         ProfileCmd::Events { name, limit } => {
             let url = match &name {
                 Some(n) => format!("/v1/profiles/{n}/events?limit={limit}"),

@@ -193,6 +193,30 @@ fn recipient_key_round_trip() {
     );
     assert_ok(&exported, "export --recipient");
     assert!(String::from_utf8_lossy(&exported.stdout).contains("exported lab (stopped"));
+    // An existing file is not replaced without --force, and stays as it was.
+    let before = std::fs::read(&out).unwrap();
+    let export_again = |extra: &[&str]| {
+        let mut args = vec![
+            "export",
+            "lab",
+            "-o",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_a.to_str().unwrap(),
+            "--recipient",
+            &public,
+        ];
+        args.extend_from_slice(extra);
+        run(&args, &[])
+    };
+    assert_one_error(&export_again(&[]), "give --force to replace it");
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    assert_ok(&export_again(&["--force"]), "export --force");
+    assert_ne!(
+        std::fs::read(&out).unwrap(),
+        before,
+        "a new file (new nonce)"
+    );
 
     // Another identity and a passphrase cannot open it.
     let other = s.path("other.key");

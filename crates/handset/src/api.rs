@@ -8,14 +8,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::extract::connect_info::{ConnectInfo, Connected};
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 
-use crate::api_types::{CreateProfile, ErrorBody, LimitQuery};
+use crate::api_types::{CreateProfile, DeleteQuery, ErrorBody, LimitQuery, StopQuery};
 use crate::daemon::Handset;
 use crate::db::Log;
 use crate::error::Error;
@@ -190,8 +190,10 @@ async fn remove(
     State(h): State<Hs>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     Path(name): Path<String>,
+    q: Result<Query<DeleteQuery>, QueryRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let r = h.delete(&name).await;
+    let q = query(q)?;
+    let r = h.delete(&name, q.force.unwrap_or(false)).await;
     audited(&h, peer, &name, "delete", r)?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -210,32 +212,62 @@ macro_rules! lifecycle {
 }
 
 lifecycle!(start, "start");
-lifecycle!(stop, "stop");
+
+async fn stop(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    q: Result<Query<StopQuery>, QueryRejection>,
+) -> ApiResult<crate::ProfileInfo> {
+    let q = query(q)?;
+    let r = h.stop(&name, q.discard.unwrap_or(false)).await;
+    Ok(Json(audited(&h, peer, &name, "stop", r)?))
+}
+
 lifecycle!(suspend, "suspend");
 lifecycle!(resume, "resume");
 lifecycle!(switch, "switch");
 
-fn limit(q: LimitQuery) -> u32 {
-    q.limit.unwrap_or(100).min(10_000)
+/// A query string, or the 400 (with the JSON error body) saying what is wrong with it.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError(Error::BadRequest(e.body_text())))
+}
+
+/// The largest `?limit=`.
+pub const LIMIT_MAX: u32 = 10_000;
+
+/// `?limit=` (default 100); above [`LIMIT_MAX`] is refused, not clamped.
+fn limit(q: Result<Query<LimitQuery>, QueryRejection>) -> Result<u32, ApiError> {
+    match query(q)?.limit {
+        None => Ok(100),
+        Some(n) if n > LIMIT_MAX => Err(ApiError(Error::BadRequest(format!(
+            "limit {n} is above the maximum {LIMIT_MAX}"
+        )))),
+        Some(n) => Ok(n),
+    }
 }
 
 async fn events(
     State(h): State<Hs>,
     Path(name): Path<String>,
-    Query(q): Query<LimitQuery>,
+    q: Result<Query<LimitQuery>, QueryRejection>,
 ) -> ApiResult<Vec<crate::Event>> {
-    Ok(Json(h.events(Log::Events, Some(&name), limit(q))?))
+    Ok(Json(h.events(Log::Events, Some(&name), limit(q)?)?))
 }
 
 async fn all_events(
     State(h): State<Hs>,
-    Query(q): Query<LimitQuery>,
+    q: Result<Query<LimitQuery>, QueryRejection>,
 ) -> ApiResult<Vec<crate::Event>> {
-    Ok(Json(h.events(Log::Events, None, limit(q))?))
+    Ok(Json(h.events(Log::Events, None, limit(q)?)?))
 }
 
-async fn audit(State(h): State<Hs>, Query(q): Query<LimitQuery>) -> ApiResult<Vec<crate::Event>> {
-    Ok(Json(h.events(Log::Audit, None, limit(q))?))
+async fn audit(
+    State(h): State<Hs>,
+    q: Result<Query<LimitQuery>, QueryRejection>,
+) -> ApiResult<Vec<crate::Event>> {
+    Ok(Json(h.events(Log::Audit, None, limit(q)?)?))
 }
 
 fn method_router(route: &Route) -> MethodRouter<Hs> {

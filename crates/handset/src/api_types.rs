@@ -158,6 +158,20 @@ pub struct LimitQuery {
     pub limit: Option<u32>,
 }
 
+/// `?discard=` of `POST /v1/profiles/{name}/stop`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct StopQuery {
+    /// Stop a suspended profile too, discarding its snapshot (default false: refused).
+    pub discard: Option<bool>,
+}
+
+/// `?force=` of `DELETE /v1/profiles/{name}`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct DeleteQuery {
+    /// Delete a suspended profile too, with its snapshot (default false: refused).
+    pub force: Option<bool>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -390,12 +390,43 @@ fn suspend_and_resume_continue_the_guest() {
     loud(&format!(
         "MEASURE suspend {suspend_ms:.1} ms, resume {resume_ms:.1} ms (80 MiB probe)"
     ));
-    // Suspend twice, then start (= resume) works too; stop of a suspended profile discards.
+    // Suspend twice, then start (= resume) works too.
     d.act("s", "suspend").unwrap();
     assert_eq!(d.act("s", "start").unwrap().state, ProfileState::Running);
     d.act("s", "suspend").unwrap();
-    assert_eq!(d.act("s", "stop").unwrap().state, ProfileState::Stopped);
+    // Stop and delete of a suspended profile would lose its guest: refused, saying what
+    // would be lost and how to go on; nothing changes.
+    for (args, hint) in [(["stop", "s"], "--discard"), (["delete", "s"], "--force")] {
+        let out = d.cli(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.starts_with("pocketvisor: error: profile \"s\" is suspended")
+                && err.contains("saved guest")
+                && err.contains(hint),
+            "{err}"
+        );
+        assert_eq!(d.show("s").state, ProfileState::Suspended);
+        assert!(d.dir.join("profiles/s/snapshot").is_dir());
+    }
+    // Asked for, they do it.
+    let out = d.cli(&["stop", "s", "--discard"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.show("s").state, ProfileState::Stopped);
     assert!(!d.dir.join("profiles/s/snapshot").exists());
+    d.act("s", "start").unwrap();
+    d.act("s", "suspend").unwrap();
+    let out = d.cli(&["delete", "s", "--force"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!d.dir.join("profiles/s").exists());
 }
 
 #[test]

@@ -300,6 +300,37 @@ fn answers_match_the_documented_schemas() {
     );
     call("GET", "/v1/events", "/v1/events", None);
     call("GET", "/v1/audit?limit=1000", "/v1/audit", None);
+    // Bad query strings are 400s with the JSON error body; a limit above the maximum is
+    // refused, not clamped; a profile that does not exist has no events (404).
+    for (url, route) in [
+        ("/v1/audit?limit=10001", "/v1/audit"),
+        ("/v1/events?limit=lots", "/v1/events"),
+        (
+            "/v1/profiles/work/events?limit=-1",
+            "/v1/profiles/{name}/events",
+        ),
+    ] {
+        let a = call("GET", url, route, None);
+        assert_eq!(a.status, 400, "{url}");
+        assert!(
+            serde_json::from_slice::<handset::api_types::ErrorBody>(&a.body).is_ok(),
+            "{url}"
+        );
+    }
+    let ghost = call(
+        "GET",
+        "/v1/profiles/ghost/events",
+        "/v1/profiles/{name}/events",
+        None,
+    );
+    assert_eq!(ghost.status, 404);
+    let bad_flag = call(
+        "POST",
+        "/v1/profiles/work/stop?discard=maybe",
+        "/v1/profiles/{name}/stop",
+        None,
+    );
+    assert_eq!(bad_flag.status, 400);
     let del = call("DELETE", "/v1/profiles/lab", "/v1/profiles/{name}", None);
     assert_eq!(del.status, 204);
     let del_again = call("DELETE", "/v1/profiles/lab", "/v1/profiles/{name}", None);

@@ -33,9 +33,12 @@ pub struct ExportArgs {
     /// The profile to export.
     #[arg(value_name = "PROFILE")]
     profile: String,
-    /// The file to write (replaced if it exists).
+    /// The file to write (an existing file is refused unless --force).
     #[arg(short, long, value_name = "FILE")]
     output: PathBuf,
+    /// Replace FILE if it exists.
+    #[arg(long)]
+    force: bool,
     /// State directory [default: $POCKETVISOR_STATE_DIR, else /var/lib/pocketvisor].
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -94,6 +97,12 @@ fn lifecycle(dir: &StateDir, name: &str, action: &str, json: bool) -> Result<()>
 /// Runs `pocketvisor export`.
 pub fn main(a: ExportArgs) -> Result<i32> {
     handset::spec::check_name("profile name", &a.profile)?;
+    if !a.force && std::fs::symlink_metadata(&a.output).is_ok() {
+        bail!(
+            "{} exists: give --force to replace it, or another -o FILE",
+            a.output.display()
+        );
+    }
     let dir = StateDir::resolve(a.state_dir.as_deref())?;
     if !dir.db().is_file() {
         bail!(

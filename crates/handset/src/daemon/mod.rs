@@ -125,6 +125,8 @@ impl Handset {
     pub fn events(&self, log: Log, profile: Option<&str>, limit: u32) -> Result<Vec<LogEvent>> {
         if let Some(p) = profile {
             crate::spec::check_name("profile name", p)?;
+            // A profile that does not exist (any more) has no events to show: 404.
+            self.registry.row(p)?;
         }
         self.registry.db().records(log, profile, limit)
     }
@@ -140,11 +142,19 @@ impl Handset {
         self.show(name)
     }
 
-    /// Deletes a stopped (or suspended, or failed) profile and all its files.
-    pub async fn delete(&self, name: &str) -> Result<()> {
+    /// Deletes a stopped (or failed) profile and all its files; a suspended one only with
+    /// `force` (its saved guest would be lost).
+    pub async fn delete(&self, name: &str, force: bool) -> Result<()> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
         self.registry.check(name, Event::Delete)?;
+        if !force && self.registry.row(name)?.state == ProfileState::Suspended.as_str() {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} is suspended: deleting it discards {} and its disks; resume \
+                 it, or delete with --force (API: ?force=true)",
+                self.saved_guest(name)
+            )));
+        }
         if self.supervisor.is_live(name) {
             return Err(Error::Conflict(format!(
                 "profile {name:?} is {}: stop it first",
@@ -202,11 +212,19 @@ impl Handset {
         Ok(())
     }
 
-    /// Stops a running or paused profile (a suspended one loses its snapshot).
-    pub async fn stop(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+    /// Stops a running or paused profile; a suspended one only with `discard` (it loses its
+    /// snapshot).
+    pub async fn stop(self: &Arc<Self>, name: &str, discard: bool) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
         match self.registry.check(name, Event::Stop)?.action {
+            Action::DiscardSnapshot if !discard => {
+                return Err(Error::Conflict(format!(
+                    "profile {name:?} is suspended: stopping it discards {}; resume it, or \
+                     stop with --discard (API: ?discard=true)",
+                    self.saved_guest(name)
+                )));
+            }
             Action::DiscardSnapshot => {
                 let snap = self.dir().snapshot(name);
                 let _ = std::fs::remove_dir_all(&snap);
@@ -223,6 +241,25 @@ impl Handset {
             }
         }
         self.show(name)
+    }
+
+    /// What a suspended profile's snapshot holds, for refusals ("its saved guest (N MiB
+    /// snapshot ...)").
+    fn saved_guest(&self, name: &str) -> String {
+        let snap = self.dir().snapshot(name);
+        let bytes: u64 = std::fs::read_dir(&snap)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        format!(
+            "its saved guest (the running state suspended to {}, {} MiB: memory, CPUs, devices)",
+            snap.display(),
+            bytes.div_ceil(1 << 20)
+        )
     }
 
     /// Where the jailed VMM of `name` sees the host path `host` (under its run directory),
