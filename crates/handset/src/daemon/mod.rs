@@ -125,10 +125,15 @@ impl Handset {
     pub fn events(&self, log: Log, profile: Option<&str>, limit: u32) -> Result<Vec<LogEvent>> {
         if let Some(p) = profile {
             crate::spec::check_name("profile name", p)?;
-            // A profile that does not exist (any more) has no events to show: 404.
-            self.registry.row(p)?;
         }
-        self.registry.db().records(log, profile, limit)
+        let records = self.registry.db().records(log, profile, limit)?;
+        // A deleted profile keeps its history; a name that never existed is a 404.
+        if let Some(p) = profile {
+            if records.is_empty() && self.registry.db().profile(p)?.is_none() {
+                return Err(Error::NotFound(p.to_string()));
+            }
+        }
+        Ok(records)
     }
 
     /// Creates a profile: spec file, sparse disks, registry row.
