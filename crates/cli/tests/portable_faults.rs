@@ -291,6 +291,7 @@ fn kill_9_during_export_or_import() {
         dir_a.to_str().unwrap(),
         "--passphrase-file",
         pass.to_str().unwrap(),
+        "--force",
     ];
 
     // No file yet: a killed export leaves nothing under the final name.
