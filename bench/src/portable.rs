@@ -292,7 +292,7 @@ pub fn compare(bin: &Path, work: &Path, runs: usize, disk_mib: u64) -> Result<Re
 
     let export = |out: &Path, threads: Option<usize>| -> Result<Sample> {
         let mut c = Command::new(bin);
-        c.args(["export", "bench", "-o"])
+        c.args(["export", "bench", "--force", "-o"])
             .arg(out)
             .arg("--state-dir")
             .arg(&state_a)
