@@ -63,8 +63,8 @@ pub struct Vm {
     pub(crate) dirty: DirtyLog,
 }
 
-/// KVM and the VM fd set up by the architecture (x86_64: irqchip and PIT), after checking the
-/// configuration against the host.
+/// KVM and a new VM fd, after checking the configuration against the host. The
+/// architecture's part (x86_64: irqchip and PIT) comes with [`setup_vm_alongside`].
 pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
     let kvm = Kvm::new().map_err(Error::KvmOpen)?;
     let max_vcpus = kvm.get_max_vcpus();
@@ -76,8 +76,31 @@ pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
     }
     check_host_memory(cfg.memory_mib)?;
     arch::validate_cpuid_hide(&cfg.cpuid_hide)?;
-    let vm = Arc::new(arch::create_vm(&kvm)?);
+    let vm = Arc::new(kvm.create_vm().map_err(Error::kvm("create VM"))?);
     Ok((kvm, vm))
+}
+
+/// Sets up the architecture's part of `vm` (x86_64: TSS, irqchip, PIT) on a helper thread
+/// while `memory` (allocating or mapping guest RAM and registering its KVM slots) runs on
+/// this one. Each side waits in the kernel for its own grace period (irq routing, memory
+/// slots), a few milliseconds each on a virtualized host, so together they take the longer
+/// of the two rather than the sum. Returns what `memory` made once both are done.
+pub(crate) fn setup_vm_alongside<T>(
+    vm: &VmFd,
+    memory: impl FnOnce() -> Result<T, Error>,
+) -> Result<T, Error> {
+    std::thread::scope(|scope| {
+        let arch = std::thread::Builder::new()
+            .name("vm-setup".into())
+            .spawn_scoped(scope, || arch::setup_vm(vm))
+            .map_err(Error::io("start the VM setup thread"))?;
+        let made = memory();
+        let set = arch
+            .join()
+            .map_err(|_| Error::Memory("the VM setup thread panicked".into()))?;
+        set?;
+        made
+    })
 }
 
 impl Vm {
@@ -99,7 +122,7 @@ impl Vm {
         let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
 
         let (kvm, vm) = create_kvm_vm(cfg)?;
-        let mem = create_memory(&vm, cfg.memory_mib << 20)?;
+        let mem = setup_vm_alongside(&vm, || create_memory(&vm, cfg.memory_mib << 20))?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(cfg, &vm, &mem, &exit, None)?;
 

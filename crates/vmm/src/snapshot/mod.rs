@@ -39,7 +39,7 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::DeviceSection;
 use crate::memory::register_memory;
 use crate::vcpu::{VcpuMsg, VcpuThread};
-use crate::vm::{build_devices, create_kvm_vm, Vm};
+use crate::vm::{build_devices, create_kvm_vm, setup_vm_alongside, Vm};
 use crate::Error;
 use format::{FormatError, Section, SectionKind, Writer};
 use memory::{load_memory, save_memory, MemRegion};
@@ -297,11 +297,14 @@ impl Vm {
         }
 
         let (kvm, vm) = create_kvm_vm(&cfg)?;
-        let mem = match source {
-            Source::Dir(dir) => load_memory(&dir.join(MEMORY_FILE), &snap.memory, &cfg)?,
-            Source::Stream(r) => r.memory(&snap.memory, &cfg)?,
-        };
-        register_memory(&vm, &mem)?;
+        let mem = setup_vm_alongside(&vm, || {
+            let mem = match source {
+                Source::Dir(dir) => load_memory(&dir.join(MEMORY_FILE), &snap.memory, &cfg)?,
+                Source::Stream(r) => r.memory(&snap.memory, &cfg)?,
+            };
+            register_memory(&vm, &mem)?;
+            Ok(mem)
+        })?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(&cfg, &vm, &mem, &exit, Some(&snap.serial))?;
         let sections = if snap.positional.is_empty() {
