@@ -78,21 +78,21 @@ struct Guests {
 pub fn main(args: DoctorArgs) -> Result<i32> {
     let r = report();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        outln!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         let yes = |b: bool| if b { "yes" } else { "no" };
-        println!("KVM:          {:?} ({})", r.kvm, r.kvm_detail);
+        outln!("KVM:          {:?} ({})", r.kvm, r.kvm_detail);
         if let (Some(v), Some(n)) = (r.kvm_api_version, r.max_vcpus) {
-            println!("KVM API:      version {v}, up to {n} vCPUs per VM");
+            outln!("KVM API:      version {v}, up to {n} vCPUs per VM");
         }
-        println!("TAP:          {}", yes(r.tap));
-        println!(
+        outln!("TAP:          {}", yes(r.tap));
+        outln!(
             "vsock:        {} (unix-socket backend, built in)",
             yes(r.vsock)
         );
-        println!("vhost-vsock:  {} (only QEMU uses it)", yes(r.vhost_vsock));
-        println!("QEMU:         {} (for benchmarks)", yes(r.qemu));
-        println!(
+        outln!("vhost-vsock:  {} (only QEMU uses it)", yes(r.vhost_vsock));
+        outln!("QEMU:         {} (for benchmarks)", yes(r.qemu));
+        outln!(
             "KSM:          {}",
             match (r.ksm.available, r.ksm.running) {
                 (false, _) => "no (--mergeable has no effect)".to_string(),
@@ -103,9 +103,9 @@ pub fn main(args: DoctorArgs) -> Result<i32> {
                     format!("running, {} pages shared", r.ksm.pages_sharing.unwrap_or(0)),
             }
         );
-        println!("probe guest:  {}", yes(r.guests.probe));
-        println!("Linux guest:  {}", yes(r.guests.linux));
-        println!("              {}", r.guests.why);
+        outln!("probe guest:  {}", yes(r.guests.probe));
+        outln!("Linux guest:  {}", yes(r.guests.linux));
+        outln!("              {}", r.guests.why);
     }
     Ok(if r.guests.probe { 0 } else { 1 })
 }

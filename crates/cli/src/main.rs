@@ -1,5 +1,9 @@
 //! `pocketvisor`: the command-line front end of the VMM.
 
+// Declared first so its `outln!`/`out!` macros are in scope in every module below.
+#[macro_use]
+mod stdout;
+
 mod api;
 mod doctor;
 mod handset;
@@ -70,6 +74,7 @@ fn main() {
         Command::Keygen(args) => portable::keygen::main(args),
     };
     match result {
+        Ok(0) if stdout::failed() => std::process::exit(1),
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("pocketvisor: error: {}", one_line(&e));

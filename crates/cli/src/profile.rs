@@ -167,9 +167,13 @@ fn transfer(t: &handset::channels::Transfer, json: bool) -> Result<()> {
         (None, Some(m)) => format!("clipboard ({m})"),
         (None, None) => t.kind.as_str().to_string(),
     };
-    println!(
+    outln!(
         "{what}: {} bytes from {} to {} ({} ms, sha256 {})",
-        t.bytes, t.from, t.to, t.ms, t.sha256
+        t.bytes,
+        t.from,
+        t.to,
+        t.ms,
+        t.sha256
     );
     Ok(())
 }
@@ -183,18 +187,25 @@ fn client(a: &ProfileArgs) -> Result<Client> {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 fn table(rows: &[ProfileInfo]) {
-    println!(
+    outln!(
         "{:<20} {:<10} {:<3} {:>8} {:>7} {:>5} {:>9} {:>6}  DETAIL",
-        "NAME", "STATE", "FG", "PID", "MEM", "VCPUS", "RSS", "WEIGHT"
+        "NAME",
+        "STATE",
+        "FG",
+        "PID",
+        "MEM",
+        "VCPUS",
+        "RSS",
+        "WEIGHT"
     );
     for p in rows {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
-        println!(
+        outln!(
             "{:<20} {:<10} {:<3} {:>8} {:>6}M {:>5} {:>9} {:>6}  {}",
             p.name,
             p.state.as_str(),
@@ -211,21 +222,24 @@ fn table(rows: &[ProfileInfo]) {
 
 fn show(p: &ProfileInfo) -> Result<()> {
     table(std::slice::from_ref(p));
-    println!(
+    outln!(
         "\nserial log: {}\nvsock cid:  {}\n",
-        p.serial_log, p.vsock_cid
+        p.serial_log,
+        p.vsock_cid
     );
-    print!("{}", toml::to_string(&p.spec)?);
+    out!("{}", toml::to_string(&p.spec)?);
     Ok(())
 }
 
 fn events(list: &[Event]) {
-    println!(
+    outln!(
         "{:<24} {:<20} {:<16} DETAIL",
-        "TIME (UTC)", "PROFILE", "EVENT"
+        "TIME (UTC)",
+        "PROFILE",
+        "EVENT"
     );
     for e in list {
-        println!(
+        outln!(
             "{:<24} {:<20} {:<16} {}",
             utc(e.time_ms),
             e.profile,
@@ -271,8 +285,8 @@ fn lifecycle(c: &Client, json: bool, name: &str, action: &str, query: &str) -> R
     }
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     match action {
-        "switch" => println!("{name} is in the foreground ({ms:.1} ms)"),
-        _ => println!(
+        "switch" => outln!("{name} is in the foreground ({ms:.1} ms)"),
+        _ => outln!(
             "{name}: {}{} ({ms:.1} ms)",
             p.state.as_str(),
             p.pid.map(|v| format!(", pid {v}")).unwrap_or_default()
@@ -318,7 +332,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             if json {
                 print_json(&p)?;
             } else {
-                println!("created profile {} (kernel {})", p.name, p.spec.kernel);
+                outln!("created profile {} (kernel {})", p.name, p.spec.kernel);
             }
         }
         ProfileCmd::List => {
@@ -343,7 +357,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             if json {
                 print_json(&serde_json::json!({ "deleted": name }))?;
             } else {
-                println!("deleted profile {name}");
+                outln!("deleted profile {name}");
             }
         }
         ProfileCmd::Start { name } => lifecycle(&c, json, &name, "start", "")?,
@@ -391,9 +405,9 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             if json {
                 print_json(&info)?;
             } else {
-                println!("daemon pid {} version {}", info.pid, info.version);
-                println!("state dir  {}", info.state_dir);
-                println!(
+                outln!("daemon pid {} version {}", info.pid, info.version);
+                outln!("state dir  {}", info.state_dir);
+                outln!(
                     "cgroups    {} {}{}",
                     info.cgroups.mode,
                     info.cgroups.path.unwrap_or_default(),
@@ -402,12 +416,12 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                         .map(|n| format!(" ({n})"))
                         .unwrap_or_default()
                 );
-                println!(
+                outln!(
                     "probe      {}",
                     info.probe.unwrap_or_else(|| "not installed".into())
                 );
-                println!("profiles   {} ({} running)", info.profiles, info.running);
-                println!(
+                outln!("profiles   {} ({} running)", info.profiles, info.running);
+                outln!(
                     "foreground {}",
                     info.foreground.unwrap_or_else(|| "-".into())
                 );

@@ -78,7 +78,7 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
             resume: a.resume,
         },
     )?;
-    println!("snapshot written to {} ({info})", dir.display());
+    outln!("snapshot written to {} ({info})", dir.display());
     if a.stop {
         api::call(&a.api_socket, &Request::Stop)?;
     }
@@ -100,12 +100,12 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
 
 /// `pocketvisor pause`.
 pub fn pause(a: ControlArgs) -> Result<i32> {
-    println!("{}", api::call(&a.api_socket, &Request::Pause)?);
+    outln!("{}", api::call(&a.api_socket, &Request::Pause)?);
     Ok(0)
 }
 
 /// `pocketvisor resume`.
 pub fn resume(a: ControlArgs) -> Result<i32> {
-    println!("{}", api::call(&a.api_socket, &Request::Resume)?);
+    outln!("{}", api::call(&a.api_socket, &Request::Resume)?);
     Ok(0)
 }

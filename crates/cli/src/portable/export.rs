@@ -156,7 +156,7 @@ pub fn main(a: ExportArgs) -> Result<i32> {
     }
     w.reporter.done(w.fields);
     if !a.json {
-        println!("{}", w.summary);
+        outln!("{}", w.summary);
     }
     Ok(0)
 }

@@ -367,7 +367,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         "vsock_cid": cid,
     }));
     if !a.json {
-        println!(
+        outln!(
             "imported {name} ({}) into {}: {} in {:.2} s ({:.0} MB/s; key derivation {:.2} \
              s); next: pocketvisor profile {} {name}",
             config.state.as_str(),

@@ -51,6 +51,6 @@ pub fn main(a: KeygenArgs) -> Result<i32> {
         "pocketvisor: wrote the identity to {} (mode 0600); its public key:",
         a.output.display()
     );
-    println!("{public_text}");
+    outln!("{public_text}");
     Ok(0)
 }
