@@ -19,6 +19,9 @@ use devices::pci::VmHooks;
 struct Routes {
     next_gsi: u32,
     msi: BTreeMap<u32, (u64, u32)>,
+    /// Route changes are kept here and programmed together later (a restore puts back every
+    /// vector of every device; each KVM_SET_GSI_ROUTING waits for a grace period).
+    deferred: bool,
 }
 
 /// The first KVM memory slot for device memory; guest RAM uses the slots below (one per
@@ -49,6 +52,7 @@ impl KvmHooks {
             routes: Mutex::new(Routes {
                 next_gsi: first_msi_gsi.max(arch::IRQCHIP_PINS),
                 msi: BTreeMap::new(),
+                deferred: false,
             }),
             maps: Mutex::new(BTreeMap::new()),
         }
@@ -72,6 +76,20 @@ impl KvmHooks {
     /// Installs the default routes (before any device asks for MSI).
     pub fn install_default_routes(&self) -> io::Result<()> {
         self.apply(&lock(&self.routes))
+    }
+
+    /// From now until [`apply_deferred`](Self::apply_deferred), MSI route changes are only
+    /// recorded.
+    pub fn defer_routes(&self) {
+        lock(&self.routes).deferred = true;
+    }
+
+    /// Programs the legacy routes and every recorded MSI route in one table, and applies
+    /// changes as they come again.
+    pub fn apply_deferred(&self) -> io::Result<()> {
+        let mut routes = lock(&self.routes);
+        routes.deferred = false;
+        self.apply(&routes)
     }
 }
 
@@ -105,7 +123,7 @@ impl VmHooks for KvmHooks {
         } else {
             routes.msi.remove(&gsi).is_some()
         };
-        if changed {
+        if changed && !routes.deferred {
             self.apply(&routes)?;
         }
         Ok(())

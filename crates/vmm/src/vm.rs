@@ -437,6 +437,9 @@ pub(crate) struct Devices {
     pub serial: Arc<Mutex<Serial>>,
     pub root: Arc<Mutex<PciRoot>>,
     pub virtio: DeviceManager,
+    /// With `serial_state` given (a restore), the IRQ routes wait for
+    /// [`KvmHooks::apply_deferred`].
+    pub hooks: Arc<KvmHooks>,
 }
 
 /// Builds the port and MMIO buses with every device the configuration asks for; the serial
@@ -449,9 +452,13 @@ pub(crate) fn build_devices(
     serial_state: Option<&SerialState>,
 ) -> Result<Devices, Error> {
     let hooks = Arc::new(KvmHooks::new(vm.clone(), layout::MSI_GSI_BASE));
-    hooks
-        .install_default_routes()
-        .map_err(Error::io("install IRQ routes"))?;
+    if serial_state.is_some() {
+        hooks.defer_routes();
+    } else {
+        hooks
+            .install_default_routes()
+            .map_err(Error::io("install IRQ routes"))?;
+    }
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let bus_err = |e: devices::bus::BusError| Error::Device {
@@ -512,14 +519,15 @@ pub(crate) fn build_devices(
     )
     .map_err(bus_err)?;
 
-    let hooks: Arc<dyn VmHooks> = hooks;
-    let virtio = DeviceManager::build(cfg, mem, &hooks, &root)?;
+    let vm_hooks: Arc<dyn VmHooks> = hooks.clone();
+    let virtio = DeviceManager::build(cfg, mem, &vm_hooks, &root)?;
     Ok(Devices {
         pio,
         mmio,
         serial: legacy.serial,
         root,
         virtio,
+        hooks,
     })
 }
 

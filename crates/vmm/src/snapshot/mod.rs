@@ -319,6 +319,9 @@ impl Vm {
         };
         devs.virtio.restore(&sections)?;
         lock(&devs.root).refresh_all();
+        devs.hooks
+            .apply_deferred()
+            .map_err(Error::io("install IRQ routes"))?;
 
         snap.vm_state.restore(&vm)?;
 
