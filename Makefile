@@ -1,7 +1,8 @@
 # pocketvisor: build, demo, test and benchmark entry points.
 #
 #   make demo    build everything and boot a guest (the probe; Linux too where hardware KVM exists)
-#   make test    build the VMM and the probe guest, then run every test
+#   make test    build the VMM and the probe guest, then run every test (test-nested too)
+#   make test-nested  the hardware-path checks inside L1, a QEMU TCG machine with nested SVM
 #   make bench   pocketvisor vs QEMU on the probe guest
 #   make linux   build the Linux guest assets from Debian packages (guest/out/linux)
 #   make lint    rustfmt --check and clippy -D warnings over the workspace and the guest crates
@@ -12,7 +13,7 @@ PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 
-.PHONY: all build probe demo test bench linux lint
+.PHONY: all build probe demo test test-nested bench linux lint
 
 all: build
 
@@ -44,6 +45,13 @@ test: build
 		guest/build-linux.sh; \
 	fi
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) test-nested
+
+# One L1 boot (about 3 min under TCG) runs every check of tests/tests/nested.rs; the L1 assets
+# are built on first use (tests/nested/build-l1.sh), the Linux guest here when missing.
+test-nested: build
+	@[ -f $(LINUX)/vmlinux ] || guest/build-linux.sh
+	$(CARGO) test -p e2e --features nested --test nested
 
 bench: probe
 	$(CARGO) run -p bench --release -- $(BENCH_ARGS)
@@ -54,5 +62,6 @@ linux:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy -p e2e --features nested --all-targets -- -D warnings
 	cd guest/probe && $(CARGO) fmt -- --check && $(CARGO) clippy --release --target x86_64-unknown-none -- -D warnings
 	cd guest/agent && $(CARGO) fmt -- --check && $(CARGO) clippy -- -D warnings

@@ -227,12 +227,42 @@ if [ -x /bin/pocketvisor-agent ] && grep -q 'pv.agent=1' /proc/cmdline; then
   /bin/pocketvisor-agent
   echo "LINUX agent exited status=$?"
 fi
+# Checks the tests select on the kernel command line (each prints LINUX lines the host parses).
+arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p" | tail -n1; }
+if [ "$(arg pv.cpuflags)" = 1 ]; then
+  echo "LINUX cpuflags $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)"
+fi
+# pv.blk.rw=vdX: hash block 0 (written by the host), write 64 KiB of a known pattern at
+# block 256 with an fsync (a flush request), drop the page cache and hash it back.
+d="$(arg pv.blk.rw)"
+if [ -n "$d" ] && [ -b "/dev/$d" ]; then
+  echo "LINUX blkread $d sha256=$(dd if="/dev/$d" bs=4096 count=1 2>/dev/null | sha256sum | cut -d' ' -f1)"
+  if yes pocketvisor-blk | head -c 65536 | dd of="/dev/$d" bs=4096 seek=256 conv=fsync 2>/tmp/dd.err; then
+    echo "LINUX blkwrite $d status=ok cache=$(cat "/sys/block/$d/queue/write_cache" | tr ' ' _)"
+  else
+    echo "LINUX blkwrite $d status=failed $(tail -n1 /tmp/dd.err)"
+  fi
+  sync; echo 3 >/proc/sys/vm/drop_caches
+  echo "LINUX blkreread $d sha256=$(dd if="/dev/$d" bs=4096 skip=256 count=16 2>/dev/null | sha256sum | cut -d' ' -f1)"
+fi
+# pv.blk.ro=vdX: a write to a read-only disk must be refused.
+d="$(arg pv.blk.ro)"
+if [ -n "$d" ] && [ -b "/dev/$d" ]; then
+  if dd if=/dev/zero of="/dev/$d" bs=4096 count=1 conv=fsync 2>/dev/null; then w=accepted; else w=refused; fi
+  echo "LINUX blkro $d write=$w ro=$(cat "/sys/block/$d/ro")"
+fi
+if [ "$(arg pv.clock)" = 1 ]; then
+  echo "LINUX clock epoch=$(date +%s) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+fi
+# Kernel log lines the tests judge (quiet keeps them off the console).
+dmesg | grep -E 'WARNING:|BUG:|Oops|Call Trace|rtc_cmos|XSAVE consistency|TSC.*(unstable|unsynchron)' | sed 's/^/LINUX klog /'
 if grep -q 'pv.shell=1' /proc/cmdline; then
   echo "LINUX shell (exit to power off)"
   setsid cttyhack sh
 fi
 echo "LINUX done"
 sync
+if [ "$(arg pv.reboot)" = 1 ]; then echo "LINUX rebooting"; reboot -f; fi
 poweroff -f
 INIT
 chmod 755 "$root/init"

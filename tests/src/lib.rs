@@ -6,9 +6,13 @@
 //! - [`host`]: host-side fixtures (temp dirs, disk images, FNV-1a, network namespaces, skips).
 //! - [`elf`]: tiny hand-made PVH kernels for exit-path tests.
 //! - [`qemu`]: the QEMU command line equivalent to a pocketvisor run.
+//! - [`linux`]: the Debian Linux guest's `LINUX ...` lines and the assertions on them.
+//! - [`nested`]: running commands in L1, a QEMU TCG machine with a hardware-style KVM.
 
 pub mod elf;
 pub mod host;
+pub mod linux;
+pub mod nested;
 pub mod paths;
 pub mod probe;
 pub mod qemu;

@@ -53,8 +53,7 @@ fn linux_guest_boots_and_loads_virtio_modules() {
     cmd.initrd = Some(initrd);
     cmd.cmdline = Some("console=ttyS0 quiet".into());
     let out = cmd.run();
-    assert_linux_selftest(&out);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    e2e::linux::assert_selftest(&out);
 }
 
 #[test]
@@ -78,45 +77,5 @@ fn linux_assets_boot_under_qemu_tcg() {
     cmd.rng = true;
     cmd.disks.push((disk, false));
     let out = RunningVm::spawn(cmd.command(), std::time::Duration::from_secs(240)).wait();
-    assert_linux_selftest(&out);
-    assert_eq!(out.code(), Some(0), "{}", out.describe());
-}
-
-fn assert_linux_selftest(out: &e2e::Outcome) {
-    assert!(!out.timed_out, "{}", out.describe());
-    // Firmware text may precede the first line without a newline: cut it off.
-    let serial: Vec<&str> = out
-        .serial()
-        .map(|l| l.find("LINUX ").map_or(l, |at| &l[at..]))
-        .collect();
-    let ready = serial
-        .iter()
-        .find(|l| l.starts_with("LINUX ready"))
-        .unwrap_or_else(|| panic!("no `LINUX ready`\n{}", out.describe()));
-    assert!(
-        ready.contains("modules_failed=0"),
-        "{ready}\n{}",
-        out.describe()
-    );
-    for driver in ["driver=virtio_blk", "driver=virtio_rng"] {
-        assert!(
-            serial
-                .iter()
-                .any(|l| l.starts_with("LINUX virtio") && l.contains(driver)),
-            "no device bound to {driver}\n{}",
-            out.describe()
-        );
-    }
-    assert!(
-        serial
-            .iter()
-            .any(|l| l.starts_with("LINUX blk vda sectors=16384")),
-        "{}",
-        out.describe()
-    );
-    assert!(
-        serial.iter().any(|l| l.starts_with("LINUX done")),
-        "{}",
-        out.describe()
-    );
+    e2e::linux::assert_selftest(&out);
 }

@@ -1,0 +1,89 @@
+//! The Debian Linux guest of `guest/build-linux.sh`: booting it and reading its `LINUX` lines.
+//!
+//! Its `/init` loads the virtio modules, prints `LINUX ...` lines (devices, disks, the checks
+//! selected with `pv.*` on the kernel command line, kernel log lines worth judging as
+//! `LINUX klog ...`) and powers off.
+
+use crate::vm::Outcome;
+
+/// The guest's `LINUX ...` lines, without what firmware or the kernel printed before them on
+/// the same line.
+pub fn linux_lines(out: &Outcome) -> Vec<&str> {
+    out.serial()
+        .filter_map(|l| l.find("LINUX ").map(|at| &l[at..]))
+        .collect()
+}
+
+/// The first `LINUX <prefix>...` line's remainder (after `LINUX <prefix>`).
+pub fn linux_line<'a>(out: &'a Outcome, prefix: &str) -> Option<&'a str> {
+    let prefix = format!("LINUX {prefix}");
+    linux_lines(out)
+        .into_iter()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+}
+
+/// The value of `key=value` in a space-separated line.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Asserts the guest booted with every module loaded, bound virtio-blk and virtio-rng,
+/// saw the 8 MiB disk `vda`, reached `LINUX done` and powered off (exit 0).
+pub fn assert_selftest(out: &Outcome) {
+    assert!(!out.timed_out, "{}", out.describe());
+    let ready =
+        linux_line(out, "ready").unwrap_or_else(|| panic!("no `LINUX ready`\n{}", out.describe()));
+    assert_eq!(
+        field(ready, "modules_failed"),
+        Some("0"),
+        "{ready}\n{}",
+        out.describe()
+    );
+    let lines = linux_lines(out);
+    for driver in ["driver=virtio_blk", "driver=virtio_rng"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with("LINUX virtio") && l.contains(driver)),
+            "no device bound to {driver}\n{}",
+            out.describe()
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("LINUX blk vda sectors=16384")),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("LINUX done")),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+}
+
+/// Kernel log lines known to come from outside pocketvisor, each with the reason.
+const KNOWN_KERNEL_WARNINGS: &[(&str, &str)] = &[(
+    "arch/x86/kernel/fpu/xstate.c",
+    "XSAVE consistency problem: CPUID leaf 0xD as seen under nested SVM on QEMU TCG; \
+     QEMU-KVM in the same L1 shows it too",
+)];
+
+/// Asserts the guest's kernel log (the `LINUX klog` lines) has no `WARNING:`, `BUG:` or
+/// `Oops` other than the known ones of [`KNOWN_KERNEL_WARNINGS`].
+pub fn assert_clean_kernel_log(out: &Outcome) {
+    let bad: Vec<&str> = linux_lines(out)
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("LINUX klog "))
+        .filter(|l| ["WARNING:", "BUG:", "Oops"].iter().any(|w| l.contains(w)))
+        .filter(|l| !KNOWN_KERNEL_WARNINGS.iter().any(|(k, _)| l.contains(k)))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "the guest kernel logged {bad:?}\n{}",
+        out.describe()
+    );
+}

@@ -1,0 +1,358 @@
+//! Hardware-path checks, run inside L1: a QEMU TCG machine with a hardware-style KVM (AMD SVM
+//! with nested paging), where pocketvisor meets real KVM semantics (`e2e::nested`).
+//!
+//! Every `#[test]` here is a check with two lives. On the host, the first one to run boots L1
+//! once and runs this very test binary inside it (`PV_NESTED_INSIDE=1`, one test at a time);
+//! each test then reports its own result from that run, so one L1 boot serves them all. Inside
+//! L1, each test runs its body for real. Built only with `--features nested`
+//! (`make test-nested`); where QEMU is missing every check says SKIP loudly.
+//!
+//! Environment on the host: `NESTED_FILTER` (a libtest filter for the run in L1) and those of
+//! `e2e::nested` (`NESTED_TIMEOUT`, ...).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use e2e::linux::{assert_clean_kernel_log, assert_selftest, field, linux_line};
+use e2e::nested::{l1_timeout, run_in_l1, L1Run};
+use e2e::{Outcome, TempDir, VmCommand};
+
+const INSIDE: &str = "PV_NESTED_INSIDE";
+/// Linux under nested SVM on TCG: 11-40 s on a loaded 2-core machine; generous.
+const LINUX_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn inside_l1() -> bool {
+    std::env::var_os(INSIDE).is_some()
+}
+
+/// Runs the check `name`: its body inside L1, its result from the shared L1 run on the host.
+fn check(name: &str, body: impl FnOnce()) {
+    if inside_l1() {
+        let start = Instant::now();
+        body();
+        e2e::host::loud(&format!("check {name}: {:.1?}", start.elapsed()));
+        return;
+    }
+    let run = match shared_l1_run() {
+        Ok(run) => run,
+        Err(why) if why.contains("not installed") => {
+            e2e::skip(why, name);
+            return;
+        }
+        Err(why) => panic!("L1 could not run: {why}"),
+    };
+    match libtest_result(&run.output, name) {
+        Some("ok") => {}
+        Some("FAILED") => panic!(
+            "{name} failed in L1:\n{}\n(L1 job dir {})",
+            failure_section(&run.output, name),
+            run.dir.display()
+        ),
+        Some("ignored") => panic!("{name} was ignored in L1"),
+        _ => panic!(
+            "no result for {name} from L1 (filtered out with NESTED_FILTER, or L1 died)\n{}\n--- job output ---\n{}",
+            run.describe(),
+            run.output
+        ),
+    }
+}
+
+/// The one L1 run of this binary that every check on the host reads its result from.
+fn shared_l1_run() -> Result<&'static L1Run, &'static str> {
+    static RUN: OnceLock<Result<L1Run, String>> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+        let manifest = e2e::workspace_root().join("tests");
+        let filter = std::env::var("NESTED_FILTER").unwrap_or_default();
+        // One test at a time: L1 has 2 vCPUs, and the guests' timings are judged.
+        let script = format!(
+            "export {INSIDE}=1 CARGO_MANIFEST_DIR='{}' RUST_BACKTRACE=1\n\
+             '{}' --test-threads=1 --color never {filter} 2>checks.err\n",
+            manifest.display(),
+            exe.display()
+        );
+        e2e::host::loud(&format!(
+            "nested: booting L1 (QEMU TCG, nested SVM) for the hardware-path checks; \
+             deadline {:?}",
+            l1_timeout()
+        ));
+        let run = run_in_l1(&script, l1_timeout())?;
+        e2e::host::loud(&format!(
+            "nested: L1 job rc={:?}, L1 boot {:?}, total {:?} (job dir {})",
+            run.rc,
+            run.l1_boot,
+            run.qemu.elapsed,
+            run.dir.display()
+        ));
+        Ok(run)
+    })
+    .as_ref()
+    .map_err(String::as_str)
+}
+
+/// `ok`, `FAILED` or `ignored` from libtest's `test NAME ... RESULT` line.
+fn libtest_result<'a>(output: &'a str, name: &str) -> Option<&'a str> {
+    let prefix = format!("test {name} ... ");
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .map(str::trim)
+}
+
+/// libtest's `---- NAME stdout ----` section of a failed test (its output and panic message).
+fn failure_section(output: &str, name: &str) -> String {
+    let header = format!("---- {name} stdout ----");
+    let Some(at) = output.find(&header) else {
+        return "(no failure section)".into();
+    };
+    let rest = &output[at..];
+    let end = rest[header.len()..]
+        .find("\n---- ")
+        .or_else(|| rest.find("\nfailures:"))
+        .map_or(rest.len(), |e| e + header.len());
+    rest[..end].to_string()
+}
+
+fn linux_dir() -> PathBuf {
+    e2e::workspace_root().join("guest/out/linux")
+}
+
+/// A `pocketvisor run` of the Debian Linux guest (PVH vmlinux unless `kernel` says otherwise).
+fn linux_vm(kernel: &str, vcpus: u32, cmdline: &str) -> VmCommand {
+    let dir = linux_dir();
+    assert!(
+        dir.join("vmlinux").is_file(),
+        "{} is not built: run guest/build-linux.sh",
+        dir.display()
+    );
+    let mut cmd = VmCommand::bare()
+        .memory("512M")
+        .vcpus(vcpus)
+        .rng()
+        .timeout(LINUX_TIMEOUT);
+    cmd.kernel = Some(dir.join(kernel));
+    cmd.initrd = Some(dir.join("initramfs.cpio.gz"));
+    cmd.cmdline = Some(format!("console=ttyS0 quiet {cmdline}"));
+    cmd
+}
+
+fn cpus(out: &Outcome) -> Option<u32> {
+    field(linux_line(out, "ready")?, "cpus")?.parse().ok()
+}
+
+/// The standard boot: 8 MiB disk, rng, `vcpus` vCPUs; asserts the self-test, the vCPU count
+/// and a clean kernel log.
+fn boot_linux(kernel: &str, vcpus: u32) {
+    let dir = TempDir::new();
+    let (disk, _) = dir.disk("linux.img", 8 * 1024 * 1024, 21);
+    let out = linux_vm(kernel, vcpus, "").disk(&disk, false).run();
+    assert_selftest(&out);
+    assert_eq!(cpus(&out), Some(vcpus), "{}", out.describe());
+    assert_clean_kernel_log(&out);
+    e2e::host::loud(&format!(
+        "linux {kernel} {vcpus} vCPU(s): powered off after {:.1?}",
+        out.elapsed
+    ));
+}
+
+#[test]
+fn doctor_reports_hardware_svm() {
+    check("doctor_reports_hardware_svm", || {
+        let out = std::process::Command::new(e2e::pocketvisor_bin())
+            .arg("doctor")
+            .output()
+            .expect("run pocketvisor doctor");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let first = text.lines().next().unwrap_or_default();
+        assert!(
+            first.contains("Hardware") && first.contains("AMD SVM"),
+            "doctor in L1 says {first:?}\n{text}"
+        );
+        assert!(
+            text.contains("Linux guest:  yes"),
+            "doctor in L1 says Linux cannot run:\n{text}"
+        );
+        assert_eq!(out.status.code(), Some(0), "{text}");
+    });
+}
+
+#[test]
+fn probe_guest_passes_on_hardware_kvm() {
+    check("probe_guest_passes_on_hardware_kvm", || {
+        let dir = TempDir::new();
+        let (disk, _) = dir.disk("probe.img", 1024 * 1024, 5);
+        VmCommand::probe("pv.tests=pci,smp,blk,rng")
+            .vcpus(2)
+            .disk(&disk, false)
+            .rng()
+            .run()
+            .assert_clean_pass();
+    });
+}
+
+#[test]
+fn linux_pvh_2_vcpus_disk_rng() {
+    check("linux_pvh_2_vcpus_disk_rng", || boot_linux("vmlinux", 2));
+}
+
+#[test]
+fn linux_pvh_1_vcpu() {
+    check("linux_pvh_1_vcpu", || boot_linux("vmlinux", 1));
+}
+
+#[test]
+fn linux_pvh_4_vcpus() {
+    check("linux_pvh_4_vcpus", || boot_linux("vmlinux", 4));
+}
+
+#[test]
+fn linux_bzimage_2_vcpus() {
+    check("linux_bzimage_2_vcpus", || boot_linux("bzImage", 2));
+}
+
+#[test]
+fn linux_blk_read_write_flush_and_read_only() {
+    check("linux_blk_read_write_flush_and_read_only", || {
+        let dir = TempDir::new();
+        let (rw, rw_bytes) = dir.disk("rw.img", 8 * 1024 * 1024, 31);
+        let (ro, ro_bytes) = dir.disk("ro.img", 1024 * 1024, 32);
+        let out = linux_vm("vmlinux", 1, "pv.blk.rw=vda pv.blk.ro=vdb")
+            .disk(&rw, false)
+            .disk(&ro, true)
+            .run();
+        assert_selftest(&out);
+        // Read: the guest's hash of block 0 is the host's.
+        let read = linux_line(&out, "blkread vda").expect("no blkread line");
+        assert_eq!(
+            field(read, "sha256"),
+            Some(sha256_hex(&rw_bytes[..4096]).as_str()),
+            "{}",
+            out.describe()
+        );
+        // Write + flush: dd with conv=fsync succeeded on a write-back cache (so the fsync
+        // was a flush request), the data is in the host file, and re-read equals it.
+        let write = linux_line(&out, "blkwrite vda").expect("no blkwrite line");
+        assert_eq!(field(write, "status"), Some("ok"), "{}", out.describe());
+        assert_eq!(
+            field(write, "cache"),
+            Some("write_back"),
+            "{}",
+            out.describe()
+        );
+        let expected: Vec<u8> = b"pocketvisor-blk\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(65536)
+            .collect();
+        let on_host = std::fs::read(&rw).expect("read rw.img");
+        let at = 256 * 4096;
+        assert!(
+            on_host[at..at + expected.len()] == expected[..],
+            "the guest's write is not in the host file"
+        );
+        assert!(
+            on_host[..at] == rw_bytes[..at],
+            "bytes before the guest's write changed"
+        );
+        let reread = linux_line(&out, "blkreread vda").expect("no blkreread line");
+        assert_eq!(
+            field(reread, "sha256"),
+            Some(sha256_hex(&expected).as_str()),
+            "{}",
+            out.describe()
+        );
+        // Read-only: the guest sees ro=1, its write is refused, the file is unchanged.
+        let ro_line = linux_line(&out, "blkro vdb").expect("no blkro line");
+        assert_eq!(field(ro_line, "ro"), Some("1"), "{}", out.describe());
+        assert_eq!(
+            field(ro_line, "write"),
+            Some("refused"),
+            "{}",
+            out.describe()
+        );
+        assert!(std::fs::read(&ro).expect("read ro.img") == ro_bytes);
+        assert_clean_kernel_log(&out);
+    });
+}
+
+#[test]
+fn linux_sees_hidden_cpuid_flags_gone() {
+    check("linux_sees_hidden_cpuid_flags_gone", || {
+        let flags_of = |hide: Option<&str>| {
+            let mut cmd = linux_vm("vmlinux", 1, "pv.cpuflags=1");
+            if let Some(list) = hide {
+                cmd = cmd.arg("--cpuid-hide").arg(list);
+            }
+            let out = cmd.run();
+            assert_eq!(out.code(), Some(0), "{}", out.describe());
+            let flags: Vec<String> = linux_line(&out, "cpuflags")
+                .unwrap_or_else(|| panic!("no cpuflags line\n{}", out.describe()))
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            (flags, out)
+        };
+        let (hidden, out) = flags_of(Some("xsave,rdrand"));
+        for gone in ["xsave", "rdrand"] {
+            assert!(
+                !hidden.iter().any(|f| f == gone),
+                "{gone} still in the guest's flags: {hidden:?}"
+            );
+        }
+        for kept in ["fpu", "sse2", "lm"] {
+            assert!(
+                hidden.iter().any(|f| f == kept),
+                "{kept} gone too: {hidden:?}"
+            );
+        }
+        // Without XSAVE the nested setup's XSAVE warning cannot appear: the log is clean.
+        assert!(
+            !out.serial().any(|l| l.contains("XSAVE consistency")),
+            "{}",
+            out.describe()
+        );
+        let (plain, _) = flags_of(None);
+        assert!(
+            plain.iter().any(|f| f == "rdrand"),
+            "rdrand missing without hiding: {plain:?}"
+        );
+    });
+}
+
+#[test]
+fn linux_reboot_ends_the_vm() {
+    check("linux_reboot_ends_the_vm", || {
+        let out = linux_vm("vmlinux", 1, "pv.reboot=1").run();
+        assert!(!out.timed_out, "{}", out.describe());
+        assert!(
+            linux_line(&out, "rebooting").is_some(),
+            "{}",
+            out.describe()
+        );
+        assert_eq!(out.code(), Some(0), "{}", out.describe());
+    });
+}
+
+/// SHA-256 through coreutils' `sha256sum` (the test crate has no hash dependency).
+fn sha256_hex(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(bytes)
+        .expect("feed sha256sum");
+    let out = child.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
