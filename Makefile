@@ -6,6 +6,7 @@
 #   make bench   pocketvisor vs QEMU on the probe guest
 #   make linux   build the Linux guest assets from Debian packages (guest/out/linux)
 #   make lint    rustfmt --check and clippy -D warnings over the workspace and the guest crates
+#   make fuzz    every cargo-fuzz target for FUZZ_SECONDS (default 60) each (nightly; not in CI)
 
 CARGO ?= cargo
 PROBE := guest/out/probe.elf
@@ -13,7 +14,7 @@ PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 
-.PHONY: all build probe demo test test-nested bench linux lint
+.PHONY: all build probe demo test test-nested bench linux lint fuzz
 
 all: build
 
@@ -65,3 +66,6 @@ lint:
 	$(CARGO) clippy -p e2e --features nested --all-targets -- -D warnings
 	cd guest/probe && $(CARGO) fmt -- --check && $(CARGO) clippy --release --target x86_64-unknown-none -- -D warnings
 	cd guest/agent && $(CARGO) fmt -- --check && $(CARGO) clippy -- -D warnings
+
+fuzz:
+	fuzz/run-all.sh
