@@ -36,14 +36,16 @@ pub struct ProfileArgs {
 enum ProfileCmd {
     /// Create a profile from a template (work, personal) or a TOML spec file.
     #[command(after_help = "\
-A spec file has the fields of profile.toml: name, kernel (a path or \"probe\"), initrd, cmdline,
+A spec file has the fields of profile.toml: name, kernel (\"probe\" or the file name of a guest
+asset in <state-dir>/assets/; never a path), initrd (an asset file name too), cmdline,
 memory_mib, vcpus, disks = [{name, size_mib, read_only}], net (TAP name), display = {width,
 height}, restart (never|on-failure|always), background (run|suspend), cpu = {foreground,
 background}, memory_max_mib, channels = {clipboard_to, files_to, clipboard_from, files_from}
 (cross-profile sending and accepting; see `profile clipboard copy --help`), balloon (default true),
 mergeable (KSM, default false).")]
     Create {
-        /// Profile name: 1-32 of a-z, 0-9 and - (with --template; overrides the file's).
+        /// Profile name: 1-32 of a-z, 0-9 and -, not beginning with - (with --template;
+        /// overrides the file's).
         name: Option<String>,
         /// Template: work or personal (the probe guest in counter mode unless --kernel).
         #[arg(long, conflicts_with = "file")]
@@ -51,8 +53,9 @@ mergeable (KSM, default false).")]
         /// A TOML profile spec.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
-        /// Kernel path replacing the template's or the file's.
-        #[arg(long, value_name = "PATH")]
+        /// Kernel replacing the template's or the file's: the file name of a guest asset in
+        /// <state-dir>/assets/ (copy the kernel there first).
+        #[arg(long, value_name = "ASSET")]
         kernel: Option<String>,
     },
     /// List profiles.

@@ -139,8 +139,11 @@ pub struct Transfer {
     pub mime: Option<String>,
     /// Bytes moved.
     pub bytes: u64,
-    /// SHA-256 of the bytes, lower-case hex.
+    /// SHA-256 of the bytes, lower-case hex (for the caller, who knows the contents).
     pub sha256: String,
+    /// The audit log's keyed digest of the bytes ([`crate::audit_key`]); not sent over the API.
+    #[serde(skip)]
+    pub audit_digest: String,
     /// Time taken in milliseconds.
     pub ms: u64,
 }
@@ -467,6 +470,7 @@ async fn move_data(
         mime: payload.mime,
         bytes: payload.data.len() as u64,
         sha256: sha256_hex(&payload.data),
+        audit_digest: h.audit_digest(&payload.data),
         ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
 }
@@ -505,9 +509,9 @@ async fn audited_transfer(
     };
     let outcome = match &r {
         Ok(t) => format!(
-            "result=ok bytes={} sha256={}{}",
+            "result=ok bytes={} hmac-sha256={}{}",
             t.bytes,
-            t.sha256,
+            t.audit_digest,
             t.mime
                 .as_ref()
                 .map(|m| format!(" mime={m}"))

@@ -5,6 +5,10 @@
 //!
 //! ```text
 //! <state-dir>/                      default /var/lib/pocketvisor, or $POCKETVISOR_STATE_DIR
+//!                                   (the directory is mode 0700, its files owner only)
+//!   audit.key                       secret key of the audit log's content digests (0600)
+//!   assets/                         guest assets (kernels, initrds) that specs name by file
+//!                                   name; put there by the administrator (spec::check_asset)
 //!   handset.db                      SQLite (WAL): profiles, events, audit; PRAGMA user_version
 //!                                   = number of applied migrations (db::MIGRATIONS)
 //!   handset.db-wal, handset.db-shm  SQLite's WAL files
@@ -43,6 +47,7 @@
 
 pub mod api;
 pub mod api_types;
+pub mod audit_key;
 pub mod cgroup;
 pub mod channels;
 pub mod client;
@@ -54,7 +59,7 @@ pub mod state_dir;
 pub mod vmm_proc;
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 pub use api_types::{CreateProfile, DaemonInfo, ProfileInfo, ProfileState};
 pub use daemon::{find_probe, Handset, Options};
@@ -84,9 +89,9 @@ pub async fn run_until(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let dir = opts.state_dir.clone();
-    std::fs::create_dir_all(dir.root())
-        .map_err(Error::io(format!("cannot create {}", dir.root().display())))?;
+    state_dir::create_private_dir(dir.root())?;
     let lock = std::fs::File::options()
+        .mode(0o600)
         .create(true)
         .truncate(false)
         .write(true)

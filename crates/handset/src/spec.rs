@@ -18,9 +18,10 @@ pub const PROBE_KERNEL: &str = "probe";
 pub struct ProfileSpec {
     /// `[a-z0-9-]{1,32}`.
     pub name: String,
-    /// Kernel image path, or `probe` for the installed probe guest.
+    /// Kernel image: `probe` for the installed probe guest, or the file name of a guest asset
+    /// in the handset's asset directory (`<state-dir>/assets/`, see [`check_asset`]).
     pub kernel: String,
-    /// Optional initial ramdisk.
+    /// Optional initial ramdisk: the file name of a guest asset, like `kernel`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
@@ -262,8 +263,14 @@ impl ProfileSpec {
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::BadRequest(m));
         check_name("profile name", &self.name)?;
-        if self.kernel.is_empty() {
-            return bad("kernel must not be empty".into());
+        if self.kernel != PROBE_KERNEL {
+            check_asset("kernel", &self.kernel)?;
+        }
+        if let Some(initrd) = &self.initrd {
+            let text = initrd.to_str().ok_or_else(|| {
+                Error::BadRequest(format!("initrd {initrd:?} is not valid UTF-8"))
+            })?;
+            check_asset("initrd", text)?;
         }
         if !(64..=1 << 20).contains(&self.memory_mib) {
             return bad(format!(
@@ -335,10 +342,11 @@ impl ProfileSpec {
     }
 }
 
-/// Checks `[a-z0-9-]{1,32}`.
+/// Checks `[a-z0-9-]{1,32}`, not beginning with `-` (it would read as an option).
 pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= NAME_MAX
+        && !name.starts_with('-')
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
@@ -346,7 +354,35 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::BadRequest(format!(
-            "{what} {name:?} must be 1-{NAME_MAX} of a-z, 0-9 and -"
+            "{what} {name:?} must be 1-{NAME_MAX} of a-z, 0-9 and -, not beginning with -"
+        )))
+    }
+}
+
+/// Longest guest asset file name.
+pub const ASSET_NAME_MAX: usize = 128;
+
+/// Checks that `value` names a guest asset: a file name (no directory) in the handset's asset
+/// directory, 1-128 of `A-Z a-z 0-9 . _ -`, not beginning with `.` or `-`.
+///
+/// This is the confinement rule of guest assets: a spec (created, imported or restored) never
+/// names a free host path, so a profile can load neither a host file nor another profile's
+/// disk into its guest, whatever its spec says.
+pub fn check_asset(what: &str, value: &str) -> Result<(), Error> {
+    let ok = !value.is_empty()
+        && value.len() <= ASSET_NAME_MAX
+        && !value.starts_with(['.', '-'])
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadRequest(format!(
+            "{what} {value:?} is not allowed: a guest asset is the file name of a file in the \
+             handset's asset directory (<state-dir>/assets/; copy it there first), 1-{ASSET_NAME_MAX} \
+             of A-Z, a-z, 0-9, '.', '_' and '-' not beginning with '.' or '-'; or \"{PROBE_KERNEL}\" \
+             as the kernel"
         )))
     }
 }
@@ -393,5 +429,40 @@ mod tests {
         assert!(check_name("n", &"a".repeat(32)).is_ok());
         assert!(check_name("n", &"a".repeat(33)).is_err());
         assert!(check_name("n", "").is_err());
+        assert!(check_name("n", "-x").is_err());
+        assert!(check_name("n", "a-b").is_ok());
+    }
+
+    #[test]
+    fn guest_assets_are_file_names_in_the_asset_directory() {
+        let spec = |kernel: &str, initrd: &str| {
+            let initrd = if initrd.is_empty() {
+                String::new()
+            } else {
+                format!("initrd = {initrd:?}\n")
+            };
+            ProfileSpec::from_toml(&format!(
+                "name = \"a\"\nkernel = {kernel:?}\n{initrd}memory_mib = 64\n"
+            ))
+        };
+        assert!(spec("probe", "").is_ok());
+        assert!(spec("vmlinux-6.1", "initramfs.cpio.gz").is_ok());
+        for (kernel, initrd) in [
+            ("/etc/shadow", ""),
+            ("", ""),
+            ("../vmlinux", ""),
+            ("profiles/w/disks/data.img", ""),
+            (".hidden", ""),
+            ("-x", ""),
+            (
+                "vmlinux",
+                "/var/lib/pocketvisor/profiles/work/disks/data.img",
+            ),
+            ("vmlinux", "../../profiles/work/disks/data.img"),
+            ("vmlinux", ".."),
+        ] {
+            let e = spec(kernel, initrd).unwrap_err().to_string();
+            assert!(e.contains("asset directory"), "{kernel} {initrd}: {e}");
+        }
     }
 }

@@ -51,6 +51,19 @@ impl StateDir {
     pub fn lock_file(&self) -> PathBuf {
         self.root.join("handset.lock")
     }
+    /// `assets/` (guest assets: the kernels and initrds specs may name, put there by the
+    /// device's administrator).
+    pub fn assets(&self) -> PathBuf {
+        self.root.join("assets")
+    }
+    /// `assets/<file>` (`file` checked by [`crate::spec::check_asset`]).
+    pub fn asset(&self, file: &str) -> PathBuf {
+        self.assets().join(file)
+    }
+    /// `audit.key` (the key of the audit log's content digests, owner only).
+    pub fn audit_key(&self) -> PathBuf {
+        self.root.join("audit.key")
+    }
     /// `jail/` (the jailer's per-profile root directories while jailed VMMs run).
     pub fn jail_root(&self) -> PathBuf {
         self.root.join("jail")
@@ -123,11 +136,63 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     sync_dir(dir)
 }
 
+/// Creates `dir` (and its parents) if missing and makes it owner-only (mode 0700): the state
+/// directory holds disks, snapshots, keys and the audit log of every profile.
+pub fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::io(format!("cannot create {}", dir.display())))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(format!("cannot chmod {}", dir.display())))
+}
+
 /// fsyncs a directory so a rename in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(Error::io(format!("cannot sync {}", dir.display())))
+}
+
+/// Checks that `path` is a regular file (after symlinks) without waiting on it: it is opened
+/// non-blocking (a FIFO or a device does not hold the caller) and `fstat`ed; a FIFO, device,
+/// socket or directory is refused with an error naming `what`.
+pub fn check_regular_file(what: &str, path: &Path) -> Result<()> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let f = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                Error::BadRequest(format!("{what} {} does not exist", path.display()))
+            }
+            _ => Error::io(format!("cannot open {what} {}", path.display()))(e),
+        })?;
+    let t = f
+        .metadata()
+        .map_err(Error::io(format!("cannot stat {what} {}", path.display())))?
+        .file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    };
+    Err(Error::BadRequest(format!(
+        "{what} {} is {kind}, not a regular file",
+        path.display()
+    )))
 }
 
 /// Creates a sparse file of `size_mib` MiB (refuses to replace an existing one).
@@ -191,6 +256,33 @@ mod tests {
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
         clear_dir(t.path(), &[]).unwrap();
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn special_files_are_refused_without_waiting() {
+        let t = tempfile::tempdir().unwrap();
+        let fifo = t.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let file = t.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let link = t.path().join("l");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        let t0 = std::time::Instant::now();
+        for (p, kind) in [
+            (fifo.as_path(), "a FIFO"),
+            (Path::new("/dev/zero"), "a device"),
+            (link.as_path(), "a device"),
+            (t.path(), "a directory"),
+        ] {
+            let e = check_regular_file("initrd", p).unwrap_err().to_string();
+            assert!(e.contains(kind) && e.contains("initrd"), "{e}");
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+        check_regular_file("kernel", &file).unwrap();
+        let e = check_regular_file("kernel", &t.path().join("none")).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
     #[test]

@@ -234,11 +234,14 @@ fn clipboard_and_files_follow_the_policy_and_are_audited() {
     let clip = audit(&d, "channel-clipboard");
     assert_eq!(clip.len(), 3, "{clip:#?}");
     assert!(clip[0].starts_with("personal from=personal to=work decision=allowed result=ok"));
+    // The audit log holds a keyed digest: a reader without audit.key cannot confirm a guess.
+    let key = handset::audit_key::AuditKey::load_or_create(&d.dir.join("audit.key")).unwrap();
     assert!(
-        clip[0].contains(&format!("sha256={}", sha256_hex(text))),
+        clip[0].contains(&format!("hmac-sha256={}", key.digest(text))),
         "{}",
         clip[0]
     );
+    assert!(!clip[0].contains(&sha256_hex(text)), "{}", clip[0]);
     assert!(clip[1].contains("decision=denied"), "{}", clip[1]);
     assert!(clip[2].contains("decision=denied"), "{}", clip[2]);
     let files = audit(&d, "channel-file");

@@ -668,14 +668,10 @@ fn a_vmm_that_cannot_start_leaves_nothing_behind() {
         return;
     }
     let d = Daemon::start("badkernel");
-    let junk = d.dir.join("junk.elf");
-    std::fs::write(&junk, b"this is not a kernel").unwrap();
-    let text = format!(
-        "name = \"bad\"\nkernel = \"{}\"\nmemory_mib = 80\n",
-        junk.display()
-    );
+    std::fs::write(d.dir.join("assets/junk.elf"), b"this is not a kernel").unwrap();
+    let text = "name = \"bad\"\nkernel = \"junk.elf\"\nmemory_mib = 80\n";
     let req = handset::CreateProfile {
-        spec: Some(handset::ProfileSpec::from_toml(&text).unwrap()),
+        spec: Some(handset::ProfileSpec::from_toml(text).unwrap()),
         ..Default::default()
     };
     let _: ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
@@ -694,7 +690,7 @@ fn a_vmm_that_cannot_start_leaves_nothing_behind() {
     assert!(!d.dir.join("profiles/bad/run/api.sock").exists());
     assert!(!d.dir.join("jail/bad").exists());
     // A missing kernel is refused before anything is spawned.
-    let text = "name = \"gone\"\nkernel = \"/nonexistent/vmlinux\"\nmemory_mib = 80\n";
+    let text = "name = \"gone\"\nkernel = \"vmlinux-missing\"\nmemory_mib = 80\n";
     let req = handset::CreateProfile {
         spec: Some(handset::ProfileSpec::from_toml(text).unwrap()),
         ..Default::default()
@@ -708,5 +704,95 @@ fn a_vmm_that_cannot_start_leaves_nothing_behind() {
             assert!(message.contains("does not exist"), "{message}")
         }
         other => panic!("start of a missing kernel: {other:?}"),
+    }
+}
+
+/// A spec with a free host path, a name beginning with `-`: refused at create and audited.
+/// Special files as kernel, initrd or disk: refused at start before anything waits on them.
+/// The state directory and its database: owner only. (No VM is started: no KVM needed.)
+#[test]
+fn a_profile_reaches_only_its_own_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Daemon::start("confine");
+    let create = |spec: &str| {
+        let req = serde_json::json!({ "spec": toml::from_str::<toml::Value>(spec).unwrap() });
+        d.client()
+            .call::<ProfileInfo>("POST", "/v1/profiles", Some(&req))
+    };
+    let refused = |spec: &str, needle: &str| match create(spec) {
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert!(message.contains(needle), "{spec}: {message}"),
+        other => panic!("{spec}: accepted: {other:?}"),
+    };
+    // Another profile's disk, a host file, a relative escape: never a free path.
+    std::fs::write(d.dir.join("assets/k.elf"), b"not a kernel").unwrap();
+    refused(
+        "name = \"w\"\nkernel = \"/etc/shadow\"\nmemory_mib = 80\n",
+        "asset directory",
+    );
+    refused(
+        "name = \"w\"\nkernel = \"k.elf\"\ninitrd = \"../profiles/work/disks/data.img\"\nmemory_mib = 80\n",
+        "asset directory",
+    );
+    refused(
+        "name = \"-w\"\nkernel = \"k.elf\"\nmemory_mib = 80\n",
+        "not beginning with -",
+    );
+    let audit: Vec<handset::Event> = d
+        .client()
+        .call("GET", "/v1/audit?limit=100", None::<&()>)
+        .unwrap();
+    let refusals: Vec<_> = audit
+        .iter()
+        .filter(|e| e.event == "create-refused")
+        .collect();
+    assert_eq!(refusals.len(), 3, "{audit:#?}");
+    assert!(refusals[0].detail.contains("/etc/shadow"), "{refusals:#?}");
+    assert!(d.show_all_names().is_empty());
+
+    // A FIFO as initrd (it would block a reader forever), /dev/zero as a disk.
+    let fifo = d.dir.join("assets/fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    create("name = \"f\"\nkernel = \"k.elf\"\ninitrd = \"fifo\"\nmemory_mib = 80\n").unwrap();
+    create(
+        "name = \"z\"\nkernel = \"k.elf\"\nmemory_mib = 80\ndisks = [{name = \"data\", size_mib = 1}]\n",
+    )
+    .unwrap();
+    let disk = d.dir.join("profiles/z/disks/data.img");
+    std::fs::remove_file(&disk).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &disk).unwrap();
+    std::fs::create_dir(d.dir.join("assets/dir")).unwrap();
+    create("name = \"dir\"\nkernel = \"dir\"\nmemory_mib = 80\n").unwrap();
+    for (name, needle) in [
+        ("f", "initrd"),
+        ("f", "is a FIFO"),
+        ("z", "is a device"),
+        ("dir", "is a directory"),
+    ] {
+        let t0 = Instant::now();
+        match d.act(name, "start") {
+            Err(ClientError::Api {
+                status: 400,
+                message,
+            }) => assert!(message.contains(needle), "{name}: {message}"),
+            other => panic!("start of {name}: {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert_eq!(d.show(name).state, ProfileState::Stopped);
+    }
+    assert!(d.our_processes().is_empty());
+
+    // Owner only: the state directory, the database, the audit key.
+    for (file, mode) in [("", 0o700), ("handset.db", 0o600), ("audit.key", 0o600)] {
+        let m = std::fs::metadata(d.dir.join(file))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(m, mode, "{file}: {m:o}");
     }
 }

@@ -193,16 +193,21 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// What this host lacks for the imported profile (its kernel, initrd or TAP interface).
-fn host_warnings(spec: &ProfileSpec) -> Vec<String> {
+/// What this host lacks for the imported profile (its kernel or initrd, guest assets in
+/// `<state-dir>/assets/`, or its TAP interface).
+fn host_warnings(dir: &StateDir, spec: &ProfileSpec) -> Vec<String> {
     let mut w = Vec::new();
-    if spec.kernel != handset::spec::PROBE_KERNEL && !Path::new(&spec.kernel).is_file() {
+    if spec.kernel != handset::spec::PROBE_KERNEL && !dir.asset(&spec.kernel).is_file() {
         w.push(format!(
             "kernel {} does not exist here: resume works, a cold start will not",
             spec.kernel
         ));
     }
-    if let Some(i) = spec.initrd.as_ref().filter(|i| !i.is_file()) {
+    if let Some(i) = spec
+        .initrd
+        .as_ref()
+        .filter(|i| !dir.asset(&i.to_string_lossy()).is_file())
+    {
         w.push(format!(
             "initrd {} does not exist here: resume works, a cold start will not",
             i.display()
@@ -285,8 +290,24 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         }
     };
     drop(unlock);
-    let config = ProfileConfig::from_manifest(&manifest.config)
-        .with_context(|| format!("cannot import {file}"))?;
+    let config = match ProfileConfig::from_manifest(&manifest.config) {
+        Ok(c) => c,
+        Err(e) => {
+            // A spec that breaks the handset's rules (a free host path as kernel or initrd)
+            // is refused and recorded; the staging directory goes with `cleanup`.
+            let detail = format!("{file}: {e:#}");
+            let who = a.name.as_deref().unwrap_or(&manifest.name);
+            let who = if handset::spec::check_name("", who).is_ok() {
+                who
+            } else {
+                "-"
+            };
+            if let Ok(db) = Db::open(&dir.db()) {
+                let _ = db.record(Log::Audit, who, "import-refused", &detail);
+            }
+            return Err(e).context(format!("cannot import {file}"));
+        }
+    };
     let name = a.name.clone().unwrap_or_else(|| manifest.name.clone());
     handset::spec::check_name("profile name", &name)?;
     let target = dir.profile(&name);
@@ -348,7 +369,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     cleanup.disarm();
     let _ = std::fs::remove_file(target.join(PENDING_MARKER));
 
-    for w in host_warnings(&config.spec) {
+    for w in host_warnings(&dir, &config.spec) {
         if a.json {
             progress::json_line(&serde_json::json!({"event": "warning", "message": w}));
         } else {
@@ -391,13 +412,14 @@ mod tests {
 
     #[test]
     fn warnings_for_what_the_host_lacks() {
+        let dir = StateDir::new(Path::new("/nonexistent/state")).unwrap();
         let mut spec = ProfileSpec::from_template("work", "w", None).unwrap();
-        assert!(host_warnings(&spec).is_empty());
-        spec.kernel = "/nonexistent/vmlinux".into();
+        assert!(host_warnings(&dir, &spec).is_empty());
+        spec.kernel = "vmlinux".into();
         spec.net = Some("pvnotap0".into());
-        let w = host_warnings(&spec);
+        let w = host_warnings(&dir, &spec);
         assert_eq!(w.len(), 2, "{w:?}");
-        assert!(w[0].contains("/nonexistent/vmlinux") && w[1].contains("pvnotap0"));
+        assert!(w[0].contains("kernel vmlinux") && w[1].contains("pvnotap0"));
     }
 
     #[test]

@@ -87,6 +87,12 @@ impl Handset {
         self.registry.dir()
     }
 
+    /// The keyed digest of transferred `data` for the audit log (HMAC-SHA256 under the
+    /// handset's `audit.key`: short contents cannot be recovered by guessing).
+    pub fn audit_digest(&self, data: &[u8]) -> String {
+        self.registry.audit_digest(data)
+    }
+
     /// Appends an audit record.
     pub fn audit(&self, profile: &str, action: &str, detail: &str) {
         self.registry.audit(profile, action, detail);
@@ -138,7 +144,17 @@ impl Handset {
 
     /// Creates a profile: spec file, sparse disks, registry row.
     pub async fn create(&self, req: CreateProfile) -> Result<ProfileInfo> {
-        let spec = req.into_spec()?;
+        let asked = req
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .or(req.name.clone())
+            .filter(|n| crate::spec::check_name("", n).is_ok())
+            .unwrap_or_else(|| "-".into());
+        let spec = req.into_spec().inspect_err(|e| {
+            self.registry
+                .audit(&asked, "create-refused", &e.to_string());
+        })?;
         let _ops = self.ops.lock().await;
         self.registry.create(&spec)?;
         let name = &spec.name;
@@ -193,12 +209,7 @@ impl Handset {
         let spec = self.registry.spec(name)?;
         let row = self.registry.row(name)?;
         let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
-        if !cfg.kernel.is_file() {
-            return Err(Error::BadRequest(format!(
-                "kernel {} does not exist",
-                cfg.kernel.display()
-            )));
-        }
+        self.registry.check_guest_files(&cfg)?;
         let run = self.dir().run(name);
         std::fs::create_dir_all(&run)
             .map_err(Error::io(format!("cannot create {}", run.display())))?;
@@ -344,6 +355,9 @@ impl Handset {
         let snap = self.dir().snapshot(name);
         if !snap.is_dir() {
             return Err(Error::Conflict(format!("profile {name:?} has no snapshot")));
+        }
+        for d in &spec.disks {
+            state_dir::check_regular_file("disk", &self.dir().disk(name, &d.name))?;
         }
         let run = self.dir().run(name);
         std::fs::create_dir_all(&run)

@@ -9,6 +9,7 @@ use vmm_api::{DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
 
 use super::lifecycle::{self, Event, Step};
 use crate::api_types::{ProfileInfo, ProfileState};
+use crate::audit_key::AuditKey;
 use crate::db::{Db, Log, ProfileRow};
 use crate::error::{Error, Result};
 use crate::spec::{ProfileSpec, PROBE_KERNEL};
@@ -20,6 +21,7 @@ pub(super) struct Registry {
     dir: StateDir,
     probe: Option<PathBuf>,
     db: Mutex<Db>,
+    audit_key: AuditKey,
 }
 
 fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -29,15 +31,16 @@ fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Registry {
     /// Opens the state directory (creating it) and the database.
     pub(super) fn open(dir: StateDir, probe: Option<PathBuf>) -> Result<Self> {
-        std::fs::create_dir_all(dir.profiles()).map_err(Error::io(format!(
-            "cannot create {}",
-            dir.profiles().display()
-        )))?;
+        state_dir::create_private_dir(dir.root())?;
+        state_dir::create_private_dir(&dir.profiles())?;
+        state_dir::create_private_dir(&dir.assets())?;
         let db = Db::open(&dir.db())?;
+        let audit_key = AuditKey::load_or_create(&dir.audit_key())?;
         Ok(Self {
             dir,
             probe,
             db: Mutex::new(db),
+            audit_key,
         })
     }
 
@@ -49,6 +52,11 @@ impl Registry {
     /// The probe guest, if installed.
     pub(super) fn probe(&self) -> Option<&PathBuf> {
         self.probe.as_ref()
+    }
+
+    /// The keyed digest of `data` for the audit log (see [`AuditKey`]).
+    pub(super) fn audit_digest(&self, data: &[u8]) -> String {
+        self.audit_key.digest(data)
     }
 
     /// The database.
@@ -200,14 +208,31 @@ impl Registry {
                 )
             });
         }
-        Ok(PathBuf::from(&spec.kernel))
+        Ok(self.dir.asset(&spec.kernel))
+    }
+
+    /// Checks that every file `cfg` hands the VMM (kernel, initrd, disks) is a regular file,
+    /// without opening anything that could block (a FIFO, a device): refused before a VMM
+    /// is spawned.
+    pub(super) fn check_guest_files(&self, cfg: &VmConfig) -> Result<()> {
+        state_dir::check_regular_file("kernel", &cfg.kernel)?;
+        if let Some(initrd) = &cfg.initrd {
+            state_dir::check_regular_file("initrd", initrd)?;
+        }
+        for d in &cfg.disks {
+            state_dir::check_regular_file("disk", &d.path)?;
+        }
+        Ok(())
     }
 
     /// The VM configuration for `spec`, all paths inside the profile's directory.
     pub(super) fn vm_config(&self, spec: &ProfileSpec, cid: u32) -> Result<VmConfig> {
         let name = &spec.name;
         let mut cfg = VmConfig::new(self.kernel_path(spec)?);
-        cfg.initrd = spec.initrd.clone();
+        cfg.initrd = spec
+            .initrd
+            .as_ref()
+            .map(|i| self.dir.asset(&i.to_string_lossy()));
         cfg.cmdline = spec.cmdline.clone();
         cfg.memory_mib = spec.memory_mib;
         cfg.vcpus = spec.vcpus;

@@ -162,6 +162,15 @@ impl Daemon {
             .unwrap()
     }
 
+    /// The names of all profiles.
+    pub fn show_all_names(&self) -> Vec<String> {
+        let list: Vec<ProfileInfo> = self
+            .client()
+            .call("GET", "/v1/profiles", None::<&()>)
+            .unwrap();
+        list.into_iter().map(|p| p.name).collect()
+    }
+
     /// Creates a probe profile in counter mode with `memory_mib`.
     pub fn create_probe(&self, name: &str, memory_mib: u64, extra: &str) -> ProfileInfo {
         let text = format!(
