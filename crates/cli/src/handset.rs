@@ -13,8 +13,10 @@ on DIR/handset.sock (HTTP over a unix socket; see docs/api/handset.openapi.yaml)
 `pocketvisor profile ...` to talk to it. Only one daemon runs per state directory.
 
 It starts one jailed VMM process (`pocketvisor vmm`) per started profile, restarts crashed
-ones per their restart policy, and on SIGTERM or SIGINT stops every VM cleanly before
-exiting. Started again after a crash, it adopts the VMMs still running.
+ones per their restart policy, and on SIGTERM or SIGINT suspends to disk every running profile
+whose spec says on_shutdown = \"suspend\" (the templates do) and stops the others before
+exiting. When it starts, it starts (or resumes) the profiles with autostart = true. Started
+again after a crash, it adopts the VMMs still running.
 
 EXAMPLE:
   pocketvisor handset --state-dir /tmp/pv &
@@ -31,9 +33,8 @@ pub struct HandsetArgs {
     /// Name of the cgroup under which each profile gets its group.
     #[arg(long, value_name = "NAME", default_value = handset::cgroup::DEFAULT_PARENT)]
     cgroup_parent: String,
-    /// Boot VMMs with `pocketvisor run` instead of jailed with `pocketvisor vmm` (namespaces,
-    /// private root under DIR/jail, no privileges, seccomp). Resumed (restored) profiles
-    /// always run unjailed: restore has no jailed form yet.
+    /// Boot and restore VMMs with `pocketvisor run`/`restore` instead of jailed with
+    /// `pocketvisor vmm` (namespaces, private root under DIR/jail, no privileges, seccomp).
     #[arg(long)]
     no_jail: bool,
 }

@@ -42,7 +42,9 @@ memory_mib, vcpus, disks = [{name, size_mib, read_only}], net (TAP name), displa
 height}, restart (never|on-failure|always), background (run|suspend), cpu = {foreground,
 background}, memory_max_mib, channels = {clipboard_to, files_to, clipboard_from, files_from}
 (cross-profile sending and accepting; see `profile clipboard copy --help`), balloon (default true),
-mergeable (KSM, default false).")]
+mergeable (KSM, default false), on_shutdown (stop|suspend: what a clean daemon stop does with
+the running guest; default stop, suspend for the templates), autostart (start or resume it when
+the daemon starts; default false).")]
     Create {
         /// Profile name: 1-32 of a-z, 0-9 and -, not beginning with - (with --template;
         /// overrides the file's).

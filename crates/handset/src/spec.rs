@@ -63,6 +63,23 @@ pub struct ProfileSpec {
     /// profiles is a timing side channel).
     #[serde(default)]
     pub mergeable: bool,
+    /// What a clean daemon stop (SIGTERM/SIGINT) does with the profile's running guest.
+    #[serde(default)]
+    pub on_shutdown: OnShutdown,
+    /// Start the profile (resume it, if suspended) when the daemon starts.
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+/// What a clean daemon stop does with a running (or paused) profile.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnShutdown {
+    /// Stop the VM (the guest's memory is lost; its disks stay).
+    #[default]
+    Stop,
+    /// Suspend the VM to disk; `resume` (or `autostart`) continues it.
+    Suspend,
 }
 
 fn yes() -> bool {
@@ -235,6 +252,8 @@ impl ProfileSpec {
             channels,
             balloon: true,
             mergeable: false,
+            on_shutdown: OnShutdown::Suspend,
+            autostart: false,
         };
         spec.validate()?;
         Ok(spec)
@@ -401,6 +420,12 @@ mod tests {
         let back = ProfileSpec::from_toml(&p.to_toml().unwrap()).unwrap();
         assert_eq!(back, p);
         assert_eq!(back.memory_max(), 128 + 128);
+        // A clean daemon stop keeps the templates' guests (suspended to disk).
+        assert_eq!(
+            (w.on_shutdown, p.on_shutdown),
+            (OnShutdown::Suspend, OnShutdown::Suspend)
+        );
+        assert!(!w.autostart);
         assert!(ProfileSpec::from_template("gaming", "g", None).is_err());
     }
 
@@ -414,6 +439,7 @@ mod tests {
         assert_eq!(s.cpu.background, 100);
         assert_eq!(s.vcpus, 1);
         assert!(s.balloon && !s.mergeable);
+        assert_eq!((s.on_shutdown, s.autostart), (OnShutdown::Stop, false));
         for bad in [
             "name = \"A\"\nkernel = \"probe\"\nmemory_mib = 64\n",
             "name = \"a/b\"\nkernel = \"probe\"\nmemory_mib = 64\n",

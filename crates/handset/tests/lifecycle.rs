@@ -796,3 +796,48 @@ fn a_profile_reaches_only_its_own_files() {
         assert_eq!(m, mode, "{file}: {m:o}");
     }
 }
+
+#[test]
+fn a_clean_daemon_stop_suspends_or_stops_per_profile_and_autostart_brings_them_back() {
+    if !can_run_vms(
+        "a_clean_daemon_stop_suspends_or_stops_per_profile_and_autostart_brings_them_back",
+    ) {
+        return;
+    }
+    let mut d = Daemon::start("shutdown");
+    // keep: suspended at shutdown and started again with the daemon; plain: the default
+    // (stop); tmpl: a template (suspend at shutdown, no autostart).
+    d.create_probe("keep", 80, "on_shutdown = \"suspend\"\nautostart = true\n");
+    d.create_probe("plain", 80, "");
+    let out = d.cli(&["create", "tmpl", "--template", "work"]);
+    assert!(out.status.success());
+    for n in ["keep", "plain", "tmpl"] {
+        d.act(n, "start").unwrap();
+    }
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("keep")
+    )
+    .is_some_and(|n| n >= 3)));
+    let status = d.terminate();
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    let at = last_counter(&d.serial("keep")).unwrap();
+    assert!(d.our_processes().is_empty(), "a VMM outlived the daemon");
+    assert!(d.dir.join("profiles/keep/snapshot").is_dir());
+    assert!(d.dir.join("profiles/tmpl/snapshot").is_dir());
+    assert!(!d.dir.join("profiles/plain/snapshot").exists());
+
+    d.spawn();
+    assert_eq!(d.show("keep").state, ProfileState::Running);
+    assert_eq!(d.show("tmpl").state, ProfileState::Suspended);
+    assert_eq!(d.show("plain").state, ProfileState::Stopped);
+    let ev = d.events("keep");
+    assert!(
+        ev.ends_with(&["suspended".into(), "resumed".into(), "autostarted".into()]),
+        "{ev:?}"
+    );
+    // The guest went on from where the daemon stopped it, not from 0.
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("keep")
+    )
+    .is_some_and(|n| n > at + 2)));
+}

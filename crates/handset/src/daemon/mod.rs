@@ -297,6 +297,14 @@ impl Handset {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
         self.registry.check(name, Event::Suspend)?;
+        self.suspend_locked(name, "").await?;
+        self.place_after_exit(name).await?;
+        self.show(name)
+    }
+
+    /// Snapshots `name` and ends its VMM (ops lock held, state checked); `why` is added to
+    /// the `suspended` event.
+    async fn suspend_locked(self: &Arc<Self>, name: &str, why: &str) -> Result<()> {
         let snap = self.dir().snapshot(name);
         if snap.exists() {
             std::fs::remove_dir_all(&snap)
@@ -331,14 +339,18 @@ impl Handset {
             state_dir::sync_dir(&self.dir().profile(name))?;
         }
         let how = self.stop_vm(name).await?;
-        self.registry.apply(name, Event::Suspended, None, "")?;
+        self.registry.apply(name, Event::Suspended, None, why)?;
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!("{why}: ")
+        };
         self.registry.event(
             name,
             "suspended",
-            &format!("{info}; {} ms; {how}", t0.elapsed().as_millis()),
+            &format!("{why}{info}; {} ms; {how}", t0.elapsed().as_millis()),
         );
-        self.place_after_exit(name).await?;
-        self.show(name)
+        Ok(())
     }
 
     /// Restores a suspended profile from its snapshot.
@@ -428,6 +440,7 @@ impl Handset {
                 self.registry.apply(&name, Event::Lost, None, &desc)?;
             }
         }
+        self.autostart_locked().await?;
         let fg = self.current_foreground()?;
         match fg {
             Some(f) => self.apply_foreground(Some(&f)).await,
@@ -435,11 +448,50 @@ impl Handset {
         }
     }
 
-    /// At daemon exit: stops every running profile (they are not left running: a VMM without
-    /// its supervisor would not be restarted or switched).
+    /// At daemon start: starts (or resumes) the stopped and suspended profiles whose spec says
+    /// `autostart = true`. One that cannot start is recorded (`autostart-failed`) and left.
+    async fn autostart_locked(self: &Arc<Self>) -> Result<()> {
+        // (The rows are read first: the database lock must not be held across the starts.)
+        let rows = self.registry.db().profiles()?;
+        for row in rows {
+            let name = row.name;
+            if !self.registry.spec(&name).is_ok_and(|s| s.autostart) {
+                continue;
+            }
+            let r = match ProfileState::parse(&row.state) {
+                ProfileState::Stopped => self.start_locked(&name).await,
+                ProfileState::Suspended => self.resume_locked(&name).await,
+                _ => continue,
+            };
+            match r {
+                Ok(()) => self.registry.event(&name, "autostarted", ""),
+                Err(e) => self
+                    .registry
+                    .event(&name, "autostart-failed", &e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// At daemon exit: suspends every running profile whose spec says `on_shutdown =
+    /// "suspend"` and stops the others, and those that cannot be suspended (none is left
+    /// running: a VMM without its supervisor would not be restarted or switched).
     pub async fn shutdown(self: &Arc<Self>) {
         let _ops = self.ops.lock().await;
         for n in self.supervisor.names() {
+            let suspend = self
+                .registry
+                .spec(&n)
+                .is_ok_and(|s| s.on_shutdown == crate::spec::OnShutdown::Suspend);
+            if suspend {
+                match self.suspend_locked(&n, "daemon shutdown").await {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        tracing::error!("{n}: cannot suspend at shutdown, stopping it: {e}");
+                        self.registry.event(&n, "suspend-failed", &e.to_string());
+                    }
+                }
+            }
             match self.stop_vm(&n).await {
                 Ok(how) => {
                     let _ = self
