@@ -841,3 +841,62 @@ fn a_clean_daemon_stop_suspends_or_stops_per_profile_and_autostart_brings_them_b
     )
     .is_some_and(|n| n > at + 2)));
 }
+
+/// A flipped byte in any snapshot file: resume refuses with a clear error, the profile stays
+/// suspended with its snapshot untouched; once the byte is back, resume continues the guest.
+#[test]
+fn a_damaged_snapshot_is_refused_and_kept() {
+    use std::os::unix::fs::FileExt;
+    if !can_run_vms("a_damaged_snapshot_is_refused_and_kept") {
+        return;
+    }
+    let d = Daemon::start("damaged");
+    d.create_probe("s", 80, "");
+    d.act("s", "start").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("s")
+    )
+    .is_some_and(|n| n >= 3)));
+    d.act("s", "suspend").unwrap();
+    let at = last_counter(&d.serial("s")).unwrap();
+    let snap = d.dir.join("profiles/s/snapshot");
+    for (file, needle) in [
+        ("memory.bin", "memory.bin is damaged"),
+        ("state.bin", "state.bin"),
+        ("config.json", "config.json is damaged"),
+        ("COMPLETE", "COMPLETE is damaged"),
+    ] {
+        let path = snap.join(file);
+        let good = std::fs::read(&path).unwrap();
+        // The first non-zero byte (memory.bin is mostly holes), else the middle one.
+        let at_byte = good
+            .iter()
+            .position(|&b| b != 0)
+            .filter(|_| file == "memory.bin")
+            .unwrap_or(good.len() / 2);
+        let mut bad = good.clone();
+        bad[at_byte] ^= 0x01;
+        // In place (rewriting memory.bin whole would fill its holes).
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.write_all_at(&bad[at_byte..=at_byte], at_byte as u64)
+            .unwrap();
+        match d.act("s", "resume") {
+            Err(ClientError::Api { message, .. }) => {
+                assert!(message.contains(needle), "{file}: {message}")
+            }
+            other => panic!("resume with a damaged {file}: {other:?}"),
+        }
+        let p = d.show("s");
+        assert_eq!((p.state, p.pid), (ProfileState::Suspended, None), "{file}");
+        assert_eq!(std::fs::read(&path).unwrap(), bad, "{file} was changed");
+        assert!(d.our_processes().is_empty());
+        f.write_all_at(&good[at_byte..=at_byte], at_byte as u64)
+            .unwrap();
+    }
+    assert_eq!(d.act("s", "resume").unwrap().state, ProfileState::Running);
+    assert!(!snap.exists());
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("s")
+    )
+    .is_some_and(|n| n > at + 2)));
+}

@@ -385,10 +385,21 @@ impl Handset {
                 .collect(),
         };
         let t0 = Instant::now();
+        // The VMM checks every snapshot file (digests of state.bin, memory.bin, config.json)
+        // before it builds the VM: a damaged snapshot fails here and stays on disk.
         self.launch(name, &spec, &launch).await?;
-        // The restored VM has its memory; the snapshot would only go stale.
-        if let Err(e) = std::fs::remove_dir_all(&snap) {
-            tracing::warn!("cannot remove {}: {e}", snap.display());
+        // The snapshot goes only once the restored VM answers: until then it is the guest.
+        let api = self.dir().api_socket(name);
+        match vmm_proc::call(&api, &Request::Stats, CALL_TIMEOUT).await {
+            Ok(_) => {
+                if let Err(e) = std::fs::remove_dir_all(&snap) {
+                    tracing::warn!("cannot remove {}: {e}", snap.display());
+                }
+            }
+            Err(e) => tracing::warn!(
+                "{name}: the restored VMM does not answer ({e}); keeping {}",
+                snap.display()
+            ),
         }
         self.registry
             .event(name, "resumed", &format!("{} ms", t0.elapsed().as_millis()));

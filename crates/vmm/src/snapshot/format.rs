@@ -42,6 +42,9 @@ pub enum SectionKind {
     Arch = 7,
     /// One virtio device and its virtio-pci function, by device id.
     Device = 8,
+    /// Digests of the snapshot's other files (`memory.bin` piece by piece, `config.json`);
+    /// directory snapshots only (a stream has its own checksum).
+    Digests = 9,
 }
 
 impl SectionKind {
@@ -49,7 +52,7 @@ impl SectionKind {
     pub fn from_u32(n: u32) -> Option<Self> {
         use SectionKind::*;
         [
-            Config, Memory, Vcpu, VmState, Serial, VirtioPci, Arch, Device,
+            Config, Memory, Vcpu, VmState, Serial, VirtioPci, Arch, Device, Digests,
         ]
         .into_iter()
         .find(|k| *k as u32 == n)
@@ -66,6 +69,7 @@ impl SectionKind {
             SectionKind::VirtioPci => "virtio-pci",
             SectionKind::Arch => "arch",
             SectionKind::Device => "device",
+            SectionKind::Digests => "digests",
         }
     }
 

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap,
     MemoryRegionAddress, MmapRegion,
@@ -58,6 +59,96 @@ pub(super) fn layout_of(mem: &GuestMem) -> Vec<MemRegion> {
             m
         })
         .collect()
+}
+
+/// SHA-256 of every piece of `memory.bin`: each region cut in [`CHUNK`]-byte pieces (a
+/// region's last piece may be shorter), in file order, lower-case hex. Stored in `state.bin`
+/// (whose body is checksummed), checked before a restore maps the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct MemoryDigests {
+    /// The piece size.
+    pub chunk: u64,
+    /// One digest per piece.
+    pub sha256: Vec<String>,
+}
+
+/// Digests of all-zero pieces, by length (a region's pieces have at most two lengths).
+#[derive(Default)]
+struct ZeroDigests(Vec<(usize, String)>);
+
+impl ZeroDigests {
+    fn get(&mut self, n: usize) -> String {
+        static ZERO: [u8; CHUNK] = [0; CHUNK];
+        if let Some((_, d)) = self.0.iter().find(|(len, _)| *len == n) {
+            return d.clone();
+        }
+        let d = hex_digest(&ZERO[..n.min(CHUNK)]);
+        self.0.push((n, d.clone()));
+        d
+    }
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// Checks `memory.bin` at `path` against `digests` without mapping it: pieces in holes must
+/// be the all-zero piece, the others are read and hashed. A mismatch names where it is.
+pub(super) fn verify_memory(
+    path: &Path,
+    regions: &[MemRegion],
+    digests: &MemoryDigests,
+) -> Result<(), Error> {
+    let damaged = |what: String| {
+        Error::Snapshot(format!(
+            "{} is damaged: {what}; the snapshot is kept, nothing was restored",
+            path.display()
+        ))
+    };
+    if digests.chunk != CHUNK as u64 {
+        return Err(damaged(format!(
+            "its piece size {} is unknown",
+            digests.chunk
+        )));
+    }
+    let pieces: u64 = regions.iter().map(|r| r.size.div_ceil(CHUNK as u64)).sum();
+    if u64::try_from(digests.sha256.len()).ok() != Some(pieces) {
+        return Err(damaged("its digest list does not cover the memory".into()));
+    }
+    let file = File::open(path).map_err(io_err("cannot open", path))?;
+    let mut zero = ZeroDigests::default();
+    let mut expected = digests.sha256.iter();
+    let mut buf = vec![0u8; CHUNK];
+    for r in regions {
+        let data = file_data_pages(&file, r.file_offset, r.size);
+        let mut done = 0u64;
+        while done < r.size {
+            let n = usize::try_from((r.size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let first = usize::try_from(done / PAGE_U64).unwrap_or(usize::MAX);
+            let in_hole = data.as_ref().is_some_and(|d| {
+                d.get(first..(first + n.div_ceil(PAGE)).min(d.len()))
+                    .is_some_and(|p| !p.contains(&true))
+            });
+            let got = if in_hole {
+                zero.get(n)
+            } else {
+                let chunk = &mut buf[..n];
+                file.read_exact_at(chunk, r.file_offset + done)
+                    .map_err(|_| damaged("it is shorter than the memory it should hold".into()))?;
+                hex_digest(chunk)
+            };
+            if expected.next() != Some(&got) {
+                return Err(damaged(format!(
+                    "the {n} bytes of guest memory at {:#x} (file offset {}) do not match \
+                     their saved digest",
+                    r.guest_addr + done,
+                    r.file_offset + done
+                )));
+            }
+            done += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a saved layout that is not the one the configuration's memory size gives.
@@ -158,11 +249,14 @@ fn maybe_nonzero(r: &GuestRegionMmap<DirtyBitmap>) -> Option<Vec<bool>> {
 
 /// Calls `out(region, offset, bytes)` for every run of non-zero pages of guest RAM, in
 /// address order (`offset` is from the region's start; a run is at most [`CHUNK`] bytes and
-/// never crosses a region). Returns the layout and the bytes handed out.
+/// never crosses a region). Returns the layout and the bytes handed out. With `digests`, also
+/// pushes the digest of every piece (see [`MemoryDigests`]).
 pub(super) fn nonzero_runs(
     mem: &GuestMem,
+    mut digests: Option<&mut Vec<String>>,
     mut out: impl FnMut(&MemRegion, u64, &[u8]) -> Result<(), Error>,
 ) -> Result<(Vec<MemRegion>, u64), Error> {
+    let mut zero = ZeroDigests::default();
     static ZERO: [u8; PAGE] = [0; PAGE];
     let regions = layout_of(mem);
     let touched: Vec<Option<Vec<bool>>> = mem.iter().map(maybe_nonzero).collect();
@@ -176,6 +270,9 @@ pub(super) fn nonzero_runs(
             if let (Some(t), Ok(first)) = (touched, usize::try_from(done / PAGE_U64)) {
                 let pages = t.get(first..(first + n.div_ceil(PAGE)).min(t.len()));
                 if pages.is_some_and(|p| !p.contains(&true)) {
+                    if let Some(d) = digests.as_deref_mut() {
+                        d.push(zero.get(n));
+                    }
                     done += n as u64;
                     continue;
                 }
@@ -183,6 +280,9 @@ pub(super) fn nonzero_runs(
             let chunk = &mut buf[..n];
             mem.read_slice(chunk, GuestAddress(r.guest_addr + done))
                 .map_err(|e| Error::Snapshot(format!("reading guest memory: {e}")))?;
+            if let Some(d) = digests.as_deref_mut() {
+                d.push(hex_digest(chunk));
+            }
             // Hand out each run of non-zero pages at once.
             let mut page = 0;
             while page * PAGE < n {
@@ -206,27 +306,38 @@ pub(super) fn nonzero_runs(
 }
 
 /// Writes guest RAM into `file`, skipping all-zero pages (they stay holes). Returns the
-/// layout and the number of bytes written.
+/// layout, the number of bytes written and the digests of the pieces.
 pub(super) fn save_memory(
     mem: &GuestMem,
     file: &File,
     path: &Path,
-) -> Result<(Vec<MemRegion>, u64), Error> {
+) -> Result<(Vec<MemRegion>, u64, MemoryDigests), Error> {
     let total: u64 = layout_of(mem).iter().map(|r| r.size).sum();
     file.set_len(total).map_err(io_err("cannot size", path))?;
-    nonzero_runs(mem, |r, offset, bytes| {
+    let mut sha256 = Vec::new();
+    let (regions, written) = nonzero_runs(mem, Some(&mut sha256), |r, offset, bytes| {
         file.write_all_at(bytes, r.file_offset + offset)
             .map_err(io_err("cannot write", path))
-    })
+    })?;
+    let digests = MemoryDigests {
+        chunk: CHUNK as u64,
+        sha256,
+    };
+    Ok((regions, written, digests))
 }
 
-/// Maps `memory.bin` privately (copy-on-write, read lazily) as guest RAM.
+/// Maps `memory.bin` privately (copy-on-write, read lazily) as guest RAM, after checking it
+/// against `digests` (snapshots written before digests existed have none).
 pub(super) fn load_memory(
     path: &Path,
     regions: &[MemRegion],
     cfg: &VmConfig,
+    digests: Option<&MemoryDigests>,
 ) -> Result<GuestMem, Error> {
     check_layout(regions, cfg)?;
+    if let Some(d) = digests {
+        verify_memory(path, regions, d)?;
+    }
     let file = File::open(path).map_err(io_err("cannot open", path))?;
     let len = file.metadata().map_err(io_err("cannot stat", path))?.len();
     let mut mapped = Vec::with_capacity(regions.len());

@@ -11,6 +11,11 @@
 //! - `config.json`: the configuration again, for people;
 //! - `COMPLETE`: written last. A directory without it is an interrupted snapshot.
 //!
+//! `state.bin` carries the SHA-256 of its body and a `digests` section with the SHA-256 of
+//! every 1 MiB piece of `memory.bin` and of `config.json`; a restore (and [`inspect`]) checks
+//! them all, and the `COMPLETE` marker's exact text, before it maps anything, so one damaged
+//! byte in any file is a clear error that leaves the snapshot in place.
+//!
 //! Every file is written under a temporary name, fsynced and renamed. Restore maps
 //! `memory.bin` privately, so pages are read on first touch and the file never changes.
 //!
@@ -42,7 +47,7 @@ use crate::vcpu::{VcpuMsg, VcpuThread};
 use crate::vm::{build_devices, create_kvm_vm, setup_vm_alongside, Vm};
 use crate::Error;
 use format::{FormatError, Section, SectionKind, Writer};
-use memory::{load_memory, save_memory, MemRegion};
+use memory::{load_memory, save_memory, verify_memory, MemRegion, MemoryDigests};
 use stream::StreamReader;
 
 pub use vmm_api::snapshot_files::{COMPLETE_FILE, CONFIG_FILE, MEMORY_FILE, STATE_FILE};
@@ -229,8 +234,7 @@ impl Vm {
         for d in &devices {
             w.add(SectionKind::Device, d).map_err(snap_err)?;
         }
-        let state = w.finish();
-        let stats = |memory_written| SnapshotStats {
+        let stats = |memory_written, state: &[u8]| SnapshotStats {
             memory_size: regions.iter().map(|r| r.size).sum(),
             memory_written,
             state_size: state.len() as u64,
@@ -238,27 +242,37 @@ impl Vm {
         };
         let dir = match sink {
             Sink::Dir(dir) => dir,
-            Sink::Stream(out) => return Ok(stats(stream::write(out, &state, &self.mem)?)),
+            Sink::Stream(out) => {
+                let state = w.finish();
+                return Ok(stats(stream::write(out, &state, &self.mem)?, &state));
+            }
         };
         let mut memory_written = 0;
+        let mut memory = MemoryDigests::default();
         write_atomic(dir, MEMORY_FILE, |f, p| {
-            (_, memory_written) = save_memory(&self.mem, f, p)?;
+            (_, memory_written, memory) = save_memory(&self.mem, f, p)?;
             Ok(())
         })?;
+        let cfg_json = serde_json::to_vec_pretty(&self.cfg).map_err(snap_err)?;
+        let digests = FileDigests {
+            memory,
+            config_json: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&cfg_json)),
+        };
+        w.add(SectionKind::Digests, &digests).map_err(snap_err)?;
+        let state = w.finish();
         write_atomic(dir, STATE_FILE, |mut f, p| {
             f.write_all(&state).map_err(io_err("cannot write", p))
         })?;
-        let cfg_json = serde_json::to_vec_pretty(&self.cfg).map_err(snap_err)?;
         write_atomic(dir, CONFIG_FILE, |mut f, p| {
             f.write_all(&cfg_json).map_err(io_err("cannot write", p))
         })?;
         sync_dir(dir)?;
         write_atomic(dir, COMPLETE_FILE, |mut f, p| {
-            f.write_all(b"pocketvisor snapshot v1\n")
+            f.write_all(COMPLETE_TEXT)
                 .map_err(io_err("cannot write", p))
         })?;
         sync_dir(dir)?;
-        Ok(stats(memory_written))
+        Ok(stats(memory_written, &state))
     }
 
     /// Rebuilds a VM from the snapshot in `dir`, paused at the instant it was taken; run it
@@ -299,7 +313,12 @@ impl Vm {
         let (kvm, vm) = create_kvm_vm(&cfg)?;
         let mem = setup_vm_alongside(&vm, || {
             let mem = match source {
-                Source::Dir(dir) => load_memory(&dir.join(MEMORY_FILE), &snap.memory, &cfg)?,
+                Source::Dir(dir) => load_memory(
+                    &dir.join(MEMORY_FILE),
+                    &snap.memory,
+                    &cfg,
+                    snap.digests.as_ref().map(|d| &d.memory),
+                )?,
                 Source::Stream(r) => r.memory(&snap.memory, &cfg)?,
             };
             register_memory(&vm, &mem)?;
@@ -391,8 +410,22 @@ fn apply_overrides(cfg: &mut VmConfig, o: &RestoreOverrides) -> Result<(), Error
     Ok(())
 }
 
+/// The text of the `COMPLETE` marker.
+const COMPLETE_TEXT: &[u8] = b"pocketvisor snapshot v1\n";
+
+/// The `digests` section: what the other files of a directory snapshot must hash to.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct FileDigests {
+    /// `memory.bin`, piece by piece.
+    memory: MemoryDigests,
+    /// SHA-256 of `config.json`, lower-case hex.
+    config_json: String,
+}
+
 /// The decoded contents of `state.bin`.
 struct Snapshot {
+    /// The digests of the other files (None: a stream, or a snapshot written before them).
+    digests: Option<FileDigests>,
     config: VmConfig,
     memory: Vec<MemRegion>,
     vcpus: Vec<VcpuState>,
@@ -431,17 +464,40 @@ fn check_arch(sections: &[Section]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Reads and checks a snapshot directory's `state.bin` (after its `COMPLETE` marker).
+/// Reads and checks a snapshot directory's `state.bin` (after its `COMPLETE` marker) and,
+/// by the digests in it, `config.json` (`memory.bin` is checked when it is mapped).
 fn read_snapshot(dir: &Path) -> Result<Snapshot, Error> {
-    if !dir.join(COMPLETE_FILE).is_file() {
-        return Err(Error::Snapshot(format!(
-            "{} is not a complete snapshot (no {COMPLETE_FILE} marker)",
-            dir.display()
-        )));
+    let marker = dir.join(COMPLETE_FILE);
+    match std::fs::read(&marker) {
+        Ok(text) if text == COMPLETE_TEXT => {}
+        Ok(_) => {
+            return Err(Error::Snapshot(format!(
+                "{} is damaged (unexpected contents)",
+                marker.display()
+            )))
+        }
+        Err(_) => {
+            return Err(Error::Snapshot(format!(
+                "{} is not a complete snapshot (no {COMPLETE_FILE} marker)",
+                dir.display()
+            )))
+        }
     }
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).map_err(io_err("cannot read", &path))?;
-    decode_state(&bytes)
+    let snap = decode_state(&bytes)
+        .map_err(|e| Error::Snapshot(format!("{}: {e}; nothing was restored", path.display())))?;
+    if let Some(d) = &snap.digests {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read(&path).map_err(io_err("cannot read", &path))?;
+        if format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&text)) != d.config_json {
+            return Err(Error::Snapshot(format!(
+                "{} is damaged (it does not match its saved digest); nothing was restored",
+                path.display()
+            )));
+        }
+    }
+    Ok(snap)
 }
 
 /// Checks a `state.bin` container (and its architecture) and decodes its sections.
@@ -449,7 +505,14 @@ fn decode_state(bytes: &[u8]) -> Result<Snapshot, Error> {
     let sections = format::read(bytes)?;
     check_arch(&sections)?;
     let all = |kind| sections.iter().filter(move |s: &&Section| s.kind == kind);
+    let mut digests = all(SectionKind::Digests);
+    let digests = match (digests.next(), digests.next()) {
+        (None, _) => None,
+        (Some(s), None) => Some(s.decode()?),
+        _ => return Err(FormatError::Missing(SectionKind::Digests.name()).into()),
+    };
     Ok(Snapshot {
+        digests,
         config: one(&sections, SectionKind::Config)?.decode()?,
         memory: one(&sections, SectionKind::Memory)?.decode()?,
         vcpus: all(SectionKind::Vcpu)
@@ -469,7 +532,11 @@ fn decode_state(bytes: &[u8]) -> Result<Snapshot, Error> {
 /// Checks a snapshot directory without building a VM: the marker, the container and every
 /// section decode. Returns the saved configuration.
 pub fn inspect(dir: &Path) -> Result<VmConfig, Error> {
-    Ok(read_snapshot(dir)?.config)
+    let snap = read_snapshot(dir)?;
+    if let Some(d) = &snap.digests {
+        verify_memory(&dir.join(MEMORY_FILE), &snap.memory, &d.memory)?;
+    }
+    Ok(snap.config)
 }
 
 #[cfg(test)]
@@ -529,8 +596,9 @@ mod tests {
         let path = dir.join(MEMORY_FILE);
         let mut regions = Vec::new();
         let mut written = 0;
+        let mut digests = MemoryDigests::default();
         write_atomic(&dir, MEMORY_FILE, |f, p| {
-            (regions, written) = save_memory(&mem, f, p)?;
+            (regions, written, digests) = save_memory(&mem, f, p)?;
             Ok(())
         })
         .unwrap();
@@ -541,7 +609,8 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         assert!(meta.blocks() * 512 < 1 << 20, "zero pages were written");
 
-        let back = load_memory(&path, &regions, &cfg).unwrap();
+        assert_eq!(digests.sha256.len(), 64);
+        let back = load_memory(&path, &regions, &cfg, Some(&digests)).unwrap();
         let mut b = [0u8; 5];
         back.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"hello");
@@ -550,7 +619,7 @@ mod tests {
         assert!(c.iter().all(|&x| x == 7));
         // Writes go to the private copy, never to the file.
         back.write_slice(b"XXXXX", GuestAddress(0x1000)).unwrap();
-        let again = load_memory(&path, &regions, &cfg).unwrap();
+        let again = load_memory(&path, &regions, &cfg, Some(&digests)).unwrap();
         again.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"hello");
         // A failing writer leaves nothing behind.
@@ -563,20 +632,40 @@ mod tests {
         let again_dir = dir.join("again");
         std::fs::create_dir_all(&again_dir).unwrap();
         let mut written2 = 0;
+        let mut digests2 = MemoryDigests::default();
         write_atomic(&again_dir, MEMORY_FILE, |f, p| {
-            (_, written2) = save_memory(&back, f, p)?;
+            (_, written2, digests2) = save_memory(&back, f, p)?;
             Ok(())
         })
         .unwrap();
         assert_eq!(written2, 5 * PAGE as u64);
-        let third = load_memory(&again_dir.join(MEMORY_FILE), &regions, &cfg).unwrap();
+        let third = load_memory(
+            &again_dir.join(MEMORY_FILE),
+            &regions,
+            &cfg,
+            Some(&digests2),
+        )
+        .unwrap();
         third.read_slice(&mut b, GuestAddress(0x1000)).unwrap();
         assert_eq!(&b, b"XXXXX");
         third.read_slice(&mut c, GuestAddress(0x30_0ff0)).unwrap();
         assert!(c.iter().all(|&x| x == 7));
+        // One flipped bit in a data page, or a byte written into a hole: refused with where.
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        for (at, old, new) in [(0x1001u64, b'e', b'e' ^ 1), (0x10_0000, 0, 1)] {
+            f.write_all_at(&[new], at).unwrap();
+            let e = load_memory(&path, &regions, &cfg, Some(&digests))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("damaged") && e.contains("0x"), "{e}");
+            f.write_all_at(&[old], at).unwrap();
+        }
+        load_memory(&path, &regions, &cfg, Some(&digests)).unwrap();
         // A layout that does not fit the configuration is refused.
         cfg.memory_mib = 128;
-        assert!(load_memory(&path, &regions, &cfg).is_err());
+        assert!(load_memory(&path, &regions, &cfg, None).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

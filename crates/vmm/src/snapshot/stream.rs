@@ -68,7 +68,7 @@ pub(super) fn write(w: &mut dyn Write, state: &[u8], mem: &GuestMem) -> Result<u
     h.put(&STREAM_VERSION.to_le_bytes())?;
     h.put(&(state.len() as u64).to_le_bytes())?;
     h.put(state)?;
-    let (_, sent) = nonzero_runs(mem, |r, offset, bytes| {
+    let (_, sent) = nonzero_runs(mem, None, |r, offset, bytes| {
         // Runs are at most CHUNK (1 MiB) long.
         let len = u32::try_from(bytes.len()).map_err(|_| damaged("oversized run"))?;
         h.put(&(r.guest_addr + offset).to_le_bytes())?;
