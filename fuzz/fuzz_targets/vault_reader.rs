@@ -65,6 +65,7 @@ fn seed_file() -> &'static [u8] {
                 chunk_size: 1024,
                 zstd_level: 1,
                 threads: 0,
+                cancel: None,
             },
             &mut |_| {},
         )

@@ -68,9 +68,15 @@ the daemon starts; default false).")]
         name: String,
     },
     /// Start a profile's VM (a suspended profile is resumed).
+    #[command(after_help = "\
+A profile that `pocketvisor export` moved to a file (`list` shows `moved to FILE`) is refused:
+the guest would run twice. --reclaim runs this copy anyway and removes the mark.")]
     Start {
         /// Profile name.
         name: String,
+        /// Start a profile marked as moved by an export.
+        #[arg(long)]
+        reclaim: bool,
     },
     /// Stop a profile's VM (asks the VMM, then SIGTERM, then SIGKILL).
     #[command(after_help = "\
@@ -89,9 +95,14 @@ state, so it is refused unless --discard is given.")]
         name: String,
     },
     /// Restore a suspended profile from its snapshot.
+    #[command(after_help = "\
+A profile that `pocketvisor export` moved to a file is refused unless --reclaim is given.")]
     Resume {
         /// Profile name.
         name: String,
+        /// Resume a profile marked as moved by an export.
+        #[arg(long)]
+        reclaim: bool,
     },
     /// Delete a stopped or failed profile with its disks.
     #[command(after_help = "\
@@ -220,8 +231,17 @@ fn table(rows: &[ProfileInfo]) {
             p.spec.vcpus,
             opt(p.rss_kib.map(|k| format!("{}M", k / 1024))),
             opt(p.cpu_weight.map(|v| v.to_string())),
-            p.detail
+            detail(p)
         );
+    }
+}
+
+/// The DETAIL column: the state's detail and whether an export moved the profile away.
+fn detail(p: &ProfileInfo) -> String {
+    match (&p.moved_to, p.detail.is_empty()) {
+        (Some(f), true) => format!("moved to {f}"),
+        (Some(f), false) => format!("{}; moved to {f}", p.detail),
+        (None, _) => p.detail.clone(),
     }
 }
 
@@ -365,13 +385,19 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                 outln!("deleted profile {name}");
             }
         }
-        ProfileCmd::Start { name } => lifecycle(&c, json, &name, "start", "")?,
+        ProfileCmd::Start { name, reclaim } => {
+            let query = if reclaim { "?reclaim=true" } else { "" };
+            lifecycle(&c, json, &name, "start", query)?
+        }
         ProfileCmd::Stop { name, discard } => {
             let query = if discard { "?discard=true" } else { "" };
             lifecycle(&c, json, &name, "stop", query)?
         }
         ProfileCmd::Suspend { name } => lifecycle(&c, json, &name, "suspend", "")?,
-        ProfileCmd::Resume { name } => lifecycle(&c, json, &name, "resume", "")?,
+        ProfileCmd::Resume { name, reclaim } => {
+            let query = if reclaim { "?reclaim=true" } else { "" };
+            lifecycle(&c, json, &name, "resume", query)?
+        }
         ProfileCmd::Switch { name } => lifecycle(&c, json, &name, "switch", "")?,
         ProfileCmd::Events { name, limit } => {
             let url = match &name {

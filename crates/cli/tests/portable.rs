@@ -57,7 +57,13 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    assert_eq!(events[0]["event"], "suspended");
+    // The key is derived before the guest is suspended (it runs meanwhile).
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(
+        kinds[..3],
+        ["deriving_key", "key_derived", "suspended"],
+        "{kinds:?}"
+    );
     assert!(events.iter().any(|e| e["event"] == "progress"));
     let done = events.last().unwrap();
     assert_eq!(done["event"], "done");
@@ -77,6 +83,26 @@ fn suspended_guest_moves_to_another_state_dir_and_goes_on() {
             ("spare".to_string(), "stopped".to_string()),
             ("work".to_string(), "suspended".to_string())
         ]
+    );
+    // The profile moved: A refuses to resume it (the guest would run twice), says why and
+    // how to run it anyway; `list` shows where it went.
+    assert_eq!(done["moved"], true);
+    let again = run(
+        &[
+            "profile",
+            "--state-dir",
+            dir_a.to_str().unwrap(),
+            "resume",
+            "work",
+        ],
+        &[],
+    );
+    assert_one_error(&again, "was moved to");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--reclaim"));
+    let list = a.profile(&["list"]);
+    assert!(
+        list.contains(&format!("moved to {}", out.display())),
+        "{list}"
     );
     a.stop();
 
@@ -316,9 +342,11 @@ fn export_with_resume_leaves_the_guest_running() {
         .iter()
         .map(|e| e["event"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds.first(), Some(&"suspended"));
+    assert_eq!(kinds[..3], ["deriving_key", "key_derived", "suspended"]);
     assert_eq!(&kinds[kinds.len() - 2..], ["resumed", "done"]);
     assert_eq!(events.last().unwrap()["resumed"], true);
+    // A copy (--resume implies --keep): not marked as moved.
+    assert_eq!(events.last().unwrap()["moved"], false);
     assert_eq!(events.last().unwrap()["state"], "suspended");
     assert_eq!(rows(&dir_a), [("work".to_string(), "running".to_string())]);
     // The guest goes on at the source.
@@ -346,5 +374,66 @@ fn export_with_resume_leaves_the_guest_running() {
         rows(&dir_b),
         [("work".to_string(), "suspended".to_string())]
     );
+    a.profile(&["stop", "work"]);
+}
+
+#[test]
+fn ctrl_c_during_export_leaves_the_profile_as_it_was() {
+    use std::io::{BufRead, BufReader, Read};
+    use std::process::{Command, Stdio};
+    let Some(probe) = probe("ctrl_c_during_export_leaves_the_profile_as_it_was") else {
+        return;
+    };
+    let s = Scratch::new(SCRATCH, "ctrl-c");
+    let dir_a = s.path("a");
+    let out = s.path("work.pvp");
+    let a = Daemon::start(&dir_a, Some(&probe));
+    a.profile(&["create", "work", "--template", "work"]);
+    // Enough incompressible data that the export is still writing when Ctrl-C comes.
+    let disk = dir_a.join("profiles/work/disks/data.img");
+    let mut src = std::fs::File::open("/dev/urandom").unwrap().take(48 << 20);
+    let mut dst = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    std::io::copy(&mut src, &mut dst).unwrap();
+    a.profile(&["start", "work"]);
+
+    let mut child = Command::new(bin())
+        .args(["export", "work", "-o", out.to_str().unwrap(), "--state-dir"])
+        .arg(&dir_a)
+        .arg("--json")
+        .env("POCKETVISOR_PASSPHRASE", PASSPHRASE)
+        .env(FAST_KDF.0, FAST_KDF.1)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut interrupted = false;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let (done, total) = (v["bytes_done"].as_u64(), v["bytes_total"].as_u64());
+        if v["event"] == "progress" && done > Some(0) && done < total {
+            // SAFETY: kill(2) on our own child's pid; no memory involved.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            interrupted = true;
+            break;
+        }
+    }
+    assert!(interrupted, "the export ended before Ctrl-C");
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted"), "{err}");
+    // As it was: running again, no file, not marked as moved.
+    assert_eq!(rows(&dir_a), [("work".to_string(), "running".to_string())]);
+    assert!(!out.exists());
+    assert!(!dir_a.join("profiles/work/moved").exists());
     a.profile(&["stop", "work"]);
 }

@@ -15,7 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 
-use crate::api_types::{CreateProfile, DeleteQuery, ErrorBody, LimitQuery, StopQuery};
+use crate::api_types::{
+    CreateProfile, DeleteQuery, ErrorBody, LimitQuery, ReclaimQuery, StopQuery,
+};
 use crate::daemon::Handset;
 use crate::db::Log;
 use crate::error::Error;
@@ -211,7 +213,23 @@ macro_rules! lifecycle {
     };
 }
 
-lifecycle!(start, "start");
+macro_rules! reclaimable {
+    ($fn:ident, $action:literal) => {
+        async fn $fn(
+            State(h): State<Hs>,
+            ConnectInfo(peer): ConnectInfo<Peer>,
+            Path(name): Path<String>,
+            q: Result<Query<ReclaimQuery>, QueryRejection>,
+        ) -> ApiResult<crate::ProfileInfo> {
+            let reclaim = query(q)?.reclaim.unwrap_or(false);
+            let r = h.$fn(&name, reclaim).await;
+            Ok(Json(audited(&h, peer, &name, $action, r)?))
+        }
+    };
+}
+
+reclaimable!(start, "start");
+reclaimable!(resume, "resume");
 
 async fn stop(
     State(h): State<Hs>,
@@ -225,7 +243,6 @@ async fn stop(
 }
 
 lifecycle!(suspend, "suspend");
-lifecycle!(resume, "resume");
 lifecycle!(switch, "switch");
 
 /// A query string, or the 400 (with the JSON error body) saying what is wrong with it.

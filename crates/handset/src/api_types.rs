@@ -117,6 +117,9 @@ pub struct ProfileInfo {
     pub rss_kib: Option<u64>,
     /// The guest's serial console log.
     pub serial_log: String,
+    /// The file an export moved the profile to: it does not start or resume here without
+    /// `reclaim` (so the guest does not run twice).
+    pub moved_to: Option<String>,
     /// The profile spec.
     pub spec: ProfileSpec,
 }
@@ -163,6 +166,13 @@ pub struct LimitQuery {
 pub struct StopQuery {
     /// Stop a suspended profile too, discarding its snapshot (default false: refused).
     pub discard: Option<bool>,
+}
+
+/// `?reclaim=` of `POST /v1/profiles/{name}/start` and `/resume`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct ReclaimQuery {
+    /// Start (or resume) a profile marked as moved by an export, removing the mark.
+    pub reclaim: Option<bool>,
 }
 
 /// `?force=` of `DELETE /v1/profiles/{name}`.

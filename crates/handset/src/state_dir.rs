@@ -116,6 +116,11 @@ impl StateDir {
     pub fn snapshot(&self, name: &str) -> PathBuf {
         self.profile(name).join("snapshot")
     }
+    /// `profiles/<name>/moved`: written by an export that moved the profile away (the file
+    /// it went to); while it exists the profile does not start or resume without `reclaim`.
+    pub fn moved_marker(&self, name: &str) -> PathBuf {
+        self.profile(name).join("moved")
+    }
 }
 
 /// Replaces `path` with `data`: temp file in the same directory, fsync, rename, fsync dir.

@@ -87,6 +87,10 @@ pub enum VaultError {
         path: PathBuf,
     },
 
+    /// The caller asked to stop (`ExportOptions::cancel`); nothing was written.
+    #[error("interrupted")]
+    Interrupted,
+
     /// An operating-system level I/O error.
     #[error("{context}: {source}")]
     Io {

@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand_core::{OsRng, RngCore};
 
@@ -30,7 +31,7 @@ pub struct EntrySource {
 }
 
 /// Tuning knobs of `export_with`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct ExportOptions {
     /// Plaintext bytes per chunk (1 KiB to 16 MiB; default 1 MiB).
     pub chunk_size: u32,
@@ -39,6 +40,9 @@ pub struct ExportOptions {
     /// Threads that compress and seal chunks (0: the calling thread does it; default: one
     /// per core, at most 4). The file is the same whatever the number.
     pub threads: usize,
+    /// When set (e.g. by a SIGINT handler), the export stops with
+    /// [`VaultError::Interrupted`] and leaves nothing under the output name.
+    pub cancel: Option<&'static AtomicBool>,
 }
 
 impl Default for ExportOptions {
@@ -47,6 +51,7 @@ impl Default for ExportOptions {
             chunk_size: 1024 * 1024,
             zstd_level: 3,
             threads: crate::default_threads(),
+            cancel: None,
         }
     }
 }
@@ -89,22 +94,68 @@ pub fn export(
 /// passphrase's argon2id runs then), then entry bytes read out of the total.
 pub fn export_with(
     out: &Path,
-    mut manifest: Manifest,
+    manifest: Manifest,
     entries: &[EntrySource],
     keys: &[KeySpec],
     options: &ExportOptions,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ExportStats> {
-    manifest.entries = describe_entries(entries)?;
-    manifest.keys = keys
-        .iter()
+    // The manifest is checked before the (slow) key derivation.
+    let (checked, _, _) = prepare_manifest(manifest.clone(), entries, &key_infos(keys))?;
+    progress(Progress {
+        phase: Phase::DerivingKey,
+        bytes_done: 0,
+        bytes_total: checked.stored_bytes(),
+    });
+    let sealed = seal_keys(keys, options)?;
+    export_sealed(out, manifest, entries, sealed, options, progress)
+}
+
+/// A new file's header, sealed for its keys: the passphrase's argon2id has run. Made by
+/// [`seal_keys`] before anything slow or disruptive (like pausing the guest being exported),
+/// used once by [`export_sealed`].
+pub struct SealedKeys {
+    header: Vec<u8>,
+    stream: header::StreamKeys,
+    infos: Vec<KeyInfo>,
+}
+
+impl std::fmt::Debug for SealedKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealedKeys(<redacted>)")
+    }
+}
+
+/// Derives the keys of a new file (argon2id for a passphrase: the slow part) and seals its
+/// header, with `options.chunk_size`.
+pub fn seal_keys(keys: &[KeySpec], options: &ExportOptions) -> Result<SealedKeys> {
+    let (header, stream) = header::create(keys, options.chunk_size)?;
+    Ok(SealedKeys {
+        header,
+        stream,
+        infos: key_infos(keys),
+    })
+}
+
+fn key_infos(keys: &[KeySpec]) -> Vec<KeyInfo> {
+    keys.iter()
         .map(|k| match k {
             KeySpec::Passphrase { .. } => KeyInfo::Passphrase,
             KeySpec::Recipient(public) => KeyInfo::Recipient {
                 public_key: encode_public(public),
             },
         })
-        .collect();
+        .collect()
+}
+
+/// The manifest with its entries and keys filled in and checked, encoded.
+fn prepare_manifest(
+    mut manifest: Manifest,
+    entries: &[EntrySource],
+    keys: &[KeyInfo],
+) -> Result<(Manifest, Vec<u8>, u32)> {
+    manifest.entries = describe_entries(entries)?;
+    manifest.keys = keys.to_vec();
     manifest.validate().map_err(|e| match e {
         VaultError::BadManifest { reason } => VaultError::invalid_input(reason),
         other => other,
@@ -115,15 +166,26 @@ pub fn export_with(
         .ok()
         .filter(|&n| n <= crate::manifest::MAX_MANIFEST_LEN)
         .ok_or_else(|| VaultError::invalid_input("the manifest is too large"))?;
+    Ok((manifest, manifest_json, manifest_len))
+}
 
+/// [`export_with`] with keys sealed beforehand by [`seal_keys`] (no key derivation here; the
+/// chunk size is the one the keys were sealed with).
+pub fn export_sealed(
+    out: &Path,
+    manifest: Manifest,
+    entries: &[EntrySource],
+    sealed: SealedKeys,
+    options: &ExportOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<ExportStats> {
+    let SealedKeys {
+        header: header_bytes,
+        stream: stream_keys,
+        infos,
+    } = sealed;
+    let (manifest, manifest_json, manifest_len) = prepare_manifest(manifest, entries, &infos)?;
     let total = manifest.stored_bytes();
-    progress(Progress {
-        phase: Phase::DerivingKey,
-        bytes_done: 0,
-        bytes_total: total,
-    });
-    let (header_bytes, stream_keys) = header::create(keys, options.chunk_size)?;
-
     let (temp, mut file) = TempFile::create(out)?;
     std::io::Write::write_all(&mut file, &header_bytes)
         .map_err(|e| VaultError::io("writing the profile file", e))?;
@@ -150,6 +212,9 @@ pub fn export_with(
             let mut pos = extent.offset;
             let end = extent.offset + extent.length;
             while pos < end {
+                if options.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                    return Err(VaultError::Interrupted);
+                }
                 let want = usize::try_from(end - pos)
                     .unwrap_or(usize::MAX)
                     .min(READ_BUF);

@@ -28,7 +28,10 @@ mod stream;
 mod util;
 
 pub use error::{Result, VaultError};
-pub use export::{export, export_with, EntrySource, ExportOptions, ExportStats};
+pub use export::{
+    export, export_sealed, export_with, seal_keys, EntrySource, ExportOptions, ExportStats,
+    SealedKeys,
+};
 pub use header::{FORMAT_VERSION, MAGIC};
 pub use import::{
     import, import_with, inspect, inspect_with, verify, verify_stream, verify_with, ImportOptions,

@@ -394,3 +394,54 @@ fn default_kdf_params_round_trip() {
     .unwrap();
     vault::inspect(&out, &pass_unlock("pw")).unwrap();
 }
+
+#[test]
+fn keys_sealed_beforehand_open_the_file_and_a_cancelled_export_writes_nothing() {
+    use std::sync::atomic::AtomicBool;
+    let dir = tempfile::tempdir().unwrap();
+    let entries = small_profile(dir.path());
+    let out = dir.path().join("sealed.pvp");
+    // The keys are derived first (as export does before pausing a guest), the data later.
+    let sealed = vault::seal_keys(&[pass_key(PASSPHRASE)], &SMALL_CHUNKS).unwrap();
+    let mut phases = vec![];
+    vault::export_sealed(
+        &out,
+        manifest(),
+        &entries,
+        sealed,
+        &SMALL_CHUNKS,
+        &mut |p| phases.push(p.phase),
+    )
+    .unwrap();
+    assert!(!phases.contains(&vault::Phase::DerivingKey), "{phases:?}");
+    import_bytes(
+        dir.path(),
+        &fs::read(&out).unwrap(),
+        &pass_unlock(PASSPHRASE),
+    )
+    .unwrap();
+
+    static STOP: AtomicBool = AtomicBool::new(true);
+    let cancelled = dir.path().join("cancelled.pvp");
+    let options = vault::ExportOptions {
+        cancel: Some(&STOP),
+        ..SMALL_CHUNKS
+    };
+    let err = vault::export_with(
+        &cancelled,
+        manifest(),
+        &entries,
+        &[pass_key(PASSPHRASE)],
+        &options,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(matches!(err, VaultError::Interrupted), "{err}");
+    assert!(!cancelled.exists());
+    let debris: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(debris.is_empty(), "{debris:?}");
+}

@@ -1,13 +1,14 @@
 //! `pocketvisor export`: a handset profile into one encrypted `.pvp` file.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use handset::client::{Client, ClientError};
 use handset::db::{Db, ProfileRow};
 use handset::{ProfileInfo, ProfileSpec, ProfileState, StateDir};
-use vault::{ExportOptions, KeySpec, Manifest};
+use vault::{ExportOptions, KeySpec, Manifest, Phase, Progress, SealedKeys, VaultError};
 
 use super::layout::{self, ProfileConfig, SavedState, CONFIG_FORMAT};
 use super::progress::{self, Reporter};
@@ -16,11 +17,16 @@ use super::secret::{self, PassphraseArgs};
 /// Write a profile (spec, disks, snapshot) to one encrypted portable file.
 #[derive(Args, Debug)]
 #[command(after_help = "\
-A running (or paused) profile is first suspended through the handset daemon, which must then
-be running; it stays suspended afterwards unless --resume is given. A stopped profile is
-exported without a snapshot and boots afresh after import. The profile's files are only
-read. The file is written under a temporary name and renamed when complete, so an
-interrupted export never leaves a partial file under the final name.
+The key is derived first (a passphrase's argon2id takes seconds); then a running (or paused)
+profile is suspended through the handset daemon, which must then be running, and its files
+are written. The profile is only read. The file is written under a temporary name and renamed
+when complete, so an interrupted export never leaves a partial file under the final name;
+Ctrl-C leaves the profile as it was (resumed again if this export suspended it).
+
+The profile MOVES: afterwards it stays here, marked as moved to FILE, and `profile start` or
+`resume` refuse it (so the guest does not run twice) until given --reclaim. With --keep (a
+copy, e.g. a backup) or --resume it is not marked. A stopped profile is exported without a
+snapshot and boots afresh after import.
 
 Keys: a passphrase (--passphrase-file, $POCKETVISOR_PASSPHRASE, or typed twice at the
 terminal) and/or any number of --recipient public keys (from `pocketvisor keygen`). With
@@ -51,10 +57,36 @@ pub struct ExportArgs {
     #[arg(long)]
     json: bool,
     /// If this export suspends a running profile, resume it afterwards (the file is then a
-    /// copy of that moment, e.g. a backup; by default the profile stays suspended).
+    /// copy of that moment, e.g. a backup; by default the profile stays suspended). Implies
+    /// --keep.
     #[arg(long)]
     resume: bool,
+    /// Export a copy: do not mark the profile as moved (it may go on here too).
+    #[arg(long)]
+    keep: bool,
 }
+
+/// Set by SIGINT/SIGTERM while an export runs; the vault stops at the next chunk.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_sig: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Catches SIGINT and SIGTERM into [`INTERRUPTED`].
+fn catch_interrupts() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_interrupt as *const () as libc::sighandler_t) };
+    }
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// The exit status of an export stopped by Ctrl-C (128 + SIGINT).
+const EXIT_INTERRUPTED: i32 = 130;
 
 /// The parts of a row that change when the profile's files may change.
 fn fingerprint(row: &ProfileRow) -> (String, Option<i64>, Option<i32>) {
@@ -129,10 +161,36 @@ pub fn main(a: ExportArgs) -> Result<i32> {
     }
     keys.extend(recipients.into_iter().map(KeySpec::Recipient));
     let threads = secret::threads()?;
+    let options = ExportOptions {
+        threads,
+        cancel: Some(&INTERRUPTED),
+        ..ExportOptions::default()
+    };
 
     let db = Db::open(&dir.db())?;
     let name = a.profile.as_str();
     let mut row = read_row(&db, name, &dir)?;
+    catch_interrupts();
+    // The key first: the guest is not paused while argon2id runs.
+    let mut reporter = Reporter::new(a.json, &format!("exporting {name}"));
+    reporter.update(Progress {
+        phase: Phase::DerivingKey,
+        bytes_done: 0,
+        bytes_total: 0,
+    });
+    let sealed = match vault::seal_keys(&keys, &options) {
+        Ok(s) => s,
+        Err(e) => {
+            reporter.abandon();
+            return Err(e).context(format!("cannot export {name:?}"));
+        }
+    };
+    reporter.key_derived();
+    if interrupted() {
+        reporter.abandon();
+        eprintln!("pocketvisor: interrupted; profile {name:?} is as it was, nothing was written");
+        return Ok(EXIT_INTERRUPTED);
+    }
     let mut suspended_here = false;
     if matches!(
         ProfileState::parse(&row.state),
@@ -142,23 +200,58 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         row = read_row(&db, name, &dir)?;
         suspended_here = true;
     }
-    let exported = write_file(&a, &db, &dir, &row, &keys, threads);
-    let resumed = a.resume && suspended_here;
+    let exported = write_file(&a, &db, &dir, &row, sealed, &options, reporter);
+    let stopped = matches!(&exported, Err(e) if e.downcast_ref::<VaultError>().is_some_and(|v| matches!(v, VaultError::Interrupted)))
+        || (exported.is_err() && interrupted());
+    let resumed = (a.resume || stopped) && suspended_here;
     if resumed {
         let r = lifecycle(&dir, name, "resume", a.json);
         if exported.is_ok() {
             r.context("the file was written, but the profile cannot be resumed")?;
+        } else if let Err(e) = r {
+            eprintln!("pocketvisor: warning: cannot resume {name:?} again: {e:#}");
         }
     }
+    if stopped {
+        eprintln!("pocketvisor: interrupted; profile {name:?} is as it was, nothing was written");
+        return Ok(EXIT_INTERRUPTED);
+    }
     let mut w = exported?;
+    let moved = !(a.keep || a.resume);
+    if moved {
+        mark_moved(&dir, name, &a.output)?;
+    }
     if let Some(map) = w.fields.as_object_mut() {
         map.insert("resumed".into(), resumed.into());
+        map.insert("moved".into(), moved.into());
     }
     w.reporter.done(w.fields);
     if !a.json {
-        outln!("{}", w.summary);
+        println!("{}", w.summary);
+        if moved {
+            println!(
+                "{name} is marked as moved to {}: it does not start here again unless \
+                 `pocketvisor profile start {name} --reclaim` (use --keep to export a copy)",
+                a.output.display()
+            );
+        }
     }
     Ok(0)
+}
+
+/// Marks `name` as moved to `file` (the daemon refuses to start or resume it without
+/// `reclaim`).
+fn mark_moved(dir: &StateDir, name: &str, file: &std::path::Path) -> Result<()> {
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let text = serde_json::json!({
+        "file": file.display().to_string(),
+        "time_ms": std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+    });
+    handset::state_dir::write_atomic(&dir.moved_marker(name), text.to_string().as_bytes())
+        .context("the file was written, but the profile cannot be marked as moved")
 }
 
 /// A written file, not yet reported.
@@ -176,8 +269,9 @@ fn write_file(
     db: &Db,
     dir: &StateDir,
     row: &ProfileRow,
-    keys: &[KeySpec],
-    threads: usize,
+    sealed: SealedKeys,
+    options: &ExportOptions,
+    mut reporter: Reporter,
 ) -> Result<Written> {
     let name = a.profile.as_str();
     let state = match ProfileState::parse(&row.state) {
@@ -209,18 +303,9 @@ fn write_file(
         Some(serde_json::to_value(&spec.channels)?),
     );
 
-    let mut reporter = Reporter::new(a.json, &format!("exporting {name}"));
-    let result = vault::export_with(
-        &a.output,
-        manifest,
-        &entries,
-        keys,
-        &ExportOptions {
-            threads,
-            ..ExportOptions::default()
-        },
-        &mut |p| reporter.update(p),
-    );
+    let result = vault::export_sealed(&a.output, manifest, &entries, sealed, options, &mut |p| {
+        reporter.update(p)
+    });
     reporter.finished();
     let stats = match result {
         Ok(s) => s,

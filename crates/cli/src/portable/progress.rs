@@ -32,6 +32,7 @@ pub struct Reporter {
     started: Instant,
     /// When the key derivation started, when the data started, when the vault call returned.
     key_started: Option<Instant>,
+    key_ended: Option<Instant>,
     data_started: Option<Instant>,
     ended: Option<Instant>,
     last: Progress,
@@ -56,6 +57,7 @@ impl Reporter {
             label: label.to_string(),
             started: Instant::now(),
             key_started: None,
+            key_ended: None,
             data_started: None,
             ended: None,
             last: Progress {
@@ -120,6 +122,17 @@ impl Reporter {
         }
     }
 
+    /// The key is derived before the data starts (export derives it before suspending the
+    /// guest): its time ends here, and a `key_derived` event says so.
+    pub fn key_derived(&mut self) {
+        self.key_ended = Some(Instant::now());
+        match &self.mode {
+            Mode::Json { .. } => json_line(&serde_json::json!({"event": "key_derived"})),
+            Mode::Bar(bar) => bar.set_message(format!("{}: key derived", self.label)),
+            Mode::Quiet => {}
+        }
+    }
+
     /// The first data moves: the spinner becomes the bar, whose rate and ETA start now.
     fn data_starts(&mut self) {
         self.data_started = Some(Instant::now());
@@ -145,7 +158,7 @@ impl Reporter {
     /// Seconds the key derivation took, if it was reported.
     pub fn key_seconds(&self) -> Option<f64> {
         let start = self.key_started?;
-        let end = self.data_started.or(self.ended)?;
+        let end = self.key_ended.or(self.data_started).or(self.ended)?;
         Some(end.duration_since(start).as_secs_f64())
     }
 

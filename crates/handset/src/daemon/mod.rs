@@ -190,11 +190,14 @@ impl Handset {
         Ok(())
     }
 
-    /// Starts a stopped or failed profile (a suspended one is resumed).
-    pub async fn start(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+    /// Starts a stopped or failed profile (a suspended one is resumed); one marked as moved
+    /// by an export only with `reclaim`.
+    pub async fn start(self: &Arc<Self>, name: &str, reclaim: bool) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
-        match self.registry.check(name, Event::Start)?.action {
+        let step = self.registry.check(name, Event::Start)?;
+        self.check_moved(name, "start", reclaim)?;
+        match step.action {
             Action::Restore => self.resume_locked(name).await?,
             _ => {
                 self.supervisor.forget_restarts(name);
@@ -257,6 +260,26 @@ impl Handset {
             }
         }
         self.show(name)
+    }
+
+    /// Refuses to run a profile an export moved away, unless `reclaim` (which removes the mark).
+    fn check_moved(&self, name: &str, action: &str, reclaim: bool) -> Result<()> {
+        let Some(file) = self.registry.moved_to(name) else {
+            return Ok(());
+        };
+        if !reclaim {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} was moved to {file} by an export: running it here too would \
+                 run the guest twice; {action} with --reclaim (API: ?reclaim=true) to run this \
+                 copy anyway"
+            )));
+        }
+        let marker = self.dir().moved_marker(name);
+        std::fs::remove_file(&marker)
+            .map_err(Error::io(format!("cannot remove {}", marker.display())))?;
+        self.registry
+            .event(name, "reclaimed", &format!("was moved to {file}"));
+        Ok(())
     }
 
     /// What a suspended profile's snapshot holds, for refusals ("its saved guest (N MiB
@@ -353,11 +376,13 @@ impl Handset {
         Ok(())
     }
 
-    /// Restores a suspended profile from its snapshot.
-    pub async fn resume(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+    /// Restores a suspended profile from its snapshot; one marked as moved by an export only
+    /// with `reclaim`.
+    pub async fn resume(self: &Arc<Self>, name: &str, reclaim: bool) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
         self.registry.check(name, Event::Resume)?;
+        self.check_moved(name, "resume", reclaim)?;
         self.resume_locked(name).await?;
         self.show(name)
     }
@@ -467,6 +492,11 @@ impl Handset {
         for row in rows {
             let name = row.name;
             if !self.registry.spec(&name).is_ok_and(|s| s.autostart) {
+                continue;
+            }
+            if let Some(file) = self.registry.moved_to(&name) {
+                let why = format!("moved to {file} by an export: start it with --reclaim");
+                self.registry.event(&name, "autostart-skipped", &why);
                 continue;
             }
             let r = match ProfileState::parse(&row.state) {

@@ -147,8 +147,16 @@ impl Registry {
             cpu_weight,
             rss_kib,
             serial_log: self.dir.serial_log(&row.name).display().to_string(),
+            moved_to: self.moved_to(&row.name),
             spec,
         })
+    }
+
+    /// The file an export moved `name` to, if it is marked as moved.
+    pub(super) fn moved_to(&self, name: &str) -> Option<String> {
+        let text = std::fs::read(self.dir.moved_marker(name)).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+        Some(v["file"].as_str().unwrap_or("a portable file").to_string())
     }
 
     /// Creates a profile's files (spec, sparse disks) and its row; on failure nothing is left.

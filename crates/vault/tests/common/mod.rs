@@ -18,6 +18,7 @@ pub const SMALL_CHUNKS: ExportOptions = ExportOptions {
     chunk_size: 1024,
     zstd_level: 1,
     threads: 2,
+    cancel: None,
 };
 
 /// Read limits that keep any flipped argon2 parameter cheap.
