@@ -251,6 +251,17 @@ if [ -n "$d" ] && [ -b "/dev/$d" ]; then
   if dd if=/dev/zero of="/dev/$d" bs=4096 count=1 conv=fsync 2>/dev/null; then w=accepted; else w=refused; fi
   echo "LINUX blkro $d write=$w ro=$(cat "/sys/block/$d/ro")"
 fi
+# pv.net=ADDR/PREFIX,PEER,PORT: configure eth0, ping PEER, send 1 MiB over TCP to PEER:PORT.
+n="$(arg pv.net)"
+if [ -n "$n" ]; then
+  addr="${n%%,*}"; rest="${n#*,}"; peer="${rest%%,*}"; port="${rest#*,}"
+  ip link set lo up; ip link set eth0 up; ip addr add "$addr" dev eth0
+  if ping -c 3 -w 20 "$peer" >/tmp/ping.out 2>&1; then s=ok; else s=failed; fi
+  echo "LINUX ping $peer status=$s $(grep -o '[0-9]* packets received' /tmp/ping.out | tr ' ' _)"
+  head -c 1048576 /dev/urandom >/tmp/tx
+  if nc "$peer" "$port" </tmp/tx; then s=ok; else s=failed; fi
+  echo "LINUX tcp sent=$(wc -c </tmp/tx) sha256=$(sha256sum </tmp/tx | cut -d' ' -f1) status=$s"
+fi
 if [ "$(arg pv.clock)" = 1 ]; then
   echo "LINUX clock epoch=$(date +%s) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 fi

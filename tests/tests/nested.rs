@@ -322,6 +322,86 @@ fn linux_sees_hidden_cpuid_flags_gone() {
 }
 
 #[test]
+fn linux_net_ping_and_tcp_over_a_tap_to_a_netns_peer() {
+    check("linux_net_ping_and_tcp_over_a_tap_to_a_netns_peer", || {
+        use std::io::Read;
+        use std::net::TcpListener;
+
+        let ns = e2e::host::NetNs::create().expect("create a network namespace");
+        let tap = "pvt0";
+        ns.add_tap(tap).expect("create the tap in the namespace");
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(["-n", ns.name()])
+                .args(args)
+                .status()
+                .expect("run ip");
+            assert!(st.success(), "ip {args:?} failed");
+        };
+        ip(&["addr", "add", "10.0.2.1/24", "dev", tap]);
+        let listener = ns
+            .run_inside(|| TcpListener::bind("10.0.2.1:5555"))
+            .expect("listen in the namespace");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let receiver = std::thread::spawn(move || -> Result<Vec<u8>, String> {
+            let deadline = Instant::now() + LINUX_TIMEOUT;
+            loop {
+                match listener.accept() {
+                    Ok((mut stream, _)) => {
+                        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(60)))
+                            .map_err(|e| e.to_string())?;
+                        let mut data = Vec::new();
+                        stream.read_to_end(&mut data).map_err(|e| e.to_string())?;
+                        return Ok(data);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            return Err("no TCP connection from the guest".into());
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        });
+        let dir = TempDir::new();
+        let (disk, _) = dir.disk("linux.img", 8 * 1024 * 1024, 41);
+        let out = linux_vm("vmlinux", 2, "pv.net=10.0.2.2/24,10.0.2.1,5555")
+            .disk(&disk, false)
+            .net(&format!("tap={tap},mac=02:50:56:00:00:08"))
+            .in_netns(ns.name())
+            .run();
+        assert_selftest(&out);
+        assert!(
+            out.serial()
+                .any(|l| l.contains("LINUX virtio") && l.contains("driver=virtio_net")),
+            "{}",
+            out.describe()
+        );
+        let ping = linux_line(&out, "ping 10.0.2.1").expect("no ping line");
+        assert_eq!(field(ping, "status"), Some("ok"), "{}", out.describe());
+        let tcp = linux_line(&out, "tcp").expect("no tcp line");
+        assert_eq!(field(tcp, "status"), Some("ok"), "{}", out.describe());
+        assert_eq!(field(tcp, "sent"), Some("1048576"), "{}", out.describe());
+        let received = receiver
+            .join()
+            .expect("receiver thread")
+            .unwrap_or_else(|e| panic!("{e}\n{}", out.describe()));
+        assert_eq!(received.len(), 1_048_576, "{}", out.describe());
+        assert_eq!(
+            field(tcp, "sha256"),
+            Some(sha256_hex(&received).as_str()),
+            "the bytes received differ from those the guest sent"
+        );
+        assert_clean_kernel_log(&out);
+    });
+}
+
+#[test]
 fn linux_reboot_ends_the_vm() {
     check("linux_reboot_ends_the_vm", || {
         let out = linux_vm("vmlinux", 1, "pv.reboot=1").run();
