@@ -265,6 +265,14 @@ fi
 if [ "$(arg pv.clock)" = 1 ]; then
   echo "LINUX clock epoch=$(date +%s) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 fi
+# pv.tick=N: N lines a second apart with the wall clock and the uptime (snapshot tests).
+t="$(arg pv.tick)"
+i=0
+while [ -n "$t" ] && [ "$i" -lt "$t" ]; do
+  i=$((i + 1))
+  echo "LINUX tick n=$i epoch=$(date +%s) uptime=$(cut -d' ' -f1 /proc/uptime)"
+  sleep 1
+done
 # Kernel log lines the tests judge (quiet keeps them off the console).
 dmesg | grep -E 'WARNING:|BUG:|Oops|Call Trace|rtc_cmos|XSAVE consistency|TSC.*(unstable|unsynchron)' | sed 's/^/LINUX klog /'
 if grep -q 'pv.shell=1' /proc/cmdline; then

@@ -6,7 +6,8 @@
 # CPU model that has SVM and nested paging; its /init (tests/nested/l1-init) loads kvm_amd, so
 # commands run there see a hardware-style /dev/kvm.
 #
-# Output ($NESTED_OUT, default guest/out/nested): vmlinuz, initramfs.cpio.gz, version.
+# Output ($NESTED_OUT, default guest/out/nested): vmlinuz, initramfs.cpio.gz, version, and
+# inputs (this script and l1-init as built: the harness rebuilds when they differ).
 # The downloaded .debs stay in $NESTED_OUT/debs: later runs work offline.
 # Needs: apt-get (download only), dpkg-deb, a static busybox, gzip, xz, zstd.
 set -euo pipefail
@@ -100,4 +101,6 @@ cp "$vmlinuz" "$out/vmlinuz.tmp"
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 echo "$release" >"$out/version"
+# What the assets were built from: the harness rebuilds them when these files change.
+cat "$here/build-l1.sh" "$here/l1-init" >"$out/inputs"
 log "done: $out/{vmlinuz,initramfs.cpio.gz} ($release)"

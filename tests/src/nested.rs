@@ -25,13 +25,21 @@ pub fn nested_dir() -> PathBuf {
         .unwrap_or_else(|| crate::workspace_root().join("guest/out/nested"))
 }
 
-/// The L1 kernel and initramfs, built by `tests/nested/build-l1.sh` when missing.
+/// The L1 kernel and initramfs, built by `tests/nested/build-l1.sh` when missing or built
+/// from another version of that script or of `tests/nested/l1-init`.
 pub fn l1_assets() -> Result<(PathBuf, PathBuf), String> {
     let dir = nested_dir();
     let kernel = dir.join("vmlinuz");
     let initrd = dir.join("initramfs.cpio.gz");
-    if !(kernel.is_file() && initrd.is_file()) {
-        let script = crate::workspace_root().join("tests/nested/build-l1.sh");
+    let sources = crate::workspace_root().join("tests/nested");
+    let mut inputs = Vec::new();
+    for name in ["build-l1.sh", "l1-init"] {
+        let path = sources.join(name);
+        inputs.extend(std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?);
+    }
+    let current = std::fs::read(dir.join("inputs")).is_ok_and(|built| built == inputs);
+    if !(current && kernel.is_file() && initrd.is_file()) {
+        let script = sources.join("build-l1.sh");
         let out = Command::new("bash")
             .arg(&script)
             .env("NESTED_OUT", &dir)
@@ -52,7 +60,7 @@ pub fn l1_assets() -> Result<(PathBuf, PathBuf), String> {
 /// How a job in L1 ended.
 #[derive(Debug)]
 pub struct L1Run {
-    /// The job directory on the host (kept for inspection; its `tmp/` is removed).
+    /// The job directory on the host (kept for inspection).
     pub dir: PathBuf,
     /// The job script's exit status; `None` when L1 never reported one.
     pub rc: Option<i32>,
@@ -149,7 +157,6 @@ pub fn run_in_l1(script: &str, timeout: Duration) -> Result<L1Run, String> {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|s| s.parse::<f64>().ok())
         .map(Duration::from_secs_f64);
-    let _ = std::fs::remove_dir_all(dir.join("tmp"));
     Ok(L1Run {
         rc: if outcome.timed_out { None } else { rc },
         output: read("output.log"),
