@@ -11,7 +11,7 @@ use serde::Serialize;
 pub struct DoctorArgs {
     /// Print JSON instead of text.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// The host's KVM, as far as guests are concerned.

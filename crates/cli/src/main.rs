@@ -6,6 +6,7 @@ mod stdout;
 
 mod api;
 mod doctor;
+mod failure;
 mod handset;
 mod portable;
 mod profile;
@@ -18,7 +19,22 @@ use clap::{Parser, Subcommand};
 /// pocketvisor: run isolated guest operating systems (profiles) on KVM.
 #[derive(Parser)]
 #[command(name = "pocketvisor", version, about, long_about = None)]
+#[command(after_help = "\
+EXIT STATUS (every command but `run`, which exits with the guest's status):
+  0  done
+  1  failed (one `pocketvisor: error: ...` line on stderr)
+  2  bad command line (usage)
+  3  not found (no such profile, file or path)
+  4  refused by policy (a cross-profile transfer the profiles' channels do not allow)
+With --json, a failure is also one JSON object on stdout: {\"error\": \"...\", \"exit_code\": N}.
+
+LOGGING: --log-level LEVEL (error, warn, info, debug, trace, or a filter like
+handset=debug), else $RUST_LOG, else $POCKETVISOR_LOG; default warn (info for `handset`). No
+colour unless stderr is a terminal.")]
 struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or `crate=level,...`); overrides $RUST_LOG.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,15 +49,17 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Restore a VM from a snapshot directory and run it.
     Restore(snapshot::RestoreArgs),
-    /// Pause a running VM (started with --api-socket).
+    /// Pause a running VM in memory (started with --api-socket).
     Pause(snapshot::ControlArgs),
-    /// Resume a paused VM.
-    Resume(snapshot::ControlArgs),
+    /// Unpause a VM paused in memory (`resume` is the old name).
+    #[command(alias = "resume")]
+    Unpause(snapshot::ControlArgs),
     /// Run one VM jailed (namespaces, private root, cgroup, no privileges, seccomp).
     Vmm(Box<vmm_cmd::VmmArgs>),
     /// Run the handset daemon (profiles, supervision, foreground switching, REST API).
     Handset(handset::HandsetArgs),
-    /// Manage the handset's profiles: create, list, show, start, stop, suspend, resume, switch.
+    /// Manage the handset's profiles: create, list, show, start, stop, suspend, resume, switch,
+    /// delete, events, audit, status, clipboard, send-file (see `profile --help`).
     Profile(Box<profile::ProfileArgs>),
     /// Write a profile (spec, disks, snapshot) to one encrypted portable file.
     Export(Box<portable::ExportArgs>),
@@ -51,21 +69,83 @@ enum Command {
     Keygen(portable::KeygenArgs),
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("POCKETVISOR_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+impl Command {
+    /// Whether the command was asked for JSON output (its errors are then JSON too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Doctor(a) => a.json,
+            Command::Profile(a) => a.json,
+            Command::Export(a) => a.json,
+            Command::Import(a) => a.json,
+            _ => false,
+        }
+    }
+}
+
+/// Sets up logging on stderr: `--log-level`, else $RUST_LOG, else $POCKETVISOR_LOG, else
+/// `default`; ANSI colour only on a terminal.
+fn init_logging(level: Option<&str>, default: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level {l:?}: {e}"))?,
+        None => EnvFilter::try_from_env("RUST_LOG")
+            .or_else(|_| EnvFilter::try_from_env("POCKETVISOR_LOG"))
+            .unwrap_or_else(|_| EnvFilter::new(default)),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    Ok(())
+}
+
+/// Parses the command line. A bad value for a known flag (`--memory lots`) is the README's
+/// one `pocketvisor: error:` line and status 1; other command-line errors are clap's usage
+/// text and status 2; `--help` and `--version` print and exit 0.
+fn parse() -> Cli {
+    use clap::error::ErrorKind;
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ValueValidation | ErrorKind::InvalidValue
+            ) =>
+        {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!(
+                "pocketvisor: error: {}",
+                first.strip_prefix("error: ").unwrap_or(first)
+            );
+            std::process::exit(failure::FAILURE);
+        }
+        Err(e) => e.exit(),
+    }
+}
+
+fn main() {
+    let cli = parse();
+    // The daemon says what it does (where it listens, lifecycle events) by default.
+    let default_level = if matches!(cli.command, Command::Handset(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    if let Err(e) = init_logging(cli.log_level.as_deref(), default_level) {
+        eprintln!("pocketvisor: error: {e}");
+        std::process::exit(failure::USAGE);
+    }
+    let json = cli.command.json();
     let result = match cli.command {
         Command::Run(args) => run::main(*args),
         Command::Doctor(args) => doctor::main(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Restore(args) => snapshot::restore(args),
         Command::Pause(args) => snapshot::pause(args),
-        Command::Resume(args) => snapshot::resume(args),
+        Command::Unpause(args) => snapshot::resume(args),
         Command::Handset(args) => handset::main(args),
         Command::Profile(args) => profile::main(*args),
         Command::Vmm(args) => vmm_cmd::main(*args),
@@ -77,8 +157,16 @@ fn main() {
         Ok(0) if stdout::failed() => std::process::exit(1),
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("pocketvisor: error: {}", one_line(&e));
-            std::process::exit(1);
+            let code = failure::exit_code(&e);
+            let line = one_line(&e);
+            if json {
+                outln!(
+                    "{}",
+                    serde_json::json!({ "error": line.clone(), "exit_code": code })
+                );
+            }
+            eprintln!("pocketvisor: error: {line}");
+            std::process::exit(code);
         }
     }
 }

@@ -27,7 +27,7 @@ pub struct ProfileArgs {
     socket: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
     #[command(subcommand)]
     cmd: ProfileCmd,
 }

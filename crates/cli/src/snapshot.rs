@@ -93,6 +93,13 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         vsock_socket: a.vsock_socket,
         taps: a.tap,
     };
+    if !a.dir.exists() {
+        return Err(crate::failure::Failure::NotFound(format!(
+            "cannot restore {}: no such snapshot directory",
+            a.dir.display()
+        ))
+        .into());
+    }
     let vm = Vm::restore(&a.dir, &overrides)
         .with_context(|| format!("cannot restore {}", a.dir.display()))?;
     crate::run::run_vm(vm, a.api_socket.as_deref())

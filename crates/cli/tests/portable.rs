@@ -268,6 +268,12 @@ fn recipient_key_round_trip() {
         &[("POCKETVISOR_PASSPHRASE", PASSPHRASE)],
     );
     assert_one_error(&wrong, "wrong passphrase or key");
+    // No key at all: the error says a recipient file opens with --identity.
+    let no_key = run(
+        &["import", out.to_str().unwrap(), "--state-dir", dir_b_s],
+        &[],
+    );
+    assert_one_error(&no_key, "--identity KEYFILE");
     assert!(
         !dir_b.exists(),
         "a failed import created {}",
@@ -290,7 +296,31 @@ fn recipient_key_round_trip() {
         &[],
     );
     assert_ok(&imported, "import --identity");
+    // The hint names the state directory the profile went to.
+    let said = String::from_utf8_lossy(&imported.stdout);
+    assert!(
+        said.contains(&format!(
+            "next: pocketvisor profile --state-dir {dir_b_s} start lab2"
+        )),
+        "{said}"
+    );
     assert_eq!(rows(&dir_b), [("lab2".to_string(), "stopped".to_string())]);
+    // The name is taken now: refused, with the way out.
+    let again = run(
+        &[
+            "import",
+            out.to_str().unwrap(),
+            "--state-dir",
+            dir_b_s,
+            "--identity",
+            key.to_str().unwrap(),
+            "--name",
+            "lab2",
+        ],
+        &[],
+    );
+    assert_one_error(&again, "already exists");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--name NEW"));
     assert!(same_file(
         &disk_a,
         &dir_b.join("profiles/lab2/disks/data.img")

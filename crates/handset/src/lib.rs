@@ -107,6 +107,13 @@ pub async fn run_until(
             dir.root().display()
         )));
     }
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        tracing::warn!(
+            "not running as root: jailed VMMs (namespaces, cgroups), TAP devices and cgroup \
+             limits need root; profiles may fail to start (see `pocketvisor doctor`)"
+        );
+    }
     let h = Handset::open(opts)?;
     let sock = dir.socket();
     // We hold the lock, so a socket file left here is stale.
@@ -117,11 +124,20 @@ pub async fn run_until(
         .map_err(Error::io(format!("cannot chmod {}", sock.display())))?;
     h.recover().await?;
     h.audit("-", "daemon-start", &format!("pid {}", std::process::id()));
-    tracing::info!("handset daemon listening on {}", sock.display());
+    tracing::info!(
+        "handset daemon (pid {}) listening on {}",
+        std::process::id(),
+        sock.display()
+    );
     let served = api::serve(h.clone(), listener, shutdown).await;
+    tracing::info!("handset daemon stopping: suspending or stopping the running profiles");
     h.shutdown().await;
     h.audit("-", "daemon-stop", "");
     let _ = std::fs::remove_file(&sock);
+    tracing::info!(
+        "handset daemon stopped; no longer listening on {}",
+        sock.display()
+    );
     drop(lock);
     served.map_err(Error::io("API server failed"))
 }

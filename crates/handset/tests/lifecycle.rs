@@ -89,6 +89,38 @@ fn create_list_show_delete_through_the_cli() {
     );
 }
 
+/// Scripts tell "not found" (3) and "refused by policy" (4) from other failures (1), and
+/// with --json the failure is JSON on stdout too; the daemon's log has no colour codes.
+#[test]
+fn exit_statuses_and_json_errors_tell_failures_apart() {
+    let d = Daemon::start("exits");
+    for t in ["work", "personal"] {
+        assert!(d.cli(&["create", t, "--template", t]).status.success());
+    }
+    let nope = d.cli(&["show", "nope"]);
+    assert_eq!(nope.status.code(), Some(3), "{nope:?}");
+    assert!(String::from_utf8_lossy(&nope.stderr).starts_with("pocketvisor: error: no profile"));
+    let json = d.cli(&["show", "nope", "--json"]);
+    assert_eq!(json.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["exit_code"], 3);
+    assert!(
+        v["error"].as_str().unwrap().contains("no profile named"),
+        "{v}"
+    );
+    // work -> personal is denied by the templates' channels.
+    let denied = d.cli(&["clipboard", "copy", "--from", "work", "--to", "personal"]);
+    let err = String::from_utf8_lossy(&denied.stderr);
+    assert_eq!(denied.status.code(), Some(4), "{err}");
+    assert!(err.contains("denied by policy"), "{err}");
+    // A state refusal is a plain failure.
+    let stopped = d.cli(&["stop", "work"]);
+    assert_eq!(stopped.status.code(), Some(1));
+    // A usage error is 2, as with any bad flag.
+    assert_eq!(d.cli(&["show"]).status.code(), Some(2));
+    assert!(!d.log().contains('\x1b'), "ANSI codes in the daemon's log");
+}
+
 #[test]
 fn cli_without_daemon_says_how_to_start_it() {
     let tmp = tempfile::tempdir().unwrap();

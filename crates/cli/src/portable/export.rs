@@ -55,7 +55,7 @@ pub struct ExportArgs {
     recipient: Vec<String>,
     /// Print JSON progress events (one per line) on stdout instead of a progress bar.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// If this export suspends a running profile, resume it afterwards (the file is then a
     /// copy of that moment, e.g. a backup; by default the profile stays suspended). Implies
     /// --keep.
@@ -94,8 +94,13 @@ fn fingerprint(row: &ProfileRow) -> (String, Option<i64>, Option<i32>) {
 }
 
 fn read_row(db: &Db, name: &str, dir: &StateDir) -> Result<ProfileRow> {
-    db.profile(name)?
-        .with_context(|| format!("no profile {name:?} in {}", dir.root().display()))
+    db.profile(name)?.ok_or_else(|| {
+        crate::failure::Failure::NotFound(format!(
+            "no profile {name:?} in {}",
+            dir.root().display()
+        ))
+        .into()
+    })
 }
 
 /// Asks the daemon to `suspend` or `resume` the profile.
@@ -119,8 +124,10 @@ fn lifecycle(dir: &StateDir, name: &str, action: &str, json: bool) -> Result<()>
             Ok(())
         }
         Err(ClientError::NotRunning(_)) => bail!(
-            "profile {name:?} is running but its handset daemon does not answer: \
-             suspend or stop the profile first"
+            "profile {name:?} is running but its handset daemon does not answer: start it \
+             (`pocketvisor handset --state-dir {}`) so it can suspend the profile, then export \
+             again",
+            dir.root().display()
         ),
         Err(e) => Err(e).context(format!("cannot {action} profile {name:?}")),
     }

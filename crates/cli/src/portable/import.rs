@@ -61,7 +61,7 @@ pub struct ImportArgs {
     identity: Option<PathBuf>,
     /// Print JSON progress events (one per line) on stdout instead of a progress bar.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// Removes what this import created unless disarmed.
@@ -228,7 +228,13 @@ fn host_warnings(dir: &StateDir, spec: &ProfileSpec) -> Vec<String> {
 fn unlock(a: &ImportArgs) -> Result<Unlock> {
     match &a.identity {
         Some(f) => Ok(Unlock::Identity(secret::read_identity(f)?)),
-        None => Ok(Unlock::Passphrase(a.passphrase.get_or_prompt(false)?)),
+        None => Ok(Unlock::Passphrase(
+            a.passphrase.get_or_prompt(false).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e:#}; a file exported for a recipient key opens with --identity KEYFILE"
+                )
+            })?,
+        )),
     }
 }
 
@@ -238,7 +244,8 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     let dir = StateDir::resolve(a.state_dir.as_deref())?;
     let taken = |name: &str| {
         anyhow::anyhow!(
-            "profile {name:?} already exists in {}",
+            "profile {name:?} already exists in {}: import it under another name with --name \
+             NEW",
             dir.root().display()
         )
     };
@@ -390,13 +397,14 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     if !a.json {
         outln!(
             "imported {name} ({}) into {}: {} in {:.2} s ({:.0} MB/s; key derivation {:.2} \
-             s); next: pocketvisor profile {} {name}",
+             s); next: pocketvisor profile --state-dir {} {} {name}",
             config.state.as_str(),
             dir.root().display(),
             progress::mib(size),
             secs.as_secs_f64(),
             progress::rate(size, secs),
             key_secs,
+            dir.root().display(),
             match config.state {
                 layout::SavedState::Suspended => "resume",
                 layout::SavedState::Stopped => "start",
