@@ -99,7 +99,10 @@ fn bad_files_change_nothing() {
         ],
         &[],
     );
-    assert_one_error(&refused, "suspend or stop the profile first");
+    assert_one_error(
+        &refused,
+        "does not answer: start it (`pocketvisor handset --state-dir",
+    );
     assert!(!s.path("refused.pvp").exists());
 
     // B already holds a profile; every failure below must leave it exactly so.

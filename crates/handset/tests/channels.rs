@@ -156,7 +156,8 @@ fn clipboard_and_files_follow_the_policy_and_are_audited() {
     );
     let out = d.cli(&["clipboard", "copy", "--from", "work", "--to", "personal"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // "Refused by policy" has its own exit status (4).
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("denied by policy"), "{stderr}");
     assert_eq!(clipboard(&d, "personal"), text);
