@@ -263,7 +263,7 @@ if [ -n "$n" ]; then
   echo "LINUX tcp sent=$(wc -c </tmp/tx) sha256=$(sha256sum </tmp/tx | cut -d' ' -f1) status=$s"
 fi
 if [ "$(arg pv.clock)" = 1 ]; then
-  echo "LINUX clock epoch=$(date +%s) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+  echo "LINUX clock epoch=$(date +%s) rtc=$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null || echo none) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 fi
 # pv.tick=N: N lines a second apart with the wall clock and the uptime (snapshot tests).
 t="$(arg pv.tick)"

@@ -511,6 +511,36 @@ fn linux_snapshot_restore_keeps_running_with_a_monotonic_clock() {
 }
 
 #[test]
+fn linux_cmos_rtc_reads_the_host_time() {
+    check("linux_cmos_rtc_reads_the_host_time", || {
+        let out = linux_vm("vmlinux", 1, "pv.clock=1").run();
+        let now = host_epoch();
+        assert_eq!(out.code(), Some(0), "{}", out.describe());
+        let clock = linux_line(&out, "clock").expect("no clock line");
+        let rtc: u64 = field(clock, "rtc")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no RTC in the guest: {clock}\n{}", out.describe()));
+        let epoch: u64 = field(clock, "epoch")
+            .and_then(|v| v.parse().ok())
+            .expect("epoch");
+        // The RTC was read just before the guest powered off; allow for the run's length.
+        let slack = out.elapsed.as_secs() + 2;
+        assert!(
+            rtc <= now + 1 && now - rtc <= slack,
+            "the guest's RTC says {rtc}, the host {now}: {clock}"
+        );
+        assert!(epoch.abs_diff(rtc) <= 2, "{clock}");
+        assert!(
+            !out.serial()
+                .any(|l| l.contains("rtc_cmos") && l.contains("broken")),
+            "{}",
+            out.describe()
+        );
+        assert_clean_kernel_log(&out);
+    });
+}
+
+#[test]
 fn linux_reboot_ends_the_vm() {
     check("linux_reboot_ends_the_vm", || {
         let out = linux_vm("vmlinux", 1, "pv.reboot=1").run();

@@ -1,11 +1,11 @@
 //! The x86_64 legacy platform devices on the port bus: the 16550 at COM1 with its irqfd, the
-//! i8042 (reset), the ACPI PM1a block (power-off), the debug-exit port, the POST-code sink at
-//! 0x80 and the PCI configuration ports 0xcf8-0xcff.
+//! i8042 (reset), the CMOS real-time clock (0x70-0x71), the ACPI PM1a block (power-off), the
+//! debug-exit port, the POST-code sink at 0x80 and the PCI configuration ports 0xcf8-0xcff.
 
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, SharedDevice};
-use devices::legacy::{AcpiPm, DebugExit, ExitSignal, PortSink, Serial, I8042};
+use devices::legacy::{AcpiPm, Cmos, DebugExit, ExitSignal, PortSink, Serial, I8042};
 use devices::pci::{PciConfigIo, PciRoot};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -15,6 +15,8 @@ use super::{kvm_err, Error};
 
 /// The i8042 data and command ports (0x60-0x64).
 pub const I8042_PORT: u16 = 0x60;
+/// The CMOS RTC's index and data ports (0x70-0x71).
+pub const CMOS_PORT: u16 = 0x70;
 /// The POST-code port, written by firmware and Linux's `outb_p` delays.
 pub const POST_CODE_PORT: u16 = 0x80;
 /// The PCI configuration address and data ports (type 1 access).
@@ -60,7 +62,7 @@ where
     pio.insert(u64::from(COM1_PORT), 8, serial.clone())?;
 
     let exit = ctx.exit;
-    let ports: [(u16, u64, SharedDevice); 5] = [
+    let ports: [(u16, u64, SharedDevice); 6] = [
         (
             I8042_PORT,
             5,
@@ -76,6 +78,7 @@ where
             4,
             Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
         ),
+        (CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new()))),
         (POST_CODE_PORT, 1, Arc::new(Mutex::new(PortSink))),
         (
             PCI_CONFIG_IO_PORT,

@@ -1,10 +1,12 @@
-//! Legacy platform devices: the 16550 serial port, i8042 reset, the ACPI power-off and debug-exit
-//! ports, and a sink for ports that only take writes (POST code port 0x80).
+//! Legacy platform devices: the 16550 serial port, i8042 reset, the CMOS real-time clock, the ACPI
+//! power-off and debug-exit ports, and a sink for ports that only take writes (POST code port 0x80).
 
+mod cmos;
 mod i8042;
 mod power;
 mod serial;
 
+pub use cmos::Cmos;
 pub use i8042::I8042;
 pub use power::{AcpiPm, DebugExit, PortSink};
 pub use serial::{EventFdTrigger, Serial, SerialState, SerialStateError};
