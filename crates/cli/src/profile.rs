@@ -49,7 +49,7 @@ the daemon starts; default false).")]
         /// Profile name: 1-32 of a-z, 0-9 and -, not beginning with - (with --template;
         /// overrides the file's).
         name: Option<String>,
-        /// Template: work or personal (the probe guest in counter mode unless --kernel).
+        /// Template: work or personal (the probe guest running its agent unless --kernel).
         #[arg(long, conflicts_with = "file")]
         template: Option<String>,
         /// A TOML profile spec.

@@ -204,7 +204,7 @@ pub const TEMPLATES: &[&str] = &["work", "personal"];
 
 impl ProfileSpec {
     /// The spec of template `template` (`work` or `personal`) named `name`; the probe guest
-    /// in counter mode unless `kernel` is given.
+    /// running its agent (and counting) unless `kernel` is given.
     pub fn from_template(template: &str, name: &str, kernel: Option<&str>) -> Result<Self, Error> {
         let (channels, background) = match template {
             // Defaults: personal -> work allowed, work -> personal denied.
@@ -226,9 +226,10 @@ impl ProfileSpec {
         };
         let (kernel, cmdline) = match kernel {
             Some(k) => (k.to_string(), "console=ttyS0".to_string()),
+            // The probe's agent (clipboard and files over vsock), counting to show it lives.
             None => (
                 PROBE_KERNEL.to_string(),
-                "pv.mode=counter pv.counter.ms=100".to_string(),
+                "pv.mode=agent pv.counter.ms=100".to_string(),
             ),
         };
         let spec = Self {

@@ -443,3 +443,39 @@ fn a_paused_background_profile_is_resumed_for_the_transfer_only() {
         "a paused guest answered: {line:?}"
     );
 }
+
+/// The README's walk-through: two profiles from the templates (which run the probe's agent
+/// and count), then `profile clipboard copy --from personal --to work`.
+#[test]
+fn the_readme_clipboard_copy_works_with_the_templates() {
+    if !can_run_vms("the_readme_clipboard_copy_works_with_the_templates") {
+        return;
+    }
+    let d = Daemon::start("readme-clip");
+    for t in ["work", "personal"] {
+        let out = d.cli(&["create", t, "--template", t]);
+        assert!(out.status.success(), "{out:?}");
+        let out = d.cli(&["start", t]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    for p in ["personal", "work"] {
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                let s = d.serial(p);
+                s.contains("PROBE agent listening") && s.contains("PROBE counter 2")
+            }),
+            "{p}: {}",
+            d.serial(p)
+        );
+    }
+    set_clipboard(&d, "personal", b"from the README");
+    let out = d.cli(&["clipboard", "copy", "--from", "personal", "--to", "work"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("15 bytes from personal to work"), "{said}");
+    assert_eq!(clipboard(&d, "work"), b"from the README");
+}

@@ -79,8 +79,17 @@ pub fn run() -> ! {
         MAX_FILE,
         MAX_FILES
     );
+    // With `pv.counter.ms` the agent also counts like counter mode (`PROBE counter N` about
+    // every that many ms while no connection is open), so a profile shows it is alive.
+    let tick_ms = pvh::info().arg_u64("pv.counter.ms", 0);
+    let mut n: u64 = 0;
     loop {
-        if let Err(e) = v.serve_service(port, u64::MAX, Some(&mut agent)) {
+        if tick_ms > 0 {
+            probe!("counter {n}");
+            n += 1;
+        }
+        let wait_ms = if tick_ms > 0 { tick_ms } else { u64::MAX };
+        if let Err(e) = v.serve_service(port, wait_ms, Some(&mut agent)) {
             // A transmit timeout drops nothing but the packet: keep serving.
             probe!("agent note {e}");
         }
