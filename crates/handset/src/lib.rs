@@ -26,6 +26,9 @@
 //!       serial.log                    the guest's serial console
 //!       vmm.log                       the VMM process's stdout and stderr
 //!       serial.log.prev, vmm.log.prev the previous run's logs (kept across one restart)
+//!     intent                        only while a suspend, resume or stop is under way: the
+//!                                   step (written before it acts; a daemon that died mid-step
+//!                                   finishes or rolls it back at its next start)
 //!     snapshot/                     only while suspended: the VMM snapshot (restored by
 //!                                   `resume`, removed once the restored VM runs)
 //! ```

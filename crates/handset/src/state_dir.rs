@@ -112,6 +112,10 @@ impl StateDir {
     pub fn vm_config(&self, name: &str) -> PathBuf {
         self.run(name).join("vm.toml")
     }
+    /// `profiles/<name>/intent` (the lifecycle step in progress, see the daemon's intent log).
+    pub fn intent(&self, name: &str) -> PathBuf {
+        self.profile(name).join("intent")
+    }
     /// `profiles/<name>/snapshot/`.
     pub fn snapshot(&self, name: &str) -> PathBuf {
         self.profile(name).join("snapshot")

@@ -311,11 +311,13 @@ impl Vm {
                 Ok("running".into())
             }
             Request::Snapshot { dir, resume } => {
+                let was_paused = self.shared.pause.load(Ordering::Acquire);
                 self.pause(threads)?;
                 let result = self
                     .save_snapshot(threads, dir)
                     .map_err(RequestError::Snapshot);
-                if *resume {
+                // A failed snapshot (a full disk) leaves the guest as it was before.
+                if *resume || (result.is_err() && !was_paused) {
                     self.resume(threads);
                 }
                 result.map(|stats| stats.to_string())
@@ -330,11 +332,12 @@ impl Vm {
                             source,
                         }
                     })?;
+                let was_paused = self.shared.pause.load(Ordering::Acquire);
                 self.pause(threads)?;
                 let result = self
                     .send_snapshot(threads, &mut conn)
                     .map_err(RequestError::Snapshot);
-                if *resume {
+                if *resume || (result.is_err() && !was_paused) {
                     self.resume(threads);
                 }
                 result.map(|stats| stats.to_string())

@@ -13,6 +13,7 @@
 //! ones adopted from an earlier daemon).
 
 mod foreground;
+mod intent;
 pub mod lifecycle;
 mod registry;
 mod supervisor;
@@ -31,6 +32,7 @@ use crate::error::{Error, Result};
 use crate::spec::RestartPolicy;
 use crate::state_dir::{self, StateDir};
 use crate::vmm_proc::{self, Launch};
+use intent::Intent;
 use lifecycle::{Action, Event};
 use registry::Registry;
 use supervisor::Supervisor;
@@ -253,8 +255,10 @@ impl Handset {
                     .event(name, "stopped", "suspended snapshot discarded");
             }
             _ => {
+                self.begin_intent(name, Intent::Stop)?;
                 let how = self.stop_vm(name).await?;
                 self.registry.apply(name, Event::Stopped, None, "")?;
+                self.end_intent(name);
                 self.registry.event(name, "stopped", &how);
                 self.place_after_exit(name).await?;
             }
@@ -333,6 +337,7 @@ impl Handset {
             std::fs::remove_dir_all(&snap)
                 .map_err(Error::io(format!("cannot remove {}", snap.display())))?;
         }
+        self.begin_intent(name, Intent::Suspend)?;
         let api = self.dir().api_socket(name);
         let pid = self.supervisor.pid(name).unwrap_or(0);
         // A jailed VMM sees only its own root: it writes the snapshot into run/, which the
@@ -353,7 +358,20 @@ impl Handset {
             dir: vm_dir,
             resume: false,
         };
-        let info = vmm_proc::call(&api, &req, SNAPSHOT_TIMEOUT).await?;
+        let info = match vmm_proc::call(&api, &req, SNAPSHOT_TIMEOUT).await {
+            Ok(info) => info,
+            Err(e) => {
+                // The VMM resumes a guest whose snapshot failed (a full disk): it runs on as
+                // before; what the snapshot wrote goes.
+                for d in [Some(&snap), staged.as_ref()].into_iter().flatten() {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                self.end_intent(name);
+                self.registry
+                    .event(name, "suspend-failed", &format!("{e}; the guest runs on"));
+                return Err(e);
+            }
+        };
         if let Some(staged) = staged {
             std::fs::rename(&staged, &snap).map_err(Error::io(format!(
                 "cannot move the snapshot to {}",
@@ -363,6 +381,7 @@ impl Handset {
         }
         let how = self.stop_vm(name).await?;
         self.registry.apply(name, Event::Suspended, None, why)?;
+        self.end_intent(name);
         let why = if why.is_empty() {
             String::new()
         } else {
@@ -412,7 +431,11 @@ impl Handset {
         let t0 = Instant::now();
         // The VMM checks every snapshot file (digests of state.bin, memory.bin, config.json)
         // before it builds the VM: a damaged snapshot fails here and stays on disk.
-        self.launch(name, &spec, &launch).await?;
+        self.begin_intent(name, Intent::Resume)?;
+        if let Err(e) = self.launch(name, &spec, &launch).await {
+            self.end_intent(name);
+            return Err(e);
+        }
         // The snapshot goes only once the restored VM answers: until then it is the guest.
         let api = self.dir().api_socket(name);
         match vmm_proc::call(&api, &Request::Stats, CALL_TIMEOUT).await {
@@ -420,6 +443,7 @@ impl Handset {
                 if let Err(e) = std::fs::remove_dir_all(&snap) {
                     tracing::warn!("cannot remove {}: {e}", snap.display());
                 }
+                self.end_intent(name);
             }
             Err(e) => tracing::warn!(
                 "{name}: the restored VMM does not answer ({e}); keeping {}",
@@ -440,6 +464,15 @@ impl Handset {
             self.kill_strays(&row.name, row.pid);
         }
         for row in rows {
+            // A step an earlier daemon left half done is finished or rolled back first.
+            match self.finish_intent(&row.name).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => tracing::error!("{}: cannot settle its last step: {e}", row.name),
+            }
+            let Ok(row) = self.registry.row(&row.name) else {
+                continue;
+            };
             let state = ProfileState::parse(&row.state);
             if !matches!(state, ProfileState::Running | ProfileState::Paused) {
                 continue;

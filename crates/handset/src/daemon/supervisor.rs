@@ -349,10 +349,17 @@ impl Handset {
     pub(super) async fn stop_vm(&self, name: &str) -> Result<String> {
         let (pid, stopping, mut exited) = {
             let r = guard(&self.supervisor.running);
-            let vm = r
-                .get(name)
-                .ok_or_else(|| Error::Internal(format!("{name} has no VMM process")))?;
-            (vm.pid, vm.stopping.clone(), vm.exited.clone())
+            match r.get(name) {
+                Some(vm) => (vm.pid, vm.stopping.clone(), vm.exited.clone()),
+                // Already gone (an earlier stop ended it but could not record that, e.g. on
+                // a full disk): nothing to end, so a retried stop goes through.
+                None => {
+                    drop(r);
+                    self.kill_strays(name, None);
+                    self.cleanup_run(name);
+                    return Ok("no VMM process left".into());
+                }
+            }
         };
         stopping.store(true, Ordering::SeqCst);
         let api = self.registry.dir().api_socket(name);

@@ -66,6 +66,19 @@ impl Daemon {
         Self::start_with(tag, &[])
     }
 
+    /// A daemon on the existing (empty) state directory `dir`, which the caller removes.
+    pub fn start_in(tag: &str, dir: &Path) -> Daemon {
+        let mut d = Daemon {
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            child: None,
+            cgroup_parent: unique(tag),
+            extra_args: vec![],
+        };
+        d.spawn();
+        d
+    }
+
     /// [`Daemon::start`] with more `pocketvisor handset` arguments.
     pub fn start_with(tag: &str, extra_args: &[&str]) -> Daemon {
         let bin = pv_bin();

@@ -1,0 +1,272 @@
+//! Crash consistency of the lifecycle steps: a suspend on a full disk leaves the guest
+//! running; a daemon killed (SIGKILL) at many points of a suspend, resume or stop comes back
+//! with every profile in a state its files agree with, reachable by the normal commands, and
+//! never cold-boots a guest whose snapshot is on disk. Needs /dev/kvm, root (tmpfs mount) and
+//! the built `pocketvisor` binary.
+
+mod common;
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::{can_run_vms, last_counter, loud, wait_until, Daemon};
+use handset::client::ClientError;
+use handset::ProfileState;
+
+/// A small tmpfs mounted on a temporary directory (unmounted on drop).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size_mib: u64) -> Option<Tmpfs> {
+        let dir = tempfile::Builder::new()
+            .prefix("pv-tmpfs-")
+            .tempdir()
+            .ok()?;
+        let target = CString::new(dir.path().to_str()?).ok()?;
+        let opts = CString::new(format!("size={size_mib}m,mode=0700")).ok()?;
+        // SAFETY: mount(2) with NUL-terminated strings that outlive the call.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                opts.as_ptr().cast(),
+            )
+        };
+        (r == 0).then_some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes free (tmpfs keeps no reserve).
+    fn free(&self) -> u64 {
+        let p = CString::new(self.path().to_str().unwrap()).unwrap();
+        // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: statvfs fills the struct we pass; the path is NUL-terminated.
+        let r = unsafe { libc::statvfs(p.as_ptr(), &mut st) };
+        assert_eq!(r, 0);
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let p = CString::new(self.path().to_str().unwrap()).unwrap();
+        // SAFETY: umount2(2) of the mount made in `mount`, lazily.
+        unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Fills `fs` until `leave` bytes are free; returns the filler's path.
+fn fill(fs: &Tmpfs, leave: u64) -> PathBuf {
+    use std::io::Write;
+    let p = fs.path().join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0x55u8; 64 << 10];
+    while fs.free() > leave + chunk.len() as u64 {
+        f.write_all(&chunk).unwrap();
+    }
+    f.sync_all().unwrap();
+    p
+}
+
+/// A suspend whose snapshot cannot be written (no space left) fails with an error and the
+/// guest runs on in the same VMM, as before; with space again, suspend and resume work.
+#[test]
+fn a_suspend_on_a_full_disk_leaves_the_guest_running() {
+    if !can_run_vms("a_suspend_on_a_full_disk_leaves_the_guest_running") {
+        return;
+    }
+    let Some(fs) = Tmpfs::mount(96) else {
+        loud("SKIP (cannot mount a tmpfs: not root?): a_suspend_on_a_full_disk_leaves_the_guest_running");
+        return;
+    };
+    let d = Daemon::start_in("enospc", fs.path());
+    d.create_probe("s", 80, "");
+    let pid = d.act("s", "start").unwrap().pid;
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("s")
+    )
+    .is_some_and(|n| n >= 3)));
+    let filler = fill(&fs, 32 << 10);
+    match d.act("s", "suspend") {
+        Err(ClientError::Api { message, .. }) => {
+            assert!(message.to_lowercase().contains("space"), "{message}")
+        }
+        other => panic!("suspend on a full disk: {other:?}"),
+    }
+    let p = d.show("s");
+    assert_eq!((p.state, p.pid), (ProfileState::Running, pid));
+    assert!(!fs.path().join("profiles/s/snapshot").exists());
+    assert!(!fs.path().join("profiles/s/intent").exists());
+    // Running, not paused: the counter goes on.
+    let at = last_counter(&d.serial("s")).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || last_counter(&d.serial("s"))
+            .is_some_and(|n| n > at + 2)),
+        "the guest stays paused after a failed suspend"
+    );
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(
+        d.act("s", "suspend").unwrap().state,
+        ProfileState::Suspended
+    );
+    assert_eq!(d.act("s", "resume").unwrap().state, ProfileState::Running);
+    drop(d);
+}
+
+/// What one kill point left.
+#[derive(Default, Debug)]
+struct Outcomes {
+    running: u32,
+    suspended: u32,
+    stopped: u32,
+}
+
+/// Sends `action` for `name` on a thread, kills the daemon with SIGKILL `delay` into it and
+/// starts a new one on the same state directory.
+fn kill_during(d: &mut Daemon, name: &str, action: &str, delay: Duration) {
+    let client = d.client();
+    let path = format!("/v1/profiles/{name}/{action}");
+    let t = std::thread::spawn(move || {
+        let _ = client.call::<handset::ProfileInfo>("POST", &path, None::<&()>);
+    });
+    std::thread::sleep(delay);
+    d.kill9();
+    let _ = t.join();
+    d.spawn();
+}
+
+/// Checks what the new daemon made of `name`: a state its files agree with, no step left
+/// half done, no cold boot; returns the state.
+fn check_settled(d: &Daemon, name: &str, boots_before: usize) -> ProfileState {
+    let p = d.show(name);
+    let snap = d.dir.join(format!("profiles/{name}/snapshot"));
+    assert!(
+        !d.dir.join(format!("profiles/{name}/intent")).exists(),
+        "intent left"
+    );
+    match p.state {
+        ProfileState::Running => {
+            let pid = p.pid.expect("running without a pid");
+            assert!(
+                Path::new(&format!("/proc/{pid}")).exists(),
+                "dead pid {pid}"
+            );
+            assert!(!snap.exists(), "running with a snapshot left on disk");
+        }
+        ProfileState::Suspended => {
+            assert!(
+                snap.join("COMPLETE").is_file(),
+                "suspended without a snapshot"
+            );
+            assert_eq!(p.pid, None);
+        }
+        ProfileState::Stopped => assert_eq!(p.pid, None),
+        other => panic!("{name} ended {other:?}"),
+    }
+    let boots = cold_boots(d, name);
+    assert_eq!(
+        boots,
+        boots_before,
+        "cold boot after a kill: {:?}",
+        d.events(name)
+    );
+    p.state
+}
+
+/// Boots from scratch recorded for `name` (starts and crash restarts).
+fn cold_boots(d: &Daemon, name: &str) -> usize {
+    d.events(name)
+        .iter()
+        .filter(|e| matches!(e.as_str(), "started" | "restarting"))
+        .count()
+}
+
+/// Waits until the guest's counter passes `at` (it went on, it did not start over).
+fn goes_on(d: &Daemon, name: &str, at: u64) {
+    assert!(
+        wait_until(Duration::from_secs(15), || last_counter(&d.serial(name))
+            .is_some_and(|n| n > at)),
+        "the counter did not pass {at}: {:?}",
+        d.serial(name).lines().rev().take(3).collect::<Vec<_>>()
+    );
+}
+
+/// SIGKILL of the daemon at many points of suspend, resume and stop.
+#[test]
+fn a_daemon_killed_in_any_step_comes_back_consistent() {
+    if !can_run_vms("a_daemon_killed_in_any_step_comes_back_consistent") {
+        return;
+    }
+    const POINTS_MS: [u64; 10] = [0, 5, 15, 30, 60, 100, 160, 250, 400, 700];
+    let mut d = Daemon::start("kill9");
+    d.create_probe("k", 80, "restart = \"always\"\n");
+    d.act("k", "start").unwrap();
+    goes_on(&d, "k", 3);
+    let t0 = Instant::now();
+    for op in ["suspend", "resume", "stop"] {
+        let mut out = Outcomes::default();
+        for ms in POINTS_MS {
+            // The precondition of `op`.
+            let want = if op == "resume" {
+                ProfileState::Suspended
+            } else {
+                ProfileState::Running
+            };
+            let state = d.show("k").state;
+            if state != want {
+                match want {
+                    ProfileState::Suspended => d.act("k", "suspend").unwrap(),
+                    _ => d.act("k", "start").unwrap(),
+                };
+            }
+            let at = last_counter(&d.serial("k")).unwrap_or(0);
+            let boots = cold_boots(&d, "k");
+            kill_during(&mut d, "k", op, Duration::from_millis(ms));
+            let state = check_settled(&d, "k", boots);
+            match state {
+                ProfileState::Running => {
+                    out.running += 1;
+                    if op != "stop" {
+                        goes_on(&d, "k", at);
+                    }
+                }
+                ProfileState::Suspended => {
+                    out.suspended += 1;
+                    // The normal command brings it back where it was.
+                    assert_eq!(d.act("k", "resume").unwrap().state, ProfileState::Running);
+                    goes_on(&d, "k", at);
+                }
+                _ => {
+                    out.stopped += 1;
+                    assert_eq!(op, "stop", "{op} ended stopped");
+                    assert!(d.our_processes().is_empty());
+                }
+            }
+        }
+        loud(&format!(
+            "MEASURE kill -9 during {op}: {} points -> {out:?}",
+            POINTS_MS.len()
+        ));
+    }
+    let events = d.events("k");
+    let count = |e: &str| events.iter().filter(|x| x.as_str() == e).count();
+    loud(&format!(
+        "MEASURE kill -9: 3 operations x {} points x 1 run in {:.1} s; settled at restart: \
+         {} adopted, {} suspend-rolled-back, {} resume-rolled-back, {} stray VMMs killed",
+        POINTS_MS.len(),
+        t0.elapsed().as_secs_f64(),
+        count("adopted"),
+        count("suspend-rolled-back"),
+        count("resume-rolled-back"),
+        count("stray-killed"),
+    ));
+}
