@@ -23,7 +23,8 @@
 //!       vm.toml                       the VMM configuration generated for this start
 //!       api.sock                      the VMM's control socket (JSON lines)
 //!       vsock.sock                    the guest's vsock host socket (Firecracker protocol)
-//!       serial.log                    the guest's serial console
+//!       serial.log                    the guest's serial console (rotated to serial.log.1
+//!                                     at 4 MiB by the VMM: at most 8 MiB in all)
 //!       vmm.log                       the VMM process's stdout and stderr
 //!       serial.log.prev, vmm.log.prev the previous run's logs (kept across one restart)
 //!     intent                        only while a suspend, resume or stop is under way: the

@@ -1,6 +1,6 @@
 //! Building and running one VM.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -471,15 +471,14 @@ pub(crate) fn build_devices(
 
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
+        // Capped and rotated (`serial.log.1`): a guest printing in a loop cannot fill the disk.
         SerialConfig::File(p) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .map_err(|source| Error::File {
+            crate::serial_log::RotatingLog::open(p, crate::serial_log::SERIAL_LOG_CAP).map_err(
+                |source| Error::File {
                     path: p.display().to_string(),
                     source,
-                })?,
+                },
+            )?,
         ),
         SerialConfig::None => Box::new(std::io::sink()),
     };
