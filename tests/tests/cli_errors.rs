@@ -165,3 +165,26 @@ fn doctor_json_reports_the_kvm_kind() {
         assert_eq!(out.code(), Some(0), "{}", out.describe());
     }
 }
+
+#[test]
+fn special_files_as_disk_or_initrd_are_one_error_line_and_do_not_block() {
+    if !e2e::require_kvm("special_files_as_disk_or_initrd_are_one_error_line_and_do_not_block") {
+        return;
+    }
+    // /dev/zero used to pass for an empty disk; a FIFO as initrd blocked the VMM.
+    let zero = std::path::Path::new("/dev/zero");
+    assert_one_error_line(
+        &VmCommand::probe("").disk(zero, false).run(),
+        "not a regular file",
+    );
+    let tmp = TempDir::new();
+    let fifo = tmp.join("initrd.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut cmd = VmCommand::probe("");
+    cmd.initrd = Some(fifo);
+    let t0 = std::time::Instant::now();
+    assert_one_error_line(&cmd.run(), "not a regular file");
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10));
+}

@@ -20,6 +20,7 @@ pub mod legacy;
 mod narrow;
 pub mod pci;
 pub mod ratelimit;
+pub mod regular_file;
 pub mod virtio;
 
 /// Guest memory as every device sees it. Each region carries a dirty bitmap (one bit per

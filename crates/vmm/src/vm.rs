@@ -409,8 +409,9 @@ impl Vm {
     }
 }
 
+/// Opens a kernel or initrd: a regular file, never waiting on a FIFO or reading a device.
 fn open(path: &Path) -> Result<File, Error> {
-    File::open(path).map_err(|source| Error::File {
+    devices::regular_file::open_regular(path, false).map_err(|source| Error::File {
         path: path.display().to_string(),
         source,
     })

@@ -254,9 +254,24 @@ mod tests {
         future["format"] = "pocketvisor-profile/2".into();
         let e = ProfileConfig::from_manifest(&future).unwrap_err();
         assert!(e.to_string().contains("pocketvisor-profile/2"), "{e}");
-        let mut bad = v;
+        let mut bad = v.clone();
         bad["spec"]["memory_mib"] = 1.into();
         assert!(ProfileConfig::from_manifest(&bad).is_err());
+        // An imported spec names guest assets by file name, never a host path: another
+        // profile's disk or a host file as initrd is refused before anything is created.
+        for (field, path) in [
+            (
+                "initrd",
+                "/var/lib/pocketvisor/profiles/personal/disks/data.img",
+            ),
+            ("kernel", "/etc/shadow"),
+            ("initrd", "../../personal/disks/data.img"),
+        ] {
+            let mut bad = v.clone();
+            bad["spec"][field] = path.into();
+            let e = format!("{:#}", ProfileConfig::from_manifest(&bad).unwrap_err());
+            assert!(e.contains("asset directory"), "{field} {path}: {e}");
+        }
     }
 
     #[test]

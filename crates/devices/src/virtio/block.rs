@@ -5,7 +5,7 @@
 //! byte streams: the 16-byte header from the start of the device-readable part, the status byte
 //! as the last device-writable byte, and the data in between, whatever the descriptor layout.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -91,11 +91,8 @@ impl Block {
             path: path.to_path_buf(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
+        // A FIFO would block here, /dev/zero would pass for an empty disk: regular files only.
+        let file = crate::regular_file::open_regular(path, !read_only).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let size = meta.len();
         if !size.is_multiple_of(SECTOR_SIZE) {
