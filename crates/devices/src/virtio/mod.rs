@@ -15,6 +15,7 @@ pub mod base;
 pub mod block;
 pub mod chain;
 pub mod control;
+pub mod gpu;
 pub mod net;
 pub mod pci;
 pub mod rng;

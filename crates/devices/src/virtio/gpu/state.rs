@@ -1,0 +1,434 @@
+//! What the virtio-gpu device holds between commands: its 2D resources (host copies of the
+//! guest's pixels and their backing in guest memory), the scanout, the cursor and the damage
+//! the guest flushed, with every command checked against the device's limits before it
+//! changes anything.
+
+use std::collections::BTreeMap;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::edid::{edid_block, EDID_AREA};
+use super::protocol::{display_info_body, resp, Command, CursorPos, MemEntry, Rect};
+use super::GpuConfig;
+use crate::GuestMem;
+
+/// Bytes per pixel of every supported format.
+pub const BYTES_PER_PIXEL: u32 = 4;
+/// Largest width or height of a resource.
+pub const MAX_DIMENSION: u32 = 16384;
+/// Damage rectangles kept before they are merged into their bounding box.
+const MAX_DAMAGE_RECTS: usize = 64;
+
+/// Pixel formats (`virtio_gpu_formats`), all 32 bits per pixel.
+pub mod format {
+    pub const B8G8R8A8: u32 = 1;
+    pub const B8G8R8X8: u32 = 2;
+    pub const A8R8G8B8: u32 = 3;
+    pub const X8R8G8B8: u32 = 4;
+    pub const R8G8B8A8: u32 = 67;
+    pub const X8B8G8R8: u32 = 68;
+    pub const A8B8G8R8: u32 = 121;
+    pub const R8G8B8X8: u32 = 134;
+
+    /// Byte positions of red, green and blue in a pixel of format `f`, if supported.
+    pub fn rgb_offsets(f: u32) -> Option<[usize; 3]> {
+        match f {
+            B8G8R8A8 | B8G8R8X8 => Some([2, 1, 0]),
+            A8R8G8B8 | X8R8G8B8 => Some([1, 2, 3]),
+            R8G8B8A8 | R8G8B8X8 => Some([0, 1, 2]),
+            X8B8G8R8 | A8B8G8R8 => Some([3, 2, 1]),
+            _ => None,
+        }
+    }
+}
+
+/// A 2D resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Resource {
+    pub format: u32,
+    pub width: u32,
+    pub height: u32,
+    /// The host copy, `width * height * 4` bytes, row by row.
+    pub pixels: Vec<u8>,
+    /// The guest pages the driver attached, in order.
+    pub backing: Vec<MemEntry>,
+}
+
+impl Resource {
+    fn stride(&self) -> usize {
+        // width <= MAX_DIMENSION, so this cannot overflow.
+        self.width as usize * BYTES_PER_PIXEL as usize
+    }
+}
+
+/// The cursor as the driver last set it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Cursor {
+    /// The cursor image's resource (0: no cursor).
+    pub resource_id: u32,
+    /// Hot spot inside the image.
+    pub hot_x: u32,
+    pub hot_y: u32,
+    /// Position on the scanout.
+    pub x: u32,
+    pub y: u32,
+}
+
+/// The resource shown on the (only) scanout and the part of it shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scanout {
+    pub resource_id: u32,
+    pub rect: Rect,
+}
+
+/// Everything the device keeps; shared by the device, its worker and its displays.
+#[derive(Debug)]
+pub(crate) struct GpuState {
+    pub config: GpuConfig,
+    pub resources: BTreeMap<u32, Resource>,
+    /// Bytes of host memory the resources take.
+    pub host_bytes: u64,
+    pub scanout: Option<Scanout>,
+    pub cursor: Cursor,
+    /// Flushed areas of the scanout (scanout coordinates) not yet taken by the host.
+    pub damage: Vec<Rect>,
+    /// Flushes that reached the scanout so far.
+    pub flushes: u64,
+}
+
+/// A successful command's answer.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reply {
+    /// `OK_NODATA`.
+    NoData,
+    /// A response type with a body.
+    Data(u32, Vec<u8>),
+}
+
+/// A failed command's response type (`ERR_*`).
+pub(crate) type ErrorCode = u32;
+
+impl GpuState {
+    pub fn new(config: GpuConfig) -> Self {
+        GpuState {
+            config,
+            resources: BTreeMap::new(),
+            host_bytes: 0,
+            scanout: None,
+            cursor: Cursor::default(),
+            damage: Vec::new(),
+            flushes: 0,
+        }
+    }
+
+    /// Forgets every resource, the scanout and the cursor (device reset).
+    pub fn clear(&mut self) {
+        *self = GpuState::new(self.config);
+    }
+
+    /// Carries out `cmd`, reading backing from `mem`. An error changes nothing.
+    pub fn execute(&mut self, mem: &GuestMem, cmd: Command) -> Result<Reply, ErrorCode> {
+        match cmd {
+            Command::GetDisplayInfo => Ok(Reply::Data(
+                resp::OK_DISPLAY_INFO,
+                display_info_body(self.config.width, self.config.height),
+            )),
+            Command::GetEdid { scanout_id } => {
+                check_scanout(scanout_id)?;
+                let w = u16::try_from(self.config.width).unwrap_or(u16::MAX);
+                let h = u16::try_from(self.config.height).unwrap_or(u16::MAX);
+                let block = edid_block(w, h);
+                let mut body = Vec::with_capacity(8 + EDID_AREA);
+                body.extend_from_slice(&128u32.to_le_bytes());
+                body.extend_from_slice(&[0; 4]);
+                body.extend_from_slice(&block);
+                body.resize(8 + EDID_AREA, 0);
+                Ok(Reply::Data(resp::OK_EDID, body))
+            }
+            Command::ResourceCreate2d {
+                resource_id,
+                format,
+                width,
+                height,
+            } => self.create_2d(resource_id, format, width, height),
+            Command::ResourceUnref { resource_id } => {
+                let res = self
+                    .resources
+                    .remove(&resource_id)
+                    .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+                self.host_bytes = self.host_bytes.saturating_sub(res.pixels.len() as u64);
+                if self.scanout.is_some_and(|s| s.resource_id == resource_id) {
+                    self.scanout = None;
+                }
+                if self.cursor.resource_id == resource_id {
+                    self.cursor.resource_id = 0;
+                }
+                Ok(Reply::NoData)
+            }
+            Command::AttachBacking {
+                resource_id,
+                entries,
+            } => {
+                let res = self
+                    .resources
+                    .get_mut(&resource_id)
+                    .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+                if !res.backing.is_empty() {
+                    return Err(resp::ERR_UNSPEC);
+                }
+                let in_ram = |e: &MemEntry| {
+                    e.len > 0 && mem.check_range(GuestAddress(e.addr), e.len as usize)
+                };
+                if !entries.iter().all(in_ram) {
+                    return Err(resp::ERR_INVALID_PARAMETER);
+                }
+                res.backing = entries;
+                Ok(Reply::NoData)
+            }
+            Command::DetachBacking { resource_id } => {
+                let res = self
+                    .resources
+                    .get_mut(&resource_id)
+                    .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+                if res.backing.is_empty() {
+                    return Err(resp::ERR_UNSPEC);
+                }
+                res.backing.clear();
+                Ok(Reply::NoData)
+            }
+            Command::SetScanout {
+                rect,
+                scanout_id,
+                resource_id,
+            } => {
+                check_scanout(scanout_id)?;
+                if resource_id == 0 {
+                    self.scanout = None;
+                    return Ok(Reply::NoData);
+                }
+                let res = self
+                    .resources
+                    .get(&resource_id)
+                    .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+                if rect.is_empty() || !rect.fits_in(res.width, res.height) {
+                    return Err(resp::ERR_INVALID_PARAMETER);
+                }
+                self.scanout = Some(Scanout { resource_id, rect });
+                self.add_damage(Rect::sized(rect.width, rect.height));
+                Ok(Reply::NoData)
+            }
+            Command::TransferToHost2d {
+                rect,
+                offset,
+                resource_id,
+            } => self.transfer(mem, rect, offset, resource_id),
+            Command::ResourceFlush { rect, resource_id } => {
+                let res = self
+                    .resources
+                    .get(&resource_id)
+                    .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+                if !rect.fits_in(res.width, res.height) {
+                    return Err(resp::ERR_INVALID_PARAMETER);
+                }
+                if let Some(s) = self.scanout.filter(|s| s.resource_id == resource_id) {
+                    if let Some(hit) = rect.intersect(&s.rect) {
+                        self.add_damage(Rect {
+                            x: hit.x - s.rect.x,
+                            y: hit.y - s.rect.y,
+                            ..hit
+                        });
+                    }
+                }
+                Ok(Reply::NoData)
+            }
+            Command::UpdateCursor {
+                pos,
+                resource_id,
+                hot_x,
+                hot_y,
+            } => {
+                check_scanout(pos.scanout_id)?;
+                if resource_id != 0 {
+                    let res = self
+                        .resources
+                        .get(&resource_id)
+                        .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+                    if hot_x >= res.width || hot_y >= res.height {
+                        return Err(resp::ERR_INVALID_PARAMETER);
+                    }
+                }
+                self.cursor = Cursor {
+                    resource_id,
+                    hot_x,
+                    hot_y,
+                    x: pos.x,
+                    y: pos.y,
+                };
+                Ok(Reply::NoData)
+            }
+            Command::MoveCursor {
+                pos: CursorPos { scanout_id, x, y },
+            } => {
+                check_scanout(scanout_id)?;
+                self.cursor.x = x;
+                self.cursor.y = y;
+                Ok(Reply::NoData)
+            }
+        }
+    }
+
+    fn create_2d(
+        &mut self,
+        resource_id: u32,
+        fmt: u32,
+        width: u32,
+        height: u32,
+    ) -> Result<Reply, ErrorCode> {
+        if resource_id == 0 || self.resources.contains_key(&resource_id) {
+            return Err(resp::ERR_INVALID_RESOURCE_ID);
+        }
+        let dims_ok = (1..=MAX_DIMENSION).contains(&width) && (1..=MAX_DIMENSION).contains(&height);
+        if format::rgb_offsets(fmt).is_none() || !dims_ok {
+            return Err(resp::ERR_INVALID_PARAMETER);
+        }
+        let bytes = u64::from(width) * u64::from(height) * u64::from(BYTES_PER_PIXEL);
+        let over_count = self.resources.len() >= self.config.max_resources as usize;
+        let over_bytes = self.host_bytes.saturating_add(bytes) > self.config.max_host_bytes;
+        if over_count || over_bytes {
+            return Err(resp::ERR_OUT_OF_MEMORY);
+        }
+        let len = usize::try_from(bytes).map_err(|_| resp::ERR_OUT_OF_MEMORY)?;
+        let mut pixels = Vec::new();
+        pixels
+            .try_reserve_exact(len)
+            .map_err(|_| resp::ERR_OUT_OF_MEMORY)?;
+        pixels.resize(len, 0);
+        self.resources.insert(
+            resource_id,
+            Resource {
+                format: fmt,
+                width,
+                height,
+                pixels,
+                backing: Vec::new(),
+            },
+        );
+        self.host_bytes += bytes;
+        Ok(Reply::NoData)
+    }
+
+    /// Copies `rect` of the resource from its backing: row `r` of the rectangle starts at
+    /// `offset + r * stride` in the backing (as Linux and QEMU lay it out).
+    fn transfer(
+        &mut self,
+        mem: &GuestMem,
+        rect: Rect,
+        offset: u64,
+        resource_id: u32,
+    ) -> Result<Reply, ErrorCode> {
+        let res = self
+            .resources
+            .get_mut(&resource_id)
+            .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
+        if res.backing.is_empty() {
+            return Err(resp::ERR_UNSPEC);
+        }
+        if !rect.fits_in(res.width, res.height) {
+            return Err(resp::ERR_INVALID_PARAMETER);
+        }
+        let stride = res.stride();
+        let bpp = BYTES_PER_PIXEL as usize;
+        let row_len = rect.width as usize * bpp;
+        let backing = Backing::new(&res.backing);
+        // Check the whole transfer first, so a bad one changes nothing.
+        let last_row_end = u64::from(rect.height.saturating_sub(1))
+            .checked_mul(stride as u64)
+            .and_then(|v| v.checked_add(offset))
+            .and_then(|v| v.checked_add(row_len as u64));
+        if rect.height > 0 && last_row_end.is_none_or(|end| end > backing.total) {
+            return Err(resp::ERR_INVALID_PARAMETER);
+        }
+        for row in 0..rect.height as usize {
+            let src = offset + (row * stride) as u64;
+            let dst = (rect.y as usize + row) * stride + rect.x as usize * bpp;
+            let Some(out) = res.pixels.get_mut(dst..dst + row_len) else {
+                return Err(resp::ERR_INVALID_PARAMETER);
+            };
+            if !backing.read(mem, src, out) {
+                return Err(resp::ERR_UNSPEC);
+            }
+        }
+        Ok(Reply::NoData)
+    }
+
+    fn add_damage(&mut self, rect: Rect) {
+        self.flushes += 1;
+        if self.damage.len() >= MAX_DAMAGE_RECTS {
+            let all = self.damage.iter().fold(rect, |acc, r| acc.union(r));
+            self.damage = vec![all];
+        } else {
+            self.damage.push(rect);
+        }
+    }
+}
+
+fn check_scanout(scanout_id: u32) -> Result<(), ErrorCode> {
+    if scanout_id == 0 {
+        Ok(())
+    } else {
+        Err(resp::ERR_INVALID_SCANOUT_ID)
+    }
+}
+
+/// A resource's backing as one byte range, gathered from its entries.
+struct Backing<'a> {
+    entries: &'a [MemEntry],
+    /// Offset in the backing where each entry starts.
+    starts: Vec<u64>,
+    total: u64,
+}
+
+impl<'a> Backing<'a> {
+    fn new(entries: &'a [MemEntry]) -> Self {
+        let mut starts = Vec::with_capacity(entries.len());
+        let mut total = 0u64;
+        for e in entries {
+            starts.push(total);
+            total += u64::from(e.len);
+        }
+        Backing {
+            entries,
+            starts,
+            total,
+        }
+    }
+
+    /// Fills `out` from backing offset `at`; false if it leaves the backing or guest RAM.
+    fn read(&self, mem: &GuestMem, mut at: u64, out: &mut [u8]) -> bool {
+        let mut done = 0;
+        while done < out.len() {
+            let i = self.starts.partition_point(|&s| s <= at).saturating_sub(1);
+            let (Some(e), Some(&start)) = (self.entries.get(i), self.starts.get(i)) else {
+                return false;
+            };
+            let inner = at - start;
+            if inner >= u64::from(e.len) {
+                return false;
+            }
+            let avail = usize::try_from(u64::from(e.len) - inner).unwrap_or(usize::MAX);
+            let n = avail.min(out.len() - done);
+            let Some(dst) = out.get_mut(done..done + n) else {
+                return false;
+            };
+            let Some(addr) = e.addr.checked_add(inner) else {
+                return false;
+            };
+            if mem.read_slice(dst, GuestAddress(addr)).is_err() {
+                return false;
+            }
+            done += n;
+            at += n as u64;
+        }
+        true
+    }
+}
