@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use vmm::{DiskConfig, NetConfig, RunOutcome, SerialConfig, Vm, VmConfig, VsockConfig};
+use vmm::{DiskConfig, GpuConfig, NetConfig, RunOutcome, SerialConfig, Vm, VmConfig, VsockConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Boot a guest kernel with virtio devices.
@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Add a virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Add a virtio-gpu (2D) display of WIDTHxHEIGHT pixels [default: 720x1280, portrait];
+    /// query it through the API socket ({"op":"device","id":"gpu","request":{"op":"info"}}).
+    #[arg(long, value_name = "WIDTHxHEIGHT", num_args = 0..=1, default_missing_value = "720x1280", value_parser = parse_gpu)]
+    gpu: Option<GpuConfig>,
     /// Add a virtio-balloon device (free page reporting, guest memory statistics); set its
     /// size through the API socket ({"op":"balloon","target_mib":N}).
     #[arg(long)]
@@ -163,6 +167,9 @@ fn build_config(a: RunArgs) -> Result<VmConfig> {
         cfg.vsock = a.vsock;
     }
     cfg.rng |= a.rng;
+    if a.gpu.is_some() {
+        cfg.gpu = a.gpu;
+    }
     cfg.balloon |= a.balloon;
     cfg.mergeable |= a.mergeable;
     if let Some(s) = a.serial {
@@ -259,6 +266,21 @@ fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     })
 }
 
+fn parse_gpu(s: &str) -> Result<GpuConfig, String> {
+    let bad = || format!("bad display size {s:?}: expected WIDTHxHEIGHT, each 1..=4095");
+    let (w, h) = s.split_once('x').ok_or_else(bad)?;
+    let (width, height): (u32, u32) =
+        (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
+    if !(1..=4095).contains(&width) || !(1..=4095).contains(&height) {
+        return Err(bad());
+    }
+    Ok(GpuConfig {
+        width,
+        height,
+        ..GpuConfig::default()
+    })
+}
+
 pub(crate) fn parse_serial(s: &str) -> Result<SerialConfig, String> {
     match s {
         "stdout" => Ok(SerialConfig::Stdout),
@@ -284,6 +306,15 @@ mod tests {
         assert_eq!(parse_mib("2048K"), Ok(2));
         assert!(parse_mib("lots").is_err());
         assert!(parse_mib("99999999999999999999G").is_err());
+    }
+
+    #[test]
+    fn display_sizes() {
+        let g = parse_gpu("1080x1920").unwrap();
+        assert_eq!((g.width, g.height, g.memory_mib), (1080, 1920, 64));
+        for bad in ["", "720", "0x1280", "720x4096", "axb", "720x1280x3"] {
+            assert!(parse_gpu(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

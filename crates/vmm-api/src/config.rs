@@ -41,6 +41,9 @@ pub struct VmConfig {
     /// Whether to add a virtio-balloon device (free page reporting, guest statistics).
     #[serde(default)]
     pub balloon: bool,
+    /// Optional virtio-gpu (2D) display.
+    #[serde(default)]
+    pub gpu: Option<GpuConfig>,
     /// Whether to mark guest RAM mergeable for the host's KSM (`MADV_MERGEABLE`).
     #[serde(default)]
     pub mergeable: bool,
@@ -92,6 +95,43 @@ pub struct VsockConfig {
     pub socket: PathBuf,
 }
 
+/// The virtio-gpu display: one scanout of this mode (a portrait phone screen by default).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// Width in pixels (1..=4095).
+    #[serde(default = "default_gpu_width")]
+    pub width: u32,
+    /// Height in pixels (1..=4095).
+    #[serde(default = "default_gpu_height")]
+    pub height: u32,
+    /// Most host memory the guest's display buffers may take, in MiB.
+    #[serde(default = "default_gpu_memory_mib")]
+    pub memory_mib: u32,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        GpuConfig {
+            width: default_gpu_width(),
+            height: default_gpu_height(),
+            memory_mib: default_gpu_memory_mib(),
+        }
+    }
+}
+
+fn default_gpu_width() -> u32 {
+    720
+}
+
+fn default_gpu_height() -> u32 {
+    1280
+}
+
+fn default_gpu_memory_mib() -> u32 {
+    64
+}
+
 /// Where the serial console's output goes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -119,6 +159,7 @@ impl VmConfig {
             vsock: None,
             rng: false,
             balloon: false,
+            gpu: None,
             mergeable: false,
             serial: SerialConfig::default(),
             cpuid_hide: vec![],
@@ -212,6 +253,7 @@ mod tests {
             vcpus = 2
             rng = true
             balloon = true
+            gpu = { height = 1600 }
             disks = [{ path = "d.img", read_only = true }]
             serial = { file = "/tmp/s.log" }
             "#,
@@ -220,6 +262,8 @@ mod tests {
         assert_eq!(cfg.memory_mib, 256);
         assert_eq!(cfg.vcpus, 2);
         assert!(cfg.balloon && !cfg.mergeable);
+        let gpu = cfg.gpu.unwrap();
+        assert_eq!((gpu.width, gpu.height, gpu.memory_mib), (720, 1600, 64));
         assert!(cfg.disks[0].read_only);
         assert_eq!(cfg.serial, SerialConfig::File("/tmp/s.log".into()));
         let back: VmConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();

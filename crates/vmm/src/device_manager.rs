@@ -4,7 +4,7 @@
 //! names a kind of device and builds every instance the configuration asks for, in the order
 //! the guest sees them on the PCI bus. Each device gets a stable id derived from the
 //! configuration: numbered kinds get `disk0`, `disk1`, `net0`..., single ones their name
-//! (`vsock`, `rng`, `balloon`). Snapshots key each device's state by that id, and control
+//! (`vsock`, `rng`, `balloon`, `gpu`). Snapshots key each device's state by that id, and control
 //! requests ([`crate::Request::Device`]) address a device by it.
 //!
 //! Adding a virtio device: its model in `crates/devices`, one line in `DEVICE_TABLE`, and
@@ -19,6 +19,7 @@ use devices::pci::{PciRoot, VmHooks};
 use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::block::Block;
 use devices::virtio::control::{ControlError, DeviceControl};
+use devices::virtio::gpu::Gpu;
 use devices::virtio::net::Net;
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState};
 use devices::virtio::rng::Rng;
@@ -26,7 +27,7 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::VirtioDevice;
 use devices::GuestMem;
 
-use crate::config::{parse_mac, DiskConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{parse_mac, DiskConfig, GpuConfig, NetConfig, VmConfig, VsockConfig};
 use crate::Error;
 
 /// A device model built from the configuration, or why it could not be.
@@ -69,6 +70,7 @@ pub(crate) const DEVICE_TABLE: &[DeviceKind] = &[
     DeviceKind::one("vsock", |c| c.vsock.iter().map(vsock).collect()),
     DeviceKind::one("rng", |c| when(c.rng, || plain(Rng::new()))),
     DeviceKind::one("balloon", |c| when(c.balloon, || balloon(c))),
+    DeviceKind::one("gpu", |c| c.gpu.iter().map(gpu).collect()),
 ];
 
 /// A device model that cannot fail to build.
@@ -101,6 +103,15 @@ fn vsock(v: &VsockConfig) -> Built {
 
 fn balloon(c: &VmConfig) -> Built {
     built(Balloon::new(c.memory_mib << 20, BalloonConfig::default()))
+}
+
+fn gpu(g: &GpuConfig) -> Built {
+    built(Gpu::new(devices::virtio::gpu::GpuConfig {
+        width: g.width,
+        height: g.height,
+        max_host_bytes: u64::from(g.memory_mib) << 20,
+        ..Default::default()
+    }))
 }
 
 fn net(n: &NetConfig) -> Built {

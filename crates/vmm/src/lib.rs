@@ -24,7 +24,9 @@ pub mod snapshot;
 mod vcpu;
 mod vm;
 
-pub use config::{ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig};
+pub use config::{
+    ConfigError, DiskConfig, GpuConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
+};
 pub use control::{Controller, Request, RequestError};
 pub use error::Error;
 pub use memory::{DirtyLog, DirtyRegion};

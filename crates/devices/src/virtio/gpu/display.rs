@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::protocol::Rect;
 use super::state::{format, Cursor, GpuState, BYTES_PER_PIXEL};
+use crate::virtio::control::{parse_request, ControlError, DeviceControl};
 
 /// State shared by the device, its worker and its displays.
 pub(crate) struct Shared {
@@ -122,5 +123,38 @@ impl Display {
     pub fn mode(&self) -> (u32, u32) {
         let c = self.shared.lock().config;
         (c.width, c.height)
+    }
+}
+
+/// A control request to the gpu: `{"op":"info"}`.
+#[derive(serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum GpuRequest {
+    /// The display mode, what the scanout shows, resources and flushes.
+    Info,
+}
+
+impl DeviceControl for Display {
+    fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
+        match parse_request::<GpuRequest>(request)? {
+            GpuRequest::Info => {
+                let st = self.shared.lock();
+                let scanout = st.scanout.map(|s| {
+                    serde_json::json!({
+                        "resource_id": s.resource_id,
+                        "width": s.rect.width,
+                        "height": s.rect.height,
+                    })
+                });
+                Ok(serde_json::json!({
+                    "mode": [st.config.width, st.config.height],
+                    "scanout": scanout,
+                    "resources": st.resources.len(),
+                    "host_bytes": st.host_bytes,
+                    "max_host_bytes": st.config.max_host_bytes,
+                    "flushes": st.flushes,
+                }))
+            }
+        }
     }
 }

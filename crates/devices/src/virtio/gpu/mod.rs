@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use vmm_sys_util::epoll::Epoll;
 
+use super::control::DeviceControl;
 use super::worker::{DeviceWorker, Popped, VirtQueue, COMMON_FEATURES};
 use super::{device_type, ActivateError, Activation, DeviceCounters, Interrupt, StateError};
 use super::{VirtioBase, VirtioDevice};
@@ -150,6 +151,10 @@ impl VirtioDevice for Gpu {
     fn on_reset(&mut self) {
         // A reset destroys every resource (virtio 1.2, 5.7.4).
         self.shared.lock().clear();
+    }
+
+    fn control(&self) -> Option<Arc<dyn DeviceControl>> {
+        Some(Arc::new(self.display()))
     }
 
     fn save_state(&self) -> Vec<u8> {

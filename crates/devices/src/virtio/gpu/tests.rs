@@ -214,6 +214,21 @@ fn a_driver_draws_and_the_host_sees_the_frame_and_damage() {
     assert_eq!(frame.pixel(1, 1), Some((0, 0, 0)));
     assert!(frame.to_ppm().starts_with(b"P6\n16 16\n255\n"));
     assert_eq!(d.gpu.counters().errors, 0);
+    let info = d
+        .gpu
+        .control()
+        .unwrap()
+        .control(&serde_json::json!({"op": "info"}))
+        .unwrap();
+    assert_eq!(info["mode"], serde_json::json!([720, 1280]));
+    assert_eq!(info["scanout"]["width"], 16);
+    assert_eq!(info["host_bytes"], 16 * 16 * 4);
+    assert!(d
+        .gpu
+        .control()
+        .unwrap()
+        .control(&serde_json::json!({"op": "nope"}))
+        .is_err());
 
     // Unref of the shown resource blanks the screen and frees its memory.
     assert_eq!(d.send(&req(cmd::RESOURCE_UNREF, &[1, 0])), resp::OK_NODATA);
