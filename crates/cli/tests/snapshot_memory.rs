@@ -19,12 +19,17 @@ const DIRTY_MIB: u64 = 4;
 
 /// The first complete `PROBE mem pass` line of a pass whose `start` line is in `log`.
 fn first_full_pass(log: &str) -> Option<String> {
-    let start = log
-        .lines()
+    // Complete lines only: the serial port writes byte by byte, so the last line may be cut.
+    let lines = || {
+        log.split_inclusive('\n')
+            .filter_map(|l| l.strip_suffix('\n'))
+            .map(str::trim_end)
+    };
+    let start = lines()
         .find_map(|l| l.strip_prefix("PROBE mem pass n=")?.strip_suffix(" start"))?
         .to_string();
     let done = format!("PROBE mem pass n={start} ");
-    log.lines()
+    lines()
         .find(|l| l.starts_with(&done) && !l.ends_with(" start"))
         .map(str::to_string)
 }
