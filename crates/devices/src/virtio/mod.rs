@@ -16,6 +16,7 @@ pub mod block;
 pub mod chain;
 pub mod control;
 pub mod gpu;
+pub mod input;
 pub mod net;
 pub mod pci;
 pub mod rng;
