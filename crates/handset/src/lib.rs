@@ -18,9 +18,10 @@
 //!                                   (created and removed by `pocketvisor vmm`)
 //!   profiles/<name>/
 //!     profile.toml                  the profile spec (spec::ProfileSpec), canonical
+//!     vm.toml                       the VMM configuration generated at the last start (kept
+//!                                   outside run/, which the jailed VMM sees)
 //!     disks/<disk>.img              raw disk images (sparse, size_mib each)
 //!     run/                          only while a VMM runs (emptied at each start):
-//!       vm.toml                       the VMM configuration generated for this start
 //!       api.sock                      the VMM's control socket (JSON lines)
 //!       vsock.sock                    the guest's vsock host socket (Firecracker protocol)
 //!       serial.log                    the guest's serial console (rotated to serial.log.1
@@ -40,7 +41,7 @@
 //!
 //! # Processes
 //!
-//! Each started profile runs `pocketvisor run --config run/vm.toml --api-socket run/api.sock`,
+//! Each started profile runs `pocketvisor run --config vm.toml --api-socket run/api.sock`,
 //! or with `--jail` `pocketvisor vmm --config ... --jail-id <name> --jail-root <state>/jail`
 //! (see [`vmm_proc::vmm_args`]), in its own process group, in the cgroup
 //! `<cgroup mount>/pocketvisor/<name>` ([`cgroup`]). A resumed (restored) profile runs

@@ -108,9 +108,10 @@ impl StateDir {
     pub fn vmm_log(&self, name: &str) -> PathBuf {
         self.run(name).join("vmm.log")
     }
-    /// `profiles/<name>/run/vm.toml`.
+    /// `profiles/<name>/vm.toml` (outside `run/`, which a jailed VMM sees and may write: the
+    /// VMM never sees its own configuration).
     pub fn vm_config(&self, name: &str) -> PathBuf {
-        self.run(name).join("vm.toml")
+        self.profile(name).join("vm.toml")
     }
     /// `profiles/<name>/intent` (the lifecycle step in progress, see the daemon's intent log).
     pub fn intent(&self, name: &str) -> PathBuf {

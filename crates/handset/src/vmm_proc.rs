@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 /// What to run in a profile's VMM process.
 #[derive(Debug, Clone)]
 pub enum Launch {
-    /// Boot from `run/vm.toml`.
+    /// Boot from the profile's `vm.toml`.
     Boot {
         /// The generated VM configuration.
         config: PathBuf,

@@ -352,7 +352,7 @@ fn restarted_daemon_adopts_running_profiles() {
     d.kill9();
     let stray = std::process::Command::new(common::pv_bin())
         .args(["run", "--config"])
-        .arg(d.dir.join("profiles/a/run/vm.toml"))
+        .arg(d.dir.join("profiles/a/vm.toml"))
         .arg("--api-socket")
         .arg(d.dir.join("profiles/b/run/api.sock"))
         .stdout(std::process::Stdio::null())
@@ -647,10 +647,20 @@ fn jailed_profiles_run_switch_and_restart() {
         );
     }
     assert!(d.dir.join("jail/ja").is_dir());
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let kid = kids.split_whitespace().next().expect("no jailed child");
+    // The jailed VMM sees its run directory (serial log, sockets) but not its own
+    // configuration: vm.toml lives outside what the jail binds.
+    let jail_run = std::path::PathBuf::from(format!("/proc/{kid}/root/run/0"));
+    let seen: Vec<String> = std::fs::read_dir(&jail_run)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(seen.iter().any(|n| n == "serial.log"), "{seen:?}");
+    assert!(!seen.iter().any(|n| n == "vm.toml"), "{seen:?}");
     // The jailed child (pid 1 of its namespace) is in the profile's cgroup too.
     if d.weight_file("ja").is_some() {
-        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-        let kid = kids.split_whitespace().next().expect("no jailed child");
         let cg = std::fs::read_to_string(format!("/proc/{kid}/cgroup")).unwrap();
         assert!(cg.contains(&format!("{}/ja", d.cgroup_parent)), "{cg}");
     }
