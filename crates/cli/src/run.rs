@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// query it through the API socket ({"op":"device","id":"gpu","request":{"op":"info"}}).
     #[arg(long, value_name = "WIDTHxHEIGHT", num_args = 0..=1, default_missing_value = "720x1280", value_parser = parse_gpu)]
     gpu: Option<GpuConfig>,
+    /// Add a virtio-input keyboard and ten-finger touch screen (ids keyboard and touch); inject
+    /// through the API socket ({"op":"device","id":"touch","request":{"op":"touch","slot":0,"x":10,"y":20}}).
+    #[arg(long)]
+    input: bool,
     /// Add a virtio-balloon device (free page reporting, guest memory statistics); set its
     /// size through the API socket ({"op":"balloon","target_mib":N}).
     #[arg(long)]
@@ -167,6 +171,7 @@ fn build_config(a: RunArgs) -> Result<VmConfig> {
         cfg.vsock = a.vsock;
     }
     cfg.rng |= a.rng;
+    cfg.input |= a.input;
     if a.gpu.is_some() {
         cfg.gpu = a.gpu;
     }

@@ -44,6 +44,10 @@ pub struct VmConfig {
     /// Optional virtio-gpu (2D) display.
     #[serde(default)]
     pub gpu: Option<GpuConfig>,
+    /// Whether to add a virtio-input keyboard (`keyboard`) and multi-touch screen (`touch`,
+    /// the size of the display).
+    #[serde(default)]
+    pub input: bool,
     /// Whether to mark guest RAM mergeable for the host's KSM (`MADV_MERGEABLE`).
     #[serde(default)]
     pub mergeable: bool,
@@ -160,6 +164,7 @@ impl VmConfig {
             rng: false,
             balloon: false,
             gpu: None,
+            input: false,
             mergeable: false,
             serial: SerialConfig::default(),
             cpuid_hide: vec![],
@@ -254,6 +259,7 @@ mod tests {
             rng = true
             balloon = true
             gpu = { height = 1600 }
+            input = true
             disks = [{ path = "d.img", read_only = true }]
             serial = { file = "/tmp/s.log" }
             "#,
@@ -264,6 +270,7 @@ mod tests {
         assert!(cfg.balloon && !cfg.mergeable);
         let gpu = cfg.gpu.unwrap();
         assert_eq!((gpu.width, gpu.height, gpu.memory_mib), (720, 1600, 64));
+        assert!(cfg.input);
         assert!(cfg.disks[0].read_only);
         assert_eq!(cfg.serial, SerialConfig::File("/tmp/s.log".into()));
         let back: VmConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();

@@ -4,7 +4,7 @@
 //! names a kind of device and builds every instance the configuration asks for, in the order
 //! the guest sees them on the PCI bus. Each device gets a stable id derived from the
 //! configuration: numbered kinds get `disk0`, `disk1`, `net0`..., single ones their name
-//! (`vsock`, `rng`, `balloon`, `gpu`). Snapshots key each device's state by that id, and control
+//! (`vsock`, `rng`, `balloon`, `gpu`, `keyboard`, `touch`). Snapshots key each device's state by that id, and control
 //! requests ([`crate::Request::Device`]) address a device by it.
 //!
 //! Adding a virtio device: its model in `crates/devices`, one line in `DEVICE_TABLE`, and
@@ -20,6 +20,7 @@ use devices::virtio::balloon::{Balloon, BalloonConfig};
 use devices::virtio::block::Block;
 use devices::virtio::control::{ControlError, DeviceControl};
 use devices::virtio::gpu::Gpu;
+use devices::virtio::input::{Input, InputKind};
 use devices::virtio::net::Net;
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState};
 use devices::virtio::rng::Rng;
@@ -71,6 +72,8 @@ pub(crate) const DEVICE_TABLE: &[DeviceKind] = &[
     DeviceKind::one("rng", |c| when(c.rng, || plain(Rng::new()))),
     DeviceKind::one("balloon", |c| when(c.balloon, || balloon(c))),
     DeviceKind::one("gpu", |c| c.gpu.iter().map(gpu).collect()),
+    DeviceKind::one("keyboard", |c| when(c.input, || input(InputKind::Keyboard))),
+    DeviceKind::one("touch", |c| when(c.input, || input(touch_screen(c)))),
 ];
 
 /// A device model that cannot fail to build.
@@ -112,6 +115,20 @@ fn gpu(g: &GpuConfig) -> Built {
         max_host_bytes: u64::from(g.memory_mib) << 20,
         ..Default::default()
     }))
+}
+
+fn input(kind: InputKind) -> Built {
+    built(Input::new(kind))
+}
+
+/// A ten-finger touch screen the size of the display (or of the default display).
+fn touch_screen(c: &VmConfig) -> InputKind {
+    let g = c.gpu.unwrap_or_default();
+    InputKind::Touch {
+        width: g.width,
+        height: g.height,
+        slots: 10,
+    }
 }
 
 fn net(n: &NetConfig) -> Built {

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use vmm_sys_util::epoll::{Epoll, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::control::{parse_request, ControlError, DeviceControl};
 use super::worker::{add_fd, DeviceWorker, Popped, VirtQueue, BACKEND_TOKEN_BASE, COMMON_FEATURES};
 use super::{device_type, ActivateError, Activation, DeviceCounters, Interrupt};
 use super::{VirtioBase, VirtioDevice};
@@ -192,6 +193,30 @@ impl InputHandle {
     }
 }
 
+/// A control request to an input device: a key, a touch or a lift.
+#[derive(serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum InputRequest {
+    /// `{"op":"key","code":30,"down":true}`.
+    Key { code: u16, down: bool },
+    /// `{"op":"touch","slot":0,"x":10,"y":20}`.
+    Touch { slot: u32, x: u32, y: u32 },
+    /// `{"op":"release","slot":0}`.
+    Release { slot: u32 },
+}
+
+impl DeviceControl for InputHandle {
+    fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
+        let sent = match parse_request::<InputRequest>(request)? {
+            InputRequest::Key { code, down } => self.key(code, down),
+            InputRequest::Touch { slot, x, y } => self.touch(slot, x, y),
+            InputRequest::Release { slot } => self.release(slot),
+        };
+        sent.map_err(|e| ControlError::Refused(e.to_string()))?;
+        Ok(serde_json::json!({}))
+    }
+}
+
 /// A virtio-input device.
 pub struct Input {
     base: VirtioBase,
@@ -346,6 +371,10 @@ impl VirtioDevice for Input {
             status,
             shared: self.shared.clone(),
         }))
+    }
+
+    fn control(&self) -> Option<Arc<dyn DeviceControl>> {
+        Some(Arc::new(self.handle()))
     }
 
     fn on_reset(&mut self) {

@@ -127,6 +127,31 @@ fn injected_events_reach_the_driver_buffers_in_order() {
     assert_eq!(event(11), (ev::ABS, ev::ABS_MT_TRACKING_ID, u32::MAX));
     assert!(irq.signals_for(0) >= 1);
 
+    // The VMM's control requests inject the same way; bad ones are refused.
+    let control = dev.control().unwrap();
+    let touch = serde_json::json!({"op": "touch", "slot": 0, "x": 5, "y": 6});
+    control.control(&touch).unwrap();
+    for bad in [
+        serde_json::json!({"op": "touch", "slot": 0, "x": 500, "y": 6}),
+        serde_json::json!({"op": "key", "code": 70000, "down": true}),
+        serde_json::json!({"op": "swipe"}),
+    ] {
+        assert!(control.control(&bad).is_err(), "{bad}");
+    }
+    for slot in 12..16u16 {
+        queues[0].add_chain(
+            &mem,
+            slot,
+            &[(0x10000 + 8 * u64::from(slot), 8, DESC_F_WRITE)],
+        );
+    }
+    kicks[0].write(1).unwrap();
+    assert!(wait_until(|| queues[0].used_idx(&mem) == 16));
+    // The rest of the release waited for buffers, then the touch follows it.
+    assert_eq!(event(12), (ev::KEY, ev::BTN_TOUCH, 0));
+    assert_eq!(event(13), (ev::SYN, ev::SYN_REPORT, 0));
+    assert_eq!(event(14), (ev::ABS, ev::ABS_MT_SLOT, 0));
+
     // Status buffers (LEDs) are taken and dropped.
     queues[1].add_chain(&mem, 0, &[(0x20000, 8, 0)]);
     kicks[1].write(1).unwrap();
@@ -134,7 +159,8 @@ fn injected_events_reach_the_driver_buffers_in_order() {
 
     // A driver that never reads: the bounded queue refuses more.
     let flood = vec![InputEvent::sync(); MAX_PENDING];
-    handle.send(&flood[..MAX_PENDING - 2]).unwrap();
+    // Six events of the touch are still pending.
+    handle.send(&flood[..MAX_PENDING - 8]).unwrap();
     assert!(matches!(handle.send(&flood[..8]), Err(InputError::Full)));
     // Reset forgets what was pending.
     dev.reset();
