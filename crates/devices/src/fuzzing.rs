@@ -28,6 +28,8 @@ use crate::virtio::balloon::{
 };
 use crate::virtio::block::Block;
 use crate::virtio::chain::{parse_chain, Chain, ChainError};
+use crate::virtio::gpu::{Gpu, GpuConfig};
+use crate::virtio::input::{Input, InputKind};
 use crate::virtio::net::{Net, NetBackend};
 use crate::virtio::pci::VirtioPciDevice;
 use crate::virtio::rng::Rng;
@@ -198,6 +200,46 @@ fn run_block(data: &[u8]) -> Option<GuestMem> {
     let mut block = Block::new(path, o & 1 != 0, Some("fuzz".into())).ok()?;
     let (mut w, mem) = start(&mut block, 1, f, 0, image)?;
     kick_all(&mut *w, 1, 0);
+    Some(mem)
+}
+
+/// virtio-gpu commands on the control queue (0) and the cursor queue (1), with small
+/// resource limits so creations hit them.
+pub fn gpu(data: &[u8]) {
+    let _ = run_gpu(data);
+}
+
+fn run_gpu(data: &[u8]) -> Option<GuestMem> {
+    let (f, o, image) = split(data)?;
+    let config = GpuConfig {
+        width: 64,
+        height: 64,
+        max_resources: 4,
+        max_host_bytes: 1 << 16,
+    };
+    let mut gpu = Gpu::new(config).ok()?;
+    let (mut w, mem) = start(&mut gpu, 2, f, 0, image)?;
+    kick_all(&mut *w, 2, o);
+    let _ = gpu.display().frame();
+    Some(mem)
+}
+
+/// virtio-input event buffers (queue 0, with a touch already pending) and status buffers (1).
+pub fn input(data: &[u8]) {
+    let _ = run_input(data);
+}
+
+fn run_input(data: &[u8]) -> Option<GuestMem> {
+    let (f, o, image) = split(data)?;
+    let kind = InputKind::Touch {
+        width: 64,
+        height: 64,
+        slots: 2,
+    };
+    let mut input = Input::new(kind).ok()?;
+    let _ = input.handle().touch(1, 3, 4);
+    let (mut w, mem) = start(&mut input, 2, f, 0, image)?;
+    kick_all(&mut *w, 2, o);
     Some(mem)
 }
 
@@ -438,7 +480,17 @@ mod tests {
     #[test]
     fn entries_survive_simple_inputs() {
         let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3).to_le_bytes()[0]).collect();
-        let entries: [fn(&[u8]); 7] = [chain, block, rng, net, vsock, balloon, pci_config];
+        let entries: [fn(&[u8]); 9] = [
+            chain,
+            block,
+            rng,
+            net,
+            vsock,
+            balloon,
+            pci_config,
+            gpu,
+            super::input,
+        ];
         for entry in entries {
             for input in [&[][..], &[1, 2, 3], &[0xff; 64], &pattern[..]] {
                 entry(input);
