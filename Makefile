@@ -52,7 +52,11 @@ test: build
 # are built on first use (tests/nested/build-l1.sh), the Linux guest here when missing.
 test-nested: build
 	@[ -f $(LINUX)/vmlinux ] || guest/build-linux.sh
-	$(CARGO) test -p e2e --features nested --test nested
+	@# A Linux guest under nested TCG has been seen to hang in about one L1 boot in four (see
+	@# README, "nested"); a failed group gets one more whole L1 boot, and it fails if that does.
+	$(CARGO) test -p e2e --features nested --test nested || { \
+		echo "test-nested: FAILED once; running the whole group again in a new L1"; \
+		$(CARGO) test -p e2e --features nested --test nested; }
 
 bench: probe
 	$(CARGO) run -p bench --release -- $(BENCH_ARGS)
