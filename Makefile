@@ -3,6 +3,7 @@
 #   make demo    build everything and boot a guest (the probe; Linux too where hardware KVM exists)
 #   make test    build the VMM and the probe guest, then run every test (test-nested too)
 #   make test-nested  the hardware-path checks inside L1, a QEMU TCG machine with nested SVM
+#   make test-nested-arm64  the arm64 port's checks inside an arm64 L1 (QEMU TCG with EL2)
 #   make bench   pocketvisor vs QEMU on the probe guest
 #   make linux   build the Linux guest assets from Debian packages (guest/out/linux)
 #   make lint    rustfmt --check and clippy -D warnings over the workspace and the guest crates
@@ -14,7 +15,7 @@ PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 
-.PHONY: all build probe demo test test-nested bench linux lint fuzz
+.PHONY: all build probe demo test test-nested test-nested-arm64 bench linux lint fuzz
 
 all: build
 
@@ -47,6 +48,7 @@ test: build
 	fi
 	$(CARGO) test --workspace --no-fail-fast
 	$(MAKE) test-nested
+	$(MAKE) test-nested-arm64
 
 # One L1 boot (about 3 min under TCG) runs every check of tests/tests/nested.rs; the L1 assets
 # are built on first use (tests/nested/build-l1.sh), the Linux guest here when missing.
@@ -57,6 +59,11 @@ test-nested: build
 	$(CARGO) test -p e2e --features nested --test nested || { \
 		echo "test-nested: FAILED once; running the whole group again in a new L1"; \
 		$(CARGO) test -p e2e --features nested --test nested; }
+
+# Each check boots its own arm64 L1 (qemu-system-aarch64 TCG with EL2, about 4 s to a shell);
+# the assets are built on first use (NESTED_ARCH=arm64 tests/nested/build-l1.sh).
+test-nested-arm64:
+	$(CARGO) test -p e2e --features nested --test nested_arm64
 
 bench: probe
 	$(CARGO) run -p bench --release -- $(BENCH_ARGS)

@@ -1,25 +1,48 @@
 #!/usr/bin/env bash
 # Build the L1 machine of the nested-virtualization harness from Debian packages.
 #
-# L1 is Debian's full-flavour kernel (linux-image-amd64: it ships kvm_amd and the 9p modules,
-# which the cloud flavour lacks) with a busybox initramfs. QEMU boots it under TCG with an AMD
-# CPU model that has SVM and nested paging; its /init (tests/nested/l1-init) loads kvm_amd, so
-# commands run there see a hardware-style /dev/kvm.
+# NESTED_ARCH=amd64 (default): L1 is Debian's full-flavour kernel (linux-image-amd64: it ships
+# kvm_amd and the 9p modules, which the cloud flavour lacks) with a busybox initramfs. QEMU boots
+# it under TCG with an AMD CPU model that has SVM and nested paging; its /init
+# (tests/nested/l1-init) loads kvm_amd, so commands run there see a hardware-style /dev/kvm.
 #
-# Output ($NESTED_OUT, default guest/out/nested): vmlinuz, initramfs.cpio.gz, version, and
-# inputs (this script and l1-init as built: the harness rebuilds when they differ).
+# NESTED_ARCH=arm64: L1 is Debian's arm64 kernel (linux-image-arm64, KVM built in) with the
+# arm64 busybox-static; QEMU boots it under TCG with EL2 (-M virt,virtualization=on), and its
+# /init is tests/nested/l1-init-arm64. Needs `dpkg --add-architecture arm64 && apt-get update`
+# once, so apt-get can download arm64 packages.
+#
+# Output ($NESTED_OUT, default guest/out/nested, or guest/out/nested-arm64): vmlinuz (for
+# arm64 an uncompressed `Image`), initramfs.cpio.gz, version, and inputs (this script and the
+# init as built: the harness rebuilds when they differ).
 # The downloaded .debs stay in $NESTED_OUT/debs: later runs work offline.
-# Needs: apt-get (download only), dpkg-deb, a static busybox, gzip, xz, zstd.
+# Needs: apt-get (download only), dpkg-deb, a static busybox for the host, gzip, xz, zstd.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-out="${NESTED_OUT:-$here/../../guest/out/nested}"
-debs="$out/debs"
-kernel_pkg="${NESTED_KERNEL_PKG:-linux-image-amd64}"
-busybox="${BUSYBOX:-/bin/busybox}"
+arch="${NESTED_ARCH:-amd64}"
+busybox="${BUSYBOX:-/bin/busybox}" # runs on the build host (cpio, depmod fallback)
 
 log() { printf 'build-l1: %s\n' "$*" >&2; }
 die() { printf 'build-l1: error: %s\n' "$*" >&2; exit 1; }
+
+case "$arch" in
+  amd64)
+    out="${NESTED_OUT:-$here/../../guest/out/nested}"
+    init="$here/l1-init"
+    # The modules L1 needs; their dependencies come from modules.dep.
+    wanted=(virtio_pci 9pnet_virtio 9p kvm_amd tun veth)
+    ;;
+  arm64)
+    out="${NESTED_OUT:-$here/../../guest/out/nested-arm64}"
+    init="$here/l1-init-arm64"
+    wanted=(virtio_pci 9pnet_virtio 9p)
+    dpkg --print-foreign-architectures 2>/dev/null | grep -qx arm64 ||
+      die "apt cannot download arm64 packages: run 'dpkg --add-architecture arm64 && apt-get update' (as root) once"
+    ;;
+  *) die "NESTED_ARCH must be amd64 or arm64, not $arch" ;;
+esac
+kernel_pkg="${NESTED_KERNEL_PKG:-linux-image-$arch}"
+debs="$out/debs"
 
 for tool in apt-get dpkg-deb gzip xz zstd file; do
   command -v "$tool" >/dev/null || die "missing tool: $tool"
@@ -27,22 +50,24 @@ done
 file -L "$busybox" 2>/dev/null | grep -q 'statically linked' ||
   die "$busybox is not a static busybox (apt-get install busybox-static, or set BUSYBOX=)"
 
-# The modules L1 needs; their dependencies come from modules.dep.
-wanted=(virtio_pci 9pnet_virtio 9p kvm_amd tun veth)
-
 # ------------------------------------------------------------------- download
 mkdir -p "$debs"
-fetch() { # fetch PACKAGE: downloads it into $debs unless a .deb of it is there
-  compgen -G "$debs/${1}_*.deb" >/dev/null && return
-  log "apt-get download $1"
-  (cd "$debs" && apt-get download "$1") || die "apt-get download $1 failed (apt-get update?)"
+fetch() { # fetch PACKAGE: downloads its $arch build into $debs unless a .deb of it is there
+  compgen -G "$debs/${1}_*_$arch.deb" >/dev/null && return
+  log "apt-get download $1:$arch"
+  (cd "$debs" && apt-get download "$1:$arch") || die "apt-get download $1:$arch failed (apt-get update?)"
 }
 fetch "$kernel_pkg"
-meta="$(ls "$debs/${kernel_pkg}"_*.deb | tail -n1)"
+meta="$(ls "$debs/${kernel_pkg}"_*_"$arch".deb | tail -n1)"
 image_pkg="$(dpkg-deb -f "$meta" Depends | tr ',' '\n' | sed -n 's/^ *\(linux-image-[^ ]*\).*/\1/p' | head -n1)"
 [[ -n "$image_pkg" ]] || die "no linux-image dependency in $meta"
 fetch "$image_pkg"
-image="$(ls "$debs/${image_pkg}"_*.deb | tail -n1)"
+image="$(ls "$debs/${image_pkg}"_*_"$arch".deb | tail -n1)"
+guest_busybox="$busybox"
+if [[ "$arch" != amd64 ]]; then
+  fetch busybox-static
+  guest_busybox_deb="$(ls "$debs"/busybox-static_*_"$arch".deb | tail -n1)"
+fi
 
 # ------------------------------------------------------------------- extract
 work="$(mktemp -d "${TMPDIR:-/tmp}/pv-build-l1.XXXXXX")"
@@ -52,6 +77,11 @@ dpkg-deb -x "$image" "$work/pkg"
 vmlinuz="$(ls "$work"/pkg/boot/vmlinuz-* | head -n1)"
 release="${vmlinuz##*/vmlinuz-}"
 moddir="$work/pkg/lib/modules/$release"
+if [[ -n "${guest_busybox_deb:-}" ]]; then
+  dpkg-deb -x "$guest_busybox_deb" "$work/busybox"
+  guest_busybox="$work/busybox/bin/busybox"
+  file -L "$guest_busybox" | grep -q 'statically linked' || die "$guest_busybox_deb has no static busybox"
+fi
 if command -v depmod >/dev/null; then depmod -b "$work/pkg" "$release"; else "$busybox" depmod -b "$work/pkg" "$release"; fi
 [[ -f "$moddir/modules.dep" ]] || die "depmod made no modules.dep for $release"
 
@@ -80,7 +110,7 @@ log "modules: ${order[*]}"
 
 root="$work/root"
 mkdir -p "$root"/{bin,dev,proc,sys,tmp,host,job,etc,lib/modules}
-cp "$busybox" "$root/bin/busybox"
+cp "$guest_busybox" "$root/bin/busybox"
 for n in "${order[@]}"; do
   src="$moddir/${file_of[$n]}"
   case "$src" in
@@ -91,16 +121,20 @@ for n in "${order[@]}"; do
   esac >"$root/lib/modules/$n.ko"
   echo "$n" >>"$root/etc/modules"
 done
-install -m 755 "$here/l1-init" "$root/init"
+install -m 755 "$init" "$root/init"
 
 # ------------------------------------------------------------------- output
 mkdir -p "$out"
 (cd "$root" && find . -print | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) |
   gzip -6 >"$out/initramfs.cpio.gz.tmp"
-cp "$vmlinuz" "$out/vmlinuz.tmp"
+if [[ "$arch" == arm64 ]] && gzip -t "$vmlinuz" 2>/dev/null; then
+  gzip -dc "$vmlinuz" >"$out/vmlinuz.tmp" # an arm64 Image must be loaded uncompressed
+else
+  cp "$vmlinuz" "$out/vmlinuz.tmp"
+fi
 mv "$out/initramfs.cpio.gz.tmp" "$out/initramfs.cpio.gz"
 mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 echo "$release" >"$out/version"
 # What the assets were built from: the harness rebuilds them when these files change.
-cat "$here/build-l1.sh" "$here/l1-init" >"$out/inputs"
+cat "$here/build-l1.sh" "$init" >"$out/inputs"
 log "done: $out/{vmlinuz,initramfs.cpio.gz} ($release)"

@@ -8,32 +8,88 @@
 //! virtio-9p, runs a shell script chrooted in the host's root (so the host's binaries run
 //! unchanged), and returns its output and exit status. Everything is bounded by a timeout.
 //!
+//! [`run_in_l1_on`] with [`L1Arch::Aarch64`] does the same on an emulated arm64 machine:
+//! `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -cpu max,pauth-impdef=on`, whose
+//! Debian kernel has KVM built in (EL2 emulated by TCG). Its L1 runs aarch64 code, so it cannot
+//! chroot into the host's root: it shares the checkout read-only (the
+//! `aarch64-unknown-linux-musl` builds in it) and runs the script with its own busybox.
+//!
 //! Environment: `NESTED_OUT` (asset and job directory), `NESTED_TIMEOUT` (seconds, default
-//! 1500), `NESTED_MEM` (default 3G), `NESTED_SMP` (default 2), `NESTED_CPU` (default `max`).
+//! 1500), `NESTED_MEM` (default 3G), `NESTED_SMP` (default 2), `NESTED_CPU` (default `max`);
+//! for arm64 `NESTED_ARM64_OUT`, `NESTED_ARM64_MEM` (default 2G), `NESTED_ARM64_SMP` (default
+//! 2) and `NESTED_ARM64_KVM_MODE` (`kvm-arm.mode`: `nvhe`, `protected`; default: KVM's choice).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use crate::qemu::QemuCommand;
 use crate::vm::{Outcome, RunningVm};
 
-/// Where the L1 assets and job directories live.
-pub fn nested_dir() -> PathBuf {
-    std::env::var_os("NESTED_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("guest/out/nested"))
+/// The architecture of the L1 machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L1Arch {
+    /// `qemu-system-x86_64 -cpu max`: AMD SVM with nested paging, `kvm_amd`.
+    X86_64,
+    /// `qemu-system-aarch64 -M virt,virtualization=on`: EL2, KVM built into the kernel.
+    Aarch64,
 }
 
-/// The L1 kernel and initramfs, built by `tests/nested/build-l1.sh` when missing or built
-/// from another version of that script or of `tests/nested/l1-init`.
+impl L1Arch {
+    /// The QEMU binary that emulates this machine.
+    pub fn qemu_binary(self) -> &'static str {
+        match self {
+            L1Arch::X86_64 => "qemu-system-x86_64",
+            L1Arch::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+
+    /// Debian's name of the architecture (`NESTED_ARCH` of `build-l1.sh`).
+    fn debian_name(self) -> &'static str {
+        match self {
+            L1Arch::X86_64 => "amd64",
+            L1Arch::Aarch64 => "arm64",
+        }
+    }
+
+    /// L1's `/init` in `tests/nested`.
+    fn init_script(self) -> &'static str {
+        match self {
+            L1Arch::X86_64 => "l1-init",
+            L1Arch::Aarch64 => "l1-init-arm64",
+        }
+    }
+}
+
+/// Where the x86_64 L1 assets and job directories live.
+pub fn nested_dir() -> PathBuf {
+    nested_dir_of(L1Arch::X86_64)
+}
+
+/// Where the L1 assets and job directories of `arch` live (`NESTED_OUT`, `NESTED_ARM64_OUT`).
+pub fn nested_dir_of(arch: L1Arch) -> PathBuf {
+    let (var, default) = match arch {
+        L1Arch::X86_64 => ("NESTED_OUT", "guest/out/nested"),
+        L1Arch::Aarch64 => ("NESTED_ARM64_OUT", "guest/out/nested-arm64"),
+    };
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join(default))
+}
+
+/// The x86_64 L1 kernel and initramfs ([`l1_assets_of`]).
 pub fn l1_assets() -> Result<(PathBuf, PathBuf), String> {
-    let dir = nested_dir();
+    l1_assets_of(L1Arch::X86_64)
+}
+
+/// The L1 kernel and initramfs of `arch`, built by `tests/nested/build-l1.sh` when missing or
+/// built from another version of that script or of L1's init.
+pub fn l1_assets_of(arch: L1Arch) -> Result<(PathBuf, PathBuf), String> {
+    let dir = nested_dir_of(arch);
     let kernel = dir.join("vmlinuz");
     let initrd = dir.join("initramfs.cpio.gz");
     let sources = crate::workspace_root().join("tests/nested");
     let mut inputs = Vec::new();
-    for name in ["build-l1.sh", "l1-init"] {
+    for name in ["build-l1.sh", arch.init_script()] {
         let path = sources.join(name);
         inputs.extend(std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?);
     }
@@ -43,6 +99,7 @@ pub fn l1_assets() -> Result<(PathBuf, PathBuf), String> {
         let out = Command::new("bash")
             .arg(&script)
             .env("NESTED_OUT", &dir)
+            .env("NESTED_ARCH", arch.debian_name())
             .output()
             .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
         if !out.status.success() {
@@ -68,6 +125,8 @@ pub struct L1Run {
     pub output: String,
     /// L1's kernel log after the job.
     pub l1_dmesg: String,
+    /// What L1's init found out about KVM before the job (`l1-info.txt`).
+    pub l1_info: String,
     /// QEMU's run: the L1 console in `lines`, QEMU's own messages in `stderr`.
     pub qemu: Outcome,
     /// L1's uptime when the job started (its boot time), from the console.
@@ -104,13 +163,20 @@ pub fn l1_timeout() -> Duration {
     )
 }
 
-/// Runs `script` (POSIX sh) in L1 and waits for it. `Err` says why L1 could not be started
-/// (no QEMU, the assets cannot be built); a job that fails or hangs is an `Ok` with its
-/// status (`rc` is `None` when L1 was killed or crashed).
+/// Runs `script` (POSIX sh) in the x86_64 L1 and waits for it ([`run_in_l1_on`]).
 pub fn run_in_l1(script: &str, timeout: Duration) -> Result<L1Run, String> {
-    let qemu = QemuCommand::find_binary().ok_or("qemu-system-x86_64 is not installed")?;
-    let (kernel, initrd) = l1_assets()?;
-    let runs = nested_dir().join("runs");
+    run_in_l1_on(L1Arch::X86_64, script, timeout)
+}
+
+/// Runs `script` (POSIX sh) in an L1 machine of `arch` and waits for it. `Err` says why L1
+/// could not be started (no QEMU: the message says "not installed"; the assets cannot be
+/// built); a job that fails or hangs is an `Ok` with its status (`rc` is `None` when L1 was
+/// killed or crashed).
+pub fn run_in_l1_on(arch: L1Arch, script: &str, timeout: Duration) -> Result<L1Run, String> {
+    let qemu = crate::host::which(arch.qemu_binary())
+        .ok_or_else(|| format!("{} is not installed", arch.qemu_binary()))?;
+    let (kernel, initrd) = l1_assets_of(arch)?;
+    let runs = nested_dir_of(arch).join("runs");
     std::fs::create_dir_all(&runs).map_err(|e| format!("create {}: {e}", runs.display()))?;
     let dir = runs.join(crate::host::unique_name("job"));
     std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -118,6 +184,7 @@ pub fn run_in_l1(script: &str, timeout: Duration) -> Result<L1Run, String> {
         std::fs::write(dir.join(name), text).map_err(|e| format!("write job {name}: {e}"))
     };
     write("path", &format!("{}\n", dir.display()))?;
+    write("repo", &format!("{}\n", crate::workspace_root().display()))?;
     write("run", script)?;
 
     let share = |path: &Path, tag: &str, ro: bool| {
@@ -128,23 +195,45 @@ pub fn run_in_l1(script: &str, timeout: Duration) -> Result<L1Run, String> {
         )
     };
     let mut cmd = Command::new(qemu);
-    cmd.args(["-accel", "tcg,thread=multi", "-cpu"])
-        .arg(env_or("NESTED_CPU", "max"))
-        .arg("-m")
-        .arg(env_or("NESTED_MEM", "3G"))
-        .arg("-smp")
-        .arg(env_or("NESTED_SMP", "2"))
-        .args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+    match arch {
+        L1Arch::X86_64 => {
+            cmd.args(["-accel", "tcg,thread=multi", "-cpu"])
+                .arg(env_or("NESTED_CPU", "max"))
+                .arg("-m")
+                .arg(env_or("NESTED_MEM", "3G"))
+                .arg("-smp")
+                .arg(env_or("NESTED_SMP", "2"))
+                .args([
+                    "-append",
+                    "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
+                ])
+                .arg("-virtfs")
+                .arg(share(Path::new("/"), "host", true));
+        }
+        L1Arch::Aarch64 => {
+            // pauth-impdef=on: QEMU's cheap pointer-authentication algorithm (the default
+            // one makes L1 about 3x slower).
+            let mut append = String::from("console=ttyAMA0 quiet loglevel=3 panic=-1");
+            if let Ok(mode) = std::env::var("NESTED_ARM64_KVM_MODE") {
+                append.push_str(&format!(" kvm-arm.mode={mode}"));
+            }
+            cmd.args(["-M", "virt,virtualization=on,gic-version=3"])
+                .args(["-cpu", "max,pauth-impdef=on", "-accel", "tcg,thread=multi"])
+                .arg("-m")
+                .arg(env_or("NESTED_ARM64_MEM", "2G"))
+                .arg("-smp")
+                .arg(env_or("NESTED_ARM64_SMP", "2"))
+                .arg("-append")
+                .arg(append)
+                .arg("-virtfs")
+                .arg(share(&crate::workspace_root(), "repo", true));
+        }
+    }
+    cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
         .args(["-no-reboot", "-kernel"])
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
-        .args([
-            "-append",
-            "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
-        ])
-        .arg("-virtfs")
-        .arg(share(Path::new("/"), "host", true))
         .arg("-virtfs")
         .arg(share(&dir, "job", false));
     let outcome = RunningVm::spawn(cmd, timeout).wait();
@@ -161,6 +250,7 @@ pub fn run_in_l1(script: &str, timeout: Duration) -> Result<L1Run, String> {
         rc: if outcome.timed_out { None } else { rc },
         output: read("output.log"),
         l1_dmesg: read("l1-dmesg.txt"),
+        l1_info: read("l1-info.txt"),
         qemu: outcome,
         l1_boot,
         dir,

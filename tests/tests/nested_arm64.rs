@@ -1,0 +1,53 @@
+//! The arm64 port's checks on emulated arm64 hardware: an L1 machine under
+//! `qemu-system-aarch64 -M virt,virtualization=on,gic-version=3 -accel tcg` whose Debian kernel
+//! runs KVM at the emulated EL2 (`e2e::nested::run_in_l1_on` with `L1Arch::Aarch64`).
+//!
+//! Each check boots its own L1 (about 10 s under TCG) and runs one shell script there with
+//! L1's busybox; aarch64 binaries come from the checkout, which L1 sees read-only at its host
+//! path. Built with `--features nested` (`make test-nested-arm64`); where
+//! `qemu-system-aarch64` is missing every check prints SKIP.
+
+use std::time::Duration;
+
+use e2e::nested::{run_in_l1_on, L1Arch, L1Run};
+
+/// L1's deadline: its boot plus the job, generous for a loaded 2-core machine.
+const L1_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Runs `script` in a new arm64 L1; `None` (after a loud SKIP) where QEMU is missing.
+fn in_l1(test: &str, script: &str) -> Option<L1Run> {
+    match run_in_l1_on(L1Arch::Aarch64, script, L1_TIMEOUT) {
+        Ok(run) => {
+            e2e::host::loud(&format!(
+                "{test}: arm64 L1 job rc={:?}, L1 boot {:?}, total {:.1?}",
+                run.rc, run.l1_boot, run.qemu.elapsed
+            ));
+            Some(run)
+        }
+        Err(why) if why.contains("not installed") => {
+            e2e::skip(&why, test);
+            None
+        }
+        Err(why) => panic!("the arm64 L1 could not run: {why}"),
+    }
+}
+
+#[test]
+fn l1_runs_a_command_with_kvm_at_el2() {
+    let Some(run) = in_l1(
+        "l1_runs_a_command_with_kvm_at_el2",
+        "uname -m; test -c /dev/kvm && echo have-kvm; echo to-stderr >&2; exit 7\n",
+    ) else {
+        return;
+    };
+    assert_eq!(run.rc, Some(7), "{}", run.describe());
+    assert!(run.output.contains("aarch64"), "{}", run.describe());
+    assert!(run.output.contains("have-kvm"), "{}", run.describe());
+    assert!(run.output.contains("to-stderr"), "{}", run.describe());
+    // Debian's kernel says which mode KVM runs in (VHE by default with -cpu max).
+    assert!(
+        run.l1_info.contains("mode initialized successfully"),
+        "KVM did not initialise at EL2 in L1:\n{}",
+        run.l1_info
+    );
+}
