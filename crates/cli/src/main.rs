@@ -11,6 +11,7 @@ mod handset;
 mod portable;
 mod profile;
 mod run;
+mod screenshot;
 mod snapshot;
 mod vmm_cmd;
 
@@ -54,6 +55,8 @@ enum Command {
     /// Unpause a VM paused in memory (`resume` is the old name).
     #[command(alias = "resume")]
     Unpause(snapshot::ControlArgs),
+    /// Save what a running VM's display (--gpu, --api-socket) shows as a PNG or PPM image.
+    Screenshot(screenshot::ScreenshotArgs),
     /// Run one VM jailed (namespaces, private root, cgroup, no privileges, seccomp).
     Vmm(Box<vmm_cmd::VmmArgs>),
     /// Run the handset daemon (profiles, supervision, foreground switching, REST API).
@@ -146,6 +149,7 @@ fn main() {
         Command::Restore(args) => snapshot::restore(args),
         Command::Pause(args) => snapshot::pause(args),
         Command::Unpause(args) => snapshot::resume(args),
+        Command::Screenshot(args) => screenshot::main(args),
         Command::Handset(args) => handset::main(args),
         Command::Profile(args) => profile::main(*args),
         Command::Vmm(args) => vmm_cmd::main(*args),

@@ -19,6 +19,7 @@ mod pci;
 mod port;
 mod power;
 mod pvh;
+mod screen;
 mod serial;
 mod smp;
 mod sync;
@@ -75,6 +76,7 @@ extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
         "agent" => agent::run(),
         "hostile" => hostile::run(),
         "mem" => memcheck::run(),
+        "screen" => screen::run(),
         "pio-bench" => bench::pio(boot.arg_u64("pv.pio.iters", 1_000_000)),
         "blk-bench" => bench::blk(boot.arg_u64("pv.blk.mb", 64)),
         "selftest" => selftest(),

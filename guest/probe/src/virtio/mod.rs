@@ -2,6 +2,8 @@
 
 pub mod balloon;
 pub mod blk;
+pub mod gpu;
+pub mod input;
 pub mod net;
 pub mod pci;
 pub mod queue;

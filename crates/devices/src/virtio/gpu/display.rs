@@ -126,12 +126,15 @@ impl Display {
     }
 }
 
-/// A control request to the gpu: `{"op":"info"}`.
+/// A control request to the gpu: `{"op":"info"}` or `{"op":"screenshot"}`.
 #[derive(serde::Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 enum GpuRequest {
     /// The display mode, what the scanout shows, resources and flushes.
     Info,
+    /// The scanout's frame: `width`, `height`, `flushes` and `rgb` (base64 of red, green,
+    /// blue bytes row by row).
+    Screenshot,
 }
 
 impl DeviceControl for Display {
@@ -153,6 +156,19 @@ impl DeviceControl for Display {
                     "host_bytes": st.host_bytes,
                     "max_host_bytes": st.config.max_host_bytes,
                     "flushes": st.flushes,
+                }))
+            }
+            GpuRequest::Screenshot => {
+                use base64::Engine as _;
+                let flushes = self.flushes();
+                let frame = self.frame().ok_or_else(|| {
+                    ControlError::Refused("the guest shows nothing on the display yet".into())
+                })?;
+                Ok(serde_json::json!({
+                    "width": frame.width,
+                    "height": frame.height,
+                    "flushes": flushes,
+                    "rgb": base64::engine::general_purpose::STANDARD.encode(&frame.rgb),
                 }))
             }
         }

@@ -223,6 +223,23 @@ fn a_driver_draws_and_the_host_sees_the_frame_and_damage() {
     assert_eq!(info["mode"], serde_json::json!([720, 1280]));
     assert_eq!(info["scanout"]["width"], 16);
     assert_eq!(info["host_bytes"], 16 * 16 * 4);
+    let shot = d
+        .gpu
+        .control()
+        .unwrap()
+        .control(&serde_json::json!({"op": "screenshot"}))
+        .unwrap();
+    assert_eq!(
+        (shot["width"].as_u64(), shot["height"].as_u64()),
+        (Some(16), Some(16))
+    );
+    let rgb = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .decode(shot["rgb"].as_str().unwrap())
+            .unwrap()
+    };
+    assert_eq!(rgb, frame.rgb, "the screenshot is the scanout's frame");
     assert!(d
         .gpu
         .control()
@@ -233,6 +250,14 @@ fn a_driver_draws_and_the_host_sees_the_frame_and_damage() {
     // Unref of the shown resource blanks the screen and frees its memory.
     assert_eq!(d.send(&req(cmd::RESOURCE_UNREF, &[1, 0])), resp::OK_NODATA);
     assert!(display.frame().is_none());
+    assert!(
+        d.gpu
+            .control()
+            .unwrap()
+            .control(&serde_json::json!({"op": "screenshot"}))
+            .is_err(),
+        "no screenshot of a blank display"
+    );
     assert_eq!(d.gpu.shared.lock().host_bytes, 0);
     assert_eq!(d.irq.errors(), 0);
 }

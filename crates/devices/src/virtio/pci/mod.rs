@@ -161,6 +161,10 @@ impl VirtioPciDevice {
         let class_code = match dtype {
             device_type::NET => 0x02_00_00,
             device_type::BLOCK => 0x01_80_00,
+            // Display controller, other (as QEMU's virtio-gpu-pci): not VGA compatible.
+            device_type::GPU => 0x03_80_00,
+            // Input device, other.
+            device_type::INPUT => 0x09_80_00,
             _ => 0xff_00_00,
         };
         let mut config = PciConfig::new(PciConfigParams {

@@ -278,6 +278,16 @@ fn class_codes_and_device_ids() {
     let mut vsock = harness_with(device_type::VSOCK, &[128, 128, 128], false);
     assert_eq!(vsock.dev.config_read(0) >> 16, 0x1053);
     assert_eq!(vsock.dev.config_read(2) >> 8, 0xff_00_00);
+    let mut gpu = harness_with(device_type::GPU, &[256, 256], false);
+    assert_eq!(gpu.dev.config_read(0) >> 16, 0x1050);
+    assert_eq!(
+        gpu.dev.config_read(2) >> 8,
+        0x03_80_00,
+        "display controller"
+    );
+    let mut input = harness_with(device_type::INPUT, &[64, 64], false);
+    assert_eq!(input.dev.config_read(0) >> 16, 0x1052);
+    assert_eq!(input.dev.config_read(2) >> 8, 0x09_80_00, "input device");
 }
 
 #[test]
