@@ -53,6 +53,8 @@ pub struct QemuCommand {
     pub rng: bool,
     /// Use KVM (`-accel kvm -cpu host`), else TCG.
     pub kvm: bool,
+    /// More arguments, appended last (devices, a monitor socket).
+    pub extra: Vec<String>,
 }
 
 impl QemuCommand {
@@ -69,6 +71,7 @@ impl QemuCommand {
             disks: Vec::new(),
             rng: false,
             kvm: true,
+            extra: Vec::new(),
         }
     }
 
@@ -125,6 +128,7 @@ impl QemuCommand {
                 "virtio-rng-pci,rng=rng0,disable-legacy=on",
             ]);
         }
+        a.extend(self.extra.iter().cloned());
         a
     }
 

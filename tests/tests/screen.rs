@@ -1,6 +1,7 @@
 //! The probe's home screen on the virtio-gpu display: a screenshot taken through the API
 //! socket holds exactly the frame the probe drew, and touches and keys injected through the
 //! API reach the probe's virtio-input driver (and a touched tile lights up on the screen).
+//! The same probe build draws on QEMU's virtio-gpu-pci and reads its virtio keyboard.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -8,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use e2e::probe::ProbeLine;
+use e2e::qemu::{Machine, QemuCommand};
 use e2e::{fnv1a64, require_kvm, RunningVm, TempDir, VmCommand};
 
 /// A small display keeps the probe's full-frame hash cheap under kvm_pvm.
@@ -244,4 +246,115 @@ fn probe_home_screen_screenshot_matches_and_input_reaches_the_guest() {
         "{}",
         vm.drain()
     );
+}
+
+/// One HMP command on QEMU's monitor socket; waits for the next prompt.
+fn hmp(monitor: &mut UnixStream, command: &str) {
+    monitor
+        .write_all(format!("{command}\n").as_bytes())
+        .expect("write to the QEMU monitor");
+    read_prompt(monitor);
+}
+
+/// Reads until the monitor prints `(qemu) `.
+fn read_prompt(monitor: &mut UnixStream) -> String {
+    use std::io::Read;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.ends_with(b"(qemu) ") {
+        match monitor.read(&mut buf) {
+            Ok(0) => panic!("the QEMU monitor closed"),
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("QEMU monitor: {e}"),
+        }
+    }
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+/// The pixels of a binary PPM (P6, maxval 255).
+fn ppm_pixels(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(64)]).into_owned();
+    let mut fields = text.split_ascii_whitespace();
+    assert_eq!(fields.next(), Some("P6"), "a binary PPM");
+    let mut num = || -> u32 { fields.next().expect("a field").parse().expect("a number") };
+    let (w, h, max) = (num(), num(), num());
+    assert_eq!(max, 255);
+    let pixels = bytes[bytes.len() - (w * h * 3) as usize..].to_vec();
+    (w, h, pixels)
+}
+
+/// Our probe's drivers against devices someone else wrote: QEMU's virtio-gpu-pci and
+/// virtio-keyboard-pci/virtio-tablet-pci. QEMU's own screendump must hold a frame the probe
+/// drew, and a key QEMU's monitor sends must reach the probe.
+#[test]
+fn probe_home_screen_draws_on_qemu_too() {
+    let name = "probe_home_screen_draws_on_qemu_too";
+    if !require_kvm(name) {
+        return;
+    }
+    let Some(qemu) = QemuCommand::find_binary() else {
+        e2e::skip("qemu-system-x86_64 is not installed", name);
+        return;
+    };
+    let dir = TempDir::new();
+    let monitor_path = dir.join("monitor.sock");
+    let mut cmd = QemuCommand::new(
+        &qemu,
+        Machine::Pc,
+        &e2e::probe_elf(),
+        &format!("pv.mode=screen pv.screen.rgb={RGB:06x} pv.screen.ms=1000 pv.screen.hash=1"),
+    );
+    cmd.extra = [
+        "-device",
+        &format!("virtio-gpu-pci,xres={W},yres={H}"),
+        "-device",
+        "virtio-keyboard-pci",
+        "-device",
+        "virtio-tablet-pci",
+        "-monitor",
+        &format!("unix:{},server=on,wait=off", monitor_path.display()),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut vm = RunningVm::spawn(cmd.command(), e2e::vm::default_timeout());
+    wait(&mut vm, "first full frame", |l| {
+        l.starts_with("PROBE screen frame n=1 why=full")
+    });
+    let devices: Vec<String> = vm
+        .seen()
+        .iter()
+        .filter(|(_, l)| l.starts_with("PROBE input device"))
+        .map(|(_, l)| l.clone())
+        .collect();
+    assert_eq!(devices.len(), 2, "QEMU's keyboard and tablet: {devices:?}");
+    assert!(devices[1].contains("pointer=1"), "{devices:?}");
+
+    let mut monitor = UnixStream::connect(&monitor_path).expect("connect to the QEMU monitor");
+    monitor
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    read_prompt(&mut monitor);
+    let shot = dir.join("qemu.ppm");
+    hmp(&mut monitor, &format!("screendump {}", shot.display()));
+    let (w, h, rgb) = ppm_pixels(&std::fs::read(&shot).expect("QEMU wrote the screendump"));
+    assert_eq!((w, h), (W, H));
+    let corner = (((H - 1) * W + (W - 1)) * 3) as usize;
+    assert_eq!(rgb[corner..corner + 3], rgb_bytes(RGB), "background");
+    let shot_hash = fnv1a64(&rgb);
+    let mut hashes = reported_hashes(&mut vm);
+    if !hashes.contains(&shot_hash) {
+        wait(&mut vm, "another frame", |l| {
+            l.starts_with("PROBE screen frame")
+        });
+        hashes = reported_hashes(&mut vm);
+    }
+    assert!(
+        hashes.contains(&shot_hash),
+        "QEMU's screendump fnv {shot_hash:016x} is none of the probe's frames {hashes:x?}"
+    );
+
+    hmp(&mut monitor, "sendkey a");
+    wait(&mut vm, "key echo", |l| {
+        l == "PROBE input key code=30 value=1"
+    });
 }
