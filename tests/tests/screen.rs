@@ -358,3 +358,65 @@ fn probe_home_screen_draws_on_qemu_too() {
         l == "PROBE input key code=30 value=1"
     });
 }
+
+/// A snapshot carries the display and the input devices: the restored VMM shows the frame
+/// the guest drew before, and touches reach the restored guest.
+#[test]
+fn restored_home_screen_shows_the_same_frame_and_takes_touches() {
+    if !require_kvm("restored_home_screen_shows_the_same_frame_and_takes_touches") {
+        return;
+    }
+    let dir = TempDir::new();
+    let api = dir.join("api.sock");
+    let snap = dir.join("snap");
+    let mut src = VmCommand::probe(&format!(
+        "pv.mode=screen pv.screen.rgb={RGB:06x} pv.screen.ms=60000 pv.screen.hash=1"
+    ))
+    .arg(&format!("--gpu={W}x{H}"))
+    .arg("--input")
+    .arg("--api-socket")
+    .arg(api.to_str().expect("utf-8 path"))
+    .spawn();
+    wait(&mut src, "first full frame", |l| {
+        l.starts_with("PROBE screen frame n=1 why=full")
+    });
+    let before = screenshot(&api, &dir.join("before.png"));
+    let out = std::process::Command::new(e2e::pocketvisor_bin())
+        .args(["snapshot", "--api-socket"])
+        .arg(&api)
+        .arg("-o")
+        .arg(&snap)
+        .arg("--stop")
+        .output()
+        .expect("run pocketvisor snapshot");
+    assert!(
+        out.status.success(),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let src = src.wait_for(Duration::from_secs(60));
+    assert_eq!(src.code(), Some(0), "{}", src.describe());
+
+    let api2 = dir.join("api2.sock");
+    let mut cmd = std::process::Command::new(e2e::pocketvisor_bin());
+    cmd.arg("restore").arg(&snap).arg("--api-socket").arg(&api2);
+    let mut dst = RunningVm::spawn(cmd, e2e::vm::default_timeout());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !api2.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = screenshot(&api2, &dir.join("after.png"));
+    assert_eq!((after.width, after.height), (W, H));
+    assert!(
+        after.rgb == before.rgb,
+        "the restored display shows the frame from before the snapshot"
+    );
+    device(
+        &api2,
+        "touch",
+        serde_json::json!({"op": "touch", "slot": 0, "x": 1, "y": H - 1}),
+    );
+    wait(&mut dst, "touch echo after restore", |l| {
+        l == format!("PROBE input touch x=1 y={} down=1 tile=none", H - 1)
+    });
+}

@@ -2,7 +2,8 @@
 //! space Linux's `virtio_input` driver reads (name, serial, ids, property, event and axis
 //! bits) and an [`InputHandle`] through which the host injects events. Events wait in a
 //! bounded queue until the driver posts buffers on the event queue; the status queue (LEDs)
-//! is read and dropped.
+//! is read and dropped. Snapshots carry the config selector and the undelivered events
+//! ([`snapshot`]).
 
 use std::collections::VecDeque;
 use std::os::fd::AsRawFd;
@@ -13,7 +14,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::control::{parse_request, ControlError, DeviceControl};
 use super::worker::{add_fd, DeviceWorker, Popped, VirtQueue, BACKEND_TOKEN_BASE, COMMON_FEATURES};
-use super::{device_type, ActivateError, Activation, DeviceCounters, Interrupt};
+use super::{device_type, ActivateError, Activation, DeviceCounters, Interrupt, StateError};
 use super::{VirtioBase, VirtioDevice};
 use crate::GuestMem;
 
@@ -377,6 +378,42 @@ impl VirtioDevice for Input {
         Some(Arc::new(self.handle()))
     }
 
+    fn save_state(&self) -> Vec<u8> {
+        let pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        snapshot::encode(self.kind, self.select, self.subsel, &pending)
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), StateError> {
+        let saved = snapshot::decode(self.kind, state)?;
+        self.select = saved.select;
+        self.subsel = saved.subsel;
+        *self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = saved.pending;
+        Ok(())
+    }
+
+    fn restored(&mut self) {
+        // Events restored from the snapshot go out as soon as the driver has buffers.
+        let waiting = !self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty();
+        if waiting {
+            if let Err(e) = self.shared.wake.write(1) {
+                tracing::error!("cannot wake the virtio-input worker: {e}");
+            }
+        }
+    }
+
     fn on_reset(&mut self) {
         self.select = 0;
         self.subsel = 0;
@@ -474,5 +511,6 @@ impl DeviceWorker for InputWorker {
     }
 }
 
+mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -167,3 +167,70 @@ fn injected_events_reach_the_driver_buffers_in_order() {
     handle.send(&flood).unwrap();
     assert_eq!(irq.errors(), 0);
 }
+
+fn pending(dev: &Input) -> Vec<InputEvent> {
+    dev.shared.pending.lock().unwrap().iter().copied().collect()
+}
+
+#[test]
+fn snapshots_carry_the_selector_and_undelivered_events() {
+    let kind = InputKind::Touch {
+        width: 100,
+        height: 200,
+        slots: 2,
+    };
+    let mut dev = Input::new(kind).unwrap();
+    dev.write_config(0, &[select::ABS_INFO, ev::ABS_X as u8]);
+    dev.handle().touch(1, 10, 20).unwrap();
+    let saved = dev.save_state();
+    let before = pending(&dev);
+    assert_eq!(before.len(), 8);
+
+    let mut restored = Input::new(kind).unwrap();
+    restored.restore_state(&saved).unwrap();
+    assert_eq!(pending(&restored), before, "undelivered events survive");
+    let mut size = [0u8];
+    restored.read_config(2, &mut size);
+    assert_eq!(
+        size[0], 20,
+        "the selector survives (an abs_info is 20 bytes)"
+    );
+
+    // A snapshot from before input devices saved anything: nothing pending.
+    let mut old = Input::new(kind).unwrap();
+    old.restore_state(&[]).unwrap();
+    assert!(pending(&old).is_empty());
+}
+
+#[test]
+fn bad_input_state_is_refused_and_changes_nothing() {
+    let kind = InputKind::Keyboard;
+    let dev = Input::new(kind).unwrap();
+    dev.handle().key(30, true).unwrap();
+    let good = dev.save_state();
+    let touch = Input::new(InputKind::Touch {
+        width: 10,
+        height: 10,
+        slots: 1,
+    })
+    .unwrap()
+    .save_state();
+    let mut too_many = good.clone();
+    too_many[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut bad_version = good.clone();
+    bad_version[0] = 99;
+    for bad in [
+        &good[..good.len() - 1],
+        &good[..3],
+        &touch[..],
+        &too_many[..],
+        &bad_version[..],
+        &[good.clone(), vec![0; 8]].concat()[..],
+    ] {
+        let mut fresh = Input::new(kind).unwrap();
+        fresh.handle().key(2, true).unwrap();
+        let kept = pending(&fresh);
+        assert!(fresh.restore_state(bad).is_err(), "{bad:?}");
+        assert_eq!(pending(&fresh), kept, "a refused state changes nothing");
+    }
+}
