@@ -194,6 +194,22 @@ impl Db {
         self.insert_profile(name)
     }
 
+    /// Runs `f` as one transaction: all its writes are committed, or none is (an error, or
+    /// a crash before the commit, leaves the database as it was).
+    pub fn atomically<T>(&self, f: impl FnOnce(&Self) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(self) {
+            Ok(v) => {
+                self.conn.execute_batch("COMMIT")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
     /// Removes a profile's row.
     pub fn delete_profile(&self, name: &str) -> Result<()> {
         self.conn

@@ -33,6 +33,13 @@
 //!                                   finishes or rolls it back at its next start)
 //!     snapshot/                     only while suspended: the VMM snapshot (restored by
 //!                                   `resume`, removed once the restored VM runs)
+//!     moved                         written by an export that moves the profile (JSON: the
+//!                                   file; "pending" until that file is complete, see
+//!                                   [`moved`])
+//!   profiles/.deleting-<name>/      a profile being deleted (renamed here first; the next
+//!                                   daemon finishes a delete cut short, see [`leftovers`])
+//!   profiles/.import-<pid>-<n>/     an import's staging directory (swept once its process
+//!                                   is gone by the next import or daemon start)
 //! ```
 //!
 //! Profile names are `[a-z0-9-]{1,32}`. Files that replace state are written to a temporary
@@ -59,6 +66,9 @@ pub mod client;
 pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod fault;
+pub mod leftovers;
+pub mod moved;
 pub mod spec;
 pub mod state_dir;
 pub mod vmm_proc;

@@ -126,6 +126,12 @@ impl StateDir {
     pub fn moved_marker(&self, name: &str) -> PathBuf {
         self.profile(name).join("moved")
     }
+    /// `profiles/.deleting-<name>/`: a profile's directory between the first step of its
+    /// delete (this rename) and the last (its removal); see [`crate::leftovers`].
+    pub fn deleting(&self, name: &str) -> PathBuf {
+        self.profiles()
+            .join(format!("{}{name}", crate::leftovers::DELETING_PREFIX))
+    }
 }
 
 /// Replaces `path` with `data`: temp file in the same directory, fsync, rename, fsync dir.

@@ -270,3 +270,62 @@ fn a_daemon_killed_in_any_step_comes_back_consistent() {
         count("stray-killed"),
     ));
 }
+
+/// A stop on a disk with no byte left (the intent, the registry or the logs cannot be
+/// written) leaves a state the normal commands recover from: running with a live VMM, or
+/// stopped with none; with space again, stop and start work.
+#[test]
+fn a_stop_on_a_full_disk_is_recoverable() {
+    if !can_run_vms("a_stop_on_a_full_disk_is_recoverable") {
+        return;
+    }
+    let Some(fs) = Tmpfs::mount(96) else {
+        loud("SKIP (cannot mount a tmpfs: not root?): a_stop_on_a_full_disk_is_recoverable");
+        return;
+    };
+    let d = Daemon::start_in("stopfull", fs.path());
+    d.create_probe("f", 80, "");
+    d.act("f", "start").unwrap();
+    goes_on(&d, "f", 3);
+    let filler = fill(&fs, 0);
+    {
+        // The last bytes too, in small pieces.
+        use std::io::Write;
+        let mut f = std::fs::File::options().append(true).open(&filler).unwrap();
+        while f.write_all(&[0x55; 512]).is_ok() {}
+    }
+    let stopped = d.act("f", "stop");
+    let p = d.show("f");
+    match p.state {
+        ProfileState::Running => {
+            assert!(
+                stopped.is_err(),
+                "stop said {stopped:?} but the profile runs"
+            );
+            let pid = p.pid.expect("running without a pid");
+            assert!(
+                Path::new(&format!("/proc/{pid}")).exists(),
+                "running with a dead pid {pid} after a failed stop"
+            );
+        }
+        ProfileState::Stopped => assert!(d.our_processes().is_empty(), "a VMM is left"),
+        other => panic!("after a stop on a full disk: {other:?} ({stopped:?})"),
+    }
+    loud(&format!(
+        "MEASURE stop on a full disk: {} -> {:?}",
+        match &stopped {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("error {e}"),
+        },
+        p.state
+    ));
+    std::fs::remove_file(filler).unwrap();
+    if p.state == ProfileState::Running {
+        assert_eq!(d.act("f", "stop").unwrap().state, ProfileState::Stopped);
+    }
+    assert!(d.our_processes().is_empty());
+    assert_eq!(d.act("f", "start").unwrap().state, ProfileState::Running);
+    goes_on(&d, "f", 3);
+    assert_eq!(d.act("f", "stop").unwrap().state, ProfileState::Stopped);
+    drop(d);
+}

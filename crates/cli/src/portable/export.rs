@@ -206,8 +206,22 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         lifecycle(&dir, name, "suspend", a.json)?;
         row = read_row(&db, name, &dir)?;
         suspended_here = true;
+        handset::fault::kill_point("export-suspended");
+    }
+    let moved = !(a.keep || a.resume);
+    let output = std::path::absolute(&a.output).unwrap_or_else(|_| a.output.clone());
+    if moved {
+        // Pending until the file is complete under its name (handset::moved): a kill before
+        // that leaves the profile unmoved, one after it leaves it moved.
+        handset::moved::begin(&dir, name, &output).context("cannot mark the profile as moving")?;
+        handset::fault::kill_point("export-marked");
     }
     let exported = write_file(&a, &db, &dir, &row, sealed, &options, reporter);
+    if moved && exported.is_err() {
+        if let Err(e) = handset::moved::remove(&dir, name) {
+            eprintln!("pocketvisor: warning: cannot remove the moving mark of {name:?}: {e}");
+        }
+    }
     let stopped = matches!(&exported, Err(e) if e.downcast_ref::<VaultError>().is_some_and(|v| matches!(v, VaultError::Interrupted)))
         || (exported.is_err() && interrupted());
     let resumed = (a.resume || stopped) && suspended_here;
@@ -224,9 +238,11 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         return Ok(EXIT_INTERRUPTED);
     }
     let mut w = exported?;
-    let moved = !(a.keep || a.resume);
+    handset::fault::kill_point("export-written");
     if moved {
-        mark_moved(&dir, name, &a.output)?;
+        handset::moved::commit(&dir, name, &output)
+            .context("the file was written, but the profile cannot be marked as moved")?;
+        handset::fault::kill_point("export-committed");
     }
     if let Some(map) = w.fields.as_object_mut() {
         map.insert("resumed".into(), resumed.into());
@@ -244,21 +260,6 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         }
     }
     Ok(0)
-}
-
-/// Marks `name` as moved to `file` (the daemon refuses to start or resume it without
-/// `reclaim`).
-fn mark_moved(dir: &StateDir, name: &str, file: &std::path::Path) -> Result<()> {
-    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
-    let text = serde_json::json!({
-        "file": file.display().to_string(),
-        "time_ms": std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0),
-    });
-    handset::state_dir::write_atomic(&dir.moved_marker(name), text.to_string().as_bytes())
-        .context("the file was written, but the profile cannot be marked as moved")
 }
 
 /// A written file, not yet reported.

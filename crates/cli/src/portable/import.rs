@@ -26,11 +26,9 @@ use super::layout::{self, ProfileConfig, SPEC_ENTRY};
 use super::progress::{self, Reporter};
 use super::secret::{self, PassphraseArgs};
 
-/// Prefix of staging directories in `profiles/`.
-const STAGING_PREFIX: &str = ".import-";
-/// File in a profile directory between its rename into place and its registration; holds the
-/// importing process's pid.
-const PENDING_MARKER: &str = ".import-pending";
+use handset::leftovers::{
+    IMPORT_PENDING_MARKER as PENDING_MARKER, IMPORT_STAGING_PREFIX as STAGING_PREFIX,
+};
 
 /// Recreate a profile from a portable file.
 #[derive(Args, Debug)]
@@ -103,70 +101,6 @@ fn create_dirs(dir: &Path) -> Result<Vec<PathBuf>> {
         std::fs::create_dir(m).with_context(|| format!("cannot create {}", m.display()))?;
     }
     Ok(missing)
-}
-
-/// Removes staging directories left by import processes that no longer exist.
-fn sweep_staging(profiles: &Path) {
-    let Ok(list) = std::fs::read_dir(profiles) else {
-        return;
-    };
-    for e in list.flatten() {
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        // Ours and vault's own temporary directory next to it (`.<ours>.import-<n>`).
-        let rest = name
-            .strip_prefix(STAGING_PREFIX)
-            .or_else(|| name.strip_prefix(&format!(".{STAGING_PREFIX}")));
-        let Some(pid) = rest
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if dead(pid) {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-    }
-}
-
-/// Whether no process `pid` exists (other than us).
-fn dead(pid: u32) -> bool {
-    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Removes profile directories that a killed import renamed into place but did not register
-/// (they hold [`PENDING_MARKER`] with a dead pid and have no registry row).
-fn sweep_unregistered(dir: &StateDir) -> Result<()> {
-    let Ok(list) = std::fs::read_dir(dir.profiles()) else {
-        return Ok(());
-    };
-    let mut db = None;
-    for e in list.flatten() {
-        let pid = std::fs::read_to_string(e.path().join(PENDING_MARKER))
-            .ok()
-            .and_then(|t| t.trim().parse::<u32>().ok());
-        let (Some(pid), Some(name)) = (pid, e.file_name().to_str().map(String::from)) else {
-            continue;
-        };
-        if !dead(pid) {
-            continue;
-        }
-        if db.is_none() && dir.db().is_file() {
-            db = Some(Db::open(&dir.db())?);
-        }
-        let registered = match &db {
-            Some(db) => db.profile(&name)?.is_some(),
-            None => false,
-        };
-        if registered {
-            // Registered just before the kill: only the marker is left over.
-            let _ = std::fs::remove_file(e.path().join(PENDING_MARKER));
-        } else {
-            std::fs::remove_dir_all(e.path())
-                .with_context(|| format!("cannot remove {}", e.path().display()))?;
-        }
-    }
-    Ok(())
 }
 
 /// Renames `from` to `to`, failing if `to` exists.
@@ -253,7 +187,9 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         Ok(dir.profile(name).exists()
             || (dir.db().is_file() && Db::open(&dir.db())?.profile(name)?.is_some()))
     };
-    sweep_unregistered(&dir)?;
+    // What a killed import left (a staging directory, a directory renamed into place but
+    // not registered) goes first.
+    handset::leftovers::sweep_imports(&dir, None)?;
     // With --name the clash is known before the work; else once the manifest is read (the
     // key is derived once: no separate inspect pass).
     if let Some(n) = &a.name {
@@ -272,7 +208,6 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     let mut cleanup = Cleanup {
         paths: create_dirs(&dir.profiles())?,
     };
-    sweep_staging(&dir.profiles());
     let staging = dir.profiles().join(format!(
         "{STAGING_PREFIX}{}-{}",
         std::process::id(),
@@ -331,6 +266,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         };
         handset::state_dir::write_atomic(&staging.join(SPEC_ENTRY), spec.to_toml()?.as_bytes())?;
     }
+    handset::fault::kill_point("import-staged");
     let run = staging.join("run");
     std::fs::create_dir(&run).with_context(|| format!("cannot create {}", run.display()))?;
 
@@ -348,19 +284,23 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         }
     })?;
     handset::state_dir::sync_dir(&dir.profiles())?;
+    handset::fault::kill_point("import-renamed");
+    // The row, its state and its records in one transaction: a kill cannot leave a
+    // suspended profile registered as stopped.
     let registered = (|| -> Result<u32> {
         let db = Db::open(&dir.db())?;
-        let cid = db
-            .insert_profile_with_cid(&name, config.vsock_cid)
-            .map_err(|e| match db.profile(&name) {
-                Ok(Some(_)) => taken(&name),
-                _ => e.into(),
-            })?;
         let detail = format!("imported from {file}");
-        db.set_state(&name, config.state.as_str(), None, &detail)?;
-        db.record(Log::Events, &name, "imported", &detail)?;
-        db.record(Log::Audit, &name, "import", &detail)?;
-        Ok(cid)
+        db.atomically(|db| {
+            let cid = db.insert_profile_with_cid(&name, config.vsock_cid)?;
+            db.set_state(&name, config.state.as_str(), None, &detail)?;
+            db.record(Log::Events, &name, "imported", &detail)?;
+            db.record(Log::Audit, &name, "import", &detail)?;
+            Ok(cid)
+        })
+        .map_err(|e| match db.profile(&name) {
+            Ok(Some(_)) => taken(&name),
+            _ => e.into(),
+        })
     })();
     let cid = match registered {
         Ok(cid) => cid,
@@ -374,6 +314,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         }
     };
     cleanup.disarm();
+    handset::fault::kill_point("import-registered");
     let _ = std::fs::remove_file(target.join(PENDING_MARKER));
 
     for w in host_warnings(&dir, &config.spec) {
@@ -432,18 +373,23 @@ mod tests {
 
     #[test]
     fn staging_sweep_and_no_replace_rename() {
-        let root = std::env::temp_dir().join(format!("pv-import-unit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&root);
+        let base = std::env::temp_dir().join(format!("pv-import-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let state = StateDir::new(&base).unwrap();
+        let root = state.profiles();
         // No process has a pid this large (pid_max is at most 2^22).
         let dead = root.join(".import-999999999-1");
         let dead_vault = root.join("..import-999999999-1.import-00ff");
         let live = root.join(format!(".import-{}-2", std::process::id()));
         let profile = root.join("work");
-        for d in [&dead, &dead_vault, &live, &profile] {
+        // Renamed into place by a killed import, never registered (no handset.db here).
+        let unregistered = root.join("half");
+        for d in [&dead, &dead_vault, &live, &profile, &unregistered] {
             std::fs::create_dir_all(d).unwrap();
         }
-        sweep_staging(&root);
-        assert!(!dead.exists() && !dead_vault.exists());
+        std::fs::write(unregistered.join(PENDING_MARKER), "999999999").unwrap();
+        handset::leftovers::sweep_imports(&state, None).unwrap();
+        assert!(!dead.exists() && !dead_vault.exists() && !unregistered.exists());
         assert!(live.exists() && profile.exists());
 
         let e = rename_no_replace(&live, &profile).unwrap_err();
@@ -451,6 +397,6 @@ mod tests {
         assert!(live.exists());
         rename_no_replace(&live, &root.join("new")).unwrap();
         assert!(root.join("new").is_dir() && !live.exists());
-        std::fs::remove_dir_all(&root).unwrap();
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -55,6 +55,11 @@ pub struct Daemon {
 impl Daemon {
     /// Starts a daemon on `dir` and waits until its API answers.
     pub fn start(dir: &Path, probe: Option<&Path>) -> Daemon {
+        Self::start_env(dir, probe, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    pub fn start_env(dir: &Path, probe: Option<&Path>, env: &[(&str, &str)]) -> Daemon {
         // Unique per daemon: tests run in parallel and several name their state dir alike, and
         // a daemon removes its cgroup parent when it stops.
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -71,6 +76,9 @@ impl Daemon {
             .args(["--cgroup-parent", &cgroup])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
         if let Some(p) = probe {
             cmd.arg("--probe").arg(p);
         }
@@ -89,6 +97,15 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The socket exists before the daemon has settled the state directory (recovery);
+        // a request is answered only after it.
+        assert_ok(
+            &run(
+                &["profile", "--state-dir", dir.to_str().unwrap(), "status"],
+                &[],
+            ),
+            "profile status",
+        );
         d
     }
 

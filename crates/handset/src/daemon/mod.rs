@@ -278,9 +278,7 @@ impl Handset {
                  copy anyway"
             )));
         }
-        let marker = self.dir().moved_marker(name);
-        std::fs::remove_file(&marker)
-            .map_err(Error::io(format!("cannot remove {}", marker.display())))?;
+        crate::moved::remove(self.dir(), name)?;
         self.registry
             .event(name, "reclaimed", &format!("was moved to {file}"));
         Ok(())
@@ -459,6 +457,18 @@ impl Handset {
     /// the others (restarting them per policy).
     pub async fn recover(self: &Arc<Self>) -> Result<()> {
         let _ops = self.ops.lock().await;
+        // Deletes and imports an earlier process left half done are finished or rolled back.
+        let finished = {
+            let db = self.registry.db();
+            if let Err(e) = crate::leftovers::sweep_imports(self.dir(), Some(&db)) {
+                tracing::error!("cannot sweep interrupted imports: {e}");
+            }
+            crate::leftovers::finish_deletes(self.dir(), &db)?
+        };
+        for name in finished {
+            self.registry
+                .event(&name, "deleted", "finished after a daemon restart");
+        }
         let rows = self.registry.db().profiles()?;
         for row in &rows {
             self.kill_strays(&row.name, row.pid);

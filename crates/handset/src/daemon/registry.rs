@@ -154,9 +154,7 @@ impl Registry {
 
     /// The file an export moved `name` to, if it is marked as moved.
     pub(super) fn moved_to(&self, name: &str) -> Option<String> {
-        let text = std::fs::read(self.dir.moved_marker(name)).ok()?;
-        let v: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
-        Some(v["file"].as_str().unwrap_or("a portable file").to_string())
+        crate::moved::moved_to(&self.dir, name)
     }
 
     /// Creates a profile's files (spec, sparse disks) and its row; on failure nothing is left.
@@ -166,6 +164,11 @@ impl Registry {
             return Err(Error::Conflict(format!("profile {name:?} already exists")));
         }
         let dir = self.dir.profile(name);
+        if crate::leftovers::import_in_progress(&self.dir, name) {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} is being imported"
+            )));
+        }
         // A directory without a registry row is debris of an interrupted create: replace it.
         if dir.exists() {
             std::fs::remove_dir_all(&dir)
@@ -197,13 +200,28 @@ impl Registry {
 
     /// Removes a profile's files and its row.
     pub(super) fn remove(&self, name: &str) -> Result<()> {
+        // All or nothing across a crash (crate::leftovers): the directory leaves the
+        // profile's name in one rename, then the row goes, then the files; a daemon that
+        // dies in between finishes the delete at its next start.
         let dir = self.dir.profile(name);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
+        let doomed = self.dir.deleting(name);
+        if doomed.exists() {
+            std::fs::remove_dir_all(&doomed)
+                .map_err(Error::io(format!("cannot remove {}", doomed.display())))?;
+        }
+        match std::fs::rename(&dir, &doomed) {
+            Ok(()) => state_dir::sync_dir(&self.dir.profiles())?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("cannot remove {}", dir.display()))(e)),
         }
-        self.db().delete_profile(name)
+        crate::fault::kill_point("delete-renamed");
+        self.db().delete_profile(name)?;
+        crate::fault::kill_point("delete-unregistered");
+        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+            // The row is gone, so the profile is; the next daemon start removes the rest.
+            tracing::warn!("cannot remove {}: {e}", doomed.display());
+        }
+        Ok(())
     }
 
     fn kernel_path(&self, spec: &ProfileSpec) -> Result<PathBuf> {
