@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::vm::{Outcome, RunningVm};
 
@@ -131,6 +131,9 @@ pub struct L1Run {
     pub qemu: Outcome,
     /// L1's uptime when the job started (its boot time), from the console.
     pub l1_boot: Option<Duration>,
+    /// L1 was killed because its console stayed silent longer than the stall limit given to
+    /// [`run_in_l1_watched`] (a hung job, or a hung L1).
+    pub stalled: bool,
 }
 
 impl L1Run {
@@ -143,7 +146,13 @@ impl L1Run {
             self.dir.display(),
             self.rc,
             self.qemu.elapsed,
-            if self.qemu.timed_out { " (KILLED at the deadline)" } else { "" },
+            if self.stalled {
+                " (KILLED: its console was silent past the stall limit)"
+            } else if self.qemu.timed_out {
+                " (KILLED at the deadline)"
+            } else {
+                ""
+            },
             self.qemu.stderr
         )
     }
@@ -173,6 +182,19 @@ pub fn run_in_l1(script: &str, timeout: Duration) -> Result<L1Run, String> {
 /// built); a job that fails or hangs is an `Ok` with its status (`rc` is `None` when L1 was
 /// killed or crashed).
 pub fn run_in_l1_on(arch: L1Arch, script: &str, timeout: Duration) -> Result<L1Run, String> {
+    run_in_l1_watched(arch, script, timeout, None)
+}
+
+/// Like [`run_in_l1_on`], and when `stall` is given, L1 is also killed as soon as its console
+/// prints no line for that long (then `stalled` is set): a job that reports each step on the
+/// console (libtest prints a line as each test ends) bounds every step, even when L1 itself
+/// hangs and nothing inside it can end the step.
+pub fn run_in_l1_watched(
+    arch: L1Arch,
+    script: &str,
+    timeout: Duration,
+    stall: Option<Duration>,
+) -> Result<L1Run, String> {
     let qemu = crate::host::which(arch.qemu_binary())
         .ok_or_else(|| format!("{} is not installed", arch.qemu_binary()))?;
     let (kernel, initrd) = l1_assets_of(arch)?;
@@ -236,7 +258,25 @@ pub fn run_in_l1_on(arch: L1Arch, script: &str, timeout: Duration) -> Result<L1R
         .arg(&initrd)
         .arg("-virtfs")
         .arg(share(&dir, "job", false));
-    let outcome = RunningVm::spawn(cmd, timeout).wait();
+    let mut vm = RunningVm::spawn(cmd, timeout);
+    let mut stalled = false;
+    if let Some(stall) = stall {
+        // `None` comes when no line came within `stall`, or early when the console closed.
+        let silent_since = loop {
+            let asked = Instant::now();
+            if vm.wait_for_line(stall, |_| true).is_none() {
+                break asked;
+            }
+        };
+        stalled = silent_since.elapsed() >= stall
+            && vm.is_running()
+            && Instant::now() < vm.started() + timeout;
+    }
+    let outcome = if stalled {
+        vm.wait_for(Duration::ZERO)
+    } else {
+        vm.wait()
+    };
 
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let rc = read("rc").trim().parse().ok();
@@ -248,6 +288,7 @@ pub fn run_in_l1_on(arch: L1Arch, script: &str, timeout: Duration) -> Result<L1R
         .map(Duration::from_secs_f64);
     Ok(L1Run {
         rc: if outcome.timed_out { None } else { rc },
+        stalled,
         output: read("output.log"),
         l1_dmesg: read("l1-dmesg.txt"),
         l1_info: read("l1-info.txt"),

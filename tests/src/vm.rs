@@ -297,6 +297,11 @@ impl RunningVm {
         self.child.id()
     }
 
+    /// Whether the process is still running (it has not exited, or been reaped).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// When the process was spawned.
     pub fn started(&self) -> Instant {
         self.started
@@ -376,19 +381,26 @@ impl RunningVm {
                 Ok(Some(status)) => break status,
                 Ok(None) if Instant::now() >= until => {
                     timed_out = true;
-                    let _ = self.child.kill();
-                    break self.child.wait().expect("wait for killed VMM");
+                    break self.kill_and_reap();
                 }
                 Ok(None) => std::thread::sleep(Duration::from_millis(5)),
                 Err(e) => panic!("waiting for {}: {e}", self.description),
             }
         };
         let elapsed = self.started.elapsed();
-        if let Some(t) = self.stdout_thread.take() {
-            let _ = t.join();
-        }
-        if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
+        // A process the VMM left behind may hold the pipes open: wait for the readers only
+        // briefly, and keep what they have delivered.
+        let readers_done = Instant::now() + READER_GRACE;
+        for handle in [self.stdout_thread.take(), self.stderr_thread.take()]
+            .into_iter()
+            .flatten()
+        {
+            while !handle.is_finished() && Instant::now() < readers_done {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
         }
         let mut lines = std::mem::take(&mut self.seen);
         lines.extend(self.rx.try_iter());
@@ -401,13 +413,65 @@ impl RunningVm {
             description: self.description.clone(),
         }
     }
+
+    /// SIGKILL, then reap within [`KILL_GRACE`]. A process that does not die (stuck in the
+    /// kernel) fails the caller with its state and kernel stacks instead of blocking it.
+    fn kill_and_reap(&mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        let until = Instant::now() + KILL_GRACE;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < until => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(None) | Err(_) => panic!(
+                    "{} did not die within {KILL_GRACE:?} of SIGKILL:\n{}",
+                    self.description,
+                    process_state(self.child.id())
+                ),
+            }
+        }
+    }
+}
+
+/// How long a killed VMM has to die before the harness reports it stuck.
+const KILL_GRACE: Duration = Duration::from_secs(30);
+/// How long the output readers get to see the end of a dead VMM's pipes.
+const READER_GRACE: Duration = Duration::from_secs(5);
+
+/// Each thread's state, wait channel and kernel stack, from /proc (for a stuck process).
+fn process_state(pid: u32) -> String {
+    let mut out = String::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    for task in tasks.into_iter().flatten().flatten() {
+        let path = task.path();
+        let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find(|l| l.starts_with("State:"))
+            .unwrap_or_default()
+            .to_string();
+        out.push_str(&format!(
+            "thread {} ({}) {state} wchan={}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    out
 }
 
 impl Drop for RunningVm {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
-            let _ = self.child.wait();
+            // Reap it if it dies soon; never block a test (or its unwinding) on it.
+            let until = Instant::now() + KILL_GRACE;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
