@@ -274,6 +274,11 @@ impl VcpuState {
         }
         vcpu.set_vcpu_events(&self.events)
             .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        // The restored kvmclock has moved on by the time spent saved: flag the guest as
+        // paused by the host (PVCLOCK_GUEST_STOPPED) so its soft-lockup and RCU-stall
+        // detectors do not report the jump. KVM refuses it (EINVAL) when the guest never
+        // enabled kvmclock; then there is nobody to tell.
+        let _ = vcpu.kvmclock_ctrl();
         Ok(())
     }
 }
