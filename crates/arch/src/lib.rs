@@ -16,7 +16,8 @@
 //!   `setup_cpuid` (with `cpuid_feature_names`/`validate_cpuid_hide` for the hiding option)
 //!   and `setup_vcpu`.
 //! - Snapshots: `VcpuState` and `CpuModel` (per vCPU, with `VcpuSaveContext`), `VmState`
-//!   (x86_64: PICs, IOAPIC, PIT, kvmclock), each with save and restore; `ARCH_NAME` tags a
+//!   (x86_64: PICs, IOAPIC, PIT, kvmclock) and `PlatformState` (x86_64: the CMOS RTC, through
+//!   `LegacyDevices::save_platform`), each with save and restore; `ARCH_NAME` tags a
 //!   snapshot so it never restores on another architecture.
 //!
 //! The aarch64 module is the skeleton of the port (issue 14): the layout and types are real,
@@ -59,6 +60,9 @@ fn _same_interface_on_every_architecture() {
     let _: fn(&LegacyContext<'_>, &mut Bus, &mut Bus, SerialMaker) -> Result<LegacyDevices, Error> =
         add_legacy_devices;
     let _: fn(&LegacyDevices) -> &Arc<std::sync::Mutex<Serial>> = |l| &l.serial;
+    let _: fn(&LegacyDevices) -> PlatformState = LegacyDevices::save_platform;
+    let _: fn(&LegacyDevices, &PlatformState) -> Result<(), Error> =
+        LegacyDevices::restore_platform;
     let _: u32 = IRQCHIP_PINS;
     let _: fn() -> Vec<kvm_irq_routing_entry> = legacy_irq_routes;
     let _: fn(u32, u64, u32) -> kvm_irq_routing_entry = msi_route;
@@ -104,4 +108,5 @@ fn _same_interface_on_every_architecture() {
     fn stored_in_snapshots<T: serde::Serialize + serde::de::DeserializeOwned>() {}
     stored_in_snapshots::<VcpuState>();
     stored_in_snapshots::<VmState>();
+    stored_in_snapshots::<PlatformState>();
 }

@@ -51,6 +51,8 @@ pub struct Vm {
     pub(crate) vm: Arc<VmFd>,
     pub(crate) mem: GuestMem,
     pub(crate) serial: Arc<Mutex<Serial>>,
+    /// The platform devices (snapshots save their state).
+    pub(crate) legacy: arch::LegacyDevices,
     /// The PCI bus (the buses hold it too).
     pub(crate) _root: Arc<Mutex<PciRoot>>,
     /// The virtio devices, by id.
@@ -198,6 +200,7 @@ impl Vm {
             vm,
             mem,
             serial: devs.serial,
+            legacy: devs.legacy,
             _root: devs.root,
             devices: devs.virtio,
             vcpu_save,
@@ -439,6 +442,8 @@ pub(crate) struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
+    /// The platform devices, for their snapshot state.
+    pub legacy: arch::LegacyDevices,
     pub root: Arc<Mutex<PciRoot>>,
     pub virtio: DeviceManager,
     /// With `serial_state` given (a restore), the IRQ routes wait for
@@ -527,7 +532,8 @@ pub(crate) fn build_devices(
     Ok(Devices {
         pio,
         mmio,
-        serial: legacy.serial,
+        serial: legacy.serial.clone(),
+        legacy,
         root,
         virtio,
         hooks,

@@ -156,6 +156,22 @@ pub struct LegacyDevices {
     pub serial: Arc<Mutex<Serial>>,
 }
 
+/// The platform devices' state a snapshot carries besides the UART: none yet.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PlatformState {}
+
+impl LegacyDevices {
+    /// The state a snapshot keeps (none yet).
+    pub fn save_platform(&self) -> PlatformState {
+        PlatformState {}
+    }
+
+    /// Puts the devices in `state`: nothing to do yet.
+    pub fn restore_platform(&self, _state: &PlatformState) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
 /// What the platform devices are wired to.
 pub struct LegacyContext<'a> {
     /// The VM (for the serial irqfd).

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, SharedDevice};
-use devices::legacy::{AcpiPm, Cmos, DebugExit, ExitSignal, PortSink, Serial, I8042};
+use devices::legacy::{AcpiPm, Cmos, CmosState, DebugExit, ExitSignal, PortSink, Serial, I8042};
 use devices::pci::{PciConfigIo, PciRoot};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +26,33 @@ pub const PCI_CONFIG_IO_PORT: u16 = 0xcf8;
 pub struct LegacyDevices {
     /// The console UART (snapshots save it).
     pub serial: Arc<Mutex<Serial>>,
+    /// The CMOS RTC (snapshots save it in [`PlatformState`]).
+    rtc: Arc<Mutex<Cmos>>,
+}
+
+/// The platform devices' state a snapshot carries besides the UART: the CMOS RTC (its RAM
+/// and the offset the guest set from the host's time).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PlatformState {
+    /// The CMOS RTC.
+    pub rtc: CmosState,
+}
+
+impl LegacyDevices {
+    /// The state a snapshot keeps.
+    pub fn save_platform(&self) -> PlatformState {
+        PlatformState {
+            rtc: devices::bus::lock(&self.rtc).save_state(),
+        }
+    }
+
+    /// Puts the devices in `state` (a restore, before the vCPUs run); a bad state is refused
+    /// and changes nothing.
+    pub fn restore_platform(&self, state: &PlatformState) -> Result<(), Error> {
+        devices::bus::lock(&self.rtc)
+            .restore_state(&state.rtc)
+            .map_err(|e| Error::BadVmState(e.to_string()))
+    }
 }
 
 /// What the legacy devices are wired to.
@@ -62,6 +89,7 @@ where
     pio.insert(u64::from(COM1_PORT), 8, serial.clone())?;
 
     let exit = ctx.exit;
+    let rtc = Arc::new(Mutex::new(Cmos::new()));
     let ports: [(u16, u64, SharedDevice); 6] = [
         (
             I8042_PORT,
@@ -78,7 +106,7 @@ where
             4,
             Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
         ),
-        (CMOS_PORT, 2, Arc::new(Mutex::new(Cmos::new()))),
+        (CMOS_PORT, 2, rtc.clone()),
         (POST_CODE_PORT, 1, Arc::new(Mutex::new(PortSink))),
         (
             PCI_CONFIG_IO_PORT,
@@ -89,7 +117,7 @@ where
     for (port, len, dev) in ports {
         pio.insert(u64::from(port), len, dev)?;
     }
-    Ok(LegacyDevices { serial })
+    Ok(LegacyDevices { serial, rtc })
 }
 
 #[cfg(test)]
@@ -149,6 +177,59 @@ mod tests {
         let v = 7u32.to_le_bytes();
         assert!(crate::handle_arch_exit(VcpuExit::IoOut(DEBUG_EXIT_PORT, &v), &pio).is_none());
         assert_eq!(exit.reason(), Some(GuestExit::DebugExit(7)));
+    }
+
+    #[test]
+    fn the_rtc_the_guest_set_survives_save_and_restore_into_new_devices() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        let build = || {
+            let vm = super::super::create_vm(&kvm).unwrap();
+            let exit = Arc::new(ExitSignal::new().unwrap());
+            let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x1000_0000)));
+            let mut pio = Bus::new();
+            let ctx = LegacyContext {
+                vm: &vm,
+                exit: &exit,
+                pci: &root,
+            };
+            let legacy = add_legacy_devices(&ctx, &mut pio, &mut Bus::new(), |irq| {
+                Ok::<_, std::io::Error>(Serial::new(irq, Box::new(std::io::sink())))
+            })
+            .unwrap();
+            (legacy, pio, vm)
+        };
+        let out = |pio: &Bus, port: u16, v: u8| {
+            assert!(crate::handle_arch_exit(VcpuExit::IoOut(port, &[v]), pio).is_none());
+        };
+        let read = |pio: &Bus, index: u8| {
+            out(pio, CMOS_PORT, index);
+            let mut v = [0u8];
+            assert!(crate::handle_arch_exit(VcpuExit::IoIn(CMOS_PORT + 1, &mut v), pio).is_none());
+            v[0]
+        };
+        let (a, pio_a, _vm_a) = build();
+        // Binary mode, then the year 2001: the guest's clock is decades behind the host's.
+        out(&pio_a, CMOS_PORT, 0x0b);
+        out(&pio_a, CMOS_PORT + 1, 0x06);
+        out(&pio_a, CMOS_PORT, 0x09);
+        out(&pio_a, CMOS_PORT + 1, 1);
+        let saved = a.save_platform();
+
+        let (b, pio_b, _vm_b) = build();
+        assert_ne!(read(&pio_b, 0x09), 1, "a new RTC already reads 2001");
+        b.restore_platform(&saved).unwrap();
+        assert_eq!(read(&pio_b, 0x0b), 0x06, "status B");
+        assert_eq!(read(&pio_b, 0x09), 1, "the guest's year after the restore");
+
+        let mut bad = saved.clone();
+        bad.rtc.ram.truncate(3);
+        assert!(matches!(
+            b.restore_platform(&bad),
+            Err(Error::BadVmState(_))
+        ));
     }
 
     #[test]

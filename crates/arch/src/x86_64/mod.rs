@@ -19,7 +19,7 @@ pub use boot::{e820_map, load_kernel, E820Entry, E820Type};
 pub use cpuid::{cpuid_feature_names, setup_cpuid, validate_cpuid_hide};
 pub use exit::{handle_arch_exit, instruction_pointer};
 pub use irq::{legacy_irq_routes, msi_route, IRQCHIP_PINS};
-pub use legacy::{add_legacy_devices, LegacyContext, LegacyDevices};
+pub use legacy::{add_legacy_devices, LegacyContext, LegacyDevices, PlatformState};
 pub use regs::setup_vcpu;
 pub use vcpu_state::{CpuModel, VcpuSaveContext, VcpuState};
 pub use vm::{create_vm, setup_vm};

@@ -38,6 +38,23 @@ const INDEX_MASK: u8 = 0x7f;
 /// Seconds since the Unix epoch, UTC.
 pub type Clock = Box<dyn Fn() -> i64 + Send>;
 
+/// What a snapshot keeps of the RTC: its RAM, the selected index and the guest's offset
+/// from the host's time (the time itself is the host's, so it is right after a restore).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CmosState {
+    /// The 128 bytes of RAM (status registers included).
+    pub ram: Vec<u8>,
+    /// The index last written to port 0x70.
+    pub index: u8,
+    /// Seconds the guest's clock is ahead of the host's (negative: behind).
+    pub offset: i64,
+}
+
+/// Why a saved RTC state was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid CMOS RTC state: {0}")]
+pub struct CmosStateError(String);
+
 /// The CMOS RTC and its RAM.
 pub struct Cmos {
     index: u8,
@@ -69,6 +86,27 @@ impl Cmos {
             offset: 0,
             now,
         }
+    }
+
+    /// The state a snapshot keeps.
+    pub fn save_state(&self) -> CmosState {
+        CmosState {
+            ram: self.ram.to_vec(),
+            index: self.index,
+            offset: self.offset,
+        }
+    }
+
+    /// Puts the RTC in `state`; on error nothing changes.
+    pub fn restore_state(&mut self, state: &CmosState) -> Result<(), CmosStateError> {
+        let ram: [u8; 128] =
+            state.ram.as_slice().try_into().map_err(|_| {
+                CmosStateError(format!("{} bytes of RAM, not 128", state.ram.len()))
+            })?;
+        self.ram = ram;
+        self.index = state.index & INDEX_MASK;
+        self.offset = state.offset;
+        Ok(())
     }
 
     fn binary(&self) -> bool {
@@ -278,6 +316,34 @@ mod tests {
     fn set(rtc: &mut Cmos, index: u8, v: u8) {
         rtc.write(0, &[index]);
         rtc.write(1, &[v]);
+    }
+
+    #[test]
+    fn a_restored_rtc_keeps_the_guests_offset_and_ram_on_the_new_hosts_time() {
+        let (mut rtc, _) = rtc_at(T);
+        set(&mut rtc, STATUS_B, B_24H | B_BINARY);
+        set(&mut rtc, HOURS, 15); // the guest sets its clock 4 h ahead (11 -> 15)
+        set(&mut rtc, 0x40, 0xab);
+        let state = rtc.save_state();
+        // Restored an hour later on another RTC.
+        let (mut back, _) = rtc_at(T + 3600);
+        back.restore_state(&state).unwrap();
+        assert_eq!(reg(&mut back, 0x40), 0xab);
+        assert_eq!(reg(&mut back, HOURS), 16, "4 h ahead of the new time");
+        assert_eq!(reg(&mut back, MINUTES), 22);
+
+        let (mut fresh, _) = rtc_at(T);
+        let before = fresh.save_state();
+        let bad = CmosState {
+            ram: vec![0; 12],
+            ..state
+        };
+        assert!(fresh.restore_state(&bad).is_err());
+        assert_eq!(
+            fresh.save_state(),
+            before,
+            "a refused state changed the RTC"
+        );
     }
 
     #[test]

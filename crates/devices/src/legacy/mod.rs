@@ -6,7 +6,7 @@ mod i8042;
 mod power;
 mod serial;
 
-pub use cmos::Cmos;
+pub use cmos::{Cmos, CmosState, CmosStateError};
 pub use i8042::I8042;
 pub use power::{AcpiPm, DebugExit, PortSink};
 pub use serial::{EventFdTrigger, Serial, SerialState, SerialStateError};

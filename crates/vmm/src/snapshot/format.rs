@@ -45,6 +45,9 @@ pub enum SectionKind {
     /// Digests of the snapshot's other files (`memory.bin` piece by piece, `config.json`);
     /// directory snapshots only (a stream has its own checksum).
     Digests = 9,
+    /// The platform devices besides the UART (the architecture's: x86_64's CMOS RTC);
+    /// snapshots written before it restore those devices fresh.
+    Platform = 10,
 }
 
 impl SectionKind {
@@ -52,7 +55,7 @@ impl SectionKind {
     pub fn from_u32(n: u32) -> Option<Self> {
         use SectionKind::*;
         [
-            Config, Memory, Vcpu, VmState, Serial, VirtioPci, Arch, Device, Digests,
+            Config, Memory, Vcpu, VmState, Serial, VirtioPci, Arch, Device, Digests, Platform,
         ]
         .into_iter()
         .find(|k| *k as u32 == n)
@@ -70,6 +73,7 @@ impl SectionKind {
             SectionKind::Arch => "arch",
             SectionKind::Device => "device",
             SectionKind::Digests => "digests",
+            SectionKind::Platform => "platform",
         }
     }
 

@@ -4,8 +4,9 @@
 //!
 //! - `state.bin`: a versioned container (see [`format`](mod@format)) with the guest
 //!   architecture, the configuration, the memory layout, every vCPU and the VM-wide state (both
-//!   `arch` types, stored as they serialise: x86_64's irqchips, PIT and clock), the serial port
-//!   and every virtio device with its virtio-pci function, keyed by device id (older snapshots
+//!   `arch` types, stored as they serialise: x86_64's irqchips, PIT and clock, the clock with
+//!   the host time it was read at), the serial port, the other platform devices (x86_64's CMOS
+//!   RTC with the guest's offset from the host's time) and every virtio device with its virtio-pci function, keyed by device id (older snapshots
 //!   keyed them by position and still restore);
 //! - `memory.bin`: guest RAM, region after region; all-zero pages are left as holes;
 //! - `config.json`: the configuration again, for people;
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use arch::{CpuModel, VcpuState, VmState};
+use arch::{CpuModel, PlatformState, VcpuState, VmState};
 use devices::bus::lock;
 use devices::legacy::{ExitSignal, SerialState};
 use devices::virtio::pci::VirtioPciState;
@@ -218,6 +219,7 @@ impl Vm {
 
         let vm_state = VmState::save(&self.vm)?;
         let serial = lock(&self.serial).save_state();
+        let platform = self.legacy.save_platform();
         let devices = self.devices.save();
 
         let regions = memory::layout_of(&self.mem);
@@ -231,6 +233,7 @@ impl Vm {
         }
         w.add(SectionKind::VmState, &vm_state).map_err(snap_err)?;
         w.add(SectionKind::Serial, &serial).map_err(snap_err)?;
+        w.add(SectionKind::Platform, &platform).map_err(snap_err)?;
         for d in &devices {
             w.add(SectionKind::Device, d).map_err(snap_err)?;
         }
@@ -326,6 +329,9 @@ impl Vm {
         })?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(&cfg, &vm, &mem, &exit, Some(&snap.serial))?;
+        if let Some(platform) = &snap.platform {
+            devs.legacy.restore_platform(platform)?;
+        }
         let sections = if snap.positional.is_empty() {
             snap.devices
         } else if snap.devices.is_empty() {
@@ -431,6 +437,8 @@ struct Snapshot {
     vcpus: Vec<VcpuState>,
     vm_state: VmState,
     serial: SerialState,
+    /// The platform devices besides the UART (None: written before they were saved).
+    platform: Option<PlatformState>,
     /// The devices by id.
     devices: Vec<DeviceSection>,
     /// The devices by position (older snapshots).
@@ -511,6 +519,12 @@ fn decode_state(bytes: &[u8]) -> Result<Snapshot, Error> {
         (Some(s), None) => Some(s.decode()?),
         _ => return Err(FormatError::Missing(SectionKind::Digests.name()).into()),
     };
+    let mut platform = all(SectionKind::Platform);
+    let platform = match (platform.next(), platform.next()) {
+        (None, _) => None,
+        (Some(s), None) => Some(s.decode()?),
+        _ => return Err(FormatError::Missing(SectionKind::Platform.name()).into()),
+    };
     Ok(Snapshot {
         digests,
         config: one(&sections, SectionKind::Config)?.decode()?,
@@ -520,6 +534,7 @@ fn decode_state(bytes: &[u8]) -> Result<Snapshot, Error> {
             .collect::<Result<_, _>>()?,
         vm_state: one(&sections, SectionKind::VmState)?.decode()?,
         serial: one(&sections, SectionKind::Serial)?.decode()?,
+        platform,
         devices: all(SectionKind::Device)
             .map(|s| s.decode())
             .collect::<Result<_, _>>()?,
