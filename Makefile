@@ -52,8 +52,7 @@ test: build
 
 # One L1 boot (about 3 min under TCG) runs every check of tests/tests/nested.rs; the L1 assets
 # are built on first use (tests/nested/build-l1.sh), the Linux guest here when missing.
-test-nested: build
-	@[ -f $(LINUX)/vmlinux ] || guest/build-linux.sh
+test-nested: build $(LINUX)/initramfs.cpio.gz
 	@# A Linux guest under nested TCG has been seen to hang in about one L1 boot in four (see
 	@# README, "nested"); a failed group gets one more whole L1 boot, and it fails if that does.
 	$(CARGO) test -p e2e --features nested --test nested || { \
@@ -64,6 +63,11 @@ test-nested: build
 # the assets are built on first use (NESTED_ARCH=arm64 tests/nested/build-l1.sh).
 test-nested-arm64:
 	$(CARGO) test -p e2e --features nested --test nested_arm64
+
+# The Linux guest (kernel, initramfs with the guest agent), rebuilt when its recipe or the
+# agent changes.
+$(LINUX)/initramfs.cpio.gz: guest/build-linux.sh $(wildcard guest/agent/src/*.rs)
+	guest/build-linux.sh
 
 bench: probe
 	$(CARGO) run -p bench --release -- $(BENCH_ARGS)

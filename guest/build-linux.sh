@@ -15,6 +15,7 @@
 # Environment:
 #   KERNEL_PKG   the meta package to resolve (default linux-image-cloud-amd64)
 #   BUSYBOX      path to a static busybox (default: /bin/busybox from busybox-static)
+#   AGENT_BIN    a built guest agent to include (default: guest/agent, built static here)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -186,9 +187,20 @@ for name in "${order[@]}"; do
   echo "$name" >>"$root/etc/modules-order"
 done
 log "modules (load order): ${order[*]}"
-# The channel agent (guest/agent), if built: started by /init with pv.agent=1.
+# The channel agent (guest/agent), built static here unless AGENT_BIN names one (or there
+# is no cargo): started by /init with pv.agent=1.
 agent_bin="${AGENT_BIN:-$here/agent/target/x86_64-unknown-linux-gnu/release/pocketvisor-agent}"
-if [[ -x "$agent_bin" ]]; then cp "$agent_bin" "$root/bin/pocketvisor-agent"; log "agent: $agent_bin"; fi
+if [[ -z "${AGENT_BIN:-}" ]] && command -v cargo >/dev/null; then
+  log "agent: cargo build --release (static) in guest/agent"
+  (cd "$here/agent" && RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --target x86_64-unknown-linux-gnu) || die "the agent did not build"
+fi
+if [[ -x "$agent_bin" ]]; then
+  cp "$agent_bin" "$root/bin/pocketvisor-agent"
+  log "agent: $agent_bin"
+else
+  log "agent: none ($agent_bin is not built): pv.agent=1 does nothing"
+fi
 
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh

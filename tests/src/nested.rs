@@ -227,7 +227,7 @@ pub fn run_in_l1_watched(
                 .arg(env_or("NESTED_SMP", "2"))
                 .args([
                     "-append",
-                    "console=ttyS0 quiet loglevel=3 panic=-1 mitigations=off",
+                    "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off",
                 ])
                 .arg("-virtfs")
                 .arg(share(Path::new("/"), "host", true));

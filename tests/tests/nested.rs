@@ -16,7 +16,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use e2e::linux::{assert_clean_kernel_log, assert_selftest, field, linux_line};
-use e2e::nested::{l1_timeout, run_in_l1, L1Run};
+use e2e::nested::{l1_timeout, run_in_l1_watched, L1Arch, L1Run};
 use e2e::{Outcome, TempDir, VmCommand};
 
 const INSIDE: &str = "PV_NESTED_INSIDE";
@@ -35,64 +35,170 @@ fn check(name: &str, body: impl FnOnce()) {
         e2e::host::loud(&format!("check {name}: {:.1?}", start.elapsed()));
         return;
     }
-    let run = match shared_l1_run() {
-        Ok(run) => run,
+    let group = match shared_l1_runs() {
+        Ok(group) => group,
         Err(why) if why.contains("not installed") => {
             e2e::skip(why, name);
             return;
         }
         Err(why) => panic!("L1 could not run: {why}"),
     };
-    match libtest_result(&run.output, name) {
-        Some("ok") => {}
-        Some("FAILED") => panic!(
+    if let Some(run) = group.hung_in(name) {
+        panic!(
+            "{name} hung in L1: no result within {:?}, so L1 was killed and the checks after \
+             it ran in a new L1\n{}",
+            check_budget(),
+            run.describe()
+        );
+    }
+    let Some((run, result)) = group
+        .runs
+        .iter()
+        .find_map(|run| Some((run, libtest_result(&run.output, name)?)))
+    else {
+        let last = group.runs.last().expect("at least one L1 run");
+        panic!(
+            "no result for {name} from L1 (filtered out with NESTED_FILTER, or L1 died)\n{}\n--- job output ---\n{}",
+            last.describe(),
+            last.output
+        );
+    };
+    match result {
+        "ok" => {}
+        "FAILED" => panic!(
             "{name} failed in L1:\n{}\n(L1 job dir {})",
             failure_section(&run.output, name),
             run.dir.display()
         ),
-        Some("ignored") => panic!("{name} was ignored in L1: set NESTED_INCLUDE_IGNORED=1"),
-        _ => panic!(
-            "no result for {name} from L1 (filtered out with NESTED_FILTER, or L1 died)\n{}\n--- job output ---\n{}",
-            run.describe(),
-            run.output
+        "ignored" => panic!("{name} was ignored in L1: set NESTED_INCLUDE_IGNORED=1"),
+        other => panic!(
+            "{name}: unexpected result {other:?} in L1\n{}",
+            run.describe()
         ),
     }
 }
 
-/// The one L1 run of this binary that every check on the host reads its result from.
-fn shared_l1_run() -> Result<&'static L1Run, &'static str> {
-    static RUN: OnceLock<Result<L1Run, String>> = OnceLock::new();
-    RUN.get_or_init(|| {
-        let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-        let manifest = e2e::workspace_root().join("tests");
-        let mut filter = std::env::var("NESTED_FILTER").unwrap_or_default();
-        if std::env::var_os("NESTED_INCLUDE_IGNORED").is_some() {
-            filter.push_str(" --include-ignored");
+/// The longest one check may run in L1 before the host gives up on that L1
+/// (`NESTED_CHECK_BUDGET` seconds, default 450): past it, L1 is killed, the check fails as
+/// hung, and the checks after it run in a new L1. A guest stuck inside L1 is normally ended by
+/// the check's own deadline ([`LINUX_TIMEOUT`]); this bounds a hang of L1 itself.
+fn check_budget() -> Duration {
+    Duration::from_secs(
+        std::env::var("NESTED_CHECK_BUDGET")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(450),
+    )
+}
+
+/// The L1 runs of this binary that the checks on the host read their results from: one,
+/// plus one more after each check that hung L1 (at most [`MAX_L1_RUNS`]).
+struct GroupRuns {
+    runs: Vec<L1Run>,
+    /// Each hung check and the index of the run it hung in.
+    hung: Vec<(String, usize)>,
+}
+
+/// A bound on fresh L1 boots after hangs, so a group that hangs every L1 still ends.
+const MAX_L1_RUNS: usize = 3;
+
+impl GroupRuns {
+    fn hung_in(&self, name: &str) -> Option<&L1Run> {
+        self.hung
+            .iter()
+            .find(|(hung, _)| hung == name)
+            .map(|(_, at)| &self.runs[*at])
+    }
+}
+
+/// The name of the check libtest had started and not finished when L1's console went
+/// silent: the last console line `test NAME ... ` with no result after it.
+fn unfinished_check(run: &L1Run) -> Option<String> {
+    let last = run
+        .qemu
+        .serial()
+        .filter(|l| l.starts_with("test "))
+        .last()?;
+    let name = last
+        .strip_prefix("test ")?
+        .trim_end()
+        .strip_suffix(" ...")?;
+    Some(name.to_string())
+}
+
+fn shared_l1_runs() -> Result<&'static GroupRuns, &'static str> {
+    static RUNS: OnceLock<Result<GroupRuns, String>> = OnceLock::new();
+    RUNS.get_or_init(|| {
+        let mut group = GroupRuns {
+            runs: Vec::new(),
+            hung: Vec::new(),
+        };
+        let mut skip = String::new();
+        while group.runs.len() < MAX_L1_RUNS {
+            let run = l1_run_of_checks(&skip)?;
+            let stalled = run.stalled;
+            group.runs.push(run);
+            if !stalled {
+                break;
+            }
+            let run = group.runs.last().expect("just pushed");
+            let Some(hung) = unfinished_check(run) else {
+                break; // silent before or after the checks: nothing to skip and retry
+            };
+            e2e::host::loud(&format!(
+                "nested: {hung} hung L1 (no result within {:?}); the checks after it run in \
+                 a new L1",
+                check_budget()
+            ));
+            // libtest's --skip matches substrings; the check names are not substrings of
+            // one another, and --exact would also make NESTED_FILTER exact.
+            for done in run.output.lines().filter_map(|l| l.strip_prefix("test ")) {
+                if let Some((name, result)) = done.split_once(" ... ") {
+                    if !result.trim().is_empty() {
+                        skip.push_str(&format!(" --skip {name}"));
+                    }
+                }
+            }
+            skip.push_str(&format!(" --skip {hung}"));
+            group.hung.push((hung, group.runs.len() - 1));
         }
-        // One test at a time: L1 has 2 vCPUs, and the guests' timings are judged.
-        let script = format!(
-            "export {INSIDE}=1 CARGO_MANIFEST_DIR='{}' RUST_BACKTRACE=1\n\
-             '{}' --test-threads=1 --color never {filter} 2>checks.err\n",
-            manifest.display(),
-            exe.display()
-        );
-        e2e::host::loud(&format!(
-            "nested: booting L1 (QEMU TCG, nested SVM) for the hardware-path checks; \
-             deadline {:?}",
-            l1_timeout()
-        ));
-        let run = run_in_l1(&script, l1_timeout())?;
-        e2e::host::loud(&format!(
-            "nested: L1 job rc={:?}, L1 boot {:?}, total {:?} (job dir {})",
-            run.rc,
-            run.l1_boot,
-            run.qemu.elapsed,
-            run.dir.display()
-        ));
-        Ok(run)
+        Ok(group)
     })
     .as_ref()
     .map_err(String::as_str)
+}
+
+/// One L1 boot that runs this test binary inside, skipping `skip` (libtest arguments).
+fn l1_run_of_checks(skip: &str) -> Result<L1Run, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let manifest = e2e::workspace_root().join("tests");
+    let mut filter = std::env::var("NESTED_FILTER").unwrap_or_default();
+    if std::env::var_os("NESTED_INCLUDE_IGNORED").is_some() {
+        filter.push_str(" --include-ignored");
+    }
+    // One test at a time: L1 has 2 vCPUs, and the guests' timings are judged.
+    let script = format!(
+        "export {INSIDE}=1 CARGO_MANIFEST_DIR='{}' RUST_BACKTRACE=1\n\
+         '{}' --test-threads=1 --color never {filter}{skip} 2>checks.err\n",
+        manifest.display(),
+        exe.display()
+    );
+    e2e::host::loud(&format!(
+        "nested: booting L1 (QEMU TCG, nested SVM) for the hardware-path checks; \
+         deadline {:?}, {:?} per check",
+        l1_timeout(),
+        check_budget()
+    ));
+    let run = run_in_l1_watched(L1Arch::X86_64, &script, l1_timeout(), Some(check_budget()))?;
+    e2e::host::loud(&format!(
+        "nested: L1 job rc={:?}, L1 boot {:?}, total {:?}{} (job dir {})",
+        run.rc,
+        run.l1_boot,
+        run.qemu.elapsed,
+        if run.stalled { ", STALLED" } else { "" },
+        run.dir.display()
+    ));
+    Ok(run)
 }
 
 /// `ok`, `FAILED` or `ignored` from libtest's `test NAME ... RESULT` line.
@@ -422,12 +528,13 @@ fn host_epoch() -> u64 {
         .as_secs()
 }
 
+/// How far the restored guest's wall clock may be from the host's (a tick line's travel).
+const WALL_CLOCK_SLACK: u64 = 3;
+
 #[test]
-#[ignore = "intermittent: in 1 of 3 runs the restored 2-vCPU guest stopped ticking after two \
-            ticks (not yet understood); run with NESTED_INCLUDE_IGNORED=1 ... -- --ignored"]
-fn linux_snapshot_restore_keeps_running_with_a_monotonic_clock() {
+fn linux_snapshot_restore_keeps_running_with_a_correct_clock() {
     check(
-        "linux_snapshot_restore_keeps_running_with_a_monotonic_clock",
+        "linux_snapshot_restore_keeps_running_with_a_correct_clock",
         || {
             let dir = TempDir::new();
             let (disk, _) = dir.disk("linux.img", 8 * 1024 * 1024, 51);
@@ -448,19 +555,16 @@ fn linux_snapshot_restore_keeps_running_with_a_monotonic_clock() {
                         src.stderr_so_far()
                     )
                 });
-            let out = std::process::Command::new(e2e::pocketvisor_bin())
+            let mut snapshot = std::process::Command::new(e2e::pocketvisor_bin());
+            snapshot
                 .args(["snapshot", "--api-socket"])
                 .arg(&sock)
                 .arg("-o")
                 .arg(&snap)
-                .arg("--stop")
-                .output()
-                .expect("run pocketvisor snapshot");
-            assert!(
-                out.status.success(),
-                "snapshot failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+                .arg("--stop");
+            // Bounded: a VMM that never answers fails this check, not the whole L1 run.
+            let out = e2e::RunningVm::spawn(snapshot, Duration::from_secs(120)).wait();
+            assert_eq!(out.code(), Some(0), "snapshot failed: {}", out.describe());
             let src = src.wait_for(Duration::from_secs(60));
             assert_eq!(src.code(), Some(0), "{}", src.describe());
             // Time passes while the guest is saved.
@@ -488,18 +592,18 @@ fn linux_snapshot_restore_keeps_running_with_a_monotonic_clock() {
                 uptime > before.2,
                 "the guest's uptime went back: {before:?} then {ticks:?}"
             );
-            // The guest's wall clock: the restore takes the saved kvmclock as is, so it lags
-            // the host by the time spent saved (a known gap, see the README). It must neither
-            // go back nor lead the host.
+            // The guest's wall clock: the restore moves the kvmclock on by the time the
+            // snapshot spent saved, so the guest's time is the host's again (it lagged by that
+            // time when the kvmclock was restored as is).
             let saved_for = now.saturating_sub(before.1);
             assert!(
-                epoch >= before.1 && epoch <= now + 2,
-                "the restored guest's wall clock is {epoch}, the host's {now} \
-                 (before the snapshot: {before:?}; after: {ticks:?})"
+                epoch <= now + 1 && now - epoch <= WALL_CLOCK_SLACK,
+                "the restored guest's wall clock is {epoch}, the host's {now}: more than \
+                 {WALL_CLOCK_SLACK} s apart (before the snapshot: {before:?}; after: {ticks:?})"
             );
             e2e::host::loud(&format!(
-                "snapshot/restore: the guest's wall clock lags the host by {} s after {} s \
-                 from tick {} to the third tick after the restore",
+                "snapshot/restore: the guest's wall clock is {} s behind the host {} s after \
+                 tick {} (saved for 5 s of it)",
                 now.saturating_sub(epoch),
                 saved_for,
                 before.0
@@ -557,6 +661,145 @@ fn linux_reboot_ends_the_vm() {
             out.describe()
         );
         assert_eq!(out.code(), Some(0), "{}", out.describe());
+    });
+}
+
+/// The Linux agent's vsock port (`guest/agent`).
+const AGENT_PORT: u32 = 1025;
+
+/// One request line to the guest's agent through the VMM's vsock socket (`CONNECT` first, as
+/// the handset does); returns the answer line.
+fn agent_call(socket: &std::path::Path, request: &str) -> Result<String, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("CONNECT {AGENT_PORT}\n{request}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut reader = BufReader::new(stream);
+    let mut ok = String::new();
+    reader
+        .read_line(&mut ok)
+        .map_err(|e| format!("read OK: {e}"))?;
+    if !ok.starts_with("OK ") {
+        return Err(format!("the VMM answered {ok:?} to CONNECT {AGENT_PORT}"));
+    }
+    let mut answer = String::new();
+    reader
+        .read_line(&mut answer)
+        .map_err(|e| format!("read the answer: {e}"))?;
+    Ok(answer.trim_end().to_string())
+}
+
+/// Standard base64 (the agent protocol's `data_b64`).
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(
+                    ABC[usize::try_from(n >> (18 - 6 * i) & 63).expect("6 bits")],
+                ));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn linux_agent_clipboard_and_file_over_vsock() {
+    check("linux_agent_clipboard_and_file_over_vsock", || {
+        let dir = TempDir::new();
+        let sock = dir.join("vsock.sock");
+        let mut vm = linux_vm("vmlinux", 1, "pv.agent=1").vsock(3, &sock).spawn();
+        let started = vm.wait_for_line(LINUX_TIMEOUT, |l| {
+            l.contains("LINUX agent starting") || l.contains("LINUX done")
+        });
+        assert!(
+            started.is_some_and(|(_, l)| l.contains("agent starting")),
+            "the guest did not start its agent (built into the initramfs by guest/build-linux.sh \
+             from guest/agent)\n{}\nstderr: {}",
+            vm.drain(),
+            vm.stderr_so_far()
+        );
+        // The agent listens a moment after /init starts it.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let health = loop {
+            match agent_call(&sock, r#"{"op":"health"}"#) {
+                Ok(answer) => break answer,
+                Err(e) if Instant::now() > deadline => {
+                    panic!("no answer from the agent: {e}\n{}", vm.drain())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        };
+        assert!(
+            health.contains(r#""ok":true"#) && health.contains(r#""agent":"linux""#),
+            "{health}"
+        );
+        // Copy into the guest's clipboard, paste it back on a new connection.
+        let text = "copied on the handset \u{2192} pasted in the Linux guest";
+        let set = agent_call(
+            &sock,
+            &format!(
+                r#"{{"op":"clipboard_set","mime":"text/plain","data_b64":"{}"}}"#,
+                base64(text.as_bytes())
+            ),
+        )
+        .expect("clipboard_set");
+        assert_eq!(set, format!(r#"{{"ok":true,"bytes":{}}}"#, text.len()));
+        let get = agent_call(&sock, r#"{"op":"clipboard_get"}"#).expect("clipboard_get");
+        assert!(
+            get.contains(r#""ok":true"#)
+                && get.contains(&format!(r#""data_b64":"{}""#, base64(text.as_bytes()))),
+            "{get}"
+        );
+        // A file into the guest's inbox, listed and read back.
+        let file: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
+        let put = agent_call(
+            &sock,
+            &format!(
+                r#"{{"op":"file_put","name":"report.bin","data_b64":"{}"}}"#,
+                base64(&file)
+            ),
+        )
+        .expect("file_put");
+        assert!(put.contains(r#""bytes":70000"#), "{put}");
+        let list = agent_call(&sock, r#"{"op":"file_list"}"#).expect("file_list");
+        assert!(
+            list.contains(r#"{"name":"report.bin","bytes":70000}"#),
+            "{list}"
+        );
+        let back = agent_call(&sock, r#"{"op":"file_get","name":"report.bin"}"#).expect("file_get");
+        assert!(
+            back.contains(&format!(r#""data_b64":"{}""#, base64(&file))),
+            "the file read back differs"
+        );
+        // A hostile request gets an error answer and the agent keeps serving.
+        let bad = agent_call(&sock, r#"{"op":"file_get","name":"../../etc/shadow"}"#)
+            .expect("bad file_get");
+        assert!(bad.contains(r#""ok":false"#), "{bad}");
+        assert!(agent_call(&sock, r#"{"op":"health"}"#)
+            .expect("health after")
+            .contains(r#""ok":true"#));
+        vm.signal(libc::SIGTERM);
+        let out = vm.wait_for(Duration::from_secs(30));
+        assert!(
+            !out.timed_out,
+            "the VMM ignored SIGTERM\n{}",
+            out.describe()
+        );
+        assert_clean_kernel_log(&out);
     });
 }
 
