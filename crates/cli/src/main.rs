@@ -62,7 +62,7 @@ enum Command {
     /// Run the handset daemon (profiles, supervision, foreground switching, REST API).
     Handset(handset::HandsetArgs),
     /// Manage the handset's profiles: create, list, show, start, stop, suspend, resume, switch,
-    /// delete, events, audit, status, clipboard, send-file (see `profile --help`).
+    /// screenshot, delete, events, audit, status, clipboard, send-file (see `profile --help`).
     Profile(Box<profile::ProfileArgs>),
     /// Write a profile (spec, disks, snapshot) to one encrypted portable file.
     Export(Box<portable::ExportArgs>),

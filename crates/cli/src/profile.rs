@@ -120,6 +120,20 @@ A running or paused profile must be stopped first. A suspended profile is refuse
         /// Profile name.
         name: String,
     },
+    /// Save what a running profile's screen shows (spec `screen = true`) as PNG or PPM.
+    #[command(after_help = "\
+The format follows the file name: .png (8-bit RGB) or .ppm (binary P6); an existing file is
+replaced (temp file, fsync, rename).
+
+EXAMPLE:
+  pocketvisor profile screenshot work -o work.png")]
+    Screenshot {
+        /// Profile name.
+        name: String,
+        /// Where the image goes (.png or .ppm).
+        #[arg(short, long, value_name = "FILE")]
+        output: std::path::PathBuf,
+    },
     /// Show a profile's lifecycle events (all profiles' without NAME).
     Events {
         /// Profile name.
@@ -399,6 +413,28 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             lifecycle(&c, json, &name, "resume", query)?
         }
         ProfileCmd::Switch { name } => lifecycle(&c, json, &name, "switch", "")?,
+        ProfileCmd::Screenshot { name, output } => {
+            crate::screenshot::ImageFormat::for_path(&output)?;
+            let answer: serde_json::Value =
+                c.call("GET", &format!("/v1/profiles/{name}/screenshot"), none)?;
+            let shot = crate::screenshot::Shot::from_value(&answer)?;
+            shot.save(&output)?;
+            if json {
+                print_json(&serde_json::json!({
+                    "name": name,
+                    "width": shot.width,
+                    "height": shot.height,
+                    "output": output,
+                }))?;
+            } else {
+                outln!(
+                    "{name}: screenshot {}x{} written to {}",
+                    shot.width,
+                    shot.height,
+                    output.display()
+                );
+            }
+        }
         ProfileCmd::Events { name, limit } => {
             let url = match &name {
                 Some(n) => format!("/v1/profiles/{n}/events?limit={limit}"),

@@ -73,6 +73,11 @@ impl Shot {
     pub fn from_answer(answer: &str) -> Result<Shot> {
         let v: serde_json::Value =
             serde_json::from_str(answer).context("the screenshot answer is not JSON")?;
+        Shot::from_value(&v)
+    }
+
+    /// Decodes the gpu's answer (or the handset's, which is the same) as JSON.
+    pub fn from_value(v: &serde_json::Value) -> Result<Shot> {
         let dim = |k: &str| {
             v[k].as_u64()
                 .and_then(|n| u32::try_from(n).ok())

@@ -47,6 +47,8 @@ pub enum Op {
     Switch,
     /// A profile's lifecycle events.
     Events,
+    /// What a running profile's screen shows.
+    Screenshot,
     /// All lifecycle events.
     AllEvents,
     /// The audit log.
@@ -85,6 +87,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles/{name}/resume", Op::Resume),
     r("POST", "/v1/profiles/{name}/switch", Op::Switch),
     r("GET", "/v1/profiles/{name}/events", Op::Events),
+    r("GET", "/v1/profiles/{name}/screenshot", Op::Screenshot),
     r("GET", "/v1/events", Op::AllEvents),
     r("GET", "/v1/audit", Op::Audit),
     r("POST", "/v1/channels/clipboard", Op::ChannelClipboard),
@@ -186,6 +189,10 @@ async fn create(
 
 async fn show(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<crate::ProfileInfo> {
     Ok(Json(h.show(&name)?))
+}
+
+async fn screenshot(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
+    Ok(Json(h.screenshot(&name).await?))
 }
 
 async fn remove(
@@ -300,6 +307,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Resume => post(resume),
         Op::Switch => post(switch),
         Op::Events => get(events),
+        Op::Screenshot => get(screenshot),
         Op::AllEvents => get(all_events),
         Op::Audit => get(audit),
         Op::ChannelClipboard => post(crate::channels::clipboard),

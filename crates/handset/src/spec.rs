@@ -41,6 +41,10 @@ pub struct ProfileSpec {
     /// Screen size (used by the display).
     #[serde(default)]
     pub display: DisplaySpec,
+    /// Give the guest a virtio-gpu display of `display`'s size and a virtio-input keyboard
+    /// and touch screen (`profile screenshot` then captures it).
+    #[serde(default)]
+    pub screen: bool,
     /// What to do when the VM exits unexpectedly.
     #[serde(default)]
     pub restart: RestartPolicy,
@@ -246,6 +250,7 @@ impl ProfileSpec {
             }],
             net: None,
             display: DisplaySpec::default(),
+            screen: false,
             restart: RestartPolicy::OnFailure,
             background,
             cpu: CpuWeights::default(),
@@ -333,6 +338,12 @@ impl ProfileSpec {
         if !(16..=8192).contains(&d.width) || !(16..=8192).contains(&d.height) {
             return bad(format!(
                 "display {}x{} must be 16..=8192 each way",
+                d.width, d.height
+            ));
+        }
+        if self.screen && (d.width > 4095 || d.height > 4095) {
+            return bad(format!(
+                "display {}x{} is too large for a screen (at most 4095 each way)",
                 d.width, d.height
             ));
         }
@@ -441,7 +452,15 @@ mod tests {
         assert_eq!(s.vcpus, 1);
         assert!(s.balloon && !s.mergeable);
         assert_eq!((s.on_shutdown, s.autostart), (OnShutdown::Stop, false));
+        assert!(!s.screen, "no screen unless asked for");
+        let big = "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 64\n\
+                   display = { width = 4096, height = 1920 }\n";
+        assert!(
+            ProfileSpec::from_toml(big).is_ok(),
+            "a big display without a screen"
+        );
         for bad in [
+            &format!("{big}screen = true\n")[..],
             "name = \"A\"\nkernel = \"probe\"\nmemory_mib = 64\n",
             "name = \"a/b\"\nkernel = \"probe\"\nmemory_mib = 64\n",
             "name = \"a\"\nkernel = \"probe\"\nmemory_mib = 8\n",

@@ -317,6 +317,31 @@ impl Handset {
         })
     }
 
+    /// What a running or paused profile's screen shows: the gpu's answer to `screenshot`
+    /// (`width`, `height`, `flushes`, `rgb` as base64 of red, green, blue bytes row by row).
+    pub async fn screenshot(&self, name: &str) -> Result<serde_json::Value> {
+        crate::spec::check_name("profile name", name)?;
+        if !self.registry.spec(name)?.screen {
+            return Err(Error::Conflict(format!(
+                "profile {name} has no screen (screen = true in its spec)"
+            )));
+        }
+        let state = self.registry.state(name)?;
+        if !matches!(state, ProfileState::Running | ProfileState::Paused) {
+            return Err(Error::Conflict(format!(
+                "profile {name} is {}: only a running profile has a screen to capture",
+                state.as_str()
+            )));
+        }
+        let req = Request::Device {
+            id: "gpu".into(),
+            request: serde_json::json!({"op": "screenshot"}),
+        };
+        let info = vmm_proc::call(&self.dir().api_socket(name), &req, CALL_TIMEOUT).await?;
+        serde_json::from_str(&info)
+            .map_err(|e| Error::Internal(format!("{name}: the VMM's screenshot is not JSON: {e}")))
+    }
+
     /// Snapshots a running profile into `profiles/<name>/snapshot/` and ends its VMM.
     pub async fn suspend(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;

@@ -284,6 +284,14 @@ impl Registry {
         });
         cfg.rng = true;
         cfg.balloon = spec.balloon;
+        if spec.screen {
+            cfg.gpu = Some(vmm_api::config::GpuConfig {
+                width: spec.display.width,
+                height: spec.display.height,
+                ..Default::default()
+            });
+            cfg.input = true;
+        }
         cfg.mergeable = spec.mergeable;
         cfg.serial = SerialConfig::File(self.dir.serial_log(name));
         cfg.validate()
