@@ -188,6 +188,29 @@ fn probe_home_screen_screenshot_matches_and_input_reaches_the_guest() {
         "a tick flushes only the counter: {ticked}"
     );
     assert!(!ticked.contains(&format!("rect=0,0,{W},{H}")), "{ticked}");
+    // Idle costs nothing: between ticks the probe sleeps on a one-shot TSC-deadline timer,
+    // one timer interrupt per tick instead of a 1 ms periodic tick's thousand.
+    let lines: Vec<ProbeLine> = vm
+        .seen()
+        .iter()
+        .filter_map(|(_, l)| ProbeLine::parse(l))
+        .collect();
+    let timer = lines
+        .iter()
+        .find(|p| p.starts_with(&["screen", "timer=tsc-deadline"]));
+    if timer.is_some() {
+        let wakeups: Vec<u64> = lines
+            .iter()
+            .filter(|p| p.starts_with(&["screen", "tick"]) && p.field_u64("n") != Some(1))
+            .filter_map(|p| p.field_u64("timer_irqs"))
+            .collect();
+        assert!(
+            !wakeups.is_empty() && wakeups.iter().all(|&n| n <= 2),
+            "timer interrupts per 1 s tick: {wakeups:?}"
+        );
+    } else {
+        e2e::host::loud("the CPU has no TSC-deadline timer: the probe ticks periodically");
+    }
 
     // A touch in the middle of tile 2 reaches the guest and lights the tile up.
     let t = tiles[2];

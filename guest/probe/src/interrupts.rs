@@ -209,6 +209,23 @@ pub fn start_timer() -> bool {
     ok
 }
 
+/// Switches this CPU's LAPIC timer from the periodic tick to TSC-deadline mode (if the CPU
+/// has it): from then on the timer fires only at the deadline [`set_deadline`] programs, so
+/// an idle CPU sleeps until its next piece of work. Returns whether it switched.
+pub fn one_shot_timer() -> bool {
+    if crate::port::cpuid(1, 0)[2] & (1 << 24) == 0 {
+        return false;
+    }
+    lapic_write(0x380, 0); // stop the periodic count
+    lapic_write(0x320, (2 << 17) | TIMER_VECTOR as u32);
+    true
+}
+
+/// Arms the TSC-deadline timer for `tsc` (0 disarms it).
+pub fn set_deadline(tsc: u64) {
+    crate::port::wrmsr(0x6E0, tsc);
+}
+
 /// Sends an IPI: `icr_low` to the LAPIC `dest`; waits for delivery.
 pub fn send_ipi(dest: u32, icr_low: u32) {
     lapic_write(0x310, dest << 24);

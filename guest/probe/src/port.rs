@@ -55,6 +55,15 @@ pub fn rdtsc() -> u64 {
     ((hi as u64) << 32) | lo as u64
 }
 
+/// Writes the model-specific register `msr`.
+pub fn wrmsr(msr: u32, v: u64) {
+    let (lo, hi) = (crate::bits::lo32(v), crate::bits::lo32(v >> 32));
+    // SAFETY: callers only write MSRs whose CPUID feature they checked (the TSC deadline).
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") lo, in("edx") hi, options(nomem, nostack))
+    }
+}
+
 /// Executes `cpuid` for `leaf`/`sub`, returning eax, ebx, ecx, edx.
 pub fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     let r = core::arch::x86_64::__cpuid_count(leaf, sub);

@@ -294,7 +294,14 @@ pub fn run() {
     if !home.present(full, "full") {
         return;
     }
+    // Sleep until the next tick or an input interrupt, not on the 1 ms tick.
+    let one_shot = boot.arg_u64("pv.screen.oneshot", 1) != 0 && interrupts::one_shot_timer();
+    probe!(
+        "screen timer={}",
+        if one_shot { "tsc-deadline" } else { "periodic" }
+    );
     let mut next_tick = time::deadline_ms(period_ms);
+    let mut timer_irqs = interrupts::irq_count(interrupts::TIMER_VECTOR);
     loop {
         let (w, h) = (home.gpu.width, home.gpu.height);
         for dev in inputs.iter_mut().flatten() {
@@ -313,6 +320,13 @@ pub fn run() {
         }
         if time::expired(next_tick) {
             home.counter += 1;
+            let irqs = interrupts::irq_count(interrupts::TIMER_VECTOR);
+            probe!(
+                "screen tick n={} timer_irqs={}",
+                home.counter,
+                irqs.wrapping_sub(timer_irqs)
+            );
+            timer_irqs = irqs;
             home.draw_counter();
             if !home.present(home.layout.counter, "tick") {
                 return;
@@ -326,6 +340,9 @@ pub fn run() {
                 return;
             }
             next_tick = next_tick.saturating_add(period_ms * time::tsc_khz());
+        }
+        if one_shot {
+            interrupts::set_deadline(next_tick);
         }
         interrupts::wait();
     }
