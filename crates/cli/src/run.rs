@@ -125,6 +125,10 @@ pub fn run_vm(vm: Vm, api_socket: Option<&std::path::Path>) -> Result<i32> {
                 128 + sig
             }
         },
+        RunOutcome::Migrated => {
+            eprintln!("pocketvisor: migrated; the guest runs at the destination");
+            0
+        }
     })
 }
 

@@ -50,6 +50,17 @@ pub enum Request {
         /// Whether the VM runs again once the snapshot is sent.
         resume: bool,
     },
+    /// Live-migrate the running VM to a destination VMM waiting for it (see the `vmm` crate's
+    /// `migration` module); on success the VM runs there and this one ends. Not served on
+    /// the API socket yet (no wire op): the VMM library's callers use it.
+    Migrate {
+        /// The destination, `host:port`.
+        to: String,
+        /// A file holding the migration key both hosts share (64 hexadecimal digits).
+        key_file: PathBuf,
+        /// The longest the guest may stand still for the final copy, in milliseconds.
+        downtime_ms: u64,
+    },
 }
 
 /// The device request a `{"op":"balloon","target_mib":N}` line stands for.
@@ -71,6 +82,7 @@ impl Request {
             Request::Stats => "stats",
             Request::Device { .. } => "device",
             Request::SnapshotStream { .. } => "snapshot-stream",
+            Request::Migrate { .. } => "migrate",
         }
     }
 }
@@ -159,8 +171,8 @@ impl From<&Request> for ApiRequest {
                 wire.id = Some(id.clone());
                 wire.request = Some(request.clone());
             }
-            // No wire form: `snapshot-stream` is refused as an unknown op.
-            Request::SnapshotStream { .. } => {}
+            // No wire form: `snapshot-stream` and `migrate` are refused as unknown ops.
+            Request::SnapshotStream { .. } | Request::Migrate { .. } => {}
             Request::Pause | Request::Resume | Request::Stop | Request::Stats => {}
         }
         wire

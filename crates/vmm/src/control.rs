@@ -40,6 +40,9 @@ pub enum RequestError {
     /// Writing or sending the snapshot failed.
     #[error(transparent)]
     Snapshot(crate::Error),
+    /// The migration failed or was refused (the error says where the guest runs).
+    #[error(transparent)]
+    Migration(crate::Error),
     /// The device request did not reach the device, or the device refused it.
     #[error(transparent)]
     Device(#[from] DeviceRequestError),

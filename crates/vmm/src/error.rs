@@ -38,6 +38,9 @@ pub enum Error {
     /// A snapshot could not be written or read.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// A live migration failed or was refused.
+    #[error("migration: {0}")]
+    Migration(String),
     /// A snapshot's state file is malformed, corrupted or of another format version.
     #[error(transparent)]
     Format(#[from] crate::snapshot::format::FormatError),

@@ -19,6 +19,7 @@ pub mod device_manager;
 mod error;
 mod hooks;
 pub mod memory;
+pub mod migration;
 pub mod serial_log;
 pub mod snapshot;
 mod vcpu;

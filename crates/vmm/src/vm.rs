@@ -38,6 +38,8 @@ pub enum RunOutcome {
     Guest(GuestExit),
     /// The caller asked the VM to stop.
     Stopped,
+    /// The VM was migrated to another host and runs there now.
+    Migrated,
 }
 
 /// A VM ready to run.
@@ -251,6 +253,7 @@ impl Vm {
         }
 
         let control_fd = control.map(|c| c.event.as_raw_fd());
+        let mut migrated = false;
         let stopped = loop {
             let fired = wait_readable(&[
                 Some(self.exit.event.as_raw_fd()),
@@ -266,9 +269,14 @@ impl Vm {
                     let mut stop_now = false;
                     for (req, reply) in control.take() {
                         stop_now |= req == Request::Stop;
-                        let _ = reply.send(self.handle_request(&threads, &req));
+                        let answer = self.handle_request(&threads, &req);
+                        migrated |= matches!(req, Request::Migrate { .. }) && answer.is_ok();
+                        let _ = reply.send(answer);
+                        if migrated {
+                            break;
+                        }
                     }
-                    if stop_now {
+                    if stop_now || migrated {
                         break true;
                     }
                 }
@@ -288,6 +296,9 @@ impl Vm {
 
         if let Some((id, reason)) = lock(&self.shared.error).take() {
             return Err(Error::Vcpu { id, reason });
+        }
+        if migrated {
+            return Ok(RunOutcome::Migrated);
         }
         match self.exit.reason() {
             Some(e) => Ok(RunOutcome::Guest(e)),
@@ -345,6 +356,22 @@ impl Vm {
                 }
                 result.map(|stats| stats.to_string())
             }
+            Request::Migrate {
+                to,
+                key_file,
+                downtime_ms,
+            } => {
+                let key = crate::migration::wire::read_key(key_file)
+                    .map_err(|e| RequestError::Migration(Error::Migration(e)))?;
+                let opts = crate::migration::MigrateOptions {
+                    to: to.clone(),
+                    key,
+                    downtime: Duration::from_millis(*downtime_ms),
+                };
+                self.migrate_out(threads, &opts)
+                    .map(|stats| stats.to_string())
+                    .map_err(RequestError::Migration)
+            }
             Request::Stop => Ok("stopping".into()),
             Request::Stats => Ok(self.memory_stats()),
             Request::Device { id, request } => self
@@ -373,7 +400,7 @@ impl Vm {
     }
 
     /// Parks every vCPU outside KVM_RUN, then quiesces the device workers.
-    fn pause(&self, threads: &[VcpuThread]) -> Result<(), RequestError> {
+    pub(crate) fn pause(&self, threads: &[VcpuThread]) -> Result<(), RequestError> {
         if self.shared.pause.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -395,7 +422,7 @@ impl Vm {
     }
 
     /// Lets devices and vCPUs run again.
-    fn resume(&self, threads: &[VcpuThread]) {
+    pub(crate) fn resume(&self, threads: &[VcpuThread]) {
         if !self.shared.pause.swap(false, Ordering::AcqRel) {
             return;
         }

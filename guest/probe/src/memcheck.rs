@@ -1,6 +1,7 @@
 //! `pv.mode=mem`: dirties guest RAM with a known per-page pattern, then reads it all back
 //! and checks it, over and over, so a host can tell when a restored guest has read back all
-//! of its memory and whether every page came back intact.
+//! of its memory and whether every page came back intact. With `pv.mem.refill=1` it writes
+//! the pattern again after every pass: a guest that keeps dirtying its RAM (migration tests).
 
 use crate::port::{mmio, rdtsc};
 use crate::{interrupts, mem, probe, pvh, time};
@@ -81,6 +82,8 @@ pub fn run() -> ! {
     let want = boot.arg("pv.mem.mb").and_then(pvh::parse_u64);
     let len = want.map_or(avail, |mb| mb.saturating_mul(MIB).min(avail));
     let gap = boot.arg_u64("pv.mem.gap", 100);
+    // Write the pattern again after every pass (a guest that keeps dirtying its RAM).
+    let refill = boot.arg_u64("pv.mem.refill", 0) != 0;
     let tick = boot.arg_u64("pv.mem.tick", 1);
     // Words per page: a power of two from 1 to 512 (every word).
     let words = boot
@@ -106,6 +109,9 @@ pub fn run() -> ! {
         match first {
             None => probe!("mem pass n={n} ok bytes={len} us={us}"),
             Some(at) => probe!("mem pass n={n} bad pages={bad} first={at:x} bytes={len} us={us}"),
+        }
+        if refill {
+            fill(start, len, words);
         }
     }
 }

@@ -20,14 +20,14 @@ use crate::config::VmConfig;
 use crate::Error;
 
 /// The page size of guest RAM in snapshots.
-pub(super) const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 /// Guest RAM is read (and a stream's runs are bounded) in pieces of this size.
-pub(super) const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 const PAGE_U64: u64 = PAGE as u64;
 
 /// One guest RAM region and where it lives in `memory.bin`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct MemRegion {
+pub(crate) struct MemRegion {
     pub guest_addr: u64,
     pub size: u64,
     pub file_offset: u64,
@@ -46,7 +46,7 @@ impl MemRegion {
 }
 
 /// The layout of `mem` in `memory.bin`: region after region.
-pub(super) fn layout_of(mem: &GuestMem) -> Vec<MemRegion> {
+pub(crate) fn layout_of(mem: &GuestMem) -> Vec<MemRegion> {
     let mut offset = 0u64;
     mem.iter()
         .map(|r| {
@@ -212,7 +212,7 @@ enum Mismatch {
 }
 
 /// Refuses a saved layout that is not the one the configuration's memory size gives.
-pub(super) fn check_layout(regions: &[MemRegion], cfg: &VmConfig) -> Result<(), Error> {
+pub(crate) fn check_layout(regions: &[MemRegion], cfg: &VmConfig) -> Result<(), Error> {
     let expected = layout::ram_regions(cfg.memory_mib << 20);
     let matches = expected.len() == regions.len()
         && expected
@@ -311,7 +311,7 @@ fn maybe_nonzero(r: &GuestRegionMmap<DirtyBitmap>) -> Option<Vec<bool>> {
 /// address order (`offset` is from the region's start; a run is at most [`CHUNK`] bytes and
 /// never crosses a region). Returns the layout and the bytes handed out. With `digests`, also
 /// pushes the digest of every piece (see [`MemoryDigests`]).
-pub(super) fn nonzero_runs(
+pub(crate) fn nonzero_runs(
     mem: &GuestMem,
     mut digests: Option<&mut Vec<String>>,
     mut out: impl FnMut(&MemRegion, u64, &[u8]) -> Result<(), Error>,

@@ -24,7 +24,7 @@
 //! (see [`stream`]) with the same checks, so a snapshot can be sent over a socket.
 
 pub mod format;
-mod memory;
+pub(crate) mod memory;
 pub mod stream;
 
 use std::fs::{File, OpenOptions};
@@ -47,8 +47,9 @@ use crate::memory::register_memory;
 use crate::vcpu::{VcpuMsg, VcpuThread};
 use crate::vm::{build_devices, create_kvm_vm, setup_vm_alongside, Vm};
 use crate::Error;
+use devices::GuestMem;
 use format::{FormatError, Section, SectionKind, Writer};
-use memory::{load_memory, save_memory, verify_memory, MemRegion, MemoryDigests};
+use memory::{check_layout, load_memory, save_memory, verify_memory, MemRegion, MemoryDigests};
 use stream::StreamReader;
 
 pub use vmm_api::snapshot_files::{COMPLETE_FILE, CONFIG_FILE, MEMORY_FILE, STATE_FILE};
@@ -156,6 +157,15 @@ enum Source<'a> {
     Dir(&'a Path),
     /// A byte stream (see [`stream`]).
     Stream(StreamReader<'a>),
+    /// A live migration: the state container and guest RAM already received (see
+    /// [`crate::migration`]), laid out as `regions`.
+    Migrated {
+        state: &'a [u8],
+        mem: GuestMem,
+        regions: &'a [MemRegion],
+        /// The configuration the source announced first; the state must carry the same.
+        config: &'a VmConfig,
+    },
 }
 
 impl Vm {
@@ -195,6 +205,54 @@ impl Vm {
             }
         }
 
+        let (mut w, regions) = self.state_sections(threads)?;
+        let stats = |memory_written, state: &[u8]| SnapshotStats {
+            memory_size: regions.iter().map(|r| r.size).sum(),
+            memory_written,
+            state_size: state.len() as u64,
+            elapsed: t0.elapsed(),
+        };
+        let dir = match sink {
+            Sink::Dir(dir) => dir,
+            Sink::Stream(out) => {
+                let state = w.finish();
+                return Ok(stats(stream::write(out, &state, &self.mem)?, &state));
+            }
+        };
+        let mut memory_written = 0;
+        let mut memory = MemoryDigests::default();
+        write_atomic(dir, MEMORY_FILE, |f, p| {
+            (_, memory_written, memory) = save_memory(&self.mem, f, p)?;
+            Ok(())
+        })?;
+        let cfg_json = serde_json::to_vec_pretty(&self.cfg).map_err(snap_err)?;
+        let digests = FileDigests {
+            memory,
+            config_json: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&cfg_json)),
+        };
+        w.add(SectionKind::Digests, &digests).map_err(snap_err)?;
+        let state = w.finish();
+        write_atomic(dir, STATE_FILE, |mut f, p| {
+            f.write_all(&state).map_err(io_err("cannot write", p))
+        })?;
+        write_atomic(dir, CONFIG_FILE, |mut f, p| {
+            f.write_all(&cfg_json).map_err(io_err("cannot write", p))
+        })?;
+        sync_dir(dir)?;
+        write_atomic(dir, COMPLETE_FILE, |mut f, p| {
+            f.write_all(COMPLETE_TEXT)
+                .map_err(io_err("cannot write", p))
+        })?;
+        sync_dir(dir)?;
+        Ok(stats(memory_written, &state))
+    }
+
+    /// The paused VM's state as snapshot sections (architecture, configuration, memory
+    /// layout, vCPUs, VM-wide state, serial port, devices by id), and the memory layout.
+    pub(crate) fn state_sections(
+        &self,
+        threads: &[VcpuThread],
+    ) -> Result<(Writer, Vec<MemRegion>), Error> {
         // vCPU state, read on each (parked) vCPU thread.
         let mut vcpus = Vec::with_capacity(threads.len());
         for (id, t) in threads.iter().enumerate() {
@@ -237,45 +295,7 @@ impl Vm {
         for d in &devices {
             w.add(SectionKind::Device, d).map_err(snap_err)?;
         }
-        let stats = |memory_written, state: &[u8]| SnapshotStats {
-            memory_size: regions.iter().map(|r| r.size).sum(),
-            memory_written,
-            state_size: state.len() as u64,
-            elapsed: t0.elapsed(),
-        };
-        let dir = match sink {
-            Sink::Dir(dir) => dir,
-            Sink::Stream(out) => {
-                let state = w.finish();
-                return Ok(stats(stream::write(out, &state, &self.mem)?, &state));
-            }
-        };
-        let mut memory_written = 0;
-        let mut memory = MemoryDigests::default();
-        write_atomic(dir, MEMORY_FILE, |f, p| {
-            (_, memory_written, memory) = save_memory(&self.mem, f, p)?;
-            Ok(())
-        })?;
-        let cfg_json = serde_json::to_vec_pretty(&self.cfg).map_err(snap_err)?;
-        let digests = FileDigests {
-            memory,
-            config_json: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&cfg_json)),
-        };
-        w.add(SectionKind::Digests, &digests).map_err(snap_err)?;
-        let state = w.finish();
-        write_atomic(dir, STATE_FILE, |mut f, p| {
-            f.write_all(&state).map_err(io_err("cannot write", p))
-        })?;
-        write_atomic(dir, CONFIG_FILE, |mut f, p| {
-            f.write_all(&cfg_json).map_err(io_err("cannot write", p))
-        })?;
-        sync_dir(dir)?;
-        write_atomic(dir, COMPLETE_FILE, |mut f, p| {
-            f.write_all(COMPLETE_TEXT)
-                .map_err(io_err("cannot write", p))
-        })?;
-        sync_dir(dir)?;
-        Ok(stats(memory_written, &state))
+        Ok((w, regions))
     }
 
     /// Rebuilds a VM from the snapshot in `dir`, paused at the instant it was taken; run it
@@ -293,10 +313,50 @@ impl Vm {
         Self::restore_from(Source::Stream(StreamReader::new(r)), overrides)
     }
 
+    /// Builds the VM a live migration sent: `state` (a `state.bin` container) is checked
+    /// exactly as a restore checks it, its configuration must be `config` (announced
+    /// first) and `mem` (guest RAM as received, laid out as `regions`) must match its layout.
+    pub(crate) fn restore_migrated(
+        state: &[u8],
+        mem: GuestMem,
+        regions: &[MemRegion],
+        config: &VmConfig,
+        overrides: &RestoreOverrides,
+    ) -> Result<Vm, Error> {
+        Self::restore_from(
+            Source::Migrated {
+                state,
+                mem,
+                regions,
+                config,
+            },
+            overrides,
+        )
+    }
+
     fn restore_from(mut source: Source<'_>, overrides: &RestoreOverrides) -> Result<Vm, Error> {
         let snap = match &mut source {
             Source::Dir(dir) => read_snapshot(dir)?,
             Source::Stream(r) => decode_state(&r.state()?)?,
+            Source::Migrated {
+                state,
+                regions,
+                config,
+                ..
+            } => {
+                let snap = decode_state(state)?;
+                if snap.config != **config {
+                    return Err(Error::Snapshot(
+                        "the state's configuration is not the one the source announced".into(),
+                    ));
+                }
+                if snap.memory != *regions {
+                    return Err(Error::Snapshot(
+                        "the state's memory layout is not the one the pages were sent for".into(),
+                    ));
+                }
+                snap
+            }
         };
         let mut cfg = snap.config;
         apply_overrides(&mut cfg, overrides)?;
@@ -323,6 +383,10 @@ impl Vm {
                     snap.digests.as_ref().map(|d| &d.memory),
                 )?,
                 Source::Stream(r) => r.memory(&snap.memory, &cfg)?,
+                Source::Migrated { mem, .. } => {
+                    check_layout(&snap.memory, &cfg)?;
+                    mem
+                }
             };
             register_memory(&vm, &mem)?;
             Ok(mem)

@@ -1,0 +1,567 @@
+//! Pre-copy live migration of a running VM to another VMM process.
+//!
+//! The source ([`Request::Migrate`](crate::Request::Migrate)) connects to a destination
+//! waiting in [`receive`], and over one authenticated channel (see [`wire`]):
+//!
+//! 1. sends the configuration and memory layout (`Setup`), turns on dirty logging and sends
+//!    every non-zero page while the guest runs (round 1);
+//! 2. sends the pages dirtied during the previous round, round after round, until what is
+//!    left would go within the downtime budget at the link speed it measured (each round
+//!    ends with `RoundEnd`, which the destination acknowledges once it has every page, so
+//!    a round is timed end to end). When the
+//!    dirty set does not shrink, it throttles the vCPUs (parks them for a growing share of
+//!    each round, up to [`MAX_THROTTLE_PERCENT`]); after [`MAX_ROUNDS`] rounds, or
+//!    [`MAX_STALLED_ROUNDS`] at the largest throttle without progress, it gives up,
+//!    says so, and the guest runs on at the source;
+//! 3. pauses the VM, sends the last dirty pages and the VM's state (the snapshot sections:
+//!    vCPUs, VM-wide state, serial port, devices by id);
+//! 4. the destination checks everything exactly as a restore does (container checksum,
+//!    architecture, configuration equal to the one announced, layout, every section), builds
+//!    the VM and answers `Ready`; the source answers `Commit`; the destination answers
+//!    `Running` and runs the guest; only then does the source stop.
+//!
+//! Any failure before the source sends `Commit` (a damaged, replayed or missing frame, a
+//! refusal, no convergence) leaves the guest running at the source (it is resumed if the
+//! migration paused it) and the destination drops what it built. A connection lost after
+//! `Commit` is *in doubt*: the destination may or may not run the guest, so the source keeps
+//! it paused (never lost; `resume` runs it here again) and says so.
+
+pub mod wire;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+
+use devices::GuestMem;
+
+use crate::config::VmConfig;
+use crate::memory::{DirtyRegion, DIRTY_PAGE_SIZE};
+use crate::snapshot::memory::{check_layout, layout_of, nonzero_runs, MemRegion, CHUNK};
+use crate::snapshot::RestoreOverrides;
+use crate::vcpu::VcpuThread;
+use crate::vm::Vm;
+use crate::Error;
+use wire::{Channel, Kind, Role, WireError, KEY_LEN};
+
+/// The downtime budget when none is given.
+pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(30);
+/// Rounds of dirty pages before a migration that does not converge gives up.
+pub const MAX_ROUNDS: u32 = 30;
+/// Rounds at the largest throttle without the dirty set halving before a migration gives up.
+pub const MAX_STALLED_ROUNDS: u32 = 3;
+/// The largest share of time the vCPUs are parked to let the copy catch up.
+pub const MAX_THROTTLE_PERCENT: u32 = 80;
+/// How long either side waits for the other before giving up.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to migrate.
+#[derive(Clone)]
+pub struct MigrateOptions {
+    /// The destination, `host:port`.
+    pub to: String,
+    /// The key both hosts hold.
+    pub key: [u8; KEY_LEN],
+    /// The longest the guest may stand still for the final copy.
+    pub downtime: Duration,
+}
+
+/// What a migration did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// Rounds of pages sent while the guest ran, stop-and-copy not counted.
+    pub rounds: u32,
+    /// Bytes the source wrote on the connection.
+    pub bytes: u64,
+    /// Guest pages sent, all rounds and the stop-and-copy.
+    pub pages: u64,
+    /// Pages sent in the stop-and-copy.
+    pub final_pages: u64,
+    /// From the pause at the source to the destination's `Running`.
+    pub downtime: Duration,
+    /// From the start to the end.
+    pub total: Duration,
+    /// The highest vCPU throttle used, in percent of the time.
+    pub throttle_percent: u32,
+}
+
+impl std::fmt::Display for MigrationStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "migrated rounds={} bytes={} pages={} final_pages={} downtime_us={} total_ms={} \
+             throttle_percent={}",
+            self.rounds,
+            self.bytes,
+            self.pages,
+            self.final_pages,
+            self.downtime.as_micros(),
+            self.total.as_millis(),
+            self.throttle_percent
+        )
+    }
+}
+
+/// The `Setup` frame's payload.
+#[derive(Serialize, Deserialize)]
+struct Setup {
+    config: VmConfig,
+    regions: Vec<MemRegion>,
+}
+
+fn refused(why: impl std::fmt::Display) -> Error {
+    Error::Migration(why.to_string())
+}
+
+/// The reason an error gives, without the `migration: ` its display starts with.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::Migration(why) => why.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(e: WireError) -> Self {
+        Error::Migration(e.to_string())
+    }
+}
+
+/// A failure at the source, and whether it happened after `Commit` (in doubt).
+struct Failure {
+    error: Error,
+    in_doubt: bool,
+}
+
+impl<E: Into<Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            error: e.into(),
+            in_doubt: false,
+        }
+    }
+}
+
+/// Pages to send, gathered into frames of about [`CHUNK`] bytes.
+struct Batch {
+    payload: Vec<u8>,
+    pages: u64,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            payload: Vec::with_capacity(CHUNK + 4096),
+            pages: 0,
+        }
+    }
+
+    fn push<S: Read + Write>(
+        &mut self,
+        ch: &mut Channel<S>,
+        addr: u64,
+        bytes: &[u8],
+    ) -> Result<(), Error> {
+        let len = u32::try_from(bytes.len()).map_err(|_| refused("an oversized page run"))?;
+        self.payload.extend_from_slice(&addr.to_le_bytes());
+        self.payload.extend_from_slice(&len.to_le_bytes());
+        self.payload.extend_from_slice(bytes);
+        self.pages += (bytes.len() as u64).div_ceil(DIRTY_PAGE_SIZE);
+        if self.payload.len() >= CHUNK {
+            self.flush(ch)?;
+        }
+        Ok(())
+    }
+
+    fn flush<S: Read + Write>(&mut self, ch: &mut Channel<S>) -> Result<(), Error> {
+        if !self.payload.is_empty() {
+            ch.send(Kind::Pages, &self.payload)?;
+            self.payload.clear();
+        }
+        Ok(())
+    }
+}
+
+/// Sends the pages `dirty` lists, read from `mem` now; `between` runs after every frame's
+/// worth (the throttle). Returns the pages sent.
+fn send_dirty<S: Read + Write>(
+    ch: &mut Channel<S>,
+    mem: &GuestMem,
+    dirty: &[DirtyRegion],
+    mut between: impl FnMut(),
+) -> Result<u64, Error> {
+    let mut batch = Batch::new();
+    let mut buf = vec![0u8; CHUNK];
+    let max_run = CHUNK as u64 / DIRTY_PAGE_SIZE;
+    for region in dirty {
+        let mut pages = region.pages().peekable();
+        while let Some(first) = pages.next() {
+            let mut n = 1u64;
+            while n < max_run && pages.peek() == Some(&(first + n * DIRTY_PAGE_SIZE)) {
+                pages.next();
+                n += 1;
+            }
+            // The last page of a region may be short of a whole page.
+            let end = (first + n * DIRTY_PAGE_SIZE).min(region.guest_addr + region.size);
+            let len = usize::try_from(end - first).map_err(|_| refused("a page run"))?;
+            let run = &mut buf[..len];
+            mem.read_slice(run, GuestAddress(first))
+                .map_err(|e| refused(format!("reading guest memory at {first:#x}: {e}")))?;
+            let before = batch.payload.len();
+            batch.push(ch, first, run)?;
+            if batch.payload.len() < before {
+                between();
+            }
+        }
+    }
+    batch.flush(ch)?;
+    Ok(batch.pages)
+}
+
+/// The text of an `Abort` frame.
+fn abort_reason(payload: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&payload[..payload.len().min(1024)]);
+    format!("the peer gave up: {text}")
+}
+
+/// Receives the next frame, which must be of `kind` (an `Abort` is the peer's reason).
+fn expect<S: Read + Write>(ch: &mut Channel<S>, kind: Kind) -> Result<Vec<u8>, Error> {
+    let f = ch.recv()?;
+    match f.kind {
+        k if k == kind => Ok(f.payload),
+        Kind::Abort => Err(refused(abort_reason(&f.payload))),
+        other => Err(refused(format!(
+            "a {other:?} frame arrived where {kind:?} was due"
+        ))),
+    }
+}
+
+fn connect(to: &str) -> Result<TcpStream, Error> {
+    let s = TcpStream::connect(to).map_err(|e| refused(format!("cannot connect to {to}: {e}")))?;
+    configure(&s)?;
+    Ok(s)
+}
+
+fn configure(s: &TcpStream) -> Result<(), Error> {
+    s.set_read_timeout(Some(IO_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
+        .and_then(|()| s.set_nodelay(true))
+        .map_err(|e| refused(format!("cannot set up the connection: {e}")))
+}
+
+impl Vm {
+    /// Migrates this running VM to `opts.to`. On success the guest runs there and this VM
+    /// must stop; on failure it runs on here, except after `Commit` (in doubt: it stays
+    /// paused and the error says so).
+    pub(crate) fn migrate_out(
+        &self,
+        threads: &[VcpuThread],
+        opts: &MigrateOptions,
+    ) -> Result<MigrationStats, Error> {
+        let t0 = Instant::now();
+        self.vcpu_save.check_snapshot_supported()?;
+        let was_paused = self.shared.pause.load(Ordering::Acquire);
+        let stream = connect(&opts.to)?;
+        let mut ch = Channel::handshake(stream, &opts.key, Role::Source)?;
+        let result = self.precopy(threads, &mut ch, opts, was_paused, t0);
+        let _ = self.dirty.stop();
+        match result {
+            Ok(stats) => Ok(stats),
+            Err(Failure {
+                error,
+                in_doubt: true,
+            }) => Err(refused(format!(
+                "in doubt: the connection failed after the commit ({}); the guest is paused \
+                 here and may run at the destination. Resume it here only if it does not run \
+                 there",
+                reason(&error)
+            ))),
+            Err(Failure { error, .. }) => {
+                let _ = ch.send(Kind::Abort, reason(&error).as_bytes());
+                let _ = ch.flush();
+                let _ = ch.stream().shutdown(std::net::Shutdown::Both);
+                if !was_paused {
+                    self.resume(threads);
+                }
+                Err(refused(format!(
+                    "{}; the guest runs on here",
+                    reason(&error)
+                )))
+            }
+        }
+    }
+
+    fn precopy(
+        &self,
+        threads: &[VcpuThread],
+        ch: &mut Channel<TcpStream>,
+        opts: &MigrateOptions,
+        was_paused: bool,
+        t0: Instant,
+    ) -> Result<MigrationStats, Failure> {
+        let regions = layout_of(&self.mem);
+        let setup = Setup {
+            config: self.cfg.clone(),
+            regions,
+        };
+        let setup = serde_json::to_vec(&setup).map_err(refused)?;
+        ch.send(Kind::Setup, &setup)?;
+
+        // Round 1: every non-zero page, with the log on so later writes are seen.
+        self.dirty.start()?;
+        let round_start = Instant::now();
+        let sent_before = ch.bytes_sent;
+        let mut batch = Batch::new();
+        nonzero_runs(&self.mem, None, |r, offset, bytes| {
+            batch.push(ch, r.guest_addr + offset, bytes)
+        })?;
+        batch.flush(ch)?;
+        end_round(ch)?;
+        let mut pages = batch.pages;
+        let mut rate = bytes_per_sec(ch.bytes_sent - sent_before, round_start.elapsed());
+        let mut rounds = 1u32;
+        let mut throttle = 0u32;
+        let mut max_throttle = 0u32;
+        let mut last_dirty = u64::MAX;
+        let mut stalled = 0u32;
+        // The pages dirtied since they were last sent, once small enough to go in the pause.
+        let pending = loop {
+            let dirty = self.dirty.dirty_pages()?;
+            let dirty_bytes: u64 =
+                dirty.iter().map(DirtyRegion::count).sum::<u64>() * DIRTY_PAGE_SIZE;
+            let needs = Duration::from_secs_f64(dirty_bytes as f64 / rate);
+            if needs <= opts.downtime {
+                break dirty;
+            }
+            // Throttled all it may be and still not shrinking: more rounds will not help.
+            if throttle == MAX_THROTTLE_PERCENT && dirty_bytes * 2 >= last_dirty {
+                stalled += 1;
+            }
+            if rounds >= MAX_ROUNDS || stalled >= MAX_STALLED_ROUNDS {
+                return Err(refused(format!(
+                    "did not converge: after {rounds} rounds (vCPUs throttled up to {max_throttle}%) \
+                     {} KiB were still dirty, {} ms at {} MiB/s, over the {} ms downtime budget",
+                    dirty_bytes >> 10,
+                    needs.as_millis(),
+                    (rate / f64::from(1 << 20)).round(),
+                    opts.downtime.as_millis()
+                ))
+                .into());
+            }
+            // Dirtying at least half as fast as the link drains: slow the guest down.
+            if !was_paused && dirty_bytes * 2 >= last_dirty {
+                throttle = (throttle + 20).min(MAX_THROTTLE_PERCENT);
+                max_throttle = max_throttle.max(throttle);
+            }
+            last_dirty = dirty_bytes;
+            let round_start = Instant::now();
+            let sent_before = ch.bytes_sent;
+            let mut frame_start = Instant::now();
+            let mut parked = Duration::ZERO;
+            pages += send_dirty(ch, &self.mem, &dirty, || {
+                if throttle > 0 {
+                    let park = frame_start.elapsed() * throttle / (100 - throttle);
+                    let t = Instant::now();
+                    if self.pause(threads).is_ok() {
+                        std::thread::sleep(park);
+                        self.resume(threads);
+                    }
+                    parked += t.elapsed();
+                }
+                frame_start = Instant::now();
+            })?;
+            end_round(ch)?;
+            // The link's speed, not counting the time spent holding the vCPUs.
+            let sending = round_start.elapsed().saturating_sub(parked);
+            rate = bytes_per_sec(ch.bytes_sent - sent_before, sending).max(rate / 2.0);
+            rounds += 1;
+        };
+
+        // Stop and copy.
+        let paused_at = Instant::now();
+        self.pause(threads)
+            .map_err(|e| refused(format!("cannot pause the VM: {e}")))?;
+        let last = merge(pending, self.dirty.dirty_pages()?);
+        let final_pages = send_dirty(ch, &self.mem, &last, || {})?;
+        let (state, _) = self.state_sections(threads)?;
+        ch.send(Kind::State, &state.finish())?;
+        ch.flush()?;
+        expect(ch, Kind::Ready)?;
+        ch.send(Kind::Commit, &[])?;
+        ch.flush()?;
+        expect(ch, Kind::Running).map_err(|error| Failure {
+            error,
+            in_doubt: true,
+        })?;
+        Ok(MigrationStats {
+            rounds,
+            bytes: ch.bytes_sent,
+            pages: pages + final_pages,
+            final_pages,
+            downtime: paused_at.elapsed(),
+            total: t0.elapsed(),
+            throttle_percent: max_throttle,
+        })
+    }
+}
+
+/// Ends a round and waits until the destination has every page of it, so the round's time
+/// is the link's, not the time to fill socket buffers.
+fn end_round<S: Read + Write>(ch: &mut Channel<S>) -> Result<(), Error> {
+    ch.send(Kind::RoundEnd, &[])?;
+    ch.flush()?;
+    expect(ch, Kind::RoundAck).map(drop)
+}
+
+/// The pages dirty in `a` or in `b` (two reads of the same memory's log).
+fn merge(mut a: Vec<DirtyRegion>, b: Vec<DirtyRegion>) -> Vec<DirtyRegion> {
+    for (ra, rb) in a.iter_mut().zip(b) {
+        if ra.bitmap.len() < rb.bitmap.len() {
+            ra.bitmap.resize(rb.bitmap.len(), 0);
+        }
+        ra.bitmap
+            .iter_mut()
+            .zip(rb.bitmap)
+            .for_each(|(x, y)| *x |= y);
+    }
+    a
+}
+
+fn bytes_per_sec(bytes: u64, took: Duration) -> f64 {
+    // A floor keeps an instant round from promising an infinite link.
+    bytes.max(1) as f64 / took.as_secs_f64().max(1e-4)
+}
+
+/// Writes a `Pages` payload's runs into `mem`, each checked against `regions`.
+fn apply_pages(mem: &GuestMem, regions: &[MemRegion], payload: &[u8]) -> Result<u64, Error> {
+    let mut rest = payload;
+    let mut pages = 0;
+    while !rest.is_empty() {
+        let (head, tail) = rest
+            .split_at_checked(12)
+            .ok_or_else(|| refused("a page run's header is cut short"))?;
+        let addr = u64::from_le_bytes(head[..8].try_into().map_err(refused)?);
+        let len = u32::from_le_bytes(head[8..].try_into().map_err(refused)?);
+        let n = usize::try_from(len)
+            .ok()
+            .filter(|&n| n > 0 && n <= CHUNK)
+            .ok_or_else(|| refused(format!("a page run of {len} bytes")))?;
+        if !regions.iter().any(|r| r.holds(addr, u64::from(len))) {
+            return Err(refused(format!(
+                "a page run at {addr:#x}+{len:#x} outside guest RAM"
+            )));
+        }
+        let (bytes, tail) = tail
+            .split_at_checked(n)
+            .ok_or_else(|| refused("a page run is cut short"))?;
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|e| refused(format!("a page run at {addr:#x}: {e}")))?;
+        pages += u64::from(len).div_ceil(DIRTY_PAGE_SIZE);
+        rest = tail;
+    }
+    Ok(pages)
+}
+
+/// Waits on `stream` for a VM a source migrates here (see the [module](self) docs), checks
+/// everything it sends, builds the VM and returns it once the source has committed: run it
+/// at once. `overrides` set host-side paths as for a restore. On any error nothing runs
+/// here and the source keeps the guest.
+pub fn receive(
+    stream: TcpStream,
+    key: &[u8; KEY_LEN],
+    overrides: &RestoreOverrides,
+) -> Result<Vm, Error> {
+    configure(&stream)?;
+    let mut ch = Channel::handshake(stream, key, Role::Destination)?;
+    let result = receive_on(&mut ch, overrides);
+    if let Err(e) = &result {
+        let _ = ch.send(Kind::Abort, reason(e).as_bytes());
+        let _ = ch.flush();
+        // Read on until the source stops sending: closing with unread data would reset the
+        // connection and lose the reason on the way.
+        let _ = ch.stream().shutdown(std::net::Shutdown::Write);
+        let _ = std::io::copy(&mut ch.stream(), &mut std::io::sink());
+    }
+    result
+}
+
+fn receive_on(ch: &mut Channel<TcpStream>, overrides: &RestoreOverrides) -> Result<Vm, Error> {
+    let setup: Setup = serde_json::from_slice(&expect(ch, Kind::Setup)?)
+        .map_err(|e| refused(format!("a malformed setup: {e}")))?;
+    setup
+        .config
+        .validate()
+        .map_err(|e| Error::Config(e.to_string()))?;
+    check_layout(&setup.regions, &setup.config)?;
+    let ranges = arch::layout::ram_regions(setup.config.memory_mib << 20);
+    let mem = GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    let state = loop {
+        let f = ch.recv()?;
+        match f.kind {
+            Kind::Pages => {
+                apply_pages(&mem, &setup.regions, &f.payload)?;
+            }
+            Kind::RoundEnd => {
+                ch.send(Kind::RoundAck, &[])?;
+                ch.flush()?;
+            }
+            Kind::State => break f.payload,
+            Kind::Abort => return Err(refused(abort_reason(&f.payload))),
+            other => return Err(refused(format!("an unexpected {other:?} frame"))),
+        }
+    };
+    // What arrived is the starting point, not a change since.
+    for r in vm_memory::GuestMemoryBackend::iter(&mem) {
+        vm_memory::MmapRegion::bitmap(r).reset();
+    }
+    let vm = Vm::restore_migrated(&state, mem, &setup.regions, &setup.config, overrides)?;
+    ch.send(Kind::Ready, &[])?;
+    ch.flush()?;
+    expect(ch, Kind::Commit)?;
+    // The source is committed: the guest runs here even if this answer is lost.
+    let _ = ch.send(Kind::Running, &[]).and_then(|()| ch.flush());
+    Ok(vm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regions() -> Vec<MemRegion> {
+        vec![MemRegion {
+            guest_addr: 0,
+            size: 1 << 20,
+            file_offset: 0,
+        }]
+    }
+
+    fn run(addr: u64, bytes: &[u8]) -> Vec<u8> {
+        let mut v = addr.to_le_bytes().to_vec();
+        v.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_le_bytes());
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    #[test]
+    fn page_runs_land_where_they_say_and_nowhere_else() {
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut p = run(0x2000, &[9; 4096]);
+        p.extend(run(0x5000, &[3; 10]));
+        assert_eq!(apply_pages(&mem, &regions(), &p).unwrap(), 2);
+        let mut b = [0u8; 2];
+        mem.read_slice(&mut b, GuestAddress(0x2ffe)).unwrap();
+        assert_eq!(b, [9, 9]);
+        for bad in [
+            run(0xf_f000, &[1; 8192]),          // past the end of RAM
+            run(u64::MAX - 10, &[1; 16]),       // wraps
+            run(0, &[]),                        // empty
+            run(0x1000, &[1; 16])[..20].into(), // cut short
+            vec![1, 2, 3],                      // a header cut short
+        ] {
+            assert!(apply_pages(&mem, &regions(), &bad).is_err());
+        }
+    }
+}
