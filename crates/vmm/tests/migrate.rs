@@ -337,7 +337,10 @@ fn a_guest_dirtying_faster_than_a_slow_link_is_refused_and_runs_on() {
     let (to, dest) = destination(key.clone(), s.path("never.log"));
     let (via, proxy) = proxy(to, Fault::Slow(4 << 20));
     let t0 = std::time::Instant::now();
-    let e = migrate(&a, &via, &key, 30).expect_err("a guest that never stops writing converged");
+    let e = migrate(&a, &via, &key, 30).expect_err(
+        "a guest that never stops writing converged (is guest/out/probe.elf older than \
+         pv.mem.refill? guest/build-probe.sh rebuilds it)",
+    );
     let took = t0.elapsed();
     eprintln!("refused after {took:?}: {e}");
     assert!(
