@@ -277,12 +277,22 @@ fi
 if [ "$(arg pv.clock)" = 1 ]; then
   echo "LINUX clock epoch=$(date +%s) rtc=$(cat /sys/class/rtc/rtc0/since_epoch 2>/dev/null || echo none) clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 fi
-# pv.tick=N: N lines a second apart with the wall clock and the uptime (snapshot tests).
+# pv.memtouch=MB: fill MB of guest RAM (a tmpfs file), then free it (balloon tests).
+m="$(arg pv.memtouch)"
+if [ -n "$m" ]; then
+  mkdir -p /mnt/touch && mount -t tmpfs -o size=$((m + 16))m tmpfs /mnt/touch
+  yes pocketvisor-balloon | head -c $((m * 1048576)) >/mnt/touch/fill
+  echo "LINUX memtouch mb=$m file_kb=$(du -k /mnt/touch/fill | cut -f1)"
+  rm /mnt/touch/fill && umount /mnt/touch
+  echo "LINUX memfreed mb=$m"
+fi
+# pv.tick=N: N lines a second apart with the wall clock, the uptime and MemTotal (snapshot and
+# balloon tests).
 t="$(arg pv.tick)"
 i=0
 while [ -n "$t" ] && [ "$i" -lt "$t" ]; do
   i=$((i + 1))
-  echo "LINUX tick n=$i epoch=$(date +%s) uptime=$(cut -d' ' -f1 /proc/uptime)"
+  echo "LINUX tick n=$i epoch=$(date +%s) uptime=$(cut -d' ' -f1 /proc/uptime) memtotal_kb=$(awk '/^MemTotal/{print $2}' /proc/meminfo)"
   sleep 1
 done
 # Kernel log lines the tests judge (quiet keeps them off the console).
