@@ -103,6 +103,24 @@ enum SelfTest {
     /// `open:<host path>[:<host path>...]`: after pivot_root, try to open each path and report
     /// on stderr.
     Open(Vec<PathBuf>),
+    /// `write:<jail path>[:<jail path>...]`: once privileges are dropped, try to write each
+    /// path (a file opened write-only, nothing truncated; in a directory a new file created
+    /// and removed) and report on stderr.
+    Write(Vec<PathBuf>),
+}
+
+/// Tries to write `path` as the jailed process (see [`SelfTest::Write`]).
+fn try_write(path: &Path) -> std::io::Result<()> {
+    if path.is_dir() {
+        let probe = path.join(".pv-selftest");
+        std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .open(&probe)?;
+        std::fs::remove_file(&probe)
+    } else {
+        std::fs::File::options().write(true).open(path).map(drop)
+    }
 }
 
 fn selftest() -> Option<SelfTest> {
@@ -110,8 +128,11 @@ fn selftest() -> Option<SelfTest> {
     if v == "forbidden-syscall" {
         return Some(SelfTest::ForbiddenSyscall);
     }
-    v.strip_prefix("open:")
-        .map(|p| SelfTest::Open(p.split(':').map(PathBuf::from).collect()))
+    let paths = |p: &str| p.split(':').map(PathBuf::from).collect();
+    if let Some(p) = v.strip_prefix("write:") {
+        return Some(SelfTest::Write(paths(p)));
+    }
+    v.strip_prefix("open:").map(|p| SelfTest::Open(paths(p)))
 }
 
 /// Runs the jailed VM; returns the exit status.
@@ -385,6 +406,18 @@ fn child(
         _ => None,
     };
     jail::privileges::drop_all(ids)?;
+    if let Some(SelfTest::Write(paths)) = &test {
+        for p in paths {
+            match try_write(p) {
+                Ok(()) => eprintln!("jail-selftest write {}: written", p.display()),
+                Err(e) => eprintln!(
+                    "jail-selftest write {}: failed errno={} ({e})",
+                    p.display(),
+                    e.raw_os_error().unwrap_or(0)
+                ),
+            }
+        }
+    }
     if args.no_seccomp {
         eprintln!("pocketvisor: warning: running without the seccomp filter (--no-seccomp)");
     } else {

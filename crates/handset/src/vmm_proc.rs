@@ -45,6 +45,26 @@ pub struct JailArgs {
     pub root: PathBuf,
     /// cgroup v2 group the jailer creates, joins and removes, if the daemon leaves that to it.
     pub cgroup: Option<JailCgroup>,
+    /// The unprivileged uid (and equal gid) the jailed VMM becomes once its VM is built
+    /// ([`jail_uid`]).
+    pub uid: u32,
+}
+
+/// First uid (and gid) of the jailed VMMs: profile with vsock CID `c` runs as
+/// `JAIL_UID_BASE + c`, a uid of its own that owns nothing on the host but its run directory.
+pub const JAIL_UID_BASE: u32 = 0x7000_0000;
+/// Largest vsock CID that has a jail uid (keeps the uids below 2^31).
+pub const JAIL_MAX_CID: u32 = 0x0fff_ffff;
+
+/// The uid (and gid) the jailed VMM of the profile with vsock CID `cid` runs as.
+pub fn jail_uid(cid: u32) -> Result<u32> {
+    if cid > JAIL_MAX_CID {
+        return Err(Error::BadRequest(format!(
+            "vsock CID {cid} is above {JAIL_MAX_CID}: the jailed VMM would have no uid of its \
+             own; re-import the profile (a free CID is chosen)"
+        )));
+    }
+    Ok(JAIL_UID_BASE + cid)
 }
 
 /// The cgroup settings handed to the jailer.
@@ -72,6 +92,8 @@ pub fn vmm_args(launch: &Launch, api_socket: &Path, jail: Option<&JailArgs>) -> 
             }
             a.extend(["--jail-id".into(), j.id.as_str().into()]);
             a.extend(["--jail-root".into(), j.root.as_os_str().into()]);
+            let id = j.uid.to_string();
+            a.extend(["--uid".into(), id.clone().into(), "--gid".into(), id.into()]);
             if let Some(cg) = &j.cgroup {
                 a.extend(["--cgroup".into(), cg.dir.as_os_str().into()]);
                 a.extend(["--cpu-weight".into(), cg.cpu_weight.to_string().into()]);
@@ -313,6 +335,7 @@ mod tests {
                 cpu_weight: 100,
                 memory_max_mib: 256,
             }),
+            uid: jail_uid(5).unwrap(),
         };
         let j = vmm_args(
             &Launch::Boot {
@@ -321,8 +344,10 @@ mod tests {
             Path::new("/s/api.sock"),
             Some(&jail),
         );
-        let want = "vmm --config /s/vm.toml --jail-id w --jail-root /s/jail --cgroup /cg/pv/w \
-                    --cpu-weight 100 --memory-max 256M --api-socket /s/api.sock";
+        let want = "vmm --config /s/vm.toml --jail-id w --jail-root /s/jail --uid 1879048197 \
+                    --gid 1879048197 --cgroup /cg/pv/w --cpu-weight 100 --memory-max 256M \
+                    --api-socket /s/api.sock";
+        assert!(jail_uid(JAIL_MAX_CID + 1).is_err());
         assert_eq!(j, want.split_whitespace().collect::<Vec<_>>());
         let r = vmm_args(
             &Launch::Restore {

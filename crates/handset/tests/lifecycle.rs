@@ -942,3 +942,87 @@ fn a_damaged_snapshot_is_refused_and_kept() {
     )
     .is_some_and(|n| n > at + 2)));
 }
+
+/// A jailed VMM runs as its profile's own unprivileged uid: from inside the jail (a self-test
+/// the VMM runs once its privileges are gone) no root-owned file it can see is writable,
+/// neither its kernel, disk, device nodes nor the jail's root; only its run directory is.
+/// Its configuration (`vm.toml`) is not in its view at all, and two profiles differ in uid.
+#[test]
+fn a_jailed_vmm_runs_as_its_own_uid_and_cannot_write_root_files() {
+    if !can_run_vms("a_jailed_vmm_runs_as_its_own_uid_and_cannot_write_root_files") {
+        return;
+    }
+    // Jail paths: its root, kernel, disk, /dev/kvm, the serial log the jailer opened as
+    // root, where vm.toml would be, and its own run directory.
+    let paths = [
+        "/",
+        "/boot/kernel",
+        "/disks/0",
+        "/dev/kvm",
+        "/run",
+        "/run/0/serial.log",
+        "/run/0/vm.toml",
+        "/run/0",
+    ];
+    let env = format!("write:{}", paths.join(":"));
+    let d = Daemon::start_env("uid", &[("POCKETVISOR_JAIL_SELFTEST", env.as_str())]);
+    d.create_probe("ua", 80, "");
+    d.create_probe("ub", 80, "");
+    let mut uids = Vec::new();
+    for n in ["ua", "ub"] {
+        let p = d.act(n, "start").unwrap();
+        assert!(wait_until(Duration::from_secs(10), || last_counter(
+            &d.serial(n)
+        )
+        .is_some_and(|c| c >= 2)));
+        let pid = p.pid.unwrap();
+        let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        let kid = kids.split_whitespace().next().expect("no jailed child");
+        let status = std::fs::read_to_string(format!("/proc/{kid}/status")).unwrap();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        let ids: Vec<u32> = uid_line
+            .split_whitespace()
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        let want = handset::vmm_proc::jail_uid(p.vsock_cid).unwrap();
+        assert_eq!(ids, [want; 4], "{n}: real, effective, saved, fs uid");
+        uids.push(want);
+        // The run directory is the VMM's, nothing else of the profile is.
+        use std::os::unix::fs::MetadataExt;
+        let run = std::fs::metadata(d.dir.join(format!("profiles/{n}/run"))).unwrap();
+        assert_eq!((run.uid(), run.mode() & 0o777), (want, 0o700));
+        for f in ["profile.toml", "vm.toml", "disks/data.img"] {
+            let m = std::fs::metadata(d.dir.join(format!("profiles/{n}/{f}"))).unwrap();
+            assert_eq!(m.uid(), 0, "{f}");
+        }
+        let log = std::fs::read_to_string(d.dir.join(format!("profiles/{n}/run/vmm.log")))
+            .unwrap_or_default();
+        for path in paths {
+            let line = log
+                .lines()
+                .find(|l| l.contains(&format!("jail-selftest write {path}:")))
+                .unwrap_or_else(|| panic!("{n}: no self-test line for {path}: {log}"));
+            if path == "/run/0" {
+                assert!(line.ends_with(": written"), "{line}");
+            } else {
+                // EACCES (not its file), EROFS (read-only mount), ENOENT (not there).
+                let refused = ["errno=13 ", "errno=30 ", "errno=2 "]
+                    .iter()
+                    .any(|e| line.contains(e));
+                assert!(refused, "{n} can write {path}: {line}");
+            }
+            loud(&format!("MEASURE {n} (uid {want}): {line}"));
+        }
+    }
+    assert_ne!(uids[0], uids[1], "two profiles share a uid");
+    // A suspend (written by the VMM into its run directory) and resume work as that uid.
+    assert_eq!(
+        d.act("ua", "suspend").unwrap().state,
+        ProfileState::Suspended
+    );
+    assert_eq!(d.act("ua", "resume").unwrap().state, ProfileState::Running);
+    for n in ["ua", "ub"] {
+        d.act(n, "stop").unwrap();
+    }
+}

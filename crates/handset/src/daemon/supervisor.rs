@@ -2,6 +2,7 @@
 //! restarts within a budget, adoption of VMMs left by an earlier daemon, and stopping.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -147,8 +148,17 @@ impl Handset {
     ) -> Result<()> {
         let dir = self.registry.dir();
         let api = dir.api_socket(name);
+        let uid = match self.opts.jail {
+            true => {
+                let uid = vmm_proc::jail_uid(self.registry.row(name)?.vsock_cid)?;
+                give_run_dir(&dir.run(name), uid)?;
+                uid
+            }
+            false => 0,
+        };
         let jail = self.opts.jail.then(|| JailArgs {
             id: name.to_string(),
+            uid,
             root: dir.jail_root(),
             // A v2 group is made, joined (clone3 into it) and removed by the jailer.
             cgroup: match &self.cgroups {
@@ -424,4 +434,14 @@ mod tests {
         assert!(b.take(t0 + Duration::from_secs(61), 3, window));
         assert!(!b.take(t0 + Duration::from_secs(61), 3, window));
     }
+}
+
+/// Makes `run` (the one host directory the jailed VMM writes: sockets, serial log rotation,
+/// staged snapshots) owned by the VMM's own `uid` (and gid), mode 0700.
+fn give_run_dir(run: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(run, Some(uid), Some(uid))
+        .map_err(Error::io(format!("cannot chown {}", run.display())))?;
+    std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(format!("cannot chmod {}", run.display())))
 }

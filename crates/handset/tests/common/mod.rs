@@ -49,6 +49,8 @@ pub struct Daemon {
     pub child: Option<Child>,
     pub cgroup_parent: String,
     pub extra_args: Vec<String>,
+    /// Extra environment of the daemon (and so of its VMMs).
+    pub env: Vec<(String, String)>,
 }
 
 fn unique(tag: &str) -> String {
@@ -74,6 +76,7 @@ impl Daemon {
             child: None,
             cgroup_parent: unique(tag),
             extra_args: vec![],
+            env: vec![],
         };
         d.spawn();
         d
@@ -97,7 +100,20 @@ impl Daemon {
             child: None,
             cgroup_parent: unique(tag),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: vec![],
         };
+        d.spawn();
+        d
+    }
+
+    /// [`Daemon::start`] with extra environment variables for the daemon and its VMMs.
+    pub fn start_env(tag: &str, env: &[(&str, &str)]) -> Daemon {
+        let mut d = Self::start(tag);
+        d.kill9();
+        d.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         d.spawn();
         d
     }
@@ -115,6 +131,7 @@ impl Daemon {
             .args(["--cgroup-parent", &self.cgroup_parent])
             .args(&self.extra_args)
             .env("POCKETVISOR_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
