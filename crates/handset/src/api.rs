@@ -159,7 +159,14 @@ fn audited<T>(
         Ok(_) => format!("{peer}: ok"),
         Err(e) => format!("{peer}: error: {e}"),
     };
-    h.audit(profile, action, &detail);
+    // A name that is no profile name (`-x`, `../a`, control characters) is recorded under
+    // `-`, escaped and cut short, never as a profile.
+    if crate::spec::check_name("", profile).is_err() {
+        let shown: String = format!("{profile:?}").chars().take(66).collect();
+        h.audit("-", action, &format!("name {shown}; {detail}"));
+    } else {
+        h.audit(profile, action, &detail);
+    }
     r.map_err(ApiError)
 }
 

@@ -418,9 +418,74 @@ pub fn check_asset(what: &str, value: &str) -> Result<(), Error> {
     }
 }
 
+/// A guest asset that a spec written before assets were confined names by a host path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LegacyAsset {
+    /// `kernel` or `initrd`.
+    pub field: &'static str,
+    /// The host path the old spec names.
+    pub path: String,
+    /// Its file name: the asset name the spec names instead once migrated.
+    pub file: String,
+}
+
+/// If `text` is a spec from before guest assets were confined (its `kernel` or `initrd` an
+/// absolute host path), the spec with each such path replaced by its file name, and what was
+/// replaced. None for any other text (a valid spec, or one wrong in another way).
+pub fn legacy_asset_paths(text: &str) -> Option<(String, Vec<LegacyAsset>)> {
+    let mut table: toml::Table = toml::from_str(text).ok()?;
+    let mut found = Vec::new();
+    for field in ["kernel", "initrd"] {
+        let Some(toml::Value::String(path)) = table.get(field) else {
+            continue;
+        };
+        if !path.starts_with('/') {
+            continue;
+        }
+        let file = std::path::Path::new(path)
+            .file_name()
+            .and_then(|f| f.to_str())
+            .filter(|f| check_asset(field, f).is_ok())?
+            .to_string();
+        found.push(LegacyAsset {
+            field,
+            path: path.clone(),
+            file: file.clone(),
+        });
+        table.insert(field.into(), toml::Value::String(file));
+    }
+    if found.is_empty() {
+        return None;
+    }
+    let migrated = toml::to_string(&table).ok()?;
+    ProfileSpec::from_toml(&migrated).ok()?;
+    Some((migrated, found))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn legacy_asset_paths_become_file_names() {
+        let old = "name = \"w\"\nkernel = \"/boot/vmlinux-6.1\"\ninitrd = \"/srv/i.img\"\n\
+                   memory_mib = 64\n";
+        assert!(ProfileSpec::from_toml(old).is_err());
+        let (new, found) = legacy_asset_paths(old).unwrap();
+        let spec = ProfileSpec::from_toml(&new).unwrap();
+        assert_eq!(spec.kernel, "vmlinux-6.1");
+        assert_eq!(spec.initrd.as_deref(), Some(std::path::Path::new("i.img")));
+        assert_eq!(found.len(), 2);
+        assert_eq!(
+            (found[0].field, found[0].path.as_str()),
+            ("kernel", "/boot/vmlinux-6.1")
+        );
+        // Not legacy: a valid spec, a relative path, a file name that is no asset name.
+        let valid = "name = \"w\"\nkernel = \"probe\"\nmemory_mib = 64\n";
+        assert_eq!(legacy_asset_paths(valid), None);
+        assert_eq!(legacy_asset_paths(&old.replace("/boot/", "../")), None);
+        assert_eq!(legacy_asset_paths(&old.replace("vmlinux-6.1", "-x")), None);
+    }
 
     #[test]
     fn templates_are_valid_and_round_trip() {

@@ -373,8 +373,8 @@ mod tests {
             Path::new("/s/api.sock"),
             Some(&jail),
         );
-        let want = "vmm --restore /s/snap --jail-id w --jail-root /s/jail --cgroup /cg/pv/w \
-                    --cpu-weight 100 --memory-max 256M --serial file:/s/serial.log \
+        let want = "vmm --restore /s/snap --jail-id w --jail-root /s/jail --uid 1879048197 \
+                    --gid 1879048197 --cgroup /cg/pv/w --cpu-weight 100 --memory-max 256M --serial file:/s/serial.log \
                     --vsock-socket /s/v.sock --disk /s/d.img --api-socket /s/api.sock";
         assert_eq!(jr, want.split_whitespace().collect::<Vec<_>>());
     }

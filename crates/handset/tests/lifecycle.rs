@@ -1026,3 +1026,105 @@ fn a_jailed_vmm_runs_as_its_own_uid_and_cannot_write_root_files() {
         d.act(n, "stop").unwrap();
     }
 }
+
+/// The audit records of `profile` as "action: detail" lines.
+fn audit_of(d: &Daemon, profile: &str) -> Vec<String> {
+    let list: Vec<handset::Event> = d
+        .client()
+        .call("GET", "/v1/audit?limit=1000", None::<&()>)
+        .unwrap();
+    list.into_iter()
+        .filter(|e| e.profile == profile)
+        .map(|e| format!("{}: {}", e.event, e.detail))
+        .collect()
+}
+
+/// Refused starts are audited (a special file as kernel, a name that is no profile name);
+/// a spec from before guest assets were confined (a host path as kernel) is listed with what
+/// to do, refused at start with that message, and rewritten to the asset's file name by the
+/// next daemon once the administrator put the file in the asset directory.
+#[test]
+fn refused_starts_are_audited_and_old_specs_are_migrated() {
+    let mut d = Daemon::start("refused");
+    // A FIFO as the kernel: refused before anything waits on it, audited.
+    let fifo = d.dir.join("assets/fifo.elf");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let req = handset::CreateProfile {
+        spec: Some(
+            handset::ProfileSpec::from_toml(
+                "name = \"ff\"\nkernel = \"fifo.elf\"\nmemory_mib = 64\n",
+            )
+            .unwrap(),
+        ),
+        ..Default::default()
+    };
+    let _: ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    let e = d.act("ff", "start").unwrap_err().to_string();
+    assert!(e.contains("regular file") || e.contains("FIFO"), "{e}");
+    let audit = audit_of(&d, "ff");
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.starts_with("start-refused: ") && a.contains("kernel")),
+        "{audit:?}"
+    );
+    // A name that is no profile name is recorded under "-", escaped.
+    let _ = d
+        .client()
+        .raw("POST", "/v1/profiles/-x/start", None)
+        .unwrap();
+    let anon = audit_of(&d, "-");
+    assert!(
+        anon.iter()
+            .any(|a| a.starts_with("start: name \"-x\"") && a.contains("error")),
+        "{anon:?}"
+    );
+    assert!(audit_of(&d, "-x").is_empty());
+
+    // An old spec: kernel by a host path.
+    d.create_probe("old", 64, "");
+    let outside = d.dir.join("legacy-vmlinux.elf");
+    std::fs::write(&outside, b"whatever").unwrap();
+    let spec = d.dir.join("profiles/old/profile.toml");
+    let text = std::fs::read_to_string(&spec).unwrap().replace(
+        "kernel = \"probe\"",
+        &format!("kernel = {:?}", outside.to_str().unwrap()),
+    );
+    assert!(text.contains("legacy-vmlinux.elf"), "{text}");
+    std::fs::write(&spec, &text).unwrap();
+    // Listed (the whole list does not fail), saying what to do.
+    let list: Vec<ProfileInfo> = d.client().call("GET", "/v1/profiles", None::<&()>).unwrap();
+    let old = list
+        .iter()
+        .find(|p| p.name == "old")
+        .expect("old is listed");
+    assert!(
+        old.detail.contains("assets/legacy-vmlinux.elf"),
+        "{}",
+        old.detail
+    );
+    let e = d.act("old", "start").unwrap_err().to_string();
+    assert!(
+        e.contains("copy") && e.contains("restart the handset daemon"),
+        "{e}"
+    );
+    assert!(audit_of(&d, "old")
+        .iter()
+        .any(|a| a.starts_with("start-refused: ")));
+    // The next daemon leaves it alone while the asset is missing (it never copies a host
+    // path itself) ...
+    d.kill9();
+    d.spawn();
+    assert_eq!(std::fs::read_to_string(&spec).unwrap(), text);
+    // ... and rewrites it once the administrator put the file in the asset directory.
+    std::fs::copy(&outside, d.dir.join("assets/legacy-vmlinux.elf")).unwrap();
+    d.kill9();
+    d.spawn();
+    assert_eq!(d.show("old").spec.kernel, "legacy-vmlinux.elf");
+    assert!(d.events("old").iter().any(|e| e == "spec-migrated"));
+    assert!(audit_of(&d, "old")
+        .iter()
+        .any(|a| a.starts_with("spec-migrated: kernel /")));
+}

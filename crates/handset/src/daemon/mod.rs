@@ -211,10 +211,16 @@ impl Handset {
 
     /// Boots `name` (ops lock held).
     async fn start_locked(self: &Arc<Self>, name: &str) -> Result<()> {
-        let spec = self.registry.spec(name)?;
-        let row = self.registry.row(name)?;
-        let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
-        self.registry.check_guest_files(&cfg)?;
+        // What the spec hands the VMM is checked first; a refusal is audited.
+        let checked = (|| {
+            let spec = self.registry.spec(name)?;
+            let row = self.registry.row(name)?;
+            let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
+            self.registry.check_guest_files(&cfg)?;
+            Ok((spec, cfg))
+        })();
+        let (spec, cfg) =
+            checked.inspect_err(|e: &Error| self.audit(name, "start-refused", &e.to_string()))?;
         let run = self.dir().run(name);
         std::fs::create_dir_all(&run)
             .map_err(Error::io(format!("cannot create {}", run.display())))?;
@@ -430,14 +436,20 @@ impl Handset {
     }
 
     async fn resume_locked(self: &Arc<Self>, name: &str) -> Result<()> {
-        let spec = self.registry.spec(name)?;
         let snap = self.dir().snapshot(name);
         if !snap.is_dir() {
             return Err(Error::Conflict(format!("profile {name:?} has no snapshot")));
         }
-        for d in &spec.disks {
-            state_dir::check_regular_file("disk", &self.dir().disk(name, &d.name))?;
-        }
+        // The spec and the disks it names are checked first; a refusal is audited.
+        let checked = (|| {
+            let spec = self.registry.spec(name)?;
+            for d in &spec.disks {
+                state_dir::check_regular_file("disk", &self.dir().disk(name, &d.name))?;
+            }
+            Ok(spec)
+        })();
+        let spec =
+            checked.inspect_err(|e: &Error| self.audit(name, "resume-refused", &e.to_string()))?;
         let run = self.dir().run(name);
         std::fs::create_dir_all(&run)
             .map_err(Error::io(format!("cannot create {}", run.display())))?;
@@ -497,6 +509,14 @@ impl Handset {
         let rows = self.registry.db().profiles()?;
         for row in &rows {
             self.kill_strays(&row.name, row.pid);
+            match self.registry.migrate_legacy_spec(&row.name) {
+                Ok(Some(what)) => {
+                    self.registry.event(&row.name, "spec-migrated", &what);
+                    self.audit(&row.name, "spec-migrated", &what);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("{}: {e}", row.name),
+            }
         }
         for row in rows {
             // A step an earlier daemon left half done is finished or rolled back first.

@@ -12,7 +12,7 @@ use crate::api_types::{ProfileInfo, ProfileState};
 use crate::audit_key::AuditKey;
 use crate::db::{Db, Log, ProfileRow};
 use crate::error::{Error, Result};
-use crate::spec::{ProfileSpec, PROBE_KERNEL};
+use crate::spec::{legacy_asset_paths, LegacyAsset, ProfileSpec, PROBE_KERNEL};
 use crate::state_dir::{self, StateDir};
 use crate::vmm_proc;
 
@@ -91,12 +91,69 @@ impl Registry {
         Ok(ProfileState::parse(&self.row(name)?.state))
     }
 
-    /// The spec of `name`.
+    /// The spec of `name`. One written before guest assets were confined (a host path as
+    /// kernel or initrd) is refused with what to do about it.
     pub(super) fn spec(&self, name: &str) -> Result<ProfileSpec> {
+        let text = self.spec_text(name)?;
+        ProfileSpec::from_toml(&text).map_err(|e| match legacy_asset_paths(&text) {
+            Some((_, assets)) => Error::BadRequest(self.legacy_message(name, &assets)),
+            None => e,
+        })
+    }
+
+    fn spec_text(&self, name: &str) -> Result<String> {
         let path = self.dir.spec(name);
-        let text = std::fs::read_to_string(&path)
-            .map_err(Error::io(format!("cannot read {}", path.display())))?;
-        ProfileSpec::from_toml(&text)
+        std::fs::read_to_string(&path).map_err(Error::io(format!("cannot read {}", path.display())))
+    }
+
+    fn legacy_message(&self, name: &str, assets: &[LegacyAsset]) -> String {
+        let each: Vec<String> = assets
+            .iter()
+            .map(|a| {
+                format!(
+                    "copy {} to {} ({} = {:?})",
+                    a.path,
+                    self.dir.asset(&a.file).display(),
+                    a.field,
+                    a.file
+                )
+            })
+            .collect();
+        format!(
+            "{} names its {} by a host path, which specs no longer may (guest assets are file \
+             names in {}): {}, then restart the handset daemon, which rewrites the spec; or \
+             delete the profile",
+            self.dir.spec(name).display(),
+            assets
+                .iter()
+                .map(|a| a.field)
+                .collect::<Vec<_>>()
+                .join(" and "),
+            self.dir.assets().display(),
+            each.join("; ")
+        )
+    }
+
+    /// Rewrites a spec from before guest assets were confined to name its assets by file
+    /// name, once each is in the asset directory (never copying a host path there: the old
+    /// spec may name any host file). Returns what it did, or None if nothing was to do.
+    pub(super) fn migrate_legacy_spec(&self, name: &str) -> Result<Option<String>> {
+        let text = self.spec_text(name)?;
+        if ProfileSpec::from_toml(&text).is_ok() {
+            return Ok(None);
+        }
+        let Some((migrated, assets)) = legacy_asset_paths(&text) else {
+            return Ok(None);
+        };
+        if assets.iter().any(|a| !self.dir.asset(&a.file).is_file()) {
+            return Err(Error::BadRequest(self.legacy_message(name, &assets)));
+        }
+        state_dir::write_atomic(&self.dir.spec(name), migrated.as_bytes())?;
+        let what: Vec<String> = assets
+            .iter()
+            .map(|a| format!("{} {} -> {:?}", a.field, a.path, a.file))
+            .collect();
+        Ok(Some(what.join(", ")))
     }
 
     /// What `event` would do to `name` now; a refusal is a conflict.
@@ -124,8 +181,19 @@ impl Registry {
     }
 
     /// The API's view of a profile.
-    pub(super) fn info(&self, row: ProfileRow) -> Result<ProfileInfo> {
-        let spec = self.spec(&row.name)?;
+    pub(super) fn info(&self, mut row: ProfileRow) -> Result<ProfileInfo> {
+        let spec = match self.spec(&row.name) {
+            Ok(spec) => spec,
+            Err(e) => {
+                // Listed all the same (its spec as written), saying why it cannot start.
+                let text = self.spec_text(&row.name)?;
+                let Ok(raw) = toml::from_str::<ProfileSpec>(&text) else {
+                    return Err(e);
+                };
+                row.detail = e.to_string();
+                raw
+            }
+        };
         let state = ProfileState::parse(&row.state);
         let live = matches!(state, ProfileState::Running | ProfileState::Paused);
         let weight = if row.foreground {
