@@ -23,6 +23,18 @@ macro_rules! guest_warn {
     }};
 }
 
+/// `tracing::debug!` for guest-triggered events, rate limited per call site like
+/// [`guest_warn!`](crate::guest_warn) (so turning debug logs on cannot let a guest flood them).
+#[macro_export]
+macro_rules! guest_debug {
+    ($($arg:tt)*) => {{
+        static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        if let Some(n) = $crate::ratelimit::should_log(&COUNT) {
+            tracing::debug!(occurrence = n, $($arg)*);
+        }
+    }};
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

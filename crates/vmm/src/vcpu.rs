@@ -156,7 +156,7 @@ fn handle_exit(id: u8, exit: VcpuExit, shared: &VcpuShared) -> Option<Result<Gue
             shared.mmio.write(addr, data);
         }
         VcpuExit::Hlt => {
-            tracing::debug!("vcpu{id}: hlt exit");
+            devices::guest_debug!("vcpu{id}: hlt exit");
         }
         VcpuExit::Intr => {}
         VcpuExit::Shutdown => {

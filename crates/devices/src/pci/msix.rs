@@ -311,7 +311,7 @@ impl MsixConfig {
 
     fn inject(&self, v: usize) {
         if let Err(e) = self.vectors[v].irqfd.write(1) {
-            tracing::warn!("MSI-X vector {v}: irqfd write failed: {e}");
+            crate::guest_warn!("MSI-X vector {v}: irqfd write failed: {e}");
         }
     }
 
@@ -339,7 +339,7 @@ impl MsixConfig {
             .hooks
             .set_msi_route(vec.gsi, address, data, want.is_some())
         {
-            tracing::warn!("MSI-X vector {v}: routing GSI {} failed: {err}", vec.gsi);
+            crate::guest_warn!("MSI-X vector {v}: routing GSI {} failed: {err}", vec.gsi);
         }
         vec.route = want;
     }

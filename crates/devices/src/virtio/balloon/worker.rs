@@ -75,7 +75,7 @@ impl Run {
     fn flush(&mut self) {
         if self.len > 0 {
             if let Err(e) = discard(self.host, self.len) {
-                tracing::warn!("virtio-balloon: madvise of {} bytes failed: {e}", self.len);
+                crate::guest_warn!("virtio-balloon: madvise of {} bytes failed: {e}", self.len);
             }
         }
         self.len = 0;
@@ -321,7 +321,7 @@ fn report_free(mem: &GuestMem, shared: &Shared, chain: &Chain) -> Done {
                 shared.reported_bytes.fetch_add(len, Ordering::Relaxed);
                 done.bytes += len;
             }
-            Err(e) => tracing::warn!("virtio-balloon: madvise of {len} bytes failed: {e}"),
+            Err(e) => crate::guest_warn!("virtio-balloon: madvise of {len} bytes failed: {e}"),
         }
     }
     done

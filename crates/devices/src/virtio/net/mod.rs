@@ -241,7 +241,7 @@ impl NetWorker {
             };
             if chain.writable_len() < len {
                 // Too big for the buffer: drop the frame, keep the buffer for the next one.
-                tracing::debug!("virtio-net: dropping {len}-byte frame, rx buffer too small");
+                crate::guest_debug!("virtio-net: dropping {len}-byte frame, rx buffer too small");
                 self.rx.undo_pop();
                 self.pending = None;
                 continue;
@@ -290,7 +290,7 @@ impl NetWorker {
                 if chain.writable_len() != 0
                     || !(VNET_HDR_LEN..=VNET_HDR_LEN + MAX_FRAME_LEN).contains(&len)
                 {
-                    tracing::debug!("virtio-net: dropping malformed tx chain of {len} bytes");
+                    crate::guest_debug!("virtio-net: dropping malformed tx chain of {len} bytes");
                     counters.error();
                     return (chain.head, 0);
                 }
@@ -302,7 +302,7 @@ impl NetWorker {
                     match backend.send(&buf) {
                         Ok(_) => counters.request(len as u64),
                         Err(e) => {
-                            tracing::debug!("virtio-net: dropping tx frame: {e}");
+                            crate::guest_debug!("virtio-net: dropping tx frame: {e}");
                             counters.error();
                         }
                     }

@@ -180,7 +180,7 @@ impl VirtioPciDevice {
             (QUEUE_DESC..=0x34, 4) if offset.is_multiple_of(4) => {
                 self.write_queue_setup(offset, 4, v)
             }
-            _ => tracing::debug!(
+            _ => crate::guest_debug!(
                 "virtio-pci: ignored common config write at {offset:#x} len {}",
                 data.len()
             ),
@@ -260,7 +260,7 @@ impl VirtioPciDevice {
                 self.activate()
             };
             if let Err(e) = result {
-                tracing::warn!("virtio-pci: activating the device failed: {e}");
+                crate::guest_warn!("virtio-pci: activating the device failed: {e}");
                 self.interrupt.device_error();
             }
         }

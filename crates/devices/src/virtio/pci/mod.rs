@@ -303,14 +303,14 @@ impl VirtioPciDevice {
         if let Some(old) = self.bar0_mapped {
             for (q, kick) in self.kicks.iter().enumerate() {
                 if let Err(e) = self.hooks.unregister_ioevent(kick, notify_addr(old, q)) {
-                    tracing::warn!("virtio-pci: unregistering queue {q} ioeventfd: {e}");
+                    crate::guest_warn!("virtio-pci: unregistering queue {q} ioeventfd: {e}");
                 }
             }
         }
         if let Some(base) = new {
             for (q, kick) in self.kicks.iter().enumerate() {
                 if let Err(e) = self.hooks.register_ioevent(kick, notify_addr(base, q)) {
-                    tracing::warn!("virtio-pci: registering queue {q} ioeventfd: {e}");
+                    crate::guest_warn!("virtio-pci: registering queue {q} ioeventfd: {e}");
                 }
             }
         }
@@ -325,14 +325,14 @@ impl VirtioPciDevice {
         let (host, size) = (shm.host_addr(), shm.size());
         if let Some(old) = self.shm_mapped.take() {
             if let Err(e) = self.hooks.unmap_memory(old, size) {
-                tracing::warn!("virtio-pci: unmapping shared memory at {old:#x}: {e}");
+                crate::guest_warn!("virtio-pci: unmapping shared memory at {old:#x}: {e}");
             }
         }
         if let Some(base) = new {
             match self.hooks.map_memory(base, host, size) {
                 Ok(()) => self.shm_mapped = Some(base),
                 // Guest accesses then trap and are served by `bar_read`/`bar_write`.
-                Err(e) => tracing::debug!("virtio-pci: shared memory not mapped: {e}"),
+                Err(e) => crate::guest_debug!("virtio-pci: shared memory not mapped: {e}"),
             }
         }
     }
@@ -508,7 +508,7 @@ impl PciDevice for VirtioPciDevice {
                     .and_then(|q| self.kicks.get(q))
                 {
                     if let Err(e) = kick.write(1) {
-                        tracing::warn!("virtio-pci: queue notification failed: {e}");
+                        crate::guest_warn!("virtio-pci: queue notification failed: {e}");
                     }
                 }
             }

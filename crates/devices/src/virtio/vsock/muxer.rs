@@ -255,7 +255,7 @@ impl Muxer {
             return;
         };
         let Some(peer_port) = parse_connect(&line) else {
-            tracing::debug!("virtio-vsock: bad connect line from host");
+            crate::guest_debug!("virtio-vsock: bad connect line from host");
             return;
         };
         let Some(local_port) = self.free_host_port() else {
@@ -325,17 +325,17 @@ impl Muxer {
     fn handle_tx_packet(&mut self, epoll: &Epoll, chain: &Chain) {
         let mut raw = [0u8; HDR_LEN];
         if chain.read_at(&self.mem, 0, &mut raw).is_err() {
-            tracing::debug!("virtio-vsock: tx packet shorter than a header");
+            crate::guest_debug!("virtio-vsock: tx packet shorter than a header");
             return;
         }
         let hdr = Header::from_bytes(&raw);
         let len = hdr.len as usize;
         if len > MAX_PKT_PAYLOAD || len > chain.readable_len().saturating_sub(HDR_LEN) {
-            tracing::debug!("virtio-vsock: tx packet length {len} exceeds its buffer");
+            crate::guest_debug!("virtio-vsock: tx packet length {len} exceeds its buffer");
             return;
         }
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
-            tracing::debug!(
+            crate::guest_debug!(
                 "virtio-vsock: dropping packet {}->{}",
                 hdr.src_cid,
                 hdr.dst_cid
@@ -370,7 +370,7 @@ impl Muxer {
                 if chain.read_at(&self.mem, HDR_LEN, data).is_err()
                     || conn.push_guest_data(data).is_err()
                 {
-                    tracing::debug!("virtio-vsock: guest overran its credit");
+                    crate::guest_debug!("virtio-vsock: guest overran its credit");
                     self.close(key, true);
                     return;
                 }
@@ -411,7 +411,7 @@ impl Muxer {
         let stream = match connect_nonblocking(Path::new(&path)) {
             Ok(stream) => stream,
             Err(e) => {
-                tracing::debug!("virtio-vsock: cannot connect to {path:?}: {e}");
+                crate::guest_debug!("virtio-vsock: cannot connect to {path:?}: {e}");
                 self.reply_rst(hdr);
                 return;
             }
