@@ -69,6 +69,11 @@ pub fn drop_all(ids: Option<Ids>) -> Result<()> {
     };
     check(r, "clear ambient capabilities")?;
     if let Some(Ids { uid, gid }) = ids {
+        // A change of uid clears the parent-death signal: note it to set it again after.
+        let mut death_signal: libc::c_int = 0;
+        // SAFETY: PR_GET_PDEATHSIG writes one int through the live pointer.
+        let r = unsafe { libc::prctl(libc::PR_GET_PDEATHSIG, &mut death_signal, 0, 0, 0) };
+        check(r, "read the parent-death signal")?;
         // SAFETY: setgroups with an empty list (the pointer is not read).
         let r = unsafe { libc::setgroups(0, std::ptr::null()) };
         check(r, "drop supplementary groups")?;
@@ -78,6 +83,11 @@ pub fn drop_all(ids: Option<Ids>) -> Result<()> {
         // SAFETY: integer arguments only.
         let r = unsafe { libc::setresuid(uid, uid, uid) };
         check(r, format!("set uid {uid}"))?;
+        if death_signal != 0 {
+            // SAFETY: prctl with integer arguments only.
+            let r = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, death_signal, 0, 0, 0) };
+            check(r, "set the parent-death signal again")?;
+        }
     }
     let mut header = CapHeader {
         version: CAP_VERSION_3,
