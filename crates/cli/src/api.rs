@@ -39,6 +39,7 @@ pub fn serve(path: &Path, controller: Arc<Controller>) -> Result<SocketGuard> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            devices::threads::started(devices::threads::ThreadKind::Api);
             for conn in listener.incoming() {
                 match conn {
                     // One thread per connection: a client that stays connected (or never
@@ -49,6 +50,7 @@ pub fn serve(path: &Path, controller: Arc<Controller>) -> Result<SocketGuard> {
                             std::thread::Builder::new()
                                 .name("api-conn".into())
                                 .spawn(move || {
+                                    devices::threads::started(devices::threads::ThreadKind::Api);
                                     if let Err(e) = serve_conn(stream, &controller) {
                                         tracing::debug!("api connection: {e}");
                                     }

@@ -422,6 +422,8 @@ fn child(
         eprintln!("pocketvisor: warning: running without the seccomp filter (--no-seccomp)");
     } else {
         jail::seccomp::install()?;
+        // Every vCPU, device worker and API thread started from here on narrows itself.
+        devices::threads::set_start_hook(narrow_thread);
     }
     tracing::info!(
         "jail {} ready in {} us",
@@ -495,5 +497,21 @@ mod tests {
         assert_eq!(parse_memory_max("4096").unwrap(), "4096");
         assert!(parse_memory_max("lots").is_err());
         assert!(parse_memory_max("99999999999G").is_err());
+    }
+}
+
+/// Installs the seccomp filter of a new thread's kind; a thread that cannot narrow itself
+/// ends the process (fail closed).
+fn narrow_thread(kind: devices::threads::ThreadKind) {
+    use devices::threads::ThreadKind as Device;
+    use jail::seccomp::threads::ThreadKind as Jail;
+    let kind = match kind {
+        Device::Vcpu => Jail::Vcpu,
+        Device::DeviceWorker => Jail::DeviceWorker,
+        Device::Api => Jail::Api,
+    };
+    if let Err(e) = jail::seccomp::threads::install_thread(kind) {
+        eprintln!("pocketvisor: error: {e}");
+        std::process::exit(1);
     }
 }

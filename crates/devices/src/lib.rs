@@ -21,6 +21,7 @@ mod narrow;
 pub mod pci;
 pub mod ratelimit;
 pub mod regular_file;
+pub mod threads;
 pub mod virtio;
 
 /// Guest memory as every device sees it. Each region carries a dirty bitmap (one bit per

@@ -75,7 +75,10 @@ pub fn spawn(id: u8, mut vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Resu
     let (msgs, rx) = channel();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || run(id, &mut vcpu, &shared, &rx))?;
+        .spawn(move || {
+            devices::threads::started(devices::threads::ThreadKind::Vcpu);
+            run(id, &mut vcpu, &shared, &rx)
+        })?;
     Ok(VcpuThread { handle, msgs })
 }
 

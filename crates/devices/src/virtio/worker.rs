@@ -211,7 +211,10 @@ pub fn spawn_worker<W: DeviceWorker>(
     let thread_ctl = ctl.clone();
     let thread = std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(move || run(epoll, kicks, worker, &thread_pause, &thread_ctl))?;
+        .spawn(move || {
+            crate::threads::started(crate::threads::ThreadKind::DeviceWorker);
+            run(epoll, kicks, worker, &thread_pause, &thread_ctl)
+        })?;
     Ok(WorkerHandle {
         stop,
         pause,

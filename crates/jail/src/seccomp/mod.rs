@@ -26,6 +26,8 @@ use x86_64 as arch_lists;
 
 pub use arch_lists::{ARCH_IOCTLS, ARCH_SYSCALLS};
 
+pub mod threads;
+
 use std::collections::BTreeMap;
 
 use seccompiler::{
@@ -240,6 +242,20 @@ pub fn allowlist(pid: libc::pid_t) -> Result<BpfProgram> {
             Op::Eq,
             libc::PR_SET_NAME as u64,
         )?])?],
+    );
+    // Each thread narrows itself further (threads.rs): adding a filter to the calling thread
+    // only (no TSYNC, no other flag) can only take permissions away.
+    rules.insert(
+        libc::SYS_seccomp,
+        vec![rule(vec![
+            cond(
+                0,
+                Len::Dword,
+                Op::Eq,
+                u64::from(libc::SECCOMP_SET_MODE_FILTER),
+            )?,
+            cond(1, Len::Dword, Op::Eq, 0)?,
+        ])?],
     );
     rules.insert(
         libc::SYS_tgkill,

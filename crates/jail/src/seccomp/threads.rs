@@ -1,0 +1,243 @@
+//! One narrower filter per thread kind, stacked on the process allowlist (the kernel applies
+//! the strictest answer): each thread of a kind installs, as its first act, a filter that
+//! kills the process on the syscalls of the allowlist that the kind never makes, so a vCPU
+//! thread cannot open sockets, a device worker cannot run a vCPU, and the API threads (which
+//! parse what a client sends) can make no KVM ioctl and touch no file.
+//!
+//! A filter is added with `seccomp(SECCOMP_SET_MODE_FILTER, 0, ...)` on the calling thread
+//! only (no TSYNC); the process allowlist lets exactly that form through, and a filter can
+//! only take permissions away.
+
+use std::collections::BTreeMap;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op};
+
+use super::{compile, cond, rule, FIOCLEX, FIONBIO, KVMIO, NONE};
+use crate::{Error, Result};
+
+/// The kinds of VMM threads that get their own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Runs one vCPU (`KVM_RUN`, port and MMIO exits, device configuration).
+    Vcpu,
+    /// Serves one device's queues (block and tap I/O, vsock streams).
+    DeviceWorker,
+    /// Accepts API connections and parses their requests (handled by the VM's thread).
+    Api,
+}
+
+/// `KVM_RUN`.
+const KVM_RUN: u64 = super::ioc(NONE, KVMIO, 0x80, 0);
+
+/// Syscalls (of the process allowlist) `kind` never makes, with the reason.
+pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
+    let mut v: Vec<(i64, &'static str)> = match kind {
+        ThreadKind::Vcpu => vec![
+            (libc::SYS_socket, "a vCPU opens no socket"),
+            (libc::SYS_bind, "a vCPU opens no socket"),
+            (libc::SYS_listen, "a vCPU opens no socket"),
+            (libc::SYS_accept4, "a vCPU accepts no connection"),
+            (libc::SYS_connect, "a vCPU connects nowhere"),
+            (libc::SYS_epoll_pwait, "a vCPU waits in KVM_RUN only"),
+            (libc::SYS_mkdirat, "a vCPU makes no directory"),
+            (libc::SYS_fchmodat, "a vCPU changes no mode"),
+            (libc::SYS_fchmod, "a vCPU changes no mode"),
+        ],
+        ThreadKind::DeviceWorker => vec![
+            (libc::SYS_bind, "a worker binds no socket"),
+            (libc::SYS_listen, "a worker listens on no socket"),
+            (libc::SYS_mkdirat, "a worker makes no directory"),
+            (libc::SYS_fchmodat, "a worker changes no mode"),
+            (libc::SYS_fchmod, "a worker changes no mode"),
+            (libc::SYS_renameat, "a worker renames nothing"),
+            (libc::SYS_renameat2, "a worker renames nothing"),
+        ],
+        ThreadKind::Api => vec![
+            (libc::SYS_socket, "the API thread got its listener"),
+            (libc::SYS_bind, "the API thread got its listener"),
+            (libc::SYS_listen, "the API thread got its listener"),
+            (libc::SYS_connect, "the API connects nowhere"),
+            (
+                libc::SYS_openat,
+                "the API opens no file (snapshots are written by the VM thread)",
+            ),
+            (libc::SYS_mkdirat, "the API makes no directory"),
+            (libc::SYS_unlinkat, "the API removes nothing"),
+            (libc::SYS_renameat, "the API renames nothing"),
+            (libc::SYS_renameat2, "the API renames nothing"),
+            (libc::SYS_fchmodat, "the API changes no mode"),
+            (libc::SYS_fchmod, "the API changes no mode"),
+            (libc::SYS_pwrite64, "the API writes no file"),
+            (libc::SYS_pwritev, "the API writes no file"),
+            (libc::SYS_fsync, "the API writes no file"),
+            (libc::SYS_fdatasync, "the API writes no file"),
+            (libc::SYS_epoll_pwait, "the API blocks in accept and read"),
+        ],
+    };
+    #[cfg(target_arch = "x86_64")]
+    v.extend(match kind {
+        ThreadKind::Vcpu => vec![
+            (libc::SYS_epoll_wait, "a vCPU waits in KVM_RUN only"),
+            (libc::SYS_mkdir, "a vCPU makes no directory"),
+            (libc::SYS_chmod, "a vCPU changes no mode"),
+        ],
+        ThreadKind::DeviceWorker => vec![
+            (libc::SYS_mkdir, "a worker makes no directory"),
+            (libc::SYS_chmod, "a worker changes no mode"),
+            (libc::SYS_rename, "a worker renames nothing"),
+        ],
+        ThreadKind::Api => vec![
+            (libc::SYS_mkdir, "the API makes no directory"),
+            (libc::SYS_unlink, "the API removes nothing"),
+            (libc::SYS_rename, "the API renames nothing"),
+            (libc::SYS_chmod, "the API changes no mode"),
+            (libc::SYS_epoll_wait, "the API blocks in accept and read"),
+        ],
+    });
+    v
+}
+
+/// The filter of `kind`: kills the process on [`denied`] syscalls, and on `ioctl` requests
+/// the kind never makes (the API: any but FIONBIO and FIOCLEX; a device worker: `KVM_RUN`);
+/// lets everything else through to the process allowlist.
+pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = denied(kind)
+        .into_iter()
+        .map(|(nr, _)| (nr, Vec::new()))
+        .collect();
+    match kind {
+        ThreadKind::Api => {
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![rule(vec![
+                    cond(1, Len::Dword, Op::Ne, FIONBIO)?,
+                    cond(1, Len::Dword, Op::Ne, FIOCLEX)?,
+                ])?],
+            );
+        }
+        ThreadKind::DeviceWorker => {
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![rule(vec![cond(1, Len::Dword, Op::Eq, KVM_RUN)?])?],
+            );
+        }
+        ThreadKind::Vcpu => {}
+    }
+    compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)
+}
+
+/// Installs the filter of `kind` on the calling thread only. Call it first thing in a new
+/// thread (the thread must not have made any syscall the filter refuses since).
+pub fn install_thread(kind: ThreadKind) -> Result<()> {
+    let prog = filter(kind)?;
+    apply_to_this_thread(&prog)
+}
+
+/// `seccomp(SECCOMP_SET_MODE_FILTER, 0, prog)`: the calling thread only.
+fn apply_to_this_thread(prog: &BpfProgram) -> Result<()> {
+    let fprog = libc::sock_fprog {
+        len: u16::try_from(prog.len()).map_err(|_| Error::Seccomp("filter too long".into()))?,
+        filter: prog.as_ptr().cast_mut().cast(),
+    };
+    // SAFETY: seccomp(2) reads `fprog` and the instructions it points to, both alive for the
+    // call; no_new_privs is set by the process before any thread filter is installed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Error::Seccomp(format!(
+            "install a thread filter: {}",
+            std::io::Error::last_os_error()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `probe` in a forked child that installed `kind`'s filter; returns the signal
+    /// that killed the child (0 if it exited).
+    fn killed_by(kind: ThreadKind, probe: fn() -> i64) -> i32 {
+        let prog = filter(kind).unwrap();
+        // SAFETY: fork(2); the child only makes raw syscalls (no allocation) and _exits.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // SAFETY: prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+            if apply_to_this_thread(&prog).is_err() {
+                // SAFETY: _exit ends the child without running the parent's destructors.
+                unsafe { libc::_exit(2) };
+            }
+            probe();
+            // SAFETY: as above.
+            unsafe { libc::_exit(0) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if libc::WIFSIGNALED(status) {
+            libc::WTERMSIG(status)
+        } else {
+            assert_eq!(libc::WEXITSTATUS(status), 0, "the child could not filter");
+            0
+        }
+    }
+
+    fn unix_socket() -> i64 {
+        // SAFETY: socket(2) with integer arguments; the descriptor is left to _exit.
+        i64::from(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) })
+    }
+
+    fn kvm_run_on_a_bad_fd() -> i64 {
+        // SAFETY: ioctl on an invalid descriptor: EBADF unless a filter stops it first.
+        i64::from(unsafe { libc::ioctl(-1, KVM_RUN as _, 0) })
+    }
+
+    fn open_a_file() -> i64 {
+        // SAFETY: openat with a NUL-terminated path; the descriptor is left to _exit.
+        i64::from(unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) })
+    }
+
+    #[test]
+    fn a_syscall_allowed_to_one_kind_is_refused_to_another() {
+        let sys = libc::SIGSYS;
+        // socket: device workers (vsock streams) yes, vCPU and API no.
+        assert_eq!(killed_by(ThreadKind::DeviceWorker, unix_socket), 0);
+        assert_eq!(killed_by(ThreadKind::Vcpu, unix_socket), sys);
+        assert_eq!(killed_by(ThreadKind::Api, unix_socket), sys);
+        // KVM_RUN: vCPU yes, device worker and API no.
+        assert_eq!(killed_by(ThreadKind::Vcpu, kvm_run_on_a_bad_fd), 0);
+        assert_eq!(
+            killed_by(ThreadKind::DeviceWorker, kvm_run_on_a_bad_fd),
+            sys
+        );
+        assert_eq!(killed_by(ThreadKind::Api, kvm_run_on_a_bad_fd), sys);
+        // openat: vCPU (serial log rotation) and workers yes, API no.
+        assert_eq!(killed_by(ThreadKind::Vcpu, open_a_file), 0);
+        assert_eq!(killed_by(ThreadKind::DeviceWorker, open_a_file), 0);
+        assert_eq!(killed_by(ThreadKind::Api, open_a_file), sys);
+    }
+
+    #[test]
+    fn every_denied_syscall_is_in_the_process_allowlist() {
+        let allowed: Vec<i64> = super::super::syscalls().map(|&(nr, _)| nr).collect();
+        for kind in [ThreadKind::Vcpu, ThreadKind::DeviceWorker, ThreadKind::Api] {
+            for (nr, why) in denied(kind) {
+                let extra = [libc::SYS_socket, libc::SYS_ioctl];
+                assert!(
+                    allowed.contains(&nr) || extra.contains(&nr),
+                    "{kind:?}: {nr} ({why}) is not allowed anyway"
+                );
+            }
+        }
+    }
+}
