@@ -286,6 +286,38 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
             "thread {tid} is filtered"
         );
     }
+    // One more filter per thread kind (jail::seccomp::threads): a vCPU has its own, a device
+    // worker (started by a vCPU) the vCPU's and its own.
+    // (Seccomp_filters is in /proc since Linux 5.9.)
+    let filters = |tid: &str| -> Option<u32> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    if let Some(base) = filters(&pid.to_string()) {
+        let mut kinds = std::collections::BTreeMap::new();
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let tid = task.unwrap().file_name().to_string_lossy().into_owned();
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
+            let n = filters(&tid).unwrap();
+            let kind = match comm.trim() {
+                c if c.starts_with("vcpu") => "vcpu",
+                c if c.starts_with("virtio-") => "worker",
+                c if c.starts_with("api") => "api",
+                _ => continue,
+            };
+            let want = match kind {
+                "worker" => base + 2,
+                _ => base + 1,
+            };
+            assert_eq!(n, want, "{comm:?} has {n} filters, the main thread {base}");
+            kinds.insert(kind, n);
+        }
+        assert!(kinds.contains_key("vcpu"), "{kinds:?}");
+    }
     assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
     // Not dumpable: its /proc files belong to root although it runs as 65534; no core dumps.
     use std::os::unix::fs::MetadataExt;
