@@ -486,20 +486,6 @@ fn parse_memory_max(s: &str) -> Result<String, String> {
         .ok_or_else(|| format!("memory size {s:?} is too large"))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn memory_max_values() {
-        assert_eq!(parse_memory_max("max").unwrap(), "max");
-        assert_eq!(parse_memory_max("512M").unwrap(), "536870912");
-        assert_eq!(parse_memory_max("4096").unwrap(), "4096");
-        assert!(parse_memory_max("lots").is_err());
-        assert!(parse_memory_max("99999999999G").is_err());
-    }
-}
-
 /// Installs the seccomp filter of a new thread's kind; a thread that cannot narrow itself
 /// ends the process (fail closed).
 fn narrow_thread(kind: devices::threads::ThreadKind) {
@@ -513,5 +499,19 @@ fn narrow_thread(kind: devices::threads::ThreadKind) {
     if let Err(e) = jail::seccomp::threads::install_thread(kind) {
         eprintln!("pocketvisor: error: {e}");
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_max_values() {
+        assert_eq!(parse_memory_max("max").unwrap(), "max");
+        assert_eq!(parse_memory_max("512M").unwrap(), "536870912");
+        assert_eq!(parse_memory_max("4096").unwrap(), "4096");
+        assert!(parse_memory_max("lots").is_err());
+        assert!(parse_memory_max("99999999999G").is_err());
     }
 }

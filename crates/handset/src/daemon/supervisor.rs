@@ -417,6 +417,16 @@ impl Handset {
     }
 }
 
+/// Makes `run` (the one host directory the jailed VMM writes: sockets, serial log rotation,
+/// staged snapshots) owned by the VMM's own `uid` (and gid), mode 0700.
+fn give_run_dir(run: &Path, uid: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(run, Some(uid), Some(uid))
+        .map_err(Error::io(format!("cannot chown {}", run.display())))?;
+    std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io(format!("cannot chmod {}", run.display())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -434,14 +444,4 @@ mod tests {
         assert!(b.take(t0 + Duration::from_secs(61), 3, window));
         assert!(!b.take(t0 + Duration::from_secs(61), 3, window));
     }
-}
-
-/// Makes `run` (the one host directory the jailed VMM writes: sockets, serial log rotation,
-/// staged snapshots) owned by the VMM's own `uid` (and gid), mode 0700.
-fn give_run_dir(run: &Path, uid: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::os::unix::fs::chown(run, Some(uid), Some(uid))
-        .map_err(Error::io(format!("cannot chown {}", run.display())))?;
-    std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o700))
-        .map_err(Error::io(format!("cannot chmod {}", run.display())))
 }
