@@ -4,6 +4,7 @@
 #   make test    build the VMM and the probe guest, then run every test (test-nested too)
 #   make test-nested  the hardware-path checks inside L1, a QEMU TCG machine with nested SVM
 #   make test-nested-arm64  the arm64 port's checks inside an arm64 L1 (QEMU TCG with EL2)
+#   make build-arm64  the static aarch64 pocketvisor (target/aarch64-unknown-linux-musl)
 #   make bench   pocketvisor vs QEMU on the probe guest
 #   make linux   build the Linux guest assets from Debian packages (guest/out/linux)
 #   make lint    rustfmt --check and clippy -D warnings over the workspace and the guest crates
@@ -15,7 +16,7 @@ PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 
-.PHONY: all build probe demo test test-nested test-nested-arm64 bench linux lint fuzz
+.PHONY: all build build-arm64 probe demo test test-nested test-nested-arm64 bench linux lint fuzz
 
 all: build
 
@@ -59,9 +60,14 @@ test-nested: build $(LINUX)/initramfs.cpio.gz
 		echo "test-nested: FAILED once; running the whole group again in a new L1"; \
 		$(CARGO) test -p e2e --features nested --test nested; }
 
+# Needs rustup target aarch64-unknown-linux-musl and gcc-aarch64-linux-gnu (bundled SQLite's C);
+# .cargo/config.toml names the linker (rust-lld) and the C compiler.
+build-arm64:
+	$(CARGO) build --target aarch64-unknown-linux-musl -p pocketvisor
+
 # Each check boots its own arm64 L1 (qemu-system-aarch64 TCG with EL2, about 4 s to a shell);
 # the assets are built on first use (NESTED_ARCH=arm64 tests/nested/build-l1.sh).
-test-nested-arm64:
+test-nested-arm64: build-arm64
 	$(CARGO) test -p e2e --features nested --test nested_arm64
 
 # The Linux guest (kernel, initramfs with the guest agent), rebuilt when its recipe or the

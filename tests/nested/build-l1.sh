@@ -13,7 +13,9 @@
 #
 # Output ($NESTED_OUT, default guest/out/nested, or guest/out/nested-arm64): vmlinuz (for
 # arm64 an uncompressed `Image`), initramfs.cpio.gz, version, and inputs (this script and the
-# init as built: the harness rebuilds when they differ).
+# init as built: the harness rebuilds when they differ). For arm64 also guest-initramfs.cpio.gz:
+# the initramfs of the Linux guest pocketvisor boots in L1 (tests/nested/guest-init-arm64 with
+# the virtio-pci, virtio-blk and virtio-rng modules).
 # The downloaded .debs stay in $NESTED_OUT/debs: later runs work offline.
 # Needs: apt-get (download only), dpkg-deb, a static busybox for the host, gzip, xz, zstd.
 set -euo pipefail
@@ -91,7 +93,6 @@ while IFS= read -r line; do
   f="${line%%:*}"; n="$(basename "$f")"; n="${n%%.ko*}"; n="${n//-/_}"
   file_of[$n]="$f"; deps_of[$n]="${line#*:}"
 done <"$moddir/modules.dep"
-order=()
 add() { # add NAME: its dependencies first, then itself
   local n="${1//-/_}" d
   [[ -n "${done_[$n]:-}" ]] && return 0
@@ -100,33 +101,46 @@ add() { # add NAME: its dependencies first, then itself
   [[ -n "${file_of[$n]:-}" ]] && order+=("$n")
   return 0
 }
-for m in "${wanted[@]}"; do
-  if [[ -n "${file_of[$m]:-}" ]]; then add "$m"
-  elif grep -q "/${m//_/[_-]}.ko" "$moddir/modules.builtin" 2>/dev/null; then log "$m is built in"
-  else die "$release has no module $m"
-  fi
-done
-log "modules: ${order[*]}"
-
+pack_root() { # pack_root DIR INIT MODULE...: busybox, the modules (with dependencies), /init
+  local root="$1" init="$2" m n src; shift 2
+  order=(); done_=()
+  for m in "$@"; do
+    if [[ -n "${file_of[$m]:-}" ]]; then add "$m"
+    elif grep -q "/${m//_/[_-]}.ko" "$moddir/modules.builtin" 2>/dev/null; then log "$m is built in"
+    else die "$release has no module $m"
+    fi
+  done
+  log "modules for $(basename "$init"): ${order[*]}"
+  mkdir -p "$root"/{bin,dev,proc,sys,tmp,host,job,etc,lib/modules}
+  cp "$guest_busybox" "$root/bin/busybox"
+  : >"$root/etc/modules"
+  for n in "${order[@]}"; do
+    src="$moddir/${file_of[$n]}"
+    case "$src" in
+      *.ko.xz) xz -dc "$src" ;;
+      *.ko.zst) zstd -dcq "$src" ;;
+      *.ko.gz) gzip -dc "$src" ;;
+      *.ko) cat "$src" ;;
+    esac >"$root/lib/modules/$n.ko"
+    echo "$n" >>"$root/etc/modules"
+  done
+  install -m 755 "$init" "$root/init"
+}
+cpio_gz() { # cpio_gz DIR OUT
+  (cd "$1" && find . -print | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) | gzip -6 >"$2"
+}
 root="$work/root"
-mkdir -p "$root"/{bin,dev,proc,sys,tmp,host,job,etc,lib/modules}
-cp "$guest_busybox" "$root/bin/busybox"
-for n in "${order[@]}"; do
-  src="$moddir/${file_of[$n]}"
-  case "$src" in
-    *.ko.xz) xz -dc "$src" ;;
-    *.ko.zst) zstd -dcq "$src" ;;
-    *.ko.gz) gzip -dc "$src" ;;
-    *.ko) cat "$src" ;;
-  esac >"$root/lib/modules/$n.ko"
-  echo "$n" >>"$root/etc/modules"
-done
-install -m 755 "$init" "$root/init"
+pack_root "$root" "$init" "${wanted[@]}"
 
 # ------------------------------------------------------------------- output
 mkdir -p "$out"
-(cd "$root" && find . -print | LC_ALL=C sort | "$busybox" cpio -o -H newc 2>/dev/null) |
-  gzip -6 >"$out/initramfs.cpio.gz.tmp"
+cpio_gz "$root" "$out/initramfs.cpio.gz.tmp"
+if [[ "$arch" == arm64 ]]; then
+  # The guest pocketvisor boots inside L1: the same kernel with its own small initramfs.
+  pack_root "$work/guest" "$here/guest-init-arm64" virtio_pci virtio_blk virtio_rng
+  cpio_gz "$work/guest" "$out/guest-initramfs.cpio.gz.tmp"
+  mv "$out/guest-initramfs.cpio.gz.tmp" "$out/guest-initramfs.cpio.gz"
+fi
 if [[ "$arch" == arm64 ]] && gzip -t "$vmlinuz" 2>/dev/null; then
   gzip -dc "$vmlinuz" >"$out/vmlinuz.tmp" # an arm64 Image must be loaded uncompressed
 else
@@ -137,4 +151,5 @@ mv "$out/vmlinuz.tmp" "$out/vmlinuz"
 echo "$release" >"$out/version"
 # What the assets were built from: the harness rebuilds them when these files change.
 cat "$here/build-l1.sh" "$init" >"$out/inputs"
+[[ "$arch" == arm64 ]] && cat "$here/guest-init-arm64" >>"$out/inputs"
 log "done: $out/{vmlinuz,initramfs.cpio.gz} ($release)"

@@ -51,11 +51,12 @@ impl L1Arch {
         }
     }
 
-    /// L1's `/init` in `tests/nested`.
-    fn init_script(self) -> &'static str {
+    /// The files in `tests/nested` the assets are built from (after `build-l1.sh`): L1's
+    /// `/init`, and for arm64 the guest's.
+    fn init_scripts(self) -> &'static [&'static str] {
         match self {
-            L1Arch::X86_64 => "l1-init",
-            L1Arch::Aarch64 => "l1-init-arm64",
+            L1Arch::X86_64 => &["l1-init"],
+            L1Arch::Aarch64 => &["l1-init-arm64", "guest-init-arm64"],
         }
     }
 }
@@ -89,7 +90,7 @@ pub fn l1_assets_of(arch: L1Arch) -> Result<(PathBuf, PathBuf), String> {
     let initrd = dir.join("initramfs.cpio.gz");
     let sources = crate::workspace_root().join("tests/nested");
     let mut inputs = Vec::new();
-    for name in ["build-l1.sh", arch.init_script()] {
+    for name in std::iter::once(&"build-l1.sh").chain(arch.init_scripts()) {
         let path = sources.join(name);
         inputs.extend(std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?);
     }

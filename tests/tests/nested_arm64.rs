@@ -51,3 +51,54 @@ fn l1_runs_a_command_with_kvm_at_el2() {
         run.l1_info
     );
 }
+
+/// The static aarch64 build of pocketvisor (`make build-arm64`), as L1 sees it.
+fn pocketvisor_aarch64() -> std::path::PathBuf {
+    let bin = e2e::workspace_root().join("target/aarch64-unknown-linux-musl/debug/pocketvisor");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run make build-arm64",
+        bin.display()
+    );
+    bin
+}
+
+/// A `pocketvisor run` of Debian's arm64 kernel with the guest initramfs
+/// (`tests/nested/guest-init-arm64`), followed by a line with its exit status.
+fn guest_run_script(args: &str) -> String {
+    let assets = e2e::nested::nested_dir_of(L1Arch::Aarch64);
+    format!(
+        "'{pv}' run --kernel '{kernel}' --initrd '{initrd}' --memory 256M {args}\n\
+         echo \"PV rc=$?\"\n",
+        pv = pocketvisor_aarch64().display(),
+        kernel = assets.join("vmlinuz").display(),
+        initrd = assets.join("guest-initramfs.cpio.gz").display(),
+    )
+}
+
+/// The value of `key=` in the first output line that starts with `prefix`.
+fn guest_field<'a>(output: &'a str, prefix: &str, key: &str) -> Option<&'a str> {
+    let line = output.lines().find(|l| l.starts_with(prefix))?;
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[test]
+fn pocketvisor_boots_debian_arm64_to_init_and_powers_off() {
+    let name = "pocketvisor_boots_debian_arm64_to_init_and_powers_off";
+    let script = guest_run_script("--vcpus 2 --cmdline 'console=ttyS0 quiet'");
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    assert!(out.contains("PV rc=0"), "{out}\n{}", run.describe());
+    assert_eq!(guest_field(out, "GUEST init", "cpus"), Some("2"), "{out}");
+    let mem_kb: u64 = guest_field(out, "GUEST init", "mem_kb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (200_000..=262_144).contains(&mem_kb),
+        "the guest should see about 256 MiB: {mem_kb} kB\n{out}"
+    );
+    assert!(out.contains("GUEST done"), "{out}");
+}

@@ -6,13 +6,16 @@
 //!
 //! - [`layout`]: the guest physical memory map (`ram_regions`, the PCI ECAM and MMIO
 //!   windows, `MSI_GSI_BASE`, `MIN_MEMORY`, `CMDLINE_MAX`).
-//! - VM creation: `create_vm` (x86_64: TSS, identity map, in-kernel irqchip, PIT).
+//! - VM creation: `create_vm`, or `setup_vm` on a new VM (x86_64: TSS, identity map,
+//!   in-kernel irqchip, PIT; aarch64: the vGICv3 and its ITS), which returns the `Platform`;
+//!   `Platform::vcpus_created` once every vCPU exists (aarch64: initialises the vGIC).
 //! - Platform devices: `add_legacy_devices` (x86_64: COM1 with its irqfd, i8042, ACPI PM1a,
 //!   debug exit, port 0x80, the PCI config ports 0xcf8) onto the VMM's buses.
 //! - Interrupts: `legacy_irq_routes` (x86_64: IOAPIC and PIC) and `msi_route`.
 //! - The vCPU loop's architecture hook: `handle_arch_exit` (x86_64: port I/O) and
 //!   `instruction_pointer` for error messages.
-//! - Booting: `load_kernel` (ELF/PVH or bzImage, initrd, command line, memory map, ACPI),
+//! - Booting: `load_kernel` (x86_64: ELF/PVH or bzImage, initrd, command line, memory map,
+//!   ACPI; aarch64: an arm64 `Image`, initrd and the device tree),
 //!   `setup_cpuid` (with `cpuid_feature_names`/`validate_cpuid_hide` for the hiding option)
 //!   and `setup_vcpu`.
 //! - Snapshots: `VcpuState` and `CpuModel` (per vCPU, with `VcpuSaveContext`), `VmState`
@@ -20,8 +23,9 @@
 //!   `LegacyDevices::save_platform`), each with save and restore; `ARCH_NAME` tags a
 //!   snapshot so it never restores on another architecture.
 //!
-//! The aarch64 module is the skeleton of the port (issue 14): the layout and types are real,
-//! the rest answers `Error::Unsupported`. This crate depends on `devices`, never the reverse.
+//! The aarch64 module (issue 14) boots Linux: layout, device tree, vGICv3 with ITS, the UART
+//! on MMIO, `KVM_ARM_VCPU_INIT` with PSCI 0.2; snapshots answer `Error::Unsupported` so far.
+//! This crate depends on `devices`, never the reverse.
 
 #![warn(missing_docs)]
 
@@ -56,7 +60,8 @@ fn _same_interface_on_every_architecture() {
     type SerialMaker = fn(EventFd) -> Result<Serial, std::io::Error>;
     let _: &str = ARCH_NAME;
     let _: fn(&Kvm) -> Result<VmFd, Error> = create_vm;
-    let _: fn(&VmFd) -> Result<(), Error> = setup_vm;
+    let _: fn(&VmFd) -> Result<Platform, Error> = setup_vm;
+    let _: fn(&Platform) -> Result<(), Error> = Platform::vcpus_created;
     let _: fn(&LegacyContext<'_>, &mut Bus, &mut Bus, SerialMaker) -> Result<LegacyDevices, Error> =
         add_legacy_devices;
     let _: fn(&LegacyDevices) -> &Arc<std::sync::Mutex<Serial>> = |l| &l.serial;
@@ -75,7 +80,7 @@ fn _same_interface_on_every_architecture() {
         &BootConfig,
     ) -> Result<BootSetup, Error> = load_kernel::<GuestMemoryMmap>;
     let _: fn(&Kvm, &VcpuFd, u8, u8, &[String]) -> Result<(), Error> = setup_cpuid;
-    let _: fn(&VcpuFd, u8, &BootSetup, &GuestMemoryMmap) -> Result<(), Error> =
+    let _: fn(&Platform, &VcpuFd, u8, &BootSetup, &GuestMemoryMmap) -> Result<(), Error> =
         setup_vcpu::<GuestMemoryMmap>;
     let _: fn() -> &'static [&'static str] = cpuid_feature_names;
     let _: fn(&[String]) -> Result<(), Error> = validate_cpuid_hide;

@@ -367,7 +367,9 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<()> {
     // SAFETY: both pointers are valid NUL-terminated strings that outlive the call; AT_FDCWD
     // makes relative paths resolve like std's rename.
     let r = unsafe {
-        libc::renameat2(
+        // The raw system call: musl's libc (the static aarch64 build) has no renameat2().
+        libc::syscall(
+            libc::SYS_renameat2,
             libc::AT_FDCWD,
             c_from.as_ptr(),
             libc::AT_FDCWD,

@@ -65,6 +65,8 @@ pub struct Vm {
     pub(crate) cpu_models: Vec<CpuModel>,
     /// Which pages of guest RAM changed.
     pub(crate) dirty: DirtyLog,
+    /// The architecture's platform devices as KVM holds them (aarch64: the vGIC and ITS).
+    pub(crate) _platform: arch::Platform,
 }
 
 /// KVM and a new VM fd, after checking the configuration against the host. The
@@ -88,22 +90,22 @@ pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
 /// while `memory` (allocating or mapping guest RAM and registering its KVM slots) runs on
 /// this one. Each side waits in the kernel for its own grace period (irq routing, memory
 /// slots), a few milliseconds each on a virtualized host, so together they take the longer
-/// of the two rather than the sum. Returns what `memory` made once both are done.
+/// of the two rather than the sum. Returns the platform and what `memory` made once both are
+/// done.
 pub(crate) fn setup_vm_alongside<T>(
     vm: &VmFd,
     memory: impl FnOnce() -> Result<T, Error>,
-) -> Result<T, Error> {
+) -> Result<(arch::Platform, T), Error> {
     std::thread::scope(|scope| {
         let arch = std::thread::Builder::new()
             .name("vm-setup".into())
             .spawn_scoped(scope, || arch::setup_vm(vm))
             .map_err(Error::io("start the VM setup thread"))?;
         let made = memory();
-        let set = arch
+        let platform = arch
             .join()
-            .map_err(|_| Error::Memory("the VM setup thread panicked".into()))?;
-        set?;
-        made
+            .map_err(|_| Error::Memory("the VM setup thread panicked".into()))??;
+        Ok((platform, made?))
     })
 }
 
@@ -126,10 +128,7 @@ impl Vm {
         let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
 
         let (kvm, vm) = create_kvm_vm(cfg)?;
-        let mem = setup_vm_alongside(&vm, || create_memory(&vm, cfg.memory_mib << 20))?;
-        let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
-        let devs = build_devices(cfg, &vm, &mem, &exit, None)?;
-
+        let (platform, mem) = setup_vm_alongside(&vm, || create_memory(&vm, cfg.memory_mib << 20))?;
         let boot_cfg = arch::BootConfig {
             cmdline: &cfg.cmdline,
             nr_vcpus: cfg.vcpus,
@@ -150,7 +149,7 @@ impl Vm {
                 .create_vcpu(id.into())
                 .map_err(Error::kvm("create vCPU"))?;
             arch::setup_cpuid(&kvm, &vcpu, id, cfg.vcpus, &cfg.cpuid_hide)?;
-            arch::setup_vcpu(&vcpu, id, &boot, &mem)?;
+            arch::setup_vcpu(&platform, &vcpu, id, &boot, &mem)?;
             let model = CpuModel::read(&vcpu).map_err(|e| Error::Vcpu {
                 id,
                 reason: e.to_string(),
@@ -158,6 +157,11 @@ impl Vm {
             cpu_models.push(model);
             vcpus.push(vcpu);
         }
+        // The vCPUs exist before the devices: on aarch64 an irqfd needs an initialised vGIC,
+        // which needs every vCPU.
+        platform.vcpus_created()?;
+        let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
+        let devs = build_devices(cfg, &vm, &mem, &exit, None)?;
         Ok(Vm::assemble(
             cfg.clone(),
             kvm,
@@ -165,7 +169,7 @@ impl Vm {
             mem,
             exit,
             devs,
-            (vcpus, cpu_models),
+            (vcpus, cpu_models, platform),
         ))
     }
 
@@ -177,7 +181,7 @@ impl Vm {
         mem: GuestMem,
         exit: Arc<ExitSignal>,
         devs: Devices,
-        (vcpus, cpu_models): (Vec<VcpuFd>, Vec<CpuModel>),
+        (vcpus, cpu_models, platform): (Vec<VcpuFd>, Vec<CpuModel>, arch::Platform),
     ) -> Vm {
         let vcpu_save = VcpuSaveContext::new(&kvm, &vm);
         if cfg.mergeable {
@@ -208,6 +212,7 @@ impl Vm {
             vcpu_save,
             cpu_models,
             dirty,
+            _platform: platform,
         }
     }
 

@@ -1,7 +1,7 @@
 //! The aarch64 guest physical memory map, in the style of QEMU's `virt` machine: devices in
 //! the first GiB, RAM from 1 GiB up in one region.
 //!
-//! These constants are the plan for the aarch64 port (issue 14); nothing maps them yet.
+//! The device tree (`fdt.rs`) describes exactly these addresses to the guest.
 
 use vm_memory::GuestAddress;
 
@@ -9,16 +9,29 @@ use vm_memory::GuestAddress;
 pub const GIC_DIST_START: u64 = 0x0800_0000;
 /// GICv3 distributor size.
 pub const GIC_DIST_SIZE: u64 = 0x1_0000;
-/// GICv3 redistributors (one 128 KiB frame per vCPU).
-pub const GIC_REDIST_START: u64 = 0x080A_0000;
+/// GICv3 ITS (MSI translation for PCI devices): its 64 KiB control frame and 64 KiB
+/// translation frame.
+pub const GIC_ITS_START: u64 = 0x0808_0000;
+/// GICv3 ITS size.
+pub const GIC_ITS_SIZE: u64 = 0x2_0000;
+/// GICv3 redistributors (one 128 KiB frame per vCPU: room for 254 vCPUs below the PCI
+/// window).
+pub const GIC_REDIST_START: u64 = 0x0A00_0000;
 /// Size of one vCPU's redistributor frame.
 pub const GIC_REDIST_SIZE_PER_VCPU: u64 = 0x2_0000;
 /// The console UART (16550-compatible, on the MMIO bus).
 pub const SERIAL_START: u64 = 0x0900_0000;
 /// The console UART's register window.
 pub const SERIAL_SIZE: u64 = 0x1000;
-/// The console UART's interrupt (an SPI number).
+/// The console UART's interrupt (an SPI number, which is also its GSI).
 pub const SERIAL_IRQ: u32 = 1;
+/// The 16550's input clock, as the device tree states it (the standard 1.8432 MHz).
+pub const SERIAL_CLOCK_HZ: u32 = 1_843_200;
+/// Interrupt lines the vGIC has: 32 private (SGIs and PPIs) plus 96 SPIs.
+pub const GIC_NR_IRQS: u32 = 128;
+/// Most space the flattened device tree may take (the arm64 boot protocol's limit), at the
+/// top of RAM.
+pub const FDT_MAX_SIZE: u64 = 0x20_0000;
 /// First address of the 32-bit PCI MMIO window (BARs).
 pub const PCI_MMIO_START: u64 = 0x1000_0000;
 /// Size of the 32-bit PCI MMIO window.
@@ -59,6 +72,7 @@ mod tests {
     fn device_windows_sit_below_ram_without_overlap() {
         let mut windows = [
             (GIC_DIST_START, GIC_DIST_SIZE),
+            (GIC_ITS_START, GIC_ITS_SIZE),
             (GIC_REDIST_START, 254 * GIC_REDIST_SIZE_PER_VCPU),
             (SERIAL_START, SERIAL_SIZE),
             (PCI_MMIO_START, PCI_MMIO_SIZE),

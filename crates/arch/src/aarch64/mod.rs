@@ -1,10 +1,16 @@
 //! aarch64 platform: the same public names as the x86_64 module, so the VMM builds against
 //! one interface.
 //!
-//! **Not implemented yet** (issue 14): what is honest today is here — the memory layout, the
-//! state types, MSI routes, the exit hook — and everything that would need the GIC, the
-//! device tree or `KVM_ARM_VCPU_INIT` returns [`Error::Unsupported`] rather than pretending.
+//! What works (issue 14): the memory layout (`layout`), KVM's vGICv3 with its ITS (`gic`), the
+//! device tree (`fdt`), loading an arm64 `Image` with its initrd and starting vCPUs with PSCI
+//! 0.2 (`boot`), the 16550 UART on the MMIO bus with its interrupt through an irqfd, and the
+//! irqchip routes of the platform's SPIs. Power-off and reset arrive as PSCI system events,
+//! which the VMM's vCPU loop already ends the VM on. Not yet: snapshots (they answer
+//! [`Error::Unsupported`]), MSI routes that carry the ITS device id, CPU feature hiding.
 
+mod boot;
+pub mod fdt;
+mod gic;
 pub mod layout;
 
 use std::fs::File;
@@ -13,17 +19,20 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::legacy::{ExitSignal, Serial};
 use devices::pci::PciRoot;
-use kvm_bindings::{kvm_irq_routing_entry, KVM_IRQ_ROUTING_MSI};
+use kvm_bindings::{kvm_irq_routing_entry, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use boot::setup_vcpu;
+pub use gic::Platform;
+
 /// The architecture this module builds guests for, as snapshots record it.
 pub const ARCH_NAME: &str = "aarch64";
 
 /// What every not-yet-ported operation answers.
-const NOT_YET: &str = "aarch64 guests are not supported yet";
+const NOT_YET: &str = "snapshots of aarch64 guests are not supported yet";
 
 /// Errors from setting up the guest platform.
 #[derive(Debug, thiserror::Error)]
@@ -40,9 +49,32 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// The kernel or initrd cannot be loaded.
+    #[error("{0}")]
+    Kernel(String),
+    /// The device tree cannot be built or placed.
+    #[error("device tree: {0}")]
+    Fdt(String),
+    /// A host resource could not be set up.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The serial port could not be created (or its saved state restored).
+    #[error("serial port: {0}")]
+    Serial(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A device does not fit on its bus.
     #[error(transparent)]
     Bus(#[from] devices::bus::BusError),
+}
+
+/// Wraps a KVM error with the operation that failed.
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
 }
 
 /// Where the PCI host bridge decodes.
@@ -91,24 +123,27 @@ pub struct BootSetup {
     pub fdt: GuestAddress,
 }
 
-/// Loads an arm64 `Image` and its device tree. Not implemented yet: [`Error::Unsupported`].
+/// Loads an arm64 `Image` at the start of RAM, the initrd and the device tree at its top.
 pub fn load_kernel<M: GuestMemoryBackend>(
-    _mem: &M,
-    _kernel: &mut File,
-    _initrd: Option<&mut File>,
-    _cfg: &BootConfig,
+    mem: &M,
+    kernel: &mut File,
+    initrd: Option<&mut File>,
+    cfg: &BootConfig,
 ) -> Result<BootSetup, Error> {
-    Err(Error::Unsupported(NOT_YET))
+    boot::load_kernel(mem, kernel, initrd, cfg)
 }
 
-/// Creates a VM with its GIC. Not implemented yet: [`Error::Unsupported`].
-pub fn create_vm(_kvm: &Kvm) -> Result<VmFd, Error> {
-    Err(Error::Unsupported(NOT_YET))
+/// Creates a VM on `kvm` with its vGIC ([`setup_vm`]).
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    setup_vm(&vm)?;
+    Ok(vm)
 }
 
-/// Gives a new VM its platform (the GIC). Not implemented yet: [`Error::Unsupported`].
-pub fn setup_vm(_vm: &VmFd) -> Result<(), Error> {
-    Err(Error::Unsupported(NOT_YET))
+/// Gives a new VM its vGICv3 and ITS (before any irqfd, route or vCPU);
+/// [`Platform::vcpus_created`] finishes it.
+pub fn setup_vm(vm: &VmFd) -> Result<Platform, Error> {
+    gic::create(vm)
 }
 
 /// CPU features that can be hidden: none (aarch64 has no CPUID; ID registers are issue 14).
@@ -137,17 +172,6 @@ pub fn setup_cpuid(
     hide: &[String],
 ) -> Result<(), Error> {
     validate_cpuid_hide(hide)
-}
-
-/// Initialises a vCPU (`KVM_ARM_VCPU_INIT`, PC, X0). Not implemented yet:
-/// [`Error::Unsupported`].
-pub fn setup_vcpu<M: GuestMemoryBackend>(
-    _vcpu: &VcpuFd,
-    _id: u8,
-    _boot: &BootSetup,
-    _mem: &M,
-) -> Result<(), Error> {
-    Err(Error::Unsupported(NOT_YET))
 }
 
 /// What the VMM keeps of the platform devices.
@@ -182,41 +206,74 @@ pub struct LegacyContext<'a> {
     pub pci: &'a Arc<Mutex<PciRoot>>,
 }
 
-/// Puts the platform devices (the UART at [`layout::SERIAL_START`] on the MMIO bus) in place.
-/// Not implemented yet: [`Error::Unsupported`].
+/// Puts the platform devices in place: the UART at [`layout::SERIAL_START`] on the MMIO bus,
+/// its interrupt an irqfd on SPI [`layout::SERIAL_IRQ`].
 pub fn add_legacy_devices<E>(
-    _ctx: &LegacyContext<'_>,
+    ctx: &LegacyContext<'_>,
     _pio: &mut Bus,
-    _mmio: &mut Bus,
-    _make_serial: impl FnOnce(EventFd) -> Result<Serial, E>,
+    mmio: &mut Bus,
+    make_serial: impl FnOnce(EventFd) -> Result<Serial, E>,
 ) -> Result<LegacyDevices, Error>
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    Err(Error::Unsupported(NOT_YET))
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::Io {
+        what: "create the serial interrupt eventfd",
+        source,
+    })?;
+    ctx.vm
+        .register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial = make_serial(serial_irq).map_err(|e| Error::Serial(Box::new(e)))?;
+    let serial = Arc::new(Mutex::new(serial));
+    // The 16550's eight byte-wide registers (reg-shift 0); the rest of the page reads as
+    // nothing is there.
+    mmio.insert(layout::SERIAL_START, 8, serial.clone())?;
+    Ok(LegacyDevices { serial })
 }
 
-/// Interrupt lines routed to the irqchip outside MSI: none until the GIC is set up.
-pub const IRQCHIP_PINS: u32 = 0;
+/// GSIs routed to the vGIC's SPIs one to one (GSI n is SPI n); MSI GSIs come after them.
+pub const IRQCHIP_PINS: u32 = layout::MSI_GSI_BASE;
 
-/// The irqchip routes of platform interrupts: none yet (the GIC comes with issue 14).
+/// The irqchip routes of platform interrupts: GSI n to SPI n for the first
+/// [`IRQCHIP_PINS`] (the serial port's among them).
 pub fn legacy_irq_routes() -> Vec<kvm_irq_routing_entry> {
-    Vec::new()
+    (0..IRQCHIP_PINS)
+        .map(|pin| {
+            let mut e = kvm_irq_routing_entry {
+                gsi: pin,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = 0;
+            e.u.irqchip.pin = pin;
+            e
+        })
+        .collect()
 }
 
-/// The route of an MSI on `gsi` writing `data` to `address`. (A GICv3 ITS will also need the
-/// requester id, `KVM_MSI_VALID_DEVID`; that comes with the ITS.)
+/// The route of an MSI on `gsi` writing `data` to `address`. (The ITS also needs the
+/// requester id, `KVM_MSI_VALID_DEVID`; the VMM does not pass it yet.)
 pub fn msi_route(gsi: u32, address: u64, data: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,
         type_: KVM_IRQ_ROUTING_MSI,
         ..Default::default()
     };
-    // The 64-bit address is split into its two halves; the masks make the truncation explicit.
-    e.u.msi.address_lo = (address & 0xffff_ffff) as u32;
-    e.u.msi.address_hi = (address >> 32) as u32;
+    let [hi, lo] = fdt_cells(address);
+    e.u.msi.address_lo = lo;
+    e.u.msi.address_hi = hi;
     e.u.msi.data = data;
     e
+}
+
+/// A 64-bit value as its high and low halves.
+fn fdt_cells(v: u64) -> [u32; 2] {
+    let b = v.to_be_bytes();
+    [
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+    ]
 }
 
 /// aarch64 has no port I/O: every exit goes back to the generic loop.
@@ -225,9 +282,11 @@ pub fn handle_arch_exit<'a>(exit: VcpuExit<'a>, _pio: &Bus) -> Option<VcpuExit<'
     Some(exit)
 }
 
-/// The guest PC of a stopped vCPU, for error messages: not read yet (needs `KVM_GET_ONE_REG`).
-pub fn instruction_pointer(_vcpu: &VcpuFd) -> Option<u64> {
-    None
+/// The guest PC of a stopped vCPU, for error messages.
+pub fn instruction_pointer(vcpu: &VcpuFd) -> Option<u64> {
+    let mut pc = [0u8; 8];
+    vcpu.get_one_reg(boot::REG_PC, &mut pc).ok()?;
+    Some(u64::from_le_bytes(pc))
 }
 
 /// What saving a vCPU needs to know about the host and the VM.
@@ -251,9 +310,10 @@ impl VcpuSaveContext {
 pub struct CpuModel;
 
 impl CpuModel {
-    /// Reads the CPU model of a vCPU. Not implemented yet: [`Error::Unsupported`].
+    /// Reads the CPU model of a vCPU: nothing is recorded yet (its ID registers come with
+    /// aarch64 snapshots), so this is the empty model.
     pub fn read(_vcpu: &VcpuFd) -> Result<CpuModel, Error> {
-        Err(Error::Unsupported(NOT_YET))
+        Ok(CpuModel)
     }
 }
 
@@ -314,11 +374,30 @@ mod tests {
     #[test]
     fn unported_parts_say_so() {
         let e = VcpuSaveContext.check_snapshot_supported().unwrap_err();
-        assert_eq!(e.to_string(), "aarch64 guests are not supported yet");
+        assert_eq!(
+            e.to_string(),
+            "snapshots of aarch64 guests are not supported yet"
+        );
         assert!(validate_cpuid_hide(&[]).is_ok());
         assert!(matches!(
             validate_cpuid_hide(&["avx".into()]),
             Err(Error::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn platform_gsis_route_to_the_same_spi() {
+        let routes = legacy_irq_routes();
+        assert_eq!(routes.len(), 32);
+        let serial = &routes[usize::try_from(layout::SERIAL_IRQ).unwrap()];
+        assert_eq!(serial.type_, KVM_IRQ_ROUTING_IRQCHIP);
+        // SAFETY: an IRQCHIP route, so `irqchip` is the union's active member.
+        let pin = unsafe { serial.u.irqchip.pin };
+        assert_eq!(pin, layout::SERIAL_IRQ);
+        let msi = msi_route(40, 0x0809_0040, 7);
+        // SAFETY: an MSI route, so `msi` is the union's active member.
+        let (lo, hi, data) =
+            unsafe { (msi.u.msi.address_lo, msi.u.msi.address_hi, msi.u.msi.data) };
+        assert_eq!((lo, hi, data), (0x0809_0040, 0, 7));
     }
 }

@@ -22,7 +22,7 @@ pub use irq::{legacy_irq_routes, msi_route, IRQCHIP_PINS};
 pub use legacy::{add_legacy_devices, LegacyContext, LegacyDevices, PlatformState};
 pub use regs::setup_vcpu;
 pub use vcpu_state::{CpuModel, VcpuSaveContext, VcpuState};
-pub use vm::{create_vm, setup_vm};
+pub use vm::{create_vm, setup_vm, Platform};
 pub use vm_state::VmState;
 
 /// The architecture this module builds guests for, as snapshots record it.
@@ -383,7 +383,7 @@ mod boot_smoke_tests {
         let boot = load_kernel(&mem, &mut kernel.file, None, &boot_config("hi")).unwrap();
         assert_eq!(boot.protocol, BootProtocol::Pvh);
         setup_cpuid(&kvm, &vcpus[0], 0, 1, &[]).unwrap();
-        setup_vcpu(&vcpus[0], 0, &boot, &mem).unwrap();
+        setup_vcpu(&Platform, &vcpus[0], 0, &boot, &mem).unwrap();
         let values = debug_port_writes(&mut vcpus[0], 4);
         assert_eq!(values[0], START_INFO_ADDR as u32, "EBX");
         assert_eq!(values[1], 0x336e_c578, "hvm_start_info magic");
@@ -418,7 +418,7 @@ mod boot_smoke_tests {
         let boot = load_kernel(&mem, &mut kernel.file, None, &boot_config("abcd")).unwrap();
         assert_eq!(boot.protocol, BootProtocol::Linux64);
         setup_cpuid(&kvm, &vcpus[0], 0, 1, &[]).unwrap();
-        setup_vcpu(&vcpus[0], 0, &boot, &mem).unwrap();
+        setup_vcpu(&Platform, &vcpus[0], 0, &boot, &mem).unwrap();
         let values = debug_port_writes(&mut vcpus[0], 4);
         assert_eq!(values[0], 0x5372_6448, "zero page header");
         assert_eq!(values[1], START_INFO_ADDR as u32, "RSI");

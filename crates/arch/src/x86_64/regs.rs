@@ -261,6 +261,7 @@ fn setup_msrs(vcpu: &VcpuFd) -> Result<(), Error> {
 /// exist). vCPU 0 also gets its general and special registers, and the GDT (plus, for Linux64,
 /// the identity page tables) is written to guest memory. Other vCPUs wait for INIT/SIPI.
 pub fn setup_vcpu<M: GuestMemoryBackend>(
+    _platform: &super::Platform,
     vcpu: &VcpuFd,
     id: u8,
     boot: &BootSetup,
@@ -477,7 +478,7 @@ pub(crate) mod tests {
         let mem = guest_mem(64 << 20);
         let boot = setup(BootProtocol::Pvh);
         for (id, vcpu) in vcpus.iter().enumerate() {
-            setup_vcpu(vcpu, id as u8, &boot, &mem).unwrap();
+            setup_vcpu(&crate::Platform, vcpu, id as u8, &boot, &mem).unwrap();
             check_common_state(vcpu);
         }
         let regs = vcpus[0].get_regs().unwrap();
@@ -502,7 +503,7 @@ pub(crate) mod tests {
         };
         let mem = guest_mem(64 << 20);
         let boot = setup(BootProtocol::Linux64);
-        setup_vcpu(&vcpus[0], 0, &boot, &mem).unwrap();
+        setup_vcpu(&crate::Platform, &vcpus[0], 0, &boot, &mem).unwrap();
         check_common_state(&vcpus[0]);
         let regs = vcpus[0].get_regs().unwrap();
         assert_eq!((regs.rip, regs.rsi), (0x100_0000, START_INFO_ADDR));

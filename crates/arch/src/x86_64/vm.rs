@@ -19,9 +19,21 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
     Ok(vm)
 }
 
+/// What the VM's platform keeps between [`setup_vm`] and the vCPUs' setup: nothing on x86_64
+/// (KVM holds the irqchip and PIT).
+#[derive(Debug, Default)]
+pub struct Platform;
+
+impl Platform {
+    /// Called once every vCPU exists: nothing to finish on x86_64.
+    pub fn vcpus_created(&self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
 /// Gives a new VM its TSS and identity-map addresses, the in-kernel irqchip and the PIT
 /// (whose speaker port is a dummy). Must run before any vCPU is created.
-pub fn setup_vm(vm: &VmFd) -> Result<(), Error> {
+pub fn setup_vm(vm: &VmFd) -> Result<Platform, Error> {
     vm.set_tss_address(KVM_TSS_ADDR)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
@@ -32,7 +44,8 @@ pub fn setup_vm(vm: &VmFd) -> Result<(), Error> {
         flags: KVM_PIT_SPEAKER_DUMMY,
         ..Default::default()
     };
-    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(Platform)
 }
 
 #[cfg(test)]

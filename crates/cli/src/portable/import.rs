@@ -112,7 +112,9 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     let (cf, ct) = (c(from)?, c(to)?);
     // SAFETY: both are valid NUL-terminated paths that outlive the call.
     let r = unsafe {
-        libc::renameat2(
+        // The raw system call: musl's libc (the static aarch64 build) has no renameat2().
+        libc::syscall(
+            libc::SYS_renameat2,
             libc::AT_FDCWD,
             cf.as_ptr(),
             libc::AT_FDCWD,
