@@ -85,6 +85,9 @@ pub fn l1_assets() -> Result<(PathBuf, PathBuf), String> {
 /// The L1 kernel and initramfs of `arch`, built by `tests/nested/build-l1.sh` when missing or
 /// built from another version of that script or of L1's init.
 pub fn l1_assets_of(arch: L1Arch) -> Result<(PathBuf, PathBuf), String> {
+    // Tests in one process may ask at once: one of them checks and builds, the others wait.
+    static BUILDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = BUILDING.lock().unwrap_or_else(|e| e.into_inner());
     let dir = nested_dir_of(arch);
     let kernel = dir.join("vmlinuz");
     let initrd = dir.join("initramfs.cpio.gz");

@@ -70,7 +70,7 @@ fn _same_interface_on_every_architecture() {
         LegacyDevices::restore_platform;
     let _: u32 = IRQCHIP_PINS;
     let _: fn() -> Vec<kvm_irq_routing_entry> = legacy_irq_routes;
-    let _: fn(u32, u64, u32) -> kvm_irq_routing_entry = msi_route;
+    let _: fn(u32, u64, u32, u32) -> kvm_irq_routing_entry = msi_route;
     let _: for<'a> fn(VcpuExit<'a>, &Bus) -> Option<VcpuExit<'a>> = handle_arch_exit;
     let _: fn(&VcpuFd) -> Option<u64> = instruction_pointer;
     let _: fn(

@@ -375,7 +375,7 @@ mod tests {
         fn allocate_msi(&self, _: &EventFd) -> std::io::Result<u32> {
             Ok(24 + self.0.fetch_add(1, Ordering::Relaxed))
         }
-        fn set_msi_route(&self, _: u32, _: u64, _: u32, _: bool) -> std::io::Result<()> {
+        fn set_msi_route(&self, _: u32, _: u64, _: u32, _: u32, _: bool) -> std::io::Result<()> {
             Ok(())
         }
     }

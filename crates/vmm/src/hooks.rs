@@ -18,7 +18,8 @@ use devices::pci::VmHooks;
 /// The MSI routes currently programmed, and the next free GSI.
 struct Routes {
     next_gsi: u32,
-    msi: BTreeMap<u32, (u64, u32)>,
+    /// GSI -> (address, data, device id).
+    msi: BTreeMap<u32, (u64, u32, u32)>,
     /// Route changes are kept here and programmed together later (a restore puts back every
     /// vector of every device; each KVM_SET_GSI_ROUTING waits for a grace period).
     deferred: bool,
@@ -66,7 +67,7 @@ impl KvmHooks {
             routes
                 .msi
                 .iter()
-                .map(|(&gsi, &(address, data))| arch::msi_route(gsi, address, data)),
+                .map(|(&gsi, &(address, data, devid))| arch::msi_route(gsi, address, data, devid)),
         );
         let table = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| io::Error::other(format!("routing table: {e:?}")))?;
@@ -116,10 +117,18 @@ impl VmHooks for KvmHooks {
         Ok(gsi)
     }
 
-    fn set_msi_route(&self, gsi: u32, address: u64, data: u32, enabled: bool) -> io::Result<()> {
+    fn set_msi_route(
+        &self,
+        gsi: u32,
+        address: u64,
+        data: u32,
+        devid: u32,
+        enabled: bool,
+    ) -> io::Result<()> {
         let mut routes = lock(&self.routes);
+        let route = (address, data, devid);
         let changed = if enabled {
-            routes.msi.insert(gsi, (address, data)) != Some((address, data))
+            routes.msi.insert(gsi, route) != Some(route)
         } else {
             routes.msi.remove(&gsi).is_some()
         };

@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::legacy::{ExitSignal, Serial};
 use devices::pci::PciRoot;
-use kvm_bindings::{kvm_irq_routing_entry, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI};
+use kvm_bindings::{
+    kvm_irq_routing_entry, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MSI_VALID_DEVID,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
@@ -252,14 +254,16 @@ pub fn legacy_irq_routes() -> Vec<kvm_irq_routing_entry> {
         .collect()
 }
 
-/// The route of an MSI on `gsi` writing `data` to `address`. (The ITS also needs the
-/// requester id, `KVM_MSI_VALID_DEVID`; the VMM does not pass it yet.)
-pub fn msi_route(gsi: u32, address: u64, data: u32) -> kvm_irq_routing_entry {
+/// The route of an MSI on `gsi` writing `data` to `address` from the PCI function whose
+/// requester id is `devid` (the ITS translates by device id: `KVM_MSI_VALID_DEVID`).
+pub fn msi_route(gsi: u32, address: u64, data: u32, devid: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,
         type_: KVM_IRQ_ROUTING_MSI,
+        flags: KVM_MSI_VALID_DEVID,
         ..Default::default()
     };
+    e.u.msi.__bindgen_anon_1.devid = devid;
     let [hi, lo] = fdt_cells(address);
     e.u.msi.address_lo = lo;
     e.u.msi.address_hi = hi;
@@ -394,10 +398,14 @@ mod tests {
         // SAFETY: an IRQCHIP route, so `irqchip` is the union's active member.
         let pin = unsafe { serial.u.irqchip.pin };
         assert_eq!(pin, layout::SERIAL_IRQ);
-        let msi = msi_route(40, 0x0809_0040, 7);
-        // SAFETY: an MSI route, so `msi` is the union's active member.
-        let (lo, hi, data) =
-            unsafe { (msi.u.msi.address_lo, msi.u.msi.address_hi, msi.u.msi.data) };
-        assert_eq!((lo, hi, data), (0x0809_0040, 0, 7));
+        let msi = msi_route(40, 0x0809_0040, 7, 0x18);
+        assert_eq!(msi.flags, KVM_MSI_VALID_DEVID);
+        // SAFETY: an MSI route, so `msi` is the union's active member (and `devid` its
+        // inner union's, with the flag set).
+        let (lo, hi, data, devid) = unsafe {
+            let m = msi.u.msi;
+            (m.address_lo, m.address_hi, m.data, m.__bindgen_anon_1.devid)
+        };
+        assert_eq!((lo, hi, data, devid), (0x0809_0040, 0, 7, 0x18));
     }
 }

@@ -46,8 +46,9 @@ pub fn legacy_irq_routes() -> Vec<kvm_irq_routing_entry> {
     entries
 }
 
-/// The route of an MSI on `gsi` that writes `data` to `address` (the LAPIC's window).
-pub fn msi_route(gsi: u32, address: u64, data: u32) -> kvm_irq_routing_entry {
+/// The route of an MSI on `gsi` that writes `data` to `address` (the LAPIC's window); the
+/// requester id `_devid` matters only to an arm64 ITS.
+pub fn msi_route(gsi: u32, address: u64, data: u32, _devid: u32) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,
         type_: KVM_IRQ_ROUTING_MSI,
@@ -92,7 +93,7 @@ mod tests {
 
     #[test]
     fn msi_route_splits_the_address() {
-        let r = msi_route(30, 0x1_fee0_1000, 0x4041);
+        let r = msi_route(30, 0x1_fee0_1000, 0x4041, 0x18);
         assert_eq!((r.gsi, r.type_), (30, KVM_IRQ_ROUTING_MSI));
         // SAFETY: msi_route builds an MSI entry, so the msi member is the initialised one.
         let msi = unsafe { r.u.msi };

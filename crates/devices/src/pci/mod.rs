@@ -29,12 +29,15 @@ pub trait VmHooks: Send + Sync {
     fn unregister_ioevent(&self, fd: &EventFd, addr: u64) -> std::io::Result<()>;
     /// Allocates a GSI (>= 24) with `fd` bound as its irqfd; writing `fd` injects that GSI's MSI.
     fn allocate_msi(&self, fd: &EventFd) -> std::io::Result<u32>;
-    /// Routes `gsi` to the MSI (address, data), or removes the route when `enabled` is false.
+    /// Routes `gsi` to the MSI (address, data) of the function whose requester id (bus << 8
+    /// | device << 3 | function) is `devid`, or removes the route when `enabled` is false.
+    /// (An arm64 GICv3 ITS translates by device id; x86_64 ignores it.)
     fn set_msi_route(
         &self,
         gsi: u32,
         address: u64,
         data: u32,
+        devid: u32,
         enabled: bool,
     ) -> std::io::Result<()>;
     /// Maps `size` bytes of host memory at `host_addr` into the guest at `guest_addr` (a BAR
@@ -84,6 +87,9 @@ pub trait PciDevice: Send {
     /// BAR `bar` was decoded at `old` and is now decoded at `new` (`None`: not decoded, e.g.
     /// memory space disabled in the command register). Devices move their ioeventfds here.
     fn bar_remapped(&mut self, _bar: usize, _old: Option<u64>, _new: Option<u64>) {}
+    /// The function's requester id (bus << 8 | device << 3 | function), set when it is
+    /// placed on the bus; its MSIs carry it.
+    fn set_requester_id(&mut self, _id: u16) {}
 }
 
 /// Errors from building the PCI bus and its devices.

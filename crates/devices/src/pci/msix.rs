@@ -81,6 +81,8 @@ pub struct MsixConfig {
     vectors: Vec<Vector>,
     enabled: bool,
     function_mask: bool,
+    /// The function's requester id, which every route carries (0 until it is on a bus).
+    requester_id: u32,
     hooks: Arc<dyn VmHooks>,
 }
 
@@ -112,8 +114,24 @@ impl MsixConfig {
             vectors,
             enabled: false,
             function_mask: false,
+            requester_id: 0,
             hooks,
         })
+    }
+
+    /// Sets the function's requester id and routes the live vectors again with it.
+    pub fn set_requester_id(&mut self, id: u16) {
+        self.requester_id = u32::from(id);
+        for v in &self.vectors {
+            if let Some((address, data)) = v.route {
+                if let Err(err) =
+                    self.hooks
+                        .set_msi_route(v.gsi, address, data, self.requester_id, true)
+                {
+                    crate::guest_warn!("MSI-X: routing GSI {} failed: {err}", v.gsi);
+                }
+            }
+        }
     }
 
     /// The guest-visible state.
@@ -335,9 +353,9 @@ impl MsixConfig {
             return;
         }
         let (address, data) = want.or(vec.route).unwrap_or_default();
-        if let Err(err) = self
-            .hooks
-            .set_msi_route(vec.gsi, address, data, want.is_some())
+        if let Err(err) =
+            self.hooks
+                .set_msi_route(vec.gsi, address, data, self.requester_id, want.is_some())
         {
             crate::guest_warn!("MSI-X vector {v}: routing GSI {} failed: {err}", vec.gsi);
         }
@@ -349,7 +367,9 @@ impl Drop for MsixConfig {
     fn drop(&mut self) {
         for v in &self.vectors {
             if let Some((address, data)) = v.route {
-                let _ = self.hooks.set_msi_route(v.gsi, address, data, false);
+                let _ = self
+                    .hooks
+                    .set_msi_route(v.gsi, address, data, self.requester_id, false);
             }
         }
     }
@@ -397,6 +417,7 @@ mod tests {
                 gsi,
                 address: 0xfee0_1000,
                 data: 0x4041,
+                devid: 0,
                 enabled: true
             }]
         );
@@ -408,6 +429,7 @@ mod tests {
                 gsi,
                 address: 0xfee0_1000,
                 data: 0x4042,
+                devid: 0,
                 enabled: true
             })
         );

@@ -156,6 +156,7 @@ impl PciRoot {
             .position(Option::is_none)
             .ok_or(PciError::NoFreeSlot)?;
         let slot_number = u8::try_from(slot).map_err(|_| PciError::NoFreeSlot)?;
+        lock(&dev).set_requester_id(u16::from(slot_number) << 3);
         let mut bars = lock(&dev).bars();
         // Largest first keeps natural alignment from wasting space.
         bars.sort_by_key(|b| std::cmp::Reverse(b.size));

@@ -19,6 +19,7 @@ pub enum HookCall {
         gsi: u32,
         address: u64,
         data: u32,
+        devid: u32,
         enabled: bool,
     },
     MapMemory {
@@ -114,12 +115,14 @@ impl VmHooks for FakeHooks {
         gsi: u32,
         address: u64,
         data: u32,
+        devid: u32,
         enabled: bool,
     ) -> std::io::Result<()> {
         lock(&self.calls).push(HookCall::SetMsiRoute {
             gsi,
             address,
             data,
+            devid,
             enabled,
         });
         Ok(())

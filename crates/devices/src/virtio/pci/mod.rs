@@ -529,6 +529,10 @@ impl PciDevice for VirtioPciDevice {
             _ => {}
         }
     }
+
+    fn set_requester_id(&mut self, id: u16) {
+        lock(&self.interrupt.msix).set_requester_id(id);
+    }
 }
 
 impl Drop for VirtioPciDevice {

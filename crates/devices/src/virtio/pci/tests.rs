@@ -619,6 +619,7 @@ fn msix_table_programming_routes_gsis() {
             gsi: gsis[1],
             address: 0xfee0_2000,
             data: 0x4055,
+            devid: 0,
             enabled: true
         }]
     );
@@ -633,6 +634,26 @@ fn msix_table_programming_routes_gsis() {
         h.hooks.routes().last(),
         Some(HookCall::SetMsiRoute { enabled: false, gsi, .. }) if *gsi == gsis[1]
     ));
+    // Placed on a bus, the function routes its live vectors again with its requester id
+    // (an arm64 GICv3 ITS translates by it), and later routes carry it too.
+    h.msix_control(MSG_CTL_ENABLE);
+    h.hooks.clear();
+    h.dev.set_requester_id(3 << 3);
+    h.msix_program(2, 0xfee0_3000, 0x4056);
+    let route = |gsi, address, data| HookCall::SetMsiRoute {
+        gsi,
+        address,
+        data,
+        devid: 0x18,
+        enabled: true,
+    };
+    assert_eq!(
+        h.hooks.routes(),
+        vec![
+            route(gsis[1], 0xfee0_2000, 0x4055),
+            route(gsis[2], 0xfee0_3000, 0x4056)
+        ]
+    );
 }
 
 #[test]
