@@ -189,6 +189,17 @@ pub fn run_in_l1_on(arch: L1Arch, script: &str, timeout: Duration) -> Result<L1R
     run_in_l1_watched(arch, script, timeout, None)
 }
 
+/// [`run_in_l1_on`] with `kernel_args` added to L1's kernel command line (for arm64
+/// `kvm-arm.mode=protected` runs KVM as Android's pKVM does).
+pub fn run_in_l1_with(
+    arch: L1Arch,
+    script: &str,
+    timeout: Duration,
+    kernel_args: &str,
+) -> Result<L1Run, String> {
+    launch(arch, script, timeout, None, kernel_args)
+}
+
 /// Like [`run_in_l1_on`], and when `stall` is given, L1 is also killed as soon as its console
 /// prints no line for that long (then `stalled` is set): a job that reports each step on the
 /// console (libtest prints a line as each test ends) bounds every step, even when L1 itself
@@ -198,6 +209,17 @@ pub fn run_in_l1_watched(
     script: &str,
     timeout: Duration,
     stall: Option<Duration>,
+) -> Result<L1Run, String> {
+    launch(arch, script, timeout, stall, "")
+}
+
+/// Boots L1 for `script` with `kernel_args` on its kernel command line ([`run_in_l1_watched`]).
+fn launch(
+    arch: L1Arch,
+    script: &str,
+    timeout: Duration,
+    stall: Option<Duration>,
+    kernel_args: &str,
 ) -> Result<L1Run, String> {
     let qemu = crate::host::which(arch.qemu_binary())
         .ok_or_else(|| format!("{} is not installed", arch.qemu_binary()))?;
@@ -229,17 +251,17 @@ pub fn run_in_l1_watched(
                 .arg(env_or("NESTED_MEM", "3G"))
                 .arg("-smp")
                 .arg(env_or("NESTED_SMP", "2"))
-                .args([
-                    "-append",
-                    "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off",
-                ])
+                .arg("-append")
+                .arg(format!(
+                    "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off {kernel_args}"
+                ))
                 .arg("-virtfs")
                 .arg(share(Path::new("/"), "host", true));
         }
         L1Arch::Aarch64 => {
             // pauth-impdef=on: QEMU's cheap pointer-authentication algorithm (the default
             // one makes L1 about 3x slower).
-            let mut append = String::from("console=ttyAMA0 quiet loglevel=3 panic=-1");
+            let mut append = format!("console=ttyAMA0 quiet loglevel=3 panic=-1 {kernel_args}");
             if let Ok(mode) = std::env::var("NESTED_ARM64_KVM_MODE") {
                 append.push_str(&format!(" kvm-arm.mode={mode}"));
             }

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use e2e::nested::{run_in_l1_on, L1Arch, L1Run};
+use e2e::nested::{run_in_l1_with, L1Arch, L1Run};
 
 /// L1's deadline: its boot plus the job, generous for a loaded 2-core machine.
 const L1_TIMEOUT: Duration = Duration::from_secs(600);
@@ -18,9 +18,14 @@ const L1_TIMEOUT: Duration = Duration::from_secs(600);
 /// Runs `script` in a new arm64 L1; `None` (after a loud SKIP) where QEMU is missing. One L1
 /// at a time: each is a busy TCG machine, and the guests' timings are read.
 fn in_l1(test: &str, script: &str) -> Option<L1Run> {
+    in_l1_with(test, script, "")
+}
+
+/// [`in_l1`] with `kernel_args` on L1's kernel command line.
+fn in_l1_with(test: &str, script: &str, kernel_args: &str) -> Option<L1Run> {
     static ONE_L1: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = ONE_L1.lock().unwrap_or_else(|e| e.into_inner());
-    match run_in_l1_on(L1Arch::Aarch64, script, L1_TIMEOUT) {
+    match run_in_l1_with(L1Arch::Aarch64, script, L1_TIMEOUT, kernel_args) {
         Ok(run) => {
             e2e::host::loud(&format!(
                 "{test}: arm64 L1 job rc={:?}, L1 boot {:?}, total {:.1?}",
@@ -87,13 +92,12 @@ fn guest_field<'a>(output: &'a str, prefix: &str, key: &str) -> Option<&'a str> 
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-#[test]
-fn pocketvisor_boots_debian_arm64_to_init_and_powers_off() {
-    let name = "pocketvisor_boots_debian_arm64_to_init_and_powers_off";
+/// Boots Debian's arm64 kernel on pocketvisor with 2 vCPUs in an L1 whose KVM runs with
+/// `kernel_args`, and checks that it reached its init, saw its vCPUs and memory, and powered
+/// off with status 0. Returns L1's KVM lines and the guest's uptime at init.
+fn boot_to_init(name: &str, kernel_args: &str) -> Option<(String, f64)> {
     let script = guest_run_script("--vcpus 2 --cmdline 'console=ttyS0 quiet'");
-    let Some(run) = in_l1(name, &script) else {
-        return;
-    };
+    let run = in_l1_with(name, &script, kernel_args)?;
     let out = &run.output;
     assert!(out.contains("PV rc=0"), "{out}\n{}", run.describe());
     assert_eq!(guest_field(out, "GUEST init", "cpus"), Some("2"), "{out}");
@@ -105,6 +109,37 @@ fn pocketvisor_boots_debian_arm64_to_init_and_powers_off() {
         "the guest should see about 256 MiB: {mem_kb} kB\n{out}"
     );
     assert!(out.contains("GUEST done"), "{out}");
+    let uptime: f64 = guest_field(out, "GUEST init", "uptime")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(f64::NAN);
+    e2e::host::loud(&format!(
+        "{name}: guest uptime at init {uptime:.2} s (L1 boot {:?})",
+        run.l1_boot
+    ));
+    Some((run.l1_info, uptime))
+}
+
+#[test]
+fn pocketvisor_boots_debian_arm64_to_init_and_powers_off() {
+    let name = "pocketvisor_boots_debian_arm64_to_init_and_powers_off";
+    let Some((kvm, _)) = boot_to_init(name, "") else {
+        return;
+    };
+    assert!(kvm.contains("VHE mode initialized"), "{kvm}");
+}
+
+/// Android's protected KVM (pKVM): the hypervisor stays at EL2 in nVHE mode and the host
+/// kernel is deprivileged; pocketvisor's guests run there unchanged.
+#[test]
+fn pocketvisor_boots_debian_arm64_under_protected_kvm() {
+    let name = "pocketvisor_boots_debian_arm64_under_protected_kvm";
+    let Some((kvm, _)) = boot_to_init(name, "kvm-arm.mode=protected") else {
+        return;
+    };
+    assert!(
+        kvm.contains("Protected nVHE mode initialized"),
+        "L1's KVM is not in protected mode:\n{kvm}"
+    );
 }
 
 #[test]
@@ -141,5 +176,62 @@ fn the_arm64_guest_uses_virtio_blk_and_rng_over_pci_with_msix_through_the_its() 
         out.lines()
             .any(|l| l.starts_with("GUEST irq") && l.contains("ITS-MSI") && l.contains("virtio")),
         "no virtio MSI through the ITS:\n{out}"
+    );
+}
+
+/// A snapshot carries its architecture: one of an x86_64 guest, taken on this host, is
+/// refused by the arm64 pocketvisor with an error that says so, before anything runs.
+#[test]
+fn an_x86_64_snapshot_is_refused_on_arm64() {
+    let name = "an_x86_64_snapshot_is_refused_on_arm64";
+    if !e2e::require_kvm(name) {
+        return;
+    }
+    // The snapshot lives in the checkout, which L1 sees (read-only is enough to refuse it).
+    let snap = e2e::nested::nested_dir_of(L1Arch::Aarch64)
+        .join("runs")
+        .join(e2e::host::unique_name("x86-snapshot"));
+    let sock = e2e::TempDir::new();
+    let sock = sock.path().join("api.sock");
+    let mut vm = e2e::VmCommand::probe("pv.mode=counter")
+        .arg("--api-socket")
+        .arg(sock.to_str().expect("utf-8 path"))
+        .spawn();
+    assert!(
+        vm.wait_for_line(Duration::from_secs(60), |l| l.contains("PROBE counter 1"))
+            .is_some(),
+        "the probe did not count: {}",
+        vm.drain()
+    );
+    let out = std::process::Command::new(e2e::pocketvisor_bin())
+        .args(["snapshot", "--api-socket"])
+        .arg(&sock)
+        .arg("-o")
+        .arg(&snap)
+        .arg("--stop")
+        .output()
+        .expect("run pocketvisor snapshot");
+    assert!(
+        out.status.success(),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(vm.wait_for(Duration::from_secs(60)));
+
+    let script = format!(
+        "'{}' restore '{}'\necho \"PV rc=$?\"\n",
+        pocketvisor_aarch64().display(),
+        snap.display()
+    );
+    let run = in_l1(name, &script);
+    let _ = std::fs::remove_dir_all(&snap);
+    let Some(run) = run else {
+        return;
+    };
+    let out = &run.output;
+    assert!(out.contains("PV rc=1"), "{out}\n{}", run.describe());
+    assert!(
+        out.contains("this snapshot holds a x86_64 guest; this pocketvisor runs aarch64 guests"),
+        "{out}"
     );
 }
