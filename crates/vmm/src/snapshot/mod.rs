@@ -374,7 +374,7 @@ impl Vm {
         }
 
         let (kvm, vm) = create_kvm_vm(&cfg)?;
-        let (platform, mem) = setup_vm_alongside(&vm, || {
+        let (arch_platform, mem) = setup_vm_alongside(&vm, || {
             let mem = match source {
                 Source::Dir(dir) => load_memory(
                     &dir.join(MEMORY_FILE),
@@ -434,7 +434,7 @@ impl Vm {
             });
             vcpus.push(vcpu);
         }
-        platform.vcpus_created()?;
+        arch_platform.vcpus_created()?;
         devs.virtio.renotify();
         Ok(Vm::assemble(
             cfg,
@@ -443,7 +443,7 @@ impl Vm {
             mem,
             exit,
             devs,
-            (vcpus, cpu_models, platform),
+            (vcpus, cpu_models, arch_platform),
         ))
     }
 }
