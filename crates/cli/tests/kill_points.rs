@@ -11,9 +11,8 @@ mod common;
 mod portable_common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::Instant;
 
 use portable_common::*;
@@ -26,36 +25,6 @@ fn runs() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
-}
-
-/// Runs `pocketvisor ARGS --json`, killing it (SIGKILL) at its first progress event with
-/// some bytes done; returns whether it was killed before finishing.
-fn kill_midway(args: &[&str], env: &[(&str, &str)]) -> bool {
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .arg("--json")
-        .env_remove("POCKETVISOR_PASSPHRASE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut killed = false;
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let (done, total) = (v["bytes_done"].as_u64(), v["bytes_total"].as_u64());
-        if v["event"] == "progress" && done > Some(0) && done < total {
-            child.kill().unwrap();
-            killed = true;
-            break;
-        }
-    }
-    let status = child.wait().unwrap();
-    killed && !status.success()
 }
 
 /// Runs `args`, killed at `point` (a named kill point, or "midway" in the data).

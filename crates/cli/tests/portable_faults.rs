@@ -7,10 +7,9 @@
 mod common;
 mod portable_common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use portable_common::*;
 
@@ -231,36 +230,6 @@ fn fill_random(disk: &Path, mib: u64) {
     let mut dst = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
     std::io::copy(&mut src, &mut dst).unwrap();
     dst.sync_all().unwrap();
-}
-
-/// Runs `pocketvisor ARGS --json` and kills it (SIGKILL) at its first progress event with
-/// some bytes done; returns whether it was killed before finishing.
-fn kill_midway(args: &[&str], env: &[(&str, &str)]) -> bool {
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .arg("--json")
-        .env_remove("POCKETVISOR_PASSPHRASE")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut killed = false;
-    for line in BufReader::new(stdout).lines() {
-        let Ok(line) = line else { break };
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        let (done, total) = (v["bytes_done"].as_u64(), v["bytes_total"].as_u64());
-        if v["event"] == "progress" && done > Some(0) && done < total {
-            child.kill().unwrap();
-            killed = true;
-            break;
-        }
-    }
-    let status = child.wait().unwrap();
-    killed && !status.success()
 }
 
 /// Files in `dir` whose names start with `prefix`.

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -252,4 +252,34 @@ pub fn rows(dir: &Path) -> Vec<(String, String)> {
 pub fn same_file(a: &Path, b: &Path) -> bool {
     let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
     x.len() == y.len() && x == y
+}
+
+/// Runs `pocketvisor ARGS --json` and kills it (SIGKILL) at its first progress event with
+/// some bytes done; returns whether it was killed before finishing.
+pub fn kill_midway(args: &[&str], env: &[(&str, &str)]) -> bool {
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .arg("--json")
+        .env_remove("POCKETVISOR_PASSPHRASE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut killed = false;
+    for line in BufReader::new(stdout).lines() {
+        let Ok(line) = line else { break };
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let (done, total) = (v["bytes_done"].as_u64(), v["bytes_total"].as_u64());
+        if v["event"] == "progress" && done > Some(0) && done < total {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    killed && !status.success()
 }
