@@ -7,6 +7,7 @@ mod stdout;
 mod api;
 mod doctor;
 mod failure;
+mod follow;
 mod handset;
 mod portable;
 mod profile;

@@ -141,6 +141,27 @@ EXAMPLE:
         /// At most this many, the newest.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Keep printing new events as they happen (until Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Print a profile's serial console log (or its VMM's log).
+    #[command(after_help = "\
+The guest's serial console goes to profiles/NAME/run/serial.log, the VMM's own output to
+vmm.log next to it; when a profile (re)starts, the previous run's logs are kept as
+serial.log.prev and vmm.log.prev (--previous). With -f the log is followed across restarts.")]
+    Logs {
+        /// Profile name.
+        name: String,
+        /// The VMM's log instead of the guest's serial console.
+        #[arg(long)]
+        vmm: bool,
+        /// The previous run's log (kept when the profile restarted, e.g. after a crash).
+        #[arg(long, conflicts_with = "follow")]
+        previous: bool,
+        /// Keep printing what is appended (until Ctrl-C).
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Show the audit log (API actions and cross-profile transfers).
     Audit {
@@ -270,13 +291,15 @@ fn show(p: &ProfileInfo) -> Result<()> {
     Ok(())
 }
 
-fn events(list: &[Event]) {
-    outln!(
-        "{:<24} {:<20} {:<16} DETAIL",
-        "TIME (UTC)",
-        "PROFILE",
-        "EVENT"
-    );
+fn events(list: &[Event], header: bool) {
+    if header {
+        outln!(
+            "{:<24} {:<20} {:<16} DETAIL",
+            "TIME (UTC)",
+            "PROFILE",
+            "EVENT"
+        );
+    }
     for e in list {
         outln!(
             "{:<24} {:<20} {:<16} {}",
@@ -435,24 +458,73 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                 );
             }
         }
-        ProfileCmd::Events { name, limit } => {
-            let url = match &name {
+        ProfileCmd::Events {
+            name,
+            limit,
+            follow,
+        } => {
+            let url = |limit: u32| match &name {
                 Some(n) => format!("/v1/profiles/{n}/events?limit={limit}"),
                 None => format!("/v1/events?limit={limit}"),
             };
-            let list: Vec<Event> = c.call("GET", &url, none)?;
-            if json {
-                print_json(&list)?;
-            } else {
-                events(&list);
+            let list: Vec<Event> = c.call("GET", &url(limit), none)?;
+            // Followed, every event is one line (one JSON object per line with --json).
+            let show = |list: &[Event], header: bool| -> Result<()> {
+                if json && follow {
+                    for e in list {
+                        outln!("{}", serde_json::to_string(e)?);
+                    }
+                    Ok(())
+                } else if json {
+                    print_json(&list)
+                } else {
+                    events(list, header);
+                    Ok(())
+                }
+            };
+            show(&list, true)?;
+            if follow {
+                let last = list.last().map_or(0, |e| e.id);
+                crate::follow::events(
+                    last,
+                    |e: &Event| e.id,
+                    || Ok(c.call("GET", &url(1000), none)?),
+                    |new| {
+                        let _ = show(new, false);
+                    },
+                )?;
             }
+        }
+        ProfileCmd::Logs {
+            name,
+            vmm,
+            previous,
+            follow,
+        } => {
+            let p: ProfileInfo = c.call("GET", &format!("/v1/profiles/{name}"), none)?;
+            let serial = std::path::PathBuf::from(&p.serial_log);
+            let file = match (vmm, previous) {
+                (false, false) => serial,
+                (false, true) => serial.with_file_name("serial.log.prev"),
+                (true, false) => serial.with_file_name("vmm.log"),
+                (true, true) => serial.with_file_name("vmm.log.prev"),
+            };
+            if !follow && !file.exists() {
+                return Err(crate::failure::Failure::NotFound(format!(
+                    "profile {name:?} has no {} yet (it has not run{})",
+                    file.display(),
+                    if previous { " twice" } else { "" }
+                ))
+                .into());
+            }
+            crate::follow::cat(&file, follow)?;
         }
         ProfileCmd::Audit { limit } => {
             let list: Vec<Event> = c.call("GET", &format!("/v1/audit?limit={limit}"), none)?;
             if json {
                 print_json(&list)?;
             } else {
-                events(&list);
+                events(&list, true);
             }
         }
         ProfileCmd::Clipboard {

@@ -19,6 +19,12 @@ pub fn failed() -> bool {
     STDOUT_FAILED.load(Ordering::Relaxed)
 }
 
+/// Whether stdout is gone (a closed reader or a failed write): a command that follows
+/// something forever stops then.
+pub fn gone() -> bool {
+    STDOUT_GONE.load(Ordering::Relaxed)
+}
+
 /// Writes formatted text to stdout; a closed pipe or other write error is not a panic.
 pub fn write(args: fmt::Arguments<'_>) {
     if STDOUT_GONE.load(Ordering::Relaxed) {

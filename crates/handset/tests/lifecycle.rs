@@ -1128,3 +1128,92 @@ fn refused_starts_are_audited_and_old_specs_are_migrated() {
         .iter()
         .any(|a| a.starts_with("spec-migrated: kernel /")));
 }
+
+/// Lines a child writes on stdout, read on a thread (for waiting with a timeout).
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits until a line satisfying `f` arrives; false after `timeout`.
+fn wait_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    timeout: Duration,
+    f: impl Fn(&str) -> bool,
+) -> bool {
+    let t0 = Instant::now();
+    while let Some(left) = timeout.checked_sub(t0.elapsed()) {
+        match rx.recv_timeout(left) {
+            Ok(l) if f(&l) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[test]
+fn logs_and_events_can_be_read_and_followed() {
+    if !can_run_vms("logs_and_events_can_be_read_and_followed") {
+        return;
+    }
+    let d = Daemon::start("follow");
+    d.create_probe("l", 64, "");
+    // Nothing has run yet: no log, said with the not-found status.
+    assert_eq!(d.cli(&["logs", "l"]).status.code(), Some(3));
+    d.act("l", "start").unwrap();
+    assert!(wait_until(Duration::from_secs(10), || last_counter(
+        &d.serial("l")
+    )
+    .is_some_and(|n| n >= 2)));
+    let out = d.cli(&["logs", "l"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("PROBE counter 1"));
+    assert!(d.cli(&["logs", "l", "--vmm"]).status.success());
+
+    let spawn = |args: &[&str]| {
+        std::process::Command::new(common::pv_bin())
+            .args(["profile", "--state-dir"])
+            .arg(&d.dir)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Events, followed as JSON lines: the stop shows up.
+    let mut ev = spawn(&["events", "l", "--follow", "--json"]);
+    let ev_lines = lines_of(&mut ev);
+    assert!(wait_line(&ev_lines, Duration::from_secs(10), |l| l
+        .contains("\"started\"")));
+    d.act("l", "stop").unwrap();
+    assert!(wait_line(&ev_lines, Duration::from_secs(10), |l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["event"] == "stopped")
+    }));
+    let _ = ev.kill();
+    let _ = ev.wait();
+
+    // The serial log, followed across a restart: the new run's first line arrives too.
+    let mut logs = spawn(&["logs", "l", "-f"]);
+    let log_lines = lines_of(&mut logs);
+    assert!(wait_line(&log_lines, Duration::from_secs(10), |l| l
+        .starts_with("PROBE counter 0")));
+    d.act("l", "start").unwrap();
+    assert!(
+        wait_line(&log_lines, Duration::from_secs(20), |l| l
+            .starts_with("PROBE counter 0")),
+        "the restarted guest's log was not followed"
+    );
+    let _ = logs.kill();
+    let _ = logs.wait();
+    // The first run's log is kept as the previous one.
+    let prev = d.cli(&["logs", "l", "--previous"]);
+    assert!(String::from_utf8_lossy(&prev.stdout).contains("PROBE counter 1"));
+}
