@@ -304,11 +304,25 @@ fn events(list: &[Event], header: bool) {
         outln!(
             "{:<24} {:<20} {:<16} {}",
             utc(e.time_ms),
-            e.profile,
-            e.event,
-            e.detail
+            printable(&e.profile),
+            printable(&e.event),
+            printable(&e.detail)
         );
     }
+}
+
+/// `text` with its control characters escaped (`\u{1b}`, `\n`): records keep what clients
+/// sent (a rejected name with escape sequences), the terminal must not interpret it.
+fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// `YYYY-MM-DD HH:MM:SS.mmm` from ms since the epoch (civil-from-days, proleptic Gregorian).
@@ -568,4 +582,16 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(
+            super::printable("a\u{1b}[2Jb\nc\u{7}"),
+            "a\\u{1b}[2Jb\\nc\\u{7}"
+        );
+        assert_eq!(super::printable("work: ok é"), "work: ok é");
+    }
 }

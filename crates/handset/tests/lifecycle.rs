@@ -119,6 +119,17 @@ fn exit_statuses_and_json_errors_tell_failures_apart() {
     // A usage error is 2, as with any bad flag.
     assert_eq!(d.cli(&["show"]).status.code(), Some(2));
     assert!(!d.log().contains('\x1b'), "ANSI codes in the daemon's log");
+    // A rejected name with a terminal escape is audited as sent, printed escaped.
+    let req = serde_json::json!({"name": "\u{1b}[2Jevil", "template": "work"});
+    let bad = d
+        .client()
+        .raw("POST", "/v1/profiles", Some(req.to_string().as_bytes()))
+        .unwrap();
+    assert_eq!(bad.status, 400);
+    let audit = d.cli(&["audit"]);
+    let text = String::from_utf8_lossy(&audit.stdout);
+    assert!(!text.contains('\x1b'), "raw escape in `profile audit`");
+    assert!(text.contains("\\u{1b}[2Jevil"), "{text}");
 }
 
 #[test]
