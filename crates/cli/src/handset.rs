@@ -30,9 +30,11 @@ pub struct HandsetArgs {
     /// binary or in guest/out/ of the source tree].
     #[arg(long, value_name = "PATH")]
     probe: Option<PathBuf>,
-    /// Name of the cgroup under which each profile gets its group.
-    #[arg(long, value_name = "NAME", default_value = handset::cgroup::DEFAULT_PARENT)]
-    cgroup_parent: String,
+    /// Name of the cgroup under which each profile gets its group [default:
+    /// pocketvisor-HASH, 8 hex digits of the state directory's path: each state directory
+    /// has its own; `profile status` shows it].
+    #[arg(long, value_name = "NAME")]
+    cgroup_parent: Option<String>,
     /// Boot and restore VMMs with `pocketvisor run`/`restore` instead of jailed with
     /// `pocketvisor vmm` (namespaces, private root under DIR/jail, no privileges, seccomp).
     #[arg(long)]
@@ -48,17 +50,17 @@ pub fn main(a: HandsetArgs) -> Result<i32> {
         Some(p) => anyhow::bail!("--probe {}: no such file", p.display()),
         None => handset::find_probe(&exe),
     };
-    if a.cgroup_parent.is_empty()
-        || a.cgroup_parent.contains('/')
-        || a.cgroup_parent.starts_with('.')
-    {
+    let cgroup_parent = a
+        .cgroup_parent
+        .unwrap_or_else(|| handset::cgroup::default_parent(state_dir.root()));
+    if cgroup_parent.is_empty() || cgroup_parent.contains('/') || cgroup_parent.starts_with('.') {
         anyhow::bail!("--cgroup-parent must be one path component");
     }
     handset::run_blocking(handset::Options {
         state_dir,
         vmm_bin: exe,
         probe,
-        cgroup_parent: a.cgroup_parent,
+        cgroup_parent,
         jail: !a.no_jail,
     })?;
     Ok(0)

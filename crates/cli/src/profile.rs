@@ -244,7 +244,7 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 fn table(rows: &[ProfileInfo]) {
     outln!(
-        "{:<20} {:<10} {:<3} {:>8} {:>7} {:>5} {:>9} {:>6}  DETAIL",
+        "{:<20} {:<10} {:<3} {:>8} {:>7} {:>5} {:>9} {:>6}  {:<9} DETAIL",
         "NAME",
         "STATE",
         "FG",
@@ -252,12 +252,13 @@ fn table(rows: &[ProfileInfo]) {
         "MEM",
         "VCPUS",
         "RSS",
-        "WEIGHT"
+        "WEIGHT",
+        "AGENT"
     );
     for p in rows {
         let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
         outln!(
-            "{:<20} {:<10} {:<3} {:>8} {:>6}M {:>5} {:>9} {:>6}  {}",
+            "{:<20} {:<10} {:<3} {:>8} {:>6}M {:>5} {:>9} {:>6}  {:<9} {}",
             p.name,
             p.state.as_str(),
             if p.foreground { "*" } else { "" },
@@ -266,6 +267,7 @@ fn table(rows: &[ProfileInfo]) {
             p.spec.vcpus,
             opt(p.rss_kib.map(|k| format!("{}M", k / 1024))),
             opt(p.cpu_weight.map(|v| v.to_string())),
+            opt(p.agent.as_ref().map(|a| format!("{} v{}", a.kind, a.version))),
             detail(p)
         );
     }
@@ -283,9 +285,14 @@ fn detail(p: &ProfileInfo) -> String {
 fn show(p: &ProfileInfo) -> Result<()> {
     table(std::slice::from_ref(p));
     outln!(
-        "\nserial log: {}\nvsock cid:  {}\n",
+        "\nserial log: {}\nvsock cid:  {}\nagent:      {}\n",
         p.serial_log,
-        p.vsock_cid
+        p.vsock_cid,
+        match (&p.agent, p.pid) {
+            (Some(a), _) => format!("{} (agent protocol v{})", a.kind, a.version),
+            (None, Some(_)) => "none answering on vsock port 1025".into(),
+            (None, None) => "- (no VMM)".into(),
+        }
     );
     out!("{}", toml::to_string(&p.spec)?);
     Ok(())

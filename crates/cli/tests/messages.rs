@@ -121,3 +121,23 @@ fn the_daemon_says_where_it_listens_without_colour_and_log_level_quiets_it() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).starts_with("pocketvisor: error: --log-level"));
 }
+
+#[test]
+fn export_refuses_a_short_passphrase_before_touching_anything() {
+    let t = common::Scratch::new("pv-messages", "short-passphrase");
+    std::fs::write(t.path("handset.db"), b"").unwrap();
+    let out = t.path("work.pvp");
+    let state = t.0.to_str().unwrap();
+    let o = Command::new(common::bin())
+        .args(["export", "work", "-o", out.to_str().unwrap(), "--state-dir", state])
+        .env("POCKETVISOR_PASSPHRASE", "hunter2")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim_end(),
+        "pocketvisor: error: $POCKETVISOR_PASSPHRASE: the passphrase has 7 characters; a new \
+         portable file needs at least 12 (a few words are easy to type and hard to guess)"
+    );
+    assert!(!out.exists(), "nothing is written");
+}

@@ -175,7 +175,7 @@ async fn info(State(h): State<Hs>) -> ApiResult<crate::DaemonInfo> {
 }
 
 async fn list(State(h): State<Hs>) -> ApiResult<Vec<crate::ProfileInfo>> {
-    Ok(Json(h.list()?))
+    Ok(Json(h.list_with_agents().await?))
 }
 
 async fn create(
@@ -195,7 +195,7 @@ async fn create(
 }
 
 async fn show(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<crate::ProfileInfo> {
-    Ok(Json(h.show(&name)?))
+    Ok(Json(h.show_with_agent(&name).await?))
 }
 
 async fn screenshot(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {

@@ -120,6 +120,10 @@ pub struct ProfileInfo {
     /// The file an export moved the profile to: it does not start or resume here without
     /// `reclaim` (so the guest does not run twice).
     pub moved_to: Option<String>,
+    /// The in-guest agent that answered while the VMM runs (`null`: none answered, or no
+    /// VMM).
+    #[serde(default)]
+    pub agent: Option<crate::agents::AgentStatus>,
     /// The profile spec.
     pub spec: ProfileSpec,
 }

@@ -12,8 +12,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// Default parent group name under the cgroup mount.
+/// The prefix of the default parent group's name under the cgroup mount.
 pub const DEFAULT_PARENT: &str = "pocketvisor";
+
+/// The default parent group of the daemon of `state_dir`: `pocketvisor-` and 8 hex digits of
+/// the SHA-256 of its absolute path, so two daemons (two state directories) never share a
+/// profile's group.
+pub fn default_parent(state_dir: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let digest = Sha256::digest(abs.as_os_str().as_encoded_bytes());
+    format!("{DEFAULT_PARENT}-{}", hex::encode(&digest[..4]))
+}
 
 /// Which cgroup interface is in use.
 #[derive(Debug, Clone)]
@@ -254,6 +264,16 @@ impl Cgroups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_state_directory_has_its_own_default_parent() {
+        let a = default_parent(std::path::Path::new("/var/lib/pocketvisor"));
+        let b = default_parent(std::path::Path::new("/tmp/hs"));
+        assert_ne!(a, b);
+        assert_eq!(a, default_parent(std::path::Path::new("/var/lib/pocketvisor")));
+        assert!(a.starts_with("pocketvisor-") && a.len() == "pocketvisor-".len() + 8, "{a}");
+        assert!(!a.contains('/'));
+    }
 
     #[test]
     fn shares_follow_weights() {

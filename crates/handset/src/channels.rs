@@ -280,6 +280,21 @@ async fn agent_info(profile: &str, vsock: &Path) -> Result<AgentInfo, ChannelErr
     })
 }
 
+/// `profile`'s agent's `health` answer, within `timeout` (for `list`/`show`).
+pub(crate) async fn health(
+    profile: &str,
+    vsock: &Path,
+    timeout: Duration,
+) -> Result<Answer, ChannelError> {
+    let req = Request::new(Op::Health);
+    tokio::time::timeout(
+        timeout,
+        agent_call(profile, vsock, &req, 4096, AgentInfo::UNKNOWN),
+    )
+    .await
+    .map_err(|_| ChannelError::Agent(format!("{profile}'s agent: no answer within {timeout:?}")))?
+}
+
 /// Sends one request to the agent behind `vsock` (a Firecracker-style host socket) and
 /// returns its answer. `max_line` bounds the answer line (a longer one is
 /// [`ChannelError::TooLarge`]); the call may take [`CALL_TIMEOUT`] plus a second per

@@ -57,6 +57,7 @@
 //! switched); if the daemon dies without that (SIGKILL, crash), the next daemon adopts the
 //! VMMs it finds still running and restarts the others per their restart policy.
 
+pub mod agents;
 pub mod api;
 pub mod api_types;
 pub mod audit_key;

@@ -478,4 +478,38 @@ fn the_readme_clipboard_copy_works_with_the_templates() {
     );
     assert!(said.contains("15 bytes from personal to work"), "{said}");
     assert_eq!(clipboard(&d, "work"), b"from the README");
+
+    // `list` and `show` say which profiles have an agent: the templates' probe agents do, a
+    // counting probe (no agent mode) does not, a stopped profile has no VMM to ask.
+    d.create_probe("counter", 64, "");
+    d.create_probe("idle", 64, "");
+    assert!(d.act("counter", "start").is_ok());
+    let out = d.cli(&["list"]);
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{table}");
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row {name} in {table}"))
+            .to_string()
+    };
+    assert!(table.lines().next().unwrap().contains("AGENT"), "{table}");
+    for p in ["work", "personal"] {
+        assert!(row(p).contains("probe v1"), "{table}");
+        let info = d.show(p);
+        let agent = info.agent.expect("a template's agent answers");
+        assert_eq!((agent.kind.as_str(), agent.version), ("probe", 1));
+    }
+    assert!(!row("counter").contains("probe v"), "{table}");
+    assert!(!row("idle").contains("probe v"), "{table}");
+    let out = d.cli(&["show", "counter"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("agent:      none answering"), "{said}");
+    let out = d.cli(&["show", "idle"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("agent:      - (no VMM)"), "{said}");
+    let out = d.cli(&["show", "work"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("agent:      probe (agent protocol v1)"), "{said}");
 }

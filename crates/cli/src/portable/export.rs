@@ -158,7 +158,7 @@ pub fn main(a: ExportArgs) -> Result<i32> {
     let passphrase = if recipients.is_empty() {
         Some(a.passphrase.get_or_prompt(true)?)
     } else {
-        a.passphrase.given()?
+        a.passphrase.given_new()?
     };
     if let Some(p) = passphrase {
         keys.push(KeySpec::Passphrase {

@@ -18,6 +18,21 @@ pub const PASSPHRASE_ENV: &str = "POCKETVISOR_PASSPHRASE";
 /// real files.
 pub const KDF_ENV: &str = "POCKETVISOR_KDF";
 
+/// The fewest characters a new (export) passphrase may have; import takes any.
+pub const PASSPHRASE_MIN: usize = 12;
+
+/// Refuses a passphrase for a new file that is shorter than [`PASSPHRASE_MIN`].
+pub fn check_new_passphrase(p: &str) -> Result<()> {
+    let n = p.chars().count();
+    if n < PASSPHRASE_MIN {
+        bail!(
+            "the passphrase has {n} characters; a new portable file needs at least \
+             {PASSPHRASE_MIN} (a few words are easy to type and hard to guess)"
+        );
+    }
+    Ok(())
+}
+
 /// The passphrase options shared by `export` and `import`.
 #[derive(Args, Debug, Clone)]
 pub struct PassphraseArgs {
@@ -30,18 +45,34 @@ pub struct PassphraseArgs {
 impl PassphraseArgs {
     /// The passphrase given by `--passphrase-file` or the environment, if any.
     pub fn given(&self) -> Result<Option<Passphrase>> {
+        self.given_for(false)
+    }
+
+    /// [`Self::given`] for a new file: at least [`PASSPHRASE_MIN`] characters.
+    pub fn given_new(&self) -> Result<Option<Passphrase>> {
+        self.given_for(true)
+    }
+
+    fn given_for(&self, new: bool) -> Result<Option<Passphrase>> {
         if let Some(f) = &self.passphrase_file {
-            return read_passphrase_file(f).map(Some);
+            return read_passphrase_file(f, new).map(Some);
         }
         match std::env::var(PASSPHRASE_ENV) {
-            Ok(v) if !v.is_empty() => Ok(Some(Passphrase::new(v))),
+            Ok(v) if !v.is_empty() => {
+                let v = Zeroizing::new(v);
+                if new {
+                    check_new_passphrase(&v).with_context(|| format!("${PASSPHRASE_ENV}"))?;
+                }
+                Ok(Some(Passphrase::new(v.to_string())))
+            }
             _ => Ok(None),
         }
     }
 
-    /// The given passphrase, else one typed at the terminal (twice if `confirm`).
+    /// The given passphrase, else one typed at the terminal (twice if `confirm`, for a new
+    /// file, which also needs at least [`PASSPHRASE_MIN`] characters).
     pub fn get_or_prompt(&self, confirm: bool) -> Result<Passphrase> {
-        if let Some(p) = self.given()? {
+        if let Some(p) = self.given_for(confirm)? {
             return Ok(p);
         }
         let mut first = prompt("Passphrase: ").with_context(|| {
@@ -51,6 +82,7 @@ impl PassphraseArgs {
             bail!("the passphrase is empty");
         }
         if confirm {
+            check_new_passphrase(&first)?;
             let again = prompt("Passphrase again: ")?;
             if *again != *first {
                 bail!("the passphrases differ");
@@ -62,7 +94,8 @@ impl PassphraseArgs {
 }
 
 /// Reads the first line of `path` (without its line end) as a passphrase.
-fn read_passphrase_file(path: &Path) -> Result<Passphrase> {
+/// A passphrase for a new file (`new`) needs at least [`PASSPHRASE_MIN`] characters.
+fn read_passphrase_file(path: &Path, new: bool) -> Result<Passphrase> {
     let mut text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the passphrase file {}", path.display()))?;
     let end = text.find(['\n', '\r']).unwrap_or(text.len());
@@ -70,6 +103,10 @@ fn read_passphrase_file(path: &Path) -> Result<Passphrase> {
     text.truncate(end);
     if text.is_empty() {
         bail!("the passphrase file {} is empty", path.display());
+    }
+    if new {
+        check_new_passphrase(&text)
+            .with_context(|| format!("the passphrase file {}", path.display()))?;
     }
     Ok(Passphrase::new(text))
 }
@@ -171,6 +208,13 @@ pub fn read_identity(path: &Path) -> Result<StaticSecret> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_passphrase_has_a_minimum_length() {
+        assert!(super::check_new_passphrase("short").is_err());
+        assert!(super::check_new_passphrase("élève-élève").is_err(), "11 characters");
+        assert!(super::check_new_passphrase("correct horse").is_ok());
+    }
 
     #[test]
     fn passphrase_file_first_line_and_identity_file() {

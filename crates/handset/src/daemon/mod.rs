@@ -68,6 +68,7 @@ pub struct Handset {
     supervisor: Supervisor,
     ops: tokio::sync::Mutex<()>,
     cgroups: Cgroups,
+    agents: crate::agents::AgentCache,
 }
 
 impl Handset {
@@ -81,6 +82,7 @@ impl Handset {
             supervisor: Supervisor::default(),
             ops: tokio::sync::Mutex::new(()),
             cgroups,
+            agents: crate::agents::AgentCache::default(),
         }))
     }
 
@@ -120,6 +122,21 @@ impl Handset {
     pub fn list(&self) -> Result<Vec<ProfileInfo>> {
         let rows = self.registry.db().profiles()?;
         rows.into_iter().map(|r| self.registry.info(r)).collect()
+    }
+
+    /// All profiles, with the agent each running guest has ([`crate::agents`]).
+    pub async fn list_with_agents(&self) -> Result<Vec<ProfileInfo>> {
+        let mut list = self.list()?;
+        self.agents.fill(self.dir(), &mut list).await;
+        Ok(list)
+    }
+
+    /// One profile, with the agent its guest has.
+    pub async fn show_with_agent(&self, name: &str) -> Result<ProfileInfo> {
+        let mut p = [self.show(name)?];
+        self.agents.fill(self.dir(), &mut p).await;
+        let [p] = p;
+        Ok(p)
     }
 
     /// One profile.
@@ -633,9 +650,8 @@ impl Handset {
             }
         }
         let _ = self.registry.db().set_foreground(None);
-        if self.opts.cgroup_parent != crate::cgroup::DEFAULT_PARENT {
-            self.cgroups.remove_parent();
-        }
+        // Only an empty group is removed (rmdir): the parent is this state directory's own.
+        self.cgroups.remove_parent();
     }
 
     /// The cgroup weight file of `name` (for tests and diagnostics).
