@@ -267,7 +267,10 @@ fn table(rows: &[ProfileInfo]) {
             p.spec.vcpus,
             opt(p.rss_kib.map(|k| format!("{}M", k / 1024))),
             opt(p.cpu_weight.map(|v| v.to_string())),
-            opt(p.agent.as_ref().map(|a| format!("{} v{}", a.kind, a.version))),
+            opt(p
+                .agent
+                .as_ref()
+                .map(|a| format!("{} v{}", a.kind, a.version))),
             detail(p)
         );
     }

@@ -129,7 +129,14 @@ fn export_refuses_a_short_passphrase_before_touching_anything() {
     let out = t.path("work.pvp");
     let state = t.0.to_str().unwrap();
     let o = Command::new(common::bin())
-        .args(["export", "work", "-o", out.to_str().unwrap(), "--state-dir", state])
+        .args([
+            "export",
+            "work",
+            "-o",
+            out.to_str().unwrap(),
+            "--state-dir",
+            state,
+        ])
         .env("POCKETVISOR_PASSPHRASE", "hunter2")
         .output()
         .unwrap();

@@ -270,8 +270,14 @@ mod tests {
         let a = default_parent(std::path::Path::new("/var/lib/pocketvisor"));
         let b = default_parent(std::path::Path::new("/tmp/hs"));
         assert_ne!(a, b);
-        assert_eq!(a, default_parent(std::path::Path::new("/var/lib/pocketvisor")));
-        assert!(a.starts_with("pocketvisor-") && a.len() == "pocketvisor-".len() + 8, "{a}");
+        assert_eq!(
+            a,
+            default_parent(std::path::Path::new("/var/lib/pocketvisor"))
+        );
+        assert!(
+            a.starts_with("pocketvisor-") && a.len() == "pocketvisor-".len() + 8,
+            "{a}"
+        );
         assert!(!a.contains('/'));
     }
 

@@ -511,5 +511,8 @@ fn the_readme_clipboard_copy_works_with_the_templates() {
     assert!(said.contains("agent:      - (no VMM)"), "{said}");
     let out = d.cli(&["show", "work"]);
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(said.contains("agent:      probe (agent protocol v1)"), "{said}");
+    assert!(
+        said.contains("agent:      probe (agent protocol v1)"),
+        "{said}"
+    );
 }

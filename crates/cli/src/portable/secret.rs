@@ -43,16 +43,14 @@ pub struct PassphraseArgs {
 }
 
 impl PassphraseArgs {
-    /// The passphrase given by `--passphrase-file` or the environment, if any.
-    pub fn given(&self) -> Result<Option<Passphrase>> {
-        self.given_for(false)
-    }
-
-    /// [`Self::given`] for a new file: at least [`PASSPHRASE_MIN`] characters.
+    /// The passphrase for a new file given by `--passphrase-file` or the environment, if
+    /// any: at least [`PASSPHRASE_MIN`] characters.
     pub fn given_new(&self) -> Result<Option<Passphrase>> {
         self.given_for(true)
     }
 
+    /// The passphrase given by `--passphrase-file` or the environment, if any (checked for a
+    /// `new` file).
     fn given_for(&self, new: bool) -> Result<Option<Passphrase>> {
         if let Some(f) = &self.passphrase_file {
             return read_passphrase_file(f, new).map(Some);
@@ -212,7 +210,10 @@ mod tests {
     #[test]
     fn a_new_passphrase_has_a_minimum_length() {
         assert!(super::check_new_passphrase("short").is_err());
-        assert!(super::check_new_passphrase("élève-élève").is_err(), "11 characters");
+        assert!(
+            super::check_new_passphrase("élève-élève").is_err(),
+            "11 characters"
+        );
         assert!(super::check_new_passphrase("correct horse").is_ok());
     }
 
@@ -225,7 +226,7 @@ mod tests {
         let args = PassphraseArgs {
             passphrase_file: Some(f.clone()),
         };
-        let p = args.given().unwrap().unwrap();
+        let p = args.given_for(false).unwrap().unwrap();
         assert_eq!(format!("{p:?}"), "Passphrase(<redacted>)");
         // Only the first line counts: a slot made from the file opens with the literal.
         let data = dir.join("data");
@@ -245,7 +246,7 @@ mod tests {
         let unlock = vault::Unlock::Passphrase(Passphrase::new("correct horse"));
         assert_eq!(vault::inspect(&out, &unlock).unwrap().name, "t");
         std::fs::write(&f, "\n").unwrap();
-        assert!(args.given().is_err());
+        assert!(args.given_for(false).is_err());
 
         let (secret, _) = vault::generate_identity();
         let id = dir.join("id.key");
