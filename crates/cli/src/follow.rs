@@ -1,5 +1,5 @@
-//! `profile logs` and `profile events --follow`: printing a log file or the daemon's event
-//! list, and following them as they grow.
+//! `profile logs` and `profile events --follow`: printing a log file and following it as it
+//! grows, and following the daemon's event stream.
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-/// How often a followed file or event list is polled.
+/// How often a followed file is polled.
 const POLL: Duration = Duration::from_millis(200);
 
 /// Copies `path` to stdout; with `follow`, keeps copying what is appended, across the file
@@ -61,24 +61,40 @@ pub fn cat(path: &Path, follow: bool) -> Result<()> {
     }
 }
 
-/// Polls `fetch` (which returns the newest records, oldest first) every [`POLL`], calling
-/// `print` with the records newer than the last one printed (`last_id`), until killed.
-pub fn events<T>(
-    mut last_id: i64,
-    id: impl Fn(&T) -> i64,
-    mut fetch: impl FnMut() -> Result<Vec<T>>,
-    mut print: impl FnMut(&[T]),
+/// Follows the daemon's event stream (`GET /v1/events/stream`, server-sent events) after
+/// event `after` (of `profile`, or all), calling `print` with each event, until the daemon
+/// ends the stream or stdout goes away.
+pub fn events(
+    c: &handset::client::Client,
+    profile: Option<&str>,
+    after: i64,
+    mut print: impl FnMut(&handset::Event),
 ) -> Result<()> {
-    loop {
-        std::thread::sleep(POLL);
-        let list = fetch()?;
-        let new: Vec<T> = list.into_iter().filter(|e| id(e) > last_id).collect();
-        if let Some(e) = new.last() {
-            last_id = id(e);
-            print(&new);
-        }
-        if crate::stdout::gone() {
-            return Ok(());
-        }
+    let mut path = format!("/v1/events/stream?after={after}");
+    if let Some(p) = profile {
+        // A valid name needs no escaping in a query; anything else is refused here.
+        handset::spec::check_name("profile name", p)?;
+        path.push_str(&format!("&profile={p}"));
     }
+    let mut bad = None;
+    c.stream_lines(&path, |line| {
+        // Only `data:` lines carry an event; `id:`, `event:` and `:` comments are framing.
+        if let Some(data) = line.strip_prefix("data:") {
+            match serde_json::from_str::<handset::Event>(data.trim_start()) {
+                Ok(e) => print(&e),
+                Err(e) => {
+                    bad = Some(e);
+                    return false;
+                }
+            }
+        }
+        !crate::stdout::gone()
+    })?;
+    if let Some(e) = bad {
+        anyhow::bail!("the daemon's event stream sent a bad event: {e}");
+    }
+    if !crate::stdout::gone() {
+        anyhow::bail!("the daemon ended the event stream (did it stop?)");
+    }
+    Ok(())
 }

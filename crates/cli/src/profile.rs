@@ -67,6 +67,26 @@ the daemon starts; default false).")]
         /// Profile name.
         name: String,
     },
+    /// Change a profile's settings (KEY=VALUE ...), applied when it next starts.
+    #[command(after_help = "\
+Changeable: memory_mib, vcpus, cmdline, display.width, display.height, balloon, mergeable (the
+machine: refused while suspended, its saved guest was made with them), memory_max_mib,
+restart, background, cpu.foreground, cpu.background, channels.clipboard_to (a list:
+'[\"work\"]'), channels.files_to, channels.clipboard_from, channels.files_from, on_shutdown,
+autostart. A VALUE that is JSON (512, true, [\"work\"]) is taken as such, anything else as a
+string. Every change is checked together and written at once: all of them apply, or none.
+A running guest keeps its settings until it is stopped and started; channel rules apply at
+the next transfer.
+
+EXAMPLE:
+  pocketvisor profile set work memory_mib=512 vcpus=2 autostart=true")]
+    Set {
+        /// Profile name.
+        name: String,
+        /// KEY=VALUE (KEY may be a.b for a nested setting).
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+    },
     /// Start a profile's VM (a suspended profile is resumed).
     #[command(after_help = "\
 A profile that `pocketvisor export` moved to a file (`list` shows `moved to FILE`) is refused:
@@ -141,7 +161,8 @@ EXAMPLE:
         /// At most this many, the newest.
         #[arg(long, default_value_t = 100)]
         limit: u32,
-        /// Keep printing new events as they happen (until Ctrl-C).
+        /// Keep printing new events as they happen (until Ctrl-C or the daemon stops), from
+        /// the daemon's event stream (GET /v1/events/stream, server-sent events).
         #[arg(short, long)]
         follow: bool,
     },
@@ -206,6 +227,38 @@ lists FROM (templates: personal -> work only). Every attempt is in `pocketvisor 
         #[arg(long)]
         to: String,
     },
+}
+
+/// `KEY=VALUE` arguments as a JSON object (`a.b=v` nests; a VALUE that parses as JSON is
+/// taken as such, else as a string).
+fn settings_object(settings: &[String]) -> Result<serde_json::Map<String, serde_json::Value>> {
+    use serde_json::{Map, Value};
+    let mut out = Map::new();
+    for s in settings {
+        let (key, value) = s
+            .split_once('=')
+            .with_context(|| format!("{s:?} is not KEY=VALUE"))?;
+        let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.into()));
+        let mut parts = key.split('.').peekable();
+        let mut slot = &mut out;
+        while let Some(part) = parts.next() {
+            anyhow::ensure!(!part.is_empty(), "{key:?}: an empty key");
+            if parts.peek().is_none() {
+                anyhow::ensure!(
+                    slot.insert(part.to_string(), value.clone()).is_none(),
+                    "{key} is given twice"
+                );
+                break;
+            }
+            let next = slot
+                .entry(part.to_string())
+                .or_insert_with(|| Value::Object(Map::new()));
+            slot = next
+                .as_object_mut()
+                .with_context(|| format!("{key}: {part} is given as a value too"))?;
+        }
+    }
+    Ok(out)
 }
 
 /// Prints a finished transfer.
@@ -446,6 +499,19 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                 outln!("deleted profile {name}");
             }
         }
+        ProfileCmd::Set { name, settings } => {
+            let changes = settings_object(&settings)?;
+            let p: ProfileInfo =
+                c.call("PATCH", &format!("/v1/profiles/{name}"), Some(&changes))?;
+            if json {
+                print_json(&p)?;
+            } else {
+                outln!("{name}: changed {}", settings.join(" "));
+                if p.pid.is_some() || p.state == handset::ProfileState::Suspended {
+                    outln!("(the running or saved guest keeps its settings until it is stopped and started)");
+                }
+            }
+        }
         ProfileCmd::Start { name, reclaim } => {
             let query = if reclaim { "?reclaim=true" } else { "" };
             lifecycle(&c, json, &name, "start", query)?
@@ -509,14 +575,9 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             show(&list, true)?;
             if follow {
                 let last = list.last().map_or(0, |e| e.id);
-                crate::follow::events(
-                    last,
-                    |e: &Event| e.id,
-                    || Ok(c.call("GET", &url(1000), none)?),
-                    |new| {
-                        let _ = show(new, false);
-                    },
-                )?;
+                crate::follow::events(&c, name.as_deref(), last, |e| {
+                    let _ = show(std::slice::from_ref(e), false);
+                })?;
             }
         }
         ProfileCmd::Logs {
@@ -596,6 +657,37 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn settings_become_one_nested_object() {
+        let args: Vec<String> = [
+            "memory_mib=512",
+            "cmdline=console=ttyS0 quiet",
+            "cpu.foreground=300",
+            "cpu.background=50",
+            "channels.clipboard_to=[\"work\"]",
+            "autostart=true",
+            "on_shutdown=stop",
+        ]
+        .map(String::from)
+        .to_vec();
+        let v = serde_json::Value::Object(super::settings_object(&args).unwrap());
+        assert_eq!(
+            v,
+            serde_json::json!({"memory_mib": 512, "cmdline": "console=ttyS0 quiet",
+                "cpu": {"foreground": 300, "background": 50},
+                "channels": {"clipboard_to": ["work"]}, "autostart": true, "on_shutdown": "stop"})
+        );
+        for bad in [
+            &["memory_mib"][..],
+            &["a=1", "a=2"],
+            &["cpu=1", "cpu.x=2"],
+            &[".x=1"],
+        ] {
+            let bad: Vec<String> = bad.iter().map(|s| s.to_string()).collect();
+            assert!(super::settings_object(&bad).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn control_characters_are_escaped_for_the_terminal() {
         assert_eq!(

@@ -66,6 +66,8 @@ fn help_lists_every_profile_command_and_the_exit_statuses() {
         "status",
         "clipboard",
         "send-file",
+        "set",
+        "logs",
     ] {
         assert!(
             help.lines().any(|l| l.trim_start().starts_with(cmd)),

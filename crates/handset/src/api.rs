@@ -12,7 +12,7 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, MethodRouter};
+use axum::routing::{delete, get, patch, post, MethodRouter};
 use axum::{Json, Router};
 
 use crate::api_types::{
@@ -35,6 +35,8 @@ pub enum Op {
     Show,
     /// Delete a profile.
     Delete,
+    /// Change what may change in a profile's spec.
+    Set,
     /// Start a profile.
     Start,
     /// Stop a profile.
@@ -51,6 +53,8 @@ pub enum Op {
     Screenshot,
     /// All lifecycle events.
     AllEvents,
+    /// Lifecycle events as they happen (server-sent events).
+    EventStream,
     /// The audit log.
     Audit,
     /// Copy a clipboard between profiles.
@@ -81,6 +85,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles", Op::Create),
     r("GET", "/v1/profiles/{name}", Op::Show),
     r("DELETE", "/v1/profiles/{name}", Op::Delete),
+    r("PATCH", "/v1/profiles/{name}", Op::Set),
     r("POST", "/v1/profiles/{name}/start", Op::Start),
     r("POST", "/v1/profiles/{name}/stop", Op::Stop),
     r("POST", "/v1/profiles/{name}/suspend", Op::Suspend),
@@ -89,6 +94,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/profiles/{name}/events", Op::Events),
     r("GET", "/v1/profiles/{name}/screenshot", Op::Screenshot),
     r("GET", "/v1/events", Op::AllEvents),
+    r("GET", "/v1/events/stream", Op::EventStream),
     r("GET", "/v1/audit", Op::Audit),
     r("POST", "/v1/channels/clipboard", Op::ChannelClipboard),
     r("POST", "/v1/channels/file", Op::ChannelFile),
@@ -214,6 +220,17 @@ async fn remove(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn set(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    body: Result<Json<serde_json::Map<String, serde_json::Value>>, JsonRejection>,
+) -> ApiResult<crate::ProfileInfo> {
+    let Json(changes) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let r = h.set(&name, changes).await;
+    Ok(Json(audited(&h, peer, &name, "set", r)?))
+}
+
 macro_rules! lifecycle {
     ($fn:ident, $action:literal) => {
         async fn $fn(
@@ -308,6 +325,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Create => post(create),
         Op::Show => get(show),
         Op::Delete => delete(remove),
+        Op::Set => patch(set),
         Op::Start => post(start),
         Op::Stop => post(stop),
         Op::Suspend => post(suspend),
@@ -316,6 +334,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Events => get(events),
         Op::Screenshot => get(screenshot),
         Op::AllEvents => get(all_events),
+        Op::EventStream => get(crate::event_stream::stream),
         Op::Audit => get(audit),
         Op::ChannelClipboard => post(crate::channels::clipboard),
         Op::ChannelFile => post(crate::channels::file),

@@ -128,6 +128,119 @@ impl Client {
     }
 }
 
+/// The longest line [`Client::stream_lines`] accepts.
+const STREAM_LINE_MAX: usize = 1 << 20;
+
+impl Client {
+    /// `GET path` of a streaming answer (server-sent events): hands each line of the body
+    /// (without its line end) to `on_line` until it returns false or the daemon ends the
+    /// stream. An error status is [`ClientError::Api`] with the daemon's message; a daemon
+    /// silent for 60 s (it sends a comment every 15 s) is [`ClientError::Io`].
+    pub fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        use std::io::BufRead;
+        let io = |source| ClientError::Io {
+            path: self.socket.clone(),
+            source,
+        };
+        let bad = |what: &str| ClientError::BadAnswer(what.to_string());
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(self.socket.clone())
+            }
+            _ => io(e),
+        })?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(io)?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: handset\r\nConnection: close\r\nAccept: text/event-stream\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).map_err(io)?;
+        let mut r = std::io::BufReader::new(s);
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let before = head.len();
+            (&mut r)
+                .take(8192)
+                .read_until(b'\n', &mut head)
+                .map_err(io)?;
+            if head.len() == before || head.len() > 65536 {
+                return Err(bad("the stream ended inside the headers"));
+            }
+        }
+        let status: u16 = std::str::from_utf8(&head)
+            .ok()
+            .and_then(|h| h.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| bad("bad status line"))?;
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let chunked = text.contains("transfer-encoding: chunked");
+        if status != 200 {
+            let mut rest = Vec::new();
+            r.take(1 << 20).read_to_end(&mut rest).map_err(io)?;
+            head.extend_from_slice(&rest);
+            let a = parse_response(&head).map_err(ClientError::BadAnswer)?;
+            let message = serde_json::from_slice::<ErrorBody>(&a.body)
+                .map(|b| b.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&a.body).into_owned());
+            return Err(ClientError::Api { status, message });
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        let mut deliver = |bytes: &[u8], pending: &mut Vec<u8>| -> Result<bool, ClientError> {
+            pending.extend_from_slice(bytes);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let line = String::from_utf8_lossy(&line);
+                if !on_line(line.trim_end_matches(['\n', '\r'])) {
+                    return Ok(false);
+                }
+            }
+            if pending.len() > STREAM_LINE_MAX {
+                return Err(bad("a streamed line is longer than 1 MiB"));
+            }
+            Ok(true)
+        };
+        loop {
+            let mut chunk = Vec::new();
+            if chunked {
+                let mut size_line = Vec::new();
+                (&mut r)
+                    .take(64)
+                    .read_until(b'\n', &mut size_line)
+                    .map_err(io)?;
+                let size_text =
+                    std::str::from_utf8(&size_line).map_err(|_| bad("bad chunk size"))?;
+                let size =
+                    usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| bad("bad chunk size"))?;
+                if size == 0 {
+                    return Ok(());
+                }
+                if size > STREAM_LINE_MAX {
+                    return Err(bad("a chunk is larger than 1 MiB"));
+                }
+                chunk.resize(size + 2, 0);
+                r.read_exact(&mut chunk).map_err(io)?;
+                chunk.truncate(size);
+            } else {
+                (&mut r)
+                    .take(65536)
+                    .read_until(b'\n', &mut chunk)
+                    .map_err(io)?;
+                if chunk.is_empty() {
+                    return Ok(());
+                }
+            }
+            if !deliver(&chunk, &mut pending)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Splits a complete HTTP/1.1 response into status and (de-chunked) body.
 pub fn parse_response(raw: &[u8]) -> Result<Answer, String> {
     let end = raw

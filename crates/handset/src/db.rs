@@ -310,6 +310,32 @@ impl Db {
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+
+    /// At most `limit` records with an id larger than `after` (`profile` None: all), oldest
+    /// first: the next page of a log being followed.
+    pub fn records_after(
+        &self,
+        log: Log,
+        profile: Option<&str>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<Event>> {
+        let mut stmt = self.conn.prepare(&format!(
+            "SELECT id, time_ms, profile, event, detail FROM {}
+             WHERE (?1 IS NULL OR profile = ?1) AND id > ?2 ORDER BY id LIMIT ?3",
+            log.table()
+        ))?;
+        let rows = stmt.query_map(params![profile, after, limit], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                time_ms: r.get(1)?,
+                profile: r.get(2)?,
+                event: r.get(3)?,
+                detail: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
 }
 
 #[cfg(test)]
@@ -349,6 +375,23 @@ mod tests {
         assert_eq!(db.records(Log::Events, Some("a"), 10).unwrap().len(), 1);
         assert_eq!(db.records(Log::Events, None, 10).unwrap().len(), 2);
         assert_eq!(db.records(Log::Events, None, 1).unwrap()[0].profile, "b");
+        // Following a log pages forward from an id, oldest first, never skipping any.
+        for i in 0..5 {
+            db.record(Log::Events, "b", "tick", &i.to_string()).unwrap();
+        }
+        let first = db.records(Log::Events, None, 100).unwrap()[0].id;
+        let mut seen = Vec::new();
+        let mut after = first;
+        loop {
+            let page = db.records_after(Log::Events, Some("b"), after, 2).unwrap();
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            seen.extend(page.into_iter().map(|e| e.event + &e.detail));
+        }
+        assert_eq!(
+            seen,
+            ["started", "tick0", "tick1", "tick2", "tick3", "tick4"]
+        );
         db.delete_profile("a").unwrap();
         assert!(db.profile("a").unwrap().is_none());
         drop(db);

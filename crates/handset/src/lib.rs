@@ -67,6 +67,7 @@ pub mod client;
 pub mod daemon;
 pub mod db;
 pub mod error;
+pub mod event_stream;
 pub mod fault;
 pub mod leftovers;
 pub mod moved;
@@ -145,6 +146,11 @@ pub async fn run_until(
         std::process::id(),
         sock.display()
     );
+    let closer = h.clone();
+    let shutdown = async move {
+        shutdown.await;
+        closer.close_streams();
+    };
     let served = api::serve(h.clone(), listener, shutdown).await;
     tracing::info!("handset daemon stopping: suspending or stopping the running profiles");
     h.shutdown().await;

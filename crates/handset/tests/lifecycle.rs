@@ -1228,3 +1228,74 @@ fn logs_and_events_can_be_read_and_followed() {
     let prev = d.cli(&["logs", "l", "--previous"]);
     assert!(String::from_utf8_lossy(&prev.stdout).contains("PROBE counter 1"));
 }
+
+/// `profile set`: checked whole (all or nothing), applied when the VMM next starts, refused
+/// for the machine's shape while a saved guest exists.
+#[test]
+fn profile_set_changes_settings_all_or_nothing_for_the_next_start() {
+    let d = Daemon::start("set");
+    d.create_probe("s", 64, "");
+    let out = d.cli(&[
+        "set",
+        "s",
+        "memory_mib=96",
+        "vcpus=2",
+        "autostart=true",
+        "cpu.foreground=300",
+        "channels.clipboard_to=[\"other\"]",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains("s: changed memory_mib=96"), "{out:?}");
+    let spec = d.show("s").spec;
+    assert_eq!((spec.memory_mib, spec.vcpus, spec.autostart), (96, 2, true));
+    assert_eq!(spec.cpu.foreground, 300);
+    assert_eq!(spec.channels.clipboard_to, ["other"]);
+    let toml = std::fs::read_to_string(d.dir.join("profiles/s/profile.toml")).unwrap();
+    assert!(toml.contains("memory_mib = 96"), "{toml}");
+
+    // One bad value refuses the whole change: the good one beside it is not applied.
+    for bad in [
+        &["autostart=false", "memory_mib=1"][..],
+        &["autostart=false", "name=t"],
+        &["autostart=false", "disks=[]"],
+        &["autostart=false", "vcpus=lots"],
+        &["autostart=false", "cpu.nonsense=1"],
+    ] {
+        let mut args = vec!["set", "s"];
+        args.extend_from_slice(bad);
+        let out = d.cli(&args);
+        assert_eq!(out.status.code(), Some(1), "{bad:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.starts_with("pocketvisor: error:"), "{err}");
+        assert!(d.show("s").spec.autostart, "{bad:?} changed autostart");
+    }
+    let out = d.cli(&["set", "nope", "autostart=true"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(d.events("s").iter().any(|e| e.contains("changed")));
+
+    if !can_run_vms("profile_set_changes_settings_all_or_nothing_for_the_next_start (VM part)") {
+        return;
+    }
+    d.act("s", "start").unwrap();
+    let vm = std::fs::read_to_string(d.dir.join("profiles/s/vm.toml")).unwrap();
+    assert!(
+        vm.contains("memory_mib = 96") && vm.contains("vcpus = 2"),
+        "{vm}"
+    );
+    assert!(wait_until(Duration::from_secs(60), || d
+        .serial("s")
+        .contains("PROBE counter 1")));
+    d.act("s", "suspend").unwrap();
+    let out = d.cli(&["set", "s", "memory_mib=128"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("suspended") && err.contains("memory_mib"),
+        "{err}"
+    );
+    // Policy keys may change while suspended.
+    let out = d.cli(&["set", "s", "on_shutdown=stop"]);
+    assert!(out.status.success(), "{out:?}");
+    d.act("s", "resume").unwrap();
+    d.act("s", "stop").unwrap();
+}

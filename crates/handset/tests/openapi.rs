@@ -353,3 +353,79 @@ fn the_validator_catches_mismatches() {
     validate(&doc, &schema, &bad, "$", &mut errs);
     assert_eq!(errs.len(), 3, "{errs:?}"); // id type, detail missing, extra undocumented
 }
+
+/// `GET /v1/events/stream`: documented errors as JSON, new events as server-sent events, and
+/// a stopping daemon ends the stream (its shutdown does not wait for the follower).
+#[test]
+fn the_event_stream_sends_new_events_and_ends_with_the_daemon() {
+    use handset::client::ClientError;
+    use std::sync::mpsc::{channel, RecvTimeoutError};
+    use std::time::Duration;
+
+    let d = InProcess::start();
+    let c = Client::new(&d.socket);
+    for (url, want) in [
+        ("/v1/events/stream?after=x", 400),
+        ("/v1/events/stream?profile=UPPER", 400),
+        ("/v1/events/stream?profile=never-made", 404),
+    ] {
+        match c.stream_lines(url, |_| true) {
+            Err(ClientError::Api { status, message }) => {
+                assert_eq!(status, want, "{url}: {message}");
+                assert!(!message.is_empty());
+            }
+            other => panic!("{url}: {other:?}"),
+        }
+    }
+    let newest: Vec<handset::Event> = c.call("GET", "/v1/events?limit=1", None::<&()>).unwrap();
+    let after = newest.last().map_or(0, |e| e.id);
+    let (tx, rx) = channel::<String>();
+    let follower = Client::new(&d.socket);
+    std::thread::spawn(move || {
+        let url = format!("/v1/events/stream?after={after}");
+        let _ = follower.stream_lines(&url, |l| tx.send(l.to_string()).is_ok());
+    });
+    let a = c
+        .raw(
+            "POST",
+            "/v1/profiles",
+            Some(br#"{"name": "streamed", "template": "personal"}"#),
+        )
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", String::from_utf8_lossy(&a.body));
+    let mut seen = Vec::new();
+    let event = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("no event streamed ({e}); lines {seen:?}"));
+        if let Some(data) = line.strip_prefix("data:") {
+            let e: handset::Event = serde_json::from_str(data.trim()).unwrap();
+            break e;
+        }
+        seen.push(line);
+    };
+    assert_eq!(
+        (event.profile.as_str(), event.event.as_str()),
+        ("streamed", "created")
+    );
+    assert!(event.id > after);
+    assert!(seen.iter().any(|l| l == "event: lifecycle"), "{seen:?}");
+    assert!(seen.contains(&format!("id: {}", event.id)), "{seen:?}");
+
+    // The daemon stops with the follower attached: its stream ends, the stop completes.
+    let (done_tx, done_rx) = channel();
+    std::thread::spawn(move || {
+        drop(d);
+        let _ = done_tx.send(());
+    });
+    done_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the daemon's shutdown waited for the event stream");
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(_) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => panic!("the stream did not end"),
+        }
+    }
+}

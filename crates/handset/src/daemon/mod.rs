@@ -16,6 +16,7 @@ mod foreground;
 mod intent;
 pub mod lifecycle;
 mod registry;
+pub mod settings;
 mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -69,6 +70,7 @@ pub struct Handset {
     ops: tokio::sync::Mutex<()>,
     cgroups: Cgroups,
     agents: crate::agents::AgentCache,
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Handset {
@@ -83,7 +85,20 @@ impl Handset {
             ops: tokio::sync::Mutex::new(()),
             cgroups,
             agents: crate::agents::AgentCache::default(),
+            closing: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// Marks the daemon as stopping: open event streams end (so the API server's graceful
+    /// shutdown does not wait for them forever).
+    pub fn close_streams(&self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`Self::close_streams`] was called.
+    pub fn closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The state directory.
@@ -159,6 +174,18 @@ impl Handset {
             }
         }
         Ok(records)
+    }
+
+    /// At most `limit` records after id `after`, oldest first (for following a log; the
+    /// name was checked when the follow began).
+    pub fn events_after(
+        &self,
+        log: Log,
+        profile: Option<&str>,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<LogEvent>> {
+        self.registry.db().records_after(log, profile, after, limit)
     }
 
     /// Creates a profile: spec file, sparse disks, registry row.
