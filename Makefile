@@ -2,6 +2,7 @@
 #
 #   make demo    build everything and boot a guest (the probe; Linux too where hardware KVM exists)
 #   make test    build the VMM and the probe guest, then run every test (test-nested too)
+#   make test-api-fuzz  schemathesis against the handset daemon's API document (PyPI; bounded)
 #   make test-nested  the hardware-path checks inside L1, a QEMU TCG machine with nested SVM
 #   make test-nested-arm64  the arm64 port's checks inside an arm64 L1 (QEMU TCG with EL2)
 #   make build-arm64  the static aarch64 pocketvisor (target/aarch64-unknown-linux-musl)
@@ -16,7 +17,7 @@ PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 
-.PHONY: all build build-arm64 probe demo test test-nested test-nested-arm64 bench linux lint fuzz
+.PHONY: all build build-arm64 probe demo test test-api-fuzz test-nested test-nested-arm64 bench linux lint fuzz
 
 all: build
 
@@ -48,8 +49,14 @@ test: build
 		guest/build-linux.sh; \
 	fi
 	$(CARGO) test --workspace --no-fail-fast
+	$(MAKE) test-api-fuzz
 	$(MAKE) test-nested
 	$(MAKE) test-nested-arm64
+
+# schemathesis (PyPI) against a real handset daemon through docs/api/handset.openapi.yaml,
+# loopback only, FUZZ_API_SECONDS (default 90) of fuzzing; skipped loudly without PyPI.
+test-api-fuzz: build
+	tests/api-fuzz/run.sh
 
 # One L1 boot (about 3 min under TCG) runs every check of tests/tests/nested.rs; the L1 assets
 # are built on first use (tests/nested/build-l1.sh), the Linux guest here when missing.

@@ -74,7 +74,8 @@ machine: refused while suspended, its saved guest was made with them), memory_ma
 restart, background, cpu.foreground, cpu.background, channels.clipboard_to (a list:
 '[\"work\"]'), channels.files_to, channels.clipboard_from, channels.files_from, on_shutdown,
 autostart. A VALUE that is JSON (512, true, [\"work\"]) is taken as such, anything else as a
-string. Every change is checked together and written at once: all of them apply, or none.
+string; null sets memory_max_mib, channels.clipboard_from or channels.files_from back to its
+default. Every change is checked together and written at once: all of them apply, or none.
 A running guest keeps its settings until it is stopped and started; channel rules apply at
 the next transfer.
 

@@ -346,6 +346,14 @@ async fn not_found() -> (StatusCode, Json<ErrorBody>) {
     (StatusCode::NOT_FOUND, Json(ErrorBody { error }))
 }
 
+async fn method_not_allowed(method: axum::http::Method) -> (StatusCode, Json<ErrorBody>) {
+    let error = format!(
+        "method {method} is not allowed here (the Allow header lists those that are; see \
+         docs/api/handset.openapi.yaml)"
+    );
+    (StatusCode::METHOD_NOT_ALLOWED, Json(ErrorBody { error }))
+}
+
 /// The router for [`ROUTES`].
 pub fn router(h: Hs) -> Router {
     let mut by_path: BTreeMap<&str, MethodRouter<Hs>> = BTreeMap::new();
@@ -361,7 +369,9 @@ pub fn router(h: Hs) -> Router {
     for (path, mr) in by_path {
         app = app.route(path, mr);
     }
-    app.fallback(not_found).with_state(h)
+    app.fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(h)
 }
 
 /// Serves the API on `listener` until `shutdown` completes.

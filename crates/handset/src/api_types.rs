@@ -52,16 +52,32 @@ impl ProfileState {
 #[serde(deny_unknown_fields)]
 pub struct CreateProfile {
     /// Profile name (with `template`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
     /// `work` or `personal`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub template: Option<String>,
     /// Kernel replacing the template's probe guest.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kernel: Option<String>,
     /// A complete spec (instead of `template`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub spec: Option<ProfileSpec>,
 }
 

@@ -47,6 +47,9 @@ pub async fn stream(
     q: Result<Query<StreamQuery>, QueryRejection>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::from(Error::BadRequest(e.body_text())))?;
+    if let Some(after) = q.after.filter(|a| *a < 0) {
+        return Err(Error::BadRequest(format!("after {after} is negative")).into());
+    }
     // The same checks as the events routes: a bad name is a 400, an unknown one a 404.
     let now = h.events(Log::Events, q.profile.as_deref(), 1)?;
     let after = q.after.unwrap_or_else(|| now.last().map_or(0, |e| e.id));

@@ -11,6 +11,19 @@ pub const NAME_MAX: usize = 32;
 
 /// The kernel value that means "the installed probe guest".
 pub const PROBE_KERNEL: &str = "probe";
+/// The largest `memory_max_mib` (2 TiB; twice the largest guest memory).
+pub const MEMORY_MAX_MIB_LIMIT: u64 = 1 << 21;
+
+/// For optional request fields: absent is `None` (with `#[serde(default)]`), a value is
+/// `Some`, and an explicit `null` is refused like any other wrong type (the API document
+/// does not call these fields nullable).
+pub fn not_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
 
 /// Everything that defines a profile: its VM and how the handset treats it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -22,7 +35,11 @@ pub struct ProfileSpec {
     /// in the handset's asset directory (`<state-dir>/assets/`, see [`check_asset`]).
     pub kernel: String,
     /// Optional initial ramdisk: the file name of a guest asset, like `kernel`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub initrd: Option<PathBuf>,
     /// Kernel command line.
     #[serde(default)]
@@ -36,7 +53,11 @@ pub struct ProfileSpec {
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
     /// TAP interface for the profile's network, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub net: Option<String>,
     /// Screen size (used by the display).
     #[serde(default)]
@@ -55,7 +76,11 @@ pub struct ProfileSpec {
     #[serde(default)]
     pub cpu: CpuWeights,
     /// Host memory limit of the VMM process in MiB (`memory.max`); default memory_mib + 128.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub memory_max_mib: Option<u64>,
     /// Which cross-profile channels may carry data out of this profile.
     #[serde(default)]
@@ -196,10 +221,18 @@ pub struct ChannelPolicy {
     pub files_to: Vec<String>,
     /// Profiles this one accepts clipboard data from; absent: any profile whose own
     /// `clipboard_to` names this one (see `channels::decide`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub clipboard_from: Option<Vec<String>>,
     /// Profiles this one accepts files from; absent: any profile whose `files_to` names it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub files_from: Option<Vec<String>>,
 }
 
@@ -309,6 +342,11 @@ impl ProfileSpec {
         if self.cmdline.len() > 4096 {
             return bad("cmdline is longer than 4096 bytes".into());
         }
+        if let Some(c) = self.cmdline.chars().find(|c| !matches!(c, ' '..='~')) {
+            return bad(format!(
+                "cmdline has {c:?}: a kernel command line is printable ASCII (space to ~)"
+            ));
+        }
         if self.disks.len() > 8 {
             return bad("at most 8 disks".into());
         }
@@ -351,6 +389,12 @@ impl ProfileSpec {
             if !(1..=10000).contains(&w) {
                 return bad(format!("cpu weight {w} must be 1..=10000"));
             }
+        }
+        if self.memory_max() > MEMORY_MAX_MIB_LIMIT {
+            return bad(format!(
+                "memory_max_mib {} is above {MEMORY_MAX_MIB_LIMIT}",
+                self.memory_max()
+            ));
         }
         if self.memory_max() < self.memory_mib {
             return bad(format!(

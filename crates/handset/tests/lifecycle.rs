@@ -742,13 +742,27 @@ fn a_vmm_that_cannot_start_leaves_nothing_behind() {
     assert!(d.our_processes().is_empty());
     assert!(!d.dir.join("profiles/bad/run/api.sock").exists());
     assert!(!d.dir.join("jail/bad").exists());
-    // A missing kernel is refused before anything is spawned.
+    // A missing kernel is refused at create, and at start (removed since) before anything
+    // is spawned.
     let text = "name = \"gone\"\nkernel = \"vmlinux-missing\"\nmemory_mib = 80\n";
     let req = handset::CreateProfile {
         spec: Some(handset::ProfileSpec::from_toml(text).unwrap()),
         ..Default::default()
     };
+    match d
+        .client()
+        .call::<ProfileInfo>("POST", "/v1/profiles", Some(&req))
+    {
+        Err(ClientError::Api {
+            status: 400,
+            message,
+        }) => assert!(message.contains("does not exist"), "{message}"),
+        other => panic!("create with a missing kernel: {other:?}"),
+    }
+    let missing = d.dir.join("assets/vmlinux-missing");
+    std::fs::write(&missing, b"soon gone").unwrap();
     let _: ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    std::fs::remove_file(&missing).unwrap();
     match d.act("gone", "start") {
         Err(ClientError::Api {
             status: 400,
@@ -805,12 +819,30 @@ fn a_profile_reaches_only_its_own_files() {
     assert!(refusals[0].detail.contains("/etc/shadow"), "{refusals:#?}");
     assert!(d.show_all_names().is_empty());
 
-    // A FIFO as initrd (it would block a reader forever), /dev/zero as a disk.
+    // A FIFO as initrd (it would block a reader forever), a directory as kernel: refused
+    // at create. Put there after create (and /dev/zero as a disk): refused at start.
     let fifo = d.dir.join("assets/fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo reads a NUL-terminated path we own.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    create("name = \"f\"\nkernel = \"k.elf\"\ninitrd = \"fifo\"\nmemory_mib = 80\n").unwrap();
+    let mkfifo = || {
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    };
+    let f_spec = "name = \"f\"\nkernel = \"k.elf\"\ninitrd = \"fifo\"\nmemory_mib = 80\n";
+    let dir_spec = "name = \"dir\"\nkernel = \"dir\"\nmemory_mib = 80\n";
+    mkfifo();
+    std::fs::create_dir(d.dir.join("assets/dir")).unwrap();
+    refused(f_spec, "is a FIFO");
+    refused(dir_spec, "is a directory");
+    std::fs::remove_file(&fifo).unwrap();
+    std::fs::remove_dir(d.dir.join("assets/dir")).unwrap();
+    std::fs::write(&fifo, b"initrd").unwrap();
+    std::fs::write(d.dir.join("assets/dir"), b"kernel").unwrap();
+    create(f_spec).unwrap();
+    create(dir_spec).unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    mkfifo();
+    std::fs::remove_file(d.dir.join("assets/dir")).unwrap();
+    std::fs::create_dir(d.dir.join("assets/dir")).unwrap();
     create(
         "name = \"z\"\nkernel = \"k.elf\"\nmemory_mib = 80\ndisks = [{name = \"data\", size_mib = 1}]\n",
     )
@@ -818,8 +850,6 @@ fn a_profile_reaches_only_its_own_files() {
     let disk = d.dir.join("profiles/z/disks/data.img");
     std::fs::remove_file(&disk).unwrap();
     std::os::unix::fs::symlink("/dev/zero", &disk).unwrap();
-    std::fs::create_dir(d.dir.join("assets/dir")).unwrap();
-    create("name = \"dir\"\nkernel = \"dir\"\nmemory_mib = 80\n").unwrap();
     for (name, needle) in [
         ("f", "initrd"),
         ("f", "is a FIFO"),
@@ -1057,11 +1087,10 @@ fn audit_of(d: &Daemon, profile: &str) -> Vec<String> {
 #[test]
 fn refused_starts_are_audited_and_old_specs_are_migrated() {
     let mut d = Daemon::start("refused");
-    // A FIFO as the kernel: refused before anything waits on it, audited.
+    // A FIFO as the kernel (put there after create, which refuses one): refused before
+    // anything waits on it, audited.
     let fifo = d.dir.join("assets/fifo.elf");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    std::fs::write(&fifo, b"a kernel, for now").unwrap();
     let req = handset::CreateProfile {
         spec: Some(
             handset::ProfileSpec::from_toml(
@@ -1072,6 +1101,10 @@ fn refused_starts_are_audited_and_old_specs_are_migrated() {
         ..Default::default()
     };
     let _: ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    std::fs::remove_file(&fifo).unwrap();
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let e = d.act("ff", "start").unwrap_err().to_string();
     assert!(e.contains("regular file") || e.contains("FIFO"), "{e}");
     let audit = audit_of(&d, "ff");

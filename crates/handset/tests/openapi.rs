@@ -341,6 +341,96 @@ fn answers_match_the_documented_schemas() {
     assert!(serde_json::from_slice::<handset::api_types::ErrorBody>(&a.body).is_ok());
 }
 
+/// What the schemathesis run found, each answered as the document says: create
+/// checks the assets and the spec rules (400, nothing created), invalid names are 400s and
+/// unknown profiles 404s on every per-profile route, a wrong method is a 405 with the JSON
+/// error body (schemathesis checks its `Allow` header).
+#[test]
+fn the_server_answers_what_the_document_says() {
+    let doc = doc();
+    let d = InProcess::start();
+    let c = Client::new(&d.socket);
+    let call = |method: &str, url: &str, route: &str, body: Option<Value>| -> Answer {
+        let data = body.map(|b| serde_json::to_vec(&b).unwrap());
+        let a = c.raw(method, url, data.as_deref()).unwrap();
+        check(&doc, method, route, &a);
+        a
+    };
+    let assets = d.socket.parent().unwrap().join("assets");
+    std::fs::write(assets.join("k.elf"), b"a kernel").unwrap();
+    std::fs::create_dir(assets.join("initrd-dir")).unwrap();
+    let spec = |extra: Value| {
+        let mut s = json!({"name": "lab", "kernel": "k.elf", "memory_mib": 64});
+        s.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        json!({ "spec": s })
+    };
+    for (body, needle) in [
+        (spec(json!({"initrd": ""})), "initrd \"\" is not allowed"),
+        (spec(json!({"initrd": "missing.img"})), "does not exist"),
+        (spec(json!({"initrd": "initrd-dir"})), "is a directory"),
+        (spec(json!({"kernel": "nope.elf"})), "does not exist"),
+        (spec(json!({"cmdline": "a\nb"})), "printable ASCII"),
+        (spec(json!({"memory_max_mib": 4194304})), "above"),
+        (spec(json!({"name": "-lab"})), "not beginning with -"),
+        (
+            spec(json!({"disks": [{"name": "a", "size_mib": 4194305}]})),
+            "size_mib",
+        ),
+        (
+            spec(json!({"channels": {"clipboard_to": ["Bad"], "files_to": []}})),
+            "channel peer",
+        ),
+        (
+            json!({"name": "lab", "template": "work", "spec": spec(json!({}))["spec"]}),
+            "exactly one",
+        ),
+        (json!({"template": "work"}), "\"name\" is required"),
+    ] {
+        let a = call("POST", "/v1/profiles", "/v1/profiles", Some(body.clone()));
+        let e: handset::api_types::ErrorBody = serde_json::from_slice(&a.body).unwrap();
+        assert_eq!(a.status, 400, "{body}: {}", e.error);
+        assert!(e.error.contains(needle), "{body}: {}", e.error);
+    }
+    let list: Vec<handset::ProfileInfo> = c.call("GET", "/v1/profiles", None::<&()>).unwrap();
+    assert!(list.is_empty(), "a refused create left {list:?}");
+    let ok = call(
+        "POST",
+        "/v1/profiles",
+        "/v1/profiles",
+        Some(spec(json!({}))),
+    );
+    assert_eq!(ok.status, 201, "{}", String::from_utf8_lossy(&ok.body));
+
+    for (method, action, route) in [
+        ("DELETE", "", "/v1/profiles/{name}"),
+        ("GET", "", "/v1/profiles/{name}"),
+        ("PATCH", "", "/v1/profiles/{name}"),
+        ("POST", "/start", "/v1/profiles/{name}/start"),
+        ("POST", "/stop", "/v1/profiles/{name}/stop"),
+        ("POST", "/suspend", "/v1/profiles/{name}/suspend"),
+        ("POST", "/resume", "/v1/profiles/{name}/resume"),
+        ("POST", "/switch", "/v1/profiles/{name}/switch"),
+        ("GET", "/events", "/v1/profiles/{name}/events"),
+        ("GET", "/screenshot", "/v1/profiles/{name}/screenshot"),
+    ] {
+        let body = (method == "PATCH").then(|| json!({"autostart": true}));
+        for (name, want) in [("-x", 400), ("A", 400), ("ghost", 404)] {
+            let url = format!("/v1/profiles/{name}{action}");
+            let a = call(method, &url, route, body.clone());
+            assert_eq!(a.status, want, "{method} {url}");
+        }
+    }
+    // A method a path does not have: 405, the JSON error body, and what is allowed.
+    for (method, url) in [("PUT", "/v1/profiles"), ("POST", "/v1/profiles/lab/events")] {
+        let a = c.raw(method, url, None).unwrap();
+        assert_eq!(a.status, 405, "{method} {url}");
+        let e: handset::api_types::ErrorBody = serde_json::from_slice(&a.body).unwrap();
+        assert!(e.error.contains("not allowed"), "{}", e.error);
+    }
+}
+
 #[test]
 fn the_validator_catches_mismatches() {
     let doc = doc();

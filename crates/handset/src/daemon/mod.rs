@@ -197,10 +197,13 @@ impl Handset {
             .or(req.name.clone())
             .filter(|n| crate::spec::check_name("", n).is_ok())
             .unwrap_or_else(|| "-".into());
-        let spec = req.into_spec().inspect_err(|e| {
-            self.registry
-                .audit(&asked, "create-refused", &e.to_string());
-        })?;
+        let spec = req
+            .into_spec()
+            .and_then(|spec| self.registry.check_assets(&spec).map(|()| spec))
+            .inspect_err(|e| {
+                self.registry
+                    .audit(&asked, "create-refused", &e.to_string());
+            })?;
         let _ops = self.ops.lock().await;
         self.registry.create(&spec)?;
         let name = &spec.name;

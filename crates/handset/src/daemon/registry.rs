@@ -103,7 +103,15 @@ impl Registry {
 
     fn spec_text(&self, name: &str) -> Result<String> {
         let path = self.dir.spec(name);
-        std::fs::read_to_string(&path).map_err(Error::io(format!("cannot read {}", path.display())))
+        std::fs::read_to_string(&path).map_err(|e| {
+            // An unknown profile is a 404, not a 500 "cannot read" of its missing spec file.
+            if e.kind() == std::io::ErrorKind::NotFound {
+                if let Err(unknown @ Error::NotFound(_)) = self.row(name) {
+                    return unknown;
+                }
+            }
+            Error::io(format!("cannot read {}", path.display()))(e)
+        })
     }
 
     fn legacy_message(&self, name: &str, assets: &[LegacyAsset]) -> String {
@@ -289,6 +297,30 @@ impl Registry {
         if let Err(e) = std::fs::remove_dir_all(&doomed) {
             // The row is gone, so the profile is; the next daemon start removes the rest.
             tracing::warn!("cannot remove {}: {e}", doomed.display());
+        }
+        Ok(())
+    }
+
+    /// Checks that the guest assets `spec` names (a kernel other than the probe, an initrd)
+    /// are regular files in the asset directory, so a spec naming a missing file, a directory
+    /// or a FIFO is refused at create (400), not at its first start. Start checks again: an
+    /// asset can change in between.
+    pub(super) fn check_assets(&self, spec: &ProfileSpec) -> Result<()> {
+        let assets = self.dir.assets();
+        let check = |what: &str, file: &str| {
+            state_dir::check_regular_file(what, &self.dir.asset(file)).map_err(|e| match e {
+                Error::BadRequest(m) => Error::BadRequest(format!(
+                    "{m} (guest assets are regular files in {})",
+                    assets.display()
+                )),
+                other => other,
+            })
+        };
+        if spec.kernel != PROBE_KERNEL {
+            check("kernel", &spec.kernel)?;
+        }
+        if let Some(initrd) = &spec.initrd {
+            check("initrd", &initrd.to_string_lossy())?;
         }
         Ok(())
     }

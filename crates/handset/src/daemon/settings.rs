@@ -48,6 +48,7 @@ pub fn merged(spec: &ProfileSpec, changes: &Map<String, Value>) -> Result<Profil
     if changes.is_empty() {
         return Err(Error::BadRequest("nothing to change".into()));
     }
+    check_nulls(changes, "")?;
     let mut v = serde_json::to_value(spec)
         .map_err(|e| Error::BadRequest(format!("cannot represent the spec: {e}")))?;
     merge(&mut v, &Value::Object(changes.clone()));
@@ -57,10 +58,40 @@ pub fn merged(spec: &ProfileSpec, changes: &Map<String, Value>) -> Result<Profil
     Ok(new)
 }
 
+/// Settings that `null` sets back to their default (the optional ones of the spec).
+pub const NULLABLE_KEYS: &[&str] = &[
+    "memory_max_mib",
+    "channels.clipboard_from",
+    "channels.files_from",
+];
+
+/// Refuses a `null` anywhere but at [`NULLABLE_KEYS`].
+fn check_nulls(changes: &Map<String, Value>, prefix: &str) -> Result<()> {
+    for (k, v) in changes {
+        let key = format!("{prefix}{k}");
+        match v {
+            Value::Null if !NULLABLE_KEYS.contains(&key.as_str()) => {
+                return Err(Error::BadRequest(format!(
+                    "{key} cannot be null (null resets only {})",
+                    NULLABLE_KEYS.join(", ")
+                )));
+            }
+            Value::Object(inner) => check_nulls(inner, &format!("{key}."))?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Merges `from` into `into`: objects key by key, `null` removes the key (its default).
 fn merge(into: &mut Value, from: &Value) {
     match (into, from) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {
+                if v.is_null() {
+                    a.remove(k);
+                    continue;
+                }
                 match a.get_mut(k) {
                     Some(old) if old.is_object() && v.is_object() => merge(old, v),
                     _ => {
@@ -138,6 +169,14 @@ mod tests {
         assert_eq!(n.cpu.foreground, 300);
         assert_eq!(n.cpu.background, s.cpu.background, "nested objects merge");
         assert_eq!(n.name, s.name);
+        // null sets an optional setting back to its default.
+        let limited = merged(&s, &changes(json!({"memory_max_mib": 1024}))).unwrap();
+        assert_eq!(limited.memory_max(), 1024);
+        let back = merged(&limited, &changes(json!({"memory_max_mib": null}))).unwrap();
+        assert_eq!(
+            (back.memory_max_mib, back.memory_max()),
+            (None, s.memory_max())
+        );
         for bad in [
             json!({"name": "other"}),
             json!({"disks": []}),
@@ -145,6 +184,8 @@ mod tests {
             json!({"vcpus": "many"}),
             json!({"autostart": true, "memory_mib": 1}),
             json!({"cpu": {"nonsense": 1}}),
+            json!({"vcpus": null}),
+            json!({"cpu": {"foreground": null}}),
             json!({}),
         ] {
             assert!(merged(&s, &changes(bad.clone())).is_err(), "{bad}");
