@@ -554,11 +554,19 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             limit,
             follow,
         } => {
-            let url = |limit: u32| match &name {
-                Some(n) => format!("/v1/profiles/{n}/events?limit={limit}"),
+            // A profile's history, also after it was deleted; a name with none at all (never
+            // created) is "not found".
+            let url = match &name {
+                Some(n) => {
+                    handset::spec::check_name("profile name", n)?;
+                    format!("/v1/events?limit={limit}&profile={n}")
+                }
                 None => format!("/v1/events?limit={limit}"),
             };
-            let list: Vec<Event> = c.call("GET", &url(limit), none)?;
+            let list: Vec<Event> = c.call("GET", &url, none)?;
+            if let (Some(n), true) = (&name, list.is_empty()) {
+                let _: ProfileInfo = c.call("GET", &format!("/v1/profiles/{n}"), none)?;
+            }
             // Followed, every event is one line (one JSON object per line with --json).
             let show = |list: &[Event], header: bool| -> Result<()> {
                 if json && follow {

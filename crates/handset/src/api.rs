@@ -16,7 +16,7 @@ use axum::routing::{delete, get, patch, post, MethodRouter};
 use axum::{Json, Router};
 
 use crate::api_types::{
-    CreateProfile, DeleteQuery, ErrorBody, LimitQuery, ReclaimQuery, StopQuery,
+    CreateProfile, DeleteQuery, ErrorBody, EventsQuery, LimitQuery, ReclaimQuery, StopQuery,
 };
 use crate::daemon::Handset;
 use crate::db::Log;
@@ -287,7 +287,11 @@ pub const LIMIT_MAX: u32 = 10_000;
 
 /// `?limit=` (default 100); above [`LIMIT_MAX`] is refused, not clamped.
 fn limit(q: Result<Query<LimitQuery>, QueryRejection>) -> Result<u32, ApiError> {
-    match query(q)?.limit {
+    checked_limit(query(q)?.limit)
+}
+
+fn checked_limit(limit: Option<u32>) -> Result<u32, ApiError> {
+    match limit {
         None => Ok(100),
         Some(n) if n > LIMIT_MAX => Err(ApiError(Error::BadRequest(format!(
             "limit {n} is above the maximum {LIMIT_MAX}"
@@ -301,21 +305,23 @@ async fn events(
     Path(name): Path<String>,
     q: Result<Query<LimitQuery>, QueryRejection>,
 ) -> ApiResult<Vec<crate::Event>> {
-    Ok(Json(h.events(Log::Events, Some(&name), limit(q)?)?))
+    Ok(Json(h.profile_events(&name, limit(q)?)?))
 }
 
 async fn all_events(
     State(h): State<Hs>,
-    q: Result<Query<LimitQuery>, QueryRejection>,
+    q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> ApiResult<Vec<crate::Event>> {
-    Ok(Json(h.events(Log::Events, None, limit(q)?)?))
+    let q = query(q)?;
+    let limit = checked_limit(q.limit)?;
+    Ok(Json(h.history(Log::Events, q.profile.as_deref(), limit)?))
 }
 
 async fn audit(
     State(h): State<Hs>,
     q: Result<Query<LimitQuery>, QueryRejection>,
 ) -> ApiResult<Vec<crate::Event>> {
-    Ok(Json(h.events(Log::Audit, None, limit(q)?)?))
+    Ok(Json(h.history(Log::Audit, None, limit(q)?)?))
 }
 
 fn method_router(route: &Route) -> MethodRouter<Hs> {

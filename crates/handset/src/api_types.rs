@@ -181,6 +181,15 @@ pub struct LimitQuery {
     pub limit: Option<u32>,
 }
 
+/// `?limit=&profile=` of `GET /v1/events`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// At most this many records, newest ones (default 100, at most 10000).
+    pub limit: Option<u32>,
+    /// Only this profile's events (also a deleted profile's history).
+    pub profile: Option<String>,
+}
+
 /// `?discard=` of `POST /v1/profiles/{name}/stop`.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct StopQuery {

@@ -335,6 +335,22 @@ fn answers_match_the_documented_schemas() {
     assert_eq!(del.status, 204);
     let del_again = call("DELETE", "/v1/profiles/lab", "/v1/profiles/{name}", None);
     assert_eq!(del_again.status, 404);
+    // Gone from /v1/profiles/lab/..., its history kept in /v1/events?profile=lab.
+    let gone = call(
+        "GET",
+        "/v1/profiles/lab/events",
+        "/v1/profiles/{name}/events",
+        None,
+    );
+    assert_eq!(gone.status, 404);
+    let history = call("GET", "/v1/events?profile=lab", "/v1/events", None);
+    let history: Vec<handset::Event> = serde_json::from_slice(&history.body).unwrap();
+    let names: Vec<&str> = history.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(names.first(), Some(&"created"), "{names:?}");
+    assert_eq!(names.last(), Some(&"deleted"), "{names:?}");
+    assert!(history.iter().all(|e| e.profile == "lab"));
+    let bad = call("GET", "/v1/events?profile=-x", "/v1/events", None);
+    assert_eq!(bad.status, 400);
     // An unknown route answers 404 with the error body.
     let a = c.raw("GET", "/v2/whatever", None).unwrap();
     assert_eq!(a.status, 404);

@@ -161,7 +161,27 @@ impl Handset {
         self.registry.info(row)
     }
 
-    /// Lifecycle events (`profile` None: all), oldest first.
+    /// The newest `limit` records of `log` (`profile` None: all profiles), oldest first; a
+    /// deleted profile's too. A name checked, never a 404.
+    pub fn history(&self, log: Log, profile: Option<&str>, limit: u32) -> Result<Vec<LogEvent>> {
+        if let Some(p) = profile {
+            crate::spec::check_name("profile name", p)?;
+        }
+        self.registry.db().records(log, profile, limit)
+    }
+
+    /// An existing profile's lifecycle events, oldest first (a deleted one is a 404 here,
+    /// like every `/v1/profiles/NAME` route; its history stays in [`Self::history`]).
+    pub fn profile_events(&self, name: &str, limit: u32) -> Result<Vec<LogEvent>> {
+        crate::spec::check_name("profile name", name)?;
+        if self.registry.db().profile(name)?.is_none() {
+            return Err(Error::NotFound(name.to_string()));
+        }
+        self.registry.db().records(Log::Events, Some(name), limit)
+    }
+
+    /// Lifecycle events (`profile` None: all), oldest first; a profile that never had any
+    /// (never created) is a 404.
     pub fn events(&self, log: Log, profile: Option<&str>, limit: u32) -> Result<Vec<LogEvent>> {
         if let Some(p) = profile {
             crate::spec::check_name("profile name", p)?;

@@ -146,6 +146,7 @@ impl Handset {
         spec: &ProfileSpec,
         launch: &Launch,
     ) -> Result<()> {
+        check_host_memory(name, spec.memory_mib)?;
         let dir = self.registry.dir();
         let api = dir.api_socket(name);
         let uid = match self.opts.jail {
@@ -425,6 +426,26 @@ fn give_run_dir(run: &Path, uid: u32) -> Result<()> {
         .map_err(Error::io(format!("cannot chown {}", run.display())))?;
     std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o700))
         .map_err(Error::io(format!("cannot chmod {}", run.display())))
+}
+
+/// The host's RAM in MiB (`MemTotal` of /proc/meminfo), if it can be read.
+fn host_memory_mib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib >> 10)
+}
+
+/// Refuses (409, before a VMM is spawned) a guest larger than the host's RAM: the VMM would
+/// refuse it too, as a failed start.
+fn check_host_memory(name: &str, memory_mib: u64) -> Result<()> {
+    match host_memory_mib() {
+        Some(host) if memory_mib > host => Err(Error::Conflict(format!(
+            "profile {name} needs {memory_mib} MiB of memory and this host has {host} MiB: \
+             lower it with `pocketvisor profile set {name} memory_mib=N`"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
