@@ -236,7 +236,15 @@ for n in /sys/class/net/*; do
 done
 if [ -x /bin/pocketvisor-agent ] && grep -q 'pv.agent=1' /proc/cmdline; then
   echo "LINUX agent starting"
-  /bin/pocketvisor-agent
+  /bin/pocketvisor-agent &
+  agent=$!
+  # The host ends the session by putting a file named pv-poweroff into the agent's inbox; the
+  # guest then goes on to judge its kernel log and power off.
+  while kill -0 "$agent" 2>/dev/null && [ ! -e /var/lib/pocketvisor-agent/inbox/pv-poweroff ]; do
+    sleep 1
+  done
+  kill "$agent" 2>/dev/null
+  wait "$agent"
   echo "LINUX agent exited status=$?"
 fi
 # Checks the tests select on the kernel command line (each prints LINUX lines the host parses).
@@ -285,6 +293,20 @@ if [ -n "$m" ]; then
   echo "LINUX memtouch mb=$m file_kb=$(du -k /mnt/touch/fill | cut -f1)"
   rm /mnt/touch/fill && umount /mnt/touch
   echo "LINUX memfreed mb=$m"
+fi
+# pv.balloon=1: wait (at most 600 s) until the balloon has been inflated and deflated all the
+# way (/proc/vmstat's balloon_inflate and balloon_deflate page counters), then go on to power off.
+if [ "$(arg pv.balloon)" = 1 ]; then
+  i=0
+  while [ "$i" -lt 600 ]; do
+    inf="$(awk '/^balloon_inflate /{print $2}' /proc/vmstat)"
+    def="$(awk '/^balloon_deflate /{print $2}' /proc/vmstat)"
+    [ -n "$inf" ] || break # a kernel without CONFIG_MEMORY_BALLOON's counters
+    [ "${inf:-0}" -gt 0 ] && [ "$inf" = "$def" ] && break
+    i=$((i + 1))
+    sleep 1
+  done
+  echo "LINUX balloon inflated_pages=${inf:-none} deflated_pages=${def:-none}"
 fi
 # pv.tick=N: N lines a second apart with the wall clock, the uptime and MemTotal (snapshot and
 # balloon tests).

@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use e2e::linux::{assert_clean_kernel_log, assert_selftest, field, linux_line};
+use e2e::linux::{assert_clean_kernel_log, assert_selftest, field, linux_line, linux_lines};
 use e2e::nested::{l1_timeout, run_in_l1_watched, L1Arch, L1Run};
 use e2e::{Outcome, TempDir, VmCommand};
 
@@ -668,6 +668,22 @@ fn linux_reboot_ends_the_vm() {
     });
 }
 
+/// Asserts a guest that ran `LINUX done` powered off by itself (exit 0) with a clean kernel log.
+fn assert_powered_off_cleanly(out: Outcome) {
+    assert!(
+        !out.timed_out,
+        "the guest did not power off\n{}",
+        out.describe()
+    );
+    assert!(
+        linux_lines(&out).contains(&"LINUX done"),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    assert_clean_kernel_log(&out);
+}
+
 /// The Linux agent's vsock port (`guest/agent`).
 const AGENT_PORT: u32 = 1025;
 
@@ -796,15 +812,15 @@ fn linux_agent_clipboard_and_file_over_vsock() {
         assert!(agent_call(&sock, r#"{"op":"health"}"#)
             .expect("health after")
             .contains(r#""ok":true"#));
-        // The agent serves until power-off, where the guest's kernel log is judged; this
-        // check ends the VMM with SIGTERM instead.
-        vm.signal(libc::SIGTERM);
-        let out = vm.wait_for(Duration::from_secs(30));
-        assert!(
-            !out.timed_out,
-            "the VMM ignored SIGTERM\n{}",
-            out.describe()
-        );
+        // A file named pv-poweroff ends the guest's agent session (its /init waits for it);
+        // the guest then judges its kernel log and powers off.
+        let stop = agent_call(
+            &sock,
+            r#"{"op":"file_put","name":"pv-poweroff","data_b64":""}"#,
+        )
+        .expect("file_put pv-poweroff");
+        assert!(stop.contains(r#""ok":true"#), "{stop}");
+        assert_powered_off_cleanly(vm.wait_for(Duration::from_secs(120)));
     });
 }
 
@@ -869,7 +885,7 @@ fn linux_balloon_inflate_gives_memory_back_and_deflate_returns_it() {
             let mut vm = linux_vm(
                 "vmlinux",
                 1,
-                &format!("pv.memtouch={TOUCH_MIB} pv.tick=600"),
+                &format!("pv.memtouch={TOUCH_MIB} pv.balloon=1"),
             )
             .arg("--balloon")
             .arg("--api-socket")
@@ -930,11 +946,18 @@ fn linux_balloon_inflate_gives_memory_back_and_deflate_returns_it() {
                 stats["guest_stats"]["total_memory"].as_u64().is_some(),
                 "no statistics from the Linux driver: {stats}"
             );
-            // The guest is still ticking (its kernel log is judged at power-off, which this
-            // check does not wait for); SIGTERM ends the VMM.
-            vm.signal(libc::SIGTERM);
-            let out = vm.wait_for(Duration::from_secs(30));
-            assert!(!out.timed_out, "{}", out.describe());
+            // The guest waits for the balloon to go up and all the way down again, says what
+            // its kernel counted, judges its kernel log and powers off.
+            let out = vm.wait_for(Duration::from_secs(120));
+            let seen = linux_line(&out, "balloon ")
+                .unwrap_or_else(|| panic!("no `LINUX balloon` line\n{}", out.describe()));
+            let expected = pages.to_string();
+            assert_eq!(
+                (field(seen, "inflated_pages"), field(seen, "deflated_pages")),
+                (Some(expected.as_str()), Some(expected.as_str())),
+                "the guest's /proc/vmstat balloon counters: {seen}"
+            );
+            assert_powered_off_cleanly(out);
         },
     );
 }
