@@ -97,6 +97,7 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p e2e --features nested --all-targets -- -D warnings
 	cd guest/probe && $(CARGO) fmt -- --check && $(CARGO) clippy --release --target x86_64-unknown-none -- -D warnings
+	cd guest/probe && $(CARGO) clippy --release --target aarch64-unknown-none --features arm64 --bin probe-arm64 -- -D warnings
 	cd guest/agent && $(CARGO) fmt -- --check && $(CARGO) clippy -- -D warnings
 
 fuzz:

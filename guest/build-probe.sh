@@ -1,13 +1,24 @@
 #!/bin/sh
-# Builds the probe guest (guest/probe, a no_std x86_64 PVH kernel) and copies the ELF to
-# guest/out/probe.elf. Prints the path of the ELF.
+# Builds the probe guest (guest/probe): the x86_64 PVH kernel into guest/out/probe.elf and the
+# arm64 Image (aarch64-unknown-none, --features arm64) into guest/out/probe-arm64.img.
+# Prints the path of the ELF.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here/probe"
-if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-none; then
-    rustup target add x86_64-unknown-none >&2
-fi
+for target in x86_64-unknown-none aarch64-unknown-none; do
+    if ! rustup target list --installed 2>/dev/null | grep -qx "$target"; then
+        rustup target add "$target" >&2
+    fi
+done
 cargo build --release --target x86_64-unknown-none >&2
 mkdir -p "$here/out"
 cp target/x86_64-unknown-none/release/probe "$here/out/probe.elf"
+# The arm64 Image is the ELF's loadable bytes from its first address (the Image header);
+# objcopy from binutils-aarch64-linux-gnu (with gcc-aarch64-linux-gnu) or LLVM's.
+cargo build --release --target aarch64-unknown-none --features arm64 --bin probe-arm64 >&2
+objcopy=aarch64-linux-gnu-objcopy
+command -v "$objcopy" >/dev/null || objcopy=llvm-objcopy
+"$objcopy" -O binary target/aarch64-unknown-none/release/probe-arm64 \
+    "$here/out/probe-arm64.img.tmp"
+mv "$here/out/probe-arm64.img.tmp" "$here/out/probe-arm64.img"
 echo "$here/out/probe.elf"

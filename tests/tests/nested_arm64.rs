@@ -338,3 +338,53 @@ fn mmio_exits_round_trip_through_pocketvisor_on_arm64() {
     ));
     assert!(full > empty, "the loop took no time:\n{out}");
 }
+
+/// The arm64 probe (`guest/out/probe-arm64.img`, built by `guest/build-probe.sh`): an arm64
+/// `Image` that pocketvisor boots from its header; it reads its command line from the device
+/// tree, reports on the 16550 with the x86 probe's `PROBE` lines and powers off through PSCI
+/// (status 0). An unknown mode must end in `done fail=1`, so the check sees the probe's
+/// verdict and not only that it ran.
+#[test]
+fn the_arm64_probe_boots_from_its_image_header_and_powers_off() {
+    let name = "the_arm64_probe_boots_from_its_image_header_and_powers_off";
+    let probe = e2e::workspace_root().join("guest/out/probe-arm64.img");
+    assert!(
+        probe.is_file(),
+        "{} is missing: run guest/build-probe.sh",
+        probe.display()
+    );
+    let mut script = String::new();
+    for mode in ["selftest", "nosuchmode"] {
+        script.push_str(&format!(
+            "'{pv}' run --kernel '{probe}' --memory 64M --cmdline 'pv.mode={mode}'\n\
+             echo \"PV mode={mode} rc=$?\"\n",
+            pv = pocketvisor_aarch64().display(),
+            probe = probe.display(),
+        ));
+    }
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    let selftest = out
+        .split("PV mode=selftest")
+        .next()
+        .expect("split yields one part");
+    assert!(
+        out.contains("PV mode=selftest rc=0"),
+        "{out}\n{}",
+        run.describe()
+    );
+    assert!(selftest.contains("PROBE ready"), "{out}");
+    assert!(
+        selftest.contains("PROBE boot ok cmdline=\"pv.mode=selftest\""),
+        "{out}"
+    );
+    assert!(selftest.contains("PROBE info arch=aarch64"), "{out}");
+    assert!(selftest.contains("PROBE done ok"), "{out}");
+    assert!(
+        out.contains("PROBE boot fail unknown-mode nosuchmode")
+            && out.contains("PROBE done fail=1"),
+        "{out}"
+    );
+}

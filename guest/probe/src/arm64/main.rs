@@ -1,0 +1,129 @@
+//! pocketvisor probe guest on arm64: an arm64 `Image` that boots from its 64-byte header with
+//! the MMU off, reads its command line from the device tree, reports on the 16550 UART (on
+//! MMIO at 0x0900_0000) with the same `PROBE` lines as the x86_64 probe, and powers off
+//! through PSCI. See `PROTOCOL.md` ("arm64"): it has no device drivers yet.
+
+#![no_std]
+#![no_main]
+
+mod fdt;
+mod uart;
+
+/// PSCI 0.2 `SYSTEM_OFF` (SMC32 function id), called with `hvc #0` as the device tree says.
+const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
+
+// The Image header (Documentation/arch/arm64/booting.rst): a branch over it, text_offset 0,
+// the size the kernel occupies with its BSS and stack, little-endian, the "ARM\x64" magic.
+// The entry enables FP/SIMD at EL1 (the compiler may use it), sets the stack, clears the
+// BSS and calls `rust_start` with X0 = the device tree's address as the loader passes it.
+core::arch::global_asm!(
+    ".section .text.boot, \"ax\"",
+    ".global _start",
+    "_start:",
+    "    b 1f",
+    "    .word 0",
+    "    .quad 0",
+    "    .quad __image_size",
+    "    .quad 0",
+    "    .quad 0, 0, 0",
+    "    .ascii \"ARM\\x64\"",
+    "    .word 0",
+    "1:",
+    "    mov x1, #(3 << 20)",
+    "    msr cpacr_el1, x1",
+    "    isb",
+    "    ldr x1, =__stack_top",
+    "    mov sp, x1",
+    "    ldr x1, =__bss_start",
+    "    ldr x2, =__bss_end",
+    "2:  cmp x1, x2",
+    "    b.hs 3f",
+    "    str xzr, [x1], #8",
+    "    b 2b",
+    "3:  bl rust_start",
+    "4:  wfi",
+    "    b 4b",
+);
+
+/// Entry from the boot stub with the device tree's guest physical address.
+#[no_mangle]
+extern "C" fn rust_start(fdt_addr: u64) -> ! {
+    uart::line(format_args!("ready"));
+    // SAFETY: the loader passes the address of the device tree it wrote into guest RAM; the
+    // walker checks the header's magic and sizes before it reads anything else.
+    let cmdline = unsafe { fdt::bootargs(fdt_addr) }.unwrap_or("");
+    uart::line(format_args!("boot ok cmdline=\"{}\"", Printable(cmdline)));
+    let mode = arg(cmdline, "pv.mode").unwrap_or("selftest");
+    match mode {
+        "selftest" => {
+            uart::line(format_args!(
+                "info arch=aarch64 cntfrq_hz={} fdt={fdt_addr:x}",
+                counter_hz()
+            ));
+            uart::line(format_args!("done ok"));
+        }
+        other => {
+            uart::line(format_args!("boot fail unknown-mode {other}"));
+            uart::line(format_args!("done fail=1"));
+        }
+    }
+    power_off()
+}
+
+/// The value of the last `key=value` word of `cmdline`.
+fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split(' ')
+        .filter_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+}
+
+/// The architected counter's frequency (CNTFRQ_EL0).
+fn counter_hz() -> u64 {
+    let hz: u64;
+    // SAFETY: reading CNTFRQ_EL0 has no side effect and is allowed at EL1.
+    unsafe { core::arch::asm!("mrs {}, cntfrq_el0", out(reg) hz) };
+    hz
+}
+
+/// PSCI `SYSTEM_OFF`; waits for interrupts forever if the hypervisor returns.
+fn power_off() -> ! {
+    // SAFETY: an HVC to the hypervisor's PSCI handler; SYSTEM_OFF does not return on success
+    // and clobbers at most x0-x3 otherwise.
+    unsafe {
+        core::arch::asm!(
+            "hvc #0",
+            inout("x0") PSCI_SYSTEM_OFF => _,
+            out("x1") _, out("x2") _, out("x3") _,
+        )
+    };
+    loop {
+        // SAFETY: wfi only waits for an interrupt.
+        unsafe { core::arch::asm!("wfi") };
+    }
+}
+
+/// A string printed with non-printable bytes and `"` as spaces (the protocol's quoting).
+struct Printable<'a>(&'a str);
+
+impl core::fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        use core::fmt::Write;
+        for b in self.0.bytes() {
+            let c = if (0x20..0x7f).contains(&b) && b != b'"' {
+                char::from(b)
+            } else {
+                ' '
+            };
+            f.write_char(c)?;
+        }
+        Ok(())
+    }
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    uart::line(format_args!("fault panic {}", info.message()));
+    uart::line(format_args!("done fail=1"));
+    power_off()
+}
