@@ -18,7 +18,12 @@ cp target/x86_64-unknown-none/release/probe "$here/out/probe.elf"
 cargo build --release --target aarch64-unknown-none --features arm64 --bin probe-arm64 >&2
 objcopy=aarch64-linux-gnu-objcopy
 command -v "$objcopy" >/dev/null || objcopy=llvm-objcopy
-"$objcopy" -O binary target/aarch64-unknown-none/release/probe-arm64 \
-    "$here/out/probe-arm64.img.tmp"
-mv "$here/out/probe-arm64.img.tmp" "$here/out/probe-arm64.img"
+if command -v "$objcopy" >/dev/null; then
+    "$objcopy" -O binary target/aarch64-unknown-none/release/probe-arm64 \
+        "$here/out/probe-arm64.img.tmp"
+    mv "$here/out/probe-arm64.img.tmp" "$here/out/probe-arm64.img"
+else
+    echo "build-probe.sh: no aarch64-linux-gnu-objcopy or llvm-objcopy: no probe-arm64.img" \
+        "(apt-get install binutils-aarch64-linux-gnu)" >&2
+fi
 echo "$here/out/probe.elf"
