@@ -2,6 +2,7 @@
 #
 #   make demo    build everything and boot a guest (the probe; Linux too where hardware KVM exists)
 #   make test    build the VMM and the probe guest, then run every test (test-nested too)
+#                and the README walk-through (tests/readme-walkthrough.sh)
 #   make test-api-fuzz  schemathesis against the handset daemon's API document (PyPI; bounded)
 #   make test-nested  the hardware-path checks inside L1, a QEMU TCG machine with nested SVM
 #   make test-nested-arm64  the arm64 port's checks inside an arm64 L1 (QEMU TCG with EL2)
@@ -53,6 +54,7 @@ test: build
 		guest/build-linux.sh; \
 	fi
 	$(CARGO) test --workspace --no-fail-fast
+	tests/readme-walkthrough.sh
 	$(MAKE) test-api-fuzz
 	$(MAKE) test-nested
 	$(MAKE) test-nested-arm64
