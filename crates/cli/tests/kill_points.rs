@@ -3,7 +3,8 @@
 //! runs. After each kill the state directory is one the normal commands work from: the
 //! profile is moved exactly when the file is complete under its name, an import is either
 //! registered with all its files or leaves nothing a user sees (the next daemon or import
-//! sweeps its debris), a delete is finished by the next daemon.
+//! sweeps its debris), a delete is finished by the next daemon. The temporary file of an
+//! export killed in its data is removed by the next daemon start or the next export.
 //!
 //! No VM runs (the profiles are stopped), so no /dev/kvm is needed.
 
@@ -169,14 +170,28 @@ fn export_import_and_delete_killed_at_every_step() {
                 let mut now = tree(&dir_a.join("profiles/w"));
                 now.remove("moved");
                 assert!(now == source, "{point}: the profile's files changed");
-                // Debris only under temporary names.
-                for t in names(&s.0)
-                    .into_iter()
-                    .filter(|n| n.starts_with("w.pvp.tmp-"))
-                {
-                    std::fs::remove_file(s.path(&t)).unwrap();
-                }
+                // Debris only under a temporary name, and only from a kill in the data;
+                // the next daemon start (new file) or the next export (--force) removes it.
+                let debris = || -> Vec<String> {
+                    names(&s.0)
+                        .into_iter()
+                        .filter(|n| n.starts_with("w.pvp.tmp-"))
+                        .collect()
+                };
+                assert_eq!(debris().len(), usize::from(point == "midway"), "{point}");
                 let _ = std::fs::remove_file(dir_a.join("profiles/w/moved"));
+                if force {
+                    copy_out();
+                } else {
+                    a.stop();
+                    a = Daemon::start(&dir_a, None);
+                }
+                assert_eq!(
+                    debris(),
+                    Vec::<String>::new(),
+                    "{point} {force}: debris kept"
+                );
+                *counts.entry("export debris swept").or_default() += 1;
             }
         }
 

@@ -14,6 +14,9 @@
 //!   handset.db-wal, handset.db-shm  SQLite's WAL files
 //!   handset.sock                    the REST API (HTTP/1.1 over a unix socket, mode 0600)
 //!   handset.lock                    flock()ed by the running daemon
+//!   exports/<pid>                   an export under way: its temporary file
+//!                                   (`<out>.tmp-<hex>`), removed by the next daemon start
+//!                                   or export once that process is gone (see [`exports`])
 //!   jail/<name>/                    with --jail: the jailer's root for the profile's VMM
 //!                                   (created and removed by `pocketvisor vmm`)
 //!   profiles/<name>/
@@ -68,6 +71,7 @@ pub mod daemon;
 pub mod db;
 pub mod error;
 pub mod event_stream;
+pub mod exports;
 pub mod fault;
 pub mod leftovers;
 pub mod moved;

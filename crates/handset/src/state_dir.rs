@@ -113,6 +113,10 @@ impl StateDir {
     pub fn vm_config(&self, name: &str) -> PathBuf {
         self.profile(name).join("vm.toml")
     }
+    /// `exports/`: the records of exports under way ([`crate::exports`]).
+    pub fn exports(&self) -> PathBuf {
+        self.root.join("exports")
+    }
     /// `profiles/<name>/intent` (the lifecycle step in progress, see the daemon's intent log).
     pub fn intent(&self, name: &str) -> PathBuf {
         self.profile(name).join("intent")

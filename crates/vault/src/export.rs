@@ -43,6 +43,10 @@ pub struct ExportOptions {
     /// When set (e.g. by a SIGINT handler), the export stops with
     /// [`VaultError::Interrupted`] and leaves nothing under the output name.
     pub cancel: Option<&'static AtomicBool>,
+    /// The suffix of the temporary file (`<out>.tmp-<16 hex digits>`, see [`temp_path`]);
+    /// `None`: a random one. A caller that records the temporary name (so a later run can
+    /// remove what a killed export left) chooses it.
+    pub temp_tag: Option<u64>,
 }
 
 impl Default for ExportOptions {
@@ -52,6 +56,7 @@ impl Default for ExportOptions {
             zstd_level: 3,
             threads: crate::default_threads(),
             cancel: None,
+            temp_tag: None,
         }
     }
 }
@@ -186,7 +191,7 @@ pub fn export_sealed(
     } = sealed;
     let (manifest, manifest_json, manifest_len) = prepare_manifest(manifest, entries, &infos)?;
     let total = manifest.stored_bytes();
-    let (temp, mut file) = TempFile::create(out)?;
+    let (temp, mut file) = TempFile::create(out, options.temp_tag)?;
     std::io::Write::write_all(&mut file, &header_bytes)
         .map_err(|e| VaultError::io("writing the profile file", e))?;
     let mut writer = ChunkWriter::new(file, stream_keys, options.zstd_level, options.threads)?;
@@ -285,6 +290,14 @@ fn describe_entries(entries: &[EntrySource]) -> Result<Vec<EntryInfo>> {
     Ok(infos)
 }
 
+/// The temporary name an export to `out` writes before its rename: `<out>.tmp-<tag as 16
+/// hex digits>` in the same directory; `None` if `out` has no file name.
+pub fn temp_path(out: &Path, tag: u64) -> Option<PathBuf> {
+    let mut name = OsString::from(out.file_name()?);
+    name.push(format!(".tmp-{tag:016x}"));
+    Some(out.with_file_name(name))
+}
+
 /// A temporary output file that is removed unless committed.
 struct TempFile {
     temp: PathBuf,
@@ -293,13 +306,9 @@ struct TempFile {
 }
 
 impl TempFile {
-    fn create(out: &Path) -> Result<(Self, File)> {
-        let file_name = out
-            .file_name()
+    fn create(out: &Path, tag: Option<u64>) -> Result<(Self, File)> {
+        let temp = temp_path(out, tag.unwrap_or_else(|| OsRng.next_u64()))
             .ok_or_else(|| VaultError::invalid_input("the output path has no file name"))?;
-        let mut name = OsString::from(file_name);
-        name.push(format!(".tmp-{:016x}", OsRng.next_u64()));
-        let temp = out.with_file_name(name);
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)

@@ -29,8 +29,8 @@ mod util;
 
 pub use error::{Result, VaultError};
 pub use export::{
-    export, export_sealed, export_with, seal_keys, EntrySource, ExportOptions, ExportStats,
-    SealedKeys,
+    export, export_sealed, export_with, seal_keys, temp_path, EntrySource, ExportOptions,
+    ExportStats, SealedKeys,
 };
 pub use header::{FORMAT_VERSION, MAGIC};
 pub use import::{

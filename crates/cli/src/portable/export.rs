@@ -88,6 +88,22 @@ fn interrupted() -> bool {
 /// The exit status of an export stopped by Ctrl-C (128 + SIGINT).
 const EXIT_INTERRUPTED: i32 = 130;
 
+/// A random tag for the temporary file's name.
+fn rand_tag() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        return (u64::from(std::process::id()) << 32) | u64::from(nanos);
+    }
+    u64::from_le_bytes(b)
+}
+
 /// The parts of a row that change when the profile's files may change.
 fn fingerprint(row: &ProfileRow) -> (String, Option<i64>, Option<i32>) {
     (row.state.clone(), row.started_ms, row.pid)
@@ -168,12 +184,24 @@ pub fn main(a: ExportArgs) -> Result<i32> {
     }
     keys.extend(recipients.into_iter().map(KeySpec::Recipient));
     let threads = secret::threads()?;
+    let output = std::path::absolute(&a.output).unwrap_or_else(|_| a.output.clone());
+    let temp_tag = rand_tag();
+    let temp = vault::temp_path(&output, temp_tag)
+        .with_context(|| format!("{} has no file name", a.output.display()))?;
     let options = ExportOptions {
         threads,
         cancel: Some(&INTERRUPTED),
+        temp_tag: Some(temp_tag),
         ..ExportOptions::default()
     };
 
+    // What earlier exports killed before their rename left.
+    for f in handset::exports::sweep(&dir)? {
+        eprintln!(
+            "pocketvisor: removed {} (left by a killed export)",
+            f.display()
+        );
+    }
     let db = Db::open(&dir.db())?;
     let name = a.profile.as_str();
     let mut row = read_row(&db, name, &dir)?;
@@ -209,14 +237,18 @@ pub fn main(a: ExportArgs) -> Result<i32> {
         handset::fault::kill_point("export-suspended");
     }
     let moved = !(a.keep || a.resume);
-    let output = std::path::absolute(&a.output).unwrap_or_else(|_| a.output.clone());
     if moved {
         // Pending until the file is complete under its name (handset::moved): a kill before
         // that leaves the profile unmoved, one after it leaves it moved.
         handset::moved::begin(&dir, name, &output).context("cannot mark the profile as moving")?;
         handset::fault::kill_point("export-marked");
     }
+    // Recorded before the temporary file exists, removed when the export ends: a kill in
+    // between leaves the record, and the next daemon start or export removes the file.
+    let intent = handset::exports::ExportIntent::begin(&dir, &temp)
+        .context("cannot record the export's temporary file")?;
     let exported = write_file(&a, &db, &dir, &row, sealed, &options, reporter);
+    drop(intent);
     if moved && exported.is_err() {
         if let Err(e) = handset::moved::remove(&dir, name) {
             eprintln!("pocketvisor: warning: cannot remove the moving mark of {name:?}: {e}");

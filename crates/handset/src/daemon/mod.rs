@@ -569,6 +569,15 @@ impl Handset {
             }
             crate::leftovers::finish_deletes(self.dir(), &db)?
         };
+        // Temporary files of exports killed before their rename.
+        match crate::exports::sweep(self.dir()) {
+            Ok(removed) => {
+                for f in removed {
+                    tracing::info!("removed {} (left by a killed export)", f.display());
+                }
+            }
+            Err(e) => tracing::error!("cannot sweep interrupted exports: {e}"),
+        }
         for name in finished {
             self.registry
                 .event(&name, "deleted", "finished after a daemon restart");

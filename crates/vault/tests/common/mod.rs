@@ -19,6 +19,7 @@ pub const SMALL_CHUNKS: ExportOptions = ExportOptions {
     zstd_level: 1,
     threads: 2,
     cancel: None,
+    temp_tag: None,
 };
 
 /// Read limits that keep any flipped argon2 parameter cheap.
