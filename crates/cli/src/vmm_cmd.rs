@@ -417,8 +417,10 @@ fn child(
         eprintln!("pocketvisor: warning: running without the seccomp filter (--no-seccomp)");
     } else {
         jail::seccomp::install()?;
-        // Every vCPU, device worker and API thread started from here on narrows itself.
-        devices::threads::set_start_hook(narrow_thread);
+        // Every vCPU, device worker and API thread started from here on narrows itself, and
+        // so do the workers a restore started; workers are created by a spawner thread
+        // started here, so they never inherit a vCPU's filter.
+        devices::threads::set_start_hook(narrow_thread).context("start the thread spawner")?;
     }
     tracing::info!(
         "jail {} ready in {} us",

@@ -108,6 +108,51 @@ fn status_field(pid: u32, key: &str) -> String {
         .to_string()
 }
 
+/// The thread kind of a VMM thread's name (vcpu, worker, api, spawner), if it has one.
+fn thread_kind(comm: &str) -> Option<&'static str> {
+    match comm.trim() {
+        c if c.starts_with("vcpu") => Some("vcpu"),
+        c if c.starts_with("virtio-") => Some("worker"),
+        c if c.starts_with("api") => Some("api"),
+        "spawner" => Some("spawner"),
+        _ => None,
+    }
+}
+
+/// Checks that each vCPU, device worker and API thread of `pid` has exactly one filter more
+/// than the main thread (its kind's own, no other kind's), the spawner none; returns the
+/// kinds seen with their filter counts. None (after a SKIP line) when the kernel does not
+/// show `Seccomp_filters` (before Linux 5.9).
+fn thread_filters(pid: u32) -> Option<std::collections::BTreeMap<&'static str, u32>> {
+    let filters = |tid: &str| -> Option<u32> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let Some(base) = filters(&pid.to_string()) else {
+        skip("no Seccomp_filters in /proc: the per-thread filters are not counted");
+        return None;
+    };
+    let mut kinds = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let tid = task.unwrap().file_name().to_string_lossy().into_owned();
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")) else {
+            continue;
+        };
+        let Some(kind) = thread_kind(&comm) else {
+            continue;
+        };
+        let Some(n) = filters(&tid) else { continue };
+        let want = if kind == "spawner" { base } else { base + 1 };
+        assert_eq!(n, want, "{comm:?} has {n} filters, the main thread {base}");
+        kinds.insert(kind, n);
+    }
+    Some(kinds)
+}
+
 /// Every path under `dir` (relative), without following mounts' contents we do not own.
 fn listing(dir: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -286,36 +331,10 @@ fn a_running_jail_sees_only_its_own_files_network_and_no_privileges() {
             "thread {tid} is filtered"
         );
     }
-    // One more filter per thread kind (jail::seccomp::threads): a vCPU has its own, a device
-    // worker (started by a vCPU) the vCPU's and its own.
-    // (Seccomp_filters is in /proc since Linux 5.9.)
-    let filters = |tid: &str| -> Option<u32> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("Seccomp_filters:"))?
-            .trim()
-            .parse()
-            .ok()
-    };
-    if let Some(base) = filters(&pid.to_string()) {
-        let mut kinds = std::collections::BTreeMap::new();
-        for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-            let tid = task.unwrap().file_name().to_string_lossy().into_owned();
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap();
-            let n = filters(&tid).unwrap();
-            let kind = match comm.trim() {
-                c if c.starts_with("vcpu") => "vcpu",
-                c if c.starts_with("virtio-") => "worker",
-                c if c.starts_with("api") => "api",
-                _ => continue,
-            };
-            let want = match kind {
-                "worker" => base + 2,
-                _ => base + 1,
-            };
-            assert_eq!(n, want, "{comm:?} has {n} filters, the main thread {base}");
-            kinds.insert(kind, n);
-        }
+    // One more filter per thread kind (jail::seccomp::threads), each its own: a device
+    // worker (started by the spawner thread, not by the vCPU that activated its device)
+    // does not carry the vCPU's.
+    if let Some(kinds) = thread_filters(pid) {
         assert!(kinds.contains_key("vcpu"), "{kinds:?}");
     }
     assert!(status_field(pid, "Uid").starts_with("65534\t65534"));
@@ -426,10 +445,112 @@ fn jail_cgroup(id: &str) -> Option<(PathBuf, bool)> {
 fn vsock_api_and_snapshot_work_under_the_filter() {
     let Some(probe) = probe() else { return };
     let s = Scratch::new(SCRATCH, "vsock");
+    vsock_api_and_snapshot(&s, &probe, None);
+}
+
+/// Every thread kind, traced (`strace -f`) through the vsock, API, snapshot, disk and rng
+/// run of the jailed VMM, makes none of the syscalls its filter denies; prints what each
+/// kind made (how `jail::seccomp::threads::denied` was derived).
+#[test]
+fn each_thread_kind_makes_only_the_syscalls_its_filter_allows() {
+    let Some(probe) = probe() else { return };
+    if Command::new("strace").arg("-V").output().is_err() {
+        skip("no strace: the per-thread syscall trace is not checked (apt-get install strace)");
+        return;
+    }
+    let s = Scratch::new(SCRATCH, "trace");
+    let trace = s.path("trace");
+    vsock_api_and_snapshot(&s, &probe, Some(&trace));
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let made = syscalls_by_kind(&text);
+    use jail::seccomp::threads::{denied, ThreadKind};
+    for (kind, name) in [
+        (ThreadKind::Vcpu, "vcpu"),
+        (ThreadKind::DeviceWorker, "worker"),
+        (ThreadKind::Api, "api"),
+    ] {
+        let calls = made
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} thread traced: {made:?}"));
+        eprintln!(
+            "MEASURE syscalls made by {name} threads after their filter: {:?}",
+            calls.values().collect::<Vec<_>>()
+        );
+        for (nr, why) in denied(kind) {
+            assert!(
+                !calls.contains_key(&nr),
+                "a {name} thread made {} ({why}), which its filter denies",
+                calls[&nr]
+            );
+        }
+    }
+}
+
+/// Per thread kind (by the name each thread sets), the syscalls (number and name) each
+/// thread made after its own `seccomp` call, from `strace -f -n` output.
+fn syscalls_by_kind(
+    text: &str,
+) -> std::collections::BTreeMap<&'static str, std::collections::BTreeMap<i64, String>> {
+    use std::collections::BTreeMap;
+    let mut names: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut filtered: BTreeSet<&str> = BTreeSet::new();
+    let mut per_tid: BTreeMap<&str, BTreeMap<i64, String>> = BTreeMap::new();
+    for line in text.lines() {
+        // `<tid> [ <nr>] name(args...` (calls cut by a thread switch resume without it).
+        let Some((tid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((nr, call)) = rest
+            .trim_start()
+            .strip_prefix('[')
+            .and_then(|r| r.split_once(']'))
+        else {
+            continue;
+        };
+        let Ok(nr) = nr.trim().parse::<i64>() else {
+            continue;
+        };
+        let call = call.trim_start();
+        // A call cut by another thread's resumes as `<... name resumed>`; signals are not
+        // calls.
+        let name = match call.strip_prefix("<... ") {
+            Some(rest) => rest.split(' ').next().unwrap_or(""),
+            None => call.split('(').next().unwrap_or(""),
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            continue;
+        }
+        if name == "prctl" && call.starts_with("prctl(PR_SET_NAME, \"") {
+            if let Some(n) = call.split('"').nth(1) {
+                names.insert(tid, n);
+            }
+        }
+        if name == "seccomp" {
+            filtered.insert(tid);
+            continue;
+        }
+        if filtered.contains(tid) {
+            per_tid.entry(tid).or_default().insert(nr, name.to_string());
+        }
+    }
+    let mut kinds: BTreeMap<&'static str, BTreeMap<i64, String>> = BTreeMap::new();
+    for (tid, calls) in per_tid {
+        let Some(kind) = names.get(tid).and_then(|n| thread_kind(n)) else {
+            continue;
+        };
+        kinds.entry(kind).or_default().extend(calls);
+    }
+    kinds
+}
+
+/// Runs the probe's disk, rng and vsock tests in a jailed VMM (under `strace -f -n` into
+/// `trace` if given): a host connection echoes through the guest, the API pauses, resumes
+/// and snapshots, and the VMM exits 0 after `PROBE done ok`.
+fn vsock_api_and_snapshot(s: &Scratch, probe: &Path, trace: Option<&Path>) {
     let p = Profile::new(
-        &s,
+        s,
         "a",
-        &probe,
+        probe,
         "pv.tests=blk,rng,vsock pv.vsock.wait=2000",
         &format!(
             "vsock = {{ cid = 3, socket = {:?} }}\n",
@@ -438,9 +559,20 @@ fn vsock_api_and_snapshot_work_under_the_filter() {
     );
     let api = p.path("run/api.sock");
     let api_s = api.display().to_string();
-    let mut vmm = Vmm(vmm_command(&s, &p, "vsock", &["--api-socket", &api_s])
-        .spawn()
-        .unwrap());
+    let id = if trace.is_some() { "trace" } else { "vsock" };
+    let mut c = vmm_command(s, &p, id, &["--api-socket", &api_s]);
+    if let Some(trace) = trace {
+        let mut traced = Command::new("strace");
+        traced
+            .args(["-f", "-n", "-qq", "-o"])
+            .arg(trace)
+            .arg(c.get_program())
+            .args(c.get_args())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c = traced;
+    }
+    let mut vmm = Vmm(c.spawn().unwrap());
     assert!(
         wait_until(
             || p.serial().contains("vsock listening"),
@@ -534,7 +666,18 @@ fn a_prepared_network_namespace_is_joined() {
 fn a_snapshot_taken_in_a_jail_restores_in_a_jail() {
     let Some(probe) = probe() else { return };
     let s = Scratch::new(SCRATCH, "restore");
-    let p = Profile::new(&s, "a", &probe, "pv.mode=counter pv.counter.ms=20", "");
+    // The agent counts like counter mode, with its vsock device active (a worker thread the
+    // restore starts before the filters exist).
+    let p = Profile::new(
+        &s,
+        "a",
+        &probe,
+        "pv.mode=agent pv.counter.ms=20",
+        &format!(
+            "vsock = {{ cid = 3, socket = {:?} }}\n",
+            s.path("a/run/v.sock")
+        ),
+    );
     let api = p.path("run/api.sock");
     let api_s = api.display().to_string();
     let mut src = Vmm(
@@ -576,6 +719,8 @@ fn a_snapshot_taken_in_a_jail_restores_in_a_jail() {
         .arg(p.path("disk.img"))
         .arg("--serial")
         .arg(format!("file:{}", log.display()))
+        .arg("--vsock-socket")
+        .arg(s.path("b/v.sock"))
         .args(["--jail-id", "restore-dst", "--jail-root"])
         .arg(s.jail_root())
         .stdout(Stdio::null())
@@ -593,6 +738,13 @@ fn a_snapshot_taken_in_a_jail_restores_in_a_jail() {
     );
     let pid = jailed_pid(dst.0.id()).expect("jailed child");
     assert_eq!(status_field(pid, "Seccomp"), "2");
+    // The workers the restore started before the filters existed narrowed themselves too.
+    if let Some(kinds) = thread_filters(pid) {
+        assert!(
+            kinds.contains_key("vcpu") && kinds.contains_key("worker"),
+            "{kinds:?}"
+        );
+    }
     let seen = listing(Path::new(&format!("/proc/{pid}/root")));
     assert!(
         seen.contains("snapshot/memory.bin") && !seen.contains("boot"),

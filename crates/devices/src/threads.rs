@@ -1,8 +1,22 @@
 //! A hook each VMM thread of a known kind runs first thing: the jailed VMM sets it to install
 //! that kind's seccomp filter (`jail::seccomp::threads`); unset (an unjailed VMM, the tests)
 //! it does nothing. The device models only say which kind a thread is.
+//!
+//! A thread inherits the filters of the thread that creates it, so device workers (started
+//! when the guest activates a device, i.e. on a vCPU thread) are not created by the thread
+//! that asks for them: once the hook is set, [`spawn`] hands the thread to a spawner thread
+//! (started with the hook, by the thread that sets it: the VMM's main thread, which has
+//! only the process filter), so a worker carries the process filter and its own, never the
+//! vCPU's. Workers started before the hook was set (a restored VM's active devices) narrow
+//! themselves when it is set: they wait on [`hook_set_event`].
 
-use std::sync::OnceLock;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
+use std::sync::{Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// The kinds of threads with their own hook call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,14 +31,88 @@ pub enum ThreadKind {
 
 static HOOK: OnceLock<fn(ThreadKind)> = OnceLock::new();
 
-/// Sets the hook (once per process); false if one was set already.
-pub fn set_start_hook(hook: fn(ThreadKind)) -> bool {
-    HOOK.set(hook).is_ok()
+/// Readable once the hook is set (never read: it stays readable).
+static HOOK_SET: OnceLock<EventFd> = OnceLock::new();
+
+/// A thread to start: its name, its body, where to send its handle.
+struct SpawnRequest {
+    name: String,
+    body: Box<dyn FnOnce() + Send>,
+    reply: SyncSender<io::Result<JoinHandle<()>>>,
 }
 
-/// Called by a new thread of `kind` before it does anything else.
-pub fn started(kind: ThreadKind) {
-    if let Some(hook) = HOOK.get() {
-        hook(kind);
+/// The spawner thread's queue, once the hook is set.
+static SPAWNER: OnceLock<Mutex<Sender<SpawnRequest>>> = OnceLock::new();
+
+/// The event workers started before the hook wait on to narrow themselves.
+pub fn hook_set_event() -> io::Result<RawFd> {
+    if let Some(e) = HOOK_SET.get() {
+        return Ok(e.as_raw_fd());
     }
+    let event = EventFd::new(EFD_NONBLOCK)?;
+    // Another thread may have set it first; either one is the event.
+    let _ = HOOK_SET.set(event);
+    HOOK_SET
+        .get()
+        .map(AsRawFd::as_raw_fd)
+        .ok_or_else(|| io::Error::other("the hook event is not set"))
+}
+
+/// Sets the hook (once per process) and starts the spawner thread from the calling thread
+/// (call it from the thread whose filters the spawned threads may inherit: the main
+/// thread); false if one was set already.
+pub fn set_start_hook(hook: fn(ThreadKind)) -> io::Result<bool> {
+    let (requests, rx) = channel::<SpawnRequest>();
+    std::thread::Builder::new()
+        .name("spawner".into())
+        .spawn(move || {
+            for r in rx {
+                let spawned = std::thread::Builder::new().name(r.name).spawn(r.body);
+                let _ = r.reply.send(spawned);
+            }
+        })?;
+    if SPAWNER.set(Mutex::new(requests)).is_err() || HOOK.set(hook).is_err() {
+        return Ok(false);
+    }
+    hook_set_event()?;
+    if let Some(e) = HOOK_SET.get() {
+        e.write(1)?;
+    }
+    Ok(true)
+}
+
+/// Called by a new thread of `kind` before it does anything else; true if the hook ran
+/// (false: no hook yet).
+pub fn started(kind: ThreadKind) -> bool {
+    match HOOK.get() {
+        Some(hook) => {
+            hook(kind);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Starts `body` on a new thread named `name`: created by the spawner thread once the hook
+/// is set (so it does not inherit the caller's filters), by the caller before.
+pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    let Some(spawner) = SPAWNER.get() else {
+        return std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(body);
+    };
+    let (reply, answer) = sync_channel(1);
+    let request = SpawnRequest {
+        name: name.to_string(),
+        body: Box::new(body),
+        reply,
+    };
+    spawner
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(request)
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?;
+    answer
+        .recv()
+        .map_err(|_| io::Error::other("the spawner thread is gone"))?
 }

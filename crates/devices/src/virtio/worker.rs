@@ -36,6 +36,8 @@ pub const COMMON_FEATURES: u64 =
 pub const BACKEND_TOKEN_BASE: u64 = 1 << 32;
 const STOP_TOKEN: u64 = u64::MAX;
 const PAUSE_TOKEN: u64 = u64::MAX - 1;
+/// The thread hook was set after this worker started: it narrows itself now.
+const NARROW_TOKEN: u64 = u64::MAX - 2;
 
 /// Pause handshake between a [`WorkerHandle`] and its thread.
 #[derive(Default)]
@@ -209,12 +211,16 @@ pub fn spawn_worker<W: DeviceWorker>(
     let ctl = Arc::new(PauseCtl::default());
     let thread_pause = pause.try_clone()?;
     let thread_ctl = ctl.clone();
-    let thread = std::thread::Builder::new()
-        .name(name.to_string())
-        .spawn(move || {
-            crate::threads::started(crate::threads::ThreadKind::DeviceWorker);
-            run(epoll, kicks, worker, &thread_pause, &thread_ctl)
-        })?;
+    // Started before the thread hook was set (a restored VM's device): it narrows itself
+    // once the hook is set (the event stays readable; it is removed after).
+    let hook_event = crate::threads::hook_set_event()?;
+    add_fd(&epoll, hook_event, NARROW_TOKEN, EventSet::IN)?;
+    let thread = crate::threads::spawn(name, move || {
+        if crate::threads::started(crate::threads::ThreadKind::DeviceWorker) {
+            let _ = remove_fd(&epoll, hook_event);
+        }
+        run(epoll, kicks, worker, &thread_pause, &thread_ctl)
+    })?;
     Ok(WorkerHandle {
         stop,
         pause,
@@ -281,6 +287,11 @@ fn run<W: DeviceWorker>(
             let token = ev.data();
             if token == PAUSE_TOKEN {
                 pause_asked = true;
+                continue;
+            }
+            if token == NARROW_TOKEN {
+                let _ = remove_fd(&epoll, crate::threads::hook_set_event().unwrap_or(-1));
+                crate::threads::started(crate::threads::ThreadKind::DeviceWorker);
                 continue;
             }
             let queue = usize::try_from(token)
