@@ -39,7 +39,28 @@ struct Report {
     vhost_vsock: bool,
     qemu: bool,
     ksm: Ksm,
+    /// Running as root (the handset daemon needs it: jails, cgroups, TAP).
+    root: bool,
+    /// What the handset daemon would use for cgroups here (tried with a throwaway group).
+    cgroups: handset::cgroup::CgroupInfo,
     guests: Guests,
+}
+
+/// Tries what the handset daemon does at start (a parent group in the cpu and memory
+/// controllers) with a throwaway group, removed again: `none` with the reason when it
+/// cannot write there.
+fn cgroups() -> handset::cgroup::CgroupInfo {
+    use handset::cgroup::Cgroups;
+    let c = Cgroups::detect(&format!("pocketvisor-doctor-{}", std::process::id()));
+    let made = match &c {
+        Cgroups::V2 { dir } => vec![dir.clone()],
+        Cgroups::V1 { cpu, memory } => vec![cpu.clone(), memory.clone()],
+        Cgroups::Disabled { .. } => vec![],
+    };
+    for dir in made {
+        let _ = std::fs::remove_dir(dir);
+    }
+    c.info()
 }
 
 /// The host's kernel samepage merging (what `--mergeable` guest RAM relies on).
@@ -101,6 +122,25 @@ pub fn main(args: DoctorArgs) -> Result<i32> {
                 }
                 (true, true) =>
                     format!("running, {} pages shared", r.ksm.pages_sharing.unwrap_or(0)),
+            }
+        );
+        outln!(
+            "root:         {}",
+            if r.root {
+                "yes"
+            } else {
+                "no (the handset daemon needs root: jails, cgroups, TAP devices)"
+            }
+        );
+        let cg = &r.cgroups;
+        outln!(
+            "cgroups:      {}",
+            match cg.mode.as_str() {
+                "none" => format!(
+                    "none: profiles run without CPU weights or memory limits ({})",
+                    cg.note.as_deref().unwrap_or("no usable cgroup interface")
+                ),
+                mode => format!("{mode}, a group can be made (tried and removed)"),
             }
         );
         outln!("probe guest:  {}", yes(r.guests.probe));
@@ -175,6 +215,9 @@ fn report() -> Report {
         vhost_vsock: Path::new("/dev/vhost-vsock").exists(),
         qemu,
         ksm: ksm(),
+        // SAFETY: geteuid(2) has no arguments and cannot fail.
+        root: unsafe { libc::geteuid() } == 0,
+        cgroups: cgroups(),
         guests: Guests { probe, linux, why },
     }
 }

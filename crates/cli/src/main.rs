@@ -62,8 +62,8 @@ enum Command {
     Vmm(Box<vmm_cmd::VmmArgs>),
     /// Run the handset daemon (profiles, supervision, foreground switching, REST API).
     Handset(handset::HandsetArgs),
-    /// Manage the handset's profiles: create, list, show, start, stop, suspend, resume, switch,
-    /// screenshot, delete, events, audit, status, clipboard, send-file (see `profile --help`).
+    /// Manage the handset's profiles: create, set, start, stop, suspend (to disk), resume,
+    /// switch, logs, events and more (`profile --help` lists every command).
     Profile(Box<profile::ProfileArgs>),
     /// Write a profile (spec, disks, snapshot) to one encrypted portable file.
     Export(Box<portable::ExportArgs>),

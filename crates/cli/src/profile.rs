@@ -39,7 +39,8 @@ enum ProfileCmd {
 A spec file has the fields of profile.toml: name, kernel (\"probe\" or the file name of a guest
 asset in <state-dir>/assets/; never a path), initrd (an asset file name too), cmdline,
 memory_mib, vcpus, disks = [{name, size_mib, read_only}], net (TAP name), display = {width,
-height}, restart (never|on-failure|always), background (run|suspend), cpu = {foreground,
+height}, restart (never|on-failure|always), background (run|pause: paused in memory while
+another profile is in the foreground; \"suspend\" is its old name), cpu = {foreground,
 background}, memory_max_mib, channels = {clipboard_to, files_to, clipboard_from, files_from}
 (cross-profile sending and accepting; see `profile clipboard copy --help`), balloon (default true),
 mergeable (KSM, default false), on_shutdown (stop|suspend: what a clean daemon stop does with

@@ -150,3 +150,48 @@ fn export_refuses_a_short_passphrase_before_touching_anything() {
     );
     assert!(!out.exists(), "nothing is written");
 }
+
+/// `doctor` says whether it runs as root and whether the daemon could make its cgroups, and
+/// leaves no group behind.
+#[test]
+fn doctor_checks_root_and_cgroup_write_access() {
+    let o = pv(&["doctor"]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let line = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} line: {text}"))
+            .to_string()
+    };
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert_eq!(line("root:").contains("yes"), root, "{text}");
+    let cg = line("cgroups:");
+    assert!(
+        cg.contains("a group can be made") || cg.contains("none:"),
+        "{cg}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&pv(&["doctor", "--json"]).stdout).unwrap();
+    assert_eq!(json["root"], root);
+    assert!(["v1", "v2", "none"].contains(&json["cgroups"]["mode"].as_str().unwrap()));
+    let pid_groups = |dir: &str| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("pocketvisor-doctor-")
+            })
+            .count()
+    };
+    for dir in [
+        "/sys/fs/cgroup",
+        "/sys/fs/cgroup/cpu",
+        "/sys/fs/cgroup/memory",
+    ] {
+        assert_eq!(pid_groups(dir), 0, "a doctor group is left in {dir}");
+    }
+}

@@ -15,7 +15,7 @@ pub enum ProfileState {
     Stopped,
     /// The VMM runs the guest.
     Running,
-    /// The VMM is paused in memory (a `background = "suspend"` profile in the background).
+    /// The VMM is paused in memory (a `background = "pause"` profile in the background).
     Paused,
     /// Saved to `profiles/<name>/snapshot/`, no process.
     Suspended,

@@ -20,7 +20,7 @@
 //! transfer, allowed, denied (403) or failed, is one `channel-clipboard` / `channel-file`
 //! record in the audit log (profile = the source), with the size and SHA-256 of what moved.
 //!
-//! Both profiles must have a VMM; one paused in the background (`background = "suspend"`)
+//! Both profiles must have a VMM; one paused in the background (`background = "pause"`)
 //! is resumed for the transfer and paused again ([`Handset::with_unpaused`]).
 //!
 //! Guests are not trusted: both agents' `health` answers come first and bound what is read

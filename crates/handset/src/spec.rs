@@ -176,8 +176,10 @@ pub enum BackgroundMode {
     /// Keep running with the background CPU weight.
     #[default]
     Run,
-    /// Pause the VM (in memory) until it is switched to.
-    Suspend,
+    /// Pause the VM in memory (state `paused`) until it is switched to; `"suspend"`, its
+    /// old name, still reads as this (suspend means to disk everywhere else).
+    #[serde(alias = "suspend")]
+    Pause,
 }
 
 /// cgroup `cpu.weight` in the foreground and the background.

@@ -407,7 +407,7 @@ fn a_paused_background_profile_is_resumed_for_the_transfer_only() {
     create_agent_profile_with(
         &d,
         "personal",
-        "background = \"suspend\"",
+        "background = \"pause\"",
         "clipboard_to = [\"work\"]",
     );
     create_agent_profile(&d, "work", "");

@@ -1,5 +1,5 @@
 //! Foreground scheduling: one live profile is in the foreground with its foreground CPU
-//! weight; the others get their background weight, and those with `background = "suspend"`
+//! weight; the others get their background weight, and those with `background = "pause"`
 //! are paused until switched to.
 
 use std::time::Instant;
@@ -31,7 +31,7 @@ pub(super) fn placement(is_fg: bool, state: Option<ProfileState>, spec: &Profile
     };
     let change = match (is_fg, state) {
         (true, Some(ProfileState::Paused)) => Some(Event::ForegroundResumed),
-        (false, Some(ProfileState::Running)) if spec.background == BackgroundMode::Suspend => {
+        (false, Some(ProfileState::Running)) if spec.background == BackgroundMode::Pause => {
             Some(Event::BackgroundPaused)
         }
         _ => None,
@@ -227,7 +227,7 @@ mod tests {
     #[test]
     fn the_foreground_gets_its_weight_and_runs() {
         let run = spec(BackgroundMode::Run);
-        let sus = spec(BackgroundMode::Suspend);
+        let sus = spec(BackgroundMode::Pause);
         let p = placement(true, Some(ProfileState::Running), &sus);
         assert_eq!(
             p,
@@ -239,7 +239,7 @@ mod tests {
         let p = placement(true, Some(ProfileState::Paused), &sus);
         assert_eq!(p.change, Some(Event::ForegroundResumed));
         assert_eq!(request_for(p.change.unwrap()), Request::Resume);
-        // In the background: the lower weight; paused only with background = "suspend".
+        // In the background: the lower weight; paused only with background = "pause".
         let p = placement(false, Some(ProfileState::Running), &run);
         assert_eq!(
             p,

@@ -37,7 +37,7 @@ pub enum Event {
     GaveUp,
     /// Supervisor: the VMM was gone when the daemon started and is not restarted.
     Lost,
-    /// Foreground: a `background = "suspend"` profile left the foreground and was paused.
+    /// Foreground: a `background = "pause"` profile left the foreground and was paused.
     BackgroundPaused,
     /// Foreground: a paused profile came to the foreground and runs again.
     ForegroundResumed,

@@ -4,7 +4,7 @@
 //! - `registry`: the profiles in the database and the state directory, each state change
 //!   recorded through the lifecycle table;
 //! - `supervisor`: the VMM processes, their watchers, crash restarts, adoption, stopping;
-//! - `foreground`: switching, CPU weights, pausing `background = "suspend"` profiles.
+//! - `foreground`: switching, CPU weights, pausing `background = "pause"` profiles.
 //!
 //! [`Handset`] ties them together behind the API's operations. Lifecycle changes (create,
 //! start, stop, suspend, resume, switch, delete, crash handling) are serialised by one async
