@@ -148,6 +148,11 @@ impl Handset {
                     self.registry.apply(n, change, pid, state_detail)?;
                     self.registry.event(n, event, event_detail);
                 }
+                // A guest that ended right after its start (nothing listens any more) is not
+                // this call's failure: its exit handler records the end.
+                Err(e) if vmm_gone(&api).await => {
+                    tracing::info!("{n}: its VMM ended before it could be {event}: {e}");
+                }
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
@@ -207,6 +212,15 @@ impl Handset {
         }
         Ok(out)
     }
+}
+
+/// Whether nothing listens on a VMM's API socket any more (refused or gone: it ended).
+async fn vmm_gone(api: &std::path::Path) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        tokio::net::UnixStream::connect(api).await,
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionRefused | ErrorKind::NotFound)
+    )
 }
 
 #[cfg(test)]
