@@ -9,7 +9,8 @@ pub const FAILURE: i32 = 1;
 pub const USAGE: i32 = 2;
 /// No such profile, file or path.
 pub const NOT_FOUND: i32 = 3;
-/// Refused by policy (a transfer the profiles' channels do not allow).
+/// Refused by policy (a transfer the profiles' channels do not allow, a start the profile's IT
+/// policy does not allow) or a policy refused (unsigned, wrongly signed, expired, rolled back).
 pub const DENIED: i32 = 4;
 
 /// A failure of a known kind, for errors that do not come from the daemon's answers.
@@ -38,6 +39,19 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 403 => DENIED,
                 _ => FAILURE,
             };
+        }
+        match cause.downcast_ref::<handset::Error>() {
+            Some(handset::Error::Denied(_)) => return DENIED,
+            Some(handset::Error::NotFound(_)) => return NOT_FOUND,
+            _ => {}
+        }
+        if let Some(
+            policy::PolicyError::Signature(_)
+            | policy::PolicyError::Expired { .. }
+            | policy::PolicyError::Rollback { .. },
+        ) = cause.downcast_ref::<policy::PolicyError>()
+        {
+            return DENIED;
         }
         if let Some(Failure::NotFound(_)) = cause.downcast_ref::<Failure>() {
             return NOT_FOUND;

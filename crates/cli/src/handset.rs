@@ -39,6 +39,10 @@ pub struct HandsetArgs {
     /// `pocketvisor vmm` (namespaces, private root under DIR/jail, no privileges, seccomp).
     #[arg(long)]
     no_jail: bool,
+    /// Trust this organisation policy key (a pvpol-public-... file) before starting, as
+    /// `pocketvisor policy trust` does; a different key already trusted is refused.
+    #[arg(long, value_name = "FILE")]
+    org_key: Option<PathBuf>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
@@ -55,6 +59,13 @@ pub fn main(a: HandsetArgs) -> Result<i32> {
         .unwrap_or_else(|| handset::cgroup::default_parent(state_dir.root()));
     if cgroup_parent.is_empty() || cgroup_parent.contains('/') || cgroup_parent.starts_with('.') {
         anyhow::bail!("--cgroup-parent must be one path component");
+    }
+    if let Some(file) = &a.org_key {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("--org-key {}", file.display()))?;
+        let key = policy::OrgPublicKey::decode(&text)
+            .with_context(|| format!("--org-key {}", file.display()))?;
+        handset::org_policy::trust(&state_dir, &key, false)?;
     }
     handset::run_blocking(handset::Options {
         state_dir,

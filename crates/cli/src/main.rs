@@ -9,6 +9,7 @@ mod doctor;
 mod failure;
 mod follow;
 mod handset;
+mod policy;
 mod portable;
 mod profile;
 mod run;
@@ -71,6 +72,8 @@ enum Command {
     Import(Box<portable::ImportArgs>),
     /// Create an X25519 identity for `export --recipient` / `import --identity`.
     Keygen(portable::KeygenArgs),
+    /// The organisation's signed IT policies: keygen, sign, verify, show, trust, apply.
+    Policy(policy::PolicyArgs),
 }
 
 impl Command {
@@ -81,6 +84,7 @@ impl Command {
             Command::Profile(a) => a.json,
             Command::Export(a) => a.json,
             Command::Import(a) => a.json,
+            Command::Policy(a) => a.json,
             _ => false,
         }
     }
@@ -157,6 +161,7 @@ fn main() {
         Command::Export(args) => portable::export::main(*args),
         Command::Import(args) => portable::import::main(*args),
         Command::Keygen(args) => portable::keygen::main(args),
+        Command::Policy(args) => policy::main(args),
     };
     match result {
         Ok(0) if stdout::failed() => std::process::exit(1),

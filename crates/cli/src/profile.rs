@@ -194,6 +194,15 @@ serial.log.prev and vmm.log.prev (--previous). With -f the log is followed acros
     },
     /// Show the daemon's state (cgroups, probe guest, foreground).
     Status,
+    /// Show the signed IT policy in force for a profile (read from the state directory).
+    #[command(after_help = "\
+The policy is verified again under the handset's trusted organisation key before it is shown;
+`pocketvisor policy apply` sets it (see `pocketvisor policy --help` and docs/policy.md). This
+reads DIR directly: the daemon need not run.")]
+    Policy {
+        /// Profile name.
+        name: String,
+    },
     /// Cross-profile clipboard (through the guests' agents, if the policy allows).
     Clipboard {
         #[command(subcommand)]
@@ -438,6 +447,10 @@ fn lifecycle(c: &Client, json: bool, name: &str, action: &str, query: &str) -> R
 
 /// Runs one `profile` subcommand.
 pub fn main(a: ProfileArgs) -> Result<i32> {
+    if let ProfileCmd::Policy { name } = &a.cmd {
+        handset::spec::check_name("profile name", name)?;
+        return crate::policy::show_in_force(a.state_dir.as_deref(), name, a.json);
+    }
     let c = client(&a)?;
     let json = a.json;
     let none: Option<&()> = None;
@@ -633,6 +646,10 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             let req = handset::channels::FileRequest { from, to, name };
             let t = c.call("POST", "/v1/channels/file", Some(&req))?;
             transfer(&t, json)?;
+        }
+        // Answered above without the daemon; kept here so the match stays exhaustive.
+        ProfileCmd::Policy { name } => {
+            return crate::policy::show_in_force(a.state_dir.as_deref(), &name, json)
         }
         ProfileCmd::Status => {
             let info: handset::DaemonInfo = c.call("GET", "/v1/handset", none)?;

@@ -16,7 +16,9 @@
 //!   what B accepts.
 //!
 //! The templates give `personal -> work` for both kinds and nothing from `work`. Specs are
-//! read at each transfer, so editing `profile.toml` changes the next decision. Every
+//! read at each transfer, so editing `profile.toml` changes the next decision. A profile
+//! with a signed IT policy in force ([`crate::org_policy`]) is governed by the policy's
+//! `[channels]` lists instead of its spec's, read at each transfer too. Every
 //! transfer, allowed, denied (403) or failed, is one `channel-clipboard` / `channel-file`
 //! record in the audit log (profile = the source), with the size and SHA-256 of what moved.
 //!
@@ -377,7 +379,12 @@ async fn transfer(
     let t0 = Instant::now();
     let from_info = h.show(from)?;
     let to_info = h.show(to)?;
-    let decision = decide(kind, &from_info.spec, &to_info.spec);
+    // A profile with an IT policy in force is governed by its channel lists, not its spec's.
+    let mut from_spec = from_info.spec.clone();
+    let mut to_spec = to_info.spec.clone();
+    from_spec.channels = crate::org_policy::effective_channels(h.dir(), &from_spec)?;
+    to_spec.channels = crate::org_policy::effective_channels(h.dir(), &to_spec)?;
+    let decision = decide(kind, &from_spec, &to_spec);
     *allowed = Some(decision.is_ok());
     decision.map_err(|why| {
         ChannelError::Denied(format!(

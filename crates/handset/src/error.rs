@@ -12,6 +12,9 @@ pub enum Error {
     /// The profile is in the wrong state for the operation, or already exists (409).
     #[error("{0}")]
     Conflict(String),
+    /// The profile's IT policy refuses it (403).
+    #[error("{0}")]
+    Denied(String),
     /// The database failed (500).
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
@@ -42,6 +45,7 @@ impl Error {
     pub fn status(&self) -> u16 {
         match self {
             Error::BadRequest(_) => 400,
+            Error::Denied(_) => 403,
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
             _ => 500,

@@ -6,6 +6,8 @@
 //! ```text
 //! <state-dir>/                      default /var/lib/pocketvisor, or $POCKETVISOR_STATE_DIR
 //!                                   (the directory is mode 0700, its files owner only)
+//!   org.pub                         the organisation's policy key the handset trusts
+//!                                   (`pocketvisor policy trust`, `handset --org-key`)
 //!   audit.key                       secret key of the audit log's content digests (0600)
 //!   assets/                         guest assets (kernels, initrds) that specs name by file
 //!                                   name; put there by the administrator (spec::check_asset)
@@ -21,6 +23,7 @@
 //!                                   (created and removed by `pocketvisor vmm`)
 //!   profiles/<name>/
 //!     profile.toml                  the profile spec (spec::ProfileSpec), canonical
+//!     policy.pvpol                  the signed IT policy in force (org_policy), if any
 //!     vm.toml                       the VMM configuration generated at the last start (kept
 //!                                   outside run/, which the jailed VMM sees)
 //!     disks/<disk>.img              raw disk images (sparse, size_mib each)
@@ -75,6 +78,7 @@ pub mod exports;
 pub mod fault;
 pub mod leftovers;
 pub mod moved;
+pub mod org_policy;
 pub mod spec;
 pub mod state_dir;
 pub mod vmm_proc;

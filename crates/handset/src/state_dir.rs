@@ -125,6 +125,14 @@ impl StateDir {
     pub fn snapshot(&self, name: &str) -> PathBuf {
         self.profile(name).join("snapshot")
     }
+    /// `org.pub`: the organisation's policy key this handset trusts ([`crate::org_policy`]).
+    pub fn org_key(&self) -> PathBuf {
+        self.root.join("org.pub")
+    }
+    /// `profiles/<name>/policy.pvpol`: the signed policy in force for the profile, if any.
+    pub fn policy(&self, name: &str) -> PathBuf {
+        self.profile(name).join("policy.pvpol")
+    }
     /// `profiles/<name>/moved`: written by an export that moved the profile away (the file
     /// it went to); while it exists the profile does not start or resume without `reclaim`.
     pub fn moved_marker(&self, name: &str) -> PathBuf {

@@ -80,10 +80,8 @@ pub fn apply(
             now,
         });
     }
-    let dir = file
-        .parent()
-        .ok_or_else(|| PolicyError::Document(format!("{} has no directory", file.display())))?;
-    let _lock = lock(&dir.join(".policy.lock"))?;
+    let lock_file = file.with_file_name(".policy.lock");
+    let _lock = lock(&lock_file)?;
     let current = read_in_force(file, profile, key)?;
     if let Some(cur) = &current {
         if cur.envelope == offered.envelope {
@@ -139,9 +137,17 @@ fn lock(path: &Path) -> Result<File> {
 /// fsyncs the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let what = || format!("cannot write {}", path.display());
-    let dir = path
-        .parent()
-        .ok_or_else(|| PolicyError::Document(format!("{} has no directory", path.display())))?;
+    // A bare file name is in the current directory (whose parent() is "").
+    let dir = match path.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => {
+            return Err(PolicyError::Document(format!(
+                "{} has no directory",
+                path.display()
+            )))
+        }
+    };
     let name = path
         .file_name()
         .ok_or_else(|| PolicyError::Document(format!("{} has no file name", path.display())))?;

@@ -159,3 +159,14 @@ fn a_policy_file_changed_on_disk_is_not_trusted() {
     let env = sign(&doc(3, ""), &f.key).unwrap();
     assert!(apply(&f.file, "work", &f.key.public(), &env, NOW).is_err());
 }
+
+#[test]
+fn write_atomic_takes_a_bare_file_name_in_the_current_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = std::env::current_dir().unwrap();
+    std::env::set_current_dir(dir.path()).unwrap();
+    let result = policy::store::write_atomic(Path::new("bare.pvpol"), b"x");
+    std::env::set_current_dir(cwd).unwrap();
+    result.unwrap();
+    assert_eq!(std::fs::read(dir.path().join("bare.pvpol")).unwrap(), b"x");
+}

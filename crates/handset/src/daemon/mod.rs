@@ -284,6 +284,7 @@ impl Handset {
             let row = self.registry.row(name)?;
             let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
             self.registry.check_guest_files(&cfg)?;
+            crate::org_policy::check_start(self.dir(), name, &cfg, policy::unix_now())?;
             Ok((spec, cfg))
         })();
         let (spec, cfg) =
@@ -513,6 +514,7 @@ impl Handset {
             for d in &spec.disks {
                 state_dir::check_regular_file("disk", &self.dir().disk(name, &d.name))?;
             }
+            crate::org_policy::check_resume(self.dir(), name, policy::unix_now())?;
             Ok(spec)
         })();
         let spec =

@@ -1,0 +1,281 @@
+//! The organisation's IT policies on this handset: which key is trusted, which policy is in
+//! force for each profile, and the decisions the daemon takes from them.
+//!
+//! A handset trusts one organisation key (`<state-dir>/org.pub`, set by `pocketvisor policy
+//! trust` or `handset --org-key`). A policy signed by it for profile P is applied with
+//! [`apply`] into `profiles/P/policy.pvpol` (all or nothing; see [`policy::store`]) and is
+//! re-verified at every read, so a file changed on disk refuses the profile's start rather
+//! than loosening anything. What the daemon enforces from it:
+//! - **boot**: at every start the kernel's and initrd's SHA-256 must be allowed, this build
+//!   new enough, and the policy unexpired ([`check_start`]); a resume checks the last two;
+//! - **channels**: the policy's lists replace the spec's `channels` for its profile
+//!   ([`effective_channels`]);
+//! - **screen**: [`screen`] tells the display whether capture and remote viewing are allowed.
+
+use std::io::Read;
+use std::path::Path;
+
+use policy::{OrgPublicKey, Verified};
+use sha2::{Digest, Sha256};
+use vmm_api::config::VmConfig;
+
+use crate::error::{Error, Result};
+use crate::spec::{ChannelPolicy, ProfileSpec};
+use crate::state_dir::{self, StateDir};
+
+fn policy_err(e: policy::PolicyError) -> Error {
+    Error::Denied(e.to_string())
+}
+
+/// The trusted organisation key, if one was set.
+pub fn trusted_key(dir: &StateDir) -> Result<Option<OrgPublicKey>> {
+    let path = dir.org_key();
+    match std::fs::read_to_string(&path) {
+        Ok(text) => OrgPublicKey::decode(&text)
+            .map(Some)
+            .map_err(|e| Error::Internal(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()))(e)),
+    }
+}
+
+/// Makes `key` the trusted organisation key. Replacing a different key needs `replace`
+/// (a handset is enrolled with one organisation). Returns false if it was already trusted.
+pub fn trust(dir: &StateDir, key: &OrgPublicKey, replace: bool) -> Result<bool> {
+    if let Some(current) = trusted_key(dir)? {
+        if current == *key {
+            return Ok(false);
+        }
+        if !replace {
+            return Err(Error::Conflict(format!(
+                "this handset already trusts organisation key {}; replacing it with {} needs \
+                 --replace (policies in force that the new key did not sign will then refuse \
+                 their profiles' starts)",
+                current.fingerprint(),
+                key.fingerprint()
+            )));
+        }
+    }
+    state_dir::create_private_dir(dir.root())?;
+    state_dir::write_atomic(&dir.org_key(), format!("{}\n", key.encode()).as_bytes())?;
+    Ok(true)
+}
+
+/// The verified policy in force for profile `name`, if any. A policy file without a trusted
+/// key, or one that fails verification, is an error: the profile is governed but its policy
+/// cannot be read.
+pub fn in_force(dir: &StateDir, name: &str) -> Result<Option<Verified>> {
+    let file = dir.policy(name);
+    let Some(key) = trusted_key(dir)? else {
+        if file.exists() {
+            return Err(Error::Denied(format!(
+                "profile {name:?} has a policy ({}) but the handset trusts no organisation \
+                 key (`pocketvisor policy trust`)",
+                file.display()
+            )));
+        }
+        return Ok(None);
+    };
+    policy::read_in_force(&file, name, &key).map_err(policy_err)
+}
+
+/// Verifies `envelope` under the trusted key and makes it the policy in force for the
+/// profile it names (which must exist), if it is newer and unexpired at `now`.
+pub fn apply(dir: &StateDir, envelope: &[u8], now: u64) -> Result<policy::Applied> {
+    let key = trusted_key(dir)?.ok_or_else(|| {
+        Error::Denied(
+            "the handset trusts no organisation key: `pocketvisor policy trust KEY` first".into(),
+        )
+    })?;
+    // Verified before anything in it is used, including the profile name.
+    let offered = policy::verify(envelope, &key).map_err(policy_err)?;
+    let name = offered.policy.profile.clone();
+    if !dir.spec(&name).is_file() {
+        return Err(Error::NotFound(name));
+    }
+    policy::apply(&dir.policy(&name), &name, &key, envelope, now).map_err(policy_err)
+}
+
+/// Refuses to boot `cfg` for profile `name` unless its policy (if any) is unexpired, allows
+/// this build and the kernel's and initrd's SHA-256.
+pub fn check_start(dir: &StateDir, name: &str, cfg: &VmConfig, now: u64) -> Result<()> {
+    let Some(v) = in_force(dir, name)? else {
+        return Ok(());
+    };
+    check_expiry(&v, name, now)?;
+    let kernel = sha256_file(&cfg.kernel)?;
+    let initrd = cfg.initrd.as_deref().map(sha256_file).transpose()?;
+    v.policy
+        .check_boot(&kernel, initrd.as_deref(), policy::version::this_build())
+        .map_err(|why| Error::Denied(format!("profile {name:?} may not start: {why}")))
+}
+
+/// Refuses to resume profile `name` if its policy has expired or needs a newer build (the
+/// kernel was checked when the guest booted).
+pub fn check_resume(dir: &StateDir, name: &str, now: u64) -> Result<()> {
+    let Some(v) = in_force(dir, name)? else {
+        return Ok(());
+    };
+    check_expiry(&v, name, now)?;
+    let mut unpinned = v.policy.clone();
+    unpinned.boot.kernels.clear();
+    unpinned.boot.initrds.clear();
+    unpinned
+        .check_boot("", None, policy::version::this_build())
+        .map_err(|why| Error::Denied(format!("profile {name:?} may not resume: {why}")))
+}
+
+fn check_expiry(v: &Verified, name: &str, now: u64) -> Result<()> {
+    match v.policy.expires_at {
+        Some(exp) if v.policy.is_expired(now) => Err(Error::Denied(format!(
+            "profile {name:?} may not run: its policy version {} expired at {exp} (unix time); \
+             apply a newer one",
+            v.policy.version
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// The channel lists that govern `spec`'s profile: its policy's, if one is in force, else
+/// the spec's own.
+pub fn effective_channels(dir: &StateDir, spec: &ProfileSpec) -> Result<ChannelPolicy> {
+    Ok(match in_force(dir, &spec.name)? {
+        Some(v) => {
+            let c = v.policy.channels;
+            ChannelPolicy {
+                clipboard_to: c.clipboard_to,
+                files_to: c.files_to,
+                clipboard_from: c.clipboard_from,
+                files_from: c.files_from,
+            }
+        }
+        None => spec.channels.clone(),
+    })
+}
+
+/// The screen rules for profile `name` (everything allowed without a policy).
+pub fn screen(dir: &StateDir, name: &str) -> Result<policy::ScreenPolicy> {
+    Ok(in_force(dir, name)?
+        .map(|v| v.policy.screen)
+        .unwrap_or_default())
+}
+
+/// Lower-case hex SHA-256 of a file's contents.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let what = || format!("cannot read {}", path.display());
+    let mut f = std::fs::File::open(path).map_err(Error::io(what()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(Error::io(what()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use policy::OrgSecretKey;
+
+    const NOW: u64 = 1_764_850_000;
+
+    fn setup() -> (tempfile::TempDir, StateDir, OrgSecretKey) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path()).unwrap();
+        let spec = ProfileSpec::from_template("work", "work", None).unwrap();
+        std::fs::create_dir_all(dir.profile("work")).unwrap();
+        std::fs::write(dir.spec("work"), toml::to_string(&spec).unwrap()).unwrap();
+        let key = OrgSecretKey::generate();
+        assert!(trust(&dir, &key.public(), false).unwrap());
+        (tmp, dir, key)
+    }
+
+    fn signed(key: &OrgSecretKey, version: u64, extra: &str) -> Vec<u8> {
+        let doc = format!("version = {version}\nissued_at = {NOW}\nprofile = \"work\"\n{extra}");
+        policy::sign(doc.as_bytes(), key).unwrap()
+    }
+
+    #[test]
+    fn only_the_trusted_key_is_replaced_and_only_with_replace() {
+        let (_t, dir, key) = setup();
+        assert!(!trust(&dir, &key.public(), false).unwrap());
+        let other = OrgSecretKey::generate().public();
+        let err = trust(&dir, &other, false).unwrap_err();
+        assert!(err.to_string().contains("--replace"), "{err}");
+        assert_eq!(trusted_key(&dir).unwrap(), Some(key.public()));
+        assert!(trust(&dir, &other, true).unwrap());
+        assert_eq!(trusted_key(&dir).unwrap(), Some(other));
+    }
+
+    #[test]
+    fn boot_is_refused_for_a_kernel_the_policy_does_not_allow() {
+        let (t, dir, key) = setup();
+        let kernel = t.path().join("vmlinux");
+        std::fs::write(&kernel, b"kernel one").unwrap();
+        let good = sha256_file(&kernel).unwrap();
+        let mut cfg = VmConfig::new(kernel.clone());
+        // No policy: anything boots.
+        check_start(&dir, "work", &cfg, NOW).unwrap();
+        let env = signed(&key, 1, &format!("[boot]\nkernels = [\"{good}\"]\n"));
+        apply(&dir, &env, NOW).unwrap();
+        check_start(&dir, "work", &cfg, NOW).unwrap();
+        std::fs::write(&kernel, b"kernel two").unwrap();
+        let err = check_start(&dir, "work", &cfg, NOW).unwrap_err();
+        assert_eq!(err.status(), 403);
+        assert!(err.to_string().contains("boot.kernels"), "{err}");
+        cfg.kernel = t.path().join("missing");
+        assert!(check_start(&dir, "work", &cfg, NOW).is_err());
+    }
+
+    #[test]
+    fn an_expired_policy_stops_starts_and_resumes() {
+        let (t, dir, key) = setup();
+        let kernel = t.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let env = signed(&key, 1, &format!("expires_at = {}\n", NOW + 10));
+        apply(&dir, &env, NOW).unwrap();
+        let cfg = VmConfig::new(kernel);
+        check_start(&dir, "work", &cfg, NOW + 9).unwrap();
+        check_resume(&dir, "work", NOW + 9).unwrap();
+        assert!(check_start(&dir, "work", &cfg, NOW + 10).is_err());
+        let err = check_resume(&dir, "work", NOW + 10).unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn the_policy_channels_replace_the_specs() {
+        let (_t, dir, key) = setup();
+        let mut spec = ProfileSpec::from_template("work", "work", None).unwrap();
+        spec.channels.clipboard_to = vec!["personal".into()];
+        assert_eq!(
+            effective_channels(&dir, &spec).unwrap().clipboard_to,
+            vec!["personal".to_string()]
+        );
+        apply(&dir, &signed(&key, 1, "[channels]\nfiles_from = []\n"), NOW).unwrap();
+        let c = effective_channels(&dir, &spec).unwrap();
+        assert!(c.clipboard_to.is_empty());
+        assert_eq!(c.files_from, Some(vec![]));
+        assert!(screen(&dir, "work").unwrap().capture);
+        apply(&dir, &signed(&key, 2, "[screen]\ncapture = false\n"), NOW).unwrap();
+        assert!(!screen(&dir, "work").unwrap().capture);
+    }
+
+    #[test]
+    fn a_policy_for_a_missing_profile_or_without_a_trusted_key_is_refused() {
+        let (_t, dir, key) = setup();
+        let doc = format!("version = 1\nissued_at = {NOW}\nprofile = \"nope\"\n");
+        let env = policy::sign(doc.as_bytes(), &key).unwrap();
+        assert_eq!(apply(&dir, &env, NOW).unwrap_err().status(), 404);
+        std::fs::remove_file(dir.org_key()).unwrap();
+        let err = apply(&dir, &signed(&key, 1, ""), NOW).unwrap_err();
+        assert!(
+            err.to_string().contains("trusts no organisation key"),
+            "{err}"
+        );
+        assert!(!dir.policy("work").exists());
+    }
+}

@@ -1,0 +1,277 @@
+//! Signed IT policies through the `pocketvisor` CLI and the daemon: keys, signing, trust,
+//! applying (refusals change nothing, exit 4), `profile policy`, and a profile whose kernel
+//! the policy does not allow refused at start (403, exit 4) until a policy allows it.
+//! Needs `cargo build -p pocketvisor`; the boot test needs /dev/kvm and the probe guest.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{can_run_vms, pv_bin, Daemon};
+use handset::ProfileSpec;
+
+fn pv(args: &[&str]) -> Output {
+    Command::new(pv_bin()).args(args).output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The exit code and stderr of a command that must fail.
+fn fails(out: &Output) -> (i32, String) {
+    assert!(!out.status.success(), "succeeded: {:?}", out);
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn now() -> u64 {
+    policy::unix_now()
+}
+
+/// Writes a policy document for `work` and signs it with `key` into `<tmp>/<tag>.pvpol`.
+fn signed(tmp: &Path, key: &Path, tag: &str, version: u64, extra: &str) -> PathBuf {
+    let doc = tmp.join(format!("{tag}.toml"));
+    std::fs::write(
+        &doc,
+        format!(
+            "version = {version}\nissued_at = {}\nprofile = \"work\"\n{extra}",
+            now() - 60
+        ),
+    )
+    .unwrap();
+    let out = tmp.join(format!("{tag}.pvpol"));
+    ok(&pv(&[
+        "policy",
+        "sign",
+        "--key",
+        s(key),
+        s(&doc),
+        "-o",
+        s(&out),
+    ]));
+    out
+}
+
+#[test]
+fn cli_signs_verifies_trusts_applies_and_refuses_bad_policies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let state = t.join("state");
+    // A profile on disk, as the daemon creates it (no daemon needed for these commands).
+    std::fs::create_dir_all(state.join("profiles/work")).unwrap();
+    let spec = ProfileSpec::from_template("work", "work", None).unwrap();
+    std::fs::write(
+        state.join("profiles/work/profile.toml"),
+        spec.to_toml().unwrap(),
+    )
+    .unwrap();
+
+    let key = t.join("org.key");
+    let public = ok(&pv(&["policy", "keygen", "-o", s(&key)]));
+    assert!(public.starts_with("pvpol-public-"), "{public}");
+    let pub_file = t.join("org.key.pub");
+    assert_eq!(std::fs::read_to_string(&pub_file).unwrap(), public);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // Never overwritten.
+    assert_eq!(fails(&pv(&["policy", "keygen", "-o", s(&key)])).0, 1);
+
+    let v2 = signed(t, &key, "v2", 2, "[screen]\ncapture = false\n");
+    let out = ok(&pv(&[
+        "policy",
+        "verify",
+        "--org-key",
+        s(&pub_file),
+        s(&v2),
+    ]));
+    assert!(
+        out.contains("valid: version 2 for profile \"work\""),
+        "{out}"
+    );
+    let out = ok(&pv(&["policy", "show", "--org-key", public.trim(), s(&v2)]));
+    assert!(out.contains("capture = false"), "{out}");
+
+    // Nothing is applied before the handset trusts a key.
+    let (code, err) = fails(&pv(&["policy", "apply", "--state-dir", s(&state), s(&v2)]));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("trusts no organisation key"), "{err}");
+    ok(&pv(&[
+        "policy",
+        "trust",
+        "--state-dir",
+        s(&state),
+        s(&pub_file),
+    ]));
+    let other = t.join("other.key");
+    ok(&pv(&["policy", "keygen", "-o", s(&other)]));
+    let (_, err) = fails(&pv(&[
+        "policy",
+        "trust",
+        "--state-dir",
+        s(&state),
+        &format!("{}.pub", s(&other)),
+    ]));
+    assert!(err.contains("--replace"), "{err}");
+
+    let out = ok(&pv(&[
+        "profile",
+        "--state-dir",
+        s(&state),
+        "policy",
+        "work",
+    ]));
+    assert!(out.contains("no IT policy in force"), "{out}");
+    let out = ok(&pv(&["policy", "apply", "--state-dir", s(&state), s(&v2)]));
+    assert!(
+        out.contains("version 2 for profile \"work\": applied"),
+        "{out}"
+    );
+    let in_force = state.join("profiles/work/policy.pvpol");
+    let applied = std::fs::read(&in_force).unwrap();
+    assert_eq!(applied, std::fs::read(&v2).unwrap());
+
+    // Refused, exit 4, the policy in force byte for byte unchanged.
+    let v1 = signed(t, &key, "v1", 1, "");
+    let v3_other_key = signed(t, &other, "v3o", 3, "");
+    let expired = signed(t, &key, "v3e", 3, &format!("expires_at = {}\n", now() - 1));
+    let unsigned = t.join("v3.toml");
+    std::fs::write(
+        &unsigned,
+        "version = 3\nissued_at = 1\nprofile = \"work\"\n",
+    )
+    .unwrap();
+    let v3 = signed(t, &key, "v3", 3, "[screen]\ncapture = false\n");
+    let tampered = t.join("tampered.pvpol");
+    let text = std::fs::read_to_string(&v3).unwrap();
+    std::fs::write(
+        &tampered,
+        text.replace("capture = false", "capture = true "),
+    )
+    .unwrap();
+    for (file, why) in [
+        (&v1, "no rollback"),
+        (&v2, "already in force"),
+        (&v3_other_key, "does not verify"),
+        (&expired, "expired"),
+        (&unsigned, "not a signed policy"),
+        (&tampered, "does not verify"),
+    ] {
+        let out = pv(&["policy", "apply", "--state-dir", s(&state), s(file)]);
+        if why == "already in force" {
+            assert!(ok(&out).contains(why));
+        } else {
+            let (code, err) = fails(&out);
+            assert_eq!(code, 4, "{}: {err}", file.display());
+            assert!(err.contains(why), "{}: {err}", file.display());
+        }
+        assert_eq!(
+            std::fs::read(&in_force).unwrap(),
+            applied,
+            "{}",
+            file.display()
+        );
+    }
+    let (code, _) = fails(&pv(&[
+        "policy",
+        "verify",
+        "--org-key",
+        s(&pub_file),
+        s(&tampered),
+    ]));
+    assert_eq!(code, 4);
+
+    let out = ok(&pv(&[
+        "profile",
+        "--state-dir",
+        s(&state),
+        "--json",
+        "policy",
+        "work",
+    ]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["policy"]["version"], 2);
+    assert_eq!(v["policy"]["screen"]["capture"], false);
+    let (code, _) = fails(&pv(&[
+        "profile",
+        "--state-dir",
+        s(&state),
+        "policy",
+        "nope",
+    ]));
+    assert_eq!(code, 3);
+}
+
+#[test]
+fn a_profile_boots_only_a_kernel_its_policy_allows() {
+    if !can_run_vms("a_profile_boots_only_a_kernel_its_policy_allows") {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let key = k.join("org.key");
+    ok(&pv(&["policy", "keygen", "-o", s(&key)]));
+    let pub_file = k.join("org.key.pub");
+    let d = Daemon::start_with("policy-boot", &["--org-key", s(&pub_file)]);
+    let info: handset::DaemonInfo = d.client().call("GET", "/v1/handset", None::<&()>).unwrap();
+    let Some(probe) = info.probe else {
+        common::loud(
+            "SKIP (probe guest not built): a_profile_boots_only_a_kernel_its_policy_allows",
+        );
+        return;
+    };
+    let probe_sha = handset::org_policy::sha256_file(Path::new(&probe)).unwrap();
+    d.create_probe("work", 64, "");
+    let state = d.dir.to_str().unwrap();
+
+    let other = "0".repeat(64);
+    let v1 = signed(
+        k,
+        &key,
+        "v1",
+        1,
+        &format!("[boot]\nkernels = [\"{other}\"]\n"),
+    );
+    ok(&pv(&["policy", "apply", "--state-dir", state, s(&v1)]));
+    let (code, err) = fails(&d.cli(&["start", "work"]));
+    assert_eq!(code, 4, "{err}");
+    assert!(
+        err.contains("may not start") && err.contains(&probe_sha),
+        "{err}"
+    );
+    assert_eq!(d.show("work").state.as_str(), "stopped");
+    assert!(!d.dir.join("profiles/work/run/api.sock").exists());
+
+    let v2 = signed(
+        k,
+        &key,
+        "v2",
+        2,
+        &format!("[boot]\nkernels = [\"{probe_sha}\"]\nmin_pocketvisor = \"0.0.1\"\n"),
+    );
+    ok(&pv(&["policy", "apply", "--state-dir", state, s(&v2)]));
+    ok(&d.cli(&["start", "work"]));
+    assert_eq!(d.show("work").state.as_str(), "running");
+    ok(&d.cli(&["stop", "work"]));
+
+    // A build older than the policy's minimum does not start either.
+    let v3 = signed(k, &key, "v3", 3, "[boot]\nmin_pocketvisor = \"999.0.0\"\n");
+    ok(&pv(&["policy", "apply", "--state-dir", state, s(&v3)]));
+    let (code, err) = fails(&d.cli(&["start", "work"]));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("requires pocketvisor 999.0.0"), "{err}");
+}
