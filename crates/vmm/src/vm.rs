@@ -67,8 +67,6 @@ pub struct Vm {
     pub(crate) dirty: DirtyLog,
     /// The architecture's platform devices as KVM holds them (aarch64: the vGIC and ITS).
     pub(crate) _platform: arch::Platform,
-    /// The firmware ROM mapped into the VM, when it boots firmware.
-    pub(crate) _firmware: Option<crate::firmware::RomHandle>,
 }
 
 /// KVM and a new VM fd, after checking the configuration against the host. The
@@ -126,15 +124,23 @@ impl Vm {
             ));
         }
         let cfg = &cfg;
+        let mut kernel = open(&cfg.kernel)?;
+        let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
+
         let (kvm, vm) = create_kvm_vm(cfg)?;
         let (platform, mem) = setup_vm_alongside(&vm, || create_memory(&vm, cfg.memory_mib << 20))?;
-        let (boot, firmware) = match &cfg.firmware {
-            Some(path) => {
-                let (rom, boot) = crate::firmware::load(&vm, &mem, path)?;
-                (boot, Some(rom))
-            }
-            None => (load_kernel(cfg, &mem)?, None),
+        let boot_cfg = arch::BootConfig {
+            cmdline: &cfg.cmdline,
+            nr_vcpus: cfg.vcpus,
+            mem_size: cfg.memory_mib << 20,
+            pci: arch::PciInfo {
+                ecam_base: layout::PCI_ECAM_START,
+                ecam_size: layout::PCI_ECAM_SIZE,
+                mmio_base: layout::PCI_MMIO_START,
+                mmio_size: layout::PCI_MMIO_SIZE,
+            },
         };
+        let boot = arch::load_kernel(&mem, &mut kernel, initrd.as_mut(), &boot_cfg)?;
 
         let mut vcpus = Vec::with_capacity(cfg.vcpus.into());
         let mut cpu_models = Vec::with_capacity(cfg.vcpus.into());
@@ -156,7 +162,7 @@ impl Vm {
         platform.vcpus_created()?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(cfg, &vm, &mem, &exit, None)?;
-        let mut built = Vm::assemble(
+        Ok(Vm::assemble(
             cfg.clone(),
             kvm,
             vm,
@@ -164,9 +170,7 @@ impl Vm {
             exit,
             devs,
             (vcpus, cpu_models, platform),
-        );
-        built._firmware = firmware;
-        Ok(built)
+        ))
     }
 
     /// Puts the parts together.
@@ -209,7 +213,6 @@ impl Vm {
             cpu_models,
             dirty,
             _platform: platform,
-            _firmware: None,
         }
     }
 
@@ -442,34 +445,11 @@ impl Vm {
 }
 
 /// Opens a kernel or initrd: a regular file, never waiting on a FIFO or reading a device.
-pub(crate) fn open(path: &Path) -> Result<File, Error> {
+fn open(path: &Path) -> Result<File, Error> {
     devices::regular_file::open_regular(path, false).map_err(|source| Error::File {
         path: path.display().to_string(),
         source,
     })
-}
-
-/// Loads the kernel, initrd and command line of `cfg` into `mem`; returns where vCPU 0 starts.
-fn load_kernel(cfg: &VmConfig, mem: &GuestMem) -> Result<arch::BootSetup, Error> {
-    let mut kernel = open(&cfg.kernel)?;
-    let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
-    let boot_cfg = arch::BootConfig {
-        cmdline: &cfg.cmdline,
-        nr_vcpus: cfg.vcpus,
-        mem_size: cfg.memory_mib << 20,
-        pci: arch::PciInfo {
-            ecam_base: layout::PCI_ECAM_START,
-            ecam_size: layout::PCI_ECAM_SIZE,
-            mmio_base: layout::PCI_MMIO_START,
-            mmio_size: layout::PCI_MMIO_SIZE,
-        },
-    };
-    Ok(arch::load_kernel(
-        mem,
-        &mut kernel,
-        initrd.as_mut(),
-        &boot_cfg,
-    )?)
 }
 
 /// Refuses guests larger than the host's RAM.
@@ -578,18 +558,6 @@ pub(crate) fn build_devices(
         Arc::new(Mutex::new(PciMmioWindow::high(root.clone()))),
     )
     .map_err(bus_err)?;
-
-    if cfg.firmware.is_some() {
-        #[cfg(target_arch = "x86_64")]
-        crate::firmware::add_devices(
-            cfg.memory_mib << 20,
-            cfg.vcpus,
-            &mut pio,
-            &mut mmio,
-            &legacy,
-            &root,
-        )?;
-    }
 
     let vm_hooks: Arc<dyn VmHooks> = hooks.clone();
     let virtio = DeviceManager::build(cfg, mem, &vm_hooks, &root)?;

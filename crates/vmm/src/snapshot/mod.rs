@@ -391,11 +391,6 @@ impl Vm {
             register_memory(&vm, &mem)?;
             Ok(mem)
         })?;
-        let firmware = cfg
-            .firmware
-            .as_deref()
-            .map(|path| crate::firmware::remap(&vm, path))
-            .transpose()?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(&cfg, &vm, &mem, &exit, Some(&snap.serial))?;
         if let Some(platform) = &snap.platform {
@@ -441,7 +436,7 @@ impl Vm {
         }
         arch_platform.vcpus_created()?;
         devs.virtio.renotify();
-        let mut restored = Vm::assemble(
+        Ok(Vm::assemble(
             cfg,
             kvm,
             vm,
@@ -449,9 +444,7 @@ impl Vm {
             exit,
             devs,
             (vcpus, cpu_models, arch_platform),
-        );
-        restored._firmware = firmware;
-        Ok(restored)
+        ))
     }
 }
 
