@@ -5,6 +5,7 @@
 mod stdout;
 
 mod api;
+mod civil_time;
 mod doctor;
 mod failure;
 mod follow;

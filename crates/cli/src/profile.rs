@@ -399,24 +399,11 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// `YYYY-MM-DD HH:MM:SS.mmm` from ms since the epoch (civil-from-days, proleptic Gregorian).
+/// `YYYY-MM-DD HH:MM:SS.mmm` (UTC) from ms since the epoch.
 fn utc(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
     format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{:03}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
+        "{}.{:03}",
+        crate::civil_time::utc_seconds(ms.div_euclid(1000)),
         ms.rem_euclid(1000)
     )
 }

@@ -299,15 +299,7 @@ impl Db {
              ORDER BY id",
             log.table()
         ))?;
-        let rows = stmt.query_map(params![profile, limit], |r| {
-            Ok(Event {
-                id: r.get(0)?,
-                time_ms: r.get(1)?,
-                profile: r.get(2)?,
-                event: r.get(3)?,
-                detail: r.get(4)?,
-            })
-        })?;
+        let rows = stmt.query_map(params![profile, limit], event_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
@@ -325,17 +317,20 @@ impl Db {
              WHERE (?1 IS NULL OR profile = ?1) AND id > ?2 ORDER BY id LIMIT ?3",
             log.table()
         ))?;
-        let rows = stmt.query_map(params![profile, after, limit], |r| {
-            Ok(Event {
-                id: r.get(0)?,
-                time_ms: r.get(1)?,
-                profile: r.get(2)?,
-                event: r.get(3)?,
-                detail: r.get(4)?,
-            })
-        })?;
+        let rows = stmt.query_map(params![profile, after, limit], event_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
+}
+
+/// An `Event` from a row of `SELECT id, time_ms, profile, event, detail`.
+fn event_row(r: &rusqlite::Row) -> rusqlite::Result<Event> {
+    Ok(Event {
+        id: r.get(0)?,
+        time_ms: r.get(1)?,
+        profile: r.get(2)?,
+        event: r.get(3)?,
+        detail: r.get(4)?,
+    })
 }
 
 #[cfg(test)]
