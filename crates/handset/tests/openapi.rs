@@ -132,6 +132,21 @@ fn check(doc: &Value, method: &str, path: &str, a: &Answer) {
     }
 }
 
+/// Sends one request and checks its answer against the document's `route`.
+fn checked_call(
+    doc: &Value,
+    c: &Client,
+    method: &str,
+    url: &str,
+    route: &str,
+    body: Option<Value>,
+) -> Answer {
+    let data = body.map(|b| serde_json::to_vec(&b).unwrap());
+    let a = c.raw(method, url, data.as_deref()).unwrap();
+    check(doc, method, route, &a);
+    a
+}
+
 /// An in-process daemon on a temporary state directory.
 struct InProcess {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -195,11 +210,8 @@ fn answers_match_the_documented_schemas() {
     let doc = doc();
     let d = InProcess::start();
     let c = Client::new(&d.socket);
-    let call = |method: &str, url: &str, route: &str, body: Option<Value>| -> Answer {
-        let data = body.map(|b| serde_json::to_vec(&b).unwrap());
-        let a = c.raw(method, url, data.as_deref()).unwrap();
-        check(&doc, method, route, &a);
-        a
+    let call = |method: &str, url: &str, route: &str, body: Option<Value>| {
+        checked_call(&doc, &c, method, url, route, body)
     };
     call("GET", "/v1/handset", "/v1/handset", None);
     let created = call(
@@ -366,11 +378,8 @@ fn the_server_answers_what_the_document_says() {
     let doc = doc();
     let d = InProcess::start();
     let c = Client::new(&d.socket);
-    let call = |method: &str, url: &str, route: &str, body: Option<Value>| -> Answer {
-        let data = body.map(|b| serde_json::to_vec(&b).unwrap());
-        let a = c.raw(method, url, data.as_deref()).unwrap();
-        check(&doc, method, route, &a);
-        a
+    let call = |method: &str, url: &str, route: &str, body: Option<Value>| {
+        checked_call(&doc, &c, method, url, route, body)
     };
     let assets = d.socket.parent().unwrap().join("assets");
     std::fs::write(assets.join("k.elf"), b"a kernel").unwrap();
