@@ -20,7 +20,6 @@ pub mod legacy;
 mod narrow;
 pub mod pci;
 pub mod ratelimit;
-pub mod regular_file;
 pub mod threads;
 pub mod virtio;
 

@@ -1,7 +1,6 @@
 //! Paths inside the state directory and crash-safe file writes.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -148,20 +147,7 @@ impl StateDir {
 
 /// Replaces `path` with `data`: temp file in the same directory, fsync, rename, fsync dir.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Internal(format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let what = || format!("cannot write {}", path.display());
-    let mut f = File::create(&tmp).map_err(Error::io(what()))?;
-    f.write_all(data).map_err(Error::io(what()))?;
-    f.sync_all().map_err(Error::io(what()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(Error::io(what()))?;
-    sync_dir(dir)
+    hostfs::write_atomic(path, data).map_err(Error::io(format!("cannot write {}", path.display())))
 }
 
 /// Creates `dir` (and its parents) if missing and makes it owner-only (mode 0700): the state
@@ -179,48 +165,26 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 
 /// fsyncs a directory so a rename in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io(format!("cannot sync {}", dir.display())))
+    hostfs::sync_dir(dir).map_err(Error::io(format!("cannot sync {}", dir.display())))
 }
 
-/// Checks that `path` is a regular file (after symlinks) without waiting on it: it is opened
-/// non-blocking (a FIFO or a device does not hold the caller) and `fstat`ed; a FIFO, device,
-/// socket or directory is refused with an error naming `what`.
+/// Checks that `path` is a regular file (after symlinks) without waiting on it (see
+/// [`hostfs::open_regular`]); a missing file, a FIFO, device, socket or directory is refused
+/// with an error naming `what`.
 pub fn check_regular_file(what: &str, path: &Path) -> Result<()> {
-    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let f = File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                Error::BadRequest(format!("{what} {} does not exist", path.display()))
-            }
-            _ => Error::io(format!("cannot open {what} {}", path.display()))(e),
-        })?;
-    let t = f
-        .metadata()
-        .map_err(Error::io(format!("cannot stat {what} {}", path.display())))?
-        .file_type();
-    if t.is_file() {
-        return Ok(());
+    match hostfs::open_regular(path, false) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::BadRequest(format!(
+            "{what} {} does not exist",
+            path.display()
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            Err(Error::BadRequest(format!("{what} {}: {e}", path.display())))
+        }
+        Err(e) => Err(Error::io(format!("cannot open {what} {}", path.display()))(
+            e,
+        )),
     }
-    let kind = if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_char_device() || t.is_block_device() {
-        "a device"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "a special file"
-    };
-    Err(Error::BadRequest(format!(
-        "{what} {} is {kind}, not a regular file",
-        path.display()
-    )))
 }
 
 /// Creates a sparse file of `size_mib` MiB (refuses to replace an existing one).

@@ -8,7 +8,7 @@
 //! policy, or a crash at any point, leaves the old policy in force.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -136,32 +136,6 @@ fn lock(path: &Path) -> Result<File> {
 /// Writes `data` to a temporary file next to `path`, fsyncs it, renames it over `path` and
 /// fsyncs the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let what = || format!("cannot write {}", path.display());
-    // A bare file name is in the current directory (whose parent() is "").
-    let dir = match path.parent() {
-        Some(d) if d.as_os_str().is_empty() => Path::new("."),
-        Some(d) => d,
-        None => {
-            return Err(PolicyError::Document(format!(
-                "{} has no directory",
-                path.display()
-            )))
-        }
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| PolicyError::Document(format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(PolicyError::io(what()))
+    hostfs::write_atomic(path, data)
+        .map_err(PolicyError::io(format!("cannot write {}", path.display())))
 }

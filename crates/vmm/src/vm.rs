@@ -446,7 +446,7 @@ impl Vm {
 
 /// Opens a kernel or initrd: a regular file, never waiting on a FIFO or reading a device.
 fn open(path: &Path) -> Result<File, Error> {
-    devices::regular_file::open_regular(path, false).map_err(|source| Error::File {
+    hostfs::open_regular(path, false).map_err(|source| Error::File {
         path: path.display().to_string(),
         source,
     })

@@ -92,7 +92,7 @@ impl Block {
             source,
         };
         // A FIFO would block here, /dev/zero would pass for an empty disk: regular files only.
-        let file = crate::regular_file::open_regular(path, !read_only).map_err(open_err)?;
+        let file = hostfs::open_regular(path, !read_only).map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         let size = meta.len();
         if !size.is_multiple_of(SECTOR_SIZE) {

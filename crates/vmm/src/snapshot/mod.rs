@@ -138,9 +138,7 @@ fn write_atomic(
 }
 
 fn sync_dir(dir: &Path) -> Result<(), Error> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("cannot sync directory", dir))
+    hostfs::sync_dir(dir).map_err(io_err("cannot sync directory", dir))
 }
 
 /// Where a snapshot goes.
