@@ -21,21 +21,10 @@ impl Drop for SocketGuard {
 
 /// Listens on `path` (a stale socket there is replaced) and serves requests on a thread.
 pub fn serve(path: &Path, controller: Arc<Controller>) -> Result<SocketGuard> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            bail!("{} exists and is not a socket", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
-    }
+    remove_stale_socket(path)?;
     let listener =
         UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
-    // Only the owner may control the VM.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("cannot restrict {}", path.display()))?;
-    }
+    owner_only(path)?;
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -65,6 +54,25 @@ pub fn serve(path: &Path, controller: Arc<Controller>) -> Result<SocketGuard> {
         })
         .context("cannot start the API thread")?;
     Ok(SocketGuard(path.to_path_buf()))
+}
+
+/// Removes a stale socket at `path`; refuses to remove anything else.
+pub fn remove_stale_socket(path: &Path) -> Result<()> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            bail!("{} exists and is not a socket", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Only the owner may connect to the socket at `path`.
+pub fn owner_only(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {}", path.display()))
 }
 
 fn serve_conn(stream: UnixStream, controller: &Controller) -> std::io::Result<()> {

@@ -17,6 +17,7 @@ mod run;
 mod screenshot;
 mod snapshot;
 mod vmm_cmd;
+mod vnc;
 
 use clap::{Parser, Subcommand};
 

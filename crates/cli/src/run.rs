@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// each) on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve the display over VNC (RFB 3.8, no authentication) on a loopback HOST:PORT
+    /// (port 0 picks a free one; the address is printed) or on unix:PATH; needs --gpu.
+    /// Keys go to the keyboard and the left button to the touch screen (with --input).
+    #[arg(long, value_name = "HOST:PORT|unix:PATH", value_parser = crate::vnc::parse_vnc)]
+    vnc: Option<crate::vnc::VncAddr>,
 }
 
 /// The eventfd the signal handler writes to stop the VM, and the signal that came.
@@ -94,8 +99,10 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
 /// Runs the guest; returns the process exit status.
 pub fn main(args: RunArgs) -> Result<i32> {
     let api_socket = args.api_socket.clone();
+    let vnc = args.vnc.clone();
     let cfg = build_config(args)?;
     let vm = Vm::new(&cfg)?;
+    let _vnc = vnc.map(|a| crate::vnc::start(&vm, &a)).transpose()?;
     run_vm(vm, api_socket.as_deref())
 }
 

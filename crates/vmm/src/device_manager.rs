@@ -172,6 +172,17 @@ pub enum DeviceRequestError {
     },
 }
 
+/// The host's typed handles on the VM's display and input devices.
+#[derive(Clone)]
+pub struct ScreenHandles {
+    /// The gpu's scanout.
+    pub display: devices::virtio::gpu::Display,
+    /// The keyboard, if the VM has input devices.
+    pub keyboard: Option<devices::virtio::input::InputHandle>,
+    /// The touch screen, if the VM has input devices.
+    pub touch: Option<devices::virtio::input::InputHandle>,
+}
+
 struct Managed {
     id: String,
     pci: Arc<Mutex<VirtioPciDevice>>,
@@ -215,6 +226,21 @@ impl DeviceManager {
             }
         }
         Ok(DeviceManager { devices })
+    }
+
+    /// The display and input handles, if the VM has a gpu.
+    pub fn screen(&self) -> Option<ScreenHandles> {
+        Some(ScreenHandles {
+            display: self.typed_handle("gpu")?,
+            keyboard: self.typed_handle("keyboard"),
+            touch: self.typed_handle("touch"),
+        })
+    }
+
+    /// Device `id`'s control handle as its own type.
+    fn typed_handle<T: Clone + 'static>(&self, id: &str) -> Option<T> {
+        let d = self.devices.iter().find(|d| d.id == id)?;
+        d.control.as_ref()?.as_any()?.downcast_ref::<T>().cloned()
     }
 
     /// The device ids, in PCI order.

@@ -221,6 +221,12 @@ impl Vm {
         &self.cfg
     }
 
+    /// The host's handles on the VM's screen and input devices (for a VNC server), if it
+    /// has a gpu.
+    pub fn screen(&self) -> Option<crate::device_manager::ScreenHandles> {
+        self.devices.screen()
+    }
+
     /// Guest RAM (a clone sharing the same memory and dirty bitmaps).
     pub fn guest_memory(&self) -> GuestMem {
         self.mem.clone()

@@ -24,6 +24,13 @@ pub enum ControlError {
 pub trait DeviceControl: Send + Sync {
     /// Carries out `request` and returns the device's answer.
     fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError>;
+
+    /// The handle itself, for a host part that needs its typed API (a VNC server takes the
+    /// gpu's [`Display`](super::gpu::Display) and the input devices'
+    /// [`InputHandle`](super::input::InputHandle)); None for handles that offer none.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// Decodes `request` as the device's own request type `T`.

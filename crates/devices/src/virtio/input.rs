@@ -207,6 +207,10 @@ enum InputRequest {
 }
 
 impl DeviceControl for InputHandle {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
         let sent = match parse_request::<InputRequest>(request)? {
             InputRequest::Key { code, down } => self.key(code, down),

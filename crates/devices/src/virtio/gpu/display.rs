@@ -3,7 +3,7 @@
 //! screen (a screenshot, a VNC server); waiting for a flush blocks on a condition variable,
 //! so an idle guest costs nothing.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::protocol::Rect;
@@ -15,12 +15,43 @@ pub(crate) struct Shared {
     pub state: Mutex<GpuState>,
     /// Notified after every flush that reached the scanout.
     pub flushed: Condvar,
+    /// Viewers woken after every flush that reached the scanout.
+    pub watchers: Mutex<Vec<Weak<dyn FlushWatcher>>>,
 }
 
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, GpuState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Wakes every live watcher and forgets the dropped ones.
+    pub fn wake_watchers(&self) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|w| match w.upgrade() {
+            Some(w) => {
+                w.flushed();
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+/// Something woken (on the device worker's thread) after each flush that reached the
+/// scanout; it must only note the fact and return (a VNC client's writer waits on it).
+pub trait FlushWatcher: Send + Sync {
+    /// A flush reached the scanout.
+    fn flushed(&self);
+}
+
+/// What changed on the scanout since a viewer's [`Damage::position`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damage {
+    /// Where the viewer is now: pass it to the next [`Display::damage_since`].
+    pub position: (u64, u64),
+    /// The flushed areas (scanout coordinates) since the given position; None when the
+    /// viewer is too far behind or the device was reset or restored: it redraws everything.
+    pub rects: Option<Vec<Rect>>,
 }
 
 /// A copy of what the scanout shows.
@@ -84,6 +115,75 @@ impl Display {
         })
     }
 
+    /// The pixels of `rect` (scanout coordinates) as red, green, blue triples row by row,
+    /// with the scanout's size; None while the guest shows nothing or if `rect` leaves it.
+    pub fn read_rect(&self, rect: Rect) -> Option<(Vec<u8>, u32, u32)> {
+        let st = self.shared.lock();
+        let sc = st.scanout?;
+        if !rect.fits_in(sc.rect.width, sc.rect.height) {
+            return None;
+        }
+        let res = st.resources.get(&sc.resource_id)?;
+        let offs = format::rgb_offsets(res.format)?;
+        let bpp = BYTES_PER_PIXEL as usize;
+        let stride = res.width as usize * bpp;
+        let (w, h) = (rect.width as usize, rect.height as usize);
+        let (x0, y0) = (
+            sc.rect.x as usize + rect.x as usize,
+            sc.rect.y as usize + rect.y as usize,
+        );
+        let mut rgb = Vec::with_capacity(w * h * 3);
+        for row in 0..h {
+            let start = (y0 + row) * stride + x0 * bpp;
+            let line = res.pixels.get(start..start + w * bpp)?;
+            for px in line.chunks_exact(bpp) {
+                rgb.extend(offs.iter().map(|&o| px.get(o).copied().unwrap_or(0)));
+            }
+        }
+        Some((rgb, sc.rect.width, sc.rect.height))
+    }
+
+    /// The scanout's size, or None while the guest shows nothing.
+    pub fn scanout_size(&self) -> Option<(u32, u32)> {
+        self.shared
+            .lock()
+            .scanout
+            .map(|s| (s.rect.width, s.rect.height))
+    }
+
+    /// The areas flushed since `position` (from an earlier answer; `(0, 0)` at first, which
+    /// is answered with a full redraw unless nothing was ever flushed).
+    pub fn damage_since(&self, position: (u64, u64)) -> Damage {
+        let st = self.shared.lock();
+        let now = (st.generation, st.flushes);
+        let (generation, seen) = position;
+        let oldest = st.damage_log.front().map_or(st.flushes, |(n, _)| n - 1);
+        let rects = if generation != st.generation || seen > st.flushes || seen < oldest {
+            None
+        } else {
+            Some(
+                st.damage_log
+                    .iter()
+                    .filter(|(n, _)| *n > seen)
+                    .map(|(_, r)| *r)
+                    .collect(),
+            )
+        };
+        Damage {
+            position: now,
+            rects,
+        }
+    }
+
+    /// Wakes `watcher` after every flush that reaches the scanout, until it is dropped.
+    pub fn watch(&self, watcher: Weak<dyn FlushWatcher>) {
+        self.shared
+            .watchers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(watcher);
+    }
+
     /// Takes the areas flushed since the last call (scanout coordinates).
     pub fn take_damage(&self) -> Vec<Rect> {
         std::mem::take(&mut self.shared.lock().damage)
@@ -138,6 +238,10 @@ enum GpuRequest {
 }
 
 impl DeviceControl for Display {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
     fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
         match parse_request::<GpuRequest>(request)? {
             GpuRequest::Info => {

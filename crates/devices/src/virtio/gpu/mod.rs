@@ -22,7 +22,7 @@ use super::{device_type, ActivateError, Activation, DeviceCounters, Interrupt, S
 use super::{VirtioBase, VirtioDevice};
 use crate::GuestMem;
 use display::Shared;
-pub use display::{Display, Frame};
+pub use display::{Damage, Display, FlushWatcher, Frame};
 use protocol::{decode, encode_response, resp, HDR_LEN, MAX_REQUEST_LEN};
 use state::{GpuState, Reply};
 
@@ -95,6 +95,7 @@ impl Gpu {
             shared: Arc::new(Shared {
                 state: Mutex::new(GpuState::new(config)),
                 flushed: Condvar::new(),
+                watchers: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -163,7 +164,9 @@ impl VirtioDevice for Gpu {
 
     fn restore_state(&mut self, bytes: &[u8]) -> Result<(), StateError> {
         let mut st = self.shared.lock();
+        let generation = st.generation.wrapping_add(1);
         *st = snapshot::decode(bytes, st.config)?;
+        st.generation = generation;
         Ok(())
     }
 }
@@ -233,6 +236,7 @@ impl DeviceWorker for GpuWorker {
         });
         if shared.lock().flushes != flushes_before {
             shared.flushed.notify_all();
+            shared.wake_watchers();
         }
     }
 }

@@ -3,7 +3,7 @@
 //! the guest flushed, with every command checked against the device's limits before it
 //! changes anything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
@@ -18,6 +18,8 @@ pub const BYTES_PER_PIXEL: u32 = 4;
 pub const MAX_DIMENSION: u32 = 16384;
 /// Damage rectangles kept before they are merged into their bounding box.
 const MAX_DAMAGE_RECTS: usize = 64;
+/// Flushed areas kept for viewers; one further behind sees the whole frame again.
+const MAX_DAMAGE_LOG: usize = 256;
 
 /// Pixel formats (`virtio_gpu_formats`), all 32 bits per pixel.
 pub mod format {
@@ -94,6 +96,12 @@ pub(crate) struct GpuState {
     pub damage: Vec<Rect>,
     /// Flushes that reached the scanout so far.
     pub flushes: u64,
+    /// The last flushed areas with the flush count each made, oldest first, for viewers that
+    /// each keep their own place ([`super::Display::damage_since`]).
+    pub damage_log: VecDeque<(u64, Rect)>,
+    /// Bumped by every reset and restore, so a viewer's flush count from before one is
+    /// never taken for a count of the new state.
+    pub generation: u64,
 }
 
 /// A successful command's answer.
@@ -118,12 +126,16 @@ impl GpuState {
             cursor: Cursor::default(),
             damage: Vec::new(),
             flushes: 0,
+            damage_log: VecDeque::new(),
+            generation: 0,
         }
     }
 
     /// Forgets every resource, the scanout and the cursor (device reset).
     pub fn clear(&mut self) {
+        let generation = self.generation.wrapping_add(1);
         *self = GpuState::new(self.config);
+        self.generation = generation;
     }
 
     /// Carries out `cmd`, reading backing from `mem`. An error changes nothing.
@@ -363,6 +375,10 @@ impl GpuState {
 
     fn add_damage(&mut self, rect: Rect) {
         self.flushes += 1;
+        if self.damage_log.len() >= MAX_DAMAGE_LOG {
+            self.damage_log.pop_front();
+        }
+        self.damage_log.push_back((self.flushes, rect));
         if self.damage.len() >= MAX_DAMAGE_RECTS {
             let all = self.damage.iter().fold(rect, |acc, r| acc.union(r));
             self.damage = vec![all];

@@ -531,3 +531,81 @@ fn reset_forgets_resources_and_snapshots_carry_them() {
     assert!(d.gpu.display().frame().is_none());
     assert_eq!(d.gpu.save_state(), empty);
 }
+
+/// Counts the flushes it was woken for.
+struct CountingWatcher(std::sync::atomic::AtomicU32);
+
+impl super::FlushWatcher for CountingWatcher {
+    fn flushed(&self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn each_viewer_gets_the_damage_since_its_own_last_look_and_is_woken_by_flushes() {
+    let mut d = Driver::new(GpuConfig::default());
+    let display = d.gpu.display();
+    let watcher = std::sync::Arc::new(CountingWatcher(Default::default()));
+    let weak: std::sync::Arc<dyn super::FlushWatcher> = watcher.clone();
+    display.watch(std::sync::Arc::downgrade(&weak));
+    // Before anything was flushed a viewer at the start sees nothing to do.
+    let start = display.damage_since((0, 0));
+    assert_eq!(start.rects, Some(vec![]));
+    set_up_scanout(&mut d);
+    put_pixel(&d.mem, 2, 3, (1, 2, 3));
+    assert_eq!(d.send(&transfer([0, 0, W, H], 0, 1)), resp::OK_NODATA);
+    let rect = |x, y, width, height| protocol::Rect {
+        x,
+        y,
+        width,
+        height,
+    };
+    let flush = |d: &mut Driver, r: [u32; 4]| {
+        let f = req(cmd::RESOURCE_FLUSH, &[r[0], r[1], r[2], r[3], 1, 0]);
+        assert_eq!(d.send(&f), resp::OK_NODATA);
+    };
+    // SET_SCANOUT shows the whole resource.
+    let start = display.damage_since(start.position);
+    assert_eq!(start.rects, Some(vec![rect(0, 0, W, H)]));
+    flush(&mut d, [0, 0, 4, 4]);
+    let a = display.damage_since(start.position);
+    assert_eq!(a.rects, Some(vec![rect(0, 0, 4, 4)]));
+    flush(&mut d, [8, 8, 2, 2]);
+    // Viewer A sees only the second flush; viewer B, still at the start, sees both.
+    assert_eq!(
+        display.damage_since(a.position).rects,
+        Some(vec![rect(8, 8, 2, 2)])
+    );
+    assert_eq!(
+        display.damage_since(start.position).rects,
+        Some(vec![rect(0, 0, 4, 4), rect(8, 8, 2, 2)])
+    );
+    assert!(wait_until(|| watcher
+        .0
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 3));
+    // A viewer that never looked, or looked before a reset, redraws everything.
+    assert_eq!(display.damage_since((u64::MAX, 0)).rects, None);
+    let before_reset = display.damage_since(start.position).position;
+    // The device's own reset step (the test's worker keeps running).
+    d.gpu.on_reset();
+    set_up_scanout(&mut d);
+    assert_eq!(d.send(&transfer([0, 0, W, H], 0, 1)), resp::OK_NODATA);
+    flush(&mut d, [0, 0, 1, 1]);
+    flush(&mut d, [0, 0, 1, 1]);
+    assert_eq!(display.damage_since(before_reset).rects, None);
+    // One far behind (more flushes than the log keeps) redraws everything too.
+    let behind = display.damage_since((before_reset.0 + 1, 0)).position;
+    for _ in 0..300 {
+        flush(&mut d, [1, 1, 1, 1]);
+    }
+    assert_eq!(display.damage_since(behind).rects, None);
+    // Pixels of a part of the scanout, and refusal of a part outside it.
+    let (rgb, w, h) = display.read_rect(rect(2, 3, 2, 1)).unwrap();
+    assert_eq!((w, h), (W, H));
+    assert_eq!(rgb, [1, 2, 3, 0, 0, 0]);
+    assert!(display.read_rect(rect(W - 1, 0, 2, 1)).is_none());
+    drop(weak);
+    drop(watcher);
+    flush(&mut d, [0, 0, 1, 1]);
+}

@@ -1,0 +1,14 @@
+//! An RFB 3.8 (VNC) server for one VM's screen: the virtio-gpu scanout goes out as Raw
+//! rectangles of the areas the guest flushed (DesktopSize when the scanout's size changes),
+//! and the client's keys and pointer come back as virtio-input events (a key on the
+//! keyboard, the left button as one finger on the touch screen).
+//!
+//! [`proto`] is the wire format (the client-message parser is fuzzed, `fuzz/`), [`keysym`]
+//! maps X keysyms to Linux key codes, and [`server`] runs the sessions. Security type None
+//! only: the server listens on loopback or on a unix socket only its owner reaches.
+
+pub mod keysym;
+pub mod proto;
+pub mod server;
+
+pub use server::{serve, Listener, Screen};
