@@ -9,6 +9,7 @@ mod civil_time;
 mod doctor;
 mod failure;
 mod follow;
+mod guest_data;
 mod handset;
 mod policy;
 mod portable;

@@ -42,7 +42,8 @@ memory_mib, vcpus, disks = [{name, size_mib, read_only}], net (TAP name), displa
 height}, restart (never|on-failure|always), background (run|pause: paused in memory while
 another profile is in the foreground; \"suspend\" is its old name), cpu = {foreground,
 background}, memory_max_mib, channels = {clipboard_to, files_to, clipboard_from, files_from}
-(cross-profile sending and accepting; see `profile clipboard copy --help`), balloon (default true),
+(cross-profile sending and accepting, the peer \"host\" being the host; see `profile clipboard
+copy --help` and `profile clipboard set --help`), balloon (default true),
 mergeable (KSM, default false), on_shutdown (stop|suspend: what a clean daemon stop does with
 the running guest; default stop, suspend for the templates), autostart (start or resume it when
 the daemon starts; default false).")]
@@ -203,10 +204,17 @@ reads DIR directly: the daemon need not run.")]
         /// Profile name.
         name: String,
     },
-    /// Cross-profile clipboard (through the guests' agents, if the policy allows).
+    /// A profile's clipboard: set it, read it, copy it to another profile (through the
+    /// guests' agents, if the channel rules allow).
     Clipboard {
         #[command(subcommand)]
         cmd: ClipboardCmd,
+    },
+    /// Push a file from the host into a profile's agent inbox, or pull one out (like
+    /// `lxc file push/pull`; if the channel rules allow).
+    File {
+        #[command(subcommand)]
+        cmd: FileCmd,
     },
     /// Send a file from one profile's agent inbox to another's (if the policy allows).
     #[command(after_help = "\
@@ -237,6 +245,65 @@ lists FROM (templates: personal -> work only). Every attempt is in `pocketvisor 
         /// Target profile.
         #[arg(long)]
         to: String,
+    },
+    /// Put TEXT (or a file's content) on a profile's clipboard.
+    #[command(after_help = HOST_RULES)]
+    Set {
+        /// Profile name.
+        name: String,
+        /// The text.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Take the content from FILE (- for standard input) instead.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// MIME type (default text/plain).
+        #[arg(long)]
+        mime: Option<String>,
+    },
+    /// Print a profile's clipboard on standard output (--json: with its MIME type, size and
+    /// SHA-256, the data in base64).
+    #[command(after_help = HOST_RULES)]
+    Get {
+        /// Profile name.
+        name: String,
+    },
+}
+
+/// How the channel rules apply to the host (the `--help` of the host's own transfers).
+const HOST_RULES: &str = "\
+The host is the peer `host` in the profile's channel rules (its spec's, or its IT policy's):
+data leaves the profile (get, pull) only if its channels.clipboard_to / files_to lists \"host\";
+data enters it (set, push) unless its channels.clipboard_from / files_from is set without
+\"host\". Templates: personal gives to and takes from the host, work only takes. A refusal
+exits 4; every attempt is in `pocketvisor profile audit`. The profile must be running (a
+background-paused one is resumed for the call) with its agent answering on vsock.";
+
+#[derive(Subcommand, Debug)]
+enum FileCmd {
+    /// Copy the host file LOCAL into the profile's agent inbox as REMOTE.
+    #[command(after_help = HOST_RULES)]
+    Push {
+        /// Profile name.
+        name: String,
+        /// The file on the host (- for standard input, then REMOTE is needed).
+        local: PathBuf,
+        /// Its name in the inbox (default: LOCAL's file name); 1-128 of A-Z a-z 0-9 . _ -.
+        remote: Option<String>,
+    },
+    /// Copy the inbox file REMOTE out of the profile to LOCAL on the host.
+    #[command(after_help = HOST_RULES)]
+    Pull {
+        /// Profile name.
+        name: String,
+        /// The file's name in the inbox.
+        remote: String,
+        /// Where it goes (default ./REMOTE; a directory: DIR/REMOTE). Written through a
+        /// temporary file beside it and renamed: a symlink there is replaced, not followed.
+        local: Option<PathBuf>,
+        /// Replace LOCAL if it exists.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -629,6 +696,35 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             let t = c.call("POST", "/v1/channels/clipboard", Some(&req))?;
             transfer(&t, json)?;
         }
+        ProfileCmd::Clipboard {
+            cmd:
+                ClipboardCmd::Set {
+                    name,
+                    text,
+                    file,
+                    mime,
+                },
+        } => crate::guest_data::clipboard_set(&c, json, &name, text, file, mime)?,
+        ProfileCmd::Clipboard {
+            cmd: ClipboardCmd::Get { name },
+        } => crate::guest_data::clipboard_get(&c, json, &name)?,
+        ProfileCmd::File {
+            cmd:
+                FileCmd::Push {
+                    name,
+                    local,
+                    remote,
+                },
+        } => crate::guest_data::push(&c, json, &name, &local, remote)?,
+        ProfileCmd::File {
+            cmd:
+                FileCmd::Pull {
+                    name,
+                    remote,
+                    local,
+                    force,
+                },
+        } => crate::guest_data::pull(&c, json, &name, &remote, local, force)?,
         ProfileCmd::SendFile { from, to, name } => {
             let req = handset::channels::FileRequest { from, to, name };
             let t = c.call("POST", "/v1/channels/file", Some(&req))?;

@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post, MethodRouter};
+use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use axum::{Json, Router};
 
 use crate::api_types::{
@@ -61,6 +62,14 @@ pub enum Op {
     ChannelClipboard,
     /// Send a file between profiles.
     ChannelFile,
+    /// Put data on a profile's clipboard.
+    ClipboardSet,
+    /// Read a profile's clipboard.
+    ClipboardGet,
+    /// Put a file in a profile's agent inbox.
+    FilePush,
+    /// Read a file from a profile's agent inbox.
+    FilePull,
 }
 
 /// One route.
@@ -98,6 +107,10 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/audit", Op::Audit),
     r("POST", "/v1/channels/clipboard", Op::ChannelClipboard),
     r("POST", "/v1/channels/file", Op::ChannelFile),
+    r("PUT", "/v1/profiles/{name}/clipboard", Op::ClipboardSet),
+    r("GET", "/v1/profiles/{name}/clipboard", Op::ClipboardGet),
+    r("PUT", "/v1/profiles/{name}/files/{file}", Op::FilePush),
+    r("GET", "/v1/profiles/{name}/files/{file}", Op::FilePull),
 ];
 
 type Hs = Arc<Handset>;
@@ -344,6 +357,11 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Audit => get(audit),
         Op::ChannelClipboard => post(crate::channels::clipboard),
         Op::ChannelFile => post(crate::channels::file),
+        Op::ClipboardSet => put(crate::host_channels::clipboard_set),
+        Op::ClipboardGet => get(crate::host_channels::clipboard_get),
+        Op::FilePush => put(crate::host_channels::file_push)
+            .layer(DefaultBodyLimit::max(crate::host_channels::PUSH_BODY_MAX)),
+        Op::FilePull => get(crate::host_channels::file_pull),
     }
 }
 

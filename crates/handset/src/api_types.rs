@@ -84,6 +84,17 @@ pub struct CreateProfile {
 impl CreateProfile {
     /// The spec this request describes, validated.
     pub fn into_spec(self) -> Result<ProfileSpec> {
+        let spec = self.described_spec()?;
+        if spec.name == crate::channels::HOST {
+            return Err(Error::BadRequest(format!(
+                "profile name {:?} is reserved: it stands for the host in channel rules",
+                crate::channels::HOST
+            )));
+        }
+        Ok(spec)
+    }
+
+    fn described_spec(self) -> Result<ProfileSpec> {
         match (self.template, self.spec) {
             (Some(t), None) => {
                 let name = self.name.ok_or_else(|| {

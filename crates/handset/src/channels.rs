@@ -94,7 +94,7 @@ impl Kind {
         }
     }
 
-    fn limit(self) -> usize {
+    pub(crate) fn limit(self) -> usize {
         match self {
             Kind::Clipboard => MAX_CLIPBOARD,
             Kind::File => MAX_FILE,
@@ -234,6 +234,52 @@ pub fn decide(kind: Kind, from: &ProfileSpec, to: &ProfileSpec) -> Result<(), St
     Ok(())
 }
 
+/// The peer name that stands for the host itself (the device's user, through the CLI or API)
+/// in channel rules; no profile may be called this.
+pub const HOST: &str = "host";
+
+/// Which way data moves between the host and a profile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostDirection {
+    /// From the host into the profile (clipboard set, file push).
+    ToProfile,
+    /// From the profile out to the host (clipboard get, file pull).
+    FromProfile,
+}
+
+/// The policy decision for `kind` between the host and the profile `spec` (with its
+/// effective channels): out of the profile only if its `clipboard_to` / `files_to` lists
+/// [`HOST`]; into it unless its `clipboard_from` / `files_from` is present without [`HOST`].
+/// `Err(reason)` when denied.
+pub fn decide_host(kind: Kind, way: HostDirection, spec: &ProfileSpec) -> Result<(), String> {
+    let c = &spec.channels;
+    let (send, accept, send_key, accept_key) = match kind {
+        Kind::Clipboard => (
+            &c.clipboard_to,
+            &c.clipboard_from,
+            "clipboard_to",
+            "clipboard_from",
+        ),
+        Kind::File => (&c.files_to, &c.files_from, "files_to", "files_from"),
+    };
+    let name = &spec.name;
+    match way {
+        HostDirection::FromProfile if !send.iter().any(|p| p == HOST) => Err(format!(
+            "{name}'s channels.{send_key} does not include {HOST}"
+        )),
+        HostDirection::ToProfile
+            if accept
+                .as_ref()
+                .is_some_and(|l| !l.iter().any(|p| p == HOST)) =>
+        {
+            Err(format!(
+                "{name}'s channels.{accept_key} does not include {HOST}"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -241,7 +287,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 /// What an agent said about itself (`health`), with the daemon's bounds applied.
 #[derive(Debug, Clone, Copy)]
-struct AgentInfo {
+pub(crate) struct AgentInfo {
     /// Bytes per second its calls are given.
     rate: usize,
     max_clipboard: usize,
@@ -256,7 +302,7 @@ impl AgentInfo {
         max_file: 0,
     };
 
-    fn max(&self, kind: Kind) -> usize {
+    pub(crate) fn max(&self, kind: Kind) -> usize {
         match kind {
             Kind::Clipboard => self.max_clipboard,
             Kind::File => self.max_file,
@@ -265,7 +311,7 @@ impl AgentInfo {
 }
 
 /// Asks `profile`'s agent for its kind and limits.
-async fn agent_info(profile: &str, vsock: &Path) -> Result<AgentInfo, ChannelError> {
+pub(crate) async fn agent_info(profile: &str, vsock: &Path) -> Result<AgentInfo, ChannelError> {
     let req = Request::new(Op::Health);
     let a = agent_call(profile, vsock, &req, 4096, AgentInfo::UNKNOWN).await?;
     let probe = a.agent.as_deref() == Some("probe");
@@ -301,7 +347,7 @@ pub(crate) async fn health(
 /// returns its answer. `max_line` bounds the answer line (a longer one is
 /// [`ChannelError::TooLarge`]); the call may take [`CALL_TIMEOUT`] plus a second per
 /// `info.rate` bytes of request and of `max_line`.
-async fn agent_call(
+pub(crate) async fn agent_call(
     profile: &str,
     vsock: &Path,
     request: &Request<'_>,
@@ -546,7 +592,7 @@ async fn audited_transfer(
     r
 }
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ChannelError> {
+pub(crate) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ChannelError> {
     b.map(|Json(v)| v)
         .map_err(|e| ChannelError::BadRequest(e.body_text()))
 }

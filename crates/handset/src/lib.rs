@@ -76,6 +76,7 @@ pub mod error;
 pub mod event_stream;
 pub mod exports;
 pub mod fault;
+pub mod host_channels;
 pub mod leftovers;
 pub mod moved;
 pub mod org_policy;

@@ -246,11 +246,11 @@ impl ProfileSpec {
     /// running its agent (and counting) unless `kernel` is given.
     pub fn from_template(template: &str, name: &str, kernel: Option<&str>) -> Result<Self, Error> {
         let (channels, background) = match template {
-            // Defaults: personal -> work allowed, work -> personal denied.
+            // Defaults: personal -> work and host allowed, work -> anywhere denied.
             "personal" => (
                 ChannelPolicy {
-                    clipboard_to: vec!["work".into()],
-                    files_to: vec!["work".into()],
+                    clipboard_to: vec!["work".into(), crate::channels::HOST.into()],
+                    files_to: vec!["work".into(), crate::channels::HOST.into()],
                     ..ChannelPolicy::default()
                 },
                 BackgroundMode::Run,
@@ -539,7 +539,7 @@ mod tests {
         assert_eq!(w.kernel, PROBE_KERNEL);
         assert!(w.channels.clipboard_to.is_empty());
         let p = ProfileSpec::from_template("personal", "p1", None).unwrap();
-        assert_eq!(p.channels.clipboard_to, vec!["work".to_string()]);
+        assert_eq!(p.channels.clipboard_to, vec!["work", "host"]);
         let back = ProfileSpec::from_toml(&p.to_toml().unwrap()).unwrap();
         assert_eq!(back, p);
         assert_eq!(back.memory_max(), 128 + 128);

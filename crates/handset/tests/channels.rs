@@ -516,3 +516,144 @@ fn the_readme_clipboard_copy_works_with_the_templates() {
         "{said}"
     );
 }
+
+/// The host's own channels with the templates: `profile clipboard set|get` and `profile file
+/// push|pull` go through the agents under the profiles' rules for the peer `host` (personal
+/// gives and takes, work only takes: reading it exits 4), each attempt audited, and a pull
+/// writes exactly its LOCAL file.
+#[test]
+fn the_host_sets_and_reads_clipboards_and_moves_files() {
+    if !can_run_vms("the_host_sets_and_reads_clipboards_and_moves_files") {
+        return;
+    }
+    let d = Daemon::start("host-data");
+    for t in ["work", "personal"] {
+        let out = d.cli(&["create", t, "--template", t]);
+        assert!(out.status.success(), "{out:?}");
+        let out = d.cli(&["start", t]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    for p in ["personal", "work"] {
+        assert!(
+            wait_until(Duration::from_secs(60), || d
+                .serial(p)
+                .contains("PROBE agent listening")),
+            "{p}: {}",
+            d.serial(p)
+        );
+    }
+    let ok = |out: &std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{} {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let refused = |out: &std::process::Output| {
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(4), "{stderr}");
+        assert!(stderr.contains("denied by policy"), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        stderr
+    };
+
+    // Clipboard: set and read back personal's; work takes from the host but gives nothing.
+    let said = ok(&d.cli(&["clipboard", "set", "personal", "hello from the host"]));
+    assert!(said.contains("19 bytes from host to personal"), "{said}");
+    assert_eq!(clipboard(&d, "personal"), b"hello from the host");
+    let got = ok(&d.cli(&["clipboard", "get", "personal"]));
+    assert_eq!(got, "hello from the host");
+    ok(&d.cli(&["clipboard", "set", "work", "paste this"]));
+    assert_eq!(clipboard(&d, "work"), b"paste this");
+    let why = refused(&d.cli(&["clipboard", "get", "work"]));
+    assert!(why.contains("clipboard_to does not include host"), "{why}");
+
+    // Files: a push lands in the inbox; personal's comes back byte for byte.
+    let scratch = d.dir.join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let data: Vec<u8> = (0..5000u32).map(|i| (i * 13 % 256) as u8).collect();
+    let local = scratch.join("report.bin");
+    std::fs::write(&local, &data).unwrap();
+    let lp = local.to_str().unwrap();
+    ok(&d.cli(&["file", "push", "personal", lp]));
+    let got = agent(
+        &d,
+        "personal",
+        json!({"op": "file_get", "name": "report.bin"}),
+    );
+    assert_eq!(
+        b64::decode(got["data_b64"].as_str().unwrap()).unwrap(),
+        data
+    );
+    let back = scratch.join("back.bin");
+    let said = ok(&d.cli(&[
+        "file",
+        "pull",
+        "personal",
+        "report.bin",
+        back.to_str().unwrap(),
+    ]));
+    assert!(said.contains("5000 bytes from personal to host"), "{said}");
+    assert_eq!(std::fs::read(&back).unwrap(), data);
+    // An existing LOCAL is kept unless --force; a symlink there is replaced, not followed.
+    let victim = scratch.join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let link = scratch.join("link.bin");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let lk = link.to_str().unwrap();
+    let out = d.cli(&["file", "pull", "personal", "report.bin", lk]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    ok(&d.cli(&["file", "pull", "personal", "report.bin", lk, "--force"]));
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    assert_eq!(std::fs::read(&link).unwrap(), data);
+    // Inbox names are names, never paths: refused before anything is sent.
+    let out = d.cli(&["file", "pull", "personal", "../../etc/passwd"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let (status, _) = {
+        let a = d
+            .client()
+            .raw("GET", "/v1/profiles/personal/files/..", None)
+            .unwrap();
+        (a.status, a.body)
+    };
+    assert_eq!(status, 400);
+    // work accepts files from the host, and keeps them.
+    ok(&d.cli(&["file", "push", "work", lp, "from-host.bin"]));
+    refused(&d.cli(&[
+        "file",
+        "pull",
+        "work",
+        "from-host.bin",
+        scratch.to_str().unwrap(),
+    ]));
+    assert!(!scratch.join("from-host.bin").exists());
+
+    // Every attempt is audited, the refusals too.
+    let clip = audit(&d, "channel-clipboard");
+    assert!(
+        clip.iter()
+            .any(|l| l.starts_with("work from=work to=host decision=denied")),
+        "{clip:?}"
+    );
+    assert!(
+        clip.iter()
+            .any(|l| l
+                .starts_with("personal from=host to=personal decision=allowed result=ok bytes=19")),
+        "{clip:?}"
+    );
+    let files = audit(&d, "channel-file");
+    assert!(
+        files.iter().any(|l| l.starts_with(
+            "personal from=personal to=host name=report.bin decision=allowed result=ok bytes=5000"
+        )),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|l| l.starts_with("work from=work to=host name=from-host.bin decision=denied")),
+        "{files:?}"
+    );
+}
