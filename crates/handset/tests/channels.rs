@@ -573,7 +573,7 @@ fn the_host_sets_and_reads_clipboards_and_moves_files() {
     // Files: a push lands in the inbox; personal's comes back byte for byte.
     let scratch = d.dir.join("scratch");
     std::fs::create_dir(&scratch).unwrap();
-    let data: Vec<u8> = (0..5000u32).map(|i| (i * 13 % 256) as u8).collect();
+    let data: Vec<u8> = (0..5000u32).map(|i| (i * 13).to_le_bytes()[0]).collect();
     let local = scratch.join("report.bin");
     std::fs::write(&local, &data).unwrap();
     let lp = local.to_str().unwrap();
