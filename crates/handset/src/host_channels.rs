@@ -175,7 +175,7 @@ impl HostCall<'_> {
 /// Decodes pushed data, bounded by the daemon's limit for `kind`.
 fn decode_push(kind: Kind, data_b64: &str) -> Result<Vec<u8>, ChannelError> {
     let len = b64::decoded_len(data_b64)
-        .map_err(|_| ChannelError::BadRequest("data_b64 is not padded base64".into()))?;
+        .map_err(|_| ChannelError::BadRequest("data_b64 is not canonical padded base64".into()))?;
     if len > kind.limit() {
         return Err(ChannelError::TooLarge(format!(
             "the {} is {len} bytes; the handset carries at most {}",
@@ -183,7 +183,7 @@ fn decode_push(kind: Kind, data_b64: &str) -> Result<Vec<u8>, ChannelError> {
             kind.limit()
         )));
     }
-    b64::decode(data_b64).map_err(|_| ChannelError::BadRequest("data_b64 is not base64".into()))
+    b64::decode(data_b64).map_err(|_| ChannelError::BadRequest("data_b64 is not canonical padded base64".into()))
 }
 
 /// Writes `data` into `profile` through its agent (clipboard, or the inbox file `name`).
