@@ -183,7 +183,8 @@ fn decode_push(kind: Kind, data_b64: &str) -> Result<Vec<u8>, ChannelError> {
             kind.limit()
         )));
     }
-    b64::decode(data_b64).map_err(|_| ChannelError::BadRequest("data_b64 is not canonical padded base64".into()))
+    b64::decode(data_b64)
+        .map_err(|_| ChannelError::BadRequest("data_b64 is not canonical padded base64".into()))
 }
 
 /// Writes `data` into `profile` through its agent (clipboard, or the inbox file `name`).
