@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use handset::client::ClientError;
+use handset::org_policy::{PolicyApplied, PolicyStatus};
 use policy::{OrgPublicKey, OrgSecretKey, Verified};
 
 use crate::failure::Failure;
@@ -80,11 +82,14 @@ different key needs --replace. `pocketvisor handset --org-key FILE` does the sam
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
-    /// Apply a signed policy to the profile it names (all or nothing).
+    /// Apply a signed policy to the profile it names (all or nothing), through the daemon.
     #[command(after_help = "\
 The policy must verify under the trusted key, name an existing profile, be unexpired and have a
 higher version than the one in force; otherwise nothing changes (exit 4). It takes effect at
-the profile's next start (boot rules) and next transfer (channels); a running guest goes on.")]
+the profile's next start (boot rules) and next transfer (channels); a running guest goes on.
+The daemon (DIR/handset.sock) applies it and records the attempt in its audit log
+(`policy-apply`: applied or refused, with the version and the reason). With no daemon running
+it is applied to DIR directly under the daemon's lock and recorded in the same log.")]
     Apply {
         /// The signed policy.
         file: PathBuf,
@@ -126,7 +131,7 @@ pub fn main(a: PolicyArgs) -> Result<i32> {
                     file.display(),
                     v.policy.version,
                     v.policy.profile,
-                    expiry_note(&v)
+                    expiry_note(&v.policy)
                 );
             }
             Ok(0)
@@ -159,8 +164,11 @@ pub fn main(a: PolicyArgs) -> Result<i32> {
         PolicyCmd::Apply { file, state_dir } => {
             let dir = handset::StateDir::resolve(state_dir.as_deref())?;
             let bytes = read_envelope(&file)?;
-            let applied = handset::org_policy::apply(&dir, &bytes, policy::unix_now())?;
-            let p = &applied.policy.policy;
+            let applied = apply_through_daemon(&dir, &bytes)?;
+            if a.json {
+                outln!("{}", serde_json::to_string_pretty(&applied)?);
+                return Ok(0);
+            }
             let what = match (applied.changed, applied.replaced) {
                 (false, _) => "already in force".to_string(),
                 (true, Some(old)) => format!("applied (replaces version {old})"),
@@ -168,23 +176,75 @@ pub fn main(a: PolicyArgs) -> Result<i32> {
             };
             outln!(
                 "policy version {} for profile {:?}: {what}",
-                p.version,
-                p.profile
+                applied.version,
+                applied.profile
             );
             Ok(0)
         }
     }
 }
 
-/// `pocketvisor profile policy NAME`: the policy in force, read from the state directory.
-pub fn show_in_force(state_dir: Option<&Path>, name: &str, json: bool) -> Result<i32> {
-    let dir = handset::StateDir::resolve(state_dir)?;
-    if !dir.spec(name).is_file() {
-        return Err(Failure::NotFound(format!("no profile named {name:?}")).into());
+/// Applies through the daemon's API (`POST /v1/policies`), which verifies and audits; with
+/// no daemon running, applies to the state directory under the daemon's lock and records the
+/// same audit entry in its log.
+fn apply_through_daemon(dir: &handset::StateDir, envelope: &[u8]) -> Result<PolicyApplied> {
+    let client = handset::client::Client::new(&dir.socket());
+    // A file that is not UTF-8 is no signed policy: sent as is (lossily), it fails the
+    // daemon's verification and is refused and audited like any other bad file.
+    let req = handset::org_policy::ApplyPolicy {
+        envelope: String::from_utf8_lossy(envelope).into_owned(),
+    };
+    match client.call::<PolicyApplied>("POST", "/v1/policies", Some(&req)) {
+        Ok(applied) => Ok(applied),
+        Err(ClientError::NotRunning(_)) => {
+            eprintln!(
+                "pocketvisor: the handset daemon is not running: applying to {} directly, \
+                 holding the daemon's lock, audited in its log",
+                dir.root().display()
+            );
+            Ok(handset::org_policy::apply_offline(
+                dir,
+                envelope,
+                policy::unix_now(),
+            )?)
+        }
+        Err(e) => Err(e.into()),
     }
-    match handset::org_policy::in_force(&dir, name)? {
-        Some(v) => print_policy(&v, json)?,
-        None if json => outln!("{}", serde_json::json!({ "profile": name, "policy": null })),
+}
+
+/// `pocketvisor profile policy NAME`: the policy in force, from the daemon
+/// (`GET /v1/profiles/NAME/policy`), or read from the state directory when none runs.
+pub fn show_in_force(
+    state_dir: Option<&Path>,
+    socket: Option<&Path>,
+    name: &str,
+    json: bool,
+) -> Result<i32> {
+    let dir = handset::StateDir::resolve(state_dir)?;
+    let socket = socket.map_or_else(|| dir.socket(), Path::to_path_buf);
+    let path = format!("/v1/profiles/{name}/policy");
+    let none: Option<&()> = None;
+    let status: PolicyStatus = match handset::client::Client::new(&socket).call("GET", &path, none)
+    {
+        Ok(s) => s,
+        Err(ClientError::NotRunning(_)) => {
+            eprintln!(
+                "pocketvisor: the handset daemon is not running: reading {} directly",
+                dir.root().display()
+            );
+            if !dir.spec(name).is_file() {
+                return Err(Failure::NotFound(format!("no profile named {name:?}")).into());
+            }
+            handset::org_policy::status(&dir, name, policy::unix_now())?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if json {
+        outln!("{}", serde_json::to_string(&status)?);
+        return Ok(0);
+    }
+    match &status.policy {
+        Some(p) => print_document(p)?,
         None => outln!(
             "profile {name:?} has no IT policy in force: its spec's channels apply and any \
              kernel boots"
@@ -282,11 +342,11 @@ fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
-fn expiry_note(v: &Verified) -> String {
+fn expiry_note(p: &policy::Policy) -> String {
     let now = policy::unix_now();
-    match v.policy.expires_at {
+    match p.expires_at {
         None => ", no expiry".into(),
-        Some(exp) if v.policy.is_expired(now) => format!(", EXPIRED at {}", utc(exp)),
+        Some(exp) if p.is_expired(now) => format!(", EXPIRED at {}", utc(exp)),
         Some(exp) => format!(", expires {}", utc(exp)),
     }
 }
@@ -305,12 +365,17 @@ fn print_policy(v: &Verified, json: bool) -> Result<()> {
         );
         return Ok(());
     }
+    print_document(p)
+}
+
+/// A verified policy as its header comment and TOML.
+fn print_document(p: &policy::Policy) -> Result<()> {
     outln!(
         "# policy version {} for profile {:?}, issued {}{}",
         p.version,
         p.profile,
         utc(p.issued_at),
-        expiry_note(v)
+        expiry_note(p)
     );
     out!("{}", toml::to_string(p).context("cannot print the policy")?);
     Ok(())

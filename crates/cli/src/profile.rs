@@ -195,11 +195,12 @@ serial.log.prev and vmm.log.prev (--previous). With -f the log is followed acros
     },
     /// Show the daemon's state (cgroups, probe guest, foreground).
     Status,
-    /// Show the signed IT policy in force for a profile (read from the state directory).
+    /// Show the signed IT policy in force for a profile.
     #[command(after_help = "\
 The policy is verified again under the handset's trusted organisation key before it is shown;
-`pocketvisor policy apply` sets it (see `pocketvisor policy --help` and docs/policy.md). This
-reads DIR directly: the daemon need not run.")]
+`pocketvisor policy apply` sets it (see `pocketvisor policy --help` and docs/policy.md). The
+daemon answers (GET /v1/profiles/NAME/policy); with no daemon running, DIR is read directly.
+--json adds the screen rules in force and the trusted key's fingerprint.")]
     Policy {
         /// Profile name.
         name: String,
@@ -503,7 +504,12 @@ fn lifecycle(c: &Client, json: bool, name: &str, action: &str, query: &str) -> R
 pub fn main(a: ProfileArgs) -> Result<i32> {
     if let ProfileCmd::Policy { name } = &a.cmd {
         handset::spec::check_name("profile name", name)?;
-        return crate::policy::show_in_force(a.state_dir.as_deref(), name, a.json);
+        return crate::policy::show_in_force(
+            a.state_dir.as_deref(),
+            a.socket.as_deref(),
+            name,
+            a.json,
+        );
     }
     let c = client(&a)?;
     let json = a.json;
@@ -732,7 +738,12 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
         }
         // Answered above without the daemon; kept here so the match stays exhaustive.
         ProfileCmd::Policy { name } => {
-            return crate::policy::show_in_force(a.state_dir.as_deref(), &name, json)
+            return crate::policy::show_in_force(
+                a.state_dir.as_deref(),
+                a.socket.as_deref(),
+                &name,
+                json,
+            )
         }
         ProfileCmd::Status => {
             let info: handset::DaemonInfo = c.call("GET", "/v1/handset", none)?;

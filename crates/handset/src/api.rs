@@ -22,6 +22,7 @@ use crate::api_types::{
 use crate::daemon::Handset;
 use crate::db::Log;
 use crate::error::Error;
+use crate::org_policy::{self, ApplyPolicy, PolicyApplied};
 
 /// What a route does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,10 @@ pub enum Op {
     EventStream,
     /// The audit log.
     Audit,
+    /// Apply a signed IT policy.
+    ApplyPolicy,
+    /// The IT policy in force for a profile.
+    ProfilePolicy,
     /// Copy a clipboard between profiles.
     ChannelClipboard,
     /// Send a file between profiles.
@@ -105,6 +110,8 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/events", Op::AllEvents),
     r("GET", "/v1/events/stream", Op::EventStream),
     r("GET", "/v1/audit", Op::Audit),
+    r("POST", "/v1/policies", Op::ApplyPolicy),
+    r("GET", "/v1/profiles/{name}/policy", Op::ProfilePolicy),
     r("POST", "/v1/channels/clipboard", Op::ChannelClipboard),
     r("POST", "/v1/channels/file", Op::ChannelFile),
     r("PUT", "/v1/profiles/{name}/clipboard", Op::ClipboardSet),
@@ -217,8 +224,17 @@ async fn show(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<crate:
     Ok(Json(h.show_with_agent(&name).await?))
 }
 
-async fn screenshot(State(h): State<Hs>, Path(name): Path<String>) -> ApiResult<serde_json::Value> {
-    Ok(Json(h.screenshot(&name).await?))
+async fn screenshot(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<serde_json::Value> {
+    let r = h.screenshot(&name).await;
+    // A capture the IT policy refuses is recorded; allowed ones are not (they change nothing).
+    if let Err(e @ Error::Denied(_)) = &r {
+        h.audit(&name, "screenshot", &format!("{peer}: refused: {e}"));
+    }
+    Ok(Json(r?))
 }
 
 async fn remove(
@@ -337,6 +353,28 @@ async fn audit(
     Ok(Json(h.history(Log::Audit, None, limit(q)?)?))
 }
 
+async fn apply_policy(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Result<Json<ApplyPolicy>, JsonRejection>,
+) -> ApiResult<PolicyApplied> {
+    let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let now = policy::unix_now();
+    let who = peer.to_string();
+    let applied =
+        org_policy::apply_audited(h.dir(), req.envelope.as_bytes(), now, &who, |p, a, d| {
+            h.audit(p, a, d)
+        })?;
+    Ok(Json(applied))
+}
+
+async fn profile_policy(
+    State(h): State<Hs>,
+    Path(name): Path<String>,
+) -> ApiResult<org_policy::PolicyStatus> {
+    Ok(Json(h.policy_status(&name)?))
+}
+
 fn method_router(route: &Route) -> MethodRouter<Hs> {
     match route.op {
         Op::Info => get(info),
@@ -355,6 +393,8 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::AllEvents => get(all_events),
         Op::EventStream => get(crate::event_stream::stream),
         Op::Audit => get(audit),
+        Op::ApplyPolicy => post(apply_policy),
+        Op::ProfilePolicy => get(profile_policy),
         Op::ChannelClipboard => post(crate::channels::clipboard),
         Op::ChannelFile => post(crate::channels::file),
         Op::ClipboardSet => put(crate::host_channels::clipboard_set),

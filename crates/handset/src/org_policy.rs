@@ -11,11 +11,18 @@
 //! - **channels**: the policy's lists replace the spec's `channels` for its profile
 //!   ([`effective_channels`]);
 //! - **screen**: [`screen`] tells the display whether capture and remote viewing are allowed.
+//!
+//! Policies change through the daemon (`POST /v1/policies`, [`apply_audited`]); with no
+//! daemon running, [`apply_offline`] takes the daemon's lock and records the same audit entry
+//! in its database, so no change bypasses the audit log.
 
 use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use policy::{OrgPublicKey, Verified};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use vmm_api::config::VmConfig;
 
@@ -94,6 +101,140 @@ pub fn apply(dir: &StateDir, envelope: &[u8], now: u64) -> Result<policy::Applie
         return Err(Error::NotFound(name));
     }
     policy::apply(&dir.policy(&name), &name, &key, envelope, now).map_err(policy_err)
+}
+
+/// `POST /v1/policies`: a signed policy to apply to the profile it names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyPolicy {
+    /// The signed policy file's text, byte for byte (`pocketvisor-policy-v1 ed25519 ...`).
+    pub envelope: String,
+}
+
+/// What applying a policy did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyApplied {
+    /// The profile it governs.
+    pub profile: String,
+    /// Its version, now in force.
+    pub version: u64,
+    /// False when this exact policy was already in force (nothing changed).
+    pub changed: bool,
+    /// The version it replaced, if one was in force.
+    pub replaced: Option<u64>,
+}
+
+/// The policy in force for one profile (`GET /v1/profiles/{name}/policy`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyStatus {
+    /// The profile.
+    pub profile: String,
+    /// The verified policy in force; none: the profile is not governed.
+    pub policy: Option<policy::Policy>,
+    /// Whether the policy in force has expired (the profile does not start or resume).
+    pub expired: bool,
+    /// The screen rules in force (everything allowed without a policy): what the display
+    /// asks before capturing or showing the profile's screen remotely.
+    pub screen: policy::ScreenPolicy,
+    /// The fingerprint of the organisation key the handset trusts, if any.
+    pub org_key: Option<String>,
+}
+
+/// The policy in force for profile `name` (which must exist) and what follows from it.
+pub fn status(dir: &StateDir, name: &str, now: u64) -> Result<PolicyStatus> {
+    crate::spec::check_name("profile name", name)?;
+    if !dir.spec(name).is_file() {
+        return Err(Error::NotFound(name.to_string()));
+    }
+    let org_key = trusted_key(dir)?.map(|k| k.fingerprint());
+    let policy = in_force(dir, name)?.map(|v| v.policy);
+    Ok(PolicyStatus {
+        profile: name.to_string(),
+        expired: policy.as_ref().is_some_and(|p| p.is_expired(now)),
+        screen: policy
+            .as_ref()
+            .map(|p| p.screen.clone())
+            .unwrap_or_default(),
+        policy,
+        org_key,
+    })
+}
+
+/// [`apply`], with the audit record every attempt leaves: `record(profile, action, detail)`
+/// is called once, with the profile the policy names (`-` when it did not verify),
+/// `policy-apply`, and `applied version V (replaces W)`, `version V already in force` or
+/// `refused: <why>` after `who`.
+pub fn apply_audited(
+    dir: &StateDir,
+    envelope: &[u8],
+    now: u64,
+    who: &str,
+    record: impl FnOnce(&str, &str, &str),
+) -> Result<PolicyApplied> {
+    let result = apply(dir, envelope, now).map(|a| PolicyApplied {
+        profile: a.policy.policy.profile.clone(),
+        version: a.policy.policy.version,
+        changed: a.changed,
+        replaced: a.replaced,
+    });
+    // The name is only trusted (and recorded as the profile) once the signature verified.
+    let verified_name = trusted_key(dir)
+        .ok()
+        .flatten()
+        .and_then(|k| policy::verify(envelope, &k).ok())
+        .map(|v| v.policy.profile)
+        .filter(|n| crate::spec::check_name("", n).is_ok());
+    let profile = verified_name.as_deref().unwrap_or("-");
+    let detail = match &result {
+        Ok(a) if !a.changed => format!("{who}: version {} already in force", a.version),
+        Ok(a) => match a.replaced {
+            Some(old) => format!("{who}: applied version {} (replaces {old})", a.version),
+            None => format!("{who}: applied version {}", a.version),
+        },
+        Err(e) => format!("{who}: refused: {e}"),
+    };
+    record(profile, "policy-apply", &detail);
+    result
+}
+
+/// Applies a policy with no daemon running: holds the daemon's lock (so none starts
+/// meanwhile; refused if one runs) and records the attempt in the daemon's audit log, as
+/// the daemon would.
+pub fn apply_offline(dir: &StateDir, envelope: &[u8], now: u64) -> Result<PolicyApplied> {
+    let lock_path = dir.lock_file();
+    let lock = std::fs::File::options()
+        .mode(0o600)
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(Error::io(format!("cannot open {}", lock_path.display())))?;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(Error::Conflict(format!(
+            "a handset daemon holds {} but does not answer on its socket; retry when it does",
+            dir.root().display()
+        )));
+    }
+    let db = crate::db::Db::open(&dir.db())?;
+    // SAFETY: getuid(2) has no arguments and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let who = format!("offline (no daemon) uid {uid} pid {}", std::process::id());
+    let mut recorded = Ok(());
+    let result = apply_audited(dir, envelope, now, &who, |profile, action, detail| {
+        recorded = db.record(crate::db::Log::Audit, profile, action, detail);
+    });
+    drop(lock);
+    match (recorded, result) {
+        (Ok(()), result) => result,
+        (Err(e), Ok(a)) => Err(Error::Internal(format!(
+            "policy version {} for {:?} is in force, but its audit record failed: {e}",
+            a.version, a.profile
+        ))),
+        (Err(e), Err(refused)) => Err(Error::Internal(format!(
+            "{refused}; and its audit record failed: {e}"
+        ))),
+    }
 }
 
 /// Refuses to boot `cfg` for profile `name` unless its policy (if any) is unexpired, allows

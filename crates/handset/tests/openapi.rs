@@ -147,6 +147,9 @@ fn checked_call(
     a
 }
 
+/// In-process daemons started so far (each gets its own cgroup parent).
+static DAEMONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// An in-process daemon on a temporary state directory.
 struct InProcess {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -165,7 +168,12 @@ impl InProcess {
             state_dir,
             probe: handset::find_probe(&bin),
             vmm_bin: bin,
-            cgroup_parent: format!("pvtest-openapi-{}", std::process::id()),
+            // One per daemon: two tests' daemons sharing a parent remove it under each other.
+            cgroup_parent: format!(
+                "pvtest-openapi-{}-{}",
+                std::process::id(),
+                DAEMONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ),
             jail: false,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -273,6 +281,80 @@ fn answers_match_the_documented_schemas() {
         "/v1/profiles/{name}/suspend",
         None,
     );
+
+    // IT policies: none in force, a profile that does not exist, refused and bad bodies.
+    let st = call(
+        "GET",
+        "/v1/profiles/work/policy",
+        "/v1/profiles/{name}/policy",
+        None,
+    );
+    assert_eq!(st.status, 200);
+    let st: Value = serde_json::from_slice(&st.body).unwrap();
+    assert!(st["policy"].is_null() && st["screen"]["capture"] == json!(true));
+    let missing = call(
+        "GET",
+        "/v1/profiles/nope/policy",
+        "/v1/profiles/{name}/policy",
+        None,
+    );
+    assert_eq!(missing.status, 404);
+    let unsigned = call(
+        "POST",
+        "/v1/policies",
+        "/v1/policies",
+        Some(json!({"envelope": "version = 1\nissued_at = 1\nprofile = \"work\"\n"})),
+    );
+    assert_eq!(unsigned.status, 403);
+    let bad = call(
+        "POST",
+        "/v1/policies",
+        "/v1/policies",
+        Some(json!({"envelope": 7})),
+    );
+    assert_eq!(bad.status, 400);
+    // A policy with every section (its boot rules let the probe run below), applied and
+    // shown.
+    let org = policy::OrgSecretKey::generate();
+    let dir = handset::StateDir::new(d._tmp.path()).unwrap();
+    handset::org_policy::trust(&dir, &org.public(), false).unwrap();
+    let doc = format!(
+        "version = 4\nissued_at = 1\nexpires_at = {}\nprofile = \"work\"\n\
+         [network]\ndefault = \"deny\"\nrules = [{{ action = \"allow\", cidr = \"10.0.0.0/8\", \
+         protocol = \"tcp\", ports = \"443\" }}, {{ action = \"deny\" }}]\n\
+         [storage]\nencrypt_at_rest = true\n[channels]\nfiles_from = []\n\
+         [screen]\nremote_view = false\n[boot]\nmin_pocketvisor = \"0.1.0\"\n\
+         [offline]\nmax_offline_secs = 60\n",
+        policy::unix_now() + 3600
+    );
+    let envelope = String::from_utf8(policy::sign(doc.as_bytes(), &org).unwrap()).unwrap();
+    let applied = call(
+        "POST",
+        "/v1/policies",
+        "/v1/policies",
+        Some(json!({ "envelope": envelope })),
+    );
+    assert_eq!(applied.status, 200);
+    let again = call(
+        "POST",
+        "/v1/policies",
+        "/v1/policies",
+        Some(json!({ "envelope": envelope })),
+    );
+    let again: Value = serde_json::from_slice(&again.body).unwrap();
+    assert_eq!(
+        (again["changed"].clone(), again["replaced"].clone()),
+        (json!(false), json!(4))
+    );
+    let st = call(
+        "GET",
+        "/v1/profiles/work/policy",
+        "/v1/profiles/{name}/policy",
+        None,
+    );
+    let st: Value = serde_json::from_slice(&st.body).unwrap();
+    assert_eq!(st["policy"]["network"]["rules"][0]["ports"], json!("443"));
+    assert_eq!(st["screen"]["remote_view"], json!(false));
 
     let list = call("GET", "/v1/profiles", "/v1/profiles", None);
     let v: Vec<handset::ProfileInfo> = serde_json::from_slice(&list.body).unwrap();

@@ -275,3 +275,172 @@ fn a_profile_boots_only_a_kernel_its_policy_allows() {
     assert_eq!(code, 4, "{err}");
     assert!(err.contains("requires pocketvisor 999.0.0"), "{err}");
 }
+
+/// The audit records of `action`, oldest first, as `profile: detail`.
+fn audit_lines(d: &Daemon, action: &str) -> Vec<String> {
+    let all: Vec<handset::Event> = d
+        .client()
+        .call("GET", "/v1/audit?limit=1000", None::<&()>)
+        .unwrap();
+    all.into_iter()
+        .filter(|e| e.event == action)
+        .map(|e| format!("{}: {}", e.profile, e.detail))
+        .collect()
+}
+
+#[test]
+fn policies_change_through_the_daemon_and_every_attempt_is_audited() {
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let key = k.join("org.key");
+    ok(&pv(&["policy", "keygen", "-o", s(&key)]));
+    let pub_file = k.join("org.key.pub");
+    let d = Daemon::start_with("policy-api", &["--org-key", s(&pub_file)]);
+    // A profile with a screen (it need not run: capture is refused before its state matters).
+    let spec = ProfileSpec::from_toml(
+        "name = \"work\"\nkernel = \"probe\"\nmemory_mib = 64\nscreen = true\n",
+    )
+    .unwrap();
+    let req = handset::CreateProfile {
+        spec: Some(spec),
+        ..Default::default()
+    };
+    let _: handset::ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    let state = d.dir.to_str().unwrap();
+
+    let v1 = signed(k, &key, "v1", 1, "");
+    let v2 = signed(k, &key, "v2", 2, "[screen]\ncapture = false\n");
+    let out = pv(&["policy", "apply", "--state-dir", state, s(&v2)]);
+    assert!(ok(&out).contains("version 2 for profile \"work\": applied"));
+    // Through the daemon, not the offline path.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("not running"), "{err}");
+    let (code, err) = fails(&pv(&["policy", "apply", "--state-dir", state, s(&v1)]));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("no rollback"), "{err}");
+    let other = k.join("other.key");
+    ok(&pv(&["policy", "keygen", "-o", s(&other)]));
+    let forged = signed(k, &other, "v9", 9, "");
+    let (code, _) = fails(&pv(&["policy", "apply", "--state-dir", state, s(&forged)]));
+    assert_eq!(code, 4);
+    let garbage = k.join("garbage.pvpol");
+    std::fs::write(&garbage, b"\xff\xfe not a policy").unwrap();
+    let (code, _) = fails(&pv(&["policy", "apply", "--state-dir", state, s(&garbage)]));
+    assert_eq!(code, 4);
+    assert_eq!(
+        std::fs::read(d.dir.join("profiles/work/policy.pvpol")).unwrap(),
+        std::fs::read(&v2).unwrap()
+    );
+
+    let audit = audit_lines(&d, "policy-apply");
+    assert_eq!(audit.len(), 4, "{audit:#?}");
+    assert!(
+        audit[0].starts_with("work: uid ") && audit[0].ends_with(": applied version 2"),
+        "{audit:#?}"
+    );
+    assert!(
+        audit[1].starts_with("work: ") && audit[1].contains("refused: policy version 1 refused"),
+        "{audit:#?}"
+    );
+    // Not verified: recorded under `-`, not under the name the forged policy claims.
+    assert!(
+        audit[2].starts_with("-: ") && audit[2].contains("refused: policy signature"),
+        "{audit:#?}"
+    );
+    assert!(audit[3].starts_with("-: ") && audit[3].contains("refused"));
+
+    // What is in force, from the daemon: the screen rules the display reads.
+    let out = ok(&d.cli(&["--json", "policy", "work"]));
+    let st: handset::org_policy::PolicyStatus = serde_json::from_str(&out).unwrap();
+    assert_eq!(st.policy.as_ref().map(|p| p.version), Some(2));
+    assert!(!st.screen.capture && st.screen.remote_view);
+    assert!(!st.expired);
+    let err = d
+        .client()
+        .call::<serde_json::Value>("GET", "/v1/profiles/work/screenshot", None::<&()>)
+        .unwrap_err();
+    assert!(
+        matches!(&err, handset::client::ClientError::Api { status: 403, message } if message.contains("capture")),
+        "{err}"
+    );
+    assert_eq!(audit_lines(&d, "screenshot").len(), 1);
+    let v3 = signed(k, &key, "v3", 3, "");
+    ok(&pv(&["policy", "apply", "--state-dir", state, s(&v3)]));
+    let err = d
+        .client()
+        .call::<serde_json::Value>("GET", "/v1/profiles/work/screenshot", None::<&()>)
+        .unwrap_err();
+    // Allowed now: refused only because the profile does not run.
+    assert!(
+        matches!(&err, handset::client::ClientError::Api { status: 409, .. }),
+        "{err}"
+    );
+    let audit = audit_lines(&d, "policy-apply");
+    assert!(
+        audit[4].ends_with("applied version 3 (replaces 2)"),
+        "{audit:#?}"
+    );
+}
+
+#[test]
+fn with_no_daemon_a_policy_is_applied_under_its_lock_and_audited_in_its_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let state = t.join("state");
+    std::fs::create_dir_all(state.join("profiles/work")).unwrap();
+    let spec = ProfileSpec::from_template("work", "work", None).unwrap();
+    std::fs::write(
+        state.join("profiles/work/profile.toml"),
+        spec.to_toml().unwrap(),
+    )
+    .unwrap();
+    let key = t.join("org.key");
+    ok(&pv(&["policy", "keygen", "-o", s(&key)]));
+    ok(&pv(&[
+        "policy",
+        "trust",
+        "--state-dir",
+        s(&state),
+        &format!("{}.pub", s(&key)),
+    ]));
+    let v1 = signed(t, &key, "v1", 1, "");
+    let out = pv(&["policy", "apply", "--state-dir", s(&state), s(&v1)]);
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("daemon is not running"), "{err}");
+    let again = ok(&pv(&["policy", "apply", "--state-dir", s(&state), s(&v1)]));
+    assert!(again.contains("already in force"), "{again}");
+    let db = handset::db::Db::open(&state.join("handset.db")).unwrap();
+    let records = db.records(handset::db::Log::Audit, None, 100).unwrap();
+    let details: Vec<_> = records
+        .iter()
+        .filter(|e| e.event == "policy-apply")
+        .map(|e| format!("{}: {}", e.profile, e.detail))
+        .collect();
+    assert_eq!(details.len(), 2, "{details:#?}");
+    assert!(
+        details[0].starts_with("work: offline (no daemon)")
+            && details[0].ends_with("applied version 1"),
+        "{details:#?}"
+    );
+    assert!(
+        details[1].ends_with("version 1 already in force"),
+        "{details:#?}"
+    );
+
+    // While a daemon holds the state directory's lock, the offline path is refused.
+    let dir = handset::StateDir::new(&state).unwrap();
+    let lock = std::fs::File::create(dir.lock_file()).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file we own.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let v2 = signed(t, &key, "v2", 2, "");
+    let err =
+        handset::org_policy::apply_offline(&dir, &std::fs::read(&v2).unwrap(), now()).unwrap_err();
+    assert!(err.to_string().contains("does not answer"), "{err}");
+    drop(lock);
+    assert_eq!(
+        std::fs::read(state.join("profiles/work/policy.pvpol")).unwrap(),
+        std::fs::read(&v1).unwrap()
+    );
+}

@@ -391,6 +391,17 @@ impl Handset {
         })
     }
 
+    /// The IT policy in force for profile `name`, with its screen rules.
+    pub fn policy_status(&self, name: &str) -> Result<crate::org_policy::PolicyStatus> {
+        crate::org_policy::status(self.dir(), name, policy::unix_now())
+    }
+
+    /// Whether the host may capture and remotely show profile `name`'s screen (its IT
+    /// policy's `[screen]`; everything allowed without one). The display asks this.
+    pub fn screen_rules(&self, name: &str) -> Result<policy::ScreenPolicy> {
+        crate::org_policy::screen(self.dir(), name)
+    }
+
     /// What a running or paused profile's screen shows: the gpu's answer to `screenshot`
     /// (`width`, `height`, `flushes`, `rgb` as base64 of red, green, blue bytes row by row).
     pub async fn screenshot(&self, name: &str) -> Result<serde_json::Value> {
@@ -398,6 +409,12 @@ impl Handset {
         if !self.registry.spec(name)?.screen {
             return Err(Error::Conflict(format!(
                 "profile {name} has no screen (screen = true in its spec)"
+            )));
+        }
+        if !self.screen_rules(name)?.capture {
+            return Err(Error::Denied(format!(
+                "profile {name}'s IT policy forbids capturing its screen ([screen] capture = \
+                 false)"
             )));
         }
         let state = self.registry.state(name)?;
