@@ -31,7 +31,8 @@ pub enum Request {
     Stop,
     /// Memory figures ([`MemoryStats`]): guest RAM and the balloon's state and guest statistics.
     Stats,
-    /// A request to the device with this id (`balloon`, `disk0`, `net0`, `vsock`, `rng`),
+    /// A request to the device with this id (`balloon`, `disk0`, `net0`, `vsock`, `rng`,
+    /// `serial`: see [`SERIAL_DEVICE_ID`]),
     /// whose payload the device interprets; the answer is the device's JSON answer. Every
     /// device answers `{"op":"counters"}` (requests, bytes, errors, interrupts); the
     /// balloon also takes `{"op":"set_target","target_mib":N}` and `{"op":"stats","wait_ms":N}`.
@@ -61,6 +62,23 @@ pub enum Request {
         /// The longest the guest may stand still for the final copy, in milliseconds.
         downtime_ms: u64,
     },
+}
+
+/// The serial port's device id in [`Request::Device`]: `{"op":"input","bytes":[...]}` queues
+/// host input for the guest's 16550 (answer `{"accepted":N,"dropped":M}`; at most
+/// [`SERIAL_INPUT_MAX`] bytes a request, and what does not fit in the port's bounded queue is
+/// dropped and counted), `{"op":"counters"}` answers `input_bytes`, `input_dropped`, `waiting`.
+pub const SERIAL_DEVICE_ID: &str = "serial";
+
+/// The most bytes one serial `input` request carries.
+pub const SERIAL_INPUT_MAX: usize = 4096;
+
+/// The device request that types `bytes` into the guest's serial port.
+pub fn serial_input(bytes: &[u8]) -> Request {
+    Request::Device {
+        id: SERIAL_DEVICE_ID.into(),
+        request: serde_json::json!({"op": "input", "bytes": bytes}),
+    }
 }
 
 /// The device request a `{"op":"balloon","target_mib":N}` line stands for.

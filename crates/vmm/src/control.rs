@@ -46,6 +46,9 @@ pub enum RequestError {
     /// The device request did not reach the device, or the device refused it.
     #[error(transparent)]
     Device(#[from] DeviceRequestError),
+    /// The serial port refused the request.
+    #[error(transparent)]
+    Serial(#[from] devices::legacy::SerialControlError),
 }
 
 /// The channel between request senders and the thread running the VM.

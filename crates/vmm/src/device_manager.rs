@@ -347,14 +347,14 @@ impl DeviceManager {
         request: &serde_json::Value,
     ) -> Result<serde_json::Value, DeviceRequestError> {
         let Some(d) = self.devices.iter().find(|d| d.id == id) else {
-            let known: Vec<&str> = self.ids().collect();
+            // The serial port is served by the VM itself, and always there.
+            let known: Vec<&str> = self
+                .ids()
+                .chain([vmm_api::control::SERIAL_DEVICE_ID])
+                .collect();
             return Err(DeviceRequestError::UnknownDevice {
                 id: id.to_string(),
-                known: if known.is_empty() {
-                    "no devices".into()
-                } else {
-                    known.join(", ")
-                },
+                known: known.join(", "),
             });
         };
         if *request == serde_json::json!({ "op": "counters" }) {
@@ -467,7 +467,7 @@ mod tests {
         assert!(matches!(e, DeviceRequestError::UnknownDevice { .. }));
         assert_eq!(
             e.to_string(),
-            "this VM has no net0 device (it has: disk0, rng, balloon)"
+            "this VM has no net0 device (it has: disk0, rng, balloon, serial)"
         );
         assert!(matches!(
             m.control("disk0", &set),

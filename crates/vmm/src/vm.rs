@@ -27,6 +27,10 @@ use crate::Error;
 
 /// The balloon's device id (memory statistics include its state).
 const BALLOON_ID: &str = "balloon";
+/// The serial port's id in device requests.
+const SERIAL_ID: &str = vmm_api::control::SERIAL_DEVICE_ID;
+// The wire limit is the port's.
+const _: () = assert!(vmm_api::control::SERIAL_INPUT_MAX == devices::legacy::INPUT_REQUEST_MAX);
 
 /// How long a `stats` request waits for the guest's balloon driver to send fresh statistics.
 const STATS_WAIT: Duration = Duration::from_millis(200);
@@ -385,6 +389,10 @@ impl Vm {
             }
             Request::Stop => Ok("stopping".into()),
             Request::Stats => Ok(self.memory_stats()),
+            Request::Device { id, request } if id == SERIAL_ID => lock(&self.serial)
+                .control(request)
+                .map(|answer| answer.to_string())
+                .map_err(RequestError::from),
             Request::Device { id, request } => self
                 .devices
                 .control(id, request)

@@ -209,6 +209,11 @@ pub fn start_timer() -> bool {
     ok
 }
 
+/// Stops the periodic tick: from then on only device interrupts end a [`wait`].
+pub fn stop_timer() {
+    lapic_write(0x380, 0);
+}
+
 /// Switches this CPU's LAPIC timer from the periodic tick to TSC-deadline mode (if the CPU
 /// has it): from then on the timer fires only at the deadline [`set_deadline`] programs, so
 /// an idle CPU sleeps until its next piece of work. Returns whether it switched.

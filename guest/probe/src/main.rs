@@ -10,6 +10,7 @@ mod agent;
 mod bench;
 mod bits;
 mod boot;
+mod echo;
 mod hostile;
 mod interrupts;
 mod mem;
@@ -74,6 +75,7 @@ extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
     match mode {
         "counter" => counter(boot.arg_u64("pv.counter.ms", 100)),
         "agent" => agent::run(),
+        "echo" => echo::run(),
         "hostile" => hostile::run(),
         "mem" => memcheck::run(),
         "screen" => screen::run(),

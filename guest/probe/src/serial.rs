@@ -64,6 +64,18 @@ pub fn line(args: fmt::Arguments) {
     LOCK.store(false, Ordering::Release);
 }
 
+/// Writes bytes as they are, under the serial spin lock (the echo console's echo).
+pub fn raw(bytes: &[u8]) {
+    while LOCK
+        .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+        .is_err()
+    {
+        core::hint::spin_loop();
+    }
+    bytes.iter().for_each(|b| put(*b));
+    LOCK.store(false, Ordering::Release);
+}
+
 /// Prints a line without taking the lock (fault and panic paths only).
 pub fn line_unlocked(args: fmt::Arguments) {
     let _ = Uart.write_str("PROBE ");

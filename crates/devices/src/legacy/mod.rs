@@ -9,7 +9,10 @@ mod serial;
 pub use cmos::{Cmos, CmosState, CmosStateError};
 pub use i8042::I8042;
 pub use power::{AcpiPm, DebugExit, PortSink};
-pub use serial::{EventFdTrigger, Serial, SerialState, SerialStateError};
+pub use serial::{
+    EventFdTrigger, InputCounters, InputOutcome, Serial, SerialControlError, SerialState,
+    SerialStateError, INPUT_CAP, INPUT_REQUEST_MAX,
+};
 
 use std::sync::Mutex;
 use vmm_sys_util::eventfd::EventFd;
