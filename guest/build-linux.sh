@@ -240,8 +240,14 @@ if [ -x /bin/pocketvisor-agent ] && grep -q 'pv.agent=1' /proc/cmdline; then
   agent=$!
   # The host ends the session by putting a file named pv-poweroff into the agent's inbox; the
   # guest then goes on to judge its kernel log and power off.
+  # pv.heartbeat=N: a line with the uptime every N seconds while the agent serves (the
+  # handset's suspend/resume check sees the guest go on where it was).
+  beat="$(tr ' ' '\n' </proc/cmdline | sed -n 's/^pv.heartbeat=//p' | tail -n1)"
+  i=0
   while kill -0 "$agent" 2>/dev/null && [ ! -e /var/lib/pocketvisor-agent/inbox/pv-poweroff ]; do
     sleep 1
+    i=$((i + 1))
+    [ -n "$beat" ] && [ $((i % beat)) -eq 0 ] && echo "LINUX heartbeat uptime=$(cut -d' ' -f1 /proc/uptime)"
   done
   kill "$agent" 2>/dev/null
   wait "$agent"

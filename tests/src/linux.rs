@@ -74,15 +74,21 @@ const KNOWN_KERNEL_WARNINGS: &[(&str, &str)] = &[(
      same L1 shows it too, and it is gone with --cpuid-hide xsave",
 )];
 
+/// The `WARNING:`, `BUG:` and `Oops` lines among the `LINUX klog` lines of a guest's console
+/// `lines`, other than the known ones of [`KNOWN_KERNEL_WARNINGS`].
+pub fn unexpected_kernel_warnings<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    lines
+        .into_iter()
+        .filter_map(|l| Some(&l[l.find("LINUX klog ")? + "LINUX klog ".len()..]))
+        .filter(|l| ["WARNING:", "BUG:", "Oops"].iter().any(|w| l.contains(w)))
+        .filter(|l| !KNOWN_KERNEL_WARNINGS.iter().any(|(k, _)| l.contains(k)))
+        .collect()
+}
+
 /// Asserts the guest's kernel log (the `LINUX klog` lines) has no `WARNING:`, `BUG:` or
 /// `Oops` other than the known ones of [`KNOWN_KERNEL_WARNINGS`].
 pub fn assert_clean_kernel_log(out: &Outcome) {
-    let bad: Vec<&str> = linux_lines(out)
-        .into_iter()
-        .filter_map(|l| l.strip_prefix("LINUX klog "))
-        .filter(|l| ["WARNING:", "BUG:", "Oops"].iter().any(|w| l.contains(w)))
-        .filter(|l| !KNOWN_KERNEL_WARNINGS.iter().any(|(k, _)| l.contains(k)))
-        .collect();
+    let bad = unexpected_kernel_warnings(linux_lines(out));
     assert!(
         bad.is_empty(),
         "the guest kernel logged {bad:?}\n{}",

@@ -19,6 +19,9 @@ use e2e::linux::{assert_clean_kernel_log, assert_selftest, field, linux_line, li
 use e2e::nested::{l1_timeout, run_in_l1_watched, L1Arch, L1Run};
 use e2e::{Outcome, TempDir, VmCommand};
 
+#[path = "nested/handset.rs"]
+mod handset;
+
 const INSIDE: &str = "PV_NESTED_INSIDE";
 /// Linux under nested SVM on TCG: 11-40 s on a loaded 2-core machine; generous.
 const LINUX_TIMEOUT: Duration = Duration::from_secs(300);

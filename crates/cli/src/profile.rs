@@ -16,6 +16,8 @@ The daemon (`pocketvisor handset`) must be running. Its socket is DIR/handset.so
 EXAMPLES:
   pocketvisor profile create work --template work
   pocketvisor profile create lab --file lab.toml
+  pocketvisor profile create home --template personal --kernel vmlinux \\
+      --initrd initramfs.cpio.gz --cmdline 'console=ttyS0 quiet'
   pocketvisor profile start work && pocketvisor profile switch work
   pocketvisor profile list --json")]
 pub struct ProfileArgs {
@@ -61,6 +63,14 @@ the daemon starts; default false).")]
         /// <state-dir>/assets/ (copy the kernel there first).
         #[arg(long, value_name = "ASSET")]
         kernel: Option<String>,
+        /// Initial ramdisk replacing the template's (none) or the file's: a guest asset's file
+        /// name, like --kernel.
+        #[arg(long, value_name = "ASSET")]
+        initrd: Option<String>,
+        /// Kernel command line replacing the template's or the file's (a template's is the
+        /// probe's agent mode, or `console=ttyS0` with --kernel).
+        #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+        cmdline: Option<String>,
     },
     /// List profiles.
     List,
@@ -520,12 +530,16 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             template,
             file,
             kernel,
+            initrd,
+            cmdline,
         } => {
             let req = match (template, file) {
                 (Some(t), None) => CreateProfile {
                     name: Some(name.context("a NAME is needed with --template")?),
                     template: Some(t),
                     kernel,
+                    initrd,
+                    cmdline,
                     spec: None,
                 },
                 (None, Some(f)) => {
@@ -537,6 +551,8 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                         name,
                         template: None,
                         kernel,
+                        initrd,
+                        cmdline,
                         spec: Some(spec),
                     }
                 }

@@ -72,6 +72,20 @@ pub struct CreateProfile {
         skip_serializing_if = "Option::is_none"
     )]
     pub kernel: Option<String>,
+    /// Initial ramdisk (a guest asset's file name) replacing the template's or the spec's.
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub initrd: Option<String>,
+    /// Kernel command line replacing the template's or the spec's.
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cmdline: Option<String>,
     /// A complete spec (instead of `template`).
     #[serde(
         default,
@@ -95,12 +109,12 @@ impl CreateProfile {
     }
 
     fn described_spec(self) -> Result<ProfileSpec> {
-        match (self.template, self.spec) {
+        let mut spec = match (self.template, self.spec) {
             (Some(t), None) => {
                 let name = self.name.ok_or_else(|| {
                     Error::BadRequest("\"name\" is required with \"template\"".into())
                 })?;
-                ProfileSpec::from_template(&t, &name, self.kernel.as_deref())
+                ProfileSpec::from_template(&t, &name, self.kernel.as_deref())?
             }
             (None, Some(mut spec)) => {
                 if let Some(n) = self.name {
@@ -109,13 +123,22 @@ impl CreateProfile {
                 if let Some(k) = self.kernel {
                     spec.kernel = k;
                 }
-                spec.validate()?;
-                Ok(spec)
+                spec
             }
-            _ => Err(Error::BadRequest(
-                "give exactly one of \"template\" and \"spec\"".into(),
-            )),
+            _ => {
+                return Err(Error::BadRequest(
+                    "give exactly one of \"template\" and \"spec\"".into(),
+                ))
+            }
+        };
+        if let Some(initrd) = self.initrd {
+            spec.initrd = Some(initrd.into());
         }
+        if let Some(cmdline) = self.cmdline {
+            spec.cmdline = cmdline;
+        }
+        spec.validate()?;
+        Ok(spec)
     }
 }
 
@@ -241,6 +264,38 @@ mod tests {
             ..Default::default()
         };
         assert!(nameless.into_spec().is_err());
+        // A Linux guest from a template: its kernel, initramfs and command line.
+        let linux = CreateProfile {
+            name: Some("w".into()),
+            template: Some("work".into()),
+            kernel: Some("vmlinux".into()),
+            initrd: Some("initramfs.cpio.gz".into()),
+            cmdline: Some("console=ttyS0 quiet".into()),
+            ..Default::default()
+        }
+        .into_spec()
+        .unwrap();
+        assert_eq!(
+            (linux.kernel.as_str(), linux.cmdline.as_str()),
+            ("vmlinux", "console=ttyS0 quiet")
+        );
+        assert_eq!(
+            linux.initrd.as_deref(),
+            Some(std::path::Path::new("initramfs.cpio.gz"))
+        );
+        assert_eq!(linux.channels.clipboard_to, Vec::<String>::new());
+        // The overrides are checked like the spec's own fields.
+        for (initrd, cmdline) in [("../etc/passwd", "x"), ("i.img", "bad\ncmdline")] {
+            let bad = CreateProfile {
+                name: Some("w".into()),
+                template: Some("personal".into()),
+                kernel: Some("vmlinux".into()),
+                initrd: Some(initrd.into()),
+                cmdline: Some(cmdline.into()),
+                ..Default::default()
+            };
+            assert!(bad.into_spec().is_err(), "{initrd:?} {cmdline:?}");
+        }
         for s in ["stopped", "running", "paused", "suspended", "failed"] {
             assert_eq!(ProfileState::parse(s).as_str(), s);
         }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use vmm_api::Request;
 
 use super::lifecycle::Event;
-use super::{Handset, CALL_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT};
+use super::{Handset, CALL_TIMEOUT, SNAPSHOT_TIMEOUT, START_TIMEOUT, STOP_TIMEOUT};
 use crate::cgroup::Cgroups;
 use crate::error::{Error, Result};
 use crate::spec::{ProfileSpec, RestartPolicy, RESTART_LIMIT, RESTART_WINDOW_SECS};
@@ -197,7 +197,13 @@ impl Handset {
             return Err(e);
         }
         // Wait until the API answers (the socket exists once the VM is built).
-        let deadline = Instant::now() + START_TIMEOUT;
+        // A restore reads the whole saved guest before its API answers: give it as long as
+        // the snapshot that wrote it had (a boot only builds the VM).
+        let wait = match launch {
+            Launch::Boot { .. } => START_TIMEOUT,
+            Launch::Restore { .. } => SNAPSHOT_TIMEOUT,
+        };
+        let deadline = Instant::now() + wait;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
                 self.cleanup_run(name);
@@ -212,7 +218,7 @@ impl Handset {
             if Instant::now() > deadline {
                 let e = fail(
                     &mut child,
-                    Error::Vmm(format!("no API socket after {START_TIMEOUT:?}")),
+                    Error::Vmm(format!("no API socket after {wait:?}")),
                 );
                 let _ = child.wait().await;
                 self.cleanup_run(name);
