@@ -4,11 +4,26 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use vmm::vmm_api::{ApiRequest, ApiResponse};
 use vmm::{Controller, Request};
+
+/// Requests taken from the socket whose answer is not written yet.
+static ANSWERING: AtomicUsize = AtomicUsize::new(0);
+
+/// Waits (up to `limit`) until every request taken from the socket has its answer written:
+/// the process may end right after the VM does (a migration), and the client that asked
+/// must still hear the outcome.
+pub fn wait_for_answers(limit: Duration) {
+    let until = Instant::now() + limit;
+    while ANSWERING.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
 
 /// Removes the socket file when the VM ends.
 pub struct SocketGuard(PathBuf);
@@ -83,10 +98,13 @@ fn serve_conn(stream: UnixStream, controller: &Controller) -> std::io::Result<()
         if line.trim().is_empty() {
             continue;
         }
+        ANSWERING.fetch_add(1, Ordering::AcqRel);
         let result = ApiRequest::parse_line(&line)
             .map_err(|e| e.to_string())
             .and_then(|req| controller.call(req).map_err(|e| e.to_string()));
-        out.write_all(ApiResponse::from_result(result).to_line().as_bytes())?;
+        let written = out.write_all(ApiResponse::from_result(result).to_line().as_bytes());
+        ANSWERING.fetch_sub(1, Ordering::AcqRel);
+        written?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ mod failure;
 mod follow;
 mod guest_data;
 mod handset;
+mod migrate;
 mod policy;
 mod portable;
 mod profile;
@@ -55,6 +56,10 @@ enum Command {
     Snapshot(snapshot::SnapshotArgs),
     /// Restore a VM from a snapshot directory and run it.
     Restore(snapshot::RestoreArgs),
+    /// Live-migrate a running VM (started with --api-socket) to a host waiting in `receive`.
+    Migrate(migrate::MigrateArgs),
+    /// Wait for a live migration from another host and run the VM that arrives.
+    Receive(Box<migrate::ReceiveArgs>),
     /// Pause a running VM in memory (started with --api-socket).
     Pause(snapshot::ControlArgs),
     /// Unpause a VM paused in memory (`resume` is the old name).
@@ -155,6 +160,8 @@ fn main() {
         Command::Doctor(args) => doctor::main(args),
         Command::Snapshot(args) => snapshot::snapshot(args),
         Command::Restore(args) => snapshot::restore(args),
+        Command::Migrate(args) => migrate::migrate(args),
+        Command::Receive(args) => migrate::receive(*args),
         Command::Pause(args) => snapshot::pause(args),
         Command::Unpause(args) => snapshot::resume(args),
         Command::Screenshot(args) => screenshot::main(args),

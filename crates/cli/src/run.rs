@@ -133,6 +133,7 @@ pub fn run_vm(vm: Vm, api_socket: Option<&std::path::Path>) -> Result<i32> {
             }
         },
         RunOutcome::Migrated => {
+            crate::api::wait_for_answers(std::time::Duration::from_secs(2));
             eprintln!("pocketvisor: migrated; the guest runs at the destination");
             0
         }

@@ -2,7 +2,9 @@
 //!
 //! The socket speaks one JSON object per line each way. Requests: `{"op":"pause"}`,
 //! `{"op":"resume"}`, `{"op":"stop"}`, `{"op":"snapshot","dir":"/path","resume":false}` (the VM
-//! stays paused unless `resume`), `{"op":"device","id":"balloon","request":{...}}` (a request
+//! stays paused unless `resume`), `{"op":"migrate","to":"host:port","key_file":"/path",
+//! "downtime_ms":30}` (live migration to a destination waiting for it; the answer comes once
+//! the guest runs there, and then this VMM ends), `{"op":"device","id":"balloon","request":{...}}` (a request
 //! to one device by id, whose payload the device interprets; `info` is the device's JSON
 //! answer), `{"op":"balloon","target_mib":N}` (short for the balloon's
 //! `{"op":"set_target","target_mib":N}` device request), `{"op":"stats"}` (`info` is a
@@ -52,8 +54,7 @@ pub enum Request {
         resume: bool,
     },
     /// Live-migrate the running VM to a destination VMM waiting for it (see the `vmm` crate's
-    /// `migration` module); on success the VM runs there and this one ends. Not served on
-    /// the API socket yet (no wire op): the VMM library's callers use it.
+    /// `migration` module); on success the VM runs there and this one ends.
     Migrate {
         /// The destination, `host:port`.
         to: String,
@@ -126,7 +127,19 @@ pub struct ApiRequest {
     /// The device's own request (`device` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<serde_json::Value>,
+    /// The destination, `host:port` (`migrate` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The migration key file, an absolute path (`migrate` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The downtime budget in milliseconds (`migrate` only; 30 when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
 }
+
+/// The downtime budget of a `migrate` line without `downtime_ms`, in milliseconds.
+pub const DEFAULT_DOWNTIME_MS: u64 = 30;
 
 /// Why a request line is refused before it reaches the VM.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,8 +162,14 @@ pub enum RequestError {
     /// `device` without its id and request, or `id`/`request` on another op.
     #[error("device needs \"id\" and \"request\", and only device takes them")]
     DeviceRequest,
+    /// `migrate` without its destination and absolute key file, or their fields on another op.
+    #[error(
+        "migrate needs \"to\" (host:port) and \"key_file\" (an absolute path), may take \
+         \"downtime_ms\", and only migrate takes them"
+    )]
+    MigrateRequest,
     /// An op nobody serves.
-    #[error("unknown op {0:?} (pause, resume, snapshot, stop, balloon, stats, device)")]
+    #[error("unknown op {0:?} (pause, resume, snapshot, stop, balloon, stats, device, migrate)")]
     UnknownOp(String),
 }
 
@@ -179,6 +198,9 @@ impl From<&Request> for ApiRequest {
             target_mib: None,
             id: None,
             request: None,
+            to: None,
+            key_file: None,
+            downtime_ms: None,
         };
         match r {
             Request::Snapshot { dir, resume } => {
@@ -189,8 +211,17 @@ impl From<&Request> for ApiRequest {
                 wire.id = Some(id.clone());
                 wire.request = Some(request.clone());
             }
-            // No wire form: `snapshot-stream` and `migrate` are refused as unknown ops.
-            Request::SnapshotStream { .. } | Request::Migrate { .. } => {}
+            Request::Migrate {
+                to,
+                key_file,
+                downtime_ms,
+            } => {
+                wire.to = Some(to.clone());
+                wire.key_file = Some(key_file.clone());
+                wire.downtime_ms = Some(*downtime_ms);
+            }
+            // No wire form: `snapshot-stream` is refused as an unknown op.
+            Request::SnapshotStream { .. } => {}
             Request::Pause | Request::Resume | Request::Stop | Request::Stats => {}
         }
         wire
@@ -201,6 +232,30 @@ impl TryFrom<ApiRequest> for Request {
     type Error = RequestError;
 
     fn try_from(r: ApiRequest) -> Result<Self, RequestError> {
+        let migrate_fields = r.to.is_some() || r.key_file.is_some() || r.downtime_ms.is_some();
+        if r.op == "migrate" {
+            return match (r.to, r.key_file) {
+                (Some(to), Some(key_file))
+                    if key_file.is_absolute()
+                        && !to.is_empty()
+                        && r.dir.is_none()
+                        && r.target_mib.is_none()
+                        && r.id.is_none()
+                        && r.request.is_none()
+                        && !r.resume =>
+                {
+                    Ok(Request::Migrate {
+                        to,
+                        key_file,
+                        downtime_ms: r.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+                    })
+                }
+                _ => Err(RequestError::MigrateRequest),
+            };
+        }
+        if migrate_fields {
+            return Err(RequestError::MigrateRequest);
+        }
         match (r.op.as_str(), r.id, r.request) {
             ("device", Some(id), Some(request)) if r.dir.is_none() && r.target_mib.is_none() => {
                 return Ok(Request::Device { id, request });
@@ -365,6 +420,26 @@ mod tests {
         ));
         assert_eq!(parse(r#"{"op":"stats"}"#), Ok(Request::Stats));
         assert_eq!(
+            parse(r#"{"op":"migrate","to":"h:1","key_file":"/k"}"#),
+            Ok(Request::Migrate {
+                to: "h:1".into(),
+                key_file: "/k".into(),
+                downtime_ms: DEFAULT_DOWNTIME_MS
+            })
+        );
+        for bad in [
+            r#"{"op":"migrate","to":"h:1"}"#,
+            r#"{"op":"migrate","key_file":"/k"}"#,
+            r#"{"op":"migrate","to":"h:1","key_file":"relative"}"#,
+            r#"{"op":"migrate","to":"","key_file":"/k"}"#,
+            r#"{"op":"migrate","to":"h:1","key_file":"/k","dir":"/x"}"#,
+            r#"{"op":"migrate","to":"h:1","key_file":"/k","resume":true}"#,
+            r#"{"op":"pause","to":"h:1"}"#,
+            r#"{"op":"snapshot","dir":"/x","downtime_ms":5}"#,
+        ] {
+            assert_eq!(parse(bad), Err(RequestError::MigrateRequest), "{bad}");
+        }
+        assert_eq!(
             parse(r#"{"op":"balloon"}"#),
             Err(RequestError::BalloonTarget)
         );
@@ -399,6 +474,11 @@ mod tests {
             Request::Snapshot {
                 dir: "/s".into(),
                 resume: true,
+            },
+            Request::Migrate {
+                to: "10.0.0.2:7000".into(),
+                key_file: "/etc/pv/migration.key".into(),
+                downtime_ms: 50,
             },
         ];
         for r in all {

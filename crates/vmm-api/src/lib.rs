@@ -19,5 +19,7 @@ pub mod snapshot_files;
 pub use config::{
     parse_mac, ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
 };
-pub use control::{ApiRequest, ApiResponse, MemoryStats, Request, RequestError};
+pub use control::{
+    ApiRequest, ApiResponse, MemoryStats, Request, RequestError, DEFAULT_DOWNTIME_MS,
+};
 pub use jail::{HostPath, JailBind, JailPathError, JailPlan, PathKind, PathRole};

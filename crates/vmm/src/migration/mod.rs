@@ -28,6 +28,8 @@
 
 pub mod wire;
 
+mod fault;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::Ordering;
@@ -320,6 +322,7 @@ impl Vm {
         })?;
         batch.flush(ch)?;
         end_round(ch)?;
+        fault::kill_point("migrate-round");
         let mut pages = batch.pages;
         let mut rate = bytes_per_sec(ch.bytes_sent - sent_before, round_start.elapsed());
         let mut rounds = 1u32;
@@ -386,12 +389,14 @@ impl Vm {
             .map_err(|e| refused(format!("cannot pause the VM: {e}")))?;
         let last = merge(pending, self.dirty.dirty_pages()?);
         let final_pages = send_dirty(ch, &self.mem, &last, || {})?;
+        fault::kill_point("migrate-stop-copy");
         let (state, _) = self.state_sections(threads)?;
         ch.send(Kind::State, &state.finish())?;
         ch.flush()?;
         expect(ch, Kind::Ready)?;
         ch.send(Kind::Commit, &[])?;
         ch.flush()?;
+        fault::kill_point("migrate-committed");
         expect(ch, Kind::Running).map_err(|error| Failure {
             error,
             in_doubt: true,
@@ -507,6 +512,7 @@ fn receive_on(ch: &mut Channel<TcpStream>, overrides: &RestoreOverrides) -> Resu
             Kind::RoundEnd => {
                 ch.send(Kind::RoundAck, &[])?;
                 ch.flush()?;
+                fault::kill_point("receive-round");
             }
             Kind::State => break f.payload,
             Kind::Abort => return Err(refused(abort_reason(&f.payload))),
@@ -517,10 +523,12 @@ fn receive_on(ch: &mut Channel<TcpStream>, overrides: &RestoreOverrides) -> Resu
     for r in vm_memory::GuestMemoryBackend::iter(&mem) {
         vm_memory::MmapRegion::bitmap(r).reset();
     }
+    fault::kill_point("receive-state");
     let vm = Vm::restore_migrated(&state, mem, &setup.regions, &setup.config, overrides)?;
     ch.send(Kind::Ready, &[])?;
     ch.flush()?;
     expect(ch, Kind::Commit)?;
+    fault::kill_point("receive-committed");
     // The source is committed: the guest runs here even if this answer is lost.
     let _ = ch.send(Kind::Running, &[]).and_then(|()| ch.flush());
     Ok(vm)

@@ -1,0 +1,109 @@
+//! `pocketvisor migrate` (the source's side, through its API socket) and `pocketvisor receive`
+//! (a VMM process that waits for a migrating VM and runs it).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use vmm::{Request, RestoreOverrides, SerialConfig};
+
+use crate::api;
+
+/// Live-migrate a running VM to a host waiting in `pocketvisor receive`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+The VM must have been started with --api-socket. It keeps running while its memory is copied
+and stands still only for the last copy (the downtime budget). The command returns once the
+destination confirms the guest runs there; the source VMM then ends with status 0. If anything
+fails before that, the guest runs on at the source and the command fails (status 1).
+
+EXAMPLE:
+  dest$ pocketvisor receive --listen 0.0.0.0:7000 --key /etc/pv/migration.key --serial file:/tmp/s.log
+  src$  pocketvisor migrate --api-socket /tmp/pv.sock --to dest:7000 --key /etc/pv/migration.key")]
+pub struct MigrateArgs {
+    /// The source VMM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// The destination, HOST:PORT.
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// The migration key both hosts hold (64 hexadecimal digits).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// The longest the guest may stand still for the final copy, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = vmm::vmm_api::DEFAULT_DOWNTIME_MS)]
+    downtime_ms: u64,
+}
+
+/// Wait for one live migration and run the VM that arrives.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Listens on --listen for one source (`pocketvisor migrate`), checks everything it sends as a
+restore does, and runs the guest once the source has committed. The configuration comes from
+the source; host-side paths can be changed with the flags below. If the migration fails,
+nothing runs here and the command fails (status 1). Otherwise the exit status is the
+guest's, as for `run`.")]
+pub struct ReceiveArgs {
+    /// Where to wait for the source, HOST:PORT (port 0: any free port; the address is printed).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: String,
+    /// The migration key both hosts hold (64 hexadecimal digits).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// Where the serial console goes: stdout, file:PATH or none [default: as at the source].
+    #[arg(long, value_name = "WHERE", value_parser = crate::run::parse_serial)]
+    serial: Option<SerialConfig>,
+    /// Disk image paths replacing the source's, in order. Repeatable.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
+    /// TAP names replacing the source's, in order. Repeatable.
+    #[arg(long, value_name = "NAME")]
+    tap: Vec<String>,
+    /// The vsock unix socket path.
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
+    /// Serve the control API on this unix socket once the guest runs.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+/// `pocketvisor migrate`.
+pub fn migrate(a: MigrateArgs) -> Result<i32> {
+    let key_file =
+        std::path::absolute(&a.key).with_context(|| format!("bad key path {}", a.key.display()))?;
+    // Checked here too, so a bad key is this command's error, not the VMM's.
+    vmm::migration::wire::read_key(&key_file).map_err(anyhow::Error::msg)?;
+    let info = api::call(
+        &a.api_socket,
+        &Request::Migrate {
+            to: a.to,
+            key_file,
+            downtime_ms: a.downtime_ms,
+        },
+    )?;
+    outln!("{info}");
+    Ok(0)
+}
+
+/// `pocketvisor receive`.
+pub fn receive(a: ReceiveArgs) -> Result<i32> {
+    let key = vmm::migration::wire::read_key(&a.key).map_err(anyhow::Error::msg)?;
+    let listener =
+        TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
+    let addr = listener.local_addr().context("the listening address")?;
+    // Scripts and tests read this line to learn the port.
+    eprintln!("pocketvisor: waiting for a migration on {addr}");
+    let (conn, peer) = listener.accept().context("accept the source")?;
+    drop(listener);
+    let overrides = RestoreOverrides {
+        serial: a.serial,
+        disks: a.disk,
+        vsock_socket: a.vsock_socket,
+        taps: a.tap,
+    };
+    let vm = vmm::migration::receive(conn, &key, &overrides)
+        .with_context(|| format!("the migration from {peer} failed; nothing runs here"))?;
+    eprintln!("pocketvisor: migrated from {peer}; the guest runs here");
+    crate::run::run_vm(vm, a.api_socket.as_deref())
+}

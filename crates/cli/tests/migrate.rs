@@ -1,0 +1,328 @@
+//! Live migration between two VMM processes, as a user runs it: `pocketvisor run
+//! --api-socket` at the source, `pocketvisor receive` at the destination, `pocketvisor
+//! migrate` to move the probe guest (counter mode) from one to the other. And kill -9 of
+//! either process at each phase (named kill points, `POCKETVISOR_KILL_AT`): the guest runs on
+//! exactly one side, or, when the destination dies after the source committed, stays paused
+//! at the source, where `unpause` runs it again.
+//!
+//! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
+
+mod common;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{bin, counters, read, wait_exit, wait_for, wait_until, Scratch, Vmm};
+
+const SCRATCH: &str = "pv-migtest";
+const KILL_AT: &str = "POCKETVISOR_KILL_AT";
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The two sides of one migration, their logs in a scratch directory.
+struct Pair {
+    dir: Scratch,
+    source: Vmm,
+    dest: Vmm,
+    /// Where the destination listens.
+    addr: String,
+}
+
+impl Pair {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path(name)
+    }
+
+    fn src_log(&self) -> PathBuf {
+        self.path("src.serial")
+    }
+
+    fn dst_log(&self) -> PathBuf {
+        self.path("dst.serial")
+    }
+
+    fn sock(&self) -> PathBuf {
+        self.path("src.sock")
+    }
+
+    /// `pocketvisor migrate` from the source to the destination with `key`.
+    fn migrate(&self, key: &Path) -> Output {
+        Command::new(bin())
+            .args(["migrate", "--api-socket"])
+            .arg(self.sock())
+            .args(["--to", &self.addr, "--key"])
+            .arg(key)
+            .output()
+            .expect("run pocketvisor migrate")
+    }
+}
+
+fn write_key(path: &Path, byte: u8) -> PathBuf {
+    std::fs::write(path, format!("{byte:02x}").repeat(32) + "\n").unwrap();
+    path.to_path_buf()
+}
+
+fn stderr_to(path: &Path) -> Stdio {
+    Stdio::from(File::create(path).unwrap())
+}
+
+fn spawn_env(args: &[&str], stderr: &Path, env: &[(&str, &str)]) -> Vmm {
+    let mut c = Command::new(bin());
+    c.args(args).stdout(Stdio::null()).stderr(stderr_to(stderr));
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    Vmm(c.spawn().expect("start pocketvisor"))
+}
+
+/// The last counter the log at `path` shows (0 when none yet).
+fn last(path: &Path) -> u64 {
+    counters(&read(path)).last().copied().unwrap_or(0)
+}
+
+/// Whether the counter in `path` goes on past what it showed.
+fn keeps_counting(path: &Path) -> bool {
+    let now = last(path);
+    wait_until(|| last(path) >= now + 3, WAIT)
+}
+
+/// A counting source (its env carries `src_env`) and a destination waiting with the key
+/// byte `dst_key` (its env carries `dst_env`). None when KVM or the probe is missing.
+fn pair(
+    name: &str,
+    dst_key: u8,
+    src_env: &[(&str, &str)],
+    dst_env: &[(&str, &str)],
+) -> Option<Pair> {
+    let probe = common::probe(true)?;
+    let dir = Scratch::new(SCRATCH, name);
+    let key = write_key(&dir.path("dst.key"), dst_key);
+    let serial = format!("file:{}", dir.path("src.serial").display());
+    let source = spawn_env(
+        &[
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            "pv.mode=counter pv.counter.ms=20",
+            "--memory",
+            "64M",
+            "--rng",
+            "--serial",
+            &serial,
+            "--api-socket",
+            dir.path("src.sock").to_str().unwrap(),
+        ],
+        &dir.path("src.stderr"),
+        src_env,
+    );
+    let dst_serial = format!("file:{}", dir.path("dst.serial").display());
+    let dest = spawn_env(
+        &[
+            "receive",
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            key.to_str().unwrap(),
+            "--serial",
+            &dst_serial,
+        ],
+        &dir.path("dst.stderr"),
+        dst_env,
+    );
+    let stderr = dir.path("dst.stderr");
+    assert!(
+        wait_for(&stderr, "waiting for a migration on ", WAIT),
+        "the destination did not listen: {}",
+        read(&stderr)
+    );
+    let text = read(&stderr);
+    let addr = text
+        .split("waiting for a migration on ")
+        .nth(1)
+        .and_then(|rest| rest.lines().next())
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        wait_for(&dir.path("src.serial"), "PROBE counter 3\n", WAIT),
+        "the source does not count: {}",
+        read(&dir.path("src.stderr"))
+    );
+    Some(Pair {
+        dir,
+        source,
+        dest,
+        addr,
+    })
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_guest_moves_to_the_other_process_and_counts_on_there() {
+    let Some(mut p) = pair("ok", 7, &[], &[]) else {
+        return;
+    };
+    let key = write_key(&p.path("src.key"), 7);
+    let out = p.migrate(&key);
+    assert!(out.status.success(), "migrate failed: {}", text(&out));
+    assert!(text(&out).contains("migrated rounds="), "{}", text(&out));
+    // The source ends, with status 0, only once the destination runs the guest.
+    assert_eq!(wait_exit(&mut p.source, WAIT), Some(0));
+    let at_source = last(&p.src_log());
+    assert!(
+        wait_until(|| last(&p.dst_log()) > at_source + 3, WAIT),
+        "the destination does not count on from {at_source}: {}\n{}",
+        read(&p.dst_log()),
+        read(&p.path("dst.stderr"))
+    );
+    // The guest's memory came along: it counts on from where it was, not from 0.
+    let first_there = counters(&read(&p.dst_log()))[0];
+    assert!(
+        first_there > at_source.saturating_sub(5) && first_there <= at_source + 5,
+        "the destination started at {first_there}, the source ended at {at_source}"
+    );
+    assert!(
+        p.dest.0.try_wait().unwrap().is_none(),
+        "the destination ended"
+    );
+}
+
+#[test]
+fn another_key_is_refused_and_the_guest_runs_on_at_the_source() {
+    let Some(mut p) = pair("key", 8, &[], &[]) else {
+        return;
+    };
+    let key = write_key(&p.path("src.key"), 7);
+    let out = p.migrate(&key);
+    assert!(!out.status.success(), "migrated under another key");
+    assert!(
+        text(&out).contains("the guest runs on here"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(wait_exit(&mut p.dest, WAIT), Some(1));
+    assert!(
+        read(&p.path("dst.stderr")).contains("nothing runs here"),
+        "{}",
+        read(&p.path("dst.stderr"))
+    );
+    assert!(keeps_counting(&p.src_log()), "the source stopped counting");
+    assert!(counters(&read(&p.dst_log())).is_empty());
+}
+
+/// The source is killed at `point`: the destination must not run the guest.
+fn source_killed_before_commit(point: &str) {
+    let env = [(KILL_AT, point)];
+    let Some(mut p) = pair(&format!("src-{point}"), 7, &env, &[]) else {
+        return;
+    };
+    let key = write_key(&p.path("src.key"), 7);
+    let out = p.migrate(&key);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        wait_exit(&mut p.source, WAIT),
+        None,
+        "not killed at {point}"
+    );
+    assert_eq!(
+        wait_exit(&mut p.dest, WAIT),
+        Some(1),
+        "{}",
+        read(&p.path("dst.stderr"))
+    );
+    assert!(
+        counters(&read(&p.dst_log())).is_empty(),
+        "the guest ran at the destination"
+    );
+}
+
+#[test]
+fn source_killed_during_the_rounds_runs_nothing_at_the_destination() {
+    source_killed_before_commit("migrate-round");
+}
+
+#[test]
+fn source_killed_during_stop_and_copy_runs_nothing_at_the_destination() {
+    source_killed_before_commit("migrate-stop-copy");
+}
+
+#[test]
+fn source_killed_just_after_the_commit_leaves_the_guest_at_the_destination() {
+    let env = [(KILL_AT, "migrate-committed")];
+    let Some(mut p) = pair("src-committed", 7, &env, &[]) else {
+        return;
+    };
+    let key = write_key(&p.path("src.key"), 7);
+    let _ = p.migrate(&key);
+    assert_eq!(wait_exit(&mut p.source, WAIT), None, "not killed");
+    assert!(
+        wait_until(|| last(&p.dst_log()) > 3, WAIT),
+        "the destination does not run the guest: {}",
+        read(&p.path("dst.stderr"))
+    );
+    assert!(keeps_counting(&p.dst_log()));
+}
+
+/// The destination is killed at `point` before the source committed: the guest runs on at
+/// the source.
+fn destination_killed_before_commit(point: &str) {
+    let env = [(KILL_AT, point)];
+    let Some(mut p) = pair(&format!("dst-{point}"), 7, &[], &env) else {
+        return;
+    };
+    let key = write_key(&p.path("src.key"), 7);
+    let out = p.migrate(&key);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the guest runs on here"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(wait_exit(&mut p.dest, WAIT), None, "not killed at {point}");
+    assert!(keeps_counting(&p.src_log()), "the source stopped counting");
+}
+
+#[test]
+fn destination_killed_during_the_rounds_leaves_the_guest_at_the_source() {
+    destination_killed_before_commit("receive-round");
+}
+
+#[test]
+fn destination_killed_during_stop_and_copy_leaves_the_guest_at_the_source() {
+    destination_killed_before_commit("receive-state");
+}
+
+#[test]
+fn destination_killed_after_the_commit_leaves_the_guest_paused_at_the_source() {
+    let env = [(KILL_AT, "receive-committed")];
+    let Some(mut p) = pair("dst-committed", 7, &[], &env) else {
+        return;
+    };
+    let key = write_key(&p.path("src.key"), 7);
+    let out = p.migrate(&key);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("in doubt"), "{}", text(&out));
+    assert_eq!(wait_exit(&mut p.dest, WAIT), None, "not killed");
+    // In doubt: paused here, never lost; the guest did not run there.
+    let held = last(&p.src_log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(last(&p.src_log()), held, "the source ran on while in doubt");
+    assert!(p.source.0.try_wait().unwrap().is_none(), "the source ended");
+    assert!(counters(&read(&p.dst_log())).is_empty());
+    let out = Command::new(bin())
+        .args(["unpause", "--api-socket"])
+        .arg(p.sock())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(keeps_counting(&p.src_log()), "unpause did not run it again");
+}

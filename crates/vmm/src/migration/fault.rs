@@ -1,0 +1,27 @@
+//! Named kill points for the migration crash tests (the same convention as the handset's:
+//! `POCKETVISOR_KILL_AT` names one or more points, comma separated).
+//!
+//! Source: `migrate-round` (after the first round), `migrate-stop-copy` (paused, last pages
+//! sent, state not yet), `migrate-committed` (after `Commit`). Destination: `receive-round`
+//! (after acknowledging a round), `receive-state` (the state arrived, nothing built yet),
+//! `receive-committed` (after the source's `Commit`, before answering `Running`). When the
+//! variable names the point the process sends itself SIGKILL there, as `kill -9` would.
+//! Unset (always, outside the tests), a point costs one environment lookup.
+
+/// The variable naming the kill point(s).
+pub const KILL_AT_VAR: &str = "POCKETVISOR_KILL_AT";
+
+/// Dies (SIGKILL to ourselves) if `POCKETVISOR_KILL_AT` names `point`.
+pub fn kill_point(point: &str) {
+    let Some(wanted) = std::env::var_os(KILL_AT_VAR) else {
+        return;
+    };
+    if wanted
+        .to_str()
+        .is_some_and(|w| w.split(',').any(|p| p.trim() == point))
+    {
+        tracing::warn!("{KILL_AT_VAR}: killing this process at {point}");
+        // SAFETY: kill(2) on our own pid; SIGKILL ends the process here.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
