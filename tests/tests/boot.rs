@@ -257,3 +257,60 @@ fn boots_with_ram_split_around_the_mmio_hole() {
         out.describe()
     );
 }
+
+/// The host's TSC rate in kHz, measured against the monotonic clock over 200 ms.
+#[cfg(target_arch = "x86_64")]
+fn host_tsc_khz() -> u64 {
+    // SAFETY: rdtsc has no preconditions on x86_64.
+    let tsc = || unsafe { std::arch::x86_64::_rdtsc() };
+    let (t0, c0) = (Instant::now(), tsc());
+    std::thread::sleep(Duration::from_millis(200));
+    let (c1, t1) = (tsc(), Instant::now());
+    let us = u64::try_from((t1 - t0).as_micros()).expect("200 ms fits u64");
+    (c1 - c0) * 1000 / us
+}
+
+/// A host that stops the guest for longer than the PIT's 16-bit counter takes to wrap
+/// (55 ms) while the probe calibrates its TSC must not make the guest's clock wrong: before
+/// the fix the probe counted only the ticks after the wrap and measured the TSC many times
+/// too fast (97 GHz on a 2.6 GHz host under load), so every guest wait lasted tens of times
+/// longer (the jail test's vsock wait of 2 s took over a minute).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn a_guest_stopped_while_it_calibrates_still_keeps_time() {
+    if !require_kvm("a_guest_stopped_while_it_calibrates_still_keeps_time") {
+        return;
+    }
+    let host = host_tsc_khz();
+    let mut vm = VmCommand::probe("pv.tests=pci").spawn();
+    // Stop the whole VMM for 70 ms (a PIT wrap and more) after every 15 ms it runs, until
+    // the guest reports the rate it measured.
+    let mut stops = 0;
+    let info = loop {
+        if let Some(l) = vm.wait_for_line(Duration::from_millis(15), |l| {
+            l.starts_with("PROBE info tsc_khz=")
+        }) {
+            break l.1;
+        }
+        assert!(
+            vm.is_running() && stops < 1000,
+            "no info line after {stops} stops\n{}\nstderr: {}",
+            vm.drain(),
+            vm.stderr_so_far()
+        );
+        vm.signal(libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(70));
+        vm.signal(libc::SIGCONT);
+        stops += 1;
+    };
+    let out = vm.wait();
+    assert_eq!(out.code(), Some(0), "{}", out.describe());
+    let guest: u64 = e2e::probe::ProbeLine::parse(&info)
+        .and_then(|l| l.field_u64("tsc_khz"))
+        .unwrap_or_else(|| panic!("bad info line {info:?}"));
+    eprintln!("MEASURE tsc_khz guest={guest} host={host} after {stops} stops of 70 ms");
+    assert!(
+        guest.abs_diff(host) * 10 < host,
+        "the guest measured {guest} kHz, the host's TSC runs at {host} kHz ({stops} stops)"
+    );
+}

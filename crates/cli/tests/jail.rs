@@ -78,7 +78,13 @@ fn vmm_command(s: &Scratch, p: &Profile, id: &str, extra: &[&str]) -> Command {
     c
 }
 
+/// Everything the VMM wrote on stderr; a VMM still running is killed first (its stderr
+/// would not end, and a failing check would hang instead of saying why).
 fn stderr_of(vmm: &mut Vmm) -> String {
+    if matches!(vmm.0.try_wait(), Ok(None)) {
+        let _ = vmm.0.kill();
+        let _ = vmm.0.wait();
+    }
     let mut s = String::new();
     if let Some(e) = vmm.0.stderr.as_mut() {
         use std::io::Read;
@@ -596,6 +602,7 @@ fn vsock_api_and_snapshot(s: &Scratch, probe: &Path, trace: Option<&Path>) {
     assert_eq!(&echo, b"through the jail");
 
     let a = UnixStream::connect(&api).unwrap();
+    a.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut answers = BufReader::new(a.try_clone().unwrap());
     for req in [
         r#"{"op":"pause"}"#,
