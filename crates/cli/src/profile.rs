@@ -122,7 +122,7 @@ state, so it is refused unless --discard is given.")]
         #[arg(long)]
         discard: bool,
     },
-    /// Snapshot a running profile to disk and end its VMM.
+    /// Snapshot a running profile to disk and end its VMM (`resume` restores it).
     Suspend {
         /// Profile name.
         name: String,
@@ -136,6 +136,22 @@ A profile that `pocketvisor export` moved to a file is refused unless --reclaim 
         /// Resume a profile marked as moved by an export.
         #[arg(long)]
         reclaim: bool,
+    },
+    /// Pause a running profile in memory: its vCPUs stop, its RAM stays (see `unpause`).
+    #[command(after_help = "\
+pause/unpause keep the guest in its VMM's memory (instant, nothing written); suspend/resume
+save it to disk and end the VMM (the memory goes back to the host). A profile you paused stays
+paused when switched to and refuses clipboard and file transfers until unpaused; `list` shows
+it as `paused` with the detail `user` (`background` for one paused by `background = \"pause\"`,
+which a switch runs again).")]
+    Pause {
+        /// Profile name.
+        name: String,
+    },
+    /// Let a profile paused with `pause` run again.
+    Unpause {
+        /// Profile name.
+        name: String,
     },
     /// Delete a stopped or failed profile with its disks.
     #[command(after_help = "\
@@ -617,6 +633,8 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             lifecycle(&c, json, &name, "resume", query)?
         }
         ProfileCmd::Switch { name } => lifecycle(&c, json, &name, "switch", "")?,
+        ProfileCmd::Pause { name } => lifecycle(&c, json, &name, "pause", "")?,
+        ProfileCmd::Unpause { name } => lifecycle(&c, json, &name, "unpause", "")?,
         ProfileCmd::Screenshot { name, output } => {
             crate::screenshot::ImageFormat::for_path(&output)?;
             let answer: serde_json::Value =

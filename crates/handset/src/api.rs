@@ -47,6 +47,10 @@ pub enum Op {
     Suspend,
     /// Resume from disk.
     Resume,
+    /// Stop the vCPUs, memory kept.
+    Pause,
+    /// Run a paused profile's vCPUs again.
+    Unpause,
     /// Bring to the foreground.
     Switch,
     /// A profile's lifecycle events.
@@ -104,6 +108,8 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles/{name}/stop", Op::Stop),
     r("POST", "/v1/profiles/{name}/suspend", Op::Suspend),
     r("POST", "/v1/profiles/{name}/resume", Op::Resume),
+    r("POST", "/v1/profiles/{name}/pause", Op::Pause),
+    r("POST", "/v1/profiles/{name}/unpause", Op::Unpause),
     r("POST", "/v1/profiles/{name}/switch", Op::Switch),
     r("GET", "/v1/profiles/{name}/events", Op::Events),
     r("GET", "/v1/profiles/{name}/screenshot", Op::Screenshot),
@@ -304,6 +310,8 @@ async fn stop(
 
 lifecycle!(suspend, "suspend");
 lifecycle!(switch, "switch");
+lifecycle!(pause, "pause");
+lifecycle!(unpause, "unpause");
 
 /// A query string, or the 400 (with the JSON error body) saying what is wrong with it.
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
@@ -387,6 +395,8 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Stop => post(stop),
         Op::Suspend => post(suspend),
         Op::Resume => post(resume),
+        Op::Pause => post(pause),
+        Op::Unpause => post(unpause),
         Op::Switch => post(switch),
         Op::Events => get(events),
         Op::Screenshot => get(screenshot),

@@ -15,7 +15,8 @@ pub enum ProfileState {
     Stopped,
     /// The VMM runs the guest.
     Running,
-    /// The VMM is paused in memory (a `background = "pause"` profile in the background).
+    /// The VMM is paused in memory: by the user (`profile pause`, detail `user`) or in the
+    /// background (a `background = "pause"` profile; detail `background`).
     Paused,
     /// Saved to `profiles/<name>/snapshot/`, no process.
     Suspended,

@@ -1330,3 +1330,70 @@ fn profile_set_changes_settings_all_or_nothing_for_the_next_start() {
     d.act("s", "resume").unwrap();
     d.act("s", "stop").unwrap();
 }
+
+/// `profile pause` / `unpause`: the guest stops counting with its VMM and memory kept, stays
+/// paused when switched to, refuses transfers and unpause-less operations say why; `list`
+/// shows `paused` with the detail `user`; events record both.
+#[test]
+fn pause_keeps_the_guest_in_memory_until_unpause() {
+    if !can_run_vms("pause_keeps_the_guest_in_memory_until_unpause") {
+        return;
+    }
+    let d = Daemon::start("pause");
+    d.create_probe("work", 64, "");
+    d.create_probe("home", 64, "");
+    let before = d.act("work", "start").unwrap();
+    d.act("home", "start").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || last_counter(&d.serial("work"))
+            .is_some_and(|n| n >= 3)),
+        "work does not count: {}",
+        d.serial("work")
+    );
+    let out = d.cli(&["pause", "work"]);
+    let said = stdout(&out);
+    assert!(said.starts_with("work: paused"), "{said}");
+    let p = d.show("work");
+    assert_eq!((p.state, p.detail.as_str()), (ProfileState::Paused, "user"));
+    assert_eq!(p.pid, before.pid, "the same VMM keeps the guest");
+    // Paused: the counter does not move (20 ms ticks), also after a switch to it.
+    let frozen = last_counter(&d.serial("work"));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(last_counter(&d.serial("work")), frozen);
+    d.act("home", "switch").unwrap();
+    d.act("work", "switch").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(last_counter(&d.serial("work")), frozen);
+    assert_eq!(d.show("work").state, ProfileState::Paused);
+    let table = stdout(&d.cli(&["list"]));
+    let row = table.lines().find(|l| l.starts_with("work ")).unwrap();
+    assert!(row.contains("paused") && row.ends_with("user"), "{table}");
+    // What does not apply says why.
+    let e = d.act("work", "pause").unwrap_err().to_string();
+    assert!(e.contains("already paused"), "{e}");
+    let e = d.act("home", "unpause").unwrap_err().to_string();
+    assert!(e.contains("running, not paused"), "{e}");
+    let e = d.act("work", "resume").unwrap_err().to_string();
+    assert!(e.contains("not suspended: unpause it"), "{e}");
+    let out = d.cli(&["clipboard", "set", "work", "x"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("profile unpause work"), "{err}");
+
+    let said = stdout(&d.cli(&["unpause", "work"]));
+    assert!(said.starts_with("work: running"), "{said}");
+    let f = frozen.unwrap_or(0);
+    assert!(
+        wait_until(Duration::from_secs(20), || last_counter(&d.serial("work"))
+            .is_some_and(|n| n > f)),
+        "work does not count again: {}",
+        d.serial("work")
+    );
+    assert_eq!(d.show("work").pid, before.pid);
+    let events = d.events("work");
+    let i = events.iter().position(|e| e == "paused").expect("paused event");
+    assert!(events[i..].iter().any(|e| e == "unpaused"), "{events:?}");
+    // A stopped profile cannot be paused.
+    d.act("home", "stop").unwrap();
+    let e = d.act("home", "pause").unwrap_err().to_string();
+    assert!(e.contains("stopped, not running"), "{e}");
+}

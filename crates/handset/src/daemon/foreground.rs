@@ -22,15 +22,21 @@ pub(super) struct Placement {
     pub change: Option<Event>,
 }
 
-/// The placement of a profile in `state` with `spec`, in the foreground or not.
-pub(super) fn placement(is_fg: bool, state: Option<ProfileState>, spec: &ProfileSpec) -> Placement {
+/// The placement of a profile in `state` with `spec`, in the foreground or not; one the user
+/// paused (`user_paused`) stays paused until unpaused.
+pub(super) fn placement(
+    is_fg: bool,
+    state: Option<ProfileState>,
+    user_paused: bool,
+    spec: &ProfileSpec,
+) -> Placement {
     let weight = if is_fg {
         spec.cpu.foreground
     } else {
         spec.cpu.background
     };
     let change = match (is_fg, state) {
-        (true, Some(ProfileState::Paused)) => Some(Event::ForegroundResumed),
+        (true, Some(ProfileState::Paused)) if !user_paused => Some(Event::ForegroundResumed),
         (false, Some(ProfileState::Running)) if spec.background == BackgroundMode::Pause => {
             Some(Event::BackgroundPaused)
         }
@@ -127,7 +133,7 @@ impl Handset {
                 .db()
                 .profile(n)?
                 .map(|r| ProfileState::parse(&r.state));
-            let p = placement(fg == Some(n.as_str()), state, &spec);
+            let p = placement(fg == Some(n.as_str()), state, self.user_paused(n)?, &spec);
             if let Err(e) = self.cgroups.set_weight(n, p.weight) {
                 tracing::warn!("{n}: {e}");
                 first_err.get_or_insert(e);
@@ -183,6 +189,11 @@ impl Handset {
         };
         let mut any = false;
         for n in names {
+            if self.user_paused(n)? {
+                return Err(Error::Conflict(format!(
+                    "profile {n:?} is paused: `profile unpause {n}` first"
+                )));
+            }
             any |= paused(n)?;
         }
         if !any {
@@ -242,7 +253,7 @@ mod tests {
     fn the_foreground_gets_its_weight_and_runs() {
         let run = spec(BackgroundMode::Run);
         let sus = spec(BackgroundMode::Pause);
-        let p = placement(true, Some(ProfileState::Running), &sus);
+        let p = placement(true, Some(ProfileState::Running), false, &sus);
         assert_eq!(
             p,
             Placement {
@@ -250,11 +261,11 @@ mod tests {
                 change: None
             }
         );
-        let p = placement(true, Some(ProfileState::Paused), &sus);
+        let p = placement(true, Some(ProfileState::Paused), false, &sus);
         assert_eq!(p.change, Some(Event::ForegroundResumed));
         assert_eq!(request_for(p.change.unwrap()), Request::Resume);
         // In the background: the lower weight; paused only with background = "pause".
-        let p = placement(false, Some(ProfileState::Running), &run);
+        let p = placement(false, Some(ProfileState::Running), false, &run);
         assert_eq!(
             p,
             Placement {
@@ -262,13 +273,20 @@ mod tests {
                 change: None
             }
         );
-        let p = placement(false, Some(ProfileState::Running), &sus);
+        let p = placement(false, Some(ProfileState::Running), false, &sus);
         assert_eq!(p.change, Some(Event::BackgroundPaused));
         assert_eq!(request_for(p.change.unwrap()), Request::Pause);
         assert_eq!(
-            placement(false, Some(ProfileState::Paused), &sus).change,
+            placement(false, Some(ProfileState::Paused), false, &sus).change,
             None
         );
+        // A profile the user paused stays paused in the foreground, whatever its mode.
+        for s in [&run, &sus] {
+            assert_eq!(
+                placement(true, Some(ProfileState::Paused), true, s).change,
+                None
+            );
+        }
     }
 
     #[test]

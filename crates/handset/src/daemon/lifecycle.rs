@@ -23,6 +23,10 @@ pub enum Event {
     Switch,
     /// API: remove a profile that has no VMM.
     Delete,
+    /// API: stop a running profile's vCPUs, keeping it in memory (`profile pause`).
+    Pause,
+    /// API: let a paused profile's vCPUs run again (`profile unpause`).
+    Unpause,
     /// Supervisor: a VMM for the profile is up and answering (boot, restore or restart).
     Launched,
     /// Supervisor: the VMM the daemon asked to end has ended.
@@ -56,6 +60,10 @@ pub enum Action {
     DiscardSnapshot,
     /// Snapshot the VM, then end its VMM.
     Snapshot,
+    /// Pause the VMM's vCPUs.
+    PauseVmm,
+    /// Let the VMM's vCPUs run again.
+    ResumeVmm,
     /// Reassign the foreground.
     Place,
     /// Remove the profile's files and registry row.
@@ -88,6 +96,7 @@ enum Why {
     Already,
     NotRunning,
     NotSuspended,
+    NotPaused,
     PausedInBackground,
     StartFirst,
     StopFirst,
@@ -102,6 +111,7 @@ impl Refused {
             Why::Already => format!("profile {name:?} is already {s}"),
             Why::NotRunning => format!("profile {name:?} is {s}, not running"),
             Why::NotSuspended => format!("profile {name:?} is {s}, not suspended"),
+            Why::NotPaused => format!("profile {name:?} is {s}, not paused"),
             Why::PausedInBackground => {
                 format!("profile {name:?} is paused in the background: switch to it")
             }
@@ -135,6 +145,11 @@ pub fn step(state: ProfileState, event: Event) -> Result<Step, Refused> {
         (Stopped | Failed | Suspended, E::Switch) => no(Why::StartFirst),
         (Running | Paused, E::Delete) => no(Why::StopFirst),
         (Stopped | Failed | Suspended, E::Delete) => to(Stopped, A::Remove),
+        (Running, E::Pause) => to(Paused, A::PauseVmm),
+        (Paused, E::Pause) => no(Why::Already),
+        (Stopped | Failed | Suspended, E::Pause) => no(Why::NotRunning),
+        (Paused, E::Unpause) => to(Running, A::ResumeVmm),
+        (Stopped | Failed | Suspended | Running, E::Unpause) => no(Why::NotPaused),
         // The supervisor's observations. A restart after a crash launches over a state that
         // is still running or paused; a boot or restore over stopped, failed or suspended.
         (_, E::Launched) => to(Running, A::Record),
@@ -161,7 +176,9 @@ mod tests {
     use ProfileState::{Failed, Paused, Running, Stopped, Suspended};
 
     const STATES: [ProfileState; 5] = [Stopped, Running, Paused, Suspended, Failed];
-    const EVENTS: [Event; 15] = [
+    const EVENTS: [Event; 17] = [
+        Event::Pause,
+        Event::Unpause,
         Event::Start,
         Event::Stop,
         Event::Suspend,
@@ -209,6 +226,38 @@ mod tests {
         assert_eq!(
             step(Suspended, Event::Delete).unwrap().action,
             Action::Remove
+        );
+    }
+
+    #[test]
+    fn pause_and_unpause_toggle_a_live_profile_in_memory() {
+        assert_eq!(
+            step(Running, Event::Pause).unwrap(),
+            Step {
+                next: Paused,
+                action: Action::PauseVmm
+            }
+        );
+        assert_eq!(
+            step(Paused, Event::Unpause).unwrap(),
+            Step {
+                next: Running,
+                action: Action::ResumeVmm
+            }
+        );
+        let msg = |s, e| step(s, e).unwrap_err().message("work");
+        assert_eq!(msg(Paused, Event::Pause), "profile \"work\" is already paused");
+        assert_eq!(
+            msg(Suspended, Event::Pause),
+            "profile \"work\" is suspended, not running"
+        );
+        assert_eq!(
+            msg(Running, Event::Unpause),
+            "profile \"work\" is running, not paused"
+        );
+        assert_eq!(
+            msg(Suspended, Event::Unpause),
+            "profile \"work\" is suspended, not paused"
         );
     }
 

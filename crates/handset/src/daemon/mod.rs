@@ -15,6 +15,7 @@
 mod foreground;
 mod intent;
 pub mod lifecycle;
+pub mod pause;
 mod registry;
 pub mod settings;
 mod supervisor;
@@ -514,6 +515,11 @@ impl Handset {
     pub async fn resume(self: &Arc<Self>, name: &str, reclaim: bool) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
+        if self.user_paused(name)? {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} is paused in memory, not suspended: unpause it"
+            )));
+        }
         self.registry.check(name, Event::Resume)?;
         self.check_moved(name, "resume", reclaim)?;
         self.resume_locked(name).await?;
