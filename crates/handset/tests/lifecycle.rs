@@ -1390,7 +1390,10 @@ fn pause_keeps_the_guest_in_memory_until_unpause() {
     );
     assert_eq!(d.show("work").pid, before.pid);
     let events = d.events("work");
-    let i = events.iter().position(|e| e == "paused").expect("paused event");
+    let i = events
+        .iter()
+        .position(|e| e == "paused")
+        .expect("paused event");
     assert!(events[i..].iter().any(|e| e == "unpaused"), "{events:?}");
     // A stopped profile cannot be paused.
     d.act("home", "stop").unwrap();

@@ -246,7 +246,10 @@ mod tests {
             }
         );
         let msg = |s, e| step(s, e).unwrap_err().message("work");
-        assert_eq!(msg(Paused, Event::Pause), "profile \"work\" is already paused");
+        assert_eq!(
+            msg(Paused, Event::Pause),
+            "profile \"work\" is already paused"
+        );
         assert_eq!(
             msg(Suspended, Event::Pause),
             "profile \"work\" is suspended, not running"
