@@ -6,6 +6,7 @@ mod stdout;
 
 mod api;
 mod civil_time;
+mod console;
 mod doctor;
 mod failure;
 mod follow;

@@ -195,6 +195,31 @@ EXAMPLE:
         #[arg(short, long)]
         follow: bool,
     },
+    /// Attach to a running profile's serial console (type into the guest; Ctrl-] detaches).
+    #[command(after_help = "\
+The recent output (the tail of the serial log, --history bytes) comes first, then the guest's
+output as it is printed. On a terminal every key goes to the guest (Ctrl-C too) and Ctrl-]
+detaches; the terminal is restored however the console ends. With stdin not a terminal its
+bytes are sent as they are and, at its end, the console exits once the guest has printed
+nothing for --drain-ms (after --drain-max-ms at the latest, for a guest that never stops
+printing). One console per profile at a time: a second is refused while one is attached. The console closes when the profile stops, is suspended or restarts.
+
+EXAMPLES:
+  pocketvisor profile console work
+  printf 'uname -a\\n' | pocketvisor profile console work --history 0")]
+    Console {
+        /// Profile name.
+        name: String,
+        /// Bytes of recent output (the serial log's tail) to show first.
+        #[arg(long, value_name = "BYTES", default_value_t = handset::console::HISTORY_DEFAULT)]
+        history: u64,
+        /// Without a terminal: how long the guest must stay quiet after the end of stdin.
+        #[arg(long, value_name = "MS", default_value_t = 1000)]
+        drain_ms: u64,
+        /// Without a terminal: the longest the console stays after the end of stdin.
+        #[arg(long, value_name = "MS", default_value_t = 10_000)]
+        drain_max_ms: u64,
+    },
     /// Print a profile's serial console log (or its VMM's log).
     #[command(after_help = "\
 The guest's serial console goes to profiles/NAME/run/serial.log, the VMM's own output to
@@ -696,6 +721,18 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     let _ = show(std::slice::from_ref(e), false);
                 })?;
             }
+        }
+        ProfileCmd::Console {
+            name,
+            history,
+            drain_ms,
+            drain_max_ms,
+        } => {
+            let drain = crate::console::Drain {
+                quiet: std::time::Duration::from_millis(drain_ms),
+                max: std::time::Duration::from_millis(drain_max_ms),
+            };
+            return crate::console::attach(&c, &name, history, drain);
         }
         ProfileCmd::Logs {
             name,

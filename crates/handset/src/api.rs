@@ -57,6 +57,8 @@ pub enum Op {
     Events,
     /// What a running profile's screen shows.
     Screenshot,
+    /// The guest's serial console, interactive (switches protocols).
+    Console,
     /// All lifecycle events.
     AllEvents,
     /// Lifecycle events as they happen (server-sent events).
@@ -113,6 +115,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles/{name}/switch", Op::Switch),
     r("GET", "/v1/profiles/{name}/events", Op::Events),
     r("GET", "/v1/profiles/{name}/screenshot", Op::Screenshot),
+    r("GET", "/v1/profiles/{name}/console", Op::Console),
     r("GET", "/v1/events", Op::AllEvents),
     r("GET", "/v1/events/stream", Op::EventStream),
     r("GET", "/v1/audit", Op::Audit),
@@ -180,7 +183,8 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = Result<Json<T>, ApiError>;
 
-fn audited<T>(
+/// Records `action` on `profile` in the audit log with its outcome, and passes the outcome on.
+pub(crate) fn audited<T>(
     h: &Handset,
     peer: Peer,
     profile: &str,
@@ -400,6 +404,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Switch => post(switch),
         Op::Events => get(events),
         Op::Screenshot => get(screenshot),
+        Op::Console => get(crate::console::attach),
         Op::AllEvents => get(all_events),
         Op::EventStream => get(crate::event_stream::stream),
         Op::Audit => get(audit),

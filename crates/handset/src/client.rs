@@ -97,6 +97,78 @@ impl Client {
         parse_response(&raw).map_err(ClientError::BadAnswer)
     }
 
+    /// Asks `GET path` to switch to `protocol` (`Connection: Upgrade`); on `101 Switching
+    /// Protocols` returns the connection, now a byte stream each way, with the bytes that
+    /// came after the answer's head. Any other answer is an error with the daemon's message.
+    pub fn upgrade(
+        &self,
+        path: &str,
+        protocol: &str,
+    ) -> Result<(UnixStream, Vec<u8>), ClientError> {
+        let io = |source| ClientError::Io {
+            path: self.socket.clone(),
+            source,
+        };
+        let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                ClientError::NotRunning(self.socket.clone())
+            }
+            _ => io(e),
+        })?;
+        s.set_read_timeout(Some(self.timeout)).map_err(io)?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: handset\r\nConnection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).map_err(io)?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            if raw.len() > 64 * 1024 {
+                return Err(ClientError::BadAnswer("an answer head over 64 KiB".into()));
+            }
+            let n = s.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                return Err(ClientError::BadAnswer(
+                    "the daemon closed the connection".into(),
+                ));
+            }
+            raw.extend_from_slice(buf.get(..n).unwrap_or_default());
+        };
+        let head = String::from_utf8_lossy(raw.get(..end).unwrap_or_default()).into_owned();
+        let status: Option<u16> = head.split_whitespace().nth(1).and_then(|v| v.parse().ok());
+        if status == Some(101) {
+            s.set_read_timeout(None).map_err(io)?;
+            let rest = raw.get(end + 4..).unwrap_or_default().to_vec();
+            return Ok((s, rest));
+        }
+        // An error answer: read its body (Content-Length) and report its message.
+        let length = head
+            .split("\r\n")
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(1 << 20);
+        while raw.len() < end + 4 + length {
+            let n = s.read(&mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(buf.get(..n).unwrap_or_default());
+        }
+        let a = parse_response(&raw).map_err(ClientError::BadAnswer)?;
+        let message = serde_json::from_slice::<ErrorBody>(&a.body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&a.body).into_owned());
+        Err(ClientError::Api {
+            status: a.status,
+            message,
+        })
+    }
+
     /// Sends a request with an optional JSON body and decodes a JSON answer; error statuses
     /// become [`ClientError::Api`] with the daemon's message.
     pub fn call<T: DeserializeOwned>(

@@ -12,6 +12,9 @@ pub enum Error {
     /// The profile is in the wrong state for the operation, or already exists (409).
     #[error("{0}")]
     Conflict(String),
+    /// The route switches protocols and the request did not ask to (426).
+    #[error("{0}")]
+    UpgradeRequired(String),
     /// The profile's IT policy refuses it (403).
     #[error("{0}")]
     Denied(String),
@@ -48,6 +51,7 @@ impl Error {
             Error::Denied(_) => 403,
             Error::NotFound(_) => 404,
             Error::Conflict(_) => 409,
+            Error::UpgradeRequired(_) => 426,
             _ => 500,
         }
     }

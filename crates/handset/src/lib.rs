@@ -70,6 +70,7 @@ pub mod audit_key;
 pub mod cgroup;
 pub mod channels;
 pub mod client;
+pub mod console;
 pub mod daemon;
 pub mod db;
 pub mod error;

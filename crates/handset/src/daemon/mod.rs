@@ -71,6 +71,7 @@ pub struct Handset {
     ops: tokio::sync::Mutex<()>,
     cgroups: Cgroups,
     agents: crate::agents::AgentCache,
+    consoles: crate::console::Attached,
     closing: std::sync::atomic::AtomicBool,
 }
 
@@ -86,6 +87,7 @@ impl Handset {
             ops: tokio::sync::Mutex::new(()),
             cgroups,
             agents: crate::agents::AgentCache::default(),
+            consoles: crate::console::Attached::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
         }))
     }
@@ -95,6 +97,11 @@ impl Handset {
     pub fn close_streams(&self) {
         self.closing
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The profiles with a console attached.
+    pub(crate) fn consoles(&self) -> &crate::console::Attached {
+        &self.consoles
     }
 
     /// Whether [`Self::close_streams`] was called.
