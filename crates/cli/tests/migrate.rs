@@ -3,7 +3,9 @@
 //! migrate` to move the probe guest (counter mode) from one to the other. And kill -9 of
 //! either process at each phase (named kill points, `POCKETVISOR_KILL_AT`): the guest runs on
 //! exactly one side, or, when the destination dies after the source committed, stays paused
-//! at the source, where `unpause` runs it again.
+//! at the source, where `unpause` runs it again. The connection is TLS 1.3 with both hosts'
+//! certificates (made with rcgen); a host whose certificate another authority signed is
+//! refused, whichever side it is.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
@@ -48,14 +50,73 @@ impl Pair {
 
     /// `pocketvisor migrate` from the source to the destination with `key`.
     fn migrate(&self, key: &Path) -> Output {
+        self.migrate_as(key, "src")
+    }
+
+    /// `pocketvisor migrate` showing the certificate `who` (see [`issue`]).
+    fn migrate_as(&self, key: &Path, who: &str) -> Output {
         Command::new(bin())
             .args(["migrate", "--api-socket"])
             .arg(self.sock())
             .args(["--to", &self.addr, "--key"])
             .arg(key)
+            .args(tls_args(self.dir.0.as_path(), who))
             .output()
             .expect("run pocketvisor migrate")
     }
+}
+
+/// Writes `who`.pem, `who`.key and `who`-ca.pem into `dir`: a certificate for `names`
+/// signed by the authority `ca`, and the authority that host trusts (`trusts`).
+fn issue(dir: &Path, who: &str, names: &[&str], ca: &Authority, trusts: &Authority) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = rcgen::CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca.cert, &ca.key)
+        .unwrap();
+    std::fs::write(dir.join(format!("{who}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{who}.key")), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join(format!("{who}-ca.pem")), trusts.cert.pem()).unwrap();
+}
+
+/// A certificate authority.
+struct Authority {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+fn authority() -> Authority {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    Authority {
+        cert: params.self_signed(&key).unwrap(),
+        key,
+    }
+}
+
+/// The hosts' certificates in `dir`: `src` and `dst` from one authority, each trusting it;
+/// `stranger-src` and `stranger-dst` from another authority, trusting the first.
+fn certificates(dir: &Path) {
+    let (ours, theirs) = (authority(), authority());
+    issue(dir, "src", &["source.example"], &ours, &ours);
+    issue(dir, "dst", &["127.0.0.1"], &ours, &ours);
+    issue(dir, "stranger-src", &["source.example"], &theirs, &ours);
+    issue(dir, "stranger-dst", &["127.0.0.1"], &theirs, &ours);
+}
+
+/// The `--tls-*` flags for the certificate `who` in `dir`.
+fn tls_args(dir: &Path, who: &str) -> Vec<String> {
+    let f = |suffix: &str| dir.join(format!("{who}{suffix}")).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        f(".pem"),
+        "--tls-key".into(),
+        f(".key"),
+        "--tls-ca".into(),
+        f("-ca.pem"),
+    ]
 }
 
 fn write_key(path: &Path, byte: u8) -> PathBuf {
@@ -67,7 +128,7 @@ fn stderr_to(path: &Path) -> Stdio {
     Stdio::from(File::create(path).unwrap())
 }
 
-fn spawn_env(args: &[&str], stderr: &Path, env: &[(&str, &str)]) -> Vmm {
+fn spawn_env(args: &[String], stderr: &Path, env: &[(&str, &str)]) -> Vmm {
     let mut c = Command::new(bin());
     c.args(args).stdout(Stdio::null()).stderr(stderr_to(stderr));
     for (k, v) in env {
@@ -95,12 +156,24 @@ fn pair(
     src_env: &[(&str, &str)],
     dst_env: &[(&str, &str)],
 ) -> Option<Pair> {
+    pair_as(name, dst_key, "dst", src_env, dst_env)
+}
+
+/// [`pair`] with the destination showing the certificate `dst_cert`.
+fn pair_as(
+    name: &str,
+    dst_key: u8,
+    dst_cert: &str,
+    src_env: &[(&str, &str)],
+    dst_env: &[(&str, &str)],
+) -> Option<Pair> {
     let probe = common::probe(true)?;
     let dir = Scratch::new(SCRATCH, name);
-    let key = write_key(&dir.path("dst.key"), dst_key);
+    certificates(&dir.0);
+    let key = write_key(&dir.path("dst.mkey"), dst_key);
     let serial = format!("file:{}", dir.path("src.serial").display());
     let source = spawn_env(
-        &[
+        &strings(&[
             "run",
             "--kernel",
             probe.to_str().unwrap(),
@@ -113,24 +186,22 @@ fn pair(
             &serial,
             "--api-socket",
             dir.path("src.sock").to_str().unwrap(),
-        ],
+        ]),
         &dir.path("src.stderr"),
         src_env,
     );
     let dst_serial = format!("file:{}", dir.path("dst.serial").display());
-    let dest = spawn_env(
-        &[
-            "receive",
-            "--listen",
-            "127.0.0.1:0",
-            "--key",
-            key.to_str().unwrap(),
-            "--serial",
-            &dst_serial,
-        ],
-        &dir.path("dst.stderr"),
-        dst_env,
-    );
+    let mut dest_args = strings(&[
+        "receive",
+        "--listen",
+        "127.0.0.1:0",
+        "--key",
+        key.to_str().unwrap(),
+        "--serial",
+        &dst_serial,
+    ]);
+    dest_args.extend(tls_args(&dir.0, dst_cert));
+    let dest = spawn_env(&dest_args, &dir.path("dst.stderr"), dst_env);
     let stderr = dir.path("dst.stderr");
     assert!(
         wait_for(&stderr, "waiting for a migration on ", WAIT),
@@ -158,6 +229,10 @@ fn pair(
     })
 }
 
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|a| a.to_string()).collect()
+}
+
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
@@ -171,7 +246,7 @@ fn the_guest_moves_to_the_other_process_and_counts_on_there() {
     let Some(mut p) = pair("ok", 7, &[], &[]) else {
         return;
     };
-    let key = write_key(&p.path("src.key"), 7);
+    let key = write_key(&p.path("src.mkey"), 7);
     let out = p.migrate(&key);
     assert!(out.status.success(), "migrate failed: {}", text(&out));
     assert!(text(&out).contains("migrated rounds="), "{}", text(&out));
@@ -201,7 +276,7 @@ fn another_key_is_refused_and_the_guest_runs_on_at_the_source() {
     let Some(mut p) = pair("key", 8, &[], &[]) else {
         return;
     };
-    let key = write_key(&p.path("src.key"), 7);
+    let key = write_key(&p.path("src.mkey"), 7);
     let out = p.migrate(&key);
     assert!(!out.status.success(), "migrated under another key");
     assert!(
@@ -219,13 +294,55 @@ fn another_key_is_refused_and_the_guest_runs_on_at_the_source() {
     assert!(counters(&read(&p.dst_log())).is_empty());
 }
 
+#[test]
+fn a_source_with_a_certificate_from_another_authority_is_refused() {
+    let Some(mut p) = pair("stranger-src", 7, &[], &[]) else {
+        return;
+    };
+    let key = write_key(&p.path("src.mkey"), 7);
+    let out = p.migrate_as(&key, "stranger-src");
+    assert!(
+        !out.status.success(),
+        "migrated with a stranger's certificate"
+    );
+    assert!(
+        text(&out).contains("the guest runs on here"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(wait_exit(&mut p.dest, WAIT), Some(1));
+    let why = read(&p.path("dst.stderr"));
+    assert!(why.contains("TLS handshake"), "{why}");
+    assert!(keeps_counting(&p.src_log()), "the source stopped counting");
+    assert!(counters(&read(&p.dst_log())).is_empty());
+}
+
+#[test]
+fn a_destination_with_a_certificate_from_another_authority_is_refused() {
+    let Some(mut p) = pair_as("stranger-dst", 7, "stranger-dst", &[], &[]) else {
+        return;
+    };
+    let key = write_key(&p.path("src.mkey"), 7);
+    let out = p.migrate(&key);
+    assert!(!out.status.success(), "migrated to a stranger");
+    assert!(text(&out).contains("TLS handshake"), "{}", text(&out));
+    assert!(
+        text(&out).contains("the guest runs on here"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(wait_exit(&mut p.dest, WAIT), Some(1));
+    assert!(keeps_counting(&p.src_log()), "the source stopped counting");
+    assert!(counters(&read(&p.dst_log())).is_empty());
+}
+
 /// The source is killed at `point`: the destination must not run the guest.
 fn source_killed_before_commit(point: &str) {
     let env = [(KILL_AT, point)];
     let Some(mut p) = pair(&format!("src-{point}"), 7, &env, &[]) else {
         return;
     };
-    let key = write_key(&p.path("src.key"), 7);
+    let key = write_key(&p.path("src.mkey"), 7);
     let out = p.migrate(&key);
     assert!(!out.status.success(), "{}", text(&out));
     assert_eq!(
@@ -261,7 +378,7 @@ fn source_killed_just_after_the_commit_leaves_the_guest_at_the_destination() {
     let Some(mut p) = pair("src-committed", 7, &env, &[]) else {
         return;
     };
-    let key = write_key(&p.path("src.key"), 7);
+    let key = write_key(&p.path("src.mkey"), 7);
     let _ = p.migrate(&key);
     assert_eq!(wait_exit(&mut p.source, WAIT), None, "not killed");
     assert!(
@@ -279,7 +396,7 @@ fn destination_killed_before_commit(point: &str) {
     let Some(mut p) = pair(&format!("dst-{point}"), 7, &[], &env) else {
         return;
     };
-    let key = write_key(&p.path("src.key"), 7);
+    let key = write_key(&p.path("src.mkey"), 7);
     let out = p.migrate(&key);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(
@@ -307,7 +424,7 @@ fn destination_killed_after_the_commit_leaves_the_guest_paused_at_the_source() {
     let Some(mut p) = pair("dst-committed", 7, &[], &env) else {
         return;
     };
-    let key = write_key(&p.path("src.key"), 7);
+    let key = write_key(&p.path("src.mkey"), 7);
     let out = p.migrate(&key);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("in doubt"), "{}", text(&out));

@@ -3,8 +3,9 @@
 //! The socket speaks one JSON object per line each way. Requests: `{"op":"pause"}`,
 //! `{"op":"resume"}`, `{"op":"stop"}`, `{"op":"snapshot","dir":"/path","resume":false}` (the VM
 //! stays paused unless `resume`), `{"op":"migrate","to":"host:port","key_file":"/path",
-//! "downtime_ms":30}` (live migration to a destination waiting for it; the answer comes once
-//! the guest runs there, and then this VMM ends), `{"op":"device","id":"balloon","request":{...}}` (a request
+//! "downtime_ms":30,"tls":{"cert":"/path","key":"/path","ca":"/path"}}` (live migration to a
+//! destination waiting for it, over TLS 1.3 with both ends' certificates when `tls` is given;
+//! the answer comes once the guest runs there, and then this VMM ends), `{"op":"device","id":"balloon","request":{...}}` (a request
 //! to one device by id, whose payload the device interprets; `info` is the device's JSON
 //! answer), `{"op":"balloon","target_mib":N}` (short for the balloon's
 //! `{"op":"set_target","target_mib":N}` device request), `{"op":"stats"}` (`info` is a
@@ -62,7 +63,32 @@ pub enum Request {
         key_file: PathBuf,
         /// The longest the guest may stand still for the final copy, in milliseconds.
         downtime_ms: u64,
+        /// This host's TLS identity and the authority the destination's certificate must
+        /// chain to; `None`: plain TCP (still framed and authenticated by the key, but not
+        /// encrypted).
+        tls: Option<MigrationTls>,
     },
+}
+
+/// One end's TLS identity for a migration: PEM files, absolute paths as the VMM sees them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationTls {
+    /// This host's certificate chain, its own certificate first.
+    pub cert: PathBuf,
+    /// This host's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// The certificate authority (or authorities) the peer's certificate must chain to.
+    pub ca: PathBuf,
+}
+
+impl MigrationTls {
+    /// Whether every path is absolute.
+    pub fn is_absolute(&self) -> bool {
+        [&self.cert, &self.key, &self.ca]
+            .iter()
+            .all(|p| p.is_absolute())
+    }
 }
 
 /// The serial port's device id in [`Request::Device`]: `{"op":"input","bytes":[...]}` queues
@@ -136,6 +162,9 @@ pub struct ApiRequest {
     /// The downtime budget in milliseconds (`migrate` only; 30 when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<u64>,
+    /// The TLS identity (`migrate` only; plain TCP when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MigrationTls>,
 }
 
 /// The downtime budget of a `migrate` line without `downtime_ms`, in milliseconds.
@@ -165,7 +194,8 @@ pub enum RequestError {
     /// `migrate` without its destination and absolute key file, or their fields on another op.
     #[error(
         "migrate needs \"to\" (host:port) and \"key_file\" (an absolute path), may take \
-         \"downtime_ms\", and only migrate takes them"
+         \"downtime_ms\" and \"tls\" ({{\"cert\",\"key\",\"ca\"}}, absolute paths), and only \
+         migrate takes them"
     )]
     MigrateRequest,
     /// An op nobody serves.
@@ -201,6 +231,7 @@ impl From<&Request> for ApiRequest {
             to: None,
             key_file: None,
             downtime_ms: None,
+            tls: None,
         };
         match r {
             Request::Snapshot { dir, resume } => {
@@ -215,10 +246,12 @@ impl From<&Request> for ApiRequest {
                 to,
                 key_file,
                 downtime_ms,
+                tls,
             } => {
                 wire.to = Some(to.clone());
                 wire.key_file = Some(key_file.clone());
                 wire.downtime_ms = Some(*downtime_ms);
+                wire.tls = tls.clone();
             }
             // No wire form: `snapshot-stream` is refused as an unknown op.
             Request::SnapshotStream { .. } => {}
@@ -232,7 +265,8 @@ impl TryFrom<ApiRequest> for Request {
     type Error = RequestError;
 
     fn try_from(r: ApiRequest) -> Result<Self, RequestError> {
-        let migrate_fields = r.to.is_some() || r.key_file.is_some() || r.downtime_ms.is_some();
+        let migrate_fields =
+            r.to.is_some() || r.key_file.is_some() || r.downtime_ms.is_some() || r.tls.is_some();
         if r.op == "migrate" {
             return match (r.to, r.key_file) {
                 (Some(to), Some(key_file))
@@ -242,12 +276,14 @@ impl TryFrom<ApiRequest> for Request {
                         && r.target_mib.is_none()
                         && r.id.is_none()
                         && r.request.is_none()
-                        && !r.resume =>
+                        && !r.resume
+                        && r.tls.as_ref().is_none_or(MigrationTls::is_absolute) =>
                 {
                     Ok(Request::Migrate {
                         to,
                         key_file,
                         downtime_ms: r.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
+                        tls: r.tls,
                     })
                 }
                 _ => Err(RequestError::MigrateRequest),
@@ -424,7 +460,8 @@ mod tests {
             Ok(Request::Migrate {
                 to: "h:1".into(),
                 key_file: "/k".into(),
-                downtime_ms: DEFAULT_DOWNTIME_MS
+                downtime_ms: DEFAULT_DOWNTIME_MS,
+                tls: None,
             })
         );
         for bad in [
@@ -435,6 +472,8 @@ mod tests {
             r#"{"op":"migrate","to":"h:1","key_file":"/k","dir":"/x"}"#,
             r#"{"op":"migrate","to":"h:1","key_file":"/k","resume":true}"#,
             r#"{"op":"pause","to":"h:1"}"#,
+            r#"{"op":"migrate","to":"h:1","key_file":"/k","tls":{"cert":"c","key":"/k","ca":"/a"}}"#,
+            r#"{"op":"pause","tls":{"cert":"/c","key":"/k","ca":"/a"}}"#,
             r#"{"op":"snapshot","dir":"/x","downtime_ms":5}"#,
         ] {
             assert_eq!(parse(bad), Err(RequestError::MigrateRequest), "{bad}");
@@ -479,6 +518,17 @@ mod tests {
                 to: "10.0.0.2:7000".into(),
                 key_file: "/etc/pv/migration.key".into(),
                 downtime_ms: 50,
+                tls: None,
+            },
+            Request::Migrate {
+                to: "[::1]:7000".into(),
+                key_file: "/k".into(),
+                downtime_ms: 30,
+                tls: Some(MigrationTls {
+                    cert: "/tls/host.pem".into(),
+                    key: "/tls/host.key".into(),
+                    ca: "/tls/ca.pem".into(),
+                }),
             },
         ];
         for r in all {

@@ -20,6 +20,6 @@ pub use config::{
     parse_mac, ConfigError, DiskConfig, NetConfig, SerialConfig, VmConfig, VsockConfig,
 };
 pub use control::{
-    ApiRequest, ApiResponse, MemoryStats, Request, RequestError, DEFAULT_DOWNTIME_MS,
+    ApiRequest, ApiResponse, MemoryStats, MigrationTls, Request, RequestError, DEFAULT_DOWNTIME_MS,
 };
 pub use jail::{HostPath, JailBind, JailPathError, JailPlan, PathKind, PathRole};

@@ -375,6 +375,7 @@ impl Vm {
                 to,
                 key_file,
                 downtime_ms,
+                tls,
             } => {
                 let key = crate::migration::wire::read_key(key_file)
                     .map_err(|e| RequestError::Migration(Error::Migration(e)))?;
@@ -382,6 +383,7 @@ impl Vm {
                     to: to.clone(),
                     key,
                     downtime: Duration::from_millis(*downtime_ms),
+                    tls: tls.clone(),
                 };
                 self.migrate_out(threads, &opts)
                     .map(|stats| stats.to_string())

@@ -54,7 +54,7 @@ fn destination(key: PathBuf, log: PathBuf) -> (String, JoinHandle<Result<Vm, vmm
             serial: Some(SerialConfig::File(log)),
             ..Default::default()
         };
-        vmm::migration::receive(conn, &key, &overrides)
+        vmm::migration::receive(conn, &key, None, &overrides)
     });
     (addr, t)
 }
@@ -65,6 +65,7 @@ fn migrate(vm: &Running, to: &str, key: &Path, downtime_ms: u64) -> Result<Strin
             to: to.into(),
             key_file: key.into(),
             downtime_ms,
+            tls: None,
         })
         .map_err(|e| e.to_string())
 }

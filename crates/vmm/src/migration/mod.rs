@@ -1,7 +1,8 @@
 //! Pre-copy live migration of a running VM to another VMM process.
 //!
 //! The source ([`Request::Migrate`](crate::Request::Migrate)) connects to a destination
-//! waiting in [`receive`], and over one authenticated channel (see [`wire`]):
+//! waiting in [`receive`], over TLS 1.3 with both hosts' certificates when they have them
+//! (see [`tls`]), and over one authenticated channel (see [`wire`]):
 //!
 //! 1. sends the configuration and memory layout (`Setup`), turns on dirty logging and sends
 //!    every non-zero page while the guest runs (round 1);
@@ -26,12 +27,13 @@
 //! `Commit` is *in doubt*: the destination may or may not run the guest, so the source keeps
 //! it paused (never lost; `resume` runs it here again) and says so.
 
+pub mod tls;
 pub mod wire;
 
 mod fault;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -47,6 +49,8 @@ use crate::snapshot::RestoreOverrides;
 use crate::vcpu::VcpuThread;
 use crate::vm::Vm;
 use crate::Error;
+use tls::Transport;
+pub use vmm_api::MigrationTls;
 use wire::{Channel, Kind, Role, WireError, KEY_LEN};
 
 /// The downtime budget when none is given.
@@ -69,6 +73,8 @@ pub struct MigrateOptions {
     pub key: [u8; KEY_LEN],
     /// The longest the guest may stand still for the final copy.
     pub downtime: Duration,
+    /// This host's TLS identity and the destination's authority; `None`: plain TCP.
+    pub tls: Option<MigrationTls>,
 }
 
 /// What a migration did.
@@ -241,10 +247,13 @@ fn expect<S: Read + Write>(ch: &mut Channel<S>, kind: Kind) -> Result<Vec<u8>, E
     }
 }
 
-fn connect(to: &str) -> Result<TcpStream, Error> {
+fn connect(to: &str, tls: Option<&MigrationTls>) -> Result<Transport, Error> {
     let s = TcpStream::connect(to).map_err(|e| refused(format!("cannot connect to {to}: {e}")))?;
     configure(&s)?;
-    Ok(s)
+    match tls {
+        Some(files) => tls::client(s, to, files),
+        None => Ok(Transport::Plain(s)),
+    }
 }
 
 fn configure(s: &TcpStream) -> Result<(), Error> {
@@ -266,8 +275,15 @@ impl Vm {
         let t0 = Instant::now();
         self.vcpu_save.check_snapshot_supported()?;
         let was_paused = self.shared.pause.load(Ordering::Acquire);
-        let stream = connect(&opts.to)?;
-        let mut ch = Channel::handshake(stream, &opts.key, Role::Source)?;
+        // Nothing has stopped yet: a failure to reach the destination leaves the guest as it is.
+        let runs_on = |e: Error| refused(format!("{}; the guest runs on here", reason(&e)));
+        let stream = connect(&opts.to, opts.tls.as_ref()).map_err(runs_on)?;
+        let mut ch = Channel::handshake(stream, &opts.key, Role::Source).map_err(|e| {
+            runs_on(refused(format!(
+                "the destination ended the connection at the start ({e}): \
+                 it refused this host's certificate or is not a migration destination"
+            )))
+        })?;
         let result = self.precopy(threads, &mut ch, opts, was_paused, t0);
         let _ = self.dirty.stop();
         match result {
@@ -284,7 +300,7 @@ impl Vm {
             Err(Failure { error, .. }) => {
                 let _ = ch.send(Kind::Abort, reason(&error).as_bytes());
                 let _ = ch.flush();
-                let _ = ch.stream().shutdown(std::net::Shutdown::Both);
+                ch.stream_mut().shutdown(Shutdown::Both);
                 if !was_paused {
                     self.resume(threads);
                 }
@@ -299,7 +315,7 @@ impl Vm {
     fn precopy(
         &self,
         threads: &[VcpuThread],
-        ch: &mut Channel<TcpStream>,
+        ch: &mut Channel<Transport>,
         opts: &MigrateOptions,
         was_paused: bool,
         t0: Instant,
@@ -472,14 +488,20 @@ fn apply_pages(mem: &GuestMem, regions: &[MemRegion], payload: &[u8]) -> Result<
 
 /// Waits on `stream` for a VM a source migrates here (see the [module](self) docs), checks
 /// everything it sends, builds the VM and returns it once the source has committed: run it
-/// at once. `overrides` set host-side paths as for a restore. On any error nothing runs
-/// here and the source keeps the guest.
+/// at once. With `tls`, the source must first pass the TLS handshake with a certificate
+/// from `tls.ca`. `overrides` set host-side paths as for a restore. On any error nothing
+/// runs here and the source keeps the guest.
 pub fn receive(
     stream: TcpStream,
     key: &[u8; KEY_LEN],
+    tls: Option<&MigrationTls>,
     overrides: &RestoreOverrides,
 ) -> Result<Vm, Error> {
     configure(&stream)?;
+    let stream = match tls {
+        Some(files) => tls::server(stream, files)?,
+        None => Transport::Plain(stream),
+    };
     let mut ch = Channel::handshake(stream, key, Role::Destination)?;
     let result = receive_on(&mut ch, overrides);
     if let Err(e) = &result {
@@ -487,13 +509,13 @@ pub fn receive(
         let _ = ch.flush();
         // Read on until the source stops sending: closing with unread data would reset the
         // connection and lose the reason on the way.
-        let _ = ch.stream().shutdown(std::net::Shutdown::Write);
-        let _ = std::io::copy(&mut ch.stream(), &mut std::io::sink());
+        ch.stream_mut().shutdown(Shutdown::Write);
+        let _ = std::io::copy(ch.stream_mut(), &mut std::io::sink());
     }
     result
 }
 
-fn receive_on(ch: &mut Channel<TcpStream>, overrides: &RestoreOverrides) -> Result<Vm, Error> {
+fn receive_on(ch: &mut Channel<Transport>, overrides: &RestoreOverrides) -> Result<Vm, Error> {
     let setup: Setup = serde_json::from_slice(&expect(ch, Kind::Setup)?)
         .map_err(|e| refused(format!("a malformed setup: {e}")))?;
     setup

@@ -274,6 +274,11 @@ impl<S: Read + Write> Channel<S> {
     pub fn stream(&self) -> &S {
         &self.stream
     }
+
+    /// The underlying stream, to end or drain it.
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
 }
 
 fn check_magic_version(b: &[u8]) -> Result<(), WireError> {
