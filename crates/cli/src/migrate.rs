@@ -25,9 +25,9 @@ goes without TLS (messages still authenticated by the key, but guest memory cros
 unencrypted): for a link already private.
 
 EXAMPLE:
-  dest$ pocketvisor receive --listen 0.0.0.0:7000 --key /etc/pv/migration.key \
+  dest$ pocketvisor receive --listen 0.0.0.0:7000 --key /etc/pv/migration.key \\
           --tls-cert dest.pem --tls-key dest.key --tls-ca ca.pem --serial file:/tmp/s.log
-  src$  pocketvisor migrate --api-socket /tmp/pv.sock --to dest:7000 --key /etc/pv/migration.key \
+  src$  pocketvisor migrate --api-socket /tmp/pv.sock --to dest:7000 --key /etc/pv/migration.key \\
           --tls-cert src.pem --tls-key src.key --tls-ca ca.pem")]
 pub struct MigrateArgs {
     /// The source VMM's control socket.

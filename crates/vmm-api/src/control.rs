@@ -136,7 +136,7 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiRequest {
-    /// `pause`, `resume`, `snapshot`, `stop`, `balloon`, `stats` or `device`.
+    /// `pause`, `resume`, `snapshot`, `stop`, `balloon`, `stats`, `device` or `migrate`.
     pub op: String,
     /// Snapshot directory (`snapshot` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
