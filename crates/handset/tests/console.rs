@@ -1,10 +1,10 @@
 //! `pocketvisor profile console NAME` and `GET /v1/profiles/{name}/console` against a real
 //! daemon running the probe's echo console (`pv.mode=echo`): a script's line reaches the
-//! guest and its echo comes back after the recent history; a script's console ends even
-//! with a guest that never stops printing; one console at a time; the
-//! route's refusals (no upgrade 426, a stopped profile 409, unknown 404, bad history 400);
-//! the session closes when the guest powers off; on a terminal (a pty) the console announces
-//! the escape key, Ctrl-] detaches and the terminal's settings come back.
+//! guest and its echo comes back after the recent history; a script's console ends even with
+//! a guest that never stops printing; one console at a time; the route's refusals (no
+//! upgrade 426, a stopped profile 409, unknown 404, bad history 400); attaches and refusals
+//! are audited; the session closes when the guest powers off; on a terminal (a pty) the
+//! console announces the escape key, Ctrl-] detaches and the terminal's settings come back.
 
 mod common;
 
@@ -137,6 +137,23 @@ fn a_scripted_console_types_into_the_guest_one_console_at_a_time() {
     assert_eq!(status, 400, "{msg}");
     let (status, _) = api_error(c.upgrade("/v1/profiles/e/console", "websocket"));
     assert_eq!(status, 426);
+
+    // Every attach and refusal is audited, with the client's credentials.
+    let audit: Vec<handset::Event> = c.call("GET", "/v1/audit?limit=1000", None::<&()>).unwrap();
+    let consoles: Vec<&handset::Event> = audit
+        .iter()
+        .filter(|e| e.profile == "e" && e.event == "console")
+        .collect();
+    assert!(
+        consoles.iter().any(|e| e.detail.ends_with(": ok")),
+        "{consoles:?}"
+    );
+    assert!(
+        consoles
+            .iter()
+            .any(|e| e.detail.contains("already has a console attached")),
+        "{consoles:?}"
+    );
 
     // The guest powering off ends the session, after its last words.
     let (mut s, mut out) = c
