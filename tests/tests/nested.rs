@@ -122,11 +122,13 @@ fn unfinished_check(run: &L1Run) -> Option<String> {
         .serial()
         .filter(|l| l.starts_with("test "))
         .last()?;
-    let name = last
-        .strip_prefix("test ")?
-        .trim_end()
-        .strip_suffix(" ...")?;
-    Some(name.to_string())
+    // L1's kernel may have printed on the same console line after libtest's ` ... `.
+    let (name, after) = last.strip_prefix("test ")?.split_once(" ...")?;
+    let after = after.trim_start();
+    let finished = ["ok", "FAILED", "ignored"]
+        .iter()
+        .any(|result| after.starts_with(result));
+    (!finished).then(|| name.to_string())
 }
 
 fn shared_l1_runs() -> Result<&'static GroupRuns, &'static str> {

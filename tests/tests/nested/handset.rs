@@ -387,3 +387,116 @@ fn assert_no_vmm_left(state: &Path) {
         .collect();
     assert!(left.is_empty(), "VMMs left running: {left:?}");
 }
+
+/// Runs `pocketvisor ARGS...` (not a `profile` command); asserts it succeeds, returns stdout.
+fn pocketvisor(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(e2e::pocketvisor_bin())
+        .args(args)
+        .output()
+        .expect("run pocketvisor");
+    assert!(
+        out.status.success(),
+        "pocketvisor {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn handset_linux_profile_exported_suspended_resumes_in_a_second_state_dir() {
+    check(
+        "handset::handset_linux_profile_exported_suspended_resumes_in_a_second_state_dir",
+        || {
+            let here = Handset::start();
+            here.create_linux("work", "work");
+            here.ok(&["start", "work"]);
+            here.wait_for_agent("work");
+            let note: Vec<u8> = (0..=255u8).rev().cycle().take(20_000).collect();
+            let put = here.agent(
+                "work",
+                &format!(
+                    r#"{{"op":"file_put","name":"travels.bin","data_b64":"{}"}}"#,
+                    base64(&note)
+                ),
+            );
+            assert_eq!(put["ok"], true, "{put}");
+            let (_, before) = here.heartbeat_after("work", 0, Duration::from_secs(30));
+            here.ok(&["suspend", "work"]);
+            e2e::host::loud("export check: work suspended; exporting");
+
+            // Export to a recipient key (an X25519 identity: no passphrase derivation).
+            let keys = TempDir::new();
+            let identity = keys.join("identity");
+            let public = pocketvisor(&["keygen".as_ref(), "-o".as_ref(), identity.as_os_str()]);
+            let public = public
+                .split_whitespace()
+                .find(|w| w.starts_with("pvp-public-"))
+                .unwrap_or_else(|| panic!("no public key in {public:?}"))
+                .to_string();
+            let file = keys.join("work.pvp");
+            let exported = Instant::now();
+            pocketvisor(&[
+                "export".as_ref(),
+                "work".as_ref(),
+                "--state-dir".as_ref(),
+                here.state_dir().as_os_str(),
+                "-o".as_ref(),
+                file.as_os_str(),
+                "--recipient".as_ref(),
+                public.as_ref(),
+                "--json".as_ref(),
+            ]);
+            let export_time = exported.elapsed();
+            e2e::host::loud(&format!(
+                "export check: exported in {export_time:.1?}; importing"
+            ));
+            // The profile moved: it does not run here again.
+            let again = here.cli(&["resume", "work"]);
+            assert!(
+                !again.status.success(),
+                "the exported profile resumed at its old place too"
+            );
+
+            let there = Handset::start();
+            let imported = Instant::now();
+            pocketvisor(&[
+                "import".as_ref(),
+                file.as_os_str(),
+                "--state-dir".as_ref(),
+                there.state_dir().as_os_str(),
+                "--identity".as_ref(),
+                identity.as_os_str(),
+                "--json".as_ref(),
+            ]);
+            let import_time = imported.elapsed();
+            e2e::host::loud(&format!(
+                "export check: imported in {import_time:.1?}; resuming"
+            ));
+            assert_eq!(there.show("work")["state"], "suspended");
+            there.ok(&["resume", "work"]);
+            let (_, after) = there.heartbeat_after("work", 0, Duration::from_secs(60));
+            e2e::host::loud(&format!(
+                "handset: Linux profile exported in {export_time:.1?} ({} MiB file), imported \
+                 in {import_time:.1?}; its uptime went {before} -> {after}",
+                std::fs::metadata(&file).map_or(0, |m| m.len() >> 20)
+            ));
+            assert!(
+                after > before,
+                "the guest resumed in the second state directory has uptime {after} s, {before} s \
+                 before the export: not the same guest going on\n{}",
+                there.serial("work")
+            );
+            let back = there.agent("work", r#"{"op":"file_get","name":"travels.bin"}"#);
+            assert_eq!(
+                back["data_b64"].as_str(),
+                Some(base64(&note).as_str()),
+                "the file the guest held before the export: {back}"
+            );
+            there.power_off("work");
+            assert_no_vmm_left(&there.state_dir());
+            assert_no_vmm_left(&here.state_dir());
+        },
+    );
+}
