@@ -9,6 +9,7 @@
 #   make build-arm64  the static aarch64 pocketvisor (target/aarch64-unknown-linux-musl)
 #   make bench   pocketvisor vs QEMU on the probe guest
 #   make linux   build the Linux guest assets from Debian packages (guest/out/linux)
+#   make disk-image  the whole Debian disk image firmware boots (guest/out/disk; root, debootstrap)
 #   make lint    rustfmt --check and clippy -D warnings over the workspace and the guest crates
 #   make fuzz    every cargo-fuzz target for FUZZ_SECONDS (default 60) each (nightly; not in CI)
 
@@ -18,12 +19,15 @@ PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 
-.PHONY: all build build-arm64 probe demo test test-api-fuzz test-nested test-nested-arm64 bench linux lint fuzz
+.PHONY: all build build-arm64 probe demo test test-api-fuzz test-nested test-nested-arm64 bench linux disk-image lint fuzz
 
 all: build
 
 probe:
 	guest/build-probe.sh
+
+disk-image:
+	guest/build-disk-image.sh
 
 build: probe
 	$(CARGO) build -p pocketvisor

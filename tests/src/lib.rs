@@ -8,8 +8,10 @@
 //! - [`qemu`]: the QEMU command line equivalent to a pocketvisor run.
 //! - [`linux`]: the Debian Linux guest's `LINUX ...` lines and the assertions on them.
 //! - [`nested`]: running commands in L1, a QEMU TCG machine with a hardware-style KVM.
+//! - [`firmware`]: the firmware-booted Debian disk image and its check script.
 
 pub mod elf;
+pub mod firmware;
 pub mod host;
 pub mod linux;
 pub mod nested;

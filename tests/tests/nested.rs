@@ -19,6 +19,9 @@ use e2e::linux::{assert_clean_kernel_log, assert_selftest, field, linux_line, li
 use e2e::nested::{l1_timeout, run_in_l1_watched, L1Arch, L1Run};
 use e2e::{Outcome, TempDir, VmCommand};
 
+/// SeaBIOS and OVMF booting the whole Debian disk image (issue 8, firmware half).
+#[path = "nested/firmware.rs"]
+mod firmware;
 #[path = "nested/handset.rs"]
 mod handset;
 

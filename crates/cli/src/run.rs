@@ -1,6 +1,6 @@
 //! `pocketvisor run`: boot one guest from flags or a TOML file.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +15,7 @@ EXAMPLES:
   pocketvisor run --kernel guest/out/probe.elf --cmdline pv.mode=selftest --rng
   pocketvisor run --kernel vmlinux --initrd initrd.img --memory 512M --vcpus 2 \\
       --disk root.img --disk data.img,ro --net tap=tap0 --vsock cid=3,socket=/tmp/v.sock
+  pocketvisor run --firmware /usr/share/seabios/bios.bin --disk debian.raw --memory 1G
   pocketvisor run --config vm.toml
 
 The exit status is the guest's: 0 after an ACPI power-off, v after a write of v to the
@@ -26,6 +27,10 @@ pub struct RunArgs {
     /// Guest kernel: an ELF with a PVH note (vmlinux, probe guest) or a bzImage.
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
+    /// Firmware to boot instead of a kernel: SeaBIOS (/usr/share/seabios/bios.bin) or OVMF;
+    /// it boots the first disk's own boot loader (x86_64).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
+    firmware: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
@@ -157,13 +162,19 @@ fn build_config(a: RunArgs) -> Result<VmConfig> {
                 )
             })?
         }
-        None => match &a.kernel {
-            Some(k) => VmConfig::new(k.clone()),
-            None => bail!("--kernel FILE or --config FILE is required"),
+        None => match (&a.kernel, &a.firmware) {
+            (Some(k), _) => VmConfig::new(k.clone()),
+            (None, Some(_)) => VmConfig::new(PathBuf::new()),
+            (None, None) => bail!("--kernel FILE, --firmware FILE or --config FILE is required"),
         },
     };
     if let Some(k) = a.kernel {
         cfg.kernel = k;
+        cfg.firmware = None;
+    }
+    if let Some(f) = a.firmware {
+        cfg.firmware = Some(f);
+        cfg.kernel = PathBuf::new();
     }
     if a.initrd.is_some() {
         cfg.initrd = a.initrd;
@@ -193,14 +204,28 @@ fn build_config(a: RunArgs) -> Result<VmConfig> {
         cfg.serial = s;
     }
     cfg.cpuid_hide.extend(a.cpuid_hide);
-    if !cfg.kernel.is_file() {
+    cfg.validate().map_err(anyhow::Error::msg)?;
+    check_boot_image(&cfg)?;
+    Ok(cfg)
+}
+
+/// Refuses a kernel or firmware path that is not a file, naming it.
+pub(crate) fn check_boot_image(cfg: &VmConfig) -> anyhow::Result<()> {
+    let (what, path) = match &cfg.firmware {
+        Some(f) => ("firmware", f),
+        None => ("kernel", &cfg.kernel),
+    };
+    if !path.is_file() {
+        bail!("{what} {} does not exist or is not a file", path.display());
+    }
+    // kvm_pvm runs no real mode: firmware would spin at the reset vector without a word.
+    if cfg.firmware.is_some() && Path::new("/sys/module/kvm_pvm").exists() {
         bail!(
-            "kernel {} does not exist or is not a file",
-            cfg.kernel.display()
+            "firmware starts in real mode, which this host's KVM (kvm_pvm) cannot run; it needs \
+             hardware virtualization (see `pocketvisor doctor`)"
         );
     }
-    cfg.validate().map_err(anyhow::Error::msg)?;
-    Ok(cfg)
+    Ok(())
 }
 
 /// `256M`, `1G`, `512` (MiB), `2048K`.

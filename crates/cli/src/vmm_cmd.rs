@@ -191,13 +191,8 @@ fn load_config(path: &Path) -> Result<VmConfig> {
             e.message().trim()
         )
     })?;
-    if !cfg.kernel.is_file() {
-        bail!(
-            "kernel {} does not exist or is not a file",
-            cfg.kernel.display()
-        );
-    }
     cfg.validate().map_err(anyhow::Error::msg)?;
+    crate::run::check_boot_image(&cfg)?;
     Ok(cfg)
 }
 

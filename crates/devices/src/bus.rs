@@ -62,6 +62,11 @@ impl Bus {
         (offset.checked_add(len as u64)? <= *size).then_some((dev, offset))
     }
 
+    /// Whether a device covers `len` bytes at `addr`.
+    pub fn covers(&self, addr: u64, len: usize) -> bool {
+        self.find(addr, len).is_some()
+    }
+
     /// Dispatches a read; returns false (and leaves `data` untouched) when nothing is there.
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {

@@ -39,6 +39,11 @@ const HOST_ONLY: &[(&str, &str, &str)] = &[
         "ends the worker",
     ),
     (
+        "legacy/debugcon.rs",
+        "tracing::debug!(target: \"firmware\"",
+        "the firmware's log, capped at MAX_LINES lines per VM",
+    ),
+    (
         "ratelimit.rs",
         "tracing::",
         "the rate-limited macros themselves",

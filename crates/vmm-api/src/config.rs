@@ -13,7 +13,13 @@ use crate::limits::{
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Kernel image: an ELF with a PVH entry note (vmlinux, the probe guest) or a bzImage.
+    /// Empty when the guest boots [`firmware`](Self::firmware) instead.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub kernel: PathBuf,
+    /// Firmware ROM booted instead of a kernel (SeaBIOS's `bios.bin`, OVMF's `OVMF.fd`): it
+    /// starts at the x86 reset vector and boots the first disk itself (x86_64 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<PathBuf>,
     /// Optional initial ramdisk.
     #[serde(default)]
     pub initrd: Option<PathBuf>,
@@ -154,6 +160,7 @@ impl VmConfig {
     pub fn new(kernel: PathBuf) -> Self {
         Self {
             kernel,
+            firmware: None,
             initrd: None,
             cmdline: String::new(),
             memory_mib: default_memory_mib(),
@@ -173,6 +180,14 @@ impl VmConfig {
 
     /// Checks what can be checked without touching the host.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        match (&self.firmware, path_is_empty(&self.kernel)) {
+            (None, true) => return Err(ConfigError::NoBootImage),
+            (Some(_), false) => return Err(ConfigError::KernelAndFirmware),
+            (Some(_), true) if self.initrd.is_some() || !self.cmdline.is_empty() => {
+                return Err(ConfigError::FirmwareWithKernelArgs)
+            }
+            _ => {}
+        }
         if self.memory_mib < MIN_MEMORY_MIB {
             return Err(ConfigError::TooLittleMemory(self.memory_mib));
         }
@@ -202,9 +217,23 @@ impl VmConfig {
     }
 }
 
+/// Whether `p` is the empty path (no kernel: the guest boots firmware).
+fn path_is_empty(p: &std::path::Path) -> bool {
+    p.as_os_str().is_empty()
+}
+
 /// Why a configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
+    /// Neither a kernel nor firmware.
+    #[error("nothing to boot: give a kernel or a firmware image")]
+    NoBootImage,
+    /// Both a kernel and firmware.
+    #[error("give a kernel or a firmware image, not both")]
+    KernelAndFirmware,
+    /// Firmware with an initrd or a command line, which only a kernel takes.
+    #[error("an initrd and a kernel command line go with a kernel; firmware boots the disk's own")]
+    FirmwareWithKernelArgs,
     /// Less guest memory than the platform needs.
     #[error("memory {0} MiB is too little: at least {MIN_MEMORY_MIB} MiB is needed")]
     TooLittleMemory(u64),
@@ -276,6 +305,42 @@ mod tests {
         let back: VmConfig = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(back, cfg);
         assert!(toml::from_str::<VmConfig>("kernel = \"k\"\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn firmware_boots_instead_of_a_kernel_and_round_trips() {
+        let cfg: VmConfig = toml::from_str(
+            "firmware = \"/usr/share/seabios/bios.bin\"\ndisks = [{ path = \"d.raw\" }]",
+        )
+        .unwrap();
+        assert_eq!(cfg.firmware, Some("/usr/share/seabios/bios.bin".into()));
+        assert!(cfg.kernel.as_os_str().is_empty());
+        assert_eq!(cfg.validate(), Ok(()));
+        let text = toml::to_string(&cfg).unwrap();
+        assert!(!text.contains("kernel"), "{text}");
+        assert_eq!(toml::from_str::<VmConfig>(&text).unwrap(), cfg);
+        // A kernel configuration does not name firmware.
+        let text = toml::to_string(&VmConfig::new("k".into())).unwrap();
+        assert!(!text.contains("firmware"), "{text}");
+
+        let mut both = cfg.clone();
+        both.kernel = "k".into();
+        assert_eq!(both.validate(), Err(ConfigError::KernelAndFirmware));
+        let mut neither = cfg.clone();
+        neither.firmware = None;
+        assert_eq!(neither.validate(), Err(ConfigError::NoBootImage));
+        let mut with_cmdline = cfg.clone();
+        with_cmdline.cmdline = "console=ttyS0".into();
+        assert_eq!(
+            with_cmdline.validate(),
+            Err(ConfigError::FirmwareWithKernelArgs)
+        );
+        let mut with_initrd = cfg;
+        with_initrd.initrd = Some("i".into());
+        assert_eq!(
+            with_initrd.validate(),
+            Err(ConfigError::FirmwareWithKernelArgs)
+        );
     }
 
     #[test]

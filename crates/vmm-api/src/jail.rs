@@ -25,6 +25,8 @@ pub const TUN_DEVICE: &str = "/dev/net/tun";
 pub const JAIL_KERNEL: &str = "/boot/kernel";
 /// Where the initrd appears in the jail.
 pub const JAIL_INITRD: &str = "/boot/initrd";
+/// Where the firmware image appears in the jail.
+pub const JAIL_FIRMWARE: &str = "/boot/firmware";
 /// Where a snapshot being restored appears in the jail.
 pub const JAIL_SNAPSHOT: &str = "/snapshot";
 /// The directory holding disk *i* as `<i>`.
@@ -43,6 +45,8 @@ pub enum PathRole {
     Kernel,
     /// The initial ramdisk.
     Initrd,
+    /// The firmware image.
+    Firmware,
     /// Disk number *i*.
     Disk(usize),
     /// The serial log file.
@@ -209,7 +213,7 @@ impl SerialConfig {
 
 impl VmConfig {
     /// The host paths this configuration needs, each part declaring its own: `/dev/kvm`,
-    /// `/dev/net/tun` with any network device, the kernel and initrd, each disk, the serial
+    /// `/dev/net/tun` with any network device, the kernel and initrd (or the firmware), each disk, the serial
     /// log file, the vsock socket.
     pub fn host_paths(&self) -> Vec<HostPath> {
         let mut out = vec![HostPath::new(
@@ -220,12 +224,22 @@ impl VmConfig {
         )];
         // One clone device serves every TAP.
         out.extend(self.net.first().map(NetConfig::host_path));
-        out.push(HostPath::new(
-            PathRole::Kernel,
-            &self.kernel,
-            PathKind::File,
-            true,
-        ));
+        if !self.kernel.as_os_str().is_empty() {
+            out.push(HostPath::new(
+                PathRole::Kernel,
+                &self.kernel,
+                PathKind::File,
+                true,
+            ));
+        }
+        if let Some(firmware) = &self.firmware {
+            out.push(HostPath::new(
+                PathRole::Firmware,
+                firmware,
+                PathKind::File,
+                true,
+            ));
+        }
         if let Some(initrd) = &self.initrd {
             out.push(HostPath::new(
                 PathRole::Initrd,
@@ -313,6 +327,7 @@ impl JailPlan {
                 (_, PathRole::Tun) => fixed(TUN_DEVICE),
                 (_, PathRole::Kernel) => fixed(JAIL_KERNEL),
                 (_, PathRole::Initrd) => fixed(JAIL_INITRD),
+                (_, PathRole::Firmware) => fixed(JAIL_FIRMWARE),
                 (_, PathRole::Snapshot) => fixed(JAIL_SNAPSHOT),
                 (_, PathRole::Disk(i)) => fixed(&format!("{JAIL_DISKS}/{i}")),
                 // A socket or log bound by itself would be replaced, not shared: only its
@@ -369,6 +384,7 @@ impl JailPlan {
             match role {
                 PathRole::Kernel => out.kernel = p.clone(),
                 PathRole::Initrd => out.initrd = Some(p.clone()),
+                PathRole::Firmware => out.firmware = Some(p.clone()),
                 PathRole::Disk(i) => {
                     if let Some(d) = out.disks.get_mut(*i) {
                         d.path = p.clone();

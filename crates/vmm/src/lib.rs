@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod device_manager;
 mod error;
+mod firmware;
 mod hooks;
 pub mod memory;
 pub mod migration;

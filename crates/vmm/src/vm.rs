@@ -71,6 +71,8 @@ pub struct Vm {
     pub(crate) dirty: DirtyLog,
     /// The architecture's platform devices as KVM holds them (aarch64: the vGIC and ITS).
     pub(crate) _platform: arch::Platform,
+    /// The firmware ROM mapped into the VM, when it boots firmware.
+    pub(crate) _firmware: Option<crate::firmware::RomHandle>,
 }
 
 /// KVM and a new VM fd, after checking the configuration against the host. The
@@ -128,23 +130,15 @@ impl Vm {
             ));
         }
         let cfg = &cfg;
-        let mut kernel = open(&cfg.kernel)?;
-        let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
-
         let (kvm, vm) = create_kvm_vm(cfg)?;
         let (platform, mem) = setup_vm_alongside(&vm, || create_memory(&vm, cfg.memory_mib << 20))?;
-        let boot_cfg = arch::BootConfig {
-            cmdline: &cfg.cmdline,
-            nr_vcpus: cfg.vcpus,
-            mem_size: cfg.memory_mib << 20,
-            pci: arch::PciInfo {
-                ecam_base: layout::PCI_ECAM_START,
-                ecam_size: layout::PCI_ECAM_SIZE,
-                mmio_base: layout::PCI_MMIO_START,
-                mmio_size: layout::PCI_MMIO_SIZE,
-            },
+        let (boot, firmware) = match &cfg.firmware {
+            Some(path) => {
+                let (rom, boot) = crate::firmware::load(&vm, &mem, path)?;
+                (boot, Some(rom))
+            }
+            None => (load_kernel(cfg, &mem)?, None),
         };
-        let boot = arch::load_kernel(&mem, &mut kernel, initrd.as_mut(), &boot_cfg)?;
 
         let mut vcpus = Vec::with_capacity(cfg.vcpus.into());
         let mut cpu_models = Vec::with_capacity(cfg.vcpus.into());
@@ -166,7 +160,7 @@ impl Vm {
         platform.vcpus_created()?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(cfg, &vm, &mem, &exit, None)?;
-        Ok(Vm::assemble(
+        let mut built = Vm::assemble(
             cfg.clone(),
             kvm,
             vm,
@@ -174,7 +168,9 @@ impl Vm {
             exit,
             devs,
             (vcpus, cpu_models, platform),
-        ))
+        );
+        built._firmware = firmware;
+        Ok(built)
     }
 
     /// Puts the parts together.
@@ -217,6 +213,7 @@ impl Vm {
             cpu_models,
             dirty,
             _platform: platform,
+            _firmware: None,
         }
     }
 
@@ -461,11 +458,34 @@ impl Vm {
 }
 
 /// Opens a kernel or initrd: a regular file, never waiting on a FIFO or reading a device.
-fn open(path: &Path) -> Result<File, Error> {
+pub(crate) fn open(path: &Path) -> Result<File, Error> {
     hostfs::open_regular(path, false).map_err(|source| Error::File {
         path: path.display().to_string(),
         source,
     })
+}
+
+/// Loads the kernel, initrd and command line of `cfg` into `mem`; returns where vCPU 0 starts.
+fn load_kernel(cfg: &VmConfig, mem: &GuestMem) -> Result<arch::BootSetup, Error> {
+    let mut kernel = open(&cfg.kernel)?;
+    let mut initrd = cfg.initrd.as_deref().map(open).transpose()?;
+    let boot_cfg = arch::BootConfig {
+        cmdline: &cfg.cmdline,
+        nr_vcpus: cfg.vcpus,
+        mem_size: cfg.memory_mib << 20,
+        pci: arch::PciInfo {
+            ecam_base: layout::PCI_ECAM_START,
+            ecam_size: layout::PCI_ECAM_SIZE,
+            mmio_base: layout::PCI_MMIO_START,
+            mmio_size: layout::PCI_MMIO_SIZE,
+        },
+    };
+    Ok(arch::load_kernel(
+        mem,
+        &mut kernel,
+        initrd.as_mut(),
+        &boot_cfg,
+    )?)
 }
 
 /// Refuses guests larger than the host's RAM.
@@ -574,6 +594,18 @@ pub(crate) fn build_devices(
         Arc::new(Mutex::new(PciMmioWindow::high(root.clone()))),
     )
     .map_err(bus_err)?;
+
+    if cfg.firmware.is_some() {
+        #[cfg(target_arch = "x86_64")]
+        crate::firmware::add_devices(
+            cfg.memory_mib << 20,
+            cfg.vcpus,
+            &mut pio,
+            &mut mmio,
+            &legacy,
+            &root,
+        )?;
+    }
 
     let vm_hooks: Arc<dyn VmHooks> = hooks.clone();
     let virtio = DeviceManager::build(cfg, mem, &vm_hooks, &root)?;

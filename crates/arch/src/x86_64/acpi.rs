@@ -309,6 +309,148 @@ pub fn build_acpi_tables(nr_vcpus: u8, pci: &PciInfo) -> Result<Vec<(u64, Vec<u8
     ])
 }
 
+/// A pointer field in [`AcpiBlobs`] that holds an offset into the tables blob, to become an
+/// address once firmware has placed the blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiPointer {
+    /// Whether the field is in the RSDP (else in the tables blob).
+    pub in_rsdp: bool,
+    /// Offset of the field.
+    pub offset: usize,
+    /// Its width in bytes.
+    pub size: u8,
+}
+
+/// A checksum byte in [`AcpiBlobs`] to fix once the pointers are patched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiChecksum {
+    /// Whether the range is in the RSDP (else in the tables blob).
+    pub in_rsdp: bool,
+    /// Offset of the checksum byte.
+    pub offset: usize,
+    /// Start of the range that must sum to zero.
+    pub start: usize,
+    /// Length of that range.
+    pub length: usize,
+}
+
+/// The ACPI tables as firmware takes them (QEMU's linker/loader model): the RSDP and one blob
+/// with every other table, their pointers written as offsets into the blob (with valid
+/// checksums over those offsets), and the fields firmware must relocate and re-checksum.
+#[derive(Debug, Clone)]
+pub struct AcpiBlobs {
+    /// The RSDP (36 bytes, ACPI 2.0).
+    pub rsdp: Vec<u8>,
+    /// FACS (first, 64-byte aligned), DSDT, FADT, MADT, MCFG and XSDT.
+    pub tables: Vec<u8>,
+    /// The pointer fields to relocate.
+    pub pointers: Vec<AcpiPointer>,
+    /// The checksums to fix afterwards, in order.
+    pub checksums: Vec<AcpiChecksum>,
+}
+
+/// Builds the tables of [`build_acpi_tables`] for firmware to place (see [`AcpiBlobs`]).
+pub fn build_acpi_blobs(nr_vcpus: u8, pci: &PciInfo) -> Result<AcpiBlobs, Error> {
+    check_vcpu_count(nr_vcpus)?;
+    let facs = aml_bytes(&FACS::new());
+    let dsdt = build_dsdt(pci);
+    let madt = build_madt(nr_vcpus);
+    let mcfg = build_mcfg(pci);
+
+    let mut placer = Placer { next: 0 };
+    let facs_at = placer.place(facs.len(), 64);
+    let dsdt_at = placer.place(dsdt.len(), 16);
+    let fadt = build_fadt(dsdt_at, facs_at);
+    let fadt_at = placer.place(fadt.len(), 16);
+    let madt_at = placer.place(madt.len(), 16);
+    let mcfg_at = placer.place(mcfg.len(), 16);
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_at);
+    xsdt.add_entry(madt_at);
+    xsdt.add_entry(mcfg_at);
+    let xsdt = aml_bytes(&xsdt);
+    let xsdt_at = placer.place(xsdt.len(), 16);
+    let rsdp = aml_bytes(&Rsdp::new(OEM_ID, xsdt_at));
+
+    let offset = |at: u64| {
+        usize::try_from(at).map_err(|_| Error::AcpiTooLarge {
+            size: at,
+            available: u64::from(u32::MAX),
+        })
+    };
+    let mut tables = vec![0u8; offset(placer.next)?];
+    for (at, bytes) in [
+        (facs_at, &facs),
+        (dsdt_at, &dsdt),
+        (fadt_at, &fadt),
+        (madt_at, &madt),
+        (mcfg_at, &mcfg),
+        (xsdt_at, &xsdt),
+    ] {
+        let at = offset(at)?;
+        tables[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    let (fadt_at, xsdt_at) = (offset(fadt_at)?, offset(xsdt_at)?);
+    let in_tables = |offset: usize| AcpiPointer {
+        in_rsdp: false,
+        offset,
+        size: 8,
+    };
+    let mut pointers = vec![AcpiPointer {
+        in_rsdp: true,
+        offset: RSDP_XSDT_OFFSET,
+        size: 8,
+    }];
+    pointers.push(in_tables(fadt_at + FADT_X_FIRMWARE_CTRL_OFFSET));
+    pointers.push(in_tables(fadt_at + FADT_X_DSDT_OFFSET));
+    pointers.extend((0..3).map(|i| in_tables(xsdt_at + SDT_HEADER_LEN + 8 * i)));
+    let table_sum = |at: usize, len: usize| AcpiChecksum {
+        in_rsdp: false,
+        offset: at + SDT_CHECKSUM_OFFSET,
+        start: at,
+        length: len,
+    };
+    let checksums = vec![
+        table_sum(fadt_at, fadt.len()),
+        table_sum(xsdt_at, xsdt.len()),
+        AcpiChecksum {
+            in_rsdp: true,
+            offset: RSDP_CHECKSUM_OFFSET,
+            start: 0,
+            length: RSDP_V1_LEN,
+        },
+        AcpiChecksum {
+            in_rsdp: true,
+            offset: RSDP_EXT_CHECKSUM_OFFSET,
+            start: 0,
+            length: rsdp.len(),
+        },
+    ];
+    Ok(AcpiBlobs {
+        rsdp,
+        tables,
+        pointers,
+        checksums,
+    })
+}
+
+/// Offset of the checksum byte in every table header.
+const SDT_CHECKSUM_OFFSET: usize = 9;
+/// Length of a table header (where the XSDT's entries start).
+const SDT_HEADER_LEN: usize = 36;
+/// The FADT's 64-bit FACS address.
+const FADT_X_FIRMWARE_CTRL_OFFSET: usize = 132;
+/// The FADT's 64-bit DSDT address.
+const FADT_X_DSDT_OFFSET: usize = 140;
+/// The RSDP's XSDT address.
+const RSDP_XSDT_OFFSET: usize = 24;
+/// The RSDP's checksum over its first 20 bytes (ACPI 1.0 part).
+const RSDP_CHECKSUM_OFFSET: usize = 8;
+/// Length of the ACPI 1.0 part of the RSDP.
+const RSDP_V1_LEN: usize = 20;
+/// The RSDP's extended checksum over all of it.
+const RSDP_EXT_CHECKSUM_OFFSET: usize = 32;
+
 /// Writes the ACPI tables into guest memory and returns the RSDP address.
 pub fn create_acpi_tables<M: GuestMemoryBackend>(
     mem: &M,

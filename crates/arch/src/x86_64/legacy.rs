@@ -46,6 +46,13 @@ impl LegacyDevices {
         }
     }
 
+    /// Describes the machine in CMOS RAM for firmware: RAM below and above the MMIO hole and
+    /// the vCPU count (see [`Cmos::set_machine_info`]).
+    pub fn set_machine_info(&self, mem_size: u64, nr_vcpus: u8) {
+        let low = super::layout::low_ram_end(mem_size);
+        devices::bus::lock(&self.rtc).set_machine_info(low, mem_size - low, nr_vcpus);
+    }
+
     /// Puts the devices in `state` (a restore, before the vCPUs run); a bad state is refused
     /// and changes nothing.
     pub fn restore_platform(&self, state: &PlatformState) -> Result<(), Error> {

@@ -5,6 +5,7 @@ pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod exit;
+pub mod firmware;
 pub mod gdt;
 pub mod irq;
 pub mod layout;
@@ -18,6 +19,7 @@ pub use acpi::create_acpi_tables;
 pub use boot::{e820_map, load_kernel, E820Entry, E820Type};
 pub use cpuid::{cpuid_feature_names, setup_cpuid, validate_cpuid_hide};
 pub use exit::{handle_arch_exit, instruction_pointer};
+pub use firmware::{firmware_fw_cfg, load_firmware, map_firmware, read_firmware, FirmwareRom};
 pub use irq::{legacy_irq_routes, msi_route, IRQCHIP_PINS};
 pub use legacy::{add_legacy_devices, LegacyContext, LegacyDevices, PlatformState};
 pub use regs::setup_vcpu;
@@ -140,6 +142,21 @@ pub enum Error {
     /// The memory map has more entries than the boot protocol can carry.
     #[error("the memory map has {0} entries, more than the boot protocol can carry")]
     TooManyMemoryMapEntries(usize),
+    /// Reading the firmware image failed.
+    #[error("cannot read the firmware image: {0}")]
+    FirmwareRead(#[source] std::io::Error),
+    /// The firmware image has a size no ROM has.
+    #[error(
+        "the firmware image is {0} bytes: a ROM must be 64 KiB to 16 MiB, a whole number of \
+         4 KiB pages (SeaBIOS's bios.bin, OVMF.fd)"
+    )]
+    FirmwareSize(u64),
+    /// The firmware ROM could not be mapped.
+    #[error("cannot map the firmware ROM: {0}")]
+    FirmwareMap(String),
+    /// The firmware configuration device could not be filled.
+    #[error("cannot build the firmware configuration: {0}")]
+    FirmwareConfig(String),
     /// The ACPI tables do not fit their area.
     #[error("ACPI tables need {size} bytes, more than the {available} bytes at 0xE0000")]
     AcpiTooLarge {
@@ -258,6 +275,8 @@ pub enum BootProtocol {
     Pvh,
     /// Linux 64-bit boot protocol: long mode, identity paging, RSI = zero page.
     Linux64,
+    /// Firmware (SeaBIOS, OVMF): KVM's reset state, real mode at the reset vector.
+    Firmware,
 }
 
 /// Result of [`load_kernel`]: where and how to start the boot vCPU.

@@ -135,6 +135,8 @@ pub fn boot_regs(boot: &BootSetup) -> kvm_regs {
             regs.rsp = BOOT_STACK_POINTER;
             regs.rbp = BOOT_STACK_POINTER;
         }
+        // Firmware: the vCPU keeps KVM's reset state (setup_vcpu does not call this).
+        BootProtocol::Firmware => {}
     }
     regs
 }
@@ -273,7 +275,8 @@ pub fn setup_vcpu<M: GuestMemoryBackend>(
     set_lint_modes(&mut lapic);
     vcpu.set_lapic(&lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
 
-    if id == 0 {
+    // Firmware starts vCPU 0 from KVM's reset state: real mode at the reset vector.
+    if id == 0 && boot.protocol != BootProtocol::Firmware {
         let long_mode = boot.protocol == BootProtocol::Linux64;
         write_gdt(mem, long_mode)?;
         if long_mode {

@@ -6,11 +6,18 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use super::{kvm_err, Error};
 
-/// Where KVM puts the three TSS pages it needs on Intel (just below the BIOS area at the top
-/// of 4 GiB, in the MMIO hole above the LAPIC, so no RAM or device window is lost).
-pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// Where KVM puts the three TSS pages it needs on Intel: in the MMIO hole above the LAPIC and
+/// below the largest firmware ROM (16 MiB under 4 GiB, see `firmware::ROM_MAX`), where QEMU
+/// puts them too, so no RAM, device window or ROM is lost.
+pub const KVM_TSS_ADDR: usize = 0xfeff_d000;
 /// Where KVM puts its identity-map page table (the page below the TSS).
-pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+
+// The TSS and identity-map pages sit between the LAPIC and the lowest ROM.
+const _: () = {
+    assert!(KVM_IDENTITY_MAP_ADDR >= super::layout::LAPIC_START + super::layout::LAPIC_SIZE);
+    assert!(KVM_TSS_ADDR as u64 + 3 * 4096 <= super::firmware::ROM_END - super::firmware::ROM_MAX);
+};
 
 /// Creates a VM on `kvm` with everything an x86_64 guest of this VMM needs ([`setup_vm`]).
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {

@@ -55,6 +55,19 @@ pub struct CmosState {
 #[error("invalid CMOS RTC state: {0}")]
 pub struct CmosStateError(String);
 
+/// CMOS RAM: base memory in KiB (u16).
+const CMOS_BASE_MEMORY: usize = 0x15;
+/// CMOS RAM: memory above 1 MiB in KiB, up to 64 MiB (u16).
+const CMOS_EXTENDED_MEMORY: usize = 0x17;
+/// CMOS RAM: the same, as POST reports it (u16).
+const CMOS_EXTENDED_MEMORY_2: usize = 0x30;
+/// CMOS RAM: memory above 16 MiB below 4 GiB in 64 KiB units (u16).
+const CMOS_MEMORY_ABOVE_16M: usize = 0x34;
+/// CMOS RAM: memory above 4 GiB in 64 KiB units (24 bits).
+const CMOS_MEMORY_ABOVE_4G: usize = 0x5b;
+/// CMOS RAM: the number of vCPUs less one.
+const CMOS_SMP_COUNT: usize = 0x5f;
+
 /// The CMOS RTC and its RAM.
 pub struct Cmos {
     index: u8,
@@ -86,6 +99,30 @@ impl Cmos {
             offset: 0,
             now,
         }
+    }
+
+    /// Writes the machine description PC firmware reads from CMOS RAM (the bytes QEMU's `pc`
+    /// machine sets): base memory (640 KiB), memory between 1 and 64 MiB in KiB, memory
+    /// between 16 MiB and `low_end` in 64 KiB units, `high` bytes above 4 GiB in 64 KiB
+    /// units, and the vCPU count less one. Counts too large for their bytes saturate.
+    pub fn set_machine_info(&mut self, low_end: u64, high: u64, nr_vcpus: u8) {
+        const MIB: u64 = 1 << 20;
+        let mut set16 = |reg: usize, v: u64| {
+            let v = u16::try_from(v).unwrap_or(u16::MAX).to_le_bytes();
+            self.ram[reg] = v[0];
+            self.ram[reg + 1] = v[1];
+        };
+        set16(CMOS_BASE_MEMORY, 640);
+        let extended = low_end.saturating_sub(MIB).min(63 * MIB) >> 10;
+        set16(CMOS_EXTENDED_MEMORY, extended);
+        set16(CMOS_EXTENDED_MEMORY_2, extended);
+        set16(
+            CMOS_MEMORY_ABOVE_16M,
+            low_end.saturating_sub(16 * MIB) >> 16,
+        );
+        let above_4g = (high >> 16).min(0xff_ffff).to_le_bytes();
+        self.ram[CMOS_MEMORY_ABOVE_4G..CMOS_MEMORY_ABOVE_4G + 3].copy_from_slice(&above_4g[..3]);
+        self.ram[CMOS_SMP_COUNT] = nr_vcpus.saturating_sub(1);
     }
 
     /// The state a snapshot keeps.
@@ -344,6 +381,22 @@ mod tests {
             before,
             "a refused state changed the RTC"
         );
+    }
+
+    #[test]
+    fn machine_info_lands_in_the_bytes_firmware_reads() {
+        let mut rtc = Cmos::with_clock(Box::new(|| 0));
+        rtc.set_machine_info(3 << 30, 5 << 30, 4);
+        let byte = |rtc: &mut Cmos, r: u8| reg(rtc, r);
+        assert_eq!((byte(&mut rtc, 0x15), byte(&mut rtc, 0x16)), (0x80, 0x02));
+        // 63 MiB above 1 MiB, in KiB.
+        assert_eq!((byte(&mut rtc, 0x30), byte(&mut rtc, 0x31)), (0x00, 0xfc));
+        // (3 GiB - 16 MiB) / 64 KiB = 0xbf00.
+        assert_eq!((byte(&mut rtc, 0x34), byte(&mut rtc, 0x35)), (0x00, 0xbf));
+        // 5 GiB / 64 KiB = 0x014000.
+        let high: Vec<u8> = (0x5b..=0x5d).map(|r| byte(&mut rtc, r)).collect();
+        assert_eq!(high, [0x00, 0x40, 0x01]);
+        assert_eq!(byte(&mut rtc, 0x5f), 3);
     }
 
     #[test]

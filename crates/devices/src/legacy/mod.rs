@@ -1,12 +1,17 @@
 //! Legacy platform devices: the 16550 serial port, i8042 reset, the CMOS real-time clock, the ACPI
-//! power-off and debug-exit ports, and a sink for ports that only take writes (POST code port 0x80).
+//! power-off and debug-exit ports, a sink for ports that only take writes (POST code port 0x80), and
+//! the firmware configuration device ([`FwCfg`]) firmware-booted guests read.
 
 mod cmos;
+mod debugcon;
+pub mod fw_cfg;
 mod i8042;
 mod power;
 mod serial;
 
 pub use cmos::{Cmos, CmosState, CmosStateError};
+pub use debugcon::DebugCon;
+pub use fw_cfg::{FwCfg, FwCfgError};
 pub use i8042::I8042;
 pub use power::{AcpiPm, DebugExit, PortSink};
 pub use serial::{

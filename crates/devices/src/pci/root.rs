@@ -17,6 +17,9 @@ pub const NUM_SLOTS: usize = 32;
 pub const HOST_BRIDGE_VENDOR: u16 = 0x8086;
 /// Host bridge device ID.
 pub const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
+/// Host bridge subsystem vendor (Red Hat) and id ("QEMU virtual machine"): SeaBIOS only
+/// reads QEMU's firmware configuration device on a machine whose host bridge says this.
+pub const HOST_BRIDGE_SUBSYSTEM: (u16, u16) = (0x1af4, 0x1100);
 
 const COMMAND_REG: usize = 1;
 
@@ -34,8 +37,8 @@ impl HostBridge {
                 device_id: HOST_BRIDGE_DEVICE,
                 revision: 0,
                 class_code: 0x06_00_00,
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
+                subsystem_vendor_id: HOST_BRIDGE_SUBSYSTEM.0,
+                subsystem_id: HOST_BRIDGE_SUBSYSTEM.1,
             }),
         }
     }
@@ -103,6 +106,8 @@ pub struct PciRoot {
     slots: Vec<Option<Slot>>,
     mmio32: Window,
     mmio64: Window,
+    /// Where firmware may place BARs itself (empty unless a firmware boots).
+    firmware: Window,
 }
 
 impl PciRoot {
@@ -118,6 +123,7 @@ impl PciRoot {
             slots,
             mmio32: Window::new(mmio_base, mmio_size),
             mmio64: Window::new(0, 0),
+            firmware: Window::new(0, 0),
         }
     }
 
@@ -126,6 +132,12 @@ impl PciRoot {
     pub fn with_mmio64(mut self, base: u64, size: u64) -> Self {
         self.mmio64 = Window::new(base, size);
         self
+    }
+
+    /// Also decodes BARs the guest places in `[base, base + size)`: firmware (SeaBIOS)
+    /// assigns BARs itself, top-down from the IOAPIC. The VMM's allocator does not use it.
+    pub fn set_firmware_window(&mut self, base: u64, size: u64) {
+        self.firmware = Window::new(base, size);
     }
 
     /// Start of the 32-bit MMIO window.
@@ -249,15 +261,15 @@ impl PciRoot {
     }
 
     /// The MMIO windows.
-    fn windows(&self) -> [Window; 2] {
-        [self.mmio32, self.mmio64]
+    fn windows(&self) -> [Window; 3] {
+        [self.mmio32, self.mmio64, self.firmware]
     }
 
     /// Recomputes which BARs the slot decodes and tells the device about any move. A BAR is
     /// decoded while memory space is enabled and it lies wholly inside one MMIO window (the only
     /// places the VMM forwards accesses from), so a BAR the guest points at RAM or another
     /// device's registers gets no ioeventfds or memory mapping there.
-    fn refresh_mapping(slot: &mut Slot, windows: [Window; 2]) {
+    fn refresh_mapping(slot: &mut Slot, windows: [Window; 3]) {
         let mut dev = lock(&slot.dev);
         let memory_on =
             dev.config_read(COMMAND_REG) & u32::from(super::config::COMMAND_MEMORY) != 0;
@@ -438,6 +450,12 @@ impl PciMmioWindow {
     /// Adapter over the 32-bit window of `root`.
     pub fn new(root: Arc<Mutex<PciRoot>>) -> Self {
         let base = lock(&root).mmio_base();
+        PciMmioWindow { root, base }
+    }
+
+    /// Adapter for BARs firmware places anywhere from `base` up (SeaBIOS assigns BARs itself,
+    /// top-down from the IOAPIC); insert it on the MMIO bus at `base`.
+    pub fn at(root: Arc<Mutex<PciRoot>>, base: u64) -> Self {
         PciMmioWindow { root, base }
     }
 
@@ -634,6 +652,27 @@ mod tests {
         // Disable memory: unmapped.
         io_write(&mut io, 2, 0x04, 0);
         assert_eq!(lock(&log2).last().unwrap(), "m0:Some(c0080000)->None");
+    }
+
+    #[test]
+    fn bars_firmware_places_decode_only_inside_the_firmware_window() {
+        let root = Arc::new(Mutex::new(PciRoot::new(BASE, 0x10_0000)));
+        let (dev, log) = Dummy::with_kind(0x1000, BarKind::Mem32);
+        assert_eq!(lock(&root).add_device(dev).unwrap(), 1);
+        let mut io = PciConfigIo::new(root.clone());
+        io_write(&mut io, 1, 0x04, 0x2);
+        lock(&log).clear();
+        // SeaBIOS's choice, below the IOAPIC: not decoded without the firmware window...
+        io_write(&mut io, 1, 0x10, 0xfebf_0000);
+        assert!(lock(&root).find_bar(0xfebf_0010, 4).is_none());
+        // ...decoded with it, and the device told.
+        lock(&root).set_firmware_window(0xe010_0000, 0xfec0_0000 - 0xe010_0000);
+        io_write(&mut io, 1, 0x10, 0xfebf_0000);
+        assert!(lock(&root).find_bar(0xfebf_0010, 4).is_some());
+        assert!(lock(&log).iter().any(|l| l.ends_with("->Some(febf0000)")));
+        // Still nothing outside the windows (RAM, say).
+        io_write(&mut io, 1, 0x10, 0x1000_0000);
+        assert!(lock(&root).find_bar(0x1000_0010, 4).is_none());
     }
 
     #[test]

@@ -389,6 +389,11 @@ impl Vm {
             register_memory(&vm, &mem)?;
             Ok(mem)
         })?;
+        let firmware = cfg
+            .firmware
+            .as_deref()
+            .map(|path| crate::firmware::remap(&vm, path))
+            .transpose()?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(&cfg, &vm, &mem, &exit, Some(&snap.serial))?;
         if let Some(platform) = &snap.platform {
@@ -434,7 +439,7 @@ impl Vm {
         }
         arch_platform.vcpus_created()?;
         devs.virtio.renotify();
-        Ok(Vm::assemble(
+        let mut restored = Vm::assemble(
             cfg,
             kvm,
             vm,
@@ -442,7 +447,9 @@ impl Vm {
             exit,
             devs,
             (vcpus, cpu_models, arch_platform),
-        ))
+        );
+        restored._firmware = firmware;
+        Ok(restored)
     }
 }
 
