@@ -60,6 +60,41 @@ fn no_kernel_at_all_is_one_error_line() {
 }
 
 #[test]
+fn firmware_errors_are_one_error_line_or_a_usage_error() {
+    // A missing firmware file is named.
+    let missing = VmCommand::bare()
+        .arg("--firmware")
+        .arg("/nonexistent/pocketvisor/bios.bin");
+    assert_one_error_line(&missing.run(), "/nonexistent/pocketvisor/bios.bin");
+    // A file that is no ROM: refused by size on hardware KVM, for real mode on kvm_pvm.
+    let dir = TempDir::new();
+    let tiny = dir.join("tiny.bin");
+    std::fs::write(&tiny, [0u8; 512]).unwrap();
+    let out = VmCommand::bare()
+        .arg("--firmware")
+        .arg(&tiny.display().to_string())
+        .run();
+    let mentions = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        "real mode"
+    } else {
+        "64 KiB to 16 MiB"
+    };
+    assert_one_error_line(&out, mentions);
+    // Firmware with a kernel, an initrd or a command line is a usage error.
+    for extra in [
+        &["--kernel", "k"][..],
+        &["--initrd", "i"],
+        &["--cmdline", "c"],
+    ] {
+        let mut cmd = VmCommand::bare()
+            .arg("--firmware")
+            .arg(&tiny.display().to_string());
+        cmd.extra.extend(extra.iter().map(|s| s.to_string()));
+        assert_usage_error(&cmd.run());
+    }
+}
+
+#[test]
 fn too_little_memory_is_one_error_line() {
     assert_one_error_line(&VmCommand::probe("").memory("1M").run(), "memory");
 }

@@ -27,8 +27,9 @@ pub struct RunArgs {
     /// Guest kernel: an ELF with a PVH note (vmlinux, probe guest) or a bzImage.
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
-    /// Firmware to boot instead of a kernel: SeaBIOS (/usr/share/seabios/bios.bin) or OVMF;
-    /// it boots the first disk's own boot loader (x86_64).
+    /// Firmware to boot instead of a kernel: SeaBIOS (/usr/share/seabios/bios.bin), which
+    /// boots the first disk's own boot loader (x86_64, hardware virtualization; OVMF does not
+    /// boot yet).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
     firmware: Option<PathBuf>,
     /// Initial ramdisk.
