@@ -60,7 +60,7 @@ fn _same_interface_on_every_architecture() {
     type SerialMaker = fn(EventFd) -> Result<Serial, std::io::Error>;
     let _: &str = ARCH_NAME;
     let _: fn(&Kvm) -> Result<VmFd, Error> = create_vm;
-    let _: fn(&VmFd) -> Result<Platform, Error> = setup_vm;
+    let _: fn(&VmFd, bool) -> Result<Platform, Error> = setup_vm;
     let _: fn(&Platform) -> Result<(), Error> = Platform::vcpus_created;
     let _: fn(&LegacyContext<'_>, &mut Bus, &mut Bus, SerialMaker) -> Result<LegacyDevices, Error> =
         add_legacy_devices;
@@ -71,7 +71,7 @@ fn _same_interface_on_every_architecture() {
     let _: u32 = IRQCHIP_PINS;
     let _: fn() -> Vec<kvm_irq_routing_entry> = legacy_irq_routes;
     let _: fn(u32, u64, u32, u32) -> kvm_irq_routing_entry = msi_route;
-    let _: for<'a> fn(VcpuExit<'a>, &Bus) -> Option<VcpuExit<'a>> = handle_arch_exit;
+    let _: for<'a> fn(VcpuExit<'a>, &Bus, bool) -> Option<VcpuExit<'a>> = handle_arch_exit;
     let _: fn(&VcpuFd) -> Option<u64> = instruction_pointer;
     let _: fn(
         &GuestMemoryMmap,

@@ -47,8 +47,8 @@ mod imp {
 
     /// Puts the firmware's devices in place: fw_cfg at 0x510 (memory map, vCPUs, ACPI
     /// tables), the debug console at 0x402 (logged at debug level, target `firmware`), the
-    /// CMOS memory bytes, and a PCI MMIO window from the ECAM's end up to the
-    /// IOAPIC, where SeaBIOS assigns BARs.
+    /// CMOS memory bytes, QEMU's host bridge subsystem id, and a PCI MMIO window from the
+    /// ECAM's end up to the IOAPIC, where SeaBIOS assigns BARs.
     pub(crate) fn add_devices(
         mem_size: u64,
         nr_vcpus: u8,
@@ -78,7 +78,7 @@ mod imp {
         .map_err(bus_err)?;
         legacy.set_machine_info(mem_size, nr_vcpus);
         let window = layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE;
-        devices::bus::lock(root).set_firmware_window(window, layout::IOAPIC_START - window);
+        devices::bus::lock(root).prepare_for_firmware(window, layout::IOAPIC_START - window);
         mmio.insert(
             window,
             layout::IOAPIC_START - window,

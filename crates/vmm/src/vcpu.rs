@@ -40,6 +40,9 @@ pub struct VcpuShared {
     pub parked: AtomicUsize,
     /// The first vCPU error, if any.
     pub error: Mutex<Option<(u8, String)>>,
+    /// Whether a port access no device takes whole is split into string I/O (firmware boots
+    /// only, see `arch::handle_arch_exit`).
+    pub split_string_io: bool,
 }
 
 impl VcpuShared {
@@ -148,7 +151,7 @@ fn run(id: u8, vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
 fn handle_exit(id: u8, exit: VcpuExit, shared: &VcpuShared) -> Option<Result<GuestExit, String>> {
     // The architecture's exits first (x86_64: port I/O, the hottest path); it hands back the
     // ones it does not own.
-    let exit = arch::handle_arch_exit(exit, &shared.pio)?;
+    let exit = arch::handle_arch_exit(exit, &shared.pio, shared.split_string_io)?;
     match exit {
         VcpuExit::MmioRead(addr, data) => {
             if !shared.mmio.read(addr, data) {

@@ -92,7 +92,7 @@ pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
     Ok((kvm, vm))
 }
 
-/// Sets up the architecture's part of `vm` (x86_64: TSS, irqchip, PIT) on a helper thread
+/// Sets up the architecture's part of `vm` for `cfg` (x86_64: TSS, irqchip, PIT) on a helper thread
 /// while `memory` (allocating or mapping guest RAM and registering its KVM slots) runs on
 /// this one. Each side waits in the kernel for its own grace period (irq routing, memory
 /// slots), a few milliseconds each on a virtualized host, so together they take the longer
@@ -100,12 +100,14 @@ pub(crate) fn create_kvm_vm(cfg: &VmConfig) -> Result<(Kvm, Arc<VmFd>), Error> {
 /// done.
 pub(crate) fn setup_vm_alongside<T>(
     vm: &VmFd,
+    cfg: &VmConfig,
     memory: impl FnOnce() -> Result<T, Error>,
 ) -> Result<(arch::Platform, T), Error> {
+    let boots_firmware = cfg.firmware.is_some();
     std::thread::scope(|scope| {
         let arch = std::thread::Builder::new()
             .name("vm-setup".into())
-            .spawn_scoped(scope, || arch::setup_vm(vm))
+            .spawn_scoped(scope, || arch::setup_vm(vm, boots_firmware))
             .map_err(Error::io("start the VM setup thread"))?;
         let made = memory();
         let platform = arch
@@ -131,7 +133,8 @@ impl Vm {
         }
         let cfg = &cfg;
         let (kvm, vm) = create_kvm_vm(cfg)?;
-        let (platform, mem) = setup_vm_alongside(&vm, || create_memory(&vm, cfg.memory_mib << 20))?;
+        let (platform, mem) =
+            setup_vm_alongside(&vm, cfg, || create_memory(&vm, cfg.memory_mib << 20))?;
         let (boot, firmware) = match &cfg.firmware {
             Some(path) => {
                 let (rom, boot) = crate::firmware::load(&vm, &mem, path)?;
@@ -195,6 +198,7 @@ impl Vm {
             pause: Default::default(),
             parked: Default::default(),
             error: Mutex::new(None),
+            split_string_io: cfg.firmware.is_some(),
         });
         let dirty = DirtyLog::new(vm.clone(), mem.clone());
         Vm {

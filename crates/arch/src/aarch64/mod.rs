@@ -138,13 +138,14 @@ pub fn load_kernel<M: GuestMemoryBackend>(
 /// Creates a VM on `kvm` with its vGIC ([`setup_vm`]).
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    setup_vm(&vm)?;
+    setup_vm(&vm, false)?;
     Ok(vm)
 }
 
 /// Gives a new VM its vGICv3 and ITS (before any irqfd, route or vCPU);
-/// [`Platform::vcpus_created`] finishes it.
-pub fn setup_vm(vm: &VmFd) -> Result<Platform, Error> {
+/// [`Platform::vcpus_created`] finishes it. Firmware boots are x86_64 only: `_boots_firmware`
+/// changes nothing here.
+pub fn setup_vm(vm: &VmFd, _boots_firmware: bool) -> Result<Platform, Error> {
     gic::create(vm)
 }
 
@@ -282,7 +283,11 @@ fn fdt_cells(v: u64) -> [u32; 2] {
 
 /// aarch64 has no port I/O: every exit goes back to the generic loop.
 #[inline]
-pub fn handle_arch_exit<'a>(exit: VcpuExit<'a>, _pio: &Bus) -> Option<VcpuExit<'a>> {
+pub fn handle_arch_exit<'a>(
+    exit: VcpuExit<'a>,
+    _pio: &Bus,
+    _split_string_io: bool,
+) -> Option<VcpuExit<'a>> {
     Some(exit)
 }
 

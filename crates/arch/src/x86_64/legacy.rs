@@ -161,7 +161,7 @@ mod tests {
         );
 
         let pio_read = |port: u16, data: &mut [u8]| {
-            assert!(crate::handle_arch_exit(VcpuExit::IoIn(port, data), &pio).is_none());
+            assert!(crate::handle_arch_exit(VcpuExit::IoIn(port, data), &pio, false).is_none());
         };
         // The UART's line status register: transmitter empty.
         let mut lsr = [0u8];
@@ -169,7 +169,7 @@ mod tests {
         assert_ne!(lsr[0] & 0x20, 0);
         // Type 1 PCI config access: host bridge at 00:00.0 is there (vendor id not 0xffff).
         let addr = 0x8000_0000u32.to_le_bytes();
-        assert!(crate::handle_arch_exit(VcpuExit::IoOut(0xcf8, &addr), &pio).is_none());
+        assert!(crate::handle_arch_exit(VcpuExit::IoOut(0xcf8, &addr), &pio, false).is_none());
         let mut id = [0u8; 2];
         pio_read(0xcfc, &mut id);
         assert_ne!(u16::from_le_bytes(id), 0xffff);
@@ -179,10 +179,14 @@ mod tests {
         assert_eq!(none, [0xff, 0xff]);
         // MMIO is not this hook's business.
         let mut buf = [0u8; 4];
-        assert!(crate::handle_arch_exit(VcpuExit::MmioRead(0x1000, &mut buf), &pio).is_some());
+        assert!(
+            crate::handle_arch_exit(VcpuExit::MmioRead(0x1000, &mut buf), &pio, false).is_some()
+        );
         // The debug-exit port ends the VM with the value written.
         let v = 7u32.to_le_bytes();
-        assert!(crate::handle_arch_exit(VcpuExit::IoOut(DEBUG_EXIT_PORT, &v), &pio).is_none());
+        assert!(
+            crate::handle_arch_exit(VcpuExit::IoOut(DEBUG_EXIT_PORT, &v), &pio, false).is_none()
+        );
         assert_eq!(exit.reason(), Some(GuestExit::DebugExit(7)));
     }
 
@@ -209,12 +213,15 @@ mod tests {
             (legacy, pio, vm)
         };
         let out = |pio: &Bus, port: u16, v: u8| {
-            assert!(crate::handle_arch_exit(VcpuExit::IoOut(port, &[v]), pio).is_none());
+            assert!(crate::handle_arch_exit(VcpuExit::IoOut(port, &[v]), pio, false).is_none());
         };
         let read = |pio: &Bus, index: u8| {
             out(pio, CMOS_PORT, index);
             let mut v = [0u8];
-            assert!(crate::handle_arch_exit(VcpuExit::IoIn(CMOS_PORT + 1, &mut v), pio).is_none());
+            assert!(
+                crate::handle_arch_exit(VcpuExit::IoIn(CMOS_PORT + 1, &mut v), pio, false)
+                    .is_none()
+            );
             v[0]
         };
         let (a, pio_a, _vm_a) = build();

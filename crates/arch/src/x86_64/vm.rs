@@ -6,23 +6,33 @@ use kvm_ioctls::{Kvm, VmFd};
 
 use super::{kvm_err, Error};
 
-/// Where KVM puts the three TSS pages it needs on Intel: in the MMIO hole above the LAPIC and
-/// below the largest firmware ROM (16 MiB under 4 GiB, see `firmware::ROM_MAX`), where QEMU
-/// puts them too, so no RAM, device window or ROM is lost.
-pub const KVM_TSS_ADDR: usize = 0xfeff_d000;
+/// Where KVM puts the three TSS pages it needs on Intel (just below the BIOS area at the top
+/// of 4 GiB, in the MMIO hole above the LAPIC, so no RAM or device window is lost).
+pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// Where KVM puts its identity-map page table (the page below the TSS).
-pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// The TSS of a firmware-booted VM: below the largest firmware ROM (16 MiB under 4 GiB, see
+/// `firmware::ROM_MAX`), where QEMU puts it too, since a ROM over 256 KiB (OVMF) covers
+/// [`KVM_TSS_ADDR`].
+pub const FIRMWARE_KVM_TSS_ADDR: usize = 0xfeff_d000;
+/// The identity-map page of a firmware-booted VM (the page below its TSS).
+pub const FIRMWARE_KVM_IDENTITY_MAP_ADDR: u64 = 0xfeff_c000;
 
-// The TSS and identity-map pages sit between the LAPIC and the lowest ROM.
+// Both placements sit between the LAPIC and the ROM area; a firmware VM's below the lowest ROM.
 const _: () = {
-    assert!(KVM_IDENTITY_MAP_ADDR >= super::layout::LAPIC_START + super::layout::LAPIC_SIZE);
-    assert!(KVM_TSS_ADDR as u64 + 3 * 4096 <= super::firmware::ROM_END - super::firmware::ROM_MAX);
+    use super::layout::{LAPIC_SIZE, LAPIC_START};
+    assert!(KVM_IDENTITY_MAP_ADDR >= LAPIC_START + LAPIC_SIZE);
+    assert!(FIRMWARE_KVM_IDENTITY_MAP_ADDR >= LAPIC_START + LAPIC_SIZE);
+    assert!(
+        FIRMWARE_KVM_TSS_ADDR as u64 + 3 * 4096
+            <= super::firmware::ROM_END - super::firmware::ROM_MAX
+    );
 };
 
 /// Creates a VM on `kvm` with everything an x86_64 guest of this VMM needs ([`setup_vm`]).
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, Error> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    setup_vm(&vm)?;
+    setup_vm(&vm, false)?;
     Ok(vm)
 }
 
@@ -38,12 +48,18 @@ impl Platform {
     }
 }
 
-/// Gives a new VM its TSS and identity-map addresses, the in-kernel irqchip and the PIT
-/// (whose speaker port is a dummy). Must run before any vCPU is created.
-pub fn setup_vm(vm: &VmFd) -> Result<Platform, Error> {
-    vm.set_tss_address(KVM_TSS_ADDR)
+/// Gives a new VM its TSS and identity-map addresses (higher up unless it `boots_firmware`,
+/// whose ROM may reach down there), the in-kernel irqchip and the PIT (whose speaker port is
+/// a dummy). Must run before any vCPU is created.
+pub fn setup_vm(vm: &VmFd, boots_firmware: bool) -> Result<Platform, Error> {
+    let (tss, identity_map) = if boots_firmware {
+        (FIRMWARE_KVM_TSS_ADDR, FIRMWARE_KVM_IDENTITY_MAP_ADDR)
+    } else {
+        (KVM_TSS_ADDR, KVM_IDENTITY_MAP_ADDR)
+    };
+    vm.set_tss_address(tss)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+    vm.set_identity_map_address(identity_map)
         .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
     vm.create_irq_chip()
         .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
@@ -67,6 +83,7 @@ mod tests {
             assert!(KVM_IDENTITY_MAP_ADDR + 0x1000 == TSS);
             assert!(KVM_IDENTITY_MAP_ADDR >= LAPIC_START + LAPIC_SIZE);
             assert!(TSS + 3 * 0x1000 <= MMIO_HOLE_END);
+            assert!(FIRMWARE_KVM_IDENTITY_MAP_ADDR + 0x1000 == FIRMWARE_KVM_TSS_ADDR as u64);
         }
     }
 

@@ -17,9 +17,10 @@ pub const NUM_SLOTS: usize = 32;
 pub const HOST_BRIDGE_VENDOR: u16 = 0x8086;
 /// Host bridge device ID.
 pub const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
-/// Host bridge subsystem vendor (Red Hat) and id ("QEMU virtual machine"): SeaBIOS only
-/// reads QEMU's firmware configuration device on a machine whose host bridge says this.
-pub const HOST_BRIDGE_SUBSYSTEM: (u16, u16) = (0x1af4, 0x1100);
+/// Host bridge subsystem vendor (Red Hat) and id ("QEMU virtual machine") of a firmware-booted
+/// VM: SeaBIOS only reads QEMU's firmware configuration device on a machine whose host bridge
+/// says this. Kernel boots keep 0:0.
+pub const FIRMWARE_HOST_BRIDGE_SUBSYSTEM: (u16, u16) = (0x1af4, 0x1100);
 
 const COMMAND_REG: usize = 1;
 
@@ -31,14 +32,23 @@ pub struct HostBridge {
 impl HostBridge {
     /// A host bridge (class 0x060000).
     pub fn new() -> Self {
+        Self::with_subsystem((0, 0))
+    }
+
+    /// The host bridge of a firmware-booted VM ([`FIRMWARE_HOST_BRIDGE_SUBSYSTEM`]).
+    pub fn for_firmware() -> Self {
+        Self::with_subsystem(FIRMWARE_HOST_BRIDGE_SUBSYSTEM)
+    }
+
+    fn with_subsystem((subsystem_vendor_id, subsystem_id): (u16, u16)) -> Self {
         HostBridge {
             config: PciConfig::new(PciConfigParams {
                 vendor_id: HOST_BRIDGE_VENDOR,
                 device_id: HOST_BRIDGE_DEVICE,
                 revision: 0,
                 class_code: 0x06_00_00,
-                subsystem_vendor_id: HOST_BRIDGE_SUBSYSTEM.0,
-                subsystem_id: HOST_BRIDGE_SUBSYSTEM.1,
+                subsystem_vendor_id,
+                subsystem_id,
             }),
         }
     }
@@ -134,9 +144,15 @@ impl PciRoot {
         self
     }
 
-    /// Also decodes BARs the guest places in `[base, base + size)`: firmware (SeaBIOS)
-    /// assigns BARs itself, top-down from the IOAPIC. The VMM's allocator does not use it.
-    pub fn set_firmware_window(&mut self, base: u64, size: u64) {
+    /// Readies the bus for a firmware boot: the host bridge says what SeaBIOS looks for
+    /// ([`HostBridge::for_firmware`]), and BARs the guest places in `[base, base + size)` are
+    /// decoded too, since firmware (SeaBIOS) assigns BARs itself, top-down from the IOAPIC.
+    /// The VMM's allocator does not use that window. Kernel boots never call this.
+    pub fn prepare_for_firmware(&mut self, base: u64, size: u64) {
+        self.slots[0] = Some(Slot {
+            dev: Arc::new(Mutex::new(HostBridge::for_firmware())),
+            mapped: Vec::new(),
+        });
         self.firmware = Window::new(base, size);
     }
 
@@ -660,13 +676,16 @@ mod tests {
         let (dev, log) = Dummy::with_kind(0x1000, BarKind::Mem32);
         assert_eq!(lock(&root).add_device(dev).unwrap(), 1);
         let mut io = PciConfigIo::new(root.clone());
+        // A kernel boot's host bridge has no subsystem id; a firmware boot's says QEMU.
+        assert_eq!(io_read(&mut io, 0, 0x2c, 0, 4), 0);
         io_write(&mut io, 1, 0x04, 0x2);
         lock(&log).clear();
         // SeaBIOS's choice, below the IOAPIC: not decoded without the firmware window...
         io_write(&mut io, 1, 0x10, 0xfebf_0000);
         assert!(lock(&root).find_bar(0xfebf_0010, 4).is_none());
         // ...decoded with it, and the device told.
-        lock(&root).set_firmware_window(0xe010_0000, 0xfec0_0000 - 0xe010_0000);
+        lock(&root).prepare_for_firmware(0xe010_0000, 0xfec0_0000 - 0xe010_0000);
+        assert_eq!(io_read(&mut io, 0, 0x2c, 0, 4), 0x1100_1af4);
         io_write(&mut io, 1, 0x10, 0xfebf_0000);
         assert!(lock(&root).find_bar(0xfebf_0010, 4).is_some());
         assert!(lock(&log).iter().any(|l| l.ends_with("->Some(febf0000)")));

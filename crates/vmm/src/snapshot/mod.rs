@@ -372,7 +372,7 @@ impl Vm {
         }
 
         let (kvm, vm) = create_kvm_vm(&cfg)?;
-        let (arch_platform, mem) = setup_vm_alongside(&vm, || {
+        let (arch_platform, mem) = setup_vm_alongside(&vm, &cfg, || {
             let mem = match source {
                 Source::Dir(dir) => load_memory(
                     &dir.join(MEMORY_FILE),
