@@ -39,8 +39,10 @@ enum ProfileCmd {
     /// Create a profile from a template (work, personal) or a TOML spec file.
     #[command(after_help = "\
 A spec file has the fields of profile.toml: name, kernel (\"probe\" or the file name of a guest
-asset in <state-dir>/assets/; never a path), initrd (an asset file name too), cmdline,
-memory_mib, vcpus, disks = [{name, size_mib, read_only}], net (TAP name), display = {width,
+asset in <state-dir>/assets/; never a path), initrd (an asset file name too), cmdline, or
+firmware instead of kernel, initrd and cmdline (an asset: SeaBIOS's bios.bin, which boots the
+first disk's own boot loader), memory_mib, vcpus, disks = [{name, size_mib, read_only, image}]
+(image: an asset the disk starts as a copy of, a whole disk image; size_mib 0: its size), net (TAP name), display = {width,
 height}, restart (never|on-failure|always), background (run|pause: paused in memory while
 another profile is in the foreground; \"suspend\" is its old name), cpu = {foreground,
 background}, memory_max_mib, channels = {clipboard_to, files_to, clipboard_from, files_from}
@@ -61,7 +63,7 @@ the daemon starts; default false).")]
         file: Option<PathBuf>,
         /// Kernel replacing the template's or the file's: the file name of a guest asset in
         /// <state-dir>/assets/ (copy the kernel there first).
-        #[arg(long, value_name = "ASSET")]
+        #[arg(long, value_name = "ASSET", conflicts_with = "firmware")]
         kernel: Option<String>,
         /// Initial ramdisk replacing the template's (none) or the file's: a guest asset's file
         /// name, like --kernel.
@@ -71,6 +73,19 @@ the daemon starts; default false).")]
         /// probe's agent mode, or `console=ttyS0` with --kernel).
         #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
         cmdline: Option<String>,
+        /// Firmware the template boots instead of the probe guest (SeaBIOS's bios.bin copied
+        /// into <state-dir>/assets/); needs --disk-image.
+        #[arg(
+            long,
+            value_name = "ASSET",
+            requires = "disk_image",
+            requires = "template"
+        )]
+        firmware: Option<String>,
+        /// The whole disk image (an asset, such as a Debian image with GRUB) the template's
+        /// `system` disk starts as a copy of, booted by --firmware.
+        #[arg(long, value_name = "ASSET", requires = "firmware")]
+        disk_image: Option<String>,
     },
     /// List profiles.
     List,
@@ -573,6 +588,8 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             kernel,
             initrd,
             cmdline,
+            firmware,
+            disk_image,
         } => {
             let req = match (template, file) {
                 (Some(t), None) => CreateProfile {
@@ -581,6 +598,8 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     kernel,
                     initrd,
                     cmdline,
+                    firmware,
+                    disk_image,
                     spec: None,
                 },
                 (None, Some(f)) => {
@@ -594,6 +613,8 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                         kernel,
                         initrd,
                         cmdline,
+                        firmware,
+                        disk_image,
                         spec: Some(spec),
                     }
                 }
@@ -603,7 +624,10 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             if json {
                 print_json(&p)?;
             } else {
-                outln!("created profile {} (kernel {})", p.name, p.spec.kernel);
+                match &p.spec.firmware {
+                    Some(f) => outln!("created profile {} (firmware {f})", p.name),
+                    None => outln!("created profile {} (kernel {})", p.name, p.spec.kernel),
+                }
             }
         }
         ProfileCmd::List => {

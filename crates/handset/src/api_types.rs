@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::CgroupInfo;
 use crate::error::{Error, Result};
-use crate::spec::ProfileSpec;
+use crate::spec::{ProfileSpec, TemplateBoot};
 
 /// A profile's lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,6 +87,21 @@ pub struct CreateProfile {
         skip_serializing_if = "Option::is_none"
     )]
     pub cmdline: Option<String>,
+    /// Firmware replacing the template's probe guest (with `disk_image`, the whole disk image
+    /// it boots): both guest assets.
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub firmware: Option<String>,
+    /// The whole disk image a template's `firmware` boots (its `system` disk starts as a copy).
+    #[serde(
+        default,
+        deserialize_with = "crate::spec::not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub disk_image: Option<String>,
     /// A complete spec (instead of `template`).
     #[serde(
         default,
@@ -115,7 +130,34 @@ impl CreateProfile {
                 let name = self.name.ok_or_else(|| {
                     Error::BadRequest("\"name\" is required with \"template\"".into())
                 })?;
-                ProfileSpec::from_template(&t, &name, self.kernel.as_deref())?
+                let boot = match (
+                    self.kernel.as_deref(),
+                    self.firmware.as_deref(),
+                    self.disk_image.as_deref(),
+                ) {
+                    (None, None, None) => TemplateBoot::Probe,
+                    (Some(k), None, None) => TemplateBoot::Kernel(k),
+                    (None, Some(firmware), Some(image)) => {
+                        TemplateBoot::Firmware { firmware, image }
+                    }
+                    (None, Some(_), None) | (None, None, Some(_)) => {
+                        return Err(Error::BadRequest(
+                            "\"firmware\" and \"disk_image\" go together".into(),
+                        ))
+                    }
+                    (Some(_), _, _) => {
+                        return Err(Error::BadRequest(
+                            "give \"kernel\" or \"firmware\", not both".into(),
+                        ))
+                    }
+                };
+                ProfileSpec::from_template(&t, &name, boot)?
+            }
+            (None, Some(_)) if self.firmware.is_some() || self.disk_image.is_some() => {
+                return Err(Error::BadRequest(
+                    "\"firmware\" and \"disk_image\" go with \"template\"; a spec names its own"
+                        .into(),
+                ))
             }
             (None, Some(mut spec)) => {
                 if let Some(n) = self.name {
@@ -296,6 +338,27 @@ mod tests {
                 ..Default::default()
             };
             assert!(bad.into_spec().is_err(), "{initrd:?} {cmdline:?}");
+        }
+        let firmware = |f: Option<&str>, i: Option<&str>, k: Option<&str>| CreateProfile {
+            name: Some("w".into()),
+            template: Some("work".into()),
+            kernel: k.map(Into::into),
+            firmware: f.map(Into::into),
+            disk_image: i.map(Into::into),
+            ..Default::default()
+        };
+        let spec = firmware(Some("bios.bin"), Some("debian.raw"), None)
+            .into_spec()
+            .unwrap();
+        assert_eq!(spec.firmware.as_deref(), Some("bios.bin"));
+        assert_eq!(spec.disks[0].image.as_deref(), Some("debian.raw"));
+        for (f, i, k, why) in [
+            (Some("bios.bin"), None, None, "go together"),
+            (None, Some("debian.raw"), None, "go together"),
+            (Some("bios.bin"), Some("d.raw"), Some("vmlinux"), "not both"),
+        ] {
+            let e = firmware(f, i, k).into_spec().unwrap_err().to_string();
+            assert!(e.contains(why), "{e}");
         }
         for s in ["stopped", "running", "paused", "suspended", "failed"] {
             assert_eq!(ProfileState::parse(s).as_str(), s);

@@ -626,7 +626,7 @@ mod tests {
     use super::*;
 
     fn spec(template: &str, name: &str) -> ProfileSpec {
-        ProfileSpec::from_template(template, name, None).unwrap()
+        ProfileSpec::from_template(template, name, crate::spec::TemplateBoot::Probe).unwrap()
     }
 
     #[test]

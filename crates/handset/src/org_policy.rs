@@ -237,17 +237,43 @@ pub fn apply_offline(dir: &StateDir, envelope: &[u8], now: u64) -> Result<Policy
     }
 }
 
-/// Refuses to boot `cfg` for profile `name` unless its policy (if any) is unexpired, allows
-/// this build and the kernel's and initrd's SHA-256.
-pub fn check_start(dir: &StateDir, name: &str, cfg: &VmConfig, now: u64) -> Result<()> {
+/// What a disk made from an image whose hash was never recorded counts as: no listed hash.
+const UNRECORDED_IMAGE: &str = "(not recorded)";
+
+/// Refuses to boot `cfg` (made from `spec`) for profile `name` unless its policy (if any) is
+/// unexpired, allows this build, the SHA-256 of the kernel and initrd or of the firmware, and
+/// the images the spec's disks were made from (as recorded when they were copied).
+pub fn check_start(
+    dir: &StateDir,
+    name: &str,
+    spec: &ProfileSpec,
+    cfg: &VmConfig,
+    now: u64,
+) -> Result<()> {
     let Some(v) = in_force(dir, name)? else {
         return Ok(());
     };
     check_expiry(&v, name, now)?;
-    let kernel = sha256_file(&cfg.kernel)?;
+    let firmware = cfg.firmware.as_deref().map(sha256_file).transpose()?;
+    let kernel = match firmware {
+        Some(_) => None,
+        None => Some(sha256_file(&cfg.kernel)?),
+    };
     let initrd = cfg.initrd.as_deref().map(sha256_file).transpose()?;
+    let disk_images: Vec<&str> = spec
+        .disks
+        .iter()
+        .filter(|d| d.image.is_some())
+        .map(|d| d.image_sha256.as_deref().unwrap_or(UNRECORDED_IMAGE))
+        .collect();
+    let images = policy::BootImages {
+        kernel: kernel.as_deref(),
+        initrd: initrd.as_deref(),
+        firmware: firmware.as_deref(),
+        disk_images: &disk_images,
+    };
     v.policy
-        .check_boot(&kernel, initrd.as_deref(), policy::version::this_build())
+        .check_boot(&images, policy::version::this_build())
         .map_err(|why| Error::Denied(format!("profile {name:?} may not start: {why}")))
 }
 
@@ -258,11 +284,11 @@ pub fn check_resume(dir: &StateDir, name: &str, now: u64) -> Result<()> {
         return Ok(());
     };
     check_expiry(&v, name, now)?;
-    let mut unpinned = v.policy.clone();
-    unpinned.boot.kernels.clear();
-    unpinned.boot.initrds.clear();
-    unpinned
-        .check_boot("", None, policy::version::this_build())
+    v.policy
+        .check_boot(
+            &policy::BootImages::default(),
+            policy::version::this_build(),
+        )
         .map_err(|why| Error::Denied(format!("profile {name:?} may not resume: {why}")))
 }
 
@@ -324,10 +350,14 @@ mod tests {
 
     const NOW: u64 = 1_764_850_000;
 
+    fn work_spec() -> ProfileSpec {
+        ProfileSpec::from_template("work", "work", crate::spec::TemplateBoot::Probe).unwrap()
+    }
+
     fn setup() -> (tempfile::TempDir, StateDir, OrgSecretKey) {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::new(tmp.path()).unwrap();
-        let spec = ProfileSpec::from_template("work", "work", None).unwrap();
+        let spec = work_spec();
         std::fs::create_dir_all(dir.profile("work")).unwrap();
         std::fs::write(dir.spec("work"), toml::to_string(&spec).unwrap()).unwrap();
         let key = OrgSecretKey::generate();
@@ -358,18 +388,58 @@ mod tests {
         let kernel = t.path().join("vmlinux");
         std::fs::write(&kernel, b"kernel one").unwrap();
         let good = sha256_file(&kernel).unwrap();
+        let spec = work_spec();
         let mut cfg = VmConfig::new(kernel.clone());
         // No policy: anything boots.
-        check_start(&dir, "work", &cfg, NOW).unwrap();
+        check_start(&dir, "work", &spec, &cfg, NOW).unwrap();
         let env = signed(&key, 1, &format!("[boot]\nkernels = [\"{good}\"]\n"));
         apply(&dir, &env, NOW).unwrap();
-        check_start(&dir, "work", &cfg, NOW).unwrap();
+        check_start(&dir, "work", &spec, &cfg, NOW).unwrap();
         std::fs::write(&kernel, b"kernel two").unwrap();
-        let err = check_start(&dir, "work", &cfg, NOW).unwrap_err();
+        let err = check_start(&dir, "work", &spec, &cfg, NOW).unwrap_err();
         assert_eq!(err.status(), 403);
         assert!(err.to_string().contains("boot.kernels"), "{err}");
         cfg.kernel = t.path().join("missing");
-        assert!(check_start(&dir, "work", &cfg, NOW).is_err());
+        assert!(check_start(&dir, "work", &spec, &cfg, NOW).is_err());
+    }
+
+    #[test]
+    fn a_firmware_boot_is_checked_by_its_rom_and_the_images_its_disks_came_from() {
+        let (t, dir, key) = setup();
+        let rom = t.path().join("bios.bin");
+        std::fs::write(&rom, b"rom one").unwrap();
+        let rom_hash = sha256_file(&rom).unwrap();
+        let image_hash = "c".repeat(64);
+        let boot = crate::spec::TemplateBoot::Firmware {
+            firmware: "bios.bin",
+            image: "debian.raw",
+        };
+        let mut spec = ProfileSpec::from_template("work", "work", boot).unwrap();
+        spec.disks[0].image_sha256 = Some(image_hash.clone());
+        let mut cfg = VmConfig::new(std::path::PathBuf::new());
+        cfg.firmware = Some(rom.clone());
+        check_start(&dir, "work", &spec, &cfg, NOW).unwrap();
+        // Kernels pinned: firmware must be listed too, or it would boot any kernel.
+        let kernels = format!("kernels = [\"{}\"]\n", "a".repeat(64));
+        apply(&dir, &signed(&key, 1, &format!("[boot]\n{kernels}")), NOW).unwrap();
+        let err = check_start(&dir, "work", &spec, &cfg, NOW).unwrap_err();
+        assert_eq!(err.status(), 403);
+        assert!(err.to_string().contains("boot.firmware"), "{err}");
+        let listed = format!(
+            "[boot]\n{kernels}firmware = [\"{rom_hash}\"]\ndisk_images = [\"{image_hash}\"]\n"
+        );
+        apply(&dir, &signed(&key, 2, &listed), NOW).unwrap();
+        check_start(&dir, "work", &spec, &cfg, NOW).unwrap();
+        // Another ROM, a disk from another image, an image never recorded: refused.
+        std::fs::write(&rom, b"rom two").unwrap();
+        let err = check_start(&dir, "work", &spec, &cfg, NOW).unwrap_err();
+        assert!(err.to_string().contains("boot.firmware"), "{err}");
+        std::fs::write(&rom, b"rom one").unwrap();
+        for recorded in [Some("d".repeat(64)), None] {
+            spec.disks[0].image_sha256 = recorded;
+            let err = check_start(&dir, "work", &spec, &cfg, NOW).unwrap_err();
+            assert!(err.to_string().contains("boot.disk_images"), "{err}");
+        }
     }
 
     #[test]
@@ -380,9 +450,10 @@ mod tests {
         let env = signed(&key, 1, &format!("expires_at = {}\n", NOW + 10));
         apply(&dir, &env, NOW).unwrap();
         let cfg = VmConfig::new(kernel);
-        check_start(&dir, "work", &cfg, NOW + 9).unwrap();
+        let spec = work_spec();
+        check_start(&dir, "work", &spec, &cfg, NOW + 9).unwrap();
         check_resume(&dir, "work", NOW + 9).unwrap();
-        assert!(check_start(&dir, "work", &cfg, NOW + 10).is_err());
+        assert!(check_start(&dir, "work", &spec, &cfg, NOW + 10).is_err());
         let err = check_resume(&dir, "work", NOW + 10).unwrap_err();
         assert!(err.to_string().contains("expired"), "{err}");
     }
@@ -390,7 +461,8 @@ mod tests {
     #[test]
     fn the_policy_channels_replace_the_specs() {
         let (_t, dir, key) = setup();
-        let mut spec = ProfileSpec::from_template("work", "work", None).unwrap();
+        let mut spec =
+            ProfileSpec::from_template("work", "work", crate::spec::TemplateBoot::Probe).unwrap();
         spec.channels.clipboard_to = vec!["personal".into()];
         assert_eq!(
             effective_channels(&dir, &spec).unwrap().clipboard_to,

@@ -32,8 +32,20 @@ pub struct ProfileSpec {
     /// `[a-z0-9-]{1,32}`.
     pub name: String,
     /// Kernel image: `probe` for the installed probe guest, or the file name of a guest asset
-    /// in the handset's asset directory (`<state-dir>/assets/`, see [`check_asset`]).
+    /// in the handset's asset directory (`<state-dir>/assets/`, see [`check_asset`]). Empty
+    /// (absent) when the profile boots [`firmware`](Self::firmware).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub kernel: String,
+    /// Firmware booted instead of a kernel: the file name of a guest asset, like `kernel`
+    /// (SeaBIOS's `bios.bin` copied into the asset directory). It boots the first disk's own
+    /// boot loader, so that disk is normally made from a whole disk image
+    /// ([`DiskSpec::image`]). x86_64 with hardware virtualization only.
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub firmware: Option<String>,
     /// Optional initial ramdisk: the file name of a guest asset, like `kernel`.
     #[serde(
         default,
@@ -130,6 +142,36 @@ pub struct DiskSpec {
     /// Whether the guest may only read it.
     #[serde(default)]
     pub read_only: bool,
+    /// A guest asset (a whole disk image, like `debian.raw`) the disk starts as a copy of when
+    /// the profile is created; `size_mib` 0 then means the image's size. Without it the disk
+    /// starts empty.
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub image: Option<String>,
+    /// The SHA-256 of `image` as the handset copied it at create (written by the handset, any
+    /// value given is replaced): what an IT policy's `boot.disk_images` is checked against.
+    #[serde(
+        default,
+        deserialize_with = "not_null",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub image_sha256: Option<String>,
+}
+
+impl DiskSpec {
+    /// An empty disk of `size_mib` MiB.
+    pub fn empty(name: &str, size_mib: u64) -> Self {
+        DiskSpec {
+            name: name.into(),
+            size_mib,
+            read_only: false,
+            image: None,
+            image_sha256: None,
+        }
+    }
 }
 
 /// Screen size in pixels.
@@ -241,10 +283,30 @@ pub struct ChannelPolicy {
 /// The built-in templates.
 pub const TEMPLATES: &[&str] = &["work", "personal"];
 
+/// What a template's guest boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TemplateBoot<'a> {
+    /// The probe guest running its agent (and counting).
+    #[default]
+    Probe,
+    /// This kernel (a guest asset) with `console=ttyS0`.
+    Kernel(&'a str),
+    /// This firmware (a guest asset) booting a `system` disk made from `image` (a guest
+    /// asset), with 1 GiB of RAM, the least a stock distribution's systemd boots in.
+    Firmware {
+        /// The firmware asset.
+        firmware: &'a str,
+        /// The whole disk image asset.
+        image: &'a str,
+    },
+}
+
+/// Guest RAM of a firmware-booted template.
+pub const FIRMWARE_TEMPLATE_MEMORY_MIB: u64 = 1024;
+
 impl ProfileSpec {
-    /// The spec of template `template` (`work` or `personal`) named `name`; the probe guest
-    /// running its agent (and counting) unless `kernel` is given.
-    pub fn from_template(template: &str, name: &str, kernel: Option<&str>) -> Result<Self, Error> {
+    /// The spec of template `template` (`work` or `personal`) named `name`, booting `boot`.
+    pub fn from_template(template: &str, name: &str, boot: TemplateBoot) -> Result<Self, Error> {
         let (channels, background) = match template {
             // Defaults: personal -> work and host allowed, work -> anywhere denied.
             "personal" => (
@@ -263,26 +325,46 @@ impl ProfileSpec {
                 )))
             }
         };
-        let (kernel, cmdline) = match kernel {
-            Some(k) => (k.to_string(), "console=ttyS0".to_string()),
-            // The probe's agent (clipboard and files over vsock), counting to show it lives.
-            None => (
-                PROBE_KERNEL.to_string(),
-                "pv.mode=agent pv.counter.ms=100".to_string(),
+        let data = DiskSpec::empty("data", 64);
+        let (kernel, firmware, cmdline, memory_mib, disks) = match boot {
+            TemplateBoot::Kernel(k) => (
+                k.to_string(),
+                None,
+                "console=ttyS0".to_string(),
+                128,
+                vec![data],
             ),
+            // The probe's agent (clipboard and files over vsock), counting to show it lives.
+            TemplateBoot::Probe => (
+                PROBE_KERNEL.to_string(),
+                None,
+                "pv.mode=agent pv.counter.ms=100".to_string(),
+                128,
+                vec![data],
+            ),
+            TemplateBoot::Firmware { firmware, image } => {
+                let system = DiskSpec {
+                    image: Some(image.to_string()),
+                    ..DiskSpec::empty("system", 0)
+                };
+                (
+                    String::new(),
+                    Some(firmware.to_string()),
+                    String::new(),
+                    FIRMWARE_TEMPLATE_MEMORY_MIB,
+                    vec![system, data],
+                )
+            }
         };
         let spec = Self {
             name: name.to_string(),
             kernel,
+            firmware,
             initrd: None,
             cmdline,
-            memory_mib: 128,
+            memory_mib,
             vcpus: 1,
-            disks: vec![DiskSpec {
-                name: "data".into(),
-                size_mib: 64,
-                read_only: false,
-            }],
+            disks,
             net: None,
             display: DisplaySpec::default(),
             screen: false,
@@ -323,8 +405,22 @@ impl ProfileSpec {
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::BadRequest(m));
         check_name("profile name", &self.name)?;
-        if self.kernel != PROBE_KERNEL {
-            check_asset("kernel", &self.kernel)?;
+        match &self.firmware {
+            None if self.kernel.is_empty() => {
+                return bad("give a kernel or a firmware to boot".into());
+            }
+            None if self.kernel != PROBE_KERNEL => check_asset("kernel", &self.kernel)?,
+            None => {}
+            Some(_) if !self.kernel.is_empty() => {
+                return bad("give a kernel or a firmware to boot, not both".into());
+            }
+            Some(_) if self.initrd.is_some() || !self.cmdline.is_empty() => {
+                return bad(
+                    "an initrd and a cmdline go with a kernel; firmware boots the disk's own"
+                        .into(),
+                );
+            }
+            Some(firmware) => check_asset("firmware", firmware)?,
         }
         if let Some(initrd) = &self.initrd {
             let text = initrd.to_str().ok_or_else(|| {
@@ -354,11 +450,23 @@ impl ProfileSpec {
         }
         for (i, d) in self.disks.iter().enumerate() {
             check_name("disk name", &d.name)?;
-            if d.size_mib == 0 || d.size_mib > 1 << 22 {
+            if let Some(image) = &d.image {
+                check_asset("disk image", image)?;
+            }
+            let least = u64::from(d.image.is_none());
+            if d.size_mib < least || d.size_mib > 1 << 22 {
                 return bad(format!(
-                    "disk {} size_mib must be 1..=4194304, not {}",
+                    "disk {} size_mib must be {least}..=4194304, not {} (0: the size of its image)",
                     d.name, d.size_mib
                 ));
+            }
+            if let Some(h) = &d.image_sha256 {
+                if !is_sha256_hex(h) {
+                    return bad(format!(
+                        "disk {} image_sha256 {h:?} is not a SHA-256",
+                        d.name
+                    ));
+                }
             }
             if self.disks[..i].iter().any(|o| o.name == d.name) {
                 return bad(format!("disk name {} is used twice", d.name));
@@ -417,6 +525,11 @@ impl ProfileSpec {
         }
         Ok(())
     }
+}
+
+/// Whether `h` is a SHA-256 in 64 lower-case hex digits.
+pub fn is_sha256_hex(h: &str) -> bool {
+    h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Checks `[a-z0-9-]{1,32}`, not beginning with `-` (it would read as an option).
@@ -535,10 +648,10 @@ mod tests {
 
     #[test]
     fn templates_are_valid_and_round_trip() {
-        let w = ProfileSpec::from_template("work", "w1", None).unwrap();
+        let w = ProfileSpec::from_template("work", "w1", TemplateBoot::Probe).unwrap();
         assert_eq!(w.kernel, PROBE_KERNEL);
         assert!(w.channels.clipboard_to.is_empty());
-        let p = ProfileSpec::from_template("personal", "p1", None).unwrap();
+        let p = ProfileSpec::from_template("personal", "p1", TemplateBoot::Probe).unwrap();
         assert_eq!(p.channels.clipboard_to, vec!["work", "host"]);
         let back = ProfileSpec::from_toml(&p.to_toml().unwrap()).unwrap();
         assert_eq!(back, p);
@@ -549,7 +662,78 @@ mod tests {
             (OnShutdown::Suspend, OnShutdown::Suspend)
         );
         assert!(!w.autostart);
-        assert!(ProfileSpec::from_template("gaming", "g", None).is_err());
+        assert!(ProfileSpec::from_template("gaming", "g", TemplateBoot::Probe).is_err());
+    }
+
+    #[test]
+    fn a_firmware_template_boots_a_system_disk_made_from_its_image() {
+        let boot = TemplateBoot::Firmware {
+            firmware: "bios.bin",
+            image: "debian.raw",
+        };
+        let w = ProfileSpec::from_template("work", "w", boot).unwrap();
+        assert_eq!(
+            (w.kernel.as_str(), w.firmware.as_deref()),
+            ("", Some("bios.bin"))
+        );
+        assert_eq!((w.cmdline.as_str(), w.initrd.as_ref()), ("", None));
+        assert_eq!(w.memory_mib, FIRMWARE_TEMPLATE_MEMORY_MIB);
+        let system = &w.disks[0];
+        assert_eq!(
+            (
+                system.name.as_str(),
+                system.size_mib,
+                system.image.as_deref()
+            ),
+            ("system", 0, Some("debian.raw"))
+        );
+        let text = w.to_toml().unwrap();
+        assert!(!text.contains("kernel"), "{text}");
+        assert_eq!(ProfileSpec::from_toml(&text).unwrap(), w);
+        // The firmware and the image are guest assets like a kernel.
+        for (firmware, image) in [("/usr/share/seabios/bios.bin", "d.raw"), ("b", "../d.raw")] {
+            let boot = TemplateBoot::Firmware { firmware, image };
+            let e = ProfileSpec::from_template("work", "w", boot).unwrap_err();
+            assert!(e.to_string().contains("asset directory"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_spec_boots_a_kernel_or_firmware() {
+        let base = "name = \"a\"\nmemory_mib = 64\n";
+        let ok = |extra: &str| ProfileSpec::from_toml(&format!("{base}{extra}"));
+        assert!(ok(
+            "firmware = \"bios.bin\"\ndisks = [{name=\"s\", size_mib=0, image=\"d.raw\"}]\n"
+        )
+        .is_ok());
+        for (bad, why) in [
+            ("", "kernel or a firmware"),
+            ("kernel = \"probe\"\nfirmware = \"bios.bin\"\n", "not both"),
+            (
+                "firmware = \"bios.bin\"\ncmdline = \"quiet\"\n",
+                "go with a kernel",
+            ),
+            (
+                "firmware = \"bios.bin\"\ninitrd = \"i\"\n",
+                "go with a kernel",
+            ),
+            ("firmware = \"../bios.bin\"\n", "asset directory"),
+            (
+                "kernel = \"probe\"\ndisks = [{name=\"s\", size_mib=0}]\n",
+                "size_mib must be 1",
+            ),
+            (
+                "kernel = \"probe\"\ndisks = [{name=\"s\", size_mib=1, image=\"/d.raw\"}]\n",
+                "asset directory",
+            ),
+            (
+                "kernel = \"probe\"\ndisks = [{name=\"s\", size_mib=1, image_sha256=\"AB\"}]\n",
+                "not a SHA-256",
+            ),
+        ] {
+            let e = ok(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -606,7 +790,6 @@ mod tests {
         assert!(spec("vmlinux-6.1", "initramfs.cpio.gz").is_ok());
         for (kernel, initrd) in [
             ("/etc/shadow", ""),
-            ("", ""),
             ("../vmlinux", ""),
             ("profiles/w/disks/data.img", ""),
             (".hidden", ""),

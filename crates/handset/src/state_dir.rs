@@ -199,6 +199,110 @@ pub fn create_sparse(path: &Path, size_mib: u64) -> Result<()> {
     f.sync_all().map_err(Error::io(what()))
 }
 
+/// What [`create_from_image`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopiedImage {
+    /// The disk's size in MiB.
+    pub size_mib: u64,
+    /// The SHA-256 of the image's bytes as copied (lower-case hex).
+    pub sha256: String,
+}
+
+/// Creates the disk `path` as a copy of the image `image` (refuses to replace an existing
+/// disk): `size_mib` MiB, or with 0 the image's size rounded up to a MiB; a disk smaller than
+/// its image is refused. Zero 4 KiB blocks are not written, so a sparse image stays sparse. The
+/// image is opened without waiting (a FIFO or device is refused), hashed as it is copied,
+/// and the disk is fsynced.
+pub fn create_from_image(path: &Path, image: &Path, size_mib: u64) -> Result<CopiedImage> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    check_regular_file("disk image", image)?;
+    let read_err = || format!("cannot read disk image {}", image.display());
+    let mut src = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(image)
+        .map_err(Error::io(read_err()))?;
+    let meta = src.metadata().map_err(Error::io(read_err()))?;
+    if !meta.is_file() {
+        return Err(Error::BadRequest(format!(
+            "disk image {} is not a regular file",
+            image.display()
+        )));
+    }
+    let image_mib = meta.len().div_ceil(1 << 20);
+    let size_mib = match size_mib {
+        0 => image_mib.max(1),
+        n if n < image_mib => {
+            return Err(Error::BadRequest(format!(
+                "disk {} of {n} MiB is smaller than its image {} ({image_mib} MiB)",
+                path.display(),
+                image.display()
+            )))
+        }
+        n => n,
+    };
+    let what = || format!("cannot create disk {}", path.display());
+    let mut dst = File::options()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(Error::io(what()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    loop {
+        let n = src.read(&mut buf).map_err(Error::io(read_err()))?;
+        if n == 0 {
+            break;
+        }
+        let chunk = &buf[..n];
+        hasher.update(chunk);
+        write_sparse(&mut dst, chunk).map_err(Error::io(what()))?;
+        copied += u64::try_from(n).map_err(|_| Error::Internal("read size".into()))?;
+    }
+    if copied != meta.len() {
+        return Err(Error::BadRequest(format!(
+            "disk image {} changed while it was copied",
+            image.display()
+        )));
+    }
+    dst.set_len(size_mib << 20).map_err(Error::io(what()))?;
+    dst.sync_all().map_err(Error::io(what()))?;
+    Ok(CopiedImage {
+        size_mib,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+/// Writes `data` at `dst`'s position, seeking over its all-zero 4 KiB blocks (the file stays
+/// sparse there), writing each run of other blocks at once.
+fn write_sparse(dst: &mut File, data: &[u8]) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    const BLOCK: usize = 4096;
+    let mut at = 0;
+    while at < data.len() {
+        let zero = |b: &[u8]| b.iter().all(|&x| x == 0);
+        let blocks = data[at..].chunks(BLOCK);
+        let first_zero = zero(&data[at..data.len().min(at + BLOCK)]);
+        let run: usize = blocks
+            .take_while(|b| zero(b) == first_zero)
+            .map(<[u8]>::len)
+            .sum();
+        if first_zero {
+            dst.seek(SeekFrom::Current(
+                i64::try_from(run).map_err(std::io::Error::other)?,
+            ))?;
+        } else {
+            dst.write_all(&data[at..at + run])?;
+        }
+        at += run;
+    }
+    Ok(())
+}
+
 /// Removes everything inside `dir` except the names in `keep` (the directory stays);
 /// missing is fine.
 pub fn clear_dir(dir: &Path, keep: &[&str]) -> Result<()> {
@@ -248,6 +352,52 @@ mod tests {
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
         clear_dir(t.path(), &[]).unwrap();
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_disk_made_from_an_image_is_a_sparse_copy_with_its_hash() {
+        use sha2::{Digest, Sha256};
+        use std::os::unix::fs::MetadataExt;
+        let t = tempfile::tempdir().unwrap();
+        // 3 MiB + 5 bytes: a boot sector, 2 MiB of zeros, a tail.
+        let mut bytes = vec![0u8; (3 << 20) + 5];
+        bytes[..512].fill(0x55);
+        bytes[3 << 20..].copy_from_slice(b"tail!");
+        let image = t.path().join("debian.raw");
+        std::fs::write(&image, &bytes).unwrap();
+        let want = hex::encode(Sha256::digest(&bytes));
+
+        let d = t.path().join("system.img");
+        let made = create_from_image(&d, &image, 0).unwrap();
+        assert_eq!(
+            made,
+            CopiedImage {
+                size_mib: 4,
+                sha256: want.clone()
+            }
+        );
+        let disk = std::fs::read(&d).unwrap();
+        assert_eq!(disk.len(), 4 << 20);
+        assert!(disk[..bytes.len()] == bytes[..]);
+        assert!(disk[bytes.len()..].iter().all(|&b| b == 0));
+        assert!(
+            std::fs::metadata(&d).unwrap().blocks() * 512 <= 2 << 20,
+            "not sparse"
+        );
+        // Larger on request; never smaller than the image, never over an existing disk.
+        let big = t.path().join("big.img");
+        assert_eq!(create_from_image(&big, &image, 64).unwrap().size_mib, 64);
+        assert_eq!(std::fs::metadata(&big).unwrap().len(), 64 << 20);
+        let e = create_from_image(&t.path().join("s.img"), &image, 3).unwrap_err();
+        assert!(e.to_string().contains("smaller than its image"), "{e}");
+        assert!(!t.path().join("s.img").exists());
+        assert!(create_from_image(&d, &image, 0).is_err());
+        assert_eq!(std::fs::read(&d).unwrap(), disk);
+        // A directory or a missing file is no image.
+        let e = create_from_image(&t.path().join("x.img"), t.path(), 0).unwrap_err();
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let e = create_from_image(&t.path().join("y.img"), &t.path().join("no"), 0).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 
     #[test]

@@ -1400,3 +1400,107 @@ fn pause_keeps_the_guest_in_memory_until_unpause() {
     let e = d.act("home", "pause").unwrap_err().to_string();
     assert!(e.contains("stopped, not running"), "{e}");
 }
+
+/// A firmware profile from a template: its `system` disk is a sparse copy of the disk image
+/// asset with the image's SHA-256 recorded, its firmware and image are confined guest assets
+/// checked at create. (No VM is started: no KVM needed.)
+#[test]
+fn a_firmware_template_profile_starts_with_a_copy_of_its_disk_image() {
+    use std::os::unix::fs::MetadataExt;
+    let d = Daemon::start("firmware");
+    let assets = d.dir.join("assets");
+    std::fs::write(assets.join("bios.bin"), vec![0xf4u8; 128 << 10]).unwrap();
+    // A disk image: an MBR, 3 MiB of nothing, a tail; 4 MiB + 3 bytes.
+    let mut image = vec![0u8; (4 << 20) + 3];
+    image[510..512].copy_from_slice(&[0x55, 0xaa]);
+    image[4 << 20..].copy_from_slice(b"end");
+    std::fs::write(assets.join("debian.raw"), &image).unwrap();
+
+    let out = stdout(&d.cli(&[
+        "create",
+        "fw",
+        "--template",
+        "work",
+        "--firmware",
+        "bios.bin",
+        "--disk-image",
+        "debian.raw",
+    ]));
+    assert!(
+        out.contains("created profile fw (firmware bios.bin)"),
+        "{out}"
+    );
+    let p = d.show("fw");
+    assert_eq!(p.spec.firmware.as_deref(), Some("bios.bin"));
+    assert!(p.spec.kernel.is_empty() && p.spec.cmdline.is_empty());
+    let system = &p.spec.disks[0];
+    assert_eq!((system.name.as_str(), system.size_mib), ("system", 5));
+    let sha = std::process::Command::new("sha256sum")
+        .arg(assets.join("debian.raw"))
+        .output()
+        .unwrap();
+    let sha = String::from_utf8_lossy(&sha.stdout);
+    assert_eq!(
+        system.image_sha256.as_deref(),
+        sha.split_whitespace().next()
+    );
+    let disk_path = d.dir.join("profiles/fw/disks/system.img");
+    let disk = std::fs::read(&disk_path).unwrap();
+    assert_eq!(disk.len(), 5 << 20);
+    assert!(disk[..image.len()] == image[..] && disk[image.len()..].iter().all(|&b| b == 0));
+    let blocks = std::fs::metadata(&disk_path).unwrap().blocks();
+    assert!(
+        blocks * 512 <= 1 << 20,
+        "the copy is not sparse: {blocks} blocks"
+    );
+    // The profile.toml on disk says the same (what start and a policy check read).
+    let text = std::fs::read_to_string(d.dir.join("profiles/fw/profile.toml")).unwrap();
+    assert!(
+        text.contains("firmware = \"bios.bin\"") && !text.contains("kernel"),
+        "{text}"
+    );
+
+    // Missing firmware or image, a path, a kernel too: refused, nothing made.
+    for (args, needle) in [
+        (
+            &["--firmware", "nothing.bin", "--disk-image", "debian.raw"][..],
+            "does not exist",
+        ),
+        (
+            &["--firmware", "bios.bin", "--disk-image", "missing.raw"][..],
+            "does not exist",
+        ),
+        (
+            &[
+                "--firmware",
+                "/usr/share/seabios/bios.bin",
+                "--disk-image",
+                "debian.raw",
+            ][..],
+            "asset directory",
+        ),
+        (&["--firmware", "bios.bin"][..], "--disk-image"),
+        (
+            &[
+                "--firmware",
+                "bios.bin",
+                "--disk-image",
+                "debian.raw",
+                "--kernel",
+                "k",
+            ][..],
+            "cannot be used with",
+        ),
+    ] {
+        let mut all = vec!["create", "bad", "--template", "work"];
+        all.extend_from_slice(args);
+        let o = d.cli(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            !o.status.success() && err.contains(needle),
+            "{args:?}: {err}"
+        );
+    }
+    assert!(!d.dir.join("profiles/bad").exists());
+    assert_eq!(d.show_all_names(), ["fw"]);
+}

@@ -73,7 +73,8 @@ fn cli_signs_verifies_trusts_applies_and_refuses_bad_policies() {
     let state = t.join("state");
     // A profile on disk, as the daemon creates it (no daemon needed for these commands).
     std::fs::create_dir_all(state.join("profiles/work")).unwrap();
-    let spec = ProfileSpec::from_template("work", "work", None).unwrap();
+    let spec =
+        ProfileSpec::from_template("work", "work", handset::spec::TemplateBoot::Probe).unwrap();
     std::fs::write(
         state.join("profiles/work/profile.toml"),
         spec.to_toml().unwrap(),
@@ -388,7 +389,8 @@ fn with_no_daemon_a_policy_is_applied_under_its_lock_and_audited_in_its_log() {
     let t = tmp.path();
     let state = t.join("state");
     std::fs::create_dir_all(state.join("profiles/work")).unwrap();
-    let spec = ProfileSpec::from_template("work", "work", None).unwrap();
+    let spec =
+        ProfileSpec::from_template("work", "work", handset::spec::TemplateBoot::Probe).unwrap();
     std::fs::write(
         state.join("profiles/work/profile.toml"),
         spec.to_toml().unwrap(),

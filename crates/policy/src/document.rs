@@ -165,6 +165,15 @@ pub struct BootPolicy {
     /// SHA-256 of the initrds it may boot with; empty: any.
     #[serde(default)]
     pub initrds: Vec<String>,
+    /// SHA-256 of the firmware ROMs it may boot instead of a kernel; empty: any, unless
+    /// `kernels` is pinned (then a firmware boot, which runs whatever kernel its disk holds,
+    /// is refused).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub firmware: Vec<String>,
+    /// SHA-256 of the whole disk images its disks may be made from (as the handset recorded
+    /// them when it copied the image at create); empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disk_images: Vec<String>,
     /// The oldest pocketvisor that may run the profile (`MAJOR.MINOR.PATCH`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_pocketvisor: Option<String>,
@@ -232,6 +241,8 @@ impl Policy {
         for (what, list) in [
             ("boot.kernels", &self.boot.kernels),
             ("boot.initrds", &self.boot.initrds),
+            ("boot.firmware", &self.boot.firmware),
+            ("boot.disk_images", &self.boot.disk_images),
         ] {
             if list.len() > MAX_LIST {
                 return bad(format!("{what}: more than {MAX_LIST} entries"));
@@ -259,14 +270,9 @@ impl Policy {
         self.expires_at.is_some_and(|exp| now >= exp)
     }
 
-    /// Whether a guest with this kernel and initrd (their SHA-256, lower-case hex) may boot
-    /// on pocketvisor `build`; the error says which rule refused it.
-    pub fn check_boot(
-        &self,
-        kernel_sha256: &str,
-        initrd_sha256: Option<&str>,
-        build: Version,
-    ) -> Result<(), String> {
+    /// Whether a guest booting `images` may boot on pocketvisor `build`; the error says which
+    /// rule refused it.
+    pub fn check_boot(&self, images: &BootImages<'_>, build: Version) -> Result<(), String> {
         if let Some(min) = &self.boot.min_pocketvisor {
             let min: Version = min.parse()?;
             if build < min {
@@ -277,23 +283,59 @@ impl Policy {
             }
         }
         let b = &self.boot;
-        if !b.kernels.is_empty() && !b.kernels.iter().any(|h| h == kernel_sha256) {
-            return Err(format!(
-                "the kernel (SHA-256 {kernel_sha256}) is not in policy version {}'s \
-                 boot.kernels",
-                self.version
-            ));
-        }
-        if let Some(initrd) = initrd_sha256 {
-            if !b.initrds.is_empty() && !b.initrds.iter().any(|h| h == initrd) {
+        let v = self.version;
+        let listed =
+            |list: &[String], hash: &str| list.is_empty() || list.iter().any(|h| h == hash);
+        if let Some(kernel) = images.kernel {
+            if !listed(&b.kernels, kernel) {
                 return Err(format!(
-                    "the initrd (SHA-256 {initrd}) is not in policy version {}'s boot.initrds",
-                    self.version
+                    "the kernel (SHA-256 {kernel}) is not in policy version {v}'s boot.kernels"
+                ));
+            }
+        }
+        if let Some(initrd) = images.initrd {
+            if !listed(&b.initrds, initrd) {
+                return Err(format!(
+                    "the initrd (SHA-256 {initrd}) is not in policy version {v}'s boot.initrds"
+                ));
+            }
+        }
+        if let Some(firmware) = images.firmware {
+            if b.firmware.is_empty() && !b.kernels.is_empty() {
+                return Err(format!(
+                    "policy version {v} pins the kernels (boot.kernels) and lists no firmware \
+                     (boot.firmware): a firmware boot runs whatever kernel its disk holds"
+                ));
+            }
+            if !listed(&b.firmware, firmware) {
+                return Err(format!(
+                    "the firmware (SHA-256 {firmware}) is not in policy version {v}'s boot.firmware"
+                ));
+            }
+        }
+        for image in images.disk_images {
+            if !listed(&b.disk_images, image) {
+                return Err(format!(
+                    "a disk made from an image with SHA-256 {image} is not allowed by policy \
+                     version {v}'s boot.disk_images"
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// What a guest boots, by SHA-256 (64 lower-case hex digits), for [`Policy::check_boot`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BootImages<'a> {
+    /// The kernel, when one boots.
+    pub kernel: Option<&'a str>,
+    /// The initrd, when there is one.
+    pub initrd: Option<&'a str>,
+    /// The firmware ROM, when firmware boots instead of a kernel.
+    pub firmware: Option<&'a str>,
+    /// The whole disk images the guest's disks were made from.
+    pub disk_images: &'a [&'a str],
 }
 
 /// A profile name: `[a-z0-9-]{1,32}`, not beginning with `-`.
@@ -413,19 +455,70 @@ max_offline_secs = 86400
         let p = Policy::parse(FULL.as_bytes()).unwrap();
         let good = "a".repeat(64);
         let other = "b".repeat(64);
-        assert!(p.check_boot(&good, None, Version(0, 1, 0)).is_ok());
-        assert!(p.check_boot(&good, Some(&other), Version(0, 1, 0)).is_ok());
-        let err = p.check_boot(&other, None, Version(0, 1, 0)).unwrap_err();
+        let v = Version(0, 1, 0);
+        assert!(p.check_boot(&kernel(&good, None), v).is_ok());
+        assert!(p.check_boot(&kernel(&good, Some(&other)), v).is_ok());
+        let err = p.check_boot(&kernel(&other, None), v).unwrap_err();
         assert!(err.contains("boot.kernels"), "{err}");
-        let err = p.check_boot(&good, None, Version(0, 0, 9)).unwrap_err();
+        let err = p
+            .check_boot(&kernel(&good, None), Version(0, 0, 9))
+            .unwrap_err();
         assert!(err.contains("requires pocketvisor 0.1.0"), "{err}");
         let mut pinned = p.clone();
         pinned.boot.initrds = vec![good.clone()];
-        assert!(pinned
-            .check_boot(&good, Some(&good), Version(0, 1, 0))
-            .is_ok());
-        assert!(pinned
-            .check_boot(&good, Some(&other), Version(0, 1, 0))
-            .is_err());
+        assert!(pinned.check_boot(&kernel(&good, Some(&good)), v).is_ok());
+        assert!(pinned.check_boot(&kernel(&good, Some(&other)), v).is_err());
+    }
+
+    fn kernel<'a>(kernel: &'a str, initrd: Option<&'a str>) -> BootImages<'a> {
+        BootImages {
+            kernel: Some(kernel),
+            initrd,
+            ..BootImages::default()
+        }
+    }
+
+    fn firmware_boot<'a>(firmware: &'a str, disk_images: &'a [&'a str]) -> BootImages<'a> {
+        BootImages {
+            firmware: Some(firmware),
+            disk_images,
+            ..BootImages::default()
+        }
+    }
+
+    #[test]
+    fn firmware_and_disk_images_are_checked_like_kernels() {
+        let (good, other) = ("a".repeat(64), "b".repeat(64));
+        let (good, other) = (good.as_str(), other.as_str());
+        let (images, others) = ([good], [good, other]);
+        let v = Version(0, 1, 0);
+        // Nothing pinned: any firmware, any image.
+        let mut p = Policy::parse(FULL.as_bytes()).unwrap();
+        p.boot.kernels.clear();
+        assert!(p.check_boot(&firmware_boot(other, &others), v).is_ok());
+        // Kernels pinned, no firmware listed: a firmware boot would escape the pin.
+        p.boot.kernels = vec![good.to_string()];
+        let err = p.check_boot(&firmware_boot(good, &[]), v).unwrap_err();
+        assert!(err.contains("boot.firmware"), "{err}");
+        // Firmware listed: only that one.
+        p.boot.firmware = vec![good.to_string()];
+        assert!(p.check_boot(&firmware_boot(good, &others), v).is_ok());
+        let err = p.check_boot(&firmware_boot(other, &[]), v).unwrap_err();
+        assert!(
+            err.contains("boot.firmware") && err.contains(other),
+            "{err}"
+        );
+        // Disk images listed: every disk made from an image must come from a listed one.
+        p.boot.disk_images = vec![good.to_string()];
+        assert!(p.check_boot(&firmware_boot(good, &images), v).is_ok());
+        let err = p.check_boot(&firmware_boot(good, &others), v).unwrap_err();
+        assert!(
+            err.contains("boot.disk_images") && err.contains(other),
+            "{err}"
+        );
+        // The lists are hashes, checked when the document is parsed.
+        let bad = FULL.replace("[boot]", "[boot]\nfirmware = [\"AB\"]");
+        let err = Policy::parse(bad.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("boot.firmware"), "{err}");
     }
 }

@@ -16,8 +16,8 @@ pub mod store;
 pub mod version;
 
 pub use document::{
-    Action, BootPolicy, ChannelRules, NetRule, NetworkPolicy, OfflinePolicy, Policy, Protocol,
-    ScreenPolicy, StoragePolicy,
+    Action, BootImages, BootPolicy, ChannelRules, NetRule, NetworkPolicy, OfflinePolicy, Policy,
+    Protocol, ScreenPolicy, StoragePolicy,
 };
 pub use envelope::{sign, verify, Verified};
 pub use keys::{OrgPublicKey, OrgSecretKey};

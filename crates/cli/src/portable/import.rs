@@ -129,11 +129,19 @@ fn rename_no_replace(from: &Path, to: &Path) -> std::io::Result<()> {
     }
 }
 
-/// What this host lacks for the imported profile (its kernel or initrd, guest assets in
-/// `<state-dir>/assets/`, or its TAP interface).
+/// What this host lacks for the imported profile (its kernel or initrd or firmware, guest
+/// assets in `<state-dir>/assets/`, or its TAP interface).
 fn host_warnings(dir: &StateDir, spec: &ProfileSpec) -> Vec<String> {
     let mut w = Vec::new();
-    if spec.kernel != handset::spec::PROBE_KERNEL && !dir.asset(&spec.kernel).is_file() {
+    if let Some(f) = spec.firmware.as_ref().filter(|f| !dir.asset(f).is_file()) {
+        w.push(format!(
+            "firmware {f} does not exist here: the profile can neither start nor resume (a \
+             firmware guest's ROM is mapped again at resume)"
+        ));
+    } else if spec.firmware.is_none()
+        && spec.kernel != handset::spec::PROBE_KERNEL
+        && !dir.asset(&spec.kernel).is_file()
+    {
         w.push(format!(
             "kernel {} does not exist here: resume works, a cold start will not",
             spec.kernel
@@ -364,7 +372,8 @@ mod tests {
     #[test]
     fn warnings_for_what_the_host_lacks() {
         let dir = StateDir::new(Path::new("/nonexistent/state")).unwrap();
-        let mut spec = ProfileSpec::from_template("work", "w", None).unwrap();
+        let mut spec =
+            ProfileSpec::from_template("work", "w", handset::spec::TemplateBoot::Probe).unwrap();
         assert!(host_warnings(&dir, &spec).is_empty());
         spec.kernel = "vmlinux".into();
         spec.net = Some("pvnotap0".into());

@@ -239,7 +239,8 @@ mod tests {
             state,
             vsock_cid: 3,
             exported_by: "test".into(),
-            spec: ProfileSpec::from_template("work", "w", None).unwrap(),
+            spec: ProfileSpec::from_template("work", "w", handset::spec::TemplateBoot::Probe)
+                .unwrap(),
         }
     }
 

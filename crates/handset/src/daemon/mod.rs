@@ -235,8 +235,11 @@ impl Handset {
         let _ops = self.ops.lock().await;
         self.registry.create(&spec)?;
         let name = &spec.name;
-        self.registry
-            .event(name, "created", &format!("kernel {}", spec.kernel));
+        let boots = match &spec.firmware {
+            Some(firmware) => format!("firmware {firmware}"),
+            None => format!("kernel {}", spec.kernel),
+        };
+        self.registry.event(name, "created", &boots);
         self.show(name)
     }
 
@@ -292,7 +295,7 @@ impl Handset {
             let row = self.registry.row(name)?;
             let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
             self.registry.check_guest_files(&cfg)?;
-            crate::org_policy::check_start(self.dir(), name, &cfg, policy::unix_now())?;
+            crate::org_policy::check_start(self.dir(), name, &spec, &cfg, policy::unix_now())?;
             Ok((spec, cfg))
         })();
         let (spec, cfg) =

@@ -261,8 +261,24 @@ impl Registry {
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;
             std::fs::create_dir_all(self.dir.run(name))
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;
-            for d in &spec.disks {
-                state_dir::create_sparse(&self.dir.disk(name, &d.name), d.size_mib)?;
+            let mut spec = spec.clone();
+            for d in &mut spec.disks {
+                let path = self.dir.disk(name, &d.name);
+                match &d.image {
+                    None => {
+                        d.image_sha256 = None;
+                        state_dir::create_sparse(&path, d.size_mib)?;
+                    }
+                    Some(image) => {
+                        let copied = state_dir::create_from_image(
+                            &path,
+                            &self.dir.asset(image),
+                            d.size_mib,
+                        )?;
+                        d.size_mib = copied.size_mib;
+                        d.image_sha256 = Some(copied.sha256);
+                    }
+                }
             }
             state_dir::write_atomic(&self.dir.spec(name), spec.to_toml()?.as_bytes())?;
             state_dir::sync_dir(&self.dir.profiles())?;
@@ -316,11 +332,16 @@ impl Registry {
                 other => other,
             })
         };
-        if spec.kernel != PROBE_KERNEL {
-            check("kernel", &spec.kernel)?;
+        match &spec.firmware {
+            Some(firmware) => check("firmware", firmware)?,
+            None if spec.kernel != PROBE_KERNEL => check("kernel", &spec.kernel)?,
+            None => {}
         }
         if let Some(initrd) = &spec.initrd {
             check("initrd", &initrd.to_string_lossy())?;
+        }
+        for image in spec.disks.iter().filter_map(|d| d.image.as_deref()) {
+            check("disk image", image)?;
         }
         Ok(())
     }
@@ -342,7 +363,10 @@ impl Registry {
     /// without opening anything that could block (a FIFO, a device): refused before a VMM
     /// is spawned.
     pub(super) fn check_guest_files(&self, cfg: &VmConfig) -> Result<()> {
-        state_dir::check_regular_file("kernel", &cfg.kernel)?;
+        match &cfg.firmware {
+            Some(firmware) => state_dir::check_regular_file("firmware", firmware)?,
+            None => state_dir::check_regular_file("kernel", &cfg.kernel)?,
+        }
         if let Some(initrd) = &cfg.initrd {
             state_dir::check_regular_file("initrd", initrd)?;
         }
@@ -355,7 +379,14 @@ impl Registry {
     /// The VM configuration for `spec`, all paths inside the profile's directory.
     pub(super) fn vm_config(&self, spec: &ProfileSpec, cid: u32) -> Result<VmConfig> {
         let name = &spec.name;
-        let mut cfg = VmConfig::new(self.kernel_path(spec)?);
+        let mut cfg = match &spec.firmware {
+            Some(firmware) => {
+                let mut cfg = VmConfig::new(PathBuf::new());
+                cfg.firmware = Some(self.dir.asset(firmware));
+                cfg
+            }
+            None => VmConfig::new(self.kernel_path(spec)?),
+        };
         cfg.initrd = spec
             .initrd
             .as_ref()

@@ -150,7 +150,7 @@ mod tests {
     use serde_json::json;
 
     fn spec() -> ProfileSpec {
-        ProfileSpec::from_template("work", "w", None).unwrap()
+        ProfileSpec::from_template("work", "w", crate::spec::TemplateBoot::Probe).unwrap()
     }
 
     fn changes(v: Value) -> Map<String, Value> {
