@@ -7,7 +7,7 @@
 #                  1  BIOS boot (1 MiB): GRUB's i386-pc core.img (SeaBIOS boots the MBR)
 #                  2  EFI system (64 MiB, FAT): GRUB's x86_64-efi image as \EFI\BOOT\BOOTX64.EFI
 #                  3  Linux root (ext4): Debian bookworm from debootstrap, linux-image-cloud-amd64,
-#                     systemd, /boot/grub/grub.cfg (console=ttyS0)
+#                     systemd, /boot/grub/grub.cfg (no menu, console=ttyS0 quiet)
 #   inputs       the hash of this script; the image is rebuilt only when it changes
 #
 # The guest: root logs in automatically on the serial getty (ttyS0). When a second disk
@@ -120,10 +120,11 @@ cat >"$root/boot/grub/grub.cfg" <<EOF
 serial --unit=0 --speed=115200
 terminal_input serial
 terminal_output serial
-set timeout=1
+set timeout=0
+set timeout_style=hidden
 set default=0
 menuentry "Debian GNU/Linux ($kver)" {
-  linux /boot/vmlinuz-$kver root=/dev/vda3 ro console=ttyS0,115200 panic=-1
+  linux /boot/vmlinuz-$kver root=/dev/vda3 ro console=ttyS0,115200 quiet panic=-1
   initrd /boot/initrd.img-$kver
 }
 EOF

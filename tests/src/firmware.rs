@@ -30,11 +30,12 @@ pub fn firmware(path: &str) -> Option<PathBuf> {
 }
 
 /// Writes the 1 MiB second disk holding the check script: it prints `PV-CHECK` with the
-/// kernel release, the root device and `/proc/cmdline`'s console, then powers the guest off.
+/// kernel release, the number of CPUs online, the root device, the system's state and the
+/// serial autologin's, then powers the guest off.
 pub fn check_script_disk(dir: &TempDir) -> PathBuf {
     let script = format!(
         "#!/bin/sh\n\
-         echo \"{CHECK_MARKER} kernel=$(uname -r) root=$(findmnt -no SOURCE /) \
+         echo \"{CHECK_MARKER} kernel=$(uname -r) cpus=$(nproc) root=$(findmnt -no SOURCE /) \
          state=$(systemctl is-system-running) autologin=$(systemctl is-active serial-getty@ttyS0)\"\n\
          systemctl poweroff\n"
     );
