@@ -280,6 +280,48 @@ pub fn decide_host(kind: Kind, way: HostDirection, spec: &ProfileSpec) -> Result
     }
 }
 
+/// Checks the channel peers `spec` names that `before` (the spec it replaces, if any) did not
+/// name in the same list: each must be [`HOST`] or a profile `exists` knows, and none may be
+/// the profile itself. Peers kept from `before` pass (a peer deleted since is not an error of
+/// this change). `Err` is the 400 message.
+pub fn check_peers(
+    spec: &ProfileSpec,
+    before: Option<&ProfileSpec>,
+    exists: impl Fn(&str) -> bool,
+) -> Result<(), String> {
+    let lists = |s: &ProfileSpec| {
+        let c = s.channels.clone();
+        [
+            ("clipboard_to", c.clipboard_to),
+            ("files_to", c.files_to),
+            ("clipboard_from", c.clipboard_from.unwrap_or_default()),
+            ("files_from", c.files_from.unwrap_or_default()),
+        ]
+    };
+    let old = before.map(lists);
+    for (i, (key, peers)) in lists(spec).into_iter().enumerate() {
+        for peer in &peers {
+            if *peer == spec.name {
+                return Err(format!(
+                    "channels.{key} names {peer} itself: channels connect a profile with \
+                     other profiles or the host (\"{HOST}\")"
+                ));
+            }
+            let kept = old
+                .as_ref()
+                .and_then(|o| o.get(i))
+                .is_some_and(|(_, list)| list.contains(peer));
+            if peer != HOST && !kept && !exists(peer) {
+                return Err(format!(
+                    "channels.{key} names {peer}, which is no profile here (create it first; \
+                     \"{HOST}\" stands for the host)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Lower-case hex SHA-256.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -663,6 +705,34 @@ mod tests {
         assert_eq!(back, w);
         w.channels.files_from = Some(vec!["Bad Name".into()]);
         assert!(w.validate().is_err());
+    }
+
+    #[test]
+    fn peers_must_be_profiles_or_the_host_and_not_itself() {
+        let known = |n: &str| ["work", "personal"].contains(&n);
+        let mut p = spec("personal", "personal");
+        assert_eq!(check_peers(&p, None, known), Ok(()));
+        p.channels.files_from = Some(vec!["ghost".into()]);
+        let why = check_peers(&p, None, known).unwrap_err();
+        assert!(
+            why.contains("files_from names ghost, which is no profile"),
+            "{why}"
+        );
+        // A peer the old spec already had is kept (it may have been deleted since).
+        let before = p.clone();
+        p.memory_mib = 256;
+        assert_eq!(check_peers(&p, Some(&before), known), Ok(()));
+        // ... but only in the same list.
+        p.channels.clipboard_to.push("ghost".into());
+        assert!(check_peers(&p, Some(&before), known).is_err());
+        let mut w = spec("work", "work");
+        w.channels.clipboard_to = vec!["work".into()];
+        let why = check_peers(&w, None, known).unwrap_err();
+        assert!(why.contains("names work itself"), "{why}");
+        w.channels.clipboard_to = vec!["host".into(), "personal".into()];
+        assert_eq!(check_peers(&w, None, |_| false), Err(
+            "channels.clipboard_to names personal, which is no profile here (create it first; \"host\" stands for the host)".into()
+        ));
     }
 
     #[test]

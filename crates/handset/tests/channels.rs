@@ -103,13 +103,14 @@ fn clipboard_and_files_follow_the_policy_and_are_audited() {
         loud("SKIP (probe guest not built: guest/build-probe.sh): channels test");
         return;
     }
-    // The template policies: personal may send to work, work to nobody.
+    // The template policies: personal may send to work, work to nobody (a peer must exist
+    // when named: work first).
+    create_agent_profile(&d, "work", "");
     create_agent_profile(
         &d,
         "personal",
         "clipboard_to = [\"work\"]\nfiles_to = [\"work\"]",
     );
-    create_agent_profile(&d, "work", "");
     for p in ["personal", "work"] {
         d.act(p, "start").unwrap();
         assert!(
@@ -404,13 +405,13 @@ fn a_paused_background_profile_is_resumed_for_the_transfer_only() {
         loud("SKIP (probe guest not built: guest/build-probe.sh): channels paused test");
         return;
     }
+    create_agent_profile(&d, "work", "");
     create_agent_profile_with(
         &d,
         "personal",
         "background = \"pause\"",
         "clipboard_to = [\"work\"]",
     );
-    create_agent_profile(&d, "work", "");
     for p in ["personal", "work"] {
         d.act(p, "start").unwrap();
         assert!(wait_until(Duration::from_secs(60), || d

@@ -1266,6 +1266,32 @@ fn logs_and_events_can_be_read_and_followed() {
 fn profile_set_changes_settings_all_or_nothing_for_the_next_start() {
     let d = Daemon::start("set");
     d.create_probe("s", 64, "");
+    // A channel peer must be a profile (or the host), and not the profile itself.
+    for (peer, why) in [
+        ("[\"other\"]", "names other, which is no profile"),
+        ("[\"s\"]", "names s itself"),
+    ] {
+        let out = d.cli(&["set", "s", &format!("channels.files_to={peer}")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+    let text = "name = \"t\"\nkernel = \"probe\"\nmemory_mib = 64\n[channels]\nclipboard_to = [\"ghost\"]\n";
+    let req = handset::CreateProfile {
+        spec: Some(handset::ProfileSpec::from_toml(text).unwrap()),
+        ..Default::default()
+    };
+    let e = d
+        .client()
+        .call::<ProfileInfo>("POST", "/v1/profiles", Some(&req))
+        .unwrap_err();
+    assert!(
+        matches!(e, ClientError::Api { status: 400, .. })
+            && e.to_string()
+                .contains("clipboard_to names ghost, which is no profile"),
+        "{e}"
+    );
+    d.create_probe("other", 64, "");
     let out = d.cli(&[
         "set",
         "s",

@@ -225,9 +225,20 @@ impl Handset {
             .or(req.name.clone())
             .filter(|n| crate::spec::check_name("", n).is_ok())
             .unwrap_or_else(|| "-".into());
+        // A template's own peers (personal -> work, host) may precede the profiles they name;
+        // peers a client names must exist.
+        let from_template = req.template.is_some();
         let spec = req
             .into_spec()
             .and_then(|spec| self.registry.check_assets(&spec).map(|()| spec))
+            .and_then(|spec| {
+                if from_template {
+                    return Ok(spec);
+                }
+                crate::channels::check_peers(&spec, None, |p| self.registry.state(p).is_ok())
+                    .map_err(Error::BadRequest)?;
+                Ok(spec)
+            })
             .inspect_err(|e| {
                 self.registry
                     .audit(&asked, "create-refused", &e.to_string());

@@ -112,6 +112,8 @@ impl Handset {
         let state = self.registry.state(name)?;
         let old = self.registry.spec(name)?;
         let new = merged(&old, &changes)?;
+        crate::channels::check_peers(&new, Some(&old), |p| self.registry.state(p).is_ok())
+            .map_err(Error::BadRequest)?;
         let machine: Vec<&str> = changes
             .keys()
             .map(String::as_str)
