@@ -328,7 +328,10 @@ fn recipient_key_round_trip() {
     let spec = std::fs::read_to_string(dir_b.join("profiles/lab2/profile.toml")).unwrap();
     assert!(spec.contains("name = \"lab2\""), "{spec}");
     // The personal template's channel policy came along.
-    assert!(spec.contains("clipboard_to = [\"work\", \"host\"]"), "{spec}");
+    assert!(
+        spec.contains("clipboard_to = [\"work\", \"host\"]"),
+        "{spec}"
+    );
     let shown = b.profile(&["show", "lab2"]);
     assert!(shown.contains("stopped"), "{shown}");
 }
