@@ -5,7 +5,9 @@
 # silently go unchecked. Marked blocks run in order, each command under a timeout, with
 # target/debug first on PATH and every /tmp/ path moved into a fresh temporary directory.
 # A command ending in `&` runs in the background until the end; the next command waits for
-# the unix sockets (`*.sock`) it names. Each command must exit 0.
+# the unix sockets (`*.sock`) it names. Each command must exit 0, and a command whose comment
+# says `prints "PATTERN"` must print a line matching that extended regular expression (so the
+# README's claims about output are checked, not only exit codes).
 #
 # Usage: tests/readme-walkthrough.sh [README]   (from the repository root; make test runs it)
 set -euo pipefail
@@ -69,6 +71,7 @@ if [ -n "$unmarked" ]; then
 fi
 
 ran=0
+checked=0
 while IFS= read -r entry; do
     kind=${entry%% *}
     rest=${entry#* }
@@ -94,14 +97,26 @@ while IFS= read -r entry; do
             [ -S "$sock" ] || { echo "readme-walkthrough: no $sock after 30 s:" >&2; cat "$tmp/bg-$ran.log" >&2; exit 1; }
         fi
     else
-        if ! timeout 180 bash -c "$cmd"; then
+        out="$tmp/out-$ran.txt"
+        if ! timeout 180 bash -c "$cmd" >"$out"; then
+            cat "$out"
             echo "readme-walkthrough: FAILED [README:$line] $cmd" >&2
             for log in "$tmp"/bg-*.log; do [ -f "$log" ] && tail -20 "$log" >&2; done
             exit 1
+        fi
+        cat "$out"
+        if [[ $cmd =~ \#.*prints\ \"([^\"]*)\" ]]; then
+            pattern=${BASH_REMATCH[1]}
+            if ! grep -Eq -- "$pattern" "$out"; then
+                echo "readme-walkthrough: FAILED [README:$line] output has no line matching \"$pattern\"" >&2
+                exit 1
+            fi
+            echo "readme-walkthrough: output matches \"$pattern\""
+            checked=$((checked + 1))
         fi
     fi
     ran=$((ran + 1))
 done < <(grep -E '^(RUN|SKIP) ' <<<"$commands")
 
 [ "$ran" -gt 0 ] || { echo "readme-walkthrough: no walkthrough commands found in $readme" >&2; exit 1; }
-echo "readme-walkthrough: ok ($ran commands)"
+echo "readme-walkthrough: ok ($ran commands, $checked outputs checked)"
