@@ -198,6 +198,19 @@ EXAMPLE:
         #[arg(short, long, value_name = "FILE")]
         output: std::path::PathBuf,
     },
+    /// Print where a running profile's screen (spec `screen = true`) can be viewed live.
+    #[command(after_help = "\
+Prints a VNC address on loopback (RFB 3.8, no authentication: it is never bound wider), which
+the daemon forwards to the profile's VMM; keys and the left mouse button reach the profile's
+keyboard and touch screen. Any VNC client works.
+
+EXAMPLE:
+  pocketvisor profile view work      # work: vnc 127.0.0.1:41234
+  vncsnapshot 127.0.0.1::41234 work.jpg")]
+    View {
+        /// Profile name.
+        name: String,
+    },
     /// Show a profile's lifecycle events (all profiles' without NAME).
     Events {
         /// Profile name.
@@ -704,6 +717,16 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     shot.height,
                     output.display()
                 );
+            }
+        }
+        ProfileCmd::View { name } => {
+            let answer: serde_json::Value =
+                c.call("GET", &format!("/v1/profiles/{name}/view"), none)?;
+            if json {
+                print_json(&answer)?;
+            } else {
+                let vnc = answer.get("vnc").and_then(|v| v.as_str()).unwrap_or("?");
+                outln!("{name}: vnc {vnc}");
             }
         }
         ProfileCmd::Events {

@@ -57,6 +57,9 @@ pub struct RestoreArgs {
     /// Serve the control API on this unix socket.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve the display over VNC on a loopback HOST:PORT or unix:PATH (as `run --vnc`).
+    #[arg(long, value_name = "HOST:PORT|unix:PATH", value_parser = crate::vnc::parse_vnc)]
+    vnc: Option<crate::vnc::VncAddr>,
 }
 
 /// Pause or resume a running VM through its API socket.
@@ -102,6 +105,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
     }
     let vm = Vm::restore(&a.dir, &overrides)
         .with_context(|| format!("cannot restore {}", a.dir.display()))?;
+    let _vnc = a.vnc.map(|v| crate::vnc::start(&vm, &v)).transpose()?;
     crate::run::run_vm(vm, a.api_socket.as_deref())
 }
 

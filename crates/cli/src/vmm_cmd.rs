@@ -435,7 +435,10 @@ fn child(
         return Ok(3);
     }
     match EARLY_STOP.load(Ordering::SeqCst) {
-        0 => crate::run::run_vm(vm, jailed.api_socket.as_deref()),
+        0 => {
+            let _vnc = crate::vnc::start_next_to_api(&vm, jailed.api_socket.as_deref())?;
+            crate::run::run_vm(vm, jailed.api_socket.as_deref())
+        }
         sig => {
             eprintln!("pocketvisor: stopped by signal {sig} before the guest started");
             Ok(128 + sig)
@@ -492,6 +495,7 @@ fn narrow_thread(kind: devices::threads::ThreadKind) {
         Device::Vcpu => Jail::Vcpu,
         Device::DeviceWorker => Jail::DeviceWorker,
         Device::Api => Jail::Api,
+        Device::Display => Jail::Display,
     };
     if let Err(e) = jail::seccomp::threads::install_thread(kind) {
         eprintln!("pocketvisor: error: {e}");

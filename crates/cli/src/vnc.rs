@@ -3,7 +3,7 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use vmm::Vm;
@@ -80,10 +80,19 @@ pub fn start(vm: &Vm, addr: &VncAddr) -> Result<VncGuard> {
     Ok(guard)
 }
 
-/// The VNC threads parse what a client sends, like the API threads: they take the API's
-/// seccomp filter in a jailed VMM.
+/// A jailed VMM with a display serves VNC on `vmm_api::jail::VNC_SOCKET_NAME` next to its
+/// API socket (the handset daemon exposes it on loopback: `profile view`).
+pub fn start_next_to_api(vm: &Vm, api_socket: Option<&Path>) -> Result<Option<VncGuard>> {
+    let (Some(_), Some(dir)) = (vm.screen(), api_socket.and_then(Path::parent)) else {
+        return Ok(None);
+    };
+    let path = dir.join(vmm::vmm_api::jail::VNC_SOCKET_NAME);
+    start(vm, &VncAddr::Unix(path)).map(Some)
+}
+
+/// The VNC threads narrow themselves to their own seccomp filter in a jailed VMM.
 fn on_vnc_thread() {
-    devices::threads::started(devices::threads::ThreadKind::Api);
+    devices::threads::started(devices::threads::ThreadKind::Display);
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ pub enum ThreadKind {
     DeviceWorker,
     /// The API socket's accept and connection threads.
     Api,
+    /// The VNC server's accept thread and each client's reader and writer.
+    Display,
 }
 
 static HOOK: OnceLock<fn(ThreadKind)> = OnceLock::new();

@@ -59,6 +59,8 @@ pub enum Op {
     Screenshot,
     /// The guest's serial console, interactive (switches protocols).
     Console,
+    /// Where a running profile's screen can be viewed (VNC on loopback).
+    View,
     /// All lifecycle events.
     AllEvents,
     /// Lifecycle events as they happen (server-sent events).
@@ -116,6 +118,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/profiles/{name}/events", Op::Events),
     r("GET", "/v1/profiles/{name}/screenshot", Op::Screenshot),
     r("GET", "/v1/profiles/{name}/console", Op::Console),
+    r("GET", "/v1/profiles/{name}/view", Op::View),
     r("GET", "/v1/events", Op::AllEvents),
     r("GET", "/v1/events/stream", Op::EventStream),
     r("GET", "/v1/audit", Op::Audit),
@@ -245,6 +248,13 @@ async fn screenshot(
         h.audit(&name, "screenshot", &format!("{peer}: refused: {e}"));
     }
     Ok(Json(r?))
+}
+
+async fn view(
+    State(h): State<Hs>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::daemon::view::ViewInfo> {
+    Ok(Json(h.view(&name).await?))
 }
 
 async fn remove(
@@ -405,6 +415,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Events => get(events),
         Op::Screenshot => get(screenshot),
         Op::Console => get(crate::console::attach),
+        Op::View => get(view),
         Op::AllEvents => get(all_events),
         Op::EventStream => get(crate::event_stream::stream),
         Op::Audit => get(audit),

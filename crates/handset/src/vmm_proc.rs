@@ -80,8 +80,15 @@ pub struct JailCgroup {
 
 /// The arguments of the VMM process (after the binary). This is the one place that knows
 /// the command line: jailed, `pocketvisor vmm --config` to boot and `pocketvisor vmm --restore`
-/// to resume; unjailed, `pocketvisor run` and `pocketvisor restore`.
-pub fn vmm_args(launch: &Launch, api_socket: &Path, jail: Option<&JailArgs>) -> Vec<OsString> {
+/// to resume; unjailed, `pocketvisor run` and `pocketvisor restore`. A profile with a
+/// `screen` serves VNC on `vnc.sock` next to the API socket: the jailed VMM does so by
+/// itself, an unjailed one is told with `--vnc unix:PATH`.
+pub fn vmm_args(
+    launch: &Launch,
+    api_socket: &Path,
+    screen: bool,
+    jail: Option<&JailArgs>,
+) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
     match jail {
         Some(j) => {
@@ -121,6 +128,11 @@ pub fn vmm_args(launch: &Launch, api_socket: &Path, jail: Option<&JailArgs>) -> 
         for d in disks {
             a.extend(["--disk".into(), d.into()]);
         }
+    }
+    if screen && jail.is_none() {
+        let mut vnc = OsString::from("unix:");
+        vnc.push(api_socket.with_file_name(vmm_api::jail::VNC_SOCKET_NAME));
+        a.extend(["--vnc".into(), vnc]);
     }
     a.extend(["--api-socket".into(), api_socket.into()]);
     a
@@ -315,6 +327,7 @@ mod tests {
                 config: "/s/vm.toml".into(),
             },
             Path::new("/s/api.sock"),
+            false,
             None,
         );
         assert_eq!(
@@ -327,6 +340,16 @@ mod tests {
                 "/s/api.sock"
             ]
         );
+        let screen = vmm_args(
+            &Launch::Boot {
+                config: "/s/vm.toml".into(),
+            },
+            Path::new("/s/api.sock"),
+            true,
+            None,
+        );
+        let want = "run --config /s/vm.toml --vnc unix:/s/vnc.sock --api-socket /s/api.sock";
+        assert_eq!(screen, want.split_whitespace().collect::<Vec<_>>());
         let jail = JailArgs {
             id: "w".into(),
             root: "/s/jail".into(),
@@ -342,6 +365,7 @@ mod tests {
                 config: "/s/vm.toml".into(),
             },
             Path::new("/s/api.sock"),
+            true,
             Some(&jail),
         );
         let want = "vmm --config /s/vm.toml --jail-id w --jail-root /s/jail --uid 1879048197 \
@@ -357,6 +381,7 @@ mod tests {
                 disks: vec!["/s/d.img".into()],
             },
             Path::new("/s/api.sock"),
+            false,
             None,
         );
         assert_eq!(r[0], "restore");
@@ -371,6 +396,7 @@ mod tests {
                 disks: vec!["/s/d.img".into()],
             },
             Path::new("/s/api.sock"),
+            true,
             Some(&jail),
         );
         let want = "vmm --restore /s/snap --jail-id w --jail-root /s/jail --uid 1879048197 \

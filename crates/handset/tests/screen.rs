@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{can_run_vms, wait_until, Daemon};
@@ -75,4 +76,87 @@ fn profile_screenshot_captures_the_guest_screen() {
     assert_eq!(rgb[corner..corner + 3], RGB, "the profile colour");
     // The header is the colour halved.
     assert_eq!(rgb[(w - 1) * 3..w * 3], RGB.map(|c| c >> 1));
+
+    // Live over VNC: `profile view` prints a loopback address the daemon forwards to the
+    // jailed VMM's VNC socket; the frame is the guest's and a key reaches the guest.
+    let plain = d.cli(&["view", "plain"]);
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("has no screen"));
+    let view = d.cli(&["view", "work"]);
+    let text = String::from_utf8_lossy(&view.stdout).into_owned();
+    assert!(
+        view.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&view.stderr)
+    );
+    let addr = text
+        .trim()
+        .strip_prefix("work: vnc ")
+        .unwrap_or_else(|| panic!("no address: {text}"))
+        .to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "loopback only: {addr}");
+    let again = d.cli(&["view", "work"]);
+    assert_eq!(String::from_utf8_lossy(&again.stdout), text, "one address");
+    let mut vnc = std::net::TcpStream::connect(&addr).unwrap();
+    vnc.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let frame = rfb_full_frame(&mut vnc, w, h);
+    assert_eq!(
+        frame[corner..corner + 3],
+        RGB,
+        "the profile colour over VNC"
+    );
+    assert_eq!(frame, rgb, "the same frame as the screenshot");
+    // KeyEvent 'a' down and up: KEY_A (30) in the guest.
+    for down in [1u8, 0] {
+        vnc.write_all(&[4, down, 0, 0, 0, 0, 0, b'a']).unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || d
+            .serial("work")
+            .contains("PROBE input key code=30 value=0")),
+        "the key did not reach the guest: {}",
+        d.serial("work")
+    );
+}
+
+/// An RFB 3.8 handshake (security None) and one full update in the server's 32-bit
+/// little-endian format; the frame as RGB.
+fn rfb_full_frame(s: &mut std::net::TcpStream, w: usize, h: usize) -> Vec<u8> {
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"RFB 003.008\n");
+    s.write_all(b"RFB 003.008\n").unwrap();
+    let mut types = [0u8; 2];
+    s.read_exact(&mut types).unwrap();
+    assert_eq!(types, [1, 1]);
+    s.write_all(&[1]).unwrap();
+    let mut result = [0u8; 4];
+    s.read_exact(&mut result).unwrap();
+    assert_eq!(result, [0; 4]);
+    s.write_all(&[1]).unwrap();
+    let mut init = [0u8; 24];
+    s.read_exact(&mut init).unwrap();
+    assert_eq!(
+        (
+            usize::from(u16::from_be_bytes([init[0], init[1]])),
+            usize::from(u16::from_be_bytes([init[2], init[3]]))
+        ),
+        (w, h)
+    );
+    let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
+    let mut name = vec![0u8; usize::try_from(name_len).unwrap()];
+    s.read_exact(&mut name).unwrap();
+    let (w16, h16) = (u16::try_from(w).unwrap(), u16::try_from(h).unwrap());
+    let mut req = vec![3, 0, 0, 0, 0, 0];
+    req.extend_from_slice(&w16.to_be_bytes());
+    req.extend_from_slice(&h16.to_be_bytes());
+    s.write_all(&req).unwrap();
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[..4], [0, 0, 0, 1], "one rectangle");
+    assert_eq!(head[12..16], [0, 0, 0, 0], "Raw");
+    let mut px = vec![0u8; w * h * 4];
+    s.read_exact(&mut px).unwrap();
+    px.chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect()
 }

@@ -33,6 +33,9 @@ pub const JAIL_SNAPSHOT: &str = "/snapshot";
 pub const JAIL_DISKS: &str = "/disks";
 /// The directory holding each bound run-time directory as `<n>`.
 pub const JAIL_RUN: &str = "/run";
+/// A jailed VMM with a display serves VNC (RFB) on a unix socket of this name next to its
+/// API socket (owner only), where the handset daemon reaches it.
+pub const VNC_SOCKET_NAME: &str = "vnc.sock";
 
 /// What a host path is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

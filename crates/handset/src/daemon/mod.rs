@@ -19,6 +19,7 @@ pub mod pause;
 mod registry;
 pub mod settings;
 mod supervisor;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +74,7 @@ pub struct Handset {
     agents: crate::agents::AgentCache,
     consoles: crate::console::Attached,
     closing: std::sync::atomic::AtomicBool,
+    views: view::Views,
 }
 
 impl Handset {
@@ -89,6 +91,7 @@ impl Handset {
             agents: crate::agents::AgentCache::default(),
             consoles: crate::console::Attached::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
+            views: view::Views::default(),
         }))
     }
 

@@ -172,7 +172,7 @@ impl Handset {
             },
         });
         let jailer_cgroup = jail.as_ref().is_some_and(|j| j.cgroup.is_some());
-        let args = vmm_proc::vmm_args(launch, &api, jail.as_ref());
+        let args = vmm_proc::vmm_args(launch, &api, spec.screen, jail.as_ref());
         let log = dir.vmm_log(name);
         let mut child = vmm_proc::spawn(&self.opts.vmm_bin, &args, &log)?;
         let pid = child

@@ -227,6 +227,21 @@ pub fn allowlist(pid: libc::pid_t) -> Result<BpfProgram> {
             libc::AF_UNIX as u64,
         )?])?],
     );
+    // Socket timeouts only (std's set_read_timeout/set_write_timeout): the VNC server drops
+    // a client that stalls its handshake or stops reading.
+    let sol_socket = libc::SOL_SOCKET as u64;
+    rules.insert(
+        libc::SYS_setsockopt,
+        [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO]
+            .into_iter()
+            .map(|opt| {
+                rule(vec![
+                    cond(1, Len::Dword, Op::Eq, sol_socket)?,
+                    cond(2, Len::Dword, Op::Eq, opt as u64)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?,
+    );
     let exec = libc::PROT_EXEC as u64;
     for nr in [libc::SYS_mmap, libc::SYS_mprotect] {
         rules.insert(

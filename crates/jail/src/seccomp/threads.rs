@@ -30,6 +30,8 @@ pub enum ThreadKind {
     DeviceWorker,
     /// Accepts API connections and parses their requests (handled by the VM's thread).
     Api,
+    /// The VNC server: accepts viewers, parses what they send, sends the screen.
+    Display,
 }
 
 /// `KVM_RUN`.
@@ -56,6 +58,7 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_sendmsg, NO_SOCKETS),
             (libc::SYS_shutdown, NO_SOCKETS),
             (libc::SYS_getsockopt, NO_SOCKETS),
+            (libc::SYS_setsockopt, NO_SOCKETS),
             (libc::SYS_pread64, NO_BLOCK_IO),
             (libc::SYS_preadv, NO_BLOCK_IO),
             (libc::SYS_pwrite64, NO_BLOCK_IO),
@@ -85,6 +88,24 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_renameat2, "a worker renames nothing"),
             (libc::SYS_getdents64, "a worker lists no directory"),
             (libc::SYS_ftruncate, "a worker truncates nothing"),
+        ],
+        ThreadKind::Display => vec![
+            (libc::SYS_socket, "the VNC server got its listener"),
+            (libc::SYS_bind, "the VNC server got its listener"),
+            (libc::SYS_listen, "the VNC server got its listener"),
+            (libc::SYS_connect, "the VNC server connects nowhere"),
+            (libc::SYS_mkdirat, "the VNC server makes no directory"),
+            (libc::SYS_unlinkat, "the VNC server removes nothing"),
+            (libc::SYS_renameat, "the VNC server renames nothing"),
+            (libc::SYS_renameat2, "the VNC server renames nothing"),
+            (libc::SYS_fchmodat, "the VNC server changes no mode"),
+            (libc::SYS_fchmod, "the VNC server changes no mode"),
+            (libc::SYS_pwrite64, "the VNC server writes no file"),
+            (libc::SYS_pwritev, "the VNC server writes no file"),
+            (libc::SYS_fsync, "the VNC server writes no file"),
+            (libc::SYS_fdatasync, "the VNC server writes no file"),
+            (libc::SYS_getdents64, "the VNC server lists no directory"),
+            (libc::SYS_ftruncate, "the VNC server truncates nothing"),
         ],
         ThreadKind::Api => vec![
             (libc::SYS_socket, "the API thread got its listener"),
@@ -126,6 +147,12 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_chmod, "a worker changes no mode"),
             (libc::SYS_rename, "a worker renames nothing"),
         ],
+        ThreadKind::Display => vec![
+            (libc::SYS_mkdir, "the VNC server makes no directory"),
+            (libc::SYS_unlink, "the VNC server removes nothing"),
+            (libc::SYS_rename, "the VNC server renames nothing"),
+            (libc::SYS_chmod, "the VNC server changes no mode"),
+        ],
         ThreadKind::Api => vec![
             (libc::SYS_mkdir, "the API makes no directory"),
             (libc::SYS_unlink, "the API removes nothing"),
@@ -153,6 +180,28 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
                     cond(1, Len::Dword, Op::Ne, FIONBIO)?,
                     cond(1, Len::Dword, Op::Ne, FIOCLEX)?,
                 ])?],
+            );
+        }
+        ThreadKind::Display => {
+            rules.insert(
+                libc::SYS_ioctl,
+                vec![rule(vec![
+                    cond(1, Len::Dword, Op::Ne, FIONBIO)?,
+                    cond(1, Len::Dword, Op::Ne, FIOCLEX)?,
+                ])?],
+            );
+            // glibc opens /proc and /sys files read-only (malloc arenas of a new thread);
+            // nothing is opened for writing or created.
+            let write = |bits: u64| -> Result<seccompiler::SeccompRule> {
+                rule(vec![cond(2, Len::Dword, Op::MaskedEq(bits), bits)?])
+            };
+            rules.insert(
+                libc::SYS_openat,
+                vec![
+                    write(libc::O_WRONLY as u64)?,
+                    write(libc::O_RDWR as u64)?,
+                    write(libc::O_CREAT as u64)?,
+                ],
             );
         }
         ThreadKind::DeviceWorker => {
@@ -247,6 +296,27 @@ mod tests {
         i64::from(unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) })
     }
 
+    fn create_a_file() -> i64 {
+        // SAFETY: openat with a NUL-terminated path; the descriptor is left to _exit.
+        i64::from(unsafe {
+            libc::openat(
+                libc::AT_FDCWD,
+                c"/tmp/pv-display-filter-test".as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT,
+                0o600,
+            )
+        })
+    }
+
+    #[test]
+    fn the_vnc_server_reads_files_but_writes_none_and_opens_no_socket() {
+        let sys = libc::SIGSYS;
+        assert_eq!(killed_by(ThreadKind::Display, open_a_file), 0);
+        assert_eq!(killed_by(ThreadKind::Display, create_a_file), sys);
+        assert_eq!(killed_by(ThreadKind::Display, unix_socket), sys);
+        assert_eq!(killed_by(ThreadKind::Display, kvm_run_on_a_bad_fd), sys);
+    }
+
     fn pread_a_bad_fd() -> i64 {
         let mut b = [0u8; 1];
         // SAFETY: pread into a live buffer on an invalid descriptor: EBADF unless a filter
@@ -303,9 +373,19 @@ mod tests {
     #[test]
     fn every_denied_syscall_is_in_the_process_allowlist() {
         let allowed: Vec<i64> = super::super::syscalls().map(|&(nr, _)| nr).collect();
-        for kind in [ThreadKind::Vcpu, ThreadKind::DeviceWorker, ThreadKind::Api] {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::DeviceWorker,
+            ThreadKind::Api,
+            ThreadKind::Display,
+        ] {
             for (nr, why) in denied(kind) {
-                let extra = [libc::SYS_socket, libc::SYS_ioctl, libc::SYS_clone];
+                let extra = [
+                    libc::SYS_socket,
+                    libc::SYS_ioctl,
+                    libc::SYS_clone,
+                    libc::SYS_setsockopt,
+                ];
                 assert!(
                     allowed.contains(&nr) || extra.contains(&nr),
                     "{kind:?}: {nr} ({why}) is not allowed anyway"

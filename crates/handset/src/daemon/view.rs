@@ -1,0 +1,90 @@
+//! Remote views of a profile's screen: the jailed VMM serves VNC on a unix socket in the
+//! profile's run directory (`run/vnc.sock`, owner only); the daemon exposes it on a loopback
+//! TCP port of its own per profile, opened on the first `view` and kept while the daemon
+//! runs. Each TCP client gets its own connection to the VMM's socket (a stopped profile's
+//! clients are closed at once). Loopback only: RFB security None has no credential.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::Handset;
+use crate::api_types::ProfileState;
+use crate::error::{Error, Result};
+
+/// The loopback listeners opened so far, by profile name.
+#[derive(Default)]
+pub struct Views {
+    by_profile: tokio::sync::Mutex<HashMap<String, SocketAddr>>,
+}
+
+/// Where a profile's screen can be viewed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ViewInfo {
+    /// The profile.
+    pub name: String,
+    /// The VNC (RFB 3.8, security None) address on loopback, `127.0.0.1:PORT`.
+    pub vnc: String,
+}
+
+impl Handset {
+    /// The loopback VNC address of running profile `name`'s screen (opened on first use).
+    pub async fn view(&self, name: &str) -> Result<ViewInfo> {
+        crate::spec::check_name("profile name", name)?;
+        if !self.registry.spec(name)?.screen {
+            return Err(Error::Conflict(format!(
+                "profile {name} has no screen (screen = true in its spec)"
+            )));
+        }
+        let state = self.registry.state(name)?;
+        if !matches!(state, ProfileState::Running | ProfileState::Paused) {
+            return Err(Error::Conflict(format!(
+                "profile {name} is {}: only a running profile has a screen to view",
+                state.as_str()
+            )));
+        }
+        let mut views = self.views.by_profile.lock().await;
+        if let Some(addr) = views.get(name) {
+            return Ok(ViewInfo {
+                name: name.into(),
+                vnc: addr.to_string(),
+            });
+        }
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .map_err(|e| Error::Internal(format!("cannot listen for {name}'s view: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("{name}'s view address: {e}")))?;
+        let socket = self.dir().run(name).join(vmm_api::jail::VNC_SOCKET_NAME);
+        tokio::spawn(forward(listener, socket));
+        views.insert(name.into(), addr);
+        Ok(ViewInfo {
+            name: name.into(),
+            vnc: addr.to_string(),
+        })
+    }
+}
+
+/// Accepts viewers on `listener` and joins each to the VMM's VNC socket.
+async fn forward(listener: tokio::net::TcpListener, socket: PathBuf) {
+    loop {
+        let (mut tcp, _) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("view {}: accept failed: {e}", socket.display());
+                continue;
+            }
+        };
+        let socket = socket.clone();
+        tokio::spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            match tokio::net::UnixStream::connect(&socket).await {
+                Ok(mut vmm) => {
+                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut vmm).await;
+                }
+                Err(e) => tracing::info!("view: {} is not serving: {e}", socket.display()),
+            }
+        });
+    }
+}
