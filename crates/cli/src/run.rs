@@ -282,6 +282,7 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
     let mut net = NetConfig {
         tap: String::new(),
         mac: None,
+        filter: None,
     };
     for (k, v) in key_values(s, &["tap", "mac"])? {
         match k {

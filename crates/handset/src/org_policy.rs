@@ -320,6 +320,41 @@ pub fn effective_channels(dir: &StateDir, spec: &ProfileSpec) -> Result<ChannelP
     })
 }
 
+/// The network policy the VMM enforces on profile `name`'s network devices: none without a
+/// policy or with one that lets everything through (`default = "allow"`, no rules).
+pub fn net_filter(dir: &StateDir, name: &str) -> Result<Option<vmm_api::config::NetFilterConfig>> {
+    use vmm_api::config::{FilterAction, FilterProtocol, NetFilterConfig, NetFilterRule};
+    let Some(v) = in_force(dir, name)? else {
+        return Ok(None);
+    };
+    let net = v.policy.network;
+    let action = |a: policy::Action| match a {
+        policy::Action::Allow => FilterAction::Allow,
+        policy::Action::Deny => FilterAction::Deny,
+    };
+    if net.default == policy::Action::Allow && net.rules.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(NetFilterConfig {
+        default: action(net.default),
+        rules: net
+            .rules
+            .iter()
+            .map(|r| NetFilterRule {
+                action: action(r.action),
+                cidr: r.cidr.map(|c| c.to_string()),
+                protocol: match r.protocol {
+                    policy::Protocol::Any => FilterProtocol::Any,
+                    policy::Protocol::Tcp => FilterProtocol::Tcp,
+                    policy::Protocol::Udp => FilterProtocol::Udp,
+                    policy::Protocol::Icmp => FilterProtocol::Icmp,
+                },
+                ports: r.ports.map(|p| [p.first, p.last]),
+            })
+            .collect(),
+    }))
+}
+
 /// The screen rules for profile `name` (everything allowed without a policy).
 pub fn screen(dir: &StateDir, name: &str) -> Result<policy::ScreenPolicy> {
     Ok(in_force(dir, name)?
@@ -475,6 +510,31 @@ mod tests {
         assert!(screen(&dir, "work").unwrap().capture);
         apply(&dir, &signed(&key, 2, "[screen]\ncapture = false\n"), NOW).unwrap();
         assert!(!screen(&dir, "work").unwrap().capture);
+    }
+
+    #[test]
+    fn the_network_section_becomes_the_vmms_filter() {
+        use vmm_api::config::{FilterAction, FilterProtocol};
+        let (_t, dir, key) = setup();
+        assert_eq!(net_filter(&dir, "work").unwrap(), None);
+        // Allow everything, no rules: no filter at all.
+        apply(
+            &dir,
+            &signed(&key, 1, "[network]\ndefault = \"allow\"\n"),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(net_filter(&dir, "work").unwrap(), None);
+        let net = "[network]\ndefault = \"deny\"\nrules = [{ action = \"allow\", cidr = \
+                   \"10.0.0.0/8\", protocol = \"tcp\", ports = \"443-444\" }]\n";
+        apply(&dir, &signed(&key, 2, net), NOW).unwrap();
+        let f = net_filter(&dir, "work").unwrap().unwrap();
+        assert_eq!(f.default, FilterAction::Deny);
+        assert_eq!(f.rules.len(), 1);
+        assert_eq!(f.rules[0].action, FilterAction::Allow);
+        assert_eq!(f.rules[0].cidr.as_deref(), Some("10.0.0.0/8"));
+        assert_eq!(f.rules[0].protocol, FilterProtocol::Tcp);
+        assert_eq!(f.rules[0].ports, Some([443, 444]));
     }
 
     #[test]

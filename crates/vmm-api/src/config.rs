@@ -93,6 +93,63 @@ pub struct NetConfig {
     /// MAC address `aa:bb:cc:dd:ee:ff`; random if absent.
     #[serde(default)]
     pub mac: Option<String>,
+    /// The network policy the device enforces on every frame; none: everything passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<NetFilterConfig>,
+}
+
+/// A network policy for one virtio-net device (from a profile's signed IT policy,
+/// docs/policy.md): the first rule that matches a connection decides, else `default`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetFilterConfig {
+    /// What happens to traffic no rule matches.
+    pub default: FilterAction,
+    /// The rules, in order.
+    #[serde(default)]
+    pub rules: Vec<NetFilterRule>,
+}
+
+/// Let through or drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterAction {
+    /// Let it through.
+    Allow,
+    /// Drop it.
+    Deny,
+}
+
+/// A rule's protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterProtocol {
+    /// Any.
+    #[default]
+    Any,
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP and ICMPv6.
+    Icmp,
+}
+
+/// One rule of a [`NetFilterConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetFilterRule {
+    /// What a match does.
+    pub action: FilterAction,
+    /// The remote address block (`10.0.0.0/8`, `2001:db8::/32`); none: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<String>,
+    /// The protocol.
+    #[serde(default)]
+    pub protocol: FilterProtocol,
+    /// The service ports, first and last (TCP and UDP); none: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<[u16; 2]>,
 }
 
 /// The virtio-vsock device, reachable from the host through a unix socket.
@@ -367,6 +424,7 @@ mod tests {
         assert_eq!(cfg.validate(), Err(ConfigError::CmdlineTooLong));
         cfg.cmdline.clear();
         cfg.net = vec![NetConfig {
+            filter: None,
             tap: "tap-with-a-very-long-name".into(),
             mac: None,
         }];

@@ -430,6 +430,7 @@ mod tests {
         cfg.net = vec![NetConfig {
             tap: "tap0".into(),
             mac: None,
+            filter: None,
         }];
         cfg.vsock = Some(VsockConfig {
             cid: 3,

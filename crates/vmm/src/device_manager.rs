@@ -21,7 +21,7 @@ use devices::virtio::block::Block;
 use devices::virtio::control::{ControlError, DeviceControl};
 use devices::virtio::gpu::Gpu;
 use devices::virtio::input::{Input, InputKind};
-use devices::virtio::net::Net;
+use devices::virtio::net::{Filter, IpNet, Net, Proto, Rule, Verdict};
 use devices::virtio::pci::{VirtioPciDevice, VirtioPciState};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
@@ -138,7 +138,44 @@ fn net(n: &NetConfig) -> Built {
         .map(parse_mac)
         .transpose()
         .map_err(|e| e.to_string())?;
-    built(Net::new_tap(&n.tap, mac))
+    let filter = n.filter.as_ref().map(net_filter).transpose()?;
+    let net = Net::new_tap(&n.tap, mac).map_err(|e| e.to_string())?;
+    Ok(Box::new(match filter {
+        Some(f) => net.with_filter(f),
+        None => net,
+    }))
+}
+
+/// The device's network policy from its configuration.
+fn net_filter(c: &vmm_api::config::NetFilterConfig) -> Result<Filter, String> {
+    use vmm_api::config::{FilterAction, FilterProtocol};
+    let verdict = |a: FilterAction| match a {
+        FilterAction::Allow => Verdict::Allow,
+        FilterAction::Deny => Verdict::Deny,
+    };
+    let rules = c
+        .rules
+        .iter()
+        .map(|r| {
+            Ok(Rule {
+                verdict: verdict(r.action),
+                net: r.cidr.as_deref().map(IpNet::parse).transpose()?,
+                proto: match r.protocol {
+                    FilterProtocol::Any => Proto::Any,
+                    FilterProtocol::Tcp => Proto::Tcp,
+                    FilterProtocol::Udp => Proto::Udp,
+                    FilterProtocol::Icmp => Proto::Icmp,
+                },
+                ports: match r.ports {
+                    Some([first, last]) if first > last => {
+                        return Err(format!("ports {first}-{last}: the first is above the last"))
+                    }
+                    p => p.map(|[first, last]| (first, last)),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Filter::new(verdict(c.default), rules))
 }
 
 /// The ids of `n` devices of `kind`.

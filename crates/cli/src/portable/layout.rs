@@ -303,6 +303,7 @@ mod tests {
         bad.net.push(vmm::NetConfig {
             tap: "eth0".into(),
             mac: None,
+            filter: None,
         });
         assert!(check_snapshot_matches(&bad, &c).is_err());
         let mut bad = vm;

@@ -408,8 +408,15 @@ impl Registry {
             .map(|tap| NetConfig {
                 tap: tap.clone(),
                 mac: None,
+                filter: None,
             })
             .collect();
+        if !cfg.net.is_empty() {
+            let filter = crate::org_policy::net_filter(&self.dir, name)?;
+            for n in &mut cfg.net {
+                n.filter = filter.clone();
+            }
+        }
         cfg.vsock = Some(VsockConfig {
             cid: u64::from(cid),
             socket: self.dir.vsock_socket(name),

@@ -101,6 +101,17 @@ impl Net {
 
     /// Waits up to `ms` for a frame with `ethertype`; copies its payload into `out`.
     pub fn recv(&mut self, ethertype: u16, ms: u64, out: &mut [u8]) -> Option<usize> {
+        self.recv_where(|et| et == ethertype, ms, out).map(|(_, n)| n)
+    }
+
+    /// Waits up to `ms` for a frame whose ethertype `wanted` accepts; copies its payload into
+    /// `out` and returns the ethertype and the payload's length.
+    pub fn recv_where(
+        &mut self,
+        wanted: impl Fn(u16) -> bool,
+        ms: u64,
+        out: &mut [u8],
+    ) -> Option<(u16, usize)> {
         let dl = time::deadline_ms(ms);
         loop {
             while let Some((id, len)) = self.rx.pop_used() {
@@ -112,10 +123,10 @@ impl Net {
                     let f = addr + HDR;
                     let et =
                         u16::from_be_bytes([mmio::read::<u8>(f + 12), mmio::read::<u8>(f + 13)]);
-                    if et == ethertype {
+                    if wanted(et) {
                         let plen = crate::bits::usize_from(len - HDR - 14).min(out.len());
                         out[..plen].copy_from_slice(&mem::bytes(f + 14, plen)[..plen]);
-                        got = Some(plen);
+                        got = Some((et, plen));
                     }
                 }
                 // Re-post the buffer.
@@ -181,7 +192,72 @@ pub fn selftest() {
         }
         None => probe!("net ok mac={} sent=1 rx=none", mac_args),
     }
+    send_given_frames(&mut net);
     net.irq_report();
+}
+
+/// `pv.net.frames=HEX,HEX,...`: sends each whole Ethernet frame as given (the tests build
+/// IPv4, IPv6 and ARP frames on the host), then for `pv.net.listen` ms (default 0) prints the
+/// IPv4 and IPv6 frames that arrive (`net rx-ip "<payload, non-printable bytes as ?>"`).
+fn send_given_frames(net: &mut Net) {
+    let info = pvh::info();
+    let Some(list) = info.arg("pv.net.frames") else {
+        return;
+    };
+    let mut frame = [0u8; 1514];
+    let mut sent = 0u32;
+    for (i, hex) in list.split(',').enumerate() {
+        let Some(n) = decode_hex(hex, &mut frame) else {
+            return fail("net", format_args!("frame {i} is not hex of at most 1514 bytes"));
+        };
+        if let Err(e) = net.send(&frame[..n]) {
+            return fail("net", format_args!("frame {i}: {e}"));
+        }
+        sent += 1;
+    }
+    probe!("net frames sent={}", sent);
+    let dl = time::deadline_ms(info.arg_u64("pv.net.listen", 0));
+    let mut payload = [0u8; 1500];
+    loop {
+        let left = dl.saturating_sub(crate::port::rdtsc()) / time::tsc_khz();
+        if left == 0 {
+            break;
+        }
+        if let Some((_, n)) = net.recv_where(|et| et == 0x0800 || et == 0x86DD, left, &mut payload)
+        {
+            probe!("net rx-ip \"{}\"", printable_all(&payload[..n]));
+        }
+    }
+    probe!("net frames done");
+}
+
+/// Hex digits into `out`; None if not hex or too long.
+fn decode_hex(hex: &str, out: &mut [u8]) -> Option<usize> {
+    let b = hex.as_bytes();
+    if !b.len().is_multiple_of(2) || b.len() / 2 > out.len() {
+        return None;
+    }
+    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    for (o, pair) in out.iter_mut().zip(b.chunks(2)) {
+        *o = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(b.len() / 2)
+}
+
+/// Like [`printable`], without stopping at a NUL (binary headers come first).
+fn printable_all(b: &[u8]) -> Printable {
+    let mut p = Printable {
+        buf: [0; 256],
+        len: b.len().min(256),
+    };
+    for (o, &c) in p.buf.iter_mut().zip(b) {
+        *o = if (0x20..0x7F).contains(&c) && c != b'"' {
+            c
+        } else {
+            b'?'
+        };
+    }
+    p
 }
 
 /// The printable ASCII prefix of `b` up to the first NUL, at most 256 bytes; other

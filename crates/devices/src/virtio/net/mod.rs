@@ -5,17 +5,26 @@
 //! guest are replaced by a zeroed one before reaching the host (nothing was negotiated that
 //! would give them meaning). The backend is behind [`NetBackend`] so the queue logic is testable
 //! with a socket pair.
+//!
+//! A device may carry a network policy ([`Filter`], set with [`Net::with_filter`]): every
+//! frame both ways is checked before it is sent to the backend or written into the guest's
+//! buffer; a refused frame is dropped, counted, and reported in the log at most every 10 s.
+//! Its counts answer the control request `{"op":"filter"}`.
 
+mod filter;
 mod tap;
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
+pub use filter::{Direction, Filter, FilterStats, IpNet, Proto, Rule, Verdict};
 pub use tap::Tap;
 
+use super::control::{ControlError, DeviceControl};
 use super::worker::{add_fd, DeviceWorker, Popped, VirtQueue, BACKEND_TOKEN_BASE, COMMON_FEATURES};
 use super::{
     device_type, ActivateError, Activation, DeviceCounters, Interrupt, VirtioBase, VirtioDevice,
@@ -73,6 +82,12 @@ pub struct Net {
     backend: Arc<dyn NetBackend>,
     mac: [u8; 6],
     base: VirtioBase,
+    filter: Option<Arc<Mutex<Filter>>>,
+}
+
+/// The filter, even if a thread panicked holding it (its state stays consistent).
+fn lock(f: &Mutex<Filter>) -> MutexGuard<'_, Filter> {
+    f.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Net {
@@ -100,7 +115,14 @@ impl Net {
                 &[QUEUE_SIZE, QUEUE_SIZE],
                 COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS,
             ),
+            filter: None,
         })
+    }
+
+    /// The device with a network policy checked on every frame both ways.
+    pub fn with_filter(mut self, filter: Filter) -> Net {
+        self.filter = Some(Arc::new(Mutex::new(filter)));
+        self
     }
 
     /// The guest's MAC address.
@@ -134,6 +156,11 @@ impl VirtioDevice for Net {
         crate::pci::read_slice(&config, offset, data);
     }
 
+    fn control(&self) -> Option<Arc<dyn DeviceControl>> {
+        let filter = self.filter.clone()?;
+        Some(Arc::new(FilterControl(filter)))
+    }
+
     fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
         let mut queues = act.queues.into_iter();
         let rx = queues.next().ok_or(ActivateError::BadQueue(0))?;
@@ -148,8 +175,49 @@ impl VirtioDevice for Net {
             frame: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             pending: None,
             readable: true,
+            filter: self.filter.clone(),
         }))
     }
+}
+
+/// Answers `{"op":"filter"}` with the policy's counts (frames allowed and dropped each way,
+/// flows remembered).
+struct FilterControl(Arc<Mutex<Filter>>);
+
+impl DeviceControl for FilterControl {
+    fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
+        if *request != serde_json::json!({ "op": "filter" }) {
+            return Err(ControlError::BadRequest(
+                "this device takes {\"op\":\"filter\"} (and counters)".into(),
+            ));
+        }
+        let f = lock(&self.0);
+        let s = f.stats();
+        Ok(serde_json::json!({
+            "out_allowed": s.out_allowed,
+            "out_dropped": s.out_dropped,
+            "in_allowed": s.in_allowed,
+            "in_dropped": s.in_dropped,
+            "flows": f.flow_count(),
+        }))
+    }
+}
+
+/// Checks `frame` (vnet header first) against `filter`; false: drop it. Reports refusals in
+/// the log, rate limited.
+fn allowed(filter: Option<&Mutex<Filter>>, frame: &[u8], dir: Direction) -> bool {
+    let Some(filter) = filter else {
+        return true;
+    };
+    let now = Instant::now();
+    let mut f = lock(filter);
+    let verdict = f.check(frame.get(VNET_HDR_LEN..).unwrap_or_default(), dir, now);
+    if verdict == Verdict::Deny {
+        if let Some(report) = f.report_due(now) {
+            tracing::warn!("virtio-net: {report}");
+        }
+    }
+    verdict == Verdict::Allow
 }
 
 struct NetWorker {
@@ -165,6 +233,8 @@ struct NetWorker {
     pending: Option<usize>,
     /// The backend may have frames to read (edge-triggered: cleared only on EAGAIN).
     readable: bool,
+    /// The network policy, if any.
+    filter: Option<Arc<Mutex<Filter>>>,
 }
 
 impl DeviceWorker for NetWorker {
@@ -226,6 +296,9 @@ impl NetWorker {
                 self.pending = None;
                 continue;
             };
+            if self.pending.is_none() && !allowed(self.filter.as_deref(), frame, Direction::In) {
+                continue;
+            }
             self.pending = Some(len);
             let chain = match self.rx.pop(&self.mem, &*interrupt) {
                 None => break,
@@ -281,6 +354,7 @@ impl NetWorker {
             counters,
             tx,
             backend,
+            filter,
             ..
         } = self;
         let mut buf = Vec::new();
@@ -299,6 +373,9 @@ impl NetWorker {
                 if chain.read_at(mem, 0, &mut buf).is_ok() {
                     // Nothing negotiated gives the header meaning: send a zeroed one.
                     buf[..VNET_HDR_LEN].fill(0);
+                    if !allowed(filter.as_deref(), &buf, Direction::Out) {
+                        return (chain.head, 0);
+                    }
                     match backend.send(&buf) {
                         Ok(_) => counters.request(len as u64),
                         Err(e) => {

@@ -42,10 +42,17 @@ struct Setup {
 use vmm_sys_util::eventfd::EventFd;
 
 fn setup() -> Setup {
+    setup_with(None)
+}
+
+fn setup_with(filter: Option<Filter>) -> Setup {
     let (ours, peer) = UnixDatagram::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
     peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut net = Net::with_backend(Arc::new(Dgram(ours)), Some([2, 0, 0, 0, 0, 1])).unwrap();
+    if let Some(f) = filter {
+        net = net.with_filter(f);
+    }
     net.ack_features(net.device_features());
     let mem = test_mem();
     let rxq = TestQueue::new(0x1000, 16);
@@ -245,4 +252,89 @@ fn tap_smoke() {
         "the tap did not receive the guest's frame"
     );
     net.reset();
+}
+
+/// A UDP/IPv4 frame (vnet header first) from `src` to `dst`.
+fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16)) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0]);
+    f.extend_from_slice(&src.0);
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.1.to_be_bytes());
+    f.extend_from_slice(&dst.1.to_be_bytes());
+    f.extend_from_slice(&[0, 8, 0, 0]);
+    f
+}
+
+#[test]
+fn the_network_policy_drops_refused_frames_both_ways_and_counts_them() {
+    const GUEST: [u8; 4] = [10, 0, 0, 2];
+    const ALLOWED: [u8; 4] = [10, 0, 0, 1];
+    const REFUSED: [u8; 4] = [10, 0, 0, 9];
+    let filter = Filter::new(
+        Verdict::Deny,
+        vec![Rule {
+            verdict: Verdict::Allow,
+            net: Some(IpNet::parse("10.0.0.1").unwrap()),
+            proto: Proto::Udp,
+            ports: Some((7000, 7000)),
+        }],
+    );
+    let s = setup_with(Some(filter));
+    // tx: the refused frames (wrong host, wrong port) never reach the backend.
+    let frames = [
+        udp((GUEST, 4000), (REFUSED, 7000)),
+        udp((GUEST, 4000), (ALLOWED, 7001)),
+        udp((GUEST, 4000), (ALLOWED, 7000)),
+    ];
+    for (i, f) in frames.iter().enumerate() {
+        let at = 0x10000 + 0x1000 * i as u64;
+        s.mem.write_slice(f, GuestAddress(at)).unwrap();
+        s.txq
+            .add_chain(&s.mem, i as u16, &[(at, f.len() as u32, 0)]);
+    }
+    s.kicks[TX].write(1).unwrap();
+    let mut got = [0u8; 200];
+    let n = s.peer.recv(&mut got).unwrap();
+    assert_eq!(&got[..n], &frames[2][..]);
+    assert!(wait_until(|| s.txq.used_idx(&s.mem) == 3));
+    s.peer.set_nonblocking(true).unwrap();
+    assert!(
+        s.peer.recv(&mut got).is_err(),
+        "only the allowed frame was sent"
+    );
+
+    // rx: an unsolicited frame from the refused host is dropped; the reply from the
+    // allowed one (no rule allows 7000 -> 4000: the flow does) is delivered.
+    s.rxq.add_chain(&s.mem, 0, &[(0x20000, 1526, DESC_F_WRITE)]);
+    s.rxq.add_chain(&s.mem, 1, &[(0x30000, 1526, DESC_F_WRITE)]);
+    s.kicks[RX].write(1).unwrap();
+    let unsolicited = udp((REFUSED, 7000), (GUEST, 4000));
+    let reply = udp((ALLOWED, 7000), (GUEST, 4000));
+    s.peer.send(&unsolicited).unwrap();
+    s.peer.send(&reply).unwrap();
+    assert!(wait_until(|| s.rxq.used_idx(&s.mem) == 1));
+    let mut first = vec![0u8; reply.len()];
+    s.mem.read_slice(&mut first, GuestAddress(0x20000)).unwrap();
+    assert_eq!(&first[VNET_HDR_LEN..], &reply[VNET_HDR_LEN..]);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        s.rxq.used_idx(&s.mem),
+        1,
+        "the unsolicited frame was not delivered"
+    );
+
+    let control = s.net.control().expect("a filtered device takes requests");
+    let stats = control
+        .control(&serde_json::json!({"op": "filter"}))
+        .unwrap();
+    assert_eq!(
+        stats,
+        serde_json::json!({"out_allowed": 1, "out_dropped": 2, "in_allowed": 1,
+            "in_dropped": 1, "flows": 1})
+    );
+    assert!(control.control(&serde_json::json!({"op": "x"})).is_err());
 }
