@@ -101,7 +101,8 @@ impl Net {
 
     /// Waits up to `ms` for a frame with `ethertype`; copies its payload into `out`.
     pub fn recv(&mut self, ethertype: u16, ms: u64, out: &mut [u8]) -> Option<usize> {
-        self.recv_where(|et| et == ethertype, ms, out).map(|(_, n)| n)
+        self.recv_where(|et| et == ethertype, ms, out)
+            .map(|(_, n)| n)
     }
 
     /// Waits up to `ms` for a frame whose ethertype `wanted` accepts; copies its payload into
@@ -208,7 +209,10 @@ fn send_given_frames(net: &mut Net) {
     let mut sent = 0u32;
     for (i, hex) in list.split(',').enumerate() {
         let Some(n) = decode_hex(hex, &mut frame) else {
-            return fail("net", format_args!("frame {i} is not hex of at most 1514 bytes"));
+            return fail(
+                "net",
+                format_args!("frame {i} is not hex of at most 1514 bytes"),
+            );
         };
         if let Err(e) = net.send(&frame[..n]) {
             return fail("net", format_args!("frame {i}: {e}"));
@@ -237,7 +241,11 @@ fn decode_hex(hex: &str, out: &mut [u8]) -> Option<usize> {
     if !b.len().is_multiple_of(2) || b.len() / 2 > out.len() {
         return None;
     }
-    let digit = |c: u8| char::from(c).to_digit(16).and_then(|d| u8::try_from(d).ok());
+    let digit = |c: u8| {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
     for (o, pair) in out.iter_mut().zip(b.chunks(2)) {
         *o = digit(pair[0])? << 4 | digit(pair[1])?;
     }
