@@ -64,27 +64,6 @@ fn pulled_data(p: &Pulled) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-fn print_transfer(t: &Transfer, json: bool) -> Result<()> {
-    if json {
-        outln!("{}", serde_json::to_string_pretty(t)?);
-        return Ok(());
-    }
-    let what = match (&t.name, &t.mime) {
-        (Some(n), _) => format!("file {n}"),
-        (None, Some(m)) => format!("clipboard ({m})"),
-        (None, None) => t.kind.as_str().to_string(),
-    };
-    outln!(
-        "{what}: {} bytes from {} to {} ({} ms, sha256 {})",
-        t.bytes,
-        t.from,
-        t.to,
-        t.ms,
-        t.sha256
-    );
-    Ok(())
-}
-
 /// `profile clipboard set NAME TEXT|--file F`.
 pub fn clipboard_set(
     c: &Client,
@@ -109,7 +88,7 @@ pub fn clipboard_set(
         data_b64: STANDARD.encode(&data),
     };
     let t: Transfer = c.call("PUT", &format!("/v1/profiles/{name}/clipboard"), Some(&req))?;
-    print_transfer(&t, json)
+    crate::profile::print_transfer(&t, json)
 }
 
 /// `profile clipboard get NAME`: the content on standard output (or the answer as JSON).
@@ -153,7 +132,7 @@ pub fn push(
         &format!("/v1/profiles/{name}/files/{remote}"),
         Some(&req),
     )?;
-    print_transfer(&t, json)
+    crate::profile::print_transfer(&t, json)
 }
 
 /// `profile file pull NAME REMOTE [LOCAL]`: writes exactly LOCAL (or LOCAL/REMOTE when
@@ -187,7 +166,7 @@ pub fn pull(
         outln!("{}", serde_json::to_string_pretty(&t)?);
     } else {
         t.name = Some(format!("{remote} -> {}", target.display()));
-        print_transfer(&t, false)?;
+        crate::profile::print_transfer(&t, false)?;
     }
     Ok(())
 }

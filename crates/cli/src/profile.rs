@@ -420,7 +420,8 @@ fn settings_object(settings: &[String]) -> Result<serde_json::Map<String, serde_
 }
 
 /// Prints a finished transfer.
-fn transfer(t: &handset::channels::Transfer, json: bool) -> Result<()> {
+/// Prints one clipboard or file transfer (JSON with `json`).
+pub(crate) fn print_transfer(t: &handset::channels::Transfer, json: bool) -> Result<()> {
     if json {
         return print_json(t);
     }
@@ -818,7 +819,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
         } => {
             let req = handset::channels::ClipboardRequest { from, to };
             let t = c.call("POST", "/v1/channels/clipboard", Some(&req))?;
-            transfer(&t, json)?;
+            print_transfer(&t, json)?;
         }
         ProfileCmd::Clipboard {
             cmd:
@@ -852,7 +853,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
         ProfileCmd::SendFile { from, to, name } => {
             let req = handset::channels::FileRequest { from, to, name };
             let t = c.call("POST", "/v1/channels/file", Some(&req))?;
-            transfer(&t, json)?;
+            print_transfer(&t, json)?;
         }
         // Answered above without the daemon; kept here so the match stays exhaustive.
         ProfileCmd::Policy { name } => {
