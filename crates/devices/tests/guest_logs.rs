@@ -44,6 +44,11 @@ const HOST_ONLY: &[(&str, &str, &str)] = &[
         "the firmware's log, capped at MAX_LINES lines per VM",
     ),
     (
+        "virtio/net/mod.rs",
+        "tracing::warn!(\"virtio-net: {report}\")",
+        "the network policy's drop report, at most one per filter::REPORT_EVERY (10 s)",
+    ),
+    (
         "ratelimit.rs",
         "tracing::",
         "the rate-limited macros themselves",
