@@ -559,18 +559,7 @@ async fn move_data(
         )));
     }
     let data_b64 = b64::encode(&payload.data);
-    let put = match kind {
-        Kind::Clipboard => Request {
-            mime: payload.mime.as_deref(),
-            data_b64: Some(&data_b64),
-            ..Request::new(Op::ClipboardSet)
-        },
-        Kind::File => Request {
-            name,
-            data_b64: Some(&data_b64),
-            ..Request::new(Op::FilePut)
-        },
-    };
+    let put = put_request(kind, name, payload.mime.as_deref(), &data_b64);
     agent_call(to, &dst, &put, 4096, dst_info).await?;
     Ok(Transfer {
         kind,
@@ -583,6 +572,28 @@ async fn move_data(
         audit_digest: h.audit_digest(&payload.data),
         ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
     })
+}
+
+/// The agent request that writes `data_b64` into a guest: its clipboard (with `mime`), or its
+/// inbox file `name`.
+pub(crate) fn put_request<'a>(
+    kind: Kind,
+    name: Option<&'a str>,
+    mime: Option<&'a str>,
+    data_b64: &'a str,
+) -> Request<'a> {
+    match kind {
+        Kind::Clipboard => Request {
+            mime,
+            data_b64: Some(data_b64),
+            ..Request::new(Op::ClipboardSet)
+        },
+        Kind::File => Request {
+            name,
+            data_b64: Some(data_b64),
+            ..Request::new(Op::FilePut)
+        },
+    }
 }
 
 /// Validates, transfers and audits one request.

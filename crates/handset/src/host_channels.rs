@@ -212,18 +212,7 @@ async fn push(
         )));
     }
     let data_b64 = b64::encode(data);
-    let req = match kind {
-        Kind::Clipboard => Request {
-            mime,
-            data_b64: Some(&data_b64),
-            ..Request::new(Op::ClipboardSet)
-        },
-        Kind::File => Request {
-            name,
-            data_b64: Some(&data_b64),
-            ..Request::new(Op::FilePut)
-        },
-    };
+    let req = crate::channels::put_request(kind, name, mime, &data_b64);
     agent_call(profile, &sock, &req, 4096, info).await?;
     Ok(Transfer {
         kind,
