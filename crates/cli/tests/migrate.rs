@@ -203,19 +203,20 @@ fn pair_as(
     dest_args.extend(tls_args(&dir.0, dst_cert));
     let dest = spawn_env(&dest_args, &dir.path("dst.stderr"), dst_env);
     let stderr = dir.path("dst.stderr");
+    // The line may be written in pieces (eprintln! writes each part of
+    // its format separately): wait for it to be complete.
+    let listen_line = || {
+        let text = read(&stderr);
+        let rest = text.split("waiting for a migration on ").nth(1)?;
+        let (addr, _) = rest.split_once('\n')?;
+        Some(addr.trim().to_string())
+    };
     assert!(
-        wait_for(&stderr, "waiting for a migration on ", WAIT),
+        wait_until(|| listen_line().is_some(), WAIT),
         "the destination did not listen: {}",
         read(&stderr)
     );
-    let text = read(&stderr);
-    let addr = text
-        .split("waiting for a migration on ")
-        .nth(1)
-        .and_then(|rest| rest.lines().next())
-        .unwrap()
-        .trim()
-        .to_string();
+    let addr = listen_line().expect("the listening line was complete");
     assert!(
         wait_for(&dir.path("src.serial"), "PROBE counter 3\n", WAIT),
         "the source does not count: {}",
