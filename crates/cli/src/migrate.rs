@@ -143,8 +143,11 @@ pub fn receive(a: ReceiveArgs) -> Result<i32> {
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr().context("the listening address")?;
-    // Scripts and tests read this line to learn the port.
-    eprintln!("pocketvisor: waiting for a migration on {addr}");
+    // Scripts and tests read this line to learn the port: one write, so a
+    // reader never sees half of it (eprintln! writes each piece separately).
+    let line = format!("pocketvisor: waiting for a migration on {addr}\n");
+    // A closed stderr is no reason to refuse the migration.
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     let (conn, peer) = listener.accept().context("accept the source")?;
     drop(listener);
     let overrides = RestoreOverrides {
