@@ -61,6 +61,8 @@ pub enum Op {
     Console,
     /// Where a running profile's screen can be viewed (VNC on loopback).
     View,
+    /// A running profile's screen as RFB over a websocket (the browser phone's).
+    Screen,
     /// All lifecycle events.
     AllEvents,
     /// Lifecycle events as they happen (server-sent events).
@@ -119,6 +121,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/profiles/{name}/screenshot", Op::Screenshot),
     r("GET", "/v1/profiles/{name}/console", Op::Console),
     r("GET", "/v1/profiles/{name}/view", Op::View),
+    r("GET", "/v1/profiles/{name}/screen", Op::Screen),
     r("GET", "/v1/events", Op::AllEvents),
     r("GET", "/v1/events/stream", Op::EventStream),
     r("GET", "/v1/audit", Op::Audit),
@@ -141,6 +144,15 @@ pub struct Peer {
     pub uid: Option<u32>,
     /// Client process id.
     pub pid: Option<i32>,
+    /// The client's address, for one on the browser phone's TCP listener ([`crate::phone`]).
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+impl Peer {
+    /// Whether the client is on another machine (a TCP client not on loopback).
+    pub fn is_remote(&self) -> bool {
+        self.addr.is_some_and(|a| !a.ip().is_loopback())
+    }
 }
 
 impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Peer {
@@ -149,12 +161,16 @@ impl Connected<axum::serve::IncomingStream<'_, tokio::net::UnixListener>> for Pe
         Peer {
             uid: cred.map(|c| c.uid()),
             pid: cred.and_then(|c| c.pid()),
+            addr: None,
         }
     }
 }
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(addr) = self.addr {
+            return write!(f, "browser phone client {addr}");
+        }
         let show = |v: Option<String>| v.unwrap_or_else(|| "?".into());
         write!(
             f,
@@ -416,6 +432,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Screenshot => get(screenshot),
         Op::Console => get(crate::console::attach),
         Op::View => get(view),
+        Op::Screen => get(crate::phone::ws::screen),
         Op::AllEvents => get(all_events),
         Op::EventStream => get(crate::event_stream::stream),
         Op::Audit => get(audit),

@@ -81,6 +81,7 @@ pub mod host_channels;
 pub mod leftovers;
 pub mod moved;
 pub mod org_policy;
+pub mod phone;
 pub mod spec;
 pub mod state_dir;
 pub mod vmm_proc;

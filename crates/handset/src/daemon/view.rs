@@ -30,19 +30,7 @@ pub struct ViewInfo {
 impl Handset {
     /// The loopback VNC address of running profile `name`'s screen (opened on first use).
     pub async fn view(&self, name: &str) -> Result<ViewInfo> {
-        crate::spec::check_name("profile name", name)?;
-        if !self.registry.spec(name)?.screen {
-            return Err(Error::Conflict(format!(
-                "profile {name} has no screen (screen = true in its spec)"
-            )));
-        }
-        let state = self.registry.state(name)?;
-        if !matches!(state, ProfileState::Running | ProfileState::Paused) {
-            return Err(Error::Conflict(format!(
-                "profile {name} is {}: only a running profile has a screen to view",
-                state.as_str()
-            )));
-        }
+        let socket = self.vnc_socket(name)?;
         let mut views = self.views.by_profile.lock().await;
         if let Some(addr) = views.get(name) {
             return Ok(ViewInfo {
@@ -56,13 +44,31 @@ impl Handset {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(format!("{name}'s view address: {e}")))?;
-        let socket = self.dir().run(name).join(vmm_api::jail::VNC_SOCKET_NAME);
         tokio::spawn(forward(listener, socket));
         views.insert(name.into(), addr);
         Ok(ViewInfo {
             name: name.into(),
             vnc: addr.to_string(),
         })
+    }
+
+    /// The VMM's VNC socket of `name`, once checked that it is a running or paused profile
+    /// with a screen (404 for no such profile, 409 for no screen or not running).
+    pub fn vnc_socket(&self, name: &str) -> Result<PathBuf> {
+        crate::spec::check_name("profile name", name)?;
+        if !self.registry.spec(name)?.screen {
+            return Err(Error::Conflict(format!(
+                "profile {name} has no screen (screen = true in its spec)"
+            )));
+        }
+        let state = self.registry.state(name)?;
+        if !matches!(state, ProfileState::Running | ProfileState::Paused) {
+            return Err(Error::Conflict(format!(
+                "profile {name} is {}: only a running profile has a screen to view",
+                state.as_str()
+            )));
+        }
+        Ok(self.dir().run(name).join(vmm_api::jail::VNC_SOCKET_NAME))
     }
 }
 

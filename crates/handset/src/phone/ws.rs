@@ -1,0 +1,104 @@
+//! `GET /v1/profiles/{name}/screen`: a running profile's screen as RFB over a websocket.
+//!
+//! The websocket's binary messages carry the bytes of an RFB 3.8 session with the profile's
+//! VMM (its `run/vnc.sock`), as websockify does for noVNC: each message from the VMM is sent
+//! as one binary message, and each binary message from the client is written to the VMM. A
+//! text message ends the session (RFB is bytes). The session ends when either side closes,
+//! or when the VMM ends (stop, suspend, crash). A client on another machine (the browser
+//! phone bound wider than loopback) is refused with 403 when the profile's IT policy says
+//! `[screen] remote_view = false`.
+
+use std::sync::Arc;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::response::Response;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::api::{ApiError, Peer};
+use crate::daemon::Handset;
+use crate::error::Error;
+
+/// The largest message a client may send (RFB client messages are small; the VNC server
+/// bounds cut text itself).
+pub const CLIENT_MESSAGE_MAX: usize = 64 * 1024;
+/// The most bytes of the VMM's RFB stream read into one message.
+const CHUNK: usize = 64 * 1024;
+/// Close code for a text message (RFC 6455 1003: unsupported data).
+const UNSUPPORTED_DATA: u16 = 1003;
+
+/// The handler: checks the profile (404, 409), the client's right to view (403) and the
+/// upgrade request (426), connects to the VMM's VNC socket (500 if it does not answer), then
+/// switches to the websocket.
+pub async fn screen(
+    State(h): State<Arc<Handset>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let socket = h.vnc_socket(&name)?;
+    if peer.is_remote() && !h.screen_rules(&name)?.remote_view {
+        let e = Error::Denied(format!(
+            "profile {name}'s IT policy forbids viewing its screen remotely ([screen] \
+             remote_view = false)"
+        ));
+        h.audit(&name, "screen", &format!("{peer}: refused: {e}"));
+        return Err(e.into());
+    }
+    let ws = ws.map_err(|e| {
+        Error::UpgradeRequired(format!(
+            "this route is a websocket (Connection: Upgrade, Upgrade: websocket): {e}"
+        ))
+    })?;
+    let vmm = UnixStream::connect(&socket).await.map_err(|e| {
+        Error::Vmm(format!(
+            "profile {name}'s VMM is not serving its screen: {e}"
+        ))
+    })?;
+    Ok(ws
+        .max_message_size(CLIENT_MESSAGE_MAX)
+        .max_frame_size(CLIENT_MESSAGE_MAX)
+        .on_upgrade(move |ws| bridge(ws, vmm)))
+}
+
+/// Carries RFB bytes between the websocket and the VMM until either ends.
+async fn bridge(mut ws: WebSocket, vmm: UnixStream) {
+    let (mut from_vmm, mut to_vmm) = vmm.into_split();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        tokio::select! {
+            read = from_vmm.read(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    let _ = ws.send(Message::Close(None)).await;
+                    return;
+                }
+                Ok(n) => {
+                    let bytes = axum::body::Bytes::copy_from_slice(&buf[..n]);
+                    if ws.send(Message::Binary(bytes)).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            msg = ws.recv() => match msg {
+                Some(Ok(Message::Binary(bytes))) => {
+                    if to_vmm.write_all(&bytes).await.is_err() {
+                        let _ = ws.send(Message::Close(None)).await;
+                        return;
+                    }
+                }
+                Some(Ok(Message::Text(_))) => {
+                    let close = CloseFrame {
+                        code: UNSUPPORTED_DATA,
+                        reason: "RFB is carried in binary messages".into(),
+                    };
+                    let _ = ws.send(Message::Close(Some(close))).await;
+                    return;
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+            },
+        }
+    }
+}
