@@ -184,6 +184,121 @@ fn the_arm64_guest_uses_virtio_blk_and_rng_over_pci_with_msix_through_the_its() 
     );
 }
 
+/// The beats (`GUEST beat n=N uptime=S`) in `output`, in order.
+fn beats(output: &str) -> Vec<(u32, f64)> {
+    output
+        .lines()
+        .filter(|l| l.starts_with("GUEST beat"))
+        .filter_map(|l| {
+            Some((
+                guest_field(l, "GUEST beat", "n")?.parse().ok()?,
+                guest_field(l, "GUEST beat", "uptime")?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Snapshot and restore on arm64: Debian's arm64 kernel with 2 vCPUs, a disk and rng (PCI
+/// with MSI-X through the ITS) counts a beat a second; it is snapshotted while it counts and
+/// ended, then restored by a new pocketvisor process, where it goes on counting from the
+/// next beat with a sane clock (uptime continues from where it was, a second a beat), reads
+/// its disk and rng through interrupts the restored ITS translates, and powers off (status 0).
+#[test]
+fn an_arm64_linux_guest_is_snapshotted_while_running_and_restored_in_a_new_process() {
+    let name = "an_arm64_linux_guest_is_snapshotted_while_running_and_restored_in_a_new_process";
+    const BEATS: u32 = 8;
+    let assets = e2e::nested::nested_dir_of(L1Arch::Aarch64);
+    let pv = pocketvisor_aarch64();
+    let script = format!(
+        "printf 'pocketvisor-arm64' >disk.img && truncate -s 8M disk.img || exit 9\n\
+         '{pv}' run --kernel '{kernel}' --initrd '{initrd}' --memory 256M --vcpus 2 \
+           --disk disk.img --rng --serial file:first.log --api-socket /tmp/api.sock \
+           --cmdline 'console=ttyS0 quiet guest.beats={BEATS}' & pid=$!\n\
+         i=0; while ! grep -q 'GUEST beat n=3' first.log 2>/dev/null; do\n\
+           i=$((i + 1)); [ $i -lt 300 ] && kill -0 $pid || {{ echo 'no third beat'; kill $pid; cat first.log; exit 8; }}; sleep 1\n\
+         done\n\
+         t0=$(cut -d' ' -f1 /proc/uptime)\n\
+         '{pv}' snapshot --api-socket /tmp/api.sock -o snap --stop; echo \"SNAP rc=$?\"\n\
+         t1=$(cut -d' ' -f1 /proc/uptime); echo \"SNAP took t0=$t0 t1=$t1\"\n\
+         wait $pid; echo \"PV1 rc=$?\"\n\
+         sed 's/^/FIRST /' first.log\n\
+         sleep 3\n\
+         '{pv}' restore snap --serial stdout; echo \"PV2 rc=$?\"\n\
+         rm -rf snap\n",
+        pv = pv.display(),
+        kernel = assets.join("vmlinuz").display(),
+        initrd = assets.join("guest-initramfs.cpio.gz").display(),
+    );
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    assert!(out.contains("SNAP rc=0"), "{out}\n{}", run.describe());
+    assert!(out.contains("PV1 rc=0"), "{out}\n{}", run.describe());
+    assert!(out.contains("PV2 rc=0"), "{out}\n{}", run.describe());
+    let (first_part, restored) = out
+        .split_once("FIRST ")
+        .map(|(_, rest)| rest)
+        .and_then(|rest| {
+            let at = rest.find("\nGUEST ")?;
+            Some((&rest[..at], &rest[at..]))
+        })
+        .unwrap_or_else(|| panic!("no restored guest output:\n{out}"));
+    let before = beats(&first_part.replace("FIRST ", ""));
+    let after = beats(restored);
+    let (&(last_n, last_up), &(next_n, next_up)) = before
+        .last()
+        .zip(after.first())
+        .unwrap_or_else(|| panic!("beats missing before or after the restore:\n{out}"));
+    assert!(last_n >= 3, "{out}");
+    // The restored guest goes on from the next beat (or repeats the one being printed).
+    assert!(
+        next_n == last_n + 1 || next_n == last_n,
+        "beat {last_n} before the snapshot, {next_n} after:\n{out}"
+    );
+    assert_eq!(after.last().map(|b| b.0), Some(BEATS), "{out}");
+    // The guest's clock continues where it was saved: no jump back, none by the time away.
+    assert!(
+        next_up >= last_up && next_up < last_up + 5.0,
+        "uptime {last_up} before the snapshot, {next_up} after:\n{out}"
+    );
+    let (first, last) = (after[0], after[after.len() - 1]);
+    if last.0 > first.0 {
+        let per_beat = (last.1 - first.1) / f64::from(last.0 - first.0);
+        assert!(
+            (0.9..4.0).contains(&per_beat),
+            "{per_beat:.2} s of guest uptime per one-second beat after the restore:\n{out}"
+        );
+    }
+    // Interrupts through the restored ITS: the disk and rng answer after the restore.
+    let first_bytes: String = b"pocketvisor-arm6"
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(
+        guest_field(restored, "GUEST blk", "first"),
+        Some(first_bytes.as_str()),
+        "{out}"
+    );
+    assert_eq!(
+        guest_field(restored, "GUEST rng", "bytes"),
+        Some("64"),
+        "{out}"
+    );
+    assert!(restored.contains("GUEST done"), "{out}");
+    // The quiet console still shows errors: no lockup, stall or oops after the restore.
+    for bad in ["BUG:", "stall", "Oops", "Internal error"] {
+        assert!(!restored.contains(bad), "{bad} after the restore:\n{out}");
+    }
+    e2e::host::loud(&format!(
+        "{name}: beat {last_n} at uptime {last_up} s before the snapshot, beat {next_n} at \
+         {next_up} s after; {}",
+        out.lines()
+            .find(|l| l.starts_with("snapshot written") || l.starts_with("SNAP took"))
+            .unwrap_or("")
+    ));
+}
+
 /// A snapshot carries its architecture: one of an x86_64 guest, taken on this host, is
 /// refused by the arm64 pocketvisor with an error that says so, before anything runs.
 #[test]

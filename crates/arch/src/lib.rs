@@ -17,14 +17,17 @@
 //! - Booting: `load_kernel` (x86_64: ELF/PVH or bzImage, initrd, command line, memory map,
 //!   ACPI; aarch64: an arm64 `Image`, initrd and the device tree),
 //!   `setup_cpuid` (with `cpuid_feature_names`/`validate_cpuid_hide` for the hiding option)
-//!   and `setup_vcpu`.
+//!   and `setup_vcpu`; `prepare_vcpu` is what every new vCPU needs first, at boot or restore
+//!   (aarch64: `KVM_ARM_VCPU_INIT`).
 //! - Snapshots: `VcpuState` and `CpuModel` (per vCPU, with `VcpuSaveContext`), `VmState`
-//!   (x86_64: PICs, IOAPIC, PIT, kvmclock) and `PlatformState` (x86_64: the CMOS RTC, through
-//!   `LegacyDevices::save_platform`), each with save and restore; `ARCH_NAME` tags a
-//!   snapshot so it never restores on another architecture.
+//!   (x86_64: PICs, IOAPIC, PIT, kvmclock, restored before the vCPUs exist; aarch64: the
+//!   vGICv3 and its ITS, restored by `VmState::restore_irqchip` once they do) and
+//!   `PlatformState` (x86_64: the CMOS RTC, through `LegacyDevices::save_platform`), each
+//!   with save and restore; `ARCH_NAME` tags a snapshot so it never restores on another
+//!   architecture.
 //!
 //! The aarch64 module (issue 14) boots Linux: layout, device tree, vGICv3 with ITS, the UART
-//! on MMIO, `KVM_ARM_VCPU_INIT` with PSCI 0.2; snapshots answer `Error::Unsupported` so far.
+//! on MMIO, `KVM_ARM_VCPU_INIT` with PSCI 0.2, and saves and restores vCPUs and the vGIC.
 //! This crate depends on `devices`, never the reverse.
 
 #![warn(missing_docs)]
@@ -82,6 +85,7 @@ fn _same_interface_on_every_architecture() {
     let _: fn(&Kvm, &VcpuFd, u8, u8, &[String]) -> Result<(), Error> = setup_cpuid;
     let _: fn(&Platform, &VcpuFd, u8, &BootSetup, &GuestMemoryMmap) -> Result<(), Error> =
         setup_vcpu::<GuestMemoryMmap>;
+    let _: fn(&Platform, &VcpuFd, u8) -> Result<(), Error> = prepare_vcpu;
     let _: fn() -> &'static [&'static str] = cpuid_feature_names;
     let _: fn(&[String]) -> Result<(), Error> = validate_cpuid_hide;
     let _: fn(&Kvm, &VmFd) -> VcpuSaveContext = VcpuSaveContext::new;
@@ -93,8 +97,9 @@ fn _same_interface_on_every_architecture() {
     let _: fn(&VcpuState) -> Option<CpuModel> = VcpuState::cpu_model;
     let _: fn(&VcpuState, &VcpuFd) -> Result<(), Error> = VcpuState::restore_cpu_model;
     let _: fn(&VcpuState, &VcpuFd) -> Result<(), Error> = VcpuState::restore;
-    let _: fn(&VmFd) -> Result<VmState, Error> = VmState::save;
+    let _: fn(&VmFd, &Platform, u8) -> Result<VmState, Error> = VmState::save;
     let _: fn(&VmState, &VmFd) -> Result<(), Error> = VmState::restore;
+    let _: fn(&VmState, &Platform, u8) -> Result<(), Error> = VmState::restore_irqchip;
     let _: fn(u64) -> Vec<(GuestAddress, usize)> = layout::ram_regions;
     let _: [u64; 6] = [
         layout::PCI_ECAM_START,

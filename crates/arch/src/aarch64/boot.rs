@@ -158,8 +158,7 @@ pub fn setup_vcpu<M: GuestMemoryBackend>(
     boot: &BootSetup,
     _mem: &M,
 ) -> Result<(), Error> {
-    vcpu.vcpu_init(&vcpu_init(&platform.vcpu_target, id))
-        .map_err(kvm_err("KVM_ARM_VCPU_INIT"))?;
+    super::prepare_vcpu(platform, vcpu, id)?;
     if id == 0 {
         let set = |reg: u64, value: u64| {
             vcpu.set_one_reg(reg, &value.to_le_bytes())

@@ -20,10 +20,10 @@ use super::{kvm_err, Error};
 
 /// The VM's platform as KVM holds it: the vGIC, its ITS and the vCPU target.
 pub struct Platform {
-    gic: DeviceFd,
-    /// The ITS (KVM emulates one wherever it emulates a GICv3). Kept for the snapshot of
-    /// its tables, later.
-    _its: DeviceFd,
+    /// The vGICv3.
+    pub(super) gic: DeviceFd,
+    /// The ITS (KVM emulates one wherever it emulates a GICv3).
+    pub(super) its: DeviceFd,
     /// What `KVM_ARM_PREFERRED_TARGET` said, the base of every vCPU's `KVM_ARM_VCPU_INIT`.
     pub(super) vcpu_target: kvm_vcpu_init,
 }
@@ -111,7 +111,7 @@ pub fn create(vm: &VmFd) -> Result<Platform, Error> {
     )?;
     Ok(Platform {
         gic,
-        _its: its,
+        its,
         vcpu_target,
     })
 }

@@ -4,14 +4,17 @@
 //! What works (issue 14): the memory layout (`layout`), KVM's vGICv3 with its ITS (`gic`), the
 //! device tree (`fdt`), loading an arm64 `Image` with its initrd and starting vCPUs with PSCI
 //! 0.2 (`boot`), the 16550 UART on the MMIO bus with its interrupt through an irqfd, and the
-//! irqchip routes of the platform's SPIs. Power-off and reset arrive as PSCI system events,
-//! which the VMM's vCPU loop already ends the VM on. Not yet: snapshots (they answer
-//! [`Error::Unsupported`]), MSI routes that carry the ITS device id, CPU feature hiding.
+//! irqchip routes of the platform's SPIs, MSI routes that carry the ITS device id. Power-off
+//! and reset arrive as PSCI system events, which the VMM's vCPU loop already ends the VM on.
+//! Snapshots: each vCPU's registers (`vcpu_state`) and the vGIC with its ITS (`gic_state`).
+//! Not yet: CPU feature hiding.
 
 mod boot;
 pub mod fdt;
 mod gic;
+pub mod gic_state;
 pub mod layout;
+mod vcpu_state;
 
 use std::fs::File;
 use std::sync::{Arc, Mutex};
@@ -29,12 +32,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub use boot::setup_vcpu;
 pub use gic::Platform;
+pub use vcpu_state::{prepare_vcpu, CpuModel, SavedReg, VcpuSaveContext, VcpuState};
 
 /// The architecture this module builds guests for, as snapshots record it.
 pub const ARCH_NAME: &str = "aarch64";
-
-/// What every not-yet-ported operation answers.
-const NOT_YET: &str = "snapshots of aarch64 guests are not supported yet";
 
 /// Errors from setting up the guest platform.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +73,12 @@ pub enum Error {
     /// A device does not fit on its bus.
     #[error(transparent)]
     Bus(#[from] devices::bus::BusError),
+    /// A vCPU's registers cannot be saved or restored.
+    #[error("vCPU state: {0}")]
+    Vcpu(String),
+    /// The vGIC's state cannot be saved or restored.
+    #[error("vGIC state: {0}")]
+    Gic(String),
 }
 
 /// Wraps a KVM error with the operation that failed.
@@ -298,81 +305,32 @@ pub fn instruction_pointer(vcpu: &VcpuFd) -> Option<u64> {
     Some(u64::from_le_bytes(pc))
 }
 
-/// What saving a vCPU needs to know about the host and the VM.
-#[derive(Debug, Clone, Default)]
-pub struct VcpuSaveContext;
-
-impl VcpuSaveContext {
-    /// The context of `vm` on `kvm`.
-    pub fn new(_kvm: &Kvm, _vm: &VmFd) -> Self {
-        VcpuSaveContext
-    }
-
-    /// Snapshots of aarch64 guests are not implemented yet: [`Error::Unsupported`].
-    pub fn check_snapshot_supported(&self) -> Result<(), Error> {
-        Err(Error::Unsupported(NOT_YET))
-    }
-}
-
-/// The CPU a vCPU shows the guest (its ID registers, later).
-#[derive(Debug, Clone, Default)]
-pub struct CpuModel;
-
-impl CpuModel {
-    /// Reads the CPU model of a vCPU: nothing is recorded yet (its ID registers come with
-    /// aarch64 snapshots), so this is the empty model.
-    pub fn read(_vcpu: &VcpuFd) -> Result<CpuModel, Error> {
-        Ok(CpuModel)
-    }
-}
-
-/// One vCPU's saved state (its registers, later).
+/// VM-wide saved state: the vGICv3 and its ITS.
 #[derive(Serialize, Deserialize)]
-pub struct VcpuState {
-    /// vCPU index.
-    pub id: u8,
+pub struct VmState {
+    /// The vGIC (see [`gic_state`]).
+    pub gic: gic_state::GicState,
 }
-
-impl VcpuState {
-    /// Reads a vCPU's state. Not implemented yet: [`Error::Unsupported`].
-    pub fn save(
-        _id: u8,
-        _vcpu: &VcpuFd,
-        _ctx: &VcpuSaveContext,
-        _model: &CpuModel,
-    ) -> Result<VcpuState, Error> {
-        Err(Error::Unsupported(NOT_YET))
-    }
-
-    /// The CPU model the guest saw: none saved yet.
-    pub fn cpu_model(&self) -> Option<CpuModel> {
-        None
-    }
-
-    /// Gives a new vCPU the saved CPU model. Not implemented yet: [`Error::Unsupported`].
-    pub fn restore_cpu_model(&self, _vcpu: &VcpuFd) -> Result<(), Error> {
-        Err(Error::Unsupported(NOT_YET))
-    }
-
-    /// Writes the state into a new vCPU. Not implemented yet: [`Error::Unsupported`].
-    pub fn restore(&self, _vcpu: &VcpuFd) -> Result<(), Error> {
-        Err(Error::Unsupported(NOT_YET))
-    }
-}
-
-/// VM-wide saved state (the GIC, the timers, later).
-#[derive(Serialize, Deserialize)]
-pub struct VmState {}
 
 impl VmState {
-    /// Reads the VM's state. Not implemented yet: [`Error::Unsupported`].
-    pub fn save(_vm: &VmFd) -> Result<VmState, Error> {
-        Err(Error::Unsupported(NOT_YET))
+    /// Reads the state of a VM with `nr_vcpus` vCPUs, all out of KVM_RUN. It flushes the
+    /// vGIC's LPI pending bits and ITS tables into guest RAM: save RAM after it.
+    pub fn save(_vm: &VmFd, platform: &Platform, nr_vcpus: u8) -> Result<VmState, Error> {
+        Ok(VmState {
+            gic: gic_state::GicState::save(platform, nr_vcpus)?,
+        })
     }
 
-    /// Writes the state into a new VM. Not implemented yet: [`Error::Unsupported`].
+    /// What a new VM takes before its vCPUs exist: nothing on aarch64 (see
+    /// [`restore_irqchip`](Self::restore_irqchip)).
     pub fn restore(&self, _vm: &VmFd) -> Result<(), Error> {
-        Err(Error::Unsupported(NOT_YET))
+        Ok(())
+    }
+
+    /// Writes the vGIC's state once every vCPU exists and [`Platform::vcpus_created`] has
+    /// initialised the vGIC, with guest RAM in place, before any device is restored.
+    pub fn restore_irqchip(&self, platform: &Platform, nr_vcpus: u8) -> Result<(), Error> {
+        self.gic.restore(platform, nr_vcpus)
     }
 }
 
@@ -382,11 +340,7 @@ mod tests {
 
     #[test]
     fn unported_parts_say_so() {
-        let e = VcpuSaveContext.check_snapshot_supported().unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "snapshots of aarch64 guests are not supported yet"
-        );
+        assert!(VcpuSaveContext.check_snapshot_supported().is_ok());
         assert!(validate_cpuid_hide(&[]).is_ok());
         assert!(matches!(
             validate_cpuid_hide(&["avx".into()]),

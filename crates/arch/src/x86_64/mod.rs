@@ -24,7 +24,7 @@ pub use irq::{legacy_irq_routes, msi_route, IRQCHIP_PINS};
 pub use legacy::{add_legacy_devices, LegacyContext, LegacyDevices, PlatformState};
 pub use regs::setup_vcpu;
 pub use vcpu_state::{CpuModel, VcpuSaveContext, VcpuState};
-pub use vm::{create_vm, setup_vm, Platform};
+pub use vm::{create_vm, prepare_vcpu, setup_vm, Platform};
 pub use vm_state::VmState;
 
 /// The architecture this module builds guests for, as snapshots record it.

@@ -48,6 +48,16 @@ impl Platform {
     }
 }
 
+/// What a new vCPU needs before anything else is set, at boot or at restore: nothing on
+/// x86_64 (aarch64 initialises it here).
+pub fn prepare_vcpu(
+    _platform: &Platform,
+    _vcpu: &kvm_ioctls::VcpuFd,
+    _id: u8,
+) -> Result<(), Error> {
+    Ok(())
+}
+
 /// Gives a new VM its TSS and identity-map addresses (higher up unless it `boots_firmware`,
 /// whose ROM may reach down there), the in-kernel irqchip and the PIT (whose speaker port is
 /// a dummy). Must run before any vCPU is created.

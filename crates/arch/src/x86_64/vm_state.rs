@@ -13,7 +13,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use serde::{Deserialize, Serialize};
 
-use super::{kvm_err, Error};
+use super::{kvm_err, Error, Platform};
 
 /// VM-wide KVM state (the field names are the snapshot's `vm-state` section format).
 #[derive(Serialize, Deserialize)]
@@ -57,8 +57,9 @@ fn get_irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, Error> {
 }
 
 impl VmState {
-    /// Reads the state of a VM whose vCPUs are all out of KVM_RUN.
-    pub fn save(vm: &VmFd) -> Result<VmState, Error> {
+    /// Reads the state of a VM whose vCPUs are all out of KVM_RUN (the platform and vCPU
+    /// count matter on aarch64 only).
+    pub fn save(vm: &VmFd, _platform: &Platform, _nr_vcpus: u8) -> Result<VmState, Error> {
         Ok(VmState {
             pic_master: get_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
             pic_slave: get_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
@@ -95,6 +96,12 @@ impl VmState {
         clock.clock = clock_after(clock.clock, self.saved_at_unix_ns, unix_now_ns());
         vm.set_clock(&clock).map_err(kvm_err("KVM_SET_CLOCK"))
     }
+
+    /// What the restore does once every vCPU exists: nothing on x86_64 ([`restore`](Self::restore)
+    /// set the irqchips before the vCPUs).
+    pub fn restore_irqchip(&self, _platform: &Platform, _nr_vcpus: u8) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -116,7 +123,7 @@ mod tests {
             return;
         };
         let a = super::super::create_vm(&kvm).unwrap();
-        let mut json = serde_json::to_value(VmState::save(&a).unwrap()).unwrap();
+        let mut json = serde_json::to_value(VmState::save(&a, &Platform, 1).unwrap()).unwrap();
         json.as_object_mut().unwrap().remove("saved_at_unix_ns");
         let old: VmState = serde_json::from_value(json).unwrap();
         assert_eq!(old.saved_at_unix_ns, None);
@@ -132,7 +139,7 @@ mod tests {
         let mut pit = a.get_pit2().unwrap();
         pit.channels[0].count = 0x1234;
         a.set_pit2(&pit).unwrap();
-        let saved = VmState::save(&a).unwrap();
+        let saved = VmState::save(&a, &Platform, 1).unwrap();
         let json = serde_json::to_vec(&saved).unwrap();
         let back: VmState = serde_json::from_slice(&json).unwrap();
         let b = super::super::create_vm(&kvm).unwrap();

@@ -273,7 +273,10 @@ impl Vm {
             vcpus.push(state);
         }
 
-        let vm_state = VmState::save(&self.vm)?;
+        let nr_vcpus = u8::try_from(threads.len())
+            .map_err(|_| Error::Snapshot(format!("{} vCPUs do not fit a u8", threads.len())))?;
+        // Before guest RAM is written: on aarch64 this flushes the vGIC's tables into it.
+        let vm_state = VmState::save(&self.vm, &self._platform, nr_vcpus)?;
         let serial = lock(&self.serial).save_state();
         let platform = self.legacy.save_platform();
         let devices = self.devices.save();
@@ -394,6 +397,23 @@ impl Vm {
             .as_deref()
             .map(|path| crate::firmware::remap(&vm, path))
             .transpose()?;
+        // The vCPUs exist before the devices, as in `Vm::new` (on aarch64 an irqfd needs the
+        // initialised vGIC); their state is restored below, after the devices'.
+        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
+        for st in &snap.vcpus {
+            let vcpu = vm
+                .create_vcpu(st.id.into())
+                .map_err(Error::kvm("create vCPU"))?;
+            arch::setup_cpuid(&kvm, &vcpu, st.id, cfg.vcpus, &cfg.cpuid_hide)?;
+            arch::prepare_vcpu(&arch_platform, &vcpu, st.id).map_err(|e| Error::Vcpu {
+                id: st.id,
+                reason: e.to_string(),
+            })?;
+            vcpus.push(vcpu);
+        }
+        arch_platform.vcpus_created()?;
+        // aarch64: the vGIC and its ITS, before any device could raise an interrupt.
+        snap.vm_state.restore_irqchip(&arch_platform, cfg.vcpus)?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(&cfg, &vm, &mem, &exit, Some(&snap.serial))?;
         if let Some(platform) = &snap.platform {
@@ -417,27 +437,20 @@ impl Vm {
 
         snap.vm_state.restore(&vm)?;
 
-        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
         let mut cpu_models = Vec::with_capacity(snap.vcpus.len());
-        for st in &snap.vcpus {
-            let vcpu = vm
-                .create_vcpu(st.id.into())
-                .map_err(Error::kvm("create vCPU"))?;
-            arch::setup_cpuid(&kvm, &vcpu, st.id, cfg.vcpus, &cfg.cpuid_hide)?;
+        for (st, vcpu) in snap.vcpus.iter().zip(&vcpus) {
             let vcpu_err = |e: arch::Error| Error::Vcpu {
                 id: st.id,
                 reason: e.to_string(),
             };
-            st.restore_cpu_model(&vcpu).map_err(vcpu_err)?;
-            st.restore(&vcpu).map_err(vcpu_err)?;
+            st.restore_cpu_model(vcpu).map_err(vcpu_err)?;
+            st.restore(vcpu).map_err(vcpu_err)?;
             // A snapshot without a CPU model keeps the one this host gave the new vCPU.
             cpu_models.push(match st.cpu_model() {
                 Some(model) => model,
-                None => CpuModel::read(&vcpu).map_err(vcpu_err)?,
+                None => CpuModel::read(vcpu).map_err(vcpu_err)?,
             });
-            vcpus.push(vcpu);
         }
-        arch_platform.vcpus_created()?;
         devs.virtio.renotify();
         let mut restored = Vm::assemble(
             cfg,
