@@ -299,6 +299,80 @@ fn an_arm64_linux_guest_is_snapshotted_while_running_and_restored_in_a_new_proce
     ));
 }
 
+/// The jail on arm64 (`pocketvisor vmm`: namespaces, private root, dropped privileges and the
+/// aarch64 seccomp lists): Debian's arm64 kernel with 2 vCPUs, a disk and rng boots jailed
+/// and counts; a snapshot is taken through the jailed VMM's API (the vCPU registers and the
+/// vGIC/ITS state ioctls the aarch64 allowlist has) and the VM ended; a second jailed VMM
+/// restores it, and the guest counts on, reads its disk and rng and powers off. A syscall
+/// or ioctl outside the lists would kill the VMM with SIGSYS (status 159).
+#[test]
+fn an_arm64_linux_guest_runs_snapshots_and_restores_in_the_jail() {
+    let name = "an_arm64_linux_guest_runs_snapshots_and_restores_in_the_jail";
+    let assets = e2e::nested::nested_dir_of(L1Arch::Aarch64);
+    // L1's root is its initramfs (rootfs), which pivot_root refuses to leave: the script
+    // runs again chrooted into a bind mount of it, which the jail can pivot away from.
+    // Unix sockets cannot live on L1's 9p share: the profile is on its tmpfs.
+    let script = format!(
+        "if [ -z \"${{BIND_ROOT:-}}\" ]; then\n\
+           mkdir -p /tmp/bindroot && mount --rbind / /tmp/bindroot || exit 9\n\
+           export BIND_ROOT=1; exec chroot /tmp/bindroot /bin/sh -c \"cd '$PWD' && . ./run\"\n\
+         fi\n\
+         set -u; p=/tmp/profile; mkdir -p $p/run && cd $p || exit 9\n\
+         printf 'pocketvisor-arm64' >disk.img && truncate -s 8M disk.img || exit 9\n\
+         cat >vm.toml <<EOF\n\
+         kernel = \"{kernel}\"\n\
+         initrd = \"{initrd}\"\n\
+         cmdline = \"console=ttyS0 quiet guest.beats=6\"\n\
+         memory_mib = 256\n\
+         vcpus = 2\n\
+         rng = true\n\
+         disks = [{{ path = \"$p/disk.img\" }}]\n\
+         serial = {{ file = \"$p/run/serial.log\" }}\n\
+         EOF\n\
+         '{pv}' vmm --config vm.toml --jail-id arm64 --jail-root /tmp/jails \
+           --api-socket $p/run/api.sock & pid=$!\n\
+         i=0; while ! grep -q 'GUEST beat n=2' run/serial.log 2>/dev/null; do\n\
+           i=$((i + 1)); [ $i -lt 300 ] && kill -0 $pid || {{ echo 'no second beat'; cat run/serial.log; wait $pid; echo \"JAIL1 rc=$?\"; exit 8; }}; sleep 1\n\
+         done\n\
+         '{pv}' snapshot --api-socket $p/run/api.sock -o /run/0/snap --stop; echo \"SNAP rc=$?\"\n\
+         wait $pid; rc=$?; echo \"JAIL1 rc=$rc\"\n\
+         [ $rc = 0 ] || dmesg | grep -i -E 'seccomp|audit' | tail -n 5\n\
+         sed 's/^/FIRST /' run/serial.log\n\
+         '{pv}' vmm --restore $p/run/snap --jail-id arm64-restored --jail-root /tmp/jails \
+           --disk $p/disk.img --serial file:$p/restored.log; echo \"JAIL2 rc=$?\"\n\
+         cat restored.log\n",
+        pv = pocketvisor_aarch64().display(),
+        kernel = assets.join("vmlinuz").display(),
+        initrd = assets.join("guest-initramfs.cpio.gz").display(),
+    );
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    assert!(out.contains("SNAP rc=0"), "{out}\n{}", run.describe());
+    assert!(out.contains("JAIL1 rc=0"), "{out}\n{}", run.describe());
+    assert!(out.contains("JAIL2 rc=0"), "{out}\n{}", run.describe());
+    let restored = out.split("JAIL2 rc=0").nth(1).unwrap_or_default();
+    let before = beats(&out.replace("FIRST ", ""));
+    assert!(before.iter().any(|b| b.0 == 2), "{out}");
+    let after = beats(restored);
+    assert!(
+        after.first().is_some_and(|b| b.0 > 2) && after.last().is_some_and(|b| b.0 == 6),
+        "the restored guest did not count on to 6:\n{out}"
+    );
+    assert_eq!(
+        guest_field(restored, "GUEST rng", "bytes"),
+        Some("64"),
+        "{out}"
+    );
+    assert_eq!(
+        guest_field(restored, "GUEST blk", "dev"),
+        Some("vda"),
+        "{out}"
+    );
+    assert!(restored.contains("GUEST done"), "{out}");
+}
+
 /// A snapshot carries its architecture: one of an x86_64 guest, taken on this host, is
 /// refused by the arm64 pocketvisor with an error that says so, before anything runs.
 #[test]

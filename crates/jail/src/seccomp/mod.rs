@@ -43,8 +43,6 @@ pub(crate) const fn ioc(dir: u64, ty: u64, nr: u64, size: u64) -> u64 {
 }
 pub(crate) const NONE: u64 = 0;
 pub(crate) const W: u64 = 1;
-/// Only x86_64 allows read-direction ioctls so far (aarch64 snapshots are issue 14).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const R: u64 = 2;
 pub(crate) const KVMIO: u64 = 0xAE;
 /// `FIONBIO` from asm-generic/ioctls.h (libc types it `c_ulong` on glibc, `c_int` on musl).

@@ -45,6 +45,8 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
     const NO_SOCKETS: &str = "a vCPU touches no socket (vsock streams are the workers')";
     const NO_BLOCK_IO: &str = "a vCPU does no block I/O (the workers do)";
     const NO_THREADS: &str = "device workers are started by the spawner thread";
+    // Only x86_64 adds its legacy syscalls below.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut v: Vec<(i64, &'static str)> = match kind {
         ThreadKind::Vcpu => vec![
             (libc::SYS_socket, NO_SOCKETS),
