@@ -288,9 +288,12 @@ mod tests {
         i64::from(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) })
     }
 
+    // The request is `c_ulong` on glibc (a conversion that cannot fail) and `c_int` on musl.
+    #[allow(clippy::unnecessary_fallible_conversions, clippy::useless_conversion)]
     fn kvm_run_on_a_bad_fd() -> i64 {
+        let request = KVM_RUN.try_into().expect("KVM_RUN fits the request type");
         // SAFETY: ioctl on an invalid descriptor: EBADF unless a filter stops it first.
-        i64::from(unsafe { libc::ioctl(-1, KVM_RUN as _, 0) })
+        i64::from(unsafe { libc::ioctl(-1, request, 0) })
     }
 
     fn open_a_file() -> i64 {
