@@ -496,6 +496,7 @@ fn narrow_thread(kind: devices::threads::ThreadKind) {
         Device::DeviceWorker => Jail::DeviceWorker,
         Device::Api => Jail::Api,
         Device::Display => Jail::Display,
+        Device::LogWriter => Jail::LogWriter,
     };
     if let Err(e) = jail::seccomp::threads::install_thread(kind) {
         eprintln!("pocketvisor: error: {e}");

@@ -114,12 +114,13 @@ fn status_field(pid: u32, key: &str) -> String {
         .to_string()
 }
 
-/// The thread kind of a VMM thread's name (vcpu, worker, api, spawner), if it has one.
+/// The thread kind of a VMM thread's name (vcpu, worker, api, log, spawner), if it has one.
 fn thread_kind(comm: &str) -> Option<&'static str> {
     match comm.trim() {
         c if c.starts_with("vcpu") => Some("vcpu"),
         c if c.starts_with("virtio-") => Some("worker"),
         c if c.starts_with("api") => Some("api"),
+        "serial-log" => Some("log"),
         "spawner" => Some("spawner"),
         _ => None,
     }
@@ -474,6 +475,7 @@ fn each_thread_kind_makes_only_the_syscalls_its_filter_allows() {
         (ThreadKind::Vcpu, "vcpu"),
         (ThreadKind::DeviceWorker, "worker"),
         (ThreadKind::Api, "api"),
+        (ThreadKind::LogWriter, "log"),
     ] {
         let calls = made
             .get(name)

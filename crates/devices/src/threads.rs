@@ -29,6 +29,8 @@ pub enum ThreadKind {
     Api,
     /// The VNC server's accept thread and each client's reader and writer.
     Display,
+    /// The thread that writes the serial console's log file (`vmm::serial_log`).
+    LogWriter,
 }
 
 static HOOK: OnceLock<fn(ThreadKind)> = OnceLock::new();

@@ -550,14 +550,15 @@ pub(crate) fn build_devices(
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         // Capped and rotated (`serial.log.1`): a guest printing in a loop cannot fill the disk.
-        SerialConfig::File(p) => Box::new(
+        // Written by its own thread: the vCPU emulating the UART does no file work.
+        SerialConfig::File(p) => Box::new(crate::serial_log::LogWriter::new(Box::new(
             crate::serial_log::RotatingLog::open(p, crate::serial_log::SERIAL_LOG_CAP).map_err(
                 |source| Error::File {
                     path: p.display().to_string(),
                     source,
                 },
             )?,
-        ),
+        ))),
         SerialConfig::None => Box::new(std::io::sink()),
     };
     let root = Arc::new(Mutex::new(

@@ -2,8 +2,9 @@
 //! the strictest answer): each thread of a kind installs, as its first act, a filter that
 //! kills the process on the syscalls of the allowlist that the kind never makes. A device
 //! worker cannot run a vCPU or start a thread; a vCPU cannot touch a socket, do block I/O,
-//! wait on epoll or start a thread; the API threads (which parse what a client sends) can
-//! make no KVM ioctl, open no socket and touch no file.
+//! wait on epoll, start a thread or open, rename or remove a file; the API threads (which
+//! parse what a client sends) can make no KVM ioctl, open no socket and touch no file; the
+//! serial log's thread can only append to and rotate its file.
 //!
 //! Filters are inherited by the threads a thread creates, so device workers are not created
 //! by the vCPU that activates their device: `devices::threads::spawn` hands them to a
@@ -32,6 +33,8 @@ pub enum ThreadKind {
     Api,
     /// The VNC server: accepts viewers, parses what they send, sends the screen.
     Display,
+    /// Writes and rotates the serial console's log file (`vmm::serial_log::LogWriter`).
+    LogWriter,
 }
 
 /// `KVM_RUN`.
@@ -40,11 +43,14 @@ const KVM_RUN: u64 = super::ioc(NONE, KVMIO, 0x80, 0);
 /// Syscalls (of the process allowlist) `kind` never makes, with the reason. Derived from a
 /// trace of each kind (`crates/cli/tests/jail.rs`
 /// `each_thread_kind_makes_only_the_syscalls_its_filter_allows` prints what each made) and
-/// the code paths the trace does not reach (serial log rotation on a vCPU).
+/// the code paths the trace does not reach.
 pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
     const NO_SOCKETS: &str = "a vCPU touches no socket (vsock streams are the workers')";
     const NO_BLOCK_IO: &str = "a vCPU does no block I/O (the workers do)";
     const NO_THREADS: &str = "device workers are started by the spawner thread";
+    const NO_FILES: &str =
+        "a vCPU opens, renames and removes no file (the serial log has its own thread)";
+    const LOG_ONLY: &str = "the log thread only appends to and rotates its file";
     // Only x86_64 adds its legacy syscalls below.
     #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
     let mut v: Vec<(i64, &'static str)> = match kind {
@@ -77,6 +83,10 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_fchmod, "a vCPU changes no mode"),
             (libc::SYS_getdents64, "a vCPU lists no directory"),
             (libc::SYS_ftruncate, "a vCPU truncates nothing"),
+            (libc::SYS_openat, NO_FILES),
+            (libc::SYS_renameat, NO_FILES),
+            (libc::SYS_renameat2, NO_FILES),
+            (libc::SYS_unlinkat, NO_FILES),
         ],
         ThreadKind::DeviceWorker => vec![
             (libc::SYS_bind, "a worker binds no socket"),
@@ -132,6 +142,39 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_getdents64, "the API lists no directory"),
             (libc::SYS_ftruncate, "the API truncates nothing"),
         ],
+        ThreadKind::LogWriter => [
+            libc::SYS_socket,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_accept4,
+            libc::SYS_connect,
+            libc::SYS_recvfrom,
+            libc::SYS_sendto,
+            libc::SYS_recvmsg,
+            libc::SYS_sendmsg,
+            libc::SYS_shutdown,
+            libc::SYS_getsockopt,
+            libc::SYS_pread64,
+            libc::SYS_preadv,
+            libc::SYS_pwrite64,
+            libc::SYS_pwritev,
+            libc::SYS_fdatasync,
+            libc::SYS_epoll_create1,
+            libc::SYS_epoll_ctl,
+            libc::SYS_epoll_pwait,
+            libc::SYS_eventfd2,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_mkdirat,
+            libc::SYS_fchmodat,
+            libc::SYS_fchmod,
+            libc::SYS_getdents64,
+            libc::SYS_ftruncate,
+            libc::SYS_unlinkat,
+        ]
+        .into_iter()
+        .map(|nr| (nr, LOG_ONLY))
+        .collect(),
     };
     #[cfg(target_arch = "x86_64")]
     v.extend(match kind {
@@ -143,6 +186,8 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
                 "a vCPU waits in KVM_RUN, not on epoll",
             ),
             (libc::SYS_poll, "a vCPU waits in KVM_RUN, not in poll"),
+            (libc::SYS_rename, NO_FILES),
+            (libc::SYS_unlink, NO_FILES),
         ],
         ThreadKind::DeviceWorker => vec![
             (libc::SYS_mkdir, "a worker makes no directory"),
@@ -162,6 +207,16 @@ pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
             (libc::SYS_chmod, "the API changes no mode"),
             (libc::SYS_epoll_wait, "the API blocks in accept and read"),
         ],
+        ThreadKind::LogWriter => [
+            libc::SYS_mkdir,
+            libc::SYS_unlink,
+            libc::SYS_chmod,
+            libc::SYS_poll,
+            libc::SYS_epoll_wait,
+        ]
+        .into_iter()
+        .map(|nr| (nr, LOG_ONLY))
+        .collect(),
     });
     v
 }
@@ -175,7 +230,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
         .map(|(nr, _)| (nr, Vec::new()))
         .collect();
     match kind {
-        ThreadKind::Api => {
+        ThreadKind::Api | ThreadKind::LogWriter => {
             rules.insert(
                 libc::SYS_ioctl,
                 vec![rule(vec![
@@ -369,10 +424,21 @@ mod tests {
             sys
         );
         assert_eq!(killed_by(ThreadKind::Api, kvm_run_on_a_bad_fd), sys);
-        // openat: vCPU (serial log rotation) and workers yes, API no.
-        assert_eq!(killed_by(ThreadKind::Vcpu, open_a_file), 0);
+        // openat: the serial log's thread (rotation) and workers yes, vCPU and API no.
+        assert_eq!(killed_by(ThreadKind::LogWriter, open_a_file), 0);
         assert_eq!(killed_by(ThreadKind::DeviceWorker, open_a_file), 0);
+        assert_eq!(killed_by(ThreadKind::Vcpu, open_a_file), sys);
         assert_eq!(killed_by(ThreadKind::Api, open_a_file), sys);
+        // The serial log's thread: no socket, disk, KVM, thread or listener.
+        for call in [
+            unix_socket as fn() -> i64,
+            pread_a_bad_fd,
+            kvm_run_on_a_bad_fd,
+            clone_a_thread,
+            bind_a_bad_fd,
+        ] {
+            assert_eq!(killed_by(ThreadKind::LogWriter, call), sys);
+        }
     }
 
     #[test]
@@ -383,6 +449,7 @@ mod tests {
             ThreadKind::DeviceWorker,
             ThreadKind::Api,
             ThreadKind::Display,
+            ThreadKind::LogWriter,
         ] {
             for (nr, why) in denied(kind) {
                 let extra = [
