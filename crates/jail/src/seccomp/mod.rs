@@ -199,6 +199,21 @@ fn arch() -> Result<TargetArch> {
 
 /// The allowlist for a VMM whose process id (as it sees itself) is `pid`.
 pub fn allowlist(pid: libc::pid_t) -> Result<BpfProgram> {
+    compile(
+        allowlist_rules(pid)?,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+    )
+}
+
+/// Every syscall the process allowlist lets through (some only with certain arguments).
+pub fn allowlisted_syscalls() -> Vec<i64> {
+    allowlist_rules(1)
+        .map(|rules| rules.into_keys().collect())
+        .unwrap_or_default()
+}
+
+fn allowlist_rules(pid: libc::pid_t) -> Result<BTreeMap<i64, Vec<SeccompRule>>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         syscalls().map(|&(nr, _)| (nr, Vec::new())).collect();
     let mut ioctl = Vec::new();
@@ -274,7 +289,7 @@ pub fn allowlist(pid: libc::pid_t) -> Result<BpfProgram> {
         libc::SYS_tgkill,
         vec![rule(vec![cond(0, Len::Dword, Op::Eq, pid as u64)?])?],
     );
-    compile(rules, SeccompAction::KillProcess, SeccompAction::Allow)
+    Ok(rules)
 }
 
 /// The filter that answers `clone3` with ENOSYS and lets everything else through.

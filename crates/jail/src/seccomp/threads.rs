@@ -40,185 +40,251 @@ pub enum ThreadKind {
 /// `KVM_RUN`.
 const KVM_RUN: u64 = super::ioc(NONE, KVMIO, 0x80, 0);
 
-/// Syscalls (of the process allowlist) `kind` never makes, with the reason. Derived from a
-/// trace of each kind (`crates/cli/tests/jail.rs`
-/// `each_thread_kind_makes_only_the_syscalls_its_filter_allows` prints what each made) and
-/// the code paths the trace does not reach.
-pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
-    const NO_SOCKETS: &str = "a vCPU touches no socket (vsock streams are the workers')";
-    const NO_BLOCK_IO: &str = "a vCPU does no block I/O (the workers do)";
-    const NO_THREADS: &str = "device workers are started by the spawner thread";
-    const NO_FILES: &str =
-        "a vCPU opens, renames and removes no file (the serial log has its own thread)";
-    const LOG_ONLY: &str = "the log thread only appends to and rotates its file";
-    // Only x86_64 adds its legacy syscalls below.
-    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
-    let mut v: Vec<(i64, &'static str)> = match kind {
-        ThreadKind::Vcpu => vec![
-            (libc::SYS_socket, NO_SOCKETS),
-            (libc::SYS_bind, NO_SOCKETS),
-            (libc::SYS_listen, NO_SOCKETS),
-            (libc::SYS_accept4, NO_SOCKETS),
-            (libc::SYS_connect, NO_SOCKETS),
-            (libc::SYS_recvfrom, NO_SOCKETS),
-            (libc::SYS_sendto, NO_SOCKETS),
-            (libc::SYS_recvmsg, NO_SOCKETS),
-            (libc::SYS_sendmsg, NO_SOCKETS),
-            (libc::SYS_shutdown, NO_SOCKETS),
-            (libc::SYS_getsockopt, NO_SOCKETS),
-            (libc::SYS_setsockopt, NO_SOCKETS),
-            (libc::SYS_pread64, NO_BLOCK_IO),
-            (libc::SYS_preadv, NO_BLOCK_IO),
-            (libc::SYS_pwrite64, NO_BLOCK_IO),
-            (libc::SYS_pwritev, NO_BLOCK_IO),
-            (libc::SYS_fdatasync, NO_BLOCK_IO),
-            (
+/// Why a thread kind may make a syscall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Made by the kind in the traced run (`crates/cli/tests/jail.rs`
+    /// `each_thread_kind_makes_only_the_syscalls_its_filter_allows` fails if it no longer is).
+    Traced,
+    /// On a path the traced run does not always reach: why the kind needs it.
+    Rare(&'static str),
+}
+
+const ALLOCATOR: Need = Need::Rare(
+    "glibc's allocator: a new arena, a heap grown or trimmed, a large buffer (which thread \
+     does it depends on the run)",
+);
+const SIGNAL: Need = Need::Rare(
+    "the stop signal's handler (SIGTERM, SIGINT) runs on whichever thread the kernel picks",
+);
+const CLOCK: Need = Need::Rare("std's clocks, when the host's clock source has no vDSO");
+const CONTENDED: Need = Need::Rare("std's channels and locks yield under contention");
+const THREAD_EXIT: Need = Need::Rare(
+    "thread exit (std drops its signal stack, glibc frees the stack): the traced run may end \
+     first",
+);
+
+/// What every kind may need on a rare path: the allocator, a signal, a clock, contention.
+fn everyone_rare() -> Vec<(i64, Need)> {
+    vec![
+        (libc::SYS_mmap, ALLOCATOR),
+        (libc::SYS_munmap, ALLOCATOR),
+        (libc::SYS_madvise, ALLOCATOR),
+        (libc::SYS_mprotect, ALLOCATOR),
+        (libc::SYS_mremap, ALLOCATOR),
+        (libc::SYS_brk, ALLOCATOR),
+        (libc::SYS_sched_getaffinity, ALLOCATOR),
+        // glibc's allocator counts the CPUs (`/sys/devices/system/cpu/online`) when a thread
+        // first needs an arena of its own.
+        (libc::SYS_openat, ALLOCATOR),
+        (libc::SYS_read, ALLOCATOR),
+        (libc::SYS_close, ALLOCATOR),
+        (libc::SYS_rt_sigreturn, SIGNAL),
+        (libc::SYS_restart_syscall, SIGNAL),
+        (libc::SYS_clock_gettime, CLOCK),
+        (libc::SYS_gettimeofday, CLOCK),
+        (libc::SYS_sched_yield, CONTENDED),
+        (libc::SYS_exit, THREAD_EXIT),
+        (libc::SYS_rt_sigprocmask, THREAD_EXIT),
+        (libc::SYS_sigaltstack, THREAD_EXIT),
+    ]
+}
+
+/// The syscalls (of the process allowlist) `kind` may make, with why: each was made by the
+/// kind in the traced run ([`Need::Traced`]) or is on a rare path with its reason. Every
+/// other syscall of the process allowlist kills the process when a thread of the kind makes
+/// it ([`denied`]).
+pub fn allowed(kind: ThreadKind) -> Vec<(i64, Need)> {
+    use Need::Traced;
+    let traced = |calls: &[i64]| calls.iter().map(|&nr| (nr, Traced)).collect::<Vec<_>>();
+    let mut v = match kind {
+        ThreadKind::Vcpu => {
+            let mut v = traced(&[
+                // KVM_RUN and the KVM ioctls of device activation, MSI-X routing, BARs.
+                libc::SYS_ioctl,
+                libc::SYS_read,
+                libc::SYS_write,
+                libc::SYS_close,
+                libc::SYS_fcntl,
+                libc::SYS_futex,
+                // A device activated: its queue events and the worker's epoll.
+                libc::SYS_eventfd2,
+                libc::SYS_epoll_create1,
+                libc::SYS_epoll_ctl,
+                libc::SYS_getrandom,
+                libc::SYS_mmap,
+                libc::SYS_munmap,
+                libc::SYS_madvise,
+                // The kick signal that takes a vCPU out of KVM_RUN.
+                libc::SYS_rt_sigreturn,
+                libc::SYS_exit,
+                libc::SYS_rt_sigprocmask,
+                libc::SYS_sigaltstack,
+            ]);
+            v.push((
+                libc::SYS_restart_syscall,
+                Need::Rare("a wait interrupted by the kick signal"),
+            ));
+            v
+        }
+        ThreadKind::DeviceWorker => {
+            let mut v = traced(&[
+                // Queue events, the tap's non-blocking mode (FIONBIO), never KVM_RUN.
+                libc::SYS_ioctl,
+                libc::SYS_read,
+                libc::SYS_write,
+                libc::SYS_close,
+                libc::SYS_fcntl,
+                libc::SYS_futex,
+                libc::SYS_epoll_ctl,
+                libc::SYS_pread64,
+                libc::SYS_fdatasync,
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_getrandom,
+                libc::SYS_munmap,
+                libc::SYS_madvise,
+                libc::SYS_exit,
+                libc::SYS_rt_sigprocmask,
+                libc::SYS_sigaltstack,
+            ]);
+            #[cfg(target_arch = "x86_64")]
+            v.push((libc::SYS_epoll_wait, Traced));
+            #[cfg(not(target_arch = "x86_64"))]
+            v.push((
                 libc::SYS_epoll_pwait,
-                "a vCPU waits in KVM_RUN, not on epoll",
-            ),
-            (libc::SYS_clone, NO_THREADS),
-            (libc::SYS_clone3, NO_THREADS),
-            (libc::SYS_mkdirat, "a vCPU makes no directory"),
-            (libc::SYS_fchmodat, "a vCPU changes no mode"),
-            (libc::SYS_fchmod, "a vCPU changes no mode"),
-            (libc::SYS_getdents64, "a vCPU lists no directory"),
-            (libc::SYS_ftruncate, "a vCPU truncates nothing"),
-            (libc::SYS_openat, NO_FILES),
-            (libc::SYS_renameat, NO_FILES),
-            (libc::SYS_renameat2, NO_FILES),
-            (libc::SYS_unlinkat, NO_FILES),
-        ],
-        ThreadKind::DeviceWorker => vec![
-            (libc::SYS_bind, "a worker binds no socket"),
-            (libc::SYS_listen, "a worker listens on no socket"),
-            (libc::SYS_clone, "a worker starts no thread"),
-            (libc::SYS_clone3, "a worker starts no thread"),
-            (libc::SYS_mkdirat, "a worker makes no directory"),
-            (libc::SYS_fchmodat, "a worker changes no mode"),
-            (libc::SYS_fchmod, "a worker changes no mode"),
-            (libc::SYS_renameat, "a worker renames nothing"),
-            (libc::SYS_renameat2, "a worker renames nothing"),
-            (libc::SYS_getdents64, "a worker lists no directory"),
-            (libc::SYS_ftruncate, "a worker truncates nothing"),
-        ],
-        ThreadKind::Display => vec![
-            (libc::SYS_socket, "the VNC server got its listener"),
-            (libc::SYS_bind, "the VNC server got its listener"),
-            (libc::SYS_listen, "the VNC server got its listener"),
-            (libc::SYS_connect, "the VNC server connects nowhere"),
-            (libc::SYS_mkdirat, "the VNC server makes no directory"),
-            (libc::SYS_unlinkat, "the VNC server removes nothing"),
-            (libc::SYS_renameat, "the VNC server renames nothing"),
-            (libc::SYS_renameat2, "the VNC server renames nothing"),
-            (libc::SYS_fchmodat, "the VNC server changes no mode"),
-            (libc::SYS_fchmod, "the VNC server changes no mode"),
-            (libc::SYS_pwrite64, "the VNC server writes no file"),
-            (libc::SYS_pwritev, "the VNC server writes no file"),
-            (libc::SYS_fsync, "the VNC server writes no file"),
-            (libc::SYS_fdatasync, "the VNC server writes no file"),
-            (libc::SYS_getdents64, "the VNC server lists no directory"),
-            (libc::SYS_ftruncate, "the VNC server truncates nothing"),
-        ],
-        ThreadKind::Api => vec![
-            (libc::SYS_socket, "the API thread got its listener"),
-            (libc::SYS_bind, "the API thread got its listener"),
-            (libc::SYS_listen, "the API thread got its listener"),
-            (libc::SYS_connect, "the API connects nowhere"),
-            (
-                libc::SYS_openat,
-                "the API opens no file (snapshots are written by the VM thread)",
-            ),
-            (libc::SYS_mkdirat, "the API makes no directory"),
-            (libc::SYS_unlinkat, "the API removes nothing"),
-            (libc::SYS_renameat, "the API renames nothing"),
-            (libc::SYS_renameat2, "the API renames nothing"),
-            (libc::SYS_fchmodat, "the API changes no mode"),
-            (libc::SYS_fchmod, "the API changes no mode"),
-            (libc::SYS_pwrite64, "the API writes no file"),
-            (libc::SYS_pwritev, "the API writes no file"),
-            (libc::SYS_fsync, "the API writes no file"),
-            (libc::SYS_fdatasync, "the API writes no file"),
-            (libc::SYS_epoll_pwait, "the API blocks in accept and read"),
-            (libc::SYS_getdents64, "the API lists no directory"),
-            (libc::SYS_ftruncate, "the API truncates nothing"),
-        ],
-        ThreadKind::LogWriter => [
-            libc::SYS_socket,
-            libc::SYS_bind,
-            libc::SYS_listen,
+                Need::Rare("a worker's epoll wait (the only form aarch64 has)"),
+            ));
+            const NET: Need = Need::Rare("virtio-net: frames to and from the tap");
+            const BLK: Need = Need::Rare(
+                "virtio-blk writes and vectored reads (the traced probe only reads its disk)",
+            );
+            const VSOCK_OUT: Need = Need::Rare(
+                "vsock: a guest connecting to a host port (`<socket>_<port>`, tests/tests/vsock.rs)",
+            );
+            v.extend([
+                (libc::SYS_readv, NET),
+                (libc::SYS_writev, NET),
+                (libc::SYS_pwrite64, BLK),
+                (libc::SYS_pwritev, BLK),
+                (libc::SYS_preadv, BLK),
+                (libc::SYS_fsync, BLK),
+                (libc::SYS_socket, VSOCK_OUT),
+                (libc::SYS_connect, VSOCK_OUT),
+                (libc::SYS_getsockopt, VSOCK_OUT),
+                (
+                    libc::SYS_shutdown,
+                    Need::Rare("vsock: a stream the guest closed for writing"),
+                ),
+            ]);
+            v
+        }
+        ThreadKind::Api => {
+            // The accept thread starts one thread per connection, under this filter.
+            let mut v = traced(&[
+                libc::SYS_accept4,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+                libc::SYS_write,
+                libc::SYS_fcntl,
+                libc::SYS_futex,
+                libc::SYS_clone,
+                libc::SYS_clone3,
+                libc::SYS_mmap,
+                libc::SYS_mprotect,
+                libc::SYS_rt_sigprocmask,
+                libc::SYS_set_robust_list,
+                libc::SYS_rseq,
+                libc::SYS_prctl,
+                libc::SYS_seccomp,
+                libc::SYS_sigaltstack,
+                // std's thread start (its id, the stack guard).
+                libc::SYS_gettid,
+                libc::SYS_sched_getaffinity,
+            ]);
+            v.push((
+                libc::SYS_close,
+                Need::Rare("a connection the client closed"),
+            ));
+            v
+        }
+        // The accept thread starts a reader and a writer per viewer, under this filter.
+        ThreadKind::Display => traced(&[
+            // Socket timeouts only (the process allowlist checks the option).
+            libc::SYS_setsockopt,
+            // A viewer's reader ends the session both ways when the viewer goes.
+            libc::SYS_shutdown,
             libc::SYS_accept4,
-            libc::SYS_connect,
             libc::SYS_recvfrom,
             libc::SYS_sendto,
-            libc::SYS_recvmsg,
-            libc::SYS_sendmsg,
-            libc::SYS_shutdown,
-            libc::SYS_getsockopt,
-            libc::SYS_pread64,
-            libc::SYS_preadv,
-            libc::SYS_pwrite64,
-            libc::SYS_pwritev,
-            libc::SYS_fdatasync,
-            libc::SYS_epoll_create1,
-            libc::SYS_epoll_ctl,
-            libc::SYS_epoll_pwait,
-            libc::SYS_eventfd2,
+            libc::SYS_write,
+            libc::SYS_fcntl,
+            libc::SYS_futex,
             libc::SYS_clone,
             libc::SYS_clone3,
-            libc::SYS_mkdirat,
-            libc::SYS_fchmodat,
-            libc::SYS_fchmod,
-            libc::SYS_getdents64,
-            libc::SYS_ftruncate,
-            libc::SYS_unlinkat,
-        ]
-        .into_iter()
-        .map(|nr| (nr, LOG_ONLY))
-        .collect(),
+            libc::SYS_mmap,
+            libc::SYS_mprotect,
+            libc::SYS_rt_sigprocmask,
+            libc::SYS_set_robust_list,
+            libc::SYS_rseq,
+            libc::SYS_prctl,
+            libc::SYS_seccomp,
+            libc::SYS_sigaltstack,
+            // std's thread start (its id, the stack guard).
+            libc::SYS_gettid,
+            libc::SYS_sched_getaffinity,
+        ]),
+        ThreadKind::LogWriter => {
+            let mut v = traced(&[
+                libc::SYS_write,
+                libc::SYS_futex,
+                libc::SYS_close,
+                libc::SYS_fcntl,
+                libc::SYS_munmap,
+                libc::SYS_madvise,
+                libc::SYS_exit,
+                libc::SYS_rt_sigprocmask,
+                libc::SYS_sigaltstack,
+            ]);
+            const ROTATE: Need = Need::Rare(
+                "rotation at 4 MiB: the log renamed to `.1`, a new one opened \
+                 (crates/vmm serial_log tests)",
+            );
+            v.extend([
+                (libc::SYS_openat, ROTATE),
+                (libc::SYS_renameat, ROTATE),
+                (libc::SYS_renameat2, ROTATE),
+            ]);
+            #[cfg(target_arch = "x86_64")]
+            v.push((libc::SYS_rename, ROTATE));
+            v
+        }
     };
-    #[cfg(target_arch = "x86_64")]
-    v.extend(match kind {
-        ThreadKind::Vcpu => vec![
-            (libc::SYS_mkdir, "a vCPU makes no directory"),
-            (libc::SYS_chmod, "a vCPU changes no mode"),
-            (
-                libc::SYS_epoll_wait,
-                "a vCPU waits in KVM_RUN, not on epoll",
-            ),
-            (libc::SYS_poll, "a vCPU waits in KVM_RUN, not in poll"),
-            (libc::SYS_rename, NO_FILES),
-            (libc::SYS_unlink, NO_FILES),
-        ],
-        ThreadKind::DeviceWorker => vec![
-            (libc::SYS_mkdir, "a worker makes no directory"),
-            (libc::SYS_chmod, "a worker changes no mode"),
-            (libc::SYS_rename, "a worker renames nothing"),
-        ],
-        ThreadKind::Display => vec![
-            (libc::SYS_mkdir, "the VNC server makes no directory"),
-            (libc::SYS_unlink, "the VNC server removes nothing"),
-            (libc::SYS_rename, "the VNC server renames nothing"),
-            (libc::SYS_chmod, "the VNC server changes no mode"),
-        ],
-        ThreadKind::Api => vec![
-            (libc::SYS_mkdir, "the API makes no directory"),
-            (libc::SYS_unlink, "the API removes nothing"),
-            (libc::SYS_rename, "the API renames nothing"),
-            (libc::SYS_chmod, "the API changes no mode"),
-            (libc::SYS_epoll_wait, "the API blocks in accept and read"),
-        ],
-        ThreadKind::LogWriter => [
-            libc::SYS_mkdir,
-            libc::SYS_unlink,
-            libc::SYS_chmod,
-            libc::SYS_poll,
-            libc::SYS_epoll_wait,
-        ]
-        .into_iter()
-        .map(|nr| (nr, LOG_ONLY))
-        .collect(),
-    });
+    for (nr, need) in everyone_rare() {
+        if !v.iter().any(|&(n, _)| n == nr) {
+            v.push((nr, need));
+        }
+    }
     v
+}
+
+/// Syscalls of the process allowlist that `kind` does not need ([`allowed`]), with the
+/// reason: its filter kills the process on them.
+pub fn denied(kind: ThreadKind) -> Vec<(i64, &'static str)> {
+    let allowed: Vec<i64> = allowed(kind).into_iter().map(|(nr, _)| nr).collect();
+    let why = match kind {
+        ThreadKind::Vcpu => "not in the vCPU threads' allowlist",
+        ThreadKind::DeviceWorker => "not in the device workers' allowlist",
+        ThreadKind::Api => "not in the API threads' allowlist",
+        ThreadKind::Display => "not in the VNC threads' allowlist",
+        ThreadKind::LogWriter => "not in the serial log thread's allowlist",
+    };
+    super::allowlisted_syscalls()
+        .into_iter()
+        .filter(|nr| !allowed.contains(nr))
+        .map(|nr| (nr, why))
+        .collect()
 }
 
 /// The filter of `kind`: kills the process on [`denied`] syscalls, and on `ioctl` requests
@@ -229,45 +295,47 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram> {
         .into_iter()
         .map(|(nr, _)| (nr, Vec::new()))
         .collect();
+    // Argument checks narrow a call the kind may make; a denied call stays denied whole.
+    let mut narrow = |nr: i64, deny_when: Vec<seccompiler::SeccompRule>| {
+        rules.entry(nr).or_insert(deny_when);
+    };
+    let only_fionbio_fioclex = || -> Result<Vec<seccompiler::SeccompRule>> {
+        Ok(vec![rule(vec![
+            cond(1, Len::Dword, Op::Ne, FIONBIO)?,
+            cond(1, Len::Dword, Op::Ne, FIOCLEX)?,
+        ])?])
+    };
+    // Files are opened read-only (glibc reads /proc and /sys files); nothing opened for
+    // writing or created.
+    let read_only = || -> Result<Vec<seccompiler::SeccompRule>> {
+        let write = |bits: u64| -> Result<seccompiler::SeccompRule> {
+            rule(vec![cond(2, Len::Dword, Op::MaskedEq(bits), bits)?])
+        };
+        Ok(vec![
+            write(libc::O_WRONLY as u64)?,
+            write(libc::O_RDWR as u64)?,
+            write(libc::O_CREAT as u64)?,
+        ])
+    };
     match kind {
-        ThreadKind::Api | ThreadKind::LogWriter => {
-            rules.insert(
-                libc::SYS_ioctl,
-                vec![rule(vec![
-                    cond(1, Len::Dword, Op::Ne, FIONBIO)?,
-                    cond(1, Len::Dword, Op::Ne, FIOCLEX)?,
-                ])?],
-            );
+        ThreadKind::Api | ThreadKind::Display => {
+            narrow(libc::SYS_ioctl, only_fionbio_fioclex()?);
+            narrow(libc::SYS_openat, read_only()?);
         }
-        ThreadKind::Display => {
-            rules.insert(
-                libc::SYS_ioctl,
-                vec![rule(vec![
-                    cond(1, Len::Dword, Op::Ne, FIONBIO)?,
-                    cond(1, Len::Dword, Op::Ne, FIOCLEX)?,
-                ])?],
-            );
-            // glibc opens /proc and /sys files read-only (malloc arenas of a new thread);
-            // nothing is opened for writing or created.
-            let write = |bits: u64| -> Result<seccompiler::SeccompRule> {
-                rule(vec![cond(2, Len::Dword, Op::MaskedEq(bits), bits)?])
-            };
-            rules.insert(
-                libc::SYS_openat,
-                vec![
-                    write(libc::O_WRONLY as u64)?,
-                    write(libc::O_RDWR as u64)?,
-                    write(libc::O_CREAT as u64)?,
-                ],
-            );
+        ThreadKind::LogWriter => {
+            // Rotation creates the new log file.
+            narrow(libc::SYS_ioctl, only_fionbio_fioclex()?);
         }
         ThreadKind::DeviceWorker => {
-            rules.insert(
+            narrow(
                 libc::SYS_ioctl,
                 vec![rule(vec![cond(1, Len::Dword, Op::Eq, KVM_RUN)?])?],
             );
+            narrow(libc::SYS_openat, read_only()?);
         }
-        ThreadKind::Vcpu => {}
+        ThreadKind::Vcpu => {
+            narrow(libc::SYS_openat, read_only()?);
+        }
     }
     compile(rules, SeccompAction::Allow, SeccompAction::KillProcess)
 }
@@ -324,8 +392,10 @@ mod tests {
                 unsafe { libc::_exit(2) };
             }
             probe();
-            // SAFETY: as above.
-            unsafe { libc::_exit(0) };
+            // The child's only thread ends (exit, not exit_group: no kind needs that).
+            // SAFETY: exit(2) ends the calling thread; it runs no destructors.
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            unreachable!("exit(2) returned");
         }
         let mut status = 0;
         // SAFETY: waitpid on our own child with a valid status pointer.
@@ -424,11 +494,18 @@ mod tests {
             sys
         );
         assert_eq!(killed_by(ThreadKind::Api, kvm_run_on_a_bad_fd), sys);
-        // openat: the serial log's thread (rotation) and workers yes, vCPU and API no.
-        assert_eq!(killed_by(ThreadKind::LogWriter, open_a_file), 0);
-        assert_eq!(killed_by(ThreadKind::DeviceWorker, open_a_file), 0);
-        assert_eq!(killed_by(ThreadKind::Vcpu, open_a_file), sys);
-        assert_eq!(killed_by(ThreadKind::Api, open_a_file), sys);
+        // Creating a file: the serial log's thread (rotation) yes, every other kind no;
+        // opening one read-only (glibc's allocator counting CPUs): every kind.
+        assert_eq!(killed_by(ThreadKind::LogWriter, create_a_file), 0);
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::DeviceWorker,
+            ThreadKind::Api,
+            ThreadKind::Display,
+        ] {
+            assert_eq!(killed_by(kind, create_a_file), sys, "{kind:?}");
+            assert_eq!(killed_by(kind, open_a_file), 0, "{kind:?}");
+        }
         // The serial log's thread: no socket, disk, KVM, thread or listener.
         for call in [
             unix_socket as fn() -> i64,
@@ -442,8 +519,8 @@ mod tests {
     }
 
     #[test]
-    fn every_denied_syscall_is_in_the_process_allowlist() {
-        let allowed: Vec<i64> = super::super::syscalls().map(|&(nr, _)| nr).collect();
+    fn every_allowed_syscall_is_in_the_process_allowlist_once() {
+        let process = super::super::allowlisted_syscalls();
         for kind in [
             ThreadKind::Vcpu,
             ThreadKind::DeviceWorker,
@@ -451,18 +528,22 @@ mod tests {
             ThreadKind::Display,
             ThreadKind::LogWriter,
         ] {
-            for (nr, why) in denied(kind) {
-                let extra = [
-                    libc::SYS_socket,
-                    libc::SYS_ioctl,
-                    libc::SYS_clone,
-                    libc::SYS_setsockopt,
-                ];
+            let allowed = allowed(kind);
+            for (i, (nr, need)) in allowed.iter().enumerate() {
                 assert!(
-                    allowed.contains(&nr) || extra.contains(&nr),
-                    "{kind:?}: {nr} ({why}) is not allowed anyway"
+                    process.contains(nr),
+                    "{kind:?}: {nr} ({need:?}) is not allowed anyway"
+                );
+                assert!(
+                    !allowed[..i].iter().any(|(n, _)| n == nr),
+                    "{kind:?}: {nr} listed twice"
                 );
             }
+            assert_eq!(
+                denied(kind).len() + allowed.len(),
+                process.len(),
+                "{kind:?}"
+            );
         }
     }
 }
