@@ -165,10 +165,12 @@ fn bad_files_change_nothing() {
         } else {
             &[]
         };
+        let audited = refusals(&dir_b).len();
         let out = import(file, &dir_b, key, extra);
         assert_one_error(&out, needle);
         assert_eq!(rows(&dir_b), rows_b, "case {}", file.display());
         assert!(tree(&dir_b) == tree_b, "case {} changed B", file.display());
+        assert_refusal_audited(&dir_b, audited, file);
     }
     // A well-formed file with something that is not part of a profile (anyone can make one
     // for a recipient key) is refused.
@@ -197,19 +199,57 @@ fn bad_files_change_nothing() {
         &mut |_| {},
     )
     .unwrap();
+    let audited = refusals(&dir_b).len();
     assert_one_error(
         &import(&crafted, &dir_b, &pass, &["--name", "crafted"]),
         "not part of a profile",
     );
     assert!(tree(&dir_b) == tree_b);
     assert_eq!(rows(&dir_b), rows_b);
+    assert_refusal_audited(&dir_b, audited, &crafted);
+
+    // A well-formed file whose spec names a free host path as its initrd (any root-readable
+    // file, another profile's disk) is refused, audited, and leaves nothing behind.
+    for bad in ["/etc/passwd", "../other/disks/data.img"] {
+        let mut config = manifest.config.clone();
+        config["spec"]["initrd"] = serde_json::json!(bad);
+        let host_path = s.path("host-path.pvp");
+        let _ = std::fs::remove_file(&host_path);
+        vault::export(
+            &host_path,
+            vault::Manifest::new("work", config, manifest.policy.clone()),
+            &[
+                entry("profile.toml", dir_a.join("profiles/work/profile.toml")),
+                entry("disks/data.img", disk_a.clone()),
+            ],
+            &[vault::KeySpec::Passphrase {
+                passphrase: vault::Passphrase::new(PASSPHRASE),
+                params: vault::KdfParams::INSECURE_FAST,
+            }],
+            &mut |_| {},
+        )
+        .unwrap();
+        let audited = refusals(&dir_b).len();
+        assert_one_error(
+            &import(&host_path, &dir_b, &pass, &["--name", "hostpath"]),
+            "is not allowed: a guest asset is the file name of a file in the handset's asset",
+        );
+        assert!(tree(&dir_b) == tree_b, "{bad}: changed B");
+        assert_eq!(rows(&dir_b), rows_b, "{bad}");
+        let records = assert_refusal_audited(&dir_b, audited, &host_path);
+        assert_eq!(records.profile, "hostpath");
+        assert!(records.detail.contains(bad), "{}", records.detail);
+    }
 
     // A bad --name is refused before anything happens.
+    let audited = refusals(&dir_b).len();
     assert_one_error(
         &import(&good, &dir_b, &pass, &["--name", "Bad/Name"]),
         "profile name",
     );
     assert!(tree(&dir_b) == tree_b);
+    // Audited under `-`, not under the name it asked for.
+    assert_eq!(assert_refusal_audited(&dir_b, audited, &good).profile, "-");
     // A failed import into a missing state directory does not create it.
     let fresh = s.path("fresh");
     assert_one_error(
@@ -222,6 +262,31 @@ fn bad_files_change_nothing() {
         "corrupt",
     );
     assert!(!fresh.exists());
+}
+
+/// The `import-refused` records of a state directory's audit log.
+fn refusals(dir: &Path) -> Vec<handset::db::Event> {
+    handset::db::Db::open(&dir.join("handset.db"))
+        .unwrap()
+        .records(handset::db::Log::Audit, None, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event == "import-refused")
+        .collect()
+}
+
+/// Checks that exactly one `import-refused` record was added after the first `before`,
+/// naming `file`; returns it.
+fn assert_refusal_audited(dir: &Path, before: usize, file: &Path) -> handset::db::Event {
+    let now = refusals(dir);
+    assert_eq!(now.len(), before + 1, "{}: {now:?}", file.display());
+    let last = now.last().unwrap().clone();
+    assert!(
+        last.detail.contains(&file.display().to_string()),
+        "{}: {last:?}",
+        file.display()
+    );
+    last
 }
 
 /// Fills the profile's disk with `mib` MiB of random data.

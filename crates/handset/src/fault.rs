@@ -25,3 +25,32 @@ pub fn kill_point(point: &str) {
         unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
     }
 }
+
+/// The variable naming a hold point and its flag file: `POINT:PATH`.
+pub const HOLD_AT_VAR: &str = "POCKETVISOR_HOLD_AT";
+
+/// Holds the step at `point` while a test acts on the world (fills the disk, ...): if
+/// `POCKETVISOR_HOLD_AT` is `point:PATH`, creates `PATH` and waits until the test removes it
+/// (at most 60 s). Unset (always, outside the tests), a hold point costs one environment
+/// lookup.
+pub async fn hold_point(point: &str) {
+    let Some(wanted) = std::env::var_os(HOLD_AT_VAR) else {
+        return;
+    };
+    let Some((p, flag)) = wanted.to_str().and_then(|w| w.split_once(':')) else {
+        return;
+    };
+    if p != point {
+        return;
+    }
+    tracing::warn!("{HOLD_AT_VAR}: holding at {point} until {flag} is removed");
+    if std::fs::write(flag, point).is_err() {
+        return;
+    }
+    for _ in 0..6000 {
+        if !std::path::Path::new(flag).exists() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}

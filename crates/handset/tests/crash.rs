@@ -329,3 +329,120 @@ fn a_stop_on_a_full_disk_is_recoverable() {
     assert_eq!(d.act("f", "stop").unwrap().state, ProfileState::Stopped);
     drop(d);
 }
+
+/// The disk fills at the worst moment of a stop and of a suspend: after the VMM ended (the
+/// guest is gone, or in its complete snapshot) and before the registry records it. The step
+/// fails with an error; with space again, the normal command settles the profile (stopped;
+/// suspended with its snapshot, then resumed where the guest was, never cold-booted), and
+/// the profile works on. The moment is held by `POCKETVISOR_HOLD_AT` (`handset::fault`).
+#[test]
+fn a_disk_that_fills_after_the_vmm_ended_leaves_a_recoverable_state() {
+    if !can_run_vms("a_disk_that_fills_after_the_vmm_ended_leaves_a_recoverable_state") {
+        return;
+    }
+    let Some(fs) = Tmpfs::mount(128) else {
+        loud("SKIP (cannot mount a tmpfs: not root?): a_disk_that_fills_after_the_vmm_ended");
+        return;
+    };
+    let flags = tempfile::Builder::new()
+        .prefix("pv-hold-")
+        .tempdir()
+        .unwrap();
+    for (op, point, settled) in [
+        ("stop", "stop-vmm-ended", ProfileState::Stopped),
+        ("suspend", "suspend-vmm-ended", ProfileState::Suspended),
+    ] {
+        let flag = flags.path().join(point);
+        let dir = fs.path().join(op);
+        std::fs::create_dir(&dir).unwrap();
+        let mut d = Daemon::start_in(op, &dir);
+        d.kill9();
+        d.env = vec![(
+            handset::fault::HOLD_AT_VAR.to_string(),
+            format!("{point}:{}", flag.display()),
+        )];
+        d.spawn();
+        d.create_probe("f", 64, "");
+        d.act("f", "start").unwrap();
+        goes_on(&d, "f", 3);
+        let sock = d.dir.join("handset.sock");
+        let path = format!("/v1/profiles/f/{op}");
+        let step = std::thread::spawn(move || {
+            handset::client::Client::new(&sock).call::<handset::ProfileInfo>(
+                "POST",
+                &path,
+                None::<&()>,
+            )
+        });
+        assert!(
+            wait_until(Duration::from_secs(60), || flag.exists()),
+            "{op}: never reached {point}\n{}",
+            d.log()
+        );
+        let last_before = last_counter(&d.serial("f")).unwrap_or(0);
+        // No byte left, then the step goes on to its registry write.
+        let filler = fill(&fs, 0);
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::options().append(true).open(&filler).unwrap();
+            while f.write_all(&[0x55; 512]).is_ok() {}
+        }
+        std::fs::remove_file(&flag).unwrap();
+        let failed = step.join().unwrap();
+        assert!(
+            failed.is_err(),
+            "{op}: the registry write on a full disk succeeded ({failed:?}): nothing was tested"
+        );
+        let seen = d.show("f").state;
+        loud(&format!(
+            "MEASURE {op} with the disk full after the VMM ended: {failed:?}; the registry \
+             says {seen:?} until the next command"
+        ));
+        std::fs::remove_file(filler).unwrap();
+        assert!(d.our_processes().is_empty(), "{op}: a VMM is left");
+        // The normal command settles it; no error for what is now done.
+        let after = d.act("f", op).unwrap();
+        assert_eq!(after.state, settled, "{op}: after the repeated command");
+        if op == "suspend" {
+            assert!(
+                d.dir.join("profiles/f/snapshot/COMPLETE").is_file(),
+                "suspended without its snapshot"
+            );
+            let log_len = d.serial("f").len();
+            assert_eq!(d.act("f", "resume").unwrap().state, ProfileState::Running);
+            // The guest goes on from where it was: its first count after the resume is past
+            // the last one before the suspend (a cold boot counts from 1).
+            assert!(
+                wait_until(Duration::from_secs(15), || first_counter_after(
+                    &d.serial("f"),
+                    log_len
+                )
+                .is_some()),
+                "no count after the resume"
+            );
+            let first = first_counter_after(&d.serial("f"), log_len).unwrap();
+            assert!(
+                first >= last_before,
+                "resumed at {first}, suspended after {last_before}: a cold boot"
+            );
+        } else {
+            assert_eq!(d.act("f", "start").unwrap().state, ProfileState::Running);
+        }
+        goes_on(&d, "f", 3);
+        assert_eq!(d.act("f", "stop").unwrap().state, ProfileState::Stopped);
+        assert!(
+            !d.dir.join("profiles/f/intent").exists(),
+            "{op}: intent left"
+        );
+        drop(d);
+    }
+}
+
+/// The first `PROBE counter N` in `serial` after byte `from` (the whole log if it is now
+/// shorter: a new log).
+fn first_counter_after(serial: &str, from: usize) -> Option<u64> {
+    let tail = serial.get(from..).unwrap_or(serial);
+    tail.lines()
+        .find_map(|l| l.trim_end().strip_prefix("PROBE counter "))
+        .and_then(|n| n.trim().parse().ok())
+}

@@ -182,10 +182,39 @@ fn unlock(a: &ImportArgs) -> Result<Unlock> {
     }
 }
 
-/// Runs `pocketvisor import`.
+/// Runs `pocketvisor import`. A refused import (a file that does not open or is damaged, a
+/// spec that breaks the handset's rules, a name taken) changes nothing but the audit log of
+/// a state directory that already has one: one `import-refused` record with the reason.
 pub fn main(a: ImportArgs) -> Result<i32> {
-    let file = a.file.display().to_string();
     let dir = StateDir::resolve(a.state_dir.as_deref())?;
+    let mut audited = false;
+    let result = import(&a, &dir, &mut audited);
+    if let Err(e) = &result {
+        if !audited {
+            let who = a
+                .name
+                .as_deref()
+                .filter(|n| handset::spec::check_name("", n).is_ok())
+                .unwrap_or("-");
+            audit_refusal(&dir, who, &format!("{}: {e:#}", a.file.display()));
+        }
+    }
+    result
+}
+
+/// Records a refused import in the audit log, if the state directory has one (a refused
+/// import creates no state directory).
+fn audit_refusal(dir: &StateDir, who: &str, detail: &str) {
+    if !dir.db().is_file() {
+        return;
+    }
+    if let Ok(db) = Db::open(&dir.db()) {
+        let _ = db.record(Log::Audit, who, "import-refused", detail);
+    }
+}
+
+fn import(a: &ImportArgs, dir: &StateDir, audited: &mut bool) -> Result<i32> {
+    let file = a.file.display().to_string();
     let taken = |name: &str| {
         anyhow::anyhow!(
             "profile {name:?} already exists in {}: import it under another name with --name \
@@ -199,7 +228,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     };
     // What a killed import left (a staging directory, a directory renamed into place but
     // not registered) goes first.
-    handset::leftovers::sweep_imports(&dir, None)?;
+    handset::leftovers::sweep_imports(dir, None)?;
     // With --name the clash is known before the work; else once the manifest is read (the
     // key is derived once: no separate inspect pass).
     if let Some(n) = &a.name {
@@ -212,7 +241,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
         threads: secret::threads()?,
         ..vault::ImportOptions::default()
     };
-    let unlock = unlock(&a)?;
+    let unlock = unlock(a)?;
 
     // From here on, everything made is removed on failure.
     let mut cleanup = Cleanup {
@@ -254,9 +283,8 @@ pub fn main(a: ImportArgs) -> Result<i32> {
             } else {
                 "-"
             };
-            if let Ok(db) = Db::open(&dir.db()) {
-                let _ = db.record(Log::Audit, who, "import-refused", &detail);
-            }
+            audit_refusal(dir, who, &detail);
+            *audited = true;
             return Err(e).context(format!("cannot import {file}"));
         }
     };
@@ -327,7 +355,7 @@ pub fn main(a: ImportArgs) -> Result<i32> {
     handset::fault::kill_point("import-registered");
     let _ = std::fs::remove_file(target.join(PENDING_MARKER));
 
-    for w in host_warnings(&dir, &config.spec) {
+    for w in host_warnings(dir, &config.spec) {
         if a.json {
             progress::json_line(&serde_json::json!({"event": "warning", "message": w}));
         } else {

@@ -71,6 +71,30 @@ impl Handset {
         }
     }
 
+    /// Before a lifecycle step (ops lock held): a step this daemon could not record after
+    /// its VMM ended (the registry write failed, e.g. on a full disk) left its intent and a
+    /// registry that still says the VMM runs. It is finished or rolled back now, as at a
+    /// daemon start, so the normal commands recover every state the registry can hold. An
+    /// intent whose VMM still lives is left to the step itself (a repeated stop ends it).
+    /// Returns the state it settled the profile in, if it did.
+    pub(super) async fn settle_pending(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<Option<ProfileState>> {
+        if !self.dir().intent(name).exists() {
+            return Ok(None);
+        }
+        let pid = self.registry.row(name)?.pid.unwrap_or(0);
+        let api = self.dir().api_socket(name);
+        if pid > 0 && vmm_proc::is_our_vmm(pid, &self.opts.vmm_bin, &api) {
+            return Ok(None);
+        }
+        if !self.finish_intent(name).await? {
+            return Ok(None);
+        }
+        Ok(Some(ProfileState::parse(&self.registry.row(name)?.state)))
+    }
+
     /// At daemon start, before adoption: finishes or rolls back the step an earlier daemon
     /// left half done on `name` (ops lock held). Returns whether the profile was settled here
     /// (the caller then leaves it alone).

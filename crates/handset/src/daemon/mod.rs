@@ -289,6 +289,7 @@ impl Handset {
     pub async fn start(self: &Arc<Self>, name: &str, reclaim: bool) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
+        self.settle_pending(name).await?;
         let step = self.registry.check(name, Event::Start)?;
         self.check_moved(name, "start", reclaim)?;
         match step.action {
@@ -337,6 +338,10 @@ impl Handset {
     pub async fn stop(self: &Arc<Self>, name: &str, discard: bool) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
+        // A stop left unrecorded (the disk was full) is finished: nothing more to do.
+        if self.settle_pending(name).await? == Some(ProfileState::Stopped) {
+            return self.show(name);
+        }
         match self.registry.check(name, Event::Stop)?.action {
             Action::DiscardSnapshot if !discard => {
                 return Err(Error::Conflict(format!(
@@ -356,6 +361,7 @@ impl Handset {
             _ => {
                 self.begin_intent(name, Intent::Stop)?;
                 let how = self.stop_vm(name).await?;
+                crate::fault::hold_point("stop-vmm-ended").await;
                 self.registry.apply(name, Event::Stopped, None, "")?;
                 self.end_intent(name);
                 self.registry.event(name, "stopped", &how);
@@ -462,6 +468,9 @@ impl Handset {
     pub async fn suspend(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
+        if self.settle_pending(name).await? == Some(ProfileState::Suspended) {
+            return self.show(name);
+        }
         self.registry.check(name, Event::Suspend)?;
         self.suspend_locked(name, "").await?;
         self.place_after_exit(name).await?;
@@ -519,6 +528,7 @@ impl Handset {
             state_dir::sync_dir(&self.dir().profile(name))?;
         }
         let how = self.stop_vm(name).await?;
+        crate::fault::hold_point("suspend-vmm-ended").await;
         self.registry.apply(name, Event::Suspended, None, why)?;
         self.end_intent(name);
         let why = if why.is_empty() {
@@ -539,6 +549,7 @@ impl Handset {
     pub async fn resume(self: &Arc<Self>, name: &str, reclaim: bool) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
+        self.settle_pending(name).await?;
         if self.user_paused(name)? {
             return Err(Error::Conflict(format!(
                 "profile {name:?} is paused in memory, not suspended: unpause it"
