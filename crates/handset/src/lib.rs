@@ -82,6 +82,7 @@ pub mod leftovers;
 pub mod moved;
 pub mod org_policy;
 pub mod phone;
+pub mod policy_travel;
 pub mod spec;
 pub mod state_dir;
 pub mod vmm_proc;

@@ -100,7 +100,11 @@ pub fn apply(dir: &StateDir, envelope: &[u8], now: u64) -> Result<policy::Applie
     if !dir.spec(&name).is_file() {
         return Err(Error::NotFound(name));
     }
-    policy::apply(&dir.policy(&name), &name, &key, envelope, now).map_err(policy_err)
+    let applied =
+        policy::apply(&dir.policy(&name), &name, &key, envelope, now).map_err(policy_err)?;
+    // A later import of an older export of this profile is then a rollback.
+    crate::policy_travel::record_accepted(dir, &name, &key, applied.policy.policy.version)?;
+    Ok(applied)
 }
 
 /// `POST /v1/policies`: a signed policy to apply to the profile it names.

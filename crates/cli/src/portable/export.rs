@@ -10,7 +10,7 @@ use handset::db::{Db, ProfileRow};
 use handset::{ProfileInfo, ProfileSpec, ProfileState, StateDir};
 use vault::{ExportOptions, KeySpec, Manifest, Phase, Progress, SealedKeys, VaultError};
 
-use super::layout::{self, ProfileConfig, SavedState, CONFIG_FORMAT};
+use super::layout::{self, ProfileConfig, SavedState, CONFIG_FORMAT, GOVERNED_FORMAT};
 use super::progress::{self, Reporter};
 use super::secret::{self, PassphraseArgs};
 
@@ -329,9 +329,16 @@ fn write_file(
         .with_context(|| format!("cannot read {}", spec_path.display()))?;
     let spec =
         ProfileSpec::from_toml(&spec_text).with_context(|| format!("{}", spec_path.display()))?;
-    let entries = layout::entries(dir, name, &spec, state == SavedState::Suspended)?;
+    // A governed profile's signed policy travels with it (re-verified by the importer).
+    let governed = dir.policy(name).is_file();
+    let entries = layout::entries(dir, name, &spec, governed, state == SavedState::Suspended)?;
     let config = ProfileConfig {
-        format: CONFIG_FORMAT.into(),
+        format: if governed {
+            GOVERNED_FORMAT
+        } else {
+            CONFIG_FORMAT
+        }
+        .into(),
         state,
         vsock_cid: row.vsock_cid,
         exported_by: format!("pocketvisor {}", env!("CARGO_PKG_VERSION")),

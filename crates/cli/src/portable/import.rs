@@ -39,6 +39,11 @@ changes nothing. The profile is registered with the handset (running or not) in 
 was exported in: `pocketvisor profile resume NAME` continues a suspended one where it
 stopped, `start` boots a stopped one.
 
+A governed profile (one the file carries an organisation policy for) is imported only when
+its policy verifies under this handset's trusted organisation key (`pocketvisor policy
+trust`), under the profile's own name, unexpired and no older than a version accepted here
+before; otherwise nothing is imported.
+
 EXAMPLE:
   pocketvisor import work.pvp --state-dir /var/lib/pocketvisor
   pocketvisor profile resume work")]
@@ -297,6 +302,32 @@ fn import(a: &ImportArgs, dir: &StateDir, audited: &mut bool) -> Result<i32> {
     layout::check_entries(manifest.entries.iter().map(|e| e.name.as_str()), &config)
         .with_context(|| format!("cannot import {file}"))?;
     layout::check_imported(&staging, &config).with_context(|| format!("cannot import {file}"))?;
+    // A governed profile's policy is verified under this handset's organisation key, for the
+    // name it is imported under; refused, nothing is created (the staging goes with cleanup).
+    let policy = if config.governed() {
+        let checked = policy::store::read_bounded(&staging.join(layout::POLICY_ENTRY))
+            .map_err(anyhow::Error::new)
+            .and_then(|envelope| {
+                Ok(handset::policy_travel::check_imported(
+                    dir,
+                    &name,
+                    &envelope,
+                    policy::unix_now(),
+                )?)
+            });
+        match checked {
+            Ok(v) => Some(v),
+            Err(e) => {
+                // Recorded under the name: the policy (or the handset) refused it, the name
+                // itself is valid.
+                audit_refusal(dir, &name, &format!("{file}: {e:#}"));
+                *audited = true;
+                return Err(e).context(format!("cannot import {file}"));
+            }
+        }
+    } else {
+        None
+    };
     if name != config.spec.name {
         let spec = ProfileSpec {
             name: name.clone(),
@@ -327,7 +358,13 @@ fn import(a: &ImportArgs, dir: &StateDir, audited: &mut bool) -> Result<i32> {
     // suspended profile registered as stopped.
     let registered = (|| -> Result<u32> {
         let db = Db::open(&dir.db())?;
-        let detail = format!("imported from {file}");
+        let detail = match &policy {
+            Some(v) => format!(
+                "imported from {file} (governed: policy version {} verified)",
+                v.policy.version
+            ),
+            None => format!("imported from {file}"),
+        };
         db.atomically(|db| {
             let cid = db.insert_profile_with_cid(&name, config.vsock_cid)?;
             db.set_state(&name, config.state.as_str(), None, &detail)?;
@@ -353,6 +390,20 @@ fn import(a: &ImportArgs, dir: &StateDir, audited: &mut bool) -> Result<i32> {
     };
     cleanup.disarm();
     handset::fault::kill_point("import-registered");
+    if let Some(v) = &policy {
+        let recorded = handset::org_policy::trusted_key(dir).and_then(|key| match key {
+            Some(key) => {
+                handset::policy_travel::record_accepted(dir, &name, &key, v.policy.version)
+            }
+            None => Ok(()),
+        });
+        if let Err(e) = recorded {
+            eprintln!(
+                "pocketvisor: warning: cannot record policy version {}: {e}",
+                v.policy.version
+            );
+        }
+    }
     let _ = std::fs::remove_file(target.join(PENDING_MARKER));
 
     for w in host_warnings(dir, &config.spec) {

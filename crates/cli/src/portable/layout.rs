@@ -8,8 +8,15 @@ use handset::{ProfileSpec, StateDir};
 use serde::{Deserialize, Serialize};
 use vault::{EntryKind, EntrySource};
 
-/// Tag of the manifest `config` documents this version writes and reads.
+/// Tag of the manifest `config` of a profile without an organisation policy.
 pub const CONFIG_FORMAT: &str = "pocketvisor-profile/1";
+/// Tag of the manifest `config` of a governed profile: the file carries its signed policy
+/// ([`POLICY_ENTRY`]). A pocketvisor that predates it refuses the file (an unknown format)
+/// instead of importing the profile without its policy.
+pub const GOVERNED_FORMAT: &str = "pocketvisor-profile/2";
+
+/// Entry name of a governed profile's signed policy (`profiles/<name>/policy.pvpol`).
+pub const POLICY_ENTRY: &str = "policy.pvpol";
 
 /// Entry name of the profile spec.
 pub const SPEC_ENTRY: &str = "profile.toml";
@@ -42,7 +49,7 @@ impl SavedState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileConfig {
-    /// [`CONFIG_FORMAT`].
+    /// [`CONFIG_FORMAT`], or [`GOVERNED_FORMAT`] when the file carries a policy.
     pub format: String,
     /// The profile's state.
     pub state: SavedState,
@@ -58,9 +65,10 @@ impl ProfileConfig {
     /// Decodes and checks a manifest's `config`.
     pub fn from_manifest(config: &serde_json::Value) -> Result<Self> {
         let format = config.get("format").and_then(|v| v.as_str());
-        if format != Some(CONFIG_FORMAT) {
+        if format != Some(CONFIG_FORMAT) && format != Some(GOVERNED_FORMAT) {
             bail!(
-                "the file holds a profile of format {}, this pocketvisor reads {CONFIG_FORMAT}",
+                "the file holds a profile of format {}, this pocketvisor reads {CONFIG_FORMAT} \
+                 and {GOVERNED_FORMAT}",
                 format.unwrap_or("(none)")
             );
         }
@@ -71,6 +79,11 @@ impl ProfileConfig {
             .context("the file's profile spec is invalid")?;
         Ok(c)
     }
+
+    /// Whether the profile is governed: the file carries its signed policy.
+    pub fn governed(&self) -> bool {
+        self.format == GOVERNED_FORMAT
+    }
 }
 
 /// The entry name of disk `disk`.
@@ -78,11 +91,13 @@ pub fn disk_entry(disk: &str) -> String {
     format!("{DISKS_DIR}/{disk}.img")
 }
 
-/// The files of profile `name` to export: spec, disks, and the snapshot if `with_snapshot`.
+/// The files of profile `name` to export: spec, its policy if `governed`, disks, and the
+/// snapshot if `with_snapshot`.
 pub fn entries(
     dir: &StateDir,
     name: &str,
     spec: &ProfileSpec,
+    governed: bool,
     with_snapshot: bool,
 ) -> Result<Vec<EntrySource>> {
     let mut out = vec![EntrySource {
@@ -90,6 +105,13 @@ pub fn entries(
         kind: EntryKind::Other,
         path: dir.spec(name),
     }];
+    if governed {
+        out.push(EntrySource {
+            name: POLICY_ENTRY.into(),
+            kind: EntryKind::Other,
+            path: dir.policy(name),
+        });
+    }
     for d in &spec.disks {
         out.push(EntrySource {
             name: disk_entry(&d.name),
@@ -138,9 +160,9 @@ fn snapshot_files(snap: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// Checks that the file holds only what a profile has: its spec, its spec's disks and, if
-/// suspended, files directly in `snapshot/` (a file made for a recipient key can come from
-/// anyone, so nothing else may land in the profile directory).
+/// Checks that the file holds only what a profile has: its spec, its policy if governed, its
+/// spec's disks and, if suspended, files directly in `snapshot/` (a file made for a recipient
+/// key can come from anyone, so nothing else may land in the profile directory).
 pub fn check_entries<'a>(
     names: impl IntoIterator<Item = &'a str>,
     config: &ProfileConfig,
@@ -157,6 +179,7 @@ pub fn check_entries<'a>(
             .and_then(|r| r.strip_prefix('/'))
             .is_some_and(|f| !f.is_empty() && !f.contains('/') && !f.starts_with('.'));
         let ok = name == SPEC_ENTRY
+            || (name == POLICY_ENTRY && config.governed())
             || disks.iter().any(|d| d == name)
             || (in_snapshot && config.state == SavedState::Suspended);
         if !ok {
@@ -174,6 +197,12 @@ pub fn check_imported(root: &Path, config: &ProfileConfig) -> Result<Option<Path
     let spec = ProfileSpec::from_toml(&text).context("the file's profile.toml is invalid")?;
     if spec != config.spec {
         bail!("the file's profile.toml differs from its manifest");
+    }
+    if config.governed() != root.join(POLICY_ENTRY).is_file() {
+        bail!(
+            "the file's policy entry and its format ({}) disagree",
+            config.format
+        );
     }
     for d in &spec.disks {
         let p = root.join(disk_entry(&d.name));
@@ -251,10 +280,14 @@ mod tests {
         assert_eq!(v["state"], "suspended");
         let back = ProfileConfig::from_manifest(&v).unwrap();
         assert_eq!(back.spec, c.spec);
+        assert!(!back.governed());
+        let mut governed = v.clone();
+        governed["format"] = GOVERNED_FORMAT.into();
+        assert!(ProfileConfig::from_manifest(&governed).unwrap().governed());
         let mut future = v.clone();
-        future["format"] = "pocketvisor-profile/2".into();
+        future["format"] = "pocketvisor-profile/3".into();
         let e = ProfileConfig::from_manifest(&future).unwrap_err();
-        assert!(e.to_string().contains("pocketvisor-profile/2"), "{e}");
+        assert!(e.to_string().contains("pocketvisor-profile/3"), "{e}");
         let mut bad = v.clone();
         bad["spec"]["memory_mib"] = 1.into();
         assert!(ProfileConfig::from_manifest(&bad).is_err());
@@ -320,6 +353,12 @@ mod tests {
         let snap = ["profile.toml", "snapshot/state.bin", "snapshot/memory.bin"];
         assert!(check_entries(snap, &suspended).is_ok());
         assert!(check_entries(snap, &stopped).is_err());
+        // The policy entry only in a governed profile's file.
+        let with_policy = ["profile.toml", POLICY_ENTRY];
+        assert!(check_entries(with_policy, &stopped).is_err());
+        let mut governed = stopped.clone();
+        governed.format = GOVERNED_FORMAT.into();
+        assert!(check_entries(with_policy, &governed).is_ok());
         for bad in [
             "run/api.sock",
             "disks/other.img",
@@ -348,6 +387,14 @@ mod tests {
         disk.set_len(1 << 20).unwrap();
         assert!(check_imported(&t, &c).is_err());
         disk.set_len(64 << 20).unwrap();
+        // A governed profile without its policy, or a policy in an ungoverned one: refused.
+        let mut governed = c.clone();
+        governed.format = GOVERNED_FORMAT.into();
+        assert!(check_imported(&t, &governed).is_err());
+        std::fs::write(t.join(POLICY_ENTRY), b"signed").unwrap();
+        assert!(check_imported(&t, &governed).unwrap().is_none());
+        assert!(check_imported(&t, &c).is_err());
+        std::fs::remove_file(t.join(POLICY_ENTRY)).unwrap();
         // Suspended without a snapshot is refused.
         assert!(check_imported(&t, &config(SavedState::Suspended)).is_err());
         // A spec that differs from the manifest is refused.
