@@ -18,6 +18,11 @@ whose spec says on_shutdown = \"suspend\" (the templates do) and stops the other
 exiting. When it starts, it starts (or resumes) the profiles with autostart = true. Started
 again after a crash, it adopts the VMMs still running.
 
+It also serves the browser phone (--http): a phone-shaped web page with the foreground
+profile's live screen, a profile switcher and state badges; touch and keys reach the guest.
+`pocketvisor profile view NAME` prints its address, with a token made at each daemon start.
+It listens on loopback by default; a wider address needs HTTPS (--http-cert, --http-key).
+
 EXAMPLE:
   pocketvisor handset --state-dir /tmp/pv &
   pocketvisor profile --state-dir /tmp/pv create work --template work
@@ -43,10 +48,50 @@ pub struct HandsetArgs {
     /// `pocketvisor policy trust` does; a different key already trusted is refused.
     #[arg(long, value_name = "FILE")]
     org_key: Option<PathBuf>,
+    /// Where the browser phone (a phone-shaped web page with the profiles' live screens)
+    /// listens: IP:PORT, or `off`. An address that is not loopback needs --http-cert and
+    /// --http-key (HTTPS) [default: 127.0.0.1:0, a loopback port the system picks].
+    #[arg(long, value_name = "ADDR")]
+    http: Option<String>,
+    /// The browser phone's TLS certificate chain (PEM), for HTTPS.
+    #[arg(long, value_name = "FILE", requires = "http_key")]
+    http_cert: Option<PathBuf>,
+    /// The browser phone's TLS private key (PEM), for HTTPS.
+    #[arg(long, value_name = "FILE", requires = "http_cert")]
+    http_key: Option<PathBuf>,
+}
+
+/// The browser phone's configuration from `--http`, `--http-cert` and `--http-key`.
+fn phone_config(a: &HandsetArgs) -> Result<Option<handset::phone::PhoneConfig>> {
+    let tls = match (&a.http_cert, &a.http_key) {
+        (Some(cert), Some(key)) => Some(handset::phone::TlsFiles {
+            cert: std::path::absolute(cert)?,
+            key: std::path::absolute(key)?,
+        }),
+        _ => None,
+    };
+    let addr = match a.http.as_deref() {
+        Some("off") => {
+            if tls.is_some() {
+                anyhow::bail!(
+                    "--http off: no browser phone, so --http-cert/--http-key mean nothing"
+                );
+            }
+            return Ok(None);
+        }
+        Some(text) => text.parse().with_context(|| {
+            format!("--http {text}: not IP:PORT (for example 127.0.0.1:8080), nor off")
+        })?,
+        None => handset::phone::PhoneConfig::loopback().addr,
+    };
+    let cfg = handset::phone::PhoneConfig { addr, tls };
+    cfg.check()?;
+    Ok(Some(cfg))
 }
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub fn main(a: HandsetArgs) -> Result<i32> {
+    let phone = phone_config(&a)?;
     let state_dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let probe = match a.probe {
@@ -73,6 +118,7 @@ pub fn main(a: HandsetArgs) -> Result<i32> {
         probe,
         cgroup_parent,
         jail: !a.no_jail,
+        phone,
     })?;
     Ok(0)
 }

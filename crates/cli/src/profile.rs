@@ -198,14 +198,20 @@ EXAMPLE:
         #[arg(short, long, value_name = "FILE")]
         output: std::path::PathBuf,
     },
-    /// Print where a running profile's screen (spec `screen = true`) can be viewed live.
+    /// Print where a running profile's screen (spec `screen = true`) can be viewed live (VNC
+    /// and the browser phone).
     #[command(after_help = "\
 Prints a VNC address on loopback (RFB 3.8, no authentication: it is never bound wider), which
 the daemon forwards to the profile's VMM; keys and the left mouse button reach the profile's
 keyboard and touch screen. Any VNC client works.
 
+Also prints the browser phone's address (unless the daemon runs with --http off): a web page
+with the foreground profile's live screen, a profile switcher and each profile's state; the
+address carries the daemon's token (new at each daemon start), so keep it to yourself.
+
 EXAMPLE:
   pocketvisor profile view work      # work: vnc 127.0.0.1:41234
+                                     # work: phone http://127.0.0.1:40123/phone?token=...
   vncsnapshot 127.0.0.1::41234 work.jpg")]
     View {
         /// Profile name.
@@ -728,6 +734,9 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             } else {
                 let vnc = answer.get("vnc").and_then(|v| v.as_str()).unwrap_or("?");
                 outln!("{name}: vnc {vnc}");
+                if let Some(url) = answer.get("phone").and_then(|v| v.as_str()) {
+                    outln!("{name}: phone {url}");
+                }
             }
         }
         ProfileCmd::Events {

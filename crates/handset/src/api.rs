@@ -463,8 +463,14 @@ async fn method_not_allowed(method: axum::http::Method) -> (StatusCode, Json<Err
 
 /// The router for [`ROUTES`].
 pub fn router(h: Hs) -> Router {
+    router_with(h, |_| true)
+}
+
+/// The router for the [`ROUTES`] whose operation `keep` accepts (the browser phone serves a
+/// few).
+pub fn router_with(h: Hs, keep: impl Fn(Op) -> bool) -> Router {
     let mut by_path: BTreeMap<&str, MethodRouter<Hs>> = BTreeMap::new();
-    for route in ROUTES {
+    for route in ROUTES.iter().filter(|r| keep(r.op)) {
         let mr = method_router(route);
         let merged = match by_path.remove(route.path) {
             Some(existing) => existing.merge(mr),

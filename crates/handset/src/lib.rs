@@ -143,6 +143,11 @@ pub async fn run_until(
              limits need root; profiles may fail to start (see `pocketvisor doctor`)"
         );
     }
+    // The phone's address and certificate are checked before anything starts.
+    let phone = match &opts.phone {
+        Some(cfg) => Some(phone::bind(cfg).await?),
+        None => None,
+    };
     let h = Handset::open(opts)?;
     let sock = dir.socket();
     // We hold the lock, so a socket file left here is stale.
@@ -158,14 +163,35 @@ pub async fn run_until(
         std::process::id(),
         sock.display()
     );
+    let (stopping, stop_seen) = tokio::sync::watch::channel(false);
+    let phone_task = phone.map(|bound| {
+        h.set_phone_url(bound.url());
+        let page = bound.url().split('?').next().unwrap_or_default();
+        tracing::info!("browser phone at {page} (`profile view` prints it with the token)");
+        let mut stop_seen = stop_seen.clone();
+        let served = phone::serve(h.clone(), bound, async move {
+            let _ = stop_seen.wait_for(|s| *s).await;
+        });
+        tokio::spawn(served)
+    });
     let closer = h.clone();
     let shutdown = async move {
         shutdown.await;
         closer.close_streams();
+        let _ = stopping.send(true);
     };
     let served = api::serve(h.clone(), listener, shutdown).await;
     tracing::info!("handset daemon stopping: suspending or stopping the running profiles");
     h.shutdown().await;
+    // Its screen sessions ended with the VMMs; it stops taking new requests with the API.
+    if let Some(task) = phone_task {
+        match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!("browser phone server failed: {e}"),
+            Ok(Err(e)) => tracing::warn!("browser phone server task: {e}"),
+            Err(_) => tracing::warn!("browser phone server did not stop within 5 s"),
+        }
+    }
     h.audit("-", "daemon-stop", "");
     let _ = std::fs::remove_file(&sock);
     tracing::info!(

@@ -175,6 +175,7 @@ impl InProcess {
                 DAEMONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             ),
             jail: false,
+            phone: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

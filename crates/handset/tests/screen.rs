@@ -89,7 +89,9 @@ fn profile_screenshot_captures_the_guest_screen() {
         String::from_utf8_lossy(&view.stderr)
     );
     let addr = text
-        .trim()
+        .lines()
+        .next()
+        .unwrap_or_default()
         .strip_prefix("work: vnc ")
         .unwrap_or_else(|| panic!("no address: {text}"))
         .to_string();

@@ -62,6 +62,8 @@ pub struct Options {
     pub cgroup_parent: String,
     /// Boot VMMs jailed (`pocketvisor vmm`) instead of `pocketvisor run`.
     pub jail: bool,
+    /// Where the browser phone listens (none: no phone).
+    pub phone: Option<crate::phone::PhoneConfig>,
 }
 
 /// The daemon state shared by the API handlers and the watcher tasks.

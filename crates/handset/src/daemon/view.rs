@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 #[derive(Default)]
 pub struct Views {
     by_profile: tokio::sync::Mutex<HashMap<String, SocketAddr>>,
+    /// The browser phone's page address with its token, once it listens.
+    phone: std::sync::OnceLock<String>,
 }
 
 /// Where a profile's screen can be viewed.
@@ -25,6 +27,9 @@ pub struct ViewInfo {
     pub name: String,
     /// The VNC (RFB 3.8, security None) address on loopback, `127.0.0.1:PORT`.
     pub vnc: String,
+    /// The browser phone's page with the daemon's token, if the phone listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
 }
 
 impl Handset {
@@ -36,6 +41,7 @@ impl Handset {
             return Ok(ViewInfo {
                 name: name.into(),
                 vnc: addr.to_string(),
+                phone: self.views.phone.get().cloned(),
             });
         }
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
@@ -49,7 +55,13 @@ impl Handset {
         Ok(ViewInfo {
             name: name.into(),
             vnc: addr.to_string(),
+            phone: self.views.phone.get().cloned(),
         })
+    }
+
+    /// Records the browser phone's page address (once, when it listens).
+    pub(crate) fn set_phone_url(&self, url: &str) {
+        let _ = self.views.phone.set(url.to_string());
     }
 
     /// The VMM's VNC socket of `name`, once checked that it is a running or paused profile
