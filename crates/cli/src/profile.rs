@@ -898,6 +898,10 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     "foreground {}",
                     info.foreground.unwrap_or_else(|| "-".into())
                 );
+                outln!(
+                    "phone      {}",
+                    info.phone.unwrap_or_else(|| "off (handset --http off)".into())
+                );
             }
         }
     }

@@ -242,6 +242,9 @@ pub struct DaemonInfo {
     pub profiles: usize,
     /// Number of profiles with a VMM process.
     pub running: usize,
+    /// The browser phone's page with the daemon's token, if the phone listens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phone: Option<String>,
 }
 
 /// The body of every error response.

@@ -143,6 +143,7 @@ impl Handset {
             foreground: rows.iter().find(|r| r.foreground).map(|r| r.name.clone()),
             profiles: rows.len(),
             running: rows.iter().filter(|r| r.pid.is_some()).count(),
+            phone: self.phone_url(),
         })
     }
 

@@ -41,7 +41,7 @@ impl Handset {
             return Ok(ViewInfo {
                 name: name.into(),
                 vnc: addr.to_string(),
-                phone: self.views.phone.get().cloned(),
+                phone: self.phone_url(),
             });
         }
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
@@ -55,13 +55,18 @@ impl Handset {
         Ok(ViewInfo {
             name: name.into(),
             vnc: addr.to_string(),
-            phone: self.views.phone.get().cloned(),
+            phone: self.phone_url(),
         })
     }
 
     /// Records the browser phone's page address (once, when it listens).
     pub(crate) fn set_phone_url(&self, url: &str) {
         let _ = self.views.phone.set(url.to_string());
+    }
+
+    /// The browser phone's page address with the token, if it listens.
+    pub fn phone_url(&self) -> Option<String> {
+        self.views.phone.get().cloned()
     }
 
     /// The VMM's VNC socket of `name`, once checked that it is a running or paused profile
