@@ -900,7 +900,8 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                 );
                 outln!(
                     "phone      {}",
-                    info.phone.unwrap_or_else(|| "off (handset --http off)".into())
+                    info.phone
+                        .unwrap_or_else(|| "off (handset --http off)".into())
                 );
             }
         }
