@@ -1,8 +1,9 @@
 # pocketvisor: build, demo, test and benchmark entry points.
 #
 #   make demo    build everything and boot a guest (the probe; Linux too where hardware KVM exists)
-#   make test    build the VMM and the probe guest, then run every test (test-nested too)
-#                and the README walk-through (tests/readme-walkthrough.sh)
+#   make test    build the VMM, the probe and the guest assets, then run every test (test-nested
+#                too) and the README walk-through (tests/readme-walkthrough.sh)
+#   Both install missing Debian packages and rustup targets first (scripts/deps.sh; root).
 #   make test-api-fuzz  schemathesis against the handset daemon's API document (PyPI; bounded)
 #   make test-nested  the hardware-path checks inside L1, a QEMU TCG machine with nested SVM
 #   make test-nested-arm64  the arm64 port's checks inside an arm64 L1 (QEMU TCG with EL2)
@@ -19,9 +20,17 @@ PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 
-.PHONY: all build build-arm64 probe demo test test-api-fuzz test-nested test-nested-arm64 bench linux disk-image lint fuzz
+.PHONY: all deps deps-all build build-arm64 probe demo test test-api-fuzz test-nested test-nested-arm64 bench linux disk-image lint fuzz
 
 all: build
+
+# Debian packages and rustup targets, installed where missing (apt-get needs root): deps for
+# building and the x86 tests, deps-all also for the arm64 port and the firmware disk image.
+deps:
+	scripts/deps.sh
+
+deps-all:
+	scripts/deps.sh --all
 
 probe:
 	guest/build-probe.sh
@@ -29,7 +38,7 @@ probe:
 disk-image:
 	guest/build-disk-image.sh
 
-build: probe
+build: deps probe
 	$(CARGO) build -p pocketvisor
 
 $(DEMO_DISK):
@@ -48,11 +57,9 @@ demo: build $(DEMO_DISK)
 		echo "demo: Linux guest skipped: this host has no hardware virtualization (see doctor above)"; \
 	fi
 
-test: build
-	@if $(PV) doctor --json | grep -q '"linux": true' && [ ! -f $(LINUX)/vmlinux ]; then \
-		echo "test: hardware virtualization here: building the Linux guest for its test"; \
-		guest/build-linux.sh; \
-	fi
+# The guest assets the tests boot are built first (each script caches its output): the Debian
+# Linux guest and the firmware-booted disk image.
+test: deps-all build $(LINUX)/initramfs.cpio.gz disk-image
 	$(CARGO) test --workspace --no-fail-fast
 	tests/readme-walkthrough.sh
 	$(MAKE) test-api-fuzz
@@ -75,7 +82,7 @@ test-nested: build $(LINUX)/initramfs.cpio.gz
 
 # Needs rustup target aarch64-unknown-linux-musl and gcc-aarch64-linux-gnu (bundled SQLite's C);
 # .cargo/config.toml names the linker (rust-lld) and the C compiler.
-build-arm64:
+build-arm64: deps-all
 	$(CARGO) build --target aarch64-unknown-linux-musl -p pocketvisor
 
 # Each check boots its own arm64 L1 (qemu-system-aarch64 TCG with EL2, about 4 s to a shell);
