@@ -1,6 +1,7 @@
 # pocketvisor: build, demo, test and benchmark entry points.
 #
-#   make demo    build everything and boot a guest (the probe; Linux too where hardware KVM exists)
+#   make demo    build everything and run the handset with its work and personal profiles
+#                (and boot Linux where hardware KVM exists)
 #   make test    build the VMM, the probe and the guest assets, then run every test (test-nested
 #                too) and the README walk-through (tests/readme-walkthrough.sh)
 #   Both install missing Debian packages and rustup targets first (scripts/deps.sh; root).
@@ -45,10 +46,11 @@ $(DEMO_DISK):
 	mkdir -p guest/out
 	truncate -s 8M $@
 
+# The handset with two profiles on screens (scripts/demo.sh: on a terminal until Ctrl-C), then,
+# where the host has hardware virtualization, the Debian Linux guest on its own.
 demo: build $(DEMO_DISK)
 	$(PV) doctor
-	$(PV) run --kernel $(PROBE) --memory 256M --vcpus 2 --disk $(DEMO_DISK) --rng \
-		--cmdline "pv.tests=pci,smp,blk,rng pv.blk.write=8"
+	scripts/demo.sh
 	@if $(PV) doctor --json | grep -q '"linux": true'; then \
 		guest/build-linux.sh && \
 		$(PV) run --kernel $(LINUX)/vmlinux --initrd $(LINUX)/initramfs.cpio.gz \
