@@ -268,3 +268,122 @@ fn only_traffic_the_policy_allows_crosses_the_tap_either_way() {
         .collect();
     assert_eq!(got, vec!["m-reply-ok".to_string()], "{}", out.describe());
 }
+
+/// Sends one device request to the VMM's API socket; its answer line.
+fn device_request(api: &std::path::Path, request: serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut s = loop {
+        match std::os::unix::net::UnixStream::connect(api) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "no API socket: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let line = serde_json::json!({"op": "device", "id": "net0", "request": request});
+    writeln!(s, "{line}").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap()
+}
+
+#[test]
+fn a_policy_replaced_through_the_api_decides_the_next_frames() {
+    let name = "a_policy_replaced_through_the_api_decides_the_next_frames";
+    if !require_kvm(name) {
+        return;
+    }
+    if e2e::host::which("ip").is_none() || !std::path::Path::new("/dev/net/tun").exists() {
+        skip("no ip(8) or /dev/net/tun", name);
+        return;
+    }
+    let ns = NetNs::create().expect("create a network namespace (needs root)");
+    let tap = "pvpol1";
+    ns.add_tap(tap).expect("create the tap in the namespace");
+    let socks = ns
+        .run_inside(move || -> std::io::Result<Vec<PacketSocket>> {
+            [0x0800u16, 0x0806]
+                .into_iter()
+                .map(|et| PacketSocket::open(tap, et))
+                .collect()
+        })
+        .expect("packet sockets on the tap");
+    // The VM starts denying everything; the guest sends one ARP request (always let
+    // through: the sign it listens) and then listens.
+    let dir = e2e::TempDir::new();
+    let config = dir.join("vm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = {:?}\n[[net]]\ntap = \"{tap}\"\nmac = \"{}\"\n\
+             [net.filter]\ndefault = \"deny\"\n",
+            e2e::probe_elf(),
+            format_mac(&GUEST_MAC)
+        ),
+    )
+    .unwrap();
+    let api = dir.join("api.sock");
+    let cmdline = format!(
+        "pv.tests=net pv.net.wait=1 pv.net.listen=6000 pv.net.frames={}",
+        eth(0x0806, &arp())
+    );
+    let mut cmd = VmCommand::probe(&cmdline).in_netns(ns.name());
+    cmd.config = Some(config);
+    cmd.extra = vec!["--api-socket".into(), api.to_str().unwrap().into()];
+    let vm = cmd.spawn();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut listening = false;
+    while Instant::now() < deadline && !listening {
+        if let Some(f) = socks[1].recv(Duration::from_millis(50)).expect("recv") {
+            listening = f.len() >= 14 && f[6..12] == GUEST_MAC;
+        }
+    }
+    assert!(listening, "the guest's ARP request never arrived");
+    let to_guest = |payload: &[u8]| {
+        socks[0]
+            .send(
+                GUEST_MAC,
+                HOST_MAC,
+                &ipv4(17, ([10, 0, 0, 1], 7000), (GUEST4, 4000), payload),
+            )
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    to_guest(b" m-denied-before ");
+    // A peer opening to the guest: the service port is the guest's.
+    let allow = serde_json::json!({"op": "set_filter", "filter": {"default": "deny", "rules": [
+        {"action": "allow", "cidr": "10.0.0.1/32", "protocol": "udp", "ports": [4000, 4000]}]}});
+    let answer = device_request(&api, allow);
+    assert_eq!(answer["ok"], true, "{answer}");
+    to_guest(b" m-allowed-after ");
+    // Denied again: the flow the last frame made is forgotten with the rules that made it.
+    let deny = serde_json::json!({"op": "set_filter", "filter": {"default": "deny"}});
+    let answer = device_request(&api, deny);
+    assert_eq!(answer["ok"], true, "{answer}");
+    to_guest(b" m-denied-again ");
+    let stats = device_request(&api, serde_json::json!({"op": "filter"}));
+    let out = vm.wait();
+    let report = out.assert_clean_pass();
+    let got: Vec<String> = report
+        .find_all(&["net", "rx-ip"])
+        .iter()
+        .filter_map(|l| marker(l.raw.as_bytes()))
+        .collect();
+    assert_eq!(
+        got,
+        vec!["m-allowed-after".to_string()],
+        "{}",
+        out.describe()
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(stats["info"].as_str().expect("an info string")).unwrap();
+    // The two denied frames at least (the namespace may send its own, e.g. MLD reports).
+    assert!(
+        stats["in_dropped"].as_u64() >= Some(2),
+        "{stats}\n{}",
+        out.describe()
+    );
+    assert_eq!(stats["installed"], true, "{stats}");
+}

@@ -403,6 +403,11 @@ async fn apply_policy(
         org_policy::apply_audited(h.dir(), req.envelope.as_bytes(), now, &who, |p, a, d| {
             h.audit(p, a, d)
         })?;
+    if applied.changed {
+        // A running guest gets the new network rules now (the failure is audited; the
+        // policy is in force and its rules apply at the next start or resume anyway).
+        let _ = h.push_net_filter(&applied.profile).await;
+    }
     Ok(Json(applied))
 }
 

@@ -280,6 +280,44 @@ impl DeviceManager {
         d.control.as_ref()?.as_any()?.downcast_ref::<T>().cloned()
     }
 
+    /// `{"op":"set_filter","filter":F}` for a network device: `F` (a [`NetFilterConfig`],
+    /// or null for none) replaces its policy while the guest runs; the flows the old one
+    /// allowed are forgotten ([`devices::virtio::net::FilterHandle::replace`]). Answers
+    /// `{"installed":bool,"flows_forgotten":N}`.
+    ///
+    /// [`NetFilterConfig`]: vmm_api::config::NetFilterConfig
+    fn set_filter(
+        &self,
+        id: &str,
+        request: &serde_json::Value,
+    ) -> Result<serde_json::Value, DeviceRequestError> {
+        let err = |source| DeviceRequestError::Control {
+            id: id.to_string(),
+            source,
+        };
+        let handle: devices::virtio::net::FilterHandle = self
+            .typed_handle(id)
+            .ok_or_else(|| err(ControlError::Unsupported))?;
+        let fields = request.as_object().map_or(0, serde_json::Map::len);
+        let config = match request.get("filter") {
+            Some(f) if fields == 2 => f.clone(),
+            _ => {
+                return Err(err(ControlError::BadRequest(
+                    "set_filter takes exactly {\"op\":\"set_filter\",\"filter\":...}".into(),
+                )))
+            }
+        };
+        let config: Option<vmm_api::config::NetFilterConfig> = serde_json::from_value(config)
+            .map_err(|e| err(ControlError::BadRequest(format!("bad filter: {e}"))))?;
+        let filter = config
+            .as_ref()
+            .map(net_filter)
+            .transpose()
+            .map_err(|e| err(ControlError::BadRequest(format!("bad filter: {e}"))))?;
+        let forgotten = handle.replace(filter);
+        Ok(serde_json::json!({"installed": handle.installed(), "flows_forgotten": forgotten}))
+    }
+
     /// The device ids, in PCI order.
     pub fn ids(&self) -> impl Iterator<Item = &str> {
         self.devices.iter().map(|d| d.id.as_str())
@@ -400,6 +438,9 @@ impl DeviceManager {
                 id: id.to_string(),
                 source: ControlError::Refused(e.to_string()),
             });
+        }
+        if request.get("op") == Some(&serde_json::json!("set_filter")) {
+            return self.set_filter(id, request);
         }
         let control = d.control.as_ref().ok_or(DeviceRequestError::Control {
             id: id.to_string(),

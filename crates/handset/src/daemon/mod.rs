@@ -467,6 +467,42 @@ impl Handset {
             .map_err(|e| Error::Internal(format!("{name}: the VMM's screenshot is not JSON: {e}")))
     }
 
+    /// Makes the network section of profile `name`'s policy in force (none: no filter) the
+    /// one its running or paused VMM enforces, replacing what it enforced (the flows the old
+    /// rules allowed are forgotten, see docs/policy.md). Nothing to do for a profile that
+    /// does not run or has no network device. Audited as `network-policy`.
+    pub async fn push_net_filter(&self, name: &str) -> Result<()> {
+        crate::spec::check_name("profile name", name)?;
+        let state = self.registry.state(name)?;
+        if !matches!(state, ProfileState::Running | ProfileState::Paused)
+            || self.registry.spec(name)?.net.is_none()
+        {
+            return Ok(());
+        }
+        let pushed = async {
+            let filter = crate::org_policy::net_filter(self.dir(), name)?;
+            let req = Request::Device {
+                id: "net0".into(),
+                request: serde_json::json!({"op": "set_filter", "filter": filter}),
+            };
+            vmm_proc::call(&self.dir().api_socket(name), &req, CALL_TIMEOUT).await
+        }
+        .await;
+        match &pushed {
+            Ok(info) => self.audit(
+                name,
+                "network-policy",
+                &format!("the running guest's network rules replaced: {info}"),
+            ),
+            Err(e) => self.audit(
+                name,
+                "network-policy",
+                &format!("the running guest's network rules could not be replaced: {e}"),
+            ),
+        }
+        pushed.map(drop)
+    }
+
     /// Snapshots a running profile into `profiles/<name>/snapshot/` and ends its VMM.
     pub async fn suspend(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
@@ -605,6 +641,10 @@ impl Handset {
         let api = self.dir().api_socket(name);
         match vmm_proc::call(&api, &Request::Stats, CALL_TIMEOUT).await {
             Ok(_) => {
+                // The network rules are the policy in force now, not the snapshot's.
+                if let Err(e) = self.push_net_filter(name).await {
+                    tracing::error!("{name}: network rules not re-applied at resume: {e}");
+                }
                 if let Err(e) = std::fs::remove_dir_all(&snap) {
                     tracing::warn!("cannot remove {}: {e}", snap.display());
                 }

@@ -239,6 +239,20 @@ impl Filter {
         self.stats
     }
 
+    /// The last refused frame, described (`out tcp 10.0.0.2:40000 -> 10.1.2.3:80`).
+    pub fn last_dropped(&self) -> Option<&str> {
+        self.last_dropped.as_deref()
+    }
+
+    /// This filter (its rules, no flows) with the counts and report state of `old`, which it
+    /// replaces: the totals go on across a policy change.
+    pub fn with_counts_of(mut self, old: &Filter) -> Filter {
+        self.stats = old.stats;
+        self.last_dropped.clone_from(&old.last_dropped);
+        self.reported = old.reported;
+        self
+    }
+
     /// Decides one Ethernet frame (without the vnet header) travelling `dir` at `now`.
     pub fn check(&mut self, frame: &[u8], dir: Direction, now: Instant) -> Verdict {
         let parsed = parse(frame, dir);

@@ -6,16 +6,18 @@
 //! would give them meaning). The backend is behind [`NetBackend`] so the queue logic is testable
 //! with a socket pair.
 //!
-//! A device may carry a network policy ([`Filter`], set with [`Net::with_filter`]): every
-//! frame both ways is checked before it is sent to the backend or written into the guest's
-//! buffer; a refused frame is dropped, counted, and reported in the log at most every 10 s.
-//! Its counts answer the control request `{"op":"filter"}`.
+//! A device may carry a network policy ([`Filter`], set with [`Net::with_filter`], replaced
+//! while the guest runs through [`FilterHandle::replace`]): every frame both ways is checked
+//! before it is sent to the backend or written into the guest's buffer; a refused frame is
+//! dropped, counted, and reported in the log at most every 10 s. Its counts answer the
+//! control request `{"op":"filter"}`. Without a policy a frame costs one atomic load.
 
 mod filter;
 mod tap;
 
 use std::io;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -82,12 +84,47 @@ pub struct Net {
     backend: Arc<dyn NetBackend>,
     mac: [u8; 6],
     base: VirtioBase,
-    filter: Option<Arc<Mutex<Filter>>>,
+    filter: FilterHandle,
 }
 
 /// The filter, even if a thread panicked holding it (its state stays consistent).
-fn lock(f: &Mutex<Filter>) -> MutexGuard<'_, Filter> {
+fn lock(f: &Mutex<Option<Filter>>) -> MutexGuard<'_, Option<Filter>> {
     f.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A device's network policy, shared by its worker and the host, which may replace it while
+/// the guest runs (a policy pushed to a running profile).
+#[derive(Clone, Default)]
+pub struct FilterHandle(Arc<FilterSlot>);
+
+#[derive(Default)]
+struct FilterSlot {
+    /// Whether `filter` holds one: checked first, so an unfiltered frame takes no lock.
+    installed: AtomicBool,
+    filter: Mutex<Option<Filter>>,
+}
+
+impl FilterHandle {
+    /// Makes `filter` the policy (none: every frame passes), carrying the counts over. The
+    /// flows the old policy allowed are forgotten: a connection the new rules allow goes on
+    /// once its next frame is checked under them, one they refuse stops at once. Returns
+    /// how many flows were forgotten.
+    pub fn replace(&self, filter: Option<Filter>) -> usize {
+        let mut slot = lock(&self.0.filter);
+        let old = slot.take();
+        let forgotten = old.as_ref().map_or(0, Filter::flow_count);
+        *slot = match (filter, old) {
+            (Some(new), Some(old)) => Some(new.with_counts_of(&old)),
+            (new, _) => new,
+        };
+        self.0.installed.store(slot.is_some(), Ordering::Release);
+        forgotten
+    }
+
+    /// Whether a policy is installed.
+    pub fn installed(&self) -> bool {
+        self.0.installed.load(Ordering::Acquire)
+    }
 }
 
 impl Net {
@@ -115,14 +152,19 @@ impl Net {
                 &[QUEUE_SIZE, QUEUE_SIZE],
                 COMMON_FEATURES | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS,
             ),
-            filter: None,
+            filter: FilterHandle::default(),
         })
     }
 
     /// The device with a network policy checked on every frame both ways.
-    pub fn with_filter(mut self, filter: Filter) -> Net {
-        self.filter = Some(Arc::new(Mutex::new(filter)));
+    pub fn with_filter(self, filter: Filter) -> Net {
+        self.filter.replace(Some(filter));
         self
+    }
+
+    /// The handle that replaces the device's network policy while it runs.
+    pub fn filter_handle(&self) -> FilterHandle {
+        self.filter.clone()
     }
 
     /// The guest's MAC address.
@@ -157,8 +199,7 @@ impl VirtioDevice for Net {
     }
 
     fn control(&self) -> Option<Arc<dyn DeviceControl>> {
-        let filter = self.filter.clone()?;
-        Some(Arc::new(FilterControl(filter)))
+        Some(Arc::new(FilterControl(self.filter.clone())))
     }
 
     fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
@@ -181,36 +222,51 @@ impl VirtioDevice for Net {
 }
 
 /// Answers `{"op":"filter"}` with the policy's counts (frames allowed and dropped each way,
-/// flows remembered).
-struct FilterControl(Arc<Mutex<Filter>>);
+/// flows remembered, the last refused frame; `installed` false and zeros without a policy).
+/// Its typed handle ([`DeviceControl::as_any`]) is the [`FilterHandle`].
+struct FilterControl(FilterHandle);
 
 impl DeviceControl for FilterControl {
     fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
         if *request != serde_json::json!({ "op": "filter" }) {
             return Err(ControlError::BadRequest(
-                "this device takes {\"op\":\"filter\"} (and counters)".into(),
+                "this device takes {\"op\":\"filter\"}, {\"op\":\"set_filter\",\"filter\":...} \
+                 (and counters)"
+                    .into(),
             ));
         }
-        let f = lock(&self.0);
-        let s = f.stats();
+        let slot = lock(&self.0 .0.filter);
+        let (s, flows, last) = match slot.as_ref() {
+            Some(f) => (f.stats(), f.flow_count(), f.last_dropped()),
+            None => (FilterStats::default(), 0, None),
+        };
         Ok(serde_json::json!({
+            "installed": slot.is_some(),
             "out_allowed": s.out_allowed,
             "out_dropped": s.out_dropped,
             "in_allowed": s.in_allowed,
             "in_dropped": s.in_dropped,
-            "flows": f.flow_count(),
+            "flows": flows,
+            "last_dropped": last,
         }))
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(&self.0)
     }
 }
 
 /// Checks `frame` (vnet header first) against `filter`; false: drop it. Reports refusals in
 /// the log, rate limited.
-fn allowed(filter: Option<&Mutex<Filter>>, frame: &[u8], dir: Direction) -> bool {
-    let Some(filter) = filter else {
+fn allowed(filter: &FilterHandle, frame: &[u8], dir: Direction) -> bool {
+    if !filter.installed() {
+        return true;
+    }
+    let now = Instant::now();
+    let mut slot = lock(&filter.0.filter);
+    let Some(f) = slot.as_mut() else {
         return true;
     };
-    let now = Instant::now();
-    let mut f = lock(filter);
     let verdict = f.check(frame.get(VNET_HDR_LEN..).unwrap_or_default(), dir, now);
     if verdict == Verdict::Deny {
         if let Some(report) = f.report_due(now) {
@@ -234,7 +290,7 @@ struct NetWorker {
     /// The backend may have frames to read (edge-triggered: cleared only on EAGAIN).
     readable: bool,
     /// The network policy, if any.
-    filter: Option<Arc<Mutex<Filter>>>,
+    filter: FilterHandle,
 }
 
 impl DeviceWorker for NetWorker {
@@ -296,7 +352,7 @@ impl NetWorker {
                 self.pending = None;
                 continue;
             };
-            if self.pending.is_none() && !allowed(self.filter.as_deref(), frame, Direction::In) {
+            if self.pending.is_none() && !allowed(&self.filter, frame, Direction::In) {
                 continue;
             }
             self.pending = Some(len);
@@ -373,7 +429,7 @@ impl NetWorker {
                 if chain.read_at(mem, 0, &mut buf).is_ok() {
                     // Nothing negotiated gives the header meaning: send a zeroed one.
                     buf[..VNET_HDR_LEN].fill(0);
-                    if !allowed(filter.as_deref(), &buf, Direction::Out) {
+                    if !allowed(filter, &buf, Direction::Out) {
                         return (chain.head, 0);
                     }
                     match backend.send(&buf) {

@@ -331,10 +331,76 @@ fn the_network_policy_drops_refused_frames_both_ways_and_counts_them() {
     let stats = control
         .control(&serde_json::json!({"op": "filter"}))
         .unwrap();
+    assert_eq!(stats["installed"], true);
+    assert_eq!(stats["out_allowed"], 1);
+    assert_eq!(stats["out_dropped"], 2);
+    assert_eq!(stats["in_allowed"], 1);
+    assert_eq!(stats["in_dropped"], 1);
+    assert_eq!(stats["flows"], 1);
     assert_eq!(
-        stats,
-        serde_json::json!({"out_allowed": 1, "out_dropped": 2, "in_allowed": 1,
-            "in_dropped": 1, "flows": 1})
+        stats["last_dropped"],
+        "in udp 10.0.0.9:7000 -> 10.0.0.2:4000"
     );
     assert!(control.control(&serde_json::json!({"op": "x"})).is_err());
+}
+
+#[test]
+fn a_policy_replaced_while_the_guest_runs_decides_the_next_frames() {
+    const GUEST: [u8; 4] = [10, 0, 0, 2];
+    const PEER: [u8; 4] = [10, 0, 0, 1];
+    let s = setup_with(None);
+    let handle = s.net.filter_handle();
+    assert!(!handle.installed());
+    let send = |i: u16, f: &[u8]| {
+        let at = 0x10000 + 0x1000 * u64::from(i);
+        s.mem.write_slice(f, GuestAddress(at)).unwrap();
+        s.txq.add_chain(&s.mem, i, &[(at, f.len() as u32, 0)]);
+        s.kicks[TX].write(1).unwrap();
+        assert!(wait_until(|| s.txq.used_idx(&s.mem) == i + 1));
+    };
+    let frame = udp((GUEST, 4000), (PEER, 7000));
+    let mut got = [0u8; 200];
+    // No policy: the frame goes out.
+    send(0, &frame);
+    assert_eq!(s.peer.recv(&mut got).unwrap(), frame.len());
+    // A deny-all policy installed live: the same flow's next frame is dropped.
+    assert_eq!(handle.replace(Some(Filter::new(Verdict::Deny, vec![]))), 0);
+    send(1, &frame);
+    s.peer.set_nonblocking(true).unwrap();
+    assert!(s.peer.recv(&mut got).is_err(), "a denied frame went out");
+    // Allowed again: it goes out, and the flow is remembered...
+    let allow = Filter::new(
+        Verdict::Deny,
+        vec![Rule {
+            verdict: Verdict::Allow,
+            net: Some(IpNet::parse("10.0.0.1").unwrap()),
+            proto: Proto::Udp,
+            ports: Some((7000, 7000)),
+        }],
+    );
+    handle.replace(Some(allow));
+    send(2, &frame);
+    assert!(wait_until(|| s.peer.recv(&mut got).is_ok()));
+    // ...until a policy that refuses it replaces this one: the flow is forgotten, not kept.
+    assert_eq!(handle.replace(Some(Filter::new(Verdict::Deny, vec![]))), 1);
+    send(3, &frame);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        s.peer.recv(&mut got).is_err(),
+        "an established flow outlived its policy"
+    );
+    // The counts went on across the changes.
+    let stats = s
+        .net
+        .control()
+        .unwrap()
+        .control(&serde_json::json!({"op": "filter"}))
+        .unwrap();
+    assert_eq!(stats["out_dropped"], 2, "{stats}");
+    assert_eq!(stats["out_allowed"], 1, "{stats}");
+    // Removed: everything passes again.
+    handle.replace(None);
+    assert!(!handle.installed());
+    send(4, &frame);
+    assert!(wait_until(|| s.peer.recv(&mut got).is_ok()));
 }
