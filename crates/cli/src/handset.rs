@@ -59,6 +59,10 @@ pub struct HandsetArgs {
     /// The browser phone's TLS private key (PEM), for HTTPS.
     #[arg(long, value_name = "FILE", requires = "http_cert")]
     http_key: Option<PathBuf>,
+    /// How often the frames a profile's network policy refused are written to the audit
+    /// log, counted per rule (`network-drop` records) [default: 60].
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    drop_audit_secs: Option<u64>,
 }
 
 /// The browser phone's configuration from `--http`, `--http-cert` and `--http-key`.
@@ -119,6 +123,10 @@ pub fn main(a: HandsetArgs) -> Result<i32> {
         cgroup_parent,
         jail: !a.no_jail,
         phone,
+        drop_audit_every: a.drop_audit_secs.map_or(
+            handset::net_drops::DEFAULT_EVERY,
+            std::time::Duration::from_secs,
+        ),
     })?;
     Ok(0)
 }

@@ -80,6 +80,7 @@ pub mod fault;
 pub mod host_channels;
 pub mod leftovers;
 pub mod moved;
+pub mod net_drops;
 pub mod org_policy;
 pub mod phone;
 pub mod policy_travel;
@@ -174,6 +175,23 @@ pub async fn run_until(
         });
         tokio::spawn(served)
     });
+    let drops_task = {
+        let h = h.clone();
+        let mut stop_seen = stop_seen.clone();
+        tokio::spawn(async move {
+            let every = h.drop_audit_every();
+            loop {
+                let stopped = tokio::select! {
+                    _ = tokio::time::sleep(every) => false,
+                    r = stop_seen.wait_for(|s| *s) => { drop(r); true }
+                };
+                if stopped {
+                    break;
+                }
+                h.audit_all_net_drops().await;
+            }
+        })
+    };
     let closer = h.clone();
     let shutdown = async move {
         shutdown.await;
@@ -182,6 +200,7 @@ pub async fn run_until(
     };
     let served = api::serve(h.clone(), listener, shutdown).await;
     tracing::info!("handset daemon stopping: suspending or stopping the running profiles");
+    let _ = drops_task.await;
     h.shutdown().await;
     // Its screen sessions ended with the VMMs; it stops taking new requests with the API.
     if let Some(task) = phone_task {

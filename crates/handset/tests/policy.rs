@@ -446,3 +446,144 @@ fn with_no_daemon_a_policy_is_applied_under_its_lock_and_audited_in_its_log() {
         std::fs::read(&v1).unwrap()
     );
 }
+
+/// An Ethernet frame from the guest (10.0.0.2:4000) to UDP `dst`:`port`, as the hex
+/// `pv.net.frames=` takes.
+fn udp_frame_hex(dst: [u8; 4], port: u16) -> String {
+    let payload = b" refused? ";
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0x50, 0x56, 0, 0, 0x21, 0x08, 0x00]);
+    let total = u16::try_from(28 + payload.len()).unwrap();
+    f.extend_from_slice(&[0x45, 0]);
+    f.extend_from_slice(&total.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 2]);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&4000u16.to_be_bytes());
+    f.extend_from_slice(&port.to_be_bytes());
+    f.extend_from_slice(&(total - 20).to_be_bytes());
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(payload);
+    f.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The `network-drop` audit details of `work` whose rule is `rule`.
+fn drop_records(d: &Daemon, rule: &str) -> Vec<String> {
+    audit_lines(d, "network-drop")
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("work: ").map(str::to_string))
+        .filter(|l| l.starts_with(&format!("{rule}: ")))
+        .collect()
+}
+
+#[test]
+fn frames_the_policy_refuses_reach_the_audit_log_counted_per_rule() {
+    const TEST: &str = "frames_the_policy_refuses_reach_the_audit_log_counted_per_rule";
+    if !can_run_vms(TEST) {
+        return;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        common::loud(&format!("SKIP (no /dev/net/tun): {TEST}"));
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let key = k.join("org.key");
+    ok(&pv(&["policy", "keygen", "-o", s(&key)]));
+    let pub_file = k.join("org.key.pub");
+    // First a daemon that audits only every hour: what a stop finds is recorded then.
+    let mut d = Daemon::start_with(
+        "policy-drops",
+        &["--org-key", s(&pub_file), "--drop-audit-secs", "3600"],
+    );
+    let info: handset::DaemonInfo = d.client().call("GET", "/v1/handset", None::<&()>).unwrap();
+    if info.probe.is_none() {
+        common::loud(&format!("SKIP (probe guest not built): {TEST}"));
+        return;
+    }
+    // The guest sends one allowed frame, 25 that rule 2 refuses, and one only the default
+    // refuses (its self-test frame, of its own ethertype, also falls to the default).
+    let mut frames = vec![udp_frame_hex([10, 0, 0, 1], 7000)];
+    frames.extend((0..25).map(|i| udp_frame_hex([10, 0, 0, 9], 5000 + i)));
+    frames.push(udp_frame_hex([10, 0, 0, 9], 9));
+    let cmdline = format!(
+        "pv.tests=net pv.net.wait=1 pv.net.listen=600000 pv.net.frames={}",
+        frames.join(",")
+    );
+    let spec = format!(
+        "name = \"work\"\nkernel = \"probe\"\ncmdline = \"{cmdline}\"\nmemory_mib = 64\n\
+         net = \"pvdrop0\"\n"
+    );
+    let req = handset::CreateProfile {
+        spec: Some(ProfileSpec::from_toml(&spec).unwrap()),
+        ..Default::default()
+    };
+    let _: handset::ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    let v1 = signed(
+        k,
+        &key,
+        "v1",
+        1,
+        "[network]\ndefault = \"deny\"\nrules = [\n\
+         { action = \"allow\", cidr = \"10.0.0.1/32\", protocol = \"udp\", ports = \"7000\" },\n\
+         { action = \"deny\", protocol = \"udp\", ports = \"5000-6000\" },\n]\n",
+    );
+    ok(&pv(&["policy", "apply", "--state-dir", s(&d.dir), s(&v1)]));
+    let rule2 = "rule 2 (deny udp ports 5000-6000)";
+    let sent = |d: &Daemon| {
+        common::wait_until(std::time::Duration::from_secs(60), || {
+            d.serial("work").contains("net frames sent=27")
+        })
+    };
+
+    ok(&d.cli(&["start", "work"]));
+    assert!(sent(&d), "the guest did not send: {}", d.serial("work"));
+    assert!(
+        drop_records(&d, rule2).is_empty(),
+        "audited before the interval"
+    );
+    ok(&d.cli(&["stop", "work"]));
+    let first = drop_records(&d, rule2);
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert!(
+        first[0].contains("25 frames refused in 3600 s (25 from the guest, 0 to it)")
+            && first[0].ends_with("last: out udp 10.0.0.2:4000 -> 10.0.0.9:5024"),
+        "{first:?}"
+    );
+    let default = drop_records(&d, "default (deny)");
+    assert_eq!(default.len(), 1, "{default:?}");
+    assert!(
+        default[0].contains("from the guest") && !default[0].contains(" 0 from the guest"),
+        "{default:?}"
+    );
+    assert!(
+        drop_records(&d, "rule 1 (allow udp 10.0.0.1/32 port 7000)").is_empty(),
+        "an allowed frame was audited as refused"
+    );
+    assert!(d.events("work").iter().any(|e| e == "network-drops"));
+    let shown = ok(&d.cli(&["audit"]));
+    assert!(
+        shown.contains("network-drop") && shown.contains(rule2),
+        "{shown}"
+    );
+
+    // Every second now: the refusals of a running guest arrive without a stop, once.
+    d.terminate();
+    d.extra_args = vec!["--drop-audit-secs".into(), "1".into()];
+    d.spawn();
+    ok(&d.cli(&["start", "work"]));
+    assert!(sent(&d), "the guest did not send: {}", d.serial("work"));
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(30), || drop_records(
+            &d, rule2
+        )
+        .len()
+            == 2),
+        "{:?}",
+        drop_records(&d, rule2)
+    );
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    ok(&d.cli(&["stop", "work"]));
+    let all = drop_records(&d, rule2);
+    assert_eq!(all.len(), 2, "the same refusals audited twice: {all:?}");
+    assert!(all[1].contains("25 frames refused in 1 s"), "{all:?}");
+}

@@ -46,6 +46,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Timeout of pause/resume/stop requests to a VMM.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Timeout of taking a VMM's network refusals (short: it comes before a stop too).
+const DROPS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of a snapshot request.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -64,6 +66,9 @@ pub struct Options {
     pub jail: bool,
     /// Where the browser phone listens (none: no phone).
     pub phone: Option<crate::phone::PhoneConfig>,
+    /// How often the frames the network policy refused are written to the audit log
+    /// ([`crate::net_drops`]; default [`crate::net_drops::DEFAULT_EVERY`]).
+    pub drop_audit_every: Duration,
 }
 
 /// The daemon state shared by the API handlers and the watcher tasks.
@@ -503,6 +508,48 @@ impl Handset {
         pushed.map(drop)
     }
 
+    /// How often refused frames reach the audit log.
+    pub(crate) fn drop_audit_every(&self) -> Duration {
+        self.opts.drop_audit_every.max(Duration::from_secs(1))
+    }
+
+    /// Writes the frames the network policy refused since the last time to the audit log,
+    /// for every profile with a VMM ([`crate::net_drops`]).
+    pub(crate) async fn audit_all_net_drops(&self) {
+        for name in self.supervisor.names() {
+            self.audit_net_drops(&name).await;
+        }
+    }
+
+    /// Takes the refusals `name`'s VMM tallied per rule and records them: `network-drop` audit
+    /// records, one `network-drops` event. Failures are logged (a VMM that just exited).
+    async fn audit_net_drops(&self, name: &str) {
+        if !self.registry.spec(name).is_ok_and(|s| s.net.is_some()) {
+            return;
+        }
+        let req = Request::Device {
+            id: "net0".into(),
+            request: serde_json::json!({"op": "take_drops"}),
+        };
+        let taken = vmm_proc::call(&self.dir().api_socket(name), &req, DROPS_TIMEOUT)
+            .await
+            .and_then(|a| crate::net_drops::parse_answer(&a).map_err(Error::Vmm));
+        let tallies = match taken {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!("{name}: cannot take the network policy's refusals: {e}");
+                return;
+            }
+        };
+        if let Some((lines, summary)) = crate::net_drops::records(&tallies, self.drop_audit_every())
+        {
+            for line in lines {
+                self.audit(name, "network-drop", &line);
+            }
+            self.registry.event(name, "network-drops", &summary);
+        }
+    }
+
     /// Snapshots a running profile into `profiles/<name>/snapshot/` and ends its VMM.
     pub async fn suspend(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
@@ -524,6 +571,8 @@ impl Handset {
             std::fs::remove_dir_all(&snap)
                 .map_err(Error::io(format!("cannot remove {}", snap.display())))?;
         }
+        // The refusals of the interval so far, before the VMM ends.
+        self.audit_net_drops(name).await;
         self.begin_intent(name, Intent::Suspend)?;
         let api = self.dir().api_socket(name);
         let pid = self.supervisor.pid(name).unwrap_or(0);

@@ -378,6 +378,8 @@ impl Handset {
                 }
             }
         };
+        // The refusals of the interval so far, before the VMM ends.
+        self.audit_net_drops(name).await;
         stopping.store(true, Ordering::SeqCst);
         let api = self.registry.dir().api_socket(name);
         let mut how = "api stop".to_string();

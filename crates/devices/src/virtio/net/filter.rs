@@ -13,9 +13,13 @@
 //! neighbour solicitations and advertisements, redirects), without which no address resolves.
 //! IPv4 fragments after the first carry no ports: only rules without ports decide them, else
 //! the default. Frames of other ethertypes (and IP frames too short to read) follow the
-//! default. A refused frame is dropped and counted ([`FilterStats`]).
+//! default. A refused frame is dropped and counted ([`FilterStats`]), and tallied under the
+//! rule that refused it (or the default) until the host takes the tallies
+//! ([`Filter::take_drops`]) to write them to its audit log: counts per rule per interval,
+//! never a record per frame.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
@@ -25,6 +29,8 @@ pub const MAX_FLOWS: usize = 16_384;
 pub const FLOW_IDLE: Duration = Duration::from_secs(300);
 /// Refused frames are logged at most once per this long (with the counts since).
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Tallies of replaced policies kept until taken, at most (more are merged into one).
+pub const MAX_CARRIED_TALLIES: usize = 64;
 /// Most IPv6 extension headers walked before giving up (the frame follows the default).
 const MAX_EXT_HEADERS: usize = 8;
 
@@ -123,6 +129,36 @@ pub struct Rule {
     pub ports: Option<(u16, u16)>,
 }
 
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+        })
+    }
+}
+
+/// `deny tcp 10.0.0.0/8 port 443`, `allow any`: the rule as the audit log shows it.
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let proto = match self.proto {
+            Proto::Any => "any",
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        };
+        write!(f, "{} {proto}", self.verdict)?;
+        if let Some(n) = self.net {
+            write!(f, " {}/{}", n.addr, n.prefix)?;
+        }
+        match self.ports {
+            Some((a, b)) if a == b => write!(f, " port {a}"),
+            Some((a, b)) => write!(f, " ports {a}-{b}"),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Rule {
     fn matches(&self, c: &Conn) -> bool {
         self.net.is_none_or(|n| n.contains(c.remote))
@@ -160,6 +196,20 @@ pub struct FilterStats {
     pub in_allowed: u64,
     /// Frames to the guest dropped.
     pub in_dropped: u64,
+}
+
+/// Frames one rule (or the default) refused since the tallies were last taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropTally {
+    /// Which rule: `rule 2 (deny udp ports 5000-6000)` or `default (deny)`; a rule of a
+    /// policy replaced since ends with `, replaced`.
+    pub rule: String,
+    /// Frames from the guest it refused.
+    pub out: u64,
+    /// Frames to the guest it refused.
+    pub inn: u64,
+    /// The last of them, described (`out tcp 10.0.0.2:40000 -> 10.1.2.3:80`).
+    pub last: String,
 }
 
 /// One flow, as seen from the guest: (protocol, guest address, guest port or ICMP id,
@@ -200,11 +250,16 @@ pub struct Filter {
     last_dropped: Option<String>,
     /// The counts at the last report, and when it was made.
     reported: (FilterStats, Option<Instant>),
+    /// Refusals not yet taken, by rule index; the last slot is the default's.
+    tallies: Vec<Option<DropTally>>,
+    /// Tallies of the policies this one replaced, not yet taken.
+    carried: Vec<DropTally>,
 }
 
 impl Filter {
     /// A filter with `default` for what no rule matches, and `rules` in order.
     pub fn new(default: Verdict, rules: Vec<Rule>) -> Self {
+        let slots = rules.len() + 1;
         Self {
             default,
             rules,
@@ -212,7 +267,58 @@ impl Filter {
             stats: FilterStats::default(),
             last_dropped: None,
             reported: (FilterStats::default(), None),
+            tallies: vec![None; slots],
+            carried: Vec::new(),
         }
+    }
+
+    /// The frames refused since the last call, per rule (those that refused none are left
+    /// out), rules of replaced policies first; the tallies start again from zero.
+    pub fn take_drops(&mut self) -> Vec<DropTally> {
+        let mut out = std::mem::take(&mut self.carried);
+        out.extend(self.tallies.iter_mut().filter_map(Option::take));
+        out
+    }
+
+    /// [`Self::take_drops`] for a filter that is being replaced or removed: its own rules'
+    /// labels get `mark` (those of policies it replaced have theirs already).
+    pub fn take_drops_of_retired(&mut self, mark: &str) -> Vec<DropTally> {
+        let mut out = std::mem::take(&mut self.carried);
+        for mut t in self.tallies.iter_mut().filter_map(Option::take) {
+            t.rule.push_str(mark);
+            out.push(t);
+        }
+        out
+    }
+
+    /// The label of rule `index` (`None`: the default) in the audit log.
+    fn label(&self, index: Option<usize>) -> String {
+        match index.and_then(|i| Some((i, self.rules.get(i)?))) {
+            Some((i, r)) => format!("rule {} ({r})", i + 1),
+            None => format!("default ({})", self.default),
+        }
+    }
+
+    fn tally(&mut self, index: Option<usize>, dir: Direction, last: &str) {
+        let slot = index.unwrap_or(self.rules.len());
+        let label = match self.tallies.get(slot) {
+            Some(Some(_)) => String::new(),
+            _ => self.label(index),
+        };
+        let Some(entry) = self.tallies.get_mut(slot) else {
+            return;
+        };
+        let t = entry.get_or_insert_with(|| DropTally {
+            rule: label,
+            out: 0,
+            inn: 0,
+            last: String::new(),
+        });
+        match dir {
+            Direction::Out => t.out = t.out.saturating_add(1),
+            Direction::In => t.inn = t.inn.saturating_add(1),
+        }
+        last.clone_into(&mut t.last);
     }
 
     /// A one-line summary of the frames refused since the last one, if there were any and
@@ -246,23 +352,47 @@ impl Filter {
 
     /// This filter (its rules, no flows) with the counts and report state of `old`, which it
     /// replaces: the totals go on across a policy change.
-    pub fn with_counts_of(mut self, old: &Filter) -> Filter {
+    /// The refusals `old` tallied and nobody took yet are kept (their rules marked
+    /// replaced; at most [`MAX_CARRIED_TALLIES`], the rest merged into one).
+    pub fn with_counts_of(mut self, old: &mut Filter) -> Filter {
         self.stats = old.stats;
         self.last_dropped.clone_from(&old.last_dropped);
         self.reported = old.reported;
+        let mut carried = old.take_drops_of_retired(", replaced");
+        if carried.len() > MAX_CARRIED_TALLIES {
+            let rest = carried.split_off(MAX_CARRIED_TALLIES - 1);
+            let merged = rest.into_iter().fold(
+                DropTally {
+                    rule: "rules of earlier policies".into(),
+                    out: 0,
+                    inn: 0,
+                    last: String::new(),
+                },
+                |mut m, t| {
+                    m.out = m.out.saturating_add(t.out);
+                    m.inn = m.inn.saturating_add(t.inn);
+                    m.last = t.last;
+                    m
+                },
+            );
+            carried.push(merged);
+        }
+        self.carried = carried;
         self
     }
 
     /// Decides one Ethernet frame (without the vnet header) travelling `dir` at `now`.
     pub fn check(&mut self, frame: &[u8], dir: Direction, now: Instant) -> Verdict {
         let parsed = parse(frame, dir);
-        let verdict = match parsed {
-            Parsed::Infrastructure => Verdict::Allow,
-            Parsed::Other => self.default,
+        let (verdict, rule) = match parsed {
+            Parsed::Infrastructure => (Verdict::Allow, None),
+            Parsed::Other => (self.default, None),
             Parsed::Conn(c) => self.decide(c, now),
         };
         if verdict == Verdict::Deny {
-            self.last_dropped = Some(describe(&parsed, dir, frame));
+            let what = describe(&parsed, dir, frame);
+            self.tally(rule, dir, &what);
+            self.last_dropped = Some(what);
         }
         let counter = match (dir, verdict) {
             (Direction::Out, Verdict::Allow) => &mut self.stats.out_allowed,
@@ -274,7 +404,8 @@ impl Filter {
         verdict
     }
 
-    fn decide(&mut self, c: Conn, now: Instant) -> Verdict {
+    /// The verdict on `c`, and the rule that gave it (none: a known flow or the default).
+    fn decide(&mut self, c: Conn, now: Instant) -> (Verdict, Option<usize>) {
         let key = c.local_port.zip(c.remote_port).map(|(lp, rp)| {
             // ICMP echo: the identifier stands for both ports.
             (c.proto, c.local, lp, c.remote, rp)
@@ -283,21 +414,23 @@ impl Filter {
             if let Some(seen) = self.flows.get_mut(&key) {
                 if now.saturating_duration_since(*seen) < FLOW_IDLE {
                     *seen = now;
-                    return Verdict::Allow;
+                    return (Verdict::Allow, None);
                 }
             }
         }
-        let verdict = self
+        let hit = self
             .rules
             .iter()
-            .find(|r| r.matches(&c))
-            .map_or(self.default, |r| r.verdict);
+            .enumerate()
+            .find(|(_, r)| r.matches(&c))
+            .map(|(i, r)| (i, r.verdict));
+        let (verdict, rule) = hit.map_or((self.default, None), |(i, v)| (v, Some(i)));
         if verdict == Verdict::Allow {
             if let Some(key) = key {
                 self.remember(key, now);
             }
         }
-        verdict
+        (verdict, rule)
     }
 
     fn remember(&mut self, key: FlowKey, now: Instant) {

@@ -10,7 +10,9 @@
 //! while the guest runs through [`FilterHandle::replace`]): every frame both ways is checked
 //! before it is sent to the backend or written into the guest's buffer; a refused frame is
 //! dropped, counted, and reported in the log at most every 10 s. Its counts answer the
-//! control request `{"op":"filter"}`. Without a policy a frame costs one atomic load.
+//! control request `{"op":"filter"}`; `{"op":"take_drops"}` hands the refusals tallied per
+//! rule since the last one to the host's audit log. Without a policy a frame costs one
+//! atomic load.
 
 mod filter;
 mod tap;
@@ -23,7 +25,7 @@ use std::time::Instant;
 
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
-pub use filter::{Direction, Filter, FilterStats, IpNet, Proto, Rule, Verdict};
+pub use filter::{Direction, DropTally, Filter, FilterStats, IpNet, Proto, Rule, Verdict};
 pub use tap::Tap;
 
 use super::control::{ControlError, DeviceControl};
@@ -102,6 +104,8 @@ struct FilterSlot {
     /// Whether `filter` holds one: checked first, so an unfiltered frame takes no lock.
     installed: AtomicBool,
     filter: Mutex<Option<Filter>>,
+    /// Refusals of a policy removed (replaced by none) not yet taken.
+    left: Mutex<Vec<DropTally>>,
 }
 
 impl FilterHandle {
@@ -114,11 +118,31 @@ impl FilterHandle {
         let old = slot.take();
         let forgotten = old.as_ref().map_or(0, Filter::flow_count);
         *slot = match (filter, old) {
-            (Some(new), Some(old)) => Some(new.with_counts_of(&old)),
-            (new, _) => new,
+            (Some(new), Some(mut old)) => Some(new.with_counts_of(&mut old)),
+            (None, Some(mut old)) => {
+                let mut left = self.0.left.lock().unwrap_or_else(|p| p.into_inner());
+                let room = filter::MAX_CARRIED_TALLIES.saturating_sub(left.len());
+                left.extend(
+                    old.take_drops_of_retired(", removed")
+                        .into_iter()
+                        .take(room),
+                );
+                None
+            }
+            (new, None) => new,
         };
         self.0.installed.store(slot.is_some(), Ordering::Release);
         forgotten
+    }
+
+    /// The frames refused since the last call, per rule (see [`Filter::take_drops`]), those
+    /// of policies replaced or removed since included; the tallies start again from zero.
+    pub fn take_drops(&self) -> Vec<DropTally> {
+        let mut out = std::mem::take(&mut *self.0.left.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(f) = lock(&self.0.filter).as_mut() {
+            out.extend(f.take_drops());
+        }
+        out
     }
 
     /// Whether a policy is installed.
@@ -222,16 +246,26 @@ impl VirtioDevice for Net {
 }
 
 /// Answers `{"op":"filter"}` with the policy's counts (frames allowed and dropped each way,
-/// flows remembered, the last refused frame; `installed` false and zeros without a policy).
-/// Its typed handle ([`DeviceControl::as_any`]) is the [`FilterHandle`].
+/// flows remembered, the last refused frame; `installed` false and zeros without a policy),
+/// and `{"op":"take_drops"}` with `{"drops":[{"rule","out","in","last"}]}`, the refusals per
+/// rule since the last such request ([`FilterHandle::take_drops`]). Its typed handle ([`DeviceControl::as_any`]) is the [`FilterHandle`].
 struct FilterControl(FilterHandle);
 
 impl DeviceControl for FilterControl {
     fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
+        if *request == serde_json::json!({ "op": "take_drops" }) {
+            let drops: Vec<serde_json::Value> = self
+                .0
+                .take_drops()
+                .into_iter()
+                .map(|t| serde_json::json!({"rule": t.rule, "out": t.out, "in": t.inn, "last": t.last}))
+                .collect();
+            return Ok(serde_json::json!({ "drops": drops }));
+        }
         if *request != serde_json::json!({ "op": "filter" }) {
             return Err(ControlError::BadRequest(
-                "this device takes {\"op\":\"filter\"}, {\"op\":\"set_filter\",\"filter\":...} \
-                 (and counters)"
+                "this device takes {\"op\":\"filter\"}, {\"op\":\"take_drops\"}, \
+                 {\"op\":\"set_filter\",\"filter\":...} (and counters)"
                     .into(),
             ));
         }

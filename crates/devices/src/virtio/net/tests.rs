@@ -403,4 +403,26 @@ fn a_policy_replaced_while_the_guest_runs_decides_the_next_frames() {
     assert!(!handle.installed());
     send(4, &frame);
     assert!(wait_until(|| s.peer.recv(&mut got).is_ok()));
+    // The two refusals, by the defaults of two policies both gone now, are still there for
+    // the audit log, once.
+    let control = s.net.control().unwrap();
+    let taken = control
+        .control(&serde_json::json!({"op": "take_drops"}))
+        .unwrap();
+    let drops = taken["drops"].as_array().unwrap();
+    assert_eq!(drops.len(), 2, "{taken}");
+    for d in drops {
+        assert_eq!(d["out"], 1, "{taken}");
+        assert_eq!(d["in"], 0, "{taken}");
+        assert_eq!(
+            d["last"], "out udp 10.0.0.2:4000 -> 10.0.0.1:7000",
+            "{taken}"
+        );
+    }
+    assert_eq!(drops[0]["rule"], "default (deny), replaced", "{taken}");
+    assert_eq!(drops[1]["rule"], "default (deny), removed", "{taken}");
+    let again = control
+        .control(&serde_json::json!({"op": "take_drops"}))
+        .unwrap();
+    assert_eq!(again, serde_json::json!({"drops": []}));
 }

@@ -270,3 +270,93 @@ fn refused_frames_are_reported_at_most_every_ten_seconds() {
     assert!(next.contains("dropped 1000 frames"), "{next}");
     assert_eq!(f.stats().out_dropped, 1001);
 }
+
+#[test]
+fn refusals_are_tallied_per_rule_until_taken_and_survive_a_replacement() {
+    let mut f = office();
+    let t0 = Instant::now();
+    assert!(f.take_drops().is_empty(), "nothing refused yet");
+    // Rule 1 refuses 10.1.9.9 whatever the port; the default refuses the rest.
+    let banned = ipv4(GUEST4, [10, 1, 9, 9], PROTO_TCP, 0, &ports(40000, 443));
+    let elsewhere = ipv4(GUEST4, [192, 0, 2, 1], PROTO_UDP, 0, &ports(40001, 53));
+    let inbound = ipv4([192, 0, 2, 7], GUEST4, PROTO_TCP, 0, &ports(5555, 22));
+    let allowed = ipv4(GUEST4, [10, 1, 2, 3], PROTO_TCP, 0, &ports(40002, 443));
+    for _ in 0..500 {
+        assert_eq!(f.check(&banned, Direction::Out, t0), Verdict::Deny);
+    }
+    for _ in 0..3 {
+        assert_eq!(f.check(&elsewhere, Direction::Out, t0), Verdict::Deny);
+        assert_eq!(f.check(&inbound, Direction::In, t0), Verdict::Deny);
+    }
+    assert_eq!(f.check(&allowed, Direction::Out, t0), Verdict::Allow);
+    let drops = f.take_drops();
+    assert_eq!(
+        drops,
+        vec![
+            DropTally {
+                rule: "rule 1 (deny any 10.1.9.9/32)".into(),
+                out: 500,
+                inn: 0,
+                last: "out tcp 10.0.0.2:40000 -> 10.1.9.9:443".into(),
+            },
+            DropTally {
+                rule: "default (deny)".into(),
+                out: 3,
+                inn: 3,
+                last: "in tcp 192.0.2.7:5555 -> 10.0.0.2:22".into(),
+            },
+        ]
+    );
+    assert!(
+        f.take_drops().is_empty(),
+        "taken tallies start again from zero"
+    );
+
+    // Refusals not taken before a policy change are kept, marked as the old policy's.
+    f.check(&banned, Direction::Out, t0);
+    let mut replacement = Filter::new(
+        Verdict::Allow,
+        vec![rule(Verdict::Deny, None, Proto::Udp, Some((53, 53)))],
+    )
+    .with_counts_of(&mut f);
+    assert_eq!(
+        replacement.check(&elsewhere, Direction::Out, t0),
+        Verdict::Deny
+    );
+    assert_eq!(
+        replacement.check(&banned, Direction::Out, t0),
+        Verdict::Allow
+    );
+    let drops: Vec<(String, u64)> = replacement
+        .take_drops()
+        .into_iter()
+        .map(|t| (t.rule, t.out))
+        .collect();
+    assert_eq!(
+        drops,
+        vec![
+            ("rule 1 (deny any 10.1.9.9/32), replaced".to_string(), 1),
+            ("rule 1 (deny udp port 53)".to_string(), 1),
+        ]
+    );
+    assert_eq!(
+        replacement.stats().out_dropped,
+        505,
+        "the totals carry over"
+    );
+}
+
+#[test]
+fn tallies_of_many_replaced_policies_stay_bounded() {
+    let mut f = office();
+    let t0 = Instant::now();
+    let banned = ipv4(GUEST4, [10, 1, 9, 9], PROTO_TCP, 0, &ports(40000, 443));
+    for _ in 0..(MAX_CARRIED_TALLIES * 3) {
+        f.check(&banned, Direction::Out, t0);
+        f = office().with_counts_of(&mut f);
+    }
+    let drops = f.take_drops();
+    assert_eq!(drops.len(), MAX_CARRIED_TALLIES);
+    let total: u64 = drops.iter().map(|t| t.out).sum();
+    assert_eq!(total, MAX_CARRIED_TALLIES as u64 * 3, "merged, not lost");
+}
