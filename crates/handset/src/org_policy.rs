@@ -347,6 +347,7 @@ pub fn net_filter(dir: &StateDir, name: &str) -> Result<Option<vmm_api::config::
             .map(|r| NetFilterRule {
                 action: action(r.action),
                 cidr: r.cidr.map(|c| c.to_string()),
+                name: r.name.clone(),
                 protocol: match r.protocol {
                     policy::Protocol::Any => FilterProtocol::Any,
                     policy::Protocol::Tcp => FilterProtocol::Tcp,
@@ -356,6 +357,7 @@ pub fn net_filter(dir: &StateDir, name: &str) -> Result<Option<vmm_api::config::
                 ports: r.ports.map(|p| [p.first, p.last]),
             })
             .collect(),
+        dns_servers: net.dns_servers.iter().map(|a| a.to_string()).collect(),
     }))
 }
 
@@ -539,6 +541,17 @@ mod tests {
         assert_eq!(f.rules[0].cidr.as_deref(), Some("10.0.0.0/8"));
         assert_eq!(f.rules[0].protocol, FilterProtocol::Tcp);
         assert_eq!(f.rules[0].ports, Some([443, 444]));
+        assert!(f.dns_servers.is_empty() && f.rules[0].name.is_none());
+        // A rule by name goes with the resolvers it trusts.
+        let net = "[network]\ndefault = \"deny\"\ndns_servers = [\"10.0.0.53\"]\nrules = [{ \
+                   action = \"allow\", name = \"*.corp.example\", protocol = \"tcp\" }]\n";
+        apply(&dir, &signed(&key, 3, net), NOW).unwrap();
+        let f = net_filter(&dir, "work").unwrap().unwrap();
+        assert_eq!(f.dns_servers, ["10.0.0.53"]);
+        assert_eq!(
+            (f.rules[0].name.as_deref(), f.rules[0].cidr.as_deref()),
+            (Some("*.corp.example"), None)
+        );
     }
 
     #[test]

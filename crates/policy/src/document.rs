@@ -9,6 +9,22 @@ use crate::net::{Cidr, PortRange};
 use crate::version::Version;
 use crate::{PolicyError, Result};
 
+/// Most trusted resolvers.
+const MAX_DNS_SERVERS: usize = 16;
+
+/// A DNS name or `*.NAME`: labels of a-z, 0-9, `-`, `_` (any case; 1-63 each, 253 in all).
+fn valid_dns_pattern(s: &str) -> bool {
+    let s = s.strip_suffix('.').unwrap_or(s);
+    let s = s.strip_prefix("*.").unwrap_or(s);
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// Most network rules one policy may hold.
 pub const MAX_NET_RULES: usize = 10_000;
 /// Most entries in one list of hashes or profile names.
@@ -83,6 +99,10 @@ pub struct NetworkPolicy {
     /// Rules, in order.
     #[serde(default)]
     pub rules: Vec<NetRule>,
+    /// The resolvers whose answers teach the addresses of the names in `name` rules (the
+    /// VMM reads the guest's DNS over UDP port 53 with them; docs/policy.md).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<std::net::IpAddr>,
 }
 
 /// One network rule: matches connections the guest opens to a remote address.
@@ -94,6 +114,10 @@ pub struct NetRule {
     /// Remote address block; none: any address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr: Option<Cidr>,
+    /// Remote DNS name (`host.corp.example`, or `*.corp.example` for every name below it),
+    /// instead of `cidr`: the addresses a `dns_servers` resolver answered for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Transport protocol.
     #[serde(default)]
     pub protocol: Protocol,
@@ -223,6 +247,26 @@ impl Policy {
                     "network.rules[{i}]: ports need protocol = \"tcp\" or \"udp\""
                 ));
             }
+            if let Some(name) = &rule.name {
+                if rule.cidr.is_some() {
+                    return bad(format!("network.rules[{i}]: a rule has a cidr or a name"));
+                }
+                if !valid_dns_pattern(name) {
+                    return bad(format!(
+                        "network.rules[{i}]: name {name:?} is not a DNS name or *.NAME \
+                         (labels of a-z, 0-9, - and _)"
+                    ));
+                }
+                if self.network.dns_servers.is_empty() {
+                    return bad(format!(
+                        "network.rules[{i}]: a name rule needs network.dns_servers (the \
+                         resolvers whose answers are believed)"
+                    ));
+                }
+            }
+        }
+        if self.network.dns_servers.len() > MAX_DNS_SERVERS {
+            return bad(format!("more than {MAX_DNS_SERVERS} network.dns_servers"));
         }
         let c = &self.channels;
         for (what, list) in [
@@ -443,11 +487,47 @@ max_offline_secs = 86400
                 &format!("{base}[[network.rules]]\naction = \"allow\"\ncidr = \"10.0.0.1/8\"\n"),
                 "beyond",
             ),
+            (
+                &format!(
+                    "{base}[[network.rules]]\naction = \"allow\"\nname = \"*.corp.example\"\n"
+                ),
+                "needs network.dns_servers",
+            ),
+            (
+                &format!(
+                    "{base}[network]\ndns_servers = [\"10.0.0.53\"]\n[[network.rules]]\n\
+                     action = \"allow\"\nname = \"a.*.example\"\n"
+                ),
+                "not a DNS name",
+            ),
+            (
+                &format!(
+                    "{base}[network]\ndns_servers = [\"10.0.0.53\"]\n[[network.rules]]\n\
+                     action = \"allow\"\nname = \"x.example\"\ncidr = \"10.0.0.0/8\"\n"
+                ),
+                "a cidr or a name",
+            ),
+            (
+                &format!("{base}[network]\ndns_servers = [\"resolver\"]\n"),
+                "dns_servers",
+            ),
         ];
         for (doc, needle) in cases {
             let err = Policy::parse(doc.as_bytes()).unwrap_err().to_string();
             assert!(err.contains(needle), "{doc:?}: {err}");
         }
+    }
+
+    #[test]
+    fn name_rules_go_with_trusted_resolvers() {
+        let doc = "version = 1\nissued_at = 10\nprofile = \"work\"\n[network]\n\
+                   default = \"deny\"\ndns_servers = [\"10.0.0.53\", \"fd00::53\"]\nrules = [\n\
+                   { action = \"allow\", protocol = \"udp\", cidr = \"10.0.0.53/32\", ports = \"53\" },\n\
+                   { action = \"allow\", name = \"*.Corp.example\", protocol = \"tcp\", ports = \"443\" },\n]\n";
+        let p = Policy::parse(doc.as_bytes()).unwrap();
+        assert_eq!(p.network.dns_servers.len(), 2);
+        assert_eq!(p.network.rules[1].name.as_deref(), Some("*.Corp.example"));
+        assert_eq!(p.network.rules[1].cidr, None);
     }
 
     #[test]

@@ -108,6 +108,9 @@ pub struct NetFilterConfig {
     /// The rules, in order.
     #[serde(default)]
     pub rules: Vec<NetFilterRule>,
+    /// The resolvers (IP addresses) whose UDP answers teach the addresses of `name` rules.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<String>,
 }
 
 /// Let through or drop.
@@ -144,6 +147,10 @@ pub struct NetFilterRule {
     /// The remote address block (`10.0.0.0/8`, `2001:db8::/32`); none: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr: Option<String>,
+    /// The remote's DNS name (`host.corp.example`, `*.corp.example`): the addresses a
+    /// `dns_servers` resolver answered for it; none: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// The protocol.
     #[serde(default)]
     pub protocol: FilterProtocol,

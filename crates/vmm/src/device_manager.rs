@@ -160,6 +160,11 @@ fn net_filter(c: &vmm_api::config::NetFilterConfig) -> Result<Filter, String> {
             Ok(Rule {
                 verdict: verdict(r.action),
                 net: r.cidr.as_deref().map(IpNet::parse).transpose()?,
+                name: r
+                    .name
+                    .as_deref()
+                    .map(devices::virtio::net::NamePattern::parse)
+                    .transpose()?,
                 proto: match r.protocol {
                     FilterProtocol::Any => Proto::Any,
                     FilterProtocol::Tcp => Proto::Tcp,
@@ -175,7 +180,18 @@ fn net_filter(c: &vmm_api::config::NetFilterConfig) -> Result<Filter, String> {
             })
         })
         .collect::<Result<Vec<_>, String>>()?;
-    Ok(Filter::new(verdict(c.default), rules))
+    let dns_servers = c
+        .dns_servers
+        .iter()
+        .map(|s| {
+            s.parse::<std::net::IpAddr>()
+                .map_err(|_| format!("dns server {s:?} is not an IP address"))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if dns_servers.is_empty() && rules.iter().any(|r| r.name.is_some()) {
+        return Err("a rule by name needs dns_servers".into());
+    }
+    Ok(Filter::new(verdict(c.default), rules).with_dns(dns_servers))
 }
 
 /// The ids of `n` devices of `kind`.

@@ -17,6 +17,20 @@
 //! rule that refused it (or the default) until the host takes the tallies
 //! ([`Filter::take_drops`]) to write them to its audit log: counts per rule per interval,
 //! never a record per frame.
+//!
+//! **Rules by DNS name** ([`NamePattern`]: `intranet.corp.example`, `*.corp.example`) match
+//! the addresses the guest learnt for such a name from a resolver the policy trusts
+//! ([`Filter::with_dns`]): the filter reads the guest's UDP queries to a trusted resolver's
+//! port 53 for names a rule covers, and the answers that come back for them (same resolver,
+//! port, transaction id and name), and admits the A and AAAA addresses of the answer
+//! (through its CNAMEs) for their TTL ([`MIN_TTL`] to [`MAX_TTL`]). An answer nobody asked
+//! for, from another server, or for another name teaches nothing. The rule lets through
+//! what it matches only while the address is known; a flow it allowed then lives as any
+//! flow does.
+
+pub(crate) mod dns;
+
+pub use dns::NamePattern;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +43,18 @@ pub const MAX_FLOWS: usize = 16_384;
 pub const FLOW_IDLE: Duration = Duration::from_secs(300);
 /// Refused frames are logged at most once per this long (with the counts since).
 pub const REPORT_EVERY: Duration = Duration::from_secs(10);
+/// Queries to a trusted resolver waited for at most (the oldest beyond are not learnt from).
+pub const MAX_PENDING_QUERIES: usize = 256;
+/// How long an answer may take to count.
+pub const QUERY_WAIT: Duration = Duration::from_secs(10);
+/// Addresses learnt from answers, at most (the one known for the least time left goes).
+pub const MAX_LEARNT: usize = 4096;
+/// Names remembered per learnt address.
+const NAMES_PER_ADDR: usize = 4;
+/// Shortest time an answer's address is admitted (a TTL of 0 still lets the guest connect).
+pub const MIN_TTL: Duration = Duration::from_secs(30);
+/// Longest time an answer's address is admitted.
+pub const MAX_TTL: Duration = Duration::from_secs(86_400);
 /// Tallies of replaced policies kept until taken, at most (more are merged into one).
 pub const MAX_CARRIED_TALLIES: usize = 64;
 /// Most IPv6 extension headers walked before giving up (the frame follows the default).
@@ -123,6 +149,9 @@ pub struct Rule {
     pub verdict: Verdict,
     /// The remote address block; none: any.
     pub net: Option<IpNet>,
+    /// The remote's DNS name: the remote must be an address an answer gave for a name it
+    /// covers, still within its TTL; none: any.
+    pub name: Option<NamePattern>,
     /// The protocol.
     pub proto: Proto,
     /// The service ports (TCP and UDP); none: any.
@@ -150,6 +179,9 @@ impl fmt::Display for Rule {
         write!(f, "{} {proto}", self.verdict)?;
         if let Some(n) = self.net {
             write!(f, " {}/{}", n.addr, n.prefix)?;
+        }
+        if let Some(n) = &self.name {
+            write!(f, " name {n}")?;
         }
         match self.ports {
             Some((a, b)) if a == b => write!(f, " port {a}"),
@@ -254,6 +286,12 @@ pub struct Filter {
     tallies: Vec<Option<DropTally>>,
     /// Tallies of the policies this one replaced, not yet taken.
     carried: Vec<DropTally>,
+    /// The resolvers whose answers teach names.
+    dns_servers: Vec<IpAddr>,
+    /// Queries sent to them for names a rule covers: (server, guest port, id) -> (name, sent).
+    pending: HashMap<(IpAddr, u16, u16), (String, Instant)>,
+    /// Addresses learnt from answers: the names they were given for, each until when.
+    learnt: HashMap<IpAddr, Vec<(String, Instant)>>,
 }
 
 impl Filter {
@@ -269,7 +307,21 @@ impl Filter {
             reported: (FilterStats::default(), None),
             tallies: vec![None; slots],
             carried: Vec::new(),
+            dns_servers: Vec::new(),
+            pending: HashMap::new(),
+            learnt: HashMap::new(),
         }
+    }
+
+    /// This filter trusting the answers of `servers` (port 53) for its name rules.
+    pub fn with_dns(mut self, servers: Vec<IpAddr>) -> Self {
+        self.dns_servers = servers;
+        self
+    }
+
+    /// Addresses learnt from answers now.
+    pub fn learnt_count(&self) -> usize {
+        self.learnt.len()
     }
 
     /// The frames refused since the last call, per rule (those that refused none are left
@@ -358,6 +410,9 @@ impl Filter {
         self.stats = old.stats;
         self.last_dropped.clone_from(&old.last_dropped);
         self.reported = old.reported;
+        // What answers said stays true for its TTL; the queries in flight are still awaited.
+        self.learnt = std::mem::take(&mut old.learnt);
+        self.pending = std::mem::take(&mut old.pending);
         let mut carried = old.take_drops_of_retired(", replaced");
         if carried.len() > MAX_CARRIED_TALLIES {
             let rest = carried.split_off(MAX_CARRIED_TALLIES - 1);
@@ -389,6 +444,14 @@ impl Filter {
             Parsed::Other => (self.default, None),
             Parsed::Conn(c) => self.decide(c, now),
         };
+        if let (Verdict::Allow, Parsed::Conn(c)) = (verdict, parsed) {
+            if c.proto == PROTO_UDP
+                && c.remote_port == Some(53)
+                && self.dns_servers.contains(&c.remote)
+            {
+                self.snoop_dns(c, dir, frame, now);
+            }
+        }
         if verdict == Verdict::Deny {
             let what = describe(&parsed, dir, frame);
             self.tally(rule, dir, &what);
@@ -418,11 +481,17 @@ impl Filter {
                 }
             }
         }
+        let learnt = &self.learnt;
         let hit = self
             .rules
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matches(&c))
+            .find(|(_, r)| {
+                r.matches(&c)
+                    && r.name
+                        .as_ref()
+                        .is_none_or(|p| known_as(learnt, c.remote, p, now))
+            })
             .map(|(i, r)| (i, r.verdict));
         let (verdict, rule) = hit.map_or((self.default, None), |(i, v)| (v, Some(i)));
         if verdict == Verdict::Allow {
@@ -431,6 +500,83 @@ impl Filter {
             }
         }
         (verdict, rule)
+    }
+
+    /// Reads a DNS message the guest sent to (or got from) trusted resolver `c.remote`,
+    /// both already let through: a query for a name a rule covers is remembered; the answer
+    /// to a remembered query teaches its addresses.
+    fn snoop_dns(&mut self, c: Conn, dir: Direction, frame: &[u8], now: Instant) {
+        let (Some(msg), Some(port)) = (udp_payload(frame), c.local_port) else {
+            return;
+        };
+        match dir {
+            Direction::Out => {
+                let Some(q) = dns::parse_query(msg) else {
+                    return;
+                };
+                let covered = self
+                    .rules
+                    .iter()
+                    .any(|r| r.name.as_ref().is_some_and(|p| p.matches(&q.name)));
+                if !covered {
+                    return;
+                }
+                if self.pending.len() >= MAX_PENDING_QUERIES {
+                    self.pending
+                        .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < QUERY_WAIT);
+                    if self.pending.len() >= MAX_PENDING_QUERIES {
+                        return;
+                    }
+                }
+                self.pending.insert((c.remote, port, q.id), (q.name, now));
+            }
+            Direction::In => {
+                let Some(a) = dns::parse_answer(msg) else {
+                    return;
+                };
+                let key = (c.remote, port, a.id);
+                let asked = self.pending.get(&key).is_some_and(|(name, sent)| {
+                    *name == a.name && now.saturating_duration_since(*sent) < QUERY_WAIT
+                });
+                if !asked {
+                    return;
+                }
+                self.pending.remove(&key);
+                for (ip, ttl) in a.addrs {
+                    let ttl = Duration::from_secs(u64::from(ttl)).clamp(MIN_TTL, MAX_TTL);
+                    self.learn(ip, &a.name, now, now + ttl);
+                }
+            }
+        }
+    }
+
+    /// Remembers at `now` that `ip` is `name` until `until` (bounded, see [`MAX_LEARNT`]).
+    fn learn(&mut self, ip: IpAddr, name: &str, now: Instant, until: Instant) {
+        if self.learnt.len() >= MAX_LEARNT && !self.learnt.contains_key(&ip) {
+            self.learnt.retain(|_, names| {
+                names.retain(|(_, u)| *u > now);
+                !names.is_empty()
+            });
+            if self.learnt.len() >= MAX_LEARNT {
+                let last = |names: &Vec<(String, Instant)>| names.iter().map(|(_, u)| *u).max();
+                if let Some(soonest) = self
+                    .learnt
+                    .iter()
+                    .min_by_key(|(_, names)| last(names))
+                    .map(|(ip, _)| *ip)
+                {
+                    self.learnt.remove(&soonest);
+                }
+            }
+        }
+        let names = self.learnt.entry(ip).or_default();
+        if let Some(known) = names.iter_mut().find(|(n, _)| n == name) {
+            known.1 = known.1.max(until);
+        } else if names.len() < NAMES_PER_ADDR {
+            names.push((name.to_string(), until));
+        } else if let Some(soonest) = names.iter_mut().min_by_key(|(_, u)| *u) {
+            *soonest = (name.to_string(), until);
+        }
     }
 
     fn remember(&mut self, key: FlowKey, now: Instant) {
@@ -450,6 +596,32 @@ impl Filter {
     pub fn flow_count(&self) -> usize {
         self.flows.len()
     }
+}
+
+/// Whether `ip` was given (and is still within its TTL) for a name `pattern` covers.
+fn known_as(
+    learnt: &HashMap<IpAddr, Vec<(String, Instant)>>,
+    ip: IpAddr,
+    pattern: &NamePattern,
+    now: Instant,
+) -> bool {
+    learnt
+        .get(&ip)
+        .is_some_and(|names| names.iter().any(|(n, u)| *u > now && pattern.matches(n)))
+}
+
+/// The UDP payload of an IPv4 or IPv6 frame (first fragment), if it holds one.
+fn udp_payload(frame: &[u8]) -> Option<&[u8]> {
+    let l3 = frame.get(ETH_HLEN..)?;
+    let ip = match be16(frame, 12)? {
+        ETHERTYPE_IPV4 => parse_ipv4(l3)?,
+        ETHERTYPE_IPV6 => parse_ipv6(l3)?,
+        _ => return None,
+    };
+    if ip.proto != PROTO_UDP || !ip.first_fragment {
+        return None;
+    }
+    ip.l4.get(8..)
 }
 
 /// `out tcp 10.0.0.2:40000 -> 10.1.2.3:80`, for the log.

@@ -25,7 +25,9 @@ use std::time::Instant;
 
 use vmm_sys_util::epoll::{Epoll, EventSet};
 
-pub use filter::{Direction, DropTally, Filter, FilterStats, IpNet, Proto, Rule, Verdict};
+pub use filter::{
+    Direction, DropTally, Filter, FilterStats, IpNet, NamePattern, Proto, Rule, Verdict,
+};
 pub use tap::Tap;
 
 use super::control::{ControlError, DeviceControl};

@@ -279,6 +279,7 @@ fn the_network_policy_drops_refused_frames_both_ways_and_counts_them() {
         vec![Rule {
             verdict: Verdict::Allow,
             net: Some(IpNet::parse("10.0.0.1").unwrap()),
+            name: None,
             proto: Proto::Udp,
             ports: Some((7000, 7000)),
         }],
@@ -374,6 +375,7 @@ fn a_policy_replaced_while_the_guest_runs_decides_the_next_frames() {
         vec![Rule {
             verdict: Verdict::Allow,
             net: Some(IpNet::parse("10.0.0.1").unwrap()),
+            name: None,
             proto: Proto::Udp,
             ports: Some((7000, 7000)),
         }],
@@ -425,4 +427,95 @@ fn a_policy_replaced_while_the_guest_runs_decides_the_next_frames() {
         .control(&serde_json::json!({"op": "take_drops"}))
         .unwrap();
     assert_eq!(again, serde_json::json!({"drops": []}));
+}
+
+/// A UDP/IPv4 frame (vnet header first) from `src` to `dst` carrying `payload`.
+fn udp_with(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Vec<u8> {
+    let mut f = udp(src, dst);
+    let ip = VNET_HDR_LEN + 14;
+    let total = (28 + payload.len()) as u16;
+    f[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+    f[ip + 24..ip + 26].copy_from_slice(&(total - 20).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn a_name_rule_lets_the_guest_reach_what_the_trusted_resolver_answered() {
+    const GUEST: [u8; 4] = [10, 0, 0, 2];
+    const RESOLVER: [u8; 4] = [10, 0, 0, 53];
+    const WWW: [u8; 4] = [192, 0, 2, 80];
+    let filter = Filter::new(
+        Verdict::Deny,
+        vec![
+            Rule {
+                verdict: Verdict::Allow,
+                net: Some(IpNet::parse("10.0.0.53").unwrap()),
+                name: None,
+                proto: Proto::Udp,
+                ports: Some((53, 53)),
+            },
+            Rule {
+                verdict: Verdict::Allow,
+                net: None,
+                name: Some(NamePattern::parse("*.corp.example").unwrap()),
+                proto: Proto::Udp,
+                ports: Some((8443, 8443)),
+            },
+        ],
+    )
+    .with_dns(vec![std::net::IpAddr::from(RESOLVER)]);
+    let s = setup_with(Some(filter));
+    let mut got = [0u8; 400];
+    let send = |i: u16, f: &[u8]| {
+        let at = 0x10000 + 0x1000 * u64::from(i);
+        s.mem.write_slice(f, GuestAddress(at)).unwrap();
+        s.txq.add_chain(&s.mem, i, &[(at, f.len() as u32, 0)]);
+        s.kicks[TX].write(1).unwrap();
+        assert!(wait_until(|| s.txq.used_idx(&s.mem) == i + 1));
+    };
+    let to_www = udp((GUEST, 4001), (WWW, 8443));
+    // Before the guest asked, the name's address is refused.
+    send(0, &to_www);
+    s.peer.set_nonblocking(true).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        s.peer.recv(&mut got).is_err(),
+        "reached before it was resolved"
+    );
+    // The guest asks the resolver; the answer comes back through the device.
+    let query = udp_with(
+        (GUEST, 5353),
+        (RESOLVER, 53),
+        &filter::dns::tests::query(0x4242, "www.corp.example"),
+    );
+    send(1, &query);
+    assert!(wait_until(|| s
+        .peer
+        .recv(&mut got)
+        .is_ok_and(|n| n == query.len())));
+    s.rxq.add_chain(&s.mem, 0, &[(0x20000, 1526, DESC_F_WRITE)]);
+    s.kicks[RX].write(1).unwrap();
+    let answer = udp_with(
+        (RESOLVER, 53),
+        (GUEST, 5353),
+        &filter::dns::tests::answer(0x4242, "www.corp.example", None, &[WWW], 300),
+    );
+    s.peer.send(&answer).unwrap();
+    assert!(
+        wait_until(|| s.rxq.used_idx(&s.mem) == 1),
+        "the answer reached the guest"
+    );
+    // Now the address is the name's: the same frame goes out; another address does not.
+    send(2, &to_www);
+    assert!(wait_until(|| s
+        .peer
+        .recv(&mut got)
+        .is_ok_and(|n| n == to_www.len())));
+    send(3, &udp((GUEST, 4002), ([192, 0, 2, 81], 8443)));
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        s.peer.recv(&mut got).is_err(),
+        "an address nobody answered went out"
+    );
 }

@@ -44,6 +44,7 @@ fn rule(verdict: Verdict, net: Option<&str>, proto: Proto, ports: Option<(u16, u
     Rule {
         verdict,
         net: net.map(|n| IpNet::parse(n).unwrap()),
+        name: None,
         proto,
         ports,
     }
@@ -359,4 +360,250 @@ fn tallies_of_many_replaced_policies_stay_bounded() {
     assert_eq!(drops.len(), MAX_CARRIED_TALLIES);
     let total: u64 = drops.iter().map(|t| t.out).sum();
     assert_eq!(total, MAX_CARRIED_TALLIES as u64 * 3, "merged, not lost");
+}
+
+fn udp(src: u16, dst: u16, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = src.to_be_bytes().to_vec();
+    l4.extend_from_slice(&dst.to_be_bytes());
+    l4.extend_from_slice(&u16::try_from(8 + payload.len()).unwrap().to_be_bytes());
+    l4.extend_from_slice(&[0, 0]);
+    l4.extend_from_slice(payload);
+    l4
+}
+
+const RESOLVER: [u8; 4] = [10, 0, 0, 53];
+
+/// deny by default; DNS to the resolver; TCP 443 to *.corp.example.
+fn by_name() -> Filter {
+    Filter::new(
+        Verdict::Deny,
+        vec![
+            rule(
+                Verdict::Allow,
+                Some("10.0.0.53/32"),
+                Proto::Udp,
+                Some((53, 53)),
+            ),
+            Rule {
+                name: Some(NamePattern::parse("*.corp.example").unwrap()),
+                ..rule(Verdict::Allow, None, Proto::Tcp, Some((443, 443)))
+            },
+        ],
+    )
+    .with_dns(vec![IpAddr::from(RESOLVER)])
+}
+
+fn query_frame(port: u16, id: u16, name: &str) -> Vec<u8> {
+    ipv4(
+        GUEST4,
+        RESOLVER,
+        PROTO_UDP,
+        0,
+        &udp(port, 53, &dns::tests::query(id, name)),
+    )
+}
+
+fn answer_frame(from: [u8; 4], port: u16, id: u16, name: &str, addr: [u8; 4], ttl: u32) -> Vec<u8> {
+    let msg = dns::tests::answer(id, name, Some("edge.cdn.example"), &[addr], ttl);
+    ipv4(from, GUEST4, PROTO_UDP, 0, &udp(53, port, &msg))
+}
+
+#[test]
+fn a_name_rule_admits_the_addresses_a_trusted_answer_gives_for_their_ttl() {
+    let mut f = by_name();
+    let t0 = Instant::now();
+    let https = |to: [u8; 4], port: u16| ipv4(GUEST4, to, PROTO_TCP, 0, &ports(port, 443));
+    assert_eq!(
+        f.check(&https([192, 0, 2, 5], 40000), Direction::Out, t0),
+        Verdict::Deny,
+        "not learnt yet"
+    );
+    assert_eq!(
+        f.check(
+            &query_frame(5353, 7, "www.corp.example"),
+            Direction::Out,
+            t0
+        ),
+        Verdict::Allow
+    );
+    assert_eq!(
+        f.check(
+            &answer_frame(RESOLVER, 5353, 7, "www.corp.example", [192, 0, 2, 5], 120),
+            Direction::In,
+            t0
+        ),
+        Verdict::Allow
+    );
+    assert_eq!(f.learnt_count(), 1);
+    assert_eq!(
+        f.check(&https([192, 0, 2, 5], 40001), Direction::Out, t0),
+        Verdict::Allow
+    );
+    // Only what the rule says: another port of the same address is not admitted.
+    let http = ipv4(GUEST4, [192, 0, 2, 5], PROTO_TCP, 0, &ports(40002, 80));
+    assert_eq!(f.check(&http, Direction::Out, t0), Verdict::Deny);
+    // The connection made goes on past the TTL; a new one then is refused.
+    let later = t0 + Duration::from_secs(121);
+    assert_eq!(
+        f.check(&https([192, 0, 2, 5], 40001), Direction::Out, later),
+        Verdict::Allow
+    );
+    assert_eq!(
+        f.check(&https([192, 0, 2, 5], 40003), Direction::Out, later),
+        Verdict::Deny
+    );
+    // A TTL of 0 still leaves the guest MIN_TTL to connect.
+    f.check(&query_frame(5353, 8, "db.corp.example"), Direction::Out, t0);
+    f.check(
+        &answer_frame(RESOLVER, 5353, 8, "db.corp.example", [192, 0, 2, 6], 0),
+        Direction::In,
+        t0,
+    );
+    assert_eq!(
+        f.check(
+            &https([192, 0, 2, 6], 40004),
+            Direction::Out,
+            t0 + MIN_TTL - Duration::from_secs(1)
+        ),
+        Verdict::Allow
+    );
+    assert_eq!(
+        f.check(&https([192, 0, 2, 6], 40005), Direction::Out, t0 + MIN_TTL),
+        Verdict::Deny
+    );
+}
+
+#[test]
+fn answers_nobody_asked_for_or_from_elsewhere_teach_nothing() {
+    let mut f = by_name();
+    let t0 = Instant::now();
+    let https = ipv4(GUEST4, [192, 0, 2, 9], PROTO_TCP, 0, &ports(40000, 443));
+    let learns = |f: &mut Filter, answer: Vec<u8>| {
+        f.check(&answer, Direction::In, t0);
+        f.check(&https, Direction::Out, t0) == Verdict::Allow
+    };
+    // No query: an answer arriving (even on an allowed flow) is not believed.
+    f.check(
+        &query_frame(5353, 1, "www.corp.example"),
+        Direction::Out,
+        t0,
+    );
+    assert!(
+        !learns(
+            &mut f,
+            answer_frame(RESOLVER, 5353, 2, "www.corp.example", [192, 0, 2, 9], 60)
+        ),
+        "wrong id"
+    );
+    assert!(
+        !learns(
+            &mut f,
+            answer_frame(RESOLVER, 5353, 1, "evil.corp.example", [192, 0, 2, 9], 60)
+        ),
+        "another name"
+    );
+    assert!(
+        !learns(
+            &mut f,
+            answer_frame(RESOLVER, 5354, 1, "www.corp.example", [192, 0, 2, 9], 60)
+        ),
+        "another port"
+    );
+    assert!(
+        !learns(
+            &mut f,
+            answer_frame(
+                [10, 0, 0, 66],
+                5353,
+                1,
+                "www.corp.example",
+                [192, 0, 2, 9],
+                60
+            )
+        ),
+        "another server"
+    );
+    // A query for a name no rule covers is not even remembered.
+    f.check(&query_frame(5353, 3, "www.example.org"), Direction::Out, t0);
+    assert!(!learns(
+        &mut f,
+        answer_frame(RESOLVER, 5353, 3, "www.example.org", [192, 0, 2, 9], 60)
+    ));
+    // Too late.
+    let late = answer_frame(RESOLVER, 5353, 1, "www.corp.example", [192, 0, 2, 9], 60);
+    f.check(&late, Direction::In, t0 + QUERY_WAIT);
+    assert_eq!(
+        f.check(&https, Direction::Out, t0 + QUERY_WAIT),
+        Verdict::Deny
+    );
+    // A guest's own "answer" sent out is not an answer.
+    f.check(
+        &query_frame(5353, 4, "www.corp.example"),
+        Direction::Out,
+        t0,
+    );
+    let forged = ipv4(
+        GUEST4,
+        RESOLVER,
+        PROTO_UDP,
+        0,
+        &udp(
+            5353,
+            53,
+            &dns::tests::answer(4, "www.corp.example", None, &[[192, 0, 2, 9]], 60),
+        ),
+    );
+    f.check(&forged, Direction::Out, t0);
+    assert_eq!(f.check(&https, Direction::Out, t0), Verdict::Deny);
+    assert_eq!(f.learnt_count(), 0);
+    // The real one, once: a second copy is not needed and changes nothing.
+    assert!(learns(
+        &mut f,
+        answer_frame(RESOLVER, 5353, 4, "www.corp.example", [192, 0, 2, 9], 60)
+    ));
+}
+
+#[test]
+fn learnt_addresses_and_queries_in_flight_are_bounded_and_survive_a_replacement() {
+    let mut f = by_name();
+    let t0 = Instant::now();
+    for i in 0..(MAX_LEARNT + 100) {
+        let id = u16::try_from(i % 60_000).unwrap();
+        let [.., hi, lo] = u32::try_from(i).unwrap().to_be_bytes();
+        let addr = [172, 16, hi, lo];
+        f.check(
+            &query_frame(5353, id, "www.corp.example"),
+            Direction::Out,
+            t0,
+        );
+        f.check(
+            &answer_frame(RESOLVER, 5353, id, "www.corp.example", addr, 60),
+            Direction::In,
+            t0,
+        );
+    }
+    assert_eq!(f.learnt_count(), MAX_LEARNT);
+    for i in 0..u16::try_from(MAX_PENDING_QUERIES * 2).unwrap() {
+        f.check(&query_frame(6000, i, "q.corp.example"), Direction::Out, t0);
+    }
+    assert!(f.pending.len() <= MAX_PENDING_QUERIES);
+    // What answers taught survives a policy change (their TTL still runs).
+    let mut f = by_name();
+    f.check(
+        &query_frame(5353, 1, "www.corp.example"),
+        Direction::Out,
+        t0,
+    );
+    f.check(
+        &answer_frame(RESOLVER, 5353, 1, "www.corp.example", [192, 0, 2, 9], 60),
+        Direction::In,
+        t0,
+    );
+    let mut g = by_name().with_counts_of(&mut f);
+    let https = ipv4(GUEST4, [192, 0, 2, 9], PROTO_TCP, 0, &ports(40000, 443));
+    assert_eq!(
+        g.check(&https, Direction::Out, t0),
+        Verdict::Allow,
+        "learnt before the replacement"
+    );
 }
