@@ -387,3 +387,151 @@ fn a_policy_replaced_through_the_api_decides_the_next_frames() {
     );
     assert_eq!(stats["installed"], true, "{stats}");
 }
+
+/// A DNS name in wire format.
+fn dns_name(name: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    for l in name.split('.') {
+        out.push(u8::try_from(l.len()).unwrap());
+        out.extend_from_slice(l.as_bytes());
+    }
+    out.push(0);
+    out
+}
+
+/// A DNS query (id 0x5150) for the A records of `name`.
+fn dns_query(name: &str) -> Vec<u8> {
+    let mut m = vec![0x51, 0x50, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    m.extend_from_slice(&dns_name(name));
+    m.extend_from_slice(&[0, 1, 0, 1]);
+    m
+}
+
+#[test]
+fn a_name_rule_admits_what_the_trusted_resolver_answered() {
+    let name = "a_name_rule_admits_what_the_trusted_resolver_answered";
+    if !require_kvm(name) {
+        return;
+    }
+    if e2e::host::which("ip").is_none() || !std::path::Path::new("/dev/net/tun").exists() {
+        skip("no ip(8) or /dev/net/tun", name);
+        return;
+    }
+    const RESOLVER: [u8; 4] = [10, 0, 0, 53];
+    const WWW: [u8; 4] = [10, 0, 0, 80];
+    const OTHER: [u8; 4] = [10, 0, 0, 81];
+    let ns = NetNs::create().expect("create a network namespace (needs root)");
+    let tap = "pvdns0";
+    ns.add_tap(tap).expect("create the tap in the namespace");
+    let sock = ns
+        .run_inside(move || PacketSocket::open(tap, 0x0800))
+        .expect("a packet socket on the tap");
+    // Deny by default; DNS to the resolver; UDP 7000 to *.corp.example, by name only.
+    let dir = e2e::TempDir::new();
+    let config = dir.join("vm.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kernel = {:?}\n[[net]]\ntap = \"{tap}\"\nmac = \"{}\"\n\
+             [net.filter]\ndefault = \"deny\"\ndns_servers = [\"10.0.0.53\"]\nrules = [\n\
+             {{ action = \"allow\", cidr = \"10.0.0.53/32\", protocol = \"udp\", ports = [53, 53] }},\n\
+             {{ action = \"allow\", name = \"*.corp.example\", protocol = \"udp\", ports = [7000, 7000] }},\n]\n",
+            e2e::probe_elf(),
+            format_mac(&GUEST_MAC)
+        ),
+    )
+    .unwrap();
+    // The guest asks for www.corp.example, waits for the answer, then sends to the address
+    // it got (allowed), to another address the answer named for another name, and to the
+    // right address on a port the rule does not list (both refused).
+    let frames = [
+        eth(
+            0x0800,
+            &ipv4(
+                17,
+                (GUEST4, 5353),
+                (RESOLVER, 53),
+                &dns_query("www.corp.example"),
+            ),
+        ),
+        "rx".to_string(),
+        eth(
+            0x0800,
+            &ipv4(17, (GUEST4, 4000), (WWW, 7000), b" m-www-ok "),
+        ),
+        eth(
+            0x0800,
+            &ipv4(17, (GUEST4, 4000), (OTHER, 7000), b" m-other-host "),
+        ),
+        eth(
+            0x0800,
+            &ipv4(17, (GUEST4, 4000), (WWW, 7001), b" m-www-port "),
+        ),
+    ];
+    let cmdline = format!(
+        "pv.tests=net pv.net.wait=1 pv.net.listen=500 pv.net.frames={}",
+        frames.join(",")
+    );
+    let mut cmd = VmCommand::probe(&cmdline).in_netns(ns.name());
+    cmd.config = Some(config);
+    let vm = cmd.spawn();
+
+    // The query arrives on the tap; the resolver's answer goes back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let query = loop {
+        assert!(Instant::now() < deadline, "no DNS query from the guest");
+        if let Some(f) = sock.recv(Duration::from_millis(50)).expect("recv") {
+            if f.len() > 42 && f[6..12] == GUEST_MAC && f[36..38] == [0, 53] {
+                break f;
+            }
+        }
+    };
+    assert_eq!(
+        query[42..44],
+        [0x51, 0x50],
+        "the guest's query went out as sent"
+    );
+    let mut answer = dns_query("www.corp.example");
+    answer[2..4].copy_from_slice(&[0x81, 0x80]);
+    answer[6..8].copy_from_slice(&[0, 2]);
+    answer.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4]);
+    answer.extend_from_slice(&WWW);
+    answer.extend_from_slice(&dns_name("other.example"));
+    answer.extend_from_slice(&[0, 1, 0, 1, 0, 0, 1, 44, 0, 4]);
+    answer.extend_from_slice(&OTHER);
+    sock.send(
+        GUEST_MAC,
+        HOST_MAC,
+        &ipv4(17, (RESOLVER, 53), (GUEST4, 5353), &answer),
+    )
+    .unwrap();
+
+    let mut arrived = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && arrived.is_empty() {
+        if let Some(f) = sock.recv(Duration::from_millis(50)).expect("recv") {
+            if f.len() >= 14 && f[6..12] == GUEST_MAC {
+                arrived.extend(marker(&f));
+            }
+        }
+    }
+    let out = vm.wait();
+    let report = out.assert_clean_pass();
+    while let Some(f) = sock.recv(Duration::from_millis(10)).unwrap() {
+        if f.len() >= 14 && f[6..12] == GUEST_MAC {
+            arrived.extend(marker(&f));
+        }
+    }
+    assert_eq!(
+        arrived,
+        BTreeSet::from(["m-www-ok".to_string()]),
+        "{}",
+        out.describe()
+    );
+    let got = report.find_all(&["net", "rx-ip"]);
+    assert!(
+        got.len() == 1 && !got[0].raw.contains("rx-ip none"),
+        "the guest got the answer\n{}",
+        out.describe()
+    );
+}

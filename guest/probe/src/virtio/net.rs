@@ -200,6 +200,9 @@ pub fn selftest() {
 /// `pv.net.frames=HEX,HEX,...`: sends each whole Ethernet frame as given (the tests build
 /// IPv4, IPv6 and ARP frames on the host), then for `pv.net.listen` ms (default 0) prints the
 /// IPv4 and IPv6 frames that arrive (`net rx-ip "<payload, non-printable bytes as ?>"`).
+/// An item `rx` instead of a frame waits up to 10 s for one IPv4 or IPv6 frame (printed the
+/// same way, or `net rx-ip none`) before the next is sent: a request, its answer, then what
+/// depends on the answer.
 fn send_given_frames(net: &mut Net) {
     let info = pvh::info();
     let Some(list) = info.arg("pv.net.frames") else {
@@ -208,6 +211,14 @@ fn send_given_frames(net: &mut Net) {
     let mut frame = [0u8; 1514];
     let mut sent = 0u32;
     for (i, hex) in list.split(',').enumerate() {
+        if hex == "rx" {
+            let mut payload = [0u8; 1500];
+            match net.recv_where(|et| et == 0x0800 || et == 0x86DD, 10_000, &mut payload) {
+                Some((_, n)) => probe!("net rx-ip \"{}\"", printable_all(&payload[..n])),
+                None => probe!("net rx-ip none"),
+            }
+            continue;
+        }
         let Some(n) = decode_hex(hex, &mut frame) else {
             return fail(
                 "net",
