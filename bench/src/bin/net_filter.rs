@@ -46,6 +46,7 @@ fn hundred_rules() -> Filter {
                 addr: std::net::Ipv4Addr::UNSPECIFIED.into(),
                 prefix: 32,
             })),
+            name: None,
             proto: Proto::Tcp,
             ports: Some((443, 443)),
         })
@@ -53,6 +54,7 @@ fn hundred_rules() -> Filter {
     rules.push(Rule {
         verdict: Verdict::Allow,
         net: IpNet::parse("10.9.0.0/16").ok(),
+        name: None,
         proto: Proto::Udp,
         ports: None,
     });
