@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{can_run_vms, last_counter, loud, wait_until, Daemon};
@@ -1529,4 +1530,144 @@ fn a_firmware_template_profile_starts_with_a_copy_of_its_disk_image() {
     }
     assert!(!d.dir.join("profiles/bad").exists());
     assert_eq!(d.show_all_names(), ["fw"]);
+}
+
+/// Whatever replaced a profile's files after create (a directory or a device as its initrd;
+/// a FIFO or a device as its disk) is refused at start before anything waits on it, with an
+/// error naming the file, audited, and no VMM left; a suspended profile whose spec was edited
+/// to name a host path, or whose disk became a FIFO, is refused at resume (audited) and stays
+/// suspended with its snapshot.
+#[test]
+fn special_files_and_host_paths_are_refused_at_every_start_and_resume() {
+    if !can_run_vms("special_files_and_host_paths_are_refused_at_every_start_and_resume") {
+        return;
+    }
+    let d = Daemon::start("special");
+    let initrd = d.dir.join("assets/i.img");
+    std::fs::write(&initrd, b"an initrd, for now").unwrap();
+    let req = handset::CreateProfile {
+        spec: Some(
+            handset::ProfileSpec::from_toml(
+                "name = \"s\"\nkernel = \"probe\"\ninitrd = \"i.img\"\n\
+                 cmdline = \"pv.mode=counter pv.counter.ms=20\"\nmemory_mib = 64\n\
+                 disks = [{ name = \"data\", size_mib = 8 }]\n",
+            )
+            .unwrap(),
+        ),
+        ..Default::default()
+    };
+    let _: ProfileInfo = d.client().call("POST", "/v1/profiles", Some(&req)).unwrap();
+    let disk = d.dir.join("profiles/s/disks/data.img");
+    let saved_disk = d.dir.join("data.img.saved");
+    std::fs::rename(&disk, &saved_disk).unwrap();
+    std::fs::rename(&initrd, d.dir.join("i.img.saved")).unwrap();
+    let mknod = |path: &Path, mode: libc::mode_t, dev: libc::dev_t| {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: mknod(2) with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mknod(c.as_ptr(), mode, dev) }, 0, "{path:?}");
+    };
+    let zero = libc::makedev(1, 5); // What /dev/zero is.
+    type Make = Box<dyn Fn(&Path)>;
+    let cases: Vec<(&str, &Path, Make)> = vec![
+        (
+            "initrd",
+            &initrd,
+            Box::new(|p: &Path| std::fs::create_dir(p).unwrap()),
+        ),
+        (
+            "initrd",
+            &initrd,
+            Box::new(move |p: &Path| mknod(p, libc::S_IFCHR | 0o600, zero)),
+        ),
+        (
+            "disk",
+            &disk,
+            Box::new(move |p: &Path| mknod(p, libc::S_IFIFO | 0o600, 0)),
+        ),
+        (
+            "disk",
+            &disk,
+            Box::new(move |p: &Path| mknod(p, libc::S_IFCHR | 0o600, zero)),
+        ),
+    ];
+    let mut refused = 0;
+    for (what, path, make) in &cases {
+        // The other file is a good one, so the refusal is this one's.
+        let (other, other_saved) = if *what == "disk" {
+            (initrd.clone(), d.dir.join("i.img.saved"))
+        } else {
+            (disk.clone(), saved_disk.clone())
+        };
+        std::fs::copy(&other_saved, &other).unwrap();
+        make(path);
+        let t0 = Instant::now();
+        let e = d.act("s", "start").unwrap_err().to_string();
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{what}: took {:?}",
+            t0.elapsed()
+        );
+        assert!(
+            e.contains(what) && e.contains(path.to_str().unwrap()),
+            "{e}"
+        );
+        refused += 1;
+        let audit = audit_of(&d, "s");
+        assert_eq!(
+            audit
+                .iter()
+                .filter(|a| a.starts_with("start-refused: "))
+                .count(),
+            refused,
+            "{audit:?}"
+        );
+        assert!(d.our_processes().is_empty(), "{what}: a VMM was spawned");
+        assert_ne!(d.show("s").state, ProfileState::Running);
+        let meta = std::fs::symlink_metadata(path).unwrap();
+        if meta.is_dir() {
+            std::fs::remove_dir(path).unwrap();
+        } else {
+            std::fs::remove_file(path).unwrap();
+        }
+        std::fs::remove_file(&other).unwrap();
+    }
+    loud(&format!(
+        "MEASURE special files refused at start: {refused} (directory and device as initrd, \
+         FIFO and device as disk)"
+    ));
+    // With good files again, it starts; then the resume checks.
+    std::fs::rename(&saved_disk, &disk).unwrap();
+    std::fs::rename(d.dir.join("i.img.saved"), &initrd).unwrap();
+    assert_eq!(d.act("s", "start").unwrap().state, ProfileState::Running);
+    assert_eq!(
+        d.act("s", "suspend").unwrap().state,
+        ProfileState::Suspended
+    );
+    let spec = d.dir.join("profiles/s/profile.toml");
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace("\"i.img\"", "\"/etc/passwd\"")).unwrap();
+    let e = d.act("s", "resume").unwrap_err().to_string();
+    assert!(e.contains("/etc/passwd"), "{e}");
+    std::fs::write(&spec, &text).unwrap();
+    std::fs::rename(&disk, &saved_disk).unwrap();
+    mknod(&disk, libc::S_IFIFO | 0o600, 0);
+    let t0 = Instant::now();
+    let e = d.act("s", "resume").unwrap_err().to_string();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(e.contains("disk"), "{e}");
+    let audit = audit_of(&d, "s");
+    assert_eq!(
+        audit
+            .iter()
+            .filter(|a| a.starts_with("resume-refused: "))
+            .count(),
+        2,
+        "{audit:?}"
+    );
+    assert_eq!(d.show("s").state, ProfileState::Suspended);
+    assert!(d.dir.join("profiles/s/snapshot/COMPLETE").is_file());
+    std::fs::remove_file(&disk).unwrap();
+    std::fs::rename(&saved_disk, &disk).unwrap();
+    assert_eq!(d.act("s", "resume").unwrap().state, ProfileState::Running);
+    assert_eq!(d.act("s", "stop").unwrap().state, ProfileState::Stopped);
 }
