@@ -438,6 +438,46 @@ mod tests {
         })
     }
 
+    /// What the serial log's rotation does: append to the log, rename it to `.1`, open a
+    /// new one (files under /tmp, left to the test's end).
+    fn rotate_a_log() -> i64 {
+        let (log, old) = (c"/tmp/pv-log-filter-test", c"/tmp/pv-log-filter-test.1");
+        let append = libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND | libc::O_CLOEXEC;
+        // SAFETY: openat, write, rename and close with NUL-terminated paths and a live
+        // buffer; each descriptor is closed before the next step.
+        unsafe {
+            let fd = libc::openat(libc::AT_FDCWD, log.as_ptr(), append, 0o600);
+            if fd < 0 || libc::write(fd, b"x".as_ptr().cast(), 1) != 1 {
+                return -1;
+            }
+            libc::close(fd);
+            if libc::rename(log.as_ptr(), old.as_ptr()) != 0 {
+                return -1;
+            }
+            let fd = libc::openat(libc::AT_FDCWD, log.as_ptr(), append, 0o600);
+            if fd < 0 {
+                return -1;
+            }
+            libc::close(fd);
+        }
+        0
+    }
+
+    #[test]
+    fn only_the_serial_log_thread_may_rotate_a_file() {
+        assert_eq!(killed_by(ThreadKind::LogWriter, rotate_a_log), 0);
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::DeviceWorker,
+            ThreadKind::Api,
+            ThreadKind::Display,
+        ] {
+            assert_eq!(killed_by(kind, rotate_a_log), libc::SIGSYS, "{kind:?}");
+        }
+        let _ = std::fs::remove_file("/tmp/pv-log-filter-test");
+        let _ = std::fs::remove_file("/tmp/pv-log-filter-test.1");
+    }
+
     #[test]
     fn the_vnc_server_reads_files_but_writes_none_and_opens_no_socket() {
         let sys = libc::SIGSYS;
