@@ -175,20 +175,28 @@ pub async fn run_until(
         });
         tokio::spawn(served)
     });
+    // Housekeeping: the policy limits of running profiles (expiry, offline) every
+    // POLICY_CHECK_EVERY, the network refusals into the audit log every drop_audit_every.
     let drops_task = {
         let h = h.clone();
         let mut stop_seen = stop_seen.clone();
         tokio::spawn(async move {
             let every = h.drop_audit_every();
+            let tick = every.min(daemon::POLICY_CHECK_EVERY);
+            let mut last_drops = std::time::Instant::now();
             loop {
                 let stopped = tokio::select! {
-                    _ = tokio::time::sleep(every) => false,
+                    _ = tokio::time::sleep(tick) => false,
                     r = stop_seen.wait_for(|s| *s) => { drop(r); true }
                 };
                 if stopped {
                     break;
                 }
-                h.audit_all_net_drops().await;
+                h.enforce_policy_limits().await;
+                if last_drops.elapsed() >= every {
+                    last_drops = std::time::Instant::now();
+                    h.audit_all_net_drops().await;
+                }
             }
         })
     };

@@ -296,14 +296,34 @@ pub fn check_resume(dir: &StateDir, name: &str, now: u64) -> Result<()> {
         .map_err(|why| Error::Denied(format!("profile {name:?} may not resume: {why}")))
 }
 
+/// Refuses a profile whose policy expired or was not refreshed within its offline limit
+/// (`offline.max_offline_secs` from its signed `issued_at`).
 fn check_expiry(v: &Verified, name: &str, now: u64) -> Result<()> {
-    match v.policy.expires_at {
-        Some(exp) if v.policy.is_expired(now) => Err(Error::Denied(format!(
+    let p = &v.policy;
+    match (p.expires_at, p.offline_deadline()) {
+        (Some(exp), _) if p.is_expired(now) => Err(Error::Denied(format!(
             "profile {name:?} may not run: its policy version {} expired at {exp} (unix time); \
              apply a newer one",
-            v.policy.version
+            p.version
+        ))),
+        (_, Some(deadline)) if p.is_offline_too_long(now) => Err(Error::Denied(format!(
+            "profile {name:?} may not run: offline limit: its policy version {} was issued at \
+             {} and no newer one came within {} s (until {deadline}, unix time); apply a newer \
+             one",
+            p.version,
+            p.issued_at,
+            p.offline.max_offline_secs.unwrap_or_default()
         ))),
         _ => Ok(()),
+    }
+}
+
+/// Why profile `name` may not run now under its policy (expired, offline too long), if so:
+/// a running one is locked (suspended) by the daemon.
+pub fn lock_reason(dir: &StateDir, name: &str, now: u64) -> Option<String> {
+    match check_resume(dir, name, now) {
+        Err(Error::Denied(why)) => Some(why),
+        _ => None,
     }
 }
 

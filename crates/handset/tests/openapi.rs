@@ -321,12 +321,14 @@ fn answers_match_the_documented_schemas() {
     let dir = handset::StateDir::new(d._tmp.path()).unwrap();
     handset::org_policy::trust(&dir, &org.public(), false).unwrap();
     let doc = format!(
-        "version = 4\nissued_at = 1\nexpires_at = {}\nprofile = \"work\"\n\
+        "version = 4\nissued_at = {}\nexpires_at = {}\nprofile = \"work\"\n\
          [network]\ndefault = \"deny\"\nrules = [{{ action = \"allow\", cidr = \"10.0.0.0/8\", \
          protocol = \"tcp\", ports = \"443\" }}, {{ action = \"deny\" }}]\n\
          [storage]\nencrypt_at_rest = true\n[channels]\nfiles_from = []\n\
          [screen]\nremote_view = false\n[boot]\nmin_pocketvisor = \"0.1.0\"\n\
-         [offline]\nmax_offline_secs = 60\n",
+         [offline]\nmax_offline_secs = 86400\n",
+        // Issued a minute ago: its offline limit (a day) lets the profile run below.
+        policy::unix_now() - 60,
         policy::unix_now() + 3600
     );
     let envelope = String::from_utf8(policy::sign(doc.as_bytes(), &org).unwrap()).unwrap();

@@ -44,13 +44,22 @@ fn now() -> u64 {
 
 /// Writes a policy document for `work` and signs it with `key` into `<tmp>/<tag>.pvpol`.
 fn signed(tmp: &Path, key: &Path, tag: &str, version: u64, extra: &str) -> PathBuf {
+    signed_at(tmp, key, tag, version, now() - 60, extra)
+}
+
+/// [`signed`] issued at `issued_at` (unix seconds).
+fn signed_at(
+    tmp: &Path,
+    key: &Path,
+    tag: &str,
+    version: u64,
+    issued_at: u64,
+    extra: &str,
+) -> PathBuf {
     let doc = tmp.join(format!("{tag}.toml"));
     std::fs::write(
         &doc,
-        format!(
-            "version = {version}\nissued_at = {}\nprofile = \"work\"\n{extra}",
-            now() - 60
-        ),
+        format!("version = {version}\nissued_at = {issued_at}\nprofile = \"work\"\n{extra}"),
     )
     .unwrap();
     let out = tmp.join(format!("{tag}.pvpol"));
@@ -586,4 +595,85 @@ fn frames_the_policy_refuses_reach_the_audit_log_counted_per_rule() {
     let all = drop_records(&d, rule2);
     assert_eq!(all.len(), 2, "the same refusals audited twice: {all:?}");
     assert!(all[1].contains("25 frames refused in 1 s"), "{all:?}");
+}
+
+#[test]
+fn a_profile_whose_policy_was_not_refreshed_within_its_offline_limit_is_locked() {
+    const TEST: &str =
+        "a_profile_whose_policy_was_not_refreshed_within_its_offline_limit_is_locked";
+    if !can_run_vms(TEST) {
+        return;
+    }
+    let keys = tempfile::tempdir().unwrap();
+    let k = keys.path();
+    let key = k.join("org.key");
+    ok(&pv(&["policy", "keygen", "-o", s(&key)]));
+    let pub_file = k.join("org.key.pub");
+    let d = Daemon::start_with("policy-offline", &["--org-key", s(&pub_file)]);
+    let info: handset::DaemonInfo = d.client().call("GET", "/v1/handset", None::<&()>).unwrap();
+    if info.probe.is_none() {
+        common::loud(&format!("SKIP (probe guest not built): {TEST}"));
+        return;
+    }
+    d.create_probe("work", 64, "");
+    let state = s(&d.dir);
+    // Issued an hour ago, with an hour and 20 s offline: it locks within about 20 s.
+    let limit = 3600 + 20;
+    let issued = now() - 3600;
+    let v1 = signed_at(
+        k,
+        &key,
+        "v1",
+        1,
+        issued,
+        &format!("[offline]\nmax_offline_secs = {limit}\n"),
+    );
+    ok(&pv(&["policy", "apply", "--state-dir", state, s(&v1)]));
+    ok(&d.cli(&["start", "work"]));
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(120), || d
+            .show("work")
+            .state
+            .as_str()
+            == "suspended"),
+        "not locked: {:?}\n{}",
+        d.show("work"),
+        d.log()
+    );
+    // Not before its time.
+    assert!(
+        now() >= issued + limit,
+        "locked at {} before {}",
+        now(),
+        issued + limit
+    );
+    let locks = audit_lines(&d, "policy-lock");
+    assert_eq!(locks.len(), 1, "{locks:?}");
+    assert!(
+        locks[0].starts_with("work: suspended: ") && locks[0].contains("offline limit"),
+        "{locks:?}"
+    );
+    // Locked: it does not resume, nor start afresh, until a newer policy comes.
+    let (code, err) = fails(&d.cli(&["resume", "work"]));
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("offline limit"), "{err}");
+    assert_eq!(d.show("work").state.as_str(), "suspended");
+    let v2 = signed(
+        k,
+        &key,
+        "v2",
+        2,
+        &format!("[offline]\nmax_offline_secs = {limit}\n"),
+    );
+    ok(&pv(&["policy", "apply", "--state-dir", state, s(&v2)]));
+    ok(&d.cli(&["resume", "work"]));
+    assert_eq!(d.show("work").state.as_str(), "running");
+    // The guest goes on where it was locked.
+    let before = common::last_counter(&d.serial("work"));
+    assert!(before.is_some(), "{}", d.serial("work"));
+    assert!(common::wait_until(
+        std::time::Duration::from_secs(30),
+        || { common::last_counter(&d.serial("work")) > before }
+    ));
+    ok(&d.cli(&["stop", "work"]));
 }

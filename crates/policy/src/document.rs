@@ -314,6 +314,19 @@ impl Policy {
         self.expires_at.is_some_and(|exp| now >= exp)
     }
 
+    /// When the offline limit ends (unix seconds): `issued_at` plus `max_offline_secs`, the
+    /// signed time by which the organisation must have sent a newer policy.
+    pub fn offline_deadline(&self) -> Option<u64> {
+        self.offline
+            .max_offline_secs
+            .map(|n| self.issued_at.saturating_add(n))
+    }
+
+    /// Whether the policy was not refreshed within its offline limit at `now`.
+    pub fn is_offline_too_long(&self, now: u64) -> bool {
+        self.offline_deadline().is_some_and(|d| now >= d)
+    }
+
     /// Whether a guest booting `images` may boot on pocketvisor `build`; the error says which
     /// rule refused it.
     pub fn check_boot(&self, images: &BootImages<'_>, build: Version) -> Result<(), String> {
@@ -516,6 +529,18 @@ max_offline_secs = 86400
             let err = Policy::parse(doc.as_bytes()).unwrap_err().to_string();
             assert!(err.contains(needle), "{doc:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_offline_limit_runs_from_the_signed_issue_time() {
+        let doc =
+            "version = 1\nissued_at = 1000\nprofile = \"work\"\n[offline]\nmax_offline_secs = 60\n";
+        let p = Policy::parse(doc.as_bytes()).unwrap();
+        assert_eq!(p.offline_deadline(), Some(1060));
+        assert!(!p.is_offline_too_long(1059));
+        assert!(p.is_offline_too_long(1060));
+        let none = Policy::parse(b"version = 1\nissued_at = 1000\nprofile = \"work\"\n").unwrap();
+        assert!(!none.is_offline_too_long(u64::MAX));
     }
 
     #[test]

@@ -46,6 +46,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Timeout of pause/resume/stop requests to a VMM.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the daemon checks that each running profile's policy still lets it run
+/// (expiry, offline limit); one that may not is locked: suspended.
+pub const POLICY_CHECK_EVERY: Duration = Duration::from_secs(5);
 /// Timeout of taking a VMM's network refusals (short: it comes before a stop too).
 const DROPS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Timeout of a snapshot request.
@@ -547,6 +550,50 @@ impl Handset {
                 self.audit(name, "network-drop", &line);
             }
             self.registry.event(name, "network-drops", &summary);
+        }
+    }
+
+    /// Locks every running (or paused) profile whose policy no longer lets it run (expired,
+    /// or not refreshed within its offline limit): it is suspended (its memory leaves the
+    /// host's RAM for its snapshot), and its resume is refused until a newer policy is
+    /// applied. Audited as `policy-lock`. A profile whose suspend fails is stopped.
+    pub(crate) async fn enforce_policy_limits(self: &Arc<Self>) {
+        let now = policy::unix_now();
+        for name in self.supervisor.names() {
+            if crate::org_policy::lock_reason(self.dir(), &name, now).is_none() {
+                continue;
+            }
+            let _ops = self.ops.lock().await;
+            // Checked again under the lock: a policy applied or a stop meanwhile wins.
+            let Some(why) = crate::org_policy::lock_reason(self.dir(), &name, policy::unix_now())
+            else {
+                continue;
+            };
+            if !self.supervisor.is_live(&name)
+                || self
+                    .registry
+                    .check(&name, lifecycle::Event::Suspend)
+                    .is_err()
+            {
+                continue;
+            }
+            let locked = match self.suspend_locked(&name, "policy lock").await {
+                Ok(()) => Ok("suspended".to_string()),
+                Err(e) => match self.stop_vm(&name).await {
+                    Ok(how) => {
+                        let _ = self
+                            .registry
+                            .apply(&name, Event::Stopped, None, "policy lock");
+                        Ok(format!("stopped ({how}) as its suspend failed: {e}"))
+                    }
+                    Err(e2) => Err(format!("suspend failed: {e}; stop failed: {e2}")),
+                },
+            };
+            match locked {
+                Ok(how) => self.audit(&name, "policy-lock", &format!("{how}: {why}")),
+                Err(e) => self.audit(&name, "policy-lock", &format!("could not lock: {e}: {why}")),
+            }
+            let _ = self.place_after_exit(&name).await;
         }
     }
 
