@@ -15,7 +15,7 @@
 # arm64 an uncompressed `Image`), initramfs.cpio.gz, version, and inputs (this script and the
 # init as built: the harness rebuilds when they differ). For arm64 also guest-initramfs.cpio.gz:
 # the initramfs of the Linux guest pocketvisor boots in L1 (tests/nested/guest-init-arm64 with
-# the virtio-pci, virtio-blk and virtio-rng modules).
+# the virtio-pci, -blk, -rng, -net, -balloon and vsock modules).
 # The downloaded .debs stay in $NESTED_OUT/debs: later runs work offline.
 # Needs: apt-get (download only), dpkg-deb, a static busybox for the host, gzip, xz, zstd.
 set -euo pipefail
@@ -37,7 +37,8 @@ case "$arch" in
   arm64)
     out="${NESTED_OUT:-$here/../../guest/out/nested-arm64}"
     init="$here/l1-init-arm64"
-    wanted=(virtio_pci 9pnet_virtio 9p)
+    # tun: the TAP the arm64 guest's virtio-net uses inside L1.
+    wanted=(virtio_pci 9pnet_virtio 9p tun)
     dpkg --print-foreign-architectures 2>/dev/null | grep -qx arm64 ||
       die "apt cannot download arm64 packages: run 'dpkg --add-architecture arm64 && apt-get update' (as root) once"
     ;;
@@ -137,7 +138,8 @@ mkdir -p "$out"
 cpio_gz "$root" "$out/initramfs.cpio.gz.tmp"
 if [[ "$arch" == arm64 ]]; then
   # The guest pocketvisor boots inside L1: the same kernel with its own small initramfs.
-  pack_root "$work/guest" "$here/guest-init-arm64" virtio_pci virtio_blk virtio_rng
+  pack_root "$work/guest" "$here/guest-init-arm64" virtio_pci virtio_blk virtio_rng virtio_net \
+    virtio_balloon vmw_vsock_virtio_transport
   cpio_gz "$work/guest" "$out/guest-initramfs.cpio.gz.tmp"
   mv "$out/guest-initramfs.cpio.gz.tmp" "$out/guest-initramfs.cpio.gz"
 fi

@@ -10,7 +10,8 @@
 //!   in-kernel irqchip, PIT; aarch64: the vGICv3 and its ITS), which returns the `Platform`;
 //!   `Platform::vcpus_created` once every vCPU exists (aarch64: initialises the vGIC).
 //! - Platform devices: `add_legacy_devices` (x86_64: COM1 with its irqfd, i8042, ACPI PM1a,
-//!   debug exit, port 0x80, the PCI config ports 0xcf8) onto the VMM's buses.
+//!   debug exit, port 0x80, the PCI config ports 0xcf8; aarch64: the 16550 and the PL031 on
+//!   MMIO) onto the VMM's buses.
 //! - Interrupts: `legacy_irq_routes` (x86_64: IOAPIC and PIC) and `msi_route`.
 //! - The vCPU loop's architecture hook: `handle_arch_exit` (x86_64: port I/O) and
 //!   `instruction_pointer` for error messages.
@@ -22,7 +23,8 @@
 //! - Snapshots: `VcpuState` and `CpuModel` (per vCPU, with `VcpuSaveContext`), `VmState`
 //!   (x86_64: PICs, IOAPIC, PIT, kvmclock, restored before the vCPUs exist; aarch64: the
 //!   vGICv3 and its ITS, restored by `VmState::restore_irqchip` once they do) and
-//!   `PlatformState` (x86_64: the CMOS RTC, through `LegacyDevices::save_platform`), each
+//!   `PlatformState` (x86_64: the CMOS RTC; aarch64: the PL031 RTC; through
+//!   `LegacyDevices::save_platform`), each
 //!   with save and restore; `ARCH_NAME` tags a snapshot so it never restores on another
 //!   architecture.
 //!

@@ -1,18 +1,20 @@
 //! The flattened device tree that tells an arm64 guest what the machine is: RAM, the vCPUs
-//! (started through PSCI), the GICv3 with its ITS, the architected timer, the 16550 UART and
-//! the PCI host bridge (ECAM, with MSIs through the ITS).
+//! (started through PSCI), the GICv3 with its ITS, the architected timer, the 16550 UART, the
+//! PL031 real-time clock (with the APB clock PrimeCell devices need) and the PCI host bridge
+//! (ECAM, with MSIs through the ITS).
 
 use vm_fdt::FdtWriter;
 
 use super::layout::{
-    GIC_DIST_SIZE, GIC_DIST_START, GIC_ITS_SIZE, GIC_ITS_START, GIC_REDIST_SIZE_PER_VCPU,
-    GIC_REDIST_START, PCI_MMIO64_SIZE, PCI_MMIO64_START, RAM_START, SERIAL_CLOCK_HZ, SERIAL_IRQ,
-    SERIAL_SIZE, SERIAL_START,
+    APB_CLOCK_HZ, GIC_DIST_SIZE, GIC_DIST_START, GIC_ITS_SIZE, GIC_ITS_START,
+    GIC_REDIST_SIZE_PER_VCPU, GIC_REDIST_START, PCI_MMIO64_SIZE, PCI_MMIO64_START, RAM_START,
+    RTC_IRQ, RTC_SIZE, RTC_START, SERIAL_CLOCK_HZ, SERIAL_IRQ, SERIAL_SIZE, SERIAL_START,
 };
 use super::{BootConfig, Error};
 
 const GIC_PHANDLE: u32 = 1;
 const ITS_PHANDLE: u32 = 2;
+const APB_CLOCK_PHANDLE: u32 = 3;
 
 /// Interrupt specifier cells of the GIC binding: the kind of line...
 const GIC_SPI: u32 = 0;
@@ -62,6 +64,7 @@ pub fn create_fdt(cfg: &BootConfig, initrd: Option<InitrdRange>) -> Result<Vec<u
     gic(&mut f, cfg.nr_vcpus).map_err(fdt_err)?;
     timer(&mut f).map_err(fdt_err)?;
     uart(&mut f).map_err(fdt_err)?;
+    rtc(&mut f).map_err(fdt_err)?;
     pci(&mut f, cfg).map_err(fdt_err)?;
 
     f.end_node(root).map_err(fdt_err)?;
@@ -170,6 +173,28 @@ fn uart(f: &mut FdtWriter) -> Written {
     f.end_node(node)
 }
 
+/// The PL031 and the fixed APB clock it names (Linux's AMBA bus enables a PrimeCell
+/// device's `apb_pclk` before it reads the device's id).
+fn rtc(f: &mut FdtWriter) -> Written {
+    let clock = f.begin_node("apb-pclk")?;
+    f.property_string("compatible", "fixed-clock")?;
+    f.property_u32("#clock-cells", 0)?;
+    f.property_u32("clock-frequency", APB_CLOCK_HZ)?;
+    f.property_string("clock-output-names", "clk24mhz")?;
+    f.property_phandle(APB_CLOCK_PHANDLE)?;
+    f.end_node(clock)?;
+    let node = f.begin_node(&format!("pl031@{RTC_START:x}"))?;
+    f.property_string_list(
+        "compatible",
+        vec!["arm,pl031".into(), "arm,primecell".into()],
+    )?;
+    f.property_array_u64("reg", &[RTC_START, RTC_SIZE])?;
+    f.property_array_u32("interrupts", &[GIC_SPI, RTC_IRQ, IRQ_LEVEL_HIGH])?;
+    f.property_u32("clocks", APB_CLOCK_PHANDLE)?;
+    f.property_string("clock-names", "apb_pclk")?;
+    f.end_node(node)
+}
+
 /// PCI address-space codes of the `ranges` property's first cell.
 const PCI_SPACE_MMIO32: u32 = 0x0200_0000;
 const PCI_SPACE_MMIO64_PREFETCH: u32 = 0x4300_0000;
@@ -243,6 +268,9 @@ mod tests {
             "intc@8000000",
             "msic@8080000",
             "uart@9000000",
+            "pl031@9010000",
+            "arm,primecell",
+            "apb_pclk",
             "pcie@3f000000",
             "arm,psci-0.2",
             "arm,armv8-timer",

@@ -27,6 +27,14 @@ pub const SERIAL_SIZE: u64 = 0x1000;
 pub const SERIAL_IRQ: u32 = 1;
 /// The 16550's input clock, as the device tree states it (the standard 1.8432 MHz).
 pub const SERIAL_CLOCK_HZ: u32 = 1_843_200;
+/// The PL031 real-time clock.
+pub const RTC_START: u64 = 0x0901_0000;
+/// The PL031's register window.
+pub const RTC_SIZE: u64 = 0x1000;
+/// The PL031's interrupt (described to the guest; never raised: no alarms).
+pub const RTC_IRQ: u32 = 2;
+/// The APB bus clock PrimeCell devices name (`apb_pclk`), as the device tree states it.
+pub const APB_CLOCK_HZ: u32 = 24_000_000;
 /// Interrupt lines the vGIC has: 32 private (SGIs and PPIs) plus 96 SPIs.
 pub const GIC_NR_IRQS: u32 = 128;
 /// Most space the flattened device tree may take (the arm64 boot protocol's limit), at the
@@ -75,6 +83,7 @@ mod tests {
             (GIC_ITS_START, GIC_ITS_SIZE),
             (GIC_REDIST_START, 254 * GIC_REDIST_SIZE_PER_VCPU),
             (SERIAL_START, SERIAL_SIZE),
+            (RTC_START, RTC_SIZE),
             (PCI_MMIO_START, PCI_MMIO_SIZE),
             (PCI_ECAM_START, PCI_ECAM_SIZE),
             (RAM_START, PCI_MMIO64_START - RAM_START),

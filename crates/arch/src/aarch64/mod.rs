@@ -3,7 +3,8 @@
 //!
 //! What works (issue 14): the memory layout (`layout`), KVM's vGICv3 with its ITS (`gic`), the
 //! device tree (`fdt`), loading an arm64 `Image` with its initrd and starting vCPUs with PSCI
-//! 0.2 (`boot`), the 16550 UART on the MMIO bus with its interrupt through an irqfd, and the
+//! 0.2 (`boot`), the 16550 UART on the MMIO bus with its interrupt through an irqfd, the PL031
+//! real-time clock (which Linux sets its clock from at boot), and the
 //! irqchip routes of the platform's SPIs, MSI routes that carry the ITS device id. Power-off
 //! and reset arrive as PSCI system events, which the VMM's vCPU loop already ends the VM on.
 //! Snapshots: each vCPU's registers (`vcpu_state`) and the vGIC with its ITS (`gic_state`).
@@ -20,7 +21,7 @@ use std::fs::File;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
-use devices::legacy::{ExitSignal, Serial};
+use devices::legacy::{ExitSignal, Pl031, Pl031State, Serial};
 use devices::pci::PciRoot;
 use kvm_bindings::{
     kvm_irq_routing_entry, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MSI_VALID_DEVID,
@@ -188,20 +189,29 @@ pub fn setup_cpuid(
 pub struct LegacyDevices {
     /// The console UART.
     pub serial: Arc<Mutex<Serial>>,
+    /// The PL031 real-time clock (snapshots save it in [`PlatformState`]).
+    rtc: Arc<Mutex<Pl031>>,
 }
 
-/// The platform devices' state a snapshot carries besides the UART: none yet.
+/// The platform devices' state a snapshot carries besides the UART: the PL031 (the offset
+/// the guest set from the host's time, its registers).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct PlatformState {}
+pub struct PlatformState {
+    /// The PL031 RTC.
+    pub rtc: Pl031State,
+}
 
 impl LegacyDevices {
-    /// The state a snapshot keeps (none yet).
+    /// The state a snapshot keeps.
     pub fn save_platform(&self) -> PlatformState {
-        PlatformState {}
+        PlatformState {
+            rtc: devices::bus::lock(&self.rtc).save_state(),
+        }
     }
 
-    /// Puts the devices in `state`: nothing to do yet.
-    pub fn restore_platform(&self, _state: &PlatformState) -> Result<(), Error> {
+    /// Puts the devices in `state` (a restore, before the vCPUs run).
+    pub fn restore_platform(&self, state: &PlatformState) -> Result<(), Error> {
+        devices::bus::lock(&self.rtc).restore_state(&state.rtc);
         Ok(())
     }
 }
@@ -216,8 +226,9 @@ pub struct LegacyContext<'a> {
     pub pci: &'a Arc<Mutex<PciRoot>>,
 }
 
-/// Puts the platform devices in place: the UART at [`layout::SERIAL_START`] on the MMIO bus,
-/// its interrupt an irqfd on SPI [`layout::SERIAL_IRQ`].
+/// Puts the platform devices in place on the MMIO bus: the UART at [`layout::SERIAL_START`],
+/// its interrupt an irqfd on SPI [`layout::SERIAL_IRQ`], and the PL031 RTC at
+/// [`layout::RTC_START`].
 pub fn add_legacy_devices<E>(
     ctx: &LegacyContext<'_>,
     _pio: &mut Bus,
@@ -239,7 +250,9 @@ where
     // The 16550's eight byte-wide registers (reg-shift 0); the rest of the page reads as
     // nothing is there.
     mmio.insert(layout::SERIAL_START, 8, serial.clone())?;
-    Ok(LegacyDevices { serial })
+    let rtc = Arc::new(Mutex::new(Pl031::new()));
+    mmio.insert(layout::RTC_START, layout::RTC_SIZE, rtc.clone())?;
+    Ok(LegacyDevices { serial, rtc })
 }
 
 /// GSIs routed to the vGIC's SPIs one to one (GSI n is SPI n); MSI GSIs come after them.

@@ -1,4 +1,5 @@
-//! Legacy platform devices: the 16550 serial port, i8042 reset, the CMOS real-time clock, the ACPI
+//! Legacy platform devices: the 16550 serial port, i8042 reset, the CMOS real-time clock (x86_64)
+//! and the PL031 real-time clock (aarch64), the ACPI
 //! power-off and debug-exit ports, a sink for ports that only take writes (POST code port 0x80), and
 //! the firmware configuration device ([`FwCfg`]) firmware-booted guests read.
 
@@ -6,6 +7,7 @@ mod cmos;
 mod debugcon;
 pub mod fw_cfg;
 mod i8042;
+mod pl031;
 mod power;
 mod serial;
 
@@ -13,6 +15,7 @@ pub use cmos::{Cmos, CmosState, CmosStateError};
 pub use debugcon::DebugCon;
 pub use fw_cfg::{FwCfg, FwCfgError};
 pub use i8042::I8042;
+pub use pl031::{Pl031, Pl031State};
 pub use power::{AcpiPm, DebugExit, PortSink};
 pub use serial::{
     EventFdTrigger, InputCounters, InputOutcome, Serial, SerialControlError, SerialState,
