@@ -61,7 +61,14 @@ profile list
 say "where to see them:"
 profile view work
 profile view personal
-sleep 2
+# The probe draws its first frame 1-3 s after boot (a big frame under software KVM, at load):
+# wait for it in each guest's serial log (a resumed guest shows its last frame at once).
+for p in work personal; do
+  for _ in $(seq 150); do
+    profile logs "$p" 2>/dev/null | grep -q "PROBE screen frame" && break
+    sleep 0.2
+  done
+done
 for p in work personal; do
   profile screenshot "$p" -o "$state/$p.png" || say "no screenshot of $p (see the error above)"
 done
