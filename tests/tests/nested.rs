@@ -49,19 +49,22 @@ fn check(name: &str, body: impl FnOnce()) {
         }
         Err(why) => panic!("L1 could not run: {why}"),
     };
-    if let Some(run) = group.hung_in(name) {
-        panic!(
-            "{name} hung in L1: no result within {:?}, so L1 was killed and the checks after \
-             it ran in a new L1\n{}",
-            check_budget(),
-            run.describe()
-        );
-    }
-    let Some((run, result)) = group
+    // The last run with a result for `name`: a check that hung one L1 ran again in the next.
+    let found = group
         .runs
         .iter()
-        .find_map(|run| Some((run, libtest_result(&run.output, name)?)))
-    else {
+        .enumerate()
+        .rev()
+        .find_map(|(i, run)| Some((i, run, libtest_result(&run.output, name)?)));
+    let Some((at, run, result)) = found else {
+        if let Some(run) = group.hung_in(name) {
+            panic!(
+                "{name} hung in L1 twice: no result within {:?} in two L1 boots, so L1 was \
+                 killed each time and the checks after it ran in a new L1\n{}",
+                check_budget(),
+                run.describe()
+            );
+        }
         let last = group.runs.last().expect("at least one L1 run");
         panic!(
             "no result for {name} from L1 (filtered out with NESTED_FILTER, or L1 died)\n{}\n--- job output ---\n{}",
@@ -69,6 +72,14 @@ fn check(name: &str, body: impl FnOnce()) {
             last.output
         );
     };
+    if let Some(first) = group.hung_at(name).filter(|&first| first < at) {
+        e2e::host::loud(&format!(
+            "nested: {name} hung L1 run {} (L1 itself stopped: see its console in {}), and \
+             in the next L1 it gave {result}",
+            first + 1,
+            group.runs[first].dir.display()
+        ));
+    }
     match result {
         "ok" => {}
         "FAILED" => panic!(
@@ -98,7 +109,9 @@ fn check_budget() -> Duration {
 }
 
 /// The L1 runs of this binary that the checks on the host read their results from: one,
-/// plus one more after each check that hung L1 (at most [`MAX_L1_RUNS`]).
+/// plus one more after each check that hung L1 (at most [`MAX_L1_RUNS`]). A check that hung
+/// L1 runs once more, first in the next L1 (L1 itself has been seen to die under QEMU's
+/// nested SVM, its kernel oopsing in `svm_vcpu_enter_exit`); one that hangs twice fails.
 struct GroupRuns {
     runs: Vec<L1Run>,
     /// Each hung check and the index of the run it hung in.
@@ -106,14 +119,25 @@ struct GroupRuns {
 }
 
 /// A bound on fresh L1 boots after hangs, so a group that hangs every L1 still ends.
-const MAX_L1_RUNS: usize = 3;
+const MAX_L1_RUNS: usize = 4;
 
 impl GroupRuns {
+    /// The (first) run `name` hung in.
     fn hung_in(&self, name: &str) -> Option<&L1Run> {
+        self.hung_at(name).map(|at| &self.runs[at])
+    }
+
+    /// The index of the first run `name` hung in.
+    fn hung_at(&self, name: &str) -> Option<usize> {
         self.hung
             .iter()
             .find(|(hung, _)| hung == name)
-            .map(|(_, at)| &self.runs[*at])
+            .map(|(_, at)| *at)
+    }
+
+    /// How many L1 runs `name` hung.
+    fn hangs(&self, name: &str) -> usize {
+        self.hung.iter().filter(|(hung, _)| hung == name).count()
     }
 }
 
@@ -153,21 +177,29 @@ fn shared_l1_runs() -> Result<&'static GroupRuns, &'static str> {
             let Some(hung) = unfinished_check(run) else {
                 break; // silent before or after the checks: nothing to skip and retry
             };
+            let again = group.hangs(&hung) == 0;
             e2e::host::loud(&format!(
-                "nested: {hung} hung L1 (no result within {:?}); the checks after it run in \
-                 a new L1",
-                check_budget()
+                "nested: {hung} hung L1 (no result within {:?}); {} and the checks after it \
+                 run in a new L1",
+                check_budget(),
+                if again {
+                    "it"
+                } else {
+                    "not it (its second hang),"
+                }
             ));
             // libtest's --skip matches substrings; the check names are not substrings of
             // one another, and --exact would also make NESTED_FILTER exact.
             for done in run.output.lines().filter_map(|l| l.strip_prefix("test ")) {
                 if let Some((name, result)) = done.split_once(" ... ") {
-                    if !result.trim().is_empty() {
+                    if result_word(result).is_some() {
                         skip.push_str(&format!(" --skip {name}"));
                     }
                 }
             }
-            skip.push_str(&format!(" --skip {hung}"));
+            if !again {
+                skip.push_str(&format!(" --skip {hung}"));
+            }
             group.hung.push((hung, group.runs.len() - 1));
         }
         Ok(group)
@@ -209,13 +241,21 @@ fn l1_run_of_checks(skip: &str) -> Result<L1Run, String> {
     Ok(run)
 }
 
-/// `ok`, `FAILED` or `ignored` from libtest's `test NAME ... RESULT` line.
+/// `ok`, `FAILED` or `ignored` from libtest's `test NAME ... RESULT` line; none while the
+/// line has no result (the check was running when L1 stopped; L1's kernel may have printed
+/// after the ` ... `).
 fn libtest_result<'a>(output: &'a str, name: &str) -> Option<&'a str> {
     let prefix = format!("test {name} ... ");
     output
         .lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .map(str::trim)
+        .and_then(result_word)
+}
+
+/// The result word at the start of what follows libtest's ` ... `, if there is one.
+fn result_word(after: &str) -> Option<&str> {
+    let word = after.trim().split([',', ' ']).next()?;
+    ["ok", "FAILED", "ignored"].contains(&word).then_some(word)
 }
 
 /// libtest's `---- NAME stdout ----` section of a failed test (its output and panic message).
