@@ -47,7 +47,7 @@ mod imp {
 
     /// Puts the firmware's devices in place: fw_cfg at 0x510 (memory map, vCPUs, ACPI
     /// tables), the debug console at 0x402 (logged at debug level, target `firmware`), the
-    /// CMOS memory bytes, QEMU's host bridge subsystem id, and a PCI MMIO window from the
+    /// CMOS memory bytes, an i8042 that answers SeaBIOS's keyboard probe, QEMU's host bridge subsystem id, and a PCI MMIO window from the
     /// ECAM's end up to the IOAPIC, where SeaBIOS assigns BARs.
     pub(crate) fn add_devices(
         mem_size: u64,
@@ -77,6 +77,7 @@ mod imp {
         )
         .map_err(bus_err)?;
         legacy.set_machine_info(mem_size, nr_vcpus);
+        legacy.answer_keyboard_probes();
         let window = layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE;
         devices::bus::lock(root).prepare_for_firmware(window, layout::IOAPIC_START - window);
         mmio.insert(

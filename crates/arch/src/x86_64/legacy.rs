@@ -1,5 +1,5 @@
 //! The x86_64 legacy platform devices on the port bus: the 16550 at COM1 with its irqfd, the
-//! i8042 (reset), the CMOS real-time clock (0x70-0x71), the ACPI PM1a block (power-off), the
+//! i8042 (reset; for firmware also the keyboard probe), the CMOS real-time clock (0x70-0x71), the ACPI PM1a block (power-off), the
 //! debug-exit port, the POST-code sink at 0x80 and the PCI configuration ports 0xcf8-0xcff.
 
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,8 @@ pub struct LegacyDevices {
     pub serial: Arc<Mutex<Serial>>,
     /// The CMOS RTC (snapshots save it in [`PlatformState`]).
     rtc: Arc<Mutex<Cmos>>,
+    /// The keyboard controller.
+    i8042: Arc<Mutex<I8042>>,
 }
 
 /// The platform devices' state a snapshot carries besides the UART: the CMOS RTC (its RAM
@@ -51,6 +53,12 @@ impl LegacyDevices {
     pub fn set_machine_info(&self, mem_size: u64, nr_vcpus: u8) {
         let low = super::layout::low_ram_end(mem_size);
         devices::bus::lock(&self.rtc).set_machine_info(low, mem_size - low, nr_vcpus);
+    }
+
+    /// Makes the keyboard controller answer the probes firmware sends (self-test, keyboard
+    /// reset; see [`I8042::answer_probes`]); firmware boots only.
+    pub fn answer_keyboard_probes(&self) {
+        devices::bus::lock(&self.i8042).answer_probes();
     }
 
     /// Puts the devices in `state` (a restore, before the vCPUs run); a bad state is refused
@@ -97,12 +105,9 @@ where
 
     let exit = ctx.exit;
     let rtc = Arc::new(Mutex::new(Cmos::new()));
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
     let ports: [(u16, u64, SharedDevice); 6] = [
-        (
-            I8042_PORT,
-            5,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        ),
+        (I8042_PORT, 5, i8042.clone()),
         (
             PM1A_EVT_PORT,
             8,
@@ -124,7 +129,7 @@ where
     for (port, len, dev) in ports {
         pio.insert(u64::from(port), len, dev)?;
     }
-    Ok(LegacyDevices { serial, rtc })
+    Ok(LegacyDevices { serial, rtc, i8042 })
 }
 
 #[cfg(test)]
