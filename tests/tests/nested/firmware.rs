@@ -53,9 +53,21 @@ fn boot_image_with(rom: &str, what: &str, firmware_says: &[&str]) {
             out.describe()
         );
     }
+    // Where the time went, for a slow run's report: the serial console's first line (the
+    // firmware's), the first line of Linux or systemd after GRUB, and the check's.
+    let at = |pred: &dyn Fn(&str) -> bool| {
+        out.lines
+            .iter()
+            .find(|(_, l)| pred(l))
+            .map_or("-".to_string(), |(t, _)| format!("{:.1}s", t.as_secs_f64()))
+    };
     e2e::host::loud(&format!(
-        "{what}: the Debian image powered off after {:.1?}: {line}",
-        out.elapsed
+        "{what}: the Debian image powered off after {:.1?} (first serial line at {}, Linux or \
+         systemd at {}, the check at {}): {line}",
+        out.elapsed,
+        at(&|_| true),
+        at(&|l| l.contains("Linux version") || l.contains("systemd") || l.contains("Debian GNU")),
+        at(&|l| l.contains(e2e::firmware::CHECK_MARKER)),
     ));
 }
 
