@@ -228,7 +228,9 @@ for b in /sys/block/vd*; do
   echo "LINUX blk $(basename "$b") sectors=$(cat "$b/size") ro=$(cat "$b/ro")"
 done
 if [ -e /dev/hwrng ]; then
-  echo "LINUX rng $(head -c 16 /dev/hwrng | hexdump -v -e '16/1 "%02x"')"
+  # Two reads of the device (virtio-rng): the tests check they are not all zero and differ.
+  echo "LINUX rng first=$(head -c 16 /dev/hwrng | hexdump -v -e '16/1 "%02x"')" \
+    "second=$(head -c 16 /dev/hwrng | hexdump -v -e '16/1 "%02x"')"
 fi
 for n in /sys/class/net/*; do
   [ "$(basename "$n")" = lo ] && continue

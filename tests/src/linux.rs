@@ -28,8 +28,9 @@ pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
         .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
 }
 
-/// Asserts the guest booted with every module loaded, bound virtio-blk and virtio-rng,
-/// saw the 8 MiB disk `vda`, reached `LINUX done` and powered off (exit 0).
+/// Asserts the guest booted with every module loaded, bound virtio-blk and virtio-rng, read
+/// two 16-byte blocks from `/dev/hwrng` that are not all zero and differ, saw the 8 MiB disk
+/// `vda`, reached `LINUX done` and powered off (exit 0).
 pub fn assert_selftest(out: &Outcome) {
     assert!(!out.timed_out, "{}", out.describe());
     let ready =
@@ -50,6 +51,7 @@ pub fn assert_selftest(out: &Outcome) {
             out.describe()
         );
     }
+    assert_rng_bytes(out);
     assert!(
         lines
             .iter()
@@ -63,6 +65,30 @@ pub fn assert_selftest(out: &Outcome) {
         out.describe()
     );
     assert_eq!(out.code(), Some(0), "{}", out.describe());
+}
+
+/// Asserts the guest's two reads of `/dev/hwrng` (the `LINUX rng first=HEX second=HEX` line)
+/// are 16 bytes each, not all zero, and differ: the bytes came from the host's entropy.
+pub fn assert_rng_bytes(out: &Outcome) {
+    let line = linux_line(out, "rng ")
+        .unwrap_or_else(|| panic!("no `LINUX rng` line\n{}", out.describe()));
+    let read = |key| {
+        let hex = field(line, key).unwrap_or_default();
+        assert!(
+            hex.len() == 32 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "rng {key} is not 16 bytes of hex: {line}"
+        );
+        assert!(
+            hex.bytes().any(|b| b != b'0'),
+            "rng {key} is all zero: {line}"
+        );
+        hex
+    };
+    assert_ne!(
+        read("first"),
+        read("second"),
+        "two reads of /dev/hwrng gave the same bytes: {line}"
+    );
 }
 
 /// Kernel log lines known to come from outside pocketvisor, each with the reason.
