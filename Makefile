@@ -73,14 +73,19 @@ test: deps-all build $(LINUX)/initramfs.cpio.gz disk-image
 test-api-fuzz: build
 	tests/api-fuzz/run.sh
 
-# One L1 boot (about 3 min under TCG) runs every check of tests/tests/nested.rs; the L1 assets
-# are built on first use (tests/nested/build-l1.sh), the Linux guest here when missing.
+# One L1 boot (about 3 min under TCG) runs every check of tests/tests/nested.rs but the firmware
+# ones, a second L1 those (SeaBIOS booting the Debian disk image, 1-3 min): a jailed VMM started
+# right after the firmware boot in the same L1 overran the handset's 10 s API wait in 4 of 4
+# runs (see README, "Firmware and disk images"). The L1 assets are built on first use
+# (tests/nested/build-l1.sh), the Linux guest and the disk image here when missing.
 test-nested: build $(LINUX)/initramfs.cpio.gz
 	@# A Linux guest under nested TCG has been seen to hang in about one L1 boot in four (see
 	@# README, "nested"); a failed group gets one more whole L1 boot, and it fails if that does.
-	$(CARGO) test -p e2e --features nested --test nested || { \
+	NESTED_FILTER="--skip firmware::" $(CARGO) test -p e2e --features nested --test nested -- --skip firmware:: || { \
 		echo "test-nested: FAILED once; running the whole group again in a new L1"; \
-		$(CARGO) test -p e2e --features nested --test nested; }
+		NESTED_FILTER="--skip firmware::" $(CARGO) test -p e2e --features nested --test nested -- --skip firmware::; }
+	guest/build-disk-image.sh
+	NESTED_FILTER="firmware::" $(CARGO) test -p e2e --features nested --test nested -- firmware::
 
 # Needs rustup target aarch64-unknown-linux-musl and gcc-aarch64-linux-gnu (bundled SQLite's C);
 # .cargo/config.toml names the linker (rust-lld) and the C compiler.
