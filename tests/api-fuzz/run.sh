@@ -18,7 +18,10 @@ pv=${PV:-$root/target/debug/pocketvisor}
 secs=${FUZZ_API_SECONDS:-90}
 venv=${SCHEMATHESIS_VENV:-$root/target/schemathesis-venv}
 
-if ! [ -x "$venv/bin/schemathesis" ]; then
+# A venv names its own path in its scripts: one moved with the tree (a copied target/) no
+# longer runs, and is made again.
+if ! "$venv/bin/schemathesis" --version >/dev/null 2>&1; then
+  rm -rf "$venv"
   if ! { python3 -m venv "$venv" &&
     timeout 300 "$venv/bin/pip" install --quiet 'schemathesis>=4.0,<5'; }; then
     echo "=================================================================="
