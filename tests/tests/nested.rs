@@ -59,8 +59,9 @@ fn check(name: &str, body: impl FnOnce()) {
     let Some((at, run, result)) = found else {
         if let Some(run) = group.hung_in(name) {
             panic!(
-                "{name} hung in L1 twice: no result within {:?} in two L1 boots, so L1 was \
-                 killed each time and the checks after it ran in a new L1\n{}",
+                "{name} hung or died L1 twice: no result in two L1 boots (each killed \
+                 after {:?} of silence, or ended by itself), and the checks after it ran in a \
+                 new L1\n{}",
                 check_budget(),
                 run.describe()
             );
@@ -109,9 +110,9 @@ fn check_budget() -> Duration {
 }
 
 /// The L1 runs of this binary that the checks on the host read their results from: one,
-/// plus one more after each check that hung L1 (at most [`MAX_L1_RUNS`]). A check that hung
-/// L1 runs once more, first in the next L1 (L1 itself has been seen to die under QEMU's
-/// nested SVM, its kernel oopsing in `svm_vcpu_enter_exit`); one that hangs twice fails.
+/// plus one more after each check during which L1 hung or died (at most [`MAX_L1_RUNS`]). Such
+/// a check runs once more, first in the next L1 (L1 itself has been seen to hang or die under
+/// QEMU's nested SVM, its kernel oopsing in `svm_vcpu_enter_exit`); one that hangs twice fails.
 struct GroupRuns {
     runs: Vec<L1Run>,
     /// Each hung check and the index of the run it hung in.
@@ -142,7 +143,7 @@ impl GroupRuns {
 }
 
 /// The name of the check libtest had started and not finished when L1's console went
-/// silent: the last console line `test NAME ... ` with no result after it.
+/// silent or L1 died: the last console line `test NAME ... ` with no result after it.
 fn unfinished_check(run: &L1Run) -> Option<String> {
     let last = run
         .qemu
@@ -168,9 +169,11 @@ fn shared_l1_runs() -> Result<&'static GroupRuns, &'static str> {
         let mut skip = String::new();
         while group.runs.len() < MAX_L1_RUNS {
             let run = l1_run_of_checks(&skip)?;
-            let stalled = run.stalled;
+            // L1 hung (killed for a silent console) or died (its kernel panicked and QEMU
+            // ended): either way the job never reported a status.
+            let died = run.stalled || run.rc.is_none();
             group.runs.push(run);
-            if !stalled {
+            if !died {
                 break;
             }
             let run = group.runs.last().expect("just pushed");
@@ -179,9 +182,13 @@ fn shared_l1_runs() -> Result<&'static GroupRuns, &'static str> {
             };
             let again = group.hangs(&hung) == 0;
             e2e::host::loud(&format!(
-                "nested: {hung} hung L1 (no result within {:?}); {} and the checks after it \
-                 run in a new L1",
-                check_budget(),
+                "nested: L1 hung or died in {hung} (no result{}); {} and the checks after \
+                 it run in a new L1",
+                if run.stalled {
+                    format!(" within {:?}", check_budget())
+                } else {
+                    String::new()
+                },
                 if again {
                     "it"
                 } else {
