@@ -8,11 +8,13 @@
 //! - [`qemu`]: the QEMU command line equivalent to a pocketvisor run.
 //! - [`linux`]: the Debian Linux guest's `LINUX ...` lines and the assertions on them.
 //! - [`nested`]: running commands in L1, a QEMU TCG machine with a hardware-style KVM.
+//! - [`l1_watch`]: L1's heartbeat, and the report a hung L1 leaves behind.
 //! - [`firmware`]: the firmware-booted Debian disk image and its check script.
 
 pub mod elf;
 pub mod firmware;
 pub mod host;
+pub mod l1_watch;
 pub mod linux;
 pub mod nested;
 pub mod paths;

@@ -136,8 +136,10 @@ pub struct L1Run {
     /// L1's uptime when the job started (its boot time), from the console.
     pub l1_boot: Option<Duration>,
     /// L1 was killed because its console stayed silent longer than the stall limit given to
-    /// [`run_in_l1_watched`] (a hung job, or a hung L1).
+    /// [`run_in_l1_watched`] (a hung job, or a hung L1), or its heartbeat stopped.
     pub stalled: bool,
+    /// Why L1 was killed before its job ended (`stalled`): which silence, and for how long.
+    pub hang: Option<String>,
 }
 
 impl L1Run {
@@ -150,12 +152,10 @@ impl L1Run {
             self.dir.display(),
             self.rc,
             self.qemu.elapsed,
-            if self.stalled {
-                " (KILLED: its console was silent past the stall limit)"
-            } else if self.qemu.timed_out {
-                " (KILLED at the deadline)"
-            } else {
-                ""
+            match &self.hang {
+                Some(why) => format!(" (KILLED: {why}; see hang.txt and l1-live.txt there)"),
+                None if self.qemu.timed_out => " (KILLED at the deadline)".to_string(),
+                None => String::new(),
             },
             self.qemu.stderr
         )
@@ -281,7 +281,9 @@ fn launch(
                 .arg(share(&crate::workspace_root(), "repo", true));
         }
     }
-    cmd.args(["-display", "none", "-monitor", "none", "-serial", "stdio"])
+    let monitor = crate::l1_watch::monitor_socket();
+    cmd.args(["-display", "none", "-serial", "stdio", "-monitor"])
+        .arg(format!("unix:{},server=on,wait=off", monitor.display()))
         .args(["-no-reboot", "-kernel"])
         .arg(&kernel)
         .arg("-initrd")
@@ -289,24 +291,19 @@ fn launch(
         .arg("-virtfs")
         .arg(share(&dir, "job", false));
     let mut vm = RunningVm::spawn(cmd, timeout);
-    let mut stalled = false;
-    if let Some(stall) = stall {
-        // `None` comes when no line came within `stall`, or early when the console closed.
-        let silent_since = loop {
-            let asked = Instant::now();
-            if vm.wait_for_line(stall, |_| true).is_none() {
-                break asked;
-            }
-        };
-        stalled = silent_since.elapsed() >= stall
-            && vm.is_running()
-            && Instant::now() < vm.started() + timeout;
+    let hang = stall.and_then(|stall| watch(&mut vm, &dir, stall, timeout));
+    if let Some(why) = &hang {
+        crate::l1_watch::write_hang_report(&dir, why, vm.pid(), &monitor);
     }
-    let outcome = if stalled {
+    let outcome = if hang.is_some() {
         vm.wait_for(Duration::ZERO)
     } else {
         vm.wait()
     };
+    let _ = std::fs::remove_file(&monitor);
+    // L1's console, kept with the job (a hung L1's last words are there and in l1-live.txt).
+    let console: Vec<&str> = outcome.serial().collect();
+    let _ = std::fs::write(dir.join("console.log"), console.join("\n") + "\n");
 
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap_or_default();
     let rc = read("rc").trim().parse().ok();
@@ -318,7 +315,8 @@ fn launch(
         .map(Duration::from_secs_f64);
     Ok(L1Run {
         rc: if outcome.timed_out { None } else { rc },
-        stalled,
+        stalled: hang.is_some(),
+        hang,
         output: read("output.log"),
         l1_dmesg: read("l1-dmesg.txt"),
         l1_info: read("l1-info.txt"),
@@ -326,4 +324,36 @@ fn launch(
         l1_boot,
         dir,
     })
+}
+
+/// Watches a running L1 until its job ends; returns why L1 must be killed first, if it must:
+/// its console printed no line for `stall` (a check over its budget, or L1 hung before its
+/// heartbeat began), or its heartbeat stood still for [`crate::l1_watch::heartbeat_limit`]
+/// (L1 itself stopped).
+fn watch(vm: &mut RunningVm, dir: &Path, stall: Duration, timeout: Duration) -> Option<String> {
+    let limit = crate::l1_watch::heartbeat_limit();
+    let mut heartbeat = crate::l1_watch::Heartbeat::new(dir);
+    let mut last_line = Instant::now();
+    loop {
+        if vm.wait_for_line(Duration::from_secs(5), |_| true).is_some() {
+            last_line = Instant::now();
+        } else if !vm.is_running() || Instant::now() >= vm.started() + timeout {
+            return None;
+        } else {
+            // No line in 5 s, or a console already closed: do not spin on the latter.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if last_line.elapsed() >= stall {
+            return Some(format!(
+                "its console printed nothing for {stall:?} (a check over its budget, or L1 hung)"
+            ));
+        }
+        if let Some(still) = heartbeat.still_for().filter(|still| *still >= limit) {
+            return Some(format!(
+                "L1 itself stopped: its heartbeat stood still for {still:.0?} \
+                 (NESTED_HEARTBEAT_LIMIT), its console for {:.0?}",
+                last_line.elapsed()
+            ));
+        }
+    }
 }

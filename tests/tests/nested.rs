@@ -75,9 +75,10 @@ fn check(name: &str, body: impl FnOnce()) {
     };
     if let Some(first) = group.hung_at(name).filter(|&first| first < at) {
         e2e::host::loud(&format!(
-            "nested: {name} hung L1 run {} (L1 itself stopped: see its console in {}), and \
-             in the next L1 it gave {result}",
+            "nested: {name} hung L1 run {} ({}; console.log, l1-live.txt and hang.txt are in \
+             {}), and in the next L1 it gave {result}",
             first + 1,
+            group.runs[first].hang.as_deref().unwrap_or("L1 died"),
             group.runs[first].dir.display()
         ));
     }
@@ -99,7 +100,8 @@ fn check(name: &str, body: impl FnOnce()) {
 /// The longest one check may run in L1 before the host gives up on that L1
 /// (`NESTED_CHECK_BUDGET` seconds, default 450): past it, L1 is killed, the check fails as
 /// hung, and the checks after it run in a new L1. A guest stuck inside L1 is normally ended by
-/// the check's own deadline ([`LINUX_TIMEOUT`]); this bounds a hang of L1 itself.
+/// the check's own deadline ([`LINUX_TIMEOUT`]); a hang of L1 itself is caught sooner, when
+/// L1's heartbeat stops (`e2e::l1_watch`).
 fn check_budget() -> Duration {
     Duration::from_secs(
         std::env::var("NESTED_CHECK_BUDGET")
@@ -182,13 +184,9 @@ fn shared_l1_runs() -> Result<&'static GroupRuns, &'static str> {
             };
             let again = group.hangs(&hung) == 0;
             e2e::host::loud(&format!(
-                "nested: L1 hung or died in {hung} (no result{}); {} and the checks after \
-                 it run in a new L1",
-                if run.stalled {
-                    format!(" within {:?}", check_budget())
-                } else {
-                    String::new()
-                },
+                "nested: L1 hung or died in {hung} ({}); {} and the checks after it run in a \
+                 new L1",
+                run.hang.as_deref().unwrap_or("L1 ended without a result"),
                 if again {
                     "it"
                 } else {
