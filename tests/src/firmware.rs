@@ -13,6 +13,9 @@ pub const SEABIOS: &str = "/usr/share/seabios/bios.bin";
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE.fd";
 /// Debian's OVMF variable store template.
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+/// Debian's combined OVMF image (code and variable store in one 2 MiB file): mapped as a ROM
+/// like SeaBIOS, it keeps its variables in RAM (nothing persists across boots).
+pub const OVMF_COMBINED: &str = "/usr/share/ovmf/OVMF.fd";
 /// What the check script prints first on the guest's console, before its fields.
 pub const CHECK_MARKER: &str = "PV-CHECK";
 

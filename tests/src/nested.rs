@@ -15,7 +15,9 @@
 //! `aarch64-unknown-linux-musl` builds in it) and runs the script with its own busybox.
 //!
 //! Environment: `NESTED_OUT` (asset and job directory), `NESTED_TIMEOUT` (seconds, default
-//! 1500), `NESTED_MEM` (default 3G), `NESTED_SMP` (default 2), `NESTED_CPU` (default `max`);
+//! 1500), `NESTED_MEM` (default 3G), `NESTED_SMP` (default 2), `NESTED_CPU` (default `max`),
+//! `NESTED_QEMU` (the x86_64 QEMU binary, default from `$PATH`), `NESTED_TCG_THREAD` (default
+//! `multi`);
 //! for arm64 `NESTED_ARM64_OUT`, `NESTED_ARM64_MEM` (default 2G), `NESTED_ARM64_SMP` (default
 //! 2) and `NESTED_ARM64_KVM_MODE` (`kvm-arm.mode`: `nvhe`, `protected`; default: KVM's choice).
 
@@ -221,8 +223,11 @@ fn launch(
     stall: Option<Duration>,
     kernel_args: &str,
 ) -> Result<L1Run, String> {
-    let qemu = crate::host::which(arch.qemu_binary())
-        .ok_or_else(|| format!("{} is not installed", arch.qemu_binary()))?;
+    let qemu = match (arch, std::env::var_os("NESTED_QEMU")) {
+        (L1Arch::X86_64, Some(path)) => PathBuf::from(path),
+        _ => crate::host::which(arch.qemu_binary())
+            .ok_or_else(|| format!("{} is not installed", arch.qemu_binary()))?,
+    };
     let (kernel, initrd) = l1_assets_of(arch)?;
     let runs = nested_dir_of(arch).join("runs");
     std::fs::create_dir_all(&runs).map_err(|e| format!("create {}: {e}", runs.display()))?;
@@ -245,7 +250,12 @@ fn launch(
     let mut cmd = Command::new(qemu);
     match arch {
         L1Arch::X86_64 => {
-            cmd.args(["-accel", "tcg,thread=multi", "-cpu"])
+            cmd.arg("-accel")
+                .arg(format!(
+                    "tcg,thread={}",
+                    env_or("NESTED_TCG_THREAD", "multi")
+                ))
+                .arg("-cpu")
                 .arg(env_or("NESTED_CPU", "max"))
                 .arg("-m")
                 .arg(env_or("NESTED_MEM", "3G"))

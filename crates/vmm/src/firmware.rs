@@ -24,6 +24,8 @@ mod imp {
     pub const FW_CFG_PORT: u64 = 0x510;
     /// The firmware debug console (SeaBIOS's and OVMF's log), as QEMU's `pc` has it.
     pub const DEBUGCON_PORT: u64 = 0x402;
+    /// The ACPI PM timer's offset in the PM block.
+    const PM_TIMER_OFFSET: u64 = 8;
 
     /// Maps the firmware at `path`, copies its legacy part into `mem`, and returns the ROM
     /// handle with where vCPU 0 starts.
@@ -47,8 +49,10 @@ mod imp {
 
     /// Puts the firmware's devices in place: fw_cfg at 0x510 (memory map, vCPUs, ACPI
     /// tables), the debug console at 0x402 (logged at debug level, target `firmware`), the
-    /// CMOS memory bytes, an i8042 that answers SeaBIOS's keyboard probe, QEMU's host bridge subsystem id, and a PCI MMIO window from the
-    /// ECAM's end up to the IOAPIC, where SeaBIOS assigns BARs.
+    /// CMOS memory bytes, an i8042 that answers SeaBIOS's keyboard probe, the i440FX host
+    /// bridge ids with QEMU's subsystem id, the PIIX4 PM function at 00:01.3 and the ACPI PM
+    /// timer OVMF needs, and a PCI MMIO window from the ECAM's end up to the IOAPIC, where
+    /// firmware assigns BARs.
     pub(crate) fn add_devices(
         mem_size: u64,
         nr_vcpus: u8,
@@ -78,17 +82,46 @@ mod imp {
         .map_err(bus_err)?;
         legacy.set_machine_info(mem_size, nr_vcpus);
         legacy.answer_keyboard_probes();
-        let window = layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE;
-        devices::bus::lock(root).prepare_for_firmware(window, layout::IOAPIC_START - window);
-        mmio.insert(
-            window,
-            layout::IOAPIC_START - window,
-            Arc::new(Mutex::new(devices::pci::PciMmioWindow::at(
-                root.clone(),
-                window,
-            ))),
+        // The PM timer completes the ACPI PM block at PM1A_EVT_PORT (event + 0, control + 4,
+        // timer + 8, as on the PIIX4); the PM function at 00:01.3 says where the block is.
+        pio.insert(
+            u64::from(layout::PM1A_EVT_PORT) + PM_TIMER_OFFSET,
+            4,
+            Arc::new(Mutex::new(devices::legacy::AcpiPmTimer::new())),
         )
         .map_err(bus_err)?;
+        let window = layout::PCI_ECAM_START + layout::PCI_ECAM_SIZE;
+        let low = (window, layout::IOAPIC_START - window);
+        // Above RAM up to the VMM's own 64-bit window: OVMF puts its 64-bit aperture near the
+        // top of a 40-bit address space (896 GiB-1 TiB here), or right above RAM.
+        let ram_end = if mem_size > layout::MMIO_HOLE_START {
+            layout::MMIO_HOLE_END + (mem_size - layout::MMIO_HOLE_START)
+        } else {
+            layout::MMIO_HOLE_END
+        };
+        let high = (ram_end, layout::PCI_MMIO64_START.saturating_sub(ram_end));
+        let mut bus0 = devices::bus::lock(root);
+        bus0.prepare_for_firmware(low, high);
+        let (dev, func) = devices::pci::piix_pm::PIIX_PM_DEVFN;
+        bus0.add_function(
+            dev,
+            func,
+            Arc::new(Mutex::new(devices::pci::piix_pm::PiixPm::new(
+                layout::PM1A_EVT_PORT,
+            ))),
+        );
+        drop(bus0);
+        for (base, size) in [low, high] {
+            mmio.insert(
+                base,
+                size,
+                Arc::new(Mutex::new(devices::pci::PciMmioWindow::at(
+                    root.clone(),
+                    base,
+                ))),
+            )
+            .map_err(bus_err)?;
+        }
         Ok(())
     }
 }

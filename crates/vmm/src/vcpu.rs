@@ -155,11 +155,14 @@ fn handle_exit(id: u8, exit: VcpuExit, shared: &VcpuShared) -> Option<Result<Gue
     match exit {
         VcpuExit::MmioRead(addr, data) => {
             if !shared.mmio.read(addr, data) {
+                devices::guest_debug!("MMIO read at {addr:#x} ({} bytes): no device", data.len());
                 data.fill(0xff);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
-            shared.mmio.write(addr, data);
+            if !shared.mmio.write(addr, data) {
+                devices::guest_debug!("MMIO write at {addr:#x} of {data:02x?}: no device");
+            }
         }
         VcpuExit::Hlt => {
             devices::guest_debug!("vcpu{id}: hlt exit");

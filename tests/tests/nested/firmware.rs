@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use e2e::firmware::{check_line, check_script_disk, debian_image, firmware, OVMF_CODE, SEABIOS};
+use e2e::firmware::{
+    check_line, check_script_disk, debian_image, firmware, OVMF_COMBINED, SEABIOS,
+};
 use e2e::{RunningVm, TempDir, VmCommand};
 
 use super::check;
@@ -81,10 +83,16 @@ fn firmware_seabios_boots_the_debian_image() {
     });
 }
 
+/// Debian's combined OVMF image. On pocketvisor in L1 it runs through SEC and PEI into DXE
+/// and places the virtio BARs (64-bit ones in its aperture near 1 TiB), then QEMU itself (the
+/// L0 emulator, 7.2.22 and 10.0.2 alike) aborts with `tcg_handle_interrupt: assertion failed`:
+/// EDK2's interrupt handlers restore CR8 on the way out, and TCG's SVM emulation raises the
+/// pending virtual interrupt of L1's interrupt window from that write without holding its big
+/// lock. Run it with `NESTED_INCLUDE_IGNORED=1` where QEMU has that fixed.
 #[test]
-#[ignore = "OVMF on pocketvisor is not there yet"]
+#[ignore = "QEMU's TCG (L0) aborts on EDK2's CR8 writes under nested SVM"]
 fn firmware_ovmf_boots_the_debian_image() {
     check("firmware::firmware_ovmf_boots_the_debian_image", || {
-        boot_image_with(OVMF_CODE, "OVMF", &[])
+        boot_image_with(OVMF_COMBINED, "OVMF", &[])
     });
 }

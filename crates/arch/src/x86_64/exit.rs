@@ -19,13 +19,16 @@ pub fn handle_arch_exit<'a>(
             let taken =
                 pio.read(u64::from(port), data) || (split_string_io && string_in(pio, port, data));
             if !taken {
+                devices::guest_debug!("port {port:#x} read ({} bytes): no device", data.len());
                 data.fill(0xff);
             }
             None
         }
         VcpuExit::IoOut(port, data) => {
-            if !pio.write(u64::from(port), data) && split_string_io {
-                string_out(pio, port, data);
+            let taken = pio.write(u64::from(port), data)
+                || (split_string_io && string_out(pio, port, data));
+            if !taken {
+                devices::guest_debug!("port {port:#x} write of {data:02x?}: no device");
             }
             None
         }
@@ -52,13 +55,15 @@ fn string_in(pio: &Bus, port: u16, data: &mut [u8]) -> bool {
         .all(|chunk| pio.read(u64::from(port), chunk))
 }
 
-/// String output: the buffer written one access at a time.
-fn string_out(pio: &Bus, port: u16, data: &[u8]) {
-    if let Some(w) = string_width(pio, port, data.len()) {
-        for chunk in data.chunks(w) {
-            pio.write(u64::from(port), chunk);
-        }
+/// String output: the buffer written one access at a time; false if no device takes it.
+fn string_out(pio: &Bus, port: u16, data: &[u8]) -> bool {
+    let Some(w) = string_width(pio, port, data.len()) else {
+        return false;
+    };
+    for chunk in data.chunks(w) {
+        pio.write(u64::from(port), chunk);
     }
+    true
 }
 
 /// The guest instruction pointer of a stopped vCPU, for error messages.

@@ -8,6 +8,7 @@ mod debugcon;
 pub mod fw_cfg;
 mod i8042;
 mod pl031;
+mod pm_timer;
 mod power;
 mod serial;
 
@@ -16,6 +17,7 @@ pub use debugcon::DebugCon;
 pub use fw_cfg::{FwCfg, FwCfgError};
 pub use i8042::I8042;
 pub use pl031::{Pl031, Pl031State};
+pub use pm_timer::{AcpiPmTimer, PM_TIMER_HZ};
 pub use power::{AcpiPm, DebugExit, PortSink};
 pub use serial::{
     EventFdTrigger, InputCounters, InputOutcome, Serial, SerialControlError, SerialState,

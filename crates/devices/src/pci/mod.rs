@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: a type 0 config space with write masks, BARs and a capability list.
 //! - [`msix`]: the MSI-X capability, vector table and pending-bit array.
+//! - [`piix_pm`]: the power-management function firmware finds at 00:01.3.
 //! - [`root`]: [`PciRoot`], bus 0 with the host bridge and up to 31 devices, and the bus
 //!   adapters the VMM puts on its port and MMIO buses.
 //!
@@ -10,6 +11,7 @@
 
 pub mod config;
 pub mod msix;
+pub mod piix_pm;
 pub mod root;
 
 #[cfg(any(test, feature = "fuzzing"))]

@@ -21,6 +21,10 @@ pub const HOST_BRIDGE_DEVICE: u16 = 0x0d57;
 /// VM: SeaBIOS only reads QEMU's firmware configuration device on a machine whose host bridge
 /// says this. Kernel boots keep 0:0.
 pub const FIRMWARE_HOST_BRIDGE_SUBSYSTEM: (u16, u16) = (0x1af4, 0x1100);
+/// Host bridge device ID of a firmware-booted VM: the i440FX's (82441FX), the platform OVMF
+/// and SeaBIOS know as QEMU's `pc`. (OVMF takes [`HOST_BRIDGE_DEVICE`] for Cloud Hypervisor,
+/// whose firmware is entered through PVH with a memory map, not at the reset vector.)
+pub const FIRMWARE_HOST_BRIDGE_DEVICE: u16 = 0x1237;
 
 const COMMAND_REG: usize = 1;
 
@@ -32,19 +36,20 @@ pub struct HostBridge {
 impl HostBridge {
     /// A host bridge (class 0x060000).
     pub fn new() -> Self {
-        Self::with_subsystem((0, 0))
+        Self::with_ids(HOST_BRIDGE_DEVICE, (0, 0))
     }
 
-    /// The host bridge of a firmware-booted VM ([`FIRMWARE_HOST_BRIDGE_SUBSYSTEM`]).
+    /// The host bridge of a firmware-booted VM ([`FIRMWARE_HOST_BRIDGE_DEVICE`],
+    /// [`FIRMWARE_HOST_BRIDGE_SUBSYSTEM`]).
     pub fn for_firmware() -> Self {
-        Self::with_subsystem(FIRMWARE_HOST_BRIDGE_SUBSYSTEM)
+        Self::with_ids(FIRMWARE_HOST_BRIDGE_DEVICE, FIRMWARE_HOST_BRIDGE_SUBSYSTEM)
     }
 
-    fn with_subsystem((subsystem_vendor_id, subsystem_id): (u16, u16)) -> Self {
+    fn with_ids(device_id: u16, (subsystem_vendor_id, subsystem_id): (u16, u16)) -> Self {
         HostBridge {
             config: PciConfig::new(PciConfigParams {
                 vendor_id: HOST_BRIDGE_VENDOR,
-                device_id: HOST_BRIDGE_DEVICE,
+                device_id,
                 revision: 0,
                 class_code: 0x06_00_00,
                 subsystem_vendor_id,
@@ -116,8 +121,14 @@ pub struct PciRoot {
     slots: Vec<Option<Slot>>,
     mmio32: Window,
     mmio64: Window,
-    /// Where firmware may place BARs itself (empty unless a firmware boots).
+    /// Where firmware may place BARs itself below 4 GiB (empty unless a firmware boots).
     firmware: Window,
+    /// Where firmware may place 64-bit BARs itself (empty unless a firmware boots).
+    firmware_high: Window,
+    /// Functions other than 0 (device, function): config space only, no BARs. Hidden from
+    /// enumeration unless function 0 of their device says it is multi-function; firmware
+    /// reaches them by address.
+    functions: Vec<((u8, u8), SharedPciDevice)>,
 }
 
 impl PciRoot {
@@ -134,6 +145,8 @@ impl PciRoot {
             mmio32: Window::new(mmio_base, mmio_size),
             mmio64: Window::new(0, 0),
             firmware: Window::new(0, 0),
+            firmware_high: Window::new(0, 0),
+            functions: Vec::new(),
         }
     }
 
@@ -144,16 +157,43 @@ impl PciRoot {
         self
     }
 
-    /// Readies the bus for a firmware boot: the host bridge says what SeaBIOS looks for
-    /// ([`HostBridge::for_firmware`]), and BARs the guest places in `[base, base + size)` are
-    /// decoded too, since firmware (SeaBIOS) assigns BARs itself, top-down from the IOAPIC.
-    /// The VMM's allocator does not use that window. Kernel boots never call this.
-    pub fn prepare_for_firmware(&mut self, base: u64, size: u64) {
+    /// Readies the bus for a firmware boot: the host bridge says what SeaBIOS and OVMF look for
+    /// ([`HostBridge::for_firmware`]), and BARs the guest places in `[base, base + size)` (below
+    /// 4 GiB) or `[high_base, high_base + high_size)` (above RAM) are decoded too, since
+    /// firmware assigns BARs itself: SeaBIOS top-down from the IOAPIC, OVMF 64-bit ones in an
+    /// aperture near the top of the physical address space. The VMM's allocator uses neither
+    /// window. Kernel boots never call this.
+    pub fn prepare_for_firmware(
+        &mut self,
+        (base, size): (u64, u64),
+        (high_base, high_size): (u64, u64),
+    ) {
         self.slots[0] = Some(Slot {
             dev: Arc::new(Mutex::new(HostBridge::for_firmware())),
             mapped: Vec::new(),
         });
         self.firmware = Window::new(base, size);
+        self.firmware_high = Window::new(high_base, high_size);
+    }
+
+    /// Puts `device` at function `func` (1..=7) of slot `dev` (config space only: no BARs
+    /// are decoded for it), replacing what was there.
+    pub fn add_function(&mut self, dev: u8, func: u8, device: SharedPciDevice) {
+        if func == 0 || func > 7 || usize::from(dev) >= NUM_SLOTS {
+            return;
+        }
+        self.functions.retain(|(at, _)| *at != (dev, func));
+        self.functions.push(((dev, func), device));
+    }
+
+    /// The function `func` (not 0) of slot `dev` on bus 0.
+    fn function(&self, bus: u8, dev: u8, func: u8) -> Option<&SharedPciDevice> {
+        if bus != 0 || func == 0 {
+            return None;
+        }
+        self.functions
+            .iter()
+            .find_map(|(at, d)| (*at == (dev, func)).then_some(d))
     }
 
     /// Start of the 32-bit MMIO window.
@@ -246,6 +286,9 @@ impl PciRoot {
 
     /// Reads config dword `reg` of (bus, dev, func); absent functions read all-ones.
     pub fn config_read(&self, bus: u8, dev: u8, func: u8, reg: usize) -> u32 {
+        if let Some(function) = self.function(bus, dev, func) {
+            return lock(function).config_read(reg);
+        }
         match self.slot(bus, dev, func) {
             Some(s) => lock(&s.dev).config_read(reg),
             None => 0xffff_ffff,
@@ -263,6 +306,10 @@ impl PciRoot {
         offset: u64,
         data: &[u8],
     ) {
+        if let Some(function) = self.function(bus, dev, func) {
+            lock(function).config_write(reg, offset, data);
+            return;
+        }
         if bus != 0 || func != 0 {
             return;
         }
@@ -277,15 +324,15 @@ impl PciRoot {
     }
 
     /// The MMIO windows.
-    fn windows(&self) -> [Window; 3] {
-        [self.mmio32, self.mmio64, self.firmware]
+    fn windows(&self) -> [Window; 4] {
+        [self.mmio32, self.mmio64, self.firmware, self.firmware_high]
     }
 
     /// Recomputes which BARs the slot decodes and tells the device about any move. A BAR is
     /// decoded while memory space is enabled and it lies wholly inside one MMIO window (the only
     /// places the VMM forwards accesses from), so a BAR the guest points at RAM or another
     /// device's registers gets no ioeventfds or memory mapping there.
-    fn refresh_mapping(slot: &mut Slot, windows: [Window; 3]) {
+    fn refresh_mapping(slot: &mut Slot, windows: [Window; 4]) {
         let mut dev = lock(&slot.dev);
         let memory_on =
             dev.config_read(COMMAND_REG) & u32::from(super::config::COMMAND_MEMORY) != 0;
@@ -469,8 +516,9 @@ impl PciMmioWindow {
         PciMmioWindow { root, base }
     }
 
-    /// Adapter for BARs firmware places anywhere from `base` up (SeaBIOS assigns BARs itself,
-    /// top-down from the IOAPIC); insert it on the MMIO bus at `base`.
+    /// Adapter for BARs firmware places anywhere from `base` up (SeaBIOS and OVMF assign BARs
+    /// themselves); insert it on the MMIO bus at `base`, over a window given to
+    /// [`PciRoot::prepare_for_firmware`].
     pub fn at(root: Arc<Mutex<PciRoot>>, base: u64) -> Self {
         PciMmioWindow { root, base }
     }
@@ -684,7 +732,12 @@ mod tests {
         io_write(&mut io, 1, 0x10, 0xfebf_0000);
         assert!(lock(&root).find_bar(0xfebf_0010, 4).is_none());
         // ...decoded with it, and the device told.
-        lock(&root).prepare_for_firmware(0xe010_0000, 0xfec0_0000 - 0xe010_0000);
+        lock(&root).prepare_for_firmware(
+            (0xe010_0000, 0xfec0_0000 - 0xe010_0000),
+            (0x1_0000_0000, 0xff_0000_0000),
+        );
+        // The i440FX host bridge, with QEMU's subsystem id.
+        assert_eq!(io_read(&mut io, 0, 0x00, 0, 4), 0x1237_8086);
         assert_eq!(io_read(&mut io, 0, 0x2c, 0, 4), 0x1100_1af4);
         io_write(&mut io, 1, 0x10, 0xfebf_0000);
         assert!(lock(&root).find_bar(0xfebf_0010, 4).is_some());
@@ -692,6 +745,44 @@ mod tests {
         // Still nothing outside the windows (RAM, say).
         io_write(&mut io, 1, 0x10, 0x1000_0000);
         assert!(lock(&root).find_bar(0x1000_0010, 4).is_none());
+    }
+
+    #[test]
+    fn firmware_places_64_bit_bars_in_the_high_firmware_window() {
+        let root = Arc::new(Mutex::new(PciRoot::new(BASE, 0x10_0000)));
+        let (dev, _) = Dummy::with_kind(0x4000, BarKind::Mem64Prefetchable);
+        lock(&root).add_device(dev).unwrap();
+        lock(&root)
+            .prepare_for_firmware((0xe010_0000, 0x1000_0000), (0x1_0000_0000, 0xff_0000_0000));
+        let mut io = PciConfigIo::new(root.clone());
+        io_write(&mut io, 1, 0x04, 0x2);
+        // OVMF's aperture near the top of a 40-bit address space.
+        io_write(&mut io, 1, 0x10, 0x0000_000c);
+        io_write(&mut io, 1, 0x14, 0xe0);
+        assert!(lock(&root).find_bar(0xe0_0000_0010, 4).is_some());
+        // Past the window's end (the VMM's own 64-bit window is there): not decoded.
+        io_write(&mut io, 1, 0x14, 0x100);
+        assert!(lock(&root).find_bar(0x100_0000_0010, 4).is_none());
+    }
+
+    #[test]
+    fn a_function_other_than_0_answers_its_config_space_only() {
+        let mut root = PciRoot::new(BASE, 0x10_0000);
+        assert_eq!(root.config_read(0, 1, 3, 0), 0xffff_ffff);
+        root.add_function(
+            1,
+            3,
+            Arc::new(Mutex::new(super::super::piix_pm::PiixPm::new(0x600))),
+        );
+        assert_eq!(root.config_read(0, 1, 3, 0), 0x7113_8086);
+        assert_eq!(root.config_read(0, 1, 3, 0x40 / 4), 0x601);
+        // Writes reach it; the fixed PM base stays.
+        root.config_write(0, 1, 3, 0x40 / 4, 0, &0xb000u32.to_le_bytes());
+        assert_eq!(root.config_read(0, 1, 3, 0x40 / 4), 0x601);
+        // Function 0 of the slot is still absent, and so is function 2 and bus 1's 1.3.
+        assert_eq!(root.config_read(0, 1, 0, 0), 0xffff_ffff);
+        assert_eq!(root.config_read(0, 1, 2, 0), 0xffff_ffff);
+        assert_eq!(root.config_read(1, 1, 3, 0), 0xffff_ffff);
     }
 
     #[test]
