@@ -66,6 +66,7 @@ fn seed_file() -> &'static [u8] {
                 zstd_level: 1,
                 threads: 0,
                 cancel: None,
+                temp_tag: None,
             },
             &mut |_| {},
         )
