@@ -4,11 +4,15 @@
 //! keyboard, the left button as one finger on the touch screen).
 //!
 //! [`proto`] is the wire format (the client-message parser is fuzzed, `fuzz/`), [`keysym`]
-//! maps X keysyms to Linux key codes, and [`server`] runs the sessions. Security type None
+//! maps X keysyms to Linux key codes, [`server`] runs the sessions, and [`notice`] is a
+//! host-drawn screen for viewers that may not see the guest. Security type None
 //! only: the server listens on loopback or on a unix socket only its owner reaches.
 
 pub mod keysym;
+pub mod notice;
 pub mod proto;
+#[cfg(feature = "server")]
 pub mod server;
 
+#[cfg(feature = "server")]
 pub use server::{serve, Listener, Screen};

@@ -87,6 +87,13 @@ impl Handset {
         }
         Ok(self.dir().run(name).join(vmm_api::jail::VNC_SOCKET_NAME))
     }
+
+    /// The size of profile `name`'s display (its spec's), for a screen the host draws.
+    pub fn display_size(&self, name: &str) -> Result<(u16, u16)> {
+        let display = self.registry.spec(name)?.display;
+        let side = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+        Ok((side(display.width), side(display.height)))
+    }
 }
 
 /// Accepts viewers on `listener` and joins each to the VMM's VNC socket.

@@ -5,8 +5,9 @@
 //! as one binary message, and each binary message from the client is written to the VMM. A
 //! text message ends the session (RFB is bytes). The session ends when either side closes,
 //! or when the VMM ends (stop, suspend, crash). A client on another machine (the browser
-//! phone bound wider than loopback) is refused with 403 when the profile's IT policy says
-//! `[screen] remote_view = false`.
+//! phone bound wider than loopback) of a profile whose IT policy says `[screen] remote_view =
+//! false` gets a screen the host draws instead (`rfb::notice`: a blank frame with a notice,
+//! its input dropped); the VMM's socket is never opened for it, so no guest pixel reaches it.
 
 use std::sync::Arc;
 
@@ -39,19 +40,23 @@ pub async fn screen(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let socket = h.vnc_socket(&name)?;
-    if peer.is_remote() && !h.screen_rules(&name)?.remote_view {
-        let e = Error::Denied(format!(
-            "profile {name}'s IT policy forbids viewing its screen remotely ([screen] \
-             remote_view = false)"
-        ));
-        h.audit(&name, "screen", &format!("{peer}: refused: {e}"));
-        return Err(e.into());
-    }
     let ws = ws.map_err(|e| {
         Error::UpgradeRequired(format!(
             "this route is a websocket (Connection: Upgrade, Upgrade: websocket): {e}"
         ))
     })?;
+    if peer.is_remote() && !h.screen_rules(&name)?.remote_view {
+        h.audit(
+            &name,
+            "screen",
+            &format!("{peer}: shown the policy notice ([screen] remote_view = false)"),
+        );
+        let display = h.display_size(&name)?;
+        return Ok(ws
+            .max_message_size(CLIENT_MESSAGE_MAX)
+            .max_frame_size(CLIENT_MESSAGE_MAX)
+            .on_upgrade(move |ws| notice(ws, display, name)));
+    }
     let vmm = UnixStream::connect(&socket).await.map_err(|e| {
         Error::Vmm(format!(
             "profile {name}'s VMM is not serving its screen: {e}"
@@ -61,6 +66,39 @@ pub async fn screen(
         .max_message_size(CLIENT_MESSAGE_MAX)
         .max_frame_size(CLIENT_MESSAGE_MAX)
         .on_upgrade(move |ws| bridge(ws, vmm)))
+}
+
+/// The lines of the notice a forbidden remote viewer sees.
+pub const NOTICE: [&str; 3] = ["SCREEN NOT SHOWN", "IT POLICY FORBIDS", "REMOTE VIEWING"];
+
+/// Serves the host-drawn notice screen over the websocket until the viewer leaves or errs.
+async fn notice(mut ws: WebSocket, (width, height): (u16, u16), name: String) {
+    let mut session = rfb::notice::NoticeSession::new(width, height, &name, &NOTICE);
+    let greeting = axum::body::Bytes::from_static(rfb::notice::NoticeSession::greeting());
+    if ws.send(Message::Binary(greeting)).await.is_err() {
+        return;
+    }
+    while let Some(Ok(msg)) = ws.recv().await {
+        let Message::Binary(bytes) = msg else {
+            if matches!(msg, Message::Ping(_) | Message::Pong(_)) {
+                continue;
+            }
+            return;
+        };
+        match session.receive(&bytes) {
+            Ok(out) if out.is_empty() => {}
+            Ok(out) => {
+                if ws.send(Message::Binary(out.into())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::info!("screen notice for {name}: session ended: {e}");
+                let _ = ws.send(Message::Close(None)).await;
+                return;
+            }
+        }
+    }
 }
 
 /// Carries RFB bytes between the websocket and the VMM until either ends.
