@@ -279,10 +279,19 @@ struct RfbClient {
     height: u16,
     /// The screen as RGB, updated by every Raw rectangle.
     frame: Vec<u8>,
+    /// The ZRLE inflater (one zlib stream for the connection), when ZRLE was asked for.
+    zrle: Option<flate2::Decompress>,
+    /// Compressed bytes of the ZRLE rectangles read so far.
+    zrle_bytes: usize,
 }
 
 impl RfbClient {
     fn connect(port: u16) -> RfbClient {
+        Self::connect_with(port, false)
+    }
+
+    /// Connects, asking for ZRLE first when `zrle`.
+    fn connect_with(port: u16, zrle: bool) -> RfbClient {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to VNC");
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
@@ -308,15 +317,21 @@ impl RfbClient {
         let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
         let mut name = vec![0u8; name_len as usize];
         stream.read_exact(&mut name).expect("desktop name");
-        // SetEncodings: Raw, DesktopSize.
-        stream
-            .write_all(&[2, 0, 0, 2, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x21])
-            .expect("SetEncodings");
+        // SetEncodings: (ZRLE,) Raw, DesktopSize.
+        let mut encodings = if zrle {
+            vec![2, 0, 0, 3, 0, 0, 0, 16]
+        } else {
+            vec![2, 0, 0, 2]
+        };
+        encodings.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x21]);
+        stream.write_all(&encodings).expect("SetEncodings");
         RfbClient {
             stream,
             width,
             height,
             frame: vec![0; usize::from(width) * usize::from(height) * 3],
+            zrle: zrle.then(|| flate2::Decompress::new(true)),
+            zrle_bytes: 0,
         }
     }
 
@@ -354,13 +369,19 @@ impl RfbClient {
             let be = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
             let (x, y, w, h) = (be(0), be(2), be(4), be(6));
             let encoding = i32::from_be_bytes([r[8], r[9], r[10], r[11]]);
-            assert_eq!(encoding, 0, "Raw");
             assert!(
                 x + w <= self.width && y + h <= self.height,
                 "inside the screen"
             );
-            let mut px = vec![0u8; usize::from(w) * usize::from(h) * 4];
-            self.stream.read_exact(&mut px).expect("pixels");
+            let px = match encoding {
+                0 => {
+                    let mut px = vec![0u8; usize::from(w) * usize::from(h) * 4];
+                    self.stream.read_exact(&mut px).expect("pixels");
+                    px
+                }
+                16 => self.read_zrle(usize::from(w), usize::from(h)),
+                other => panic!("encoding {other}, neither Raw nor ZRLE"),
+            };
             for row in 0..usize::from(h) {
                 for col in 0..usize::from(w) {
                     let s = (row * usize::from(w) + col) * 4;
@@ -373,6 +394,83 @@ impl RfbClient {
             rects.push((x, y, w, h));
         }
         rects
+    }
+
+    /// One ZRLE rectangle's pixels, as Raw's 4 bytes each (RFC 6143 7.7.6: 64x64 tiles of
+    /// 3-byte CPIXELs, raw, solid, packed palette or run-length).
+    fn read_zrle(&mut self, w: usize, h: usize) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        self.stream.read_exact(&mut len).expect("ZRLE length");
+        let mut data = vec![0u8; u32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut data).expect("ZRLE data");
+        self.zrle_bytes += data.len();
+        let z = self.zrle.as_mut().expect("ZRLE only after asking for it");
+        let mut plain = Vec::with_capacity(w * h * 4 + 4096);
+        let before = z.total_out();
+        z.decompress_vec(&data, &mut plain, flate2::FlushDecompress::Sync)
+            .expect("inflate");
+        assert_eq!(z.total_out() - before, plain.len() as u64);
+        let mut at = 0;
+        let mut take = |n: usize| {
+            let s = plain[at..at + n].to_vec();
+            at += n;
+            s
+        };
+        let mut out = vec![0u8; w * h * 4];
+        for ty in (0..h).step_by(64) {
+            for tx in (0..w).step_by(64) {
+                let (tw, th) = (64.min(w - tx), 64.min(h - ty));
+                let sub = take(1)[0];
+                let mut tile: Vec<Vec<u8>> = Vec::with_capacity(tw * th);
+                match sub {
+                    0 => (0..tw * th).for_each(|_| tile.push(take(3))),
+                    1 => tile = vec![take(3); tw * th],
+                    2..=16 => {
+                        let palette: Vec<Vec<u8>> = (0..sub).map(|_| take(3)).collect();
+                        let bits =
+                            [0, 0, 1, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4][usize::from(sub)];
+                        for _ in 0..th {
+                            let row = take((tw * bits).div_ceil(8));
+                            for x in 0..tw {
+                                let b = x * bits;
+                                let i = (row[b / 8] >> (8 - bits - b % 8)) & ((1 << bits) - 1);
+                                tile.push(palette[usize::from(i)].clone());
+                            }
+                        }
+                    }
+                    128 | 130..=255 => {
+                        let palette: Vec<Vec<u8>> =
+                            (0..sub.saturating_sub(128)).map(|_| take(3)).collect();
+                        while tile.len() < tw * th {
+                            let (px, run) = if sub == 128 {
+                                (take(3), true)
+                            } else {
+                                let i = take(1)[0];
+                                (palette[usize::from(i & 0x7f)].clone(), i & 0x80 != 0)
+                            };
+                            let mut n = 1;
+                            if run {
+                                loop {
+                                    let b = take(1)[0];
+                                    n += usize::from(b);
+                                    if b != 255 {
+                                        break;
+                                    }
+                                }
+                            }
+                            (0..n).for_each(|_| tile.push(px.clone()));
+                        }
+                    }
+                    other => panic!("ZRLE subencoding {other}"),
+                }
+                for (i, px) in tile.iter().enumerate() {
+                    let d = ((ty + i / tw) * w + tx + i % tw) * 4;
+                    out[d..d + 3].copy_from_slice(px);
+                }
+            }
+        }
+        assert_eq!(at, plain.len(), "the rectangle used all its tile data");
+        out
     }
 
     /// A non-incremental update of the whole screen; the frame as RGB.
@@ -396,4 +494,33 @@ impl RfbClient {
             }
         }
     }
+}
+
+#[test]
+fn a_zrle_client_gets_the_same_frame_in_far_fewer_bytes() {
+    let name = "a_zrle_client_gets_the_same_frame_in_far_fewer_bytes";
+    if !require_kvm(name) {
+        return;
+    }
+    let dir = TempDir::new();
+    let (mut vm, port) = boot_with_vnc(&dir, 60_000);
+    let mut raw = RfbClient::connect(port);
+    let mut zrle = RfbClient::connect_with(port, true);
+    let exact = raw.full_frame();
+    let compressed = zrle.full_frame();
+    assert_eq!(compressed, exact, "ZRLE decodes to the Raw client's frame");
+    assert!(
+        reported_hashes(&mut vm).contains(&fnv1a64(&compressed)),
+        "the frame is one the probe drew"
+    );
+    let raw_bytes = (W * H * 4) as usize;
+    assert!(
+        zrle.zrle_bytes * 10 < raw_bytes,
+        "ZRLE took {} bytes for a frame Raw sends in {raw_bytes}",
+        zrle.zrle_bytes
+    );
+    e2e::host::loud(&format!(
+        "vnc: the probe's {W}x{H} home screen: Raw {raw_bytes} bytes, ZRLE {} bytes",
+        zrle.zrle_bytes
+    ));
 }

@@ -1,5 +1,5 @@
-//! An RFB 3.8 (VNC) server for one VM's screen: the virtio-gpu scanout goes out as Raw
-//! rectangles of the areas the guest flushed (DesktopSize when the scanout's size changes),
+//! An RFB 3.8 (VNC) server for one VM's screen: the virtio-gpu scanout goes out as ZRLE
+//! ([`zrle`], to clients that ask for it) or Raw rectangles of the areas the guest flushed (DesktopSize when the scanout's size changes),
 //! and the client's keys and pointer come back as virtio-input events (a key on the
 //! keyboard, the left button as one finger on the touch screen).
 //!
@@ -13,6 +13,7 @@ pub mod notice;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod server;
+pub mod zrle;
 
 #[cfg(feature = "server")]
 pub use server::{serve, Listener, Screen};

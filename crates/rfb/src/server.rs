@@ -21,6 +21,7 @@ use devices::virtio::input::InputHandle;
 
 use crate::keysym::to_linux_key;
 use crate::proto::{self, encoding, ClientMessage, PixelFormat, ProtoError, Version};
+use crate::zrle::ZrleEncoder;
 
 /// Most clients served at once; more are turned away.
 pub const MAX_CLIENTS: usize = 16;
@@ -183,6 +184,8 @@ struct UpdateRequest {
 struct SessionState {
     format: PixelFormat,
     desktop_size: bool,
+    /// The client takes ZRLE (then the screen goes out in it rather than Raw).
+    zrle: bool,
     request: Option<UpdateRequest>,
     /// The guest flushed since the writer last looked.
     flushed: bool,
@@ -223,6 +226,7 @@ fn run_session(mut stream: Stream, screen: &Screen, on_thread: fn()) -> Result<(
         state: Mutex::new(SessionState {
             format: PixelFormat::NATIVE,
             desktop_size: false,
+            zrle: false,
             request: None,
             flushed: false,
             closed: false,
@@ -329,7 +333,9 @@ fn handle_message(msg: ClientMessage, session: &Session, screen: &Screen, button
     match msg {
         ClientMessage::SetPixelFormat(pf) => session.lock().format = pf,
         ClientMessage::SetEncodings(list) => {
-            session.lock().desktop_size = list.contains(&encoding::DESKTOP_SIZE);
+            let mut st = session.lock();
+            st.desktop_size = list.contains(&encoding::DESKTOP_SIZE);
+            st.zrle = list.contains(&crate::zrle::ZRLE);
         }
         ClientMessage::UpdateRequest {
             incremental,
@@ -393,8 +399,10 @@ fn write_updates(
     // whole screen.
     let mut position = (u64::MAX, 0);
     let mut msg = Vec::new();
+    // One zlib stream for the whole connection, as ZRLE clients expect.
+    let mut zrle_stream = ZrleEncoder::new();
     loop {
-        let (request, format, desktop_size) = {
+        let (request, format, desktop_size, zrle) = {
             let mut st = session.lock();
             loop {
                 if st.closed {
@@ -408,7 +416,7 @@ fn write_updates(
             }
             st.flushed = false;
             let request = st.request.take();
-            (request, st.format, st.desktop_size)
+            (request, st.format, st.desktop_size, st.zrle)
         };
         let Some(request) = request else { continue };
         let damage = display.damage_since(position);
@@ -441,7 +449,15 @@ fn write_updates(
                         Some(rects) => clip_all(&rects, &request.rect, &area),
                     }
                 };
-                encode_update(display, &wanted, resized.then_some(size), &format, &mut msg)
+                let zrle = zrle.then_some(&mut zrle_stream);
+                encode_update(
+                    display,
+                    &wanted,
+                    resized.then_some(size),
+                    &format,
+                    zrle,
+                    &mut msg,
+                )
             }
         };
         if sent {
@@ -474,13 +490,14 @@ fn clip_all(rects: &[Rect], request: &Rect, area: &Rect) -> Vec<Rect> {
     }
 }
 
-/// A FramebufferUpdate of `rects` in Raw (after a DesktopSize rectangle if `new_size`);
-/// false if there is nothing to send.
+/// A FramebufferUpdate of `rects` in ZRLE through `zrle` when given, else Raw (after a
+/// DesktopSize rectangle if `new_size`); false if there is nothing to send.
 fn encode_update(
     display: &Display,
     rects: &[Rect],
     new_size: Option<(u32, u32)>,
     format: &PixelFormat,
+    mut zrle: Option<&mut ZrleEncoder>,
     msg: &mut Vec<u8>,
 ) -> bool {
     let mut body = Vec::new();
@@ -500,7 +517,18 @@ fn encode_update(
         let Some((rgb, _, _)) = display.read_rect(*r) else {
             continue;
         };
-        raw_rect(*r, &rgb, format, &mut body);
+        match zrle.as_deref_mut() {
+            Some(stream) => {
+                let at = (
+                    clamp16(r.x),
+                    clamp16(r.y),
+                    clamp16(r.width),
+                    clamp16(r.height),
+                );
+                stream.rect(at, &rgb, format, &mut body);
+            }
+            None => raw_rect(*r, &rgb, format, &mut body),
+        }
         count += 1;
     }
     if count == 0 {
