@@ -23,7 +23,7 @@
 //! - Snapshots: `VcpuState` and `CpuModel` (per vCPU, with `VcpuSaveContext`), `VmState`
 //!   (x86_64: PICs, IOAPIC, PIT, kvmclock, restored before the vCPUs exist; aarch64: the
 //!   vGICv3 and its ITS, restored by `VmState::restore_irqchip` once they do) and
-//!   `PlatformState` (x86_64: the CMOS RTC; aarch64: the PL031 RTC; through
+//!   `PlatformState` (x86_64: the CMOS RTC and a firmware boot's fw_cfg position; aarch64: the PL031 RTC; through
 //!   `LegacyDevices::save_platform`), each
 //!   with save and restore; `ARCH_NAME` tags a snapshot so it never restores on another
 //!   architecture.

@@ -48,7 +48,7 @@ mod imp {
     }
 
     /// Puts the firmware's devices in place: fw_cfg at 0x510 (memory map, vCPUs, ACPI
-    /// tables), the debug console at 0x402 (logged at debug level, target `firmware`), the
+    /// tables; kept by `legacy` for snapshots), the debug console at 0x402 (logged at debug level, target `firmware`), the
     /// CMOS memory bytes, an i8042 that answers SeaBIOS's keyboard probe, the i440FX host
     /// bridge ids with QEMU's subsystem id, the PIIX4 PM function at 00:01.3 and the ACPI PM
     /// timer OVMF needs, and a PCI MMIO window from the ECAM's end up to the IOAPIC, where
@@ -72,8 +72,10 @@ mod imp {
             name: "firmware".into(),
             reason: e.to_string(),
         };
-        pio.insert(FW_CFG_PORT, 2, Arc::new(Mutex::new(fw_cfg)))
+        let fw_cfg = Arc::new(Mutex::new(fw_cfg));
+        pio.insert(FW_CFG_PORT, 2, fw_cfg.clone())
             .map_err(bus_err)?;
+        legacy.attach_fw_cfg(fw_cfg)?;
         pio.insert(
             DEBUGCON_PORT,
             1,

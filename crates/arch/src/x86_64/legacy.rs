@@ -2,10 +2,12 @@
 //! i8042 (reset; for firmware also the keyboard probe), the CMOS real-time clock (0x70-0x71), the ACPI PM1a block (power-off), the
 //! debug-exit port, the POST-code sink at 0x80 and the PCI configuration ports 0xcf8-0xcff.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::bus::{Bus, SharedDevice};
-use devices::legacy::{AcpiPm, Cmos, CmosState, DebugExit, ExitSignal, PortSink, Serial, I8042};
+use devices::legacy::{
+    AcpiPm, Cmos, CmosState, DebugExit, ExitSignal, FwCfg, FwCfgState, PortSink, Serial, I8042,
+};
 use devices::pci::{PciConfigIo, PciRoot};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,14 +32,21 @@ pub struct LegacyDevices {
     rtc: Arc<Mutex<Cmos>>,
     /// The keyboard controller.
     i8042: Arc<Mutex<I8042>>,
+    /// The firmware configuration device, in a firmware boot (snapshots save its position).
+    fw_cfg: OnceLock<Arc<Mutex<FwCfg>>>,
 }
 
 /// The platform devices' state a snapshot carries besides the UART: the CMOS RTC (its RAM
-/// and the offset the guest set from the host's time).
+/// and the offset the guest set from the host's time) and, in a firmware boot, the fw_cfg
+/// device's selected item and read position.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct PlatformState {
     /// The CMOS RTC.
     pub rtc: CmosState,
+    /// The fw_cfg device (firmware boots; absent in kernel boots and older snapshots, which
+    /// restore it fresh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fw_cfg: Option<FwCfgState>,
 }
 
 impl LegacyDevices {
@@ -45,7 +54,19 @@ impl LegacyDevices {
     pub fn save_platform(&self) -> PlatformState {
         PlatformState {
             rtc: devices::bus::lock(&self.rtc).save_state(),
+            fw_cfg: self
+                .fw_cfg
+                .get()
+                .map(|dev| devices::bus::lock(dev).save_state()),
         }
+    }
+
+    /// Keeps the firmware configuration device of a firmware boot, so that snapshots save
+    /// its state; a second device is refused.
+    pub fn attach_fw_cfg(&self, dev: Arc<Mutex<FwCfg>>) -> Result<(), Error> {
+        self.fw_cfg
+            .set(dev)
+            .map_err(|_| Error::BadVmState("a second fw_cfg device".into()))
     }
 
     /// Describes the machine in CMOS RAM for firmware: RAM below and above the MMIO hole and
@@ -64,9 +85,22 @@ impl LegacyDevices {
     /// Puts the devices in `state` (a restore, before the vCPUs run); a bad state is refused
     /// and changes nothing.
     pub fn restore_platform(&self, state: &PlatformState) -> Result<(), Error> {
+        let fw_cfg = match (&state.fw_cfg, self.fw_cfg.get()) {
+            (Some(saved), Some(dev)) => Some((saved, dev)),
+            (Some(_), None) => {
+                return Err(Error::BadVmState(
+                    "fw_cfg state in a VM that does not boot firmware".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         devices::bus::lock(&self.rtc)
             .restore_state(&state.rtc)
-            .map_err(|e| Error::BadVmState(e.to_string()))
+            .map_err(|e| Error::BadVmState(e.to_string()))?;
+        if let Some((saved, dev)) = fw_cfg {
+            devices::bus::lock(dev).restore_state(saved);
+        }
+        Ok(())
     }
 }
 
@@ -129,7 +163,12 @@ where
     for (port, len, dev) in ports {
         pio.insert(u64::from(port), len, dev)?;
     }
-    Ok(LegacyDevices { serial, rtc, i8042 })
+    Ok(LegacyDevices {
+        serial,
+        rtc,
+        i8042,
+        fw_cfg: OnceLock::new(),
+    })
 }
 
 #[cfg(test)]
@@ -247,6 +286,73 @@ mod tests {
         bad.rtc.ram.truncate(3);
         assert!(matches!(
             b.restore_platform(&bad),
+            Err(Error::BadVmState(_))
+        ));
+    }
+
+    #[test]
+    fn a_firmware_guest_reads_fw_cfg_on_after_save_and_restore() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("skipped: no /dev/kvm");
+            return;
+        };
+        const FW_CFG_PORT: u16 = 0x510;
+        let build = |firmware: bool| {
+            let vm = super::super::create_vm(&kvm).unwrap();
+            let exit = Arc::new(ExitSignal::new().unwrap());
+            let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x1000_0000)));
+            let mut pio = Bus::new();
+            let ctx = LegacyContext {
+                vm: &vm,
+                exit: &exit,
+                pci: &root,
+            };
+            let legacy = add_legacy_devices(&ctx, &mut pio, &mut Bus::new(), |irq| {
+                Ok::<_, std::io::Error>(Serial::new(irq, Box::new(std::io::sink())))
+            })
+            .unwrap();
+            if firmware {
+                let mut cfg = FwCfg::new(1);
+                cfg.add_file("etc/boot-order", b"/pci@i0cf8/disk".to_vec())
+                    .unwrap();
+                let dev = Arc::new(Mutex::new(cfg));
+                pio.insert(u64::from(FW_CFG_PORT), 2, dev.clone()).unwrap();
+                legacy.attach_fw_cfg(dev.clone()).unwrap();
+                assert!(legacy.attach_fw_cfg(dev).is_err(), "a second device");
+            }
+            (legacy, pio, vm)
+        };
+        let read = |pio: &Bus, n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    let mut v = [0u8];
+                    assert!(crate::handle_arch_exit(
+                        VcpuExit::IoIn(FW_CFG_PORT + 1, &mut v),
+                        pio,
+                        false
+                    )
+                    .is_none());
+                    v[0]
+                })
+                .collect()
+        };
+        let (a, pio_a, _vm_a) = build(true);
+        let select = 0x20u16.to_le_bytes();
+        assert!(
+            crate::handle_arch_exit(VcpuExit::IoOut(FW_CFG_PORT, &select), &pio_a, false).is_none()
+        );
+        assert_eq!(read(&pio_a, 5), b"/pci@");
+        let saved = a.save_platform();
+
+        let (b, pio_b, _vm_b) = build(true);
+        b.restore_platform(&saved).unwrap();
+        assert_eq!(read(&pio_b, 5), b"i0cf8", "read on from the saved position");
+
+        // A kernel boot saves none, and refuses a fw_cfg state it has no device for.
+        let (kernel, _pio, _vm) = build(false);
+        assert!(kernel.save_platform().fw_cfg.is_none());
+        assert!(matches!(
+            kernel.restore_platform(&saved),
             Err(Error::BadVmState(_))
         ));
     }

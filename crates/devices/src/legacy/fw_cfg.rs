@@ -5,7 +5,9 @@
 //! item and rewinds it; each byte read from the data port (offset 1) returns the next byte of
 //! the item, 0 past its end or for an item that does not exist. Writes to the data port are
 //! ignored (items are read-only) and the DMA interface is not offered (the `ID` item says so).
-//! Named items ("files") are listed in the file directory item, as QEMU does.
+//! Named items ("files") are listed in the file directory item, as QEMU does. Snapshots keep
+//! the selected item and the read position ([`FwCfgState`]); the items are made again from the
+//! VM's configuration.
 
 use std::collections::BTreeMap;
 
@@ -54,6 +56,16 @@ pub enum FwCfgError {
     /// A file larger than 4 GiB cannot be described.
     #[error("fw_cfg file {0:?} is too large")]
     TooLarge(String),
+}
+
+/// What a snapshot keeps of the device: the selected item and the read position in it (a guest
+/// that paused in the middle of reading an item reads on where it stopped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FwCfgState {
+    /// The selected item's key (one the device lacks reads as zeros).
+    pub selected: u16,
+    /// The next byte read from the item.
+    pub position: u64,
 }
 
 /// The fw_cfg device: items by key, the selected one and the read position in it.
@@ -123,6 +135,23 @@ impl FwCfg {
             dir.extend_from_slice(&padded);
         }
         dir
+    }
+
+    /// The selected item and read position, for a snapshot.
+    pub fn save_state(&self) -> FwCfgState {
+        FwCfgState {
+            selected: self.selected,
+            position: u64::try_from(self.position).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Selects the item of `state` at its read position. Any key and position are accepted:
+    /// a missing item, or a position past the item's end, reads as zeros, as it did before
+    /// the snapshot (the position is kept no further than the end, which reads the same).
+    pub fn restore_state(&mut self, state: &FwCfgState) {
+        let len = self.items.get(&state.selected).map_or(0, Vec::len);
+        self.selected = state.selected;
+        self.position = usize::try_from(state.position).map_or(len, |p| p.min(len));
     }
 
     fn next_byte(&mut self) -> u8 {
@@ -221,6 +250,46 @@ mod tests {
         assert_eq!(&entry(1)[4..6], &0x20u16.to_be_bytes());
         select(&mut cfg, 0x20);
         assert_eq!(read(&mut cfg, 41), [vec![1; 40], vec![0]].concat());
+    }
+
+    #[test]
+    fn a_restored_device_reads_on_where_the_saved_one_stopped() {
+        let make = || {
+            let mut cfg = FwCfg::new(2);
+            cfg.add_file("etc/e820", (0..40).collect()).unwrap();
+            cfg
+        };
+        let mut a = make();
+        select(&mut a, 0x20);
+        assert_eq!(read(&mut a, 3), [0, 1, 2]);
+        let saved = a.save_state();
+        assert_eq!(
+            saved,
+            FwCfgState {
+                selected: 0x20,
+                position: 3
+            }
+        );
+        // Through the snapshot's encoding, into a new device that has read nothing.
+        let json = serde_json::to_vec(&saved).unwrap();
+        let mut b = make();
+        b.restore_state(&serde_json::from_slice(&json).unwrap());
+        assert_eq!(read(&mut b, 3), [3, 4, 5]);
+        assert_eq!(b.save_state().position, 6);
+
+        // A position past the end, or a key the device lacks, reads zeros and never panics.
+        b.restore_state(&FwCfgState {
+            selected: 0x20,
+            position: u64::MAX,
+        });
+        assert_eq!(read(&mut b, 2), [0, 0]);
+        b.restore_state(&FwCfgState {
+            selected: 0x3fff,
+            position: 7,
+        });
+        assert_eq!(read(&mut b, 2), [0, 0]);
+        select(&mut b, key::SIGNATURE);
+        assert_eq!(read(&mut b, 4), b"QEMU");
     }
 
     #[test]

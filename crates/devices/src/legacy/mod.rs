@@ -14,7 +14,7 @@ mod serial;
 
 pub use cmos::{Cmos, CmosState, CmosStateError};
 pub use debugcon::DebugCon;
-pub use fw_cfg::{FwCfg, FwCfgError};
+pub use fw_cfg::{FwCfg, FwCfgError, FwCfgState};
 pub use i8042::I8042;
 pub use pl031::{Pl031, Pl031State};
 pub use pm_timer::{AcpiPmTimer, PM_TIMER_HZ};

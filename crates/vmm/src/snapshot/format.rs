@@ -45,7 +45,8 @@ pub enum SectionKind {
     /// Digests of the snapshot's other files (`memory.bin` piece by piece, `config.json`);
     /// directory snapshots only (a stream has its own checksum).
     Digests = 9,
-    /// The platform devices besides the UART (the architecture's: x86_64's CMOS RTC);
+    /// The platform devices besides the UART (the architecture's: x86_64's CMOS RTC and a
+    /// firmware boot's fw_cfg position);
     /// snapshots written before it restore those devices fresh.
     Platform = 10,
 }

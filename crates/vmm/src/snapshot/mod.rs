@@ -6,7 +6,8 @@
 //!   architecture, the configuration, the memory layout, every vCPU and the VM-wide state (both
 //!   `arch` types, stored as they serialise: x86_64's irqchips, PIT and clock, the clock with
 //!   the host time it was read at), the serial port, the other platform devices (x86_64's CMOS
-//!   RTC with the guest's offset from the host's time) and every virtio device with its virtio-pci function, keyed by device id (older snapshots
+//!   RTC with the guest's offset from the host's time; in a firmware boot the fw_cfg
+//!   device's selected item and read position) and every virtio device with its virtio-pci function, keyed by device id (older snapshots
 //!   keyed them by position and still restore);
 //! - `memory.bin`: guest RAM, region after region; all-zero pages are left as holes;
 //! - `config.json`: the configuration again, for people;
