@@ -19,6 +19,9 @@ use super::{
 };
 use crate::GuestMem;
 
+pub mod dirty;
+pub use dirty::DirtyChunks;
+
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Queue size of the single request queue.
@@ -80,6 +83,7 @@ pub struct Block {
     read_only: bool,
     capacity_bytes: u64,
     id: [u8; ID_LEN],
+    dirty: Arc<DirtyChunks>,
     base: VirtioBase,
 }
 
@@ -121,6 +125,7 @@ impl Block {
             read_only,
             capacity_bytes: size,
             id,
+            dirty: Arc::new(DirtyChunks::new(size)),
             base: VirtioBase::new(device_type::BLOCK, &[QUEUE_SIZE], features),
         })
     }
@@ -128,6 +133,17 @@ impl Block {
     /// The image path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether the guest may only read the disk.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The chunks of the image the guest wrote since live migration last took them (shared
+    /// with the worker, which marks a chunk once a write to it has reached the image).
+    pub fn dirty_chunks(&self) -> Arc<DirtyChunks> {
+        self.dirty.clone()
     }
 
     /// Capacity in 512-byte sectors.
@@ -161,6 +177,7 @@ impl Block {
                 read_only: self.read_only,
                 capacity_bytes: self.capacity_bytes,
                 id: self.id,
+                dirty: self.dirty.clone(),
                 buf: Vec::new(),
             },
         })
@@ -202,6 +219,7 @@ struct BlockIo {
     read_only: bool,
     capacity_bytes: u64,
     id: [u8; ID_LEN],
+    dirty: Arc<DirtyChunks>,
     buf: Vec<u8>,
 }
 
@@ -287,9 +305,10 @@ impl BlockIo {
                 chain
                     .read_at(&self.mem, HEADER_LEN, buf)
                     .map_err(|_| VIRTIO_BLK_S_IOERR)?;
-                self.file
-                    .write_all_at(buf, offset)
-                    .map_err(|_| VIRTIO_BLK_S_IOERR)?;
+                // Marked even when the write fails part-way: some of it may have landed.
+                let wrote = self.file.write_all_at(buf, offset);
+                self.dirty.mark(offset, data_r as u64);
+                wrote.map_err(|_| VIRTIO_BLK_S_IOERR)?;
                 Ok(Moved {
                     written: 0,
                     bytes: data_r,

@@ -141,6 +141,44 @@ fn read_write_flush() {
 }
 
 #[test]
+fn completed_writes_mark_their_chunks_for_migration() {
+    // Three 64 KiB chunks.
+    let disk = TempDisk::new(3 * 64 * 1024);
+    let block = Block::new(&disk.0, false, None).unwrap();
+    let dirty = block.dirty_chunks();
+    let features = block.device_features() & !crate::virtio::worker::VIRTIO_RING_F_EVENT_IDX;
+    let mut h = Harness::new(&block, features);
+
+    // Reads, flushes and refused writes mark nothing.
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 0, Some((4096, true))).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(h.request(VIRTIO_BLK_T_FLUSH, 0, None).0, VIRTIO_BLK_S_OK);
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_OUT, 384, Some((512, false))).0,
+        VIRTIO_BLK_S_IOERR,
+        "sector 384 is past the end"
+    );
+    assert_eq!(dirty.take(), Vec::<u64>::new());
+
+    // A write across the boundary of chunks 0 and 1 marks both, one in chunk 2 marks it.
+    h.mem
+        .write_slice(&[0x5a; 1024], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_OUT, 127, Some((1024, false))).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(dirty.take(), vec![0, 1]);
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_OUT, 300, Some((512, false))).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(dirty.take(), vec![2]);
+}
+
+#[test]
 fn read_only_refuses_writes() {
     let disk = TempDisk::new(8192);
     let before = disk.contents();
