@@ -1,0 +1,350 @@
+//! `display`: a screen over VNC, pocketvisor against QEMU (`-device virtio-gpu-pci -vnc`) on
+//! the same probe guest, read by the same RFB client in the same run.
+//!
+//! ```text
+//! cargo run -p bench --release --bin display -- [--runs 3] [--secs 5] [--size 720x1280]
+//!     [--no-qemu] [--bin PATH] [--probe PATH]
+//! ```
+//!
+//! The probe draws its home screen (`pv.mode=screen`) and redraws its ticking counter 30
+//! times a second (`pv.screen.ms=33`). For each VMM and encoding (Raw, and ZRLE where the
+//! client asks for it), per run: the time from connecting to the first full frame, the bytes
+//! and updates the client receives while it asks for incremental updates for `--secs`
+//! seconds (what a viewer of a live screen costs on the wire), and the VMM's RSS at the end.
+//! Medians and ranges over `--runs`.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bench::util::{median, ms, Args, Proc};
+use e2e::qemu::{Machine, QemuCommand};
+
+const USAGE: &str = "\
+usage: display [--runs N] [--secs N] [--size WxH] [--no-qemu] [--bin PATH] [--probe PATH]
+
+A live probe screen over VNC, pocketvisor vs QEMU (virtio-gpu-pci, -vnc), Raw and ZRLE.
+The pocketvisor binary defaults to $POCKETVISOR_BIN, else target/release/pocketvisor (built
+first). Needs /dev/kvm.";
+
+#[derive(Debug, Clone)]
+struct Opts {
+    runs: usize,
+    secs: u64,
+    size: (u16, u16),
+    qemu: bool,
+    bin: Option<PathBuf>,
+    probe: Option<PathBuf>,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
+    let mut o = Opts {
+        runs: 3,
+        secs: 5,
+        size: (720, 1280),
+        qemu: true,
+        bin: None,
+        probe: None,
+    };
+    let mut args = Args::new(args, USAGE);
+    while let Some(arg) = args.next_flag() {
+        match arg.as_str() {
+            "--runs" => o.runs = args.parse("--runs")?,
+            "--secs" => o.secs = args.parse("--secs")?,
+            "--size" => {
+                let v = args.value("--size")?;
+                let (w, h) = v.split_once('x').context("--size is WxH")?;
+                o.size = (w.parse()?, h.parse()?);
+            }
+            "--no-qemu" => o.qemu = false,
+            "--bin" => o.bin = Some(args.value("--bin")?.into()),
+            "--probe" => o.probe = Some(args.value("--probe")?.into()),
+            other => return Err(args.unknown(other)),
+        }
+    }
+    if o.runs == 0 || o.secs == 0 || o.size.0 < 64 || o.size.1 < 64 {
+        bail!("--runs and --secs must be >= 1, --size at least 64x64");
+    }
+    Ok(o)
+}
+
+fn main() {
+    let result = parse_args(std::env::args().skip(1)).and_then(run);
+    if let Err(e) = result {
+        eprintln!("display: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// What one viewer saw.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    first_frame_ms: f64,
+    bytes_per_s: f64,
+    updates_per_s: f64,
+    rss_mib: f64,
+}
+
+const CMDLINE: &str = "pv.mode=screen pv.screen.rgb=2a9d8f pv.screen.ms=33";
+
+fn run(o: Opts) -> Result<()> {
+    let pv = bench::util::pocketvisor_bin(o.bin.as_deref(), false, "display")?;
+    let probe = bench::util::probe_elf(o.probe.as_deref(), "display")?;
+    let qemu = if o.qemu {
+        let q = QemuCommand::find_binary();
+        if q.is_none() {
+            eprintln!("display: qemu-system-x86_64 is not installed: pocketvisor only");
+        }
+        q
+    } else {
+        None
+    };
+    eprintln!(
+        "display: {} runs of {} s, {}x{}, host load {}",
+        o.runs,
+        o.secs,
+        o.size.0,
+        o.size.1,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut rows = Vec::new();
+    for vmm in ["pocketvisor", "qemu"] {
+        if vmm == "qemu" && qemu.is_none() {
+            continue;
+        }
+        for zrle in [false, true] {
+            let mut samples = Vec::new();
+            for run in 0..o.runs {
+                let (proc, port) = if vmm == "pocketvisor" {
+                    start_pocketvisor(&pv, &probe, o.size)?
+                } else {
+                    start_qemu(qemu.as_ref().expect("checked"), &probe, o.size, run)?
+                };
+                let sample = view(port, zrle, Duration::from_secs(o.secs), proc.0.id())
+                    .with_context(|| format!("{vmm} run {run}"))?;
+                eprintln!("display: {vmm} zrle={zrle} run {run}: {sample:?}");
+                samples.push(sample);
+            }
+            rows.push((vmm, zrle, samples));
+        }
+    }
+    println!(
+        "\n| VMM | encoding | first full frame (ms) | bytes/s, 30 fps counter | updates/s | VMM RSS (MiB) |"
+    );
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (vmm, zrle, samples) in &rows {
+        let col = |f: fn(&Sample) -> f64| {
+            let v: Vec<f64> = samples.iter().map(f).collect();
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!(
+                "{:.1} ({:.1}-{:.1})",
+                median(&v).unwrap_or(f64::NAN),
+                min,
+                max
+            )
+        };
+        println!(
+            "| {vmm} | {} | {} | {} | {} | {} |",
+            if *zrle { "ZRLE" } else { "Raw" },
+            col(|s| s.first_frame_ms),
+            col(|s| s.bytes_per_s),
+            col(|s| s.updates_per_s),
+            col(|s| s.rss_mib),
+        );
+    }
+    Ok(())
+}
+
+/// Waits for the probe's first frame on `proc`'s serial (its stdout).
+fn wait_first_frame(proc: &mut Proc) -> Result<String> {
+    let stdout = proc.0.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+        let mut seen = String::new();
+        while let Some(Ok(l)) = lines.next() {
+            if l.starts_with("PROBE screen frame n=1") {
+                let _ = tx.send(seen.clone());
+            }
+            seen.push_str(&l);
+            seen.push('\n');
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .map_err(|_| anyhow::anyhow!("the probe drew no frame within 60 s"))
+}
+
+fn start_pocketvisor(pv: &Path, probe: &Path, (w, h): (u16, u16)) -> Result<(Proc, u16)> {
+    let mut proc = Proc(
+        Command::new(pv)
+            .args(["run", "--memory", "128M", "--kernel"])
+            .arg(probe)
+            .args(["--cmdline", CMDLINE, &format!("--gpu={w}x{h}"), "--input"])
+            .arg("--vnc=127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("start pocketvisor")?,
+    );
+    let mut stderr = proc.0.stderr.take().context("no stderr")?;
+    wait_first_frame(&mut proc)?;
+    // The port line comes before the first frame; read what stderr holds so far.
+    let mut buf = vec![0u8; 4096];
+    let n = stderr.read(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let port = text
+        .lines()
+        .find_map(|l| l.strip_prefix("pocketvisor: VNC server on 127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .with_context(|| format!("no VNC address printed: {text}"))?;
+    Ok((proc, port))
+}
+
+fn start_qemu(qemu: &Path, probe: &Path, (w, h): (u16, u16), run: usize) -> Result<(Proc, u16)> {
+    let display = 40 + u16::try_from(run % 50).unwrap_or(0);
+    let mut cmd = QemuCommand::new(qemu, Machine::Pc, probe, CMDLINE);
+    cmd.memory_mib = 128;
+    cmd.extra = [
+        "-device".to_string(),
+        format!("virtio-gpu-pci,xres={w},yres={h}"),
+        "-device".into(),
+        "virtio-keyboard-pci".into(),
+        "-device".into(),
+        "virtio-tablet-pci".into(),
+        "-vnc".into(),
+        format!("127.0.0.1:{display}"),
+    ]
+    .to_vec();
+    let mut c = cmd.command();
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut proc = Proc(c.spawn().context("start QEMU")?);
+    wait_first_frame(&mut proc)?;
+    Ok((proc, 5900 + display))
+}
+
+/// Connects an RFB 3.8 client, takes a full frame, then asks for incremental updates for
+/// `secs`, counting what arrives.
+fn view(port: u16, zrle: bool, secs: Duration, pid: u32) -> Result<Sample> {
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_nodelay(true)?;
+    let mut version = [0u8; 12];
+    s.read_exact(&mut version)?;
+    s.write_all(b"RFB 003.008\n")?;
+    let mut n = [0u8; 1];
+    s.read_exact(&mut n)?;
+    let mut types = vec![0u8; usize::from(n[0])];
+    s.read_exact(&mut types)?;
+    if !types.contains(&1) {
+        bail!("the server offers no security type None: {types:?}");
+    }
+    s.write_all(&[1])?;
+    let mut result = [0u8; 4];
+    s.read_exact(&mut result)?;
+    s.write_all(&[1])?;
+    let mut init = [0u8; 24];
+    s.read_exact(&mut init)?;
+    let (w, h) = (
+        u16::from_be_bytes([init[0], init[1]]),
+        u16::from_be_bytes([init[2], init[3]]),
+    );
+    let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
+    let mut name = vec![0u8; usize::try_from(name_len)?];
+    s.read_exact(&mut name)?;
+    let mut enc = vec![2, 0, 0, if zrle { 2 } else { 1 }];
+    if zrle {
+        enc.extend_from_slice(&16i32.to_be_bytes());
+    }
+    enc.extend_from_slice(&0i32.to_be_bytes());
+    s.write_all(&enc)?;
+    let request = |s: &mut TcpStream, incremental: bool| -> Result<()> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&w.to_be_bytes());
+        m.extend_from_slice(&h.to_be_bytes());
+        s.write_all(&m)?;
+        Ok(())
+    };
+    request(&mut s, false)?;
+    read_update(&mut s)?;
+    let first_frame_ms = ms(t0.elapsed());
+    let (mut bytes, mut updates) = (0u64, 0u64);
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        request(&mut s, true)?;
+        bytes += read_update(&mut s)?;
+        updates += 1;
+    }
+    let took = start.elapsed().as_secs_f64();
+    let rss_kib: f64 = std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN);
+    Ok(Sample {
+        first_frame_ms,
+        bytes_per_s: bytes as f64 / took,
+        updates_per_s: updates as f64 / took,
+        rss_mib: rss_kib / 1024.0,
+    })
+}
+
+/// Reads server messages up to and including one FramebufferUpdate; returns its size.
+fn read_update(s: &mut TcpStream) -> Result<u64> {
+    loop {
+        let mut kind = [0u8; 1];
+        s.read_exact(&mut kind)?;
+        match kind[0] {
+            0 => break,
+            2 => continue, // Bell
+            3 => {
+                let mut head = [0u8; 7];
+                s.read_exact(&mut head)?;
+                let len = u32::from_be_bytes([head[3], head[4], head[5], head[6]]);
+                std::io::copy(
+                    &mut Read::by_ref(s).take(u64::from(len)),
+                    &mut std::io::sink(),
+                )?;
+            }
+            other => bail!("server message {other}"),
+        }
+    }
+    let mut head = [0u8; 3];
+    s.read_exact(&mut head)?;
+    let rects = u16::from_be_bytes([head[1], head[2]]);
+    let mut total = 4u64;
+    for _ in 0..rects {
+        let mut r = [0u8; 12];
+        s.read_exact(&mut r)?;
+        let (w, h) = (
+            u64::from(u16::from_be_bytes([r[4], r[5]])),
+            u64::from(u16::from_be_bytes([r[6], r[7]])),
+        );
+        let body = match i32::from_be_bytes([r[8], r[9], r[10], r[11]]) {
+            0 => w * h * 4,
+            16 => {
+                let mut len = [0u8; 4];
+                s.read_exact(&mut len)?;
+                total += 4;
+                u64::from(u32::from_be_bytes(len))
+            }
+            -223 => 0,
+            other => bail!("encoding {other} was not asked for"),
+        };
+        std::io::copy(&mut Read::by_ref(s).take(body), &mut std::io::sink())?;
+        total += 12 + body;
+    }
+    Ok(total)
+}
