@@ -28,8 +28,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     kernel: Option<PathBuf>,
     /// Firmware to boot instead of a kernel: SeaBIOS (/usr/share/seabios/bios.bin), which
-    /// boots the first disk's own boot loader (x86_64, hardware virtualization; OVMF does not
-    /// boot yet).
+    /// boots the first disk's own boot loader (x86_64, hardware virtualization). OVMF
+    /// (/usr/share/ovmf/OVMF.fd) gets the machine it expects but is unproven: under nested
+    /// SVM on QEMU's TCG, QEMU itself aborts on its CR8 writes (README).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["kernel", "initrd", "cmdline"])]
     firmware: Option<PathBuf>,
     /// Initial ramdisk.

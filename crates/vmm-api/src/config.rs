@@ -16,8 +16,9 @@ pub struct VmConfig {
     /// Empty when the guest boots [`firmware`](Self::firmware) instead.
     #[serde(default, skip_serializing_if = "path_is_empty")]
     pub kernel: PathBuf,
-    /// Firmware ROM booted instead of a kernel (SeaBIOS's `bios.bin`; OVMF does not boot yet): it
-    /// starts at the x86 reset vector and boots the first disk itself (x86_64 only).
+    /// Firmware ROM booted instead of a kernel (SeaBIOS's `bios.bin`; OVMF's `OVMF.fd` is
+    /// unproven, see README): it starts at the x86 reset vector and boots the first disk itself
+    /// (x86_64 only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub firmware: Option<PathBuf>,
     /// Optional initial ramdisk.
