@@ -140,6 +140,65 @@ fn read_write_flush() {
     assert_eq!(h.irq.errors(), 0);
 }
 
+fn disk_key(seed: u8) -> crypt::DiskKey {
+    let bytes: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(13) ^ seed).collect();
+    crypt::DiskKey::from_slice(&bytes).unwrap()
+}
+
+#[test]
+fn encrypted_disk_holds_only_ciphertext() {
+    let disk = TempDisk::new(64 * 1024);
+    let block = Block::new(&disk.0, false, None)
+        .unwrap()
+        .with_encryption(&disk_key(1));
+    assert!(block.is_encrypted());
+    let features = block.device_features() & !crate::virtio::worker::VIRTIO_RING_F_EVENT_IDX;
+    let mut h = Harness::new(&block, features);
+
+    // The guest writes a marker over sectors 5 and 6 and reads it back.
+    let marker: Vec<u8> = b"PV-DISK-MARKER:".repeat(70)[..1024].to_vec();
+    h.mem.write_slice(&marker, GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_OUT, 5, Some((1024, false))),
+        (VIRTIO_BLK_S_OK, 1)
+    );
+    assert_eq!(h.request(VIRTIO_BLK_T_FLUSH, 0, None).0, VIRTIO_BLK_S_OK);
+    h.mem.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 5, Some((1024, true))),
+        (VIRTIO_BLK_S_OK, 1025)
+    );
+    assert_eq!(h.data(1024), marker);
+    // A read that starts inside the area uses that sector's tweak.
+    assert_eq!(
+        h.request(VIRTIO_BLK_T_IN, 6, Some((512, true))).0,
+        VIRTIO_BLK_S_OK
+    );
+    assert_eq!(h.data(512), marker[512..]);
+
+    // The host file changed there, and holds no piece of the marker anywhere.
+    let file = disk.contents();
+    assert_ne!(file[2560..3584], marker[..]);
+    assert!(!file.windows(8).any(|w| w == b"PV-DISK-"));
+
+    // The same file opened with another key, or with none, does not read the marker.
+    for other in [
+        Block::new(&disk.0, true, None)
+            .unwrap()
+            .with_encryption(&disk_key(2)),
+        Block::new(&disk.0, true, None).unwrap(),
+    ] {
+        let mut h = Harness::new(&other, features);
+        assert_eq!(
+            h.request(VIRTIO_BLK_T_IN, 5, Some((1024, true))).0,
+            VIRTIO_BLK_S_OK
+        );
+        let read = h.data(1024);
+        assert_ne!(read, marker);
+        assert!(!read.windows(8).any(|w| w == b"PV-DISK-"));
+    }
+}
+
 #[test]
 fn completed_writes_mark_their_chunks_for_migration() {
     // Three 64 KiB chunks.
