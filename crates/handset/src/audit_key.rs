@@ -3,13 +3,11 @@
 //! log cannot confirm a guess of short contents (a PIN, a one-time code) by hashing it,
 //! while the owner of the key can still match a record against a known file.
 
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Key length in bytes.
 const KEY_LEN: usize = 32;
@@ -22,39 +20,8 @@ pub struct AuditKey([u8; KEY_LEN]);
 impl AuditKey {
     /// Reads the key at `path`, creating it (random, mode 0600) the first time.
     pub fn load_or_create(path: &Path) -> Result<Self> {
-        match std::fs::File::open(path) {
-            Ok(mut f) => {
-                let mut key = [0u8; KEY_LEN];
-                f.read_exact(&mut key)
-                    .map_err(Error::io(format!("cannot read {}", path.display())))?;
-                return Ok(Self(key));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("cannot read {}", path.display()))(e)),
-        }
-        let mut key = [0u8; KEY_LEN];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut r| r.read_exact(&mut key))
-            .map_err(Error::io("cannot read /dev/urandom"))?;
-        let dir = path
-            .parent()
-            .ok_or_else(|| Error::Internal(format!("{} has no parent", path.display())))?;
-        let tmp = dir.join(".audit.key.tmp");
-        let what = || format!("cannot write {}", path.display());
-        let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(Error::io(what()))?;
-        std::io::Write::write_all(&mut f, &key).map_err(Error::io(what()))?;
-        f.sync_all().map_err(Error::io(what()))?;
-        drop(f);
-        // Two processes racing here: the first rename wins and both read what it left.
-        std::fs::rename(&tmp, path).map_err(Error::io(what()))?;
-        crate::state_dir::sync_dir(dir)?;
-        Self::load_or_create(path)
+        let key = crate::secret_file::load_or_create::<KEY_LEN>(path)?;
+        Ok(Self(*key))
     }
 
     /// HMAC-SHA256 of `data` under this key, lower-case hex.

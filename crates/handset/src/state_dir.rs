@@ -63,6 +63,10 @@ impl StateDir {
     pub fn audit_key(&self) -> PathBuf {
         self.root.join("audit.key")
     }
+    /// `device.key` (wraps the profiles' disk keys for encryption at rest, owner only).
+    pub fn device_key(&self) -> PathBuf {
+        self.root.join("device.key")
+    }
     /// `jail/` (the jailer's per-profile root directories while jailed VMMs run).
     pub fn jail_root(&self) -> PathBuf {
         self.root.join("jail")
