@@ -158,27 +158,51 @@ fn draw(width: usize, height: usize, lines: &[&str]) -> Vec<u8> {
         let chars = line.chars().count();
         let left = width.saturating_sub(chars * (GLYPH_W + GAP) * scale) / 2;
         let y0 = top + row * (GLYPH_H + 2 * GAP) * scale;
-        for (col, c) in line.chars().enumerate() {
-            let x0 = left + col * (GLYPH_W + GAP) * scale;
-            for (gy, bits) in glyph(c).iter().enumerate() {
-                for gx in 0..GLYPH_W {
-                    if bits & (1 << (GLYPH_W - 1 - gx)) == 0 {
-                        continue;
-                    }
-                    for dy in 0..scale {
-                        for dx in 0..scale {
-                            let (x, y) = (x0 + gx * scale + dx, y0 + gy * scale + dy);
-                            if x < width && y < height {
-                                let at = (y * width + x) * 3;
-                                rgb[at..at + 3].copy_from_slice(&TEXT);
-                            }
+        draw_text(&mut rgb, width, left, y0, scale, line, TEXT);
+    }
+    rgb
+}
+
+/// Width and height in pixels of `text` drawn by [`draw_text`] at `scale`.
+pub fn text_size(text: &str, scale: usize) -> (usize, usize) {
+    (
+        text.chars().count() * (GLYPH_W + GAP) * scale,
+        GLYPH_H * scale,
+    )
+}
+
+/// Draws `text` in the built-in 5x7 font, each font pixel `scale` x `scale`, with its top left
+/// at (`x`, `y`) into `rgb` (RGB triples, `width` pixels a row) in `colour`; whatever falls
+/// outside the buffer is cut.
+pub fn draw_text(
+    rgb: &mut [u8],
+    width: usize,
+    x: usize,
+    y: usize,
+    scale: usize,
+    text: &str,
+    colour: [u8; 3],
+) {
+    let height = (rgb.len() / 3).checked_div(width).unwrap_or(0);
+    for (col, c) in text.chars().enumerate() {
+        let x0 = x + col * (GLYPH_W + GAP) * scale;
+        for (gy, bits) in glyph(c).iter().enumerate() {
+            for gx in 0..GLYPH_W {
+                if bits & (1 << (GLYPH_W - 1 - gx)) == 0 {
+                    continue;
+                }
+                for dy in 0..scale {
+                    for dx in 0..scale {
+                        let (px, py) = (x0 + gx * scale + dx, y + gy * scale + dy);
+                        if px < width && py < height {
+                            let at = (py * width + px) * 3;
+                            rgb[at..at + 3].copy_from_slice(&colour);
                         }
                     }
                 }
             }
         }
     }
-    rgb
 }
 
 /// A 5x7 glyph (one byte a row, the low five bits left to right); letters in either case
