@@ -13,6 +13,10 @@
 
 use thiserror::Error;
 
+pub mod source;
+
+pub use source::{RfbSource, SourceError};
+
 /// The largest device screen or profile frame side accepted, in pixels.
 pub const MAX_SIDE: usize = 8192;
 
