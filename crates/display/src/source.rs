@@ -276,4 +276,23 @@ mod tests {
             Err(SourceError::Size(DisplayError::BadSize { .. }))
         ));
     }
+
+    #[test]
+    fn a_composed_device_screen_served_by_the_host_reads_back_bar_and_frame() {
+        use crate::{Compositor, Foreground};
+        let mut c = Compositor::new(60, 80, 10).unwrap();
+        c.switch(Foreground {
+            name: "work".into(),
+            colour: [0x1f, 0x6f, 0xd0],
+        });
+        c.set_frame(Frame::new(60, 70, [1, 2, 3].repeat(60 * 70)).unwrap());
+        let mut session = NoticeSession::new(60, 80, "device", &[]);
+        assert!(session.show(c.compose().rgb()).is_empty());
+        let mut source = RfbSource::connect(serve(session)).unwrap();
+        source.update(false).unwrap();
+        let frame = source.frame();
+        assert_eq!(frame, c.compose());
+        assert_eq!(frame.pixel(0, 0), Some([0x1f, 0x6f, 0xd0]));
+        assert_eq!(frame.pixel(30, 50), Some([1, 2, 3]));
+    }
 }

@@ -5,7 +5,8 @@
 //!
 //! [`NoticeSession`] is sans-IO: the caller sends [`NoticeSession::greeting`], feeds each
 //! chunk the viewer sends to [`NoticeSession::receive`] and sends back what it returns, over
-//! whatever carries the bytes (the browser phone's websocket).
+//! whatever carries the bytes (the browser phone's websocket). [`NoticeSession::show`] replaces
+//! the frame with another the host drew (the handset's device screen, `crates/display`).
 
 use crate::proto::{self, ClientMessage, PixelFormat, ProtoError, Version};
 
@@ -38,6 +39,8 @@ pub struct NoticeSession {
     rgb: Vec<u8>,
     format: PixelFormat,
     sent: bool,
+    /// An incremental update request is waiting for the frame to change.
+    waiting: bool,
 }
 
 impl NoticeSession {
@@ -53,6 +56,7 @@ impl NoticeSession {
             rgb: draw(usize::from(width), usize::from(height), lines),
             format: PixelFormat::NATIVE,
             sent: false,
+            waiting: false,
         }
     }
 
@@ -64,6 +68,30 @@ impl NoticeSession {
     /// The frame as RGB triples, row by row (what every viewer of this session sees).
     pub fn rgb(&self) -> &[u8] {
         &self.rgb
+    }
+
+    /// Replaces the frame with `rgb` (RGB triples, row by row, the session's size; another
+    /// length is ignored). Returns the update to send now if the viewer is waiting for one;
+    /// otherwise its next update request gets the new frame.
+    pub fn show(&mut self, rgb: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        if rgb.len() != self.rgb.len() || rgb == self.rgb.as_slice() {
+            return out;
+        }
+        self.rgb.copy_from_slice(rgb);
+        self.sent = false;
+        if self.waiting {
+            self.waiting = false;
+            self.send_frame(&mut out);
+        }
+        out
+    }
+
+    fn send_frame(&mut self, out: &mut Vec<u8>) {
+        proto::update_header(1, out);
+        proto::rect_header(0, 0, self.width, self.height, proto::encoding::RAW, out);
+        self.format.encode(&self.rgb, out);
+        self.sent = true;
     }
 
     /// Takes bytes the viewer sent; returns the bytes to send back, or why the session ends.
@@ -121,18 +149,17 @@ impl NoticeSession {
     }
 
     /// Carries out one message: a pixel format is kept, an update request is answered with
-    /// the whole frame (once for incremental ones: it never changes), and input is dropped.
+    /// the whole frame (an incremental one only once per frame, or when [`Self::show`] changes
+    /// it), and input is dropped.
     fn handle(&mut self, msg: ClientMessage, out: &mut Vec<u8>) {
         match msg {
             ClientMessage::SetPixelFormat(format) => self.format = format,
             ClientMessage::UpdateRequest { incremental, .. } if !incremental || !self.sent => {
-                proto::update_header(1, out);
-                proto::rect_header(0, 0, self.width, self.height, proto::encoding::RAW, out);
-                self.format.encode(&self.rgb, out);
-                self.sent = true;
+                self.waiting = false;
+                self.send_frame(out);
             }
-            ClientMessage::UpdateRequest { .. }
-            | ClientMessage::SetEncodings(_)
+            ClientMessage::UpdateRequest { .. } => self.waiting = true,
+            ClientMessage::SetEncodings(_)
             | ClientMessage::Key { .. }
             | ClientMessage::Pointer { .. }
             | ClientMessage::CutText { .. } => {}
@@ -309,6 +336,39 @@ mod tests {
             "the notice is drawn large enough to read ({text} pixels)"
         );
         assert!(background > text, "{background} background pixels");
+    }
+
+    #[test]
+    fn a_frame_shown_later_reaches_a_waiting_viewer_once() {
+        let (mut s, _) = handshake(4, 2);
+        assert!(!s.receive(&request(true, 4, 2)).unwrap().is_empty());
+        // Nothing new: the incremental request waits.
+        assert!(s.receive(&request(true, 4, 2)).unwrap().is_empty());
+        let red = [0xff, 0, 0].repeat(8);
+        let update = s.show(&red);
+        assert_eq!(
+            update.len(),
+            4 + 12 + 8 * 4,
+            "the waiting request is answered"
+        );
+        assert!(update[16..].chunks_exact(4).all(|p| p[..3] == [0, 0, 0xff]));
+        assert!(
+            s.show(&red).is_empty(),
+            "the same frame again sends nothing"
+        );
+        assert!(
+            s.show(&[0; 5]).is_empty(),
+            "a frame of another size is ignored"
+        );
+        assert!(s.receive(&request(true, 4, 2)).unwrap().is_empty());
+        // Shown while no request waits: the next request gets it.
+        let (mut s, _) = handshake(4, 2);
+        assert!(!s.receive(&request(false, 4, 2)).unwrap().is_empty());
+        assert!(s.show(&red).is_empty());
+        assert_eq!(
+            s.receive(&request(true, 4, 2)).unwrap().len(),
+            4 + 12 + 8 * 4
+        );
     }
 
     #[test]
