@@ -215,6 +215,36 @@ impl Compositor {
     }
 }
 
+/// A profile's bar colour from its name, the browser phone's `colourOf` (`phone.js`): the
+/// name's hash picks a hue, drawn at 65% saturation and 45% lightness, so the device screen and
+/// the page show a profile in one colour.
+pub fn profile_colour(name: &str) -> [u8; 3] {
+    let hash = name
+        .chars()
+        .fold(0u32, |h, c| h.wrapping_mul(31).wrapping_add(u32::from(c)));
+    let degrees = hash % 360;
+    let hue = f64::from(degrees) / 60.0;
+    let (s, l) = (0.65, 0.45);
+    let chroma = (1.0 - (2.0 * l - 1.0f64).abs()) * s;
+    let x = chroma * (1.0 - (hue % 2.0 - 1.0).abs());
+    let (r, g, b) = match degrees / 60 {
+        0 => (chroma, x, 0.0),
+        1 => (x, chroma, 0.0),
+        2 => (0.0, chroma, x),
+        3 => (0.0, x, chroma),
+        4 => (x, 0.0, chroma),
+        _ => (chroma, 0.0, x),
+    };
+    let m = l - chroma / 2.0;
+    [r, g, b].map(|v| {
+        let v = ((v + m) * 255.0).round().clamp(0.0, 255.0);
+        // Clamped to 0..=255 just above: the cast cannot truncate.
+        #[allow(clippy::cast_possible_truncation)]
+        let byte = v as u8;
+        byte
+    })
+}
+
 /// Black on a light colour, white on a dark one.
 pub fn text_colour(background: [u8; 3]) -> [u8; 3] {
     let [r, g, b] = background.map(u32::from);
@@ -362,6 +392,13 @@ mod tests {
         assert!(Compositor::new(100, 20, 20).is_err());
         assert!(Compositor::new(100, 20, 0).is_err());
         assert!(Compositor::new(0, 20, 5).is_err());
+    }
+
+    #[test]
+    fn profile_colours_are_the_browser_phones() {
+        // Expected values from Python's colorsys.hls_to_rgb with phone.js's hash.
+        assert_eq!(profile_colour("work"), [189, 43, 40]);
+        assert_eq!(profile_colour("personal"), [100, 40, 189]);
     }
 
     #[test]
