@@ -261,6 +261,8 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig {
         path: path.into(),
         read_only,
+        encrypted: false,
+        key: None,
     })
 }
 

@@ -83,6 +83,42 @@ pub struct DiskConfig {
     /// Refuse guest writes.
     #[serde(default)]
     pub read_only: bool,
+    /// The image is encrypted at rest (AES-256-XTS per sector); the VM needs [`key`](Self::key).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encrypted: bool,
+    /// The data key of an encrypted image. Never serialized: it reaches the VMM over its start
+    /// channel, not in a configuration file, snapshot or command line.
+    #[serde(skip)]
+    pub key: Option<DiskKeyMaterial>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A disk's 64-byte data key in clear, zeroized on drop and never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DiskKeyMaterial(zeroize::Zeroizing<[u8; DISK_KEY_LEN]>);
+
+/// Length of a disk data key.
+pub const DISK_KEY_LEN: usize = 64;
+
+impl DiskKeyMaterial {
+    /// The key from its bytes.
+    pub fn new(bytes: zeroize::Zeroizing<[u8; DISK_KEY_LEN]>) -> DiskKeyMaterial {
+        DiskKeyMaterial(bytes)
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8; DISK_KEY_LEN] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DiskKeyMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskKeyMaterial(..)")
+    }
 }
 
 /// One virtio-net device on a TAP interface.

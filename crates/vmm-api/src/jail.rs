@@ -421,10 +421,14 @@ mod tests {
             DiskConfig {
                 path: "/p/disks/root.img".into(),
                 read_only: true,
+                encrypted: false,
+                key: None,
             },
             DiskConfig {
                 path: "/p/disks/data.img".into(),
                 read_only: false,
+                encrypted: false,
+                key: None,
             },
         ];
         cfg.net = vec![NetConfig {

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use devices::bus::lock;
 use devices::pci::{PciRoot, VmHooks};
 use devices::virtio::balloon::{Balloon, BalloonConfig};
+use devices::virtio::block::crypt::DiskKey;
 use devices::virtio::block::Block;
 use devices::virtio::control::{ControlError, DeviceControl};
 use devices::virtio::gpu::Gpu;
@@ -97,7 +98,16 @@ fn when(on: bool, make: impl FnOnce() -> Built) -> Vec<Built> {
 }
 
 fn block(d: &DiskConfig) -> Built {
-    built(Block::new(&d.path, d.read_only, None))
+    let block = Block::new(&d.path, d.read_only, None).map_err(|e| e.to_string())?;
+    match (d.encrypted, &d.key) {
+        (false, None) => Ok(Box::new(block)),
+        (true, Some(key)) => {
+            let key = DiskKey::from_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+            Ok(Box::new(block.with_encryption(&key)))
+        }
+        (true, None) => Err("the disk is encrypted and no key was given".into()),
+        (false, Some(_)) => Err("a key was given for a disk that is not encrypted".into()),
+    }
 }
 
 fn vsock(v: &VsockConfig) -> Built {
@@ -518,12 +528,41 @@ mod tests {
             cfg.disks.push(DiskConfig {
                 path: p.clone(),
                 read_only: true,
+                encrypted: false,
+                key: None,
             });
             paths.push(p);
         }
         cfg.rng = true;
         cfg.balloon = true;
         (cfg, paths)
+    }
+
+    #[test]
+    fn an_encrypted_disk_needs_its_key_and_the_key_stays_out_of_the_config_file() {
+        let (mut cfg, paths) = config("crypt", 1);
+        let key: [u8; 64] = std::array::from_fn(|i| u8::try_from(i).unwrap());
+        let key = vmm_api::config::DiskKeyMaterial::new(zeroize::Zeroizing::new(key));
+        cfg.disks[0].encrypted = true;
+        let err = manager(&cfg).err().unwrap().to_string();
+        assert!(err.contains("disk0") && err.contains("no key"), "{err}");
+        cfg.disks[0].key = Some(key.clone());
+        assert!(manager(&cfg).unwrap().has("disk0"));
+        // The configuration as written to vm.toml or a snapshot says "encrypted", holds no key.
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"encrypted\":true"), "{json}");
+        let back: VmConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.disks[0].key, None);
+        let debug = format!("{cfg:?}");
+        assert!(
+            debug.contains("DiskKeyMaterial(..)") && !debug.contains("62, 63"),
+            "{debug}"
+        );
+        // A key for a disk that is not encrypted is a mistake, not ignored.
+        cfg.disks[0].encrypted = false;
+        let err = manager(&cfg).err().unwrap().to_string();
+        assert!(err.contains("not encrypted"), "{err}");
+        paths.iter().for_each(|p| drop(std::fs::remove_file(p)));
     }
 
     #[test]

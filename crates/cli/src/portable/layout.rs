@@ -317,6 +317,8 @@ mod tests {
         vm.disks = vec![vmm::DiskConfig {
             path: "/a/disks/data.img".into(),
             read_only: false,
+            encrypted: false,
+            key: None,
         }];
         vm.vsock = Some(vmm::VsockConfig {
             cid: 3,

@@ -400,6 +400,8 @@ impl Registry {
             .map(|d| DiskConfig {
                 path: self.dir.disk(name, &d.name),
                 read_only: d.read_only,
+                encrypted: false,
+                key: None,
             })
             .collect();
         cfg.net = spec
