@@ -8,6 +8,7 @@
 //! while still privileged), drops every privilege, installs the seccomp filter and runs the
 //! guest. docs/jail.md has the details.
 
+use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -92,6 +93,12 @@ pub struct VmmArgs {
     /// Do not install the seccomp filter (debugging only).
     #[arg(long)]
     no_seccomp: bool,
+    /// Read the 64-byte key of each encrypted disk (`encrypted = true` in the configuration),
+    /// in disk order, from stdin, which then ends (the handset's pipe: keys are never on a
+    /// command line, in the environment or in a file). Boot only: an encrypted profile cannot
+    /// be restored yet.
+    #[arg(long, conflicts_with = "restore")]
+    disk_keys_stdin: bool,
 }
 
 /// Hidden self-tests for the jail's tests, chosen by `POCKETVISOR_JAIL_SELFTEST`.
@@ -139,11 +146,14 @@ fn selftest() -> Option<SelfTest> {
 pub fn main(args: VmmArgs) -> Result<i32> {
     let started = Instant::now();
     jail::id::validate(&args.jail_id)?;
-    let cfg = match (&args.config, &args.restore) {
+    let mut cfg = match (&args.config, &args.restore) {
         (Some(path), _) => load_config(path)?,
         (None, Some(dir)) => restored_config(&args, dir)?,
         (None, None) => bail!("--config FILE or --restore DIR is required"),
     };
+    if args.disk_keys_stdin {
+        read_disk_keys(&mut std::io::stdin().lock(), &mut cfg)?;
+    }
     let mut root = JailRoot::create(&args.jail_root, &args.jail_id)?;
     let prepared = prepare(
         &mut root,
@@ -173,6 +183,27 @@ pub fn main(args: VmmArgs) -> Result<i32> {
         eprintln!("pocketvisor: warning: cleaning up {}: {e}", dir.display());
     }
     result
+}
+
+/// Gives every encrypted disk of `cfg`, in order, its key: 64 bytes each from `input`, which
+/// must then end (a short or a long input is refused, nothing is guessed).
+fn read_disk_keys(input: &mut impl Read, cfg: &mut VmConfig) -> Result<()> {
+    use vmm::vmm_api::config::{DiskKeyMaterial, DISK_KEY_LEN};
+    for (i, d) in cfg.disks.iter_mut().enumerate() {
+        if !d.encrypted {
+            continue;
+        }
+        let mut key = zeroize::Zeroizing::new([0u8; DISK_KEY_LEN]);
+        input
+            .read_exact(&mut key[..])
+            .with_context(|| format!("cannot read the key of disk {i} from stdin"))?;
+        d.key = Some(DiskKeyMaterial::new(key));
+    }
+    let mut extra = [0u8; 1];
+    if input.read(&mut extra).context("cannot read stdin")? != 0 {
+        bail!("stdin holds more than the keys of the encrypted disks");
+    }
+    Ok(())
 }
 
 /// The configuration and API socket path as the jailed process sees them.
@@ -507,6 +538,35 @@ fn narrow_thread(kind: devices::threads::ThreadKind) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_keys_come_from_stdin_in_disk_order() {
+        let disk = |encrypted| vmm::DiskConfig {
+            path: "/d.img".into(),
+            read_only: false,
+            encrypted,
+            key: None,
+        };
+        let mut cfg = VmConfig::new("k".into());
+        cfg.disks = vec![disk(true), disk(false), disk(true)];
+        let input: Vec<u8> = [[1u8; 64], [2u8; 64]].concat();
+        let mut with_keys = cfg.clone();
+        read_disk_keys(&mut &input[..], &mut with_keys).unwrap();
+        let keys: Vec<_> = with_keys
+            .disks
+            .iter()
+            .map(|d| d.key.as_ref().map(|k| k.as_bytes()[0]))
+            .collect();
+        assert_eq!(keys, [Some(1), None, Some(2)]);
+        // A short input, or one with more than the keys, is refused.
+        assert!(read_disk_keys(&mut &input[..127], &mut cfg.clone()).is_err());
+        let long = [&input[..], b"x"].concat();
+        assert!(read_disk_keys(&mut &long[..], &mut cfg.clone()).is_err());
+        // No encrypted disk: nothing is read, and stdin must be empty.
+        let mut plain = VmConfig::new("k".into());
+        read_disk_keys(&mut &b""[..], &mut plain).unwrap();
+        assert!(read_disk_keys(&mut &input[..], &mut plain).is_err());
+    }
 
     #[test]
     fn memory_max_values() {
