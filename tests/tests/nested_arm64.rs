@@ -598,8 +598,10 @@ fn mmio_exits_round_trip_through_pocketvisor_on_arm64() {
 /// The arm64 probe (`guest/out/probe-arm64.img`, built by `guest/build-probe.sh`): an arm64
 /// `Image` that pocketvisor boots from its header; it reads its command line from the device
 /// tree, reports on the 16550 with the x86 probe's `PROBE` lines and powers off through PSCI
-/// (status 0). An unknown mode must end in `done fail=1`, so the check sees the probe's
-/// verdict and not only that it ran.
+/// (status 0). Its `gic` test brings up the GICv3, takes an SGI it sends itself and then
+/// virtual timer ticks (100 Hz) while idle in `wfi`: eleven ticks must take at least 100 ms
+/// of the counter (the timer paces them). An unknown mode must end in `done fail=1`, so the
+/// check sees the probe's verdict and not only that it ran.
 #[test]
 fn the_arm64_probe_boots_from_its_image_header_and_powers_off() {
     let name = "the_arm64_probe_boots_from_its_image_header_and_powers_off";
@@ -638,9 +640,83 @@ fn the_arm64_probe_boots_from_its_image_header_and_powers_off() {
     );
     assert!(selftest.contains("PROBE info arch=aarch64"), "{out}");
     assert!(selftest.contains("PROBE done ok"), "{out}");
+    let gic = selftest
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("PROBE gic ok "))
+        .unwrap_or_else(|| panic!("no gic ok line:\n{out}"));
+    let field = |key: &str| -> u64 {
+        gic.split(' ')
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key}= in gic line: {gic}"))
+    };
+    assert_eq!(field("sgi"), 1, "{gic}");
+    assert!(gic.contains(" timer=ok "), "{gic}");
+    assert!(field("ticks") >= 11, "{gic}");
+    assert!(field("wfi_wakes") >= 1, "{gic}");
+    let elapsed_us = field("elapsed_us");
+    assert!(
+        (100_000..60_000_000).contains(&elapsed_us),
+        "11 ticks of a 100 Hz timer took {elapsed_us} us: {gic}"
+    );
+    e2e::host::loud(&format!("{name}: {gic}"));
     assert!(
         out.contains("PROBE boot fail unknown-mode nosuchmode")
             && out.contains("PROBE done fail=1"),
         "{out}"
     );
+}
+
+/// SMP on arm64: the probe's `smp` test (the x86 probe's name and lines) starts every CPU of
+/// the device tree through PSCI `CPU_ON`; each secondary brings up its own GIC redistributor
+/// and reports its MPIDR, which must be the one the tree gave it. With 2 and 4 vCPUs (in an
+/// L1 of 2): `cpu <i> up mpidr=<hex>` for each and `smp ok count=<n>`.
+#[test]
+fn the_arm64_probe_starts_its_cpus_through_psci_cpu_on() {
+    let name = "the_arm64_probe_starts_its_cpus_through_psci_cpu_on";
+    let probe = e2e::workspace_root().join("guest/out/probe-arm64.img");
+    assert!(
+        probe.is_file(),
+        "{} is missing: run guest/build-probe.sh",
+        probe.display()
+    );
+    let mut script = String::new();
+    for vcpus in [2, 4] {
+        script.push_str(&format!(
+            "echo \"PV begin vcpus={vcpus}\"\n\
+             '{pv}' run --kernel '{probe}' --memory 64M --vcpus {vcpus} \
+             --cmdline 'pv.tests=smp'\n\
+             echo \"PV vcpus={vcpus} rc=$?\"\n",
+            pv = pocketvisor_aarch64().display(),
+            probe = probe.display(),
+        ));
+    }
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    for vcpus in [2u64, 4] {
+        let part = out
+            .split(&format!("PV begin vcpus={vcpus}"))
+            .nth(1)
+            .and_then(|rest| rest.split(&format!("PV vcpus={vcpus} rc=")).next())
+            .unwrap_or_else(|| panic!("no run with {vcpus} vCPUs:\n{out}\n{}", run.describe()));
+        assert!(
+            out.contains(&format!("PV vcpus={vcpus} rc=0")),
+            "{out}\n{}",
+            run.describe()
+        );
+        assert!(
+            part.contains(&format!("PROBE smp ok count={vcpus}")),
+            "{vcpus} vCPUs:\n{out}"
+        );
+        for index in 0..vcpus {
+            // pocketvisor's MPIDRs: Aff0 = vCPU index (below 16), as its device tree says.
+            assert!(
+                part.contains(&format!("PROBE cpu {index} up mpidr={index:x}")),
+                "cpu {index} of {vcpus}:\n{out}"
+            );
+        }
+        assert!(part.contains("PROBE done ok"), "{vcpus} vCPUs:\n{out}");
+    }
 }

@@ -1,65 +1,116 @@
-//! Just enough of a flattened device tree walker to read `/chosen/bootargs`.
+//! Just enough of a flattened device tree walker for the probe: `/chosen/bootargs` and the
+//! `reg` (MPIDR) of each `/cpus/cpu@...` node.
 
 const FDT_MAGIC: u32 = 0xd00d_feed;
 const BEGIN_NODE: u32 = 1;
 const END_NODE: u32 = 2;
 const PROP: u32 = 3;
 const NOP: u32 = 4;
+const END: u32 = 9;
 /// Largest device tree the probe reads (the arm64 boot protocol's limit).
 const MAX_SIZE: usize = 2 << 20;
+/// Deepest node nesting the walker follows (the probe's properties are at depth 2 and 3).
+const MAX_DEPTH: usize = 16;
 
-/// The command line in the device tree at `addr`, or `None` if it has none or is malformed.
-///
-/// # Safety
-/// `addr` must be the address of readable guest RAM holding at least the tree's header;
-/// the tree's own `totalsize` (capped at 2 MiB) must be readable from there.
-pub unsafe fn bootargs(addr: u64) -> Option<&'static str> {
-    let base = usize::try_from(addr).ok()?;
-    if base == 0 || base % 8 != 0 {
-        return None;
+/// A validated device tree in guest RAM.
+#[derive(Clone, Copy)]
+pub struct Fdt {
+    tree: &'static [u8],
+}
+
+impl Fdt {
+    /// The device tree at `addr`, or `None` if its header is not one.
+    ///
+    /// # Safety
+    /// `addr` must be the address of readable guest RAM holding at least the tree's header;
+    /// the tree's own `totalsize` (capped at 2 MiB) must be readable from there and stay
+    /// unchanged while the probe runs.
+    pub unsafe fn at(addr: u64) -> Option<Fdt> {
+        let base = usize::try_from(addr).ok()?;
+        if base == 0 || base % 8 != 0 {
+            return None;
+        }
+        // SAFETY: the caller guarantees the 40-byte header is readable.
+        let header = unsafe { core::slice::from_raw_parts(base as *const u8, 40) };
+        if be32(header, 0)? != FDT_MAGIC {
+            return None;
+        }
+        let total = usize::try_from(be32(header, 4)?).ok()?;
+        if !(40..=MAX_SIZE).contains(&total) {
+            return None;
+        }
+        // SAFETY: the caller guarantees `totalsize` bytes (checked above) are readable.
+        let tree = unsafe { core::slice::from_raw_parts(base as *const u8, total) };
+        Some(Fdt { tree })
     }
-    // SAFETY: the caller guarantees the 40-byte header is readable.
-    let header = unsafe { core::slice::from_raw_parts(base as *const u8, 40) };
-    if be32(header, 0)? != FDT_MAGIC {
-        return None;
-    }
-    let total = usize::try_from(be32(header, 4)?).ok()?;
-    if !(40..=MAX_SIZE).contains(&total) {
-        return None;
-    }
-    // SAFETY: the caller guarantees `totalsize` bytes (checked above) are readable.
-    let tree: &'static [u8] = unsafe { core::slice::from_raw_parts(base as *const u8, total) };
-    let structs = usize::try_from(be32(tree, 8)?).ok()?;
-    let strings = usize::try_from(be32(tree, 12)?).ok()?;
-    let mut at = structs;
-    let mut depth = 0usize;
-    let mut in_chosen = false;
-    loop {
-        let token = be32(tree, at)?;
-        at += 4;
-        match token {
-            BEGIN_NODE => {
-                let name = cstr(tree, at)?;
-                at = align4(at + name.len() + 1);
-                depth += 1;
-                in_chosen = depth == 2 && name == b"chosen";
+
+    /// The command line (`/chosen/bootargs`), if the tree has one.
+    pub fn bootargs(&self) -> Option<&'static str> {
+        let mut found = None;
+        self.walk(|path, prop, value| {
+            if path == [&b""[..], b"chosen"] && prop == b"bootargs" {
+                let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+                found = core::str::from_utf8(&value[..end]).ok();
             }
-            END_NODE => {
-                depth = depth.checked_sub(1)?;
-                in_chosen = false;
-            }
-            PROP => {
-                let len = usize::try_from(be32(tree, at)?).ok()?;
-                let name_off = usize::try_from(be32(tree, at + 4)?).ok()?;
-                let value = tree.get(at + 8..at.checked_add(8 + len)?)?;
-                at = align4(at + 8 + len);
-                if in_chosen && cstr(tree, strings.checked_add(name_off)?)? == b"bootargs" {
-                    let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
-                    return core::str::from_utf8(&value[..end]).ok();
+        })?;
+        found
+    }
+
+    /// Calls `f` with the MPIDR (`reg`) of each `/cpus/cpu@...` node, in the tree's order;
+    /// `None` if the tree is malformed.
+    pub fn for_each_cpu(&self, mut f: impl FnMut(u64)) -> Option<()> {
+        self.walk(|path, prop, value| {
+            let is_cpu = path.len() == 3 && path[1] == b"cpus" && path[2].starts_with(b"cpu@");
+            if is_cpu && prop == b"reg" {
+                let mpidr = match value.len() {
+                    4 => be32(value, 0).map(u64::from),
+                    8 => be32(value, 0)
+                        .zip(be32(value, 4))
+                        .map(|(hi, lo)| (u64::from(hi) << 32) | u64::from(lo)),
+                    _ => None,
+                };
+                if let Some(mpidr) = mpidr {
+                    f(mpidr);
                 }
             }
-            NOP => {}
-            _ => return None,
+        })
+    }
+
+    /// Calls `f(path, property name, value)` for every property; `path` holds the node
+    /// names from the root (whose name is empty). `None` if the tree is malformed.
+    fn walk(
+        &self,
+        mut f: impl FnMut(&[&'static [u8]], &'static [u8], &'static [u8]),
+    ) -> Option<()> {
+        let tree = self.tree;
+        let structs = usize::try_from(be32(tree, 8)?).ok()?;
+        let strings = usize::try_from(be32(tree, 12)?).ok()?;
+        let mut path: [&'static [u8]; MAX_DEPTH] = [&[]; MAX_DEPTH];
+        let mut at = structs;
+        let mut depth = 0usize;
+        loop {
+            let token = be32(tree, at)?;
+            at += 4;
+            match token {
+                BEGIN_NODE => {
+                    let name = cstr(tree, at)?;
+                    at = align4(at + name.len() + 1);
+                    *path.get_mut(depth)? = name;
+                    depth += 1;
+                }
+                END_NODE => depth = depth.checked_sub(1)?,
+                PROP => {
+                    let len = usize::try_from(be32(tree, at)?).ok()?;
+                    let name_off = usize::try_from(be32(tree, at + 4)?).ok()?;
+                    let value = tree.get(at + 8..at.checked_add(8 + len)?)?;
+                    at = align4(at + 8 + len);
+                    let name = cstr(tree, strings.checked_add(name_off)?)?;
+                    f(&path[..depth], name, value);
+                }
+                NOP => {}
+                END if depth == 0 => return Some(()),
+                _ => return None,
+            }
         }
     }
 }

@@ -1,12 +1,16 @@
 //! pocketvisor probe guest on arm64: an arm64 `Image` that boots from its 64-byte header with
 //! the MMU off, reads its command line from the device tree, reports on the 16550 UART (on
 //! MMIO at 0x0900_0000) with the same `PROBE` lines as the x86_64 probe, and powers off
-//! through PSCI. See `PROTOCOL.md` ("arm64"): it has no device drivers yet.
+//! through PSCI. Its `gic` test brings up the GICv3 and takes an SGI and virtual timer ticks
+//! as interrupts. See `PROTOCOL.md` ("arm64").
 
 #![no_std]
 #![no_main]
 
 mod fdt;
+mod gic;
+mod irq;
+mod smp;
 mod uart;
 
 /// PSCI 0.2 `SYSTEM_OFF` (SMC32 function id), called with `hvc #0` as the device tree says.
@@ -51,7 +55,8 @@ extern "C" fn rust_start(fdt_addr: u64) -> ! {
     uart::line(format_args!("ready"));
     // SAFETY: the loader passes the address of the device tree it wrote into guest RAM; the
     // walker checks the header's magic and sizes before it reads anything else.
-    let cmdline = unsafe { fdt::bootargs(fdt_addr) }.unwrap_or("");
+    let tree = unsafe { fdt::Fdt::at(fdt_addr) };
+    let cmdline = tree.and_then(|t| t.bootargs()).unwrap_or("");
     uart::line(format_args!("boot ok cmdline=\"{}\"", Printable(cmdline)));
     let mode = arg(cmdline, "pv.mode").unwrap_or("selftest");
     match mode {
@@ -60,7 +65,29 @@ extern "C" fn rust_start(fdt_addr: u64) -> ! {
                 "info arch=aarch64 cntfrq_hz={} fdt={fdt_addr:x}",
                 counter_hz()
             ));
-            uart::line(format_args!("done ok"));
+            let tests = arg(cmdline, "pv.tests");
+            let enabled = |name: &str| tests.is_none_or(|l| l.split(',').any(|t| t == name));
+            let mut failures = 0u32;
+            if enabled("gic") && !gic_test() {
+                failures += 1;
+            }
+            if enabled("smp") {
+                let passed = match &tree {
+                    Some(t) => smp::selftest(t),
+                    None => {
+                        uart::line(format_args!("smp fail no-device-tree"));
+                        false
+                    }
+                };
+                if !passed {
+                    failures += 1;
+                }
+            }
+            if failures == 0 {
+                uart::line(format_args!("done ok"));
+            } else {
+                uart::line(format_args!("done fail={failures}"));
+            }
         }
         other => {
             uart::line(format_args!("boot fail unknown-mode {other}"));
@@ -76,6 +103,71 @@ fn arg<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
         .split(' ')
         .filter_map(|w| w.strip_prefix(key)?.strip_prefix('='))
         .next_back()
+}
+
+/// Timer ticks the `gic` test waits for in `wfi` after the first.
+const GIC_TEST_TICKS: u64 = 10;
+/// Timer interrupts per second in the `gic` test.
+const GIC_TEST_TICK_HZ: u64 = 100;
+
+/// The `gic` test: distributor and redistributor up, an SGI to itself acknowledged and EOI'd,
+/// then the virtual timer's PPI: a first tick waited for by spinning (so a dead timer is
+/// reported instead of idling forever), then [`GIC_TEST_TICKS`] more with the CPU idle in
+/// `wfi`. Prints `gic ok ...` or `gic fail <why>`; true when it passed.
+fn gic_test() -> bool {
+    if let Err(e) = gic::init_distributor().and_then(|()| gic::init_cpu()) {
+        uart::line(format_args!("gic fail {e}"));
+        return false;
+    }
+    irq::install_vectors();
+    irq::enable();
+    let hz = counter_hz();
+    gic::send_sgi_to_self(gic::TEST_SGI);
+    let deadline = counter() + hz;
+    while irq::sgis() == 0 && counter() < deadline {}
+    if irq::sgis() != 1 {
+        uart::line(format_args!("gic fail sgi={}", irq::sgis()));
+        return false;
+    }
+    let start = counter();
+    irq::start_timer(hz / GIC_TEST_TICK_HZ);
+    let deadline = start + 2 * hz;
+    while irq::timer_ticks() == 0 && counter() < deadline {}
+    if irq::timer_ticks() == 0 {
+        irq::stop_timer();
+        uart::line(format_args!("gic fail timer=dead sgi=1"));
+        return false;
+    }
+    let mut wakes = 0u64;
+    while irq::timer_ticks() < 1 + GIC_TEST_TICKS {
+        irq::wait();
+        wakes += 1;
+    }
+    irq::stop_timer();
+    let elapsed_us = (counter() - start) * 1_000_000 / hz.max(1);
+    uart::line(format_args!(
+        "gic ok sgi={} timer=ok ticks={} wfi_wakes={wakes} other_irqs={} elapsed_us={elapsed_us}",
+        irq::sgis(),
+        irq::timer_ticks(),
+        irq::other_irqs()
+    ));
+    true
+}
+
+/// The virtual counter (CNTVCT_EL0).
+fn counter() -> u64 {
+    let v: u64;
+    // SAFETY: reading CNTVCT_EL0 has no side effect; the isb orders it after earlier code.
+    unsafe { core::arch::asm!("isb", "mrs {}, cntvct_el0", out(reg) v) };
+    v
+}
+
+/// This CPU's MPIDR_EL1 (its affinity).
+fn mpidr() -> u64 {
+    let v: u64;
+    // SAFETY: reading MPIDR_EL1 has no side effect.
+    unsafe { core::arch::asm!("mrs {}, mpidr_el1", out(reg) v) };
+    v
 }
 
 /// The architected counter's frequency (CNTFRQ_EL0).
