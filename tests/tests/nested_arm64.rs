@@ -720,3 +720,52 @@ fn the_arm64_probe_starts_its_cpus_through_psci_cpu_on() {
         assert!(part.contains("PROBE done ok"), "{vcpus} vCPUs:\n{out}");
     }
 }
+
+/// PCI on arm64: the probe's `pci` test (the x86 test's name and lines) finds the host
+/// bridge in the device tree, enumerates bus 0 through its ECAM window and checks that every
+/// memory BAR the VMM assigned lies inside one of the bridge's `ranges` windows. With a disk
+/// and rng: the virtio-blk (1af4:1042) and virtio-rng (1af4:1044) functions are listed.
+#[test]
+fn the_arm64_probe_enumerates_pci_over_ecam() {
+    let name = "the_arm64_probe_enumerates_pci_over_ecam";
+    let probe = e2e::workspace_root().join("guest/out/probe-arm64.img");
+    assert!(
+        probe.is_file(),
+        "{} is missing: run guest/build-probe.sh",
+        probe.display()
+    );
+    let script = format!(
+        "printf 'pocketvisor-arm64' >disk.img && truncate -s 8M disk.img || exit 9\n\
+         '{pv}' run --kernel '{probe}' --memory 64M --disk disk.img --rng \
+         --cmdline 'pv.tests=pci'\n\
+         echo \"PV rc=$?\"\n",
+        pv = pocketvisor_aarch64().display(),
+        probe = probe.display(),
+    );
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    assert!(out.contains("PV rc=0"), "{out}\n{}", run.describe());
+    let pci: Vec<&str> = out
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("PROBE pci "))
+        .collect();
+    e2e::host::loud(&format!("{name}: {}", pci.join(" | ")));
+    for id in ["vendor=1af4 device=1042", "vendor=1af4 device=1044"] {
+        assert!(pci.iter().any(|l| l.contains(id)), "no {id}:\n{out}");
+    }
+    let bars = pci.iter().filter(|l| l.contains(" bar")).count();
+    assert!(bars >= 2, "fewer than 2 assigned BARs:\n{out}");
+    assert!(
+        pci.iter().all(|l| !l.contains("in-ranges=no")),
+        "a BAR outside the ranges:\n{out}"
+    );
+    let listed = pci.iter().filter(|l| l.contains(" vendor=")).count();
+    assert!(
+        pci.contains(&format!("PROBE pci ok count={listed}").as_str()),
+        "{out}"
+    );
+    assert!(out.contains("PROBE done ok"), "{out}");
+}

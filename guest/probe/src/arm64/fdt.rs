@@ -76,6 +76,40 @@ impl Fdt {
         })
     }
 
+    /// The PCI host bridge (`/pcie@...`, `pci-host-ecam-generic`): its ECAM window (`reg`,
+    /// two cells each) and up to four memory windows from `ranges` (7-cell entries: PCI
+    /// space and address, CPU address, size).
+    pub fn pci_host(&self) -> Option<PciHost> {
+        let mut host = PciHost {
+            ecam: (0, 0),
+            windows: [(0, 0); 4],
+            nwindows: 0,
+        };
+        let mut seen_reg = false;
+        self.walk(|path, prop, value| {
+            if path.len() != 2 || !path[1].starts_with(b"pcie@") {
+                return;
+            }
+            if prop == b"reg" {
+                if let (Some(base), Some(size)) = (be64(value, 0), be64(value, 8)) {
+                    host.ecam = (base, size);
+                    seen_reg = true;
+                }
+            } else if prop == b"ranges" {
+                for entry in value.chunks_exact(28) {
+                    let (Some(cpu), Some(size)) = (be64(entry, 12), be64(entry, 20)) else {
+                        continue;
+                    };
+                    if let Some(slot) = host.windows.get_mut(host.nwindows) {
+                        *slot = (cpu, size);
+                        host.nwindows += 1;
+                    }
+                }
+            }
+        })?;
+        seen_reg.then_some(host)
+    }
+
     /// Calls `f(path, property name, value)` for every property; `path` holds the node
     /// names from the root (whose name is empty). `None` if the tree is malformed.
     fn walk(
@@ -113,6 +147,35 @@ impl Fdt {
             }
         }
     }
+}
+
+/// The PCI host bridge as the device tree describes it.
+#[derive(Clone, Copy, Debug)]
+pub struct PciHost {
+    /// ECAM base and size.
+    pub ecam: (u64, u64),
+    /// Memory windows for BARs (CPU address, size); the first `nwindows` are valid.
+    pub windows: [(u64, u64); 4],
+    /// How many windows `ranges` gave.
+    pub nwindows: usize,
+}
+
+impl PciHost {
+    /// Whether `[addr, addr + len)` lies inside one of the memory windows.
+    pub fn in_windows(&self, addr: u64, len: u64) -> bool {
+        self.windows[..self.nwindows].iter().any(|&(base, size)| {
+            addr >= base
+                && addr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= base.saturating_add(size))
+        })
+    }
+}
+
+fn be64(bytes: &[u8], at: usize) -> Option<u64> {
+    let hi = be32(bytes, at)?;
+    let lo = be32(bytes, at.checked_add(4)?)?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
 }
 
 fn be32(bytes: &[u8], at: usize) -> Option<u32> {

@@ -10,6 +10,7 @@
 mod fdt;
 mod gic;
 mod irq;
+mod pci;
 mod smp;
 mod uart;
 
@@ -68,6 +69,19 @@ extern "C" fn rust_start(fdt_addr: u64) -> ! {
             let tests = arg(cmdline, "pv.tests");
             let enabled = |name: &str| tests.is_none_or(|l| l.split(',').any(|t| t == name));
             let mut failures = 0u32;
+            if enabled("pci") {
+                match tree.as_ref().and_then(|t| t.pci_host()) {
+                    Some(host) => {
+                        if !pci::selftest(&host) {
+                            failures += 1;
+                        }
+                    }
+                    None => {
+                        uart::line(format_args!("pci fail no-host-bridge"));
+                        failures += 1;
+                    }
+                }
+            }
             if enabled("gic") && !gic_test() {
                 failures += 1;
             }
