@@ -13,6 +13,7 @@ mod irq;
 mod pci;
 mod smp;
 mod uart;
+mod virtio_rng;
 
 /// PSCI 0.2 `SYSTEM_OFF` (SMC32 function id), called with `hvc #0` as the device tree says.
 const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
@@ -80,6 +81,18 @@ extern "C" fn rust_start(fdt_addr: u64) -> ! {
                         uart::line(format_args!("pci fail no-host-bridge"));
                         failures += 1;
                     }
+                }
+            }
+            if enabled("rng") {
+                let passed = match tree.as_ref().and_then(|t| t.pci_host()) {
+                    Some(host) => virtio_rng::selftest(&host),
+                    None => {
+                        uart::line(format_args!("rng fail no-host-bridge"));
+                        false
+                    }
+                };
+                if !passed {
+                    failures += 1;
                 }
             }
             if enabled("gic") && !gic_test() {

@@ -27,6 +27,43 @@ impl Function {
         unsafe { core::ptr::read_volatile(addr as *const u32) }
     }
 
+    /// Reads the config byte at `off`.
+    pub fn read8(&self, off: u16) -> u8 {
+        (self.read32(off) >> ((off & 3) * 8)).to_le_bytes()[0]
+    }
+
+    /// Enables memory decoding and bus mastering (the status half is written as zeros, which
+    /// leaves its write-one-to-clear bits alone).
+    pub fn enable(&self) {
+        let cmd = self.read32(4) & 0xffff;
+        let addr = self.base + 4;
+        #[allow(clippy::cast_possible_truncation)]
+        let addr = addr as usize;
+        // SAFETY: as in `read32`.
+        unsafe { core::ptr::write_volatile(addr as *mut u32, cmd | 0x6) }
+    }
+
+    /// Capabilities: (id, offset) pairs, at most 48 (a looping list cannot hang the probe).
+    pub fn caps(&self) -> impl Iterator<Item = (u8, u16)> + '_ {
+        let has = self.read32(4) & (1 << 20) != 0;
+        let mut ptr = if has {
+            u16::from(self.read8(0x34) & 0xfc)
+        } else {
+            0
+        };
+        let mut budget = 48;
+        core::iter::from_fn(move || {
+            if ptr < 0x40 || budget == 0 {
+                return None;
+            }
+            budget -= 1;
+            let here = ptr;
+            let id = self.read8(here);
+            ptr = u16::from(self.read8(here + 1) & 0xfc);
+            Some((id, here))
+        })
+    }
+
     /// The memory address BAR `n` holds (64-bit BARs joined); `None` for an I/O BAR, an
     /// unassigned one, or the upper half of a 64-bit BAR.
     pub fn bar(&self, n: u16) -> Option<(u64, bool)> {
