@@ -794,7 +794,12 @@ fn the_arm64_probe_reads_virtio_rng_over_pci() {
         return;
     };
     let out = &run.output;
-    assert_eq!(out.matches("PV rc=0").count(), 2, "{out}\n{}", run.describe());
+    assert_eq!(
+        out.matches("PV rc=0").count(),
+        2,
+        "{out}\n{}",
+        run.describe()
+    );
     let bytes: Vec<&str> = out
         .lines()
         .filter_map(|l| l.trim().strip_prefix("PROBE rng ok bytes="))
