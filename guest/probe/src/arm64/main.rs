@@ -13,7 +13,7 @@ mod irq;
 mod pci;
 mod smp;
 mod uart;
-mod virtio_rng;
+mod virtio;
 
 /// PSCI 0.2 `SYSTEM_OFF` (SMC32 function id), called with `hvc #0` as the device tree says.
 const PSCI_SYSTEM_OFF: u64 = 0x8400_0008;
@@ -83,9 +83,22 @@ extern "C" fn rust_start(fdt_addr: u64) -> ! {
                     }
                 }
             }
+            if enabled("blk") {
+                let write = arg(cmdline, "pv.blk.write").and_then(|v| v.parse().ok());
+                let passed = match tree.as_ref().and_then(|t| t.pci_host()) {
+                    Some(host) => virtio::blk_selftest(&host, write),
+                    None => {
+                        uart::line(format_args!("blk fail no-host-bridge"));
+                        false
+                    }
+                };
+                if !passed {
+                    failures += 1;
+                }
+            }
             if enabled("rng") {
                 let passed = match tree.as_ref().and_then(|t| t.pci_host()) {
-                    Some(host) => virtio_rng::selftest(&host),
+                    Some(host) => virtio::selftest(&host),
                     None => {
                         uart::line(format_args!("rng fail no-host-bridge"));
                         false
