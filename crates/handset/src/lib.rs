@@ -83,6 +83,7 @@ pub mod leftovers;
 pub mod moved;
 pub mod net_drops;
 pub mod org_policy;
+pub mod passcode;
 pub mod phone;
 pub mod policy_travel;
 pub mod secret_file;
