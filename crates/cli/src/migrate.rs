@@ -17,7 +17,9 @@ use crate::api;
 The VM must have been started with --api-socket. It keeps running while its memory is copied
 and stands still only for the last copy (the downtime budget). The command returns once the
 destination confirms the guest runs there; the source VMM then ends with status 0. If anything
-fails before that, the guest runs on at the source and the command fails (status 1).
+fails before that, the guest runs on at the source and the command fails (status 1). Disks go
+with the guest: each is sent whole, then the chunks the guest wrote meanwhile, and replaces the
+destination's disk (which must exist, the same size) only at the commit.
 
 The connection is TLS 1.3 with both hosts' certificates: --tls-cert/--tls-key are this host's,
 and the destination's certificate must chain to --tls-ca and name the host of --to. --plain
@@ -88,8 +90,10 @@ impl TlsArgs {
 Listens on --listen for one source (`pocketvisor migrate`), checks everything it sends as a
 restore does, and runs the guest once the source has committed. Over TLS 1.3 (--tls-*) the
 source must show a certificate that chains to --tls-ca; --plain goes without TLS. The configuration comes from
-the source; host-side paths can be changed with the flags below. If the migration fails,
-nothing runs here and the command fails (status 1). Otherwise the exit status is the
+the source; host-side paths can be changed with the flags below. The source's disks are
+copied into temporary files beside the destination's disk paths (which must exist, each the
+size of the source's) and renamed over them only once the source has committed. If the
+migration fails, nothing runs here, no disk changes and the command fails (status 1). Otherwise the exit status is the
 guest's, as for `run`.")]
 pub struct ReceiveArgs {
     /// Where to wait for the source, HOST:PORT (port 0: any free port; the address is printed).
@@ -101,7 +105,8 @@ pub struct ReceiveArgs {
     /// Where the serial console goes: stdout, file:PATH or none [default: as at the source].
     #[arg(long, value_name = "WHERE", value_parser = crate::run::parse_serial)]
     serial: Option<SerialConfig>,
-    /// Disk image paths replacing the source's, in order. Repeatable.
+    /// Disk image paths replacing the source's, in order. Repeatable. Each must exist with the
+    /// source disk's size; the source's disk replaces it (renamed into place at the commit).
     #[arg(long, value_name = "PATH")]
     disk: Vec<PathBuf>,
     /// TAP names replacing the source's, in order. Repeatable.

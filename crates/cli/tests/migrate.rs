@@ -156,7 +156,15 @@ fn pair(
     src_env: &[(&str, &str)],
     dst_env: &[(&str, &str)],
 ) -> Option<Pair> {
-    pair_as(name, dst_key, "dst", src_env, dst_env)
+    pair_as(name, dst_key, "dst", src_env, dst_env, false)
+}
+
+/// Bytes of the disks of [`pair_with_disks`].
+const DISK_BYTES: usize = 4 << 20;
+
+/// [`pair`] with a disk at each side: `src.img` (data, then zeros) and `dst.img` (0xee).
+fn pair_with_disks(name: &str, src_env: &[(&str, &str)], dst_env: &[(&str, &str)]) -> Option<Pair> {
+    pair_as(name, 7, "dst", src_env, dst_env, true)
 }
 
 /// [`pair`] with the destination showing the certificate `dst_cert`.
@@ -166,30 +174,40 @@ fn pair_as(
     dst_cert: &str,
     src_env: &[(&str, &str)],
     dst_env: &[(&str, &str)],
+    disks: bool,
 ) -> Option<Pair> {
     let probe = common::probe(true)?;
     let dir = Scratch::new(SCRATCH, name);
+    let (mut src_disk, mut dst_disk) = (Vec::new(), Vec::new());
+    if disks {
+        let mut image: Vec<u8> = (0..DISK_BYTES / 2)
+            .map(|i| u8::try_from(i % 251).unwrap())
+            .collect();
+        image.resize(DISK_BYTES, 0);
+        std::fs::write(dir.path("src.img"), image).unwrap();
+        std::fs::write(dir.path("dst.img"), vec![0xeeu8; DISK_BYTES]).unwrap();
+        src_disk = strings(&["--disk", dir.path("src.img").to_str().unwrap()]);
+        dst_disk = strings(&["--disk", dir.path("dst.img").to_str().unwrap()]);
+    }
     certificates(&dir.0);
     let key = write_key(&dir.path("dst.mkey"), dst_key);
     let serial = format!("file:{}", dir.path("src.serial").display());
-    let source = spawn_env(
-        &strings(&[
-            "run",
-            "--kernel",
-            probe.to_str().unwrap(),
-            "--cmdline",
-            "pv.mode=counter pv.counter.ms=20",
-            "--memory",
-            "64M",
-            "--rng",
-            "--serial",
-            &serial,
-            "--api-socket",
-            dir.path("src.sock").to_str().unwrap(),
-        ]),
-        &dir.path("src.stderr"),
-        src_env,
-    );
+    let mut src_args = strings(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.mode=counter pv.counter.ms=20",
+        "--memory",
+        "64M",
+        "--rng",
+        "--serial",
+        &serial,
+        "--api-socket",
+        dir.path("src.sock").to_str().unwrap(),
+    ]);
+    src_args.extend(src_disk);
+    let source = spawn_env(&src_args, &dir.path("src.stderr"), src_env);
     let dst_serial = format!("file:{}", dir.path("dst.serial").display());
     let mut dest_args = strings(&[
         "receive",
@@ -201,6 +219,7 @@ fn pair_as(
         &dst_serial,
     ]);
     dest_args.extend(tls_args(&dir.0, dst_cert));
+    dest_args.extend(dst_disk);
     let dest = spawn_env(&dest_args, &dir.path("dst.stderr"), dst_env);
     let stderr = dir.path("dst.stderr");
     // The line may be written in pieces (eprintln! writes each part of
@@ -320,7 +339,7 @@ fn a_source_with_a_certificate_from_another_authority_is_refused() {
 
 #[test]
 fn a_destination_with_a_certificate_from_another_authority_is_refused() {
-    let Some(mut p) = pair_as("stranger-dst", 7, "stranger-dst", &[], &[]) else {
+    let Some(mut p) = pair_as("stranger-dst", 7, "stranger-dst", &[], &[], false) else {
         return;
     };
     let key = write_key(&p.path("src.mkey"), 7);
@@ -443,4 +462,68 @@ fn destination_killed_after_the_commit_leaves_the_guest_paused_at_the_source() {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));
     assert!(keeps_counting(&p.src_log()), "unpause did not run it again");
+}
+
+/// The file names in `dir` that are not the ones a pair starts with.
+fn temporary_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("migrating"))
+        .collect()
+}
+
+#[test]
+fn a_disk_goes_with_the_guest_and_replaces_the_destinations() {
+    let Some(p) = pair_with_disks("disk-ok", &[], &[]) else {
+        return;
+    };
+    let key = write_key(&p.path("src.mkey"), 7);
+    let out = p.migrate(&key);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("disk_chunks="), "{}", text(&out));
+    assert!(keeps_counting(&p.dst_log()));
+    assert!(
+        std::fs::read(p.path("dst.img")).unwrap() == std::fs::read(p.path("src.img")).unwrap(),
+        "the destination disk is not the source's"
+    );
+    assert_eq!(temporary_files(&p.dir.0), Vec::<String>::new());
+}
+
+#[test]
+fn destination_killed_mid_disk_changes_no_disk_and_the_guest_runs_on_at_the_source() {
+    let env = [(KILL_AT, "receive-disk")];
+    let Some(mut p) = pair_with_disks("dst-receive-disk", &[], &env) else {
+        return;
+    };
+    let key = write_key(&p.path("src.mkey"), 7);
+    let src_before = std::fs::read(p.path("src.img")).unwrap();
+    let out = p.migrate(&key);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("the guest runs on here"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        wait_exit(&mut p.dest, WAIT),
+        None,
+        "not killed at receive-disk"
+    );
+    assert!(keeps_counting(&p.src_log()), "the source stopped counting");
+    assert!(
+        std::fs::read(p.path("dst.img")).unwrap() == vec![0xeeu8; DISK_BYTES],
+        "the destination disk changed"
+    );
+    assert!(
+        std::fs::read(p.path("src.img")).unwrap() == src_before,
+        "the source disk changed"
+    );
+    // SIGKILL leaves the temporary file (the next migration to that disk removes it).
+    assert_eq!(
+        temporary_files(&p.dir.0).len(),
+        1,
+        "{:?}",
+        temporary_files(&p.dir.0)
+    );
 }

@@ -300,6 +300,16 @@ impl DeviceManager {
         })
     }
 
+    /// The written-chunk bitmap of each disk, in configuration order.
+    pub fn disk_dirty_chunks(&self) -> Vec<Arc<devices::virtio::block::DirtyChunks>> {
+        (0..)
+            .map_while(|i| {
+                self.typed_handle::<devices::virtio::block::DiskHandle>(&format!("disk{i}"))
+            })
+            .map(|h| h.0)
+            .collect()
+    }
+
     /// Device `id`'s control handle as its own type.
     fn typed_handle<T: Clone + 'static>(&self, id: &str) -> Option<T> {
         let d = self.devices.iter().find(|d| d.id == id)?;

@@ -1,6 +1,7 @@
 //! Live migration between two VMs over TCP (the probe in counter mode): the counter goes on
 //! at the destination; a damaged, dropped or replayed message, or another key, is refused and
-//! the guest runs on at the source.
+//! the guest runs on at the source. A guest writing its disk all the while takes the disk
+//! along: the destination's is the source's at the switch, and later writes land there.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
 
 use vmm::migration::wire::{HEADER_LEN, HELLO_LEN, MAC_LEN};
-use vmm::{Request, RestoreOverrides, RunOutcome, SerialConfig, Vm, VmConfig};
+use vmm::{DiskConfig, Request, RestoreOverrides, RunOutcome, SerialConfig, Vm, VmConfig};
 
 use common::{probe, wait_for, Running, Scratch};
 
@@ -152,6 +153,7 @@ const SETUP: u8 = 1;
 const PAGES: u8 = 2;
 const STATE: u8 = 3;
 const COMMIT: u8 = 5;
+const DISK: u8 = 10;
 
 #[test]
 fn the_counter_goes_on_at_the_destination() {
@@ -361,4 +363,200 @@ fn a_guest_dirtying_faster_than_a_slow_link_is_refused_and_runs_on() {
     wait_for(&log_a, &format!("PROBE mem pass n={} ok", n + 2));
     last_good_pass(&log_a);
     assert_eq!(a.stop().unwrap(), RunOutcome::Stopped);
+}
+
+/// Bytes of the disks of the disk tests: 4096 slots of 4 KiB for `pv.mode=blk-counter`.
+const DISK_BYTES: usize = 16 << 20;
+
+/// What the probe's `blk-counter` writes for counter `n` (guest/probe `blk::pattern`).
+fn blk_pattern(n: u64) -> Vec<u8> {
+    let tag = format!("pocketvisor-probe-blk:{n}\n");
+    tag.bytes().cycle().take(4096).collect()
+}
+
+/// The last `PROBE blk-counter <n>` in the file at `log`.
+fn last_blk_counter(log: &Path) -> u64 {
+    let serial = std::fs::read_to_string(log).unwrap();
+    assert!(
+        !serial.contains("blk-counter fail"),
+        "the probe failed:\n{serial}"
+    );
+    serial
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE blk-counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no blk-counter line in\n{serial}"))
+}
+
+/// A probe VM writing its disk at `disk` every 20 ms; the disk starts with 4 MiB of data
+/// and zeros after.
+fn disk_vm(probe: &Path, log: &Path, disk: &Path) -> Running {
+    let mut image: Vec<u8> = (0..DISK_BYTES / 4)
+        .map(|i| {
+            u32::try_from(i)
+                .unwrap()
+                .wrapping_mul(2_654_435_761)
+                .to_le_bytes()[3]
+        })
+        .collect();
+    image.resize(DISK_BYTES, 0);
+    std::fs::write(disk, image).unwrap();
+    let mut cfg = VmConfig::new(probe.to_path_buf());
+    cfg.cmdline = "pv.mode=blk-counter pv.counter.ms=20".into();
+    cfg.memory_mib = 64;
+    cfg.serial = SerialConfig::File(log.to_path_buf());
+    cfg.disks.push(DiskConfig {
+        path: disk.to_path_buf(),
+        read_only: false,
+        encrypted: false,
+        key: None,
+    });
+    let vm = Running::start(Vm::new(&cfg).unwrap());
+    wait_for(log, "PROBE blk-counter 3\n");
+    vm
+}
+
+/// A destination whose disk is `disk` (which must exist, the source's size).
+fn disk_destination(
+    key: PathBuf,
+    log: PathBuf,
+    disk: PathBuf,
+) -> (String, JoinHandle<Result<Vm, vmm::Error>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let t = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let key = vmm::migration::wire::read_key(&key).unwrap();
+        let overrides = RestoreOverrides {
+            serial: Some(SerialConfig::File(log)),
+            disks: vec![disk],
+            ..Default::default()
+        };
+        vmm::migration::receive(conn, &key, None, &overrides)
+    });
+    (addr, t)
+}
+
+/// The file names in `dir`, sorted.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+#[test]
+fn a_disk_the_guest_writes_arrives_as_it_was_at_the_switch_and_later_writes_land_there() {
+    let Some(probe) = probe("a_disk_the_guest_writes_arrives") else {
+        return;
+    };
+    let s = Scratch::new("migrate-disk");
+    let (log_a, log_b) = (s.path("a.log"), s.path("b.log"));
+    let (disk_a, disk_b) = (s.path("a.img"), s.path("b.img"));
+    let key = write_key(&s.path("key"), 0x4d);
+    let a = disk_vm(&probe, &log_a, &disk_a);
+    std::fs::write(&disk_b, vec![0xeeu8; DISK_BYTES]).unwrap();
+    let (to, dest) = disk_destination(key.clone(), log_b.clone(), disk_b.clone());
+
+    let answer = migrate(&a, &to, &key, 30).expect("the migration failed");
+    eprintln!("disk migration: {answer}");
+    let b = Running::start(dest.join().unwrap().expect("the destination refused"));
+    assert_eq!(a.join().unwrap(), RunOutcome::Migrated);
+    let chunks: u64 = answer
+        .split(' ')
+        .find_map(|f| f.strip_prefix("disk_chunks="))
+        .expect("no disk_chunks")
+        .parse()
+        .unwrap();
+    // 4 MiB of data and at least the guest's first slots: 64 KiB chunks.
+    assert!(chunks > 64, "{answer}");
+    let stopped_at = last_blk_counter(&log_a);
+    let at_switch = std::fs::read(&disk_a).unwrap();
+    let text = wait_for(&log_b, &format!("PROBE blk-counter {}\n", stopped_at + 5));
+    assert!(
+        !text.contains("PROBE ready"),
+        "the guest booted again:\n{text}"
+    );
+    assert_eq!(b.stop().unwrap(), RunOutcome::Stopped);
+    let last_b = last_blk_counter(&log_b);
+
+    // The destination's disk is the source's at the switch with the writes made after it.
+    let got = std::fs::read(&disk_b).unwrap();
+    let mut expect = at_switch.clone();
+    let slot = |n: u64| (usize::try_from(n).unwrap() % (DISK_BYTES / 4096)) * 4096;
+    for n in stopped_at + 1..=last_b {
+        expect[slot(n)..slot(n) + 4096].copy_from_slice(&blk_pattern(n));
+    }
+    // A write that completed just before the stop, not yet printed.
+    let next = slot(last_b + 1);
+    if got[next..next + 4096] == blk_pattern(last_b + 1)[..] {
+        expect[next..next + 4096].copy_from_slice(&blk_pattern(last_b + 1));
+    }
+    if got != expect {
+        let first = got.iter().zip(&expect).position(|(x, y)| x != y).unwrap();
+        panic!(
+            "the destination disk differs from the source's at the switch plus later writes, \
+             first at byte {first:#x} (source stopped at {stopped_at}, destination at {last_b})"
+        );
+    }
+    assert_eq!(sha256_hex(&got), sha256_hex(&expect));
+    // The source's last writes are in it too: the slot of the last counter it printed.
+    assert_eq!(
+        got[slot(stopped_at)..slot(stopped_at) + 4096],
+        blk_pattern(stopped_at)[..]
+    );
+    assert!(!names_in(disk_b.parent().unwrap())
+        .iter()
+        .any(|n| n.contains("migrating")));
+}
+
+#[test]
+fn a_damaged_disk_frame_is_refused_and_nothing_changes_at_the_destination() {
+    let Some(probe) = probe("a_damaged_disk_frame_is_refused") else {
+        return;
+    };
+    let s = Scratch::new("migrate-disk-bad");
+    let (log_a, disk_a, disk_b) = (s.path("a.log"), s.path("a.img"), s.path("b.img"));
+    let key = write_key(&s.path("key"), 0x4e);
+    let a = disk_vm(&probe, &log_a, &disk_a);
+    let before_b = vec![0xeeu8; DISK_BYTES];
+    std::fs::write(&disk_b, &before_b).unwrap();
+    let (to, dest) = disk_destination(key.clone(), s.path("never.log"), disk_b.clone());
+    let (via, proxy) = proxy(to, Fault::Flip(DISK));
+    let e = migrate(&a, &via, &key, 30).expect_err("a damaged disk frame went through");
+    eprintln!("flipped disk frame: {e}");
+    assert!(
+        e.contains("authentication") && e.contains("runs on here"),
+        "{e}"
+    );
+    assert!(dest.join().unwrap().is_err());
+    proxy.join().unwrap();
+    // The guest writes on at the source, into its own disk.
+    let n = last_blk_counter(&log_a);
+    wait_for(&log_a, &format!("PROBE blk-counter {}\n", n + 3));
+    assert_eq!(a.stop().unwrap(), RunOutcome::Stopped);
+    let last = last_blk_counter(&log_a);
+    let got_a = std::fs::read(&disk_a).unwrap();
+    let slot = (usize::try_from(last).unwrap() % (DISK_BYTES / 4096)) * 4096;
+    assert_eq!(got_a[slot..slot + 4096], blk_pattern(last)[..]);
+    // Nothing changed at the destination: its disk, and no temporary file left.
+    assert!(
+        std::fs::read(&disk_b).unwrap() == before_b,
+        "the destination disk changed"
+    );
+    assert!(
+        !names_in(disk_b.parent().unwrap())
+            .iter()
+            .any(|n| n.contains("migrating")),
+        "a temporary disk file was left: {:?}",
+        names_in(disk_b.parent().unwrap())
+    );
 }

@@ -74,6 +74,7 @@ extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
     }
     match mode {
         "counter" => counter(boot.arg_u64("pv.counter.ms", 100)),
+        "blk-counter" => virtio::blk::counter(boot.arg_u64("pv.counter.ms", 100)),
         "agent" => agent::run(),
         "echo" => echo::run(),
         "hostile" => hostile::run(),

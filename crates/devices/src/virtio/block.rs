@@ -15,6 +15,7 @@ use std::sync::Arc;
 use vmm_sys_util::epoll::Epoll;
 
 use super::chain::Chain;
+use super::control::{parse_request, ControlError, DeviceControl};
 use super::worker::{DeviceWorker, Popped, VirtQueue, COMMON_FEATURES};
 use super::{
     device_type, ActivateError, Activation, DeviceCounters, Interrupt, VirtioBase, VirtioDevice,
@@ -215,8 +216,39 @@ impl VirtioDevice for Block {
         crate::pci::read_slice(&self.config(), offset, data);
     }
 
+    fn control(&self) -> Option<Arc<dyn DeviceControl>> {
+        Some(Arc::new(DiskHandle(self.dirty.clone())))
+    }
+
     fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
         Ok(Box::new(self.new_worker(act)?))
+    }
+}
+
+/// The host's handle on a block device: the chunks the guest wrote (for live migration).
+/// Control request `{"op":"dirty_chunks"}` answers `{"chunks":N,"chunk_size":B}`, the
+/// number marked now, without clearing them.
+#[derive(Clone)]
+pub struct DiskHandle(pub Arc<DirtyChunks>);
+
+#[derive(serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum DiskRequest {
+    DirtyChunks,
+}
+
+impl DeviceControl for DiskHandle {
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn control(&self, request: &serde_json::Value) -> Result<serde_json::Value, ControlError> {
+        match parse_request::<DiskRequest>(request)? {
+            DiskRequest::DirtyChunks => Ok(serde_json::json!({
+                "chunks": self.0.count(),
+                "chunk_size": dirty::CHUNK_SIZE,
+            })),
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! Named kill points for the migration crash tests (the same convention as the handset's:
 //! `POCKETVISOR_KILL_AT` names one or more points, comma separated).
 //!
-//! Source: `migrate-round` (after the first round), `migrate-stop-copy` (paused, last pages
-//! sent, state not yet), `migrate-committed` (after `Commit`). Destination: `receive-round`
-//! (after acknowledging a round), `receive-state` (the state arrived, nothing built yet),
+//! Source: `migrate-disk` (the disks sent whole, no page yet), `migrate-round` (after the
+//! first round), `migrate-stop-copy` (paused, last pages
+//! sent, state not yet), `migrate-committed` (after `Commit`). Destination: `receive-disk`
+//! (after writing the first `Disk` frame into the temporary file), `receive-round` (after
+//! acknowledging a round), `receive-state` (the state arrived, nothing built yet),
 //! `receive-committed` (after the source's `Commit`, before answering `Running`). When the
 //! variable names the point the process sends itself SIGKILL there, as `kill -9` would.
 //! Unset (always, outside the tests), a point costs one environment lookup.

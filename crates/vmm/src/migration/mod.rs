@@ -30,6 +30,7 @@
 pub mod tls;
 pub mod wire;
 
+mod disk;
 mod fault;
 
 use std::io::{Read, Write};
@@ -49,6 +50,7 @@ use crate::snapshot::RestoreOverrides;
 use crate::vcpu::VcpuThread;
 use crate::vm::Vm;
 use crate::Error;
+use disk::{apply_disk, DiskBatch, DiskIn, DiskOut};
 use tls::Transport;
 pub use vmm_api::MigrationTls;
 use wire::{Channel, Kind, Role, WireError, KEY_LEN};
@@ -94,6 +96,8 @@ pub struct MigrationStats {
     pub total: Duration,
     /// The highest vCPU throttle used, in percent of the time.
     pub throttle_percent: u32,
+    /// Disk chunks sent, all rounds and the stop-and-copy.
+    pub disk_chunks: u64,
 }
 
 impl std::fmt::Display for MigrationStats {
@@ -101,14 +105,15 @@ impl std::fmt::Display for MigrationStats {
         write!(
             f,
             "migrated rounds={} bytes={} pages={} final_pages={} downtime_us={} total_ms={} \
-             throttle_percent={}",
+             throttle_percent={} disk_chunks={}",
             self.rounds,
             self.bytes,
             self.pages,
             self.final_pages,
             self.downtime.as_micros(),
             self.total.as_millis(),
-            self.throttle_percent
+            self.throttle_percent,
+            self.disk_chunks
         )
     }
 }
@@ -118,6 +123,8 @@ impl std::fmt::Display for MigrationStats {
 struct Setup {
     config: VmConfig,
     regions: Vec<MemRegion>,
+    /// The size in bytes of each disk of `config`, in order.
+    disk_sizes: Vec<u64>,
 }
 
 fn refused(why: impl std::fmt::Display) -> Error {
@@ -321,9 +328,21 @@ impl Vm {
         t0: Instant,
     ) -> Result<MigrationStats, Failure> {
         let regions = layout_of(&self.mem);
+        let dirty_chunks = self.devices.disk_dirty_chunks();
+        if dirty_chunks.len() != self.cfg.disks.len() {
+            return Err(refused("the VM's disks are not the ones it was configured with").into());
+        }
+        let disks = self
+            .cfg
+            .disks
+            .iter()
+            .zip(dirty_chunks)
+            .map(|(d, dirty)| DiskOut::open(&d.path, dirty))
+            .collect::<Result<Vec<_>, _>>()?;
         let setup = Setup {
             config: self.cfg.clone(),
             regions,
+            disk_sizes: disks.iter().map(DiskOut::size).collect(),
         };
         let setup = serde_json::to_vec(&setup).map_err(refused)?;
         ch.send(Kind::Setup, &setup)?;
@@ -332,6 +351,9 @@ impl Vm {
         self.dirty.start()?;
         let round_start = Instant::now();
         let sent_before = ch.bytes_sent;
+        let mut disk_batch = DiskBatch::new();
+        disk_batch.send_all(ch, &disks)?;
+        fault::kill_point("migrate-disk");
         let mut batch = Batch::new();
         nonzero_runs(&self.mem, None, |r, offset, bytes| {
             batch.push(ch, r.guest_addr + offset, bytes)
@@ -349,8 +371,9 @@ impl Vm {
         // The pages dirtied since they were last sent, once small enough to go in the pause.
         let pending = loop {
             let dirty = self.dirty.dirty_pages()?;
-            let dirty_bytes: u64 =
-                dirty.iter().map(DirtyRegion::count).sum::<u64>() * DIRTY_PAGE_SIZE;
+            let dirty_bytes: u64 = dirty.iter().map(DirtyRegion::count).sum::<u64>()
+                * DIRTY_PAGE_SIZE
+                + DiskBatch::pending(&disks);
             let needs = Duration::from_secs_f64(dirty_bytes as f64 / rate);
             if needs <= opts.downtime {
                 break dirty;
@@ -380,6 +403,7 @@ impl Vm {
             let sent_before = ch.bytes_sent;
             let mut frame_start = Instant::now();
             let mut parked = Duration::ZERO;
+            disk_batch.send_dirty(ch, &disks)?;
             pages += send_dirty(ch, &self.mem, &dirty, || {
                 if throttle > 0 {
                     let park = frame_start.elapsed() * throttle / (100 - throttle);
@@ -404,6 +428,8 @@ impl Vm {
         self.pause(threads)
             .map_err(|e| refused(format!("cannot pause the VM: {e}")))?;
         let last = merge(pending, self.dirty.dirty_pages()?);
+        // Paused devices: no write is in flight, every one is marked.
+        disk_batch.send_dirty(ch, &disks)?;
         let final_pages = send_dirty(ch, &self.mem, &last, || {})?;
         fault::kill_point("migrate-stop-copy");
         let (state, _) = self.state_sections(threads)?;
@@ -425,6 +451,7 @@ impl Vm {
             downtime: paused_at.elapsed(),
             total: t0.elapsed(),
             throttle_percent: max_throttle,
+            disk_chunks: disk_batch.chunks,
         })
     }
 }
@@ -525,11 +552,32 @@ fn receive_on(ch: &mut Channel<Transport>, overrides: &RestoreOverrides) -> Resu
     check_layout(&setup.regions, &setup.config)?;
     let ranges = arch::layout::ram_regions(setup.config.memory_mib << 20);
     let mem = GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    if setup.disk_sizes.len() != setup.config.disks.len() {
+        return Err(refused(format!(
+            "{} disk sizes announced for {} disks",
+            setup.disk_sizes.len(),
+            setup.config.disks.len()
+        )));
+    }
+    // Each disk's path here (given, or the one the configuration names), and a temporary
+    // file beside it that receives the source's disk; dropped (removed) on any failure.
+    let mut disks = setup
+        .config
+        .disks
+        .iter()
+        .zip(&setup.disk_sizes)
+        .enumerate()
+        .map(|(i, (d, &size))| DiskIn::create(overrides.disks.get(i).unwrap_or(&d.path), size))
+        .collect::<Result<Vec<_>, _>>()?;
     let state = loop {
         let f = ch.recv()?;
         match f.kind {
             Kind::Pages => {
                 apply_pages(&mem, &setup.regions, &f.payload)?;
+            }
+            Kind::Disk => {
+                apply_disk(&disks, &f.payload)?;
+                fault::kill_point("receive-disk");
             }
             Kind::RoundEnd => {
                 ch.send(Kind::RoundAck, &[])?;
@@ -546,11 +594,21 @@ fn receive_on(ch: &mut Channel<Transport>, overrides: &RestoreOverrides) -> Resu
         vm_memory::MmapRegion::bitmap(r).reset();
     }
     fault::kill_point("receive-state");
-    let vm = Vm::restore_migrated(&state, mem, &setup.regions, &setup.config, overrides)?;
+    for d in &disks {
+        d.sync()?;
+    }
+    // The VM opens the temporary files; the rename at the commit keeps the same inodes.
+    let mut at_temp = overrides.clone();
+    at_temp.disks = disks.iter().map(|d| d.temp_path().to_path_buf()).collect();
+    let mut vm = Vm::restore_migrated(&state, mem, &setup.regions, &setup.config, &at_temp)?;
     ch.send(Kind::Ready, &[])?;
     ch.flush()?;
     expect(ch, Kind::Commit)?;
     fault::kill_point("receive-committed");
+    for (d, cfg) in disks.iter_mut().zip(&mut vm.cfg.disks) {
+        d.commit()?;
+        cfg.path = d.path().to_path_buf();
+    }
     // The source is committed: the guest runs here even if this answer is lost.
     let _ = ch.send(Kind::Running, &[]).and_then(|()| ch.flush());
     Ok(vm)

@@ -19,8 +19,8 @@ use sha2::Sha256;
 
 /// The first four bytes of every hello and frame.
 pub const MAGIC: [u8; 4] = *b"PVMG";
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// The protocol version this build speaks (2: disks travel in `Disk` frames).
+pub const VERSION: u16 = 2;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 20;
 /// Bytes of a frame's MAC.
@@ -59,6 +59,9 @@ pub enum Kind {
     /// Destination to source: every page of the round has arrived (the source times the
     /// link by it).
     RoundAck = 9,
+    /// Source to destination: runs of disk data (`disk u32 | offset u64 | length u32 | bytes`,
+    /// repeated; see the `disk` module).
+    Disk = 10,
 }
 
 impl Kind {
@@ -73,6 +76,7 @@ impl Kind {
             7 => Kind::Abort,
             8 => Kind::RoundEnd,
             9 => Kind::RoundAck,
+            10 => Kind::Disk,
             _ => return None,
         })
     }

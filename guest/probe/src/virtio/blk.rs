@@ -293,3 +293,45 @@ fn run(blk: &mut Blk) -> Result<(), &'static str> {
     }
     Ok(())
 }
+
+/// `pv.mode=blk-counter`: every `ms` milliseconds writes 4 KiB of [`pattern`]`(n)` at sector
+/// `8 * n` (wrapping at the disk's end) and, once the device completed it, prints
+/// `PROBE blk-counter <n>`: a guest writing its disk all the time, for live migration.
+pub fn counter(ms: u64) -> ! {
+    let mut blk = match Blk::open(0) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            fail("blk-counter", format_args!("no-device"));
+            crate::power::fail_exit(1)
+        }
+        Err(e) => {
+            fail("blk-counter", format_args!("init {e}"));
+            crate::power::fail_exit(1)
+        }
+    };
+    let slots = blk.capacity / 8;
+    if slots == 0 || blk.ro {
+        fail(
+            "blk-counter",
+            format_args!("needs a writable disk of 4 KiB or more"),
+        );
+        crate::power::fail_exit(1)
+    }
+    let period = ms.max(1) * crate::time::tsc_khz();
+    let mut next = crate::port::rdtsc();
+    let data = blk.scratch + 512;
+    let mut n: u64 = 0;
+    loop {
+        pattern(n, mem::bytes(data, 4096));
+        match blk.request(T_OUT, (n % slots) * 8, Some((data, 4096))) {
+            Ok(S_OK) => probe!("blk-counter {n}"),
+            Ok(_) => fail("blk-counter", format_args!("write-status at {n}")),
+            Err(e) => fail("blk-counter", format_args!("{e} at {n}")),
+        }
+        n += 1;
+        next += period;
+        while crate::port::rdtsc() < next {
+            crate::interrupts::wait();
+        }
+    }
+}
