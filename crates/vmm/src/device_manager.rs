@@ -612,8 +612,16 @@ mod tests {
             e.to_string(),
             "this VM has no net0 device (it has: disk0, rng, balloon, serial)"
         );
+        // A disk takes requests (its dirty chunks) but not the balloon's.
         assert!(matches!(
             m.control("disk0", &set),
+            Err(DeviceRequestError::Control {
+                source: ControlError::BadRequest(_),
+                ..
+            })
+        ));
+        assert!(matches!(
+            m.control("rng", &set),
             Err(DeviceRequestError::Control {
                 source: ControlError::Unsupported,
                 ..
