@@ -10,6 +10,7 @@
 //! - [`nested`]: running commands in L1, a QEMU TCG machine with a hardware-style KVM.
 //! - [`l1_watch`]: L1's heartbeat, and the report a hung L1 leaves behind.
 //! - [`firmware`]: the firmware-booted Debian disk image and its check script.
+//! - [`rfb_client`]: a minimal RFB 3.8 client (Raw and ZRLE) for the screen tests.
 
 pub mod elf;
 pub mod firmware;
@@ -20,6 +21,7 @@ pub mod nested;
 pub mod paths;
 pub mod probe;
 pub mod qemu;
+pub mod rfb_client;
 pub mod vm;
 
 pub use host::{fnv1a64, require_kvm, skip, TempDir};

@@ -5,11 +5,11 @@
 //! and pointer reach the probe as `PROBE input` lines. Hostile clients (unknown message
 //! types, a 4 GiB cut text, one that never reads) end only their own sessions.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::time::Duration;
 
 use e2e::probe::ProbeLine;
+use e2e::rfb_client::RfbClient;
 use e2e::{fnv1a64, require_kvm, RunningVm, TempDir, VmCommand};
 
 /// A small display keeps the probe's full-frame hash cheap under kvm_pvm.
@@ -36,6 +36,13 @@ fn wait(vm: &mut RunningVm, what: &str, pred: impl FnMut(&str) -> bool) -> Strin
             vm.stderr_so_far()
         ),
     }
+}
+
+/// An RFB client of the probe's screen (ZRLE first when `zrle`), checking ServerInit's size.
+fn connect(port: u16, zrle: bool) -> RfbClient {
+    let client = RfbClient::connect_with(port, zrle);
+    assert_eq!((u32::from(client.width), u32::from(client.height)), (W, H));
+    client
 }
 
 /// Boots the probe's home screen with `--vnc 127.0.0.1:0`; returns the VM and the port.
@@ -149,7 +156,7 @@ fn vncsnapshot_captures_the_probes_home_screen() {
         );
     }
     // And the whole capture is close to the exact frame (a raw client's, checked below).
-    let mut client = RfbClient::connect(port);
+    let mut client = connect(port, false);
     let exact = client.full_frame();
     let mean = exact
         .iter()
@@ -173,7 +180,7 @@ fn vnc_clients_see_flushed_damage_and_drive_the_guest_and_hostile_ones_hurt_only
     }
     let dir = TempDir::new();
     let (mut vm, port) = boot_with_vnc(&dir, 1000);
-    let mut client = RfbClient::connect(port);
+    let mut client = connect(port, false);
     // The first full frame is, byte for byte, a frame the probe drew.
     let frame = client.full_frame();
     let mut hashes = reported_hashes(&mut vm);
@@ -202,7 +209,7 @@ fn vnc_clients_see_flushed_damage_and_drive_the_guest_and_hostile_ones_hurt_only
             m
         }),
     ] {
-        let mut bad = RfbClient::connect(port);
+        let mut bad = connect(port, false);
         bad.stream.write_all(&bytes).expect("send");
         assert!(
             bad.closed_by_server(),
@@ -211,7 +218,7 @@ fn vnc_clients_see_flushed_damage_and_drive_the_guest_and_hostile_ones_hurt_only
     }
     // One that asks for full frames (64 of 230 KB, more than the socket buffers hold) and
     // never reads them: its writer blocks, nobody else's does.
-    let mut stalled = RfbClient::connect(port);
+    let mut stalled = connect(port, false);
     for _ in 0..64 {
         stalled.request(false, 0, 0, small(W), small(H));
         std::thread::sleep(Duration::from_millis(20));
@@ -272,230 +279,6 @@ fn vnc_clients_see_flushed_damage_and_drive_the_guest_and_hostile_ones_hurt_only
     );
 }
 
-/// A minimal RFB 3.8 client on a raw socket: 32-bit little-endian BGRX pixels, Raw only.
-struct RfbClient {
-    stream: TcpStream,
-    width: u16,
-    height: u16,
-    /// The screen as RGB, updated by every Raw rectangle.
-    frame: Vec<u8>,
-    /// The ZRLE inflater (one zlib stream for the connection), when ZRLE was asked for.
-    zrle: Option<flate2::Decompress>,
-    /// Compressed bytes of the ZRLE rectangles read so far.
-    zrle_bytes: usize,
-}
-
-impl RfbClient {
-    fn connect(port: u16) -> RfbClient {
-        Self::connect_with(port, false)
-    }
-
-    /// Connects, asking for ZRLE first when `zrle`.
-    fn connect_with(port: u16, zrle: bool) -> RfbClient {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to VNC");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .expect("timeout");
-        let mut version = [0u8; 12];
-        stream.read_exact(&mut version).expect("server version");
-        assert_eq!(&version, b"RFB 003.008\n");
-        stream.write_all(b"RFB 003.008\n").expect("our version");
-        let mut types = [0u8; 2];
-        stream.read_exact(&mut types).expect("security types");
-        assert_eq!(types, [1, 1], "one type: None");
-        stream.write_all(&[1]).expect("choose None");
-        let mut result = [0u8; 4];
-        stream.read_exact(&mut result).expect("security result");
-        assert_eq!(result, [0; 4]);
-        stream.write_all(&[1]).expect("ClientInit (shared)");
-        let mut init = [0u8; 24];
-        stream.read_exact(&mut init).expect("ServerInit");
-        let width = u16::from_be_bytes([init[0], init[1]]);
-        let height = u16::from_be_bytes([init[2], init[3]]);
-        assert_eq!((u32::from(width), u32::from(height)), (W, H));
-        assert_eq!(init[4], 32, "32 bits per pixel");
-        let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
-        let mut name = vec![0u8; name_len as usize];
-        stream.read_exact(&mut name).expect("desktop name");
-        // SetEncodings: (ZRLE,) Raw, DesktopSize.
-        let mut encodings = if zrle {
-            vec![2, 0, 0, 3, 0, 0, 0, 16]
-        } else {
-            vec![2, 0, 0, 2]
-        };
-        encodings.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x21]);
-        stream.write_all(&encodings).expect("SetEncodings");
-        RfbClient {
-            stream,
-            width,
-            height,
-            frame: vec![0; usize::from(width) * usize::from(height) * 3],
-            zrle: zrle.then(|| flate2::Decompress::new(true)),
-            zrle_bytes: 0,
-        }
-    }
-
-    fn request(&mut self, incremental: bool, x: u16, y: u16, w: u16, h: u16) {
-        let mut m = vec![3, u8::from(incremental)];
-        for v in [x, y, w, h] {
-            m.extend_from_slice(&v.to_be_bytes());
-        }
-        self.stream.write_all(&m).expect("FramebufferUpdateRequest");
-    }
-
-    fn key(&mut self, keysym: u32, down: bool) {
-        let mut m = vec![4, u8::from(down), 0, 0];
-        m.extend_from_slice(&keysym.to_be_bytes());
-        self.stream.write_all(&m).expect("KeyEvent");
-    }
-
-    fn pointer(&mut self, buttons: u8, x: u16, y: u16) {
-        let mut m = vec![5, buttons];
-        m.extend_from_slice(&x.to_be_bytes());
-        m.extend_from_slice(&y.to_be_bytes());
-        self.stream.write_all(&m).expect("PointerEvent");
-    }
-
-    /// Reads one FramebufferUpdate into the frame; returns its Raw rectangles.
-    fn read_update(&mut self) -> Vec<(u16, u16, u16, u16)> {
-        let mut head = [0u8; 4];
-        self.stream.read_exact(&mut head).expect("update header");
-        assert_eq!(head[0], 0, "a FramebufferUpdate");
-        let n = u16::from_be_bytes([head[2], head[3]]);
-        let mut rects = Vec::new();
-        for _ in 0..n {
-            let mut r = [0u8; 12];
-            self.stream.read_exact(&mut r).expect("rectangle header");
-            let be = |i: usize| u16::from_be_bytes([r[i], r[i + 1]]);
-            let (x, y, w, h) = (be(0), be(2), be(4), be(6));
-            let encoding = i32::from_be_bytes([r[8], r[9], r[10], r[11]]);
-            assert!(
-                x + w <= self.width && y + h <= self.height,
-                "inside the screen"
-            );
-            let px = match encoding {
-                0 => {
-                    let mut px = vec![0u8; usize::from(w) * usize::from(h) * 4];
-                    self.stream.read_exact(&mut px).expect("pixels");
-                    px
-                }
-                16 => self.read_zrle(usize::from(w), usize::from(h)),
-                other => panic!("encoding {other}, neither Raw nor ZRLE"),
-            };
-            for row in 0..usize::from(h) {
-                for col in 0..usize::from(w) {
-                    let s = (row * usize::from(w) + col) * 4;
-                    let d =
-                        ((usize::from(y) + row) * usize::from(self.width) + usize::from(x) + col)
-                            * 3;
-                    self.frame[d..d + 3].copy_from_slice(&[px[s + 2], px[s + 1], px[s]]);
-                }
-            }
-            rects.push((x, y, w, h));
-        }
-        rects
-    }
-
-    /// One ZRLE rectangle's pixels, as Raw's 4 bytes each (RFC 6143 7.7.6: 64x64 tiles of
-    /// 3-byte CPIXELs, raw, solid, packed palette or run-length).
-    fn read_zrle(&mut self, w: usize, h: usize) -> Vec<u8> {
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).expect("ZRLE length");
-        let mut data = vec![0u8; u32::from_be_bytes(len) as usize];
-        self.stream.read_exact(&mut data).expect("ZRLE data");
-        self.zrle_bytes += data.len();
-        let z = self.zrle.as_mut().expect("ZRLE only after asking for it");
-        let mut plain = Vec::with_capacity(w * h * 4 + 4096);
-        let before = z.total_out();
-        z.decompress_vec(&data, &mut plain, flate2::FlushDecompress::Sync)
-            .expect("inflate");
-        assert_eq!(z.total_out() - before, plain.len() as u64);
-        let mut at = 0;
-        let mut take = |n: usize| {
-            let s = plain[at..at + n].to_vec();
-            at += n;
-            s
-        };
-        let mut out = vec![0u8; w * h * 4];
-        for ty in (0..h).step_by(64) {
-            for tx in (0..w).step_by(64) {
-                let (tw, th) = (64.min(w - tx), 64.min(h - ty));
-                let sub = take(1)[0];
-                let mut tile: Vec<Vec<u8>> = Vec::with_capacity(tw * th);
-                match sub {
-                    0 => (0..tw * th).for_each(|_| tile.push(take(3))),
-                    1 => tile = vec![take(3); tw * th],
-                    2..=16 => {
-                        let palette: Vec<Vec<u8>> = (0..sub).map(|_| take(3)).collect();
-                        let bits =
-                            [0, 0, 1, 2, 2, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4][usize::from(sub)];
-                        for _ in 0..th {
-                            let row = take((tw * bits).div_ceil(8));
-                            for x in 0..tw {
-                                let b = x * bits;
-                                let i = (row[b / 8] >> (8 - bits - b % 8)) & ((1 << bits) - 1);
-                                tile.push(palette[usize::from(i)].clone());
-                            }
-                        }
-                    }
-                    128 | 130..=255 => {
-                        let palette: Vec<Vec<u8>> =
-                            (0..sub.saturating_sub(128)).map(|_| take(3)).collect();
-                        while tile.len() < tw * th {
-                            let (px, run) = if sub == 128 {
-                                (take(3), true)
-                            } else {
-                                let i = take(1)[0];
-                                (palette[usize::from(i & 0x7f)].clone(), i & 0x80 != 0)
-                            };
-                            let mut n = 1;
-                            if run {
-                                loop {
-                                    let b = take(1)[0];
-                                    n += usize::from(b);
-                                    if b != 255 {
-                                        break;
-                                    }
-                                }
-                            }
-                            (0..n).for_each(|_| tile.push(px.clone()));
-                        }
-                    }
-                    other => panic!("ZRLE subencoding {other}"),
-                }
-                for (i, px) in tile.iter().enumerate() {
-                    let d = ((ty + i / tw) * w + tx + i % tw) * 4;
-                    out[d..d + 3].copy_from_slice(px);
-                }
-            }
-        }
-        assert_eq!(at, plain.len(), "the rectangle used all its tile data");
-        out
-    }
-
-    /// A non-incremental update of the whole screen; the frame as RGB.
-    fn full_frame(&mut self) -> Vec<u8> {
-        let (w, h) = (self.width, self.height);
-        self.request(false, 0, 0, w, h);
-        let rects = self.read_update();
-        assert_eq!(rects, [(0, 0, w, h)], "one full-screen rectangle");
-        self.frame.clone()
-    }
-
-    /// Whether the server closes the connection (within the read timeout).
-    fn closed_by_server(&mut self) -> bool {
-        let mut buf = [0u8; 4096];
-        loop {
-            match self.stream.read(&mut buf) {
-                Ok(0) => return true,
-                Ok(_) => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
-                Err(_) => return false,
-            }
-        }
-    }
-}
-
 #[test]
 fn a_zrle_client_gets_the_same_frame_in_far_fewer_bytes() {
     let name = "a_zrle_client_gets_the_same_frame_in_far_fewer_bytes";
@@ -504,8 +287,8 @@ fn a_zrle_client_gets_the_same_frame_in_far_fewer_bytes() {
     }
     let dir = TempDir::new();
     let (mut vm, port) = boot_with_vnc(&dir, 60_000);
-    let mut raw = RfbClient::connect(port);
-    let mut zrle = RfbClient::connect_with(port, true);
+    let mut raw = connect(port, false);
+    let mut zrle = connect(port, true);
     let exact = raw.full_frame();
     let compressed = zrle.full_frame();
     assert_eq!(compressed, exact, "ZRLE decodes to the Raw client's frame");
