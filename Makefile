@@ -20,6 +20,8 @@ PROBE := guest/out/probe.elf
 PV := target/debug/pocketvisor
 DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
+# The display guest: Debian's generic kernel (the cloud one has no DRM) with virtio_gpu.
+LINUX_GPU := guest/out/linux-gpu
 
 .PHONY: all deps deps-all build build-arm64 probe demo test test-api-fuzz test-nested test-nested-arm64 bench linux disk-image lint fuzz
 
@@ -78,7 +80,7 @@ test-api-fuzz: build
 # right after the firmware boot in the same L1 overran the handset's 10 s API wait in 4 of 4
 # runs (see README, "Firmware and disk images"). The L1 assets are built on first use
 # (tests/nested/build-l1.sh), the Linux guest and the disk image here when missing.
-test-nested: build $(LINUX)/initramfs.cpio.gz
+test-nested: build $(LINUX)/initramfs.cpio.gz $(LINUX_GPU)/initramfs.cpio.gz
 	@# A Linux guest under nested TCG has been seen to hang in about one L1 boot in four (see
 	@# README, "nested"); a failed group gets one more whole L1 boot, and it fails if that does.
 	NESTED_FILTER="--skip firmware::" $(CARGO) test -p e2e --features nested --test nested -- --skip firmware:: || { \
@@ -105,6 +107,9 @@ test-nested-arm64: build-arm64
 # agent changes.
 $(LINUX)/initramfs.cpio.gz: guest/build-linux.sh $(wildcard guest/agent/src/*.rs)
 	guest/build-linux.sh
+
+$(LINUX_GPU)/initramfs.cpio.gz: guest/build-linux.sh $(wildcard guest/agent/src/*.rs)
+	KERNEL_PKG=linux-image-amd64 EXTRA_MODULES=virtio_gpu OUT_DIR=$(CURDIR)/$(LINUX_GPU) guest/build-linux.sh
 
 bench: probe
 	$(CARGO) run -p bench --release -- $(BENCH_ARGS)

@@ -16,6 +16,9 @@
 #   KERNEL_PKG   the meta package to resolve (default linux-image-cloud-amd64)
 #   BUSYBOX      path to a static busybox (default: /bin/busybox from busybox-static)
 #   AGENT_BIN    a built guest agent to include (default: guest/agent, built static here)
+#   OUT_DIR      where to build (default guest/out/linux)
+#   EXTRA_MODULES  more modules for the initramfs, space-separated (the display guest:
+#                KERNEL_PKG=linux-image-amd64 EXTRA_MODULES=virtio_gpu; the cloud kernel has no DRM)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -34,6 +37,8 @@ wanted_modules=(
   vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport
   virtio_rng virtio_console virtio_input virtio_balloon
 )
+# shellcheck disable=SC2206 # a space-separated list by design
+wanted_modules+=(${EXTRA_MODULES:-})
 
 find_busybox() {
   if [[ -n "${BUSYBOX:-}" ]]; then echo "$BUSYBOX"; return; fi
@@ -325,6 +330,23 @@ while [ -n "$t" ] && [ "$i" -lt "$t" ]; do
   echo "LINUX tick n=$i epoch=$(date +%s) uptime=$(cut -d' ' -f1 /proc/uptime) memtotal_kb=$(awk '/^MemTotal/{print $2}' /proc/meminfo)"
   sleep 1
 done
+# pv.screen=1 (the display guest, a kernel with virtio_gpu): report the framebuffer fbcon drew
+# on and the input devices, draw a 24-cell reverse-video bar at the start of row 2 of tty1
+# (cursor hidden), then read one line typed on the keyboard (tty1 echoes it on the screen;
+# at most 120 s) and report it.
+if [ "$(arg pv.screen)" = 1 ]; then
+  i=0
+  while [ ! -e /sys/class/graphics/fb0 ] && [ "$i" -lt 30 ]; do sleep 1; i=$((i + 1)); done
+  echo "LINUX fb name=$(tr ' ' _ </sys/class/graphics/fb0/name 2>/dev/null) size=$(cat /sys/class/graphics/fb0/virtual_size 2>/dev/null) con=$(tr ' ' _ </sys/class/vtconsole/vtcon1/name 2>/dev/null)"
+  for n in /sys/class/input/input*/name; do
+    [ -e "$n" ] && echo "LINUX input name=$(tr ' ' _ <"$n")"
+  done
+  exec 3</dev/tty1
+  printf '\033[?25l\033[2J\033[H\n\n\033[7m%24s\033[0m\npocketvisor\n' '' >/dev/tty1
+  echo "LINUX screen drawn"
+  if read -r -t 120 line <&3; then echo "LINUX typed line=$line"; else echo "LINUX typed none"; fi
+  exec 3<&-
+fi
 # Kernel log lines the tests judge (quiet keeps them off the console).
 dmesg | grep -E 'WARNING:|BUG:|Oops|Call Trace|rtc_cmos|XSAVE consistency|TSC.*(unstable|unsynchron)' | sed 's/^/LINUX klog /'
 if grep -q 'pv.shell=1' /proc/cmdline; then

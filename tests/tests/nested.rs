@@ -24,6 +24,9 @@ use e2e::{Outcome, TempDir, VmCommand};
 mod firmware;
 #[path = "nested/handset.rs"]
 mod handset;
+/// Linux's virtio_gpu and virtio_input drivers on our display devices, over VNC (issue 11).
+#[path = "nested/screen.rs"]
+mod screen;
 
 const INSIDE: &str = "PV_NESTED_INSIDE";
 /// Linux under nested SVM on TCG: 11-40 s on a loaded 2-core machine; generous.
