@@ -177,6 +177,24 @@ mod tests {
     use devices::legacy::GuestExit;
     use kvm_ioctls::VcpuExit;
 
+    /// A VM with the legacy devices on a port bus of its own (UART to nowhere).
+    fn legacy_platform(kvm: &kvm_ioctls::Kvm) -> (LegacyDevices, Bus, VmFd) {
+        let vm = super::super::create_vm(kvm).unwrap();
+        let exit = Arc::new(ExitSignal::new().unwrap());
+        let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x1000_0000)));
+        let mut pio = Bus::new();
+        let ctx = LegacyContext {
+            vm: &vm,
+            exit: &exit,
+            pci: &root,
+        };
+        let legacy = add_legacy_devices(&ctx, &mut pio, &mut Bus::new(), |irq| {
+            Ok::<_, std::io::Error>(Serial::new(irq, Box::new(std::io::sink())))
+        })
+        .unwrap();
+        (legacy, pio, vm)
+    }
+
     #[test]
     fn the_ports_reach_their_devices_through_the_exit_hook() {
         let Ok(kvm) = kvm_ioctls::Kvm::new() else {
@@ -240,22 +258,7 @@ mod tests {
             eprintln!("skipped: no /dev/kvm");
             return;
         };
-        let build = || {
-            let vm = super::super::create_vm(&kvm).unwrap();
-            let exit = Arc::new(ExitSignal::new().unwrap());
-            let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x1000_0000)));
-            let mut pio = Bus::new();
-            let ctx = LegacyContext {
-                vm: &vm,
-                exit: &exit,
-                pci: &root,
-            };
-            let legacy = add_legacy_devices(&ctx, &mut pio, &mut Bus::new(), |irq| {
-                Ok::<_, std::io::Error>(Serial::new(irq, Box::new(std::io::sink())))
-            })
-            .unwrap();
-            (legacy, pio, vm)
-        };
+        let build = || legacy_platform(&kvm);
         let out = |pio: &Bus, port: u16, v: u8| {
             assert!(crate::handle_arch_exit(VcpuExit::IoOut(port, &[v]), pio, false).is_none());
         };
@@ -298,19 +301,7 @@ mod tests {
         };
         const FW_CFG_PORT: u16 = 0x510;
         let build = |firmware: bool| {
-            let vm = super::super::create_vm(&kvm).unwrap();
-            let exit = Arc::new(ExitSignal::new().unwrap());
-            let root = Arc::new(Mutex::new(PciRoot::new(0xc000_0000, 0x1000_0000)));
-            let mut pio = Bus::new();
-            let ctx = LegacyContext {
-                vm: &vm,
-                exit: &exit,
-                pci: &root,
-            };
-            let legacy = add_legacy_devices(&ctx, &mut pio, &mut Bus::new(), |irq| {
-                Ok::<_, std::io::Error>(Serial::new(irq, Box::new(std::io::sink())))
-            })
-            .unwrap();
+            let (legacy, mut pio, vm) = legacy_platform(&kvm);
             if firmware {
                 let mut cfg = FwCfg::new(1);
                 cfg.add_file("etc/boot-order", b"/pci@i0cf8/disk".to_vec())

@@ -78,14 +78,20 @@ pub trait PciDevice: Send {
     fn config_read(&mut self, reg: usize) -> u32;
     /// Writes `data` at byte `offset` of config dword `reg`.
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]);
-    /// The memory BARs the device implements, with their current addresses.
-    fn bars(&self) -> Vec<PciBar>;
+    /// The memory BARs the device implements, with their current addresses (by default
+    /// none: a config-space-only function such as a host bridge).
+    fn bars(&self) -> Vec<PciBar> {
+        Vec::new()
+    }
     /// Programs BAR `index` to `addr` (the VMM's initial allocation).
-    fn set_bar_addr(&mut self, index: usize, addr: u64);
-    /// The guest reads `data.len()` bytes at `offset` into BAR `bar`.
-    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
-    /// The guest writes `data` at `offset` into BAR `bar`.
-    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    fn set_bar_addr(&mut self, _index: usize, _addr: u64) {}
+    /// The guest reads `data.len()` bytes at `offset` into BAR `bar` (by default all ones,
+    /// as from no device).
+    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
+    /// The guest writes `data` at `offset` into BAR `bar` (by default ignored).
+    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
     /// BAR `bar` was decoded at `old` and is now decoded at `new` (`None`: not decoded, e.g.
     /// memory space disabled in the command register). Devices move their ioeventfds here.
     fn bar_remapped(&mut self, _bar: usize, _old: Option<u64>, _new: Option<u64>) {}

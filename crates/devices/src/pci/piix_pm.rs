@@ -5,7 +5,7 @@
 //! firmware reads where the block is and programs nothing. No BARs, no interrupts.
 
 use super::config::{PciConfig, PciConfigParams};
-use super::{PciBar, PciDevice};
+use super::PciDevice;
 
 /// Where OVMF's i440FX code looks for the PM function: device 1, function 3.
 pub const PIIX_PM_DEVFN: (u8, u8) = (1, 3);
@@ -53,14 +53,6 @@ impl PciDevice for PiixPm {
             self.config.write(reg, offset, data);
         }
     }
-    fn bars(&self) -> Vec<PciBar> {
-        Vec::new()
-    }
-    fn set_bar_addr(&mut self, _index: usize, _addr: u64) {}
-    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
 }
 
 #[cfg(test)]

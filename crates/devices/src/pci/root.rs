@@ -72,14 +72,6 @@ impl PciDevice for HostBridge {
     fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) {
         self.config.write(reg, offset, data);
     }
-    fn bars(&self) -> Vec<PciBar> {
-        Vec::new()
-    }
-    fn set_bar_addr(&mut self, _index: usize, _addr: u64) {}
-    fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
 }
 
 struct Slot {
