@@ -118,6 +118,54 @@ fn profile_screenshot_captures_the_guest_screen() {
         "the key did not reach the guest: {}",
         d.serial("work")
     );
+    drop(vnc);
+
+    // Across a suspend and resume the screen is the same guest's: the restored VMM serves its
+    // display again through `profile view`, and keys reach the restored guest.
+    d.act("work", "suspend").unwrap();
+    let suspended = d.cli(&["view", "work"]);
+    assert!(
+        !suspended.status.success(),
+        "a suspended profile has no live view"
+    );
+    d.act("work", "resume").unwrap();
+    let view = d.cli(&["view", "work"]);
+    let text = String::from_utf8_lossy(&view.stdout).into_owned();
+    assert!(
+        view.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&view.stderr)
+    );
+    let addr = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("work: vnc "))
+        .unwrap_or_else(|| panic!("no address after resume: {text}"))
+        .to_string();
+    let mut vnc = std::net::TcpStream::connect(&addr).unwrap();
+    vnc.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let frame = rfb_full_frame(&mut vnc, w, h);
+    assert_eq!(
+        frame[corner..corner + 3],
+        RGB,
+        "the restored screen's colour"
+    );
+    assert_eq!(
+        frame[(w - 1) * 3..w * 3],
+        RGB.map(|c| c >> 1),
+        "the restored screen's header"
+    );
+    let presses = |serial: &str| serial.matches("PROBE input key code=30 value=0").count();
+    let before = presses(&d.serial("work"));
+    for down in [1u8, 0] {
+        vnc.write_all(&[4, down, 0, 0, 0, 0, 0, b'a']).unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || presses(&d.serial("work"))
+            > before),
+        "the key did not reach the restored guest: {}",
+        d.serial("work")
+    );
 }
 
 /// An RFB 3.8 handshake (security None) and one full update in the server's 32-bit
