@@ -81,20 +81,7 @@ fn profile_screenshot_captures_the_guest_screen() {
     // jailed VMM's VNC socket; the frame is the guest's and a key reaches the guest.
     let plain = d.cli(&["view", "plain"]);
     assert!(String::from_utf8_lossy(&plain.stderr).contains("has no screen"));
-    let view = d.cli(&["view", "work"]);
-    let text = String::from_utf8_lossy(&view.stdout).into_owned();
-    assert!(
-        view.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&view.stderr)
-    );
-    let addr = text
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .strip_prefix("work: vnc ")
-        .unwrap_or_else(|| panic!("no address: {text}"))
-        .to_string();
+    let (addr, text) = view_address(&d, "work");
     assert!(addr.starts_with("127.0.0.1:"), "loopback only: {addr}");
     let again = d.cli(&["view", "work"]);
     assert_eq!(String::from_utf8_lossy(&again.stdout), text, "one address");
@@ -129,19 +116,7 @@ fn profile_screenshot_captures_the_guest_screen() {
         "a suspended profile has no live view"
     );
     d.act("work", "resume").unwrap();
-    let view = d.cli(&["view", "work"]);
-    let text = String::from_utf8_lossy(&view.stdout).into_owned();
-    assert!(
-        view.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&view.stderr)
-    );
-    let addr = text
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("work: vnc "))
-        .unwrap_or_else(|| panic!("no address after resume: {text}"))
-        .to_string();
+    let (addr, _) = view_address(&d, "work");
     let mut vnc = std::net::TcpStream::connect(&addr).unwrap();
     vnc.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let frame = rfb_full_frame(&mut vnc, w, h);
@@ -166,6 +141,24 @@ fn profile_screenshot_captures_the_guest_screen() {
         "the key did not reach the restored guest: {}",
         d.serial("work")
     );
+}
+
+/// `profile view NAME`'s VNC address, and all it printed.
+fn view_address(d: &Daemon, name: &str) -> (String, String) {
+    let view = d.cli(&["view", name]);
+    let text = String::from_utf8_lossy(&view.stdout).into_owned();
+    assert!(
+        view.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&view.stderr)
+    );
+    let addr = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix(&format!("{name}: vnc ")))
+        .unwrap_or_else(|| panic!("no address: {text}"))
+        .to_string();
+    (addr, text)
 }
 
 /// An RFB 3.8 handshake (security None) and one full update in the server's 32-bit
