@@ -160,6 +160,7 @@ pub fn receive(a: ReceiveArgs) -> Result<i32> {
         disks: a.disk,
         vsock_socket: a.vsock_socket,
         taps: a.tap,
+        disk_keys: Vec::new(),
     };
     let vm = vmm::migration::receive(conn, &key, tls.as_ref(), &overrides)
         .with_context(|| format!("the migration from {peer} failed; nothing runs here"))?;

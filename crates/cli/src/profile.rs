@@ -50,7 +50,7 @@ background}, memory_max_mib, channels = {clipboard_to, files_to, clipboard_from,
 copy --help` and `profile clipboard set --help`), balloon (default true),
 mergeable (KSM, default false), on_shutdown (stop|suspend: what a clean daemon stop does with
 the running guest; default stop, suspend for the templates), autostart (start or resume it when
-the daemon starts; default false).")]
+the daemon starts; default false), encrypt_at_rest (default false; as --encrypt).")]
     Create {
         /// Profile name: 1-32 of a-z, 0-9 and -, not beginning with - (with --template;
         /// overrides the file's).
@@ -86,6 +86,11 @@ the daemon starts; default false).")]
         /// `system` disk starts as a copy of, booted by --firmware.
         #[arg(long, value_name = "ASSET", requires = "firmware")]
         disk_image: Option<String>,
+        /// Encrypt the profile's disks at rest (AES-256-XTS under a random data key of its
+        /// own, wrapped by this handset's device key; `encrypt_at_rest = true` in a spec
+        /// file). Chosen here for good: a profile cannot be encrypted later.
+        #[arg(long)]
+        encrypt: bool,
     },
     /// List profiles.
     List,
@@ -610,6 +615,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             cmdline,
             firmware,
             disk_image,
+            encrypt,
         } => {
             let req = match (template, file) {
                 (Some(t), None) => CreateProfile {
@@ -621,6 +627,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     firmware,
                     disk_image,
                     spec: None,
+                    encrypt_at_rest: encrypt,
                 },
                 (None, Some(f)) => {
                     let text = std::fs::read_to_string(&f)
@@ -636,6 +643,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                         firmware,
                         disk_image,
                         spec: Some(spec),
+                        encrypt_at_rest: encrypt,
                     }
                 }
                 _ => anyhow::bail!("give --template work|personal or --file SPEC.toml"),

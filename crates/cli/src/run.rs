@@ -87,6 +87,10 @@ pub struct RunArgs {
     /// Keys go to the keyboard and the left button to the touch screen (with --input).
     #[arg(long, value_name = "HOST:PORT|unix:PATH", value_parser = crate::vnc::parse_vnc)]
     vnc: Option<crate::vnc::VncAddr>,
+    /// Read the 64-byte key of each encrypted disk (`encrypted = true` in --config), in disk
+    /// order, from stdin, which then ends (as `pocketvisor vmm --disk-keys-stdin`).
+    #[arg(long)]
+    disk_keys_stdin: bool,
 }
 
 /// The eventfd the signal handler writes to stop the VM, and the signal that came.
@@ -107,7 +111,11 @@ extern "C" fn on_stop_signal(sig: libc::c_int) {
 pub fn main(args: RunArgs) -> Result<i32> {
     let api_socket = args.api_socket.clone();
     let vnc = args.vnc.clone();
-    let cfg = build_config(args)?;
+    let keys_on_stdin = args.disk_keys_stdin;
+    let mut cfg = build_config(args)?;
+    if keys_on_stdin {
+        crate::vmm_cmd::read_disk_keys(&mut std::io::stdin().lock(), &mut cfg)?;
+    }
     let vm = Vm::new(&cfg)?;
     let _vnc = vnc.map(|a| crate::vnc::start(&vm, &a)).transpose()?;
     run_vm(vm, api_socket.as_deref())

@@ -60,6 +60,10 @@ pub struct RestoreArgs {
     /// Serve the display over VNC on a loopback HOST:PORT or unix:PATH (as `run --vnc`).
     #[arg(long, value_name = "HOST:PORT|unix:PATH", value_parser = crate::vnc::parse_vnc)]
     vnc: Option<crate::vnc::VncAddr>,
+    /// Read the 64-byte key of each encrypted disk of the snapshot's configuration, in disk
+    /// order, from stdin, which then ends (keys are never saved in a snapshot).
+    #[arg(long)]
+    disk_keys_stdin: bool,
 }
 
 /// Pause or resume a running VM through its API socket.
@@ -90,11 +94,12 @@ pub fn snapshot(a: SnapshotArgs) -> Result<i32> {
 
 /// `pocketvisor restore`.
 pub fn restore(a: RestoreArgs) -> Result<i32> {
-    let overrides = RestoreOverrides {
+    let mut overrides = RestoreOverrides {
         serial: a.serial,
         disks: a.disk,
         vsock_socket: a.vsock_socket,
         taps: a.tap,
+        disk_keys: Vec::new(),
     };
     if !a.dir.exists() {
         return Err(crate::failure::Failure::NotFound(format!(
@@ -102,6 +107,13 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
             a.dir.display()
         ))
         .into());
+    }
+    if a.disk_keys_stdin {
+        // Which disks are encrypted is the snapshot's (checked again by the restore).
+        let mut cfg = vmm::snapshot::inspect(&a.dir)
+            .with_context(|| format!("cannot restore {}", a.dir.display()))?;
+        crate::vmm_cmd::read_disk_keys(&mut std::io::stdin().lock(), &mut cfg)?;
+        overrides.disk_keys = cfg.disks.iter().map(|d| d.key.clone()).collect();
     }
     let vm = Vm::restore(&a.dir, &overrides)
         .with_context(|| format!("cannot restore {}", a.dir.display()))?;

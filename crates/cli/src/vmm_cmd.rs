@@ -93,11 +93,10 @@ pub struct VmmArgs {
     /// Do not install the seccomp filter (debugging only).
     #[arg(long)]
     no_seccomp: bool,
-    /// Read the 64-byte key of each encrypted disk (`encrypted = true` in the configuration),
-    /// in disk order, from stdin, which then ends (the handset's pipe: keys are never on a
-    /// command line, in the environment or in a file). Boot only: an encrypted profile cannot
-    /// be restored yet.
-    #[arg(long, conflicts_with = "restore")]
+    /// Read the 64-byte key of each encrypted disk (`encrypted = true` in the configuration,
+    /// or in the restored snapshot's), in disk order, from stdin, which then ends (the
+    /// handset's pipe: keys are never on a command line, in the environment or in a file).
+    #[arg(long)]
     disk_keys_stdin: bool,
 }
 
@@ -187,7 +186,7 @@ pub fn main(args: VmmArgs) -> Result<i32> {
 
 /// Gives every encrypted disk of `cfg`, in order, its key: 64 bytes each from `input`, which
 /// must then end (a short or a long input is refused, nothing is guessed).
-fn read_disk_keys(input: &mut impl Read, cfg: &mut VmConfig) -> Result<()> {
+pub(crate) fn read_disk_keys(input: &mut impl Read, cfg: &mut VmConfig) -> Result<()> {
     use vmm::vmm_api::config::{DiskKeyMaterial, DISK_KEY_LEN};
     for (i, d) in cfg.disks.iter_mut().enumerate() {
         if !d.encrypted {
@@ -272,6 +271,7 @@ fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
         disks: jailed.disks.iter().map(|d| d.path.clone()).collect(),
         vsock_socket: jailed.vsock.as_ref().map(|v| v.socket.clone()),
         taps: jailed.net.iter().map(|n| n.tap.clone()).collect(),
+        disk_keys: jailed.disks.iter().map(|d| d.key.clone()).collect(),
     }
 }
 

@@ -109,6 +109,9 @@ pub struct CreateProfile {
         skip_serializing_if = "Option::is_none"
     )]
     pub spec: Option<ProfileSpec>,
+    /// Encrypt the profile's disks at rest (sets the spec's `encrypt_at_rest`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypt_at_rest: bool,
 }
 
 impl CreateProfile {
@@ -180,6 +183,7 @@ impl CreateProfile {
         if let Some(cmdline) = self.cmdline {
             spec.cmdline = cmdline;
         }
+        spec.encrypt_at_rest |= self.encrypt_at_rest;
         spec.validate()?;
         Ok(spec)
     }

@@ -9,6 +9,8 @@
 //!   org.pub                         the organisation's policy key the handset trusts
 //!                                   (`pocketvisor policy trust`, `handset --org-key`)
 //!   audit.key                       secret key of the audit log's content digests (0600)
+//!   device.key                      wraps the data keys of profiles encrypted at rest (0600,
+//!                                   made at the first such create or import)
 //!   assets/                         guest assets (kernels, initrds) that specs name by file
 //!                                   name; put there by the administrator (spec::check_asset)
 //!   handset.db                      SQLite (WAL): profiles, events, audit; PRAGMA user_version
@@ -26,7 +28,10 @@
 //!     policy.pvpol                  the signed IT policy in force (org_policy), if any
 //!     vm.toml                       the VMM configuration generated at the last start (kept
 //!                                   outside run/, which the jailed VMM sees)
-//!     disks/<disk>.img              raw disk images (sparse, size_mib each)
+//!     disks/<disk>.img              raw disk images (sparse, size_mib each; AES-256-XTS
+//!                                   ciphertext with `encrypt_at_rest`)
+//!     disk.key                      with `encrypt_at_rest`: the profile's disk data key,
+//!                                   wrapped under `device.key` ([`disk_keys`])
 //!     run/                          only while a VMM runs (emptied at each start):
 //!       api.sock                      the VMM's control socket (JSON lines)
 //!       vsock.sock                    the guest's vsock host socket (Firecracker protocol)
@@ -73,6 +78,7 @@ pub mod client;
 pub mod console;
 pub mod daemon;
 pub mod db;
+pub mod disk_crypt;
 pub mod disk_keys;
 pub mod error;
 pub mod event_stream;

@@ -258,6 +258,7 @@ pub fn check_start(
         return Ok(());
     };
     check_expiry(&v, name, now)?;
+    check_storage(&v, name, spec, "start")?;
     let firmware = cfg.firmware.as_deref().map(sha256_file).transpose()?;
     let kernel = match firmware {
         Some(_) => None,
@@ -279,6 +280,31 @@ pub fn check_start(
     v.policy
         .check_boot(&images, policy::version::this_build())
         .map_err(|why| Error::Denied(format!("profile {name:?} may not start: {why}")))
+}
+
+/// Refuses a profile whose policy asks for encryption at rest (`storage.encrypt_at_rest`) but
+/// whose disks are not encrypted: it was created without `encrypt_at_rest`, and a profile is
+/// encrypted at create only.
+fn check_storage(v: &Verified, name: &str, spec: &ProfileSpec, what: &str) -> Result<()> {
+    if v.policy.storage.encrypt_at_rest && !spec.encrypt_at_rest {
+        return Err(Error::Denied(format!(
+            "profile {name:?} may not {what}: its policy version {} asks for encryption at \
+             rest and its disks are not encrypted (a profile is encrypted when it is created: \
+             `profile create --encrypt`)",
+            v.policy.version
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to resume profile `name` (of spec `spec`) if its policy asks for encryption at
+/// rest and the profile is not encrypted, besides [`check_resume`]'s reasons.
+pub fn check_resume_spec(dir: &StateDir, name: &str, spec: &ProfileSpec, now: u64) -> Result<()> {
+    check_resume(dir, name, now)?;
+    match in_force(dir, name)? {
+        Some(v) => check_storage(&v, name, spec, "resume"),
+        None => Ok(()),
+    }
 }
 
 /// Refuses to resume profile `name` if its policy has expired or needs a newer build (the

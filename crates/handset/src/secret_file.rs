@@ -61,6 +61,17 @@ pub fn load_or_create<const N: usize>(path: &Path) -> Result<Zeroizing<[u8; N]>>
     load_or_create(path)
 }
 
+/// Reads the `N`-byte secret at `path`, which must exist (never created here).
+pub fn load<const N: usize>(path: &Path) -> Result<Zeroizing<[u8; N]>> {
+    if !path.exists() {
+        return Err(Error::Internal(format!(
+            "{} does not exist",
+            path.display()
+        )));
+    }
+    load_or_create(path)
+}
+
 /// `N` bytes from the kernel's random source.
 pub fn random<const N: usize>() -> Result<Zeroizing<[u8; N]>> {
     let mut key = Zeroizing::new([0u8; N]);

@@ -110,6 +110,15 @@ pub struct ProfileSpec {
     /// Start the profile (resume it, if suspended) when the daemon starts.
     #[serde(default)]
     pub autostart: bool,
+    /// Encrypt the profile's disks at rest (AES-256-XTS under a random per-profile data key
+    /// wrapped by the handset's device key, see [`crate::disk_keys`]). Chosen at create and
+    /// never changed afterwards.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub encrypt_at_rest: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// What a clean daemon stop does with a running (or paused) profile.
@@ -377,6 +386,7 @@ impl ProfileSpec {
             mergeable: false,
             on_shutdown: OnShutdown::Suspend,
             autostart: false,
+            encrypt_at_rest: false,
         };
         spec.validate()?;
         Ok(spec)

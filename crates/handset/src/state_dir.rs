@@ -10,6 +10,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/pocketvisor";
 /// Environment variable overriding the default state directory.
 pub const STATE_DIR_ENV: &str = "POCKETVISOR_STATE_DIR";
 
+/// File name of a profile's wrapped disk data key ([`StateDir::data_key`]).
+pub const DATA_KEY_FILE: &str = "disk.key";
+
 /// The state directory (layout documented in the crate root).
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -66,6 +69,11 @@ impl StateDir {
     /// `device.key` (wraps the profiles' disk keys for encryption at rest, owner only).
     pub fn device_key(&self) -> PathBuf {
         self.root.join("device.key")
+    }
+    /// `profiles/<name>/disk.key`: the profile's disk data key, wrapped under
+    /// [`device_key`](Self::device_key) (only for a profile encrypted at rest).
+    pub fn data_key(&self, name: &str) -> PathBuf {
+        self.profile(name).join(DATA_KEY_FILE)
     }
     /// `jail/` (the jailer's per-profile root directories while jailed VMMs run).
     pub fn jail_root(&self) -> PathBuf {
@@ -217,7 +225,17 @@ pub struct CopiedImage {
 /// its image is refused. Zero 4 KiB blocks are not written, so a sparse image stays sparse. The
 /// image is opened without waiting (a FIFO or device is refused), hashed as it is copied,
 /// and the disk is fsynced.
-pub fn create_from_image(path: &Path, image: &Path, size_mib: u64) -> Result<CopiedImage> {
+///
+/// With `cipher` every sector of the image is encrypted on its way (zero blocks too: they are
+/// data, and must read back as zeros; a last partial sector is padded with zeros); the disk
+/// beyond the image stays a hole, which reads as noise until the guest writes it, as a fresh
+/// dm-crypt device does. The hash is of the image's plaintext.
+pub fn create_from_image(
+    path: &Path,
+    image: &Path,
+    size_mib: u64,
+    cipher: Option<&crate::disk_crypt::SectorCipher>,
+) -> Result<CopiedImage> {
     use sha2::{Digest, Sha256};
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
@@ -257,15 +275,40 @@ pub fn create_from_image(path: &Path, image: &Path, size_mib: u64) -> Result<Cop
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut copied = 0u64;
+    let started = std::time::Instant::now();
+    let mut reported = 0u64;
     loop {
-        let n = src.read(&mut buf).map_err(Error::io(read_err()))?;
+        let n = match cipher {
+            None => src.read(&mut buf).map_err(Error::io(read_err()))?,
+            // Whole buffers (whole sectors) but at the end.
+            Some(_) => fill(&mut src, &mut buf).map_err(Error::io(read_err()))?,
+        };
         if n == 0 {
             break;
         }
-        let chunk = &buf[..n];
-        hasher.update(chunk);
-        write_sparse(&mut dst, chunk).map_err(Error::io(what()))?;
+        hasher.update(&buf[..n]);
+        match cipher {
+            None => write_sparse(&mut dst, &buf[..n]).map_err(Error::io(what()))?,
+            Some(c) => {
+                use std::io::Write;
+                let padded = n.next_multiple_of(crate::disk_crypt::SECTOR);
+                buf[n..padded].fill(0);
+                c.encrypt(&mut buf[..padded], copied / 512);
+                dst.write_all(&buf[..padded]).map_err(Error::io(what()))?;
+            }
+        }
         copied += u64::try_from(n).map_err(|_| Error::Internal("read size".into()))?;
+        if copied - reported >= 256 << 20 {
+            reported = copied;
+            tracing::info!(
+                "copying {} into {}: {} of {} MiB, {} s",
+                image.display(),
+                path.display(),
+                copied >> 20,
+                meta.len() >> 20,
+                started.elapsed().as_secs()
+            );
+        }
     }
     if copied != meta.len() {
         return Err(Error::BadRequest(format!(
@@ -279,6 +322,21 @@ pub fn create_from_image(path: &Path, image: &Path, size_mib: u64) -> Result<Cop
         size_mib,
         sha256: hex::encode(hasher.finalize()),
     })
+}
+
+/// Reads from `src` until `buf` is full or the file ends; returns the bytes read.
+fn fill(src: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Writes `data` at `dst`'s position, seeking over its all-zero 4 KiB blocks (the file stays
@@ -372,7 +430,7 @@ mod tests {
         let want = hex::encode(Sha256::digest(&bytes));
 
         let d = t.path().join("system.img");
-        let made = create_from_image(&d, &image, 0).unwrap();
+        let made = create_from_image(&d, &image, 0, None).unwrap();
         assert_eq!(
             made,
             CopiedImage {
@@ -390,18 +448,52 @@ mod tests {
         );
         // Larger on request; never smaller than the image, never over an existing disk.
         let big = t.path().join("big.img");
-        assert_eq!(create_from_image(&big, &image, 64).unwrap().size_mib, 64);
+        assert_eq!(
+            create_from_image(&big, &image, 64, None).unwrap().size_mib,
+            64
+        );
         assert_eq!(std::fs::metadata(&big).unwrap().len(), 64 << 20);
-        let e = create_from_image(&t.path().join("s.img"), &image, 3).unwrap_err();
+        let e = create_from_image(&t.path().join("s.img"), &image, 3, None).unwrap_err();
         assert!(e.to_string().contains("smaller than its image"), "{e}");
         assert!(!t.path().join("s.img").exists());
-        assert!(create_from_image(&d, &image, 0).is_err());
+        assert!(create_from_image(&d, &image, 0, None).is_err());
         assert_eq!(std::fs::read(&d).unwrap(), disk);
         // A directory or a missing file is no image.
-        let e = create_from_image(&t.path().join("x.img"), t.path(), 0).unwrap_err();
+        let e = create_from_image(&t.path().join("x.img"), t.path(), 0, None).unwrap_err();
         assert!(e.to_string().contains("a directory"), "{e}");
-        let e = create_from_image(&t.path().join("y.img"), &t.path().join("no"), 0).unwrap_err();
+        let e =
+            create_from_image(&t.path().join("y.img"), &t.path().join("no"), 0, None).unwrap_err();
         assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn an_encrypted_copy_holds_only_ciphertext_of_every_sector() {
+        use crate::disk_crypt::SectorCipher;
+        let t = tempfile::tempdir().unwrap();
+        // 1 MiB + 700 bytes: a marker, zeros, a partial last sector.
+        let mut bytes = vec![0u8; (1 << 20) + 700];
+        let marker = b"secret-marker-in-the-image";
+        bytes[4096..4096 + marker.len()].copy_from_slice(marker);
+        bytes[(1 << 20)..].fill(0x41);
+        let image = t.path().join("img.raw");
+        std::fs::write(&image, &bytes).unwrap();
+        let key: [u8; 64] = std::array::from_fn(|i| u8::try_from(i * 3 + 1).unwrap());
+        let d = t.path().join("enc.img");
+        let plain = create_from_image(&t.path().join("plain.img"), &image, 4, None).unwrap();
+        let made = create_from_image(&d, &image, 4, Some(&SectorCipher::new(&key))).unwrap();
+        assert_eq!(made, plain, "same size and plaintext hash");
+        let disk = std::fs::read(&d).unwrap();
+        assert_eq!(disk.len(), 4 << 20);
+        assert!(!disk.windows(marker.len()).any(|w| w == marker));
+        // Zero sectors of the image are encrypted too (they must read back as zeros).
+        assert!(disk[512..1024].iter().any(|&b| b != 0));
+        // The VMM's cipher reads the image back, the padded last sector as zeros after it.
+        use devices::virtio::block::crypt as vmm;
+        let c = vmm::SectorCipher::new(&vmm::DiskKey::from_slice(&key).unwrap());
+        let mut back = disk[..(1 << 20) + 1024].to_vec();
+        c.decrypt(&mut back, 0).unwrap();
+        assert_eq!(&back[..bytes.len()], &bytes[..]);
+        assert!(back[bytes.len()..].iter().all(|&b| b == 0));
     }
 
     #[test]

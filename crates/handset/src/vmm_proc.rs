@@ -82,11 +82,13 @@ pub struct JailCgroup {
 /// the command line: jailed, `pocketvisor vmm --config` to boot and `pocketvisor vmm --restore`
 /// to resume; unjailed, `pocketvisor run` and `pocketvisor restore`. A profile with a
 /// `screen` serves VNC on `vnc.sock` next to the API socket: the jailed VMM does so by
-/// itself, an unjailed one is told with `--vnc unix:PATH`.
+/// itself, an unjailed one is told with `--vnc unix:PATH`. With `disk_keys` the VMM reads its
+/// encrypted disks' keys from stdin (`--disk-keys-stdin`, see [`spawn`]).
 pub fn vmm_args(
     launch: &Launch,
     api_socket: &Path,
     screen: bool,
+    disk_keys: bool,
     jail: Option<&JailArgs>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
@@ -129,6 +131,9 @@ pub fn vmm_args(
             a.extend(["--disk".into(), d.into()]);
         }
     }
+    if disk_keys {
+        a.push("--disk-keys-stdin".into());
+    }
     if screen && jail.is_none() {
         let mut vnc = OsString::from("unix:");
         vnc.push(api_socket.with_file_name(vmm_api::jail::VNC_SOCKET_NAME));
@@ -138,8 +143,16 @@ pub fn vmm_args(
     a
 }
 
-/// Starts `bin` with `args` in its own process group, output appended to `log`.
-pub fn spawn(bin: &Path, args: &[OsString], log: &Path) -> Result<tokio::process::Child> {
+/// Starts `bin` with `args` in its own process group, output appended to `log`. `stdin`, if
+/// given, is written to the process's stdin, which is then closed (the keys of encrypted
+/// disks: never on a command line, in the environment or in a file); otherwise stdin is
+/// /dev/null.
+pub async fn spawn(
+    bin: &Path,
+    args: &[OsString],
+    log: &Path,
+    stdin: Option<&[u8]>,
+) -> Result<tokio::process::Child> {
     let out = std::fs::File::options()
         .create(true)
         .append(true)
@@ -148,15 +161,26 @@ pub fn spawn(bin: &Path, args: &[OsString], log: &Path) -> Result<tokio::process
     let err = out
         .try_clone()
         .map_err(Error::io("cannot duplicate the log file"))?;
-    tokio::process::Command::new(bin)
+    let mut child = tokio::process::Command::new(bin)
         .args(args)
-        .stdin(Stdio::null())
+        .stdin(match stdin {
+            Some(_) => Stdio::piped(),
+            None => Stdio::null(),
+        })
         .stdout(out)
         .stderr(err)
         .process_group(0)
         .kill_on_drop(false)
         .spawn()
-        .map_err(Error::io(format!("cannot start {}", bin.display())))
+        .map_err(Error::io(format!("cannot start {}", bin.display())))?;
+    if let (Some(bytes), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A VMM that died before reading fails its start, reported by the caller's wait.
+        if let Err(e) = pipe.write_all(bytes).await {
+            tracing::warn!("cannot hand the VMM its disk keys: {e}");
+        }
+        drop(pipe);
+    }
+    Ok(child)
 }
 
 /// Sends one request to the VMM's API socket and returns its `info`.
@@ -328,6 +352,7 @@ mod tests {
             },
             Path::new("/s/api.sock"),
             false,
+            false,
             None,
         );
         assert_eq!(
@@ -346,6 +371,7 @@ mod tests {
             },
             Path::new("/s/api.sock"),
             true,
+            false,
             None,
         );
         let want = "run --config /s/vm.toml --vnc unix:/s/vnc.sock --api-socket /s/api.sock";
@@ -366,6 +392,7 @@ mod tests {
             },
             Path::new("/s/api.sock"),
             true,
+            false,
             Some(&jail),
         );
         let want = "vmm --config /s/vm.toml --jail-id w --jail-root /s/jail --uid 1879048197 \
@@ -382,6 +409,7 @@ mod tests {
             },
             Path::new("/s/api.sock"),
             false,
+            false,
             None,
         );
         assert_eq!(r[0], "restore");
@@ -397,12 +425,30 @@ mod tests {
             },
             Path::new("/s/api.sock"),
             true,
+            false,
             Some(&jail),
         );
         let want = "vmm --restore /s/snap --jail-id w --jail-root /s/jail --uid 1879048197 \
                     --gid 1879048197 --cgroup /cg/pv/w --cpu-weight 100 --memory-max 256M --serial file:/s/serial.log \
                     --vsock-socket /s/v.sock --disk /s/d.img --api-socket /s/api.sock";
         assert_eq!(jr, want.split_whitespace().collect::<Vec<_>>());
+        // An encrypted profile's VMM reads its keys from stdin, booted or restored.
+        for launch in [
+            Launch::Boot {
+                config: "/s/vm.toml".into(),
+            },
+            Launch::Restore {
+                dir: "/s/snap".into(),
+                serial: "/s/serial.log".into(),
+                vsock: "/s/v.sock".into(),
+                disks: vec!["/s/d.img".into()],
+            },
+        ] {
+            for jail in [None, Some(&jail)] {
+                let a = vmm_args(&launch, Path::new("/s/api.sock"), false, true, jail);
+                assert!(a.contains(&OsString::from("--disk-keys-stdin")), "{a:?}");
+            }
+        }
     }
 
     #[test]

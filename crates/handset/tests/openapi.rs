@@ -224,11 +224,12 @@ fn answers_match_the_documented_schemas() {
         checked_call(&doc, &c, method, url, route, body)
     };
     call("GET", "/v1/handset", "/v1/handset", None);
+    // Encrypted at rest: the policy applied below asks for it.
     let created = call(
         "POST",
         "/v1/profiles",
         "/v1/profiles",
-        Some(json!({"name": "work", "template": "work"})),
+        Some(json!({"name": "work", "template": "work", "encrypt_at_rest": true})),
     );
     assert_eq!(created.status, 201);
     let spec = json!({"spec": {"name": "lab", "kernel": "probe", "memory_mib": 96,

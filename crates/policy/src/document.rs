@@ -130,7 +130,8 @@ pub struct NetRule {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoragePolicy {
-    /// Disks and snapshot memory encrypted at rest (not enforced yet: see `docs/policy.md`).
+    /// The profile's disks encrypted at rest: a profile created without `encrypt_at_rest` may
+    /// not start or resume (see `docs/policy.md`; snapshot memory is not encrypted yet).
     #[serde(default)]
     pub encrypt_at_rest: bool,
 }

@@ -343,6 +343,14 @@ fn write_file(
         vsock_cid: row.vsock_cid,
         exported_by: format!("pocketvisor {}", env!("CARGO_PKG_VERSION")),
         spec: spec.clone(),
+        // Opened with this handset's device key; inside the file it is sealed with the rest
+        // of the manifest, and the importer wraps it under its own.
+        data_key: spec
+            .encrypt_at_rest
+            .then(|| handset::disk_keys::load_profile_key(dir, name))
+            .transpose()
+            .with_context(|| format!("cannot export {name:?}"))?
+            .map(layout::TravellingKey),
     };
     let manifest = Manifest::new(
         name,

@@ -335,6 +335,12 @@ fn import(a: &ImportArgs, dir: &StateDir, audited: &mut bool) -> Result<i32> {
         };
         handset::state_dir::write_atomic(&staging.join(SPEC_ENTRY), spec.to_toml()?.as_bytes())?;
     }
+    // An encrypted profile's data key, wrapped under this handset's device key for the name
+    // it is imported under (the file's copy was sealed under the file's key).
+    if let Some(key) = &config.data_key {
+        handset::disk_keys::store_profile_key(dir, &staging, &name, &key.0)
+            .context("cannot store the profile's data key")?;
+    }
     handset::fault::kill_point("import-staged");
     let run = staging.join("run");
     std::fs::create_dir(&run).with_context(|| format!("cannot create {}", run.display()))?;

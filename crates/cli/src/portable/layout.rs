@@ -59,6 +59,55 @@ pub struct ProfileConfig {
     pub exported_by: String,
     /// The profile spec (the same as the `profile.toml` entry).
     pub spec: ProfileSpec,
+    /// An encrypted profile's disk data key (`spec.encrypt_at_rest`), in clear inside the
+    /// file's encrypted manifest: the importing handset wraps it under its own device key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_key: Option<TravellingKey>,
+}
+
+/// A disk data key inside a `.pvp` manifest: 128 hex digits, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TravellingKey(pub handset::disk_keys::DiskKeyBytes);
+
+impl std::fmt::Debug for TravellingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TravellingKey(..)")
+    }
+}
+
+impl Serialize for TravellingKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut text = zeroize::Zeroizing::new(String::with_capacity(2 * self.0.len()));
+        for b in self.0.iter() {
+            use std::fmt::Write;
+            let _ = write!(text, "{b:02x}");
+        }
+        s.serialize_str(&text)
+    }
+}
+
+impl<'de> Deserialize<'de> for TravellingKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use handset::disk_keys::DISK_KEY_LEN;
+        let text = zeroize::Zeroizing::new(String::deserialize(d)?);
+        let bad = || serde::de::Error::custom("a data key is 128 lower-case hex digits");
+        if text.len() != 2 * DISK_KEY_LEN {
+            return Err(bad());
+        }
+        let mut key = zeroize::Zeroizing::new([0u8; DISK_KEY_LEN]);
+        for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+            let digit = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(h), Some(l)) => key[i] = h << 4 | l,
+                _ => return Err(bad()),
+            }
+        }
+        Ok(TravellingKey(key))
+    }
 }
 
 impl ProfileConfig {
@@ -77,6 +126,17 @@ impl ProfileConfig {
         c.spec
             .validate()
             .context("the file's profile spec is invalid")?;
+        if c.spec.encrypt_at_rest != c.data_key.is_some() {
+            bail!(
+                "the file's profile is {}encrypted at rest but the file {} its data key",
+                if c.spec.encrypt_at_rest { "" } else { "not " },
+                if c.data_key.is_some() {
+                    "carries"
+                } else {
+                    "does not carry"
+                }
+            );
+        }
         Ok(c)
     }
 
@@ -270,6 +330,31 @@ mod tests {
             exported_by: "test".into(),
             spec: ProfileSpec::from_template("work", "w", handset::spec::TemplateBoot::Probe)
                 .unwrap(),
+            data_key: None,
+        }
+    }
+
+    #[test]
+    fn an_encrypted_profile_carries_its_data_key_and_only_then() {
+        let mut c = config(SavedState::Stopped);
+        c.spec.encrypt_at_rest = true;
+        let key: [u8; 64] = std::array::from_fn(|i| u8::try_from(i).unwrap());
+        let v = serde_json::to_value(&c).unwrap();
+        let e = ProfileConfig::from_manifest(&v).unwrap_err();
+        assert!(e.to_string().contains("does not carry"), "{e}");
+        c.data_key = Some(TravellingKey(zeroize::Zeroizing::new(key)));
+        assert_eq!(format!("{:?}", c.data_key), "Some(TravellingKey(..))");
+        let v = serde_json::to_value(&c).unwrap();
+        let back = ProfileConfig::from_manifest(&v).unwrap();
+        assert_eq!(*back.data_key.unwrap().0, key);
+        // A key without encryption, or a damaged key, is refused.
+        let mut plain = v.clone();
+        plain["spec"]["encrypt_at_rest"] = false.into();
+        assert!(ProfileConfig::from_manifest(&plain).is_err());
+        for bad in ["00", &"g".repeat(128), &"AB".repeat(64)] {
+            let mut damaged = v.clone();
+            damaged["data_key"] = bad.into();
+            assert!(ProfileConfig::from_manifest(&damaged).is_err(), "{bad}");
         }
     }
 

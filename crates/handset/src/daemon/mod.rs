@@ -322,6 +322,8 @@ impl Handset {
             let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
             self.registry.check_guest_files(&cfg)?;
             crate::org_policy::check_start(self.dir(), name, &spec, &cfg, policy::unix_now())?;
+            // An encrypted profile starts only with its data key (opened again at launch).
+            crate::disk_keys::keys_for_vmm(self.dir(), &spec)?;
             Ok((spec, cfg))
         })();
         let (spec, cfg) =
@@ -707,7 +709,8 @@ impl Handset {
             for d in &spec.disks {
                 state_dir::check_regular_file("disk", &self.dir().disk(name, &d.name))?;
             }
-            crate::org_policy::check_resume(self.dir(), name, policy::unix_now())?;
+            crate::org_policy::check_resume_spec(self.dir(), name, &spec, policy::unix_now())?;
+            crate::disk_keys::keys_for_vmm(self.dir(), &spec)?;
             Ok(spec)
         })();
         let spec =

@@ -262,8 +262,18 @@ impl Registry {
             std::fs::create_dir_all(self.dir.run(name))
                 .map_err(Error::io(format!("cannot create {}", dir.display())))?;
             let mut spec = spec.clone();
+            // The data key first, stored wrapped before any disk holds data under it.
+            let profile_key = spec
+                .encrypt_at_rest
+                .then(|| crate::disk_keys::create_profile_key(&self.dir, name))
+                .transpose()?;
             for d in &mut spec.disks {
                 let path = self.dir.disk(name, &d.name);
+                let cipher = profile_key
+                    .as_ref()
+                    .map(|k| crate::disk_keys::disk_key(k, &d.name))
+                    .transpose()?
+                    .map(|k| crate::disk_crypt::SectorCipher::new(&k));
                 match &d.image {
                     None => {
                         d.image_sha256 = None;
@@ -274,6 +284,7 @@ impl Registry {
                             &path,
                             &self.dir.asset(image),
                             d.size_mib,
+                            cipher.as_ref(),
                         )?;
                         d.size_mib = copied.size_mib;
                         d.image_sha256 = Some(copied.sha256);
@@ -400,7 +411,7 @@ impl Registry {
             .map(|d| DiskConfig {
                 path: self.dir.disk(name, &d.name),
                 read_only: d.read_only,
-                encrypted: false,
+                encrypted: spec.encrypt_at_rest,
                 key: None,
             })
             .collect();

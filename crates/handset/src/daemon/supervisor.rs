@@ -172,9 +172,18 @@ impl Handset {
             },
         });
         let jailer_cgroup = jail.as_ref().is_some_and(|j| j.cgroup.is_some());
-        let args = vmm_proc::vmm_args(launch, &api, spec.screen, jail.as_ref());
+        // An encrypted profile's disk keys, unwrapped for this launch only.
+        let keys = crate::disk_keys::keys_for_vmm(dir, spec)?;
+        let args = vmm_proc::vmm_args(launch, &api, spec.screen, keys.is_some(), jail.as_ref());
         let log = dir.vmm_log(name);
-        let mut child = vmm_proc::spawn(&self.opts.vmm_bin, &args, &log)?;
+        let mut child = vmm_proc::spawn(
+            &self.opts.vmm_bin,
+            &args,
+            &log,
+            keys.as_deref().map(|k| &k[..]),
+        )
+        .await?;
+        drop(keys);
         let pid = child
             .id()
             .and_then(|p| i32::try_from(p).ok())

@@ -104,6 +104,9 @@ pub struct RestoreOverrides {
     pub vsock_socket: Option<PathBuf>,
     /// TAP names, replacing the saved ones in order.
     pub taps: Vec<String>,
+    /// The data keys of the saved configuration's encrypted disks, by disk position (None for
+    /// a plain disk). Keys are never in a snapshot: an encrypted disk restores only with one.
+    pub disk_keys: Vec<Option<vmm_api::config::DiskKeyMaterial>>,
 }
 
 fn snap_err(e: impl std::fmt::Display) -> Error {
@@ -480,6 +483,18 @@ fn apply_overrides(cfg: &mut VmConfig, o: &RestoreOverrides) -> Result<(), Error
     }
     for (d, p) in cfg.disks.iter_mut().zip(&o.disks) {
         d.path = p.clone();
+    }
+    if o.disk_keys.len() > cfg.disks.len() {
+        return Err(Error::Config(format!(
+            "{} disk keys given, the snapshot has {} disks",
+            o.disk_keys.len(),
+            cfg.disks.len()
+        )));
+    }
+    for (d, k) in cfg.disks.iter_mut().zip(&o.disk_keys) {
+        if k.is_some() {
+            d.key = k.clone();
+        }
     }
     if o.taps.len() > cfg.net.len() {
         return Err(Error::Config(format!(
