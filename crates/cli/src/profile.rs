@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use handset::client::Client;
 use handset::{CreateProfile, Event, ProfileInfo, ProfileSpec};
+use zeroize::Zeroizing;
 
 /// Manage the handset's profiles through the daemon.
 #[derive(Args, Debug)]
@@ -32,6 +33,51 @@ pub struct ProfileArgs {
     pub(crate) json: bool,
     #[command(subcommand)]
     cmd: ProfileCmd,
+}
+
+/// `profile passcode ...`.
+#[derive(Subcommand, Debug)]
+enum PasscodeCmd {
+    /// Set (or replace) an unlocked profile's passcode (4 to 1024 bytes, hashed with argon2id).
+    #[command(after_help = "\
+Read from the terminal without echo (typed twice), else the first line of stdin, or of
+--passcode-file. A locked profile's passcode cannot be changed.")]
+    Set {
+        /// Profile name.
+        name: String,
+        /// Read the passcode from the first line of FILE (tests, scripts).
+        #[arg(long, value_name = "FILE")]
+        passcode_file: Option<PathBuf>,
+    },
+}
+
+/// A passcode from the first line of `file`, else typed at the terminal without echo (twice
+/// if `confirm`), else the first line of stdin.
+fn read_passcode(file: Option<&std::path::Path>, confirm: bool) -> Result<Zeroizing<String>> {
+    let first_line = |mut text: Zeroizing<String>| {
+        let end = text.find(['\n', '\r']).unwrap_or(text.len());
+        text.truncate(end);
+        text
+    };
+    if let Some(f) = file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the passcode file {}", f.display()))?;
+        return Ok(first_line(Zeroizing::new(text)));
+    }
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let code = crate::portable::secret::prompt("Passcode: ")?;
+        if confirm {
+            let again = crate::portable::secret::prompt("Passcode again: ")?;
+            if *again != *code {
+                anyhow::bail!("the passcodes differ");
+            }
+        }
+        return Ok(code);
+    }
+    let mut line = Zeroizing::new(String::new());
+    std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut line)
+        .context("cannot read the passcode from stdin")?;
+    Ok(first_line(line))
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +218,45 @@ which a switch runs again).")]
     Unpause {
         /// Profile name.
         name: String,
+    },
+    /// Lock a profile: it is paused (if it runs) and refuses start, resume, unpause, switch,
+    /// screenshots, viewing, its console and channel transfers until it is unlocked with its
+    /// passcode. The lock survives a daemon restart.
+    #[command(after_help = "\
+The profile needs a passcode first (`profile passcode set NAME`). Exit status 4 for a refusal
+(a wrong passcode, an attempt made before its wait), 3 for an unknown profile.")]
+    Lock {
+        /// Profile name.
+        name: String,
+    },
+    /// Unlock a locked profile with its passcode (a guest the lock paused runs again).
+    #[command(after_help = "\
+The passcode is read from the terminal without echo, else the first line of stdin, or of
+--passcode-file. After 3 failed attempts each further attempt waits (1 s, doubling to 300 s,
+counted from the last failure and kept across daemon restarts); one made sooner is refused
+without being tried. A refusal exits with status 4.")]
+    Unlock {
+        /// Profile name.
+        name: String,
+        /// Read the passcode from the first line of FILE (tests, scripts).
+        #[arg(long, value_name = "FILE")]
+        passcode_file: Option<PathBuf>,
+    },
+    /// Wipe a profile: its VMM ended if it runs, its data key destroyed (overwritten, then
+    /// removed), then all its files deleted. Irreversible.
+    #[command(after_help = "\
+For a profile encrypted at rest (created with --encrypt) the wipe is a crypto-erase: a copy of
+its disks taken before no longer opens on this handset. A plain profile's files are only
+deleted (a copy taken before stays readable); the output says which. A daemon killed during a
+wipe finishes it at its next start. An exported .pvp file carries its own copy of the key.")]
+    Wipe {
+        /// Profile name.
+        name: String,
+    },
+    /// A profile's passcode (what unlocks it).
+    Passcode {
+        #[command(subcommand)]
+        cmd: PasscodeCmd,
     },
     /// Delete a stopped or failed profile with its disks.
     #[command(after_help = "\
@@ -499,13 +584,20 @@ fn table(rows: &[ProfileInfo]) {
     }
 }
 
-/// The DETAIL column: the state's detail and whether an export moved the profile away.
+/// The DETAIL column: the state's detail, whether the profile is locked (beyond a paused
+/// one's `locked` detail) and whether an export moved it away.
 fn detail(p: &ProfileInfo) -> String {
-    match (&p.moved_to, p.detail.is_empty()) {
-        (Some(f), true) => format!("moved to {f}"),
-        (Some(f), false) => format!("{}; moved to {f}", p.detail),
-        (None, _) => p.detail.clone(),
+    let mut parts: Vec<String> = Vec::new();
+    if !p.detail.is_empty() {
+        parts.push(p.detail.clone());
     }
+    if p.locked && p.detail != handset::lock::LOCK_PAUSED {
+        parts.push("locked".into());
+    }
+    if let Some(f) = &p.moved_to {
+        parts.push(format!("moved to {f}"));
+    }
+    parts.join("; ")
 }
 
 fn show(p: &ProfileInfo) -> Result<()> {
@@ -712,6 +804,61 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
         ProfileCmd::Switch { name } => lifecycle(&c, json, &name, "switch", "")?,
         ProfileCmd::Pause { name } => lifecycle(&c, json, &name, "pause", "")?,
         ProfileCmd::Unpause { name } => lifecycle(&c, json, &name, "unpause", "")?,
+        ProfileCmd::Wipe { name } => {
+            let w: handset::daemon::wipe::Wiped =
+                c.call("POST", &format!("/v1/profiles/{name}/wipe"), none)?;
+            if json {
+                print_json(&w)?;
+            } else if w.crypto_erased {
+                outln!("{name} wiped: its data key destroyed, its files deleted");
+            } else {
+                outln!(
+                    "{name} wiped: its files deleted (it was not encrypted at rest: a copy \
+                     taken before stays readable)"
+                );
+            }
+        }
+        ProfileCmd::Lock { name } => {
+            let p: ProfileInfo = c.call("POST", &format!("/v1/profiles/{name}/lock"), none)?;
+            if json {
+                print_json(&p)?;
+            } else {
+                outln!("{name} is locked ({})", p.state.as_str());
+            }
+        }
+        ProfileCmd::Unlock {
+            name,
+            passcode_file,
+        } => {
+            let body = handset::api_types::Passcode {
+                passcode: read_passcode(passcode_file.as_deref(), false)?,
+            };
+            let p: ProfileInfo =
+                c.call("POST", &format!("/v1/profiles/{name}/unlock"), Some(&body))?;
+            if json {
+                print_json(&p)?;
+            } else {
+                outln!("{name} is unlocked ({})", p.state.as_str());
+            }
+        }
+        ProfileCmd::Passcode {
+            cmd:
+                PasscodeCmd::Set {
+                    name,
+                    passcode_file,
+                },
+        } => {
+            let body = handset::api_types::Passcode {
+                passcode: read_passcode(passcode_file.as_deref(), true)?,
+            };
+            let _: serde_json::Value =
+                c.call("PUT", &format!("/v1/profiles/{name}/passcode"), Some(&body))?;
+            if json {
+                print_json(&serde_json::json!({"name": name, "passcode": "set"}))?;
+            } else {
+                outln!("{name}: passcode set");
+            }
+        }
         ProfileCmd::Screenshot { name, output } => {
             crate::screenshot::ImageFormat::for_path(&output)?;
             let answer: serde_json::Value =

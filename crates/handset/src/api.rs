@@ -17,7 +17,8 @@ use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use axum::{Json, Router};
 
 use crate::api_types::{
-    CreateProfile, DeleteQuery, ErrorBody, EventsQuery, LimitQuery, ReclaimQuery, StopQuery,
+    CreateProfile, DeleteQuery, ErrorBody, EventsQuery, LimitQuery, Passcode, ReclaimQuery,
+    StopQuery,
 };
 use crate::daemon::Handset;
 use crate::db::Log;
@@ -85,6 +86,14 @@ pub enum Op {
     FilePush,
     /// Read a file from a profile's agent inbox.
     FilePull,
+    /// Lock a profile (paused until its passcode unlocks it).
+    Lock,
+    /// Unlock a profile with its passcode.
+    Unlock,
+    /// Set a profile's passcode.
+    Passcode,
+    /// Crypto-erase and delete a profile.
+    Wipe,
 }
 
 /// One route.
@@ -133,6 +142,10 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/profiles/{name}/clipboard", Op::ClipboardGet),
     r("PUT", "/v1/profiles/{name}/files/{file}", Op::FilePush),
     r("GET", "/v1/profiles/{name}/files/{file}", Op::FilePull),
+    r("POST", "/v1/profiles/{name}/lock", Op::Lock),
+    r("POST", "/v1/profiles/{name}/unlock", Op::Unlock),
+    r("PUT", "/v1/profiles/{name}/passcode", Op::Passcode),
+    r("POST", "/v1/profiles/{name}/wipe", Op::Wipe),
 ];
 
 type Hs = Arc<Handset>;
@@ -339,6 +352,39 @@ async fn stop(
 }
 
 lifecycle!(suspend, "suspend");
+lifecycle!(lock, "lock");
+
+async fn unlock(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    body: Result<Json<Passcode>, JsonRejection>,
+) -> ApiResult<crate::ProfileInfo> {
+    let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let r = h.unlock(&name, req.passcode).await;
+    Ok(Json(audited(&h, peer, &name, "unlock", r)?))
+}
+
+async fn wipe(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::daemon::wipe::Wiped> {
+    let r = h.wipe(&name).await;
+    Ok(Json(audited(&h, peer, &name, "wipe-request", r)?))
+}
+
+async fn set_passcode(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    body: Result<Json<Passcode>, JsonRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let r = h.set_passcode(&name, req.passcode).await;
+    audited(&h, peer, &name, "passcode-set", r)?;
+    Ok(StatusCode::NO_CONTENT)
+}
 lifecycle!(switch, "switch");
 lifecycle!(pause, "pause");
 lifecycle!(unpause, "unpause");
@@ -450,6 +496,10 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::FilePush => put(crate::host_channels::file_push)
             .layer(DefaultBodyLimit::max(crate::host_channels::PUSH_BODY_MAX)),
         Op::FilePull => get(crate::host_channels::file_pull),
+        Op::Lock => post(lock),
+        Op::Unlock => post(unlock),
+        Op::Passcode => put(set_passcode),
+        Op::Wipe => post(wipe),
     }
 }
 

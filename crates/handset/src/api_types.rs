@@ -189,6 +189,20 @@ impl CreateProfile {
     }
 }
 
+/// `POST /v1/profiles/{name}/unlock` and `PUT /v1/profiles/{name}/passcode`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Passcode {
+    /// The passcode (4 to 1024 bytes; never logged or stored in clear).
+    pub passcode: zeroize::Zeroizing<String>,
+}
+
+impl std::fmt::Debug for Passcode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passcode(..)")
+    }
+}
+
 /// A profile as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProfileInfo {
@@ -221,6 +235,9 @@ pub struct ProfileInfo {
     /// VMM).
     #[serde(default)]
     pub agent: Option<crate::agents::AgentStatus>,
+    /// Locked: paused until its passcode unlocks it (`profile unlock`).
+    #[serde(default)]
+    pub locked: bool,
     /// The profile spec.
     pub spec: ProfileSpec,
 }

@@ -467,6 +467,10 @@ async fn transfer(
     let t0 = Instant::now();
     let from_info = h.show(from)?;
     let to_info = h.show(to)?;
+    // A locked profile reaches no channel, whatever the rules.
+    for p in [from, to] {
+        h.refuse_if_locked(p, "a channel transfer")?;
+    }
     // A profile with an IT policy in force is governed by its channel lists, not its spec's.
     let mut from_spec = from_info.spec.clone();
     let mut to_spec = to_info.spec.clone();

@@ -147,6 +147,7 @@ pub async fn attach(
 /// The profile's VMM pid if it has a console to attach to and the request asks to.
 fn check(h: &Handset, name: &str, headers: &HeaderMap) -> Result<Option<i32>, Error> {
     let info = h.show(name)?;
+    h.refuse_if_locked(name, "the console")?;
     if !wants_console(headers) {
         return Err(Error::UpgradeRequired(format!(
             "the console is a byte stream: ask with `Connection: Upgrade` and `Upgrade: \

@@ -43,7 +43,9 @@ mod tests {
     #[test]
     fn the_vmm_decrypts_what_the_handset_encrypts() {
         let key: [u8; DISK_KEY_LEN] = std::array::from_fn(|i| u8::try_from(i * 13 % 251).unwrap());
-        let plain: Vec<u8> = (0..4 * SECTOR).map(|i| u8::try_from(i % 7).unwrap()).collect();
+        let plain: Vec<u8> = (0..4 * SECTOR)
+            .map(|i| u8::try_from(i % 7).unwrap())
+            .collect();
         let mut area = plain.clone();
         SectorCipher::new(&key).encrypt(&mut area, 10);
         assert_ne!(area, plain);

@@ -104,6 +104,8 @@ impl HostCall<'_> {
             check_file_name(n)?;
         }
         let info = h.show(profile)?;
+        // A locked profile reaches no channel, whatever its rules.
+        h.refuse_if_locked(profile, "a channel transfer")?;
         let mut spec = info.spec.clone();
         spec.channels = crate::org_policy::effective_channels(h.dir(), &spec)?;
         let decision = decide_host(self.kind, self.way, &spec);

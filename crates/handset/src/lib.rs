@@ -32,6 +32,9 @@
 //!                                   ciphertext with `encrypt_at_rest`)
 //!     disk.key                      with `encrypt_at_rest`: the profile's disk data key,
 //!                                   wrapped under `device.key` ([`disk_keys`])
+//!     .wiping                       a wipe under way ([`wipe`]: finished by the next daemon)
+//!     lock.json                     locked or not, the passcode's argon2id hash, failed
+//!                                   unlock attempts ([`lock`]); absent: unlocked, no passcode
 //!     run/                          only while a VMM runs (emptied at each start):
 //!       api.sock                      the VMM's control socket (JSON lines)
 //!       vsock.sock                    the guest's vsock host socket (Firecracker protocol)
@@ -86,6 +89,7 @@ pub mod exports;
 pub mod fault;
 pub mod host_channels;
 pub mod leftovers;
+pub mod lock;
 pub mod moved;
 pub mod net_drops;
 pub mod org_policy;
@@ -96,6 +100,7 @@ pub mod secret_file;
 pub mod spec;
 pub mod state_dir;
 pub mod vmm_proc;
+pub mod wipe;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};

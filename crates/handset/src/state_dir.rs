@@ -75,6 +75,11 @@ impl StateDir {
     pub fn data_key(&self, name: &str) -> PathBuf {
         self.profile(name).join(DATA_KEY_FILE)
     }
+    /// `profiles/<name>/lock.json`: whether the profile is locked, its passcode hash and its
+    /// failed unlock attempts ([`crate::lock`]).
+    pub fn lock_state(&self, name: &str) -> PathBuf {
+        self.profile(name).join("lock.json")
+    }
     /// `jail/` (the jailer's per-profile root directories while jailed VMMs run).
     pub fn jail_root(&self) -> PathBuf {
         self.root.join("jail")

@@ -289,3 +289,92 @@ fn a_policy_that_asks_for_encryption_refuses_a_plain_profile() {
         assert!(line.contains("sector0_fnv="), "{line}");
     }
 }
+
+#[test]
+fn a_wipe_crypto_erases_first_and_a_killed_wipe_finishes_at_the_next_start() {
+    if !can_run_vms("a_wipe_crypto_erases_first") {
+        return;
+    }
+    let want = marker_fnv();
+    let mut d = Daemon::start("wipe");
+    // The guest writes its marker at sector 0 and powers off.
+    create(&d, "work", "pv.tests=blk pv.blk.write=0", true);
+    d.act("work", "start").unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || d.show("work").state.as_str()
+            == "stopped"),
+        "{}",
+        d.serial("work")
+    );
+    assert!(d.serial("work").contains("wrote=0"), "{}", d.serial("work"));
+    let copy = std::fs::read(disk(&d, "work")).unwrap();
+    assert!(!holds_marker(&copy));
+    let out = d.cli(&["wipe", "work"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("data key destroyed"));
+    assert!(!d.dir.join("profiles/work").exists());
+    assert!(d.show_all_names().is_empty());
+    let audit: Vec<handset::Event> = d
+        .client()
+        .call("GET", "/v1/audit?limit=100", None::<&()>)
+        .unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|a| a.event == "wipe" && a.detail.starts_with("crypto-erased")),
+        "{audit:?}"
+    );
+    // The copy taken before the wipe: a new profile of the same name (a new key) reads noise.
+    create(&d, "work", "pv.tests=blk", true);
+    std::fs::write(disk(&d, "work"), &copy).unwrap();
+    let line = boot_blk_test(&d, "work");
+    assert!(
+        line.contains("sector0_fnv=") && !line.contains(&want),
+        "{line}"
+    );
+
+    // Killed at each step of a wipe, the next daemon finishes it: the key gone, then the
+    // profile.
+    for point in [
+        "wipe-marked",
+        "wipe-overwritten",
+        "wipe-erased",
+        "delete-renamed",
+    ] {
+        d.kill9();
+        d.env = vec![(handset::fault::KILL_AT_VAR.to_string(), point.to_string())];
+        d.spawn();
+        create(&d, "doomed", "pv.tests=blk", true);
+        let key = d.dir.join("profiles/doomed/disk.key");
+        let wrapped = std::fs::read(&key).unwrap();
+        let _ = d.cli(&["wipe", "doomed"]);
+        assert!(
+            wait_until(Duration::from_secs(10), || d
+                .child
+                .as_mut()
+                .unwrap()
+                .try_wait()
+                .unwrap()
+                .is_some()),
+            "{point}: the daemon was not killed"
+        );
+        d.child = None;
+        // Up to its kill point the key is there, or overwritten: never the old one intact
+        // once the overwrite ran.
+        if point != "wipe-marked" {
+            assert_ne!(std::fs::read(&key).ok(), Some(wrapped.clone()), "{point}");
+        }
+        d.env.clear();
+        d.spawn();
+        assert!(
+            !d.show_all_names().contains(&"doomed".to_string()),
+            "{point}: the wipe was not finished"
+        );
+        assert!(!d.dir.join("profiles/doomed").exists(), "{point}");
+        assert!(!d.dir.join("profiles/.deleting-doomed").exists(), "{point}");
+    }
+}

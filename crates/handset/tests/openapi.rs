@@ -361,6 +361,76 @@ fn answers_match_the_documented_schemas() {
     assert_eq!(st["policy"]["network"]["rules"][0]["ports"], json!("443"));
     assert_eq!(st["screen"]["remote_view"], json!(false));
 
+    // Lock and unlock (a stopped profile: no guest to pause).
+    let lock = |m: &str, path: &str, body| call(m, &path.replace("{name}", "lab"), path, body);
+    assert_eq!(lock("POST", "/v1/profiles/{name}/lock", None).status, 409);
+    let code = json!({"passcode": "2468-lab"});
+    assert_eq!(
+        lock(
+            "PUT",
+            "/v1/profiles/{name}/passcode",
+            Some(json!({"passcode": "1"}))
+        )
+        .status,
+        400
+    );
+    assert_eq!(
+        lock("PUT", "/v1/profiles/{name}/passcode", Some(code.clone())).status,
+        204
+    );
+    let locked = lock("POST", "/v1/profiles/{name}/lock", None);
+    let locked: handset::ProfileInfo = serde_json::from_slice(&locked.body).unwrap();
+    assert!(locked.locked);
+    assert_eq!(
+        lock("POST", "/v1/profiles/{name}/start", None).status,
+        403,
+        "a locked profile starts"
+    );
+    let wrong = json!({"passcode": "1357-lab"});
+    assert_eq!(
+        lock("POST", "/v1/profiles/{name}/unlock", Some(wrong)).status,
+        403
+    );
+    assert_eq!(
+        lock("POST", "/v1/profiles/{name}/unlock", Some(code)).status,
+        200
+    );
+    assert_eq!(
+        lock(
+            "POST",
+            "/v1/profiles/{name}/unlock",
+            Some(json!({"passcode": "2468-lab"}))
+        )
+        .status,
+        409
+    );
+    // A wipe of a profile made for it.
+    let made = call(
+        "POST",
+        "/v1/profiles",
+        "/v1/profiles",
+        Some(json!({"name": "gone", "template": "work", "encrypt_at_rest": true})),
+    );
+    assert_eq!(made.status, 201);
+    let wiped = call(
+        "POST",
+        "/v1/profiles/gone/wipe",
+        "/v1/profiles/{name}/wipe",
+        None,
+    );
+    let wiped: Value = serde_json::from_slice(&wiped.body).unwrap();
+    assert_eq!(wiped, json!({"profile": "gone", "crypto_erased": true}));
+    assert_eq!(
+        call(
+            "POST",
+            "/v1/profiles/gone/wipe",
+            "/v1/profiles/{name}/wipe",
+            None
+        )
+        .status,
+        404
+    );
+
     let list = call("GET", "/v1/profiles", "/v1/profiles", None);
     let v: Vec<handset::ProfileInfo> = serde_json::from_slice(&list.body).unwrap();
     assert_eq!(v.len(), 2);

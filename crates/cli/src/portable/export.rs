@@ -205,6 +205,8 @@ pub fn main(a: ExportArgs) -> Result<i32> {
     let db = Db::open(&dir.db())?;
     let name = a.profile.as_str();
     let mut row = read_row(&db, name, &dir)?;
+    // A locked profile stays here, locked: a copy elsewhere would carry no lock.
+    handset::lock::check_unlocked(&dir, name, "an export")?;
     catch_interrupts();
     // The key first: the guest is not paused while argon2id runs.
     let mut reporter = Reporter::new(a.json, &format!("exporting {name}"));

@@ -11,7 +11,7 @@ pub mod import;
 pub mod keygen;
 mod layout;
 mod progress;
-mod secret;
+pub(crate) mod secret;
 
 pub use export::ExportArgs;
 pub use import::ImportArgs;

@@ -123,7 +123,7 @@ impl Drop for EchoOff<'_> {
 }
 
 /// Asks for a line on the controlling terminal with echo turned off.
-fn prompt(message: &str) -> Result<Zeroizing<String>> {
+pub(crate) fn prompt(message: &str) -> Result<Zeroizing<String>> {
     let tty = OpenOptions::new()
         .read(true)
         .write(true)

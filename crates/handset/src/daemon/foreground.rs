@@ -74,6 +74,7 @@ impl Handset {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
         self.registry.check(name, Event::Switch)?;
+        self.refuse_if_locked(name, "a switch to it")?;
         if !self.supervisor.is_live(name) {
             // Its VMM has just ended; the supervisor is about to record how.
             return Err(Error::Conflict(format!(
@@ -133,7 +134,9 @@ impl Handset {
                 .db()
                 .profile(n)?
                 .map(|r| ProfileState::parse(&r.state));
-            let p = placement(fg == Some(n.as_str()), state, self.user_paused(n)?, &spec);
+            // A locked profile stays paused like one the user paused.
+            let held = self.user_paused(n)? || crate::lock::is_locked(self.registry.dir(), n);
+            let p = placement(fg == Some(n.as_str()), state, held, &spec);
             if let Err(e) = self.cgroups.set_weight(n, p.weight) {
                 tracing::warn!("{n}: {e}");
                 first_err.get_or_insert(e);
@@ -189,6 +192,7 @@ impl Handset {
         };
         let mut any = false;
         for n in names {
+            self.refuse_if_locked(n, "a channel transfer")?;
             if self.user_paused(n)? {
                 return Err(Error::Conflict(format!(
                     "profile {n:?} is paused: `profile unpause {n}` first"

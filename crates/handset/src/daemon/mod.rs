@@ -15,11 +15,13 @@
 mod foreground;
 mod intent;
 pub mod lifecycle;
+mod lock;
 pub mod pause;
 mod registry;
 pub mod settings;
 mod supervisor;
 pub mod view;
+pub mod wipe;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -321,6 +323,7 @@ impl Handset {
             let row = self.registry.row(name)?;
             let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
             self.registry.check_guest_files(&cfg)?;
+            crate::lock::check_unlocked(self.dir(), name, "start")?;
             crate::org_policy::check_start(self.dir(), name, &spec, &cfg, policy::unix_now())?;
             // An encrypted profile starts only with its data key (opened again at launch).
             crate::disk_keys::keys_for_vmm(self.dir(), &spec)?;
@@ -450,6 +453,8 @@ impl Handset {
     /// (`width`, `height`, `flushes`, `rgb` as base64 of red, green, blue bytes row by row).
     pub async fn screenshot(&self, name: &str) -> Result<serde_json::Value> {
         crate::spec::check_name("profile name", name)?;
+        self.registry.row(name)?;
+        self.refuse_if_locked(name, "a screenshot")?;
         if !self.registry.spec(name)?.screen {
             return Err(Error::Conflict(format!(
                 "profile {name} has no screen (screen = true in its spec)"
@@ -560,6 +565,10 @@ impl Handset {
     /// host's RAM for its snapshot), and its resume is refused until a newer policy is
     /// applied. Audited as `policy-lock`. A profile whose suspend fails is stopped.
     pub(crate) async fn enforce_policy_limits(self: &Arc<Self>) {
+        {
+            let _ops = self.ops.lock().await;
+            self.enforce_locks().await;
+        }
         let now = policy::unix_now();
         for name in self.supervisor.names() {
             if crate::org_policy::lock_reason(self.dir(), &name, now).is_none() {
@@ -709,6 +718,7 @@ impl Handset {
             for d in &spec.disks {
                 state_dir::check_regular_file("disk", &self.dir().disk(name, &d.name))?;
             }
+            crate::lock::check_unlocked(self.dir(), name, "resume")?;
             crate::org_policy::check_resume_spec(self.dir(), name, &spec, policy::unix_now())?;
             crate::disk_keys::keys_for_vmm(self.dir(), &spec)?;
             Ok(spec)
@@ -784,6 +794,9 @@ impl Handset {
             self.registry
                 .event(&name, "deleted", "finished after a daemon restart");
         }
+        // A wipe cut short is finished before anything else looks at the profile (its VMM
+        // had ended before the wipe's first step).
+        self.finish_wipes();
         let rows = self.registry.db().profiles()?;
         for row in &rows {
             self.kill_strays(&row.name, row.pid);
@@ -842,6 +855,8 @@ impl Handset {
                 self.registry.apply(&name, Event::Lost, None, &desc)?;
             }
         }
+        // A locked profile adopted running (its daemon died before it paused it) is paused.
+        self.enforce_locks().await;
         self.autostart_locked().await?;
         let fg = self.current_foreground()?;
         match fg {

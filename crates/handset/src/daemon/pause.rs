@@ -42,6 +42,9 @@ impl Handset {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
         self.registry.check(name, event)?;
+        if event == Event::Unpause {
+            self.refuse_if_locked(name, "unpause")?;
+        }
         if event == Event::Unpause && !self.user_paused(name)? {
             return Err(Error::Conflict(format!(
                 "profile {name:?} is paused in the background: switch to it"

@@ -224,6 +224,7 @@ impl Registry {
             rss_kib,
             serial_log: self.dir.serial_log(&row.name).display().to_string(),
             moved_to: self.moved_to(&row.name),
+            locked: crate::lock::is_locked(&self.dir, &row.name),
             agent: None,
             spec,
         })

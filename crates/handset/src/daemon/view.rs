@@ -36,6 +36,7 @@ impl Handset {
     /// The loopback VNC address of running profile `name`'s screen (opened on first use).
     pub async fn view(&self, name: &str) -> Result<ViewInfo> {
         let socket = self.vnc_socket(name)?;
+        self.refuse_if_locked(name, "viewing its screen")?;
         let mut views = self.views.by_profile.lock().await;
         if let Some(addr) = views.get(name) {
             return Ok(ViewInfo {
@@ -50,7 +51,12 @@ impl Handset {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::Internal(format!("{name}'s view address: {e}")))?;
-        tokio::spawn(forward(listener, socket));
+        tokio::spawn(forward(
+            listener,
+            socket,
+            self.dir().clone(),
+            name.to_string(),
+        ));
         views.insert(name.into(), addr);
         Ok(ViewInfo {
             name: name.into(),
@@ -96,8 +102,14 @@ impl Handset {
     }
 }
 
-/// Accepts viewers on `listener` and joins each to the VMM's VNC socket.
-async fn forward(listener: tokio::net::TcpListener, socket: PathBuf) {
+/// Accepts viewers on `listener` and joins each to the VMM's VNC socket; while profile
+/// `name` is locked a viewer is turned away (closed at once).
+async fn forward(
+    listener: tokio::net::TcpListener,
+    socket: PathBuf,
+    dir: crate::state_dir::StateDir,
+    name: String,
+) {
     loop {
         let (mut tcp, _) = match listener.accept().await {
             Ok(c) => c,
@@ -106,6 +118,10 @@ async fn forward(listener: tokio::net::TcpListener, socket: PathBuf) {
                 continue;
             }
         };
+        if crate::lock::is_locked(&dir, &name) {
+            tracing::info!("view of {name}: turned a viewer away, the profile is locked");
+            continue;
+        }
         let socket = socket.clone();
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);

@@ -45,6 +45,18 @@ pub async fn screen(
             "this route is a websocket (Connection: Upgrade, Upgrade: websocket): {e}"
         ))
     })?;
+    if crate::lock::is_locked(h.dir(), &name) {
+        h.audit(
+            &name,
+            "screen",
+            &format!("{peer}: shown the lock notice (the profile is locked)"),
+        );
+        let display = h.display_size(&name)?;
+        return Ok(ws
+            .max_message_size(CLIENT_MESSAGE_MAX)
+            .max_frame_size(CLIENT_MESSAGE_MAX)
+            .on_upgrade(move |ws| notice(ws, display, name, &LOCK_NOTICE)));
+    }
     if peer.is_remote() && !h.screen_rules(&name)?.remote_view {
         h.audit(
             &name,
@@ -55,7 +67,7 @@ pub async fn screen(
         return Ok(ws
             .max_message_size(CLIENT_MESSAGE_MAX)
             .max_frame_size(CLIENT_MESSAGE_MAX)
-            .on_upgrade(move |ws| notice(ws, display, name)));
+            .on_upgrade(move |ws| notice(ws, display, name, &NOTICE)));
     }
     let vmm = UnixStream::connect(&socket).await.map_err(|e| {
         Error::Vmm(format!(
@@ -71,9 +83,18 @@ pub async fn screen(
 /// The lines of the notice a forbidden remote viewer sees.
 pub const NOTICE: [&str; 3] = ["SCREEN NOT SHOWN", "IT POLICY FORBIDS", "REMOTE VIEWING"];
 
-/// Serves the host-drawn notice screen over the websocket until the viewer leaves or errs.
-async fn notice(mut ws: WebSocket, (width, height): (u16, u16), name: String) {
-    let mut session = rfb::notice::NoticeSession::new(width, height, &name, &NOTICE);
+/// The lines of the notice a locked profile's screen shows instead of its guest.
+pub const LOCK_NOTICE: [&str; 3] = ["PROFILE LOCKED", "UNLOCK IT WITH", "ITS PASSCODE"];
+
+/// Serves the host-drawn notice screen (`lines`) over the websocket until the viewer leaves
+/// or errs.
+async fn notice(
+    mut ws: WebSocket,
+    (width, height): (u16, u16),
+    name: String,
+    lines: &'static [&'static str; 3],
+) {
+    let mut session = rfb::notice::NoticeSession::new(width, height, &name, lines);
     let greeting = axum::body::Bytes::from_static(rfb::notice::NoticeSession::greeting());
     if ws.send(Message::Binary(greeting)).await.is_err() {
         return;
