@@ -565,7 +565,12 @@ impl Handset {
     /// host's RAM for its snapshot), and its resume is refused until a newer policy is
     /// applied. Audited as `policy-lock`. A profile whose suspend fails is stopped.
     pub(crate) async fn enforce_policy_limits(self: &Arc<Self>) {
-        {
+        let any_locked = self
+            .supervisor
+            .names()
+            .iter()
+            .any(|n| crate::lock::is_locked(self.dir(), n));
+        if any_locked {
             let _ops = self.ops.lock().await;
             self.enforce_locks().await;
         }
