@@ -167,6 +167,13 @@ fn an_encrypted_profile_keeps_only_ciphertext_on_the_host_and_travels_with_its_k
         !holds_marker(&bytes),
         "the guest's marker is in the host file in clear"
     );
+    // The suspended guest's memory (which holds the marker it wrote) is encrypted too.
+    let memory = std::fs::read(d1.dir.join("profiles/work/snapshot/memory.bin")).unwrap();
+    assert!(memory.iter().any(|&b| b != 0));
+    assert!(
+        !holds_marker(&memory),
+        "the guest's RAM is in the snapshot in clear"
+    );
 
     // Exported suspended (a copy: the profile stays here too).
     let tmp = tempfile::tempdir().unwrap();
@@ -199,6 +206,15 @@ fn an_encrypted_profile_keeps_only_ciphertext_on_the_host_and_travels_with_its_k
     // Booted again, the guest reads its sector 0 back.
     let line = boot_blk_test(&d1, "work");
     assert!(line.contains(&want), "{want} not in {line:?}");
+
+    // (A plain profile's snapshot does hold the marker: the check above would see it.)
+    create(&d1, "plain", "pv.mode=blk-counter pv.counter.ms=50", false);
+    d1.act("plain", "start").unwrap();
+    wait_blk_counter_past(&d1, "plain", None);
+    d1.act("plain", "suspend").unwrap();
+    let memory = std::fs::read(d1.dir.join("profiles/plain/snapshot/memory.bin")).unwrap();
+    assert!(holds_marker(&memory));
+    d1.act("plain", "stop?discard=true").unwrap();
 
     // A copy of the disk file without the key reads as noise.
     let copy = std::fs::read(disk(&d1, "work")).unwrap();

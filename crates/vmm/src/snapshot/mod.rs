@@ -50,7 +50,10 @@ use crate::vm::{build_devices, create_kvm_vm, setup_vm_alongside, Vm};
 use crate::Error;
 use devices::GuestMem;
 use format::{FormatError, Section, SectionKind, Writer};
-use memory::{check_layout, load_memory, save_memory, verify_memory, MemRegion, MemoryDigests};
+use memory::{
+    check_layout, load_encrypted_memory, load_memory, save_memory, verify_memory, MemRegion,
+    MemoryCipher, MemoryDigests,
+};
 use stream::StreamReader;
 
 pub use vmm_api::snapshot_files::{COMPLETE_FILE, CONFIG_FILE, MEMORY_FILE, STATE_FILE};
@@ -223,14 +226,17 @@ impl Vm {
         };
         let mut memory_written = 0;
         let mut memory = MemoryDigests::default();
+        // A VM with an encrypted disk keeps its memory encrypted at rest too.
+        let cipher = memory_cipher(&self.cfg)?;
         write_atomic(dir, MEMORY_FILE, |f, p| {
-            (_, memory_written, memory) = save_memory(&self.mem, f, p)?;
+            (_, memory_written, memory) = save_memory(&self.mem, f, p, cipher.as_ref())?;
             Ok(())
         })?;
         let cfg_json = serde_json::to_vec_pretty(&self.cfg).map_err(snap_err)?;
         let digests = FileDigests {
             memory,
             config_json: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(&cfg_json)),
+            memory_encrypted: cipher.is_some(),
         };
         w.add(SectionKind::Digests, &digests).map_err(snap_err)?;
         let state = w.finish();
@@ -381,12 +387,29 @@ impl Vm {
         let (kvm, vm) = create_kvm_vm(&cfg)?;
         let (arch_platform, mem) = setup_vm_alongside(&vm, &cfg, || {
             let mem = match source {
-                Source::Dir(dir) => load_memory(
-                    &dir.join(MEMORY_FILE),
-                    &snap.memory,
-                    &cfg,
-                    snap.digests.as_ref().map(|d| &d.memory),
-                )?,
+                Source::Dir(dir) => match snap.digests.as_ref().filter(|d| d.memory_encrypted) {
+                    Some(d) => {
+                        let cipher = memory_cipher(&cfg)?.ok_or_else(|| {
+                            Error::Snapshot(
+                                "the snapshot's memory is encrypted but its VM has no                                  encrypted disk"
+                                    .into(),
+                            )
+                        })?;
+                        load_encrypted_memory(
+                            &dir.join(MEMORY_FILE),
+                            &snap.memory,
+                            &cfg,
+                            &d.memory,
+                            &cipher,
+                        )?
+                    }
+                    None => load_memory(
+                        &dir.join(MEMORY_FILE),
+                        &snap.memory,
+                        &cfg,
+                        snap.digests.as_ref().map(|d| &d.memory),
+                    )?,
+                },
                 Source::Stream(r) => r.memory(&snap.memory, &cfg)?,
                 Source::Migrated { mem, .. } => {
                     check_layout(&snap.memory, &cfg)?;
@@ -521,10 +544,38 @@ const COMPLETE_TEXT: &[u8] = b"pocketvisor snapshot v1\n";
 /// The `digests` section: what the other files of a directory snapshot must hash to.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct FileDigests {
-    /// `memory.bin`, piece by piece.
+    /// `memory.bin`, piece by piece (of the plaintext when it is encrypted).
     memory: MemoryDigests,
     /// SHA-256 of `config.json`, lower-case hex.
     config_json: String,
+    /// `memory.bin` is encrypted ([`memory_cipher`]); absent in older snapshots: false.
+    #[serde(default)]
+    memory_encrypted: bool,
+}
+
+/// The cipher of the snapshot memory of a VM with an encrypted disk: a key derived from the
+/// first encrypted disk's (HMAC-SHA512, its own label), so whoever may read the disks may
+/// read the memory, and nobody else. None for a VM without one.
+fn memory_cipher(cfg: &VmConfig) -> Result<Option<MemoryCipher>, Error> {
+    use devices::virtio::block::crypt::DiskKey;
+    use hmac::{Hmac, Mac};
+    let Some(d) = cfg.disks.iter().find(|d| d.encrypted) else {
+        return Ok(None);
+    };
+    let key = d.key.as_ref().ok_or_else(|| {
+        Error::Snapshot(
+            "the snapshot's memory is encrypted under the disks' key, and none was given              (--disk-keys-stdin)"
+                .into(),
+        )
+    })?;
+    let mut mac = <Hmac<sha2::Sha512> as Mac>::new_from_slice(key.as_bytes())
+        .map_err(|e| Error::Snapshot(format!("memory key: {e}")))?;
+    mac.update(b"pocketvisor snapshot memory v1");
+    let mut bytes = mac.finalize().into_bytes();
+    let derived =
+        DiskKey::from_slice(&bytes).map_err(|e| Error::Snapshot(format!("memory key: {e}")));
+    zeroize::Zeroize::zeroize(bytes.as_mut_slice());
+    Ok(Some(MemoryCipher::new(&derived?)))
 }
 
 /// The decoded contents of `state.bin`.
@@ -644,10 +695,12 @@ fn decode_state(bytes: &[u8]) -> Result<Snapshot, Error> {
 }
 
 /// Checks a snapshot directory without building a VM: the marker, the container and every
-/// section decode. Returns the saved configuration.
+/// section decode, and `memory.bin` against its digests unless it is encrypted (then its
+/// digests are of the plaintext, checked as the restore decrypts it). Returns the saved
+/// configuration.
 pub fn inspect(dir: &Path) -> Result<VmConfig, Error> {
     let snap = read_snapshot(dir)?;
-    if let Some(d) = &snap.digests {
+    if let Some(d) = snap.digests.as_ref().filter(|d| !d.memory_encrypted) {
         verify_memory(&dir.join(MEMORY_FILE), &snap.memory, &d.memory)?;
     }
     Ok(snap.config)
@@ -712,7 +765,7 @@ mod tests {
         let mut written = 0;
         let mut digests = MemoryDigests::default();
         write_atomic(&dir, MEMORY_FILE, |f, p| {
-            (regions, written, digests) = save_memory(&mem, f, p)?;
+            (regions, written, digests) = save_memory(&mem, f, p, None)?;
             Ok(())
         })
         .unwrap();
@@ -748,7 +801,7 @@ mod tests {
         let mut written2 = 0;
         let mut digests2 = MemoryDigests::default();
         write_atomic(&again_dir, MEMORY_FILE, |f, p| {
-            (_, written2, digests2) = save_memory(&back, f, p)?;
+            (_, written2, digests2) = save_memory(&back, f, p, None)?;
             Ok(())
         })
         .unwrap();
