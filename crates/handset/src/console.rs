@@ -242,6 +242,9 @@ async fn pump_output<W: AsyncWrite + Unpin>(
         }
         if checked.elapsed() >= STATE_POLL {
             checked = Instant::now();
+            if crate::lock::is_locked(h.dir(), name) {
+                return "the profile was locked".into();
+            }
             // One more read after the VMM is seen gone: its last words are in the log.
             gone = !same_vmm(h, name, pid);
             if gone {

@@ -280,6 +280,11 @@ impl WsBytes {
 /// Connects to profile `name`'s screen websocket and reads one full frame (RGB) of a
 /// `w` x `h` screen (RFB 3.8, security None, Raw).
 fn screen_frame(d: &Daemon, name: &str, w: usize, h: usize) -> Vec<u8> {
+    screen_session(d, name, w, h).1
+}
+
+/// [`screen_frame`], keeping the session open.
+fn screen_session(d: &Daemon, name: &str, w: usize, h: usize) -> (WsBytes, Vec<u8>) {
     let sock = std::os::unix::net::UnixStream::connect(d.dir.join("handset.sock")).unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
@@ -306,10 +311,12 @@ fn screen_frame(d: &Daemon, name: &str, w: usize, h: usize) -> Vec<u8> {
     s.write(&req);
     let head = s.read(16);
     assert_eq!(head[..4], [0, 0, 0, 1], "one rectangle");
-    s.read(w * h * 4)
+    let frame = s
+        .read(w * h * 4)
         .chunks_exact(4)
         .flat_map(|p| [p[2], p[1], p[0]])
-        .collect()
+        .collect();
+    (s, frame)
 }
 
 #[test]
@@ -338,17 +345,58 @@ fn a_locked_profiles_screen_shows_the_hosts_lock_notice() {
         "the probe never drew: {}",
         d.serial("work")
     );
-    let frame = screen_frame(&d, "work", 180, 320);
+    let (mut open_ws, frame) = screen_session(&d, "work", 180, 320);
     assert!(
         frame.chunks_exact(3).any(|p| p == RGB),
         "the guest's screen"
     );
+    // A VNC viewer of `profile view`, connected before the lock.
+    let view: serde_json::Value = d
+        .client()
+        .call("GET", "/v1/profiles/work/view", None::<&()>)
+        .unwrap();
+    let mut vnc = std::net::TcpStream::connect(view["vnc"].as_str().unwrap()).unwrap();
+    vnc.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = [0u8; 12];
+    std::io::Read::read_exact(&mut vnc, &mut greeting).unwrap();
+    assert_eq!(&greeting, b"RFB 003.008\n");
     let code = serde_json::json!({"passcode": "9876-screen"});
     let _: serde_json::Value = d
         .client()
         .call("PUT", "/v1/profiles/work/passcode", Some(&code))
         .unwrap();
     d.act("work", "lock").unwrap();
+    // Sessions opened before the lock end (within a second or so), the VNC one too.
+    let t0 = std::time::Instant::now();
+    let mut rest = [0u8; 64];
+    let ended = match std::io::Read::read(&mut vnc, &mut rest) {
+        Ok(0) => true,
+        Ok(_) => std::io::Read::read(&mut vnc, &mut rest).is_ok_and(|n| n == 0),
+        Err(e) => {
+            e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut
+        }
+    };
+    assert!(ended, "the view of a locked profile goes on");
+    assert!(t0.elapsed() < Duration::from_secs(15));
+    open_ws
+        .ws
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let ws_ended = loop {
+        match open_ws.ws.read() {
+            Ok(tungstenite::Message::Close(_)) => break true,
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                break false
+            }
+            Err(_) => break true,
+        }
+    };
+    assert!(ws_ended, "the screen session of a locked profile goes on");
     let frame = screen_frame(&d, "work", 180, 320);
     let text = frame
         .chunks_exact(3)

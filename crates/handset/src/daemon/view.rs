@@ -102,6 +102,30 @@ impl Handset {
     }
 }
 
+/// How often a viewer's session checks that its profile was not locked meanwhile.
+pub(crate) const LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Runs `session` until it ends or profile `name` is locked (then it is dropped, which
+/// closes its connections); whether it ended by itself.
+pub(crate) async fn until_locked<F: std::future::Future>(
+    session: F,
+    dir: &crate::state_dir::StateDir,
+    name: &str,
+) -> bool {
+    tokio::pin!(session);
+    loop {
+        tokio::select! {
+            _ = &mut session => return true,
+            _ = tokio::time::sleep(LOCK_POLL) => {
+                if crate::lock::is_locked(dir, name) {
+                    tracing::info!("{name} was locked: a screen session ends");
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// Accepts viewers on `listener` and joins each to the VMM's VNC socket; while profile
 /// `name` is locked a viewer is turned away (closed at once).
 async fn forward(
@@ -123,11 +147,13 @@ async fn forward(
             continue;
         }
         let socket = socket.clone();
+        let (dir, name) = (dir.clone(), name.clone());
         tokio::spawn(async move {
             let _ = tcp.set_nodelay(true);
             match tokio::net::UnixStream::connect(&socket).await {
                 Ok(mut vmm) => {
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut vmm).await;
+                    let copy = tokio::io::copy_bidirectional(&mut tcp, &mut vmm);
+                    until_locked(copy, &dir, &name).await;
                 }
                 Err(e) => tracing::info!("view: {} is not serving: {e}", socket.display()),
             }

@@ -74,10 +74,14 @@ pub async fn screen(
             "profile {name}'s VMM is not serving its screen: {e}"
         ))
     })?;
+    let dir = h.dir().clone();
     Ok(ws
         .max_message_size(CLIENT_MESSAGE_MAX)
         .max_frame_size(CLIENT_MESSAGE_MAX)
-        .on_upgrade(move |ws| bridge(ws, vmm)))
+        .on_upgrade(move |ws| async move {
+            // A lock ends the session (dropping both ends closes them).
+            crate::daemon::view::until_locked(bridge(ws, vmm), &dir, &name).await;
+        }))
 }
 
 /// The lines of the notice a forbidden remote viewer sees.
