@@ -1383,7 +1383,9 @@ fn pause_keeps_the_guest_in_memory_until_unpause() {
     let p = d.show("work");
     assert_eq!((p.state, p.detail.as_str()), (ProfileState::Paused, "user"));
     assert_eq!(p.pid, before.pid, "the same VMM keeps the guest");
-    // Paused: the counter does not move (20 ms ticks), also after a switch to it.
+    // Paused: the counter does not move (20 ms ticks), also after a switch to it. (What the
+    // guest printed before the pause may still be on its way to the log: let it land.)
+    std::thread::sleep(Duration::from_millis(300));
     let frozen = last_counter(&d.serial("work"));
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(last_counter(&d.serial("work")), frozen);
