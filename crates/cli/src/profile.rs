@@ -220,8 +220,9 @@ which a switch runs again).")]
         name: String,
     },
     /// Lock a profile: it is paused (if it runs) and refuses start, resume, unpause, switch,
-    /// screenshots, viewing, its console and channel transfers until it is unlocked with its
-    /// passcode. The lock survives a daemon restart.
+    /// screenshots, viewing, its console, channel transfers and export until it is unlocked
+    /// with its passcode; open console and screen sessions end. The lock survives a daemon
+    /// restart.
     #[command(after_help = "\
 The profile needs a passcode first (`profile passcode set NAME`). Exit status 4 for a refusal
 (a wrong passcode, an attempt made before its wait), 3 for an unknown profile.")]

@@ -61,7 +61,8 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "HOST:PORT|unix:PATH", value_parser = crate::vnc::parse_vnc)]
     vnc: Option<crate::vnc::VncAddr>,
     /// Read the 64-byte key of each encrypted disk of the snapshot's configuration, in disk
-    /// order, from stdin, which then ends (keys are never saved in a snapshot).
+    /// order, from stdin, which then ends (keys are never saved in a snapshot; the memory of
+    /// a VM with an encrypted disk is saved encrypted and needs them too).
     #[arg(long)]
     disk_keys_stdin: bool,
 }
