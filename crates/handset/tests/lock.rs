@@ -251,6 +251,16 @@ fn a_locked_profile_is_paused_refuses_everything_and_unlocks_only_with_its_passc
     assert!(audit(&d, "lock")
         .iter()
         .any(|l| l == "paused: the profile is locked"));
+
+    // Suspended while locked (its memory leaves the host's RAM), it does not resume until
+    // unlocked; then it goes on where it was.
+    ok(&d.cli(&["suspend", "work"]), "suspend a locked profile");
+    let msg = refused(&d.cli(&["resume", "work"]), "resume while locked");
+    assert!(msg.contains("locked"), "{msg}");
+    ok(&unlock_with(&d, &right), "unlock a suspended profile");
+    assert_eq!(d.show("work").state.as_str(), "suspended");
+    ok(&d.cli(&["resume", "work"]), "resume");
+    assert!(counter_moves(&d, "work"), "the resumed guest does not run");
 }
 
 /// An RFB stream read from a websocket's binary messages.
