@@ -2,9 +2,9 @@
 //! (little-endian, 128 bits) as the tweak, as dm-crypt's `aes-xts-plain64` does. The host file
 //! holds only ciphertext; the guest sees plaintext.
 
-use aes::cipher::KeyInit;
-use aes::Aes256;
-use xts_mode::{get_tweak_default, Xts128};
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
+use aes::{Aes256, Block};
 use zeroize::Zeroize;
 
 use super::SECTOR_SIZE;
@@ -66,33 +66,87 @@ impl std::fmt::Debug for DiskKey {
 }
 
 /// AES-256-XTS over whole sectors. The expanded keys are zeroized on drop (`aes`'s `zeroize`).
-pub struct SectorCipher(Xts128<Aes256>);
+///
+/// Each sector's 32 blocks go through AES in one `encrypt_blocks`/`decrypt_blocks` call, so the
+/// AES-NI backend keeps several blocks in flight (one block at a time waits out each round's
+/// latency: about 14x slower here, see bench `disk_crypt`).
+pub struct SectorCipher {
+    data: Aes256,
+    tweak: Aes256,
+}
+
+/// AES blocks in a sector.
+const BLOCKS: usize = SECTOR / 16;
 
 impl SectorCipher {
     /// The cipher for `key`.
     pub fn new(key: &DiskKey) -> SectorCipher {
         let (data, tweak) = key.0.split_at(DISK_KEY_LEN / 2);
         // Both halves are 32 bytes by construction, as `into` needs.
-        let data = Aes256::new(data.into());
-        let tweak = Aes256::new(tweak.into());
-        SectorCipher(Xts128::new(data, tweak))
+        SectorCipher {
+            data: Aes256::new(data.into()),
+            tweak: Aes256::new(tweak.into()),
+        }
     }
 
     /// Encrypts `area` in place; it holds whole sectors, the first of which is `first_sector`.
     pub fn encrypt(&self, area: &mut [u8], first_sector: u64) -> Result<(), CryptError> {
-        check(area)?;
-        self.0
-            .encrypt_area(area, SECTOR, u128::from(first_sector), get_tweak_default);
-        Ok(())
+        self.each_sector(area, first_sector, |blocks| {
+            self.data.encrypt_blocks(blocks)
+        })
     }
 
     /// Decrypts `area` in place; it holds whole sectors, the first of which is `first_sector`.
     pub fn decrypt(&self, area: &mut [u8], first_sector: u64) -> Result<(), CryptError> {
+        self.each_sector(area, first_sector, |blocks| {
+            self.data.decrypt_blocks(blocks)
+        })
+    }
+
+    /// XTS around `aes` for every sector of `area`: each block is XORed with its tweak before
+    /// and after the block cipher; the first tweak is the tweak key's encryption of the sector
+    /// number (128-bit little-endian), each next one the previous times x in GF(2^128).
+    fn each_sector(
+        &self,
+        area: &mut [u8],
+        first_sector: u64,
+        aes: impl Fn(&mut [Block]),
+    ) -> Result<(), CryptError> {
         check(area)?;
-        self.0
-            .decrypt_area(area, SECTOR, u128::from(first_sector), get_tweak_default);
+        let mut blocks = [Block::default(); BLOCKS];
+        let mut tweaks = [0u128; BLOCKS];
+        for (i, sector) in area.chunks_exact_mut(SECTOR).enumerate() {
+            let mut t = GenericArray::from(u128::from(first_sector + i as u64).to_le_bytes());
+            self.tweak.encrypt_block(&mut t);
+            let mut tweak = u128::from_le_bytes(t.into());
+            for ((block, t), bytes) in blocks
+                .iter_mut()
+                .zip(tweaks.iter_mut())
+                .zip(sector.chunks_exact(16))
+            {
+                *t = tweak;
+                let x = u128::from_le_bytes(bytes.try_into().expect("16-byte chunk")) ^ tweak;
+                *block = x.to_le_bytes().into();
+                tweak = times_x(tweak);
+            }
+            aes(&mut blocks);
+            for ((block, t), bytes) in blocks
+                .iter()
+                .zip(tweaks.iter())
+                .zip(sector.chunks_exact_mut(16))
+            {
+                let x = u128::from_le_bytes((*block).into()) ^ t;
+                bytes.copy_from_slice(&x.to_le_bytes());
+            }
+        }
+        blocks.iter_mut().for_each(|b| b.as_mut_slice().zeroize());
         Ok(())
     }
+}
+
+/// Multiplication by x in XTS's GF(2^128) (the little-endian convention of IEEE 1619).
+fn times_x(t: u128) -> u128 {
+    (t << 1) ^ if t >> 127 == 1 { 0x87 } else { 0 }
 }
 
 /// Only whole sectors: a partial one would be left in clear or break XTS's block minimum.
