@@ -1,38 +1,33 @@
 //! Encryption at rest on the host side: a profile's disk image encrypted as it is copied in
-//! from its template image, in the format the VMM's virtio-blk reads
-//! (`devices::virtio::block::crypt`): AES-256-XTS per 512-byte sector, the sector number
-//! (little-endian, 128 bits) as the tweak, as dm-crypt's `aes-xts-plain64`.
+//! from its template image, with the VMM's own cipher (`devices::virtio::block::crypt`:
+//! AES-256-XTS per 512-byte sector, the sector number as the tweak, as dm-crypt's
+//! `aes-xts-plain64`), so the handset writes exactly what virtio-blk reads.
 
-use aes::cipher::KeyInit;
-use aes::Aes256;
-use xts_mode::{get_tweak_default, Xts128};
+use devices::virtio::block::crypt::{DiskKey, SectorCipher as VmmCipher};
 
 use crate::disk_keys::DISK_KEY_LEN;
+use crate::error::Error;
 
 /// Bytes per sector.
 pub const SECTOR: usize = 512;
 
-/// AES-256-XTS over whole sectors (the expanded keys are zeroized on drop, `aes`'s `zeroize`).
-pub struct SectorCipher(Xts128<Aes256>);
+/// AES-256-XTS over whole sectors (the expanded keys are zeroized on drop).
+pub struct SectorCipher(VmmCipher);
 
 impl SectorCipher {
-    /// The cipher of a disk key (data key, then tweak key).
-    pub fn new(key: &[u8; DISK_KEY_LEN]) -> SectorCipher {
-        let (data, tweak) = key.split_at(DISK_KEY_LEN / 2);
-        SectorCipher(Xts128::new(
-            Aes256::new(data.into()),
-            Aes256::new(tweak.into()),
-        ))
+    /// The cipher of a disk key (data key, then tweak key); one with equal halves is refused.
+    pub fn new(key: &[u8; DISK_KEY_LEN]) -> Result<SectorCipher, Error> {
+        let key =
+            DiskKey::from_slice(key).map_err(|e| Error::Internal(format!("disk key: {e}")))?;
+        Ok(SectorCipher(VmmCipher::new(&key)))
     }
 
-    /// Encrypts `area` in place: whole sectors, the first of which is `first_sector`.
-    ///
-    /// # Panics
-    /// Never for a whole number of sectors; callers pad the last one.
-    pub fn encrypt(&self, area: &mut [u8], first_sector: u64) {
-        debug_assert!(area.len().is_multiple_of(SECTOR));
+    /// Encrypts `area` in place: whole sectors (callers pad the last one), the first of which
+    /// is `first_sector`.
+    pub fn encrypt(&self, area: &mut [u8], first_sector: u64) -> Result<(), Error> {
         self.0
-            .encrypt_area(area, SECTOR, u128::from(first_sector), get_tweak_default);
+            .encrypt(area, first_sector)
+            .map_err(|e| Error::Internal(format!("disk encryption: {e}")))
     }
 }
 
@@ -47,7 +42,10 @@ mod tests {
             .map(|i| u8::try_from(i % 7).unwrap())
             .collect();
         let mut area = plain.clone();
-        SectorCipher::new(&key).encrypt(&mut area, 10);
+        SectorCipher::new(&key)
+            .unwrap()
+            .encrypt(&mut area, 10)
+            .unwrap();
         assert_ne!(area, plain);
         // Each sector under its own tweak: equal plaintext sectors differ in the file.
         assert_ne!(area[..SECTOR], area[SECTOR..2 * SECTOR]);

@@ -298,7 +298,7 @@ pub fn create_from_image(
                 use std::io::Write;
                 let padded = n.next_multiple_of(crate::disk_crypt::SECTOR);
                 buf[n..padded].fill(0);
-                c.encrypt(&mut buf[..padded], copied / 512);
+                c.encrypt(&mut buf[..padded], copied / 512)?;
                 dst.write_all(&buf[..padded]).map_err(Error::io(what()))?;
             }
         }
@@ -485,7 +485,8 @@ mod tests {
         let key: [u8; 64] = std::array::from_fn(|i| u8::try_from(i * 3 + 1).unwrap());
         let d = t.path().join("enc.img");
         let plain = create_from_image(&t.path().join("plain.img"), &image, 4, None).unwrap();
-        let made = create_from_image(&d, &image, 4, Some(&SectorCipher::new(&key))).unwrap();
+        let made =
+            create_from_image(&d, &image, 4, Some(&SectorCipher::new(&key).unwrap())).unwrap();
         assert_eq!(made, plain, "same size and plaintext hash");
         let disk = std::fs::read(&d).unwrap();
         assert_eq!(disk.len(), 4 << 20);

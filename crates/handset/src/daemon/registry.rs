@@ -274,7 +274,8 @@ impl Registry {
                     .as_ref()
                     .map(|k| crate::disk_keys::disk_key(k, &d.name))
                     .transpose()?
-                    .map(|k| crate::disk_crypt::SectorCipher::new(&k));
+                    .map(|k| crate::disk_crypt::SectorCipher::new(&k))
+                    .transpose()?;
                 match &d.image {
                     None => {
                         d.image_sha256 = None;
