@@ -527,3 +527,338 @@ fn destination_killed_mid_disk_changes_no_disk_and_the_guest_runs_on_at_the_sour
         temporary_files(&p.dir.0)
     );
 }
+
+/// Two network namespaces joined by a veth pair, the source's end shaped by `tc`; both
+/// namespaces (and with them the veth pair) are deleted on drop, whether the test passed or not.
+struct SlowLink {
+    src: String,
+    dst: String,
+    /// The qdisc the source's end got (netem where the kernel has it, else tbf: rate only).
+    shaped: String,
+}
+
+/// The destination's address on a [`SlowLink`].
+const SLOW_DST_ADDR: &str = "10.213.77.2";
+
+/// Runs `step` (a command and its arguments); Err says what failed and why.
+fn run_step(step: &[&str]) -> Result<(), String> {
+    let out = Command::new(step[0])
+        .args(&step[1..])
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", step[0]))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`{}` failed: {}",
+        step.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    ))
+}
+
+impl SlowLink {
+    /// The link, its source end limited to `rate` (tc syntax, e.g. `8mbit`) with `delay` each
+    /// packet (e.g. `20ms`) by netem; where the kernel has no netem (CONFIG_NET_SCH_NETEM),
+    /// tbf limits the rate and there is no added delay. Err says why it could not be made (no
+    /// `ip` or `tc`, not root, neither qdisc); a later failure panics. `tag` (one letter) keeps
+    /// the links of tests running at once apart.
+    fn new(tag: char, rate: &str, delay: &str) -> Result<SlowLink, String> {
+        let id = std::process::id();
+        let mut link = SlowLink {
+            src: format!("pv-slow-src-{id}{tag}"),
+            dst: format!("pv-slow-dst-{id}{tag}"),
+            shaped: String::new(),
+        };
+        // Interface names have at most 15 bytes.
+        let (vs, vd) = (format!("pvs{id}{tag}"), format!("pvd{id}{tag}"));
+        let (src, dst) = (link.src.clone(), link.dst.clone());
+        let steps: [&[&str]; 9] = [
+            &["ip", "netns", "add", &src],
+            &["ip", "netns", "add", &dst],
+            &[
+                "ip", "link", "add", &vs, "netns", &src, "type", "veth", "peer", "name", &vd,
+                "netns", &dst,
+            ],
+            &[
+                "ip",
+                "-n",
+                &src,
+                "addr",
+                "add",
+                "10.213.77.1/30",
+                "dev",
+                &vs,
+            ],
+            &[
+                "ip",
+                "-n",
+                &dst,
+                "addr",
+                "add",
+                "10.213.77.2/30",
+                "dev",
+                &vd,
+            ],
+            &["ip", "-n", &src, "link", "set", &vs, "up"],
+            &["ip", "-n", &dst, "link", "set", &vd, "up"],
+            &["ip", "-n", &src, "link", "set", "lo", "up"],
+            &["ip", "-n", &dst, "link", "set", "lo", "up"],
+        ];
+        // The first step fails where this is not root or has no ip: skip; later, it is a bug.
+        run_step(steps[0])?;
+        for step in &steps[1..] {
+            run_step(step).unwrap_or_else(|e| panic!("{e}"));
+        }
+        let qdisc = [
+            "ip", "netns", "exec", &src, "tc", "qdisc", "add", "dev", &vs, "root",
+        ];
+        let netem = ["netem", "rate", rate, "delay", delay];
+        let tbf = ["tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"];
+        link.shaped = match run_step(&[&qdisc[..], &netem].concat()) {
+            Ok(()) => netem.join(" "),
+            Err(no_netem) => {
+                run_step(&[&qdisc[..], &tbf].concat())
+                    .map_err(|e| format!("{no_netem}; and {e}"))?;
+                format!(
+                    "{} (no netem in this kernel: no added delay)",
+                    tbf.join(" ")
+                )
+            }
+        };
+        Ok(link)
+    }
+
+    /// `pocketvisor args` inside the namespace `ns`, its stderr into `stderr`.
+    fn spawn(ns: &str, args: &[String], stderr: &Path) -> Vmm {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns, bin()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(stderr_to(stderr))
+            .spawn()
+            .expect("start pocketvisor in a namespace");
+        // `ip netns exec` execs the command: this pid is pocketvisor's.
+        Vmm(child)
+    }
+}
+
+impl Drop for SlowLink {
+    fn drop(&mut self) {
+        for ns in [&self.src, &self.dst] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The number of the last good `PROBE mem pass n=N ok` in `path` (0 when none); panics on a
+/// bad pass.
+fn last_good_pass(path: &Path) -> u64 {
+    let text = read(path);
+    assert!(!text.contains(" bad "), "a memory check failed:\n{text}");
+    text.lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("PROBE mem pass n=")?;
+            let (n, verdict) = rest.split_once(' ')?;
+            verdict.starts_with("ok").then(|| n.parse().ok())?
+        })
+        .next_back()
+        .unwrap_or(0)
+}
+
+/// Whether the memory checker in `path` completes `passes` more good passes.
+fn keeps_passing(path: &Path, passes: u64) -> bool {
+    let now = last_good_pass(path);
+    wait_until(|| last_good_pass(path) >= now + passes, WAIT * 3)
+}
+
+/// A source and a destination on either side of a [`SlowLink`] (8 Mbit/s, 20 ms).
+struct SlowRun {
+    // Dropped first: the processes end before their namespaces go.
+    source: Vmm,
+    dest: Vmm,
+    dir: Scratch,
+    /// Where the destination listens.
+    addr: String,
+    link: SlowLink,
+}
+
+impl SlowRun {
+    /// The probe with `cmdline` at the source, once `ready` holds for its serial log; None
+    /// (after a SKIP line) without KVM, the probe, or a way to make the link.
+    fn start(
+        tag: char,
+        name: &str,
+        cmdline: &str,
+        ready: impl Fn(&Path) -> bool,
+    ) -> Option<SlowRun> {
+        let probe = common::probe(true)?;
+        let link = match SlowLink::new(tag, "8mbit", "20ms") {
+            Ok(link) => link,
+            Err(why) => {
+                common::skip(&format!(
+                    "no slow link (needs root, iproute2's ip and tc): {why}"
+                ));
+                return None;
+            }
+        };
+        let dir = Scratch::new(SCRATCH, name);
+        // The destination's certificate names its address on the link.
+        let ours = authority();
+        issue(&dir.0, "src", &["source.example"], &ours, &ours);
+        issue(&dir.0, "dst", &[SLOW_DST_ADDR], &ours, &ours);
+        let key = write_key(&dir.path("key"), 7);
+        let source_args = strings(&[
+            "run",
+            "--kernel",
+            probe.to_str().unwrap(),
+            "--cmdline",
+            cmdline,
+            "--memory",
+            "64M",
+            "--serial",
+            &format!("file:{}", dir.path("src.serial").display()),
+            "--api-socket",
+            dir.path("src.sock").to_str().unwrap(),
+        ]);
+        let source = SlowLink::spawn(&link.src, &source_args, &dir.path("src.stderr"));
+        let mut dest_args = strings(&[
+            "receive",
+            "--listen",
+            &format!("{SLOW_DST_ADDR}:0"),
+            "--key",
+            key.to_str().unwrap(),
+            "--serial",
+            &format!("file:{}", dir.path("dst.serial").display()),
+        ]);
+        dest_args.extend(tls_args(&dir.0, "dst"));
+        let dest = SlowLink::spawn(&link.dst, &dest_args, &dir.path("dst.stderr"));
+        let dst_stderr = dir.path("dst.stderr");
+        let listen_line = || {
+            let text = read(&dst_stderr);
+            let rest = text.split("waiting for a migration on ").nth(1)?;
+            let (addr, _) = rest.split_once('\n')?;
+            Some(addr.trim().to_string())
+        };
+        assert!(
+            wait_until(|| listen_line().is_some(), WAIT),
+            "the destination did not listen: {}",
+            read(&dst_stderr)
+        );
+        let addr = listen_line().unwrap();
+        assert!(
+            wait_until(|| ready(&dir.path("src.serial")), WAIT),
+            "the source did not get going: {}",
+            read(&dir.path("src.stderr"))
+        );
+        Some(SlowRun {
+            source,
+            dest,
+            dir,
+            addr,
+            link,
+        })
+    }
+
+    /// `pocketvisor migrate` over the link: its exit status (None if it did not end within
+    /// `limit`) and what it printed.
+    fn migrate(&self, limit: Duration) -> (Option<i32>, String) {
+        let p = |n: &str| self.dir.path(n);
+        let child = Command::new(bin())
+            .args(["migrate", "--api-socket"])
+            .arg(p("src.sock"))
+            .args(["--to", &self.addr, "--key"])
+            .arg(p("key"))
+            .args(tls_args(&self.dir.0, "src"))
+            .stdout(Stdio::from(File::create(p("migrate.out")).unwrap()))
+            .stderr(Stdio::from(File::create(p("migrate.err")).unwrap()))
+            .spawn()
+            .expect("run pocketvisor migrate");
+        let started = std::time::Instant::now();
+        let status = wait_exit(&mut Vmm(child), limit);
+        let said = read(&p("migrate.out")) + &read(&p("migrate.err"));
+        eprintln!(
+            "slow link ({}): {:?}: {said}",
+            self.link.shaped,
+            started.elapsed()
+        );
+        (status, said)
+    }
+}
+
+/// The figure `key=N` in a `migrated ...` line.
+fn figure(said: &str, key: &str) -> u64 {
+    said.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in: {said}"))
+}
+
+#[test]
+fn over_a_slow_link_a_counting_guest_moves_and_counts_on() {
+    let Some(mut r) = SlowRun::start(
+        'c',
+        "slow-count",
+        "pv.mode=counter pv.counter.ms=20",
+        |log| last(log) >= 3,
+    ) else {
+        return;
+    };
+    let (status, said) = r.migrate(Duration::from_secs(180));
+    assert_eq!(status, Some(0), "{said}");
+    assert!(figure(&said, "bytes") > 0, "{said}");
+    assert_eq!(wait_exit(&mut r.source, WAIT), Some(0));
+    let at_source = last(&r.dir.path("src.serial"));
+    let dst_log = r.dir.path("dst.serial");
+    assert!(
+        wait_until(|| last(&dst_log) > at_source + 3, WAIT),
+        "the destination does not count on from {at_source}: {}",
+        read(&r.dir.path("dst.stderr"))
+    );
+}
+
+#[test]
+fn over_a_slow_link_a_busy_guest_converges_throttled_or_is_refused_and_runs_on() {
+    // 2 MiB rewritten after every 20 ms gap (tens of MiB/s): far faster than the link drains.
+    let cmdline = "pv.mode=mem pv.mem.refill=1 pv.mem.mb=2 pv.mem.gap=20";
+    let Some(mut r) = SlowRun::start('b', "slow-busy", cmdline, |log| last_good_pass(log) >= 2)
+    else {
+        return;
+    };
+    let (src_log, dst_log) = (r.dir.path("src.serial"), r.dir.path("dst.serial"));
+    let dst_stderr = r.dir.path("dst.stderr");
+    // At most MAX_ROUNDS rounds of 2 MiB at 1 MB/s after the first (every non-zero page).
+    let (status, said) = r.migrate(Duration::from_secs(300));
+    let (source, dest) = (&mut r.source, &mut r.dest);
+    match status {
+        Some(0) => {
+            // Converged: only by holding the vCPUs back, and the guest checks on there.
+            let throttle = figure(&said, "throttle_percent");
+            assert!(throttle > 0, "converged without throttling: {said}");
+            assert_eq!(wait_exit(source, WAIT), Some(0));
+            assert!(keeps_passing(&dst_log, 2), "{}", read(&dst_stderr));
+        }
+        Some(_) => {
+            assert!(said.contains("did not converge"), "{said}");
+            assert!(said.contains("the guest runs on here"), "{said}");
+            assert_eq!(wait_exit(dest, WAIT), Some(1), "{}", read(&dst_stderr));
+            assert!(
+                source.0.try_wait().unwrap().is_none(),
+                "the source ended: {}",
+                read(&r.dir.path("src.stderr"))
+            );
+            assert!(
+                keeps_passing(&src_log, 2),
+                "the source stopped checking its memory"
+            );
+            assert_eq!(
+                last_good_pass(&dst_log),
+                0,
+                "the guest ran at the destination"
+            );
+        }
+        None => panic!("the migration did not end within 300 s: {said}"),
+    }
+}
