@@ -772,8 +772,9 @@ fn the_arm64_probe_enumerates_pci_over_ecam() {
 
 /// virtio-rng over PCI on arm64: the probe's `rng` test (the x86 test's name and lines)
 /// drives the 1af4:1044 function through the modern virtio-pci transport over ECAM and gets
-/// 32 bytes that are not all the same, noticing completion by polling the used ring (no
-/// MSI-X through the ITS yet: `irq=poll`). Two runs must not return the same bytes.
+/// 32 bytes that are not all the same, the completion taken as an LPI: MSI-X entry 0 points
+/// at the ITS, which the probe programmed to translate the function's requester id
+/// (`irq=msix hits=1`). Two runs must not return the same bytes.
 #[test]
 fn the_arm64_probe_reads_virtio_rng_over_pci() {
     let name = "the_arm64_probe_reads_virtio_rng_over_pci";
@@ -810,15 +811,22 @@ fn the_arm64_probe_reads_virtio_rng_over_pci() {
         assert!(b.chars().all(|c| c.is_ascii_hexdigit()), "{out}");
     }
     assert_ne!(bytes[0], bytes[1], "two runs read the same bytes:\n{out}");
-    assert_eq!(out.matches("PROBE rng irq=poll").count(), 2, "{out}");
+    assert_eq!(
+        out.matches("PROBE rng irq=msix hits=1 polled=0 lpi=8192")
+            .count(),
+        2,
+        "{out}"
+    );
     assert_eq!(out.matches("PROBE done ok").count(), 2, "{out}");
     e2e::host::loud(&format!("{name}: {}", bytes.join(" ")));
 }
 
-/// virtio-blk over PCI on arm64: the probe's `blk` test (the x86 test's name and lines,
-/// completion polled) reads sector 0 of an 8 MiB disk whose first bytes L1 wrote, and with
-/// `pv.blk.write=16` writes 4 KiB of its pattern at sector 16 and reads it back; L1 then
-/// finds the pattern in the image file.
+/// virtio-blk over PCI on arm64: the probe's `blk` test (the x86 test's name and lines)
+/// reads sector 0 of an 8 MiB disk whose first bytes L1 wrote, and with `pv.blk.write=16`
+/// writes 4 KiB of its pattern at sector 16 and reads it back; L1 then finds the pattern in
+/// the image file. Each of the three completions is an LPI through the ITS; an rng function
+/// in the same guest gets the next LPI, so two functions' MSIs (the same address and data)
+/// are told apart only by the device id our MSI routes carry.
 #[test]
 fn the_arm64_probe_reads_and_writes_virtio_blk_over_pci() {
     let name = "the_arm64_probe_reads_and_writes_virtio_blk_over_pci";
@@ -831,7 +839,7 @@ fn the_arm64_probe_reads_and_writes_virtio_blk_over_pci() {
     let script = format!(
         "printf 'pocketvisor-arm64' >disk.img && truncate -s 8M disk.img || exit 9\n\
          '{pv}' run --kernel '{probe}' --memory 64M --disk disk.img \
-         --cmdline 'pv.tests=blk pv.blk.write=16'\n\
+         --rng --cmdline 'pv.tests=blk,rng pv.blk.write=16'\n\
          echo \"PV rc=$?\"\n\
          echo \"PV sector16=$(dd if=disk.img bs=512 skip=16 count=1 2>/dev/null | head -c 24)\"\n",
         pv = pocketvisor_aarch64().display(),
@@ -850,7 +858,14 @@ fn the_arm64_probe_reads_and_writes_virtio_blk_over_pci() {
     let expected =
         format!("PROBE blk ok capacity=16384 ro=0 sector0_fnv={fnv:016x} id=\"\" wrote=16");
     assert!(out.contains(&expected), "no '{expected}':\n{out}");
-    assert!(out.contains("PROBE blk irq=poll"), "{out}");
+    assert!(
+        out.contains("PROBE blk irq=msix hits=3 polled=0 lpi=8192"),
+        "{out}"
+    );
+    assert!(
+        out.contains("PROBE rng irq=msix hits=1 polled=0 lpi=8193"),
+        "{out}"
+    );
     assert!(
         out.contains("PV sector16=pocketvisor-probe-blk:16"),
         "the write did not reach the image:\n{out}"

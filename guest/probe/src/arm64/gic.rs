@@ -88,7 +88,7 @@ fn my_affinity() -> u32 {
 }
 
 /// The base of this CPU's redistributor frame.
-fn my_redistributor() -> Option<usize> {
+pub fn my_redistributor() -> Option<usize> {
     let me = my_affinity();
     for i in 0..GICR_MAX_FRAMES {
         let base = GICR_BASE + i * GICR_FRAME;

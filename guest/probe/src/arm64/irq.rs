@@ -1,5 +1,5 @@
 //! Exception vectors and the interrupt counters: an IRQ is acknowledged (ICC_IAR1_EL1),
-//! counted, and ended (ICC_EOIR1_EL1) by a handler written in assembly, so it touches only
+//! counted (timer, SGI, LPI or other), and ended (ICC_EOIR1_EL1) by a handler written in assembly, so it touches only
 //! the four general registers it saves (no FP/SIMD state of the interrupted code). A virtual
 //! timer tick re-arms the timer for the next tick. Any other exception is reported as a
 //! fault and powers off.
@@ -12,7 +12,13 @@ static PV_TIMER_TICKS: AtomicU64 = AtomicU64::new(0);
 /// SGIs taken.
 #[no_mangle]
 static PV_SGIS: AtomicU64 = AtomicU64::new(0);
-/// Other interrupts taken (neither the timer nor an SGI).
+/// The INTID of the last LPI taken.
+#[no_mangle]
+static PV_LAST_LPI: AtomicU64 = AtomicU64::new(0);
+/// LPIs taken (MSIs translated by the ITS).
+#[no_mangle]
+static PV_LPIS: AtomicU64 = AtomicU64::new(0);
+/// Other interrupts taken (neither the timer, an SGI nor an LPI).
 #[no_mangle]
 static PV_OTHER_IRQS: AtomicU64 = AtomicU64::new(0);
 /// Counter ticks between two timer interrupts (CNTV_TVAL_EL0's reload).
@@ -46,9 +52,13 @@ core::arch::global_asm!(
     "    stp x2, x3, [sp, #16]",
     "    mrs x0, S3_0_C12_C12_0",
     "    and x1, x0, #0xffffff",
+    // INTIDs 1020-8191 are special (1023: spurious) or unused: nothing to EOI. LPIs start at
+    // 8192.
     "    cmp x1, #1020",
-    "    b.hs 9f",
-    "    cmp x1, #27",
+    "    b.lo 5f",
+    "    cmp x1, #8192",
+    "    b.lo 9f",
+    "5:  cmp x1, #27",
     "    b.ne 1f",
     "    adrp x2, PV_TICK_PERIOD",
     "    ldr x3, [x2, :lo12:PV_TICK_PERIOD]",
@@ -61,7 +71,14 @@ core::arch::global_asm!(
     "    adrp x2, PV_SGIS",
     "    add x2, x2, :lo12:PV_SGIS",
     "    b 3f",
-    "2:  adrp x2, PV_OTHER_IRQS",
+    "2:  cmp x1, #8192",
+    "    b.lo 4f",
+    "    adrp x2, PV_LAST_LPI",
+    "    str x1, [x2, :lo12:PV_LAST_LPI]",
+    "    adrp x2, PV_LPIS",
+    "    add x2, x2, :lo12:PV_LPIS",
+    "    b 3f",
+    "4:  adrp x2, PV_OTHER_IRQS",
     "    add x2, x2, :lo12:PV_OTHER_IRQS",
     "3:  ldr x3, [x2]",
     "    add x3, x3, #1",
@@ -107,6 +124,16 @@ pub fn timer_ticks() -> u64 {
 /// SGIs taken so far.
 pub fn sgis() -> u64 {
     PV_SGIS.load(Ordering::SeqCst)
+}
+
+/// LPIs taken so far.
+pub fn lpis() -> u64 {
+    PV_LPIS.load(Ordering::SeqCst)
+}
+
+/// The INTID of the last LPI taken (0 before the first).
+pub fn last_lpi() -> u64 {
+    PV_LAST_LPI.load(Ordering::SeqCst)
 }
 
 /// Other interrupts taken so far.

@@ -10,6 +10,7 @@
 mod fdt;
 mod gic;
 mod irq;
+mod its;
 mod pci;
 mod smp;
 mod uart;

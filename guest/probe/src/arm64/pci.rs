@@ -27,6 +27,21 @@ impl Function {
         unsafe { core::ptr::read_volatile(addr as *const u32) }
     }
 
+    /// Writes the config dword at `off` (aligned down to 4).
+    pub fn write32(&self, off: u16, v: u32) {
+        let addr = self.base + u64::from(off & 0xffc);
+        #[allow(clippy::cast_possible_truncation)]
+        let addr = addr as usize;
+        // SAFETY: as in `read32`.
+        unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+    }
+
+    /// The PCI requester id (bus << 8 | device << 3 | function), the ITS's device id.
+    pub fn requester_id(&self) -> u32 {
+        let (bus, dev, func) = self.bdf;
+        (u32::from(bus) << 8) | (u32::from(dev) << 3) | u32::from(func)
+    }
+
     /// Reads the config byte at `off`.
     pub fn read8(&self, off: u16) -> u8 {
         (self.read32(off) >> ((off & 3) * 8)).to_le_bytes()[0]

@@ -1,6 +1,8 @@
 //! Virtio over PCI on arm64 and the `rng` and `blk` tests: a function driven through the
 //! modern virtio-pci transport over ECAM, one split virtqueue of 8 entries in the probe's
-//! BSS, and completion noticed by polling the used ring (no MSI-X through the ITS yet).
+//! BSS, and completion taken as an interrupt: the function's MSI-X entry 0 points at the
+//! ITS's GITS_TRANSLATER with event 0, which `its` maps to an LPI for the function's
+//! requester id (`irq=msix` in the tests' lines).
 //!
 //! With the MMU off every access is non-cacheable; that is coherent with the VMM's view of
 //! guest RAM under the emulated L1 this runs in, not necessarily on hardware.
@@ -15,6 +17,10 @@ const CFG_DEVICE: u8 = 4;
 const CAP_VENDOR: u8 = 0x09;
 const CFG_COMMON: u8 = 1;
 const CFG_NOTIFY: u8 = 2;
+const CAP_MSIX: u8 = 0x11;
+/// MSI-X Message Control (upper half of the capability's first dword): enable, function mask.
+const MSIX_ENABLE: u32 = 1 << 31;
+const MSIX_FUNCTION_MASK: u32 = 1 << 30;
 
 const STATUS_ACKNOWLEDGE: u8 = 1;
 const STATUS_DRIVER: u8 = 2;
@@ -27,6 +33,7 @@ const DEVICE_FEATURE: u64 = 0x04;
 const DRIVER_FEATURE_SELECT: u64 = 0x08;
 const DRIVER_FEATURE: u64 = 0x0c;
 const DEVICE_STATUS: u64 = 0x14;
+const CONFIG_MSIX_VECTOR: u64 = 0x10;
 const QUEUE_SELECT: u64 = 0x16;
 const QUEUE_SIZE: u64 = 0x18;
 const QUEUE_MSIX_VECTOR: u64 = 0x1a;
@@ -114,6 +121,7 @@ pub fn selftest(host: &PciHost) -> bool {
     };
     let result = Device::open(host, &f).and_then(|mut dev| {
         let got = dev.submit(&[(dev.buf, WANT_LEN, true)])?;
+        let (hits, lpi) = (dev.hits, dev.lpi);
         if got as usize != WANT {
             return Err("short-read");
         }
@@ -121,10 +129,10 @@ pub fn selftest(host: &PciHost) -> bool {
         for (i, b) in out.iter_mut().enumerate() {
             *b = mmio_read::<u8>(dev.buf + i as u64);
         }
-        Ok(out)
+        Ok((out, hits, lpi))
     });
     match result {
-        Ok(bytes) => {
+        Ok((bytes, hits, lpi)) => {
             if bytes.iter().all(|&b| b == bytes[0]) {
                 crate::uart::line(format_args!("rng fail constant-bytes"));
                 return false;
@@ -136,7 +144,7 @@ pub fn selftest(host: &PciHost) -> bool {
             }
             let hex = core::str::from_utf8(&hex).unwrap_or("");
             crate::uart::line(format_args!("rng ok bytes={hex}"));
-            crate::uart::line(format_args!("rng irq=poll hits=0 polled=1"));
+            crate::uart::line(format_args!("rng irq=msix hits={hits} polled=0 lpi={lpi}"));
             true
         }
         Err(why) => {
@@ -146,7 +154,7 @@ pub fn selftest(host: &PciHost) -> bool {
     }
 }
 
-/// A virtio-pci function set up with queue 0, driven by polling.
+/// A virtio-pci function set up with queue 0, its completions taken as LPIs.
 struct Device {
     common: u64,
     device_cfg: Option<u64>,
@@ -160,16 +168,28 @@ struct Device {
     features_lo: u32,
     /// Requests made so far (the avail index).
     made: u16,
+    /// The LPI the function's MSI-X entry 0 is translated to.
+    lpi: u32,
+    /// Completions taken as that LPI.
+    hits: u32,
+    /// The function's requester id (its ITS device id).
+    devid: u32,
 }
 
 impl Device {
-    /// Resets `f`, negotiates VERSION_1 alone and enables queue 0 with 8 entries.
+    /// Resets `f`, points its MSI-X entry 0 at the ITS (event 0 of its requester id, mapped
+    /// to a fresh LPI), negotiates VERSION_1 alone and enables queue 0 with 8 entries on
+    /// vector 0.
     fn open(host: &PciHost, f: &Function) -> Result<Device, &'static str> {
         f.enable();
         let mut common = None;
         let mut notify = None;
         let mut device_cfg = None;
+        let mut msix = None;
         for (id, cap) in f.caps() {
+            if id == CAP_MSIX {
+                msix = Some(cap);
+            }
             if id != CAP_VENDOR {
                 continue;
             }
@@ -188,6 +208,7 @@ impl Device {
         }
         let (notify, notify_mul) = notify.ok_or("no-notify-cfg")?;
         mmio_write::<u8>(common + DEVICE_STATUS, 0);
+        let lpi = route_msix(host, f, msix.ok_or("no-msix")?)?;
         mmio_write::<u8>(common + DEVICE_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         mmio_write::<u32>(common + DEVICE_FEATURE_SELECT, 0);
         let features_lo = mmio_read::<u32>(common + DEVICE_FEATURE);
@@ -224,7 +245,11 @@ impl Device {
         mmio_write::<u16>(avail + 2, 0);
         mmio_write::<u16>(used + 2, 0);
         mmio_write::<u16>(common + QUEUE_SIZE, QSIZE);
-        mmio_write::<u16>(common + QUEUE_MSIX_VECTOR, NO_VECTOR);
+        mmio_write::<u16>(common + CONFIG_MSIX_VECTOR, NO_VECTOR);
+        mmio_write::<u16>(common + QUEUE_MSIX_VECTOR, 0);
+        if mmio_read::<u16>(common + QUEUE_MSIX_VECTOR) != 0 {
+            return Err("msix-vector-refused");
+        }
         for (reg, addr) in [
             (QUEUE_DESC, desc),
             (QUEUE_DRIVER, avail),
@@ -248,11 +273,15 @@ impl Device {
             buf,
             features_lo,
             made: 0,
+            lpi,
+            hits: 0,
+            devid: f.requester_id(),
         })
     }
 
     /// Posts one chain of (address, length, device-writable) buffers (at most the queue's
-    /// size), rings the doorbell and polls the used ring; the length the device wrote.
+    /// size), rings the doorbell and waits for the function's LPI, then reads the used ring;
+    /// the length the device wrote.
     fn submit(&mut self, chain: &[(u64, u32, bool)]) -> Result<u32, &'static str> {
         if chain.is_empty() || chain.len() > usize::from(QSIZE) {
             return Err("bad-chain");
@@ -278,12 +307,24 @@ impl Device {
         mmio_write::<u16>(self.avail + 2, self.made);
         // SAFETY: a barrier so the index is visible before the doorbell.
         unsafe { core::arch::asm!("dsb sy") };
+        let before = crate::irq::lpis();
         mmio_write::<u16>(self.doorbell, 0);
         let deadline = crate::counter() + WAIT_S * crate::counter_hz();
-        while mmio_read::<u16>(self.used + 2) != self.made {
+        while crate::irq::lpis() == before {
             if crate::counter() >= deadline {
-                return Err("timeout");
+                if mmio_read::<u16>(self.used + 2) != self.made {
+                    return Err("timeout");
+                }
+                crate::its::diagnose(self.devid);
+                return Err("no-lpi");
             }
+        }
+        if crate::irq::last_lpi() != u64::from(self.lpi) {
+            return Err("wrong-lpi");
+        }
+        self.hits += 1;
+        if mmio_read::<u16>(self.used + 2) != self.made {
+            return Err("lpi-before-completion");
         }
         // SAFETY: as above: the index before the entry.
         unsafe { core::arch::asm!("dsb sy") };
@@ -293,6 +334,34 @@ impl Device {
         }
         Ok(mmio_read::<u32>(entry + 4))
     }
+}
+
+/// Maps `f`'s requester id in the ITS, points MSI-X entry 0 at GITS_TRANSLATER with event 0,
+/// unmasked, and enables MSI-X with the function unmasked; the LPI it becomes.
+fn route_msix(host: &PciHost, f: &Function, cap: u16) -> Result<u32, &'static str> {
+    let table = f.read32(cap + 4);
+    let bar = u16::try_from(table & 7).unwrap_or(7);
+    let (base, _) = f.bar(bar).ok_or("msix-bar")?;
+    let entry = base
+        .checked_add(u64::from(table & !7))
+        .filter(|&a| host.in_windows(a, 16))
+        .ok_or("msix-table-outside-ranges")?;
+    let lpi = crate::its::map_device(f.requester_id()).map_err(|e| {
+        crate::uart::line(format_args!("info its-error={e}"));
+        "its"
+    })?;
+    let [lo, hi] = [
+        crate::its::GITS_TRANSLATER & 0xffff_ffff,
+        crate::its::GITS_TRANSLATER >> 32,
+    ]
+    .map(|h| u32::try_from(h).unwrap_or(0));
+    mmio_write::<u32>(entry, lo);
+    mmio_write::<u32>(entry + 4, hi);
+    mmio_write::<u32>(entry + 8, 0);
+    mmio_write::<u32>(entry + 12, 0);
+    let control = f.read32(cap);
+    f.write32(cap, (control | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
+    Ok(lpi)
 }
 
 impl Drop for Device {
@@ -406,10 +475,10 @@ pub fn blk_selftest(host: &PciHost, write_sector: Option<u64>) -> bool {
                 wrote = Some(sector);
             }
         }
-        Ok((capacity, ro, fnv, wrote, dev.made))
+        Ok((capacity, ro, fnv, wrote, dev.hits, dev.lpi))
     });
     match result {
-        Ok((capacity, ro, fnv, wrote, polled)) => {
+        Ok((capacity, ro, fnv, wrote, hits, lpi)) => {
             let ro = u8::from(ro);
             match wrote {
                 Some(s) => crate::uart::line(format_args!(
@@ -419,7 +488,7 @@ pub fn blk_selftest(host: &PciHost, write_sector: Option<u64>) -> bool {
                     "blk ok capacity={capacity} ro={ro} sector0_fnv={fnv:016x} id=\"\""
                 )),
             }
-            crate::uart::line(format_args!("blk irq=poll hits=0 polled={polled}"));
+            crate::uart::line(format_args!("blk irq=msix hits={hits} polled=0 lpi={lpi}"));
             true
         }
         Err(why) => {
