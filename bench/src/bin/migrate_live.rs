@@ -1,0 +1,597 @@
+//! `migrate_live`: live migration of a running probe guest, pocketvisor (`run --api-socket`,
+//! `receive`, `migrate --plain`) against QEMU's own (`-incoming tcp:` and QMP `migrate
+//! tcp:`), both over TCP on loopback, on the same probe guest and memory size.
+//!
+//! ```text
+//! cargo run -p bench --release --bin migrate_live -- [--runs 3] [--mem 512] [--dirty-mb 16]
+//!     [--gap 50] [--no-qemu] [--json] [--bin PATH] [--probe PATH] [--work DIR]
+//! ```
+//!
+//! Two guests: idle (`pv.mode=counter`, a line every 20 ms, nearly all of its RAM never
+//! written) and busy (`pv.mode=mem pv.mem.refill=1`: `--dirty-mb` MiB rewritten after every
+//! `--gap` ms, its measured dirtying rate in the table). Per guest and VMM, medians and
+//! min-max over `--runs` of: total time (pocketvisor: `total_ms` of its `migrated` line;
+//! QEMU: `total-time` of `query-migrate`), downtime (the guest paused: `downtime_us`;
+//! QEMU: `downtime`) and bytes on the wire (`bytes`; QEMU: `ram.transferred`). QEMU is given
+//! pocketvisor's 30 ms downtime budget (`downtime-limit`) and no bandwidth cap
+//! (`max-bandwidth` 10 GiB/s); a run counts only once the guest goes on at the destination
+//! (a new counter line, or a memory pass that ends `ok`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bench::qmp::Qmp;
+use bench::util::{Args, Proc};
+use e2e::qemu::{Machine, QemuCommand};
+
+const USAGE: &str = "\
+usage: migrate_live [--runs N] [--mem MIB] [--dirty-mb MIB] [--gap MS] [--no-qemu] [--json]
+                    [--bin PATH] [--probe PATH] [--work DIR]
+
+Live migration of an idle and a busy probe guest over loopback TCP, pocketvisor vs QEMU -M
+microvm (migrate tcp:). The pocketvisor binary defaults to $POCKETVISOR_BIN, else
+target/release/pocketvisor (built first). Needs /dev/kvm.";
+
+#[derive(Debug, Clone)]
+struct Opts {
+    runs: usize,
+    mem: u64,
+    dirty_mb: u64,
+    gap_ms: u64,
+    qemu: bool,
+    json: bool,
+    bin: Option<PathBuf>,
+    probe: Option<PathBuf>,
+    work: Option<PathBuf>,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
+    let mut o = Opts {
+        runs: 3,
+        mem: 512,
+        dirty_mb: 16,
+        gap_ms: 50,
+        qemu: true,
+        json: false,
+        bin: None,
+        probe: None,
+        work: None,
+    };
+    let mut args = Args::new(args, USAGE);
+    while let Some(arg) = args.next_flag() {
+        match arg.as_str() {
+            "--runs" => o.runs = args.parse("--runs")?,
+            "--mem" => o.mem = args.parse("--mem")?,
+            "--dirty-mb" => o.dirty_mb = args.parse("--dirty-mb")?,
+            "--gap" => o.gap_ms = args.parse("--gap")?,
+            "--no-qemu" => o.qemu = false,
+            "--json" => o.json = true,
+            "--bin" => o.bin = Some(args.value("--bin")?.into()),
+            "--probe" => o.probe = Some(args.value("--probe")?.into()),
+            "--work" => o.work = Some(args.value("--work")?.into()),
+            other => return Err(args.unknown(other)),
+        }
+    }
+    if o.runs == 0 || o.mem < 64 || o.dirty_mb == 0 || o.dirty_mb * 2 > o.mem {
+        bail!("--runs must be >= 1, --mem >= 64 and --dirty-mb from 1 to half of --mem");
+    }
+    Ok(o)
+}
+
+fn main() {
+    let result = parse_args(std::env::args().skip(1)).and_then(run);
+    if let Err(e) = result {
+        eprintln!("migrate_live: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Which VMM a sample is from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Vmm {
+    Pocketvisor,
+    Qemu,
+}
+
+/// Which guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Guest {
+    Idle,
+    Busy,
+}
+
+/// One migration.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sample {
+    total_ms: f64,
+    downtime_ms: f64,
+    mib_on_wire: f64,
+    /// The busy guest's rate of rewriting its memory before the migration, MiB/s.
+    dirty_mib_s: f64,
+}
+
+/// Median and range of one figure.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(v: &[f64]) -> Stat {
+    let finite = || v.iter().copied().filter(|x| x.is_finite());
+    Stat {
+        median: bench::util::median(v).unwrap_or(f64::NAN),
+        min: finite().fold(f64::INFINITY, f64::min),
+        max: finite().fold(f64::NEG_INFINITY, f64::max),
+    }
+}
+
+/// The figures of one guest and VMM.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Figures {
+    vmm: &'static str,
+    guest: &'static str,
+    memory_mib: u64,
+    runs: usize,
+    dirty_mib_per_s: Stat,
+    total_ms: Stat,
+    downtime_ms: Stat,
+    mib_on_wire: Stat,
+    errors: Vec<String>,
+}
+
+struct Setup {
+    bin: PathBuf,
+    probe: PathBuf,
+    qemu: Option<PathBuf>,
+    work: PathBuf,
+    mem: u64,
+    dirty_mb: u64,
+    gap_ms: u64,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+impl Setup {
+    fn cmdline(&self, guest: Guest) -> String {
+        match guest {
+            Guest::Idle => "pv.mode=counter pv.counter.ms=20".into(),
+            // One `mem idle` line per gap (tick > gap), not one per ms.
+            Guest::Busy => format!(
+                "pv.mode=mem pv.mem.refill=1 pv.mem.mb={} pv.mem.gap={} pv.mem.tick=100000",
+                self.dirty_mb, self.gap_ms
+            ),
+        }
+    }
+}
+
+fn run(o: Opts) -> Result<()> {
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing");
+    }
+    let bin = bench::util::pocketvisor_bin(o.bin.as_deref(), true, "migrate_live")?;
+    let probe = bench::util::probe_elf(o.probe.as_deref(), "migrate_live")?;
+    let qemu = if o.qemu {
+        QemuCommand::find_binary()
+    } else {
+        None
+    };
+    if o.qemu && qemu.is_none() {
+        eprintln!("migrate_live: qemu-system-x86_64 not found, pocketvisor only");
+    }
+    let work = o.work.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("pv-bench-migrate-{}", std::process::id()))
+    });
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let s = Setup {
+        bin,
+        probe,
+        qemu,
+        work,
+        mem: o.mem,
+        dirty_mb: o.dirty_mb,
+        gap_ms: o.gap_ms,
+    };
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut vmms = vec![Vmm::Pocketvisor];
+    if s.qemu.is_some() {
+        vmms.push(Vmm::Qemu);
+    }
+    let mut all = Vec::new();
+    for guest in [Guest::Idle, Guest::Busy] {
+        let mut samples: Vec<(Vmm, Sample)> = Vec::new();
+        let mut errors: Vec<(Vmm, String)> = Vec::new();
+        for run in 0..o.runs {
+            // Alternate the order so neither VMM always runs on a warmer machine.
+            let order: Vec<Vmm> = if run % 2 == 0 {
+                vmms.clone()
+            } else {
+                vmms.iter().rev().copied().collect()
+            };
+            for vmm in order {
+                eprintln!("migrate_live: {guest:?} run {}/{} {vmm:?}", run + 1, o.runs);
+                let dir = s.work.join(format!("{vmm:?}-{guest:?}-{run}"));
+                std::fs::create_dir_all(&dir)?;
+                match once(&s, vmm, guest, &dir) {
+                    Ok(sample) => samples.push((vmm, sample)),
+                    Err(e) => errors.push((vmm, format!("{e:#}"))),
+                }
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        for &vmm in &vmms {
+            let of = |f: fn(&Sample) -> f64| -> Vec<f64> {
+                samples
+                    .iter()
+                    .filter(|(v, _)| *v == vmm)
+                    .map(|(_, s)| f(s))
+                    .collect()
+            };
+            all.push(Figures {
+                vmm: match vmm {
+                    Vmm::Pocketvisor => "pocketvisor",
+                    Vmm::Qemu => "qemu-microvm",
+                },
+                guest: match guest {
+                    Guest::Idle => "idle",
+                    Guest::Busy => "busy",
+                },
+                memory_mib: s.mem,
+                runs: of(|s| s.total_ms).len(),
+                dirty_mib_per_s: stat(&of(|s| s.dirty_mib_s)),
+                total_ms: stat(&of(|s| s.total_ms)),
+                downtime_ms: stat(&of(|s| s.downtime_ms)),
+                mib_on_wire: stat(&of(|s| s.mib_on_wire)),
+                errors: errors
+                    .iter()
+                    .filter(|(v, _)| *v == vmm)
+                    .map(|(_, e)| e.clone())
+                    .collect(),
+            });
+        }
+    }
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        print!("{}", table(&all, &load, &s));
+    }
+    Ok(())
+}
+
+fn table(all: &[Figures], load: &str, s: &Setup) -> String {
+    let mut t = String::new();
+    let f = |s: &Stat| format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max);
+    t.push_str(&format!(
+        "| VMM | guest | RAM MiB | runs | dirtying MiB/s | total ms | downtime ms | MiB on the wire |\n{}\n",
+        "|---".repeat(8) + "|"
+    ));
+    for x in all {
+        let dirty = if x.guest == "busy" {
+            f(&x.dirty_mib_per_s)
+        } else {
+            "-".into()
+        };
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {dirty} | {} | {} | {} |\n",
+            x.vmm,
+            x.guest,
+            x.memory_mib,
+            x.runs,
+            f(&x.total_ms),
+            f(&x.downtime_ms),
+            f(&x.mib_on_wire),
+        ));
+        for e in &x.errors {
+            t.push_str(&format!("  error ({} {}): {e}\n", x.vmm, x.guest));
+        }
+    }
+    t.push_str(&format!(
+        "\nmedian (min-max); busy: {} MiB rewritten after every {} ms gap; 1 vCPU, loopback TCP, \
+         no TLS; QEMU downtime-limit 30 ms; /proc/loadavg at start: {}\n",
+        s.dirty_mb,
+        s.gap_ms,
+        load.trim()
+    ));
+    t
+}
+
+/// The serial log's complete lines.
+fn lines(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut v: Vec<String> = text.split('\n').map(|l| l.trim_end().to_string()).collect();
+    v.pop(); // the part after the last newline
+    v
+}
+
+/// Polls until `pred` holds for the lines of `path`; fails after `timeout`.
+fn wait_lines(
+    path: &Path,
+    timeout: Duration,
+    what: &str,
+    pred: impl Fn(&[String]) -> bool,
+) -> Result<()> {
+    let t0 = Instant::now();
+    while !pred(&lines(path)) {
+        if t0.elapsed() > timeout {
+            let l = lines(path);
+            let tail = l[l.len().saturating_sub(3)..].join(" | ");
+            bail!("timed out waiting for {what} in {}: {tail}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+/// Good memory passes in `lines`.
+fn good_passes(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("PROBE mem pass n=") && l.contains(" ok "))
+        .count()
+}
+
+/// Counter lines in `lines`.
+fn counter_lines(lines: &[String]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l.starts_with("PROBE counter "))
+        .count()
+}
+
+/// Whether any line says a memory check failed.
+fn bad_pass(lines: &[String]) -> bool {
+    lines
+        .iter()
+        .any(|l| l.starts_with("PROBE mem pass n=") && l.contains(" bad "))
+}
+
+/// Field `key=` of a line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// One boot and migration of `guest` on `vmm`.
+fn once(s: &Setup, vmm: Vmm, guest: Guest, dir: &Path) -> Result<Sample> {
+    let src_log = dir.join("src.log");
+    let dst_log = dir.join("dst.log");
+    let cmdline = s.cmdline(guest);
+    let _source = Proc(match vmm {
+        Vmm::Pocketvisor => Command::new(&s.bin)
+            .arg("run")
+            .arg("--kernel")
+            .arg(&s.probe)
+            .args(["--cmdline", &cmdline, "--memory", &s.mem.to_string()])
+            .arg("--serial")
+            .arg(format!("file:{}", src_log.display()))
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+        Vmm::Qemu => qemu_command(s, &cmdline, &src_log, &dir.join("qmp.sock"), None)
+            .spawn()
+            .context("start qemu")?,
+    });
+    // Running: for the busy guest, its rate of rewriting memory over 3 s.
+    let mut dirty_mib_s = f64::NAN;
+    match guest {
+        Guest::Idle => wait_lines(&src_log, LIMIT, "counter lines", |l| counter_lines(l) >= 5)?,
+        Guest::Busy => {
+            wait_lines(&src_log, LIMIT, "two memory passes", |l| {
+                good_passes(l) >= 2
+            })?;
+            let (t0, n0) = (Instant::now(), good_passes(&lines(&src_log)));
+            std::thread::sleep(Duration::from_secs(3));
+            let passes = good_passes(&lines(&src_log)) - n0;
+            dirty_mib_s = (passes as u64 * s.dirty_mb) as f64 / t0.elapsed().as_secs_f64();
+        }
+    }
+    let (mut sample, _dest) = match vmm {
+        Vmm::Pocketvisor => migrate_pocketvisor(s, dir, &dst_log)?,
+        Vmm::Qemu => migrate_qemu(s, dir, &cmdline, &dst_log)?,
+    };
+    sample.dirty_mib_s = dirty_mib_s;
+    // It counts only if the guest goes on at the destination.
+    match guest {
+        Guest::Idle => wait_lines(&dst_log, LIMIT, "a counter line", |l| counter_lines(l) >= 1)?,
+        Guest::Busy => wait_lines(&dst_log, LIMIT, "a good memory pass", |l| {
+            good_passes(l) >= 1 || bad_pass(l)
+        })?,
+    }
+    if bad_pass(&lines(&dst_log)) {
+        bail!("a memory check failed at the destination");
+    }
+    Ok(sample)
+}
+
+/// The migration's figures, and the destination (kept running until the caller has seen the
+/// guest there).
+fn migrate_pocketvisor(s: &Setup, dir: &Path, dst_log: &Path) -> Result<(Sample, Proc)> {
+    let key = dir.join("key");
+    std::fs::write(&key, "5a".repeat(32) + "\n")?;
+    let dst_err = dir.join("dst.stderr");
+    let dest = Proc(
+        Command::new(&s.bin)
+            .args(["receive", "--listen", "127.0.0.1:0", "--plain", "--key"])
+            .arg(&key)
+            .arg("--serial")
+            .arg(format!("file:{}", dst_log.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&dst_err)?)
+            .spawn()?,
+    );
+    let t0 = Instant::now();
+    let addr = loop {
+        let text = std::fs::read_to_string(&dst_err).unwrap_or_default();
+        if let Some((addr, _)) = text
+            .split("waiting for a migration on ")
+            .nth(1)
+            .and_then(|r| r.split_once('\n'))
+        {
+            break addr.trim().to_string();
+        }
+        if t0.elapsed() > LIMIT {
+            bail!("the destination did not listen: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = Command::new(&s.bin)
+        .args(["migrate", "--plain", "--api-socket"])
+        .arg(dir.join("api.sock"))
+        .args(["--to", &addr, "--key"])
+        .arg(&key)
+        .output()?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("pocketvisor migrate failed: {}", said.trim());
+    }
+    let num = |key: &str| -> Result<f64> {
+        field(&said, key)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {key} in: {said}"))
+    };
+    let sample = Sample {
+        total_ms: num("total_ms")?,
+        downtime_ms: num("downtime_us")? / 1000.0,
+        mib_on_wire: num("bytes")? / f64::from(1 << 20),
+        dirty_mib_s: f64::NAN,
+    };
+    Ok((sample, dest))
+}
+
+/// As [`migrate_pocketvisor`], with two QEMU processes.
+fn migrate_qemu(s: &Setup, dir: &Path, cmdline: &str, dst_log: &Path) -> Result<(Sample, Proc)> {
+    let port = free_port()?;
+    let dest = Proc(
+        qemu_command(
+            s,
+            cmdline,
+            dst_log,
+            &dir.join("qmp2.sock"),
+            Some(&format!("tcp:127.0.0.1:{port}")),
+        )
+        .spawn()
+        .context("start qemu -incoming")?,
+    );
+    // The destination listens once its QMP socket answers.
+    let _q2 = Qmp::connect_within(&dir.join("qmp2.sock"), LIMIT)?;
+    let mut q = Qmp::connect(&dir.join("qmp.sock"))?;
+    q.exec(
+        r#"{"execute":"migrate-set-parameters","arguments":{"downtime-limit":30,"max-bandwidth":10737418240}}"#,
+    )?;
+    q.exec(&format!(
+        r#"{{"execute":"migrate","arguments":{{"uri":"tcp:127.0.0.1:{port}"}}}}"#
+    ))?;
+    q.wait_migration("completed", LIMIT)?;
+    let r = q.exec(r#"{"execute":"query-migrate"}"#)?;
+    let v: serde_json::Value = serde_json::from_str(&r).context("query-migrate's answer")?;
+    let ret = &v["return"];
+    let num = |x: &serde_json::Value, what: &str| {
+        x.as_f64()
+            .with_context(|| format!("no {what} in query-migrate: {r}"))
+    };
+    let sample = Sample {
+        total_ms: num(&ret["total-time"], "total-time")?,
+        downtime_ms: num(&ret["downtime"], "downtime")?,
+        mib_on_wire: num(&ret["ram"]["transferred"], "ram.transferred")? / f64::from(1 << 20),
+        dirty_mib_s: f64::NAN,
+    };
+    Ok((sample, dest))
+}
+
+/// A TCP port free on loopback just now.
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// QEMU on microvm, serial to `serial`, QMP on `qmp`, `-incoming URI` when receiving.
+fn qemu_command(
+    s: &Setup,
+    cmdline: &str,
+    serial: &Path,
+    qmp: &Path,
+    incoming: Option<&str>,
+) -> Command {
+    let bin = s.qemu.clone().unwrap_or_default();
+    let mut q = QemuCommand::new(&bin, Machine::Microvm, &s.probe, cmdline);
+    q.memory_mib = s.mem;
+    let mut args = q.args();
+    if let Some(i) = args.iter().position(|a| a == "stdio") {
+        args[i] = format!("file:{}", serial.display());
+    }
+    args.push("-qmp".into());
+    args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(uri) = incoming {
+        args.push("-incoming".into());
+        args.push(uri.into());
+    }
+    let mut cmd = Command::new(bin);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> impl Iterator<Item = String> + '_ {
+        s.split_whitespace().map(String::from)
+    }
+
+    #[test]
+    fn flags() {
+        let o = parse_args(args("")).unwrap();
+        assert_eq!((o.runs, o.mem, o.dirty_mb, o.gap_ms), (3, 512, 16, 50));
+        let o = parse_args(args("--runs 2 --mem 256 --dirty-mb 4 --gap 50 --no-qemu")).unwrap();
+        assert_eq!(
+            (o.runs, o.mem, o.dirty_mb, o.gap_ms, o.qemu),
+            (2, 256, 4, 50, false)
+        );
+        assert!(parse_args(args("--mem 32")).is_err());
+        assert!(parse_args(args("--dirty-mb 300")).is_err());
+        assert!(parse_args(args("--frob")).is_err());
+    }
+
+    #[test]
+    fn the_lines_it_reads() {
+        let l: Vec<String> = [
+            "PROBE mem pass n=1 start",
+            "PROBE mem pass n=1 ok bytes=4096 us=17",
+            "PROBE counter 4",
+            "PROBE mem idle",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            (good_passes(&l), counter_lines(&l), bad_pass(&l)),
+            (1, 1, false)
+        );
+        let migrated = "migrated rounds=3 bytes=1048576 downtime_us=2500 total_ms=40";
+        assert_eq!(field(migrated, "downtime_us"), Some("2500"));
+        assert_eq!(field(migrated, "bytes"), Some("1048576"));
+        assert_eq!(field(migrated, "rounds"), Some("3"));
+    }
+}
