@@ -873,3 +873,137 @@ fn the_arm64_probe_reads_and_writes_virtio_blk_over_pci() {
     assert!(out.contains("PROBE done ok"), "{out}");
     e2e::host::loud(&format!("{name}: {expected}"));
 }
+
+/// The handset on arm64: a `pocketvisor handset` daemon in L1 (its VMMs jailed, as a user
+/// runs it) creates `work` and
+/// `personal` from the templates with the arm64 probe in its `counter` mode, starts both,
+/// both count on their consoles, `switch` moves the foreground each way (`list` marks it),
+/// and `stop` ends both: stopped in `list`, no VMM process left. L1 runs from its initramfs,
+/// where `pivot_root` (the jail's) is refused, so the script first chroots into a tmpfs root
+/// with L1's directories bound in, after mounting cgroup v2 (L1's init does neither; a
+/// handset's root is a real file system).
+#[test]
+fn the_handset_runs_two_arm64_probe_profiles_switches_and_stops_them() {
+    let name = "the_handset_runs_two_arm64_probe_profiles_switches_and_stops_them";
+    let probe = e2e::workspace_root().join("guest/out/probe-arm64.img");
+    assert!(
+        probe.is_file(),
+        "{} is missing: run guest/build-probe.sh",
+        probe.display()
+    );
+    let script = format!(
+        r#"mkdir -p /sys/fs/cgroup && mount -t cgroup2 none /sys/fs/cgroup || exit 9
+R=/newroot
+mkdir -p $R && mount -t tmpfs tmpfs $R || exit 9
+for d in bin proc sys dev tmp work; do
+    mkdir -p $R/$d && mount --rbind /$d $R/$d || exit 9
+done
+cat >handset.sh <<'END'
+pv='{pv}'
+S=/tmp/hs
+mkdir -p $S/assets && cp '{probe}' $S/assets/probe-arm64.img || exit 9
+"$pv" handset --state-dir $S >/tmp/daemon.log 2>&1 &
+i=0
+until "$pv" profile --state-dir $S status >/dev/null 2>&1; do
+    i=$((i+1)); [ $i -gt 300 ] && {{ echo "PV daemon-silent"; cat /tmp/daemon.log; exit 8; }}
+    sleep 0.2
+done
+p() {{ "$pv" profile --state-dir $S "$@"; echo "PV rc=$? profile $*"; }}
+for n in work personal; do
+    p create $n --template $n --kernel probe-arm64.img --cmdline 'pv.mode=counter pv.counter.ms=100'
+done
+p start work
+p start personal
+sleep 3
+p list
+echo "PV running-vmms=$(ps -o args | grep -c '^[^ ]*pocketvisor vmm .*--jail-id')"
+for n in work personal; do
+    echo "PV $n first=$(grep -c 'PROBE counter' $S/profiles/$n/run/serial.log)"
+done
+sleep 2
+for n in work personal; do
+    echo "PV $n then=$(grep -c 'PROBE counter' $S/profiles/$n/run/serial.log)"
+done
+p switch work
+p list
+p switch personal
+p list
+p stop work
+p stop personal
+p list
+sleep 1
+echo "PV vmms=$(ps -o args | grep -c '[p]ocketvisor vmm')"
+kill %1
+wait
+echo "PV --- daemon log ---"
+cat /tmp/daemon.log
+END
+chroot $R /bin/sh -c "cd '$PWD' && sh ./handset.sh"
+"#,
+        pv = pocketvisor_aarch64().display(),
+        probe = probe.display(),
+    );
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    for step in [
+        "create work --template work",
+        "create personal --template personal",
+        "start work",
+        "start personal",
+        "switch work",
+        "switch personal",
+        "stop work",
+        "stop personal",
+    ] {
+        assert!(
+            out.contains(&format!("PV rc=0 profile {step}")),
+            "'{step}' failed:\n{out}\n{}",
+            run.describe()
+        );
+    }
+    let count = |key: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix(key))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no '{key}':\n{out}"))
+    };
+    for n in ["work", "personal"] {
+        let (first, then) = (
+            count(&format!("PV {n} first=")),
+            count(&format!("PV {n} then=")),
+        );
+        assert!(first > 0, "{n} did not count:\n{out}");
+        assert!(
+            then > first,
+            "{n} stopped counting ({first} then {then}):\n{out}"
+        );
+    }
+    assert!(out.contains("work is in the foreground"), "{out}");
+    assert!(out.contains("personal is in the foreground"), "{out}");
+    // Each jailed VMM is two processes: the one the daemon started and its child in the
+    // jail's namespaces.
+    assert!(
+        out.contains("PV running-vmms=4"),
+        "not two jailed VMMs:\n{out}"
+    );
+    assert!(out.contains("PV vmms=0"), "a VMM outlived its stop:\n{out}");
+    let fg = |n: &str| {
+        out.lines()
+            .filter(|l| l.starts_with(n) && l.contains("running"))
+            .map(|l| l.split_whitespace().nth(2) == Some("*"))
+            .collect::<Vec<_>>()
+    };
+    // `list` after both started (the first started has the foreground), after `switch
+    // work`, after `switch personal`.
+    assert_eq!(fg("work "), [true, true, false], "{out}");
+    assert_eq!(fg("personal "), [false, false, true], "{out}");
+    e2e::host::loud(&format!(
+        "{name}: counted work {}->{}, personal {}->{} in 2 s",
+        count("PV work first="),
+        count("PV work then="),
+        count("PV personal first="),
+        count("PV personal then=")
+    ));
+}

@@ -130,6 +130,11 @@ extern "C" fn rust_start(fdt_addr: u64) -> ! {
                 uart::line(format_args!("done fail={failures}"));
             }
         }
+        "counter" => counter_mode(
+            arg(cmdline, "pv.counter.ms")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100),
+        ),
         other => {
             uart::line(format_args!("boot fail unknown-mode {other}"));
             uart::line(format_args!("done fail=1"));
@@ -193,6 +198,36 @@ fn gic_test() -> bool {
         irq::other_irqs()
     ));
     true
+}
+
+/// The `counter` mode (the x86 probe's, which the handset's profiles run): `counter <n>`
+/// every `ms` milliseconds, forever, idle in `wfi` on virtual timer ticks between lines (or
+/// spinning on the counter if the GIC did not come up).
+fn counter_mode(ms: u64) -> ! {
+    let hz = counter_hz();
+    let period = (hz * ms.max(1) / 1000).max(1);
+    let timer = gic::init_distributor().and_then(|()| gic::init_cpu());
+    if let Err(e) = timer {
+        uart::line(format_args!("info counter-timer=spin gic={e}"));
+    } else {
+        irq::install_vectors();
+        irq::enable();
+        irq::start_timer(period);
+    }
+    let mut n: u64 = 0;
+    loop {
+        uart::line(format_args!("counter {n}"));
+        n += 1;
+        if timer.is_ok() {
+            let seen = irq::timer_ticks();
+            while irq::timer_ticks() == seen {
+                irq::wait();
+            }
+        } else {
+            let next = counter() + period;
+            while counter() < next {}
+        }
+    }
 }
 
 /// The virtual counter (CNTVCT_EL0).
