@@ -1007,3 +1007,51 @@ chroot $R /bin/sh -c "cd '$PWD' && sh ./handset.sh"
         count("PV personal then=")
     ));
 }
+
+/// The probe under Android's protected KVM (`kvm-arm.mode=protected`, pKVM: KVM's hypervisor
+/// stays at EL2 in nVHE mode and L1's kernel is deprivileged): one run with 2 vCPUs, a disk
+/// and rng passes every arm64 test, `pci`, `blk` (written and read back) and `rng` with their
+/// completions as LPIs through the ITS, `gic` and `smp`, as in the other checks' L1 (VHE).
+#[test]
+fn the_arm64_probe_passes_its_tests_under_protected_kvm() {
+    let name = "the_arm64_probe_passes_its_tests_under_protected_kvm";
+    let probe = e2e::workspace_root().join("guest/out/probe-arm64.img");
+    assert!(
+        probe.is_file(),
+        "{} is missing: run guest/build-probe.sh",
+        probe.display()
+    );
+    let script = format!(
+        "truncate -s 8M disk.img || exit 9\n\
+         '{pv}' run --kernel '{probe}' --memory 64M --vcpus 2 --disk disk.img --rng \
+         --cmdline 'pv.tests=pci,blk,rng,gic,smp pv.blk.write=16'\n\
+         echo \"PV rc=$?\"\n",
+        pv = pocketvisor_aarch64().display(),
+        probe = probe.display(),
+    );
+    let Some(run) = in_l1_with(name, &script, "kvm-arm.mode=protected") else {
+        return;
+    };
+    assert!(
+        run.l1_info.contains("Protected nVHE mode initialized"),
+        "L1's KVM is not in protected mode:\n{}",
+        run.l1_info
+    );
+    let out = &run.output;
+    assert!(out.contains("PV rc=0"), "{out}\n{}", run.describe());
+    for line in [
+        "PROBE pci ok count=",
+        "PROBE blk ok capacity=16384 ro=0 ",
+        "PROBE blk irq=msix hits=3 polled=0 lpi=8192",
+        "PROBE rng irq=msix hits=1 polled=0 lpi=8193",
+        "PROBE gic ok sgi=1 timer=ok ",
+        "PROBE smp ok count=2",
+        "PROBE done ok",
+    ] {
+        assert!(out.contains(line), "no '{line}':\n{out}");
+    }
+    e2e::host::loud(&format!(
+        "{name}: all probe tests passed under pKVM (L1 boot {:?}, job {:.1?})",
+        run.l1_boot, run.qemu.elapsed
+    ));
+}
