@@ -4,7 +4,8 @@
 //! the copy a device kept, so that a return sends only those.
 //!
 //! Not yet here: `pocketvisor cloud serve` (the TLS listener that names the device from its
-//! certificate and receives a live migration into a twin's directory), `profile offload` and
+//! certificate and receives a live migration into a twin's directory, through
+//! `vmm::migration::receive_admitting`), `profile offload` and
 //! `profile return`; clone, replicate and recover are to be built on the same store (a twin
 //! per copy) and the same manifests (a replica's checkpoint is a delta against the last one).
 

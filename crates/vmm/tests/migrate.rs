@@ -198,6 +198,38 @@ fn the_counter_goes_on_at_the_destination() {
     assert_eq!(b.stop().unwrap(), RunOutcome::Stopped);
 }
 
+#[test]
+fn a_source_the_destination_does_not_admit_is_refused_with_the_reason_and_runs_on() {
+    let Some(probe) = probe("a_source_the_destination_does_not_admit_is_refused") else {
+        return;
+    };
+    let s = Scratch::new("migrate-admit");
+    let log_a = s.path("a.log");
+    let key = write_key(&s.path("key"), 0x5a);
+    let a = counting_vm(&probe, &log_a);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let to = listener.local_addr().unwrap().to_string();
+    let k = vmm::migration::wire::read_key(&key).unwrap();
+    let dest = std::thread::spawn(move || {
+        let (conn, _) = listener.accept().unwrap();
+        let mut shown = None;
+        let r = vmm::migration::receive_admitting(conn, &k, None, |cert| {
+            shown = Some(cert.map(<[u8]>::to_vec));
+            Err(vmm::Error::Migration("this device has no twin here".into()))
+        });
+        (r.map(|_| ()), shown)
+    });
+    let e = migrate(&a, &to, &key, 30).expect_err("a source not admitted went through");
+    assert!(e.contains("this device has no twin here"), "{e}");
+    assert!(e.contains("runs on here"), "{e}");
+    let (r, shown) = dest.join().unwrap();
+    assert!(r.is_err());
+    // Asked once the key checked out; without TLS there is no certificate to show.
+    assert_eq!(shown, Some(None));
+    let n = last_counter(&log_a);
+    wait_for(&log_a, &format!("PROBE counter {}\n", n + 2));
+}
+
 /// Starts a migration of `a` through a proxy applying `fault` and checks it is refused and
 /// the guest counts on at the source. Returns the source's answer.
 fn refused_through(a: &Running, log_a: &Path, key: &Path, dest_key: &Path, fault: Fault) -> String {

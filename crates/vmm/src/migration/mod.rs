@@ -524,13 +524,27 @@ pub fn receive(
     tls: Option<&MigrationTls>,
     overrides: &RestoreOverrides,
 ) -> Result<Vm, Error> {
+    receive_admitting(stream, key, tls, |_| Ok(overrides.clone()))
+}
+
+/// [`receive`], with the host-side settings decided by `admit` once the source is
+/// authenticated (TLS and the key), from the certificate it showed (None without TLS): the
+/// cloud host puts a device's twin in that device's directory, or refuses the device (an
+/// error from `admit` goes to the source as the reason, and nothing runs here).
+pub fn receive_admitting(
+    stream: TcpStream,
+    key: &[u8; KEY_LEN],
+    tls: Option<&MigrationTls>,
+    admit: impl FnOnce(Option<&[u8]>) -> Result<RestoreOverrides, Error>,
+) -> Result<Vm, Error> {
     configure(&stream)?;
     let stream = match tls {
         Some(files) => tls::server(stream, files)?,
         None => Transport::Plain(stream),
     };
     let mut ch = Channel::handshake(stream, key, Role::Destination)?;
-    let result = receive_on(&mut ch, overrides);
+    let result =
+        admit(ch.stream().peer_certificate()).and_then(|overrides| receive_on(&mut ch, &overrides));
     if let Err(e) = &result {
         let _ = ch.send(Kind::Abort, reason(e).as_bytes());
         let _ = ch.flush();

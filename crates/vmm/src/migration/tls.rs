@@ -150,6 +150,15 @@ impl Transport {
         let _ = self.tcp().shutdown(how);
     }
 
+    /// The end-entity certificate (DER) the source showed, at the destination of a TLS
+    /// connection; None over plain TCP and at the source. The cloud host names a device by it.
+    pub fn peer_certificate(&self) -> Option<&[u8]> {
+        match self {
+            Transport::Server(s) => s.conn.peer_certificates()?.first().map(|c| c.as_ref()),
+            Transport::Plain(_) | Transport::Client(_) => None,
+        }
+    }
+
     fn tcp(&self) -> &TcpStream {
         match self {
             Transport::Plain(s) => s,
@@ -221,9 +230,12 @@ mod tests {
         d
     }
 
+    /// The destination's side of [`connect`]: the certificate the source showed.
+    type Shown = Result<Option<Vec<u8>>, Error>;
+
     /// Connects `src` to a destination using `dst`; both ends' results (a byte echoed back
     /// when both succeed).
-    fn connect(src: MigrationTls, dst: MigrationTls) -> (Result<(), Error>, Result<(), Error>) {
+    fn connect(src: MigrationTls, dst: MigrationTls) -> (Result<(), Error>, Shown) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let to = listener.local_addr().unwrap().to_string();
         let d = std::thread::spawn(move || {
@@ -231,7 +243,8 @@ mod tests {
             let mut t = server(tcp, &dst)?;
             let mut b = [0u8; 1];
             t.read_exact(&mut b).map_err(refused)?;
-            t.write_all(&b).and_then(|()| t.flush()).map_err(refused)
+            t.write_all(&b).and_then(|()| t.flush()).map_err(refused)?;
+            Ok(t.peer_certificate().map(<[u8]>::to_vec))
         });
         let s = (|| {
             let mut t = client(TcpStream::connect(&to).unwrap(), &to, &src)?;
@@ -261,7 +274,9 @@ mod tests {
         let dst = issue(&dir, "dst", &["127.0.0.1"]);
         let (s, d) = connect(cross(&src, &dst), cross(&dst, &src));
         s.unwrap();
-        d.unwrap();
+        // The destination knows which certificate the source showed.
+        let shown = certs(&src.cert, "the source's").unwrap();
+        assert_eq!(d.unwrap().as_deref(), Some(shown[0].as_ref()));
         let _ = std::fs::remove_dir_all(dir);
     }
 
