@@ -96,7 +96,7 @@ test-nested: build $(LINUX)/initramfs.cpio.gz $(LINUX_GPU)/initramfs.cpio.gz
 # Needs rustup target aarch64-unknown-linux-musl and gcc-aarch64-linux-gnu (bundled SQLite's C);
 # .cargo/config.toml names the linker (rust-lld) and the C compiler.
 build-arm64: deps-all
-	$(CARGO) build --target aarch64-unknown-linux-musl -p pocketvisor
+	$(CARGO) build --target aarch64-unknown-linux-musl -p pocketvisor -p rawexit-arm64
 
 # Each check boots its own arm64 L1 (qemu-system-aarch64 TCG with EL2, about 4 s to a shell);
 # the assets are built on first use (NESTED_ARCH=arm64 tests/nested/build-l1.sh).

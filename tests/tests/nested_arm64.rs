@@ -99,9 +99,23 @@ fn guest_field<'a>(output: &'a str, prefix: &str, key: &str) -> Option<&'a str> 
 
 /// Boots Debian's arm64 kernel on pocketvisor with 2 vCPUs in an L1 whose KVM runs with
 /// `kernel_args`, and checks that it reached its init, saw its vCPUs and memory, and powered
-/// off with status 0. Returns L1's KVM lines and the guest's uptime at init.
+/// off with status 0. Returns L1's KVM lines and the guest's uptime at init. The VMM's peak
+/// RSS (VmHWM, guest RAM it touched included), sampled every 0.5 s, is printed.
 fn boot_to_init(name: &str, kernel_args: &str) -> Option<(String, f64)> {
-    let script = guest_run_script("--vcpus 2 --cmdline 'console=ttyS0 quiet'");
+    let assets = e2e::nested::nested_dir_of(L1Arch::Aarch64);
+    let script = format!(
+        "'{pv}' run --kernel '{kernel}' --initrd '{initrd}' --memory 256M --vcpus 2 \
+         --cmdline 'console=ttyS0 quiet' &\n\
+         pid=$!; hwm=0\n\
+         while kill -0 $pid 2>/dev/null; do\n\
+         h=$(sed -n 's/^VmHWM:[^0-9]*\\([0-9]*\\) kB/\\1/p' /proc/$pid/status 2>/dev/null)\n\
+         [ -n \"$h\" ] && hwm=$h; sleep 0.5\n\
+         done\n\
+         wait $pid; echo \"PV rc=$?\"; echo \"PV vmm_hwm_kb=$hwm\"\n",
+        pv = pocketvisor_aarch64().display(),
+        kernel = assets.join("vmlinuz").display(),
+        initrd = assets.join("guest-initramfs.cpio.gz").display(),
+    );
     let run = in_l1_with(name, &script, kernel_args)?;
     let out = &run.output;
     assert!(out.contains("PV rc=0"), "{out}\n{}", run.describe());
@@ -117,9 +131,16 @@ fn boot_to_init(name: &str, kernel_args: &str) -> Option<(String, f64)> {
     let uptime: f64 = guest_field(out, "GUEST init", "uptime")
         .and_then(|v| v.parse().ok())
         .unwrap_or(f64::NAN);
+    let hwm_kb: u64 = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("PV vmm_hwm_kb="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(hwm_kb > 0, "no VMM RSS sampled:\n{out}");
     e2e::host::loud(&format!(
-        "{name}: guest uptime at init {uptime:.2} s (L1 boot {:?})",
-        run.l1_boot
+        "{name}: guest uptime at init {uptime:.2} s (L1 boot {:?}), VMM peak RSS {} MiB",
+        run.l1_boot,
+        hwm_kb / 1024
     ));
     Some((run.l1_info, uptime))
 }
@@ -526,9 +547,11 @@ fn mmio_loop_image(writes: u32) -> Vec<u8> {
 }
 
 /// pocketvisor's MMIO exit round trip on arm64 KVM: the guest's UART writes go through
-/// KVM_RUN, the vCPU loop and the MMIO bus. The check is that every run powers off with
-/// status 0; the figure (exits per second, from the difference between a long and an empty
-/// loop) is printed for the README.
+/// KVM_RUN, the vCPU loop and the MMIO bus. In the same L1, interleaved, the same images run
+/// on `rawexit-arm64` (a bare KVM_RUN loop that answers each exit with nothing,
+/// `bench/rawexit-arm64`). The check is that every run powers off with status 0 and the raw
+/// loop counted exactly the guest's writes; the figures (per exit, from the difference
+/// between a long and an empty loop, best of 3) and their ratio are printed for the README.
 #[test]
 fn mmio_exits_round_trip_through_pocketvisor_on_arm64() {
     let name = "mmio_exits_round_trip_through_pocketvisor_on_arm64";
@@ -540,17 +563,33 @@ fn mmio_exits_round_trip_through_pocketvisor_on_arm64() {
         std::fs::write(&path, mmio_loop_image(n)).expect("write the image");
         path
     });
-    // Three runs of each, timed in L1 by its own clock (/proc/uptime, 10 ms steps).
+    let raw = e2e::workspace_root().join("target/aarch64-unknown-linux-musl/debug/rawexit-arm64");
+    assert!(
+        raw.is_file(),
+        "{} is missing: run make build-arm64",
+        raw.display()
+    );
+    // Three runs of each on each, timed in L1 by its own clock (/proc/uptime, 10 ms steps).
     let mut script = String::new();
     for round in 0..3 {
         for (n, image) in [0, WRITES].iter().zip(&images) {
-            script.push_str(&format!(
-                "t0=$(cut -d' ' -f1 /proc/uptime); '{pv}' run --kernel '{img}' --memory 32M --serial none; \
-                 rc=$?; t1=$(cut -d' ' -f1 /proc/uptime); \
-                 echo \"MMIO round={round} writes={n} rc=$rc t0=$t0 t1=$t1\"\n",
-                pv = pocketvisor_aarch64().display(),
-                img = image.display(),
-            ));
+            for (vmm, command) in [
+                (
+                    "pv",
+                    format!(
+                        "'{}' run --kernel '{}' --memory 32M --serial none",
+                        pocketvisor_aarch64().display(),
+                        image.display()
+                    ),
+                ),
+                ("raw", format!("'{}' '{}'", raw.display(), image.display())),
+            ] {
+                script.push_str(&format!(
+                    "t0=$(cut -d' ' -f1 /proc/uptime); {command}; \
+                     rc=$?; t1=$(cut -d' ' -f1 /proc/uptime); \
+                     echo \"MMIO vmm={vmm} round={round} writes={n} rc=$rc t0=$t0 t1=$t1\"\n",
+                ));
+            }
         }
     }
     let run = in_l1(name, &script);
@@ -561,7 +600,7 @@ fn mmio_exits_round_trip_through_pocketvisor_on_arm64() {
         return;
     };
     let out = &run.output;
-    let runs: Vec<(u32, i32, f64)> = out
+    let runs: Vec<(String, u32, i32, f64)> = out
         .lines()
         .filter(|l| l.starts_with("MMIO "))
         .filter_map(|l| {
@@ -570,29 +609,47 @@ fn mmio_exits_round_trip_through_pocketvisor_on_arm64() {
                     .find_map(|w| w.strip_prefix(k)?.strip_prefix('='))
             };
             Some((
+                get("vmm")?.to_string(),
                 get("writes")?.parse().ok()?,
                 get("rc")?.parse().ok()?,
                 get("t1")?.parse::<f64>().ok()? - get("t0")?.parse::<f64>().ok()?,
             ))
         })
         .collect();
-    assert_eq!(runs.len(), 6, "{out}\n{}", run.describe());
-    assert!(runs.iter().all(|r| r.1 == 0), "a run failed:\n{out}");
-    let best = |n: u32| {
+    assert_eq!(runs.len(), 12, "{out}\n{}", run.describe());
+    assert!(runs.iter().all(|r| r.2 == 0), "a run failed:\n{out}");
+    assert_eq!(
+        out.matches(&format!("RAW mmio_exits={WRITES}\n")).count(),
+        3,
+        "the raw loop did not count the guest's writes:\n{out}"
+    );
+    assert_eq!(out.matches("RAW mmio_exits=0\n").count(), 3, "{out}");
+    let best = |vmm: &str, n: u32| {
         runs.iter()
-            .filter(|r| r.0 == n)
-            .map(|r| r.2)
+            .filter(|r| r.0 == vmm && r.1 == n)
+            .map(|r| r.3)
             .fold(f64::INFINITY, f64::min)
     };
-    let (empty, full) = (best(0), best(WRITES));
-    let per_exit_us = (full - empty) * 1e6 / f64::from(WRITES);
+    let mut per_exit = Vec::new();
+    for vmm in ["pv", "raw"] {
+        let (empty, full) = (best(vmm, 0), best(vmm, WRITES));
+        assert!(full > empty, "{vmm}: the loop took no time:\n{out}");
+        let us = (full - empty) * 1e6 / f64::from(WRITES);
+        e2e::host::loud(&format!(
+            "{name}: {vmm}: {WRITES} MMIO exits in {:.2} s over an empty run of {empty:.2} s \
+             (best of 3): {us:.1} us per exit, {:.0} exits/s",
+            full - empty,
+            1e6 / us
+        ));
+        per_exit.push(us);
+    }
     e2e::host::loud(&format!(
-        "{name}: {WRITES} MMIO exits in {:.2} s over an empty run of {empty:.2} s (best of 3): \
-         {per_exit_us:.1} us per exit, {:.0} exits/s",
-        full - empty,
-        1e6 / per_exit_us
+        "{name}: pocketvisor's exit round trip is {:.2}x the raw loop's (load {})",
+        per_exit[0] / per_exit[1],
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     ));
-    assert!(full > empty, "the loop took no time:\n{out}");
 }
 
 /// The arm64 probe (`guest/out/probe-arm64.img`, built by `guest/build-probe.sh`): an arm64
