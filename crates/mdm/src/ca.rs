@@ -134,7 +134,7 @@ fn ca_params() -> CertificateParams {
 /// Writes `bytes` to `path` via a temporary file created with `mode` (so a key is never
 /// readable by others, not even briefly), fsync, rename, directory fsync. `hostfs::write_atomic`
 /// does the same but creates the temporary file with the default mode.
-fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CaError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -253,5 +253,19 @@ impl Ca {
             sha256: cert_sha256(&der),
             der,
         })
+    }
+
+    /// Issues the server's own TLS certificate for `names` (DNS names or IP addresses) and
+    /// returns it with its new private key, both PEM.
+    pub fn issue_server(&self, names: &[String]) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&PKCS_ED25519)?;
+        let mut p = CertificateParams::new(names.to_vec())?;
+        p.distinguished_name
+            .push(DnType::CommonName, "pocketvisor MDM server");
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        let cert = p.signed_by(&key, &self.cert, &self.key)?;
+        Ok((cert.pem(), key.serialize_pem()))
     }
 }

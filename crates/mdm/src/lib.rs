@@ -4,8 +4,14 @@
 //!   policies, audit, compliance) and its SQLite implementation.
 //! - [`ca`]: the server's certificate authority, which issues a device certificate at
 //!   enrollment.
+//! - [`client`]: HTTPS requests as a device or the admin CLI makes them.
+//! - [`protocol`]: the JSON bodies and the signed forms of commands and results.
+//! - [`server`]: `pocketvisor mdm serve`, axum over rustls (device certificates, admin token).
 
 pub mod ca;
+pub mod client;
+pub mod protocol;
+pub mod server;
 pub mod store;
 
 pub use ca::{Ca, CaError, EnrollRequest, IssuedCert};

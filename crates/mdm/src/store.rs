@@ -11,7 +11,10 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use sha2::{Digest, Sha256};
 
 /// Schema steps, embedded; `PRAGMA user_version` counts those applied. Append, never edit.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_init.sql"),
+    include_str!("../migrations/0002_device_key.sql"),
+];
 
 /// What a store operation can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +50,8 @@ pub struct Device {
     pub enrolled_at: i64,
     /// A revoked device is refused on every device endpoint.
     pub revoked: bool,
+    /// Hex ed25519 public key; it signs the device's command results.
+    pub public_key: String,
 }
 
 /// A command queued for one device.
@@ -186,6 +191,7 @@ fn device_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Device> {
         cert_sha256: r.get(1)?,
         enrolled_at: r.get(2)?,
         revoked: r.get::<_, i64>(3)? != 0,
+        public_key: r.get(4)?,
     })
 }
 
@@ -214,8 +220,15 @@ impl Store for SqliteStore {
 
     fn add_device(&self, d: &Device) -> Result<(), StoreError> {
         let r = self.conn().execute(
-            "INSERT INTO devices (id, cert_sha256, enrolled_at, revoked) VALUES (?1, ?2, ?3, ?4)",
-            params![d.id, d.cert_sha256, d.enrolled_at, i64::from(d.revoked)],
+            "INSERT INTO devices (id, cert_sha256, enrolled_at, revoked, public_key)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                d.id,
+                d.cert_sha256,
+                d.enrolled_at,
+                i64::from(d.revoked),
+                d.public_key
+            ],
         );
         match r {
             Ok(_) => Ok(()),
@@ -232,7 +245,7 @@ impl Store for SqliteStore {
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, cert_sha256, enrolled_at, revoked FROM devices WHERE cert_sha256 = ?1",
+                "SELECT id, cert_sha256, enrolled_at, revoked, public_key FROM devices WHERE cert_sha256 = ?1",
                 [cert_sha256],
                 device_row,
             )
@@ -242,7 +255,7 @@ impl Store for SqliteStore {
     fn devices(&self) -> Result<Vec<Device>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, cert_sha256, enrolled_at, revoked FROM devices ORDER BY enrolled_at, id",
+            "SELECT id, cert_sha256, enrolled_at, revoked, public_key FROM devices ORDER BY enrolled_at, id",
         )?;
         let rows = stmt
             .query_map([], device_row)?

@@ -5,6 +5,7 @@ use mdm::{Device, SqliteStore, Store, StoreError};
 
 fn device(id: &str, fp: &str) -> Device {
     Device {
+        public_key: String::new(),
         id: id.into(),
         cert_sha256: fp.into(),
         enrolled_at: 100,
