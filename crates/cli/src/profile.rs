@@ -303,10 +303,21 @@ address carries the daemon's token (new at each daemon start), so keep it to you
 EXAMPLE:
   pocketvisor profile view work      # work: vnc 127.0.0.1:41234
                                      # work: phone http://127.0.0.1:40123/phone?token=...
-  vncsnapshot 127.0.0.1::41234 work.jpg")]
+  vncsnapshot 127.0.0.1::41234 work.jpg
+
+With --device instead of a NAME: the device screen, what the handset itself shows: the
+foreground profile's screen under a status bar only the host draws (the profile's name and
+colour; no guest can paint over it), following `profile switch`. Keys and the pointer of its
+viewers go to the profile in front (a touch on the bar reaches none); a locked profile shows
+only the bar.
+  pocketvisor profile view --device  # device: vnc 127.0.0.1:41300 (180x330)")]
     View {
         /// Profile name.
-        name: String,
+        #[arg(required_unless_present = "device", conflicts_with = "device")]
+        name: Option<String>,
+        /// The device screen (the foreground profile under the host's status bar).
+        #[arg(long)]
+        device: bool,
     },
     /// Show a profile's lifecycle events (all profiles' without NAME).
     Events {
@@ -882,7 +893,23 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                 );
             }
         }
-        ProfileCmd::View { name } => {
+        ProfileCmd::View { name: None, .. } => {
+            let answer: serde_json::Value = c.call("GET", "/v1/device/view", none)?;
+            if json {
+                print_json(&answer)?;
+            } else {
+                let field = |k: &str| answer.get(k).cloned().unwrap_or_default();
+                outln!(
+                    "device: vnc {} ({}x{})",
+                    field("vnc").as_str().unwrap_or("?"),
+                    field("width"),
+                    field("height")
+                );
+            }
+        }
+        ProfileCmd::View {
+            name: Some(name), ..
+        } => {
             let answer: serde_json::Value =
                 c.call("GET", &format!("/v1/profiles/{name}/view"), none)?;
             if json {

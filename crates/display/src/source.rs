@@ -187,6 +187,24 @@ impl<S: Read + Write> RfbSource<S> {
         Ok(())
     }
 
+    /// Sends a key (an X keysym) going down or up, as a viewer's KeyEvent.
+    pub fn key(&mut self, keysym: u32, down: bool) -> Result<(), SourceError> {
+        let mut m = vec![4u8, u8::from(down), 0, 0];
+        m.extend_from_slice(&keysym.to_be_bytes());
+        self.stream.write_all(&m)?;
+        Ok(())
+    }
+
+    /// Sends the pointer at (`x`, `y`) with `buttons` held (bit 0: left), as a viewer's
+    /// PointerEvent.
+    pub fn pointer(&mut self, buttons: u8, x: u16, y: u16) -> Result<(), SourceError> {
+        let mut m = vec![5u8, buttons];
+        m.extend_from_slice(&x.to_be_bytes());
+        m.extend_from_slice(&y.to_be_bytes());
+        self.stream.write_all(&m)?;
+        Ok(())
+    }
+
     /// The screen as the updates so far drew it.
     pub fn frame(&self) -> Frame {
         Frame {

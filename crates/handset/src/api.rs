@@ -64,6 +64,8 @@ pub enum Op {
     View,
     /// A running profile's screen as RFB over a websocket (the browser phone's).
     Screen,
+    /// Where the device screen (foreground profile under the host's status bar) is viewed.
+    DeviceView,
     /// All lifecycle events.
     AllEvents,
     /// Lifecycle events as they happen (server-sent events).
@@ -131,6 +133,7 @@ pub const ROUTES: &[Route] = &[
     r("GET", "/v1/profiles/{name}/console", Op::Console),
     r("GET", "/v1/profiles/{name}/view", Op::View),
     r("GET", "/v1/profiles/{name}/screen", Op::Screen),
+    r("GET", "/v1/device/view", Op::DeviceView),
     r("GET", "/v1/events", Op::AllEvents),
     r("GET", "/v1/events/stream", Op::EventStream),
     r("GET", "/v1/audit", Op::Audit),
@@ -284,6 +287,12 @@ async fn view(
     Path(name): Path<String>,
 ) -> ApiResult<crate::daemon::view::ViewInfo> {
     Ok(Json(h.view(&name).await?))
+}
+
+async fn device_view(
+    State(h): State<Hs>,
+) -> ApiResult<crate::daemon::device_screen::DeviceViewInfo> {
+    Ok(Json(h.device_view()?))
 }
 
 async fn remove(
@@ -483,6 +492,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Screenshot => get(screenshot),
         Op::Console => get(crate::console::attach),
         Op::View => get(view),
+        Op::DeviceView => get(device_view),
         Op::Screen => get(crate::phone::ws::screen),
         Op::AllEvents => get(all_events),
         Op::EventStream => get(crate::event_stream::stream),

@@ -41,7 +41,14 @@ pub struct NoticeSession {
     sent: bool,
     /// An incremental update request is waiting for the frame to change.
     waiting: bool,
+    /// Keys and pointer events kept for [`Self::take_input`] (None: dropped, as a notice
+    /// screen's viewer reaches no guest).
+    input: Option<Vec<ClientMessage>>,
 }
+
+/// Input events a session keeps between two [`NoticeSession::take_input`] calls, at most;
+/// more are dropped.
+const MAX_INPUT: usize = 256;
 
 impl NoticeSession {
     /// A `width` x `height` screen named `name` (at least 1x1) showing `lines` of text.
@@ -57,7 +64,21 @@ impl NoticeSession {
             format: PixelFormat::NATIVE,
             sent: false,
             waiting: false,
+            input: None,
         }
+    }
+
+    /// Keeps the viewer's key and pointer events for [`Self::take_input`] (a host-composed
+    /// screen whose input goes on to a guest) instead of dropping them.
+    pub fn keep_input(mut self) -> Self {
+        self.input = Some(Vec::new());
+        self
+    }
+
+    /// The key and pointer events received since the last call (only with
+    /// [`Self::keep_input`]; at most 256, later ones dropped).
+    pub fn take_input(&mut self) -> Vec<ClientMessage> {
+        self.input.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// What the server says first: its protocol version.
@@ -150,7 +171,7 @@ impl NoticeSession {
 
     /// Carries out one message: a pixel format is kept, an update request is answered with
     /// the whole frame (an incremental one only once per frame, or when [`Self::show`] changes
-    /// it), and input is dropped.
+    /// it), and input is dropped unless [`Self::keep_input`] asked for it.
     fn handle(&mut self, msg: ClientMessage, out: &mut Vec<u8>) {
         match msg {
             ClientMessage::SetPixelFormat(format) => self.format = format,
@@ -159,10 +180,12 @@ impl NoticeSession {
                 self.send_frame(out);
             }
             ClientMessage::UpdateRequest { .. } => self.waiting = true,
-            ClientMessage::SetEncodings(_)
-            | ClientMessage::Key { .. }
-            | ClientMessage::Pointer { .. }
-            | ClientMessage::CutText { .. } => {}
+            ClientMessage::Key { .. } | ClientMessage::Pointer { .. } => {
+                if let Some(kept) = self.input.as_mut().filter(|k| k.len() < MAX_INPUT) {
+                    kept.push(msg);
+                }
+            }
+            ClientMessage::SetEncodings(_) | ClientMessage::CutText { .. } => {}
         }
     }
 }
@@ -369,6 +392,36 @@ mod tests {
             s.receive(&request(true, 4, 2)).unwrap().len(),
             4 + 12 + 8 * 4
         );
+    }
+
+    #[test]
+    fn kept_input_is_taken_once_and_bounded() {
+        let (mut s, _) = handshake(64, 48);
+        let key = [4u8, 1, 0, 0, 0, 0, 0, b'a'];
+        let pointer = [5u8, 1, 0, 10, 0, 20];
+        s.receive(&[key.as_slice(), &pointer].concat()).unwrap();
+        assert!(s.take_input().is_empty(), "dropped without keep_input");
+
+        let (s, _) = handshake(64, 48);
+        let mut s = s.keep_input();
+        s.receive(&[key.as_slice(), &pointer].concat()).unwrap();
+        assert_eq!(
+            s.take_input(),
+            [
+                ClientMessage::Key {
+                    down: true,
+                    keysym: u32::from(b'a')
+                },
+                ClientMessage::Pointer {
+                    buttons: 1,
+                    x: 10,
+                    y: 20
+                }
+            ]
+        );
+        assert!(s.take_input().is_empty(), "taken once");
+        s.receive(&key.repeat(1000)).unwrap();
+        assert_eq!(s.take_input().len(), MAX_INPUT);
     }
 
     #[test]

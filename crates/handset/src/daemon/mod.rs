@@ -12,6 +12,7 @@
 //! notices its VMM's exit (tokio's child wait for processes this daemon started, a pidfd for
 //! ones adopted from an earlier daemon).
 
+pub mod device_screen;
 mod foreground;
 mod intent;
 pub mod lifecycle;
@@ -87,6 +88,7 @@ pub struct Handset {
     consoles: crate::console::Attached,
     closing: std::sync::atomic::AtomicBool,
     views: view::Views,
+    device_screen: device_screen::DeviceScreen,
 }
 
 impl Handset {
@@ -104,6 +106,7 @@ impl Handset {
             consoles: crate::console::Attached::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
             views: view::Views::default(),
+            device_screen: device_screen::DeviceScreen::default(),
         }))
     }
 

@@ -1,0 +1,330 @@
+//! The device screen over VNC: what the handset's own screen shows, the foreground profile's
+//! frame under a status bar only the host draws (`display::Compositor`), on a loopback TCP port
+//! opened on the first `device view` and kept while the daemon runs.
+//!
+//! One compositor thread follows the foreground: it reads the foreground profile's screen as
+//! an RFB client of its VMM's `run/vnc.sock` (`display::RfbSource`; the VMM's `Display` handle
+//! is in the jailed process, the socket is what the daemon reaches) and publishes each composed
+//! frame. Each viewer (at most [`MAX_VIEWERS`]) gets a thread running a host-side RFB session
+//! over those frames (`rfb::notice::NoticeSession::show`); its keys and pointer go to the
+//! foreground profile through an RFB session of their own on its VMM's socket ([`InputSink`]),
+//! the pointer moved up by the bar's rows (a touch on the bar reaches no guest).
+//!
+//! A locked foreground profile (`profile lock`) shows only the bar: its frame is not read and
+//! input does not reach it.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use display::{Compositor, Foreground, Frame, RfbSource};
+use rfb::proto::ClientMessage;
+
+use super::Handset;
+use crate::error::{Error, Result};
+
+/// How long a read from the foreground's VMM may wait before the thread looks at the
+/// foreground again (an idle screen sends nothing; the session is then opened again).
+const SOURCE_WAIT: Duration = Duration::from_secs(1);
+/// How often a viewer's thread looks for a new frame while its viewer is quiet.
+const VIEWER_TICK: Duration = Duration::from_millis(50);
+/// Viewers of the device screen at once (each has a thread); more are turned away.
+const MAX_VIEWERS: usize = 8;
+/// Status bar height for a screen `width` pixels wide: about 1/18 of it, at least 12 rows.
+fn bar_rows(width: usize) -> usize {
+    (width / 18).max(12)
+}
+
+/// The latest composed frame and a count that grows with each one.
+#[derive(Default)]
+struct Published {
+    frame: Mutex<Option<(u64, Frame)>>,
+}
+
+impl Published {
+    fn publish(&self, frame: Frame) {
+        let mut slot = self.frame.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = slot.as_ref().map_or(0, |(g, _)| g + 1);
+        *slot = Some((generation, frame));
+    }
+
+    fn latest(&self) -> Option<(u64, Frame)> {
+        self.frame.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The device screen's listener, once opened.
+#[derive(Default)]
+pub struct DeviceScreen {
+    addr: Mutex<Option<SocketAddr>>,
+}
+
+/// Where the device screen can be viewed.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceViewInfo {
+    /// The VNC (RFB 3.8, security None) address on loopback, `127.0.0.1:PORT`.
+    pub vnc: String,
+    /// The screen's size: the first foreground profile's display plus the status bar.
+    pub width: u16,
+    /// Height in pixels, the status bar's rows included.
+    pub height: u16,
+}
+
+impl Handset {
+    /// The loopback VNC address of the device screen (opened on first use, sized for the
+    /// foreground profile's display then; 409 while no profile with a screen is in front).
+    pub fn device_view(self: &Arc<Self>) -> Result<DeviceViewInfo> {
+        let mut addr = self
+            .device_screen
+            .addr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let fg = self
+            .current_foreground()?
+            .ok_or_else(|| Error::Conflict("no profile is in the foreground".into()))?;
+        let (w, h) = self.display_size(&fg)?;
+        let bar = bar_rows(usize::from(w));
+        let height = u16::try_from(usize::from(h) + bar)
+            .map_err(|_| Error::Conflict(format!("{fg}'s display is too tall")))?;
+        if let Some(addr) = *addr {
+            return Ok(DeviceViewInfo {
+                vnc: addr.to_string(),
+                width: w,
+                height,
+            });
+        }
+        self.vnc_socket(&fg)?;
+        let compositor = Compositor::new(usize::from(w), usize::from(height), bar)
+            .map_err(|e| Error::Conflict(format!("device screen: {e}")))?;
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .map_err(|e| Error::Internal(format!("cannot listen for the device screen: {e}")))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::Internal(format!("device screen address: {e}")))?;
+        let published = Arc::new(Published::default());
+        published.publish(compositor.compose());
+        let weak = Arc::downgrade(self);
+        let p = published.clone();
+        std::thread::Builder::new()
+            .name("device-screen".into())
+            .spawn(move || follow_foreground(weak, compositor, &p))
+            .map_err(|e| Error::Internal(format!("device screen thread: {e}")))?;
+        let sink = Arc::new(InputSink {
+            handset: Arc::downgrade(self),
+            bar_rows: u16::try_from(bar).unwrap_or(u16::MAX),
+            session: Mutex::new(None),
+        });
+        std::thread::Builder::new()
+            .name("device-view".into())
+            .spawn(move || accept(listener, published, sink))
+            .map_err(|e| Error::Internal(format!("device view thread: {e}")))?;
+        *addr = Some(local);
+        Ok(DeviceViewInfo {
+            vnc: local.to_string(),
+            width: w,
+            height,
+        })
+    }
+}
+
+/// Composes the device screen while the daemon lives: the foreground's bar, and its frame
+/// read from its VMM's VNC socket.
+fn follow_foreground(handset: Weak<Handset>, mut compositor: Compositor, published: &Published) {
+    loop {
+        let Some(h) = handset.upgrade() else {
+            return;
+        };
+        let fg = h.current_foreground().ok().flatten();
+        let socket = fg.as_deref().and_then(|n| h.vnc_socket(n).ok());
+        drop(h);
+        let Some(name) = fg else {
+            std::thread::sleep(SOURCE_WAIT);
+            continue;
+        };
+        compositor.switch(Foreground {
+            colour: display::profile_colour(&name),
+            name: name.clone(),
+        });
+        published.publish(compositor.compose());
+        if is_locked(&handset, &name) {
+            // The bar only: nothing of a locked profile's screen is read.
+            std::thread::sleep(SOURCE_WAIT);
+            continue;
+        }
+        if let Some(socket) = socket {
+            if let Err(e) = read_profile(&handset, &name, &socket, &mut compositor, published) {
+                tracing::debug!("device screen: {name}'s screen: {e}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Reads `name`'s screen into the device screen until it leaves the foreground or its
+/// session ends.
+fn read_profile(
+    handset: &Weak<Handset>,
+    name: &str,
+    socket: &std::path::Path,
+    compositor: &mut Compositor,
+    published: &Published,
+) -> std::result::Result<(), display::SourceError> {
+    let stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(SOURCE_WAIT))?;
+    let mut source = RfbSource::connect(stream)?;
+    let mut incremental = false;
+    loop {
+        source.update(incremental)?;
+        incremental = true;
+        compositor.set_frame(source.frame());
+        published.publish(compositor.compose());
+        let Some(h) = handset.upgrade() else {
+            return Ok(());
+        };
+        if h.current_foreground().ok().flatten().as_deref() != Some(name)
+            || crate::lock::is_locked(h.dir(), name)
+        {
+            return Ok(());
+        }
+    }
+}
+
+fn is_locked(handset: &Weak<Handset>, name: &str) -> bool {
+    handset
+        .upgrade()
+        .is_some_and(|h| crate::lock::is_locked(h.dir(), name))
+}
+
+/// Where the viewers' keys and pointer go: the foreground profile's VMM, through an RFB session
+/// of the sink's own on its VNC socket (opened on the first event, again after a switch; it
+/// never asks for frames).
+struct InputSink {
+    handset: Weak<Handset>,
+    bar_rows: u16,
+    session: Mutex<Option<(String, RfbSource<UnixStream>)>>,
+}
+
+impl InputSink {
+    /// Passes `events` to the foreground profile unless it is locked; a pointer on the bar is
+    /// dropped (a release there is sent at the frame's top edge, so no touch stays down).
+    fn forward(&self, events: Vec<ClientMessage>) {
+        if events.is_empty() {
+            return;
+        }
+        let Some(h) = self.handset.upgrade() else {
+            return;
+        };
+        let Some(name) = h.current_foreground().ok().flatten() else {
+            return;
+        };
+        if crate::lock::is_locked(h.dir(), &name) {
+            return;
+        }
+        let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().map(|(n, _)| n) != Some(&name) {
+            *slot = None;
+            let Ok(socket) = h.vnc_socket(&name) else {
+                return;
+            };
+            match UnixStream::connect(&socket)
+                .map_err(display::SourceError::from)
+                .and_then(RfbSource::connect)
+            {
+                Ok(source) => *slot = Some((name.clone(), source)),
+                Err(e) => {
+                    tracing::debug!("device screen: input to {name}: {e}");
+                    return;
+                }
+            }
+        }
+        drop(h);
+        let Some((_, source)) = slot.as_mut() else {
+            return;
+        };
+        for event in events {
+            let sent = match event {
+                ClientMessage::Key { down, keysym } => source.key(keysym, down),
+                ClientMessage::Pointer { buttons, x, y } => match y.checked_sub(self.bar_rows) {
+                    Some(y) => source.pointer(buttons, x, y),
+                    None if buttons == 0 => source.pointer(0, x, 0),
+                    None => continue,
+                },
+                _ => continue,
+            };
+            if let Err(e) = sent {
+                tracing::debug!("device screen: input to {name}: {e}");
+                *slot = None;
+                return;
+            }
+        }
+    }
+}
+
+/// Accepts device-screen viewers, one thread each, at most [`MAX_VIEWERS`] at once.
+fn accept(listener: TcpListener, published: Arc<Published>, sink: Arc<InputSink>) {
+    let viewers = Arc::new(AtomicUsize::new(0));
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        if viewers.fetch_add(1, Ordering::SeqCst) >= MAX_VIEWERS {
+            viewers.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!("device screen: more than {MAX_VIEWERS} viewers, one turned away");
+            continue;
+        }
+        let (p, sink, count) = (published.clone(), sink.clone(), viewers.clone());
+        let spawned = std::thread::Builder::new()
+            .name("device-viewer".into())
+            .spawn(move || {
+                if let Err(e) = serve_viewer(stream, &p, &sink) {
+                    tracing::debug!("device viewer: {e}");
+                }
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            viewers.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// One viewer's RFB session over the published frames; its input goes to `sink`.
+fn serve_viewer(
+    mut stream: TcpStream,
+    published: &Published,
+    sink: &InputSink,
+) -> std::io::Result<()> {
+    let Some((mut shown, first)) = published.latest() else {
+        return Ok(());
+    };
+    let width = u16::try_from(first.width()).unwrap_or(u16::MAX);
+    let height = u16::try_from(first.height()).unwrap_or(u16::MAX);
+    let mut session =
+        rfb::notice::NoticeSession::new(width, height, "pocketvisor device", &[]).keep_input();
+    session.show(first.rgb());
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(VIEWER_TICK))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    stream.write_all(rfb::notice::NoticeSession::greeting())?;
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => {
+                let out = session
+                    .receive(&buf[..n])
+                    .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+                stream.write_all(&out)?;
+                sink.forward(session.take_input());
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => return Err(e),
+        }
+        if let Some((generation, frame)) = published.latest() {
+            if generation != shown {
+                shown = generation;
+                stream.write_all(&session.show(frame.rgb()))?;
+            }
+        }
+    }
+}
