@@ -139,7 +139,41 @@ fn a_stock_client_sees_the_foreground_under_the_hosts_bar_and_follows_a_switch()
     );
     assert!(work.is_empty(), "work in front: {work}\n{}", d.log());
 
+    // The frame after a switch, as a viewer waiting with an incremental request sees it: the
+    // bar in personal's colour, then personal's screen below it.
+    let (w, h) = (180usize, 320 + BAR);
+    let mut timed = rfb_connect(&addr);
+    timed.write_all(&update_request(false, w, h)).unwrap();
+    read_frame(&mut timed, w, h);
+    let personal_bar = display::profile_colour("personal");
+    let started = Instant::now();
     d.act("personal", "switch").unwrap();
+    let switched = started.elapsed();
+    let (mut bar_at, mut screen_at) = (None, None);
+    while screen_at.is_none() && started.elapsed() < Duration::from_secs(30) {
+        timed.write_all(&update_request(true, w, h)).unwrap();
+        let rgb = read_frame(&mut timed, w, h);
+        let px = |x: usize, y: usize| -> [u8; 3] {
+            let i = (y * w + x) * 3;
+            [rgb[i], rgb[i + 1], rgb[i + 2]]
+        };
+        if px(w - 3, 3) == personal_bar {
+            bar_at.get_or_insert(started.elapsed());
+            if px(w - 3, h - 3) == PERSONAL_RGB {
+                screen_at = Some(started.elapsed());
+            }
+        }
+    }
+    loud(&format!(
+        "MEASURE device screen after `profile switch` (API call {switched:?}): personal's bar \
+         after {bar_at:?}, its screen after {screen_at:?}"
+    ));
+    assert!(
+        screen_at.is_some(),
+        "personal's screen never came to the device screen"
+    );
+    drop(timed);
+
     let personal = wait_for(
         vncsnapshot,
         &addr,
@@ -202,6 +236,28 @@ fn a_stock_client_sees_the_foreground_under_the_hosts_bar_and_follows_a_switch()
         "work, in the background, got input: {}",
         d.serial("work")
     );
+}
+
+/// A FramebufferUpdateRequest for the whole `w` x `h` screen.
+fn update_request(incremental: bool, w: usize, h: usize) -> Vec<u8> {
+    let mut m = vec![3u8, u8::from(incremental), 0, 0, 0, 0];
+    m.extend_from_slice(&u16::try_from(w).unwrap().to_be_bytes());
+    m.extend_from_slice(&u16::try_from(h).unwrap().to_be_bytes());
+    m
+}
+
+/// One FramebufferUpdate of the whole screen in one Raw rectangle (the device screen's
+/// server sends no other), as RGB.
+fn read_frame(s: &mut std::net::TcpStream, w: usize, h: usize) -> Vec<u8> {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[..4], [0, 0, 0, 1], "one rectangle");
+    assert_eq!(head[12..16], [0, 0, 0, 0], "Raw");
+    let mut px = vec![0u8; w * h * 4];
+    s.read_exact(&mut px).unwrap();
+    px.chunks_exact(4)
+        .flat_map(|p| [p[2], p[1], p[0]])
+        .collect()
 }
 
 /// An RFB 3.8 session (security None) with the device screen, past ServerInit.

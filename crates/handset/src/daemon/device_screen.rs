@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 /// foreground again (an idle screen sends nothing; the session is then opened again).
 const SOURCE_WAIT: Duration = Duration::from_secs(1);
 /// How often a viewer's thread looks for a new frame while its viewer is quiet.
-const VIEWER_TICK: Duration = Duration::from_millis(50);
+const VIEWER_TICK: Duration = Duration::from_millis(10);
 /// Viewers of the device screen at once (each has a thread); more are turned away.
 const MAX_VIEWERS: usize = 8;
 /// Status bar height for a screen `width` pixels wide: about 1/18 of it, at least 12 rows.
@@ -60,6 +60,24 @@ impl Published {
 #[derive(Default)]
 pub struct DeviceScreen {
     addr: Mutex<Option<SocketAddr>>,
+    /// The compositor's session with the foreground profile's VMM, while it reads one.
+    reading: Arc<Mutex<Option<UnixStream>>>,
+}
+
+impl DeviceScreen {
+    /// Ends the compositor's read of the old foreground at once (a switch), instead of when its
+    /// next update or [`SOURCE_WAIT`] comes, so the new foreground's frame follows within
+    /// milliseconds.
+    pub fn nudge(&self) {
+        let reading = self
+            .reading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(stream) = reading {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
 }
 
 /// Where the device screen can be viewed.
@@ -108,9 +126,10 @@ impl Handset {
         published.publish(compositor.compose());
         let weak = Arc::downgrade(self);
         let p = published.clone();
+        let reading = self.device_screen.reading.clone();
         std::thread::Builder::new()
             .name("device-screen".into())
-            .spawn(move || follow_foreground(weak, compositor, &p))
+            .spawn(move || follow_foreground(weak, compositor, &p, &reading))
             .map_err(|e| Error::Internal(format!("device screen thread: {e}")))?;
         let sink = Arc::new(InputSink {
             handset: Arc::downgrade(self),
@@ -132,7 +151,12 @@ impl Handset {
 
 /// Composes the device screen while the daemon lives: the foreground's bar, and its frame
 /// read from its VMM's VNC socket.
-fn follow_foreground(handset: Weak<Handset>, mut compositor: Compositor, published: &Published) {
+fn follow_foreground(
+    handset: Weak<Handset>,
+    mut compositor: Compositor,
+    published: &Published,
+    reading: &Mutex<Option<UnixStream>>,
+) {
     loop {
         let Some(h) = handset.upgrade() else {
             return;
@@ -155,11 +179,21 @@ fn follow_foreground(handset: Weak<Handset>, mut compositor: Compositor, publish
             continue;
         }
         if let Some(socket) = socket {
-            if let Err(e) = read_profile(&handset, &name, &socket, &mut compositor, published) {
+            let read = read_profile(
+                &handset,
+                &name,
+                &socket,
+                &mut compositor,
+                published,
+                reading,
+            );
+            *reading.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if let Err(e) = read {
                 tracing::debug!("device screen: {name}'s screen: {e}");
             }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Not a busy loop when a VMM refuses; short, as a switch ends a read on purpose.
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -171,9 +205,11 @@ fn read_profile(
     socket: &std::path::Path,
     compositor: &mut Compositor,
     published: &Published,
+    reading: &Mutex<Option<UnixStream>>,
 ) -> std::result::Result<(), display::SourceError> {
     let stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(SOURCE_WAIT))?;
+    *reading.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
     let mut source = RfbSource::connect(stream)?;
     let mut incremental = false;
     loop {

@@ -168,6 +168,7 @@ impl Handset {
             }
         }
         self.registry.db().set_foreground(fg)?;
+        self.device_screen.nudge();
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
