@@ -12,6 +12,7 @@ mod failure;
 mod follow;
 mod guest_data;
 mod handset;
+mod mdm;
 mod migrate;
 mod policy;
 mod portable;
@@ -83,6 +84,9 @@ enum Command {
     Keygen(portable::KeygenArgs),
     /// The organisation's signed IT policies: keygen, sign, verify, show, trust, apply.
     Policy(policy::PolicyArgs),
+    /// The MDM server and its admin commands: serve, enroll-token, devices, policy push, lock,
+    /// unlock, wipe, revoke, audit.
+    Mdm(mdm::MdmArgs),
 }
 
 impl Command {
@@ -173,6 +177,7 @@ fn main() {
         Command::Import(args) => portable::import::main(*args),
         Command::Keygen(args) => portable::keygen::main(args),
         Command::Policy(args) => policy::main(args),
+        Command::Mdm(args) => mdm::main(args),
     };
     match result {
         Ok(0) if stdout::failed() => std::process::exit(1),
