@@ -5,11 +5,13 @@
 //! - [`ca`]: the server's certificate authority, which issues a device certificate at
 //!   enrollment.
 //! - [`client`]: HTTPS requests as a device or the admin CLI makes them.
+//! - [`device`]: a device's enrollment kept on disk and its verified view of commands.
 //! - [`protocol`]: the JSON bodies and the signed forms of commands and results.
 //! - [`server`]: `pocketvisor mdm serve`, axum over rustls (device certificates, admin token).
 
 pub mod ca;
 pub mod client;
+pub mod device;
 pub mod protocol;
 pub mod server;
 pub mod store;
