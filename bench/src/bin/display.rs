@@ -11,7 +11,8 @@
 //! client asks for it), per run: the time from connecting to the first full frame, the bytes
 //! and updates the client receives while it asks for incremental updates for `--secs`
 //! seconds (what a viewer of a live screen costs on the wire), and the VMM's RSS at the end.
-//! Medians and ranges over `--runs`.
+//! Medians and ranges over `--runs`. Then an idle profile with a display (the counter once a
+//! second, no viewer): the VMM's wakeups per second and the host's CPU, against no VM at all.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -89,6 +90,8 @@ struct Sample {
 }
 
 const CMDLINE: &str = "pv.mode=screen pv.screen.rgb=2a9d8f pv.screen.ms=33";
+/// The idle screen: the counter ticks once a second, the probe sleeps on its TSC deadline.
+const IDLE_CMDLINE: &str = "pv.mode=screen pv.screen.rgb=2a9d8f pv.screen.ms=1000";
 
 fn run(o: Opts) -> Result<()> {
     let pv = bench::util::pocketvisor_bin(o.bin.as_deref(), false, "display")?;
@@ -124,9 +127,15 @@ fn run(o: Opts) -> Result<()> {
             let mut samples = Vec::new();
             for run in 0..o.runs {
                 let (proc, port) = if vmm == "pocketvisor" {
-                    start_pocketvisor(&pv, &probe, o.size)?
+                    start_pocketvisor(&pv, &probe, o.size, CMDLINE)?
                 } else {
-                    start_qemu(qemu.as_ref().expect("checked"), &probe, o.size, run)?
+                    start_qemu(
+                        qemu.as_ref().expect("checked"),
+                        &probe,
+                        o.size,
+                        run,
+                        CMDLINE,
+                    )?
                 };
                 let sample = view(port, zrle, Duration::from_secs(o.secs), proc.0.id())
                     .with_context(|| format!("{vmm} run {run}"))?;
@@ -161,7 +170,105 @@ fn run(o: Opts) -> Result<()> {
             col(|s| s.rss_mib),
         );
     }
+    idle(&o, &pv, &probe, qemu.as_deref())
+}
+
+/// What an idle profile with a display costs the host over `--secs` with no viewer: its VMM's
+/// threads' context switches per second (each a wakeup: `voluntary_ctxt_switches` plus
+/// `nonvoluntary_ctxt_switches` of every task) and the busy share of all CPUs from
+/// `/proc/stat` (system-wide: per-process CPU over-reports under kvm_pvm), next to the same
+/// with no VM running (what else the machine does).
+fn idle(o: &Opts, pv: &Path, probe: &Path, qemu: Option<&Path>) -> Result<()> {
+    let secs = Duration::from_secs(o.secs);
+    let mut rows: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
+    for vmm in ["no VM", "pocketvisor", "qemu"] {
+        if vmm == "qemu" && qemu.is_none() {
+            continue;
+        }
+        let mut samples = Vec::new();
+        for run in 0..o.runs {
+            let proc = match vmm {
+                "no VM" => None,
+                "pocketvisor" => Some(start_pocketvisor(pv, probe, o.size, IDLE_CMDLINE)?.0),
+                _ => Some(start_qemu(qemu.expect("checked"), probe, o.size, run, IDLE_CMDLINE)?.0),
+            };
+            // Past the first frames.
+            std::thread::sleep(Duration::from_secs(1));
+            let pid = proc.as_ref().map(|p| p.0.id());
+            let (switches0, cpu0) = (pid.map_or(0, ctxt_switches), cpu_jiffies()?);
+            std::thread::sleep(secs);
+            let (switches1, cpu1) = (pid.map_or(0, ctxt_switches), cpu_jiffies()?);
+            let wakeups = (switches1 - switches0) as f64 / secs.as_secs_f64();
+            let busy = (cpu1.0 - cpu0.0) as f64 * 100.0 / (cpu1.1 - cpu0.1).max(1) as f64;
+            eprintln!("display: idle {vmm} run {run}: {wakeups:.1} wakeups/s, host CPU {busy:.2}%");
+            samples.push((wakeups, busy));
+            drop(proc);
+        }
+        rows.push((vmm, samples));
+    }
+    println!(
+        "\nIdle with a display (the counter ticks once a second, no viewer), {} s per run, {} runs:\n",
+        o.secs, o.runs
+    );
+    println!("| VMM | VMM wakeups/s | host CPU, all cores (%) |");
+    println!("| --- | --- | --- |");
+    for (vmm, samples) in &rows {
+        let col = |f: fn(&(f64, f64)) -> f64| {
+            let v: Vec<f64> = samples.iter().map(f).collect();
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            format!(
+                "{:.2} ({:.2}-{:.2})",
+                median(&v).unwrap_or(f64::NAN),
+                min,
+                max
+            )
+        };
+        let wakeups = if *vmm == "no VM" {
+            "-".to_string()
+        } else {
+            col(|s| s.0)
+        };
+        println!("| {vmm} | {wakeups} | {} |", col(|s| s.1));
+    }
     Ok(())
+}
+
+/// Context switches of every thread of process `pid` so far.
+fn ctxt_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// (busy, total) jiffies of all CPUs from /proc/stat's first line (busy: all but idle and
+/// iowait).
+fn cpu_jiffies() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .context("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    if v.len() < 5 {
+        bail!("a short cpu line in /proc/stat");
+    }
+    let total: u64 = v.iter().take(8).sum();
+    Ok((total - v[3] - v[4], total))
 }
 
 /// Waits for the probe's first frame on `proc`'s serial (its stdout).
@@ -183,12 +290,17 @@ fn wait_first_frame(proc: &mut Proc) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("the probe drew no frame within 60 s"))
 }
 
-fn start_pocketvisor(pv: &Path, probe: &Path, (w, h): (u16, u16)) -> Result<(Proc, u16)> {
+fn start_pocketvisor(
+    pv: &Path,
+    probe: &Path,
+    (w, h): (u16, u16),
+    cmdline: &str,
+) -> Result<(Proc, u16)> {
     let mut proc = Proc(
         Command::new(pv)
             .args(["run", "--memory", "128M", "--kernel"])
             .arg(probe)
-            .args(["--cmdline", CMDLINE, &format!("--gpu={w}x{h}"), "--input"])
+            .args(["--cmdline", cmdline, &format!("--gpu={w}x{h}"), "--input"])
             .arg("--vnc=127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -210,9 +322,15 @@ fn start_pocketvisor(pv: &Path, probe: &Path, (w, h): (u16, u16)) -> Result<(Pro
     Ok((proc, port))
 }
 
-fn start_qemu(qemu: &Path, probe: &Path, (w, h): (u16, u16), run: usize) -> Result<(Proc, u16)> {
+fn start_qemu(
+    qemu: &Path,
+    probe: &Path,
+    (w, h): (u16, u16),
+    run: usize,
+    cmdline: &str,
+) -> Result<(Proc, u16)> {
     let display = 40 + u16::try_from(run % 50).unwrap_or(0);
-    let mut cmd = QemuCommand::new(qemu, Machine::Pc, probe, CMDLINE);
+    let mut cmd = QemuCommand::new(qemu, Machine::Pc, probe, cmdline);
     cmd.memory_mib = 128;
     cmd.extra = [
         "-device".to_string(),
