@@ -17,11 +17,12 @@
 //! (`max-bandwidth` 10 GiB/s); a run counts only once the guest goes on at the destination
 //! (a new counter line, or a memory pass that ends `ok`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::compare::{self, exit_on_error, field, lines, wait_until, Common, Stat, Vmm};
 use bench::qmp::Qmp;
 use bench::util::{Args, Proc};
 use e2e::qemu::{Machine, QemuCommand};
@@ -36,63 +37,42 @@ target/release/pocketvisor (built first). Needs /dev/kvm.";
 
 #[derive(Debug, Clone)]
 struct Opts {
-    runs: usize,
+    common: Common,
     mem: u64,
     dirty_mb: u64,
     gap_ms: u64,
-    qemu: bool,
-    json: bool,
-    bin: Option<PathBuf>,
-    probe: Option<PathBuf>,
-    work: Option<PathBuf>,
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
     let mut o = Opts {
-        runs: 3,
+        common: Common::new(3),
         mem: 512,
         dirty_mb: 16,
         gap_ms: 50,
-        qemu: true,
-        json: false,
-        bin: None,
-        probe: None,
-        work: None,
     };
     let mut args = Args::new(args, USAGE);
     while let Some(arg) = args.next_flag() {
+        if o.common.take(&arg, &mut args)? {
+            continue;
+        }
         match arg.as_str() {
-            "--runs" => o.runs = args.parse("--runs")?,
             "--mem" => o.mem = args.parse("--mem")?,
             "--dirty-mb" => o.dirty_mb = args.parse("--dirty-mb")?,
             "--gap" => o.gap_ms = args.parse("--gap")?,
-            "--no-qemu" => o.qemu = false,
-            "--json" => o.json = true,
-            "--bin" => o.bin = Some(args.value("--bin")?.into()),
-            "--probe" => o.probe = Some(args.value("--probe")?.into()),
-            "--work" => o.work = Some(args.value("--work")?.into()),
             other => return Err(args.unknown(other)),
         }
     }
-    if o.runs == 0 || o.mem < 64 || o.dirty_mb == 0 || o.dirty_mb * 2 > o.mem {
+    if o.common.runs == 0 || o.mem < 64 || o.dirty_mb == 0 || o.dirty_mb * 2 > o.mem {
         bail!("--runs must be >= 1, --mem >= 64 and --dirty-mb from 1 to half of --mem");
     }
     Ok(o)
 }
 
 fn main() {
-    let result = parse_args(std::env::args().skip(1)).and_then(run);
-    if let Err(e) = result {
-        eprintln!("migrate_live: error: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-/// Which VMM a sample is from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vmm {
-    Pocketvisor,
-    Qemu,
+    exit_on_error(
+        "migrate_live",
+        parse_args(std::env::args().skip(1)).and_then(run),
+    );
 }
 
 /// Which guest.
@@ -112,23 +92,6 @@ struct Sample {
     dirty_mib_s: f64,
 }
 
-/// Median and range of one figure.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stat(v: &[f64]) -> Stat {
-    let finite = || v.iter().copied().filter(|x| x.is_finite());
-    Stat {
-        median: bench::util::median(v).unwrap_or(f64::NAN),
-        min: finite().fold(f64::INFINITY, f64::min),
-        max: finite().fold(f64::NEG_INFINITY, f64::max),
-    }
-}
-
 /// The figures of one guest and VMM.
 #[derive(Debug, Clone, serde::Serialize)]
 struct Figures {
@@ -143,20 +106,12 @@ struct Figures {
     errors: Vec<String>,
 }
 
+/// The set-up and the guests' sizes.
 struct Setup {
-    bin: PathBuf,
-    probe: PathBuf,
-    qemu: Option<PathBuf>,
-    work: PathBuf,
+    env: compare::Setup,
     mem: u64,
     dirty_mb: u64,
     gap_ms: u64,
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
 }
 
 impl Setup {
@@ -173,121 +128,60 @@ impl Setup {
 }
 
 fn run(o: Opts) -> Result<()> {
-    if !Path::new("/dev/kvm").exists() {
-        bail!("/dev/kvm is missing");
-    }
-    let bin = bench::util::pocketvisor_bin(o.bin.as_deref(), true, "migrate_live")?;
-    let probe = bench::util::probe_elf(o.probe.as_deref(), "migrate_live")?;
-    let qemu = if o.qemu {
-        QemuCommand::find_binary()
-    } else {
-        None
-    };
-    if o.qemu && qemu.is_none() {
-        eprintln!("migrate_live: qemu-system-x86_64 not found, pocketvisor only");
-    }
-    let work = o.work.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("pv-bench-migrate-{}", std::process::id()))
-    });
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
     let s = Setup {
-        bin,
-        probe,
-        qemu,
-        work,
+        env: compare::Setup::new(&o.common, "migrate_live", "migrate")?,
         mem: o.mem,
         dirty_mb: o.dirty_mb,
         gap_ms: o.gap_ms,
     };
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let mut vmms = vec![Vmm::Pocketvisor];
-    if s.qemu.is_some() {
-        vmms.push(Vmm::Qemu);
-    }
     let mut all = Vec::new();
     for guest in [Guest::Idle, Guest::Busy] {
-        let mut samples: Vec<(Vmm, Sample)> = Vec::new();
-        let mut errors: Vec<(Vmm, String)> = Vec::new();
-        for run in 0..o.runs {
-            // Alternate the order so neither VMM always runs on a warmer machine.
-            let order: Vec<Vmm> = if run % 2 == 0 {
-                vmms.clone()
-            } else {
-                vmms.iter().rev().copied().collect()
-            };
-            for vmm in order {
-                eprintln!("migrate_live: {guest:?} run {}/{} {vmm:?}", run + 1, o.runs);
-                let dir = s.work.join(format!("{vmm:?}-{guest:?}-{run}"));
-                std::fs::create_dir_all(&dir)?;
-                match once(&s, vmm, guest, &dir) {
-                    Ok(sample) => samples.push((vmm, sample)),
-                    Err(e) => errors.push((vmm, format!("{e:#}"))),
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-        for &vmm in &vmms {
-            let of = |f: fn(&Sample) -> f64| -> Vec<f64> {
-                samples
-                    .iter()
-                    .filter(|(v, _)| *v == vmm)
-                    .map(|(_, s)| f(s))
-                    .collect()
-            };
+        let what = format!("{guest:?}");
+        let samples =
+            compare::alternate(&s.env, "migrate_live", &what, o.common.runs, |vmm, dir| {
+                once(&s, vmm, guest, dir)
+            })?;
+        for vmm in s.env.vmms() {
+            let of = |f: fn(&Sample) -> f64| Stat::of(&samples.of(vmm, f));
             all.push(Figures {
-                vmm: match vmm {
-                    Vmm::Pocketvisor => "pocketvisor",
-                    Vmm::Qemu => "qemu-microvm",
-                },
+                vmm: vmm.label(),
                 guest: match guest {
                     Guest::Idle => "idle",
                     Guest::Busy => "busy",
                 },
                 memory_mib: s.mem,
-                runs: of(|s| s.total_ms).len(),
-                dirty_mib_per_s: stat(&of(|s| s.dirty_mib_s)),
-                total_ms: stat(&of(|s| s.total_ms)),
-                downtime_ms: stat(&of(|s| s.downtime_ms)),
-                mib_on_wire: stat(&of(|s| s.mib_on_wire)),
-                errors: errors
-                    .iter()
-                    .filter(|(v, _)| *v == vmm)
-                    .map(|(_, e)| e.clone())
-                    .collect(),
+                runs: samples.count(vmm),
+                dirty_mib_per_s: of(|s| s.dirty_mib_s),
+                total_ms: of(|s| s.total_ms),
+                downtime_ms: of(|s| s.downtime_ms),
+                mib_on_wire: of(|s| s.mib_on_wire),
+                errors: samples.errors(vmm),
             });
         }
     }
-    if o.json {
+    if o.common.json {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else {
-        print!("{}", table(&all, &load, &s));
+        print!("{}", table(&all, &s));
     }
     Ok(())
 }
 
-fn table(all: &[Figures], load: &str, s: &Setup) -> String {
+fn table(all: &[Figures], s: &Setup) -> String {
     let mut t = String::new();
-    let f = |s: &Stat| format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max);
     t.push_str(&format!(
         "| VMM | guest | RAM MiB | runs | dirtying MiB/s | total ms | downtime ms | MiB on the wire |\n{}\n",
         "|---".repeat(8) + "|"
     ));
     for x in all {
         let dirty = if x.guest == "busy" {
-            f(&x.dirty_mib_per_s)
+            x.dirty_mib_per_s.to_string()
         } else {
             "-".into()
         };
         t.push_str(&format!(
             "| {} | {} | {} | {} | {dirty} | {} | {} | {} |\n",
-            x.vmm,
-            x.guest,
-            x.memory_mib,
-            x.runs,
-            f(&x.total_ms),
-            f(&x.downtime_ms),
-            f(&x.mib_on_wire),
+            x.vmm, x.guest, x.memory_mib, x.runs, x.total_ms, x.downtime_ms, x.mib_on_wire,
         ));
         for e in &x.errors {
             t.push_str(&format!("  error ({} {}): {e}\n", x.vmm, x.guest));
@@ -296,38 +190,9 @@ fn table(all: &[Figures], load: &str, s: &Setup) -> String {
     t.push_str(&format!(
         "\nmedian (min-max); busy: {} MiB rewritten after every {} ms gap; 1 vCPU, loopback TCP, \
          no TLS; QEMU downtime-limit 30 ms; /proc/loadavg at start: {}\n",
-        s.dirty_mb,
-        s.gap_ms,
-        load.trim()
+        s.dirty_mb, s.gap_ms, s.env.load
     ));
     t
-}
-
-/// The serial log's complete lines.
-fn lines(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut v: Vec<String> = text.split('\n').map(|l| l.trim_end().to_string()).collect();
-    v.pop(); // the part after the last newline
-    v
-}
-
-/// Polls until `pred` holds for the lines of `path`; fails after `timeout`.
-fn wait_lines(
-    path: &Path,
-    timeout: Duration,
-    what: &str,
-    pred: impl Fn(&[String]) -> bool,
-) -> Result<()> {
-    let t0 = Instant::now();
-    while !pred(&lines(path)) {
-        if t0.elapsed() > timeout {
-            let l = lines(path);
-            let tail = l[l.len().saturating_sub(3)..].join(" | ");
-            bail!("timed out waiting for {what} in {}: {tail}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
 }
 
 /// Good memory passes in `lines`.
@@ -353,12 +218,6 @@ fn bad_pass(lines: &[String]) -> bool {
         .any(|l| l.starts_with("PROBE mem pass n=") && l.contains(" bad "))
 }
 
-/// Field `key=` of a line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-}
-
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// One boot and migration of `guest` on `vmm`.
@@ -367,10 +226,10 @@ fn once(s: &Setup, vmm: Vmm, guest: Guest, dir: &Path) -> Result<Sample> {
     let dst_log = dir.join("dst.log");
     let cmdline = s.cmdline(guest);
     let _source = Proc(match vmm {
-        Vmm::Pocketvisor => Command::new(&s.bin)
+        Vmm::Pocketvisor => Command::new(&s.env.bin)
             .arg("run")
             .arg("--kernel")
-            .arg(&s.probe)
+            .arg(&s.env.probe)
             .args(["--cmdline", &cmdline, "--memory", &s.mem.to_string()])
             .arg("--serial")
             .arg(format!("file:{}", src_log.display()))
@@ -387,9 +246,9 @@ fn once(s: &Setup, vmm: Vmm, guest: Guest, dir: &Path) -> Result<Sample> {
     // Running: for the busy guest, its rate of rewriting memory over 3 s.
     let mut dirty_mib_s = f64::NAN;
     match guest {
-        Guest::Idle => wait_lines(&src_log, LIMIT, "counter lines", |l| counter_lines(l) >= 5)?,
+        Guest::Idle => wait_until(&src_log, LIMIT, "counter lines", |l| counter_lines(l) >= 5)?,
         Guest::Busy => {
-            wait_lines(&src_log, LIMIT, "two memory passes", |l| {
+            wait_until(&src_log, LIMIT, "two memory passes", |l| {
                 good_passes(l) >= 2
             })?;
             let (t0, n0) = (Instant::now(), good_passes(&lines(&src_log)));
@@ -405,8 +264,8 @@ fn once(s: &Setup, vmm: Vmm, guest: Guest, dir: &Path) -> Result<Sample> {
     sample.dirty_mib_s = dirty_mib_s;
     // It counts only if the guest goes on at the destination.
     match guest {
-        Guest::Idle => wait_lines(&dst_log, LIMIT, "a counter line", |l| counter_lines(l) >= 1)?,
-        Guest::Busy => wait_lines(&dst_log, LIMIT, "a good memory pass", |l| {
+        Guest::Idle => wait_until(&dst_log, LIMIT, "a counter line", |l| counter_lines(l) >= 1)?,
+        Guest::Busy => wait_until(&dst_log, LIMIT, "a good memory pass", |l| {
             good_passes(l) >= 1 || bad_pass(l)
         })?,
     }
@@ -423,7 +282,7 @@ fn migrate_pocketvisor(s: &Setup, dir: &Path, dst_log: &Path) -> Result<(Sample,
     std::fs::write(&key, "5a".repeat(32) + "\n")?;
     let dst_err = dir.join("dst.stderr");
     let dest = Proc(
-        Command::new(&s.bin)
+        Command::new(&s.env.bin)
             .args(["receive", "--listen", "127.0.0.1:0", "--plain", "--key"])
             .arg(&key)
             .arg("--serial")
@@ -448,7 +307,7 @@ fn migrate_pocketvisor(s: &Setup, dir: &Path, dst_log: &Path) -> Result<(Sample,
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let out = Command::new(&s.bin)
+    let out = Command::new(&s.env.bin)
         .args(["migrate", "--plain", "--api-socket"])
         .arg(dir.join("api.sock"))
         .args(["--to", &addr, "--key"])
@@ -531,8 +390,8 @@ fn qemu_command(
     qmp: &Path,
     incoming: Option<&str>,
 ) -> Command {
-    let bin = s.qemu.clone().unwrap_or_default();
-    let mut q = QemuCommand::new(&bin, Machine::Microvm, &s.probe, cmdline);
+    let bin = s.env.qemu.clone().unwrap_or_default();
+    let mut q = QemuCommand::new(&bin, Machine::Microvm, &s.env.probe, cmdline);
     q.memory_mib = s.mem;
     let mut args = q.args();
     if let Some(i) = args.iter().position(|a| a == "stdio") {
@@ -563,10 +422,13 @@ mod tests {
     #[test]
     fn flags() {
         let o = parse_args(args("")).unwrap();
-        assert_eq!((o.runs, o.mem, o.dirty_mb, o.gap_ms), (3, 512, 16, 50));
+        assert_eq!(
+            (o.common.runs, o.mem, o.dirty_mb, o.gap_ms),
+            (3, 512, 16, 50)
+        );
         let o = parse_args(args("--runs 2 --mem 256 --dirty-mb 4 --gap 50 --no-qemu")).unwrap();
         assert_eq!(
-            (o.runs, o.mem, o.dirty_mb, o.gap_ms, o.qemu),
+            (o.common.runs, o.mem, o.dirty_mb, o.gap_ms, o.common.qemu),
             (2, 256, 4, 50, false)
         );
         assert!(parse_args(args("--mem 32")).is_err());

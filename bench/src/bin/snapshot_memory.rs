@@ -23,11 +23,12 @@
 //! - beside them: the warm pass before the snapshot, and `cat memory.bin > /dev/null` from the
 //!   page cache (for QEMU, the migration file).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::compare::{self, exit_on_error, field, lines, wait_lines, Common, Stat, Vmm};
 use bench::qmp::Qmp;
 use bench::util::{ms, run_cmd, Args, Proc};
 use e2e::qemu::{Machine, QemuCommand};
@@ -42,45 +43,32 @@ target/release/pocketvisor (built first). Needs /dev/kvm.";
 
 #[derive(Debug, Clone)]
 struct Opts {
-    runs: usize,
+    common: Common,
     mem: Vec<u64>,
     words: u64,
     gap_ms: u64,
-    qemu: bool,
-    json: bool,
-    bin: Option<PathBuf>,
-    probe: Option<PathBuf>,
-    work: Option<PathBuf>,
 }
 
 fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
     let mut o = Opts {
-        runs: 3,
+        common: Common::new(3),
         mem: vec![256, 1024],
         words: 2,
         gap_ms: 400,
-        qemu: true,
-        json: false,
-        bin: None,
-        probe: None,
-        work: None,
     };
     let mut args = Args::new(args, USAGE);
     while let Some(arg) = args.next_flag() {
+        if o.common.take(&arg, &mut args)? {
+            continue;
+        }
         match arg.as_str() {
-            "--runs" => o.runs = args.parse("--runs")?,
             "--mem" => o.mem = args.list("--mem")?,
             "--words" => o.words = args.parse("--words")?,
             "--gap" => o.gap_ms = args.parse("--gap")?,
-            "--no-qemu" => o.qemu = false,
-            "--json" => o.json = true,
-            "--bin" => o.bin = Some(args.value("--bin")?.into()),
-            "--probe" => o.probe = Some(args.value("--probe")?.into()),
-            "--work" => o.work = Some(args.value("--work")?.into()),
             other => return Err(args.unknown(other)),
         }
     }
-    if o.runs == 0 || o.mem.iter().any(|&m| m < 64) || o.gap_ms < 50 {
+    if o.common.runs == 0 || o.mem.iter().any(|&m| m < 64) || o.gap_ms < 50 {
         bail!("--runs must be >= 1, every --mem >= 64 and --gap >= 50");
     }
     if !(1..=512).contains(&o.words) || !o.words.is_power_of_two() {
@@ -90,18 +78,10 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
 }
 
 fn main() {
-    let result = parse_args(std::env::args().skip(1)).and_then(run);
-    if let Err(e) = result {
-        eprintln!("snapshot_memory: error: {e:#}");
-        std::process::exit(1);
-    }
-}
-
-/// Which VMM a sample is from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vmm {
-    Pocketvisor,
-    Qemu,
+    exit_on_error(
+        "snapshot_memory",
+        parse_args(std::env::args().skip(1)).and_then(run),
+    );
 }
 
 /// One run of one VMM and size, in ms.
@@ -112,23 +92,6 @@ struct Sample {
     first_byte: f64,
     read_back: f64,
     cat: f64,
-}
-
-/// Median and range of one figure.
-#[derive(Debug, Clone, serde::Serialize)]
-struct Stat {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-fn stat(v: &[f64]) -> Stat {
-    let finite = || v.iter().copied().filter(|x| x.is_finite());
-    Stat {
-        median: bench::util::median(v).unwrap_or(f64::NAN),
-        min: finite().fold(f64::INFINITY, f64::min),
-        max: finite().fold(f64::NEG_INFINITY, f64::max),
-    }
 }
 
 /// The figures of one VMM and size.
@@ -151,129 +114,62 @@ struct Figures {
     errors: Vec<String>,
 }
 
+/// The set-up and the guest's pattern.
 struct Setup {
-    bin: PathBuf,
-    probe: PathBuf,
-    qemu: Option<PathBuf>,
-    work: PathBuf,
+    env: compare::Setup,
     words: u64,
     gap_ms: u64,
 }
 
-impl Drop for Setup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
-}
-
 fn run(o: Opts) -> Result<()> {
-    if !Path::new("/dev/kvm").exists() {
-        bail!("/dev/kvm is missing");
-    }
-    let bin = bench::util::pocketvisor_bin(o.bin.as_deref(), true, "snapshot_memory")?;
-    let probe = bench::util::probe_elf(o.probe.as_deref(), "snapshot_memory")?;
-    let qemu = if o.qemu {
-        QemuCommand::find_binary()
-    } else {
-        None
-    };
-    if o.qemu && qemu.is_none() {
-        eprintln!("snapshot_memory: qemu-system-x86_64 not found, pocketvisor only");
-    }
-    let work = o.work.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("pv-bench-snapmem-{}", std::process::id()))
-    });
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work)?;
     let s = Setup {
-        bin,
-        probe,
-        qemu,
-        work,
+        env: compare::Setup::new(&o.common, "snapshot_memory", "snapmem")?,
         words: o.words,
         gap_ms: o.gap_ms,
     };
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut all = Vec::new();
     for &mib in &o.mem {
-        let mut vmms = vec![Vmm::Pocketvisor];
-        if s.qemu.is_some() {
-            vmms.push(Vmm::Qemu);
-        }
-        let mut samples: Vec<(Vmm, Sample)> = Vec::new();
-        let mut errors: Vec<(Vmm, String)> = Vec::new();
-        let mut dirtied = 0;
-        for run in 0..o.runs {
-            // Alternate the order so neither VMM always runs on a warmer machine.
-            let order: Vec<Vmm> = if run % 2 == 0 {
-                vmms.clone()
-            } else {
-                vmms.iter().rev().copied().collect()
-            };
-            for vmm in order {
-                eprintln!(
-                    "snapshot_memory: {mib} MiB run {}/{} {vmm:?}",
-                    run + 1,
-                    o.runs
-                );
-                let dir = s.work.join(format!("{vmm:?}-{mib}-{run}"));
-                std::fs::create_dir_all(&dir)?;
-                match once(&s, vmm, mib, &dir) {
-                    Ok((sample, d)) => {
-                        dirtied = d;
-                        samples.push((vmm, sample));
-                    }
-                    Err(e) => errors.push((vmm, format!("{e:#}"))),
-                }
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-        for vmm in vmms {
-            let of = |f: fn(&Sample) -> f64| -> Vec<f64> {
-                samples
-                    .iter()
-                    .filter(|(v, _)| *v == vmm)
-                    .map(|(_, s)| f(s))
-                    .collect()
-            };
-            let warm = stat(&of(|s| s.warm_pass));
-            let back = stat(&of(|s| s.read_back));
-            let cat = stat(&of(|s| s.cat));
+        let what = format!("{mib} MiB");
+        let samples = compare::alternate(
+            &s.env,
+            "snapshot_memory",
+            &what,
+            o.common.runs,
+            |vmm, dir| once(&s, vmm, mib, dir),
+        )?;
+        let dirtied = samples.ok.last().map_or(0, |(_, (_, d))| *d);
+        for vmm in s.env.vmms() {
+            let of = |f: fn(&Sample) -> f64| Stat::of(&samples.of(vmm, |(x, _)| f(x)));
+            let warm = of(|s| s.warm_pass);
+            let back = of(|s| s.read_back);
+            let cat = of(|s| s.cat);
             all.push(Figures {
-                vmm: match vmm {
-                    Vmm::Pocketvisor => "pocketvisor",
-                    Vmm::Qemu => "qemu-microvm",
-                },
+                vmm: vmm.label(),
                 memory_mib: mib,
                 dirtied_mib: dirtied >> 20,
-                runs: of(|s| s.snapshot).len(),
-                snapshot_ms: stat(&of(|s| s.snapshot)),
-                restore_to_first_byte_ms: stat(&of(|s| s.first_byte)),
-                restore_to_full_read_back_ms: stat(&of(|s| s.first_byte + s.read_back)),
+                runs: samples.count(vmm),
+                snapshot_ms: of(|s| s.snapshot),
+                restore_to_first_byte_ms: of(|s| s.first_byte),
+                restore_to_full_read_back_ms: of(|s| s.first_byte + s.read_back),
                 read_back_over_warm: back.median / warm.median,
                 restore_extra_over_cat: (back.median - warm.median) / cat.median,
                 warm_pass_ms: warm,
                 read_back_after_restore_ms: back,
                 cat_snapshot_file_ms: cat,
-                errors: errors
-                    .iter()
-                    .filter(|(v, _)| *v == vmm)
-                    .map(|(_, e)| e.clone())
-                    .collect(),
+                errors: samples.errors(vmm),
             });
         }
     }
-    if o.json {
+    if o.common.json {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else {
-        print!("{}", table(&all, &load, s.words));
+        print!("{}", table(&all, &s.env.load, s.words));
     }
     Ok(())
 }
 
 fn table(all: &[Figures], load: &str, words: u64) -> String {
     let mut t = String::new();
-    let f = |s: &Stat| format!("{:.1} ({:.1}-{:.1})", s.median, s.min, s.max);
     t.push_str(&format!(
         "| VMM | RAM MiB (dirtied) | runs | snapshot ms | restore -> first byte ms | \
          read-back after restore ms | restore -> full read-back ms | warm pass ms | \
@@ -287,12 +183,12 @@ fn table(all: &[Figures], load: &str, words: u64) -> String {
             x.memory_mib,
             x.dirtied_mib,
             x.runs,
-            f(&x.snapshot_ms),
-            f(&x.restore_to_first_byte_ms),
-            f(&x.read_back_after_restore_ms),
-            f(&x.restore_to_full_read_back_ms),
-            f(&x.warm_pass_ms),
-            f(&x.cat_snapshot_file_ms),
+            x.snapshot_ms,
+            x.restore_to_first_byte_ms,
+            x.read_back_after_restore_ms,
+            x.restore_to_full_read_back_ms,
+            x.warm_pass_ms,
+            x.cat_snapshot_file_ms,
             x.read_back_over_warm,
             x.restore_extra_over_cat,
         ));
@@ -303,45 +199,10 @@ fn table(all: &[Figures], load: &str, words: u64) -> String {
     t.push_str(&format!(
         "\nmedian (min-max); probe pv.mode=mem, {words} pattern words per 4 KiB page, 1 vCPU; \
          /proc/loadavg at start: {}",
-        load.trim()
+        load
     ));
     t.push('\n');
     t
-}
-
-/// The serial log's lines (complete ones only).
-fn lines(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let mut v: Vec<String> = text.split('\n').map(|l| l.trim_end().to_string()).collect();
-    v.pop(); // the part after the last newline
-    v
-}
-
-/// Polls `path` every 0.2 ms until `pred` finds something in its lines; the time from `t0`.
-fn wait_lines<T>(
-    path: &Path,
-    t0: Instant,
-    timeout: Duration,
-    what: &str,
-    pred: impl Fn(&[String]) -> Option<T>,
-) -> Result<(Duration, T)> {
-    loop {
-        if let Some(v) = pred(&lines(path)) {
-            return Ok((t0.elapsed(), v));
-        }
-        if t0.elapsed() > timeout {
-            let tail = lines(path);
-            let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
-            bail!("timed out waiting for {what} in {}: {tail}", path.display());
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-}
-
-/// Field `key=` of a line.
-fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    line.split(' ')
-        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
 }
 
 fn timeout_for(mib: u64) -> Duration {
@@ -359,10 +220,10 @@ fn once(s: &Setup, vmm: Vmm, mib: u64, dir: &Path) -> Result<(Sample, u64)> {
     let limit = timeout_for(mib);
     let t0 = Instant::now();
     let mut vm = Proc(match vmm {
-        Vmm::Pocketvisor => Command::new(&s.bin)
+        Vmm::Pocketvisor => Command::new(&s.env.bin)
             .arg("run")
             .arg("--kernel")
-            .arg(&s.probe)
+            .arg(&s.env.probe)
             .args(["--cmdline", &cmdline, "--memory", &mib.to_string()])
             .arg("--serial")
             .arg(format!("file:{}", serial.display()))
@@ -400,7 +261,7 @@ fn once(s: &Setup, vmm: Vmm, mib: u64, dir: &Path) -> Result<(Sample, u64)> {
     let snap_file = match vmm {
         Vmm::Pocketvisor => {
             run_cmd(
-                Command::new(&s.bin)
+                Command::new(&s.env.bin)
                     .args(["snapshot", "--api-socket"])
                     .arg(dir.join("api.sock"))
                     .arg("-o")
@@ -440,7 +301,7 @@ fn once(s: &Setup, vmm: Vmm, mib: u64, dir: &Path) -> Result<(Sample, u64)> {
     let log = dir.join("dst.log");
     let t0 = Instant::now();
     let vm = Proc(match vmm {
-        Vmm::Pocketvisor => Command::new(&s.bin)
+        Vmm::Pocketvisor => Command::new(&s.env.bin)
             .arg("restore")
             .arg(&snap)
             .arg("--serial")
@@ -511,8 +372,8 @@ fn qemu_command(
     qmp: &Path,
     incoming: Option<&Path>,
 ) -> Command {
-    let bin = s.qemu.clone().unwrap_or_default();
-    let mut q = QemuCommand::new(&bin, Machine::Microvm, &s.probe, cmdline);
+    let bin = s.env.qemu.clone().unwrap_or_default();
+    let mut q = QemuCommand::new(&bin, Machine::Microvm, &s.env.probe, cmdline);
     q.memory_mib = mib;
     let mut args = q.args();
     if let Some(i) = args.iter().position(|a| a == "stdio") {
@@ -543,21 +404,25 @@ mod tests {
     #[test]
     fn flags() {
         let o = parse_args(args("")).unwrap();
-        assert_eq!((o.runs, o.mem.clone(), o.words), (3, vec![256, 1024], 2));
+        assert_eq!(
+            (o.common.runs, o.mem.clone(), o.words),
+            (3, vec![256, 1024], 2)
+        );
         let o = parse_args(args("--runs 2 --mem 64 --words 512 --no-qemu")).unwrap();
-        assert_eq!((o.runs, o.mem, o.words, o.qemu), (2, vec![64], 512, false));
+        assert_eq!(
+            (o.common.runs, o.mem, o.words, o.common.qemu),
+            (2, vec![64], 512, false)
+        );
         assert!(parse_args(args("--words 3")).is_err());
         assert!(parse_args(args("--mem 32")).is_err());
         assert!(parse_args(args("--frob")).is_err());
     }
 
     #[test]
-    fn fields_and_stats() {
+    fn fields_of_a_pass_line() {
         let l = "PROBE mem pass n=3 ok bytes=4096 us=17";
         assert_eq!(field(l, "us"), Some("17"));
         assert_eq!(field(l, "n"), Some("3"));
         assert_eq!(field(l, "u"), None);
-        let s = stat(&[3.0, 1.0, 2.0, f64::NAN]);
-        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
     }
 }
