@@ -6,6 +6,7 @@ mod stdout;
 
 mod api;
 mod civil_time;
+mod cloud;
 mod console;
 mod doctor;
 mod failure;
@@ -62,6 +63,8 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Wait for a live migration from another host and run the VM that arrives.
     Receive(Box<migrate::ReceiveArgs>),
+    /// The cloud host: receive devices' profiles as twins and run them (`cloud serve`).
+    Cloud(cloud::CloudArgs),
     /// Pause a running VM in memory (started with --api-socket).
     Pause(snapshot::ControlArgs),
     /// Unpause a VM paused in memory (`resume` is the old name).
@@ -167,6 +170,7 @@ fn main() {
         Command::Restore(args) => snapshot::restore(args),
         Command::Migrate(args) => migrate::migrate(args),
         Command::Receive(args) => migrate::receive(*args),
+        Command::Cloud(args) => cloud::main(args),
         Command::Pause(args) => snapshot::pause(args),
         Command::Unpause(args) => snapshot::resume(args),
         Command::Screenshot(args) => screenshot::main(args),

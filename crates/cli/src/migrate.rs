@@ -44,6 +44,9 @@ pub struct MigrateArgs {
     /// The longest the guest may stand still for the final copy, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = vmm::vmm_api::DEFAULT_DOWNTIME_MS)]
     downtime_ms: u64,
+    /// At a cloud host (`pocketvisor cloud serve`, over TLS): become its twin NAME there.
+    #[arg(long, value_name = "NAME", conflicts_with = "plain")]
+    twin: Option<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -135,6 +138,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
             key_file,
             downtime_ms: a.downtime_ms,
             tls: a.tls.files()?,
+            twin: a.twin,
         },
     )?;
     outln!("{info}");

@@ -3,8 +3,9 @@
 //! The socket speaks one JSON object per line each way. Requests: `{"op":"pause"}`,
 //! `{"op":"resume"}`, `{"op":"stop"}`, `{"op":"snapshot","dir":"/path","resume":false}` (the VM
 //! stays paused unless `resume`), `{"op":"migrate","to":"host:port","key_file":"/path",
-//! "downtime_ms":30,"tls":{"cert":"/path","key":"/path","ca":"/path"}}` (live migration to a
+//! "downtime_ms":30,"tls":{"cert":"/path","key":"/path","ca":"/path"},"twin":"work"}` (live migration to a
 //! destination waiting for it, over TLS 1.3 with both ends' certificates when `tls` is given;
+//! `twin`, with `tls`: into that twin at a cloud host, `pocketvisor cloud serve`;
 //! the answer comes once the guest runs there, and then this VMM ends), `{"op":"device","id":"balloon","request":{...}}` (a request
 //! to one device by id, whose payload the device interprets; `info` is the device's JSON
 //! answer), `{"op":"balloon","target_mib":N}` (short for the balloon's
@@ -67,6 +68,9 @@ pub enum Request {
         /// chain to; `None`: plain TCP (still framed and authenticated by the key, but not
         /// encrypted).
         tls: Option<MigrationTls>,
+        /// At a cloud host (`pocketvisor cloud serve`): the twin this VM becomes there
+        /// (the request `offload NAME`); `None` for a plain destination.
+        twin: Option<String>,
     },
 }
 
@@ -165,6 +169,9 @@ pub struct ApiRequest {
     /// The TLS identity (`migrate` only; plain TCP when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MigrationTls>,
+    /// The twin to become at a cloud host (`migrate` only, with `tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub twin: Option<String>,
 }
 
 /// The downtime budget of a `migrate` line without `downtime_ms`, in milliseconds.
@@ -194,8 +201,8 @@ pub enum RequestError {
     /// `migrate` without its destination and absolute key file, or their fields on another op.
     #[error(
         "migrate needs \"to\" (host:port) and \"key_file\" (an absolute path), may take \
-         \"downtime_ms\" and \"tls\" ({{\"cert\",\"key\",\"ca\"}}, absolute paths), and only \
-         migrate takes them"
+         \"downtime_ms\", \"tls\" ({{\"cert\",\"key\",\"ca\"}}, absolute paths) and, with \
+         \"tls\", \"twin\" (a cloud host's twin), and only migrate takes them"
     )]
     MigrateRequest,
     /// An op nobody serves.
@@ -232,6 +239,7 @@ impl From<&Request> for ApiRequest {
             key_file: None,
             downtime_ms: None,
             tls: None,
+            twin: None,
         };
         match r {
             Request::Snapshot { dir, resume } => {
@@ -247,11 +255,13 @@ impl From<&Request> for ApiRequest {
                 key_file,
                 downtime_ms,
                 tls,
+                twin,
             } => {
                 wire.to = Some(to.clone());
                 wire.key_file = Some(key_file.clone());
                 wire.downtime_ms = Some(*downtime_ms);
                 wire.tls = tls.clone();
+                wire.twin = twin.clone();
             }
             // No wire form: `snapshot-stream` is refused as an unknown op.
             Request::SnapshotStream { .. } => {}
@@ -265,8 +275,11 @@ impl TryFrom<ApiRequest> for Request {
     type Error = RequestError;
 
     fn try_from(r: ApiRequest) -> Result<Self, RequestError> {
-        let migrate_fields =
-            r.to.is_some() || r.key_file.is_some() || r.downtime_ms.is_some() || r.tls.is_some();
+        let migrate_fields = r.to.is_some()
+            || r.key_file.is_some()
+            || r.downtime_ms.is_some()
+            || r.tls.is_some()
+            || r.twin.is_some();
         if r.op == "migrate" {
             return match (r.to, r.key_file) {
                 (Some(to), Some(key_file))
@@ -277,13 +290,15 @@ impl TryFrom<ApiRequest> for Request {
                         && r.id.is_none()
                         && r.request.is_none()
                         && !r.resume
-                        && r.tls.as_ref().is_none_or(MigrationTls::is_absolute) =>
+                        && r.tls.as_ref().is_none_or(MigrationTls::is_absolute)
+                        && (r.twin.is_none() || r.tls.is_some()) =>
                 {
                     Ok(Request::Migrate {
                         to,
                         key_file,
                         downtime_ms: r.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
                         tls: r.tls,
+                        twin: r.twin,
                     })
                 }
                 _ => Err(RequestError::MigrateRequest),
@@ -462,6 +477,7 @@ mod tests {
                 key_file: "/k".into(),
                 downtime_ms: DEFAULT_DOWNTIME_MS,
                 tls: None,
+                twin: None,
             })
         );
         for bad in [
@@ -474,6 +490,8 @@ mod tests {
             r#"{"op":"pause","to":"h:1"}"#,
             r#"{"op":"migrate","to":"h:1","key_file":"/k","tls":{"cert":"c","key":"/k","ca":"/a"}}"#,
             r#"{"op":"pause","tls":{"cert":"/c","key":"/k","ca":"/a"}}"#,
+            r#"{"op":"migrate","to":"h:1","key_file":"/k","twin":"work"}"#,
+            r#"{"op":"pause","twin":"work"}"#,
             r#"{"op":"snapshot","dir":"/x","downtime_ms":5}"#,
         ] {
             assert_eq!(parse(bad), Err(RequestError::MigrateRequest), "{bad}");
@@ -519,6 +537,7 @@ mod tests {
                 key_file: "/etc/pv/migration.key".into(),
                 downtime_ms: 50,
                 tls: None,
+                twin: None,
             },
             Request::Migrate {
                 to: "[::1]:7000".into(),
@@ -529,6 +548,7 @@ mod tests {
                     key: "/tls/host.key".into(),
                     ca: "/tls/ca.pem".into(),
                 }),
+                twin: Some("work".into()),
             },
         ];
         for r in all {

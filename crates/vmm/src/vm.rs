@@ -377,6 +377,7 @@ impl Vm {
                 key_file,
                 downtime_ms,
                 tls,
+                twin,
             } => {
                 let key = crate::migration::wire::read_key(key_file)
                     .map_err(|e| RequestError::Migration(Error::Migration(e)))?;
@@ -385,6 +386,7 @@ impl Vm {
                     key,
                     downtime: Duration::from_millis(*downtime_ms),
                     tls: tls.clone(),
+                    request: twin.as_ref().map(|name| format!("offload {name}")),
                 };
                 self.migrate_out(threads, &opts)
                     .map(|stats| stats.to_string())

@@ -67,6 +67,7 @@ fn migrate(vm: &Running, to: &str, key: &Path, downtime_ms: u64) -> Result<Strin
             key_file: key.into(),
             downtime_ms,
             tls: None,
+            twin: None,
         })
         .map_err(|e| e.to_string())
 }

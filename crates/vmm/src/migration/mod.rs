@@ -77,9 +77,22 @@ pub struct MigrateOptions {
     pub downtime: Duration,
     /// This host's TLS identity and the destination's authority; `None`: plain TCP.
     pub tls: Option<MigrationTls>,
+    /// What to ask of a cloud host before anything else (`offload NAME`); `None` for a
+    /// plain destination (`pocketvisor receive`).
+    pub request: Option<String>,
 }
 
-/// What a migration did.
+/// The longest request a cloud host reads.
+pub const MAX_REQUEST_LEN: usize = 256;
+
+/// What a source announces to a cloud host before anything is built (see
+/// [`receive_requested`]).
+pub struct Arrival<'a> {
+    /// The configuration (validated).
+    pub config: &'a VmConfig,
+    /// The size in bytes of each of its disks, in the order of `config.disks`.
+    pub disk_sizes: &'a [u64],
+}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MigrationStats {
     /// Rounds of pages sent while the guest ran, stop-and-copy not counted.
@@ -345,6 +358,9 @@ impl Vm {
             disk_sizes: disks.iter().map(DiskOut::size).collect(),
         };
         let setup = serde_json::to_vec(&setup).map_err(refused)?;
+        if let Some(request) = &opts.request {
+            ch.send(Kind::Request, request.as_bytes())?;
+        }
         ch.send(Kind::Setup, &setup)?;
 
         // Round 1: every non-zero page, with the log on so later writes are seen.
@@ -543,9 +559,68 @@ pub fn receive_admitting(
         None => Transport::Plain(stream),
     };
     let mut ch = Channel::handshake(stream, key, Role::Destination)?;
-    let result =
-        admit(ch.stream().peer_certificate()).and_then(|overrides| receive_on(&mut ch, &overrides));
-    if let Err(e) = &result {
+    let result = admit(ch.stream().peer_certificate())
+        .and_then(|overrides| receive_on(&mut ch, |_| Ok(overrides)));
+    refuse_on_error(&mut ch, &result);
+    result
+}
+
+/// For a cloud host: [`receive`] over TLS (required), where the source first sends a
+/// request frame. `ask` reads it with the certificate (DER) the source showed and says
+/// whom and what it admits (or refuses, before any setup is read); `admit` then decides,
+/// from that and what the source announces, the host-side settings (every disk path, each
+/// existing with the announced size when `admit` returns) or refuses. A refusal goes to the
+/// source as the reason, and nothing runs here. Returns the VM and what `ask` said.
+pub fn receive_requested<A>(
+    stream: TcpStream,
+    key: &[u8; KEY_LEN],
+    tls: &MigrationTls,
+    ask: impl FnOnce(&[u8], &str) -> Result<A, Error>,
+    admit: impl FnOnce(&A, &Arrival) -> Result<RestoreOverrides, Error>,
+) -> Result<(Vm, A), Error> {
+    configure(&stream)?;
+    let stream = tls::server(stream, tls)?;
+    let mut ch = Channel::handshake(stream, key, Role::Destination)?;
+    let result = read_request(&mut ch).and_then(|request| {
+        let certificate = ch
+            .stream()
+            .peer_certificate()
+            .ok_or_else(|| refused("the source showed no certificate"))?;
+        let asked = ask(certificate, &request)?;
+        let vm = receive_on(&mut ch, |setup| {
+            admit(
+                &asked,
+                &Arrival {
+                    config: &setup.config,
+                    disk_sizes: &setup.disk_sizes,
+                },
+            )
+        })?;
+        Ok((vm, asked))
+    });
+    refuse_on_error(&mut ch, &result);
+    result
+}
+
+/// The source's request frame, checked: UTF-8, short, printable.
+fn read_request(ch: &mut Channel<Transport>) -> Result<String, Error> {
+    let payload = expect(ch, Kind::Request)?;
+    if payload.len() > MAX_REQUEST_LEN {
+        return Err(refused(format!(
+            "a request of {} bytes (at most {MAX_REQUEST_LEN})",
+            payload.len()
+        )));
+    }
+    let text = String::from_utf8(payload).map_err(|_| refused("a request that is not UTF-8"))?;
+    if text.chars().any(char::is_control) {
+        return Err(refused("a request with control characters"));
+    }
+    Ok(text)
+}
+
+/// On a failed receive, tells the source why and drains the connection.
+fn refuse_on_error<T>(ch: &mut Channel<Transport>, result: &Result<T, Error>) {
+    if let Err(e) = result {
         let _ = ch.send(Kind::Abort, reason(e).as_bytes());
         let _ = ch.flush();
         // Read on until the source stops sending: closing with unread data would reset the
@@ -553,10 +628,14 @@ pub fn receive_admitting(
         ch.stream_mut().shutdown(Shutdown::Write);
         let _ = std::io::copy(ch.stream_mut(), &mut std::io::sink());
     }
-    result
 }
 
-fn receive_on(ch: &mut Channel<Transport>, overrides: &RestoreOverrides) -> Result<Vm, Error> {
+/// Receives a VM on `ch`, with the host-side settings `prepare` gives for the setup the
+/// source announced (checked before `prepare` sees it).
+fn receive_on(
+    ch: &mut Channel<Transport>,
+    prepare: impl FnOnce(&Setup) -> Result<RestoreOverrides, Error>,
+) -> Result<Vm, Error> {
     let setup: Setup = serde_json::from_slice(&expect(ch, Kind::Setup)?)
         .map_err(|e| refused(format!("a malformed setup: {e}")))?;
     setup
@@ -573,6 +652,7 @@ fn receive_on(ch: &mut Channel<Transport>, overrides: &RestoreOverrides) -> Resu
             setup.config.disks.len()
         )));
     }
+    let overrides = &prepare(&setup)?;
     // Each disk's path here (given, or the one the configuration names), and a temporary
     // file beside it that receives the source's disk; dropped (removed) on any failure.
     let mut disks = setup

@@ -62,6 +62,9 @@ pub enum Kind {
     /// Source to destination: runs of disk data (`disk u32 | offset u64 | length u32 | bytes`,
     /// repeated; see the `disk` module).
     Disk = 10,
+    /// Source to destination, first and only to a cloud host: what the source asks of it
+    /// (`offload NAME`, UTF-8; see `pocketvisor cloud serve`).
+    Request = 11,
 }
 
 impl Kind {
@@ -77,6 +80,7 @@ impl Kind {
             8 => Kind::RoundEnd,
             9 => Kind::RoundAck,
             10 => Kind::Disk,
+            11 => Kind::Request,
             _ => return None,
         })
     }

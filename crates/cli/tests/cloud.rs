@@ -1,0 +1,343 @@
+//! The cloud host as a device uses it: `pocketvisor cloud serve` on loopback, the probe guest
+//! (counter mode, with a disk) in `pocketvisor run --api-socket`, and `pocketvisor migrate
+//! --twin NAME` to offload it there. The twin counts on from where the device left it, in
+//! the device's own directory at the host, its disk byte-identical; a second device gets a
+//! twin of its own under the same name; refusals (a bad name, a twin that already runs, a
+//! request the host does not serve, a frame out of place) say why and leave the guest
+//! running at the device.
+//!
+//! Loopback is enough here: what these tests check is the host's admission and naming, not
+//! the link (the slow-link test in migrate.rs covers the link).
+//!
+//! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
+
+mod common;
+
+use std::fs::File;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use common::{bin, counters, read, wait_exit, wait_for, wait_until, Scratch, Vmm};
+use vmm::migration::wire::{Channel, Kind, Role};
+use vmm::migration::{tls, MigrationTls};
+
+const SCRATCH: &str = "pv-cloudtest";
+const WAIT: Duration = Duration::from_secs(30);
+const DISK_BYTES: usize = 4 << 20;
+
+/// A certificate authority.
+struct Authority {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+fn authority() -> Authority {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    Authority {
+        cert: params.self_signed(&key).unwrap(),
+        key,
+    }
+}
+
+/// Writes `who`.pem, `who`.key and `who`-ca.pem into `dir`, signed by and trusting `ca`.
+fn issue(dir: &Path, who: &str, name: &str, ca: &Authority) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca.cert, &ca.key)
+        .unwrap();
+    std::fs::write(dir.join(format!("{who}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{who}.key")), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join(format!("{who}-ca.pem")), ca.cert.pem()).unwrap();
+}
+
+fn tls_files(dir: &Path, who: &str) -> MigrationTls {
+    let f = |suffix: &str| dir.join(format!("{who}{suffix}"));
+    MigrationTls {
+        cert: f(".pem"),
+        key: f(".key"),
+        ca: f("-ca.pem"),
+    }
+}
+
+fn tls_args(dir: &Path, who: &str) -> Vec<String> {
+    let t = tls_files(dir, who);
+    let s = |p: PathBuf| p.display().to_string();
+    vec![
+        "--tls-cert".into(),
+        s(t.cert),
+        "--tls-key".into(),
+        s(t.key),
+        "--tls-ca".into(),
+        s(t.ca),
+    ]
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn last(path: &Path) -> u64 {
+    counters(&read(path)).last().copied().unwrap_or(0)
+}
+
+/// A cloud host on loopback with two devices' certificates (`phone`, `tablet`).
+struct Host {
+    dir: Scratch,
+    _serve: Vmm,
+    addr: String,
+    key: PathBuf,
+}
+
+impl Host {
+    fn state(&self) -> PathBuf {
+        self.dir.path("state")
+    }
+
+    /// The twin directories of every device, as `<device>/<name>`.
+    fn twin_dirs(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        let Ok(devices) = std::fs::read_dir(self.state().join("twins")) else {
+            return all;
+        };
+        for d in devices {
+            let d = d.unwrap();
+            for t in std::fs::read_dir(d.path()).unwrap() {
+                let t = t.unwrap();
+                all.push(format!(
+                    "{}/{}",
+                    d.file_name().to_string_lossy(),
+                    t.file_name().to_string_lossy()
+                ));
+            }
+        }
+        all.sort();
+        all
+    }
+
+    /// A counting probe with a disk (`<name>.img`), its API socket `<name>.sock`.
+    fn device_vm(&self, name: &str) -> Vmm {
+        let probe = common::probe(true).expect("the probe was there a moment ago");
+        let mut image: Vec<u8> = (0..DISK_BYTES / 2)
+            .map(|i| u8::try_from((i * 7 + name.len()) % 251).unwrap())
+            .collect();
+        image.resize(DISK_BYTES, 0);
+        std::fs::write(self.dir.path(&format!("{name}.img")), image).unwrap();
+        let serial = format!(
+            "file:{}",
+            self.dir.path(&format!("{name}.serial")).display()
+        );
+        let vm = Vmm(Command::new(bin())
+            .args(["run", "--kernel", probe.to_str().unwrap()])
+            .args([
+                "--cmdline",
+                "pv.mode=counter pv.counter.ms=20",
+                "--memory",
+                "64M",
+            ])
+            .args(["--serial", &serial, "--api-socket"])
+            .arg(self.dir.path(&format!("{name}.sock")))
+            .arg("--disk")
+            .arg(self.dir.path(&format!("{name}.img")))
+            .stdout(Stdio::null())
+            .stderr(File::create(self.dir.path(&format!("{name}.stderr"))).unwrap())
+            .spawn()
+            .expect("start the device's VM"));
+        assert!(
+            wait_for(
+                &self.dir.path(&format!("{name}.serial")),
+                "PROBE counter 3\n",
+                WAIT
+            ),
+            "the device's guest does not count: {}",
+            read(&self.dir.path(&format!("{name}.stderr")))
+        );
+        vm
+    }
+
+    /// `pocketvisor migrate --twin twin` of the VM `vm` with the certificate `who`.
+    fn offload(&self, vm: &str, who: &str, twin: &str) -> Output {
+        Command::new(bin())
+            .args(["migrate", "--api-socket"])
+            .arg(self.dir.path(&format!("{vm}.sock")))
+            .args(["--to", &self.addr, "--twin", twin, "--key"])
+            .arg(&self.key)
+            .args(tls_args(&self.dir.0, who))
+            .output()
+            .expect("run pocketvisor migrate")
+    }
+
+    /// A raw authenticated channel to the host, as the device `who`.
+    fn channel(&self, who: &str) -> Channel<tls::Transport> {
+        let tcp = TcpStream::connect(&self.addr).unwrap();
+        tcp.set_read_timeout(Some(WAIT)).unwrap();
+        let t = tls::client(tcp, &self.addr, &tls_files(&self.dir.0, who)).unwrap();
+        let key = vmm::migration::wire::read_key(&self.key).unwrap();
+        Channel::handshake(t, &key, Role::Source).unwrap()
+    }
+}
+
+/// A cloud host, or None where KVM or the probe is missing.
+fn host(name: &str) -> Option<Host> {
+    common::probe(true)?;
+    let dir = Scratch::new(SCRATCH, name);
+    let ca = authority();
+    issue(&dir.0, "cloud", "127.0.0.1", &ca);
+    issue(&dir.0, "phone", "phone.example", &ca);
+    issue(&dir.0, "tablet", "tablet.example", &ca);
+    let key = dir.path("cloud.mkey");
+    std::fs::write(&key, "5a".repeat(32) + "\n").unwrap();
+    let stderr = dir.path("serve.stderr");
+    let serve = Vmm(Command::new(bin())
+        .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.path("state"))
+        .arg("--key")
+        .arg(&key)
+        .args(tls_args(&dir.0, "cloud"))
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .expect("start pocketvisor cloud serve"));
+    let listen_line = || {
+        let text = read(&stderr);
+        let rest = text.split("cloud host listening on ").nth(1)?;
+        let (addr, _) = rest.split_once('\n')?;
+        Some(addr.trim().to_string())
+    };
+    assert!(
+        wait_until(|| listen_line().is_some(), WAIT),
+        "the cloud host did not listen: {}",
+        read(&stderr)
+    );
+    let addr = listen_line().unwrap();
+    Some(Host {
+        dir,
+        _serve: serve,
+        addr,
+        key,
+    })
+}
+
+#[test]
+fn an_offloaded_guest_counts_on_in_its_twin_with_its_disk_and_each_device_has_its_own() {
+    let Some(h) = host("offload") else {
+        return;
+    };
+    let mut phone = h.device_vm("phone");
+    let out = h.offload("phone", "phone", "work");
+    assert!(out.status.success(), "offload failed: {}", text(&out));
+    assert!(text(&out).contains("migrated rounds="), "{}", text(&out));
+    assert_eq!(
+        wait_exit(&mut phone, WAIT),
+        Some(0),
+        "the device's VMM did not end"
+    );
+    let at_device = last(&h.dir.path("phone.serial"));
+    let twins = h.twin_dirs();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    assert!(twins[0].ends_with("/work"), "{twins:?}");
+    let twin = h.state().join("twins").join(&twins[0]);
+    let log = twin.join("serial.log");
+    assert!(
+        wait_until(|| last(&log) > at_device + 3, WAIT),
+        "the twin does not count on from {at_device}: {}\n{}",
+        read(&log),
+        read(&h.dir.path("serve.stderr"))
+    );
+    // It counts on from where it was: its memory came along, it did not boot again.
+    let first_there = counters(&read(&log))[0];
+    assert!(
+        first_there + 5 > at_device && first_there <= at_device + 5,
+        "the twin started at {first_there}, the device stopped at {at_device}"
+    );
+    assert!(
+        std::fs::read(twin.join("disk0.img")).unwrap()
+            == std::fs::read(h.dir.path("phone.img")).unwrap(),
+        "the twin's disk is not the device's"
+    );
+    assert!(twin.join("api.sock").exists(), "the twin has no API socket");
+
+    // The same name from the same device while its twin runs: refused, the guest runs on.
+    let _phone2 = h.device_vm("phone2");
+    let out = h.offload("phone2", "phone", "work");
+    assert!(!out.status.success(), "a second twin \"work\" was taken");
+    assert!(
+        text(&out).contains("already runs here") && text(&out).contains("runs on here"),
+        "{}",
+        text(&out)
+    );
+    let now = last(&h.dir.path("phone2.serial"));
+    assert!(
+        wait_until(|| last(&h.dir.path("phone2.serial")) > now + 3, WAIT),
+        "the refused device's guest stopped counting"
+    );
+
+    // Another device: a bad name is refused in words; "work" is a twin of its own.
+    let mut tablet = h.device_vm("tablet");
+    let out = h.offload("tablet", "tablet", "Work/../x");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("bad twin name"), "{}", text(&out));
+    let out = h.offload("tablet", "tablet", "work");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut tablet, WAIT), Some(0));
+    let twins = h.twin_dirs();
+    assert_eq!(twins.len(), 2, "{twins:?}");
+    let (a, b) = (&twins[0], &twins[1]);
+    assert!(
+        a.ends_with("/work") && b.ends_with("/work") && a != b,
+        "{twins:?}"
+    );
+    // The phone's twin still counts: the tablet's offload did not touch it.
+    let now = last(&log);
+    assert!(
+        wait_until(|| last(&log) > now + 3, WAIT),
+        "the phone's twin stopped"
+    );
+}
+
+/// Sends `frames` on a fresh channel as `phone` and returns the host's answer (its reason).
+fn answer_to(h: &Host, frames: &[(Kind, &[u8])]) -> String {
+    let mut ch = h.channel("phone");
+    for (kind, payload) in frames {
+        ch.send(*kind, payload).unwrap();
+    }
+    ch.flush().unwrap();
+    let f = ch.recv().expect("the host answers before it closes");
+    assert_eq!(f.kind, Kind::Abort, "the host did not refuse");
+    String::from_utf8_lossy(&f.payload).into_owned()
+}
+
+#[test]
+fn a_request_the_host_does_not_serve_or_a_frame_out_of_place_is_refused_in_words() {
+    let Some(h) = host("requests") else {
+        return;
+    };
+    let why = answer_to(&h, &[(Kind::Request, b"frobnicate work")]);
+    assert!(why.contains("unknown request"), "{why}");
+    let why = answer_to(&h, &[(Kind::Request, "offload ".repeat(40).as_bytes())]);
+    assert!(why.contains("a request of 320 bytes"), "{why}");
+    let why = answer_to(&h, &[(Kind::Request, b"offload w\x07rk")]);
+    assert!(why.contains("control characters"), "{why}");
+    // A setup where the request is due.
+    let why = answer_to(&h, &[(Kind::Setup, b"{}")]);
+    assert!(
+        why.contains("Setup frame arrived where Request was due"),
+        "{why}"
+    );
+    // A request naming nothing the host would make: refused before any setup is read.
+    let why = answer_to(&h, &[(Kind::Request, b"offload ../../etc")]);
+    assert!(why.contains("bad twin name"), "{why}");
+    assert_eq!(
+        h.twin_dirs(),
+        Vec::<String>::new(),
+        "a refused request left a twin"
+    );
+}
