@@ -5,7 +5,8 @@
 //! (see [`tls`]), and over one authenticated channel (see [`wire`]):
 //!
 //! 1. sends the configuration and memory layout (`Setup`), turns on dirty logging and sends
-//!    every non-zero page while the guest runs (round 1);
+//!    every non-zero page while the guest runs (round 1); the destination creates the KVM
+//!    VM, its RAM and vCPUs on receiving `Setup`, so the pause does not wait for them;
 //! 2. sends the pages dirtied during the previous round, round after round, until what is
 //!    left would go within the downtime budget at the link speed it measured (each round
 //!    ends with `RoundEnd`, which the destination acknowledges once it has every page, so
@@ -17,8 +18,8 @@
 //! 3. pauses the VM, sends the last dirty pages and the VM's state (the snapshot sections:
 //!    vCPUs, VM-wide state, serial port, devices by id);
 //! 4. the destination checks everything exactly as a restore does (container checksum,
-//!    architecture, configuration equal to the one announced, layout, every section), builds
-//!    the VM and answers `Ready`; the source answers `Commit`; the destination answers
+//!    architecture, configuration equal to the one announced, layout, every section),
+//!    completes the VM (devices, irqchip and vCPU state) and answers `Ready`; the source answers `Commit`; the destination answers
 //!    `Running` and runs the guest; only then does the source stop.
 //!
 //! Any failure before the source sends `Commit` (a damaged, replayed or missing frame, a
@@ -663,11 +664,17 @@ fn receive_on(
         .enumerate()
         .map(|(i, (d, &size))| DiskIn::create(overrides.disks.get(i).unwrap_or(&d.path), size))
         .collect::<Result<Vec<_>, _>>()?;
+    // The VM opens the temporary files; the rename at the commit keeps the same inodes.
+    let mut at_temp = overrides.clone();
+    at_temp.disks = disks.iter().map(|d| d.temp_path().to_path_buf()).collect();
+    // Built now, while the pages arrive, so the guest's pause does not wait for KVM.
+    let prepared = Vm::prepare_migrated(mem, &setup.regions, &setup.config, &at_temp)?;
+    let mem = prepared.mem();
     let state = loop {
         let f = ch.recv()?;
         match f.kind {
             Kind::Pages => {
-                apply_pages(&mem, &setup.regions, &f.payload)?;
+                apply_pages(mem, &setup.regions, &f.payload)?;
             }
             Kind::Disk => {
                 apply_disk(&disks, &f.payload)?;
@@ -684,17 +691,14 @@ fn receive_on(
         }
     };
     // What arrived is the starting point, not a change since.
-    for r in vm_memory::GuestMemoryBackend::iter(&mem) {
+    for r in vm_memory::GuestMemoryBackend::iter(mem) {
         vm_memory::MmapRegion::bitmap(r).reset();
     }
     fault::kill_point("receive-state");
     for d in &disks {
         d.sync()?;
     }
-    // The VM opens the temporary files; the rename at the commit keeps the same inodes.
-    let mut at_temp = overrides.clone();
-    at_temp.disks = disks.iter().map(|d| d.temp_path().to_path_buf()).collect();
-    let mut vm = Vm::restore_migrated(&state, mem, &setup.regions, &setup.config, &at_temp)?;
+    let mut vm = Vm::restore_prepared(prepared, &state, &setup.regions, &setup.config)?;
     ch.send(Kind::Ready, &[])?;
     ch.flush()?;
     expect(ch, Kind::Commit)?;

@@ -162,15 +162,6 @@ enum Source<'a> {
     Dir(&'a Path),
     /// A byte stream (see [`stream`]).
     Stream(StreamReader<'a>),
-    /// A live migration: the state container and guest RAM already received (see
-    /// [`crate::migration`]), laid out as `regions`.
-    Migrated {
-        state: &'a [u8],
-        mem: GuestMem,
-        regions: &'a [MemRegion],
-        /// The configuration the source announced first; the state must carry the same.
-        config: &'a VmConfig,
-    },
 }
 
 impl Vm {
@@ -324,98 +315,124 @@ impl Vm {
         Self::restore_from(Source::Stream(StreamReader::new(r)), overrides)
     }
 
-    /// Builds the VM a live migration sent: `state` (a `state.bin` container) is checked
-    /// exactly as a restore checks it, its configuration must be `config` (announced
-    /// first) and `mem` (guest RAM as received, laid out as `regions`) must match its layout.
-    pub(crate) fn restore_migrated(
-        state: &[u8],
+    /// Builds the VM a live migration will fill, before its state arrives, so that the
+    /// guest's pause need not wait for KVM to create it: `config` is the configuration the
+    /// source announced (host-side paths from `overrides`), `mem` the guest RAM the pages go
+    /// into, laid out as `regions`. [`Vm::restore_prepared`] completes it.
+    pub(crate) fn prepare_migrated(
         mem: GuestMem,
         regions: &[MemRegion],
         config: &VmConfig,
         overrides: &RestoreOverrides,
+    ) -> Result<Prepared, Error> {
+        let mut cfg = config.clone();
+        apply_overrides(&mut cfg, overrides)?;
+        cfg.validate().map_err(|e| Error::Config(e.to_string()))?;
+        check_layout(regions, &cfg)?;
+        Prepared::build(cfg, |_| Ok(mem))
+    }
+
+    /// Completes a [`Prepared`] VM with the migrated `state` (a `state.bin` container),
+    /// checked exactly as a restore checks it: its configuration must be `config` (announced
+    /// first) and its memory layout `regions` (the one the pages were sent for).
+    pub(crate) fn restore_prepared(
+        prepared: Prepared,
+        state: &[u8],
+        regions: &[MemRegion],
+        config: &VmConfig,
     ) -> Result<Vm, Error> {
-        Self::restore_from(
-            Source::Migrated {
-                state,
-                mem,
-                regions,
-                config,
-            },
-            overrides,
-        )
+        let snap = decode_state(state)?;
+        if snap.config != *config {
+            return Err(Error::Snapshot(
+                "the state's configuration is not the one the source announced".into(),
+            ));
+        }
+        if snap.memory != *regions {
+            return Err(Error::Snapshot(
+                "the state's memory layout is not the one the pages were sent for".into(),
+            ));
+        }
+        check_vcpu_sections(&snap, &prepared.cfg)?;
+        prepared.complete(snap)
     }
 
     fn restore_from(mut source: Source<'_>, overrides: &RestoreOverrides) -> Result<Vm, Error> {
         let snap = match &mut source {
             Source::Dir(dir) => read_snapshot(dir)?,
             Source::Stream(r) => decode_state(&r.state()?)?,
-            Source::Migrated {
-                state,
-                regions,
-                config,
-                ..
-            } => {
-                let snap = decode_state(state)?;
-                if snap.config != **config {
-                    return Err(Error::Snapshot(
-                        "the state's configuration is not the one the source announced".into(),
-                    ));
-                }
-                if snap.memory != *regions {
-                    return Err(Error::Snapshot(
-                        "the state's memory layout is not the one the pages were sent for".into(),
-                    ));
-                }
-                snap
-            }
         };
-        let mut cfg = snap.config;
+        let mut cfg = snap.config.clone();
         apply_overrides(&mut cfg, overrides)?;
         cfg.validate().map_err(|e| Error::Config(e.to_string()))?;
-        if snap.vcpus.len() != usize::from(cfg.vcpus)
-            || snap
-                .vcpus
-                .iter()
-                .enumerate()
-                .any(|(i, v)| usize::from(v.id) != i)
-        {
-            return Err(Error::Snapshot(
-                "the vCPU sections do not match the configuration".into(),
-            ));
-        }
-
-        let (kvm, vm) = create_kvm_vm(&cfg)?;
-        let (arch_platform, mem) = setup_vm_alongside(&vm, &cfg, || {
-            let mem = match source {
-                Source::Dir(dir) => match snap.digests.as_ref().filter(|d| d.memory_encrypted) {
-                    Some(d) => {
-                        let cipher = memory_cipher(&cfg)?.ok_or_else(|| {
-                            Error::Snapshot(
-                                "the snapshot's memory is encrypted but its VM has no                                  encrypted disk"
-                                    .into(),
-                            )
-                        })?;
-                        load_encrypted_memory(
-                            &dir.join(MEMORY_FILE),
-                            &snap.memory,
-                            &cfg,
-                            &d.memory,
-                            &cipher,
-                        )?
-                    }
-                    None => load_memory(
+        check_vcpu_sections(&snap, &cfg)?;
+        let prepared = Prepared::build(cfg, |cfg| match source {
+            Source::Dir(dir) => match snap.digests.as_ref().filter(|d| d.memory_encrypted) {
+                Some(d) => {
+                    let cipher = memory_cipher(cfg)?.ok_or_else(|| {
+                        Error::Snapshot(
+                            "the snapshot's memory is encrypted but its VM has no encrypted disk"
+                                .into(),
+                        )
+                    })?;
+                    load_encrypted_memory(
                         &dir.join(MEMORY_FILE),
                         &snap.memory,
-                        &cfg,
-                        snap.digests.as_ref().map(|d| &d.memory),
-                    )?,
-                },
-                Source::Stream(r) => r.memory(&snap.memory, &cfg)?,
-                Source::Migrated { mem, .. } => {
-                    check_layout(&snap.memory, &cfg)?;
-                    mem
+                        cfg,
+                        &d.memory,
+                        &cipher,
+                    )
                 }
-            };
+                None => load_memory(
+                    &dir.join(MEMORY_FILE),
+                    &snap.memory,
+                    cfg,
+                    snap.digests.as_ref().map(|d| &d.memory),
+                ),
+            },
+            Source::Stream(r) => r.memory(&snap.memory, cfg),
+        })?;
+        prepared.complete(snap)
+    }
+}
+
+/// Whether the snapshot has one vCPU section per configured vCPU, in order.
+fn check_vcpu_sections(snap: &Snapshot, cfg: &VmConfig) -> Result<(), Error> {
+    if snap.vcpus.len() != usize::from(cfg.vcpus)
+        || snap
+            .vcpus
+            .iter()
+            .enumerate()
+            .any(|(i, v)| usize::from(v.id) != i)
+    {
+        return Err(Error::Snapshot(
+            "the vCPU sections do not match the configuration".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A VM being restored, built as far as it goes without the saved state: the KVM VM, guest
+/// RAM registered, the firmware mapped and the vCPUs created. Nothing runs in it yet.
+pub(crate) struct Prepared {
+    cfg: VmConfig,
+    kvm: kvm_ioctls::Kvm,
+    vm: Arc<kvm_ioctls::VmFd>,
+    platform: arch::Platform,
+    mem: GuestMem,
+    firmware: Option<crate::firmware::RomHandle>,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+}
+
+impl Prepared {
+    /// Creates the VM for `cfg` (the snapshot's configuration with the host's overrides);
+    /// `memory` makes its RAM meanwhile (the irqchip is set up alongside).
+    fn build(
+        cfg: VmConfig,
+        memory: impl FnOnce(&VmConfig) -> Result<GuestMem, Error>,
+    ) -> Result<Prepared, Error> {
+        let (kvm, vm) = create_kvm_vm(&cfg)?;
+        let (platform, mem) = setup_vm_alongside(&vm, &cfg, || {
+            let mem = memory(&cfg)?;
             register_memory(&vm, &mem)?;
             Ok(mem)
         })?;
@@ -425,26 +442,54 @@ impl Vm {
             .map(|path| crate::firmware::remap(&vm, path))
             .transpose()?;
         // The vCPUs exist before the devices, as in `Vm::new` (on aarch64 an irqfd needs the
-        // initialised vGIC); their state is restored below, after the devices'.
-        let mut vcpus = Vec::with_capacity(snap.vcpus.len());
-        for st in &snap.vcpus {
+        // initialised vGIC); their state is restored after the devices'.
+        let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+        for id in 0..cfg.vcpus {
             let vcpu = vm
-                .create_vcpu(st.id.into())
+                .create_vcpu(id.into())
                 .map_err(Error::kvm("create vCPU"))?;
-            arch::setup_cpuid(&kvm, &vcpu, st.id, cfg.vcpus, &cfg.cpuid_hide)?;
-            arch::prepare_vcpu(&arch_platform, &vcpu, st.id).map_err(|e| Error::Vcpu {
-                id: st.id,
+            arch::setup_cpuid(&kvm, &vcpu, id, cfg.vcpus, &cfg.cpuid_hide)?;
+            arch::prepare_vcpu(&platform, &vcpu, id).map_err(|e| Error::Vcpu {
+                id,
                 reason: e.to_string(),
             })?;
             vcpus.push(vcpu);
         }
-        arch_platform.vcpus_created()?;
+        platform.vcpus_created()?;
+        Ok(Prepared {
+            cfg,
+            kvm,
+            vm,
+            platform,
+            mem,
+            firmware,
+            vcpus,
+        })
+    }
+
+    /// Guest RAM, to be written before [`Prepared::complete`].
+    pub(crate) fn mem(&self) -> &GuestMem {
+        &self.mem
+    }
+
+    /// Builds the devices and puts the irqchip, the devices and the vCPUs in `snap`'s state
+    /// (its vCPU sections already checked against the configuration).
+    fn complete(self, snap: Snapshot) -> Result<Vm, Error> {
+        let Prepared {
+            cfg,
+            kvm,
+            vm,
+            platform,
+            mem,
+            firmware,
+            vcpus,
+        } = self;
         // aarch64: the vGIC and its ITS, before any device could raise an interrupt.
-        snap.vm_state.restore_irqchip(&arch_platform, cfg.vcpus)?;
+        snap.vm_state.restore_irqchip(&platform, cfg.vcpus)?;
         let exit = Arc::new(ExitSignal::new().map_err(Error::io("create exit event"))?);
         let devs = build_devices(&cfg, &vm, &mem, &exit, Some(&snap.serial))?;
-        if let Some(platform) = &snap.platform {
-            devs.legacy.restore_platform(platform)?;
+        if let Some(saved) = &snap.platform {
+            devs.legacy.restore_platform(saved)?;
         }
         let sections = if snap.positional.is_empty() {
             snap.devices
@@ -479,15 +524,8 @@ impl Vm {
             });
         }
         devs.virtio.renotify();
-        let mut restored = Vm::assemble(
-            cfg,
-            kvm,
-            vm,
-            mem,
-            exit,
-            devs,
-            (vcpus, cpu_models, arch_platform),
-        );
+        let mut restored =
+            Vm::assemble(cfg, kvm, vm, mem, exit, devs, (vcpus, cpu_models, platform));
         restored._firmware = firmware;
         Ok(restored)
     }
