@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use handset::mdm_link::MdmOptions;
 
 /// Run the handset daemon: profiles, their VMM processes, foreground switching, REST API.
 #[derive(Args, Debug)]
@@ -22,6 +23,11 @@ It also serves the browser phone (--http): a phone-shaped web page with the fore
 profile's live screen, a profile switcher and state badges; touch and keys reach the guest.
 `pocketvisor profile view NAME` prints its address, with a token made at each daemon start.
 It listens on loopback by default; a wider address needs HTTPS (--http-cert, --http-key).
+
+With --mdm it is managed by the organisation's MDM server (docs/mdm.md): the first start
+enrolls with --enroll TOKEN and --mdm-ca ca.pem (device key and certificate kept in DIR/mdm,
+0600), later starts need neither. Only profiles created with `profile create --managed` are
+visible to the MDM; `profile status` shows the link.
 
 EXAMPLE:
   pocketvisor handset --state-dir /tmp/pv &
@@ -63,6 +69,46 @@ pub struct HandsetArgs {
     /// log, counted per rule (`network-drop` records) [default: 60].
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
     drop_audit_secs: Option<u64>,
+    /// The organisation's MDM server, https://HOST:PORT (HOST as in its certificate): the
+    /// handset enrolls with it once (--enroll) and then keeps a long poll open, acts on the
+    /// commands it signed (policy, lock, unlock, wipe: managed profiles only) and sends
+    /// compliance reports. Unreachable, the daemon keeps working and retries.
+    #[arg(long, value_name = "URL")]
+    mdm: Option<String>,
+    /// The single-use enrollment token (`mdm enroll-token`), for the first start only; a
+    /// handset already enrolled needs none.
+    #[arg(long, value_name = "TOKEN", requires = "mdm")]
+    enroll: Option<String>,
+    /// The MDM server's CA certificate (its ca.pem), trusted for the enrollment.
+    #[arg(long, value_name = "FILE", requires = "mdm")]
+    mdm_ca: Option<PathBuf>,
+}
+
+/// The MDM link from `--mdm`, `--enroll` and `--mdm-ca`: a handset not yet enrolled needs
+/// the token and the CA.
+fn mdm_options(a: &HandsetArgs, state_dir: &handset::StateDir) -> Result<Option<MdmOptions>> {
+    let Some(url) = &a.mdm else {
+        return Ok(None);
+    };
+    let server = MdmOptions::server_from_url(url)?;
+    let ca_pem = match &a.mdm_ca {
+        Some(f) => {
+            Some(std::fs::read_to_string(f).with_context(|| format!("--mdm-ca {}", f.display()))?)
+        }
+        None => None,
+    };
+    let enrolled = handset::mdm_link::is_enrolled(state_dir);
+    if !enrolled && (a.enroll.is_none() || ca_pem.is_none()) {
+        anyhow::bail!(
+            "--mdm {url}: this handset is not enrolled yet: give --enroll TOKEN (from `mdm \
+             enroll-token`) and --mdm-ca (the server's ca.pem)"
+        );
+    }
+    Ok(Some(MdmOptions {
+        server,
+        enroll_token: a.enroll.clone().map(zeroize::Zeroizing::new),
+        ca_pem,
+    }))
 }
 
 /// The browser phone's configuration from `--http`, `--http-cert` and `--http-key`.
@@ -97,6 +143,7 @@ fn phone_config(a: &HandsetArgs) -> Result<Option<handset::phone::PhoneConfig>> 
 pub fn main(a: HandsetArgs) -> Result<i32> {
     let phone = phone_config(&a)?;
     let state_dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
+    let mdm = mdm_options(&a, &state_dir)?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let probe = match a.probe {
         Some(p) if p.is_file() => Some(std::path::absolute(&p)?),
@@ -127,6 +174,7 @@ pub fn main(a: HandsetArgs) -> Result<i32> {
             handset::net_drops::DEFAULT_EVERY,
             std::time::Duration::from_secs,
         ),
+        mdm,
     })?;
     Ok(0)
 }

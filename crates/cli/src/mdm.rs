@@ -57,6 +57,11 @@ enum MdmCmd {
         /// Longest a device's poll is held open, seconds.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         long_poll: u64,
+        /// Append every request received (method, path, client certificate, body) to FILE
+        /// as JSON lines, created 0600: what devices disclose, for audits and debugging.
+        /// It holds tokens and policies: keep it with the state dir.
+        #[arg(long, value_name = "FILE")]
+        request_log: Option<PathBuf>,
     },
     /// Create a single-use enrollment token (printed once; the server keeps only its hash).
     EnrollToken {
@@ -71,12 +76,28 @@ enum MdmCmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
-    /// Queue a lock command for a device.
-    Lock { device: String },
+    /// Queue a lock command for a device: its managed profiles pause until unlocked.
+    Lock {
+        device: String,
+        /// Only this managed profile [default: every managed profile of the device].
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
+    },
     /// Queue an unlock command for a device.
-    Unlock { device: String },
-    /// Queue a wipe command for a device.
-    Wipe { device: String },
+    Unlock {
+        device: String,
+        /// Only this managed profile [default: every managed profile of the device].
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
+    },
+    /// Queue a wipe command for a device: its managed profiles are crypto-erased and deleted,
+    /// and the device answers with a signed receipt.
+    Wipe {
+        device: String,
+        /// Only this managed profile [default: every managed profile of the device].
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
+    },
     /// Revoke a device: its certificate is refused from now on.
     Revoke { device: String },
     /// Print the server's audit log.
@@ -87,6 +108,14 @@ enum MdmCmd {
 enum PolicyCmd {
     /// Queue the signed policy FILE for DEVICE.
     Push { device: String, file: PathBuf },
+}
+
+/// The body of a lock, unlock or wipe: empty for every managed profile, else the one named
+/// (the device refuses a name it does not manage).
+fn aim(profile: Option<String>) -> String {
+    profile.map_or_else(String::new, |p| {
+        serde_json::json!({ "profile": p }).to_string()
+    })
 }
 
 fn read_secret(path: &PathBuf) -> Result<String> {
@@ -117,9 +146,17 @@ async fn run(args: MdmArgs) -> Result<i32> {
         names,
         admin_token_file,
         long_poll,
+        request_log,
     } = &args.cmd
     {
-        return serve(state_dir, *listen, names, admin_token_file, *long_poll).await;
+        let log = match request_log {
+            Some(p) => Some(
+                mdm::request_log::RequestLog::open(p)
+                    .with_context(|| format!("--request-log {}", p.display()))?,
+            ),
+            None => None,
+        };
+        return serve(state_dir, *listen, names, admin_token_file, *long_poll, log).await;
     }
     let (Some(server), Some(ca), Some(token_file)) = (&args.server, &args.ca, &args.token_file)
     else {
@@ -196,9 +233,9 @@ async fn run(args: MdmArgs) -> Result<i32> {
             )
             .await?
         }
-        MdmCmd::Lock { device } => queue(device, "lock", String::new()).await?,
-        MdmCmd::Unlock { device } => queue(device, "unlock", String::new()).await?,
-        MdmCmd::Wipe { device } => queue(device, "wipe", String::new()).await?,
+        MdmCmd::Lock { device, profile } => queue(device, "lock", aim(profile)).await?,
+        MdmCmd::Unlock { device, profile } => queue(device, "unlock", aim(profile)).await?,
+        MdmCmd::Wipe { device, profile } => queue(device, "wipe", aim(profile)).await?,
         MdmCmd::Revoke { device } => {
             call("POST", format!("/v1/admin/devices/{device}/revoke"), None).await?
         }
@@ -215,6 +252,7 @@ async fn serve(
     names: &[String],
     token_file: &PathBuf,
     long_poll: u64,
+    log: Option<mdm::request_log::RequestLog>,
 ) -> Result<i32> {
     let token = read_secret(token_file)?;
     {
@@ -240,6 +278,6 @@ async fn serve(
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    mdm::server::serve(server, listener, shutdown).await?;
+    mdm::server::serve_logged(server, listener, shutdown, log).await?;
     Ok(0)
 }

@@ -137,6 +137,12 @@ the daemon starts; default false), encrypt_at_rest (default false; as --encrypt)
         /// file). Chosen here for good: a profile cannot be encrypted later.
         #[arg(long)]
         encrypt: bool,
+        /// Put the profile under the organisation's MDM (`handset --mdm`), which may then
+        /// push policies to it, lock, unlock and wipe it, and sees it in compliance reports
+        /// (`managed = true` in a spec file). A profile created without it stays invisible
+        /// to the MDM.
+        #[arg(long)]
+        managed: bool,
     },
     /// List profiles.
     List,
@@ -720,6 +726,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             firmware,
             disk_image,
             encrypt,
+            managed,
         } => {
             let req = match (template, file) {
                 (Some(t), None) => CreateProfile {
@@ -732,6 +739,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     disk_image,
                     spec: None,
                     encrypt_at_rest: encrypt,
+                    managed,
                 },
                 (None, Some(f)) => {
                     let text = std::fs::read_to_string(&f)
@@ -748,6 +756,7 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                         disk_image,
                         spec: Some(spec),
                         encrypt_at_rest: encrypt,
+                        managed,
                     }
                 }
                 _ => anyhow::bail!("give --template work|personal or --file SPEC.toml"),
@@ -1086,6 +1095,15 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     info.phone
                         .unwrap_or_else(|| "off (handset --http off)".into())
                 );
+                if let Some(m) = info.mdm {
+                    outln!(
+                        "mdm        {} {} (device {}){}",
+                        m.server,
+                        m.state,
+                        m.device_id.as_deref().unwrap_or("-"),
+                        m.detail.map(|d| format!(": {d}")).unwrap_or_default()
+                    );
+                }
             }
         }
     }

@@ -112,6 +112,9 @@ pub struct CreateProfile {
     /// Encrypt the profile's disks at rest (sets the spec's `encrypt_at_rest`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub encrypt_at_rest: bool,
+    /// Put the profile under the MDM's management (sets the spec's `managed`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub managed: bool,
 }
 
 impl CreateProfile {
@@ -184,6 +187,7 @@ impl CreateProfile {
             spec.cmdline = cmdline;
         }
         spec.encrypt_at_rest |= self.encrypt_at_rest;
+        spec.managed |= self.managed;
         spec.validate()?;
         Ok(spec)
     }
@@ -266,6 +270,9 @@ pub struct DaemonInfo {
     /// The browser phone's page with the daemon's token, if the phone listens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phone: Option<String>,
+    /// How the link to the organisation's MDM stands (`handset --mdm`), if there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mdm: Option<crate::mdm_link::MdmStatus>,
 }
 
 /// The body of every error response.

@@ -18,6 +18,10 @@
 //!   handset.db-wal, handset.db-shm  SQLite's WAL files
 //!   handset.sock                    the REST API (HTTP/1.1 over a unix socket, mode 0600)
 //!   handset.lock                    flock()ed by the running daemon
+//!   mdm/                            with `handset --mdm`: the enrollment (device-key.pk8,
+//!                                   enrollment.json, 0600) and journal/<id>.json, the MDM
+//!                                   commands under way or whose result is not yet delivered
+//!                                   ([`mdm_link`])
 //!   exports/<pid>                   an export under way: its temporary file
 //!                                   (`<out>.tmp-<hex>`), removed by the next daemon start
 //!                                   or export once that process is gone (see [`exports`])
@@ -90,6 +94,7 @@ pub mod fault;
 pub mod host_channels;
 pub mod leftovers;
 pub mod lock;
+pub mod mdm_link;
 pub mod moved;
 pub mod net_drops;
 pub mod org_policy;
@@ -214,6 +219,10 @@ pub async fn run_until(
             }
         })
     };
+    let mdm_task = h.mdm_options().cloned().map(|opts| {
+        let stop_seen = stop_seen.clone();
+        tokio::spawn(mdm_link::run(h.clone(), opts, stop_seen))
+    });
     let closer = h.clone();
     let shutdown = async move {
         shutdown.await;
@@ -223,6 +232,9 @@ pub async fn run_until(
     let served = api::serve(h.clone(), listener, shutdown).await;
     tracing::info!("handset daemon stopping: suspending or stopping the running profiles");
     let _ = drops_task.await;
+    if let Some(task) = mdm_task {
+        let _ = task.await;
+    }
     h.shutdown().await;
     // Its screen sessions ended with the VMMs; it stops taking new requests with the API.
     if let Some(task) = phone_task {

@@ -115,6 +115,11 @@ pub struct ProfileSpec {
     /// never changed afterwards.
     #[serde(default, skip_serializing_if = "is_false")]
     pub encrypt_at_rest: bool,
+    /// Managed by the organisation's MDM (`handset --mdm`): it may push policies to, lock,
+    /// unlock and wipe this profile, which its compliance reports name. A profile that is not
+    /// managed (a personal one) is invisible to the MDM. Chosen at create.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub managed: bool,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -387,6 +392,7 @@ impl ProfileSpec {
             on_shutdown: OnShutdown::Suspend,
             autostart: false,
             encrypt_at_rest: false,
+            managed: false,
         };
         spec.validate()?;
         Ok(spec)

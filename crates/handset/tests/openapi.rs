@@ -177,6 +177,7 @@ impl InProcess {
             jail: false,
             phone: None,
             drop_audit_every: handset::net_drops::DEFAULT_EVERY,
+            mdm: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

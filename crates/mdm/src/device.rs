@@ -29,11 +29,12 @@ pub enum DeviceError {
     BadAnswer,
 }
 
-/// What one poll gave: commands to act on and how many were refused as not signed.
+/// What one poll gave: commands to act on and those refused as not signed for this device
+/// by the enrolled command key (never to be acted on).
 #[derive(Debug, Default)]
 pub struct Polled {
     pub commands: Vec<SignedCommand>,
-    pub refused: usize,
+    pub refused: Vec<SignedCommand>,
 }
 
 /// An enrolled device.
@@ -119,17 +120,35 @@ impl Enrollment {
     }
 
     /// Splits commands into those signed by the enrolled command key for this device and
-    /// the number refused.
+    /// those refused.
     pub fn verified(&self, all: Vec<SignedCommand>) -> Polled {
         let mut out = Polled::default();
         for c in all {
             if c.verify(&self.enrolled.command_key, &self.enrolled.device_id) {
                 out.commands.push(c);
             } else {
-                out.refused += 1;
+                out.refused.push(c);
             }
         }
         out
+    }
+
+    /// Whether `dir` holds an enrollment (a start then needs no token).
+    pub fn exists(dir: &Path) -> bool {
+        dir.join(ENROLLMENT_FILE).is_file()
+    }
+
+    /// Sends a compliance report (any JSON object) for this device.
+    pub async fn send_compliance(&self, report: &serde_json::Value) -> Result<(), DeviceError> {
+        let body = report.to_string();
+        let r = self
+            .client
+            .request("POST", "/v1/device/compliance", None, Some(body.as_bytes()))
+            .await?;
+        if r.status != 204 {
+            return Err(refused(r.status, &r.body));
+        }
+        Ok(())
     }
 
     /// Reports a command's result, signed by the device key.

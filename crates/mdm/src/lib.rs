@@ -7,12 +7,14 @@
 //! - [`client`]: HTTPS requests as a device or the admin CLI makes them.
 //! - [`device`]: a device's enrollment kept on disk and its verified view of commands.
 //! - [`protocol`]: the JSON bodies and the signed forms of commands and results.
+//! - [`request_log`]: `mdm serve --request-log`, every request recorded as a JSON line.
 //! - [`server`]: `pocketvisor mdm serve`, axum over rustls (device certificates, admin token).
 
 pub mod ca;
 pub mod client;
 pub mod device;
 pub mod protocol;
+pub mod request_log;
 pub mod server;
 pub mod store;
 

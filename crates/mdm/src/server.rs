@@ -45,7 +45,7 @@ const COMMAND_KEY_FILE: &str = "command-key.pk8";
 /// Command kinds the admin may queue.
 pub const COMMAND_KINDS: &[&str] = &["policy", "lock", "unlock", "wipe"];
 /// Longest body a device or admin may send.
-const MAX_BODY: usize = 256 * 1024;
+pub(crate) const MAX_BODY: usize = 256 * 1024;
 
 /// Server failures at startup.
 #[derive(Debug, thiserror::Error)]
@@ -60,7 +60,7 @@ pub enum ServerError {
     CommandKey(String, String),
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
@@ -578,10 +578,21 @@ pub async fn serve(
     listener: TlsListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router(mdm).into_make_service_with_connect_info::<Peer>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    serve_logged(mdm, listener, shutdown, None).await
+}
+
+/// [`serve`], recording every request in `log` if given ([`crate::request_log`]).
+pub async fn serve_logged(
+    mdm: Arc<Mdm>,
+    listener: TlsListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    log: Option<crate::request_log::RequestLog>,
+) -> std::io::Result<()> {
+    let app = match log {
+        Some(log) => crate::request_log::layer(router(mdm), log),
+        None => router(mdm),
+    };
+    axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -108,10 +108,12 @@ impl Handset {
                 wait_ms.div_ceil(1000)
             )));
         }
-        let stored = st
-            .passcode
-            .clone()
-            .ok_or_else(|| Error::Internal(format!("locked profile {name:?} has no passcode")))?;
+        let stored = st.passcode.clone().ok_or_else(|| {
+            Error::Denied(format!(
+                "profile {name:?} was locked by the MDM and has no passcode: only the MDM \
+                 unlocks it"
+            ))
+        })?;
         let matches =
             tokio::task::spawn_blocking(move || passcode::verify(passcode.as_bytes(), &stored))
                 .await
@@ -137,6 +139,50 @@ impl Handset {
         st.last_failure_ms = 0;
         lock::write(self.dir(), name, &st)?;
         self.registry.event(name, "unlocked", "");
+        self.run_unlocked(name).await?;
+        self.show(name)
+    }
+
+    /// Locks profile `name` for the organisation's MDM: as [`Self::lock`], but without a
+    /// passcode (the MDM unlocks it, or the passcode if one is set). Returns whether it was
+    /// unlocked before.
+    pub(crate) async fn lock_by_mdm(self: &Arc<Self>, name: &str) -> Result<bool> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        self.registry.row(name)?;
+        let mut st = lock::read(self.dir(), name)?;
+        let was_unlocked = !st.locked;
+        if was_unlocked {
+            st.locked = true;
+            lock::write(self.dir(), name, &st)?;
+        }
+        self.pause_locked_profile(name).await?;
+        self.registry.event(name, "locked", "by the MDM");
+        Ok(was_unlocked)
+    }
+
+    /// Unlocks profile `name` for the organisation's MDM (no passcode asked; the failure count
+    /// is reset). Returns whether it was locked.
+    pub(crate) async fn unlock_by_mdm(self: &Arc<Self>, name: &str) -> Result<bool> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        self.registry.row(name)?;
+        let mut st = lock::read(self.dir(), name)?;
+        let was_locked = st.locked;
+        if was_locked {
+            st.locked = false;
+            st.failures = 0;
+            st.last_failure_ms = 0;
+            lock::write(self.dir(), name, &st)?;
+            self.registry.event(name, "unlocked", "by the MDM");
+        }
+        self.run_unlocked(name).await?;
+        Ok(was_locked)
+    }
+
+    /// Lets a guest the lock paused run again (ops lock held, the lock state already
+    /// unlocked).
+    async fn run_unlocked(self: &Arc<Self>, name: &str) -> Result<()> {
         let row = self.registry.row(name)?;
         if ProfileState::parse(&row.state) == ProfileState::Paused
             && row.detail == LOCK_PAUSED
@@ -148,7 +194,7 @@ impl Handset {
             // Its place again: paused once more if it waits in the background.
             self.place(name).await?;
         }
-        self.show(name)
+        Ok(())
     }
 
     /// Pauses every locked profile the daemon finds running (a lock persisted by a daemon

@@ -17,6 +17,7 @@ mod foreground;
 mod intent;
 pub mod lifecycle;
 mod lock;
+pub mod managed;
 pub mod pause;
 mod registry;
 pub mod settings;
@@ -75,6 +76,8 @@ pub struct Options {
     /// How often the frames the network policy refused are written to the audit log
     /// ([`crate::net_drops`]; default [`crate::net_drops::DEFAULT_EVERY`]).
     pub drop_audit_every: Duration,
+    /// The organisation's MDM this handset enrolls with and obeys (none: not managed).
+    pub mdm: Option<crate::mdm_link::MdmOptions>,
 }
 
 /// The daemon state shared by the API handlers and the watcher tasks.
@@ -89,6 +92,7 @@ pub struct Handset {
     closing: std::sync::atomic::AtomicBool,
     views: view::Views,
     device_screen: device_screen::DeviceScreen,
+    mdm_status: std::sync::Mutex<Option<crate::mdm_link::MdmStatus>>,
 }
 
 impl Handset {
@@ -107,6 +111,7 @@ impl Handset {
             closing: std::sync::atomic::AtomicBool::new(false),
             views: view::Views::default(),
             device_screen: device_screen::DeviceScreen::default(),
+            mdm_status: std::sync::Mutex::new(None),
         }))
     }
 
@@ -143,6 +148,34 @@ impl Handset {
         self.registry.audit(profile, action, detail);
     }
 
+    /// Changes how the link to the MDM stands (made on first use).
+    pub(crate) fn update_mdm_status(&self, f: impl FnOnce(&mut crate::mdm_link::MdmStatus)) {
+        let mut st = self.mdm_status.lock().unwrap_or_else(|e| e.into_inner());
+        let st = st.get_or_insert_with(|| crate::mdm_link::MdmStatus {
+            server: String::new(),
+            device_id: None,
+            state: "enrolling".into(),
+            detail: None,
+            last_contact: None,
+            commands_done: 0,
+            commands_refused: 0,
+        });
+        f(st);
+    }
+
+    /// How the link to the MDM stands, if the handset has one.
+    pub fn mdm_status(&self) -> Option<crate::mdm_link::MdmStatus> {
+        self.mdm_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The MDM this daemon was started with, if any.
+    pub fn mdm_options(&self) -> Option<&crate::mdm_link::MdmOptions> {
+        self.opts.mdm.as_ref()
+    }
+
     /// Daemon facts for `GET /v1/handset`.
     pub fn daemon_info(&self) -> Result<DaemonInfo> {
         let rows = self.registry.db().profiles()?;
@@ -157,6 +190,7 @@ impl Handset {
             profiles: rows.len(),
             running: rows.iter().filter(|r| r.pid.is_some()).count(),
             phone: self.phone_url(),
+            mdm: self.mdm_status(),
         })
     }
 
