@@ -125,3 +125,258 @@ fn a_handset_enrolls_once_works_offline_and_reconnects() {
         mdm_common::text(&out)
     );
 }
+
+fn sha256_of(path: &std::path::Path) -> String {
+    handset::org_policy::sha256_file(path).unwrap()
+}
+
+/// Signs `version` of a policy for `profile` with org.key in `dir`; the signed file's path.
+fn signed_policy(dir: &std::path::Path, profile: &str, version: u64) -> String {
+    let doc = dir.join(format!("{profile}-v{version}.toml"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::fs::write(
+        &doc,
+        format!(
+            "version = {version}\nissued_at = {now}\nprofile = \"{profile}\"\n\n[screen]\ncapture = false\n"
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("{profile}-v{version}.pvpol"));
+    let signed = std::process::Command::new(mdm_common::BIN)
+        .args(["policy", "sign", "--key"])
+        .arg(dir.join("org.key"))
+        .arg(&doc)
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(signed.status.success(), "{}", mdm_common::text(&signed));
+    out.display().to_string()
+}
+
+struct Setup {
+    tmp: tempfile::TempDir,
+    server: Server,
+    hs: Handset,
+    device: String,
+}
+
+/// A server and an enrolled handset trusting org.key.pub, with `work` (managed, encrypted
+/// at rest) and `personal` (not managed, booting its own copy of the probe kernel), both
+/// stopped. The MDM holds long polls `long_poll` s.
+fn setup(long_poll: u64) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let srv_dir = tmp.path().join("mdm");
+    std::fs::create_dir(&srv_dir).unwrap();
+    let server = Server::start(&srv_dir, 0, long_poll);
+    let token = server.token();
+    let keygen = std::process::Command::new(mdm_common::BIN)
+        .args(["policy", "keygen", "-o"])
+        .arg(tmp.path().join("org.key"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{}", mdm_common::text(&keygen));
+    let hs_dir = tmp.path().join("hs");
+    let args: Vec<String> = vec![
+        "--mdm".into(),
+        server.url(),
+        "--enroll".into(),
+        token,
+        "--mdm-ca".into(),
+        server.ca().display().to_string(),
+        "--org-key".into(),
+        tmp.path().join("org.key.pub").display().to_string(),
+    ];
+    let hs = Handset::start(&hs_dir, &args);
+    assert!(wait_until(Duration::from_secs(60), || hs
+        .mdm_state()
+        .as_deref()
+        == Some("connected")));
+    let device = hs.info().unwrap().mdm.unwrap().device_id.unwrap();
+    hs.ok(&[
+        "create",
+        "work",
+        "--template",
+        "work",
+        "--managed",
+        "--encrypt",
+    ]);
+    Setup {
+        tmp,
+        server,
+        hs,
+        device,
+    }
+}
+
+/// Creates `personal` booting `assets/personal-probe.elf`: the probe with bytes of its own
+/// after it (a kernel whose hash differs from work's). Returns that hash.
+fn create_personal(hs: &Handset) -> String {
+    let probe = std::fs::read(hs.info().unwrap().probe.expect("the probe guest is built")).unwrap();
+    let mut kernel = probe;
+    kernel.extend_from_slice(b"\0personal build\0");
+    let assets = hs.dir.join("assets");
+    std::fs::create_dir_all(&assets).unwrap();
+    let file = assets.join("personal-probe.elf");
+    std::fs::write(&file, &kernel).unwrap();
+    hs.ok(&[
+        "create",
+        "personal",
+        "--template",
+        "personal",
+        "--kernel",
+        "personal-probe.elf",
+    ]);
+    sha256_of(&file)
+}
+
+fn profile(hs: &Handset, name: &str) -> handset::ProfileInfo {
+    hs.client()
+        .call("GET", &format!("/v1/profiles/{name}"), None::<&()>)
+        .unwrap()
+}
+
+#[test]
+fn commands_act_on_managed_profiles_only_and_the_personal_profile_stays_private() {
+    let Setup {
+        tmp,
+        server,
+        hs,
+        device,
+    } = setup(2);
+    let personal_hash = create_personal(&hs);
+    let work_hash = sha256_of(std::path::Path::new(&hs.info().unwrap().probe.unwrap()));
+    let can_run = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if can_run {
+        hs.ok(&["start", "work"]);
+    } else {
+        eprintln!("no usable /dev/kvm: the lock is checked on a stopped profile");
+    }
+
+    // The report names work only, with its kernel's hash.
+    let report = || server.compliance(&device).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(60), || report()["profiles"][0]["name"]
+            == "work"),
+        "{}",
+        report()
+    );
+    let r = report();
+    assert_eq!(r["profiles"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["profiles"][0]["kernel_sha256"], work_hash.as_str());
+    assert_eq!(
+        r["vmm_sha256"],
+        sha256_of(std::path::Path::new(mdm_common::BIN)).as_str()
+    );
+
+    // Aimed at personal by name: refused by the device, which changes nothing.
+    for kind in ["lock", "wipe"] {
+        let id = server.queue(kind, &device, &["--profile", "personal"]);
+        let res = server.wait_result(id);
+        assert_eq!(res["status"], "refused", "{kind}: {res}");
+        assert_eq!(res["reason"], "not a profile this MDM manages", "{res}");
+    }
+    let p = profile(&hs, "personal");
+    assert!(!p.locked);
+    // A lock of every managed profile: work only, paused if it runs.
+    let id = server.queue("lock", &device, &[]);
+    let res = server.wait_result(id);
+    assert_eq!(res["status"], "done", "{res}");
+    assert_eq!(res["profiles"], serde_json::json!(["work"]));
+    let w = profile(&hs, "work");
+    assert!(w.locked);
+    if can_run {
+        assert_eq!(w.state, handset::ProfileState::Paused, "{w:?}");
+    }
+    let refused = hs.cli(&["start", "personal"]);
+    if can_run {
+        assert!(refused.status.success(), "{}", mdm_common::text(&refused));
+        hs.ok(&["stop", "personal"]);
+    }
+    assert!(!profile(&hs, "personal").locked);
+    // Locked by the MDM without a passcode: only the MDM unlocks it.
+    let id = server.queue("unlock", &device, &[]);
+    assert_eq!(server.wait_result(id)["status"], "done");
+    let w = profile(&hs, "work");
+    assert!(!w.locked);
+    if can_run {
+        assert_eq!(w.state, handset::ProfileState::Running, "{w:?}");
+    }
+
+    // Policies: applied for work, version monotonic; personal's refused.
+    let push = |file: &str| {
+        let r = server.admin(&["policy", "push", &device, file]).unwrap();
+        r["id"].as_i64().unwrap()
+    };
+    let id = push(&signed_policy(tmp.path(), "work", 2));
+    let res = server.wait_result(id);
+    assert_eq!(
+        (res["status"].as_str(), res["policy_version"].as_u64()),
+        (Some("done"), Some(2)),
+        "{res}"
+    );
+    assert!(wait_until(Duration::from_secs(60), || report()["profiles"]
+        [0]["policy_version"]
+        == 2));
+    let id = push(&signed_policy(tmp.path(), "work", 1));
+    let res = server.wait_result(id);
+    assert_eq!(res["status"], "refused", "{res}");
+    let id = push(&signed_policy(tmp.path(), "personal", 5));
+    let res = server.wait_result(id);
+    assert_eq!(res["status"], "refused", "{res}");
+    let work_policy: serde_json::Value = hs
+        .client()
+        .call("GET", "/v1/profiles/work/policy", None::<&()>)
+        .unwrap();
+    assert_eq!(work_policy["policy"]["version"], 2, "{work_policy}");
+    let personal_policy: serde_json::Value = hs
+        .client()
+        .call("GET", "/v1/profiles/personal/policy", None::<&()>)
+        .unwrap();
+    assert!(personal_policy["policy"].is_null(), "{personal_policy}");
+
+    // A wipe of every managed profile: work crypto-erased, its receipt signed and sent.
+    let key_file = hs.dir.join("profiles/work/disk.key");
+    assert!(key_file.exists());
+    let id = server.queue("wipe", &device, &[]);
+    let res = server.wait_result(id);
+    assert_eq!(res["status"], "done", "{res}");
+    let receipt = &res["receipt"];
+    assert_eq!(
+        receipt["erased"],
+        serde_json::json!([{"profile": "work", "crypto_erased": true}]),
+        "{res}"
+    );
+    assert!(receipt["completed_at"].as_u64().unwrap() >= receipt["started_at"].as_u64().unwrap());
+    assert!(!hs.dir.join("profiles/work").exists());
+    assert_eq!(profile(&hs, "personal").name, "personal");
+    assert!(wait_until(Duration::from_secs(60), || report()["profiles"]
+        == serde_json::json!([])));
+
+    // Nothing the device sent names personal or carries its kernel's hash.
+    let sent: Vec<serde_json::Value> = server
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            let p = r["path"].as_str().unwrap_or_default();
+            p.starts_with("/v1/device/") || p == "/v1/enroll"
+        })
+        .collect();
+    assert!(sent.iter().any(|r| r["path"] == "/v1/device/compliance"));
+    assert!(sent.iter().any(|r| r["path"] == "/v1/device/results"));
+    for r in &sent {
+        let body = r["body"].as_str().unwrap();
+        assert!(!body.contains("personal"), "{r}");
+        assert!(!body.contains(&personal_hash), "{r}");
+    }
+    // What the device did for the MDM is in its own audit log.
+    let acted = hs.audit("mdm-command");
+    assert!(acted.len() >= 8, "{acted:?}");
+}
