@@ -380,3 +380,136 @@ fn commands_act_on_managed_profiles_only_and_the_personal_profile_stays_private(
     let acted = hs.audit("mdm-command");
     assert!(acted.len() >= 8, "{acted:?}");
 }
+
+#[test]
+fn commands_not_signed_by_the_enrolled_server_are_refused_and_change_nothing() {
+    let Setup {
+        tmp,
+        mut server,
+        mut hs,
+        device,
+    } = setup(2);
+    // A rogue server with the same CA and device records but a command key of its own.
+    server.stop();
+    let rogue_dir = tmp.path().join("rogue");
+    std::fs::create_dir_all(rogue_dir.join("state")).unwrap();
+    for f in ["ca-key.pem", "ca.pem", "mdm.db", "mdm.db-wal"] {
+        let from = server.dir.join("state").join(f);
+        if from.exists() {
+            std::fs::copy(from, rogue_dir.join("state").join(f)).unwrap();
+        }
+    }
+    let rogue = Server::start(&rogue_dir, 0, 2);
+    hs.terminate();
+    hs.args = vec!["--mdm".into(), rogue.url()];
+    hs.spawn();
+    assert!(
+        wait_until(Duration::from_secs(60), || hs.mdm_state().as_deref()
+            == Some("connected")),
+        "{:?}",
+        hs.info().and_then(|i| i.mdm)
+    );
+    rogue.queue("lock", &device, &[]);
+    rogue.queue("wipe", &device, &[]);
+    assert!(
+        wait_until(Duration::from_secs(60), || hs
+            .info()
+            .and_then(|i| i.mdm)
+            .is_some_and(|m| m.commands_refused == 2)),
+        "{:?}",
+        hs.info().and_then(|i| i.mdm)
+    );
+    let w = profile(&hs, "work");
+    assert!(!w.locked);
+    assert!(hs.dir.join("profiles/work/disk.key").exists());
+    let refused = hs.audit("mdm-refused");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused[0].contains("not signed"), "{refused:?}");
+    assert!(hs.audit("mdm-command").is_empty());
+    // No result went back for them: the rogue server holds both still pending.
+    assert!(!rogue
+        .requests()
+        .iter()
+        .any(|r| r["path"] == "/v1/device/results"));
+}
+
+#[test]
+fn a_daemon_killed_during_a_policy_change_or_a_wipe_finishes_it_at_restart() {
+    let Setup {
+        tmp,
+        server,
+        mut hs,
+        device,
+    } = setup(2);
+    let policy = hs.dir.join("profiles/work/policy.pvpol");
+    // Killed after the journal entry, before the policy is applied: the old state, then the
+    // new one once restarted, and the result is delivered.
+    for (point, version) in [("mdm-journaled", 1u64), ("mdm-acted", 2)] {
+        hs.terminate();
+        hs.env = vec![("POCKETVISOR_KILL_AT".into(), point.into())];
+        hs.spawn();
+        let file = signed_policy(tmp.path(), "work", version);
+        let r = server.admin(&["policy", "push", &device, &file]).unwrap();
+        let id = r["id"].as_i64().unwrap();
+        assert!(
+            wait_until(Duration::from_secs(60), || hs.exited()),
+            "{point}: the daemon did not die"
+        );
+        let in_force = policy::read_in_force(
+            &policy,
+            "work",
+            &policy::OrgPublicKey::decode(
+                &std::fs::read_to_string(tmp.path().join("org.key.pub")).unwrap(),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+        .map(|v| v.policy.version);
+        // Either the old or the new policy, never anything between.
+        let old = version.checked_sub(1).filter(|v| *v > 0);
+        assert!(
+            in_force == old || in_force == Some(version),
+            "{point}: {in_force:?}"
+        );
+        if point == "mdm-journaled" {
+            assert_eq!(in_force, old, "{point}");
+        }
+        hs.env.clear();
+        hs.spawn();
+        let res = server.wait_result(id);
+        assert_eq!(
+            (res["status"].as_str(), res["policy_version"].as_u64()),
+            (Some("done"), Some(version)),
+            "{point}: {res}"
+        );
+    }
+
+    // Killed after the crypto-erase, before the files are deleted: the restarted daemon
+    // finishes the wipe and sends the receipt.
+    hs.terminate();
+    hs.env = vec![("POCKETVISOR_KILL_AT".into(), "wipe-erased".into())];
+    hs.spawn();
+    let id = server.queue("wipe", &device, &[]);
+    assert!(wait_until(Duration::from_secs(60), || hs.exited()));
+    assert!(!hs.dir.join("profiles/work/disk.key").exists());
+    assert!(hs
+        .dir
+        .join("mdm/journal")
+        .join(format!("{id}.json"))
+        .exists());
+    hs.env.clear();
+    hs.spawn();
+    let res = server.wait_result(id);
+    assert_eq!(res["status"], "done", "{res}");
+    assert_eq!(
+        res["receipt"]["erased"],
+        serde_json::json!([{"profile": "work", "crypto_erased": true}]),
+        "{res}"
+    );
+    assert!(!hs.dir.join("profiles/work").exists());
+    assert!(wait_until(Duration::from_secs(30), || !hs
+        .dir
+        .join("mdm/journal")
+        .join(format!("{id}.json"))
+        .exists()));
+}

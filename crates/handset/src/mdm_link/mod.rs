@@ -376,6 +376,7 @@ impl Link {
             "wipe" => self.act_wipe(&entry).await?,
             _ => CommandResult::refused("unknown command kind"),
         };
+        crate::fault::kill_point("mdm-acted");
         if result.status == "done" {
             self.set_status(|s| s.commands_done += 1);
         }
