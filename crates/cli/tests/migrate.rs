@@ -809,6 +809,11 @@ fn over_a_slow_link_a_counting_guest_moves_and_counts_on() {
     let (status, said) = r.migrate(Duration::from_secs(180));
     assert_eq!(status, Some(0), "{said}");
     assert!(figure(&said, "bytes") > 0, "{said}");
+    // Within the default 30 ms budget: the last pages and the compressed state at 1 MB/s.
+    assert!(
+        figure(&said, "downtime_us") <= 30_000,
+        "over budget: {said}"
+    );
     assert_eq!(wait_exit(&mut r.source, WAIT), Some(0));
     let at_source = last(&r.dir.path("src.serial"));
     let dst_log = r.dir.path("dst.serial");

@@ -54,7 +54,7 @@ use crate::Error;
 use disk::{apply_disk, DiskBatch, DiskIn, DiskOut};
 use tls::Transport;
 pub use vmm_api::MigrationTls;
-use wire::{Channel, Kind, Role, WireError, KEY_LEN};
+use wire::{Channel, Kind, Role, WireError, KEY_LEN, MAX_PAYLOAD};
 
 /// The downtime budget when none is given.
 pub const DEFAULT_DOWNTIME: Duration = Duration::from_millis(30);
@@ -250,6 +250,32 @@ fn send_dirty<S: Read + Write>(
     Ok(batch.pages)
 }
 
+/// What the convergence estimate counts for the compressed `State` frame sent in the pause:
+/// 2.1 KiB measured for a probe guest with one vCPU (28 KiB uncompressed).
+const STATE_ALLOWANCE: u64 = 4 << 10;
+
+/// zstd's level for the `State` frame: its fastest, which still shrinks a state container
+/// more than tenfold (mostly zeros and repeated structure).
+const STATE_ZSTD_LEVEL: i32 = 1;
+
+/// The state container a `State` frame carries, decompressed: at most [`MAX_PAYLOAD`] bytes,
+/// as an uncompressed frame could be (the frame is authenticated before this runs).
+fn decompress_state(payload: &[u8]) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    let decoder = zstd::stream::read::Decoder::new(payload)
+        .map_err(|e| refused(format!("a malformed state frame: {e}")))?;
+    decoder
+        .take(u64::from(MAX_PAYLOAD) + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| refused(format!("a malformed state frame: {e}")))?;
+    if out.len() > MAX_PAYLOAD as usize {
+        return Err(refused(format!(
+            "a state frame that decompresses to more than {MAX_PAYLOAD} bytes"
+        )));
+    }
+    Ok(out)
+}
+
 /// The text of an `Abort` frame.
 fn abort_reason(payload: &[u8]) -> String {
     let text = String::from_utf8_lossy(&payload[..payload.len().min(1024)]);
@@ -391,7 +417,8 @@ impl Vm {
             let dirty_bytes: u64 = dirty.iter().map(DirtyRegion::count).sum::<u64>()
                 * DIRTY_PAGE_SIZE
                 + DiskBatch::pending(&disks);
-            let needs = Duration::from_secs_f64(dirty_bytes as f64 / rate);
+            // The pause also carries the compressed state container.
+            let needs = Duration::from_secs_f64((dirty_bytes + STATE_ALLOWANCE) as f64 / rate);
             if needs <= opts.downtime {
                 break dirty;
             }
@@ -450,7 +477,9 @@ impl Vm {
         let final_pages = send_dirty(ch, &self.mem, &last, || {})?;
         fault::kill_point("migrate-stop-copy");
         let (state, _) = self.state_sections(threads)?;
-        ch.send(Kind::State, &state.finish())?;
+        let state = zstd::bulk::compress(&state.finish(), STATE_ZSTD_LEVEL)
+            .map_err(|e| refused(format!("compressing the VM state: {e}")))?;
+        ch.send(Kind::State, &state)?;
         ch.flush()?;
         expect(ch, Kind::Ready)?;
         ch.send(Kind::Commit, &[])?;
@@ -685,7 +714,7 @@ fn receive_on(
                 ch.flush()?;
                 fault::kill_point("receive-round");
             }
-            Kind::State => break f.payload,
+            Kind::State => break decompress_state(&f.payload)?,
             Kind::Abort => return Err(refused(abort_reason(&f.payload))),
             other => return Err(refused(format!("an unexpected {other:?} frame"))),
         }
@@ -729,6 +758,16 @@ mod tests {
         v.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_le_bytes());
         v.extend_from_slice(bytes);
         v
+    }
+
+    #[test]
+    fn a_state_frame_is_compressed_and_a_bad_one_refused() {
+        let state: Vec<u8> = (0..30_000u32).map(|i| (i % 7) as u8).collect();
+        let sent = zstd::bulk::compress(&state, STATE_ZSTD_LEVEL).unwrap();
+        assert!(sent.len() * 10 < state.len(), "{} bytes", sent.len());
+        assert_eq!(decompress_state(&sent).unwrap(), state);
+        assert!(decompress_state(b"not zstd at all").is_err());
+        assert!(decompress_state(&sent[..sent.len() / 2]).is_err());
     }
 
     #[test]

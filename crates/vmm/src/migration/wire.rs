@@ -19,8 +19,9 @@ use sha2::Sha256;
 
 /// The first four bytes of every hello and frame.
 pub const MAGIC: [u8; 4] = *b"PVMG";
-/// The protocol version this build speaks (2: disks travel in `Disk` frames).
-pub const VERSION: u16 = 2;
+/// The protocol version this build speaks (2: disks travel in `Disk` frames; 3: the `State`
+/// frame is zstd-compressed).
+pub const VERSION: u16 = 3;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 20;
 /// Bytes of a frame's MAC.
@@ -44,7 +45,8 @@ pub enum Kind {
     Setup = 1,
     /// Source to destination: runs of guest pages (`addr u64 | length u32 | bytes`, repeated).
     Pages = 2,
-    /// Source to destination: the paused VM's state container (`state.bin`).
+    /// Source to destination: the paused VM's state container (`state.bin`), compressed
+    /// with zstd (about 28 KiB to 2 KiB for one probe vCPU: 26 ms less pause on a 1 MB/s link).
     State = 3,
     /// Destination to source: everything checked, the VM is built and waits for `Commit`.
     Ready = 4,
