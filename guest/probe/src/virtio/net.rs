@@ -209,6 +209,7 @@ fn send_given_frames(net: &mut Net) {
         return;
     };
     let mut frame = [0u8; 1514];
+    let mut last = 0usize;
     let mut sent = 0u32;
     for (i, hex) in list.split(',').enumerate() {
         if hex == "rx" {
@@ -228,9 +229,11 @@ fn send_given_frames(net: &mut Net) {
         if let Err(e) = net.send(&frame[..n]) {
             return fail("net", format_args!("frame {i}: {e}"));
         }
+        last = n;
         sent += 1;
     }
     probe!("net frames sent={}", sent);
+    flood(net, &frame[..last]);
     let dl = time::deadline_ms(info.arg_u64("pv.net.listen", 0));
     let mut payload = [0u8; 1500];
     loop {
@@ -244,6 +247,74 @@ fn send_given_frames(net: &mut Net) {
         }
     }
     probe!("net frames done");
+}
+
+/// `pv.net.flood=MS`: sends `frame` (the last one `pv.net.frames` gave) again and again for
+/// MS ms, a whole transmit queue of copies (each in its own buffer) per notification, polling
+/// until all of them are used before the next burst, and prints `net flood frames=N bytes=B us=T` (the
+/// bench of the VMM's network policy). With `pv.net.flood.ports=K` (K > 1) the UDP or TCP
+/// destination port of an IPv4 frame goes up by one each frame, K ports round, so each frame
+/// may be a new flow for the policy.
+fn flood(net: &mut Net, frame: &[u8]) {
+    let info = pvh::info();
+    let ms = info.arg_u64("pv.net.flood", 0);
+    if ms == 0 || frame.len() < 38 || frame.len() > 4096 - HDR_LEN {
+        return;
+    }
+    let ports = info.arg_u64("pv.net.flood.ports", 1).max(1);
+    let base = u64::from(u16::from_be_bytes([frame[36], frame[37]]));
+    let ipv4 = frame[12..14] == [0x08, 0x00] && frame[14] == 0x45;
+    let burst = net.tx.size;
+    let area = mem::alloc(4096 * u64::from(burst), 4096);
+    let len = crate::bits::lo32(HDR + frame.len() as u64); // at most 4096
+    // Every buffer holds the frame from the start; a burst only rewrites the ports.
+    for i in 0..burst {
+        let b = mem::bytes(area + 4096 * u64::from(i), 4096);
+        b[..HDR_LEN].fill(0);
+        b[HDR_LEN..HDR_LEN + frame.len()].copy_from_slice(frame);
+    }
+    let t0 = crate::port::rdtsc();
+    let dl = time::deadline_ms(ms);
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    while !time::expired(dl) {
+        for i in 0..burst {
+            let addr = area + 4096 * u64::from(i);
+            if ipv4 && ports > 1 {
+                let n = frames + u64::from(i);
+                let port = crate::bits::lo16(crate::bits::lo32((base + n % ports) & 0xffff));
+                let b = mem::bytes(addr, 4096);
+                b[HDR_LEN + 36..HDR_LEN + 38].copy_from_slice(&port.to_be_bytes());
+            }
+            if net
+                .tx
+                .push(&[Buf {
+                    addr,
+                    len,
+                    write: false,
+                }])
+                .is_none()
+            {
+                return fail("net", format_args!("flood tx-full at frame {frames}"));
+            }
+        }
+        net.tx.kick();
+        // Polled, as a busy driver does (NAPI): the burst's completions, not an interrupt's
+        // latency, are what this measures.
+        let (mut done, wait) = (0u16, time::deadline_ms(2000));
+        while done < burst {
+            while net.tx.pop_used().is_some() {
+                done += 1;
+            }
+            if time::expired(wait) {
+                return fail("net", format_args!("flood tx-timeout at frame {frames}"));
+            }
+            core::hint::spin_loop();
+        }
+        frames += u64::from(burst);
+        bytes += u64::from(burst) * frame.len() as u64;
+    }
+    let us = time::tsc_to_us(crate::port::rdtsc() - t0);
+    probe!("net flood frames={} bytes={} us={}", frames, bytes, us);
 }
 
 /// Hex digits into `out`; None if not hex or too long.
