@@ -513,3 +513,106 @@ fn a_daemon_killed_during_a_policy_change_or_a_wipe_finishes_it_at_restart() {
         .join(format!("{id}.json"))
         .exists()));
 }
+
+#[test]
+fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run() {
+    if std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIP (no usable /dev/kvm): a_key_lease_runs_out_offline");
+        return;
+    }
+    let Setup {
+        tmp,
+        mut server,
+        mut hs,
+        device,
+    } = setup(2);
+    let clock = tmp.path().join("clock");
+    hs.terminate();
+    hs.env = vec![(
+        "POCKETVISOR_LEASE_CLOCK".into(),
+        clock.display().to_string(),
+    )];
+    hs.spawn();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let doc = tmp.path().join("lease.toml");
+    std::fs::write(
+        &doc,
+        format!(
+            "version = 1\nissued_at = {now}\nprofile = \"work\"\n\n[storage]\nencrypt_at_rest = \
+             true\nlease = \"60s\"\n"
+        ),
+    )
+    .unwrap();
+    let signed = tmp.path().join("lease.pvpol");
+    let out = std::process::Command::new(mdm_common::BIN)
+        .args(["policy", "sign", "--key"])
+        .arg(tmp.path().join("org.key"))
+        .arg(&doc)
+        .arg("-o")
+        .arg(&signed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", mdm_common::text(&out));
+    let r = server
+        .admin(&["policy", "push", &device, signed.to_str().unwrap()])
+        .unwrap();
+    let res = server.wait_result(r["id"].as_i64().unwrap());
+    assert_eq!(res["status"], "done", "{res}");
+    let lease_file = hs.dir.join("mdm/lease.json");
+    assert!(wait_until(Duration::from_secs(60), || lease_file.exists()));
+    assert_eq!(mode(&hs.dir.join("mdm")), 0o700);
+    hs.ok(&["start", "work"]);
+
+    // Offline, past the lease: suspended, and it does not start again.
+    let port = server.port;
+    server.stop();
+    let lease: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&lease_file).unwrap()).unwrap();
+    let until = lease["valid_until"].as_u64().unwrap();
+    std::fs::write(&clock, (until + 1).to_string()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || profile(&hs, "work").state
+            == handset::ProfileState::Suspended),
+        "{:?}\n{}",
+        profile(&hs, "work"),
+        hs.log()
+    );
+    let out = hs.cli(&["start", "work"]);
+    assert!(!out.status.success());
+    assert!(
+        mdm_common::text(&out).contains("key lease"),
+        "{}",
+        mdm_common::text(&out)
+    );
+    // A lease changed on disk is no lease.
+    let mut forged = lease.clone();
+    forged["valid_until"] = serde_json::json!(until + 10_000);
+    std::fs::write(&lease_file, forged.to_string()).unwrap();
+    assert!(!hs.cli(&["start", "work"]).status.success());
+    std::fs::write(&lease_file, lease.to_string()).unwrap();
+
+    // The MDM is back: a fresh lease (issued later, so valid past the moved clock).
+    std::thread::sleep(Duration::from_secs(3));
+    let _server = Server::start(&server.dir.clone(), port, 2);
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            std::fs::read(&lease_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|l| l["valid_until"].as_u64())
+                .is_some_and(|t| t > until + 1)
+        }),
+        "{}",
+        hs.log()
+    );
+    hs.ok(&["start", "work"]);
+    assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
+}

@@ -314,6 +314,7 @@ pub fn check_resume(dir: &StateDir, name: &str, now: u64) -> Result<()> {
         return Ok(());
     };
     check_expiry(&v, name, now)?;
+    crate::mdm_link::lease::check(dir, name, crate::mdm_link::lease::now())?;
     v.policy
         .check_boot(
             &policy::BootImages::default(),

@@ -151,6 +151,25 @@ impl Enrollment {
         Ok(())
     }
 
+    /// Asks for a key lease of `secs`; returns it once its signature by the enrolled command
+    /// key verifies for this device.
+    pub async fn lease(&self, secs: u64) -> Result<crate::protocol::Lease, DeviceError> {
+        let body = serde_json::json!({ "secs": secs }).to_string();
+        let r = self
+            .client
+            .request("POST", "/v1/device/lease", None, Some(body.as_bytes()))
+            .await?;
+        if r.status != 200 {
+            return Err(refused(r.status, &r.body));
+        }
+        let lease: crate::protocol::Lease =
+            serde_json::from_slice(&r.body).map_err(|_| DeviceError::BadAnswer)?;
+        if !lease.verify(&self.enrolled.command_key, &self.enrolled.device_id) {
+            return Err(DeviceError::BadAnswer);
+        }
+        Ok(lease)
+    }
+
     /// Reports a command's result, signed by the device key.
     pub async fn report(&self, command_id: i64, result: &str) -> Result<(), DeviceError> {
         let body = serde_json::json!({

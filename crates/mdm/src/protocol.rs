@@ -5,6 +5,9 @@ use serde::{Deserialize, Serialize};
 
 const COMMAND_CONTEXT: &[u8] = b"pocketvisor-mdm-command-v1\0";
 const RESULT_CONTEXT: &[u8] = b"pocketvisor-mdm-result-v1\0";
+const LEASE_CONTEXT: &[u8] = b"pocketvisor-mdm-lease-v1\0";
+/// The longest key lease the server signs.
+pub const MAX_LEASE_SECS: u64 = 30 * 86_400;
 
 /// `POST /v1/enroll`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +47,42 @@ pub struct ResultBody {
     pub result: String,
     /// Hex signature by the device key over [`result_message`].
     pub signature: String,
+}
+
+/// `POST /v1/device/lease`: how long a lease the device asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub secs: u64,
+}
+
+/// A key lease: the server's word that `device_id` may unwrap its managed profiles' data keys
+/// until `valid_until` (unix seconds), signed by the command key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub device_id: String,
+    pub valid_until: u64,
+    /// Hex signature by the command key over [`lease_message`].
+    pub signature: String,
+}
+
+/// The bytes the server signs for a lease.
+pub fn lease_message(device_id: &str, valid_until: u64) -> Vec<u8> {
+    framed(
+        LEASE_CONTEXT,
+        &[device_id.as_bytes(), &valid_until.to_be_bytes()],
+    )
+}
+
+impl Lease {
+    /// True if `command_key` (hex) signed this lease for `device_id`.
+    pub fn verify(&self, command_key: &str, device_id: &str) -> bool {
+        self.device_id == device_id
+            && verify_hex(
+                command_key,
+                &lease_message(&self.device_id, self.valid_until),
+                &self.signature,
+            )
+    }
 }
 
 fn framed(context: &[u8], parts: &[&[u8]]) -> Vec<u8> {

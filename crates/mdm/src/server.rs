@@ -11,6 +11,7 @@
 //! | `GET /v1/device/commands?wait=S` | device: its pending commands, long-polled |
 //! | `POST /v1/device/results` | device: a result signed by its key |
 //! | `POST /v1/device/compliance` | device: a compliance report (JSON) |
+//! | `POST /v1/device/lease` | device: a key lease, signed by the command key |
 //! | `POST /v1/admin/tokens`, `GET /v1/admin/devices`, `POST /v1/admin/devices/{id}/commands`, `POST /v1/admin/devices/{id}/revoke`, `GET /v1/admin/audit` | admin |
 
 use std::collections::HashMap;
@@ -36,7 +37,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::ca::{cert_sha256, write_atomic};
 use crate::protocol::{
-    command_message, result_message, verify_hex, EnrollBody, Enrolled, ResultBody, SignedCommand,
+    command_message, lease_message, result_message, verify_hex, EnrollBody, Enrolled, Lease,
+    LeaseRequest, ResultBody, SignedCommand, MAX_LEASE_SECS,
 };
 use crate::{Ca, CaError, Device, EnrollRequest, Store, StoreError};
 
@@ -420,6 +422,31 @@ async fn compliance(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// A key lease for the device, valid `secs` (1 s to [`MAX_LEASE_SECS`]) from now, signed by
+/// the command key. A revoked device gets none (403 before this).
+async fn lease(
+    State(mdm): State<Arc<Mdm>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Json(req): Json<LeaseRequest>,
+) -> ApiResult<Json<Lease>> {
+    let device = device_of(&mdm, &peer)?;
+    if !(1..=MAX_LEASE_SECS).contains(&req.secs) {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("secs must be 1..={MAX_LEASE_SECS}"),
+        ));
+    }
+    let valid_until = u64::try_from(now()).unwrap_or(0) + req.secs;
+    let sig = mdm
+        .command_key
+        .sign(&lease_message(&device.id, valid_until));
+    Ok(Json(Lease {
+        device_id: device.id,
+        valid_until,
+        signature: hex::encode(sig.as_ref()),
+    }))
+}
+
 #[derive(Deserialize)]
 struct TokenBody {
     /// Seconds the token stays valid (1 s to 30 days).
@@ -563,6 +590,7 @@ pub fn router(mdm: Arc<Mdm>) -> Router {
         .route("/v1/device/commands", get(commands))
         .route("/v1/device/results", post(results))
         .route("/v1/device/compliance", post(compliance))
+        .route("/v1/device/lease", post(lease))
         .route("/v1/admin/tokens", post(new_token))
         .route("/v1/admin/devices", get(devices))
         .route("/v1/admin/devices/{id}/commands", post(queue_command))

@@ -567,6 +567,7 @@ async fn the_openapi_file_matches_the_routes() {
         "GET /v1/device/commands",
         "POST /v1/device/results",
         "POST /v1/device/compliance",
+        "POST /v1/device/lease",
         "POST /v1/admin/tokens",
         "GET /v1/admin/devices",
         "POST /v1/admin/devices/{id}/commands",

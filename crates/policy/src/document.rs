@@ -134,6 +134,39 @@ pub struct StoragePolicy {
     /// not start or resume (see `docs/policy.md`; snapshot memory is not encrypted yet).
     #[serde(default)]
     pub encrypt_at_rest: bool,
+    /// A key lease: the profile's data key is unwrapped only while the handset holds a lease
+    /// its MDM signed, asked for this long (`"90s"`, `"30m"`, `"8h"`, `"7d"`; at most 30 days)
+    /// and renewed at every contact. Past the lease, offline, the profile is suspended (its
+    /// key leaves memory) and does not start or resume until a fresh lease arrives. Needs
+    /// `encrypt_at_rest`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
+/// The longest key lease a policy may ask for.
+pub const MAX_LEASE_SECS: u64 = 30 * 86_400;
+
+/// Seconds in a duration written `<n>s`, `<n>m`, `<n>h` or `<n>d`.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let unit = match text.chars().last()? {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => return None,
+    };
+    let digits = &text[..text.len() - 1];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<u64>().ok()?.checked_mul(unit)
+}
+
+impl StoragePolicy {
+    /// The key lease's length in seconds, if the policy asks for one (validated).
+    pub fn lease_secs(&self) -> Option<u64> {
+        self.lease.as_deref().and_then(parse_duration)
+    }
 }
 
 /// The channels section: the same lists as a profile spec's `channels`, which a policy in
@@ -239,6 +272,19 @@ impl Policy {
             }
         }
         check_name("profile", &self.profile)?;
+        if let Some(lease) = &self.storage.lease {
+            match parse_duration(lease) {
+                Some(secs) if (1..=MAX_LEASE_SECS).contains(&secs) => {}
+                _ => {
+                    return bad(format!(
+                        "storage.lease {lease:?}: give 1s to 30d as <n>s, <n>m, <n>h or <n>d"
+                    ))
+                }
+            }
+            if !self.storage.encrypt_at_rest {
+                return bad("storage.lease needs storage.encrypt_at_rest = true".into());
+            }
+        }
         if self.network.rules.len() > MAX_NET_RULES {
             return bad(format!("more than {MAX_NET_RULES} network rules"));
         }
@@ -626,5 +672,29 @@ max_offline_secs = 86400
         let bad = FULL.replace("[boot]", "[boot]\nfirmware = [\"AB\"]");
         let err = Policy::parse(bad.as_bytes()).unwrap_err().to_string();
         assert!(err.contains("boot.firmware"), "{err}");
+    }
+
+    #[test]
+    fn a_lease_is_a_bounded_duration_and_needs_encryption() {
+        assert_eq!(parse_duration("90s"), Some(90));
+        assert_eq!(parse_duration("8h"), Some(28_800));
+        assert_eq!(parse_duration("2d"), Some(172_800));
+        for bad in ["", "h", "5", "-5m", "5 m", "1.5h", "5w"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+        let doc = |storage: &str| {
+            format!("version = 1\nissued_at = 1000\nprofile = \"work\"\n[storage]\n{storage}")
+        };
+        let p: Policy = toml::from_str(&doc("encrypt_at_rest = true\nlease = \"8h\"\n")).unwrap();
+        p.validate().unwrap();
+        assert_eq!(p.storage.lease_secs(), Some(28_800));
+        for bad in [
+            "lease = \"8h\"\n",
+            "encrypt_at_rest = true\nlease = \"31d\"\n",
+            "encrypt_at_rest = true\nlease = \"0s\"\n",
+        ] {
+            let p: Policy = toml::from_str(&doc(bad)).unwrap();
+            assert!(p.validate().is_err(), "{bad}");
+        }
     }
 }

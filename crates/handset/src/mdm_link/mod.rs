@@ -14,6 +14,7 @@
 //!   doubling to [`BACKOFF_MAX`]) and `GET /v1/handset` says how the link stands ([`MdmStatus`]).
 
 pub mod journal;
+pub mod lease;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -264,6 +265,27 @@ impl Link {
         Ok(())
     }
 
+    /// Asks for a key lease as long as the longest a managed profile's policy wants, if any.
+    async fn renew_lease(&mut self) -> Result<(), Failure> {
+        let dir = self.h.dir().clone();
+        let Some(secs) = self
+            .h
+            .managed_profiles()
+            .map_err(transient)?
+            .iter()
+            .filter_map(|n| lease::required_secs(&dir, n))
+            .max()
+        else {
+            return Ok(());
+        };
+        let e = self
+            .enrollment
+            .as_ref()
+            .ok_or_else(|| transient("not connected"))?;
+        let l = e.lease(secs).await.map_err(transient)?;
+        lease::store(&dir, &l).map_err(transient)
+    }
+
     /// Delivers the results the journal holds (acting first on entries still under way).
     async fn deliver_journal(&mut self) -> Result<(), Failure> {
         for entry in journal::all(&self.dir).map_err(transient)? {
@@ -433,6 +455,7 @@ impl Link {
         self.connect().await?;
         self.deliver_journal().await?;
         self.report_compliance().await?;
+        self.renew_lease().await?;
         let polled = {
             let e = self
                 .enrollment
