@@ -307,7 +307,8 @@ pub fn check_resume_spec(dir: &StateDir, name: &str, spec: &ProfileSpec, now: u6
     }
 }
 
-/// Refuses to resume profile `name` if its policy has expired or needs a newer build (the
+/// Refuses to resume profile `name` if its policy has expired, its key lease ran out
+/// ([`crate::mdm_link::lease`]) or it needs a newer build (the
 /// kernel was checked when the guest booted).
 pub fn check_resume(dir: &StateDir, name: &str, now: u64) -> Result<()> {
     let Some(v) = in_force(dir, name)? else {
