@@ -188,6 +188,8 @@ impl Drop for Server {
     }
 }
 
+static DAEMONS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// A `pocketvisor handset` daemon (killed when dropped).
 pub struct Handset {
     pub dir: PathBuf,
@@ -205,10 +207,11 @@ impl Handset {
             args: args.to_vec(),
             env: vec![],
             child: None,
+            // One per daemon: daemons sharing a parent remove it under each other.
             cgroup: format!(
                 "pvtest-mdm-{}-{}",
                 std::process::id(),
-                dir.display().to_string().len()
+                DAEMONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             ),
         };
         h.spawn();
