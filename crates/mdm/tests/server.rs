@@ -585,3 +585,63 @@ async fn the_openapi_file_matches_the_routes() {
         404
     );
 }
+
+#[tokio::test]
+async fn a_lease_is_signed_for_its_device_bounded_and_refused_once_revoked() {
+    let s = start().await;
+    let a = s.enroll().await;
+    let b = s.enroll().await;
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let r = post(
+        &a.client,
+        "/v1/device/lease",
+        &serde_json::json!({"secs": 60}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let lease: mdm::protocol::Lease = serde_json::from_slice(&r.body).unwrap();
+    assert!(lease.verify(&a.enrolled.command_key, &a.enrolled.device_id));
+    assert!(
+        (t0 + 60..t0 + 120).contains(&lease.valid_until),
+        "{lease:?}"
+    );
+    // Not for another device, not once changed.
+    assert!(!lease.verify(&a.enrolled.command_key, &b.enrolled.device_id));
+    let mut longer = lease.clone();
+    longer.valid_until += 3600;
+    assert!(!longer.verify(&a.enrolled.command_key, &a.enrolled.device_id));
+    for secs in [0, mdm::protocol::MAX_LEASE_SECS + 1] {
+        let r = post(
+            &a.client,
+            "/v1/device/lease",
+            &serde_json::json!({ "secs": secs }),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{secs}");
+    }
+    let r = post(
+        &s.anon(),
+        "/v1/device/lease",
+        &serde_json::json!({"secs": 60}),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    let r = s
+        .admin(
+            "POST",
+            &format!("/v1/admin/devices/{}/revoke", a.enrolled.device_id),
+            serde_json::Value::Null,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let r = post(
+        &a.client,
+        "/v1/device/lease",
+        &serde_json::json!({"secs": 60}),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+}
