@@ -1,5 +1,5 @@
-//! A minimal RFB 3.8 (VNC) client for the tests: security None, 32-bit BGRX pixels, Raw and
-//! ZRLE decoding into an RGB copy of the screen. Written from RFC 6143 so the server is checked
+//! A minimal RFB 3.8 (VNC) client for the tests: security None, 32-bit BGRX pixels, Raw,
+//! CopyRect and ZRLE decoding into an RGB copy of the screen. Written from RFC 6143 so the server is checked
 //! against a reading of the protocol that is not its own code.
 
 use std::io::{Read, Write};
@@ -20,6 +20,8 @@ pub struct RfbClient {
     zrle: Option<flate2::Decompress>,
     /// Compressed bytes of the ZRLE rectangles read so far.
     pub zrle_bytes: usize,
+    /// CopyRect rectangles read so far.
+    pub copy_rects: usize,
 }
 
 impl RfbClient {
@@ -54,13 +56,13 @@ impl RfbClient {
         let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
         let mut name = vec![0u8; name_len as usize];
         stream.read_exact(&mut name).expect("desktop name");
-        // SetEncodings: (ZRLE,) Raw, DesktopSize.
+        // SetEncodings: (ZRLE,) CopyRect, Raw, DesktopSize.
         let mut encodings = if zrle {
-            vec![2, 0, 0, 3, 0, 0, 0, 16]
+            vec![2, 0, 0, 4, 0, 0, 0, 16]
         } else {
-            vec![2, 0, 0, 2]
+            vec![2, 0, 0, 3]
         };
-        encodings.extend_from_slice(&[0, 0, 0, 0, 0xff, 0xff, 0xff, 0x21]);
+        encodings.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0x21]);
         stream.write_all(&encodings).expect("SetEncodings");
         RfbClient {
             stream,
@@ -69,6 +71,7 @@ impl RfbClient {
             frame: vec![0; usize::from(width) * usize::from(height) * 3],
             zrle: zrle.then(|| flate2::Decompress::new(true)),
             zrle_bytes: 0,
+            copy_rects: 0,
         }
     }
 
@@ -113,6 +116,12 @@ impl RfbClient {
                 x + w <= self.width && y + h <= self.height,
                 "inside the screen"
             );
+            if encoding == 1 {
+                self.copy_rect(x, y, w, h);
+                self.copy_rects += 1;
+                rects.push((x, y, w, h));
+                continue;
+            }
             let px = match encoding {
                 0 => {
                     let mut px = vec![0u8; usize::from(w) * usize::from(h) * 4];
@@ -120,7 +129,7 @@ impl RfbClient {
                     px
                 }
                 16 => self.read_zrle(usize::from(w), usize::from(h)),
-                other => panic!("encoding {other}, neither Raw nor ZRLE"),
+                other => panic!("encoding {other}, neither Raw, CopyRect nor ZRLE"),
             };
             for row in 0..usize::from(h) {
                 for col in 0..usize::from(w) {
@@ -134,6 +143,31 @@ impl RfbClient {
             rects.push((x, y, w, h));
         }
         rects
+    }
+
+    /// A CopyRect (RFC 6143 7.7.2): the rectangle at `x, y` gets the screen's pixels from the
+    /// source position that follows, read as they were before the copy.
+    fn copy_rect(&mut self, x: u16, y: u16, w: u16, h: u16) {
+        let mut src = [0u8; 4];
+        self.stream.read_exact(&mut src).expect("CopyRect source");
+        let (sx, sy) = (
+            usize::from(u16::from_be_bytes([src[0], src[1]])),
+            usize::from(u16::from_be_bytes([src[2], src[3]])),
+        );
+        let (w, h, stride) = (usize::from(w), usize::from(h), usize::from(self.width));
+        assert!(
+            sx + w <= stride && sy + h <= usize::from(self.height),
+            "CopyRect source inside the screen"
+        );
+        let rows: Vec<Vec<u8>> = (0..h)
+            .map(|r| {
+                self.frame[((sy + r) * stride + sx) * 3..((sy + r) * stride + sx + w) * 3].to_vec()
+            })
+            .collect();
+        for (r, row) in rows.iter().enumerate() {
+            let d = ((usize::from(y) + r) * stride + usize::from(x)) * 3;
+            self.frame[d..d + w * 3].copy_from_slice(row);
+        }
     }
 
     /// One ZRLE rectangle's pixels, as Raw's 4 bytes each (RFC 6143 7.7.6: 64x64 tiles of

@@ -15,7 +15,7 @@ pub const SECURITY_NONE: u8 = 1;
 pub mod encoding {
     /// Raw pixels.
     pub const RAW: i32 = 0;
-    /// CopyRect (accepted in SetEncodings; not sent yet).
+    /// CopyRect: a rectangle copied from elsewhere on the client's screen (sent for scrolls).
     pub const COPY_RECT: i32 = 1;
     /// The DesktopSize pseudo-encoding: the client follows a change of the screen size.
     pub const DESKTOP_SIZE: i32 = -223;

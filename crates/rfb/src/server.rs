@@ -19,6 +19,7 @@ use devices::virtio::gpu::protocol::Rect;
 use devices::virtio::gpu::{Display, FlushWatcher};
 use devices::virtio::input::InputHandle;
 
+use crate::copyrect::{rows_of, ClientFrame};
 use crate::keysym::to_linux_key;
 use crate::proto::{self, encoding, ClientMessage, PixelFormat, ProtoError, Version};
 use crate::zrle::ZrleEncoder;
@@ -186,6 +187,8 @@ struct SessionState {
     desktop_size: bool,
     /// The client takes ZRLE (then the screen goes out in it rather than Raw).
     zrle: bool,
+    /// The client takes CopyRect (then a scrolled area goes out as a copy and the new rows).
+    copy_rect: bool,
     request: Option<UpdateRequest>,
     /// The guest flushed since the writer last looked.
     flushed: bool,
@@ -227,6 +230,7 @@ fn run_session(mut stream: Stream, screen: &Screen, on_thread: fn()) -> Result<(
             format: PixelFormat::NATIVE,
             desktop_size: false,
             zrle: false,
+            copy_rect: false,
             request: None,
             flushed: false,
             closed: false,
@@ -336,6 +340,7 @@ fn handle_message(msg: ClientMessage, session: &Session, screen: &Screen, button
             let mut st = session.lock();
             st.desktop_size = list.contains(&encoding::DESKTOP_SIZE);
             st.zrle = list.contains(&crate::zrle::ZRLE);
+            st.copy_rect = list.contains(&encoding::COPY_RECT);
         }
         ClientMessage::UpdateRequest {
             incremental,
@@ -401,8 +406,10 @@ fn write_updates(
     let mut msg = Vec::new();
     // One zlib stream for the whole connection, as ZRLE clients expect.
     let mut zrle_stream = ZrleEncoder::new();
+    // What the client holds, kept while it takes CopyRect (one frame of the screen's size).
+    let mut client: Option<ClientFrame> = None;
     loop {
-        let (request, format, desktop_size, zrle) = {
+        let (request, format, desktop_size, zrle, copy_rect) = {
             let mut st = session.lock();
             loop {
                 if st.closed {
@@ -416,7 +423,7 @@ fn write_updates(
             }
             st.flushed = false;
             let request = st.request.take();
-            (request, st.format, st.desktop_size, st.zrle)
+            (request, st.format, st.desktop_size, st.zrle, st.copy_rect)
         };
         let Some(request) = request else { continue };
         let damage = display.damage_since(position);
@@ -450,12 +457,17 @@ fn write_updates(
                     }
                 };
                 let zrle = zrle.then_some(&mut zrle_stream);
+                if !copy_rect {
+                    client = None;
+                } else if resized || client.as_ref().is_none_or(|c| c.size() != size) {
+                    client = Some(ClientFrame::new(size.0, size.1));
+                }
                 encode_update(
                     display,
                     &wanted,
                     resized.then_some(size),
                     &format,
-                    zrle,
+                    (zrle, client.as_mut()),
                     &mut msg,
                 )
             }
@@ -491,13 +503,15 @@ fn clip_all(rects: &[Rect], request: &Rect, area: &Rect) -> Vec<Rect> {
 }
 
 /// A FramebufferUpdate of `rects` in ZRLE through `zrle` when given, else Raw (after a
-/// DesktopSize rectangle if `new_size`); false if there is nothing to send.
+/// DesktopSize rectangle if `new_size`); with `client` (what a CopyRect client holds), a
+/// rectangle whose content scrolled goes as a CopyRect and its new rows. False if there is
+/// nothing to send.
 fn encode_update(
     display: &Display,
     rects: &[Rect],
     new_size: Option<(u32, u32)>,
     format: &PixelFormat,
-    mut zrle: Option<&mut ZrleEncoder>,
+    (mut zrle, mut client): (Option<&mut ZrleEncoder>, Option<&mut ClientFrame>),
     msg: &mut Vec<u8>,
 ) -> bool {
     let mut body = Vec::new();
@@ -517,6 +531,32 @@ fn encode_update(
         let Some((rgb, _, _)) = display.read_rect(*r) else {
             continue;
         };
+        let scroll = client.as_deref().and_then(|c| c.find_scroll(*r, &rgb));
+        let (r, rgb) = match scroll {
+            Some(s) => {
+                proto::rect_header(
+                    clamp16(s.copy.x),
+                    clamp16(s.copy.y),
+                    clamp16(s.copy.width),
+                    clamp16(s.copy.height),
+                    encoding::COPY_RECT,
+                    &mut body,
+                );
+                body.extend_from_slice(&clamp16(s.copy.x).to_be_bytes());
+                body.extend_from_slice(&clamp16(s.src_y).to_be_bytes());
+                count += 1;
+                if let Some(c) = client.as_deref_mut() {
+                    c.apply_copy(s.copy, s.src_y);
+                }
+                let first = s.exposed.y - r.y;
+                let new_rows = rows_of(&rgb, r.width, first, s.exposed.height).to_vec();
+                (s.exposed, new_rows)
+            }
+            None => (*r, rgb),
+        };
+        if let Some(c) = client.as_deref_mut() {
+            c.apply(r, &rgb);
+        }
         match zrle.as_deref_mut() {
             Some(stream) => {
                 let at = (
@@ -527,7 +567,7 @@ fn encode_update(
                 );
                 stream.rect(at, &rgb, format, &mut body);
             }
-            None => raw_rect(*r, &rgb, format, &mut body),
+            None => raw_rect(r, &rgb, format, &mut body),
         }
         count += 1;
     }
