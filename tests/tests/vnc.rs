@@ -47,9 +47,14 @@ fn connect(port: u16, zrle: bool) -> RfbClient {
 
 /// Boots the probe's home screen with `--vnc 127.0.0.1:0`; returns the VM and the port.
 fn boot_with_vnc(dir: &TempDir, tick_ms: u32) -> (RunningVm, u16) {
+    boot_with_vnc_and(dir, tick_ms, "")
+}
+
+/// [`boot_with_vnc`] with `extra` on the probe's command line.
+fn boot_with_vnc_and(dir: &TempDir, tick_ms: u32, extra: &str) -> (RunningVm, u16) {
     let api = dir.join("api.sock");
     let mut vm = VmCommand::probe(&format!(
-        "pv.mode=screen pv.screen.rgb={RGB:06x} pv.screen.ms={tick_ms} pv.screen.hash=1"
+        "pv.mode=screen pv.screen.rgb={RGB:06x} pv.screen.ms={tick_ms} pv.screen.hash=1 {extra}"
     ))
     .arg(&format!("--gpu={W}x{H}"))
     .arg("--input")
@@ -306,4 +311,39 @@ fn a_zrle_client_gets_the_same_frame_in_far_fewer_bytes() {
         "vnc: the probe's {W}x{H} home screen: Raw {raw_bytes} bytes, ZRLE {} bytes",
         zrle.zrle_bytes
     ));
+}
+
+#[test]
+fn a_scrolling_screen_reaches_a_copyrect_client_as_copies_and_new_rows() {
+    let name = "a_scrolling_screen_reaches_a_copyrect_client_as_copies_and_new_rows";
+    if !require_kvm(name) {
+        return;
+    }
+    let dir = TempDir::new();
+    // Every 100 ms the area under the header moves up 8 rows and a new stripe comes in.
+    let (mut vm, port) = boot_with_vnc_and(&dir, 100, "pv.screen.scroll=8");
+    let mut client = connect(port, false); // it takes CopyRect
+    client.full_frame();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while client.copy_rects < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no CopyRect for the scrolls: {} so far",
+            client.copy_rects
+        );
+        client.request(true, 0, 0, small(W), small(H));
+        client.read_update();
+    }
+    // The copies and new rows add up to exactly a frame the probe drew.
+    let frame = client.frame.clone();
+    let drawn = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        reported_hashes(&mut vm).contains(&fnv1a64(&frame))
+    });
+    assert!(
+        drawn,
+        "the client's frame (fnv {:016x}) after {} CopyRects is none the probe drew",
+        fnv1a64(&frame),
+        client.copy_rects
+    );
 }

@@ -187,6 +187,43 @@ impl Home {
         true
     }
 
+    /// Scroll mode: everything below the header moves up `rows` rows and the rows it leaves
+    /// get a new stripe (its colour and a bar's place from the counter), as a text console
+    /// scrolls; returns the area that changed.
+    fn scroll(&mut self, rows: u32) -> Rect {
+        let (w, h) = (self.gpu.width, self.gpu.height);
+        let top = self.layout.header.h.min(h);
+        let area = Rect {
+            x: 0,
+            y: top,
+            w,
+            h: h - top,
+        };
+        let rows = rows.min(area.h);
+        let wu = w as usize;
+        let (from, to) = ((top + rows) as usize * wu, top as usize * wu);
+        let end = h as usize * wu;
+        self.gpu.pixels().copy_within(from..end, to);
+        let n = self.counter;
+        let stripe = crate::bits::lo32(n.wrapping_mul(0x9e37_79b9) & 0xff_ffff) | 0x10_1010;
+        let fresh = Rect {
+            x: 0,
+            y: h - rows,
+            w,
+            h: rows,
+        };
+        self.fill(fresh, stripe);
+        let bar_x = crate::bits::lo32(n.wrapping_mul(37) % u64::from(w.max(1)));
+        let bar = Rect {
+            x: bar_x,
+            y: h - rows,
+            w: (w / 10).max(1).min(w - bar_x),
+            h: rows,
+        };
+        self.fill(bar, DIGIT_FG);
+        area
+    }
+
     fn frame_hash(&mut self) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for &p in self.gpu.pixels().iter() {
@@ -237,6 +274,7 @@ pub fn run() {
     };
     let period_ms = boot.arg_u64("pv.screen.ms", 1000).max(1);
     let max_ticks = boot.arg_u64("pv.screen.ticks", 0);
+    let scroll_rows = crate::bits::lo32(boot.arg_u64("pv.screen.scroll", 0).min(4096));
     let gpu = match Gpu::open() {
         Ok(Some(g)) => g,
         Ok(None) => return probe!("screen skip no-gpu"),
@@ -330,6 +368,12 @@ pub fn run() {
             home.draw_counter();
             if !home.present(home.layout.counter, "tick") {
                 return;
+            }
+            if scroll_rows != 0 {
+                let area = home.scroll(scroll_rows);
+                if !home.present(area, "scroll") {
+                    return;
+                }
             }
             if max_ticks != 0 && home.counter >= max_ticks {
                 probe!(

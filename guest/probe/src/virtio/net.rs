@@ -266,7 +266,8 @@ fn flood(net: &mut Net, frame: &[u8]) {
     let ipv4 = frame[12..14] == [0x08, 0x00] && frame[14] == 0x45;
     let burst = net.tx.size;
     let area = mem::alloc(4096 * u64::from(burst), 4096);
-    let len = crate::bits::lo32(HDR + frame.len() as u64); // at most 4096
+    // At most 4096 bytes (checked above).
+    let len = crate::bits::lo32(HDR + frame.len() as u64);
     // Every buffer holds the frame from the start; a burst only rewrites the ports.
     for i in 0..burst {
         let b = mem::bytes(area + 4096 * u64::from(i), 4096);
