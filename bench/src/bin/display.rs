@@ -7,7 +7,8 @@
 //! ```
 //!
 //! The probe draws its home screen (`pv.mode=screen`) and redraws its ticking counter 30
-//! times a second (`pv.screen.ms=33`). For each VMM and encoding (Raw, and ZRLE where the
+//! times a second (`pv.screen.ms=33`), then, the issue's animation, moves a 200x200 square 30
+//! times a second instead (`pv.screen.anim=square`). For each VMM and encoding (Raw, and ZRLE where the
 //! client asks for it), per run: the time from connecting to the first full frame, the bytes
 //! and updates the client receives while it asks for incremental updates for `--secs`
 //! seconds (what a viewer of a live screen costs on the wire), and the VMM's RSS at the end.
@@ -90,6 +91,10 @@ struct Sample {
 }
 
 const CMDLINE: &str = "pv.mode=screen pv.screen.rgb=2a9d8f pv.screen.ms=33";
+/// The issue's animation: a 200x200 square moving 30 times a second (only its old and new
+/// places flushed).
+const SQUARE_CMDLINE: &str =
+    "pv.mode=screen pv.screen.rgb=2a9d8f pv.screen.ms=33 pv.screen.anim=square";
 /// The idle screen: the counter ticks once a second, the probe sleeps on its TSC deadline.
 const IDLE_CMDLINE: &str = "pv.mode=screen pv.screen.rgb=2a9d8f pv.screen.ms=1000";
 
@@ -119,37 +124,39 @@ fn run(o: Opts) -> Result<()> {
             .join(" ")
     );
     let mut rows = Vec::new();
-    for vmm in ["pocketvisor", "qemu"] {
-        if vmm == "qemu" && qemu.is_none() {
-            continue;
-        }
-        for zrle in [false, true] {
-            let mut samples = Vec::new();
-            for run in 0..o.runs {
-                let (proc, port) = if vmm == "pocketvisor" {
-                    start_pocketvisor(&pv, &probe, o.size, CMDLINE)?
-                } else {
-                    start_qemu(
-                        qemu.as_ref().expect("checked"),
-                        &probe,
-                        o.size,
-                        run,
-                        CMDLINE,
-                    )?
-                };
-                let sample = view(port, zrle, Duration::from_secs(o.secs), proc.0.id())
-                    .with_context(|| format!("{vmm} run {run}"))?;
-                eprintln!("display: {vmm} zrle={zrle} run {run}: {sample:?}");
-                samples.push(sample);
+    for (anim, cmdline) in [("counter", CMDLINE), ("200x200 square", SQUARE_CMDLINE)] {
+        for vmm in ["pocketvisor", "qemu"] {
+            if vmm == "qemu" && qemu.is_none() {
+                continue;
             }
-            rows.push((vmm, zrle, samples));
+            for zrle in [false, true] {
+                let mut samples = Vec::new();
+                for run in 0..o.runs {
+                    let (proc, port) = if vmm == "pocketvisor" {
+                        start_pocketvisor(&pv, &probe, o.size, cmdline)?
+                    } else {
+                        start_qemu(
+                            qemu.as_ref().expect("checked"),
+                            &probe,
+                            o.size,
+                            run,
+                            cmdline,
+                        )?
+                    };
+                    let sample = view(port, zrle, Duration::from_secs(o.secs), proc.0.id())
+                        .with_context(|| format!("{vmm} run {run}"))?;
+                    eprintln!("display: {anim} {vmm} zrle={zrle} run {run}: {sample:?}");
+                    samples.push(sample);
+                }
+                rows.push((anim, vmm, zrle, samples));
+            }
         }
     }
     println!(
-        "\n| VMM | encoding | first full frame (ms) | bytes/s, 30 fps counter | updates/s | VMM RSS (MiB) |"
+        "\n| 30 fps animation | VMM | encoding | first full frame (ms) | bytes/s | bytes/update | updates/s | VMM RSS (MiB) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for (vmm, zrle, samples) in &rows {
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (anim, vmm, zrle, samples) in &rows {
         let col = |f: fn(&Sample) -> f64| {
             let v: Vec<f64> = samples.iter().map(f).collect();
             let min = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -162,10 +169,11 @@ fn run(o: Opts) -> Result<()> {
             )
         };
         println!(
-            "| {vmm} | {} | {} | {} | {} | {} |",
+            "| {anim} | {vmm} | {} | {} | {} | {} | {} | {} |",
             if *zrle { "ZRLE" } else { "Raw" },
             col(|s| s.first_frame_ms),
             col(|s| s.bytes_per_s),
+            col(|s| s.bytes_per_s / s.updates_per_s.max(f64::MIN_POSITIVE)),
             col(|s| s.updates_per_s),
             col(|s| s.rss_mib),
         );

@@ -34,6 +34,10 @@ const FONT: [u16; 10] = [
 ];
 
 /// Where everything is on a `width` x `height` display.
+/// Square mode (`pv.screen.anim=square`): the moving square's side and colour.
+const SQUARE: u32 = 200;
+const SQUARE_RGB: u32 = 0xf4_a2_61;
+
 struct Layout {
     header: Rect,
     counter: Rect,
@@ -224,6 +228,40 @@ impl Home {
         area
     }
 
+    /// Square mode: where the 200x200 square stands at tick `n` (it wanders under the
+    /// header, bouncing off the edges).
+    fn square_at(&self, n: u64) -> Rect {
+        let (w, h) = (self.gpu.width, self.gpu.height);
+        let top = self.layout.header.h.min(h);
+        let side = SQUARE.min(w).min(h - top);
+        let span = |room: u32, step: u64| -> u32 {
+            let room = u64::from(room.max(1));
+            let p = (n * step) % (2 * room);
+            crate::bits::lo32(if p < room { p } else { 2 * room - p })
+        };
+        Rect {
+            x: span(w - side, 7),
+            y: top + span(h - top - side, 5),
+            w: side,
+            h: side,
+        }
+    }
+
+    /// Square mode: moves the square from tick `n - 1`'s place to tick `n`'s; returns the
+    /// area that changed (both places).
+    fn move_square(&mut self, n: u64) -> Rect {
+        let (old, new) = (self.square_at(n.saturating_sub(1)), self.square_at(n));
+        self.fill(old, self.rgb);
+        self.fill(new, SQUARE_RGB);
+        let (x, y) = (old.x.min(new.x), old.y.min(new.y));
+        Rect {
+            x,
+            y,
+            w: (old.x + old.w).max(new.x + new.w) - x,
+            h: (old.y + old.h).max(new.y + new.h) - y,
+        }
+    }
+
     fn frame_hash(&mut self) -> u64 {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for &p in self.gpu.pixels().iter() {
@@ -275,6 +313,7 @@ pub fn run() {
     let period_ms = boot.arg_u64("pv.screen.ms", 1000).max(1);
     let max_ticks = boot.arg_u64("pv.screen.ticks", 0);
     let scroll_rows = crate::bits::lo32(boot.arg_u64("pv.screen.scroll", 0).min(4096));
+    let square = boot.arg("pv.screen.anim") == Some("square");
     let gpu = match Gpu::open() {
         Ok(Some(g)) => g,
         Ok(None) => return probe!("screen skip no-gpu"),
@@ -365,9 +404,16 @@ pub fn run() {
                 irqs.wrapping_sub(timer_irqs)
             );
             timer_irqs = irqs;
-            home.draw_counter();
-            if !home.present(home.layout.counter, "tick") {
-                return;
+            if square {
+                let area = home.move_square(home.counter);
+                if !home.present(area, "square") {
+                    return;
+                }
+            } else {
+                home.draw_counter();
+                if !home.present(home.layout.counter, "tick") {
+                    return;
+                }
             }
             if scroll_rows != 0 {
                 let area = home.scroll(scroll_rows);
