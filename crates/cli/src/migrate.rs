@@ -47,6 +47,10 @@ pub struct MigrateArgs {
     /// At a cloud host (`pocketvisor cloud serve`, over TLS): become its twin NAME there.
     #[arg(long, value_name = "NAME", conflicts_with = "plain")]
     twin: Option<String>,
+    /// Keep a snapshot of the VM as it is at the switch in DIR (written before the commit;
+    /// with the disks, which stay where they are, the copy a return starts from).
+    #[arg(long, value_name = "DIR")]
+    keep: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -139,6 +143,12 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
             downtime_ms: a.downtime_ms,
             tls: a.tls.files()?,
             twin: a.twin,
+            keep: a
+                .keep
+                .map(|k| {
+                    std::path::absolute(&k).with_context(|| format!("bad path {}", k.display()))
+                })
+                .transpose()?,
         },
     )?;
     outln!("{info}");

@@ -165,9 +165,15 @@ impl Host {
 
     /// `pocketvisor migrate --twin twin` of the VM `vm` with the certificate `who`.
     fn offload(&self, vm: &str, who: &str, twin: &str) -> Output {
+        self.offload_with(vm, who, twin, &[])
+    }
+
+    /// [`Host::offload`] with more flags.
+    fn offload_with(&self, vm: &str, who: &str, twin: &str, more: &[&str]) -> Output {
         Command::new(bin())
             .args(["migrate", "--api-socket"])
             .arg(self.dir.path(&format!("{vm}.sock")))
+            .args(more)
             .args(["--to", &self.addr, "--twin", twin, "--key"])
             .arg(&self.key)
             .args(tls_args(&self.dir.0, who))
@@ -300,6 +306,63 @@ fn an_offloaded_guest_counts_on_in_its_twin_with_its_disk_and_each_device_has_it
     assert!(
         wait_until(|| last(&log) > now + 3, WAIT),
         "the phone's twin stopped"
+    );
+}
+
+#[test]
+fn the_device_keeps_a_copy_of_the_guest_as_it_was_at_the_switch() {
+    let Some(h) = host("keep") else {
+        return;
+    };
+    let mut phone = h.device_vm("phone");
+    let kept = h.dir.path("kept");
+    let out = h.offload_with(
+        "phone",
+        "phone",
+        "work",
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let said = text(&out);
+    let kept_ms = said
+        .split("kept_ms=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(kept_ms.is_some(), "no kept_ms in {said}");
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    assert!(
+        kept.join("COMPLETE").exists(),
+        "the kept copy is not complete"
+    );
+    let twins = h.twin_dirs();
+    let twin_log = h.state().join("twins").join(&twins[0]).join("serial.log");
+    assert!(wait_until(|| !counters(&read(&twin_log)).is_empty(), WAIT));
+    let twin_first = counters(&read(&twin_log))[0];
+    // The kept copy, restored beside the twin (on a copy of the device's disk), starts where
+    // the twin started: both are the guest as it was at the switch.
+    std::fs::copy(h.dir.path("phone.img"), h.dir.path("restored.img")).unwrap();
+    let restored_log = h.dir.path("restored.serial");
+    let _restored = Vmm(Command::new(bin())
+        .arg("restore")
+        .arg(&kept)
+        .arg("--serial")
+        .arg(format!("file:{}", restored_log.display()))
+        .arg("--disk")
+        .arg(h.dir.path("restored.img"))
+        .stdout(Stdio::null())
+        .stderr(File::create(h.dir.path("restored.stderr")).unwrap())
+        .spawn()
+        .unwrap());
+    assert!(
+        wait_until(|| counters(&read(&restored_log)).len() >= 3, WAIT),
+        "the kept copy does not run: {}",
+        read(&h.dir.path("restored.stderr"))
+    );
+    let restored_first = counters(&read(&restored_log))[0];
+    assert!(
+        restored_first.abs_diff(twin_first) <= 1,
+        "the kept copy starts at {restored_first}, the twin started at {twin_first}"
     );
 }
 

@@ -5,7 +5,8 @@
 //! stays paused unless `resume`), `{"op":"migrate","to":"host:port","key_file":"/path",
 //! "downtime_ms":30,"tls":{"cert":"/path","key":"/path","ca":"/path"},"twin":"work"}` (live migration to a
 //! destination waiting for it, over TLS 1.3 with both ends' certificates when `tls` is given;
-//! `twin`, with `tls`: into that twin at a cloud host, `pocketvisor cloud serve`;
+//! `twin`, with `tls`: into that twin at a cloud host, `pocketvisor cloud serve`; `keep`: a
+//! directory where this host keeps a snapshot of the VM as it is at the switch;
 //! the answer comes once the guest runs there, and then this VMM ends), `{"op":"device","id":"balloon","request":{...}}` (a request
 //! to one device by id, whose payload the device interprets; `info` is the device's JSON
 //! answer), `{"op":"balloon","target_mib":N}` (short for the balloon's
@@ -71,6 +72,9 @@ pub enum Request {
         /// At a cloud host (`pocketvisor cloud serve`): the twin this VM becomes there
         /// (the request `offload NAME`); `None` for a plain destination.
         twin: Option<String>,
+        /// Where this host keeps its last copy: a snapshot of the VM as it is at the switch
+        /// (absolute; written before `Commit`), the base of a later return.
+        keep: Option<PathBuf>,
     },
 }
 
@@ -172,6 +176,9 @@ pub struct ApiRequest {
     /// The twin to become at a cloud host (`migrate` only, with `tls`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twin: Option<String>,
+    /// The snapshot directory of the copy kept at the switch (`migrate` only, absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep: Option<PathBuf>,
 }
 
 /// The downtime budget of a `migrate` line without `downtime_ms`, in milliseconds.
@@ -202,7 +209,8 @@ pub enum RequestError {
     #[error(
         "migrate needs \"to\" (host:port) and \"key_file\" (an absolute path), may take \
          \"downtime_ms\", \"tls\" ({{\"cert\",\"key\",\"ca\"}}, absolute paths) and, with \
-         \"tls\", \"twin\" (a cloud host's twin), and only migrate takes them"
+         \"tls\", \"twin\" (a cloud host's twin), \"keep\" (an absolute directory), and \
+         only migrate takes them"
     )]
     MigrateRequest,
     /// An op nobody serves.
@@ -240,6 +248,7 @@ impl From<&Request> for ApiRequest {
             downtime_ms: None,
             tls: None,
             twin: None,
+            keep: None,
         };
         match r {
             Request::Snapshot { dir, resume } => {
@@ -256,12 +265,14 @@ impl From<&Request> for ApiRequest {
                 downtime_ms,
                 tls,
                 twin,
+                keep,
             } => {
                 wire.to = Some(to.clone());
                 wire.key_file = Some(key_file.clone());
                 wire.downtime_ms = Some(*downtime_ms);
                 wire.tls = tls.clone();
                 wire.twin = twin.clone();
+                wire.keep = keep.clone();
             }
             // No wire form: `snapshot-stream` is refused as an unknown op.
             Request::SnapshotStream { .. } => {}
@@ -279,7 +290,8 @@ impl TryFrom<ApiRequest> for Request {
             || r.key_file.is_some()
             || r.downtime_ms.is_some()
             || r.tls.is_some()
-            || r.twin.is_some();
+            || r.twin.is_some()
+            || r.keep.is_some();
         if r.op == "migrate" {
             return match (r.to, r.key_file) {
                 (Some(to), Some(key_file))
@@ -291,7 +303,8 @@ impl TryFrom<ApiRequest> for Request {
                         && r.request.is_none()
                         && !r.resume
                         && r.tls.as_ref().is_none_or(MigrationTls::is_absolute)
-                        && (r.twin.is_none() || r.tls.is_some()) =>
+                        && (r.twin.is_none() || r.tls.is_some())
+                        && r.keep.as_ref().is_none_or(|k| k.is_absolute()) =>
                 {
                     Ok(Request::Migrate {
                         to,
@@ -299,6 +312,7 @@ impl TryFrom<ApiRequest> for Request {
                         downtime_ms: r.downtime_ms.unwrap_or(DEFAULT_DOWNTIME_MS),
                         tls: r.tls,
                         twin: r.twin,
+                        keep: r.keep,
                     })
                 }
                 _ => Err(RequestError::MigrateRequest),
@@ -478,6 +492,7 @@ mod tests {
                 downtime_ms: DEFAULT_DOWNTIME_MS,
                 tls: None,
                 twin: None,
+                keep: None,
             })
         );
         for bad in [
@@ -492,6 +507,8 @@ mod tests {
             r#"{"op":"pause","tls":{"cert":"/c","key":"/k","ca":"/a"}}"#,
             r#"{"op":"migrate","to":"h:1","key_file":"/k","twin":"work"}"#,
             r#"{"op":"pause","twin":"work"}"#,
+            r#"{"op":"migrate","to":"h:1","key_file":"/k","keep":"kept"}"#,
+            r#"{"op":"stop","keep":"/kept"}"#,
             r#"{"op":"snapshot","dir":"/x","downtime_ms":5}"#,
         ] {
             assert_eq!(parse(bad), Err(RequestError::MigrateRequest), "{bad}");
@@ -538,6 +555,7 @@ mod tests {
                 downtime_ms: 50,
                 tls: None,
                 twin: None,
+                keep: None,
             },
             Request::Migrate {
                 to: "[::1]:7000".into(),
@@ -549,6 +567,7 @@ mod tests {
                     ca: "/tls/ca.pem".into(),
                 }),
                 twin: Some("work".into()),
+                keep: Some("/var/lib/handset/work/kept".into()),
             },
         ];
         for r in all {

@@ -378,6 +378,7 @@ impl Vm {
                 downtime_ms,
                 tls,
                 twin,
+                keep,
             } => {
                 let key = crate::migration::wire::read_key(key_file)
                     .map_err(|e| RequestError::Migration(Error::Migration(e)))?;
@@ -387,6 +388,7 @@ impl Vm {
                     downtime: Duration::from_millis(*downtime_ms),
                     tls: tls.clone(),
                     request: twin.as_ref().map(|name| format!("offload {name}")),
+                    keep: keep.clone(),
                 };
                 self.migrate_out(threads, &opts)
                     .map(|stats| stats.to_string())

@@ -68,6 +68,7 @@ fn migrate(vm: &Running, to: &str, key: &Path, downtime_ms: u64) -> Result<Strin
             downtime_ms,
             tls: None,
             twin: None,
+            keep: None,
         })
         .map_err(|e| e.to_string())
 }

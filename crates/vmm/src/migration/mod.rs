@@ -81,6 +81,10 @@ pub struct MigrateOptions {
     /// What to ask of a cloud host before anything else (`offload NAME`); `None` for a
     /// plain destination (`pocketvisor receive`).
     pub request: Option<String>,
+    /// Where to keep a snapshot of the VM as it is at the switch (written while it is
+    /// paused, after the destination's `Ready` and before `Commit`; a failure to write it
+    /// is a failure before `Commit`: the guest runs on here). The disks stay where they are.
+    pub keep: Option<std::path::PathBuf>,
 }
 
 /// The longest request a cloud host reads.
@@ -112,6 +116,8 @@ pub struct MigrationStats {
     pub throttle_percent: u32,
     /// Disk chunks sent, all rounds and the stop-and-copy.
     pub disk_chunks: u64,
+    /// Time spent writing the kept copy (part of the downtime); zero without one.
+    pub kept: Duration,
 }
 
 impl std::fmt::Display for MigrationStats {
@@ -119,7 +125,7 @@ impl std::fmt::Display for MigrationStats {
         write!(
             f,
             "migrated rounds={} bytes={} pages={} final_pages={} downtime_us={} total_ms={} \
-             throttle_percent={} disk_chunks={}",
+             throttle_percent={} disk_chunks={} kept_ms={}",
             self.rounds,
             self.bytes,
             self.pages,
@@ -127,7 +133,8 @@ impl std::fmt::Display for MigrationStats {
             self.downtime.as_micros(),
             self.total.as_millis(),
             self.throttle_percent,
-            self.disk_chunks
+            self.disk_chunks,
+            self.kept.as_millis()
         )
     }
 }
@@ -482,6 +489,17 @@ impl Vm {
         ch.send(Kind::State, &state)?;
         ch.flush()?;
         expect(ch, Kind::Ready)?;
+        // The copy this host keeps: the state just sent, with memory as the destination has it.
+        let kept_at = Instant::now();
+        if let Some(dir) = &opts.keep {
+            self.save_snapshot(threads, dir)
+                .map_err(|e| refused(format!("cannot keep a copy in {}: {e}", dir.display())))?;
+        }
+        let kept = if opts.keep.is_some() {
+            kept_at.elapsed()
+        } else {
+            Duration::ZERO
+        };
         ch.send(Kind::Commit, &[])?;
         ch.flush()?;
         fault::kill_point("migrate-committed");
@@ -498,6 +516,7 @@ impl Vm {
             total: t0.elapsed(),
             throttle_percent: max_throttle,
             disk_chunks: disk_batch.chunks,
+            kept,
         })
     }
 }
