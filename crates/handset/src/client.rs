@@ -35,6 +35,32 @@ pub enum ClientError {
     /// The answer could not be understood.
     #[error("bad answer from the handset daemon: {0}")]
     BadAnswer(String),
+    /// The daemon took longer than the client waits (it may still finish the request).
+    #[error(
+        "the handset daemon at {path} did not answer within {secs} s; it may still be working on \
+         the request (see `pocketvisor profile list`); wait longer with \
+         {TIMEOUT_ENV}=SECONDS"
+    )]
+    Timeout {
+        /// The socket.
+        path: PathBuf,
+        /// How long the client waited.
+        secs: u64,
+    },
+}
+
+/// The environment variable that sets how long a client waits for an answer, in seconds.
+pub const TIMEOUT_ENV: &str = "POCKETVISOR_CLIENT_TIMEOUT";
+/// How long a client waits for an answer when [`TIMEOUT_ENV`] does not say.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The wait [`TIMEOUT_ENV`] asks for (whole seconds, at least 1), else [`DEFAULT_TIMEOUT`].
+fn timeout_from_env() -> Duration {
+    std::env::var(TIMEOUT_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
 }
 
 /// A raw HTTP answer.
@@ -54,11 +80,33 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for the daemon listening on `socket`.
+    /// A client for the daemon listening on `socket`, waiting for each answer as long as
+    /// [`TIMEOUT_ENV`] says (default [`DEFAULT_TIMEOUT`]).
     pub fn new(socket: &Path) -> Self {
         Self {
             socket: socket.to_path_buf(),
-            timeout: Duration::from_secs(300),
+            timeout: timeout_from_env(),
+        }
+    }
+
+    /// The same client, waiting `timeout` for each answer.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The error for a failed read or write: a timeout says so in words (a socket timeout
+    /// surfaces as EAGAIN, "Resource temporarily unavailable").
+    fn io_error(&self, source: std::io::Error) -> ClientError {
+        match source.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => ClientError::Timeout {
+                path: self.socket.clone(),
+                secs: self.timeout.as_secs(),
+            },
+            _ => ClientError::Io {
+                path: self.socket.clone(),
+                source,
+            },
         }
     }
 
@@ -69,15 +117,15 @@ impl Client {
         path: &str,
         body: Option<&[u8]>,
     ) -> Result<Answer, ClientError> {
-        let io = |source| ClientError::Io {
-            path: self.socket.clone(),
-            source,
-        };
+        let io = |source| self.io_error(source);
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 ClientError::NotRunning(self.socket.clone())
             }
-            _ => io(e),
+            _ => ClientError::Io {
+                path: self.socket.clone(),
+                source: e,
+            },
         })?;
         s.set_read_timeout(Some(self.timeout)).map_err(io)?;
         let body = body.unwrap_or_default();
@@ -105,15 +153,15 @@ impl Client {
         path: &str,
         protocol: &str,
     ) -> Result<(UnixStream, Vec<u8>), ClientError> {
-        let io = |source| ClientError::Io {
-            path: self.socket.clone(),
-            source,
-        };
+        let io = |source| self.io_error(source);
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 ClientError::NotRunning(self.socket.clone())
             }
-            _ => io(e),
+            _ => ClientError::Io {
+                path: self.socket.clone(),
+                source: e,
+            },
         })?;
         s.set_read_timeout(Some(self.timeout)).map_err(io)?;
         let req = format!(
@@ -214,16 +262,16 @@ impl Client {
         mut on_line: impl FnMut(&str) -> bool,
     ) -> Result<(), ClientError> {
         use std::io::BufRead;
-        let io = |source| ClientError::Io {
-            path: self.socket.clone(),
-            source,
-        };
+        let io = |source| self.io_error(source);
         let bad = |what: &str| ClientError::BadAnswer(what.to_string());
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
                 ClientError::NotRunning(self.socket.clone())
             }
-            _ => io(e),
+            _ => ClientError::Io {
+                path: self.socket.clone(),
+                source: e,
+            },
         })?;
         s.set_read_timeout(Some(Duration::from_secs(60)))
             .map_err(io)?;
@@ -377,6 +425,18 @@ fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_daemon_that_does_not_answer_in_time_is_a_timeout_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("h.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let c = Client::new(&socket).with_timeout(Duration::from_millis(200));
+        let e = c.raw("GET", "/v1/handset", None).unwrap_err();
+        assert!(matches!(e, ClientError::Timeout { secs: 0, .. }), "{e:?}");
+        assert!(e.to_string().contains("did not answer within"), "{e}");
+        assert!(e.to_string().contains(TIMEOUT_ENV), "{e}");
+    }
 
     #[test]
     fn parses_plain_and_chunked() {
