@@ -237,7 +237,8 @@ pub struct BootPolicy {
     pub min_pocketvisor: Option<String>,
 }
 
-/// The offline section (enforced with the management server, not yet: see `docs/policy.md`).
+/// The offline section: the longest a governed profile may run without a newer policy (the
+/// daemon locks it past `issued_at + max_offline_secs`; see `docs/policy.md`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OfflinePolicy {

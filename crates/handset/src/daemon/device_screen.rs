@@ -253,10 +253,25 @@ impl InputSink {
         let Some(h) = self.handset.upgrade() else {
             return;
         };
-        let Some(name) = h.current_foreground().ok().flatten() else {
-            return;
+        let name = match h.current_foreground() {
+            Ok(Some(name)) => name,
+            Ok(None) => {
+                tracing::debug!(
+                    "device screen: {} input events, no profile in front",
+                    events.len()
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("device screen: {} input events dropped: {e}", events.len());
+                return;
+            }
         };
         if crate::lock::is_locked(h.dir(), &name) {
+            tracing::info!(
+                "device screen: {} input events for locked {name} dropped",
+                events.len()
+            );
             return;
         }
         let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,7 +286,7 @@ impl InputSink {
             {
                 Ok(source) => *slot = Some((name.clone(), source)),
                 Err(e) => {
-                    tracing::debug!("device screen: input to {name}: {e}");
+                    tracing::warn!("device screen: input to {name} dropped: {e}");
                     return;
                 }
             }
@@ -291,7 +306,7 @@ impl InputSink {
                 _ => continue,
             };
             if let Err(e) = sent {
-                tracing::debug!("device screen: input to {name}: {e}");
+                tracing::warn!("device screen: input to {name} dropped: {e}");
                 *slot = None;
                 return;
             }
