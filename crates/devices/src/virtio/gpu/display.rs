@@ -157,8 +157,7 @@ impl Display {
         let st = self.shared.lock();
         let now = (st.generation, st.flushes);
         let (generation, seen) = position;
-        let oldest = st.damage_log.front().map_or(st.flushes, |(n, _)| n - 1);
-        let rects = if generation != st.generation || seen > st.flushes || seen < oldest {
+        let rects = if generation != st.generation || seen > st.flushes || seen < st.damage_floor {
             None
         } else {
             Some(

@@ -11,6 +11,7 @@ pub mod edid;
 pub mod protocol;
 mod snapshot;
 pub mod state;
+mod tiles;
 
 use std::sync::{Arc, Condvar, Mutex};
 

@@ -126,13 +126,7 @@ pub(crate) fn decode(bytes: &[u8], config: GpuConfig) -> Result<GpuState, StateE
         }
         let len = usize::try_from(len).map_err(|_| StateError::Invalid("bad gpu resource"))?;
         let pixels = r.bytes(len)?.to_vec();
-        let res = Resource {
-            format: fmt,
-            width,
-            height,
-            pixels,
-            backing,
-        };
+        let res = Resource::new(fmt, width, height, pixels, backing);
         if resources.insert(id, res).is_some() {
             return Err(StateError::Invalid("duplicate gpu resource"));
         }

@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::edid::{edid_block, EDID_AREA};
 use super::protocol::{display_info_body, resp, Command, CursorPos, MemEntry, Rect};
+use super::tiles::{ChangedTiles, TILE};
 use super::GpuConfig;
 use crate::GuestMem;
 
@@ -54,9 +55,29 @@ pub(crate) struct Resource {
     pub pixels: Vec<u8>,
     /// The guest pages the driver attached, in order.
     pub backing: Vec<MemEntry>,
+    /// The tiles transfers changed since a flush last covered them.
+    pub changed: ChangedTiles,
 }
 
 impl Resource {
+    /// A resource whose every tile counts as changed (new, or restored from a snapshot).
+    pub fn new(
+        format: u32,
+        width: u32,
+        height: u32,
+        pixels: Vec<u8>,
+        backing: Vec<MemEntry>,
+    ) -> Self {
+        Resource {
+            format,
+            width,
+            height,
+            pixels,
+            backing,
+            changed: ChangedTiles::all(width, height),
+        }
+    }
+
     fn stride(&self) -> usize {
         // width <= MAX_DIMENSION, so this cannot overflow.
         self.width as usize * BYTES_PER_PIXEL as usize
@@ -99,6 +120,9 @@ pub(crate) struct GpuState {
     /// The last flushed areas with the flush count each made, oldest first, for viewers that
     /// each keep their own place ([`super::Display::damage_since`]).
     pub damage_log: VecDeque<(u64, Rect)>,
+    /// The last flush whose areas (some or all) left the log: a viewer that saw less redraws
+    /// everything.
+    pub damage_floor: u64,
     /// Bumped by every reset and restore, so a viewer's flush count from before one is
     /// never taken for a count of the new state.
     pub generation: u64,
@@ -127,6 +151,7 @@ impl GpuState {
             damage: Vec::new(),
             flushes: 0,
             damage_log: VecDeque::new(),
+            damage_floor: 0,
             generation: 0,
         }
     }
@@ -226,7 +251,7 @@ impl GpuState {
                     return Err(resp::ERR_INVALID_PARAMETER);
                 }
                 self.scanout = Some(Scanout { resource_id, rect });
-                self.add_damage(Rect::sized(rect.width, rect.height));
+                self.add_damage(&[Rect::sized(rect.width, rect.height)]);
                 Ok(Reply::NoData)
             }
             Command::TransferToHost2d {
@@ -237,18 +262,24 @@ impl GpuState {
             Command::ResourceFlush { rect, resource_id } => {
                 let res = self
                     .resources
-                    .get(&resource_id)
+                    .get_mut(&resource_id)
                     .ok_or(resp::ERR_INVALID_RESOURCE_ID)?;
                 if !rect.fits_in(res.width, res.height) {
                     return Err(resp::ERR_INVALID_PARAMETER);
                 }
                 if let Some(s) = self.scanout.filter(|s| s.resource_id == resource_id) {
                     if let Some(hit) = rect.intersect(&s.rect) {
-                        self.add_damage(Rect {
-                            x: hit.x - s.rect.x,
-                            y: hit.y - s.rect.y,
-                            ..hit
-                        });
+                        let changed: Vec<Rect> = res
+                            .changed
+                            .take(hit)
+                            .into_iter()
+                            .map(|r| Rect {
+                                x: r.x - s.rect.x,
+                                y: r.y - s.rect.y,
+                                ..r
+                            })
+                            .collect();
+                        self.add_damage(&changed);
                     }
                 }
                 Ok(Reply::NoData)
@@ -317,13 +348,7 @@ impl GpuState {
         pixels.resize(len, 0);
         self.resources.insert(
             resource_id,
-            Resource {
-                format: fmt,
-                width,
-                height,
-                pixels,
-                backing: Vec::new(),
-            },
+            Resource::new(fmt, width, height, pixels, Vec::new()),
         );
         self.host_bytes += bytes;
         Ok(Reply::NoData)
@@ -360,30 +385,54 @@ impl GpuState {
         if rect.height > 0 && last_row_end.is_none_or(|end| end > backing.total) {
             return Err(resp::ERR_INVALID_PARAMETER);
         }
+        // Each row is read aside and compared with the host copy, tile by tile, so the
+        // flush that follows damages only the tiles whose pixels changed.
+        let mut line = vec![0u8; row_len];
+        let tile_bytes = TILE as usize * bpp;
+        let first_tile_len = (TILE - rect.x % TILE) as usize * bpp;
         for row in 0..rect.height as usize {
             let src = offset + (row * stride) as u64;
             let dst = (rect.y as usize + row) * stride + rect.x as usize * bpp;
             let Some(out) = res.pixels.get_mut(dst..dst + row_len) else {
                 return Err(resp::ERR_INVALID_PARAMETER);
             };
-            if !backing.read(mem, src, out) {
+            if !backing.read(mem, src, &mut line) {
                 return Err(resp::ERR_UNSPEC);
             }
+            if out == line.as_slice() {
+                continue;
+            }
+            let y = rect.y + row as u32;
+            let mut start = 0;
+            let mut len = first_tile_len.min(row_len);
+            while start < row_len {
+                if out[start..start + len] != line[start..start + len] {
+                    res.changed.mark(rect.x + (start / bpp) as u32, y);
+                }
+                start += len;
+                len = tile_bytes.min(row_len - start);
+            }
+            out.copy_from_slice(&line);
         }
         Ok(Reply::NoData)
     }
 
-    fn add_damage(&mut self, rect: Rect) {
+    /// Counts a flush that reached the scanout and records what it changed (maybe nothing).
+    fn add_damage(&mut self, rects: &[Rect]) {
         self.flushes += 1;
-        if self.damage_log.len() >= MAX_DAMAGE_LOG {
-            self.damage_log.pop_front();
-        }
-        self.damage_log.push_back((self.flushes, rect));
-        if self.damage.len() >= MAX_DAMAGE_RECTS {
-            let all = self.damage.iter().fold(rect, |acc, r| acc.union(r));
-            self.damage = vec![all];
-        } else {
-            self.damage.push(rect);
+        for &rect in rects {
+            if self.damage_log.len() >= MAX_DAMAGE_LOG {
+                if let Some((n, _)) = self.damage_log.pop_front() {
+                    self.damage_floor = n;
+                }
+            }
+            self.damage_log.push_back((self.flushes, rect));
+            if self.damage.len() >= MAX_DAMAGE_RECTS {
+                let all = self.damage.iter().fold(rect, |acc, r| acc.union(r));
+                self.damage = vec![all];
+            } else {
+                self.damage.push(rect);
+            }
         }
     }
 }

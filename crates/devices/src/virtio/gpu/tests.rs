@@ -214,6 +214,26 @@ fn a_driver_draws_and_the_host_sees_the_frame_and_damage() {
     assert_eq!(frame.pixel(1, 1), Some((0, 0, 0)));
     assert!(frame.to_ppm().starts_with(b"P6\n16 16\n255\n"));
     assert_eq!(d.gpu.counters().errors, 0);
+
+    // The 4x4 flush covered only part of the 16x16 tile: a flush of the whole resource
+    // damages the tile; redrawing the same pixels damages nothing (the flush still counts);
+    // one changed pixel damages its tile again.
+    let whole = req(cmd::RESOURCE_FLUSH, &[0, 0, W, H, 1, 0]);
+    assert_eq!(d.send(&whole), resp::OK_NODATA);
+    assert_eq!(display.take_damage(), vec![protocol::Rect::sized(W, H)]);
+    let flushes = display.flushes();
+    assert_eq!(d.send(&transfer([0, 0, W, H], 0, 1)), resp::OK_NODATA);
+    assert_eq!(d.send(&whole), resp::OK_NODATA);
+    assert_eq!(display.flushes(), flushes + 1);
+    assert!(display.take_damage().is_empty(), "nothing changed");
+    put_pixel(&d.mem, 3, 3, (1, 2, 3));
+    assert_eq!(d.send(&transfer([0, 0, W, H], 0, 1)), resp::OK_NODATA);
+    assert_eq!(d.send(&whole), resp::OK_NODATA);
+    assert_eq!(display.take_damage(), vec![protocol::Rect::sized(W, H)]);
+    put_pixel(&d.mem, 3, 3, (0, 0, 0));
+    assert_eq!(d.send(&transfer([0, 0, W, H], 0, 1)), resp::OK_NODATA);
+    assert_eq!(d.send(&whole), resp::OK_NODATA);
+    display.take_damage();
     let info = d
         .gpu
         .control()
