@@ -205,7 +205,7 @@ fn apply_through_daemon(dir: &handset::StateDir, envelope: &[u8]) -> Result<Poli
             Ok(handset::org_policy::apply_offline(
                 dir,
                 envelope,
-                policy::unix_now(),
+                handset::policy_clock::now(),
             )?)
         }
         Err(e) => Err(e.into()),
@@ -235,7 +235,7 @@ pub fn show_in_force(
             if !dir.spec(name).is_file() {
                 return Err(Failure::NotFound(format!("no profile named {name:?}")).into());
             }
-            handset::org_policy::status(&dir, name, policy::unix_now())?
+            handset::org_policy::status(&dir, name, handset::policy_clock::now())?
         }
         Err(e) => return Err(e.into()),
     };
@@ -244,7 +244,17 @@ pub fn show_in_force(
         return Ok(0);
     }
     match &status.policy {
-        Some(p) => print_document(p)?,
+        Some(p) => {
+            print_document(p)?;
+            if let Some(until) = status.offline_until {
+                let contact = status.last_contact.map_or_else(|| "never".to_string(), utc);
+                outln!(
+                    "offline limit: the profile locks at {} unless the handset reaches its MDM \
+                     first (last contact: {contact})",
+                    utc(until)
+                );
+            }
+        }
         None => outln!(
             "profile {name:?} has no IT policy in force: its spec's channels apply and any \
              kernel boots"

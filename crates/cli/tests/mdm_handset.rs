@@ -534,7 +534,7 @@ fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run
     let clock = tmp.path().join("clock");
     hs.terminate();
     hs.env = vec![(
-        "POCKETVISOR_LEASE_CLOCK".into(),
+        "POCKETVISOR_POLICY_CLOCK".into(),
         clock.display().to_string(),
     )];
     hs.spawn();
@@ -610,6 +610,125 @@ fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run
                 .and_then(|l| l["valid_until"].as_u64())
                 .is_some_and(|t| t > until + 1)
         }),
+        "{}",
+        hs.log()
+    );
+    hs.ok(&["start", "work"]);
+    assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
+}
+
+/// The offline limit counts from the MDM's last contact (its signed lease time), not only
+/// from the policy's issue time: a device in touch with its MDM keeps running an old policy,
+/// one out of touch past the limit is locked, and the next contact unlocks it.
+#[test]
+fn an_offline_limit_runs_from_the_last_contact_with_the_mdm() {
+    if std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
+        eprintln!("SKIP (no usable /dev/kvm): an_offline_limit_runs_from_the_last_contact");
+        return;
+    }
+    let Setup {
+        tmp,
+        mut server,
+        mut hs,
+        device,
+    } = setup(2);
+    let clock = tmp.path().join("clock");
+    hs.terminate();
+    hs.env = vec![(
+        "POCKETVISOR_POLICY_CLOCK".into(),
+        clock.display().to_string(),
+    )];
+    hs.spawn();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Issued an hour ago with a ten-minute limit: by its issue time alone it is locked.
+    let limit = 600;
+    let doc = tmp.path().join("offline.toml");
+    std::fs::write(
+        &doc,
+        format!(
+            "version = 1\nissued_at = {}\nprofile = \"work\"\n\n[offline]\nmax_offline_secs = \
+             {limit}\n",
+            now - 3600
+        ),
+    )
+    .unwrap();
+    let signed = tmp.path().join("offline.pvpol");
+    let out = std::process::Command::new(mdm_common::BIN)
+        .args(["policy", "sign", "--key"])
+        .arg(tmp.path().join("org.key"))
+        .arg(&doc)
+        .arg("-o")
+        .arg(&signed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", mdm_common::text(&out));
+    let r = server
+        .admin(&["policy", "push", &device, signed.to_str().unwrap()])
+        .unwrap();
+    let res = server.wait_result(r["id"].as_i64().unwrap());
+    assert_eq!(res["status"], "done", "{res}");
+
+    // The link asks for a signed time of contact, and the profile runs on it.
+    let lease_file = hs.dir.join("mdm/lease.json");
+    let issued_at = |f: &std::path::Path| {
+        std::fs::read(f)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|l| l["issued_at"].as_u64())
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || issued_at(&lease_file).is_some()),
+        "{}",
+        hs.log()
+    );
+    hs.ok(&["start", "work"]);
+    assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
+
+    // Out of touch: the limit runs from the last contact.
+    let port = server.port;
+    server.stop();
+    let contact = issued_at(&lease_file).unwrap();
+    assert!(contact >= now, "{contact} {now}");
+    let out = hs.cli(&["policy", "work", "--json"]);
+    assert!(out.status.success(), "{}", mdm_common::text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["last_contact"], contact, "{status}");
+    assert_eq!(status["offline_until"], contact + limit, "{status}");
+    std::fs::write(&clock, (contact + limit - 5).to_string()).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
+    std::fs::write(&clock, (contact + limit + 1).to_string()).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || profile(&hs, "work").state
+            == handset::ProfileState::Suspended),
+        "{:?}\n{}",
+        profile(&hs, "work"),
+        hs.log()
+    );
+    let out = hs.cli(&["start", "work"]);
+    assert!(!out.status.success());
+    let text = mdm_common::text(&out);
+    assert!(
+        text.contains("offline limit") && text.contains("last reached this device"),
+        "{text}"
+    );
+
+    // The MDM is back: its next contact (later than the moved clock minus the limit)
+    // unlocks the profile.
+    std::fs::write(&clock, (contact + limit + 10).to_string()).unwrap();
+    std::thread::sleep(Duration::from_secs(11));
+    let _server = Server::start(&server.dir.clone(), port, 2);
+    assert!(
+        wait_until(Duration::from_secs(90), || issued_at(&lease_file)
+            .is_some_and(|t| t + limit > contact + limit + 10)),
         "{}",
         hs.log()
     );

@@ -452,7 +452,7 @@ async fn apply_policy(
     body: Result<Json<ApplyPolicy>, JsonRejection>,
 ) -> ApiResult<PolicyApplied> {
     let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
-    let now = policy::unix_now();
+    let now = crate::policy_clock::now();
     let who = peer.to_string();
     let applied =
         org_policy::apply_audited(h.dir(), req.envelope.as_bytes(), now, &who, |p, a, d| {

@@ -183,7 +183,7 @@ pub fn keys_for_vmm(dir: &StateDir, spec: &ProfileSpec) -> Result<Option<Zeroizi
         return Ok(None);
     }
     // With a key lease in the policy, only while the MDM's lease holds.
-    crate::mdm_link::lease::check(dir, &spec.name, crate::mdm_link::lease::now())?;
+    crate::mdm_link::lease::check(dir, &spec.name, crate::policy_clock::now())?;
     let profile = load_profile_key(dir, &spec.name)?;
     let mut out = Zeroizing::new(Vec::with_capacity(DISK_KEY_LEN * spec.disks.len()));
     for d in &spec.disks {

@@ -100,6 +100,7 @@ pub mod net_drops;
 pub mod org_policy;
 pub mod passcode;
 pub mod phone;
+pub mod policy_clock;
 pub mod policy_travel;
 pub mod secret_file;
 pub mod spec;

@@ -142,6 +142,11 @@ pub struct PolicyStatus {
     pub screen: policy::ScreenPolicy,
     /// The fingerprint of the organisation key the handset trusts, if any.
     pub org_key: Option<String>,
+    /// When the MDM last reached this device, by its signed word (unix seconds), if ever.
+    pub last_contact: Option<u64>,
+    /// When the policy's offline limit locks the profile unless the MDM reaches the device
+    /// first (unix seconds); none without a limit.
+    pub offline_until: Option<u64>,
 }
 
 /// The policy in force for profile `name` (which must exist) and what follows from it.
@@ -152,7 +157,12 @@ pub fn status(dir: &StateDir, name: &str, now: u64) -> Result<PolicyStatus> {
     }
     let org_key = trusted_key(dir)?.map(|k| k.fingerprint());
     let policy = in_force(dir, name)?.map(|v| v.policy);
+    let last_contact = crate::mdm_link::lease::last_contact(dir);
     Ok(PolicyStatus {
+        offline_until: policy
+            .as_ref()
+            .and_then(|p| p.offline_deadline(last_contact)),
+        last_contact,
         profile: name.to_string(),
         expired: policy.as_ref().is_some_and(|p| p.is_expired(now)),
         screen: policy
@@ -257,7 +267,7 @@ pub fn check_start(
     let Some(v) = in_force(dir, name)? else {
         return Ok(());
     };
-    check_expiry(&v, name, now)?;
+    check_expiry(&v, name, now, crate::mdm_link::lease::last_contact(dir))?;
     check_storage(&v, name, spec, "start")?;
     let firmware = cfg.firmware.as_deref().map(sha256_file).transpose()?;
     let kernel = match firmware {
@@ -314,8 +324,8 @@ pub fn check_resume(dir: &StateDir, name: &str, now: u64) -> Result<()> {
     let Some(v) = in_force(dir, name)? else {
         return Ok(());
     };
-    check_expiry(&v, name, now)?;
-    crate::mdm_link::lease::check(dir, name, crate::mdm_link::lease::now())?;
+    check_expiry(&v, name, now, crate::mdm_link::lease::last_contact(dir))?;
+    crate::mdm_link::lease::check(dir, name, now)?;
     v.policy
         .check_boot(
             &policy::BootImages::default(),
@@ -324,24 +334,33 @@ pub fn check_resume(dir: &StateDir, name: &str, now: u64) -> Result<()> {
         .map_err(|why| Error::Denied(format!("profile {name:?} may not resume: {why}")))
 }
 
-/// Refuses a profile whose policy expired or was not refreshed within its offline limit
-/// (`offline.max_offline_secs` from its signed `issued_at`).
-fn check_expiry(v: &Verified, name: &str, now: u64) -> Result<()> {
+/// Refuses a profile whose policy expired or whose device was out of touch longer than its
+/// offline limit (`offline.max_offline_secs` from the later of its signed `issued_at` and
+/// `last_contact`, the MDM's signed time of its last contact).
+fn check_expiry(v: &Verified, name: &str, now: u64, last_contact: Option<u64>) -> Result<()> {
     let p = &v.policy;
-    match (p.expires_at, p.offline_deadline()) {
+    match (p.expires_at, p.offline_deadline(last_contact)) {
         (Some(exp), _) if p.is_expired(now) => Err(Error::Denied(format!(
             "profile {name:?} may not run: its policy version {} expired at {exp} (unix time); \
              apply a newer one",
             p.version
         ))),
-        (_, Some(deadline)) if p.is_offline_too_long(now) => Err(Error::Denied(format!(
-            "profile {name:?} may not run: offline limit: its policy version {} was issued at \
-             {} and no newer one came within {} s (until {deadline}, unix time); apply a newer \
-             one",
-            p.version,
-            p.issued_at,
-            p.offline.max_offline_secs.unwrap_or_default()
-        ))),
+        (_, Some(deadline)) if p.is_offline_too_long(now, last_contact) => {
+            let since = match last_contact {
+                Some(t) if t > p.issued_at => format!("the MDM last reached this device at {t}"),
+                _ => format!(
+                    "its policy version {} was issued at {} and the MDM has not reached this \
+                     device since",
+                    p.version, p.issued_at
+                ),
+            };
+            Err(Error::Denied(format!(
+                "profile {name:?} may not run: offline limit: {since} (unix time), and the \
+                 limit is {} s (until {deadline}); it runs again once the handset reaches its \
+                 MDM or a newer policy is applied",
+                p.offline.max_offline_secs.unwrap_or_default()
+            )))
+        }
         _ => Ok(()),
     }
 }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 const COMMAND_CONTEXT: &[u8] = b"pocketvisor-mdm-command-v1\0";
 const RESULT_CONTEXT: &[u8] = b"pocketvisor-mdm-result-v1\0";
-const LEASE_CONTEXT: &[u8] = b"pocketvisor-mdm-lease-v1\0";
+const LEASE_CONTEXT: &[u8] = b"pocketvisor-mdm-lease-v2\0";
 /// The longest key lease the server signs.
 pub const MAX_LEASE_SECS: u64 = 30 * 86_400;
 
@@ -56,20 +56,26 @@ pub struct LeaseRequest {
 }
 
 /// A key lease: the server's word that `device_id` may unwrap its managed profiles' data keys
-/// until `valid_until` (unix seconds), signed by the command key.
+/// until `valid_until` (unix seconds), signed by the command key. Its `issued_at` is the
+/// server's signed time of the contact, from which a policy's offline limit runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
     pub device_id: String,
+    pub issued_at: u64,
     pub valid_until: u64,
     /// Hex signature by the command key over [`lease_message`].
     pub signature: String,
 }
 
 /// The bytes the server signs for a lease.
-pub fn lease_message(device_id: &str, valid_until: u64) -> Vec<u8> {
+pub fn lease_message(device_id: &str, issued_at: u64, valid_until: u64) -> Vec<u8> {
     framed(
         LEASE_CONTEXT,
-        &[device_id.as_bytes(), &valid_until.to_be_bytes()],
+        &[
+            device_id.as_bytes(),
+            &issued_at.to_be_bytes(),
+            &valid_until.to_be_bytes(),
+        ],
     )
 }
 
@@ -79,7 +85,7 @@ impl Lease {
         self.device_id == device_id
             && verify_hex(
                 command_key,
-                &lease_message(&self.device_id, self.valid_until),
+                &lease_message(&self.device_id, self.issued_at, self.valid_until),
                 &self.signature,
             )
     }

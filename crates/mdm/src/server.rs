@@ -436,12 +436,14 @@ async fn lease(
             format!("secs must be 1..={MAX_LEASE_SECS}"),
         ));
     }
-    let valid_until = u64::try_from(now()).unwrap_or(0) + req.secs;
+    let issued_at = u64::try_from(now()).unwrap_or(0);
+    let valid_until = issued_at + req.secs;
     let sig = mdm
         .command_key
-        .sign(&lease_message(&device.id, valid_until));
+        .sign(&lease_message(&device.id, issued_at, valid_until));
     Ok(Json(Lease {
         device_id: device.id,
+        issued_at,
         valid_until,
         signature: hex::encode(sig.as_ref()),
     }))

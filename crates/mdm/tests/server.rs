@@ -608,11 +608,16 @@ async fn a_lease_is_signed_for_its_device_bounded_and_refused_once_revoked() {
         (t0 + 60..t0 + 120).contains(&lease.valid_until),
         "{lease:?}"
     );
-    // Not for another device, not once changed.
+    assert_eq!(lease.valid_until - lease.issued_at, 60, "{lease:?}");
+    // Not for another device, not once changed (its end, or its time of contact, which an
+    // offline limit runs from).
     assert!(!lease.verify(&a.enrolled.command_key, &b.enrolled.device_id));
     let mut longer = lease.clone();
     longer.valid_until += 3600;
     assert!(!longer.verify(&a.enrolled.command_key, &a.enrolled.device_id));
+    let mut later = lease.clone();
+    later.issued_at += 3600;
+    assert!(!later.verify(&a.enrolled.command_key, &a.enrolled.device_id));
     for secs in [0, mdm::protocol::MAX_LEASE_SECS + 1] {
         let r = post(
             &a.client,

@@ -237,8 +237,9 @@ pub struct BootPolicy {
     pub min_pocketvisor: Option<String>,
 }
 
-/// The offline section: the longest a governed profile may run without a newer policy (the
-/// daemon locks it past `issued_at + max_offline_secs`; see `docs/policy.md`).
+/// The offline section: the longest a governed profile may run without reaching the management
+/// server (the daemon locks it `max_offline_secs` after the later of the policy's `issued_at`
+/// and the MDM's last signed word to the device; see `docs/policy.md`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OfflinePolicy {
@@ -362,17 +363,20 @@ impl Policy {
         self.expires_at.is_some_and(|exp| now >= exp)
     }
 
-    /// When the offline limit ends (unix seconds): `issued_at` plus `max_offline_secs`, the
-    /// signed time by which the organisation must have sent a newer policy.
-    pub fn offline_deadline(&self) -> Option<u64> {
+    /// When the offline limit ends (unix seconds): `max_offline_secs` after the later of the
+    /// signed `issued_at` and `last_contact`, the signed time the management server last
+    /// spoke to the device (none for a device without one).
+    pub fn offline_deadline(&self, last_contact: Option<u64>) -> Option<u64> {
+        let from = self.issued_at.max(last_contact.unwrap_or(0));
         self.offline
             .max_offline_secs
-            .map(|n| self.issued_at.saturating_add(n))
+            .map(|n| from.saturating_add(n))
     }
 
-    /// Whether the policy was not refreshed within its offline limit at `now`.
-    pub fn is_offline_too_long(&self, now: u64) -> bool {
-        self.offline_deadline().is_some_and(|d| now >= d)
+    /// Whether the device was out of touch longer than the offline limit at `now`.
+    pub fn is_offline_too_long(&self, now: u64, last_contact: Option<u64>) -> bool {
+        self.offline_deadline(last_contact)
+            .is_some_and(|d| now >= d)
     }
 
     /// Whether a guest booting `images` may boot on pocketvisor `build`; the error says which
@@ -580,15 +584,20 @@ max_offline_secs = 86400
     }
 
     #[test]
-    fn the_offline_limit_runs_from_the_signed_issue_time() {
+    fn the_offline_limit_runs_from_the_issue_time_or_the_last_contact_whichever_is_later() {
         let doc =
             "version = 1\nissued_at = 1000\nprofile = \"work\"\n[offline]\nmax_offline_secs = 60\n";
         let p = Policy::parse(doc.as_bytes()).unwrap();
-        assert_eq!(p.offline_deadline(), Some(1060));
-        assert!(!p.is_offline_too_long(1059));
-        assert!(p.is_offline_too_long(1060));
+        assert_eq!(p.offline_deadline(None), Some(1060));
+        assert!(!p.is_offline_too_long(1059, None));
+        assert!(p.is_offline_too_long(1060, None));
+        // A contact after the issue moves the limit; an older one (a replayed word) does not.
+        assert_eq!(p.offline_deadline(Some(5000)), Some(5060));
+        assert!(!p.is_offline_too_long(5059, Some(5000)));
+        assert!(p.is_offline_too_long(5060, Some(5000)));
+        assert_eq!(p.offline_deadline(Some(10)), Some(1060));
         let none = Policy::parse(b"version = 1\nissued_at = 1000\nprofile = \"work\"\n").unwrap();
-        assert!(!none.is_offline_too_long(u64::MAX));
+        assert!(!none.is_offline_too_long(u64::MAX, None));
     }
 
     #[test]

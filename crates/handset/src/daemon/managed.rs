@@ -160,7 +160,7 @@ impl Handset {
             );
             return Err(Error::Denied(NOT_MANAGED.into()));
         }
-        let now = policy::unix_now();
+        let now = crate::policy_clock::now();
         let applied =
             crate::org_policy::apply_audited(self.dir(), envelope, now, who, |p, a, d| {
                 self.audit(p, a, d)
@@ -186,7 +186,7 @@ impl Handset {
 
     /// The compliance report: the managed profiles only.
     pub fn compliance(&self, hashes: &HashCache) -> Result<ComplianceReport> {
-        let now = policy::unix_now();
+        let now = crate::policy_clock::now();
         let mut profiles = Vec::new();
         for name in self.managed_profiles()? {
             let Ok(row) = self.registry.row(&name) else {

@@ -361,7 +361,13 @@ impl Handset {
             let cfg = self.registry.vm_config(&spec, row.vsock_cid)?;
             self.registry.check_guest_files(&cfg)?;
             crate::lock::check_unlocked(self.dir(), name, "start")?;
-            crate::org_policy::check_start(self.dir(), name, &spec, &cfg, policy::unix_now())?;
+            crate::org_policy::check_start(
+                self.dir(),
+                name,
+                &spec,
+                &cfg,
+                crate::policy_clock::now(),
+            )?;
             // An encrypted profile starts only with its data key (opened again at launch).
             crate::disk_keys::keys_for_vmm(self.dir(), &spec)?;
             Ok((spec, cfg))
@@ -477,7 +483,7 @@ impl Handset {
 
     /// The IT policy in force for profile `name`, with its screen rules.
     pub fn policy_status(&self, name: &str) -> Result<crate::org_policy::PolicyStatus> {
-        crate::org_policy::status(self.dir(), name, policy::unix_now())
+        crate::org_policy::status(self.dir(), name, crate::policy_clock::now())
     }
 
     /// Whether the host may capture and remotely show profile `name`'s screen (its IT
@@ -611,14 +617,15 @@ impl Handset {
             let _ops = self.ops.lock().await;
             self.enforce_locks().await;
         }
-        let now = policy::unix_now();
+        let now = crate::policy_clock::now();
         for name in self.supervisor.names() {
             if crate::org_policy::lock_reason(self.dir(), &name, now).is_none() {
                 continue;
             }
             let _ops = self.ops.lock().await;
             // Checked again under the lock: a policy applied or a stop meanwhile wins.
-            let Some(why) = crate::org_policy::lock_reason(self.dir(), &name, policy::unix_now())
+            let Some(why) =
+                crate::org_policy::lock_reason(self.dir(), &name, crate::policy_clock::now())
             else {
                 continue;
             };
@@ -761,7 +768,12 @@ impl Handset {
                 state_dir::check_regular_file("disk", &self.dir().disk(name, &d.name))?;
             }
             crate::lock::check_unlocked(self.dir(), name, "resume")?;
-            crate::org_policy::check_resume_spec(self.dir(), name, &spec, policy::unix_now())?;
+            crate::org_policy::check_resume_spec(
+                self.dir(),
+                name,
+                &spec,
+                crate::policy_clock::now(),
+            )?;
             crate::disk_keys::keys_for_vmm(self.dir(), &spec)?;
             Ok(spec)
         })();

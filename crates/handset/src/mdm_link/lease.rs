@@ -7,8 +7,10 @@
 //! profile (its key leaves memory with its VMM), and it does not start or resume until a
 //! fresh lease arrives.
 //!
-//! The clock: unix time, or, when `POCKETVISOR_LEASE_CLOCK` names a file, the unix seconds
-//! written in it (the tests move time with it).
+//! A lease is also the MDM's signed word that it reached the device at its `issued_at`: a
+//! policy's offline limit runs from the later of that and the policy's own issue time
+//! ([`last_contact`]), so the link asks for one at every contact while a managed profile has
+//! a lease or an offline limit. Deadlines are checked on [`crate::policy_clock`].
 
 use std::path::{Path, PathBuf};
 
@@ -17,23 +19,8 @@ use mdm::protocol::{Enrolled, Lease};
 use crate::error::{Error, Result};
 use crate::state_dir::{self, StateDir};
 
-/// The variable naming the file of a clock the tests move.
-pub const CLOCK_VAR: &str = "POCKETVISOR_LEASE_CLOCK";
 const LEASE_FILE: &str = "lease.json";
 const ENROLLMENT_FILE: &str = "enrollment.json";
-
-/// The time leases are checked at (unix seconds).
-pub fn now() -> u64 {
-    if let Some(file) = std::env::var_os(CLOCK_VAR) {
-        if let Some(t) = std::fs::read_to_string(file)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-        {
-            return t;
-        }
-    }
-    policy::unix_now()
-}
 
 fn mdm_dir(dir: &StateDir) -> PathBuf {
     dir.root().join(super::MDM_DIR)
@@ -47,21 +34,49 @@ pub fn required_secs(dir: &StateDir, name: &str) -> Option<u64> {
         .and_then(|v| v.policy.storage.lease_secs())
 }
 
+/// The lease to ask the MDM for at a contact, given the managed profiles: as long as the
+/// longest any of their policies wants, or a one-second one (a signed time of contact) if
+/// none wants a lease but one has an offline limit; none if neither.
+pub fn wanted_secs(dir: &StateDir, managed: &[String]) -> Option<u64> {
+    let policies: Vec<_> = managed
+        .iter()
+        .filter_map(|n| crate::org_policy::in_force(dir, n).ok().flatten())
+        .collect();
+    let lease = policies
+        .iter()
+        .filter_map(|v| v.policy.storage.lease_secs())
+        .max();
+    let offline = policies
+        .iter()
+        .any(|v| v.policy.offline.max_offline_secs.is_some());
+    lease.or(offline.then_some(1))
+}
+
 fn enrolled(mdm_dir: &Path) -> Option<Enrolled> {
     serde_json::from_slice(&std::fs::read(mdm_dir.join(ENROLLMENT_FILE)).ok()?).ok()
 }
 
-/// Until when the lease kept here is valid, if it verifies under the enrolled command key.
-pub fn valid_until(dir: &StateDir) -> Option<u64> {
+/// The lease kept here, if it verifies under the enrolled command key.
+fn kept(dir: &StateDir) -> Option<Lease> {
     let d = mdm_dir(dir);
     let e = enrolled(&d)?;
     let lease: Lease = serde_json::from_slice(&std::fs::read(d.join(LEASE_FILE)).ok()?).ok()?;
-    lease
-        .verify(&e.command_key, &e.device_id)
-        .then_some(lease.valid_until)
+    lease.verify(&e.command_key, &e.device_id).then_some(lease)
 }
 
-/// Keeps `lease` if it verifies and runs later than the one kept.
+/// Until when the lease kept here is valid, if it verifies under the enrolled command key.
+pub fn valid_until(dir: &StateDir) -> Option<u64> {
+    kept(dir).map(|l| l.valid_until)
+}
+
+/// When the MDM last reached this device, by its own signed word (the kept lease's
+/// `issued_at`), if the handset holds one.
+pub fn last_contact(dir: &StateDir) -> Option<u64> {
+    kept(dir).map(|l| l.issued_at)
+}
+
+/// Keeps `lease` if it verifies and is newer than the one kept (a later contact; at the same
+/// time, a later end).
 pub fn store(dir: &StateDir, lease: &Lease) -> Result<()> {
     let d = mdm_dir(dir);
     let e = enrolled(&d).ok_or_else(|| Error::Internal("not enrolled".into()))?;
@@ -70,7 +85,9 @@ pub fn store(dir: &StateDir, lease: &Lease) -> Result<()> {
             "a lease not signed by the enrolled MDM".into(),
         ));
     }
-    if valid_until(dir).is_some_and(|t| t >= lease.valid_until) {
+    if kept(dir)
+        .is_some_and(|k| (k.issued_at, k.valid_until) >= (lease.issued_at, lease.valid_until))
+    {
         return Ok(());
     }
     let text = serde_json::to_vec(lease).map_err(|e| Error::Internal(format!("lease: {e}")))?;

@@ -265,17 +265,13 @@ impl Link {
         Ok(())
     }
 
-    /// Asks for a key lease as long as the longest a managed profile's policy wants, if any.
+    /// Asks for a key lease as long as the longest a managed profile's policy wants, or a
+    /// short one as the signed time of this contact when a policy has an offline limit
+    /// ([`lease::wanted_secs`]).
     async fn renew_lease(&mut self) -> Result<(), Failure> {
         let dir = self.h.dir().clone();
-        let Some(secs) = self
-            .h
-            .managed_profiles()
-            .map_err(transient)?
-            .iter()
-            .filter_map(|n| lease::required_secs(&dir, n))
-            .max()
-        else {
+        let managed = self.h.managed_profiles().map_err(transient)?;
+        let Some(secs) = lease::wanted_secs(&dir, &managed) else {
             return Ok(());
         };
         let e = self
