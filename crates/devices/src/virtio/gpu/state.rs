@@ -388,11 +388,9 @@ impl GpuState {
         // Each row is read aside and compared with the host copy, tile by tile, so the
         // flush that follows damages only the tiles whose pixels changed.
         let mut line = vec![0u8; row_len];
-        let tile_bytes = TILE as usize * bpp;
-        let first_tile_len = (TILE - rect.x % TILE) as usize * bpp;
-        for row in 0..rect.height as usize {
-            let src = offset + (row * stride) as u64;
-            let dst = (rect.y as usize + row) * stride + rect.x as usize * bpp;
+        for row in 0..rect.height {
+            let src = offset + u64::from(row) * stride as u64;
+            let dst = (rect.y + row) as usize * stride + rect.x as usize * bpp;
             let Some(out) = res.pixels.get_mut(dst..dst + row_len) else {
                 return Err(resp::ERR_INVALID_PARAMETER);
             };
@@ -402,15 +400,16 @@ impl GpuState {
             if out == line.as_slice() {
                 continue;
             }
-            let y = rect.y + row as u32;
-            let mut start = 0;
-            let mut len = first_tile_len.min(row_len);
-            while start < row_len {
-                if out[start..start + len] != line[start..start + len] {
-                    res.changed.mark(rect.x + (start / bpp) as u32, y);
+            // Tile by tile: [x, next tile boundary) in pixels.
+            let mut x = rect.x;
+            while x < rect.x + rect.width {
+                let end = ((x / TILE + 1) * TILE).min(rect.x + rect.width);
+                let a = (x - rect.x) as usize * bpp;
+                let b = (end - rect.x) as usize * bpp;
+                if out[a..b] != line[a..b] {
+                    res.changed.mark(x, rect.y + row);
                 }
-                start += len;
-                len = tile_bytes.min(row_len - start);
+                x = end;
             }
             out.copy_from_slice(&line);
         }
