@@ -12,8 +12,13 @@
 //! client asks for it), per run: the time from connecting to the first full frame, the bytes
 //! and updates the client receives while it asks for incremental updates for `--secs`
 //! seconds (what a viewer of a live screen costs on the wire), and the VMM's RSS at the end.
-//! Medians and ranges over `--runs`. Then an idle profile with a display (the counter once a
-//! second, no viewer): the VMM's wakeups per second and the host's CPU, against no VM at all.
+//! Medians and ranges over `--runs`. Then the latency from a guest's flush to the update at
+//! a viewer: the probe stamps each tick's number into pixels (0..32, 0) and prints `PROBE
+//! stamp N` right before it transfers and flushes it (`pv.screen.stamp=1`); a Raw viewer notes
+//! when an update first shows N, and the latency is that minus when the bench read the line
+//! from the VMM's serial output (one clock, the bench's). Then an idle profile with a display
+//! (the counter once a second, no viewer): the VMM's wakeups per second and the host's CPU,
+//! against no VM at all.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -132,7 +137,7 @@ fn run(o: Opts) -> Result<()> {
             for zrle in [false, true] {
                 let mut samples = Vec::new();
                 for run in 0..o.runs {
-                    let (proc, port) = if vmm == "pocketvisor" {
+                    let (proc, port, _serial) = if vmm == "pocketvisor" {
                         start_pocketvisor(&pv, &probe, o.size, cmdline)?
                     } else {
                         start_qemu(
@@ -178,7 +183,103 @@ fn run(o: Opts) -> Result<()> {
             col(|s| s.rss_mib),
         );
     }
+    latency(&o, &pv, &probe, qemu.as_deref())?;
     idle(&o, &pv, &probe, qemu.as_deref())
+}
+
+/// The counter ticking 30 times a second with its stamp (`pv.screen.stamp=1`).
+const STAMP_CMDLINE: &str = "pv.mode=screen pv.screen.rgb=2a9d8f pv.screen.ms=33 pv.screen.stamp=1";
+
+/// Flush-to-viewer latency: the probe prints `PROBE stamp N` right before it transfers and
+/// flushes tick N, whose pixels carry N; a Raw viewer asking for incremental updates notes
+/// when an update first shows N. The latency of N is that time minus the time the bench read
+/// the stamp line from the VMM's serial output (both clocks are the bench's).
+fn latency(o: &Opts, pv: &Path, probe: &Path, qemu: Option<&Path>) -> Result<()> {
+    let mut rows = Vec::new();
+    for vmm in ["pocketvisor", "qemu"] {
+        if vmm == "qemu" && qemu.is_none() {
+            continue;
+        }
+        let mut runs = Vec::new();
+        for run in 0..o.runs {
+            let (proc, port, serial) = if vmm == "pocketvisor" {
+                start_pocketvisor(pv, probe, o.size, STAMP_CMDLINE)?
+            } else {
+                start_qemu(qemu.expect("checked"), probe, o.size, run, STAMP_CMDLINE)?
+            };
+            let lat = stamp_latencies(port, &serial, Duration::from_secs(o.secs))
+                .with_context(|| format!("latency {vmm} run {run}"))?;
+            drop(proc);
+            eprintln!(
+                "display: latency {vmm} run {run}: {} ticks seen, median {:.2} ms",
+                lat.len(),
+                median(&lat).unwrap_or(f64::NAN)
+            );
+            runs.push(lat);
+        }
+        rows.push((vmm, runs));
+    }
+    println!(
+        "\nFlush to viewer (the counter at 30 ticks/s with its stamp, a Raw viewer), {} s per run, {} runs:\n",
+        o.secs, o.runs
+    );
+    println!("| VMM | ticks seen per run | median latency (ms), per run | p90 (ms), all runs |");
+    println!("| --- | --- | --- | --- |");
+    for (vmm, runs) in &rows {
+        let all: Vec<f64> = runs.iter().flatten().copied().collect();
+        let seen: Vec<String> = runs.iter().map(|r| r.len().to_string()).collect();
+        let medians: Vec<String> = runs
+            .iter()
+            .map(|r| format!("{:.2}", median(r).unwrap_or(f64::NAN)))
+            .collect();
+        println!(
+            "| {vmm} | {} | {} | {:.2} |",
+            seen.join(", "),
+            medians.join(", "),
+            bench::util::percentile(&all, 90.0).unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}
+
+/// Watches the stamp for `secs`: the latency (ms) of every tick whose stamp line was read
+/// and whose pixels reached the viewer.
+fn stamp_latencies(port: u16, serial: &Serial, secs: Duration) -> Result<Vec<f64>> {
+    use std::collections::HashMap;
+    let mut v = Viewer::connect(port, false)?;
+    let mut bits = 0u32;
+    v.request(false)?;
+    read_update(&mut v.s, Some(&mut bits))?;
+    let mut shown: HashMap<u32, Instant> = HashMap::new();
+    let start = Instant::now();
+    while start.elapsed() < secs {
+        v.request(true)?;
+        read_update(&mut v.s, Some(&mut bits))?;
+        shown.entry(bits).or_insert_with(Instant::now);
+    }
+    let mut out = Vec::new();
+    for (at, line) in serial.try_iter() {
+        let Some(n) = line
+            .strip_prefix("PROBE stamp ")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+        else {
+            continue;
+        };
+        // The stamp is the counter's low 32 bits.
+        let n = u32::try_from(n & u64::from(u32::MAX))?;
+        if let Some(&seen) = shown.get(&n) {
+            // Negative if the pixels came before the bench read the line (kept, not hidden).
+            let ms = match seen.checked_duration_since(at) {
+                Some(d) => d.as_secs_f64(),
+                None => -at.duration_since(seen).as_secs_f64(),
+            } * 1000.0;
+            out.push(ms);
+        }
+    }
+    if out.is_empty() {
+        bail!("no tick's stamp reached the viewer (stamp lines or pixels missing)");
+    }
+    Ok(out)
 }
 
 /// What an idle profile with a display costs the host over `--secs` with no viewer: its VMM's
@@ -279,23 +380,32 @@ fn cpu_jiffies() -> Result<(u64, u64)> {
     Ok((total - v[3] - v[4], total))
 }
 
-/// Waits for the probe's first frame on `proc`'s serial (its stdout).
-fn wait_first_frame(proc: &mut Proc) -> Result<String> {
+/// Lines of a guest's serial, each with the time the bench read it.
+type Serial = std::sync::mpsc::Receiver<(Instant, String)>;
+
+/// Waits for the probe's first frame on `proc`'s serial (its stdout); the lines after it
+/// keep coming on the returned channel.
+fn wait_first_frame(proc: &mut Proc) -> Result<Serial> {
     let stdout = proc.0.stdout.take().context("no stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let (later_tx, later) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-        let mut seen = String::new();
+        let mut first = true;
         while let Some(Ok(l)) = lines.next() {
-            if l.starts_with("PROBE screen frame n=1") {
-                let _ = tx.send(seen.clone());
+            if first {
+                if l.starts_with("PROBE screen frame n=1") {
+                    first = false;
+                    let _ = tx.send(());
+                }
+            } else if later_tx.send((Instant::now(), l)).is_err() {
+                break;
             }
-            seen.push_str(&l);
-            seen.push('\n');
         }
     });
     rx.recv_timeout(Duration::from_secs(60))
-        .map_err(|_| anyhow::anyhow!("the probe drew no frame within 60 s"))
+        .map_err(|_| anyhow::anyhow!("the probe drew no frame within 60 s"))?;
+    Ok(later)
 }
 
 fn start_pocketvisor(
@@ -303,7 +413,7 @@ fn start_pocketvisor(
     probe: &Path,
     (w, h): (u16, u16),
     cmdline: &str,
-) -> Result<(Proc, u16)> {
+) -> Result<(Proc, u16, Serial)> {
     let mut proc = Proc(
         Command::new(pv)
             .args(["run", "--memory", "128M", "--kernel"])
@@ -317,7 +427,7 @@ fn start_pocketvisor(
             .context("start pocketvisor")?,
     );
     let mut stderr = proc.0.stderr.take().context("no stderr")?;
-    wait_first_frame(&mut proc)?;
+    let serial = wait_first_frame(&mut proc)?;
     // The port line comes before the first frame; read what stderr holds so far.
     let mut buf = vec![0u8; 4096];
     let n = stderr.read(&mut buf)?;
@@ -327,7 +437,7 @@ fn start_pocketvisor(
         .find_map(|l| l.strip_prefix("pocketvisor: VNC server on 127.0.0.1:"))
         .and_then(|p| p.trim().parse().ok())
         .with_context(|| format!("no VNC address printed: {text}"))?;
-    Ok((proc, port))
+    Ok((proc, port, serial))
 }
 
 fn start_qemu(
@@ -336,7 +446,7 @@ fn start_qemu(
     (w, h): (u16, u16),
     run: usize,
     cmdline: &str,
-) -> Result<(Proc, u16)> {
+) -> Result<(Proc, u16, Serial)> {
     let display = 40 + u16::try_from(run % 50).unwrap_or(0);
     let mut cmd = QemuCommand::new(qemu, Machine::Pc, probe, cmdline);
     cmd.memory_mib = 128;
@@ -356,61 +466,80 @@ fn start_qemu(
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut proc = Proc(c.spawn().context("start QEMU")?);
-    wait_first_frame(&mut proc)?;
-    Ok((proc, 5900 + display))
+    let serial = wait_first_frame(&mut proc)?;
+    Ok((proc, 5900 + display, serial))
+}
+
+/// An RFB 3.8 client past the handshake (security None, Raw or ZRLE asked for).
+struct Viewer {
+    s: TcpStream,
+    w: u16,
+    h: u16,
+}
+
+impl Viewer {
+    fn connect(port: u16, zrle: bool) -> Result<Viewer> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_nodelay(true)?;
+        let mut version = [0u8; 12];
+        s.read_exact(&mut version)?;
+        s.write_all(b"RFB 003.008\n")?;
+        let mut n = [0u8; 1];
+        s.read_exact(&mut n)?;
+        let mut types = vec![0u8; usize::from(n[0])];
+        s.read_exact(&mut types)?;
+        if !types.contains(&1) {
+            bail!("the server offers no security type None: {types:?}");
+        }
+        s.write_all(&[1])?;
+        let mut result = [0u8; 4];
+        s.read_exact(&mut result)?;
+        s.write_all(&[1])?;
+        let mut init = [0u8; 24];
+        s.read_exact(&mut init)?;
+        let (w, h) = (
+            u16::from_be_bytes([init[0], init[1]]),
+            u16::from_be_bytes([init[2], init[3]]),
+        );
+        if init[4] != 32 {
+            bail!("the server's pixels are {} bits, not 32", init[4]);
+        }
+        let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
+        let mut name = vec![0u8; usize::try_from(name_len)?];
+        s.read_exact(&mut name)?;
+        let mut enc = vec![2, 0, 0, if zrle { 2 } else { 1 }];
+        if zrle {
+            enc.extend_from_slice(&16i32.to_be_bytes());
+        }
+        enc.extend_from_slice(&0i32.to_be_bytes());
+        s.write_all(&enc)?;
+        Ok(Viewer { s, w, h })
+    }
+
+    /// Asks for an update of the whole screen.
+    fn request(&mut self, incremental: bool) -> Result<()> {
+        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
+        m.extend_from_slice(&self.w.to_be_bytes());
+        m.extend_from_slice(&self.h.to_be_bytes());
+        self.s.write_all(&m)?;
+        Ok(())
+    }
 }
 
 /// Connects an RFB 3.8 client, takes a full frame, then asks for incremental updates for
 /// `secs`, counting what arrives.
 fn view(port: u16, zrle: bool, secs: Duration, pid: u32) -> Result<Sample> {
     let t0 = Instant::now();
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.set_nodelay(true)?;
-    let mut version = [0u8; 12];
-    s.read_exact(&mut version)?;
-    s.write_all(b"RFB 003.008\n")?;
-    let mut n = [0u8; 1];
-    s.read_exact(&mut n)?;
-    let mut types = vec![0u8; usize::from(n[0])];
-    s.read_exact(&mut types)?;
-    if !types.contains(&1) {
-        bail!("the server offers no security type None: {types:?}");
-    }
-    s.write_all(&[1])?;
-    let mut result = [0u8; 4];
-    s.read_exact(&mut result)?;
-    s.write_all(&[1])?;
-    let mut init = [0u8; 24];
-    s.read_exact(&mut init)?;
-    let (w, h) = (
-        u16::from_be_bytes([init[0], init[1]]),
-        u16::from_be_bytes([init[2], init[3]]),
-    );
-    let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
-    let mut name = vec![0u8; usize::try_from(name_len)?];
-    s.read_exact(&mut name)?;
-    let mut enc = vec![2, 0, 0, if zrle { 2 } else { 1 }];
-    if zrle {
-        enc.extend_from_slice(&16i32.to_be_bytes());
-    }
-    enc.extend_from_slice(&0i32.to_be_bytes());
-    s.write_all(&enc)?;
-    let request = |s: &mut TcpStream, incremental: bool| -> Result<()> {
-        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
-        m.extend_from_slice(&w.to_be_bytes());
-        m.extend_from_slice(&h.to_be_bytes());
-        s.write_all(&m)?;
-        Ok(())
-    };
-    request(&mut s, false)?;
-    read_update(&mut s)?;
+    let mut v = Viewer::connect(port, zrle)?;
+    v.request(false)?;
+    read_update(&mut v.s, None)?;
     let first_frame_ms = ms(t0.elapsed());
     let (mut bytes, mut updates) = (0u64, 0u64);
     let start = Instant::now();
     while start.elapsed() < secs {
-        request(&mut s, true)?;
-        bytes += read_update(&mut s)?;
+        v.request(true)?;
+        bytes += read_update(&mut v.s, None)?;
         updates += 1;
     }
     let took = start.elapsed().as_secs_f64();
@@ -427,8 +556,10 @@ fn view(port: u16, zrle: bool, secs: Duration, pid: u32) -> Result<Sample> {
     })
 }
 
-/// Reads server messages up to and including one FramebufferUpdate; returns its size.
-fn read_update(s: &mut TcpStream) -> Result<u64> {
+/// Reads server messages up to and including one FramebufferUpdate; returns its size. With
+/// `stamp`, the bits of the probe's stamp (pixels 0..32 of row 0, white = 1) that a Raw
+/// rectangle of the update carries are written into it.
+fn read_update(s: &mut TcpStream, mut stamp: Option<&mut u32>) -> Result<u64> {
     loop {
         let mut kind = [0u8; 1];
         s.read_exact(&mut kind)?;
@@ -454,6 +585,10 @@ fn read_update(s: &mut TcpStream) -> Result<u64> {
     for _ in 0..rects {
         let mut r = [0u8; 12];
         s.read_exact(&mut r)?;
+        let (x, y) = (
+            u16::from_be_bytes([r[0], r[1]]),
+            u16::from_be_bytes([r[2], r[3]]),
+        );
         let (w, h) = (
             u64::from(u16::from_be_bytes([r[4], r[5]])),
             u64::from(u16::from_be_bytes([r[6], r[7]])),
@@ -469,7 +604,25 @@ fn read_update(s: &mut TcpStream) -> Result<u64> {
             -223 => 0,
             other => bail!("encoding {other} was not asked for"),
         };
-        std::io::copy(&mut Read::by_ref(s).take(body), &mut std::io::sink())?;
+        let raw = i32::from_be_bytes([r[8], r[9], r[10], r[11]]) == 0;
+        match stamp.as_deref_mut() {
+            Some(bits) if raw && y == 0 && x < 32 && w > 0 && h > 0 => {
+                let mut row = vec![0u8; usize::try_from(w * 4)?];
+                s.read_exact(&mut row)?;
+                for (i, px) in row.chunks(4).enumerate().take(32 - usize::from(x)) {
+                    let bit = usize::from(x) + i;
+                    let white = px.iter().filter(|b| **b == 0xff).count() >= 2;
+                    *bits = (*bits & !(1 << bit)) | (u32::from(white) << bit);
+                }
+                std::io::copy(
+                    &mut Read::by_ref(s).take(body - w * 4),
+                    &mut std::io::sink(),
+                )?;
+            }
+            _ => {
+                std::io::copy(&mut Read::by_ref(s).take(body), &mut std::io::sink())?;
+            }
+        }
         total += 12 + body;
     }
     Ok(total)

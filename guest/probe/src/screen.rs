@@ -7,6 +7,9 @@
 //! touch highlights the tile under it. After `pv.screen.ticks` ticks (0: never) the probe
 //! powers off. With `pv.screen.hash=1` every `PROBE screen frame` line carries the FNV-1a
 //! of the whole frame as red, green, blue bytes row by row (what a host screenshot holds).
+//! With `pv.screen.stamp=1` (the display bench's latency) each tick also writes the counter's
+//! low 32 bits as a stamp, bit i white or black at pixel (i, 0), and prints `PROBE stamp N`
+//! right before it transfers and flushes that tick.
 
 use crate::virtio::gpu::{Gpu, Rect};
 use crate::virtio::input::{Event, Input, MAX_DEVICES};
@@ -95,6 +98,7 @@ struct Home {
     counter: u64,
     highlighted: Option<usize>,
     hash: bool,
+    stamp: bool,
 }
 
 impl Home {
@@ -132,6 +136,18 @@ impl Home {
                     };
                     self.fill(cell, DIGIT_FG);
                 }
+            }
+        }
+        if self.stamp && c.w >= 32 {
+            for bit in 0..32u32 {
+                let on = (self.counter >> bit) & 1 != 0;
+                let px = Rect {
+                    x: c.x + bit,
+                    y: c.y,
+                    w: 1,
+                    h: 1,
+                };
+                self.fill(px, if on { 0xffffff } else { 0 });
             }
         }
     }
@@ -343,6 +359,7 @@ pub fn run() {
         counter: 0,
         highlighted: None,
         hash: boot.arg_u64("pv.screen.hash", 0) != 0,
+        stamp: boot.arg_u64("pv.screen.stamp", 0) != 0,
     };
     probe!(
         "screen ready w={} h={} rgb={rgb:06x} header={:06x} name={}",
@@ -411,6 +428,9 @@ pub fn run() {
                 }
             } else {
                 home.draw_counter();
+                if home.stamp {
+                    probe!("stamp {}", home.counter);
+                }
                 if !home.present(home.layout.counter, "tick") {
                     return;
                 }
