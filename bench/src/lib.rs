@@ -4,4 +4,5 @@ pub mod compare;
 pub mod portable;
 pub mod qmp;
 pub mod rawexit;
+pub mod rfb;
 pub mod util;

@@ -20,13 +20,13 @@
 //! (the counter once a second, no viewer): the VMM's wakeups per second and the host's CPU,
 //! against no VM at all.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::rfb::{Viewer, Watched};
 use bench::util::{median, ms, Args, Proc};
 use e2e::qemu::{Machine, QemuCommand};
 
@@ -247,15 +247,20 @@ fn latency(o: &Opts, pv: &Path, probe: &Path, qemu: Option<&Path>) -> Result<()>
 fn stamp_latencies(port: u16, serial: &Serial, secs: Duration) -> Result<Vec<f64>> {
     use std::collections::HashMap;
     let mut v = Viewer::connect(port, false)?;
-    let mut bits = 0u32;
+    let mut stamp: Vec<Watched> = (0..32).map(|x| Watched::at(x, 0)).collect();
+    let value = |stamp: &[Watched]| {
+        stamp.iter().enumerate().fold(0u32, |acc, (i, p)| {
+            acc | (u32::from(p.rgb == Some([255, 255, 255])) << i)
+        })
+    };
     v.request(false)?;
-    read_update(&mut v.s, Some(&mut bits))?;
+    v.read_update(&mut stamp)?;
     let mut shown: HashMap<u32, Instant> = HashMap::new();
     let start = Instant::now();
     while start.elapsed() < secs {
         v.request(true)?;
-        read_update(&mut v.s, Some(&mut bits))?;
-        shown.entry(bits).or_insert_with(Instant::now);
+        v.read_update(&mut stamp)?;
+        shown.entry(value(&stamp)).or_insert_with(Instant::now);
     }
     let mut out = Vec::new();
     for (at, line) in serial.try_iter() {
@@ -470,76 +475,19 @@ fn start_qemu(
     Ok((proc, 5900 + display, serial))
 }
 
-/// An RFB 3.8 client past the handshake (security None, Raw or ZRLE asked for).
-struct Viewer {
-    s: TcpStream,
-    w: u16,
-    h: u16,
-}
-
-impl Viewer {
-    fn connect(port: u16, zrle: bool) -> Result<Viewer> {
-        let mut s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        s.set_nodelay(true)?;
-        let mut version = [0u8; 12];
-        s.read_exact(&mut version)?;
-        s.write_all(b"RFB 003.008\n")?;
-        let mut n = [0u8; 1];
-        s.read_exact(&mut n)?;
-        let mut types = vec![0u8; usize::from(n[0])];
-        s.read_exact(&mut types)?;
-        if !types.contains(&1) {
-            bail!("the server offers no security type None: {types:?}");
-        }
-        s.write_all(&[1])?;
-        let mut result = [0u8; 4];
-        s.read_exact(&mut result)?;
-        s.write_all(&[1])?;
-        let mut init = [0u8; 24];
-        s.read_exact(&mut init)?;
-        let (w, h) = (
-            u16::from_be_bytes([init[0], init[1]]),
-            u16::from_be_bytes([init[2], init[3]]),
-        );
-        if init[4] != 32 {
-            bail!("the server's pixels are {} bits, not 32", init[4]);
-        }
-        let name_len = u32::from_be_bytes([init[20], init[21], init[22], init[23]]);
-        let mut name = vec![0u8; usize::try_from(name_len)?];
-        s.read_exact(&mut name)?;
-        let mut enc = vec![2, 0, 0, if zrle { 2 } else { 1 }];
-        if zrle {
-            enc.extend_from_slice(&16i32.to_be_bytes());
-        }
-        enc.extend_from_slice(&0i32.to_be_bytes());
-        s.write_all(&enc)?;
-        Ok(Viewer { s, w, h })
-    }
-
-    /// Asks for an update of the whole screen.
-    fn request(&mut self, incremental: bool) -> Result<()> {
-        let mut m = vec![3, u8::from(incremental), 0, 0, 0, 0];
-        m.extend_from_slice(&self.w.to_be_bytes());
-        m.extend_from_slice(&self.h.to_be_bytes());
-        self.s.write_all(&m)?;
-        Ok(())
-    }
-}
-
 /// Connects an RFB 3.8 client, takes a full frame, then asks for incremental updates for
 /// `secs`, counting what arrives.
 fn view(port: u16, zrle: bool, secs: Duration, pid: u32) -> Result<Sample> {
     let t0 = Instant::now();
     let mut v = Viewer::connect(port, zrle)?;
     v.request(false)?;
-    read_update(&mut v.s, None)?;
+    v.read_update(&mut [])?;
     let first_frame_ms = ms(t0.elapsed());
     let (mut bytes, mut updates) = (0u64, 0u64);
     let start = Instant::now();
     while start.elapsed() < secs {
         v.request(true)?;
-        bytes += read_update(&mut v.s, None)?;
+        bytes += v.read_update(&mut [])?;
         updates += 1;
     }
     let took = start.elapsed().as_secs_f64();
@@ -554,76 +502,4 @@ fn view(port: u16, zrle: bool, secs: Duration, pid: u32) -> Result<Sample> {
         updates_per_s: updates as f64 / took,
         rss_mib: rss_kib / 1024.0,
     })
-}
-
-/// Reads server messages up to and including one FramebufferUpdate; returns its size. With
-/// `stamp`, the bits of the probe's stamp (pixels 0..32 of row 0, white = 1) that a Raw
-/// rectangle of the update carries are written into it.
-fn read_update(s: &mut TcpStream, mut stamp: Option<&mut u32>) -> Result<u64> {
-    loop {
-        let mut kind = [0u8; 1];
-        s.read_exact(&mut kind)?;
-        match kind[0] {
-            0 => break,
-            2 => continue, // Bell
-            3 => {
-                let mut head = [0u8; 7];
-                s.read_exact(&mut head)?;
-                let len = u32::from_be_bytes([head[3], head[4], head[5], head[6]]);
-                std::io::copy(
-                    &mut Read::by_ref(s).take(u64::from(len)),
-                    &mut std::io::sink(),
-                )?;
-            }
-            other => bail!("server message {other}"),
-        }
-    }
-    let mut head = [0u8; 3];
-    s.read_exact(&mut head)?;
-    let rects = u16::from_be_bytes([head[1], head[2]]);
-    let mut total = 4u64;
-    for _ in 0..rects {
-        let mut r = [0u8; 12];
-        s.read_exact(&mut r)?;
-        let (x, y) = (
-            u16::from_be_bytes([r[0], r[1]]),
-            u16::from_be_bytes([r[2], r[3]]),
-        );
-        let (w, h) = (
-            u64::from(u16::from_be_bytes([r[4], r[5]])),
-            u64::from(u16::from_be_bytes([r[6], r[7]])),
-        );
-        let body = match i32::from_be_bytes([r[8], r[9], r[10], r[11]]) {
-            0 => w * h * 4,
-            16 => {
-                let mut len = [0u8; 4];
-                s.read_exact(&mut len)?;
-                total += 4;
-                u64::from(u32::from_be_bytes(len))
-            }
-            -223 => 0,
-            other => bail!("encoding {other} was not asked for"),
-        };
-        let raw = i32::from_be_bytes([r[8], r[9], r[10], r[11]]) == 0;
-        match stamp.as_deref_mut() {
-            Some(bits) if raw && y == 0 && x < 32 && w > 0 && h > 0 => {
-                let mut row = vec![0u8; usize::try_from(w * 4)?];
-                s.read_exact(&mut row)?;
-                for (i, px) in row.chunks(4).enumerate().take(32 - usize::from(x)) {
-                    let bit = usize::from(x) + i;
-                    let white = px.iter().filter(|b| **b == 0xff).count() >= 2;
-                    *bits = (*bits & !(1 << bit)) | (u32::from(white) << bit);
-                }
-                std::io::copy(
-                    &mut Read::by_ref(s).take(body - w * 4),
-                    &mut std::io::sink(),
-                )?;
-            }
-            _ => {
-                std::io::copy(&mut Read::by_ref(s).take(body), &mut std::io::sink())?;
-            }
-        }
-        total += 12 + body;
-    }
-    Ok(total)
 }

@@ -20,6 +20,12 @@
 //!    profiles' cgroup CPU weight files (`cpu.weight`, or `cpu.shares` on cgroup v1) are read
 //!    to check the new weights were already in place.
 //!
+//! 3. The device screen after a switch: two probe-guest profiles with a 720x1280 display
+//!    (`pv.mode=screen`, work and personal colours), a Raw RFB viewer on the device screen
+//!    (`GET /v1/device/view`) waiting with an incremental request; each of `--runs` switches
+//!    (API call, alternating) is timed from the call to the update whose pixel near the
+//!    bottom-right corner shows the new profile's colour (the issue's goal: under 50 ms).
+//!
 //! QEMU (`-M microvm`, KVM) runs the same number of probe guests with the same memory size
 //! at once, measured the same way, for the RSS/PSS comparison.
 
@@ -205,6 +211,97 @@ struct Scenario {
     memory: MemoryFigures,
     /// The daemon process alone (without its VMM children), with the profiles running.
     daemon: TreeMemory,
+}
+
+/// The device screen's first frame of the other profile after a switch.
+#[derive(Debug, Clone, Serialize)]
+struct ScreenSwitch {
+    median_ms: f64,
+    p95_ms: f64,
+    max_ms: f64,
+    /// The switch call alone (median), for comparison.
+    api_median_ms: f64,
+    samples_ms: Vec<f64>,
+}
+
+/// The screen profiles' colours and their cmdline.
+const SCREENS: [(&str, [u8; 3]); 2] = [
+    ("work", [0x2a, 0x9d, 0x8f]),
+    ("personal", [0xe7, 0x6f, 0x51]),
+];
+
+/// Measures the device screen's first frame after `runs` switches (see the module doc).
+fn screen_switch(bin: &Path, probe: &Path, runs: usize) -> Result<ScreenSwitch> {
+    eprintln!("{TAG}: device screen after a switch, {runs} switches");
+    let mut d = Daemon::start(bin, probe, true, "screen")?;
+    for (name, [r, g, b]) in SCREENS {
+        let spec = ProfileSpec::from_toml(&format!(
+            "name = \"{name}\"\nkernel = \"probe\"\n\
+             cmdline = \"pv.mode=screen pv.screen.rgb={r:02x}{g:02x}{b:02x} pv.screen.ms=1000\"\n\
+             memory_mib = 80\nscreen = true\ndisplay = {{ width = 720, height = 1280 }}\n"
+        ))?;
+        let req = CreateProfile {
+            spec: Some(spec),
+            ..Default::default()
+        };
+        let _: ProfileInfo = d
+            .client()
+            .call("POST", "/v1/profiles", Some(&req))
+            .with_context(|| format!("create {name}"))?;
+        d.names.push(name.to_string());
+        d.act(name, "start")?;
+    }
+    let t0 = Instant::now();
+    while !SCREENS
+        .iter()
+        .all(|(n, _)| d.serial(n).contains("PROBE screen frame n=1"))
+    {
+        if t0.elapsed() > BOOT_TIMEOUT {
+            bail!("the screen guests drew no frame: {}", d.log_tail());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let view: serde_json::Value = d.client().call("GET", "/v1/device/view", None::<&()>)?;
+    let port: u16 = view["vnc"]
+        .as_str()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("no device VNC address: {view}"))?;
+    let mut v = bench::rfb::Viewer::connect(port, false)?;
+    let mut corner = [bench::rfb::Watched::at(v.width - 3, v.height - 3)];
+    v.request(false)?;
+    v.read_update(&mut corner)?;
+    let (mut samples, mut calls) = (Vec::new(), Vec::new());
+    for i in 0..=runs {
+        let (name, rgb) = SCREENS[i % 2];
+        let started = Instant::now();
+        d.act(name, "switch")?;
+        let call = ms(started.elapsed());
+        while corner[0].rgb != Some(rgb) {
+            if started.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "{name}'s screen did not reach the device screen in 10 s (corner {:?})",
+                    corner[0].rgb
+                );
+            }
+            v.request(true)?;
+            v.read_update(&mut corner)?;
+        }
+        // The first switch may find the profile in front already; it is not counted.
+        if i > 0 {
+            samples.push(ms(started.elapsed()));
+            calls.push(call);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.shutdown();
+    Ok(ScreenSwitch {
+        median_ms: median(&samples).unwrap_or(f64::NAN),
+        p95_ms: percentile(&samples, 95.0).unwrap_or(f64::NAN),
+        max_ms: samples.iter().copied().fold(f64::NAN, f64::max),
+        api_median_ms: median(&calls).unwrap_or(f64::NAN),
+        samples_ms: samples,
+    })
 }
 
 /// QEMU running `vms` probe guests at once.
@@ -547,6 +644,7 @@ struct Results {
     memory_mib: u64,
     pocketvisor_bin: PathBuf,
     scenarios: Vec<Scenario>,
+    screen_switch: ScreenSwitch,
     qemu: Vec<QemuFigures>,
     no_qemu_reason: Option<String>,
 }
@@ -566,6 +664,7 @@ fn run(o: Opts) -> Result<()> {
             );
         }
     }
+    let screen_switch = screen_switch(&bin, &probe, o.runs).context("device screen switch")?;
     let mut qemu = Vec::new();
     let mut no_qemu_reason = None;
     match QemuCommand::find_binary() {
@@ -594,6 +693,7 @@ fn run(o: Opts) -> Result<()> {
         memory_mib: o.memory_mib,
         pocketvisor_bin: bin,
         scenarios,
+        screen_switch,
         qemu,
         no_qemu_reason,
     };
@@ -672,6 +772,25 @@ fn table(r: &Results) -> String {
             "-".into(),
         ]);
     }
+    let sw = &r.screen_switch;
+    for (key, v) in [
+        ("median", sw.median_ms),
+        ("p95", sw.p95_ms),
+        ("max", sw.max_ms),
+    ] {
+        rows.push([
+            format!("device screen: other profile's first frame after switch, {key} (ms)"),
+            num(v),
+            "-".into(),
+            "-".into(),
+        ]);
+    }
+    rows.push([
+        "  the switch call alone, median (ms)".into(),
+        num(sw.api_median_ms),
+        "-".into(),
+        "-".into(),
+    ]);
     let header = ["metric", "pocketvisor", "qemu", "ratio"].map(String::from);
     let mut widths = [0usize; 4];
     for row in std::iter::once(&header).chain(&rows) {
