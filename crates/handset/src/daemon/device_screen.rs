@@ -17,7 +17,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
 
 use display::{Compositor, Foreground, Frame, RfbSource};
@@ -29,8 +29,6 @@ use crate::error::{Error, Result};
 /// How long a read from the foreground's VMM may wait before the thread looks at the
 /// foreground again (an idle screen sends nothing; the session is then opened again).
 const SOURCE_WAIT: Duration = Duration::from_secs(1);
-/// How often a viewer's thread looks for a new frame while its viewer is quiet.
-const VIEWER_TICK: Duration = Duration::from_millis(10);
 /// Viewers of the device screen at once (each has a thread); more are turned away.
 const MAX_VIEWERS: usize = 8;
 /// Status bar height for a screen `width` pixels wide: about 1/18 of it, at least 12 rows.
@@ -38,10 +36,12 @@ fn bar_rows(width: usize) -> usize {
     (width / 18).max(12)
 }
 
-/// The latest composed frame and a count that grows with each one.
+/// The latest composed frame and a count that grows with each one; each viewer's thread is
+/// woken at once by a new frame (no polling).
 #[derive(Default)]
 struct Published {
     frame: Mutex<Option<(u64, Frame)>>,
+    viewers: Mutex<Vec<mpsc::Sender<ViewerEvent>>>,
 }
 
 impl Published {
@@ -49,11 +49,32 @@ impl Published {
         let mut slot = self.frame.lock().unwrap_or_else(|e| e.into_inner());
         let generation = slot.as_ref().map_or(0, |(g, _)| g + 1);
         *slot = Some((generation, frame));
+        drop(slot);
+        // A viewer that is gone dropped its receiver: its sender goes.
+        self.viewers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|tx| tx.send(ViewerEvent::Frame).is_ok());
     }
 
     fn latest(&self) -> Option<(u64, Frame)> {
         self.frame.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Wakes `tx` at every frame published from now on.
+    fn subscribe(&self, tx: mpsc::Sender<ViewerEvent>) {
+        self.viewers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx);
+    }
+}
+
+/// What wakes a viewer's thread: a new frame, bytes from its client, or its client's end.
+enum ViewerEvent {
+    Frame,
+    Client(Vec<u8>),
+    Closed(std::io::Result<()>),
 }
 
 /// The device screen's listener, once opened.
@@ -339,7 +360,9 @@ fn accept(listener: TcpListener, published: Arc<Published>, sink: Arc<InputSink>
     }
 }
 
-/// One viewer's RFB session over the published frames; its input goes to `sink`.
+/// One viewer's RFB session over the published frames; its input goes to `sink`. A reader
+/// thread passes the client's bytes on; the session's thread sleeps until they or a new
+/// frame come.
 fn serve_viewer(
     mut stream: TcpStream,
     published: &Published,
@@ -354,28 +377,58 @@ fn serve_viewer(
         rfb::notice::NoticeSession::new(width, height, "pocketvisor device", &[]).keep_input();
     session.show(first.rgb());
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(VIEWER_TICK))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    stream.write_all(rfb::notice::NoticeSession::greeting())?;
-    let mut buf = [0u8; 4096];
-    loop {
-        match stream.read(&mut buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                let out = session
-                    .receive(&buf[..n])
-                    .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
-                stream.write_all(&out)?;
-                sink.forward(session.take_input());
+    let (tx, rx) = mpsc::channel();
+    published.subscribe(tx.clone());
+    let mut reader = stream.try_clone()?;
+    std::thread::Builder::new()
+        .name("device-viewer-rx".into())
+        .spawn(move || {
+            let mut buf = [0u8; 4096];
+            let end = loop {
+                match reader.read(&mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        if tx.send(ViewerEvent::Client(buf[..n].to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = tx.send(ViewerEvent::Closed(end));
+        })?;
+    let result = (|| {
+        stream.write_all(rfb::notice::NoticeSession::greeting())?;
+        // A frame published between latest() and subscribe() is picked up here.
+        let mut event = ViewerEvent::Frame;
+        loop {
+            match event {
+                ViewerEvent::Client(bytes) => {
+                    let out = session
+                        .receive(&bytes)
+                        .map_err(|e| std::io::Error::new(ErrorKind::InvalidData, e))?;
+                    stream.write_all(&out)?;
+                    sink.forward(session.take_input());
+                }
+                ViewerEvent::Frame => {
+                    if let Some((generation, frame)) = published.latest() {
+                        if generation != shown {
+                            shown = generation;
+                            stream.write_all(&session.show(frame.rgb()))?;
+                        }
+                    }
+                }
+                ViewerEvent::Closed(end) => return end,
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-            Err(e) => return Err(e),
+            event = match rx.recv() {
+                Ok(e) => e,
+                Err(_) => return Ok(()),
+            };
         }
-        if let Some((generation, frame)) = published.latest() {
-            if generation != shown {
-                shown = generation;
-                stream.write_all(&session.show(frame.rgb()))?;
-            }
-        }
-    }
+    })();
+    // The reader thread ends when its socket does.
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    result
 }
