@@ -125,6 +125,11 @@ pub struct ReceiveArgs {
     /// Serve the control API on this unix socket once the guest runs.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Start from the copy of this guest kept here (`migrate --keep DIR`), with the disks at
+    /// the --disk paths as they were then: the source sends only the pages and disk chunks
+    /// that differ from it (a return from the cloud host).
+    #[arg(long, value_name = "DIR")]
+    base: Option<PathBuf>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -176,7 +181,7 @@ pub fn receive(a: ReceiveArgs) -> Result<i32> {
         taps: a.tap,
         disk_keys: Vec::new(),
     };
-    let vm = vmm::migration::receive(conn, &key, tls.as_ref(), &overrides)
+    let vm = vmm::migration::receive_onto(conn, &key, tls.as_ref(), &overrides, a.base.as_deref())
         .with_context(|| format!("the migration from {peer} failed; nothing runs here"))?;
     eprintln!("pocketvisor: migrated from {peer}; the guest runs here");
     crate::run::run_vm(vm, a.api_socket.as_deref())

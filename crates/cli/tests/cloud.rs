@@ -125,6 +125,12 @@ impl Host {
 
     /// A counting probe with a disk (`<name>.img`), its API socket `<name>.sock`.
     fn device_vm(&self, name: &str) -> Vmm {
+        self.device_vm_mode(name, "counter")
+    }
+
+    /// [`Host::device_vm`] in probe mode `mode` (`counter`, or `blk-counter`, which also
+    /// writes its disk).
+    fn device_vm_mode(&self, name: &str, mode: &str) -> Vmm {
         let probe = common::probe(true).expect("the probe was there a moment ago");
         let mut image: Vec<u8> = (0..DISK_BYTES / 2)
             .map(|i| u8::try_from((i * 7 + name.len()) % 251).unwrap())
@@ -137,12 +143,9 @@ impl Host {
         );
         let vm = Vmm(Command::new(bin())
             .args(["run", "--kernel", probe.to_str().unwrap()])
-            .args([
-                "--cmdline",
-                "pv.mode=counter pv.counter.ms=20",
-                "--memory",
-                "64M",
-            ])
+            .arg("--cmdline")
+            .arg(format!("pv.mode={mode} pv.counter.ms=20"))
+            .args(["--memory", "64M"])
             .args(["--serial", &serial, "--api-socket"])
             .arg(self.dir.path(&format!("{name}.sock")))
             .arg("--disk")
@@ -154,11 +157,12 @@ impl Host {
         assert!(
             wait_for(
                 &self.dir.path(&format!("{name}.serial")),
-                "PROBE counter 3\n",
+                &format!("PROBE {mode} 3\n"),
                 WAIT
             ),
-            "the device's guest does not count: {}",
-            read(&self.dir.path(&format!("{name}.stderr")))
+            "the device's guest does not count: {}\n{}",
+            read(&self.dir.path(&format!("{name}.stderr"))),
+            read(&self.dir.path(&format!("{name}.serial")))
         );
         vm
     }
@@ -199,6 +203,8 @@ fn host(name: &str) -> Option<Host> {
     issue(&dir.0, "cloud", "127.0.0.1", &ca);
     issue(&dir.0, "phone", "phone.example", &ca);
     issue(&dir.0, "tablet", "tablet.example", &ca);
+    // The phone as the destination of a return: its certificate names the address.
+    issue(&dir.0, "phone-home", "127.0.0.1", &ca);
     let key = dir.path("cloud.mkey");
     std::fs::write(&key, "5a".repeat(32) + "\n").unwrap();
     let stderr = dir.path("serve.stderr");
@@ -364,6 +370,189 @@ fn the_device_keeps_a_copy_of_the_guest_as_it_was_at_the_switch() {
         restored_first.abs_diff(twin_first) <= 1,
         "the kept copy starts at {restored_first}, the twin started at {twin_first}"
     );
+}
+
+/// The values of every complete `PROBE blk-counter N` line.
+fn blk_counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("PROBE blk-counter "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+fn figure(said: &str, key: &str) -> u64 {
+    said.split(&format!(" {key}="))
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no {key}= in {said}"))
+}
+
+/// Seconds of work in the cloud before the return (the issue's measure is 60).
+fn work_secs() -> u64 {
+    std::env::var("PV_CLOUD_WORK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
+
+#[test]
+fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
+    let Some(h) = host("return") else {
+        return;
+    };
+    let mut phone = h.device_vm_mode("phone", "blk-counter");
+    let kept = h.dir.path("kept");
+    let out = h.offload_with(
+        "phone",
+        "phone",
+        "work",
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let offload_bytes = figure(&text(&out), "bytes");
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let at_switch = *blk_counters(&read(&h.dir.path("phone.serial")))
+        .last()
+        .unwrap();
+    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
+    let twin_log = twin.join("serial.log");
+
+    // Work in the cloud: the twin writes its disk every 20 ms.
+    let secs = work_secs();
+    std::thread::sleep(Duration::from_secs(secs));
+    let worked = blk_counters(&read(&twin_log));
+    assert!(
+        worked.last().is_some_and(|&n| n > at_switch + 10),
+        "the twin did not work: {worked:?} after {at_switch}"
+    );
+
+    // The phone waits for its profile, starting from the copy it kept.
+    let stderr = h.dir.path("home.stderr");
+    let mut home = Vmm(Command::new(bin())
+        .args(["receive", "--listen", "127.0.0.1:0", "--key"])
+        .arg(&h.key)
+        .arg("--base")
+        .arg(&kept)
+        .arg("--disk")
+        .arg(h.dir.path("phone.img"))
+        .arg("--serial")
+        .arg(format!("file:{}", h.dir.path("home.serial").display()))
+        .arg("--api-socket")
+        .arg(h.dir.path("home.sock"))
+        .args(tls_args(&h.dir.0, "phone-home"))
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap());
+    let listen_line = || {
+        let text = read(&stderr);
+        let rest = text.split("waiting for a migration on ").nth(1)?;
+        Some(rest.split_once('\n')?.0.trim().to_string())
+    };
+    assert!(
+        wait_until(|| listen_line().is_some(), WAIT),
+        "{}",
+        read(&stderr)
+    );
+    let home_addr = listen_line().unwrap();
+    // The twin migrates back (its API socket is named relative to its directory).
+    let out = Command::new(bin())
+        .current_dir(&twin)
+        .args([
+            "migrate",
+            "--api-socket",
+            "api.sock",
+            "--to",
+            &home_addr,
+            "--key",
+        ])
+        .arg(&h.key)
+        .args(tls_args(&h.dir.0, "cloud"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "return: {}\n{}",
+        text(&out),
+        read(&stderr)
+    );
+    let said = text(&out);
+    let (return_bytes, skipped) = (figure(&said, "bytes"), figure(&said, "base_skipped"));
+    // The phone's digests go the other way: the return costs both.
+    let digests = figure(&said, "base_received");
+    assert!(skipped > 0, "nothing was left out: {said}");
+    assert!(
+        return_bytes + digests < offload_bytes,
+        "the return ({return_bytes} B, and {digests} B of digests back) is not smaller than a \
+         full move ({offload_bytes} B)"
+    );
+    let _ = writeln_measure(secs, offload_bytes, return_bytes, digests, skipped);
+
+    // The counter never goes back: the phone goes on from the twin's last, not the kept copy.
+    let home_log = h.dir.path("home.serial");
+    assert!(
+        wait_until(|| blk_counters(&read(&home_log)).len() >= 3, WAIT),
+        "the phone does not run the returned guest: {}",
+        read(&stderr)
+    );
+    let twin_last = *blk_counters(&read(&twin_log)).last().unwrap();
+    let first_home = blk_counters(&read(&home_log))[0];
+    assert!(
+        first_home + 1 >= twin_last && first_home <= twin_last + 2 && first_home > at_switch + 10,
+        "the phone went on at {first_home}; the twin stopped at {twin_last}, the switch was at \
+         {at_switch}"
+    );
+
+    // The disk: the twin's as it left, but for the slots the phone wrote since.
+    let paused = Command::new(bin())
+        .args(["pause", "--api-socket"])
+        .arg(h.dir.path("home.sock"))
+        .output()
+        .unwrap();
+    assert!(paused.status.success(), "{}", text(&paused));
+    let home_last = *blk_counters(&read(&home_log)).last().unwrap();
+    let (ours, theirs) = (
+        std::fs::read(h.dir.path("phone.img")).unwrap(),
+        std::fs::read(twin.join("disk0.img")).unwrap(),
+    );
+    assert_eq!(ours.len(), theirs.len());
+    let slots = u64::try_from(ours.len() / 4096).unwrap();
+    let written_since: Vec<u64> = (twin_last + 1..=home_last + 1).map(|n| n % slots).collect();
+    assert!(
+        written_since.len() < ours.len() / 4096 / 2,
+        "the phone wrote {} slots before it paused: too many to compare the rest",
+        written_since.len()
+    );
+    for slot in 0..slots {
+        let start = usize::try_from(slot).unwrap() * 4096;
+        let range = start..start + 4096;
+        if !written_since.contains(&slot) {
+            assert!(
+                ours[range.clone()] == theirs[range],
+                "disk slot {slot} differs from the twin's"
+            );
+        }
+    }
+    drop(home.0.kill());
+}
+
+/// The issue's measure: a return against a full move of the same guest (the offload).
+fn writeln_measure(
+    secs: u64,
+    full: u64,
+    ret: u64,
+    digests: u64,
+    skipped: u64,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    // Both ways count: the return's bytes and the digests the device sent for it.
+    let percent = 100.0 * (1.0 - (ret + digests) as f64 / full as f64);
+    writeln!(
+        std::io::stderr().lock(),
+        "MEASURE cloud-return work_s={secs} full_move_bytes={full} return_bytes={ret} \
+         digest_bytes_back={digests} base_skipped_bytes={skipped} saving_percent={percent:.1}"
+    )
 }
 
 /// Sends `frames` on a fresh channel as `phone` and returns the host's answer (its reason).

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use devices::virtio::block::dirty::CHUNK_SIZE;
 use devices::virtio::block::DirtyChunks;
 
+use super::base::{self, Digest32};
 use super::refused;
 use super::wire::{Channel, Kind};
 use crate::Error;
@@ -48,6 +49,22 @@ impl DiskOut {
     pub(crate) fn size(&self) -> u64 {
         self.dirty.disk_bytes()
     }
+
+    /// Its chunks, as a base lists them.
+    pub(crate) fn chunk_count(&self) -> u64 {
+        self.dirty.chunk_count()
+    }
+}
+
+/// Which chunks of the first round to leave out.
+#[derive(Clone, Copy)]
+enum Skip<'a> {
+    /// All-zero chunks (the destination starts from a file of holes).
+    Zero,
+    /// Chunks whose digest is the destination's (it starts from its base).
+    Same(&'a Digest32),
+    /// None (a chunk written since it was sent).
+    Never,
 }
 
 /// Runs of disk data gathered into `Disk` frames.
@@ -56,6 +73,8 @@ pub(crate) struct DiskBatch {
     buf: Vec<u8>,
     /// Chunks sent so far.
     pub(crate) chunks: u64,
+    /// Bytes left out because the destination's base had them.
+    pub(crate) skipped: u64,
 }
 
 impl DiskBatch {
@@ -64,20 +83,28 @@ impl DiskBatch {
             payload: Vec::with_capacity(FRAME_BYTES + CHUNK_LEN + RUN_HEADER),
             buf: vec![0; CHUNK_LEN],
             chunks: 0,
+            skipped: 0,
         }
     }
 
-    /// Sends every chunk of every disk that is not all zeros, after clearing the dirty
-    /// bitmaps (writes completing from now on are sent again later).
+    /// Sends every chunk of every disk that is not all zeros, or with `base` every chunk
+    /// whose digest differs from the base's, after clearing the dirty bitmaps (writes
+    /// completing from now on are sent again later).
     pub(crate) fn send_all<S: Read + Write>(
         &mut self,
         ch: &mut Channel<S>,
         disks: &[DiskOut],
+        base: Option<&[Vec<Digest32>]>,
     ) -> Result<(), Error> {
         for (i, d) in disks.iter().enumerate() {
             d.dirty.take();
             for c in 0..d.dirty.chunk_count() {
-                self.send_chunk(ch, i, d, c, true)?;
+                let skip = match base {
+                    // The base was checked to have one digest per chunk.
+                    Some(b) => Skip::Same(&b[i][usize::try_from(c).map_err(refused)?]),
+                    None => Skip::Zero,
+                };
+                self.send_chunk(ch, i, d, c, skip)?;
             }
         }
         self.flush(ch)
@@ -92,7 +119,7 @@ impl DiskBatch {
         let mut bytes = 0;
         for (i, d) in disks.iter().enumerate() {
             for c in d.dirty.take() {
-                bytes += self.send_chunk(ch, i, d, c, false)?;
+                bytes += self.send_chunk(ch, i, d, c, Skip::Never)?;
             }
         }
         self.flush(ch)?;
@@ -110,7 +137,7 @@ impl DiskBatch {
         disk: usize,
         d: &DiskOut,
         chunk: u64,
-        skip_zero: bool,
+        skip: Skip<'_>,
     ) -> Result<u64, Error> {
         let Some((offset, len)) = d.dirty.chunk_range(chunk) else {
             return Ok(0);
@@ -122,8 +149,13 @@ impl DiskBatch {
         d.file
             .read_exact_at(data, offset)
             .map_err(|e| refused(format!("reading disk {disk} at {offset:#x}: {e}")))?;
-        if skip_zero && data.iter().all(|&b| b == 0) {
-            return Ok(0);
+        match skip {
+            Skip::Zero if data.iter().all(|&b| b == 0) => return Ok(0),
+            Skip::Same(d) if base::digest(data) == *d => {
+                self.skipped += len;
+                return Ok(0);
+            }
+            _ => {}
         }
         let disk = u32::try_from(disk).map_err(|_| refused("too many disks"))?;
         self.payload.extend_from_slice(&disk.to_le_bytes());
@@ -198,6 +230,34 @@ impl DiskIn {
             .set_len(size)
             .map_err(|e| refused(format!("cannot size {}: {e}", disk.temp.display())))?;
         Ok(disk)
+    }
+
+    /// Starts the temporary file from the disk at the path (the destination's base), and
+    /// returns the digest of each of its chunks. One pass: all-zero chunks stay holes.
+    pub(crate) fn start_from_base(&mut self) -> Result<Vec<Digest32>, Error> {
+        let from = hostfs::open_regular(&self.path, false)
+            .map_err(|e| refused(format!("base disk {}: {e}", self.path.display())))?;
+        let mut buf = vec![0u8; CHUNK_LEN];
+        let mut digests = Vec::new();
+        let mut offset = 0;
+        while offset < self.size {
+            let len = (self.size - offset).min(CHUNK_SIZE);
+            let data = &mut buf[..usize::try_from(len).map_err(refused)?];
+            from.read_exact_at(data, offset).map_err(|e| {
+                refused(format!(
+                    "reading the base disk {} at {offset:#x}: {e}",
+                    self.path.display()
+                ))
+            })?;
+            if data.iter().any(|&b| b != 0) {
+                self.file
+                    .write_all_at(data, offset)
+                    .map_err(|e| refused(format!("cannot write {}: {e}", self.temp.display())))?;
+            }
+            digests.push(base::digest(data));
+            offset += len;
+        }
+        Ok(digests)
     }
 
     /// The temporary file the VM opens until the commit (the inode stays the same across the
@@ -377,7 +437,7 @@ mod tests {
         let inc = [DiskIn::create(&dst_path, out[0].size()).unwrap()];
         let (mut tx, mut rx) = channels();
         let mut batch = DiskBatch::new();
-        batch.send_all(&mut tx, &out).unwrap();
+        batch.send_all(&mut tx, &out, None).unwrap();
         assert_eq!(batch.chunks, 2, "all-zero chunks are not sent");
         assert_eq!(receive_all(&mut rx, 1, &inc), CHUNK_SIZE + 4096);
 
@@ -405,6 +465,40 @@ mod tests {
             ["dst.img", "src.img"],
             "no temporary file is left"
         );
+    }
+
+    #[test]
+    fn onto_a_base_only_the_chunks_that_differ_are_sent_and_the_disk_arrives_whole() {
+        let dir = Dir::new("base");
+        let src_path = dir.0.join("src.img");
+        let dst_path = dir.0.join("dst.img");
+        let size = 4 * CHUNK_SIZE + 4096;
+        // The destination kept the disk as it was: data in chunks 0, 2 and the short last one.
+        let mut kept = vec![0u8; size as usize];
+        kept[..CHUNK_SIZE as usize].fill(0x10);
+        kept[(2 * CHUNK_SIZE) as usize..(3 * CHUNK_SIZE) as usize].fill(0x20);
+        kept[(4 * CHUNK_SIZE) as usize..].fill(0x40);
+        std::fs::write(&dst_path, &kept).unwrap();
+        // Since then the source rewrote chunk 2 and zeroed chunk 0.
+        let mut now = kept.clone();
+        now[(2 * CHUNK_SIZE) as usize + 7] = 0x99;
+        now[..CHUNK_SIZE as usize].fill(0);
+        std::fs::write(&src_path, &now).unwrap();
+
+        let out = [DiskOut::open(&src_path, Arc::new(DirtyChunks::new(size))).unwrap()];
+        let mut inc = [DiskIn::create(&dst_path, size).unwrap()];
+        let digests = inc[0].start_from_base().unwrap();
+        assert_eq!(digests.len() as u64, out[0].chunk_count());
+        assert_eq!(digests[1], base::digest(&[0u8; CHUNK_LEN]));
+        let (mut tx, mut rx) = channels();
+        let mut batch = DiskBatch::new();
+        batch.send_all(&mut tx, &out, Some(&[digests])).unwrap();
+        assert_eq!(batch.chunks, 2, "chunks 0 and 2 differ");
+        assert_eq!(batch.skipped, 2 * CHUNK_SIZE + 4096);
+        assert_eq!(receive_all(&mut rx, 1, &inc), 2 * CHUNK_SIZE);
+        inc[0].sync().unwrap();
+        inc[0].commit().unwrap();
+        assert_eq!(std::fs::read(&dst_path).unwrap(), now);
     }
 
     #[test]

@@ -31,6 +31,7 @@
 pub mod tls;
 pub mod wire;
 
+mod base;
 mod disk;
 mod fault;
 
@@ -51,6 +52,7 @@ use crate::snapshot::RestoreOverrides;
 use crate::vcpu::VcpuThread;
 use crate::vm::Vm;
 use crate::Error;
+use base::Base;
 use disk::{apply_disk, DiskBatch, DiskIn, DiskOut};
 use tls::Transport;
 pub use vmm_api::MigrationTls;
@@ -118,6 +120,10 @@ pub struct MigrationStats {
     pub disk_chunks: u64,
     /// Time spent writing the kept copy (part of the downtime); zero without one.
     pub kept: Duration,
+    /// Bytes of pages and disk chunks not sent because the destination's base had them.
+    pub base_skipped: u64,
+    /// Bytes of the destination's `Base` payload (its digests; 0 without a base).
+    pub base_received: u64,
 }
 
 impl std::fmt::Display for MigrationStats {
@@ -125,7 +131,7 @@ impl std::fmt::Display for MigrationStats {
         write!(
             f,
             "migrated rounds={} bytes={} pages={} final_pages={} downtime_us={} total_ms={} \
-             throttle_percent={} disk_chunks={} kept_ms={}",
+             throttle_percent={} disk_chunks={} kept_ms={} base_skipped={} base_received={}",
             self.rounds,
             self.bytes,
             self.pages,
@@ -134,7 +140,9 @@ impl std::fmt::Display for MigrationStats {
             self.total.as_millis(),
             self.throttle_percent,
             self.disk_chunks,
-            self.kept.as_millis()
+            self.kept.as_millis(),
+            self.base_skipped,
+            self.base_received
         )
     }
 }
@@ -388,7 +396,7 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()?;
         let setup = Setup {
             config: self.cfg.clone(),
-            regions,
+            regions: regions.clone(),
             disk_sizes: disks.iter().map(DiskOut::size).collect(),
         };
         let setup = serde_json::to_vec(&setup).map_err(refused)?;
@@ -396,18 +404,40 @@ impl Vm {
             ch.send(Kind::Request, request.as_bytes())?;
         }
         ch.send(Kind::Setup, &setup)?;
+        ch.flush()?;
+        let chunks: Vec<u64> = disks.iter().map(DiskOut::chunk_count).collect();
+        let base_payload = expect(ch, Kind::Base)?;
+        let base = Base::from_bytes(&base_payload, base::page_count(&regions), &chunks)?;
 
-        // Round 1: every non-zero page, with the log on so later writes are seen.
+        // Round 1: every non-zero page (with a base: every page that differs from it), with
+        // the log on so later writes are seen.
         self.dirty.start()?;
         let round_start = Instant::now();
         let sent_before = ch.bytes_sent;
         let mut disk_batch = DiskBatch::new();
-        disk_batch.send_all(ch, &disks)?;
+        disk_batch.send_all(ch, &disks, base.as_ref().map(|b| &b.disks[..]))?;
         fault::kill_point("migrate-disk");
         let mut batch = Batch::new();
-        nonzero_runs(&self.mem, None, |r, offset, bytes| {
-            batch.push(ch, r.guest_addr + offset, bytes)
-        })?;
+        let mut pages_skipped = 0u64;
+        match &base {
+            None => {
+                nonzero_runs(&self.mem, None, |r, offset, bytes| {
+                    batch.push(ch, r.guest_addr + offset, bytes)
+                })?;
+            }
+            Some(b) => {
+                let mut theirs = b.memory.iter();
+                base::for_each_page(&self.mem, &regions, |addr, page| {
+                    // The base was checked to have one digest per page.
+                    if theirs.next() == Some(&base::digest(page)) {
+                        pages_skipped += page.len() as u64;
+                        Ok(())
+                    } else {
+                        batch.push(ch, addr, page)
+                    }
+                })?;
+            }
+        }
         batch.flush(ch)?;
         end_round(ch)?;
         fault::kill_point("migrate-round");
@@ -517,6 +547,8 @@ impl Vm {
             throttle_percent: max_throttle,
             disk_chunks: disk_batch.chunks,
             kept,
+            base_skipped: pages_skipped + disk_batch.skipped,
+            base_received: base_payload.len() as u64,
         })
     }
 }
@@ -589,7 +621,29 @@ pub fn receive(
     tls: Option<&MigrationTls>,
     overrides: &RestoreOverrides,
 ) -> Result<Vm, Error> {
-    receive_admitting(stream, key, tls, |_| Ok(overrides.clone()))
+    receive_onto(stream, key, tls, overrides, None)
+}
+
+/// [`receive`], starting from `base` when given: a snapshot directory this host kept of the
+/// same guest (`migrate --keep`), with the disks at the destination's disk paths as they were
+/// then. The source is told the digest of every page and disk chunk of that copy and sends
+/// only those that differ (a return from the cloud host).
+pub fn receive_onto(
+    stream: TcpStream,
+    key: &[u8; KEY_LEN],
+    tls: Option<&MigrationTls>,
+    overrides: &RestoreOverrides,
+    base: Option<&std::path::Path>,
+) -> Result<Vm, Error> {
+    configure(&stream)?;
+    let stream = match tls {
+        Some(files) => tls::server(stream, files)?,
+        None => Transport::Plain(stream),
+    };
+    let mut ch = Channel::handshake(stream, key, Role::Destination)?;
+    let result = receive_on(&mut ch, base, |_| Ok(overrides.clone()));
+    refuse_on_error(&mut ch, &result);
+    result
 }
 
 /// [`receive`], with the host-side settings decided by `admit` once the source is
@@ -609,7 +663,7 @@ pub fn receive_admitting(
     };
     let mut ch = Channel::handshake(stream, key, Role::Destination)?;
     let result = admit(ch.stream().peer_certificate())
-        .and_then(|overrides| receive_on(&mut ch, |_| Ok(overrides)));
+        .and_then(|overrides| receive_on(&mut ch, None, |_| Ok(overrides)));
     refuse_on_error(&mut ch, &result);
     result
 }
@@ -636,7 +690,7 @@ pub fn receive_requested<A>(
             .peer_certificate()
             .ok_or_else(|| refused("the source showed no certificate"))?;
         let asked = ask(certificate, &request)?;
-        let vm = receive_on(&mut ch, |setup| {
+        let vm = receive_on(&mut ch, None, |setup| {
             admit(
                 &asked,
                 &Arrival {
@@ -680,9 +734,10 @@ fn refuse_on_error<T>(ch: &mut Channel<Transport>, result: &Result<T, Error>) {
 }
 
 /// Receives a VM on `ch`, with the host-side settings `prepare` gives for the setup the
-/// source announced (checked before `prepare` sees it).
+/// source announced (checked before `prepare` sees it), starting from `base` if given.
 fn receive_on(
     ch: &mut Channel<Transport>,
+    base: Option<&std::path::Path>,
     prepare: impl FnOnce(&Setup) -> Result<RestoreOverrides, Error>,
 ) -> Result<Vm, Error> {
     let setup: Setup = serde_json::from_slice(&expect(ch, Kind::Setup)?)
@@ -692,8 +747,13 @@ fn receive_on(
         .validate()
         .map_err(|e| Error::Config(e.to_string()))?;
     check_layout(&setup.regions, &setup.config)?;
-    let ranges = arch::layout::ram_regions(setup.config.memory_mib << 20);
-    let mem = GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?;
+    let mem = match base {
+        Some(dir) => crate::snapshot::base_memory(dir, &setup.regions, &setup.config)?,
+        None => {
+            let ranges = arch::layout::ram_regions(setup.config.memory_mib << 20);
+            GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?
+        }
+    };
     if setup.disk_sizes.len() != setup.config.disks.len() {
         return Err(refused(format!(
             "{} disk sizes announced for {} disks",
@@ -712,6 +772,28 @@ fn receive_on(
         .enumerate()
         .map(|(i, (d, &size))| DiskIn::create(overrides.disks.get(i).unwrap_or(&d.path), size))
         .collect::<Result<Vec<_>, _>>()?;
+    // What this host starts from, told to the source: round 1 sends only what differs.
+    let answer = match base {
+        Some(_) => Base {
+            memory: base::of_memory(&mem, &setup.regions)?,
+            disks: disks
+                .iter_mut()
+                .map(DiskIn::start_from_base)
+                .collect::<Result<Vec<_>, _>>()?,
+        }
+        .to_bytes()?,
+        None => Vec::new(),
+    };
+    if answer.len() > MAX_PAYLOAD as usize {
+        return Err(refused(format!(
+            "the base's digests take {} bytes, more than one frame carries ({}); receive \
+             without a base",
+            answer.len(),
+            MAX_PAYLOAD
+        )));
+    }
+    ch.send(Kind::Base, &answer)?;
+    ch.flush()?;
     // The VM opens the temporary files; the rename at the commit keeps the same inodes.
     let mut at_temp = overrides.clone();
     at_temp.disks = disks.iter().map(|d| d.temp_path().to_path_buf()).collect();

@@ -660,6 +660,34 @@ fn check_arch(sections: &[Section]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The guest memory of the snapshot in `dir` (checked against its digests), for a migration
+/// that starts from it: its layout and configuration must be `regions` and `config`, those
+/// the source announced. A snapshot with encrypted memory is refused (its key is not here).
+pub(crate) fn base_memory(
+    dir: &Path,
+    regions: &[MemRegion],
+    config: &VmConfig,
+) -> Result<GuestMem, Error> {
+    let snap = read_snapshot(dir)?;
+    if snap.memory != regions || snap.config.memory_mib != config.memory_mib {
+        return Err(Error::Snapshot(format!(
+            "the base {} is not a copy of this guest (another memory layout)",
+            dir.display()
+        )));
+    }
+    if snap.digests.as_ref().is_some_and(|d| d.memory_encrypted) {
+        return Err(Error::Snapshot(
+            "a base with encrypted memory cannot be used yet".into(),
+        ));
+    }
+    load_memory(
+        &dir.join(MEMORY_FILE),
+        regions,
+        config,
+        snap.digests.as_ref().map(|d| &d.memory),
+    )
+}
+
 /// Reads and checks a snapshot directory's `state.bin` (after its `COMPLETE` marker) and,
 /// by the digests in it, `config.json` (`memory.bin` is checked when it is mapped).
 fn read_snapshot(dir: &Path) -> Result<Snapshot, Error> {
