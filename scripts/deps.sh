@@ -16,9 +16,10 @@ log() { printf 'deps: %s\n' "$*" >&2; }
 # iproute2: network namespaces; gcc, libc6-dev, make: linking and this Makefile;
 # python3-venv: make test-api-fuzz (schemathesis from PyPI); strace: the jail test;
 # vncsnapshot: a VNC client no one here wrote; chromium: the browser phone's test; qemu-utils:
-# qemu-img for the LUKS image of bench disk_crypt.
+# qemu-img for the LUKS image of bench disk_crypt; postgresql: the MDM's fleet store, whose tests
+# and bench start a throwaway cluster with its initdb and pg_ctl (/usr/lib/postgresql/*/bin).
 packages=(qemu-system-x86 busybox-static iproute2 lz4 xz-utils zstd file gcc libc6-dev make
-  ca-certificates python3 python3-venv strace vncsnapshot chromium qemu-utils)
+  ca-certificates python3 python3-venv strace vncsnapshot chromium qemu-utils postgresql)
 # Node.js with npm drives chromium (playwright-core from npm). A Node.js that ships its own npm
 # (NodeSource's) conflicts with Debian's npm package: take Debian's pair only where npm is missing.
 command -v npm >/dev/null || packages+=(nodejs npm)

@@ -45,6 +45,19 @@ enum MdmCmd {
         /// Directory for the store, CA and command key (created 0700 if missing).
         #[arg(long, value_name = "DIR")]
         state_dir: PathBuf,
+        /// The store: a PostgreSQL URL for a fleet of servers over one database
+        /// (`postgresql://USER@HOST/DB`, or `postgresql://USER@/DB?host=/run/postgresql` for a
+        /// unix socket; not encrypted, so a socket or a private network). Default: SQLite in
+        /// DIR/mdm.db. Migrations run at start.
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
+        /// The --store URL read from FILE, which keeps a password out of the process list.
+        #[arg(long, value_name = "FILE", conflicts_with = "store")]
+        store_file: Option<PathBuf>,
+        /// PostgreSQL connections the server keeps open (1 to 256).
+        #[arg(long, value_name = "N", default_value_t = 8,
+              value_parser = clap::value_parser!(u16).range(1..=256))]
+        store_connections: u16,
         /// Address to listen on.
         #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
         listen: SocketAddr,
@@ -142,6 +155,9 @@ pub fn main(args: MdmArgs) -> Result<i32> {
 async fn run(args: MdmArgs) -> Result<i32> {
     if let MdmCmd::Serve {
         state_dir,
+        store,
+        store_file,
+        store_connections,
         listen,
         names,
         admin_token_file,
@@ -156,7 +172,30 @@ async fn run(args: MdmArgs) -> Result<i32> {
             ),
             None => None,
         };
-        return serve(state_dir, *listen, names, admin_token_file, *long_poll, log).await;
+        let url = match (store, store_file) {
+            (Some(url), _) => Some(url.clone()),
+            (None, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("--store-file {}", file.display()))?
+                    .trim()
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let store = StoreSpec {
+            url: url.as_deref(),
+            connections: usize::from(*store_connections),
+        };
+        return serve(
+            state_dir,
+            store,
+            *listen,
+            names,
+            admin_token_file,
+            *long_poll,
+            log,
+        )
+        .await;
     }
     let (Some(server), Some(ca), Some(token_file)) = (&args.server, &args.ca, &args.token_file)
     else {
@@ -246,8 +285,16 @@ async fn run(args: MdmArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// Which store `mdm serve` uses.
+struct StoreSpec<'a> {
+    /// A PostgreSQL URL, or None for SQLite in the state dir.
+    url: Option<&'a str>,
+    connections: usize,
+}
+
 async fn serve(
     state_dir: &PathBuf,
+    store: StoreSpec<'_>,
     listen: SocketAddr,
     names: &[String],
     token_file: &PathBuf,
@@ -263,7 +310,18 @@ async fn serve(
             .create(state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
     }
-    let store = Arc::new(mdm::SqliteStore::open(&state_dir.join("mdm.db"))?);
+    let store: Arc<dyn mdm::Store> = match store.url {
+        Some(url) => {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                bail!("--store takes a postgresql:// URL (SQLite is the default, in --state-dir)");
+            }
+            Arc::new(
+                mdm::PostgresStore::connect(url, store.connections)
+                    .context("connecting to the PostgreSQL store")?,
+            )
+        }
+        None => Arc::new(mdm::SqliteStore::open(&state_dir.join("mdm.db"))?),
+    };
     let server = mdm::server::Mdm::new(state_dir, store, &token, Duration::from_secs(long_poll))?;
     let config = server.tls_config(names)?;
     let tcp = tokio::net::TcpListener::bind(listen)

@@ -1,5 +1,7 @@
 //! `pocketvisor mdm`: the server as a process, driven by the admin commands, with a device
-//! enrolled through the library's client.
+//! enrolled through the library's client; on the default SQLite store and on PostgreSQL
+//! (`mdm serve --store postgresql://...`, a scratch cluster: skipped loudly when PostgreSQL is
+//! not installed, a failure then under `CI`).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -44,7 +46,20 @@ fn admin(
 }
 
 #[test]
-fn serve_enroll_lock_devices_and_audit_from_the_command_line() {
+fn serve_enroll_lock_devices_and_audit_from_the_command_line_on_sqlite() {
+    serve_enroll_lock_devices_and_audit(&[]);
+}
+
+#[test]
+fn serve_enroll_lock_devices_and_audit_from_the_command_line_on_postgres() {
+    let Some(url) = mdm::store::pg_scratch::database_for_test("cli_serve") else {
+        return;
+    };
+    serve_enroll_lock_devices_and_audit(&["--store", &url, "--store-connections", "2"]);
+}
+
+/// The whole flow against a server started with `store_args` added to `mdm serve`.
+fn serve_enroll_lock_devices_and_audit(store_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("admin.token"),
@@ -69,6 +84,7 @@ fn serve_enroll_lock_devices_and_audit_from_the_command_line() {
         .arg(dir.path().join("state"))
         .arg("--admin-token-file")
         .arg(dir.path().join("admin.token"))
+        .args(store_args)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -149,4 +165,9 @@ fn serve_enroll_lock_devices_and_audit_from_the_command_line() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    // The state went to the store asked for: SQLite's file only without --store.
+    assert_eq!(
+        dir.path().join("state/mdm.db").exists(),
+        store_args.is_empty()
+    );
 }

@@ -1,7 +1,8 @@
 //! The pocketvisor MDM server's library.
 //!
 //! - [`store`]: the [`Store`] trait (devices, enrollment tokens, command queues, pushed
-//!   policies, audit, compliance) and its SQLite implementation.
+//!   policies, audit, compliance), its SQLite (default) and PostgreSQL (fleet)
+//!   implementations, and a throwaway PostgreSQL cluster for tests and benches.
 //! - [`ca`]: the server's certificate authority, which issues a device certificate at
 //!   enrollment.
 //! - [`client`]: HTTPS requests as a device or the admin CLI makes them.
@@ -19,4 +20,4 @@ pub mod server;
 pub mod store;
 
 pub use ca::{Ca, CaError, EnrollRequest, IssuedCert};
-pub use store::{AuditEntry, Command, Device, SqliteStore, Store, StoreError};
+pub use store::{AuditEntry, Command, Device, PostgresStore, SqliteStore, Store, StoreError};

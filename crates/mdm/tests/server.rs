@@ -1,5 +1,8 @@
 //! The MDM server over real TLS on loopback: enrollment, tokens, device certificates,
-//! isolation between devices, signed commands and results, the admin token, long-poll.
+//! isolation between devices, signed commands and results, the admin token, long-poll; each
+//! test on the SQLite and on the PostgreSQL store (`NAME::sqlite`, `NAME::postgres`).
+
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +11,8 @@ use std::time::{Duration, Instant};
 use mdm::client::{Client, DeviceKey, Reply};
 use mdm::protocol::{Enrolled, SignedCommand};
 use mdm::server::{Mdm, TlsListener};
-use mdm::{SqliteStore, Store};
+use mdm::Store;
+use support::Backend;
 
 const ADMIN: &str = "admin-secret";
 const T: Duration = Duration::from_secs(60);
@@ -16,13 +20,15 @@ const T: Duration = Duration::from_secs(60);
 struct Server {
     addr: SocketAddr,
     ca_pem: String,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn Store>,
     _dir: tempfile::TempDir,
+    _backend: Backend,
 }
 
-async fn start() -> Server {
+/// A server on the store `backend` opens, its CA and command key in a new temp dir.
+async fn start(backend: Backend) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("mdm.db")).unwrap());
+    let store = backend.open();
     let mdm = Mdm::new(dir.path(), store.clone(), ADMIN, Duration::from_secs(30)).unwrap();
     let config = mdm.tls_config(&["localhost".to_string()]).unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -35,6 +41,7 @@ async fn start() -> Server {
         ca_pem,
         store,
         _dir: dir,
+        _backend: backend,
     }
 }
 
@@ -176,9 +183,8 @@ async fn post(c: &Client, path: &str, body: &impl serde::Serialize) -> Reply {
         .unwrap()
 }
 
-#[tokio::test]
-async fn enrollment_issues_a_certificate_and_a_token_works_once() {
-    let s = start().await;
+async fn enrollment_issues_a_certificate_and_a_token_works_once(b: Backend) {
+    let s = start(b).await;
     let token = s.token().await;
     let key = DeviceKey::generate().unwrap();
     let r = post(&s.anon(), "/v1/enroll", &key.enroll_body(&token)).await;
@@ -210,10 +216,36 @@ async fn enrollment_issues_a_certificate_and_a_token_works_once() {
     );
     assert_eq!(s.store.devices().unwrap().len(), 2);
 }
+on_both_stores!(async enrollment_issues_a_certificate_and_a_token_works_once);
 
-#[tokio::test]
-async fn device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one() {
-    let s = start().await;
+/// Two devices enroll with one token at the same moment, over and over: each time exactly one
+/// gets a certificate and the other is refused, and the store has one device per token.
+async fn two_enrollments_racing_on_one_token_have_one_winner(b: Backend) {
+    const ROUNDS: usize = 10;
+    let s = start(b).await;
+    for round in 0..ROUNDS {
+        let token = s.token().await;
+        let (first, second) = (
+            DeviceKey::generate().unwrap(),
+            DeviceKey::generate().unwrap(),
+        );
+        let (c1, c2) = (s.anon(), s.anon());
+        let (body1, body2) = (first.enroll_body(&token), second.enroll_body(&token));
+        let (r1, r2) = tokio::join!(
+            post(&c1, "/v1/enroll", &body1),
+            post(&c2, "/v1/enroll", &body2),
+        );
+        let mut statuses = [r1.status, r2.status];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 403], "round {round}");
+        assert_eq!(s.store.devices().unwrap().len(), round + 1);
+    }
+}
+on_both_stores!(async two_enrollments_racing_on_one_token_have_one_winner, flavor = "multi_thread", worker_threads = 2);
+
+async fn device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one(b: Backend) {
+    let b2 = b.another();
+    let s = start(b).await;
     let a = s.enroll().await;
     let b = s.enroll().await;
     // Without a certificate.
@@ -238,7 +270,7 @@ async fn device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one() {
     assert!(r.as_ref().map_or(true, |r| r.status != 200), "{r:?}");
     assert!(r.is_err(), "the handshake must fail: {r:?}");
     // A certificate from another server's CA: refused in the handshake.
-    let other = start().await;
+    let other = start(b2).await;
     let foreign = other.enroll().await;
     let cross = Client::new(
         s.addr,
@@ -265,10 +297,10 @@ async fn device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one() {
     assert_eq!(a.poll(0).await.0, 403);
     assert_eq!(b.poll(0).await.0, 200);
 }
+on_both_stores!(async device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one);
 
-#[tokio::test]
-async fn a_device_sees_and_completes_only_its_own_commands() {
-    let s = start().await;
+async fn a_device_sees_and_completes_only_its_own_commands(b: Backend) {
+    let s = start(b).await;
     let a = s.enroll().await;
     let b = s.enroll().await;
     let id = s.queue(&a.enrolled.device_id, "lock", "{}").await;
@@ -304,10 +336,11 @@ async fn a_device_sees_and_completes_only_its_own_commands() {
     assert_eq!(r.status, 204);
     assert!(a.poll(0).await.1.is_empty());
 }
+on_both_stores!(async a_device_sees_and_completes_only_its_own_commands);
 
-#[tokio::test]
-async fn a_command_altered_or_signed_by_another_key_does_not_verify() {
-    let s = start().await;
+async fn a_command_altered_or_signed_by_another_key_does_not_verify(b: Backend) {
+    let b2 = b.another();
+    let s = start(b).await;
     let a = s.enroll().await;
     let b = s.enroll().await;
     s.queue(&a.enrolled.device_id, "policy", "v1").await;
@@ -319,13 +352,13 @@ async fn a_command_altered_or_signed_by_another_key_does_not_verify() {
     // For another device.
     assert!(!cmd.verify(&a.enrolled.command_key, &b.enrolled.device_id));
     // Another server's command key.
-    let other = start().await.enroll().await;
+    let other = start(b2).await.enroll().await;
     assert!(!cmd.verify(&other.enrolled.command_key, &a.enrolled.device_id));
 }
+on_both_stores!(async a_command_altered_or_signed_by_another_key_does_not_verify);
 
-#[tokio::test]
-async fn the_admin_api_needs_the_token_and_is_audited() {
-    let s = start().await;
+async fn the_admin_api_needs_the_token_and_is_audited(b: Backend) {
+    let s = start(b).await;
     let c = s.anon();
     for path in ["/v1/admin/devices", "/v1/admin/audit"] {
         assert_eq!(
@@ -372,10 +405,10 @@ async fn the_admin_api_needs_the_token_and_is_audited() {
         .collect();
     assert_eq!(actions, ["enroll-token", "enroll", "wipe"]);
 }
+on_both_stores!(async the_admin_api_needs_the_token_and_is_audited);
 
-#[tokio::test]
-async fn a_long_poll_returns_when_a_command_is_queued() {
-    let s = start().await;
+async fn a_long_poll_returns_when_a_command_is_queued(b: Backend) {
+    let s = start(b).await;
     let a = s.enroll().await;
     let device = a.enrolled.device_id.clone();
     let started = Instant::now();
@@ -391,10 +424,10 @@ async fn a_long_poll_returns_when_a_command_is_queued() {
         started.elapsed()
     );
 }
+on_both_stores!(async a_long_poll_returns_when_a_command_is_queued);
 
-#[tokio::test]
-async fn compliance_reports_reach_the_device_list() {
-    let s = start().await;
+async fn compliance_reports_reach_the_device_list(b: Backend) {
+    let s = start(b).await;
     let a = s.enroll().await;
     let r = post(
         &a.client,
@@ -412,6 +445,7 @@ async fn compliance_reports_reach_the_device_list() {
         3
     );
 }
+on_both_stores!(async compliance_reports_reach_the_device_list);
 
 /// Each polling device holds two descriptors (its socket and the server's) plus slack:
 /// raises the soft RLIMIT_NOFILE to what that needs (up to the hard limit) and, if the hard
@@ -446,14 +480,13 @@ fn devices_the_fd_limit_allows(wanted: usize) -> usize {
 /// N devices (1000 unless MDM_LOAD_DEVICES says otherwise) enroll, all long-poll at once,
 /// then each gets one command: every device receives exactly its own, within a bound
 /// generous for a debug build at load 10.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn load_many_devices_polling() {
+async fn load_many_devices_polling(b: Backend) {
     let wanted: usize = std::env::var("MDM_LOAD_DEVICES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     let n = devices_the_fd_limit_allows(wanted);
-    let s = Arc::new(start().await);
+    let s = Arc::new(start(b).await);
     let started = Instant::now();
     let mut enrolls = tokio::task::JoinSet::new();
     for i in 0..n {
@@ -546,18 +579,21 @@ async fn load_many_devices_polling() {
     );
     assert!(polling.elapsed() < Duration::from_secs(300));
 }
+on_both_stores!(async load_many_devices_polling, flavor = "multi_thread", worker_threads = 2);
 
 /// Every route and method docs/api/mdm.openapi.yaml lists is one the server has (not 404
 /// or 405), and the server has no route the file does not list.
 #[tokio::test]
 async fn the_openapi_file_matches_the_routes() {
+    // The routes do not depend on the store: SQLite only.
+    let b = Backend::sqlite();
     let text = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../docs/api/mdm.openapi.yaml"
     ))
     .unwrap();
     let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    let s = start().await;
+    let s = start(b).await;
     let c = s.anon();
     let mut listed = Vec::new();
     for (path, ops) in doc["paths"].as_mapping().unwrap() {
@@ -600,9 +636,8 @@ async fn the_openapi_file_matches_the_routes() {
     );
 }
 
-#[tokio::test]
-async fn a_lease_is_signed_for_its_device_bounded_and_refused_once_revoked() {
-    let s = start().await;
+async fn a_lease_is_signed_for_its_device_bounded_and_refused_once_revoked(b: Backend) {
+    let s = start(b).await;
     let a = s.enroll().await;
     let b = s.enroll().await;
     let t0 = std::time::SystemTime::now()
@@ -664,3 +699,4 @@ async fn a_lease_is_signed_for_its_device_bounded_and_refused_once_revoked() {
     .await;
     assert_eq!(r.status, 403);
 }
+on_both_stores!(async a_lease_is_signed_for_its_device_bounded_and_refused_once_revoked);

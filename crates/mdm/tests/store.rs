@@ -1,7 +1,13 @@
-//! The SQLite store: tokens work once and expire, command queues are per device, the schema
-//! survives reopening.
+//! The store, SQLite and PostgreSQL alike: tokens work once and expire (also when two
+//! enrollments race), command queues are per device, the token itself never reaches the disk,
+//! the data and schema survive reopening.
 
-use mdm::{Device, SqliteStore, Store, StoreError};
+mod support;
+
+use std::sync::{Arc, Barrier};
+
+use mdm::{Device, StoreError};
+use support::Backend;
 
 fn device(id: &str, fp: &str) -> Device {
     Device {
@@ -13,11 +19,14 @@ fn device(id: &str, fp: &str) -> Device {
     }
 }
 
-#[test]
-fn a_token_works_once_before_expiry() {
-    let s = SqliteStore::in_memory().unwrap();
+fn a_token_works_once_before_expiry(b: Backend) {
+    let s = b.open();
     s.add_token("tok-a", 1000).unwrap();
     s.add_token("tok-b", 1000).unwrap();
+    assert!(
+        matches!(s.add_token("tok-a", 2000), Err(StoreError::Duplicate)),
+        "a token is added once"
+    );
     s.redeem_token("tok-a", 999).unwrap();
     assert!(
         matches!(s.redeem_token("tok-a", 999), Err(StoreError::TokenRefused)),
@@ -32,43 +41,84 @@ fn a_token_works_once_before_expiry() {
         "unknown"
     );
 }
+on_both_stores!(sync a_token_works_once_before_expiry);
 
-#[test]
-fn the_token_itself_is_not_stored() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mdm.db");
-    let s = SqliteStore::open(&path).unwrap();
-    s.add_token("secret-enroll-token-XYZ", 1000).unwrap();
-    drop(s);
-    let mut bytes = std::fs::read(&path).unwrap();
-    if let Ok(wal) = std::fs::read(dir.path().join("mdm.db-wal")) {
-        bytes.extend(wal);
+/// Eight threads redeem each of 20 tokens at the same moment: each token is redeemed exactly
+/// once, every other attempt is refused.
+fn racing_redemptions_of_one_token_have_one_winner(b: Backend) {
+    const THREADS: usize = 8;
+    const TOKENS: usize = 20;
+    let s = b.open();
+    for t in 0..TOKENS {
+        s.add_token(&format!("race-{t}"), 1000).unwrap();
     }
-    let needle = b"secret-enroll-token-XYZ";
-    assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+    let barrier = Arc::new(Barrier::new(THREADS));
+    let racers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut won = Vec::new();
+                for t in 0..TOKENS {
+                    barrier.wait();
+                    match s.redeem_token(&format!("race-{t}"), 500) {
+                        Ok(()) => won.push(t),
+                        Err(StoreError::TokenRefused) => {}
+                        Err(e) => panic!("token {t}: {e}"),
+                    }
+                }
+                won
+            })
+        })
+        .collect();
+    let mut wins = [0usize; TOKENS];
+    for r in racers {
+        for t in r.join().unwrap() {
+            wins[t] += 1;
+        }
+    }
+    assert_eq!(wins, [1; TOKENS], "winners per token");
 }
+on_both_stores!(sync racing_redemptions_of_one_token_have_one_winner);
 
-#[test]
-fn devices_are_found_by_certificate_and_can_be_revoked() {
-    let s = SqliteStore::in_memory().unwrap();
+/// Only the token's hash is kept: the hash is found among the store's bytes on disk (so the
+/// search sees the data), the token is not.
+fn the_token_itself_is_not_stored(b: Backend) {
+    let token = "secret-enroll-token-XYZ";
+    let s = b.open();
+    s.add_token(token, 1000).unwrap();
+    drop(s);
+    let bytes = b.bytes_on_disk();
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    assert!(contains(mdm::store::token_hash(token).as_bytes()));
+    assert!(!contains(token.as_bytes()));
+}
+on_both_stores!(sync the_token_itself_is_not_stored);
+
+fn devices_are_found_by_certificate_and_can_be_revoked(b: Backend) {
+    let s = b.open();
     s.add_device(&device("d1", "aa")).unwrap();
     s.add_device(&device("d2", "bb")).unwrap();
     assert!(matches!(
         s.add_device(&device("d3", "aa")),
         Err(StoreError::Duplicate)
     ));
+    assert!(matches!(
+        s.add_device(&device("d1", "cc")),
+        Err(StoreError::Duplicate)
+    ));
     assert_eq!(s.device_by_cert("bb").unwrap().unwrap().id, "d2");
     assert!(s.device_by_cert("cc").unwrap().is_none());
     s.revoke("d1").unwrap();
     assert!(s.device_by_cert("aa").unwrap().unwrap().revoked);
+    assert!(!s.device_by_cert("bb").unwrap().unwrap().revoked);
     assert!(matches!(s.revoke("zz"), Err(StoreError::UnknownDevice(_))));
     let ids: Vec<_> = s.devices().unwrap().into_iter().map(|d| d.id).collect();
     assert_eq!(ids, ["d1", "d2"]);
 }
+on_both_stores!(sync devices_are_found_by_certificate_and_can_be_revoked);
 
-#[test]
-fn commands_queue_per_device_and_only_their_device_completes_them() {
-    let s = SqliteStore::in_memory().unwrap();
+fn commands_queue_per_device_and_only_their_device_completes_them(b: Backend) {
+    let s = b.open();
     s.add_device(&device("d1", "aa")).unwrap();
     s.add_device(&device("d2", "bb")).unwrap();
     let c1 = s.enqueue("d1", "lock", "{}", 5).unwrap();
@@ -98,16 +148,18 @@ fn commands_queue_per_device_and_only_their_device_completes_them() {
     assert_eq!(s.pending("d1").unwrap().len(), 1);
     assert_eq!(s.pending("d2").unwrap()[0].id, c3);
 }
+on_both_stores!(sync commands_queue_per_device_and_only_their_device_completes_them);
 
-#[test]
-fn audit_compliance_and_policies_are_kept_across_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("mdm.db");
+fn audit_compliance_and_policies_are_kept_across_reopen(b: Backend) {
     {
-        let s = SqliteStore::open(&path).unwrap();
+        let s = b.open();
         s.add_device(&device("d1", "aa")).unwrap();
         s.audit("admin", "lock", "d1", 10).unwrap();
         s.record_policy("d1", 3, "{\"v\":3}", 11).unwrap();
+        assert!(matches!(
+            s.record_policy("x", 3, "{}", 11),
+            Err(StoreError::UnknownDevice(_))
+        ));
         s.add_compliance("d1", "{\"policy_version\":2}", 12)
             .unwrap();
         s.add_compliance("d1", "{\"policy_version\":3}", 13)
@@ -117,7 +169,8 @@ fn audit_compliance_and_policies_are_kept_across_reopen() {
             Err(StoreError::UnknownDevice(_))
         ));
     }
-    let s = SqliteStore::open(&path).unwrap();
+    // Reopening applies no migration twice and finds everything.
+    let s = b.open();
     let log = s.audit_log().unwrap();
     assert_eq!(log.len(), 1);
     assert_eq!(
@@ -129,4 +182,6 @@ fn audit_compliance_and_policies_are_kept_across_reopen() {
         "{\"policy_version\":3}"
     );
     assert!(s.latest_compliance("d2").unwrap().is_none());
+    assert_eq!(s.devices().unwrap().len(), 1);
 }
+on_both_stores!(sync audit_compliance_and_policies_are_kept_across_reopen);
