@@ -43,10 +43,11 @@ use serde::Serialize;
 
 const USAGE: &str = "\
 usage: handset [--runs N] [--profiles N,N..] [--memory-mib N] [--no-qemu] [--json]
-               [--bin PATH] [--probe PATH]
+               [--screen-only] [--bin PATH] [--probe PATH]
 
 Switch latency and per-profile host memory of the handset daemon, QEMU as the memory
-reference. The pocketvisor binary defaults to $POCKETVISOR_BIN, else target/release/pocketvisor
+reference, and the device screen's first frame after a switch (--screen-only: that alone).
+The pocketvisor binary defaults to $POCKETVISOR_BIN, else target/release/pocketvisor
 (built when missing); the probe to guest/out/probe.elf (built when missing).";
 
 const TAG: &str = "bench-handset";
@@ -60,6 +61,7 @@ struct Opts {
     memory_mib: u64,
     qemu: bool,
     json: bool,
+    screen_only: bool,
     bin: Option<PathBuf>,
     probe: Option<PathBuf>,
 }
@@ -71,6 +73,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
         memory_mib: 80,
         qemu: true,
         json: false,
+        screen_only: false,
         bin: None,
         probe: None,
     };
@@ -82,6 +85,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Opts> {
             "--memory-mib" => o.memory_mib = args.parse("--memory-mib")?,
             "--no-qemu" => o.qemu = false,
             "--json" => o.json = true,
+            "--screen-only" => o.screen_only = true,
             "--bin" => o.bin = Some(args.value("--bin")?.into()),
             "--probe" => o.probe = Some(args.value("--probe")?.into()),
             other => return Err(args.unknown(other)),
@@ -654,6 +658,19 @@ fn run(o: Opts) -> Result<()> {
     let probe = std::path::absolute(bench::util::probe_elf(o.probe.as_deref(), TAG)?)?;
     if !bin.is_file() {
         bail!("{} does not exist", bin.display());
+    }
+    if o.screen_only {
+        let sw = screen_switch(&bin, &probe, o.runs).context("device screen switch")?;
+        println!(
+            "device screen, other profile's first frame after a switch: median {} ms, p95 {} \
+             ms, max {} ms ({} switches; the call alone {} ms)",
+            num(sw.median_ms),
+            num(sw.p95_ms),
+            num(sw.max_ms),
+            sw.samples_ms.len(),
+            num(sw.api_median_ms)
+        );
+        return Ok(());
     }
     let mut scenarios = Vec::new();
     for jail in [true, false] {

@@ -213,8 +213,14 @@ fn follow_foreground(
                 tracing::debug!("device screen: {name}'s screen: {e}");
             }
         }
-        // Not a busy loop when a VMM refuses; short, as a switch ends a read on purpose.
-        std::thread::sleep(Duration::from_millis(10));
+        // A switch ended the read on purpose: the new foreground at once. Otherwise (a VMM
+        // that refused or went away) not a busy loop.
+        let switched = handset.upgrade().is_some_and(|h| {
+            h.current_foreground().ok().flatten().as_deref() != Some(name.as_str())
+        });
+        if !switched {
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
