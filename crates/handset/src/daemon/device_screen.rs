@@ -189,11 +189,16 @@ fn follow_foreground(
             std::thread::sleep(SOURCE_WAIT);
             continue;
         };
+        let since = std::time::Instant::now();
         compositor.switch(Foreground {
             colour: display::profile_colour(&name),
             name: name.clone(),
         });
         published.publish(compositor.compose());
+        tracing::debug!(
+            "device screen: {name} in front, its bar published in {:?}",
+            since.elapsed()
+        );
         if is_locked(&handset, &name) {
             // The bar only: nothing of a locked profile's screen is read.
             std::thread::sleep(SOURCE_WAIT);
@@ -234,16 +239,25 @@ fn read_profile(
     published: &Published,
     reading: &Mutex<Option<UnixStream>>,
 ) -> std::result::Result<(), display::SourceError> {
+    let since = std::time::Instant::now();
     let stream = UnixStream::connect(socket)?;
     stream.set_read_timeout(Some(SOURCE_WAIT))?;
     *reading.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
     let mut source = RfbSource::connect(stream)?;
+    let connected = since.elapsed();
     let mut incremental = false;
     loop {
         source.update(incremental)?;
-        incremental = true;
         compositor.set_frame(source.frame());
         published.publish(compositor.compose());
+        if !incremental {
+            tracing::debug!(
+                "device screen: {name}'s first frame published {:?} after connecting \
+                 (session open in {connected:?})",
+                since.elapsed()
+            );
+        }
+        incremental = true;
         let Some(h) = handset.upgrade() else {
             return Ok(());
         };
