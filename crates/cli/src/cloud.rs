@@ -1,8 +1,12 @@
 //! `pocketvisor cloud serve`: the cloud host (issue 13, docs/cloud.md). One TLS listener for
 //! every device; each connection is handed to its own process (`cloud twin`, hidden), which
-//! names the device by its client certificate, reads its request (`offload NAME`), creates
-//! or reuses that device's twin in the store, receives the live migration into the twin's
-//! directory and runs the guest there, its API socket in that directory.
+//! names the device by its client certificate and reads its request. `offload NAME`: it
+//! creates or reuses that device's twin in the store, receives the live migration into the
+//! twin's directory and runs the guest there, its API socket in that directory. `return
+//! NAME`: it asks the twin's VMM (through that API socket) to migrate to a loopback port of
+//! its own and relays that migration to the device over the device's connection.
+//!
+//! `pocketvisor cloud return` is the device's side of a return.
 
 use std::fs::OpenOptions;
 use std::net::{TcpListener, TcpStream};
@@ -10,12 +14,13 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use cloud::store::{valid_name, DeviceId, StoreError, TwinState, TwinStore};
-use vmm::migration::{Arrival, MigrationTls};
-use vmm::{RestoreOverrides, SerialConfig};
+use vmm::migration::{Arrival, MigrationTls, Requested};
+use vmm::{Request, RestoreOverrides, SerialConfig};
 
 /// The data-center side: host the twins of many devices.
 #[derive(Args, Debug)]
@@ -26,11 +31,13 @@ pub struct CloudArgs {
 
 #[derive(Subcommand, Debug)]
 enum CloudCmd {
-    /// Host twins: wait for devices' offloads and run each twin in its own process.
+    /// Host twins: wait for devices' offloads and returns; each twin runs in its own process.
     Serve(ServeArgs),
     /// One device's connection (started by `serve` with the connection on stdin).
     #[command(hide = true)]
     Twin(HostArgs),
+    /// On the device: bring a twin back from the cloud host and run it here.
+    Return(ReturnArgs),
 }
 
 /// What `serve` and each connection's process share.
@@ -56,15 +63,18 @@ struct HostArgs {
 /// `cloud serve`.
 #[derive(Args, Debug)]
 #[command(after_help = "\
-Listens on --listen for devices migrating a profile here (`pocketvisor migrate --twin NAME`,
-later `profile offload`). TLS 1.3 is not optional: a device must show a certificate that
-chains to --tls-ca, and is named by it (the SHA-256 of the certificate): it sees only its own
-twins, and another device's twin is `no twin named ...` exactly as a missing one. Each
-connection runs in its own process; the twin's disks (created sparse, the source's size),
-serial log (serial.log), vsock socket and API socket (api.sock) are in
-DIR/twins/<device>/<NAME>/. A refused offload (bad name, a twin of that name already
+Listens on --listen for devices migrating a profile here (`pocketvisor migrate --twin NAME`)
+and asking for one back (`pocketvisor cloud return NAME`). TLS 1.3 is not optional: a device
+must show a certificate that chains to --tls-ca, and is named by it (the SHA-256 of the
+certificate): it sees only its own twins, and another device's twin is `no twin named ...`
+exactly as a missing one. Each connection runs in its own process; the twin's disks (created
+sparse, the source's size), serial log (serial.log), vsock socket and API socket (api.sock)
+are in DIR/twins/<device>/<NAME>/. A refused offload (bad name, a twin of that name already
 running, a network or display device the host does not give twins) says why to the device,
-whose guest runs on there.
+whose guest runs on there. A return asks the twin's VMM to migrate to a loopback port of the
+connection's process, which relays it to the device (the migration authenticated end to end
+by the key); the twin runs on here until the guest runs at the device, and is then recorded
+as returned.
 
 EXAMPLE:
   pocketvisor cloud serve --state /var/lib/pv-cloud --listen 0.0.0.0:7000 --key cloud.mkey \\
@@ -84,6 +94,7 @@ pub fn main(a: CloudArgs) -> Result<i32> {
     match a.cmd {
         CloudCmd::Serve(s) => serve(s),
         CloudCmd::Twin(h) => twin(&h),
+        CloudCmd::Return(r) => give_back_here(r),
     }
 }
 
@@ -183,17 +194,26 @@ fn spawn_twin(exe: &Path, host: &HostArgs, conn: TcpStream) -> Result<std::proce
 enum Ask {
     /// Receive the profile `NAME` and run it as this device's twin.
     Offload(String),
+    /// Send the twin `NAME` back to the device (which starts from the copy it kept).
+    Return(String),
 }
 
 /// Parses a request frame; errors say what was wrong in words the device shows.
 fn parse_request(request: &str) -> Result<Ask, String> {
-    match request.split_once(' ') {
-        Some(("offload", name)) if valid_name(name) => Ok(Ask::Offload(name.to_string())),
-        Some(("offload", name)) => Err(StoreError::BadName(name.to_string()).to_string()),
-        _ => Err(format!(
-            "unknown request {request:?}: this host serves `offload NAME`"
-        )),
+    let (verb, name) = request.split_once(' ').unwrap_or((request, ""));
+    let ask = match verb {
+        "offload" => Ask::Offload,
+        "return" => Ask::Return,
+        _ => {
+            return Err(format!(
+                "unknown request {request:?}: this host serves `offload NAME` and `return NAME`"
+            ))
+        }
+    };
+    if !valid_name(name) {
+        return Err(StoreError::BadName(name.to_string()).to_string());
     }
+    Ok(ask(name.to_string()))
 }
 
 /// Refuses what the cloud host does not give a twin: host devices and keys of the device.
@@ -238,70 +258,83 @@ fn twin(h: &HostArgs) -> Result<i32> {
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |p| p.to_string());
     let store = TwinStore::open(&h.state).context("open the twin store")?;
+    let requested = vmm::migration::accept_request(conn, &key, &h.tls())
+        .with_context(|| format!("the connection from {peer} was refused"))?;
+    let device = DeviceId::of_certificate(requested.certificate());
+    match parse_request(requested.request()) {
+        Ok(Ask::Offload(name)) => offload(&store, requested, device, &name, &peer),
+        Ok(Ask::Return(name)) => give_back(h, &store, requested, device, &name, &peer),
+        Err(why) => {
+            requested.refuse(&migration_error(&why));
+            Err(anyhow::anyhow!(
+                "the request from {peer} was refused: {why}"
+            ))
+        }
+    }
+}
+
+/// An offload: receives the device's VM into its twin `name` and runs it here.
+fn offload(
+    store: &TwinStore,
+    requested: Requested,
+    device: DeviceId,
+    name: &str,
+    peer: &str,
+) -> Result<i32> {
     // Whether this connection created the twin, so a failure can undo it.
-    let created = std::cell::Cell::new(None);
-    let received = vmm::migration::receive_requested(
-        conn,
-        &key,
-        &h.tls(),
-        |certificate, request| {
-            let device = DeviceId::of_certificate(certificate);
-            let Ask::Offload(name) = parse_request(request).map_err(migration_error)?;
-            Ok((device, name))
-        },
-        |(device, name), arrival: &Arrival| {
-            check_config(arrival.config).map_err(migration_error)?;
-            let twin = match store.get(device, name) {
-                Ok(t) if t.state == TwinState::Running => {
-                    return Err(migration_error(format!(
-                        "the twin {name:?} already runs here"
-                    )));
-                }
-                Ok(t) => t,
-                Err(StoreError::NotFound(_)) => {
-                    let t = store.create(device, name).map_err(migration_error)?;
-                    created.set(Some((*device, name.clone())));
-                    t
-                }
-                Err(e) => return Err(migration_error(e)),
-            };
-            // Unix socket paths are short (108 bytes) and a twin's directory is long: this
-            // process serves one twin, so it works in that directory and names its sockets
-            // relative to it.
-            std::env::set_current_dir(&twin.dir)
-                .map_err(|e| migration_error(format!("the twin's directory: {e}")))?;
-            let disks = arrival
-                .disk_sizes
-                .iter()
-                .enumerate()
-                .map(|(i, &size)| twin_disk(&twin.dir, i, size))
-                .collect::<std::io::Result<Vec<_>>>()
-                .map_err(|e| migration_error(format!("the twin's disks: {e}")))?;
-            Ok(RestoreOverrides {
-                serial: Some(SerialConfig::File(twin.dir.join("serial.log"))),
-                disks,
-                vsock_socket: arrival
-                    .config
-                    .vsock
-                    .as_ref()
-                    .map(|_| PathBuf::from("vsock.sock")),
-                taps: Vec::new(),
-                disk_keys: Vec::new(),
-            })
-        },
-    );
-    let (vm, (device, name)) = match received {
-        Ok(r) => r,
+    let mut created = false;
+    let received = requested.receive(|arrival: &Arrival| {
+        check_config(arrival.config).map_err(migration_error)?;
+        let twin = match store.get(&device, name) {
+            Ok(t) if t.state == TwinState::Running => {
+                return Err(migration_error(format!(
+                    "the twin {name:?} already runs here"
+                )));
+            }
+            Ok(t) => t,
+            Err(StoreError::NotFound(_)) => {
+                let t = store.create(&device, name).map_err(migration_error)?;
+                created = true;
+                t
+            }
+            Err(e) => return Err(migration_error(e)),
+        };
+        // Unix socket paths are short (108 bytes) and a twin's directory is long: this
+        // process serves one twin, so it works in that directory and names its sockets
+        // relative to it.
+        std::env::set_current_dir(&twin.dir)
+            .map_err(|e| migration_error(format!("the twin's directory: {e}")))?;
+        let disks = arrival
+            .disk_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| twin_disk(&twin.dir, i, size))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map_err(|e| migration_error(format!("the twin's disks: {e}")))?;
+        Ok(RestoreOverrides {
+            serial: Some(SerialConfig::File(twin.dir.join("serial.log"))),
+            disks,
+            vsock_socket: arrival
+                .config
+                .vsock
+                .as_ref()
+                .map(|_| PathBuf::from("vsock.sock")),
+            taps: Vec::new(),
+            disk_keys: Vec::new(),
+        })
+    });
+    let vm = match received {
+        Ok(vm) => vm,
         Err(e) => {
-            if let Some((device, name)) = created.take() {
-                let _ = store.remove(&device, &name);
+            if created {
+                let _ = store.remove(&device, name);
             }
             return Err(anyhow::Error::new(e)
                 .context(format!("the offload from {peer} failed; nothing runs here")));
         }
     };
     store
-        .set_state(&device, &name, TwinState::Running)
+        .set_state(&device, name, TwinState::Running)
         .context("record the twin as running")?;
     eprintln!(
         "pocketvisor: cloud: the twin {name:?} of device {} runs here (from {peer})",
@@ -309,8 +342,219 @@ fn twin(h: &HostArgs) -> Result<i32> {
     );
     let status = crate::run::run_vm(vm, Some(Path::new("api.sock")));
     // Whatever ended it, the twin no longer runs here; its directory keeps its last disks.
-    let _ = store.set_state(&device, &name, TwinState::Returned);
+    let _ = store.set_state(&device, name, TwinState::Returned);
     status
+}
+
+/// How long a return waits for the twin's VMM to connect to the relay.
+const TWIN_CONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// A return: the twin's VMM migrates to a loopback port of this process, which relays the
+/// migration to the device; the twin's process ends once the guest runs at the device.
+fn give_back(
+    h: &HostArgs,
+    store: &TwinStore,
+    requested: Requested,
+    device: DeviceId,
+    name: &str,
+    peer: &str,
+) -> Result<i32> {
+    let refuse = |requested: Requested, why: String| {
+        requested.refuse(&migration_error(&why));
+        Err(anyhow::anyhow!(
+            "the return of {name:?} to {peer} was refused: {why}"
+        ))
+    };
+    let twin = match store.get(&device, name) {
+        Ok(t) if t.state == TwinState::Running => t,
+        Ok(_) => {
+            return refuse(
+                requested,
+                format!("the twin {name:?} does not run here (it was returned)"),
+            )
+        }
+        // Another device's twin is not found either.
+        Err(e) => return refuse(requested, e.to_string()),
+    };
+    // The twin's API socket is named relative to its directory (see `offload`).
+    if let Err(e) = std::env::set_current_dir(&twin.dir) {
+        return refuse(requested, format!("the twin's directory: {e}"));
+    }
+    // Loopback only: the twin's migration is authenticated by the key end to end, and the
+    // relay carries it inside the device's TLS.
+    let listener = match TcpListener::bind("127.0.0.1:0").and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }) {
+        Ok(l) => l,
+        Err(e) => return refuse(requested, format!("the relay's port: {e}")),
+    };
+    let to = match listener.local_addr() {
+        Ok(a) => a.to_string(),
+        Err(e) => return refuse(requested, format!("the relay's port: {e}")),
+    };
+    let ask = Request::Migrate {
+        to,
+        key_file: h.key.clone(),
+        downtime_ms: vmm::vmm_api::DEFAULT_DOWNTIME_MS,
+        tls: None,
+        twin: None,
+        keep: None,
+    };
+    let migration = std::thread::spawn(move || crate::api::call(Path::new("api.sock"), &ask));
+    let deadline = Instant::now() + TWIN_CONNECT_WAIT;
+    let local = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return refuse(requested, format!("the relay's port: {e}")),
+        }
+        if migration.is_finished() {
+            let why = match migration.join() {
+                Ok(Err(e)) => format!("the twin's VMM: {e:#}"),
+                _ => "the twin's VMM answered without migrating".to_string(),
+            };
+            return refuse(requested, why);
+        }
+        if Instant::now() > deadline {
+            // Its VMM may still connect: nothing listens then, and its guest runs on.
+            return refuse(
+                requested,
+                "the twin's VMM did not start its migration".into(),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(listener);
+    local
+        .set_nonblocking(false)
+        .context("the twin's connection")?;
+    let relayed = requested
+        .accept_return()
+        .and_then(|device_conn| vmm::migration::relay(device_conn, local));
+    let answer = migration
+        .join()
+        .map_err(|_| anyhow::anyhow!("the API call's thread panicked"))?;
+    match answer {
+        Ok(stats) => {
+            // The twin's process records it too when its VMM ends; this is the same fact.
+            let _ = store.set_state(&device, name, TwinState::Returned);
+            let line = format!(
+                "pocketvisor: cloud: the twin {name:?} of device {} returned to {peer}: {stats}{}\n",
+                device.hex(),
+                relayed.map_or_else(
+                    |e| format!(" (the relay: {e})"),
+                    |r| format!(" relayed_to_device={} relayed_to_twin={}", r.to_device, r.to_twin)
+                )
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            Ok(0)
+        }
+        Err(e) => Err(e.context(format!(
+            "the return of {name:?} to {peer} failed; the twin runs on here"
+        ))),
+    }
+}
+
+/// `cloud return`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Connects to the cloud host (--from, over TLS 1.3 with this device's certificate: the one it
+offloaded with, which names the device there), asks for its twin NAME back and receives the
+twin's live migration, which the host relays from the twin's VMM. With --base DIR (the
+snapshot `migrate --keep DIR` kept at the offload, the disks at the --disk paths as they were
+then) only the pages and disk chunks that differ from that copy travel. The twin runs at the
+host until the guest runs here; if anything fails before, nothing runs here, no disk changes,
+the twin runs on and the command fails (status 1). Otherwise it prints `returned
+bytes_received=N bytes_sent=N` and runs the guest: the exit status is the guest's, as for
+`run`. Another device's twin is `no twin named ...`, as a missing one.
+
+EXAMPLE:
+  pocketvisor migrate --api-socket /tmp/pv.sock --to cloud.example:7000 --twin work \\
+      --keep /var/lib/pv/work.kept --key cloud.mkey --tls-cert device.pem \\
+      --tls-key device.key --tls-ca cloud-ca.pem
+  # later, the twin comes back onto the kept copy and the disk as it was
+  pocketvisor cloud return work --from cloud.example:7000 --base /var/lib/pv/work.kept \\
+      --disk work.img --key cloud.mkey --tls-cert device.pem --tls-key device.key \\
+      --tls-ca cloud-ca.pem --api-socket /tmp/pv.sock")]
+struct ReturnArgs {
+    /// The twin's name at the cloud host.
+    name: String,
+    /// The cloud host, HOST:PORT (its certificate must name HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    from: String,
+    /// The migration key this device shares with the host (64 hexadecimal digits).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// This device's certificate chain (PEM): the one it offloaded with.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// This device's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    /// The authority the host's certificate must chain to (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: PathBuf,
+    /// The copy of this guest kept at the offload (`migrate --keep DIR`).
+    #[arg(long, value_name = "DIR")]
+    base: Option<PathBuf>,
+    /// Where the serial console goes: stdout, file:PATH or none [default: as at the twin].
+    #[arg(long, value_name = "WHERE", value_parser = crate::run::parse_serial)]
+    serial: Option<SerialConfig>,
+    /// Disk image paths here, in order (each must exist with the twin's disk's size; with
+    /// --base, as it was at the offload). Repeatable. The twin's disk replaces it at the commit.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
+    /// The vsock unix socket path.
+    #[arg(long, value_name = "PATH")]
+    vsock_socket: Option<PathBuf>,
+    /// Serve the control API on this unix socket once the guest runs.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
+}
+
+/// `cloud return`: the device's side.
+fn give_back_here(a: ReturnArgs) -> Result<i32> {
+    let key = vmm::migration::wire::read_key(&a.key).map_err(anyhow::Error::msg)?;
+    if !valid_name(&a.name) {
+        anyhow::bail!("{}", StoreError::BadName(a.name));
+    }
+    let tls = MigrationTls {
+        cert: a.tls_cert,
+        key: a.tls_key,
+        ca: a.tls_ca,
+    };
+    let overrides = RestoreOverrides {
+        serial: a.serial,
+        disks: a.disk,
+        vsock_socket: a.vsock_socket,
+        taps: Vec::new(),
+        disk_keys: Vec::new(),
+    };
+    let returned = vmm::migration::receive_returned(
+        &a.from,
+        &key,
+        &tls,
+        &format!("return {}", a.name),
+        &overrides,
+        a.base.as_deref(),
+    )
+    .with_context(|| {
+        format!(
+            "the return of {:?} from {} failed; nothing runs here",
+            a.name, a.from
+        )
+    })?;
+    outln!(
+        "returned bytes_received={} bytes_sent={}",
+        returned.bytes_received,
+        returned.bytes_sent
+    );
+    eprintln!(
+        "pocketvisor: the twin {:?} came back from {}; the guest runs here",
+        a.name, a.from
+    );
+    crate::run::run_vm(returned.vm, a.api_socket.as_deref())
 }
 
 #[cfg(test)]
@@ -332,7 +576,11 @@ mod tests {
         ] {
             assert!(parse_request(bad).is_err(), "{bad}");
         }
-        assert!(parse_request("return work")
+        assert_eq!(parse_request("return work"), Ok(Ask::Return("work".into())));
+        assert!(parse_request("return ../x")
+            .unwrap_err()
+            .contains("bad twin name"));
+        assert!(parse_request("frobnicate work")
             .unwrap_err()
             .contains("unknown request"));
         assert!(parse_request("").is_err());

@@ -26,6 +26,9 @@ use vmm::migration::{tls, MigrationTls};
 const SCRATCH: &str = "pv-cloudtest";
 const WAIT: Duration = Duration::from_secs(30);
 const DISK_BYTES: usize = 4 << 20;
+/// The disk of a guest that goes and returns: larger than what it rewrites in 60 s of work
+/// (3,000 blocks of 4 KiB), so a return has unchanged data to leave out, as a phone's would.
+const RETURN_DISK_BYTES: usize = 32 << 20;
 
 /// A certificate authority.
 struct Authority {
@@ -125,18 +128,18 @@ impl Host {
 
     /// A counting probe with a disk (`<name>.img`), its API socket `<name>.sock`.
     fn device_vm(&self, name: &str) -> Vmm {
-        self.device_vm_mode(name, "counter")
+        self.device_vm_mode(name, "counter", DISK_BYTES)
     }
 
     /// [`Host::device_vm`] in probe mode `mode` (`counter`, or `blk-counter`, which also
-    /// writes its disk).
-    fn device_vm_mode(&self, name: &str, mode: &str) -> Vmm {
+    /// writes its disk), with a disk of `disk_bytes`.
+    fn device_vm_mode(&self, name: &str, mode: &str, disk_bytes: usize) -> Vmm {
         let probe = common::probe(true).expect("the probe was there a moment ago");
-        let mut image: Vec<u8> = (0..DISK_BYTES / 2)
-            .map(|i| u8::try_from((i * 7 + name.len()) % 251).unwrap())
-            .collect();
-        image.resize(DISK_BYTES, 0);
-        std::fs::write(self.dir.path(&format!("{name}.img")), image).unwrap();
+        std::fs::write(
+            self.dir.path(&format!("{name}.img")),
+            device_image(name, disk_bytes),
+        )
+        .unwrap();
         let serial = format!(
             "file:{}",
             self.dir.path(&format!("{name}.serial")).display()
@@ -185,6 +188,16 @@ impl Host {
             .expect("run pocketvisor migrate")
     }
 
+    /// `pocketvisor cloud return NAME` to this host as the device `who`, with more flags.
+    fn cloud_return(&self, who: &str, name: &str, more: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.args(["cloud", "return", name, "--from", &self.addr, "--key"])
+            .arg(&self.key)
+            .args(tls_args(&self.dir.0, who))
+            .args(more);
+        c
+    }
+
     /// A raw authenticated channel to the host, as the device `who`.
     fn channel(&self, who: &str) -> Channel<tls::Transport> {
         let tcp = TcpStream::connect(&self.addr).unwrap();
@@ -193,6 +206,15 @@ impl Host {
         let key = vmm::migration::wire::read_key(&self.key).unwrap();
         Channel::handshake(t, &key, Role::Source).unwrap()
     }
+}
+
+/// The disk image a device VM `name` starts with: half data, half zeros.
+fn device_image(name: &str, bytes: usize) -> Vec<u8> {
+    let mut image: Vec<u8> = (0..bytes / 2)
+        .map(|i| u8::try_from((i * 7 + name.len()) % 251).unwrap())
+        .collect();
+    image.resize(bytes, 0);
+    image
 }
 
 /// A cloud host, or None where KVM or the probe is missing.
@@ -372,12 +394,43 @@ fn the_device_keeps_a_copy_of_the_guest_as_it_was_at_the_switch() {
     );
 }
 
-/// The values of every complete `PROBE blk-counter N` line.
+/// The values of every complete `PROBE blk-counter N` line (a line cut short by a switch
+/// is not one: its number may be cut too).
 fn blk_counters(text: &str) -> Vec<u64> {
-    text.lines()
+    text.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
         .filter_map(|l| l.trim_end().strip_prefix("PROBE blk-counter "))
         .filter_map(|n| n.parse().ok())
         .collect()
+}
+
+/// The 4 KiB the probe's blk-counter mode writes for tag `n`.
+fn blk_pattern(n: u64) -> Vec<u8> {
+    let line = format!("pocketvisor-probe-blk:{n}\n");
+    line.bytes().cycle().take(4096).collect()
+}
+
+/// Checks `disk` byte for byte against `initial` after the blk-counter writes 0..=`last`
+/// (each at slot n modulo the disk's slots, later ones over earlier ones); the slot of write
+/// `last + 1` may hold it too (done, its line not yet printed).
+fn assert_disk_after_writes(disk: &[u8], initial: &[u8], last: u64, what: &str) {
+    assert_eq!(disk.len(), initial.len(), "{what}: size");
+    let slots = u64::try_from(initial.len() / 4096).unwrap();
+    let mut expected = initial.to_vec();
+    for n in last.saturating_sub(slots - 1)..=last {
+        let at = usize::try_from(n % slots).unwrap() * 4096;
+        expected[at..at + 4096].copy_from_slice(&blk_pattern(n));
+    }
+    let pending = usize::try_from((last + 1) % slots).unwrap() * 4096;
+    for slot in 0..initial.len() / 4096 {
+        let range = slot * 4096..(slot + 1) * 4096;
+        let ok = disk[range.clone()] == expected[range.clone()]
+            || (range.start == pending && disk[range.clone()] == blk_pattern(last + 1)[..]);
+        assert!(
+            ok,
+            "{what}: 4 KiB slot {slot} is not what the guest wrote (last write {last})"
+        );
+    }
 }
 
 fn figure(said: &str, key: &str) -> u64 {
@@ -401,7 +454,7 @@ fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
     let Some(h) = host("return") else {
         return;
     };
-    let mut phone = h.device_vm_mode("phone", "blk-counter");
+    let mut phone = h.device_vm_mode("phone", "blk-counter", RETURN_DISK_BYTES);
     let kept = h.dir.path("kept");
     let out = h.offload_with(
         "phone",
@@ -487,7 +540,6 @@ fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
         "the return ({return_bytes} B, and {digests} B of digests back) is not smaller than a \
          full move ({offload_bytes} B)"
     );
-    let _ = writeln_measure(secs, offload_bytes, return_bytes, digests, skipped);
 
     // The counter never goes back: the phone goes on from the twin's last, not the kept copy.
     let home_log = h.dir.path("home.serial");
@@ -497,14 +549,22 @@ fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
         read(&stderr)
     );
     let twin_last = *blk_counters(&read(&twin_log)).last().unwrap();
+    let _ = writeln_measure(
+        secs,
+        twin_last - at_switch,
+        offload_bytes,
+        return_bytes,
+        digests,
+        skipped,
+    );
     let first_home = blk_counters(&read(&home_log))[0];
     assert!(
-        first_home + 1 >= twin_last && first_home <= twin_last + 2 && first_home > at_switch + 10,
+        first_home > twin_last && first_home <= twin_last + 2 && first_home > at_switch + 10,
         "the phone went on at {first_home}; the twin stopped at {twin_last}, the switch was at \
          {at_switch}"
     );
 
-    // The disk: the twin's as it left, but for the slots the phone wrote since.
+    // The disk: every write of the guest, at the phone, in the cloud and back, byte for byte.
     let paused = Command::new(bin())
         .args(["pause", "--api-socket"])
         .arg(h.dir.path("home.sock"))
@@ -512,34 +572,217 @@ fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
         .unwrap();
     assert!(paused.status.success(), "{}", text(&paused));
     let home_last = *blk_counters(&read(&home_log)).last().unwrap();
-    let (ours, theirs) = (
-        std::fs::read(h.dir.path("phone.img")).unwrap(),
-        std::fs::read(twin.join("disk0.img")).unwrap(),
+    assert_disk_after_writes(
+        &std::fs::read(h.dir.path("phone.img")).unwrap(),
+        &device_image("phone", RETURN_DISK_BYTES),
+        home_last,
+        "the phone's disk",
     );
-    assert_eq!(ours.len(), theirs.len());
-    let slots = u64::try_from(ours.len() / 4096).unwrap();
-    let written_since: Vec<u64> = (twin_last + 1..=home_last + 1).map(|n| n % slots).collect();
+    drop(home.0.kill());
+}
+
+#[test]
+fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_device() {
+    use std::io::Write;
+    let Some(h) = host("serve-return") else {
+        return;
+    };
+    let mut phone = h.device_vm_mode("phone", "blk-counter", RETURN_DISK_BYTES);
+    let kept = h.dir.path("kept");
+    let out = h.offload_with(
+        "phone",
+        "phone",
+        "work",
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let offload_bytes = figure(&text(&out), "bytes");
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let at_switch = *blk_counters(&read(&h.dir.path("phone.serial")))
+        .last()
+        .unwrap();
+    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
+    let twin_log = twin.join("serial.log");
+    let secs = work_secs();
+    std::thread::sleep(Duration::from_secs(secs));
+    let worked = blk_counters(&read(&twin_log));
     assert!(
-        written_since.len() < ours.len() / 4096 / 2,
-        "the phone wrote {} slots before it paused: too many to compare the rest",
-        written_since.len()
+        worked
+            .first()
+            .is_some_and(|&n| n > at_switch && n <= at_switch + 2),
+        "the twin went on at {:?}; the phone stopped at {at_switch}",
+        worked.first()
     );
-    for slot in 0..slots {
-        let start = usize::try_from(slot).unwrap() * 4096;
-        let range = start..start + 4096;
-        if !written_since.contains(&slot) {
-            assert!(
-                ours[range.clone()] == theirs[range],
-                "disk slot {slot} differs from the twin's"
-            );
-        }
-    }
+    assert!(
+        worked.last().is_some_and(|&n| n > at_switch + 10),
+        "the twin did not work: {worked:?}"
+    );
+
+    // Another device asks for the phone's twin: no such twin, and the twin works on.
+    let out = h
+        .cloud_return("tablet", "work", &[])
+        .output()
+        .expect("run cloud return");
+    assert!(!out.status.success(), "the tablet got the phone's twin");
+    assert!(
+        text(&out).contains("no twin named \"work\"") && text(&out).contains("nothing runs here"),
+        "{}",
+        text(&out)
+    );
+    let blk_last = |p: &Path| blk_counters(&read(p)).last().copied().unwrap_or(0);
+    let now = blk_last(&twin_log);
+    assert!(
+        wait_until(|| blk_last(&twin_log) > now + 3, WAIT),
+        "the twin stopped after the tablet's request"
+    );
+
+    // The phone asks for it back and dies (kill -9) while the twin's pages arrive: nothing
+    // runs at the phone, its disk is as it was, and the twin works on at the host.
+    let kept_disk = std::fs::read(h.dir.path("phone.img")).unwrap();
+    let out = h
+        .cloud_return(
+            "phone",
+            "work",
+            &[
+                "--base",
+                kept.to_str().unwrap(),
+                "--disk",
+                h.dir.path("phone.img").to_str().unwrap(),
+            ],
+        )
+        .env("POCKETVISOR_KILL_AT", "receive-round")
+        .output()
+        .unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&out.status),
+        Some(9),
+        "the device was not killed mid-return: {}",
+        text(&out)
+    );
+    assert!(
+        std::fs::read(h.dir.path("phone.img")).unwrap() == kept_disk,
+        "a return killed half-way changed the phone's disk"
+    );
+    let now = blk_last(&twin_log);
+    assert!(
+        wait_until(|| blk_last(&twin_log) > now + 3, WAIT),
+        "the twin stopped after the device died mid-return: {}",
+        read(&h.dir.path("serve.stderr"))
+    );
+
+    // The phone asks for it back, onto the copy it kept.
+    let stdout = h.dir.path("home.stdout");
+    let stderr = h.dir.path("home.stderr");
+    let mut home = Vmm(h
+        .cloud_return(
+            "phone",
+            "work",
+            &[
+                "--base",
+                kept.to_str().unwrap(),
+                "--disk",
+                h.dir.path("phone.img").to_str().unwrap(),
+                "--serial",
+                &format!("file:{}", h.dir.path("home.serial").display()),
+                "--api-socket",
+                h.dir.path("home.sock").to_str().unwrap(),
+            ],
+        )
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap());
+    assert!(
+        wait_until(|| read(&stdout).contains("returned bytes_received="), WAIT),
+        "the return did not arrive: {}{}\n{}",
+        read(&stdout),
+        read(&stderr),
+        read(&h.dir.path("serve.stderr"))
+    );
+    let said = format!(" {}", read(&stdout));
+    let (received, sent) = (figure(&said, "bytes_received"), figure(&said, "bytes_sent"));
+    assert!(
+        received + sent < offload_bytes,
+        "the return ({received} B in, {sent} B out) is not smaller than a full move \
+         ({offload_bytes} B)"
+    );
+
+    // The twin has stopped there and is recorded as returned: a second return is refused.
+    assert!(
+        wait_until(
+            || read(&h.dir.path("serve.stderr")).contains("returned to"),
+            WAIT
+        ),
+        "{}",
+        read(&h.dir.path("serve.stderr"))
+    );
+    let twin_last = *blk_counters(&read(&twin_log)).last().unwrap();
+    let percent = 100.0 * (1.0 - (received + sent) as f64 / offload_bytes as f64);
+    // Straight to stderr: the test harness would swallow eprintln's line.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "MEASURE cloud-serve-return work_s={secs} blocks_written_in_cloud={} \
+         full_move_bytes={offload_bytes} return_bytes_received={received} \
+         return_bytes_sent={sent} saving_percent={percent:.1}",
+        twin_last - at_switch
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        *blk_counters(&read(&twin_log)).last().unwrap(),
+        twin_last,
+        "the twin still counts"
+    );
+    let out = h.cloud_return("phone", "work", &[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("it was returned"), "{}", text(&out));
+
+    // The counter never goes back: the phone goes on from the twin's last.
+    let home_log = h.dir.path("home.serial");
+    assert!(
+        wait_until(|| blk_counters(&read(&home_log)).len() >= 3, WAIT),
+        "the phone does not run the returned guest: {}",
+        read(&stderr)
+    );
+    let at_home = blk_counters(&read(&home_log));
+    assert!(
+        at_home[0] > twin_last && at_home[0] <= twin_last + 2,
+        "the phone went on at {}; the twin stopped at {twin_last}",
+        at_home[0]
+    );
+    assert!(
+        at_home.windows(2).all(|w| w[1] == w[0] + 1),
+        "the counter skipped or went back: {at_home:?}"
+    );
+
+    // The disk: every write of the guest, at the phone, in the cloud and back, and nothing
+    // else, byte for byte; the twin's disk is every write up to its last.
+    let paused = Command::new(bin())
+        .args(["pause", "--api-socket"])
+        .arg(h.dir.path("home.sock"))
+        .output()
+        .unwrap();
+    assert!(paused.status.success(), "{}", text(&paused));
+    let home_last = *blk_counters(&read(&home_log)).last().unwrap();
+    let initial = device_image("phone", RETURN_DISK_BYTES);
+    assert_disk_after_writes(
+        &std::fs::read(h.dir.path("phone.img")).unwrap(),
+        &initial,
+        home_last,
+        "the phone's disk",
+    );
+    assert_disk_after_writes(
+        &std::fs::read(twin.join("disk0.img")).unwrap(),
+        &initial,
+        twin_last,
+        "the twin's disk",
+    );
     drop(home.0.kill());
 }
 
 /// The issue's measure: a return against a full move of the same guest (the offload).
 fn writeln_measure(
     secs: u64,
+    blocks: u64,
     full: u64,
     ret: u64,
     digests: u64,
@@ -550,7 +793,8 @@ fn writeln_measure(
     let percent = 100.0 * (1.0 - (ret + digests) as f64 / full as f64);
     writeln!(
         std::io::stderr().lock(),
-        "MEASURE cloud-return work_s={secs} full_move_bytes={full} return_bytes={ret} \
+        "MEASURE cloud-return work_s={secs} blocks_written_in_cloud={blocks} \
+         full_move_bytes={full} return_bytes={ret} \
          digest_bytes_back={digests} base_skipped_bytes={skipped} saving_percent={percent:.1}"
     )
 }

@@ -4,9 +4,12 @@
 //! waiting in [`receive`], over TLS 1.3 with both hosts' certificates when they have them
 //! (see [`tls`]), and over one authenticated channel (see [`wire`]):
 //!
-//! 1. sends the configuration and memory layout (`Setup`), turns on dirty logging and sends
-//!    every non-zero page while the guest runs (round 1); the destination creates the KVM
-//!    VM, its RAM and vCPUs on receiving `Setup`, so the pause does not wait for them;
+//! 1. sends the configuration and memory layout (`Setup`); the destination answers with
+//!    `Base`, the digests of a copy of this guest it already holds (empty without one: see
+//!    [`receive_onto`]); the source turns on dirty logging and sends every non-zero page, or
+//!    with a base every page whose digest differs, while the guest runs (round 1); the
+//!    destination creates the KVM VM, its RAM and vCPUs meanwhile, so the pause does not
+//!    wait for them;
 //! 2. sends the pages dirtied during the previous round, round after round, until what is
 //!    left would go within the downtime budget at the link speed it measured (each round
 //!    ends with `RoundEnd`, which the destination acknowledges once it has every page, so
@@ -27,7 +30,15 @@
 //! migration paused it) and the destination drops what it built. A connection lost after
 //! `Commit` is *in doubt*: the destination may or may not run the guest, so the source keeps
 //! it paused (never lost; `resume` runs it here again) and says so.
+//!
+//! A cloud host ([`accept_request`]) first reads a device's request. For `offload NAME` the
+//! device is the source, on that same channel ([`Requested::receive`]). For `return NAME`
+//! the host answers `Accept` ([`Requested::accept_return`]) and [`relay`]s, on the device's
+//! connection, a migration its twin's VMM makes to it over loopback: a new hello, the twin
+//! the source and the device ([`receive_returned`]) the destination, authenticated end to
+//! end by the key.
 
+pub mod relay;
 pub mod tls;
 pub mod wire;
 
@@ -54,6 +65,7 @@ use crate::vm::Vm;
 use crate::Error;
 use base::Base;
 use disk::{apply_disk, DiskBatch, DiskIn, DiskOut};
+pub use relay::relay;
 use tls::Transport;
 pub use vmm_api::MigrationTls;
 use wire::{Channel, Kind, Role, WireError, KEY_LEN, MAX_PAYLOAD};
@@ -93,7 +105,7 @@ pub struct MigrateOptions {
 pub const MAX_REQUEST_LEN: usize = 256;
 
 /// What a source announces to a cloud host before anything is built (see
-/// [`receive_requested`]).
+/// [`Requested::receive`]).
 pub struct Arrival<'a> {
     /// The configuration (validated).
     pub config: &'a VmConfig,
@@ -668,19 +680,24 @@ pub fn receive_admitting(
     result
 }
 
-/// For a cloud host: [`receive`] over TLS (required), where the source first sends a
-/// request frame. `ask` reads it with the certificate (DER) the source showed and says
-/// whom and what it admits (or refuses, before any setup is read); `admit` then decides,
-/// from that and what the source announces, the host-side settings (every disk path, each
-/// existing with the announced size when `admit` returns) or refuses. A refusal goes to the
-/// source as the reason, and nothing runs here. Returns the VM and what `ask` said.
-pub fn receive_requested<A>(
+/// A cloud host's connection from a device, after TLS (required), the key's handshake and
+/// the device's first frame, a request (`offload NAME`, `return NAME`): the host decides
+/// from the certificate and the request what to do with it, and either refuses (the device
+/// is told why) or goes on with [`Requested::receive`] or [`Requested::accept_return`].
+pub struct Requested {
+    ch: Channel<Transport>,
+    request: String,
+    certificate: Vec<u8>,
+}
+
+/// Reads a device's request on `stream` (see [`Requested`]). A connection that fails TLS or
+/// the handshake, shows no certificate or sends anything but a well-formed request is
+/// refused here, the device told why where the connection allows.
+pub fn accept_request(
     stream: TcpStream,
     key: &[u8; KEY_LEN],
     tls: &MigrationTls,
-    ask: impl FnOnce(&[u8], &str) -> Result<A, Error>,
-    admit: impl FnOnce(&A, &Arrival) -> Result<RestoreOverrides, Error>,
-) -> Result<(Vm, A), Error> {
+) -> Result<Requested, Error> {
     configure(&stream)?;
     let stream = tls::server(stream, tls)?;
     let mut ch = Channel::handshake(stream, key, Role::Destination)?;
@@ -688,21 +705,98 @@ pub fn receive_requested<A>(
         let certificate = ch
             .stream()
             .peer_certificate()
-            .ok_or_else(|| refused("the source showed no certificate"))?;
-        let asked = ask(certificate, &request)?;
-        let vm = receive_on(&mut ch, None, |setup| {
-            admit(
-                &asked,
-                &Arrival {
-                    config: &setup.config,
-                    disk_sizes: &setup.disk_sizes,
-                },
-            )
-        })?;
-        Ok((vm, asked))
+            .ok_or_else(|| refused("the device showed no certificate"))?;
+        Ok((request, certificate.to_vec()))
     });
     refuse_on_error(&mut ch, &result);
-    result
+    let (request, certificate) = result?;
+    Ok(Requested {
+        ch,
+        request,
+        certificate,
+    })
+}
+
+impl Requested {
+    /// The request, checked to be short printable UTF-8.
+    pub fn request(&self) -> &str {
+        &self.request
+    }
+
+    /// The end-entity certificate (DER) the device showed.
+    pub fn certificate(&self) -> &[u8] {
+        &self.certificate
+    }
+
+    /// Tells the device why it is refused, and ends the connection.
+    pub fn refuse(mut self, why: &Error) {
+        refuse_on_error::<()>(&mut self.ch, &Err(refused(reason(why))));
+    }
+
+    /// Receives the VM the device migrates here (an offload), with the host-side settings
+    /// `admit` gives for what it announces (every disk path existing with the announced
+    /// size when `admit` returns), or refuses. A refusal goes to the device as the reason,
+    /// and nothing runs here.
+    pub fn receive(
+        mut self,
+        admit: impl FnOnce(&Arrival) -> Result<RestoreOverrides, Error>,
+    ) -> Result<Vm, Error> {
+        let result = receive_on(&mut self.ch, None, |setup| {
+            admit(&Arrival {
+                config: &setup.config,
+                disk_sizes: &setup.disk_sizes,
+            })
+        });
+        refuse_on_error(&mut self.ch, &result);
+        result
+    }
+
+    /// Accepts a return: tells the device so and hands back the connection, on which a
+    /// migration from the twin follows, from a new hello ([`relay`] carries it). The device
+    /// waits for this answer before it says its hello.
+    pub fn accept_return(mut self) -> Result<Transport, Error> {
+        self.ch.send(Kind::Accept, &[])?;
+        self.ch.flush()?;
+        Ok(self.ch.into_stream())
+    }
+}
+
+/// What a return brought back to the device, besides the VM.
+pub struct Returned {
+    /// The guest, built and committed: run it at once.
+    pub vm: Vm,
+    /// Bytes that came from the twin on the migration (hello and frames, before TLS).
+    pub bytes_received: u64,
+    /// Bytes this end sent on it (its hello, the base's digests and its answers).
+    pub bytes_sent: u64,
+}
+
+/// The device's side of a return: connects to the cloud host `to` over TLS, asks for
+/// `request` (`return NAME`) and, once the host accepts, receives the twin's migration as
+/// [`receive_onto`] does (from `base` when given), relayed by the host. On any error nothing
+/// runs here and the twin runs on at the host.
+pub fn receive_returned(
+    to: &str,
+    key: &[u8; KEY_LEN],
+    tls: &MigrationTls,
+    request: &str,
+    overrides: &RestoreOverrides,
+    base: Option<&std::path::Path>,
+) -> Result<Returned, Error> {
+    let stream = connect(to, Some(tls))?;
+    // The device opens the connection: its first handshake is the requesting end's.
+    let mut ask = Channel::handshake(stream, key, Role::Source)?;
+    ask.send(Kind::Request, request.as_bytes())?;
+    ask.flush()?;
+    expect(&mut ask, Kind::Accept)?;
+    let mut ch = Channel::handshake(ask.into_stream(), key, Role::Destination)?;
+    let result = receive_on(&mut ch, base, |_| Ok(overrides.clone()));
+    refuse_on_error(&mut ch, &result);
+    Ok(Returned {
+        vm: result?,
+        bytes_received: ch.bytes_received,
+        bytes_sent: ch.bytes_sent,
+    })
 }
 
 /// The source's request frame, checked: UTF-8, short, printable.

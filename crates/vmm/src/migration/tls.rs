@@ -21,13 +21,15 @@ use vmm_api::MigrationTls;
 
 use crate::Error;
 
-/// One migration connection: TLS as the source (client) or destination (server), or plain.
+/// One migration connection: TLS as the end that connected (client) or accepted (server),
+/// or plain.
 pub enum Transport {
     /// Plain TCP (framed and authenticated by the key, not encrypted).
     Plain(TcpStream),
-    /// TLS, this end the source.
+    /// TLS, this end the one that connected: a migration's source, or a device asking a
+    /// cloud host for a return (it is then the migration's destination).
     Client(Box<StreamOwned<ClientConnection, TcpStream>>),
-    /// TLS, this end the destination.
+    /// TLS, this end the one that accepted: a migration's destination, or a cloud host.
     Server(Box<StreamOwned<ServerConnection, TcpStream>>),
 }
 
@@ -150,8 +152,9 @@ impl Transport {
         let _ = self.tcp().shutdown(how);
     }
 
-    /// The end-entity certificate (DER) the source showed, at the destination of a TLS
-    /// connection; None over plain TCP and at the source. The cloud host names a device by it.
+    /// The end-entity certificate (DER) the connecting end showed, at the accepting end of a
+    /// TLS connection; None over plain TCP and at the connecting end. The cloud host names a
+    /// device by it.
     pub fn peer_certificate(&self) -> Option<&[u8]> {
         match self {
             Transport::Server(s) => s.conn.peer_certificates()?.first().map(|c| c.as_ref()),
@@ -197,13 +200,13 @@ impl Write for Transport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::net::TcpListener;
 
     /// A certificate authority and one certificate it signs for `name`, as PEM files in `dir`
     /// named `prefix-*`.
-    fn issue(dir: &Path, prefix: &str, names: &[&str]) -> MigrationTls {
+    pub(crate) fn issue(dir: &Path, prefix: &str, names: &[&str]) -> MigrationTls {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -224,7 +227,7 @@ mod tests {
         files
     }
 
-    fn scratch(name: &str) -> std::path::PathBuf {
+    pub(crate) fn scratch(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("pv-tls-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -260,7 +263,7 @@ mod tests {
     }
 
     /// Two hosts' files: each with its own certificate, each trusting `ca_of`'s authority.
-    fn cross(a: &MigrationTls, ca_of: &MigrationTls) -> MigrationTls {
+    pub(crate) fn cross(a: &MigrationTls, ca_of: &MigrationTls) -> MigrationTls {
         MigrationTls {
             ca: ca_of.ca.clone(),
             ..a.clone()

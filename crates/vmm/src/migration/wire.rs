@@ -69,6 +69,9 @@ pub enum Kind {
     /// Destination to source, the answer to `Setup`: the digests of the copy it starts from
     /// (empty: none; see the `base` module), so round 1 sends only what differs.
     Base = 12,
+    /// Cloud host to device, the answer to a `return NAME` request: accepted; the twin's
+    /// migration to the device follows on the same connection, from a new hello.
+    Accept = 13,
 }
 
 impl Kind {
@@ -86,6 +89,7 @@ impl Kind {
             10 => Kind::Disk,
             11 => Kind::Request,
             12 => Kind::Base,
+            13 => Kind::Accept,
             _ => return None,
         })
     }
@@ -153,6 +157,8 @@ pub struct Channel<S> {
     recv_seq: u64,
     /// Bytes written so far (handshake included).
     pub bytes_sent: u64,
+    /// Bytes of checked frames and the hello read so far.
+    pub bytes_received: u64,
 }
 
 fn direction_key(key: &[u8; KEY_LEN], label: &[u8], dst: &[u8], src: &[u8]) -> HmacSha256 {
@@ -226,6 +232,7 @@ impl<S: Read + Write> Channel<S> {
             send_seq: 0,
             recv_seq: 0,
             bytes_sent: HELLO_LEN as u64,
+            bytes_received: HELLO_LEN as u64,
         })
     }
 
@@ -279,6 +286,7 @@ impl<S: Read + Write> Channel<S> {
             });
         }
         self.recv_seq += 1;
+        self.bytes_received += (HEADER_LEN + payload.len() + MAC_LEN) as u64;
         let kind = Kind::from_u8(kind).ok_or(WireError::Kind(kind))?;
         Ok(Frame { kind, payload })
     }
@@ -291,6 +299,11 @@ impl<S: Read + Write> Channel<S> {
     /// The underlying stream, to end or drain it.
     pub fn stream_mut(&mut self) -> &mut S {
         &mut self.stream
+    }
+
+    /// The underlying stream, for another session on the same connection (a new hello).
+    pub fn into_stream(self) -> S {
+        self.stream
     }
 }
 

@@ -1,0 +1,271 @@
+//! The cloud host's relay for a return: the twin's VMM migrates to a loopback address of the
+//! host (plain TCP), and the host carries those bytes, both ways and unchanged, over the TLS
+//! connection the device opened to ask for the return. The migration's own hello, framing
+//! and key authenticate them end to end; the relay reads none of it.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use rustls::{ServerConnection, StreamOwned};
+
+use super::refused;
+use super::tls::Transport;
+use crate::Error;
+
+/// Bytes carried each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Relayed {
+    /// From the device to the twin (its hello, the base's digests, its answers).
+    pub to_twin: u64,
+    /// From the twin to the device (the migration).
+    pub to_device: u64,
+}
+
+const BUF: usize = 64 << 10;
+
+/// Carries bytes between `device` (the TLS connection a device opened; this end accepted it)
+/// and `twin` (the twin VMM's migration connection) until both directions have ended. The
+/// twin's end decides when it is over: once it has closed, the device is told (TLS
+/// `close_notify`, then the socket's end) and its direction ends when the device closes or
+/// stays silent for the migration's I/O timeout. Either direction failing ends the other.
+pub fn relay(device: Transport, twin: TcpStream) -> Result<Relayed, Error> {
+    let Transport::Server(tls) = device else {
+        return Err(refused(
+            "a relay needs the device's TLS connection, this end the server",
+        ));
+    };
+    let StreamOwned { conn, sock } = *tls;
+    // A read from the twin waits for as long as the twin waits for the device: its own
+    // timeouts end it.
+    twin.set_read_timeout(None)
+        .map_err(|e| refused(format!("relay: the twin's connection: {e}")))?;
+    let dev = Device {
+        conn: Mutex::new(conn),
+        writing: Mutex::new(()),
+        sock: &sock,
+    };
+    let twin_done = AtomicBool::new(false);
+    let (up, down) = std::thread::scope(|s| {
+        let up = s.spawn(|| {
+            let r = device_to_twin(&dev, &twin, &twin_done);
+            // The twin reads to the end of what the device said.
+            let _ = twin.shutdown(Shutdown::Write);
+            r
+        });
+        let down = twin_to_device(&dev, &twin);
+        if down.is_err() {
+            let _ = twin.shutdown(Shutdown::Both);
+        }
+        twin_done.store(true, Ordering::Release);
+        let mut c = dev.conn();
+        c.send_close_notify();
+        let _ = dev.flush(c);
+        let _ = sock.shutdown(Shutdown::Write);
+        let up = up
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the relay's thread panicked")));
+        (up, down)
+    });
+    Ok(Relayed {
+        to_device: down.map_err(|e| refused(format!("relay, twin to device: {e}")))?,
+        to_twin: up.map_err(|e| refused(format!("relay, device to twin: {e}")))?,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The device's end: its TLS state, and its socket's writing turn.
+struct Device<'a> {
+    conn: Mutex<ServerConnection>,
+    writing: Mutex<()>,
+    sock: &'a TcpStream,
+}
+
+impl Device<'_> {
+    fn conn(&self) -> MutexGuard<'_, ServerConnection> {
+        lock(&self.conn)
+    }
+
+    /// Writes what TLS has to send to the device, then lets go of `c`. The writing turn is
+    /// taken before `c` is let go, so records leave in the order TLS made them, and the
+    /// write itself does not hold up the other direction's decryption.
+    fn flush(&self, mut c: MutexGuard<'_, ServerConnection>) -> std::io::Result<()> {
+        let mut records = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut records)?;
+        }
+        if records.is_empty() {
+            // Nothing to write: no turn to wait for behind a write that may be slow.
+            return Ok(());
+        }
+        let _turn = lock(&self.writing);
+        drop(c);
+        let mut sock = self.sock;
+        sock.write_all(&records)
+    }
+}
+
+/// Moves the plaintext TLS has decrypted into `out`; true once the device said
+/// `close_notify`.
+fn drain(c: &mut ServerConnection, buf: &mut [u8], out: &mut Vec<u8>) -> std::io::Result<bool> {
+    loop {
+        match c.reader().read(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn device_to_twin(
+    dev: &Device<'_>,
+    mut twin: &TcpStream,
+    twin_done: &AtomicBool,
+) -> std::io::Result<u64> {
+    let mut raw = vec![0u8; BUF];
+    let mut plain = vec![0u8; BUF];
+    let mut out = Vec::with_capacity(BUF);
+    let mut total = 0u64;
+    // First what TLS already holds (read along with the request).
+    let mut closed = drain(&mut dev.conn(), &mut plain, &mut out)?;
+    let mut sock = dev.sock;
+    loop {
+        twin.write_all(&out)?;
+        total += out.len() as u64;
+        out.clear();
+        if closed {
+            return Ok(total);
+        }
+        let n = match sock.read(&mut raw) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            // The socket's timeout ticks: go on unless the twin's side is over.
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                if twin_done.load(Ordering::Acquire) {
+                    return Ok(total);
+                }
+                continue;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut c = dev.conn();
+        let mut rest = &raw[..n];
+        while !rest.is_empty() && !closed {
+            c.read_tls(&mut rest)?;
+            c.process_new_packets().map_err(std::io::Error::other)?;
+            // Taken out at once: TLS holds only a little decrypted data.
+            closed = drain(&mut c, &mut plain, &mut out)?;
+        }
+        // TLS may answer (a key update).
+        dev.flush(c)?;
+    }
+}
+
+fn twin_to_device(dev: &Device<'_>, mut twin: &TcpStream) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; BUF];
+    let mut total = 0u64;
+    loop {
+        let n = match twin.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut rest = &buf[..n];
+        while !rest.is_empty() {
+            let mut c = dev.conn();
+            let took = c.writer().write(rest)?;
+            if took == 0 {
+                return Err(ErrorKind::WriteZero.into());
+            }
+            rest = &rest[took..];
+            dev.flush(c)?;
+        }
+        total += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::tls::tests::{cross, issue, scratch};
+    use crate::migration::tls::{client, server};
+    use std::net::TcpListener;
+
+    fn data(len: usize, step: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| u8::try_from(i * step % 251).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn bytes_cross_both_ways_at_once_unchanged_and_the_device_is_told_the_end() {
+        let dir = scratch("relay");
+        let dev_files = issue(&dir, "dev", &["device.example"]);
+        let host_files = issue(&dir, "host", &["127.0.0.1"]);
+        let (to_twin, to_device) = (data(3 << 20, 31), data(5 << 20, 17));
+        let host_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let to = host_listener.local_addr().unwrap().to_string();
+        let twin_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let twin_addr = twin_listener.local_addr().unwrap();
+
+        // The twin sends all it has while it reads what comes, then ends its side.
+        let sent = to_device.clone();
+        let twin = std::thread::spawn(move || {
+            let (t, _) = twin_listener.accept().unwrap();
+            let writer = t.try_clone().unwrap();
+            let w = std::thread::spawn(move || {
+                (&writer).write_all(&sent).unwrap();
+                writer.shutdown(Shutdown::Write).unwrap();
+            });
+            let mut got = Vec::new();
+            (&t).read_to_end(&mut got).unwrap();
+            w.join().unwrap();
+            got
+        });
+        let host = {
+            let files = cross(&host_files, &dev_files);
+            std::thread::spawn(move || {
+                let (tcp, _) = host_listener.accept().unwrap();
+                super::super::configure(&tcp).unwrap();
+                let device = server(tcp, &files)?;
+                relay(device, TcpStream::connect(twin_addr).unwrap())
+            })
+        };
+        // The device writes everything before it reads: the twin's bytes wait meanwhile.
+        let tcp = TcpStream::connect(&to).unwrap();
+        super::super::configure(&tcp).unwrap();
+        let mut dev = client(tcp, &to, &cross(&dev_files, &host_files)).unwrap();
+        dev.write_all(&to_twin).unwrap();
+        dev.flush().unwrap();
+        let mut got = Vec::new();
+        dev.read_to_end(&mut got)
+            .expect("the relay ends with close_notify");
+        assert!(got == to_device, "the device got {} other bytes", got.len());
+        drop(dev);
+        assert!(twin.join().unwrap() == to_twin, "the twin got other bytes");
+        assert_eq!(
+            host.join().unwrap().unwrap(),
+            Relayed {
+                to_twin: 3 << 20,
+                to_device: 5 << 20
+            }
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn only_a_tls_connection_accepted_from_a_device_is_relayed() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let b = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let err = relay(Transport::Plain(a), b).unwrap_err();
+        assert!(err.to_string().contains("TLS"), "{err}");
+    }
+}
