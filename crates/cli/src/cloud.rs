@@ -283,14 +283,11 @@ fn offload(
 ) -> Result<i32> {
     // Whether this connection created the twin, so a failure can undo it.
     let mut created = false;
+    // The twin's lock, held while this process serves it.
+    let mut held = None;
     let received = requested.receive(|arrival: &Arrival| {
         check_config(arrival.config).map_err(migration_error)?;
         let twin = match store.get(&device, name) {
-            Ok(t) if t.state == TwinState::Running => {
-                return Err(migration_error(format!(
-                    "the twin {name:?} already runs here"
-                )));
-            }
             Ok(t) => t,
             Err(StoreError::NotFound(_)) => {
                 let t = store.create(&device, name).map_err(migration_error)?;
@@ -299,6 +296,24 @@ fn offload(
             }
             Err(e) => return Err(migration_error(e)),
         };
+        // Whether a process runs it is its lock, not its row: a twin whose process was
+        // killed is taken over.
+        match hold(&twin.dir) {
+            Ok(Some(lock)) => held = Some(lock),
+            Ok(None) => {
+                return Err(migration_error(format!(
+                    "the twin {name:?} already runs here"
+                )))
+            }
+            Err(e) => return Err(migration_error(format!("the twin's lock: {e}"))),
+        }
+        if twin.state == TwinState::Running && !created {
+            eprintln!(
+                "pocketvisor: cloud: the twin {name:?} of device {} was left running by a \
+                 process that is gone; this offload replaces it",
+                device.hex()
+            );
+        }
         // Unix socket paths are short (108 bytes) and a twin's directory is long: this
         // process serves one twin, so it works in that directory and names its sockets
         // relative to it.
@@ -343,7 +358,40 @@ fn offload(
     let status = crate::run::run_vm(vm, Some(Path::new("api.sock")));
     // Whatever ended it, the twin no longer runs here; its directory keeps its last disks.
     let _ = store.set_state(&device, name, TwinState::Returned);
+    drop(held);
     status
+}
+
+/// The lock file of a twin's directory: held (`flock`) by the process that serves the twin,
+/// for as long as it lives; the kernel lets go of it when that process ends, however it ends.
+const TWIN_LOCK: &str = "twin.lock";
+
+/// Takes the lock of the twin in `dir`: None if a live process holds it.
+fn hold(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o600)
+        .open(dir.join(TWIN_LOCK))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is passed.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } == 0
+    {
+        return Ok(Some(f));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.kind() == std::io::ErrorKind::WouldBlock {
+        Ok(None)
+    } else {
+        Err(e)
+    }
 }
 
 /// How long a return waits for the twin's VMM to connect to the relay.
@@ -376,6 +424,21 @@ fn give_back(
         // Another device's twin is not found either.
         Err(e) => return refuse(requested, e.to_string()),
     };
+    // A live twin's process holds its lock: one that does not is gone (killed), and its VMM
+    // with it.
+    match hold(&twin.dir) {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return refuse(
+                requested,
+                format!(
+                    "the twin {name:?} stopped without returning (its process is gone); \
+                     offload it again"
+                ),
+            )
+        }
+        Err(e) => return refuse(requested, format!("the twin's lock: {e}")),
+    }
     // The twin's API socket is named relative to its directory (see `offload`).
     if let Err(e) = std::env::set_current_dir(&twin.dir) {
         return refuse(requested, format!("the twin's directory: {e}"));

@@ -219,6 +219,11 @@ fn device_image(name: &str, bytes: usize) -> Vec<u8> {
 
 /// A cloud host, or None where KVM or the probe is missing.
 fn host(name: &str) -> Option<Host> {
+    host_with_env(name, &[])
+}
+
+/// [`host`], its processes (the twins' among them) started with `env` set.
+fn host_with_env(name: &str, env: &[(&str, &str)]) -> Option<Host> {
     common::probe(true)?;
     let dir = Scratch::new(SCRATCH, name);
     let ca = authority();
@@ -236,6 +241,7 @@ fn host(name: &str) -> Option<Host> {
         .arg("--key")
         .arg(&key)
         .args(tls_args(&dir.0, "cloud"))
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(File::create(&stderr).unwrap())
         .spawn()
@@ -777,6 +783,74 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
         "the twin's disk",
     );
     drop(home.0.kill());
+}
+
+#[test]
+fn a_twin_killed_mid_return_changes_nothing_at_the_device_and_the_next_offload_takes_its_place() {
+    // The twins' VMMs die (kill -9) after the first round of any migration out of them.
+    let Some(h) = host_with_env("twin-killed", &[("POCKETVISOR_KILL_AT", "migrate-round")]) else {
+        return;
+    };
+    let mut phone = h.device_vm("phone");
+    let kept = h.dir.path("kept");
+    let out = h.offload_with(
+        "phone",
+        "phone",
+        "work",
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
+    let log = twin.join("serial.log");
+    assert!(
+        wait_until(|| last(&log) > 3, WAIT),
+        "the twin does not count"
+    );
+
+    let kept_disk = std::fs::read(h.dir.path("phone.img")).unwrap();
+    let phone_img = h.dir.path("phone.img");
+    let home = || {
+        let args = [
+            "--base",
+            kept.to_str().unwrap(),
+            "--disk",
+            phone_img.to_str().unwrap(),
+        ];
+        let out = h.cloud_return("phone", "work", &args).output().unwrap();
+        assert!(!out.status.success(), "a return from a dead twin ran");
+        text(&out)
+    };
+    let said = home();
+    assert!(said.contains("nothing runs here"), "{said}");
+    assert!(
+        std::fs::read(h.dir.path("phone.img")).unwrap() == kept_disk,
+        "the failed return changed the phone's disk"
+    );
+    // The twin is gone; asking again says so in words.
+    let stopped = last(&log);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(last(&log), stopped, "the twin still counts");
+    let said = home();
+    assert!(said.contains("stopped without returning"), "{said}");
+
+    // The device offloads again under the same name: the dead twin's place is taken.
+    let mut phone2 = h.device_vm("phone2");
+    let out = h.offload("phone2", "phone", "work");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut phone2, WAIT), Some(0));
+    let at_device = last(&h.dir.path("phone2.serial"));
+    assert!(
+        wait_until(|| last(&log) > at_device + 3, WAIT),
+        "the new twin does not count on from {at_device}: {}",
+        read(&h.dir.path("serve.stderr"))
+    );
+    assert!(
+        read(&h.dir.path("serve.stderr")).contains("left running by a process that is gone"),
+        "{}",
+        read(&h.dir.path("serve.stderr"))
+    );
+    assert_eq!(h.twin_dirs().len(), 1, "{:?}", h.twin_dirs());
 }
 
 /// The measure: a return against a full move of the same guest (the offload).
