@@ -642,6 +642,33 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
         "the twin stopped after the tablet's request"
     );
 
+    // A device that is accepted and then sends junk where its hello is due: the twin's
+    // migration refuses it, the connection ends, and the twin works on.
+    let mut ch = h.channel("phone");
+    ch.send(Kind::Request, b"return work").unwrap();
+    ch.flush().unwrap();
+    assert_eq!(ch.recv().unwrap().kind, Kind::Accept);
+    let mut junk = ch.into_stream();
+    junk.write_all(&[0x55; 4096]).unwrap();
+    junk.flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut junk, &mut rest);
+    drop(junk);
+    assert!(
+        wait_until(
+            || read(&h.dir.path("serve.stderr")).contains("bad magic"),
+            WAIT
+        ),
+        "the host did not say the twin refused the junk: {}",
+        read(&h.dir.path("serve.stderr"))
+    );
+    let now = blk_last(&twin_log);
+    assert!(
+        wait_until(|| blk_last(&twin_log) > now + 3, WAIT),
+        "the twin stopped after a device sent junk: {}",
+        read(&h.dir.path("serve.stderr"))
+    );
+
     // The phone asks for it back and dies (kill -9) while the twin's pages arrive: nothing
     // runs at the phone, its disk is as it was, and the twin works on at the host.
     let kept_disk = std::fs::read(h.dir.path("phone.img")).unwrap();
