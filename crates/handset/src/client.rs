@@ -54,13 +54,22 @@ pub const TIMEOUT_ENV: &str = "POCKETVISOR_CLIENT_TIMEOUT";
 /// How long a client waits for an answer when [`TIMEOUT_ENV`] does not say.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The wait [`TIMEOUT_ENV`] asks for (whole seconds, at least 1), else [`DEFAULT_TIMEOUT`].
-fn timeout_from_env() -> Duration {
+/// How long a stream (server-sent events; the daemon sends a comment every 15 s) may stay
+/// silent before the client gives up, when [`TIMEOUT_ENV`] does not say.
+pub const DEFAULT_STREAM_SILENCE: Duration = Duration::from_secs(60);
+
+/// The wait [`TIMEOUT_ENV`] asks for (whole seconds, at least 1), if it says.
+fn env_timeout() -> Option<Duration> {
     std::env::var(TIMEOUT_ENV)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())
         .filter(|&s| s > 0)
-        .map_or(DEFAULT_TIMEOUT, Duration::from_secs)
+        .map(Duration::from_secs)
+}
+
+/// The wait [`TIMEOUT_ENV`] asks for, else [`DEFAULT_TIMEOUT`].
+fn timeout_from_env() -> Duration {
+    env_timeout().unwrap_or(DEFAULT_TIMEOUT)
 }
 
 /// A raw HTTP answer.
@@ -255,14 +264,22 @@ impl Client {
     /// `GET path` of a streaming answer (server-sent events): hands each line of the body
     /// (without its line end) to `on_line` until it returns false or the daemon ends the
     /// stream. An error status is [`ClientError::Api`] with the daemon's message; a daemon
-    /// silent for 60 s (it sends a comment every 15 s) is [`ClientError::Io`].
+    /// silent for [`DEFAULT_STREAM_SILENCE`] (it sends a comment every 15 s), or as long as
+    /// [`TIMEOUT_ENV`] says when set, is [`ClientError::Timeout`].
     pub fn stream_lines(
         &self,
         path: &str,
         mut on_line: impl FnMut(&str) -> bool,
     ) -> Result<(), ClientError> {
         use std::io::BufRead;
-        let io = |source| self.io_error(source);
+        let silence = env_timeout().unwrap_or(DEFAULT_STREAM_SILENCE);
+        let io = |source| match self.io_error(source) {
+            ClientError::Timeout { path, .. } => ClientError::Timeout {
+                path,
+                secs: silence.as_secs(),
+            },
+            other => other,
+        };
         let bad = |what: &str| ClientError::BadAnswer(what.to_string());
         let mut s = UnixStream::connect(&self.socket).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
@@ -273,8 +290,7 @@ impl Client {
                 source: e,
             },
         })?;
-        s.set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(io)?;
+        s.set_read_timeout(Some(silence)).map_err(io)?;
         let req = format!(
             "GET {path} HTTP/1.1\r\nHost: handset\r\nConnection: close\r\nAccept: text/event-stream\r\n\r\n"
         );
