@@ -516,13 +516,7 @@ fn a_daemon_killed_during_a_policy_change_or_a_wipe_finishes_it_at_restart() {
 
 #[test]
 fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run() {
-    if std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIP (no usable /dev/kvm): a_key_lease_runs_out_offline");
+    if !kvm_usable("a_key_lease_runs_out_offline") {
         return;
     }
     let Setup {
@@ -531,41 +525,17 @@ fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run
         mut hs,
         device,
     } = setup(2);
-    let clock = tmp.path().join("clock");
-    hs.terminate();
-    hs.env = vec![(
-        "POCKETVISOR_POLICY_CLOCK".into(),
-        clock.display().to_string(),
-    )];
-    hs.spawn();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let doc = tmp.path().join("lease.toml");
-    std::fs::write(
-        &doc,
-        format!(
-            "version = 1\nissued_at = {now}\nprofile = \"work\"\n\n[storage]\nencrypt_at_rest = \
-             true\nlease = \"60s\"\n"
+    let clock = on_policy_clock(&tmp, &mut hs);
+    push_policy(
+        &tmp,
+        &server,
+        &device,
+        &format!(
+            "version = 1\nissued_at = {}\nprofile = \"work\"\n\n[storage]\nencrypt_at_rest = \
+             true\nlease = \"60s\"\n",
+            unix_now()
         ),
-    )
-    .unwrap();
-    let signed = tmp.path().join("lease.pvpol");
-    let out = std::process::Command::new(mdm_common::BIN)
-        .args(["policy", "sign", "--key"])
-        .arg(tmp.path().join("org.key"))
-        .arg(&doc)
-        .arg("-o")
-        .arg(&signed)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", mdm_common::text(&out));
-    let r = server
-        .admin(&["policy", "push", &device, signed.to_str().unwrap()])
-        .unwrap();
-    let res = server.wait_result(r["id"].as_i64().unwrap());
-    assert_eq!(res["status"], "done", "{res}");
+    );
     let lease_file = hs.dir.join("mdm/lease.json");
     assert!(wait_until(Duration::from_secs(60), || lease_file.exists()));
     assert_eq!(mode(&hs.dir.join("mdm")), 0o700);
@@ -622,13 +592,7 @@ fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run
 /// one out of touch past the limit is locked, and the next contact unlocks it.
 #[test]
 fn an_offline_limit_runs_from_the_last_contact_with_the_mdm() {
-    if std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        eprintln!("SKIP (no usable /dev/kvm): an_offline_limit_runs_from_the_last_contact");
+    if !kvm_usable("an_offline_limit_runs_from_the_last_contact") {
         return;
     }
     let Setup {
@@ -637,44 +601,20 @@ fn an_offline_limit_runs_from_the_last_contact_with_the_mdm() {
         mut hs,
         device,
     } = setup(2);
-    let clock = tmp.path().join("clock");
-    hs.terminate();
-    hs.env = vec![(
-        "POCKETVISOR_POLICY_CLOCK".into(),
-        clock.display().to_string(),
-    )];
-    hs.spawn();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let clock = on_policy_clock(&tmp, &mut hs);
+    let now = unix_now();
     // Issued an hour ago with a ten-minute limit: by its issue time alone it is locked.
     let limit = 600;
-    let doc = tmp.path().join("offline.toml");
-    std::fs::write(
-        &doc,
-        format!(
+    push_policy(
+        &tmp,
+        &server,
+        &device,
+        &format!(
             "version = 1\nissued_at = {}\nprofile = \"work\"\n\n[offline]\nmax_offline_secs = \
              {limit}\n",
             now - 3600
         ),
-    )
-    .unwrap();
-    let signed = tmp.path().join("offline.pvpol");
-    let out = std::process::Command::new(mdm_common::BIN)
-        .args(["policy", "sign", "--key"])
-        .arg(tmp.path().join("org.key"))
-        .arg(&doc)
-        .arg("-o")
-        .arg(&signed)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", mdm_common::text(&out));
-    let r = server
-        .admin(&["policy", "push", &device, signed.to_str().unwrap()])
-        .unwrap();
-    let res = server.wait_result(r["id"].as_i64().unwrap());
-    assert_eq!(res["status"], "done", "{res}");
+    );
 
     // The link asks for a signed time of contact, and the profile runs on it.
     let lease_file = hs.dir.join("mdm/lease.json");
@@ -734,4 +674,59 @@ fn an_offline_limit_runs_from_the_last_contact_with_the_mdm() {
     );
     hs.ok(&["start", "work"]);
     assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
+}
+
+/// Whether /dev/kvm can run guests here; says so loudly when not.
+fn kvm_usable(test: &str) -> bool {
+    let ok = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        eprintln!("SKIP (no usable /dev/kvm): {test}");
+    }
+    ok
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Restarts `hs` on a policy clock the test moves (a file of unix seconds; the real clock
+/// until the file is written); returns the file.
+fn on_policy_clock(tmp: &tempfile::TempDir, hs: &mut Handset) -> std::path::PathBuf {
+    let clock = tmp.path().join("clock");
+    hs.terminate();
+    hs.env = vec![(
+        "POCKETVISOR_POLICY_CLOCK".into(),
+        clock.display().to_string(),
+    )];
+    hs.spawn();
+    clock
+}
+
+/// Signs the policy `toml` with the test's organisation key and has the MDM push it to
+/// `device`; the device reports it applied.
+fn push_policy(tmp: &tempfile::TempDir, server: &Server, device: &str, toml: &str) {
+    let doc = tmp.path().join("policy.toml");
+    std::fs::write(&doc, toml).unwrap();
+    let signed = tmp.path().join("policy.pvpol");
+    let out = std::process::Command::new(mdm_common::BIN)
+        .args(["policy", "sign", "--key"])
+        .arg(tmp.path().join("org.key"))
+        .arg(&doc)
+        .arg("-o")
+        .arg(&signed)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", mdm_common::text(&out));
+    let r = server
+        .admin(&["policy", "push", device, signed.to_str().unwrap()])
+        .unwrap();
+    let res = server.wait_result(r["id"].as_i64().unwrap());
+    assert_eq!(res["status"], "done", "{res}");
 }
