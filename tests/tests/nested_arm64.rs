@@ -956,10 +956,6 @@ fn root_dirs_to_bind() -> Vec<String> {
 /// with L1's directories bound in, after mounting cgroup v2 (L1's init does neither; a
 /// handset's root is a real file system).
 #[test]
-#[ignore = "flaky under TCG: in 5 runs on 2026-12-05 one CLI call timed out on the busy daemon \
-            (EAGAIN on its socket during the second start: the client's 300 s read timeout, \
-            which now says so in words and waits 1500 s here) and one L1 ran past 600 s; \
-            run with --include-ignored"]
 fn the_handset_runs_two_arm64_probe_profiles_switches_and_stops_them() {
     let name = "the_handset_runs_two_arm64_probe_profiles_switches_and_stops_them";
     let probe = e2e::workspace_root().join("guest/out/probe-arm64.img");
