@@ -99,8 +99,11 @@ build-arm64: deps-all
 	$(CARGO) build --target aarch64-unknown-linux-musl -p pocketvisor -p rawexit-arm64
 
 # Each check boots its own arm64 L1 (qemu-system-aarch64 TCG with EL2, about 4 s to a shell);
-# the assets are built on first use (NESTED_ARCH=arm64 tests/nested/build-l1.sh).
+# the assets are built on first use (NESTED_ARCH=arm64 tests/nested/build-l1.sh), and Debian's
+# arm64 QEMU, which one check runs inside L1 beside pocketvisor, is unpacked once
+# (tests/nested/build-qemu-arm64-root.sh, about 250 MB of packages).
 test-nested-arm64: build-arm64
+	tests/nested/build-qemu-arm64-root.sh
 	$(CARGO) test -p e2e --features nested --test nested_arm64
 
 # The Linux guest (kernel, initramfs with the guest agent), rebuilt when its recipe or the

@@ -1131,3 +1131,97 @@ fn the_arm64_probe_passes_its_tests_under_protected_kvm() {
         run.l1_boot, run.qemu.elapsed
     ));
 }
+
+/// pocketvisor against QEMU on the same Debian arm64 guest in one L1 (the issue's "Linux boot
+/// to init ... vs QEMU, `qemu-system-aarch64 -accel kvm` inside L1"): Debian's arm64 QEMU runs
+/// from `guest/out/nested-arm64/qemu-root` (Debian's arm64 packages unpacked there by
+/// `tests/nested/build-qemu-arm64-root.sh`, chrooted into in L1), two boots of each,
+/// alternating. Both must reach the guest's init with 2 vCPUs and power off; the guest's
+/// uptime at init (its own clock) is printed for each, with the VMM's peak RSS.
+#[test]
+fn qemu_and_pocketvisor_boot_the_same_arm64_guest_in_one_l1() {
+    let name = "qemu_and_pocketvisor_boot_the_same_arm64_guest_in_one_l1";
+    let assets = e2e::nested::nested_dir_of(L1Arch::Aarch64);
+    let root = assets.join("qemu-root");
+    if !root.join("usr/bin/qemu-system-aarch64").is_file() {
+        let why = format!(
+            "{} has no arm64 QEMU: run tests/nested/build-qemu-arm64-root.sh",
+            root.display()
+        );
+        assert!(std::env::var_os("CI").is_none(), "{why}");
+        e2e::skip(&why, name);
+        return;
+    }
+    let script = format!(
+        r#"R='{root}'
+mount --bind '{assets}' $R/assets || exit 9
+mount -t proc proc $R/proc && mount --bind /dev $R/dev && mount -t tmpfs tmpfs $R/tmp || exit 9
+peak() {{
+    pid=$1; hwm=0
+    while kill -0 $pid 2>/dev/null; do
+        h=$(sed -n 's/^VmHWM:[^0-9]*\([0-9]*\) kB/\1/p' /proc/$pid/status 2>/dev/null)
+        [ -n "$h" ] && hwm=$h; sleep 0.5
+    done
+    wait $pid; echo "PV rc=$? hwm_kb=$hwm"
+}}
+for i in 1 2; do
+    echo "PV vmm=pocketvisor"
+    '{pv}' run --kernel '{assets}/vmlinuz' --initrd '{assets}/guest-initramfs.cpio.gz' \
+        --memory 256M --vcpus 2 --cmdline 'console=ttyS0 quiet' &
+    peak $!
+    echo "PV vmm=qemu"
+    chroot $R /usr/bin/qemu-system-aarch64 -M virt,gic-version=3 -accel kvm -cpu host \
+        -smp 2 -m 256M -nographic -no-reboot -monitor none -nodefaults -serial stdio \
+        -kernel /assets/vmlinuz -initrd /assets/guest-initramfs.cpio.gz \
+        -append 'console=ttyAMA0 quiet' </dev/null &
+    peak $!
+done
+"#,
+        root = root.display(),
+        assets = assets.display(),
+        pv = pocketvisor_aarch64().display(),
+    );
+    let Some(run) = in_l1(name, &script) else {
+        return;
+    };
+    let out = &run.output;
+    // Each boot's lines run from its `PV vmm=` line to its `PV rc=` line.
+    let mut boots: Vec<(String, f64, u64)> = Vec::new();
+    let mut current: Option<String> = None;
+    let mut uptime = f64::NAN;
+    for line in out.lines().map(str::trim) {
+        if let Some(vmm) = line.strip_prefix("PV vmm=") {
+            current = Some(vmm.to_string());
+            uptime = f64::NAN;
+        } else if line.starts_with("GUEST init") {
+            assert_eq!(guest_field(line, "GUEST init", "cpus"), Some("2"), "{out}");
+            uptime = guest_field(line, "GUEST init", "uptime")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN);
+        } else if let Some(rest) = line.strip_prefix("PV rc=") {
+            let vmm = current.take().unwrap_or_default();
+            assert!(
+                rest.starts_with("0 "),
+                "{vmm} failed: {line}\n{out}\n{}",
+                run.describe()
+            );
+            let hwm = rest
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("hwm_kb="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            assert!(
+                uptime.is_finite(),
+                "{vmm}'s guest never reached init:\n{out}"
+            );
+            boots.push((vmm, uptime, hwm));
+        }
+    }
+    assert_eq!(boots.len(), 4, "two boots of each:\n{out}");
+    for (vmm, up, hwm) in &boots {
+        e2e::host::loud(&format!(
+            "MEASURE {name}: {vmm}: guest uptime at init {up:.2} s, VMM peak RSS {} MiB",
+            hwm / 1024
+        ));
+    }
+}
