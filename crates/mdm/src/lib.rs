@@ -10,6 +10,7 @@
 //! - [`protocol`]: the JSON bodies and the signed forms of commands and results.
 //! - [`request_log`]: `mdm serve --request-log`, every request recorded as a JSON line.
 //! - [`server`]: `pocketvisor mdm serve`, axum over rustls (device certificates, admin token).
+//! - [`sim`]: simulated devices for the load test and the MDM bench.
 
 pub mod ca;
 pub mod client;
@@ -17,6 +18,7 @@ pub mod device;
 pub mod protocol;
 pub mod request_log;
 pub mod server;
+pub mod sim;
 pub mod store;
 
 pub use ca::{Ca, CaError, EnrollRequest, IssuedCert};

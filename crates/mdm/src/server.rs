@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +77,24 @@ pub struct Mdm {
     admin_token_sha256: [u8; 32],
     long_poll: Duration,
     wake: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Long polls being held now.
+    polls_open: AtomicUsize,
+}
+
+/// Counts a long poll while it is held.
+struct PollHeld<'a>(&'a AtomicUsize);
+
+impl<'a> PollHeld<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        PollHeld(count)
+    }
+}
+
+impl Drop for PollHeld<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[allow(deprecated)] // ring's provider, as in vmm::migration::tls (no aws-lc-rs C build)
@@ -109,14 +128,37 @@ impl Mdm {
     ) -> Result<Arc<Self>, ServerError> {
         let ca = Ca::open_or_create(state_dir)?;
         let command_key = load_command_key(state_dir)?;
-        Ok(Arc::new(Mdm {
+        let mdm = Arc::new(Mdm {
             store,
             ca,
             command_key,
             admin_token_sha256: Sha256::digest(admin_token.as_bytes()).into(),
             long_poll,
             wake: Mutex::new(HashMap::new()),
-        }))
+            polls_open: AtomicUsize::new(0),
+        });
+        // Another server on the same store queued a command or revoked a device: wake the
+        // device's poll if this server holds it (the weak reference lets the server go).
+        let weak = Arc::downgrade(&mdm);
+        mdm.store.watch_devices(Box::new(move |device_id| {
+            let Some(mdm) = weak.upgrade() else { return };
+            let held = mdm
+                .wake
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(device_id)
+                .cloned();
+            if let Some(notify) = held {
+                notify.notify_waiters();
+            }
+        }))?;
+        Ok(mdm)
+    }
+
+    /// How many devices' long polls the server holds now (waiting for a command or their
+    /// time), for load tests and benches.
+    pub fn polls_open(&self) -> usize {
+        self.polls_open.load(Ordering::Relaxed)
     }
 
     /// Hex public key devices check commands against.
@@ -369,11 +411,18 @@ async fn commands(
     let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(mdm.long_poll);
     let deadline = tokio::time::Instant::now() + wait;
     let wake = mdm.wake(&device.id);
+    let _held = PollHeld::new(&mdm.polls_open);
+    let mut again = false;
     loop {
         // Registered before the check, so a command queued in between still wakes us.
         let notified = wake.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        if again {
+            // A revocation wakes the poll too, and ends it as it would the next request.
+            device_of(&mdm, &peer)?;
+        }
+        again = true;
         let pending = mdm.store.pending(&device.id)?;
         if !pending.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(

@@ -129,4 +129,15 @@ pub trait Store: Send + Sync {
     fn add_compliance(&self, device_id: &str, report: &str, now: i64) -> Result<(), StoreError>;
     /// The device's latest compliance report.
     fn latest_compliance(&self, device_id: &str) -> Result<Option<String>, StoreError>;
+    /// From now on, for as long as the store lives, calls `wake` with a device's id whenever
+    /// any server sharing this store (this one included) queues a command for the device or
+    /// revokes it, so that a long poll held by another server returns at once. A store that
+    /// only one server uses does nothing here (the default): the server wakes its own polls.
+    fn watch_devices(&self, wake: DeviceWaker) -> Result<(), StoreError> {
+        let _ = wake;
+        Ok(())
+    }
 }
+
+/// What [`Store::watch_devices`] calls with a device id.
+pub type DeviceWaker = Box<dyn Fn(&str) + Send + Sync>;

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mdm::client::{Client, DeviceKey, Reply};
-use mdm::protocol::{Enrolled, SignedCommand};
+use mdm::protocol::Enrolled;
 use mdm::server::{Mdm, TlsListener};
+use mdm::sim::{SimDevice as Device, Target};
 use mdm::Store;
 use support::Backend;
 
@@ -21,27 +22,40 @@ struct Server {
     addr: SocketAddr,
     ca_pem: String,
     store: Arc<dyn Store>,
+    mdm: Arc<Mdm>,
     _dir: tempfile::TempDir,
-    _backend: Backend,
+    _backend: Option<Backend>,
 }
 
 /// A server on the store `backend` opens, its CA and command key in a new temp dir.
 async fn start(backend: Backend) -> Server {
+    let mut server = serve_store(backend.open()).await;
+    server._backend = Some(backend);
+    server
+}
+
+/// A server on `store`, its CA and command key in a new temp dir.
+async fn serve_store(store: Arc<dyn Store>) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let store = backend.open();
-    let mdm = Mdm::new(dir.path(), store.clone(), ADMIN, Duration::from_secs(30)).unwrap();
+    // Long polls held up to 120 s: the load test's polls must outlast its set-up under load.
+    let mdm = Mdm::new(dir.path(), store.clone(), ADMIN, Duration::from_secs(120)).unwrap();
     let config = mdm.tls_config(&["localhost".to_string()]).unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
     let listener = TlsListener::new(tcp, config).unwrap();
     let ca_pem = mdm.ca_pem().to_owned();
-    tokio::spawn(mdm::server::serve(mdm, listener, std::future::pending()));
+    tokio::spawn(mdm::server::serve(
+        mdm.clone(),
+        listener,
+        std::future::pending(),
+    ));
     Server {
         addr,
         ca_pem,
         store,
+        mdm,
         _dir: dir,
-        _backend: backend,
+        _backend: None,
     }
 }
 
@@ -72,25 +86,18 @@ impl Server {
         assert_eq!(r.status, 200);
         json(&r)["token"].as_str().unwrap().to_owned()
     }
+    /// Where simulated devices connect.
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            name: "localhost".into(),
+            ca_pem: self.ca_pem.clone(),
+            timeout: T,
+        }
+    }
     async fn enroll(&self) -> Device {
         let token = self.token().await;
-        let key = DeviceKey::generate().unwrap();
-        let r = post(&self.anon(), "/v1/enroll", &key.enroll_body(&token)).await;
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let enrolled: Enrolled = serde_json::from_slice(&r.body).unwrap();
-        let client = Client::new(
-            self.addr,
-            "localhost",
-            &self.ca_pem,
-            Some((&enrolled.cert_pem, &key)),
-            T,
-        )
-        .unwrap();
-        Device {
-            enrolled,
-            key,
-            client,
-        }
+        Device::enroll(0, &self.target(), &token).await.unwrap()
     }
     async fn queue(&self, device: &str, kind: &str, body: &str) -> i64 {
         let r = self
@@ -102,33 +109,6 @@ impl Server {
             .await;
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         json(&r)["id"].as_i64().unwrap()
-    }
-}
-
-struct Device {
-    enrolled: Enrolled,
-    key: DeviceKey,
-    client: Client,
-}
-
-impl Device {
-    async fn poll(&self, wait: u64) -> (u16, Vec<SignedCommand>) {
-        let r = self
-            .client
-            .request(
-                "GET",
-                &format!("/v1/device/commands?wait={wait}"),
-                None,
-                None,
-            )
-            .await
-            .unwrap();
-        let cmds = if r.status == 200 {
-            serde_json::from_slice(&r.body).unwrap()
-        } else {
-            vec![]
-        };
-        (r.status, cmds)
     }
 }
 
@@ -285,7 +265,7 @@ async fn device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one(b: Backe
         .await
         .is_err());
     // Revoked.
-    assert_eq!(a.poll(0).await.0, 200);
+    assert_eq!(a.poll(0).await.unwrap().0, 200);
     let r = s
         .admin(
             "POST",
@@ -294,8 +274,8 @@ async fn device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one(b: Backe
         )
         .await;
     assert_eq!(r.status, 204);
-    assert_eq!(a.poll(0).await.0, 403);
-    assert_eq!(b.poll(0).await.0, 200);
+    assert_eq!(a.poll(0).await.unwrap().0, 403);
+    assert_eq!(b.poll(0).await.unwrap().0, 200);
 }
 on_both_stores!(async device_endpoints_refuse_no_cert_a_revoked_one_and_a_stolen_one);
 
@@ -304,9 +284,9 @@ async fn a_device_sees_and_completes_only_its_own_commands(b: Backend) {
     let a = s.enroll().await;
     let b = s.enroll().await;
     let id = s.queue(&a.enrolled.device_id, "lock", "{}").await;
-    let (_, for_b) = b.poll(0).await;
+    let (_, for_b) = b.poll(0).await.unwrap();
     assert!(for_b.is_empty());
-    let (_, for_a) = a.poll(0).await;
+    let (_, for_a) = a.poll(0).await.unwrap();
     assert_eq!(for_a.len(), 1);
     assert!(for_a[0].verify(&a.enrolled.command_key, &a.enrolled.device_id));
     // B posting a result for A's command, signed with B's key: not found for B.
@@ -334,7 +314,7 @@ async fn a_device_sees_and_completes_only_its_own_commands(b: Backend) {
     )
     .await;
     assert_eq!(r.status, 204);
-    assert!(a.poll(0).await.1.is_empty());
+    assert!(a.poll(0).await.unwrap().1.is_empty());
 }
 on_both_stores!(async a_device_sees_and_completes_only_its_own_commands);
 
@@ -344,7 +324,7 @@ async fn a_command_altered_or_signed_by_another_key_does_not_verify(b: Backend) 
     let a = s.enroll().await;
     let b = s.enroll().await;
     s.queue(&a.enrolled.device_id, "policy", "v1").await;
-    let cmd = a.poll(0).await.1.remove(0);
+    let cmd = a.poll(0).await.unwrap().1.remove(0);
     assert!(cmd.verify(&a.enrolled.command_key, &a.enrolled.device_id));
     let mut altered = cmd.clone();
     altered.kind = "wipe".into();
@@ -412,7 +392,7 @@ async fn a_long_poll_returns_when_a_command_is_queued(b: Backend) {
     let a = s.enroll().await;
     let device = a.enrolled.device_id.clone();
     let started = Instant::now();
-    let poll = tokio::spawn(async move { a.poll(30).await });
+    let poll = tokio::spawn(async move { a.poll(30).await.unwrap() });
     tokio::time::sleep(Duration::from_millis(500)).await;
     s.queue(&device, "lock", "{}").await;
     let (status, cmds) = poll.await.unwrap();
@@ -425,6 +405,51 @@ async fn a_long_poll_returns_when_a_command_is_queued(b: Backend) {
     );
 }
 on_both_stores!(async a_long_poll_returns_when_a_command_is_queued);
+
+/// Two servers on one PostgreSQL database, as a fleet runs them: a command queued (or a
+/// revocation) through one wakes the long poll the other holds at once (NOTIFY between them),
+/// not at the poll's deadline 60 s later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_queued_through_another_server_wakes_the_poll_at_once() {
+    let Some(b) = Backend::postgres("fleet_wake") else {
+        return;
+    };
+    let a = start(b).await;
+    let other = serve_store(a._backend.as_ref().unwrap().open()).await;
+    for round in 0..3 {
+        let device = a.enroll().await;
+        let id = device.enrolled.device_id.clone();
+        let t0 = Instant::now();
+        let poll = tokio::spawn(async move { device.poll(60).await.unwrap() });
+        while a.mdm.polls_open() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let waited = if round < 2 {
+            let command = other.queue(&id, "lock", "").await;
+            let (status, commands) = poll.await.unwrap();
+            assert_eq!(status, 200);
+            assert_eq!(commands.len(), 1, "round {round}");
+            assert_eq!(commands[0].id, command);
+            t0.elapsed()
+        } else {
+            let r = other
+                .admin(
+                    "POST",
+                    &format!("/v1/admin/devices/{id}/revoke"),
+                    serde_json::Value::Null,
+                )
+                .await;
+            assert_eq!(r.status, 204);
+            let (status, _) = poll.await.unwrap();
+            assert_eq!(status, 403, "the revoked device's poll");
+            t0.elapsed()
+        };
+        assert!(
+            waited < Duration::from_secs(20),
+            "round {round}: the poll returned after {waited:?}"
+        );
+    }
+}
 
 async fn compliance_reports_reach_the_device_list(b: Backend) {
     let s = start(b).await;
@@ -447,39 +472,9 @@ async fn compliance_reports_reach_the_device_list(b: Backend) {
 }
 on_both_stores!(async compliance_reports_reach_the_device_list);
 
-/// Each polling device holds two descriptors (its socket and the server's) plus slack:
-/// raises the soft RLIMIT_NOFILE to what that needs (up to the hard limit) and, if the hard
-/// limit is lower, runs fewer devices and says so.
-fn devices_the_fd_limit_allows(wanted: usize) -> usize {
-    let need = u64::try_from(wanted * 2 + 256).unwrap();
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read or write the rlimit struct passed.
-    unsafe {
-        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
-        if lim.rlim_cur < need {
-            lim.rlim_cur = need.min(lim.rlim_max);
-            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
-        }
-    }
-    let n = usize::try_from(lim.rlim_cur.saturating_sub(256) / 2)
-        .unwrap_or(usize::MAX)
-        .min(wanted);
-    if n < wanted {
-        eprintln!(
-            "RLIMIT_NOFILE hard limit {}: {n} devices instead of {wanted}",
-            lim.rlim_max
-        );
-    }
-    assert!(n >= 100, "too few descriptors for a meaningful load test");
-    n
-}
-
 /// N devices (1000 unless MDM_LOAD_DEVICES says otherwise) enroll, all long-poll at once,
 /// then each gets one command: every device receives exactly its own, within a bound
-/// generous for a debug build at load 10.
+/// generous for a debug build at load 10. The devices are `mdm::sim`'s, as the bench's are.
 async fn load_many_devices_polling(b: Backend) {
     // Each store's run opens N device connections (what the fd limit allows for one run):
     // the two run one after the other (both at once broke pipes in CI).
@@ -489,64 +484,44 @@ async fn load_many_devices_polling(b: Backend) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let n = devices_the_fd_limit_allows(wanted);
-    let s = Arc::new(start(b).await);
-    let started = Instant::now();
-    let mut enrolls = tokio::task::JoinSet::new();
-    for i in 0..n {
-        s.store.add_token(&format!("load-{i}"), i64::MAX).unwrap();
-        let s = s.clone();
-        enrolls.spawn(async move {
-            let key = DeviceKey::generate().unwrap();
-            let body = serde_json::to_vec(&key.enroll_body(&format!("load-{i}"))).unwrap();
-            // A thousand connections at once on a loaded 2-core machine: a device whose
-            // connection failed before the server answered tries again, as the handset's
-            // link does (a token is spent only by an answered enrollment).
-            let mut tries = 0;
-            let r = loop {
-                match s
-                    .anon()
-                    .request("POST", "/v1/enroll", None, Some(&body))
-                    .await
-                {
-                    Ok(r) => break r,
-                    Err(e) if tries < 2 => {
-                        tries += 1;
-                        eprintln!("device {i}: enrollment retried after: {e}");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    Err(e) => panic!("device {i}: enrollment failed 3 times: {e}"),
-                }
-            };
-            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-            let e: Enrolled = serde_json::from_slice(&r.body).unwrap();
-            let client = Client::new(
-                s.addr,
-                "localhost",
-                &s.ca_pem,
-                Some((&e.cert_pem, &key)),
-                Duration::from_secs(120),
-            )
-            .unwrap();
-            Device {
-                enrolled: e,
-                key,
-                client,
-            }
-        });
+    let n = mdm::sim::devices_the_fd_limit_allows(wanted).unwrap();
+    if n < wanted {
+        eprintln!("RLIMIT_NOFILE's hard limit: {n} devices instead of {wanted}");
     }
-    let devices: Vec<Device> = enrolls.join_all().await;
+    assert!(n >= 100, "too few descriptors for a meaningful load test");
+    let s = Arc::new(start(b).await);
+    let tokens: Vec<String> = (0..n).map(|i| format!("load-{i}")).collect();
+    for t in &tokens {
+        s.store.add_token(t, i64::MAX).unwrap();
+    }
+    let started = Instant::now();
+    // A thousand connections at once on a loaded 2-core machine: a device whose connection
+    // failed before the server answered tries again (mdm::sim, as the handset's link does).
+    let target = Target {
+        timeout: Duration::from_secs(180),
+        ..s.target()
+    };
+    let devices = mdm::sim::enroll_all(&target, &tokens).await.unwrap();
     let enrolled = started.elapsed();
+    let retries: u32 = devices.iter().map(|d| d.retries).sum();
     let polling = Instant::now();
     let mut polls = tokio::task::JoinSet::new();
     for d in devices {
         polls.spawn(async move {
-            let (status, cmds) = d.poll(60).await;
+            let (status, cmds) = d.poll(120).await.unwrap();
             (d.enrolled.device_id, d.enrolled.command_key, status, cmds)
         });
     }
-    // Let the polls reach the server, then queue one command per device.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Every poll held by the server, then one command queued per device.
+    let t0 = Instant::now();
+    while s.mdm.polls_open() < n {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "{} of {n} polls open after 120 s",
+            s.mdm.polls_open()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for d in s.store.devices().unwrap() {
         s.store.enqueue(&d.id, "lock", &d.id, 0).unwrap();
     }
@@ -577,8 +552,10 @@ async fn load_many_devices_polling(b: Backend) {
         got += 1;
     }
     assert_eq!(got, n);
+    assert_eq!(s.mdm.polls_open(), 0);
     eprintln!(
-        "{n} devices: enrolled in {enrolled:?}, all polls answered {:?} after they started",
+        "{n} devices: enrolled in {enrolled:?} ({retries} connections retried), all polls \
+         answered {:?} after they started",
         polling.elapsed()
     );
     assert!(polling.elapsed() < Duration::from_secs(300));

@@ -40,8 +40,19 @@ pub struct ScratchCluster {
 const ROLE: &str = "pocketvisor";
 
 impl ScratchCluster {
-    /// Makes and starts a cluster in a new directory under the system temp dir.
+    /// Makes and starts a cluster in a new directory under the system temp dir, with fsync
+    /// off: its data is thrown away, and tests need not wait for the disk.
     pub fn start() -> Result<Self, ScratchError> {
+        Self::start_with(false)
+    }
+
+    /// [`ScratchCluster::start`] with fsync on, as a production server runs: each commit
+    /// waits for the disk, like SQLite's (for benches that compare the two).
+    pub fn start_durable() -> Result<Self, ScratchError> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Result<Self, ScratchError> {
         let bin = server_bin_dir()?;
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let dir = std::env::temp_dir().join(format!(
@@ -87,10 +98,11 @@ impl ScratchCluster {
                 "--no-sync".as_ref(),
             ],
         )?;
-        // No TCP listener at all; fsync off, since the cluster is thrown away.
+        // No TCP listener at all.
         let options = format!(
-            "-k {} -c listen_addresses= -F -c max_connections=200",
-            cluster.dir.display()
+            "-k {} -c listen_addresses= -c max_connections=200{}",
+            cluster.dir.display(),
+            if durable { "" } else { " -F" }
         );
         let log = cluster.dir.join("server.log");
         cluster.run(

@@ -8,16 +8,27 @@
 //! that already drives the server's runtime, so each connection lives on a thread of its own
 //! and a call hands its statement to the next free one and waits for the answer. A connection
 //! that breaks is opened again on the next call.
+//!
+//! Servers sharing the database tell each other about queued commands and revocations with
+//! `NOTIFY` on [`DEVICE_CHANNEL`] (payload: the device id, delivered when the change commits);
+//! [`Store::watch_devices`] keeps one more connection that `LISTEN`s on it.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
+
+use postgres::fallible_iterator::FallibleIterator;
 
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls};
 
-use super::{token_hash, AuditEntry, Command, Device, Store, StoreError};
+use super::{token_hash, AuditEntry, Command, Device, DeviceWaker, Store, StoreError};
+
+/// The `NOTIFY` channel of queued commands and revocations; the payload is the device id.
+pub const DEVICE_CHANNEL: &str = "pocketvisor_device";
 
 /// Schema steps, embedded: the same steps as `migrations/sqlite/`, in PostgreSQL's dialect.
 /// `pocketvisor_schema` counts those applied. Append, never edit.
@@ -35,6 +46,10 @@ type Job = Box<dyn FnOnce(Result<&mut Client, StoreError>) + Send>;
 pub struct PostgresStore {
     jobs: Option<mpsc::Sender<Job>>,
     workers: Vec<JoinHandle<()>>,
+    config: Config,
+    /// Set when the store is dropped: the listeners end within a second.
+    closing: Arc<AtomicBool>,
+    listeners: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl PostgresStore {
@@ -48,6 +63,9 @@ impl PostgresStore {
         let mut store = Self {
             jobs: Some(jobs),
             workers: Vec::new(),
+            config: config.clone(),
+            closing: Arc::new(AtomicBool::new(false)),
+            listeners: Mutex::new(Vec::new()),
         };
         let (ready_tx, ready_rx) = mpsc::channel();
         for i in 0..pool.max(1) {
@@ -99,8 +117,14 @@ impl Drop for PostgresStore {
     fn drop(&mut self) {
         // Closing the queue ends every worker after its current statement.
         self.jobs = None;
+        self.closing.store(true, Ordering::Relaxed);
         for w in self.workers.drain(..) {
             let _ = w.join();
+        }
+        let listeners =
+            std::mem::take(&mut *self.listeners.lock().unwrap_or_else(|e| e.into_inner()));
+        for l in listeners {
+            let _ = l.join();
         }
     }
 }
@@ -141,6 +165,42 @@ fn worker(
         }
         job(Ok(&mut client));
     }
+}
+
+/// A listener's thread: `LISTEN` on [`DEVICE_CHANNEL`] and call `wake` with each payload
+/// until `closing`; a lost connection is opened again (backing off up to 5 s). A change
+/// announced while the connection is down is missed: its poll returns at its deadline.
+fn listen(config: Config, closing: Arc<AtomicBool>, wake: DeviceWaker) {
+    let mut backoff = Duration::from_millis(100);
+    while !closing.load(Ordering::Relaxed) {
+        let listening = config.connect(NoTls).and_then(|mut c| {
+            c.batch_execute(&format!("LISTEN {DEVICE_CHANNEL}"))?;
+            Ok(c)
+        });
+        let Ok(mut client) = listening else {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            continue;
+        };
+        backoff = Duration::from_millis(100);
+        'connected: while !closing.load(Ordering::Relaxed) && !client.is_closed() {
+            let mut notifications = client.notifications();
+            let mut batch = notifications.timeout_iter(Duration::from_secs(1));
+            loop {
+                match batch.next() {
+                    Ok(Some(n)) => wake(n.payload()),
+                    Ok(None) => break,
+                    Err(_) => break 'connected,
+                }
+            }
+        }
+    }
+}
+
+/// Announces a change to `device_id`'s commands to every listening server, at commit.
+fn announce(tx: &mut postgres::Transaction<'_>, device_id: &str) -> Result<(), StoreError> {
+    tx.execute("SELECT pg_notify($1, $2)", &[&DEVICE_CHANNEL, &device_id])?;
+    Ok(())
 }
 
 /// Applies the migrations not yet applied, all in one transaction under an advisory lock, so
@@ -274,12 +334,14 @@ impl Store for PostgresStore {
     fn revoke(&self, device_id: &str) -> Result<(), StoreError> {
         let id = device_id.to_owned();
         self.run(move |c| {
-            let changed = c.execute("UPDATE devices SET revoked = TRUE WHERE id = $1", &[&id])?;
-            if changed == 1 {
-                Ok(())
-            } else {
-                Err(StoreError::UnknownDevice(id))
+            let mut tx = c.transaction()?;
+            let changed = tx.execute("UPDATE devices SET revoked = TRUE WHERE id = $1", &[&id])?;
+            if changed != 1 {
+                return Err(StoreError::UnknownDevice(id));
             }
+            announce(&mut tx, &id)?;
+            tx.commit()?;
+            Ok(())
         })
     }
 
@@ -292,15 +354,19 @@ impl Store for PostgresStore {
     ) -> Result<i64, StoreError> {
         let (id, kind, body) = (device_id.to_owned(), kind.to_owned(), body.to_owned());
         self.run(move |c| {
+            let mut tx = c.transaction()?;
             // The foreign key refuses an unknown device in the same statement.
-            let row = c
+            let row = tx
                 .query_one(
                     "INSERT INTO commands (device_id, kind, body, queued_at)
                      VALUES ($1, $2, $3, $4) RETURNING id",
                     &[&id, &kind, &body, &now],
                 )
                 .map_err(|e| constraint(e, &id))?;
-            Ok(row.try_get(0)?)
+            let command_id = row.try_get(0)?;
+            announce(&mut tx, &id)?;
+            tx.commit()?;
+            Ok(command_id)
         })
     }
 
@@ -406,6 +472,19 @@ impl Store for PostgresStore {
             .map_err(|e| constraint(e, &id))?;
             Ok(())
         })
+    }
+
+    fn watch_devices(&self, wake: DeviceWaker) -> Result<(), StoreError> {
+        let (config, closing) = (self.config.clone(), self.closing.clone());
+        let listener = std::thread::Builder::new()
+            .name("mdm-pg-listen".into())
+            .spawn(move || listen(config, closing, wake))
+            .map_err(|e| StoreError::Unavailable(format!("starting the listener: {e}")))?;
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
+        Ok(())
     }
 
     fn latest_compliance(&self, device_id: &str) -> Result<Option<String>, StoreError> {
