@@ -31,6 +31,54 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// The store a test's `mdm serve` keeps its state in.
+pub enum Store {
+    /// SQLite in the server's state directory (the default).
+    Sqlite,
+    /// A PostgreSQL database, by URL.
+    Postgres(String),
+}
+
+impl Store {
+    /// A fresh database on the test binary's scratch cluster, or `None` (skip, said loudly;
+    /// a failure under `CI`) without PostgreSQL.
+    pub fn postgres(test: &str) -> Option<Store> {
+        mdm::store::pg_scratch::database_for_test(test).map(Store::Postgres)
+    }
+
+    /// Makes every server started on `dir` (a restart too) use this store: PostgreSQL's URL
+    /// goes to `dir/store-url`, which [`Server::start`] passes as `--store-file`.
+    pub fn keep_in(&self, dir: &Path) {
+        if let Store::Postgres(url) = self {
+            std::fs::write(dir.join(STORE_URL_FILE), url).unwrap();
+        }
+    }
+}
+
+/// Where [`Store::keep_in`] leaves a PostgreSQL URL for the server.
+pub const STORE_URL_FILE: &str = "store-url";
+
+/// `on_both_stores!(NAME)` for `fn NAME(store: Store)`: the tests `NAME::sqlite` and
+/// `NAME::postgres`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($name:ident) => {
+        mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name($crate::mdm_common::Store::Sqlite)
+            }
+            #[test]
+            fn postgres() {
+                let Some(store) = $crate::mdm_common::Store::postgres(stringify!($name)) else {
+                    return;
+                };
+                super::$name(store)
+            }
+        }
+    };
+}
+
 /// A `pocketvisor mdm serve` process (killed when dropped).
 pub struct Server {
     pub dir: PathBuf,
@@ -39,10 +87,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server with its state in `dir/state`, on `port` (0: any), long polls held at
-    /// most `long_poll` s, every request recorded in `dir/requests.jsonl`.
+    /// Starts a server with its state in `dir/state` (and in the PostgreSQL database named
+    /// by `dir/store-url` if there is one, [`Store::keep_in`]), on `port` (0: any), long polls
+    /// held at most `long_poll` s, every request recorded in `dir/requests.jsonl`.
     pub fn start(dir: &Path, port: u16, long_poll: u64) -> Server {
         std::fs::write(dir.join("admin.token"), format!("{ADMIN_TOKEN}\n")).unwrap();
+        let store_url = dir.join(STORE_URL_FILE);
+        let store_args: Vec<std::ffi::OsString> = if store_url.exists() {
+            vec!["--store-file".into(), store_url.into()]
+        } else {
+            Vec::new()
+        };
         let mut child = Command::new(BIN)
             .args(["mdm", "serve", "--name", "localhost", "--listen"])
             .arg(format!("127.0.0.1:{port}"))
@@ -54,6 +109,7 @@ impl Server {
             .arg(dir.join("admin.token"))
             .arg("--request-log")
             .arg(dir.join("requests.jsonl"))
+            .args(store_args)
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
