@@ -3,8 +3,9 @@
 //! names the device by its client certificate and reads its request. `offload NAME`: it
 //! creates or reuses that device's twin in the store, receives the live migration into the
 //! twin's directory and runs the guest there, its API socket in that directory. `return
-//! NAME`: it asks the twin's VMM (through that API socket) to migrate to a loopback port of
-//! its own and relays that migration to the device over the device's connection.
+//! NAME`: it asks the twin's VMM (through that API socket) to migrate to a unix socket of its
+//! own in the twin's directory and relays that migration to the device over the device's
+//! connection.
 //!
 //! `pocketvisor cloud return` is the device's side of a return.
 
@@ -71,10 +72,10 @@ exactly as a missing one. Each connection runs in its own process; the twin's di
 sparse, the source's size), serial log (serial.log), vsock socket and API socket (api.sock)
 are in DIR/twins/<device>/<NAME>/. A refused offload (bad name, a twin of that name already
 running, a network or display device the host does not give twins) says why to the device,
-whose guest runs on there. A return asks the twin's VMM to migrate to a loopback port of the
-connection's process, which relays it to the device (the migration authenticated end to end
-by the key); the twin runs on here until the guest runs at the device, and is then recorded
-as returned.
+whose guest runs on there. A return asks the twin's VMM to migrate to a unix socket
+(relay.sock, mode 0600) of the connection's process in the twin's directory, which relays it
+to the device (the migration authenticated end to end by the key); the twin runs on here until
+the guest runs at the device, and is then recorded as returned. One return of a twin at a time.
 
 EXAMPLE:
   pocketvisor cloud serve --state /var/lib/pv-cloud --listen 0.0.0.0:7000 --key cloud.mkey \\
@@ -366,8 +367,17 @@ fn offload(
 /// for as long as it lives; the kernel lets go of it when that process ends, however it ends.
 const TWIN_LOCK: &str = "twin.lock";
 
+/// The lock a return holds while it relays a twin, so that two do not race for it.
+const RETURN_LOCK: &str = "return.lock";
+
 /// Takes the lock of the twin in `dir`: None if a live process holds it.
 fn hold(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
+    lock_file(&dir.join(TWIN_LOCK))
+}
+
+/// Takes the `flock` of the file at `path` (created if missing): None if a live process
+/// holds it.
+fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -375,7 +385,7 @@ fn hold(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
         .truncate(false)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .mode(0o600)
-        .open(dir.join(TWIN_LOCK))?;
+        .open(path)?;
     // SAFETY: flock on a descriptor this function owns; no memory is passed.
     if unsafe {
         libc::flock(
@@ -394,10 +404,38 @@ fn hold(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
     }
 }
 
+/// The relay's socket in the twin's directory (named relative to it, as `api.sock`).
+const RELAY_SOCKET: &str = "relay.sock";
+
+/// Listens on the relay's socket (one left by a killed return is replaced), which only this
+/// user may connect to, without blocking.
+fn relay_socket() -> std::io::Result<std::os::unix::net::UnixListener> {
+    match std::fs::remove_file(RELAY_SOCKET) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let l = std::os::unix::net::UnixListener::bind(RELAY_SOCKET)?;
+    std::fs::set_permissions(
+        RELAY_SOCKET,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// A file removed when this is dropped.
+struct RemovedOnDrop(&'static str);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
 /// How long a return waits for the twin's VMM to connect to the relay.
 const TWIN_CONNECT_WAIT: Duration = Duration::from_secs(30);
 
-/// A return: the twin's VMM migrates to a loopback port of this process, which relays the
+/// A return: the twin's VMM migrates to a unix socket of this process, which relays the
 /// migration to the device; the twin's process ends once the guest runs at the device.
 fn give_back(
     h: &HostArgs,
@@ -443,19 +481,25 @@ fn give_back(
     if let Err(e) = std::env::set_current_dir(&twin.dir) {
         return refuse(requested, format!("the twin's directory: {e}"));
     }
-    // Loopback only: the twin's migration is authenticated by the key end to end, and the
-    // relay carries it inside the device's TLS.
-    let listener = match TcpListener::bind("127.0.0.1:0").and_then(|l| {
-        l.set_nonblocking(true)?;
-        Ok(l)
-    }) {
+    let _returning = match lock_file(&twin.dir.join(RETURN_LOCK)) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            return refuse(
+                requested,
+                format!("a return of the twin {name:?} is under way"),
+            )
+        }
+        Err(e) => return refuse(requested, format!("the twin's lock: {e}")),
+    };
+    // A unix socket in the twin's directory, for its owner only: the twin's migration is
+    // authenticated by the key end to end, and the relay carries it inside the device's TLS.
+    let listener = match relay_socket() {
         Ok(l) => l,
-        Err(e) => return refuse(requested, format!("the relay's port: {e}")),
+        Err(e) => return refuse(requested, format!("the relay's socket: {e}")),
     };
-    let to = match listener.local_addr() {
-        Ok(a) => a.to_string(),
-        Err(e) => return refuse(requested, format!("the relay's port: {e}")),
-    };
+    // Gone when this function returns, however it returns.
+    let _socket = RemovedOnDrop(RELAY_SOCKET);
+    let to = format!("{}{RELAY_SOCKET}", vmm::migration::LOCAL_PREFIX);
     let ask = Request::Migrate {
         to,
         key_file: h.key.clone(),
@@ -470,7 +514,7 @@ fn give_back(
         match listener.accept() {
             Ok((s, _)) => break s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return refuse(requested, format!("the relay's port: {e}")),
+            Err(e) => return refuse(requested, format!("the relay's socket: {e}")),
         }
         if migration.is_finished() {
             let why = match migration.join() {

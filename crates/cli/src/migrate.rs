@@ -35,7 +35,7 @@ pub struct MigrateArgs {
     /// The source VMM's control socket.
     #[arg(long, value_name = "PATH")]
     api_socket: PathBuf,
-    /// The destination, HOST:PORT.
+    /// The destination, HOST:PORT (or, with --plain, unix:PATH: a relay on this host).
     #[arg(long, value_name = "HOST:PORT")]
     to: String,
     /// The migration key both hosts hold (64 hexadecimal digits).

@@ -59,7 +59,7 @@ pub enum Request {
     /// Live-migrate the running VM to a destination VMM waiting for it (see the `vmm` crate's
     /// `migration` module); on success the VM runs there and this one ends.
     Migrate {
-        /// The destination, `host:port`.
+        /// The destination, `host:port`, or `unix:PATH` without TLS (a relay on this host).
         to: String,
         /// A file holding the migration key both hosts share (64 hexadecimal digits).
         key_file: PathBuf,

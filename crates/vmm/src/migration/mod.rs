@@ -34,7 +34,8 @@
 //! A cloud host ([`accept_request`]) first reads a device's request. For `offload NAME` the
 //! device is the source, on that same channel ([`Requested::receive`]). For `return NAME`
 //! the host answers `Accept` ([`Requested::accept_return`]) and [`relay`]s, on the device's
-//! connection, a migration its twin's VMM makes to it over loopback: a new hello, the twin
+//! connection, a migration its twin's VMM makes to it over a unix socket (a destination
+//! `unix:PATH`, plain: [`LOCAL_PREFIX`]): a new hello, the twin
 //! the source and the device ([`receive_returned`]) the destination, authenticated end to
 //! end by the key.
 
@@ -321,7 +322,24 @@ fn expect<S: Read + Write>(ch: &mut Channel<S>, kind: Kind) -> Result<Vec<u8>, E
     }
 }
 
+/// How a destination names a unix socket of a relay on this host, `unix:PATH`.
+pub const LOCAL_PREFIX: &str = "unix:";
+
 fn connect(to: &str, tls: Option<&MigrationTls>) -> Result<Transport, Error> {
+    if let Some(path) = to.strip_prefix(LOCAL_PREFIX) {
+        if tls.is_some() {
+            return Err(refused(format!(
+                "{to} is a relay on this host: TLS runs over TCP, and the relay carries the \
+                 bytes on inside its own"
+            )));
+        }
+        let s = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| refused(format!("cannot connect to {to}: {e}")))?;
+        s.set_read_timeout(Some(IO_TIMEOUT))
+            .and_then(|()| s.set_write_timeout(Some(IO_TIMEOUT)))
+            .map_err(|e| refused(format!("cannot set up the connection: {e}")))?;
+        return Ok(Transport::Local(s));
+    }
     let s = TcpStream::connect(to).map_err(|e| refused(format!("cannot connect to {to}: {e}")))?;
     configure(&s)?;
     match tls {
@@ -953,6 +971,32 @@ mod tests {
         v.extend_from_slice(&u32::try_from(bytes.len()).unwrap().to_le_bytes());
         v.extend_from_slice(bytes);
         v
+    }
+
+    #[test]
+    fn a_unix_destination_is_plain_and_reached_as_a_socket() {
+        let files = MigrationTls {
+            cert: "c.pem".into(),
+            key: "k.pem".into(),
+            ca: "ca.pem".into(),
+        };
+        let err = connect("unix:/nonexistent/relay.sock", Some(&files))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("relay on this host"), "{err}");
+        let err = connect("unix:/nonexistent/relay.sock", None).err().unwrap();
+        assert!(err.to_string().contains("cannot connect to unix:"), "{err}");
+        let dir = std::env::temp_dir().join(format!("pv-mig-unix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut t = connect(&format!("unix:{}", path.display()), None).unwrap();
+        assert!(matches!(t, Transport::Local(_)));
+        t.write_all(b"hi").unwrap();
+        let mut got = [0u8; 2];
+        l.accept().unwrap().0.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

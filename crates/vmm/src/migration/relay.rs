@@ -1,10 +1,11 @@
-//! The cloud host's relay for a return: the twin's VMM migrates to a loopback address of the
-//! host (plain TCP), and the host carries those bytes, both ways and unchanged, over the TLS
-//! connection the device opened to ask for the return. The migration's own hello, framing
+//! The cloud host's relay for a return: the twin's VMM migrates to a unix socket of the host
+//! (`unix:PATH`, plain), and the host carries those bytes, both ways and unchanged, over the
+//! TLS connection the device opened to ask for the return. The migration's own hello, framing
 //! and key authenticate them end to end; the relay reads none of it.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -26,11 +27,12 @@ pub struct Relayed {
 const BUF: usize = 64 << 10;
 
 /// Carries bytes between `device` (the TLS connection a device opened; this end accepted it)
-/// and `twin` (the twin VMM's migration connection) until both directions have ended. The
+/// and `twin` (the twin VMM's migration connection, on a unix socket) until both directions
+/// have ended. The
 /// twin's end decides when it is over: once it has closed, the device is told (TLS
 /// `close_notify`, then the socket's end) and its direction ends when the device closes or
 /// stays silent for the migration's I/O timeout. Either direction failing ends the other.
-pub fn relay(device: Transport, twin: TcpStream) -> Result<Relayed, Error> {
+pub fn relay(device: Transport, twin: UnixStream) -> Result<Relayed, Error> {
     let Transport::Server(tls) = device else {
         return Err(refused(
             "a relay needs the device's TLS connection, this end the server",
@@ -124,7 +126,7 @@ fn drain(c: &mut ServerConnection, buf: &mut [u8], out: &mut Vec<u8>) -> std::io
 
 fn device_to_twin(
     dev: &Device<'_>,
-    mut twin: &TcpStream,
+    mut twin: &UnixStream,
     twin_done: &AtomicBool,
 ) -> std::io::Result<u64> {
     let mut raw = vec![0u8; BUF];
@@ -167,7 +169,7 @@ fn device_to_twin(
     }
 }
 
-fn twin_to_device(dev: &Device<'_>, mut twin: &TcpStream) -> std::io::Result<u64> {
+fn twin_to_device(dev: &Device<'_>, mut twin: &UnixStream) -> std::io::Result<u64> {
     let mut buf = vec![0u8; BUF];
     let mut total = 0u64;
     loop {
@@ -212,13 +214,11 @@ mod tests {
         let (to_twin, to_device) = (data(3 << 20, 31), data(5 << 20, 17));
         let host_listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let to = host_listener.local_addr().unwrap().to_string();
-        let twin_listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let twin_addr = twin_listener.local_addr().unwrap();
+        let (twin_here, t) = UnixStream::pair().unwrap();
 
         // The twin sends all it has while it reads what comes, then ends its side.
         let sent = to_device.clone();
         let twin = std::thread::spawn(move || {
-            let (t, _) = twin_listener.accept().unwrap();
             let writer = t.try_clone().unwrap();
             let w = std::thread::spawn(move || {
                 (&writer).write_all(&sent).unwrap();
@@ -235,7 +235,7 @@ mod tests {
                 let (tcp, _) = host_listener.accept().unwrap();
                 super::super::configure(&tcp).unwrap();
                 let device = server(tcp, &files)?;
-                relay(device, TcpStream::connect(twin_addr).unwrap())
+                relay(device, twin_here)
             })
         };
         // The device writes everything before it reads: the twin's bytes wait meanwhile.
@@ -264,8 +264,7 @@ mod tests {
     fn only_a_tls_connection_accepted_from_a_device_is_relayed() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let b = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let err = relay(Transport::Plain(a), b).unwrap_err();
+        let err = relay(Transport::Plain(a), UnixStream::pair().unwrap().0).unwrap_err();
         assert!(err.to_string().contains("TLS"), "{err}");
     }
 }

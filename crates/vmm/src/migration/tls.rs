@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -26,6 +27,9 @@ use crate::Error;
 pub enum Transport {
     /// Plain TCP (framed and authenticated by the key, not encrypted).
     Plain(TcpStream),
+    /// A unix socket to a relay on this host (`unix:PATH`; plain: the relay carries the
+    /// bytes on, inside its own TLS: a cloud host's return).
+    Local(UnixStream),
     /// TLS, this end the one that connected: a migration's source, or a device asking a
     /// cloud host for a return (it is then the migration's destination).
     Client(Box<StreamOwned<ClientConnection, TcpStream>>),
@@ -139,17 +143,23 @@ impl Transport {
     /// Ends the connection in direction `how` (a TLS end says so first, `close_notify`).
     pub fn shutdown(&mut self, how: Shutdown) {
         match self {
-            Transport::Plain(_) => {}
+            Transport::Plain(s) => {
+                let _ = s.shutdown(how);
+            }
+            Transport::Local(s) => {
+                let _ = s.shutdown(how);
+            }
             Transport::Client(s) => {
                 s.conn.send_close_notify();
                 let _ = s.flush();
+                let _ = s.get_ref().shutdown(how);
             }
             Transport::Server(s) => {
                 s.conn.send_close_notify();
                 let _ = s.flush();
+                let _ = s.get_ref().shutdown(how);
             }
         }
-        let _ = self.tcp().shutdown(how);
     }
 
     /// The end-entity certificate (DER) the connecting end showed, at the accepting end of a
@@ -158,15 +168,7 @@ impl Transport {
     pub fn peer_certificate(&self) -> Option<&[u8]> {
         match self {
             Transport::Server(s) => s.conn.peer_certificates()?.first().map(|c| c.as_ref()),
-            Transport::Plain(_) | Transport::Client(_) => None,
-        }
-    }
-
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Transport::Plain(s) => s,
-            Transport::Client(s) => s.get_ref(),
-            Transport::Server(s) => s.get_ref(),
+            Transport::Plain(_) | Transport::Local(_) | Transport::Client(_) => None,
         }
     }
 }
@@ -175,6 +177,7 @@ impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Transport::Plain(s) => s.read(buf),
+            Transport::Local(s) => s.read(buf),
             Transport::Client(s) => s.read(buf),
             Transport::Server(s) => s.read(buf),
         }
@@ -185,6 +188,7 @@ impl Write for Transport {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
             Transport::Plain(s) => s.write(buf),
+            Transport::Local(s) => s.write(buf),
             Transport::Client(s) => s.write(buf),
             Transport::Server(s) => s.write(buf),
         }
@@ -193,6 +197,7 @@ impl Write for Transport {
     fn flush(&mut self) -> std::io::Result<()> {
         match self {
             Transport::Plain(s) => s.flush(),
+            Transport::Local(s) => s.flush(),
             Transport::Client(s) => s.flush(),
             Transport::Server(s) => s.flush(),
         }
