@@ -422,6 +422,10 @@ async fn a_command_queued_through_another_server_wakes_the_poll_at_once() {
         let t0 = Instant::now();
         let poll = tokio::spawn(async move { device.poll(60).await.unwrap() });
         while a.mdm.polls_open() == 0 {
+            assert!(
+                !poll.is_finished() && t0.elapsed() < Duration::from_secs(60),
+                "round {round}: the poll was never held"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let waited = if round < 2 {
