@@ -880,6 +880,79 @@ fn a_twin_killed_mid_return_changes_nothing_at_the_device_and_the_next_offload_t
     assert_eq!(h.twin_dirs().len(), 1, "{:?}", h.twin_dirs());
 }
 
+#[test]
+fn the_host_killed_while_it_relays_a_return_leaves_the_twin_running_and_the_device_as_it_was() {
+    // The host's relaying process dies (kill -9) once 64 KiB of the twin's migration went to
+    // the device (the guest writes its disk in the cloud, so the return is larger than that).
+    let Some(h) = host_with_env("relay-killed", &[("POCKETVISOR_KILL_AT", "relay-rounds")]) else {
+        return;
+    };
+    let mut phone = h.device_vm_mode("phone", "blk-counter", RETURN_DISK_BYTES);
+    let kept = h.dir.path("kept");
+    let out = h.offload_with(
+        "phone",
+        "phone",
+        "work",
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let at_switch = *blk_counters(&read(&h.dir.path("phone.serial")))
+        .last()
+        .unwrap();
+    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
+    let log = twin.join("serial.log");
+    let blk_last = |p: &Path| blk_counters(&read(p)).last().copied().unwrap_or(0);
+    assert!(
+        wait_until(|| blk_last(&log) > at_switch + 20, WAIT),
+        "the twin does not write its disk"
+    );
+    let kept_disk = std::fs::read(h.dir.path("phone.img")).unwrap();
+    let stderr = h.dir.path("home.stderr");
+    let mut home = Vmm(h
+        .cloud_return(
+            "phone",
+            "work",
+            &[
+                "--base",
+                kept.to_str().unwrap(),
+                "--disk",
+                h.dir.path("phone.img").to_str().unwrap(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(File::create(&stderr).unwrap())
+        .spawn()
+        .unwrap());
+    assert_eq!(
+        wait_exit(&mut home, WAIT),
+        Some(1),
+        "the return did not fail: {}",
+        read(&stderr)
+    );
+    assert!(
+        read(&stderr).contains("nothing runs here"),
+        "{}",
+        read(&stderr)
+    );
+    assert!(
+        read(&h.dir.path("serve.stderr")).contains("signal: 9"),
+        "the relay was not killed: {}",
+        read(&h.dir.path("serve.stderr"))
+    );
+    assert!(
+        std::fs::read(h.dir.path("phone.img")).unwrap() == kept_disk,
+        "the failed return changed the phone's disk"
+    );
+    // The guest is in exactly one place: the twin, writing on.
+    let now = blk_last(&log);
+    assert!(
+        wait_until(|| blk_last(&log) > now + 3, WAIT),
+        "the twin stopped when its relay died: {}",
+        read(&h.dir.path("serve.stderr"))
+    );
+}
+
 /// The measure: a return against a full move of the same guest (the offload).
 fn writeln_measure(
     secs: u64,

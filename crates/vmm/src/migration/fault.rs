@@ -6,7 +6,9 @@
 //! sent, state not yet), `migrate-committed` (after `Commit`). Destination: `receive-disk`
 //! (after writing the first `Disk` frame into the temporary file), `receive-round` (after
 //! acknowledging a round), `receive-state` (the state arrived, nothing built yet),
-//! `receive-committed` (after the source's `Commit`, before answering `Running`). When the
+//! `receive-committed` (after the source's `Commit`, before answering `Running`). A cloud
+//! host's relay of a return: `relay-rounds` (once 64 KiB of the twin's migration went to the
+//! device: the first round under way). When the
 //! variable names the point the process sends itself SIGKILL there, as `kill -9` would.
 //! Unset (always, outside the tests), a point costs one environment lookup.
 

@@ -25,6 +25,9 @@ pub struct Relayed {
 }
 
 const BUF: usize = 64 << 10;
+/// Bytes to the device after which the `relay-rounds` kill point is: past the setup, into the
+/// first round.
+const KILL_AFTER: u64 = 64 << 10;
 
 /// Carries bytes between `device` (the TLS connection a device opened; this end accepted it)
 /// and `twin` (the twin VMM's migration connection, on a unix socket) until both directions
@@ -179,6 +182,9 @@ fn twin_to_device(dev: &Device<'_>, mut twin: &UnixStream) -> std::io::Result<u6
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        if total < KILL_AFTER && total + n as u64 >= KILL_AFTER {
+            super::fault::kill_point("relay-rounds");
+        }
         let mut rest = &buf[..n];
         while !rest.is_empty() {
             let mut c = dev.conn();
