@@ -171,3 +171,36 @@ fn serve_enroll_lock_devices_and_audit(store_args: &[&str]) {
         store_args.is_empty()
     );
 }
+
+/// `--store` takes only a PostgreSQL URL (SQLite is the default) and `--store-file` an existing
+/// file: anything else stops `mdm serve` before it listens, saying why.
+#[test]
+fn serve_refuses_a_store_that_is_not_postgresql() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("admin.token"),
+        "correct-horse-battery-staple\n",
+    )
+    .unwrap();
+    let serve = |store: &[&str]| {
+        Command::new(BIN)
+            .args(["mdm", "serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .arg("--admin-token-file")
+            .arg(dir.path().join("admin.token"))
+            .args(store)
+            .output()
+            .unwrap()
+    };
+    let out = serve(&["--store", "sqlite:///tmp/x.db"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("postgresql://"), "{err}");
+    let out = serve(&["--store-file", "/nonexistent/store-url"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--store-file"), "{err}");
+    let out = serve(&["--store-connections", "0"]);
+    assert!(!out.status.success());
+    assert!(!dir.path().join("state/mdm.db").exists());
+}
