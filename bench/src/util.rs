@@ -41,6 +41,16 @@ fn sorted(samples: &[f64]) -> Vec<f64> {
 }
 
 /// A duration in milliseconds.
+/// The host's 1, 5 and 15 minute load averages (`/proc/loadavg`), for a run's report.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

@@ -121,12 +121,7 @@ fn run(o: Opts) -> Result<()> {
         o.secs,
         o.size.0,
         o.size.1,
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
+        bench::util::loadavg()
     );
     let mut rows = Vec::new();
     for (anim, cmdline) in [("counter", CMDLINE), ("200x200 square", SQUARE_CMDLINE)] {

@@ -99,7 +99,7 @@ fn run() -> Result<()> {
     });
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
-    let load_before = loadavg();
+    let load_before = bench::util::loadavg();
     let cluster = ScratchCluster::start_durable().context("PostgreSQL scratch cluster")?;
     let policy = signed_policy()?;
     let clients = tokio::runtime::Builder::new_multi_thread()
@@ -286,15 +286,6 @@ fn signed_policy() -> Result<String> {
     Ok(base64::engine::general_purpose::STANDARD.encode(envelope))
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn report(common: &Common, n: usize, samples: &[(Kind, Sample)], load_before: &str) -> Result<()> {
     let of = |kind: Kind, f: fn(&Sample) -> f64| -> Stat {
         let v: Vec<f64> = samples
@@ -305,7 +296,7 @@ fn report(common: &Common, n: usize, samples: &[(Kind, Sample)], load_before: &s
         Stat::of(&v)
     };
     let kinds = [Kind::Sqlite, Kind::Postgres];
-    let load_after = loadavg();
+    let load_after = bench::util::loadavg();
     if common.json {
         let stores: serde_json::Map<String, serde_json::Value> = kinds
             .iter()
