@@ -142,6 +142,9 @@ pub struct L1Run {
     pub stalled: bool,
     /// Why L1 was killed before its job ended (`stalled`): which silence, and for how long.
     pub hang: Option<String>,
+    /// L1's own kernel crashed (an oops, a BUG, an RCU stall or a panic on its console, which
+    /// the arm64 L1 keeps for its kernel alone): the first such line and what followed it.
+    pub l1_crash: Option<String>,
 }
 
 impl L1Run {
@@ -149,8 +152,12 @@ impl L1Run {
     pub fn describe(&self) -> String {
         let tail: Vec<&str> = self.qemu.serial().collect();
         let tail = tail[tail.len().saturating_sub(40)..].join("\n");
+        let crash = match &self.l1_crash {
+            Some(text) => format!("\n--- L1's kernel crashed: ---\n{text}"),
+            None => String::new(),
+        };
         format!(
-            "L1 job {} rc={:?} after {:?}{}\n--- L1 console (last 40 lines) ---\n{tail}\n--- QEMU stderr ---\n{}",
+            "L1 job {} rc={:?} after {:?}{}{crash}\n--- L1 console (last 40 lines) ---\n{tail}\n--- QEMU stderr ---\n{}",
             self.dir.display(),
             self.rc,
             self.qemu.elapsed,
@@ -301,7 +308,13 @@ fn launch(
         .arg("-virtfs")
         .arg(share(&dir, "job", false));
     let mut vm = RunningVm::spawn(cmd, timeout);
-    let hang = stall.and_then(|stall| watch(&mut vm, &dir, stall, timeout));
+    // The arm64 L1's console carries its kernel's messages alone (its /init prefixes the job's
+    // lines), so a crash of L1's kernel can be told from a job that prints a guest's log.
+    let crashes = arch == L1Arch::Aarch64;
+    let mut crash = None;
+    let hang = (stall.is_some() || crashes)
+        .then(|| watch(&mut vm, &dir, stall, timeout, crashes.then_some(&mut crash)))
+        .flatten();
     if let Some(why) = &hang {
         crate::l1_watch::write_hang_report(&dir, why, vm.pid(), &monitor);
     }
@@ -327,6 +340,7 @@ fn launch(
         rc: if outcome.timed_out { None } else { rc },
         stalled: hang.is_some(),
         hang,
+        l1_crash: crash.map(|c: CrashLog| c.lines.join("\n")),
         output: read("output.log"),
         l1_dmesg: read("l1-dmesg.txt"),
         l1_info: read("l1-info.txt"),
@@ -336,24 +350,77 @@ fn launch(
     })
 }
 
+/// How long a crashed L1 kernel may go on before L1 is killed: long enough for its job to end
+/// by itself (a crash in another task), short against the deadline of a job it has wedged.
+const CRASH_GRACE: Duration = Duration::from_secs(60);
+
+/// The lines of a crash of L1's kernel, from its first line on.
+struct CrashLog {
+    lines: Vec<String>,
+    since: Instant,
+}
+
+/// Whether a console line is L1's kernel reporting that it crashed or wedged: a timestamped
+/// kernel line with an oops, a BUG, an RCU stall, a lockup or a panic.
+fn is_kernel_crash(line: &str) -> bool {
+    const SIGNS: [&str; 7] = [
+        "Internal error:",
+        "Unable to handle kernel",
+        "Kernel panic",
+        "BUG:",
+        "rcu: INFO:",
+        "soft lockup",
+        "hard LOCKUP",
+    ];
+    line.trim_start().starts_with('[') && SIGNS.iter().any(|sign| line.contains(sign))
+}
+
 /// Watches a running L1 until its job ends; returns why L1 must be killed first, if it must:
 /// its console printed no line for `stall` (a check over its budget, or L1 hung before its
-/// heartbeat began), or its heartbeat stood still for [`crate::l1_watch::heartbeat_limit`]
-/// (L1 itself stopped).
-fn watch(vm: &mut RunningVm, dir: &Path, stall: Duration, timeout: Duration) -> Option<String> {
+/// heartbeat began), its heartbeat stood still for [`crate::l1_watch::heartbeat_limit`]
+/// (L1 itself stopped), or (when `crash` is given, which collects the crash's lines) L1's
+/// kernel crashed and the job had not ended [`CRASH_GRACE`] later.
+fn watch(
+    vm: &mut RunningVm,
+    dir: &Path,
+    stall: Option<Duration>,
+    timeout: Duration,
+    mut crash: Option<&mut Option<CrashLog>>,
+) -> Option<String> {
     let limit = crate::l1_watch::heartbeat_limit();
     let mut heartbeat = crate::l1_watch::Heartbeat::new(dir);
     let mut last_line = Instant::now();
     loop {
-        if vm.wait_for_line(Duration::from_secs(5), |_| true).is_some() {
+        if let Some((_, line)) = vm.wait_for_line(Duration::from_secs(5), |_| true) {
             last_line = Instant::now();
+            if let Some(crash) = crash.as_deref_mut() {
+                match crash {
+                    Some(log) if log.lines.len() < 60 => log.lines.push(line),
+                    Some(_) => {}
+                    None if is_kernel_crash(&line) => {
+                        *crash = Some(CrashLog {
+                            lines: vec![line],
+                            since: Instant::now(),
+                        })
+                    }
+                    None => {}
+                }
+            }
         } else if !vm.is_running() || Instant::now() >= vm.started() + timeout {
             return None;
         } else {
             // No line in 5 s, or a console already closed: do not spin on the latter.
             std::thread::sleep(Duration::from_millis(100));
         }
-        if last_line.elapsed() >= stall {
+        if let Some(log) = crash.as_deref().and_then(Option::as_ref) {
+            if log.since.elapsed() >= CRASH_GRACE {
+                return Some(format!(
+                    "L1's kernel crashed ({}) and the job had not ended {CRASH_GRACE:?} later",
+                    log.lines[0].trim()
+                ));
+            }
+        }
+        if let Some(stall) = stall.filter(|stall| last_line.elapsed() >= *stall) {
             return Some(format!(
                 "its console printed nothing for {stall:?} (a check over its budget, or L1 hung)"
             ));
@@ -364,6 +431,30 @@ fn watch(vm: &mut RunningVm, dir: &Path, stall: Duration, timeout: Duration) -> 
                  (NESTED_HEARTBEAT_LIMIT), its console for {:.0?}",
                 last_line.elapsed()
             ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_kernel_crash;
+
+    #[test]
+    fn kernel_crash_lines_are_the_kernels_own() {
+        for line in [
+            "[  591.894702] rcu: INFO: rcu_sched self-detected stall on CPU",
+            "[   12.5] Internal error: Oops: 0000000096000004 [#1] SMP",
+            "[    3.1] Unable to handle kernel NULL pointer dereference at virtual address 0",
+            "[    3.2] Kernel panic - not syncing: sysrq triggered crash",
+        ] {
+            assert!(is_kernel_crash(line), "{line}");
+        }
+        for line in [
+            "job| [    1.0] BUG: a guest's log printed by the job",
+            "NESTED-L1 ready uptime=1.9 kvm=yes",
+            "[    1.0] virtio_blk virtio0: [vda] 16384 512-byte logical blocks",
+        ] {
+            assert!(!is_kernel_crash(line), "{line}");
         }
     }
 }
