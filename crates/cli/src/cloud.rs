@@ -5,9 +5,11 @@
 //! twin's directory and runs the guest there, its API socket in that directory. `return
 //! NAME`: it asks the twin's VMM (through that API socket) to migrate to a unix socket of its
 //! own in the twin's directory and relays that migration to the device over the device's
-//! connection.
+//! connection. `view NAME`: it relays the twin's screen (its VMM's VNC server on `vnc.sock` in
+//! the twin's directory) to the device.
 //!
-//! `pocketvisor cloud return` is the device's side of a return.
+//! `pocketvisor cloud return` is the device's side of a return, `pocketvisor cloud view` of a
+//! view.
 
 use std::fs::OpenOptions;
 use std::net::{TcpListener, TcpStream};
@@ -39,6 +41,8 @@ enum CloudCmd {
     Twin(HostArgs),
     /// On the device: bring a twin back from the cloud host and run it here.
     Return(ReturnArgs),
+    /// On the device: show a twin's screen to VNC viewers here, relayed from the cloud host.
+    View(ViewArgs),
 }
 
 /// What `serve` and each connection's process share.
@@ -96,6 +100,7 @@ pub fn main(a: CloudArgs) -> Result<i32> {
         CloudCmd::Serve(s) => serve(s),
         CloudCmd::Twin(h) => twin(&h),
         CloudCmd::Return(r) => give_back_here(r),
+        CloudCmd::View(v) => view_here(v),
     }
 }
 
@@ -197,6 +202,8 @@ enum Ask {
     Offload(String),
     /// Send the twin `NAME` back to the device (which starts from the copy it kept).
     Return(String),
+    /// Relay the screen of the twin `NAME` to the device.
+    View(String),
 }
 
 /// Parses a request frame; errors say what was wrong in words the device shows.
@@ -205,9 +212,11 @@ fn parse_request(request: &str) -> Result<Ask, String> {
     let ask = match verb {
         "offload" => Ask::Offload,
         "return" => Ask::Return,
+        "view" => Ask::View,
         _ => {
             return Err(format!(
-                "unknown request {request:?}: this host serves `offload NAME` and `return NAME`"
+                "unknown request {request:?}: this host serves `offload NAME`, `return NAME` \
+                 and `view NAME`"
             ))
         }
     };
@@ -221,9 +230,6 @@ fn parse_request(request: &str) -> Result<Ask, String> {
 fn check_config(config: &vmm::VmConfig) -> Result<(), String> {
     if !config.net.is_empty() {
         return Err("the twin has a network device: this host gives twins no network yet".into());
-    }
-    if config.gpu.is_some() || config.input {
-        return Err("the twin has a display or input device: this host runs twins headless".into());
     }
     if config.disks.iter().any(|d| d.encrypted) {
         return Err("the twin has an encrypted disk, whose key stays on the device".into());
@@ -265,6 +271,7 @@ fn twin(h: &HostArgs) -> Result<i32> {
     match parse_request(requested.request()) {
         Ok(Ask::Offload(name)) => offload(&store, requested, device, &name, &peer),
         Ok(Ask::Return(name)) => give_back(h, &store, requested, device, &name, &peer),
+        Ok(Ask::View(name)) => view(&store, requested, device, &name, &peer),
         Err(why) => {
             requested.refuse(&migration_error(&why));
             Err(anyhow::anyhow!(
@@ -356,6 +363,13 @@ fn offload(
         "pocketvisor: cloud: the twin {name:?} of device {} runs here (from {peer})",
         device.hex()
     );
+    // Its screen, for the device's `view` (a unix socket beside `api.sock`). The guest runs
+    // here already: a screen that cannot be served is said, not a reason to stop it.
+    let _screen =
+        crate::vnc::start_next_to_api(&vm, Some(Path::new("api.sock"))).unwrap_or_else(|e| {
+            eprintln!("pocketvisor: cloud: the twin {name:?} runs without its screen: {e:#}");
+            None
+        });
     let status = crate::run::run_vm(vm, Some(Path::new("api.sock")));
     // Whatever ended it, the twin no longer runs here; its directory keeps its last disks.
     let _ = store.set_state(&device, name, TwinState::Returned);
@@ -432,6 +446,83 @@ impl Drop for RemovedOnDrop {
     }
 }
 
+/// This device's twin `name` if it runs here, its process alive; this process then works in
+/// the twin's directory (its sockets are named relative to it, see `offload`). The error is
+/// the device's refusal, in words.
+fn live_twin(
+    store: &TwinStore,
+    device: &DeviceId,
+    name: &str,
+) -> Result<cloud::store::Twin, String> {
+    let twin = match store.get(device, name) {
+        Ok(t) if t.state == TwinState::Running => t,
+        Ok(_) => {
+            return Err(format!(
+                "the twin {name:?} does not run here (it was returned)"
+            ))
+        }
+        // Another device's twin is not found either.
+        Err(e) => return Err(e.to_string()),
+    };
+    // A live twin's process holds its lock: one that does not is gone (killed), and its VMM
+    // with it.
+    match hold(&twin.dir) {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return Err(format!(
+                "the twin {name:?} stopped without returning (its process is gone); offload it \
+                 again"
+            ))
+        }
+        Err(e) => return Err(format!("the twin's lock: {e}")),
+    }
+    std::env::set_current_dir(&twin.dir).map_err(|e| format!("the twin's directory: {e}"))?;
+    Ok(twin)
+}
+
+/// A view: relays the twin's screen (its VMM's VNC server) to the device until either ends.
+fn view(
+    store: &TwinStore,
+    requested: Requested,
+    device: DeviceId,
+    name: &str,
+    peer: &str,
+) -> Result<i32> {
+    let refuse = |requested: Requested, why: String| {
+        requested.refuse(&migration_error(&why));
+        Err(anyhow::anyhow!(
+            "the view of {name:?} by {peer} was refused: {why}"
+        ))
+    };
+    if let Err(why) = live_twin(store, &device, name) {
+        return refuse(requested, why);
+    }
+    let screen = match std::os::unix::net::UnixStream::connect(vmm::vmm_api::jail::VNC_SOCKET_NAME)
+    {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return refuse(
+                requested,
+                format!("the twin {name:?} has no screen (its VM has no display)"),
+            )
+        }
+        Err(e) => return refuse(requested, format!("the twin's screen: {e}")),
+    };
+    let relayed = requested
+        .accept()
+        .and_then(|conn| vmm::migration::relay(conn, screen))
+        .with_context(|| format!("the view of {name:?} by {peer}"))?;
+    let line = format!(
+        "pocketvisor: cloud: device {} viewed the twin {name:?} from {peer}: {} bytes of screen \
+         sent, {} bytes of input received\n",
+        device.hex(),
+        relayed.to_tls,
+        relayed.to_local
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    Ok(0)
+}
+
 /// How long a return waits for the twin's VMM to connect to the relay.
 const TWIN_CONNECT_WAIT: Duration = Duration::from_secs(30);
 
@@ -451,36 +542,10 @@ fn give_back(
             "the return of {name:?} to {peer} was refused: {why}"
         ))
     };
-    let twin = match store.get(&device, name) {
-        Ok(t) if t.state == TwinState::Running => t,
-        Ok(_) => {
-            return refuse(
-                requested,
-                format!("the twin {name:?} does not run here (it was returned)"),
-            )
-        }
-        // Another device's twin is not found either.
-        Err(e) => return refuse(requested, e.to_string()),
+    let twin = match live_twin(store, &device, name) {
+        Ok(t) => t,
+        Err(why) => return refuse(requested, why),
     };
-    // A live twin's process holds its lock: one that does not is gone (killed), and its VMM
-    // with it.
-    match hold(&twin.dir) {
-        Ok(None) => {}
-        Ok(Some(_)) => {
-            return refuse(
-                requested,
-                format!(
-                    "the twin {name:?} stopped without returning (its process is gone); \
-                     offload it again"
-                ),
-            )
-        }
-        Err(e) => return refuse(requested, format!("the twin's lock: {e}")),
-    }
-    // The twin's API socket is named relative to its directory (see `offload`).
-    if let Err(e) = std::env::set_current_dir(&twin.dir) {
-        return refuse(requested, format!("the twin's directory: {e}"));
-    }
     let _returning = match lock_file(&twin.dir.join(RETURN_LOCK)) {
         Ok(Some(lock)) => lock,
         Ok(None) => {
@@ -537,7 +602,7 @@ fn give_back(
         .set_nonblocking(false)
         .context("the twin's connection")?;
     let relayed = requested
-        .accept_return()
+        .accept()
         .and_then(|device_conn| vmm::migration::relay(device_conn, local));
     let answer = migration
         .join()
@@ -551,7 +616,7 @@ fn give_back(
                 device.hex(),
                 relayed.map_or_else(
                     |e| format!(" (the relay: {e})"),
-                    |r| format!(" relayed_to_device={} relayed_to_twin={}", r.to_device, r.to_twin)
+                    |r| format!(" relayed_to_device={} relayed_to_twin={}", r.to_tls, r.to_local)
                 )
             );
             let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
@@ -587,21 +652,8 @@ EXAMPLE:
 struct ReturnArgs {
     /// The twin's name at the cloud host.
     name: String,
-    /// The cloud host, HOST:PORT (its certificate must name HOST).
-    #[arg(long, value_name = "HOST:PORT")]
-    from: String,
-    /// The migration key this device shares with the host (64 hexadecimal digits).
-    #[arg(long, value_name = "FILE")]
-    key: PathBuf,
-    /// This device's certificate chain (PEM): the one it offloaded with.
-    #[arg(long, value_name = "FILE")]
-    tls_cert: PathBuf,
-    /// This device's private key (PEM).
-    #[arg(long, value_name = "FILE")]
-    tls_key: PathBuf,
-    /// The authority the host's certificate must chain to (PEM).
-    #[arg(long, value_name = "FILE")]
-    tls_ca: PathBuf,
+    #[command(flatten)]
+    host: CloudHost,
     /// The copy of this guest kept at the offload (`migrate --keep DIR`).
     #[arg(long, value_name = "DIR")]
     base: Option<PathBuf>,
@@ -620,17 +672,45 @@ struct ReturnArgs {
     api_socket: Option<PathBuf>,
 }
 
+/// How a device reaches its cloud host.
+#[derive(Args, Debug)]
+struct CloudHost {
+    /// The cloud host, HOST:PORT (its certificate must name HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    from: String,
+    /// The migration key this device shares with the host (64 hexadecimal digits).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// This device's certificate chain (PEM): the one it offloaded with.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// This device's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    /// The authority the host's certificate must chain to (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: PathBuf,
+}
+
+impl CloudHost {
+    /// The key and TLS files, read and checked; `name` checked to be a twin's name.
+    fn open(&self, name: &str) -> Result<([u8; vmm::migration::wire::KEY_LEN], MigrationTls)> {
+        let key = vmm::migration::wire::read_key(&self.key).map_err(anyhow::Error::msg)?;
+        if !valid_name(name) {
+            anyhow::bail!("{}", StoreError::BadName(name.to_string()));
+        }
+        let tls = MigrationTls {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            ca: self.tls_ca.clone(),
+        };
+        Ok((key, tls))
+    }
+}
+
 /// `cloud return`: the device's side.
 fn give_back_here(a: ReturnArgs) -> Result<i32> {
-    let key = vmm::migration::wire::read_key(&a.key).map_err(anyhow::Error::msg)?;
-    if !valid_name(&a.name) {
-        anyhow::bail!("{}", StoreError::BadName(a.name));
-    }
-    let tls = MigrationTls {
-        cert: a.tls_cert,
-        key: a.tls_key,
-        ca: a.tls_ca,
-    };
+    let (key, tls) = a.host.open(&a.name)?;
     let overrides = RestoreOverrides {
         serial: a.serial,
         disks: a.disk,
@@ -639,7 +719,7 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
         disk_keys: Vec::new(),
     };
     let returned = vmm::migration::receive_returned(
-        &a.from,
+        &a.host.from,
         &key,
         &tls,
         &format!("return {}", a.name),
@@ -649,7 +729,7 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
     .with_context(|| {
         format!(
             "the return of {:?} from {} failed; nothing runs here",
-            a.name, a.from
+            a.name, a.host.from
         )
     })?;
     outln!(
@@ -659,9 +739,117 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
     );
     eprintln!(
         "pocketvisor: the twin {:?} came back from {}; the guest runs here",
-        a.name, a.from
+        a.name, a.host.from
     );
     crate::run::run_vm(returned.vm, a.api_socket.as_deref())
+}
+
+/// `cloud view`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Shows the screen of the twin NAME, which runs at the cloud host, to VNC viewers on this device:
+each viewer that connects to --listen gets a connection of its own to the host (TLS 1.3 with
+this device's certificate, the one it offloaded with), which relays the twin's VNC server
+(RFB 3.8, keys and pointer included) both ways, unchanged. The twin must have been offloaded
+with a display (`run --gpu`, and `--input` for keys and touch). The first connection is made
+at once: a twin that is not there, not this device's, or has no screen is this command's error
+(status 1). It then serves until stopped (Ctrl-C).
+
+EXAMPLE:
+  pocketvisor cloud view work --from cloud.example:7000 --listen 127.0.0.1:5901 \\
+      --key cloud.mkey --tls-cert device.pem --tls-key device.key --tls-ca cloud-ca.pem
+  vncviewer 127.0.0.1::5901")]
+struct ViewArgs {
+    /// The twin's name at the cloud host.
+    name: String,
+    #[command(flatten)]
+    host: CloudHost,
+    /// Where viewers connect: a loopback HOST:PORT (port 0: any free port; the address is
+    /// printed) or unix:PATH. The relay adds no password: keep it to this device.
+    #[arg(long, value_name = "HOST:PORT|unix:PATH", value_parser = crate::vnc::parse_vnc)]
+    listen: crate::vnc::VncAddr,
+}
+
+/// `cloud view`: the device's side.
+fn view_here(a: ViewArgs) -> Result<i32> {
+    let (key, tls) = a.host.open(&a.name)?;
+    let twin = std::sync::Arc::new(Viewed {
+        from: a.host.from,
+        name: a.name,
+        key,
+        tls,
+    });
+    // Once now, so that a twin that cannot be shown is this command's error.
+    twin.ask()?.shutdown(std::net::Shutdown::Both);
+    let said = |at: &str| {
+        let line = format!(
+            "pocketvisor: the screen of the twin {:?} on {at} (VNC)\n",
+            twin.name
+        );
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    };
+    match &a.listen {
+        crate::vnc::VncAddr::Tcp(addr) => {
+            let l = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+            said(&l.local_addr().context("the listening address")?.to_string());
+            for viewer in l.incoming() {
+                twin.serve_in_thread(viewer);
+            }
+        }
+        crate::vnc::VncAddr::Unix(path) => {
+            crate::api::remove_stale_socket(path)?;
+            let l = std::os::unix::net::UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on {}", path.display()))?;
+            crate::api::owner_only(path)?;
+            said(&format!("unix:{}", path.display()));
+            for viewer in l.incoming() {
+                twin.serve_in_thread(viewer);
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// A twin being viewed from this device.
+struct Viewed {
+    from: String,
+    name: String,
+    key: [u8; vmm::migration::wire::KEY_LEN],
+    tls: MigrationTls,
+}
+
+impl Viewed {
+    /// A connection to the host that carries the twin's screen.
+    fn ask(&self) -> Result<vmm::migration::tls::Transport> {
+        vmm::migration::ask(
+            &self.from,
+            &self.key,
+            &self.tls,
+            &format!("view {}", self.name),
+        )
+        .with_context(|| format!("the view of {:?} at {}", self.name, self.from))
+    }
+
+    /// Relays one viewer to the twin's screen, in a thread of its own.
+    fn serve_in_thread<L>(self: &std::sync::Arc<Self>, viewer: std::io::Result<L>)
+    where
+        L: vmm::migration::LocalEnd + Send + 'static,
+        for<'a> &'a L: std::io::Read + std::io::Write,
+    {
+        let viewer = match viewer {
+            Ok(v) => v,
+            Err(e) => return eprintln!("pocketvisor: accept a viewer: {e}"),
+        };
+        let twin = std::sync::Arc::clone(self);
+        std::thread::spawn(move || {
+            let relayed = twin
+                .ask()
+                .and_then(|remote| vmm::migration::relay(remote, viewer).map_err(Into::into));
+            if let Err(e) = relayed {
+                eprintln!("pocketvisor: a viewer of {:?}: {e:#}", twin.name);
+            }
+        });
+    }
 }
 
 #[cfg(test)]
@@ -684,6 +872,7 @@ mod tests {
             assert!(parse_request(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_request("return work"), Ok(Ask::Return("work".into())));
+        assert_eq!(parse_request("view work"), Ok(Ask::View("work".into())));
         assert!(parse_request("return ../x")
             .unwrap_err()
             .contains("bad twin name"));

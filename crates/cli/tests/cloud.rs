@@ -400,6 +400,114 @@ fn the_device_keeps_a_copy_of_the_guest_as_it_was_at_the_switch() {
     );
 }
 
+/// The FNV-1a of every frame the probe in screen mode reported in the serial log at `path`.
+fn reported_frames(path: &Path) -> Vec<u64> {
+    read(path)
+        .lines()
+        .filter_map(e2e::probe::ProbeLine::parse)
+        .filter(|p| p.starts_with(&["screen", "frame"]))
+        .filter_map(|p| p.field("fnv").and_then(|h| u64::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+/// A twin's screen on the device: a probe offloaded with a display draws on at the host, and
+/// `cloud view` shows it to a VNC viewer on the device, a frame the probe drew there, with the
+/// viewer's keys reaching the twin's guest. Another device's certificate is refused (`no twin
+/// named`, as for a return), and so is a twin offloaded without a display.
+#[test]
+fn a_twins_screen_is_shown_on_the_device_and_its_keys_reach_the_twin() {
+    let Some(h) = host("view") else {
+        return;
+    };
+    let probe = common::probe(true).expect("the probe was there a moment ago");
+    let serial = h.dir.path("phone.serial");
+    let mut phone = Vmm(Command::new(bin())
+        .args(["run", "--kernel", probe.to_str().unwrap()])
+        .args([
+            "--cmdline",
+            "pv.mode=screen pv.screen.hash=1 pv.screen.rgb=2060a0",
+        ])
+        .args(["--memory", "64M", "--gpu=320x240", "--input"])
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("--api-socket")
+        .arg(h.dir.path("phone.sock"))
+        .stdout(Stdio::null())
+        .stderr(File::create(h.dir.path("phone.stderr")).unwrap())
+        .spawn()
+        .expect("start the device's VM"));
+    assert!(
+        wait_for(&serial, "PROBE screen frame n=1", WAIT),
+        "the device's guest drew nothing: {}\n{}",
+        read(&h.dir.path("phone.stderr")),
+        read(&serial)
+    );
+    let out = h.offload("phone", "phone", "work");
+    assert!(out.status.success(), "offload failed: {}", text(&out));
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let twins = h.twin_dirs();
+    let log = h.state().join("twins").join(&twins[0]).join("serial.log");
+
+    let view = |who: &str, name: &str| {
+        let stderr = h.dir.path(&format!("view-{who}-{name}.stderr"));
+        let mut c = Command::new(bin());
+        c.args(["cloud", "view", name, "--from", &h.addr, "--key"])
+            .arg(&h.key)
+            .args(tls_args(&h.dir.0, who))
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap());
+        (
+            Vmm(c.spawn().expect("start pocketvisor cloud view")),
+            stderr,
+        )
+    };
+    let (_viewing, stderr) = view("phone", "work");
+    let port = || -> Option<u16> {
+        let text = read(&stderr);
+        let rest = text.split("(VNC)").next()?.rsplit_once("127.0.0.1:")?.1;
+        rest.trim().parse().ok()
+    };
+    assert!(
+        wait_until(|| port().is_some(), WAIT),
+        "cloud view printed no address: {}\n{}",
+        read(&stderr),
+        read(&h.dir.path("serve.stderr"))
+    );
+    let mut viewer = e2e::rfb_client::RfbClient::connect(port().unwrap());
+    let frame = viewer.full_frame();
+    let drawn = e2e::host::fnv1a64(&frame);
+    // Drawn at the host, or (before the twin's first tick) the device's last frame.
+    let drawn_by_guest = || [reported_frames(&serial), reported_frames(&log)].concat();
+    assert!(
+        wait_until(|| drawn_by_guest().contains(&drawn), WAIT),
+        "the viewer's frame (fnv {drawn:016x}) is none the guest drew: {:x?}",
+        drawn_by_guest()
+    );
+    // A key from the viewer on the device reaches the guest at the host.
+    viewer.key(0x61, true);
+    viewer.key(0x61, false);
+    assert!(
+        wait_for(&log, "PROBE input key", WAIT),
+        "the twin's guest saw no key: {}",
+        read(&log)
+    );
+
+    // The tablet cannot view the phone's twin: to it there is no such twin.
+    let (mut tablet, stderr) = view("tablet", "work");
+    assert_eq!(wait_exit(&mut tablet, WAIT), Some(1), "{}", read(&stderr));
+    assert!(read(&stderr).contains("no twin named"), "{}", read(&stderr));
+
+    // A twin without a display has no screen to show.
+    let mut plain = h.device_vm("plain");
+    let out = h.offload("plain", "phone", "plain");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut plain, WAIT), Some(0));
+    let (mut headless, stderr) = view("phone", "plain");
+    assert_eq!(wait_exit(&mut headless, WAIT), Some(1), "{}", read(&stderr));
+    assert!(read(&stderr).contains("has no screen"), "{}", read(&stderr));
+}
+
 /// The values of every complete `PROBE blk-counter N` line (a line cut short by a switch
 /// is not one: its number may be cut too).
 fn blk_counters(text: &str) -> Vec<u64> {

@@ -33,7 +33,7 @@
 //!
 //! A cloud host ([`accept_request`]) first reads a device's request. For `offload NAME` the
 //! device is the source, on that same channel ([`Requested::receive`]). For `return NAME`
-//! the host answers `Accept` ([`Requested::accept_return`]) and [`relay`]s, on the device's
+//! the host answers `Accept` ([`Requested::accept`]) and [`relay`]s, on the device's
 //! connection, a migration its twin's VMM makes to it over a unix socket (a destination
 //! `unix:PATH`, plain: [`LOCAL_PREFIX`]): a new hello, the twin
 //! the source and the device ([`receive_returned`]) the destination, authenticated end to
@@ -66,7 +66,7 @@ use crate::vm::Vm;
 use crate::Error;
 use base::Base;
 use disk::{apply_disk, DiskBatch, DiskIn, DiskOut};
-pub use relay::relay;
+pub use relay::{relay, LocalEnd, Relayed};
 use tls::Transport;
 pub use vmm_api::MigrationTls;
 use wire::{Channel, Kind, Role, WireError, KEY_LEN, MAX_PAYLOAD};
@@ -701,7 +701,7 @@ pub fn receive_admitting(
 /// A cloud host's connection from a device, after TLS (required), the key's handshake and
 /// the device's first frame, a request (`offload NAME`, `return NAME`): the host decides
 /// from the certificate and the request what to do with it, and either refuses (the device
-/// is told why) or goes on with [`Requested::receive`] or [`Requested::accept_return`].
+/// is told why) or goes on with [`Requested::receive`] or [`Requested::accept`].
 pub struct Requested {
     ch: Channel<Transport>,
     request: String,
@@ -769,10 +769,10 @@ impl Requested {
         result
     }
 
-    /// Accepts a return: tells the device so and hands back the connection, on which a
-    /// migration from the twin follows, from a new hello ([`relay`] carries it). The device
-    /// waits for this answer before it says its hello.
-    pub fn accept_return(mut self) -> Result<Transport, Error> {
+    /// Accepts a return or a view: tells the device so and hands back the connection, on
+    /// which a migration from the twin follows, from a new hello, or the twin's screen
+    /// ([`relay`] carries either). The device waits for this answer before it goes on.
+    pub fn accept(mut self) -> Result<Transport, Error> {
         self.ch.send(Kind::Accept, &[])?;
         self.ch.flush()?;
         Ok(self.ch.into_stream())
@@ -801,13 +801,8 @@ pub fn receive_returned(
     overrides: &RestoreOverrides,
     base: Option<&std::path::Path>,
 ) -> Result<Returned, Error> {
-    let stream = connect(to, Some(tls))?;
-    // The device opens the connection: its first handshake is the requesting end's.
-    let mut ask = Channel::handshake(stream, key, Role::Source)?;
-    ask.send(Kind::Request, request.as_bytes())?;
-    ask.flush()?;
-    expect(&mut ask, Kind::Accept)?;
-    let mut ch = Channel::handshake(ask.into_stream(), key, Role::Destination)?;
+    let stream = ask(to, key, tls, request)?;
+    let mut ch = Channel::handshake(stream, key, Role::Destination)?;
     let result = receive_on(&mut ch, base, |_| Ok(overrides.clone()));
     refuse_on_error(&mut ch, &result);
     Ok(Returned {
@@ -815,6 +810,25 @@ pub fn receive_returned(
         bytes_received: ch.bytes_received,
         bytes_sent: ch.bytes_sent,
     })
+}
+
+/// The device's side of a request to the cloud host `to` (`return NAME`, `view NAME`):
+/// connects over TLS with the device's certificate, says `request` and waits for the host's
+/// `Accept` (a refusal is an error with the host's reason); returns the connection, on which
+/// what was asked for follows.
+pub fn ask(
+    to: &str,
+    key: &[u8; KEY_LEN],
+    tls: &MigrationTls,
+    request: &str,
+) -> Result<Transport, Error> {
+    let stream = connect(to, Some(tls))?;
+    // The device opens the connection: its first handshake is the requesting end's.
+    let mut ch = Channel::handshake(stream, key, Role::Source)?;
+    ch.send(Kind::Request, request.as_bytes())?;
+    ch.flush()?;
+    expect(&mut ch, Kind::Accept)?;
+    Ok(ch.into_stream())
 }
 
 /// The source's request frame, checked: UTF-8, short, printable.

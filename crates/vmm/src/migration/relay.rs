@@ -1,7 +1,9 @@
-//! The cloud host's relay for a return: the twin's VMM migrates to a unix socket of the host
-//! (`unix:PATH`, plain), and the host carries those bytes, both ways and unchanged, over the
-//! TLS connection the device opened to ask for the return. The migration's own hello, framing
-//! and key authenticate them end to end; the relay reads none of it.
+//! The cloud host's relays: bytes carried both ways and unchanged between a TLS connection and
+//! a local socket. For a return, the twin's VMM migrates to a unix socket of the host
+//! (`unix:PATH`, plain) and the host carries that migration over the TLS connection the device
+//! opened to ask for it; the migration's own hello, framing and key authenticate the bytes end
+//! to end, and the relay reads none of them. For a view, the host carries the twin's RFB
+//! display to the device, and the device carries it on to a viewer of its own.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -9,7 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use rustls::{ServerConnection, StreamOwned};
+use rustls::{Connection, StreamOwned};
 
 use super::refused;
 use super::tls::Transport;
@@ -18,55 +20,94 @@ use crate::Error;
 /// Bytes carried each way.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Relayed {
-    /// From the device to the twin (its hello, the base's digests, its answers).
-    pub to_twin: u64,
-    /// From the twin to the device (the migration).
-    pub to_device: u64,
+    /// From the TLS connection to the local end (for a return, the device's hello, the base's
+    /// digests and its answers to the twin).
+    pub to_local: u64,
+    /// From the local end to the TLS connection (for a return, the migration).
+    pub to_tls: u64,
+}
+
+/// The local end of a relay: a connected socket whose two directions are used at once.
+pub trait LocalEnd: Sync
+where
+    for<'a> &'a Self: Read + Write,
+{
+    /// Ends one direction of the socket.
+    fn shut(&self, how: Shutdown);
+    /// Makes reads wait for as long as it takes: the local end's own timeouts end it.
+    fn untimed(&self) -> std::io::Result<()>;
+}
+
+impl LocalEnd for UnixStream {
+    fn shut(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
+    }
+    fn untimed(&self) -> std::io::Result<()> {
+        self.set_read_timeout(None)
+    }
+}
+
+impl LocalEnd for TcpStream {
+    fn shut(&self, how: Shutdown) {
+        let _ = self.shutdown(how);
+    }
+    fn untimed(&self) -> std::io::Result<()> {
+        self.set_read_timeout(None)
+    }
 }
 
 const BUF: usize = 64 << 10;
-/// Bytes to the device after which the `relay-rounds` kill point is: past the setup, into the
-/// first round.
+/// Bytes to the TLS end after which the `relay-rounds` kill point is: for a return, past the
+/// setup, into the first round.
 const KILL_AFTER: u64 = 64 << 10;
 
-/// Carries bytes between `device` (the TLS connection a device opened; this end accepted it)
-/// and `twin` (the twin VMM's migration connection, on a unix socket) until both directions
-/// have ended. The
-/// twin's end decides when it is over: once it has closed, the device is told (TLS
-/// `close_notify`, then the socket's end) and its direction ends when the device closes or
-/// stays silent for the migration's I/O timeout. Either direction failing ends the other.
-pub fn relay(device: Transport, twin: UnixStream) -> Result<Relayed, Error> {
-    let Transport::Server(tls) = device else {
-        return Err(refused(
-            "a relay needs the device's TLS connection, this end the server",
-        ));
+/// Carries bytes between `remote` (a TLS connection, either end of it) and `local` until both
+/// directions have ended. The local end decides when it is over: once it has closed, the
+/// remote end is told (TLS `close_notify`, then the socket's end) and its direction ends when
+/// the remote end closes or, past the socket's read timeout, at once. A remote end that closes
+/// first ends the local end's writing direction. Either direction failing ends the other.
+pub fn relay<L>(remote: Transport, local: L) -> Result<Relayed, Error>
+where
+    L: LocalEnd,
+    for<'a> &'a L: Read + Write,
+{
+    let (conn, sock): (Connection, TcpStream) = match remote {
+        Transport::Server(tls) => {
+            let StreamOwned { conn, sock } = *tls;
+            (conn.into(), sock)
+        }
+        Transport::Client(tls) => {
+            let StreamOwned { conn, sock } = *tls;
+            (conn.into(), sock)
+        }
+        Transport::Plain(_) | Transport::Local(_) => {
+            return Err(refused("a relay carries a TLS connection only"))
+        }
     };
-    let StreamOwned { conn, sock } = *tls;
-    // A read from the twin waits for as long as the twin waits for the device: its own
-    // timeouts end it.
-    twin.set_read_timeout(None)
-        .map_err(|e| refused(format!("relay: the twin's connection: {e}")))?;
-    let dev = Device {
+    local
+        .untimed()
+        .map_err(|e| refused(format!("relay: the local end: {e}")))?;
+    let far = Remote {
         conn: Mutex::new(conn),
         writing: Mutex::new(()),
         sock: &sock,
     };
-    let twin_done = AtomicBool::new(false);
+    let local_done = AtomicBool::new(false);
     let (up, down) = std::thread::scope(|s| {
         let up = s.spawn(|| {
-            let r = device_to_twin(&dev, &twin, &twin_done);
-            // The twin reads to the end of what the device said.
-            let _ = twin.shutdown(Shutdown::Write);
+            let r = remote_to_local(&far, &local, &local_done);
+            // The local end reads to the end of what the remote end said.
+            local.shut(Shutdown::Write);
             r
         });
-        let down = twin_to_device(&dev, &twin);
+        let down = local_to_remote(&far, &local);
         if down.is_err() {
-            let _ = twin.shutdown(Shutdown::Both);
+            local.shut(Shutdown::Both);
         }
-        twin_done.store(true, Ordering::Release);
-        let mut c = dev.conn();
+        local_done.store(true, Ordering::Release);
+        let mut c = far.conn();
         c.send_close_notify();
-        let _ = dev.flush(c);
+        let _ = far.flush(c);
         let _ = sock.shutdown(Shutdown::Write);
         let up = up
             .join()
@@ -74,8 +115,8 @@ pub fn relay(device: Transport, twin: UnixStream) -> Result<Relayed, Error> {
         (up, down)
     });
     Ok(Relayed {
-        to_device: down.map_err(|e| refused(format!("relay, twin to device: {e}")))?,
-        to_twin: up.map_err(|e| refused(format!("relay, device to twin: {e}")))?,
+        to_tls: down.map_err(|e| refused(format!("relay, local end to TLS: {e}")))?,
+        to_local: up.map_err(|e| refused(format!("relay, TLS to local end: {e}")))?,
     })
 }
 
@@ -83,22 +124,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The device's end: its TLS state, and its socket's writing turn.
-struct Device<'a> {
-    conn: Mutex<ServerConnection>,
+/// The TLS end: its state, and its socket's writing turn.
+struct Remote<'a> {
+    conn: Mutex<Connection>,
     writing: Mutex<()>,
     sock: &'a TcpStream,
 }
 
-impl Device<'_> {
-    fn conn(&self) -> MutexGuard<'_, ServerConnection> {
+impl Remote<'_> {
+    fn conn(&self) -> MutexGuard<'_, Connection> {
         lock(&self.conn)
     }
 
-    /// Writes what TLS has to send to the device, then lets go of `c`. The writing turn is
-    /// taken before `c` is let go, so records leave in the order TLS made them, and the
-    /// write itself does not hold up the other direction's decryption.
-    fn flush(&self, mut c: MutexGuard<'_, ServerConnection>) -> std::io::Result<()> {
+    /// Writes what TLS has to send, then lets go of `c`. The writing turn is taken before `c`
+    /// is let go, so records leave in the order TLS made them, and the write itself does not
+    /// hold up the other direction's decryption.
+    fn flush(&self, mut c: MutexGuard<'_, Connection>) -> std::io::Result<()> {
         let mut records = Vec::new();
         while c.wants_write() {
             c.write_tls(&mut records)?;
@@ -114,9 +155,9 @@ impl Device<'_> {
     }
 }
 
-/// Moves the plaintext TLS has decrypted into `out`; true once the device said
+/// Moves the plaintext TLS has decrypted into `out`; true once the remote end said
 /// `close_notify`.
-fn drain(c: &mut ServerConnection, buf: &mut [u8], out: &mut Vec<u8>) -> std::io::Result<bool> {
+fn drain(c: &mut Connection, buf: &mut [u8], out: &mut Vec<u8>) -> std::io::Result<bool> {
     loop {
         match c.reader().read(buf) {
             Ok(0) => return Ok(true),
@@ -127,20 +168,23 @@ fn drain(c: &mut ServerConnection, buf: &mut [u8], out: &mut Vec<u8>) -> std::io
     }
 }
 
-fn device_to_twin(
-    dev: &Device<'_>,
-    mut twin: &UnixStream,
-    twin_done: &AtomicBool,
-) -> std::io::Result<u64> {
+fn remote_to_local<L>(
+    far: &Remote<'_>,
+    mut local: &L,
+    local_done: &AtomicBool,
+) -> std::io::Result<u64>
+where
+    for<'a> &'a L: Read + Write,
+{
     let mut raw = vec![0u8; BUF];
     let mut plain = vec![0u8; BUF];
     let mut out = Vec::with_capacity(BUF);
     let mut total = 0u64;
     // First what TLS already holds (read along with the request).
-    let mut closed = drain(&mut dev.conn(), &mut plain, &mut out)?;
-    let mut sock = dev.sock;
+    let mut closed = drain(&mut far.conn(), &mut plain, &mut out)?;
+    let mut sock = far.sock;
     loop {
-        twin.write_all(&out)?;
+        local.write_all(&out)?;
         total += out.len() as u64;
         out.clear();
         if closed {
@@ -149,9 +193,9 @@ fn device_to_twin(
         let n = match sock.read(&mut raw) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
-            // The socket's timeout ticks: go on unless the twin's side is over.
+            // The socket's timeout ticks: go on unless the local side is over.
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                if twin_done.load(Ordering::Acquire) {
+                if local_done.load(Ordering::Acquire) {
                     return Ok(total);
                 }
                 continue;
@@ -159,7 +203,7 @@ fn device_to_twin(
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let mut c = dev.conn();
+        let mut c = far.conn();
         let mut rest = &raw[..n];
         while !rest.is_empty() && !closed {
             c.read_tls(&mut rest)?;
@@ -168,15 +212,18 @@ fn device_to_twin(
             closed = drain(&mut c, &mut plain, &mut out)?;
         }
         // TLS may answer (a key update).
-        dev.flush(c)?;
+        far.flush(c)?;
     }
 }
 
-fn twin_to_device(dev: &Device<'_>, mut twin: &UnixStream) -> std::io::Result<u64> {
+fn local_to_remote<L>(far: &Remote<'_>, mut local: &L) -> std::io::Result<u64>
+where
+    for<'a> &'a L: Read + Write,
+{
     let mut buf = vec![0u8; BUF];
     let mut total = 0u64;
     loop {
-        let n = match twin.read(&mut buf) {
+        let n = match local.read(&mut buf) {
             Ok(0) => return Ok(total),
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
@@ -187,13 +234,13 @@ fn twin_to_device(dev: &Device<'_>, mut twin: &UnixStream) -> std::io::Result<u6
         }
         let mut rest = &buf[..n];
         while !rest.is_empty() {
-            let mut c = dev.conn();
+            let mut c = far.conn();
             let took = c.writer().write(rest)?;
             if took == 0 {
                 return Err(ErrorKind::WriteZero.into());
             }
             rest = &rest[took..];
-            dev.flush(c)?;
+            far.flush(c)?;
         }
         total += n as u64;
     }
@@ -259,15 +306,15 @@ mod tests {
         assert_eq!(
             host.join().unwrap().unwrap(),
             Relayed {
-                to_twin: 3 << 20,
-                to_device: 5 << 20
+                to_local: 3 << 20,
+                to_tls: 5 << 20
             }
         );
         let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
-    fn only_a_tls_connection_accepted_from_a_device_is_relayed() {
+    fn only_a_tls_connection_is_relayed() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let err = relay(Transport::Plain(a), UnixStream::pair().unwrap().0).unwrap_err();
