@@ -5,6 +5,7 @@
 mod stdout;
 
 mod api;
+mod balloon;
 mod civil_time;
 mod cloud;
 mod console;
@@ -23,6 +24,7 @@ mod screenshot;
 mod snapshot;
 mod vmm_cmd;
 mod vnc;
+mod vsock;
 
 use clap::{Parser, Subcommand};
 
@@ -67,11 +69,16 @@ enum Command {
     Cloud(cloud::CloudArgs),
     /// Pause a running VM in memory (started with --api-socket).
     Pause(snapshot::ControlArgs),
+    /// Set or show a running VM's balloon (started with --balloon and --api-socket).
+    Balloon(balloon::BalloonArgs),
     /// Unpause a VM paused in memory (`resume` is the old name).
     #[command(alias = "resume")]
     Unpause(snapshot::ControlArgs),
     /// Save what a running VM's display (--gpu, --api-socket) shows as a PNG or PPM image.
     Screenshot(screenshot::ScreenshotArgs),
+    /// Connect to a guest's vsock port through its VMM (--vsock): stdin to the guest, the
+    /// guest's bytes to stdout.
+    Vsock(vsock::VsockArgs),
     /// Run one VM jailed (namespaces, private root, cgroup, no privileges, seccomp).
     Vmm(Box<vmm_cmd::VmmArgs>),
     /// Run the handset daemon (profiles, supervision, foreground switching, REST API).
@@ -173,10 +180,12 @@ fn main() {
         Command::Cloud(args) => cloud::main(args),
         Command::Pause(args) => snapshot::pause(args),
         Command::Unpause(args) => snapshot::resume(args),
+        Command::Balloon(args) => balloon::main(args),
         Command::Screenshot(args) => screenshot::main(args),
         Command::Handset(args) => handset::main(args),
         Command::Profile(args) => profile::main(*args),
         Command::Vmm(args) => vmm_cmd::main(*args),
+        Command::Vsock(args) => vsock::main(args),
         Command::Export(args) => portable::export::main(*args),
         Command::Import(args) => portable::import::main(*args),
         Command::Keygen(args) => portable::keygen::main(args),

@@ -2,7 +2,8 @@
 //! `stats` ops, guest RAM marked mergeable, and the balloon target surviving a snapshot and
 //! restore into a new process (counter mode, so no balloon driver runs); then the probe's
 //! balloon driver (`pv.tests=balloon`): free page reporting and inflating to the API's target
-//! give memory back to the host, measured as the VMM's resident set.
+//! give memory back to the host, measured as the VMM's resident set; and `pocketvisor
+//! balloon`, the command that sets the target and waits for the guest's driver.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm or the probe guest is missing.
 
@@ -170,6 +171,16 @@ fn without_a_balloon_the_op_is_refused() {
     let st = stats(&sock);
     assert!(st["balloon"].is_null(), "{st}");
     assert_eq!(st["mergeable"], false);
+    // The command says what is missing and how to get it, in one line, status 1.
+    let out = balloon_cmd(&sock, &["--target-mib", "8"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("pocketvisor: error: cannot set the balloon's target to 8 MiB: ")
+            && err.contains("no balloon device (start it with --balloon)"),
+        "{err}"
+    );
     api(&sock, r#"{"op":"stop"}"#);
     assert_eq!(wait_exit(&mut vm), Some(0));
 }
@@ -316,4 +327,91 @@ fn inflating_to_the_api_target_gives_memory_back() {
     assert_eq!(wait_exit(&mut vm), Some(0));
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(out.contains("PROBE done ok"), "{out}");
+}
+
+/// Runs `pocketvisor balloon --api-socket SOCK ARGS...` to its end.
+fn balloon_cmd(sock: &Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(common::bin())
+        .args(["balloon", "--api-socket", sock.to_str().unwrap()])
+        .args(args)
+        .output()
+        .expect("run pocketvisor balloon")
+}
+
+/// The command's one output line, `balloon target=T MiB actual=A MiB (P pages)`.
+fn balloon_line(out: &std::process::Output) -> String {
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    text.trim_end().to_string()
+}
+
+#[test]
+fn the_balloon_command_inflates_and_deflates_the_guest_and_refuses_bad_targets() {
+    let Some(probe) = probe() else { return };
+    let s = Scratch::new(SCRATCH, "command");
+    let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
+    let mut vm = spawn(&[
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        "pv.tests=balloon pv.balloon.mb=8 pv.balloon.wait=300 pv.balloon.follow=1 pv.balloon.follow_ms=60000",
+        "--memory",
+        "128M",
+        "--balloon",
+        "--serial",
+        &format!("file:{}", log.display()),
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(
+        wait_for(&log, "PROBE balloon following max_pages="),
+        "the guest did not start following the target"
+    );
+    // Without a target it shows the balloon and changes nothing.
+    assert_eq!(
+        balloon_line(&balloon_cmd(&sock, &[])),
+        "balloon target=0 MiB actual=0 MiB (0 pages)"
+    );
+    // Bad targets: more than the guest's RAM (the VMM refuses), not a number (the command
+    // line does); one error line each, status 1, and the target stays where it was.
+    for (arg, says) in [
+        (
+            "129",
+            "balloon target 129 MiB is more than the guest's 128 MiB of RAM",
+        ),
+        ("-1", "invalid value '-1' for '--target-mib <MIB>'"),
+        ("lots", "invalid value 'lots' for '--target-mib <MIB>'"),
+    ] {
+        let out = balloon_cmd(&sock, &["--target-mib", arg]);
+        assert_eq!(out.status.code(), Some(1), "{arg}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{arg}: {err}");
+    }
+    // --wait returns once the guest's driver holds the target, and says so.
+    let out = balloon_cmd(&sock, &["--target-mib", "24", "--wait", "60"]);
+    assert_eq!(
+        balloon_line(&out),
+        "balloon target=24 MiB actual=24 MiB (6144 pages)"
+    );
+    // The guest prints its count once it has told the VMM.
+    assert!(
+        wait_for(&log, "PROBE balloon inflated pages=6144\n"),
+        "the guest's own count is not 24 MiB:\n{}",
+        common::read(&log)
+    );
+    assert_eq!(stats(&sock)["balloon"]["inflated_pages"], 6144);
+    let out = balloon_cmd(&sock, &["--target-mib", "0", "--wait", "60"]);
+    assert_eq!(
+        balloon_line(&out),
+        "balloon target=0 MiB actual=0 MiB (0 pages)"
+    );
+    assert!(
+        wait_for(&log, "PROBE balloon deflated pages=0\n"),
+        "the guest did not deflate"
+    );
+    assert_eq!(wait_exit(&mut vm), Some(0));
+    assert!(common::read(&log).contains("PROBE done ok"));
 }
