@@ -11,7 +11,8 @@
 //! to one device by id, whose payload the device interprets; `info` is the device's JSON
 //! answer), `{"op":"balloon","target_mib":N}` (short for the balloon's
 //! `{"op":"set_target","target_mib":N}` device request), `{"op":"stats"}` (`info` is a
-//! [`MemoryStats`] as JSON). Answers: `{"ok":true,"info":"..."}` or
+//! [`MemoryStats`] as JSON), `{"op":"checkpoint","dir":"/path","full":false}` (a replica's
+//! incremental checkpoint into a new directory: see [`Request::Checkpoint`]). Answers: `{"ok":true,"info":"..."}` or
 //! `{"ok":false,"error":"..."}`.
 
 use std::path::PathBuf;
@@ -31,6 +32,16 @@ pub enum Request {
         dir: PathBuf,
         /// Whether the VM runs again once the snapshot is written.
         resume: bool,
+    },
+    /// Write a replica's checkpoint into the new directory `dir`: what changed since the last
+    /// checkpoint (everything for the first, after a migration, or if `full`), copied while
+    /// the guest runs, then the last changes and the VM's state in a short pause; the guest
+    /// runs on (the `vmm` crate's `replica` module).
+    Checkpoint {
+        /// The directory to create (an absolute path as the VMM sees it).
+        dir: PathBuf,
+        /// Start a new chain: every non-zero page and disk chunk.
+        full: bool,
     },
     /// End the VM (`Vm::run` returns `Stopped`).
     Stop,
@@ -131,6 +142,7 @@ impl Request {
             Request::Pause => "pause",
             Request::Resume => "resume",
             Request::Snapshot { .. } => "snapshot",
+            Request::Checkpoint { .. } => "checkpoint",
             Request::Stop => "stop",
             Request::Stats => "stats",
             Request::Device { .. } => "device",
@@ -144,14 +156,18 @@ impl Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiRequest {
-    /// `pause`, `resume`, `snapshot`, `stop`, `balloon`, `stats`, `device` or `migrate`.
+    /// `pause`, `resume`, `snapshot`, `checkpoint`, `stop`, `balloon`, `stats`, `device` or
+    /// `migrate`.
     pub op: String,
-    /// Snapshot directory (`snapshot` only).
+    /// Snapshot or checkpoint directory (`snapshot` and `checkpoint` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<PathBuf>,
     /// Resume after the snapshot (`snapshot` only).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume: bool,
+    /// A full checkpoint, the start of a new chain (`checkpoint` only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub full: bool,
     /// The balloon's target size in MiB (`balloon` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_mib: Option<u64>,
@@ -199,6 +215,9 @@ pub enum RequestError {
     /// `snapshot` without an absolute directory.
     #[error("snapshot needs \"dir\": an absolute path")]
     SnapshotDir,
+    /// `checkpoint` without an absolute directory, or `full` on another op.
+    #[error("checkpoint needs \"dir\" (an absolute path) and may take \"full\", which only checkpoint takes")]
+    CheckpointRequest,
     /// `dir` on an op other than `snapshot`.
     #[error("{0} takes no \"dir\"")]
     UnexpectedDir(String),
@@ -214,7 +233,7 @@ pub enum RequestError {
     )]
     MigrateRequest,
     /// An op nobody serves.
-    #[error("unknown op {0:?} (pause, resume, snapshot, stop, balloon, stats, device, migrate)")]
+    #[error("unknown op {0:?} (pause, resume, snapshot, checkpoint, stop, balloon, stats, device, migrate)")]
     UnknownOp(String),
 }
 
@@ -240,6 +259,7 @@ impl From<&Request> for ApiRequest {
             op: r.op().to_string(),
             dir: None,
             resume: false,
+            full: false,
             target_mib: None,
             id: None,
             request: None,
@@ -254,6 +274,10 @@ impl From<&Request> for ApiRequest {
             Request::Snapshot { dir, resume } => {
                 wire.dir = Some(dir.clone());
                 wire.resume = *resume;
+            }
+            Request::Checkpoint { dir, full } => {
+                wire.dir = Some(dir.clone());
+                wire.full = *full;
             }
             Request::Device { id, request } => {
                 wire.id = Some(id.clone());
@@ -320,6 +344,23 @@ impl TryFrom<ApiRequest> for Request {
         }
         if migrate_fields {
             return Err(RequestError::MigrateRequest);
+        }
+        if r.op == "checkpoint" {
+            return match r.dir {
+                Some(dir)
+                    if dir.is_absolute()
+                        && !r.resume
+                        && r.target_mib.is_none()
+                        && r.id.is_none()
+                        && r.request.is_none() =>
+                {
+                    Ok(Request::Checkpoint { dir, full: r.full })
+                }
+                _ => Err(RequestError::CheckpointRequest),
+            };
+        }
+        if r.full {
+            return Err(RequestError::CheckpointRequest);
         }
         match (r.op.as_str(), r.id, r.request) {
             ("device", Some(id), Some(request)) if r.dir.is_none() && r.target_mib.is_none() => {
@@ -485,6 +526,22 @@ mod tests {
         ));
         assert_eq!(parse(r#"{"op":"stats"}"#), Ok(Request::Stats));
         assert_eq!(
+            parse(r#"{"op":"checkpoint","dir":"/c"}"#),
+            Ok(Request::Checkpoint {
+                dir: "/c".into(),
+                full: false
+            })
+        );
+        for bad in [
+            r#"{"op":"checkpoint"}"#,
+            r#"{"op":"checkpoint","dir":"rel"}"#,
+            r#"{"op":"checkpoint","dir":"/c","resume":true}"#,
+            r#"{"op":"snapshot","dir":"/c","full":true}"#,
+            r#"{"op":"pause","full":true}"#,
+        ] {
+            assert_eq!(parse(bad), Err(RequestError::CheckpointRequest), "{bad}");
+        }
+        assert_eq!(
             parse(r#"{"op":"migrate","to":"h:1","key_file":"/k"}"#),
             Ok(Request::Migrate {
                 to: "h:1".into(),
@@ -548,6 +605,14 @@ mod tests {
             Request::Snapshot {
                 dir: "/s".into(),
                 resume: true,
+            },
+            Request::Checkpoint {
+                dir: "/r/ckpt-1".into(),
+                full: true,
+            },
+            Request::Checkpoint {
+                dir: "/r/ckpt-2".into(),
+                full: false,
             },
             Request::Migrate {
                 to: "10.0.0.2:7000".into(),

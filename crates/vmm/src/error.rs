@@ -41,6 +41,9 @@ pub enum Error {
     /// A live migration failed or was refused.
     #[error("migration: {0}")]
     Migration(String),
+    /// A replica's checkpoint could not be taken, or a chain of them not recovered.
+    #[error("replica: {0}")]
+    Replica(String),
     /// A snapshot's state file is malformed, corrupted or of another format version.
     #[error(transparent)]
     Format(#[from] crate::snapshot::format::FormatError),

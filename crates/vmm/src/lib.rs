@@ -21,6 +21,7 @@ mod firmware;
 mod hooks;
 pub mod memory;
 pub mod migration;
+pub mod replica;
 pub mod serial_log;
 pub mod snapshot;
 mod vcpu;

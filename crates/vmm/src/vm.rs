@@ -69,6 +69,9 @@ pub struct Vm {
     pub(crate) cpu_models: Vec<CpuModel>,
     /// Which pages of guest RAM changed.
     pub(crate) dirty: DirtyLog,
+    /// Whether the dirty logs have run since a replica's last checkpoint (the next one may
+    /// then hold only what changed); cleared by a migration, which takes them.
+    pub(crate) checkpointed: std::sync::atomic::AtomicBool,
     /// The architecture's platform devices as KVM holds them (aarch64: the vGIC and ITS).
     pub(crate) _platform: arch::Platform,
     /// The firmware ROM mapped into the VM, when it boots firmware.
@@ -216,6 +219,7 @@ impl Vm {
             vcpu_save,
             cpu_models,
             dirty,
+            checkpointed: Default::default(),
             _platform: platform,
             _firmware: None,
         }
@@ -394,6 +398,10 @@ impl Vm {
                     .map(|stats| stats.to_string())
                     .map_err(RequestError::Migration)
             }
+            Request::Checkpoint { dir, full } => self
+                .checkpoint(threads, dir, *full)
+                .map(|stats| stats.to_string())
+                .map_err(RequestError::Snapshot),
             Request::Stop => Ok("stopping".into()),
             Request::Stats => Ok(self.memory_stats()),
             Request::Device { id, request } if id == SERIAL_ID => lock(&self.serial)

@@ -39,13 +39,14 @@
 //! the source and the device ([`receive_returned`]) the destination, authenticated end to
 //! end by the key.
 
+pub mod checkpoints;
 pub mod relay;
 pub mod tls;
 pub mod wire;
 
 mod base;
 mod disk;
-mod fault;
+pub(crate) mod fault;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -66,6 +67,7 @@ use crate::vm::Vm;
 use crate::Error;
 use base::Base;
 use disk::{apply_disk, DiskBatch, DiskIn, DiskOut};
+pub use fault::kill_point;
 pub use relay::{relay, LocalEnd, Relayed};
 use tls::Transport;
 pub use vmm_api::MigrationTls;
@@ -366,6 +368,8 @@ impl Vm {
     ) -> Result<MigrationStats, Error> {
         let t0 = Instant::now();
         self.vcpu_save.check_snapshot_supported()?;
+        // The migration takes the dirty logs: a replica's next checkpoint starts a new chain.
+        self.checkpointed.store(false, Ordering::Release);
         let was_paused = self.shared.pause.load(Ordering::Acquire);
         // Nothing has stopped yet: a failure to reach the destination leaves the guest as it is.
         let runs_on = |e: Error| refused(format!("{}; the guest runs on here", reason(&e)));
@@ -736,6 +740,12 @@ pub fn accept_request(
 }
 
 impl Requested {
+    /// The authenticated channel to the device, for a request whose frames are not a
+    /// migration's (a replica's `replicate` and `recover`: see [`checkpoints`]).
+    pub fn channel(&mut self) -> &mut Channel<Transport> {
+        &mut self.ch
+    }
+
     /// The request, checked to be short printable UTF-8.
     pub fn request(&self) -> &str {
         &self.request
@@ -822,13 +832,32 @@ pub fn ask(
     tls: &MigrationTls,
     request: &str,
 ) -> Result<Transport, Error> {
+    let mut ch = open_request(to, key, tls, request)?;
+    expect_accept(&mut ch)?;
+    Ok(ch.into_stream())
+}
+
+/// [`ask`] on the same channel: connects to the cloud host `to` over TLS with this device's
+/// certificate, sends `request` and returns the channel, on which the host's answer comes
+/// next (see [`expect_accept`]); a replica's `replicate` and `recover` go on on it.
+pub fn open_request(
+    to: &str,
+    key: &[u8; KEY_LEN],
+    tls: &MigrationTls,
+    request: &str,
+) -> Result<Channel<Transport>, Error> {
     let stream = connect(to, Some(tls))?;
     // The device opens the connection: its first handshake is the requesting end's.
     let mut ch = Channel::handshake(stream, key, Role::Source)?;
     ch.send(Kind::Request, request.as_bytes())?;
     ch.flush()?;
-    expect(&mut ch, Kind::Accept)?;
-    Ok(ch.into_stream())
+    Ok(ch)
+}
+
+/// Waits for the host's `Accept` on `ch` and returns its payload; its `Abort` is an error
+/// with the host's reason.
+pub fn expect_accept(ch: &mut Channel<Transport>) -> Result<Vec<u8>, Error> {
+    expect(ch, Kind::Accept)
 }
 
 /// The source's request frame, checked: UTF-8, short, printable.

@@ -72,6 +72,14 @@ pub enum Kind {
     /// Cloud host to device, the answer to a `return NAME` request: accepted; the twin's
     /// migration to the device follows on the same connection, from a new hello.
     Accept = 13,
+    /// Either way, after a `replicate` or `recover` request: a piece of a sealed replica
+    /// checkpoint file (see the `checkpoints` module).
+    Checkpoint = 14,
+    /// Either way: the checkpoint file whose pieces came before is whole (payload: its
+    /// sequence number in its chain, `u64`).
+    CheckpointEnd = 15,
+    /// Cloud host to device: the checkpoint is stored, synced and renamed into place.
+    Stored = 16,
 }
 
 impl Kind {
@@ -90,6 +98,9 @@ impl Kind {
             11 => Kind::Request,
             12 => Kind::Base,
             13 => Kind::Accept,
+            14 => Kind::Checkpoint,
+            15 => Kind::CheckpointEnd,
+            16 => Kind::Stored,
             _ => return None,
         })
     }

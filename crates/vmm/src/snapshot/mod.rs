@@ -760,6 +760,33 @@ fn decode_state(bytes: &[u8]) -> Result<Snapshot, Error> {
     })
 }
 
+/// The configuration and memory layout a state container (`state.bin`) describes, checked
+/// as a restore checks it (container, architecture, every section).
+pub(crate) fn describe_state(state: &[u8]) -> Result<(VmConfig, Vec<MemRegion>), Error> {
+    let snap = decode_state(state)?;
+    check_vcpu_sections(&snap, &snap.config)?;
+    Ok((snap.config, snap.memory))
+}
+
+/// Completes a snapshot directory whose `memory.bin` is written (a replica's recovery): the
+/// state container `state`, `config.json` and the `COMPLETE` marker, each synced. The
+/// container has no digests section: its memory was authenticated as it was rebuilt.
+pub(crate) fn write_recovered(dir: &Path, state: &[u8], config: &VmConfig) -> Result<(), Error> {
+    let cfg_json = serde_json::to_vec_pretty(config).map_err(snap_err)?;
+    write_atomic(dir, STATE_FILE, |mut f, p| {
+        f.write_all(state).map_err(io_err("cannot write", p))
+    })?;
+    write_atomic(dir, CONFIG_FILE, |mut f, p| {
+        f.write_all(&cfg_json).map_err(io_err("cannot write", p))
+    })?;
+    sync_dir(dir)?;
+    write_atomic(dir, COMPLETE_FILE, |mut f, p| {
+        f.write_all(COMPLETE_TEXT)
+            .map_err(io_err("cannot write", p))
+    })?;
+    sync_dir(dir)
+}
+
 /// Checks a snapshot directory without building a VM: the marker, the container and every
 /// section decode, and `memory.bin` against its digests unless it is encrypted (then its
 /// digests are of the plaintext, checked as the restore decrypts it). Returns the saved
