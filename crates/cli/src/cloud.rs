@@ -8,6 +8,9 @@
 //! connection. `view NAME`: it relays the twin's screen (its VMM's VNC server on `vnc.sock` in
 //! the twin's directory) to the device.
 //!
+//! `replicate NAME CHAIN SEQ` and `recover NAME` (a replica's sealed checkpoints) are served
+//! by `crate::replica`.
+//!
 //! `pocketvisor cloud return` is the device's side of a return, `pocketvisor cloud view` of a
 //! view.
 
@@ -43,6 +46,11 @@ enum CloudCmd {
     Return(ReturnArgs),
     /// On the device: show a twin's screen to VNC viewers here, relayed from the cloud host.
     View(ViewArgs),
+    /// On the device: keep a replica of a running VM at the cloud host, one encrypted
+    /// checkpoint every period.
+    Replicate(crate::replica::ReplicateArgs),
+    /// On a device: fetch a replica's last checkpoint and write it as a snapshot and disks.
+    Recover(crate::replica::RecoverArgs),
 }
 
 /// What `serve` and each connection's process share.
@@ -80,6 +88,9 @@ whose guest runs on there. A return asks the twin's VMM to migrate to a unix soc
 (relay.sock, mode 0600) of the connection's process in the twin's directory, which relays it
 to the device (the migration authenticated end to end by the key); the twin runs on here until
 the guest runs at the device, and is then recorded as returned. One return of a twin at a time.
+A device's `cloud replicate NAME` stores sealed checkpoints (which this host cannot read) in
+its replica twin NAME, each atomically (`<chain>-<seq>.pvr`, `current`); `cloud recover NAME`
+fetches them.
 
 EXAMPLE:
   pocketvisor cloud serve --state /var/lib/pv-cloud --listen 0.0.0.0:7000 --key cloud.mkey \\
@@ -101,6 +112,8 @@ pub fn main(a: CloudArgs) -> Result<i32> {
         CloudCmd::Twin(h) => twin(&h),
         CloudCmd::Return(r) => give_back_here(r),
         CloudCmd::View(v) => view_here(v),
+        CloudCmd::Replicate(r) => crate::replica::replicate(r),
+        CloudCmd::Recover(r) => crate::replica::recover(r),
     }
 }
 
@@ -204,19 +217,34 @@ enum Ask {
     Return(String),
     /// Relay the screen of the twin `NAME` to the device.
     View(String),
+    /// Store checkpoint SEQ of chain CHAIN of the replica `NAME`.
+    Replicate(String, (String, u64)),
+    /// Send the device the stored chain of the replica `NAME`.
+    Recover(String),
 }
 
 /// Parses a request frame; errors say what was wrong in words the device shows.
 fn parse_request(request: &str) -> Result<Ask, String> {
     let (verb, name) = request.split_once(' ').unwrap_or((request, ""));
+    if verb == "replicate" {
+        let (name, rest) = name.split_once(' ').unwrap_or((name, ""));
+        if !valid_name(name) {
+            return Err(StoreError::BadName(name.to_string()).to_string());
+        }
+        return Ok(Ask::Replicate(
+            name.to_string(),
+            crate::replica::parse_replicate(rest)?,
+        ));
+    }
     let ask = match verb {
         "offload" => Ask::Offload,
         "return" => Ask::Return,
         "view" => Ask::View,
+        "recover" => Ask::Recover,
         _ => {
             return Err(format!(
-                "unknown request {request:?}: this host serves `offload NAME`, `return NAME` \
-                 and `view NAME`"
+                "unknown request {request:?}: this host serves `offload NAME`, `return NAME`, \
+                 `view NAME`, `replicate NAME CHAIN SEQ` and `recover NAME`"
             ))
         }
     };
@@ -272,6 +300,12 @@ fn twin(h: &HostArgs) -> Result<i32> {
         Ok(Ask::Offload(name)) => offload(&store, requested, device, &name, &peer),
         Ok(Ask::Return(name)) => give_back(h, &store, requested, device, &name, &peer),
         Ok(Ask::View(name)) => view(&store, requested, device, &name, &peer),
+        Ok(Ask::Replicate(name, at)) => {
+            crate::replica::store_checkpoint(&store, requested, device, &name, at, &peer)
+        }
+        Ok(Ask::Recover(name)) => {
+            crate::replica::send_chain(&store, requested, device, &name, &peer)
+        }
         Err(why) => {
             requested.refuse(&migration_error(&why));
             Err(anyhow::anyhow!(
@@ -314,6 +348,11 @@ fn offload(
                 )))
             }
             Err(e) => return Err(migration_error(format!("the twin's lock: {e}"))),
+        }
+        if twin.kind == cloud::store::TwinKind::Replica {
+            return Err(migration_error(format!(
+                "the twin {name:?} is a replica; offload under another name"
+            )));
         }
         if twin.state == TwinState::Running && !created {
             eprintln!(
@@ -391,7 +430,7 @@ fn hold(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
 
 /// Takes the `flock` of the file at `path` (created if missing): None if a live process
 /// holds it.
-fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+pub(crate) fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)

@@ -19,6 +19,7 @@ mod migrate;
 mod policy;
 mod portable;
 mod profile;
+mod replica;
 mod run;
 mod screenshot;
 mod snapshot;

@@ -6,8 +6,9 @@
 //! certificate and, for `offload NAME`, receives a live migration into the twin's directory
 //! (`vmm::migration::accept_request`, `Requested::receive`); for `return NAME` it relays the
 //! twin's migration back to the device, which starts from the copy it kept and is sent only
-//! the pages and disk chunks that differ from it (`vmm::migration`'s `Base`). Not yet built:
-//! the handset's `profile offload` and `profile return`; clone, replicate and recover are to
-//! be built on the same store (a twin per copy).
+//! the pages and disk chunks that differ from it (`vmm::migration`'s `Base`). A replica twin
+//! (kind `replica`) keeps a device's sealed checkpoints ([`replica`]) for `recover NAME`.
+//! Not yet built: the handset's `profile offload` and `profile return`; clone.
 
+pub mod replica;
 pub mod store;

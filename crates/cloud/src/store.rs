@@ -72,13 +72,41 @@ impl TwinState {
     }
 }
 
+/// What a twin is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TwinKind {
+    /// A profile offloaded to run here (and return).
+    Offload,
+    /// A replica: the device's sealed checkpoints, kept for a recovery; nothing runs here.
+    Replica,
+}
+
+impl TwinKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            TwinKind::Offload => "offload",
+            TwinKind::Replica => "replica",
+        }
+    }
+
+    fn parse(s: &str) -> Option<TwinKind> {
+        match s {
+            "offload" => Some(TwinKind::Offload),
+            "replica" => Some(TwinKind::Replica),
+            _ => None,
+        }
+    }
+}
+
 /// One device's twin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Twin {
     /// Its name (the profile's name on the device).
     pub name: String,
-    /// Where it is.
+    /// Where it is (a replica is always `Returned`: it never runs here).
     pub state: TwinState,
+    /// What it is for.
+    pub kind: TwinKind,
     /// Its directory, under the store's `twins/`.
     pub dir: PathBuf,
 }
@@ -122,6 +150,13 @@ impl TwinStore {
                  PRIMARY KEY (device, name)
              );",
         )?;
+        // Stores made before replicas had no kind: their twins are offloads.
+        let has_kind = db
+            .prepare("SELECT 1 FROM pragma_table_info('twins') WHERE name = 'kind'")?
+            .exists([])?;
+        if !has_kind {
+            db.execute_batch("ALTER TABLE twins ADD COLUMN kind TEXT NOT NULL DEFAULT 'offload';")?;
+        }
         Ok(TwinStore { db, twins })
     }
 
@@ -131,11 +166,26 @@ impl TwinStore {
 
     /// A new twin `name` of `device`, running, with an empty directory.
     pub fn create(&self, device: &DeviceId, name: &str) -> Result<Twin, StoreError> {
+        self.create_kind(device, name, TwinKind::Offload)
+    }
+
+    /// A new twin `name` of `device` of `kind` (an offload `Running`, a replica `Returned`),
+    /// with an empty directory.
+    pub fn create_kind(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        kind: TwinKind,
+    ) -> Result<Twin, StoreError> {
         let name = checked(name)?;
         let dir = self.dir_of(device, name);
+        let state = match kind {
+            TwinKind::Offload => TwinState::Running,
+            TwinKind::Replica => TwinState::Returned,
+        };
         let inserted = self.db.execute(
-            "INSERT OR IGNORE INTO twins (device, name, state) VALUES (?1, ?2, ?3)",
-            params![device.hex(), name, TwinState::Running.as_str()],
+            "INSERT OR IGNORE INTO twins (device, name, state, kind) VALUES (?1, ?2, ?3, ?4)",
+            params![device.hex(), name, state.as_str(), kind.as_str()],
         )?;
         if inserted == 0 {
             return Err(StoreError::Exists(name.to_string()));
@@ -151,7 +201,8 @@ impl TwinStore {
         }
         Ok(Twin {
             name: name.to_string(),
-            state: TwinState::Running,
+            state,
+            kind,
             dir,
         })
     }
@@ -159,21 +210,21 @@ impl TwinStore {
     /// `device`'s twin `name`; NotFound for another device's.
     pub fn get(&self, device: &DeviceId, name: &str) -> Result<Twin, StoreError> {
         let name = checked(name)?;
-        let state: Option<String> = self
+        let row: Option<(String, String)> = self
             .db
             .query_row(
-                "SELECT state FROM twins WHERE device = ?1 AND name = ?2",
+                "SELECT state, kind FROM twins WHERE device = ?1 AND name = ?2",
                 params![device.hex(), name],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let state = state
-            .as_deref()
-            .and_then(TwinState::parse)
+        let (state, kind) = row
+            .and_then(|(s, k)| Some((TwinState::parse(&s)?, TwinKind::parse(&k)?)))
             .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
         Ok(Twin {
             name: name.to_string(),
             state,
+            kind,
             dir: self.dir_of(device, name),
         })
     }
@@ -182,21 +233,30 @@ impl TwinStore {
     pub fn list(&self, device: &DeviceId) -> Result<Vec<Twin>, StoreError> {
         let mut q = self
             .db
-            .prepare("SELECT name, state FROM twins WHERE device = ?1 ORDER BY name")?;
+            .prepare("SELECT name, state, kind FROM twins WHERE device = ?1 ORDER BY name")?;
         let rows = q.query_map(params![device.hex()], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
         })?;
         let mut twins = Vec::new();
         for row in rows {
-            let (name, state) = row?;
+            let (name, state, kind) = row?;
             // A row this code did not write is skipped, not trusted.
-            let (Some(state), true) = (TwinState::parse(&state), valid_name(&name)) else {
+            let (Some(state), Some(kind), true) = (
+                TwinState::parse(&state),
+                TwinKind::parse(&kind),
+                valid_name(&name),
+            ) else {
                 continue;
             };
             twins.push(Twin {
                 dir: self.dir_of(device, &name),
                 name,
                 state,
+                kind,
             });
         }
         Ok(twins)
@@ -320,6 +380,34 @@ mod tests {
         }
         assert!(s.create(&a, &"x".repeat(64)).is_ok());
         assert!(s.create(&a, "my_phone-2").is_ok());
+    }
+
+    #[test]
+    fn a_replica_is_a_twin_of_its_own_kind_and_old_stores_gain_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A store as it was before kinds.
+            let db = Connection::open(dir.path().join("twins.db")).unwrap();
+            db.execute_batch(
+                "CREATE TABLE twins (device TEXT NOT NULL, name TEXT NOT NULL, \
+                 state TEXT NOT NULL, PRIMARY KEY (device, name));",
+            )
+            .unwrap();
+            let (a, _) = devices();
+            db.execute(
+                "INSERT INTO twins VALUES (?1, 'old', 'returned')",
+                params![a.hex()],
+            )
+            .unwrap();
+        }
+        let s = TwinStore::open(dir.path()).unwrap();
+        let (a, b) = devices();
+        assert_eq!(s.get(&a, "old").unwrap().kind, TwinKind::Offload);
+        let r = s.create_kind(&a, "work", TwinKind::Replica).unwrap();
+        assert_eq!((r.kind, r.state), (TwinKind::Replica, TwinState::Returned));
+        assert_eq!(s.get(&a, "work").unwrap(), r);
+        assert!(matches!(s.get(&b, "work"), Err(StoreError::NotFound(_))));
+        assert_eq!(s.list(&a).unwrap().len(), 2);
     }
 
     #[test]

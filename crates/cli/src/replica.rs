@@ -1,0 +1,628 @@
+//! Replicas (issue 13, docs/cloud.md "Replicate and recover"): `pocketvisor cloud replicate`
+//! on the device takes a checkpoint of the running VM every period (the VMM's `checkpoint`
+//! op), seals it for the profile's recovery keys (the vault's format: the cloud host stores
+//! ciphertext it cannot read) and sends it to the cloud host as `replicate NAME CHAIN SEQ`;
+//! `pocketvisor cloud recover` fetches the chain (`recover NAME`), opens each checkpoint
+//! with the recovery identity and rebuilds a snapshot and disks that `restore` runs. The
+//! cloud host's side of both is here too ([`store_checkpoint`], [`send_chain`]).
+
+use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use cloud::replica::{valid_chain, ReplicaDir, MAX_CHECKPOINT};
+use cloud::store::{valid_name, DeviceId, StoreError, TwinKind, TwinStore};
+use vmm::migration::checkpoints::{expect_stored, recv_file, send_file, stored};
+use vmm::migration::wire::Kind;
+use vmm::migration::{MigrationTls, Requested};
+use vmm::replica::{Recovery, FILES};
+use vmm::Request;
+
+/// The `format` in a sealed checkpoint's manifest.
+const FORMAT: &str = "pocketvisor-replica/1";
+
+/// The most checkpoints a chain may have for a recovery to fetch it.
+const MAX_CHAIN: u64 = 1 << 20;
+
+/// The lock of a replica twin's directory while a checkpoint is stored.
+const REPLICA_LOCK: &str = "replica.lock";
+
+/// A request `replicate NAME CHAIN SEQ`'s parts after the name, checked.
+pub fn parse_replicate(rest: &str) -> Result<(String, u64), String> {
+    let mut parts = rest.split(' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(chain), Some(seq), None) if valid_chain(chain) => match seq.parse::<u64>() {
+            Ok(n) if n > 0 && seq == n.to_string() => Ok((chain.to_string(), n)),
+            _ => Err(format!("a bad checkpoint number {seq:?}")),
+        },
+        _ => Err("replicate takes NAME CHAIN SEQ (CHAIN: 32 hexadecimal digits)".into()),
+    }
+}
+
+fn refuse(requested: Requested, peer: &str, why: String) -> Result<i32> {
+    requested.refuse(&vmm::Error::Migration(why.clone()));
+    Err(anyhow::anyhow!(
+        "the request from {peer} was refused: {why}"
+    ))
+}
+
+/// The cloud host's side of `replicate NAME CHAIN SEQ`: stores the sealed checkpoint in the
+/// device's replica twin `name` (created by the first), atomically, and says so.
+pub fn store_checkpoint(
+    store: &TwinStore,
+    mut requested: Requested,
+    device: DeviceId,
+    name: &str,
+    (chain, seq): (String, u64),
+    peer: &str,
+) -> Result<i32> {
+    let twin = match store.get(&device, name) {
+        Ok(t) if t.kind == TwinKind::Replica => t,
+        Ok(_) => {
+            return refuse(
+                requested,
+                peer,
+                format!("the twin {name:?} is an offloaded profile, not a replica"),
+            )
+        }
+        Err(StoreError::NotFound(_)) => match store.create_kind(&device, name, TwinKind::Replica) {
+            Ok(t) => t,
+            Err(e) => return refuse(requested, peer, e.to_string()),
+        },
+        Err(e) => return refuse(requested, peer, e.to_string()),
+    };
+    let _lock = match crate::cloud::lock_file(&twin.dir.join(REPLICA_LOCK)) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return refuse(
+                requested,
+                peer,
+                format!("a checkpoint of the replica {name:?} is being stored"),
+            )
+        }
+        Err(e) => return refuse(requested, peer, format!("the replica's lock: {e}")),
+    };
+    let replica = ReplicaDir::new(&twin.dir);
+    let mut incoming = match replica.begin(&chain, seq) {
+        Ok(i) => i,
+        Err(e) => return refuse(requested, peer, e.to_string()),
+    };
+    let ch = requested.channel();
+    let received = ch
+        .send(Kind::Accept, &[])
+        .and_then(|()| ch.flush())
+        .map_err(vmm::Error::from)
+        .and_then(|()| {
+            recv_file(ch, &mut incoming, MAX_CHECKPOINT, |_| {
+                if seq > 1 {
+                    vmm::migration::kill_point("replica-store");
+                }
+            })
+        });
+    let (got, bytes) = match received {
+        Ok(r) => r,
+        Err(e) => {
+            vmm::migration::checkpoints::abort(ch, &e.to_string());
+            bail!("the checkpoint {seq} of {name:?} from {peer} was not stored: {e}")
+        }
+    };
+    if got != seq {
+        vmm::migration::checkpoints::abort(ch, "the checkpoint ended with another number");
+        bail!("the checkpoint {seq} of {name:?} from {peer} ended as {got}; not stored");
+    }
+    if let Err(e) = incoming.commit() {
+        vmm::migration::checkpoints::abort(ch, &format!("cannot store the checkpoint: {e}"));
+        bail!("the checkpoint {seq} of {name:?} from {peer} was not stored: {e}");
+    }
+    stored(ch, seq).context("tell the device")?;
+    let line = format!(
+        "pocketvisor: cloud: stored checkpoint {seq} of the replica {name:?} of device {} \
+         ({bytes} bytes, chain {chain})\n",
+        device.hex()
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    Ok(0)
+}
+
+/// The cloud host's side of `recover NAME`: sends the device the stored chain of its
+/// replica twin `name`, oldest first (`Accept` carries the chain id and the count).
+pub fn send_chain(
+    store: &TwinStore,
+    mut requested: Requested,
+    device: DeviceId,
+    name: &str,
+    peer: &str,
+) -> Result<i32> {
+    let twin = match store.get(&device, name) {
+        Ok(t) if t.kind == TwinKind::Replica => t,
+        Ok(_) => {
+            return refuse(
+                requested,
+                peer,
+                format!("the twin {name:?} is an offloaded profile, not a replica"),
+            )
+        }
+        // Another device's replica is not found either.
+        Err(e) => return refuse(requested, peer, e.to_string()),
+    };
+    let (chain, paths) = match ReplicaDir::new(&twin.dir).chain() {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return refuse(
+                requested,
+                peer,
+                format!("no checkpoint of {name:?} is stored"),
+            )
+        }
+        Err(e) => return refuse(requested, peer, e.to_string()),
+    };
+    // Opened first: a new chain stored meanwhile removes the files, not what is open.
+    let files = match paths
+        .iter()
+        .map(File::open)
+        .collect::<std::io::Result<Vec<_>>>()
+    {
+        Ok(f) => f,
+        Err(e) => return refuse(requested, peer, format!("reading the replica: {e}")),
+    };
+    let mut accept = chain.as_bytes().to_vec();
+    accept.extend_from_slice(&(files.len() as u64).to_le_bytes());
+    let ch = requested.channel();
+    ch.send(Kind::Accept, &accept)
+        .context("answer the device")?;
+    let mut bytes = 0;
+    for (i, mut f) in files.into_iter().enumerate() {
+        bytes += send_file(ch, &mut f, i as u64 + 1)
+            .with_context(|| format!("send the replica of {name:?} to {peer}"))?;
+    }
+    let line = format!(
+        "pocketvisor: cloud: sent the replica {name:?} of device {} to {peer}: {} checkpoints, \
+         {bytes} bytes\n",
+        device.hex(),
+        paths.len()
+    );
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    Ok(0)
+}
+
+/// What the device side of both commands shares: the cloud host and this device's identity.
+#[derive(Args, Debug)]
+struct CloudConn {
+    /// The migration key this device shares with the host (64 hexadecimal digits).
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// This device's certificate chain (PEM): it names the device at the host.
+    #[arg(long, value_name = "FILE")]
+    tls_cert: PathBuf,
+    /// This device's private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_key: PathBuf,
+    /// The authority the host's certificate must chain to (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: PathBuf,
+}
+
+impl CloudConn {
+    fn open(&self) -> Result<([u8; 32], MigrationTls)> {
+        let key = vmm::migration::wire::read_key(&self.key).map_err(anyhow::Error::msg)?;
+        Ok((
+            key,
+            MigrationTls {
+                cert: self.tls_cert.clone(),
+                key: self.tls_key.clone(),
+                ca: self.tls_ca.clone(),
+            },
+        ))
+    }
+}
+
+/// `cloud replicate`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Every --every, asks the VMM (--api-socket) for a checkpoint: the first holds every non-zero
+page and disk chunk, each later one what changed since the one before (the guest is paused
+only for the last changes and its state). Each is sealed on this device for the --recipient
+keys (`pocketvisor keygen`; the vault's format, as `export`), its plaintext removed, and sent
+to the cloud host (--to, TLS with this device's certificate), which stores it atomically in
+the replica NAME: a checkpoint that does not arrive whole is not stored, and the one before
+stays recoverable. One that could not be sent is sent again first, before the next is taken.
+Prints one line per stored checkpoint. Ends after --count checkpoints, or with an error when
+the VMM stops answering.
+
+EXAMPLE:
+  pocketvisor keygen -o recovery.key > recovery.pub
+  pocketvisor cloud replicate work --api-socket /tmp/pv.sock --to cloud.example:7000 \\
+      --every 30s --recipient \"$(cat recovery.pub)\" --work /var/lib/pv/work.replica \\
+      --key cloud.mkey --tls-cert device.pem --tls-key device.key --tls-ca cloud-ca.pem")]
+pub struct ReplicateArgs {
+    /// The replica's name at the cloud host (the profile's name).
+    name: String,
+    /// The running VM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api_socket: PathBuf,
+    /// The cloud host, HOST:PORT (its certificate must name HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// The period: a number and a unit, ms, s or m (e.g. 30s).
+    #[arg(long, value_name = "PERIOD", value_parser = parse_period, default_value = "30s")]
+    every: Duration,
+    /// A key that can open the checkpoints (`pvp-public-...`); repeatable, at least one.
+    #[arg(long, value_name = "KEY", required = true)]
+    recipient: Vec<String>,
+    /// A directory of this device for checkpoints on their way (created, this user only).
+    #[arg(long, value_name = "DIR")]
+    work: PathBuf,
+    /// Stop after this many stored checkpoints.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    #[command(flatten)]
+    conn: CloudConn,
+}
+
+/// Parses `500ms`, `30s`, `2m`.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?}: a number and ms, s or m"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        _ => return Err(format!("{s:?}: a number and ms, s or m")),
+    };
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?}: at least 100ms"));
+    }
+    Ok(d)
+}
+
+/// A new chain id: 16 random bytes as hex.
+fn new_chain() -> Result<String> {
+    let mut b = [0u8; 16];
+    std::io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut b).context("random bytes")?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// A checkpoint sealed and waiting to be stored.
+struct Pending {
+    file: PathBuf,
+    seq: u64,
+    /// The VMM's figures, for the line printed once it is stored.
+    stats: String,
+}
+
+/// `cloud replicate`: the device's loop.
+pub fn replicate(a: ReplicateArgs) -> Result<i32> {
+    if !valid_name(&a.name) {
+        bail!("{}", StoreError::BadName(a.name));
+    }
+    let (key, tls) = a.conn.open()?;
+    let keys = a
+        .recipient
+        .iter()
+        .map(|r| vault::decode_public(r.trim()).map(vault::KeySpec::Recipient))
+        .collect::<Result<Vec<_>, _>>()
+        .context("--recipient")?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&a.work)
+        .with_context(|| format!("cannot create {}", a.work.display()))?;
+    let work = std::path::absolute(&a.work).context("the work directory")?;
+    // What an earlier run left belongs to a chain this one does not continue.
+    for e in std::fs::read_dir(&work)?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("ckpt-") {
+            let p = e.path();
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+    let mut chain = new_chain()?;
+    let mut seq = 1u64;
+    let mut pending: Option<Pending> = None;
+    let mut stored_count = 0u64;
+    loop {
+        let started = Instant::now();
+        if pending.is_none() {
+            let plain = work.join(format!("ckpt-{seq}"));
+            let answer = crate::api::call(
+                &a.api_socket,
+                &Request::Checkpoint {
+                    dir: plain.clone(),
+                    full: seq == 1,
+                },
+            )
+            .context("the VMM's checkpoint")?;
+            // The VMM starts over with a full one when its logs were taken (a migration).
+            if answer.contains("full=true") && seq != 1 {
+                chain = new_chain()?;
+                seq = 1;
+            }
+            let file = work.join(format!("ckpt-{seq}.pvr"));
+            let sealed = seal(&plain, &file, &a.name, &chain, seq, &answer, &keys);
+            let _ = std::fs::remove_dir_all(&plain);
+            sealed?;
+            pending = Some(Pending {
+                file,
+                seq,
+                stats: answer,
+            });
+        }
+        if let Some(p) = pending.take() {
+            match upload(&a.to, &key, &tls, &a.name, &chain, &p) {
+                Ok(sealed_bytes) => {
+                    outln!(
+                        "stored seq={} chain={chain} sealed_bytes={sealed_bytes} {}",
+                        p.seq,
+                        p.stats.strip_prefix("checkpoint ").unwrap_or(&p.stats)
+                    );
+                    let _ = std::fs::remove_file(&p.file);
+                    seq = p.seq + 1;
+                    stored_count += 1;
+                    if a.count.is_some_and(|n| stored_count >= n) {
+                        return Ok(0);
+                    }
+                }
+                Err(e) if format!("{e:#}").contains("does not follow the stored chain") => {
+                    eprintln!("pocketvisor: replicate: {e:#}; starting a new chain");
+                    let _ = std::fs::remove_file(&p.file);
+                    chain = new_chain()?;
+                    seq = 1;
+                }
+                Err(e) => {
+                    eprintln!(
+                        "pocketvisor: replicate: checkpoint {} not stored ({e:#}); it is sent \
+                         again first",
+                        p.seq
+                    );
+                    pending = Some(p);
+                }
+            }
+        }
+        if let Some(rest) = a.every.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+}
+
+/// Seals the checkpoint directory `plain` into `out` for `keys`.
+fn seal(
+    plain: &Path,
+    out: &Path,
+    name: &str,
+    chain: &str,
+    seq: u64,
+    stats: &str,
+    keys: &[vault::KeySpec],
+) -> Result<()> {
+    let manifest = vault::Manifest::new(
+        name,
+        serde_json::json!({
+            "format": FORMAT,
+            "chain": chain,
+            "seq": seq,
+            "full": stats.contains("full=true"),
+        }),
+        None,
+    );
+    let entries: Vec<vault::EntrySource> = FILES
+        .iter()
+        .map(|f| vault::EntrySource {
+            name: (*f).to_string(),
+            kind: vault::EntryKind::Other,
+            path: plain.join(f),
+        })
+        .collect();
+    vault::export_with(
+        out,
+        manifest,
+        &entries,
+        keys,
+        &vault::ExportOptions::default(),
+        &mut |_| {},
+    )
+    .with_context(|| format!("sealing checkpoint {seq}"))?;
+    Ok(())
+}
+
+/// Sends the sealed checkpoint `p` to the host; returns its size.
+fn upload(
+    to: &str,
+    key: &[u8; 32],
+    tls: &MigrationTls,
+    name: &str,
+    chain: &str,
+    p: &Pending,
+) -> Result<u64> {
+    let mut ch =
+        vmm::migration::open_request(to, key, tls, &format!("replicate {name} {chain} {}", p.seq))?;
+    vmm::migration::expect_accept(&mut ch)?;
+    let mut f = File::open(&p.file).with_context(|| format!("cannot read {}", p.file.display()))?;
+    let bytes = send_file(&mut ch, &mut f, p.seq)?;
+    expect_stored(&mut ch, p.seq)?;
+    Ok(bytes)
+}
+
+/// `cloud recover`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Fetches the replica NAME's checkpoints from the cloud host (--from, TLS with this device's
+certificate: the one that replicated it), opens each with --identity (the secret key of one of
+the replica's --recipient keys), checks that they are one chain in order (a full checkpoint,
+then each change after it; a damaged, reordered or foreign checkpoint is refused) and writes
+the VM as the last checkpoint left it: a snapshot directory -o DIR and its disk images
+(--disk, one per disk, in order), none of which may exist. Nothing is written under those
+names unless everything checked. Then `pocketvisor restore DIR --disk PATH..` runs it.
+
+EXAMPLE:
+  pocketvisor cloud recover work --from cloud.example:7000 --identity recovery.key \\
+      -o /var/lib/pv/work.snap --disk /var/lib/pv/work.img --key cloud.mkey \\
+      --tls-cert device.pem --tls-key device.key --tls-ca cloud-ca.pem
+  pocketvisor restore /var/lib/pv/work.snap --disk /var/lib/pv/work.img")]
+pub struct RecoverArgs {
+    /// The replica's name at the cloud host.
+    name: String,
+    /// The cloud host, HOST:PORT (its certificate must name HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    from: String,
+    /// The identity file (`pocketvisor keygen`) that opens the checkpoints.
+    #[arg(long, value_name = "FILE")]
+    identity: PathBuf,
+    /// The snapshot directory to write (must not exist).
+    #[arg(short, long, value_name = "DIR")]
+    output: PathBuf,
+    /// The disk images to write, in the VM's order (must not exist). Repeatable.
+    #[arg(long, value_name = "PATH")]
+    disk: Vec<PathBuf>,
+    #[command(flatten)]
+    conn: CloudConn,
+}
+
+/// `cloud recover`: the device's side.
+pub fn recover(a: RecoverArgs) -> Result<i32> {
+    if !valid_name(&a.name) {
+        bail!("{}", StoreError::BadName(a.name));
+    }
+    let (key, tls) = a.conn.open()?;
+    let unlock = vault::Unlock::Identity(crate::portable::secret::read_identity(&a.identity)?);
+    let mut recovery = Recovery::new(&a.output, &a.disk)?;
+    let out = std::path::absolute(&a.output).context("the output directory")?;
+    let fetch = FetchDir::create(&out)?;
+    let mut ch = vmm::migration::open_request(&a.from, &key, &tls, &format!("recover {}", a.name))?;
+    let accept = vmm::migration::expect_accept(&mut ch)
+        .with_context(|| format!("the recovery of {:?} from {} was refused", a.name, a.from))?;
+    let (chain, count) = match accept.split_at_checked(32) {
+        Some((c, n)) if n.len() == 8 => (
+            String::from_utf8(c.to_vec())
+                .ok()
+                .filter(|c| valid_chain(c)),
+            u64::from_le_bytes(n.try_into()?),
+        ),
+        _ => (None, 0),
+    };
+    let chain = chain
+        .filter(|_| (1..=MAX_CHAIN).contains(&count))
+        .context("the host's answer is malformed")?;
+    let mut bytes = 0;
+    for i in 1..=count {
+        let sealed = fetch.0.join(format!("{i}.pvr"));
+        let mut f =
+            File::create(&sealed).with_context(|| format!("cannot create {}", sealed.display()))?;
+        let (seq, n) = recv_file(&mut ch, &mut f, MAX_CHECKPOINT, |_| {})?;
+        drop(f);
+        if seq != i {
+            bail!("the host sent checkpoint {seq} where {i} was due; nothing was written");
+        }
+        bytes += n;
+        let opened = fetch.0.join(format!("{i}"));
+        let manifest = vault::import_with(
+            &sealed,
+            &unlock,
+            &opened,
+            &vault::ImportOptions::default(),
+            &mut |_| {},
+        )
+        .with_context(|| {
+            format!(
+                "checkpoint {i} of {:?} does not open; nothing was written",
+                a.name
+            )
+        })?;
+        check_manifest(&manifest, &a.name, &chain, i)?;
+        recovery
+            .apply(&opened)
+            .with_context(|| format!("checkpoint {i}; nothing was written"))?;
+        let _ = std::fs::remove_dir_all(&opened);
+        let _ = std::fs::remove_file(&sealed);
+    }
+    recovery.finish().context("writing the recovered VM")?;
+    outln!("recovered checkpoints={count} bytes={bytes} chain={chain}");
+    Ok(0)
+}
+
+/// Whether a checkpoint's manifest is checkpoint `seq` of `chain` of the replica `name`,
+/// holding exactly a checkpoint's files.
+fn check_manifest(m: &vault::Manifest, name: &str, chain: &str, seq: u64) -> Result<()> {
+    let c = &m.config;
+    if m.name != name
+        || c.get("format").and_then(|v| v.as_str()) != Some(FORMAT)
+        || c.get("chain").and_then(|v| v.as_str()) != Some(chain)
+        || c.get("seq").and_then(serde_json::Value::as_u64) != Some(seq)
+    {
+        bail!(
+            "checkpoint {seq} is not checkpoint {seq} of the chain {chain} of {name:?} (it says \
+             {:?}, {}); nothing was written",
+            m.name,
+            c
+        );
+    }
+    let mut names: Vec<&str> = m.entries.iter().map(|e| e.name.as_str()).collect();
+    names.sort_unstable();
+    let mut want = FILES.to_vec();
+    want.sort_unstable();
+    if names != want {
+        bail!("checkpoint {seq} holds {names:?}, not a checkpoint's files; nothing was written");
+    }
+    Ok(())
+}
+
+/// A hidden directory beside the output for the fetched files, removed when dropped.
+struct FetchDir(PathBuf);
+
+impl FetchDir {
+    fn create(out: &Path) -> Result<FetchDir> {
+        let name = out
+            .file_name()
+            .context("the output names no directory")?
+            .to_string_lossy()
+            .into_owned();
+        let dir = out.with_file_name(format!(".{name}.fetch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(FetchDir(dir))
+    }
+}
+
+impl Drop for FetchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replicate_requests_and_periods_are_parsed_strictly() {
+        let chain = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            parse_replicate(&format!("{chain} 7")),
+            Ok((chain.into(), 7))
+        );
+        for bad in [
+            format!("{chain} 0"),
+            format!("{chain} 07"),
+            format!("{chain} -1"),
+            format!("{chain} 1 2"),
+            chain.to_string(),
+            "nothex0123456789abcdef0123456789 1".to_string(),
+            "1".to_string(),
+        ] {
+            assert!(parse_replicate(&bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_period("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_period("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_period("2m"), Ok(Duration::from_secs(120)));
+        for bad in ["", "s", "30", "10ms", "1h", "-1s"] {
+            assert!(parse_period(bad).is_err(), "{bad}");
+        }
+    }
+}
