@@ -809,10 +809,18 @@ fn over_a_slow_link_a_counting_guest_moves_and_counts_on() {
     let (status, said) = r.migrate(Duration::from_secs(180));
     assert_eq!(status, Some(0), "{said}");
     assert!(figure(&said, "bytes") > 0, "{said}");
-    // Within the default 30 ms budget: the last pages and the compressed state at 1 MB/s.
+    // The stop-and-copy was chosen to fit the default 30 ms budget: its last pages and the
+    // state's allowance (4 KiB) take at most 30 ms at the link's 1 MB/s (30,000 bytes).
     assert!(
-        figure(&said, "downtime_us") <= 30_000,
-        "over budget: {said}"
+        figure(&said, "final_pages") * 4096 + 4096 <= 30_000,
+        "the last round does not fit the budget: {said}"
+    );
+    // The pause measured: that copy, plus saving and restoring the state on a host whose load
+    // the test does not control (33 ms seen in a CI run, 122 ms at load 9, with 4 pages); a
+    // bound that still catches a pause that sends the whole memory (a minute at 1 MB/s).
+    assert!(
+        figure(&said, "downtime_us") <= 1_000_000,
+        "a pause far over its budget: {said}"
     );
     assert_eq!(wait_exit(&mut r.source, WAIT), Some(0));
     let at_source = last(&r.dir.path("src.serial"));
