@@ -15,7 +15,9 @@
 # arm64 an uncompressed `Image`), initramfs.cpio.gz, version, and inputs (this script and the
 # init as built: the harness rebuilds when they differ). For arm64 also guest-initramfs.cpio.gz:
 # the initramfs of the Linux guest pocketvisor boots in L1 (tests/nested/guest-init-arm64 with
-# the virtio-pci, -blk, -rng, -net, -balloon and vsock modules).
+# the virtio-pci, -blk, -rng, -net, -balloon and vsock modules, and the guest agent,
+# guest/agent built static for aarch64-unknown-linux-musl, as /bin/pocketvisor-agent: cargo
+# builds it here unless AGENT_ARM64_BIN names a built one; without cargo the guest has none).
 # The downloaded .debs stay in $NESTED_OUT/debs: later runs work offline.
 # Needs: apt-get (download only), dpkg-deb, a static busybox for the host, gzip, xz, zstd.
 set -euo pipefail
@@ -140,6 +142,21 @@ if [[ "$arch" == arm64 ]]; then
   # The guest pocketvisor boots inside L1: the same kernel with its own small initramfs.
   pack_root "$work/guest" "$here/guest-init-arm64" virtio_pci virtio_blk virtio_rng virtio_net \
     virtio_balloon vmw_vsock_virtio_transport
+  agent_src="$here/../../guest/agent"
+  agent_bin="${AGENT_ARM64_BIN:-$agent_src/target/aarch64-unknown-linux-musl/release/pocketvisor-agent}"
+  if [[ -z "${AGENT_ARM64_BIN:-}" ]] && command -v cargo >/dev/null; then
+    log "agent: cargo build --release --target aarch64-unknown-linux-musl in guest/agent"
+    (cd "$agent_src" && cargo build --release --target aarch64-unknown-linux-musl) ||
+      die "the arm64 guest agent did not build (rustup target add aarch64-unknown-linux-musl?)"
+  fi
+  if [[ -x "$agent_bin" ]]; then
+    file -L "$agent_bin" | grep -q 'ARM aarch64.*statically linked' ||
+      die "$agent_bin is not a static aarch64 program"
+    cp "$agent_bin" "$work/guest/bin/pocketvisor-agent"
+    log "agent: $agent_bin"
+  else
+    log "agent: none ($agent_bin is not built): guest.agent=1 finds no agent"
+  fi
   cpio_gz "$work/guest" "$out/guest-initramfs.cpio.gz.tmp"
   mv "$out/guest-initramfs.cpio.gz.tmp" "$out/guest-initramfs.cpio.gz"
 fi

@@ -15,7 +15,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use e2e::linux::{assert_clean_kernel_log, assert_selftest, field, linux_line, linux_lines};
+use e2e::linux::{
+    assert_clean_kernel_log, assert_selftest, base64, field, linux_line, linux_lines,
+};
 use e2e::nested::{l1_timeout, run_in_l1_watched, L1Arch, L1Run};
 use e2e::{Outcome, TempDir, VmCommand};
 
@@ -764,28 +766,6 @@ fn agent_call(socket: &std::path::Path, request: &str) -> Result<String, String>
         .read_line(&mut answer)
         .map_err(|e| format!("read the answer: {e}"))?;
     Ok(answer.trim_end().to_string())
-}
-
-/// Standard base64 (the agent protocol's `data_b64`).
-fn base64(bytes: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(
-                    ABC[usize::try_from(n >> (18 - 6 * i) & 63).expect("6 bits")],
-                ));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 #[test]
