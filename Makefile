@@ -22,6 +22,8 @@ DEMO_DISK := guest/out/demo.img
 LINUX := guest/out/linux
 # The display guest: Debian's generic kernel (the cloud one has no DRM) with virtio_gpu.
 LINUX_GPU := guest/out/linux-gpu
+# The arm64 L1's assets (tests/nested/build-l1.sh with NESTED_ARCH=arm64).
+ARM64_NESTED := guest/out/nested-arm64
 
 .PHONY: all deps deps-all build build-arm64 probe demo test test-api-fuzz test-nested test-nested-arm64 bench linux disk-image lint fuzz
 
@@ -102,9 +104,15 @@ build-arm64: deps-all
 # the assets are built on first use (NESTED_ARCH=arm64 tests/nested/build-l1.sh), and Debian's
 # arm64 QEMU, which one check runs inside L1 beside pocketvisor, is unpacked once
 # (tests/nested/build-qemu-arm64-root.sh, about 250 MB of packages).
-test-nested-arm64: build-arm64
+test-nested-arm64: build-arm64 $(ARM64_NESTED)/guest-initramfs.cpio.gz
 	tests/nested/build-qemu-arm64-root.sh
 	$(CARGO) test -p e2e --features nested --test nested_arm64
+
+# The arm64 L1 and its guest's initramfs, which carries the guest agent built for aarch64: the
+# harness rebuilds them when build-l1.sh or an init script changes, make also when the agent
+# does.
+$(ARM64_NESTED)/guest-initramfs.cpio.gz: $(wildcard guest/agent/src/*.rs) guest/agent/Cargo.toml
+	NESTED_ARCH=arm64 tests/nested/build-l1.sh
 
 # The Linux guest (kernel, initramfs with the guest agent), rebuilt when its recipe or the
 # agent changes.
