@@ -199,6 +199,40 @@ state, so it is refused unless --discard is given.")]
         /// Profile name.
         name: String,
     },
+    /// Migrate a running profile live to a cloud host, where it runs on (`profile return`
+    /// brings it back).
+    #[command(after_help = "\
+The cloud host is `pocketvisor cloud serve` at HOST:PORT (its certificate must name HOST and
+chain to <state-dir>/cloud/ca.pem). This device shows <state-dir>/cloud/cert.pem and key.pem,
+which name it there, and shares <state-dir>/cloud/migration.key with the host. The profile's
+VMM keeps a copy of the guest as it is at the switch in profiles/NAME/cloud-kept/ and ends
+once the guest runs at the host, as this device's twin NAME; the profile is then `offloaded`
+(start, resume, switch, stop, delete and export are refused) until `profile return NAME`. If
+the offload fails (host down, refused, no convergence) the guest runs on here and the profile
+stays running. Not for a profile whose VMM is jailed (the handset without --no-jail), nor one
+with a network device or encrypted disks (the host refuses those). See docs/cloud.md.
+
+EXAMPLE:
+  pocketvisor profile offload work --to cloud.example:7000
+  pocketvisor profile return work")]
+    Offload {
+        /// Profile name.
+        name: String,
+        /// The cloud host, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+    },
+    /// Bring an offloaded profile back from its cloud host and run it here.
+    #[command(after_help = "\
+Asks the cloud host the profile was offloaded to for its twin (with this device's identity in
+<state-dir>/cloud/) and receives its live migration onto the copy kept at the offload: only
+the memory pages and disk chunks that differ from it travel. The profile runs here again
+once the guest does; the twin then ends at the host. If the return fails, nothing runs here,
+the profile's disks are as they were, it stays offloaded and the twin runs on.")]
+    Return {
+        /// Profile name.
+        name: String,
+    },
     /// Restore a suspended profile from its snapshot.
     #[command(after_help = "\
 A profile that `pocketvisor export` moved to a file is refused unless --reclaim is given.")]
@@ -615,6 +649,11 @@ fn detail(p: &ProfileInfo) -> String {
     if let Some(f) = &p.moved_to {
         parts.push(format!("moved to {f}"));
     }
+    if let Some(to) = &p.offloaded_to {
+        if !p.detail.contains(to.as_str()) {
+            parts.push(format!("offloaded to {to}"));
+        }
+    }
     parts.join("; ")
 }
 
@@ -679,12 +718,23 @@ fn utc(ms: i64) -> String {
 
 /// `POST /v1/profiles/NAME/ACTION[?QUERY]` and what it did.
 fn lifecycle(c: &Client, json: bool, name: &str, action: &str, query: &str) -> Result<()> {
+    lifecycle_with(c, json, name, action, query, None::<&()>)
+}
+
+/// [`lifecycle`] with a JSON body.
+fn lifecycle_with(
+    c: &Client,
+    json: bool,
+    name: &str,
+    action: &str,
+    query: &str,
+    body: Option<&impl serde::Serialize>,
+) -> Result<()> {
     let t0 = std::time::Instant::now();
-    let none: Option<&()> = None;
     let p: ProfileInfo = c.call(
         "POST",
         &format!("/v1/profiles/{name}/{action}{query}"),
-        none,
+        body,
     )?;
     if json {
         return print_json(&p);
@@ -692,6 +742,10 @@ fn lifecycle(c: &Client, json: bool, name: &str, action: &str, query: &str) -> R
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     match action {
         "switch" => outln!("{name} is in the foreground ({ms:.1} ms)"),
+        "offload" => outln!(
+            "{name}: offloaded to {} ({ms:.1} ms)",
+            p.offloaded_to.as_deref().unwrap_or("?")
+        ),
         _ => outln!(
             "{name}: {}{} ({ms:.1} ms)",
             p.state.as_str(),
@@ -818,6 +872,11 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             lifecycle(&c, json, &name, "stop", query)?
         }
         ProfileCmd::Suspend { name } => lifecycle(&c, json, &name, "suspend", "")?,
+        ProfileCmd::Offload { name, to } => {
+            let body = handset::api_types::OffloadRequest { to };
+            lifecycle_with(&c, json, &name, "offload", "", Some(&body))?
+        }
+        ProfileCmd::Return { name } => lifecycle(&c, json, &name, "return", "")?,
         ProfileCmd::Resume { name, reclaim } => {
             let query = if reclaim { "?reclaim=true" } else { "" };
             lifecycle(&c, json, &name, "resume", query)?

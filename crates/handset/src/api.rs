@@ -17,8 +17,8 @@ use axum::routing::{delete, get, patch, post, put, MethodRouter};
 use axum::{Json, Router};
 
 use crate::api_types::{
-    CreateProfile, DeleteQuery, ErrorBody, EventsQuery, LimitQuery, Passcode, ReclaimQuery,
-    StopQuery,
+    CreateProfile, DeleteQuery, ErrorBody, EventsQuery, LimitQuery, OffloadRequest, Passcode,
+    ReclaimQuery, StopQuery,
 };
 use crate::daemon::Handset;
 use crate::db::Log;
@@ -96,6 +96,10 @@ pub enum Op {
     Passcode,
     /// Crypto-erase and delete a profile.
     Wipe,
+    /// Migrate a running profile live to a cloud host.
+    Offload,
+    /// Bring an offloaded profile back from its cloud host.
+    Return,
 }
 
 /// One route.
@@ -149,6 +153,8 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles/{name}/unlock", Op::Unlock),
     r("PUT", "/v1/profiles/{name}/passcode", Op::Passcode),
     r("POST", "/v1/profiles/{name}/wipe", Op::Wipe),
+    r("POST", "/v1/profiles/{name}/offload", Op::Offload),
+    r("POST", "/v1/profiles/{name}/return", Op::Return),
 ];
 
 type Hs = Arc<Handset>;
@@ -394,6 +400,26 @@ async fn set_passcode(
     audited(&h, peer, &name, "passcode-set", r)?;
     Ok(StatusCode::NO_CONTENT)
 }
+async fn offload(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    body: Result<Json<OffloadRequest>, JsonRejection>,
+) -> ApiResult<crate::ProfileInfo> {
+    let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let r = h.offload(&name, &req.to).await;
+    Ok(Json(audited(&h, peer, &name, "offload", r)?))
+}
+
+async fn give_back(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> ApiResult<crate::ProfileInfo> {
+    let r = h.give_back(&name).await;
+    Ok(Json(audited(&h, peer, &name, "return", r)?))
+}
+
 lifecycle!(switch, "switch");
 lifecycle!(pause, "pause");
 lifecycle!(unpause, "unpause");
@@ -510,6 +536,8 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Unlock => post(unlock),
         Op::Passcode => put(set_passcode),
         Op::Wipe => post(wipe),
+        Op::Offload => post(offload),
+        Op::Return => post(give_back),
     }
 }
 

@@ -22,6 +22,9 @@ pub enum ProfileState {
     Suspended,
     /// Crashed too often (restart limit) or could not be restarted.
     Failed,
+    /// Migrated live to a cloud host (`profile offload`), where it runs as a twin; no
+    /// process here. It runs here again only through `profile return`.
+    Offloaded,
 }
 
 impl ProfileState {
@@ -33,6 +36,7 @@ impl ProfileState {
             ProfileState::Paused => "paused",
             ProfileState::Suspended => "suspended",
             ProfileState::Failed => "failed",
+            ProfileState::Offloaded => "offloaded",
         }
     }
 
@@ -43,6 +47,7 @@ impl ProfileState {
             "running" => ProfileState::Running,
             "paused" => ProfileState::Paused,
             "suspended" => ProfileState::Suspended,
+            "offloaded" => ProfileState::Offloaded,
             _ => ProfileState::Failed,
         }
     }
@@ -235,6 +240,9 @@ pub struct ProfileInfo {
     /// The file an export moved the profile to: it does not start or resume here without
     /// `reclaim` (so the guest does not run twice).
     pub moved_to: Option<String>,
+    /// The cloud host (`HOST:PORT`) an offloaded profile runs at (`profile offload`).
+    #[serde(default)]
+    pub offloaded_to: Option<String>,
     /// The in-guest agent that answered while the VMM runs (`null`: none answered, or no
     /// VMM).
     #[serde(default)]
@@ -310,6 +318,15 @@ pub struct StopQuery {
 pub struct ReclaimQuery {
     /// Start (or resume) a profile marked as moved by an export, removing the mark.
     pub reclaim: Option<bool>,
+}
+
+/// `POST /v1/profiles/{name}/offload`: where the profile goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffloadRequest {
+    /// The cloud host, `HOST:PORT` (`pocketvisor cloud serve`; its certificate must name
+    /// HOST).
+    pub to: String,
 }
 
 /// `?force=` of `DELETE /v1/profiles/{name}`.

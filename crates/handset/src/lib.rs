@@ -25,6 +25,9 @@
 //!   exports/<pid>                   an export under way: its temporary file
 //!                                   (`<out>.tmp-<hex>`), removed by the next daemon start
 //!                                   or export once that process is gone (see [`exports`])
+//!   cloud/                          this device's identity towards cloud hosts (`profile
+//!                                   offload`): cert.pem, key.pem (0600), ca.pem,
+//!                                   migration.key (0600); put there by the administrator
 //!   jail/<name>/                    with --jail: the jailer's root for the profile's VMM
 //!                                   (created and removed by `pocketvisor vmm`)
 //!   profiles/<name>/
@@ -46,11 +49,15 @@
 //!                                     at 4 MiB by the VMM: at most 8 MiB in all)
 //!       vmm.log                       the VMM process's stdout and stderr
 //!       serial.log.prev, vmm.log.prev the previous run's logs (kept across one restart)
-//!     intent                        only while a suspend, resume or stop is under way: the
+//!     intent                        only while a suspend, resume, stop, offload or return
+//!                                   is under way: the
 //!                                   step (written before it acts; a daemon that died mid-step
 //!                                   finishes or rolls it back at its next start)
 //!     snapshot/                     only while suspended: the VMM snapshot (restored by
 //!                                   `resume`, removed once the restored VM runs)
+//!     offloaded                     while offloaded: the cloud host it runs at (JSON)
+//!     cloud-kept/                   while offloaded: the guest as it was at the switch
+//!                                   (`migrate --keep`), the base of its return
 //!     moved                         written by an export that moves the profile (JSON: the
 //!                                   file; "pending" until that file is complete, see
 //!                                   [`moved`])

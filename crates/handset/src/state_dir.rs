@@ -149,6 +149,21 @@ impl StateDir {
     pub fn policy(&self, name: &str) -> PathBuf {
         self.profile(name).join("policy.pvpol")
     }
+    /// `cloud/`: this device's identity towards cloud hosts (`profile offload`): its
+    /// certificate `cert.pem`, private key `key.pem`, the hosts' authority `ca.pem` and the
+    /// migration key `migration.key`, put there by the administrator.
+    pub fn cloud(&self) -> PathBuf {
+        self.root.join("cloud")
+    }
+    /// `profiles/<name>/offloaded`: the cloud host an offloaded profile runs at (JSON).
+    pub fn offload_marker(&self, name: &str) -> PathBuf {
+        self.profile(name).join("offloaded")
+    }
+    /// `profiles/<name>/cloud-kept/`: while offloaded, the snapshot of the guest as it was
+    /// at the switch (`migrate --keep`), the base its return starts from.
+    pub fn cloud_kept(&self, name: &str) -> PathBuf {
+        self.profile(name).join("cloud-kept")
+    }
     /// `profiles/<name>/moved`: written by an export that moved the profile away (the file
     /// it went to); while it exists the profile does not start or resume without `reclaim`.
     pub fn moved_marker(&self, name: &str) -> PathBuf {

@@ -34,6 +34,26 @@ pub enum Launch {
         /// state directory, e.g. by `pocketvisor import`, uses its own disks).
         disks: Vec<PathBuf>,
     },
+    /// Receive the guest back from the cloud host it was offloaded to
+    /// (`pocketvisor cloud return`, never jailed: it connects over TCP).
+    Return {
+        /// The twin's name at the host (the profile's).
+        twin: String,
+        /// The cloud host, `HOST:PORT`.
+        from: String,
+        /// The copy kept at the offload, the return's base.
+        base: PathBuf,
+        /// This device's identity towards the host.
+        tls: vmm_api::MigrationTls,
+        /// The migration key file.
+        key: PathBuf,
+        /// Serial log path.
+        serial: PathBuf,
+        /// vsock socket path.
+        vsock: PathBuf,
+        /// Disk image paths, in order (as they were at the offload).
+        disks: Vec<PathBuf>,
+    },
 }
 
 /// How to jail a booting VMM (`pocketvisor vmm`).
@@ -92,12 +112,39 @@ pub fn vmm_args(
     jail: Option<&JailArgs>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
+    if let Launch::Return {
+        twin,
+        from,
+        base,
+        tls,
+        key,
+        serial,
+        vsock,
+        disks,
+    } = launch
+    {
+        a.extend(["cloud".into(), "return".into(), twin.into()]);
+        a.extend(["--from".into(), from.into(), "--base".into(), base.into()]);
+        a.extend(["--key".into(), key.into()]);
+        a.extend(["--tls-cert".into(), tls.cert.as_os_str().into()]);
+        a.extend(["--tls-key".into(), tls.key.as_os_str().into()]);
+        a.extend(["--tls-ca".into(), tls.ca.as_os_str().into()]);
+        let mut s = OsString::from("file:");
+        s.push(serial);
+        a.extend(["--serial".into(), s, "--vsock-socket".into(), vsock.into()]);
+        for d in disks {
+            a.extend(["--disk".into(), d.into()]);
+        }
+        a.extend(["--api-socket".into(), api_socket.into()]);
+        return a;
+    }
     match jail {
         Some(j) => {
             a.extend(["vmm".into()]);
             match launch {
                 Launch::Boot { config } => a.extend(["--config".into(), config.into()]),
                 Launch::Restore { dir, .. } => a.extend(["--restore".into(), dir.into()]),
+                Launch::Return { .. } => {} // its own command line, above
             }
             a.extend(["--jail-id".into(), j.id.as_str().into()]);
             a.extend(["--jail-root".into(), j.root.as_os_str().into()]);
@@ -115,6 +162,7 @@ pub fn vmm_args(
         None => match launch {
             Launch::Boot { config } => a.extend(["run".into(), "--config".into(), config.into()]),
             Launch::Restore { dir, .. } => a.extend(["restore".into(), dir.into()]),
+            Launch::Return { .. } => {} // its own command line, above
         },
     }
     if let Launch::Restore {

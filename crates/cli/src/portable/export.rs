@@ -319,6 +319,10 @@ fn write_file(
     let state = match ProfileState::parse(&row.state) {
         ProfileState::Suspended => SavedState::Suspended,
         ProfileState::Stopped | ProfileState::Failed => SavedState::Stopped,
+        ProfileState::Offloaded => bail!(
+            "profile {name:?} is offloaded: it runs at its cloud host; bring it back with \
+             `pocketvisor profile return {name}` first"
+        ),
         s => bail!(
             "profile {name:?} is {}: suspend or stop the profile first",
             s.as_str()

@@ -60,6 +60,16 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment variables.
     pub fn start_env(dir: &Path, probe: Option<&Path>, env: &[(&str, &str)]) -> Daemon {
+        Self::start_with(dir, probe, env, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables and `handset` flags.
+    pub fn start_with(
+        dir: &Path,
+        probe: Option<&Path>,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Daemon {
         // Unique per daemon: tests run in parallel and several name their state dir alike, and
         // a daemon removes its cgroup parent when it stops.
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -74,6 +84,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(dir)
             .args(["--cgroup-parent", &cgroup])
+            .args(flags)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         for (k, v) in env {

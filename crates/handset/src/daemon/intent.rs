@@ -27,6 +27,11 @@ pub(super) enum Intent {
     Resume,
     /// End the VMM, record `stopped`.
     Stop,
+    /// Migrate the VM to a cloud host, record where, end the VMM, record `offloaded`.
+    Offload,
+    /// Launch a VMM receiving the guest back from the cloud host; once it runs, drop the
+    /// kept copy and the record of where it was.
+    Return,
 }
 
 impl Intent {
@@ -35,6 +40,8 @@ impl Intent {
             Intent::Suspend => "suspend",
             Intent::Resume => "resume",
             Intent::Stop => "stop",
+            Intent::Offload => "offload",
+            Intent::Return => "return",
         }
     }
 
@@ -43,6 +50,8 @@ impl Intent {
             "suspend" => Some(Intent::Suspend),
             "resume" => Some(Intent::Resume),
             "stop" => Some(Intent::Stop),
+            "offload" => Some(Intent::Offload),
+            "return" => Some(Intent::Return),
             _ => None,
         }
     }
@@ -180,6 +189,12 @@ impl Handset {
                     .event(name, "stopped", "finished after a daemon restart");
                 true
             }
+            // Finish: the guest runs at the cloud host (where was recorded once it did) and
+            // its VMM here ended. Without that record the offload failed or never finished
+            // (the VMM's end is then handled as any other).
+            Some(Intent::Offload) if live && !alive => self.finish_offload(name, state)?,
+            // A return's VMM gone before it was recorded running: the profile stays
+            // offloaded (the twin runs on unless that VMM had already committed).
             // Settled before the record went (or nothing to do): only the record remains.
             _ => false,
         };

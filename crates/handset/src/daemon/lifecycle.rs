@@ -27,6 +27,10 @@ pub enum Event {
     Pause,
     /// API: let a paused profile's vCPUs run again (`profile unpause`).
     Unpause,
+    /// API: migrate a running profile live to a cloud host (`profile offload`).
+    Offload,
+    /// API: bring an offloaded profile back from its cloud host (`profile return`).
+    Return,
     /// Supervisor: a VMM for the profile is up and answering (boot, restore or restart).
     Launched,
     /// Supervisor: the VMM the daemon asked to end has ended.
@@ -41,6 +45,8 @@ pub enum Event {
     GaveUp,
     /// Supervisor: the VMM was gone when the daemon started and is not restarted.
     Lost,
+    /// Supervisor: the guest runs at the cloud host and the VMM here has ended.
+    Offloaded,
     /// Foreground: a `background = "pause"` profile left the foreground and was paused.
     BackgroundPaused,
     /// Foreground: a paused profile came to the foreground and runs again.
@@ -68,6 +74,10 @@ pub enum Action {
     Place,
     /// Remove the profile's files and registry row.
     Remove,
+    /// Migrate the VM to the cloud host, then end its VMM.
+    Migrate,
+    /// Start a VMM that receives the guest back from the cloud host.
+    Receive,
     /// Nothing beyond recording the new state.
     Record,
 }
@@ -100,6 +110,8 @@ enum Why {
     PausedInBackground,
     StartFirst,
     StopFirst,
+    NotOffloaded,
+    InTheCloud,
     Invalid,
 }
 
@@ -117,6 +129,11 @@ impl Refused {
             }
             Why::StartFirst => format!("profile {name:?} is {s}: start it first"),
             Why::StopFirst => format!("profile {name:?} is {s}: stop it first"),
+            Why::NotOffloaded => format!("profile {name:?} is {s}, not offloaded"),
+            Why::InTheCloud => format!(
+                "profile {name:?} is offloaded: it runs at its cloud host, not here; bring it \
+                 back with `pocketvisor profile return {name}` first"
+            ),
             Why::Invalid => format!("profile {name:?} is {s}: {:?} does not apply", self.event),
         }
     }
@@ -126,7 +143,7 @@ impl Refused {
 pub fn step(state: ProfileState, event: Event) -> Result<Step, Refused> {
     use Action as A;
     use Event as E;
-    use ProfileState::{Failed, Paused, Running, Stopped, Suspended};
+    use ProfileState::{Failed, Offloaded, Paused, Running, Stopped, Suspended};
     let to = |next, action| Ok(Step { next, action });
     let no = |why| Err(Refused { state, event, why });
     match (state, event) {
@@ -150,20 +167,40 @@ pub fn step(state: ProfileState, event: Event) -> Result<Step, Refused> {
         (Stopped | Failed | Suspended, E::Pause) => no(Why::NotRunning),
         (Paused, E::Unpause) => to(Running, A::ResumeVmm),
         (Stopped | Failed | Suspended | Running, E::Unpause) => no(Why::NotPaused),
+        (Running, E::Offload) => to(Offloaded, A::Migrate),
+        (Paused | Stopped | Failed | Suspended, E::Offload) => no(Why::NotRunning),
+        (Offloaded, E::Offload) => no(Why::Already),
+        (Offloaded, E::Return) => to(Running, A::Receive),
+        (Stopped | Failed | Suspended | Running | Paused, E::Return) => no(Why::NotOffloaded),
+        // An offloaded profile's guest runs at the cloud host: nothing runs it, ends it or
+        // removes it here until it is back.
+        (
+            Offloaded,
+            E::Start
+            | E::Stop
+            | E::Suspend
+            | E::Resume
+            | E::Switch
+            | E::Delete
+            | E::Pause
+            | E::Unpause,
+        ) => no(Why::InTheCloud),
         // The supervisor's observations. A restart after a crash launches over a state that
         // is still running or paused; a boot or restore over stopped, failed or suspended.
         (_, E::Launched) => to(Running, A::Record),
         (Running | Paused, E::Stopped | E::Exited | E::Lost) => to(Stopped, A::Record),
         (Running | Paused, E::Suspended) => to(Suspended, A::Record),
+        (Running | Paused, E::Offloaded) => to(Offloaded, A::Record),
         (Suspended, E::SnapshotDiscarded) => to(Stopped, A::Record),
         (Running | Paused, E::GaveUp) => to(Failed, A::Record),
         // Foreground scheduling.
         (Running, E::BackgroundPaused) => to(Paused, A::Record),
         (Paused, E::ForegroundResumed) => to(Running, A::Record),
         (
-            Stopped | Failed | Suspended,
-            E::Stopped | E::Exited | E::Lost | E::Suspended | E::GaveUp,
+            Stopped | Failed | Suspended | Offloaded,
+            E::Stopped | E::Exited | E::Lost | E::Suspended | E::GaveUp | E::Offloaded,
         )
+        | (Offloaded, E::SnapshotDiscarded | E::BackgroundPaused | E::ForegroundResumed)
         | (Stopped | Failed | Running | Paused, E::SnapshotDiscarded)
         | (Stopped | Failed | Suspended | Paused, E::BackgroundPaused)
         | (Stopped | Failed | Suspended | Running, E::ForegroundResumed) => no(Why::Invalid),
@@ -173,10 +210,13 @@ pub fn step(state: ProfileState, event: Event) -> Result<Step, Refused> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ProfileState::{Failed, Paused, Running, Stopped, Suspended};
+    use ProfileState::{Failed, Offloaded, Paused, Running, Stopped, Suspended};
 
-    const STATES: [ProfileState; 5] = [Stopped, Running, Paused, Suspended, Failed];
-    const EVENTS: [Event; 17] = [
+    const STATES: [ProfileState; 6] = [Stopped, Running, Paused, Suspended, Failed, Offloaded];
+    const EVENTS: [Event; 20] = [
+        Event::Offload,
+        Event::Return,
+        Event::Offloaded,
         Event::Pause,
         Event::Unpause,
         Event::Start,
@@ -307,7 +347,10 @@ mod tests {
                 if let Some(n) = next(s, e) {
                     if matches!(n, Running | Paused) && !matches!(s, Running | Paused) {
                         assert!(
-                            e == Event::Launched || (e == Event::Start || e == Event::Resume),
+                            e == Event::Launched
+                                || e == Event::Start
+                                || e == Event::Resume
+                                || e == Event::Return,
                             "{s:?} --{e:?}--> {n:?}"
                         );
                     }
@@ -351,5 +394,44 @@ mod tests {
             assert_eq!(next(s, Event::GaveUp), Some(Failed));
             assert_eq!(next(s, Event::Launched), Some(Running));
         }
+    }
+
+    #[test]
+    fn an_offloaded_profile_runs_here_again_only_through_a_return() {
+        assert_eq!(
+            step(Running, Event::Offload).unwrap(),
+            Step {
+                next: Offloaded,
+                action: Action::Migrate
+            }
+        );
+        assert_eq!(
+            step(Offloaded, Event::Return).unwrap(),
+            Step {
+                next: Running,
+                action: Action::Receive
+            }
+        );
+        assert_eq!(next(Running, Event::Offloaded), Some(Offloaded));
+        for e in EVENTS {
+            let allowed = matches!(e, Event::Return | Event::Launched);
+            assert_eq!(step(Offloaded, e).is_ok(), allowed, "{e:?}");
+        }
+        let msg = |s, e| step(s, e).unwrap_err().message("work");
+        for e in [Event::Start, Event::Switch, Event::Delete, Event::Stop] {
+            assert!(
+                msg(Offloaded, e).contains("profile return work"),
+                "{}",
+                msg(Offloaded, e)
+            );
+        }
+        assert_eq!(
+            msg(Running, Event::Return),
+            "profile \"work\" is running, not offloaded"
+        );
+        assert_eq!(
+            msg(Suspended, Event::Offload),
+            "profile \"work\" is suspended, not running"
+        );
     }
 }

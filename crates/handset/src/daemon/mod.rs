@@ -12,6 +12,7 @@
 //! notices its VMM's exit (tokio's child wait for processes this daemon started, a pidfd for
 //! ones adopted from an earlier daemon).
 
+mod cloud;
 pub mod device_screen;
 mod foreground;
 mod intent;

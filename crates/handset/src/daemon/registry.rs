@@ -224,6 +224,9 @@ impl Registry {
             rss_kib,
             serial_log: self.dir.serial_log(&row.name).display().to_string(),
             moved_to: self.moved_to(&row.name),
+            offloaded_to: (state == ProfileState::Offloaded)
+                .then(|| super::cloud::offloaded_to(&self.dir, &row.name))
+                .flatten(),
             locked: crate::lock::is_locked(&self.dir, &row.name),
             agent: None,
             spec,

@@ -119,6 +119,13 @@ impl Handset {
             .map(String::as_str)
             .filter(|k| MACHINE_KEYS.contains(k))
             .collect();
+        if state == ProfileState::Offloaded && !machine.is_empty() {
+            return Err(Error::Conflict(format!(
+                "profile {name} is offloaded: its guest runs at its cloud host with the current \
+                 {}; bring it back with `pocketvisor profile return {name}` first",
+                machine.join(", ")
+            )));
+        }
         if state == ProfileState::Suspended && !machine.is_empty() {
             return Err(Error::Conflict(format!(
                 "profile {name} is suspended: its saved guest was made with the current {}; \

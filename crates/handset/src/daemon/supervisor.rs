@@ -207,10 +207,11 @@ impl Handset {
         }
         // Wait until the API answers (the socket exists once the VM is built).
         // A restore reads the whole saved guest before its API answers: give it as long as
-        // the snapshot that wrote it had (a boot only builds the VM).
+        // the snapshot that wrote it had (a boot only builds the VM); a return's API answers
+        // once the guest it received runs.
         let wait = match launch {
             Launch::Boot { .. } => START_TIMEOUT,
-            Launch::Restore { .. } => SNAPSHOT_TIMEOUT,
+            Launch::Restore { .. } | Launch::Return { .. } => SNAPSHOT_TIMEOUT,
         };
         let deadline = Instant::now() + wait;
         loop {

@@ -1,0 +1,183 @@
+//! Helpers for tests that use a cloud host: certificates, `pocketvisor cloud serve` on
+//! loopback, and the probe's blk-counter writes (what a disk must hold after them).
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::{bin, read, wait_until, Scratch, Vmm};
+
+/// A certificate authority.
+pub struct Authority {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+/// A new certificate authority.
+pub fn authority() -> Authority {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    Authority {
+        cert: params.self_signed(&key).unwrap(),
+        key,
+    }
+}
+
+/// Writes `who`.pem, `who`.key and `who`-ca.pem into `dir`: a certificate for `name`
+/// signed by `ca`, its key, and `ca` itself.
+pub fn issue(dir: &Path, who: &str, name: &str, ca: &Authority) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
+        .unwrap()
+        .signed_by(&key, &ca.cert, &ca.key)
+        .unwrap();
+    std::fs::write(dir.join(format!("{who}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{who}.key")), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join(format!("{who}-ca.pem")), ca.cert.pem()).unwrap();
+}
+
+/// A cloud host on loopback (`pocketvisor cloud serve`), with the certificates of two
+/// devices (`phone`, `tablet`) in its scratch directory.
+pub struct CloudHost {
+    /// Its scratch directory (certificates, `state/`, `serve.stderr`).
+    pub dir: Scratch,
+    _serve: Vmm,
+    /// Where it listens, `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The migration key file it shares with the devices.
+    pub key: PathBuf,
+}
+
+impl CloudHost {
+    /// Starts one in a new scratch directory.
+    pub fn start(prefix: &str, name: &str) -> CloudHost {
+        let dir = Scratch::new(prefix, name);
+        let ca = authority();
+        issue(&dir.0, "cloud", "127.0.0.1", &ca);
+        issue(&dir.0, "phone", "phone.example", &ca);
+        issue(&dir.0, "tablet", "tablet.example", &ca);
+        let key = dir.path("cloud.mkey");
+        std::fs::write(&key, "5a".repeat(32) + "\n").unwrap();
+        let stderr = dir.path("serve.stderr");
+        let serve = Vmm(Command::new(bin())
+            .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path("state"))
+            .arg("--key")
+            .arg(&key)
+            .arg("--tls-cert")
+            .arg(dir.path("cloud.pem"))
+            .arg("--tls-key")
+            .arg(dir.path("cloud.key"))
+            .arg("--tls-ca")
+            .arg(dir.path("cloud-ca.pem"))
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start pocketvisor cloud serve"));
+        let listen_line = || {
+            let text = read(&stderr);
+            let rest = text.split("cloud host listening on ").nth(1)?;
+            let (addr, _) = rest.split_once('\n')?;
+            Some(addr.trim().to_string())
+        };
+        assert!(
+            wait_until(|| listen_line().is_some(), Duration::from_secs(30)),
+            "the cloud host did not listen: {}",
+            read(&stderr)
+        );
+        let addr = listen_line().unwrap();
+        CloudHost {
+            dir,
+            _serve: serve,
+            addr,
+            key,
+        }
+    }
+
+    /// The host's state directory.
+    pub fn state(&self) -> PathBuf {
+        self.dir.path("state")
+    }
+
+    /// The directories of every device's twins, as `<device>/<name>`.
+    pub fn twin_dirs(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        let Ok(devices) = std::fs::read_dir(self.state().join("twins")) else {
+            return all;
+        };
+        for d in devices {
+            let d = d.unwrap();
+            for t in std::fs::read_dir(d.path()).unwrap() {
+                let t = t.unwrap();
+                all.push(format!(
+                    "{}/{}",
+                    d.file_name().to_string_lossy(),
+                    t.file_name().to_string_lossy()
+                ));
+            }
+        }
+        all.sort();
+        all
+    }
+
+    /// Gives a handset's state directory `state` the identity of device `who` towards this
+    /// host (`<state>/cloud/`: cert.pem, key.pem, ca.pem, migration.key).
+    pub fn give_identity(&self, state: &Path, who: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let cloud = state.join("cloud");
+        std::fs::create_dir_all(&cloud).unwrap();
+        for (from, to, mode) in [
+            (format!("{who}.pem"), "cert.pem", 0o644),
+            (format!("{who}.key"), "key.pem", 0o600),
+            (format!("{who}-ca.pem"), "ca.pem", 0o644),
+            ("cloud.mkey".to_string(), "migration.key", 0o600),
+        ] {
+            std::fs::copy(self.dir.path(&from), cloud.join(to)).unwrap();
+            std::fs::set_permissions(cloud.join(to), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+    }
+}
+
+/// The values of every complete `PROBE blk-counter N` line (a line cut short by a switch
+/// is not one: its number may be cut too).
+pub fn blk_counters(text: &str) -> Vec<u64> {
+    text.split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
+        .filter_map(|l| l.trim_end().strip_prefix("PROBE blk-counter "))
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// The 4 KiB the probe's blk-counter mode writes for tag `n`.
+pub fn blk_pattern(n: u64) -> Vec<u8> {
+    let line = format!("pocketvisor-probe-blk:{n}\n");
+    line.bytes().cycle().take(4096).collect()
+}
+
+/// Checks `disk` byte for byte against `initial` after the blk-counter writes 0..=`last`
+/// (each at slot n modulo the disk's slots, later ones over earlier ones); the slot of write
+/// `last + 1` may hold it too (done, its line not yet printed).
+pub fn assert_disk_after_writes(disk: &[u8], initial: &[u8], last: u64, what: &str) {
+    assert_eq!(disk.len(), initial.len(), "{what}: size");
+    let slots = u64::try_from(initial.len() / 4096).unwrap();
+    let mut expected = initial.to_vec();
+    for n in last.saturating_sub(slots - 1)..=last {
+        let at = usize::try_from(n % slots).unwrap() * 4096;
+        expected[at..at + 4096].copy_from_slice(&blk_pattern(n));
+    }
+    let pending = usize::try_from((last + 1) % slots).unwrap() * 4096;
+    for slot in 0..initial.len() / 4096 {
+        let range = slot * 4096..(slot + 1) * 4096;
+        let ok = disk[range.clone()] == expected[range.clone()]
+            || (range.start == pending && disk[range.clone()] == blk_pattern(last + 1)[..]);
+        assert!(
+            ok,
+            "{what}: 4 KiB slot {slot} is not what the guest wrote (last write {last})"
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! The handset's `profile offload` and `profile return` (issue 13) against a real cloud host
+//! (`pocketvisor cloud serve`) on loopback: the probe guest writing its disk (blk-counter)
+//! counts on at the host and back on the device, never going back; its disk is, byte for
+//! byte, every block it wrote; an offloaded profile is refused what would run it here; an
+//! offload that cannot reach its host leaves it running here; a daemon restart keeps it
+//! offloaded.
+//!
+//! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
+
+mod cloud_common;
+mod common;
+mod portable_common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use cloud_common::{assert_disk_after_writes, blk_counters, CloudHost};
+use portable_common::{assert_ok, probe, run, Daemon, Scratch};
+
+const WAIT: Duration = Duration::from_secs(60);
+const DISK_MIB: usize = 4;
+
+fn blk_last(path: &Path) -> u64 {
+    blk_counters(&common::read(path))
+        .last()
+        .copied()
+        .unwrap_or(0)
+}
+
+fn profile(dir: &Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec!["profile", "--state-dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run(&all, &[])
+}
+
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn info(dir: &Path) -> serde_json::Value {
+    let out = profile(dir, &["show", "work", "--json"]);
+    assert_ok(&out, "profile show");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_profile_offloaded_through_the_handset_counts_on_in_the_cloud_and_back_with_its_disk() {
+    let Some(probe) = probe("handset_cloud") else {
+        return;
+    };
+    let host = CloudHost::start("pv-hcloudtest", "offload");
+    let s = Scratch::new("pv-hcloudtest", "device");
+    let dir = s.path("state");
+    // The jailed VMM's seccomp filter allows no TCP: offload is built for unjailed VMMs.
+    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
+    let spec = s.path("work.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"work\"\nkernel = \"probe\"\n\
+             cmdline = \"pv.mode=blk-counter pv.counter.ms=20\"\nmemory_mib = 64\n\
+             disks = [{{name = \"data\", size_mib = {DISK_MIB}}}]\n"
+        ),
+    )
+    .unwrap();
+    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
+    daemon.profile(&["start", "work"]);
+    let serial = dir.join("profiles/work/run/serial.log");
+    assert!(
+        common::wait_for(&serial, "PROBE blk-counter 3\n", WAIT),
+        "the guest does not write: {}",
+        common::read(&serial)
+    );
+
+    // Without an identity towards cloud hosts: refused in words, the guest runs on.
+    let out = profile(&dir, &["offload", "work", "--to", &host.addr]);
+    assert!(!out.status.success(), "offloaded without an identity");
+    assert!(
+        said(&out).contains("no identity towards cloud hosts"),
+        "{}",
+        said(&out)
+    );
+    host.give_identity(&dir, "phone");
+
+    // A host that is down: the offload fails, the profile runs on here.
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let out = profile(&dir, &["offload", "work", "--to", &down]);
+    assert!(!out.status.success(), "offloaded to a host that is down");
+    assert!(said(&out).contains("runs on here"), "{}", said(&out));
+    assert_eq!(info(&dir)["state"], "running");
+    let now = blk_last(&serial);
+    assert!(
+        common::wait_until(|| blk_last(&serial) > now + 3, WAIT),
+        "the guest stopped after a failed offload"
+    );
+    assert!(!dir.join("profiles/work/cloud-kept").exists());
+
+    // The offload: the profile is offloaded to the host and its twin writes on there.
+    let out = profile(&dir, &["offload", "work", "--to", &host.addr]);
+    assert!(out.status.success(), "offload failed: {}", said(&out));
+    let p = info(&dir);
+    assert_eq!(p["state"], "offloaded", "{p}");
+    assert_eq!(p["offloaded_to"], host.addr.as_str(), "{p}");
+    assert!(p["pid"].is_null(), "{p}");
+    let at_switch = blk_last(&serial);
+    let list = daemon.profile(&["list"]);
+    assert!(
+        list.contains("offloaded") && list.contains(&host.addr),
+        "{list}"
+    );
+    let twins = host.twin_dirs();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    assert!(twins[0].ends_with("/work"), "{twins:?}");
+    let twin_log = host
+        .state()
+        .join("twins")
+        .join(&twins[0])
+        .join("serial.log");
+    assert!(
+        common::wait_until(|| blk_last(&twin_log) > at_switch + 10, WAIT),
+        "the twin does not write on from {at_switch}: {}",
+        common::read(&twin_log)
+    );
+    let first_there = blk_counters(&common::read(&twin_log))[0];
+    assert!(
+        first_there > at_switch && first_there <= at_switch + 2,
+        "the twin went on at {first_there}; the device stopped at {at_switch}"
+    );
+
+    // What would run it here too is refused, saying how to bring it back.
+    for args in [["start", "work"], ["switch", "work"], ["delete", "work"]] {
+        let out = profile(&dir, &args);
+        assert!(!out.status.success(), "{args:?} of an offloaded profile");
+        assert!(
+            said(&out).contains("profile return work"),
+            "{args:?}: {}",
+            said(&out)
+        );
+    }
+    let pass = s.path("pass");
+    std::fs::write(&pass, "correct horse battery staple\n").unwrap();
+    let out = run(
+        &[
+            "export",
+            "work",
+            "-o",
+            s.path("work.pvp").to_str().unwrap(),
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--passphrase-file",
+            pass.to_str().unwrap(),
+        ],
+        &[("POCKETVISOR_KDF", "fast")],
+    );
+    assert!(!out.status.success(), "an offloaded profile was exported");
+    assert!(said(&out).contains("offloaded"), "{}", said(&out));
+    assert!(!s.path("work.pvp").exists());
+
+    // A daemon restart keeps it offloaded (and does not touch the twin). This daemon's
+    // VMMs die (kill -9) while the twin's pages arrive: the return fails, nothing runs here,
+    // the disk is as it was, the profile stays offloaded with its kept copy and the twin
+    // works on.
+    daemon.stop();
+    let mut daemon = Daemon::start_with(
+        &dir,
+        Some(&probe),
+        &[("POCKETVISOR_KILL_AT", "receive-round")],
+        &["--no-jail"],
+    );
+    assert_eq!(info(&dir)["state"], "offloaded");
+    let now = blk_last(&twin_log);
+    assert!(
+        common::wait_until(|| blk_last(&twin_log) > now + 3, WAIT),
+        "the twin stopped when the device's daemon restarted"
+    );
+    let data = dir.join("profiles/work/disks/data.img");
+    let kept_disk = std::fs::read(&data).unwrap();
+    let out = profile(&dir, &["return", "work"]);
+    assert!(!out.status.success(), "a return killed half-way succeeded");
+    assert!(
+        said(&out).contains("stays offloaded") && said(&out).contains("signal: 9"),
+        "{}",
+        said(&out)
+    );
+    let p = info(&dir);
+    assert_eq!(p["state"], "offloaded", "{p}");
+    assert_eq!(p["offloaded_to"], host.addr.as_str(), "{p}");
+    assert!(
+        std::fs::read(&data).unwrap() == kept_disk,
+        "a failed return changed the disk"
+    );
+    assert!(dir.join("profiles/work/cloud-kept/COMPLETE").is_file());
+    let now = blk_last(&twin_log);
+    assert!(
+        common::wait_until(|| blk_last(&twin_log) > now + 3, WAIT),
+        "the twin stopped after a failed return: {}",
+        common::read(&host.dir.path("serve.stderr"))
+    );
+    daemon.stop();
+    let daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
+
+    // The return: the guest runs here again from where the twin was, onto the kept copy.
+    let before = blk_counters(&common::read(&serial)).len();
+    let out = profile(&dir, &["return", "work"]);
+    assert!(out.status.success(), "return failed: {}", said(&out));
+    let p = info(&dir);
+    assert_eq!(p["state"], "running", "{p}");
+    assert!(p["offloaded_to"].is_null(), "{p}");
+    assert!(!dir.join("profiles/work/cloud-kept").exists());
+    let events = daemon.profile(&["events", "work"]);
+    assert!(events.contains("returned bytes_received="), "{events}");
+    // The twin's VMM ends once the guest runs here: its log is final.
+    assert!(
+        common::wait_until(
+            || common::read(&host.dir.path("serve.stderr")).contains("returned to"),
+            WAIT
+        ),
+        "{}",
+        common::read(&host.dir.path("serve.stderr"))
+    );
+    let twin_last = blk_last(&twin_log);
+    let back = || blk_counters(&common::read(&serial))[before..].to_vec();
+    assert!(
+        common::wait_until(|| back().len() > 5, WAIT),
+        "the returned guest does not write: {}",
+        common::read(&serial)
+    );
+    let back_first = back()[0];
+    assert!(
+        back_first > twin_last && back_first <= twin_last + 2,
+        "back at the device from {back_first}; the twin stopped at {twin_last}"
+    );
+    let all: Vec<u64> = blk_counters(&common::read(&serial))
+        .into_iter()
+        .chain(blk_counters(&common::read(&twin_log)))
+        .collect();
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        all.len(),
+        "a write was made twice: the guest went back"
+    );
+
+    // Its disk is every block it wrote: at the device, at the host and back here.
+    daemon.profile(&["stop", "work"]);
+    let last = blk_last(&serial);
+    let disk = std::fs::read(&data).unwrap();
+    assert_disk_after_writes(&disk, &vec![0u8; DISK_MIB << 20], last, "the device's disk");
+}

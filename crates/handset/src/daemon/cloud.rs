@@ -1,0 +1,363 @@
+//! Offload and return (issue 13, docs/cloud.md): a running profile migrates live to a cloud
+//! host (`pocketvisor cloud serve`), where it runs as this device's twin of the same name,
+//! and comes back later onto the copy the device kept.
+//!
+//! - **Offload**: the profile's VMM is asked to migrate (`Request::Migrate` with `twin` and
+//!   `keep`) over TLS with this device's identity (`<state>/cloud/`); it writes the guest as
+//!   it is at the switch into `profiles/<name>/cloud-kept/` before the commit. Once the host
+//!   runs the guest the VMM ends, the host is recorded in `profiles/<name>/offloaded` and
+//!   the profile is `offloaded`. A failure before the commit leaves the guest running here
+//!   and the profile `running`.
+//! - **Return**: a VMM process `pocketvisor cloud return` asks the host for the twin, answers
+//!   with the digests of the kept copy and the profile's disks (only what differs comes
+//!   back) and runs the guest once it has it; its API socket appears only then. A failure
+//!   before that leaves the profile `offloaded`, its files as they were and the twin running.
+//!
+//! Not jailed: the jailed VMM's seccomp filter allows no TCP, so a profile whose VMM is
+//! jailed is refused, and a daemon with `--jail` does not return one (docs/cloud.md).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm_api::{MigrationTls, Request};
+
+use super::intent::Intent;
+use super::lifecycle::Event;
+use super::Handset;
+use crate::api_types::{ProfileInfo, ProfileState};
+use crate::error::{Error, Result};
+use crate::state_dir::{self, StateDir};
+use crate::vmm_proc::{self, Launch};
+
+/// How long the daemon waits for its VMM's answer to an offload (the migration bounds each
+/// of its own steps: this is only the outer limit).
+const OFFLOAD_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// This device's identity towards cloud hosts: the files of `<state>/cloud/`.
+struct Identity {
+    tls: MigrationTls,
+    key: PathBuf,
+}
+
+/// The files of `<state>/cloud/`, each a regular file (not a link); the private key and the
+/// migration key readable by their owner only.
+fn identity(dir: &StateDir) -> Result<Identity> {
+    let root = dir.cloud();
+    let missing = || {
+        Error::Conflict(format!(
+            "this handset has no identity towards cloud hosts: put its certificate \
+             (cert.pem), private key (key.pem, mode 0600), the hosts' authority (ca.pem) and \
+             the migration key (migration.key, mode 0600) in {} (docs/cloud.md)",
+            root.display()
+        ))
+    };
+    match std::fs::symlink_metadata(&root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Conflict(format!(
+                "{} is not a directory",
+                root.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
+        Err(e) => return Err(Error::io(format!("cannot read {}", root.display()))(e)),
+    }
+    let file = |name: &str, secret: bool| -> Result<PathBuf> {
+        let p = root.join(name);
+        let m = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing()),
+            Err(e) => return Err(Error::io(format!("cannot read {}", p.display()))(e)),
+        };
+        if !m.is_file() {
+            return Err(Error::Conflict(format!(
+                "{} is not a regular file",
+                p.display()
+            )));
+        }
+        if secret && m.permissions().mode() & 0o077 != 0 {
+            return Err(Error::Conflict(format!(
+                "{} is readable by others than its owner: chmod 600 it",
+                p.display()
+            )));
+        }
+        Ok(p)
+    };
+    Ok(Identity {
+        tls: MigrationTls {
+            cert: file("cert.pem", false)?,
+            key: file("key.pem", true)?,
+            ca: file("ca.pem", false)?,
+        },
+        key: file("migration.key", true)?,
+    })
+}
+
+/// Checks a cloud host's address: `HOST:PORT`, HOST a DNS name, an IPv4 address or an IPv6
+/// address in brackets, PORT 1-65535.
+pub fn check_cloud_host(to: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::BadRequest(format!(
+            "cloud host {:?}: {why} (HOST:PORT)",
+            to.chars().take(80).collect::<String>()
+        )))
+    };
+    let Some((host, port)) = to.rsplit_once(':') else {
+        return bad("no port");
+    };
+    if !matches!(port.parse::<u16>(), Ok(p) if p > 0) || port.starts_with('+') {
+        return bad("bad port");
+    }
+    let ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        (1..=253).contains(&host.len())
+            && !host.starts_with(['-', '.'])
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    };
+    if !ok {
+        return bad("bad host");
+    }
+    Ok(())
+}
+
+/// `profiles/<name>/offloaded`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    /// The cloud host, `HOST:PORT`.
+    to: String,
+    /// When the offload finished, ms since the epoch.
+    time_ms: i64,
+}
+
+/// The cloud host an offloaded profile runs at, from its marker.
+pub(super) fn offloaded_to(dir: &StateDir, name: &str) -> Option<String> {
+    let text = std::fs::read(dir.offload_marker(name)).ok()?;
+    let m: Marker = serde_json::from_slice(&text).ok()?;
+    check_cloud_host(&m.to).ok()?;
+    Some(m.to)
+}
+
+/// The line `pocketvisor cloud return` prints once the guest came back, from its log.
+fn returned_line(log: &std::path::Path) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("returned bytes_received="))
+        .unwrap_or("returned")
+        .to_string()
+}
+
+impl Handset {
+    /// Migrates running profile `name` live to the cloud host `to`, where it runs on as this
+    /// device's twin `name`; the profile is then `offloaded`. On failure before the switch
+    /// it runs on here.
+    pub async fn offload(self: &Arc<Self>, name: &str, to: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        check_cloud_host(to)?;
+        let _ops = self.ops.lock().await;
+        self.settle_pending(name).await?;
+        self.registry.check(name, Event::Offload)?;
+        let pid = self.supervisor.pid(name).unwrap_or(0);
+        if vmm_proc::is_jailed(pid) {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} runs in a jailed VMM, whose seccomp filter allows no TCP: \
+                 offloading it is not built yet (docs/cloud.md); run the daemon without \
+                 --jail to offload"
+            )));
+        }
+        let id = identity(self.dir())?;
+        let kept = self.dir().cloud_kept(name);
+        if kept.exists() {
+            std::fs::remove_dir_all(&kept)
+                .map_err(Error::io(format!("cannot remove {}", kept.display())))?;
+        }
+        let t0 = Instant::now();
+        self.begin_intent(name, Intent::Offload)?;
+        let req = Request::Migrate {
+            to: to.to_string(),
+            key_file: id.key,
+            downtime_ms: vmm_api::DEFAULT_DOWNTIME_MS,
+            tls: Some(id.tls),
+            twin: Some(name.to_string()),
+            keep: Some(kept.clone()),
+        };
+        let api = self.dir().api_socket(name);
+        let info = match vmm_proc::call(&api, &req, OFFLOAD_TIMEOUT).await {
+            Ok(info) => info,
+            Err(e) => {
+                // Before the commit the VMM resumed the guest: it runs on here. (After it,
+                // the VMM says "in doubt" and keeps the guest paused; so does the error.)
+                let _ = std::fs::remove_dir_all(&kept);
+                self.end_intent(name);
+                let e = Error::Conflict(format!("the offload of {name:?} to {to} failed: {e}"));
+                self.registry.event(name, "offload-failed", &e.to_string());
+                return Err(e);
+            }
+        };
+        crate::fault::hold_point("offload-migrated").await;
+        // The guest runs at the host: where is recorded first, then the VMM here (which
+        // ends by itself once its migration is done) is waited for.
+        let marker = Marker {
+            to: to.to_string(),
+            time_ms: crate::db::now_ms(),
+        };
+        let text = serde_json::to_vec(&marker).map_err(|e| Error::Internal(e.to_string()))?;
+        state_dir::write_atomic(&self.dir().offload_marker(name), &text)?;
+        let how = self.stop_vm(name).await?;
+        self.registry
+            .apply(name, Event::Offloaded, None, &format!("offloaded to {to}"))?;
+        self.end_intent(name);
+        self.registry.event(
+            name,
+            "offloaded",
+            &format!("to {to}: {info}; {} ms; {how}", t0.elapsed().as_millis()),
+        );
+        self.place_after_exit(name).await?;
+        self.show(name)
+    }
+
+    /// Brings offloaded profile `name` back from its cloud host onto the copy kept at the
+    /// offload and runs it here. On failure it stays `offloaded` and the twin runs on.
+    pub async fn give_back(self: &Arc<Self>, name: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        let _ops = self.ops.lock().await;
+        self.settle_pending(name).await?;
+        self.registry.check(name, Event::Return)?;
+        if self.opts.jail {
+            return Err(Error::Conflict(format!(
+                "this daemon jails its VMMs, and a returning guest's VMM connects over TCP, \
+                 which the jail does not allow: return {name:?} with a daemon started \
+                 without --jail (docs/cloud.md)"
+            )));
+        }
+        let Some(from) = offloaded_to(self.dir(), name) else {
+            return Err(Error::Internal(format!(
+                "profile {name:?} is offloaded but {} does not say where",
+                self.dir().offload_marker(name).display()
+            )));
+        };
+        let id = identity(self.dir())?;
+        let kept = self.dir().cloud_kept(name);
+        if !kept.join(vmm_api::snapshot_files::COMPLETE_FILE).is_file() {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} has no complete copy kept at its offload ({})",
+                kept.display()
+            )));
+        }
+        let spec = self.registry.spec(name)?;
+        let disks: Vec<PathBuf> = spec
+            .disks
+            .iter()
+            .map(|d| self.dir().disk(name, &d.name))
+            .collect();
+        for d in &disks {
+            state_dir::check_regular_file("disk", d)?;
+        }
+        let run = self.dir().run(name);
+        std::fs::create_dir_all(&run)
+            .map_err(Error::io(format!("cannot create {}", run.display())))?;
+        let launch = Launch::Return {
+            twin: name.to_string(),
+            from: from.clone(),
+            base: kept.clone(),
+            tls: id.tls,
+            key: id.key,
+            serial: self.dir().serial_log(name),
+            vsock: self.dir().vsock_socket(name),
+            disks,
+        };
+        let t0 = Instant::now();
+        self.begin_intent(name, Intent::Return)?;
+        if let Err(e) = self.launch(name, &spec, &launch).await {
+            self.end_intent(name);
+            let e = Error::Conflict(format!(
+                "the return of {name:?} from {from} failed; it stays offloaded and runs on \
+                 there: {e}"
+            ));
+            self.registry.event(name, "return-failed", &e.to_string());
+            return Err(e);
+        }
+        // The guest runs here: the kept copy was its base and goes, and so does the marker.
+        for r in [
+            std::fs::remove_dir_all(&kept),
+            std::fs::remove_file(self.dir().offload_marker(name)),
+        ] {
+            if let Err(e) = r {
+                tracing::warn!("{name}: after its return: {e}");
+            }
+        }
+        let _ = state_dir::sync_dir(&self.dir().profile(name));
+        self.end_intent(name);
+        self.supervisor.forget_restarts(name);
+        self.registry.event(
+            name,
+            "returned",
+            &format!(
+                "from {from}: {}; {} ms",
+                returned_line(&self.dir().vmm_log(name)),
+                t0.elapsed().as_millis()
+            ),
+        );
+        self.show(name)
+    }
+
+    /// At daemon start or before a step: an offload whose VMM is gone and whose marker was
+    /// written finished (the guest runs at the host); records it. Whether it did.
+    pub(super) fn finish_offload(&self, name: &str, state: ProfileState) -> Result<bool> {
+        if !matches!(state, ProfileState::Running | ProfileState::Paused)
+            || offloaded_to(self.dir(), name).is_none()
+        {
+            return Ok(false);
+        }
+        self.cleanup_run(name);
+        self.registry.apply(
+            name,
+            Event::Offloaded,
+            None,
+            "offload finished after restart",
+        )?;
+        self.registry
+            .event(name, "offloaded", "finished after a daemon restart");
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cloud_host_is_host_colon_port_and_nothing_else() {
+        for ok in [
+            "cloud.example:7000",
+            "127.0.0.1:1",
+            "[::1]:65535",
+            "a-b.c:443",
+        ] {
+            assert!(check_cloud_host(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "cloud.example",
+            "cloud.example:0",
+            "cloud.example:65536",
+            "cloud.example:+7",
+            ":7000",
+            "-x:7000",
+            "a b:7000",
+            "a/b:7000",
+            "[nonsense]:7000",
+            "https://cloud.example:7000",
+            "a\n:7000",
+        ] {
+            assert!(check_cloud_host(bad).is_err(), "{bad:?}");
+        }
+    }
+}
