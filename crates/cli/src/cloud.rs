@@ -80,14 +80,18 @@ Listens on --listen for devices migrating a profile here (`pocketvisor migrate -
 and asking for one back (`pocketvisor cloud return NAME`). TLS 1.3 is not optional: a device
 must show a certificate that chains to --tls-ca, and is named by it (the SHA-256 of the
 certificate): it sees only its own twins, and another device's twin is `no twin named ...`
-exactly as a missing one. Each connection runs in its own process; the twin's disks (created
+exactly as a missing one. Each connection runs in its own process, in a process group of its
+own: a twin outlives this command (killed, restarted), and started again on the same --state it
+serves the twins that still run (each one's pid is in its twin.lock); the twin's disks (created
 sparse, the source's size), serial log (serial.log), vsock socket and API socket (api.sock)
 are in DIR/twins/<device>/<NAME>/. A refused offload (bad name, a twin of that name already
-running, a network or display device the host does not give twins) says why to the device,
+running, a network device or an encrypted disk the host does not take) says why to the device,
 whose guest runs on there. A return asks the twin's VMM to migrate to a unix socket
 (relay.sock, mode 0600) of the connection's process in the twin's directory, which relays it
 to the device (the migration authenticated end to end by the key); the twin runs on here until
 the guest runs at the device, and is then recorded as returned. One return of a twin at a time.
+A twin with a display serves its screen (its VMM's VNC server on vnc.sock in its directory),
+which a device's `cloud view NAME` gets relayed, keys and pointer included.
 A device's `cloud replicate NAME` stores sealed checkpoints (which this host cannot read) in
 its replica twin NAME, each atomically (`<chain>-<seq>.pvr`, `current`); `cloud recover NAME`
 fetches them.
@@ -195,16 +199,11 @@ fn spawn_twin(exe: &Path, host: &HostArgs, conn: TcpStream) -> Result<std::proce
         .arg(&host.key)
         .stdin(Stdio::from(OwnedFd::from(conn)))
         .stdout(Stdio::null());
-    // SAFETY: prctl is async-signal-safe and touches no memory of the parent's; a twin ends
-    // with the host process that started it rather than outliving it unmanaged.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut c, || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    // A process group of its own: a twin outlives the host process (killed, restarted,
+    // upgraded) and the signals sent to its group (a terminal's Ctrl-C); a host started
+    // again finds it by its lock. It ends when it is returned or killed (its pid is in its
+    // `twin.lock`).
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
     c.spawn().context("start the connection's process")
 }
 
@@ -341,7 +340,11 @@ fn offload(
         // Whether a process runs it is its lock, not its row: a twin whose process was
         // killed is taken over.
         match hold(&twin.dir) {
-            Ok(Some(lock)) => held = Some(lock),
+            Ok(Some(lock)) => {
+                // For whoever has to stop it: the twins outlive the host process.
+                let _ = write_pid(&lock);
+                held = Some(lock)
+            }
             Ok(None) => {
                 return Err(migration_error(format!(
                     "the twin {name:?} already runs here"
@@ -426,6 +429,16 @@ const RETURN_LOCK: &str = "return.lock";
 /// Takes the lock of the twin in `dir`: None if a live process holds it.
 fn hold(dir: &Path) -> std::io::Result<Option<std::fs::File>> {
     lock_file(&dir.join(TWIN_LOCK))
+}
+
+/// Writes this process's id into the lock file it holds.
+fn write_pid(lock: &std::fs::File) -> std::io::Result<()> {
+    lock.set_len(0)?;
+    std::os::unix::fs::FileExt::write_all_at(
+        lock,
+        format!("{}\n", std::process::id()).as_bytes(),
+        0,
+    )
 }
 
 /// Takes the `flock` of the file at `path` (created if missing): None if a live process

@@ -95,9 +95,17 @@ fn last(path: &Path) -> u64 {
 /// A cloud host on loopback with two devices' certificates (`phone`, `tablet`).
 struct Host {
     dir: Scratch,
-    _serve: Vmm,
+    serve: Vmm,
     addr: String,
     key: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // Twins outlive `cloud serve`.
+        common::kill_twins(&self.state());
+    }
 }
 
 impl Host {
@@ -198,6 +206,15 @@ impl Host {
         c
     }
 
+    /// Kills `cloud serve` (SIGKILL) and starts it again on the same state, at a new address.
+    fn restart(&mut self) {
+        let _ = self.serve.0.kill();
+        let _ = self.serve.0.wait();
+        let (serve, addr) = serve(&self.dir, &self.key, &self.env);
+        self.serve = serve;
+        self.addr = addr;
+    }
+
     /// A raw authenticated channel to the host, as the device `who`.
     fn channel(&self, who: &str) -> Channel<tls::Transport> {
         let tcp = TcpStream::connect(&self.addr).unwrap();
@@ -234,21 +251,48 @@ fn host_with_env(name: &str, env: &[(&str, &str)]) -> Option<Host> {
     issue(&dir.0, "phone-home", "127.0.0.1", &ca);
     let key = dir.path("cloud.mkey");
     std::fs::write(&key, "5a".repeat(32) + "\n").unwrap();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let (serve, addr) = serve(&dir, &key, &env);
+    Some(Host {
+        dir,
+        serve,
+        addr,
+        key,
+        env,
+    })
+}
+
+/// Starts `cloud serve` on the state in `dir` (its stderr appended to `serve.stderr`); returns
+/// it and the address it listens on.
+fn serve(dir: &Scratch, key: &Path, env: &[(String, String)]) -> (Vmm, String) {
     let stderr = dir.path("serve.stderr");
+    let before = read(&stderr).len();
     let serve = Vmm(Command::new(bin())
         .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
         .arg(dir.path("state"))
         .arg("--key")
-        .arg(&key)
+        .arg(key)
         .args(tls_args(&dir.0, "cloud"))
-        .envs(env.iter().copied())
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
-        .stderr(File::create(&stderr).unwrap())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&stderr)
+                .unwrap(),
+        )
         .spawn()
         .expect("start pocketvisor cloud serve"));
     let listen_line = || {
         let text = read(&stderr);
-        let rest = text.split("cloud host listening on ").nth(1)?;
+        let rest = text
+            .get(before..)?
+            .split("cloud host listening on ")
+            .nth(1)?;
         let (addr, _) = rest.split_once('\n')?;
         Some(addr.trim().to_string())
     };
@@ -258,12 +302,7 @@ fn host_with_env(name: &str, env: &[(&str, &str)]) -> Option<Host> {
         read(&stderr)
     );
     let addr = listen_line().unwrap();
-    Some(Host {
-        dir,
-        _serve: serve,
-        addr,
-        key,
-    })
+    (serve, addr)
 }
 
 #[test]
@@ -918,6 +957,80 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
         "the twin's disk",
     );
     drop(home.0.kill());
+}
+
+/// The cloud host killed (kill -9) while a twin runs: the twin runs on (it is in a process
+/// group of its own, its pid in its lock), and the host started again on the same state gives
+/// it back to its device, whose guest counts on from the twin's count.
+#[test]
+fn a_twin_outlives_its_host_killed_and_the_host_started_again_gives_it_back() {
+    let Some(mut h) = host("restart") else {
+        return;
+    };
+    let mut phone = h.device_vm("phone");
+    let kept = h.dir.path("kept");
+    let out = h.offload_with(
+        "phone",
+        "phone",
+        "work",
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let twins = h.twin_dirs();
+    let twin = h.state().join("twins").join(&twins[0]);
+    let log = twin.join("serial.log");
+    assert!(wait_until(|| last(&log) > 3, WAIT), "{}", read(&log));
+    let pid = read(&twin.join("twin.lock"));
+    assert!(
+        pid.trim().parse::<u32>().is_ok(),
+        "no pid in twin.lock: {pid:?}"
+    );
+
+    h.restart();
+    let now = last(&log);
+    assert!(
+        wait_until(|| last(&log) > now + 5, WAIT),
+        "the twin stopped with its host: {}",
+        read(&h.dir.path("serve.stderr"))
+    );
+
+    let stdout = h.dir.path("home.stdout");
+    let home_log = h.dir.path("home.serial");
+    let _home = Vmm(h
+        .cloud_return(
+            "phone",
+            "work",
+            &[
+                "--base",
+                kept.to_str().unwrap(),
+                "--disk",
+                h.dir.path("phone.img").to_str().unwrap(),
+                "--serial",
+                &format!("file:{}", home_log.display()),
+            ],
+        )
+        .stdout(File::create(&stdout).unwrap())
+        .stderr(File::create(h.dir.path("home.stderr")).unwrap())
+        .spawn()
+        .unwrap());
+    assert!(
+        wait_until(|| read(&stdout).contains("returned bytes_received="), WAIT),
+        "the new host did not give the twin back: {}\n{}",
+        read(&h.dir.path("home.stderr")),
+        read(&h.dir.path("serve.stderr"))
+    );
+    assert!(
+        wait_until(|| !counters(&read(&home_log)).is_empty(), WAIT),
+        "the returned guest does not count: {}",
+        read(&h.dir.path("home.stderr"))
+    );
+    let twin_last = last(&log);
+    let first_home = counters(&read(&home_log))[0];
+    assert!(
+        first_home + 5 >= twin_last,
+        "the guest went back: the twin reached {twin_last}, the device starts at {first_home}"
+    );
 }
 
 #[test]

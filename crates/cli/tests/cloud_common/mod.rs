@@ -52,6 +52,13 @@ pub struct CloudHost {
     pub key: PathBuf,
 }
 
+impl Drop for CloudHost {
+    fn drop(&mut self) {
+        // Twins outlive `cloud serve`.
+        crate::common::kill_twins(&self.state());
+    }
+}
+
 impl CloudHost {
     /// Starts one in a new scratch directory.
     pub fn start(prefix: &str, name: &str) -> CloudHost {

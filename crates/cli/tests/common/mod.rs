@@ -67,6 +67,40 @@ impl Scratch {
     }
 }
 
+/// Kills (SIGKILL) the twins a cloud host with the state directory `state` runs: they
+/// outlive `cloud serve`, each its pid in its `twin.lock`. For a test's end.
+#[allow(dead_code)]
+pub fn kill_twins(state: &Path) {
+    let Ok(devices) = std::fs::read_dir(state.join("twins")) else {
+        return;
+    };
+    for twin in devices
+        .flatten()
+        .filter_map(|d| std::fs::read_dir(d.path()).ok())
+        .flatten()
+        .flatten()
+    {
+        let Ok(lock) = std::fs::File::open(twin.path().join("twin.lock")) else {
+            continue;
+        };
+        // Only a held lock names a live twin: a dead one's pid may be another process's now.
+        // SAFETY: flock on a descriptor this function owns; no memory is passed.
+        let free = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } == 0;
+        let pid = std::io::read_to_string(&lock)
+            .ok()
+            .and_then(|t| t.trim().parse::<libc::pid_t>().ok());
+        if let Some(pid) = pid.filter(|&p| p > 1 && !free) {
+            // SAFETY: kill(2) of the live twin holding the lock; no memory is passed.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
