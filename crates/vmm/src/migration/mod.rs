@@ -324,6 +324,36 @@ fn expect<S: Read + Write>(ch: &mut Channel<S>, kind: Kind) -> Result<Vec<u8>, E
     }
 }
 
+/// How long a source waits for the destination's `Base` after its `Setup`: a destination with
+/// a base reads and digests all of its kept memory and disks first (a few GiB take seconds to
+/// minutes), while the guest runs on at the source. The destination has authenticated by then.
+const BASE_WAIT: Duration = Duration::from_secs(600);
+
+/// How long a device waits for the cloud host to accept its request: for a return, the host
+/// first asks the twin's VMM to migrate and waits (up to 30 s) for it to connect.
+const ACCEPT_WAIT: Duration = Duration::from_secs(60);
+
+/// [`expect`] that may wait up to `wait` for the frame, the connection's own read timeout
+/// restored after it.
+fn expect_within(
+    ch: &mut Channel<Transport>,
+    kind: Kind,
+    wait: Duration,
+) -> Result<Vec<u8>, Error> {
+    let usual = ch
+        .stream()
+        .read_timeout()
+        .map_err(|e| refused(format!("the connection's timeout: {e}")))?;
+    ch.stream()
+        .set_read_timeout(Some(wait))
+        .map_err(|e| refused(format!("the connection's timeout: {e}")))?;
+    let frame = expect(ch, kind);
+    ch.stream()
+        .set_read_timeout(usual)
+        .map_err(|e| refused(format!("the connection's timeout: {e}")))?;
+    frame
+}
+
 /// How a destination names a unix socket of a relay on this host, `unix:PATH`.
 pub const LOCAL_PREFIX: &str = "unix:";
 
@@ -440,7 +470,7 @@ impl Vm {
         ch.send(Kind::Setup, &setup)?;
         ch.flush()?;
         let chunks: Vec<u64> = disks.iter().map(DiskOut::chunk_count).collect();
-        let base_payload = expect(ch, Kind::Base)?;
+        let base_payload = expect_within(ch, Kind::Base, BASE_WAIT)?;
         let base = Base::from_bytes(&base_payload, base::page_count(&regions), &chunks)?;
 
         // Round 1: every non-zero page (with a base: every page that differs from it), with
@@ -854,10 +884,10 @@ pub fn open_request(
     Ok(ch)
 }
 
-/// Waits for the host's `Accept` on `ch` and returns its payload; its `Abort` is an error
-/// with the host's reason.
+/// Waits (up to a minute) for the host's `Accept` on `ch` and returns its payload; its
+/// `Abort` is an error with the host's reason.
 pub fn expect_accept(ch: &mut Channel<Transport>) -> Result<Vec<u8>, Error> {
-    expect(ch, Kind::Accept)
+    expect_within(ch, Kind::Accept, ACCEPT_WAIT)
 }
 
 /// The source's request frame, checked: UTF-8, short, printable.
@@ -1040,6 +1070,31 @@ mod tests {
         l.accept().unwrap().0.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hi");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_source_waits_for_a_slow_base_past_its_usual_timeout_and_keeps_that_timeout() {
+        let (x, y) = std::os::unix::net::UnixStream::pair().unwrap();
+        let usual = Some(Duration::from_millis(300));
+        x.set_read_timeout(usual).unwrap();
+        let key = [7u8; 32];
+        let dst = std::thread::spawn(move || {
+            let mut ch = Channel::handshake(y, &key, Role::Destination).unwrap();
+            // Digesting a large kept copy: longer than the source's usual read timeout.
+            std::thread::sleep(Duration::from_millis(900));
+            ch.send(Kind::Base, b"").unwrap();
+            ch.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(900));
+            ch.send(Kind::Base, b"").unwrap();
+            ch.flush().unwrap();
+        });
+        let mut ch = Channel::handshake(Transport::Local(x), &key, Role::Source).unwrap();
+        let got = expect_within(&mut ch, Kind::Base, Duration::from_secs(30));
+        assert_eq!(got.unwrap(), b"");
+        assert_eq!(ch.stream().read_timeout().unwrap(), usual);
+        // Past the base, the usual timeout holds again: the second slow frame is not waited for.
+        assert!(expect(&mut ch, Kind::Base).is_err());
+        dst.join().unwrap();
     }
 
     #[test]

@@ -140,6 +140,26 @@ pub fn server(tcp: TcpStream, files: &MigrationTls) -> Result<Transport, Error> 
 }
 
 impl Transport {
+    /// How long a read may wait (None: for as long as it takes).
+    pub fn set_read_timeout(&self, wait: Option<std::time::Duration>) -> std::io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.set_read_timeout(wait),
+            Transport::Local(s) => s.set_read_timeout(wait),
+            Transport::Client(s) => s.get_ref().set_read_timeout(wait),
+            Transport::Server(s) => s.get_ref().set_read_timeout(wait),
+        }
+    }
+
+    /// How long a read may wait now.
+    pub fn read_timeout(&self) -> std::io::Result<Option<std::time::Duration>> {
+        match self {
+            Transport::Plain(s) => s.read_timeout(),
+            Transport::Local(s) => s.read_timeout(),
+            Transport::Client(s) => s.get_ref().read_timeout(),
+            Transport::Server(s) => s.get_ref().read_timeout(),
+        }
+    }
+
     /// Ends the connection in direction `how` (a TLS end says so first, `close_notify`).
     pub fn shutdown(&mut self, how: Shutdown) {
         match self {
