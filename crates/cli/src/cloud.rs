@@ -305,13 +305,15 @@ fn twin(h: &HostArgs) -> Result<i32> {
         Ok(Ask::Recover(name)) => {
             crate::replica::send_chain(&store, requested, device, &name, &peer)
         }
-        Err(why) => {
-            requested.refuse(&migration_error(&why));
-            Err(anyhow::anyhow!(
-                "the request from {peer} was refused: {why}"
-            ))
-        }
+        Err(why) => refuse(requested, &format!("the request from {peer}"), why),
     }
+}
+
+/// Tells the device why `what` (its request, in words: `the return of "work" to PEER`) is
+/// refused, and says the same as this process's error.
+fn refuse(requested: Requested, what: &str, why: String) -> Result<i32> {
+    requested.refuse(&migration_error(&why));
+    Err(anyhow::anyhow!("{what} was refused: {why}"))
 }
 
 /// An offload: receives the device's VM into its twin `name` and runs it here.
@@ -540,12 +542,8 @@ fn view(
     name: &str,
     peer: &str,
 ) -> Result<i32> {
-    let refuse = |requested: Requested, why: String| {
-        requested.refuse(&migration_error(&why));
-        Err(anyhow::anyhow!(
-            "the view of {name:?} by {peer} was refused: {why}"
-        ))
-    };
+    let what = format!("the view of {name:?} by {peer}");
+    let refuse = |requested, why| refuse(requested, &what, why);
     if let Err(why) = live_twin(store, &device, name) {
         return refuse(requested, why);
     }
@@ -588,12 +586,8 @@ fn give_back(
     name: &str,
     peer: &str,
 ) -> Result<i32> {
-    let refuse = |requested: Requested, why: String| {
-        requested.refuse(&migration_error(&why));
-        Err(anyhow::anyhow!(
-            "the return of {name:?} to {peer} was refused: {why}"
-        ))
-    };
+    let what = format!("the return of {name:?} to {peer}");
+    let refuse = |requested, why| refuse(requested, &what, why);
     let twin = match live_twin(store, &device, name) {
         Ok(t) => t,
         Err(why) => return refuse(requested, why),

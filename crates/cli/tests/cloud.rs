@@ -215,6 +215,14 @@ impl Host {
         self.addr = addr;
     }
 
+    /// `cloud return work` as the phone, onto the copy it kept in `kept` and its disk
+    /// `phone.img`, with more flags.
+    fn return_onto(&self, kept: &Path, more: &[&str]) -> Command {
+        let mut c = self.cloud_return("phone", "work", &["--base", kept.to_str().unwrap()]);
+        c.arg("--disk").arg(self.dir.path("phone.img")).args(more);
+        c
+    }
+
     /// A raw authenticated channel to the host, as the device `who`.
     fn channel(&self, who: &str) -> Channel<tls::Transport> {
         let tcp = TcpStream::connect(&self.addr).unwrap();
@@ -820,16 +828,7 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
     // runs at the phone, its disk is as it was, and the twin works on at the host.
     let kept_disk = std::fs::read(h.dir.path("phone.img")).unwrap();
     let out = h
-        .cloud_return(
-            "phone",
-            "work",
-            &[
-                "--base",
-                kept.to_str().unwrap(),
-                "--disk",
-                h.dir.path("phone.img").to_str().unwrap(),
-            ],
-        )
+        .return_onto(&kept, &[])
         .env("POCKETVISOR_KILL_AT", "receive-round")
         .output()
         .unwrap();
@@ -854,14 +853,9 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
     let stdout = h.dir.path("home.stdout");
     let stderr = h.dir.path("home.stderr");
     let mut home = Vmm(h
-        .cloud_return(
-            "phone",
-            "work",
+        .return_onto(
+            &kept,
             &[
-                "--base",
-                kept.to_str().unwrap(),
-                "--disk",
-                h.dir.path("phone.img").to_str().unwrap(),
                 "--serial",
                 &format!("file:{}", h.dir.path("home.serial").display()),
                 "--api-socket",
@@ -998,17 +992,9 @@ fn a_twin_outlives_its_host_killed_and_the_host_started_again_gives_it_back() {
     let stdout = h.dir.path("home.stdout");
     let home_log = h.dir.path("home.serial");
     let _home = Vmm(h
-        .cloud_return(
-            "phone",
-            "work",
-            &[
-                "--base",
-                kept.to_str().unwrap(),
-                "--disk",
-                h.dir.path("phone.img").to_str().unwrap(),
-                "--serial",
-                &format!("file:{}", home_log.display()),
-            ],
+        .return_onto(
+            &kept,
+            &["--serial", &format!("file:{}", home_log.display())],
         )
         .stdout(File::create(&stdout).unwrap())
         .stderr(File::create(h.dir.path("home.stderr")).unwrap())
@@ -1131,16 +1117,7 @@ fn the_host_killed_while_it_relays_a_return_leaves_the_twin_running_and_the_devi
     let kept_disk = std::fs::read(h.dir.path("phone.img")).unwrap();
     let stderr = h.dir.path("home.stderr");
     let mut home = Vmm(h
-        .cloud_return(
-            "phone",
-            "work",
-            &[
-                "--base",
-                kept.to_str().unwrap(),
-                "--disk",
-                h.dir.path("phone.img").to_str().unwrap(),
-            ],
-        )
+        .return_onto(&kept, &[])
         .stdout(Stdio::null())
         .stderr(File::create(&stderr).unwrap())
         .spawn()
