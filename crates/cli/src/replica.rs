@@ -228,7 +228,8 @@ only for the last changes and its state). Each is sealed on this device for the 
 keys (`pocketvisor keygen`; the vault's format, as `export`), its plaintext removed, and sent
 to the cloud host (--to, TLS with this device's certificate), which stores it atomically in
 the replica NAME: a checkpoint that does not arrive whole is not stored, and the one before
-stays recoverable. One that could not be sent is sent again first, before the next is taken.
+stays recoverable. Every --full-every checkpoints a new chain starts with a full one, and the
+host drops the old chain once that one is stored. One that could not be sent is sent again first, before the next is taken.
 Prints one line per stored checkpoint. Ends after --count checkpoints, or with an error when
 the VMM stops answering.
 
@@ -258,6 +259,11 @@ pub struct ReplicateArgs {
     /// Stop after this many stored checkpoints.
     #[arg(long, value_name = "N")]
     count: Option<u64>,
+    /// Start a new chain (a full checkpoint) after this many: bounds what a recovery fetches
+    /// and applies, and what the host keeps (it drops the old chain once the new one's first
+    /// checkpoint is stored).
+    #[arg(long, value_name = "N", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    full_every: u64,
     #[command(flatten)]
     conn: CloudConn,
 }
@@ -328,6 +334,10 @@ pub fn replicate(a: ReplicateArgs) -> Result<i32> {
     loop {
         let started = Instant::now();
         if pending.is_none() {
+            if seq > a.full_every {
+                chain = new_chain()?;
+                seq = 1;
+            }
             let plain = work.join(format!("ckpt-{seq}"));
             let answer = crate::api::call(
                 &a.api_socket,

@@ -428,3 +428,32 @@ fn a_host_killed_while_it_stores_a_checkpoint_keeps_the_one_before() {
     );
     assert_disk_after_writes(&disk, counted[0] - 1);
 }
+
+#[test]
+fn a_new_full_checkpoint_every_n_replaces_the_chain_at_the_host() {
+    let Some(mut s) = Setup::new("full-every") else {
+        return;
+    };
+    let out = s
+        .replicate(Some(3))
+        .args(["--full-every", "2"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    let full: Vec<bool> = said.lines().map(|l| l.contains("full=true")).collect();
+    assert_eq!(full, vec![true, false, true], "{said}");
+    assert!(said.lines().nth(2).unwrap().contains("seq=1 "), "{said}");
+    // The host keeps only the new chain.
+    assert_eq!(s.stored().len(), 1);
+    let lost_at = s.lose_the_phone();
+    let got = s.recover("phone", "back");
+    assert!(
+        text(&got).contains("recovered checkpoints=1"),
+        "{}",
+        text(&got)
+    );
+    let (counted, disk, _vm) = s.restore("back");
+    assert!(counted[0] <= lost_at + 1, "{counted:?} lost at {lost_at}");
+    assert_disk_after_writes(&disk, counted[0] - 1);
+}
