@@ -14,6 +14,7 @@
 //! `pocketvisor cloud return` is the device's side of a return, `pocketvisor cloud view` of a
 //! view.
 
+use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -71,6 +72,12 @@ struct HostArgs {
     /// The migration key devices hold (64 hexadecimal digits).
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
+    /// Keep the twin registry in PostgreSQL, for a fleet of hosts over one database: FILE
+    /// holds its URL (`postgresql://USER@HOST/DB`, or `postgresql://USER@/DB?host=/run/postgresql`
+    /// for a unix socket; not encrypted), which keeps a password out of the process list.
+    /// Default: SQLite in DIR/twins.db. The twins' directories stay in DIR.
+    #[arg(long, value_name = "FILE")]
+    store_file: Option<PathBuf>,
 }
 
 /// `cloud serve`.
@@ -132,7 +139,25 @@ impl HostArgs {
             tls_key: abs(&self.tls_key)?,
             tls_ca: abs(&self.tls_ca)?,
             key: abs(&self.key)?,
+            store_file: self.store_file.as_ref().map(abs).transpose()?,
         })
+    }
+
+    /// The twin store: PostgreSQL when --store-file names one, else SQLite in the state dir.
+    fn store(&self) -> Result<TwinStore> {
+        let Some(file) = &self.store_file else {
+            return TwinStore::open(&self.state).context("open the twin store");
+        };
+        let url = std::fs::read_to_string(file)
+            .with_context(|| format!("--store-file {}", file.display()))?;
+        let url = url.trim();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            anyhow::bail!(
+                "--store-file {} holds no postgresql:// URL (SQLite, the default, needs none)",
+                file.display()
+            );
+        }
+        TwinStore::connect(url, &self.state).context("connect to the PostgreSQL twin store")
     }
 
     fn tls(&self) -> MigrationTls {
@@ -150,7 +175,7 @@ fn serve(a: ServeArgs) -> Result<i32> {
     vmm::migration::wire::read_key(&host.key).map_err(anyhow::Error::msg)?;
     std::fs::create_dir_all(&host.state)
         .with_context(|| format!("cannot create {}", host.state.display()))?;
-    TwinStore::open(&host.state).context("open the twin store")?;
+    host.store()?;
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr().context("the listening address")?;
@@ -197,6 +222,11 @@ fn spawn_twin(exe: &Path, host: &HostArgs, conn: TcpStream) -> Result<std::proce
         .arg(&host.tls_ca)
         .arg("--key")
         .arg(&host.key)
+        .args(
+            host.store_file
+                .iter()
+                .flat_map(|f| [OsStr::new("--store-file"), f.as_os_str()]),
+        )
         .stdin(Stdio::from(OwnedFd::from(conn)))
         .stdout(Stdio::null());
     // A process group of its own: a twin outlives the host process (killed, restarted,
@@ -291,7 +321,7 @@ fn twin(h: &HostArgs) -> Result<i32> {
     let peer = conn
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |p| p.to_string());
-    let store = TwinStore::open(&h.state).context("open the twin store")?;
+    let store = h.store()?;
     let requested = vmm::migration::accept_request(conn, &key, &h.tls())
         .with_context(|| format!("the connection from {peer} was refused"))?;
     let device = DeviceId::of_certificate(requested.certificate());

@@ -242,6 +242,9 @@ fn device_image(name: &str, bytes: usize) -> Vec<u8> {
     image
 }
 
+/// The file in a host's scratch directory holding its PostgreSQL URL, if it has one.
+const STORE_URL: &str = "store-url";
+
 /// A cloud host, or None where KVM or the probe is missing.
 fn host(name: &str) -> Option<Host> {
     host_with_env(name, &[])
@@ -249,8 +252,25 @@ fn host(name: &str) -> Option<Host> {
 
 /// [`host`], its processes (the twins' among them) started with `env` set.
 fn host_with_env(name: &str, env: &[(&str, &str)]) -> Option<Host> {
+    host_at(name, env, None)
+}
+
+/// [`host`] keeping its twin registry in PostgreSQL, or None (skipped, said loudly; a failure
+/// under CI) where PostgreSQL is not installed.
+fn host_on_postgres(name: &str) -> Option<Host> {
+    common::probe(true)?;
+    let url = mdm::store::pg_scratch::database_for_test(name)?;
+    host_at(name, &[], Some(&url))
+}
+
+/// [`host_with_env`], the registry in the PostgreSQL database at `store` if given (its URL in
+/// `store-url` in the scratch directory, which every start of the host is given).
+fn host_at(name: &str, env: &[(&str, &str)], store: Option<&str>) -> Option<Host> {
     common::probe(true)?;
     let dir = Scratch::new(SCRATCH, name);
+    if let Some(url) = store {
+        std::fs::write(dir.path(STORE_URL), url).unwrap();
+    }
     let ca = authority();
     issue(&dir.0, "cloud", "127.0.0.1", &ca);
     issue(&dir.0, "phone", "phone.example", &ca);
@@ -278,9 +298,17 @@ fn host_with_env(name: &str, env: &[(&str, &str)]) -> Option<Host> {
 fn serve(dir: &Scratch, key: &Path, env: &[(String, String)]) -> (Vmm, String) {
     let stderr = dir.path("serve.stderr");
     let before = read(&stderr).len();
+    let store = dir.path(STORE_URL);
     let serve = Vmm(Command::new(bin())
         .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
         .arg(dir.path("state"))
+        .args(
+            store
+                .exists()
+                .then(|| ["--store-file".as_ref(), store.as_os_str()])
+                .into_iter()
+                .flatten(),
+        )
         .arg("--key")
         .arg(key)
         .args(tls_args(&dir.0, "cloud"))
@@ -958,9 +986,55 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
 /// it back to its device, whose guest counts on from the twin's count.
 #[test]
 fn a_twin_outlives_its_host_killed_and_the_host_started_again_gives_it_back() {
-    let Some(mut h) = host("restart") else {
-        return;
-    };
+    if let Some(mut h) = host("restart") {
+        a_twin_outlives_its_host_killed_and_the_host_started_again_gives_it_back_on(&mut h);
+        assert!(h.state().join("twins.db").is_file());
+    }
+}
+
+/// The same with the twin registry in PostgreSQL (`cloud serve --store-file`), as a fleet of
+/// hosts keeps it: the host started again finds the twin there.
+#[test]
+fn a_twin_outlives_its_host_killed_with_the_registry_in_postgresql() {
+    if let Some(mut h) = host_on_postgres("restart_pg") {
+        a_twin_outlives_its_host_killed_and_the_host_started_again_gives_it_back_on(&mut h);
+        assert!(
+            !h.state().join("twins.db").exists(),
+            "the host kept its registry in SQLite"
+        );
+    }
+}
+
+/// A registry that is not a PostgreSQL URL, or a missing file, is `serve`'s error before it
+/// listens (SQLite, the default, takes no --store-file).
+#[test]
+fn serve_refuses_a_store_file_without_a_postgresql_url() {
+    let dir = Scratch::new(SCRATCH, "store-file");
+    let ca = authority();
+    issue(&dir.0, "cloud", "127.0.0.1", &ca);
+    std::fs::write(dir.path("k"), "5a".repeat(32)).unwrap();
+    std::fs::write(dir.path("url"), "sqlite:///tmp/x.db\n").unwrap();
+    for (file, said) in [
+        ("url", "holds no postgresql:// URL"),
+        ("none", "--store-file"),
+    ] {
+        let out = Command::new(bin())
+            .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path("state"))
+            .arg("--key")
+            .arg(dir.path("k"))
+            .args(tls_args(&dir.0, "cloud"))
+            .arg("--store-file")
+            .arg(dir.path(file))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains(said), "{}", text(&out));
+        assert!(!text(&out).contains("listening"), "{}", text(&out));
+    }
+}
+
+fn a_twin_outlives_its_host_killed_and_the_host_started_again_gives_it_back_on(h: &mut Host) {
     let mut phone = h.device_vm("phone");
     let kept = h.dir.path("kept");
     let out = h.offload_with(

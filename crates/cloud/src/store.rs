@@ -1,5 +1,9 @@
-//! Which device owns which twin: a SQLite database in the cloud host's state directory, and a
-//! directory per twin (`twins/<device>/<name>/`) for its disks and state.
+//! Which device owns which twin: a database (SQLite in the cloud host's state directory by
+//! default, or PostgreSQL for a fleet of hosts) and a directory per twin
+//! (`twins/<device>/<name>/`) for its disks and state, on the host that runs it.
+//!
+//! Both databases take the same statements (`$N` parameters, which SQLite reads as `?N`), all
+//! values text, so one code path serves both.
 //!
 //! A device is named by the SHA-256 of the client certificate it showed ([`DeviceId`]); every
 //! query is scoped to one device, so another device's twin is [`StoreError::NotFound`], exactly
@@ -7,7 +11,9 @@
 
 use std::path::{Path, PathBuf};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use std::sync::Mutex;
+
+use rusqlite::Connection;
 use sha2::{Digest, Sha256};
 
 /// Why a store operation failed.
@@ -16,6 +22,9 @@ pub enum StoreError {
     /// The database said no.
     #[error("twin store: {0}")]
     Db(#[from] rusqlite::Error),
+    /// PostgreSQL said no, or the connection to it failed.
+    #[error("twin store: postgresql: {0}")]
+    Postgres(#[from] postgres::Error),
     /// A twin directory could not be made or removed.
     #[error("twin store: {0}")]
     Io(#[from] std::io::Error),
@@ -111,10 +120,70 @@ pub struct Twin {
     pub dir: PathBuf,
 }
 
-/// The twins of all devices, in `<state dir>/twins.db` and `<state dir>/twins/`.
+/// The twins of all devices: rows in the database, directories in `<state dir>/twins/`.
 pub struct TwinStore {
-    db: Connection,
+    db: Db,
     twins: PathBuf,
+}
+
+/// Where the rows are.
+enum Db {
+    Sqlite(Connection),
+    Postgres(Mutex<postgres::Client>),
+}
+
+/// The table, the same in both databases (the `kind` column came with replicas).
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS twins (
+    device TEXT NOT NULL,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'offload',
+    PRIMARY KEY (device, name)
+)";
+
+/// Serialises the schema's creation between hosts starting at once (`pg_advisory_xact_lock`).
+const SCHEMA_LOCK: i64 = 0x7076_636c_6f75; // "pvclou"
+
+impl Db {
+    /// Runs `sql` with `args` as `$1`.., returns the rows it changed.
+    fn execute(&self, sql: &str, args: &[&str]) -> Result<u64, StoreError> {
+        match self {
+            Db::Sqlite(c) => Ok(c.execute(
+                &sql.replace('$', "?"),
+                rusqlite::params_from_iter(args.iter()),
+            )? as u64),
+            Db::Postgres(c) => Ok(lock(c).execute(sql, &pg_args(args))?),
+        }
+    }
+
+    /// The rows of `sql` with `args` as `$1`.., each column as text.
+    fn rows(&self, sql: &str, args: &[&str]) -> Result<Vec<Vec<String>>, StoreError> {
+        match self {
+            Db::Sqlite(c) => {
+                let mut q = c.prepare(&sql.replace('$', "?"))?;
+                let n = q.column_count();
+                let rows = q.query_map(rusqlite::params_from_iter(args.iter()), |r| {
+                    (0..n).map(|i| r.get::<_, String>(i)).collect()
+                })?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            }
+            Db::Postgres(c) => Ok(lock(c)
+                .query(sql, &pg_args(args))?
+                .iter()
+                .map(|r| (0..r.len()).map(|i| r.get::<_, String>(i)).collect())
+                .collect()),
+        }
+    }
+}
+
+fn lock(c: &Mutex<postgres::Client>) -> std::sync::MutexGuard<'_, postgres::Client> {
+    c.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn pg_args<'a>(args: &'a [&'a str]) -> Vec<&'a (dyn postgres::types::ToSql + Sync)> {
+    args.iter()
+        .map(|a| a as &(dyn postgres::types::ToSql + Sync))
+        .collect()
 }
 
 /// Whether `name` can name a twin (and be one path component of ours).
@@ -140,16 +209,8 @@ impl TwinStore {
         let twins = state_dir.join("twins");
         std::fs::create_dir_all(&twins)?;
         let db = Connection::open(state_dir.join("twins.db"))?;
-        db.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS twins (
-                 device TEXT NOT NULL,
-                 name TEXT NOT NULL,
-                 state TEXT NOT NULL,
-                 PRIMARY KEY (device, name)
-             );",
-        )?;
+        db.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL;")?;
+        db.execute_batch(SCHEMA)?;
         // Stores made before replicas had no kind: their twins are offloads.
         let has_kind = db
             .prepare("SELECT 1 FROM pragma_table_info('twins') WHERE name = 'kind'")?
@@ -157,7 +218,27 @@ impl TwinStore {
         if !has_kind {
             db.execute_batch("ALTER TABLE twins ADD COLUMN kind TEXT NOT NULL DEFAULT 'offload';")?;
         }
-        Ok(TwinStore { db, twins })
+        Ok(TwinStore {
+            db: Db::Sqlite(db),
+            twins,
+        })
+    }
+
+    /// Connects to the PostgreSQL database at `url` (a `postgresql://` URL or a `key=value`
+    /// string; not encrypted: a unix socket or a private network), creating the table if
+    /// needed; the twins' directories are in `state_dir` on this host.
+    pub fn connect(url: &str, state_dir: &Path) -> Result<TwinStore, StoreError> {
+        let twins = state_dir.join("twins");
+        std::fs::create_dir_all(&twins)?;
+        let mut client = postgres::Client::connect(url, postgres::NoTls)?;
+        let mut tx = client.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])?;
+        tx.batch_execute(SCHEMA)?;
+        tx.commit()?;
+        Ok(TwinStore {
+            db: Db::Postgres(Mutex::new(client)),
+            twins,
+        })
     }
 
     fn dir_of(&self, device: &DeviceId, name: &str) -> PathBuf {
@@ -184,8 +265,9 @@ impl TwinStore {
             TwinKind::Replica => TwinState::Returned,
         };
         let inserted = self.db.execute(
-            "INSERT OR IGNORE INTO twins (device, name, state, kind) VALUES (?1, ?2, ?3, ?4)",
-            params![device.hex(), name, state.as_str(), kind.as_str()],
+            "INSERT INTO twins (device, name, state, kind) VALUES ($1, $2, $3, $4)
+             ON CONFLICT DO NOTHING",
+            &[&device.hex(), name, state.as_str(), kind.as_str()],
         )?;
         if inserted == 0 {
             return Err(StoreError::Exists(name.to_string()));
@@ -194,8 +276,8 @@ impl TwinStore {
         let _ = std::fs::remove_dir_all(&dir);
         if let Err(e) = std::fs::create_dir_all(&dir) {
             let _ = self.db.execute(
-                "DELETE FROM twins WHERE device = ?1 AND name = ?2",
-                params![device.hex(), name],
+                "DELETE FROM twins WHERE device = $1 AND name = $2",
+                &[&device.hex(), name],
             );
             return Err(e.into());
         }
@@ -210,16 +292,13 @@ impl TwinStore {
     /// `device`'s twin `name`; NotFound for another device's.
     pub fn get(&self, device: &DeviceId, name: &str) -> Result<Twin, StoreError> {
         let name = checked(name)?;
-        let row: Option<(String, String)> = self
-            .db
-            .query_row(
-                "SELECT state, kind FROM twins WHERE device = ?1 AND name = ?2",
-                params![device.hex(), name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
-        let (state, kind) = row
-            .and_then(|(s, k)| Some((TwinState::parse(&s)?, TwinKind::parse(&k)?)))
+        let rows = self.db.rows(
+            "SELECT state, kind FROM twins WHERE device = $1 AND name = $2",
+            &[&device.hex(), name],
+        )?;
+        let (state, kind) = rows
+            .first()
+            .and_then(|r| Some((TwinState::parse(&r[0])?, TwinKind::parse(&r[1])?)))
             .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
         Ok(Twin {
             name: name.to_string(),
@@ -231,19 +310,15 @@ impl TwinStore {
 
     /// `device`'s twins, by name.
     pub fn list(&self, device: &DeviceId) -> Result<Vec<Twin>, StoreError> {
-        let mut q = self
-            .db
-            .prepare("SELECT name, state, kind FROM twins WHERE device = ?1 ORDER BY name")?;
-        let rows = q.query_map(params![device.hex()], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
+        let rows = self.db.rows(
+            "SELECT name, state, kind FROM twins WHERE device = $1 ORDER BY name",
+            &[&device.hex()],
+        )?;
         let mut twins = Vec::new();
         for row in rows {
-            let (name, state, kind) = row?;
+            let [name, state, kind] = <[String; 3]>::try_from(row).map_err(|_| {
+                StoreError::Io(std::io::Error::other("a twins row of another shape"))
+            })?;
             // A row this code did not write is skipped, not trusted.
             let (Some(state), Some(kind), true) = (
                 TwinState::parse(&state),
@@ -271,8 +346,8 @@ impl TwinStore {
     ) -> Result<(), StoreError> {
         let name = checked(name)?;
         let n = self.db.execute(
-            "UPDATE twins SET state = ?3 WHERE device = ?1 AND name = ?2",
-            params![device.hex(), name, state.as_str()],
+            "UPDATE twins SET state = $3 WHERE device = $1 AND name = $2",
+            &[&device.hex(), name, state.as_str()],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(name.to_string()));
@@ -284,8 +359,8 @@ impl TwinStore {
     pub fn remove(&self, device: &DeviceId, name: &str) -> Result<(), StoreError> {
         let name = checked(name)?;
         let n = self.db.execute(
-            "DELETE FROM twins WHERE device = ?1 AND name = ?2",
-            params![device.hex(), name],
+            "DELETE FROM twins WHERE device = $1 AND name = $2",
+            &[&device.hex(), name],
         )?;
         if n == 0 {
             return Err(StoreError::NotFound(name.to_string()));
@@ -308,10 +383,26 @@ mod tests {
         )
     }
 
+    /// Runs `check` with an opener of a store on SQLite and (where PostgreSQL is installed; a
+    /// must under CI) on a fresh PostgreSQL database; both open twin directories in the path.
+    fn on_both(test: &str, check: impl Fn(&dyn Fn(&Path) -> TwinStore)) {
+        check(&|dir| TwinStore::open(dir).unwrap());
+        if let Some(url) = mdm::store::pg_scratch::database_for_test(test) {
+            check(&|dir| TwinStore::connect(&url, dir).unwrap());
+        }
+    }
+
     #[test]
     fn a_device_sees_and_changes_only_its_own_twins() {
+        on_both(
+            "cloud_own_twins",
+            a_device_sees_and_changes_only_its_own_twins_in,
+        );
+    }
+
+    fn a_device_sees_and_changes_only_its_own_twins_in(open: &dyn Fn(&Path) -> TwinStore) {
         let dir = tempfile::tempdir().unwrap();
-        let s = TwinStore::open(dir.path()).unwrap();
+        let s = open(dir.path());
         let (a, b) = devices();
         let twin = s.create(&a, "work").unwrap();
         assert!(twin.dir.is_dir());
@@ -335,15 +426,24 @@ mod tests {
 
     #[test]
     fn twins_outlive_the_process_and_removal_takes_the_directory() {
+        on_both(
+            "cloud_twins_outlive",
+            twins_outlive_the_process_and_removal_takes_the_directory_in,
+        );
+    }
+
+    fn twins_outlive_the_process_and_removal_takes_the_directory_in(
+        open: &dyn Fn(&Path) -> TwinStore,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (a, _) = devices();
         let twin = {
-            let s = TwinStore::open(dir.path()).unwrap();
+            let s = open(dir.path());
             let t = s.create(&a, "personal").unwrap();
             s.set_state(&a, "personal", TwinState::Returned).unwrap();
             t
         };
-        let s = TwinStore::open(dir.path()).unwrap();
+        let s = open(dir.path());
         assert_eq!(s.get(&a, "personal").unwrap().state, TwinState::Returned);
         assert!(matches!(
             s.create(&a, "personal"),
@@ -359,8 +459,17 @@ mod tests {
 
     #[test]
     fn names_that_are_not_one_plain_path_component_are_refused() {
+        on_both(
+            "cloud_names",
+            names_that_are_not_one_plain_path_component_are_refused_in,
+        );
+    }
+
+    fn names_that_are_not_one_plain_path_component_are_refused_in(
+        open: &dyn Fn(&Path) -> TwinStore,
+    ) {
         let dir = tempfile::tempdir().unwrap();
-        let s = TwinStore::open(dir.path()).unwrap();
+        let s = open(dir.path());
         let (a, _) = devices();
         for bad in [
             "",
@@ -396,7 +505,7 @@ mod tests {
             let (a, _) = devices();
             db.execute(
                 "INSERT INTO twins VALUES (?1, 'old', 'returned')",
-                params![a.hex()],
+                rusqlite::params![a.hex()],
             )
             .unwrap();
         }
