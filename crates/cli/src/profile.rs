@@ -222,6 +222,9 @@ EXAMPLE:
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
     },
+    /// Keep a replica of a running profile at a cloud host: an encrypted checkpoint every
+    /// period (runs until stopped).
+    Replicate(crate::replica::ProfileReplicateArgs),
     /// Bring an offloaded profile back from its cloud host and run it here.
     #[command(after_help = "\
 Asks the cloud host the profile was offloaded to for its twin (with this device's identity in
@@ -757,6 +760,10 @@ fn lifecycle_with(
 
 /// Runs one `profile` subcommand.
 pub fn main(a: ProfileArgs) -> Result<i32> {
+    if let ProfileCmd::Replicate(r) = a.cmd {
+        let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
+        return crate::replica::profile_replicate(&dir, r);
+    }
     if let ProfileCmd::Policy { name } = &a.cmd {
         handset::spec::check_name("profile name", name)?;
         return crate::policy::show_in_force(
@@ -876,6 +883,8 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             let body = handset::api_types::OffloadRequest { to };
             lifecycle_with(&c, json, &name, "offload", "", Some(&body))?
         }
+        // Served above, without the daemon.
+        ProfileCmd::Replicate(_) => unreachable!("profile replicate is served before"),
         ProfileCmd::Return { name } => lifecycle(&c, json, &name, "return", "")?,
         ProfileCmd::Resume { name, reclaim } => {
             let query = if reclaim { "?reclaim=true" } else { "" };

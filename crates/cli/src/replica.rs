@@ -302,6 +302,119 @@ struct Pending {
     stats: String,
 }
 
+/// `profile replicate`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+`cloud replicate` for a handset profile that runs here: the checkpoints of the profile's VMM
+(profiles/NAME/run/api.sock; not a jailed one: the VMM writes each checkpoint into
+profiles/NAME/replica/, which a jail does not show it) go to the cloud host as the replica
+NAME, with this device's identity towards cloud hosts (<state-dir>/cloud/: cert.pem, key.pem,
+ca.pem, migration.key, as `profile offload`). It runs in this command, not in the daemon,
+until --count checkpoints are stored or the profile's VMM ends. A new device gets the VM back
+with `pocketvisor cloud recover NAME` and the same identity and the --recipient's secret key.
+
+EXAMPLE:
+  pocketvisor profile replicate work --to cloud.example:7000 --every 30s \\
+      --recipient \"$(cat recovery.pub)\"")]
+pub struct ProfileReplicateArgs {
+    /// Profile name (and the replica's name at the cloud host).
+    name: String,
+    /// The cloud host, HOST:PORT (its certificate must name HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    to: String,
+    /// The period: a number and a unit, ms, s or m (e.g. 30s).
+    #[arg(long, value_name = "PERIOD", value_parser = parse_period, default_value = "30s")]
+    every: Duration,
+    /// A key that can open the checkpoints (`pvp-public-...`); repeatable, at least one.
+    #[arg(long, value_name = "KEY", required = true)]
+    recipient: Vec<String>,
+    /// Stop after this many stored checkpoints.
+    #[arg(long, value_name = "N")]
+    count: Option<u64>,
+    /// Start a new chain (a full checkpoint) after this many.
+    #[arg(long, value_name = "N", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    full_every: u64,
+}
+
+/// `profile replicate`: [`replicate`] with the profile's socket and work directory and the
+/// handset's identity towards cloud hosts.
+pub fn profile_replicate(dir: &handset::StateDir, a: ProfileReplicateArgs) -> Result<i32> {
+    handset::spec::check_name("profile name", &a.name)?;
+    let api_socket = dir.api_socket(&a.name);
+    if !api_socket.exists() {
+        bail!(
+            "profile {:?} does not run here (no {}): start it first",
+            a.name,
+            api_socket.display()
+        );
+    }
+    let cloud = dir.cloud();
+    let file = |name: &str| -> Result<PathBuf> {
+        let p = cloud.join(name);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_file() => Ok(p),
+            _ => bail!(
+                "this handset has no identity towards cloud hosts: {} is missing or not a \
+                 regular file (cert.pem, key.pem, ca.pem and migration.key go in {}: \
+                 docs/cloud.md)",
+                p.display(),
+                cloud.display()
+            ),
+        }
+    };
+    let conn = CloudConn {
+        key: file("migration.key")?,
+        tls_cert: file("cert.pem")?,
+        tls_key: file("key.pem")?,
+        tls_ca: file("ca.pem")?,
+    };
+    // A jailed VMM cannot see the work directory (nor reach the host over TCP, which
+    // `replicate` does not ask of it): refused in words rather than by its first checkpoint.
+    if vmm_pid(&api_socket).is_some_and(handset::vmm_proc::is_jailed) {
+        bail!(
+            "profile {:?} runs in a jailed VMM, which cannot write its checkpoints where this \
+             command reads them: replicating it is not built yet (docs/cloud.md); run the \
+             daemon without --jail to replicate",
+            a.name
+        );
+    }
+    replicate(ReplicateArgs {
+        work: dir.profile(&a.name).join("replica"),
+        name: a.name,
+        api_socket,
+        to: a.to,
+        every: a.every,
+        recipient: a.recipient,
+        count: a.count,
+        full_every: a.full_every,
+        conn,
+    })
+}
+
+/// The pid of the process serving the unix socket at `path` (its peer credentials).
+fn vmm_pid(path: &Path) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    let s = std::os::unix::net::UnixStream::connect(path).ok()?;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid, writable ucred that
+    // outlives the call, on a socket this function owns.
+    let r = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
 /// `cloud replicate`: the device's loop.
 pub fn replicate(a: ReplicateArgs) -> Result<i32> {
     if !valid_name(&a.name) {
