@@ -47,6 +47,9 @@ enum CloudCmd {
     Return(ReturnArgs),
     /// On the device: show a twin's screen to VNC viewers here, relayed from the cloud host.
     View(ViewArgs),
+    /// On the device: a unix socket here that reaches a twin's vsock device (as a VMM's own
+    /// vsock socket does), relayed from the cloud host.
+    Vsock(VsockArgs),
     /// On the device: keep a replica of a running VM at the cloud host, one encrypted
     /// checkpoint every period.
     Replicate(crate::replica::ReplicateArgs),
@@ -122,7 +125,13 @@ pub fn main(a: CloudArgs) -> Result<i32> {
         CloudCmd::Serve(s) => serve(s),
         CloudCmd::Twin(h) => twin(&h),
         CloudCmd::Return(r) => give_back_here(r),
-        CloudCmd::View(v) => view_here(v),
+        CloudCmd::View(v) => serve_twin_socket(v.host, v.name, TwinSocket::Screen, &v.listen),
+        CloudCmd::Vsock(v) => serve_twin_socket(
+            v.host,
+            v.name,
+            TwinSocket::Vsock,
+            &crate::vnc::VncAddr::Unix(v.listen),
+        ),
         CloudCmd::Replicate(r) => crate::replica::replicate(r),
         CloudCmd::Recover(r) => crate::replica::recover(r),
     }
@@ -244,8 +253,9 @@ enum Ask {
     Offload(String),
     /// Send the twin `NAME` back to the device (which starts from the copy it kept).
     Return(String),
-    /// Relay the screen of the twin `NAME` to the device.
-    View(String),
+    /// Relay the screen (`view`) or the vsock socket (`vsock`) of the twin `NAME` to the
+    /// device.
+    Relay(TwinSocket, String),
     /// Store checkpoint SEQ of chain CHAIN of the replica `NAME`.
     Replicate(String, (String, u64)),
     /// Send the device the stored chain of the replica `NAME`.
@@ -268,12 +278,13 @@ fn parse_request(request: &str) -> Result<Ask, String> {
     let ask = match verb {
         "offload" => Ask::Offload,
         "return" => Ask::Return,
-        "view" => Ask::View,
+        "view" => |name| Ask::Relay(TwinSocket::Screen, name),
+        "vsock" => |name| Ask::Relay(TwinSocket::Vsock, name),
         "recover" => Ask::Recover,
         _ => {
             return Err(format!(
                 "unknown request {request:?}: this host serves `offload NAME`, `return NAME`, \
-                 `view NAME`, `replicate NAME CHAIN SEQ` and `recover NAME`"
+                 `view NAME`, `vsock NAME`, `replicate NAME CHAIN SEQ` and `recover NAME`"
             ))
         }
     };
@@ -328,7 +339,9 @@ fn twin(h: &HostArgs) -> Result<i32> {
     match parse_request(requested.request()) {
         Ok(Ask::Offload(name)) => offload(&store, requested, device, &name, &peer),
         Ok(Ask::Return(name)) => give_back(h, &store, requested, device, &name, &peer),
-        Ok(Ask::View(name)) => view(&store, requested, device, &name, &peer),
+        Ok(Ask::Relay(socket, name)) => {
+            relay_twin_socket(&store, requested, device, &name, &peer, socket)
+        }
         Ok(Ask::Replicate(name, at)) => {
             crate::replica::store_checkpoint(&store, requested, device, &name, at, &peer)
         }
@@ -415,7 +428,7 @@ fn offload(
                 .config
                 .vsock
                 .as_ref()
-                .map(|_| PathBuf::from("vsock.sock")),
+                .map(|_| PathBuf::from(TWIN_VSOCK_SOCKET)),
             taps: Vec::new(),
             disk_keys: Vec::new(),
         })
@@ -564,37 +577,74 @@ fn live_twin(
     Ok(twin)
 }
 
-/// A view: relays the twin's screen (its VMM's VNC server) to the device until either ends.
-fn view(
+/// A socket of a twin's VMM that the cloud host relays to its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TwinSocket {
+    /// Its screen: the VNC server on `vnc.sock` (`view NAME`, `cloud view`).
+    Screen,
+    /// Its vsock device's socket, `vsock.sock` (`vsock NAME`, `cloud vsock`): the device says
+    /// `CONNECT PORT` through it as to a local VMM, and reaches that port of the twin's guest
+    /// (its agent's, for the file channel).
+    Vsock,
+}
+
+impl TwinSocket {
+    /// The request's verb.
+    fn verb(self) -> &'static str {
+        match self {
+            TwinSocket::Screen => "view",
+            TwinSocket::Vsock => "vsock",
+        }
+    }
+
+    /// The socket's name in the twin's directory.
+    fn file(self) -> &'static str {
+        match self {
+            TwinSocket::Screen => vmm::vmm_api::jail::VNC_SOCKET_NAME,
+            TwinSocket::Vsock => TWIN_VSOCK_SOCKET,
+        }
+    }
+
+    /// What the twin lacks when the socket is not there.
+    fn missing(self) -> &'static str {
+        match self {
+            TwinSocket::Screen => "has no screen (its VM has no display)",
+            TwinSocket::Vsock => "has no vsock device",
+        }
+    }
+}
+
+/// The twin VMM's vsock socket, named relative to its directory.
+const TWIN_VSOCK_SOCKET: &str = "vsock.sock";
+
+/// A view or a vsock connection: relays that socket of the twin's VMM to the device until
+/// either end closes.
+fn relay_twin_socket(
     store: &TwinStore,
     requested: Requested,
     device: DeviceId,
     name: &str,
     peer: &str,
+    socket: TwinSocket,
 ) -> Result<i32> {
-    let what = format!("the view of {name:?} by {peer}");
+    let what = format!("the {} of {name:?} by {peer}", socket.verb());
     let refuse = |requested, why| refuse(requested, &what, why);
     if let Err(why) = live_twin(store, &device, name) {
         return refuse(requested, why);
     }
-    let screen = match std::os::unix::net::UnixStream::connect(vmm::vmm_api::jail::VNC_SOCKET_NAME)
-    {
+    let local = match std::os::unix::net::UnixStream::connect(socket.file()) {
         Ok(s) => s,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return refuse(
-                requested,
-                format!("the twin {name:?} has no screen (its VM has no display)"),
-            )
+            return refuse(requested, format!("the twin {name:?} {}", socket.missing()))
         }
-        Err(e) => return refuse(requested, format!("the twin's screen: {e}")),
+        Err(e) => return refuse(requested, format!("the twin's {}: {e}", socket.file())),
     };
     let relayed = requested
         .accept()
-        .and_then(|conn| vmm::migration::relay(conn, screen))
-        .with_context(|| format!("the view of {name:?} by {peer}"))?;
+        .and_then(|conn| vmm::migration::relay(conn, local))
+        .with_context(|| what.clone())?;
     let line = format!(
-        "pocketvisor: cloud: device {} viewed the twin {name:?} from {peer}: {} bytes of screen \
-         sent, {} bytes of input received\n",
+        "pocketvisor: cloud: {what} (device {}) ended: {} bytes to the device, {} from it\n",
         device.hex(),
         relayed.to_tls,
         relayed.to_local
@@ -846,30 +896,70 @@ struct ViewArgs {
     listen: crate::vnc::VncAddr,
 }
 
-/// `cloud view`: the device's side.
-fn view_here(a: ViewArgs) -> Result<i32> {
-    let (key, tls) = a.host.open(&a.name)?;
-    let twin = std::sync::Arc::new(Viewed {
-        from: a.host.from,
-        name: a.name,
+/// `cloud vsock`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Serves a unix socket on this device that reaches the vsock device of the twin NAME, which runs
+at the cloud host, as the twin VMM's own vsock socket would: a client says `CONNECT PORT` and
+talks to that port of the twin's guest (`pocketvisor vsock --vsock-socket PATH --port N`, or the
+handset's file channel to the guest's agent on port 1025). Each connection gets its own TLS
+connection to the host (this device's certificate, the one it offloaded with), which relays it
+both ways, unchanged. The first connection is made at once: a twin that is not there, not this
+device's, or has no vsock device is this command's error (status 1). It then serves until
+stopped (Ctrl-C).
+
+EXAMPLE:
+  pocketvisor cloud vsock work --from cloud.example:7000 --listen /run/pv/work-twin.vsock \\
+      --key cloud.mkey --tls-cert device.pem --tls-key device.key --tls-ca cloud-ca.pem
+  echo hello | pocketvisor vsock --vsock-socket /run/pv/work-twin.vsock --port 1234")]
+struct VsockArgs {
+    /// The twin's name at the cloud host.
+    name: String,
+    #[command(flatten)]
+    host: CloudHost,
+    /// The unix socket to serve (made for this user only).
+    #[arg(long, value_name = "PATH")]
+    listen: PathBuf,
+}
+
+/// `cloud view` and `cloud vsock`: the device's side. Serves `listen`, each client relayed to
+/// `socket` of the twin `name` over a connection of its own to the host.
+fn serve_twin_socket(
+    host: CloudHost,
+    name: String,
+    socket: TwinSocket,
+    listen: &crate::vnc::VncAddr,
+) -> Result<i32> {
+    let (key, tls) = host.open(&name)?;
+    let twin = std::sync::Arc::new(Relayed {
+        from: host.from,
+        name,
+        socket,
         key,
         tls,
     });
-    // Once now, so that a twin that cannot be shown is this command's error.
+    // Once now, so that a twin without that socket is this command's error.
     twin.ask()?.shutdown(std::net::Shutdown::Both);
     let said = |at: &str| {
+        let what = match socket {
+            TwinSocket::Screen => "screen",
+            TwinSocket::Vsock => "vsock device",
+        };
         let line = format!(
-            "pocketvisor: the screen of the twin {:?} on {at} (VNC)\n",
+            "pocketvisor: the {what} of the twin {:?} on {at}\n",
             twin.name
         );
         let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     };
-    match &a.listen {
+    match listen {
         crate::vnc::VncAddr::Tcp(addr) => {
             let l = TcpListener::bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
-            said(&l.local_addr().context("the listening address")?.to_string());
-            for viewer in l.incoming() {
-                twin.serve_in_thread(viewer);
+            said(&format!(
+                "{} (VNC)",
+                l.local_addr().context("the listening address")?
+            ));
+            for client in l.incoming() {
+                twin.serve_in_thread(client);
             }
         }
         crate::vnc::VncAddr::Unix(path) => {
@@ -878,51 +968,54 @@ fn view_here(a: ViewArgs) -> Result<i32> {
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
             crate::api::owner_only(path)?;
             said(&format!("unix:{}", path.display()));
-            for viewer in l.incoming() {
-                twin.serve_in_thread(viewer);
+            for client in l.incoming() {
+                twin.serve_in_thread(client);
             }
         }
     }
     Ok(0)
 }
 
-/// A twin being viewed from this device.
-struct Viewed {
+/// A socket of a twin served on this device.
+struct Relayed {
     from: String,
     name: String,
+    socket: TwinSocket,
     key: [u8; vmm::migration::wire::KEY_LEN],
     tls: MigrationTls,
 }
 
-impl Viewed {
-    /// A connection to the host that carries the twin's screen.
+impl Relayed {
+    /// A connection to the host that carries the twin's socket.
     fn ask(&self) -> Result<vmm::migration::tls::Transport> {
-        vmm::migration::ask(
-            &self.from,
-            &self.key,
-            &self.tls,
-            &format!("view {}", self.name),
-        )
-        .with_context(|| format!("the view of {:?} at {}", self.name, self.from))
+        let request = format!("{} {}", self.socket.verb(), self.name);
+        vmm::migration::ask(&self.from, &self.key, &self.tls, &request).with_context(|| {
+            format!(
+                "the {} of {:?} at {}",
+                self.socket.verb(),
+                self.name,
+                self.from
+            )
+        })
     }
 
-    /// Relays one viewer to the twin's screen, in a thread of its own.
-    fn serve_in_thread<L>(self: &std::sync::Arc<Self>, viewer: std::io::Result<L>)
+    /// Relays one client to the twin's socket, in a thread of its own.
+    fn serve_in_thread<L>(self: &std::sync::Arc<Self>, client: std::io::Result<L>)
     where
         L: vmm::migration::LocalEnd + Send + 'static,
         for<'a> &'a L: std::io::Read + std::io::Write,
     {
-        let viewer = match viewer {
-            Ok(v) => v,
-            Err(e) => return eprintln!("pocketvisor: accept a viewer: {e}"),
+        let client = match client {
+            Ok(c) => c,
+            Err(e) => return eprintln!("pocketvisor: accept a client: {e}"),
         };
         let twin = std::sync::Arc::clone(self);
         std::thread::spawn(move || {
             let relayed = twin
                 .ask()
-                .and_then(|remote| vmm::migration::relay(remote, viewer).map_err(Into::into));
+                .and_then(|remote| vmm::migration::relay(remote, client).map_err(Into::into));
             if let Err(e) = relayed {
-                eprintln!("pocketvisor: a viewer of {:?}: {e:#}", twin.name);
+                eprintln!("pocketvisor: a client of {:?}: {e:#}", twin.name);
             }
         });
     }
@@ -948,7 +1041,14 @@ mod tests {
             assert!(parse_request(bad).is_err(), "{bad}");
         }
         assert_eq!(parse_request("return work"), Ok(Ask::Return("work".into())));
-        assert_eq!(parse_request("view work"), Ok(Ask::View("work".into())));
+        assert_eq!(
+            parse_request("view work"),
+            Ok(Ask::Relay(TwinSocket::Screen, "work".into()))
+        );
+        assert_eq!(
+            parse_request("vsock work"),
+            Ok(Ask::Relay(TwinSocket::Vsock, "work".into()))
+        );
         assert!(parse_request("return ../x")
             .unwrap_err()
             .contains("bad twin name"));

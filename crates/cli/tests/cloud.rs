@@ -583,6 +583,110 @@ fn a_twins_screen_is_shown_on_the_device_and_its_keys_reach_the_twin() {
     assert!(read(&stderr).contains("has no screen"), "{}", read(&stderr));
 }
 
+/// A twin's vsock device from the device: `cloud vsock` serves a unix socket that reaches the
+/// twin's guest as the twin VMM's own vsock socket would, so `pocketvisor vsock` through it
+/// gets the probe's echo back from the host, every byte; another device is refused, and so is
+/// a twin without a vsock device.
+#[test]
+fn a_twins_vsock_device_is_reached_from_the_device_through_the_cloud_host() {
+    let Some(h) = host("vsock") else {
+        return;
+    };
+    let probe = common::probe(true).expect("the probe was there a moment ago");
+    let serial = h.dir.path("phone.serial");
+    let mut phone = Vmm(Command::new(bin())
+        .args(["run", "--kernel", probe.to_str().unwrap()])
+        .args([
+            "--cmdline",
+            "pv.tests=vsock pv.vsock.port=1234 pv.vsock.wait=120000",
+        ])
+        .args(["--memory", "64M", "--vsock"])
+        .arg(format!(
+            "cid=3,socket={}",
+            h.dir.path("phone.vsock").display()
+        ))
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .arg("--api-socket")
+        .arg(h.dir.path("phone.sock"))
+        .stdout(Stdio::null())
+        .stderr(File::create(h.dir.path("phone.stderr")).unwrap())
+        .spawn()
+        .expect("start the device's VM"));
+    assert!(
+        wait_for(&serial, "PROBE vsock listening", WAIT),
+        "the device's guest does not listen: {}\n{}",
+        read(&h.dir.path("phone.stderr")),
+        read(&serial)
+    );
+    let out = h.offload("phone", "phone", "work");
+    assert!(out.status.success(), "offload failed: {}", text(&out));
+    // From here only the twin's guest can answer: the device's VMM has ended.
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+
+    let serve = |who: &str, name: &str| {
+        let socket = h.dir.path(&format!("{who}-{name}.vsock"));
+        let stderr = h.dir.path(&format!("vsock-{who}-{name}.stderr"));
+        let vmm = Vmm(Command::new(bin())
+            .args(["cloud", "vsock", name, "--from", &h.addr, "--key"])
+            .arg(&h.key)
+            .args(tls_args(&h.dir.0, who))
+            .arg("--listen")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start pocketvisor cloud vsock"));
+        (vmm, socket, stderr)
+    };
+    let (_relay, socket, stderr) = serve("phone", "work");
+    assert!(
+        wait_until(|| read(&stderr).contains("on unix:"), WAIT),
+        "cloud vsock does not serve: {}\n{}",
+        read(&stderr),
+        read(&h.dir.path("serve.stderr"))
+    );
+    let input: Vec<u8> = b"from the phone to its twin\n"
+        .iter()
+        .copied()
+        .chain((0..20000u32).map(|i| (i % 251) as u8))
+        .collect();
+    let mut echo = Command::new(bin())
+        .args(["vsock", "--vsock-socket"])
+        .arg(&socket)
+        .args(["--port", "1234"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut echo.stdin.take().unwrap(), &input).unwrap();
+    let out = echo.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        out.stdout == input,
+        "the twin's echo differs: {} bytes back; {}",
+        out.stdout.len(),
+        read(&h.dir.path("serve.stderr"))
+    );
+
+    // The tablet has no twin "work"; a twin without vsock has no vsock device to reach.
+    let (mut tablet, _, stderr) = serve("tablet", "work");
+    assert_eq!(wait_exit(&mut tablet, WAIT), Some(1), "{}", read(&stderr));
+    assert!(read(&stderr).contains("no twin named"), "{}", read(&stderr));
+    let mut plain = h.device_vm("plain");
+    let out = h.offload("plain", "phone", "plain");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut plain, WAIT), Some(0));
+    let (mut headless, _, stderr) = serve("phone", "plain");
+    assert_eq!(wait_exit(&mut headless, WAIT), Some(1), "{}", read(&stderr));
+    assert!(
+        read(&stderr).contains("has no vsock device"),
+        "{}",
+        read(&stderr)
+    );
+}
+
 /// The values of every complete `PROBE blk-counter N` line (a line cut short by a switch
 /// is not one: its number may be cut too).
 fn blk_counters(text: &str) -> Vec<u64> {
