@@ -225,6 +225,8 @@ EXAMPLE:
     /// Keep a replica of a running profile at a cloud host: an encrypted checkpoint every
     /// period (runs until stopped).
     Replicate(crate::replica::ProfileReplicateArgs),
+    /// Add the VM a replica's last checkpoint holds to this handset as a suspended profile.
+    Recover(crate::replica::ProfileRecoverArgs),
     /// Bring an offloaded profile back from its cloud host and run it here.
     #[command(after_help = "\
 Asks the cloud host the profile was offloaded to for its twin (with this device's identity in
@@ -760,9 +762,16 @@ fn lifecycle_with(
 
 /// Runs one `profile` subcommand.
 pub fn main(a: ProfileArgs) -> Result<i32> {
-    if let ProfileCmd::Replicate(r) = a.cmd {
-        let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
-        return crate::replica::profile_replicate(&dir, r);
+    match a.cmd {
+        ProfileCmd::Replicate(r) => {
+            let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
+            return crate::replica::profile_replicate(&dir, r);
+        }
+        ProfileCmd::Recover(r) => {
+            let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
+            return crate::replica::profile_recover(&dir, r);
+        }
+        _ => {}
     }
     if let ProfileCmd::Policy { name } = &a.cmd {
         handset::spec::check_name("profile name", name)?;
@@ -884,7 +893,9 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             lifecycle_with(&c, json, &name, "offload", "", Some(&body))?
         }
         // Served above, without the daemon.
-        ProfileCmd::Replicate(_) => unreachable!("profile replicate is served before"),
+        ProfileCmd::Replicate(_) | ProfileCmd::Recover(_) => {
+            unreachable!("profile replicate and recover are served before")
+        }
         ProfileCmd::Return { name } => lifecycle(&c, json, &name, "return", "")?,
         ProfileCmd::Resume { name, reclaim } => {
             let query = if reclaim { "?reclaim=true" } else { "" };

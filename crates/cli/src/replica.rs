@@ -7,7 +7,7 @@
 //! cloud host's side of both is here too ([`store_checkpoint`], [`send_chain`]).
 
 use std::fs::File;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -23,6 +23,9 @@ use vmm::Request;
 
 /// The `format` in a sealed checkpoint's manifest.
 const FORMAT: &str = "pocketvisor-replica/1";
+
+/// A profile's spec, carried in the checkpoints `profile replicate` seals.
+const SPEC_ENTRY: &str = "profile.toml";
 
 /// The most checkpoints a chain may have for a recovery to fetch it.
 const MAX_CHAIN: u64 = 1 << 20;
@@ -266,6 +269,9 @@ pub struct ReplicateArgs {
     full_every: u64,
     #[command(flatten)]
     conn: CloudConn,
+    /// A handset profile's spec, sealed into every checkpoint (`profile replicate`).
+    #[arg(skip)]
+    spec: Option<PathBuf>,
 }
 
 /// Parses `500ms`, `30s`, `2m`.
@@ -336,18 +342,9 @@ pub struct ProfileReplicateArgs {
     full_every: u64,
 }
 
-/// `profile replicate`: [`replicate`] with the profile's socket and work directory and the
-/// handset's identity towards cloud hosts.
-pub fn profile_replicate(dir: &handset::StateDir, a: ProfileReplicateArgs) -> Result<i32> {
-    handset::spec::check_name("profile name", &a.name)?;
-    let api_socket = dir.api_socket(&a.name);
-    if !api_socket.exists() {
-        bail!(
-            "profile {:?} does not run here (no {}): start it first",
-            a.name,
-            api_socket.display()
-        );
-    }
+/// The handset's identity towards cloud hosts: the files of `<state>/cloud/` (the ones
+/// `profile offload` uses).
+fn handset_conn(dir: &handset::StateDir) -> Result<CloudConn> {
     let cloud = dir.cloud();
     let file = |name: &str| -> Result<PathBuf> {
         let p = cloud.join(name);
@@ -362,12 +359,185 @@ pub fn profile_replicate(dir: &handset::StateDir, a: ProfileReplicateArgs) -> Re
             ),
         }
     };
-    let conn = CloudConn {
+    Ok(CloudConn {
         key: file("migration.key")?,
         tls_cert: file("cert.pem")?,
         tls_key: file("key.pem")?,
         tls_ca: file("ca.pem")?,
+    })
+}
+
+/// `profile recover`.
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Fetches the replica NAME that `profile replicate` kept at the cloud host (--from), with this
+device's identity towards cloud hosts (<state-dir>/cloud/: the certificate that replicated
+it) and the secret key of one of the replica's --recipient keys (--identity), checks every
+checkpoint as `cloud recover` does, and adds the VM as the last checkpoint left it to this
+handset as the suspended profile NAME, through the checks and registration of `import`
+(NAME must be free). `profile resume NAME` then runs it on.
+
+EXAMPLE:
+  pocketvisor profile recover work --from cloud.example:7000 --identity recovery.key
+  pocketvisor profile resume work")]
+pub struct ProfileRecoverArgs {
+    /// Profile name (the replica's name at the cloud host).
+    name: String,
+    /// The cloud host, HOST:PORT (its certificate must name HOST).
+    #[arg(long, value_name = "HOST:PORT")]
+    from: String,
+    /// The identity file (`pocketvisor keygen`) that opens the checkpoints.
+    #[arg(long, value_name = "FILE")]
+    identity: PathBuf,
+}
+
+/// Removes a directory (and what is in it) when dropped.
+struct RemovedDir(PathBuf);
+
+impl Drop for RemovedDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `profile recover`: rebuilds the profile in a scratch state directory, seals it as a
+/// portable profile file for a one-time key and imports that, so the recovered profile passes
+/// every check an imported one does.
+pub fn profile_recover(dir: &handset::StateDir, a: ProfileRecoverArgs) -> Result<i32> {
+    use crate::portable::layout;
+    handset::spec::check_name("profile name", &a.name)?;
+    if dir.profile(&a.name).exists() {
+        bail!(
+            "profile {:?} already exists in {}",
+            a.name,
+            dir.root().display()
+        );
+    }
+    let conn = handset_conn(dir)?;
+    let (key, tls) = conn.open()?;
+    let unlock = vault::Unlock::Identity(crate::portable::secret::read_identity(&a.identity)?);
+    std::fs::create_dir_all(dir.root())
+        .with_context(|| format!("cannot create {}", dir.root().display()))?;
+    let scratch = dir.root().join(format!(".recover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&scratch)
+        .with_context(|| format!("cannot create {}", scratch.display()))?;
+    let _scratch = RemovedDir(scratch.clone());
+    let staging = handset::StateDir::new(&scratch)?;
+    let disks = staging.profile(&a.name).join(layout::DISKS_DIR);
+    std::fs::create_dir_all(&disks)?;
+    let snapshot = staging.snapshot(&a.name);
+    let spec_path = staging.spec(&a.name);
+    let (count, bytes, chain) = fetch_and_rebuild(
+        &a.from,
+        &key,
+        &tls,
+        &a.name,
+        &unlock,
+        Recovery::numbered(&snapshot, &disks)?,
+        &snapshot,
+        Some(&spec_path),
+    )?;
+    let spec = handset::ProfileSpec::from_toml(&std::fs::read_to_string(&spec_path)?)
+        .context("the replica's profile spec is invalid")?;
+    if spec.name != a.name {
+        bail!(
+            "the replica holds profile {:?}, not {:?}",
+            spec.name,
+            a.name
+        );
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        std::fs::rename(
+            disks.join(format!("disk{i}.img")),
+            staging.disk(&a.name, &d.name),
+        )
+        .with_context(|| format!("the replica has no disk {:?}", d.name))?;
+    }
+    let saved = vmm::snapshot::inspect(&snapshot).context("the recovered snapshot")?;
+    let config = layout::ProfileConfig {
+        format: layout::CONFIG_FORMAT.into(),
+        state: layout::SavedState::Suspended,
+        vsock_cid: saved
+            .vsock
+            .as_ref()
+            .map(|v| u32::try_from(v.cid))
+            .transpose()?
+            .unwrap_or(0),
+        exported_by: format!("recovered from {} (chain {chain})", a.from),
+        spec: spec.clone(),
+        data_key: None,
     };
+    let entries = layout::entries(&staging, &a.name, &spec, false, true)?;
+    let (secret, public) = vault::generate_identity();
+    let key_file = scratch.join("once.key");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_file)
+        .and_then(|mut f| {
+            std::io::Write::write_all(&mut f, vault::encode_secret(&secret).as_bytes())
+        })
+        .context("the one-time key")?;
+    let file = scratch.join("recovered.pvp");
+    vault::export_with(
+        &file,
+        vault::Manifest::new(
+            &a.name,
+            serde_json::to_value(&config)?,
+            Some(serde_json::to_value(&spec.channels)?),
+        ),
+        &entries,
+        &[vault::KeySpec::Recipient(public)],
+        &vault::ExportOptions::default(),
+        &mut |_| {},
+    )
+    .context("sealing the recovered profile")?;
+    let exe = std::env::current_exe().context("this program's path")?;
+    let status = std::process::Command::new(exe)
+        .arg("import")
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(dir.root())
+        .arg("--identity")
+        .arg(&key_file)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("run import")?;
+    if !status.success() {
+        bail!("the recovered profile {:?} was not imported", a.name);
+    }
+    outln!(
+        "{}: recovered (suspended) checkpoints={count} bytes={bytes} chain={chain}",
+        a.name
+    );
+    Ok(0)
+}
+
+/// `profile replicate`: [`replicate`] with the profile's socket and work directory and the
+/// handset's identity towards cloud hosts.
+pub fn profile_replicate(dir: &handset::StateDir, a: ProfileReplicateArgs) -> Result<i32> {
+    handset::spec::check_name("profile name", &a.name)?;
+    let api_socket = dir.api_socket(&a.name);
+    if !api_socket.exists() {
+        bail!(
+            "profile {:?} does not run here (no {}): start it first",
+            a.name,
+            api_socket.display()
+        );
+    }
+    let conn = handset_conn(dir)?;
+    // A governed profile would come back without its IT policy.
+    if dir.policy(&a.name).exists() {
+        bail!(
+            "profile {:?} is governed by an IT policy, which a replica does not carry yet: \
+             it is not replicated (docs/cloud.md)",
+            a.name
+        );
+    }
     // A jailed VMM cannot see the work directory (nor reach the host over TCP, which
     // `replicate` does not ask of it): refused in words rather than by its first checkpoint.
     if vmm_pid(&api_socket).is_some_and(handset::vmm_proc::is_jailed) {
@@ -380,6 +550,7 @@ pub fn profile_replicate(dir: &handset::StateDir, a: ProfileReplicateArgs) -> Re
     }
     replicate(ReplicateArgs {
         work: dir.profile(&a.name).join("replica"),
+        spec: Some(dir.spec(&a.name)),
         name: a.name,
         api_socket,
         to: a.to,
@@ -466,7 +637,16 @@ pub fn replicate(a: ReplicateArgs) -> Result<i32> {
                 seq = 1;
             }
             let file = work.join(format!("ckpt-{seq}.pvr"));
-            let sealed = seal(&plain, &file, &a.name, &chain, seq, &answer, &keys);
+            let sealed = seal(
+                &plain,
+                a.spec.as_deref(),
+                &file,
+                &a.name,
+                &chain,
+                seq,
+                &answer,
+                &keys,
+            );
             let _ = std::fs::remove_dir_all(&plain);
             sealed?;
             pending = Some(Pending {
@@ -512,9 +692,11 @@ pub fn replicate(a: ReplicateArgs) -> Result<i32> {
     }
 }
 
-/// Seals the checkpoint directory `plain` into `out` for `keys`.
+/// Seals the checkpoint directory `plain` (and the profile spec `spec`) into `out` for `keys`.
+#[allow(clippy::too_many_arguments)]
 fn seal(
     plain: &Path,
+    spec: Option<&Path>,
     out: &Path,
     name: &str,
     chain: &str,
@@ -532,7 +714,7 @@ fn seal(
         }),
         None,
     );
-    let entries: Vec<vault::EntrySource> = FILES
+    let mut entries: Vec<vault::EntrySource> = FILES
         .iter()
         .map(|f| vault::EntrySource {
             name: (*f).to_string(),
@@ -540,6 +722,13 @@ fn seal(
             path: plain.join(f),
         })
         .collect();
+    if let Some(path) = spec {
+        entries.push(vault::EntrySource {
+            name: SPEC_ENTRY.to_string(),
+            kind: vault::EntryKind::Other,
+            path: path.to_path_buf(),
+        });
+    }
     vault::export_with(
         out,
         manifest,
@@ -612,12 +801,33 @@ pub fn recover(a: RecoverArgs) -> Result<i32> {
     }
     let (key, tls) = a.conn.open()?;
     let unlock = vault::Unlock::Identity(crate::portable::secret::read_identity(&a.identity)?);
-    let mut recovery = Recovery::new(&a.output, &a.disk)?;
+    let recovery = Recovery::new(&a.output, &a.disk)?;
     let out = std::path::absolute(&a.output).context("the output directory")?;
-    let fetch = FetchDir::create(&out)?;
-    let mut ch = vmm::migration::open_request(&a.from, &key, &tls, &format!("recover {}", a.name))?;
+    let (count, bytes, chain) =
+        fetch_and_rebuild(&a.from, &key, &tls, &a.name, &unlock, recovery, &out, None)?;
+    outln!("recovered checkpoints={count} bytes={bytes} chain={chain}");
+    Ok(0)
+}
+
+/// Fetches the replica `name`'s chain from `from`, opens and checks every checkpoint and
+/// applies it to `recovery`, which it finishes; the last checkpoint's profile spec goes to
+/// `spec` if given (an error if it has none). Returns the count, the bytes fetched and the
+/// chain.
+#[allow(clippy::too_many_arguments)]
+fn fetch_and_rebuild(
+    from: &str,
+    key: &[u8; 32],
+    tls: &MigrationTls,
+    name: &str,
+    unlock: &vault::Unlock,
+    mut recovery: Recovery,
+    out: &Path,
+    spec: Option<&Path>,
+) -> Result<(u64, u64, String)> {
+    let fetch = FetchDir::create(out)?;
+    let mut ch = vmm::migration::open_request(from, key, tls, &format!("recover {name}"))?;
     let accept = vmm::migration::expect_accept(&mut ch)
-        .with_context(|| format!("the recovery of {:?} from {} was refused", a.name, a.from))?;
+        .with_context(|| format!("the recovery of {name:?} from {from} was refused"))?;
     let (chain, count) = match accept.split_at_checked(32) {
         Some((c, n)) if n.len() == 8 => (
             String::from_utf8(c.to_vec())
@@ -644,27 +854,31 @@ pub fn recover(a: RecoverArgs) -> Result<i32> {
         let opened = fetch.0.join(format!("{i}"));
         let manifest = vault::import_with(
             &sealed,
-            &unlock,
+            unlock,
             &opened,
             &vault::ImportOptions::default(),
             &mut |_| {},
         )
         .with_context(|| {
-            format!(
-                "checkpoint {i} of {:?} does not open; nothing was written",
-                a.name
-            )
+            format!("checkpoint {i} of {name:?} does not open; nothing was written")
         })?;
-        check_manifest(&manifest, &a.name, &chain, i)?;
+        check_manifest(&manifest, name, &chain, i)?;
         recovery
             .apply(&opened)
             .with_context(|| format!("checkpoint {i}; nothing was written"))?;
+        if let Some(to) = spec {
+            let from = opened.join(SPEC_ENTRY);
+            if i == count {
+                std::fs::rename(&from, to).with_context(|| {
+                    format!("the replica {name:?} carries no profile spec (replicated with `cloud replicate`, not `profile replicate`)")
+                })?;
+            }
+        }
         let _ = std::fs::remove_dir_all(&opened);
         let _ = std::fs::remove_file(&sealed);
     }
     recovery.finish().context("writing the recovered VM")?;
-    outln!("recovered checkpoints={count} bytes={bytes} chain={chain}");
-    Ok(0)
+    Ok((count, bytes, chain))
 }
 
 /// Whether a checkpoint's manifest is checkpoint `seq` of `chain` of the replica `name`,
@@ -683,11 +897,16 @@ fn check_manifest(m: &vault::Manifest, name: &str, chain: &str, seq: u64) -> Res
             c
         );
     }
-    let mut names: Vec<&str> = m.entries.iter().map(|e| e.name.as_str()).collect();
+    let mut names: Vec<&str> = m
+        .entries
+        .iter()
+        .map(|e| e.name.as_str())
+        .filter(|n| *n != SPEC_ENTRY)
+        .collect();
     names.sort_unstable();
     let mut want = FILES.to_vec();
     want.sort_unstable();
-    if names != want {
+    if names != want || m.entries.len() > FILES.len() + 1 {
         bail!("checkpoint {seq} holds {names:?}, not a checkpoint's files; nothing was written");
     }
     Ok(())

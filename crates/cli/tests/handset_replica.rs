@@ -3,7 +3,8 @@
 //! replicated with the handset's identity towards cloud hosts (`<state>/cloud/`); the
 //! device is lost (its daemon and VMM killed) and `pocketvisor cloud recover`, with that
 //! identity and the recovery key, gives back the guest as the last checkpoint left it: it
-//! counts on from there and its disk is, byte for byte, what it had written.
+//! counts on from there and its disk is, byte for byte, what it had written. `profile
+//! recover` on a new handset makes it a suspended profile there that resumes the same way.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
@@ -187,4 +188,55 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
     );
     assert!(counted.windows(2).all(|w| w[1] == w[0] + 1), "{counted:?}");
     assert_disk_after_writes(&recovered, &initial, counted[0] - 1, "the recovered disk");
+
+    // A new handset with the same identity: `profile recover` makes it a suspended profile
+    // there, which resumes from the same checkpoint with the same disk.
+    let new = s.path("new");
+    host.give_identity(&new, "phone");
+    let recover = || {
+        profile(
+            &new,
+            &[
+                "recover",
+                "work",
+                "--from",
+                &host.addr,
+                "--identity",
+                recovery.to_str().unwrap(),
+            ],
+        )
+    };
+    let out = recover();
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("recovered (suspended) checkpoints=2"),
+        "{}",
+        said(&out)
+    );
+    let again = recover();
+    assert!(!again.status.success());
+    assert!(said(&again).contains("already exists"), "{}", said(&again));
+    assert_eq!(
+        std::fs::read(new.join("profiles/work/disks/data.img")).unwrap(),
+        recovered,
+        "the profile's disk is the recovered one"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&new)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".recover"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let second = Daemon::start_with(&new, Some(&probe), &[], &["--no-jail"]);
+    let show = second.profile(&["list"]);
+    assert!(show.contains("suspended"), "{show}");
+    second.profile(&["resume", "work"]);
+    let serial = new.join("profiles/work/run/serial.log");
+    assert!(
+        common::wait_until(|| blk_counters(&common::read(&serial)).len() >= 5, WAIT),
+        "the recovered profile does not count: {}",
+        common::read(&serial)
+    );
+    let resumed = blk_counters(&common::read(&serial));
+    assert_eq!(resumed[0], counted[0], "{resumed:?} against {counted:?}");
 }

@@ -353,6 +353,9 @@ pub struct Recovery {
     regions: Vec<MemRegion>,
     config: Option<crate::VmConfig>,
     disk_paths: Vec<PathBuf>,
+    /// Name the disks `disk<i>.img` in this directory once the first checkpoint says how
+    /// many there are (instead of `disk_paths`).
+    numbered: Option<PathBuf>,
     disks: Vec<(PathBuf, File)>,
     disk_sizes: Vec<u64>,
     state: Vec<u8>,
@@ -382,12 +385,21 @@ impl Recovery {
             regions: Vec::new(),
             config: None,
             disk_paths: disks.to_vec(),
+            numbered: None,
             disks: Vec::new(),
             disk_sizes: Vec::new(),
             state: Vec::new(),
             applied: 0,
             finished: false,
         })
+    }
+
+    /// [`Recovery::new`] with one disk image per disk of the VM, `disk<i>.img` in `dir` (none
+    /// of which may exist), however many the first checkpoint says.
+    pub fn numbered(out: &Path, dir: &Path) -> Result<Recovery, Error> {
+        let mut r = Recovery::new(out, &[])?;
+        r.numbered = Some(dir.to_path_buf());
+        Ok(r)
     }
 
     /// Applies the checkpoint in directory `dir` (authenticated by the caller): the first
@@ -404,6 +416,18 @@ impl Recovery {
                     return Err(err(
                         "the chain does not start with a full checkpoint; nothing to start from",
                     ));
+                }
+                if let Some(d) = &self.numbered {
+                    self.disk_paths = (0..config.disks.len())
+                        .map(|i| d.join(format!("disk{i}.img")))
+                        .collect();
+                    if let Some(p) = self
+                        .disk_paths
+                        .iter()
+                        .find(|p| p.symlink_metadata().is_ok())
+                    {
+                        return Err(err(format!("{} exists; nothing was written", p.display())));
+                    }
                 }
                 if self.disk_paths.len() != config.disks.len()
                     || meta.disk_sizes.len() != config.disks.len()

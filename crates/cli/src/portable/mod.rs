@@ -9,7 +9,7 @@
 pub mod export;
 pub mod import;
 pub mod keygen;
-mod layout;
+pub(crate) mod layout;
 mod progress;
 pub(crate) mod secret;
 
