@@ -240,3 +240,52 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
     let resumed = blk_counters(&common::read(&serial));
     assert_eq!(resumed[0], counted[0], "{resumed:?} against {counted:?}");
 }
+
+#[test]
+fn a_profile_in_a_jailed_vmm_is_refused_in_words() {
+    let Some(probe) = probe("handset_replica") else {
+        return;
+    };
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        common::skip("a jailed VMM needs root");
+        return;
+    }
+    let host = CloudHost::start("pv-hreplicatest", "jailed");
+    let s = Scratch::new("pv-hreplicatest", "jailed-device");
+    let dir = s.path("state");
+    // The handset's default: every VMM jailed.
+    let daemon = Daemon::start_with(&dir, Some(&probe), &[], &[]);
+    let spec = s.path("work.toml");
+    std::fs::write(
+        &spec,
+        "name = \"work\"\nkernel = \"probe\"\ncmdline = \"pv.mode=counter pv.counter.ms=20\"\n\
+         memory_mib = 64\n",
+    )
+    .unwrap();
+    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
+    daemon.profile(&["start", "work"]);
+    let serial = dir.join("profiles/work/run/serial.log");
+    assert!(
+        common::wait_for(&serial, "PROBE counter 3\n", WAIT),
+        "the guest does not count: {}",
+        common::read(&serial)
+    );
+    host.give_identity(&dir, "phone");
+    let out = profile(
+        &dir,
+        &[
+            "replicate",
+            "work",
+            "--to",
+            &host.addr,
+            "--recipient",
+            "pvp-public-unused",
+            "--count",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(said(&out).contains("jailed VMM"), "{}", said(&out));
+    assert!(host.twin_dirs().is_empty(), "{:?}", host.twin_dirs());
+}
