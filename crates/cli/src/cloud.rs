@@ -102,6 +102,8 @@ to the device (the migration authenticated end to end by the key); the twin runs
 the guest runs at the device, and is then recorded as returned. One return of a twin at a time.
 A twin with a display serves its screen (its VMM's VNC server on vnc.sock in its directory),
 which a device's `cloud view NAME` gets relayed, keys and pointer included.
+`clone NAME` (`migrate --twin NAME --clone`) receives a live copy whose original runs on at the
+device: the twin (kind clone) gets a fresh vsock CID, and does not return.
 A device's `cloud replicate NAME` stores sealed checkpoints (which this host cannot read) in
 its replica twin NAME, each atomically (`<chain>-<seq>.pvr`, `current`); `cloud recover NAME`
 fetches them.
@@ -251,6 +253,9 @@ fn spawn_twin(exe: &Path, host: &HostArgs, conn: TcpStream) -> Result<std::proce
 enum Ask {
     /// Receive the profile `NAME` and run it as this device's twin.
     Offload(String),
+    /// Receive a live copy of the profile `NAME` (which runs on at the device) and run it
+    /// with a fresh identity as this device's twin.
+    Clone(String),
     /// Send the twin `NAME` back to the device (which starts from the copy it kept).
     Return(String),
     /// Relay the screen (`view`) or the vsock socket (`vsock`) of the twin `NAME` to the
@@ -277,14 +282,16 @@ fn parse_request(request: &str) -> Result<Ask, String> {
     }
     let ask = match verb {
         "offload" => Ask::Offload,
+        "clone" => Ask::Clone,
         "return" => Ask::Return,
         "view" => |name| Ask::Relay(TwinSocket::Screen, name),
         "vsock" => |name| Ask::Relay(TwinSocket::Vsock, name),
         "recover" => Ask::Recover,
         _ => {
             return Err(format!(
-                "unknown request {request:?}: this host serves `offload NAME`, `return NAME`, \
-                 `view NAME`, `vsock NAME`, `replicate NAME CHAIN SEQ` and `recover NAME`"
+                "unknown request {request:?}: this host serves `offload NAME`, `clone NAME`, \
+                 `return NAME`, `view NAME`, `vsock NAME`, `replicate NAME CHAIN SEQ` and \
+                 `recover NAME`"
             ))
         }
     };
@@ -337,7 +344,8 @@ fn twin(h: &HostArgs) -> Result<i32> {
         .with_context(|| format!("the connection from {peer} was refused"))?;
     let device = DeviceId::of_certificate(requested.certificate());
     match parse_request(requested.request()) {
-        Ok(Ask::Offload(name)) => offload(&store, requested, device, &name, &peer),
+        Ok(Ask::Offload(name)) => offload(&store, requested, device, &name, &peer, false),
+        Ok(Ask::Clone(name)) => offload(&store, requested, device, &name, &peer, true),
         Ok(Ask::Return(name)) => give_back(h, &store, requested, device, &name, &peer),
         Ok(Ask::Relay(socket, name)) => {
             relay_twin_socket(&store, requested, device, &name, &peer, socket)
@@ -359,14 +367,24 @@ fn refuse(requested: Requested, what: &str, why: String) -> Result<i32> {
     Err(anyhow::anyhow!("{what} was refused: {why}"))
 }
 
-/// An offload: receives the device's VM into its twin `name` and runs it here.
+/// An offload (or with `clone` a clone): receives the device's VM into its twin `name` and
+/// runs it here. A clone gets a fresh vsock CID, which its restored vsock device tells the
+/// guest with a transport reset (the host gives twins no network, so no MAC to change).
 fn offload(
     store: &TwinStore,
     requested: Requested,
     device: DeviceId,
     name: &str,
     peer: &str,
+    clone: bool,
 ) -> Result<i32> {
+    let kind = if clone {
+        cloud::store::TwinKind::Clone
+    } else {
+        cloud::store::TwinKind::Offload
+    };
+    // The clone's vsock CID, once chosen: (the original's, the clone's).
+    let mut cids = None;
     // Whether this connection created the twin, so a failure can undo it.
     let mut created = false;
     // The twin's lock, held while this process serves it.
@@ -376,7 +394,9 @@ fn offload(
         let twin = match store.get(&device, name) {
             Ok(t) => t,
             Err(StoreError::NotFound(_)) => {
-                let t = store.create(&device, name).map_err(migration_error)?;
+                let t = store
+                    .create_kind(&device, name, kind)
+                    .map_err(migration_error)?;
                 created = true;
                 t
             }
@@ -402,6 +422,19 @@ fn offload(
                 "the twin {name:?} is a replica; offload under another name"
             )));
         }
+        if twin.kind != kind {
+            store
+                .set_kind(&device, name, kind)
+                .map_err(migration_error)?;
+        }
+        let vsock_cid = match (&arrival.config.vsock, clone) {
+            (Some(v), true) => {
+                let fresh = fresh_cid(v.cid).map_err(migration_error)?;
+                cids = Some((v.cid, fresh));
+                Some(fresh)
+            }
+            _ => None,
+        };
         if twin.state == TwinState::Running && !created {
             eprintln!(
                 "pocketvisor: cloud: the twin {name:?} of device {} was left running by a \
@@ -431,6 +464,7 @@ fn offload(
                 .map(|_| PathBuf::from(TWIN_VSOCK_SOCKET)),
             taps: Vec::new(),
             disk_keys: Vec::new(),
+            vsock_cid,
         })
     });
     let vm = match received {
@@ -446,10 +480,18 @@ fn offload(
     store
         .set_state(&device, name, TwinState::Running)
         .context("record the twin as running")?;
-    eprintln!(
-        "pocketvisor: cloud: the twin {name:?} of device {} runs here (from {peer})",
-        device.hex()
-    );
+    match cids {
+        Some((was, now)) => eprintln!(
+            "pocketvisor: cloud: the clone {name:?} of device {} runs here (from {peer}) with \
+             vsock CID {now} (the original's is {was})",
+            device.hex()
+        ),
+        None => eprintln!(
+            "pocketvisor: cloud: the {} {name:?} of device {} runs here (from {peer})",
+            if clone { "clone" } else { "twin" },
+            device.hex()
+        ),
+    }
     // Its screen, for the device's `view` (a unix socket beside `api.sock`). The guest runs
     // here already: a screen that cannot be served is said, not a reason to stop it.
     let _screen =
@@ -462,6 +504,29 @@ fn offload(
     let _ = store.set_state(&device, name, TwinState::Returned);
     drop(held);
     status
+}
+
+/// The largest vsock CID a clone is given (the handset's jailed VMMs map CIDs to uids below
+/// 2^31: a clone that returns home as a profile one day keeps fitting).
+const MAX_CLONE_CID: u64 = 0x0fff_ffff;
+
+/// A random vsock CID for a clone, in 3..=[`MAX_CLONE_CID`] and not `original`.
+fn fresh_cid(original: u64) -> Result<u64, String> {
+    loop {
+        let mut b = [0u8; 8];
+        // SAFETY: getrandom writes at most `b.len()` bytes into `b`, which lives across the call.
+        let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+        if usize::try_from(n).ok() != Some(b.len()) {
+            return Err(format!(
+                "no random CID for the clone: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        let cid = 3 + u64::from_le_bytes(b) % (MAX_CLONE_CID - 2);
+        if cid != original {
+            return Ok(cid);
+        }
+    }
 }
 
 /// The lock file of a twin's directory: held (`flock`) by the process that serves the twin,
@@ -672,6 +737,15 @@ fn give_back(
         Ok(t) => t,
         Err(why) => return refuse(requested, why),
     };
+    if twin.kind == cloud::store::TwinKind::Clone {
+        return refuse(
+            requested,
+            format!(
+                "the twin {name:?} is a clone: its original runs on the device, and a clone \
+                 does not return over it"
+            ),
+        );
+    }
     let _returning = match lock_file(&twin.dir.join(RETURN_LOCK)) {
         Ok(Some(lock)) => lock,
         Ok(None) => {
@@ -698,6 +772,7 @@ fn give_back(
         tls: None,
         twin: None,
         keep: None,
+        clone: false,
     };
     let migration = std::thread::spawn(move || crate::api::call(Path::new("api.sock"), &ask));
     let deadline = Instant::now() + TWIN_CONNECT_WAIT;
@@ -843,6 +918,7 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
         vsock_socket: a.vsock_socket,
         taps: Vec::new(),
         disk_keys: Vec::new(),
+        vsock_cid: None,
     };
     let returned = vmm::migration::receive_returned(
         &a.host.from,
@@ -1026,6 +1102,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_clone_cid_is_fresh_and_in_range() {
+        for original in [3, 4, 1000, MAX_CLONE_CID] {
+            for _ in 0..100 {
+                let c = fresh_cid(original).unwrap();
+                assert!((3..=MAX_CLONE_CID).contains(&c) && c != original, "{c}");
+            }
+        }
+    }
+
+    #[test]
     fn requests_are_parsed_strictly() {
         assert_eq!(
             parse_request("offload work"),
@@ -1049,6 +1135,8 @@ mod tests {
             parse_request("vsock work"),
             Ok(Ask::Relay(TwinSocket::Vsock, "work".into()))
         );
+        assert_eq!(parse_request("clone work"), Ok(Ask::Clone("work".into())));
+        assert!(parse_request("clone ../x").is_err());
         assert!(parse_request("return ../x")
             .unwrap_err()
             .contains("bad twin name"));

@@ -16,7 +16,8 @@ use crate::api;
 #[command(after_help = "\
 The VM must have been started with --api-socket. It keeps running while its memory is copied
 and stands still only for the last copy (the downtime budget). The command returns once the
-destination confirms the guest runs there; the source VMM then ends with status 0. If anything
+destination confirms the guest runs there; the source VMM then ends with status 0 (with
+--clone it runs on: a cloud host then runs a copy with a vsock CID of its own). If anything
 fails before that, the guest runs on at the source and the command fails (status 1). Disks go
 with the guest: each is sent whole, then the chunks the guest wrote meanwhile, and replaces the
 destination's disk (which must exist, the same size) only at the commit.
@@ -47,6 +48,10 @@ pub struct MigrateArgs {
     /// At a cloud host (`pocketvisor cloud serve`, over TLS): become its twin NAME there.
     #[arg(long, value_name = "NAME", conflicts_with = "plain")]
     twin: Option<String>,
+    /// With --twin: clone rather than move. The guest runs on here once its copy runs at
+    /// the cloud host, which gives the copy a fresh identity (vsock CID).
+    #[arg(long, requires = "twin", conflicts_with = "keep")]
+    clone: bool,
     /// Keep a snapshot of the VM as it is at the switch in DIR (written before the commit;
     /// with the disks, which stay where they are, the copy a return starts from).
     #[arg(long, value_name = "DIR")]
@@ -148,6 +153,7 @@ pub fn migrate(a: MigrateArgs) -> Result<i32> {
             downtime_ms: a.downtime_ms,
             tls: a.tls.files()?,
             twin: a.twin,
+            clone: a.clone,
             keep: a
                 .keep
                 .map(|k| {
@@ -180,6 +186,7 @@ pub fn receive(a: ReceiveArgs) -> Result<i32> {
         vsock_socket: a.vsock_socket,
         taps: a.tap,
         disk_keys: Vec::new(),
+        vsock_cid: None,
     };
     let vm = vmm::migration::receive_onto(conn, &key, tls.as_ref(), &overrides, a.base.as_deref())
         .with_context(|| format!("the migration from {peer} failed; nothing runs here"))?;

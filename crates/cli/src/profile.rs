@@ -227,6 +227,27 @@ EXAMPLE:
     Replicate(crate::replica::ProfileReplicateArgs),
     /// Add the VM a replica's last checkpoint holds to this handset as a suspended profile.
     Recover(crate::replica::ProfileRecoverArgs),
+    /// Start a live copy of a running profile at a cloud host; the original runs on here.
+    #[command(after_help = "\
+The profile's VMM migrates the guest to the cloud host (HOST:PORT, with this device's identity
+in <state-dir>/cloud/, as `profile offload`) but resumes it here once the copy runs there:
+both run on from the same moment, each with its own disk from then on. The host runs the copy
+as this device's twin NAME (kind clone) with a fresh identity: a new vsock CID, which the
+guest learns from its vsock device (a transport reset; the probe prints `PROBE twin cid=N`).
+Twins have no network, so no MAC to change. A clone does not return (its original runs
+here); another device cannot reach it. If the clone fails, nothing runs there and the guest
+runs on here.
+
+EXAMPLE:
+  pocketvisor profile clone work --to cloud.example:7000
+  pocketvisor cloud view work --from cloud.example:7000 ...   # its screen, if it has one")]
+    Clone {
+        /// Profile name.
+        name: String,
+        /// The cloud host, HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+    },
     /// Bring an offloaded profile back from its cloud host and run it here.
     #[command(after_help = "\
 Asks the cloud host the profile was offloaded to for its twin (with this device's identity in
@@ -751,6 +772,10 @@ fn lifecycle_with(
             "{name}: offloaded to {} ({ms:.1} ms)",
             p.offloaded_to.as_deref().unwrap_or("?")
         ),
+        "clone" => outln!(
+            "{name}: {} here, its clone at the cloud host ({ms:.1} ms)",
+            p.state.as_str()
+        ),
         _ => outln!(
             "{name}: {}{} ({ms:.1} ms)",
             p.state.as_str(),
@@ -897,6 +922,10 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             unreachable!("profile replicate and recover are served before")
         }
         ProfileCmd::Return { name } => lifecycle(&c, json, &name, "return", "")?,
+        ProfileCmd::Clone { name, to } => {
+            let body = handset::api_types::OffloadRequest { to };
+            lifecycle_with(&c, json, &name, "clone", "", Some(&body))?
+        }
         ProfileCmd::Resume { name, reclaim } => {
             let query = if reclaim { "?reclaim=true" } else { "" };
             lifecycle(&c, json, &name, "resume", query)?

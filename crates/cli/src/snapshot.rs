@@ -101,6 +101,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         vsock_socket: a.vsock_socket,
         taps: a.tap,
         disk_keys: Vec::new(),
+        vsock_cid: None,
     };
     if !a.dir.exists() {
         return Err(crate::failure::Failure::NotFound(format!(

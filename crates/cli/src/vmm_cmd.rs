@@ -272,6 +272,7 @@ fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
         vsock_socket: jailed.vsock.as_ref().map(|v| v.socket.clone()),
         taps: jailed.net.iter().map(|n| n.tap.clone()).collect(),
         disk_keys: jailed.disks.iter().map(|d| d.key.clone()).collect(),
+        vsock_cid: None,
     }
 }
 

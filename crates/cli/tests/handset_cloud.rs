@@ -3,7 +3,9 @@
 //! counts on at the host and back on the device, never going back; its disk is, byte for
 //! byte, every block it wrote; an offloaded profile is refused what would run it here; an
 //! offload that cannot reach its host leaves it running here; a daemon restart keeps it
-//! offloaded.
+//! offloaded. `profile clone`: a copy runs at the host with a vsock CID of its own, which the
+//! guest sees, while the original runs on; only its device reaches it, and it does not
+//! return.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
@@ -45,6 +47,124 @@ fn info(dir: &Path) -> serde_json::Value {
     let out = profile(dir, &["show", "work", "--json"]);
     assert_ok(&out, "profile show");
     serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A daemon (`--no-jail`) on a new state directory with the identity of the device `phone`
+/// and a running profile `work`: the probe writing its disk; its serial log.
+fn device(host: &CloudHost, s: &Scratch, probe: &Path) -> (Daemon, std::path::PathBuf) {
+    let dir = s.path("state");
+    let daemon = Daemon::start_with(&dir, Some(probe), &[], &["--no-jail"]);
+    host.give_identity(&dir, "phone");
+    let spec = s.path("work.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"work\"\nkernel = \"probe\"\n\
+             cmdline = \"pv.mode=blk-counter pv.counter.ms=20\"\nmemory_mib = 64\n\
+             disks = [{{name = \"data\", size_mib = {DISK_MIB}}}]\n"
+        ),
+    )
+    .unwrap();
+    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
+    daemon.profile(&["start", "work"]);
+    let serial = dir.join("profiles/work/run/serial.log");
+    assert!(
+        common::wait_for(&serial, "PROBE blk-counter 3\n", WAIT),
+        "the guest does not write: {}",
+        common::read(&serial)
+    );
+    (daemon, serial)
+}
+
+#[test]
+fn a_clone_runs_at_the_cloud_host_with_its_own_cid_while_the_original_runs_on() {
+    let Some(probe) = probe("handset_cloud clone") else {
+        return;
+    };
+    let host = CloudHost::start("pv-hcloudtest", "clone-host");
+    let s = Scratch::new("pv-hcloudtest", "clone");
+    let (daemon, serial) = device(&host, &s, &probe);
+    let dir = s.path("state");
+    let cid = info(&dir)["vsock_cid"].as_u64().unwrap();
+    let pid = info(&dir)["pid"].as_u64().unwrap();
+
+    let out = profile(&dir, &["clone", "work", "--to", &host.addr]);
+    assert!(out.status.success(), "clone failed: {}", said(&out));
+    let at_clone = blk_last(&serial);
+    // The original runs on here, in the same VMM.
+    let p = info(&dir);
+    assert_eq!(
+        (p["state"].as_str(), p["pid"].as_u64()),
+        (Some("running"), Some(pid))
+    );
+    assert!(daemon.profile(&["events", "work"]).contains("cloned"));
+    let twins = host.twin_dirs();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    let twin_log = host
+        .state()
+        .join("twins")
+        .join(&twins[0])
+        .join("serial.log");
+    // Both write on: the clone from where the original was at the switch.
+    assert!(
+        common::wait_until(
+            || blk_last(&twin_log) > at_clone + 10 && blk_last(&serial) > at_clone + 10,
+            WAIT
+        ),
+        "both do not write on from {at_clone}: here {}, there {}\n{}",
+        blk_last(&serial),
+        blk_last(&twin_log),
+        common::read(&host.dir.path("serve.stderr"))
+    );
+    let first_there = blk_counters(&common::read(&twin_log))[0];
+    assert!(
+        first_there <= at_clone + 2 && first_there + 10 > at_clone,
+        "the clone went on at {first_there}; the original was at {at_clone}"
+    );
+    // The clone's identity is its own, and its guest saw it; the original's is unchanged.
+    let twin_text = common::read(&twin_log);
+    let seen: Vec<u64> = twin_text
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE twin cid="))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the clone's guest saw no new CID: {twin_text}"
+    );
+    assert_ne!(seen[0], cid, "the clone kept the original's CID");
+    assert!(
+        common::read(&host.dir.path("serve.stderr")).contains(&format!(
+            "with vsock CID {} (the original's is {cid})",
+            seen[0]
+        )),
+        "{}",
+        common::read(&host.dir.path("serve.stderr"))
+    );
+    assert!(!common::read(&serial).contains("PROBE twin"));
+    assert_eq!(info(&dir)["vsock_cid"].as_u64(), Some(cid));
+
+    // Another device does not reach it; its own device cannot take it back over the original.
+    let out = host.cloud_return("tablet", "work", &[]);
+    assert!(!out.status.success(), "the tablet got the phone's clone");
+    assert!(
+        said(&out).contains("no twin named \"work\""),
+        "{}",
+        said(&out)
+    );
+    let out = host.cloud_return("phone", "work", &[]);
+    assert!(!out.status.success(), "a clone returned over its original");
+    assert!(said(&out).contains("is a clone"), "{}", said(&out));
+    let (here, there) = (blk_last(&serial), blk_last(&twin_log));
+    assert!(
+        common::wait_until(
+            || blk_last(&twin_log) > there + 3 && blk_last(&serial) > here + 3,
+            WAIT
+        ),
+        "a refused request stopped one of them"
+    );
+    drop(daemon);
 }
 
 #[test]

@@ -88,6 +88,9 @@ pub enum TwinKind {
     Offload,
     /// A replica: the device's sealed checkpoints, kept for a recovery; nothing runs here.
     Replica,
+    /// A live copy of a profile that runs on at the device, with an identity of its own;
+    /// it does not return.
+    Clone,
 }
 
 impl TwinKind {
@@ -95,6 +98,7 @@ impl TwinKind {
         match self {
             TwinKind::Offload => "offload",
             TwinKind::Replica => "replica",
+            TwinKind::Clone => "clone",
         }
     }
 
@@ -102,6 +106,7 @@ impl TwinKind {
         match s {
             "offload" => Some(TwinKind::Offload),
             "replica" => Some(TwinKind::Replica),
+            "clone" => Some(TwinKind::Clone),
             _ => None,
         }
     }
@@ -261,7 +266,7 @@ impl TwinStore {
         let name = checked(name)?;
         let dir = self.dir_of(device, name);
         let state = match kind {
-            TwinKind::Offload => TwinState::Running,
+            TwinKind::Offload | TwinKind::Clone => TwinState::Running,
             TwinKind::Replica => TwinState::Returned,
         };
         let inserted = self.db.execute(
@@ -335,6 +340,25 @@ impl TwinStore {
             });
         }
         Ok(twins)
+    }
+
+    /// Records what twin `name` of `device` now is (a returned offload cloned under its
+    /// name becomes a clone, and the other way round).
+    pub fn set_kind(
+        &self,
+        device: &DeviceId,
+        name: &str,
+        kind: TwinKind,
+    ) -> Result<(), StoreError> {
+        let name = checked(name)?;
+        let n = self.db.execute(
+            "UPDATE twins SET kind = $3 WHERE device = $1 AND name = $2",
+            &[&device.hex(), name, kind.as_str()],
+        )?;
+        if n == 0 {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        Ok(())
     }
 
     /// Records where `device`'s twin `name` is.
@@ -517,6 +541,15 @@ mod tests {
         assert_eq!(s.get(&a, "work").unwrap(), r);
         assert!(matches!(s.get(&b, "work"), Err(StoreError::NotFound(_))));
         assert_eq!(s.list(&a).unwrap().len(), 2);
+        // A clone runs from its creation; a twin's kind changes with what it is used for.
+        let c = s.create_kind(&a, "copy", TwinKind::Clone).unwrap();
+        assert_eq!((c.kind, c.state), (TwinKind::Clone, TwinState::Running));
+        s.set_kind(&a, "old", TwinKind::Clone).unwrap();
+        assert_eq!(s.get(&a, "old").unwrap().kind, TwinKind::Clone);
+        assert!(matches!(
+            s.set_kind(&b, "old", TwinKind::Clone),
+            Err(StoreError::NotFound(_))
+        ));
     }
 
     #[test]

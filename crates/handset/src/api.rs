@@ -100,6 +100,8 @@ pub enum Op {
     Offload,
     /// Bring an offloaded profile back from its cloud host.
     Return,
+    /// Start a live copy of a running profile at a cloud host.
+    Clone,
 }
 
 /// One route.
@@ -155,6 +157,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles/{name}/wipe", Op::Wipe),
     r("POST", "/v1/profiles/{name}/offload", Op::Offload),
     r("POST", "/v1/profiles/{name}/return", Op::Return),
+    r("POST", "/v1/profiles/{name}/clone", Op::Clone),
 ];
 
 type Hs = Arc<Handset>;
@@ -411,6 +414,17 @@ async fn offload(
     Ok(Json(audited(&h, peer, &name, "offload", r)?))
 }
 
+async fn clone_to(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    body: Result<Json<OffloadRequest>, JsonRejection>,
+) -> ApiResult<crate::ProfileInfo> {
+    let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let r = h.clone_to(&name, &req.to).await;
+    Ok(Json(audited(&h, peer, &name, "clone", r)?))
+}
+
 async fn give_back(
     State(h): State<Hs>,
     ConnectInfo(peer): ConnectInfo<Peer>,
@@ -538,6 +552,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Wipe => post(wipe),
         Op::Offload => post(offload),
         Op::Return => post(give_back),
+        Op::Clone => post(clone_to),
     }
 }
 

@@ -320,7 +320,7 @@ pub struct ReclaimQuery {
     pub reclaim: Option<bool>,
 }
 
-/// `POST /v1/profiles/{name}/offload`: where the profile goes.
+/// `POST /v1/profiles/{name}/offload` and `/clone`: where the profile (or its copy) goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OffloadRequest {

@@ -86,6 +86,9 @@ pub enum Request {
         /// Where this host keeps its last copy: a snapshot of the VM as it is at the switch
         /// (absolute; written before `Commit`), the base of a later return.
         keep: Option<PathBuf>,
+        /// With `twin`: a clone (the request `clone NAME`): the guest runs on here after the
+        /// switch too, and the cloud host gives the copy a fresh identity.
+        clone: bool,
     },
 }
 
@@ -195,6 +198,9 @@ pub struct ApiRequest {
     /// The snapshot directory of the copy kept at the switch (`migrate` only, absolute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keep: Option<PathBuf>,
+    /// Clone rather than move: the guest runs on here (`migrate` only, with `twin`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clone: bool,
 }
 
 /// The downtime budget of a `migrate` line without `downtime_ms`, in milliseconds.
@@ -228,8 +234,8 @@ pub enum RequestError {
     #[error(
         "migrate needs \"to\" (host:port) and \"key_file\" (an absolute path), may take \
          \"downtime_ms\", \"tls\" ({{\"cert\",\"key\",\"ca\"}}, absolute paths) and, with \
-         \"tls\", \"twin\" (a cloud host's twin), \"keep\" (an absolute directory), and \
-         only migrate takes them"
+         \"tls\", \"twin\" (a cloud host's twin), \"keep\" (an absolute directory), with \
+         \"twin\", \"clone\", and only migrate takes them"
     )]
     MigrateRequest,
     /// An op nobody serves.
@@ -269,6 +275,7 @@ impl From<&Request> for ApiRequest {
             tls: None,
             twin: None,
             keep: None,
+            clone: false,
         };
         match r {
             Request::Snapshot { dir, resume } => {
@@ -290,7 +297,9 @@ impl From<&Request> for ApiRequest {
                 tls,
                 twin,
                 keep,
+                clone,
             } => {
+                wire.clone = *clone;
                 wire.to = Some(to.clone());
                 wire.key_file = Some(key_file.clone());
                 wire.downtime_ms = Some(*downtime_ms);
@@ -315,7 +324,8 @@ impl TryFrom<ApiRequest> for Request {
             || r.downtime_ms.is_some()
             || r.tls.is_some()
             || r.twin.is_some()
-            || r.keep.is_some();
+            || r.keep.is_some()
+            || r.clone;
         if r.op == "migrate" {
             return match (r.to, r.key_file) {
                 (Some(to), Some(key_file))
@@ -328,7 +338,8 @@ impl TryFrom<ApiRequest> for Request {
                         && !r.resume
                         && r.tls.as_ref().is_none_or(MigrationTls::is_absolute)
                         && (r.twin.is_none() || r.tls.is_some())
-                        && r.keep.as_ref().is_none_or(|k| k.is_absolute()) =>
+                        && r.keep.as_ref().is_none_or(|k| k.is_absolute())
+                        && (!r.clone || r.twin.is_some()) =>
                 {
                     Ok(Request::Migrate {
                         to,
@@ -337,6 +348,7 @@ impl TryFrom<ApiRequest> for Request {
                         tls: r.tls,
                         twin: r.twin,
                         keep: r.keep,
+                        clone: r.clone,
                     })
                 }
                 _ => Err(RequestError::MigrateRequest),
@@ -550,6 +562,7 @@ mod tests {
                 tls: None,
                 twin: None,
                 keep: None,
+                clone: false,
             })
         );
         for bad in [
@@ -566,6 +579,8 @@ mod tests {
             r#"{"op":"pause","twin":"work"}"#,
             r#"{"op":"migrate","to":"h:1","key_file":"/k","keep":"kept"}"#,
             r#"{"op":"stop","keep":"/kept"}"#,
+            r#"{"op":"migrate","to":"h:1","key_file":"/k","clone":true}"#,
+            r#"{"op":"pause","clone":true}"#,
             r#"{"op":"snapshot","dir":"/x","downtime_ms":5}"#,
         ] {
             assert_eq!(parse(bad), Err(RequestError::MigrateRequest), "{bad}");
@@ -621,6 +636,7 @@ mod tests {
                 tls: None,
                 twin: None,
                 keep: None,
+                clone: false,
             },
             Request::Migrate {
                 to: "[::1]:7000".into(),
@@ -633,6 +649,20 @@ mod tests {
                 }),
                 twin: Some("work".into()),
                 keep: Some("/var/lib/handset/work/kept".into()),
+                clone: false,
+            },
+            Request::Migrate {
+                to: "cloud.example:7000".into(),
+                key_file: "/k".into(),
+                downtime_ms: 30,
+                tls: Some(MigrationTls {
+                    cert: "/tls/host.pem".into(),
+                    key: "/tls/host.key".into(),
+                    ca: "/tls/ca.pem".into(),
+                }),
+                twin: Some("work".into()),
+                keep: None,
+                clone: true,
             },
         ];
         for r in all {

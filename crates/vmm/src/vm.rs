@@ -290,7 +290,9 @@ impl Vm {
                     for (req, reply) in control.take() {
                         stop_now |= req == Request::Stop;
                         let answer = self.handle_request(&threads, &req);
-                        migrated |= matches!(req, Request::Migrate { .. }) && answer.is_ok();
+                        // A clone's source runs on; a move's ends.
+                        migrated |=
+                            matches!(req, Request::Migrate { clone: false, .. }) && answer.is_ok();
                         let _ = reply.send(answer);
                         if migrated {
                             break;
@@ -383,6 +385,7 @@ impl Vm {
                 tls,
                 twin,
                 keep,
+                clone,
             } => {
                 let key = crate::migration::wire::read_key(key_file)
                     .map_err(|e| RequestError::Migration(Error::Migration(e)))?;
@@ -391,8 +394,12 @@ impl Vm {
                     key,
                     downtime: Duration::from_millis(*downtime_ms),
                     tls: tls.clone(),
-                    request: twin.as_ref().map(|name| format!("offload {name}")),
+                    request: twin.as_ref().map(|name| {
+                        let verb = if *clone { "clone" } else { "offload" };
+                        format!("{verb} {name}")
+                    }),
                     keep: keep.clone(),
+                    clone: *clone,
                 };
                 self.migrate_out(threads, &opts)
                     .map(|stats| stats.to_string())

@@ -69,6 +69,7 @@ fn migrate(vm: &Running, to: &str, key: &Path, downtime_ms: u64) -> Result<Strin
             tls: None,
             twin: None,
             keep: None,
+            clone: false,
         })
         .map_err(|e| e.to_string())
 }

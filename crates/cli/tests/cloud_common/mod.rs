@@ -131,6 +131,22 @@ impl CloudHost {
         all
     }
 
+    /// `pocketvisor cloud return NAME` to this host as the device `who`, with `more` flags.
+    pub fn cloud_return(&self, who: &str, name: &str, more: &[&str]) -> std::process::Output {
+        Command::new(bin())
+            .args(["cloud", "return", name, "--from", &self.addr, "--key"])
+            .arg(&self.key)
+            .arg("--tls-cert")
+            .arg(self.dir.path(&format!("{who}.pem")))
+            .arg("--tls-key")
+            .arg(self.dir.path(&format!("{who}.key")))
+            .arg("--tls-ca")
+            .arg(self.dir.path(&format!("{who}-ca.pem")))
+            .args(more)
+            .output()
+            .expect("run pocketvisor cloud return")
+    }
+
     /// Gives a handset's state directory `state` the identity of device `who` towards this
     /// host (`<state>/cloud/`: cert.pem, key.pem, ca.pem, migration.key).
     pub fn give_identity(&self, state: &Path, who: &str) {

@@ -196,6 +196,12 @@ pub trait VirtioDevice: Send {
     /// guest runs: host-side state that could not be carried over (open connections) is gone,
     /// and the device tells the driver so if its protocol has a way.
     fn restored(&mut self) {}
+    /// Whether a restore may give this device another configuration than the snapshot's
+    /// (checked equal otherwise): only a device whose driver is told after a restore that it
+    /// must read it again (vsock's transport reset: a clone's new CID).
+    fn config_may_change_at_restore(&self) -> bool {
+        false
+    }
     /// What the device counted so far.
     fn counters(&self) -> CounterValues {
         self.base().counters().get()

@@ -187,6 +187,7 @@ impl Handset {
             tls: Some(id.tls),
             twin: Some(name.to_string()),
             keep: Some(kept.clone()),
+            clone: false,
         };
         let api = self.dir().api_socket(name);
         let info = match vmm_proc::call(&api, &req, OFFLOAD_TIMEOUT).await {
@@ -221,6 +222,57 @@ impl Handset {
         );
         self.place_after_exit(name).await?;
         self.show(name)
+    }
+
+    /// Starts a live copy of running profile `name` at the cloud host `to` (this device's
+    /// twin `name` there, of kind clone, with a vsock CID of its own), while the original
+    /// runs on here; the profile's state does not change. On failure nothing runs there.
+    pub async fn clone_to(self: &Arc<Self>, name: &str, to: &str) -> Result<ProfileInfo> {
+        crate::spec::check_name("profile name", name)?;
+        check_cloud_host(to)?;
+        let _ops = self.ops.lock().await;
+        self.settle_pending(name).await?;
+        let state = self.registry.state(name)?;
+        if state != ProfileState::Running {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} is {}, not running: only a running guest is cloned",
+                state.as_str()
+            )));
+        }
+        let pid = self.supervisor.pid(name).unwrap_or(0);
+        if vmm_proc::is_jailed(pid) {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} runs in a jailed VMM, whose seccomp filter allows no TCP: \
+                 cloning it is not built yet (docs/cloud.md); run the daemon without --jail"
+            )));
+        }
+        let id = identity(self.dir())?;
+        let t0 = Instant::now();
+        let req = Request::Migrate {
+            to: to.to_string(),
+            key_file: id.key,
+            downtime_ms: vmm_api::DEFAULT_DOWNTIME_MS,
+            tls: Some(id.tls),
+            twin: Some(name.to_string()),
+            keep: None,
+            clone: true,
+        };
+        let api = self.dir().api_socket(name);
+        match vmm_proc::call(&api, &req, OFFLOAD_TIMEOUT).await {
+            Ok(info) => {
+                self.registry.event(
+                    name,
+                    "cloned",
+                    &format!("to {to}: {info}; {} ms", t0.elapsed().as_millis()),
+                );
+                self.show(name)
+            }
+            Err(e) => {
+                let e = Error::Conflict(format!("the clone of {name:?} to {to} failed: {e}"));
+                self.registry.event(name, "clone-failed", &e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// Brings offloaded profile `name` back from its cloud host onto the copy kept at the

@@ -102,6 +102,9 @@ pub struct MigrateOptions {
     /// paused, after the destination's `Ready` and before `Commit`; a failure to write it
     /// is a failure before `Commit`: the guest runs on here). The disks stay where they are.
     pub keep: Option<std::path::PathBuf>,
+    /// A clone: the guest runs on here once the destination runs it too (or if the
+    /// connection fails after `Commit`: a clone is never in doubt).
+    pub clone: bool,
 }
 
 /// The longest request a cloud host reads.
@@ -413,7 +416,26 @@ impl Vm {
         let result = self.precopy(threads, &mut ch, opts, was_paused, t0);
         let _ = self.dirty.stop();
         match result {
+            Ok(stats) if opts.clone => {
+                if !was_paused {
+                    self.resume(threads);
+                }
+                Ok(stats)
+            }
             Ok(stats) => Ok(stats),
+            Err(Failure {
+                error,
+                in_doubt: true,
+            }) if opts.clone => {
+                if !was_paused {
+                    self.resume(threads);
+                }
+                Err(refused(format!(
+                    "the connection failed after the commit ({}): the clone may or may not \
+                     run at the destination; the guest runs on here",
+                    reason(&error)
+                )))
+            }
             Err(Failure {
                 error,
                 in_doubt: true,

@@ -110,6 +110,9 @@ pub struct RestoreOverrides {
     /// The data keys of the saved configuration's encrypted disks, by disk position (None for
     /// a plain disk). Keys are never in a snapshot: an encrypted disk restores only with one.
     pub disk_keys: Vec<Option<vmm_api::config::DiskKeyMaterial>>,
+    /// The guest's vsock CID, replacing the saved one (a clone's fresh identity: the
+    /// restored vsock device tells the guest with a transport reset, and its config has it).
+    pub vsock_cid: Option<u64>,
 }
 
 fn snap_err(e: impl std::fmt::Display) -> Error {
@@ -570,6 +573,12 @@ fn apply_overrides(cfg: &mut VmConfig, o: &RestoreOverrides) -> Result<(), Error
     if let Some(p) = &o.vsock_socket {
         match &mut cfg.vsock {
             Some(v) => v.socket = p.clone(),
+            None => return Err(Error::Config("the snapshot has no vsock device".into())),
+        }
+    }
+    if let Some(cid) = o.vsock_cid {
+        match &mut cfg.vsock {
+            Some(v) => v.cid = cid,
             None => return Err(Error::Config("the snapshot has no vsock device".into())),
         }
     }

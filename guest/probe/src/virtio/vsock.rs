@@ -564,3 +564,34 @@ pub fn selftest() {
     }
     v.irq_report();
 }
+
+/// The vsock device's guest CID, watched without initialising the device (its config is
+/// readable before): a clone's cloud host gives the guest a new one, which is how this
+/// guest learns it is a twin.
+pub struct CidWatch {
+    dev: VirtioPci,
+    cid: u64,
+}
+
+impl CidWatch {
+    /// Watches the first vsock device, if there is one.
+    pub fn open() -> Option<CidWatch> {
+        let f = super::pci::find(TYPE, 0)?;
+        let dev = VirtioPci::new(&f).ok()?;
+        let cid = Self::read(&dev);
+        Some(CidWatch { dev, cid })
+    }
+
+    fn read(dev: &VirtioPci) -> u64 {
+        dev.config::<u32>(0) as u64 | (dev.config::<u32>(4) as u64) << 32
+    }
+
+    /// Prints `PROBE twin cid=N` when the CID changed since the last look.
+    pub fn check(&mut self) {
+        let cid = Self::read(&self.dev);
+        if cid != self.cid {
+            probe!("twin cid={cid}");
+            self.cid = cid;
+        }
+    }
+}

@@ -199,7 +199,8 @@ impl VirtioPciDevice {
         }
         // The device's own state first: it may be what its config space shows (balloon).
         self.device.restore_state(&s.device_state)?;
-        if !s.device_config.is_empty() && s.device_config != self.device_config() {
+        let config_changed = !s.device_config.is_empty() && s.device_config != self.device_config();
+        if config_changed && !self.device.config_may_change_at_restore() {
             return Err(mismatch(
                 "the device's configuration differs from the snapshot's \
                  (a disk of another size, another MAC address or CID?)",
@@ -232,8 +233,11 @@ impl VirtioPciDevice {
         let irq = &self.interrupt;
         irq.status.store(s.status, Ordering::Release);
         irq.isr.store(s.isr, Ordering::Release);
-        irq.config_generation
-            .store(s.config_generation, Ordering::Release);
+        // A configuration that changed is a new generation of it (virtio 1.x 4.1.4.3.1).
+        irq.config_generation.store(
+            s.config_generation.wrapping_add(u8::from(config_changed)),
+            Ordering::Release,
+        );
         irq.config_vector.store(s.config_vector, Ordering::Release);
         for (v, &saved) in irq.queue_vectors.iter().zip(&s.queue_vectors) {
             v.store(saved, Ordering::Release);

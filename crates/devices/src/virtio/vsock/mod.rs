@@ -116,6 +116,11 @@ impl VirtioDevice for Vsock {
     fn restored(&mut self) {
         self.reset_on_activate = true;
     }
+
+    fn config_may_change_at_restore(&self) -> bool {
+        // The transport reset after a restore makes the driver read the guest CID again.
+        true
+    }
 }
 
 impl Drop for Vsock {
