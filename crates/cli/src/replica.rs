@@ -418,6 +418,8 @@ pub fn profile_recover(dir: &handset::StateDir, a: ProfileRecoverArgs) -> Result
     let unlock = vault::Unlock::Identity(crate::portable::secret::read_identity(&a.identity)?);
     std::fs::create_dir_all(dir.root())
         .with_context(|| format!("cannot create {}", dir.root().display()))?;
+    // What a killed recovery left.
+    sweep_dead(dir.root(), ".recover-");
     let scratch = dir.root().join(format!(".recover-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::DirBuilder::new()
@@ -801,6 +803,19 @@ pub fn recover(a: RecoverArgs) -> Result<i32> {
     }
     let (key, tls) = a.conn.open()?;
     let unlock = vault::Unlock::Identity(crate::portable::secret::read_identity(&a.identity)?);
+    // What a killed recovery to the same paths left.
+    for p in std::iter::once(&a.output).chain(&a.disk) {
+        if let (Some(parent), Some(name)) = (p.parent(), p.file_name()) {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            let name = name.to_string_lossy();
+            sweep_dead(parent, &format!(".{name}.recovering-"));
+            sweep_dead(parent, &format!(".{name}.fetch-"));
+        }
+    }
     let recovery = Recovery::new(&a.output, &a.disk)?;
     let out = std::path::absolute(&a.output).context("the output directory")?;
     let (count, bytes, chain) =
@@ -912,6 +927,32 @@ fn check_manifest(m: &vault::Manifest, name: &str, chain: &str, seq: u64) -> Res
     Ok(())
 }
 
+/// Removes the entries of `dir` named `PREFIX<pid>` whose process is gone (what a killed
+/// recovery left: its temporary snapshot, disks and fetched files).
+fn sweep_dead(dir: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .filter(|&p| p > 0)
+        else {
+            continue;
+        };
+        // SAFETY: kill(2) with signal 0 only checks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let p = e.path();
+            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+        }
+    }
+}
+
 /// A hidden directory beside the output for the fetched files, removed when dropped.
 struct FetchDir(PathBuf);
 
@@ -941,6 +982,26 @@ impl Drop for FetchDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_what_a_dead_process_left_is_swept() {
+        let d = std::env::temp_dir().join(format!("pv-sweep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        // A pid that cannot be running: above the kernel's limit.
+        let dead = d.join(".recover-2147483646");
+        let mine = d.join(format!(".recover-{}", std::process::id()));
+        std::fs::create_dir_all(dead.join("snapshot")).unwrap();
+        std::fs::create_dir_all(&mine).unwrap();
+        std::fs::write(d.join(".w.img.recovering-2147483646"), b"x").unwrap();
+        std::fs::write(d.join(".recover-notapid"), b"x").unwrap();
+        sweep_dead(&d, ".recover-");
+        sweep_dead(&d, ".w.img.recovering-");
+        assert!(!dead.exists());
+        assert!(!d.join(".w.img.recovering-2147483646").exists());
+        assert!(mine.exists() && d.join(".recover-notapid").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
 
     #[test]
     fn replicate_requests_and_periods_are_parsed_strictly() {
