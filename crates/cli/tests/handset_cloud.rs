@@ -116,9 +116,11 @@ fn a_clone_runs_at_the_cloud_host_with_its_own_cid_while_the_original_runs_on() 
         blk_last(&twin_log),
         common::read(&host.dir.path("serve.stderr"))
     );
+    // (The original wrote on between the switch and `at_clone`: at load 10 that can be
+    // seconds, so the bound below is loose; a clone that booted anew would start at 0.)
     let first_there = blk_counters(&common::read(&twin_log))[0];
     assert!(
-        first_there <= at_clone + 2 && first_there + 10 > at_clone,
+        first_there > 3 && first_there <= at_clone + 2 && first_there + 500 > at_clone,
         "the clone went on at {first_there}; the original was at {at_clone}"
     );
     // The clone's identity is its own, and its guest saw it; the original's is unchanged.
