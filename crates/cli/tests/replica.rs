@@ -6,7 +6,8 @@
 //! counter goes on from there and the disk is, byte for byte, what the guest had written.
 //! The host's files hold none of what the guest wrote in the clear; another device cannot
 //! recover the replica; a flipped byte in a stored checkpoint is refused; a host killed while
-//! it stores a checkpoint leaves the one before recoverable.
+//! it stores a checkpoint, and a device whose VMM is killed in the middle of one, leave the
+//! one before recoverable.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
@@ -102,6 +103,11 @@ struct Setup {
 
 impl Setup {
     fn new(name: &str) -> Option<Setup> {
+        Setup::new_with(name, &[])
+    }
+
+    /// [`Setup::new`], the device's VMM started with `env`.
+    fn new_with(name: &str, env: &[(&str, &str)]) -> Option<Setup> {
         let probe = common::probe(true)?;
         let dir = Scratch::new("pv-replicatest", name);
         let key = rcgen::KeyPair::generate().unwrap();
@@ -129,6 +135,7 @@ impl Setup {
             .arg(dir.path("phone.sock"))
             .arg("--disk")
             .arg(dir.path("phone.img"))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(File::create(dir.path("phone.stderr")).unwrap())
             .spawn()
@@ -448,6 +455,55 @@ fn a_new_full_checkpoint_every_n_replaces_the_chain_at_the_host() {
     assert_eq!(s.stored().len(), 1);
     let lost_at = s.lose_the_phone();
     let got = s.recover("phone", "back");
+    assert!(
+        text(&got).contains("recovered checkpoints=1"),
+        "{}",
+        text(&got)
+    );
+    let (counted, disk, _vm) = s.restore("back");
+    assert!(counted[0] <= lost_at + 1, "{counted:?} lost at {lost_at}");
+    assert_disk_after_writes(&disk, counted[0] - 1);
+}
+
+#[test]
+fn a_device_killed_in_the_middle_of_a_checkpoint_leaves_the_one_before() {
+    // The device's VMM dies (kill -9) once the live copy of an incremental checkpoint is
+    // written, before its pause: the first (full) checkpoint is stored, the second never is.
+    let Some(mut s) = Setup::new_with("vmm-killed", &[("POCKETVISOR_KILL_AT", "checkpoint-live")])
+    else {
+        return;
+    };
+    let out = s.replicate(Some(3)).output().unwrap();
+    assert!(!out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert!(
+        said.contains("seq=1 ") && said.contains("full=true"),
+        "{said}"
+    );
+    let vm = s.phone.as_mut().unwrap();
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = vm.0.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < WAIT,
+            "the device's VMM was not killed: {}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "{status:?}"
+    );
+    let lost_at = s.lose_the_phone();
+    // The host has the first one only.
+    assert_eq!(s.stored().len(), 1);
+    let got = s.recover("phone", "back");
+    assert!(got.status.success(), "{}", text(&got));
     assert!(
         text(&got).contains("recovered checkpoints=1"),
         "{}",

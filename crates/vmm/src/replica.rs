@@ -289,8 +289,8 @@ impl Vm {
                 }
             }
             pages.dirty_pages(&self.mem, &self.dirty.dirty_pages()?)?;
+            crate::migration::fault::kill_point("checkpoint-live");
         }
-        crate::migration::fault::kill_point("checkpoint-live");
 
         // Paused: what changed during the copy, and the state.
         let was_paused = self.shared.pause.load(Ordering::Acquire);

@@ -8,8 +8,8 @@
 //! acknowledging a round), `receive-state` (the state arrived, nothing built yet),
 //! `receive-committed` (after the source's `Commit`, before answering `Running`). A cloud
 //! host's relay of a return: `relay-rounds` (once 64 KiB of the twin's migration went to the
-//! device: the first round under way). A replica: `checkpoint-live` (the VMM, a checkpoint's
-//! live copy written, nothing paused yet), `replica-store` (the cloud host's connection
+//! device: the first round under way). A replica: `checkpoint-live` (the VMM, an incremental
+//! checkpoint's live copy written, nothing paused yet), `replica-store` (the cloud host's connection
 //! process, once a piece of a checkpoint after a chain's first is in its temporary file). When the
 //! variable names the point the process sends itself SIGKILL there, as `kill -9` would.
 //! Unset (always, outside the tests), a point costs one environment lookup.
