@@ -528,7 +528,7 @@ impl Vm {
         end_round(ch)?;
         fault::kill_point("migrate-round");
         let mut pages = batch.pages;
-        let mut rate = bytes_per_sec(ch.bytes_sent - sent_before, round_start.elapsed());
+        let mut rate = link_rate(ch.bytes_sent - sent_before, round_start.elapsed());
         let mut rounds = 1u32;
         let mut throttle = 0u32;
         let mut max_throttle = 0u32;
@@ -541,7 +541,16 @@ impl Vm {
                 * DIRTY_PAGE_SIZE
                 + DiskBatch::pending(&disks);
             // The pause also carries the compressed state container.
-            let needs = Duration::from_secs_f64((dirty_bytes + STATE_ALLOWANCE) as f64 / rate);
+            let needs = match rate {
+                Some(rate) => {
+                    Duration::from_secs_f64((dirty_bytes + STATE_ALLOWANCE) as f64 / rate)
+                }
+                // No round so far was large enough to time the link (a return whose base
+                // held nearly everything, an idle guest): a remainder no larger than such a
+                // round goes in the pause; a larger one is sent, and that round times it.
+                None if dirty_bytes + STATE_ALLOWANCE <= RATE_SAMPLE => Duration::ZERO,
+                None => Duration::MAX,
+            };
             if needs <= opts.downtime {
                 break dirty;
             }
@@ -555,7 +564,7 @@ impl Vm {
                      {} KiB were still dirty, {} ms at {} MiB/s, over the {} ms downtime budget",
                     dirty_bytes >> 10,
                     needs.as_millis(),
-                    (rate / f64::from(1 << 20)).round(),
+                    rate.map_or(0.0, |r| (r / f64::from(1 << 20)).round()),
                     opts.downtime.as_millis()
                 ))
                 .into());
@@ -586,7 +595,9 @@ impl Vm {
             end_round(ch)?;
             // The link's speed, not counting the time spent holding the vCPUs.
             let sending = round_start.elapsed().saturating_sub(parked);
-            rate = bytes_per_sec(ch.bytes_sent - sent_before, sending).max(rate / 2.0);
+            if let Some(sample) = link_rate(ch.bytes_sent - sent_before, sending) {
+                rate = Some(rate.map_or(sample, |old| sample.max(old / 2.0)));
+            }
             rounds += 1;
         };
 
@@ -661,9 +672,16 @@ fn merge(mut a: Vec<DirtyRegion>, b: Vec<DirtyRegion>) -> Vec<DirtyRegion> {
     a
 }
 
-fn bytes_per_sec(bytes: u64, took: Duration) -> f64 {
+/// Bytes a round must send to time the link by: a smaller round's time is mostly the round
+/// trip and the work around the bytes (a return's first round digests every page), and would
+/// promise a link far slower than it is.
+const RATE_SAMPLE: u64 = 64 << 10;
+
+/// The link's speed in bytes per second, as a round that sent `bytes` in `took` shows it;
+/// None for a round too small to tell ([`RATE_SAMPLE`]).
+fn link_rate(bytes: u64, took: Duration) -> Option<f64> {
     // A floor keeps an instant round from promising an infinite link.
-    bytes.max(1) as f64 / took.as_secs_f64().max(1e-4)
+    (bytes >= RATE_SAMPLE).then(|| bytes as f64 / took.as_secs_f64().max(1e-4))
 }
 
 /// Writes a `Pages` payload's runs into `mem`, each checked against `regions`.
@@ -1117,6 +1135,18 @@ mod tests {
         // Past the base, the usual timeout holds again: the second slow frame is not waited for.
         assert!(expect(&mut ch, Kind::Base).is_err());
         dst.join().unwrap();
+    }
+
+    #[test]
+    fn only_a_round_large_enough_times_the_link() {
+        let ms = Duration::from_millis;
+        // A return's first round that found nearly everything in the base: its time is the
+        // digests', not the link's.
+        assert_eq!(link_rate(20 << 10, ms(500)), None);
+        assert_eq!(link_rate(0, ms(1)), None);
+        assert_eq!(link_rate(1 << 20, ms(1000)), Some(f64::from(1 << 20)));
+        // An instant round does not promise an infinite link.
+        assert!(link_rate(1 << 20, Duration::ZERO).unwrap().is_finite());
     }
 
     #[test]
