@@ -871,6 +871,10 @@ struct ReturnArgs {
     /// Serve the control API on this unix socket once the guest runs.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve the guest's screen (a twin with a display) over VNC once it runs here: a loopback
+    /// HOST:PORT or unix:PATH, as `run --vnc`.
+    #[arg(long, value_name = "HOST:PORT|unix:PATH", value_parser = crate::vnc::parse_vnc)]
+    vnc: Option<crate::vnc::VncAddr>,
 }
 
 /// How a device reaches its cloud host.
@@ -943,6 +947,15 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
         "pocketvisor: the twin {:?} came back from {}; the guest runs here",
         a.name, a.host.from
     );
+    // The guest runs here already: a screen that cannot be served is said, not a reason to
+    // stop it.
+    let _screen = a.vnc.and_then(|addr| {
+        crate::vnc::start(&returned.vm, &addr)
+            .map_err(|e| {
+                eprintln!("pocketvisor: the returned guest runs without its screen: {e:#}")
+            })
+            .ok()
+    });
     crate::run::run_vm(returned.vm, a.api_socket.as_deref())
 }
 

@@ -378,3 +378,104 @@ fn a_profile_offloaded_through_the_handset_counts_on_in_the_cloud_and_back_with_
     let disk = std::fs::read(&data).unwrap();
     assert_disk_after_writes(&disk, &vec![0u8; DISK_MIB << 20], last, "the device's disk");
 }
+
+/// The FNV-1a of every frame the probe in screen mode reported in the log at `path`.
+fn reported_frames(path: &Path) -> Vec<u64> {
+    common::read(path)
+        .lines()
+        .filter_map(e2e::probe::ProbeLine::parse)
+        .filter(|p| p.starts_with(&["screen", "frame"]))
+        .filter_map(|p| p.field("fnv").and_then(|h| u64::from_str_radix(h, 16).ok()))
+        .collect()
+}
+
+/// `profile view`'s loopback VNC address of `work`.
+fn view_address(daemon: &Daemon) -> u16 {
+    let text = daemon.profile(&["view", "work"]);
+    text.lines()
+        .next()
+        .and_then(|l| l.strip_prefix("work: vnc 127.0.0.1:"))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no loopback address: {text}"))
+}
+
+/// An offloaded profile's screen on the device: `profile view` of a profile with a screen
+/// offloaded through the handset shows its twin (the daemon relays the profile's screen
+/// socket to the twin's screen at the cloud host), a frame the guest drew, and a key from the
+/// viewer reaches the twin's guest; after the return the same address shows the guest run
+/// here again.
+#[test]
+fn an_offloaded_profiles_screen_is_its_twins_on_the_device() {
+    let Some(probe) = probe("handset_cloud_screen") else {
+        return;
+    };
+    let host = CloudHost::start("pv-hcloudtest", "screen");
+    let s = Scratch::new("pv-hcloudtest", "screen-device");
+    let dir = s.path("state");
+    let daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
+    host.give_identity(&dir, "phone");
+    let spec = s.path("work.toml");
+    std::fs::write(
+        &spec,
+        "name = \"work\"\nkernel = \"probe\"\n\
+         cmdline = \"pv.mode=screen pv.screen.hash=1 pv.screen.rgb=2060a0\"\n\
+         memory_mib = 64\nscreen = true\ndisplay = { width = 180, height = 320 }\n",
+    )
+    .unwrap();
+    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
+    daemon.profile(&["start", "work"]);
+    let serial = dir.join("profiles/work/run/serial.log");
+    assert!(
+        common::wait_for(&serial, "PROBE screen frame n=1", WAIT),
+        "the guest drew nothing: {}",
+        common::read(&serial)
+    );
+    let out = profile(&dir, &["offload", "work", "--to", &host.addr]);
+    assert!(out.status.success(), "offload failed: {}", said(&out));
+    assert_eq!(info(&dir)["state"], "offloaded");
+    let twins = host.twin_dirs();
+    let twin_log = host
+        .state()
+        .join("twins")
+        .join(&twins[0])
+        .join("serial.log");
+
+    // The relay starts with the offload: its socket answers once it has reached the host.
+    let socket = dir.join("profiles/work/run/vnc.sock");
+    assert!(
+        common::wait_until(
+            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            WAIT
+        ),
+        "no screen for the offloaded profile: {}",
+        daemon.profile(&["events", "work"])
+    );
+    let mut viewer = e2e::rfb_client::RfbClient::connect(view_address(&daemon));
+    let frame = viewer.full_frame();
+    let drawn = e2e::host::fnv1a64(&frame);
+    let by_guest = || [reported_frames(&serial), reported_frames(&twin_log)].concat();
+    assert!(
+        common::wait_until(|| by_guest().contains(&drawn), WAIT),
+        "the frame (fnv {drawn:016x}) is none the guest drew: {:x?}",
+        by_guest()
+    );
+    viewer.key(0x61, true);
+    viewer.key(0x61, false);
+    assert!(
+        common::wait_for(&twin_log, "PROBE input key", WAIT),
+        "the twin's guest saw no key: {}",
+        common::read(&twin_log)
+    );
+    drop(viewer);
+
+    // Back on the device, the profile's screen is its own VMM's again.
+    let out = profile(&dir, &["return", "work"]);
+    assert!(out.status.success(), "return failed: {}", said(&out));
+    let mut viewer = e2e::rfb_client::RfbClient::connect(view_address(&daemon));
+    let frame = viewer.full_frame();
+    let drawn = e2e::host::fnv1a64(&frame);
+    assert!(
+        common::wait_until(|| by_guest().contains(&drawn), WAIT),
+        "after the return, the frame (fnv {drawn:016x}) is none the guest drew"
+    );
+}

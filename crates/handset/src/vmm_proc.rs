@@ -135,6 +135,11 @@ pub fn vmm_args(
         for d in disks {
             a.extend(["--disk".into(), d.into()]);
         }
+        if screen {
+            let mut vnc = OsString::from("unix:");
+            vnc.push(api_socket.with_file_name(vmm_api::jail::VNC_SOCKET_NAME));
+            a.extend(["--vnc".into(), vnc]);
+        }
         a.extend(["--api-socket".into(), api_socket.into()]);
         return a;
     }

@@ -37,14 +37,14 @@ use crate::vmm_proc::{self, Launch};
 const OFFLOAD_TIMEOUT: Duration = Duration::from_secs(240);
 
 /// This device's identity towards cloud hosts: the files of `<state>/cloud/`.
-struct Identity {
-    tls: MigrationTls,
-    key: PathBuf,
+pub(super) struct Identity {
+    pub(super) tls: MigrationTls,
+    pub(super) key: PathBuf,
 }
 
 /// The files of `<state>/cloud/`, each a regular file (not a link); the private key and the
 /// migration key readable by their owner only.
-fn identity(dir: &StateDir) -> Result<Identity> {
+pub(super) fn identity(dir: &StateDir) -> Result<Identity> {
     let root = dir.cloud();
     let missing = || {
         Error::Conflict(format!(
@@ -221,6 +221,7 @@ impl Handset {
             &format!("to {to}: {info}; {} ms; {how}", t0.elapsed().as_millis()),
         );
         self.place_after_exit(name).await?;
+        self.start_cloud_screen(name).await;
         self.show(name)
     }
 
@@ -326,8 +327,11 @@ impl Handset {
             disks,
         };
         let t0 = Instant::now();
+        // The returning VMM serves the profile's screen socket again.
+        self.stop_cloud_screen(name).await;
         self.begin_intent(name, Intent::Return)?;
         if let Err(e) = self.launch(name, &spec, &launch).await {
+            self.start_cloud_screen(name).await;
             self.end_intent(name);
             let e = Error::Conflict(format!(
                 "the return of {name:?} from {from} failed; it stays offloaded and runs on \

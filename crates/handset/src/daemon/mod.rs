@@ -13,6 +13,7 @@
 //! ones adopted from an earlier daemon).
 
 mod cloud;
+mod cloud_screen;
 pub mod device_screen;
 mod foreground;
 mod intent;
@@ -92,6 +93,7 @@ pub struct Handset {
     consoles: crate::console::Attached,
     closing: std::sync::atomic::AtomicBool,
     views: view::Views,
+    cloud_screens: cloud_screen::CloudScreens,
     device_screen: device_screen::DeviceScreen,
     mdm_status: std::sync::Mutex<Option<crate::mdm_link::MdmStatus>>,
 }
@@ -111,6 +113,7 @@ impl Handset {
             consoles: crate::console::Attached::default(),
             closing: std::sync::atomic::AtomicBool::new(false),
             views: view::Views::default(),
+            cloud_screens: cloud_screen::CloudScreens::default(),
             device_screen: device_screen::DeviceScreen::default(),
             mdm_status: std::sync::Mutex::new(None),
         }))
@@ -866,15 +869,23 @@ impl Handset {
         }
         for row in rows {
             // A step an earlier daemon left half done is finished or rolled back first.
-            match self.finish_intent(&row.name).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(e) => tracing::error!("{}: cannot settle its last step: {e}", row.name),
-            }
+            let settled = match self.finish_intent(&row.name).await {
+                Ok(settled) => settled,
+                Err(e) => {
+                    tracing::error!("{}: cannot settle its last step: {e}", row.name);
+                    false
+                }
+            };
             let Ok(row) = self.registry.row(&row.name) else {
                 continue;
             };
             let state = ProfileState::parse(&row.state);
+            if state == ProfileState::Offloaded {
+                self.start_cloud_screen(&row.name).await;
+            }
+            if settled {
+                continue;
+            }
             if !matches!(state, ProfileState::Running | ProfileState::Paused) {
                 continue;
             }

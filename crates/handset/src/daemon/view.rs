@@ -85,7 +85,9 @@ impl Handset {
             )));
         }
         let state = self.registry.state(name)?;
-        if !matches!(state, ProfileState::Running | ProfileState::Paused) {
+        // An offloaded profile's socket relays its twin's screen (`cloud_screen`).
+        let relayed = state == ProfileState::Offloaded && self.cloud_screens.serves(name);
+        if !relayed && !matches!(state, ProfileState::Running | ProfileState::Paused) {
             return Err(Error::Conflict(format!(
                 "profile {name} is {}: only a running profile has a screen to view",
                 state.as_str()
