@@ -236,7 +236,8 @@ as this device's twin NAME (kind clone) with a fresh identity: a new vsock CID, 
 guest learns from its vsock device (a transport reset; the probe prints `PROBE twin cid=N`).
 Twins have no network, so no MAC to change. A clone does not return (its original runs
 here); another device cannot reach it. If the clone fails, nothing runs there and the guest
-runs on here.
+runs on here. A jailed VMM (the default) migrates to a unix socket in its run directory, and
+the daemon relays it to the host inside the device's TLS.
 
 EXAMPLE:
   pocketvisor profile clone work --to cloud.example:7000

@@ -49,11 +49,16 @@ fn info(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// A daemon (`--no-jail`) on a new state directory with the identity of the device `phone`
+/// A daemon (with `flags`) on a new state directory with the identity of the device `phone`
 /// and a running profile `work`: the probe writing its disk; its serial log.
-fn device(host: &CloudHost, s: &Scratch, probe: &Path) -> (Daemon, std::path::PathBuf) {
+fn device(
+    host: &CloudHost,
+    s: &Scratch,
+    probe: &Path,
+    flags: &[&str],
+) -> (Daemon, std::path::PathBuf) {
     let dir = s.path("state");
-    let daemon = Daemon::start_with(&dir, Some(probe), &[], &["--no-jail"]);
+    let daemon = Daemon::start_with(&dir, Some(probe), &[], flags);
     host.give_identity(&dir, "phone");
     let spec = s.path("work.toml");
     std::fs::write(
@@ -83,7 +88,7 @@ fn a_clone_runs_at_the_cloud_host_with_its_own_cid_while_the_original_runs_on() 
     };
     let host = CloudHost::start("pv-hcloudtest", "clone-host");
     let s = Scratch::new("pv-hcloudtest", "clone");
-    let (daemon, serial) = device(&host, &s, &probe);
+    let (daemon, serial) = device(&host, &s, &probe, &["--no-jail"]);
     let dir = s.path("state");
     let cid = info(&dir)["vsock_cid"].as_u64().unwrap();
     let pid = info(&dir)["pid"].as_u64().unwrap();
@@ -165,6 +170,68 @@ fn a_clone_runs_at_the_cloud_host_with_its_own_cid_while_the_original_runs_on() 
             WAIT
         ),
         "a refused request stopped one of them"
+    );
+    drop(daemon);
+}
+
+#[test]
+fn a_jailed_profile_is_cloned_through_the_daemons_relay() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        portable_common::loud(
+            "SKIP a_jailed_profile_is_cloned_through_the_daemons_relay: needs root",
+        );
+        return;
+    }
+    let Some(probe) = probe("handset_cloud jailed clone") else {
+        return;
+    };
+    let host = CloudHost::start("pv-hcloudtest", "jail-host");
+    let s = Scratch::new("pv-hcloudtest", "jail");
+    // The handset's default: jailed VMMs, whose seccomp filter allows no TCP.
+    let (daemon, serial) = device(&host, &s, &probe, &[]);
+    let dir = s.path("state");
+    let cid = info(&dir)["vsock_cid"].as_u64().unwrap();
+    let out = profile(&dir, &["clone", "work", "--to", &host.addr]);
+    assert!(out.status.success(), "clone failed: {}", said(&out));
+    let at_clone = blk_last(&serial);
+    let twins = host.twin_dirs();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    let twin_log = host
+        .state()
+        .join("twins")
+        .join(&twins[0])
+        .join("serial.log");
+    assert!(
+        common::wait_until(
+            || blk_last(&twin_log) > at_clone + 10 && blk_last(&serial) > at_clone + 10,
+            WAIT
+        ),
+        "both do not write on from {at_clone}: here {}, there {}",
+        blk_last(&serial),
+        blk_last(&twin_log)
+    );
+    let twin_text = common::read(&twin_log);
+    assert!(
+        twin_text.contains("PROBE twin cid=") && !twin_text.contains(&format!("cid={cid}\n")),
+        "{twin_text}"
+    );
+    // Nothing of the relay is left in the VMM's run directory.
+    for f in ["cloud.sock", "cloud.key"] {
+        assert!(!dir.join("profiles/work/run").join(f).exists(), "{f} left");
+    }
+    // A host that is down: refused in words, the original writes on.
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let out = profile(&dir, &["clone", "work", "--to", &down]);
+    assert!(!out.status.success(), "cloned to a host that is down");
+    assert!(said(&out).contains("cannot connect"), "{}", said(&out));
+    let now = blk_last(&serial);
+    assert!(
+        common::wait_until(|| blk_last(&serial) > now + 3, WAIT),
+        "the guest stopped after a failed clone"
     );
     drop(daemon);
 }

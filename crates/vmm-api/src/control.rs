@@ -192,7 +192,7 @@ pub struct ApiRequest {
     /// The TLS identity (`migrate` only; plain TCP when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<MigrationTls>,
-    /// The twin to become at a cloud host (`migrate` only, with `tls`).
+    /// The twin to become at a cloud host (`migrate` only, with `tls` or to a `unix:` relay).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub twin: Option<String>,
     /// The snapshot directory of the copy kept at the switch (`migrate` only, absolute).
@@ -234,7 +234,8 @@ pub enum RequestError {
     #[error(
         "migrate needs \"to\" (host:port) and \"key_file\" (an absolute path), may take \
          \"downtime_ms\", \"tls\" ({{\"cert\",\"key\",\"ca\"}}, absolute paths) and, with \
-         \"tls\", \"twin\" (a cloud host's twin), \"keep\" (an absolute directory), with \
+         \"tls\" or a unix:PATH relay, \"twin\" (a cloud host's twin), \"keep\" (an \
+         absolute directory), with \
          \"twin\", \"clone\", and only migrate takes them"
     )]
     MigrateRequest,
@@ -337,7 +338,9 @@ impl TryFrom<ApiRequest> for Request {
                         && r.request.is_none()
                         && !r.resume
                         && r.tls.as_ref().is_none_or(MigrationTls::is_absolute)
-                        && (r.twin.is_none() || r.tls.is_some())
+                        // A twin's request goes over TLS, or to a local relay that
+                        // carries it on inside its own (`unix:PATH`).
+                        && (r.twin.is_none() || r.tls.is_some() || to.starts_with("unix:"))
                         && r.keep.as_ref().is_none_or(|k| k.is_absolute())
                         && (!r.clone || r.twin.is_some()) =>
                 {
@@ -563,6 +566,21 @@ mod tests {
                 twin: None,
                 keep: None,
                 clone: false,
+            })
+        );
+        // A twin's request to a local relay, which carries it on inside its own TLS.
+        assert_eq!(
+            parse(
+                r#"{"op":"migrate","to":"unix:/r/cloud.sock","key_file":"/k","twin":"w","clone":true}"#
+            ),
+            Ok(Request::Migrate {
+                to: "unix:/r/cloud.sock".into(),
+                key_file: "/k".into(),
+                downtime_ms: DEFAULT_DOWNTIME_MS,
+                tls: None,
+                twin: Some("w".into()),
+                keep: None,
+                clone: true,
             })
         );
         for bad in [

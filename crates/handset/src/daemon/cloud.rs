@@ -126,6 +126,66 @@ pub fn check_cloud_host(to: &str) -> Result<()> {
     Ok(())
 }
 
+/// The relay's socket in a jailed profile's run directory.
+const RELAY_SOCKET: &str = "cloud.sock";
+/// The copy of the migration key a jailed VMM reads, in its run directory, while it migrates.
+const RELAY_KEY: &str = "cloud.key";
+
+/// Files removed when this is dropped.
+struct Removed(Vec<PathBuf>);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        for f in &self.0 {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// Writes `bytes` to a new file at `path`, mode 0600, owned by `uid` (and its equal gid).
+fn write_private(path: &std::path::Path, bytes: &[u8], uid: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .and_then(|mut f| {
+            f.write_all(bytes)?;
+            std::os::unix::fs::fchown(&f, Some(uid), Some(uid))
+        });
+    written.map_err(Error::io(format!("cannot write {}", path.display())))
+}
+
+/// A jailed VMM's migration relayed by the daemon (see [`super::cloud_relay`]).
+struct JailRelay {
+    /// The destination as the VMM sees it, `unix:PATH`.
+    to: String,
+    /// The migration key's copy as the VMM sees it.
+    key_file: PathBuf,
+    task: tokio::task::JoinHandle<std::result::Result<(u64, u64), String>>,
+    _files: Removed,
+}
+
+impl JailRelay {
+    /// Once the VMM answered: the relay's outcome (it ends when both ends close; a host that
+    /// keeps its end open after the switch is not waited for long).
+    async fn finish(mut self) -> std::result::Result<(), String> {
+        match tokio::time::timeout(Duration::from_secs(2), &mut self.task).await {
+            Ok(Ok(Ok(_))) => Ok(()),
+            Ok(Ok(Err(why))) => Err(why),
+            Ok(Err(e)) => Err(format!("the relay's task: {e}")),
+            Err(_) => {
+                self.task.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
 /// `profiles/<name>/offloaded`.
 #[derive(Debug, Serialize, Deserialize)]
 struct Marker {
@@ -241,25 +301,39 @@ impl Handset {
             )));
         }
         let pid = self.supervisor.pid(name).unwrap_or(0);
-        if vmm_proc::is_jailed(pid) {
-            return Err(Error::Conflict(format!(
-                "profile {name:?} runs in a jailed VMM, whose seccomp filter allows no TCP: \
-                 cloning it is not built yet (docs/cloud.md); run the daemon without --jail"
-            )));
-        }
         let id = identity(self.dir())?;
         let t0 = Instant::now();
+        // A jailed VMM migrates to a unix socket in its run directory, relayed by this
+        // daemon inside its TLS (cloud_relay); an unjailed one connects itself.
+        let relay = if vmm_proc::is_jailed(pid) {
+            Some(self.jail_relay(name, to, &id)?)
+        } else {
+            None
+        };
         let req = Request::Migrate {
-            to: to.to_string(),
-            key_file: id.key,
+            to: relay
+                .as_ref()
+                .map_or_else(|| to.to_string(), |r| r.to.clone()),
+            key_file: relay
+                .as_ref()
+                .map_or_else(|| id.key.clone(), |r| r.key_file.clone()),
             downtime_ms: vmm_api::DEFAULT_DOWNTIME_MS,
-            tls: Some(id.tls),
+            tls: relay.is_none().then(|| id.tls.clone()),
             twin: Some(name.to_string()),
             keep: None,
             clone: true,
         };
         let api = self.dir().api_socket(name);
-        match vmm_proc::call(&api, &req, OFFLOAD_TIMEOUT).await {
+        let answer = vmm_proc::call(&api, &req, OFFLOAD_TIMEOUT).await;
+        let relayed = match relay {
+            Some(r) => r.finish().await,
+            None => Ok(()),
+        };
+        let answer = match (answer, relayed) {
+            (Err(e), Err(why)) => Err(Error::Vmm(format!("{e} (the relay: {why})"))),
+            (answer, _) => answer,
+        };
+        match answer {
             Ok(info) => {
                 self.registry.event(
                     name,
@@ -274,6 +348,26 @@ impl Handset {
                 Err(e)
             }
         }
+    }
+
+    /// Sets up the relay of jailed profile `name`'s migration to the cloud host `to`: a unix
+    /// socket and a copy of the migration key in its run directory, both the VMM's own.
+    fn jail_relay(&self, name: &str, to: &str, id: &Identity) -> Result<JailRelay> {
+        let run = self.dir().run(name);
+        let uid = vmm_proc::jail_uid(self.registry.row(name)?.vsock_cid)?;
+        let socket = run.join(RELAY_SOCKET);
+        let key = run.join(RELAY_KEY);
+        let listener = super::cloud_relay::listen(&socket, uid)?;
+        let files = Removed(vec![socket.clone(), key.clone()]);
+        let bytes = std::fs::read(&id.key)
+            .map_err(Error::io(format!("cannot read {}", id.key.display())))?;
+        write_private(&key, &bytes, uid)?;
+        Ok(JailRelay {
+            to: format!("unix:{}", self.jail_path(name, &socket)?.display()),
+            key_file: self.jail_path(name, &key)?,
+            task: super::cloud_relay::start(listener, to.to_string(), id.tls.clone()),
+            _files: files,
+        })
     }
 
     /// Brings offloaded profile `name` back from its cloud host onto the copy kept at the

@@ -13,6 +13,7 @@
 //! ones adopted from an earlier daemon).
 
 mod cloud;
+mod cloud_relay;
 mod cloud_screen;
 pub mod device_screen;
 mod foreground;
