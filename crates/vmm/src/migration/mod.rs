@@ -528,7 +528,13 @@ impl Vm {
         end_round(ch)?;
         fault::kill_point("migrate-round");
         let mut pages = batch.pages;
-        let mut rate = link_rate(ch.bytes_sent - sent_before, round_start.elapsed());
+        // With a base, round 1's time is mostly this host's digest of every page, not the
+        // link's: a return of a guest that changed a little more than one timing round would
+        // otherwise see the link at ~0 MiB/s and never fit even 0 KiB in the budget.
+        let mut rate = match &base {
+            Some(_) => None,
+            None => link_rate(ch.bytes_sent - sent_before, round_start.elapsed()),
+        };
         let mut rounds = 1u32;
         let mut throttle = 0u32;
         let mut max_throttle = 0u32;
