@@ -285,6 +285,25 @@ fn answers_match_the_documented_schemas() {
         "/v1/profiles/{name}/suspend",
         None,
     );
+    // The cloud: a stopped profile is not offloaded or cloned, nor returned; bad hosts and
+    // bodies are 400 before anything is looked at.
+    for (route, body, status) in [
+        ("offload", Some(json!({"to": "127.0.0.1:7000"})), 409),
+        ("offload", Some(json!({"to": "no port"})), 400),
+        ("offload", Some(json!({"to": 7})), 400),
+        ("offload", Some(json!({"to": "h:1", "extra": true})), 400),
+        ("clone", Some(json!({"to": "127.0.0.1:7000"})), 409),
+        ("clone", Some(json!({})), 400),
+        ("return", None, 409),
+    ] {
+        let a = call(
+            "POST",
+            &format!("/v1/profiles/work/{route}"),
+            &format!("/v1/profiles/{{name}}/{route}"),
+            body,
+        );
+        assert_eq!(a.status, status, "{route}");
+    }
 
     // IT policies: none in force, a profile that does not exist, refused and bad bodies.
     let st = call(
