@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use cloud::replica::ReplicaStore;
 use cloud::store::{valid_name, DeviceId, StoreError, TwinState, TwinStore};
 use vmm::migration::{Arrival, MigrationTls, Requested};
 use vmm::{Request, RestoreOverrides, SerialConfig};
@@ -81,6 +82,12 @@ struct HostArgs {
     /// Default: SQLite in DIR/twins.db. The twins' directories stay in DIR.
     #[arg(long, value_name = "FILE")]
     store_file: Option<PathBuf>,
+    /// Keep replicas' checkpoints in an object store, under `<device>/<NAME>/` (through the
+    /// object_store crate): `file:///ABS/DIR` is its local-file backend under DIR, which
+    /// exists (a volume a fleet of hosts shares; S3 needs a build with object_store's `aws`
+    /// feature: docs/deploy.md). Default: files in each replica twin's directory.
+    #[arg(long, value_name = "URL")]
+    replica_store: Option<String>,
 }
 
 /// `cloud serve`.
@@ -105,7 +112,8 @@ which a device's `cloud view NAME` gets relayed, keys and pointer included.
 `clone NAME` (`migrate --twin NAME --clone`) receives a live copy whose original runs on at the
 device: the twin (kind clone) gets a fresh vsock CID, and does not return.
 A device's `cloud replicate NAME` stores sealed checkpoints (which this host cannot read) in
-its replica twin NAME, each atomically (`<chain>-<seq>.pvr`, `current`); `cloud recover NAME`
+its replica twin NAME, each atomically (`<chain>-<seq>.pvr`, `current`), in the twin's
+directory or, with --replica-store, as objects `<device>/<NAME>/...`; `cloud recover NAME`
 fetches them.
 
 EXAMPLE:
@@ -151,7 +159,17 @@ impl HostArgs {
             tls_ca: abs(&self.tls_ca)?,
             key: abs(&self.key)?,
             store_file: self.store_file.as_ref().map(abs).transpose()?,
+            replica_store: self.replica_store.clone(),
         })
+    }
+
+    /// Where replicas' checkpoints are kept: --replica-store's object store, else files in
+    /// the twins' directories.
+    fn replicas(&self) -> Result<ReplicaStore> {
+        match &self.replica_store {
+            Some(url) => ReplicaStore::from_url(url).context("--replica-store"),
+            None => Ok(ReplicaStore::TwinDirs),
+        }
     }
 
     /// The twin store: PostgreSQL when --store-file names one, else SQLite in the state dir.
@@ -187,6 +205,7 @@ fn serve(a: ServeArgs) -> Result<i32> {
     std::fs::create_dir_all(&host.state)
         .with_context(|| format!("cannot create {}", host.state.display()))?;
     host.store()?;
+    host.replicas()?;
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr().context("the listening address")?;
@@ -237,6 +256,11 @@ fn spawn_twin(exe: &Path, host: &HostArgs, conn: TcpStream) -> Result<std::proce
             host.store_file
                 .iter()
                 .flat_map(|f| [OsStr::new("--store-file"), f.as_os_str()]),
+        )
+        .args(
+            host.replica_store
+                .iter()
+                .flat_map(|u| ["--replica-store", u.as_str()]),
         )
         .stdin(Stdio::from(OwnedFd::from(conn)))
         .stdout(Stdio::null());
@@ -350,12 +374,26 @@ fn twin(h: &HostArgs) -> Result<i32> {
         Ok(Ask::Relay(socket, name)) => {
             relay_twin_socket(&store, requested, device, &name, &peer, socket)
         }
-        Ok(Ask::Replicate(name, at)) => {
-            crate::replica::store_checkpoint(&store, requested, device, &name, at, &peer)
-        }
-        Ok(Ask::Recover(name)) => {
-            crate::replica::send_chain(&store, requested, device, &name, &peer)
-        }
+        Ok(Ask::Replicate(name, at)) => match h.replicas() {
+            Ok(replicas) => crate::replica::store_checkpoint(
+                &store, &replicas, requested, device, &name, at, &peer,
+            ),
+            Err(e) => refuse(
+                requested,
+                &format!("the request from {peer}"),
+                format!("{e:#}"),
+            ),
+        },
+        Ok(Ask::Recover(name)) => match h.replicas() {
+            Ok(replicas) => {
+                crate::replica::send_chain(&store, &replicas, requested, device, &name, &peer)
+            }
+            Err(e) => refuse(
+                requested,
+                &format!("the request from {peer}"),
+                format!("{e:#}"),
+            ),
+        },
         Err(why) => refuse(requested, &format!("the request from {peer}"), why),
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use cloud::replica::{valid_chain, ReplicaDir, MAX_CHECKPOINT};
+use cloud::replica::{valid_chain, ReplicaStore, MAX_CHECKPOINT};
 use cloud::store::{valid_name, DeviceId, StoreError, TwinKind, TwinStore};
 use vmm::migration::checkpoints::{expect_stored, recv_file, send_file, stored};
 use vmm::migration::wire::Kind;
@@ -53,9 +53,11 @@ fn refuse(requested: Requested, peer: &str, why: String) -> Result<i32> {
 }
 
 /// The cloud host's side of `replicate NAME CHAIN SEQ`: stores the sealed checkpoint in the
-/// device's replica twin `name` (created by the first), atomically, and says so.
+/// device's replica twin `name` (created by the first), atomically, in `replicas`, and says
+/// so.
 pub fn store_checkpoint(
     store: &TwinStore,
+    replicas: &ReplicaStore,
     mut requested: Requested,
     device: DeviceId,
     name: &str,
@@ -88,7 +90,10 @@ pub fn store_checkpoint(
         }
         Err(e) => return refuse(requested, peer, format!("the replica's lock: {e}")),
     };
-    let replica = ReplicaDir::new(&twin.dir);
+    let replica = match replicas.replica(&device, name, &twin.dir) {
+        Ok(r) => r,
+        Err(e) => return refuse(requested, peer, e.to_string()),
+    };
     let mut incoming = match replica.begin(&chain, seq) {
         Ok(i) => i,
         Err(e) => return refuse(requested, peer, e.to_string()),
@@ -131,9 +136,11 @@ pub fn store_checkpoint(
 }
 
 /// The cloud host's side of `recover NAME`: sends the device the stored chain of its
-/// replica twin `name`, oldest first (`Accept` carries the chain id and the count).
+/// replica twin `name` from `replicas`, oldest first (`Accept` carries the chain id and the
+/// count).
 pub fn send_chain(
     store: &TwinStore,
+    replicas: &ReplicaStore,
     mut requested: Requested,
     device: DeviceId,
     name: &str,
@@ -151,7 +158,11 @@ pub fn send_chain(
         // Another device's replica is not found either.
         Err(e) => return refuse(requested, peer, e.to_string()),
     };
-    let (chain, paths) = match ReplicaDir::new(&twin.dir).chain() {
+    // Opened first: a new chain stored meanwhile does not change what is sent.
+    let opened = replicas
+        .replica(&device, name, &twin.dir)
+        .and_then(|r| r.open_chain());
+    let (chain, files) = match opened {
         Ok(Some(c)) => c,
         Ok(None) => {
             return refuse(
@@ -160,17 +171,9 @@ pub fn send_chain(
                 format!("no checkpoint of {name:?} is stored"),
             )
         }
-        Err(e) => return refuse(requested, peer, e.to_string()),
-    };
-    // Opened first: a new chain stored meanwhile removes the files, not what is open.
-    let files = match paths
-        .iter()
-        .map(File::open)
-        .collect::<std::io::Result<Vec<_>>>()
-    {
-        Ok(f) => f,
         Err(e) => return refuse(requested, peer, format!("reading the replica: {e}")),
     };
+    let count = files.len();
     let mut accept = chain.as_bytes().to_vec();
     accept.extend_from_slice(&(files.len() as u64).to_le_bytes());
     let ch = requested.channel();
@@ -185,7 +188,7 @@ pub fn send_chain(
         "pocketvisor: cloud: sent the replica {name:?} of device {} to {peer}: {} checkpoints, \
          {bytes} bytes\n",
         device.hex(),
-        paths.len()
+        count
     );
     let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
     Ok(0)

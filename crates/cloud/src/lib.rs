@@ -7,7 +7,8 @@
 //! (`vmm::migration::accept_request`, `Requested::receive`); for `return NAME` it relays the
 //! twin's migration back to the device, which starts from the copy it kept and is sent only
 //! the pages and disk chunks that differ from it (`vmm::migration`'s `Base`). A replica twin
-//! (kind `replica`) keeps a device's sealed checkpoints ([`replica`]) for `recover NAME`.
+//! (kind `replica`) keeps a device's sealed checkpoints ([`replica`]: in its directory or an
+//! object store) for `recover NAME`.
 //! Not yet built: the handset's `profile offload` and `profile return`; clone.
 
 pub mod replica;
