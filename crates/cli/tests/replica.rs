@@ -7,7 +7,9 @@
 //! The host's files hold none of what the guest wrote in the clear; another device cannot
 //! recover the replica; a flipped byte in a stored checkpoint is refused; a host killed while
 //! it stores a checkpoint, and a device whose VMM is killed in the middle of one, leave the
-//! one before recoverable.
+//! one before recoverable. The main round trip and the host killed mid-store run again with
+//! the checkpoints in an object store (`cloud serve --replica-store file:///DIR`), and serve
+//! refuses a store URL it cannot use before it listens.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
@@ -92,6 +94,15 @@ fn assert_disk_after_writes(disk: &[u8], last: u64) {
     }
 }
 
+/// Where the cloud host keeps replicas.
+#[derive(Clone, Copy, PartialEq)]
+enum Keep {
+    /// Files in the replica twin's directory (the default).
+    TwinDir,
+    /// object_store's local-file backend (`--replica-store file:///<scratch>/objects`).
+    Objects,
+}
+
 /// A cloud host on loopback, two devices' certificates (`phone`, `tablet`), a recovery key
 /// pair, and the phone's counting, disk-writing VM.
 struct Setup {
@@ -99,17 +110,23 @@ struct Setup {
     serve: Option<Vmm>,
     addr: String,
     phone: Option<Vmm>,
+    keep: Keep,
 }
 
 impl Setup {
-    fn new(name: &str) -> Option<Setup> {
-        Setup::new_with(name, &[])
+    fn new(name: &str, keep: Keep) -> Option<Setup> {
+        Setup::new_with(name, &[], keep)
     }
 
     /// [`Setup::new`], the device's VMM started with `env`.
-    fn new_with(name: &str, env: &[(&str, &str)]) -> Option<Setup> {
+    fn new_with(name: &str, env: &[(&str, &str)], keep: Keep) -> Option<Setup> {
         let probe = common::probe(true)?;
-        let dir = Scratch::new("pv-replicatest", name);
+        // Each store's run of a test in a directory of its own (they run at once).
+        let name = match keep {
+            Keep::TwinDir => name.to_string(),
+            Keep::Objects => format!("{name}-objects"),
+        };
+        let dir = Scratch::new("pv-replicatest", &name);
         let key = rcgen::KeyPair::generate().unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -150,6 +167,7 @@ impl Setup {
             serve: None,
             addr: String::new(),
             phone: Some(phone),
+            keep,
         };
         s.serve(&[]);
         Some(s)
@@ -165,6 +183,7 @@ impl Setup {
             .arg("--key")
             .arg(self.dir.path("cloud.mkey"))
             .args(self.tls("cloud"))
+            .args(self.replica_store())
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(File::create(&stderr).unwrap())
@@ -178,6 +197,19 @@ impl Setup {
         assert!(wait_until(|| listen().is_some(), WAIT), "{}", read(&stderr));
         self.addr = listen().unwrap();
         self.serve = Some(serve);
+    }
+
+    /// The host's `--replica-store` (its directory created), if it keeps objects.
+    fn replica_store(&self) -> Vec<String> {
+        if self.keep == Keep::TwinDir {
+            return Vec::new();
+        }
+        let objects = self.dir.path("objects");
+        std::fs::create_dir_all(&objects).unwrap();
+        vec![
+            "--replica-store".into(),
+            format!("file://{}", objects.display()),
+        ]
     }
 
     fn tls(&self, who: &str) -> Vec<String> {
@@ -269,10 +301,14 @@ impl Setup {
         (blk_counters(&read(&serial)), disk, vm)
     }
 
-    /// Every checkpoint file the host stores.
+    /// Every checkpoint the host stores (a file, or an object of its local-file backend),
+    /// whole (not an object store's staging file, `<key>#<n>`).
     fn stored(&self) -> Vec<PathBuf> {
         let mut all = Vec::new();
         let mut dirs = vec![self.dir.path("state")];
+        if self.keep == Keep::Objects {
+            dirs.push(self.dir.path("objects"));
+        }
         while let Some(d) = dirs.pop() {
             for e in std::fs::read_dir(&d).unwrap().flatten() {
                 let p = e.path();
@@ -285,6 +321,19 @@ impl Setup {
         }
         all.sort();
         all
+    }
+}
+
+impl Setup {
+    /// The one directory in `<scratch>/<dir>` (a device's, named by its hexadecimal id).
+    fn only_device_in(&self, dir: &str) -> String {
+        let names: Vec<String> = std::fs::read_dir(self.dir.path(dir))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        names[0].clone()
     }
 }
 
@@ -318,7 +367,16 @@ fn any_file_holds(dir: &Path, needle: &[u8]) -> Option<PathBuf> {
 
 #[test]
 fn a_lost_device_s_guest_resumes_from_its_last_checkpoint_and_only_its_owner_can_have_it() {
-    let Some(mut s) = Setup::new("recover") else {
+    lost_device_recovers(Keep::TwinDir);
+}
+
+#[test]
+fn a_lost_device_recovers_from_an_object_store() {
+    lost_device_recovers(Keep::Objects);
+}
+
+fn lost_device_recovers(keep: Keep) {
+    let Some(mut s) = Setup::new("recover", keep) else {
         return;
     };
     let before = *blk_counters(&read(&s.dir.path("phone.serial")))
@@ -344,8 +402,18 @@ fn a_lost_device_s_guest_resumes_from_its_last_checkpoint_and_only_its_owner_can
     let lost_at = s.lose_the_phone();
 
     // The host holds ciphertext only: not one block the guest wrote.
-    assert_eq!(s.stored().len(), 3);
+    let stored = s.stored();
+    assert_eq!(stored.len(), 3, "{stored:?}");
     assert_eq!(any_file_holds(&s.dir.path("state"), PATTERN), None);
+    if keep == Keep::Objects {
+        // All in the object store, under the device's key, none in the twin's directory.
+        let device = s.dir.path("objects").join(s.only_device_in("objects"));
+        assert!(
+            stored.iter().all(|p| p.starts_with(device.join("phone"))),
+            "{stored:?}"
+        );
+        assert_eq!(any_file_holds(&s.dir.path("objects"), PATTERN), None);
+    }
 
     // Another device cannot have it, and is told it does not exist.
     let theirs = s.recover("tablet", "stolen");
@@ -391,7 +459,16 @@ fn a_lost_device_s_guest_resumes_from_its_last_checkpoint_and_only_its_owner_can
 
 #[test]
 fn a_host_killed_while_it_stores_a_checkpoint_keeps_the_one_before() {
-    let Some(mut s) = Setup::new("killed") else {
+    host_killed_while_storing(Keep::TwinDir);
+}
+
+#[test]
+fn a_host_killed_while_it_stores_an_object_keeps_the_one_before() {
+    host_killed_while_storing(Keep::Objects);
+}
+
+fn host_killed_while_storing(keep: Keep) {
+    let Some(mut s) = Setup::new("killed", keep) else {
         return;
     };
     let first = s.replicate(Some(1)).output().unwrap();
@@ -438,7 +515,7 @@ fn a_host_killed_while_it_stores_a_checkpoint_keeps_the_one_before() {
 
 #[test]
 fn a_new_full_checkpoint_every_n_replaces_the_chain_at_the_host() {
-    let Some(mut s) = Setup::new("full-every") else {
+    let Some(mut s) = Setup::new("full-every", Keep::TwinDir) else {
         return;
     };
     let out = s
@@ -469,8 +546,11 @@ fn a_new_full_checkpoint_every_n_replaces_the_chain_at_the_host() {
 fn a_device_killed_in_the_middle_of_a_checkpoint_leaves_the_one_before() {
     // The device's VMM dies (kill -9) once the live copy of an incremental checkpoint is
     // written, before its pause: the first (full) checkpoint is stored, the second never is.
-    let Some(mut s) = Setup::new_with("vmm-killed", &[("POCKETVISOR_KILL_AT", "checkpoint-live")])
-    else {
+    let Some(mut s) = Setup::new_with(
+        "vmm-killed",
+        &[("POCKETVISOR_KILL_AT", "checkpoint-live")],
+        Keep::TwinDir,
+    ) else {
         return;
     };
     let out = s.replicate(Some(3)).output().unwrap();
@@ -512,4 +592,40 @@ fn a_device_killed_in_the_middle_of_a_checkpoint_leaves_the_one_before() {
     let (counted, disk, _vm) = s.restore("back");
     assert!(counted[0] <= lost_at + 1, "{counted:?} lost at {lost_at}");
     assert_disk_after_writes(&disk, counted[0] - 1);
+}
+
+#[test]
+fn serve_refuses_a_replica_store_it_cannot_use_before_it_listens() {
+    let dir = Scratch::new("pv-replicatest", "bad-store");
+    std::fs::write(dir.path("cloud.mkey"), "5a".repeat(32) + "\n").unwrap();
+    let objects = dir.path("objects");
+    for (url, why) in [
+        ("s3://bucket/replicas".to_string(), "file:///ABS/DIR"),
+        ("file://objects".to_string(), "must be absolute"),
+        (format!("file://{}", objects.display()), "no such directory"),
+    ] {
+        let out = Command::new(bin())
+            .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
+            .arg(dir.path("state"))
+            .arg("--key")
+            .arg(dir.path("cloud.mkey"))
+            .args([
+                "--tls-cert",
+                "c.pem",
+                "--tls-key",
+                "c.key",
+                "--tls-ca",
+                "ca.pem",
+            ])
+            .args(["--replica-store", &url])
+            .output()
+            .unwrap();
+        let said = text(&out);
+        assert!(!out.status.success(), "{url}: {said}");
+        assert!(
+            said.contains("--replica-store") && said.contains(why),
+            "{url}: {said}"
+        );
+        assert!(!said.contains("listening"), "{url}: {said}");
+    }
 }
