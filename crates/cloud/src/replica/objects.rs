@@ -33,6 +33,9 @@ const MAX_CURRENT: usize = 4096;
 /// Replicas kept in an object store.
 pub struct ObjectReplicas {
     store: Arc<dyn ObjectStore>,
+    /// The same store when it is the local-file backend, whose staging files this host
+    /// sweeps.
+    local: Option<Arc<LocalFileSystem>>,
     rt: Arc<Runtime>,
 }
 
@@ -73,6 +76,7 @@ impl ObjectReplicas {
             .build()?;
         Ok(ObjectReplicas {
             store,
+            local: None,
             rt: Arc::new(rt),
         })
     }
@@ -102,10 +106,15 @@ impl ObjectReplicas {
         if !std::path::Path::new(dir).is_dir() {
             return Err(bad_url(url, "no such directory"));
         }
-        let local = LocalFileSystem::new_with_prefix(dir)?
-            .with_fsync(true)
-            .with_automatic_cleanup(true);
-        ObjectReplicas::new(Arc::new(local))
+        let local = Arc::new(
+            LocalFileSystem::new_with_prefix(dir)?
+                .with_fsync(true)
+                .with_automatic_cleanup(true),
+        );
+        Ok(ObjectReplicas {
+            local: Some(local.clone()),
+            ..ObjectReplicas::new(local)?
+        })
     }
 
     /// The replica `name` of `device` (a name [`crate::store::valid_name`] takes).
@@ -134,6 +143,32 @@ impl ObjectReplica<'_> {
                 rest.next().is_none().then_some(name)
             })
             .collect())
+    }
+}
+
+/// Whether `name` is the local-file backend's staging file of an upload: `<name>#<digits>`.
+fn is_staged(name: &str) -> bool {
+    name.rsplit_once('#')
+        .is_some_and(|(_, n)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl ObjectReplica<'_> {
+    /// Removes the staging files of uploads a killed process left, on the local-file backend
+    /// (one receive at a time: the caller holds the twin's lock). An S3 bucket has a lifecycle
+    /// rule for them instead.
+    fn remove_staged(&self) {
+        let Some(dir) =
+            (self.objects.local.as_ref()).and_then(|l| l.path_to_filesystem(&self.prefix).ok())
+        else {
+            return;
+        };
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if is_staged(&e.file_name().to_string_lossy()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
     }
 }
 
@@ -190,6 +225,7 @@ impl Replica for ObjectReplica<'_> {
 
     fn begin(&self, chain: &str, seq: u64) -> Result<Box<dyn Checkpoint + '_>, ReplicaError> {
         check_next(self, chain, seq)?;
+        self.remove_staged();
         let key = self.prefix.clone().join(checkpoint_name(chain, seq));
         let upload = self.block_on(self.objects.store.put_multipart(&key))?;
         Ok(Box::new(Upload {

@@ -168,9 +168,24 @@ fn a_receive_killed_midway_leaves_the_chain() {
         store(&*r, A, 2, b"delta").unwrap();
         assert_eq!(r.chain().unwrap(), Some((A.to_string(), 2)), "{what}");
     }
-    assert!(!files_under(&tmp.path().join("twin"))
-        .iter()
-        .any(|f| f.starts_with(".incoming-")));
+    // What the killed receives left is gone: the temporary file, the staging file.
+    assert_eq!(
+        files_under(&tmp.path().join("twin")),
+        vec![
+            format!("{A}-00000001.pvr"),
+            format!("{A}-00000002.pvr"),
+            "current".to_string()
+        ]
+    );
+    let d = device(1).hex();
+    assert_eq!(
+        files_under(&tmp.path().join("objects")),
+        vec![
+            format!("{d}/phone/{A}-00000001.pvr"),
+            format!("{d}/phone/{A}-00000002.pvr"),
+            format!("{d}/phone/current")
+        ]
+    );
 }
 
 #[test]
