@@ -22,6 +22,17 @@ use portable_common::{assert_ok, probe, run, Daemon, Scratch};
 const WAIT: Duration = Duration::from_secs(60);
 const DISK_MIB: usize = 4;
 
+/// A `pocketvisor cloud return` process serving `api` (the return's VMM), if one runs.
+fn returning_vmm(api: &Path) -> Option<u32> {
+    let want = api.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        (args.contains(&&b"return"[..]) && args.contains(&want)).then_some(pid)
+    })
+}
+
 fn blk_last(path: &Path) -> u64 {
     blk_counters(&common::read(path))
         .last()
@@ -396,9 +407,40 @@ fn a_profile_offloaded_through_the_handset_counts_on_in_the_cloud_and_back_with_
     let daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
 
     // The return: the guest runs here again from where the twin was, onto the kept copy.
+    // The daemon is killed (kill -9) while it waits for the return's VMM: its next start
+    // adopts that VMM once the guest runs here (or, if the return was done by then, the
+    // running profile as any other).
     let before = blk_counters(&common::read(&serial)).len();
-    let out = profile(&dir, &["return", "work"]);
-    assert!(out.status.success(), "return failed: {}", said(&out));
+    let mut returning = std::process::Command::new(common::bin())
+        .args([
+            "profile",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "return",
+            "work",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = dir.join("profiles/work/run/api.sock");
+    assert!(
+        common::wait_until(|| returning_vmm(&api).is_some(), WAIT),
+        "the return's VMM did not start"
+    );
+    let mut daemon = daemon;
+    daemon.kill();
+    let _ = returning.wait();
+    let daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
+    let events = daemon.profile(&["events", "work"]);
+    portable_common::loud(&format!(
+        "handset_cloud: the return after the daemon's kill was {}",
+        if events.contains("finished after a daemon restart") {
+            "finished by the next daemon"
+        } else {
+            "done before the kill"
+        }
+    ));
     let p = info(&dir);
     assert_eq!(p["state"], "running", "{p}");
     assert!(p["offloaded_to"].is_null(), "{p}");

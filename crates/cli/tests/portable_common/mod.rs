@@ -129,6 +129,15 @@ impl Daemon {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Kills the daemon (kill -9: its VMMs, in process groups of their own, run on) and
+    /// waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the daemon (and with it the VMs) and waits for it.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

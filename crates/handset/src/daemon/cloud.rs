@@ -458,6 +458,86 @@ impl Handset {
         self.show(name)
     }
 
+    /// The VMM of a return an earlier daemon started for offloaded profile `name` (its
+    /// intent `return`), if it still runs.
+    pub(super) fn returning_vmm(&self, name: &str, state: &str) -> Option<i32> {
+        if ProfileState::parse(state) != ProfileState::Offloaded {
+            return None;
+        }
+        let intent = std::fs::read_to_string(self.dir().intent(name)).ok()?;
+        if intent.trim() != "return" {
+            return None;
+        }
+        let api = self.dir().api_socket(name);
+        vmm_proc::find_vmms(&self.opts.vmm_bin, &api)
+            .into_iter()
+            .next()
+    }
+
+    /// At daemon start: the return an earlier daemon left under way. Its VMM answers on its
+    /// API socket once the guest runs here: then it is adopted and the profile is running,
+    /// as if that daemon had seen it. A VMM that is gone, or does not answer within a
+    /// resume's time, did not bring the guest here: the profile stays offloaded (the twin
+    /// runs on, unless that VMM died after its commit: the guest is then in doubt at the
+    /// host, paused, as any migration's). Whether the profile was settled here.
+    pub(super) async fn finish_return(self: &Arc<Self>, name: &str) -> Result<bool> {
+        let row = self.registry.row(name)?;
+        let Some(pid) = self.returning_vmm(name, &row.state) else {
+            self.registry.event(
+                name,
+                "return-rolled-back",
+                "its VMM was gone after a daemon restart; the profile stays offloaded",
+            );
+            return Ok(false);
+        };
+        let api = self.dir().api_socket(name);
+        let deadline = Instant::now() + super::SNAPSHOT_TIMEOUT;
+        while vmm_proc::call(&api, &Request::Stats, super::CALL_TIMEOUT)
+            .await
+            .is_err()
+        {
+            if !vmm_proc::alive(pid) || Instant::now() > deadline {
+                vmm_proc::kill_group(pid, libc::SIGKILL);
+                self.cleanup_run(name);
+                self.registry.event(
+                    name,
+                    "return-rolled-back",
+                    "its VMM did not run the guest after a daemon restart; the profile stays \
+                     offloaded",
+                );
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // In this daemon's cgroup (the one that started it may have had another parent).
+        let spec = self.registry.spec(name)?;
+        if let Err(e) = self
+            .cgroups
+            .enter(name, pid, spec.memory_max(), spec.cpu.background)
+        {
+            tracing::warn!("{name}: the returned VMM stays out of its cgroup: {e}");
+        }
+        self.adopt(name, pid)?;
+        self.registry.apply(
+            name,
+            Event::Launched,
+            Some(pid),
+            "return finished after a daemon restart",
+        )?;
+        let _ = std::fs::remove_dir_all(self.dir().cloud_kept(name));
+        let _ = std::fs::remove_file(self.dir().offload_marker(name));
+        let _ = state_dir::sync_dir(&self.dir().profile(name));
+        self.registry.event(
+            name,
+            "returned",
+            &format!(
+                "finished after a daemon restart: pid {pid}; {}",
+                returned_line(&self.dir().vmm_log(name))
+            ),
+        );
+        Ok(true)
+    }
+
     /// At daemon start or before a step: an offload whose VMM is gone and whose marker was
     /// written finished (the guest runs at the host); records it. Whether it did.
     pub(super) fn finish_offload(&self, name: &str, state: ProfileState) -> Result<bool> {

@@ -193,8 +193,11 @@ impl Handset {
             // its VMM here ended. Without that record the offload failed or never finished
             // (the VMM's end is then handled as any other).
             Some(Intent::Offload) if live && !alive => self.finish_offload(name, state)?,
-            // A return's VMM gone before it was recorded running: the profile stays
-            // offloaded (the twin runs on unless that VMM had already committed).
+            // A return an earlier daemon left: its VMM is waited for and adopted once the
+            // guest runs here, or the profile stays offloaded.
+            Some(Intent::Return) if state == ProfileState::Offloaded => {
+                self.finish_return(name).await?
+            }
             // Settled before the record went (or nothing to do): only the record remains.
             _ => false,
         };

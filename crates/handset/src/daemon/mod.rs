@@ -858,7 +858,12 @@ impl Handset {
         self.finish_wipes();
         let rows = self.registry.db().profiles()?;
         for row in &rows {
-            self.kill_strays(&row.name, row.pid);
+            // A return's VMM that an earlier daemon started holds the guest (it may have
+            // committed): spared here, settled with the profile's intent below.
+            let known = row
+                .pid
+                .or_else(|| self.returning_vmm(&row.name, &row.state));
+            self.kill_strays(&row.name, known);
             match self.registry.migrate_legacy_spec(&row.name) {
                 Ok(Some(what)) => {
                     self.registry.event(&row.name, "spec-migrated", &what);
