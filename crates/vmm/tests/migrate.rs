@@ -16,14 +16,9 @@ use vmm::{DiskConfig, Request, RestoreOverrides, RunOutcome, SerialConfig, Vm, V
 use common::{probe, wait_for, Running, Scratch};
 
 /// The last `PROBE counter <n>` in the file at `log`.
+/// The last complete `PROBE counter <n>` in the serial log at `log`.
 fn last_counter(log: &Path) -> u64 {
-    let serial = std::fs::read_to_string(log).unwrap();
-    serial
-        .lines()
-        .filter_map(|l| l.strip_prefix("PROBE counter "))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back()
-        .unwrap_or_else(|| panic!("no counter line in\n{serial}"))
+    common::last_counter_in(&std::fs::read_to_string(log).unwrap())
 }
 
 fn write_key(path: &Path, byte: u8) -> PathBuf {

@@ -11,15 +11,7 @@ use vmm::{Request, RestoreOverrides, RunOutcome, SerialConfig, Vm, VmConfig};
 
 use common::{probe, wait_for, Running, Scratch};
 
-/// The last `PROBE counter <n>` in `serial`.
-fn last_counter(serial: &str) -> u64 {
-    serial
-        .lines()
-        .filter_map(|l| l.strip_prefix("PROBE counter "))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back()
-        .unwrap_or_else(|| panic!("no counter line in\n{serial}"))
-}
+use common::last_counter_in as last_counter;
 
 /// Asks `vm` for a stream snapshot on a fresh socket and hands the connection to `receive`.
 fn stream_snapshot<T>(

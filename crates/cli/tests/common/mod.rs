@@ -163,7 +163,10 @@ pub fn wait_for(path: &Path, needle: &str, timeout: Duration) -> bool {
 
 /// The counter values of every complete `PROBE counter N` line.
 pub fn counters(text: &str) -> Vec<u64> {
-    text.lines()
+    // Complete lines only: one cut by a migration's switch ends on the other host, and its
+    // number may be cut too (`PROBE counter 3` here, `8` there).
+    text.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
         .filter_map(|l| l.trim_end().strip_prefix("PROBE counter "))
         .filter_map(|n| n.parse().ok())
         .collect()

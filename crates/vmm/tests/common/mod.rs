@@ -72,6 +72,20 @@ impl Drop for Running {
     }
 }
 
+/// The last complete `PROBE counter <n>` line in `serial`. A line the guest had not finished
+/// (no newline yet) is not one: a line cut by a migration's switch ends at the other host, and
+/// its number may be cut too (`PROBE counter 3` here, `8` there).
+#[allow(dead_code)]
+pub fn last_counter_in(serial: &str) -> u64 {
+    serial
+        .split_inclusive('\n')
+        .filter(|l| l.ends_with('\n'))
+        .filter_map(|l| l.strip_prefix("PROBE counter "))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
+        .unwrap_or_else(|| panic!("no counter line in\n{serial}"))
+}
+
 /// Waits up to 20 s for `path` to contain `needle`; returns the file's text.
 pub fn wait_for(path: &Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
