@@ -223,6 +223,57 @@ impl Host {
         c
     }
 
+    /// Runs the probe with `cmdline` and the device flags `devices` as the phone (`phone.serial`,
+    /// `phone.sock`), waits for its line `ready` and offloads it as the twin `work`; the phone's
+    /// VMM has ended when this returns.
+    fn offload_probe(&self, cmdline: &str, devices: &[&str], ready: &str) {
+        let probe = common::probe(true).expect("the probe was there a moment ago");
+        let serial = self.dir.path("phone.serial");
+        let mut phone = Vmm(Command::new(bin())
+            .args([
+                "run",
+                "--kernel",
+                probe.to_str().unwrap(),
+                "--cmdline",
+                cmdline,
+            ])
+            .args(["--memory", "64M"])
+            .args(devices)
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--api-socket")
+            .arg(self.dir.path("phone.sock"))
+            .stdout(Stdio::null())
+            .stderr(File::create(self.dir.path("phone.stderr")).unwrap())
+            .spawn()
+            .expect("start the device's VM"));
+        assert!(
+            wait_for(&serial, ready, WAIT),
+            "the device's guest never said {ready:?}: {}\n{}",
+            read(&self.dir.path("phone.stderr")),
+            read(&serial)
+        );
+        let out = self.offload("phone", "phone", "work");
+        assert!(out.status.success(), "offload failed: {}", text(&out));
+        assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    }
+
+    /// `pocketvisor cloud VERB NAME --listen LISTEN` (`view` or `vsock`) as the device `who`;
+    /// the process and its stderr file.
+    fn relay_twin(&self, verb: &str, who: &str, name: &str, listen: &str) -> (Vmm, PathBuf) {
+        let stderr = self.dir.path(&format!("{verb}-{who}-{name}.stderr"));
+        let vmm = Vmm(Command::new(bin())
+            .args(["cloud", verb, name, "--from", &self.addr, "--key"])
+            .arg(&self.key)
+            .args(tls_args(&self.dir.0, who))
+            .args(["--listen", listen])
+            .stdout(Stdio::null())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start pocketvisor cloud view or vsock"));
+        (vmm, stderr)
+    }
+
     /// A raw authenticated channel to the host, as the device `who`.
     fn channel(&self, who: &str) -> Channel<tls::Transport> {
         let tcp = TcpStream::connect(&self.addr).unwrap();
@@ -494,49 +545,16 @@ fn a_twins_screen_is_shown_on_the_device_and_its_keys_reach_the_twin() {
     let Some(h) = host("view") else {
         return;
     };
-    let probe = common::probe(true).expect("the probe was there a moment ago");
     let serial = h.dir.path("phone.serial");
-    let mut phone = Vmm(Command::new(bin())
-        .args(["run", "--kernel", probe.to_str().unwrap()])
-        .args([
-            "--cmdline",
-            "pv.mode=screen pv.screen.hash=1 pv.screen.rgb=2060a0",
-        ])
-        .args(["--memory", "64M", "--gpu=320x240", "--input"])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("--api-socket")
-        .arg(h.dir.path("phone.sock"))
-        .stdout(Stdio::null())
-        .stderr(File::create(h.dir.path("phone.stderr")).unwrap())
-        .spawn()
-        .expect("start the device's VM"));
-    assert!(
-        wait_for(&serial, "PROBE screen frame n=1", WAIT),
-        "the device's guest drew nothing: {}\n{}",
-        read(&h.dir.path("phone.stderr")),
-        read(&serial)
+    h.offload_probe(
+        "pv.mode=screen pv.screen.hash=1 pv.screen.rgb=2060a0",
+        &["--gpu=320x240", "--input"],
+        "PROBE screen frame n=1",
     );
-    let out = h.offload("phone", "phone", "work");
-    assert!(out.status.success(), "offload failed: {}", text(&out));
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
     let twins = h.twin_dirs();
     let log = h.state().join("twins").join(&twins[0]).join("serial.log");
 
-    let view = |who: &str, name: &str| {
-        let stderr = h.dir.path(&format!("view-{who}-{name}.stderr"));
-        let mut c = Command::new(bin());
-        c.args(["cloud", "view", name, "--from", &h.addr, "--key"])
-            .arg(&h.key)
-            .args(tls_args(&h.dir.0, who))
-            .args(["--listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap());
-        (
-            Vmm(c.spawn().expect("start pocketvisor cloud view")),
-            stderr,
-        )
-    };
+    let view = |who: &str, name: &str| h.relay_twin("view", who, name, "127.0.0.1:0");
     let (_viewing, stderr) = view("phone", "work");
     let port = || -> Option<u16> {
         let text = read(&stderr);
@@ -592,51 +610,17 @@ fn a_twins_vsock_device_is_reached_from_the_device_through_the_cloud_host() {
     let Some(h) = host("vsock") else {
         return;
     };
-    let probe = common::probe(true).expect("the probe was there a moment ago");
-    let serial = h.dir.path("phone.serial");
-    let mut phone = Vmm(Command::new(bin())
-        .args(["run", "--kernel", probe.to_str().unwrap()])
-        .args([
-            "--cmdline",
-            "pv.tests=vsock pv.vsock.port=1234 pv.vsock.wait=120000",
-        ])
-        .args(["--memory", "64M", "--vsock"])
-        .arg(format!(
-            "cid=3,socket={}",
-            h.dir.path("phone.vsock").display()
-        ))
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .arg("--api-socket")
-        .arg(h.dir.path("phone.sock"))
-        .stdout(Stdio::null())
-        .stderr(File::create(h.dir.path("phone.stderr")).unwrap())
-        .spawn()
-        .expect("start the device's VM"));
-    assert!(
-        wait_for(&serial, "PROBE vsock listening", WAIT),
-        "the device's guest does not listen: {}\n{}",
-        read(&h.dir.path("phone.stderr")),
-        read(&serial)
-    );
-    let out = h.offload("phone", "phone", "work");
-    assert!(out.status.success(), "offload failed: {}", text(&out));
+    let vsock = format!("cid=3,socket={}", h.dir.path("phone.vsock").display());
     // From here only the twin's guest can answer: the device's VMM has ended.
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    h.offload_probe(
+        "pv.tests=vsock pv.vsock.port=1234 pv.vsock.wait=120000",
+        &["--vsock", &vsock],
+        "PROBE vsock listening",
+    );
 
     let serve = |who: &str, name: &str| {
         let socket = h.dir.path(&format!("{who}-{name}.vsock"));
-        let stderr = h.dir.path(&format!("vsock-{who}-{name}.stderr"));
-        let vmm = Vmm(Command::new(bin())
-            .args(["cloud", "vsock", name, "--from", &h.addr, "--key"])
-            .arg(&h.key)
-            .args(tls_args(&h.dir.0, who))
-            .arg("--listen")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start pocketvisor cloud vsock"));
+        let (vmm, stderr) = h.relay_twin("vsock", who, name, socket.to_str().unwrap());
         (vmm, socket, stderr)
     };
     let (_relay, socket, stderr) = serve("phone", "work");
