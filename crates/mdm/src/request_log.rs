@@ -33,9 +33,12 @@ impl RequestLog {
         Ok(RequestLog(Arc::new(Mutex::new(f))))
     }
 
+    /// Appends `line` in one write, so a reader never sees half a line from a formatter's
+    /// many small writes.
     fn append(&self, line: &serde_json::Value) {
+        let text = format!("{line}\n");
         let mut f = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = writeln!(f, "{line}");
+        let _ = f.write_all(text.as_bytes());
     }
 }
 

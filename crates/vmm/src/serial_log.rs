@@ -96,6 +96,8 @@ struct Pending {
     closed: bool,
     /// The thread is gone (it could not start): bytes are dropped.
     dead: bool,
+    /// The thread holds bytes it took and has not written yet.
+    writing: bool,
 }
 
 struct Shared {
@@ -140,12 +142,19 @@ impl LogWriter {
                     while p.bytes.is_empty() && !p.closed {
                         p = shared.changed.wait(p).unwrap_or_else(|e| e.into_inner());
                     }
+                    p.writing = true;
                     (std::mem::take(&mut p.bytes), p.closed)
                 };
                 shared.changed.notify_all();
                 // A full disk or a failed rotation loses output, never the guest.
                 let _ = log.write_all(&bytes).and_then(|()| log.flush());
-                if closed && lock(&shared.pending).bytes.is_empty() {
+                let done = {
+                    let mut p = lock(&shared.pending);
+                    p.writing = false;
+                    closed && p.bytes.is_empty()
+                };
+                shared.changed.notify_all();
+                if done {
                     return;
                 }
             }
@@ -178,8 +187,41 @@ impl Write for LogWriter {
         Ok(buf.len())
     }
 
+    /// A no-op: the UART flushes after every byte, which must not wait for the file (see
+    /// [`Drain`] for that).
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Waits for a [`LogWriter`]'s thread to write what it was handed (a paused VM's log is then
+/// final).
+#[derive(Clone)]
+pub struct Drain(Arc<Shared>);
+
+impl LogWriter {
+    /// A handle that waits for this writer's bytes to reach the file.
+    pub fn drain(&self) -> Drain {
+        Drain(self.shared.clone())
+    }
+}
+
+impl Drain {
+    /// Waits until every byte handed over so far is written (or the thread is gone), for at
+    /// most `limit`: a stuck disk must not hold up a pause.
+    pub fn wait(&self, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        let mut p = lock(&self.0.pending);
+        while (!p.bytes.is_empty() || p.writing) && !p.dead && !p.closed {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            p = match self.0.changed.wait_timeout(p, left) {
+                Ok((p, _)) => p,
+                Err(e) => e.into_inner().0,
+            };
+        }
     }
 }
 
@@ -249,6 +291,11 @@ mod tests {
                 w.flush().unwrap();
             }
             want.extend_from_slice(line.as_bytes());
+            if i == 10_000 {
+                // A drain (as a pause does) leaves the file holding everything so far.
+                w.drain().wait(std::time::Duration::from_secs(10));
+                assert_eq!(std::fs::read(&p).unwrap(), want);
+            }
         }
         let name = w
             .thread

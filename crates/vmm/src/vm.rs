@@ -57,6 +57,8 @@ pub struct Vm {
     pub(crate) vm: Arc<VmFd>,
     pub(crate) mem: GuestMem,
     pub(crate) serial: Arc<Mutex<Serial>>,
+    /// Waits for the serial log file to hold what the guest printed (a file log only).
+    pub(crate) serial_log: Option<crate::serial_log::Drain>,
     /// The platform devices (snapshots save their state).
     pub(crate) legacy: arch::LegacyDevices,
     /// The PCI bus (the buses hold it too).
@@ -213,6 +215,7 @@ impl Vm {
             vm,
             mem,
             serial: devs.serial,
+            serial_log: devs.serial_log,
             legacy: devs.legacy,
             _root: devs.root,
             devices: devs.virtio,
@@ -440,7 +443,8 @@ impl Vm {
         serde_json::to_string(&stats).unwrap_or_default()
     }
 
-    /// Parks every vCPU outside KVM_RUN, then quiesces the device workers.
+    /// Parks every vCPU outside KVM_RUN, then quiesces the device workers; the serial log
+    /// file then holds everything the guest printed before the pause.
     pub(crate) fn pause(&self, threads: &[VcpuThread]) -> Result<(), RequestError> {
         if self.shared.pause.swap(true, Ordering::AcqRel) {
             return Ok(());
@@ -464,6 +468,9 @@ impl Vm {
             wait = (wait * 2).min(Duration::from_millis(1));
         }
         self.devices.pause();
+        if let Some(log) = &self.serial_log {
+            log.wait(Duration::from_secs(1));
+        }
         Ok(())
     }
 
@@ -538,6 +545,8 @@ pub(crate) struct Devices {
     pub pio: Bus,
     pub mmio: Bus,
     pub serial: Arc<Mutex<Serial>>,
+    /// The serial log file's drain, when the serial port writes to a file.
+    pub serial_log: Option<crate::serial_log::Drain>,
     /// The platform devices, for their snapshot state.
     pub legacy: arch::LegacyDevices,
     pub root: Arc<Mutex<PciRoot>>,
@@ -571,18 +580,22 @@ pub(crate) fn build_devices(
         reason: e.to_string(),
     };
 
+    let mut serial_log = None;
     let out: Box<dyn Write + Send> = match &cfg.serial {
         SerialConfig::Stdout => Box::new(std::io::stdout()),
         // Capped and rotated (`serial.log.1`): a guest printing in a loop cannot fill the disk.
         // Written by its own thread: the vCPU emulating the UART does no file work.
-        SerialConfig::File(p) => Box::new(crate::serial_log::LogWriter::new(Box::new(
-            crate::serial_log::RotatingLog::open(p, crate::serial_log::SERIAL_LOG_CAP).map_err(
-                |source| Error::File {
-                    path: p.display().to_string(),
-                    source,
-                },
-            )?,
-        ))),
+        SerialConfig::File(p) => {
+            let w = crate::serial_log::LogWriter::new(Box::new(
+                crate::serial_log::RotatingLog::open(p, crate::serial_log::SERIAL_LOG_CAP)
+                    .map_err(|source| Error::File {
+                        path: p.display().to_string(),
+                        source,
+                    })?,
+            ));
+            serial_log = Some(w.drain());
+            Box::new(w)
+        }
         SerialConfig::None => Box::new(std::io::sink()),
     };
     let root = Arc::new(Mutex::new(
@@ -642,6 +655,7 @@ pub(crate) fn build_devices(
         pio,
         mmio,
         serial: legacy.serial.clone(),
+        serial_log,
         legacy,
         root,
         virtio,

@@ -204,11 +204,13 @@ impl Server {
         r["id"].as_i64().unwrap()
     }
 
-    /// Every request the server received (`--request-log`), as JSON.
+    /// Every request the server received (`--request-log`), as JSON: complete lines only
+    /// (the server may be writing the last one).
     pub fn requests(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.join("requests.jsonl"))
             .unwrap_or_default()
-            .lines()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
