@@ -102,6 +102,23 @@ impl DirtyRegion {
             })
     }
 
+    /// The dirty pages as runs of consecutive pages, each `(guest address, bytes)`, in order:
+    /// at most `max_pages` pages long, the last one cut at the region's end (its last page may
+    /// be short of a whole page).
+    pub fn runs(&self, max_pages: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let end = self.guest_addr + self.size;
+        let mut pages = self.pages().peekable();
+        std::iter::from_fn(move || {
+            let first = pages.next()?;
+            let mut n = 1u64;
+            while n < max_pages && pages.peek() == Some(&(first + n * DIRTY_PAGE_SIZE)) {
+                pages.next();
+                n += 1;
+            }
+            Some((first, (first + n * DIRTY_PAGE_SIZE).min(end) - first))
+        })
+    }
+
     /// How many pages are dirty.
     pub fn count(&self) -> u64 {
         self.bitmap.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -244,6 +261,35 @@ mod tests {
         let pages: Vec<u64> = r.pages().collect();
         assert_eq!(pages, vec![0x10_0000, 0x10_2000, 0x10_0000 + 127 * 0x1000]);
         assert_eq!(r.count(), 3);
+    }
+
+    #[test]
+    fn dirty_runs_join_neighbours_up_to_the_limit_and_stop_at_the_region_end() {
+        let page = DIRTY_PAGE_SIZE;
+        // Pages 0-4, 6 and 63 dirty; the region ends half-way through page 63.
+        let r = DirtyRegion {
+            guest_addr: 0x10_0000,
+            size: 63 * page + page / 2,
+            bitmap: vec![0b101_1111 | 1 << 63],
+        };
+        let runs: Vec<(u64, u64)> = r.runs(2).collect();
+        assert_eq!(
+            runs,
+            vec![
+                (0x10_0000, 2 * page),
+                (0x10_0000 + 2 * page, 2 * page),
+                (0x10_0000 + 4 * page, page),
+                (0x10_0000 + 6 * page, page),
+                (0x10_0000 + 63 * page, page / 2),
+            ]
+        );
+        let long: Vec<(u64, u64)> = r.runs(256).collect();
+        assert_eq!(long[0], (0x10_0000, 5 * page));
+        assert_eq!(long.len(), 3);
+        assert_eq!(
+            r.runs(256).map(|(_, n)| n).sum::<u64>(),
+            6 * page + page / 2
+        );
     }
 
     /// CPU time of this thread (immune to other processes taking the cores).

@@ -23,18 +23,17 @@
 //! directory and disk images that `Vm::restore` runs.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufWriter, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress};
 
 use devices::virtio::block::dirty::CHUNK_SIZE;
 
-use crate::memory::{DirtyRegion, DIRTY_PAGE_SIZE};
+use crate::migration::{send_dirty, DiskBatch, DiskOut, PageBatch, RunSink};
 use crate::snapshot::memory::{nonzero_runs, MemRegion, CHUNK};
 use crate::vcpu::VcpuThread;
 use crate::vm::Vm;
@@ -113,115 +112,49 @@ fn create_new(dir: &Path, name: &str) -> Result<File, Error> {
         .map_err(|e| err(format!("cannot create {}: {e}", path.display())))
 }
 
-/// The writer of one checkpoint's runs.
-struct Runs {
-    out: BufWriter<File>,
-    buf: Vec<u8>,
-    pages: u64,
-    chunks: u64,
+/// A checkpoint's run files, which take the runs a migration would send as frames.
+struct RunFiles {
+    pages: File,
+    disks: File,
 }
 
-impl Runs {
-    fn new(file: File) -> Runs {
-        Runs {
-            out: BufWriter::with_capacity(1 << 20, file),
-            buf: vec![0; CHUNK],
-            pages: 0,
-            chunks: 0,
-        }
+impl RunFiles {
+    fn write(file: &mut File, runs: &[u8]) -> Result<(), Error> {
+        file.write_all(runs)
+            .map_err(|e| err(format!("writing the checkpoint: {e}")))
     }
 
-    fn page_run(&mut self, addr: u64, bytes: &[u8]) -> Result<(), Error> {
-        let len = u32::try_from(bytes.len()).map_err(|_| err("an oversized page run"))?;
-        self.write(&[&addr.to_le_bytes(), &len.to_le_bytes(), bytes])?;
-        self.pages += (bytes.len() as u64).div_ceil(DIRTY_PAGE_SIZE);
-        Ok(())
-    }
-
-    /// Writes the pages `dirty` lists, read from `mem` now, in runs of at most [`CHUNK`].
-    fn dirty_pages(&mut self, mem: &devices::GuestMem, dirty: &[DirtyRegion]) -> Result<(), Error> {
-        let max_run = CHUNK as u64 / DIRTY_PAGE_SIZE;
-        let mut buf = std::mem::take(&mut self.buf);
-        let result = (|| {
-            for region in dirty {
-                let mut pages = region.pages().peekable();
-                while let Some(first) = pages.next() {
-                    let mut n = 1u64;
-                    while n < max_run && pages.peek() == Some(&(first + n * DIRTY_PAGE_SIZE)) {
-                        pages.next();
-                        n += 1;
-                    }
-                    let end = (first + n * DIRTY_PAGE_SIZE).min(region.guest_addr + region.size);
-                    let len = usize::try_from(end - first).map_err(|_| err("a page run"))?;
-                    let run = &mut buf[..len];
-                    mem.read_slice(run, GuestAddress(first))
-                        .map_err(|e| err(format!("reading guest memory at {first:#x}: {e}")))?;
-                    self.page_run(first, run)?;
-                }
-            }
-            Ok(())
-        })();
-        self.buf = buf;
-        result
-    }
-
-    /// Writes chunk `chunk` of disk `disk` (read from `file` now); all-zero chunks only if
-    /// `zeros` (a full checkpoint starts from holes and leaves them out).
-    fn disk_chunk(
-        &mut self,
-        disk: usize,
-        file: &File,
-        dirty: &devices::virtio::block::DirtyChunks,
-        chunk: u64,
-        zeros: bool,
-    ) -> Result<(), Error> {
-        let Some((offset, len)) = dirty.chunk_range(chunk) else {
-            return Ok(());
-        };
-        let n = usize::try_from(len).map_err(|_| err("a disk chunk"))?;
-        let mut buf = std::mem::take(&mut self.buf);
-        let data = &mut buf[..n];
-        let result = file
-            .read_exact_at(data, offset)
-            .map_err(|e| err(format!("reading disk {disk} at {offset:#x}: {e}")))
-            .and_then(|()| {
-                if !zeros && data.iter().all(|&b| b == 0) {
-                    return Ok(());
-                }
-                let disk = u32::try_from(disk).map_err(|_| err("too many disks"))?;
-                let len32 = u32::try_from(len).map_err(|_| err("a disk chunk"))?;
-                self.chunks += 1;
-                self.write(&[
-                    &disk.to_le_bytes(),
-                    &offset.to_le_bytes(),
-                    &len32.to_le_bytes(),
-                    data,
-                ])
-            });
-        self.buf = buf;
-        result
-    }
-
-    fn write(&mut self, parts: &[&[u8]]) -> Result<(), Error> {
-        for p in parts {
-            self.out
-                .write_all(p)
-                .map_err(|e| err(format!("writing the checkpoint: {e}")))?;
-        }
-        Ok(())
-    }
-
-    /// Flushes and syncs; returns the file's size.
+    /// Syncs both files; returns their size.
     fn finish(self) -> Result<u64, Error> {
-        let file = self
-            .out
-            .into_inner()
-            .map_err(|e| err(format!("writing the checkpoint: {}", e.error())))?;
-        file.sync_all()
-            .map_err(|e| err(format!("syncing the checkpoint: {e}")))?;
-        file.metadata()
-            .map(|m| m.len())
-            .map_err(|e| err(format!("the checkpoint's size: {e}")))
+        let mut bytes = 0;
+        for file in [self.pages, self.disks] {
+            file.sync_all()
+                .map_err(|e| err(format!("syncing the checkpoint: {e}")))?;
+            bytes += file
+                .metadata()
+                .map(|m| m.len())
+                .map_err(|e| err(format!("the checkpoint's size: {e}")))?;
+        }
+        Ok(bytes)
+    }
+}
+
+impl RunSink for RunFiles {
+    fn pages(&mut self, runs: &[u8]) -> Result<(), Error> {
+        RunFiles::write(&mut self.pages, runs)
+    }
+
+    fn disk(&mut self, runs: &[u8]) -> Result<(), Error> {
+        RunFiles::write(&mut self.disks, runs)
+    }
+}
+
+/// A failure of the migration's code a checkpoint shares (reading pages and disk chunks), as
+/// the replica's.
+fn as_replica(e: Error) -> Error {
+    match e {
+        Error::Migration(why) => Error::Replica(why),
+        other => other,
     }
 }
 
@@ -257,38 +190,41 @@ impl Vm {
                 "the VM's disks are not the ones it was configured with",
             ));
         }
-        let disk_files = self
+        let disks = self
             .cfg
             .disks
             .iter()
-            .map(|d| {
-                hostfs::open_regular(&d.path, false)
-                    .map_err(|e| err(format!("cannot read disk {}: {e}", d.path.display())))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut pages = Runs::new(create_new(dir, PAGES_FILE)?);
-        let mut disks = Runs::new(create_new(dir, DISKS_FILE)?);
+            .zip(dirty_chunks)
+            .map(|(d, dirty)| DiskOut::open(&d.path, dirty))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(as_replica)?;
+        let mut files = RunFiles {
+            pages: create_new(dir, PAGES_FILE)?,
+            disks: create_new(dir, DISKS_FILE)?,
+        };
+        let mut disk_batch = DiskBatch::new();
 
         // While the guest runs: everything (full) or what changed since the last checkpoint,
         // the logs then recording what changes meanwhile.
+        let mut pages = 0;
         if full {
             self.dirty.start()?;
-            for (i, (f, d)) in disk_files.iter().zip(&dirty_chunks).enumerate() {
-                d.take();
-                for c in 0..d.chunk_count() {
-                    disks.disk_chunk(i, f, d, c, false)?;
-                }
-            }
+            disk_batch
+                .send_all(&mut files, &disks, None)
+                .map_err(as_replica)?;
+            let mut batch = PageBatch::new();
             nonzero_runs(&self.mem, None, |r, offset, bytes| {
-                pages.page_run(r.guest_addr + offset, bytes)
-            })?;
+                batch.push(&mut files, r.guest_addr + offset, bytes)
+            })
+            .map_err(as_replica)?;
+            batch.flush(&mut files)?;
+            pages += batch.pages;
         } else {
-            for (i, (f, d)) in disk_files.iter().zip(&dirty_chunks).enumerate() {
-                for c in d.take() {
-                    disks.disk_chunk(i, f, d, c, true)?;
-                }
-            }
-            pages.dirty_pages(&self.mem, &self.dirty.dirty_pages()?)?;
+            disk_batch
+                .send_dirty(&mut files, &disks)
+                .map_err(as_replica)?;
+            pages += send_dirty(&mut files, &self.mem, &self.dirty.dirty_pages()?, || {})
+                .map_err(as_replica)?;
             crate::migration::fault::kill_point("checkpoint-live");
         }
 
@@ -298,24 +234,22 @@ impl Vm {
         self.pause(threads)
             .map_err(|e| err(format!("cannot pause the VM: {e}")))?;
         let paused = (|| {
-            for (i, (f, d)) in disk_files.iter().zip(&dirty_chunks).enumerate() {
-                for c in d.take() {
-                    disks.disk_chunk(i, f, d, c, true)?;
-                }
-            }
-            pages.dirty_pages(&self.mem, &self.dirty.dirty_pages()?)?;
+            disk_batch
+                .send_dirty(&mut files, &disks)
+                .map_err(as_replica)?;
+            let pages = send_dirty(&mut files, &self.mem, &self.dirty.dirty_pages()?, || {})
+                .map_err(as_replica)?;
             let (state, _) = self.state_sections(threads)?;
-            Ok::<_, Error>(state.finish())
+            Ok::<_, Error>((pages, state.finish()))
         })();
         if !was_paused {
             self.resume(threads);
         }
         let pause = paused_at.elapsed();
-        let state = paused?;
+        let (paused_pages, state) = paused?;
+        pages += paused_pages;
 
-        let page_count = pages.pages;
-        let chunk_count = disks.chunks;
-        let mut bytes = pages.finish()? + disks.finish()?;
+        let mut bytes = files.finish()?;
         let mut f = create_new(dir, STATE_FILE)?;
         f.write_all(&state)
             .and_then(|()| f.sync_all())
@@ -323,7 +257,7 @@ impl Vm {
         bytes += state.len() as u64;
         let meta = serde_json::to_vec(&CheckpointMeta {
             full,
-            disk_sizes: dirty_chunks.iter().map(|d| d.disk_bytes()).collect(),
+            disk_sizes: disks.iter().map(DiskOut::size).collect(),
         })
         .map_err(err)?;
         let mut f = create_new(dir, META_FILE)?;
@@ -335,8 +269,8 @@ impl Vm {
         self.checkpointed.store(true, Ordering::Release);
         Ok(CheckpointStats {
             full,
-            pages: page_count,
-            disk_chunks: chunk_count,
+            pages,
+            disk_chunks: disk_batch.chunks,
             bytes,
             pause,
             total: t0.elapsed(),

@@ -10,7 +10,6 @@
 //! inside it and no longer than [`CHUNK_SIZE`].
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,8 +18,7 @@ use devices::virtio::block::dirty::CHUNK_SIZE;
 use devices::virtio::block::DirtyChunks;
 
 use super::base::{self, Digest32};
-use super::refused;
-use super::wire::{Channel, Kind};
+use super::{refused, RunSink};
 use crate::Error;
 
 /// Bytes of a disk run's header.
@@ -67,7 +65,7 @@ enum Skip<'a> {
     Never,
 }
 
-/// Runs of disk data gathered into `Disk` frames.
+/// Runs of disk data gathered into `Disk` frames (or a checkpoint's `disks.bin`).
 pub(crate) struct DiskBatch {
     payload: Vec<u8>,
     buf: Vec<u8>,
@@ -90,9 +88,9 @@ impl DiskBatch {
     /// Sends every chunk of every disk that is not all zeros, or with `base` every chunk
     /// whose digest differs from the base's, after clearing the dirty bitmaps (writes
     /// completing from now on are sent again later).
-    pub(crate) fn send_all<S: Read + Write>(
+    pub(crate) fn send_all(
         &mut self,
-        ch: &mut Channel<S>,
+        ch: &mut impl RunSink,
         disks: &[DiskOut],
         base: Option<&[Vec<Digest32>]>,
     ) -> Result<(), Error> {
@@ -111,9 +109,9 @@ impl DiskBatch {
     }
 
     /// Sends the chunks written since they were last sent. Returns how many bytes they were.
-    pub(crate) fn send_dirty<S: Read + Write>(
+    pub(crate) fn send_dirty(
         &mut self,
-        ch: &mut Channel<S>,
+        ch: &mut impl RunSink,
         disks: &[DiskOut],
     ) -> Result<u64, Error> {
         let mut bytes = 0;
@@ -131,9 +129,9 @@ impl DiskBatch {
         disks.iter().map(|d| d.dirty.count() * CHUNK_SIZE).sum()
     }
 
-    fn send_chunk<S: Read + Write>(
+    fn send_chunk(
         &mut self,
-        ch: &mut Channel<S>,
+        ch: &mut impl RunSink,
         disk: usize,
         d: &DiskOut,
         chunk: u64,
@@ -169,9 +167,9 @@ impl DiskBatch {
         Ok(len)
     }
 
-    fn flush<S: Read + Write>(&mut self, ch: &mut Channel<S>) -> Result<(), Error> {
+    fn flush(&mut self, ch: &mut impl RunSink) -> Result<(), Error> {
         if !self.payload.is_empty() {
-            ch.send(Kind::Disk, &self.payload)?;
+            ch.disk(&self.payload)?;
             self.payload.clear();
         }
         Ok(())
@@ -373,7 +371,7 @@ pub(crate) fn apply_disk(disks: &[DiskIn], payload: &[u8]) -> Result<u64, Error>
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
-    use crate::migration::wire::Role;
+    use crate::migration::wire::{Channel, Kind, Role};
     use std::os::unix::net::UnixStream;
 
     /// A scratch directory removed on drop.

@@ -66,7 +66,8 @@ use crate::vcpu::VcpuThread;
 use crate::vm::Vm;
 use crate::Error;
 use base::Base;
-use disk::{apply_disk, DiskBatch, DiskIn, DiskOut};
+use disk::{apply_disk, DiskIn};
+pub(crate) use disk::{DiskBatch, DiskOut};
 pub use fault::kill_point;
 pub use relay::{relay, LocalEnd, Relayed};
 use tls::Transport;
@@ -207,23 +208,44 @@ impl<E: Into<Error>> From<E> for Failure {
     }
 }
 
-/// Pages to send, gathered into frames of about [`CHUNK`] bytes.
-struct Batch {
-    payload: Vec<u8>,
-    pages: u64,
+/// Where batches of runs go: a migration's `Pages` and `Disk` frames, or the files of a
+/// replica's checkpoint (`crate::replica`), which holds the same runs.
+pub(crate) trait RunSink {
+    /// Takes a batch of page runs (`addr u64 | length u32 | bytes`, repeated).
+    fn pages(&mut self, runs: &[u8]) -> Result<(), Error>;
+    /// Takes a batch of disk runs (`disk u32 | offset u64 | length u32 | bytes`, repeated).
+    fn disk(&mut self, runs: &[u8]) -> Result<(), Error>;
 }
 
-impl Batch {
-    fn new() -> Self {
-        Batch {
+impl<S: Read + Write> RunSink for Channel<S> {
+    fn pages(&mut self, runs: &[u8]) -> Result<(), Error> {
+        Ok(self.send(Kind::Pages, runs)?)
+    }
+
+    fn disk(&mut self, runs: &[u8]) -> Result<(), Error> {
+        Ok(self.send(Kind::Disk, runs)?)
+    }
+}
+
+/// Page runs, gathered into batches (frames) of about [`CHUNK`] bytes.
+pub(crate) struct PageBatch {
+    payload: Vec<u8>,
+    /// Pages taken so far.
+    pub(crate) pages: u64,
+}
+
+impl PageBatch {
+    pub(crate) fn new() -> Self {
+        PageBatch {
             payload: Vec::with_capacity(CHUNK + 4096),
             pages: 0,
         }
     }
 
-    fn push<S: Read + Write>(
+    /// Adds the run of `bytes` at guest address `addr`; hands the batch to `out` once full.
+    pub(crate) fn push(
         &mut self,
-        ch: &mut Channel<S>,
+        out: &mut impl RunSink,
         addr: u64,
         bytes: &[u8],
     ) -> Result<(), Error> {
@@ -233,53 +255,46 @@ impl Batch {
         self.payload.extend_from_slice(bytes);
         self.pages += (bytes.len() as u64).div_ceil(DIRTY_PAGE_SIZE);
         if self.payload.len() >= CHUNK {
-            self.flush(ch)?;
+            self.flush(out)?;
         }
         Ok(())
     }
 
-    fn flush<S: Read + Write>(&mut self, ch: &mut Channel<S>) -> Result<(), Error> {
+    /// Hands what the batch holds to `out`.
+    pub(crate) fn flush(&mut self, out: &mut impl RunSink) -> Result<(), Error> {
         if !self.payload.is_empty() {
-            ch.send(Kind::Pages, &self.payload)?;
+            out.pages(&self.payload)?;
             self.payload.clear();
         }
         Ok(())
     }
 }
 
-/// Sends the pages `dirty` lists, read from `mem` now; `between` runs after every frame's
-/// worth (the throttle). Returns the pages sent.
-fn send_dirty<S: Read + Write>(
-    ch: &mut Channel<S>,
+/// Sends the pages `dirty` lists, read from `mem` now, in runs of at most [`CHUNK`] bytes;
+/// `between` runs after every batch handed to `out` (the throttle). Returns the pages sent.
+pub(crate) fn send_dirty(
+    out: &mut impl RunSink,
     mem: &GuestMem,
     dirty: &[DirtyRegion],
     mut between: impl FnMut(),
 ) -> Result<u64, Error> {
-    let mut batch = Batch::new();
+    let mut batch = PageBatch::new();
     let mut buf = vec![0u8; CHUNK];
-    let max_run = CHUNK as u64 / DIRTY_PAGE_SIZE;
-    for region in dirty {
-        let mut pages = region.pages().peekable();
-        while let Some(first) = pages.next() {
-            let mut n = 1u64;
-            while n < max_run && pages.peek() == Some(&(first + n * DIRTY_PAGE_SIZE)) {
-                pages.next();
-                n += 1;
-            }
-            // The last page of a region may be short of a whole page.
-            let end = (first + n * DIRTY_PAGE_SIZE).min(region.guest_addr + region.size);
-            let len = usize::try_from(end - first).map_err(|_| refused("a page run"))?;
-            let run = &mut buf[..len];
-            mem.read_slice(run, GuestAddress(first))
-                .map_err(|e| refused(format!("reading guest memory at {first:#x}: {e}")))?;
-            let before = batch.payload.len();
-            batch.push(ch, first, run)?;
-            if batch.payload.len() < before {
-                between();
-            }
+    for (first, len) in dirty
+        .iter()
+        .flat_map(|region| region.runs(CHUNK as u64 / DIRTY_PAGE_SIZE))
+    {
+        let len = usize::try_from(len).map_err(|_| refused("a page run"))?;
+        let run = &mut buf[..len];
+        mem.read_slice(run, GuestAddress(first))
+            .map_err(|e| refused(format!("reading guest memory at {first:#x}: {e}")))?;
+        let before = batch.payload.len();
+        batch.push(out, first, run)?;
+        if batch.payload.len() < before {
+            between();
         }
     }
-    batch.flush(ch)?;
+    batch.flush(out)?;
     Ok(batch.pages)
 }
 
@@ -503,7 +518,7 @@ impl Vm {
         let mut disk_batch = DiskBatch::new();
         disk_batch.send_all(ch, &disks, base.as_ref().map(|b| &b.disks[..]))?;
         fault::kill_point("migrate-disk");
-        let mut batch = Batch::new();
+        let mut batch = PageBatch::new();
         let mut pages_skipped = 0u64;
         match &base {
             None => {
