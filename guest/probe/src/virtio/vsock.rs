@@ -504,12 +504,20 @@ impl Vsock {
                 self.rx.kick();
             }
             while let Some((head, _)) = self.ev.pop_used() {
-                // VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: every connection is gone.
+                // VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: every connection is gone, and the CID
+                // may have changed (a clone's cloud host gives it a new one): read it again,
+                // as Linux does, or every packet to the new CID would be refused.
                 for i in 0..MAX_CONNS {
                     if self.conns[i].is_some() {
                         self.conns[i] = None;
                         self.finished += 1;
                     }
+                }
+                let cid =
+                    self.dev.config::<u32>(0) as u64 | (self.dev.config::<u32>(4) as u64) << 32;
+                if cid != self.cid {
+                    probe!("twin cid={cid}");
+                    self.cid = cid;
                 }
                 let addr = self.ev_buf + 16 * (head as u64 % 8);
                 let _ = self.ev.push(&[Buf {
