@@ -135,6 +135,31 @@ pub fn push(
     crate::profile::print_transfer(&t, json)
 }
 
+/// `profile file from-clone NAME REMOTE [--as NEWNAME]`: the daemon brings the file from the
+/// clone's inbox into NAME's.
+pub fn from_clone(
+    c: &Client,
+    json: bool,
+    name: &str,
+    remote: String,
+    as_name: Option<String>,
+) -> Result<()> {
+    check_remote(&remote)?;
+    if let Some(n) = &as_name {
+        check_remote(n)?;
+    }
+    let req = handset::daemon::clone_files::FromClone {
+        name: remote,
+        as_name,
+    };
+    let t: Transfer = c.call(
+        "POST",
+        &format!("/v1/profiles/{name}/clone/files"),
+        Some(&req),
+    )?;
+    crate::profile::print_transfer(&t, json)
+}
+
 /// `profile file pull NAME REMOTE [LOCAL]`: writes exactly LOCAL (or LOCAL/REMOTE when
 /// LOCAL is a directory; ./REMOTE without LOCAL), never anything else.
 pub fn pull(

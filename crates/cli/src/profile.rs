@@ -466,7 +466,7 @@ daemon answers (GET /v1/profiles/NAME/policy); with no daemon running, DIR is re
         cmd: ClipboardCmd,
     },
     /// Push a file from the host into a profile's agent inbox, or pull one out (like
-    /// `lxc file push/pull`; if the channel rules allow).
+    /// `lxc file push/pull`), or bring one from its clone (if the channel rules allow).
     File {
         #[command(subcommand)]
         cmd: FileCmd,
@@ -560,7 +560,35 @@ enum FileCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Bring the file REMOTE from the agent inbox of the profile's clone (`profile clone`)
+    /// into the profile's own inbox.
+    #[command(name = "from-clone", after_help = CLONE_RULES)]
+    FromClone {
+        /// Profile name (the original, running here).
+        name: String,
+        /// The file's name in the clone's inbox.
+        remote: String,
+        /// Its name in the profile's inbox (default: REMOTE; a file of that name is
+        /// replaced); 1-128 of A-Z a-z 0-9 . _ -.
+        #[arg(long = "as", value_name = "NEWNAME")]
+        as_name: Option<String>,
+    },
 }
+
+/// How files come back from a profile's clone (the `--help` of `file from-clone`).
+const CLONE_RULES: &str = "\
+The clone is the one the last successful `pocketvisor profile clone NAME --to HOST:PORT` started;
+the daemon reaches its agent for this call only (`pocketvisor cloud vsock` with the identity in
+<state-dir>/cloud/, on a socket in the profile's directory, removed afterwards). The clone
+is the peer `cloud` in the profile's channel rules (its spec's, or its IT policy's): a file
+enters unless channels.files_from is set without \"cloud\". A locked profile refuses. A refusal
+exits 4; every attempt is in `pocketvisor profile audit` (channel-file, from=cloud). Both
+agents must answer on vsock: the profile running here (a background-paused one is resumed for
+the call), its clone at the host.
+
+EXAMPLE:
+  pocketvisor profile clone work --to cloud.example:7000
+  pocketvisor profile file from-clone work report.pdf --as report-from-cloud.pdf";
 
 /// `KEY=VALUE` arguments as a JSON object (`a.b=v` nests; a VALUE that parses as JSON is
 /// taken as such, else as a string).
@@ -687,9 +715,10 @@ fn detail(p: &ProfileInfo) -> String {
 fn show(p: &ProfileInfo) -> Result<()> {
     table(std::slice::from_ref(p));
     outln!(
-        "\nserial log: {}\nvsock cid:  {}\nagent:      {}\n",
+        "\nserial log: {}\nvsock cid:  {}\nclone at:   {}\nagent:      {}\n",
         p.serial_log,
         p.vsock_cid,
+        p.cloned_to.as_deref().unwrap_or("-"),
         match (&p.agent, p.pid) {
             (Some(a), _) => format!("{} (agent protocol v{})", a.kind, a.version),
             (None, Some(_)) => "none answering on vsock port 1025".into(),
@@ -1160,6 +1189,14 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                     force,
                 },
         } => crate::guest_data::pull(&c, json, &name, &remote, local, force)?,
+        ProfileCmd::File {
+            cmd:
+                FileCmd::FromClone {
+                    name,
+                    remote,
+                    as_name,
+                },
+        } => crate::guest_data::from_clone(&c, json, &name, remote, as_name)?,
         ProfileCmd::SendFile { from, to, name } => {
             let req = handset::channels::FileRequest { from, to, name };
             let t = c.call("POST", "/v1/channels/file", Some(&req))?;

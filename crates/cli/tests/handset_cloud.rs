@@ -5,7 +5,8 @@
 //! offload that cannot reach its host leaves it running here; a daemon restart keeps it
 //! offloaded. `profile clone`: a copy runs at the host with a vsock CID of its own, which the
 //! guest sees, while the original runs on; only its device reaches it, and it does not
-//! return.
+//! return. `profile file from-clone`: a file in the clone's agent inbox comes into the
+//! original's under the original's channel rules and audit.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
@@ -60,36 +61,55 @@ fn info(dir: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// A daemon (with `flags`) on a new state directory with the identity of the device `phone`
-/// and a running profile `work`: the probe writing its disk; its serial log.
+/// The spec of `work` running the probe writing its disk (blk-counter).
+fn blk_counter_spec() -> String {
+    format!(
+        "name = \"work\"\nkernel = \"probe\"\n\
+         cmdline = \"pv.mode=blk-counter pv.counter.ms=20\"\nmemory_mib = 64\n\
+         disks = [{{name = \"data\", size_mib = {DISK_MIB}}}]\n"
+    )
+}
+
+/// A daemon (with `flags`) on a new state directory in `s` and its profile `work` created
+/// from `spec` and started, once its serial log says `ready`; the serial log.
+fn running(
+    s: &Scratch,
+    probe: &Path,
+    flags: &[&str],
+    spec: &str,
+    ready: &str,
+) -> (Daemon, std::path::PathBuf) {
+    let dir = s.path("state");
+    let daemon = Daemon::start_with(&dir, Some(probe), &[], flags);
+    let file = s.path("work.toml");
+    std::fs::write(&file, spec).unwrap();
+    daemon.profile(&["create", "--file", file.to_str().unwrap()]);
+    daemon.profile(&["start", "work"]);
+    let serial = dir.join("profiles/work/run/serial.log");
+    assert!(
+        common::wait_for(&serial, ready, WAIT),
+        "the guest did not say {ready:?}: {}",
+        common::read(&serial)
+    );
+    (daemon, serial)
+}
+
+/// [`running`] `work` writing its disk, the daemon with the identity of the device `phone`.
 fn device(
     host: &CloudHost,
     s: &Scratch,
     probe: &Path,
     flags: &[&str],
 ) -> (Daemon, std::path::PathBuf) {
-    let dir = s.path("state");
-    let daemon = Daemon::start_with(&dir, Some(probe), &[], flags);
-    host.give_identity(&dir, "phone");
-    let spec = s.path("work.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"work\"\nkernel = \"probe\"\n\
-             cmdline = \"pv.mode=blk-counter pv.counter.ms=20\"\nmemory_mib = 64\n\
-             disks = [{{name = \"data\", size_mib = {DISK_MIB}}}]\n"
-        ),
-    )
-    .unwrap();
-    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
-    daemon.profile(&["start", "work"]);
-    let serial = dir.join("profiles/work/run/serial.log");
-    assert!(
-        common::wait_for(&serial, "PROBE blk-counter 3\n", WAIT),
-        "the guest does not write: {}",
-        common::read(&serial)
+    let r = running(
+        s,
+        probe,
+        flags,
+        &blk_counter_spec(),
+        "PROBE blk-counter 3\n",
     );
-    (daemon, serial)
+    host.give_identity(&s.path("state"), "phone");
+    r
 }
 
 #[test]
@@ -256,24 +276,12 @@ fn a_profile_offloaded_through_the_handset_counts_on_in_the_cloud_and_back_with_
     let s = Scratch::new("pv-hcloudtest", "device");
     let dir = s.path("state");
     // The jailed VMM's seccomp filter allows no TCP: offload is built for unjailed VMMs.
-    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
-    let spec = s.path("work.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"work\"\nkernel = \"probe\"\n\
-             cmdline = \"pv.mode=blk-counter pv.counter.ms=20\"\nmemory_mib = 64\n\
-             disks = [{{name = \"data\", size_mib = {DISK_MIB}}}]\n"
-        ),
-    )
-    .unwrap();
-    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
-    daemon.profile(&["start", "work"]);
-    let serial = dir.join("profiles/work/run/serial.log");
-    assert!(
-        common::wait_for(&serial, "PROBE blk-counter 3\n", WAIT),
-        "the guest does not write: {}",
-        common::read(&serial)
+    let (mut daemon, serial) = running(
+        &s,
+        &probe,
+        &["--no-jail"],
+        &blk_counter_spec(),
+        "PROBE blk-counter 3\n",
     );
 
     // Without an identity towards cloud hosts: refused in words, the guest runs on.
@@ -521,24 +529,16 @@ fn an_offloaded_profiles_screen_is_its_twins_on_the_device() {
     let host = CloudHost::start("pv-hcloudtest", "screen");
     let s = Scratch::new("pv-hcloudtest", "screen-device");
     let dir = s.path("state");
-    let daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
-    host.give_identity(&dir, "phone");
-    let spec = s.path("work.toml");
-    std::fs::write(
-        &spec,
+    let (daemon, serial) = running(
+        &s,
+        &probe,
+        &["--no-jail"],
         "name = \"work\"\nkernel = \"probe\"\n\
          cmdline = \"pv.mode=screen pv.screen.hash=1 pv.screen.rgb=2060a0\"\n\
          memory_mib = 64\nscreen = true\ndisplay = { width = 180, height = 320 }\n",
-    )
-    .unwrap();
-    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
-    daemon.profile(&["start", "work"]);
-    let serial = dir.join("profiles/work/run/serial.log");
-    assert!(
-        common::wait_for(&serial, "PROBE screen frame n=1", WAIT),
-        "the guest drew nothing: {}",
-        common::read(&serial)
+        "PROBE screen frame n=1",
     );
+    host.give_identity(&dir, "phone");
     let out = profile(&dir, &["offload", "work", "--to", &host.addr]);
     assert!(out.status.success(), "offload failed: {}", said(&out));
     assert_eq!(info(&dir)["state"], "offloaded");
@@ -587,4 +587,284 @@ fn an_offloaded_profiles_screen_is_its_twins_on_the_device() {
         common::wait_until(|| by_guest().contains(&drawn), WAIT),
         "after the return, the frame (fnv {drawn:016x}) is none the guest drew"
     );
+}
+
+/// One agent request through the vsock socket `sock` (a VMM's, or one `cloud vsock` serves).
+fn agent_at(sock: &Path, req: &serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(b"CONNECT 1025\n").unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut ok = String::new();
+    r.read_line(&mut ok).unwrap();
+    assert!(ok.starts_with("OK "), "vsock handshake: {ok:?}");
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad answer {line:?}: {e}"))
+}
+
+/// `channel-file` audit records of the daemon on `dir`.
+fn file_audit(dir: &Path) -> Vec<String> {
+    let out = profile(dir, &["audit", "--limit", "1000", "--json"]);
+    assert_ok(&out, "profile audit");
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    all.into_iter()
+        .filter(|e| e["event"] == "channel-file")
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["profile"].as_str().unwrap(),
+                e["detail"].as_str().unwrap()
+            )
+        })
+        .collect()
+}
+
+/// `cloud vsock` processes serving a socket under `dir`.
+fn relays_under(dir: &Path) -> Vec<u32> {
+    let Ok(all) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let dir = dir.as_os_str().as_encoded_bytes();
+    all.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+            (args.windows(2).any(|w| w == [&b"cloud"[..], &b"vsock"[..]])
+                && args.iter().any(|a| a.starts_with(dir)))
+            .then_some(pid)
+        })
+        .collect()
+}
+
+/// A clone works for its original: a file put into the clone's agent inbox (through `cloud
+/// vsock`, at the cloud host) comes into the original's inbox with `profile file from-clone`
+/// and reads back byte for byte with `profile file pull`; every attempt is audited; the
+/// original's `files_from` without `cloud` refuses it (exit 4, one line) and nothing moves; a
+/// profile without a clone, and a device the host keeps no such clone for, are refused in
+/// words. Nothing of the relay is left behind.
+#[test]
+fn a_file_comes_back_from_the_clone_into_the_originals_inbox_under_its_rules() {
+    let Some(probe) = probe("handset_cloud files from a clone") else {
+        return;
+    };
+    let host = CloudHost::start("pv-hcloudtest", "files-host");
+    let s = Scratch::new("pv-hcloudtest", "files");
+    let dir = s.path("state");
+    // The handset's default (jailed VMMs, cloned through the daemon's relay) where the test
+    // may jail, else unjailed: the file comes back through the daemon either way.
+    // SAFETY: geteuid has no preconditions.
+    let flags: &[&str] = if unsafe { libc::geteuid() } == 0 {
+        &[]
+    } else {
+        &["--no-jail"]
+    };
+    let (daemon, _serial) = running(
+        &s,
+        &probe,
+        flags,
+        "name = \"work\"\nkernel = \"probe\"\ncmdline = \"pv.mode=agent\"\nmemory_mib = 128\n\
+         [channels]\nfiles_to = [\"host\"]\n",
+        "PROBE agent listening",
+    );
+    host.give_identity(&dir, "phone");
+    let profile_dir = dir.join("profiles/work");
+    let relay_left = || {
+        std::fs::read_dir(&profile_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("clone-vsock"))
+            .collect::<Vec<_>>()
+    };
+
+    // Not cloned yet: refused in words, before any host is asked.
+    let out = profile(&dir, &["file", "from-clone", "work", "report.bin"]);
+    assert!(!out.status.success(), "a file came from no clone");
+    assert!(
+        said(&out).contains("has no clone at a cloud host"),
+        "{}",
+        said(&out)
+    );
+    assert!(info(&dir)["cloned_to"].is_null());
+
+    let out = profile(&dir, &["clone", "work", "--to", &host.addr]);
+    assert!(out.status.success(), "clone failed: {}", said(&out));
+    assert_eq!(info(&dir)["cloned_to"], host.addr.as_str());
+    assert!(
+        daemon
+            .profile(&["show", "work"])
+            .contains(&format!("clone at:   {}", host.addr)),
+        "profile show does not say where the clone is"
+    );
+    let twins = host.twin_dirs();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    let twin_log = host
+        .state()
+        .join("twins")
+        .join(&twins[0])
+        .join("serial.log");
+    // The clone's agent serves on its new CID once its vsock device's reset told it.
+    assert!(
+        common::wait_for(&twin_log, "PROBE twin cid=", WAIT),
+        "the clone's agent did not learn its CID: {}",
+        common::read(&twin_log)
+    );
+
+    // A file in the clone's inbox, put there at the host through `cloud vsock`.
+    let data: Vec<u8> = (0..3000u32)
+        .map(|i| u8::try_from((i * 31 + i / 7) % 251).unwrap())
+        .collect();
+    let b64 = |d: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(d)
+    };
+    {
+        let listen = s.path("clone-agent.sock");
+        let stderr = s.path("clone-agent.stderr");
+        let _relay = common::Vmm(
+            std::process::Command::new(common::bin())
+                .args(["cloud", "vsock", "work", "--from", &host.addr, "--key"])
+                .arg(&host.key)
+                .arg("--tls-cert")
+                .arg(host.dir.path("phone.pem"))
+                .arg("--tls-key")
+                .arg(host.dir.path("phone.key"))
+                .arg("--tls-ca")
+                .arg(host.dir.path("phone-ca.pem"))
+                .arg("--listen")
+                .arg(&listen)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&stderr).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        assert!(
+            common::wait_until(|| common::read(&stderr).contains(" on unix:"), WAIT),
+            "cloud vsock did not serve: {}",
+            common::read(&stderr)
+        );
+        let put = agent_at(
+            &listen,
+            &serde_json::json!({"op": "file_put", "name": "report.bin", "data_b64": b64(&data)}),
+        );
+        assert_eq!(put["ok"], true, "{put}");
+    }
+    // The original's inbox does not have it (the clone's inbox is the clone's own).
+    let original = dir.join("profiles/work/run/vsock.sock");
+    let list = agent_at(&original, &serde_json::json!({"op": "file_list"}));
+    assert_eq!(list["files"], serde_json::json!([]), "{list}");
+
+    // Brought into the original's inbox, and back out to the host byte for byte.
+    let out = profile(
+        &dir,
+        &[
+            "file",
+            "from-clone",
+            "work",
+            "report.bin",
+            "--as",
+            "from-cloud.bin",
+        ],
+    );
+    assert!(out.status.success(), "from-clone failed: {}", said(&out));
+    assert!(
+        said(&out).contains("file from-cloud.bin: 3000 bytes from cloud to work"),
+        "{}",
+        said(&out)
+    );
+    let local = s.path("from-cloud.bin");
+    let out = profile(
+        &dir,
+        &[
+            "file",
+            "pull",
+            "work",
+            "from-cloud.bin",
+            local.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "pull failed: {}", said(&out));
+    assert!(
+        std::fs::read(&local).unwrap() == data,
+        "the file changed on its way"
+    );
+    let audit = file_audit(&dir);
+    assert!(
+        audit.iter().any(|r| r
+            .starts_with("work from=cloud to=work name=report.bin as=from-cloud.bin ")
+            && r.contains(&format!(
+                "clone-at={} decision=allowed result=ok bytes=3000",
+                host.addr
+            ))),
+        "{audit:#?}"
+    );
+    assert!(relay_left().is_empty(), "{:?}", relay_left());
+    assert!(
+        relays_under(&profile_dir).is_empty(),
+        "the relay process outlived the call: {:?}",
+        relays_under(&profile_dir)
+    );
+
+    // The original's rules without `cloud`: refused, audited, nothing moves.
+    daemon.profile(&["set", "work", "channels.files_from=[\"host\"]"]);
+    let out = profile(
+        &dir,
+        &[
+            "file",
+            "from-clone",
+            "work",
+            "report.bin",
+            "--as",
+            "second.bin",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", said(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("denied by policy") && stderr.contains("files_from does not include cloud"),
+        "{stderr}"
+    );
+    let audit = file_audit(&dir);
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.contains("name=report.bin as=second.bin ")
+                && r.contains("decision=denied result=error")),
+        "{audit:#?}"
+    );
+    let list = agent_at(&original, &serde_json::json!({"op": "file_list"}));
+    assert_eq!(
+        list["files"],
+        serde_json::json!([{"name": "from-cloud.bin", "bytes": 3000}]),
+        "{list}"
+    );
+    assert!(relay_left().is_empty(), "{:?}", relay_left());
+
+    // A device the host keeps no clone `work` for (the tablet's identity): refused in words.
+    daemon.profile(&["set", "work", "channels.files_from=[\"host\", \"cloud\"]"]);
+    host.give_identity(&dir, "tablet");
+    let out = profile(&dir, &["file", "from-clone", "work", "report.bin"]);
+    assert!(
+        !out.status.success(),
+        "the tablet reached the phone's clone"
+    );
+    assert!(
+        said(&out).contains("no twin named \"work\""),
+        "{}",
+        said(&out)
+    );
+    let audit = file_audit(&dir);
+    assert!(
+        audit.last().is_some_and(
+            |r| r.contains("decision=allowed result=error") && r.contains("no twin named")
+        ),
+        "{audit:#?}"
+    );
+    assert!(relay_left().is_empty(), "{:?}", relay_left());
+    drop(daemon);
 }

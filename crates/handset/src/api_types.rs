@@ -132,6 +132,12 @@ impl CreateProfile {
                 crate::channels::HOST
             )));
         }
+        if spec.name == crate::channels::CLOUD {
+            return Err(Error::BadRequest(format!(
+                "profile name {:?} is reserved: it stands for a profile's clone in channel rules",
+                crate::channels::CLOUD
+            )));
+        }
         Ok(spec)
     }
 
@@ -243,6 +249,10 @@ pub struct ProfileInfo {
     /// The cloud host (`HOST:PORT`) an offloaded profile runs at (`profile offload`).
     #[serde(default)]
     pub offloaded_to: Option<String>,
+    /// The cloud host (`HOST:PORT`) the profile's clone runs at, recorded by the last
+    /// successful `profile clone` (files come back from it: `profile file from-clone`).
+    #[serde(default)]
+    pub cloned_to: Option<String>,
     /// The in-guest agent that answered while the VMM runs (`null`: none answered, or no
     /// VMM).
     #[serde(default)]
@@ -355,6 +365,16 @@ mod tests {
             ..Default::default()
         };
         assert!(nameless.into_spec().is_err());
+        // The channel rules' own peers are no profile names.
+        for reserved in ["host", "cloud"] {
+            let r = CreateProfile {
+                name: Some(reserved.into()),
+                template: Some("work".into()),
+                ..Default::default()
+            };
+            let e = r.into_spec().unwrap_err().to_string();
+            assert!(e.contains("is reserved"), "{e}");
+        }
         // A Linux guest from a template: its kernel, initramfs and command line.
         let linux = CreateProfile {
             name: Some("w".into()),

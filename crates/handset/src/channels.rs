@@ -280,6 +280,23 @@ pub fn decide_host(kind: Kind, way: HostDirection, spec: &ProfileSpec) -> Result
     }
 }
 
+/// The peer name that stands for a profile's own clone at a cloud host (`profile clone`) in
+/// its `files_from` list; no profile may be called this.
+pub const CLOUD: &str = "cloud";
+
+/// The policy decision for a file coming into the profile `spec` (with its effective
+/// channels) from its own clone: allowed unless its `files_from` is present without
+/// [`CLOUD`]. `Err(reason)` when denied.
+pub fn decide_from_clone(spec: &ProfileSpec) -> Result<(), String> {
+    match &spec.channels.files_from {
+        Some(list) if !list.iter().any(|p| p == CLOUD) => Err(format!(
+            "{}'s channels.files_from does not include {CLOUD}",
+            spec.name
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Checks the channel peers `spec` names that `before` (the spec it replaces, if any) did not
 /// name in the same list: each must be [`HOST`] or a profile `exists` knows, and none may be
 /// the profile itself. Peers kept from `before` pass (a peer deleted since is not an error of
@@ -311,10 +328,16 @@ pub fn check_peers(
                 .as_ref()
                 .and_then(|o| o.get(i))
                 .is_some_and(|(_, list)| list.contains(peer));
-            if peer != HOST && !kept && !exists(peer) {
+            if peer == CLOUD && key != "files_from" {
+                return Err(format!(
+                    "channels.{key} names {CLOUD}, which stands for the profile's clone and is a \
+                     peer in channels.files_from only (files come back from it)"
+                ));
+            }
+            if peer != HOST && peer != CLOUD && !kept && !exists(peer) {
                 return Err(format!(
                     "channels.{key} names {peer}, which is no profile here (create it first; \
-                     \"{HOST}\" stands for the host)"
+                     \"{HOST}\" stands for the host, \"{CLOUD}\" for the profile's clone)"
                 ));
             }
         }
@@ -354,8 +377,18 @@ impl AgentInfo {
 
 /// Asks `profile`'s agent for its kind and limits.
 pub(crate) async fn agent_info(profile: &str, vsock: &Path) -> Result<AgentInfo, ChannelError> {
+    agent_info_within(profile, vsock, CONNECT_TIMEOUT).await
+}
+
+/// [`agent_info`] with `connect` as the time to reach the agent (a relayed socket takes
+/// longer).
+pub(crate) async fn agent_info_within(
+    profile: &str,
+    vsock: &Path,
+    connect: Duration,
+) -> Result<AgentInfo, ChannelError> {
     let req = Request::new(Op::Health);
-    let a = agent_call(profile, vsock, &req, 4096, AgentInfo::UNKNOWN).await?;
+    let a = agent_call_within(profile, vsock, &req, 4096, AgentInfo::UNKNOWN, connect).await?;
     let probe = a.agent.as_deref() == Some("probe");
     let cap = |claimed: Option<u64>, daemon: usize| {
         let daemon = if probe { daemon.min(PROBE_MAX) } else { daemon };
@@ -396,6 +429,19 @@ pub(crate) async fn agent_call(
     max_line: usize,
     info: AgentInfo,
 ) -> Result<Answer, ChannelError> {
+    agent_call_within(profile, vsock, request, max_line, info, CONNECT_TIMEOUT).await
+}
+
+/// [`agent_call`] with `connect` as the time to connect and get `OK <port>` (a socket
+/// relayed to a cloud host makes a TLS connection first).
+pub(crate) async fn agent_call_within(
+    profile: &str,
+    vsock: &Path,
+    request: &Request<'_>,
+    max_line: usize,
+    info: AgentInfo,
+    connect_timeout: Duration,
+) -> Result<Answer, ChannelError> {
     let op = request.op;
     let fail = |what: String| ChannelError::Agent(format!("{profile}'s agent ({op}): {what}"));
     let line = request.to_line().map_err(|e| fail(e.to_string()))?;
@@ -408,9 +454,9 @@ pub(crate) async fn agent_call(
         (&mut r).take(64).read_until(b'\n', &mut ok).await?;
         Ok::<_, std::io::Error>((r, ok))
     };
-    let (mut r, ok) = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+    let (mut r, ok) = tokio::time::timeout(connect_timeout, connect)
         .await
-        .map_err(|_| fail(format!("no vsock connection within {CONNECT_TIMEOUT:?}")))?
+        .map_err(|_| fail(format!("no vsock connection within {connect_timeout:?}")))?
         .map_err(|e| fail(format!("cannot connect through {}: {e}", vsock.display())))?;
     if !ok.starts_with(b"OK ") {
         return Err(fail(format!(
@@ -746,8 +792,29 @@ mod tests {
         assert!(why.contains("names work itself"), "{why}");
         w.channels.clipboard_to = vec!["host".into(), "personal".into()];
         assert_eq!(check_peers(&w, None, |_| false), Err(
-            "channels.clipboard_to names personal, which is no profile here (create it first; \"host\" stands for the host)".into()
+            "channels.clipboard_to names personal, which is no profile here (create it first; \"host\" stands for the host, \"cloud\" for the profile's clone)".into()
         ));
+    }
+
+    #[test]
+    fn a_clone_is_the_peer_cloud_in_files_from_only() {
+        let mut w = spec("work", "work");
+        // No accept list: files come back from the clone.
+        assert_eq!(decide_from_clone(&w), Ok(()));
+        w.channels.files_from = Some(vec!["personal".into()]);
+        let why = decide_from_clone(&w).unwrap_err();
+        assert_eq!(why, "work's channels.files_from does not include cloud");
+        w.channels.files_from = Some(vec!["personal".into(), CLOUD.into()]);
+        assert_eq!(decide_from_clone(&w), Ok(()));
+        // Named where it means something; elsewhere it is refused in words.
+        let known = |n: &str| n == "personal";
+        assert_eq!(check_peers(&w, None, known), Ok(()));
+        w.channels.files_to = vec![CLOUD.into()];
+        let why = check_peers(&w, None, known).unwrap_err();
+        assert!(why.contains("in channels.files_from only"), "{why}");
+        w.channels.files_to = vec![];
+        w.channels.clipboard_from = Some(vec![CLOUD.into()]);
+        assert!(check_peers(&w, None, known).is_err());
     }
 
     #[test]

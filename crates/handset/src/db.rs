@@ -40,6 +40,8 @@ pub const MIGRATIONS: &[&str] = &[
         event TEXT NOT NULL,
         detail TEXT NOT NULL DEFAULT ''
     );",
+    // 2: the cloud host a profile's clone runs at (`profile clone`), for files back from it.
+    "ALTER TABLE profiles ADD COLUMN clone_host TEXT;",
 ];
 
 /// A profile's row.
@@ -270,6 +272,28 @@ impl Db {
         Ok(())
     }
 
+    /// Records the cloud host (`HOST:PORT`) profile `name`'s clone runs at (`None`: none).
+    pub fn set_clone_host(&self, name: &str, host: Option<&str>) -> Result<()> {
+        self.conn.execute(
+            "UPDATE profiles SET clone_host = ?2 WHERE name = ?1",
+            params![name, host],
+        )?;
+        Ok(())
+    }
+
+    /// The cloud host profile `name`'s clone runs at, if one was recorded.
+    pub fn clone_host(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .conn
+            .query_row(
+                "SELECT clone_host FROM profiles WHERE name = ?1",
+                [name],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+            .flatten())
+    }
+
     /// Makes `name` the only foreground profile (`None`: no foreground profile).
     pub fn set_foreground(&self, name: Option<&str>) -> Result<()> {
         self.conn.execute(
@@ -364,6 +388,13 @@ mod tests {
         assert!(a.started_ms.is_some());
         db.set_foreground(Some("b")).unwrap();
         assert!(!db.profile("a").unwrap().unwrap().foreground);
+        // A clone's host, recorded and replaced; none for another profile or no profile.
+        assert_eq!(db.clone_host("a").unwrap(), None);
+        db.set_clone_host("a", Some("cloud.example:7000")).unwrap();
+        db.set_clone_host("a", Some("[::1]:7000")).unwrap();
+        assert_eq!(db.clone_host("a").unwrap().as_deref(), Some("[::1]:7000"));
+        assert_eq!(db.clone_host("b").unwrap(), None);
+        assert_eq!(db.clone_host("nobody").unwrap(), None);
         db.record(Log::Events, "a", "started", "pid 42").unwrap();
         db.record(Log::Events, "b", "started", "").unwrap();
         db.record(Log::Audit, "a", "start", "ok").unwrap();

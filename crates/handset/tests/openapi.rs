@@ -295,6 +295,13 @@ fn answers_match_the_documented_schemas() {
         ("clone", Some(json!({"to": "127.0.0.1:7000"})), 409),
         ("clone", Some(json!({})), 400),
         ("return", None, 409),
+        (
+            "clone/files",
+            Some(json!({"name": "a.txt", "as": "b.txt"})),
+            409,
+        ),
+        ("clone/files", Some(json!({"name": "../a"})), 400),
+        ("clone/files", Some(json!({"name": "a", "to": "b"})), 400),
     ] {
         let a = call(
             "POST",

@@ -340,6 +340,12 @@ impl Handset {
                     "cloned",
                     &format!("to {to}: {info}; {} ms", t0.elapsed().as_millis()),
                 );
+                // Where files come back from (`profile file from-clone`).
+                if let Err(e) = self.registry.db().set_clone_host(name, Some(to)) {
+                    tracing::warn!("{name}: its clone's host is not recorded: {e}");
+                    self.registry
+                        .event(name, "clone-unrecorded", &format!("at {to}: {e}"));
+                }
                 self.show(name)
             }
             Err(e) => {

@@ -12,6 +12,7 @@
 //! notices its VMM's exit (tokio's child wait for processes this daemon started, a pidfd for
 //! ones adopted from an earlier daemon).
 
+pub mod clone_files;
 mod cloud;
 mod cloud_relay;
 mod cloud_screen;

@@ -227,6 +227,7 @@ impl Registry {
             offloaded_to: (state == ProfileState::Offloaded)
                 .then(|| super::cloud::offloaded_to(&self.dir, &row.name))
                 .flatten(),
+            cloned_to: self.db().clone_host(&row.name).ok().flatten(),
             locked: crate::lock::is_locked(&self.dir, &row.name),
             agent: None,
             spec,
