@@ -11,6 +11,7 @@
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
+mod cloud_common;
 mod common;
 
 use std::fs::File;
@@ -19,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use cloud_common::{assert_disk_after_writes, authority, blk_counters, issue, tls_args, twin_dirs};
 use common::{bin, counters, read, wait_exit, wait_for, wait_until, Scratch, Vmm};
 use vmm::migration::wire::{Channel, Kind, Role};
 use vmm::migration::{tls, MigrationTls};
@@ -30,34 +32,6 @@ const DISK_BYTES: usize = 4 << 20;
 /// (3,000 blocks of 4 KiB), so a return has unchanged data to leave out, as a phone's would.
 const RETURN_DISK_BYTES: usize = 32 << 20;
 
-/// A certificate authority.
-struct Authority {
-    cert: rcgen::Certificate,
-    key: rcgen::KeyPair,
-}
-
-fn authority() -> Authority {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    Authority {
-        cert: params.self_signed(&key).unwrap(),
-        key,
-    }
-}
-
-/// Writes `who`.pem, `who`.key and `who`-ca.pem into `dir`, signed by and trusting `ca`.
-fn issue(dir: &Path, who: &str, name: &str, ca: &Authority) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca.cert, &ca.key)
-        .unwrap();
-    std::fs::write(dir.join(format!("{who}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{who}.key")), key.serialize_pem()).unwrap();
-    std::fs::write(dir.join(format!("{who}-ca.pem")), ca.cert.pem()).unwrap();
-}
-
 fn tls_files(dir: &Path, who: &str) -> MigrationTls {
     let f = |suffix: &str| dir.join(format!("{who}{suffix}"));
     MigrationTls {
@@ -65,19 +39,6 @@ fn tls_files(dir: &Path, who: &str) -> MigrationTls {
         key: f(".key"),
         ca: f("-ca.pem"),
     }
-}
-
-fn tls_args(dir: &Path, who: &str) -> Vec<String> {
-    let t = tls_files(dir, who);
-    let s = |p: PathBuf| p.display().to_string();
-    vec![
-        "--tls-cert".into(),
-        s(t.cert),
-        "--tls-key".into(),
-        s(t.key),
-        "--tls-ca".into(),
-        s(t.ca),
-    ]
 }
 
 fn text(out: &Output) -> String {
@@ -115,23 +76,7 @@ impl Host {
 
     /// The twin directories of every device, as `<device>/<name>`.
     fn twin_dirs(&self) -> Vec<String> {
-        let mut all = Vec::new();
-        let Ok(devices) = std::fs::read_dir(self.state().join("twins")) else {
-            return all;
-        };
-        for d in devices {
-            let d = d.unwrap();
-            for t in std::fs::read_dir(d.path()).unwrap() {
-                let t = t.unwrap();
-                all.push(format!(
-                    "{}/{}",
-                    d.file_name().to_string_lossy(),
-                    t.file_name().to_string_lossy()
-                ));
-            }
-        }
-        all.sort();
-        all
+        twin_dirs(&self.state())
     }
 
     /// A counting probe with a disk (`<name>.img`), its API socket `<name>.sock`.
@@ -194,6 +139,28 @@ impl Host {
             .args(tls_args(&self.dir.0, who))
             .output()
             .expect("run pocketvisor migrate")
+    }
+
+    /// Offloads the phone's VM (`phone`, started by [`Host::device_vm_mode`]) as its twin
+    /// `work`, the device keeping a copy of the guest as it was at the switch in `kept`, and
+    /// waits for the device's VMM to end.
+    fn offload_keeping(&self, phone: &mut Vmm) -> Kept {
+        let dir = self.dir.path("kept");
+        let out = self.offload_with("phone", "phone", "work", &["--keep", dir.to_str().unwrap()]);
+        let said = text(&out);
+        assert!(out.status.success(), "{said}");
+        assert_eq!(
+            wait_exit(phone, WAIT),
+            Some(0),
+            "the device's VMM did not end"
+        );
+        let twins = self.twin_dirs();
+        assert_eq!(twins.len(), 1, "{twins:?}");
+        Kept {
+            dir,
+            twin: self.state().join("twins").join(&twins[0]),
+            said,
+        }
     }
 
     /// `pocketvisor cloud return NAME` to this host as the device `who`, with more flags.
@@ -284,6 +251,16 @@ impl Host {
     }
 }
 
+/// What [`Host::offload_keeping`] left.
+struct Kept {
+    /// The copy the device kept.
+    dir: PathBuf,
+    /// The twin's directory at the host.
+    twin: PathBuf,
+    /// What `migrate` said.
+    said: String,
+}
+
 /// The disk image a device VM `name` starts with: half data, half zeros.
 fn device_image(name: &str, bytes: usize) -> Vec<u8> {
     let mut image: Vec<u8> = (0..bytes / 2)
@@ -344,52 +321,17 @@ fn host_at(name: &str, env: &[(&str, &str)], store: Option<&str>) -> Option<Host
     })
 }
 
-/// Starts `cloud serve` on the state in `dir` (its stderr appended to `serve.stderr`); returns
-/// it and the address it listens on.
+/// Starts `cloud serve` on the state in `dir` (its stderr appended to `serve.stderr`), with the
+/// registry in PostgreSQL where `store-url` says so; returns it and the address it listens on.
 fn serve(dir: &Scratch, key: &Path, env: &[(String, String)]) -> (Vmm, String) {
-    let stderr = dir.path("serve.stderr");
-    let before = read(&stderr).len();
     let store = dir.path(STORE_URL);
-    let serve = Vmm(Command::new(bin())
-        .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
-        .arg(dir.path("state"))
-        .args(
-            store
-                .exists()
-                .then(|| ["--store-file".as_ref(), store.as_os_str()])
-                .into_iter()
-                .flatten(),
-        )
-        .arg("--key")
-        .arg(key)
-        .args(tls_args(&dir.0, "cloud"))
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&stderr)
-                .unwrap(),
-        )
-        .spawn()
-        .expect("start pocketvisor cloud serve"));
-    let listen_line = || {
-        let text = read(&stderr);
-        let rest = text
-            .get(before..)?
-            .split("cloud host listening on ")
-            .nth(1)?;
-        let (addr, _) = rest.split_once('\n')?;
-        Some(addr.trim().to_string())
+    let more = if store.exists() {
+        vec!["--store-file".to_string(), store.display().to_string()]
+    } else {
+        Vec::new()
     };
-    assert!(
-        wait_until(|| listen_line().is_some(), WAIT),
-        "the cloud host did not listen: {}",
-        read(&stderr)
-    );
-    let addr = listen_line().unwrap();
-    (serve, addr)
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    cloud_common::serve(&dir.0, key, &more, &env)
 }
 
 #[test]
@@ -475,28 +417,19 @@ fn the_device_keeps_a_copy_of_the_guest_as_it_was_at_the_switch() {
         return;
     };
     let mut phone = h.device_vm("phone");
-    let kept = h.dir.path("kept");
-    let out = h.offload_with(
-        "phone",
-        "phone",
-        "work",
-        &["--keep", kept.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let said = text(&out);
-    let kept_ms = said
+    let kept = h.offload_keeping(&mut phone);
+    let kept_ms = kept
+        .said
         .split("kept_ms=")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .and_then(|n| n.parse::<u64>().ok());
-    assert!(kept_ms.is_some(), "no kept_ms in {said}");
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    assert!(kept_ms.is_some(), "no kept_ms in {}", kept.said);
     assert!(
-        kept.join("COMPLETE").exists(),
+        kept.dir.join("COMPLETE").exists(),
         "the kept copy is not complete"
     );
-    let twins = h.twin_dirs();
-    let twin_log = h.state().join("twins").join(&twins[0]).join("serial.log");
+    let twin_log = kept.twin.join("serial.log");
     assert!(wait_until(|| !counters(&read(&twin_log)).is_empty(), WAIT));
     let twin_first = counters(&read(&twin_log))[0];
     // The kept copy, restored beside the twin (on a copy of the device's disk), starts where
@@ -505,7 +438,7 @@ fn the_device_keeps_a_copy_of_the_guest_as_it_was_at_the_switch() {
     let restored_log = h.dir.path("restored.serial");
     let _restored = Vmm(Command::new(bin())
         .arg("restore")
-        .arg(&kept)
+        .arg(&kept.dir)
         .arg("--serial")
         .arg(format!("file:{}", restored_log.display()))
         .arg("--disk")
@@ -671,45 +604,6 @@ fn a_twins_vsock_device_is_reached_from_the_device_through_the_cloud_host() {
     );
 }
 
-/// The values of every complete `PROBE blk-counter N` line (a line cut short by a switch
-/// is not one: its number may be cut too).
-fn blk_counters(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter_map(|l| l.strip_suffix('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("PROBE blk-counter "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// The 4 KiB the probe's blk-counter mode writes for tag `n`.
-fn blk_pattern(n: u64) -> Vec<u8> {
-    let line = format!("pocketvisor-probe-blk:{n}\n");
-    line.bytes().cycle().take(4096).collect()
-}
-
-/// Checks `disk` byte for byte against `initial` after the blk-counter writes 0..=`last`
-/// (each at slot n modulo the disk's slots, later ones over earlier ones); the slot of write
-/// `last + 1` may hold it too (done, its line not yet printed).
-fn assert_disk_after_writes(disk: &[u8], initial: &[u8], last: u64, what: &str) {
-    assert_eq!(disk.len(), initial.len(), "{what}: size");
-    let slots = u64::try_from(initial.len() / 4096).unwrap();
-    let mut expected = initial.to_vec();
-    for n in last.saturating_sub(slots - 1)..=last {
-        let at = usize::try_from(n % slots).unwrap() * 4096;
-        expected[at..at + 4096].copy_from_slice(&blk_pattern(n));
-    }
-    let pending = usize::try_from((last + 1) % slots).unwrap() * 4096;
-    for slot in 0..initial.len() / 4096 {
-        let range = slot * 4096..(slot + 1) * 4096;
-        let ok = disk[range.clone()] == expected[range.clone()]
-            || (range.start == pending && disk[range.clone()] == blk_pattern(last + 1)[..]);
-        assert!(
-            ok,
-            "{what}: 4 KiB slot {slot} is not what the guest wrote (last write {last})"
-        );
-    }
-}
-
 fn figure(said: &str, key: &str) -> u64 {
     said.split(&format!(" {key}="))
         .nth(1)
@@ -732,20 +626,15 @@ fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
         return;
     };
     let mut phone = h.device_vm_mode("phone", "blk-counter", RETURN_DISK_BYTES);
-    let kept = h.dir.path("kept");
-    let out = h.offload_with(
-        "phone",
-        "phone",
-        "work",
-        &["--keep", kept.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let offload_bytes = figure(&text(&out), "bytes");
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let Kept {
+        dir: kept,
+        twin,
+        said,
+    } = h.offload_keeping(&mut phone);
+    let offload_bytes = figure(&said, "bytes");
     let at_switch = *blk_counters(&read(&h.dir.path("phone.serial")))
         .last()
         .unwrap();
-    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
     let twin_log = twin.join("serial.log");
 
     // Work in the cloud: the twin writes its disk every 20 ms.
@@ -865,20 +754,15 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
         return;
     };
     let mut phone = h.device_vm_mode("phone", "blk-counter", RETURN_DISK_BYTES);
-    let kept = h.dir.path("kept");
-    let out = h.offload_with(
-        "phone",
-        "phone",
-        "work",
-        &["--keep", kept.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    let offload_bytes = figure(&text(&out), "bytes");
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let Kept {
+        dir: kept,
+        twin,
+        said,
+    } = h.offload_keeping(&mut phone);
+    let offload_bytes = figure(&said, "bytes");
     let at_switch = *blk_counters(&read(&h.dir.path("phone.serial")))
         .last()
         .unwrap();
-    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
     let twin_log = twin.join("serial.log");
     let secs = work_secs();
     std::thread::sleep(Duration::from_secs(secs));
@@ -1124,17 +1008,9 @@ fn serve_refuses_a_store_file_without_a_postgresql_url() {
 
 fn a_twin_outlives_its_host_killed_and_the_host_started_again_gives_it_back_on(h: &mut Host) {
     let mut phone = h.device_vm("phone");
-    let kept = h.dir.path("kept");
-    let out = h.offload_with(
-        "phone",
-        "phone",
-        "work",
-        &["--keep", kept.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
-    let twins = h.twin_dirs();
-    let twin = h.state().join("twins").join(&twins[0]);
+    let Kept {
+        dir: kept, twin, ..
+    } = h.offload_keeping(&mut phone);
     let log = twin.join("serial.log");
     assert!(wait_until(|| last(&log) > 3, WAIT), "{}", read(&log));
     let pid = read(&twin.join("twin.lock"));
@@ -1188,16 +1064,9 @@ fn a_twin_killed_mid_return_changes_nothing_at_the_device_and_the_next_offload_t
         return;
     };
     let mut phone = h.device_vm("phone");
-    let kept = h.dir.path("kept");
-    let out = h.offload_with(
-        "phone",
-        "phone",
-        "work",
-        &["--keep", kept.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
-    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
+    let Kept {
+        dir: kept, twin, ..
+    } = h.offload_keeping(&mut phone);
     let log = twin.join("serial.log");
     assert!(
         wait_until(|| last(&log) > 3, WAIT),
@@ -1257,19 +1126,12 @@ fn the_host_killed_while_it_relays_a_return_leaves_the_twin_running_and_the_devi
         return;
     };
     let mut phone = h.device_vm_mode("phone", "blk-counter", RETURN_DISK_BYTES);
-    let kept = h.dir.path("kept");
-    let out = h.offload_with(
-        "phone",
-        "phone",
-        "work",
-        &["--keep", kept.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let Kept {
+        dir: kept, twin, ..
+    } = h.offload_keeping(&mut phone);
     let at_switch = *blk_counters(&read(&h.dir.path("phone.serial")))
         .last()
         .unwrap();
-    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
     let log = twin.join("serial.log");
     let blk_last = |p: &Path| blk_counters(&read(p)).last().copied().unwrap_or(0);
     assert!(

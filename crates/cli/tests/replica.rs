@@ -13,6 +13,7 @@
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
+mod cloud_common;
 mod common;
 
 use std::fs::File;
@@ -20,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use cloud_common::{authority, blk_counters, issue, tls_args};
 use common::{bin, read, wait_for, wait_until, Scratch, Vmm};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -27,39 +29,12 @@ const DISK_BYTES: usize = 4 << 20;
 /// What the probe writes into each disk block, a pattern the host must never see.
 const PATTERN: &[u8] = b"pocketvisor-probe-blk:";
 
-/// Writes `who`.pem, `who`.key and `who`-ca.pem into `dir`, signed by and trusting `ca`.
-fn issue(dir: &Path, who: &str, name: &str, ca: &(rcgen::Certificate, rcgen::KeyPair)) {
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec![name.to_string()])
-        .unwrap()
-        .signed_by(&key, &ca.0, &ca.1)
-        .unwrap();
-    std::fs::write(dir.join(format!("{who}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{who}.key")), key.serialize_pem()).unwrap();
-    std::fs::write(dir.join(format!("{who}-ca.pem")), ca.0.pem()).unwrap();
-}
-
 fn text(out: &Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
-}
-
-/// The values of every complete `PROBE blk-counter N` line.
-fn blk_counters(text: &str) -> Vec<u64> {
-    text.split_inclusive('\n')
-        .filter_map(|l| l.strip_suffix('\n'))
-        .filter_map(|l| l.trim_end().strip_prefix("PROBE blk-counter "))
-        .filter_map(|n| n.parse().ok())
-        .collect()
-}
-
-/// The 4 KiB the probe's blk-counter mode writes for tag `n`.
-fn blk_pattern(n: u64) -> Vec<u8> {
-    let line = format!("pocketvisor-probe-blk:{n}\n");
-    line.bytes().cycle().take(4096).collect()
 }
 
 /// The disk image the device's VM starts with: half data, half zeros.
@@ -71,27 +46,10 @@ fn device_image() -> Vec<u8> {
     image
 }
 
-/// Checks `disk` byte for byte against the initial image after the blk-counter writes
-/// 0..=`last` (slot n modulo the slots, later over earlier); the slot of write `last + 1`
-/// may hold it too (written, its line not printed when the checkpoint was taken).
+/// Checks the recovered `disk` byte for byte after the blk-counter writes 0..=`last` (see
+/// [`cloud_common::assert_disk_after_writes`]).
 fn assert_disk_after_writes(disk: &[u8], last: u64) {
-    let initial = device_image();
-    assert_eq!(disk.len(), initial.len(), "the disk's size");
-    let slots = u64::try_from(initial.len() / 4096).unwrap();
-    let mut expected = initial.clone();
-    for n in last.saturating_sub(slots - 1)..=last {
-        let at = usize::try_from(n % slots).unwrap() * 4096;
-        expected[at..at + 4096].copy_from_slice(&blk_pattern(n));
-    }
-    let pending = usize::try_from((last + 1) % slots).unwrap() * 4096;
-    for slot in 0..initial.len() / 4096 {
-        let r = slot * 4096..(slot + 1) * 4096;
-        assert!(
-            disk[r.clone()] == expected[r.clone()]
-                || (r.start == pending && disk[r.clone()] == blk_pattern(last + 1)[..]),
-            "4 KiB slot {slot} of the recovered disk is not what the guest wrote (last {last})"
-        );
-    }
+    cloud_common::assert_disk_after_writes(disk, &device_image(), last, "the recovered disk");
 }
 
 /// Where the cloud host keeps replicas.
@@ -127,10 +85,7 @@ impl Setup {
             Keep::Objects => format!("{name}-objects"),
         };
         let dir = Scratch::new("pv-replicatest", &name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = (params.self_signed(&key).unwrap(), key);
+        let ca = authority();
         issue(&dir.0, "cloud", "127.0.0.1", &ca);
         issue(&dir.0, "phone", "phone.example", &ca);
         issue(&dir.0, "tablet", "tablet.example", &ca);
@@ -176,26 +131,13 @@ impl Setup {
     /// (Re)starts the cloud host on the same state, its processes with `env`.
     fn serve(&mut self, env: &[(&str, &str)]) {
         self.serve = None;
-        let stderr = self.dir.path("serve.stderr");
-        let serve = Vmm(Command::new(bin())
-            .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
-            .arg(self.dir.path("state"))
-            .arg("--key")
-            .arg(self.dir.path("cloud.mkey"))
-            .args(self.tls("cloud"))
-            .args(self.replica_store())
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start pocketvisor cloud serve"));
-        let listen = || {
-            let t = read(&stderr);
-            let rest = t.split("cloud host listening on ").nth(1)?;
-            Some(rest.split_once('\n')?.0.trim().to_string())
-        };
-        assert!(wait_until(|| listen().is_some(), WAIT), "{}", read(&stderr));
-        self.addr = listen().unwrap();
+        let (serve, addr) = cloud_common::serve(
+            &self.dir.0,
+            &self.dir.path("cloud.mkey"),
+            &self.replica_store(),
+            env,
+        );
+        self.addr = addr;
         self.serve = Some(serve);
     }
 
@@ -212,21 +154,14 @@ impl Setup {
         ]
     }
 
+    /// The migration key's and `who`'s certificate flags.
     fn tls(&self, who: &str) -> Vec<String> {
-        let f = |s: &str| self.dir.path(&format!("{who}{s}")).display().to_string();
-        vec![
+        let mut args = vec![
             "--key".into(),
             self.dir.path("cloud.mkey").display().to_string(),
-            "--tls-cert".into(),
-            f(".pem"),
-            "--tls-key".into(),
-            f(".key"),
-            "--tls-ca".into(),
-            f("-ca.pem"),
-        ]
-        .into_iter()
-        .skip(if who == "cloud" { 2 } else { 0 })
-        .collect()
+        ];
+        args.extend(tls_args(&self.dir.0, who));
+        args
     }
 
     /// `cloud replicate phone` every second, `count` checkpoints (None: until killed).

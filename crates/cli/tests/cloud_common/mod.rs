@@ -3,7 +3,6 @@
 
 #![allow(dead_code)]
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -69,34 +68,7 @@ impl CloudHost {
         issue(&dir.0, "tablet", "tablet.example", &ca);
         let key = dir.path("cloud.mkey");
         std::fs::write(&key, "5a".repeat(32) + "\n").unwrap();
-        let stderr = dir.path("serve.stderr");
-        let serve = Vmm(Command::new(bin())
-            .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
-            .arg(dir.path("state"))
-            .arg("--key")
-            .arg(&key)
-            .arg("--tls-cert")
-            .arg(dir.path("cloud.pem"))
-            .arg("--tls-key")
-            .arg(dir.path("cloud.key"))
-            .arg("--tls-ca")
-            .arg(dir.path("cloud-ca.pem"))
-            .stdout(Stdio::null())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .expect("start pocketvisor cloud serve"));
-        let listen_line = || {
-            let text = read(&stderr);
-            let rest = text.split("cloud host listening on ").nth(1)?;
-            let (addr, _) = rest.split_once('\n')?;
-            Some(addr.trim().to_string())
-        };
-        assert!(
-            wait_until(|| listen_line().is_some(), Duration::from_secs(30)),
-            "the cloud host did not listen: {}",
-            read(&stderr)
-        );
-        let addr = listen_line().unwrap();
+        let (serve, addr) = serve(&dir.0, &key, &[], &[]);
         CloudHost {
             dir,
             _serve: serve,
@@ -112,23 +84,7 @@ impl CloudHost {
 
     /// The directories of every device's twins, as `<device>/<name>`.
     pub fn twin_dirs(&self) -> Vec<String> {
-        let mut all = Vec::new();
-        let Ok(devices) = std::fs::read_dir(self.state().join("twins")) else {
-            return all;
-        };
-        for d in devices {
-            let d = d.unwrap();
-            for t in std::fs::read_dir(d.path()).unwrap() {
-                let t = t.unwrap();
-                all.push(format!(
-                    "{}/{}",
-                    d.file_name().to_string_lossy(),
-                    t.file_name().to_string_lossy()
-                ));
-            }
-        }
-        all.sort();
-        all
+        twin_dirs(&self.state())
     }
 
     /// `pocketvisor cloud return NAME` to this host as the device `who`, with `more` flags.
@@ -136,12 +92,7 @@ impl CloudHost {
         Command::new(bin())
             .args(["cloud", "return", name, "--from", &self.addr, "--key"])
             .arg(&self.key)
-            .arg("--tls-cert")
-            .arg(self.dir.path(&format!("{who}.pem")))
-            .arg("--tls-key")
-            .arg(self.dir.path(&format!("{who}.key")))
-            .arg("--tls-ca")
-            .arg(self.dir.path(&format!("{who}-ca.pem")))
+            .args(tls_args(&self.dir.0, who))
             .args(more)
             .output()
             .expect("run pocketvisor cloud return")
@@ -164,6 +115,84 @@ impl CloudHost {
                 .unwrap();
         }
     }
+}
+
+/// The flags naming the certificate, key and CA of `who` in `dir` (see [`issue`]).
+pub fn tls_args(dir: &Path, who: &str) -> Vec<String> {
+    let f = |suffix: &str| dir.join(format!("{who}{suffix}")).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        f(".pem"),
+        "--tls-key".into(),
+        f(".key"),
+        "--tls-ca".into(),
+        f("-ca.pem"),
+    ]
+}
+
+/// Starts `pocketvisor cloud serve` on loopback on the state `dir/state`, with the migration
+/// key `key`, the certificate `cloud` in `dir` and the flags `more`, its processes with `env`;
+/// its stderr is appended to `dir/serve.stderr` (a host started again keeps what the one
+/// before said). Returns it once it listens, and the address it listens on.
+pub fn serve(dir: &Path, key: &Path, more: &[String], env: &[(&str, &str)]) -> (Vmm, String) {
+    let stderr = dir.join("serve.stderr");
+    let before = read(&stderr).len();
+    let serve = Vmm(Command::new(bin())
+        .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
+        .arg(dir.join("state"))
+        .arg("--key")
+        .arg(key)
+        .args(tls_args(dir, "cloud"))
+        .args(more)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&stderr)
+                .unwrap(),
+        )
+        .spawn()
+        .expect("start pocketvisor cloud serve"));
+    let listen_line = || {
+        let text = read(&stderr);
+        let rest = text
+            .get(before..)?
+            .split("cloud host listening on ")
+            .nth(1)?;
+        let (addr, _) = rest.split_once('\n')?;
+        Some(addr.trim().to_string())
+    };
+    assert!(
+        wait_until(|| listen_line().is_some(), Duration::from_secs(30)),
+        "the cloud host did not listen: {}",
+        read(&stderr)
+    );
+    let addr = listen_line().unwrap();
+    (serve, addr)
+}
+
+/// The directories of every device's twins in a host's state directory `state`, as
+/// `<device>/<name>`, sorted.
+pub fn twin_dirs(state: &Path) -> Vec<String> {
+    let mut all = Vec::new();
+    let Ok(devices) = std::fs::read_dir(state.join("twins")) else {
+        return all;
+    };
+    for d in devices {
+        let d = d.unwrap();
+        for t in std::fs::read_dir(d.path()).unwrap() {
+            let t = t.unwrap();
+            all.push(format!(
+                "{}/{}",
+                d.file_name().to_string_lossy(),
+                t.file_name().to_string_lossy()
+            ));
+        }
+    }
+    all.sort();
+    all
 }
 
 /// The values of every complete `PROBE blk-counter N` line (a line cut short by a switch
