@@ -1,14 +1,16 @@
 //! What the pocketvisor-vs-QEMU bench binaries share: their common flags, the set-up before the
-//! first run (binaries, probe, work directory), runs that alternate the two VMMs, the median and
-//! range of a figure, and reading a guest's serial log while it runs.
+//! first run (binaries, probe, work directory), the probe's start on pocketvisor, runs that
+//! alternate the two VMMs, the median and range of a figure, and reading a guest's serial log
+//! or a server's stderr while it runs.
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use e2e::qemu::QemuCommand;
 
-use crate::util::Args;
+use crate::util::{Args, Proc};
 
 /// Which VMM a sample is from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +122,25 @@ impl Setup {
             work,
             load: load.trim().to_string(),
         })
+    }
+
+    /// Starts `pocketvisor run` of the probe with `cmdline` and `mem_mib` MiB of RAM, its serial
+    /// log at `log` and its API socket at `api`; stdin, stdout and stderr closed.
+    pub fn run_probe(&self, cmdline: &str, mem_mib: u64, log: &Path, api: &Path) -> Result<Proc> {
+        Ok(Proc(
+            Command::new(&self.bin)
+                .args(["run", "--kernel"])
+                .arg(&self.probe)
+                .args(["--cmdline", cmdline, "--memory", &mem_mib.to_string()])
+                .arg("--serial")
+                .arg(format!("file:{}", log.display()))
+                .arg("--api-socket")
+                .arg(api)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        ))
     }
 
     /// The VMMs to run: pocketvisor, and QEMU when it was found.
@@ -275,6 +296,22 @@ pub fn wait_until(
         pred(l).then_some(())
     })?;
     Ok(())
+}
+
+/// Polls `stderr` (a listening process's) every 5 ms until it says `says` and an address up to
+/// the end of that line; that address. Fails after `timeout`, saying that `who` did not listen.
+pub fn listen_address(stderr: &Path, says: &str, timeout: Duration, who: &str) -> Result<String> {
+    let t0 = Instant::now();
+    loop {
+        let text = std::fs::read_to_string(stderr).unwrap_or_default();
+        if let Some((addr, _)) = text.split(says).nth(1).and_then(|r| r.split_once('\n')) {
+            return Ok(addr.trim().to_string());
+        }
+        if t0.elapsed() > timeout {
+            bail!("{who} did not listen: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The value of field `key=` in a line of space-separated fields.

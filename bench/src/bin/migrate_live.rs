@@ -225,24 +225,16 @@ fn once(s: &Setup, vmm: Vmm, guest: Guest, dir: &Path) -> Result<Sample> {
     let src_log = dir.join("src.log");
     let dst_log = dir.join("dst.log");
     let cmdline = s.cmdline(guest);
-    let _source = Proc(match vmm {
-        Vmm::Pocketvisor => Command::new(&s.env.bin)
-            .arg("run")
-            .arg("--kernel")
-            .arg(&s.env.probe)
-            .args(["--cmdline", &cmdline, "--memory", &s.mem.to_string()])
-            .arg("--serial")
-            .arg(format!("file:{}", src_log.display()))
-            .arg("--api-socket")
-            .arg(dir.join("api.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-        Vmm::Qemu => qemu_command(s, &cmdline, &src_log, &dir.join("qmp.sock"), None)
-            .spawn()
-            .context("start qemu")?,
-    });
+    let _source = match vmm {
+        Vmm::Pocketvisor => s
+            .env
+            .run_probe(&cmdline, s.mem, &src_log, &dir.join("api.sock"))?,
+        Vmm::Qemu => Proc(
+            qemu_command(s, &cmdline, &src_log, &dir.join("qmp.sock"), None)
+                .spawn()
+                .context("start qemu")?,
+        ),
+    };
     // Running: for the busy guest, its rate of rewriting memory over 3 s.
     let mut dirty_mib_s = f64::NAN;
     match guest {
@@ -292,21 +284,12 @@ fn migrate_pocketvisor(s: &Setup, dir: &Path, dst_log: &Path) -> Result<(Sample,
             .stderr(std::fs::File::create(&dst_err)?)
             .spawn()?,
     );
-    let t0 = Instant::now();
-    let addr = loop {
-        let text = std::fs::read_to_string(&dst_err).unwrap_or_default();
-        if let Some((addr, _)) = text
-            .split("waiting for a migration on ")
-            .nth(1)
-            .and_then(|r| r.split_once('\n'))
-        {
-            break addr.trim().to_string();
-        }
-        if t0.elapsed() > LIMIT {
-            bail!("the destination did not listen: {text}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let addr = compare::listen_address(
+        &dst_err,
+        "waiting for a migration on ",
+        LIMIT,
+        "the destination",
+    )?;
     let out = Command::new(&s.env.bin)
         .args(["migrate", "--plain", "--api-socket"])
         .arg(dir.join("api.sock"))

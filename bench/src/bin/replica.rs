@@ -302,20 +302,7 @@ fn once(
     }
     let recipient = String::from_utf8(keygen.stdout)?.trim().to_string();
     let log = dir.join("guest.log");
-    let _guest = Proc(
-        Command::new(&env.bin)
-            .args(["run", "--kernel"])
-            .arg(&env.probe)
-            .args(["--cmdline", cmdline, "--memory", &o.mem.to_string()])
-            .arg("--serial")
-            .arg(format!("file:{}", log.display()))
-            .arg("--api-socket")
-            .arg(dir.join("api.sock"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+    let _guest = env.run_probe(cmdline, o.mem, &log, &dir.join("api.sock"))?;
     wait_until(&log, LIMIT, "two memory passes", |l| {
         l.iter()
             .filter(|l| l.starts_with("PROBE mem pass n=") && l.contains(" ok "))
@@ -335,21 +322,8 @@ fn once(
             .stderr(std::fs::File::create(&serve_err)?)
             .spawn()?,
     );
-    let t0 = Instant::now();
-    let addr = loop {
-        let text = std::fs::read_to_string(&serve_err).unwrap_or_default();
-        if let Some((a, _)) = text
-            .split("cloud host listening on ")
-            .nth(1)
-            .and_then(|r| r.split_once('\n'))
-        {
-            break a.trim().to_string();
-        }
-        if t0.elapsed() > LIMIT {
-            bail!("cloud serve did not listen: {text}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    };
+    let addr =
+        compare::listen_address(&serve_err, "cloud host listening on ", LIMIT, "cloud serve")?;
     let out = Command::new(&env.bin)
         .args(["cloud", "replicate", "bench", "--api-socket"])
         .arg(dir.join("api.sock"))

@@ -11,7 +11,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -22,12 +22,41 @@ use common::{Scratch, Vmm};
 /// Scratch directories' prefix.
 const SCRATCH: &str = "pv-balloon";
 
-fn probe() -> Option<std::path::PathBuf> {
-    common::probe(false)
-}
-
 fn spawn(args: &[&str]) -> Vmm {
     common::spawn(args, Stdio::null())
+}
+
+/// A probe guest's VMM started by [`start`]: its serial log `vm.log` and API socket `vm.sock`
+/// in the scratch directory `s`.
+struct Guest {
+    vm: Vmm,
+    log: PathBuf,
+    sock: PathBuf,
+    s: Scratch,
+}
+
+/// Runs the probe with `cmdline` and the flags `flags` (memory, balloon) in a new scratch
+/// directory `name`; None (skipped) where the probe is missing.
+fn start(name: &str, cmdline: &str, flags: &[&str]) -> Option<Guest> {
+    let probe = common::probe(false)?;
+    let s = Scratch::new(SCRATCH, name);
+    let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
+    let serial = format!("file:{}", log.display());
+    let mut args = vec![
+        "run",
+        "--kernel",
+        probe.to_str().unwrap(),
+        "--cmdline",
+        cmdline,
+    ];
+    args.extend(flags);
+    args.extend(["--serial", &serial, "--api-socket", sock.to_str().unwrap()]);
+    Some(Guest {
+        vm: spawn(&args),
+        log,
+        sock,
+        s,
+    })
 }
 
 fn wait_for(path: &Path, needle: &str) -> bool {
@@ -72,24 +101,15 @@ fn has_mergeable_mapping(pid: u32) -> bool {
 
 #[test]
 fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
-    let Some(probe) = probe() else { return };
-    let s = Scratch::new(SCRATCH, "api");
-    let (log, sock, snap) = (s.path("src.log"), s.path("src.sock"), s.path("snap"));
-    let mut src = spawn(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
+    let Some(mut src) = start(
+        "api",
         "pv.mode=counter pv.counter.ms=50",
-        "--memory",
-        "128M",
-        "--balloon",
-        "--mergeable",
-        "--serial",
-        &format!("file:{}", log.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+        &["--memory", "128M", "--balloon", "--mergeable"],
+    ) else {
+        return;
+    };
+    let (s, log, sock) = (&src.s, src.log.clone(), src.sock.clone());
+    let snap = s.path("snap");
     assert!(wait_for(&log, "PROBE counter 2\n"), "the guest did not run");
 
     let st = stats(&sock);
@@ -98,7 +118,7 @@ fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
     assert_eq!(st["balloon"]["target_mib"], 0);
     if Path::new("/sys/kernel/mm/ksm").exists() {
         assert!(
-            has_mergeable_mapping(src.0.id()),
+            has_mergeable_mapping(src.vm.0.id()),
             "guest RAM not MADV_MERGEABLE"
         );
     }
@@ -123,7 +143,7 @@ fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
     let answer = api(&sock, &snap_req);
     assert_eq!(answer["ok"], true, "{answer}");
     api(&sock, r#"{"op":"stop"}"#);
-    assert_eq!(wait_exit(&mut src), Some(0));
+    assert_eq!(wait_exit(&mut src.vm), Some(0));
 
     let (log2, sock2) = (s.path("dst.log"), s.path("dst.sock"));
     let mut dst = spawn(&[
@@ -147,20 +167,10 @@ fn balloon_target_and_stats_through_the_api_survive_a_snapshot() {
 
 #[test]
 fn without_a_balloon_the_op_is_refused() {
-    let Some(probe) = probe() else { return };
-    let s = Scratch::new(SCRATCH, "none");
-    let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
-        "pv.mode=counter pv.counter.ms=50",
-        "--serial",
-        &format!("file:{}", log.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+    let Some(mut g) = start("none", "pv.mode=counter pv.counter.ms=50", &[]) else {
+        return;
+    };
+    let (log, sock) = (g.log.clone(), g.sock.clone());
     assert!(wait_for(&log, "PROBE counter 1\n"), "the guest did not run");
     let answer = api(&sock, r#"{"op":"balloon","target_mib":8}"#);
     assert_eq!(answer["ok"], false);
@@ -182,7 +192,7 @@ fn without_a_balloon_the_op_is_refused() {
         "{err}"
     );
     api(&sock, r#"{"op":"stop"}"#);
-    assert_eq!(wait_exit(&mut vm), Some(0));
+    assert_eq!(wait_exit(&mut g.vm), Some(0));
 }
 
 /// Resident set of process `pid` in KiB (`VmRSS`).
@@ -201,22 +211,15 @@ fn note(what: std::fmt::Arguments) {
 
 #[test]
 fn free_page_reporting_gives_touched_memory_back() {
-    let Some(probe) = probe() else { return };
-    let s = Scratch::new(SCRATCH, "report");
-    let log = s.path("vm.log");
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
+    let Some(mut g) = start(
+        "report",
         "pv.tests=balloon pv.balloon.mb=32 pv.balloon.wait=1500",
-        "--memory",
-        "128M",
-        "--balloon",
-        "--serial",
-        &format!("file:{}", log.display()),
-    ]);
-    let pid = vm.0.id();
+        &["--memory", "128M", "--balloon"],
+    ) else {
+        return;
+    };
+    let log = g.log.clone();
+    let pid = g.vm.0.id();
     assert!(
         wait_for(&log, "PROBE balloon touched mb=32\n"),
         "the guest did not touch its region"
@@ -234,7 +237,7 @@ fn free_page_reporting_gives_touched_memory_back() {
         touched >= reported + 24 * 1024,
         "RSS {touched} KiB -> {reported} KiB: less than 24 MiB given back"
     );
-    assert_eq!(wait_exit(&mut vm), Some(0));
+    assert_eq!(wait_exit(&mut g.vm), Some(0));
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(out.contains("PROBE balloon ok "), "{out}");
     assert!(out.contains("PROBE done ok"), "{out}");
@@ -242,24 +245,15 @@ fn free_page_reporting_gives_touched_memory_back() {
 
 #[test]
 fn inflating_to_the_api_target_gives_memory_back() {
-    let Some(probe) = probe() else { return };
-    let s = Scratch::new(SCRATCH, "inflate");
-    let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
+    let Some(mut g) = start(
+        "inflate",
         "pv.tests=balloon pv.balloon.mb=8 pv.balloon.wait=300 pv.balloon.follow=1 pv.balloon.follow_ms=30000",
-        "--memory",
-        "128M",
-        "--balloon",
-        "--serial",
-        &format!("file:{}", log.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    let pid = vm.0.id();
+        &["--memory", "128M", "--balloon"],
+    ) else {
+        return;
+    };
+    let (log, sock) = (g.log.clone(), g.sock.clone());
+    let pid = g.vm.0.id();
     assert!(
         wait_for(&log, "PROBE balloon following max_pages="),
         "the guest did not start following the target"
@@ -324,7 +318,7 @@ fn inflating_to_the_api_target_gives_memory_back() {
     assert_eq!(st["balloon"]["actual_pages"], 0, "{st}");
     assert_eq!(st["balloon"]["deflated_pages"], 6144, "{st}");
     // Deflated to zero after inflating: the probe's part ends.
-    assert_eq!(wait_exit(&mut vm), Some(0));
+    assert_eq!(wait_exit(&mut g.vm), Some(0));
     let out = std::fs::read_to_string(&log).unwrap();
     assert!(out.contains("PROBE done ok"), "{out}");
 }
@@ -348,23 +342,14 @@ fn balloon_line(out: &std::process::Output) -> String {
 
 #[test]
 fn the_balloon_command_inflates_and_deflates_the_guest_and_refuses_bad_targets() {
-    let Some(probe) = probe() else { return };
-    let s = Scratch::new(SCRATCH, "command");
-    let (log, sock) = (s.path("vm.log"), s.path("vm.sock"));
-    let mut vm = spawn(&[
-        "run",
-        "--kernel",
-        probe.to_str().unwrap(),
-        "--cmdline",
+    let Some(mut g) = start(
+        "command",
         "pv.tests=balloon pv.balloon.mb=8 pv.balloon.wait=300 pv.balloon.follow=1 pv.balloon.follow_ms=60000",
-        "--memory",
-        "128M",
-        "--balloon",
-        "--serial",
-        &format!("file:{}", log.display()),
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
+        &["--memory", "128M", "--balloon"],
+    ) else {
+        return;
+    };
+    let (log, sock) = (g.log.clone(), g.sock.clone());
     assert!(
         wait_for(&log, "PROBE balloon following max_pages="),
         "the guest did not start following the target"
@@ -412,6 +397,6 @@ fn the_balloon_command_inflates_and_deflates_the_guest_and_refuses_bad_targets()
         wait_for(&log, "PROBE balloon deflated pages=0\n"),
         "the guest did not deflate"
     );
-    assert_eq!(wait_exit(&mut vm), Some(0));
+    assert_eq!(wait_exit(&mut g.vm), Some(0));
     assert!(common::read(&log).contains("PROBE done ok"));
 }

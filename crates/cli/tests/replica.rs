@@ -236,6 +236,22 @@ impl Setup {
         (blk_counters(&read(&serial)), disk, vm)
     }
 
+    /// Recovers the phone's replica as the phone into `back` and `back.img`, from a chain of
+    /// `checkpoints`, and restores it in a new process: the first counters it prints, its disk
+    /// checked to be what the guest had written before the first of them.
+    fn recover_and_restore(&self, checkpoints: u64) -> (Vec<u64>, Vmm) {
+        let got = self.recover("phone", "back");
+        assert!(got.status.success(), "{}", text(&got));
+        assert!(
+            text(&got).contains(&format!("recovered checkpoints={checkpoints}")),
+            "{}",
+            text(&got)
+        );
+        let (counted, disk, vm) = self.restore("back");
+        assert_disk_after_writes(&disk, counted[0] - 1);
+        (counted, vm)
+    }
+
     /// Every checkpoint the host stores (a file, or an object of its local-file backend),
     /// whole (not an object store's staging file, `<key>#<n>`).
     fn stored(&self) -> Vec<PathBuf> {
@@ -356,14 +372,7 @@ fn lost_device_recovers(keep: Keep) {
     assert!(text(&theirs).contains("no twin named"), "{}", text(&theirs));
     assert!(!s.dir.path("stolen").exists() && !s.dir.path("stolen.img").exists());
 
-    let got = s.recover("phone", "back");
-    assert!(got.status.success(), "{}", text(&got));
-    assert!(
-        text(&got).contains("recovered checkpoints=3"),
-        "{}",
-        text(&got)
-    );
-    let (counted, disk, _vm) = s.restore("back");
+    let (counted, _vm) = s.recover_and_restore(3);
     // It goes on from the last checkpoint: after what it had counted before replicating,
     // not after what it counted when it was lost, and never backwards.
     let first = counted[0];
@@ -372,7 +381,6 @@ fn lost_device_recovers(keep: Keep) {
         "the recovered guest starts at {first}: before replicating {before}, lost at {lost_at}"
     );
     assert!(counted.windows(2).all(|w| w[1] == w[0] + 1), "{counted:?}");
-    assert_disk_after_writes(&disk, first - 1);
 
     // One flipped byte in a stored checkpoint: refused, nothing written.
     let victim = &s.stored()[1];
@@ -433,19 +441,11 @@ fn host_killed_while_storing(keep: Keep) {
     let stored = s.stored();
     assert_eq!(stored.len(), 1, "{stored:?}");
     s.serve(&[]);
-    let got = s.recover("phone", "back");
-    assert!(got.status.success(), "{}", text(&got));
-    assert!(
-        text(&got).contains("recovered checkpoints=1"),
-        "{}",
-        text(&got)
-    );
-    let (counted, disk, _vm) = s.restore("back");
+    let (counted, _vm) = s.recover_and_restore(1);
     assert!(
         counted[0] > at_first && counted[0] <= lost_at + 1,
         "{counted:?} after {at_first}, lost at {lost_at}"
     );
-    assert_disk_after_writes(&disk, counted[0] - 1);
 }
 
 #[test]
@@ -466,15 +466,8 @@ fn a_new_full_checkpoint_every_n_replaces_the_chain_at_the_host() {
     // The host keeps only the new chain.
     assert_eq!(s.stored().len(), 1);
     let lost_at = s.lose_the_phone();
-    let got = s.recover("phone", "back");
-    assert!(
-        text(&got).contains("recovered checkpoints=1"),
-        "{}",
-        text(&got)
-    );
-    let (counted, disk, _vm) = s.restore("back");
+    let (counted, _vm) = s.recover_and_restore(1);
     assert!(counted[0] <= lost_at + 1, "{counted:?} lost at {lost_at}");
-    assert_disk_after_writes(&disk, counted[0] - 1);
 }
 
 #[test]
@@ -517,16 +510,8 @@ fn a_device_killed_in_the_middle_of_a_checkpoint_leaves_the_one_before() {
     let lost_at = s.lose_the_phone();
     // The host has the first one only.
     assert_eq!(s.stored().len(), 1);
-    let got = s.recover("phone", "back");
-    assert!(got.status.success(), "{}", text(&got));
-    assert!(
-        text(&got).contains("recovered checkpoints=1"),
-        "{}",
-        text(&got)
-    );
-    let (counted, disk, _vm) = s.restore("back");
+    let (counted, _vm) = s.recover_and_restore(1);
     assert!(counted[0] <= lost_at + 1, "{counted:?} lost at {lost_at}");
-    assert_disk_after_writes(&disk, counted[0] - 1);
 }
 
 #[test]
