@@ -126,6 +126,10 @@ pub(crate) struct GpuState {
     /// Bumped by every reset and restore, so a viewer's flush count from before one is
     /// never taken for a count of the new state.
     pub generation: u64,
+    /// A transfer's row, read aside before it is compared with the host copy: one buffer per
+    /// device, reused by every transfer, at most a row of the widest resource
+    /// (`MAX_DIMENSION * BYTES_PER_PIXEL`, 64 KiB).
+    line: Vec<u8>,
 }
 
 /// A successful command's answer.
@@ -153,6 +157,7 @@ impl GpuState {
             damage_log: VecDeque::new(),
             damage_floor: 0,
             generation: 0,
+            line: Vec::new(),
         }
     }
 
@@ -386,15 +391,17 @@ impl GpuState {
             return Err(resp::ERR_INVALID_PARAMETER);
         }
         // Each row is read aside and compared with the host copy, tile by tile, so the
-        // flush that follows damages only the tiles whose pixels changed.
-        let mut line = vec![0u8; row_len];
+        // flush that follows damages only the tiles whose pixels changed. `row_len` is at
+        // most a resource's row (checked above), so the buffer stays within its bound.
+        let line = &mut self.line;
+        line.resize(row_len, 0);
         for row in 0..rect.height {
             let src = offset + u64::from(row) * stride as u64;
             let dst = (rect.y + row) as usize * stride + rect.x as usize * bpp;
             let Some(out) = res.pixels.get_mut(dst..dst + row_len) else {
                 return Err(resp::ERR_INVALID_PARAMETER);
             };
-            if !backing.read(mem, src, &mut line) {
+            if !backing.read(mem, src, line) {
                 return Err(resp::ERR_UNSPEC);
             }
             if out == line.as_slice() {
@@ -411,7 +418,7 @@ impl GpuState {
                 }
                 x = end;
             }
-            out.copy_from_slice(&line);
+            out.copy_from_slice(line);
         }
         Ok(Reply::NoData)
     }
