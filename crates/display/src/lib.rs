@@ -158,6 +158,13 @@ impl Compositor {
         }
     }
 
+    /// Drops the foreground profile's frame (a source that went bad, a locked profile): the
+    /// area below the bar is [`EMPTY`] until the next [`Compositor::set_frame`]; whether there
+    /// was one.
+    pub fn clear_frame(&mut self) -> bool {
+        self.frame.take().is_some()
+    }
+
     /// Where a device-screen point is in the foreground profile's frame: `None` on the bar
     /// (the host's) or outside the frame, so a touch there reaches no guest.
     pub fn to_frame(&self, x: usize, y: usize) -> Option<(usize, usize)> {
@@ -352,6 +359,20 @@ mod tests {
         // Switching to the profile already in front keeps its frame.
         c.switch(profile("personal", PERSONAL));
         assert_eq!(c.compose().pixel(60, 100), Some(personal_pixels));
+    }
+
+    #[test]
+    fn a_cleared_frame_leaves_the_bar_over_an_empty_screen_until_the_next_one() {
+        let mut c = Compositor::new(120, 200, 20).unwrap();
+        c.switch(profile("work", WORK));
+        assert!(!c.clear_frame(), "no frame yet");
+        c.set_frame(solid(120, 180, PERSONAL));
+        assert!(c.clear_frame());
+        let screen = c.compose();
+        assert!(bar_colours(&screen, 20).contains(&WORK));
+        assert!(screen.rgb()[120 * 20 * 3..].chunks(3).all(|p| p == EMPTY));
+        c.set_frame(solid(120, 180, PERSONAL));
+        assert_eq!(c.compose().pixel(60, 100), Some(PERSONAL));
     }
 
     #[test]

@@ -280,8 +280,14 @@ impl Handset {
             "offloaded",
             &format!("to {to}: {info}; {} ms; {how}", t0.elapsed().as_millis()),
         );
-        self.place_after_exit(name).await?;
         self.start_cloud_screen(name).await;
+        // In front with a screen, it stays there: the device screen shows its twin (read
+        // again at once). Otherwise the foreground goes on as after any VMM's end.
+        if self.current_foreground()?.as_deref() == Some(name) {
+            self.device_screen.nudge();
+        } else {
+            self.place_after_exit(name).await?;
+        }
         self.show(name)
     }
 

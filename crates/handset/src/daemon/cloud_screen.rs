@@ -5,8 +5,9 @@
 //! from that socket then shows the twin, keys and pointer included, as Citrix Receiver showed a
 //! remote desktop on a phone. It starts once the offload is recorded (and at daemon start for a
 //! profile offloaded before), and ends before a return, whose VMM serves that socket again.
-//! The relay dies with the daemon (`PR_SET_PDEATHSIG`). Not yet: the device screen's
-//! compositor, which follows local VMMs only, showing an offloaded profile in the foreground.
+//! The relay dies with the daemon (`PR_SET_PDEATHSIG`). The device screen's compositor reads
+//! the same socket while the offloaded profile is in front (`profile switch` to it, or the
+//! offload of the profile in front), and sends the device's input there (`device_screen`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -12,6 +12,14 @@
 //!
 //! A locked foreground profile (`profile lock`) shows only the bar: its frame is not read and
 //! input does not reach it.
+//!
+//! An offloaded profile in front (`profile switch` to it, or the offload of the profile in
+//! front) is read the same way: its `run/vnc.sock` is then the relay to its twin's screen at
+//! the cloud host (`cloud_screen`), and the device's keys and touches go there. The relay
+//! carries what the twin's guest controls: `RfbSource` checks every size and rectangle, a
+//! stream that breaks the protocol blanks the frame below the bar and is opened again, and a
+//! socket that is not there yet (the relay connecting, a returned VMM starting) is tried
+//! again until the profile's own VMM or relay answers.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -29,6 +37,9 @@ use crate::error::{Error, Result};
 /// How long a read from the foreground's VMM may wait before the thread looks at the
 /// foreground again (an idle screen sends nothing; the session is then opened again).
 const SOURCE_WAIT: Duration = Duration::from_secs(1);
+/// The wait before the foreground's screen socket is tried again after a session that could
+/// not be opened or ended by itself (a switch does not wait).
+const SOURCE_RETRY: Duration = Duration::from_millis(50);
 /// Viewers of the device screen at once (each has a thread); more are turned away.
 const MAX_VIEWERS: usize = 8;
 /// Status bar height for a screen `width` pixels wide: about 1/18 of it, at least 12 rows.
@@ -135,7 +146,11 @@ impl Handset {
                 height,
             });
         }
-        self.vnc_socket(&fg)?;
+        if !self.registry.spec(&fg)?.screen {
+            return Err(Error::Conflict(format!(
+                "{fg} is in the foreground and has no screen (screen = true in its spec)"
+            )));
+        }
         let compositor = Compositor::new(usize::from(w), usize::from(height), bar)
             .map_err(|e| Error::Conflict(format!("device screen: {e}")))?;
         let listener = TcpListener::bind(("127.0.0.1", 0))
@@ -171,13 +186,15 @@ impl Handset {
 }
 
 /// Composes the device screen while the daemon lives: the foreground's bar, and its frame
-/// read from its VMM's VNC socket.
+/// read from its VMM's VNC socket (an offloaded profile's: the relay to its twin's).
 fn follow_foreground(
     handset: Weak<Handset>,
     mut compositor: Compositor,
     published: &Published,
     reading: &Mutex<Option<UnixStream>>,
 ) {
+    // Sessions in a row that gave no frame (of the profile in front).
+    let mut failures = 0u32;
     loop {
         let Some(h) = handset.upgrade() else {
             return;
@@ -190,47 +207,88 @@ fn follow_foreground(
             continue;
         };
         let since = std::time::Instant::now();
+        let changed = compositor.foreground().map(|f| f.name.as_str()) != Some(name.as_str());
         compositor.switch(Foreground {
             colour: display::profile_colour(&name),
             name: name.clone(),
         });
-        published.publish(compositor.compose());
-        tracing::debug!(
-            "device screen: {name} in front, its bar published in {:?}",
-            since.elapsed()
-        );
+        if changed {
+            failures = 0;
+            published.publish(compositor.compose());
+            tracing::debug!(
+                "device screen: {name} in front, its bar published in {:?}",
+                since.elapsed()
+            );
+        }
         if is_locked(&handset, &name) {
-            // The bar only: nothing of a locked profile's screen is read.
+            // The bar only: nothing of a locked profile's screen is read or kept.
+            if compositor.clear_frame() {
+                published.publish(compositor.compose());
+            }
             std::thread::sleep(SOURCE_WAIT);
             continue;
         }
-        if let Some(socket) = socket {
-            let read = read_profile(
-                &handset,
-                &name,
-                &socket,
-                &mut compositor,
-                published,
-                reading,
-            );
-            *reading.lock().unwrap_or_else(|e| e.into_inner()) = None;
-            if let Err(e) = read {
-                tracing::debug!("device screen: {name}'s screen: {e}");
+        let mut framed = false;
+        let read = match socket {
+            Some(socket) => {
+                let read = read_profile(
+                    &handset,
+                    &name,
+                    &socket,
+                    &mut compositor,
+                    published,
+                    reading,
+                    &mut framed,
+                );
+                *reading.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                read
             }
+            None => Ok(()),
+        };
+        failures = if framed {
+            0
+        } else {
+            failures.saturating_add(1)
+        };
+        if let Err(e) = &read {
+            tracing::debug!("device screen: {name}'s screen: {e}");
+        }
+        // What a server that broke the protocol showed is not kept, nor a frame no session
+        // has confirmed for a while (the VMM or the twin's relay gone or not there yet).
+        let stale = failures >= STALE_AFTER;
+        if (stale || read.as_ref().is_err_and(is_bad_stream)) && compositor.clear_frame() {
+            published.publish(compositor.compose());
         }
         // A switch ended the read on purpose: the new foreground at once. Otherwise (a VMM
-        // that refused or went away) not a busy loop.
+        // or relay that refused, went away or is not there yet) not a busy loop, and longer
+        // waits while it stays so (a relay connects to the cloud host for every session).
         let switched = handset.upgrade().is_some_and(|h| {
             h.current_foreground().ok().flatten().as_deref() != Some(name.as_str())
         });
         if !switched {
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(retry_wait(failures));
         }
     }
 }
 
+/// Sessions in a row without a frame after which the frame shown is dropped (about 1.5 s
+/// of waits).
+const STALE_AFTER: u32 = 6;
+
+/// The wait before the next session after `failures` in a row without a frame:
+/// [`SOURCE_RETRY`], doubled with each failure up to 32 times that (1.6 s).
+fn retry_wait(failures: u32) -> Duration {
+    SOURCE_RETRY * (1u32 << failures.saturating_sub(1).min(5))
+}
+
+/// Whether a read of a profile's screen ended on what its server sent (out of bounds, not
+/// RFB, refused), rather than on the socket (absent, closed, idle).
+fn is_bad_stream(e: &display::SourceError) -> bool {
+    !matches!(e, display::SourceError::Io(_))
+}
+
 /// Reads `name`'s screen into the device screen until it leaves the foreground or its
-/// session ends.
+/// session ends; `framed` is set once a frame of it was published.
 fn read_profile(
     handset: &Weak<Handset>,
     name: &str,
@@ -238,6 +296,7 @@ fn read_profile(
     compositor: &mut Compositor,
     published: &Published,
     reading: &Mutex<Option<UnixStream>>,
+    framed: &mut bool,
 ) -> std::result::Result<(), display::SourceError> {
     let since = std::time::Instant::now();
     let stream = UnixStream::connect(socket)?;
@@ -245,19 +304,18 @@ fn read_profile(
     *reading.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream.try_clone()?);
     let mut source = RfbSource::connect(stream)?;
     let connected = since.elapsed();
-    let mut incremental = false;
     loop {
-        source.update(incremental)?;
+        source.update(*framed)?;
         compositor.set_frame(source.frame());
         published.publish(compositor.compose());
-        if !incremental {
+        if !*framed {
             tracing::debug!(
                 "device screen: {name}'s first frame published {:?} after connecting \
                  (session open in {connected:?})",
                 since.elapsed()
             );
         }
-        incremental = true;
+        *framed = true;
         let Some(h) = handset.upgrade() else {
             return Ok(());
         };
@@ -316,28 +374,51 @@ impl InputSink {
             return;
         }
         let mut slot = self.session.lock().unwrap_or_else(|e| e.into_inner());
-        if slot.as_ref().map(|(n, _)| n) != Some(&name) {
-            *slot = None;
-            let Ok(socket) = h.vnc_socket(&name) else {
+        // A session kept from before may lead nowhere now (the VMM ended, the profile was
+        // offloaded or returned): the events not sent go once more on a new one.
+        let mut from = 0;
+        for attempt in 0..2 {
+            if slot.as_ref().map(|(n, _)| n) != Some(&name) {
+                *slot = None;
+                let Ok(socket) = h.vnc_socket(&name) else {
+                    return;
+                };
+                match UnixStream::connect(&socket)
+                    .map_err(display::SourceError::from)
+                    .and_then(RfbSource::connect)
+                {
+                    Ok(source) => *slot = Some((name.clone(), source)),
+                    Err(e) => {
+                        tracing::warn!("device screen: input to {name} dropped: {e}");
+                        return;
+                    }
+                }
+            }
+            let Some((_, source)) = slot.as_mut() else {
                 return;
             };
-            match UnixStream::connect(&socket)
-                .map_err(display::SourceError::from)
-                .and_then(RfbSource::connect)
-            {
-                Ok(source) => *slot = Some((name.clone(), source)),
-                Err(e) => {
-                    tracing::warn!("device screen: input to {name} dropped: {e}");
-                    return;
+            match self.send(source, &events[from..]) {
+                Ok(()) => return,
+                Err((sent, e)) => {
+                    from += sent;
+                    *slot = None;
+                    if attempt == 1 {
+                        tracing::warn!("device screen: input to {name} dropped: {e}");
+                    }
                 }
             }
         }
-        drop(h);
-        let Some((_, source)) = slot.as_mut() else {
-            return;
-        };
-        for event in events {
-            let sent = match event {
+    }
+
+    /// Sends `events` on `source`, the pointer moved up by the bar; on a failure, how many
+    /// were sent before it.
+    fn send(
+        &self,
+        source: &mut RfbSource<UnixStream>,
+        events: &[ClientMessage],
+    ) -> std::result::Result<(), (usize, display::SourceError)> {
+        for (i, event) in events.iter().enumerate() {
+            let sent = match *event {
                 ClientMessage::Key { down, keysym } => source.key(keysym, down),
                 ClientMessage::Pointer { buttons, x, y } => match y.checked_sub(self.bar_rows) {
                     Some(y) => source.pointer(buttons, x, y),
@@ -346,12 +427,9 @@ impl InputSink {
                 },
                 _ => continue,
             };
-            if let Err(e) = sent {
-                tracing::warn!("device screen: input to {name} dropped: {e}");
-                *slot = None;
-                return;
-            }
+            sent.map_err(|e| (i, e))?;
         }
+        Ok(())
     }
 }
 

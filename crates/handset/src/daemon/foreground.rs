@@ -1,6 +1,11 @@
 //! Foreground scheduling: one live profile is in the foreground with its foreground CPU
 //! weight; the others get their background weight, and those with `background = "pause"`
 //! are paused until switched to.
+//!
+//! An offloaded profile with a screen can be in the foreground too: the device screen then
+//! shows its twin (relayed to its `run/vnc.sock`, `cloud_screen`) and sends it the device's
+//! input. Nothing of it runs here, so it has no CPU weight or pause to apply; the live
+//! profiles all get their background placement meanwhile.
 
 use std::time::Instant;
 
@@ -69,13 +74,22 @@ fn request_for(change: Event) -> Request {
 }
 
 impl Handset {
-    /// Makes `name` the foreground profile.
+    /// Makes `name` the foreground profile: a live one, or an offloaded one with a screen
+    /// (the device screen then shows its twin).
     pub async fn switch(self: &std::sync::Arc<Self>, name: &str) -> Result<ProfileInfo> {
         crate::spec::check_name("profile name", name)?;
         let _ops = self.ops.lock().await;
         self.registry.check(name, Event::Switch)?;
         self.refuse_if_locked(name, "a switch to it")?;
-        if !self.supervisor.is_live(name) {
+        if self.registry.state(name)? == ProfileState::Offloaded {
+            if !self.registry.spec(name)?.screen {
+                return Err(Error::Conflict(format!(
+                    "profile {name:?} is offloaded and has no screen (screen = true in its \
+                     spec): there is nothing of it to show here; bring it back with \
+                     `pocketvisor profile return {name}` first"
+                )));
+            }
+        } else if !self.supervisor.is_live(name) {
             // Its VMM has just ended; the supervisor is about to record how.
             return Err(Error::Conflict(format!(
                 "profile {name:?} is {}: start it first",
@@ -84,10 +98,14 @@ impl Handset {
         }
         let t0 = Instant::now();
         self.apply_foreground(Some(name)).await?;
+        let twin = match super::cloud::offloaded_to(self.dir(), name) {
+            Some(host) => format!("; its twin's screen, from {host}"),
+            None => String::new(),
+        };
         self.registry.event(
             name,
             "foreground",
-            &format!("{} us", t0.elapsed().as_micros()),
+            &format!("{} us{twin}", t0.elapsed().as_micros()),
         );
         self.show(name)
     }
@@ -109,12 +127,17 @@ impl Handset {
         self.apply_foreground(next.as_deref()).await
     }
 
-    /// The foreground profile if it is running.
+    /// The foreground profile if it is running, or offloaded with a screen (its twin's).
     pub(super) fn current_foreground(&self) -> Result<Option<String>> {
         let rows = self.registry.db().profiles()?;
         Ok(rows
             .into_iter()
-            .find(|r| r.foreground && self.supervisor.is_live(&r.name))
+            .find(|r| {
+                r.foreground
+                    && (self.supervisor.is_live(&r.name)
+                        || (ProfileState::parse(&r.state) == ProfileState::Offloaded
+                            && self.registry.spec(&r.name).is_ok_and(|s| s.screen)))
+            })
             .map(|r| r.name))
     }
 

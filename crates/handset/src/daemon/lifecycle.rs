@@ -19,7 +19,8 @@ pub enum Event {
     Suspend,
     /// API: restore a suspended profile.
     Resume,
-    /// API: make a live profile the foreground one.
+    /// API: make a live profile, or an offloaded one with a screen (its twin's), the
+    /// foreground one.
     Switch,
     /// API: remove a profile that has no VMM.
     Delete,
@@ -171,19 +172,15 @@ pub fn step(state: ProfileState, event: Event) -> Result<Step, Refused> {
         (Paused | Stopped | Failed | Suspended, E::Offload) => no(Why::NotRunning),
         (Offloaded, E::Offload) => no(Why::Already),
         (Offloaded, E::Return) => to(Running, A::Receive),
+        // The device screen shows an offloaded profile's twin (the daemon checks that it has
+        // a screen): nothing is run or paused here.
+        (Offloaded, E::Switch) => to(Offloaded, A::Place),
         (Stopped | Failed | Suspended | Running | Paused, E::Return) => no(Why::NotOffloaded),
         // An offloaded profile's guest runs at the cloud host: nothing runs it, ends it or
         // removes it here until it is back.
         (
             Offloaded,
-            E::Start
-            | E::Stop
-            | E::Suspend
-            | E::Resume
-            | E::Switch
-            | E::Delete
-            | E::Pause
-            | E::Unpause,
+            E::Start | E::Stop | E::Suspend | E::Resume | E::Delete | E::Pause | E::Unpause,
         ) => no(Why::InTheCloud),
         // The supervisor's observations. A restart after a crash launches over a state that
         // is still running or paused; a boot or restore over stopped, failed or suspended.
@@ -414,11 +411,19 @@ mod tests {
         );
         assert_eq!(next(Running, Event::Offloaded), Some(Offloaded));
         for e in EVENTS {
-            let allowed = matches!(e, Event::Return | Event::Launched);
+            let allowed = matches!(e, Event::Return | Event::Launched | Event::Switch);
             assert_eq!(step(Offloaded, e).is_ok(), allowed, "{e:?}");
         }
+        // A switch shows its twin's screen: it stays offloaded, nothing runs here.
+        assert_eq!(
+            step(Offloaded, Event::Switch).unwrap(),
+            Step {
+                next: Offloaded,
+                action: Action::Place
+            }
+        );
         let msg = |s, e| step(s, e).unwrap_err().message("work");
-        for e in [Event::Start, Event::Switch, Event::Delete, Event::Stop] {
+        for e in [Event::Start, Event::Delete, Event::Stop] {
             assert!(
                 msg(Offloaded, e).contains("profile return work"),
                 "{}",

@@ -31,6 +31,8 @@ impl Handset {
             self.registry
                 .event(name, "stopped", &format!("wipe: {how}"));
         }
+        // An offloaded profile's screen relay goes with it.
+        self.stop_cloud_screen(name).await;
         crate::wipe::begin(self.dir(), name)?;
         crate::fault::kill_point("wipe-marked");
         let wiped = self.finish_wipe(name)?;

@@ -335,7 +335,8 @@ function renderSwitcher() {
 }
 
 function view(p) {
-  if (!p || !p.spec.screen || !['running', 'paused'].includes(p.state)) {
+  // An offloaded profile's screen is its twin's, relayed by the daemon.
+  if (!p || !p.spec.screen || !['running', 'paused', 'offloaded'].includes(p.state)) {
     if (phone.session) phone.session.close();
     phone.session = null;
     phone.viewing = null;
