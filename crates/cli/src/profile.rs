@@ -207,7 +207,9 @@ chain to <state-dir>/cloud/ca.pem). This device shows <state-dir>/cloud/cert.pem
 which name it there, and shares <state-dir>/cloud/migration.key with the host. The profile's
 VMM keeps a copy of the guest as it is at the switch in profiles/NAME/cloud-kept/ and ends
 once the guest runs at the host, as this device's twin NAME; the profile is then `offloaded`
-(start, resume, switch, stop, delete and export are refused) until `profile return NAME`. If
+(start, resume, stop, delete and export are refused) until `profile return NAME`. A profile
+with a screen keeps it, its twin's: `profile view NAME`, and the device screen while it is in
+front (it stays there if it was; `profile switch NAME` brings it there). If
 the offload fails (host down, refused, no convergence) the guest runs on here and the profile
 stays running. Not for a profile whose VMM is jailed (the handset without --no-jail), nor one
 with a network device or encrypted disks (the host refuses those). See docs/cloud.md.
@@ -338,6 +340,18 @@ A running or paused profile must be stopped first. A suspended profile is refuse
         force: bool,
     },
     /// Bring a running profile to the foreground (the others go to the background).
+    #[command(after_help = "\
+The profile in front gets its foreground CPU weight (the others their background weight;
+those with background = \"pause\" are paused) and is what the device screen (`profile view
+--device`) shows under the host's status bar, with the device's keys and touches.
+
+An offloaded profile (`profile offload`) with a screen can be switched to as well: the device
+screen then shows its twin's screen, relayed from the cloud host, and the device's input goes
+to the twin; nothing of it runs here, so no CPU weight is set. One without a screen is refused
+while offloaded (`profile return NAME` first).
+
+EXAMPLE:
+  pocketvisor profile switch work    # work is in the foreground (0.4 ms)")]
     Switch {
         /// Profile name.
         name: String,
