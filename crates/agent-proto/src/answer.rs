@@ -95,6 +95,13 @@ pub fn stored<S: Sink + ?Sized>(out: &mut S, name: Option<&str>, bytes: usize) {
     let _ = write!(Fmt(out), "\"bytes\":{bytes}}}");
 }
 
+/// What `twin` answers: `{"ok":true,"twin_of":"<name>"}`.
+pub fn twin<S: Sink + ?Sized>(out: &mut S, name: &str) {
+    out.push(b"{\"ok\":true,\"twin_of\":\"");
+    let _ = Escaped(&mut *out).write_str(name);
+    out.push(b"\"}");
+}
+
 /// `{"ok":true,"files":[{"name":..,"bytes":..},...]}`.
 pub fn file_list<'n, S, I>(out: &mut S, files: I)
 where
@@ -171,6 +178,9 @@ pub struct Answer {
     /// `file_list`: the inbox.
     #[serde(default)]
     pub files: Option<alloc::vec::Vec<FileEntry>>,
+    /// `twin`: the original profile the guest is now a twin of.
+    #[serde(default)]
+    pub twin_of: Option<alloc::string::String>,
 }
 
 #[cfg(all(test, feature = "serde"))]
@@ -187,6 +197,17 @@ mod tests {
             panic!("{e}: {}", core::str::from_utf8(&v).unwrap_or("(not UTF-8)"))
         });
         (v, a)
+    }
+
+    #[test]
+    fn a_twin_notice_is_acknowledged_with_its_name() {
+        let (raw, a) = answer(|v| twin(v, "work"));
+        assert_eq!(raw, b"{\"ok\":true,\"twin_of\":\"work\"}");
+        assert_eq!((a.ok, a.twin_of.as_deref()), (true, Some("work")));
+        let r = crate::Request::parse(b"{\"op\":\"twin\",\"name\":\"work\"}").unwrap();
+        assert_eq!((r.op(), r.file_name()), (Ok(crate::Op::Twin), Ok("work")));
+        let r = crate::Request::parse(b"{\"op\":\"twin\",\"name\":\"../x\"}").unwrap();
+        assert_eq!(r.file_name(), Err(ProtoError::BadName));
     }
 
     #[test]

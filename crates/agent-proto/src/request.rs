@@ -18,17 +18,21 @@ pub enum Op {
     FileGet,
     /// The inbox's names and sizes.
     FileList,
+    /// The guest is now a twin (a clone at a cloud host) of the profile `name`: the agent
+    /// tells the guest's programs.
+    Twin,
 }
 
 impl Op {
     /// Every op.
-    pub const ALL: [Op; 6] = [
+    pub const ALL: [Op; 7] = [
         Op::Health,
         Op::ClipboardGet,
         Op::ClipboardSet,
         Op::FilePut,
         Op::FileGet,
         Op::FileList,
+        Op::Twin,
     ];
 
     /// The wire name (`clipboard_get`, ...).
@@ -40,6 +44,7 @@ impl Op {
             Op::FilePut => "file_put",
             Op::FileGet => "file_get",
             Op::FileList => "file_list",
+            Op::Twin => "twin",
         }
     }
 
@@ -57,7 +62,7 @@ pub struct Request<'a> {
     pub op: &'a str,
     /// `mime` (clipboard_set).
     pub mime: Option<&'a str>,
-    /// `name` (file_put, file_get).
+    /// `name` (file_put, file_get; twin: the original profile's name).
     pub name: Option<&'a str>,
     /// `data_b64` (clipboard_set, file_put).
     pub data_b64: Option<&'a str>,

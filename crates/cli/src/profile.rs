@@ -235,8 +235,11 @@ The profile's VMM migrates the guest to the cloud host (HOST:PORT, with this dev
 in <state-dir>/cloud/, as `profile offload`) but resumes it here once the copy runs there:
 both run on from the same moment, each with its own disk from then on. The host runs the copy
 as this device's twin NAME (kind clone) with a fresh identity: a new vsock CID, which the
-guest learns from its vsock device (a transport reset; the probe prints `PROBE twin cid=N`).
-Twins have no network, so no MAC to change. A clone does not return (its original runs
+guest learns from its vsock device (a transport reset; the probe prints `PROBE twin cid=N`),
+and the daemon tells the copy's agent, if it has one, that it is a twin of NAME (the Linux
+agent writes NAME to /var/lib/pocketvisor-agent/twin; event twin-notified). The host is
+recorded (`profile show`: clone at) for `profile file from-clone`, which brings files from
+the copy's agent inbox into the original's. Twins have no network, so no MAC to change. A clone does not return (its original runs
 here); another device cannot reach it. If the clone fails, nothing runs there and the guest
 runs on here. A jailed VMM (the default) migrates to a unix socket in its run directory, and
 the daemon relays it to the host inside the device's TLS.

@@ -662,7 +662,7 @@ fn a_file_comes_back_from_the_clone_into_the_originals_inbox_under_its_rules() {
     } else {
         &["--no-jail"]
     };
-    let (daemon, _serial) = running(
+    let (daemon, serial) = running(
         &s,
         &probe,
         flags,
@@ -707,12 +707,23 @@ fn a_file_comes_back_from_the_clone_into_the_originals_inbox_under_its_rules() {
         .join("twins")
         .join(&twins[0])
         .join("serial.log");
-    // The clone's agent serves on its new CID once its vsock device's reset told it.
+    // The clone's agent serves on its new CID once its vsock device's reset told it, and the
+    // daemon told it whose twin it is (the original's agent hears nothing of it).
     assert!(
         common::wait_for(&twin_log, "PROBE twin cid=", WAIT),
         "the clone's agent did not learn its CID: {}",
         common::read(&twin_log)
     );
+    assert!(
+        common::wait_for(&twin_log, "PROBE agent twin of=work\n", WAIT),
+        "the clone's agent was not told it is a twin: {}\n{}",
+        common::read(&twin_log),
+        daemon.profile(&["events", "work"])
+    );
+    assert!(!common::read(&serial).contains("agent twin"));
+    assert!(daemon
+        .profile(&["events", "work"])
+        .contains("twin-notified"));
 
     // A file in the clone's inbox, put there at the host through `cloud vsock`.
     let data: Vec<u8> = (0..3000u32)

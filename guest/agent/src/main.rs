@@ -2,7 +2,8 @@
 //!
 //! Listens on vsock port 1025 (any CID) and answers newline-delimited JSON requests (see
 //! `proto`). State lives under `/var/lib/pocketvisor-agent/` (`clipboard`, `clipboard.mime`,
-//! `inbox/`). `--unix PATH` listens on a unix socket instead (for tests on a host).
+//! `inbox/`, and `twin`: the original profile's name once the handset said this guest is a
+//! clone of it). `--unix PATH` listens on a unix socket instead (for tests on a host).
 
 mod proto;
 

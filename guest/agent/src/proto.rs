@@ -128,6 +128,12 @@ impl Agent {
                 )?;
                 answer::file(out, name, &data);
             }
+            Op::Twin => {
+                // Where the guest's programs read it: `<dir>/twin`, the original's name.
+                let name = r.file_name()?;
+                self.write_atomic(&self.dir, "twin", format!("{name}\n").as_bytes())?;
+                answer::twin(out, name);
+            }
             Op::FileList => {
                 let files = self.list()?;
                 answer::file_list(out, files.iter().map(|(n, b)| (n.as_str(), *b)));
@@ -237,6 +243,20 @@ mod tests {
         let d = std::env::temp_dir().join(format!("pv-agent-test-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn a_twin_notice_is_written_where_programs_read_it() {
+        let d = tmp();
+        let a = Agent::new(&d);
+        let t = call(&a, json!({"op": "twin", "name": "work"}));
+        assert_eq!(t, json!({"ok": true, "twin_of": "work"}));
+        assert_eq!(std::fs::read_to_string(d.join("twin")).unwrap(), "work\n");
+        // A name that is no plain name is refused and changes nothing.
+        let bad = call(&a, json!({"op": "twin", "name": "../etc/passwd"}));
+        assert_eq!(bad["ok"], false, "{bad}");
+        assert_eq!(std::fs::read_to_string(d.join("twin")).unwrap(), "work\n");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

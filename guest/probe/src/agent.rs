@@ -223,6 +223,12 @@ impl Agent {
                     .ok_or(ProtoError::NoSuchFile)?;
                 answer::file(out, name, mem::bytes(f.data, f.len));
             }
+            Op::Twin => {
+                // The probe has no programs to tell: it says so on its console.
+                let name = r.file_name()?;
+                probe!("agent twin of={name}");
+                answer::twin(out, name);
+            }
             Op::FileList => {
                 let files = self.files.iter().filter(|f| f.name_len != 0).map(|f| {
                     let name = f.name.get(..f.name_len).unwrap_or_default();

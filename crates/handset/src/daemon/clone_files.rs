@@ -257,6 +257,46 @@ impl Handset {
         moved
     }
 
+    /// Tells the agent of profile `name`'s clone at `host` that its guest is now a twin of
+    /// `name` (the agent's `twin`: the Linux agent writes it where the guest's programs read
+    /// it). An event either way (`twin-notified`, `twin-notice-failed`: a guest without an
+    /// agent has nobody to tell), never a failure of the clone.
+    pub(super) async fn notify_twin(&self, name: &str, host: &str) {
+        let told = async {
+            let relay = self.clone_relay(name, host).await?;
+            let clone = format!("{name}'s clone");
+            let told = async {
+                let info = agent_info_within(&clone, &relay.socket, RELAY_CONNECT).await?;
+                let req = Request {
+                    name: Some(name),
+                    ..Request::new(Op::Twin)
+                };
+                let a = agent_call_within(&clone, &relay.socket, &req, 4096, info, RELAY_CONNECT)
+                    .await?;
+                if a.twin_of.as_deref() != Some(name) {
+                    return Err(ChannelError::Agent(format!(
+                        "{clone}'s agent did not acknowledge the notice"
+                    )));
+                }
+                Ok(())
+            }
+            .await;
+            relay.finish().await;
+            told
+        }
+        .await;
+        match told {
+            Ok(()) => self.registry.event(
+                name,
+                "twin-notified",
+                &format!("its clone's agent at {host} was told it is a twin of {name}"),
+            ),
+            Err(e) => self
+                .registry
+                .event(name, "twin-notice-failed", &e.to_string()),
+        }
+    }
+
     /// Checks the names, the lock, the policy, the state and the clone's host, then brings
     /// the file with the profile unpaused. `allowed` records the policy decision once made,
     /// `host` the clone's host once known.

@@ -352,6 +352,8 @@ impl Handset {
                     self.registry
                         .event(name, "clone-unrecorded", &format!("at {to}: {e}"));
                 }
+                // The twin's notice to its guest, through its agent (if it has one).
+                self.notify_twin(name, to).await;
                 self.show(name)
             }
             Err(e) => {
