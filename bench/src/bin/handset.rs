@@ -239,20 +239,14 @@ fn screen_switch(bin: &Path, probe: &Path, runs: usize) -> Result<ScreenSwitch> 
     eprintln!("{TAG}: device screen after a switch, {runs} switches");
     let mut d = Daemon::start(bin, probe, true, "screen")?;
     for (name, [r, g, b]) in SCREENS {
-        let spec = ProfileSpec::from_toml(&format!(
-            "name = \"{name}\"\nkernel = \"probe\"\n\
-             cmdline = \"pv.mode=screen pv.screen.rgb={r:02x}{g:02x}{b:02x} pv.screen.ms=1000\"\n\
-             memory_mib = 80\nscreen = true\ndisplay = {{ width = 720, height = 1280 }}\n"
-        ))?;
-        let req = CreateProfile {
-            spec: Some(spec),
-            ..Default::default()
-        };
-        let _: ProfileInfo = d
-            .client()
-            .call("POST", "/v1/profiles", Some(&req))
-            .with_context(|| format!("create {name}"))?;
-        d.names.push(name.to_string());
+        d.create(
+            name,
+            &format!(
+                "name = \"{name}\"\nkernel = \"probe\"\n\
+                 cmdline = \"pv.mode=screen pv.screen.rgb={r:02x}{g:02x}{b:02x} pv.screen.ms=1000\"\n\
+                 memory_mib = 80\nscreen = true\ndisplay = {{ width = 720, height = 1280 }}\n"
+            ),
+        )?;
         d.act(name, "start")?;
     }
     let t0 = Instant::now();
@@ -387,10 +381,18 @@ impl Daemon {
     }
 
     fn create_probe(&mut self, name: &str, memory_mib: u64) -> Result<()> {
-        let spec = ProfileSpec::from_toml(&format!(
-            "name = \"{name}\"\nkernel = \"probe\"\ncmdline = \"{COUNTER_CMDLINE}\"\n\
-             memory_mib = {memory_mib}\n"
-        ))?;
+        self.create(
+            name,
+            &format!(
+                "name = \"{name}\"\nkernel = \"probe\"\ncmdline = \"{COUNTER_CMDLINE}\"\n\
+                 memory_mib = {memory_mib}\n"
+            ),
+        )
+    }
+
+    /// Creates the profile `name` from its spec `toml`.
+    fn create(&mut self, name: &str, toml: &str) -> Result<()> {
+        let spec = ProfileSpec::from_toml(toml)?;
         let req = CreateProfile {
             spec: Some(spec),
             ..Default::default()

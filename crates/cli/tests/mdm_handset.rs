@@ -558,20 +558,7 @@ fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run
         serde_json::from_slice(&std::fs::read(&lease_file).unwrap()).unwrap();
     let until = lease["valid_until"].as_u64().unwrap();
     std::fs::write(&clock, (until + 1).to_string()).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || profile(&hs, "work").state
-            == handset::ProfileState::Suspended),
-        "{:?}\n{}",
-        profile(&hs, "work"),
-        hs.log()
-    );
-    let out = hs.cli(&["start", "work"]);
-    assert!(!out.status.success());
-    assert!(
-        mdm_common::text(&out).contains("key lease"),
-        "{}",
-        mdm_common::text(&out)
-    );
+    suspended_and_refused(&hs, &["key lease"]);
     // A lease changed on disk is no lease.
     let mut forged = lease.clone();
     forged["valid_until"] = serde_json::json!(until + 10_000);
@@ -581,20 +568,7 @@ fn a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run
 
     // The MDM is back: a fresh lease (issued later, so valid past the moved clock).
     std::thread::sleep(Duration::from_secs(3));
-    let _server = Server::start(&server.dir.clone(), port, 2);
-    assert!(
-        wait_until(Duration::from_secs(90), || {
-            std::fs::read(&lease_file)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|l| l["valid_until"].as_u64())
-                .is_some_and(|t| t > until + 1)
-        }),
-        "{}",
-        hs.log()
-    );
-    hs.ok(&["start", "work"]);
-    assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
+    let _server = back_online(&hs, &server.dir, port, "valid_until", until + 1);
 }
 on_both_stores!(a_key_lease_runs_out_offline_suspends_the_profile_and_a_fresh_one_lets_it_run);
 
@@ -627,15 +601,9 @@ fn an_offline_limit_runs_from_the_last_contact_with_the_mdm(store: Store) {
     );
 
     // The link asks for a signed time of contact, and the profile runs on it.
-    let lease_file = hs.dir.join("mdm/lease.json");
-    let issued_at = |f: &std::path::Path| {
-        std::fs::read(f)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|l| l["issued_at"].as_u64())
-    };
     assert!(
-        wait_until(Duration::from_secs(60), || issued_at(&lease_file).is_some()),
+        wait_until(Duration::from_secs(60), || lease_field(&hs, "issued_at")
+            .is_some()),
         "{}",
         hs.log()
     );
@@ -645,7 +613,7 @@ fn an_offline_limit_runs_from_the_last_contact_with_the_mdm(store: Store) {
     // Out of touch: the limit runs from the last contact.
     let port = server.port;
     server.stop();
-    let contact = issued_at(&lease_file).unwrap();
+    let contact = lease_field(&hs, "issued_at").unwrap();
     assert!(contact >= now, "{contact} {now}");
     let out = hs.cli(&["policy", "work", "--json"]);
     assert!(out.status.success(), "{}", mdm_common::text(&out));
@@ -656,36 +624,55 @@ fn an_offline_limit_runs_from_the_last_contact_with_the_mdm(store: Store) {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
     std::fs::write(&clock, (contact + limit + 1).to_string()).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || profile(&hs, "work").state
-            == handset::ProfileState::Suspended),
-        "{:?}\n{}",
-        profile(&hs, "work"),
-        hs.log()
-    );
-    let out = hs.cli(&["start", "work"]);
-    assert!(!out.status.success());
-    let text = mdm_common::text(&out);
-    assert!(
-        text.contains("offline limit") && text.contains("last reached this device"),
-        "{text}"
-    );
+    suspended_and_refused(&hs, &["offline limit", "last reached this device"]);
 
     // The MDM is back: its next contact (later than the moved clock minus the limit)
     // unlocks the profile.
     std::fs::write(&clock, (contact + limit + 10).to_string()).unwrap();
     std::thread::sleep(Duration::from_secs(11));
-    let _server = Server::start(&server.dir.clone(), port, 2);
+    let _server = back_online(&hs, &server.dir, port, "issued_at", contact + 10);
+}
+on_both_stores!(an_offline_limit_runs_from_the_last_contact_with_the_mdm);
+
+/// A field of the signed lease the device keeps (`mdm/lease.json`); None until it has one.
+fn lease_field(hs: &Handset, field: &str) -> Option<u64> {
+    std::fs::read(hs.dir.join("mdm/lease.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|l| l[field].as_u64())
+}
+
+/// Waits until the profile `work` is suspended, offline (its policy's clock moved past what
+/// the policy allows), and checks that starting it is refused in words holding each of `says`.
+fn suspended_and_refused(hs: &Handset, says: &[&str]) {
     assert!(
-        wait_until(Duration::from_secs(90), || issued_at(&lease_file)
-            .is_some_and(|t| t + limit > contact + limit + 10)),
+        wait_until(Duration::from_secs(60), || profile(hs, "work").state
+            == handset::ProfileState::Suspended),
+        "{:?}\n{}",
+        profile(hs, "work"),
+        hs.log()
+    );
+    let out = hs.cli(&["start", "work"]);
+    assert!(!out.status.success());
+    let text = mdm_common::text(&out);
+    assert!(says.iter().all(|s| text.contains(s)), "{text}");
+}
+
+/// The MDM back online: starts the server in `dir` again on `port` (where it was before it
+/// stopped), waits until the device's lease `field` is past `after` (its next contact) and
+/// starts the profile `work`, which runs. Returns the server.
+fn back_online(hs: &Handset, dir: &std::path::Path, port: u16, field: &str, after: u64) -> Server {
+    let server = Server::start(dir, port, 2);
+    assert!(
+        wait_until(Duration::from_secs(90), || lease_field(hs, field)
+            .is_some_and(|t| t > after)),
         "{}",
         hs.log()
     );
     hs.ok(&["start", "work"]);
-    assert_eq!(profile(&hs, "work").state, handset::ProfileState::Running);
+    assert_eq!(profile(hs, "work").state, handset::ProfileState::Running);
+    server
 }
-on_both_stores!(an_offline_limit_runs_from_the_last_contact_with_the_mdm);
 
 /// Whether /dev/kvm can run guests here; says so loudly when not.
 fn kvm_usable(test: &str) -> bool {
