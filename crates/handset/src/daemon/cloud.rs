@@ -371,7 +371,7 @@ impl Handset {
         let uid = vmm_proc::jail_uid(self.registry.row(name)?.vsock_cid)?;
         let socket = run.join(RELAY_SOCKET);
         let key = run.join(RELAY_KEY);
-        let listener = super::cloud_relay::listen(&socket, uid)?;
+        let listener = super::cloud_relay::listen(&socket, &self.dir().profile(name), uid)?;
         let files = Removed(vec![socket.clone(), key.clone()]);
         let bytes = std::fs::read(&id.key)
             .map_err(Error::io(format!("cannot read {}", id.key.display())))?;

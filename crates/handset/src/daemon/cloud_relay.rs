@@ -60,23 +60,23 @@ fn server_name(to: &str) -> Result<ServerName<'static>> {
 }
 
 /// Listens on `socket` (a stale one replaced) for the jailed VMM running as `uid`, which
-/// alone may connect (the socket is its, mode 0600).
-pub(super) fn listen(socket: &Path, uid: u32) -> Result<UnixListener> {
+/// alone may connect (the socket is its, mode 0600). `socket`'s directory belongs to that
+/// VMM, which could swap a path there for a link between a bind and a chmod by path: the
+/// socket is bound, restricted and handed over in `private` (the daemon's own directory, on
+/// the same file system), then renamed into place, which follows no link.
+pub(super) fn listen(socket: &Path, private: &Path, uid: u32) -> Result<UnixListener> {
     use std::os::unix::fs::PermissionsExt;
-    match std::fs::remove_file(socket) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(Error::io(format!("cannot remove {}", socket.display()))(e))
-        }
-        _ => {}
+    let staged = private.join(format!(".relay-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let l = UnixListener::bind(&staged)
+        .map_err(Error::io(format!("cannot listen on {}", staged.display())))?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::os::unix::fs::chown(&staged, Some(uid), Some(uid)))
+        .and_then(|()| std::fs::rename(&staged, socket));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(Error::io(format!("cannot hand {} to the VMM", socket.display()))(e));
     }
-    let l = UnixListener::bind(socket)
-        .map_err(Error::io(format!("cannot listen on {}", socket.display())))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::os::unix::fs::chown(socket, Some(uid), Some(uid)))
-        .map_err(Error::io(format!(
-            "cannot hand {} to the VMM",
-            socket.display()
-        )))?;
     Ok(l)
 }
 
@@ -132,5 +132,34 @@ mod tests {
             server_name("[::1]:7000").unwrap(),
             ServerName::IpAddress(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn the_socket_is_placed_by_rename_and_a_link_in_its_place_is_not_followed() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (run, private) = (dir.path().join("run"), dir.path().join("p"));
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(&private).unwrap();
+        // What a hostile VMM could leave at the socket's path: a link to a file of the host.
+        let target = dir.path().join("host-file");
+        std::fs::write(&target, b"x").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let socket = run.join("cloud.sock");
+        std::os::unix::fs::symlink(&target, &socket).unwrap();
+        let uid = nix_uid();
+        let _l = listen(&socket, &private, uid).unwrap();
+        let meta = std::fs::symlink_metadata(&socket).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()));
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        assert_eq!(meta.uid(), uid);
+        let host = std::fs::metadata(&target).unwrap();
+        assert_eq!(host.mode() & 0o777, 0o644, "the link's target was not touched");
+        assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
+    }
+
+    fn nix_uid() -> u32 {
+        // SAFETY: getuid has no preconditions and cannot fail.
+        unsafe { libc::getuid() }
     }
 }
