@@ -75,7 +75,10 @@ pub(super) fn listen(socket: &Path, private: &Path, uid: u32) -> Result<UnixList
         .and_then(|()| std::fs::rename(&staged, socket));
     if let Err(e) = placed {
         let _ = std::fs::remove_file(&staged);
-        return Err(Error::io(format!("cannot hand {} to the VMM", socket.display()))(e));
+        return Err(Error::io(format!(
+            "cannot hand {} to the VMM",
+            socket.display()
+        ))(e));
     }
     Ok(l)
 }
@@ -154,7 +157,11 @@ mod tests {
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(meta.uid(), uid);
         let host = std::fs::metadata(&target).unwrap();
-        assert_eq!(host.mode() & 0o777, 0o644, "the link's target was not touched");
+        assert_eq!(
+            host.mode() & 0o777,
+            0o644,
+            "the link's target was not touched"
+        );
         assert_eq!(std::fs::read_dir(&private).unwrap().count(), 0);
     }
 
