@@ -110,31 +110,9 @@ impl Handset {
             .dir()
             .profile(name)
             .join(format!("{RELAY_SOCKET_PREFIX}{n}.sock"));
-        let mut c = tokio::process::Command::new(&self.opts.vmm_bin);
-        c.args(["cloud", "vsock", name, "--from", host, "--listen"])
-            .arg(&socket)
-            .arg("--key")
-            .arg(&id.key)
-            .arg("--tls-cert")
-            .arg(&id.tls.cert)
-            .arg("--tls-key")
-            .arg(&id.tls.key)
-            .arg("--tls-ca")
-            .arg(&id.tls.ca)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent's: the relay
-        // ends with the daemon rather than serving the clone after it.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut c = id.relay_command(&self.opts.vmm_bin, "vsock", name, host, &socket);
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
         let mut child = c.spawn().map_err(|e| {
             Error::Internal(format!("cannot start {}: {e}", self.opts.vmm_bin.display()))
         })?;

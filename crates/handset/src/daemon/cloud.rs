@@ -42,6 +42,45 @@ pub(super) struct Identity {
     pub(super) key: PathBuf,
 }
 
+impl Identity {
+    /// `VMM_BIN cloud OP NAME --from HOST --listen LISTEN` with this identity: a relay of a
+    /// twin's socket (`view`, `vsock`) that ends with the daemon (`PR_SET_PDEATHSIG`) and
+    /// when its handle is dropped. The caller sets its stdout and stderr.
+    pub(super) fn relay_command(
+        &self,
+        vmm_bin: &std::path::Path,
+        op: &str,
+        name: &str,
+        from: &str,
+        listen: impl AsRef<std::ffi::OsStr>,
+    ) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(vmm_bin);
+        c.args(["cloud", op, name, "--from", from, "--listen"])
+            .arg(listen)
+            .arg("--key")
+            .arg(&self.key)
+            .arg("--tls-cert")
+            .arg(&self.tls.cert)
+            .arg("--tls-key")
+            .arg(&self.tls.key)
+            .arg("--tls-ca")
+            .arg(&self.tls.ca)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent's: the relay
+        // ends with the daemon rather than serving a twin's socket after it.
+        unsafe {
+            c.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c
+    }
+}
+
 /// The files of `<state>/cloud/`, each a regular file (not a link); the private key and the
 /// migration key readable by their owner only.
 pub(super) fn identity(dir: &StateDir) -> Result<Identity> {

@@ -70,31 +70,8 @@ impl Handset {
         let err = log
             .try_clone()
             .map_err(Error::io("cannot duplicate the log file"))?;
-        let mut c = tokio::process::Command::new(&self.opts.vmm_bin);
-        c.args(["cloud", "view", name, "--from", &from, "--listen"])
-            .arg(listen)
-            .arg("--key")
-            .arg(&id.key)
-            .arg("--tls-cert")
-            .arg(&id.tls.cert)
-            .arg("--tls-key")
-            .arg(&id.tls.key)
-            .arg("--tls-ca")
-            .arg(&id.tls.ca)
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent's: the relay
-        // ends with the daemon rather than holding the profile's socket after it.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut c = id.relay_command(&self.opts.vmm_bin, "view", name, &from, listen);
+        c.stdout(log).stderr(err);
         let child = c.spawn().map_err(Error::io(format!(
             "cannot start {}",
             self.opts.vmm_bin.display()
