@@ -965,7 +965,7 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
     let returned = vmm::migration::receive_returned(
         &a.host.from,
         &key,
-        &tls,
+        Some(&tls),
         &format!("return {}", a.name),
         &overrides,
         a.base.as_deref(),

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use jail::fsroot::{Bind, JailRoot};
 use jail::supervise::{ChildExit, Forked};
-use vmm::vmm_api::jail::{jail_host_paths, HostPath, JailPlan, PathRole, JAIL_SNAPSHOT};
+use vmm::vmm_api::jail::{jail_host_paths, HostPath, JailPlan, PathKind, PathRole, JAIL_SNAPSHOT};
 use vmm::{SerialConfig, Vm, VmConfig};
 
 /// Environment variable for the hidden self-tests (see [`SelfTest`]).
@@ -53,7 +53,27 @@ pub struct VmmArgs {
     /// With --restore: where the serial console goes: stdout, file:PATH or none.
     #[arg(long, value_name = "WHERE", requires = "restore", value_parser = crate::run::parse_serial)]
     serial: Option<SerialConfig>,
-    /// With --restore: disk image paths replacing the saved ones, in order. Repeatable.
+    /// With --restore: the snapshot is the copy kept when the twin NAME was offloaded to a
+    /// cloud host, and the guest comes back from that twin onto it (a return): its state
+    /// arrives through --return-from before the guest runs here (only what differs from
+    /// the kept copy and the disks is sent). Needs --return-from and --return-key.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires_all = ["restore", "return_from", "return_key"]
+    )]
+    return_twin: Option<String>,
+    /// With --return-twin: the relay of the cloud host on this host, unix:PATH (the handset
+    /// daemon's, inside its TLS), in the directory of --api-socket.
+    #[arg(long, value_name = "unix:PATH", requires = "return_twin")]
+    return_from: Option<String>,
+    /// With --return-twin: the migration key file (64 hexadecimal digits), in the directory
+    /// of --api-socket.
+    #[arg(long, value_name = "FILE", requires = "return_twin")]
+    return_key: Option<PathBuf>,
+    /// With --restore: disk image paths replacing the saved ones, in order (with
+    /// --return-twin, in the directory of --api-socket: the returned disk replaces the file
+    /// there). Repeatable.
     #[arg(long, value_name = "PATH", requires = "restore")]
     disk: Vec<PathBuf>,
     /// With --restore: TAP names replacing the saved ones, in order. Repeatable.
@@ -154,13 +174,7 @@ pub fn main(args: VmmArgs) -> Result<i32> {
         read_disk_keys(&mut std::io::stdin().lock(), &mut cfg)?;
     }
     let mut root = JailRoot::create(&args.jail_root, &args.jail_id)?;
-    let prepared = prepare(
-        &mut root,
-        &cfg,
-        args.restore.as_deref(),
-        args.api_socket.as_deref(),
-    )
-    .and_then(|jailed| {
+    let prepared = prepare(&mut root, &cfg, &args).and_then(|jailed| {
         let cg = setup_cgroup(&args)?;
         Ok((jailed, cg))
     });
@@ -209,6 +223,8 @@ pub(crate) fn read_disk_keys(input: &mut impl Read, cfg: &mut VmConfig) -> Resul
 struct Jailed {
     cfg: VmConfig,
     api_socket: Option<PathBuf>,
+    /// A return's relay and key file (see [`VmmArgs::return_twin`]).
+    relay: Option<(PathBuf, PathBuf)>,
 }
 
 fn load_config(path: &Path) -> Result<VmConfig> {
@@ -277,18 +293,28 @@ fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
 }
 
 /// Binds everything `cfg` uses (and the snapshot being restored, and the API socket) into the
-/// jail, as `vmm_api::jail` maps them, and rewrites the paths to the jail's.
-fn prepare(
-    root: &mut JailRoot,
-    cfg: &VmConfig,
-    restore: Option<&Path>,
-    api_socket: Option<&Path>,
-) -> Result<Jailed> {
-    let host: Vec<HostPath> = jail_host_paths(cfg, restore, api_socket)
+/// jail, as `vmm_api::jail` maps them, and rewrites the paths to the jail's. A return's disks
+/// are seen through their directory (the API socket's), not bound one by one: the returned
+/// disk is renamed over each at the commit, which a bind mount's target does not allow.
+fn prepare(root: &mut JailRoot, cfg: &VmConfig, args: &VmmArgs) -> Result<Jailed> {
+    let returning = args.return_twin.is_some();
+    let mut host = jail_host_paths(cfg, args.restore.as_deref(), args.api_socket.as_deref());
+    if returning {
+        for p in &mut host {
+            if matches!(p.role, PathRole::Disk(_)) {
+                p.kind = PathKind::InDir;
+            }
+        }
+    }
+    let host: Vec<HostPath> = host
         .iter()
         .map(HostPath::canonical)
         .collect::<Result<_, _>>()?;
     let plan = JailPlan::new(&host)?;
+    let relay = match (&args.return_from, &args.return_key) {
+        (Some(from), Some(key)) if returning => Some(return_paths(&plan, &host, from, key)?),
+        _ => None,
+    };
     for b in &plan.binds {
         root.add(Bind {
             source: b.source.clone(),
@@ -301,7 +327,51 @@ fn prepare(
     Ok(Jailed {
         cfg: plan.apply(cfg),
         api_socket: plan.jail_path(PathRole::ApiSocket).map(Path::to_path_buf),
+        relay,
     })
+}
+
+/// Where the jailed VMM finds a return's relay socket (`from`, `unix:PATH`) and key file:
+/// both in the directory of the API socket, and the disks too (each must be a file there).
+fn return_paths(
+    plan: &JailPlan,
+    host: &[HostPath],
+    from: &str,
+    key: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let api_dir = host
+        .iter()
+        .find(|p| p.role == PathRole::ApiSocket)
+        .and_then(|p| p.path.parent())
+        .context("--return-twin needs --api-socket")?;
+    let in_api_dir = |what: &str, p: &Path| -> Result<PathBuf> {
+        let canonical = HostPath {
+            role: PathRole::ApiSocket,
+            path: p.to_path_buf(),
+            kind: PathKind::InDir,
+            read_only: false,
+        }
+        .canonical()?;
+        if canonical.path.parent() != Some(api_dir) {
+            bail!(
+                "{what} {} is not in the directory of --api-socket ({})",
+                p.display(),
+                api_dir.display()
+            );
+        }
+        plan.to_jail(&canonical.path)
+            .with_context(|| format!("{what} {} is not visible in the jail", p.display()))
+    };
+    for d in host.iter().filter(|p| matches!(p.role, PathRole::Disk(_))) {
+        in_api_dir("a returning disk", &d.path)?;
+    }
+    let Some(socket) = from.strip_prefix(vmm::migration::LOCAL_PREFIX) else {
+        bail!("--return-from {from:?}: expected unix:PATH (the relay on this host)");
+    };
+    Ok((
+        in_api_dir("--return-from", Path::new(socket))?,
+        in_api_dir("--return-key", key)?,
+    ))
 }
 
 fn setup_cgroup(args: &VmmArgs) -> Result<Option<jail::cgroup::Cgroup>> {
@@ -423,9 +493,12 @@ fn child(
             }
         }
     }
-    let vm = match &args.restore {
-        None => Vm::new(&jailed.cfg)?,
-        Some(_) => Vm::restore(Path::new(JAIL_SNAPSHOT), &jail_overrides(&jailed.cfg))
+    let vm = match (&args.restore, &jailed.relay, &args.return_twin) {
+        (None, _, _) => Vm::new(&jailed.cfg)?,
+        (Some(_), Some((socket, key)), Some(twin)) => {
+            receive_returned(twin, socket, key, &jailed.cfg)?
+        }
+        (Some(_), _, _) => Vm::restore(Path::new(JAIL_SNAPSHOT), &jail_overrides(&jailed.cfg))
             .context("cannot restore the snapshot")?,
     };
     let ids = match (args.uid, args.gid) {
@@ -476,6 +549,30 @@ fn child(
             Ok(128 + sig)
         }
     }
+}
+
+/// A return in the jail (see [`VmmArgs::return_twin`]): the twin's migration, asked for
+/// through the relay at `socket`, onto the kept copy at `/snapshot` and the disks of `cfg`.
+/// Every wait is bounded (the relay's connection has the migration's I/O timeout): a relay
+/// that is gone or silent ends this VMM, and nothing runs.
+fn receive_returned(twin: &str, socket: &Path, key: &Path, cfg: &VmConfig) -> Result<Vm> {
+    let key = vmm::migration::wire::read_key(key).map_err(anyhow::Error::msg)?;
+    let from = format!("{}{}", vmm::migration::LOCAL_PREFIX, socket.display());
+    let returned = vmm::migration::receive_returned(
+        &from,
+        &key,
+        None,
+        &format!("return {twin}"),
+        &jail_overrides(cfg),
+        Some(Path::new(JAIL_SNAPSHOT)),
+    )
+    .with_context(|| format!("the return of {twin:?} failed; nothing runs here"))?;
+    outln!(
+        "returned bytes_received={} bytes_sent={}",
+        returned.bytes_received,
+        returned.bytes_sent
+    );
+    Ok(returned.vm)
 }
 
 fn pipe() -> Result<(std::fs::File, std::fs::File)> {

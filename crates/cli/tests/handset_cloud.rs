@@ -23,14 +23,16 @@ use portable_common::{assert_ok, probe, run, Daemon, Scratch};
 const WAIT: Duration = Duration::from_secs(60);
 const DISK_MIB: usize = 4;
 
-/// A `pocketvisor cloud return` process serving `api` (the return's VMM), if one runs.
+/// A `pocketvisor cloud return` or `pocketvisor vmm --return-twin` process serving `api`
+/// (the return's VMM, unjailed or jailed), if one runs.
 fn returning_vmm(api: &Path) -> Option<u32> {
     let want = api.as_os_str().as_encoded_bytes();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_str()?.parse().ok()?;
         let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
         let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-        (args.contains(&&b"return"[..]) && args.contains(&want)).then_some(pid)
+        let returning = args.contains(&&b"return"[..]) || args.contains(&&b"--return-twin"[..]);
+        (returning && args.contains(&want)).then_some(pid)
     })
 }
 
@@ -110,6 +112,72 @@ fn device(
     );
     host.give_identity(&s.path("state"), "phone");
     r
+}
+
+/// The serial log of the host's one twin, which must be `work`'s.
+fn only_twin_log(host: &CloudHost) -> std::path::PathBuf {
+    let twins = host.twin_dirs();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    assert!(twins[0].ends_with("/work"), "{twins:?}");
+    host.state()
+        .join("twins")
+        .join(&twins[0])
+        .join("serial.log")
+}
+
+/// The twin writes on at the host from the block after `at_switch`, the device's last.
+fn assert_twin_goes_on(twin_log: &Path, at_switch: u64) {
+    assert!(
+        common::wait_until(|| blk_last(twin_log) > at_switch + 10, WAIT),
+        "the twin does not write on from {at_switch}: {}",
+        common::read(twin_log)
+    );
+    let first_there = blk_counters(&common::read(twin_log))[0];
+    assert!(
+        first_there > at_switch && first_there <= at_switch + 2,
+        "the twin went on at {first_there}; the device stopped at {at_switch}"
+    );
+}
+
+/// Back on the device, the guest writes on (the serial log's counters after the first
+/// `before`) from the block after the twin's last, and no block was written twice.
+fn assert_back_from_twin(serial: &Path, twin_log: &Path, before: usize) {
+    let twin_last = blk_last(twin_log);
+    let back = || blk_counters(&common::read(serial))[before..].to_vec();
+    assert!(
+        common::wait_until(|| back().len() > 5, WAIT),
+        "the returned guest does not write: {}",
+        common::read(serial)
+    );
+    let back_first = back()[0];
+    assert!(
+        back_first > twin_last && back_first <= twin_last + 2,
+        "back at the device from {back_first}; the twin stopped at {twin_last}"
+    );
+    let all: Vec<u64> = blk_counters(&common::read(serial))
+        .into_iter()
+        .chain(blk_counters(&common::read(twin_log)))
+        .collect();
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        all.len(),
+        "a write was made twice: the guest went back"
+    );
+}
+
+/// The host's log says the twin went back to its device (its VMM ends then).
+fn assert_twin_returned(host: &CloudHost) {
+    assert!(
+        common::wait_until(
+            || common::read(&host.dir.path("serve.stderr")).contains("returned to"),
+            WAIT
+        ),
+        "{}",
+        common::read(&host.dir.path("serve.stderr"))
+    );
 }
 
 #[test]
@@ -278,7 +346,7 @@ fn a_profile_offloaded_through_the_handset_counts_on_in_the_cloud_and_back_with_
     let host = CloudHost::start("pv-hcloudtest", "offload");
     let s = Scratch::new("pv-hcloudtest", "device");
     let dir = s.path("state");
-    // The jailed VMM's seccomp filter allows no TCP: offload is built for unjailed VMMs.
+    // An unjailed VMM connects to the host itself (a jailed one: the test below).
     let (mut daemon, serial) = running(
         &s,
         &probe,
@@ -326,24 +394,8 @@ fn a_profile_offloaded_through_the_handset_counts_on_in_the_cloud_and_back_with_
         list.contains("offloaded") && list.contains(&host.addr),
         "{list}"
     );
-    let twins = host.twin_dirs();
-    assert_eq!(twins.len(), 1, "{twins:?}");
-    assert!(twins[0].ends_with("/work"), "{twins:?}");
-    let twin_log = host
-        .state()
-        .join("twins")
-        .join(&twins[0])
-        .join("serial.log");
-    assert!(
-        common::wait_until(|| blk_last(&twin_log) > at_switch + 10, WAIT),
-        "the twin does not write on from {at_switch}: {}",
-        common::read(&twin_log)
-    );
-    let first_there = blk_counters(&common::read(&twin_log))[0];
-    assert!(
-        first_there > at_switch && first_there <= at_switch + 2,
-        "the twin went on at {first_there}; the device stopped at {at_switch}"
-    );
+    let twin_log = only_twin_log(&host);
+    assert_twin_goes_on(&twin_log, at_switch);
 
     // What would run it here too is refused, saying how to bring it back.
     for args in [["start", "work"], ["switch", "work"], ["delete", "work"]] {
@@ -459,44 +511,140 @@ fn a_profile_offloaded_through_the_handset_counts_on_in_the_cloud_and_back_with_
     let events = daemon.profile(&["events", "work"]);
     assert!(events.contains("returned bytes_received="), "{events}");
     // The twin's VMM ends once the guest runs here: its log is final.
-    assert!(
-        common::wait_until(
-            || common::read(&host.dir.path("serve.stderr")).contains("returned to"),
-            WAIT
-        ),
-        "{}",
-        common::read(&host.dir.path("serve.stderr"))
-    );
-    let twin_last = blk_last(&twin_log);
-    let back = || blk_counters(&common::read(&serial))[before..].to_vec();
-    assert!(
-        common::wait_until(|| back().len() > 5, WAIT),
-        "the returned guest does not write: {}",
-        common::read(&serial)
-    );
-    let back_first = back()[0];
-    assert!(
-        back_first > twin_last && back_first <= twin_last + 2,
-        "back at the device from {back_first}; the twin stopped at {twin_last}"
-    );
-    let all: Vec<u64> = blk_counters(&common::read(&serial))
-        .into_iter()
-        .chain(blk_counters(&common::read(&twin_log)))
-        .collect();
-    let mut sorted = all.clone();
-    sorted.sort_unstable();
-    sorted.dedup();
-    assert_eq!(
-        sorted.len(),
-        all.len(),
-        "a write was made twice: the guest went back"
-    );
+    assert_twin_returned(&host);
+    assert_back_from_twin(&serial, &twin_log, before);
 
     // Its disk is every block it wrote: at the device, at the host and back here.
     daemon.profile(&["stop", "work"]);
     let last = blk_last(&serial);
     let disk = std::fs::read(&data).unwrap();
     assert_disk_after_writes(&disk, &vec![0u8; DISK_MIB << 20], last, "the device's disk");
+}
+
+#[test]
+fn a_jailed_profile_is_offloaded_and_returned_through_the_daemons_relay() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        portable_common::loud(
+            "SKIP a_jailed_profile_is_offloaded_and_returned_through_the_daemons_relay: \
+             needs root",
+        );
+        return;
+    }
+    let Some(probe) = probe("handset_cloud jailed offload") else {
+        return;
+    };
+    let host = CloudHost::start("pv-hcloudtest", "jail-offload-host");
+    let s = Scratch::new("pv-hcloudtest", "jail-offload");
+    // The handset's default: jailed VMMs, whose seccomp filter allows no TCP.
+    let (mut daemon, serial) = device(&host, &s, &probe, &[]);
+    let dir = s.path("state");
+    let run = dir.join("profiles/work/run");
+    // The relay's socket and key, the staged kept copy, the returning disks and their
+    // temporary files.
+    let relay_files = || {
+        std::fs::read_dir(&run)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("cloud") || n.contains("return-"))
+            .collect::<Vec<_>>()
+    };
+
+    // The offload, through the daemon's relay; the kept copy taken out of the run directory.
+    let out = profile(&dir, &["offload", "work", "--to", &host.addr]);
+    assert!(out.status.success(), "offload failed: {}", said(&out));
+    let p = info(&dir);
+    assert_eq!(p["state"], "offloaded", "{p}");
+    let at_switch = blk_last(&serial);
+    let twin_log = only_twin_log(&host);
+    assert_twin_goes_on(&twin_log, at_switch);
+    assert!(dir.join("profiles/work/cloud-kept/COMPLETE").is_file());
+    assert_eq!(relay_files(), Vec::<String>::new(), "left in run/");
+
+    // The returning VMM dies (kill -9) while the twin's pages arrive: the return fails,
+    // nothing runs here, the disk and the kept copy are as they were, nothing is left in the
+    // run directory, and the twin works on.
+    daemon.stop();
+    let mut daemon = Daemon::start_with(
+        &dir,
+        Some(&probe),
+        &[("POCKETVISOR_KILL_AT", "receive-round")],
+        &[],
+    );
+    let data = dir.join("profiles/work/disks/data.img");
+    let kept_disk = std::fs::read(&data).unwrap();
+    let out = profile(&dir, &["return", "work"]);
+    assert!(!out.status.success(), "a return killed half-way succeeded");
+    assert!(said(&out).contains("stays offloaded"), "{}", said(&out));
+    assert_eq!(info(&dir)["state"], "offloaded");
+    assert!(
+        std::fs::read(&data).unwrap() == kept_disk,
+        "a failed return changed the disk"
+    );
+    assert!(dir.join("profiles/work/cloud-kept/COMPLETE").is_file());
+    assert_eq!(relay_files(), Vec::<String>::new(), "left in run/");
+    assert!(
+        returning_vmm(&run.join("api.sock")).is_none(),
+        "the failed return's VMM runs on"
+    );
+    let now = blk_last(&twin_log);
+    assert!(
+        common::wait_until(|| blk_last(&twin_log) > now + 3, WAIT),
+        "the twin stopped after a failed return"
+    );
+    daemon.stop();
+
+    // The return: the jailed VMM counts on from where the twin stopped, onto its disk. The
+    // daemon is killed (kill -9) once the guest runs here, before it moved the received disk
+    // out of the run directory: the next daemon adopts the VMM and moves it.
+    let flag = s.path("return-launched");
+    let hold = format!("return-launched:{}", flag.display());
+    let mut daemon = Daemon::start_with(
+        &dir,
+        Some(&probe),
+        &[("POCKETVISOR_HOLD_AT", hold.as_str())],
+        &[],
+    );
+    let before = blk_counters(&common::read(&serial)).len();
+    let mut returning = std::process::Command::new(common::bin())
+        .args(["profile", "--state-dir", dir.to_str().unwrap()])
+        .args(["return", "work"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        common::wait_until(|| flag.exists(), WAIT),
+        "the return did not reach its hold point"
+    );
+    daemon.kill();
+    let _ = returning.wait();
+    assert!(run.join("return-0.img").is_file(), "no disk to take");
+    let daemon = Daemon::start_with(&dir, Some(&probe), &[], &[]);
+    let events = daemon.profile(&["events", "work"]);
+    assert!(
+        events.contains("finished after a daemon restart"),
+        "{events}"
+    );
+    let p = info(&dir);
+    assert_eq!(p["state"], "running", "{p}");
+    let pid = p["pid"].as_u64().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&cmdline).contains("--return-twin"),
+        "not the jailed return's VMM"
+    );
+    assert!(!dir.join("profiles/work/cloud-kept").exists());
+    assert_twin_returned(&host);
+    assert_back_from_twin(&serial, &twin_log, before);
+    assert_eq!(relay_files(), Vec::<String>::new(), "left in run/");
+    daemon.profile(&["stop", "work"]);
+    let last = blk_last(&serial);
+    let disk = std::fs::read(&data).unwrap();
+    assert_disk_after_writes(&disk, &vec![0u8; DISK_MIB << 20], last, "the device's disk");
+    let meta = std::fs::symlink_metadata(&data).unwrap();
+    assert!(meta.file_type().is_file(), "the disk is not a regular file");
 }
 
 /// The FNV-1a of every frame the probe in screen mode reported in the log at `path`.

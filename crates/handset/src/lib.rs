@@ -109,6 +109,7 @@ pub mod passcode;
 pub mod phone;
 pub mod policy_clock;
 pub mod policy_travel;
+pub mod run_files;
 pub mod secret_file;
 pub mod spec;
 pub mod state_dir;

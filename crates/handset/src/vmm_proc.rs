@@ -34,12 +34,14 @@ pub enum Launch {
         /// state directory, e.g. by `pocketvisor import`, uses its own disks).
         disks: Vec<PathBuf>,
     },
-    /// Receive the guest back from the cloud host it was offloaded to
-    /// (`pocketvisor cloud return`, never jailed: it connects over TCP).
+    /// Receive the guest back from the cloud host it was offloaded to: unjailed,
+    /// `pocketvisor cloud return`, which connects over TLS; jailed, `pocketvisor vmm
+    /// --restore BASE --return-twin`, through the daemon's relay (`from` is then
+    /// `unix:PATH`, and `key` and the disks are in the run directory).
     Return {
         /// The twin's name at the host (the profile's).
         twin: String,
-        /// The cloud host, `HOST:PORT`.
+        /// The cloud host, `HOST:PORT`, or the daemon's relay to it, `unix:PATH`.
         from: String,
         /// The copy kept at the offload, the return's base.
         base: PathBuf,
@@ -112,16 +114,19 @@ pub fn vmm_args(
     jail: Option<&JailArgs>,
 ) -> Vec<OsString> {
     let mut a: Vec<OsString> = Vec::new();
-    if let Launch::Return {
-        twin,
-        from,
-        base,
-        tls,
-        key,
-        serial,
-        vsock,
-        disks,
-    } = launch
+    if let (
+        Launch::Return {
+            twin,
+            from,
+            base,
+            tls,
+            key,
+            serial,
+            vsock,
+            disks,
+        },
+        None,
+    ) = (launch, jail)
     {
         a.extend(["cloud".into(), "return".into(), twin.into()]);
         a.extend(["--from".into(), from.into(), "--base".into(), base.into()]);
@@ -149,7 +154,18 @@ pub fn vmm_args(
             match launch {
                 Launch::Boot { config } => a.extend(["--config".into(), config.into()]),
                 Launch::Restore { dir, .. } => a.extend(["--restore".into(), dir.into()]),
-                Launch::Return { .. } => {} // its own command line, above
+                Launch::Return {
+                    twin,
+                    from,
+                    base,
+                    key,
+                    ..
+                } => {
+                    a.extend(["--restore".into(), base.into()]);
+                    a.extend(["--return-twin".into(), twin.into()]);
+                    a.extend(["--return-from".into(), from.into()]);
+                    a.extend(["--return-key".into(), key.into()]);
+                }
             }
             a.extend(["--jail-id".into(), j.id.as_str().into()]);
             a.extend(["--jail-root".into(), j.root.as_os_str().into()]);
@@ -171,6 +187,12 @@ pub fn vmm_args(
         },
     }
     if let Launch::Restore {
+        serial,
+        vsock,
+        disks,
+        ..
+    }
+    | Launch::Return {
         serial,
         vsock,
         disks,
@@ -485,6 +507,33 @@ mod tests {
                     --gid 1879048197 --cgroup /cg/pv/w --cpu-weight 100 --memory-max 256M --serial file:/s/serial.log \
                     --vsock-socket /s/v.sock --disk /s/d.img --api-socket /s/api.sock";
         assert_eq!(jr, want.split_whitespace().collect::<Vec<_>>());
+        // A jailed return: the kept copy restored, the twin received through the relay.
+        let ret = vmm_args(
+            &Launch::Return {
+                twin: "w".into(),
+                from: "unix:/s/cloud.sock".into(),
+                base: "/s/kept".into(),
+                tls: vmm_api::MigrationTls {
+                    cert: "/c/cert.pem".into(),
+                    key: "/c/key.pem".into(),
+                    ca: "/c/ca.pem".into(),
+                },
+                key: "/s/cloud.key".into(),
+                serial: "/s/serial.log".into(),
+                vsock: "/s/v.sock".into(),
+                disks: vec!["/s/return-0.img".into()],
+            },
+            Path::new("/s/api.sock"),
+            false,
+            false,
+            Some(&jail),
+        );
+        let want = "vmm --restore /s/kept --return-twin w --return-from unix:/s/cloud.sock \
+                    --return-key /s/cloud.key --jail-id w --jail-root /s/jail --uid 1879048197 \
+                    --gid 1879048197 --cgroup /cg/pv/w --cpu-weight 100 --memory-max 256M \
+                    --serial file:/s/serial.log --vsock-socket /s/v.sock --disk /s/return-0.img \
+                    --api-socket /s/api.sock";
+        assert_eq!(ret, want.split_whitespace().collect::<Vec<_>>());
         // An encrypted profile's VMM reads its keys from stdin, booted or restored.
         for launch in [
             Launch::Boot {

@@ -13,8 +13,14 @@
 //!   back) and runs the guest once it has it; its API socket appears only then. A failure
 //!   before that leaves the profile `offloaded`, its files as they were and the twin running.
 //!
-//! Not jailed: the jailed VMM's seccomp filter allows no TCP, so a profile whose VMM is
-//! jailed is refused, and a daemon with `--jail` does not return one (docs/cloud.md).
+//! A jailed VMM (the default) reaches the host through this daemon ([`super::cloud_relay`]):
+//! its seccomp filter allows no TCP and its root holds none of the device's identity. Its
+//! offload migrates to a unix socket in its run directory and writes the kept copy there,
+//! which is taken into the profile once the host runs the guest ([`crate::run_files`]). Its
+//! return is `pocketvisor vmm --restore KEPT --return-twin NAME`, which asks for the twin
+//! through the same relay before its guest runs (before the seccomp filter, where a restore
+//! reads its snapshot); the disks it receives replace hard links of the profile's disks in
+//! the run directory, which are then moved over the profile's disks.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -169,6 +175,14 @@ pub fn check_cloud_host(to: &str) -> Result<()> {
 const RELAY_SOCKET: &str = "cloud.sock";
 /// The copy of the migration key a jailed VMM reads, in its run directory, while it migrates.
 const RELAY_KEY: &str = "cloud.key";
+/// Where a jailed VMM writes the copy kept at its offload, in its run directory.
+const KEPT_STAGED: &str = "cloud-kept";
+
+/// Disk `i` of a jailed profile's return, in its run directory: a hard link of the
+/// profile's disk, which the returned disk replaces at the commit.
+fn returning_disk(run: &std::path::Path, i: usize) -> PathBuf {
+    run.join(format!("return-{i}.img"))
+}
 
 /// Files removed when this is dropped.
 struct Removed(Vec<PathBuf>);
@@ -201,12 +215,18 @@ fn write_private(path: &std::path::Path, bytes: &[u8], uid: u32) -> Result<()> {
 
 /// A jailed VMM's migration relayed by the daemon (see [`super::cloud_relay`]).
 struct JailRelay {
-    /// The destination as the VMM sees it, `unix:PATH`.
-    to: String,
-    /// The migration key's copy as the VMM sees it.
+    /// The relay's socket, in the VMM's run directory (host path).
+    socket: PathBuf,
+    /// The migration key's copy, in the VMM's run directory (host path).
     key_file: PathBuf,
     task: tokio::task::JoinHandle<std::result::Result<(u64, u64), String>>,
     _files: Removed,
+}
+
+impl Drop for JailRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl JailRelay {
@@ -263,14 +283,6 @@ impl Handset {
         let _ops = self.ops.lock().await;
         self.settle_pending(name).await?;
         self.registry.check(name, Event::Offload)?;
-        let pid = self.supervisor.pid(name).unwrap_or(0);
-        if vmm_proc::is_jailed(pid) {
-            return Err(Error::Conflict(format!(
-                "profile {name:?} runs in a jailed VMM, whose seccomp filter allows no TCP: \
-                 offloading it is not built yet (docs/cloud.md); run the daemon without \
-                 --jail to offload"
-            )));
-        }
         let id = identity(self.dir())?;
         let kept = self.dir().cloud_kept(name);
         if kept.exists() {
@@ -279,17 +291,7 @@ impl Handset {
         }
         let t0 = Instant::now();
         self.begin_intent(name, Intent::Offload)?;
-        let req = Request::Migrate {
-            to: to.to_string(),
-            key_file: id.key,
-            downtime_ms: vmm_api::DEFAULT_DOWNTIME_MS,
-            tls: Some(id.tls),
-            twin: Some(name.to_string()),
-            keep: Some(kept.clone()),
-            clone: false,
-        };
-        let api = self.dir().api_socket(name);
-        let info = match vmm_proc::call(&api, &req, OFFLOAD_TIMEOUT).await {
+        let info = match self.migrate_to_cloud(name, to, &id, Some(&kept)).await {
             Ok(info) => info,
             Err(e) => {
                 // Before the commit the VMM resumed the guest: it runs on here. (After it,
@@ -311,6 +313,15 @@ impl Handset {
         let text = serde_json::to_vec(&marker).map_err(|e| Error::Internal(e.to_string()))?;
         state_dir::write_atomic(&self.dir().offload_marker(name), &text)?;
         let how = self.stop_vm(name).await?;
+        // A jailed VMM wrote the kept copy: checked again now that it cannot change it.
+        if let Err(e) = crate::run_files::check_plain_dir(&kept) {
+            let _ = std::fs::remove_dir_all(&kept);
+            self.registry.event(
+                name,
+                "kept-copy-refused",
+                &format!("{e}; a return is refused without it"),
+            );
+        }
         self.registry
             .apply(name, Event::Offloaded, None, &format!("offloaded to {to}"))?;
         self.end_intent(name);
@@ -345,40 +356,9 @@ impl Handset {
                 state.as_str()
             )));
         }
-        let pid = self.supervisor.pid(name).unwrap_or(0);
         let id = identity(self.dir())?;
         let t0 = Instant::now();
-        // A jailed VMM migrates to a unix socket in its run directory, relayed by this
-        // daemon inside its TLS (cloud_relay); an unjailed one connects itself.
-        let relay = if vmm_proc::is_jailed(pid) {
-            Some(self.jail_relay(name, to, &id)?)
-        } else {
-            None
-        };
-        let req = Request::Migrate {
-            to: relay
-                .as_ref()
-                .map_or_else(|| to.to_string(), |r| r.to.clone()),
-            key_file: relay
-                .as_ref()
-                .map_or_else(|| id.key.clone(), |r| r.key_file.clone()),
-            downtime_ms: vmm_api::DEFAULT_DOWNTIME_MS,
-            tls: relay.is_none().then(|| id.tls.clone()),
-            twin: Some(name.to_string()),
-            keep: None,
-            clone: true,
-        };
-        let api = self.dir().api_socket(name);
-        let answer = vmm_proc::call(&api, &req, OFFLOAD_TIMEOUT).await;
-        let relayed = match relay {
-            Some(r) => r.finish().await,
-            None => Ok(()),
-        };
-        let answer = match (answer, relayed) {
-            (Err(e), Err(why)) => Err(Error::Vmm(format!("{e} (the relay: {why})"))),
-            (answer, _) => answer,
-        };
-        match answer {
+        match self.migrate_to_cloud(name, to, &id, None).await {
             Ok(info) => {
                 self.registry.event(
                     name,
@@ -403,8 +383,77 @@ impl Handset {
         }
     }
 
-    /// Sets up the relay of jailed profile `name`'s migration to the cloud host `to`: a unix
-    /// socket and a copy of the migration key in its run directory, both the VMM's own.
+    /// Migrates running profile `name` live to the cloud host `to` with this device's
+    /// identity `id`: an offload keeping its copy in `keep`, or a clone without. A jailed VMM
+    /// migrates through this daemon's relay and writes the kept copy in its run directory,
+    /// taken into `keep` once the host runs the guest. The VMM's answer.
+    async fn migrate_to_cloud(
+        &self,
+        name: &str,
+        to: &str,
+        id: &Identity,
+        keep: Option<&std::path::Path>,
+    ) -> Result<String> {
+        let pid = self.supervisor.pid(name).unwrap_or(0);
+        if !vmm_proc::is_jailed(pid) {
+            let req = Request::Migrate {
+                to: to.to_string(),
+                key_file: id.key.clone(),
+                downtime_ms: vmm_api::DEFAULT_DOWNTIME_MS,
+                tls: Some(id.tls.clone()),
+                twin: Some(name.to_string()),
+                keep: keep.map(std::path::Path::to_path_buf),
+                clone: keep.is_none(),
+            };
+            return vmm_proc::call(&self.dir().api_socket(name), &req, OFFLOAD_TIMEOUT).await;
+        }
+        let relay = self.jail_relay(name, to, id)?;
+        let staged = self.dir().run(name).join(KEPT_STAGED);
+        if keep.is_some() && std::fs::symlink_metadata(&staged).is_ok() {
+            std::fs::remove_dir_all(&staged)
+                .map_err(Error::io(format!("cannot remove {}", staged.display())))?;
+        }
+        let req = Request::Migrate {
+            to: format!("unix:{}", self.jail_path(name, &relay.socket)?.display()),
+            key_file: self.jail_path(name, &relay.key_file)?,
+            downtime_ms: vmm_api::DEFAULT_DOWNTIME_MS,
+            tls: None,
+            twin: Some(name.to_string()),
+            keep: match keep {
+                Some(_) => Some(self.jail_path(name, &staged)?),
+                None => None,
+            },
+            clone: keep.is_none(),
+        };
+        let answer = vmm_proc::call(&self.dir().api_socket(name), &req, OFFLOAD_TIMEOUT).await;
+        let answer = match (answer, relay.finish().await) {
+            (Err(e), Err(why)) => Err(Error::Vmm(format!("{e} (the relay: {why})"))),
+            (answer, _) => answer,
+        };
+        match (keep, &answer) {
+            // The guest runs at the host: without the kept copy a return is refused, which
+            // is said, but the offload stands.
+            (Some(keep), Ok(_)) => {
+                if let Err(e) = crate::run_files::take_dir(&staged, keep) {
+                    tracing::warn!("{name}: its kept copy: {e}");
+                    self.registry.event(
+                        name,
+                        "kept-copy-refused",
+                        &format!("{e}; a return is refused without it"),
+                    );
+                }
+            }
+            (Some(_), Err(_)) => {
+                let _ = std::fs::remove_dir_all(&staged);
+            }
+            (None, _) => {}
+        }
+        answer
+    }
+
+    /// Sets up the relay of jailed profile `name`'s migration to or from the cloud host
+    /// `to`: a unix socket and a copy of the migration key in its run directory, both the
+    /// VMM's own (host paths in the answer).
     fn jail_relay(&self, name: &str, to: &str, id: &Identity) -> Result<JailRelay> {
         let run = self.dir().run(name);
         let uid = vmm_proc::jail_uid(self.registry.row(name)?.vsock_cid)?;
@@ -416,8 +465,8 @@ impl Handset {
             .map_err(Error::io(format!("cannot read {}", id.key.display())))?;
         write_private(&key, &bytes, uid)?;
         Ok(JailRelay {
-            to: format!("unix:{}", self.jail_path(name, &socket)?.display()),
-            key_file: self.jail_path(name, &key)?,
+            socket,
+            key_file: key,
             task: super::cloud_relay::start(listener, to.to_string(), id.tls.clone()),
             _files: files,
         })
@@ -430,13 +479,6 @@ impl Handset {
         let _ops = self.ops.lock().await;
         self.settle_pending(name).await?;
         self.registry.check(name, Event::Return)?;
-        if self.opts.jail {
-            return Err(Error::Conflict(format!(
-                "this daemon jails its VMMs, and a returning guest's VMM connects over TCP, \
-                 which the jail does not allow: return {name:?} with a daemon started \
-                 without --jail (docs/cloud.md)"
-            )));
-        }
         let Some(from) = offloaded_to(self.dir(), name) else {
             return Err(Error::Internal(format!(
                 "profile {name:?} is offloaded but {} does not say where",
@@ -445,7 +487,9 @@ impl Handset {
         };
         let id = identity(self.dir())?;
         let kept = self.dir().cloud_kept(name);
-        if !kept.join(vmm_api::snapshot_files::COMPLETE_FILE).is_file() {
+        if crate::run_files::check_plain_dir(&kept).is_err()
+            || !kept.join(vmm_api::snapshot_files::COMPLETE_FILE).is_file()
+        {
             return Err(Error::Conflict(format!(
                 "profile {name:?} has no complete copy kept at its offload ({})",
                 kept.display()
@@ -463,21 +507,12 @@ impl Handset {
         let run = self.dir().run(name);
         std::fs::create_dir_all(&run)
             .map_err(Error::io(format!("cannot create {}", run.display())))?;
-        let launch = Launch::Return {
-            twin: name.to_string(),
-            from: from.clone(),
-            base: kept.clone(),
-            tls: id.tls,
-            key: id.key,
-            serial: self.dir().serial_log(name),
-            vsock: self.dir().vsock_socket(name),
-            disks,
-        };
         let t0 = Instant::now();
         // The returning VMM serves the profile's screen socket again.
         self.stop_cloud_screen(name).await;
         self.begin_intent(name, Intent::Return)?;
-        if let Err(e) = self.launch(name, &spec, &launch).await {
+        let returned = self.receive_back(name, &spec, &from, &id, &disks).await;
+        if let Err(e) = returned {
             self.start_cloud_screen(name).await;
             self.end_intent(name);
             let e = Error::Conflict(format!(
@@ -487,16 +522,7 @@ impl Handset {
             self.registry.event(name, "return-failed", &e.to_string());
             return Err(e);
         }
-        // The guest runs here: the kept copy was its base and goes, and so does the marker.
-        for r in [
-            std::fs::remove_dir_all(&kept),
-            std::fs::remove_file(self.dir().offload_marker(name)),
-        ] {
-            if let Err(e) = r {
-                tracing::warn!("{name}: after its return: {e}");
-            }
-        }
-        let _ = state_dir::sync_dir(&self.dir().profile(name));
+        self.settle_return(name);
         self.end_intent(name);
         self.supervisor.forget_restarts(name);
         self.registry.event(
@@ -509,6 +535,159 @@ impl Handset {
             ),
         );
         self.show(name)
+    }
+
+    /// Once the guest of profile `name` runs here after its return: the disks a jailed VMM
+    /// received are moved over the profile's ([`Handset::take_returned_disks`]), and the kept
+    /// copy (the return's base) and the offload's marker go.
+    fn settle_return(&self, name: &str) {
+        match self.registry.spec(name) {
+            Ok(spec) => {
+                let disks: Vec<PathBuf> = spec
+                    .disks
+                    .iter()
+                    .map(|d| self.dir().disk(name, &d.name))
+                    .collect();
+                self.take_returned_disks(name, &disks);
+            }
+            Err(e) => tracing::warn!("{name}: after its return: {e}"),
+        }
+        self.remove_relay_files(name);
+        for r in [
+            std::fs::remove_dir_all(self.dir().cloud_kept(name)),
+            std::fs::remove_file(self.dir().offload_marker(name)),
+        ] {
+            if let Err(e) = r {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("{name}: after its return: {e}");
+                }
+            }
+        }
+        let _ = state_dir::sync_dir(&self.dir().profile(name));
+    }
+
+    /// Runs the VMM that receives offloaded profile `name` back from the cloud host `from`
+    /// onto its kept copy and `disks`, and waits until the guest runs here. A jailed VMM
+    /// reaches the host through this daemon's relay.
+    async fn receive_back(
+        self: &Arc<Self>,
+        name: &str,
+        spec: &crate::spec::ProfileSpec,
+        from: &str,
+        id: &Identity,
+        disks: &[PathBuf],
+    ) -> Result<()> {
+        let mut launch = Launch::Return {
+            twin: name.to_string(),
+            from: from.to_string(),
+            base: self.dir().cloud_kept(name),
+            tls: id.tls.clone(),
+            key: id.key.clone(),
+            serial: self.dir().serial_log(name),
+            vsock: self.dir().vsock_socket(name),
+            disks: disks.to_vec(),
+        };
+        if !self.opts.jail {
+            return self.launch(name, spec, &launch).await;
+        }
+        let run = self.dir().run(name);
+        super::supervisor::give_run_dir(
+            &run,
+            vmm_proc::jail_uid(self.registry.row(name)?.vsock_cid)?,
+        )?;
+        self.remove_return_leftovers(name);
+        let relay = self.jail_relay(name, from, id)?;
+        let mut links = Removed(Vec::new());
+        let mut linked = Vec::with_capacity(disks.len());
+        for (i, d) in disks.iter().enumerate() {
+            let link = returning_disk(&run, i);
+            let _ = std::fs::remove_file(&link);
+            std::fs::hard_link(d, &link).map_err(Error::io(format!(
+                "cannot link {} to {}",
+                d.display(),
+                link.display()
+            )))?;
+            links.0.push(link.clone());
+            linked.push(link);
+        }
+        if let Launch::Return {
+            from, key, disks, ..
+        } = &mut launch
+        {
+            *from = format!("unix:{}", relay.socket.display());
+            key.clone_from(&relay.key_file);
+            *disks = linked;
+        }
+        if let Err(e) = self.launch(name, spec, &launch).await {
+            drop(relay);
+            self.remove_return_leftovers(name);
+            return Err(e);
+        }
+        crate::fault::hold_point("return-launched").await;
+        if let Err(why) = relay.finish().await {
+            tracing::warn!("{name}: the return's relay: {why}");
+        }
+        Ok(())
+    }
+
+    /// Moves the disks a jailed VMM received at a return (`run/return-<i>.img`) over the
+    /// profile's `disks`, once its guest runs here; a disk not there (an unjailed return, or
+    /// one already moved) is left as it is. The guest runs on whatever happens: a disk that
+    /// cannot be taken (not a regular file, an I/O error) is said in an event.
+    fn take_returned_disks(&self, name: &str, disks: &[PathBuf]) {
+        let run = self.dir().run(name);
+        for (i, d) in disks.iter().enumerate() {
+            let from = returning_disk(&run, i);
+            if std::fs::symlink_metadata(&from).is_err() {
+                continue;
+            }
+            if let Err(e) = crate::run_files::take_file(&from, d) {
+                tracing::warn!("{name}: its returned disk {i}: {e}");
+                self.registry.event(
+                    name,
+                    "returned-disk-not-taken",
+                    &format!(
+                        "disk {i}: {e}; the guest runs on it from {}",
+                        from.display()
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Removes the relay's socket and key from `name`'s run directory (a daemon that died
+    /// during a jailed migration left them).
+    fn remove_relay_files(&self, name: &str) {
+        let run = self.dir().run(name);
+        let _ = std::fs::remove_file(run.join(RELAY_SOCKET));
+        let _ = std::fs::remove_file(run.join(RELAY_KEY));
+    }
+
+    /// Removes what a jailed return that did not finish left in `name`'s run directory: the
+    /// relay's socket and key, the links of the disks and the temporary files of the disks
+    /// it was receiving (`.return-<i>.img.migrating-<pid>`: a jailed VMM is pid 1 of its
+    /// namespace, so the receiver cannot tell a killed one's from its own).
+    fn remove_return_leftovers(&self, name: &str) {
+        let run = self.dir().run(name);
+        self.remove_relay_files(name);
+        let Ok(entries) = std::fs::read_dir(&run) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let Some(n) = n.to_str() else { continue };
+            let n = n
+                .strip_prefix('.')
+                .and_then(|t| t.split_once(".migrating-"))
+                .map_or(n, |(disk, _pid)| disk);
+            let is_disk = n
+                .strip_prefix("return-")
+                .and_then(|n| n.strip_suffix(".img"))
+                .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()));
+            if is_disk {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// The VMM of a return an earlier daemon started for offloaded profile `name` (its
@@ -536,6 +715,7 @@ impl Handset {
     pub(super) async fn finish_return(self: &Arc<Self>, name: &str) -> Result<bool> {
         let row = self.registry.row(name)?;
         let Some(pid) = self.returning_vmm(name, &row.state) else {
+            self.remove_return_leftovers(name);
             self.registry.event(
                 name,
                 "return-rolled-back",
@@ -552,6 +732,7 @@ impl Handset {
             if !vmm_proc::alive(pid) || Instant::now() > deadline {
                 vmm_proc::kill_group(pid, libc::SIGKILL);
                 self.cleanup_run(name);
+                self.remove_return_leftovers(name);
                 self.registry.event(
                     name,
                     "return-rolled-back",
@@ -562,14 +743,7 @@ impl Handset {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        // In this daemon's cgroup (the one that started it may have had another parent).
-        let spec = self.registry.spec(name)?;
-        if let Err(e) = self
-            .cgroups
-            .enter(name, pid, spec.memory_max(), spec.cpu.background)
-        {
-            tracing::warn!("{name}: the returned VMM stays out of its cgroup: {e}");
-        }
+        self.enter_cgroup_again(name, pid)?;
         self.adopt(name, pid)?;
         self.registry.apply(
             name,
@@ -577,9 +751,7 @@ impl Handset {
             Some(pid),
             "return finished after a daemon restart",
         )?;
-        let _ = std::fs::remove_dir_all(self.dir().cloud_kept(name));
-        let _ = std::fs::remove_file(self.dir().offload_marker(name));
-        let _ = state_dir::sync_dir(&self.dir().profile(name));
+        self.settle_return(name);
         self.registry.event(
             name,
             "returned",
@@ -589,6 +761,45 @@ impl Handset {
             ),
         );
         Ok(true)
+    }
+
+    /// At daemon start: a return whose guest ran here (the profile `running`) before the
+    /// daemon that started it was done with it. The return is settled
+    /// ([`Handset::settle_return`]: the disks it received are the guest's, even if its VMM
+    /// has died since); a VMM that runs on is adopted as any running one, after this.
+    pub(super) fn finish_returned(&self, name: &str) -> Result<()> {
+        let row = self.registry.row(name)?;
+        let api = self.dir().api_socket(name);
+        self.settle_return(name);
+        let Some(pid) = row
+            .pid
+            .filter(|&p| vmm_proc::is_our_vmm(p, &self.opts.vmm_bin, &api))
+        else {
+            return Ok(());
+        };
+        self.enter_cgroup_again(name, pid)?;
+        self.registry.event(
+            name,
+            "returned",
+            &format!(
+                "finished after a daemon restart: pid {pid}; {}",
+                returned_line(&self.dir().vmm_log(name))
+            ),
+        );
+        Ok(())
+    }
+
+    /// Puts the VMM `pid` of profile `name`, started by an earlier daemon, in this daemon's
+    /// cgroup (that daemon may have had another parent).
+    fn enter_cgroup_again(&self, name: &str, pid: i32) -> Result<()> {
+        let spec = self.registry.spec(name)?;
+        if let Err(e) = self
+            .cgroups
+            .enter(name, pid, spec.memory_max(), spec.cpu.background)
+        {
+            tracing::warn!("{name}: the returned VMM stays out of its cgroup: {e}");
+        }
+        Ok(())
     }
 
     /// At daemon start or before a step: an offload whose VMM is gone and whose marker was

@@ -198,6 +198,12 @@ impl Handset {
             Some(Intent::Return) if state == ProfileState::Offloaded => {
                 self.finish_return(name).await?
             }
+            // A return whose guest ran here before that daemon was done with it: settled
+            // here, its VMM adopted below as any running one.
+            Some(Intent::Return) if live => {
+                self.finish_returned(name)?;
+                false
+            }
             // Settled before the record went (or nothing to do): only the record remains.
             _ => false,
         };

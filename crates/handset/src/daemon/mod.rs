@@ -722,11 +722,8 @@ impl Handset {
             }
         };
         if let Some(staged) = staged {
-            std::fs::rename(&staged, &snap).map_err(Error::io(format!(
-                "cannot move the snapshot to {}",
-                snap.display()
-            )))?;
-            state_dir::sync_dir(&self.dir().profile(name))?;
+            // Plain files only: the jailed VMM could have put a link to a host file there.
+            crate::run_files::take_dir(&staged, &snap)?;
         }
         let how = self.stop_vm(name).await?;
         crate::fault::hold_point("suspend-vmm-ended").await;

@@ -438,7 +438,7 @@ impl Handset {
 
 /// Makes `run` (the one host directory the jailed VMM writes: sockets, serial log rotation,
 /// staged snapshots) owned by the VMM's own `uid` (and gid), mode 0700.
-fn give_run_dir(run: &Path, uid: u32) -> Result<()> {
+pub(super) fn give_run_dir(run: &Path, uid: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::os::unix::fs::chown(run, Some(uid), Some(uid))
         .map_err(Error::io(format!("cannot chown {}", run.display())))?;

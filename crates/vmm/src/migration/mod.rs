@@ -892,17 +892,27 @@ pub struct Returned {
 
 /// The device's side of a return: connects to the cloud host `to` over TLS, asks for
 /// `request` (`return NAME`) and, once the host accepts, receives the twin's migration as
-/// [`receive_onto`] does (from `base` when given), relayed by the host. On any error nothing
-/// runs here and the twin runs on at the host.
+/// [`receive_onto`] does (from `base` when given), relayed by the host. Without `tls`, `to`
+/// is `unix:PATH`, a relay on this host that carries the bytes on inside its own TLS (a
+/// jailed VMM's return, relayed by the handset daemon). On any error nothing runs here and
+/// the twin runs on at the host.
 pub fn receive_returned(
     to: &str,
     key: &[u8; KEY_LEN],
-    tls: &MigrationTls,
+    tls: Option<&MigrationTls>,
     request: &str,
     overrides: &RestoreOverrides,
     base: Option<&std::path::Path>,
 ) -> Result<Returned, Error> {
-    let stream = ask(to, key, tls, request)?;
+    if tls.is_none() && !to.starts_with(LOCAL_PREFIX) {
+        return Err(refused(format!(
+            "a return from {to} needs TLS: only a relay on this host ({LOCAL_PREFIX}PATH) \
+             goes without"
+        )));
+    }
+    let mut ch = open(to, key, tls, request)?;
+    expect_accept(&mut ch)?;
+    let stream = ch.into_stream();
     let mut ch = Channel::handshake(stream, key, Role::Destination)?;
     let result = receive_on(&mut ch, base, |_| Ok(overrides.clone()));
     refuse_on_error(&mut ch, &result);
@@ -937,7 +947,17 @@ pub fn open_request(
     tls: &MigrationTls,
     request: &str,
 ) -> Result<Channel<Transport>, Error> {
-    let stream = connect(to, Some(tls))?;
+    open(to, key, Some(tls), request)
+}
+
+/// [`open_request`], over TLS or (without `tls`) to a relay on this host (`unix:PATH`).
+fn open(
+    to: &str,
+    key: &[u8; KEY_LEN],
+    tls: Option<&MigrationTls>,
+    request: &str,
+) -> Result<Channel<Transport>, Error> {
+    let stream = connect(to, tls)?;
     // The device opens the connection: its first handshake is the requesting end's.
     let mut ch = Channel::handshake(stream, key, Role::Source)?;
     ch.send(Kind::Request, request.as_bytes())?;
