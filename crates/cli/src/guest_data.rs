@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use handset::channels::{valid_file_name, Transfer, FILE_NAME_MAX, MAX_CLIPBOARD, MAX_FILE};
 use handset::client::Client;
+use handset::daemon::clone_files::{CloneDirection, CloneFile};
 use handset::host_channels::{ClipboardSet, FilePush, Pulled};
 
 /// Reads at most `max` bytes of `path` (`-`: standard input), refusing anything longer.
@@ -135,22 +136,24 @@ pub fn push(
     crate::profile::print_transfer(&t, json)
 }
 
-/// `profile file from-clone NAME REMOTE [--as NEWNAME]`: the daemon brings the file from the
-/// clone's inbox into NAME's.
-pub fn from_clone(
+/// `profile file from-clone|to-clone NAME REMOTE [--as NEWNAME]`: the daemon moves the file
+/// between the clone's inbox and NAME's, `direction` says which way.
+pub fn with_clone(
     c: &Client,
     json: bool,
-    name: &str,
+    name: String,
     remote: String,
     as_name: Option<String>,
+    direction: CloneDirection,
 ) -> Result<()> {
     check_remote(&remote)?;
     if let Some(n) = &as_name {
         check_remote(n)?;
     }
-    let req = handset::daemon::clone_files::FromClone {
+    let req = CloneFile {
         name: remote,
         as_name,
+        direction,
     };
     let t: Transfer = c.call(
         "POST",

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use handset::client::Client;
+use handset::daemon::clone_files::CloneDirection;
 use handset::{CreateProfile, Event, ProfileInfo, ProfileSpec};
 use zeroize::Zeroizing;
 
@@ -580,32 +581,45 @@ enum FileCmd {
     /// Bring the file REMOTE from the agent inbox of the profile's clone (`profile clone`)
     /// into the profile's own inbox.
     #[command(name = "from-clone", after_help = CLONE_RULES)]
-    FromClone {
-        /// Profile name (the original, running here).
-        name: String,
-        /// The file's name in the clone's inbox.
-        remote: String,
-        /// Its name in the profile's inbox (default: REMOTE; a file of that name is
-        /// replaced); 1-128 of A-Z a-z 0-9 . _ -.
-        #[arg(long = "as", value_name = "NEWNAME")]
-        as_name: Option<String>,
-    },
+    FromClone(CloneFileArgs),
+    /// Put the file REMOTE from the profile's own agent inbox into the inbox of its clone
+    /// (`profile clone`): work handed to the twin.
+    #[command(name = "to-clone", after_help = CLONE_RULES)]
+    ToClone(CloneFileArgs),
 }
 
-/// How files come back from a profile's clone (the `--help` of `file from-clone`).
+/// The arguments of `file from-clone` and `file to-clone`.
+#[derive(Args, Debug)]
+struct CloneFileArgs {
+    /// Profile name (the original, running here).
+    name: String,
+    /// The file's name in the inbox it leaves (the clone's with from-clone, the profile's
+    /// with to-clone).
+    remote: String,
+    /// Its name in the inbox it enters (default: REMOTE; a file of that name is replaced);
+    /// 1-128 of A-Z a-z 0-9 . _ -.
+    #[arg(long = "as", value_name = "NEWNAME")]
+    as_name: Option<String>,
+}
+
+/// How files move between a profile and its clone (the `--help` of `file from-clone` and
+/// `file to-clone`).
 const CLONE_RULES: &str = "\
 The clone is the one the last successful `pocketvisor profile clone NAME --to HOST:PORT` started;
 the daemon reaches its agent for this call only (`pocketvisor cloud vsock` with the identity in
 <state-dir>/cloud/, on a socket in the profile's directory, removed afterwards). The clone
-is the peer `cloud` in the profile's channel rules (its spec's, or its IT policy's): a file
-enters unless channels.files_from is set without \"cloud\". A locked profile refuses. A refusal
-exits 4; every attempt is in `pocketvisor profile audit` (channel-file, from=cloud). Both
-agents must answer on vsock: the profile running here (a background-paused one is resumed for
-the call), its clone at the host.
+is the peer `cloud` in the profile's channel rules (its spec's, or its IT policy's), as the
+host is `host`: a file comes from the clone unless channels.files_from is set without
+\"cloud\"; it goes to the clone only if channels.files_to lists \"cloud\". A locked profile
+refuses. A refusal exits 4; every attempt is in `pocketvisor profile audit` (channel-file,
+from=cloud or to=cloud). Both agents must answer on vsock: the profile running here (a
+background-paused one is resumed for the call), its clone at the host.
 
 EXAMPLE:
   pocketvisor profile clone work --to cloud.example:7000
-  pocketvisor profile file from-clone work report.pdf --as report-from-cloud.pdf";
+  pocketvisor profile file from-clone work report.pdf --as report-from-cloud.pdf
+  pocketvisor profile set work 'channels.files_to=[\"cloud\"]'
+  pocketvisor profile file to-clone work task.json";
 
 /// `KEY=VALUE` arguments as a JSON object (`a.b=v` nests; a VALUE that parses as JSON is
 /// taken as such, else as a string).
@@ -1207,13 +1221,25 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
                 },
         } => crate::guest_data::pull(&c, json, &name, &remote, local, force)?,
         ProfileCmd::File {
-            cmd:
-                FileCmd::FromClone {
-                    name,
-                    remote,
-                    as_name,
-                },
-        } => crate::guest_data::from_clone(&c, json, &name, remote, as_name)?,
+            cmd: FileCmd::FromClone(a),
+        } => crate::guest_data::with_clone(
+            &c,
+            json,
+            a.name,
+            a.remote,
+            a.as_name,
+            CloneDirection::FromClone,
+        )?,
+        ProfileCmd::File {
+            cmd: FileCmd::ToClone(a),
+        } => crate::guest_data::with_clone(
+            &c,
+            json,
+            a.name,
+            a.remote,
+            a.as_name,
+            CloneDirection::ToClone,
+        )?,
         ProfileCmd::SendFile { from, to, name } => {
             let req = handset::channels::FileRequest { from, to, name };
             let t = c.call("POST", "/v1/channels/file", Some(&req))?;

@@ -5,8 +5,9 @@
 //! offload that cannot reach its host leaves it running here; a daemon restart keeps it
 //! offloaded. `profile clone`: a copy runs at the host with a vsock CID of its own, which the
 //! guest sees, while the original runs on; only its device reaches it, and it does not
-//! return. `profile file from-clone`: a file in the clone's agent inbox comes into the
-//! original's under the original's channel rules and audit.
+//! return. `profile file from-clone` and `to-clone`: a file in the clone's agent inbox comes
+//! into the original's, and one of the original's goes into the clone's, under the
+//! original's channel rules and audit.
 //!
 //! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
 
@@ -791,14 +792,46 @@ fn relays_under(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A `cloud vsock` process serving the agent of the phone's clone `work` at `host` on a
+/// socket in `s` (named after `tag`), as the test's own way into the clone; the socket.
+fn clone_agent(host: &CloudHost, s: &Scratch, tag: &str) -> (common::Vmm, std::path::PathBuf) {
+    let listen = s.path(&format!("clone-agent-{tag}.sock"));
+    let stderr = s.path(&format!("clone-agent-{tag}.stderr"));
+    let relay = common::Vmm(
+        std::process::Command::new(common::bin())
+            .args(["cloud", "vsock", "work", "--from", &host.addr, "--key"])
+            .arg(&host.key)
+            .arg("--tls-cert")
+            .arg(host.dir.path("phone.pem"))
+            .arg("--tls-key")
+            .arg(host.dir.path("phone.key"))
+            .arg("--tls-ca")
+            .arg(host.dir.path("phone-ca.pem"))
+            .arg("--listen")
+            .arg(&listen)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    assert!(
+        common::wait_until(|| common::read(&stderr).contains(" on unix:"), WAIT),
+        "cloud vsock did not serve: {}",
+        common::read(&stderr)
+    );
+    (relay, listen)
+}
+
 /// A clone works for its original: a file put into the clone's agent inbox (through `cloud
 /// vsock`, at the cloud host) comes into the original's inbox with `profile file from-clone`
-/// and reads back byte for byte with `profile file pull`; every attempt is audited; the
-/// original's `files_from` without `cloud` refuses it (exit 4, one line) and nothing moves; a
+/// and reads back byte for byte with `profile file pull`; a file pushed into the original's
+/// inbox goes into the clone's with `profile file to-clone` and reads back byte for byte
+/// there; every attempt is audited; the original's `files_from` without `cloud` refuses the
+/// first, its `files_to` without `cloud` the second (exit 4, one line) and nothing moves; a
 /// profile without a clone, and a device the host keeps no such clone for, are refused in
 /// words. Nothing of the relay is left behind.
 #[test]
-fn a_file_comes_back_from_the_clone_into_the_originals_inbox_under_its_rules() {
+fn files_move_between_the_original_and_its_clone_under_the_originals_rules() {
     let Some(probe) = probe("handset_cloud files from a clone") else {
         return;
     };
@@ -885,32 +918,9 @@ fn a_file_comes_back_from_the_clone_into_the_originals_inbox_under_its_rules() {
         base64::engine::general_purpose::STANDARD.encode(d)
     };
     {
-        let listen = s.path("clone-agent.sock");
-        let stderr = s.path("clone-agent.stderr");
-        let _relay = common::Vmm(
-            std::process::Command::new(common::bin())
-                .args(["cloud", "vsock", "work", "--from", &host.addr, "--key"])
-                .arg(&host.key)
-                .arg("--tls-cert")
-                .arg(host.dir.path("phone.pem"))
-                .arg("--tls-key")
-                .arg(host.dir.path("phone.key"))
-                .arg("--tls-ca")
-                .arg(host.dir.path("phone-ca.pem"))
-                .arg("--listen")
-                .arg(&listen)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::fs::File::create(&stderr).unwrap())
-                .spawn()
-                .unwrap(),
-        );
-        assert!(
-            common::wait_until(|| common::read(&stderr).contains(" on unix:"), WAIT),
-            "cloud vsock did not serve: {}",
-            common::read(&stderr)
-        );
+        let (_relay, clone) = clone_agent(&host, &s, "put");
         let put = agent_at(
-            &listen,
+            &clone,
             &serde_json::json!({"op": "file_put", "name": "report.bin", "data_b64": b64(&data)}),
         );
         assert_eq!(put["ok"], true, "{put}");
@@ -1006,6 +1016,89 @@ fn a_file_comes_back_from_the_clone_into_the_originals_inbox_under_its_rules() {
         "{list}"
     );
     assert!(relay_left().is_empty(), "{:?}", relay_left());
+
+    // Work handed to the twin: a file of the original's inbox goes into the clone's only once
+    // the original's files_to lists `cloud` (before: exit 4, one line, nothing moves), and
+    // reads back there byte for byte.
+    let task: Vec<u8> = (0..5000u32)
+        .map(|i| u8::try_from((i * 17 + i / 13) % 253).unwrap())
+        .collect();
+    let task_file = s.path("task.bin");
+    std::fs::write(&task_file, &task).unwrap();
+    let out = profile(
+        &dir,
+        &[
+            "file",
+            "push",
+            "work",
+            task_file.to_str().unwrap(),
+            "task.bin",
+        ],
+    );
+    assert!(out.status.success(), "push failed: {}", said(&out));
+    let to_clone = [
+        "file",
+        "to-clone",
+        "work",
+        "task.bin",
+        "--as",
+        "for-twin.bin",
+    ];
+    let out = profile(&dir, &to_clone);
+    assert_eq!(out.status.code(), Some(4), "{}", said(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("denied by policy") && stderr.contains("files_to does not include cloud"),
+        "{stderr}"
+    );
+    assert!(relay_left().is_empty(), "{:?}", relay_left());
+    let (_relay, clone) = clone_agent(&host, &s, "get");
+    let list = agent_at(&clone, &serde_json::json!({"op": "file_list"}));
+    assert_eq!(
+        list["files"],
+        serde_json::json!([{"name": "report.bin", "bytes": 3000}]),
+        "{list}"
+    );
+    daemon.profile(&["set", "work", "channels.files_to=[\"host\", \"cloud\"]"]);
+    let out = profile(&dir, &to_clone);
+    assert!(out.status.success(), "to-clone failed: {}", said(&out));
+    assert!(
+        said(&out).contains("file for-twin.bin: 5000 bytes from work to cloud"),
+        "{}",
+        said(&out)
+    );
+    let got = agent_at(
+        &clone,
+        &serde_json::json!({"op": "file_get", "name": "for-twin.bin"}),
+    );
+    assert_eq!(got["ok"], true, "{got}");
+    assert!(
+        got["data_b64"].as_str() == Some(b64(&task).as_str()),
+        "the file changed on its way to the clone"
+    );
+    let audit = file_audit(&dir);
+    let to_cloud = "work from=work to=cloud name=task.bin as=for-twin.bin ";
+    assert!(
+        audit.iter().any(|r| r.starts_with(to_cloud)
+            && r.contains("decision=denied result=error")
+            && r.contains("files_to does not include cloud")),
+        "{audit:#?}"
+    );
+    assert!(
+        audit.iter().any(|r| r.starts_with(to_cloud)
+            && r.contains(&format!(
+                "clone-at={} decision=allowed result=ok bytes=5000",
+                host.addr
+            ))),
+        "{audit:#?}"
+    );
+    assert!(relay_left().is_empty(), "{:?}", relay_left());
+    assert!(
+        relays_under(&profile_dir).is_empty(),
+        "the relay process outlived the call: {:?}",
+        relays_under(&profile_dir)
+    );
 
     // A device the host keeps no clone `work` for (the tablet's identity): refused in words.
     daemon.profile(&["set", "work", "channels.files_from=[\"host\", \"cloud\"]"]);

@@ -102,8 +102,8 @@ pub enum Op {
     Return,
     /// Start a live copy of a running profile at a cloud host.
     Clone,
-    /// Bring a file from a profile's clone's agent inbox into its own.
-    FileFromClone,
+    /// Move a file between a profile's agent inbox and its clone's.
+    CloneFile,
 }
 
 /// One route.
@@ -160,7 +160,7 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles/{name}/offload", Op::Offload),
     r("POST", "/v1/profiles/{name}/return", Op::Return),
     r("POST", "/v1/profiles/{name}/clone", Op::Clone),
-    r("POST", "/v1/profiles/{name}/clone/files", Op::FileFromClone),
+    r("POST", "/v1/profiles/{name}/clone/files", Op::CloneFile),
 ];
 
 type Hs = Arc<Handset>;
@@ -556,7 +556,7 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Offload => post(offload),
         Op::Return => post(give_back),
         Op::Clone => post(clone_to),
-        Op::FileFromClone => post(crate::daemon::clone_files::from_clone),
+        Op::CloneFile => post(crate::daemon::clone_files::with_clone),
     }
 }
 

@@ -238,20 +238,26 @@ pub fn decide(kind: Kind, from: &ProfileSpec, to: &ProfileSpec) -> Result<(), St
 /// in channel rules; no profile may be called this.
 pub const HOST: &str = "host";
 
-/// Which way data moves between the host and a profile.
+/// Which way data moves between a profile and a reserved peer ([`HOST`], [`CLOUD`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HostDirection {
-    /// From the host into the profile (clipboard set, file push).
+pub enum Way {
+    /// From the peer into the profile (clipboard set, file push, file from the clone).
     ToProfile,
-    /// From the profile out to the host (clipboard get, file pull).
+    /// From the profile out to the peer (clipboard get, file pull, file to the clone).
     FromProfile,
 }
 
 /// The policy decision for `kind` between the host and the profile `spec` (with its
-/// effective channels): out of the profile only if its `clipboard_to` / `files_to` lists
-/// [`HOST`]; into it unless its `clipboard_from` / `files_from` is present without [`HOST`].
-/// `Err(reason)` when denied.
-pub fn decide_host(kind: Kind, way: HostDirection, spec: &ProfileSpec) -> Result<(), String> {
+/// effective channels): [`decide_reserved`] for [`HOST`].
+pub fn decide_host(kind: Kind, way: Way, spec: &ProfileSpec) -> Result<(), String> {
+    decide_reserved(HOST, kind, way, spec)
+}
+
+/// The policy decision for `kind` between the reserved peer `peer` ([`HOST`], or [`CLOUD`]
+/// for files) and the profile `spec` (with its effective channels): out of the profile only
+/// if its `clipboard_to` / `files_to` lists `peer`; into it unless its `clipboard_from` /
+/// `files_from` is present without `peer`. `Err(reason)` when denied.
+pub fn decide_reserved(peer: &str, kind: Kind, way: Way, spec: &ProfileSpec) -> Result<(), String> {
     let c = &spec.channels;
     let (send, accept, send_key, accept_key) = match kind {
         Kind::Clipboard => (
@@ -264,16 +270,16 @@ pub fn decide_host(kind: Kind, way: HostDirection, spec: &ProfileSpec) -> Result
     };
     let name = &spec.name;
     match way {
-        HostDirection::FromProfile if !send.iter().any(|p| p == HOST) => Err(format!(
-            "{name}'s channels.{send_key} does not include {HOST}"
+        Way::FromProfile if !send.iter().any(|p| p == peer) => Err(format!(
+            "{name}'s channels.{send_key} does not include {peer}"
         )),
-        HostDirection::ToProfile
+        Way::ToProfile
             if accept
                 .as_ref()
-                .is_some_and(|l| !l.iter().any(|p| p == HOST)) =>
+                .is_some_and(|l| !l.iter().any(|p| p == peer)) =>
         {
             Err(format!(
-                "{name}'s channels.{accept_key} does not include {HOST}"
+                "{name}'s channels.{accept_key} does not include {peer}"
             ))
         }
         _ => Ok(()),
@@ -281,21 +287,9 @@ pub fn decide_host(kind: Kind, way: HostDirection, spec: &ProfileSpec) -> Result
 }
 
 /// The peer name that stands for a profile's own clone at a cloud host (`profile clone`) in
-/// its `files_from` list; no profile may be called this.
+/// its `files_from` and `files_to` lists; no profile may be called this. Files move between
+/// a profile and its clone under [`decide_reserved`], as between the profile and the host.
 pub const CLOUD: &str = "cloud";
-
-/// The policy decision for a file coming into the profile `spec` (with its effective
-/// channels) from its own clone: allowed unless its `files_from` is present without
-/// [`CLOUD`]. `Err(reason)` when denied.
-pub fn decide_from_clone(spec: &ProfileSpec) -> Result<(), String> {
-    match &spec.channels.files_from {
-        Some(list) if !list.iter().any(|p| p == CLOUD) => Err(format!(
-            "{}'s channels.files_from does not include {CLOUD}",
-            spec.name
-        )),
-        _ => Ok(()),
-    }
-}
 
 /// Checks the channel peers `spec` names that `before` (the spec it replaces, if any) did not
 /// name in the same list: each must be [`HOST`] or a profile `exists` knows, and none may be
@@ -328,10 +322,10 @@ pub fn check_peers(
                 .as_ref()
                 .and_then(|o| o.get(i))
                 .is_some_and(|(_, list)| list.contains(peer));
-            if peer == CLOUD && key != "files_from" {
+            if peer == CLOUD && !key.starts_with("files_") {
                 return Err(format!(
                     "channels.{key} names {CLOUD}, which stands for the profile's clone and is a \
-                     peer in channels.files_from only (files come back from it)"
+                     peer in channels.files_from and files_to only (files move to and from it)"
                 ));
             }
             if peer != HOST && peer != CLOUD && !kept && !exists(peer) {
@@ -543,41 +537,69 @@ async fn transfer(
             }
         }
     }
-    h.with_unpaused(&[from, to], move_data(h, kind, from, to, name, t0))
+    let (src, dst) = (End::profile(h, from), End::profile(h, to));
+    let file = name.map(|n| (n, n));
+    h.with_unpaused(&[from, to], move_data(h, kind, &src, &dst, file, t0))
         .await?
 }
 
-/// Asks the target's limits, reads from the source's agent and writes to the target's.
-async fn move_data(
+/// One end of a transfer: the agent behind a vsock socket.
+pub(crate) struct End<'a> {
+    /// Whose agent it is, in messages (`work`, `work's clone`).
+    pub(crate) who: &'a str,
+    /// The peer it is in the transfer's `from` / `to` (a profile, [`CLOUD`]).
+    pub(crate) peer: &'a str,
+    /// The socket its agent is reached on (`CONNECT` to [`AGENT_PORT`]).
+    pub(crate) socket: std::path::PathBuf,
+    /// How long reaching the agent may take.
+    pub(crate) connect: Duration,
+}
+
+impl<'a> End<'a> {
+    /// Profile `name`'s own agent, on its VMM's vsock socket.
+    pub(crate) fn profile(h: &Handset, name: &'a str) -> Self {
+        End {
+            who: name,
+            peer: name,
+            socket: h.dir().vsock_socket(name),
+            connect: CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// Asks both agents' limits, reads from the source's agent and writes to the target's. A
+/// file is `file`'s first name in the source's inbox and its second in the target's.
+pub(crate) async fn move_data(
     h: &Handset,
     kind: Kind,
-    from: &str,
-    to: &str,
-    name: Option<&str>,
+    from: &End<'_>,
+    to: &End<'_>,
+    file: Option<(&str, &str)>,
     t0: Instant,
 ) -> Result<Transfer, ChannelError> {
-    let src = h.dir().vsock_socket(from);
-    let dst = h.dir().vsock_socket(to);
+    let (src, dst) = (&from.socket, &to.socket);
     // Both agents' limits first: nothing is read from the source that cannot be delivered,
     // and a call takes no longer than its agent's kind and limits justify.
-    let src_info = agent_info(from, &src).await?;
-    let dst_info = agent_info(to, &dst).await?;
+    let src_info = agent_info_within(from.who, src, from.connect).await?;
+    let dst_info = agent_info_within(to.who, dst, to.connect).await?;
     let target_max = dst_info.max(kind).min(kind.limit());
     let max_line = b64::encoded_len(target_max.min(src_info.max(kind))) + agent_proto::ENVELOPE_MAX;
-    let get = match (kind, name) {
+    let get = match (kind, file) {
         (Kind::Clipboard, _) => Request::new(Op::ClipboardGet),
-        (Kind::File, Some(n)) => Request {
+        (Kind::File, Some((n, _))) => Request {
             name: Some(n),
             ..Request::new(Op::FileGet)
         },
         (Kind::File, None) => return Err(ChannelError::BadRequest("name is missing".into())),
     };
-    let got = agent_call(from, &src, &get, max_line, src_info)
+    let got = agent_call_within(from.who, src, &get, max_line, src_info, from.connect)
         .await
         .map_err(|e| match e {
             ChannelError::TooLarge(_) => ChannelError::TooLarge(format!(
-                "the {} in {from} is larger than {to}'s agent accepts ({target_max} bytes)",
-                kind.as_str()
+                "the {} in {} is larger than {}'s agent accepts ({target_max} bytes)",
+                kind.as_str(),
+                from.who,
+                to.who
             )),
             e => e,
         })?;
@@ -585,14 +607,17 @@ async fn move_data(
         .data_b64
         .as_deref()
         .and_then(|s| b64::decode(s).ok())
-        .ok_or_else(|| ChannelError::Agent(format!("{from}'s agent sent no valid data_b64")))?;
+        .ok_or_else(|| {
+            ChannelError::Agent(format!("{}'s agent sent no valid data_b64", from.who))
+        })?;
     let payload = Payload {
         mime: match kind {
             Kind::Clipboard => {
                 let m = got.mime.unwrap_or_else(|| agent_proto::DEFAULT_MIME.into());
                 if !valid_mime(&m) {
                     return Err(ChannelError::Agent(format!(
-                        "{from}'s agent sent a bad mime type"
+                        "{}'s agent sent a bad mime type",
+                        from.who
                     )));
                 }
                 Some(m)
@@ -603,18 +628,20 @@ async fn move_data(
     };
     if payload.data.len() > target_max {
         return Err(ChannelError::TooLarge(format!(
-            "the {} is {} bytes; {to}'s agent accepts at most {target_max}",
+            "the {} is {} bytes; {}'s agent accepts at most {target_max}",
             kind.as_str(),
-            payload.data.len()
+            payload.data.len(),
+            to.who
         )));
     }
     let data_b64 = b64::encode(&payload.data);
+    let name = file.map(|(_, n)| n);
     let put = put_request(kind, name, payload.mime.as_deref(), &data_b64);
-    agent_call(to, &dst, &put, 4096, dst_info).await?;
+    agent_call_within(to.who, dst, &put, 4096, dst_info, to.connect).await?;
     Ok(Transfer {
         kind,
-        from: from.to_string(),
-        to: to.to_string(),
+        from: from.peer.to_string(),
+        to: to.peer.to_string(),
         name: name.map(str::to_string),
         mime: payload.mime,
         bytes: payload.data.len() as u64,
@@ -797,22 +824,34 @@ mod tests {
     }
 
     #[test]
-    fn a_clone_is_the_peer_cloud_in_files_from_only() {
+    fn a_clone_is_the_peer_cloud_in_the_file_lists_only() {
+        let clone = |way, s: &ProfileSpec| decide_reserved(CLOUD, Kind::File, way, s);
         let mut w = spec("work", "work");
-        // No accept list: files come back from the clone.
-        assert_eq!(decide_from_clone(&w), Ok(()));
+        // No accept list: files come back from the clone; none go to it unless listed.
+        assert_eq!(clone(Way::ToProfile, &w), Ok(()));
+        let why = clone(Way::FromProfile, &w).unwrap_err();
+        assert_eq!(why, "work's channels.files_to does not include cloud");
         w.channels.files_from = Some(vec!["personal".into()]);
-        let why = decide_from_clone(&w).unwrap_err();
+        let why = clone(Way::ToProfile, &w).unwrap_err();
         assert_eq!(why, "work's channels.files_from does not include cloud");
         w.channels.files_from = Some(vec!["personal".into(), CLOUD.into()]);
-        assert_eq!(decide_from_clone(&w), Ok(()));
+        assert_eq!(clone(Way::ToProfile, &w), Ok(()));
+        // Sending to the clone is not sending to the host, nor the other way round.
+        w.channels.files_to = vec![HOST.into()];
+        assert!(clone(Way::FromProfile, &w).is_err());
+        w.channels.files_to = vec![CLOUD.into()];
+        assert_eq!(clone(Way::FromProfile, &w), Ok(()));
+        assert!(decide_host(Kind::File, Way::FromProfile, &w).is_err());
         // Named where it means something; elsewhere it is refused in words.
         let known = |n: &str| n == "personal";
         assert_eq!(check_peers(&w, None, known), Ok(()));
-        w.channels.files_to = vec![CLOUD.into()];
+        w.channels.clipboard_to = vec![CLOUD.into()];
         let why = check_peers(&w, None, known).unwrap_err();
-        assert!(why.contains("in channels.files_from only"), "{why}");
-        w.channels.files_to = vec![];
+        assert!(
+            why.contains("in channels.files_from and files_to only"),
+            "{why}"
+        );
+        w.channels.clipboard_to = vec![];
         w.channels.clipboard_from = Some(vec![CLOUD.into()]);
         assert!(check_peers(&w, None, known).is_err());
     }

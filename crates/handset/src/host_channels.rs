@@ -25,7 +25,7 @@ use crate::api::Peer;
 use crate::api_types::ProfileState;
 use crate::channels::{
     agent_call, agent_info, body, decide_host, sha256_hex, valid_file_name, valid_mime,
-    ChannelError, HostDirection, Kind, Transfer, FILE_NAME_MAX, HOST,
+    ChannelError, Kind, Transfer, Way, FILE_NAME_MAX, HOST,
 };
 use crate::daemon::Handset;
 use crate::spec::check_name;
@@ -76,7 +76,7 @@ fn check_file_name(n: &str) -> Result<(), ChannelError> {
 #[derive(Debug, Clone, Copy)]
 struct HostCall<'a> {
     kind: Kind,
-    way: HostDirection,
+    way: Way,
     profile: &'a str,
     name: Option<&'a str>,
 }
@@ -85,8 +85,8 @@ impl HostCall<'_> {
     /// The source and the target.
     fn ends(&self) -> (&str, &str) {
         match self.way {
-            HostDirection::ToProfile => (HOST, self.profile),
-            HostDirection::FromProfile => (self.profile, HOST),
+            Way::ToProfile => (HOST, self.profile),
+            Way::FromProfile => (self.profile, HOST),
         }
     }
 
@@ -298,7 +298,7 @@ pub async fn clipboard_set(
 ) -> Result<Json<Transfer>, ChannelError> {
     let hc = HostCall {
         kind: Kind::Clipboard,
-        way: HostDirection::ToProfile,
+        way: Way::ToProfile,
         profile: &profile,
         name: None,
     };
@@ -330,7 +330,7 @@ pub async fn clipboard_get(
 ) -> Result<Json<Pulled>, ChannelError> {
     let hc = HostCall {
         kind: Kind::Clipboard,
-        way: HostDirection::FromProfile,
+        way: Way::FromProfile,
         profile: &profile,
         name: None,
     };
@@ -348,7 +348,7 @@ pub async fn file_push(
 ) -> Result<Json<Transfer>, ChannelError> {
     let hc = HostCall {
         kind: Kind::File,
-        way: HostDirection::ToProfile,
+        way: Way::ToProfile,
         profile: &profile,
         name: Some(&file),
     };
@@ -372,7 +372,7 @@ pub async fn file_pull(
 ) -> Result<Json<Pulled>, ChannelError> {
     let hc = HostCall {
         kind: Kind::File,
-        way: HostDirection::FromProfile,
+        way: Way::FromProfile,
         profile: &profile,
         name: Some(&file),
     };
@@ -392,7 +392,7 @@ mod tests {
 
     #[test]
     fn host_rules_per_direction() {
-        let (to, from) = (HostDirection::ToProfile, HostDirection::FromProfile);
+        let (to, from) = (Way::ToProfile, Way::FromProfile);
         let p = spec("personal", "personal");
         let mut w = spec("work", "work");
         for kind in [Kind::Clipboard, Kind::File] {

@@ -1,6 +1,8 @@
-//! Files from a profile's clone (issue 13, docs/cloud.md "works for its original"): a file in
-//! the agent inbox of the clone `profile clone NAME` started at a cloud host is brought into
-//! NAME's own agent inbox (`profile file from-clone`, `POST /v1/profiles/{name}/clone/files`).
+//! Files between a profile and its clone (issue 13, docs/cloud.md "works for its original"):
+//! a file in the agent inbox of the clone `profile clone NAME` started at a cloud host is
+//! brought into NAME's own agent inbox (`profile file from-clone`), or one of NAME's is put
+//! into the clone's (`profile file to-clone`: work handed to the twin); both are
+//! `POST /v1/profiles/{name}/clone/files`, the body's `direction` says which way.
 //!
 //! The clone's host is the one the last successful clone recorded in the database. For the
 //! call only, the daemon runs `pocketvisor cloud vsock NAME` (TLS 1.3 with this device's
@@ -8,24 +10,26 @@
 //! clone's vsock device as a VMM's own socket does (beside `run/`, not in it: `run/` is the
 //! jailed VMM's own directory, and the relay runs as the daemon's user, which must not bind
 //! and chmod a path the VMM can swap for a link); the clone's agent is then asked
-//! exactly as a local profile's ([`crate::channels`]): `health` first (it bounds what is read
-//! and how long a call may take), then `file_get`, answers checked, and the file is put into
-//! NAME's inbox with `file_put`. The relay process ends and its socket is removed when the call
-//! ends, whatever its outcome.
+//! exactly as a local profile's ([`crate::channels::move_data`]): both agents' `health`
+//! first (it bounds what is read and how long a call may take), then `file_get` from the
+//! source, answers checked, and `file_put` into the target. The relay process ends and its
+//! socket is removed when the call ends, whatever its outcome.
 //!
 //! Policy: the clone is the peer [`CLOUD`] in NAME's channel rules (its spec's, or its IT
-//! policy's while one is in force), read at each call: a file enters NAME from its clone
-//! unless its `channels.files_from` is set without `cloud` ([`decide_from_clone`]). A locked
-//! profile refuses. Every call, allowed, denied (403) or failed, is one `channel-file` audit
-//! record (profile = NAME, `from=cloud`, the clone's host) with the size and keyed digest of
-//! what moved. Both names are the agents' inbox names ([`valid_file_name`]), never paths.
+//! policy's while one is in force), read at each call, as the host is the peer `host`
+//! ([`decide_reserved`]): a file enters NAME from its clone unless its `channels.files_from`
+//! is set without `cloud`, and leaves NAME for its clone only if its `channels.files_to`
+//! lists `cloud`. A locked profile refuses. Every call, allowed, denied (403) or failed, is
+//! one `channel-file` audit record (profile = NAME, `from=cloud to=NAME` or `from=NAME
+//! to=cloud`, the clone's host) with the size and keyed digest of what moved. Both names are
+//! the agents' inbox names ([`valid_file_name`]), never paths.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_proto::{b64, Op, Request};
+use agent_proto::{Op, Request};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::Json;
@@ -36,8 +40,8 @@ use super::Handset;
 use crate::api::Peer;
 use crate::api_types::ProfileState;
 use crate::channels::{
-    agent_call, agent_call_within, agent_info, agent_info_within, body, decide_from_clone,
-    put_request, sha256_hex, valid_file_name, ChannelError, Kind, Transfer, CLOUD, FILE_NAME_MAX,
+    agent_call_within, agent_info_within, body, decide_reserved, move_data, valid_file_name,
+    ChannelError, End, Kind, Transfer, Way, CLOUD, FILE_NAME_MAX,
 };
 use crate::error::Error;
 use crate::spec::check_name;
@@ -48,15 +52,52 @@ const RELAY_START: Duration = Duration::from_secs(60);
 /// connection to the host, which starts a process for it, comes first).
 const RELAY_CONNECT: Duration = Duration::from_secs(30);
 
-/// `POST /v1/profiles/{name}/clone/files`: which file of the clone's inbox to bring.
+/// Which way a file moves between a profile and its clone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CloneDirection {
+    /// From the clone's inbox into the profile's (`profile file from-clone`).
+    #[default]
+    FromClone,
+    /// From the profile's inbox into the clone's (`profile file to-clone`).
+    ToClone,
+}
+
+impl CloneDirection {
+    /// The same move in the channel rules' terms (the clone is the peer [`CLOUD`]).
+    fn way(self) -> Way {
+        match self {
+            CloneDirection::FromClone => Way::ToProfile,
+            CloneDirection::ToClone => Way::FromProfile,
+        }
+    }
+
+    /// `(from, to)` of a move with profile `name`'s clone.
+    fn ends(self, name: &str) -> (&str, &str) {
+        match self {
+            CloneDirection::FromClone => (CLOUD, name),
+            CloneDirection::ToClone => (name, CLOUD),
+        }
+    }
+
+    fn is_from_clone(&self) -> bool {
+        *self == CloneDirection::FromClone
+    }
+}
+
+/// `POST /v1/profiles/{name}/clone/files`: which file moves, under which name, which way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct FromClone {
-    /// The file's name in the clone's agent inbox.
+pub struct CloneFile {
+    /// The file's name in the inbox it leaves (the clone's, or with `to-clone` the
+    /// profile's).
     pub name: String,
-    /// Its name in the profile's inbox (default: the same); a file of that name is replaced.
+    /// Its name in the inbox it enters (default: the same); a file of that name is replaced.
     #[serde(default, rename = "as", skip_serializing_if = "Option::is_none")]
     pub as_name: Option<String>,
+    /// Which way it moves (default: from the clone).
+    #[serde(default, skip_serializing_if = "CloneDirection::is_from_clone")]
+    pub direction: CloneDirection,
 }
 
 fn check_file_name(what: &str, n: &str) -> Result<(), ChannelError> {
@@ -168,69 +209,31 @@ impl Handset {
         }
     }
 
-    /// Reads `remote` from the clone's agent through a relay and writes it into `name`'s
-    /// inbox as `local`.
-    async fn bring_from_clone(
+    /// Moves the file `src` of one inbox to the other as `dst`, `way` between profile
+    /// `name`'s agent and its clone's at `host` (reached through a relay).
+    async fn move_with_clone(
         &self,
         name: &str,
         host: &str,
-        remote: &str,
-        local: &str,
+        way: CloneDirection,
+        src: &str,
+        dst: &str,
     ) -> Result<Transfer, ChannelError> {
         let t0 = Instant::now();
         let relay = self.clone_relay(name, host).await?;
-        let clone = format!("{name}'s clone");
-        let src = relay.socket.clone();
-        let dst = self.dir().vsock_socket(name);
-        let moved = async {
-            // Both agents' limits first: nothing is read that cannot be delivered.
-            let src_info = agent_info_within(&clone, &src, RELAY_CONNECT).await?;
-            let dst_info = agent_info(name, &dst).await?;
-            let target_max = dst_info.max(Kind::File).min(Kind::File.limit());
-            let max_line = b64::encoded_len(target_max.min(src_info.max(Kind::File)))
-                + agent_proto::ENVELOPE_MAX;
-            let get = Request {
-                name: Some(remote),
-                ..Request::new(Op::FileGet)
-            };
-            let got = agent_call_within(&clone, &src, &get, max_line, src_info, RELAY_CONNECT)
-                .await
-                .map_err(|e| match e {
-                    ChannelError::TooLarge(_) => ChannelError::TooLarge(format!(
-                        "the file in {name}'s clone is larger than {name}'s agent accepts \
-                         ({target_max} bytes)"
-                    )),
-                    e => e,
-                })?;
-            let data = got
-                .data_b64
-                .as_deref()
-                .and_then(|s| b64::decode(s).ok())
-                .ok_or_else(|| {
-                    ChannelError::Agent(format!("{clone}'s agent sent no valid data_b64"))
-                })?;
-            if data.len() > target_max {
-                return Err(ChannelError::TooLarge(format!(
-                    "the file is {} bytes; {name}'s agent accepts at most {target_max}",
-                    data.len()
-                )));
-            }
-            let data_b64 = b64::encode(&data);
-            let put = put_request(Kind::File, Some(local), None, &data_b64);
-            agent_call(name, &dst, &put, 4096, dst_info).await?;
-            Ok(Transfer {
-                kind: Kind::File,
-                from: CLOUD.to_string(),
-                to: name.to_string(),
-                name: Some(local.to_string()),
-                mime: None,
-                bytes: data.len() as u64,
-                sha256: sha256_hex(&data),
-                audit_digest: self.audit_digest(&data),
-                ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-            })
-        }
-        .await;
+        let who = format!("{name}'s clone");
+        let clone = End {
+            who: &who,
+            peer: CLOUD,
+            socket: relay.socket.clone(),
+            connect: RELAY_CONNECT,
+        };
+        let own = End::profile(self, name);
+        let (from, to) = match way {
+            CloneDirection::FromClone => (&clone, &own),
+            CloneDirection::ToClone => (&own, &clone),
+        };
+        let moved = move_data(self, Kind::File, from, to, Some((src, dst)), t0).await;
         relay.finish().await;
         moved
     }
@@ -275,31 +278,39 @@ impl Handset {
         }
     }
 
-    /// Checks the names, the lock, the policy, the state and the clone's host, then brings
+    /// Checks the names, the lock, the policy, the state and the clone's host, then moves
     /// the file with the profile unpaused. `allowed` records the policy decision once made,
     /// `host` the clone's host once known.
-    async fn guarded_from_clone(
+    async fn guarded_with_clone(
         &self,
         name: &str,
-        remote: &str,
-        local: &str,
+        req: &CloneFile,
         allowed: &mut Option<bool>,
         host: &mut Option<String>,
     ) -> Result<Transfer, ChannelError> {
+        let (way, src) = (req.direction, req.name.as_str());
+        let dst = req.as_name.as_deref().unwrap_or(src);
         check_name("profile", name)?;
-        check_file_name("file name", remote)?;
-        check_file_name("as", local)?;
+        check_file_name("file name", src)?;
+        check_file_name("as", dst)?;
         let info = self.show(name)?;
         // A locked profile reaches no channel, whatever its rules.
-        self.refuse_if_locked(name, "a file from its clone")?;
+        let what = match way {
+            CloneDirection::FromClone => "a file from its clone",
+            CloneDirection::ToClone => "a file to its clone",
+        };
+        self.refuse_if_locked(name, what)?;
         let mut spec = info.spec.clone();
         spec.channels = crate::org_policy::effective_channels(self.dir(), &spec)?;
-        let decision = decide_from_clone(&spec);
+        let decision = decide_reserved(CLOUD, Kind::File, way.way(), &spec);
         *allowed = Some(decision.is_ok());
         decision.map_err(|why| {
-            ChannelError::Denied(format!(
-                "file from {CLOUD} (the clone of {name}) to {name} denied by policy: {why}"
-            ))
+            let clone = format!("{CLOUD} (the clone of {name})");
+            let (from, to) = match way {
+                CloneDirection::FromClone => (clone.as_str(), name),
+                CloneDirection::ToClone => (name, clone.as_str()),
+            };
+            ChannelError::Denied(format!("file from {from} to {to} denied by policy: {why}"))
         })?;
         match info.state {
             ProfileState::Running | ProfileState::Paused => {}
@@ -319,44 +330,42 @@ impl Handset {
         };
         super::cloud::check_cloud_host(&at)?;
         *host = Some(at.clone());
-        self.with_unpaused(&[name], self.bring_from_clone(name, &at, remote, local))
+        self.with_unpaused(&[name], self.move_with_clone(name, &at, way, src, dst))
             .await?
     }
 
-    /// Brings the file `remote` from the agent inbox of profile `name`'s clone into `name`'s
-    /// own inbox (as `local`, default `remote`), under `name`'s channel rules for the peer
-    /// [`CLOUD`]; audited whatever the outcome.
-    pub async fn file_from_clone(
+    /// Moves a file between profile `name`'s agent inbox and its clone's, as `req` says,
+    /// under `name`'s channel rules for the peer [`CLOUD`]; audited whatever the outcome.
+    pub async fn file_with_clone(
         &self,
         peer: Peer,
         name: &str,
-        remote: &str,
-        local: Option<&str>,
+        req: &CloneFile,
     ) -> Result<Transfer, ChannelError> {
-        let local = local.unwrap_or(remote);
         let (mut allowed, mut host) = (None, None);
         let r = self
-            .guarded_from_clone(name, remote, local, &mut allowed, &mut host)
+            .guarded_with_clone(name, req, &mut allowed, &mut host)
             .await;
         let decision = match allowed {
             Some(true) => "allowed",
             Some(false) => "denied",
             None => "none",
         };
-        let renamed = if local == remote {
-            String::new()
-        } else {
-            format!(" as={}", local.escape_debug())
+        let renamed = match &req.as_name {
+            Some(n) if *n != req.name => format!(" as={}", n.escape_debug()),
+            _ => String::new(),
         };
         let at = host.map(|h| format!(" clone-at={h}")).unwrap_or_default();
         let outcome = match &r {
             Ok(t) => format!("result=ok bytes={} hmac-sha256={}", t.bytes, t.audit_digest),
             Err(e) => format!("result=error ({e})"),
         };
+        let (from, to) = req.direction.ends(name);
         let detail = format!(
-            "from={CLOUD} to={} name={}{renamed}{at} decision={decision} {outcome} by {peer}",
-            name.escape_debug(),
-            remote.escape_debug()
+            "from={} to={} name={}{renamed}{at} decision={decision} {outcome} by {peer}",
+            from.escape_debug(),
+            to.escape_debug(),
+            req.name.escape_debug()
         );
         let subject = if check_name("", name).is_ok() {
             name
@@ -369,11 +378,11 @@ impl Handset {
 }
 
 /// `POST /v1/profiles/{name}/clone/files`.
-pub async fn from_clone(
+pub async fn with_clone(
     State(h): State<Arc<Handset>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     Path(profile): Path<String>,
-    req: Result<Json<FromClone>, JsonRejection>,
+    req: Result<Json<CloneFile>, JsonRejection>,
 ) -> Result<Json<Transfer>, ChannelError> {
     let req = match body(req) {
         Ok(r) => r,
@@ -386,14 +395,12 @@ pub async fn from_clone(
             h.audit(
                 subject,
                 "channel-file",
-                &format!("from={CLOUD} decision=none result=error ({e}) by {peer}"),
+                &format!("peer={CLOUD} decision=none result=error ({e}) by {peer}"),
             );
             return Err(e);
         }
     };
-    let t = h
-        .file_from_clone(peer, &profile, &req.name, req.as_name.as_deref())
-        .await?;
+    let t = h.file_with_clone(peer, &profile, &req).await?;
     Ok(Json(t))
 }
 
@@ -402,15 +409,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requests_name_the_file_and_perhaps_a_new_name() {
-        let r: FromClone = serde_json::from_str(r#"{"name":"a.txt","as":"b.txt"}"#).unwrap();
+    fn requests_name_the_file_perhaps_a_new_name_and_the_way() {
+        let r: CloneFile = serde_json::from_str(r#"{"name":"a.txt","as":"b.txt"}"#).unwrap();
         assert_eq!(
-            (r.name.as_str(), r.as_name.as_deref()),
-            ("a.txt", Some("b.txt"))
+            (r.name.as_str(), r.as_name.as_deref(), r.direction),
+            ("a.txt", Some("b.txt"), CloneDirection::FromClone)
         );
-        let r: FromClone = serde_json::from_str(r#"{"name":"a.txt"}"#).unwrap();
-        assert_eq!(r.as_name, None);
-        assert!(serde_json::from_str::<FromClone>(r#"{"name":"a","to":"x"}"#).is_err());
+        let r: CloneFile =
+            serde_json::from_str(r#"{"name":"a.txt","direction":"to-clone"}"#).unwrap();
+        assert_eq!((r.as_name, r.direction), (None, CloneDirection::ToClone));
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            r#"{"name":"a.txt","direction":"to-clone"}"#
+        );
+        for bad in [
+            r#"{"name":"a","to":"x"}"#,
+            r#"{"name":"a","direction":"sideways"}"#,
+            r#"{"name":"a","direction":null}"#,
+        ] {
+            assert!(serde_json::from_str::<CloneFile>(bad).is_err(), "{bad}");
+        }
+        assert_eq!(CloneDirection::ToClone.way(), Way::FromProfile);
+        assert_eq!(CloneDirection::FromClone.ends("work"), (CLOUD, "work"));
         assert!(check_file_name("as", "../etc/passwd").is_err());
         assert_eq!(check_file_name("as", "").unwrap_err().status(), 400);
         assert!(check_file_name("as", "report-2.pdf").is_ok());
