@@ -239,11 +239,12 @@ as this device's twin NAME (kind clone) with a fresh identity: a new vsock CID, 
 guest learns from its vsock device (a transport reset; the probe prints `PROBE twin cid=N`),
 and the daemon tells the copy's agent, if it has one, that it is a twin of NAME (the Linux
 agent writes NAME to /var/lib/pocketvisor-agent/twin; event twin-notified). The host is
-recorded (`profile show`: clone at) for `profile file from-clone`, which brings files from
-the copy's agent inbox into the original's. Twins have no network, so no MAC to change. A clone does not return (its original runs
-here); another device cannot reach it. If the clone fails, nothing runs there and the guest
-runs on here. A jailed VMM (the default) migrates to a unix socket in its run directory, and
-the daemon relays it to the host inside the device's TLS.
+recorded (`profile show`: clone at) for `profile file from-clone` and `to-clone`, which move
+files between the copy's agent inbox and the original's. Twins have no network, so no MAC to
+change. A clone does not return (its original runs here); another device cannot reach it. If
+the clone fails, nothing runs there and the guest runs on here. A jailed VMM (the default)
+migrates to a unix socket in its run directory, and the daemon relays it to the host inside
+the device's TLS.
 
 EXAMPLE:
   pocketvisor profile clone work --to cloud.example:7000

@@ -250,7 +250,8 @@ pub struct ProfileInfo {
     #[serde(default)]
     pub offloaded_to: Option<String>,
     /// The cloud host (`HOST:PORT`) the profile's clone runs at, recorded by the last
-    /// successful `profile clone` (files come back from it: `profile file from-clone`).
+    /// successful `profile clone` (files move to and from it: `profile file from-clone`,
+    /// `to-clone`).
     #[serde(default)]
     pub cloned_to: Option<String>,
     /// The in-guest agent that answered while the VMM runs (`null`: none answered, or no

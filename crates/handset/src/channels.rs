@@ -22,6 +22,11 @@
 //! transfer, allowed, denied (403) or failed, is one `channel-clipboard` / `channel-file`
 //! record in the audit log (profile = the source), with the size and SHA-256 of what moved.
 //!
+//! Two reserved peers stand for what is not a profile here: [`HOST`] (the device's user) and
+//! [`CLOUD`] (a profile's own clone, files only). With them only the profile's own lists
+//! decide ([`decide_reserved`]): out if its `*_to` lists the peer, in unless its `*_from` is
+//! set without it.
+//!
 //! Both profiles must have a VMM; one paused in the background (`background = "pause"`)
 //! is resumed for the transfer and paused again ([`Handset::with_unpaused`]).
 //!

@@ -302,6 +302,17 @@ fn answers_match_the_documented_schemas() {
         ),
         ("clone/files", Some(json!({"name": "../a"})), 400),
         ("clone/files", Some(json!({"name": "a", "to": "b"})), 400),
+        // The work template sends files nowhere, its clone (`cloud`) included.
+        (
+            "clone/files",
+            Some(json!({"name": "a.txt", "direction": "to-clone"})),
+            403,
+        ),
+        (
+            "clone/files",
+            Some(json!({"name": "a", "direction": "up"})),
+            400,
+        ),
     ] {
         let a = call(
             "POST",

@@ -417,7 +417,7 @@ mod tests {
         );
         let r: CloneFile =
             serde_json::from_str(r#"{"name":"a.txt","direction":"to-clone"}"#).unwrap();
-        assert_eq!((r.as_name, r.direction), (None, CloneDirection::ToClone));
+        assert_eq!((&r.as_name, r.direction), (&None, CloneDirection::ToClone));
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"name":"a.txt","direction":"to-clone"}"#
