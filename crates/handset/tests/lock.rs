@@ -136,6 +136,14 @@ fn a_locked_profile_is_paused_refuses_everything_and_unlocks_only_with_its_passc
         (vec!["view", "work"], "viewing"),
         (vec!["clipboard", "get", "work"], "a channel"),
         (
+            vec!["file", "from-clone", "work", "a.txt"],
+            "a file from a clone",
+        ),
+        (
+            vec!["file", "to-clone", "work", "a.txt"],
+            "a file to a clone",
+        ),
+        (
             vec!["passcode", "set", "work", "--passcode-file"],
             "changing its passcode",
         ),
@@ -174,6 +182,8 @@ fn a_locked_profile_is_paused_refuses_everything_and_unlocks_only_with_its_passc
         "a screenshot",
         "viewing its screen",
         "a channel transfer",
+        "a file from its clone",
+        "a file to its clone",
     ] {
         assert!(
             refusals

@@ -80,6 +80,14 @@ impl CloneDirection {
         }
     }
 
+    /// What a locked profile is refused.
+    fn what(self) -> &'static str {
+        match self {
+            CloneDirection::FromClone => "a file from its clone",
+            CloneDirection::ToClone => "a file to its clone",
+        }
+    }
+
     fn is_from_clone(&self) -> bool {
         *self == CloneDirection::FromClone
     }
@@ -295,22 +303,22 @@ impl Handset {
         check_file_name("as", dst)?;
         let info = self.show(name)?;
         // A locked profile reaches no channel, whatever its rules.
-        let what = match way {
-            CloneDirection::FromClone => "a file from its clone",
-            CloneDirection::ToClone => "a file to its clone",
-        };
-        self.refuse_if_locked(name, what)?;
+        self.refuse_if_locked(name, way.what())?;
         let mut spec = info.spec.clone();
         spec.channels = crate::org_policy::effective_channels(self.dir(), &spec)?;
         let decision = decide_reserved(CLOUD, Kind::File, way.way(), &spec);
         *allowed = Some(decision.is_ok());
         decision.map_err(|why| {
-            let clone = format!("{CLOUD} (the clone of {name})");
-            let (from, to) = match way {
-                CloneDirection::FromClone => (clone.as_str(), name),
-                CloneDirection::ToClone => (name, clone.as_str()),
+            let (from, to) = way.ends(name);
+            let said = |p: &str| match p {
+                CLOUD => format!("{CLOUD} (the clone of {name})"),
+                p => p.to_string(),
             };
-            ChannelError::Denied(format!("file from {from} to {to} denied by policy: {why}"))
+            ChannelError::Denied(format!(
+                "file from {} to {} denied by policy: {why}",
+                said(from),
+                said(to)
+            ))
         })?;
         match info.state {
             ProfileState::Running | ProfileState::Paused => {}
