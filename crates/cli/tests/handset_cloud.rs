@@ -864,6 +864,27 @@ fn files_move_between_the_original_and_its_clone_under_the_originals_rules() {
             .filter(|n| n.starts_with("clone-vsock"))
             .collect::<Vec<_>>()
     };
+    // Nothing of the daemon's relay outlives a call: neither its socket nor its process.
+    let nothing_left = || {
+        assert!(relay_left().is_empty(), "{:?}", relay_left());
+        assert!(
+            relays_under(&profile_dir).is_empty(),
+            "the relay process outlived the call: {:?}",
+            relays_under(&profile_dir)
+        );
+    };
+    // One `channel-file` record starting with `head` of a move of `bytes` that went through.
+    let moved = |head: &str, bytes: usize| {
+        let audit = file_audit(&dir);
+        let ok = format!(
+            "clone-at={} decision=allowed result=ok bytes={bytes}",
+            host.addr
+        );
+        assert!(
+            audit.iter().any(|r| r.starts_with(head) && r.contains(&ok)),
+            "{audit:#?}"
+        );
+    };
 
     // Not cloned yet: refused in words, before any host is asked.
     let out = profile(&dir, &["file", "from-clone", "work", "report.bin"]);
@@ -964,22 +985,11 @@ fn files_move_between_the_original_and_its_clone_under_the_originals_rules() {
         std::fs::read(&local).unwrap() == data,
         "the file changed on its way"
     );
-    let audit = file_audit(&dir);
-    assert!(
-        audit.iter().any(|r| r
-            .starts_with("work from=cloud to=work name=report.bin as=from-cloud.bin ")
-            && r.contains(&format!(
-                "clone-at={} decision=allowed result=ok bytes=3000",
-                host.addr
-            ))),
-        "{audit:#?}"
+    moved(
+        "work from=cloud to=work name=report.bin as=from-cloud.bin ",
+        3000,
     );
-    assert!(relay_left().is_empty(), "{:?}", relay_left());
-    assert!(
-        relays_under(&profile_dir).is_empty(),
-        "the relay process outlived the call: {:?}",
-        relays_under(&profile_dir)
-    );
+    nothing_left();
 
     // The original's rules without `cloud`: refused, audited, nothing moves.
     daemon.profile(&["set", "work", "channels.files_from=[\"host\"]"]);
@@ -1015,7 +1025,7 @@ fn files_move_between_the_original_and_its_clone_under_the_originals_rules() {
         serde_json::json!([{"name": "from-cloud.bin", "bytes": 3000}]),
         "{list}"
     );
-    assert!(relay_left().is_empty(), "{:?}", relay_left());
+    nothing_left();
 
     // Work handed to the twin: a file of the original's inbox goes into the clone's only once
     // the original's files_to lists `cloud` (before: exit 4, one line, nothing moves), and
@@ -1052,7 +1062,7 @@ fn files_move_between_the_original_and_its_clone_under_the_originals_rules() {
         stderr.contains("denied by policy") && stderr.contains("files_to does not include cloud"),
         "{stderr}"
     );
-    assert!(relay_left().is_empty(), "{:?}", relay_left());
+    nothing_left();
     let (_relay, clone) = clone_agent(&host, &s, "get");
     let list = agent_at(&clone, &serde_json::json!({"op": "file_list"}));
     assert_eq!(
@@ -1085,20 +1095,8 @@ fn files_move_between_the_original_and_its_clone_under_the_originals_rules() {
             && r.contains("files_to does not include cloud")),
         "{audit:#?}"
     );
-    assert!(
-        audit.iter().any(|r| r.starts_with(to_cloud)
-            && r.contains(&format!(
-                "clone-at={} decision=allowed result=ok bytes=5000",
-                host.addr
-            ))),
-        "{audit:#?}"
-    );
-    assert!(relay_left().is_empty(), "{:?}", relay_left());
-    assert!(
-        relays_under(&profile_dir).is_empty(),
-        "the relay process outlived the call: {:?}",
-        relays_under(&profile_dir)
-    );
+    moved(to_cloud, 5000);
+    nothing_left();
 
     // A device the host keeps no clone `work` for (the tablet's identity): refused in words.
     daemon.profile(&["set", "work", "channels.files_from=[\"host\", \"cloud\"]"]);
@@ -1120,6 +1118,6 @@ fn files_move_between_the_original_and_its_clone_under_the_originals_rules() {
         ),
         "{audit:#?}"
     );
-    assert!(relay_left().is_empty(), "{:?}", relay_left());
+    nothing_left();
     drop(daemon);
 }
