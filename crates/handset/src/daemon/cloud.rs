@@ -365,7 +365,7 @@ impl Handset {
                     "cloned",
                     &format!("to {to}: {info}; {} ms", t0.elapsed().as_millis()),
                 );
-                // Where files come back from (`profile file from-clone`).
+                // Where files move to and from (`profile file from-clone`, `to-clone`).
                 if let Err(e) = self.registry.db().set_clone_host(name, Some(to)) {
                     tracing::warn!("{name}: its clone's host is not recorded: {e}");
                     self.registry
