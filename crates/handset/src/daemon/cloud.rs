@@ -752,6 +752,12 @@ impl Handset {
             "return finished after a daemon restart",
         )?;
         self.settle_return(name);
+        self.returned_after_restart(name, pid);
+        Ok(true)
+    }
+
+    /// The event `returned` of a return the next daemon finished, VMM `pid`.
+    fn returned_after_restart(&self, name: &str, pid: i32) {
         self.registry.event(
             name,
             "returned",
@@ -760,7 +766,6 @@ impl Handset {
                 returned_line(&self.dir().vmm_log(name))
             ),
         );
-        Ok(true)
     }
 
     /// At daemon start: a return whose guest ran here (the profile `running`) before the
@@ -778,14 +783,7 @@ impl Handset {
             return Ok(());
         };
         self.enter_cgroup_again(name, pid)?;
-        self.registry.event(
-            name,
-            "returned",
-            &format!(
-                "finished after a daemon restart: pid {pid}; {}",
-                returned_line(&self.dir().vmm_log(name))
-            ),
-        );
+        self.returned_after_restart(name, pid);
         Ok(())
     }
 
