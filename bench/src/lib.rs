@@ -1,5 +1,6 @@
 //! Shared code of the bench binaries (`bench`, `snapshot_portable`, `handset`, `snapshot_memory`, `migrate_live`).
 
+pub mod cloud;
 pub mod compare;
 pub mod portable;
 pub mod qmp;

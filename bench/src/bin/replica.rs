@@ -20,12 +20,13 @@
 //! recovery of the run's chain.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use bench::cloud;
 use bench::compare::{self, exit_on_error, field, wait_until, Stat};
-use bench::util::{Args, Proc};
+use bench::util::Args;
 
 const USAGE: &str = "\
 usage: replica [--runs N] [--mem MIB] [--data-mb MIB] [--dirty-mb MIB] [--checkpoints N]
@@ -140,7 +141,7 @@ struct Runs {
 
 fn run(o: Opts) -> Result<()> {
     let env = compare::Setup::new(&o.common, "replica", "replica")?;
-    certificates(&env.work)?;
+    cloud::certificates(&env.work)?;
     let guests = [
         (
             "idle",
@@ -251,39 +252,6 @@ fn run(o: Opts) -> Result<()> {
 
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// A CA, the cloud host's and a device's certificates, a migration key and a recovery key
-/// pair in `dir`.
-fn certificates(dir: &Path) -> Result<()> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = params.self_signed(&ca_key)?;
-    for (who, name) in [("cloud", "127.0.0.1"), ("phone", "phone.example")] {
-        let key = rcgen::KeyPair::generate()?;
-        let cert =
-            rcgen::CertificateParams::new(vec![name.to_string()])?.signed_by(&key, &ca, &ca_key)?;
-        std::fs::write(dir.join(format!("{who}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{who}.key")), key.serialize_pem())?;
-        std::fs::write(dir.join(format!("{who}-ca.pem")), ca.pem())?;
-    }
-    std::fs::write(dir.join("cloud.mkey"), "5a".repeat(32) + "\n")?;
-    Ok(())
-}
-
-fn tls(dir: &Path, who: &str) -> Vec<String> {
-    let f = |s: &str| dir.join(format!("{who}{s}")).display().to_string();
-    vec![
-        "--key".into(),
-        dir.join("cloud.mkey").display().to_string(),
-        "--tls-cert".into(),
-        f(".pem"),
-        "--tls-key".into(),
-        f(".key"),
-        "--tls-ca".into(),
-        f("-ca.pem"),
-    ]
-}
-
 /// One run: boot, replicate `--checkpoints` times, recover. Returns the checkpoints and the
 /// recovery's time in ms.
 fn once(
@@ -309,21 +277,7 @@ fn once(
             .count()
             >= 2
     })?;
-    let serve_err = dir.join("serve.stderr");
-    let _serve = Proc(
-        Command::new(&env.bin)
-            .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
-            .arg(dir.join("state"))
-            .args(&tls(certs, "cloud")[2..])
-            .arg("--key")
-            .arg(certs.join("cloud.mkey"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&serve_err)?)
-            .spawn()?,
-    );
-    let addr =
-        compare::listen_address(&serve_err, "cloud host listening on ", LIMIT, "cloud serve")?;
+    let (_serve, addr) = cloud::serve(&env.bin, certs, dir, LIMIT)?;
     let out = Command::new(&env.bin)
         .args(["cloud", "replicate", "bench", "--api-socket"])
         .arg(dir.join("api.sock"))
@@ -331,7 +285,7 @@ fn once(
         .args(["--recipient", &recipient, "--work"])
         .arg(dir.join("work"))
         .args(["--count", &o.checkpoints.to_string()])
-        .args(tls(certs, "phone"))
+        .args(cloud::tls(certs, "phone"))
         .output()?;
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     if !out.status.success() {
@@ -350,7 +304,7 @@ fn once(
         .arg(dir.join("recovery.key"))
         .arg("-o")
         .arg(dir.join("recovered"))
-        .args(tls(certs, "phone"))
+        .args(cloud::tls(certs, "phone"))
         .output()?;
     let recover_ms = t0.elapsed().as_secs_f64() * 1000.0;
     if !rec.status.success() {
