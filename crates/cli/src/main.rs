@@ -20,6 +20,7 @@ mod policy;
 mod portable;
 mod profile;
 mod replica;
+mod replica_dir;
 mod run;
 mod screenshot;
 mod snapshot;

@@ -744,13 +744,14 @@ fn detail(p: &ProfileInfo) -> String {
     parts.join("; ")
 }
 
-fn show(p: &ProfileInfo) -> Result<()> {
+fn show(p: &ProfileInfo, r: &handset::api_types::ReplicationStatus) -> Result<()> {
     table(std::slice::from_ref(p));
     outln!(
-        "\nserial log: {}\nvsock cid:  {}\nclone at:   {}\nagent:      {}\n",
+        "\nserial log: {}\nvsock cid:  {}\nclone at:   {}\nreplicated: {}\nagent:      {}\n",
         p.serial_log,
         p.vsock_cid,
         p.cloned_to.as_deref().unwrap_or("-"),
+        crate::replica::describe_replication(r),
         match (&p.agent, p.pid) {
             (Some(a), _) => format!("{} (agent protocol v{})", a.kind, a.version),
             (None, Some(_)) => "none answering on vsock port 1025".into(),
@@ -850,10 +851,6 @@ fn lifecycle_with(
 /// Runs one `profile` subcommand.
 pub fn main(a: ProfileArgs) -> Result<i32> {
     match a.cmd {
-        ProfileCmd::Replicate(r) => {
-            let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
-            return crate::replica::profile_replicate(&dir, r);
-        }
         ProfileCmd::Recover(r) => {
             let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
             return crate::replica::profile_recover(&dir, r);
@@ -941,7 +938,9 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             if json {
                 print_json(&p)?;
             } else {
-                show(&p)?;
+                let r: handset::api_types::ReplicationStatus =
+                    c.call("GET", &format!("/v1/profiles/{name}/replicate"), none)?;
+                show(&p, &r)?;
             }
         }
         ProfileCmd::Delete { name, force } => {
@@ -979,9 +978,10 @@ pub fn main(a: ProfileArgs) -> Result<i32> {
             let body = handset::api_types::OffloadRequest { to };
             lifecycle_with(&c, json, &name, "offload", "", Some(&body))?
         }
+        ProfileCmd::Replicate(r) => crate::replica::profile_replicate(&c, json, r)?,
         // Served above, without the daemon.
-        ProfileCmd::Replicate(_) | ProfileCmd::Recover(_) => {
-            unreachable!("profile replicate and recover are served before")
+        ProfileCmd::Recover(_) => {
+            unreachable!("profile recover is served before")
         }
         ProfileCmd::Return { name } => lifecycle(&c, json, &name, "return", "")?,
         ProfileCmd::Clone { name, to } => {

@@ -272,9 +272,18 @@ pub struct ReplicateArgs {
     full_every: u64,
     #[command(flatten)]
     conn: CloudConn,
-    /// A handset profile's spec, sealed into every checkpoint (`profile replicate`).
-    #[arg(skip)]
+    /// A handset profile's spec (TOML), sealed into every checkpoint (the handset daemon's
+    /// replication: `profile recover` makes the profile from it).
+    #[arg(long, value_name = "FILE")]
     spec: Option<PathBuf>,
+    /// A jailed VMM's directory for its checkpoints on this host (in its run directory,
+    /// created and handed to the run directory's owner); the checkpoints are read from it
+    /// without following links. Default: --work.
+    #[arg(long, value_name = "DIR", requires = "vmm_sees")]
+    vmm_dir: Option<PathBuf>,
+    /// Where the jailed VMM sees --vmm-dir (an absolute path in its jail).
+    #[arg(long, value_name = "PATH", requires = "vmm_dir")]
+    vmm_sees: Option<PathBuf>,
 }
 
 /// Parses `500ms`, `30s`, `2m`.
@@ -314,35 +323,91 @@ struct Pending {
 /// `profile replicate`.
 #[derive(Args, Debug)]
 #[command(after_help = "\
-`cloud replicate` for a handset profile that runs here: the checkpoints of the profile's VMM
-(profiles/NAME/run/api.sock; not a jailed one: the VMM writes each checkpoint into
-profiles/NAME/replica/, which a jail does not show it) go to the cloud host as the replica
-NAME, with this device's identity towards cloud hosts (<state-dir>/cloud/: cert.pem, key.pem,
-ca.pem, migration.key, as `profile offload`). It runs in this command, not in the daemon,
-until --count checkpoints are stored or the profile's VMM ends. A new device gets the VM back
-with `pocketvisor cloud recover NAME` and the same identity and the --recipient's secret key.
+Asks the handset daemon to replicate the profile: while it runs (also after a daemon
+restart), the daemon takes a checkpoint of its VMM every --every (a jailed VMM writes it into
+its run directory, where the daemon reads it back without following links), seals it for the
+--recipient keys and stores it at the cloud host as the replica NAME, with this device's
+identity towards cloud hosts (<state-dir>/cloud/: cert.pem, key.pem, ca.pem, migration.key,
+as `profile offload`). Each result is a profile event (`replicated seq=N bytes=..
+pause_ms=..`, or `replicate-failed` and why): `profile events NAME`. Stop, suspend, offload
+and delete end the checkpoints; start and resume take them up again (a new chain). The
+setting stays until `--stop`; `profile show` shows it. A new device gets the VM back with
+`pocketvisor profile recover NAME` (or `cloud recover`) with the same identity and the
+--recipient's secret key. `cloud replicate` runs the same loop in the foreground (--count).
 
 EXAMPLE:
   pocketvisor profile replicate work --to cloud.example:7000 --every 30s \\
-      --recipient \"$(cat recovery.pub)\"")]
+      --recipient \"$(cat recovery.pub)\"
+  pocketvisor profile replicate work --stop")]
 pub struct ProfileReplicateArgs {
     /// Profile name (and the replica's name at the cloud host).
     name: String,
     /// The cloud host, HOST:PORT (its certificate must name HOST).
-    #[arg(long, value_name = "HOST:PORT")]
-    to: String,
-    /// The period: a number and a unit, ms, s or m (e.g. 30s).
+    #[arg(long, value_name = "HOST:PORT", required_unless_present = "stop")]
+    to: Option<String>,
+    /// The period: whole seconds or minutes (e.g. 30s, 2m).
     #[arg(long, value_name = "PERIOD", value_parser = parse_period, default_value = "30s")]
     every: Duration,
     /// A key that can open the checkpoints (`pvp-public-...`); repeatable, at least one.
-    #[arg(long, value_name = "KEY", required = true)]
+    #[arg(long, value_name = "KEY", required_unless_present = "stop")]
     recipient: Vec<String>,
-    /// Stop after this many stored checkpoints.
-    #[arg(long, value_name = "N")]
-    count: Option<u64>,
     /// Start a new chain (a full checkpoint) after this many.
-    #[arg(long, value_name = "N", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
-    full_every: u64,
+    #[arg(long, value_name = "N", default_value_t = 120, value_parser = clap::value_parser!(u32).range(1..))]
+    full_every: u32,
+    /// End the profile's replication (and forget its setting).
+    #[arg(long, conflicts_with_all = ["to", "recipient"])]
+    stop: bool,
+}
+
+/// `profile replicate`: sets or ends the profile's replication in the daemon `c`.
+pub fn profile_replicate(
+    c: &handset::client::Client,
+    json: bool,
+    a: ProfileReplicateArgs,
+) -> Result<()> {
+    handset::spec::check_name("profile name", &a.name)?;
+    let path = format!("/v1/profiles/{}/replicate", a.name);
+    if a.stop {
+        let _: serde_json::Value = c.call("DELETE", &path, None::<&()>)?;
+        if !json {
+            outln!("{}: replication stopped", a.name);
+        }
+        return Ok(());
+    }
+    if a.every.subsec_nanos() != 0 {
+        bail!("--every {:?}: the daemon takes whole seconds", a.every);
+    }
+    let req = handset::api_types::ReplicateRequest {
+        to: a.to.context("--to")?,
+        every_s: u32::try_from(a.every.as_secs()).context("--every")?,
+        recipients: a.recipient,
+        full_every: Some(a.full_every),
+    };
+    let st: handset::api_types::ReplicationStatus = c.call("POST", &path, Some(&req))?;
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&st)?);
+    } else {
+        outln!("{}: {}", a.name, describe_replication(&st));
+    }
+    Ok(())
+}
+
+/// One line for `profile show` and `profile replicate`: the setting and how it goes.
+pub fn describe_replication(st: &handset::api_types::ReplicationStatus) -> String {
+    let Some(s) = &st.setting else {
+        return "-".into();
+    };
+    format!(
+        "to {} every {}s ({}; last: {})",
+        s.to,
+        s.every_s,
+        if st.active {
+            "checkpointing"
+        } else {
+            "waits for the profile to run"
+        },
+        st.last.as_deref().unwrap_or("-")
+    )
 }
 
 /// The handset's identity towards cloud hosts: the files of `<state>/cloud/` (the ones
@@ -522,75 +587,6 @@ pub fn profile_recover(dir: &handset::StateDir, a: ProfileRecoverArgs) -> Result
     Ok(0)
 }
 
-/// `profile replicate`: [`replicate`] with the profile's socket and work directory and the
-/// handset's identity towards cloud hosts.
-pub fn profile_replicate(dir: &handset::StateDir, a: ProfileReplicateArgs) -> Result<i32> {
-    handset::spec::check_name("profile name", &a.name)?;
-    let api_socket = dir.api_socket(&a.name);
-    if !api_socket.exists() {
-        bail!(
-            "profile {:?} does not run here (no {}): start it first",
-            a.name,
-            api_socket.display()
-        );
-    }
-    let conn = handset_conn(dir)?;
-    // A governed profile would come back without its IT policy.
-    if dir.policy(&a.name).exists() {
-        bail!(
-            "profile {:?} is governed by an IT policy, which a replica does not carry yet: \
-             it is not replicated (docs/cloud.md)",
-            a.name
-        );
-    }
-    // A jailed VMM cannot see the work directory (nor reach the host over TCP, which
-    // `replicate` does not ask of it): refused in words rather than by its first checkpoint.
-    if vmm_pid(&api_socket).is_some_and(handset::vmm_proc::is_jailed) {
-        bail!(
-            "profile {:?} runs in a jailed VMM, which cannot write its checkpoints where this \
-             command reads them: replicating it is not built yet (docs/cloud.md); run the \
-             daemon without --jail to replicate",
-            a.name
-        );
-    }
-    replicate(ReplicateArgs {
-        work: dir.profile(&a.name).join("replica"),
-        spec: Some(dir.spec(&a.name)),
-        name: a.name,
-        api_socket,
-        to: a.to,
-        every: a.every,
-        recipient: a.recipient,
-        count: a.count,
-        full_every: a.full_every,
-        conn,
-    })
-}
-
-/// The pid of the process serving the unix socket at `path` (its peer credentials).
-fn vmm_pid(path: &Path) -> Option<i32> {
-    use std::os::fd::AsRawFd;
-    let s = std::os::unix::net::UnixStream::connect(path).ok()?;
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid, writable ucred that
-    // outlives the call, on a socket this function owns.
-    let r = unsafe {
-        libc::getsockopt(
-            s.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
-            &mut len,
-        )
-    };
-    (r == 0 && cred.pid > 0).then_some(cred.pid)
-}
-
 /// `cloud replicate`: the device's loop.
 pub fn replicate(a: ReplicateArgs) -> Result<i32> {
     if !valid_name(&a.name) {
@@ -609,13 +605,20 @@ pub fn replicate(a: ReplicateArgs) -> Result<i32> {
         .create(&a.work)
         .with_context(|| format!("cannot create {}", a.work.display()))?;
     let work = std::path::absolute(&a.work).context("the work directory")?;
-    // What an earlier run left belongs to a chain this one does not continue.
-    for e in std::fs::read_dir(&work)?.flatten() {
-        if e.file_name().to_string_lossy().starts_with("ckpt-") {
-            let p = e.path();
-            let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
+    // The VMM's checkpoints: in the work directory, or a jailed VMM's own directory. What an
+    // earlier run left (checkpoints, sealed or not) belongs to a chain this one does not
+    // continue: opening sweeps it.
+    let vmm_dir = match (&a.vmm_dir, &a.vmm_sees) {
+        (Some(host), Some(seen)) => {
+            if !seen.is_absolute() {
+                bail!("--vmm-sees {} is not an absolute path", seen.display());
+            }
+            let d = crate::replica_dir::VmmDir::open(host, seen, true)?;
+            crate::replica_dir::VmmDir::open(&work, &work, false)?;
+            d
         }
-    }
+        _ => crate::replica_dir::VmmDir::open(&work, &work, false)?,
+    };
     let mut chain = new_chain()?;
     let mut seq = 1u64;
     let mut pending: Option<Pending> = None;
@@ -627,32 +630,40 @@ pub fn replicate(a: ReplicateArgs) -> Result<i32> {
                 chain = new_chain()?;
                 seq = 1;
             }
-            let plain = work.join(format!("ckpt-{seq}"));
+            let plain = format!("{}{seq}", crate::replica_dir::PREFIX);
             let answer = crate::api::call(
                 &a.api_socket,
                 &Request::Checkpoint {
-                    dir: plain.clone(),
+                    dir: vmm_dir.vmm_path(&plain),
                     full: seq == 1,
                 },
-            )
-            .context("the VMM's checkpoint")?;
+            );
+            let answer = match answer {
+                Ok(a) => stats_fields(&a),
+                Err(e) => {
+                    vmm_dir.remove(plain.as_ref());
+                    return Err(e.context("the VMM's checkpoint"));
+                }
+            };
             // The VMM starts over with a full one when its logs were taken (a migration).
             if answer.contains("full=true") && seq != 1 {
                 chain = new_chain()?;
                 seq = 1;
             }
             let file = work.join(format!("ckpt-{seq}.pvr"));
-            let sealed = seal(
-                &plain,
-                a.spec.as_deref(),
-                &file,
-                &a.name,
-                &chain,
-                seq,
-                &answer,
-                &keys,
-            );
-            let _ = std::fs::remove_dir_all(&plain);
+            let sealed = vmm_dir.open_checkpoint(&plain).and_then(|opened| {
+                seal(
+                    &opened,
+                    a.spec.as_deref(),
+                    &file,
+                    &a.name,
+                    &chain,
+                    seq,
+                    &answer,
+                    &keys,
+                )
+            });
+            vmm_dir.remove(plain.as_ref());
             sealed?;
             pending = Some(Pending {
                 file,
@@ -697,10 +708,36 @@ pub fn replicate(a: ReplicateArgs) -> Result<i32> {
     }
 }
 
-/// Seals the checkpoint directory `plain` (and the profile spec `spec`) into `out` for `keys`.
+/// The VMM's answer to a checkpoint (`checkpoint full=.. pages=..`) cut to the figures it
+/// should hold, `key=value` each a number or a boolean: a hostile VMM's answer puts no other
+/// text (no line break) into the lines printed.
+fn stats_fields(answer: &str) -> String {
+    const KEYS: [&str; 6] = [
+        "full",
+        "pages",
+        "disk_chunks",
+        "bytes",
+        "pause_us",
+        "total_ms",
+    ];
+    let kept: Vec<&str> = answer
+        .split(' ')
+        .filter(|t| {
+            t.split_once('=').is_some_and(|(k, v)| {
+                KEYS.contains(&k)
+                    && !v.is_empty()
+                    && v.len() <= 20
+                    && (v.bytes().all(|b| b.is_ascii_digit()) || v == "true" || v == "false")
+            })
+        })
+        .collect();
+    format!("checkpoint {}", kept.join(" "))
+}
+
+/// Seals the checkpoint `plain` (and the profile spec `spec`) into `out` for `keys`.
 #[allow(clippy::too_many_arguments)]
 fn seal(
-    plain: &Path,
+    plain: &crate::replica_dir::Opened,
     spec: Option<&Path>,
     out: &Path,
     name: &str,
@@ -721,10 +758,11 @@ fn seal(
     );
     let mut entries: Vec<vault::EntrySource> = FILES
         .iter()
-        .map(|f| vault::EntrySource {
+        .enumerate()
+        .map(|(i, f)| vault::EntrySource {
             name: (*f).to_string(),
             kind: vault::EntryKind::Other,
-            path: plain.join(f),
+            path: plain.path(i),
         })
         .collect();
     if let Some(path) = spec {

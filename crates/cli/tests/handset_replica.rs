@@ -1,12 +1,15 @@
-//! The handset's `profile replicate` (issue 13) against a real cloud host (`pocketvisor cloud
-//! serve`) on loopback: a profile writing its disk (the probe in blk-counter mode) is
-//! replicated with the handset's identity towards cloud hosts (`<state>/cloud/`); the
-//! device is lost (its daemon and VMM killed) and `pocketvisor cloud recover`, with that
-//! identity and the recovery key, gives back the guest as the last checkpoint left it: it
-//! counts on from there and its disk is, byte for byte, what it had written. `profile
-//! recover` on a new handset makes it a suspended profile there that resumes the same way.
+//! The handset daemon's replication (issue 13) against a real cloud host (`pocketvisor cloud
+//! serve`) on loopback: a profile in a jailed VMM (the daemon's default) writing its disk (the
+//! probe in blk-counter mode) is replicated by the daemon on its timer (`profile replicate`,
+//! POST /v1/profiles/NAME/replicate) with the handset's identity towards cloud hosts
+//! (`<state>/cloud/`); it goes on after a daemon restart and ends with the profile's stop.
+//! `pocketvisor cloud recover`, with that identity and the recovery key, gives back the guest
+//! as the last checkpoint left it: it counts on from there and its disk is, byte for byte,
+//! what it had written. `profile recover` on a new handset makes it a suspended profile
+//! there that resumes the same way.
 //!
-//! Skipped (with a SKIP line on stderr) where /dev/kvm is missing or the probe cannot be built.
+//! Skipped (with a SKIP line on stderr) where /dev/kvm is missing, the probe cannot be built
+//! or the test does not run as root (a jailed VMM needs root).
 
 mod cloud_common;
 mod common;
@@ -36,15 +39,69 @@ fn profile(dir: &Path, args: &[&str]) -> std::process::Output {
     run(&all, &[])
 }
 
+fn client(dir: &Path) -> handset::client::Client {
+    handset::client::Client::new(&handset::StateDir::new(dir).unwrap().socket())
+}
+
+/// The profile's events `kind` after event id `after`, as (id, detail).
+fn events(dir: &Path, name: &str, kind: &str, after: i64) -> Vec<(i64, String)> {
+    let all: Vec<handset::Event> = client(dir)
+        .call(
+            "GET",
+            &format!("/v1/profiles/{name}/events?limit=10000"),
+            None::<&()>,
+        )
+        .unwrap_or_default();
+    all.into_iter()
+        .filter(|e| e.event == kind && e.id > after)
+        .map(|e| (e.id, e.detail))
+        .collect()
+}
+
+/// Whether a `cloud replicate` of profile `name` of state directory `dir` runs (its command
+/// line names the profile's API socket; a process that ended has none).
+fn replicating(dir: &Path, name: &str) -> bool {
+    let api = dir.join(format!("profiles/{name}/run/api.sock"));
+    let needle = api.to_str().unwrap().as_bytes().to_vec();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| {
+            let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+            args.windows(2)
+                .any(|w| w == [&b"cloud"[..], &b"replicate"[..]])
+                && args.contains(&needle.as_slice())
+        })
+}
+
+/// POSTs a replication body to the daemon; the status and the error message.
+fn post(dir: &Path, body: &serde_json::Value) -> (u16, String) {
+    let a = client(dir)
+        .raw(
+            "POST",
+            "/v1/profiles/work/replicate",
+            Some(body.to_string().as_bytes()),
+        )
+        .unwrap();
+    (a.status, String::from_utf8_lossy(&a.body).into_owned())
+}
+
 #[test]
-fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() {
+fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint() {
     let Some(probe) = probe("handset_replica") else {
         return;
     };
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        common::skip("a jailed VMM needs root");
+        return;
+    }
     let host = CloudHost::start("pv-hreplicatest", "replicate");
     let s = Scratch::new("pv-hreplicatest", "device");
     let dir = s.path("state");
-    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &["--no-jail"]);
+    // The handset's default: every VMM jailed.
+    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &[]);
     let spec = s.path("work.toml");
     std::fs::write(
         &spec,
@@ -60,7 +117,7 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
     let keygen = run(&["keygen", "-o", recovery.to_str().unwrap()], &[]);
     assert!(keygen.status.success(), "{}", said(&keygen));
     let public = String::from_utf8(keygen.stdout).unwrap().trim().to_string();
-    let replicate = |count: &str| {
+    let replicate = |every: &str| {
         profile(
             &dir,
             &[
@@ -69,20 +126,56 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
                 "--to",
                 &host.addr,
                 "--every",
-                "1s",
+                every,
                 "--recipient",
                 &public,
-                "--count",
-                count,
             ],
         )
     };
 
-    // Not running: refused in words.
-    let out = replicate("1");
+    // Without an identity towards cloud hosts: refused in words.
+    let out = replicate("1s");
     assert!(!out.status.success());
-    assert!(said(&out).contains("does not run here"), "{}", said(&out));
+    assert!(
+        said(&out).contains("no identity towards cloud hosts"),
+        "{}",
+        said(&out)
+    );
+    host.give_identity(&dir, "phone");
+    // A bad host, period or key: 400 with what is wrong, and nothing kept.
+    let good = serde_json::json!({"to": host.addr, "every_s": 1, "recipients": [public]});
+    for (field, value, says) in [
+        ("to", serde_json::json!("no-port"), "HOST:PORT"),
+        ("to", serde_json::json!("a b:7000"), "HOST:PORT"),
+        ("every_s", serde_json::json!(0), "every_s 0"),
+        ("every_s", serde_json::json!(86_401), "every_s 86401"),
+        ("recipients", serde_json::json!([]), "0 recipients"),
+        (
+            "recipients",
+            serde_json::json!(["pvp-public-00"]),
+            "not a public key",
+        ),
+    ] {
+        let mut body = good.clone();
+        body[field] = value;
+        let (status, error) = post(&dir, &body);
+        assert_eq!(status, 400, "{field}: {error}");
+        assert!(error.contains(says), "{field}: {error}");
+    }
+    let out = replicate("500ms");
+    assert!(!out.status.success());
+    assert!(said(&out).contains("whole seconds"), "{}", said(&out));
+    let show = daemon.profile(&["show", "work"]);
+    assert!(show.contains("replicated: -"), "{show}");
 
+    // Set while stopped: it waits for the profile to run.
+    let out = replicate("1s");
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("waits for the profile to run"),
+        "{}",
+        said(&out)
+    );
     daemon.profile(&["start", "work"]);
     let serial = dir.join("profiles/work/run/serial.log");
     assert!(
@@ -90,33 +183,72 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
         "the guest does not write: {}",
         common::read(&serial)
     );
-    // Without an identity towards cloud hosts: refused in words.
-    let out = replicate("1");
-    assert!(!out.status.success());
-    assert!(
-        said(&out).contains("no identity towards cloud hosts"),
-        "{}",
-        said(&out)
-    );
-
-    host.give_identity(&dir, "phone");
     let before = *blk_counters(&common::read(&serial)).last().unwrap();
-    let out = replicate("2");
-    assert!(out.status.success(), "{}", said(&out));
-    let lines = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(lines.lines().count(), 2, "{lines}");
     assert!(
-        lines.contains("seq=2 ") && lines.contains("full=false"),
-        "{lines}"
+        common::wait_until(|| events(&dir, "work", "replicated", 0).len() >= 2, WAIT),
+        "no two checkpoints stored: {:?}",
+        events(&dir, "work", "replicate-failed", 0)
     );
-    // Plaintext checkpoints do not stay on the device.
-    let left: Vec<_> = std::fs::read_dir(dir.join("profiles/work/replica"))
-        .unwrap()
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    let stored = events(&dir, "work", "replicated", 0);
+    assert!(
+        stored[0].1.starts_with("seq=1 ") && stored[0].1.contains("full=true"),
+        "{stored:?}"
+    );
+    assert!(
+        stored[1].1.starts_with("seq=2 ") && stored[1].1.contains("full=false"),
+        "{stored:?}"
+    );
+    assert!(stored[1].1.contains(" pause_ms="), "{stored:?}");
+    let show = daemon.profile(&["show", "work"]);
+    assert!(
+        show.contains(&format!(
+            "replicated: to {} every 1s (checkpointing",
+            host.addr
+        )),
+        "{show}"
+    );
+    // The jailed VMM wrote them in its run directory, handed to it.
+    let vmm_dir = std::fs::symlink_metadata(dir.join("profiles/work/run/replica")).unwrap();
+    let run_dir = std::fs::metadata(dir.join("profiles/work/run")).unwrap();
+    assert!(vmm_dir.is_dir());
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&vmm_dir),
+        std::os::unix::fs::MetadataExt::uid(&run_dir)
+    );
 
-    // The device is lost: the profile's VMM and its daemon are gone.
+    // The daemon dies and another adopts the VMM: the replication goes on (a new chain).
+    let last = stored.last().unwrap().0;
+    daemon.kill();
+    assert!(
+        common::wait_until(|| !replicating(&dir, "work"), WAIT),
+        "the replication outlived its daemon"
+    );
+    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &[]);
+    assert!(
+        common::wait_until(|| events(&dir, "work", "replicated", last).len() >= 2, WAIT),
+        "no checkpoint after the daemon restart: {:?}",
+        events(&dir, "work", "replicate-failed", last)
+    );
+    let after = events(&dir, "work", "replicated", last);
+    assert!(after[0].1.starts_with("seq=1 "), "{after:?}");
+
+    // Stop ends it: no replication runs, and none is shown as running.
     daemon.profile(&["stop", "work"]);
+    assert!(
+        common::wait_until(|| !replicating(&dir, "work"), WAIT),
+        "the replication outlived the stop"
+    );
+    let st: handset::api_types::ReplicationStatus = client(&dir)
+        .call("GET", "/v1/profiles/work/replicate", None::<&()>)
+        .unwrap();
+    assert!(!st.active && st.setting.is_some(), "{st:?}");
+    let checkpoints = events(&dir, "work", "replicated", last).len() as u64;
+    // The setting goes with DELETE (once).
+    let out = profile(&dir, &["replicate", "work", "--stop"]);
+    assert!(out.status.success(), "{}", said(&out));
+    let out = profile(&dir, &["replicate", "work", "--stop"]);
+    assert!(said(&out).contains("not replicated"), "{}", said(&out));
+    // The device is lost.
     daemon.stop();
     let initial = std::fs::read(dir.join("profiles/work/disks/data.img"))
         .map(|d| vec![0u8; d.len()])
@@ -153,11 +285,22 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
         &[],
     );
     assert!(rec.status.success(), "{}", said(&rec));
-    assert!(
-        said(&rec).contains("recovered checkpoints=2"),
-        "{}",
-        said(&rec)
-    );
+    // Every checkpoint recorded since the restart (and one the stop cut off after the host
+    // stored it, before the daemon heard).
+    let recovered_count = |text: &str, prefix: &str| -> u64 {
+        let n = text
+            .split(prefix)
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(
+            (checkpoints..=checkpoints + 1).contains(&n),
+            "{n} recovered, {checkpoints} recorded: {text}"
+        );
+        n
+    };
+    let n = recovered_count(&said(&rec), "recovered checkpoints=");
     let recovered = std::fs::read(&disk).unwrap();
     let back_serial = s.path("back.serial");
     let _vm = common::Vmm(
@@ -208,10 +351,9 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
     };
     let out = recover();
     assert!(out.status.success(), "{}", said(&out));
-    assert!(
-        said(&out).contains("recovered (suspended) checkpoints=2"),
-        "{}",
-        said(&out)
+    assert_eq!(
+        recovered_count(&said(&out), "recovered (suspended) checkpoints="),
+        n
     );
     let again = recover();
     assert!(!again.status.success());
@@ -227,7 +369,7 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
         .filter(|e| e.file_name().to_string_lossy().starts_with(".recover"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    let second = Daemon::start_with(&new, Some(&probe), &[], &["--no-jail"]);
+    let second = Daemon::start_with(&new, Some(&probe), &[], &[]);
     let show = second.profile(&["list"]);
     assert!(show.contains("suspended"), "{show}");
     second.profile(&["resume", "work"]);
@@ -239,53 +381,4 @@ fn a_replicated_profile_comes_back_on_another_device_from_its_last_checkpoint() 
     );
     let resumed = blk_counters(&common::read(&serial));
     assert_eq!(resumed[0], counted[0], "{resumed:?} against {counted:?}");
-}
-
-#[test]
-fn a_profile_in_a_jailed_vmm_is_refused_in_words() {
-    let Some(probe) = probe("handset_replica") else {
-        return;
-    };
-    // SAFETY: geteuid has no arguments and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        common::skip("a jailed VMM needs root");
-        return;
-    }
-    let host = CloudHost::start("pv-hreplicatest", "jailed");
-    let s = Scratch::new("pv-hreplicatest", "jailed-device");
-    let dir = s.path("state");
-    // The handset's default: every VMM jailed.
-    let daemon = Daemon::start_with(&dir, Some(&probe), &[], &[]);
-    let spec = s.path("work.toml");
-    std::fs::write(
-        &spec,
-        "name = \"work\"\nkernel = \"probe\"\ncmdline = \"pv.mode=counter pv.counter.ms=20\"\n\
-         memory_mib = 64\n",
-    )
-    .unwrap();
-    daemon.profile(&["create", "--file", spec.to_str().unwrap()]);
-    daemon.profile(&["start", "work"]);
-    let serial = dir.join("profiles/work/run/serial.log");
-    assert!(
-        common::wait_for(&serial, "PROBE counter 3\n", WAIT),
-        "the guest does not count: {}",
-        common::read(&serial)
-    );
-    host.give_identity(&dir, "phone");
-    let out = profile(
-        &dir,
-        &[
-            "replicate",
-            "work",
-            "--to",
-            &host.addr,
-            "--recipient",
-            "pvp-public-unused",
-            "--count",
-            "1",
-        ],
-    );
-    assert!(!out.status.success());
-    assert!(said(&out).contains("jailed VMM"), "{}", said(&out));
-    assert!(host.twin_dirs().is_empty(), "{:?}", host.twin_dirs());
 }

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 
 use crate::api_types::{
     CreateProfile, DeleteQuery, ErrorBody, EventsQuery, LimitQuery, OffloadRequest, Passcode,
-    ReclaimQuery, StopQuery,
+    ReclaimQuery, ReplicateRequest, ReplicationStatus, StopQuery,
 };
 use crate::daemon::Handset;
 use crate::db::Log;
@@ -104,6 +104,12 @@ pub enum Op {
     Clone,
     /// Move a file between a profile's agent inbox and its clone's.
     CloneFile,
+    /// Replicate a profile to a cloud host while it runs (the daemon's timer).
+    Replicate,
+    /// A profile's replication and how it goes.
+    Replication,
+    /// End a profile's replication.
+    Unreplicate,
 }
 
 /// One route.
@@ -161,6 +167,9 @@ pub const ROUTES: &[Route] = &[
     r("POST", "/v1/profiles/{name}/return", Op::Return),
     r("POST", "/v1/profiles/{name}/clone", Op::Clone),
     r("POST", "/v1/profiles/{name}/clone/files", Op::CloneFile),
+    r("POST", "/v1/profiles/{name}/replicate", Op::Replicate),
+    r("GET", "/v1/profiles/{name}/replicate", Op::Replication),
+    r("DELETE", "/v1/profiles/{name}/replicate", Op::Unreplicate),
 ];
 
 type Hs = Arc<Handset>;
@@ -437,6 +446,34 @@ async fn give_back(
     Ok(Json(audited(&h, peer, &name, "return", r)?))
 }
 
+async fn replicate(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+    body: Result<Json<ReplicateRequest>, JsonRejection>,
+) -> ApiResult<ReplicationStatus> {
+    let Json(req) = body.map_err(|e| Error::BadRequest(e.body_text()))?;
+    let r = h.set_replication(&name, req).await;
+    Ok(Json(audited(&h, peer, &name, "replicate", r)?))
+}
+
+async fn replication(
+    State(h): State<Hs>,
+    Path(name): Path<String>,
+) -> ApiResult<ReplicationStatus> {
+    Ok(Json(h.replication(&name)?))
+}
+
+async fn unreplicate(
+    State(h): State<Hs>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let r = h.stop_replication(&name).await;
+    audited(&h, peer, &name, "replicate-stop", r)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 lifecycle!(switch, "switch");
 lifecycle!(pause, "pause");
 lifecycle!(unpause, "unpause");
@@ -557,6 +594,9 @@ fn method_router(route: &Route) -> MethodRouter<Hs> {
         Op::Return => post(give_back),
         Op::Clone => post(clone_to),
         Op::CloneFile => post(crate::daemon::clone_files::with_clone),
+        Op::Replicate => post(replicate),
+        Op::Replication => get(replication),
+        Op::Unreplicate => delete(unreplicate),
     }
 }
 

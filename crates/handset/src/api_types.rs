@@ -340,6 +340,34 @@ pub struct OffloadRequest {
     pub to: String,
 }
 
+/// `POST /v1/profiles/{name}/replicate`: the daemon takes a checkpoint of the running
+/// profile every `every_s` seconds, sealed for `recipients`, and stores it at `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicateRequest {
+    /// The cloud host, `HOST:PORT` (`pocketvisor cloud serve`; its certificate must name
+    /// HOST).
+    pub to: String,
+    /// Seconds between checkpoints (1 to 86400).
+    pub every_s: u32,
+    /// The keys that open the checkpoints (`pvp-public-` and 64 hexadecimal digits; 1 to 16).
+    pub recipients: Vec<String>,
+    /// A new chain (a full checkpoint) after this many (1 to 100000; default 120).
+    #[serde(default)]
+    pub full_every: Option<u32>,
+}
+
+/// `GET /v1/profiles/{name}/replicate`: the profile's replication and how it goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// The setting (none: the profile is not replicated).
+    pub setting: Option<crate::db::Replication>,
+    /// Whether checkpoints are being taken now (the profile runs and its replication is up).
+    pub active: bool,
+    /// The last result this daemon recorded (`replicated seq=..`, or why one failed).
+    pub last: Option<String>,
+}
+
 /// `?force=` of `DELETE /v1/profiles/{name}`.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
 pub struct DeleteQuery {

@@ -42,7 +42,28 @@ pub const MIGRATIONS: &[&str] = &[
     );",
     // 2: the cloud host a profile's clone runs at (`profile clone`), for files back from it.
     "ALTER TABLE profiles ADD COLUMN clone_host TEXT;",
+    // 3: a profile's replication to a cloud host (`profile replicate`), run by the daemon.
+    "CREATE TABLE replication (
+        profile TEXT PRIMARY KEY REFERENCES profiles(name) ON DELETE CASCADE,
+        to_host TEXT NOT NULL,
+        every_s INTEGER NOT NULL,
+        recipients TEXT NOT NULL,
+        full_every INTEGER NOT NULL
+    );",
 ];
+
+/// A profile's replication setting (its `replication` row).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replication {
+    /// The cloud host, `HOST:PORT`.
+    pub to: String,
+    /// Seconds between checkpoints.
+    pub every_s: u32,
+    /// The keys that open the checkpoints (`pvp-public-...`).
+    pub recipients: Vec<String>,
+    /// A new chain (a full checkpoint) after this many.
+    pub full_every: u32,
+}
 
 /// A profile's row.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -294,6 +315,62 @@ impl Db {
             .flatten())
     }
 
+    /// Sets (replacing) profile `name`'s replication.
+    pub fn set_replication(&self, name: &str, r: &Replication) -> Result<()> {
+        let recipients = serde_json::to_string(&r.recipients)
+            .map_err(|e| crate::Error::Internal(format!("recipients: {e}")))?;
+        self.conn.execute(
+            "INSERT INTO replication (profile, to_host, every_s, recipients, full_every)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(profile) DO UPDATE SET to_host = ?2, every_s = ?3, recipients = ?4,
+             full_every = ?5",
+            params![name, r.to, r.every_s, recipients, r.full_every],
+        )?;
+        Ok(())
+    }
+
+    /// Removes profile `name`'s replication; whether it had one.
+    pub fn remove_replication(&self, name: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM replication WHERE profile = ?1", [name])?
+            > 0)
+    }
+
+    /// Every profile's replication, by profile name.
+    pub fn replications(&self) -> Result<Vec<(String, Replication)>> {
+        let mut st = self.conn.prepare(
+            "SELECT profile, to_host, every_s, recipients, full_every FROM replication
+             ORDER BY profile",
+        )?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, u32>(4)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, to, every_s, recipients, full_every) = row?;
+            let recipients = serde_json::from_str(&recipients).map_err(|e| {
+                crate::Error::Internal(format!("{name}: the replication's recipients: {e}"))
+            })?;
+            out.push((
+                name,
+                Replication {
+                    to,
+                    every_s,
+                    recipients,
+                    full_every,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     /// Makes `name` the only foreground profile (`None`: no foreground profile).
     pub fn set_foreground(&self, name: Option<&str>) -> Result<()> {
         self.conn.execute(
@@ -360,6 +437,34 @@ fn event_row(r: &rusqlite::Row) -> rusqlite::Result<Event> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replication_is_set_replaced_and_goes_with_its_profile() {
+        let t = tempfile::tempdir().unwrap();
+        let db = Db::open(&t.path().join("h.db")).unwrap();
+        db.insert_profile("a").unwrap();
+        db.insert_profile("b").unwrap();
+        let mut r = Replication {
+            to: "cloud.example:7000".into(),
+            every_s: 30,
+            recipients: vec!["pvp-public-00".into()],
+            full_every: 120,
+        };
+        db.set_replication("a", &r).unwrap();
+        r.every_s = 2;
+        db.set_replication("a", &r).unwrap();
+        db.set_replication("b", &r).unwrap();
+        assert_eq!(
+            db.replications().unwrap(),
+            [("a".to_string(), r.clone()), ("b".to_string(), r.clone())]
+        );
+        // No replication of a profile that does not exist.
+        assert!(db.set_replication("nobody", &r).is_err());
+        assert!(db.remove_replication("b").unwrap());
+        assert!(!db.remove_replication("b").unwrap());
+        db.delete_profile("a").unwrap();
+        assert!(db.replications().unwrap().is_empty());
+    }
 
     #[test]
     fn migrations_profiles_and_records() {

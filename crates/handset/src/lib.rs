@@ -228,6 +228,8 @@ pub async fn run_until(
             }
         })
     };
+    // Replication of the profiles that have it, while they run.
+    let replicate_task = tokio::spawn(daemon::replicate::run(h.clone(), stop_seen.clone()));
     let mdm_task = h.mdm_options().cloned().map(|opts| {
         let stop_seen = stop_seen.clone();
         tokio::spawn(mdm_link::run(h.clone(), opts, stop_seen))
@@ -241,6 +243,7 @@ pub async fn run_until(
     let served = api::serve(h.clone(), listener, shutdown).await;
     tracing::info!("handset daemon stopping: suspending or stopping the running profiles");
     let _ = drops_task.await;
+    let _ = replicate_task.await;
     if let Some(task) = mdm_task {
         let _ = task.await;
     }

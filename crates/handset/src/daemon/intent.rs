@@ -64,7 +64,10 @@ fn complete(dir: &Path) -> bool {
 
 impl Handset {
     /// Records that `intent` is about to act on `name` (durably, before anything changes).
+    /// A running replication ends first: every step that has an intent ends or replaces the
+    /// VMM it checkpoints.
     pub(super) fn begin_intent(&self, name: &str, intent: Intent) -> Result<()> {
+        self.halt_replication(name);
         state_dir::write_atomic(&self.dir().intent(name), intent.as_str().as_bytes())
     }
 

@@ -24,6 +24,7 @@ mod lock;
 pub mod managed;
 pub mod pause;
 mod registry;
+pub mod replicate;
 pub mod settings;
 mod supervisor;
 pub mod view;
@@ -97,6 +98,7 @@ pub struct Handset {
     views: view::Views,
     cloud_screens: cloud_screen::CloudScreens,
     device_screen: device_screen::DeviceScreen,
+    replicas: replicate::Replicas,
     mdm_status: std::sync::Mutex<Option<crate::mdm_link::MdmStatus>>,
 }
 
@@ -117,6 +119,7 @@ impl Handset {
             views: view::Views::default(),
             cloud_screens: cloud_screen::CloudScreens::default(),
             device_screen: device_screen::DeviceScreen::default(),
+            replicas: replicate::Replicas::default(),
             mdm_status: std::sync::Mutex::new(None),
         }))
     }
@@ -334,6 +337,8 @@ impl Handset {
         }
         let _ = self.cgroups.remove(name);
         self.remove_jail_dir(name);
+        // Its replication setting goes with its row.
+        self.halt_replication(name);
         self.registry.remove(name)?;
         self.supervisor.forget_restarts(name);
         self.registry.event(name, "deleted", "");
@@ -970,6 +975,7 @@ impl Handset {
     /// running: a VMM without its supervisor would not be restarted or switched).
     pub async fn shutdown(self: &Arc<Self>) {
         let _ops = self.ops.lock().await;
+        self.halt_all_replications();
         for n in self.supervisor.names() {
             let suspend = self
                 .registry

@@ -374,6 +374,7 @@ impl Handset {
 
     /// Ends a profile's VMM: API stop, then SIGTERM, then SIGKILL; cleans up. Returns how.
     pub(super) async fn stop_vm(&self, name: &str) -> Result<String> {
+        self.halt_replication(name);
         let (pid, stopping, mut exited) = {
             let r = guard(&self.supervisor.running);
             match r.get(name) {
