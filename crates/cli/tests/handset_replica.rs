@@ -100,8 +100,11 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
     let host = CloudHost::start("pv-hreplicatest", "replicate");
     let s = Scratch::new("pv-hreplicatest", "device");
     let dir = s.path("state");
-    // The handset's default: every VMM jailed.
-    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &[]);
+    // The handset's default: every VMM jailed. The daemon that adopts them later runs with
+    // the same cgroup parent.
+    let cgroup = format!("pv-hreplicatest-{}", std::process::id());
+    let flags = ["--cgroup-parent", cgroup.as_str()];
+    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &flags);
     let spec = s.path("work.toml");
     std::fs::write(
         &spec,
@@ -216,21 +219,31 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
         std::os::unix::fs::MetadataExt::uid(&run_dir)
     );
 
-    // The daemon dies and another adopts the VMM: the replication goes on (a new chain).
-    let last = stored.last().unwrap().0;
+    // The daemon dies and another adopts the VMM: the replication goes on, in a new chain.
+    let chain = |detail: &str| detail.split("chain=").nth(1).unwrap_or("").to_string();
+    let old_chain = chain(&stored[0].1);
     daemon.kill();
     assert!(
         common::wait_until(|| !replicating(&dir, "work"), WAIT),
         "the replication outlived its daemon"
     );
-    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &[]);
+    let mut daemon = Daemon::start_with(&dir, Some(&probe), &[], &flags);
+    let new_chain = || {
+        events(&dir, "work", "replicated", 0)
+            .into_iter()
+            .filter(|(_, d)| chain(d) != old_chain)
+            .collect::<Vec<_>>()
+    };
     assert!(
-        common::wait_until(|| events(&dir, "work", "replicated", last).len() >= 2, WAIT),
+        common::wait_until(|| new_chain().len() >= 2, WAIT),
         "no checkpoint after the daemon restart: {:?}",
-        events(&dir, "work", "replicate-failed", last)
+        events(&dir, "work", "replicate-failed", 0)
     );
-    let after = events(&dir, "work", "replicated", last);
-    assert!(after[0].1.starts_with("seq=1 "), "{after:?}");
+    let after = new_chain();
+    assert!(
+        after[0].1.starts_with("seq=1 ") && after[0].1.contains("full=true"),
+        "{after:?}"
+    );
 
     // Stop ends it: no replication runs, and none is shown as running.
     daemon.profile(&["stop", "work"]);
@@ -242,7 +255,7 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
         .call("GET", "/v1/profiles/work/replicate", None::<&()>)
         .unwrap();
     assert!(!st.active && st.setting.is_some(), "{st:?}");
-    let checkpoints = events(&dir, "work", "replicated", last).len() as u64;
+    let checkpoints = new_chain().len() as u64;
     // The setting goes with DELETE (once).
     let out = profile(&dir, &["replicate", "work", "--stop"]);
     assert!(out.status.success(), "{}", said(&out));
@@ -311,8 +324,11 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
             .arg(&disk)
             .arg("--serial")
             .arg(format!("file:{}", back_serial.display()))
+            // The jailed VMM named its socket as its jail shows it.
+            .arg("--vsock-socket")
+            .arg(s.path("back.vsock"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(s.path("back.stderr")).unwrap())
             .spawn()
             .unwrap(),
     );
@@ -321,8 +337,9 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
             || blk_counters(&common::read(&back_serial)).len() >= 5,
             WAIT
         ),
-        "the recovered guest does not count: {}",
-        common::read(&back_serial)
+        "the recovered guest does not count: {}\n{}",
+        common::read(&back_serial),
+        common::read(&s.path("back.stderr"))
     );
     let counted = blk_counters(&common::read(&back_serial));
     assert!(
