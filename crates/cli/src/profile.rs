@@ -225,8 +225,8 @@ EXAMPLE:
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
     },
-    /// Keep a replica of a running profile at a cloud host: an encrypted checkpoint every
-    /// period (runs until stopped).
+    /// Keep a replica of a profile at a cloud host: the daemon takes an encrypted checkpoint
+    /// every period while the profile runs (until --stop).
     Replicate(crate::replica::ProfileReplicateArgs),
     /// Add the VM a replica's last checkpoint holds to this handset as a suspended profile.
     Recover(crate::replica::ProfileRecoverArgs),

@@ -237,7 +237,9 @@ the replica NAME: a checkpoint that does not arrive whole is not stored, and the
 stays recoverable. Every --full-every checkpoints a new chain starts with a full one, and the
 host drops the old chain once that one is stored. One that could not be sent is sent again first, before the next is taken.
 Prints one line per stored checkpoint. Ends after --count checkpoints, or with an error when
-the VMM stops answering.
+the VMM stops answering. A jailed VMM writes its checkpoints where its jail shows it
+--vmm-dir (--vmm-sees); they are read from there without following links (the handset
+daemon's replication passes both).
 
 EXAMPLE:
   pocketvisor keygen -o recovery.key > recovery.pub

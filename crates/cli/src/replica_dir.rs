@@ -154,6 +154,10 @@ impl VmmDir {
             if st.st_mode & libc::S_IFMT != libc::S_IFREG {
                 bail!("the VMM's checkpoint {name}: {f} is not a regular file");
             }
+            // A file the VMM wrote has no other name: a hard link to another file is refused.
+            if st.st_nlink != 1 {
+                bail!("the VMM's checkpoint {name}: {f} has {} links", st.st_nlink);
+            }
             total = total.saturating_add(u64::try_from(st.st_size).unwrap_or(u64::MAX));
             files.push(File::from(fd));
         }
@@ -255,6 +259,12 @@ mod tests {
         symlink(&secret, host.join("ckpt-2").join(FILES[2])).unwrap();
         let e = v.open_checkpoint("ckpt-2").err().unwrap();
         assert!(format!("{e:#}").contains("no regular file"), "{e:#}");
+        // A hard link to a file of the host (one it could name) is refused too.
+        write_checkpoint(&host.join("ckpt-4"));
+        std::fs::remove_file(host.join("ckpt-4").join(FILES[0])).unwrap();
+        std::fs::hard_link(&secret, host.join("ckpt-4").join(FILES[0])).unwrap();
+        let e = v.open_checkpoint("ckpt-4").err().unwrap();
+        assert!(format!("{e:#}").contains("2 links"), "{e:#}");
         // A FIFO is not read (nor waited on).
         write_checkpoint(&host.join("ckpt-3"));
         let fifo = host.join("ckpt-3").join(FILES[1]);
@@ -265,7 +275,7 @@ mod tests {
         let e = v.open_checkpoint("ckpt-3").err().unwrap();
         assert!(format!("{e:#}").contains("not a regular file"), "{e:#}");
         // Removing them removes the links, never what they point to.
-        for n in ["ckpt-1", "ckpt-2", "ckpt-3"] {
+        for n in ["ckpt-1", "ckpt-2", "ckpt-3", "ckpt-4"] {
             v.remove(n.as_ref());
         }
         assert_eq!(std::fs::read_dir(&host).unwrap().count(), 0);

@@ -6,6 +6,8 @@
 //! - `supervisor`: the VMM processes, their watchers, crash restarts, adoption, stopping;
 //! - `foreground`: switching, CPU weights, pausing `background = "pause"` profiles.
 //!
+//! Beside them, [`replicate`] runs each replicated profile's `cloud replicate` while it runs.
+//!
 //! [`Handset`] ties them together behind the API's operations. Lifecycle changes (create,
 //! start, stop, suspend, resume, switch, delete, crash handling) are serialised by one async
 //! lock, so the API can be called concurrently. Each running profile has a watcher task that

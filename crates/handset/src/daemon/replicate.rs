@@ -165,6 +165,12 @@ impl Handset {
                  yet: it is not replicated (docs/cloud.md)"
             )));
         }
+        if self.registry.spec(name)?.encrypt_at_rest {
+            return Err(Error::Conflict(format!(
+                "profile {name:?} is encrypted at rest: its VMM does not take checkpoints of a \
+                 VM with an encrypted disk yet (docs/cloud.md)"
+            )));
+        }
         super::cloud::identity(self.dir())?;
         {
             let _ops = self.ops.lock().await;
