@@ -850,12 +850,9 @@ fn lifecycle_with(
 
 /// Runs one `profile` subcommand.
 pub fn main(a: ProfileArgs) -> Result<i32> {
-    match a.cmd {
-        ProfileCmd::Recover(r) => {
-            let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
-            return crate::replica::profile_recover(&dir, r);
-        }
-        _ => {}
+    if let ProfileCmd::Recover(r) = a.cmd {
+        let dir = handset::StateDir::resolve(a.state_dir.as_deref())?;
+        return crate::replica::profile_recover(&dir, r);
     }
     if let ProfileCmd::Policy { name } = &a.cmd {
         handset::spec::check_name("profile name", name)?;

@@ -371,7 +371,9 @@ pub fn profile_replicate(
     let path = format!("/v1/profiles/{}/replicate", a.name);
     if a.stop {
         let _: serde_json::Value = c.call("DELETE", &path, None::<&()>)?;
-        if !json {
+        if json {
+            outln!("{}", serde_json::json!({"name": a.name, "replication": "stopped"}));
+        } else {
             outln!("{}: replication stopped", a.name);
         }
         return Ok(());
