@@ -372,7 +372,10 @@ pub fn profile_replicate(
     if a.stop {
         let _: serde_json::Value = c.call("DELETE", &path, None::<&()>)?;
         if json {
-            outln!("{}", serde_json::json!({"name": a.name, "replication": "stopped"}));
+            outln!(
+                "{}",
+                serde_json::json!({"name": a.name, "replication": "stopped"})
+            );
         } else {
             outln!("{}: replication stopped", a.name);
         }
