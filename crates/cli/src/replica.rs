@@ -411,7 +411,7 @@ pub fn describe_replication(st: &handset::api_types::ReplicationStatus) -> Strin
         if st.active {
             "checkpointing"
         } else {
-            "waits for the profile to run"
+            "idle: the profile does not run, or a retry is due"
         },
         st.last.as_deref().unwrap_or("-")
     )

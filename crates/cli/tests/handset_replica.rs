@@ -175,7 +175,7 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
     let out = replicate("1s");
     assert!(out.status.success(), "{}", said(&out));
     assert!(
-        said(&out).contains("waits for the profile to run"),
+        said(&out).contains("idle: the profile does not run"),
         "{}",
         said(&out)
     );
