@@ -2,7 +2,8 @@
 //! serve`) on loopback: a profile in a jailed VMM (the daemon's default) writing its disk (the
 //! probe in blk-counter mode) is replicated by the daemon on its timer (`profile replicate`,
 //! POST /v1/profiles/NAME/replicate) with the handset's identity towards cloud hosts
-//! (`<state>/cloud/`); it goes on after a daemon restart and ends with the profile's stop.
+//! (`<state>/cloud/`); it goes on after a daemon restart, ends with a suspend, goes on after
+//! the resume and ends with the profile's stop.
 //! `pocketvisor cloud recover`, with that identity and the recovery key, gives back the guest
 //! as the last checkpoint left it: it counts on from there and its disk is, byte for byte,
 //! what it had written. `profile recover` on a new handset makes it a suspended profile
@@ -245,6 +246,34 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
         "{after:?}"
     );
 
+    // Suspend ends it; resume takes it up again, in a new chain.
+    daemon.profile(&["suspend", "work"]);
+    assert!(
+        common::wait_until(|| !replicating(&dir, "work"), WAIT),
+        "the replication outlived the suspend"
+    );
+    let second_chain = chain(&after[0].1);
+    daemon.profile(&["resume", "work"]);
+    let last_chain = || {
+        let all = events(&dir, "work", "replicated", 0);
+        let c = all.last().map(|(_, d)| chain(d)).unwrap_or_default();
+        all.into_iter()
+            .filter(|(_, d)| chain(d) == c)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        common::wait_until(
+            || {
+                let l = last_chain();
+                l.len() >= 2 && chain(&l[0].1) != second_chain && chain(&l[0].1) != old_chain
+            },
+            WAIT
+        ),
+        "no checkpoint after the resume: {:?}",
+        events(&dir, "work", "replicate-failed", 0)
+    );
+    assert!(last_chain()[0].1.starts_with("seq=1 "), "{:?}", last_chain());
+
     // Stop ends it: no replication runs, and none is shown as running.
     daemon.profile(&["stop", "work"]);
     assert!(
@@ -255,7 +284,7 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
         .call("GET", "/v1/profiles/work/replicate", None::<&()>)
         .unwrap();
     assert!(!st.active && st.setting.is_some(), "{st:?}");
-    let checkpoints = new_chain().len() as u64;
+    let checkpoints = last_chain().len() as u64;
     // The setting goes with DELETE (once).
     let out = profile(&dir, &["replicate", "work", "--stop"]);
     assert!(out.status.success(), "{}", said(&out));
