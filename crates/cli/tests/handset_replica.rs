@@ -272,7 +272,11 @@ fn a_jailed_profile_replicated_by_the_daemon_comes_back_from_its_last_checkpoint
         "no checkpoint after the resume: {:?}",
         events(&dir, "work", "replicate-failed", 0)
     );
-    assert!(last_chain()[0].1.starts_with("seq=1 "), "{:?}", last_chain());
+    assert!(
+        last_chain()[0].1.starts_with("seq=1 "),
+        "{:?}",
+        last_chain()
+    );
 
     // Stop ends it: no replication runs, and none is shown as running.
     daemon.profile(&["stop", "work"]);
