@@ -340,7 +340,7 @@ impl Handset {
         let _ = self.cgroups.remove(name);
         self.remove_jail_dir(name);
         // Its replication setting goes with its row.
-        self.halt_replication(name);
+        self.forget_replication(name);
         self.registry.remove(name)?;
         self.supervisor.forget_restarts(name);
         self.registry.event(name, "deleted", "");

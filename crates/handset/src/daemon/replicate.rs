@@ -203,8 +203,7 @@ impl Handset {
                 "profile {name:?} is not replicated"
             )));
         }
-        self.halt_replication(name);
-        guard(&self.replicas.last).remove(name);
+        self.forget_replication(name);
         self.registry.event(name, "replication-stopped", "");
         Ok(())
     }
@@ -234,6 +233,12 @@ impl Handset {
     pub(super) fn halt_replication(&self, name: &str) {
         let gone = guard(&self.replicas.running).remove(name);
         drop(gone);
+    }
+
+    /// Ends profile `name`'s replication and forgets its last result (the profile goes).
+    pub(super) fn forget_replication(&self, name: &str) {
+        self.halt_replication(name);
+        guard(&self.replicas.last).remove(name);
     }
 
     /// Ends every running replication (daemon shutdown).

@@ -46,6 +46,7 @@ impl Handset {
         crate::fault::kill_point("wipe-erased");
         let _ = self.cgroups.remove(name);
         self.remove_jail_dir(name);
+        self.forget_replication(name);
         self.registry.remove(name)?;
         self.supervisor.forget_restarts(name);
         let how = if crypto_erased {
