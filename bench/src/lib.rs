@@ -6,4 +6,5 @@ pub mod portable;
 pub mod qmp;
 pub mod rawexit;
 pub mod rfb;
+pub mod serial_tap;
 pub mod util;

@@ -24,6 +24,7 @@ mod screen;
 mod serial;
 mod smp;
 mod sync;
+mod tick;
 mod time;
 mod virtio;
 
@@ -61,6 +62,7 @@ extern "C" fn rust_start(start_info: u32, entry_tsc: u64) -> ! {
     interrupts::disable_pic();
     interrupts::lapic_enable();
     let timer_ok = interrupts::start_timer();
+    tick::init();
 
     let mode = boot.arg("pv.mode").unwrap_or("selftest");
     if mode != "counter" {
@@ -118,7 +120,7 @@ fn counter(ms: u64) -> ! {
         n += 1;
         next += period;
         while port::rdtsc() < next {
-            interrupts::wait();
+            tick::wait();
         }
     }
 }

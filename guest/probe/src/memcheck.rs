@@ -4,7 +4,7 @@
 //! the pattern again after every pass: a guest that keeps dirtying its RAM (migration tests).
 
 use crate::port::{mmio, rdtsc};
-use crate::{interrupts, mem, probe, pvh, time};
+use crate::{mem, probe, pvh, tick, time};
 
 const PAGE: u64 = 4096;
 const PAGE_BYTES: usize = 4096;
@@ -33,6 +33,7 @@ fn fill(start: u64, len: u64, words: u64) {
             let (at, v) = word(page, k, words);
             mmio::write::<u64>(at, v);
         }
+        tick::poll();
     }
 }
 
@@ -50,6 +51,7 @@ fn check(start: u64, len: u64, words: u64) -> (u64, Option<u64>) {
             bad += 1;
             first.get_or_insert(page);
         }
+        tick::poll();
     }
     (bad, first)
 }
@@ -69,7 +71,7 @@ fn idle(ms: u64, tick: u64) {
             probe!("mem idle");
             next = rdtsc().wrapping_add(period);
         }
-        interrupts::wait();
+        tick::wait();
     }
 }
 
