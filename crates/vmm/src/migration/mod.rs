@@ -143,6 +143,23 @@ pub struct MigrationStats {
     pub base_skipped: u64,
     /// Bytes of the destination's `Base` payload (its digests; 0 without a base).
     pub base_received: u64,
+    /// Where the downtime went.
+    pub phases: DowntimePhases,
+}
+
+/// The parts of a migration's downtime, in order (they add up to it, less the kept copy).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DowntimePhases {
+    /// Parking the vCPUs, quiescing the devices and draining the serial log.
+    pub pause: Duration,
+    /// The last dirty pages and disk chunks.
+    pub copy: Duration,
+    /// Saving, compressing and sending the VM state.
+    pub state: Duration,
+    /// Waiting for the destination's `Ready` (it completes and checks the VM).
+    pub ready: Duration,
+    /// From `Commit` to the destination's `Running`.
+    pub commit: Duration,
 }
 
 impl std::fmt::Display for MigrationStats {
@@ -150,7 +167,8 @@ impl std::fmt::Display for MigrationStats {
         write!(
             f,
             "migrated rounds={} bytes={} pages={} final_pages={} downtime_us={} total_ms={} \
-             throttle_percent={} disk_chunks={} kept_ms={} base_skipped={} base_received={}",
+             throttle_percent={} disk_chunks={} kept_ms={} base_skipped={} base_received={} \
+             pause_us={} copy_us={} state_us={} ready_us={} commit_us={}",
             self.rounds,
             self.bytes,
             self.pages,
@@ -161,7 +179,12 @@ impl std::fmt::Display for MigrationStats {
             self.disk_chunks,
             self.kept.as_millis(),
             self.base_skipped,
-            self.base_received
+            self.base_received,
+            self.phases.pause.as_micros(),
+            self.phases.copy.as_micros(),
+            self.phases.state.as_micros(),
+            self.phases.ready.as_micros(),
+            self.phases.commit.as_micros(),
         )
     }
 }
@@ -624,19 +647,25 @@ impl Vm {
 
         // Stop and copy.
         let paused_at = Instant::now();
+        let mut lap = Lap(paused_at);
+        let mut phases = DowntimePhases::default();
         self.pause(threads)
             .map_err(|e| refused(format!("cannot pause the VM: {e}")))?;
+        phases.pause = lap.next();
         let last = merge(pending, self.dirty.dirty_pages()?);
         // Paused devices: no write is in flight, every one is marked.
         disk_batch.send_dirty(ch, &disks)?;
         let final_pages = send_dirty(ch, &self.mem, &last, || {})?;
+        phases.copy = lap.next();
         fault::kill_point("migrate-stop-copy");
         let (state, _) = self.state_sections(threads)?;
         let state = zstd::bulk::compress(&state.finish(), STATE_ZSTD_LEVEL)
             .map_err(|e| refused(format!("compressing the VM state: {e}")))?;
         ch.send(Kind::State, &state)?;
         ch.flush()?;
+        phases.state = lap.next();
         expect(ch, Kind::Ready)?;
+        phases.ready = lap.next();
         // The copy this host keeps: the state just sent, with memory as the destination has it.
         let kept_at = Instant::now();
         if let Some(dir) = &opts.keep {
@@ -648,6 +677,7 @@ impl Vm {
         } else {
             Duration::ZERO
         };
+        lap.next();
         ch.send(Kind::Commit, &[])?;
         ch.flush()?;
         fault::kill_point("migrate-committed");
@@ -655,6 +685,7 @@ impl Vm {
             error,
             in_doubt: true,
         })?;
+        phases.commit = lap.next();
         Ok(MigrationStats {
             rounds,
             bytes: ch.bytes_sent,
@@ -667,7 +698,19 @@ impl Vm {
             kept,
             base_skipped: pages_skipped + disk_batch.skipped,
             base_received: base_payload.len() as u64,
+            phases,
         })
+    }
+}
+
+/// Times consecutive phases.
+struct Lap(Instant);
+
+impl Lap {
+    /// The time since the last call (or the start), and starts the next phase.
+    fn next(&mut self) -> Duration {
+        let now = Instant::now();
+        now - std::mem::replace(&mut self.0, now)
     }
 }
 
