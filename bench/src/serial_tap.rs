@@ -1,7 +1,8 @@
 //! A guest's serial console read through a FIFO, each read timestamped as it arrives: how long
 //! the guest was silent is seen from outside the VMM. The probe's tick bytes (`pv.tick.us`,
 //! [`TICK`]) are counted as output and taken out; the rest is appended to a log file, which
-//! [`crate::compare::lines`] and [`crate::compare::wait_until`] read as before.
+//! [`crate::compare::lines`] and [`crate::compare::wait_until`] read as before. The reading
+//! thread asks for real-time priority (when it may), so its timestamps are the arrivals'.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -91,7 +92,17 @@ fn readable(f: &File, ms: i32) -> bool {
     n > 0 && p.revents & libc::POLLIN != 0
 }
 
+/// Asks for real-time scheduling (SCHED_FIFO, the lowest priority) for this thread, so a read's
+/// timestamp does not wait for the host's scheduler at load; without the privilege it runs as
+/// it was.
+fn realtime() {
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: sets this thread's own policy from a valid sched_param.
+    let _ = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+}
+
 fn read_loop(mut input: File, mut out: File, stop: &AtomicBool) -> Vec<Instant> {
+    realtime();
     let mut times = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
     loop {

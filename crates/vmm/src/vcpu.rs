@@ -1,9 +1,9 @@
 //! The vCPU threads: run the guest, dispatch MMIO exits to the bus and architecture exits
 //! (x86_64: port I/O) to the architecture's hook.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -37,7 +37,7 @@ pub struct VcpuShared {
     /// Set while the VM is paused: vCPUs leave KVM_RUN and park.
     pub pause: AtomicBool,
     /// How many vCPUs are parked.
-    pub parked: AtomicUsize,
+    pub parked: Parked,
     /// The first vCPU error, if any.
     pub error: Mutex<Option<(u8, String)>>,
     /// Whether a port access no device takes whole is split into string I/O (firmware boots
@@ -53,6 +53,45 @@ impl VcpuShared {
         }
         drop(e);
         let _ = self.exit.event.write(1);
+    }
+}
+
+/// How many vCPUs are parked, and a wakeup for whoever waits for that number: a pause ends
+/// as soon as the last vCPU parks, not at the next poll.
+#[derive(Default)]
+pub struct Parked {
+    count: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl Parked {
+    /// How many are parked now.
+    pub fn get(&self) -> usize {
+        *lock(&self.count)
+    }
+
+    fn change(&self, f: impl FnOnce(usize) -> usize) {
+        let mut c = lock(&self.count);
+        *c = f(*c);
+        drop(c);
+        self.changed.notify_all();
+    }
+
+    /// Waits at most `limit` for `done(count)`; whether it holds.
+    pub fn wait_until(&self, limit: std::time::Duration, done: impl Fn(usize) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        let mut c = lock(&self.count);
+        while !done(*c) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            c = match self.changed.wait_timeout(c, left) {
+                Ok((c, _)) => c,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
     }
 }
 
@@ -104,7 +143,7 @@ fn park(vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
     vcpu.set_kvm_immediate_exit(1);
     let _ = vcpu.run();
     vcpu.set_kvm_immediate_exit(0);
-    shared.parked.fetch_add(1, Ordering::AcqRel);
+    shared.parked.change(|n| n + 1);
     while !shared.stop.load(Ordering::Acquire) {
         match rx.recv_timeout(std::time::Duration::from_millis(50)) {
             Ok(VcpuMsg::Call(f)) => f(vcpu),
@@ -114,7 +153,7 @@ fn park(vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    shared.parked.fetch_sub(1, Ordering::AcqRel);
+    shared.parked.change(|n| n.saturating_sub(1));
 }
 
 fn run(id: u8, vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {

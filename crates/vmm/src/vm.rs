@@ -450,11 +450,13 @@ impl Vm {
             return Ok(());
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        // A kicked vCPU parks within microseconds: wait 20 us first, twice as long each time
-        // after, up to 1 ms (a fixed 1 ms wait made every pause, and so every migration's
-        // downtime, at least 1 ms).
+        // A kicked vCPU parks within microseconds, and the last one to park wakes this
+        // thread; a kick that came just before a vCPU entered KVM_RUN is repeated after 20 us,
+        // then twice as long each time, up to 1 ms (a fixed 1 ms wait made every pause, and
+        // so every migration's downtime, at least 1 ms).
+        let n = threads.len();
         let mut wait = Duration::from_micros(20);
-        while self.shared.parked.load(Ordering::Acquire) < threads.len() {
+        while self.shared.parked.get() < n {
             if threads.iter().any(|t| t.handle.is_finished()) {
                 self.resume(threads);
                 return Err(RequestError::VcpuStopped);
@@ -464,7 +466,7 @@ impl Vm {
                 return Err(RequestError::PauseTimeout);
             }
             threads.iter().for_each(|t| t.kick());
-            std::thread::sleep(wait);
+            self.shared.parked.wait_until(wait, |p| p >= n);
             wait = (wait * 2).min(Duration::from_millis(1));
         }
         self.devices.pause();
@@ -484,11 +486,9 @@ impl Vm {
             t.send(VcpuMsg::Resume);
         }
         // Wait until they have left the parked state so a new pause counts afresh.
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while self.shared.parked.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_micros(200));
-        }
+        self.shared
+            .parked
+            .wait_until(Duration::from_secs(1), |p| p == 0);
     }
 }
 
