@@ -37,6 +37,15 @@ fn returning_vmm(api: &Path) -> Option<u32> {
     })
 }
 
+/// The last 1,000 bytes of `text` (a log in an assertion's message).
+fn tail(text: &str) -> &str {
+    let mut at = text.len().saturating_sub(1000);
+    while !text.is_char_boundary(at) {
+        at += 1;
+    }
+    &text[at..]
+}
+
 fn blk_last(path: &Path) -> u64 {
     blk_counters(&common::read(path))
         .last()
@@ -217,10 +226,11 @@ fn a_clone_runs_at_the_cloud_host_with_its_own_cid_while_the_original_runs_on() 
             || blk_last(&twin_log) > at_clone + 10 && blk_last(&serial) > at_clone + 10,
             WAIT
         ),
-        "both do not write on from {at_clone}: here {}, there {}\n{}",
+        "both do not write on from {at_clone}: here {}, there {}\n{}\nthe clone's log ends:\n{}",
         blk_last(&serial),
         blk_last(&twin_log),
-        common::read(&host.dir.path("serve.stderr"))
+        common::read(&host.dir.path("serve.stderr")),
+        tail(&common::read(&twin_log))
     );
     // The clone goes on from the switch, which lies within the clone call (the call also
     // waits for the twin's notice, seconds at load 10): a clone that booted anew would start
