@@ -218,6 +218,20 @@ pub fn vmm_args(
     a
 }
 
+/// Makes the process `c` starts end (SIGTERM) when this daemon does, rather than serve on
+/// without it (`PR_SET_PDEATHSIG`): the daemon's helpers (a twin's relay, a replication).
+pub fn end_with_daemon(c: &mut tokio::process::Command) {
+    // SAFETY: prctl is async-signal-safe and touches no memory of the parent's.
+    unsafe {
+        c.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts `bin` with `args` in its own process group, output appended to `log`. `stdin`, if
 /// given, is written to the process's stdin, which is then closed (the keys of encrypted
 /// disks: never on a command line, in the environment or in a file); otherwise stdin is

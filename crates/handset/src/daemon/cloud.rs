@@ -73,16 +73,7 @@ impl Identity {
             .arg(&self.tls.ca)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent's: the relay
-        // ends with the daemon rather than serving a twin's socket after it.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        vmm_proc::end_with_daemon(&mut c);
         c
     }
 }

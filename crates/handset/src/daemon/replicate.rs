@@ -352,16 +352,8 @@ impl Handset {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent's: the child
-        // ends with the daemon rather than checkpointing a VMM without it.
-        unsafe {
-            c.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        // It ends with the daemon rather than checkpointing a VMM without it.
+        vmm_proc::end_with_daemon(&mut c);
         let mut child = c.spawn().map_err(Error::io(format!(
             "cannot run {}",
             self.opts.vmm_bin.display()
