@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::compare;
+use crate::compare::{self, wait_until};
 use crate::util::Proc;
 
 /// A CA, the cloud host's (`cloud`, for 127.0.0.1) and a device's (`phone`) certificates and
@@ -62,4 +62,37 @@ pub fn serve(bin: &Path, certs: &Path, dir: &Path, limit: Duration) -> Result<(P
     let addr =
         compare::listen_address(&serve_err, "cloud host listening on ", limit, "cloud serve")?;
     Ok((serve, addr))
+}
+
+/// The two probe guests of the cloud benches, with data in their RAM, as (name, command line):
+/// `idle` (`data_mb` MiB written once, then only read back) and `dirtying` (`dirty_mb` MiB
+/// rewritten every 50 ms), `words` pattern words per 4 KiB page.
+pub fn mem_guests(data_mb: u64, dirty_mb: u64, words: u64) -> [(&'static str, String); 2] {
+    [
+        (
+            "idle",
+            format!(
+                "pv.mode=mem pv.mem.mb={data_mb} pv.mem.words={words} pv.mem.gap=1000 \
+                 pv.mem.tick=100000"
+            ),
+        ),
+        (
+            "dirtying",
+            format!(
+                "pv.mode=mem pv.mem.refill=1 pv.mem.mb={dirty_mb} pv.mem.words={words} \
+                 pv.mem.gap=50 pv.mem.tick=100000"
+            ),
+        ),
+    ]
+}
+
+/// Waits until the guest logging to `log` (one of [`mem_guests`]) has its data in RAM: two
+/// memory passes checked.
+pub fn wait_for_data(log: &Path, limit: Duration) -> Result<()> {
+    wait_until(log, limit, "two memory passes", |l| {
+        l.iter()
+            .filter(|l| l.starts_with("PROBE mem pass n=") && l.contains(" ok "))
+            .count()
+            >= 2
+    })
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bench::cloud;
-use bench::compare::{self, exit_on_error, field, wait_lines, wait_until, Stat};
+use bench::compare::{self, exit_on_error, field, wait_lines, Stat};
 use bench::util::{Args, Proc};
 
 const USAGE: &str = "\
@@ -116,23 +116,7 @@ struct Figures {
 fn run(o: Opts) -> Result<()> {
     let env = compare::Setup::new(&o.common, "cloud_return", "cloud_return")?;
     cloud::certificates(&env.work)?;
-    let guests = [
-        (
-            "idle",
-            format!(
-                "pv.mode=mem pv.mem.mb={} pv.mem.words={} pv.mem.gap=1000 pv.mem.tick=100000",
-                o.data_mb, o.words
-            ),
-        ),
-        (
-            "dirtying",
-            format!(
-                "pv.mode=mem pv.mem.refill=1 pv.mem.mb={} pv.mem.words={} pv.mem.gap=50 \
-                 pv.mem.tick=100000",
-                o.dirty_mb, o.words
-            ),
-        ),
-    ];
+    let guests = cloud::mem_guests(o.data_mb, o.dirty_mb, o.words);
     let mut table = Vec::new();
     for (guest, cmdline) in &guests {
         let (mut ok, mut errors) = (Vec::new(), Vec::new());
@@ -213,12 +197,7 @@ fn once(o: &Opts, env: &compare::Setup, cmdline: &str, dir: &Path) -> Result<Onc
     let log = dir.join("guest.log");
     let api = dir.join("api.sock");
     let _guest = env.run_probe(cmdline, o.mem, &log, &api)?;
-    wait_until(&log, LIMIT, "two memory passes", |l| {
-        l.iter()
-            .filter(|l| l.starts_with("PROBE mem pass n=") && l.contains(" ok "))
-            .count()
-            >= 2
-    })?;
+    cloud::wait_for_data(&log, LIMIT)?;
     let (_serve, addr) = cloud::serve(&env.bin, certs, dir, LIMIT)?;
     let kept = dir.join("kept");
     let out = Command::new(&env.bin)

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use bench::cloud;
-use bench::compare::{self, exit_on_error, field, wait_until, Stat};
+use bench::compare::{self, exit_on_error, field, Stat};
 use bench::util::Args;
 
 const USAGE: &str = "\
@@ -142,23 +142,7 @@ struct Runs {
 fn run(o: Opts) -> Result<()> {
     let env = compare::Setup::new(&o.common, "replica", "replica")?;
     cloud::certificates(&env.work)?;
-    let guests = [
-        (
-            "idle",
-            format!(
-                "pv.mode=mem pv.mem.mb={} pv.mem.words={} pv.mem.gap=1000 pv.mem.tick=100000",
-                o.data_mb, o.words
-            ),
-        ),
-        (
-            "dirtying",
-            format!(
-                "pv.mode=mem pv.mem.refill=1 pv.mem.mb={} pv.mem.words={} pv.mem.gap=50 \
-                 pv.mem.tick=100000",
-                o.dirty_mb, o.words
-            ),
-        ),
-    ];
+    let guests = cloud::mem_guests(o.data_mb, o.dirty_mb, o.words);
     let mut table = Vec::new();
     let mut recoveries = Vec::new();
     for (guest, cmdline) in &guests {
@@ -271,12 +255,7 @@ fn once(
     let recipient = String::from_utf8(keygen.stdout)?.trim().to_string();
     let log = dir.join("guest.log");
     let _guest = env.run_probe(cmdline, o.mem, &log, &dir.join("api.sock"))?;
-    wait_until(&log, LIMIT, "two memory passes", |l| {
-        l.iter()
-            .filter(|l| l.starts_with("PROBE mem pass n=") && l.contains(" ok "))
-            .count()
-            >= 2
-    })?;
+    cloud::wait_for_data(&log, LIMIT)?;
     let (_serve, addr) = cloud::serve(&env.bin, certs, dir, LIMIT)?;
     let out = Command::new(&env.bin)
         .args(["cloud", "replicate", "bench", "--api-socket"])
