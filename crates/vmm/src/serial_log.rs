@@ -107,9 +107,12 @@ struct Shared {
 }
 
 /// A `Write` that hands the bytes to a thread (`serial-log`, thread kind
-/// [`ThreadKind::LogWriter`]) which appends them to `log`. The thread starts with the first
-/// byte, so in a jailed VMM it is created by the spawner after the filters are set and adds
-/// its own. Dropping the writer waits until everything handed over is written.
+/// [`ThreadKind::LogWriter`]) which appends them to `log`. The thread starts with the writer,
+/// so the guest's first byte (a migrated or restored guest's first sign of life) does not
+/// wait for a thread to be created. In a jailed VMM it starts before the filters are set; it
+/// narrows itself (its [`ThreadKind`] hook) before it writes any bytes once they are, as the
+/// guest runs only after that. Dropping the writer waits until everything handed over is
+/// written.
 pub struct LogWriter {
     shared: Arc<Shared>,
     log: Option<Box<dyn Write + Send>>,
@@ -117,16 +120,18 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// A writer for `log`, whose thread starts at the first byte.
+    /// A writer for `log`, its thread started.
     pub fn new(log: Box<dyn Write + Send>) -> Self {
-        Self {
+        let mut w = Self {
             shared: Arc::new(Shared {
                 pending: Mutex::new(Pending::default()),
                 changed: Condvar::new(),
             }),
             log: Some(log),
             thread: None,
-        }
+        };
+        w.start();
+        w
     }
 
     fn start(&mut self) {
@@ -135,7 +140,7 @@ impl LogWriter {
         };
         let shared = self.shared.clone();
         let spawned = devices::threads::spawn("serial-log", move || {
-            devices::threads::started(ThreadKind::LogWriter);
+            let mut narrowed = devices::threads::started(ThreadKind::LogWriter);
             loop {
                 let (bytes, closed) = {
                     let mut p = lock(&shared.pending);
@@ -146,6 +151,10 @@ impl LogWriter {
                     (std::mem::take(&mut p.bytes), p.closed)
                 };
                 shared.changed.notify_all();
+                // Started before a jail's filters were set: narrowed before any file work.
+                if !narrowed {
+                    narrowed = devices::threads::started(ThreadKind::LogWriter);
+                }
                 // A full disk or a failed rotation loses output, never the guest.
                 let _ = log.write_all(&bytes).and_then(|()| log.flush());
                 let done = {
@@ -168,9 +177,6 @@ impl LogWriter {
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.thread.is_none() {
-            self.start();
-        }
         let mut p = lock(&self.shared.pending);
         while p.bytes.len() >= PENDING_CAP && !p.dead {
             p = self
