@@ -233,15 +233,16 @@ impl Vm {
         let paused_at = Instant::now();
         self.pause(threads)
             .map_err(|e| err(format!("cannot pause the VM: {e}")))?;
-        let paused = (|| {
-            disk_batch
-                .send_dirty(&mut files, &disks)
-                .map_err(as_replica)?;
-            let pages = send_dirty(&mut files, &self.mem, &self.dirty.dirty_pages()?, || {})
-                .map_err(as_replica)?;
-            let (state, _) = self.state_sections(threads)?;
-            Ok::<_, Error>((pages, state.finish()))
-        })();
+        // The last pages and disk chunks are written while the vCPU threads save their state.
+        let paused = self
+            .state_sections_during(threads, || {
+                disk_batch
+                    .send_dirty(&mut files, &disks)
+                    .map_err(as_replica)?;
+                send_dirty(&mut files, &self.mem, &self.dirty.dirty_pages()?, || {})
+                    .map_err(as_replica)
+            })
+            .map(|(pages, state)| (pages, state.finish()));
         if !was_paused {
             self.resume(threads);
         }

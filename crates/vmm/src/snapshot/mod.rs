@@ -255,8 +255,29 @@ impl Vm {
         &self,
         threads: &[VcpuThread],
     ) -> Result<(Writer, Vec<MemRegion>), Error> {
-        // vCPU state, read on each (parked) vCPU thread.
-        let mut vcpus = Vec::with_capacity(threads.len());
+        let ((), w) = self.state_sections_during(threads, || Ok(()))?;
+        Ok((w, memory::layout_of(&self.mem)))
+    }
+
+    /// [`state_sections`](Self::state_sections) of the paused VM, with `copy` run while
+    /// the vCPU threads save their state. The VM-wide state is saved first, before any vCPU
+    /// ioctl runs (the vGIC's registers cannot be read during one); on aarch64 that writes
+    /// the vGIC's tables into guest RAM, so a `copy` of the pages dirtied so far (a
+    /// migration's or a checkpoint's last ones) holds them too.
+    pub(crate) fn state_sections_during<T>(
+        &self,
+        threads: &[VcpuThread],
+        copy: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<(T, Writer), Error> {
+        let nr_vcpus = u8::try_from(threads.len())
+            .map_err(|_| Error::Snapshot(format!("{} vCPUs do not fit a u8", threads.len())))?;
+        let vm_state = VmState::save(&self.vm, &self._platform, nr_vcpus)?;
+        let serial = lock(&self.serial).save_state();
+        let platform = self.legacy.save_platform();
+        let devices = self.devices.save();
+
+        // vCPU state, read on each (parked) vCPU thread while `copy` runs here.
+        let mut asked = Vec::with_capacity(threads.len());
         for (id, t) in threads.iter().enumerate() {
             let (tx, rx) = channel();
             let ctx = self.vcpu_save.clone();
@@ -266,9 +287,13 @@ impl Vm {
             let sent = t.send(VcpuMsg::Call(Box::new(move |fd| {
                 let _ = tx.send(VcpuState::save(id, fd, &ctx, &model));
             })));
-            let state = sent
-                .then(|| rx.recv_timeout(Duration::from_secs(5)).ok())
-                .flatten()
+            asked.push((id, sent.then_some(rx)));
+        }
+        let copied = copy();
+        let mut vcpus = Vec::with_capacity(asked.len());
+        for (id, rx) in asked {
+            let state = rx
+                .and_then(|rx| rx.recv_timeout(Duration::from_secs(5)).ok())
                 .ok_or_else(|| Error::Snapshot(format!("vCPU {id} did not answer")))?
                 .map_err(|e| Error::Vcpu {
                     id,
@@ -276,14 +301,7 @@ impl Vm {
                 })?;
             vcpus.push(state);
         }
-
-        let nr_vcpus = u8::try_from(threads.len())
-            .map_err(|_| Error::Snapshot(format!("{} vCPUs do not fit a u8", threads.len())))?;
-        // Before guest RAM is written: on aarch64 this flushes the vGIC's tables into it.
-        let vm_state = VmState::save(&self.vm, &self._platform, nr_vcpus)?;
-        let serial = lock(&self.serial).save_state();
-        let platform = self.legacy.save_platform();
-        let devices = self.devices.save();
+        let copied = copied?;
 
         let regions = memory::layout_of(&self.mem);
         let mut w = Writer::new();
@@ -300,7 +318,7 @@ impl Vm {
         for d in &devices {
             w.add(SectionKind::Device, d).map_err(snap_err)?;
         }
-        Ok((w, regions))
+        Ok((copied, w))
     }
 
     /// Rebuilds a VM from the snapshot in `dir`, paused at the instant it was taken; run it
