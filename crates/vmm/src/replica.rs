@@ -233,9 +233,9 @@ impl Vm {
         let paused_at = Instant::now();
         self.pause(threads)
             .map_err(|e| err(format!("cannot pause the VM: {e}")))?;
-        // The last pages and disk chunks are written while the vCPU threads save their state.
+        // The last pages and disk chunks, after the VM-wide state (which may write guest RAM).
         let paused = self
-            .state_sections_during(threads, || {
+            .state_sections_with_copy(threads, || {
                 disk_batch
                     .send_dirty(&mut files, &disks)
                     .map_err(as_replica)?;

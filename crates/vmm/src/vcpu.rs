@@ -95,13 +95,8 @@ impl Parked {
     }
 }
 
-/// Work run on a parked vCPU's own thread (KVM state ioctls).
-pub type VcpuCall = Box<dyn FnOnce(&VcpuFd) + Send>;
-
 /// What a parked vCPU thread is told.
 pub enum VcpuMsg {
-    /// Run this on the vCPU.
-    Call(VcpuCall),
     /// Leave the parked state.
     Resume,
 }
@@ -110,18 +105,22 @@ pub enum VcpuMsg {
 pub struct VcpuThread {
     pub handle: JoinHandle<()>,
     msgs: Sender<VcpuMsg>,
+    /// The vCPU, held by its thread while the guest runs and let go while it is parked.
+    fd: Arc<Mutex<VcpuFd>>,
 }
 
 /// Starts vCPU `id` on its own thread.
-pub fn spawn(id: u8, mut vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<VcpuThread> {
+pub fn spawn(id: u8, vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<VcpuThread> {
     let (msgs, rx) = channel();
+    let fd = Arc::new(Mutex::new(vcpu));
+    let held = fd.clone();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
             devices::threads::started(devices::threads::ThreadKind::Vcpu);
-            run(id, &mut vcpu, &shared, &rx)
+            run(id, &held, &shared, &rx)
         })?;
-    Ok(VcpuThread { handle, msgs })
+    Ok(VcpuThread { handle, msgs, fd })
 }
 
 impl VcpuThread {
@@ -134,19 +133,29 @@ impl VcpuThread {
     pub fn send(&self, msg: VcpuMsg) -> bool {
         self.msgs.send(msg).is_ok()
     }
+
+    /// The vCPU, for its state ioctls on the calling thread: call it only while the VM is
+    /// paused (the vCPU's thread holds it while the guest runs). Reading the state here
+    /// rather than asking the parked thread saves two thread wake-ups, a few hundred
+    /// microseconds of a migration's downtime on a loaded host.
+    pub fn parked_fd(&self) -> std::sync::MutexGuard<'_, VcpuFd> {
+        lock(&self.fd)
+    }
 }
 
-/// Parks the vCPU until it is resumed or the VM stops; runs calls meanwhile.
-fn park(vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
-    // Re-enter once with immediate_exit so KVM completes a pending port or MMIO read before
-    // the state is looked at; KVM then returns EINTR without running the guest.
-    vcpu.set_kvm_immediate_exit(1);
-    let _ = vcpu.run();
-    vcpu.set_kvm_immediate_exit(0);
+/// Parks the vCPU until it is resumed or the VM stops, letting go of it meanwhile.
+fn park(fd: &Mutex<VcpuFd>, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
+    {
+        let mut vcpu = lock(fd);
+        // Re-enter once with immediate_exit so KVM completes a pending port or MMIO read
+        // before the state is looked at; KVM then returns EINTR without running the guest.
+        vcpu.set_kvm_immediate_exit(1);
+        let _ = vcpu.run();
+        vcpu.set_kvm_immediate_exit(0);
+    }
     shared.parked.change(|n| n + 1);
     while !shared.stop.load(Ordering::Acquire) {
         match rx.recv_timeout(std::time::Duration::from_millis(50)) {
-            Ok(VcpuMsg::Call(f)) => f(vcpu),
             Ok(VcpuMsg::Resume) if !shared.pause.load(Ordering::Acquire) => break,
             Ok(VcpuMsg::Resume) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
@@ -156,31 +165,35 @@ fn park(vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
     shared.parked.change(|n| n.saturating_sub(1));
 }
 
-fn run(id: u8, vcpu: &mut VcpuFd, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
+fn run(id: u8, fd: &Mutex<VcpuFd>, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
     while !shared.stop.load(Ordering::Acquire) {
         if shared.pause.load(Ordering::Acquire) {
-            park(vcpu, shared, rx);
+            park(fd, shared, rx);
             continue;
         }
-        match vcpu.run() {
-            Ok(exit) => {
-                if let Some(stop) = handle_exit(id, exit, shared) {
-                    match stop {
-                        Ok(guest_exit) => shared.exit.exit(guest_exit),
-                        Err(reason) => {
-                            let at = arch::instruction_pointer(vcpu)
-                                .map(|ip| format!(" (instruction pointer {ip:#x})"))
-                                .unwrap_or_default();
-                            shared.fail(id, format!("{reason}{at}"));
+        // Held while the guest runs; the next pause lets go of it in `park`.
+        let mut vcpu = lock(fd);
+        while !shared.stop.load(Ordering::Acquire) && !shared.pause.load(Ordering::Acquire) {
+            match vcpu.run() {
+                Ok(exit) => {
+                    if let Some(stop) = handle_exit(id, exit, shared) {
+                        match stop {
+                            Ok(guest_exit) => shared.exit.exit(guest_exit),
+                            Err(reason) => {
+                                let at = arch::instruction_pointer(&vcpu)
+                                    .map(|ip| format!(" (instruction pointer {ip:#x})"))
+                                    .unwrap_or_default();
+                                shared.fail(id, format!("{reason}{at}"));
+                            }
                         }
+                        return;
                     }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => {
+                    shared.fail(id, format!("KVM_RUN failed: {e}"));
                     return;
                 }
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => {
-                shared.fail(id, format!("KVM_RUN failed: {e}"));
-                return;
             }
         }
     }

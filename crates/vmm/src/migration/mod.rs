@@ -152,8 +152,7 @@ pub struct MigrationStats {
 pub struct DowntimePhases {
     /// Parking the vCPUs, quiescing the devices and draining the serial log.
     pub pause: Duration,
-    /// Saving the VM state, and the last dirty pages and disk chunks (sent while the vCPU
-    /// threads save theirs).
+    /// Saving the VM state, and the last dirty pages and disk chunks.
     pub copy: Duration,
     /// Encoding, compressing (over a slow link) and sending the VM state.
     pub state: Duration,
@@ -351,20 +350,27 @@ fn state_frame(container: Vec<u8>, rate: Option<f64>) -> Result<(Kind, Vec<u8>),
 /// as an uncompressed frame could be, and no more than the size its zstd frame announces
 /// (the frame is authenticated before this runs).
 fn decompress_state(payload: &[u8]) -> Result<Vec<u8>, Error> {
-    let malformed = |why: &dyn std::fmt::Display| refused(format!("a malformed state frame: {why}"));
+    let malformed =
+        |why: &dyn std::fmt::Display| refused(format!("a malformed state frame: {why}"));
     let size = match zstd::zstd_safe::get_frame_content_size(payload) {
         Ok(Some(size)) => size,
         Ok(None) => return Err(malformed(&"it does not say its size")),
         Err(e) => return Err(malformed(&e)),
     };
-    if size > u64::from(MAX_PAYLOAD) {
-        return Err(refused(format!(
-            "a state frame that decompresses to more than {MAX_PAYLOAD} bytes"
+    let size = usize::try_from(size)
+        .ok()
+        .filter(|&n| n <= MAX_PAYLOAD as usize)
+        .ok_or_else(|| {
+            refused(format!(
+                "a state frame that decompresses to more than {MAX_PAYLOAD} bytes"
+            ))
+        })?;
+    let out = zstd::bulk::decompress(payload, size).map_err(|e| malformed(&e))?;
+    if out.len() != size {
+        return Err(malformed(&format!(
+            "{} bytes, not the {size} it says",
+            out.len()
         )));
-    }
-    let out = zstd::bulk::decompress(payload, size as usize).map_err(|e| malformed(&e))?;
-    if out.len() as u64 != size {
-        return Err(malformed(&format!("{} bytes, not the {size} it says", out.len())));
     }
     Ok(out)
 }
@@ -674,8 +680,8 @@ impl Vm {
         self.pause(threads)
             .map_err(|e| refused(format!("cannot pause the VM: {e}")))?;
         phases.pause = lap.next();
-        // The last pages and disk chunks go while the vCPU threads save their state.
-        let (final_pages, state) = self.state_sections_during(threads, || {
+        // The last pages and disk chunks, after the VM-wide state (which may write guest RAM).
+        let (final_pages, state) = self.state_sections_with_copy(threads, || {
             let last = merge(pending, self.dirty.dirty_pages()?);
             // Paused devices: no write is in flight, every one is marked.
             disk_batch.send_dirty(ch, &disks)?;

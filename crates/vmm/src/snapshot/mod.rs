@@ -31,7 +31,6 @@ pub mod stream;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -45,7 +44,7 @@ use devices::virtio::pci::VirtioPciState;
 use crate::config::{SerialConfig, VmConfig};
 use crate::device_manager::DeviceSection;
 use crate::memory::register_memory;
-use crate::vcpu::{VcpuMsg, VcpuThread};
+use crate::vcpu::VcpuThread;
 use crate::vm::{build_devices, create_kvm_vm, setup_vm_alongside, Vm};
 use crate::Error;
 use devices::GuestMem;
@@ -255,16 +254,15 @@ impl Vm {
         &self,
         threads: &[VcpuThread],
     ) -> Result<(Writer, Vec<MemRegion>), Error> {
-        let ((), w) = self.state_sections_during(threads, || Ok(()))?;
+        let ((), w) = self.state_sections_with_copy(threads, || Ok(()))?;
         Ok((w, memory::layout_of(&self.mem)))
     }
 
-    /// [`state_sections`](Self::state_sections) of the paused VM, with `copy` run while
-    /// the vCPU threads save their state. The VM-wide state is saved first, before any vCPU
-    /// ioctl runs (the vGIC's registers cannot be read during one); on aarch64 that writes
-    /// the vGIC's tables into guest RAM, so a `copy` of the pages dirtied so far (a
-    /// migration's or a checkpoint's last ones) holds them too.
-    pub(crate) fn state_sections_during<T>(
+    /// [`state_sections`](Self::state_sections) of the paused VM, with `copy` run after the
+    /// VM-wide state is saved: on aarch64 that writes the vGIC's tables into guest RAM, so a
+    /// `copy` of the pages dirtied so far (a migration's or a checkpoint's last ones) holds
+    /// them too. The vCPUs' state is read on this thread (see [`VcpuThread::parked_fd`]).
+    pub(crate) fn state_sections_with_copy<T>(
         &self,
         threads: &[VcpuThread],
         copy: impl FnOnce() -> Result<T, Error>,
@@ -276,32 +274,22 @@ impl Vm {
         let platform = self.legacy.save_platform();
         let devices = self.devices.save();
 
-        // vCPU state, read on each (parked) vCPU thread while `copy` runs here.
-        let mut asked = Vec::with_capacity(threads.len());
+        let copied = copy()?;
+        // The vCPUs' state, read here: their threads are parked and let go of them.
+        let mut vcpus = Vec::with_capacity(threads.len());
         for (id, t) in threads.iter().enumerate() {
-            let (tx, rx) = channel();
-            let ctx = self.vcpu_save.clone();
             let model = self.cpu_models.get(id).cloned().unwrap_or_default();
             let id = u8::try_from(id)
                 .map_err(|_| Error::Snapshot(format!("vCPU index {id} does not fit a u8")))?;
-            let sent = t.send(VcpuMsg::Call(Box::new(move |fd| {
-                let _ = tx.send(VcpuState::save(id, fd, &ctx, &model));
-            })));
-            asked.push((id, sent.then_some(rx)));
-        }
-        let copied = copy();
-        let mut vcpus = Vec::with_capacity(asked.len());
-        for (id, rx) in asked {
-            let state = rx
-                .and_then(|rx| rx.recv_timeout(Duration::from_secs(5)).ok())
-                .ok_or_else(|| Error::Snapshot(format!("vCPU {id} did not answer")))?
-                .map_err(|e| Error::Vcpu {
-                    id,
-                    reason: e.to_string(),
+            let state =
+                VcpuState::save(id, &t.parked_fd(), &self.vcpu_save, &model).map_err(|e| {
+                    Error::Vcpu {
+                        id,
+                        reason: e.to_string(),
+                    }
                 })?;
             vcpus.push(state);
         }
-        let copied = copied?;
 
         let regions = memory::layout_of(&self.mem);
         let mut w = Writer::new();
