@@ -116,10 +116,7 @@ pub fn spawn(id: u8, vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<V
     let held = fd.clone();
     let handle = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
-        .spawn(move || {
-            devices::threads::started(devices::threads::ThreadKind::Vcpu);
-            run(id, &held, &shared, &rx)
-        })?;
+        .spawn(move || run(id, &held, &shared, &rx))?;
     Ok(VcpuThread { handle, msgs, fd })
 }
 
@@ -166,10 +163,16 @@ fn park(fd: &Mutex<VcpuFd>, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
 }
 
 fn run(id: u8, fd: &Mutex<VcpuFd>, shared: &VcpuShared, rx: &Receiver<VcpuMsg>) {
+    let mut narrowed = devices::threads::started(devices::threads::ThreadKind::Vcpu);
     while !shared.stop.load(Ordering::Acquire) {
         if shared.pause.load(Ordering::Acquire) {
             park(fd, shared, rx);
             continue;
+        }
+        // Started parked before a jail's filters were set (a migration's destination):
+        // narrowed before the guest runs.
+        if !narrowed {
+            narrowed = devices::threads::started(devices::threads::ThreadKind::Vcpu);
         }
         // Held while the guest runs; the next pause lets go of it in `park`.
         let mut vcpu = lock(fd);

@@ -50,6 +50,9 @@ pub enum RunOutcome {
 pub struct Vm {
     pub(crate) cfg: VmConfig,
     pub(crate) vcpus: Vec<VcpuFd>,
+    /// vCPU threads started ahead of the run and parked (a migration's destination, see
+    /// [`Vm::start_vcpus_parked`]); `vcpus` is then empty.
+    pub(crate) parked: Vec<VcpuThread>,
     pub(crate) shared: Arc<VcpuShared>,
     pub(crate) exit: Arc<ExitSignal>,
     /// Kept open for as long as the VM exists.
@@ -209,6 +212,7 @@ impl Vm {
         Vm {
             cfg,
             vcpus,
+            parked: Vec::new(),
             shared,
             exit,
             _kvm: kvm,
@@ -266,14 +270,16 @@ impl Vm {
         stop: &EventFd,
         control: Option<&Controller>,
     ) -> Result<RunOutcome, Error> {
-        vcpu::install_kick_handler().map_err(Error::io("install vCPU kick handler"))?;
-        let mut threads = Vec::new();
-        for (id, fd) in self.vcpus.drain(..).enumerate() {
-            let id = u8::try_from(id).map_err(|_| Error::Config(format!("vCPU {id}: too many")))?;
-            let t =
-                vcpu::spawn(id, fd, self.shared.clone()).map_err(Error::io("spawn vCPU thread"))?;
-            threads.push(t);
-        }
+        let threads = if self.parked.is_empty() {
+            self.spawn_vcpus()?
+        } else {
+            let threads = std::mem::take(&mut self.parked);
+            self.shared.pause.store(false, Ordering::Release);
+            for t in &threads {
+                t.send(VcpuMsg::Resume);
+            }
+            threads
+        };
 
         let control_fd = control.map(|c| c.event.as_raw_fd());
         let mut migrated = false;
@@ -332,6 +338,44 @@ impl Vm {
                 id: 0,
                 reason: "stopped without a reason".into(),
             }),
+        }
+    }
+}
+
+impl Vm {
+    fn spawn_vcpus(&mut self) -> Result<Vec<VcpuThread>, Error> {
+        vcpu::install_kick_handler().map_err(Error::io("install vCPU kick handler"))?;
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (id, fd) in self.vcpus.drain(..).enumerate() {
+            let id = u8::try_from(id).map_err(|_| Error::Config(format!("vCPU {id}: too many")))?;
+            let t =
+                vcpu::spawn(id, fd, self.shared.clone()).map_err(Error::io("spawn vCPU thread"))?;
+            threads.push(t);
+        }
+        Ok(threads)
+    }
+
+    /// Starts the vCPU threads now, parked until [`Vm::run_with_control`] runs the guest: a
+    /// migration's destination does this before it answers `Ready`, so the guest's first
+    /// instructions after `Commit` wait for a thread to wake, not for one to be created
+    /// (which the scheduler makes wait a full time slice on a busy host). A VM dropped
+    /// before it runs stops them.
+    pub(crate) fn start_vcpus_parked(&mut self) -> Result<(), Error> {
+        self.shared.pause.store(true, Ordering::Release);
+        self.parked = self.spawn_vcpus()?;
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        self.shared.stop.store(true, Ordering::Release);
+        for t in self.parked.drain(..) {
+            t.send(VcpuMsg::Resume);
+            let _ = t.handle.join();
         }
     }
 }

@@ -1168,6 +1168,7 @@ fn receive_on(
         d.sync()?;
     }
     let mut vm = Vm::restore_prepared(prepared, &state, &setup.regions, &setup.config)?;
+    vm.start_vcpus_parked()?;
     ch.send(Kind::Ready, &[])?;
     ch.flush()?;
     expect(ch, Kind::Commit)?;
