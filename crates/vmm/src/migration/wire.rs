@@ -20,9 +20,8 @@ use sha2::Sha256;
 /// The first four bytes of every hello and frame.
 pub const MAGIC: [u8; 4] = *b"PVMG";
 /// The protocol version this build speaks (2: disks travel in `Disk` frames; 3: the `State`
-/// frame is zstd-compressed; 4: the destination answers `Setup` with `Base`; 5: the state
-/// may go uncompressed, in `StateRaw`).
-pub const VERSION: u16 = 5;
+/// frame is zstd-compressed; 4: the destination answers `Setup` with `Base`).
+pub const VERSION: u16 = 4;
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 20;
 /// Bytes of a frame's MAC.
@@ -46,7 +45,7 @@ pub enum Kind {
     Setup = 1,
     /// Source to destination: runs of guest pages (`addr u64 | length u32 | bytes`, repeated).
     Pages = 2,
-    /// Source to destination: the paused VM's state container (`state.bin`), zstd-compressed.
+    /// Source to destination: the paused VM's state container (`state.bin`).
     State = 3,
     /// Destination to source: everything checked, the VM is built and waits for `Commit`.
     Ready = 4,
@@ -81,9 +80,6 @@ pub enum Kind {
     CheckpointEnd = 15,
     /// Cloud host to device: the checkpoint is stored, synced and renamed into place.
     Stored = 16,
-    /// Source to destination: the paused VM's state container, as it is (a link fast enough
-    /// that compressing it would take longer than sending it).
-    StateRaw = 17,
 }
 
 impl Kind {
@@ -105,7 +101,6 @@ impl Kind {
             14 => Kind::Checkpoint,
             15 => Kind::CheckpointEnd,
             16 => Kind::Stored,
-            17 => Kind::StateRaw,
             _ => return None,
         })
     }
@@ -413,12 +408,12 @@ mod tests {
     }
 
     #[test]
-    fn a_version_4_peer_is_refused_in_words() {
-        // A build of protocol 4 (no `StateRaw`) says hello.
+    fn a_version_3_peer_is_refused_in_words() {
+        // A build of protocol 3 (no `Base` answer to `Setup`) says hello.
         let (x, mut y) = UnixStream::pair().unwrap();
         let old = std::thread::spawn(move || {
             let mut hello = MAGIC.to_vec();
-            hello.extend_from_slice(&4u16.to_le_bytes());
+            hello.extend_from_slice(&3u16.to_le_bytes());
             hello.extend_from_slice(&[0; NONCE_LEN]);
             y.write_all(&hello).unwrap();
             let mut theirs = [0u8; HELLO_LEN];
@@ -428,14 +423,14 @@ mod tests {
         let err = Channel::handshake(x, &[7; 32], Role::Source)
             .err()
             .expect("refused");
-        assert!(matches!(err, WireError::Version(4)), "{err:?}");
+        assert!(matches!(err, WireError::Version(3)), "{err:?}");
         assert_eq!(
             err.to_string(),
-            "migration refused: the peer speaks protocol version 4, this build speaks 5"
+            "migration refused: the peer speaks protocol version 3, this build speaks 4"
         );
         // The old peer is told this build's version in the hello, and refuses it likewise.
         let theirs = old.join().unwrap();
-        assert_eq!(u16::from_le_bytes([theirs[4], theirs[5]]), 5);
+        assert_eq!(u16::from_le_bytes([theirs[4], theirs[5]]), 4);
     }
 
     #[test]
