@@ -97,9 +97,75 @@ pub fn started(kind: ThreadKind) -> bool {
     }
 }
 
-/// Starts `body` on a new thread named `name`: created by the spawner thread once the hook
-/// is set (so it does not inherit the caller's filters), by the caller before.
+/// A body for a thread on standby, and the name it runs under.
+type Job = (String, Box<dyn FnOnce() + Send>);
+
+/// A thread started ahead of need, waiting for the one body it will run.
+struct Standby {
+    handle: JoinHandle<()>,
+    job: SyncSender<Job>,
+}
+
+/// The threads on standby, taken by [`spawn`] first come first served.
+static STANDBY: Mutex<Vec<Standby>> = Mutex::new(Vec::new());
+
+/// Starts `n` threads on standby, which the next calls of [`spawn`] (in this process) run
+/// their bodies on instead of creating threads then. A migration's destination starts them
+/// while the pages arrive: a thread created on a busy host starts a time slice (milliseconds)
+/// behind the running ones, while a sleeping one that is woken runs at once. Called from the
+/// thread whose filters they may inherit (as [`set_start_hook`]); each body still narrows
+/// itself with [`started`]. [`StandbyGuard`] ends the ones left unused.
+pub fn start_standby(n: usize) -> io::Result<StandbyGuard> {
+    let mut started = Vec::with_capacity(n);
+    for _ in 0..n {
+        let (job, rx) = sync_channel::<Job>(1);
+        let handle = std::thread::Builder::new()
+            .name("standby".into())
+            .spawn(move || {
+                if let Ok((name, body)) = rx.recv() {
+                    name_this_thread(&name);
+                    body();
+                }
+            })?;
+        started.push(Standby { handle, job });
+    }
+    STANDBY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(started);
+    Ok(StandbyGuard(()))
+}
+
+/// Ends the threads on standby that no [`spawn`] took, when dropped (without waiting for
+/// them: each ends as soon as it sees that no body will come).
+pub struct StandbyGuard(());
+
+impl Drop for StandbyGuard {
+    fn drop(&mut self) {
+        STANDBY.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+/// Gives the calling thread `name` (as the kernel shows it: at most 15 bytes).
+fn name_this_thread(name: &str) {
+    let mut bytes: Vec<u8> = name.bytes().filter(|&b| b != 0).take(15).collect();
+    bytes.push(0);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes, which `bytes`
+    // is, and it outlives the call.
+    unsafe { libc::prctl(libc::PR_SET_NAME, bytes.as_ptr()) };
+}
+
+/// Starts `body` on a thread named `name`: one on standby if there is one (see
+/// [`start_standby`]); else a new one, created by the spawner thread once the hook is set
+/// (so it does not inherit the caller's filters), by the caller before.
 pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<JoinHandle<()>> {
+    let standby = STANDBY.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    if let Some(s) = standby {
+        if s.job.send((name.to_string(), Box::new(body))).is_ok() {
+            return Ok(s.handle);
+        }
+        return Err(io::Error::other("a thread on standby is gone"));
+    }
     let Some(spawner) = SPAWNER.get() else {
         return std::thread::Builder::new()
             .name(name.to_string())

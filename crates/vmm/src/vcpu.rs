@@ -109,14 +109,14 @@ pub struct VcpuThread {
     fd: Arc<Mutex<VcpuFd>>,
 }
 
-/// Starts vCPU `id` on its own thread.
+/// Starts vCPU `id` on its own thread (one on standby if there is one:
+/// [`devices::threads::start_standby`]).
 pub fn spawn(id: u8, vcpu: VcpuFd, shared: Arc<VcpuShared>) -> std::io::Result<VcpuThread> {
     let (msgs, rx) = channel();
     let fd = Arc::new(Mutex::new(vcpu));
     let held = fd.clone();
-    let handle = std::thread::Builder::new()
-        .name(format!("vcpu{id}"))
-        .spawn(move || run(id, &held, &shared, &rx))?;
+    let handle =
+        devices::threads::spawn(&format!("vcpu{id}"), move || run(id, &held, &shared, &rx))?;
     Ok(VcpuThread { handle, msgs, fd })
 }
 

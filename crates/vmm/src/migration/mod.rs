@@ -1100,6 +1100,20 @@ fn refuse_on_error<T>(ch: &mut Channel<Transport>, result: &Result<T, Error>) {
 
 /// Receives a VM on `ch`, with the host-side settings `prepare` gives for the setup the
 /// source announced (checked before `prepare` sees it), starting from `base` if given.
+/// The threads a restored VM of `cfg` starts: its vCPUs, the serial log and a worker per
+/// device (at most; see [`devices::threads::start_standby`]).
+fn threads_needed(cfg: &VmConfig) -> usize {
+    usize::from(cfg.vcpus)
+        + 1
+        + cfg.disks.len()
+        + cfg.net.len()
+        + usize::from(cfg.vsock.is_some())
+        + usize::from(cfg.rng)
+        + usize::from(cfg.balloon)
+        + usize::from(cfg.gpu.is_some())
+        + 2 * usize::from(cfg.input)
+}
+
 fn receive_on(
     ch: &mut Channel<Transport>,
     base: Option<&std::path::Path>,
@@ -1127,6 +1141,10 @@ fn receive_on(
         )));
     }
     let overrides = &prepare(&setup)?;
+    // The threads the VM will need (its vCPUs, the serial log, a worker per device), started
+    // now and woken at the switch: created then, on a busy host, they would start late.
+    let standby = devices::threads::start_standby(threads_needed(&setup.config))
+        .map_err(|e| refused(format!("cannot start the VM's threads: {e}")))?;
     // Each disk's path here (given, or the one the configuration names), and a temporary
     // file beside it that receives the source's disk; dropped (removed) on any failure.
     let mut disks = setup
@@ -1196,6 +1214,7 @@ fn receive_on(
     }
     let mut vm = Vm::restore_prepared(prepared, &state, &setup.regions, &setup.config)?;
     vm.start_vcpus_parked()?;
+    drop(standby);
     ch.send(Kind::Ready, &[])?;
     ch.flush()?;
     expect(ch, Kind::Commit)?;
