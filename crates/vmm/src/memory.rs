@@ -92,13 +92,21 @@ pub struct DirtyRegion {
 impl DirtyRegion {
     /// The guest physical address of every dirty page, in order.
     pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        // Word by word, skipping clean ones: a 512 MiB region is 2048 words, and testing each
+        // of its 131072 bits took 100-200 µs of a migration's pause for a few dirty pages.
         self.bitmap
             .iter()
             .enumerate()
+            .filter(|(_, &bits)| bits != 0)
             .flat_map(move |(word, &bits)| {
-                (0..64u64)
-                    .filter(move |b| bits & (1 << b) != 0)
-                    .map(move |b| self.guest_addr + (word as u64 * 64 + b) * DIRTY_PAGE_SIZE)
+                let mut left = bits;
+                std::iter::from_fn(move || {
+                    (left != 0).then(|| {
+                        let b = u64::from(left.trailing_zeros());
+                        left &= left - 1;
+                        self.guest_addr + (word as u64 * 64 + b) * DIRTY_PAGE_SIZE
+                    })
+                })
             })
     }
 
@@ -255,12 +263,20 @@ mod tests {
     fn dirty_region_lists_its_pages() {
         let r = DirtyRegion {
             guest_addr: 0x10_0000,
-            size: 128 * DIRTY_PAGE_SIZE,
-            bitmap: vec![0b101, 1 << 63],
+            size: 192 * DIRTY_PAGE_SIZE,
+            bitmap: vec![0b101, 0, 1 << 63 | 1],
         };
         let pages: Vec<u64> = r.pages().collect();
-        assert_eq!(pages, vec![0x10_0000, 0x10_2000, 0x10_0000 + 127 * 0x1000]);
-        assert_eq!(r.count(), 3);
+        assert_eq!(
+            pages,
+            vec![
+                0x10_0000,
+                0x10_2000,
+                0x10_0000 + 128 * 0x1000,
+                0x10_0000 + 191 * 0x1000
+            ]
+        );
+        assert_eq!(r.count(), 4);
     }
 
     #[test]
