@@ -462,6 +462,9 @@ fn child(
     go: std::fs::File,
     started: Instant,
 ) -> Result<i32> {
+    // Every thread starts after the privileges are dropped (each thread has its own
+    // capabilities and bounding set): none ahead of need.
+    devices::threads::start_threads_late();
     // As pid 1 of its namespace the child ignores signals it has no handler for, so a stop
     // asked for while the jail is being built is noted here and honoured before the guest runs.
     for sig in [libc::SIGTERM, libc::SIGINT] {

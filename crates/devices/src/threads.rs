@@ -12,6 +12,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Sender, SyncSender};
 use std::sync::{Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -97,6 +98,23 @@ pub fn started(kind: ThreadKind) -> bool {
     }
 }
 
+/// Set in a process whose threads must all start after it drops its privileges (a jailed
+/// VMM: capabilities and the bounding set are each thread's own).
+static STARTS_LATE: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process start its threads only when they are needed: a jailed VMM calls it
+/// first, since a thread started before the privileges are dropped would keep its bounding
+/// set of capabilities. [`start_standby`] then starts none, and [`may_start_early`] says no.
+pub fn start_threads_late() {
+    STARTS_LATE.store(true, Ordering::Release);
+}
+
+/// Whether threads may be started ahead of need in this process (see
+/// [`start_threads_late`]).
+pub fn may_start_early() -> bool {
+    !STARTS_LATE.load(Ordering::Acquire)
+}
+
 /// A body for a thread on standby, and the name it runs under.
 type Job = (String, Box<dyn FnOnce() + Send>);
 
@@ -116,6 +134,7 @@ static STANDBY: Mutex<Vec<Standby>> = Mutex::new(Vec::new());
 /// thread whose filters they may inherit (as [`set_start_hook`]); each body still narrows
 /// itself with [`started`]. [`StandbyGuard`] ends the ones left unused.
 pub fn start_standby(n: usize) -> io::Result<StandbyGuard> {
+    let n = if may_start_early() { n } else { 0 };
     let mut started = Vec::with_capacity(n);
     for _ in 0..n {
         let (job, rx) = sync_channel::<Job>(1);

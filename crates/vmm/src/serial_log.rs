@@ -109,10 +109,10 @@ struct Shared {
 /// A `Write` that hands the bytes to a thread (`serial-log`, thread kind
 /// [`ThreadKind::LogWriter`]) which appends them to `log`. The thread starts with the writer,
 /// so the guest's first byte (a migrated or restored guest's first sign of life) does not
-/// wait for a thread to be created. In a jailed VMM it starts before the filters are set; it
-/// narrows itself (its [`ThreadKind`] hook) before it writes any bytes once they are, as the
-/// guest runs only after that. Dropping the writer waits until everything handed over is
-/// written.
+/// wait for a thread to be created; in a jailed VMM, whose threads start after it drops its
+/// privileges ([`devices::threads::may_start_early`]), with the first byte. A thread started
+/// before a jail's filters are set narrows itself (its [`ThreadKind`] hook) before it writes
+/// anything. Dropping the writer waits until everything handed over is written.
 pub struct LogWriter {
     shared: Arc<Shared>,
     log: Option<Box<dyn Write + Send>>,
@@ -120,7 +120,7 @@ pub struct LogWriter {
 }
 
 impl LogWriter {
-    /// A writer for `log`, its thread started.
+    /// A writer for `log`, its thread started (where threads may start early).
     pub fn new(log: Box<dyn Write + Send>) -> Self {
         let mut w = Self {
             shared: Arc::new(Shared {
@@ -130,7 +130,9 @@ impl LogWriter {
             log: Some(log),
             thread: None,
         };
-        w.start();
+        if devices::threads::may_start_early() {
+            w.start();
+        }
         w
     }
 
@@ -177,6 +179,9 @@ impl LogWriter {
 
 impl Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.thread.is_none() {
+            self.start();
+        }
         let mut p = lock(&self.shared.pending);
         while p.bytes.len() >= PENDING_CAP && !p.dead {
             p = self

@@ -359,8 +359,12 @@ impl Vm {
     /// migration's destination does this before it answers `Ready`, so the guest's first
     /// instructions after `Commit` wait for a thread to wake, not for one to be created
     /// (which the scheduler makes wait a full time slice on a busy host). A VM dropped
-    /// before it runs stops them.
+    /// before it runs stops them. Not in a jailed VMM ([`devices::threads::may_start_early`]).
     pub(crate) fn start_vcpus_parked(&mut self) -> Result<(), Error> {
+        // A jailed VMM's threads start after it drops its privileges, at the run.
+        if !devices::threads::may_start_early() {
+            return Ok(());
+        }
         self.shared.pause.store(true, Ordering::Release);
         self.parked = self.spawn_vcpus()?;
         Ok(())

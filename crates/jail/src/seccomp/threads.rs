@@ -104,7 +104,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, Need)> {
                 libc::SYS_ioctl,
                 libc::SYS_read,
                 libc::SYS_write,
-                libc::SYS_close,
                 libc::SYS_fcntl,
                 libc::SYS_futex,
                 // A device activated: its queue events and the worker's epoll.
@@ -112,7 +111,6 @@ pub fn allowed(kind: ThreadKind) -> Vec<(i64, Need)> {
                 libc::SYS_epoll_create1,
                 libc::SYS_epoll_ctl,
                 libc::SYS_getrandom,
-                libc::SYS_mmap,
                 libc::SYS_munmap,
                 libc::SYS_madvise,
                 // The kick signal that takes a vCPU out of KVM_RUN.
