@@ -10,7 +10,7 @@
 //! inside it and no longer than [`CHUNK_SIZE`].
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -223,6 +223,22 @@ impl DiskIn {
             size,
             committed: false,
         };
+        // The replacement keeps the owner of the disk it replaces: a jailed VMM receives while
+        // still root and runs the guest, which reopens its disks, as a user of its own.
+        let (uid, gid) = (existing.uid(), existing.gid());
+        let mine = disk
+            .file
+            .metadata()
+            .map_err(|e| refused(format!("cannot inspect {}: {e}", disk.temp.display())))?;
+        if (mine.uid(), mine.gid()) != (uid, gid) {
+            std::os::unix::fs::fchown(&disk.file, Some(uid), Some(gid)).map_err(|e| {
+                refused(format!(
+                    "cannot give {} the owner of {}: {e}",
+                    disk.temp.display(),
+                    path.display()
+                ))
+            })?;
+        }
         // A file of holes: chunks the source skipped as all zeros read as zeros.
         disk.file
             .set_len(size)

@@ -40,6 +40,7 @@
 //! end by the key.
 
 pub mod checkpoints;
+pub mod proxy;
 pub mod relay;
 pub mod tls;
 pub mod wire;
@@ -69,6 +70,7 @@ use base::Base;
 use disk::{apply_disk, DiskIn};
 pub(crate) use disk::{DiskBatch, DiskOut};
 pub use fault::kill_point;
+pub use proxy::{proxy, Proxied};
 pub use relay::{relay, LocalEnd, Relayed};
 use tls::Transport;
 pub use vmm_api::MigrationTls;
@@ -969,6 +971,28 @@ impl Requested {
         result
     }
 
+    /// An offload carried on to a VMM of its own ([`proxy`]): reads the device's `Setup`,
+    /// checks it as a receive does before anything is built, and hands what it announces to
+    /// `admit`, which decides the host-side settings, starts the destination (the twin's
+    /// jailed VMM) and returns the channel to it after its handshake. The destination then
+    /// gets every frame and checks it as any receive does. A refusal or failure goes to the
+    /// device as the reason (its guest runs on there); `Ok` once the destination answered
+    /// `Running`: the guest runs there.
+    pub fn forward(
+        mut self,
+        admit: impl FnOnce(&Arrival) -> Result<Channel<Transport>, Error>,
+    ) -> Result<Proxied, Error> {
+        let result = read_setup(&mut self.ch).and_then(|(payload, setup)| {
+            let mut destination = admit(&Arrival {
+                config: &setup.config,
+                disk_sizes: &setup.disk_sizes,
+            })?;
+            proxy(&mut self.ch, &mut destination, Some(payload))
+        });
+        refuse_on_error(&mut self.ch, &result);
+        result
+    }
+
     /// Accepts a return or a view: tells the device so and hands back the connection, on
     /// which a migration from the twin follows, from a new hello, or the twin's screen
     /// ([`relay`] carries either). The device waits for this answer before it goes on.
@@ -1098,8 +1122,6 @@ fn refuse_on_error<T>(ch: &mut Channel<Transport>, result: &Result<T, Error>) {
     }
 }
 
-/// Receives a VM on `ch`, with the host-side settings `prepare` gives for the setup the
-/// source announced (checked before `prepare` sees it), starting from `base` if given.
 /// The threads a restored VM of `cfg` starts: its vCPUs, the serial log and a worker per
 /// device (at most; see [`devices::threads::start_standby`]).
 fn threads_needed(cfg: &VmConfig) -> usize {
@@ -1114,25 +1136,24 @@ fn threads_needed(cfg: &VmConfig) -> usize {
         + 2 * usize::from(cfg.input)
 }
 
-fn receive_on(
-    ch: &mut Channel<Transport>,
-    base: Option<&std::path::Path>,
-    prepare: impl FnOnce(&Setup) -> Result<RestoreOverrides, Error>,
-) -> Result<Vm, Error> {
-    let setup: Setup = serde_json::from_slice(&expect(ch, Kind::Setup)?)
-        .map_err(|e| refused(format!("a malformed setup: {e}")))?;
+/// Reads the source's `Setup` and checks it as [`receive_on`] does before it builds
+/// anything: its payload as it came and what it says.
+fn read_setup(ch: &mut Channel<Transport>) -> Result<(Vec<u8>, Setup), Error> {
+    let payload = expect(ch, Kind::Setup)?;
+    let setup: Setup =
+        serde_json::from_slice(&payload).map_err(|e| refused(format!("a malformed setup: {e}")))?;
+    check_setup(&setup)?;
+    Ok((payload, setup))
+}
+
+/// The checks of a `Setup` that need nothing built: the configuration, the memory layout,
+/// a size for each disk.
+fn check_setup(setup: &Setup) -> Result<(), Error> {
     setup
         .config
         .validate()
         .map_err(|e| Error::Config(e.to_string()))?;
     check_layout(&setup.regions, &setup.config)?;
-    let mem = match base {
-        Some(dir) => crate::snapshot::base_memory(dir, &setup.regions, &setup.config)?,
-        None => {
-            let ranges = arch::layout::ram_regions(setup.config.memory_mib << 20);
-            GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?
-        }
-    };
     if setup.disk_sizes.len() != setup.config.disks.len() {
         return Err(refused(format!(
             "{} disk sizes announced for {} disks",
@@ -1140,6 +1161,45 @@ fn receive_on(
             setup.config.disks.len()
         )));
     }
+    Ok(())
+}
+
+/// A jailed VMM's receive: connects to the migration's proxy on this host (`from`,
+/// `unix:PATH`; the cloud host, which carries a device's offload on to it), under `key`, and
+/// receives the VM there as [`receive`] does, with `overrides` for its host-side paths. On
+/// any error nothing runs and the proxy is told why.
+pub fn receive_from_proxy(
+    from: &str,
+    key: &[u8; KEY_LEN],
+    overrides: &RestoreOverrides,
+) -> Result<Vm, Error> {
+    if !from.starts_with(LOCAL_PREFIX) {
+        return Err(refused(format!(
+            "{from}: a proxy on this host is reached as {LOCAL_PREFIX}PATH"
+        )));
+    }
+    let stream = connect(from, None)?;
+    let mut ch = Channel::handshake(stream, key, Role::Destination)?;
+    let result = receive_on(&mut ch, None, |_| Ok(overrides.clone()));
+    refuse_on_error(&mut ch, &result);
+    result
+}
+
+/// Receives a VM on `ch`, with the host-side settings `prepare` gives for the setup the
+/// source announced (checked before `prepare` sees it), starting from `base` if given.
+fn receive_on(
+    ch: &mut Channel<Transport>,
+    base: Option<&std::path::Path>,
+    prepare: impl FnOnce(&Setup) -> Result<RestoreOverrides, Error>,
+) -> Result<Vm, Error> {
+    let (_, setup) = read_setup(ch)?;
+    let mem = match base {
+        Some(dir) => crate::snapshot::base_memory(dir, &setup.regions, &setup.config)?,
+        None => {
+            let ranges = arch::layout::ram_regions(setup.config.memory_mib << 20);
+            GuestMem::from_ranges(&ranges).map_err(|e| Error::Memory(e.to_string()))?
+        }
+    };
     let overrides = &prepare(&setup)?;
     // The threads the VM will need (its vCPUs, the serial log, a worker per device), started
     // now and woken at the switch: created then, on a busy host, they would start late.
