@@ -33,25 +33,47 @@ EXAMPLES:
       --memory-max 600M --cpu-weight 100 --uid 1001 --gid 1001
   pocketvisor vmm --restore /var/lib/handset/work/snap --disk /var/lib/handset/work/disk.img \\
       --serial file:/run/handset/work/serial.log --jail-id work --api-socket ...
+  pocketvisor vmm --receive-from unix:twin/receive.sock --receive-key twin/receive.key \\
+      --disk twin/disk0.img --serial file:twin/serial.log --api-socket twin/api.sock \\
+      --jail-id twin-4242 --uid 2147483000 --gid 2147483000
 
 Inside the jail the kernel is /boot/kernel, the initrd /boot/initrd, a restored snapshot
 /snapshot (read-only), disk i /disks/<i>, and the directory of each socket or log file
 /run/<n> (API snapshot requests name directories there, e.g. /run/0/snap). The exit status is the VM's; 128+N
 when signal N killed the jailed process (159: SIGSYS, a syscall outside the allowlist).")]
+#[command(group(clap::ArgGroup::new("arrives").args(["restore", "receive_from"])))]
 pub struct VmmArgs {
     /// VM configuration file (TOML, the fields of `pocketvisor run --config`).
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "restore",
-        conflicts_with = "restore"
+        required_unless_present_any = ["restore", "receive_from"],
+        conflicts_with_all = ["restore", "receive_from"]
     )]
     config: Option<PathBuf>,
     /// Restore this snapshot directory instead of booting (bind-mounted read-only).
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
-    /// With --restore: where the serial console goes: stdout, file:PATH or none.
-    #[arg(long, value_name = "WHERE", requires = "restore", value_parser = crate::run::parse_serial)]
+    /// Receive the VM by a live migration instead of booting: from the proxy on this host
+    /// at unix:PATH (the cloud host's `cloud twin`, which carries a device's offload on to
+    /// this jailed VMM), in the directory of --api-socket. Receives inside the jail before
+    /// the privileges are dropped; every check of a receive is made here. Needs
+    /// --receive-key; the disks (--disk, each an existing file of the announced size) are
+    /// in the directory of --api-socket too (the received disk replaces each at the commit).
+    #[arg(long, value_name = "unix:PATH", requires = "receive_key")]
+    receive_from: Option<String>,
+    /// With --receive-from: the key file of that connection (64 hexadecimal digits), in the
+    /// directory of --api-socket.
+    #[arg(long, value_name = "FILE", requires = "receive_from")]
+    receive_key: Option<PathBuf>,
+    /// With --receive-from: the vsock CID the received guest gets in place of the one it
+    /// had (a clone's fresh identity; its vsock device tells the guest with a transport
+    /// reset).
+    #[arg(long, value_name = "CID", requires = "receive_from", value_parser = clap::value_parser!(u64).range(3..=u64::from(u32::MAX)))]
+    vsock_cid: Option<u64>,
+    /// With --restore or --receive-from: where the serial console goes: stdout, file:PATH or
+    /// none.
+    #[arg(long, value_name = "WHERE", requires = "arrives", value_parser = crate::run::parse_serial)]
     serial: Option<SerialConfig>,
     /// With --restore: the snapshot is the copy kept when the twin NAME was offloaded to a
     /// cloud host, and the guest comes back from that twin onto it (a return): its state
@@ -71,16 +93,16 @@ pub struct VmmArgs {
     /// of --api-socket.
     #[arg(long, value_name = "FILE", requires = "return_twin")]
     return_key: Option<PathBuf>,
-    /// With --restore: disk image paths replacing the saved ones, in order (with
-    /// --return-twin, in the directory of --api-socket: the returned disk replaces the file
-    /// there). Repeatable.
-    #[arg(long, value_name = "PATH", requires = "restore")]
+    /// With --restore or --receive-from: disk image paths replacing the saved (or announced)
+    /// ones, in order (with --return-twin or --receive-from, in the directory of
+    /// --api-socket: the arriving disk replaces the file there). Repeatable.
+    #[arg(long, value_name = "PATH", requires = "arrives")]
     disk: Vec<PathBuf>,
     /// With --restore: TAP names replacing the saved ones, in order. Repeatable.
     #[arg(long, value_name = "NAME", requires = "restore")]
     tap: Vec<String>,
-    /// With --restore: the vsock unix socket path.
-    #[arg(long, value_name = "PATH", requires = "restore")]
+    /// With --restore or --receive-from: the vsock unix socket path.
+    #[arg(long, value_name = "PATH", requires = "arrives")]
     vsock_socket: Option<PathBuf>,
     /// Serve the control API on this unix socket (host path; its directory is bind-mounted).
     #[arg(long, value_name = "PATH")]
@@ -165,10 +187,13 @@ fn selftest() -> Option<SelfTest> {
 pub fn main(args: VmmArgs) -> Result<i32> {
     let started = Instant::now();
     jail::id::validate(&args.jail_id)?;
-    let mut cfg = match (&args.config, &args.restore) {
-        (Some(path), _) => load_config(path)?,
-        (None, Some(dir)) => restored_config(&args, dir)?,
-        (None, None) => bail!("--config FILE or --restore DIR is required"),
+    let mut cfg = match (&args.config, &args.restore, &args.receive_from) {
+        (Some(path), _, _) => load_config(path)?,
+        (None, Some(dir), _) => restored_config(&args, dir)?,
+        (None, None, Some(_)) => received_config(&args),
+        (None, None, None) => {
+            bail!("--config FILE, --restore DIR or --receive-from unix:PATH is required")
+        }
     };
     if args.disk_keys_stdin {
         read_disk_keys(&mut std::io::stdin().lock(), &mut cfg)?;
@@ -223,7 +248,8 @@ pub(crate) fn read_disk_keys(input: &mut impl Read, cfg: &mut VmConfig) -> Resul
 struct Jailed {
     cfg: VmConfig,
     api_socket: Option<PathBuf>,
-    /// A return's relay and key file (see [`VmmArgs::return_twin`]).
+    /// A return's relay or a receive's proxy, and the key file (see
+    /// [`VmmArgs::return_twin`], [`VmmArgs::receive_from`]).
     relay: Option<(PathBuf, PathBuf)>,
 }
 
@@ -280,6 +306,32 @@ fn restored_config(args: &VmmArgs, dir: &Path) -> Result<VmConfig> {
     Ok(cfg)
 }
 
+/// What the jail is built for when the VM arrives by a migration (`--receive-from`): no
+/// kernel (the guest's memory arrives), the overrides' disks, serial log and vsock socket.
+/// The rest of the configuration is the source's, announced on the connection.
+fn received_config(args: &VmmArgs) -> VmConfig {
+    let mut cfg = VmConfig::new(PathBuf::new());
+    cfg.disks = args
+        .disk
+        .iter()
+        .map(|p| vmm::DiskConfig {
+            path: p.clone(),
+            read_only: false,
+            encrypted: false,
+            key: None,
+        })
+        .collect();
+    cfg.serial = args.serial.clone().unwrap_or(SerialConfig::None);
+    cfg.vsock = args
+        .vsock_socket
+        .as_ref()
+        .map(|socket| vmm::vmm_api::config::VsockConfig {
+            cid: args.vsock_cid.unwrap_or(3),
+            socket: socket.clone(),
+        });
+    cfg
+}
+
 /// The overrides that make a restore inside the jail use the jail's paths for everything.
 fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
     vmm::RestoreOverrides {
@@ -297,7 +349,7 @@ fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
 /// are seen through their directory (the API socket's), not bound one by one: the returned
 /// disk is renamed over each at the commit, which a bind mount's target does not allow.
 fn prepare(root: &mut JailRoot, cfg: &VmConfig, args: &VmmArgs) -> Result<Jailed> {
-    let returning = args.return_twin.is_some();
+    let returning = args.return_twin.is_some() || args.receive_from.is_some();
     let mut host = jail_host_paths(cfg, args.restore.as_deref(), args.api_socket.as_deref());
     if returning {
         for p in &mut host {
@@ -311,8 +363,16 @@ fn prepare(root: &mut JailRoot, cfg: &VmConfig, args: &VmmArgs) -> Result<Jailed
         .map(HostPath::canonical)
         .collect::<Result<_, _>>()?;
     let plan = JailPlan::new(&host)?;
-    let relay = match (&args.return_from, &args.return_key) {
-        (Some(from), Some(key)) if returning => Some(return_paths(&plan, &host, from, key)?),
+    let relay = match (
+        (&args.return_from, &args.return_key),
+        (&args.receive_from, &args.receive_key),
+    ) {
+        ((Some(from), Some(key)), _) if args.return_twin.is_some() => {
+            Some(relay_paths(&plan, &host, ("--return-from", from), key)?)
+        }
+        (_, (Some(from), Some(key))) => {
+            Some(relay_paths(&plan, &host, ("--receive-from", from), key)?)
+        }
         _ => None,
     };
     for b in &plan.binds {
@@ -331,19 +391,21 @@ fn prepare(root: &mut JailRoot, cfg: &VmConfig, args: &VmmArgs) -> Result<Jailed
     })
 }
 
-/// Where the jailed VMM finds a return's relay socket (`from`, `unix:PATH`) and key file:
-/// both in the directory of the API socket, and the disks too (each must be a file there).
-fn return_paths(
+/// Where the jailed VMM finds a return's relay or a receive's proxy socket (`from`: the
+/// option and its `unix:PATH`) and its key file: both in the directory of the API socket,
+/// and the disks too (each must be a file there).
+fn relay_paths(
     plan: &JailPlan,
     host: &[HostPath],
-    from: &str,
+    (option, from): (&str, &str),
     key: &Path,
 ) -> Result<(PathBuf, PathBuf)> {
+    let key_option = option.replace("-from", "-key");
     let api_dir = host
         .iter()
         .find(|p| p.role == PathRole::ApiSocket)
         .and_then(|p| p.path.parent())
-        .context("--return-twin needs --api-socket")?;
+        .with_context(|| format!("{option} needs --api-socket"))?;
     let in_api_dir = |what: &str, p: &Path| -> Result<PathBuf> {
         let canonical = HostPath {
             role: PathRole::ApiSocket,
@@ -363,14 +425,14 @@ fn return_paths(
             .with_context(|| format!("{what} {} is not visible in the jail", p.display()))
     };
     for d in host.iter().filter(|p| matches!(p.role, PathRole::Disk(_))) {
-        in_api_dir("a returning disk", &d.path)?;
+        in_api_dir("an arriving disk", &d.path)?;
     }
     let Some(socket) = from.strip_prefix(vmm::migration::LOCAL_PREFIX) else {
-        bail!("--return-from {from:?}: expected unix:PATH (the relay on this host)");
+        bail!("{option} {from:?}: expected unix:PATH (on this host)");
     };
     Ok((
-        in_api_dir("--return-from", Path::new(socket))?,
-        in_api_dir("--return-key", key)?,
+        in_api_dir(option, Path::new(socket))?,
+        in_api_dir(&key_option, key)?,
     ))
 }
 
@@ -497,6 +559,9 @@ fn child(
         }
     }
     let vm = match (&args.restore, &jailed.relay, &args.return_twin) {
+        (None, Some((socket, key)), _) if args.receive_from.is_some() => {
+            receive_offloaded(socket, key, &jailed.cfg, args.vsock_cid)?
+        }
         (None, _, _) => Vm::new(&jailed.cfg)?,
         (Some(_), Some((socket, key)), Some(twin)) => {
             receive_returned(twin, socket, key, &jailed.cfg)?
@@ -576,6 +641,24 @@ fn receive_returned(twin: &str, socket: &Path, key: &Path, cfg: &VmConfig) -> Re
         returned.bytes_sent
     );
     Ok(returned.vm)
+}
+
+/// A receive in the jail (see [`VmmArgs::receive_from`]): the VM the proxy at `socket`
+/// carries here, onto the disks, serial log and vsock socket of `cfg` (jail paths), the
+/// guest given `vsock_cid` if set. Every wait is bounded (the migration's I/O timeout): a
+/// proxy that is gone or silent ends this VMM, and nothing runs.
+fn receive_offloaded(
+    socket: &Path,
+    key: &Path,
+    cfg: &VmConfig,
+    vsock_cid: Option<u64>,
+) -> Result<Vm> {
+    let key = vmm::migration::wire::read_key(key).map_err(anyhow::Error::msg)?;
+    let from = format!("{}{}", vmm::migration::LOCAL_PREFIX, socket.display());
+    let mut overrides = jail_overrides(cfg);
+    overrides.vsock_cid = vsock_cid;
+    vmm::migration::receive_from_proxy(&from, &key, &overrides)
+        .context("the receive failed; nothing runs here")
 }
 
 fn pipe() -> Result<(std::fs::File, std::fs::File)> {
@@ -667,6 +750,132 @@ mod tests {
         let mut plain = VmConfig::new("k".into());
         read_disk_keys(&mut &b""[..], &mut plain).unwrap();
         assert!(read_disk_keys(&mut &input[..], &mut plain).is_err());
+    }
+
+    #[derive(clap::Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        vmm: VmmArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<VmmArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(["vmm", "--jail-id", "t"].iter().chain(args)).map(|c| c.vmm)
+    }
+
+    #[test]
+    fn a_receive_takes_its_key_and_the_overrides_and_nothing_to_boot() {
+        let a = parse(&[
+            "--receive-from",
+            "unix:d/receive.sock",
+            "--receive-key",
+            "d/receive.key",
+            "--disk",
+            "d/disk0.img",
+            "--serial",
+            "file:d/serial.log",
+            "--vsock-socket",
+            "d/vsock.sock",
+            "--vsock-cid",
+            "77",
+            "--api-socket",
+            "d/api.sock",
+        ])
+        .unwrap();
+        assert_eq!(a.receive_from.as_deref(), Some("unix:d/receive.sock"));
+        assert_eq!(a.vsock_cid, Some(77));
+        let cfg = received_config(&a);
+        assert_eq!(cfg.disks[0].path, Path::new("d/disk0.img"));
+        assert_eq!(cfg.serial, SerialConfig::File("d/serial.log".into()));
+        assert!(
+            cfg.kernel.as_os_str().is_empty(),
+            "nothing to boot is bound"
+        );
+        let key = ["--receive-key", "k"];
+        for bad in [
+            // No key, or a key without a receive.
+            &["--receive-from", "unix:s"][..],
+            &key[..],
+            // Not both a receive and something else to run.
+            &[
+                "--receive-from",
+                "unix:s",
+                "--receive-key",
+                "k",
+                "--config",
+                "c",
+            ],
+            &[
+                "--receive-from",
+                "unix:s",
+                "--receive-key",
+                "k",
+                "--restore",
+                "r",
+            ],
+            // Overrides need something that arrives; a CID only a receive.
+            &["--config", "c", "--disk", "d.img"],
+            &["--config", "c", "--serial", "none"],
+            &["--restore", "r", "--vsock-cid", "9"],
+            &[
+                "--receive-from",
+                "unix:s",
+                "--receive-key",
+                "k",
+                "--vsock-cid",
+                "2",
+            ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(parse(&["--restore", "r", "--disk", "d.img"]).is_ok());
+    }
+
+    #[test]
+    fn a_receive_sees_its_socket_key_and_disks_in_the_api_directory() {
+        let tmp = std::env::temp_dir().join(format!("pv-vmm-recv-{}", std::process::id()));
+        let d = tmp.join("twin");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("disk0.img"), [0; 512]).unwrap();
+        let at = |f: &str| d.join(f).display().to_string();
+        let args = |socket: &str| {
+            parse(&[
+                "--receive-from",
+                &format!("unix:{socket}"),
+                "--receive-key",
+                &at("receive.key"),
+                "--disk",
+                &at("disk0.img"),
+                "--serial",
+                &format!("file:{}", at("serial.log")),
+                "--api-socket",
+                &at("api.sock"),
+                "--jail-root",
+                &tmp.join("jail").display().to_string(),
+            ])
+            .unwrap()
+        };
+        let a = args(&at("receive.sock"));
+        let mut root = JailRoot::create(&a.jail_root, "t").unwrap();
+        let jailed = prepare(&mut root, &received_config(&a), &a).unwrap();
+        assert_eq!(
+            jailed.relay,
+            Some(("/run/0/receive.sock".into(), "/run/0/receive.key".into()))
+        );
+        // The disk is seen through its directory: the arriving disk is renamed over it.
+        assert_eq!(jailed.cfg.disks[0].path, Path::new("/run/0/disk0.img"));
+        assert_eq!(
+            jailed.api_socket.as_deref(),
+            Some(Path::new("/run/0/api.sock"))
+        );
+        root.remove().unwrap();
+        // A proxy socket elsewhere is not in the jail.
+        let a = args(&tmp.join("receive.sock").display().to_string());
+        let mut root = JailRoot::create(&a.jail_root, "t").unwrap();
+        let err = prepare(&mut root, &received_config(&a), &a).err().unwrap();
+        assert!(err.to_string().contains("not in the directory"), "{err}");
+        root.remove().unwrap();
+        let _ = std::fs::remove_dir_all(tmp);
     }
 
     #[test]
