@@ -27,8 +27,12 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use cloud::replica::ReplicaStore;
 use cloud::store::{valid_name, DeviceId, StoreError, TwinState, TwinStore};
+use vmm::migration::tls::Transport;
+use vmm::migration::wire::{Channel, Role, KEY_LEN};
 use vmm::migration::{Arrival, MigrationTls, Requested};
 use vmm::{Request, RestoreOverrides, SerialConfig};
+
+use crate::twin_vmm::{TwinSpec, TwinVmm, TWIN_DIR_IN_JAIL};
 
 /// The data-center side: host the twins of many devices.
 #[derive(Args, Debug)]
@@ -88,7 +92,20 @@ struct HostArgs {
     /// feature: docs/deploy.md). Default: files in each replica twin's directory.
     #[arg(long, value_name = "URL")]
     replica_store: Option<String>,
+    /// Where the twins' jails are made (`DIR/twin-<pid>/root`, an empty tree of mount points
+    /// while a twin runs) [default: DIR/jail of --state].
+    #[arg(long, value_name = "DIR")]
+    jail_root: Option<PathBuf>,
+    /// The unprivileged user id, and group id, the twins' VMMs run as once built (no user of
+    /// this host should have it).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_TWIN_UID,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    twin_uid: u32,
 }
+
+/// The user (and group) id of the twins' VMMs unless --twin-uid says otherwise: above the
+/// ids a distribution gives users, below the handset's jailed VMMs' (`0x7000_0000` + CID).
+const DEFAULT_TWIN_UID: u32 = 0x6000_0000;
 
 /// `cloud serve`.
 #[derive(Args, Debug)]
@@ -160,7 +177,19 @@ impl HostArgs {
             key: abs(&self.key)?,
             store_file: self.store_file.as_ref().map(abs).transpose()?,
             replica_store: self.replica_store.clone(),
+            jail_root: Some(match &self.jail_root {
+                Some(dir) => abs(dir)?,
+                None => abs(&self.state)?.join("jail"),
+            }),
+            twin_uid: self.twin_uid,
         })
+    }
+
+    /// Where the twins' jails are made.
+    fn jail_root(&self) -> PathBuf {
+        self.jail_root
+            .clone()
+            .unwrap_or_else(|| self.state.join("jail"))
     }
 
     /// Where replicas' checkpoints are kept: --replica-store's object store, else files in
@@ -262,6 +291,10 @@ fn spawn_twin(exe: &Path, host: &HostArgs, conn: TcpStream) -> Result<std::proce
                 .iter()
                 .flat_map(|u| ["--replica-store", u.as_str()]),
         )
+        .arg("--jail-root")
+        .arg(host.jail_root())
+        .arg("--twin-uid")
+        .arg(host.twin_uid.to_string())
         .stdin(Stdio::from(OwnedFd::from(conn)))
         .stdout(Stdio::null());
     // A process group of its own: a twin outlives the host process (killed, restarted,
@@ -336,18 +369,24 @@ fn check_config(config: &vmm::VmConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// Creates (or resizes) disk `i` of a twin in `dir`, sparse: the migration replaces it whole.
-fn twin_disk(dir: &Path, i: usize, size: u64) -> std::io::Result<PathBuf> {
-    let path = dir.join(format!("disk{i}.img"));
+/// Creates (or resizes) disk `i` of a twin in the working directory (the twin's), sparse,
+/// owned by the twin user `uid`: the migration replaces it whole, keeping that owner. A
+/// link or anything but a regular file there is refused, never followed or waited on.
+fn twin_disk(i: usize, size: u64, uid: u32) -> std::io::Result<()> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .mode(0o600)
-        .open(&path)?;
-    f.set_len(size)?;
-    Ok(path)
+        .open(format!("disk{i}.img"))?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "disk{i}.img is not a regular file"
+        )));
+    }
+    std::os::unix::fs::fchown(&f, Some(uid), Some(uid))?;
+    f.set_len(size)
 }
 
 fn migration_error(why: impl std::fmt::Display) -> vmm::Error {
@@ -368,9 +407,9 @@ fn twin(h: &HostArgs) -> Result<i32> {
         .with_context(|| format!("the connection from {peer} was refused"))?;
     let device = DeviceId::of_certificate(requested.certificate());
     match parse_request(requested.request()) {
-        Ok(Ask::Offload(name)) => offload(&store, requested, device, &name, &peer, false),
-        Ok(Ask::Clone(name)) => offload(&store, requested, device, &name, &peer, true),
-        Ok(Ask::Return(name)) => give_back(h, &store, requested, device, &name, &peer),
+        Ok(Ask::Offload(name)) => offload(h, &store, requested, device, &name, &peer, false),
+        Ok(Ask::Clone(name)) => offload(h, &store, requested, device, &name, &peer, true),
+        Ok(Ask::Return(name)) => give_back(h, &key, &store, requested, device, &name, &peer),
         Ok(Ask::Relay(socket, name)) => {
             relay_twin_socket(&store, requested, device, &name, &peer, socket)
         }
@@ -406,9 +445,13 @@ fn refuse(requested: Requested, what: &str, why: String) -> Result<i32> {
 }
 
 /// An offload (or with `clone` a clone): receives the device's VM into its twin `name` and
-/// runs it here. A clone gets a fresh vsock CID, which its restored vsock device tells the
-/// guest with a transport reset (the host gives twins no network, so no MAC to change).
+/// runs it here, in a jailed VMM of its own ([`crate::twin_vmm`]): this process checks what
+/// the device announces, prepares the twin (store, lock, directory, disks) and carries the
+/// migration on to that VMM ([`Requested::forward`]), which checks everything a receive
+/// does. A clone gets a fresh vsock CID, which its restored vsock device tells the guest
+/// with a transport reset (the host gives twins no network, so no MAC to change).
 fn offload(
+    h: &HostArgs,
     store: &TwinStore,
     requested: Requested,
     device: DeviceId,
@@ -427,7 +470,9 @@ fn offload(
     let mut created = false;
     // The twin's lock, held while this process serves it.
     let mut held = None;
-    let received = requested.receive(|arrival: &Arrival| {
+    // The twin's VMM, once started: ended (and so the guest) if anything fails.
+    let mut vmm: Option<TwinVmm> = None;
+    let forwarded = requested.forward(|arrival: &Arrival| {
         check_config(arrival.config).map_err(migration_error)?;
         let twin = match store.get(&device, name) {
             Ok(t) => t,
@@ -485,35 +530,43 @@ fn offload(
         // relative to it.
         std::env::set_current_dir(&twin.dir)
             .map_err(|e| migration_error(format!("the twin's directory: {e}")))?;
-        let disks = arrival
-            .disk_sizes
-            .iter()
-            .enumerate()
-            .map(|(i, &size)| twin_disk(&twin.dir, i, size))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map_err(|e| migration_error(format!("the twin's disks: {e}")))?;
-        Ok(RestoreOverrides {
-            serial: Some(SerialConfig::File(twin.dir.join("serial.log"))),
-            disks,
-            vsock_socket: arrival
-                .config
-                .vsock
-                .as_ref()
-                .map(|_| PathBuf::from(TWIN_VSOCK_SOCKET)),
-            taps: Vec::new(),
-            disk_keys: Vec::new(),
-            vsock_cid,
-        })
-    });
-    let vm = match received {
-        Ok(vm) => vm,
-        Err(e) => {
-            if created {
-                let _ = store.remove(&device, name);
-            }
-            return Err(anyhow::Error::new(e)
-                .context(format!("the offload from {peer} failed; nothing runs here")));
+        for (i, &size) in arrival.disk_sizes.iter().enumerate() {
+            twin_disk(i, size, h.twin_uid)
+                .map_err(|e| migration_error(format!("the twin's disks: {e}")))?;
         }
+        crate::twin_vmm::give_dir(&twin.dir, h.twin_uid)
+            .map_err(|e| migration_error(format!("the twin's directory: {e}")))?;
+        // The VMM's way in: a socket and a fresh key of this connection's, for root only
+        // (the VMM connects before it drops its privileges), gone once it is connected.
+        let listener = crate::twin_vmm::listen_private(RECEIVE_SOCKET, None)
+            .map_err(|e| migration_error(format!("the twin's socket: {e}")))?;
+        let _socket = RemovedOnDrop(RECEIVE_SOCKET);
+        let key = crate::twin_vmm::fresh_key().map_err(migration_error)?;
+        crate::twin_vmm::write_key(RECEIVE_KEY, &key, None).map_err(migration_error)?;
+        let _key = RemovedOnDrop(RECEIVE_KEY);
+        let spec = TwinSpec {
+            receive: (RECEIVE_SOCKET, RECEIVE_KEY),
+            disks: arrival.disk_sizes.len(),
+            vsock_socket: arrival.config.vsock.as_ref().map(|_| TWIN_VSOCK_SOCKET),
+            vsock_cid,
+            api_socket: TWIN_API_SOCKET,
+            jail_root: h.jail_root(),
+            uid: h.twin_uid,
+        };
+        let started = vmm.insert(TwinVmm::start(&spec).map_err(migration_error)?);
+        started.connect(&listener, &key).map_err(migration_error)
+    });
+    if let Err(e) = forwarded {
+        // Told to give up by the proxy, it ends by itself; killed if it does not.
+        drop(vmm);
+        if created {
+            let _ = store.remove(&device, name);
+        }
+        return Err(anyhow::Error::new(e)
+            .context(format!("the offload from {peer} failed; nothing runs here")));
+    }
+    let Some(mut vmm) = vmm else {
+        anyhow::bail!("the offload from {peer} ended without a VMM");
     };
     store
         .set_state(&device, name, TwinState::Running)
@@ -521,28 +574,36 @@ fn offload(
     match cids {
         Some((was, now)) => eprintln!(
             "pocketvisor: cloud: the clone {name:?} of device {} runs here (from {peer}) with \
-             vsock CID {now} (the original's is {was})",
-            device.hex()
+             vsock CID {now} (the original's is {was}; jailed VMM pid {})",
+            device.hex(),
+            vmm.pid()
         ),
         None => eprintln!(
-            "pocketvisor: cloud: the {} {name:?} of device {} runs here (from {peer})",
+            "pocketvisor: cloud: the {} {name:?} of device {} runs here (from {peer}; jailed \
+             VMM pid {})",
             if clone { "clone" } else { "twin" },
-            device.hex()
+            device.hex(),
+            vmm.pid()
         ),
     }
-    // Its screen, for the device's `view` (a unix socket beside `api.sock`). The guest runs
-    // here already: a screen that cannot be served is said, not a reason to stop it.
-    let _screen =
-        crate::vnc::start_next_to_api(&vm, Some(Path::new("api.sock"))).unwrap_or_else(|e| {
-            eprintln!("pocketvisor: cloud: the twin {name:?} runs without its screen: {e:#}");
-            None
-        });
-    let status = crate::run::run_vm(vm, Some(Path::new("api.sock")));
+    let status = vmm.wait().context("wait for the twin's VMM");
     // Whatever ended it, the twin no longer runs here; its directory keeps its last disks.
     let _ = store.set_state(&device, name, TwinState::Returned);
     drop(held);
     status
 }
+
+/// The twin VMM's API socket, named relative to its directory.
+const TWIN_API_SOCKET: &str = "api.sock";
+
+/// The socket an offload's VMM receives from (this process's proxy), in the twin's directory.
+const RECEIVE_SOCKET: &str = "receive.sock";
+
+/// The key file of that connection.
+const RECEIVE_KEY: &str = "receive.key";
+
+/// The key file of a return's connection from the twin's VMM (which reads it unprivileged).
+const RETURN_KEY: &str = "return.key";
 
 /// The largest vsock CID a clone is given (the handset's jailed VMMs map CIDs to uids below
 /// 2^31: a clone that returns home as a profile one day keeps fitting).
@@ -620,22 +681,6 @@ pub(crate) fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
 
 /// The relay's socket in the twin's directory (named relative to it, as `api.sock`).
 const RELAY_SOCKET: &str = "relay.sock";
-
-/// Listens on the relay's socket (one left by a killed return is replaced), which only this
-/// user may connect to, without blocking.
-fn relay_socket() -> std::io::Result<std::os::unix::net::UnixListener> {
-    match std::fs::remove_file(RELAY_SOCKET) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let l = std::os::unix::net::UnixListener::bind(RELAY_SOCKET)?;
-    std::fs::set_permissions(
-        RELAY_SOCKET,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )?;
-    l.set_nonblocking(true)?;
-    Ok(l)
-}
 
 /// A file removed when this is dropped.
 struct RemovedOnDrop(&'static str);
@@ -759,10 +804,12 @@ fn relay_twin_socket(
 /// How long a return waits for the twin's VMM to connect to the relay.
 const TWIN_CONNECT_WAIT: Duration = Duration::from_secs(30);
 
-/// A return: the twin's VMM migrates to a unix socket of this process, which relays the
-/// migration to the device; the twin's process ends once the guest runs at the device.
+/// A return: the twin's jailed VMM migrates to a unix socket of this process under a fresh
+/// key, and this process carries the migration on to the device under the device's `key`
+/// ([`vmm::migration::proxy`]); the twin's process ends once the guest runs at the device.
 fn give_back(
     h: &HostArgs,
+    key: &[u8; KEY_LEN],
     store: &TwinStore,
     requested: Requested,
     device: DeviceId,
@@ -794,25 +841,36 @@ fn give_back(
         }
         Err(e) => return refuse(requested, format!("the twin's lock: {e}")),
     };
-    // A unix socket in the twin's directory, for its owner only: the twin's migration is
-    // authenticated by the key end to end, and the relay carries it inside the device's TLS.
-    let listener = match relay_socket() {
+    // A unix socket in the twin's directory, for the twin's VMM only (it runs as the twin
+    // user), and a fresh key of this return's for it: the host's own key stays here.
+    let listener = match crate::twin_vmm::listen_private(RELAY_SOCKET, Some(h.twin_uid)) {
         Ok(l) => l,
         Err(e) => return refuse(requested, format!("the relay's socket: {e}")),
     };
     // Gone when this function returns, however it returns.
     let _socket = RemovedOnDrop(RELAY_SOCKET);
-    let to = format!("{}{RELAY_SOCKET}", vmm::migration::LOCAL_PREFIX);
+    let local_key = match crate::twin_vmm::fresh_key()
+        .and_then(|k| crate::twin_vmm::write_key(RETURN_KEY, &k, Some(h.twin_uid)).map(|()| k))
+    {
+        Ok(k) => k,
+        Err(e) => return refuse(requested, e),
+    };
+    let _key = RemovedOnDrop(RETURN_KEY);
+    // The VMM names them as its jail shows the twin's directory.
+    let to = format!(
+        "{}{TWIN_DIR_IN_JAIL}/{RELAY_SOCKET}",
+        vmm::migration::LOCAL_PREFIX
+    );
     let ask = Request::Migrate {
         to,
-        key_file: h.key.clone(),
+        key_file: Path::new(TWIN_DIR_IN_JAIL).join(RETURN_KEY),
         downtime_ms: vmm::vmm_api::DEFAULT_DOWNTIME_MS,
         tls: None,
         twin: None,
         keep: None,
         clone: false,
     };
-    let migration = std::thread::spawn(move || crate::api::call(Path::new("api.sock"), &ask));
+    let migration = std::thread::spawn(move || crate::api::call(Path::new(TWIN_API_SOCKET), &ask));
     let deadline = Instant::now() + TWIN_CONNECT_WAIT;
     let local = loop {
         match listener.accept() {
@@ -837,12 +895,26 @@ fn give_back(
         std::thread::sleep(Duration::from_millis(10));
     };
     drop(listener);
-    local
+    let io = Some(vmm::migration::IO_TIMEOUT);
+    let from_twin = local
         .set_nonblocking(false)
-        .context("the twin's connection")?;
-    let relayed = requested
-        .accept()
-        .and_then(|device_conn| vmm::migration::relay(device_conn, local));
+        .and_then(|()| local.set_read_timeout(io))
+        .and_then(|()| local.set_write_timeout(io))
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            Channel::handshake(Transport::Local(local), &local_key, Role::Destination)
+                .map_err(|e| e.to_string())
+        });
+    let mut from_twin = match from_twin {
+        Ok(ch) => ch,
+        // Its VMM's migration fails with the connection: its guest runs on.
+        Err(e) => return refuse(requested, format!("the twin's connection: {e}")),
+    };
+    let relayed = requested.accept().and_then(|device_conn| {
+        let mut to_device = Channel::handshake(device_conn, key, Role::Source)?;
+        vmm::migration::proxy(&mut from_twin, &mut to_device, None, Some("relay-rounds"))
+    });
+    drop(from_twin);
     let answer = migration
         .join()
         .map_err(|_| anyhow::anyhow!("the API call's thread panicked"))?;
@@ -854,8 +926,11 @@ fn give_back(
                 "pocketvisor: cloud: the twin {name:?} of device {} returned to {peer}: {stats}{}\n",
                 device.hex(),
                 relayed.map_or_else(
-                    |e| format!(" (the relay: {e})"),
-                    |r| format!(" relayed_to_device={} relayed_to_twin={}", r.to_tls, r.to_local)
+                    |e| format!(" (the proxy: {e})"),
+                    |r| format!(
+                        " frames_to_device={} frames_to_twin={}",
+                        r.to_destination, r.to_source
+                    )
                 )
             );
             let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());

@@ -7,7 +7,7 @@
 //! (after writing the first `Disk` frame into the temporary file), `receive-round` (after
 //! acknowledging a round), `receive-state` (the state arrived, nothing built yet),
 //! `receive-committed` (after the source's `Commit`, before answering `Running`). A cloud
-//! host's relay of a return: `relay-rounds` (once 64 KiB of the twin's migration went to the
+//! host's proxy of a return: `relay-rounds` (once 64 KiB of the twin's migration went to the
 //! device: the first round under way). A replica: `checkpoint-live` (the VMM, an incremental
 //! checkpoint's live copy written, nothing paused yet), `replica-store` (the cloud host's connection
 //! process, once a piece of a checkpoint after a chain's first is in its temporary file). When the

@@ -987,7 +987,7 @@ impl Requested {
                 config: &setup.config,
                 disk_sizes: &setup.disk_sizes,
             })?;
-            proxy(&mut self.ch, &mut destination, Some(payload))
+            proxy(&mut self.ch, &mut destination, Some(payload), None)
         });
         refuse_on_error(&mut self.ch, &result);
         result

@@ -24,6 +24,10 @@ pub struct Proxied {
     pub to_source: u64,
 }
 
+/// Bytes to the destination after which a proxy passes its kill point: for a return, past
+/// the hello and the `Setup`, in the first round.
+const KILL_AFTER: u64 = 64 << 10;
+
 /// How long the proxy waits for the destination's answer to `frame`: a `Base` may take a
 /// destination minutes (it digests a kept copy), everything else the usual I/O timeout.
 fn answer_wait(frame: Kind) -> Option<std::time::Duration> {
@@ -45,15 +49,17 @@ fn answer_to(frame: Kind) -> Option<Kind> {
 /// the destination answers `Running`, which is then passed on (best effort: the guest runs
 /// at the destination even if the source does not hear it, as in a direct migration).
 /// `setup`, when given, is the source's `Setup` payload, already read from `source` (the
-/// cloud host looks at it before it starts the destination). On an error both ends that are
-/// still in the migration are sent an `Abort` with the reason.
+/// cloud host looks at it before it starts the destination). `kill_point`, when given, is
+/// the crash tests' point passed once 64 KiB went to the destination (see `fault`). On an
+/// error both ends that are still in the migration are sent an `Abort` with the reason.
 pub fn proxy(
     source: &mut Channel<Transport>,
     destination: &mut Channel<Transport>,
     setup: Option<Vec<u8>>,
+    kill_point: Option<&str>,
 ) -> Result<Proxied, Error> {
     let mut counts = Proxied::default();
-    let result = carry(source, destination, setup, &mut counts);
+    let result = carry(source, destination, setup, kill_point, &mut counts);
     if let Err(e) = &result {
         let why = super::reason(e);
         for ch in [source, destination] {
@@ -68,6 +74,7 @@ fn carry(
     source: &mut Channel<Transport>,
     destination: &mut Channel<Transport>,
     setup: Option<Vec<u8>>,
+    kill_point: Option<&str>,
     counts: &mut Proxied,
 ) -> Result<(), Error> {
     let mut first = setup.map(|payload| (Kind::Setup, payload));
@@ -93,10 +100,16 @@ fn carry(
             )));
         }
         set_up = true;
+        let before = destination.bytes_sent;
         destination
             .send(kind, &payload)
             .map_err(|e| from_side("destination", e))?;
         counts.to_destination += 1;
+        if let Some(point) = kill_point {
+            if before < KILL_AFTER && destination.bytes_sent >= KILL_AFTER {
+                super::fault::kill_point(point);
+            }
+        }
         let Some(answer) = answer_to(kind) else {
             continue;
         };
@@ -149,7 +162,7 @@ mod tests {
             let mut from =
                 Channel::handshake(Transport::Local(ps), &DEVICE_KEY, Role::Destination)?;
             let mut to = Channel::handshake(Transport::Local(pd), &LOCAL_KEY, Role::Source)?;
-            proxy(&mut from, &mut to, None)
+            proxy(&mut from, &mut to, None, None)
         });
         let dst = std::thread::spawn(move || {
             Channel::handshake(Transport::Local(d), &LOCAL_KEY, Role::Destination).unwrap()
@@ -203,7 +216,7 @@ mod tests {
             let mut from =
                 Channel::handshake(Transport::Local(ps), &DEVICE_KEY, Role::Destination)?;
             let mut to = Channel::handshake(Transport::Local(pd), &LOCAL_KEY, Role::Source)?;
-            proxy(&mut from, &mut to, None)
+            proxy(&mut from, &mut to, None, None)
         });
         let dst = std::thread::spawn(move || {
             Channel::handshake(Transport::Local(d), &LOCAL_KEY, Role::Destination).unwrap()
@@ -275,7 +288,7 @@ mod tests {
             let mut from =
                 Channel::handshake(Transport::Local(ps), &DEVICE_KEY, Role::Destination)?;
             let mut to = Channel::handshake(Transport::Local(pd), &LOCAL_KEY, Role::Source)?;
-            proxy(&mut from, &mut to, None)
+            proxy(&mut from, &mut to, None, None)
         });
         // The destination answers through a tap that flips a byte of its second frame.
         let (tap, d_inner) = UnixStream::pair().unwrap();
