@@ -586,11 +586,22 @@ fn offload(
             vmm.pid()
         ),
     }
-    let status = vmm.wait().context("wait for the twin's VMM");
-    // Whatever ended it, the twin no longer runs here; its directory keeps its last disks.
-    let _ = store.set_state(&device, name, TwinState::Returned);
+    let status = vmm.wait().context("wait for the twin's VMM")?;
+    if status > 128 {
+        // Killed (or its jail's filter killed it): the twin did not return. Its row stays as
+        // it is, so the device is told it stopped without returning, as when this process
+        // dies; its directory keeps its last disks.
+        eprintln!(
+            "pocketvisor: cloud: the VMM of the twin {name:?} of device {} died (status \
+             {status}); the twin stopped without returning",
+            device.hex()
+        );
+    } else {
+        // The guest ended or went home: the twin no longer runs here.
+        let _ = store.set_state(&device, name, TwinState::Returned);
+    }
     drop(held);
-    status
+    Ok(status)
 }
 
 /// The twin VMM's API socket, named relative to its directory.
@@ -936,9 +947,14 @@ fn give_back(
             let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             Ok(0)
         }
-        Err(e) => Err(e.context(format!(
-            "the return of {name:?} to {peer} failed; the twin runs on here"
-        ))),
+        Err(e) => {
+            let proxy = relayed
+                .err()
+                .map_or_else(String::new, |r| format!(" (the proxy: {r})"));
+            Err(e.context(format!(
+                "the return of {name:?} to {peer} failed{proxy}; the twin runs on here"
+            )))
+        }
     }
 }
 

@@ -725,57 +725,43 @@ fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
     let secs = work_secs();
     work_in_the_cloud(&twin_log, at_switch);
 
-    // The phone waits for its profile, starting from the copy it kept.
+    // The phone asks for its profile back, starting from the copy it kept; the twin's VMM
+    // (jailed: it reaches nothing but the host's proxy) migrates to it through the host.
     let stderr = h.dir.path("home.stderr");
-    let mut home = Vmm(Command::new(bin())
-        .args(["receive", "--listen", "127.0.0.1:0", "--key"])
-        .arg(&h.key)
-        .arg("--base")
-        .arg(&kept)
-        .arg("--disk")
-        .arg(h.dir.path("phone.img"))
-        .arg("--serial")
-        .arg(format!("file:{}", h.dir.path("home.serial").display()))
-        .arg("--api-socket")
-        .arg(h.dir.path("home.sock"))
-        .args(tls_args(&h.dir.0, "phone-home"))
-        .stdout(Stdio::null())
+    let stdout = h.dir.path("home.stdout");
+    let mut home = Vmm(h
+        .return_onto(
+            &kept,
+            &[
+                "--serial",
+                &format!("file:{}", h.dir.path("home.serial").display()),
+                "--api-socket",
+                h.dir.path("home.sock").to_str().unwrap(),
+            ],
+        )
+        .stdout(File::create(&stdout).unwrap())
         .stderr(File::create(&stderr).unwrap())
         .spawn()
         .unwrap());
-    let listen_line = || {
-        let text = read(&stderr);
-        let rest = text.split("waiting for a migration on ").nth(1)?;
-        Some(rest.split_once('\n')?.0.trim().to_string())
+    assert!(
+        wait_for(&stdout, "returned bytes_received=", WAIT),
+        "return: {}\n{}",
+        read(&stderr),
+        read(&h.dir.path("serve.stderr"))
+    );
+    // The twin's side of the migration, as the host said it.
+    let returned_line = || {
+        read(&h.dir.path("serve.stderr"))
+            .lines()
+            .find(|l| l.contains("returned to"))
+            .map(String::from)
     };
     assert!(
-        wait_until(|| listen_line().is_some(), WAIT),
+        wait_until(|| returned_line().is_some(), WAIT),
         "{}",
-        read(&stderr)
+        read(&h.dir.path("serve.stderr"))
     );
-    let home_addr = listen_line().unwrap();
-    // The twin migrates back (its API socket is named relative to its directory).
-    let out = Command::new(bin())
-        .current_dir(&twin)
-        .args([
-            "migrate",
-            "--api-socket",
-            "api.sock",
-            "--to",
-            &home_addr,
-            "--key",
-        ])
-        .arg(&h.key)
-        .args(tls_args(&h.dir.0, "cloud"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "return: {}\n{}",
-        text(&out),
-        read(&stderr)
-    );
-    let said = text(&out);
+    let said = returned_line().unwrap();
     let (return_bytes, skipped) = (figure(&said, "bytes"), figure(&said, "base_skipped"));
     // The phone's digests go the other way: the return costs both.
     let digests = figure(&said, "base_received");
