@@ -574,13 +574,13 @@ fn offload(
     match cids {
         Some((was, now)) => eprintln!(
             "pocketvisor: cloud: the clone {name:?} of device {} runs here (from {peer}) with \
-             vsock CID {now} (the original's is {was}; jailed VMM pid {})",
+             vsock CID {now} (the original's is {was}); its jailed VMM is pid {}",
             device.hex(),
             vmm.pid()
         ),
         None => eprintln!(
-            "pocketvisor: cloud: the {} {name:?} of device {} runs here (from {peer}; jailed \
-             VMM pid {})",
+            "pocketvisor: cloud: the {} {name:?} of device {} runs here (from {peer}); its \
+             jailed VMM is pid {}",
             if clone { "clone" } else { "twin" },
             device.hex(),
             vmm.pid()

@@ -412,13 +412,13 @@ fn an_offloaded_guest_counts_on_in_its_twin_with_its_disk_and_each_device_has_it
     );
 }
 
-/// The twin's VM (the one the host said it started last, `jailed VMM pid N`) runs jailed:
+/// The twin's VM (the one the host said it started last, `jailed VMM is pid N`) runs jailed:
 /// as the unprivileged twin user, without capabilities, under seccomp, and sees nothing of
 /// the host but /dev/kvm and its twin's directory (no TLS key, no migration key, no store).
 fn the_twin_runs_jailed(serve_stderr: &str) {
     let vmm: u32 = serve_stderr
-        .rsplit_once("jailed VMM pid ")
-        .and_then(|(_, rest)| rest.split(')').next()?.parse().ok())
+        .rsplit_once("jailed VMM is pid ")
+        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("the host names no twin VMM: {serve_stderr}"));
     // The jailed process: the child of that VMM process, in a pid namespace of its own.
     let child = || {
