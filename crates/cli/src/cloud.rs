@@ -1,11 +1,11 @@
 //! `pocketvisor cloud serve`: the cloud host (issue 13, docs/cloud.md). One TLS listener for
 //! every device; each connection is handed to its own process (`cloud twin`, hidden), which
 //! names the device by its client certificate and reads its request. `offload NAME`: it
-//! creates or reuses that device's twin in the store, receives the live migration into the
-//! twin's directory and runs the guest there, its API socket in that directory. `return
-//! NAME`: it asks the twin's VMM (through that API socket) to migrate to a unix socket of its
-//! own in the twin's directory and relays that migration to the device over the device's
-//! connection. `view NAME`: it relays the twin's screen (its VMM's VNC server on `vnc.sock` in
+//! creates or reuses that device's twin in the store and carries the live migration on to the
+//! twin's jailed VMM (`crate::twin_vmm`), which receives it and runs the guest in the twin's
+//! directory, its API socket there. `return NAME`: it asks the twin's VMM (through that API
+//! socket) to migrate to a unix socket of its own in the twin's directory and carries that
+//! migration on to the device over the device's connection (`vmm::migration::proxy`). `view NAME`: it relays the twin's screen (its VMM's VNC server on `vnc.sock` in
 //! the twin's directory) to the device.
 //!
 //! `replicate NAME CHAIN SEQ` and `recover NAME` (a replica's sealed checkpoints) are served
@@ -120,10 +120,15 @@ serves the twins that still run (each one's pid is in its twin.lock); the twin's
 sparse, the source's size), serial log (serial.log), vsock socket and API socket (api.sock)
 are in DIR/twins/<device>/<NAME>/. A refused offload (bad name, a twin of that name already
 running, a network device or an encrypted disk the host does not take) says why to the device,
-whose guest runs on there. A return asks the twin's VMM to migrate to a unix socket
-(relay.sock, mode 0600) of the connection's process in the twin's directory, which relays it
-to the device (the migration authenticated end to end by the key); the twin runs on here until
-the guest runs at the device, and is then recorded as returned. One return of a twin at a time.
+whose guest runs on there. Each twin's VM runs jailed (`pocketvisor vmm --receive-from`:
+namespaces, a root holding /dev/kvm and the twin's directory only, seccomp, the user and group
+--twin-uid; its jail under --jail-root): the connection's process, which keeps this host's
+keys and store, checks each frame of the device's and sends it on to that VMM under a fresh
+key of its own, and the VMM checks everything a receive does. Run it as root. A return asks
+the twin's VMM to migrate to a unix socket (relay.sock, mode 0600) of the connection's process
+in the twin's directory, which carries it to the device the same way; the twin runs on here
+until the guest runs at the device, and is then recorded as returned. One return of a twin at
+a time.
 A twin with a display serves its screen (its VMM's VNC server on vnc.sock in its directory),
 which a device's `cloud view NAME` gets relayed, keys and pointer included.
 `clone NAME` (`migrate --twin NAME --clone`) receives a live copy whose original runs on at the

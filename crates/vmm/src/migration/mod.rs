@@ -32,12 +32,14 @@
 //! it paused (never lost; `resume` runs it here again) and says so.
 //!
 //! A cloud host ([`accept_request`]) first reads a device's request. For `offload NAME` the
-//! device is the source, on that same channel ([`Requested::receive`]). For `return NAME`
-//! the host answers `Accept` ([`Requested::accept`]) and [`relay`]s, on the device's
-//! connection, a migration its twin's VMM makes to it over a unix socket (a destination
-//! `unix:PATH`, plain: [`LOCAL_PREFIX`]): a new hello, the twin
-//! the source and the device ([`receive_returned`]) the destination, authenticated end to
-//! end by the key.
+//! device is the source, on that same channel ([`Requested::receive`]), or the host carries
+//! its frames on to a jailed VMM of the twin's ([`Requested::forward`], [`proxy`]; that VMM
+//! receives with [`receive_from_proxy`]). For `return NAME` the host answers `Accept`
+//! ([`Requested::accept`]) and, on the device's connection, a migration its twin's VMM makes
+//! to it over a unix socket (a destination `unix:PATH`, plain: [`LOCAL_PREFIX`]) goes on to
+//! the device from a new hello, the twin the source and the device ([`receive_returned`]) the
+//! destination: relayed unread under one key ([`relay`]), or proxied frame by frame from a
+//! key of the host's and the twin's to the device's ([`proxy`], the cloud host's way).
 
 pub mod checkpoints;
 pub mod proxy;

@@ -1,9 +1,10 @@
 //! The cloud host's relays: bytes carried both ways and unchanged between a TLS connection and
-//! a local socket. For a return, the twin's VMM migrates to a unix socket of the host
-//! (`unix:PATH`, plain) and the host carries that migration over the TLS connection the device
-//! opened to ask for it; the migration's own hello, framing and key authenticate the bytes end
-//! to end, and the relay reads none of them. For a view, the host carries the twin's RFB
-//! display to the device, and the device carries it on to a viewer of its own.
+//! a local socket. For a view, the host carries the twin's RFB display to the device, and the
+//! device carries it on to a viewer of its own; for a vsock connection, the twin's vsock
+//! socket. A migration can go through one too (its own hello, framing and key authenticate the
+//! bytes end to end, and the relay reads none of them), but the cloud host's returns go
+//! through [`super::proxy`], which re-authenticates each frame under the device's key so the
+//! twin's jailed VMM never holds it.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -57,9 +58,6 @@ impl LocalEnd for TcpStream {
 }
 
 const BUF: usize = 64 << 10;
-/// Bytes to the TLS end after which the `relay-rounds` kill point is: for a return, past the
-/// setup, into the first round.
-const KILL_AFTER: u64 = 64 << 10;
 
 /// Carries bytes between `remote` (a TLS connection, either end of it) and `local` until both
 /// directions have ended. The local end decides when it is over: once it has closed, the
@@ -229,9 +227,6 @@ where
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        if total < KILL_AFTER && total + n as u64 >= KILL_AFTER {
-            super::fault::kill_point("relay-rounds");
-        }
         let mut rest = &buf[..n];
         while !rest.is_empty() {
             let mut c = far.conn();
