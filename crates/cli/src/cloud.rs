@@ -667,16 +667,23 @@ fn write_pid(lock: &std::fs::File) -> std::io::Result<()> {
 }
 
 /// Takes the `flock` of the file at `path` (created if missing): None if a live process
-/// holds it.
+/// holds it. A twin's directory is its VMM's (the twin user's): a link or anything but a
+/// regular file put there is refused, never followed or waited on.
 pub(crate) fn lock_file(path: &Path) -> std::io::Result<Option<std::fs::File>> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .mode(0o600)
         .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
     // SAFETY: flock on a descriptor this function owns; no memory is passed.
     if unsafe {
         libc::flock(

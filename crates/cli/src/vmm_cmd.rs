@@ -35,7 +35,7 @@ EXAMPLES:
       --serial file:/run/handset/work/serial.log --jail-id work --api-socket ...
   pocketvisor vmm --receive-from unix:twin/receive.sock --receive-key twin/receive.key \\
       --disk twin/disk0.img --serial file:twin/serial.log --api-socket twin/api.sock \\
-      --jail-id twin-4242 --uid 2147483000 --gid 2147483000
+      --jail-id twin-4242 --uid 1610612736 --gid 1610612736
 
 Inside the jail the kernel is /boot/kernel, the initrd /boot/initrd, a restored snapshot
 /snapshot (read-only), disk i /disks/<i>, and the directory of each socket or log file

@@ -32,9 +32,9 @@
 //! it paused (never lost; `resume` runs it here again) and says so.
 //!
 //! A cloud host ([`accept_request`]) first reads a device's request. For `offload NAME` the
-//! device is the source, on that same channel ([`Requested::receive`]), or the host carries
-//! its frames on to a jailed VMM of the twin's ([`Requested::forward`], [`proxy`]; that VMM
-//! receives with [`receive_from_proxy`]). For `return NAME` the host answers `Accept`
+//! device is the source, on that same channel, and the host carries its frames on to a jailed
+//! VMM of the twin's ([`Requested::forward`], [`proxy`]; that VMM receives with
+//! [`receive_from_proxy`]). For `return NAME` the host answers `Accept`
 //! ([`Requested::accept`]) and, on the device's connection, a migration its twin's VMM makes
 //! to it over a unix socket (a destination `unix:PATH`, plain: [`LOCAL_PREFIX`]) goes on to
 //! the device from a new hello, the twin the source and the device ([`receive_returned`]) the
@@ -116,7 +116,7 @@ pub struct MigrateOptions {
 pub const MAX_REQUEST_LEN: usize = 256;
 
 /// What a source announces to a cloud host before anything is built (see
-/// [`Requested::receive`]).
+/// [`Requested::forward`]).
 pub struct Arrival<'a> {
     /// The configuration (validated).
     pub config: &'a VmConfig,
@@ -899,7 +899,7 @@ pub fn receive_admitting(
 /// A cloud host's connection from a device, after TLS (required), the key's handshake and
 /// the device's first frame, a request (`offload NAME`, `return NAME`): the host decides
 /// from the certificate and the request what to do with it, and either refuses (the device
-/// is told why) or goes on with [`Requested::receive`] or [`Requested::accept`].
+/// is told why) or goes on with [`Requested::forward`] or [`Requested::accept`].
 pub struct Requested {
     ch: Channel<Transport>,
     request: String,
@@ -953,24 +953,6 @@ impl Requested {
     /// Tells the device why it is refused, and ends the connection.
     pub fn refuse(mut self, why: &Error) {
         refuse_on_error::<()>(&mut self.ch, &Err(refused(reason(why))));
-    }
-
-    /// Receives the VM the device migrates here (an offload), with the host-side settings
-    /// `admit` gives for what it announces (every disk path existing with the announced
-    /// size when `admit` returns), or refuses. A refusal goes to the device as the reason,
-    /// and nothing runs here.
-    pub fn receive(
-        mut self,
-        admit: impl FnOnce(&Arrival) -> Result<RestoreOverrides, Error>,
-    ) -> Result<Vm, Error> {
-        let result = receive_on(&mut self.ch, None, |setup| {
-            admit(&Arrival {
-                config: &setup.config,
-                disk_sizes: &setup.disk_sizes,
-            })
-        });
-        refuse_on_error(&mut self.ch, &result);
-        result
     }
 
     /// An offload carried on to a VMM of its own ([`proxy`]): reads the device's `Setup`,
