@@ -99,7 +99,7 @@ struct HostArgs {
     /// The unprivileged user id, and group id, the twins' VMMs run as once built (no user of
     /// this host should have it).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_TWIN_UID,
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = clap::value_parser!(u32).range(1..i64::from(u32::MAX)))]
     twin_uid: u32,
 }
 

@@ -372,7 +372,7 @@ fn an_offloaded_guest_counts_on_in_its_twin_with_its_disk_and_each_device_has_it
         "the twin's disk is not the device's"
     );
     assert!(twin.join("api.sock").exists(), "the twin has no API socket");
-    the_twin_runs_jailed(&read(&h.dir.path("serve.stderr")));
+    cloud_common::the_twin_runs_jailed(&read(&h.dir.path("serve.stderr")));
 
     // The same name from the same device while its twin runs: refused, the guest runs on.
     let _phone2 = h.device_vm("phone2");
@@ -410,72 +410,6 @@ fn an_offloaded_guest_counts_on_in_its_twin_with_its_disk_and_each_device_has_it
         wait_until(|| last(&log) > now + 3, WAIT),
         "the phone's twin stopped"
     );
-}
-
-/// The twin's VM (the one the host said it started last, `jailed VMM is pid N`) runs jailed:
-/// as the unprivileged twin user, without capabilities, under seccomp, and sees nothing of
-/// the host but /dev/kvm and its twin's directory (no TLS key, no migration key, no store).
-fn the_twin_runs_jailed(serve_stderr: &str) {
-    let vmm: u32 = serve_stderr
-        .rsplit_once("jailed VMM is pid ")
-        .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("the host names no twin VMM: {serve_stderr}"));
-    // The jailed process: the child of that VMM process, in a pid namespace of its own.
-    let child = || {
-        std::fs::read_dir("/proc").ok()?.find_map(|e| {
-            let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let ppid: u32 = stat
-                .rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            (ppid == vmm).then_some(pid)
-        })
-    };
-    assert!(
-        wait_until(|| child().is_some(), WAIT),
-        "the twin's VMM {vmm} has no jailed child"
-    );
-    let pid = child().unwrap();
-    let status = read(Path::new(&format!("/proc/{pid}/status")));
-    let field = |key: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .unwrap_or_else(|| panic!("no {key}: {status}"))
-            .split_whitespace()
-            .map(String::from)
-            .collect::<Vec<_>>()
-    };
-    for key in ["Uid", "Gid"] {
-        let ids = field(key);
-        assert!(
-            ids.iter().all(|id| id != "0" && id == &ids[0]),
-            "{key} {ids:?}"
-        );
-    }
-    assert_eq!(field("CapEff"), ["0000000000000000"]);
-    assert_eq!(field("NoNewPrivs"), ["1"]);
-    assert_eq!(field("Seccomp"), ["2"]);
-    // Its root is the jail's: the devices and the twin's directory, nothing else.
-    let root = PathBuf::from(format!("/proc/{pid}/root"));
-    let mut top: Vec<String> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    top.sort();
-    assert_eq!(top, ["dev", "run"], "the twin's VMM sees more of the host");
-    let run: Vec<String> = std::fs::read_dir(root.join("run"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(run, ["0"]);
-    assert!(root.join("run/0/serial.log").exists() && root.join("run/0/disk0.img").exists());
-    // The connection's key file is gone once the VMM was connected.
-    assert!(!root.join("run/0/receive.key").exists());
 }
 
 #[test]

@@ -264,6 +264,7 @@ fn a_clone_runs_at_the_cloud_host_with_its_own_cid_while_the_original_runs_on() 
     );
     assert!(!common::read(&serial).contains("PROBE twin"));
     assert_eq!(info(&dir)["vsock_cid"].as_u64(), Some(cid));
+    cloud_common::the_twin_runs_jailed(&common::read(&host.dir.path("serve.stderr")));
 
     // Another device does not reach it; its own device cannot take it back over the original.
     let out = host.cloud_return("tablet", "work", &[]);
