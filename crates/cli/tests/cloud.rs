@@ -1227,3 +1227,74 @@ fn a_request_the_host_does_not_serve_or_a_frame_out_of_place_is_refused_in_words
         "a refused request left a twin"
     );
 }
+
+/// Whether a process runs a jail under the host's state directory (a twin's VMM, or its
+/// jailed VM: both name `--jail-root <state>/jail` on their command line).
+fn a_twin_vmm_runs(h: &Host) -> bool {
+    let jail_root = h.state().join("jail");
+    let needle = jail_root.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").unwrap().any(|e| {
+        let Ok(e) = e else { return false };
+        std::fs::read(e.path().join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&needle))
+    })
+}
+
+#[test]
+fn a_twin_whose_jailed_vmm_dies_mid_offload_is_not_kept_and_the_guest_runs_on_at_the_device() {
+    // The twins' VMMs die (kill -9) once they acknowledged a round of pages.
+    let Some(h) = host_with_env("vmm-killed", &[("POCKETVISOR_KILL_AT", "receive-round")]) else {
+        return;
+    };
+    let _phone = h.device_vm("phone");
+    let out = h.offload("phone", "phone", "work");
+    assert!(!out.status.success(), "the offload went through");
+    // The host says its side (the jailed VMM) is what failed.
+    assert!(
+        text(&out).contains("the destination") && text(&out).contains("runs on here"),
+        "{}",
+        text(&out)
+    );
+    let serial = h.dir.path("phone.serial");
+    let now = last(&serial);
+    assert!(
+        wait_until(|| last(&serial) > now + 3, WAIT),
+        "the device's guest stopped"
+    );
+    assert!(
+        wait_until(|| !a_twin_vmm_runs(&h), WAIT),
+        "a twin VMM runs on"
+    );
+    assert!(h.twin_dirs().is_empty(), "{:?}", h.twin_dirs());
+}
+
+#[test]
+fn a_twins_connection_process_killed_takes_its_jailed_vm_with_it() {
+    let Some(h) = host("twin-process-killed") else {
+        return;
+    };
+    let mut phone = h.device_vm("phone");
+    let out = h.offload("phone", "phone", "work");
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let twin = h.state().join("twins").join(&h.twin_dirs()[0]);
+    let log = twin.join("serial.log");
+    assert!(wait_until(|| last(&log) > 3, WAIT), "{}", read(&log));
+    assert!(a_twin_vmm_runs(&h));
+    // kill -9 of the process that holds the twin (its pid is in its lock): its VMM and the
+    // jailed VM die with it, nothing runs on unwatched.
+    let pid: i32 = read(&twin.join("twin.lock")).trim().parse().unwrap();
+    // SAFETY: kill(2) with integer arguments, to the twin's process this test's host started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    assert!(
+        wait_until(|| !a_twin_vmm_runs(&h), WAIT),
+        "the twin's VM outlived its connection's process"
+    );
+    let out = h.cloud_return("phone", "work", &[]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("stopped without returning"),
+        "{}",
+        text(&out)
+    );
+}
