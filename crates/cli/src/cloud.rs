@@ -101,6 +101,11 @@ struct HostArgs {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_TWIN_UID,
           value_parser = clap::value_parser!(u32).range(1..i64::from(u32::MAX)))]
     twin_uid: u32,
+    /// Give twins with network devices a network: each device's TAP (named by this host,
+    /// `pvt` and 12 hex digits) is attached to BRIDGE, an existing bridge of this host, and
+    /// goes when the twin ends. Without it a twin with a network device is refused.
+    #[arg(long, value_name = "BRIDGE")]
+    twin_bridge: Option<String>,
 }
 
 /// The user (and group) id of the twins' VMMs unless --twin-uid says otherwise: above the
@@ -187,6 +192,7 @@ impl HostArgs {
                 None => abs(&self.state)?.join("jail"),
             }),
             twin_uid: self.twin_uid,
+            twin_bridge: self.twin_bridge.clone(),
         })
     }
 
@@ -240,6 +246,9 @@ fn serve(a: ServeArgs) -> Result<i32> {
         .with_context(|| format!("cannot create {}", host.state.display()))?;
     host.store()?;
     host.replicas()?;
+    if let Some(bridge) = &host.twin_bridge {
+        crate::twin_net::check_bridge(bridge).map_err(anyhow::Error::msg)?;
+    }
     let listener =
         TcpListener::bind(&a.listen).with_context(|| format!("cannot listen on {}", a.listen))?;
     let addr = listener.local_addr().context("the listening address")?;
@@ -300,6 +309,11 @@ fn spawn_twin(exe: &Path, host: &HostArgs, conn: TcpStream) -> Result<std::proce
         .arg(host.jail_root())
         .arg("--twin-uid")
         .arg(host.twin_uid.to_string())
+        .args(
+            host.twin_bridge
+                .iter()
+                .flat_map(|b| ["--twin-bridge", b.as_str()]),
+        )
         .stdin(Stdio::from(OwnedFd::from(conn)))
         .stdout(Stdio::null());
     // A process group of its own: a twin outlives the host process (killed, restarted,
@@ -363,10 +377,20 @@ fn parse_request(request: &str) -> Result<Ask, String> {
     Ok(ask(name.to_string()))
 }
 
-/// Refuses what the cloud host does not give a twin: host devices and keys of the device.
-fn check_config(config: &vmm::VmConfig) -> Result<(), String> {
+/// Refuses what the cloud host does not give a twin: a network without `bridge` (the host's
+/// --twin-bridge), keys of the device.
+fn check_config(config: &vmm::VmConfig, bridge: Option<&str>) -> Result<(), String> {
     if !config.net.is_empty() {
-        return Err("the twin has a network device: this host gives twins no network yet".into());
+        match bridge {
+            None => {
+                return Err(
+                    "the twin has a network device, and this host gives twins no \
+                            network (its `cloud serve` has no --twin-bridge)"
+                        .into(),
+                )
+            }
+            Some(b) => crate::twin_net::check_bridge(b)?,
+        }
     }
     if config.disks.iter().any(|d| d.encrypted) {
         return Err("the twin has an encrypted disk, whose key stays on the device".into());
@@ -451,10 +475,12 @@ fn refuse(requested: Requested, what: &str, why: String) -> Result<i32> {
 
 /// An offload (or with `clone` a clone): receives the device's VM into its twin `name` and
 /// runs it here, in a jailed VMM of its own ([`crate::twin_vmm`]): this process checks what
-/// the device announces, prepares the twin (store, lock, directory, disks) and carries the
-/// migration on to that VMM ([`Requested::forward`]), which checks everything a receive
-/// does. A clone gets a fresh vsock CID, which its restored vsock device tells the guest
-/// with a transport reset (the host gives twins no network, so no MAC to change).
+/// the device announces, prepares the twin (store, lock, directory, disks, TAPs) and carries
+/// the migration on to that VMM ([`Requested::forward`]), which checks everything a receive
+/// does. Each network device is on a TAP of the host's naming on the host's --twin-bridge.
+/// A clone gets a fresh vsock CID, which its restored vsock device tells the guest with a
+/// transport reset, and a fresh MAC for each network device, which its config space holds
+/// (a driver reads it at its probe: the probe guest watches it).
 fn offload(
     h: &HostArgs,
     store: &TwinStore,
@@ -477,8 +503,12 @@ fn offload(
     let mut held = None;
     // The twin's VMM, once started: ended (and so the guest) if anything fails.
     let mut vmm: Option<TwinVmm> = None;
+    // The twin's TAPs, named by this host, once chosen.
+    let mut taps = Vec::new();
+    // The clone's MAC addresses, once chosen: (the original's, the clone's).
+    let mut macs = Vec::new();
     let forwarded = requested.forward(|arrival: &Arrival| {
-        check_config(arrival.config).map_err(migration_error)?;
+        check_config(arrival.config, h.twin_bridge.as_deref()).map_err(migration_error)?;
         let twin = match store.get(&device, name) {
             Ok(t) => t,
             Err(StoreError::NotFound(_)) => {
@@ -523,6 +553,27 @@ fn offload(
             }
             _ => None,
         };
+        taps = (0..arrival.config.net.len())
+            .map(|i| crate::twin_net::tap_name(&device, name, i))
+            .collect();
+        for tap in &taps {
+            crate::twin_net::check_free(tap).map_err(migration_error)?;
+        }
+        if clone {
+            macs = arrival
+                .config
+                .net
+                .iter()
+                .map(|n| {
+                    let was = n
+                        .mac
+                        .as_deref()
+                        .and_then(|m| vmm::config::parse_mac(m).ok());
+                    fresh_mac(was).map(|now| (was, now))
+                })
+                .collect::<Result<_, _>>()
+                .map_err(migration_error)?;
+        }
         if twin.state == TwinState::Running && !created {
             eprintln!(
                 "pocketvisor: cloud: the twin {name:?} of device {} was left running by a \
@@ -576,6 +627,30 @@ fn offload(
     store
         .set_state(&device, name, TwinState::Running)
         .context("record the twin as running")?;
+    // The VMM created the TAPs; they join the bridge before the guest runs. The guest is
+    // here already (the device's copy stopped): one that cannot join runs on unplugged, said.
+    if let Some(bridge) = &h.twin_bridge {
+        for tap in &taps {
+            match crate::twin_net::attach(tap, bridge) {
+                Ok(()) => eprintln!(
+                    "pocketvisor: cloud: the twin {name:?}'s TAP {tap} is on the bridge {bridge}"
+                ),
+                Err(e) => eprintln!(
+                    "pocketvisor: cloud: the twin {name:?}'s TAP {tap} could not join the \
+                     bridge {bridge} ({e}): its network device is unplugged"
+                ),
+            }
+        }
+    }
+    for (i, (was, now)) in macs.iter().enumerate() {
+        eprintln!(
+            "pocketvisor: cloud: the clone {name:?}'s network device {i} has the MAC {} (the \
+             original's is {})",
+            vmm::config::format_mac(now),
+            was.as_ref()
+                .map_or_else(|| "unknown".into(), vmm::config::format_mac)
+        );
+    }
     match cids {
         Some((was, now)) => eprintln!(
             "pocketvisor: cloud: the clone {name:?} of device {} runs here (from {peer}) with \
@@ -640,6 +715,17 @@ fn fresh_cid(original: u64) -> Result<u64, String> {
         let cid = 3 + u64::from_le_bytes(b) % (MAX_CLONE_CID - 2);
         if cid != original {
             return Ok(cid);
+        }
+    }
+}
+
+/// A random locally administered unicast MAC for a clone, not `original`.
+fn fresh_mac(original: Option<[u8; 6]>) -> Result<[u8; 6], String> {
+    loop {
+        let mac = devices::virtio::net::random_mac()
+            .map_err(|e| format!("no random MAC for the clone: {e}"))?;
+        if Some(mac) != original {
+            return Ok(mac);
         }
     }
 }
@@ -1064,6 +1150,7 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
         taps: Vec::new(),
         disk_keys: Vec::new(),
         vsock_cid: None,
+        macs: Vec::new(),
     };
     let returned = vmm::migration::receive_returned(
         &a.host.from,
@@ -1263,6 +1350,31 @@ mod tests {
                 assert!((3..=MAX_CLONE_CID).contains(&c) && c != original, "{c}");
             }
         }
+    }
+
+    #[test]
+    fn a_clone_mac_is_fresh_unicast_and_locally_administered() {
+        let original = [0x02, 0, 0, 0, 0, 1];
+        for _ in 0..100 {
+            let m = fresh_mac(Some(original)).unwrap();
+            assert_ne!(m, original);
+            assert_eq!(m[0] & 0x03, 0x02, "{m:02x?}");
+        }
+    }
+
+    #[test]
+    fn a_network_device_needs_the_hosts_twin_bridge() {
+        let mut c: vmm::VmConfig = toml::from_str("kernel = \"k\"").unwrap();
+        assert_eq!(check_config(&c, None), Ok(()));
+        c.net.push(vmm::config::NetConfig {
+            tap: "tap0".into(),
+            mac: None,
+            filter: None,
+        });
+        let why = check_config(&c, None).unwrap_err();
+        assert!(why.contains("--twin-bridge"), "{why}");
+        let why = check_config(&c, Some("pv-no-such-br")).unwrap_err();
+        assert!(why.contains("does not exist"), "{why}");
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod replica_dir;
 mod run;
 mod screenshot;
 mod snapshot;
+mod twin_net;
 mod twin_vmm;
 mod vmm_cmd;
 mod vnc;

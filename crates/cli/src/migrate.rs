@@ -187,6 +187,7 @@ pub fn receive(a: ReceiveArgs) -> Result<i32> {
         taps: a.tap,
         disk_keys: Vec::new(),
         vsock_cid: None,
+        macs: Vec::new(),
     };
     let vm = vmm::migration::receive_onto(conn, &key, tls.as_ref(), &overrides, a.base.as_deref())
         .with_context(|| format!("the migration from {peer} failed; nothing runs here"))?;

@@ -102,6 +102,7 @@ pub fn restore(a: RestoreArgs) -> Result<i32> {
         taps: a.tap,
         disk_keys: Vec::new(),
         vsock_cid: None,
+        macs: Vec::new(),
     };
     if !a.dir.exists() {
         return Err(crate::failure::Failure::NotFound(format!(

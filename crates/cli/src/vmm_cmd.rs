@@ -341,6 +341,7 @@ fn jail_overrides(jailed: &VmConfig) -> vmm::RestoreOverrides {
         taps: jailed.net.iter().map(|n| n.tap.clone()).collect(),
         disk_keys: jailed.disks.iter().map(|d| d.key.clone()).collect(),
         vsock_cid: None,
+        macs: Vec::new(),
     }
 }
 

@@ -376,9 +376,24 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
     Ok(mac)
 }
 
+/// Formats a MAC address as [`parse_mac`] reads it: `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_formatted_mac_parses_back() {
+        let m = [0x02, 0xab, 0x00, 0x10, 0xfe, 0x7f];
+        assert_eq!(format_mac(&m), "02:ab:00:10:fe:7f");
+        assert_eq!(parse_mac(&format_mac(&m)).unwrap(), m);
+    }
 
     #[test]
     fn toml_round_trips_and_defaults_apply() {

@@ -134,10 +134,7 @@ impl Vm {
         let mut cfg = cfg.clone();
         for n in cfg.net.iter_mut().filter(|n| n.mac.is_none()) {
             let m = devices::virtio::net::random_mac().map_err(Error::io("random MAC"))?;
-            n.mac = Some(format!(
-                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-                m[0], m[1], m[2], m[3], m[4], m[5]
-            ));
+            n.mac = Some(vmm_api::config::format_mac(&m));
         }
         let cfg = &cfg;
         let (kvm, vm) = create_kvm_vm(cfg)?;

@@ -111,11 +111,9 @@ fn counter(ms: u64) -> ! {
     let period = ms.max(1) * time::tsc_khz();
     let mut next = port::rdtsc();
     let mut n: u64 = 0;
-    let mut cid = virtio::vsock::CidWatch::open();
+    let mut twin = virtio::TwinWatch::open();
     loop {
-        if let Some(w) = cid.as_mut() {
-            w.check();
-        }
+        twin.check();
         probe!("counter {n}");
         n += 1;
         next += period;

@@ -197,8 +197,9 @@ pub trait VirtioDevice: Send {
     /// and the device tells the driver so if its protocol has a way.
     fn restored(&mut self) {}
     /// Whether a restore may give this device another configuration than the snapshot's
-    /// (checked equal otherwise): only a device whose driver is told after a restore that it
-    /// must read it again (vsock's transport reset: a clone's new CID).
+    /// (checked equal otherwise): vsock, whose driver is told after a restore that it must
+    /// read it again (its transport reset: a clone's new CID), and net, whose config is only
+    /// the MAC a clone is given anew (a driver reads it at its next probe).
     fn config_may_change_at_restore(&self) -> bool {
         false
     }

@@ -112,6 +112,10 @@ pub struct RestoreOverrides {
     /// The guest's vsock CID, replacing the saved one (a clone's fresh identity: the
     /// restored vsock device tells the guest with a transport reset, and its config has it).
     pub vsock_cid: Option<u64>,
+    /// The guest's MAC addresses, replacing the saved ones in order (a clone's fresh
+    /// identity: the restored virtio-net device's config space holds it, which a driver
+    /// reads at its probe; see `Net::config_may_change_at_restore`).
+    pub macs: Vec<[u8; 6]>,
 }
 
 fn snap_err(e: impl std::fmt::Display) -> Error {
@@ -575,6 +579,16 @@ fn apply_overrides(cfg: &mut VmConfig, o: &RestoreOverrides) -> Result<(), Error
     }
     for (n, t) in cfg.net.iter_mut().zip(&o.taps) {
         n.tap = t.clone();
+    }
+    if o.macs.len() > cfg.net.len() {
+        return Err(Error::Config(format!(
+            "{} MAC addresses given, the snapshot has {} network devices",
+            o.macs.len(),
+            cfg.net.len()
+        )));
+    }
+    for (n, m) in cfg.net.iter_mut().zip(&o.macs) {
+        n.mac = Some(vmm_api::config::format_mac(m));
     }
     if let Some(p) = &o.vsock_socket {
         match &mut cfg.vsock {

@@ -321,11 +321,9 @@ pub fn counter(ms: u64) -> ! {
     let mut next = crate::port::rdtsc();
     let data = blk.scratch + 512;
     let mut n: u64 = 0;
-    let mut cid = super::vsock::CidWatch::open();
+    let mut twin = super::TwinWatch::open();
     loop {
-        if let Some(w) = cid.as_mut() {
-            w.check();
-        }
+        twin.check();
         pattern(n, mem::bytes(data, 4096));
         match blk.request(T_OUT, (n % slots) * 8, Some((data, 4096))) {
             Ok(S_OK) => probe!("blk-counter {n}"),

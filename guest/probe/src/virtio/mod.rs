@@ -10,6 +10,33 @@ pub mod queue;
 pub mod rng;
 pub mod vsock;
 
+/// What a twin's guest watches for: the identity a clone's cloud host gives it anew (the
+/// vsock CID, the MAC), each change printed as `PROBE twin cid=N` or `PROBE twin mac=M`.
+pub struct TwinWatch {
+    cid: Option<vsock::CidWatch>,
+    mac: Option<net::MacWatch>,
+}
+
+impl TwinWatch {
+    /// Watches the first vsock and network devices, those there are.
+    pub fn open() -> TwinWatch {
+        TwinWatch {
+            cid: vsock::CidWatch::open(),
+            mac: net::MacWatch::open(),
+        }
+    }
+
+    /// Prints what changed since the last look.
+    pub fn check(&mut self) {
+        if let Some(w) = self.cid.as_mut() {
+            w.check();
+        }
+        if let Some(w) = self.mac.as_mut() {
+            w.check();
+        }
+    }
+}
+
 /// Virtio PCI vendor id.
 pub const VENDOR: u16 = 0x1AF4;
 /// Modern device id of a virtio type.

@@ -379,3 +379,44 @@ impl core::fmt::Display for Printable {
         f.write_str(core::str::from_utf8(&self.buf[..self.len]).unwrap_or("?"))
     }
 }
+
+/// The first network device's MAC, watched without initialising the device (its config is
+/// readable before): a clone's cloud host gives the guest a new one, which this guest
+/// notices (a driver reads it only at its probe; nothing tells it).
+pub struct MacWatch {
+    dev: VirtioPci,
+    mac: [u8; 6],
+}
+
+impl MacWatch {
+    /// Watches the first network device, if there is one.
+    pub fn open() -> Option<MacWatch> {
+        let f = super::pci::find(TYPE, 0)?;
+        let dev = VirtioPci::new(&f).ok()?;
+        let mac = Self::read(&dev);
+        Some(MacWatch { dev, mac })
+    }
+
+    fn read(dev: &VirtioPci) -> [u8; 6] {
+        let mut mac = [0u8; 6];
+        dev.config_bytes(0, &mut mac);
+        mac
+    }
+
+    /// Prints `PROBE twin mac=aa:bb:cc:dd:ee:ff` when the MAC changed since the last look.
+    pub fn check(&mut self) {
+        let m = Self::read(&self.dev);
+        if m != self.mac {
+            probe!(
+                "twin mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0],
+                m[1],
+                m[2],
+                m[3],
+                m[4],
+                m[5]
+            );
+            self.mac = m;
+        }
+    }
+}

@@ -322,6 +322,20 @@ impl VirtioPci {
         v
     }
 
+    /// Reads `out.len()` bytes of device-specific config from `off` as one consistent view:
+    /// retried until `config_generation` is the same before and after.
+    pub fn config_bytes(&self, off: u64, out: &mut [u8]) {
+        for _ in 0..100 {
+            let g = self.common_read::<u8>(0x15);
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = mmio::read::<u8>(self.device + off + i as u64);
+            }
+            if self.common_read::<u8>(0x15) == g {
+                break;
+            }
+        }
+    }
+
     /// Writes device-specific config at `off`.
     pub fn config_write<T: Copy>(&self, off: u64, v: T) {
         mmio::write::<T>(self.device + off, v)

@@ -228,6 +228,13 @@ impl VirtioDevice for Net {
         Some(Arc::new(FilterControl(self.filter.clone())))
     }
 
+    fn config_may_change_at_restore(&self) -> bool {
+        // A clone's fresh MAC (its config is the MAC and the constant link status, so the
+        // MAC is all that can differ). Nothing makes a driver read it again: Linux keeps the
+        // address it read at its probe until the next one; the probe guest watches it.
+        true
+    }
+
     fn start(&mut self, act: Activation) -> Result<Box<dyn DeviceWorker>, ActivateError> {
         let mut queues = act.queues.into_iter();
         let rx = queues.next().ok_or(ActivateError::BadQueue(0))?;

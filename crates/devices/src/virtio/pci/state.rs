@@ -203,7 +203,7 @@ impl VirtioPciDevice {
         if config_changed && !self.device.config_may_change_at_restore() {
             return Err(mismatch(
                 "the device's configuration differs from the snapshot's \
-                 (a disk of another size, another MAC address or CID?)",
+                 (a disk of another size?)",
             ));
         }
         if s.queues.len() != self.queues.len() || s.queue_vectors.len() != self.queues.len() {
