@@ -60,6 +60,10 @@ struct Host {
     addr: String,
     key: PathBuf,
     env: Vec<(String, String)>,
+    /// The network namespace its processes (and the devices' commands) run in, if not this one.
+    netns: Option<String>,
+    /// More flags of its `cloud serve`.
+    flags: Vec<String>,
 }
 
 impl Drop for Host {
@@ -72,6 +76,18 @@ impl Drop for Host {
 impl Host {
     fn state(&self) -> PathBuf {
         self.dir.path("state")
+    }
+
+    /// A `pocketvisor` command in the host's network namespace.
+    fn command(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, bin()]);
+                c
+            }
+            None => Command::new(bin()),
+        }
     }
 
     /// The twin directories of every device, as `<device>/<name>`.
@@ -130,7 +146,7 @@ impl Host {
 
     /// [`Host::offload`] with more flags.
     fn offload_with(&self, vm: &str, who: &str, twin: &str, more: &[&str]) -> Output {
-        Command::new(bin())
+        self.command()
             .args(["migrate", "--api-socket"])
             .arg(self.dir.path(&format!("{vm}.sock")))
             .args(more)
@@ -177,7 +193,7 @@ impl Host {
     fn restart(&mut self) {
         let _ = self.serve.0.kill();
         let _ = self.serve.0.wait();
-        let (serve, addr) = serve(&self.dir, &self.key, &self.env);
+        let (serve, addr) = serve(&self.dir, &self.key, &self.env, &self.place());
         self.serve = serve;
         self.addr = addr;
     }
@@ -273,6 +289,22 @@ fn device_image(name: &str, bytes: usize) -> Vec<u8> {
 /// The file in a host's scratch directory holding its PostgreSQL URL, if it has one.
 const STORE_URL: &str = "store-url";
 
+/// Where a host runs and with which more flags.
+#[derive(Default)]
+struct Place {
+    netns: Option<String>,
+    flags: Vec<String>,
+}
+
+impl Host {
+    fn place(&self) -> Place {
+        Place {
+            netns: self.netns.clone(),
+            flags: self.flags.clone(),
+        }
+    }
+}
+
 /// A cloud host, or None where KVM or the probe is missing.
 fn host(name: &str) -> Option<Host> {
     host_with_env(name, &[])
@@ -280,7 +312,7 @@ fn host(name: &str) -> Option<Host> {
 
 /// [`host`], its processes (the twins' among them) started with `env` set.
 fn host_with_env(name: &str, env: &[(&str, &str)]) -> Option<Host> {
-    host_at(name, env, None)
+    host_at(name, env, None, Place::default())
 }
 
 /// [`host`] keeping its twin registry in PostgreSQL, or None (skipped, said loudly; a failure
@@ -288,12 +320,12 @@ fn host_with_env(name: &str, env: &[(&str, &str)]) -> Option<Host> {
 fn host_on_postgres(name: &str) -> Option<Host> {
     common::probe(true)?;
     let url = mdm::store::pg_scratch::database_for_test(name)?;
-    host_at(name, &[], Some(&url))
+    host_at(name, &[], Some(&url), Place::default())
 }
 
 /// [`host_with_env`], the registry in the PostgreSQL database at `store` if given (its URL in
 /// `store-url` in the scratch directory, which every start of the host is given).
-fn host_at(name: &str, env: &[(&str, &str)], store: Option<&str>) -> Option<Host> {
+fn host_at(name: &str, env: &[(&str, &str)], store: Option<&str>, at: Place) -> Option<Host> {
     common::probe(true)?;
     let dir = Scratch::new(SCRATCH, name);
     if let Some(url) = store {
@@ -311,27 +343,30 @@ fn host_at(name: &str, env: &[(&str, &str)], store: Option<&str>) -> Option<Host
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let (serve, addr) = serve(&dir, &key, &env);
+    let (serve, addr) = serve(&dir, &key, &env, &at);
     Some(Host {
         dir,
         serve,
         addr,
         key,
         env,
+        netns: at.netns,
+        flags: at.flags,
     })
 }
 
 /// Starts `cloud serve` on the state in `dir` (its stderr appended to `serve.stderr`), with the
 /// registry in PostgreSQL where `store-url` says so; returns it and the address it listens on.
-fn serve(dir: &Scratch, key: &Path, env: &[(String, String)]) -> (Vmm, String) {
+fn serve(dir: &Scratch, key: &Path, env: &[(String, String)], at: &Place) -> (Vmm, String) {
     let store = dir.path(STORE_URL);
-    let more = if store.exists() {
+    let mut more = if store.exists() {
         vec!["--store-file".to_string(), store.display().to_string()]
     } else {
         Vec::new()
     };
+    more.extend(at.flags.iter().cloned());
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    cloud_common::serve(&dir.0, key, &more, &env)
+    cloud_common::serve_in(at.netns.as_deref(), &dir.0, key, &more, &env)
 }
 
 #[test]
@@ -1297,4 +1332,233 @@ fn a_twins_connection_process_killed_takes_its_jailed_vm_with_it() {
         "{}",
         text(&out)
     );
+}
+
+/// A network namespace of a test's own, its loopback up, deleted when dropped (with every
+/// link in it).
+struct Netns(String);
+
+impl Netns {
+    /// `pv-<tag>-<pid>`, or None (skipped, said) where `ip netns` cannot make one (not root,
+    /// no `ip`).
+    fn new(tag: &str) -> Option<Netns> {
+        let name = format!("pv-{tag}-{}", std::process::id());
+        let made = Command::new("ip")
+            .args(["netns", "add", &name])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !made {
+            eprintln!("SKIP: cannot make a network namespace (needs root and ip)");
+            return None;
+        }
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        Some(ns)
+    }
+
+    /// `ip -n NS ARGS`, which must succeed.
+    fn ip(&self, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.0])
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(out.status.success(), "ip {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The names of the interfaces attached to the bridge `bridge`.
+    fn ports_of(&self, bridge: &str) -> Vec<String> {
+        self.ip(&["-o", "link", "show", "master", bridge])
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect()
+    }
+
+    /// Whether the interface `name` exists.
+    fn has(&self, name: &str) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.0, "link", "show", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Host {
+    /// The counting probe as the phone in the host's namespace, with a network device on the
+    /// TAP `tap` (which its VMM creates) with the MAC `mac`; waits until it counts.
+    fn phone_with_nic(&self, tap: &str, mac: &str) -> Vmm {
+        let probe = common::probe(true).expect("the probe was there a moment ago");
+        let serial = self.dir.path("phone.serial");
+        let phone = Vmm(self
+            .command()
+            .args(["run", "--kernel", probe.to_str().unwrap()])
+            .args(["--cmdline", "pv.mode=counter pv.counter.ms=20"])
+            .args(["--memory", "64M", "--net", &format!("tap={tap},mac={mac}")])
+            .arg("--serial")
+            .arg(format!("file:{}", serial.display()))
+            .arg("--api-socket")
+            .arg(self.dir.path("phone.sock"))
+            .stdout(Stdio::null())
+            .stderr(File::create(self.dir.path("phone.stderr")).unwrap())
+            .spawn()
+            .expect("start the device's VM"));
+        assert!(
+            wait_for(&serial, "PROBE counter 3\n", WAIT),
+            "the device's guest does not count: {}\n{}",
+            read(&self.dir.path("phone.stderr")),
+            read(&serial)
+        );
+        phone
+    }
+}
+
+#[test]
+fn a_clone_with_a_network_device_gets_a_tap_on_the_hosts_bridge_and_a_mac_of_its_own() {
+    if common::probe(true).is_none() {
+        return;
+    }
+    let Some(ns) = Netns::new("twinnet") else {
+        return;
+    };
+    const BRIDGE: &str = "pvtwinbr";
+    const ORIGINAL_MAC: &str = "02:00:00:00:00:01";
+    // A host whose bridge is missing says so at once.
+    let place = |flags: &[&str]| Place {
+        netns: Some(ns.0.clone()),
+        flags: flags.iter().map(|f| f.to_string()).collect(),
+    };
+    let dir = Scratch::new(SCRATCH, "twinnet-nobridge");
+    std::fs::write(dir.path("cloud.mkey"), "5a".repeat(32) + "\n").unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.0, bin(), "cloud", "serve", "--listen"])
+        .args(["127.0.0.1:0", "--state"])
+        .arg(dir.path("state"))
+        .args(["--twin-bridge", BRIDGE, "--key"])
+        .arg(dir.path("cloud.mkey"))
+        .args(tls_args(&dir.0, "cloud"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "served without its bridge");
+    assert!(
+        text(&out).contains(&format!("the twin bridge {BRIDGE:?} does not exist")),
+        "{}",
+        text(&out)
+    );
+    ns.ip(&["link", "add", BRIDGE, "type", "bridge"]);
+    ns.ip(&["link", "set", BRIDGE, "up"]);
+
+    let h = host_at("twinnet", &[], None, place(&["--twin-bridge", BRIDGE])).unwrap();
+    let mut phone = h.phone_with_nic("pvphone0", ORIGINAL_MAC);
+    let out = h.offload_with("phone", "phone", "work", &["--clone"]);
+    assert!(out.status.success(), "clone failed: {}", text(&out));
+    let twins = h.twin_dirs();
+    assert_eq!(twins.len(), 1, "{twins:?}");
+    let twin_log = h.state().join("twins").join(&twins[0]).join("serial.log");
+
+    // The clone's TAP, of the host's naming, is on the bridge; the phone's is not.
+    let serve_said = || read(&h.dir.path("serve.stderr"));
+    assert!(
+        wait_until(|| !ns.ports_of(BRIDGE).is_empty(), WAIT),
+        "no TAP joined the bridge: {}",
+        serve_said()
+    );
+    let ports = ns.ports_of(BRIDGE);
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    let tap = &ports[0];
+    assert!(
+        tap.starts_with("pvt") && tap.len() == 15,
+        "the twin's TAP {tap:?} is not of the host's naming"
+    );
+    assert!(
+        serve_said().contains(&format!("TAP {tap} is on the bridge {BRIDGE}")),
+        "{}",
+        serve_said()
+    );
+    let link = ns.ip(&["-d", "link", "show", tap]);
+    assert!(
+        link.contains("tun type tap") && link.contains(",UP"),
+        "the twin's TAP is not a TAP, or is down: {link}"
+    );
+
+    // The clone's guest counts on and saw a MAC of its own, which the host said.
+    assert!(
+        wait_until(
+            || counters(&read(&twin_log)).len() > 10 && read(&twin_log).contains("PROBE twin mac="),
+            WAIT
+        ),
+        "the clone does not count on, or saw no new MAC: {}\n{}",
+        read(&twin_log),
+        serve_said()
+    );
+    let log = read(&twin_log);
+    let seen: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE twin mac="))
+        .collect();
+    assert_eq!(seen.len(), 1, "{log}");
+    let mac = seen[0];
+    assert_ne!(mac, ORIGINAL_MAC, "the clone kept the original's MAC");
+    let first = u8::from_str_radix(&mac[..2], 16).unwrap();
+    assert_eq!(
+        first & 3,
+        2,
+        "{mac} is not a locally administered unicast MAC"
+    );
+    assert!(
+        serve_said().contains(&format!(
+            "has the MAC {mac} (the original's is {ORIGINAL_MAC})"
+        )),
+        "{}",
+        serve_said()
+    );
+    // The original runs on with its own.
+    let phone_serial = h.dir.path("phone.serial");
+    let at = last(&phone_serial);
+    assert!(
+        wait_until(|| last(&phone_serial) > at + 5, WAIT),
+        "the original stopped"
+    );
+    assert!(!read(&phone_serial).contains("PROBE twin"));
+
+    // The TAP goes with the twin.
+    common::kill_twins(&h.state());
+    assert!(
+        wait_until(|| !ns.has(tap), WAIT),
+        "the twin's TAP {tap} outlived it"
+    );
+
+    // A host without --twin-bridge refuses the NIC in words, and the guest runs on.
+    let plain = host_at("twinnet-plain", &[], None, place(&[])).unwrap();
+    let out = plain
+        .command()
+        .args(["migrate", "--api-socket"])
+        .arg(h.dir.path("phone.sock"))
+        .args(["--clone", "--to", &plain.addr, "--twin", "work", "--key"])
+        .arg(&plain.key)
+        .args(tls_args(&plain.dir.0, "phone"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a host without a bridge took a NIC");
+    assert!(text(&out).contains("--twin-bridge"), "{}", text(&out));
+    assert!(plain.twin_dirs().is_empty(), "{:?}", plain.twin_dirs());
+    let at = last(&phone_serial);
+    assert!(
+        wait_until(|| last(&phone_serial) > at + 5, WAIT),
+        "the guest stopped after the refusal"
+    );
+    assert_eq!(phone.0.try_wait().unwrap(), None);
 }

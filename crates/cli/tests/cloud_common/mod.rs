@@ -135,9 +135,29 @@ pub fn tls_args(dir: &Path, who: &str) -> Vec<String> {
 /// its stderr is appended to `dir/serve.stderr` (a host started again keeps what the one
 /// before said). Returns it once it listens, and the address it listens on.
 pub fn serve(dir: &Path, key: &Path, more: &[String], env: &[(&str, &str)]) -> (Vmm, String) {
+    serve_in(None, dir, key, more, env)
+}
+
+/// [`serve`] inside the network namespace `netns` when given (`ip netns exec`, which execs
+/// pocketvisor: the process is the host's).
+pub fn serve_in(
+    netns: Option<&str>,
+    dir: &Path,
+    key: &Path,
+    more: &[String],
+    env: &[(&str, &str)],
+) -> (Vmm, String) {
     let stderr = dir.join("serve.stderr");
     let before = read(&stderr).len();
-    let serve = Vmm(Command::new(bin())
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin()]);
+            c
+        }
+        None => Command::new(bin()),
+    };
+    let serve = Vmm(command
         .args(["cloud", "serve", "--listen", "127.0.0.1:0", "--state"])
         .arg(dir.join("state"))
         .arg("--key")
