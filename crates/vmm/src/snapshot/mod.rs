@@ -846,6 +846,36 @@ mod tests {
     }
 
     #[test]
+    fn a_clones_overrides_change_its_tap_and_mac_and_keep_its_network_policy() {
+        use vmm_api::config::{FilterAction, NetConfig, NetFilterConfig};
+        let policy = NetFilterConfig {
+            default: FilterAction::Deny,
+            rules: Vec::new(),
+            dns_servers: Vec::new(),
+        };
+        let mut cfg: VmConfig = toml::from_str("kernel = \"k\"").unwrap();
+        cfg.net.push(NetConfig {
+            tap: "tap0".into(),
+            mac: Some("02:00:00:00:00:01".into()),
+            filter: Some(policy.clone()),
+        });
+        let o = RestoreOverrides {
+            taps: vec!["pvt0123456789ab".into()],
+            macs: vec![[0x06, 1, 2, 3, 4, 5]],
+            ..Default::default()
+        };
+        apply_overrides(&mut cfg, &o).unwrap();
+        assert_eq!(cfg.net[0].tap, "pvt0123456789ab");
+        assert_eq!(cfg.net[0].mac.as_deref(), Some("06:01:02:03:04:05"));
+        assert_eq!(cfg.net[0].filter, Some(policy));
+        let two = RestoreOverrides {
+            macs: vec![[6, 0, 0, 0, 0, 1], [6, 0, 0, 0, 0, 2]],
+            ..Default::default()
+        };
+        assert!(apply_overrides(&mut cfg, &two).is_err());
+    }
+
+    #[test]
     fn a_snapshot_only_restores_on_its_own_architecture() {
         // Written before the tag existed: x86_64.
         let untagged = check_arch(&sections_with_arch(&[]));

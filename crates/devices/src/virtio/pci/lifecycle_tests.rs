@@ -269,6 +269,33 @@ fn net_survives_pause_save_restore_resume() {
 }
 
 #[test]
+fn a_net_device_restored_with_a_clones_mac_shows_it_in_a_new_config_generation() {
+    const MAC: [u8; 6] = [2, 0, 0, 0, 0, 9];
+    const CLONE: [u8; 6] = [6, 1, 2, 3, 4, 5];
+    let (ours, _peer) = UnixDatagram::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let backend: Arc<dyn NetBackend> = Arc::new(Dgram(ours));
+    let mem = test_mem();
+    let mut g = Guest::bring_up(
+        Box::new(Net::with_backend(backend.clone(), Some(MAC)).unwrap()),
+        &mem,
+    );
+    let mac_and_generation = |g: &mut Guest| {
+        let mut mac = [0u8; 6];
+        g.dev.bar_read(0, DEVICE_CFG_OFFSET, &mut mac);
+        let mut generation = [0u8];
+        g.dev.bar_read(0, 0x15, &mut generation);
+        (mac, generation[0])
+    };
+    let (mac, before) = mac_and_generation(&mut g);
+    assert_eq!(mac, MAC);
+    let mut g = g.save_and_restore(|| Box::new(Net::with_backend(backend, Some(CLONE)).unwrap()));
+    let (mac, after) = mac_and_generation(&mut g);
+    assert_eq!(mac, CLONE);
+    assert_ne!(after, before, "the changed config is not a new generation");
+}
+
+#[test]
 fn vsock_survives_pause_save_restore_resume() {
     let uds = temp_path("vsock");
     let mem = test_mem();
