@@ -1334,6 +1334,29 @@ fn a_twins_connection_process_killed_takes_its_jailed_vm_with_it() {
     );
 }
 
+/// The answer of the network device `net0` of the VMM on `api` to `{"op":"filter"}`.
+fn net_filter(api: &Path) -> serde_json::Value {
+    use std::io::{BufRead, Write};
+    // A twin's directory is too long a path for a unix socket's address: reach it through a
+    // descriptor of the directory.
+    let dir = File::open(api.parent().unwrap()).unwrap();
+    let short = format!(
+        "/proc/self/fd/{}/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&dir),
+        api.file_name().unwrap().to_str().unwrap()
+    );
+    let mut s = std::os::unix::net::UnixStream::connect(short).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let line = serde_json::json!({"op": "device", "id": "net0", "request": {"op": "filter"}});
+    writeln!(s, "{line}").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+    let answer: serde_json::Value =
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}"));
+    assert_eq!(answer["ok"], true, "{answer}");
+    serde_json::from_str(answer["info"].as_str().unwrap()).unwrap()
+}
+
 /// A network namespace of a test's own, its loopback up, deleted when dropped (with every
 /// link in it).
 struct Netns(String);
@@ -1399,15 +1422,26 @@ impl Drop for Netns {
 
 impl Host {
     /// The counting probe as the phone in the host's namespace, with a network device on the
-    /// TAP `tap` (which its VMM creates) with the MAC `mac`; waits until it counts.
+    /// TAP `tap` (which its VMM creates) with the MAC `mac` and a network policy (deny but
+    /// 10.0.0.1, as a signed IT policy would give); waits until it counts.
     fn phone_with_nic(&self, tap: &str, mac: &str) -> Vmm {
         let probe = common::probe(true).expect("the probe was there a moment ago");
         let serial = self.dir.path("phone.serial");
+        let net = self.dir.path("net.toml");
+        std::fs::write(
+            &net,
+            format!(
+                "[[net]]\ntap = \"{tap}\"\nmac = \"{mac}\"\n[net.filter]\ndefault = \"deny\"\n\
+                 rules = [{{ action = \"allow\", cidr = \"10.0.0.1/32\" }}]\n"
+            ),
+        )
+        .unwrap();
         let phone = Vmm(self
             .command()
-            .args(["run", "--kernel", probe.to_str().unwrap()])
+            .args(["run", "--config", net.to_str().unwrap()])
+            .args(["--kernel", probe.to_str().unwrap()])
             .args(["--cmdline", "pv.mode=counter pv.counter.ms=20"])
-            .args(["--memory", "64M", "--net", &format!("tap={tap},mac={mac}")])
+            .args(["--memory", "64M"])
             .arg("--serial")
             .arg(format!("file:{}", serial.display()))
             .arg("--api-socket")
@@ -1525,6 +1559,9 @@ fn a_clone_with_a_network_device_gets_a_tap_on_the_hosts_bridge_and_a_mac_of_its
         "{}",
         serve_said()
     );
+    // The device's network policy is in force at the clone (it travels in the configuration).
+    let filter = net_filter(&twin_log.with_file_name("api.sock"));
+    assert_eq!(filter["installed"], true, "{filter}");
     // The original runs on with its own.
     let phone_serial = h.dir.path("phone.serial");
     let at = last(&phone_serial);
