@@ -124,20 +124,26 @@ own: a twin outlives this command (killed, restarted), and started again on the 
 serves the twins that still run (each one's pid is in its twin.lock); the twin's disks (created
 sparse, the source's size), serial log (serial.log), vsock socket and API socket (api.sock)
 are in DIR/twins/<device>/<NAME>/. A refused offload (bad name, a twin of that name already
-running, a network device or an encrypted disk the host does not take) says why to the device,
+running, a network device without --twin-bridge, an encrypted disk) says why to the device,
 whose guest runs on there. Each twin's VM runs jailed (`pocketvisor vmm --receive-from`:
 namespaces, a root holding /dev/kvm and the twin's directory only, seccomp, the user and group
 --twin-uid; its jail under --jail-root): the connection's process, which keeps this host's
 keys and store, checks each frame of the device's and sends it on to that VMM under a fresh
-key of its own, and the VMM checks everything a receive does. Run it as root. A return asks
-the twin's VMM to migrate to a unix socket (relay.sock, mode 0600) of the connection's process
-in the twin's directory, which carries it to the device the same way; the twin runs on here
-until the guest runs at the device, and is then recorded as returned. One return of a twin at
-a time.
+key of its own, and the VMM checks everything a receive does. Run it as root.
+With --twin-bridge BRIDGE (a bridge this host's operator made; `serve` refuses to start
+without it), each network device of a twin is on a TAP this host names (`pvt` and 12 hex
+digits of a hash of the device, the twin and the device's index), which the twin's VMM opens
+in this host's network namespace before it enters its jail's, attached to BRIDGE and brought
+up before the guest runs, and gone when the twin's VMM ends; the device's network policy (in
+the migrated configuration) stays in force. A return asks the twin's VMM to migrate to a unix
+socket (relay.sock, mode 0600) of the connection's process in the twin's directory, which
+carries it to the device the same way; the twin runs on here until the guest runs at the
+device, and is then recorded as returned. One return of a twin at a time.
 A twin with a display serves its screen (its VMM's VNC server on vnc.sock in its directory),
 which a device's `cloud view NAME` gets relayed, keys and pointer included.
 `clone NAME` (`migrate --twin NAME --clone`) receives a live copy whose original runs on at the
-device: the twin (kind clone) gets a fresh vsock CID, and does not return.
+device: the twin (kind clone) gets a fresh vsock CID and a fresh MAC for each network device
+(random, locally administered), and does not return.
 A device's `cloud replicate NAME` stores sealed checkpoints (which this host cannot read) in
 its replica twin NAME, each atomically (`<chain>-<seq>.pvr`, `current`), in the twin's
 directory or, with --replica-store, as objects `<device>/<NAME>/...`; `cloud recover NAME`
@@ -1092,6 +1098,10 @@ struct ReturnArgs {
     /// --base, as it was at the offload). Repeatable. The twin's disk replaces it at the commit.
     #[arg(long, value_name = "PATH")]
     disk: Vec<PathBuf>,
+    /// TAP names here, in order, for a twin's network devices (at the host they were on TAPs
+    /// of the host's naming, which come back without it). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    tap: Vec<String>,
     /// The vsock unix socket path.
     #[arg(long, value_name = "PATH")]
     vsock_socket: Option<PathBuf>,
@@ -1147,7 +1157,7 @@ fn give_back_here(a: ReturnArgs) -> Result<i32> {
         serial: a.serial,
         disks: a.disk,
         vsock_socket: a.vsock_socket,
-        taps: Vec::new(),
+        taps: a.tap,
         disk_keys: Vec::new(),
         vsock_cid: None,
         macs: Vec::new(),

@@ -240,8 +240,9 @@ guest learns from its vsock device (a transport reset; the probe prints `PROBE t
 and the daemon tells the copy's agent, if it has one, that it is a twin of NAME (the Linux
 agent writes NAME to /var/lib/pocketvisor-agent/twin; event twin-notified). The host is
 recorded (`profile show`: clone at) for `profile file from-clone` and `to-clone`, which move
-files between the copy's agent inbox and the original's. Twins have no network, so no MAC to
-change. A clone does not return (its original runs here); another device cannot reach it. If
+files between the copy's agent inbox and the original's. A network device gets a fresh MAC
+(the probe prints `PROBE twin mac=M`; a Linux guest's driver reads it at its next probe only)
+on a host started with --twin-bridge; a host without it refuses a profile with one. A clone does not return (its original runs here); another device cannot reach it. If
 the clone fails, nothing runs there and the guest runs on here. A jailed VMM (the default)
 migrates to a unix socket in its run directory, and the daemon relays it to the host inside
 the device's TLS.
