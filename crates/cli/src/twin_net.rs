@@ -10,6 +10,12 @@ use cloud::store::DeviceId;
 
 /// `SIOCBRADDIF` (linux/sockios.h): add the interface `ifr_ifindex` to the bridge `ifr_name`.
 const SIOCBRADDIF: libc::Ioctl = 0x89a2;
+/// `SIOCGIFFLAGS` and `SIOCSIFFLAGS` (linux/sockios.h), typed as this libc's ioctl takes them.
+const SIOCGIFFLAGS: libc::Ioctl = 0x8913;
+const SIOCSIFFLAGS: libc::Ioctl = 0x8914;
+/// `IFF_UP` as `ifr_flags` (a short) holds it.
+const IFF_UP: i16 = 1;
+const _: () = assert!(IFF_UP as libc::c_int == libc::IFF_UP);
 
 /// `struct ifreq` as SIOCBRADDIF (`ifr_ifindex`) and SIOC[GS]IFFLAGS (`ifr_flags`) use it:
 /// the name, then a union the kernel reads as an int or a short, padded to its 40 bytes.
@@ -123,15 +129,14 @@ pub fn attach(tap: &str, bridge: &str) -> io::Result<()> {
     let mut req = IfReq::named(tap)?;
     // SAFETY: SIOCGIFFLAGS writes the flags (a short) into the `struct ifreq` `req`, which
     // has its layout and size and lives across the call.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCGIFFLAGS, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     let flags = i16::from_ne_bytes([req.data[0], req.data[1]]);
-    // IFF_UP is 1: it fits the short.
-    let up = flags | 1;
+    let up = flags | IFF_UP;
     req.data[..2].copy_from_slice(&up.to_ne_bytes());
     // SAFETY: SIOCSIFFLAGS reads the name and flags from `req`, as above.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) } < 0 {
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCSIFFLAGS, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
