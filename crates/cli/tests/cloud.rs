@@ -1599,3 +1599,88 @@ fn a_clone_with_a_network_device_gets_a_tap_on_the_hosts_bridge_and_a_mac_of_its
     );
     assert_eq!(phone.0.try_wait().unwrap(), None);
 }
+
+#[test]
+fn an_offloaded_twin_keeps_its_mac_on_the_hosts_bridge_and_comes_back_on_the_devices_tap() {
+    if common::probe(true).is_none() {
+        return;
+    }
+    let Some(ns) = Netns::new("twinback") else {
+        return;
+    };
+    const BRIDGE: &str = "pvtwinbr";
+    ns.ip(&["link", "add", BRIDGE, "type", "bridge"]);
+    ns.ip(&["link", "set", BRIDGE, "up"]);
+    let at = Place {
+        netns: Some(ns.0.clone()),
+        flags: vec!["--twin-bridge".into(), BRIDGE.into()],
+    };
+    let h = host_at("twinback", &[], None, at).unwrap();
+    let mut phone = h.phone_with_nic("pvphone0", "02:00:00:00:00:02");
+    let kept = h.dir.path("kept");
+    let out = h.offload_with(
+        "phone",
+        "phone",
+        "work",
+        &["--keep", kept.to_str().unwrap()],
+    );
+    assert!(out.status.success(), "offload failed: {}", text(&out));
+    assert_eq!(wait_exit(&mut phone, WAIT), Some(0));
+    let twins = h.twin_dirs();
+    let twin_log = h.state().join("twins").join(&twins[0]).join("serial.log");
+    assert!(
+        wait_until(|| ns.ports_of(BRIDGE).len() == 1, WAIT),
+        "{}",
+        read(&h.dir.path("serve.stderr"))
+    );
+    let tap = ns.ports_of(BRIDGE).remove(0);
+    // The phone's TAP went with its VMM; the twin is the same guest, with the same MAC.
+    assert!(wait_until(|| !ns.has("pvphone0"), WAIT));
+    assert!(
+        wait_until(|| counters(&read(&twin_log)).len() > 5, WAIT),
+        "the twin does not count on: {}",
+        read(&twin_log)
+    );
+    assert!(
+        !read(&twin_log).contains("PROBE twin"),
+        "{}",
+        read(&twin_log)
+    );
+
+    // Back at the device, on a TAP of the device's; the twin's goes with the twin.
+    let home_log = h.dir.path("home.serial");
+    let _home = Vmm(h
+        .command()
+        .args(["cloud", "return", "work", "--from", &h.addr, "--key"])
+        .arg(&h.key)
+        .args(tls_args(&h.dir.0, "phone"))
+        .arg("--base")
+        .arg(&kept)
+        .args(["--tap", "pvphone1", "--serial"])
+        .arg(format!("file:{}", home_log.display()))
+        .arg("--api-socket")
+        .arg(h.dir.path("home.sock"))
+        .stdout(Stdio::null())
+        .stderr(File::create(h.dir.path("home.stderr")).unwrap())
+        .spawn()
+        .unwrap());
+    assert!(
+        wait_until(|| counters(&read(&home_log)).len() >= 3, WAIT),
+        "the phone does not run the returned guest: {}",
+        read(&h.dir.path("home.stderr"))
+    );
+    assert!(
+        ns.has("pvphone1"),
+        "the returned guest is not on the device's TAP"
+    );
+    assert!(
+        wait_until(|| !ns.has(&tap), WAIT),
+        "the twin's TAP {tap} outlived its return"
+    );
+    assert_eq!(net_filter(&h.dir.path("home.sock"))["installed"], true);
+    assert!(
+        !read(&home_log).contains("PROBE twin"),
+        "{}",
+        read(&home_log)
+    );
+}
