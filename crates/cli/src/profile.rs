@@ -213,7 +213,9 @@ with a screen keeps it, its twin's: `profile view NAME`, and the device screen w
 front (it stays there if it was; `profile switch NAME` brings it there). If
 the offload fails (host down, refused, no convergence) the guest runs on here and the profile
 stays running. Not for a profile whose VMM is jailed (the handset without --no-jail), nor one
-with a network device or encrypted disks (the host refuses those). See docs/cloud.md.
+with encrypted disks (the host refuses those), nor one with a network device on a host not
+started with --twin-bridge (which puts a twin's network devices on its bridge). See
+docs/cloud.md.
 
 EXAMPLE:
   pocketvisor profile offload work --to cloud.example:7000
