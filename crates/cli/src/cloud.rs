@@ -383,20 +383,18 @@ fn parse_request(request: &str) -> Result<Ask, String> {
     Ok(ask(name.to_string()))
 }
 
+/// Why a twin with a network device is refused by a host without --twin-bridge.
+const NO_TWIN_NETWORK: &str = "the twin has a network device, and this host gives twins no \
+                               network (its `cloud serve` has no --twin-bridge)";
+
 /// Refuses what the cloud host does not give a twin: a network without `bridge` (the host's
 /// --twin-bridge), keys of the device.
 fn check_config(config: &vmm::VmConfig, bridge: Option<&str>) -> Result<(), String> {
     if !config.net.is_empty() {
-        match bridge {
-            None => {
-                return Err(
-                    "the twin has a network device, and this host gives twins no \
-                            network (its `cloud serve` has no --twin-bridge)"
-                        .into(),
-                )
-            }
-            Some(b) => crate::twin_net::check_bridge(b)?,
-        }
+        let Some(bridge) = bridge else {
+            return Err(NO_TWIN_NETWORK.into());
+        };
+        crate::twin_net::check_bridge(bridge)?;
     }
     if config.disks.iter().any(|d| d.encrypted) {
         return Err("the twin has an encrypted disk, whose key stays on the device".into());
@@ -1098,8 +1096,8 @@ struct ReturnArgs {
     /// --base, as it was at the offload). Repeatable. The twin's disk replaces it at the commit.
     #[arg(long, value_name = "PATH")]
     disk: Vec<PathBuf>,
-    /// TAP names here, in order, for a twin's network devices (at the host they were on TAPs
-    /// of the host's naming, which come back without it). Repeatable.
+    /// TAP names here for the twin's network devices, in order (at the host they were on the
+    /// host's own TAPs, whose names mean nothing here). Repeatable.
     #[arg(long, value_name = "NAME")]
     tap: Vec<String>,
     /// The vsock unix socket path.
