@@ -604,17 +604,33 @@ fn offload(
         let key = crate::twin_vmm::fresh_key().map_err(migration_error)?;
         crate::twin_vmm::write_key(RECEIVE_KEY, &key, None).map_err(migration_error)?;
         let _key = RemovedOnDrop(RECEIVE_KEY);
+        let clone_macs: Vec<[u8; 6]> = macs.iter().map(|&(_, now)| now).collect();
         let spec = TwinSpec {
             receive: (RECEIVE_SOCKET, RECEIVE_KEY),
             disks: arrival.disk_sizes.len(),
             vsock_socket: arrival.config.vsock.as_ref().map(|_| TWIN_VSOCK_SOCKET),
             vsock_cid,
             api_socket: TWIN_API_SOCKET,
+            taps: &taps,
+            macs: &clone_macs,
             jail_root: h.jail_root(),
             uid: h.twin_uid,
         };
         let started = vmm.insert(TwinVmm::start(&spec).map_err(migration_error)?);
-        started.connect(&listener, &key).map_err(migration_error)
+        let channel = started.connect(&listener, &key).map_err(migration_error)?;
+        // The VMM opened its TAPs in this host's namespace before its jail's (`vmm --tap`),
+        // so before it connected: they join the bridge now, before the guest arrives. One
+        // that cannot join refuses the offload (the device's guest runs on there).
+        if let Some(bridge) = &h.twin_bridge {
+            for tap in &taps {
+                crate::twin_net::attach(tap, bridge).map_err(|e| {
+                    migration_error(format!(
+                        "the twin's TAP {tap} could not join the bridge {bridge}: {e}"
+                    ))
+                })?;
+            }
+        }
+        Ok(channel)
     });
     if let Err(e) = forwarded {
         // Told to give up by the proxy, it ends by itself; killed if it does not.
@@ -631,19 +647,9 @@ fn offload(
     store
         .set_state(&device, name, TwinState::Running)
         .context("record the twin as running")?;
-    // The VMM created the TAPs; they join the bridge before the guest runs. The guest is
-    // here already (the device's copy stopped): one that cannot join runs on unplugged, said.
     if let Some(bridge) = &h.twin_bridge {
         for tap in &taps {
-            match crate::twin_net::attach(tap, bridge) {
-                Ok(()) => eprintln!(
-                    "pocketvisor: cloud: the twin {name:?}'s TAP {tap} is on the bridge {bridge}"
-                ),
-                Err(e) => eprintln!(
-                    "pocketvisor: cloud: the twin {name:?}'s TAP {tap} could not join the \
-                     bridge {bridge} ({e}): its network device is unplugged"
-                ),
-            }
+            eprintln!("pocketvisor: cloud: the twin {name:?}'s TAP {tap} is on the bridge {bridge}");
         }
     }
     for (i, (was, now)) in macs.iter().enumerate() {

@@ -1,7 +1,8 @@
 //! A twin's network at the cloud host (`cloud serve --twin-bridge BRIDGE`): each network
-//! device of a twin gets a TAP of the host's own naming, which the twin's VMM creates (not
-//! persistent: it goes with the last descriptor, when the twin's process ends, however it
-//! ends) and this module attaches to the operator's bridge and brings up.
+//! device of a twin gets a TAP of the host's own naming, which the twin's jailed VMM creates
+//! in the host's network namespace before it enters its jail's (`vmm --tap`; not persistent:
+//! it goes with the last descriptor, when the twin's VMM ends, however it ends) and this
+//! module attaches to the operator's bridge and brings up before the guest arrives.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

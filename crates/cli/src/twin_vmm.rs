@@ -45,6 +45,10 @@ pub(crate) struct TwinSpec<'a> {
     pub(crate) vsock_cid: Option<u64>,
     /// The API socket.
     pub(crate) api_socket: &'a str,
+    /// The host's TAP of each network device, in order (the VMM opens them before its jail).
+    pub(crate) taps: &'a [String],
+    /// A clone's fresh MAC of each network device, in order (none: the received ones).
+    pub(crate) macs: &'a [[u8; 6]],
     /// Where the jail is made.
     pub(crate) jail_root: PathBuf,
     /// The user and group id it runs as once built.
@@ -73,6 +77,12 @@ impl TwinSpec<'_> {
         }
         if let Some(cid) = self.vsock_cid {
             push("--vsock-cid", cid.to_string().as_ref());
+        }
+        for t in self.taps {
+            push("--tap", t.as_ref());
+        }
+        for m in self.macs {
+            push("--mac", vmm::config::format_mac(m).as_ref());
         }
         push("--api-socket", self.api_socket.as_ref());
         // Unique while this process lives (it serves one twin).
@@ -277,6 +287,8 @@ mod tests {
             vsock_socket: Some("vsock.sock"),
             vsock_cid: Some(4242),
             api_socket: "api.sock",
+            taps: &["pvt0123456789ab".into()],
+            macs: &[[6, 1, 2, 3, 4, 5]],
             jail_root: "/state/jail".into(),
             uid: 77,
         };
@@ -288,7 +300,10 @@ mod tests {
         let line = args.join(" ");
         assert!(line.starts_with("vmm --receive-from unix:receive.sock --receive-key receive.key"));
         assert!(line.contains("--disk disk0.img --disk disk1.img --serial file:serial.log"));
-        assert!(line.contains("--vsock-socket vsock.sock --vsock-cid 4242 --api-socket api.sock"));
+        assert!(line.contains(
+            "--vsock-socket vsock.sock --vsock-cid 4242 --tap pvt0123456789ab \
+             --mac 06:01:02:03:04:05 --api-socket api.sock"
+        ));
         assert!(
             line.contains("--jail-root /state/jail --uid 77 --gid 77"),
             "{line}"

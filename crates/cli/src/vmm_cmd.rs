@@ -98,9 +98,16 @@ pub struct VmmArgs {
     /// --api-socket: the arriving disk replaces the file there). Repeatable.
     #[arg(long, value_name = "PATH", requires = "arrives")]
     disk: Vec<PathBuf>,
-    /// With --restore: TAP names replacing the saved ones, in order. Repeatable.
-    #[arg(long, value_name = "NAME", requires = "restore")]
+    /// With --restore: TAP names replacing the saved ones, in order. With --receive-from:
+    /// the same, each TAP opened (created if missing) in the network namespace this command
+    /// starts in, before the jail's own: a host TAP the jailed VM keeps while it sees no
+    /// interface of the host's (the cloud host's twins). Repeatable.
+    #[arg(long, value_name = "NAME", requires = "arrives")]
     tap: Vec<String>,
+    /// With --receive-from: MAC addresses replacing the received ones, in order (a clone's
+    /// fresh identity; its driver reads it at its next probe). Repeatable.
+    #[arg(long, value_name = "MAC", requires = "receive_from", value_parser = parse_mac_arg)]
+    mac: Vec<[u8; 6]>,
     /// With --restore or --receive-from: the vsock unix socket path.
     #[arg(long, value_name = "PATH", requires = "arrives")]
     vsock_socket: Option<PathBuf>,
@@ -199,8 +206,9 @@ pub fn main(args: VmmArgs) -> Result<i32> {
         read_disk_keys(&mut std::io::stdin().lock(), &mut cfg)?;
     }
     let mut root = JailRoot::create(&args.jail_root, &args.jail_id)?;
-    let prepared = prepare(&mut root, &cfg, &args).and_then(|jailed| {
+    let prepared = prepare(&mut root, &cfg, &args).and_then(|mut jailed| {
         let cg = setup_cgroup(&args)?;
+        jailed.taps_ahead = open_taps_ahead(&args)?;
         Ok((jailed, cg))
     });
     let (jailed, cg) = match prepared {
@@ -251,6 +259,34 @@ struct Jailed {
     /// A return's relay or a receive's proxy, and the key file (see
     /// [`VmmArgs::return_twin`], [`VmmArgs::receive_from`]).
     relay: Option<(PathBuf, PathBuf)>,
+    /// The descriptors of the TAPs opened before the jail (see [`open_taps_ahead`]).
+    taps_ahead: Vec<std::os::fd::RawFd>,
+}
+
+/// With --receive-from, opens each --tap in this network namespace (the host's, or the one
+/// the caller started this command in) before the jailed child enters its own, and returns
+/// their descriptors, which the child keeps: its receive takes them by name. A TAP that
+/// cannot be opened fails the start, before anything is received.
+fn open_taps_ahead(args: &VmmArgs) -> Result<Vec<std::os::fd::RawFd>> {
+    if args.receive_from.is_none() {
+        return Ok(Vec::new());
+    }
+    args.tap
+        .iter()
+        .map(|t| {
+            devices::virtio::net::open_tap_ahead(t)
+                .with_context(|| format!("cannot open the TAP {t:?} before the jail"))
+        })
+        .collect()
+}
+
+/// A `--mac` value: `aa:bb:cc:dd:ee:ff`, unicast.
+fn parse_mac_arg(s: &str) -> Result<[u8; 6], String> {
+    let mac = vmm::config::parse_mac(s).map_err(|e| e.to_string())?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s} is a multicast address"));
+    }
+    Ok(mac)
 }
 
 fn load_config(path: &Path) -> Result<VmConfig> {
@@ -389,6 +425,7 @@ fn prepare(root: &mut JailRoot, cfg: &VmConfig, args: &VmmArgs) -> Result<Jailed
         cfg: plan.apply(cfg),
         api_socket: plan.jail_path(PathRole::ApiSocket).map(Path::to_path_buf),
         relay,
+        taps_ahead: Vec::new(),
     })
 }
 
@@ -468,7 +505,10 @@ fn fork_and_run(
             drop(go_write);
             // Also closes the jail directory's lock (a directory outside the jail) and
             // whatever the daemon let us inherit.
-            if let Err(e) = jail::supervise::close_fds_except(&[go_read.as_raw_fd()]) {
+            let keep: Vec<_> = std::iter::once(go_read.as_raw_fd())
+                .chain(jailed.taps_ahead.iter().copied())
+                .collect();
+            if let Err(e) = jail::supervise::close_fds_except(&keep) {
                 eprintln!("pocketvisor: error: jailed vmm: {e}");
                 std::process::exit(1);
             }
@@ -483,6 +523,8 @@ fn fork_and_run(
         }
         Forked::Parent(pid) => {
             drop(go_read);
+            // The child has the TAPs opened ahead: they go with it.
+            devices::virtio::net::forget_taps_ahead();
             if let Some(cg) = cg.filter(|_| !in_cgroup) {
                 if let Err(e) = cg.join(pid) {
                     // The child sees the pipe close without a byte and gives up.
@@ -561,7 +603,7 @@ fn child(
     }
     let vm = match (&args.restore, &jailed.relay, &args.return_twin) {
         (None, Some((socket, key)), _) if args.receive_from.is_some() => {
-            receive_offloaded(socket, key, &jailed.cfg, args.vsock_cid)?
+            receive_offloaded(socket, key, &jailed.cfg, args)?
         }
         (None, _, _) => Vm::new(&jailed.cfg)?,
         (Some(_), Some((socket, key)), Some(twin)) => {
@@ -645,19 +687,18 @@ fn receive_returned(twin: &str, socket: &Path, key: &Path, cfg: &VmConfig) -> Re
 }
 
 /// A receive in the jail (see [`VmmArgs::receive_from`]): the VM the proxy at `socket`
-/// carries here, onto the disks, serial log and vsock socket of `cfg` (jail paths), the
-/// guest given `vsock_cid` if set. Every wait is bounded (the migration's I/O timeout): a
+/// carries here, onto the disks, serial log and vsock socket of `cfg` (jail paths) and the
+/// TAPs opened ahead, the guest given --vsock-cid and --mac if set. Every wait is bounded (the migration's I/O timeout): a
 /// proxy that is gone or silent ends this VMM, and nothing runs.
-fn receive_offloaded(
-    socket: &Path,
-    key: &Path,
-    cfg: &VmConfig,
-    vsock_cid: Option<u64>,
-) -> Result<Vm> {
+fn receive_offloaded(socket: &Path, key: &Path, cfg: &VmConfig, args: &VmmArgs) -> Result<Vm> {
     let key = vmm::migration::wire::read_key(key).map_err(anyhow::Error::msg)?;
     let from = format!("{}{}", vmm::migration::LOCAL_PREFIX, socket.display());
     let mut overrides = jail_overrides(cfg);
-    overrides.vsock_cid = vsock_cid;
+    overrides.vsock_cid = args.vsock_cid;
+    // The TAPs were opened before the jail (`open_taps_ahead`): the restore takes them by
+    // name. The received policy of each network device stays as it came.
+    overrides.taps.clone_from(&args.tap);
+    overrides.macs.clone_from(&args.mac);
     vmm::migration::receive_from_proxy(&from, &key, &overrides)
         .context("the receive failed; nothing runs here")
 }
@@ -830,6 +871,26 @@ mod tests {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
         assert!(parse(&["--restore", "r", "--disk", "d.img"]).is_ok());
+        // A receive's host TAPs and a clone's MACs; a MAC only with a receive, unicast.
+        let a = parse(&[
+            "--receive-from",
+            "unix:s",
+            "--receive-key",
+            "k",
+            "--tap",
+            "pvt0123456789ab",
+            "--mac",
+            "06:01:02:03:04:05",
+        ])
+        .unwrap();
+        assert_eq!(a.tap, ["pvt0123456789ab"]);
+        assert_eq!(a.mac, [[6, 1, 2, 3, 4, 5]]);
+        assert!(parse(&["--config", "c", "--tap", "t"]).is_err());
+        assert!(parse(&["--restore", "r", "--mac", "06:01:02:03:04:05"]).is_err());
+        for bad in ["07:01:02:03:04:05", "06:01:02:03:04", "zz:01:02:03:04:05"] {
+            let args = ["--receive-from", "unix:s", "--receive-key", "k", "--mac", bad];
+            assert!(parse(&args).is_err(), "{bad}");
+        }
     }
 
     #[test]

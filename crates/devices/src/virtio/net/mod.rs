@@ -153,9 +153,21 @@ impl FilterHandle {
     }
 }
 
+/// Opens the TAP `name` in this network namespace now, for a VM built later in this process
+/// or a child forked from it (a jailed VMM's host TAP, opened before it enters its jail's
+/// namespace): [`Net::new_tap`] of that name takes it. Returns its descriptor.
+pub fn open_tap_ahead(name: &str) -> Result<std::os::fd::RawFd, NetError> {
+    Tap::open_ahead(name)
+}
+
+/// Closes the TAPs [`open_tap_ahead`] opened that no device took.
+pub fn forget_taps_ahead() {
+    Tap::forget_ahead();
+}
+
 impl Net {
-    /// A device on the TAP interface `name` (created if missing), with `mac` or a random
-    /// locally administered address.
+    /// A device on the TAP interface `name` (the one [`open_tap_ahead`] opened, or opened
+    /// now, created if missing), with `mac` or a random locally administered address.
     pub fn new_tap(name: &str, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
         let tap = Tap::open(name)?;
         Net::with_backend(Arc::new(tap), mac)

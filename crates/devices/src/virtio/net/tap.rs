@@ -4,6 +4,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Mutex, PoisonError};
 
 use super::{NetBackend, NetError, VNET_HDR_LEN};
 
@@ -29,10 +30,49 @@ const TAP_FLAGS: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VN
 const _: () =
     assert!(TAP_FLAGS as libc::c_int == libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR);
 
+/// TAPs opened ahead of the VM ([`Tap::open_ahead`]), each taken by the first
+/// [`Tap::open`] of its name.
+static AHEAD: Mutex<Vec<Tap>> = Mutex::new(Vec::new());
+
 impl Tap {
-    /// Attaches to the TAP interface `name`, creating it if it does not exist (needs
+    /// Opens the TAP `name` now, in this process's network namespace, for the VM built later
+    /// in this process (or a child forked from it) to use whatever namespace it is in by
+    /// then: a jailed VMM opens a host TAP before it enters its jail's empty namespace. The
+    /// first [`Tap::open`] of `name` takes it. Returns its descriptor (for the caller to
+    /// keep open across a fork).
+    pub fn open_ahead(name: &str) -> Result<RawFd, NetError> {
+        let tap = Tap::open_here(name)?;
+        let fd = tap.as_raw_fd();
+        AHEAD
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(tap);
+        Ok(fd)
+    }
+
+    /// Closes every TAP opened ahead and not taken (a parent whose forked child took them).
+    pub fn forget_ahead() {
+        AHEAD
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    /// The TAP interface `name`: the one opened ahead of that name if there is one (see
+    /// [`Tap::open_ahead`]), else attached to now, created if it does not exist (needs
     /// CAP_NET_ADMIN). A name containing `%d` lets the kernel pick the number.
     pub fn open(name: &str) -> Result<Tap, NetError> {
+        let mut ahead = AHEAD.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(i) = ahead.iter().position(|t| t.name == name) {
+            return Ok(ahead.swap_remove(i));
+        }
+        drop(ahead);
+        Tap::open_here(name)
+    }
+
+    /// Attaches to the TAP interface `name` in this network namespace, creating it if it
+    /// does not exist.
+    fn open_here(name: &str) -> Result<Tap, NetError> {
         let bad_name = || NetError::BadName(name.to_string());
         if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
             return Err(bad_name());

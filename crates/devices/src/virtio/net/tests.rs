@@ -519,3 +519,30 @@ fn a_name_rule_lets_the_guest_reach_what_the_trusted_resolver_answered() {
         "an address nobody answered went out"
     );
 }
+
+#[test]
+fn a_tap_opened_ahead_is_the_one_its_device_takes() {
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("SKIPPED a_tap_opened_ahead_is_the_one_its_device_takes: no /dev/net/tun");
+        return;
+    }
+    let name = format!("pva{}", std::process::id() % 100_000);
+    let fd = match super::open_tap_ahead(&name) {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("SKIPPED a_tap_opened_ahead_is_the_one_its_device_takes: {e}");
+            return;
+        }
+    };
+    // The device takes that descriptor (a second attach to the TAP would be refused: busy).
+    let tap = super::tap::Tap::open(&name).unwrap();
+    assert_eq!(std::os::fd::AsRawFd::as_raw_fd(&tap), fd);
+    assert_eq!(tap.name(), name);
+    // Taken once: the next open of the name attaches anew, which the held TAP refuses.
+    assert!(super::tap::Tap::open(&name).is_err());
+    drop(tap);
+    // Opened ahead and forgotten: closed, the TAP (not persistent) gone with it.
+    super::open_tap_ahead(&name).unwrap();
+    super::forget_taps_ahead();
+    assert!(!std::path::Path::new("/sys/class/net").join(&name).exists());
+}
