@@ -1411,6 +1411,34 @@ impl Netns {
     }
 }
 
+/// The twin's VM (the one the host started last) runs jailed (`the_twin_runs_jailed`) in a
+/// network namespace of its own, not the host's `ns`, where no interface but `lo` is (the
+/// host's TAP not among them), and holds the host's TAP `tap` open: the TAP is on the host's
+/// bridge while the VM sees nothing of the host's network.
+fn the_twin_is_jailed_on_the_hosts_tap(serve_stderr: &str, ns: &Netns, tap: &str) {
+    use std::os::unix::fs::MetadataExt;
+    // Its directory holds its serial log (the phone with a NIC has no disk).
+    let pid = cloud_common::the_twin_runs_jailed_with(serve_stderr, &["serial.log"]);
+    let inode = |p: &str| std::fs::metadata(p).unwrap().ino();
+    assert_ne!(
+        inode(&format!("/proc/{pid}/ns/net")),
+        inode(&format!("/run/netns/{}", ns.0)),
+        "the twin's VM is in the host's network namespace"
+    );
+    let dev = read(Path::new(&format!("/proc/{pid}/net/dev")));
+    let links: Vec<&str> = dev
+        .lines()
+        .filter_map(|l| Some(l.split_once(':')?.0.trim()))
+        .collect();
+    assert_eq!(links, ["lo"], "the twin's VM sees interfaces: {dev}");
+    // The tun driver names the TAP a descriptor is attached to in its fdinfo (`iff:`).
+    let holds = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .any(|info| info.lines().any(|l| l.strip_prefix("iff:").map(str::trim) == Some(tap)));
+    assert!(holds, "the twin's VM does not hold the TAP {tap}");
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
@@ -1527,6 +1555,7 @@ fn a_clone_with_a_network_device_gets_a_tap_on_the_hosts_bridge_and_a_mac_of_its
         link.contains("tun type tap") && link.contains(",UP"),
         "the twin's TAP is not a TAP, or is down: {link}"
     );
+    the_twin_is_jailed_on_the_hosts_tap(&serve_said(), &ns, tap);
 
     // The clone's guest counts on and saw a MAC of its own, which the host said.
     assert!(
@@ -1634,6 +1663,7 @@ fn an_offloaded_twin_keeps_its_mac_on_the_hosts_bridge_and_comes_back_on_the_dev
         read(&h.dir.path("serve.stderr"))
     );
     let tap = ns.ports_of(BRIDGE).remove(0);
+    the_twin_is_jailed_on_the_hosts_tap(&read(&h.dir.path("serve.stderr")), &ns, &tap);
     // The phone's TAP went with its VMM; the twin is the same guest, with the same MAC.
     assert!(wait_until(|| !ns.has("pvphone0"), WAIT));
     assert!(

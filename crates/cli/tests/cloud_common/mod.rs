@@ -258,6 +258,12 @@ pub fn assert_disk_after_writes(disk: &[u8], initial: &[u8], last: u64, what: &s
 /// as the unprivileged twin user, without capabilities, under seccomp, and sees nothing of
 /// the host but /dev/kvm and its twin's directory (no TLS key, no migration key, no store).
 pub fn the_twin_runs_jailed(serve_stderr: &str) {
+    the_twin_runs_jailed_with(serve_stderr, &["serial.log", "disk0.img"]);
+}
+
+/// [`the_twin_runs_jailed`] for a twin whose directory, as its jailed VM sees it, holds
+/// `files`; returns the jailed process's pid.
+pub fn the_twin_runs_jailed_with(serve_stderr: &str, files: &[&str]) -> u32 {
     let vmm: u32 = serve_stderr
         .rsplit_once("jailed VMM is pid ")
         .and_then(|(_, rest)| rest.split_whitespace().next()?.parse().ok())
@@ -315,7 +321,10 @@ pub fn the_twin_runs_jailed(serve_stderr: &str) {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(run, ["0"]);
-    assert!(root.join("run/0/serial.log").exists() && root.join("run/0/disk0.img").exists());
+    for f in files {
+        assert!(root.join("run/0").join(f).exists(), "the jailed VM has no {f}");
+    }
     // The connection's key file is gone once the VMM was connected.
     assert!(!root.join("run/0/receive.key").exists());
+    pid
 }
