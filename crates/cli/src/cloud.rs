@@ -649,7 +649,9 @@ fn offload(
         .context("record the twin as running")?;
     if let Some(bridge) = &h.twin_bridge {
         for tap in &taps {
-            eprintln!("pocketvisor: cloud: the twin {name:?}'s TAP {tap} is on the bridge {bridge}");
+            eprintln!(
+                "pocketvisor: cloud: the twin {name:?}'s TAP {tap} is on the bridge {bridge}"
+            );
         }
     }
     for (i, (was, now)) in macs.iter().enumerate() {

@@ -888,7 +888,14 @@ mod tests {
         assert!(parse(&["--config", "c", "--tap", "t"]).is_err());
         assert!(parse(&["--restore", "r", "--mac", "06:01:02:03:04:05"]).is_err());
         for bad in ["07:01:02:03:04:05", "06:01:02:03:04", "zz:01:02:03:04:05"] {
-            let args = ["--receive-from", "unix:s", "--receive-key", "k", "--mac", bad];
+            let args = [
+                "--receive-from",
+                "unix:s",
+                "--receive-key",
+                "k",
+                "--mac",
+                bad,
+            ];
             assert!(parse(&args).is_err(), "{bad}");
         }
     }

@@ -1435,7 +1435,10 @@ fn the_twin_is_jailed_on_the_hosts_tap(serve_stderr: &str, ns: &Netns, tap: &str
     let holds = std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-        .any(|info| info.lines().any(|l| l.strip_prefix("iff:").map(str::trim) == Some(tap)));
+        .any(|info| {
+            info.lines()
+                .any(|l| l.strip_prefix("iff:").map(str::trim) == Some(tap))
+        });
     assert!(holds, "the twin's VM does not hold the TAP {tap}");
 }
 

@@ -322,7 +322,10 @@ pub fn the_twin_runs_jailed_with(serve_stderr: &str, files: &[&str]) -> u32 {
         .collect();
     assert_eq!(run, ["0"]);
     for f in files {
-        assert!(root.join("run/0").join(f).exists(), "the jailed VM has no {f}");
+        assert!(
+            root.join("run/0").join(f).exists(),
+            "the jailed VM has no {f}"
+        );
     }
     // The connection's key file is gone once the VMM was connected.
     assert!(!root.join("run/0/receive.key").exists());

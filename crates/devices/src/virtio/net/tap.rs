@@ -52,10 +52,7 @@ impl Tap {
 
     /// Closes every TAP opened ahead and not taken (a parent whose forked child took them).
     pub fn forget_ahead() {
-        AHEAD
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        AHEAD.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
     /// The TAP interface `name`: the one opened ahead of that name if there is one (see
