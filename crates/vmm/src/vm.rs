@@ -311,6 +311,9 @@ impl Vm {
             }
         };
 
+        if migrated {
+            yield_to_the_destination();
+        }
         self.shared.stop.store(true, Ordering::Release);
         // A kick can land just before a thread enters KVM_RUN; keep kicking until all are gone.
         while threads.iter().any(|t| !t.handle.is_finished()) {
@@ -366,6 +369,17 @@ impl Vm {
         self.parked = self.spawn_vcpus()?;
         Ok(())
     }
+}
+
+/// Lowers the calling thread (the one that drops the VM and ends the process) to the lowest
+/// priority: once the guest runs at the destination, which may be on this host, unmapping
+/// its RAM here must not hold a CPU the destination's threads wake up on (traced: the first
+/// output of a migrated guest waited up to 3.6 ms for the destination's serial log thread
+/// while the source freed 512 MiB on a 2-core host). The jail's allowlist lets exactly this
+/// call through.
+fn yield_to_the_destination() {
+    // SAFETY: setpriority(2) with integer arguments only; the calling thread (who 0).
+    unsafe { libc::setpriority(libc::PRIO_PROCESS as _, 0, 19) };
 }
 
 impl Drop for Vm {

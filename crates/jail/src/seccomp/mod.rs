@@ -285,6 +285,16 @@ fn allowlist_rules(pid: libc::pid_t) -> Result<BTreeMap<i64, Vec<SeccompRule>>> 
             cond(1, Len::Dword, Op::Eq, 0)?,
         ])?],
     );
+    // A VMM whose guest has moved to another (perhaps on this host) lowers its own main
+    // thread to the lowest priority for its teardown (`vmm::vm`), and nothing else.
+    rules.insert(
+        libc::SYS_setpriority,
+        vec![rule(vec![
+            cond(0, Len::Dword, Op::Eq, libc::PRIO_PROCESS as u64)?,
+            cond(1, Len::Dword, Op::Eq, 0)?,
+            cond(2, Len::Dword, Op::Eq, 19)?,
+        ])?],
+    );
     rules.insert(
         libc::SYS_tgkill,
         vec![rule(vec![cond(0, Len::Dword, Op::Eq, pid as u64)?])?],
