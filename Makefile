@@ -106,7 +106,12 @@ build-arm64: deps-all
 # (tests/nested/build-qemu-arm64-root.sh, about 250 MB of packages).
 test-nested-arm64: build-arm64 $(ARM64_NESTED)/guest-initramfs.cpio.gz
 	tests/nested/build-qemu-arm64-root.sh
-	$(CARGO) test -p e2e --features nested --test nested_arm64
+	@# Like the x86 group, a failed arm64 group gets one more whole run: seen once each in
+	@# 2026-12-06's runs, a Debian guest under pKVM silent after its init until the deadline,
+	@# and the balloon command's answer lost to the guest's reboot; each passed on its next run.
+	$(CARGO) test -p e2e --features nested --test nested_arm64 || { \
+		echo "test-nested-arm64: FAILED once; running the whole group again"; \
+		$(CARGO) test -p e2e --features nested --test nested_arm64; }
 
 # The arm64 L1 and its guest's initramfs, which carries the guest agent built for aarch64: the
 # harness rebuilds them when build-l1.sh or an init script changes, make also when the agent
