@@ -149,13 +149,9 @@ mod tests {
     const DEVICE_KEY: [u8; 32] = [1; 32];
     const LOCAL_KEY: [u8; 32] = [2; 32];
 
-    /// A source on one socket pair, a destination on another, the proxy between them: the
-    /// source's and destination's channels, and the proxy's thread.
-    fn three() -> (
-        Channel<Transport>,
-        Channel<Transport>,
-        JoinHandle<Result<Proxied, Error>>,
-    ) {
+    /// A proxy on its own thread between two socket pairs: the source's end, the
+    /// destination's end (neither has said hello yet) and the proxy's thread.
+    fn proxy_between() -> (UnixStream, UnixStream, JoinHandle<Result<Proxied, Error>>) {
         let (s, ps) = UnixStream::pair().unwrap();
         let (pd, d) = UnixStream::pair().unwrap();
         let proxy = std::thread::spawn(move || {
@@ -164,6 +160,17 @@ mod tests {
             let mut to = Channel::handshake(Transport::Local(pd), &LOCAL_KEY, Role::Source)?;
             proxy(&mut from, &mut to, None, None)
         });
+        (s, d, proxy)
+    }
+
+    /// A source on one socket pair, a destination on another, the proxy between them: the
+    /// source's and destination's channels, and the proxy's thread.
+    fn three() -> (
+        Channel<Transport>,
+        Channel<Transport>,
+        JoinHandle<Result<Proxied, Error>>,
+    ) {
+        let (s, d, proxy) = proxy_between();
         let dst = std::thread::spawn(move || {
             Channel::handshake(Transport::Local(d), &LOCAL_KEY, Role::Destination).unwrap()
         });
@@ -210,14 +217,7 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_from_the_source_is_refused_and_both_sides_told() {
-        let (s, ps) = UnixStream::pair().unwrap();
-        let (pd, d) = UnixStream::pair().unwrap();
-        let proxy = std::thread::spawn(move || {
-            let mut from =
-                Channel::handshake(Transport::Local(ps), &DEVICE_KEY, Role::Destination)?;
-            let mut to = Channel::handshake(Transport::Local(pd), &LOCAL_KEY, Role::Source)?;
-            proxy(&mut from, &mut to, None, None)
-        });
+        let (s, d, proxy) = proxy_between();
         let dst = std::thread::spawn(move || {
             Channel::handshake(Transport::Local(d), &LOCAL_KEY, Role::Destination).unwrap()
         });
@@ -282,14 +282,7 @@ mod tests {
 
     #[test]
     fn a_flipped_byte_from_the_destination_is_refused_and_both_sides_told() {
-        let (s, ps) = UnixStream::pair().unwrap();
-        let (pd, d) = UnixStream::pair().unwrap();
-        let proxy = std::thread::spawn(move || {
-            let mut from =
-                Channel::handshake(Transport::Local(ps), &DEVICE_KEY, Role::Destination)?;
-            let mut to = Channel::handshake(Transport::Local(pd), &LOCAL_KEY, Role::Source)?;
-            proxy(&mut from, &mut to, None, None)
-        });
+        let (s, d, proxy) = proxy_between();
         // The destination answers through a tap that flips a byte of its second frame.
         let (tap, d_inner) = UnixStream::pair().unwrap();
         let flipper = std::thread::spawn(move || flip_second_frame(d_inner, d));
