@@ -206,6 +206,28 @@ impl Host {
         c
     }
 
+    /// Starts [`Host::return_onto`] `kept` as the phone's VMM back home (`home.serial`,
+    /// `home.sock`); the VMM, and the files its stdout and stderr go to.
+    fn return_home(&self, kept: &Path) -> (Vmm, PathBuf, PathBuf) {
+        let stdout = self.dir.path("home.stdout");
+        let stderr = self.dir.path("home.stderr");
+        let home = Vmm(self
+            .return_onto(
+                kept,
+                &[
+                    "--serial",
+                    &format!("file:{}", self.dir.path("home.serial").display()),
+                    "--api-socket",
+                    self.dir.path("home.sock").to_str().unwrap(),
+                ],
+            )
+            .stdout(File::create(&stdout).unwrap())
+            .stderr(File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap());
+        (home, stdout, stderr)
+    }
+
     /// Runs the probe with `cmdline` and the device flags `devices` as the phone (`phone.serial`,
     /// `phone.sock`), waits for its line `ready` and offloads it as the twin `work`; the phone's
     /// VMM has ended when this returns.
@@ -696,22 +718,7 @@ fn a_return_sends_only_what_changed_and_the_guest_counts_on_with_its_disk() {
 
     // The phone asks for its profile back, starting from the copy it kept; the twin's VMM
     // (jailed: it reaches nothing but the host's proxy) migrates to it through the host.
-    let stderr = h.dir.path("home.stderr");
-    let stdout = h.dir.path("home.stdout");
-    let mut home = Vmm(h
-        .return_onto(
-            &kept,
-            &[
-                "--serial",
-                &format!("file:{}", h.dir.path("home.serial").display()),
-                "--api-socket",
-                h.dir.path("home.sock").to_str().unwrap(),
-            ],
-        )
-        .stdout(File::create(&stdout).unwrap())
-        .stderr(File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap());
+    let (mut home, stdout, stderr) = h.return_home(&kept);
     assert!(
         wait_for(&stdout, "returned bytes_received=", WAIT),
         "return: {}\n{}",
@@ -879,22 +886,7 @@ fn a_twin_returns_through_the_cloud_host_onto_the_kept_copy_and_only_to_its_own_
     );
 
     // The phone asks for it back, onto the copy it kept.
-    let stdout = h.dir.path("home.stdout");
-    let stderr = h.dir.path("home.stderr");
-    let mut home = Vmm(h
-        .return_onto(
-            &kept,
-            &[
-                "--serial",
-                &format!("file:{}", h.dir.path("home.serial").display()),
-                "--api-socket",
-                h.dir.path("home.sock").to_str().unwrap(),
-            ],
-        )
-        .stdout(File::create(&stdout).unwrap())
-        .stderr(File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap());
+    let (mut home, stdout, stderr) = h.return_home(&kept);
     assert!(
         wait_until(|| read(&stdout).contains("returned bytes_received="), WAIT),
         "the return did not arrive: {}{}\n{}",
